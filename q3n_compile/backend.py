@@ -1,0 +1,249 @@
+"""The `q3n` torch.compile backend: capture, the pass pipeline, the executor, the report.
+
+``torch.compile(model, backend="q3n", options={...}, mode=...)`` reaches :func:`q3n_backend` through
+the ``torch_dynamo_backends`` entry point. For each Dynamo graph:
+
+1. AOTAutograd captures a functional ATen graph with FakeTensor metadata on every node; shape
+   symbols stay symbolic, so dynamic lengths do not recompile.
+2. In inference (no input needs a gradient) every pass runs; a graph that needs gradients gets no
+   inference-only pass, its backward runs as captured, and the report says so.
+3. The executor named by the config runs the result; with ``verify=True`` the result is first
+   compared with the captured graph on the example inputs, and q3n falls back to the captured graph
+   (with a warning) if they disagree.
+4. One report per graph is published (``q3n_compile.reports()``) and, if asked, dumped.
+
+Guarantee: a user's model does not break because q3n could not handle something; every such case
+is a recorded fallback, unless ``strict=True`` asked for an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from . import __version__
+from .config import Q3NConfig
+from .dump import GraphDumper
+from .passes.base import PassContext
+from .pipeline import run_pipeline
+from .report import next_graph_id, op_counts, publish
+from .runtime import FrozenWeightGuard, inductor_executor, q3n_executor, verify_outputs
+
+log = logging.getLogger("q3n")
+
+
+def q3n_backend(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> Callable:
+    """Dynamo backend entry: ``torch.compile(model, backend="q3n", mode=..., options=...)``."""
+    config = Q3NConfig.from_options(options, mode=mode)
+    static_values = _static_values(gm, example_inputs)
+    real_inputs = _own_parameters(gm) + list(example_inputs)
+
+    def inference_compiler(graph: torch.fx.GraphModule, args: Sequence[Any]) -> Callable:
+        return _compile_graph(graph, args, real_inputs, static_values, config, inference=True)
+
+    def forward_compiler(graph: torch.fx.GraphModule, args: Sequence[Any]) -> Callable:
+        return _compile_graph(graph, args, real_inputs, static_values, config, inference=False)
+
+    def backward_compiler(graph: torch.fx.GraphModule, args: Sequence[Any]) -> Callable:
+        if config.executor == "inductor":
+            return inductor_executor(graph, args, FrozenWeightGuard({}), is_backward=True)
+        return q3n_executor(graph, FrozenWeightGuard({}))
+
+    return aot_module_simplified(
+        gm,
+        example_inputs,
+        fw_compiler=forward_compiler,
+        bw_compiler=backward_compiler,
+        inference_compiler=inference_compiler,
+    )
+
+
+def _compile_graph(
+    graph: torch.fx.GraphModule,
+    fake_args: Sequence[Any],
+    real_inputs: Sequence[Any],
+    static_by_position: dict[int, torch.Tensor],
+    config: Q3NConfig,
+    inference: bool,
+) -> Callable:
+    graph_id = next_graph_id()
+    started = time.perf_counter()
+    placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
+    # AOTAutograd keeps Dynamo's argument order unless it had to deduplicate or merge aliased
+    # inputs; then positions no longer line up and no weight is treated as a constant.
+    aligned = len(placeholders) == len(real_inputs)
+    static_values = (
+        {placeholders[i].name: t for i, t in static_by_position.items()} if aligned else {}
+    )
+    fallbacks: list[dict[str, str]] = []
+    if not aligned:
+        fallbacks.append({
+            "stage": "capture",
+            "reason": "AOTAutograd changed the input list (duplicated or aliased inputs); "
+            "weights are not treated as constants in this graph",
+        })
+    # The verifier needs the graph as captured; constants are shared, only the node list is copied.
+    captured = torch.fx.GraphModule(graph, copy.deepcopy(graph.graph)) if config.verify else None
+    dumper = GraphDumper(config.dump_dir, graph_id) if config.dump_dir else None
+    if dumper:
+        dumper.captured(graph)
+
+    ctx = PassContext(
+        config=config,
+        graph_id=graph_id,
+        inference=inference,
+        example_inputs=fake_args,
+        static_values=static_values,
+    )
+    passes = run_pipeline(graph, ctx, on_pass_done=dumper.after_pass if dumper else None)
+    guard = FrozenWeightGuard(ctx.frozen)
+
+    executor = config.executor
+    compiled = _run_executor(graph, fake_args, guard, config, fallbacks)
+    if compiled is None:
+        executor = "q3n"
+        compiled = q3n_executor(graph, guard)
+
+    verify = None
+    if config.verify:
+        verify, compiled = _verify(captured, compiled, fake_args, real_inputs, aligned, fallbacks)
+
+    report = {
+        "graph_id": graph_id,
+        "q3n_version": __version__,
+        "torch_version": torch.__version__,
+        "inference": inference,
+        "training_note": None
+        if inference
+        else "the graph needs gradients: compiled without the inference-only passes",
+        "executor": executor,
+        "options": config.as_dict(),
+        "inputs": [_describe_input(a) for a in fake_args],
+        "dynamic_symbols": sorted(_free_symbols(fake_args)),
+        "passes": passes,
+        "ops": op_counts(graph),
+        "runtime": {
+            "cuda_graphs": "not implemented" if config.cuda_graphs else "off",
+            "frozen_weights": sorted(ctx.frozen),
+        },
+        "fallbacks": fallbacks,
+        "memory": {"status": passes.get("memory_plan", {}).get("status", "not run")},
+        "verify": verify,
+        "compile_time_s": round(time.perf_counter() - started, 4),
+        "dump_dir": str(dumper.folder) if dumper else None,
+    }
+    publish(report)
+    if dumper:
+        dumper.final(graph, report)
+    return compiled
+
+
+def _run_executor(
+    graph: torch.fx.GraphModule,
+    fake_args: Sequence[Any],
+    guard: FrozenWeightGuard,
+    config: Q3NConfig,
+    fallbacks: list[dict[str, str]],
+) -> Callable | None:
+    if config.executor == "q3n":
+        return q3n_executor(graph, guard)
+    try:
+        return inductor_executor(graph, fake_args, guard, autotune=config.autotune)
+    except Exception as err:
+        if config.strict:
+            raise
+        log.warning("q3n: Inductor could not compile the rewritten graph; running it as Python.", exc_info=True)
+        fallbacks.append({"stage": "executor", "reason": f"inductor failed: {type(err).__name__}: {err}"})
+        return None
+
+
+def _verify(
+    captured: torch.fx.GraphModule,
+    compiled: Callable,
+    fake_args: Sequence[Any],
+    real_inputs: Sequence[Any],
+    aligned: bool,
+    fallbacks: list[dict[str, str]],
+) -> tuple[dict[str, Any], Callable]:
+    if not aligned:
+        return {"status": "skipped", "reason": "inputs could not be matched to real values"}, compiled
+    args = [_concrete(a) for a in real_inputs]
+    # The compiler is called inside AOTAutograd's fake mode; the check must run on real tensors.
+    with unset_fake_temporarily(), torch.no_grad():
+        expected = captured(*args)
+        actual = _call_boxed(compiled, list(args))
+        problem = verify_outputs(expected, actual)
+    if problem is None:
+        return {"status": "passed"}, compiled
+    warnings.warn(
+        f"q3n: verify=True found the compiled graph disagrees with the captured one ({problem}); "
+        "running the captured graph instead. Rerun with dump_dir set to see what each pass did.",
+        stacklevel=2,
+    )
+    fallbacks.append({"stage": "verify", "reason": problem})
+    return {"status": "failed", "reason": problem}, q3n_executor(captured, FrozenWeightGuard({}))
+
+
+def _call_boxed(fn: Callable, args: list[Any]) -> Any:
+    return fn(args) if getattr(fn, "_boxed_call", False) else fn(*args)
+
+
+def _concrete(value: Any) -> Any:
+    if isinstance(value, torch.SymInt):
+        return value.node.hint
+    return value
+
+
+def _own_parameters(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
+    """Parameters/buffers held by the Dynamo graph module itself; AOTAutograd puts them first."""
+    return [p for _, p in gm.named_parameters(remove_duplicate=False)] + [
+        b for _, b in gm.named_buffers(remove_duplicate=False)
+    ]
+
+
+def _static_values(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> dict[int, torch.Tensor]:
+    """Positions (in AOTAutograd's input order) of the model's parameters and buffers.
+
+    Dynamo passes inlined modules' weights as graph inputs; they are recognised by type
+    (nn.Parameter) or by where Dynamo found them (a module's `_parameters`/`_buffers`).
+    """
+    own = _own_parameters(gm)
+    static = {i: t for i, t in enumerate(own)}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if not isinstance(value, torch.Tensor):
+            continue
+        grapharg = node.meta.get("grapharg")
+        source = grapharg.source.name if grapharg is not None and grapharg.source is not None else ""
+        source = source() if callable(source) else source
+        if isinstance(value, torch.nn.Parameter) or "._parameters[" in source or "._buffers[" in source:
+            static[len(own) + i] = value
+    return static
+
+
+def _describe_input(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} {list(map(str, value.shape))} on {value.device.type}"
+    return f"{type(value).__name__} {value}"
+
+
+def _free_symbols(args: Sequence[Any]) -> set[str]:
+    symbols: set[str] = set()
+    for a in args:
+        sizes = a.shape if isinstance(a, torch.Tensor) else [a]
+        for s in sizes:
+            if isinstance(s, torch.SymInt):
+                symbols |= {str(x) for x in s.node.expr.free_symbols}
+    return symbols

@@ -1,0 +1,183 @@
+"""q3n's one configuration type, built from torch.compile's `options`/`mode` and `Q3N_*` variables.
+
+Guarantees:
+- :class:`Q3NConfig` is frozen; every field has a validated value once built.
+- Precedence: `options` over environment variables over defaults.
+- An unknown option names itself and lists the valid ones; a bad value names the option and what
+  it accepts; an unknown `Q3N_*` variable is warned about (a typo should not go unnoticed, but the
+  environment is shared with other tools, so it does not fail compilation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from typing import Any, Mapping
+
+ATTENTION_MODES = ("tiled", "sparse", "off")
+EXECUTORS = ("q3n", "inductor")
+# torch.compile's modes and what each means for q3n.
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class Q3NConfigError(ValueError):
+    """An option or environment variable q3n cannot accept; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Q3NConfig:
+    # Rewrite attention into q3n::attention: "tiled" (exact), "sparse" (block-sparse, lossy), "off".
+    attention: str = "tiled"
+    # Fraction of key blocks kept per query block in sparse mode.
+    sparse_keep: float = 0.2
+    # Sparse mode runs a layer dense when its kept blocks hold less attention weight than this.
+    sparse_min_mass: float = 0.95
+    # Fold LayerNorm/RMSNorm into the linears that consume them.
+    norm_fusion: bool = True
+    # Mixed-precision quantization of linears (None: no quantization).
+    quant_config: Mapping[str, Any] | None = None
+    # Plan intermediate buffers into one arena (executor "q3n" only).
+    memory_plan: bool = True
+    # Capture and replay CUDA graphs; `mode="reduce-overhead"` turns it on.
+    cuda_graphs: bool = False
+    # What runs the rewritten graph: q3n's generated Python, or Inductor for the rest.
+    executor: str = "q3n"
+    # Write per-graph dumps under this folder (also `Q3N_DUMP=dir`).
+    dump_dir: str | None = None
+    # Raise instead of rolling a failing pass back.
+    strict: bool = False
+    # Run the compiled graph against the captured one on the example inputs; fall back on mismatch.
+    verify: bool = False
+    # Let Inductor autotune (set by the max-autotune modes; executor "inductor" only).
+    autotune: bool = False
+    # torch.compile's mode, as given.
+    mode: str = "default"
+
+    @classmethod
+    def from_options(
+        cls,
+        options: Mapping[str, Any] | None = None,
+        mode: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> "Q3NConfig":
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        values.update(_from_environ(environ))
+        if options is not None:
+            if not isinstance(options, Mapping):
+                raise Q3NConfigError(
+                    f"q3n: options must be a dict, got {type(options).__name__}"
+                )
+            unknown = [k for k in options if k not in _FIELDS]
+            if unknown:
+                raise Q3NConfigError(
+                    f"q3n: unknown option {unknown[0]!r}. Valid options: {', '.join(sorted(_FIELDS))}"
+                )
+            values.update({k: _parse(k, v) for k, v in options.items()})
+        values.update(_from_mode(mode, values))
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["quant_config"] = (
+            json.loads(json.dumps(self.quant_config)) if self.quant_config is not None else None
+        )
+        return out
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Q3NConfig) if f.name != "mode"}
+
+# Variables beside the one-per-option Q3N_<OPTION>: Q3N_DUMP is the short spelling of Q3N_DUMP_DIR.
+_ENV_ALIASES = {"Q3N_DUMP": "dump_dir"}
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for var, raw in environ.items():
+        if not var.startswith("Q3N_"):
+            continue
+        key = _ENV_ALIASES.get(var, var[4:].lower())
+        if key not in _FIELDS:
+            valid = sorted([f"Q3N_{k.upper()}" for k in _FIELDS] + list(_ENV_ALIASES))
+            warnings.warn(
+                f"q3n: ignoring unknown environment variable {var}. Valid: {', '.join(valid)}",
+                stacklevel=3,
+            )
+            continue
+        try:
+            values[key] = _parse(key, raw, from_env=True)
+        except Q3NConfigError as err:
+            raise Q3NConfigError(f"{err} (from environment variable {var}={raw!r})") from None
+    return values
+
+
+def _from_mode(mode: str | None, values: dict[str, Any]) -> dict[str, Any]:
+    mode = mode or "default"
+    if mode not in MODES:
+        raise Q3NConfigError(f"q3n: unknown torch.compile mode {mode!r}. Valid modes: {', '.join(MODES)}")
+    implied: dict[str, Any] = {"mode": mode}
+    if mode in ("reduce-overhead", "max-autotune"):
+        implied["cuda_graphs"] = values.get("cuda_graphs", True)
+    if mode in ("max-autotune", "max-autotune-no-cudagraphs"):
+        implied["autotune"] = values.get("autotune", True)
+    return implied
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def _parse(key: str, value: Any, from_env: bool = False) -> Any:
+    """Validate one option's value, converting environment strings to the option's type."""
+
+    def bad(accepts: str) -> Q3NConfigError:
+        return Q3NConfigError(f"q3n: option {key!r} accepts {accepts}; got {value!r}")
+
+    if key in ("norm_fusion", "memory_plan", "cuda_graphs", "strict", "verify", "autotune"):
+        if from_env and isinstance(value, str):
+            if value.lower() in _TRUE:
+                return True
+            if value.lower() in _FALSE:
+                return False
+            raise bad("true/false (1/0, yes/no, on/off)")
+        if not isinstance(value, bool):
+            raise bad("True or False")
+        return value
+    if key == "attention":
+        if value not in ATTENTION_MODES:
+            raise bad(" | ".join(repr(m) for m in ATTENTION_MODES))
+        return value
+    if key == "executor":
+        if value not in EXECUTORS:
+            raise bad(" | ".join(repr(e) for e in EXECUTORS))
+        return value
+    if key in ("sparse_keep", "sparse_min_mass"):
+        try:
+            number = float(value) if from_env else value
+        except ValueError:
+            raise bad("a number in (0, 1]") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 < number <= 1:
+            raise bad("a number in (0, 1]")
+        return float(number)
+    if key == "dump_dir":
+        if value is None or value == "":
+            return None
+        if not isinstance(value, (str, os.PathLike)):
+            raise bad("a folder path (str)")
+        return os.fspath(value)
+    if key == "quant_config":
+        if from_env and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise bad(f"a JSON object ({err})") from None
+        if value is not None and not isinstance(value, Mapping):
+            raise bad("a dict such as {'ffn_layers': {'weight_bits': 4, 'activation_bits': 8}}, or None")
+        try:
+            json.dumps(value)
+        except TypeError:
+            raise bad("a JSON-serialisable dict") from None
+        return value
+    raise AssertionError(f"no parser for option {key}")  # pragma: no cover - _FIELDS is closed

@@ -1,0 +1,25 @@
+"""Test-lane setup shared by every test.
+
+Without a GPU, kernel tests run the Triton kernels in Triton's CPU interpreter: the variable has
+to be set before Triton decorates any kernel, i.e. before q3n_compile's kernel modules import.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo_and_reports():
+    """Each test compiles from a clean Dynamo cache and an empty report registry."""
+    import q3n_compile
+
+    torch._dynamo.reset()
+    q3n_compile.reset_reports()
+    yield
+    torch._dynamo.reset()

@@ -1,0 +1,133 @@
+"""End to end through torch.compile: capture, executors, dynamic shapes, training graphs, reports."""
+
+import json
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import q3n_compile
+from q3n_compile.models import build_model, example_inputs
+from q3n_compile.report import PASS_STATUSES
+
+PASS_NAMES = ["attention", "norm_linear", "quantize", "memory_plan"]
+
+
+def _tiny(name="qwen3"):
+    model = build_model(name, "tiny", dtype=torch.float32)
+    return model, example_inputs(name, model, 2, 11, device="cpu")
+
+
+def _rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("executor", ["q3n", "inductor"])
+@pytest.mark.parametrize("name", ["qwen3", "bert"])
+def test_executors_match_eager(executor, name):
+    model, inputs = _tiny(name)
+    compiled = torch.compile(model, backend="q3n", options={"executor": executor})
+    with torch.no_grad():
+        want = model(*inputs)
+        got = compiled(*inputs)
+    assert got.shape == want.shape
+    assert _rel_err(got, want) < 1e-5
+    reports = q3n_compile.reports()
+    assert len(reports) == 1
+    assert reports[0]["executor"] == executor
+    assert reports[0]["inference"] is True
+
+
+def test_report_schema_is_json_and_complete():
+    model, inputs = _tiny()
+    with torch.no_grad():
+        torch.compile(model, backend="q3n")(*inputs)
+    (report,) = q3n_compile.reports()
+    json.dumps(report)
+    assert isinstance(report["graph_id"], int)
+    assert list(report["passes"]) == PASS_NAMES
+    for entry in report["passes"].values():
+        assert entry["status"] in PASS_STATUSES
+        assert isinstance(entry["matched"], int) and isinstance(entry["rewritten"], int)
+        assert isinstance(entry["time_s"], float)
+        assert "detail" in entry
+    # Not built yet, so visible as such; quantize is off without a quant_config.
+    assert report["passes"]["quantize"]["status"] == "disabled"
+    assert report["ops"]["aten.mm.default"] > 0
+    assert isinstance(report["fallbacks"], list) and isinstance(report["memory"], dict)
+
+
+def test_reports_newest_last_and_reset():
+    model, inputs = _tiny()
+    with torch.no_grad():
+        torch.compile(model, backend="q3n")(*inputs)
+        torch.compile(model, backend="q3n", options={"attention": "off"})(*inputs)
+    reports = q3n_compile.reports()
+    assert [r["options"]["attention"] for r in reports] == ["tiled", "off"]
+    assert reports[1]["graph_id"] > reports[0]["graph_id"]
+    assert reports[1]["passes"]["attention"]["status"] == "disabled"
+    reports[0]["passes"].clear()  # a copy: the registry is not affected
+    assert q3n_compile.reports()[0]["passes"]
+    q3n_compile.reset_reports()
+    assert q3n_compile.reports() == []
+
+
+@pytest.mark.parametrize("how", ["dynamic", "mark_dynamic"])
+def test_dynamic_lengths_do_not_recompile(how):
+    model = build_model("qwen3", "tiny")
+    compiled = torch.compile(model, backend="q3n", dynamic=True if how == "dynamic" else None)
+    counters.clear()
+    with torch.no_grad():
+        for seq_len in (7, 12, 29):
+            ids = example_inputs("qwen3", model, 2, seq_len, device="cpu")[0]
+            if how == "mark_dynamic":
+                torch._dynamo.mark_dynamic(ids, 1)
+            assert _rel_err(compiled(ids), model(ids)) < 1e-5
+    assert counters["stats"]["unique_graphs"] == 1
+    (report,) = q3n_compile.reports()
+    assert report["dynamic_symbols"], "the sequence length should stay a symbol"
+
+
+def test_graph_needing_gradients_skips_inference_passes():
+    model, inputs = _tiny()
+    model.train()
+    compiled = torch.compile(model, backend="q3n")
+    out = compiled(*inputs)
+    out.float().pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads)
+    (report,) = q3n_compile.reports()
+    assert report["inference"] is False
+    assert "needs gradients" in report["training_note"]
+    assert report["passes"]["attention"]["status"] == "skipped"
+    assert "gradients" in report["passes"]["attention"]["detail"]["reason"]
+
+
+def test_training_gradients_match_eager():
+    model, inputs = _tiny("gpt2")
+    model.train()
+    twin = build_model("gpt2", "tiny")
+    twin.train()
+    out = torch.compile(model, backend="q3n")(*inputs)
+    ref = twin(*inputs)
+    out.pow(2).mean().backward()
+    ref.pow(2).mean().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert _rel_err(p.grad, q.grad) < 1e-4, name
+
+
+def test_verify_passes_on_a_faithful_graph():
+    model, inputs = _tiny()
+    with torch.no_grad():
+        torch.compile(model, backend="q3n", options={"verify": True})(*inputs)
+    assert q3n_compile.reports()[0]["verify"] == {"status": "passed"}
+
+
+def test_backward_compatible_call_without_grad_mode():
+    """A model called without no_grad but with frozen weights still runs as inference."""
+    model, inputs = _tiny()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    got = torch.compile(model, backend="q3n")(*inputs)
+    assert _rel_err(got, model(*inputs)) < 1e-5
+    assert q3n_compile.reports()[0]["inference"] is True

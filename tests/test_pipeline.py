@@ -1,0 +1,186 @@
+"""The observer around passes: rollback, strict mode, provenance, lint, frozen weights, verify."""
+
+import operator
+
+import pytest
+import torch
+
+import q3n_compile
+from q3n_compile import pipeline
+from q3n_compile.passes.base import PassStats
+from q3n_compile.pipeline import PassSpec, Q3NPassError
+from q3n_compile.runtime import FrozenWeightChanged
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(8)
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.proj(self.norm(x))) + x
+
+
+def _with_passes(monkeypatch, *specs):
+    monkeypatch.setattr(pipeline, "PASSES", tuple(specs))
+
+
+def _always(_config):
+    return None
+
+
+def _first(gm, target):
+    return next(n for n in gm.graph.nodes if n.op == "call_function" and n.target == target)
+
+
+def _run(model, x, **options):
+    with torch.no_grad():
+        return torch.compile(model, backend="q3n", options=options)(x)
+
+
+def test_failing_pass_is_rolled_back_and_compilation_goes_on(monkeypatch, caplog):
+    def breaks_then_raises(gm, ctx):
+        relu = _first(gm, torch.ops.aten.relu.default)
+        relu.target = torch.ops.aten.neg.default  # a half-done rewrite...
+        raise RuntimeError("cannot handle this graph")  # ...then the pass gives up
+
+    _with_passes(monkeypatch, PassSpec("breaker", breaks_then_raises, _always))
+    model, x = Block().eval(), torch.randn(3, 8)
+    got = _run(model, x)
+    torch.testing.assert_close(got, model(x))
+    (report,) = q3n_compile.reports()
+    entry = report["passes"]["breaker"]
+    assert entry["status"] == "failed"
+    assert "cannot handle this graph" in entry["detail"]["error"]
+    assert "Traceback" in entry["detail"]["traceback"]
+    assert report["ops"].get("aten.neg.default") is None
+    assert "rolled back" in caplog.text
+
+
+def test_strict_raises(monkeypatch):
+    def raises(gm, ctx):
+        raise RuntimeError("boom")
+
+    _with_passes(monkeypatch, PassSpec("breaker", raises, _always))
+    with pytest.raises(Exception, match="pass 'breaker' failed"):
+        _run(Block().eval(), torch.randn(3, 8), strict=True)
+
+
+def test_strict_error_type(monkeypatch):
+    def raises(gm, ctx):
+        raise RuntimeError("boom")
+
+    _with_passes(monkeypatch, PassSpec("breaker", raises, _always))
+    model = Block().eval()
+    with pytest.raises(Exception) as info:
+        _run(model, torch.randn(3, 8), strict=True)
+    # Dynamo wraps a backend's error and keeps the original as `inner_exception`.
+    assert isinstance(getattr(info.value, "inner_exception", info.value), Q3NPassError)
+
+
+def test_created_nodes_carry_provenance(monkeypatch):
+    def relu_to_clamp(gm, ctx):
+        relu = _first(gm, torch.ops.aten.relu.default)
+        with gm.graph.inserting_after(relu):
+            clamp = gm.graph.call_function(torch.ops.aten.clamp_min.default, (relu.args[0], 0.0))
+        clamp.meta["val"] = relu.meta["val"]
+        relu.replace_all_uses_with(clamp)
+        gm.graph.erase_node(relu)
+        return PassStats(matched=1, rewritten=1)
+
+    _with_passes(monkeypatch, PassSpec("clamp", relu_to_clamp, _always))
+    model, x = Block().eval(), torch.randn(3, 8)
+    torch.testing.assert_close(_run(model, x, dump_dir=None), model(x))
+    (report,) = q3n_compile.reports()
+    assert report["passes"]["clamp"] | {"time_s": 0} == {
+        "status": "applied", "matched": 1, "rewritten": 1, "time_s": 0, "declined": {}, "detail": {}}
+    assert report["ops"]["aten.clamp_min.default"] == 1 and "aten.relu.default" not in report["ops"]
+
+
+def test_lint_rejects_nodes_without_fake_values(monkeypatch):
+    def forgets_meta(gm, ctx):
+        relu = _first(gm, torch.ops.aten.relu.default)
+        with gm.graph.inserting_after(relu):
+            clamp = gm.graph.call_function(torch.ops.aten.clamp_min.default, (relu.args[0], 0.0))
+        relu.replace_all_uses_with(clamp)
+        gm.graph.erase_node(relu)
+        return PassStats(rewritten=1)
+
+    _with_passes(monkeypatch, PassSpec("sloppy", forgets_meta, _always))
+    model, x = Block().eval(), torch.randn(3, 8)
+    torch.testing.assert_close(_run(model, x), model(x))
+    entry = q3n_compile.reports()[0]["passes"]["sloppy"]
+    assert entry["status"] == "failed" and "without meta['val']" in entry["detail"]["error"]
+
+
+def test_pass_returning_wrong_type_fails_cleanly(monkeypatch):
+    _with_passes(monkeypatch, PassSpec("lazy", lambda gm, ctx: None, _always))
+    model, x = Block().eval(), torch.randn(3, 8)
+    torch.testing.assert_close(_run(model, x), model(x))
+    assert "not PassStats" in q3n_compile.reports()[0]["passes"]["lazy"]["detail"]["error"]
+
+
+def _fold_linear_weight(gm, ctx):
+    """Replaces the linear's weight input by a constant copy of its value, as a folding pass does."""
+    addmm = _first(gm, torch.ops.aten.addmm.default)
+    transpose = addmm.args[2]
+    weight = transpose.args[0]
+    value = ctx.freeze(weight)
+    gm.register_buffer("folded_weight_t", value.detach().t().contiguous())
+    with gm.graph.inserting_before(addmm):
+        const = gm.graph.get_attr("folded_weight_t")
+    const.meta["val"] = transpose.meta["val"]
+    addmm.replace_input_with(transpose, const)
+    return PassStats(matched=1, rewritten=1)
+
+
+def test_folded_weight_changed_later_is_detected(monkeypatch):
+    _with_passes(monkeypatch, PassSpec("fold", _fold_linear_weight, _always))
+    model, x = Block().eval(), torch.randn(3, 8)
+    compiled = torch.compile(model, backend="q3n")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+        (report,) = q3n_compile.reports()
+        assert report["runtime"]["frozen_weights"] and report["passes"]["fold"]["status"] == "applied"
+        model.proj.weight.mul_(2.0)
+        with pytest.raises(FrozenWeightChanged, match="Recompile after changing weights"):
+            compiled(x)
+
+
+def test_verify_falls_back_when_a_pass_is_wrong(monkeypatch):
+    def wrong(gm, ctx):
+        node = _first(gm, torch.ops.aten.add.Tensor)
+        node.target = torch.ops.aten.sub.Tensor
+        return PassStats(matched=1, rewritten=1)
+
+    _with_passes(monkeypatch, PassSpec("wrong", wrong, _always))
+    model, x = Block().eval(), torch.randn(3, 8)
+    with pytest.warns(UserWarning, match="verify=True found the compiled graph disagrees"):
+        got = _run(model, x, verify=True)
+    torch.testing.assert_close(got, model(x))
+    (report,) = q3n_compile.reports()
+    assert report["verify"]["status"] == "failed"
+    assert report["fallbacks"][0]["stage"] == "verify"
+
+
+def test_disabled_and_skipped_statuses(monkeypatch):
+    calls = []
+
+    def record(gm, ctx):
+        calls.append(ctx.inference)
+        return PassStats()
+
+    _with_passes(
+        monkeypatch,
+        PassSpec("off", record, lambda c: "turned off"),
+        PassSpec("inference_only", record, _always),
+        PassSpec("any", record, _always, inference_only=False),
+    )
+    model, x = Block().train(), torch.randn(3, 8)
+    torch.compile(model, backend="q3n")(x).sum().backward()
+    passes = q3n_compile.reports()[0]["passes"]
+    assert passes["off"]["status"] == "disabled" and passes["off"]["detail"]["reason"] == "turned off"
+    assert passes["inference_only"]["status"] == "skipped"
+    assert passes["any"]["status"] == "applied"
+    assert calls == [False]
