@@ -25,6 +25,7 @@ import warnings
 from typing import Any, Callable, Sequence
 
 import torch
+from torch._dynamo.source import AttrSource
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
@@ -214,10 +215,13 @@ def _own_parameters(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
 
 
 def _static_values(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> dict[int, torch.Tensor]:
-    """Positions (in AOTAutograd's input order) of the model's parameters and buffers.
+    """Positions (in AOTAutograd's input order) of the model's compile-time constants.
 
     Dynamo passes inlined modules' weights as graph inputs; they are recognised by type
-    (nn.Parameter) or by where Dynamo found them (a module's `_parameters`/`_buffers`).
+    (nn.Parameter) or by where Dynamo found them (a module's `_parameters`/`_buffers`). Under
+    dynamic shapes Dynamo also passes float attributes of objects (a norm's eps, an attention's
+    scaling) as 0-d tensors instead of constants; those are constants to q3n as well, so a pass
+    can read an eps. A float the user passes as an argument stays a variable.
     """
     own = _own_parameters(gm)
     static = {i: t for i, t in enumerate(own)}
@@ -226,9 +230,16 @@ def _static_values(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> d
         if not isinstance(value, torch.Tensor):
             continue
         grapharg = node.meta.get("grapharg")
-        source = grapharg.source.name if grapharg is not None and grapharg.source is not None else ""
-        source = source() if callable(source) else source
-        if isinstance(value, torch.nn.Parameter) or "._parameters[" in source or "._buffers[" in source:
+        source = getattr(grapharg, "source", None)
+        name = source.name if source is not None else ""
+        name = name() if callable(name) else name
+        weight = isinstance(value, torch.nn.Parameter) or "._parameters[" in name or "._buffers[" in name
+        attribute_scalar = (
+            getattr(grapharg, "pass_arg_as_tensor", False)
+            and value.dim() == 0
+            and isinstance(source, AttrSource)
+        )
+        if weight or attribute_scalar:
             static[len(own) + i] = value
     return static
 

@@ -184,3 +184,36 @@ def test_disabled_and_skipped_statuses(monkeypatch):
     assert passes["inference_only"]["status"] == "skipped"
     assert passes["any"]["status"] == "applied"
     assert calls == [False]
+
+
+def test_static_values_hold_weights_and_module_floats_under_dynamic_shapes(monkeypatch):
+    seen = {}
+
+    def spy(gm, ctx):
+        placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+        for name, value in ctx.static_values.items():
+            assert name in placeholders
+            seen[name] = value
+        return PassStats()
+
+    class Scaled(Block):
+        def __init__(self):
+            super().__init__()
+            self.alpha = 0.37  # a float attribute used in tensor arithmetic, like HF's `scaling`
+
+        def forward(self, x):
+            return super().forward(x) * self.alpha
+
+    _with_passes(monkeypatch, PassSpec("spy", spy, _always))
+    model = Scaled().eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        torch.compile(model, backend="q3n", dynamic=True)(x)
+    weights = [v for v in seen.values() if v.dim() > 0]
+    assert sorted(tuple(w.shape) for w in weights) == [(8,), (8,), (8,), (8, 8)]
+    assert all(any(w is p for p in model.parameters()) for w in weights)
+    # Under dynamic shapes Dynamo passes `alpha` as a 0-d input: still a constant to q3n.
+    scalars = [v.item() for v in seen.values() if v.dim() == 0]
+    assert scalars == [pytest.approx(0.37)]
+    # The user's input is never a constant.
+    assert not any(v.shape == x.shape for v in seen.values())

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU lane in one call of the device tool (an H200 with torch 2.11, triton 3.6, no network):
+# install, the tests marked gpu, then the benchmarks. Everything lands under $OUT (default ./gpu_out).
+#   bash bench/gpu_lane.sh [tests|attention|model|all]...
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+python3 - <<'PY' | tee "$OUT/env.txt"
+import torch, triton, subprocess
+print("gpu", torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+PY
+steps=${*:-all}
+status=0
+for step in $steps; do
+  if [[ $step == tests || $step == all ]]; then
+    python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
+    [[ ${PIPESTATUS[0]} == 0 ]] || status=1
+  fi
+  if [[ $step == attention || $step == all ]]; then
+    python3 bench/bench_attention.py --out "$OUT/attention-h200.json" 2>&1 | tee "$OUT/bench_attention.log" | tail -30
+  fi
+  if [[ $step == model || $step == all ]]; then
+    q3n bench --model qwen3 --size bench --device cuda --seq-len 512 2048 \
+      --backends inductor,q3n,q3n+inductor --out "$OUT/qwen3-bench" 2>&1 | tee "$OUT/bench_model.log" | tail -20
+  fi
+done
+exit $status

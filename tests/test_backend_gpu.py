@@ -1,0 +1,50 @@
+"""GPU lane: the backend end to end on CUDA (run with `pytest -m gpu` on an H200)."""
+
+import pytest
+import torch
+
+import q3n_compile
+from q3n_compile.models import build_model, example_inputs
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def _err_vs_fp64(out, model_name, inputs):
+    exact = build_model(model_name, "tiny", dtype=torch.float64, device="cpu")
+    with torch.no_grad():
+        ref = exact(*[x.cpu() for x in inputs])
+    return ((out.double().cpu() - ref).norm() / ref.norm()).item(), ref
+
+
+@pytest.mark.parametrize("executor", ["q3n", "inductor"])
+@pytest.mark.parametrize("name", ["qwen3", "gpt2", "bert"])
+def test_executors_on_cuda_bf16(executor, name):
+    model = build_model(name, "tiny", dtype=torch.bfloat16, device="cuda")
+    inputs = example_inputs(name, model, 2, 77, device="cuda")
+    with torch.no_grad():
+        eager = model(*inputs)
+        got = torch.compile(model, backend="q3n", options={"executor": executor, "verify": True})(*inputs)
+    assert got.device.type == "cuda" and got.dtype == torch.bfloat16
+    q3n_err, _ = _err_vs_fp64(got, name, inputs)
+    eager_err, _ = _err_vs_fp64(eager, name, inputs)
+    # bf16: q3n may be no farther from float64 than eager bf16 is (small slack for reordering).
+    assert q3n_err <= 1.5 * eager_err + 1e-3, (q3n_err, eager_err)
+    (report,) = q3n_compile.reports()
+    assert report["executor"] == executor and report["verify"]["status"] == "passed"
+
+
+def test_dynamic_lengths_on_cuda_do_not_recompile():
+    from torch._dynamo.utils import counters
+
+    model = build_model("qwen3", "tiny", dtype=torch.float16, device="cuda")
+    compiled = torch.compile(model, backend="q3n", dynamic=True)
+    counters.clear()
+    with torch.no_grad():
+        for seq_len in (129, 255, 1000):
+            ids = example_inputs("qwen3", model, 1, seq_len, device="cuda")[0]
+            out, ref = compiled(ids), model(ids)
+            assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
+    assert counters["stats"]["unique_graphs"] == 1
