@@ -1,0 +1,379 @@
+"""``q3n::attention``: tiled (FlashAttention-2 style) scaled-dot-product attention, forward only.
+
+What this module guarantees:
+
+- ``torch.ops.q3n.attention(q, k, v, mask=None, scale=None, is_causal=False)`` computes
+  ``softmax(q @ k^T * scale + mask) @ v`` with the semantics of
+  ``torch.nn.functional.scaled_dot_product_attention`` (``scale`` defaults to ``1/sqrt(D)``), for
+  q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Sk, D]``, v ``[B, Hkv, Sk, Dv]``, output ``[B, Hq, Sq, Dv]`` in
+  q's dtype. Grouped-query attention: query head ``h`` reads kv head ``h // (Hq // Hkv)``; K and V
+  are never repeated in memory.
+- ``mask`` is None, a bool mask (True = keep) or an additive float mask, broadcastable to
+  ``[B, Hq, Sq, Sk]``; it is read through stride-0 views, never expanded in memory.
+  ``is_causal`` is top-left aligned (query ``i`` sees keys ``j <= i``), as in SDPA; given together
+  with a mask, both apply (torch's CPU SDPA does the same; its CUDA backends refuse the pair).
+- Fully masked rows (every key removed by the mask) give **0**, which is what torch's SDPA gives
+  for them on CPU (math and fused kernels). A row whose additive mask is a large finite negative
+  everywhere (HF's ``finfo.min``) is not fully masked: like SDPA it averages V uniformly.
+- The kernel, the interpreter and :func:`reference` agree up to the rounding the kernel's
+  docstring states; nothing here allocates an ``Sq x Sk`` matrix except :func:`reference`.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from q3n_compile.kernels import contract
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_2d(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    # Masks are only emitted where a tail can exist, so full tiles load unpredicated.
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _attn_inner(acc, l_i, m_i, q, k_base, v_base, m_ptrs, offs_m, row_ok, offs_n0,
+                offs_dk, dk_ok, offs_dv, dv_ok, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_mn, Sk, qk_scale, lo, hi,
+                BLOCK_N: tl.constexpr, EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr,
+                MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < Sk
+        k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
+                     n_ok, dk_ok, BOUNDARY, not EVEN_DK)
+        if DOT_IN_FP32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASK_KIND == 1:
+            keep = tl.load(m_ptrs + offs_n[None, :] * stride_mn,
+                           mask=row_ok[:, None] & n_ok[None, :], other=0)
+            s = tl.where(keep != 0, s, float("-inf"))
+        elif MASK_KIND == 2:
+            add = tl.load(m_ptrs + offs_n[None, :] * stride_mn,
+                          mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            # finfo.min * log2(e) would overflow to -inf and turn HF's "masked" rows into fully
+            # masked ones (0 instead of SDPA's uniform average); a true -inf stays -inf.
+            add = tl.where(add == float("-inf"), add, tl.maximum(add * 1.4426950408889634,
+                                                                 -3.4028234663852886e38))
+            s = s + add
+        if BOUNDARY:
+            valid = n_ok[None, :]
+            if IS_CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+        if MASK_KIND != 0:
+            # A row with no key left so far has m_new = -inf; exp2(-inf - -inf) would be NaN.
+            # m_i itself stays -inf so a later block's (maybe very negative) max is taken as is.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                     n_ok, dv_ok, BOUNDARY, not EVEN_DV)
+        p = p.to(v.dtype)
+        if DOT_IN_FP32:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attention_fwd_kernel(
+    Q, K, V, M, O,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    Sq, Sk, qk_scale,
+    GROUP: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, OFFSETS_64: tl.constexpr,
+):
+    """One program computes O for BLOCK_M query rows of one (batch, query head).
+
+    Math: with c = scale * log2(e) (the factor exp -> exp2 folded into the scale),
+    for each key block n: s = c * q k_n^T (+ log2(e) * mask, or -inf where a bool mask/causality/
+    the Sk tail removes a key); m' = max(m, rowmax s); p = exp2(s - m'); l = l * exp2(m - m') +
+    rowsum p; acc = acc * exp2(m - m') + p v_n. Finally O = acc / l (0 where l = 0: fully masked).
+    m, l, acc and both products' accumulation are fp32; p is rounded to V's dtype for the second
+    product (fp16/bf16: ~2^-11 / 2^-8 relative per weight, as in FlashAttention-2); fp32 inputs use
+    IEEE fp32 products (no TF32). O is rounded once to q's dtype. DOT_IN_FP32 (interpreter, bf16
+    only) widens the bf16 operands to fp32 before each product: same values, exact products.
+
+    Causal: key blocks entirely above the diagonal are never visited; the causal and Sk-tail
+    predicates are applied only to the last (diagonal/tail) blocks, the others run unmasked.
+
+    Traffic (bytes, e = element size, GROUP = Hq / Hkv): reads Q once, B*Hq*Sq*D*e; reads K and V
+    once per query block, B*Hq*ceil(Sq/BLOCK_M)*Sk*(D+Dv)*e (about half with causal), of which the
+    GROUP heads sharing a kv head and the query blocks of one head mostly hit L2, so HBM sees about
+    B*Hkv*Sk*(D+Dv)*e; reads a mask tile per (row block, key block) actually used (up to
+    B*Hq*Sq*Sk*e_mask, less with broadcast dims); writes O once, B*Hq*Sq*Dv*e.
+    FLOPs: 2*B*Hq*Sq*Sk*(D+Dv) = 4*B*Hq*Sq*Sk*D for Dv = D, halved for causal (Sq = Sk).
+    """
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    off_hkv = off_h // GROUP
+    start_m = tl.program_id(0) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    if OFFSETS_64:
+        # Row/key offsets times strides pass 2^31 (long contexts, wide layouts, [S, S] masks).
+        # int32 everywhere else: 64-bit tile offsets cost ~15% at D = 128.
+        offs_m = offs_m.to(tl.int64)
+        offs_n0 = offs_n0.to(tl.int64)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Sq
+    dk_ok = offs_dk < HEAD_DK
+    dv_ok = offs_dv < HEAD_DV
+    EVEN_DK: tl.constexpr = BLOCK_DK == HEAD_DK
+    EVEN_DV: tl.constexpr = BLOCK_DV == HEAD_DV
+
+    q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
+              + offs_m[:, None] * stride_qm + offs_dk[None, :] * stride_qd)
+    q = _load_2d(q_ptrs, row_ok, dk_ok, True, not EVEN_DK)
+    if DOT_IN_FP32:
+        q = q.to(tl.float32)
+    k_base = K + off_b * stride_kb + off_hkv * stride_kh
+    v_base = V + off_b * stride_vb + off_hkv * stride_vh
+    m_ptrs = M + off_b * stride_mb + off_h * stride_mh + offs_m[:, None] * stride_mm
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    # [0, lo): whole key blocks every row of this tile sees; [lo, hi): diagonal and tail blocks.
+    lo = (Sk // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        lo = tl.minimum(lo, ((start_m + 1) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(Sk, start_m + BLOCK_M)
+    else:
+        hi = Sk
+    acc, l_i, m_i = _attn_inner(
+        acc, l_i, m_i, q, k_base, v_base, m_ptrs, offs_m, row_ok, offs_n0, offs_dk, dk_ok,
+        offs_dv, dv_ok, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, Sk, qk_scale,
+        0, lo, BLOCK_N, EVEN_DK, EVEN_DV, MASK_KIND, IS_CAUSAL, False, DOT_PRECISION, DOT_IN_FP32)
+    acc, l_i, m_i = _attn_inner(
+        acc, l_i, m_i, q, k_base, v_base, m_ptrs, offs_m, row_ok, offs_n0, offs_dk, dk_ok,
+        offs_dv, dv_ok, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, Sk, qk_scale,
+        lo, hi, BLOCK_N, EVEN_DK, EVEN_DV, MASK_KIND, IS_CAUSAL, True, DOT_PRECISION, DOT_IN_FP32)
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_ptrs = (O + off_b * stride_ob + off_h * stride_oh
+              + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)
+    if EVEN_DV:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def choose_blocks(seq_len_q: int, seq_len_k: int, head_dim: int, dtype: torch.dtype,
+                  causal: bool, *, interpreter: bool = False) -> dict:
+    """Launch parameters for one call; a pure function of its arguments.
+
+    Rule (untuned placeholder for the tuned table with 64..512 length buckets):
+    - interpreter: 16 x 16 tiles (the smallest `tl.dot` takes), one stage: it only has to be right.
+    - padded head dim <= 128: BLOCK_M 128, BLOCK_N 64, 8 warps, 3 stages (best or within 3% of
+      the best of 9 configs on an H200, bf16, S = 4096, D = 64/128, causal or not);
+      <= 256: 128 x 64, 8 warps, 2 stages (the one of 9 that fits shared memory and won: 533
+      TFLOP/s against 420 for 64 x 32 at S = 4096); fp32 there: 64 x 16, 4 warps, 2 stages.
+    - fp32 halves BLOCK_N (twice the bytes per element, and the stages must fit shared memory).
+    - tiles never exceed the padded sequence lengths (decode, short prompts).
+    `causal` is accepted so the tuned table can key on it; this rule ignores it.
+    """
+    if interpreter:
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    d = _pow2_at_least_16(head_dim)
+    if d <= 128:
+        block_m, block_n, warps, stages = 128, 64, 8, 3
+    elif dtype != torch.float32:
+        block_m, block_n, warps, stages = 128, 64, 8, 2
+    else:
+        block_m, block_n, warps, stages = 64, 32, 4, 2
+    if dtype == torch.float32:
+        block_n //= 2
+    block_m = min(block_m, _pow2_at_least_16(seq_len_q))
+    block_n = min(block_n, _pow2_at_least_16(seq_len_k))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+
+
+def _needs_64bit_offsets(q, k, v, m, out, cfg) -> bool:
+    """Whether a row or key offset times its stride (padded to whole tiles) can pass int32.
+
+    Batch and head offsets are always int64 in the kernel; this covers the rest.
+    """
+    pad_m = triton.cdiv(q.shape[2], cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+    pad_n = triton.cdiv(k.shape[2], cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    spans = [pad_m * q.stride(2) + q.shape[3] * q.stride(3),
+             pad_m * out.stride(2) + out.shape[3] * out.stride(3),
+             pad_n * k.stride(2) + k.shape[3] * k.stride(3),
+             pad_n * v.stride(2) + v.shape[3] * v.stride(3),
+             pad_m * m.stride(2) + pad_n * m.stride(3) if m is not q else 0]
+    return max(spans) >= 2**31
+
+
+def _launch(q, k, v, mask, scale, is_causal, interpreter, blocks=None):
+    """Run the kernel; `blocks` overrides :func:`choose_blocks` (the benchmark's sweep uses it)."""
+    reason = supports(q, k, v, mask, scale, is_causal)
+    if reason is not None:
+        raise ValueError(f"q3n::attention: {reason}")
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if k.shape[0] != B or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"q3n::attention: shapes q {tuple(q.shape)} k {tuple(k.shape)} "
+                         f"v {tuple(v.shape)} do not match")
+    out = torch.empty((B, Hq, Sq, Dv), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if mask is None:
+        mask_kind, m, m_strides = 0, q, (0, 0, 0, 0)
+    else:
+        mask_kind = 1 if mask.dtype == torch.bool else 2
+        # Same-size reinterpretation keeps the strides; expand only writes 0 strides.
+        m = (mask.view(torch.uint8) if mask_kind == 1 else mask).expand(B, Hq, Sq, Sk)
+        m_strides = m.stride()
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    cfg = blocks or choose_blocks(Sq, Sk, D, q.dtype, is_causal, interpreter=interpreter)
+    grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), Hq, B)
+    attention_fwd_kernel[grid](
+        q, k, v, m, out,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
+        Sq, Sk, scale * _LOG2E,
+        GROUP=Hq // Hkv, HEAD_DK=D, HEAD_DV=Dv,
+        BLOCK_DK=_pow2_at_least_16(D), BLOCK_DV=_pow2_at_least_16(Dv),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # Triton 3.6's interpreter multiplies bf16 tiles as their raw uint16 bits; widening the
+        # (already bf16-rounded) operands to fp32 gives the exact products the GPU computes.
+        DOT_IN_FP32=interpreter and q.dtype == torch.bfloat16,
+        OFFSETS_64=_needs_64bit_offsets(q, k, v, m, out, cfg),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+              is_causal: bool = False) -> torch.Tensor:
+    """Plain-torch attention with the op's semantics; computes in fp32 (fp64 for fp64 inputs)."""
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    Hq, Hkv, Sq, Sk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
+    if Hq != Hkv:
+        kf = kf.repeat_interleave(Hq // Hkv, dim=1)
+        vf = vf.repeat_interleave(Hq // Hkv, dim=1)
+    if Sk == 0:
+        return q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (qf @ kf.transpose(-2, -1)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(cdt)
+    if is_causal:
+        above = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).triu(1)
+        s = s.masked_fill(above, float("-inf"))
+    dead = s.amax(-1, keepdim=True) == float("-inf")
+    p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    return (p @ vf).to(q.dtype)
+
+
+def _known(cond) -> bool:
+    # Guard-free: on SymInts this answers from what the shape env already knows, adding no guard.
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    return statically_known_true(cond)
+
+
+def supports(q, k, v, mask=None, scale=None, is_causal=False) -> Optional[str]:
+    """None if the Triton kernel handles these arguments, else why not. Safe on FakeTensors.
+
+    Symbolic sizes: head dims and head counts must be provably fine (they become constexprs and
+    the grid's GQA factor); batch and sequence sizes are refused only when provably mismatched,
+    and the launcher re-checks the real sizes.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            return f"{name} must be 4-D [B, H, S, D], got {t.dim()}-D"
+    if q.dtype not in _DTYPES:
+        dtype = str(q.dtype).replace("torch.", "")
+        return f"dtype {dtype} not supported (float16, bfloat16, float32)"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes differ: q {q.dtype}, k {k.dtype}, v {v.dtype}"
+    if not (q.device == k.device == v.device):
+        return f"devices differ: q {q.device}, k {k.device}, v {v.device}"
+    B, Hq, Sq, D = q.shape
+    Bk, Hkv, Sk, Dk = k.shape
+    Bv, Hv, Sv, Dv = v.shape
+    for what, d in (("head dim", D), ("v head dim", Dv)):
+        if not _known(d <= MAX_HEAD_DIM):
+            return f"{what} {d} > {MAX_HEAD_DIM}"
+        if not _known(d >= 1):
+            return f"{what} {d} is empty"
+    if not _known(Dk == D):
+        return f"k head dim {Dk} != q head dim {D}"
+    if _known(Bk != B) or _known(Bv != B):
+        return f"batch sizes differ: q {B}, k {Bk}, v {Bv}"
+    if _known(Sv != Sk) or _known(Hv != Hkv):
+        return f"k {tuple(k.shape)} and v {tuple(v.shape)} differ in heads or length"
+    if not (_known(Hkv >= 1) and _known(Hq % Hkv == 0)):
+        return f"Hq {Hq} not a multiple of Hkv {Hkv}"
+    if mask is not None:
+        if mask.dtype not in _MASK_DTYPES:
+            return f"mask dtype {str(mask.dtype).replace('torch.', '')} not supported"
+        if mask.device != q.device:
+            return f"mask on {mask.device}, q on {q.device}"
+        target = (B, Hq, Sq, Sk)
+        bad = mask.dim() > 4 or any(
+            not _known(m == 1) and _known(m != t)
+            for m, t in zip(reversed(tuple(mask.shape)), reversed(target)))
+        if bad:
+            return f"mask shape {tuple(mask.shape)} not broadcastable to [B, Hq, Sq, Sk] = {target}"
+    if scale is not None and not isinstance(scale, (int, float)):
+        return f"scale must be a Python number, got {type(scale).__name__}"
+    return None
+
+
+def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                    is_causal: bool = False) -> torch.Tensor:
+    backend = contract.backend_for(q.device)
+    if backend == "reference":
+        return reference(q, k, v, mask, scale, is_causal)
+    return _launch(q, k, v, mask, scale, is_causal, interpreter=backend == "interpreter")
+
+
+def _attention_fake(q, k, v, mask=None, scale=None, is_causal=False):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+attention = contract.register_kernel_op("attention", _attention_impl, _attention_fake)
