@@ -49,13 +49,24 @@ def q3n_backend(
     """Dynamo backend entry: ``torch.compile(model, backend="q3n", mode=..., options=...)``."""
     config = Q3NConfig.from_options(options, mode=mode)
     static_values = _static_values(gm, example_inputs)
+    # The first call's real inputs are kept only until the graph is compiled, and only when
+    # verify=True needs them: holding activations for the model's lifetime would leak memory.
     real_inputs = _own_parameters(gm) + list(example_inputs)
+    n_inputs = len(real_inputs)
+    if not config.verify:
+        real_inputs.clear()
 
     def inference_compiler(graph: torch.fx.GraphModule, args: Sequence[Any]) -> Callable:
-        return _compile_graph(graph, args, real_inputs, static_values, config, inference=True)
+        try:
+            return _compile_graph(graph, args, n_inputs, real_inputs, static_values, config, inference=True)
+        finally:
+            real_inputs.clear()
 
     def forward_compiler(graph: torch.fx.GraphModule, args: Sequence[Any]) -> Callable:
-        return _compile_graph(graph, args, real_inputs, static_values, config, inference=False)
+        try:
+            return _compile_graph(graph, args, n_inputs, real_inputs, static_values, config, inference=False)
+        finally:
+            real_inputs.clear()
 
     def backward_compiler(graph: torch.fx.GraphModule, args: Sequence[Any]) -> Callable:
         if config.executor == "inductor":
@@ -74,6 +85,7 @@ def q3n_backend(
 def _compile_graph(
     graph: torch.fx.GraphModule,
     fake_args: Sequence[Any],
+    n_inputs: int,
     real_inputs: Sequence[Any],
     static_by_position: dict[int, torch.Tensor],
     config: Q3NConfig,
@@ -84,7 +96,7 @@ def _compile_graph(
     placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
     # AOTAutograd keeps Dynamo's argument order unless it had to deduplicate or merge aliased
     # inputs; then positions no longer line up and no weight is treated as a constant.
-    aligned = len(placeholders) == len(real_inputs)
+    aligned = len(placeholders) == n_inputs
     static_values = (
         {placeholders[i].name: t for i, t in static_by_position.items()} if aligned else {}
     )

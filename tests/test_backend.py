@@ -131,3 +131,18 @@ def test_backward_compatible_call_without_grad_mode():
     got = torch.compile(model, backend="q3n")(*inputs)
     assert _rel_err(got, model(*inputs)) < 1e-5
     assert q3n_compile.reports()[0]["inference"] is True
+
+
+def test_compiled_model_does_not_keep_the_first_inputs_alive():
+    import gc
+    import weakref
+
+    model, inputs = _tiny("gpt2")
+    compiled = torch.compile(model, backend="q3n")
+    ids = inputs[0].clone()
+    alive = weakref.ref(ids)
+    with torch.no_grad():
+        compiled(ids)
+    del ids
+    gc.collect()
+    assert alive() is None
