@@ -32,6 +32,8 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from . import __version__
 from .config import Q3NConfig
 from .dump import GraphDumper
+from .memory.arena_runtime import attach as attach_memory
+from .memory.arena_runtime import cuda_graphs_status, memory_report
 from .passes.base import PassContext
 from .pipeline import run_pipeline
 from .report import next_graph_id, op_counts, publish
@@ -50,10 +52,11 @@ def q3n_backend(
     config = Q3NConfig.from_options(options, mode=mode)
     static_values = _static_values(gm, example_inputs)
     # The first call's real inputs are kept only until the graph is compiled, and only when
-    # verify=True needs them: holding activations for the model's lifetime would leak memory.
+    # verify=True or quantization's calibration needs them: holding activations for the model's
+    # lifetime would leak memory.
     real_inputs = _own_parameters(gm) + list(example_inputs)
     n_inputs = len(real_inputs)
-    if not config.verify:
+    if not config.verify and config.quant_config is None:
         real_inputs.clear()
 
     def inference_compiler(graph: torch.fx.GraphModule, args: Sequence[Any]) -> Callable:
@@ -119,19 +122,21 @@ def _compile_graph(
         inference=inference,
         example_inputs=fake_args,
         static_values=static_values,
+        real_inputs=[_concrete(a) for a in real_inputs] if aligned and real_inputs else None,
     )
     passes = run_pipeline(graph, ctx, on_pass_done=dumper.after_pass if dumper else None)
     guard = FrozenWeightGuard(ctx.frozen)
 
     executor = config.executor
-    compiled = _run_executor(graph, fake_args, guard, config, fallbacks)
+    compiled = _run_executor(graph, fake_args, guard, config, fallbacks, static_values)
     if compiled is None:
         executor = "q3n"
         compiled = q3n_executor(graph, guard)
 
     verify = None
     if config.verify:
-        verify, compiled = _verify(captured, compiled, fake_args, real_inputs, aligned, fallbacks)
+        lossy = _lossy_rewrites(passes, config)
+        verify, compiled = _verify(captured, compiled, real_inputs, aligned, fallbacks, lossy)
 
     report = {
         "graph_id": graph_id,
@@ -148,15 +153,16 @@ def _compile_graph(
         "passes": passes,
         "ops": op_counts(graph),
         "runtime": {
-            "cuda_graphs": "not implemented" if config.cuda_graphs else "off",
+            "cuda_graphs": cuda_graphs_status(compiled, config),
             "frozen_weights": sorted(ctx.frozen),
         },
         "fallbacks": fallbacks,
-        "memory": {"status": passes.get("memory_plan", {}).get("status", "not run")},
+        "memory": memory_report(compiled, passes),
         "verify": verify,
         "compile_time_s": round(time.perf_counter() - started, 4),
         "dump_dir": str(dumper.folder) if dumper else None,
     }
+    attach_memory(compiled, report, dumper)  # memory dump files; later buckets add to the report
     publish(report)
     if dumper:
         dumper.final(graph, report)
@@ -169,9 +175,11 @@ def _run_executor(
     guard: FrozenWeightGuard,
     config: Q3NConfig,
     fallbacks: list[dict[str, str]],
+    static_values: dict[str, torch.Tensor] | None = None,
 ) -> Callable | None:
     if config.executor == "q3n":
-        return q3n_executor(graph, guard)
+        return q3n_executor(graph, guard, config=config, static_inputs=sorted(static_values or {}),
+                            fallbacks=fallbacks)
     try:
         return inductor_executor(graph, fake_args, guard, autotune=config.autotune)
     except Exception as err:
@@ -182,13 +190,19 @@ def _run_executor(
         return None
 
 
+def _lossy_rewrites(passes: dict[str, dict[str, Any]], config: Q3NConfig) -> bool:
+    quantized = passes.get("quantize", {}).get("rewritten", 0) > 0
+    sparse = config.attention == "sparse" and passes.get("attention", {}).get("rewritten", 0) > 0
+    return quantized or sparse
+
+
 def _verify(
     captured: torch.fx.GraphModule,
     compiled: Callable,
-    fake_args: Sequence[Any],
     real_inputs: Sequence[Any],
     aligned: bool,
     fallbacks: list[dict[str, str]],
+    lossy: bool,
 ) -> tuple[dict[str, Any], Callable]:
     if not aligned:
         return {"status": "skipped", "reason": "inputs could not be matched to real values"}, compiled
@@ -197,9 +211,9 @@ def _verify(
     with unset_fake_temporarily(), torch.no_grad():
         expected = captured(*args)
         actual = _call_boxed(compiled, list(args))
-        problem = verify_outputs(expected, actual)
+        problem = verify_outputs(expected, actual, lossy=lossy)
     if problem is None:
-        return {"status": "passed"}, compiled
+        return {"status": "passed", "lossy": lossy}, compiled
     warnings.warn(
         f"q3n: verify=True found the compiled graph disagrees with the captured one ({problem}); "
         "running the captured graph instead. Rerun with dump_dir set to see what each pass did.",

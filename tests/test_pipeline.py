@@ -217,3 +217,42 @@ def test_static_values_hold_weights_and_module_floats_under_dynamic_shapes(monke
     assert scalars == [pytest.approx(0.37)]
     # The user's input is never a constant.
     assert not any(v.shape == x.shape for v in seen.values())
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_inductor_executor_takes_constants_a_pass_created(monkeypatch, dynamic):
+    _with_passes(monkeypatch, PassSpec("fold", _fold_linear_weight, _always))
+    model = Block().eval()
+    compiled = torch.compile(model, backend="q3n", dynamic=dynamic, options={"executor": "inductor"})
+    with torch.no_grad():
+        for rows in (3, 6):
+            x = torch.randn(rows, 8)
+            torch.testing.assert_close(compiled(x), model(x))
+    report = q3n_compile.reports()[0]
+    assert report["executor"] == "inductor" and report["fallbacks"] == []
+    assert report["passes"]["fold"]["status"] == "applied"
+
+
+@pytest.mark.parametrize("factor, passes", [(1.05, True), (-1.0, False)])
+def test_verify_bounds_lossy_rewrites_by_relative_error(monkeypatch, factor, passes):
+    """A quantizing pass changes outputs a little (accepted); a broken one changes them a lot."""
+
+    def scale_linear_weight(gm, ctx):
+        addmm = _first(gm, torch.ops.aten.addmm.default)
+        with gm.graph.inserting_after(addmm):
+            scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (addmm, factor))
+        scaled.meta["val"] = addmm.meta["val"]
+        addmm.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+        return PassStats(matched=1, rewritten=1)
+
+    _with_passes(monkeypatch, PassSpec("quantize", scale_linear_weight, _always))
+    model, x = Block().eval(), torch.randn(3, 8)
+    if passes:
+        _run(model, x, verify=True, quant_config={"ffn_layers": {"weight_bits": 8}})
+    else:
+        with pytest.warns(UserWarning, match="relative L2 error"):
+            _run(model, x, verify=True, quant_config={"ffn_layers": {"weight_bits": 8}})
+    verify = q3n_compile.reports()[0]["verify"]
+    assert verify["status"] == ("passed" if passes else "failed")
+    if passes:
+        assert verify["lossy"] is True

@@ -64,6 +64,9 @@ class PassContext:
     example_inputs: Sequence[Any]
     static_values: dict[str, torch.Tensor]
     frozen: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # The first call's real inputs, aligned with the placeholders (SymInts as their values), kept
+    # only while compiling and only when a pass needs data (calibration) or verify=True is on.
+    real_inputs: Sequence[Any] | None = None
 
     @property
     def fake_mode(self) -> FakeTensorMode | None:
