@@ -40,6 +40,10 @@ class Q3NConfig:
     quant_config: Mapping[str, Any] | None = None
     # Plan intermediate buffers into one arena (executor "q3n" only).
     memory_plan: bool = True
+    # Length buckets the memory plan is made for (None: powers of two); a plan per bucket, cached.
+    memory_buckets: tuple[int, ...] | None = None
+    # Time the planner may spend improving one plan toward the lower bound.
+    memory_plan_time_s: float = 0.5
     # Capture and replay CUDA graphs; `mode="reduce-overhead"` turns it on.
     cuda_graphs: bool = False
     # What runs the rewritten graph: q3n's generated Python, or Inductor for the rest.
@@ -161,6 +165,27 @@ def _parse(key: str, value: Any, from_env: bool = False) -> Any:
         if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 < number <= 1:
             raise bad("a number in (0, 1]")
         return float(number)
+    if key == "memory_buckets":
+        if value is None or value == "":
+            return None
+        if from_env and isinstance(value, str):
+            try:
+                value = json.loads(value if value.lstrip().startswith("[") else f"[{value}]")
+            except json.JSONDecodeError:
+                raise bad("a list of positive lengths, e.g. 512,2048,8192") from None
+        if not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+        ):
+            raise bad("a list of positive lengths, e.g. [512, 2048, 8192], or None")
+        return tuple(sorted(set(value)))
+    if key == "memory_plan_time_s":
+        try:
+            number = float(value) if from_env else value
+        except ValueError:
+            raise bad("a number of seconds >= 0") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or number < 0:
+            raise bad("a number of seconds >= 0")
+        return float(number)
     if key == "dump_dir":
         if value is None or value == "":
             return None
@@ -179,5 +204,8 @@ def _parse(key: str, value: Any, from_env: bool = False) -> Any:
             json.dumps(value)
         except TypeError:
             raise bad("a JSON-serialisable dict") from None
-        return value
+        # The schema (layer classes, rules, formats, calibration): errors name the entry and the fix.
+        from .quant.config import validate_quant_config
+
+        return validate_quant_config(value)
     raise AssertionError(f"no parser for option {key}")  # pragma: no cover - _FIELDS is closed

@@ -4,7 +4,11 @@ With ``dump_dir`` (or ``Q3N_DUMP=dir``) each compiled graph gets its own folder 
 - ``00_captured.py``: the functional ATen graph as captured, with shapes and dtypes;
 - ``NN_<pass>.py`` after each pass in pipeline order, and ``NN_<pass>.diff`` against the one before;
 - ``summary.json``: the graph's report (the same object ``q3n_compile.reports()`` returns);
-- ``graph.html``: a self-contained picture of the final graph; nodes q3n created are highlighted.
+- ``graph.html``: a self-contained picture of the final graph; nodes q3n created are highlighted;
+- with a memory plan: ``memory_plan.txt`` (every arena buffer, its lifetime, size and offset, and
+  what was not planned and why), ``memory_timeline.png`` (time × offset, one rectangle per buffer),
+  ``memory_planned_graph.py`` (the generated code that runs), and one plan/picture per further
+  length bucket (``memory_plan_s0=256.txt``) as buckets are first used.
 
 The folder never reuses an existing one: graph ids count per process, and a folder that exists
 already (an earlier run) gets a numbered suffix instead of being overwritten.
@@ -58,6 +62,15 @@ class GraphDumper:
         )
         (self.folder / f"{stem}.diff").write_text("".join(diff))
         self._previous = text
+
+    def memory_files(self, files: dict[str, str | bytes]) -> None:
+        """The memory plan's files: the plan as text, the timeline PNG, the planned graph's code."""
+        for name, content in files.items():
+            path = self.folder / name
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            else:
+                path.write_text(content)
 
     def final(self, gm: torch.fx.GraphModule, report: dict[str, Any]) -> None:
         from .graph_picture import render_graph_html

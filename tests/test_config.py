@@ -92,3 +92,13 @@ def test_torch_compile_surfaces_option_errors():
     compiled = torch.compile(model, backend="q3n", options={"bogus": 1})
     with pytest.raises(Exception, match="unknown option 'bogus'"):
         compiled(torch.randn(2, 4))
+
+
+def test_memory_options():
+    config = Q3NConfig.from_options({"memory_buckets": [2048, 512, 512]}, environ={"Q3N_MEMORY_PLAN_TIME_S": "0.1"})
+    assert config.memory_buckets == (512, 2048) and config.memory_plan_time_s == 0.1
+    assert Q3NConfig.from_options({}, environ={"Q3N_MEMORY_BUCKETS": "64,128"}).memory_buckets == (64, 128)
+    with pytest.raises(Q3NConfigError, match="option 'memory_buckets' accepts a list of positive lengths"):
+        Q3NConfig.from_options({"memory_buckets": [0, 5]}, environ={})
+    with pytest.raises(Q3NConfigError, match="option 'memory_plan_time_s'"):
+        Q3NConfig.from_options({"memory_plan_time_s": -1}, environ={})
