@@ -1,0 +1,282 @@
+"""Quantized linears on one GPU: q3n::qlinear formats against bf16 cuBLAS and torch's int4 kernel.
+
+Shapes: the baseline file's GEMV set, M in {1, 16, 256, 4096} x (N, K) in {(4096, 4096),
+(12288, 4096), (4096, 12288), (28672, 8192)} (/work/shared/baselines/h200-2026-11-28.json).
+Implementations, all on the same bf16 activations:
+- ``bf16``: ``F.linear`` (cuBLAS);
+- ``int4_torch``: ``aten._weight_int4pack_mm`` (tinygemm, group 128) with
+  ``aten._convert_weight_to_int4pack`` (uint8 [N, K/2] input since torch 2.5, int32 [N, K]
+  before; both tried);
+- q3n: W4A16 g128, W6A16 g128, W8A16 per-channel, W4A8 g128 (fp8 e4m3 activations on sm_89+,
+  int8 elsewhere: what ``activation_format: auto`` picks), W8A8 per-channel int8, W6A12 g128.
+
+Every implementation is first checked against a float32 reference of its own quantized weights
+(max |error| relative to max |reference|), then timed with triton.testing.do_bench (median,
+L2 flushed between repetitions, after warm-up) twice: called from Python ("eager": includes the
+launcher's CPU overhead, which dominates at M = 1 for 4096 x 4096) and replayed from a CUDA graph
+("graph": GPU time, what q3n's CUDA-graph executor sees). TB/s counts the weight bytes each
+implementation reads (packed codes + scales + zero points; bf16: 2 bytes per weight).
+
+    python bench/bench_qlinear.py --out bench/results/qlinear-h200.json
+    python bench/bench_qlinear.py --sweep --formats w4a16 w4a8 --out bench/results/qlinear-sweep.json
+
+``--sweep`` also times every dispatch candidate (gemv splits, mm tiles, dequant + cuBLAS) per
+shape and prints the table ``kernels/qlinear.py: CUDA_TABLE`` should hold.
+
+Writes JSON (GPU, versions, git commit, date, rows) to --out and prints a table.
+"""
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from q3n_compile.kernels import packing as P  # noqa: E402
+from q3n_compile.kernels import qlinear as Q  # noqa: E402
+
+MS = (1, 16, 256, 4096)
+NKS = ((4096, 4096), (12288, 4096), (4096, 12288), (28672, 8192))
+# name -> (bits, group, symmetric, activation format or "auto")
+FORMATS = {
+    "w4a16": (4, 128, False, "none"),
+    "w6a16": (6, 128, False, "none"),
+    "w8a16": (8, -1, True, "none"),
+    "w4a8": (4, 128, False, "auto"),
+    "w8a8": (8, -1, True, "int8"),
+    "w6a12": (6, 128, False, "int12"),
+}
+TOL = 2e-2  # bf16 output rounding, 16-bit dequantised weights on the tensor-core path
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except Exception:
+        return None
+
+
+def timed(fn):
+    """(eager ms, graph ms): do_bench medians of fn() and of a CUDA-graph replay of it."""
+    fn()
+    torch.cuda.synchronize()
+    eager = do_bench(fn, warmup=25, rep=100, return_mode="median")
+    graph_ms = None
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        graph_ms = do_bench(g.replay, warmup=25, rep=100, return_mode="median")
+        del g
+    except Exception as exc:  # a path that cannot be captured is reported, not hidden
+        print(f"      (CUDA graph capture failed: {type(exc).__name__}: {exc})", flush=True)
+    return eager, graph_ms
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def random_packed(gen, N, K, bits, group, sym):
+    codes = torch.randint(0, 1 << bits, (N, K), generator=gen, device="cuda", dtype=torch.int64)
+    ng = 1 if group == -1 else K // group
+    scales = (torch.rand(ng, N, generator=gen, device="cuda") * 0.02 + 0.002).half()
+    zeros = None if sym else torch.randint(0, 1 << bits, (ng, N), generator=gen,
+                                           device="cuda").to(torch.uint8)
+    return P.pack(codes, scales, zeros, bits, group)
+
+
+def resolve_act(act, bits, sym):
+    if act != "auto":
+        return act
+    fp8 = Q.fp8_supported(torch.device("cuda")) and Q._codes_fit_fp8(bits, sym)
+    return "fp8" if fp8 else "int8"
+
+
+def int4_torch(w_bf16, x):
+    """(fn, reference output, bytes) for aten._weight_int4pack_mm, or (None, error string, 0)."""
+    N, K = w_bf16.shape
+    group = 128
+    w = w_bf16.float().reshape(N, K // group, group)
+    wmin, wmax = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = ((wmax - wmin) / 15).clamp(min=1e-6)
+    q = torch.clamp(torch.round((w - wmin) / scale), 0, 15).to(torch.int32).reshape(N, K)
+    zero = wmin + 8 * scale  # tinygemm: w = (q - 8) * scale + zero
+    sz = torch.cat([scale.reshape(N, -1, 1), zero.reshape(N, -1, 1)], 2).transpose(0, 1)
+    sz = sz.contiguous().to(torch.bfloat16)
+    deq = ((q.reshape(N, K // group, group).float() - 8) * sz.transpose(0, 1)[..., :1].float()
+           + sz.transpose(0, 1)[..., 1:].float()).reshape(N, K)
+    errors = []
+    for packing in ("uint8", "int32"):
+        try:
+            src = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8) if packing == "uint8" else q
+            packed = torch.ops.aten._convert_weight_to_int4pack(src.contiguous(), 8)
+            fn = lambda: torch.ops.aten._weight_int4pack_mm(x, packed, group, sz)  # noqa: E731
+            out = fn()
+            ref = x.float() @ deq.t()
+            err = rel_err(out, ref)
+            if err > TOL:
+                errors.append(f"{packing}: rel err {err:.3g}")
+                continue
+            nbytes = packed.numel() * packed.element_size() + sz.numel() * 2
+            return fn, err, nbytes, packing
+        except Exception as exc:
+            errors.append(f"{packing}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+    return None, "; ".join(errors), 0, None
+
+
+def sweep_candidates(M, group):
+    bk = 128 if group == -1 else min(128, group)
+    out = [dict(path="dequant")]
+    if M <= 16:
+        for bn in (32, 64, 128):
+            for split in (1, 2, 4, 8, 16):
+                out.append(dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4,
+                                num_stages=2))
+    tiles = [(16, 64, bk, 4, 4), (32, 64, bk, 4, 4), (64, 128, 64, 4, 3), (64, 128, bk, 4, 3),
+             (128, 128, 64, 8, 3), (128, 128, bk, 8, 3), (128, 256, 64, 8, 3), (128, 64, bk, 4, 4)]
+    for bm, bn, k, w, s in tiles:
+        if bm > max(16, triton.next_power_of_2(M)):
+            continue
+        for split in ((1, 2, 4, 8) if M <= 256 else (1,)):
+            out.append(dict(path="mm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(k, bk) if group != -1
+                            else k, SPLIT_K=split, num_warps=w, num_stages=s))
+    return out
+
+
+def run_shape(M, N, K, formats, sweep, gen):
+    x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to(torch.bfloat16)
+    rows = []
+    eager, graph = timed(lambda: F.linear(x, w))
+    bf16 = dict(M=M, N=N, K=K, impl="bf16", eager_ms=eager, graph_ms=graph, bytes=N * K * 2,
+                max_rel_err=0.0)
+    rows.append(bf16)
+
+    fn, err, nbytes, packing = int4_torch(w, x)
+    if fn is None:
+        rows.append(dict(M=M, N=N, K=K, impl="int4_torch", error=err))
+    else:
+        eager, graph = timed(fn)
+        rows.append(dict(M=M, N=N, K=K, impl="int4_torch", eager_ms=eager, graph_ms=graph,
+                         bytes=nbytes, max_rel_err=err, packing=packing))
+    del fn
+    for name in formats:
+        bits, group, sym, act = FORMATS[name]
+        act = resolve_act(act, bits, sym)
+        pw = random_packed(gen, N, K, bits, group, sym)
+        args = (x, pw.qweight, pw.scales, pw.zeros, None, None, bits, group, K, act)
+        row = dict(M=M, N=N, K=K, impl=f"q3n_{name}", act=act, bytes=pw.nbytes,
+                   path=Q.choose_path(M, N, K, bits, group, act, x.dtype, x.device))
+        try:
+            out = torch.ops.q3n.qlinear(*args)
+            row["max_rel_err"] = rel_err(out, Q.reference(*args))
+            if row["max_rel_err"] > TOL:
+                row["error"] = f"wrong result: rel err {row['max_rel_err']:.3g}"
+            row["eager_ms"], row["graph_ms"] = timed(lambda: torch.ops.q3n.qlinear(*args))
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        if sweep:
+            row["sweep"] = []
+            for cand in sweep_candidates(M, group):
+                try:
+                    f = lambda: Q._launch(*args, interpreter=False, path=cand)  # noqa: E731
+                    e = rel_err(f(), Q.reference(*args))
+                    _, gms = timed(f)
+                    row["sweep"].append(dict(cand, graph_ms=gms, max_rel_err=e))
+                except Exception as exc:
+                    row["sweep"].append(dict(cand, error=str(exc).splitlines()[0][:160]))
+        rows.append(row)
+        del pw
+    for r in rows:
+        for kind in ("eager", "graph"):
+            ms = r.get(f"{kind}_ms")
+            r[f"{kind}_TBps"] = None if ms is None else r["bytes"] / (ms * 1e-3) / 1e12
+            base = bf16.get(f"{kind}_ms")
+            r[f"{kind}_vs_bf16"] = None if ms is None or base is None else base / ms
+    torch.cuda.empty_cache()
+    return rows
+
+
+def suggest_table(rows):
+    """Best swept candidate per (format, M, N, K), and the M-indexed rule it suggests."""
+    best = {}
+    for r in rows:
+        if "sweep" not in r:
+            continue
+        ok = [c for c in r["sweep"] if c.get("graph_ms") and c.get("max_rel_err", 1) <= TOL]
+        if ok:
+            c = min(ok, key=lambda c: c["graph_ms"])
+            best[(r["impl"], r["M"], r["N"], r["K"])] = c
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON results here")
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    ap.add_argument("--ms", type=int, nargs="+", default=list(MS))
+    ap.add_argument("--nk", type=str, nargs="+", default=[f"{n}x{k}" for n, k in NKS],
+                    help="N x K pairs, e.g. 4096x4096")
+    ap.add_argument("--sweep", action="store_true", help="time every dispatch candidate too")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_qlinear.py needs a CUDA GPU")
+    started = time.time()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    hdr = (f"{'N':>6} {'K':>6} {'M':>5} {'impl':>13} {'act':>5} {'path':>7} {'err':>8} "
+           f"{'eager ms':>9} {'graph ms':>9} {'TB/s':>6} {'vs bf16':>8}")
+    print(hdr)
+    for nk in args.nk:
+        N, K = map(int, nk.lower().split("x"))
+        for M in args.ms:
+            for r in run_shape(M, N, K, args.formats, args.sweep, gen):
+                rows.append(r)
+                if "error" in r and "eager_ms" not in r:
+                    print(f"{N:>6} {K:>6} {M:>5} {r['impl']:>13}  ERROR {r['error']}", flush=True)
+                    continue
+                fmt = lambda v, f: "    -" if v is None else format(v, f)  # noqa: E731
+                print(f"{N:>6} {K:>6} {M:>5} {r['impl']:>13} {r.get('act', ''):>5} "
+                      f"{(r.get('path') or {}).get('path', ''):>7} {r['max_rel_err']:8.1e} "
+                      f"{fmt(r['eager_ms'], '9.4f')} {fmt(r['graph_ms'], '9.4f')} "
+                      f"{fmt(r['graph_TBps'], '6.2f')} {fmt(r['graph_vs_bf16'], '8.2f')}"
+                      + (f"  {r['error']}" if "error" in r else ""), flush=True)
+    if args.sweep:
+        print("\nbest swept candidate per shape (graph ms):")
+        for (impl, M, N, K), c in sorted(suggest_table(rows).items()):
+            cfg = {k: v for k, v in c.items() if k not in ("graph_ms", "max_rel_err")}
+            print(f"  {impl:>10} M={M:<5} N={N:<6} K={K:<6} {c['graph_ms']:.4f} ms  {cfg}")
+    result = dict(
+        gpu=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
+        torch=torch.__version__, triton=triton.__version__, commit=git_commit(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        timer="triton.testing.do_bench median (L2 flushed); eager = Python call, graph = CUDA graph replay",
+        bytes="weight bytes read: packed codes + scales + zero points (bf16: 2 per weight)",
+        tolerance=TOL, wall_s=round(time.time() - started, 1), rows=rows,
+    )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1, default=str))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,721 @@
+"""``q3n::qlinear``: a linear layer with packed 2..8-bit weights and 16/12/8-bit activations.
+
+What this module guarantees:
+
+- ``torch.ops.q3n.qlinear(x, qweight, scales, zeros, bias, smooth, bits, group_size,
+  in_features, act)`` computes ``y = A(x) @ W^T + bias`` for ``x`` ``[M, K]`` (float16, bfloat16
+  or float32), output ``[M, N]`` in x's dtype, where
+  - ``W = (q - z) * s`` is the packed weight of :mod:`q3n_compile.kernels.packing` (``bits`` in
+    2..8; ``group_size`` 32/64/128 or -1 for per-channel scales; ``zeros`` None = symmetric);
+  - ``A`` is the activation format ``act``:
+    ``"none"`` (16-bit: x as given, weight-only quantization);
+    ``"int8"`` (per-token dynamic: ``c = round(x' / s_x)`` in [-127, 127], ``s_x = max|x'| / 127``);
+    ``"fp8"`` (per-token dynamic float8 e4m3: ``c = e4m3(x' / s_x)``, ``s_x = max|x'| / 448``);
+    ``"int12"`` (per-token 12-bit integers in [-2047, 2047], ``s_x = max|x'| / 2047``, carried
+    exactly in float16 operands). ``A(x) = c * s_x``, with ``x' = x * smooth`` when a SmoothQuant
+    vector ``smooth`` ``[K]`` is given (quantized formats only). Activation quantization is computed
+    in float32 from x's values; rounding is to nearest, ties to even.
+- The Triton kernels, the interpreter and :func:`reference` compute the same function; they differ
+  only by the rounding the kernels' docstrings state (float32 accumulation order, the 16-bit
+  rounding of dequantised weights on the 16-bit-activation tensor-core path, and on GPUs an
+  activation code that may differ by one where ``x'/s_x`` lies within an ulp of a rounding tie,
+  because GPU float32 division is not correctly rounded).
+
+Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per call by
+:func:`choose_path` from a table indexed by M):
+
+- ``gemv``: M <= a few rows, memory-bound: no tensor cores, each program reduces a
+  ``[BLOCK_K, BLOCK_N]`` strip of packed weights in registers; split-K across programs with
+  float32 atomics when there are too few column blocks to fill the GPU.
+- ``mm``: tensor-core tiles: weights are unpacked and dequantised in registers and fed to
+  ``tl.dot`` in the activation's operand type — bf16/fp16 (16-bit activations), int8 x int8 ->
+  int32 (``int8``), fp8 e4m3 x fp8 e4m3 (``fp8`` with weight codes that e4m3 holds exactly, i.e.
+  bits <= 4; wider codes are multiplied in fp16, exactly), fp16 x fp16 (``int12``); per-group
+  scales are applied to each K block's partial product; optional split-K.
+- ``dequant``: dequantise the whole weight to x's dtype and call cuBLAS (``torch.mm``): for the
+  M where that is faster than the fused kernel (16-bit activations at large M). Quantized
+  activations are quantized and dequantised first, so the function computed is the same.
+
+16-bit activations with 8-bit asymmetric weights, and int8 activations with 8-bit asymmetric
+weights (``q - z`` does not fit int8), are refused by :func:`supports`; the quantize pass turns
+those into symmetric formats or declines with that reason.
+
+What each activation format costs and gains (weights: ``bits/8`` bytes per weight plus 2-3
+bytes per group, read once per call — the gain at small M, where a linear is memory-bound):
+
+- ``none``: no activation error, no extra pass over x. Compute runs on bf16/fp16 tensor cores
+  after an in-register unpack, so at large M it cannot beat a bf16 GEMM (the dispatch table uses
+  dequantise + cuBLAS there).
+- ``int8``: an extra kernel reads x and writes 1 byte per element plus a scale per row; products
+  run on int8 tensor cores (H200: 952 TOPS against 817 TFLOP/s bf16, as measured). 8-bit
+  per-token activations lose accuracy on outlier channels: SmoothQuant (the ``smooth`` vector)
+  moves that range into the weights.
+- ``fp8``: same traffic as int8; e4m3 keeps ~2^-4 relative precision per element whatever the
+  row's range (better with outliers, worse for flat rows); fp8 tensor cores (1292 TFLOP/s) only
+  for weight codes e4m3 holds exactly (<= 4 bits), fp16 products otherwise.
+- ``int12``: 16x finer than int8 but no faster than 16-bit activations: there are no 12-bit tensor
+  cores, so products run in fp16 (exactly) and the quantization pass over x is pure cost. It is
+  there to reproduce the design's W6A12 attention setting faithfully.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from q3n_compile.kernels import contract
+from q3n_compile.kernels import packing as P
+
+ACT_FORMATS = ("none", "int8", "fp8", "int12")
+ACT_QMAX = {"int8": 127.0, "fp8": 448.0, "int12": 2047.0}
+_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_ACT_CODE = {"none": 0, "int8": 1, "fp8": 2, "int12": 3}
+# Operand types of tl.dot (DOT_DTYPE): 0 = x's dtype (16-bit activations), 1 = fp32, 2 = fp16,
+# 3 = int8, 4 = fp8 e4m3.
+_DD_X, _DD_F32, _DD_F16, _DD_I8, _DD_F8 = 0, 1, 2, 3, 4
+_RINT = 12582912.0  # 1.5 * 2^23: (v + c) - c rounds a float32 |v| < 2^22 to nearest, ties to even
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _plane(QW, row0, kk, nn, mask, N, P: tl.constexpr):
+    PER: tl.constexpr = 32 // P
+    w = tl.load(QW + (row0 + kk // PER) * N + nn, mask=mask, other=0)
+    return (w >> ((kk % PER) * P)) & ((1 << P) - 1)
+
+
+@triton.jit
+def _load_codes(QW, offs_k, offs_n, mask, N, ROW4, ROW2, ROW1, BITS: tl.constexpr):
+    """Codes [BLOCK_K, BLOCK_N] (int32) of input channels offs_k and output channels offs_n.
+
+    Reads each packed word once per code it holds (repeated addresses hit L1); DRAM sees each
+    packed byte once per program.
+    """
+    kk = offs_k[:, None]
+    nn = offs_n[None, :]
+    if BITS == 8:
+        q = _plane(QW, 0, kk, nn, mask, N, 8)
+    elif BITS == 7:
+        q = (_plane(QW, ROW4, kk, nn, mask, N, 4) | (_plane(QW, ROW2, kk, nn, mask, N, 2) << 4)
+             | (_plane(QW, ROW1, kk, nn, mask, N, 1) << 6))
+    elif BITS == 6:
+        q = _plane(QW, ROW4, kk, nn, mask, N, 4) | (_plane(QW, ROW2, kk, nn, mask, N, 2) << 4)
+    elif BITS == 5:
+        q = _plane(QW, ROW4, kk, nn, mask, N, 4) | (_plane(QW, ROW1, kk, nn, mask, N, 1) << 4)
+    elif BITS == 4:
+        q = _plane(QW, ROW4, kk, nn, mask, N, 4)
+    elif BITS == 3:
+        q = _plane(QW, ROW2, kk, nn, mask, N, 2) | (_plane(QW, ROW1, kk, nn, mask, N, 1) << 2)
+    else:
+        q = _plane(QW, ROW2, kk, nn, mask, N, 2)
+    return q
+
+
+@triton.jit
+def _to_operand(t, like, DD: tl.constexpr):
+    if DD == 1:
+        r = t.to(tl.float32)
+    elif DD == 2:
+        r = t.to(tl.float16)
+    elif DD == 3:
+        r = t.to(tl.int8)
+    elif DD == 4:
+        r = t.to(tl.float32).to(tl.float8e4nv)
+    else:
+        r = t.to(like.dtype)
+    return r
+
+
+@triton.jit
+def qlinear_mm_kernel(
+    X, XS, QW, S, Z, BIAS, Y,
+    M, N, K, K_PAD, ROW4, ROW2, ROW1, K_PER_SPLIT,
+    stride_xm, stride_xk, stride_ym, stride_yn,
+    BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ACT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program computes a [BLOCK_M, BLOCK_N] tile of Y over one split of K, on tensor cores.
+
+    Math: with codes q (unpacked from bit planes), zero points z (2^(BITS-1) when SYM) and scales
+    s of group g = k // GROUP (GROUP = 0: per-channel):
+    - ACT = 0 (16-bit activations): B = (q - z) * s rounded to x's dtype (per-channel: B = q - z,
+      exact, and s multiplies the fp32 result); acc += x_tile @ B in fp32.
+    - ACT = 1/2/3 (codes c and per-row scales s_x from the activation quantizer): B = q - z, exact
+      in the operand type (int8, fp8 e4m3 or fp16); each K block's c_tile @ B is exact (int32, or
+      fp32 with products of at most 12 + 8 significant bits; fp8 products are summed over one
+      K block in the tensor core's accumulator, which on sm_90 keeps about 14 bits, then added in
+      fp32, as DeepSeek-V3 does); it is multiplied by its group's s (per-channel: once at the
+      end) and accumulated in fp32; the result is multiplied by s_x.
+    Then + bias (by the first K split only); stored in Y's dtype, or atomically added to an fp32
+    Y when K is split (ATOMIC).
+    Grouped formats need BLOCK_K <= GROUP (the launcher guarantees it): one group per K block.
+
+    Traffic: reads the packed weight once per row block of M (bits/8 bytes per weight, plus
+    2 bytes of scale and 1 of zero per group and column), x (or its codes) once per column block,
+    writes Y once (per split with ATOMIC).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    PER_CHANNEL: tl.constexpr = GROUP == 0
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K_PAD)
+
+    if PER_CHANNEL:
+        s_col = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if not SYM:
+            z_col = tl.load(Z + offs_n, mask=n_ok, other=0).to(tl.int32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    iacc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        q = _load_codes(QW, offs_k, offs_n, (offs_k < K_PAD)[:, None] & n_ok[None, :], N,
+                        ROW4, ROW2, ROW1, BITS)
+        if SYM:
+            w = q - HALF
+        elif PER_CHANNEL:
+            w = q - z_col[None, :]
+        else:
+            z_row = tl.load(Z + (k0 // GROUP) * N + offs_n, mask=n_ok, other=0).to(tl.int32)
+            w = q - z_row[None, :]
+        if not PER_CHANNEL:
+            s_row = tl.load(S + (k0 // GROUP) * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if ACT == 0:
+            if PER_CHANNEL:
+                b = _to_operand(w, a, DOT_DTYPE)
+            else:
+                b = _to_operand(w.to(tl.float32) * s_row[None, :], a, DOT_DTYPE)
+            acc = tl.dot(_to_operand(a, a, DOT_DTYPE), b, acc, input_precision=DOT_PRECISION)
+        else:
+            b = _to_operand(w, a, DOT_DTYPE)
+            a_op = _to_operand(a, a, DOT_DTYPE)
+            if DOT_DTYPE == 3:
+                if PER_CHANNEL:
+                    iacc = tl.dot(a_op, b, iacc, out_dtype=tl.int32)
+                else:
+                    part = tl.dot(a_op, b, out_dtype=tl.int32)
+                    acc += part.to(tl.float32) * s_row[None, :]
+            elif PER_CHANNEL and DOT_DTYPE != 4:
+                acc = tl.dot(a_op, b, acc, input_precision=DOT_PRECISION)
+            else:
+                # fp8: never chain the accumulator across K blocks (sm_90 accumulates fp8 products
+                # in reduced precision); each block's sum is added in fp32.
+                part = tl.dot(a_op, b, input_precision=DOT_PRECISION)
+                if PER_CHANNEL:
+                    acc += part
+                else:
+                    acc += part * s_row[None, :]
+    if ACT != 0 and DOT_DTYPE == 3 and PER_CHANNEL:
+        acc = iacc.to(tl.float32)
+    if PER_CHANNEL:
+        acc = acc * s_col[None, :]
+    if ACT != 0:
+        xs = tl.load(XS + offs_m, mask=m_ok, other=0.0)
+        acc = acc * xs[:, None]
+    if HAS_BIAS:
+        bias = tl.load(BIAS + offs_n, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    y_mask = m_ok[:, None] & n_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=y_mask)
+    else:
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def qlinear_gemv_kernel(
+    X, XS, QW, S, Z, BIAS, Y,
+    M, N, K, K_PAD, ROW4, ROW2, ROW1, K_PER_SPLIT,
+    stride_xm, stride_xk, stride_ym, stride_yn,
+    BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One program computes BLOCK_N outputs of one row of Y over one split of K, in registers.
+
+    Math (all fp32): w = (q - z) * s per weight (per-channel: s multiplies the result);
+    acc[k, n] += a[k] * w[k, n] over the split, where a is x (ACT = 0) or its codes c; then
+    y[n] = sum_k acc[k, n] (* s_x) + bias (first split only), stored or atomically added (ATOMIC).
+    Grouped formats need BLOCK_K <= GROUP.
+
+    Traffic: the packed weight strip [K, BLOCK_N] once per row of x (rows after the first mostly
+    hit L2), x's row once per column block, Y once (per split with ATOMIC). Memory-bound: the
+    figure of merit is packed bytes per second.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    PER_CHANNEL: tl.constexpr = GROUP == 0
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K_PAD)
+    if PER_CHANNEL:
+        s_col = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if not SYM:
+            z_col = tl.load(Z + offs_n, mask=n_ok, other=0).to(tl.int32)
+    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(X + m * stride_xm + offs_k * stride_xk, mask=offs_k < K, other=0.0)
+        q = _load_codes(QW, offs_k, offs_n, (offs_k < K_PAD)[:, None] & n_ok[None, :], N,
+                        ROW4, ROW2, ROW1, BITS)
+        if SYM:
+            w = (q - HALF).to(tl.float32)
+        elif PER_CHANNEL:
+            w = (q - z_col[None, :]).to(tl.float32)
+        else:
+            z_row = tl.load(Z + (k0 // GROUP) * N + offs_n, mask=n_ok, other=0).to(tl.int32)
+            w = (q - z_row[None, :]).to(tl.float32)
+        if not PER_CHANNEL:
+            s_row = tl.load(S + (k0 // GROUP) * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            w = w * s_row[None, :]
+        acc += a.to(tl.float32)[:, None] * w
+    y = tl.sum(acc, axis=0)
+    if PER_CHANNEL:
+        y = y * s_col
+    if ACT != 0:
+        y = y * tl.load(XS + m)
+    if HAS_BIAS:
+        y = y + tl.load(BIAS + offs_n, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32)
+    y_ptrs = Y + m * stride_ym + offs_n * stride_yn
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, y, mask=n_ok)
+    else:
+        tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
+                     QMAX: tl.constexpr, FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per-row dynamic activation quantization: one program per BLOCK_M rows of x.
+
+    Math (fp32): x' = x (* smooth); s = max|x'| / QMAX (1 where the row is all zero); v = x' / s;
+    integer formats: c = clamp(rint(v), -QMAX, QMAX); FP8: c = v rounded to the nearest float8
+    e4m3 value (ties to even; |v| <= 448 = QMAX by construction), computed exactly in fp32 from
+    v's exponent so that every backend rounds alike. Writes c (in C's dtype, which holds it
+    exactly) and s. Traffic: reads the rows twice (the second time mostly from L1/L2), writes
+    them once.
+    """
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m_ok = offs_m < M
+    offs0 = tl.arange(0, BLOCK_K)
+    amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + offs0
+        mask = m_ok[:, None] & (offs < K)[None, :]
+        x = tl.load(X + offs_m[:, None] * stride_xm + offs[None, :] * stride_xk, mask=mask,
+                    other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            x = x * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.max(amax, axis=1) / QMAX
+    scale = tl.where(scale == 0.0, 1.0, scale)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + offs0
+        mask = m_ok[:, None] & (offs < K)[None, :]
+        x = tl.load(X + offs_m[:, None] * stride_xm + offs[None, :] * stride_xk, mask=mask,
+                    other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            x = x * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
+        v = x / scale[:, None]
+        if FP8:
+            e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+            e = tl.maximum(e, -6)  # e4m3 subnormals are spaced 2^-9 apart
+            inv_quantum = ((127 + 3 - e) << 23).to(tl.float32, bitcast=True)
+            quantum = ((127 - 3 + e) << 23).to(tl.float32, bitcast=True)
+            c = ((v * inv_quantum + 12582912.0) - 12582912.0) * quantum
+        else:
+            c = (v + 12582912.0) - 12582912.0
+        c = tl.minimum(tl.maximum(c, -QMAX), QMAX)
+        tl.store(C + offs_m[:, None] * stride_cm + offs[None, :], c.to(C.dtype.element_ty),
+                 mask=mask)
+    tl.store(XS + offs_m, scale, mask=m_ok)
+
+
+@triton.jit
+def dequant_kernel(QW, S, Z, WT, N, K, K_PAD, ROW4, ROW2, ROW1,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """WT[k, n] = (q - z) * s (fp32, rounded once to WT's dtype) for k < K.
+
+    Traffic: reads the packed weight, scales and zeros once; writes K*N elements of WT.
+    """
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    mask = (offs_k < K)[:, None] & n_ok[None, :]
+    q = _load_codes(QW, offs_k, offs_n, mask, N, ROW4, ROW2, ROW1, BITS)
+    if GROUP == 0:
+        g = offs_k * 0
+    else:
+        g = offs_k // GROUP
+    if SYM:
+        w = (q - (1 << (BITS - 1))).to(tl.float32)
+    else:
+        z = tl.load(Z + g[:, None] * N + offs_n[None, :], mask=mask, other=0).to(tl.int32)
+        w = (q - z).to(tl.float32)
+    s = tl.load(S + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(WT + offs_k[:, None].to(tl.int64) * N + offs_n[None, :], (w * s).to(WT.dtype.element_ty),
+             mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers and the dispatch table
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """Whether float8 e4m3 tensor-core products exist on `device` (sm_89+)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _k_block(group_size: int, want: int) -> int:
+    return want if group_size == P.PER_CHANNEL else min(want, group_size)
+
+
+def _split(n_tiles: int, k_pad: int, block_k: int, sms: int, max_split: int = 16) -> int:
+    """Split K until the grid covers the GPU about twice (each split keeps >= 2 K blocks)."""
+    split = 1
+    k_blocks = -(-k_pad // block_k)
+    while split < max_split and n_tiles * split < 2 * sms and k_blocks // (split * 2) >= 2:
+        split *= 2
+    return split
+
+
+# The M-indexed dispatch table for CUDA: (max M, path, tile for the mm path). First match wins.
+# Untuned first rule; bench/bench_qlinear.py --sweep measures every path per shape on the GPU
+# and prints the table it would choose.
+CUDA_TABLE = {
+    # 16-bit activations: GEMV for a couple of rows, tensor-core tiles up to moderate M, and
+    # dequantise + cuBLAS for large M, where cuBLAS's GEMM beats a Triton GEMM whose inner loop
+    # also unpacks.
+    "a16": [(2, "gemv", None), (16, "mm", (16, 64, 128, 4, 4)), (64, "mm", (32, 64, 128, 4, 4)),
+            (256, "mm", (64, 128, 64, 4, 3)), (1024, "mm", (128, 128, 64, 8, 3)),
+            (None, "dequant", None)],
+    # Quantized activations: the integer/fp8 tensor cores run faster than bf16 ones at large M.
+    "a8": [(2, "gemv", None), (16, "mm", (16, 64, 128, 4, 4)), (64, "mm", (32, 64, 128, 4, 4)),
+           (256, "mm", (64, 128, 128, 4, 3)), (None, "mm", (128, 128, 128, 8, 3))],
+    "a12": [(2, "gemv", None), (16, "mm", (16, 64, 128, 4, 4)), (64, "mm", (32, 64, 128, 4, 4)),
+            (256, "mm", (64, 128, 64, 4, 3)), (None, "mm", (128, 128, 64, 8, 3))],
+}
+_TABLE_KEY = {"none": "a16", "int8": "a8", "fp8": "a8", "int12": "a12"}
+
+
+def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
+                dtype: torch.dtype, device: torch.device, *, interpreter: bool = False,
+                sm_count: Optional[int] = None) -> dict:
+    """The path and launch parameters for one call; a pure function of its arguments.
+
+    Interpreter: few programs (each costs ~0.1 s there): 16/32 x 64 x 64 (<= group) tiles, gemv
+    for M <= 2, no split.
+    CUDA: :data:`CUDA_TABLE` by M; GEMV 64 columns x 128 (<= group) K per step; split-K (fp32
+    atomics) when the output tiles cover fewer than twice the SMs.
+    """
+    k_pad = P.padded_k(K)
+    if interpreter:
+        if M <= 2:
+            return dict(path="gemv", BLOCK_N=64, BLOCK_K=_k_block(group_size, 64), SPLIT_K=1,
+                        num_warps=4, num_stages=1)
+        return dict(path="mm", BLOCK_M=16 if M <= 16 else 32, BLOCK_N=64,
+                    BLOCK_K=_k_block(group_size, 64), SPLIT_K=1, num_warps=4, num_stages=1)
+    sms = sm_count or _sm_count(device.index if device.index is not None
+                                else torch.cuda.current_device())
+    for max_m, path, tile in CUDA_TABLE[_TABLE_KEY[act]]:
+        if max_m is None or M <= max_m:
+            break
+    if path == "dequant":
+        return dict(path="dequant")
+    if path == "gemv":
+        bn, bk = 64, _k_block(group_size, 128)
+        split = _split(M * triton.cdiv(N, bn), k_pad, bk, sms)
+        return dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=2)
+    bm, bn, bk, warps, stages = tile
+    bk = _k_block(group_size, bk)
+    split = _split(triton.cdiv(M, bm) * triton.cdiv(N, bn), k_pad, bk, sms)
+    return dict(path="mm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
+                num_stages=stages)
+
+
+def _act_codes_dtype(act: str, device: torch.device, interpreter: bool) -> torch.dtype:
+    if act == "int8":
+        return torch.int8
+    if act == "int12":
+        return torch.float16
+    # fp8: real float8 storage where tensor cores take it; elsewhere fp16 holds e4m3 values exactly.
+    return torch.float8_e4m3fn if (not interpreter and fp8_supported(device)) else torch.float16
+
+
+def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torch.Tensor],
+                                interpreter: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [M, K], scales [M] fp32) by :func:`act_quant_kernel`."""
+    M, K = x.shape
+    codes = torch.empty((M, K), dtype=_act_codes_dtype(act, x.device, interpreter), device=x.device)
+    scales = torch.empty((M,), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return codes, scales
+    if interpreter:
+        block_m, block_k, warps = 32, 128, 4
+    else:
+        block_m, block_k = 1, min(4096, triton.next_power_of_2(K))
+        warps = min(16, max(4, block_k // 256))
+    act_quant_kernel[(triton.cdiv(M, block_m),)](
+        x, smooth if smooth is not None else scales, codes, scales, M, K,
+        x.stride(0), x.stride(1), codes.stride(0),
+        QMAX=ACT_QMAX[act], FP8=act == "fp8", HAS_SMOOTH=smooth is not None,
+        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+    )
+    return codes, scales
+
+
+def dequantize_triton(qweight, scales, zeros, bits, group_size, in_features, dtype,
+                      interpreter: bool = False) -> torch.Tensor:
+    """The dense ``W^T`` ``[K, N]`` in `dtype`, by :func:`dequant_kernel`."""
+    K, N = in_features, qweight.shape[1]
+    wt = torch.empty((K, N), dtype=dtype, device=qweight.device)
+    rows = P.plane_rows(bits, K)
+    bk, bn = (64, 64) if interpreter else (64, 128)
+    grid = (triton.cdiv(K, bk), triton.cdiv(N, bn))
+    dequant_kernel[grid](
+        qweight, scales, zeros if zeros is not None else scales, wt, N, K, P.padded_k(K),
+        rows.get(4, (0, 0))[0], rows.get(2, (0, 0))[0], rows.get(1, (0, 0))[0],
+        BITS=bits, GROUP=0 if group_size == P.PER_CHANNEL else group_size, SYM=zeros is None,
+        BLOCK_K=bk, BLOCK_N=bn, num_warps=4,
+    )
+    return wt
+
+
+def _dot_dtype(act: str, bits: int, symmetric: bool, x_dtype: torch.dtype, codes_dtype,
+               interpreter: bool) -> int:
+    if act == "none":
+        if x_dtype == torch.float32 or (interpreter and x_dtype == torch.bfloat16):
+            # Triton 3.6's interpreter multiplies bf16 tiles as raw bits; fp32 holds them exactly.
+            return _DD_F32
+        return _DD_X
+    if act == "int8":
+        return _DD_I8
+    if act == "fp8" and codes_dtype == torch.float8_e4m3fn and _codes_fit_fp8(bits, symmetric):
+        return _DD_F8
+    # int12, or fp8 values whose weight codes e4m3 cannot hold: exact fp16 products.
+    return _DD_F16
+
+
+def _codes_fit_fp8(bits: int, symmetric: bool) -> bool:
+    """Whether every q - z is an integer e4m3 holds exactly (|v| <= 16)."""
+    return bits <= 4 or (bits == 5 and symmetric)
+
+
+def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act,
+            interpreter: bool, path: Optional[dict] = None) -> torch.Tensor:
+    """Run the op's Triton path; `path` overrides :func:`choose_path` (tests and the benchmark)."""
+    reason = supports(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act)
+    if reason is not None:
+        raise ValueError(f"q3n::qlinear: {reason}")
+    M, K = x.shape
+    N = qweight.shape[1]
+    cfg = path or choose_path(M, N, K, bits, group_size, act, x.dtype, x.device,
+                              interpreter=interpreter)
+    if M == 0:
+        return x.new_empty((0, N))
+    if cfg["path"] == "dequant":
+        if act == "none":
+            a = x
+        else:
+            codes, xs = quantize_activations_triton(x, act, smooth, interpreter)
+            a = (codes.to(torch.float32) * xs[:, None]).to(x.dtype)
+        wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype, interpreter)
+        return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
+
+    if act == "none":
+        a, xs = x, x  # xs unused
+        codes_dtype = None
+    else:
+        a, xs = quantize_activations_triton(x, act, smooth, interpreter)
+        codes_dtype = a.dtype
+    split = cfg.get("SPLIT_K", 1)
+    atomic = split > 1
+    y = (torch.zeros((M, N), dtype=torch.float32, device=x.device) if atomic
+         else torch.empty((M, N), dtype=x.dtype, device=x.device))
+    k_pad = P.padded_k(K)
+    rows = P.plane_rows(bits, K)
+    row4, row2, row1 = (rows.get(p, (0, 0))[0] for p in (4, 2, 1))
+    block_k = cfg["BLOCK_K"]
+    k_per_split = triton.cdiv(triton.cdiv(k_pad, block_k), split) * block_k
+    group = 0 if group_size == P.PER_CHANNEL else group_size
+    common = (a, xs, qweight, scales, zeros if zeros is not None else scales,
+              bias if bias is not None else scales, y,
+              M, N, K, k_pad, row4, row2, row1, k_per_split,
+              a.stride(0), a.stride(1), y.stride(0), y.stride(1))
+    flags = dict(BITS=bits, GROUP=group, SYM=zeros is None, ACT=_ACT_CODE[act],
+                 HAS_BIAS=bias is not None, ATOMIC=atomic)
+    if cfg["path"] == "gemv":
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
+        qlinear_gemv_kernel[grid](*common, **flags, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
+                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    else:
+        dd = _dot_dtype(act, bits, zeros is None, x.dtype, codes_dtype, interpreter)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), split)
+        qlinear_mm_kernel[grid](*common, **flags, DOT_DTYPE=dd, BLOCK_M=cfg["BLOCK_M"],
+                                BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
+                                DOT_PRECISION="ieee" if dd == _DD_F32 else "tf32",
+                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y.to(x.dtype) if atomic and x.dtype != torch.float32 else y
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_activations(x: torch.Tensor, act: str, smooth: Optional[torch.Tensor] = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row dynamic quantization, the op's definition: (codes as float32 [M, K], scales [M])."""
+    xf = x.to(torch.float32)
+    if smooth is not None:
+        xf = xf * smooth.to(torch.float32)
+    qmax = ACT_QMAX[act]
+    scale = xf.abs().amax(dim=-1) / qmax if xf.shape[-1] else xf.new_ones(xf.shape[:-1])
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    v = xf / scale[:, None]
+    if act == "fp8":
+        codes = v.clamp(-qmax, qmax).to(torch.float8_e4m3fn).to(torch.float32)
+    else:
+        codes = torch.round(v).clamp(-qmax, qmax)
+    return codes, scale
+
+
+def fake_quantize_activations(x: torch.Tensor, act: str, smooth: Optional[torch.Tensor] = None
+                              ) -> torch.Tensor:
+    """``A(x)`` in float32 (``x * smooth`` quantized and dequantised); x itself for "none"."""
+    if act == "none":
+        return x.to(torch.float32)
+    codes, scale = quantize_activations(x, act, smooth)
+    return codes * scale[:, None]
+
+
+def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+              zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+              smooth: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
+              act: str) -> torch.Tensor:
+    """Plain torch with the op's semantics; float32 math (float64 for float64 x)."""
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    codes = P.unpack_codes(qweight, bits, in_features)
+    w = P.dequantize(codes, scales, zeros, bits, group_size, dtype=cdt)  # [N, K]
+    if act == "none":
+        a = x.to(cdt)
+    else:
+        c, s = quantize_activations(x, act, smooth)
+        a = c.to(cdt) * s.to(cdt)[:, None]
+    y = a @ w.t()
+    if bias is not None:
+        y = y + bias.to(cdt)
+    return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration and supports
+# ---------------------------------------------------------------------------------------------
+
+
+def _known(cond) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    return statically_known_true(cond)
+
+
+def format_supported(bits: int, group_size: int, symmetric: bool, act: str) -> Optional[str]:
+    """None if the kernels implement this (weight, activation) format, else why not."""
+    if not P.MIN_BITS <= bits <= P.MAX_BITS:
+        return f"{bits}-bit weights are not supported (2..8)"
+    if group_size != P.PER_CHANNEL and group_size not in P.GROUP_SIZES:
+        return f"group size {group_size} is not supported (32, 64, 128 or per-channel)"
+    if act not in ACT_FORMATS:
+        return f"activation format {act!r} is not one of {ACT_FORMATS}"
+    if act in ("int8", "none") and bits == 8 and not symmetric:
+        return ("8-bit weights with zero points are not supported (q - z needs 9 bits); "
+                "use symmetric: true")
+    return None
+
+
+def supports(x, qweight, scales, zeros=None, bias=None, smooth=None, bits=4, group_size=128,
+             in_features=None, act="none") -> Optional[str]:
+    """None if the op handles these arguments, else why not. Safe on FakeTensors."""
+    reason = format_supported(bits, group_size, zeros is None, act)
+    if reason:
+        return reason
+    if x.dim() != 2:
+        return f"x must be 2-D [M, K], got {x.dim()}-D"
+    if x.dtype not in _X_DTYPES:
+        return f"x dtype {str(x.dtype).replace('torch.', '')} not supported (float16, bfloat16, float32)"
+    K = in_features
+    if K is None or not _known(x.shape[1] == K):
+        return f"x has {x.shape[1]} input features, the weight {K}"
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        return "qweight must be a 2-D int32 tensor"
+    N = qweight.shape[1]
+    if not _known(qweight.shape[0] == P.packed_rows(bits, K)):
+        return f"qweight has {qweight.shape[0]} rows, {bits}-bit K={K} needs {P.packed_rows(bits, K)}"
+    if group_size != P.PER_CHANNEL and K % group_size:
+        return f"group size {group_size} does not divide K={K}"
+    n_groups = 1 if group_size == P.PER_CHANNEL else K // group_size
+    if tuple(scales.shape) != (n_groups, N) or scales.dtype not in (torch.float16, torch.float32):
+        return f"scales must be float16/float32 [{n_groups}, {N}]"
+    if zeros is not None and (tuple(zeros.shape) != (n_groups, N) or zeros.dtype != torch.uint8):
+        return f"zeros must be uint8 [{n_groups}, {N}]"
+    if bias is not None and (tuple(bias.shape) != (N,) or bias.dtype != x.dtype):
+        return f"bias must be [{N}] in x's dtype"
+    if smooth is not None:
+        if act == "none":
+            return "a smoothing vector needs quantized activations"
+        if tuple(smooth.shape) != (K,) or smooth.dtype != torch.float32:
+            return f"smooth must be float32 [{K}]"
+    devices = {t.device for t in (x, qweight, scales, zeros, bias, smooth) if t is not None}
+    if len(devices) != 1:
+        return f"tensors on different devices: {sorted(map(str, devices))}"
+    return None
+
+
+def _qlinear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                  zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                  smooth: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
+                  act: str) -> torch.Tensor:
+    backend = contract.backend_for(x.device)
+    if backend == "reference":
+        return reference(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act)
+    return _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act,
+                   interpreter=backend == "interpreter")
+
+
+def _qlinear_fake(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act):
+    return x.new_empty((x.shape[0], qweight.shape[1]))
+
+
+qlinear = contract.register_kernel_op("qlinear", _qlinear_impl, _qlinear_fake)

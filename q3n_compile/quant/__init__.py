@@ -1,0 +1,63 @@
+"""Mixed-precision quantization of linear layers: configuration, classification, calibration.
+
+Public API:
+
+- :func:`calibrate` ``(model, batches)`` — record the linears' input statistics on the user's
+  calibration data before ``torch.compile``; the quantize pass then uses GPTQ and SmoothQuant on
+  them (without it, and without real example inputs, it can only round to nearest with a
+  clipping search).
+- :func:`parse_quant_config` / :func:`validate_quant_config` — the ``quant_config`` option.
+- :func:`clear` — forget calibration statistics and cached quantization results.
+- :func:`quantize_linear` — quantize one weight outside torch.compile (tests, experiments).
+- :func:`search_precision` ``(model, batches, budget=0.02)`` — the fewest weight bytes per layer
+  within a per-layer error budget; returns a ``quant_config`` the option accepts.
+"""
+
+from .calibration import LayerStats, cache_info, calibrate, clear
+from .config import LayerFormat, QuantConfig, parse_quant_config, validate_quant_config
+
+
+def __getattr__(name):
+    # The algorithms import the kernels (and Triton): only when asked for.
+    if name in ("LayerResult", "quantize_layer"):
+        from . import algorithms
+        return getattr(algorithms, name)
+    if name == "search_precision":
+        from .search import search_precision
+        return search_precision
+    raise AttributeError(name)
+
+
+def quantize_linear(weight, bias=None, *, weight_bits=4, activation_bits=16, group_size=None,
+                    symmetric=None, activation_format=None, inputs=None, method="gptq",
+                    smoothquant="auto", clip_search=True, max_rows=512):
+    """Quantize one ``[N, K]`` weight, optionally calibrated on `inputs` (``[..., K]`` rows).
+
+    Returns an :class:`~q3n_compile.quant.algorithms.LayerResult` (packed weight, smoothing vector,
+    info with the relative output errors on `inputs`). ``activation_format`` "auto" means int8 here.
+    """
+    from .algorithms import quantize_layer
+    entry = {"weight_bits": weight_bits, "activation_bits": activation_bits}
+    if group_size is not None:
+        entry["group_size"] = group_size
+    if symmetric is not None:
+        entry["symmetric"] = symmetric
+    if activation_format is not None:
+        entry["activation_format"] = activation_format
+    qc = parse_quant_config({"ffn_layers": entry, "calibration": {
+        "method": method, "smoothquant": smoothquant, "clip_search": clip_search,
+        "max_rows": max_rows}})
+    fmt = qc.classes["ffn"].for_k(weight.shape[1])
+    if fmt.activation_format == "auto":
+        import dataclasses
+        fmt = dataclasses.replace(fmt, activation_format="int8")
+    stats = None
+    if inputs is not None:
+        stats = LayerStats(weight.shape[1], max_rows)
+        stats.add(inputs)
+    return quantize_layer(weight, bias, fmt, qc.calibration, stats)
+
+
+__all__ = ["LayerFormat", "LayerResult", "LayerStats", "QuantConfig", "cache_info", "calibrate",
+           "clear", "parse_quant_config", "quantize_layer", "quantize_linear",
+           "search_precision", "validate_quant_config"]

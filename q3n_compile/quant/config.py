@@ -1,0 +1,291 @@
+"""``quant_config``: parsing, validation and per-layer resolution.
+
+Accepted form (every key optional)::
+
+    {
+      "ffn_layers":  {"weight_bits": 4, "activation_bits": 8},      # feed-forward linears
+      "attn_layers": {"weight_bits": 6, "activation_bits": 12},     # attention projections
+      "norm_layers": {"dtype": "float16"},                           # accepted, see below
+      "rules": [                                                     # first match wins
+        {"match": "layers.0.*", "skip": true},
+        {"match": ["*.down_proj", "lm_head"], "weight_bits": 8, "activation_bits": 8,
+         "group_size": -1, "symmetric": true},
+      ],
+      "calibration": {"method": "gptq", "smoothquant": "auto", "clip_search": true,
+                      "damp": 0.01, "max_rows": 512, "alpha": null},
+    }
+
+A layer format is ``weight_bits`` (2..8; 16 keeps the layer in high precision),
+``activation_bits`` (16: weight-only; 8: dynamic per-token; 12: per-token 12-bit integers),
+``group_size`` (32, 64, 128, or -1/"channel" for per-channel scales; when left out: 128, or the
+largest of 64 and 32 that divides the layer's K, else per-channel — an explicit size that does
+not divide K is an error),
+``symmetric`` (default: true for 8-bit weights, false — zero points — below), and
+``activation_format`` for 8-bit activations: "auto" (fp8 e4m3 where the GPU has fp8 tensor cores
+and the weight codes fit e4m3 exactly, i.e. <= 4 bits; int8 otherwise), "int8" or "fp8".
+
+Resolution for a linear at module path ``p`` with layer class ``c``: the first rule whose glob
+matches ``p`` (``fnmatch``, case-sensitive) decides; otherwise the class entry (``ffn_layers`` for
+feed-forward, ``attn_layers`` for attention projections); otherwise the layer is left alone.
+``lm_head`` and other output heads (and routers of mixtures of experts) are left alone unless a
+rule *names* them: the rule's pattern contains the layer's own name (``"lm_head"``,
+``"*.lm_head"``); a catch-all ``"*"`` does not count. Embeddings are lookups, never linears: the
+quantize pass does not touch them.
+
+Guarantees: :func:`validate_quant_config` raises :class:`~q3n_compile.config.Q3NConfigError`
+naming the offending entry (as a Python subscript path) and saying how to fix it; it accepts
+exactly what :func:`parse_quant_config` can parse. ``norm_layers`` is validated and reported but
+not applied by the quantize pass (norms are the norm_linear pass's business).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Any, Mapping, Optional, Sequence
+
+from ..config import Q3NConfigError
+
+CLASS_KEYS = {"ffn_layers": "ffn", "attn_layers": "attn"}
+TOP_KEYS = ("ffn_layers", "attn_layers", "norm_layers", "rules", "calibration")
+FORMAT_KEYS = ("weight_bits", "activation_bits", "group_size", "symmetric", "activation_format")
+RULE_KEYS = ("match", "skip") + FORMAT_KEYS
+CALIBRATION_KEYS = ("method", "smoothquant", "clip_search", "damp", "max_rows", "alpha")
+WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
+KEEP_BITS = 16
+ACTIVATION_BITS = (16, 12, 8)
+GROUP_SIZES = (32, 64, 128)
+PER_CHANNEL = -1
+AUTO_GROUP = 0  # group_size left out: resolved per layer by LayerFormat.for_k
+A8_FORMATS = ("auto", "int8", "fp8")
+NORM_DTYPES = ("float16", "bfloat16", "float32")
+# Classes that are never quantized unless a rule names the layer.
+PROTECTED_CLASSES = ("head", "router")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFormat:
+    """How one linear is quantized. ``activation_format``: "none", "int12", "auto", "int8", "fp8"."""
+
+    weight_bits: int
+    activation_bits: int = 16
+    group_size: int = AUTO_GROUP
+    symmetric: bool = False
+    activation_format: str = "none"
+
+    def for_k(self, k: int) -> "LayerFormat":
+        """This format with an automatic group size resolved for in_features `k`."""
+        if self.group_size != AUTO_GROUP:
+            return self
+        group = next((g for g in (128, 64, 32) if k % g == 0), PER_CHANNEL)
+        return dataclasses.replace(self, group_size=group)
+
+    @property
+    def name(self) -> str:
+        group = {PER_CHANNEL: "channel", AUTO_GROUP: "gauto"}.get(self.group_size,
+                                                                  f"g{self.group_size}")
+        act = "" if self.activation_bits == 16 else f" {self.activation_format}"
+        return (f"W{self.weight_bits}A{self.activation_bits} {group} "
+                f"{'sym' if self.symmetric else 'asym'}{act}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    index: int
+    patterns: tuple[str, ...]
+    fmt: Optional[LayerFormat]  # None: skip (keep in high precision)
+
+    def matches(self, path: str) -> bool:
+        return any(fnmatch.fnmatchcase(path, p) for p in self.patterns)
+
+    def names(self, path: str) -> bool:
+        """The rule matches `path` and spells its last component (not only through wildcards)."""
+        leaf = path.rsplit(".", 1)[-1]
+        return self.matches(path) and any(leaf in p for p in self.patterns)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSettings:
+    method: str = "gptq"  # "gptq" | "rtn"
+    smoothquant: Any = "auto"  # "auto" (8-bit activations) | True | False
+    clip_search: bool = True
+    damp: float = 0.01
+    max_rows: int = 512
+    alpha: Optional[float] = None  # SmoothQuant migration strength; None: searched per layer
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    classes: Mapping[str, Optional[LayerFormat]]
+    rules: tuple[Rule, ...]
+    norm_layers: Optional[Mapping[str, Any]]
+    calibration: CalibrationSettings
+
+    def resolve(self, path: str, layer_class: Optional[str]) -> tuple[Optional[LayerFormat], str]:
+        """(format or None, why): the format `path` gets, and which entry decided it."""
+        for rule in self.rules:
+            if not rule.matches(path):
+                continue
+            if layer_class in PROTECTED_CLASSES and not rule.names(path):
+                continue
+            where = f"rules[{rule.index}]"
+            if rule.fmt is None:
+                return None, f"{where} says skip"
+            return rule.fmt, where
+        if layer_class in PROTECTED_CLASSES:
+            return None, f"{layer_class} layers stay in high precision unless a rule names them"
+        for key, cls in CLASS_KEYS.items():
+            if cls == layer_class:
+                if cls not in self.classes:
+                    return None, f"no {key} entry"
+                fmt = self.classes[cls]
+                if fmt is None:
+                    return None, f"{key} has weight_bits 16: kept in high precision"
+                return fmt, key
+        return None, "no rule matched and the layer is neither attention nor feed-forward"
+
+
+def _where(path: Sequence[Any]) -> str:
+    return "quant_config" + "".join(f"[{p!r}]" for p in path)
+
+
+def _fail(path: Sequence[Any], problem: str, fix: str) -> Q3NConfigError:
+    return Q3NConfigError(f"q3n: {_where(path)}: {problem}. Fix: {fix}")
+
+
+def _check_keys(entry: Any, allowed: Sequence[str], path: Sequence[Any]) -> None:
+    if not isinstance(entry, Mapping):
+        raise _fail(path, f"expected a dict, got {type(entry).__name__}",
+                    f"give a dict with keys from {', '.join(allowed)}")
+    for key in entry:
+        if key not in allowed:
+            raise _fail(list(path) + [key], "unknown key", f"use one of {', '.join(allowed)}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _parse_format(entry: Mapping[str, Any], path: Sequence[Any]) -> Optional[LayerFormat]:
+    """A LayerFormat, or None when weight_bits is 16 (keep)."""
+    path = list(path)
+    if "weight_bits" not in entry:
+        raise _fail(path, "missing 'weight_bits'",
+                    "add 'weight_bits': an integer from 2 to 8 (or 16 to keep high precision)")
+    wb = entry["weight_bits"]
+    if not _is_int(wb) or (wb not in WEIGHT_BITS and wb != KEEP_BITS):
+        raise _fail(path + ["weight_bits"], f"{wb!r} is not supported",
+                    "use an integer from 2 to 8, or 16 to keep the layer in high precision")
+    ab = entry.get("activation_bits", 16)
+    if not _is_int(ab) or ab not in ACTIVATION_BITS:
+        raise _fail(path + ["activation_bits"], f"{ab!r} is not supported",
+                    "use 16 (weight-only), 12 (per-token 12-bit) or 8 (per-token 8-bit)")
+    gs = entry.get("group_size", AUTO_GROUP)
+    if gs in ("channel", None):
+        gs = PER_CHANNEL
+    if not _is_int(gs) or (gs not in GROUP_SIZES and gs not in (PER_CHANNEL, AUTO_GROUP)) or (
+            gs == AUTO_GROUP and "group_size" in entry):
+        raise _fail(path + ["group_size"], f"{gs!r} is not supported",
+                    "use 32, 64, 128, or -1 / 'channel' for per-channel scales")
+    sym = entry.get("symmetric", wb == 8)
+    if not isinstance(sym, bool):
+        raise _fail(path + ["symmetric"], f"{sym!r} is not a bool", "use true or false")
+    fmt_default = {16: "none", 12: "int12", 8: "auto"}[ab]
+    af = entry.get("activation_format", fmt_default)
+    allowed = {16: ("none",), 12: ("int12",), 8: A8_FORMATS}[ab]
+    if af not in allowed:
+        raise _fail(path + ["activation_format"],
+                    f"{af!r} does not go with activation_bits={ab}",
+                    f"use one of {', '.join(map(repr, allowed))} (or leave it out)")
+    if wb == KEEP_BITS:
+        return None
+    if wb == 8 and not sym and ab in (8, 16):
+        raise _fail(path, "8-bit weights with zero points are not supported "
+                    f"with activation_bits={ab} (q - z needs 9 bits)",
+                    "set 'symmetric': true, or use weight_bits <= 7")
+    return LayerFormat(wb, ab, gs, sym, af)
+
+
+def _parse_calibration(entry: Any) -> CalibrationSettings:
+    path = ["calibration"]
+    _check_keys(entry, CALIBRATION_KEYS, path)
+    c = CalibrationSettings()
+    method = entry.get("method", c.method)
+    if method not in ("gptq", "rtn"):
+        raise _fail(path + ["method"], f"{method!r} is not a method", "use 'gptq' or 'rtn'")
+    sq = entry.get("smoothquant", c.smoothquant)
+    if sq not in ("auto", True, False):
+        raise _fail(path + ["smoothquant"], f"{sq!r} is not accepted", "use 'auto', true or false")
+    clip = entry.get("clip_search", c.clip_search)
+    if not isinstance(clip, bool):
+        raise _fail(path + ["clip_search"], f"{clip!r} is not a bool", "use true or false")
+    damp = entry.get("damp", c.damp)
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1:
+        raise _fail(path + ["damp"], f"{damp!r} is out of range", "use a number in (0, 1), e.g. 0.01")
+    rows = entry.get("max_rows", c.max_rows)
+    if not _is_int(rows) or rows < 16:
+        raise _fail(path + ["max_rows"], f"{rows!r} is not accepted", "use an integer >= 16")
+    alpha = entry.get("alpha", c.alpha)
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not 0 <= alpha <= 1):
+        raise _fail(path + ["alpha"], f"{alpha!r} is out of range",
+                    "use a number in [0, 1], or null to search it per layer")
+    return CalibrationSettings(method, sq, clip, float(damp), rows,
+                               None if alpha is None else float(alpha))
+
+
+def parse_quant_config(value: Mapping[str, Any]) -> QuantConfig:
+    """Parse and validate; raises :class:`Q3NConfigError` naming the entry and the fix."""
+    _check_keys(value, TOP_KEYS, [])
+    classes: dict[str, Optional[LayerFormat]] = {}
+    for key, cls in CLASS_KEYS.items():
+        if key in value:
+            _check_keys(value[key], FORMAT_KEYS, [key])
+            classes[cls] = _parse_format(value[key], [key])
+    norm = value.get("norm_layers")
+    if norm is not None:
+        _check_keys(norm, ("dtype",), ["norm_layers"])
+        if norm.get("dtype", "float16") not in NORM_DTYPES:
+            raise _fail(["norm_layers", "dtype"], f"{norm.get('dtype')!r} is not accepted",
+                        f"use one of {', '.join(NORM_DTYPES)}")
+    rules_in = value.get("rules", [])
+    if not isinstance(rules_in, (list, tuple)):
+        raise _fail(["rules"], f"expected a list, got {type(rules_in).__name__}",
+                    "give a list of {'match': glob, 'weight_bits': ...} dicts")
+    rules = []
+    for i, entry in enumerate(rules_in):
+        path = ["rules", i]
+        _check_keys(entry, RULE_KEYS, path)
+        match = entry.get("match")
+        patterns = (match,) if isinstance(match, str) else tuple(match) if isinstance(
+            match, (list, tuple)) else None
+        if not patterns or not all(isinstance(p, str) and p for p in patterns):
+            raise _fail(path + ["match"], f"{match!r} is not a glob or list of globs",
+                        "give a module-path glob such as 'layers.*.mlp.down_proj'")
+        skip = entry.get("skip", False)
+        if not isinstance(skip, bool):
+            raise _fail(path + ["skip"], f"{skip!r} is not a bool", "use true or false")
+        if skip:
+            extra = [k for k in FORMAT_KEYS if k in entry]
+            if extra:
+                raise _fail(path, f"'skip': true together with {extra[0]!r}",
+                            "drop the format keys, or drop 'skip'")
+            fmt = None
+        else:
+            fmt = _parse_format(entry, path)
+        rules.append(Rule(i, patterns, fmt))
+    calibration = _parse_calibration(value.get("calibration", {}))
+    return QuantConfig(classes, tuple(rules), norm, calibration)
+
+
+def validate_quant_config(value: Any) -> Any:
+    """Validate an option value (None or a dict); returns it unchanged (config.py stores it)."""
+    if value is not None:
+        parse_quant_config(value)
+    return value

@@ -1,0 +1,334 @@
+"""q3n::qlinear and its packing against a float64 reference (CPU lane: Triton interpreter; GPU: -m gpu)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from q3n_compile.kernels import contract
+from q3n_compile.kernels import packing as P
+from q3n_compile.kernels import qlinear as Q
+
+op = torch.ops.q3n.qlinear
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
+
+f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+# Max |kernel - float64| relative to max |float64 result|: fp32 is exact up to accumulation order;
+# 16-bit outputs are rounded once (2^-11 / 2^-8), and the 16-bit-activation tensor-core path
+# rounds each dequantised weight to x's dtype too.
+TOL = {f32: 2e-5, f16: 3e-3, bf16: 2e-2}
+
+
+def _gen(name):
+    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
+
+
+def _packed(gen, N, K, bits, group, sym, device="cpu"):
+    codes = torch.randint(0, 1 << bits, (N, K), generator=gen, dtype=torch.int64)
+    ng = 1 if group == P.PER_CHANNEL else K // group
+    scales = (torch.rand(ng, N, generator=gen) * 0.02 + 0.002).to(torch.float16)
+    zeros = None if sym else torch.randint(0, 1 << bits, (ng, N), generator=gen).to(torch.uint8)
+    return P.pack(codes, scales, zeros, bits, group).to(device)
+
+
+def _exact(x, pw, bias, smooth, act):
+    return Q.reference(x.double(), pw.qweight, pw.scales, pw.zeros,
+                       None if bias is None else bias.double(), smooth, pw.bits, pw.group_size,
+                       pw.in_features, act)
+
+
+def _check(x, pw, bias=None, smooth=None, act="none", path=None):
+    args = (x, pw.qweight, pw.scales, pw.zeros, bias, smooth, pw.bits, pw.group_size,
+            pw.in_features, act)
+    out = Q._launch(*args, interpreter=x.device.type == "cpu", path=path) if path else op(*args)
+    assert out.shape == (x.shape[0], pw.out_features) and out.dtype == x.dtype
+    exact = _exact(x, pw, bias, smooth, act)
+    scale = exact.abs().max().item()
+    err = (out.double() - exact).abs().max().item()
+    assert err <= TOL[x.dtype] * scale, f"max err {err:.3g} > {TOL[x.dtype]:.1g} * {scale:.3g}"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_pack_round_trip_every_value(bits):
+    # Every code value appears in every position of a word; K off the 32-alignment.
+    for K in (45, 96, 256):
+        N = 7
+        codes = (torch.arange(N * K).reshape(N, K) * 7919 % (1 << bits)).to(torch.uint8)
+        codes[0, : min(K, 1 << bits)] = torch.arange(min(K, 1 << bits))
+        q = P.pack_codes(codes, bits)
+        assert q.dtype == torch.int32 and q.shape == (P.packed_rows(bits, K), N)
+        assert torch.equal(P.unpack_codes(q, bits, K), codes)
+        # Dense: bits per weight exactly, over K padded to a multiple of 32.
+        assert q.numel() * 4 == P.padded_k(K) * bits // 8 * N
+
+
+def test_six_bit_is_dense():
+    N, K = 5, 96
+    q = P.pack_codes(torch.randint(0, 64, (N, K), dtype=torch.uint8), 6)
+    assert q.numel() * 4 == -(-K * 6 // 8) * N  # 4 values in 3 bytes: 72 bytes per column
+    assert P.planes(6) == (4, 2)
+    assert P.plane_rows(6, K) == {4: (0, 12), 2: (12, 6)}
+    assert q.numel() * 4 < N * K  # never one byte per value
+
+
+def test_pack_rejects_out_of_range_codes():
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):
+        P.pack_codes(torch.full((2, 32), 16), 4)
+    with pytest.raises(ValueError, match="bits must be"):
+        P.planes(9)
+
+
+def test_packed_weight_dequantize_matches_definition():
+    gen = _gen("deq")
+    pw = _packed(gen, 9, 64, 5, 32, sym=False)
+    codes = pw.codes().double()
+    g = torch.arange(64) // 32
+    want = (codes - pw.zeros.double().t()[:, g]) * pw.scales.double().t()[:, g]
+    torch.testing.assert_close(pw.dequantize(torch.float64), want, rtol=0, atol=0)
+    sym = _packed(gen, 9, 64, 3, -1, sym=True)
+    want = (sym.codes().double() - 4) * sym.scales.double().t()
+    torch.testing.assert_close(sym.dequantize(torch.float64), want, rtol=0, atol=0)
+    assert pw.nbytes == pw.qweight.numel() * 4 + pw.scales.numel() * 2 + pw.zeros.numel()
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels against float64
+
+# (weight bits, activation format): the formats the design and the issue name.
+FORMATS = [(4, "none"), (6, "none"), (8, "none"), (4, "int8"), (8, "int8"), (6, "int12")]
+# (group, symmetric, M, bias, dtype) cycled over the formats: every group size, sym/asym, bias,
+# every M and dtype meet every format.
+VARIANTS = [(32, True, 1, True, f32), (64, False, 5, False, bf16), (128, False, 33, True, f16),
+            (-1, False, 5, True, bf16), (-1, True, 33, False, f32)]
+
+
+def _cases():
+    for bits, act in FORMATS:
+        for group, sym, M, bias, dtype in VARIANTS:
+            if bits == 8:
+                sym = True  # 8-bit weights with zero points are refused (see test_supports)
+            name = f"w{bits}_{act}_g{group}_{'sym' if sym else 'asym'}_m{M}_{str(dtype)[6:]}" + (
+                "_bias" if bias else "")
+            yield pytest.param(bits, act, group, sym, M, bias, dtype, id=name)
+
+
+@pytest.mark.parametrize("bits,act,group,sym,M,bias,dtype", list(_cases()))
+def test_kernel_against_float64(bits, act, group, sym, M, bias, dtype):
+    gen = _gen(f"{bits}{act}{group}{sym}{M}{dtype}")
+    N = 45
+    K = 128 if group != -1 else 83  # odd K only per-channel (groups must divide K)
+    pw = _packed(gen, N, K, bits, group, sym)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    b = torch.randn(N, generator=gen).to(dtype) if bias else None
+    _check(x, pw, b, act=act)
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (4, -1, True), (5, 64, True),
+                                            (2, 32, False), (3, -1, False), (7, 128, False)])
+def test_fp8_activations_and_other_widths(bits, group, sym):
+    gen = _gen(f"fp8{bits}{group}")
+    K = 128 if group != -1 else 70
+    pw = _packed(gen, 37, K, bits, group, sym)
+    x = torch.randn(5, K, generator=gen)
+    x[:, 3] *= 30  # an outlier channel
+    _check(x, pw, torch.randn(37, generator=gen), act="fp8")
+    _check(x.to(bf16), pw, act="none")
+
+
+def test_smooth_vector_is_applied_before_quantization():
+    gen = _gen("smooth")
+    pw = _packed(gen, 33, 64, 4, 32, False)
+    x = torch.randn(5, 64, generator=gen)
+    smooth = torch.rand(64, generator=gen) + 0.5
+    for act in ("int8", "fp8", "int12"):
+        out = _check(x, pw, smooth=smooth, act=act)
+        plain = op(x * smooth, pw.qweight, pw.scales, pw.zeros, None, None, 4, 32, 64, act)
+        torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", [
+    dict(path="gemv", BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1),
+    dict(path="mm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1),
+    dict(path="dequant"),
+], ids=["gemv_splitk", "mm_splitk", "dequant"])
+@pytest.mark.parametrize("act", ["none", "int8"])
+def test_forced_paths(path, act):
+    gen = _gen(f"path{path['path']}{act}")
+    pw = _packed(gen, 40, 128, 4, 32, False)
+    x = torch.randn(3, 128, generator=gen).to(bf16)
+    _check(x, pw, torch.randn(40, generator=gen).to(bf16), act=act, path=path)
+
+
+@pytest.mark.parametrize("act", ["int8", "fp8", "int12"])
+def test_activation_quantizer_matches_reference_exactly(act):
+    gen = _gen(f"aq{act}")
+    x = torch.randn(37, 70, generator=gen) * torch.logspace(-3, 2, 70)
+    x[4] = 0.0  # all-zero row: scale 1, codes 0
+    x[5, 7] = 0.5 * 2047 / 2047  # values at exact ties appear after scaling for some rows
+    smooth = torch.rand(70, generator=gen) + 0.5
+    for sm in (None, smooth):
+        codes, scales = Q.quantize_activations_triton(x, act, sm, interpreter=True)
+        want_codes, want_scales = Q.quantize_activations(x, act, sm)
+        torch.testing.assert_close(scales, want_scales, rtol=0, atol=0)
+        torch.testing.assert_close(codes.float(), want_codes, rtol=0, atol=0)
+    assert scales[4] == 1 and codes[4].abs().max() == 0
+
+
+def test_rounding_is_half_to_even():
+    x = torch.tensor([[127.0, 0.5, 1.5, -2.5, 3.49]])
+    codes, scales = Q.quantize_activations_triton(x, "int8", None, interpreter=True)
+    assert scales.item() == 1.0
+    assert codes[0].tolist() == [127, 0, 2, -2, 3]
+
+
+def test_supports_reasons():
+    gen = _gen("supports")
+    pw = _packed(gen, 16, 64, 4, 32, False)
+    x = torch.randn(3, 64)
+    args = lambda **kw: dict(dict(x=x, qweight=pw.qweight, scales=pw.scales, zeros=pw.zeros,  # noqa: E731
+                                  bias=None, smooth=None, bits=4, group_size=32, in_features=64,
+                                  act="none"), **kw)
+    assert Q.supports(**args()) is None
+    assert "2..8" in Q.supports(**args(bits=9))
+    assert "group size 48" in Q.supports(**args(group_size=48))
+    assert "2-D" in Q.supports(**args(x=x[None]))
+    assert "int64" in Q.supports(**args(x=x.long()))
+    assert "input features" in Q.supports(**args(x=torch.randn(3, 32)))
+    assert "smoothing vector needs quantized" in Q.supports(**args(smooth=torch.ones(64)))
+    assert "bias must be" in Q.supports(**args(bias=torch.ones(15)))
+    assert "symmetric: true" in Q.supports(**args(bits=8, act="int8"))
+    assert "rows" in Q.supports(**args(bits=6))
+    with pytest.raises(ValueError, match="group size 48"):
+        Q._launch(*args(group_size=48).values(), interpreter=True)
+
+
+def test_fake_with_symbolic_rows_and_opcheck():
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv,
+                                                       StatelessSymbolicContext)
+
+    gen = _gen("fake")
+    pw = _packed(gen, 24, 64, 6, 64, False)
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    x = mode.from_tensor(torch.randn(7, 64), source=ConstantSource("x"),
+                         symbolic_context=StatelessSymbolicContext(
+                             dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC]))
+    with mode:
+        fq = tuple(mode.from_tensor(t, static_shapes=True) for t in (pw.qweight, pw.scales, pw.zeros))
+        assert Q.supports(x, *fq, None, None, 6, 64, 64, "int12") is None
+        out = op(x, *fq, None, None, 6, 64, 64, "int12")
+    assert isinstance(out.shape[0], torch.SymInt) and out.shape[1] == 24
+    xr = torch.randn(5, 64, generator=gen)
+    torch.library.opcheck(op, (xr, pw.qweight, pw.scales, pw.zeros, torch.randn(24), None, 6, 64,
+                               64, "int8"))
+
+
+def test_choose_path_table():
+    cpu = torch.device("cpu")
+    cuda = torch.device("cuda", 0)
+    assert Q.choose_path(1, 4096, 4096, 4, 128, "none", bf16, cpu, interpreter=True)["path"] == "gemv"
+    assert Q.choose_path(33, 64, 64, 4, 32, "none", f32, cpu, interpreter=True)["BLOCK_K"] == 32
+    one = Q.choose_path(1, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)
+    assert one["path"] == "gemv" and one["SPLIT_K"] > 1  # 64 column blocks do not fill 132 SMs
+    assert Q.choose_path(16, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "mm"
+    big = Q.choose_path(4096, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)
+    assert big["path"] == "dequant"
+    a8 = Q.choose_path(4096, 4096, 4096, 4, 32, "int8", bf16, cuda, sm_count=132)
+    assert a8["path"] == "mm" and a8["BLOCK_K"] == 32 and a8["SPLIT_K"] == 1  # BLOCK_K <= group
+    for m in (1, 3, 16, 17, 64, 200, 256, 1000, 5000):
+        for act in Q.ACT_FORMATS:
+            cfg = Q.choose_path(m, 12288, 4096, 6, 64, act, bf16, cuda, sm_count=132)
+            assert cfg["path"] in ("gemv", "mm", "dequant")
+            if cfg["path"] != "dequant":
+                assert cfg["BLOCK_K"] <= 64
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU lane only")
+def test_backend_is_interpreter_on_cpu_lane():
+    assert contract.backend_for(torch.device("cpu")) == "interpreter"
+
+
+def test_reference_path_without_interpreter():
+    code = textwrap.dedent("""
+        import torch
+        from q3n_compile.kernels import qlinear as Q, packing as P, contract
+        assert contract.backend_for(torch.device("cpu")) == "reference"
+        g = torch.Generator().manual_seed(3)
+        codes = torch.randint(0, 16, (20, 64), generator=g)
+        pw = P.pack(codes, torch.rand(2, 20, generator=g).half(), None, 4, 32)
+        x = torch.randn(3, 64, generator=g).bfloat16()
+        args = (x, pw.qweight, pw.scales, None, None, None, 4, 32, 64, "int8")
+        assert torch.equal(torch.ops.q3n.qlinear(*args), Q.reference(*args))
+        print("ok")
+    """)
+    root = str(Path(__file__).resolve().parents[2])
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU lane: compiled kernels at real sizes, every path the dispatch table picks.
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+GPU_FORMATS = [(4, "none", 128, False), (6, "none", 128, False), (8, "none", -1, True),
+               (4, "int8", 128, False), (8, "int8", -1, True), (6, "int12", 64, False),
+               (4, "fp8", 128, False), (6, "fp8", 128, True)]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("N", [4096, 12288])
+@pytest.mark.parametrize("M", [1, 16, 256, 4096])
+@pytest.mark.parametrize("bits,act,group,sym", GPU_FORMATS,
+                         ids=[f"w{b}_{a}_g{g}" for b, a, g, _ in GPU_FORMATS])
+def test_gpu_against_float64(bits, act, group, sym, M, N):
+    K = 4096
+    gen = _gen(f"gpu{bits}{act}{M}{N}")
+    pw = _packed(gen, N, K, bits, group, sym, device="cuda")
+    x = torch.randn(M, K, generator=gen).to(bf16).cuda()
+    bias = torch.randn(N, generator=gen).to(bf16).cuda()
+    _check(x, pw, bias, act=act)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("path", [
+    dict(path="gemv", BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, num_warps=4, num_stages=2),
+    dict(path="mm", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=4),
+    dict(path="mm", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3),
+    dict(path="dequant"),
+], ids=["gemv_split8", "mm16_split4", "mm128", "dequant"])
+@pytest.mark.parametrize("act", ["none", "int8", "fp8", "int12"])
+def test_gpu_every_path(path, act):
+    gen = _gen(f"gpupath{path['path']}{act}")
+    K, N, M = 4096, 4096, 17 if path["path"] != "gemv" else 2
+    pw = _packed(gen, N, K, 4, 128, False, device="cuda")
+    x = torch.randn(M, K, generator=gen).to(f16).cuda()
+    _check(x, pw, None, act=act, path=path)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_fp8_storage_where_supported():
+    x = torch.randn(8, 256, device="cuda")
+    codes, _ = Q.quantize_activations_triton(x, "fp8", None, interpreter=False)
+    want = torch.float8_e4m3fn if Q.fp8_supported(x.device) else torch.float16
+    assert codes.dtype == want
+    ref, _ = Q.quantize_activations(x, "fp8")
+    torch.testing.assert_close(codes.float(), ref, rtol=0, atol=0)
