@@ -1,7 +1,9 @@
 """The `q3n` command.
 
-- ``q3n bench``: before/after comparison of eager and compiled runs of a built-in model on
-  whatever device is there (latency, compile time, peak memory, error against eager).
+- ``q3n bench``: before/after comparison of eager, Inductor and q3n (under named option sets) on
+  one model, on whatever device is there: compile time, prefill latency, decode tokens/s with a KV
+  cache, generate() tokens/s, peak memory, error against eager; a table, JSON, CSV and a PNG.
+- ``q3n plot RESULTS.json``: draw the bench's PNG from its JSON (needs matplotlib).
 - ``q3n dump SCRIPT.py [ARGS...]``: runs a user's script with graph dumps on and prints where each
   compiled graph went, with one line per pass.
 """
@@ -16,30 +18,71 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-# Named configurations `q3n bench --backends` accepts; "eager" always runs as the baseline.
-BACKEND_SETS: dict[str, dict[str, Any]] = {
-    "inductor": {"backend": "inductor"},
-    "q3n": {"backend": "q3n", "options": {}},
-    "q3n+inductor": {"backend": "q3n", "options": {"executor": "inductor"}},
-}
-
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .compare import BACKEND_SETS
+
     parser = argparse.ArgumentParser(prog="q3n", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    bench = sub.add_parser("bench", help="compare eager with compiled runs of a built-in model")
-    bench.add_argument("--model", default="qwen3")
-    bench.add_argument("--size", default="tiny")
+    bench = sub.add_parser(
+        "bench", help="compare eager, Inductor and q3n on one model (latency, decode, memory, errors)",
+        description="Compile one model several ways and compare them: prefill latency (time to first "
+        "token), decode tokens/s with a KV cache, generate() tokens/s, peak GPU memory, compile time, "
+        "error against eager. Writes a table, results.json, results.csv and results.png.",
+    )
+    bench.add_argument("--model", default="qwen3",
+                       help="built-in (qwen3, llama, gpt2, bert, qwen3-next), minilm (real weights), a local "
+                       "transformers model folder, or module:factory / file.py:factory (default: qwen3)")
+    bench.add_argument("--size", default="tiny", help="built-in model size: tiny (default) or bench")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    bench.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
-    bench.add_argument("--batch", type=int, default=1)
-    bench.add_argument("--seq-len", type=int, nargs="+", default=None, help="default: 64 on cpu, 512 2048 on cuda")
-    bench.add_argument("--backends", default="q3n", help=f"comma-separated from {', '.join(BACKEND_SETS)}")
+    bench.add_argument("--dtype", default=None,
+                       help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
+    bench.add_argument("--batch", type=int, nargs="+", default=None,
+                       help="prefill batch sizes (default 1; for minilm: how many of the shipped sentences)")
+    bench.add_argument("--seq-len", type=int, nargs="+", default=None,
+                       help="prefill lengths (default: 64 on cpu; 512 2048 8192 on cuda)")
+    bench.add_argument("--decode-batch", type=int, nargs="+", default=None,
+                       help="decode batch sizes (default: 1 on cpu; 1 8 on cuda)")
+    bench.add_argument("--decode-context", type=int, default=None,
+                       help="prompt length before decoding (default: 32 on cpu; 1024 on cuda)")
+    bench.add_argument("--decode-steps", type=int, default=None,
+                       help="timed decode steps (default: 16 on cpu; 32 on cuda)")
+    bench.add_argument("--no-decode", action="store_true", help="skip the decode phase")
+    bench.add_argument("--generate", type=int, default=0, metavar="N",
+                       help="also time transformers' model.generate of N new tokens (static cache) per backend")
+    bench.add_argument("--generate-batch", type=int, default=None, metavar="B",
+                       help="batch size of --generate (default: the first decode batch size)")
+    bench.add_argument("--backends", default=None,
+                       help=f"comma-separated from {', '.join(BACKEND_SETS)}, or 'all' (default: all but "
+                       "inductor-cudagraphs; on cpu also without inductor-max-autotune); eager always runs")
     bench.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="q3n option for every q3n backend (value parsed as JSON, else a string)")
-    bench.add_argument("--repeats", type=int, default=None)
-    bench.add_argument("--out", default=None, help="folder for results.json")
+    bench.add_argument("--q3n-set", action="append", default=[], metavar="NAME=JSON",
+                       help="an extra q3n backend NAME with these options, e.g. 'noattn={\"attention\": \"off\"}'")
+    bench.add_argument("--repeats", type=int, default=None, help="timed calls per case, at most (default: 10 cpu, 20 cuda)")
+    bench.add_argument("--warmup", type=int, default=None, help="untimed calls after compiling (default: 2 cpu, 3 cuda)")
+    bench.add_argument("--time-budget", type=float, default=None,
+                       help="seconds of timed calls per case; fewer repeats when calls are slow (default 2 cpu, 3 cuda)")
+    bench.add_argument("--dynamic", choices=("true", "false", "auto"), default="true",
+                       help="torch.compile(dynamic=...): true (default) compiles one graph for every length and batch; "
+                       "false specialises each shape; auto is torch's default")
+    bench.add_argument("--warm-cache", action="store_true",
+                       help="keep Inductor's FX-graph and AOTAutograd caches on (compile times are cold by default)")
+    bench.add_argument("--attn-implementation", default=None,
+                       help="transformers attention for transformers models: eager or sdpa (default: the model's; "
+                       "eager for the generate twins of the built-in decoders)")
+    bench.add_argument("--seed", type=int, default=0, help="weights and inputs seed (default 0)")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="torch.set_num_threads for CPU runs (default: torch's); 1 steadies timings on a busy machine")
+    bench.add_argument("--out", default=None,
+                       help="folder for results.json/.csv/.png (default ./q3n_bench/<model>-<size>-<device>-<time>)")
+    bench.add_argument("--no-plot", action="store_true", help="do not draw results.png")
+    bench.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    plot = sub.add_parser("plot", help="draw the PNG of a q3n bench results.json (needs matplotlib)")
+    plot.add_argument("results", help="a results.json written by q3n bench")
+    plot.add_argument("--out", default=None, help="PNG path (default: results.png beside the JSON)")
 
     dump = sub.add_parser("dump", help="run SCRIPT.py with graph dumps on")
     dump.add_argument("--dir", default="q3n_dump", help="where the dumps go (default ./q3n_dump)")
@@ -48,58 +91,146 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "bench":
-        return _bench(args, parser)
+        return _bench(args, bench)
+    if args.command == "plot":
+        return _plot(args)
     return _dump(args)
 
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
-    from .compare import compare, default_device, format_table, rows_as_json
-    from .models import MODEL_NAMES, SIZES
+    from .compare import (BACKEND_SETS, DEFAULT_BACKENDS_CPU, DEFAULT_BACKENDS_CUDA, bench, default_device,
+                          format_table, write_outputs)
+    from .config import Q3NConfig, Q3NConfigError
+    from .hf_models import ModelLoadError, is_factory_spec
+    from .models import HF_MODEL_NAMES, MODEL_NAMES, SIZES
 
-    if args.model not in MODEL_NAMES:
-        parser.error(f"unknown model {args.model!r}; choose from {', '.join(MODEL_NAMES)}")
+    builtin = MODEL_NAMES + HF_MODEL_NAMES + ("minilm",)
+    model = args.model
+    if model not in builtin and not os.path.isdir(model) and not is_factory_spec(model):
+        if os.sep in model or model.startswith((".", "~")):
+            parser.error(f"model folder {model!r} does not exist")
+        parser.error(f"unknown model {model!r}; choose from {', '.join(builtin)}, a local transformers "
+                     "model folder, or module:factory")
     if args.size not in SIZES:
         parser.error(f"unknown size {args.size!r}; choose from {', '.join(SIZES)}")
     device = args.device or default_device()
+    if device not in ("cpu", "cuda"):
+        parser.error(f"unknown --device {device!r}; use cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
     dtype = None
     if args.dtype:
         dtype = getattr(torch, args.dtype, None)
-        if not isinstance(dtype, torch.dtype):
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             parser.error(f"unknown --dtype {args.dtype!r}; use float32, bfloat16 or float16")
+    for flag in ("batch", "seq_len", "decode_batch"):
+        values = getattr(args, flag) or []
+        if any(v < 1 for v in values):
+            parser.error(f"--{flag.replace('_', '-')} takes positive integers, got {values}")
+    for flag in ("decode_context", "decode_steps", "repeats", "generate_batch"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} takes a positive integer, got {value}")
+    if args.generate < 0:
+        parser.error(f"--generate takes a number of new tokens >= 0, got {args.generate}")
+
     options = dict(_parse_option(parser, o) for o in args.option)
-    backends = {}
-    for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
+    if args.backends is None:
+        names = list(DEFAULT_BACKENDS_CUDA if device == "cuda" else DEFAULT_BACKENDS_CPU)
+    elif args.backends.strip() == "all":
+        names = list(BACKEND_SETS)
+    else:
+        names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    backends: dict[str, dict[str, Any]] = {}
+    for name in names:
         if name == "eager":
             continue
         if name not in BACKEND_SETS:
             parser.error(f"unknown backend {name!r}; choose from eager, {', '.join(BACKEND_SETS)}")
-        spec = json.loads(json.dumps(BACKEND_SETS[name]))
-        if spec["backend"] == "q3n":
-            spec["options"].update(options)
-        backends[name] = spec
-    seq_lens = args.seq_len or ([512, 2048] if device == "cuda" else [64])
+        backends[name] = json.loads(json.dumps(BACKEND_SETS[name]))
+    for text in args.q3n_set:
+        name, sep, raw = text.partition("=")
+        if not sep or not name:
+            parser.error(f"--q3n-set takes NAME=JSON, got {text!r}")
+        try:
+            opts = json.loads(raw)
+        except json.JSONDecodeError as err:
+            parser.error(f"--q3n-set {name}: the options are not JSON ({err}): {raw!r}")
+        if not isinstance(opts, dict):
+            parser.error(f"--q3n-set {name}: the options must be a JSON object, got {raw!r}")
+        backends[name] = {"backend": "q3n", "options": opts}
+    for name, spec in backends.items():
+        if spec["backend"] != "q3n":
+            continue
+        spec["options"].update(options)
+        try:
+            Q3NConfig.from_options(spec["options"], mode=spec.get("mode"))
+        except Q3NConfigError as err:
+            parser.error(f"backend {name}: {err}")
 
-    print(f"q3n bench: {args.model}/{args.size} on {device}, batch {args.batch}, lengths {seq_lens}",
-          file=sys.stderr)
-    rows = compare(
-        args.model, args.size, device=device, dtype=dtype, batch=args.batch, seq_lens=seq_lens,
-        backends=backends, repeats=args.repeats,
-        progress=lambda msg: print(f"  … {msg}", file=sys.stderr, flush=True),
-    )
-    print(format_table(rows))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {"model": args.model, "size": args.size, "device": device,
-                "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-                "torch": torch.__version__}
-        (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows_as_json(rows)}, indent=2))
-        print(f"wrote {out / 'results.json'}")
-    return 1 if any(r.error for r in rows) else 0
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads takes a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    dynamic = {"true": True, "false": False, "auto": None}[args.dynamic]
+    decode_batches = [] if args.no_decode else args.decode_batch
+    progress = None if args.quiet else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+    print(f"q3n bench: {model}{'/' + args.size if model in MODEL_NAMES + HF_MODEL_NAMES else ''} on {device}; "
+          f"backends: eager, {', '.join(backends)}", file=sys.stderr, flush=True)
+    try:
+        result = bench(
+            model, args.size, device=device, dtype=dtype, backends=backends, seq_lens=args.seq_len,
+            batches=args.batch, decode_batches=decode_batches, decode_context=args.decode_context,
+            decode_steps=args.decode_steps, generate=args.generate, generate_batch=args.generate_batch,
+            repeats=args.repeats, warmup=args.warmup,
+            time_budget_s=args.time_budget, dynamic=dynamic, warm_cache=args.warm_cache,
+            attn_implementation=args.attn_implementation, seed=args.seed, progress=progress,
+        )
+    except ModelLoadError as err:
+        print(f"q3n bench: error: cannot build the model: {err}", file=sys.stderr)
+        return 2
+    print(format_table(result.rows, result))
+    out = Path(args.out) if args.out else _default_out(model, args.size, device)
+    files = write_outputs(result, out, plot=not args.no_plot)
+    print(f"\nwrote {files['json']}\nwrote {files['csv']}")
+    if files["png"]:
+        print(f"wrote {files['png']}")
+    elif files["png_error"]:
+        print(f"q3n bench: {files['png_error']}", file=sys.stderr)
+    failed = [r for r in result.rows if r.error]
+    if failed:
+        names = ", ".join(dict.fromkeys(r.backend for r in failed))
+        print(f"q3n bench: {len(failed)} case(s) failed ({names}); the errors are in the table and in "
+              f"{files['json']} (rows[].error, rows[].reports[].traceback)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _default_out(model: str, size: str, device: str) -> Path:
+    import datetime
+
+    slug = Path(model).name if os.path.isdir(model) else model.replace(":", "-").replace("/", "-")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("q3n_bench") / f"{slug}-{size}-{device}-{stamp}"
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .bench_plot import PlotUnavailable, plot_results
+
+    path = Path(args.results)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        print(f"q3n plot: cannot read {path}: {err}", file=sys.stderr)
+        return 2
+    try:
+        png = plot_results(data, args.out or path.with_suffix(".png"))
+    except PlotUnavailable as err:
+        print(f"q3n plot: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {png}")
+    return 0
 
 
 def _parse_option(parser: argparse.ArgumentParser, text: str) -> tuple[str, Any]:

@@ -33,7 +33,19 @@ Guarantees:
   padded token cannot change an unpadded position's output, a later token cannot change an
   earlier position's logits.
 
-There is no KV cache: every call is a full forward over ``input_ids`` (prefill).
+KV cache (decoder families: qwen3, llama, gpt2). Called as ``model(input_ids)`` a decoder runs a
+full forward over ``input_ids`` (prefill, no cache), exactly as before. Called as
+``model(input_ids, kv_cache=cache, cache_position=pos)`` it uses a *static* cache, as transformers'
+``StaticCache`` does: :func:`new_kv_cache` allocates per layer a key and a value tensor
+``[B, kv_heads, max_len, head_dim]``; each call writes its keys/values at ``cache_position``
+(a LongTensor ``[S]`` of absolute positions, default ``arange(S)``) with ``index_copy_`` and attends
+over all ``max_len`` slots, slots after a query's position masked out. Positions are tensors, so a
+compiled model does not recompile as decoding advances: decode steps (S = 1) share one graph. The
+cache tensors are call arguments, not module buffers, so a backend never mistakes them for weights.
+
+``qwen3-next`` (in :data:`HF_MODEL_NAMES`) is transformers' ``Qwen3NextForCausalLM`` with a small
+random config; :func:`build_model` builds it through :mod:`q3n_compile.hf_models` (transformers is
+imported only then). It returns logits like the other decoders but has no ``kv_cache`` argument.
 """
 
 from __future__ import annotations
@@ -46,7 +58,11 @@ from torch import nn
 
 __all__ = [
     "MODEL_NAMES",
+    "HF_MODEL_NAMES",
+    "DECODER_NAMES",
     "SIZES",
+    "KVCache",
+    "new_kv_cache",
     "ModelConfig",
     "get_config",
     "build_model",
@@ -56,7 +72,12 @@ __all__ = [
     "BertModel",
 ]
 
+# The four plain-torch families (each with a ModelConfig).
 MODEL_NAMES: tuple[str, ...] = ("qwen3", "llama", "gpt2", "bert")
+# Built-in families that are transformers models with a small random config (built lazily).
+HF_MODEL_NAMES: tuple[str, ...] = ("qwen3-next",)
+# Families that take ``kv_cache=`` / ``cache_position=`` (see new_kv_cache).
+DECODER_NAMES: tuple[str, ...] = ("qwen3", "llama", "gpt2")
 SIZES: tuple[str, ...] = ("tiny", "bench")
 
 
@@ -89,7 +110,14 @@ def _check(kind: str, value: str, valid: tuple[str, ...]) -> None:
 
 
 def get_config(name: str, size: str = "tiny") -> ModelConfig:
-    """The :class:`ModelConfig` that :func:`build_model` uses for ``(name, size)``."""
+    """The :class:`ModelConfig` that :func:`build_model` uses for ``(name, size)``.
+
+    Only the plain-torch families; ``qwen3-next``'s transformers config comes from
+    :func:`q3n_compile.hf_models.qwen3_next_config`.
+    """
+    if name in HF_MODEL_NAMES:
+        raise ValueError(f"{name!r} is a transformers model with no ModelConfig; "
+                         "use q3n_compile.hf_models.qwen3_next_config(size)")
     _check("name", name, MODEL_NAMES)
     _check("size", size, SIZES)
     if name in ("qwen3", "llama"):
@@ -192,6 +220,70 @@ def causal_mask(seq_len, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return mask[None, None, :, :]
 
 
+def cache_causal_mask(cache_position: torch.Tensor, max_len, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [1, 1, S, max_len] for a static cache: query at absolute position
+    ``cache_position[i]`` sees cache slots ``0 .. cache_position[i]``; later slots get finfo.min."""
+    slots = torch.arange(max_len, device=cache_position.device)
+    allowed = slots[None, :] <= cache_position[:, None]
+    min_dtype = torch.finfo(dtype).min
+    mask = torch.where(allowed, torch.tensor(0.0, device=cache_position.device, dtype=dtype), min_dtype)
+    return mask[None, None, :, :]
+
+
+@dataclasses.dataclass
+class KVCache:
+    """A static KV cache for the decoder families: per layer ``[B, kv_heads, max_len, head_dim]``.
+
+    Pass it as ``model(input_ids, kv_cache=cache, cache_position=positions)``; the model writes the
+    new keys/values in place. Build it with :func:`new_kv_cache`.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0]
+
+    def reset(self) -> None:
+        for t in (*self.keys, *self.values):
+            t.zero_()
+
+
+def new_kv_cache(model: nn.Module, batch: int, max_len: int, *, dtype: torch.dtype | None = None,
+                 device: str | torch.device | None = None) -> KVCache:
+    """An empty (zeroed) :class:`KVCache` for ``model`` (qwen3, llama or gpt2 from :func:`build_model`).
+
+    ``dtype`` and ``device`` default to the model's. For gpt2 ``max_len`` is bounded by its learned
+    positions (``config.max_position``).
+    """
+    config = getattr(model, "config", None)
+    if not isinstance(config, ModelConfig) or config.family not in DECODER_NAMES:
+        raise ValueError(f"new_kv_cache: only the built-in decoders ({', '.join(DECODER_NAMES)}) have a KV cache")
+    if batch < 1 or max_len < 1:
+        raise ValueError(f"batch and max_len must be >= 1, got batch={batch}, max_len={max_len}")
+    if config.family == "gpt2" and max_len > config.max_position:
+        raise ValueError(f"gpt2 has learned positions for at most {config.max_position} tokens, got max_len={max_len}")
+    param = next(model.parameters())
+    dtype = dtype or param.dtype
+    device = param.device if device is None else torch.device(device)
+    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+    return KVCache(
+        keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)],
+        values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)],
+    )
+
+
+def _cache_position(input_ids: torch.Tensor, cache_position: torch.Tensor | None) -> torch.Tensor:
+    if cache_position is None:
+        return torch.arange(input_ids.shape[1], device=input_ids.device)
+    return cache_position
+
+
 def padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, S] of 1 (attend) / 0 (padding) -> additive [B, 1, 1, S], as BERT's extended mask."""
     extended = attention_mask[:, None, None, :].to(dtype=dtype)
@@ -237,7 +329,7 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(d, eps=config.norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(d, eps=config.norm_eps) if qk_norm else None
 
-    def forward(self, hidden_states, position_embeddings, attention_mask):
+    def forward(self, hidden_states, position_embeddings, attention_mask, kv=None, cache_position=None):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
 
@@ -252,6 +344,10 @@ class Qwen3Attention(nn.Module):
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if kv is not None:
+            # Static cache, as transformers' StaticLayer.update: write in place, attend over it all.
+            key_states = kv[0].index_copy_(2, cache_position, key_states)
+            value_states = kv[1].index_copy_(2, cache_position, value_states)
 
         attn_output, _ = eager_attention_forward(
             self, query_states, key_states, value_states, attention_mask,
@@ -282,10 +378,10 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.norm_eps)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask):
+    def forward(self, hidden_states, position_embeddings, attention_mask, kv=None, cache_position=None):
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
-        hidden_states = self.self_attn(hidden_states, position_embeddings, attention_mask)
+        hidden_states = self.self_attn(hidden_states, position_embeddings, attention_mask, kv, cache_position)
         hidden_states = residual + hidden_states
 
         residual = hidden_states
@@ -295,7 +391,8 @@ class Qwen3DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
-    """qwen3 (``qk_norm=True``) or llama (``qk_norm=False``): ``forward(input_ids) -> logits``."""
+    """qwen3 (``qk_norm=True``) or llama (``qk_norm=False``): ``forward(input_ids) -> logits``;
+    ``forward(input_ids, kv_cache, cache_position)`` with a static cache (module docstring)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -307,14 +404,23 @@ class Qwen3Model(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None,
+                cache_position: torch.Tensor | None = None) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
-        seq_len = input_ids.shape[1]
-        position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        mask = causal_mask(seq_len, hidden_states.dtype, hidden_states.device)
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, mask)
+        if kv_cache is None:
+            seq_len = input_ids.shape[1]
+            position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
+            position_embeddings = self.rotary_emb(hidden_states, position_ids)
+            mask = causal_mask(seq_len, hidden_states.dtype, hidden_states.device)
+            for layer in self.layers:
+                hidden_states = layer(hidden_states, position_embeddings, mask)
+        else:
+            cache_position = _cache_position(input_ids, cache_position)
+            position_embeddings = self.rotary_emb(hidden_states, cache_position.unsqueeze(0))
+            mask = cache_causal_mask(cache_position, kv_cache.keys[0].shape[2], hidden_states.dtype)
+            for i, layer in enumerate(self.layers):
+                kv = (kv_cache.keys[i], kv_cache.values[i])
+                hidden_states = layer(hidden_states, position_embeddings, mask, kv, cache_position)
         hidden_states = self.norm(hidden_states)
         return self.lm_head(hidden_states)
 
@@ -342,13 +448,16 @@ class GPT2Attention(nn.Module):
         self.c_attn = nn.Linear(self.embed_dim, 3 * self.split_size)
         self.c_proj = nn.Linear(self.split_size, self.embed_dim)
 
-    def forward(self, hidden_states, attention_mask):
+    def forward(self, hidden_states, attention_mask, kv=None, cache_position=None):
         query_states, key_states, value_states = self.c_attn(hidden_states).split(self.split_size, dim=2)
         shape_kv = (*key_states.shape[:-1], -1, self.head_dim)
         key_states = key_states.view(shape_kv).transpose(1, 2)
         value_states = value_states.view(shape_kv).transpose(1, 2)
         shape_q = (*query_states.shape[:-1], -1, self.head_dim)
         query_states = query_states.view(shape_q).transpose(1, 2)
+        if kv is not None:
+            key_states = kv[0].index_copy_(2, cache_position, key_states)
+            value_states = kv[1].index_copy_(2, cache_position, value_states)
 
         attn_weights = torch.matmul(query_states, key_states.transpose(-1, -2)) * self.scaling
         attn_weights = attn_weights + attention_mask
@@ -381,9 +490,9 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = GPT2MLP(config)
 
-    def forward(self, hidden_states, attention_mask):
+    def forward(self, hidden_states, attention_mask, kv=None, cache_position=None):
         residual = hidden_states
-        hidden_states = self.attn(self.ln_1(hidden_states), attention_mask)
+        hidden_states = self.attn(self.ln_1(hidden_states), attention_mask, kv, cache_position)
         hidden_states = hidden_states + residual
         residual = hidden_states
         hidden_states = self.mlp(self.ln_2(hidden_states))
@@ -402,13 +511,21 @@ class GPT2Model(nn.Module):
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        seq_len = input_ids.shape[1]
-        position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
-        hidden_states = self.wte(input_ids) + self.wpe(position_ids)
-        mask = causal_mask(seq_len, hidden_states.dtype, hidden_states.device)
-        for block in self.h:
-            hidden_states = block(hidden_states, mask)
+    def forward(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None,
+                cache_position: torch.Tensor | None = None) -> torch.Tensor:
+        if kv_cache is None:
+            seq_len = input_ids.shape[1]
+            position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
+            hidden_states = self.wte(input_ids) + self.wpe(position_ids)
+            mask = causal_mask(seq_len, hidden_states.dtype, hidden_states.device)
+            for block in self.h:
+                hidden_states = block(hidden_states, mask)
+        else:
+            cache_position = _cache_position(input_ids, cache_position)
+            hidden_states = self.wte(input_ids) + self.wpe(cache_position.unsqueeze(0))
+            mask = cache_causal_mask(cache_position, kv_cache.keys[0].shape[2], hidden_states.dtype)
+            for i, block in enumerate(self.h):
+                hidden_states = block(hidden_states, mask, (kv_cache.keys[i], kv_cache.values[i]), cache_position)
         return self.lm_head(self.ln_f(hidden_states))
 
 
@@ -544,12 +661,21 @@ def _init_weights(model: nn.Module, seed: int, dtype: torch.dtype, device: torch
 
 def build_model(name: str, size: str = "tiny", *, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
-    """Build model ``name`` (one of :data:`MODEL_NAMES`) at ``size`` (one of :data:`SIZES`).
+    """Build model ``name`` (one of :data:`MODEL_NAMES` or :data:`HF_MODEL_NAMES`) at ``size``
+    (one of :data:`SIZES`).
 
     The result is in eval mode, on ``device``, in ``dtype``; its weights depend only on
-    ``(name, size, seed)`` (see the module docstring). ``model.config`` is its :class:`ModelConfig`.
+    ``(name, size, seed)`` (see the module docstring). ``model.config`` is its :class:`ModelConfig`
+    (for ``qwen3-next``: a wrapper whose ``forward(input_ids)`` returns logits, ``model.config`` the
+    transformers config; needs transformers).
     Raises ``ValueError`` naming an unknown ``name`` or ``size`` and listing the valid ones.
     """
+    if name in HF_MODEL_NAMES:
+        _check("size", size, SIZES)
+        from .hf_models import build_qwen3_next
+
+        return build_qwen3_next(size, dtype=dtype, device=device, seed=seed)
+    _check("name", name, MODEL_NAMES + HF_MODEL_NAMES)
     config = get_config(name, size)
     device = torch.device(device)
     # Construct on the meta device: no memory, no default init (a bench model is ~1e9 parameters),
@@ -571,9 +697,9 @@ def example_inputs(name: str, model: nn.Module, batch: int, seq_len: int, *,
     qwen3/llama/gpt2: ``(input_ids,)``. bert: ``(input_ids, attention_mask)`` where the last row
     is padded: its last ``max(1, seq_len // 4)`` positions are 0 (when ``seq_len >= 2``).
     Token ids are drawn from a CPU generator seeded with ``seed``, so they too are device-independent.
-    ``device`` defaults to the model's device.
+    ``device`` defaults to the model's device. ``qwen3-next``: ``(input_ids,)`` below its vocabulary.
     """
-    _check("name", name, MODEL_NAMES)
+    _check("name", name, MODEL_NAMES + HF_MODEL_NAMES)
     config = model.config
     if batch < 1 or seq_len < 1:
         raise ValueError(f"batch and seq_len must be >= 1, got batch={batch}, seq_len={seq_len}")
@@ -582,6 +708,10 @@ def example_inputs(name: str, model: nn.Module, batch: int, seq_len: int, *,
                          f"got seq_len={seq_len}")
     if device is None:
         device = next(model.parameters()).device
+    if name in HF_MODEL_NAMES:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=gen, dtype=torch.int64)
+        return (ids.to(device),)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     input_ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=gen, dtype=torch.int64)
     if name != "bert":

@@ -104,9 +104,13 @@ def test_q3n_dump_command(tmp_path):
     assert (tmp_path / "d" / "graph_000" / "summary.json").exists()
 
 
-def test_q3n_bench_cpu(tmp_path, capsys):
+def test_q3n_bench_cpu(tmp_path, capsys, monkeypatch):
+    # The bench is tested here, not the kernels: q3n's ops run their torch reference (not Triton's
+    # interpreter, which the kernel tests use and which is slow on whole models).
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     code = main(["bench", "--model", "qwen3", "--size", "tiny", "--device", "cpu", "--seq-len", "8", "12",
-                 "--repeats", "2", "--backends", "q3n", "--out", str(tmp_path)])
+                 "--repeats", "2", "--backends", "q3n", "--no-decode", "--no-plot", "--quiet",
+                 "--out", str(tmp_path)])
     assert code == 0
     table = capsys.readouterr().out
     assert "eager" in table and "q3n" in table and "latency ms" in table
@@ -124,10 +128,15 @@ def test_q3n_bench_cpu(tmp_path, capsys):
     "argv, message",
     [
         (["bench", "--model", "gpt5"], "unknown model 'gpt5'"),
+        (["bench", "--model", "./no/such/folder"], "does not exist"),
         (["bench", "--size", "huge"], "unknown size 'huge'"),
         (["bench", "--backends", "tvm"], "unknown backend 'tvm'"),
         (["bench", "--option", "novalue"], "--option takes KEY=VALUE"),
+        (["bench", "--option", "nosuch=1"], "unknown option 'nosuch'"),
+        (["bench", "--option", "attention=dense"], "option 'attention' accepts"),
+        (["bench", "--q3n-set", "mine={oops"], "not JSON"),
         (["bench", "--dtype", "float99"], "unknown --dtype"),
+        (["bench", "--seq-len", "0"], "positive integers"),
     ],
 )
 def test_q3n_bench_errors(argv, message, capsys):
@@ -137,12 +146,41 @@ def test_q3n_bench_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_bench_reports_a_failing_backend_and_runs_the_rest(capsys):
-    code = main(["bench", "--device", "cpu", "--seq-len", "8", "--repeats", "1", "--backends", "q3n",
-                 "--option", "attention=dense"])
+def test_bench_reports_a_failing_backend_and_runs_the_rest(tmp_path, capsys):
+    # A model that runs eagerly but cannot be compiled (its op's fake kernel raises while Dynamo
+    # traces): every compiled row fails with its error, the eager row still runs, and the command
+    # exits 1.
+    (tmp_path / "flaky.py").write_text(textwrap.dedent("""
+        import torch
+
+        @torch.library.custom_op("q3n_test_flaky::op", mutates_args=())
+        def flaky_op(x: torch.Tensor) -> torch.Tensor:
+            return x.clone()
+
+        @flaky_op.register_fake
+        def _(x):
+            raise RuntimeError("this model refuses to be compiled")
+
+        class Flaky(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = torch.nn.Linear(8, 8)
+
+            def forward(self, x):
+                return flaky_op(self.lin(x))
+
+        def make():
+            return Flaky(), (torch.randn(2, 5, 8),)
+    """))
+    code = main(["bench", "--model", f"{tmp_path / 'flaky.py'}:make", "--device", "cpu", "--repeats", "1",
+                 "--backends", "q3n", "--no-plot", "--quiet", "--out", str(tmp_path / "out")])
     assert code == 1
-    out = capsys.readouterr().out
-    assert "FAILED" in out and "eager" in out
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.out and "eager" in captured.out
+    assert "refuses to be compiled" in captured.out
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert [(r["backend"], r["error"] is None) for r in rows] == [("eager", True), ("q3n", False)]
+    assert "Traceback" in rows[1]["reports"][0]["traceback"]
 
 
 def test_entry_point_in_a_fresh_interpreter():

@@ -1,0 +1,171 @@
+"""`q3n bench` end to end on the CPU: the table, results.json/.csv/.png, decode, plots, errors."""
+
+import csv
+import json
+import sys
+
+import pytest
+import torch
+
+from q3n_compile import compare
+from q3n_compile.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+META_KEYS = {"model", "label", "kind", "device", "dtype", "torch", "triton", "q3n", "commit", "date", "parameters",
+             "seq_lens", "batches", "decode_batches", "decode_context", "decode_steps", "repeats", "dynamic"}
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels(monkeypatch):
+    """These tests are about the bench, not the kernels: on the CPU q3n's ops run their torch
+    reference here (the kernel tests run the Triton kernels in Triton's interpreter, which is
+    far too slow for whole models). One thread: tiny models gain nothing from more, and a shared
+    machine makes intra-op threads wait on each other."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def test_bench_writes_table_json_csv_png_with_decode(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["bench", "--model", "qwen3", "--size", "tiny", "--device", "cpu", "--backends", "q3n",
+                 "--seq-len", "8", "13", "--decode-batch", "2", "--decode-context", "6", "--decode-steps", "3",
+                 "--repeats", "2", "--warmup", "1", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err
+    table = captured.out
+    for heading in ("prefill (time to first token)", "decode (KV cache", "q3n passes", "latency ms", "step ms"):
+        assert heading in table
+    assert "[" in captured.err and "decode B=2" in captured.err  # progress lines
+
+    data = json.loads((out / "results.json").read_text())
+    assert data["schema"] == compare.SCHEMA
+    assert META_KEYS <= set(data["meta"])
+    assert data["meta"]["device"] == "cpu" and data["meta"]["model"] == "qwen3"
+    assert set(data["backends"]) == {"eager", "q3n"} and data["backends"]["q3n"]["spec"]["backend"] == "q3n"
+    assert "attention" in data["backends"]["q3n"]["passes"]
+    assert set(data["summary"]["vs"]["eager"]) == {"q3n"}
+    rows = data["rows"]
+    assert all(set(r) == set(compare.CSV_FIELDS) | {"reports"} for r in rows)
+    assert [(r["phase"], r["backend"], r["batch"], r["seq_len"]) for r in rows] == [
+        ("prefill", "eager", 1, 8), ("prefill", "q3n", 1, 8), ("prefill", "eager", 1, 13),
+        ("prefill", "q3n", 1, 13), ("decode", "eager", 2, 6), ("decode", "q3n", 2, 6)]
+    for r in rows:
+        assert r["error"] is None, r["error"]
+        assert r["latency_ms"] > 0 and r["tokens_per_s"] > 0 and r["repeats"] >= 2
+    prefill_q3n = rows[1]
+    assert prefill_q3n["compile_s"] > 0 and prefill_q3n["max_abs_err"] < 1e-4 and prefill_q3n["rel_err_vs_fp64"] < 1e-5
+    assert rows[0]["compile_s"] is None  # eager compiles nothing
+    assert rows[3]["graphs"] == 0 and rows[3]["compile_s"] is None  # dynamic=True: S=13 reuses S=8's graph
+    decode_q3n = rows[5]
+    assert decode_q3n["new_tokens"] == 3 and decode_q3n["max_abs_err"] < 1e-4
+    assert decode_q3n["token_match"] == 1.0 and decode_q3n["speedup_vs_eager"] > 0
+    assert decode_q3n["tokens_per_s"] == pytest.approx(2 * 1e3 / decode_q3n["latency_ms"])
+
+    with open(out / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == compare.CSV_FIELDS
+        csv_rows = list(reader)
+    assert len(csv_rows) == len(rows)
+    assert [r["backend"] for r in csv_rows] == [r["backend"] for r in rows]
+    assert float(csv_rows[1]["latency_ms"]) == pytest.approx(rows[1]["latency_ms"])
+    assert csv_rows[0]["error"] == ""
+
+    assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
+    assert str(out / "results.png") in table
+
+
+def test_bench_without_matplotlib_still_writes_json_and_csv(tmp_path, capsys, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+        code = main(["bench", "--model", "gpt2", "--device", "cpu", "--backends", "", "--seq-len", "5",
+                     "--decode-batch", "1", "--decode-context", "4", "--decode-steps", "2", "--repeats", "1",
+                     "--quiet", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "pip install -e '.[bench]'" in captured.err and "q3n plot" in captured.err
+    assert (tmp_path / "results.json").exists() and (tmp_path / "results.csv").exists()
+    assert not (tmp_path / "results.png").exists()
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["files"]["png"] is None and "matplotlib" in data["files"]["png_error"]
+    # gpt2's own static cache decodes (eager only here).
+    assert [(r["phase"], r["backend"]) for r in data["rows"]] == [("prefill", "eager"), ("decode", "eager")]
+
+    # Later, where matplotlib is installed: q3n plot draws the PNG from the JSON.
+    pytest.importorskip("matplotlib")
+    assert main(["plot", str(tmp_path / "results.json")]) == 0
+    assert (tmp_path / "results.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plot_with_lengths_memory_and_decode(tmp_path):
+    pytest.importorskip("matplotlib")
+    from q3n_compile.bench_plot import plot_results
+
+    rows = []
+    for b, scale in (("eager", 3.0), ("inductor", 1.2), ("q3n", 1.0)):
+        for s in (512, 2048, 8192):
+            rows.append(dict(compare.Row(backend=b, phase="prefill", batch=1, seq_len=s, latency_ms=scale * s / 100,
+                                         compile_s=None if b == "eager" else 10.0, peak_alloc_mib=scale * s,
+                                         activation_mib=scale * s / 2).__dict__))
+        rows.append(dict(compare.Row(backend=b, phase="decode", batch=8, seq_len=1024, tokens_per_s=800 / scale).__dict__))
+    png = plot_results({"meta": {"label": "qwen3/bench", "gpu": "NVIDIA H200", "dtype": "bfloat16"}, "rows": rows},
+                       tmp_path / "p.png")
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
+
+
+def test_q3n_plot_errors(tmp_path, capsys):
+    assert main(["plot", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model, message", [
+    ("no_such_module_q3n:make", "cannot import 'no_such_module_q3n'"),
+    ("json:no_such_factory", "has no callable 'no_such_factory'"),
+])
+def test_bench_model_that_cannot_be_built(model, message, capsys):
+    code = main(["bench", "--model", model, "--device", "cpu", "--backends", "", "--quiet", "--no-plot"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cannot build the model" in err and message in err
+
+
+def test_bench_local_folder_without_config(tmp_path, capsys):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    assert main(["bench", "--model", str(tmp_path), "--device", "cpu", "--quiet", "--no-plot"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_backend_sets_and_defaults():
+    assert compare.BACKEND_SETS["q3n+quant"]["options"]["quant_config"] == {
+        "ffn_layers": {"weight_bits": 4, "activation_bits": 8},
+        "attn_layers": {"weight_bits": 6, "activation_bits": 12},
+        "norm_layers": {"dtype": "float16"},
+    }
+    assert compare.BACKEND_SETS["q3n+sparse"]["options"] == {"attention": "sparse"}
+    assert compare.BACKEND_SETS["inductor-max-autotune"]["mode"] == "max-autotune-no-cudagraphs"
+    specs = compare.resolve_backends(None, device="cpu", options={"verify": True})
+    assert list(specs) == list(compare.DEFAULT_BACKENDS_CPU)
+    assert specs["q3n+sparse"]["options"] == {"attention": "sparse", "verify": True}
+    assert "options" not in specs["inductor"]
+    assert "inductor-max-autotune" in compare.resolve_backends(None, device="cuda")
+    with pytest.raises(compare.BenchError, match="unknown backend 'tvm'"):
+        compare.resolve_backends(["tvm"], device="cpu")
+
+
+def test_summary_against_inductor():
+    rows = [
+        compare.Row(backend="inductor", phase="prefill", batch=1, seq_len=512, latency_ms=10.0, compile_s=20.0,
+                    peak_alloc_mib=100.0),
+        compare.Row(backend="q3n", phase="prefill", batch=1, seq_len=512, latency_ms=7.0, compile_s=10.0,
+                    peak_alloc_mib=80.0),
+        compare.Row(backend="inductor", phase="decode", batch=1, seq_len=512, tokens_per_s=100.0, compile_s=5.0),
+        compare.Row(backend="q3n", phase="decode", batch=1, seq_len=512, tokens_per_s=120.0, compile_s=5.0),
+    ]
+    vs = compare.summarize(rows)["vs"]["inductor"]["q3n"]
+    assert vs["ttft"] == pytest.approx(0.7) and vs["met"]["ttft"] is True
+    assert vs["decode_tokens_per_s"] == pytest.approx(1.2) and vs["met"]["decode_tokens_per_s"] is False
+    assert vs["peak_memory"] == pytest.approx(0.8) and vs["met"]["peak_memory"] is True
+    assert vs["compile_time"] == pytest.approx(0.6) and vs["met"]["compile_time"] is True
