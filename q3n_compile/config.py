@@ -34,8 +34,9 @@ class Q3NConfig:
     sparse_keep: float = 0.2
     # Sparse mode runs a layer dense when its kept blocks hold less attention weight than this.
     sparse_min_mass: float = 0.95
-    # Fold LayerNorm/RMSNorm into the linears that consume them.
-    norm_fusion: bool = True
+    # Fold LayerNorm/RMSNorm into the linears that consume them. Off by default: on the H200 the
+    # fused kernel is still slower than norm + cuBLAS (bench/results/norm_linear-h200-*.json).
+    norm_fusion: bool = False
     # Mixed-precision quantization of linears (None: no quantization).
     quant_config: Mapping[str, Any] | None = None
     # Plan intermediate buffers into one arena (executor "q3n" only).

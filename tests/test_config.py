@@ -11,7 +11,7 @@ from q3n_compile.config import Q3NConfig, Q3NConfigError
 def test_defaults():
     config = Q3NConfig.from_options(None, environ={})
     assert config.attention == "tiled" and config.executor == "q3n"
-    assert config.sparse_keep == 0.2 and config.norm_fusion and config.memory_plan
+    assert config.sparse_keep == 0.2 and not config.norm_fusion and config.memory_plan
     assert not config.cuda_graphs and not config.strict and not config.verify
     assert config.quant_config is None and config.dump_dir is None
 
