@@ -423,8 +423,10 @@ CUDA_TABLE = {
             (256, "mm", (64, 128, 64, 4, 3)), (1024, "mm", (128, 128, 64, 8, 3)),
             (None, "dequant", None)],
     # Quantized activations: the integer/fp8 tensor cores run faster than bf16 ones at large M.
+    # K blocks of 64 from M > 64: with 128, the 6-bit planes' unpack buffers overflowed the H200's
+    # 227 KiB of shared memory (311-328 KB asked for, measured 2026-11-28).
     "a8": [(2, "gemv", None), (16, "mm", (16, 64, 128, 4, 4)), (64, "mm", (32, 64, 128, 4, 4)),
-           (256, "mm", (64, 128, 128, 4, 3)), (None, "mm", (128, 128, 128, 8, 3))],
+           (256, "mm", (64, 128, 64, 4, 3)), (None, "mm", (128, 128, 64, 8, 3))],
     "a12": [(2, "gemv", None), (16, "mm", (16, 64, 128, 4, 4)), (64, "mm", (32, 64, 128, 4, 4)),
             (256, "mm", (64, 128, 64, 4, 3)), (None, "mm", (128, 128, 64, 8, 3))],
 }

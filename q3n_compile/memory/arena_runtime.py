@@ -411,8 +411,11 @@ class _CudaGraphs:
             key = self.rt.key(static_args) if self.rt._readers else ()
             if key not in self.arenas.views:
                 self.rt.views(self.arenas, key)
+        # Weights on the GPU are used in place and must not move. Module float attributes arrive
+        # as fresh 0-d CPU tensors each call (Dynamo's unspecialised floats): constants to q3n,
+        # baked into the capture by value, so their addresses are not part of the key.
         static_ptrs = [(i, a.data_ptr()) for i, a in enumerate(args)
-                       if i in self.static and isinstance(a, torch.Tensor)]
+                       if i in self.static and isinstance(a, torch.Tensor) and a.is_cuda]
         if self.mempool is None:
             self.mempool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
