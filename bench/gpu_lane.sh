@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU lane in one call of the device tool (an H200 with torch 2.11, triton 3.6, no network):
 # install, the tests marked gpu, then the benchmarks. Everything lands under $OUT (default ./gpu_out).
-#   bash bench/gpu_lane.sh [tests|attention|model|all]...
+#   bash bench/gpu_lane.sh [tests|attention|norm_linear|qlinear|memory|model|all]...
+# One step each call keeps a call under the device tool's 10 minutes; `all` does not fit in one.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -21,9 +22,18 @@ for step in $steps; do
   if [[ $step == attention || $step == all ]]; then
     python3 bench/bench_attention.py --out "$OUT/attention-h200.json" 2>&1 | tee "$OUT/bench_attention.log" | tail -30
   fi
+  if [[ $step == norm_linear || $step == all ]]; then
+    python3 bench/bench_norm_linear.py --out "$OUT/norm_linear-h200.json" 2>&1 | tee "$OUT/bench_norm_linear.log" | tail -16
+  fi
+  if [[ $step == qlinear || $step == all ]]; then
+    python3 bench/bench_qlinear.py --out "$OUT/qlinear-h200.json" 2>&1 | tee "$OUT/bench_qlinear.log" | tail -20
+  fi
+  if [[ $step == memory || $step == all ]]; then
+    python3 bench/bench_memory.py --out "$OUT/memory-h200.json" 2>&1 | tee "$OUT/bench_memory.log" | tail -20
+  fi
   if [[ $step == model || $step == all ]]; then
-    q3n bench --model qwen3 --size bench --device cuda --seq-len 512 2048 \
-      --backends inductor,q3n,q3n+inductor --out "$OUT/qwen3-bench" 2>&1 | tee "$OUT/bench_model.log" | tail -20
+    q3n bench --model qwen3 --size bench --device cuda --seq-len 512 2048 --decode-batch 1 8 \
+      --backends inductor,q3n,q3n+inductor --no-plot --out "$OUT/qwen3-bench" 2>&1 | tee "$OUT/bench_model.log" | tail -30
   fi
 done
 exit $status
