@@ -23,3 +23,15 @@ def _fresh_dynamo_and_reports():
     q3n_compile.reset_reports()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """For tests about whole models, not kernels: on the CPU q3n's ops run their torch reference
+    (Triton's interpreter is far too slow for whole models; the kernel tests cover it). One thread:
+    tiny models gain nothing from more, and a shared machine makes intra-op threads wait."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,17 +15,7 @@ transformers = pytest.importorskip("transformers")
 from q3n_compile import hf_models  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _reference_kernels(monkeypatch):
-    """These tests are about the bench, not the kernels: on the CPU q3n's ops run their torch
-    reference here (the kernel tests run the Triton kernels in Triton's interpreter, which is
-    far too slow for whole models). One thread: tiny models gain nothing from more, and a shared
-    machine makes intra-op threads wait on each other."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("reference_kernels")
 
 
 
