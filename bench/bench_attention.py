@@ -14,7 +14,6 @@ Writes JSON (GPU, versions, git commit, date, rows) to --out and prints a table.
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,12 +36,7 @@ SWEEP = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (6
          (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 8, 4)]
 
 
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except Exception:
-        return None
+from q3n_compile.compare import git_commit  # noqa: E402  (one definition for every result file)
 
 
 def bench(fn):

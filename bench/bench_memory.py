@@ -30,7 +30,6 @@ import datetime
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,12 +46,7 @@ BACKENDS = ("eager", "inductor", "q3n", "q3n-noplan", "q3n-cudagraphs", "q3n-ind
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except Exception:
-        return None
+from q3n_compile.compare import git_commit  # noqa: E402  (one definition for every result file)
 
 
 def versions():

@@ -29,7 +29,6 @@ correctness check failed (the timings are still written).
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -58,12 +57,7 @@ SWEEP = {
 }
 
 
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except Exception:
-        return None
+from q3n_compile.compare import git_commit  # noqa: E402  (one definition for every result file)
 
 
 def bench(fn):

@@ -29,7 +29,6 @@ Writes JSON (GPU, versions, git commit, date, rows) to --out and prints a table.
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,12 +58,7 @@ FORMATS = {
 TOL = 2e-2  # bf16 output rounding, 16-bit dequantised weights on the tensor-core path
 
 
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except Exception:
-        return None
+from q3n_compile.compare import git_commit  # noqa: E402  (one definition for every result file)
 
 
 def timed(fn):

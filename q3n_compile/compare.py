@@ -1119,7 +1119,7 @@ def _meta(workload: Workload, model: Any, size: str, device: str, dtype: torch.d
         "transformers": _version("transformers"),
         "q3n": __version__,
         "python": platform.python_version(),
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv,
     }
@@ -1136,15 +1136,18 @@ def _version(name: str) -> str | None:
         return None
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
+    """The checkout's commit ("-dirty" with uncommitted changes to tracked files), or None
+    outside a git checkout (the device machine's copy of the tree has no .git)."""
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except Exception:  # noqa: BLE001
         return None
+    commit = head.stdout.strip() if head.returncode == 0 else ""
     return (commit + ("-dirty" if dirty else "")) if commit else None
 
 
