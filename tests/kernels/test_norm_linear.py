@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from q3n_compile.kernels import contract
 from q3n_compile.kernels import norm_linear as NL
 
+from .subprocess_lane import run_without_interpreter
+
 op = torch.ops.q3n.norm_linear
 
 # Triton 3.6's interpreter turns each runtime loop bound into an int through a 1-element array.
@@ -311,13 +313,8 @@ def test_64bit_offsets_rule_and_path(monkeypatch):
         _check(_args(gen, 19, 40, 45, f16, "layernorm", splits=[20, 25], residual=False), design=design)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU lane only")
-def test_backend_is_interpreter_on_cpu_lane():
-    assert contract.backend_for(torch.device("cpu")) == "interpreter"
-
-
 def test_reference_path_without_interpreter():
-    code = textwrap.dedent("""
+    code = ("""
         import torch
         from q3n_compile.kernels import norm_linear as NL, contract
         assert contract.backend_for(torch.device("cpu")) == "reference"
@@ -330,12 +327,7 @@ def test_reference_path_without_interpreter():
         assert all(torch.equal(o, v) for o, v in zip(out, want))
         print("ok")
     """)
-    root = str(Path(__file__).resolve().parents[2])
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+    run_without_interpreter(code)
 
 
 AOT_SCRIPT = textwrap.dedent("""

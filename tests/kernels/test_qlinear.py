@@ -1,18 +1,14 @@
 """q3n::qlinear and its packing against a float64 reference (CPU lane: Triton interpreter; GPU: -m gpu)."""
 
-import os
-import subprocess
-import sys
-import textwrap
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
 
-from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear as Q
+
+from .subprocess_lane import run_without_interpreter
 
 op = torch.ops.q3n.qlinear
 
@@ -255,13 +251,8 @@ def test_choose_path_table():
                 assert cfg["BLOCK_K"] <= 64
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU lane only")
-def test_backend_is_interpreter_on_cpu_lane():
-    assert contract.backend_for(torch.device("cpu")) == "interpreter"
-
-
 def test_reference_path_without_interpreter():
-    code = textwrap.dedent("""
+    code = ("""
         import torch
         from q3n_compile.kernels import qlinear as Q, packing as P, contract
         assert contract.backend_for(torch.device("cpu")) == "reference"
@@ -273,12 +264,7 @@ def test_reference_path_without_interpreter():
         assert torch.equal(torch.ops.q3n.qlinear(*args), Q.reference(*args))
         print("ok")
     """)
-    root = str(Path(__file__).resolve().parents[2])
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+    run_without_interpreter(code)
 
 
 # ---------------------------------------------------------------------------------------------
