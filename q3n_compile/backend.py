@@ -34,6 +34,7 @@ from .config import Q3NConfig
 from .dump import GraphDumper
 from .memory.arena_runtime import attach as attach_memory
 from .memory.arena_runtime import cuda_graphs_status, memory_report
+from .memory.liveness import analyze
 from .passes.base import PassContext
 from .pipeline import run_pipeline
 from .report import next_graph_id, op_counts, publish
@@ -83,6 +84,10 @@ def q3n_backend(
         fw_compiler=forward_compiler,
         bw_compiler=backward_compiler,
         inference_compiler=inference_compiler,
+        # Mutated inputs (a static KV cache written with index_copy_) are written in place by the
+        # graph itself: without this AOTAutograd returns the whole new cache as an output and
+        # copies it back every call, which costs decode a full cache copy per step.
+        keep_inference_input_mutations=True,
     )
 
 
@@ -208,10 +213,21 @@ def _verify(
     if not aligned:
         return {"status": "skipped", "reason": "inputs could not be matched to real values"}, compiled
     args = [_concrete(a) for a in real_inputs]
+    # Inputs the graph writes (a KV cache) are given to each run as a copy: the user's tensor must
+    # be written once, by the real call, and the two runs must start from the same state. Their
+    # final states are compared as outputs too.
+    mutated = analyze(captured, inplace=False).mutated_inputs
     # The compiler is called inside AOTAutograd's fake mode; the check must run on real tensors.
     with unset_fake_temporarily(), torch.no_grad():
-        expected = captured(*args)
-        actual = _call_boxed(compiled, list(args))
+        def run(fn: Callable) -> list[Any]:
+            written = {i: args[i].clone() for i in mutated}
+            # A boxed callee empties the list it is given, so the copies are kept apart.
+            out = fn([written.get(i, a) for i, a in enumerate(args)])
+            out = list(out) if isinstance(out, (list, tuple)) else [out]
+            return out + list(written.values())
+
+        expected = run(lambda a: captured(*a))
+        actual = run(lambda a: _call_boxed(compiled, a))
         problem = verify_outputs(expected, actual, lossy=lossy)
     if problem is None:
         return {"status": "passed", "lossy": lossy}, compiled

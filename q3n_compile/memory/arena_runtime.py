@@ -268,17 +268,19 @@ class MemoryRuntime:
             self.cuda_graphs_status = "requested; not applied: CUDA is not available"
             return
         spec = self.spec if self.spec is not None else analyze(gm, inplace=False)
-        if spec.mutates_inputs:
-            self.cuda_graphs_status = "requested; not applied: the graph mutates an input"
-            return
         if spec.outputs_alias_inputs:
             self.cuda_graphs_status = "requested; not applied: an output aliases an input"
             return
         static = {i for i, n in enumerate(placeholders) if n.name in set(static_inputs)}
+        # A mutated input (a static KV cache) must be written where the caller holds it, so the
+        # capture uses it in place, like a weight: its address is part of the replay key, and a
+        # cache at a new address is captured again (not copied into a static buffer and lost).
+        static |= set(spec.mutated_inputs)
         self.graphs = _CudaGraphs(self, static)
         self.cuda_graphs_status = (
             "on: per input signature, the second call captures and later calls replay "
-            "(inputs copied into static buffers, outputs cloned)"
+            "(inputs copied into static buffers, outputs cloned"
+            + ("; mutated inputs used in place, keyed by address)" if spec.mutated_inputs else ")")
         )
 
     # ---- report and dumps ----

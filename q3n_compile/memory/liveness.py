@@ -108,8 +108,13 @@ class MemorySpec:
     symbols: list[str]
     bindings: list[tuple[str, int, int | None]]
     hints: dict[str, int]
-    mutates_inputs: bool
+    # Placeholder positions an op writes into (a static KV cache); empty when nothing is mutated.
+    mutated_inputs: list[int]
     outputs_alias_inputs: list[int]
+
+    @property
+    def mutates_inputs(self) -> bool:
+        return bool(self.mutated_inputs)
 
     @property
     def dynamic(self) -> bool:
@@ -365,7 +370,7 @@ def analyze(gm: torch.fx.GraphModule, *, inplace: bool = True) -> MemorySpec:
     # Input mutation (an op writing into a placeholder's storage) and outputs aliasing inputs
     # matter to CUDA graphs, which copy inputs into static buffers.
     input_storages = {sid for sid, k in enumerate(kinds) if k == "input"}
-    mutates = False
+    mutated: set[int] = set()
     for node in nodes:
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
             for i, arg in enumerate(node.target._schema.arguments):
@@ -373,8 +378,8 @@ def analyze(gm: torch.fx.GraphModule, *, inplace: bool = True) -> MemorySpec:
                     value = node.args[i] if i < len(node.args) and not arg.kwarg_only else node.kwargs.get(arg.name)
                     written: list[torch.fx.Node] = []
                     torch.fx.map_arg(value, lambda n: written.append(n) or n)
-                    if union(written) & input_storages:
-                        mutates = True
+                    for sid in union(written) & input_storages:
+                        mutated.add(placeholders.index(creator[sid]))
     alias_inputs = sorted({
         i for i, n in enumerate(output_nodes)
         if any(kinds[s] == "input" for s in roots.get(n, ()))
@@ -388,7 +393,7 @@ def analyze(gm: torch.fx.GraphModule, *, inplace: bool = True) -> MemorySpec:
         symbols=symbols,
         bindings=bindings,
         hints=hints,
-        mutates_inputs=mutates,
+        mutated_inputs=sorted(mutated),
         outputs_alias_inputs=alias_inputs,
     )
 

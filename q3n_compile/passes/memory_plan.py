@@ -1,7 +1,10 @@
 """The `memory_plan` pass: liveness and offsets of intermediate buffers in one arena (executor 'q3n').
 
-Runs last, on the final node order. It does not change what the graph computes or its ops (the
-report's op counts stay those of the functional graph): it analyses the graph
+Runs last, on the final node order. It first writes mutated graph inputs in place
+(:func:`q3n_compile.memory.reinplace.reinplace_input_mutations`: a static KV cache's
+``index_copy`` + ``copy_`` becomes one ``index_copy_``; ``detail["input_mutations"]`` says what was
+rewritten and what was not, by reason). Otherwise it does not change what the graph computes or
+its ops: it analyses the graph
 (:func:`q3n_compile.memory.liveness.analyze`: storages, aliases, lifetimes, in-place reuse, which
 results can be written into given memory), places the buffers of the compile-time bucket
 (:mod:`q3n_compile.memory.planner`, verified), and leaves the result in
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..memory.reinplace import reinplace_input_mutations
 from ..memory.liveness import PLAN_KEY, GraphMemoryPlan, analyze, make_bucket_plan, unplanned_reasons
 from .base import PassContext, PassStats
 
@@ -33,6 +37,7 @@ def _buckets(config) -> list[int] | None:
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassStats:
     budget = float(getattr(ctx.config, "memory_plan_time_s", None) or 0.5)
+    mutations = reinplace_input_mutations(gm)
     spec = analyze(gm)
     buckets = _buckets(ctx.config)
     missing = [s for s in spec.symbols if s not in spec.hints]
@@ -53,4 +58,5 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassStats:
         stats.declined[reason] += count
     stats.detail = plan.figures(spec)
     stats.detail["bucketing"] = buckets if buckets is not None else "powers of two"
+    stats.detail["input_mutations"] = mutations
     return stats
