@@ -37,6 +37,7 @@ from .memory.arena_runtime import cuda_graphs_status, memory_report
 from .memory.liveness import analyze
 from .passes.base import PassContext
 from .pipeline import run_pipeline
+from .quant.config import wants_example_inputs
 from .report import next_graph_id, op_counts, publish
 from .runtime import FrozenWeightGuard, inductor_executor, q3n_executor, verify_outputs
 
@@ -53,12 +54,11 @@ def q3n_backend(
     config = Q3NConfig.from_options(options, mode=mode)
     static_values = _static_values(gm, example_inputs)
     # The first call's real inputs are kept only until the graph is compiled, and only when
-    # verify=True needs them: holding activations for the model's lifetime would leak memory.
-    # (Quantization could calibrate on them through ctx.real_inputs; that is off until its
-    # run-to-run variation is understood: see the quantization issue's note.)
+    # verify=True or quantization (calibrating on them, see q3n_compile.quant.calibration) needs
+    # them: holding activations for the model's lifetime would leak memory.
     real_inputs = _own_parameters(gm) + list(example_inputs)
     n_inputs = len(real_inputs)
-    if not config.verify:
+    if not (config.verify or wants_example_inputs(config.quant_config)):
         real_inputs.clear()
 
     def inference_compiler(graph: torch.fx.GraphModule, args: Sequence[Any]) -> Callable:
@@ -109,6 +109,10 @@ def _compile_graph(
     static_values = (
         {placeholders[i].name: t for i, t in static_by_position.items()} if aligned else {}
     )
+    # A buffer the graph writes (a cache registered on the module) is state, not a weight: it
+    # must never be folded as a constant.
+    for name in _written_inputs(graph):
+        static_values.pop(name, None)
     fallbacks: list[dict[str, str]] = []
     if not aligned:
         fallbacks.append({
@@ -285,6 +289,15 @@ def _static_values(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> d
         if weight or attribute_scalar:
             static[len(own) + i] = value
     return static
+
+
+def _written_inputs(gm: torch.fx.GraphModule) -> set[str]:
+    """Placeholders the graph mutates: AOTAutograd writes them back with ``copy_``."""
+    return {
+        n.args[0].name for n in gm.graph.nodes
+        if n.op == "call_function" and n.target is torch.ops.aten.copy_.default
+        and isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "placeholder"
+    }
 
 
 def _describe_input(value: Any) -> str:

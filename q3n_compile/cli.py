@@ -101,7 +101,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
     from .compare import (BACKEND_SETS, DEFAULT_BACKENDS_CPU, DEFAULT_BACKENDS_CUDA, bench, default_device,
-                          format_table, write_outputs)
+                          format_table, rows_as_json, write_outputs)
     from .config import Q3NConfig, Q3NConfigError
     from .hf_models import ModelLoadError, is_factory_spec
     from .models import HF_MODEL_NAMES, MODEL_NAMES, SIZES
@@ -179,6 +179,16 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     progress = None if args.quiet else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
     print(f"q3n bench: {model}{'/' + args.size if model in MODEL_NAMES + HF_MODEL_NAMES else ''} on {device}; "
           f"backends: eager, {', '.join(backends)}", file=sys.stderr, flush=True)
+    out = Path(args.out) if args.out else _default_out(model, args.size, device)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "results.partial.jsonl"
+    partial.write_text("")
+
+    def save_row(row) -> None:
+        # One JSON line per measured row: a run stopped half-way still leaves its figures.
+        with partial.open("a") as f:
+            f.write(json.dumps(rows_as_json([row])[0], default=str) + "\n")
+
     try:
         result = bench(
             model, args.size, device=device, dtype=dtype, backends=backends, seq_lens=args.seq_len,
@@ -187,13 +197,14 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             repeats=args.repeats, warmup=args.warmup,
             time_budget_s=args.time_budget, dynamic=dynamic, warm_cache=args.warm_cache,
             attn_implementation=args.attn_implementation, seed=args.seed, progress=progress,
+            on_row=save_row,
         )
     except ModelLoadError as err:
         print(f"q3n bench: error: cannot build the model: {err}", file=sys.stderr)
         return 2
     print(format_table(result.rows, result))
-    out = Path(args.out) if args.out else _default_out(model, args.size, device)
     files = write_outputs(result, out, plot=not args.no_plot)
+    partial.unlink()  # results.json now holds every row
     print(f"\nwrote {files['json']}\nwrote {files['csv']}")
     if files["png"]:
         print(f"wrote {files['png']}")

@@ -347,6 +347,7 @@ def bench(
     example_inputs: Any = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    on_row: Callable[[Row], None] | None = None,
 ) -> BenchResult:
     """Measure ``model`` eagerly and under each backend; see the module docstring.
 
@@ -356,7 +357,8 @@ def bench(
     ``generate=N`` adds the ``generate`` phase with N new tokens (batch ``generate_batch``, default the
     first decode batch size, prompt ``decode_context`` tokens); ``seq_lens=[]`` skips prefill. ``dynamic`` is passed to
     ``torch.compile`` (True: one graph serves every length and batch). Lengths and batch sizes
-    default by device (:func:`defaults`).
+    default by device (:func:`defaults`). ``on_row`` is called with each row as soon as it is
+    measured (the CLI saves rows as they come, so a run that is killed keeps what it measured).
     """
     import q3n_compile
 
@@ -501,6 +503,8 @@ def bench(
                     row.reports = reports
                 all_reports += reports
                 rows.append(row)
+                if on_row is not None:
+                    on_row(row)
             backend_info[label]["passes"] = _pass_summary(all_reports)
             backend_info[label]["fallbacks"] = [f for r in all_reports for f in r.get("fallbacks", [])]
             del module, prefill_fn

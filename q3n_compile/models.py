@@ -272,10 +272,15 @@ def new_kv_cache(model: nn.Module, batch: int, max_len: int, *, dtype: torch.dty
     dtype = dtype or param.dtype
     device = param.device if device is None else torch.device(device)
     shape = (batch, config.num_kv_heads, max_len, config.head_dim)
-    return KVCache(
+    cache = KVCache(
         keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)],
         values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)],
     )
+    # As transformers' StaticCache does: the cache never moves, so CUDA graphs (Inductor's
+    # reduce-overhead, q3n's cuda_graphs) may write it in place instead of refusing mutated inputs.
+    for t in cache.keys + cache.values:
+        torch._dynamo.mark_static_address(t)
+    return cache
 
 
 def _cache_position(input_ids: torch.Tensor, cache_position: torch.Tensor | None) -> torch.Tensor:

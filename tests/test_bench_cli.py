@@ -66,6 +66,23 @@ def test_bench_writes_table_json_csv_png_with_decode(tmp_path, capsys):
 
     assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
     assert str(out / "results.png") in table
+    assert not (out / "results.partial.jsonl").exists()  # results.json holds every row
+
+
+def test_bench_keeps_measured_rows_when_stopped_before_the_end(tmp_path, monkeypatch):
+    def stopped(rows):
+        raise KeyboardInterrupt  # as a killed or interrupted run: after measuring, before writing
+
+    monkeypatch.setattr(compare, "summarize", stopped)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--model", "qwen3", "--size", "tiny", "--device", "cpu", "--backends", "q3n",
+              "--seq-len", "8", "--no-decode", "--repeats", "2", "--warmup", "1", "--quiet", "--out", str(out)])
+    assert not (out / "results.json").exists()
+    lines = (out / "results.partial.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [(r["backend"], r["phase"], r["seq_len"]) for r in rows] == [("eager", "prefill", 8), ("q3n", "prefill", 8)]
+    assert all(r["latency_ms"] > 0 and r["error"] is None for r in rows)
 
 
 def test_bench_without_matplotlib_still_writes_json_and_csv(tmp_path, capsys, monkeypatch):

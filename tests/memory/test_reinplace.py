@@ -111,3 +111,26 @@ def test_op_reading_the_input_through_another_argument_is_declined():
     stats = reinplace_input_mutations(gm)
     assert stats["rewritten"] == 0
     assert stats["declined"] == {"the op also reads the input through another argument": 1}
+
+
+def test_a_buffer_the_model_writes_is_state_not_a_frozen_weight():
+    class Counter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("seen", torch.zeros(3))
+            self.weight = torch.nn.Parameter(torch.randn(3, 3))
+
+        def forward(self, x):
+            self.seen.add_(x.sum(0))
+            return x @ self.weight + self.seen
+
+    eager, mine = Counter(), Counter()
+    mine.load_state_dict(eager.state_dict())
+    compiled = torch.compile(mine, backend="q3n")
+    with torch.no_grad():
+        for _ in range(3):  # the buffer changes every call: folding it would fail the weight guard
+            x = torch.randn(4, 3)
+            torch.testing.assert_close(compiled(x), eager(x))
+    torch.testing.assert_close(mine.seen, eager.seen)
+    report = q3n_compile.reports()[-1]
+    assert report["runtime"]["frozen_weights"] == []
