@@ -65,7 +65,8 @@ def make_fn(backend, model, static):
         return model
     if backend == "inductor":
         return torch.compile(model, dynamic=dynamic)
-    options = {"q3n": {}, "q3n-noplan": {"memory_plan": False},
+    # The arena is q3n's executor's; "auto" would pick Inductor on CUDA, so it is named here.
+    options = {"q3n": {"executor": "q3n"}, "q3n-noplan": {"executor": "q3n", "memory_plan": False},
                "q3n-cudagraphs": {"cuda_graphs": True}, "q3n-inductor": {"executor": "inductor"}}[backend]
     return torch.compile(model, backend="q3n", dynamic=dynamic, options=options)
 

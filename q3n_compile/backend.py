@@ -19,6 +19,7 @@ is a recorded fallback, unless ``strict=True`` asked for an error.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 import warnings
@@ -102,6 +103,8 @@ def _compile_graph(
 ) -> Callable:
     graph_id = next_graph_id()
     started = time.perf_counter()
+    executor, executor_reason = config.resolve_executor(_devices(fake_args))
+    config = dataclasses.replace(config, executor=executor)
     placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
     # AOTAutograd keeps Dynamo's argument order unless it had to deduplicate or merge aliased
     # inputs; then positions no longer line up and no weight is treated as a constant.
@@ -157,6 +160,7 @@ def _compile_graph(
         if inference
         else "the graph needs gradients: compiled without the inference-only passes",
         "executor": executor,
+        "executor_reason": executor_reason,
         "options": config.as_dict(),
         "inputs": [_describe_input(a) for a in fake_args],
         "dynamic_symbols": sorted(_free_symbols(fake_args)),
@@ -289,6 +293,10 @@ def _static_values(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> d
         if weight or attribute_scalar:
             static[len(own) + i] = value
     return static
+
+
+def _devices(args: Sequence[Any]) -> set[str]:
+    return {a.device.type for a in args if isinstance(a, torch.Tensor)}
 
 
 def _written_inputs(gm: torch.fx.GraphModule) -> set[str]:

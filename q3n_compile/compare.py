@@ -69,12 +69,13 @@ BACKEND_SETS: dict[str, dict[str, Any]] = {
     "inductor-max-autotune": {"backend": "inductor", "mode": "max-autotune-no-cudagraphs"},
     "inductor-cudagraphs": {"backend": "inductor", "mode": "reduce-overhead"},
     "q3n": {"backend": "q3n", "options": {}},
+    "q3n+arena": {"backend": "q3n", "options": {"executor": "q3n"}},
     "q3n+inductor": {"backend": "q3n", "options": {"executor": "inductor"}},
     "q3n+quant": {"backend": "q3n", "options": {"quant_config": QUANT_CONFIG}},
     "q3n+sparse": {"backend": "q3n", "options": {"attention": "sparse"}},
-    "q3n+cudagraphs": {"backend": "q3n", "options": {"cuda_graphs": True}},
+    "q3n+cudagraphs": {"backend": "q3n", "options": {"executor": "q3n", "cuda_graphs": True}},
 }
-DEFAULT_BACKENDS_CUDA = ("inductor", "inductor-max-autotune", "q3n", "q3n+inductor", "q3n+quant", "q3n+sparse")
+DEFAULT_BACKENDS_CUDA = ("inductor", "inductor-max-autotune", "q3n", "q3n+arena", "q3n+quant", "q3n+sparse")
 # On the CPU max-autotune only slows compilation down; CUDA graphs need a GPU.
 DEFAULT_BACKENDS_CPU = ("inductor", "q3n", "q3n+inductor", "q3n+quant", "q3n+sparse")
 

@@ -17,7 +17,7 @@ import warnings
 from typing import Any, Mapping
 
 ATTENTION_MODES = ("tiled", "sparse", "off")
-EXECUTORS = ("q3n", "inductor")
+EXECUTORS = ("auto", "q3n", "inductor")
 # torch.compile's modes and what each means for q3n.
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -47,8 +47,9 @@ class Q3NConfig:
     memory_plan_time_s: float = 0.5
     # Capture and replay CUDA graphs; `mode="reduce-overhead"` turns it on.
     cuda_graphs: bool = False
-    # What runs the rewritten graph: q3n's generated Python, or Inductor for the rest.
-    executor: str = "q3n"
+    # What runs the rewritten graph: q3n's generated Python (+ arena, CUDA graphs), Inductor for
+    # the rest, or "auto": chosen per graph by measurement (see `resolve_executor`).
+    executor: str = "auto"
     # Write per-graph dumps under this folder (also `Q3N_DUMP=dir`).
     dump_dir: str | None = None
     # Raise instead of rolling a failing pass back.
@@ -83,6 +84,24 @@ class Q3NConfig:
             values.update({k: _parse(k, v) for k, v in options.items()})
         values.update(_from_mode(mode, values))
         return cls(**values)
+
+    def resolve_executor(self, devices: set[str]) -> tuple[str, str]:
+        """The executor a graph on `devices` runs with, and why.
+
+        ``executor="auto"`` chooses from measurements (bench/RESULTS.md, "Executors"): on CUDA,
+        Inductor for the ops q3n does not rewrite was faster than q3n's generated Python at every
+        prefill length measured on the H200 and had the lower peak, so CUDA graphs get Inductor —
+        unless ``cuda_graphs=True`` asks for q3n's own capture, which needs q3n's executor. On the
+        CPU q3n's executor wins: Inductor's C++ compile costs far more than it saves on the
+        small models the CPU runs.
+        """
+        if self.executor != "auto":
+            return self.executor, "executor=" + repr(self.executor) + " was given"
+        if self.cuda_graphs:
+            return "q3n", "auto: cuda_graphs=True is q3n's executor's capture"
+        if "cuda" in devices:
+            return "inductor", "auto: on CUDA, Inductor for the ops q3n leaves measured faster"
+        return "q3n", "auto: off CUDA, q3n's executor (no Inductor compile)"
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

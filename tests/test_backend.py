@@ -45,6 +45,8 @@ def test_report_schema_is_json_and_complete():
     (report,) = q3n_compile.reports()
     json.dumps(report)
     assert isinstance(report["graph_id"], int)
+    # executor="auto" on a CPU graph: q3n's own, and the report says why.
+    assert report["executor"] == "q3n" and report["executor_reason"].startswith("auto: off CUDA")
     assert list(report["passes"]) == PASS_NAMES
     for entry in report["passes"].values():
         assert entry["status"] in PASS_STATUSES

@@ -10,10 +10,25 @@ from q3n_compile.config import Q3NConfig, Q3NConfigError
 
 def test_defaults():
     config = Q3NConfig.from_options(None, environ={})
-    assert config.attention == "tiled" and config.executor == "q3n"
+    assert config.attention == "tiled" and config.executor == "auto"
     assert config.sparse_keep == 0.2 and not config.norm_fusion and config.memory_plan
     assert not config.cuda_graphs and not config.strict and not config.verify
     assert config.quant_config is None and config.dump_dir is None
+
+
+@pytest.mark.parametrize("options, devices, executor", [
+    ({}, {"cuda"}, "inductor"),
+    ({}, {"cuda", "cpu"}, "inductor"),  # CPU scalars beside a CUDA graph
+    ({}, {"cpu"}, "q3n"),
+    ({"cuda_graphs": True}, {"cuda"}, "q3n"),  # q3n's capture needs q3n's executor
+    ({"executor": "q3n"}, {"cuda"}, "q3n"),
+    ({"executor": "inductor"}, {"cpu"}, "inductor"),
+])
+def test_auto_executor_resolves_by_device(options, devices, executor):
+    config = Q3NConfig.from_options(options, environ={})
+    chosen, why = config.resolve_executor(devices)
+    assert chosen == executor
+    assert why.startswith("auto:") == ("executor" not in options)
 
 
 def test_frozen():
@@ -36,7 +51,7 @@ def test_unknown_option_names_itself_and_lists_valid_keys():
     "key, value, accepts",
     [
         ("attention", "dense", "'tiled' | 'sparse' | 'off'"),
-        ("executor", "tvm", "'q3n' | 'inductor'"),
+        ("executor", "tvm", "'auto' | 'q3n' | 'inductor'"),
         ("sparse_keep", 1.5, "a number in (0, 1]"),
         ("sparse_keep", 0, "a number in (0, 1]"),
         ("norm_fusion", "yes", "True or False"),

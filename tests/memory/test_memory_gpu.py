@@ -28,7 +28,7 @@ def _err_vs_fp64(out, name, inputs):
 @pytest.mark.parametrize("name", ["qwen3", "llama", "gpt2", "bert"])
 def test_planned_models_on_cuda_bf16(name):
     model = build_model(name, "tiny", dtype=torch.bfloat16, device="cuda")
-    compiled = torch.compile(model, backend="q3n", options={"verify": True})
+    compiled = torch.compile(model, backend="q3n", options={"executor": "q3n", "verify": True})
     with torch.no_grad():
         inputs = example_inputs(name, model, 2, 77, device="cuda", seed=1)
         eager = model(*inputs)
@@ -101,6 +101,35 @@ def test_cuda_graphs_capture_per_shape_and_without_a_plan():
     assert report["runtime"]["cuda_graph_stats"]["captured"] == 2
 
 
+def test_decode_with_cuda_graphs_writes_the_cache_in_place():
+    """A static KV cache is a mutated input: captured at its address and written in place on
+    replay, so every step sees the positions earlier steps wrote."""
+    from q3n_compile.models import new_kv_cache
+
+    model = build_model("qwen3", "tiny", dtype=torch.float32, device="cuda")
+    compiled = torch.compile(model, backend="q3n", options={"cuda_graphs": True})
+    ids = example_inputs("qwen3", model, 2, 9, device="cuda", seed=3)[0]
+    eager_cache, q3n_cache = new_kv_cache(model, 2, 32), new_kv_cache(model, 2, 32)
+    positions = [torch.tensor([p], device="cuda") for p in range(32)]
+    with torch.no_grad():
+        model(ids, kv_cache=eager_cache, cache_position=torch.arange(9, device="cuda"))
+        model(ids, kv_cache=q3n_cache, cache_position=torch.arange(9, device="cuda"))
+        token = ids[:, -1:]
+        for step in range(9, 17):
+            want = model(token, kv_cache=eager_cache, cache_position=positions[step])
+            got = compiled(token, kv_cache=q3n_cache, cache_position=positions[step])
+            assert _rel_err(got, want) < 1e-4, step
+            token = want.argmax(-1)
+    torch.testing.assert_close(q3n_cache.keys[-1], eager_cache.keys[-1], rtol=1e-4, atol=1e-4)
+    report = q3n_compile.reports()[-1]
+    assert "mutated inputs used in place" in report["runtime"]["cuda_graphs"]
+    stats = report["runtime"]["cuda_graph_stats"]
+    # One capture for the step's signature: the later steps replayed it, and they could only match
+    # eager if each replay wrote its position into the caller's cache.
+    assert stats["captured"] == 1 and stats["failed"] == [], stats
+    assert report["passes"]["memory_plan"]["detail"]["input_mutations"]["rewritten"] == 2 * len(q3n_cache.keys)
+
+
 def test_cuda_graphs_input_copy_into_static_buffers():
     """The caller's tensor is copied into the graph's static input buffer; changing the caller's
     tensor in place afterwards changes the next result, as it would in eager."""
@@ -118,7 +147,7 @@ def test_cuda_graphs_input_copy_into_static_buffers():
 
 def test_two_threads_on_two_streams():
     model = build_model("qwen3", "tiny", dtype=torch.float32, device="cuda")
-    compiled = torch.compile(model, backend="q3n")
+    compiled = torch.compile(model, backend="q3n", options={"executor": "q3n"})
     inputs = [example_inputs("qwen3", model, 2, 50, device="cuda", seed=s)[0] for s in range(2)]
     with torch.no_grad():
         wants = [model(x) for x in inputs]
@@ -162,7 +191,7 @@ def test_measured_peak_matches_the_reported_estimates():
     for plan in (True, False):
         torch._dynamo.reset()
         q3n_compile.reset_reports()
-        compiled = torch.compile(model, backend="q3n", options={"memory_plan": plan})
+        compiled = torch.compile(model, backend="q3n", options={"executor": "q3n", "memory_plan": plan})
         with torch.no_grad():
             compiled(ids)
             torch.cuda.synchronize()
