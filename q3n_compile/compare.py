@@ -1144,7 +1144,13 @@ def _version(name: str) -> str | None:
 
 def git_commit() -> str | None:
     """The checkout's commit ("-dirty" with uncommitted changes to tracked files), or None
-    outside a git checkout (the device machine's copy of the tree has no .git)."""
+    outside a git checkout (the device machine's copy of the tree has no .git).
+
+    ``Q3N_COMMIT`` overrides it: a copy of the tree exported from a commit (``git archive``) sits
+    inside another checkout, whose commit git would report instead.
+    """
+    if os.environ.get("Q3N_COMMIT"):
+        return os.environ["Q3N_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=root, capture_output=True,

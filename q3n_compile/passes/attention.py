@@ -30,8 +30,12 @@ What the pass guarantees:
 - After the rewrites, dead nodes (the score matrix, softmax, repeated K/V copies, the mask's
   construction when it became ``is_causal``) are removed.
 - The status is "applied" whenever the pass ran, also when it found nothing (0 matched).
-- ``attention="sparse"`` is not built yet: attention is rewritten as tiled (exact) and ``detail``
-  says so.
+- ``attention="sparse"``: the same matching and proofs, but each candidate becomes
+  ``q3n::sparse_attention`` (block-sparse, lossy; ``kernels/attention_sparse.py``) with the config's
+  ``sparse_keep``/``sparse_min_mass``, the graph id and a layer number (0, 1, ... in graph order)
+  under which the op records its measured kept mass; ``detail["sparse"]`` lists the layers, the
+  knobs, and when a layer runs dense instead (short inputs, or kept mass under the threshold,
+  decided per call on the device).
 
 Where the result may differ from eager beyond rounding (the kernel keeps scores in fp32 and rounds
 once, so it is at least as accurate as eager bf16/fp16):
@@ -75,8 +79,7 @@ SDPA_FORMS = {
     aten._scaled_dot_product_fused_attention_overrideable.default: "sdpa_overrideable",
     aten._scaled_dot_product_attention_math.default: "sdpa_math",
 }
-SPARSE_NOTE = ("attention='sparse' is not implemented yet: attention was rewritten as tiled "
-               "(dense, exact)")
+SPARSE_OP = "q3n::sparse_attention"
 # An additive value at or below this removes a key as -inf does, given no row is fully masked
 # (see the module docstring); -65504 is float16's most negative finite value.
 NEG_LIKE = -65504.0
@@ -147,10 +150,14 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
     stats = PassStats(status="applied")
     rewrites: list[dict[str, Any]] = []
     stats.detail = {"mode": ctx.config.attention, "rewrites": rewrites}
+    sparse = None
     if ctx.config.attention == "sparse":
-        stats.detail["sparse"] = SPARSE_NOTE
+        from ..kernels import attention_sparse
+
+        sparse = _Sparse(attention_sparse, ctx.config.sparse_keep, ctx.config.sparse_min_mass,
+                         ctx.graph_id)
     env = _Env(gm, fake_mode_for(gm, ctx), Constants(gm, ctx.static_values), IndexEvaluator(gm),
-               kernel.supports)
+               kernel.supports if sparse is None else sparse.supports, sparse)
     placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
     owned: set[Node] = set()
 
@@ -167,6 +174,8 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             continue
         stats.matched += 1
         stats.rewritten += 1
+        if sparse is not None:
+            sparse.layers += 1
         owned.update(match.owned)
         # A scale read from a model attribute/weight is now part of the graph: guard it.
         for name in sorted(env.const.used):
@@ -177,7 +186,39 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
     stats.detail["causal_from_mask"] = sum(r["causal_from"] == "mask" for r in rewrites)
     stats.detail["causal_flag"] = sum(r["causal_from"] == "flag" for r in rewrites)
     stats.detail["masks_passed"] = sum(r["mask"] != "none" for r in rewrites)
+    if sparse is not None:
+        stats.detail["sparse"] = sparse.detail(rewrites)
     return stats
+
+
+@dataclasses.dataclass
+class _Sparse:
+    """Sparse mode's settings and its layer counter (a layer = one rewritten attention)."""
+
+    module: Any  # q3n_compile.kernels.attention_sparse
+    keep: float
+    min_mass: float
+    graph_id: int
+    layers: int = 0
+
+    def supports(self, q, k, v, mask, scale, is_causal) -> Optional[str]:
+        return self.module.supports(q, k, v, mask, scale, is_causal, self.keep, self.min_mass)
+
+    def detail(self, rewrites: list[dict[str, Any]]) -> dict[str, Any]:
+        m = self.module
+        return {
+            "op": SPARSE_OP,
+            "keep": self.keep,
+            "min_mass": self.min_mass,
+            "layers": [{"layer": r["layer"], "node": r["node"], "causal": r["causal"]}
+                       for r in rewrites],
+            "block": "64 query/key rows on CUDA, 16 on the CPU",
+            "dense_when": (f"at run time: q_len <= {m.DECODE_MAX_Q} or fewer than "
+                           f"{m.MIN_KEY_BLOCKS} key blocks (always); kept mass on ~"
+                           f"{m.SAMPLED_ROWS} sampled rows per head < min_mass (decided on the "
+                           "device, per call)"),
+            "runtime_stats": "report['runtime']['sparse_attention'], filled once the graph ran",
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -655,6 +696,7 @@ class _Env:
     const: Constants
     evaluator: IndexEvaluator
     supports: Callable[..., Optional[str]]  # the kernel's `supports`
+    sparse: Optional[_Sparse] = None  # set in attention="sparse" mode
 
 
 def _lower(env: _Env, match: Match) -> dict[str, Any]:
@@ -688,11 +730,18 @@ def _lower_with(env: _Env, builder: _Builder, match: Match) -> dict[str, Any]:
                       is_causal)
     if reason is not None:
         raise Decline(f"kernel: {reason}")
-    result = builder.call(torch.ops.q3n.attention.default, q, k, match.v, mask_node,
-                          match.scale, is_causal)
+    sparse = env.sparse
+    if sparse is None:
+        result = builder.call(torch.ops.q3n.attention.default, q, k, match.v, mask_node,
+                              match.scale, is_causal)
+    else:
+        result = builder.call(torch.ops.q3n.sparse_attention.default, q, k, match.v, mask_node,
+                              match.scale, is_causal, sparse.keep, sparse.min_mass,
+                              sparse.graph_id, sparse.layers)
     result = _match_layout(builder, result, tensor_val(match.out))
     match.out.replace_all_uses_with(result)
     kv = tensor_val(k)
+    extra = {} if sparse is None else {"op": SPARSE_OP, "layer": sparse.layers}
     return {
         "node": result.name,
         "replaced": match.out.name,
@@ -706,6 +755,7 @@ def _lower_with(env: _Env, builder: _Builder, match: Match) -> dict[str, Any]:
         "dtype": str(qv.dtype).replace("torch.", ""),
         "scale": match.scale,
         "runtime_scale": bool(match.runtime_scale),
+        **extra,
     }
 
 

@@ -522,11 +522,73 @@ def test_attention_off_leaves_graph_untouched():
     assert _rel_err(got, want) == 0
 
 
-def test_sparse_mode_is_rewritten_tiled_and_says_so():
+SPARSE_OP = "q3n.sparse_attention.default"
+
+
+def _assert_sparse(report, n, keep=0.2, min_mass=0.95):
+    """n attentions became q3n::sparse_attention (layers 0..n-1 of this graph); none is dense."""
+    attn = _attn(report)
+    assert (attn["status"], attn["matched"], attn["rewritten"], attn["declined"]) == (
+        "applied", n, n, {}), attn
+    assert report["ops"].get(SPARSE_OP, 0) == n and ATTN_OP not in report["ops"]
+    assert sum(report["ops"].get(s, 0) for s in SOFTMAXES) == 0
+    sparse = attn["detail"]["sparse"]
+    assert (sparse["op"], sparse["keep"], sparse["min_mass"]) == (
+        "q3n::sparse_attention", keep, min_mass)
+    assert [x["layer"] for x in sparse["layers"]] == list(range(n))
+    assert "q_len <= 16" in sparse["dense_when"]
+    assert [(r["op"], r["layer"]) for r in attn["detail"]["rewrites"]] == [
+        ("q3n::sparse_attention", i) for i in range(n)]
+
+
+def test_sparse_mode_short_input_runs_dense():
+    """11 tokens are below the sparse threshold: the op runs dense, exact, and records nothing."""
     got, want, report = _compile(causal_tril, *_qkv(), options={"attention": "sparse"})
-    _assert_rewritten(report, 1)
-    assert "not implemented" in _attn(report)["detail"]["sparse"]
+    _assert_sparse(report, 1)
     assert _rel_err(got, want) < 1e-5
+    assert "sparse_attention" not in report["runtime"]
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")  # the interpreter
+@pytest.mark.parametrize("min_mass", [0.95, 0.01])
+def test_sparse_mode_builtin_model(min_mass):
+    """qwen3 tiny, 70 tokens (5 blocks of 16): every layer rewritten; after a call the report
+    holds each layer's kept mass, and the layer ran dense exactly when it was under min_mass."""
+    model = build_model("qwen3", "tiny")
+    (ids,) = example_inputs("qwen3", model, 2, 70)
+    got, want, report = _compile(model, ids, options={"attention": "sparse",
+                                                      "sparse_min_mass": min_mass})
+    n = model.config.num_layers
+    _assert_sparse(report, n, min_mass=min_mass)
+    layers = report["runtime"]["sparse_attention"]["layers"]
+    assert [x["layer"] for x in layers] == list(range(n))
+    for x in layers:
+        assert 0 < x["kept_mass"] <= 1 + 1e-6 and (x["q_len"], x["k_len"], x["block"]) == (70, 70, 16)
+        assert x["ran"] == ("dense" if x["kept_mass"] < min_mass else "sparse")
+    if min_mass == 0.95:
+        # A random model's attention is spread out: under 95% kept, so every layer ran dense.
+        assert all(x["ran"] == "dense" for x in layers)
+        assert _rel_err(got, want) < 1e-4
+    else:
+        assert all(x["ran"] == "sparse" for x in layers)
+        assert 1e-4 < _rel_err(got, want) < 0.3  # lossy, within verify's lossy bound
+
+
+def test_sparse_mode_dynamic_lengths(reference_kernels):
+    """Symbolic lengths: the op's fake handles SymInts; one graph serves short and long inputs."""
+    compiled = torch.compile(QWEN3, backend="q3n", dynamic=True,
+                             options={**OPTIONS, "attention": "sparse"})
+    counters.clear()
+    with torch.no_grad():
+        for seq_len in (9, 70):
+            args = _dynamic_case("qwen3", seq_len)
+            assert _rel_err(compiled(*args), QWEN3(*args)) < 1e-4  # dense: short, or under 95%
+    assert counters["stats"]["unique_graphs"] == 1
+    (report,) = q3n_compile.reports()
+    assert report["dynamic_symbols"]
+    _assert_sparse(report, 2)
+    layers = report["runtime"]["sparse_attention"]["layers"]
+    assert [(x["q_len"], x["backend"]) for x in layers] == [(70, "reference")] * 2
 
 
 # --------------------------------------------------------------------------------------------
