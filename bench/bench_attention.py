@@ -1,20 +1,37 @@
-"""Prefill attention on one GPU: q3n::attention against SDPA's cuDNN and FlashAttention-2 backends.
+"""Attention on one GPU: q3n::attention against SDPA, a block-config sweep, and decode bandwidth.
 
-bf16, B*S = 16384 tokens, H = 32, D in {64, 128}, causal and not (the shapes of
-/work/shared/baselines/h200-2026-11-28.json). Every shape is first checked against SDPA (max abs
-error), then each implementation is timed in the same process with triton.testing.do_bench
-(median, after warm-up). TFLOP/s counts 4*B*H*S^2*D, halved for causal.
+Modes (bf16; every timing is triton.testing.do_bench's median after warm-up, which clears L2
+before each run; inputs are random, never zeros):
+
+- default, prefill: B*S = 16384 tokens, H = 32, D in {64, 128}, causal and not (the shapes of
+  /work/shared/baselines/h200-2026-11-28.json); each shape is checked against SDPA (max abs
+  error), then q3n, SDPA cuDNN and SDPA FlashAttention-2 are timed. TFLOP/s counts 4*B*H*S^2*D,
+  halved for causal.
+- ``--sweep``: for the same shapes (S = 64 ... 16384), time candidate (BLOCK_M, BLOCK_N, warps,
+  stages) configs of the prefill kernel; writes after every shape, stops at ``--budget-s``.
+- ``--emit-table SWEEP.json``: print the ``TABLE_16BIT`` literal of
+  q3n_compile/kernels/attention_blocks.py from a sweep (fastest config per bucket; buckets the
+  sweep did not measure keep their current entries); ``--apply`` writes it into that file.
+- ``--decode``: one decode step, Sq = 1, B = 8, GQA 32/8, D = 128, L in {1k, 4k, 16k, 64k} keys:
+  q3n's split-KV kernel against every SDPA backend available, in TB/s of K+V bytes read
+  (2*B*Hkv*L*D*2 bytes); plus a static cache (16k slots, 4k filled, bool mask) with and without
+  skipping masked keys. ``--decode-sweep`` also times decode tile/occupancy overrides.
 
     python bench/bench_attention.py --out bench/results/attention-h200.json
-    python bench/bench_attention.py --seqs 4096 --dims 128 --sweep   # try several block configs
+    python bench/bench_attention.py --sweep --out sweep.json && \\
+        python bench/bench_attention.py --emit-table sweep.json
+    python bench/bench_attention.py --decode --commit $(git rev-parse HEAD) --out decode.json
 
-Writes JSON (GPU, versions, git commit, date, rows) to --out and prints a table.
+Writes JSON (GPU, versions, commit, date, rows) to --out and prints a table.
 """
 
 import argparse
 import datetime
 import json
+import math
+import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,29 +43,70 @@ from triton.testing import do_bench
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from q3n_compile.compare import git_commit  # noqa: E402  (one definition for every result file)
 from q3n_compile.kernels import attention as A  # noqa: E402
+from q3n_compile.kernels import attention_blocks as AB  # noqa: E402
+from q3n_compile.kernels import attention_decode as AD  # noqa: E402
 
 TOKENS = 16384
 HEADS = 32
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
-# Candidates for --sweep: (BLOCK_M, BLOCK_N, num_warps, num_stages).
-SWEEP = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-         (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 8, 4)]
+DECODE_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                   "cudnn": SDPBackend.CUDNN_ATTENTION}
+
+# Sweep candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages). Long keys: the measured 128 x 64
+# and its neighbours, up to 128-key blocks (256 at D = 64: the widest tile that fits shared
+# memory, the article's "larger blocks for longer inputs"). Short keys: small query tiles.
+# All fit an H200's shared memory (checked with Triton 3.6's sm_90 compile, no GPU needed); at
+# D = 128 the 4-warp 128-row tiles are left out: ptxas spills them (120-128 B of stack).
+SWEEP_LONG = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+              (64, 64, 4, 3)]
+SWEEP_LONG_D64 = [(128, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 3), (128, 256, 8, 2)]
+SWEEP_SHORT = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (128, 64, 8, 3)]
+SWEEP_SEQS = [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+# Decode sweep: (BLOCK_N, num_stages, programs_per_sm or None for the occupancy probe).
+DECODE_SWEEP = [(bn, st, pps) for bn in (32, 64, 128) for st in (2, 3, 4)
+                for pps in (None, 2, 4, 8) if not (bn == 128 and st == 4)]
 
 
-from q3n_compile.compare import git_commit  # noqa: E402  (one definition for every result file)
+def bench(fn, warmup=25, rep=100):
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
-def bench(fn):
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+def environment(commit=None):
+    major, minor = torch.cuda.get_device_capability()
+    return dict(gpu=torch.cuda.get_device_name(), capability=[major, minor],
+                sm_count=torch.cuda.get_device_properties(0).multi_processor_count,
+                torch=torch.__version__, triton=triton.__version__,
+                commit=commit or git_commit(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat())
 
 
-def run_shape(S, D, causal, sweep):
-    B = TOKENS // S
+def write_json(path, data):
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1))
+
+
+def _err(exc):
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill comparison
+
+
+def prefill_inputs(S, D, causal):
+    B = max(1, TOKENS // S)
     gen = torch.Generator(device="cuda").manual_seed(S * 1000 + D * 2 + causal)
     q, k, v = (torch.randn(B, HEADS, S, D, generator=gen, device="cuda", dtype=torch.bfloat16)
                for _ in range(3))
     flop = 4 * B * HEADS * S * S * D * (0.5 if causal else 1.0)
+    return B, q, k, v, flop
+
+
+def run_shape(S, D, causal):
+    B, q, k, v, flop = prefill_inputs(S, D, causal)
     tflops = lambda ms: None if ms is None else flop / (ms * 1e-3) / 1e12  # noqa: E731
 
     ours = lambda: torch.ops.q3n.attention(q, k, v, None, None, causal)  # noqa: E731
@@ -67,67 +125,320 @@ def run_shape(S, D, causal, sweep):
                     lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
         except RuntimeError as exc:  # backend not available for this shape/build
             row[f"{name}_ms"] = None
-            row[f"{name}_error"] = str(exc).splitlines()[0][:200]
+            row[f"{name}_error"] = _err(exc)
     for name in ("q3n", *SDPA_BACKENDS):
         row[f"{name}_tflops"] = tflops(row[f"{name}_ms"])
-    if sweep:
-        row["sweep"] = []
-        for bm, bn, w, st in SWEEP:
-            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-            fn = lambda: A._launch(q, k, v, None, None, causal, False, blocks=cfg)  # noqa: E731
-            try:
-                e = (fn().float() - want.float()).abs().max().item()
-                ms = bench(fn)
-            except Exception as exc:  # e.g. out of shared memory for this config
-                row["sweep"].append(dict(cfg, error=str(exc).splitlines()[0][:200]))
-                continue
-            row["sweep"].append(dict(cfg, ms=ms, tflops=tflops(ms), max_abs_err=e))
     del q, k, v, out, want
     torch.cuda.empty_cache()
     return row
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=None, help="write the JSON results here")
-    ap.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
-    ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
-    ap.add_argument("--sweep", action="store_true", help="also time the SWEEP block configs")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_attention.py needs a CUDA GPU")
-
+def run_prefill(args):
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     rows = []
-    hdr = (f"{'D':>4} {'S':>6} {'B':>3} {'causal':>6} {'err':>8} {'q3n':>7} {'cudnn':>7} "
-           f"{'flash':>7}  TFLOP/s   {'q3n/flash':>9} {'q3n/cudnn':>9}")
-    print(hdr)
+    print(f"{'D':>4} {'S':>6} {'B':>3} {'causal':>6} {'err':>8} {'q3n':>7} {'cudnn':>7} "
+          f"{'flash':>7}  TFLOP/s   {'q3n/flash':>9} {'q3n/cudnn':>9}")
     fmt = lambda x: "   -   " if x is None else f"{x:7.1f}"  # noqa: E731
     for D in args.dims:
         for S in args.seqs:
             for causal in causals:
-                r = run_shape(S, D, causal, args.sweep)
+                r = run_shape(S, D, causal)
                 rows.append(r)
                 ratio = lambda other: "    -    " if r[other] is None else (  # noqa: E731
                     f"{r['q3n_tflops'] / r[other]:9.2f}")
                 print(f"{D:>4} {S:>6} {r['B']:>3} {str(causal):>6} {r['max_abs_err_vs_sdpa']:8.1e}"
                       f" {fmt(r['q3n_tflops'])} {fmt(r['cudnn_tflops'])} {fmt(r['flash_tflops'])}"
                       f"           {ratio('flash_tflops')} {ratio('cudnn_tflops')}", flush=True)
-                for s in r.get("sweep", []):
-                    print(f"      sweep {s['BLOCK_M']:>3}x{s['BLOCK_N']:<3} w{s['num_warps']} "
-                          f"s{s['num_stages']}: " + (f"{s['tflops']:7.1f} TFLOP/s"
-                                                    if "tflops" in s else s["error"]), flush=True)
+    write_json(args.out, dict(environment(args.commit), mode="prefill", dtype="bfloat16",
+                              tokens=TOKENS, heads=HEADS,
+                              timer="triton.testing.do_bench median",
+                              tflops_formula="4*B*H*S^2*D, halved for causal", rows=rows))
 
-    result = dict(
-        gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-        commit=git_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        dtype="bfloat16", tokens=TOKENS, heads=HEADS, timer="triton.testing.do_bench median",
-        tflops_formula="4*B*H*S^2*D, halved for causal", rows=rows,
-    )
+
+# ---------------------------------------------------------------------------------------------
+# Block-config sweep and the table it produces
+
+
+def sweep_candidates(S, D):
+    """Candidates for one shape, clamped to the sequence as choose_blocks would, deduplicated."""
+    base = SWEEP_SHORT if S < 512 else SWEEP_LONG + (SWEEP_LONG_D64 if D <= 64 else [])
+    if S < 512 and D <= 64:
+        base = base + [(128, 64, 4, 2)]
+    clamp = lambda n: min(n, max(16, triton.next_power_of_2(S)))  # noqa: E731
+    return list(dict.fromkeys((clamp(m), clamp(n), w, st) for m, n, w, st in base))
+
+
+def sweep_shape(S, D, causal):
+    B, q, k, v, flop = prefill_inputs(S, D, causal)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    results = []
+    for bm, bn, w, st in sweep_candidates(S, D):
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+        fn = lambda: A._launch(q, k, v, None, None, causal, False, blocks=cfg)  # noqa: E731
+        try:
+            err = (fn().float() - want.float()).abs().max().item()
+            ms = bench(fn, warmup=5, rep=30)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for this config
+            results.append(dict(cfg, error=_err(exc)))
+            continue
+        results.append(dict(cfg, ms=ms, tflops=flop / (ms * 1e-3) / 1e12, max_abs_err=err))
+    table = A.choose_blocks(S, S, D, q.dtype, causal)
+    del q, k, v, want
+    torch.cuda.empty_cache()
+    ok = [r for r in results if "ms" in r and r["max_abs_err"] < 0.1]
+    best = min(ok, key=lambda r: r["ms"]) if ok else None
+    return dict(S=S, B=B, H=HEADS, D=D, causal=causal, results=results, best=best,
+                table_choice=table)
+
+
+def run_sweep(args):
+    causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    seqs = args.seqs if args.seqs_given else SWEEP_SEQS
+    data = dict(environment(args.commit), mode="sweep", dtype="bfloat16", tokens=TOKENS,
+                heads=HEADS, timer="triton.testing.do_bench median (warmup 5 ms, rep 30 ms)",
+                bucket_bounds=[None if math.isinf(b) else b for b in AB.BUCKET_BOUNDS],
+                rows=[], complete=False)
+    start = time.monotonic()
+    # Larger head dims first (128 is what Qwen3/Llama use): a budget cut drops the others' tail.
+    for D in sorted(args.dims, reverse=True):
+        for causal in causals:
+            for S in seqs:
+                if time.monotonic() - start > args.budget_s:
+                    print(f"budget of {args.budget_s} s spent: stopping (JSON is partial)")
+                    write_json(args.out, data)
+                    return
+                row = sweep_shape(S, D, causal)
+                data["rows"].append(row)
+                write_json(args.out, data)
+                b = row["best"]
+                print(f"D={D:>3} S={S:>5} causal={causal!s:>5}: best "
+                      + (f"{b['BLOCK_M']}x{b['BLOCK_N']} w{b['num_warps']} s{b['num_stages']} "
+                         f"{b['tflops']:6.1f} TFLOP/s" if b else "none ran")
+                      + f"  (table: {row['table_choice']})  [{time.monotonic() - start:5.0f} s]",
+                      flush=True)
+    data["complete"] = True
+    write_json(args.out, data)
+
+
+def table_from_sweep(sweeps):
+    """TABLE_16BIT (as attention_blocks holds it) updated with the sweeps' fastest configs.
+
+    A row's best config goes to the bucket holding its S; the open bucket takes the largest
+    measured S's choice when it was not measured itself; other unmeasured buckets keep theirs.
+    """
+    table = {key: list(row) for key, row in AB.TABLE_16BIT.items()}
+    measured = {}
+    for sweep in sweeps:
+        arch = sweep["capability"][0]
+        for row in sweep["rows"]:
+            if not row.get("best"):
+                continue
+            key = (arch, AB.table_head_dim(row["D"]), bool(row["causal"]))
+            b = row["best"]
+            measured.setdefault(key, {})[AB.bucket_index(row["S"])] = (
+                (b["BLOCK_M"], b["BLOCK_N"], b["num_warps"], b["num_stages"]), row["S"],
+                b["tflops"])
+    for key, buckets in measured.items():
+        row = table.setdefault(key, list(table.get((9, key[1], key[2]), [None] * len(
+            AB.BUCKET_BOUNDS))))
+        for i, (cfg, _, _) in buckets.items():
+            row[i] = cfg
+        last = len(AB.BUCKET_BOUNDS) - 1
+        if last not in buckets:
+            row[last] = buckets[max(buckets)][0]
+    return {key: tuple(row) for key, row in table.items()}, measured
+
+
+def table_literal(sweeps):
+    table, measured = table_from_sweep(sweeps)
+    src = ", ".join(f"{s['gpu']} {s['date'][:10]} commit {s.get('commit')}" for s in sweeps)
+    lines = ["# BEGIN GENERATED TABLE_16BIT (bench_attention.py --emit-table --apply rewrites "
+             "this block)",
+             f"TABLE_16BIT_SOURCE = {('swept: ' + src)!r}",
+             "TABLE_16BIT = {"]
+    for key in sorted(table):
+        lines.append(f"    {key!r}: (")
+        for i, cfg in enumerate(table[key]):
+            bound = AB.BUCKET_BOUNDS[i]
+            where = f"Sk > {AB.BUCKET_BOUNDS[i - 1]}" if math.isinf(bound) else f"Sk <= {bound}"
+            note = measured.get(key, {}).get(i)
+            how = f"swept at S={note[1]}: {note[2]:.0f} TFLOP/s" if note else "not swept"
+            lines.append(f"        {tuple(cfg)!r},  # {where}: {how}")
+        lines.append("    ),")
+    lines += ["}", "# END GENERATED TABLE_16BIT"]
+    return "\n".join(lines) + "\n"
+
+
+def apply_table(literal, path=Path(AB.__file__)):
+    text = path.read_text()
+    pattern = re.compile(r"# BEGIN GENERATED TABLE_16BIT.*?# END GENERATED TABLE_16BIT\n", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{path}: no '# BEGIN/END GENERATED TABLE_16BIT' block to replace")
+    path.write_text(pattern.sub(lambda _: literal, text, count=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode
+
+
+def decode_inputs(L, B=8, Hq=32, Hkv=8, D=128, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed + L)
+    q = torch.randn(B, Hq, 1, D, generator=gen, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, Hkv, L, D, generator=gen, device="cuda", dtype=torch.bfloat16)
+            for _ in range(2))
+    return q, k, v
+
+
+def decode_row(L, sweep):
+    B, Hq, Hkv, D = 8, 32, 8, 128
+    q, k, v = decode_inputs(L, B, Hq, Hkv, D)
+    nbytes = 2 * B * Hkv * L * D * 2
+    tbps = lambda ms: None if ms is None else nbytes / (ms * 1e-3) / 1e12  # noqa: E731
+    ours = lambda: torch.ops.q3n.attention(q, k, v, None, None, False)  # noqa: E731
+    out = ours()
+    plan = AD.plan(B, Hq, Hkv, 1, L, D, D, q.dtype, False, mask_kind=0, interpreter=False,
+                   device=q.device)
+    row = dict(L=L, B=B, Hq=Hq, Hkv=Hkv, D=D, Sq=1, kv_bytes=nbytes, plan=plan)
+    row["q3n_ms"] = bench(ours)
+    row["q3n_tbps"] = tbps(row["q3n_ms"])
+    want = None
+    for name, backend in {"default": None, **DECODE_BACKENDS}.items():
+        fn = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+        try:
+            if backend is None:
+                res, ms = fn(), bench(fn)
+            else:
+                with sdpa_kernel(backend):
+                    res, ms = fn(), bench(fn)
+        except RuntimeError as exc:  # backend not available for this shape/build
+            row[f"sdpa_{name}_ms"], row[f"sdpa_{name}_tbps"] = None, None
+            row[f"sdpa_{name}_error"] = _err(exc)
+            continue
+        want = res if want is None else want
+        row[f"sdpa_{name}_ms"], row[f"sdpa_{name}_tbps"] = ms, tbps(ms)
+    row["max_abs_err_vs_sdpa"] = (out.float() - want.float()).abs().max().item()
+    if sweep:
+        row["sweep"] = []
+        for bn, st, pps in DECODE_SWEEP:
+            over = dict(BLOCK_N=bn, num_stages=st)
+            if pps is not None:
+                over["programs_per_sm"] = pps
+            fn = lambda: A._launch(q, k, v, None, None, False, False, decode=over)  # noqa: E731
+            try:
+                err = (fn().float() - want.float()).abs().max().item()
+                ms = bench(fn, warmup=10, rep=40)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                row["sweep"].append(dict(over, error=_err(exc)))
+                continue
+            p = AD.plan(B, Hq, Hkv, 1, L, D, D, q.dtype, False, mask_kind=0, interpreter=False,
+                        device=q.device, overrides=over)
+            row["sweep"].append(dict(over, ms=ms, tbps=tbps(ms), max_abs_err=err,
+                                     splits=p["splits"], residency=p["residency"]))
+    del q, k, v, out
+    torch.cuda.empty_cache()
+    return row
+
+
+def static_cache_row(slots=16384, filled=4096):
+    """A static cache of `slots` keys with `filled` valid ones (bool mask, as HF's SDPA path
+    passes): q3n with and without skipping masked keys, and SDPA with the same mask."""
+    B, Hq, Hkv, D = 8, 32, 8, 128
+    q, k, v = decode_inputs(slots, B, Hq, Hkv, D, seed=1)
+    keep = torch.zeros(B, 1, 1, slots, dtype=torch.bool, device="cuda")
+    keep[..., :filled] = True
+    filled_bytes = 2 * B * Hkv * filled * D * 2
+    tbps = lambda ms: None if ms is None else filled_bytes / (ms * 1e-3) / 1e12  # noqa: E731
+    row = dict(case="static cache", slots=slots, filled=filled, B=B, Hq=Hq, Hkv=Hkv, D=D,
+               filled_kv_bytes=filled_bytes, tbps_of="filled K+V bytes")
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                      SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]):
+        want = F.scaled_dot_product_attention(q, k[:, :, :filled], v[:, :, :filled],
+                                              enable_gqa=True)
+    for name, over in (("q3n", None), ("q3n_no_skip", dict(skip_dead=False))):
+        fn = lambda: A._launch(q, k, v, keep, None, False, False, decode=over or {})  # noqa: E731
+        row[f"{name}_max_abs_err"] = (fn().float() - want.float()).abs().max().item()
+        row[f"{name}_ms"] = bench(fn)
+        row[f"{name}_tbps"] = tbps(row[f"{name}_ms"])
+    try:
+        fn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep,  # noqa: E731
+                                                    enable_gqa=True)
+        row["sdpa_ms"] = bench(fn)
+        row["sdpa_tbps"] = tbps(row["sdpa_ms"])
+    except RuntimeError as exc:
+        row["sdpa_ms"], row["sdpa_error"] = None, _err(exc)
+    return row
+
+
+def run_decode(args):
+    rows = []
+    data = dict(environment(args.commit), mode="decode", dtype="bfloat16",
+                timer="triton.testing.do_bench median (L2 cleared per run)",
+                tbps_formula="2*B*Hkv*L*D*2 bytes (K and V, bf16) / time", rows=rows,
+                static_cache=None)
+    print(f"{'L':>6} {'q3n TB/s':>9} " + " ".join(f"{n:>9}" for n in ("default", *DECODE_BACKENDS))
+          + "   err      splits")
+    fmt = lambda x: "      -  " if x is None else f"{x:9.2f}"  # noqa: E731
+    for L in args.decode_lens:
+        r = decode_row(L, args.decode_sweep)
+        rows.append(r)
+        write_json(args.out, data)  # after every row: a cut-short run keeps what it measured
+        print(f"{L:>6} {fmt(r['q3n_tbps'])} "
+              + " ".join(fmt(r[f"sdpa_{n}_tbps"]) for n in ("default", *DECODE_BACKENDS))
+              + f" {r['max_abs_err_vs_sdpa']:8.1e} {r['plan']['splits']:>4} "
+              f"({r['plan']['residency']})", flush=True)
+        for s in r.get("sweep", []):
+            print(f"       sweep BLOCK_N={s['BLOCK_N']:>3} stages={s['num_stages']} "
+                  f"per_sm={s.get('programs_per_sm', 'auto')!s:>4}: "
+                  + (f"{s['tbps']:5.2f} TB/s splits {s['splits']}" if "tbps" in s
+                     else s["error"]), flush=True)
+    static = data["static_cache"] = static_cache_row()
+    write_json(args.out, data)
+    print(f"static cache {static['slots']} slots, {static['filled']} filled (TB/s of filled K+V):"
+          f" q3n {static['q3n_tbps']:.2f}, without skipping {static['q3n_no_skip_tbps']:.2f}, "
+          f"SDPA with mask {fmt(static.get('sdpa_tbps'))}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON results here")
+    ap.add_argument("--seqs", type=int, nargs="+", default=None,
+                    help="prefill lengths (default 512..16384; --sweep: 64..16384)")
+    ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    ap.add_argument("--sweep", action="store_true", help="time candidate prefill block configs")
+    ap.add_argument("--budget-s", type=float, default=200.0,
+                    help="--sweep stops starting new shapes after this many seconds")
+    ap.add_argument("--emit-table", type=Path, nargs="+", metavar="SWEEP_JSON",
+                    help="print the TABLE_16BIT literal from sweep JSON(s); no GPU needed")
+    ap.add_argument("--apply", action="store_true",
+                    help="with --emit-table: write it into q3n_compile/kernels/attention_blocks.py")
+    ap.add_argument("--decode", action="store_true", help="decode bandwidth against SDPA")
+    ap.add_argument("--decode-lens", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    ap.add_argument("--decode-sweep", action="store_true",
+                    help="with --decode: also time tile/occupancy overrides")
+    ap.add_argument("--commit", default=None, help="commit recorded in the JSON (default: git)")
+    args = ap.parse_args()
+    args.seqs_given = args.seqs is not None
+    if args.seqs is None:
+        args.seqs = [512, 1024, 2048, 4096, 8192, 16384]
+
+    if args.emit_table:
+        literal = table_literal([json.loads(p.read_text()) for p in args.emit_table])
+        print(literal, end="")
+        if args.apply:
+            apply_table(literal)
+            print(f"# written into {AB.__file__}", file=sys.stderr)
+        return
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention.py needs a CUDA GPU (except --emit-table)")
+    if args.sweep:
+        run_sweep(args)
+    elif args.decode:
+        run_decode(args)
+    else:
+        run_prefill(args)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}")
 
 

@@ -17,6 +17,11 @@ What this module guarantees:
   everywhere (HF's ``finfo.min``) is not fully masked: like SDPA it averages V uniformly.
 - The kernel, the interpreter and :func:`reference` agree up to the rounding the kernel's
   docstring states; nothing here allocates an ``Sq x Sk`` matrix except :func:`reference`.
+- Two kernels serve the op, chosen per call from the concrete shapes (so a dynamic-shape graph
+  never recompiles for it): ``Sq <= 16`` (decode, speculative drafts) runs the split-KV kernels
+  of ``attention_decode`` (:func:`uses_split_kv`); longer queries run the prefill kernel below,
+  with tiles from the length-bucketed table of ``attention_blocks`` (:func:`choose_blocks`).
+  :func:`describe_blocks` says, JSON-serialisably, what both will choose.
 """
 
 import math
@@ -26,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from q3n_compile.kernels import contract
+from q3n_compile.kernels import attention_blocks, attention_decode, contract
+from q3n_compile.kernels.attention_decode import DECODE_MAX_SQ, uses_split_kv  # noqa: F401
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32)
@@ -194,38 +200,41 @@ def attention_fwd_kernel(
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
 
 
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+_pow2_at_least_16 = attention_blocks.pow2_at_least_16
+_cdiv = attention_blocks.cdiv
 
 
 def choose_blocks(seq_len_q: int, seq_len_k: int, head_dim: int, dtype: torch.dtype,
-                  causal: bool, *, interpreter: bool = False) -> dict:
-    """Launch parameters for one call; a pure function of its arguments.
+                  causal: bool, *, interpreter: bool = False, arch: Optional[int] = None,
+                  device: Optional[int] = None) -> dict:
+    """Prefill launch parameters for one call: see ``attention_blocks.choose_blocks`` (a
+    length-bucketed table per head dim, dtype, causality and GPU architecture; autotuned once
+    per bucket on an untabled GPU; 16 x 16 tiles under the interpreter)."""
+    return attention_blocks.choose_blocks(seq_len_q, seq_len_k, head_dim, dtype, causal,
+                                          interpreter=interpreter, arch=arch, device=device)
 
-    Rule (untuned placeholder for the tuned table with 64..512 length buckets):
-    - interpreter: 16 x 16 tiles (the smallest `tl.dot` takes), one stage: it only has to be right.
-    - padded head dim <= 128: BLOCK_M 128, BLOCK_N 64, 8 warps, 3 stages (best or within 3% of
-      the best of 9 configs on an H200, bf16, S = 4096, D = 64/128, causal or not);
-      <= 256: 128 x 64, 8 warps, 2 stages (the one of 9 that fits shared memory and won: 533
-      TFLOP/s against 420 for 64 x 32 at S = 4096); fp32 there: 64 x 16, 4 warps, 2 stages.
-    - fp32 halves BLOCK_N (twice the bytes per element, and the stages must fit shared memory).
-    - tiles never exceed the padded sequence lengths (decode, short prompts).
-    `causal` is accepted so the tuned table can key on it; this rule ignores it.
+
+def _arch_for_description(arch):
+    if arch is not None:
+        return arch
+    if torch.cuda.is_available():
+        return attention_blocks.device_arch(torch.cuda.current_device())
+    return "interpreter" if contract.interpreter_enabled() else "reference"
+
+
+def describe_blocks(head_dim: int, dtype: torch.dtype, causal: bool, arch=None, *,
+                    symbol: str = "Sk") -> dict:
+    """What the op will launch for this head dim, dtype and causality, as a JSON-serialisable
+    dict for reports: the prefill buckets (``bucket_expr``/``block_n_expr`` are sympy-printable
+    ``Piecewise`` expressions of the key length, named ``symbol``) and the decode dispatch.
+
+    ``arch``: a compute capability major (9 = Hopper), ``"interpreter"`` or ``"reference"``;
+    by default the current CUDA device's, else what this machine's CPU path runs.
     """
-    if interpreter:
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    d = _pow2_at_least_16(head_dim)
-    if d <= 128:
-        block_m, block_n, warps, stages = 128, 64, 8, 3
-    elif dtype != torch.float32:
-        block_m, block_n, warps, stages = 128, 64, 8, 2
-    else:
-        block_m, block_n, warps, stages = 64, 32, 4, 2
-    if dtype == torch.float32:
-        block_n //= 2
-    block_m = min(block_m, _pow2_at_least_16(seq_len_q))
-    block_n = min(block_n, _pow2_at_least_16(seq_len_k))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    arch = _arch_for_description(arch)
+    desc = attention_blocks.describe_prefill(head_dim, dtype, causal, arch, symbol=symbol)
+    desc["decode"] = attention_decode.describe(head_dim, dtype, arch)
+    return desc
 
 
 def _needs_64bit_offsets(q, k, v, m, out, cfg) -> bool:
@@ -233,8 +242,8 @@ def _needs_64bit_offsets(q, k, v, m, out, cfg) -> bool:
 
     Batch and head offsets are always int64 in the kernel; this covers the rest.
     """
-    pad_m = triton.cdiv(q.shape[2], cfg["BLOCK_M"]) * cfg["BLOCK_M"]
-    pad_n = triton.cdiv(k.shape[2], cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    pad_m = _cdiv(q.shape[2], cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+    pad_n = _cdiv(k.shape[2], cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     spans = [pad_m * q.stride(2) + q.shape[3] * q.stride(3),
              pad_m * out.stride(2) + out.shape[3] * out.stride(3),
              pad_n * k.stride(2) + k.shape[3] * k.stride(3),
@@ -243,11 +252,27 @@ def _needs_64bit_offsets(q, k, v, m, out, cfg) -> bool:
     return max(spans) >= 2**31
 
 
-def _launch(q, k, v, mask, scale, is_causal, interpreter, blocks=None):
-    """Run the kernel; `blocks` overrides :func:`choose_blocks` (the benchmark's sweep uses it)."""
+def _mask_view(mask, B, Hq, Sq, Sk):
+    """(kind, [B, Hq, Sq, Sk] view) of the mask: kind 0 none, 1 bool (read as uint8), 2 additive."""
+    if mask is None:
+        return 0, None
+    kind = 1 if mask.dtype == torch.bool else 2
+    # Same-size reinterpretation keeps the strides; expand only writes 0 strides.
+    return kind, (mask.view(torch.uint8) if kind == 1 else mask).expand(B, Hq, Sq, Sk)
+
+
+def _launch(q, k, v, mask, scale, is_causal, interpreter, blocks=None, decode=None):
+    """Run the op's kernels: split-KV decode for Sq <= 16, else prefill.
+
+    ``blocks`` forces the prefill kernel with these parameters (the benchmark's sweep), instead of
+    :func:`choose_blocks`; ``decode`` forces the decode kernels with these plan overrides
+    (``attention_decode.plan``), whatever Sq is.
+    """
     reason = supports(q, k, v, mask, scale, is_causal)
     if reason is not None:
         raise ValueError(f"q3n::attention: {reason}")
+    if blocks is not None and decode is not None:
+        raise ValueError("q3n::attention: pass blocks= (prefill) or decode= (split-KV), not both")
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if k.shape[0] != B or v.shape[:3] != k.shape[:3]:
@@ -256,16 +281,25 @@ def _launch(q, k, v, mask, scale, is_causal, interpreter, blocks=None):
     out = torch.empty((B, Hq, Sq, Dv), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    if mask is None:
-        mask_kind, m, m_strides = 0, q, (0, 0, 0, 0)
-    else:
-        mask_kind = 1 if mask.dtype == torch.bool else 2
-        # Same-size reinterpretation keeps the strides; expand only writes 0 strides.
-        m = (mask.view(torch.uint8) if mask_kind == 1 else mask).expand(B, Hq, Sq, Sk)
-        m_strides = m.stride()
+    mask_kind, m = _mask_view(mask, B, Hq, Sq, Sk)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    cfg = blocks or choose_blocks(Sq, Sk, D, q.dtype, is_causal, interpreter=interpreter)
-    grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), Hq, B)
+    if decode is not None or (blocks is None and uses_split_kv(q, k)):
+        attention_decode.launch(q, k, v, m, mask_kind, out, scale * _LOG2E, bool(is_causal),
+                                interpreter, overrides=decode)
+        return out
+    if m is None:
+        m, m_strides = q, (0, 0, 0, 0)
+    else:
+        m_strides = m.stride()
+    if blocks is not None:
+        cfg = blocks
+    elif interpreter:
+        cfg = choose_blocks(Sq, Sk, D, q.dtype, is_causal, interpreter=True)
+    else:
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        cfg = choose_blocks(Sq, Sk, D, q.dtype, is_causal,
+                            arch=attention_blocks.device_arch(index), device=index)
+    grid = (_cdiv(Sq, cfg["BLOCK_M"]), Hq, B)
     attention_fwd_kernel[grid](
         q, k, v, m, out,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
@@ -309,6 +343,8 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _known(cond) -> bool:
+    if type(cond) is bool:  # concrete sizes (every eager launch): nothing to ask the shape env
+        return cond
     # Guard-free: on SymInts this answers from what the shape env already knows, adding no guard.
     from torch.fx.experimental.symbolic_shapes import statically_known_true
     return statically_known_true(cond)

@@ -1,6 +1,7 @@
 """q3n::attention against a float64 reference (CPU lane: Triton interpreter; GPU lane: -m gpu)."""
 
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,16 +236,127 @@ def test_opcheck():
     torch.library.opcheck(op, (q, k, v))
 
 
-def test_choose_blocks_rule():
-    cfg = A.choose_blocks(4096, 4096, 128, torch.bfloat16, True)
-    assert cfg == dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    assert A.choose_blocks(1, 4096, 128, torch.bfloat16, False)["BLOCK_M"] == 16
-    assert A.choose_blocks(4096, 4096, 256, torch.float16, False)["num_stages"] == 2
-    assert A.choose_blocks(4096, 4096, 256, torch.float32, False)["BLOCK_N"] == 16
-    assert A.choose_blocks(37, 37, 64, torch.float32, False, interpreter=True)["BLOCK_M"] == 16
+def test_choose_blocks_table_on_hopper():
+    H = dict(arch=9)
+    assert A.choose_blocks(4096, 4096, 128, bf16, True, **H) == dict(
+        BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    assert A.choose_blocks(4096, 4096, 256, f16, False, **H)["num_stages"] == 2
+    assert A.choose_blocks(4096, 4096, 256, f32, False, **H)["BLOCK_N"] == 16
+    # Tiles never exceed the padded lengths: a 20-token prompt gets 32 x 32.
+    short = A.choose_blocks(20, 20, 128, bf16, False, **H)
+    assert (short["BLOCK_M"], short["BLOCK_N"]) == (32, 32)
+    assert A.choose_blocks(37, 37, 64, f32, False, interpreter=True)["BLOCK_M"] == 16
     for d in (16, 40, 64, 80, 96, 128, 256):
-        cfg = A.choose_blocks(1000, 1000, d, torch.float32, False)
-        assert min(cfg["BLOCK_M"], cfg["BLOCK_N"]) >= 16  # tl.dot's minimum
+        for dtype in (f16, bf16, f32):
+            for sk in (1, 65, 300, 5000, 100_000):
+                cfg = A.choose_blocks(1000, sk, d, dtype, True, **H)
+                assert min(cfg["BLOCK_M"], cfg["BLOCK_N"]) >= 16  # tl.dot's minimum
+
+
+def test_block_table_buckets_by_key_length():
+    from q3n_compile.kernels import attention_blocks as AB
+
+    assert [AB.bucket_index(n) for n in (0, 64, 65, 512, 513, 16384, 16385, 10**7)] == [
+        0, 0, 1, 3, 4, 8, 9, 9]
+    # The bucket (not Sq) decides: the same Sk gives the same key tile whatever the query length.
+    for sk in (100, 3000, 50_000):
+        a = A.choose_blocks(4096, sk, 128, bf16, False, arch=9)
+        b = A.choose_blocks(300, sk, 128, bf16, False, arch=9)
+        assert a["BLOCK_N"] == b["BLOCK_N"] and a["num_stages"] == b["num_stages"]
+    # A short key range gets a smaller query tile than a long one (more programs, short prompts).
+    assert (A.choose_blocks(4096, 100, 128, bf16, False, arch=9)["BLOCK_M"]
+            < A.choose_blocks(4096, 4096, 128, bf16, False, arch=9)["BLOCK_M"])
+    for key, row in AB.BLOCK_TABLE.items():
+        assert len(row) == len(AB.BUCKET_BOUNDS), key
+        for cfg in row:
+            assert all(triton_pow2(x) for x in (cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps)), key
+            assert cfg.BLOCK_M >= 16 and cfg.BLOCK_N >= 16 and cfg.num_stages >= 1, key
+        if key[1] == "float16":  # same element size and tensor-core path as bfloat16
+            assert row == AB.BLOCK_TABLE[(key[0], "bfloat16", key[2], key[3])]
+    with pytest.raises(TypeError):  # read-only: no module-level mutable state
+        AB.BLOCK_TABLE[(64, "bfloat16", False, 7)] = ()
+
+
+def triton_pow2(n):
+    return n > 0 and n & (n - 1) == 0
+
+
+def test_untabled_arch_autotunes_once_per_bucket(monkeypatch):
+    from q3n_compile.kernels import attention_blocks as AB
+
+    calls = []
+
+    def fake_autotune(d, dtype, causal, arch, bucket, device):
+        calls.append((d, dtype, causal, arch, bucket, device))
+        return AB.Blocks(64, 32, 4, 2)
+
+    monkeypatch.setattr(AB, "_autotuned", fake_autotune)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cfg = A.choose_blocks(2000, 3000, 80, f16, True, arch=8, device=0)
+    assert cfg == dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    assert calls == [(128, "float16", True, 8, AB.bucket_index(3000), 0)]
+    # During a CUDA graph capture nothing is timed: the rule of thumb, not cached.
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert A.choose_blocks(2000, 3000, 80, f16, True, arch=8, device=0)["BLOCK_M"] == 128
+    assert len(calls) == 1
+    monkeypatch.undo()
+    assert hasattr(AB._autotuned, "cache_info")  # the real one: one timing per key per process
+
+
+def test_choose_blocks_without_gpu_needs_an_arch():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device gives the default arch")
+    with pytest.raises(ValueError, match="arch="):
+        A.choose_blocks(100, 100, 64, bf16, False)
+
+
+def test_describe_blocks_is_json_with_sympy_bucket_expression():
+    import json
+
+    import sympy
+
+    from q3n_compile.kernels import attention_blocks as AB
+
+    desc = A.describe_blocks(128, bf16, True, arch=9, symbol="s1")
+    json.dumps(desc)  # JSON-serialisable as is
+    assert desc["source"].startswith("table") and desc["key"]["arch"] == 9
+    assert len(desc["buckets"]) == len(AB.BUCKET_BOUNDS)
+    assert desc["buckets"][-1]["max_seq_len_k"] is None
+    s1 = sympy.Symbol("s1", integer=True, nonnegative=True)
+    bucket = sympy.sympify(desc["bucket_expr"], locals={"s1": s1})
+    block_n = sympy.sympify(desc["block_n_expr"], locals={"s1": s1})
+    for sk in (1, 64, 65, 200, 513, 4096, 4097, 16384, 20000, 10**6):
+        i = AB.bucket_index(sk)
+        assert int(bucket.subs(s1, sk)) == i
+        assert int(block_n.subs(s1, sk)) == desc["buckets"][i]["BLOCK_N"]
+        assert desc["buckets"][i]["BLOCK_N"] == AB.bucket_blocks(sk, 128, bf16, True, 9).BLOCK_N
+    assert desc["decode"]["when"].startswith("Sq <= 16")
+    json.dumps(A.describe_blocks(64, f16, False, arch="interpreter"))
+    assert A.describe_blocks(64, f16, False, arch="interpreter")["buckets"][0]["BLOCK_N"] == 16
+    untabled = A.describe_blocks(64, f16, False, arch=8)
+    assert untabled["source"].startswith("autotune") and untabled["candidates"]
+    json.dumps(untabled)
+    here = A.describe_blocks(64, f32, False)  # this machine's path (interpreter on the CPU lane)
+    assert here["key"]["arch"] in ("interpreter", "reference") or torch.cuda.is_available()
+
+
+def test_new_key_lengths_do_not_recompile():
+    # The blocks are chosen inside the op from concrete sizes: one dynamic graph serves every
+    # bucket and both kernels (decode and prefill).
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter, dynamic=True, fullgraph=True)
+    def f(q, k, v):
+        return torch.ops.q3n.attention(q, k, v, None, None, False) * 2
+
+    gen = torch.Generator().manual_seed(15)
+    # Sizes differ from each other and from the other dims (duck sizing would tie equal ones).
+    for sq, sk in ((3, 20), (5, 70), (17, 33), (6, 300)):
+        q, k, v = _qkv(gen, 1, 2, 1, sq, sk, 16, f32)
+        torch.testing.assert_close(f(q, k, v), 2 * A.reference(q, k, v), atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1
 
 
 def test_reference_path_without_interpreter():
@@ -372,3 +484,56 @@ def test_64bit_offsets_rule_and_path(monkeypatch):
     gen = torch.Generator().manual_seed(14)
     q, k, v = _qkv(gen, 1, 2, 1, 19, 21, 16, f16)
     _check(q, k, v, torch.rand(19, 21, generator=gen) > 0.3, causal=True)
+
+
+def _bench_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_emit_table_from_a_sweep(tmp_path):
+    # What `bench_attention.py --emit-table sweep.json [--apply]` does with an H200 sweep.
+    from q3n_compile.kernels import attention_blocks as AB
+
+    bench = _bench_module()
+
+    def row(S, D, causal, best):
+        m, n, w, st = best
+        return dict(S=S, D=D, causal=causal, best=dict(BLOCK_M=m, BLOCK_N=n, num_warps=w,
+                                                       num_stages=st, tflops=400.0))
+
+    sweep = dict(gpu="NVIDIA H200", capability=[9, 0], date="2026-12-01T00:00:00", commit="abc",
+                 rows=[row(512, 128, False, (64, 64, 4, 3)), row(16384, 128, False,
+                                                                 (128, 128, 8, 2)),
+                       row(4096, 64, True, (128, 32, 4, 3)), dict(S=64, D=64, causal=True,
+                                                                  best=None)])
+    literal = bench.table_literal([sweep])
+    scope = {}
+    exec(literal, scope)  # a valid Python literal, as pasted into attention_blocks.py
+    table = scope["TABLE_16BIT"]
+    assert "swept: NVIDIA H200 2026-12-01 commit abc" in scope["TABLE_16BIT_SOURCE"]
+    assert set(table) == set(AB.TABLE_16BIT)
+    assert table[(9, 128, False)][AB.bucket_index(512)] == (64, 64, 4, 3)
+    assert table[(9, 128, False)][AB.bucket_index(16384)] == (128, 128, 8, 2)
+    assert table[(9, 128, False)][-1] == (128, 128, 8, 2)  # the open bucket follows the longest
+    assert table[(9, 64, True)][AB.bucket_index(4096)] == (128, 32, 4, 3)
+    assert table[(9, 64, True)][-1] == (128, 32, 4, 3)
+    # Unswept buckets and keys keep their current entries.
+    assert table[(9, 128, False)][0] == AB.TABLE_16BIT[(9, 128, False)][0]
+    assert table[(9, 256, True)] == AB.TABLE_16BIT[(9, 256, True)]
+    assert "swept at S=512: 400 TFLOP/s" in literal and "not swept" in literal
+    # --apply replaces exactly the generated block of the module's source.
+    target = tmp_path / "attention_blocks.py"
+    source = Path(AB.__file__).read_text()
+    target.write_text(source)
+    bench.apply_table(literal, target)
+    applied = target.read_text()
+    assert literal in applied and applied.count("# BEGIN GENERATED TABLE_16BIT") == 1
+    assert applied.replace(literal, "") == source.replace(
+        source[source.index("# BEGIN GENERATED"):source.index("# END GENERATED TABLE_16BIT\n")
+               + len("# END GENERATED TABLE_16BIT\n")], "")
