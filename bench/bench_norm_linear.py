@@ -1,35 +1,43 @@
-"""Norm + linear on one GPU: q3n::norm_linear against eager, Inductor and the linear alone.
+"""Norm + linear on one GPU: q3n::norm_linear's designs against eager, Inductor and the linear alone.
 
-Two sections, bf16, K = 4096, M (rows = batch * tokens) in {1, 16, 2048, 8192}:
+Three sections, bf16, K = 4096, M (rows = batch * tokens) in {1, 16, 2048, 8192}:
 
-- ``norm_linear``: LayerNorm (γ, β) and RMSNorm (γ), then a linear 4096 -> 12288 (no bias):
-  eager (``F.layer_norm``/``F.rms_norm`` then ``F.linear``), Inductor (``torch.compile`` of the same
-  function), the linear alone (``F.linear``, cuBLAS) and q3n (the op as the compiled graph calls
-  it, with γ/β folded once beforehand), plus each of the kernel's two designs launched directly
-  ("fused": one launch, statistics in the GEMM's K loop; "split": statistics kernel + GEMM).
+- ``layernorm`` / ``rmsnorm``: the norm (LayerNorm with γ, β; RMSNorm with γ), then a linear
+  4096 -> 12288 (no bias). Peers: eager (``F.layer_norm``/``F.rms_norm`` then ``F.linear``),
+  Inductor (``torch.compile`` of that same function, default options: one compile reused across
+  M, so M = 1 is a static graph and the others one dynamic-M graph, as a user gets it), and the
+  linear alone (``F.linear``: cuBLAS, the goal's yardstick). q3n: the op as a compiled graph calls
+  it (γ/β folded once beforehand, design chosen by ``DISPATCH``), and each design forced.
 - ``swiglu``: RMSNorm, then gate/up (intermediate 11008) and ``silu(gate) * up``: eager (two
-  linears, and one concatenated gate/up linear + chunk), Inductor, the concatenated gate/up GEMM
-  alone, and q3n's SiLU-gate epilogue (one launch), with both designs.
+  linears), Inductor, the concatenated gate/up GEMM alone, and q3n's SiLU-gate epilogue.
 
-At M <= 16 the q3n op, eager and the linear alone are also timed as CUDA-graph replays
-(``*_cudagraph_ms``, triton.testing.do_bench_cudagraph): there the kernels are as short as the
-Python that launches them, and the replay shows the GPU time alone.
+Timing: ``triton.testing.do_bench`` median (L2 flushed before each call, warm-up first) of every
+implementation in the same process, on random non-zero inputs. At M <= 16 also CUDA-graph replays
+(``*_graph_ms``: GPU time without Python) and the host time of one call (``*_host_us``: wall time
+of back-to-back calls; do_bench's numbers hide host time below ~60 µs behind its L2 flush).
 
-Every shape is first checked against a float64 reference (max abs error of q3n, of each design and
-of eager; q3n must be no farther than 2x eager + a bf16 half-ulp), then every implementation is
-timed in the same process with triton.testing.do_bench (median, after warm-up).
+Sweep (default on; --no-sweep skips it): each design's launch parameters around its default --
+"fused" block sizes/stages at M <= 64, "split" GEMM tiles/stages/TMA/persistent and the "cublas"
+normalise kernel at M >= 2048 -- so one run says which design and config is fastest at each M.
+The last block printed is that recommendation, next to the ``DISPATCH`` table in use.
 
-    python bench/bench_norm_linear.py --out bench/results/norm_linear-h200.json
-    python bench/bench_norm_linear.py --ms 1 16 --sweep     # also time a few block configs
+Every implementation is first checked against a float64 reference: error = max |y - exact| /
+max(1, |exact|); q3n's must be <= 2 x eager's + a bf16 half-ulp (rows say ``ok``/``NO``).
 
-Writes JSON (GPU, versions, git commit, date, rows) to --out and prints a table. Exits 1 if a
-correctness check failed (the timings are still written).
+    python bench/bench_norm_linear.py --out results/norm_linear-h200.json --commit abc1234
+    python bench/bench_norm_linear.py --ms 1 16 --sections rmsnorm --no-sweep   # quick look
+    TRITON_INTERPRET=1 python bench/bench_norm_linear.py --smoke   # CPU: the script's own check
+
+Writes JSON (GPU, versions, commit, date, dispatch table, rows) to --out and prints a table.
+Exits 1 if a correctness check failed (the timings are still written). About 3-4 minutes on an
+H200 with the sweep (most of it Triton and Inductor compiles).
 """
 
 import argparse
 import datetime
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -40,6 +48,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from q3n_compile.compare import git_commit  # noqa: E402  (one definition for every result file)
 from q3n_compile.kernels import norm_linear as NL  # noqa: E402
 
 K = 4096
@@ -48,36 +57,47 @@ INTER = 11008
 EPS = 1e-5
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
-# Candidates for --sweep: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
-SWEEP = {
-    "small": [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3), (16, 64, 64, 4, 5),
-              (16, 128, 64, 4, 4), (16, 16, 256, 4, 4)],
-    "large": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
-              (128, 64, 64, 4, 4), (256, 128, 64, 8, 3), (128, 256, 32, 8, 4)],
-}
+SMOKE = False  # --smoke: tiny sizes on the CPU (Triton's interpreter), to test this script
+LARGE_M = 2048  # the sweep times "split"/"cublas" configs from here on, "fused" up to 64
+SECTIONS = ("layernorm", "rmsnorm", "swiglu")
+# Sweep candidates, as overrides of choose_config's default for the design.
+# (A config equal to the design's default is not timed twice.)
+FUSED_SWEEP = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
+    (16, 256, 4, 4), (32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3)]
+SPLIT_SWEEP = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, USE_TMA, PERSISTENT)
+    (128, 256, 64, 8, 3, True, False), (128, 256, 64, 8, 4, True, False),
+    (128, 256, 64, 8, 3, True, True), (128, 128, 64, 4, 4, True, False),
+    (256, 128, 64, 8, 3, True, False)]
+CUBLAS_SWEEP = [(1, 4096, 8), (4, 1024, 4)]  # (STATS_BLOCK_M, STATS_BLOCK_K, STATS_WARPS)
 
 
-from q3n_compile.compare import git_commit  # noqa: E402  (one definition for every result file)
+def bench(fn, quick=False):
+    if SMOKE:
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    return do_bench(fn, warmup=10 if quick else 25, rep=50 if quick else 100, return_mode="median")
 
 
-def bench(fn):
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+def host_us(fn, calls=200):
+    """Wall time of back-to-back calls: the host's cost while the GPU keeps up."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
 
 
-def bench_graphs(row, fns):
-    """At decode sizes the kernels take tens of microseconds, about what Python spends launching
-    them; replaying a CUDA graph times the GPU work alone (what mode="reduce-overhead" gets)."""
-    if DEVICE != "cuda" or row["M"] > 16:
-        return
-    for name, fn in fns.items():
-        try:
-            row[f"{name}_cudagraph_ms"] = do_bench_cudagraph(fn, rep=100, return_mode="median")
-        except Exception as exc:  # capture can fail (e.g. an op that syncs)
-            row[f"{name}_cudagraph_error"] = str(exc).splitlines()[0][:200]
+def num_sms():
+    return NL._num_sms(torch.cuda.current_device()) if DEVICE == "cuda" else 132
 
 
 def fold(weight, gamma, beta, kind):
-    """W' = W·diag(γ), b' = W·β, rowsum(W') -- what the norm_linear pass computes at compile time."""
+    """W' = W·diag(γ), b' = W·β, rowsum(W'): what the norm_linear pass computes at compile time."""
     w64 = weight.double()
     w_folded = (w64 * gamma.double()[None, :]).to(weight.dtype)
     bias = (w64 @ beta.double()).float() if beta is not None else None
@@ -85,204 +105,258 @@ def fold(weight, gamma, beta, kind):
     return w_folded, bias, rowsum
 
 
-def max_err(outs, exact):
-    return max((o.double() - e).abs().max().item() for o, e in zip(outs, exact))
+def rel_err(out, exact):
+    return ((out.double() - exact).abs() / exact.abs().clamp_min(1.0)).max().item()
 
 
-def launch(args, M, n_cols, epilogue, design, blocks=None):
-    cfg = dict(NL.choose_config(M, n_cols, K, DTYPE, epilogue), design=design)
-    if blocks is not None:
-        bm, bn, bk, w, s = blocks
-        cfg.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
-    return lambda: NL._launch(*args, config=cfg, interpreter=DEVICE == "cpu")
+class Section:
+    """Weights, the eager/Inductor peers and the op's arguments of one section (all M)."""
+
+    def __init__(self, name, gen):
+        self.name = name
+        self.kind = "layernorm" if name == "layernorm" else "rmsnorm"
+        self.epilogue = "silu_gate" if name == "swiglu" else "none"
+        n_w = 2 * INTER if name == "swiglu" else N
+        self.n_out = INTER if name == "swiglu" else N
+        self.w = (torch.randn(n_w, K, generator=gen, device=DEVICE) / K ** 0.5).to(DTYPE)
+        self.gamma = (1 + 0.1 * torch.randn(K, generator=gen, device=DEVICE)).to(DTYPE)
+        self.beta = ((0.1 * torch.randn(K, generator=gen, device=DEVICE)).to(DTYPE)
+                     if self.kind == "layernorm" else None)
+        w, gamma, beta = self.w, self.gamma, self.beta
+        if name == "layernorm":
+            def eager(x):
+                return F.linear(F.layer_norm(x, (K,), gamma, beta, EPS), w)
+        elif name == "rmsnorm":
+            def eager(x):
+                return F.linear(F.rms_norm(x, (K,), gamma, EPS), w)
+        else:
+            wg, wu = w[:INTER], w[INTER:]
+
+            def eager(x):
+                h = F.rms_norm(x, (K,), gamma, EPS)
+                return F.silu(F.linear(h, wg)) * F.linear(h, wu)
+        self.eager = eager
+        # (--smoke: a CPU Inductor compile would take longer than the rest; eager stands in)
+        self.inductor = eager if SMOKE else torch.compile(eager)
+        self.w_f, self.b_f, self.rs = fold(w, gamma, beta, self.kind)
+
+    def args(self, x):
+        return (x, self.w_f, self.b_f, self.rs, EPS, self.kind, None, self.epilogue, None)
+
+    def exact(self, x):
+        xd = x.double()
+        if self.kind == "layernorm":
+            xn = F.layer_norm(xd, (K,), self.gamma.double(), self.beta.double(), EPS)
+        else:
+            xn = F.rms_norm(xd, (K,), self.gamma.double(), EPS)
+        y = xn @ self.w.double().t()
+        if self.epilogue == "silu_gate":
+            gate, up = y.chunk(2, dim=-1)
+            y = F.silu(gate) * up
+        return y
 
 
-def check(row, outs_by_name, exact, eager_name):
-    """Errors against float64; q3n and both designs must be no farther than 2x eager + slack."""
-    eager_err = max_err(outs_by_name[eager_name], exact)
-    row[f"{eager_name}_max_err"] = eager_err
-    ok = True
-    for name, outs in outs_by_name.items():
-        if name == eager_name:
-            continue
-        err = max_err(outs, exact)
-        row[f"{name}_max_err"] = err
-        ok &= err <= 2 * eager_err + 1.6e-2
-    row["correct"] = ok
-    return ok
+def variant(sec, x, design, **over):
+    M = x.shape[0]
+    cfg = dict(NL.choose_config(M, sec.n_out, K, DTYPE, sec.epilogue, design=design,
+                                interpreter=SMOKE, num_sms=num_sms()), **over)
+    args = sec.args(x)
+    return (lambda: NL._launch(*args, config=cfg, interpreter=SMOKE)[0]), cfg
 
 
-def run_norm_linear(kind, M, gen, sweep):
-    x = torch.randn(M, K, generator=gen, device=DEVICE).to(DTYPE)
-    w = (torch.randn(N, K, generator=gen, device=DEVICE) / K ** 0.5).to(DTYPE)
-    gamma = (1 + 0.1 * torch.randn(K, generator=gen, device=DEVICE)).to(DTYPE)
-    beta = (0.1 * torch.randn(K, generator=gen, device=DEVICE)).to(DTYPE) if kind == "layernorm" else None
-
-    if kind == "layernorm":
-        def eager():
-            return F.linear(F.layer_norm(x, (K,), gamma, beta, EPS), w)
-    else:
-        def eager():
-            return F.linear(F.rms_norm(x, (K,), gamma, EPS), w)
-    inductor = torch.compile(eager, dynamic=False)
-    w_f, b_f, rs = fold(w, gamma, beta, kind)
-    args = (x, w_f, b_f, rs, EPS, kind, None, "none", None)
-
-    def q3n():
-        return torch.ops.q3n.norm_linear(*args)
-
-    designs = {d: launch(args, M, N, "none", d) for d in NL.DESIGNS}
-    row = dict(section="norm_linear", kind=kind, M=M, K=K, N=N,
-               design=NL.choose_config(M, N, K, DTYPE)["design"],
-               blocks={k: v for k, v in NL.choose_config(M, N, K, DTYPE).items() if k != "design"})
-    # Exact: the norm (with its affine) in float64, then the linear.
-    xd = x.double()
-    if kind == "layernorm":
-        xn = F.layer_norm(xd, (K,), gamma.double(), beta.double(), EPS)
-    else:
-        xn = F.rms_norm(xd, (K,), gamma.double(), EPS)
-    exact = [xn @ w.double().t()]
-    del xd
-    del xn
-    check(row, {"eager": [eager()], "inductor": [inductor()], "q3n": q3n(),
-                **{f"q3n_{d}": fn() for d, fn in designs.items()}}, exact, "eager")
-    del exact
-    row["q3n_ms"] = bench(q3n)
-    for d, fn in designs.items():
-        row[f"q3n_{d}_ms"] = bench(fn)
-    row["eager_ms"] = bench(eager)
-    row["inductor_ms"] = bench(inductor)
-    row["linear_ms"] = bench(lambda: F.linear(x, w))
-    bench_graphs(row, {"q3n": q3n, "eager": eager, "linear": lambda: F.linear(x, w)})
-    row["weight_TBps"] = w.numel() * w.element_size() / (row["q3n_ms"] * 1e-3) / 1e12
-    if sweep:
-        row["sweep"] = sweep_configs(args, M, N, "none")
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
-    return row
-
-
-def run_swiglu(M, gen, sweep):
-    x = torch.randn(M, K, generator=gen, device=DEVICE).to(DTYPE)
-    wg = (torch.randn(INTER, K, generator=gen, device=DEVICE) / K ** 0.5).to(DTYPE)
-    wu = (torch.randn(INTER, K, generator=gen, device=DEVICE) / K ** 0.5).to(DTYPE)
-    w_cat = torch.cat([wg, wu])
-    gamma = (1 + 0.1 * torch.randn(K, generator=gen, device=DEVICE)).to(DTYPE)
-
-    def eager():
-        h = F.rms_norm(x, (K,), gamma, EPS)
-        return F.silu(F.linear(h, wg)) * F.linear(h, wu)
-
-    def eager_concat():
-        gate, up = F.linear(F.rms_norm(x, (K,), gamma, EPS), w_cat).chunk(2, dim=-1)
-        return F.silu(gate) * up
-
-    inductor = torch.compile(eager, dynamic=False)
-    w_f, _, _ = fold(w_cat, gamma, None, "rmsnorm")
-    args = (x, w_f, None, None, EPS, "rmsnorm", None, "silu_gate", None)
-
-    def q3n():
-        return torch.ops.q3n.norm_linear(*args)
-
-    designs = {d: launch(args, M, INTER, "silu_gate", d) for d in NL.DESIGNS}
-    cfg = NL.choose_config(M, INTER, K, DTYPE, "silu_gate")
-    row = dict(section="swiglu", kind="rmsnorm", M=M, K=K, N=2 * INTER, design=cfg["design"],
-               blocks={k: v for k, v in cfg.items() if k != "design"})
-    exact = NL.reference(x.double(), (w_cat.double() * gamma.double()[None, :]), None, None, EPS,
-                         "rmsnorm", None, "silu_gate")
-    check(row, {"eager": [eager()], "eager_concat": [eager_concat()], "inductor": [inductor()],
-                "q3n": q3n(), **{f"q3n_{d}": fn() for d, fn in designs.items()}}, exact, "eager")
-    del exact
-    row["q3n_ms"] = bench(q3n)
-    for d, fn in designs.items():
-        row[f"q3n_{d}_ms"] = bench(fn)
-    row["eager_ms"] = bench(eager)
-    row["eager_concat_ms"] = bench(eager_concat)
-    row["inductor_ms"] = bench(inductor)
-    row["linear_ms"] = bench(lambda: F.linear(x, w_cat))  # the gate/up GEMM alone
-    bench_graphs(row, {"q3n": q3n, "eager": eager_concat, "linear": lambda: F.linear(x, w_cat)})
-    row["weight_TBps"] = w_cat.numel() * w_cat.element_size() / (row["q3n_ms"] * 1e-3) / 1e12
-    if sweep:
-        row["sweep"] = sweep_configs(args, M, INTER, "silu_gate")
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
-    return row
-
-
-def sweep_configs(args, M, n_cols, epilogue):
+def sweep(sec, x, exact, eager_err, quick):
+    M = x.shape[0]
+    plans = []
+    if M <= 64:
+        for bn, bk, warps, stages in FUSED_SWEEP:
+            plans.append(("fused", dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)))
+    if M >= LARGE_M:
+        for bm, bn, bk, warps, stages, tma, persistent in SPLIT_SWEEP:
+            if sec.epilogue == "silu_gate":
+                bn = min(bn, 128)  # two accumulators
+            plans.append(("split", dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                                        num_stages=stages, USE_TMA=tma, PERSISTENT=persistent)))
+        for sbm, sbk, warps in CUBLAS_SWEEP:
+            plans.append(("cublas", dict(STATS_BLOCK_M=sbm, STATS_BLOCK_K=sbk, STATS_WARPS=warps)))
     out = []
-    for blocks in SWEEP["small" if M <= 64 else "large"]:
-        if epilogue == "silu_gate" and blocks[1] > 128:
+    for design, over in plans:
+        entry = dict(design=design, **over)
+        default = NL.choose_config(M, sec.n_out, K, DTYPE, sec.epilogue, design=design,
+                                   interpreter=SMOKE, num_sms=num_sms())
+        if all(default.get(k) == v for k, v in over.items()):
             continue
-        for design in NL.DESIGNS:
-            fn = launch(args, M, n_cols, epilogue, design, blocks)
-            entry = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), blocks),
-                         design=design)
-            try:
-                fn()
-                entry["ms"] = bench(fn)
-            except Exception as exc:  # e.g. out of shared memory for this config
-                entry["error"] = str(exc).splitlines()[0][:200]
-            out.append(entry)
+        try:
+            fn, _ = variant(sec, x, design, **over)
+            err = rel_err(fn(), exact)
+            entry["max_err"] = err
+            entry["correct"] = err <= 2 * eager_err + 1.6e-2
+            entry["ms"] = bench(fn, quick=True)
+        except Exception as exc:  # e.g. out of shared memory for this config
+            entry["error"] = str(exc).splitlines()[0][:200]
+        out.append(entry)
     return out
 
 
-def graph_ratio(r):
-    q, lin = r.get("q3n_cudagraph_ms"), r.get("linear_cudagraph_ms")
-    return "-" if q is None or lin is None else f"{q / lin:.3f}"
+def run_row(sec, M, gen, do_sweep):
+    t0 = time.time()
+    x = torch.randn(M, K, generator=gen, device=DEVICE).to(DTYPE)
+    args = sec.args(x)
+
+    def q3n():
+        return torch.ops.q3n.norm_linear(*args)[0]
+
+    def eager():
+        return sec.eager(x)
+
+    def inductor():
+        return sec.inductor(x)
+
+    def linear():
+        return F.linear(x, sec.w)
+
+    designs = {d: variant(sec, x, d) for d in NL.DESIGNS}
+    auto = NL.choose_config(M, sec.n_out, K, DTYPE, sec.epilogue, interpreter=SMOKE,
+                            num_sms=num_sms())
+    row = dict(section=sec.name, kind=sec.kind, M=M, K=K, N=sec.w.shape[0], design=auto["design"],
+               config=auto, design_configs={d: cfg for d, (_, cfg) in designs.items()})
+    exact = sec.exact(x)
+    outs = {"eager": eager(), "inductor": inductor(), "q3n": q3n(),
+            **{f"q3n_{d}": fn() for d, (fn, _) in designs.items()}}
+    eager_err = rel_err(outs["eager"], exact)
+    row["correct"] = True
+    for name, out in outs.items():
+        err = rel_err(out, exact)
+        row[f"{name}_max_err"] = err
+        if name.startswith("q3n"):
+            row["correct"] &= err <= 2 * eager_err + 1.6e-2
+    del outs
+    fns = {"q3n": q3n, "eager": eager, "inductor": inductor, "linear": linear,
+           **{f"q3n_{d}": fn for d, (fn, _) in designs.items()}}
+    for name, fn in fns.items():
+        row[f"{name}_ms"] = bench(fn)
+    if M <= 16 and not SMOKE:
+        for name in ("q3n", "q3n_fused", "linear", "eager"):
+            row[f"{name}_host_us"] = host_us(fns[name])
+            try:
+                row[f"{name}_graph_ms"] = do_bench_cudagraph(fns[name], rep=100,
+                                                             return_mode="median")
+            except Exception as exc:  # capture can fail (e.g. an op that syncs)
+                row[f"{name}_graph_error"] = str(exc).splitlines()[0][:200]
+    row["weight_TBps"] = sec.w.numel() * sec.w.element_size() / (row["q3n_ms"] * 1e-3) / 1e12
+    row["tflops"] = 2 * M * sec.w.shape[0] * K / (row["q3n_ms"] * 1e-3) / 1e12
+    if do_sweep:
+        row["sweep"] = sweep(sec, x, exact, eager_err, quick=True)
+    del exact
+    row["seconds"] = time.time() - t0
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return row
 
 
-def main():
+def best_of(row):
+    """The fastest correct (design, ms, config) of a row: its designs' defaults and its sweep."""
+    cands = [(row[f"q3n_{d}_ms"], d, {k: v for k, v in row["design_configs"][d].items()
+                                       if k != "design"})
+             for d in NL.DESIGNS if row[f"q3n_{d}_max_err"] <= 2 * row["eager_max_err"] + 1.6e-2]
+    for e in row.get("sweep", []):
+        if "ms" in e and e.get("correct"):
+            cands.append((e["ms"], e["design"], {k: v for k, v in e.items()
+                                                 if k not in ("design", "ms", "max_err", "correct")}))
+    return min(cands, key=lambda c: c[0]) if cands else (float("nan"), "-", {})
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="write the JSON results here")
+    ap.add_argument("--commit", default=None,
+                    help="the commit the tree was at (default: git, or Q3N_COMMIT)")
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 16, 2048, 8192])
-    ap.add_argument("--kinds", nargs="+", default=["layernorm", "rmsnorm"], choices=NL.KINDS)
-    ap.add_argument("--no-swiglu", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="also time the SWEEP block configs")
-    args = ap.parse_args()
-    if DEVICE == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench_norm_linear.py needs a CUDA GPU")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    # Each shape compiles the Inductor peers anew (dynamic=False); keep Dynamo from giving up.
-    torch._dynamo.config.recompile_limit = 64
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    ap.add_argument("--no-sweep", action="store_true", help="skip the launch-parameter sweep")
+    ap.add_argument("--sweep-until", type=float, default=150.0, metavar="S",
+                    help="sweep only in rows that start before S seconds (bounds the run time; "
+                         "rows after it still time every design at its default)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes on the CPU under TRITON_INTERPRET=1: checks this script")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        global K, N, INTER, DEVICE, SMOKE, LARGE_M
+        K, N, INTER, DEVICE, SMOKE, LARGE_M = 48, 80, 40, "cpu", True, 65
+        if args.ms == ap.get_default("ms"):
+            args.ms = [1, 70]
+    elif not torch.cuda.is_available():
+        sys.exit("bench_norm_linear.py needs a CUDA GPU (or --smoke under TRITON_INTERPRET=1)")
+    if not SMOKE:  # (--smoke may run inside a test process: leave its settings alone)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch._dynamo.config.recompile_limit = 64
     gen = torch.Generator(device=DEVICE).manual_seed(0)
+    start = time.time()
 
+    table = {sec: NL.dispatch_table(INTER if sec == "swiglu" else N, K, DTYPE,
+                                    "silu_gate" if sec == "swiglu" else "none",
+                                    ms=tuple(args.ms)) for sec in args.sections}
+    print(f"DISPATCH = {NL.DISPATCH}")
     rows = []
-    fmt = lambda v: "    -  " if v is None else f"{v:7.4f}"  # noqa: E731
-    print(f"{'section':>11} {'kind':>9} {'M':>5} {'design':>6} {'q3n':>7} {'fused':>7} {'split':>7} "
-          f"{'eager':>7} {'induct':>7} {'linear':>7}  q3n/lin q3n/ind graph:q3n/lin  err(q3n/eager)  ok")
-    todo = [("norm_linear", kind, M) for kind in args.kinds for M in args.ms]
-    if not args.no_swiglu:
-        todo += [("swiglu", "rmsnorm", M) for M in args.ms]
-    for section, kind, M in todo:
-        if section == "norm_linear":
-            r = run_norm_linear(kind, M, gen, args.sweep)
-        else:
-            r = run_swiglu(M, gen, args.sweep)
-        rows.append(r)
-        print(f"{section:>11} {kind:>9} {M:>5} {r['design']:>6} {fmt(r['q3n_ms'])} "
-              f"{fmt(r['q3n_fused_ms'])} {fmt(r['q3n_split_ms'])} {fmt(r['eager_ms'])} "
-              f"{fmt(r['inductor_ms'])} {fmt(r['linear_ms'])}  {r['q3n_ms'] / r['linear_ms']:7.3f} "
-              f"{r['q3n_ms'] / r['inductor_ms']:7.3f} {graph_ratio(r):>13}  "
-              f"{r['q3n_max_err']:.1e}/{r['eager_max_err']:.1e}"
-              f"  {'yes' if r['correct'] else 'NO'}", flush=True)
     result = {
         "benchmark": "norm_linear",
-        "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE,
+        "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (--smoke)",
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "git_commit": git_commit(),
+        "commit": args.commit or git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dtype": "bfloat16",
-        "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms",
+        "timing": "triton.testing.do_bench median (warmup 25 ms, rep 100 ms; sweep 10/50); "
+                  "*_graph_ms: do_bench_cudagraph median; *_host_us: wall time per call",
+        "inductor": "torch.compile(fn) with default options, one compile per section reused "
+                    "across M (automatic dynamic shapes)",
+        "dispatch": [list(d) for d in NL.DISPATCH],
+        "dispatch_table": table,
         "rows": rows,
     }
+
+    def write():  # after every row: a run cut short still leaves what it measured
+        if args.out is not None:
+            result["seconds"] = time.time() - start
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1, default=str))
+
+    hdr = (f"{'section':>9} {'M':>5} {'auto':>6} {'q3n':>7} {'fused':>7} {'split':>7} "
+           f"{'cublas':>7} {'eager':>7} {'induct':>7} {'linear':>7} {'q3n/lin':>7} "
+           f"{'q3n/ind':>7} {'graph q3n/lin':>13} {'host us q3n/lin':>15}  best            ok")
+    print(hdr)
+    for name in args.sections:
+        sec = Section(name, gen)
+        for M in args.ms:
+            r = run_row(sec, M, gen, not args.no_sweep and time.time() - start < args.sweep_until)
+            rows.append(r)
+            best = best_of(r)
+            r["best"] = dict(ms=best[0], design=best[1], config=best[2])
+            g = (f"{r['q3n_graph_ms'] / r['linear_graph_ms']:.3f}"
+                 if "q3n_graph_ms" in r and "linear_graph_ms" in r else "-")
+            h = (f"{r['q3n_host_us']:.0f}/{r['linear_host_us']:.0f}"
+                 if "q3n_host_us" in r else "-")
+            print(f"{name:>9} {M:>5} {r['design']:>6} {r['q3n_ms']:7.4f} {r['q3n_fused_ms']:7.4f} "
+                  f"{r['q3n_split_ms']:7.4f} {r['q3n_cublas_ms']:7.4f} {r['eager_ms']:7.4f} "
+                  f"{r['inductor_ms']:7.4f} {r['linear_ms']:7.4f} "
+                  f"{r['q3n_ms'] / r['linear_ms']:7.3f} {r['q3n_ms'] / r['inductor_ms']:7.3f} "
+                  f"{g:>13} {h:>15}  {best[1]:>6} {best[0]:7.4f}  "
+                  f"{'ok' if r['correct'] else 'NO'}  ({r['seconds']:.0f}s)", flush=True)
+            write()
+        del sec
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+
+    print("\nfastest correct design per M (its config; compare with DISPATCH and choose_config):")
+    for r in rows:
+        print(f"  {r['section']:>9} M={r['M']:<5} {r['best']['design']:>6} {r['best']['ms']:.4f} ms "
+              f"(auto {r['design']} {r['q3n_ms']:.4f})  {r['best']['config']}")
+    write()
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}")
+    print(f"total {time.time() - start:.0f} s")
     if not all(r["correct"] for r in rows):
         sys.exit(1)
+    return result
 
 
 if __name__ == "__main__":

@@ -30,11 +30,15 @@ a norm is rewritten only when ``kernels.norm_linear.supports`` accepts the call.
 but left is counted in ``declined`` by reason; norms that feed no linear (Qwen3's q_norm/k_norm)
 are not candidates and are listed in ``detail["norms_without_linear"]``.
 
-Statistics precision: ``quant_config["norm_layers"]["dtype"]`` is read. The kernel always
-accumulates the statistics in float32 from the tile it already holds (no extra traffic, and the
-normalised activations never reach memory, which is what a float16 norm would save); a request for
-"float16"/"bfloat16" is therefore recorded in ``detail["norm_dtype"]`` as not applied rather than
-emulated by rounding the statistics.
+Statistics precision: ``quant_config["norm_layers"]["dtype"]`` is read. Every design of the
+kernel accumulates the statistics in float32 (in the GEMM's loop, or in a statistics kernel that
+reads x once; they are a few bytes per row either way, so a half-precision norm would save
+nothing); a request for "float16"/"bfloat16" is therefore recorded in ``detail["norm_dtype"]`` as
+not applied rather than emulated by rounding the statistics.
+
+Which kernel design runs is decided per call by the number of rows (``kernels.norm_linear.
+DISPATCH``), not here: one compiled graph serves decode and prefill; ``detail["dispatch"]`` copies
+the table.
 
 Quantization: until the two passes compose (a fused kernel over quantized weights), a linear that
 ``quant_config`` quantizes is left to the quantize pass (declined/left with reason
@@ -577,8 +581,8 @@ def _norm_dtype(ctx: PassContext) -> dict[str, Any]:
     if requested in (None, "float32", "fp32"):
         return info
     if requested in _HALF_REQUESTS:
-        info["note"] = ("statistics are accumulated in float32 inside the fused kernel (free "
-                        "there; the normalised activations are never written to memory)")
+        info["note"] = ("statistics are accumulated in float32 by every kernel design (a few "
+                        "bytes per row: half precision would save nothing)")
     else:
         info["note"] = f"unknown norm dtype {requested!r}; statistics stay float32"
     return info
@@ -789,8 +793,7 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
         "linears_left_unfused": unfused_linears,
         "folded_bytes": folded,
         "norm_dtype": _norm_dtype(ctx),
-        "design": f"chosen per call by M: 'fused' (one launch) for M <= {K.FUSED_MAX_M}, "
-                  "'split' (statistics kernel + GEMM) above",
+        "dispatch": [{"max_rows": top, "design": design} for top, design in K.DISPATCH],
         **extra,
     }
     return stats

@@ -6,6 +6,8 @@ failure of this pass raises instead of being rolled back; whole models run the f
 """
 
 import copy
+import importlib
+import pkgutil
 
 import pytest
 import torch
@@ -13,10 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import q3n_compile
+import q3n_compile.kernels
 from q3n_compile.models import RMSNorm, build_model, example_inputs
 from q3n_compile.runtime import FrozenWeightChanged
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
+# Every kernel module is imported now, at collection: Triton fixes interpreted-or-compiled when
+# @triton.jit runs, and a first import inside a test that switched the interpreter off (the
+# reference_kernels fixture) would leave the tests after it with kernels that need a GPU.
+for _module in pkgutil.iter_modules(q3n_compile.kernels.__path__):
+    importlib.import_module(f"q3n_compile.kernels.{_module.name}")
 
 OP = "q3n.norm_linear.default"
 K = 40
@@ -478,6 +486,23 @@ def test_builtin_models_match_eager(name):
     _check_counts(report, *BUILTIN_EXPECTED[name])
 
 
+@pytest.mark.parametrize("name", ["qwen3", "llama"])
+def test_one_token_at_batch_one(name, reference_kernels):
+    # Decode, or a 1-token prefill, at batch 1: the op sees one row, where q/k/v column blocks of
+    # one buffer are contiguous views of it. The reference path (CPU without the interpreter, as
+    # `q3n bench` runs) returned such views and torch.compile failed with "may not alias any
+    # inputs to this custom operator or other returns"; every path now gives each output its own
+    # storage (the Triton paths: tests/kernels/test_norm_linear.py, one-row cases).
+    model = build_model(name, "tiny")
+    ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(7))
+    compiled = torch.compile(model, backend="q3n", options={"norm_fusion": True})
+    with torch.no_grad():
+        _assert_close(compiled(ids), model(ids))
+    (report,) = q3n_compile.reports()
+    assert report["ops"].get(OP) == BUILTIN_EXPECTED[name][0]
+    assert report["fallbacks"] == []
+
+
 def _hf(name):
     transformers = pytest.importorskip("transformers")
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4,
@@ -544,7 +569,7 @@ def test_gpu_builtin_models_bf16(name):
 @needs_cuda
 @pytest.mark.parametrize("seq", [1, 600])
 def test_gpu_bench_size_llama_bf16(seq):
-    # Llama-3-8B widths, 4 layers: decode (M = 1) and prefill; both kernel designs are exercised.
+    # Llama-3-8B widths, 4 layers: decode (M = 1: "fused") and prefill (M = 600: "cublas").
     model = build_model("llama", "bench", dtype=torch.bfloat16, device="cuda")
     (ids,) = example_inputs("llama", model, 1, seq)
     compiled = torch.compile(model, backend="q3n", options={"norm_fusion": True, "attention": "off"})
