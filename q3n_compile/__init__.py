@@ -20,7 +20,12 @@ def __getattr__(name):
         from .backend import q3n_backend
 
         return q3n_backend
+    if name == "release_quantized_weights":
+        from .quant.release import release_quantized_weights
+
+        return release_quantized_weights
     raise AttributeError(f"module 'q3n_compile' has no attribute {name!r}")
 
 
-__all__ = ["Q3NConfig", "Q3NConfigError", "q3n_backend", "reports", "reset_reports", "__version__"]
+__all__ = ["Q3NConfig", "Q3NConfigError", "q3n_backend", "release_quantized_weights", "reports",
+           "reset_reports", "__version__"]

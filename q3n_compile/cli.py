@@ -6,6 +6,10 @@
 - ``q3n plot RESULTS.json``: draw the bench's PNG from its JSON (needs matplotlib).
 - ``q3n dump SCRIPT.py [ARGS...]``: runs a user's script with graph dumps on and prints where each
   compiled graph went, with one line per pass.
+- ``q3n quant-search --model bert --budget 0.05 --out cfg.json``: chooses weight bits per linear
+  (the fewest bytes within a relative output error budget per layer, on calibration inputs),
+  prints a table per layer and saves the ``quant_config`` to give ``torch.compile`` (see
+  :mod:`q3n_compile.quant.search`).
 """
 
 from __future__ import annotations
@@ -89,12 +93,118 @@ def main(argv: Sequence[str] | None = None) -> int:
     dump.add_argument("script")
     dump.add_argument("args", nargs=argparse.REMAINDER)
 
+    qs = sub.add_parser(
+        "quant-search", help="choose weight bits per layer within an error budget; save the quant_config",
+        description="Calibrate a model on sample inputs, then give each linear the fewest weight bytes "
+        "whose relative output error (on those inputs, layer by layer) is within --budget. Prints a table "
+        "per layer and saves the chosen quant_config as JSON: torch.compile(model, backend='q3n', "
+        "options={'quant_config': json.load(open(OUT))}). The budget is per layer: errors compound "
+        "through depth, so the model's output error is larger.",
+    )
+    qs.add_argument("--model", default="bert",
+                    help="built-in model (qwen3, llama, gpt2, bert, qwen3-next) or minilm (real weights; "
+                    "calibrates on the shipped sentences)")
+    qs.add_argument("--size", default="tiny", help="built-in model size: tiny (default) or bench")
+    qs.add_argument("--budget", type=float, default=0.02,
+                    help="relative output error allowed per layer, in (0, 1) (default 0.02)")
+    qs.add_argument("--batches", type=int, default=None, help="calibration batches (default 4; minilm: "
+                    "how many of the shipped sentences, one per batch, default all)")
+    qs.add_argument("--batch", type=int, default=2, help="sequences per calibration batch (default 2)")
+    qs.add_argument("--seq-len", type=int, default=32, help="calibration sequence length (default 32)")
+    qs.add_argument("--bits", type=int, nargs="+", default=None,
+                    help="weight bit widths to try (default 3 4 5 6 8; 16 = keep is always the fallback)")
+    qs.add_argument("--include-heads", action="store_true", help="also search lm_head and other heads")
+    qs.add_argument("--seed", type=int, default=0, help="weights and inputs seed (default 0)")
+    qs.add_argument("--out", default=None, help="write the chosen quant_config here (JSON)")
+    qs.add_argument("--report", default=None, help="write the whole search (every layer, every format "
+                    "tried) here (JSON)")
+    qs.add_argument("--quiet", action="store_true", help="no progress lines")
+
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _bench(args, bench)
     if args.command == "plot":
         return _plot(args)
+    if args.command == "quant-search":
+        return _quant_search(args, qs)
     return _dump(args)
+
+
+def _quant_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    from .models import HF_MODEL_NAMES, MODEL_NAMES, SIZES
+    from .quant import clear
+    from .quant.search import DEFAULT_CANDIDATES, format_table, search_precision
+
+    models = MODEL_NAMES + HF_MODEL_NAMES + ("minilm",)
+    if args.model not in models:
+        parser.error(f"unknown model {args.model!r}; choose from {', '.join(models)}")
+    if args.size not in SIZES:
+        parser.error(f"unknown size {args.size!r}; choose from {', '.join(SIZES)}")
+    if not 0 < args.budget < 1:
+        parser.error(f"--budget {args.budget:g} is not a relative error in (0, 1); e.g. 0.02 keeps "
+                     "each layer's output within 2% of high precision")
+    for flag in ("batches", "batch", "seq_len"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} takes a positive integer, got {getattr(args, flag)}")
+    candidates = DEFAULT_CANDIDATES
+    if args.bits:
+        bad = [b for b in args.bits if b not in (2, 3, 4, 5, 6, 7, 8)]
+        if bad:
+            parser.error(f"--bits {bad[0]} is not supported; use widths from 2 to 8")
+        # Per bit width: the automatic group (128 where it divides K), group 32 for 2-3 bits
+        # (which need small groups), per channel for 8 bits.
+        candidates = tuple((b, 16, -1 if b == 8 else (32 if b <= 3 else 0))
+                           for b in sorted(set(args.bits)))
+
+    torch.manual_seed(args.seed)
+    progress = None if args.quiet else _search_progress
+    label = args.model if args.model == "minilm" else f"{args.model}/{args.size}"
+    groups = {0: "", -1: " per channel"}
+    print(f"q3n quant-search: {label}, budget {args.budget:g} per layer, formats "
+          f"{', '.join(f'W{b}' + groups.get(g, f' g{g}') for b, _a, g in candidates)}",
+          file=sys.stderr, flush=True)
+    try:
+        model, batches = _search_model(args)
+    except Exception as err:  # noqa: BLE001 - a model that cannot be built is reported, not raised
+        print(f"q3n quant-search: error: cannot build {label}: {err}", file=sys.stderr)
+        return 2
+    clear()
+    with torch.no_grad():
+        result = search_precision(model, batches, budget=args.budget, candidates=candidates,
+                                  include_heads=args.include_heads, progress=progress)
+    print(format_table(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result["quant_config"], indent=1) + "\n")
+        print(f"\nwrote {args.out} (quant_config: torch.compile(model, backend='q3n', "
+              "options={'quant_config': json.load(open(...))}))")
+    if args.report:
+        Path(args.report).write_text(json.dumps(result, indent=1, default=str) + "\n")
+        print(f"wrote {args.report}")
+    return 0
+
+
+def _search_model(args: argparse.Namespace):
+    """(model, calibration batches) for quant-search."""
+    if args.model == "minilm":
+        from .hf_models import load_minilm, load_sentences
+
+        tokenizer, model = load_minilm()
+        sentences = load_sentences()[: args.batches]  # [:None]: all
+        return model, [dict(tokenizer([s], return_tensors="pt")) for s in sentences]
+    from .models import build_model, example_inputs
+
+    model = build_model(args.model, args.size, seed=args.seed)
+    batches = [example_inputs(args.model, model, args.batch, args.seq_len, seed=args.seed + 1 + i)
+               for i in range(args.batches or 4)]
+    return model, batches
+
+
+def _search_progress(entry: dict) -> None:
+    err = entry.get("rel_err")
+    print(f"  [{entry['index'] + 1}/{entry['total']}] {entry['layer']}: {entry['format']}"
+          + ("" if err is None else f" (rel err {err:.4f})"), file=sys.stderr, flush=True)
 
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -35,6 +35,8 @@ class FrozenWeightGuard:
 
     def check(self) -> None:
         for name, tensor, version, ptr in self._frozen:
+            if getattr(tensor, "_q3n_released_key", None) is not None:
+                continue  # freed by release_quantized_weights(): the graph holds its packed form
             if tensor._version != version or tensor.data_ptr() != ptr:
                 raise FrozenWeightChanged(
                     f"q3n: the weight behind graph input {name!r} changed after compilation, but "

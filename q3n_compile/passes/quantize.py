@@ -18,21 +18,27 @@ For each linear:
    under ``strict=True``; otherwise the layer stays in high precision and
    ``detail["kept_high_precision"]`` says why.
 4. **Quantization** (:mod:`q3n_compile.quant.algorithms`), once per (weight, format, calibration)
-   and cached across compiles: GPTQ from the layer's input Hessian, SmoothQuant for 8-bit
-   activations, clipping search — when calibration data exist: statistics attached by
-   :func:`q3n_compile.quant.calibrate`, else the example inputs when the compiler passes their real
-   values (``ctx.real_inputs``, aligned with the graph's placeholders). Without either, weights
-   are rounded to nearest with a data-free clipping search, and the report says so.
+   and cached across compiles: GPTQ from the layer's input Hessian (act-order, damping from the
+   rows per input channel, kept only where it beats RTN+clip on held-out calibration rows),
+   SmoothQuant for 8-bit activations, clipping search — when calibration data exist: statistics
+   attached by :func:`q3n_compile.quant.calibrate`, else the example inputs of the first compile
+   that reaches the layer (the backend keeps their real values until the graph is compiled; the
+   graph is run on them once, on copies of the inputs it writes, and the statistics are attached to
+   the weights, so later compiles — other shapes, a decode graph — reuse them and the cached
+   result; layers whose example input has fewer than ``MIN_EXAMPLE_ROWS`` rows are not
+   calibrated on it). Without either, weights are rounded to nearest with a data-free clipping
+   search, and the report says so.
 5. **Rewrite**: the packed weight, scales, zero points and smoothing vector become buffers of the
    GraphModule read by ``get_attr``; the linear becomes ``q3n::qlinear`` (bias passed through);
    the weight's placeholder is frozen (``ctx.freeze``): changing it later raises
    ``FrozenWeightChanged``.
 
-Memory, honestly: the compiled graph holds only the packed weights, but the high-precision
-weights stay referenced by the user's ``nn.Module`` (and are graph inputs of every call), so the
-process's memory drops only once the eager weights are released. ``detail`` reports
-``weight_bytes_before`` (the quantized layers' high-precision weights) and ``weight_bytes_after``
-(their packed form: codes, scales, zero points, smoothing vectors).
+Memory: the compiled graph holds the packed weights; the high-precision weights stay in the
+user's ``nn.Module`` (Dynamo passes them to every call) until
+:func:`q3n_compile.release_quantized_weights` frees those that no compiled graph reads any more
+(see :mod:`q3n_compile.quant.release`). ``detail`` reports ``weight_bytes_before`` (the quantized
+layers' high-precision weights) and ``weight_bytes_after`` (their packed form: codes, scales, zero
+points, smoothing vectors).
 
 The q3n::norm_linear candidates are declined for now ("fused into norm_linear: quantizing fused
 linears is not built yet"): composing the two is the next step (see the issue).
@@ -48,6 +54,7 @@ from torch.fx import GraphModule, Node
 
 from ..kernels import qlinear as QL
 from ..quant import calibration as C
+from ..quant import release as R
 from ..quant.classify import StructureClassifier, _q3n_op, classify, module_path
 from ..quant.config import LayerFormat, QuantConfig, parse_quant_config
 from .base import PassContext, PassStats
@@ -203,23 +210,48 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             continue
         todo.append((cand, fmt, decided_by))
 
-    # 3. Calibration statistics.
+    # 3. Calibration statistics: calibrate()'s, or those an earlier compile took from its example
+    # inputs (both attached to the weight), else this compile's example inputs.
     settings = qc.calibration
     layer_stats: dict[Node, tuple[Any, str]] = {}
     need_graph: list[Candidate] = []
     for cand, fmt, _ in todo:
         found = C.lookup_stats(ctx.static_values[cand.weight_ph.name])
         if found is not None:
-            layer_stats[cand.node] = (found[0], "calibrate()")
+            layer_stats[cand.node] = (found[0], found[0].source)
         else:
             need_graph.append(cand)
     real = _real_inputs(ctx)
-    if need_graph and real is not None:
-        collected = C.collect_graph_stats(gm, [c.x for c in need_graph], real, settings.max_rows)
+    too_few: dict[str, int] = {}
+    example_note = None
+    released = any(R.is_released(t) for t in ctx.static_values.values())
+    if need_graph and not settings.example_inputs:
+        example_note = "calibration.example_inputs is false"
+    elif need_graph and released:
+        # The graph cannot run: it still reads weights whose storage was freed.
+        example_note = "the graph reads weights freed by release_quantized_weights()"
+    elif need_graph and real is None:
+        example_note = "the example inputs' real values were not available to this compile"
+    elif need_graph:
+        try:
+            collected = C.collect_graph_stats(gm, [c.x for c in need_graph], real,
+                                              settings.max_rows)
+        except Exception as err:  # noqa: BLE001 - calibration is optional; quantizing goes on
+            collected = {}
+            example_note = (f"running the graph on the example inputs failed "
+                            f"({type(err).__name__}: {err})")
         for cand in need_graph:
             st = collected.get(cand.x)
-            if st is not None and st.n:
-                layer_stats[cand.node] = (st, "example inputs")
+            if st is None or st.n < C.MIN_EXAMPLE_ROWS:
+                too_few[cand.path] = 0 if st is None else int(st.n)
+                continue
+            layer_stats[cand.node] = (st, "example inputs")
+            # Attached to the weight: later compiles (other shapes, a decode graph) find these
+            # statistics and the cached result, so every graph uses the same quantized weight.
+            C.attach_stats(ctx.static_values[cand.weight_ph.name], st, cand.path)
+        if too_few and example_note is None:
+            example_note = (f"{len(too_few)} layer(s) saw fewer than {C.MIN_EXAMPLE_ROWS} rows in "
+                            "the example inputs (too few to calibrate on)")
 
     # 4. Quantize (cached) and rewrite.
     packed_nodes: dict[tuple, tuple[Node, ...]] = {}
@@ -232,10 +264,22 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
         if cand.bias is not None and cand.bias.op == "placeholder":
             bias_val = ctx.static_values.get(cand.bias.name)
         st, source = layer_stats.get(cand.node, (None, "none"))
+        bias_key = None if bias_val is None else C.weight_key(bias_val)
+        result_key = (fmt, settings, bias_key)
+        key = C.cache_key(weight, fmt, settings, st.fingerprint() if st else None, bias_key)
+        result = None if R.is_released(weight) else C.cache_get(key)
+        if R.is_released(weight):
+            # Freed by release_quantized_weights(): only what was packed before can be used.
+            result = R.released_result(weight, result_key)
+            source = "released weight: packed before"
+            if result is None:
+                raise QuantizeConfigError(
+                    f"q3n quantize: layer {cand.path!r}: its weight was freed by "
+                    f"release_quantized_weights() and was never quantized as {fmt.name} with "
+                    "these calibration settings. Fix: reload the weights (model.load_state_dict) "
+                    "and compile again (torch._dynamo.reset()), or use the quant_config the "
+                    "weights were released under")
         sources[source] = sources.get(source, 0) + 1
-        key = C.cache_key(weight, fmt, settings, st.fingerprint() if st else None,
-                          None if bias_val is None else C.weight_key(bias_val))
-        result = C.cache_get(key)
         cached = result is not None
         if cached:
             hits += 1
@@ -279,6 +323,7 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
         if isinstance(wt, Node) and not wt.users:
             gm.graph.erase_node(wt)
         ctx.freeze(cand.weight_ph)
+        R.note_quantized(weight, cand.path, result_key, result)
         stats.matched += 1
         stats.rewritten += 1
         info = result.info
@@ -298,9 +343,24 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             "calibration": source,
             "calibration_rows": int(info.get("calibration_rows", 0)),
             "cached": cached,
+            **({"damp": info["damp"]} if "damp" in info else {}),
+            # GPTQ against RTN+clip on held-out calibration rows, when there were few rows.
+            **({"validation": info["validation"]} if "validation" in info else {}),
             **({"note": info["note"]} if "note" in info else {}),
         })
     gm.graph.eliminate_dead_code()
+    # Weights this graph still reads in high precision must not be freed by
+    # release_quantized_weights() (a layer kept, a tied embedding, a norm's scale...).
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.users and node.name in ctx.static_values:
+            value = ctx.static_values[node.name]
+            if R.is_released(value):
+                users = ", ".join(sorted({str(u.target) for u in node.users}))
+                raise QuantizeConfigError(
+                    f"q3n quantize: graph input {node.name} is a weight freed by "
+                    f"release_quantized_weights(), but this graph still reads it ({users}). "
+                    "Fix: reload the weights (model.load_state_dict) and compile again")
+            R.note_read(value, f"graph {ctx.graph_id}")
 
     errs = [entry["rel_err"] for entry in layers if entry["rel_err"] is not None]
     stats.detail = {
@@ -311,14 +371,16 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
         "weight_bytes_note": (
             "before: high-precision bytes of the quantized layers' weights; after: their packed "
             "form held by the compiled graph. The eager weights stay in the nn.Module (and are "
-            "passed to every call), so process memory drops only if they are released."),
+            "passed to every call) until q3n_compile.release_quantized_weights(model) frees them."),
         "mean_rel_err": _round(sum(errs) / len(errs)) if errs else None,
         "max_rel_err": _round(max(errs)) if errs else None,
         "calibration": {"sources": sources, "settings": settings.as_dict(),
                         "note": None if "none" not in sources else (
                             "layers without calibration data were rounded to nearest with a "
-                            "data-free clipping search; call q3n_compile.quant.calibrate(model, "
-                            "batches) before compiling for GPTQ/SmoothQuant")},
+                            "data-free clipping search"
+                            + (f" ({example_note})" if example_note else "")
+                            + "; call q3n_compile.quant.calibrate(model, batches) before "
+                            "compiling for GPTQ/SmoothQuant")},
         "cache": {"hits": hits, "misses": misses},
         "norm_layers": (None if qc.norm_layers is None else {
             **dict(qc.norm_layers),

@@ -4,17 +4,31 @@ Public API:
 
 - :func:`calibrate` ``(model, batches)`` — record the linears' input statistics on the user's
   calibration data before ``torch.compile``; the quantize pass then uses GPTQ and SmoothQuant on
-  them (without it, and without real example inputs, it can only round to nearest with a
-  clipping search).
+  them. Without it, the first compile calibrates each layer on its example inputs (the first
+  call's real values; at least 32 rows per layer, once, reused by later compiles; turn off with
+  ``quant_config["calibration"]["example_inputs"] = False``), else rounds to nearest with a
+  clipping search. Representative data through :func:`calibrate` is better than one batch.
 - :func:`parse_quant_config` / :func:`validate_quant_config` — the ``quant_config`` option.
 - :func:`clear` — forget calibration statistics and cached quantization results.
 - :func:`quantize_linear` — quantize one weight outside torch.compile (tests, experiments).
 - :func:`search_precision` ``(model, batches, budget=0.02)`` — the fewest weight bytes per layer
   within a per-layer error budget; returns a ``quant_config`` the option accepts.
+- :func:`release_quantized_weights` ``(model)`` (also ``q3n_compile.release_quantized_weights``) —
+  after the compiled model's first call, free the high-precision weights q3n quantized.
 """
 
-from .calibration import LayerStats, cache_info, calibrate, clear
+from .calibration import LayerStats, cache_info, calibrate
+from .calibration import clear as _clear_calibration
 from .config import LayerFormat, QuantConfig, parse_quant_config, validate_quant_config
+
+
+def clear() -> None:
+    """Forget every calibration statistic, cached quantization result and record of quantized
+    weights (a weight released before this cannot be quantized again: reload it first)."""
+    from . import release
+
+    _clear_calibration()
+    release.clear()
 
 
 def __getattr__(name):
@@ -22,6 +36,9 @@ def __getattr__(name):
     if name in ("LayerResult", "quantize_layer"):
         from . import algorithms
         return getattr(algorithms, name)
+    if name == "release_quantized_weights":
+        from .release import release_quantized_weights
+        return release_quantized_weights
     if name == "search_precision":
         from .search import search_precision
         return search_precision
@@ -60,4 +77,4 @@ def quantize_linear(weight, bias=None, *, weight_bits=4, activation_bits=16, gro
 
 __all__ = ["LayerFormat", "LayerResult", "LayerStats", "QuantConfig", "cache_info", "calibrate",
            "clear", "parse_quant_config", "quantize_layer", "quantize_linear",
-           "search_precision", "validate_quant_config"]
+           "release_quantized_weights", "search_precision", "validate_quant_config"]

@@ -12,17 +12,33 @@ per (group of K, output channel), ``W ≈ (q - z) * s``.
 - **Clipping search**: per (output channel, group), ``r`` from a grid in [0.5, 1] minimising
   ``sum_k d_k (w_k - w^_k)^2``, where ``d`` is the diagonal of the input Hessian (activation-aware)
   or all ones (no calibration data).
-- **GPTQ** (Frantar et al., 2022): columns are quantized in order; each column's rounding error is
-  spread over the not-yet-quantized columns through the inverse Hessian ``H = E[x x^T]``
-  (dampened by ``damp * mean(diag H)``), in blocks of 128 columns with lazy updates. Group
-  parameters are chosen (with the clipping search) when the group's first column is reached, from
-  the weights as updated so far.
+- **GPTQ** (Frantar et al., 2022): columns are quantized in order of decreasing ``H_kk``
+  (act-order), each column's rounding error spread over the not-yet-quantized columns through
+  the inverse Hessian ``H = E[x x^T]``, dampened by ``damp * mean(diag H)`` (:func:`damping`:
+  "auto" scales it with K / rows, strong when rows are few), in blocks of 128 columns with lazy
+  updates. Groups stay contiguous ranges of K; a group's parameters are chosen (with the clipping
+  search) when the first of its columns is reached, from the weights as updated so far.
+- **Held-out check**: with few calibration rows (all of them kept as samples) GPTQ and RTN+clip
+  are both fitted on half the rows and compared on the other half; GPTQ is used only if it wins
+  there (:func:`_gptq_generalises`). Fitted and judged on the same rows, GPTQ always looks better,
+  but on 32-128 rows of a small random model it generalised worse than RTN+clip.
 - **SmoothQuant** (Xiao et al., 2022), for quantized activations: per input channel
   ``t_k = max|x_k|^α / max_n|W_nk|^(1-α)``; the layer computes ``(x / t) (W t)^T``: the weights
   absorb ``t`` and the kernel multiplies ``x`` by ``1/t`` before quantizing it (the ``smooth``
-  vector of ``q3n::qlinear``). α is searched per layer (including "no smoothing") unless given.
+  vector of ``q3n::qlinear``). α is searched per layer over :data:`SMOOTH_ALPHAS` (including no
+  smoothing) by the RTN+clip error on the calibration rows, unless given.
 - :func:`quantize_layer` runs the above for one layer and measures, on the calibration rows, the
   relative output error ``||y_q - y|| / ||y||`` of the result and of plain RTN (the baseline).
+
+Measured on MiniLM's layers (real weights, the design's W4A8 feed-forward / W6A12 attention;
+calibrated on 16 sentences, 281 rows; relative output error on 16 other sentences), RMS over the 6
+layers, feed-forward in / out and attention q / o: plain RTN 0.083 / 0.052 and 0.020 / 0.026;
+GPTQ as first built (damping 0.01, natural order) 0.066 / 0.043 but 0.021 / 0.030, *worse* than
+RTN on attention; act-order with "auto" damping 0.052 / 0.036 and 0.016 / 0.022.
+
+Guarantees: deterministic (no random draws; ties broken by position); the packed result is what
+was optimised (scales rounded to their stored dtype before codes are chosen); the error figures
+are measured with the op's own activation quantization.
 """
 
 from __future__ import annotations
@@ -37,7 +53,7 @@ from ..kernels.qlinear import fake_quantize_activations
 from .config import CalibrationSettings, LayerFormat, PER_CHANNEL
 
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 ... 0.5
-SMOOTH_ALPHAS = (None, 0.25, 0.5, 0.75)  # None: no smoothing
+SMOOTH_ALPHAS = (None, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # None: no smoothing
 GPTQ_BLOCK = 128
 
 
@@ -82,19 +98,14 @@ def search_params(w: torch.Tensor, bits: int, symmetric: bool, d: Optional[torch
     if not clip:
         return group_params(w, bits, symmetric)
     weight = torch.ones(w.shape[1], device=w.device, dtype=w.dtype) if d is None else d
-    best_err = best_s = best_z = None
-    for r in CLIP_RATIOS:
-        s, z = group_params(w, bits, symmetric, r)
-        q = quantize_codes(w, s, z, bits)
-        err = (((q - z[:, None]) * s[:, None] - w) ** 2 * weight[None, :]).sum(dim=1)
-        if best_err is None:
-            best_err, best_s, best_z = err, s, z
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s = torch.where(better, s, best_s)
-            best_z = torch.where(better, z, best_z)
-    return best_s, best_z
+    # Every ratio at once ([R, N, C]): one pass of vector ops instead of a loop of 11.
+    ratios = torch.tensor(CLIP_RATIOS, dtype=w.dtype, device=w.device)[:, None]
+    s, z = group_params(w, bits, symmetric, ratios)  # [R, N]
+    q = torch.clamp(torch.round(w[None] / s[..., None]) + z[..., None], 0, (1 << bits) - 1)
+    err = (((q - z[..., None]) * s[..., None] - w[None]) ** 2 * weight).sum(dim=-1)  # [R, N]
+    # First minimum: ties go to the larger ratio, as the loop this replaces did.
+    best = err.argmin(dim=0, keepdim=True)
+    return s.gather(0, best)[0], z.gather(0, best)[0]
 
 
 @dataclasses.dataclass
@@ -155,9 +166,37 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise HessianError("the input Hessian is not positive definite even with 1000x damping")
 
 
+AUTO_DAMP_PER_WIDTH = 0.2  # "auto" damping: 0.2 * K / rows ...
+AUTO_DAMP_RANGE = (0.01, 1.0)  # ... clamped to this range
+
+
+def damping(setting, k: int, rows: int) -> float:
+    """GPTQ's damping (a fraction of ``mean(diag H)``) for a layer of width `k` and `rows` rows.
+
+    "auto": ``0.2 K / rows`` in [0.01, 1]. A Hessian estimated from few rows per input channel
+    is noisy (singular below K rows), and GPTQ then moves rounding error into directions the
+    calibration rows barely excited but other inputs do; damping pulls H toward a multiple of the
+    identity (plain rounding) in proportion. Measured on MiniLM's feed-forward layers (281
+    calibration rows, K 384 and 1536, errors on held-out sentences): 0.01 gave 0.054 relative
+    output error at 4 bits, 0.3-1.0 gave 0.044; the best damping followed K / rows across 100-281
+    rows. With plenty of rows (the usual 128 x 2048 tokens for K 4096) it is the classic 0.01.
+    """
+    if setting != "auto":
+        return float(setting)
+    lo, hi = AUTO_DAMP_RANGE
+    return min(hi, max(lo, AUTO_DAMP_PER_WIDTH * k / max(rows, 1)))
+
+
 def gptq(w: torch.Tensor, h: torch.Tensor, fmt: LayerFormat, damp: float = 0.01,
-         clip: bool = True) -> QuantizedWeight:
-    """GPTQ with static groups chosen on the fly; `h` is E[x x^T] [K, K]."""
+         clip: bool = True, act_order: bool = False) -> QuantizedWeight:
+    """GPTQ; `h` is E[x x^T] [K, K].
+
+    ``act_order``: columns are quantized by decreasing ``H_kk`` (the channels whose errors cost
+    most go first, while the most columns remain to absorb their error); groups stay contiguous
+    ranges of K (the packed layout), and a group's parameters are chosen when the first of its
+    columns is reached, from the weights as updated so far. ``damp`` is a fraction of
+    ``mean(diag H)`` added to the diagonal (see :func:`damping`).
+    """
     w = w.clone().to(torch.float32)
     h = h.clone().to(torch.float32)
     n, k = w.shape
@@ -166,35 +205,49 @@ def gptq(w: torch.Tensor, h: torch.Tensor, fmt: LayerFormat, damp: float = 0.01,
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     d_all = torch.diagonal(h).clone()
-    hinv = _inverse_hessian_factor(h, damp)
-    codes = torch.zeros_like(w)
-    n_groups = 1 if gs == PER_CHANNEL else k // gs
+    if act_order:
+        perm = torch.argsort(d_all, descending=True, stable=True)
+    else:
+        perm = torch.arange(k, device=w.device)
+    inv = torch.argsort(perm)
+    wp = w[:, perm]
+    hinv = _inverse_hessian_factor(h[perm][:, perm], damp)
+    g_size = k if gs == PER_CHANNEL else gs
+    n_groups = k // g_size
+    group_of = (perm // g_size).tolist()  # group of the column at each permuted position
+    codes = torch.zeros_like(wp)
     scales = torch.zeros(n_groups, n, device=w.device)
     zeros = torch.zeros(n_groups, n, device=w.device)
-    if gs == PER_CHANNEL:
-        s, z = search_params(w, bits, sym, d_all, clip)
-        scales[0], zeros[0] = s, z
+    ready = [False] * n_groups
     for i1 in range(0, k, GPTQ_BLOCK):
         i2 = min(i1 + GPTQ_BLOCK, k)
-        w1 = w[:, i1:i2].clone()
+        w1 = wp[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            if gs != PER_CHANNEL and col % gs == 0:
-                # Groups never straddle a block: 128 is a multiple of every group size.
-                s, z = search_params(w1[:, i:i + gs], bits, sym, d_all[col:col + gs], clip)
-                scales[col // gs], zeros[col // gs] = s, z
-            g = 0 if gs == PER_CHANNEL else col // gs
+            g = group_of[i1 + i]
+            if not ready[g]:
+                # The group's columns as updated so far (none of them is quantized yet): inside
+                # this block from w1; beyond it, wp minus this block's pending (lazy) updates.
+                cols = torch.arange(g * g_size, (g + 1) * g_size, device=w.device)
+                pos = inv[cols]
+                inside = pos < i2
+                cur = torch.empty(n, cols.numel(), device=w.device)
+                cur[:, inside] = w1[:, pos[inside] - i1]
+                out = pos[~inside]
+                if out.numel():
+                    cur[:, ~inside] = wp[:, out] - err1[:, :i] @ hinv[i1:i1 + i][:, out]
+                scales[g], zeros[g] = search_params(cur, bits, sym, d_all[cols], clip)
+                ready[g] = True
             s, z = scales[g], zeros[g]
             wc = w1[:, i]
             q = quantize_codes(wc, s, z, bits)
-            codes[:, col] = q
+            codes[:, i1 + i] = q
             e = (wc - (q - z) * s) / hinv1[i, i]
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return QuantizedWeight(codes, scales, zeros)
+        wp[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return QuantizedWeight(codes[:, inv], scales, zeros)
 
 
 def smooth_factors(act_absmax: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -226,6 +279,41 @@ def _simulate(x: torch.Tensor, qw: QuantizedWeight, fmt: LayerFormat, smooth, bi
     a = fake_quantize_activations(x, _act_format(fmt), smooth)
     y = a @ qw.dequantize(fmt.group_size).t()
     return y + bias if bias is not None else y
+
+
+MIN_VALIDATION_ROWS = 16  # per half: fewer and the held-out comparison is noise
+
+
+def _gptq_generalises(x: torch.Tensor, w_s: torch.Tensor, smooth: Optional[torch.Tensor],
+                      b: Optional[torch.Tensor], fmt: LayerFormat, settings: CalibrationSettings,
+                      n_rows: int, info: dict) -> tuple[bool, Optional[str]]:
+    """Whether GPTQ beats RTN+clip on rows it did not see; (decision, why) — why is None when no
+    held-out check was possible (then the caller compares on the calibration rows).
+
+    When every calibration row was kept (few rows: the regime where GPTQ can overfit), both are
+    fitted on the even rows and compared on the odd ones. With fewer rows per input channel than
+    GPTQ needs (random-weight models with isotropic inputs need thousands; real models, whose
+    activations have few dominant directions, far fewer), RTN+clip wins there and is kept.
+    """
+    if x.shape[0] != n_rows or n_rows < 2 * MIN_VALIDATION_ROWS:
+        return True, None
+    xs = x if smooth is None else x * smooth[None, :]  # the rows as the smoothed weight sees them
+    fit, held = xs[0::2], xs[1::2]
+    h_fit = fit.t() @ fit / fit.shape[0]
+    y_held = held @ w_s.t() + (b if b is not None else 0)
+    # Rows already smoothed: simulate without the smoothing vector.
+    g = gptq(w_s, h_fit, fmt, damping(settings.damp, w_s.shape[1], fit.shape[0]),
+             settings.clip_search, settings.act_order)
+    r = quantize_rtn(w_s, fmt, torch.diagonal(h_fit), settings.clip_search)
+    e_g = relative_error(_simulate(held, g, fmt, None, b), y_held)
+    e_r = relative_error(_simulate(held, r, fmt, None, b), y_held)
+    info["validation"] = {"rows": int(held.shape[0]), "gptq_rel_err": float(f"{e_g:.5g}"),
+                          "rtn_rel_err": float(f"{e_r:.5g}")}
+    if e_g < e_r:
+        return True, "gptq beat rtn+clip on held-out calibration rows"
+    return False, (f"kept rtn+clip: fitted on half the {n_rows} calibration rows, gptq's error on "
+                   f"the other half was {e_g:.4g} against rtn+clip's {e_r:.4g} (too few rows for "
+                   "this layer's width)")
 
 
 def quantize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], fmt: LayerFormat,
@@ -280,14 +368,20 @@ def quantize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], fmt: Laye
     method = "rtn" + ("+clip" if settings.clip_search else "")
     if settings.method == "gptq":
         try:
-            g = gptq(w_s, h_s, fmt, settings.damp, settings.clip_search)
-            g_err = relative_error(_simulate(x, g, fmt, smooth, b), y_ref)
-            if g_err <= err:
-                qw, err = g, g_err
-                method = "gptq" + ("+clip" if settings.clip_search else "")
+            use_gptq, why = _gptq_generalises(x, w_s, smooth, b, fmt, settings, stats.n, info)
+            if use_gptq:
+                damp = damping(settings.damp, w.shape[1], stats.n)
+                info["damp"] = round(damp, 4)
+                g = gptq(w_s, h_s, fmt, damp, settings.clip_search, settings.act_order)
+                g_err = relative_error(_simulate(x, g, fmt, smooth, b), y_ref)
+                if why is not None or g_err <= err:
+                    qw, err = g, g_err
+                    method = "gptq" + ("+clip" if settings.clip_search else "")
+                else:
+                    info["note"] = (f"gptq error {g_err:.4g} above rtn+clip {err:.4g} on the "
+                                    "calibration rows: kept rtn+clip")
             else:
-                info["note"] = (f"gptq error {g_err:.4g} above rtn+clip {err:.4g} on the "
-                                "calibration rows: kept rtn+clip")
+                info["note"] = why
         except HessianError as exc:
             info["note"] = f"gptq skipped: {exc}"
     if alpha is not None:

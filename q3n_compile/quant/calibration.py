@@ -11,10 +11,20 @@ Where statistics come from, in the order the quantize pass looks:
 1. :func:`calibrate` ``(model, batches)``: runs the eager model on the user's batches with forward
    hooks on every ``nn.Linear`` and attaches the statistics to each linear's weight tensor (by its
    storage, shape and version counter, so an in-place change of the weight detaches them);
-2. the example inputs, when the compiler hands their real values to the pass
-   (``PassContext.real_inputs``): the captured graph is run on them with an FX interpreter that
-   records each linear's input (:func:`collect_graph_stats`);
+2. the example inputs: the backend keeps the first call's real inputs until the graph is compiled
+   when the ``quant_config`` quantizes something (``calibration.example_inputs``, default true);
+   the pass runs the graph on them with an FX interpreter that records each linear's input
+   (:func:`collect_graph_stats`; inputs the graph writes in place, a KV cache, are given as
+   copies, so the user's tensors are not touched). Those statistics are then attached to the
+   weights as :func:`calibrate` attaches its own (:func:`attach_stats`), so every later compile of
+   the same weights (a new shape, a decode graph after a prefill graph) quantizes them the same way,
+   from the cache, instead of calibrating again on its own inputs. A layer whose example input has
+   fewer than :data:`MIN_EXAMPLE_ROWS` rows (a single decode token) is not calibrated on it: GPTQ
+   fitted to a handful of rows generalises worse than rounding to nearest;
 3. none: the pass quantizes without data (round-to-nearest with a clipping search) and says so.
+
+Example inputs are one batch the user did not choose for calibration: good enough to beat
+round-to-nearest, no substitute for :func:`calibrate` on representative data.
 
 The cache (:func:`cache_get`/:func:`cache_put`) keeps each layer's quantization result keyed by
 the weight (storage, shape, dtype, version counter), the layer format, the calibration settings
@@ -35,12 +45,17 @@ from torch import nn
 _lock = threading.Lock()
 
 
-class LayerStats:
-    """Running statistics of one linear input of width K."""
+# Fewer rows than this in a layer's example input: no calibration from it (see the docstring).
+MIN_EXAMPLE_ROWS = 32
 
-    def __init__(self, k: int, max_rows: int = 512):
+
+class LayerStats:
+    """Running statistics of one linear input of width K; `source` says where the rows came from."""
+
+    def __init__(self, k: int, max_rows: int = 512, source: str = "calibrate()"):
         self.k = k
         self.max_rows = max_rows
+        self.source = source
         self.n = 0
         self.h: Optional[torch.Tensor] = None
         self.absmax: Optional[torch.Tensor] = None
@@ -80,6 +95,11 @@ class LayerStats:
 
 
 def weight_key(t: torch.Tensor) -> tuple:
+    """A weight's identity for the caches: its storage and view. A weight whose storage
+    :func:`~q3n_compile.quant.release_quantized_weights` freed keeps the key it had before."""
+    released = getattr(t, "_q3n_released_key", None)
+    if released is not None:
+        return released
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
             str(t.dtype), str(t.device))
 
@@ -106,7 +126,12 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, max_rows: int = 512,
     finds the statistics through the linears' weights. Returns ``{module path: {"rows": n,
     "in_features": K}}``.
     """
-    stats_by_input: dict[int, LayerStats] = {}
+    # id(input) -> (weak reference to the input, its statistics). The weak reference is checked:
+    # an id is only an address, and once a forward frees a linear's input (q/k/v's normed hidden
+    # state) a later tensor (the attention output fed to o_proj) can be allocated at the same
+    # address. Matching on the id alone made o_proj or lm_head share q/k/v's statistics at random,
+    # depending on the allocator: the run-to-run variation of qwen3's calibrated error.
+    stats_by_input: dict[int, tuple[Any, LayerStats]] = {}
     per_module: dict[str, LayerStats] = {}
     modules = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     handles = []
@@ -116,14 +141,15 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, max_rows: int = 512,
             x = args[0] if args else (kwargs or {}).get("input")
             if not isinstance(x, torch.Tensor):
                 return
-            # Linears fed the same tensor (q, k, v) share one set of statistics.
-            st = stats_by_input.get(id(x))
+            # Linears fed the same tensor (q, k, v) share one set of statistics (one Hessian).
+            seen = stats_by_input.get(id(x))
+            st = seen[1] if seen is not None and seen[0]() is x else None
             if st is None or st.k != module.in_features:
                 st = per_module.get(name)
                 if st is None:
                     st = LayerStats(module.in_features, max_rows)
                 st.add(x)
-                stats_by_input[id(x)] = st
+                stats_by_input[id(x)] = (weakref.ref(x), st)
             per_module[name] = st
         return hook
 
@@ -136,12 +162,23 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, max_rows: int = 512,
     finally:
         for h in handles:
             h.remove()
-    with _lock:
-        for name, st in per_module.items():
-            w = modules[name].weight
-            _STATS[weight_key(w)] = (weakref.ref(w), w._version, st, name)
-        _prune_locked()
+    for name, st in per_module.items():
+        attach_stats(modules[name].weight, st, name)
     return {name: {"rows": st.n, "in_features": st.k} for name, st in per_module.items()}
+
+
+def attach_stats(weight: torch.Tensor, stats: LayerStats, name: str) -> None:
+    """Attach `stats` to `weight` (replacing earlier ones) until the weight changes or dies."""
+    with _lock:
+        _STATS[weight_key(weight)] = (weakref.ref(weight), weight._version, stats, name)
+        _prune_locked()
+
+
+def drop_stats(keys: Iterable[tuple]) -> None:
+    """Forget the statistics attached to the weights with these keys (their Hessians' memory)."""
+    with _lock:
+        for key in keys:
+            _STATS.pop(key, None)
 
 
 def lookup_stats(weight: torch.Tensor) -> Optional[tuple[LayerStats, str]]:
@@ -170,16 +207,48 @@ class _Collector(torch.fx.Interpreter):
         return out
 
 
+def mutated_placeholders(gm: torch.fx.GraphModule) -> set[int]:
+    """Positions of the placeholders some op of `gm` writes in place (directly or via a view)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    position = {n: i for i, n in enumerate(placeholders)}
+    written: set[int] = set()
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        for i, arg in enumerate(target._schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write:
+                continue
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            # Follow views back to what they view: writing a view writes its base.
+            for _ in range(16):
+                if not isinstance(value, torch.fx.Node) or value.op != "call_function":
+                    break
+                base_op = value.target
+                if not (isinstance(base_op, torch._ops.OpOverload) and base_op.is_view):
+                    break
+                value = value.args[0]
+            if isinstance(value, torch.fx.Node) and value in position:
+                written.add(position[value])
+    return written
+
+
 @torch.no_grad()
 def collect_graph_stats(gm: torch.fx.GraphModule, inputs_nodes: Iterable[torch.fx.Node],
                         inputs: list, max_rows: int = 512) -> dict[torch.fx.Node, LayerStats]:
-    """Run `gm` on real `inputs`; statistics of the values of `inputs_nodes` (linear inputs)."""
+    """Run `gm` on real `inputs`; statistics of the values of `inputs_nodes` (linear inputs).
+
+    Inputs the graph writes in place are passed as copies: calibrating must not change them.
+    """
     watch: dict[torch.fx.Node, LayerStats] = {}
     for node in inputs_nodes:
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and node not in watch:
-            watch[node] = LayerStats(int(val.shape[-1]), max_rows)
-    _Collector(gm, watch).run(*inputs)
+            watch[node] = LayerStats(int(val.shape[-1]), max_rows, source="example inputs")
+    written = mutated_placeholders(gm)
+    args = [a.clone() if i in written and isinstance(a, torch.Tensor) else a
+            for i, a in enumerate(inputs)]
+    _Collector(gm, watch).run(*args)
     return watch
 
 

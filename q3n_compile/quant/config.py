@@ -12,7 +12,8 @@ Accepted form (every key optional)::
          "group_size": -1, "symmetric": true},
       ],
       "calibration": {"method": "gptq", "smoothquant": "auto", "clip_search": true,
-                      "damp": 0.01, "max_rows": 512, "alpha": null},
+                      "damp": "auto", "act_order": true, "max_rows": 512, "alpha": null,
+                      "example_inputs": true},
     }
 
 A layer format is ``weight_bits`` (2..8; 16 keeps the layer in high precision),
@@ -32,6 +33,17 @@ rule *names* them: the rule's pattern contains the layer's own name (``"lm_head"
 ``"*.lm_head"``); a catch-all ``"*"`` does not count. Embeddings are lookups, never linears: the
 quantize pass does not touch them.
 
+``calibration``: ``method`` "gptq" (error-compensating rounding from the input Hessian) or "rtn";
+``smoothquant`` "auto" (for 8-bit activations), true or false; ``clip_search`` (scales' clipping
+ratio searched per group); ``damp`` (GPTQ's Hessian damping, a fraction of its mean diagonal;
+"auto": ``0.2 K / rows`` clamped to [0.01, 1], strong when there are few calibration rows for the
+layer's width K, where the sample Hessian is noisy or singular); ``act_order`` (GPTQ quantizes
+the columns by decreasing input energy);
+``max_rows`` (calibration rows kept per layer for error figures and searches); ``alpha``
+(SmoothQuant's strength, null: searched per layer); ``example_inputs`` (default true: a layer that
+:func:`q3n_compile.quant.calibrate` did not reach is calibrated on the example inputs of the first
+compile that sees it; false: such a layer is rounded to nearest without data).
+
 Guarantees: :func:`validate_quant_config` raises :class:`~q3n_compile.config.Q3NConfigError`
 naming the offending entry (as a Python subscript path) and saying how to fix it; it accepts
 exactly what :func:`parse_quant_config` can parse. ``norm_layers`` is validated and reported but
@@ -50,7 +62,8 @@ CLASS_KEYS = {"ffn_layers": "ffn", "attn_layers": "attn"}
 TOP_KEYS = ("ffn_layers", "attn_layers", "norm_layers", "rules", "calibration")
 FORMAT_KEYS = ("weight_bits", "activation_bits", "group_size", "symmetric", "activation_format")
 RULE_KEYS = ("match", "skip") + FORMAT_KEYS
-CALIBRATION_KEYS = ("method", "smoothquant", "clip_search", "damp", "max_rows", "alpha")
+CALIBRATION_KEYS = ("method", "smoothquant", "clip_search", "damp", "act_order", "max_rows",
+                    "alpha", "example_inputs")
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
 KEEP_BITS = 16
 ACTIVATION_BITS = (16, 12, 8)
@@ -112,9 +125,12 @@ class CalibrationSettings:
     method: str = "gptq"  # "gptq" | "rtn"
     smoothquant: Any = "auto"  # "auto" (8-bit activations) | True | False
     clip_search: bool = True
-    damp: float = 0.01
+    damp: Any = "auto"  # "auto" | a fraction of mean(diag H) in (0, 1]
+    act_order: bool = True
     max_rows: int = 512
     alpha: Optional[float] = None  # SmoothQuant migration strength; None: searched per layer
+    # Layers calibrate() did not reach calibrate on the example inputs of the first compile.
+    example_inputs: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -226,8 +242,13 @@ def _parse_calibration(entry: Any) -> CalibrationSettings:
     if not isinstance(clip, bool):
         raise _fail(path + ["clip_search"], f"{clip!r} is not a bool", "use true or false")
     damp = entry.get("damp", c.damp)
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1:
-        raise _fail(path + ["damp"], f"{damp!r} is out of range", "use a number in (0, 1), e.g. 0.01")
+    if damp != "auto" and (isinstance(damp, bool) or not isinstance(damp, (int, float))
+                           or not 0 < damp <= 1):
+        raise _fail(path + ["damp"], f"{damp!r} is out of range",
+                    "use 'auto' (from the rows per layer width) or a number in (0, 1], e.g. 0.01")
+    act_order = entry.get("act_order", c.act_order)
+    if not isinstance(act_order, bool):
+        raise _fail(path + ["act_order"], f"{act_order!r} is not a bool", "use true or false")
     rows = entry.get("max_rows", c.max_rows)
     if not _is_int(rows) or rows < 16:
         raise _fail(path + ["max_rows"], f"{rows!r} is not accepted", "use an integer >= 16")
@@ -236,8 +257,13 @@ def _parse_calibration(entry: Any) -> CalibrationSettings:
                               or not 0 <= alpha <= 1):
         raise _fail(path + ["alpha"], f"{alpha!r} is out of range",
                     "use a number in [0, 1], or null to search it per layer")
-    return CalibrationSettings(method, sq, clip, float(damp), rows,
-                               None if alpha is None else float(alpha))
+    examples = entry.get("example_inputs", c.example_inputs)
+    if not isinstance(examples, bool):
+        raise _fail(path + ["example_inputs"], f"{examples!r} is not a bool",
+                    "use true (calibrate on the example inputs when calibrate() was not run) "
+                    "or false")
+    return CalibrationSettings(method, sq, clip, damp if damp == "auto" else float(damp),
+                               act_order, rows, None if alpha is None else float(alpha), examples)
 
 
 def parse_quant_config(value: Mapping[str, Any]) -> QuantConfig:
@@ -282,6 +308,21 @@ def parse_quant_config(value: Mapping[str, Any]) -> QuantConfig:
         rules.append(Rule(i, patterns, fmt))
     calibration = _parse_calibration(value.get("calibration", {}))
     return QuantConfig(classes, tuple(rules), norm, calibration)
+
+
+def wants_example_inputs(value: Optional[Mapping[str, Any]]) -> bool:
+    """Whether a compile with this ``quant_config`` option may calibrate on its example inputs.
+
+    The backend keeps the first call's real inputs until the graph is compiled only when this
+    (or ``verify``) says so: a config that quantizes something and has not turned
+    ``calibration.example_inputs`` off.
+    """
+    if not value:
+        return False
+    qc = parse_quant_config(value)
+    quantizes = any(f is not None for f in qc.classes.values()) or any(
+        r.fmt is not None for r in qc.rules)
+    return quantizes and qc.calibration.example_inputs
 
 
 def validate_quant_config(value: Any) -> Any:

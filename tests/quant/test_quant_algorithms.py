@@ -141,6 +141,37 @@ def test_calibrate_attaches_statistics_to_weights():
     assert C.lookup_stats(model.c.weight) is None
 
 
+class _Reuse(nn.Module):
+    """b's input is a fresh temporary made right after a's input died: CPython hands the new
+    tensor object the freed one's address, so the two inputs have the same id()."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.a(x * 2)  # the temporary x * 2 dies when a returns
+        return self.b(y + 1)
+
+
+def test_calibrate_does_not_share_statistics_through_a_reused_id():
+    # The cause of qwen3's run-to-run variation (o_proj and lm_head took q/k/v's statistics
+    # whenever the allocator reused an address): matching inputs by id() alone shared a's
+    # statistics with b here on every run.
+    C.clear()
+    torch.manual_seed(0)
+    model = _Reuse()
+    batches = [torch.randn(3, 8) for _ in range(2)]
+    quant.calibrate(model, batches)
+    st_a, st_b = C.lookup_stats(model.a.weight)[0], C.lookup_stats(model.b.weight)[0]
+    assert st_a is not st_b
+    with torch.no_grad():
+        xb = torch.cat([model.a(x * 2) + 1 for x in batches])
+    torch.testing.assert_close(st_b.hessian(), xb.t() @ xb / 6, rtol=1e-5, atol=1e-6)
+    C.clear()
+
+
 def test_cache_is_keyed_by_weight_version_and_dies_with_the_weight():
     C.clear()
     w = torch.randn(8, 32)

@@ -87,7 +87,9 @@ def test_rules_first_match_wins_and_heads_need_naming():
     ({"rules": [{"match": "*", "skip": True, "weight_bits": 4}]}, "['rules'][0]", "drop"),
     ({"rules": [{"match": "*", "weight_bits": 4, "bits": 4}]}, "['rules'][0]['bits']", "match"),
     ({"calibration": {"method": "awq"}}, "['calibration']['method']", "'gptq' or 'rtn'"),
-    ({"calibration": {"damp": 2}}, "['calibration']['damp']", "(0, 1)"),
+    ({"calibration": {"damp": 2}}, "['calibration']['damp']", "(0, 1]"),
+    ({"calibration": {"act_order": "yes"}}, "['calibration']['act_order']", "true or false"),
+    ({"calibration": {"example_inputs": 1}}, "['calibration']['example_inputs']", "calibrate()"),
     ({"calibration": {"alpha": 1.5}}, "['calibration']['alpha']", "[0, 1]"),
     ({"norm_layers": {"dtype": "int8"}}, "['norm_layers']['dtype']", "float16"),
 ])
@@ -105,3 +107,15 @@ def test_none_and_empty_are_valid():
     assert validate_quant_config(None) is None
     qc = parse_quant_config({})
     assert qc.classes == {} and qc.rules == ()
+
+
+def test_which_configs_keep_the_example_inputs_for_calibration():
+    from q3n_compile.quant.config import wants_example_inputs
+
+    assert wants_example_inputs({"ffn_layers": {"weight_bits": 4}})
+    assert wants_example_inputs({"rules": [{"match": "*", "weight_bits": 6}]})
+    assert not wants_example_inputs(None) and not wants_example_inputs({})
+    assert not wants_example_inputs({"ffn_layers": {"weight_bits": 16}})  # quantizes nothing
+    assert not wants_example_inputs({"rules": [{"match": "*", "skip": True}]})
+    assert not wants_example_inputs({"ffn_layers": {"weight_bits": 4},
+                                     "calibration": {"example_inputs": False}})

@@ -41,3 +41,48 @@ def test_search_meets_the_budget_at_fewer_bytes_and_compiles():
         k: v for k, v in chosen.items() if v != 16}
     assert q["detail"]["cache"]["misses"] == 0  # the search's quantizations are reused
     quant.clear()
+
+
+def test_cli_prints_a_table_and_saves_a_config_quant_config_accepts(tmp_path, capsys):
+    from q3n_compile.cli import main
+
+    out = tmp_path / "cfg.json"
+    assert main(["quant-search", "--model", "bert", "--budget", "0.05", "--bits", "4", "8",
+                 "--batches", "2", "--seq-len", "16", "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "[12/12] layers.1.output.dense: W" in printed.err  # progress, one line per layer
+    table = printed.out
+    assert "layers.0.attention.query" in table and "budget 0.05 per layer" in table
+    cfg = json.loads(out.read_text())
+    bits = {r["match"]: r["weight_bits"] for r in cfg["rules"]}
+    assert len(bits) == 12 and set(bits.values()) <= {4, 8, 16} and 4 in bits.values()
+
+    quant.clear()  # the saved file alone decides: nothing cached from the search
+    model = build_model("bert", "tiny")
+    inputs = example_inputs("bert", model, 2, 16, seed=9)
+    with torch.no_grad():
+        torch.compile(model, backend="q3n", options={"quant_config": cfg, "norm_fusion": False,
+                                                     "attention": "off"})(*inputs)
+    q = q3n_compile.reports()[-1]["passes"]["quantize"]
+    assert {e["layer"]: e["weight_bits"] for e in q["detail"]["layers"]} == {
+        k: v for k, v in bits.items() if v != 16}
+    quant.clear()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "resnet"], "unknown model 'resnet'; choose from qwen3"),
+    (["--budget", "1.5"], "--budget 1.5 is not a relative error in (0, 1)"),
+    (["--bits", "12"], "--bits 12 is not supported"),
+])
+def test_cli_errors_name_the_problem(args, message, capsys):
+    from q3n_compile.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["quant-search", *args])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_budget_must_be_a_relative_error():
+    with pytest.raises(ValueError, match=r"budget 0 is not a relative error in \(0, 1\)\. Fix:"):
+        quant.search_precision(torch.nn.Linear(4, 4), [], budget=0)

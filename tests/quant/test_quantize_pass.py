@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:Conversion of an array with ndi
 DESIGN = {"ffn_layers": {"weight_bits": 4, "activation_bits": 8},
           "attn_layers": {"weight_bits": 6, "activation_bits": 12},
           "norm_layers": {"dtype": "float16"}}
-RTN = {"method": "rtn", "clip_search": False, "smoothquant": False}
+RTN = {"method": "rtn", "clip_search": False, "smoothquant": False, "example_inputs": False}
 # Isolate quantization from the other passes (norm fusion would take the q/k/v and gate/up
 # linears: composing the two is future work, tested separately below).
 BASE = {"norm_fusion": False, "attention": "off"}
@@ -69,14 +69,11 @@ def test_design_config_end_to_end(name):
     assert report["dynamic_symbols"]
     q = report["passes"]["quantize"]
 
-    # Measured on this CPU lane: RTN 0.117 (qwen3) / 0.122 (bert); GPTQ+SmoothQuant 0.107 / 0.077.
+    # Measured on this CPU lane: RTN 0.117 (qwen3) / 0.122 (bert); calibrated 0.109 / 0.074, the
+    # same on every run (qwen3's figure used to move, 0.106-0.123, while calibrate() matched linear
+    # inputs by a reusable id(): see test_calibrate_does_not_share_statistics_through_a_reused_id).
     assert rtn_err < 0.2, rtn_err
-    if name == "bert":
-        # qwen3's calibrated error moves between identical runs (0.106-0.123 against RTN's 0.117,
-        # seen 2026-11-28; cause not found yet, see the quantization issue's note), so only bert,
-        # whose figure is stable (0.077), asserts the improvement here.
-        assert err < rtn_err, (err, rtn_err)
-    assert err < 0.2, err
+    assert err < 0.97 * rtn_err, (err, rtn_err)
     n_layers = 14 if name == "qwen3" else 12
     assert q["status"] == "applied" and q["rewritten"] == n_layers
     assert report["ops"]["q3n.qlinear.default"] == n_layers
@@ -85,14 +82,20 @@ def test_design_config_end_to_end(name):
         assert entry["class"] in ("attn", "ffn")
         want_bits = (6, 12) if entry["class"] == "attn" else (4, 8)
         assert (entry["weight_bits"], entry["activation_bits"]) == want_bits, entry
-        assert entry["calibration"] == "calibrate()" and entry["method"].startswith("gptq")
-        assert 0 < entry["rel_err"] < entry["rtn_rel_err"], entry
+        assert entry["calibration"] == "calibrate()"
+        # GPTQ is kept where it beat RTN+clip on held-out calibration rows (most layers; on
+        # qwen3's random weights, isotropic inputs leave it no edge on some), else RTN+clip.
+        assert entry["method"].startswith("gptq") or (
+            entry["method"].startswith("rtn+clip") and "kept rtn+clip" in entry["note"]), entry
+        assert 0 < entry["rel_err"] <= entry["rtn_rel_err"], entry
         assert entry["bytes_after"] < entry["bytes_before"] / 4
     if name == "qwen3":
         assert report["ops"]["aten.mm.default"] == 1  # lm_head, untouched
         assert q["detail"]["kept_high_precision"] == [{
             "layer": "lm_head", "class": "head",
             "reason": "head layers stay in high precision unless a rule names them"}]
+    gptq_layers = sum(e["method"].startswith("gptq") for e in q["detail"]["layers"])
+    assert gptq_layers >= n_layers // 2, gptq_layers
     d = q["detail"]
     assert d["weight_bytes_after"] < d["weight_bytes_before"] / 4
     assert d["norm_layers"]["dtype"] == "float16" and "not applied" in d["norm_layers"]["status"]
@@ -178,46 +181,102 @@ def test_fused_norm_linears_are_declined_and_counted():
     assert q["rewritten"] == report["ops"]["q3n.qlinear.default"] > 0
 
 
-def test_example_inputs_calibrate_through_the_captured_graph():
-    """With the real example inputs on the context, the pass runs the graph on them (GPTQ)."""
-    from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    from q3n_compile import backend as B
-    from q3n_compile.config import Q3NConfig
-    from q3n_compile.passes import quantize
-    from q3n_compile.passes.base import PassContext
-
+@pytest.mark.usefixtures("reference_kernels")  # whole models: the kernel tests cover Triton
+def test_example_inputs_calibrate_once_and_later_compiles_reuse_it():
+    """Without calibrate(), the first compile calibrates on its example inputs (GPTQ where it
+    generalises); a recompile for another shape reuses those statistics and the cached result."""
     model = build_model("bert", "tiny")
-    inputs = example_inputs("bert", model, 2, 16, seed=3)
-    seen = {}
+    first = example_inputs("bert", model, 4, 16, seed=3)  # 64 rows per linear
+    compiled = torch.compile(model, backend="q3n", options={"quant_config": DESIGN, **BASE})
+    out = compiled(*first)
+    q = _quantize_report()
+    layers = q["detail"]["layers"]
+    assert q["rewritten"] == 12 and q["detail"]["calibration"]["sources"] == {"example inputs": 12}
+    assert all(e["calibration"] == "example inputs" and e["calibration_rows"] == 64
+               and e["rel_err"] <= e["rtn_rel_err"] for e in layers), layers
+    assert sum(e["method"].startswith("gptq") for e in layers) >= 6
+    # Few rows: GPTQ was kept only where it beat RTN+clip on the half it was not fitted on.
+    for e in layers:
+        v = e["validation"]
+        assert v["rows"] == 32 and (v["gptq_rel_err"] < v["rtn_rel_err"]) == (
+            e["method"].startswith("gptq")), e
+    assert q["detail"]["cache"] == {"hits": 0, "misses": 12}
+    assert _rel(out, model(*first)) < 0.15
 
-    def capture(gm, example_inputs_):
-        static = B._static_values(gm, example_inputs_)
-        real = B._own_parameters(gm) + list(example_inputs_)
+    other = example_inputs("bert", model, 1, 8, seed=4)  # a new shape: a second graph
+    compiled(*other)
+    assert len(q3n_compile.reports()) == 2
+    q2 = _quantize_report()
+    assert q2["detail"]["calibration"]["sources"] == {"example inputs": 12}
+    assert q2["detail"]["cache"] == {"hits": 12, "misses": 0}  # the same quantized weights
 
-        def compiler(graph, args):
-            names = [n.name for n in graph.graph.nodes if n.op == "placeholder"]
-            ctx = PassContext(config=Q3NConfig.from_options({"quant_config": DESIGN}, environ={}),
-                              graph_id=0, inference=True, example_inputs=args,
-                              static_values={names[i]: t for i, t in static.items()})
-            ctx.real_inputs = real
-            with unset_fake_temporarily():
-                seen["stats"] = quantize.run(graph, ctx)
-            graph.recompile()
-            return make_boxed_func(graph.forward)
 
-        return aot_module_simplified(gm, example_inputs_, fw_compiler=compiler,
-                                     inference_compiler=compiler)
+@pytest.mark.usefixtures("reference_kernels")  # whole models: the kernel tests cover Triton
+def test_too_few_example_rows_round_to_nearest_and_say_so():
+    model = build_model("bert", "tiny")
+    inputs = example_inputs("bert", model, 1, 8, seed=3)  # 8 rows: GPTQ would fit noise
+    torch.compile(model, backend="q3n", options={"quant_config": DESIGN, **BASE})(*inputs)
+    d = _quantize_report()["detail"]
+    assert d["calibration"]["sources"] == {"none": 12}
+    assert "fewer than 32 rows in the example inputs" in d["calibration"]["note"]
+    assert all(e["method"] == "rtn+clip" for e in d["layers"])
 
-    out = torch.compile(model, backend=capture)(*inputs)
-    stats = seen["stats"]
-    assert stats.rewritten == 12
-    layers = stats.detail["layers"]
-    assert {e["calibration"] for e in layers} == {"example inputs"}
-    assert all(e["method"].startswith("gptq") and e["rel_err"] < e["rtn_rel_err"] for e in layers)
-    assert stats.detail["calibration"]["sources"] == {"example inputs": 12}
-    assert _rel(out, model(*inputs)) < 0.15
+
+class _CacheWriter(torch.nn.Module):
+    """A graph that writes one of its inputs in place, as a decode step writes its KV cache."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = torch.nn.Linear(64, 128)
+        self.down = torch.nn.Linear(128, 64)
+
+    def forward(self, x, cache):
+        cache.add_(1.0)
+        return self.down(torch.nn.functional.gelu(self.up(x))) + cache.sum()
+
+
+@pytest.mark.usefixtures("reference_kernels")  # whole models: the kernel tests cover Triton
+def test_calibrating_on_example_inputs_leaves_mutated_inputs_alone():
+    # The pass runs the graph once more on the example inputs: an input the graph writes must
+    # be given to that run as a copy, or the user's cache would be written twice.
+    model = _CacheWriter()
+    x, cache = torch.randn(48, 64), torch.zeros(4)
+    cfg = {"rules": [{"match": "*", "weight_bits": 4}]}
+    out = torch.compile(model, backend="q3n", options={"quant_config": cfg, **BASE})(x, cache)
+    d = _quantize_report()["detail"]
+    assert d["calibration"]["sources"] == {"example inputs": 2}
+    assert torch.equal(cache, torch.ones(4))
+    assert _rel(out, model(x, torch.ones(4)) - 4) < 0.1  # eager writes the cache a second time
+
+
+@pytest.mark.usefixtures("reference_kernels")  # whole models: the kernel tests cover Triton
+def test_a_failed_calibration_run_still_quantizes(monkeypatch):
+    from q3n_compile.quant import calibration
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no real values here")
+
+    monkeypatch.setattr(calibration, "collect_graph_stats", broken)
+    model = build_model("bert", "tiny")
+    inputs = example_inputs("bert", model, 4, 16, seed=3)
+    torch.compile(model, backend="q3n", options={"quant_config": DESIGN, **BASE})(*inputs)
+    q = _quantize_report()
+    assert q["status"] == "applied" and q["rewritten"] == 12
+    assert q["detail"]["calibration"]["sources"] == {"none": 12}
+    assert "example inputs failed (RuntimeError: no real values here)" in (
+        q["detail"]["calibration"]["note"])
+
+
+@pytest.mark.usefixtures("reference_kernels")  # whole models: the kernel tests cover Triton
+def test_example_inputs_off():
+    model = build_model("bert", "tiny")
+    inputs = example_inputs("bert", model, 4, 16, seed=3)
+    cfg = dict(DESIGN, calibration={"example_inputs": False})
+    torch.compile(model, backend="q3n", options={"quant_config": cfg, **BASE})(*inputs)
+    d = _quantize_report()["detail"]
+    assert d["calibration"]["sources"] == {"none": 12}
+    assert "calibration.example_inputs is false" in d["calibration"]["note"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""release_quantized_weights: the high-precision weights go, the compiled model keeps working."""
+
+import gc
+
+import pytest
+import torch
+
+import q3n_compile
+from q3n_compile import quant
+from q3n_compile.models import build_model, example_inputs
+
+pytestmark = [pytest.mark.usefixtures("reference_kernels"),
+              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")]
+
+CFG = {"ffn_layers": {"weight_bits": 4}, "attn_layers": {"weight_bits": 8},
+       "calibration": {"example_inputs": False}}
+BASE = {"norm_fusion": False, "attention": "off"}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_quant_state():
+    quant.clear()
+    torch.set_grad_enabled(False)
+    yield
+    torch.set_grad_enabled(True)
+    quant.clear()
+
+
+def tensor_bytes() -> int:
+    """Bytes of every CPU tensor storage alive in the process (each storage once)."""
+    gc.collect()
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        if type(obj) not in (torch.Tensor, torch.nn.Parameter) or obj.device.type != "cpu":
+            continue
+        storage = obj.untyped_storage()
+        if storage.nbytes() and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def test_release_drops_the_weights_and_the_model_keeps_running():
+    model = build_model("qwen3", "tiny")
+    inputs = example_inputs("qwen3", model, 2, 16, seed=1)
+    want = model(*inputs)
+    eager = tensor_bytes()
+    compiled = torch.compile(model, backend="q3n", options={"quant_config": CFG, **BASE})
+    first = compiled(*inputs)
+    d = q3n_compile.reports()[-1]["passes"]["quantize"]["detail"]
+    before, after = d["weight_bytes_before"], d["weight_bytes_after"]
+    assert after < before / 2
+    compiled_bytes = tensor_bytes()
+    assert compiled_bytes - eager >= after  # the packed weights come on top of the eager ones
+
+    result = q3n_compile.release_quantized_weights(model)
+    assert len(result["released"]) == 14 and result["kept"] == {}
+    assert result["bytes_released"] == before
+    released = tensor_bytes()
+    # What drops: the quantized layers' weights (and their calibration statistics, if any).
+    # What stays: embeddings, norms, lm_head (not quantized), the packed weights, and the compiled
+    # graph's own buffers (the memory plan's arena, the output): less than the eager model alone.
+    assert compiled_bytes - released >= before
+    assert released < eager - before / 2, (eager, released, before, after)
+
+    assert torch.equal(compiled(*inputs), first)  # no recompile, same packed weights
+    other = example_inputs("qwen3", model, 1, 9, seed=2)  # a new shape compiles a new graph
+    compiled(*other)
+    q = q3n_compile.reports()[-1]["passes"]["quantize"]
+    assert q["rewritten"] == 14
+    assert q["detail"]["calibration"]["sources"] == {"released weight: packed before": 14}
+    assert ((first - want).norm() / want.norm()) < 0.2  # 4-bit rounding without data: 0.11
+    with pytest.raises(RuntimeError, match="storage"):
+        model(*inputs)  # the eager model has lost those weights: documented
+
+
+def test_weights_a_graph_still_reads_are_kept_and_a_new_config_fails_clearly():
+    model = build_model("qwen3", "tiny")
+    inputs = example_inputs("qwen3", model, 1, 8)
+    cfg = dict(CFG, rules=[{"match": "layers.1.mlp.*", "skip": True}])
+    compiled = torch.compile(model, backend="q3n", options={"quant_config": cfg, **BASE})
+    compiled(*inputs)
+    result = q3n_compile.release_quantized_weights(model)
+    assert len(result["released"]) == 11  # 14 linears, 3 kept in high precision by the rule
+    assert not any("layers.1.mlp" in name for name in result["released"])
+    assert q3n_compile.release_quantized_weights(model)["released"] == []  # idempotent
+
+    torch._dynamo.reset()
+    other = dict(CFG, ffn_layers={"weight_bits": 6})  # never packed: needs the freed weights
+    with pytest.raises(Exception, match=r"freed by release_quantized_weights\(\).*Fix: reload"):
+        torch.compile(model, backend="q3n",
+                      options={"quant_config": other, "strict": True, **BASE})(*inputs)
