@@ -115,12 +115,15 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Q3NConfig) if f.name != "mode"}
 
 # Variables beside the one-per-option Q3N_<OPTION>: Q3N_DUMP is the short spelling of Q3N_DUMP_DIR.
 _ENV_ALIASES = {"Q3N_DUMP": "dump_dir"}
+# Q3N_ variables that are not compile options: Q3N_COMMIT names the commit result files record
+# (q3n_compile.compare.git_commit).
+_ENV_NOT_OPTIONS = frozenset({"Q3N_COMMIT"})
 
 
 def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for var, raw in environ.items():
-        if not var.startswith("Q3N_"):
+        if not var.startswith("Q3N_") or var in _ENV_NOT_OPTIONS:
             continue
         key = _ENV_ALIASES.get(var, var[4:].lower())
         if key not in _FIELDS:
