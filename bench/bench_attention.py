@@ -14,8 +14,14 @@ before each run; inputs are random, never zeros):
   sweep did not measure keep their current entries); ``--apply`` writes it into that file.
 - ``--decode``: one decode step, Sq = 1, B = 8, GQA 32/8, D = 128, L in {1k, 4k, 16k, 64k} keys:
   q3n's split-KV kernel against every SDPA backend available, in TB/s of K+V bytes read
-  (2*B*Hkv*L*D*2 bytes); plus a static cache (16k slots, 4k filled, bool mask) with and without
-  skipping masked keys. ``--decode-sweep`` also times decode tile/occupancy overrides.
+  (2*B*Hkv*L*D*2 bytes), each timed twice: do_bench (a Python call per step, host overhead
+  included where it exceeds the GPU time) and from a CUDA graph of 20 calls (``graph``: the
+  kernels alone, as a captured decode step runs them; the calls cycle through enough input
+  copies to exceed L2 three times, so no call finds its K/V in L2). ``host us``: wall time per
+  call of 200 back-to-back calls (the op; under inference_mode; q3n's launcher without the
+  dispatcher). Plus a static cache (16k slots, 4k filled, bool mask) with and without skipping
+  masked keys. About a minute on an H200. ``--decode-sweep`` also times decode tile/occupancy
+  overrides (a few minutes more).
 
     python bench/bench_attention.py --out bench/results/attention-h200.json
     python bench/bench_attention.py --sweep --out sweep.json && \\
@@ -290,7 +296,77 @@ def decode_inputs(L, B=8, Hq=32, Hkv=8, D=128, seed=0):
     return q, k, v
 
 
+GRAPH_CALLS = 20
+GRAPH_REPLAYS = 15
+
+
+def _l2_bytes():
+    return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
+
+
+def input_sets(first, make, nbytes):
+    """``first`` and then ``make(1), make(2), ...``: enough input sets of ``nbytes`` each that
+    together they exceed L2 three times."""
+    n = max(1, math.ceil(3 * _l2_bytes() / max(nbytes, 1)))
+    return [first] + [make(i) for i in range(1, n)]
+
+
+def graph_ms(fns, context=None):
+    """Median ms per call of ``fns`` (cycled, GRAPH_CALLS calls) replayed from one CUDA graph:
+    the GPU time of the calls without the host's. ``context``: a context manager factory active
+    while warming up and capturing (an SDPA backend choice)."""
+    import contextlib
+
+    context = context or contextlib.nullcontext
+    calls = [fns[i % len(fns)] for i in range(max(GRAPH_CALLS, len(fns)))]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), context():
+        for fn in fns:  # compile / pick algorithms outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with context(), torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(GRAPH_REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(calls))
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def host_us(fn, n=200):
+    """Wall µs per call of n back-to-back calls: the host's cost per call as long as the GPU
+    keeps up (n is small enough that the launch queue never fills)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / n * 1e6
+
+
+def _in_inference_mode(fn):
+    def run():
+        with torch.inference_mode():
+            return fn()
+    return run
+
+
 def decode_row(L, sweep):
+    import contextlib
+
     B, Hq, Hkv, D = 8, 32, 8, 128
     q, k, v = decode_inputs(L, B, Hq, Hkv, D)
     nbytes = 2 * B * Hkv * L * D * 2
@@ -302,21 +378,40 @@ def decode_row(L, sweep):
     row = dict(L=L, B=B, Hq=Hq, Hkv=Hkv, D=D, Sq=1, kv_bytes=nbytes, plan=plan)
     row["q3n_ms"] = bench(ours)
     row["q3n_tbps"] = tbps(row["q3n_ms"])
+    sets = input_sets((q, k, v), lambda i: decode_inputs(L, B, Hq, Hkv, D, seed=100 + i),
+                      nbytes)
+    row["graph_input_sets"] = len(sets)
+    graph_fns = [lambda s=s: torch.ops.q3n.attention(s[0], s[1], s[2], None, None, False)
+                 for s in sets]
+    row["q3n_graph_ms"] = graph_ms(graph_fns)
+    row["q3n_graph_tbps"] = tbps(row["q3n_graph_ms"])
+    row["q3n_host_us"] = host_us(ours)
+    row["q3n_host_us_inference_mode"] = host_us(_in_inference_mode(ours))
+    row["q3n_host_us_launcher_only"] = host_us(
+        lambda: A._launch(q, k, v, None, None, False, False))
     want = None
     for name, backend in {"default": None, **DECODE_BACKENDS}.items():
         fn = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+        context = contextlib.nullcontext if backend is None else (
+            lambda backend=backend: sdpa_kernel(backend))
         try:
-            if backend is None:
+            with context():
                 res, ms = fn(), bench(fn)
-            else:
-                with sdpa_kernel(backend):
-                    res, ms = fn(), bench(fn)
+                if backend is None:
+                    row["sdpa_default_host_us"] = host_us(fn)
         except RuntimeError as exc:  # backend not available for this shape/build
             row[f"sdpa_{name}_ms"], row[f"sdpa_{name}_tbps"] = None, None
+            row[f"sdpa_{name}_graph_ms"], row[f"sdpa_{name}_graph_tbps"] = None, None
             row[f"sdpa_{name}_error"] = _err(exc)
             continue
         want = res if want is None else want
         row[f"sdpa_{name}_ms"], row[f"sdpa_{name}_tbps"] = ms, tbps(ms)
+        try:
+            gms = graph_ms([lambda s=s: F.scaled_dot_product_attention(
+                s[0], s[1], s[2], enable_gqa=True) for s in sets], context)
+        except RuntimeError as exc:  # e.g. a backend that cannot be captured
+            gms, row[f"sdpa_{name}_graph_error"] = None, _err(exc)
+        row[f"sdpa_{name}_graph_ms"], row[f"sdpa_{name}_graph_tbps"] = gms, tbps(gms)
     row["max_abs_err_vs_sdpa"] = (out.float() - want.float()).abs().max().item()
     if sweep:
         row["sweep"] = []
@@ -328,14 +423,17 @@ def decode_row(L, sweep):
             try:
                 err = (fn().float() - want.float()).abs().max().item()
                 ms = bench(fn, warmup=10, rep=40)
+                gms = graph_ms([lambda s=s: A._launch(s[0], s[1], s[2], None, None, False, False,
+                                                      decode=over) for s in sets])
             except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
                 row["sweep"].append(dict(over, error=_err(exc)))
                 continue
             p = AD.plan(B, Hq, Hkv, 1, L, D, D, q.dtype, False, mask_kind=0, interpreter=False,
                         device=q.device, overrides=over)
-            row["sweep"].append(dict(over, ms=ms, tbps=tbps(ms), max_abs_err=err,
+            row["sweep"].append(dict(over, ms=ms, tbps=tbps(ms), graph_ms=gms,
+                                     graph_tbps=tbps(gms), max_abs_err=err,
                                      splits=p["splits"], residency=p["residency"]))
-    del q, k, v, out
+    del q, k, v, out, sets, graph_fns
     torch.cuda.empty_cache()
     return row
 
@@ -355,48 +453,63 @@ def static_cache_row(slots=16384, filled=4096):
                       SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]):
         want = F.scaled_dot_product_attention(q, k[:, :, :filled], v[:, :, :filled],
                                               enable_gqa=True)
+    # Each input set is a whole cache (16k slots, 0.5 GB): one set already exceeds L2.
     for name, over in (("q3n", None), ("q3n_no_skip", dict(skip_dead=False))):
         fn = lambda: A._launch(q, k, v, keep, None, False, False, decode=over or {})  # noqa: E731
         row[f"{name}_max_abs_err"] = (fn().float() - want.float()).abs().max().item()
         row[f"{name}_ms"] = bench(fn)
         row[f"{name}_tbps"] = tbps(row[f"{name}_ms"])
+        row[f"{name}_graph_ms"] = graph_ms([fn])
+        row[f"{name}_graph_tbps"] = tbps(row[f"{name}_graph_ms"])
     try:
         fn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep,  # noqa: E731
                                                     enable_gqa=True)
         row["sdpa_ms"] = bench(fn)
         row["sdpa_tbps"] = tbps(row["sdpa_ms"])
+        row["sdpa_graph_ms"] = graph_ms([fn])
+        row["sdpa_graph_tbps"] = tbps(row["sdpa_graph_ms"])
     except RuntimeError as exc:
-        row["sdpa_ms"], row["sdpa_error"] = None, _err(exc)
+        row.setdefault("sdpa_ms", None)
+        row["sdpa_error"] = _err(exc)
     return row
 
 
 def run_decode(args):
     rows = []
     data = dict(environment(args.commit), mode="decode", dtype="bfloat16",
-                timer="triton.testing.do_bench median (L2 cleared per run)",
+                timer="triton.testing.do_bench median (L2 cleared per run); *_graph_*: median "
+                      f"per call of {GRAPH_CALLS} calls replayed from a CUDA graph, inputs "
+                      "cycled to exceed L2 3x; *_host_us: wall time per call of 200 calls",
                 tbps_formula="2*B*Hkv*L*D*2 bytes (K and V, bf16) / time", rows=rows,
                 static_cache=None)
-    print(f"{'L':>6} {'q3n TB/s':>9} " + " ".join(f"{n:>9}" for n in ("default", *DECODE_BACKENDS))
-          + "   err      splits")
-    fmt = lambda x: "      -  " if x is None else f"{x:9.2f}"  # noqa: E731
+    names = ("default", *DECODE_BACKENDS)
+    print("TB/s of K+V bytes: do_bench / CUDA graph; host: us per call (op, inference_mode, "
+          "launcher only; SDPA default)")
+    print(f"{'L':>6} {'q3n':>11} " + " ".join(f"{n:>11}" for n in names)
+          + "  host us: q3n  inf  launch sdpa   err   splits")
+    fmt = lambda x: "   -" if x is None else f"{x:4.2f}"  # noqa: E731
+    pair = lambda r, p: f"{fmt(r[p + '_tbps']):>5}/{fmt(r[p + '_graph_tbps']):<5}"  # noqa: E731
     for L in args.decode_lens:
         r = decode_row(L, args.decode_sweep)
         rows.append(r)
         write_json(args.out, data)  # after every row: a cut-short run keeps what it measured
-        print(f"{L:>6} {fmt(r['q3n_tbps'])} "
-              + " ".join(fmt(r[f"sdpa_{n}_tbps"]) for n in ("default", *DECODE_BACKENDS))
-              + f" {r['max_abs_err_vs_sdpa']:8.1e} {r['plan']['splits']:>4} "
+        host = (r["q3n_host_us"], r["q3n_host_us_inference_mode"], r["q3n_host_us_launcher_only"],
+                r.get("sdpa_default_host_us"))
+        print(f"{L:>6} {pair(r, 'q3n')} " + " ".join(pair(r, f"sdpa_{n}") for n in names)
+              + "  " + " ".join("  -" if h is None else f"{h:5.0f}" for h in host)
+              + f" {r['max_abs_err_vs_sdpa']:8.1e} {r['plan']['splits']:>3} "
               f"({r['plan']['residency']})", flush=True)
         for s in r.get("sweep", []):
             print(f"       sweep BLOCK_N={s['BLOCK_N']:>3} stages={s['num_stages']} "
                   f"per_sm={s.get('programs_per_sm', 'auto')!s:>4}: "
-                  + (f"{s['tbps']:5.2f} TB/s splits {s['splits']}" if "tbps" in s
-                     else s["error"]), flush=True)
+                  + (f"{s['tbps']:5.2f} TB/s, graph {fmt(s['graph_tbps'])}, splits {s['splits']}"
+                     if "tbps" in s else s["error"]), flush=True)
     static = data["static_cache"] = static_cache_row()
     write_json(args.out, data)
-    print(f"static cache {static['slots']} slots, {static['filled']} filled (TB/s of filled K+V):"
-          f" q3n {static['q3n_tbps']:.2f}, without skipping {static['q3n_no_skip_tbps']:.2f}, "
-          f"SDPA with mask {fmt(static.get('sdpa_tbps'))}")
+    print(f"static cache {static['slots']} slots, {static['filled']} filled (TB/s of filled K+V,"
+          f" do_bench / graph): q3n {pair(static, 'q3n')}, without skipping "
+          f"{pair(static, 'q3n_no_skip')}, SDPA with mask {fmt(static.get('sdpa_tbps'))}/"
+          f"{fmt(static.get('sdpa_graph_tbps'))}")
 
 
 def main():
@@ -416,7 +529,7 @@ def main():
     ap.add_argument("--decode", action="store_true", help="decode bandwidth against SDPA")
     ap.add_argument("--decode-lens", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     ap.add_argument("--decode-sweep", action="store_true",
-                    help="with --decode: also time tile/occupancy overrides")
+                    help="with --decode: also time tile/occupancy overrides (minutes more)")
     ap.add_argument("--commit", default=None, help="commit recorded in the JSON (default: git)")
     args = ap.parse_args()
     args.seqs_given = args.seqs is not None

@@ -26,9 +26,15 @@ What this module guarantees:
 - With a mask, K/V rows of keys that no row of the tile keeps (False, or -inf) are not read
   (masked loads fetch nothing): a static KV cache whose unused tail is masked out costs the mask
   bytes there, not the K/V bytes. HF's additive ``finfo.min`` is finite, so such keys are read.
+- When the (batch, KV head, row block) triples alone fill one wave (large B*Hkv), there is one
+  split: a single kernel writes the output, no workspace, no merge. Otherwise the merge is a
+  second launch rather than fused into the split kernel (a last-arriving-program merge needs a
+  zeroed counter per call and cross-program memory ordering); the workspace is one fp32 buffer.
 - :func:`plan` is a function of the shapes, dtype, mask kind and device only (the occupancy it
   reads is cached per kernel variant): it is what the launch uses, so tests and reports can see
-  it (``splits``, ``chunk``, tiles).
+  it (``splits``, ``chunk``, tiles). :func:`prepare` turns a call signature into a
+  :class:`DecodeLaunch` (plan, grids, arguments, constexprs) that the op caches per signature;
+  a call then only allocates and launches (through ``contract.TritonLaunch``).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import triton
 import triton.language as tl
 
 from q3n_compile.kernels.attention_blocks import cdiv, pow2_at_least_16
+from q3n_compile.kernels.contract import TritonLaunch
 
 DECODE_MAX_SQ = 16
 # Under the interpreter the "GPU" is one CPU core: a few programs keep the tests fast while still
@@ -145,13 +152,13 @@ def _decode_blocks(acc, l_i, m_i, q, k_base, v_base, m_row_ptrs, row_ok, q_pos, 
 
 @triton.jit
 def decode_split_kernel(
-    Q, K, V, M, O, PART_ACC, PART_M, PART_L,
+    Q, K, V, M, O, PART,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
-    Hkv, Sq, key_end, chunk, n_splits, row_blocks, qk_scale,
+    Hkv, Sq, key_end, chunk, n_splits, row_blocks, part_m_offset, part_l_offset, qk_scale,
     GROUP: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, SKIP_DEAD: tl.constexpr,
@@ -166,8 +173,9 @@ def decode_split_kernel(
     m' = max(m, rowmax s); p = exp2(s - m'); l = l exp2(m - m') + rowsum p; acc = acc exp2(m - m')
     + p v), with p rounded to V's dtype for the second product. FINAL (one split): O = acc / l
     (0 where l = 0). Otherwise the fp32 triple (acc, m, l) of each row goes to the workspace for
-    decode_merge_kernel. ``key_end`` is Sk, or min(Sk, Sq) with top-left causality (query i sees
-    keys j <= i, so no later key matters).
+    decode_merge_kernel: one fp32 buffer PART holding acc [rows, splits, Dv] at 0, m [rows,
+    splits] at ``part_m_offset`` and l at ``part_l_offset`` (elements). ``key_end`` is Sk, or
+    min(Sk, Sq) with top-left causality (query i sees keys j <= i, so no later key matters).
 
     Traffic: K and V of the chunk once per row block, (chunk)*(D+Dv)*e bytes, minus the keys a
     mask drops for every row; the mask tile for the rows; Q once; writes BLOCK_R*(Dv+2)*4 bytes
@@ -227,14 +235,14 @@ def decode_split_kernel(
     else:
         # Flat (batch, query head, query position) row of the workspace: (b*Hq + head)*Sq + i.
         part = ((off_b * Hkv + off_g) * (GROUP * Sq) + rows) * n_splits + split
-        tl.store(PART_M + part, m_i, mask=row_ok)
-        tl.store(PART_L + part, l_i, mask=row_ok)
-        tl.store(PART_ACC + part[:, None] * HEAD_DV + offs_dv[None, :], acc,
+        tl.store(PART + part_m_offset + part, m_i, mask=row_ok)
+        tl.store(PART + part_l_offset + part, l_i, mask=row_ok)
+        tl.store(PART + part[:, None] * HEAD_DV + offs_dv[None, :], acc,
                  mask=row_ok[:, None] & dv_ok[None, :])
 
 
 @triton.jit
-def decode_merge_kernel(PART_ACC, PART_M, PART_L, O, Hq, Sq, n_splits,
+def decode_merge_kernel(PART, O, Hq, Sq, n_splits, part_m_offset, part_l_offset,
                         stride_ob, stride_oh, stride_om, stride_od,
                         HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr):
     """One program per output row (batch, query head, position): log-sum-exp merge of its splits.
@@ -257,9 +265,9 @@ def decode_merge_kernel(PART_ACC, PART_M, PART_L, O, Hq, Sq, n_splits,
         offs_s = s0 + tl.arange(0, BLOCK_S)
         s_ok = offs_s < n_splits
         part = row * n_splits + offs_s
-        m = tl.load(PART_M + part, mask=s_ok, other=float("-inf"))
-        l = tl.load(PART_L + part, mask=s_ok, other=0.0)
-        a = tl.load(PART_ACC + part[:, None] * HEAD_DV + offs_dv[None, :],
+        m = tl.load(PART + part_m_offset + part, mask=s_ok, other=float("-inf"))
+        l = tl.load(PART + part_l_offset + part, mask=s_ok, other=0.0)
+        a = tl.load(PART + part[:, None] * HEAD_DV + offs_dv[None, :],
                     mask=s_ok[:, None] & dv_ok[None, :], other=0.0)
         m_new = tl.maximum(m_run, tl.max(m, 0))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -331,13 +339,14 @@ def _compiled_resources(index: int, dtype: torch.dtype, mask_kind: int, consts: 
     """(shared bytes, registers per thread) of the split kernel compiled for these constexprs,
     without launching it (Triton caches the compile for the real launch)."""
     mask_dtype = {0: dtype, 1: torch.uint8, 2: dtype}[mask_kind]
-    f32 = torch.float32
     strides = (16, 16, 16, 1) * 5  # unit last dims, 16-aligned others: the common layouts
     with torch.cuda.device(index):
         kernel = decode_split_kernel.warmup(
-            dtype, dtype, dtype, mask_dtype, dtype, f32, f32, f32, *strides,
-            # Hkv, Sq (1: the decode step's specialisation), key_end, chunk, splits, row blocks
-            16, 1, 4096, 512, 2, 1, 0.1, grid=(1, 1, 1), OFFSETS_64=False, **consts)
+            dtype, dtype, dtype, mask_dtype, dtype, torch.float32, *strides,
+            # Hkv, Sq (1: the decode step's specialisation), key_end, chunk, splits, row blocks,
+            # the workspace's m and l offsets
+            16, 1, 4096, 512, 2, 1, 4096, 8192, 0.1, grid=(1, 1, 1), OFFSETS_64=False,
+            **consts)
         kernel._init_handles()
     return kernel.metadata.shared, kernel.n_regs
 
@@ -446,44 +455,91 @@ def _needs_64bit_offsets(k, v, m, plan_: dict) -> bool:
     return max(spans) >= 2**31
 
 
-def launch(q, k, v, m, mask_kind: int, out, qk_scale: float, causal: bool, interpreter: bool,
-           overrides: Optional[dict] = None) -> dict:
-    """Write attention(q, k, v) into ``out`` ([B, Hq, Sq, Dv], q's dtype); returns the plan.
+class DecodeLaunch:
+    """The decode kernels of one call signature, ready to launch: built once by :func:`prepare`
+    (the op caches it per signature), then ``launch(q, k, v, m, out)`` per call allocates the
+    workspace (more than one split) and launches the split kernel and, if needed, the merge."""
 
-    ``m`` is the mask as a [B, Hq, Sq, Sk] view (None or anything when ``mask_kind`` is 0),
-    ``mask_kind`` 0 none / 1 bool-as-uint8 / 2 additive; ``qk_scale`` is scale*log2(e).
-    """
+    __slots__ = ("plan", "final", "ws_numel", "split", "merge")
+
+    def __init__(self, plan_: dict, final: bool, ws_numel: int, split, merge):
+        self.plan, self.final, self.ws_numel, self.split, self.merge = (
+            plan_, final, ws_numel, split, merge)
+
+    def __call__(self, q, k, v, m, out):
+        if self.final:
+            self.split(q, k, v, m, out, out)  # FINAL stores the output; no workspace is touched
+            return
+        ws = torch.empty(self.ws_numel, dtype=torch.float32, device=out.device)
+        self.split(q, k, v, m, out, ws)
+        self.merge(ws, out)
+
+
+def _contiguous_strides(shape) -> tuple:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def prepare(q, k, v, m, mask_kind: int, qk_scale: float, causal: bool, interpreter: bool,
+            overrides: Optional[dict] = None, out_strides: Optional[tuple] = None
+            ) -> DecodeLaunch:
+    """Everything a decode call needs beyond its tensors' data: the plan, grids, scalar
+    arguments, constexprs, workspace size. Depends only on the shapes, strides, dtypes and
+    device of ``q, k, v, m`` (``m`` as in :func:`launch`), the flags and ``out_strides`` (those
+    of the output, contiguous [B, Hq, Sq, Dv] by default)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     p = plan(B, Hq, Hkv, Sq, Sk, D, Dv, q.dtype, causal, mask_kind=mask_kind,
              interpreter=interpreter, device=q.device, overrides=overrides)
     final = p["splits"] == 1
     rows_total = B * Hq * Sq
+    n_part = rows_total * p["splits"]
+    # One fp32 workspace: acc [rows, splits, Dv], then m and l [rows, splits].
+    m_offset, l_offset = n_part * Dv, n_part * (Dv + 1)
     if final:
-        part_acc = part_m = part_l = out  # never written: FINAL stores the output directly
-    else:
-        part_acc = torch.empty((rows_total, p["splits"], Dv), dtype=torch.float32,
-                               device=q.device)
-        part_ml = torch.empty((2, rows_total, p["splits"]), dtype=torch.float32, device=q.device)
-        part_m, part_l = part_ml[0], part_ml[1]
-    if not mask_kind:
-        m = q  # a valid pointer the kernel never reads
+        m_offset = l_offset = 0
+    if out_strides is None:
+        out_strides = _contiguous_strides((B, Hq, Sq, Dv))
     m_strides = m.stride() if mask_kind else (0, 0, 0, 0)
     consts = _constexprs(Hq // Hkv, D, Dv, q.dtype, mask_kind, causal, p["skip_dead"], final,
                          interpreter, p)
-    grid = (p["splits"], p["row_blocks"] * Hkv, B)
-    decode_split_kernel[grid](
-        q, k, v, m, out, part_acc, part_m, part_l,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
-        Hkv, Sq, p["key_end"], p["chunk"], p["splits"], p["row_blocks"], qk_scale,
-        OFFSETS_64=_needs_64bit_offsets(k, v, m if mask_kind else k, p), **consts,
-    )
+    options = dict(num_warps=consts.pop("num_warps"), num_stages=consts.pop("num_stages"))
+    consts["OFFSETS_64"] = _needs_64bit_offsets(k, v, m if mask_kind else k, p)
+    scalars = (*q.stride(), *k.stride(), *v.stride(), *m_strides, *out_strides,
+               Hkv, Sq, p["key_end"], p["chunk"], p["splits"], p["row_blocks"], m_offset,
+               l_offset, float(qk_scale))
+    fast = not interpreter
+    split = TritonLaunch(
+        decode_split_kernel, (p["splits"], p["row_blocks"] * Hkv, B),
+        TritonLaunch.ordered(decode_split_kernel, 6, scalars, consts), options, fast=fast)
+    merge = None
     if not final:
-        decode_merge_kernel[(rows_total,)](
-            part_acc, part_m, part_l, out, Hq, Sq, p["splits"], *out.stride(),
-            HEAD_DV=Dv, BLOCK_DV=pow2_at_least_16(Dv), BLOCK_S=_MERGE_BLOCK_S, num_warps=2,
-        )
-    return p
+        merge_consts = dict(HEAD_DV=Dv, BLOCK_DV=pow2_at_least_16(Dv), BLOCK_S=_MERGE_BLOCK_S)
+        merge = TritonLaunch(
+            decode_merge_kernel, (rows_total,),
+            TritonLaunch.ordered(decode_merge_kernel, 2,
+                                 (Hq, Sq, p["splits"], m_offset, l_offset, *out_strides),
+                                 merge_consts),
+            dict(num_warps=2), fast=fast)
+    return DecodeLaunch(p, final, n_part * (Dv + 2), split, merge)
+
+
+def launch(q, k, v, m, mask_kind: int, out, qk_scale: float, causal: bool, interpreter: bool,
+           overrides: Optional[dict] = None) -> dict:
+    """Write attention(q, k, v) into ``out`` ([B, Hq, Sq, Dv], q's dtype); returns the plan.
+
+    ``m`` is the mask as a [B, Hq, Sq, Sk] view (None or anything when ``mask_kind`` is 0),
+    ``mask_kind`` 0 none / 1 bool-as-uint8 / 2 additive; ``qk_scale`` is scale*log2(e).
+    (The op itself caches :func:`prepare`'s result per call signature; this is the uncached
+    form, for callers that hold their own output.)
+    """
+    run = prepare(q, k, v, m, mask_kind, qk_scale, causal, interpreter, overrides,
+                  out_strides=out.stride())
+    run(q, k, v, m if mask_kind else q, out)
+    return run.plan
 
 
 def describe(head_dim: int, dtype: torch.dtype, arch) -> dict:

@@ -188,7 +188,40 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
     stats.detail["masks_passed"] = sum(r["mask"] != "none" for r in rewrites)
     if sparse is not None:
         stats.detail["sparse"] = sparse.detail(rewrites)
+    stats.detail["blocks"] = _blocks_that_run(gm, kernel)
     return stats
+
+
+def _blocks_that_run(gm: GraphModule, kernel: Any) -> list[dict[str, Any]]:
+    """The launch choice of each distinct ``q3n::attention`` in the graph, for the report.
+
+    Blocks are chosen at run time from the actual key length (no recompile across lengths), so
+    what can be said at compile time is the rule: the length buckets and their tiles as sympy
+    expressions of the graph's key-length symbol, and the decode split rule.
+    """
+    from ..kernels import contract
+
+    seen: dict[tuple, dict[str, Any]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.q3n.attention.default:
+            continue
+        q, k = node.args[0].meta.get("val"), node.args[1].meta.get("val")
+        if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
+            continue
+        head_dim, causal = int(q.shape[-1]), bool(node.args[5]) if len(node.args) > 5 else False
+        key_len = k.shape[2]
+        symbol = str(key_len) if isinstance(key_len, torch.SymInt) else "Sk"
+        if q.device.type == "cuda":
+            arch = None  # the current CUDA device's
+        else:
+            arch = "interpreter" if contract.interpreter_enabled() else "reference"
+        key = (head_dim, q.dtype, causal, symbol, q.device.type)
+        if key not in seen:
+            seen[key] = {"head_dim": head_dim, "dtype": str(q.dtype).replace("torch.", ""),
+                         "causal": causal, "key_length": str(key_len), "layers": 0,
+                         "launch": kernel.describe_blocks(head_dim, q.dtype, causal, arch, symbol=symbol)}
+        seen[key]["layers"] += 1
+    return list(seen.values())
 
 
 @dataclasses.dataclass

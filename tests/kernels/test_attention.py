@@ -70,6 +70,15 @@ def _qkv(gen, B, Hq, Hkv, Sq, Sk, D, dtype, device="cpu", Dv=None):
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 
+
+@pytest.fixture
+def fresh_plans():
+    """Launch plans are cached per call signature: a test that patches a planning rule starts
+    and ends with none, so the patch applies and does not outlive the test."""
+    A.clear_plans()
+    yield
+    A.clear_plans()
+
 # (B, Hq, Hkv, Sq, Sk, D, dtype, causal); every length is off the 16-wide interpreter tiles.
 CPU_CASES = {
     "square_odd_f32": (2, 2, 2, 37, 37, 64, f32, False),
@@ -467,7 +476,7 @@ def test_gpu_offsets_past_int32():
     del wide, big
 
 
-def test_64bit_offsets_rule_and_path(monkeypatch):
+def test_64bit_offsets_rule_and_path(monkeypatch, fresh_plans):
     cfg = dict(BLOCK_M=128, BLOCK_N=64)
     meta = dict(device="meta", dtype=torch.bfloat16)
     q = torch.empty(1, 32, 4096, 128, **meta)

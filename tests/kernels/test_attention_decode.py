@@ -3,6 +3,7 @@
 CPU lane: Triton's interpreter on small shapes (16-key blocks, at most 32 rows per program, 8
 programs' worth of splits). GPU lane (-m gpu): realistic caches up to 64k keys."""
 
+import textwrap
 import zlib
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 from q3n_compile.kernels import attention as A
 from q3n_compile.kernels import attention_decode as AD
 
-from .test_attention import _check, _exact, _qkv, _randn, bf16, f16, f32
+from .subprocess_lane import run_without_interpreter
+from .test_attention import _check, _exact, _qkv, _randn, bf16, f16, f32, fresh_plans  # noqa: F401
 
 op = torch.ops.q3n.attention
 
@@ -64,11 +66,11 @@ def test_decode_against_float64(case):
     _check(q, k, v, mask, causal=causal)
 
 
-def test_dispatch_by_query_length(monkeypatch):
+def test_dispatch_by_query_length(monkeypatch, fresh_plans):
     gen = torch.Generator().manual_seed(20)
     calls = []
-    real = AD.launch
-    monkeypatch.setattr(AD, "launch", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    real = AD.prepare
+    monkeypatch.setattr(AD, "prepare", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
     for sq in (1, 16, 17):
         q, k, v = _qkv(gen, 1, 2, 1, sq, 40, 16, f32)
         assert A.uses_split_kv(q, k) == (sq <= 16)
@@ -244,7 +246,7 @@ def test_head_dim_256_and_empty_keys():
     assert out.shape == (1, 2, 2, 16) and out.abs().max() == 0  # as the reference and SDPA
 
 
-def test_64bit_key_offsets_rule_and_path(monkeypatch):
+def test_64bit_key_offsets_rule_and_path(monkeypatch, fresh_plans):
     meta = dict(device="meta", dtype=torch.bfloat16)
     p = dict(BLOCK_N=64)
     k = torch.empty(1, 8, 4096, 128, **meta)
@@ -261,6 +263,150 @@ def test_opcheck_decode_shapes():
     gen = torch.Generator().manual_seed(29)
     q, k, v = _qkv(gen, 1, 4, 1, 1, 37, 16, f32)
     torch.library.opcheck(op, (q, k, v, torch.rand(1, 37, generator=gen) > 0.2, None, False))
+
+
+# The launch fast path (contract.TritonLaunch), compiled for an H200 without one: a stand-in
+# driver reports an sm_90 device and records what each launch hands Triton's C launcher. The first
+# call of a signature goes through Triton's JITFunction; later calls must hand the launcher of
+# the same compiled variant exactly the same arguments, grid and stream. A new pointer alignment
+# is a new variant (Triton's path again); an installed launch hook forces Triton's path.
+FAST_LAUNCH_SCRIPT = textwrap.dedent(r'''
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    LAUNCHES = []
+
+
+    class Launcher:  # stands in for Triton's C launcher of one compiled variant: records the launch
+        def __init__(self, src, metadata):
+            self.name = src.fn.__name__
+
+        def __call__(self, gx, gy, gz, stream, function, packed, launch_meta, enter, exit_, *args):
+            if enter is not None:  # as the C launcher does
+                enter(launch_meta)
+            LAUNCHES.append(dict(name=self.name, variant=id(self), grid=(gx, gy, gz),
+                                 stream=stream, packed=packed, fast=enter is None, args=args))
+
+
+    class Utils:
+        def load_binary(self, name, kernel, shared, device):
+            return (1, 1, 64, 0, 1024)
+
+        def get_device_properties(self, device):
+            return {"max_shared_mem": 232448, "multiprocessor_count": 132}
+
+
+    class SM90:
+        utils, launcher_cls = Utils(), Launcher
+
+        def get_current_device(self): return 0
+        def get_current_stream(self, device=None): return 7
+        def get_current_target(self): return GPUTarget("cuda", 90, 32)
+        def get_active_torch_device(self): return torch.device("cpu")
+
+
+    driver.set_active(SM90())
+    torch.cuda.current_device = lambda: 0
+    from q3n_compile.kernels import attention as A, attention_blocks as AB  # noqa: E402
+    from q3n_compile.kernels import attention_decode as AD, contract  # noqa: E402
+
+    contract.backend_for = lambda device: "triton"  # CPU tensors take the CUDA path: compile only
+    AD._sm_count = lambda index: 132
+    AD._resident_per_sm = lambda *a: (3, "test")
+    AB.device_arch = lambda index: 9
+    _device_programs = AD._device_programs
+    AD._device_programs = lambda device, *a: _device_programs(torch.device("cuda", 0), *a)
+
+
+    def calls(inputs, causal, n=3):
+        """Launch records of n identical calls, per call; tensors named after the inputs."""
+        names = {t.data_ptr(): name for name, t in inputs.items() if t is not None}
+        per_call = []
+        for _ in range(n):
+            del LAUNCHES[:]
+            torch.ops.q3n.attention(inputs["q"], inputs["k"], inputs["v"], inputs["mask"], None,
+                                    causal)
+            for rec in LAUNCHES:
+                rec["args"] = tuple(
+                    (names.get(a.data_ptr(), "new"), a.dtype) if isinstance(a, torch.Tensor) else a
+                    for a in rec["args"])
+            per_call.append(list(LAUNCHES))
+        return per_call
+
+
+    def check(per_call, kernels):
+        first, *rest = per_call
+        assert [r["name"] for r in first] == kernels, first
+        assert not any(r["fast"] for r in first)  # Triton's own path: binds, compiles, launches
+        for later in rest:
+            assert all(r["fast"] for r in later)  # then the cached variant's launcher, directly
+            for a, b in zip(first, later):
+                assert {**a, "fast": None} == {**b, "fast": None}, (a, b)
+
+
+    g = torch.Generator().manual_seed(0)
+    bf16 = torch.bfloat16
+    B, Hq, Hkv, D, L = 2, 8, 2, 128, 1000
+    q = torch.randn(B, Hq, 1, D, generator=g).to(bf16)
+    k, v = (torch.randn(B, Hkv, L, D, generator=g).to(bf16) for _ in range(2))
+    split_merge = ["decode_split_kernel", "decode_merge_kernel"]
+    check(calls(dict(q=q, k=k, v=v, mask=None), False), split_merge)
+    keep = torch.rand(B, 1, 1, L, generator=g) > 0.2
+    check(calls(dict(q=q, k=k, v=v, mask=keep), False), split_merge)
+    # A misaligned K (2-byte offset, odd strides): another variant, compiled by Triton's path first.
+    k_odd = torch.randn(B, Hkv, L, D + 1, generator=g).to(bf16)[..., 1:]
+    per_call = calls(dict(q=q, k=k_odd, v=v, mask=keep), False)
+    check(per_call, split_merge)
+    aligned = calls(dict(q=q, k=k, v=v, mask=keep), False, n=1)[0]
+    assert per_call[0][0]["variant"] != aligned[0]["variant"] and aligned[0]["fast"]
+    # Prefill, causal, GQA.
+    qp, kp, vp = (torch.randn(1, h, 300, 64, generator=g).to(bf16) for h in (Hq, Hkv, Hkv))
+    check(calls(dict(q=qp, k=kp, v=vp, mask=None), True), ["attention_fwd_kernel"])
+    # A profiler's launch hook sees every launch: Triton's path again.
+    from triton import knobs  # noqa: E402
+
+    seen = []
+    knobs.runtime.launch_enter_hook.add(seen.append)
+    try:
+        again = calls(dict(q=qp, k=kp, v=vp, mask=None), True, n=1)[0]
+    finally:
+        knobs.runtime.launch_enter_hook.remove(seen.append)
+    assert len(seen) == 1 and not again[0]["fast"]
+    print("ok")
+''')
+
+
+def test_fast_launch_matches_tritons_own_launch():
+    run_without_interpreter(FAST_LAUNCH_SCRIPT)
+
+
+def test_launch_plans_are_cached_per_call_signature(fresh_plans):
+    gen = torch.Generator().manual_seed(35)
+    q, k, v = _qkv(gen, 1, 4, 1, 1, 40, 16, f16)
+    keep = torch.rand(1, 1, 1, 40, generator=gen) > 0.3
+    first = op(q, k, v, keep, None, False)
+    assert len(A._PLANS) == 1
+    (plan,) = A._PLANS.values()
+    assert plan.decode_plan["splits"] > 1 and plan.mask_kind == 1
+    # Same signature, other data: the cached plan, and the result of a fresh one.
+    q2 = _randn(gen, 1, 4, 1, 16, dtype=f16)
+    again = op(q2, k, v, keep, None, False)
+    assert len(A._PLANS) == 1
+    A.clear_plans()
+    torch.testing.assert_close(again, op(q2, k, v, keep, None, False), atol=0, rtol=0)
+    assert torch.equal(op(q, k, v, keep, None, False), first)
+    # What the plan depends on makes a new one: mask strides, scale, causality, Sk, dtype.
+    op(q, k, v, keep.expand(1, 4, 1, 40), None, False)
+    op(q, k, v, keep, 0.5, False)
+    op(q, k, v, keep, None, True)
+    op(q, k[:, :, :39], v[:, :, :39], keep[..., :39], None, False)
+    op(q.float(), k.float(), v.float(), keep, None, False)
+    assert len(A._PLANS) == 6
+    # A refused call is refused every time (nothing cached for it).
+    for _ in range(2):
+        with pytest.raises(ValueError, match="head dim"):
+            A._launch(q, k, v[..., :1].expand(1, 1, 40, 300), None, None, False, True)
 
 
 def test_describe_decode():
@@ -303,14 +449,64 @@ def test_gpu_decode_against_float64(case):
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_plan_uses_the_compiled_kernel_and_splits_long_caches():
-    gen = torch.Generator(device="cuda").manual_seed(30)
-    q, k, v = _qkv(gen, 1, 32, 8, 1, 65536, 128, bf16, device="cuda")
+    index = torch.cuda.current_device()
+    tiles = dict(AD._tiles(128, 128, bf16, False), BLOCK_R=16)
+    consts = AD._constexprs(4, 128, 128, bf16, 0, False, False, False, False, tiles)
+    # The probe itself, so a failure says why (the plan would quietly use the estimate).
+    shared, regs = AD._compiled_resources(index, bf16, 0, consts)
+    props = torch.cuda.get_device_properties(index)
+    assert 0 < shared <= getattr(props, "shared_memory_per_block_optin", 232448), shared
+    assert 0 < regs <= 255, regs
     p = AD.plan(1, 32, 8, 1, 65536, 128, 128, bf16, False, mask_kind=0, interpreter=False,
-                device=q.device)
-    assert "compiled kernel" in p["residency"], p  # the occupancy probe worked
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    assert p["splits"] * 8 >= sms, p  # batch 1 fills every SM
+                device=torch.device("cuda", index))
+    assert "compiled kernel" in p["residency"], p
+    per_sm = int(p["residency"].split()[0])
+    assert 1 <= per_sm <= 32 and p["target_programs"] == per_sm * props.multi_processor_count
+    assert p["splits"] * 8 >= props.multi_processor_count, p  # batch 1 fills every SM
     assert p["splits"] * 8 <= p["target_programs"]
+    # A batch that fills the GPU by itself is not split (one kernel, no merge).
+    full = -(-p["target_programs"] // 8)
+    assert AD.plan(full, 32, 8, 1, 4096, 128, 128, bf16, False, mask_kind=0, interpreter=False,
+                   device=torch.device("cuda", index))["splits"] == 1
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_cached_launches_repeat_realign_and_capture():
+    # The first call of a signature launches through Triton, later ones through the cached
+    # launcher (contract.TritonLaunch): same results, a misaligned view gets its own variant,
+    # and the cached launches capture into a CUDA graph that replays on new data.
+    gen = torch.Generator(device="cuda").manual_seed(34)
+    B, Hq, Hkv, S, D = 4, 32, 8, 3000, 128
+    q, k, v = _qkv(gen, B, Hq, Hkv, 1, S, D, bf16, device="cuda")
+    assert A._Plan(q, k, v, None, None, False, False, None, None).decode_plan["splits"] > 1
+    first = _check(q, k, v)
+    for _ in range(3):
+        assert torch.equal(op(q, k, v, None, None, False), first)
+    k_odd = _randn(gen, B, Hkv, S, D + 1, dtype=bf16, device="cuda")[..., 1:]  # 2-byte offset
+    assert k_odd.data_ptr() % 16
+    odd = _check(q, k_odd, v)
+    assert torch.equal(op(q, k_odd, v, None, None, False), odd)
+    keep = torch.arange(S, device="cuda")[None, None, None, :] < torch.tensor(
+        [3000, 17, 1500, 2999], device="cuda")[:, None, None, None]
+    masked = _check(q, k, v, keep)
+    static_q = q.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the capture stream, as torch requires
+        op(static_q, k, v, keep, None, False)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = op(static_q, k, v, keep, None, False)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, masked)
+    new_q = _randn(gen, B, Hq, 1, D, dtype=bf16, device="cuda")
+    static_q.copy_(new_q)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, op(new_q, k, v, keep, None, False))
 
 
 @pytest.mark.gpu

@@ -742,6 +742,14 @@ def test_dynamic_lengths_no_recompile(name):
         assert all(r["scale"] == 0.25 and not r["runtime_scale"] for r in rewrites)
         assert report["runtime"]["frozen_weights"]
         assert all(r["causal_from"] == "mask" and r["kv_unrepeated"] for r in rewrites)
+        # Which blocks run is chosen at run time from the key length: the report gives the rule
+        # as an expression of the graph's length symbol, once for the two identical layers.
+        (blocks,) = report["passes"]["attention"]["detail"]["blocks"]
+        assert blocks["layers"] == 2 and blocks["causal"] and blocks["head_dim"] == 16
+        symbol = blocks["key_length"]
+        assert symbol in report["dynamic_symbols"]
+        assert f"{symbol} <= 64" in blocks["launch"]["bucket_expr"]
+        assert blocks["launch"]["decode"]["when"].startswith("Sq <= 16")
     else:
         assert sorted(r["mask"] for r in rewrites) == ["additive", "none"]
         assert sorted(str(r["causal_from"]) for r in rewrites) == ["None", "flag"]
