@@ -13,7 +13,7 @@ from q3n_compile.kernels import attention as A
 from q3n_compile.kernels import attention_decode as AD
 
 from .subprocess_lane import run_without_interpreter
-from .test_attention import _check, _exact, _qkv, _randn, bf16, f16, f32, fresh_plans  # noqa: F401
+from .test_attention import TOL, _check, _exact, _qkv, _randn, bf16, f16, f32, fresh_plans  # noqa: F401
 
 op = torch.ops.q3n.attention
 
@@ -485,7 +485,11 @@ def test_gpu_cached_launches_repeat_realign_and_capture():
         assert torch.equal(op(q, k, v, None, None, False), first)
     k_odd = _randn(gen, B, Hkv, S, D + 1, dtype=bf16, device="cuda")[..., 1:]  # 2-byte offset
     assert k_odd.data_ptr() % 16
-    odd = _check(q, k_odd, v)
+    # Checked against float64 only: on the H200 (torch 2.11) SDPA's fused kernel faulted with
+    # "misaligned address" on this K, after q3n's result had already been read back and checked.
+    odd = op(q, k_odd, v, None, None, False)
+    err = (odd.double() - _exact(q, k_odd, v, None, None, False)).abs().max().item()
+    assert err <= TOL[bf16], err
     assert torch.equal(op(q, k_odd, v, None, None, False), odd)
     keep = torch.arange(S, device="cuda")[None, None, None, :] < torch.tensor(
         [3000, 17, 1500, 2999], device="cuda")[:, None, None, None]

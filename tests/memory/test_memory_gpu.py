@@ -54,7 +54,7 @@ def test_planned_dynamic_lengths_on_cuda():
     from torch._dynamo.utils import counters
 
     model = build_model("qwen3", "tiny", dtype=torch.float16, device="cuda")
-    compiled = torch.compile(model, backend="q3n", dynamic=True)
+    compiled = torch.compile(model, backend="q3n", dynamic=True, options={"executor": "q3n"})
     counters.clear()
     with torch.no_grad():
         for seq_len in (129, 200, 255, 1000):  # buckets 256, 256, 256, 1024
