@@ -5,7 +5,8 @@ before each run; inputs are random, never zeros):
 
 - default, prefill: B*S = 16384 tokens, H = 32, D in {64, 128}, causal and not (the shapes of
   /work/shared/baselines/h200-2026-11-28.json); each shape is checked against SDPA (max abs
-  error), then q3n, SDPA cuDNN and SDPA FlashAttention-2 are timed. TFLOP/s counts 4*B*H*S^2*D,
+  error), then q3n, SDPA cuDNN, FlashAttention-2 and memory-efficient, and FlexAttention
+  (``torch.compile``d, causal through a block mask) are timed. TFLOP/s counts 4*B*H*S^2*D,
   halved for causal.
 - ``--sweep``: for the same shapes (S = 64 ... 16384), time candidate (BLOCK_M, BLOCK_N, warps,
   stages) configs of the prefill kernel; writes after every shape, stops at ``--budget-s``.
@@ -33,6 +34,7 @@ Writes JSON (GPU, versions, commit, date, rows) to --out and prints a table.
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import re
@@ -56,7 +58,9 @@ from q3n_compile.kernels import attention_decode as AD  # noqa: E402
 
 TOKENS = 16384
 HEADS = 32
-SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
+PREFILL_PEERS = (*SDPA_BACKENDS, "flex")
 DECODE_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                    "cudnn": SDPBackend.CUDNN_ATTENTION}
 
@@ -132,18 +136,42 @@ def run_shape(S, D, causal):
         except RuntimeError as exc:  # backend not available for this shape/build
             row[f"{name}_ms"] = None
             row[f"{name}_error"] = _err(exc)
-    for name in ("q3n", *SDPA_BACKENDS):
+    try:
+        flex = _flex_attention(S, causal)
+        row["flex_ms"] = bench(lambda: flex(q, k, v))
+    except Exception as exc:  # noqa: BLE001 — a peer that cannot run is recorded, the rest runs
+        row["flex_ms"] = None
+        row["flex_error"] = _err(exc)
+    for name in ("q3n", *PREFILL_PEERS):
         row[f"{name}_tflops"] = tflops(row[f"{name}_ms"])
     del q, k, v, out, want
     torch.cuda.empty_cache()
     return row
 
 
+def _flex_attention(S, causal):
+    """FlexAttention compiled once per shape (its block mask is built for the length), as its
+    docs recommend: ``torch.compile(flex_attention)`` with a causal ``mask_mod`` or none."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = _compiled_flex(flex_attention)
+    if not causal:
+        return lambda q, k, v: compiled(q, k, v)
+    mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, S, S,
+                             device="cuda")
+    return lambda q, k, v: compiled(q, k, v, block_mask=mask)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex(fn):
+    return torch.compile(fn, dynamic=False)
+
+
 def run_prefill(args):
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     rows = []
     print(f"{'D':>4} {'S':>6} {'B':>3} {'causal':>6} {'err':>8} {'q3n':>7} {'cudnn':>7} "
-          f"{'flash':>7}  TFLOP/s   {'q3n/flash':>9} {'q3n/cudnn':>9}")
+          f"{'flash':>7} {'effic.':>7} {'flex':>7}  TFLOP/s   {'q3n/flex':>9} {'q3n/cudnn':>9}")
     fmt = lambda x: "   -   " if x is None else f"{x:7.1f}"  # noqa: E731
     for D in args.dims:
         for S in args.seqs:
@@ -154,7 +182,8 @@ def run_prefill(args):
                     f"{r['q3n_tflops'] / r[other]:9.2f}")
                 print(f"{D:>4} {S:>6} {r['B']:>3} {str(causal):>6} {r['max_abs_err_vs_sdpa']:8.1e}"
                       f" {fmt(r['q3n_tflops'])} {fmt(r['cudnn_tflops'])} {fmt(r['flash_tflops'])}"
-                      f"           {ratio('flash_tflops')} {ratio('cudnn_tflops')}", flush=True)
+                      f" {fmt(r['efficient_tflops'])} {fmt(r['flex_tflops'])}"
+                      f"           {ratio('flex_tflops')} {ratio('cudnn_tflops')}", flush=True)
     write_json(args.out, dict(environment(args.commit), mode="prefill", dtype="bfloat16",
                               tokens=TOKENS, heads=HEADS,
                               timer="triton.testing.do_bench median",

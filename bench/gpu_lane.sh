@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU lane in one call of the device tool (an H200 with torch 2.11, triton 3.6, no network):
 # install, the tests marked gpu, then the benchmarks. Everything lands under $OUT (default ./gpu_out).
-#   bash bench/gpu_lane.sh [tests|attention|norm_linear|qlinear|memory|model|all]...
+#   bash bench/gpu_lane.sh [tests|attention|norm_linear|qlinear|memory|model|lossy|all]...
 # One step each call keeps a call under the device tool's 10 minutes; `all` does not fit in one.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -29,11 +29,19 @@ for step in $steps; do
     python3 bench/bench_qlinear.py --out "$OUT/qlinear-h200.json" 2>&1 | tee "$OUT/bench_qlinear.log" | tail -20
   fi
   if [[ $step == memory || $step == all ]]; then
-    python3 bench/bench_memory.py --out "$OUT/memory-h200.json" 2>&1 | tee "$OUT/bench_memory.log" | tail -20
+    python3 bench/bench_memory.py --seqs 512 2048 8192 16384 --backends eager,inductor,q3n,q3n-inductor \
+      --out "$OUT/memory-h200.json" 2>&1 | tee "$OUT/bench_memory.log" | tail -20
   fi
   if [[ $step == model || $step == all ]]; then
-    q3n bench --model qwen3 --size bench --device cuda --seq-len 512 2048 --decode-batch 1 8 \
-      --backends inductor,q3n,q3n+inductor --no-plot --out "$OUT/qwen3-bench" 2>&1 | tee "$OUT/bench_model.log" | tail -30
+    # Rows are saved as measured (results.partial.jsonl) if the call's time limit cuts the run.
+    q3n bench --model qwen3 --size bench --device cuda --seq-len 512 2048 8192 --decode-batch 1 8 \
+      --backends inductor,inductor-cudagraphs,q3n,q3n+cudagraphs --time-budget 2 \
+      --out "$OUT/qwen3-bench" 2>&1 | tee "$OUT/bench_model.log" | tail -30
+  fi
+  if [[ $step == lossy || $step == all ]]; then
+    q3n bench --model qwen3 --size bench --device cuda --seq-len 2048 8192 --no-decode \
+      --backends q3n+quant,q3n+sparse --time-budget 2 --out "$OUT/qwen3-bench-lossy" 2>&1 \
+      | tee "$OUT/bench_lossy.log" | tail -20
   fi
 done
 exit $status
