@@ -57,8 +57,6 @@ import triton.language as tl
 from q3n_compile.kernels import contract
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
 # Below this many key blocks (or at Sq <= DECODE_MAX_Q) the op runs dense attention.
 MIN_KEY_BLOCKS = 4
 DECODE_MAX_Q = 16
@@ -574,55 +572,14 @@ def _forward(q, k, v, mask, scale, is_causal, keep, min_mass, graph_id, layer, b
     return launch(q, k, v, mask, scale, is_causal, sel, interpreter=backend == "interpreter")
 
 
-def _known(cond) -> bool:
-    # Guard-free: on SymInts this answers from what the shape env already knows, adding no guard.
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-    return statically_known_true(cond)
-
-
 def supports(q, k, v, mask=None, scale=None, is_causal=False, keep=0.2, min_mass=0.95
              ) -> Optional[str]:
     """None if the op handles these arguments, else why not. Safe on FakeTensors (SymInt sizes:
     head dims/counts must be provably fine, batch and lengths only not provably wrong)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            return f"{name} must be 4-D [B, H, S, D], got {t.dim()}-D"
-    if q.dtype not in _DTYPES:
-        dtype = str(q.dtype).replace("torch.", "")
-        return f"dtype {dtype} not supported (float16, bfloat16, float32)"
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtypes differ: q {q.dtype}, k {k.dtype}, v {v.dtype}"
-    if not (q.device == k.device == v.device):
-        return f"devices differ: q {q.device}, k {k.device}, v {v.device}"
-    B, Hq, Sq, D = q.shape
-    Bk, Hkv, Sk, Dk = k.shape
-    Bv, Hv, Sv, Dv = v.shape
-    for what, d in (("head dim", D), ("v head dim", Dv)):
-        if not _known(d <= MAX_HEAD_DIM):
-            return f"{what} {d} > {MAX_HEAD_DIM}"
-        if not _known(d >= 1):
-            return f"{what} {d} is empty"
-    if not _known(Dk == D):
-        return f"k head dim {Dk} != q head dim {D}"
-    if _known(Bk != B) or _known(Bv != B):
-        return f"batch sizes differ: q {B}, k {Bk}, v {Bv}"
-    if _known(Sv != Sk) or _known(Hv != Hkv):
-        return f"k {tuple(k.shape)} and v {tuple(v.shape)} differ in heads or length"
-    if not (_known(Hkv >= 1) and _known(Hq % Hkv == 0)):
-        return f"Hq {Hq} not a multiple of Hkv {Hkv}"
-    if mask is not None:
-        if mask.dtype not in _MASK_DTYPES:
-            return f"mask dtype {str(mask.dtype).replace('torch.', '')} not supported"
-        if mask.device != q.device:
-            return f"mask on {mask.device}, q on {q.device}"
-        target = (B, Hq, Sq, Sk)
-        bad = mask.dim() > 4 or any(
-            not _known(m == 1) and _known(m != t)
-            for m, t in zip(reversed(tuple(mask.shape)), reversed(target)))
-        if bad:
-            return f"mask shape {tuple(mask.shape)} not broadcastable to [B, Hq, Sq, Sk] = {target}"
-    if scale is not None and not isinstance(scale, (int, float)):
-        return f"scale must be a Python number, got {type(scale).__name__}"
+    # The arguments the dense op takes are the sparse op's too: one check for both.
+    reason = _dense.supports(q, k, v, mask, scale, is_causal)
+    if reason is not None:
+        return reason
     if not (isinstance(keep, (int, float)) and 0 < keep <= 1):
         return f"keep={keep!r} must be a number in (0, 1] (the fraction of key blocks kept)"
     if not (isinstance(min_mass, (int, float)) and 0 <= min_mass <= 1):
