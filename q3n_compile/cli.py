@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import runpy
@@ -85,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--quiet", action="store_true", help="no progress lines")
 
     plot = sub.add_parser("plot", help="draw the PNG of a q3n bench results.json (needs matplotlib)")
-    plot.add_argument("results", help="a results.json written by q3n bench")
+    plot.add_argument("results", help="a results.json written by q3n bench, or the results.partial.jsonl "
+                                      "of a run that was stopped")
     plot.add_argument("--out", default=None, help="PNG path (default: results.png beside the JSON)")
 
     dump = sub.add_parser("dump", help="run SCRIPT.py with graph dumps on")
@@ -211,7 +213,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
     from .compare import (BACKEND_SETS, DEFAULT_BACKENDS_CPU, DEFAULT_BACKENDS_CUDA, bench, default_device,
-                          format_table, rows_as_json, write_outputs)
+                          format_table, git_commit, rows_as_json, write_outputs)
     from .config import Q3NConfig, Q3NConfigError
     from .hf_models import ModelLoadError, is_factory_spec
     from .models import HF_MODEL_NAMES, MODEL_NAMES, SIZES
@@ -292,7 +294,13 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     out = Path(args.out) if args.out else _default_out(model, args.size, device)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "results.partial.jsonl"
-    partial.write_text("")
+    # First line: what is known of the run before it starts (the full meta comes with results.json).
+    started = {"meta": {"label": f"{model}{'/' + args.size if model in MODEL_NAMES + HF_MODEL_NAMES else ''}",
+                        "device": device, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+                        "torch": torch.__version__, "commit": git_commit(),
+                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        "argv": sys.argv}}
+    partial.write_text(json.dumps(started) + "\n")
 
     def save_row(row) -> None:
         # One JSON line per measured row: a run stopped half-way still leaves its figures.
@@ -329,8 +337,6 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _default_out(model: str, size: str, device: str) -> Path:
-    import datetime
-
     slug = Path(model).name if os.path.isdir(model) else model.replace(":", "-").replace("/", "-")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("q3n_bench") / f"{slug}-{size}-{device}-{stamp}"
@@ -341,7 +347,14 @@ def _plot(args: argparse.Namespace) -> int:
 
     path = Path(args.results)
     try:
-        data = json.loads(path.read_text())
+        if path.suffix == ".jsonl":
+            # The rows a run saved as it measured them (results.partial.jsonl): no run metadata.
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            meta = dict(lines[0]["meta"]) if lines and "meta" in lines[0] else {}
+            meta["label"] = f"{meta.get('label', path.name)} (rows saved during a run)"
+            data = {"meta": meta, "rows": [r for r in lines if "meta" not in r]}
+        else:
+            data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         print(f"q3n plot: cannot read {path}: {err}", file=sys.stderr)
         return 2

@@ -79,10 +79,14 @@ def test_bench_keeps_measured_rows_when_stopped_before_the_end(tmp_path, monkeyp
         main(["bench", "--model", "qwen3", "--size", "tiny", "--device", "cpu", "--backends", "q3n",
               "--seq-len", "8", "--no-decode", "--repeats", "2", "--warmup", "1", "--quiet", "--out", str(out)])
     assert not (out / "results.json").exists()
-    lines = (out / "results.partial.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines]
+    partial = out / "results.partial.jsonl"
+    header, *rows = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert header["meta"]["label"] == "qwen3/tiny" and header["meta"]["device"] == "cpu"
     assert [(r["backend"], r["phase"], r["seq_len"]) for r in rows] == [("eager", "prefill", 8), ("q3n", "prefill", 8)]
     assert all(r["latency_ms"] > 0 and r["error"] is None for r in rows)
+    # The saved rows draw as a plot like a finished run's JSON.
+    assert main(["plot", str(partial), "--out", str(tmp_path / "partial.png")]) == 0
+    assert (tmp_path / "partial.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_bench_without_matplotlib_still_writes_json_and_csv(tmp_path, capsys, monkeypatch):
