@@ -5,7 +5,9 @@
 
 The design's claim is that q3n needs less memory on long inputs (63% of the peak above 2048
 tokens): tiled attention never materialises the S x S scores, and the memory plan puts the
-intermediate buffers in one arena. On a GPU this script runs the bench's prefill phase at growing
+intermediate buffers in one arena (q3n's executor: `--backends inductor,q3n,q3n+arena` on a GPU,
+where the default executor hands the rest of the graph to Inductor, which measured leaner
+there). On a GPU this script runs the bench's prefill phase at growing
 lengths and prints the peak allocated memory and what was allocated above the weights and inputs
 (activations), per backend, and q3n's ratio to each. On a CPU torch cannot report a peak, so it
 prints q3n's own memory-plan figures from the report instead (arena against the naive sum of all
