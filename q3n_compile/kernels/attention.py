@@ -40,28 +40,13 @@ import triton
 import triton.language as tl
 
 from q3n_compile.kernels import attention_blocks, attention_decode, contract
+from q3n_compile.kernels.tiles import load_2d as _load_2d
 from q3n_compile.kernels.attention_decode import DECODE_MAX_SQ, uses_split_kv  # noqa: F401
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _load_2d(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
-    # Masks are only emitted where a tail can exist, so full tiles load unpredicated.
-    if CHECK_ROWS:
-        if CHECK_COLS:
-            x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        else:
-            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
-    else:
-        if CHECK_COLS:
-            x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            x = tl.load(ptrs)
-    return x
 
 
 @triton.jit

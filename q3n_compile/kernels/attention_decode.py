@@ -48,6 +48,7 @@ import triton.language as tl
 
 from q3n_compile.kernels.attention_blocks import cdiv, pow2_at_least_16
 from q3n_compile.kernels.contract import TritonLaunch
+from q3n_compile.kernels.tiles import load_2d as _load_2d
 
 DECODE_MAX_SQ = 16
 # Under the interpreter the "GPU" is one CPU core: a few programs keep the tests fast while still
@@ -58,22 +59,6 @@ _MERGE_BLOCK_S = 16
 _LOG2E = 1.4426950408889634
 _OVERRIDABLE = ("BLOCK_N", "num_warps", "num_stages", "max_rows", "programs_per_sm", "splits",
                 "skip_dead")
-
-
-@triton.jit
-def _load_2d(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
-    # As the prefill kernel's helper: predicates only where a tail (or a skipped key) can exist.
-    if CHECK_ROWS:
-        if CHECK_COLS:
-            x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        else:
-            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
-    else:
-        if CHECK_COLS:
-            x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            x = tl.load(ptrs)
-    return x
 
 
 @triton.jit

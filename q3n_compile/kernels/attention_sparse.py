@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 
 from q3n_compile.kernels import contract
+from q3n_compile.kernels.tiles import load_2d as _tile
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Below this many key blocks (or at Sq <= DECODE_MAX_Q) the op runs dense attention.
@@ -74,22 +75,6 @@ def block_size(device: torch.device) -> int:
 # --------------------------------------------------------------------------------------------
 # The Triton kernel
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tile(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
-    # Predicates only where a tail can exist: full tiles load unpredicated.
-    if CHECK_ROWS:
-        if CHECK_COLS:
-            x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        else:
-            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
-    else:
-        if CHECK_COLS:
-            x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            x = tl.load(ptrs)
-    return x
 
 
 @triton.jit
