@@ -35,7 +35,6 @@ from .config import Q3NConfig
 from .dump import GraphDumper
 from .memory.arena_runtime import attach as attach_memory
 from .memory.arena_runtime import cuda_graphs_status, memory_report
-from .memory.liveness import analyze
 from .passes.base import PassContext
 from .pipeline import run_pipeline
 from .quant.config import wants_example_inputs
@@ -114,8 +113,8 @@ def _compile_graph(
     )
     # A buffer the graph writes (a cache registered on the module) is state, not a weight: it
     # must never be folded as a constant.
-    for name in _written_inputs(graph):
-        static_values.pop(name, None)
+    for i in _written_inputs(graph):
+        static_values.pop(placeholders[i].name, None)
     fallbacks: list[dict[str, str]] = []
     if not aligned:
         fallbacks.append({
@@ -224,7 +223,7 @@ def _verify(
     # Inputs the graph writes (a KV cache) are given to each run as a copy: the user's tensor must
     # be written once, by the real call, and the two runs must start from the same state. Their
     # final states are compared as outputs too.
-    mutated = analyze(captured, inplace=False).mutated_inputs
+    mutated = _written_inputs(captured)
     # The compiler is called inside AOTAutograd's fake mode; the check must run on real tensors.
     with unset_fake_temporarily(), torch.no_grad():
         def run(fn: Callable) -> list[Any]:
@@ -299,13 +298,16 @@ def _devices(args: Sequence[Any]) -> set[str]:
     return {a.device.type for a in args if isinstance(a, torch.Tensor)}
 
 
-def _written_inputs(gm: torch.fx.GraphModule) -> set[str]:
-    """Placeholders the graph mutates: AOTAutograd writes them back with ``copy_``."""
-    return {
-        n.args[0].name for n in gm.graph.nodes
+def _written_inputs(gm: torch.fx.GraphModule) -> list[int]:
+    """Positions of the placeholders the captured (functional) graph mutates: AOTAutograd writes
+    each of them back with one ``copy_`` into the placeholder."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    written = {
+        n.args[0] for n in gm.graph.nodes
         if n.op == "call_function" and n.target is torch.ops.aten.copy_.default
         and isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "placeholder"
     }
+    return [i for i, p in enumerate(placeholders) if p in written]
 
 
 def _describe_input(value: Any) -> str:
