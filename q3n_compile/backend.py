@@ -36,6 +36,7 @@ from .dump import GraphDumper
 from .memory.arena_runtime import attach as attach_memory
 from .memory.arena_runtime import cuda_graphs_status, memory_report
 from .passes.base import PassContext
+from .passes.matching import written_placeholders
 from .pipeline import run_pipeline
 from .quant.config import wants_example_inputs
 from .report import next_graph_id, op_counts, publish
@@ -113,7 +114,7 @@ def _compile_graph(
     )
     # A buffer the graph writes (a cache registered on the module) is state, not a weight: it
     # must never be folded as a constant.
-    for i in _written_inputs(graph):
+    for i in written_placeholders(graph):
         static_values.pop(placeholders[i].name, None)
     fallbacks: list[dict[str, str]] = []
     if not aligned:
@@ -223,7 +224,7 @@ def _verify(
     # Inputs the graph writes (a KV cache) are given to each run as a copy: the user's tensor must
     # be written once, by the real call, and the two runs must start from the same state. Their
     # final states are compared as outputs too.
-    mutated = _written_inputs(captured)
+    mutated = sorted(written_placeholders(captured))
     # The compiler is called inside AOTAutograd's fake mode; the check must run on real tensors.
     with unset_fake_temporarily(), torch.no_grad():
         def run(fn: Callable) -> list[Any]:
@@ -296,18 +297,6 @@ def _static_values(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> d
 
 def _devices(args: Sequence[Any]) -> set[str]:
     return {a.device.type for a in args if isinstance(a, torch.Tensor)}
-
-
-def _written_inputs(gm: torch.fx.GraphModule) -> list[int]:
-    """Positions of the placeholders the captured (functional) graph mutates: AOTAutograd writes
-    each of them back with one ``copy_`` into the placeholder."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    written = {
-        n.args[0] for n in gm.graph.nodes
-        if n.op == "call_function" and n.target is torch.ops.aten.copy_.default
-        and isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "placeholder"
-    }
-    return [i for i, p in enumerate(placeholders) if p in written]
 
 
 def _describe_input(value: Any) -> str:

@@ -212,6 +212,32 @@ class Constants:
 # --------------------------------------------------------------------------------------------
 
 
+def written_placeholders(gm: GraphModule) -> set[int]:
+    """Positions of the placeholders some op of `gm` writes in place (directly or via a view)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    position = {n: i for i, n in enumerate(placeholders)}
+    written: set[int] = set()
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        for i, arg in enumerate(target._schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write:
+                continue
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            # Follow views back to what they view: writing a view writes its base.
+            for _ in range(16):
+                if not isinstance(value, torch.fx.Node) or value.op != "call_function":
+                    break
+                base_op = value.target
+                if not (isinstance(base_op, torch._ops.OpOverload) and base_op.is_view):
+                    break
+                value = value.args[0]
+            if isinstance(value, torch.fx.Node) and value in position:
+                written.add(position[value])
+    return written
+
+
 def fake_mode_for(gm: GraphModule, ctx: Any = None):
     """The fake mode the graph's FakeTensors belong to (the capture's), for new nodes' values."""
     mode = getattr(ctx, "fake_mode", None) if ctx is not None else None
@@ -612,5 +638,5 @@ __all__ = [
     "Affine", "CAST_OPS", "Constants", "IndexEvaluator", "IndexValue", "Pred", "SAME_VALUE_OPS", "VIEW_OPS",
     "add_node", "bind_args", "fake_mode_for", "index_value", "is_call", "is_noop_slice", "json_size",
     "known", "known_eq", "negate", "only_user", "round_to", "same_shape", "scalar_constant", "skip",
-    "tensor_val", "trivially_true", "val",
+    "tensor_val", "trivially_true", "val", "written_placeholders",
 ]

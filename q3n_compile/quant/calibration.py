@@ -42,6 +42,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from ..passes.matching import written_placeholders
+
 _lock = threading.Lock()
 
 
@@ -207,32 +209,6 @@ class _Collector(torch.fx.Interpreter):
         return out
 
 
-def mutated_placeholders(gm: torch.fx.GraphModule) -> set[int]:
-    """Positions of the placeholders some op of `gm` writes in place (directly or via a view)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    position = {n: i for i, n in enumerate(placeholders)}
-    written: set[int] = set()
-    for node in gm.graph.nodes:
-        target = node.target
-        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
-            continue
-        for i, arg in enumerate(target._schema.arguments):
-            if arg.alias_info is None or not arg.alias_info.is_write:
-                continue
-            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-            # Follow views back to what they view: writing a view writes its base.
-            for _ in range(16):
-                if not isinstance(value, torch.fx.Node) or value.op != "call_function":
-                    break
-                base_op = value.target
-                if not (isinstance(base_op, torch._ops.OpOverload) and base_op.is_view):
-                    break
-                value = value.args[0]
-            if isinstance(value, torch.fx.Node) and value in position:
-                written.add(position[value])
-    return written
-
-
 @torch.no_grad()
 def collect_graph_stats(gm: torch.fx.GraphModule, inputs_nodes: Iterable[torch.fx.Node],
                         inputs: list, max_rows: int = 512) -> dict[torch.fx.Node, LayerStats]:
@@ -245,7 +221,7 @@ def collect_graph_stats(gm: torch.fx.GraphModule, inputs_nodes: Iterable[torch.f
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and node not in watch:
             watch[node] = LayerStats(int(val.shape[-1]), max_rows, source="example inputs")
-    written = mutated_placeholders(gm)
+    written = written_placeholders(gm)
     args = [a.clone() if i in written and isinstance(a, torch.Tensor) else a
             for i, a in enumerate(inputs)]
     _Collector(gm, watch).run(*args)
