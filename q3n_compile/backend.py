@@ -195,7 +195,8 @@ def _run_executor(
         return q3n_executor(graph, guard, config=config, static_inputs=sorted(static_values or {}),
                             fallbacks=fallbacks)
     try:
-        return inductor_executor(graph, fake_args, guard, autotune=config.autotune)
+        return inductor_executor(graph, fake_args, guard, autotune=config.autotune,
+                                 cuda_graphs=config.cuda_graphs)
     except Exception as err:
         if config.strict:
             raise

@@ -54,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--decode-steps", type=int, default=None,
                        help="timed decode steps (default: 16 on cpu; 32 on cuda)")
     bench.add_argument("--no-decode", action="store_true", help="skip the decode phase")
+    bench.add_argument("--no-prefill", action="store_true", help="skip the prefill phase")
     bench.add_argument("--generate", type=int, default=0, metavar="N",
                        help="also time transformers' model.generate of N new tokens (static cache) per backend")
     bench.add_argument("--generate-batch", type=int, default=None, metavar="B",
@@ -288,6 +289,8 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         torch.set_num_threads(args.threads)
     dynamic = {"true": True, "false": False, "auto": None}[args.dynamic]
     decode_batches = [] if args.no_decode else args.decode_batch
+    if args.no_prefill:
+        args.seq_len = []
     progress = None if args.quiet else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
     print(f"q3n bench: {model}{'/' + args.size if model in MODEL_NAMES + HF_MODEL_NAMES else ''} on {device}; "
           f"backends: eager, {', '.join(backends)}", file=sys.stderr, flush=True)

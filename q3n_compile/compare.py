@@ -73,7 +73,9 @@ BACKEND_SETS: dict[str, dict[str, Any]] = {
     "q3n+inductor": {"backend": "q3n", "options": {"executor": "inductor"}},
     "q3n+quant": {"backend": "q3n", "options": {"quant_config": QUANT_CONFIG}},
     "q3n+sparse": {"backend": "q3n", "options": {"attention": "sparse"}},
-    "q3n+cudagraphs": {"backend": "q3n", "options": {"executor": "q3n", "cuda_graphs": True}},
+    "q3n+cudagraphs": {"backend": "q3n", "options": {"cuda_graphs": True}},
+    "q3n+arena+cudagraphs": {"backend": "q3n", "options": {"executor": "q3n", "cuda_graphs": True}},
+    "q3n+inductor+cudagraphs": {"backend": "q3n", "options": {"executor": "inductor", "cuda_graphs": True}},
 }
 DEFAULT_BACKENDS_CUDA = ("inductor", "inductor-max-autotune", "q3n", "q3n+arena", "q3n+quant", "q3n+sparse")
 # On the CPU max-autotune only slows compilation down; CUDA graphs need a GPU; and q3n's passes with

@@ -4,7 +4,11 @@
   Triton on CUDA). Boxed calling convention, so AOTAutograd can free inputs early.
 - ``executor="inductor"``: the rewritten graph is re-traced with Inductor's decompositions (q3n's
   ops stay opaque custom ops) and compiled by Inductor's graph compiler for everything q3n did not
-  rewrite.
+  rewrite. With ``cuda_graphs=True`` Inductor's CUDA graph trees capture and replay it, as its
+  ``reduce-overhead`` mode does: weights (folded constants and parameters) and inputs Dynamo marked
+  static (a KV cache with ``mark_static_address``) are used at their address, so a graph that
+  writes such a cache in place is captured; other inputs are copied into the graph's buffers.
+  The compiled function's ``q3n_cuda_graphs`` says whether Inductor applied them or why not.
 - Weights folded at compile time are guarded: a compiled graph refuses to run after such a weight
   was changed in place or re-assigned, instead of silently computing with the old value.
 - :func:`verify_outputs` compares two graphs on concrete inputs with a dtype-aware tolerance.
@@ -83,6 +87,7 @@ def inductor_executor(
     *,
     is_backward: bool = False,
     autotune: bool = False,
+    cuda_graphs: bool = False,
 ) -> Callable:
     from torch._guards import detect_fake_mode
     from torch._inductor import config as inductor_config
@@ -99,10 +104,24 @@ def inductor_executor(
     # decomposed ATen, and q3n's passes ran before its decompositions on purpose.
     with fake_mode:
         decomposed = make_fx(gm, decomposition_table=select_decomp_table())(*fake_args)
-    patches = {"max_autotune": True} if autotune else {}
+    patches: dict[str, Any] = {"max_autotune": True} if autotune else {}
+    graph_kwargs: dict[str, Any] = {}
+    applied = None
+    on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in example_inputs)
+    if cuda_graphs and not is_backward and on_cuda:
+        from torch._inductor.cudagraph_utils import BoxedDeviceIndex
+        from torch._inductor.utils import BoxedBool
+
+        applied = BoxedBool(True)  # Inductor sets it False when it declines to capture
+        patches["triton.cudagraphs"] = True
+        graph_kwargs = dict(
+            cudagraphs=applied,
+            static_input_idxs=_static_input_indices(len(example_inputs), len(constants)),
+            boxed_forward_device_index=BoxedDeviceIndex(None),
+        )
     with inductor_config.patch(patches):
         compiled = compile_fx_inner(
-            decomposed, fake_args, is_inference=not is_backward, is_backward=is_backward
+            decomposed, fake_args, is_inference=not is_backward, is_backward=is_backward, **graph_kwargs
         )
 
     def run(args: list[Any]) -> Any:
@@ -113,7 +132,29 @@ def inductor_executor(
         return compiled(full)
 
     run._boxed_call = True  # type: ignore[attr-defined]
+    if cuda_graphs and not on_cuda:
+        run.q3n_cuda_graphs = "requested; only applies on CUDA (this graph runs on cpu)"  # type: ignore[attr-defined]
+    elif applied is not None:
+        run.q3n_cuda_graphs = (  # type: ignore[attr-defined]
+            "applied: Inductor's CUDA graph trees (weights and static inputs at their address)"
+            if applied else
+            "requested; not applied: Inductor declined to capture this graph (run with "
+            "TORCH_LOGS=perf_hints to see its reason, e.g. a CPU tensor or an input mutated in place "
+            "that is not marked static)"
+        )
     return run
+
+
+def _static_input_indices(n_inputs: int, n_constants: int) -> list[int]:
+    """Graph inputs CUDA graphs may use at their address: the ones Dynamo and AOTAutograd marked
+    static (parameters, buffers, tensors given to ``torch._dynamo.mark_static_address``) and the
+    constants the passes created, appended after the inputs. Anything else is copied into the
+    graph's own buffers before each replay."""
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    marked = list(context.fw_metadata.static_input_indices) if context and context.fw_metadata else []
+    return sorted({*(i for i in marked if i < n_inputs), *range(n_inputs, n_inputs + n_constants)})
 
 
 def _constants_as_inputs(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:

@@ -541,8 +541,9 @@ def memory_report(compiled: Any, passes: dict[str, Any]) -> dict[str, Any]:
 def cuda_graphs_status(compiled: Any, config: Any) -> str:
     if not getattr(config, "cuda_graphs", False):
         return "off"
-    if getattr(config, "executor", "q3n") != "q3n":
-        return "requested; not applied: CUDA graphs are applied by executor 'q3n'"
+    inductor_status = getattr(compiled, "q3n_cuda_graphs", None)
+    if inductor_status is not None:
+        return inductor_status
     rt = getattr(compiled, "q3n_memory", None)
     if rt is None:
         return "requested; not applied: the graph runs on the fallback executor"

@@ -130,6 +130,33 @@ def test_decode_with_cuda_graphs_writes_the_cache_in_place():
     assert report["passes"]["memory_plan"]["detail"]["input_mutations"]["rewritten"] == 2 * len(q3n_cache.keys)
 
 
+def test_decode_with_inductor_cuda_graphs_writes_the_cache_in_place():
+    """executor='inductor' + cuda_graphs: Inductor's CUDA graph trees capture the rewritten graph
+    with the static-address KV cache used in place (not copied), so replays write the caller's
+    cache and later steps see it."""
+    from q3n_compile.models import new_kv_cache
+
+    model = build_model("qwen3", "tiny", dtype=torch.float32, device="cuda")
+    compiled = torch.compile(model, backend="q3n", options={"executor": "inductor", "cuda_graphs": True})
+    ids = example_inputs("qwen3", model, 2, 9, device="cuda", seed=4)[0]
+    eager_cache, q3n_cache = new_kv_cache(model, 2, 32), new_kv_cache(model, 2, 32)
+    positions = [torch.tensor([p], device="cuda") for p in range(32)]
+    with torch.no_grad():
+        model(ids, kv_cache=eager_cache, cache_position=torch.arange(9, device="cuda"))
+        model(ids, kv_cache=q3n_cache, cache_position=torch.arange(9, device="cuda"))
+        token = ids[:, -1:]
+        for step in range(9, 17):
+            want = model(token, kv_cache=eager_cache, cache_position=positions[step])
+            got = compiled(token, kv_cache=q3n_cache, cache_position=positions[step]).clone()
+            assert _rel_err(got, want) < 1e-4, step
+            token = want.argmax(-1)
+    torch.testing.assert_close(q3n_cache.keys[-1], eager_cache.keys[-1], rtol=1e-4, atol=1e-4)
+    report = q3n_compile.reports()[-1]
+    assert report["executor"] == "inductor"
+    assert report["runtime"]["cuda_graphs"].startswith("applied: Inductor's CUDA graph trees"), report["runtime"]
+    assert report["passes"]["attention"]["rewritten"] == len(q3n_cache.keys)
+
+
 def test_cuda_graphs_input_copy_into_static_buffers():
     """The caller's tensor is copied into the graph's static input buffer; changing the caller's
     tensor in place afterwards changes the next result, as it would in eager."""
