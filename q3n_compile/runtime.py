@@ -7,7 +7,9 @@
   rewrite. With ``cuda_graphs=True`` Inductor's CUDA graph trees capture and replay it, as its
   ``reduce-overhead`` mode does: weights (folded constants and parameters) and inputs Dynamo marked
   static (a KV cache with ``mark_static_address``) are used at their address, so a graph that
-  writes such a cache in place is captured; other inputs are copied into the graph's buffers.
+  writes such a cache in place is captured; other inputs are copied into the graph's buffers, and
+  outputs are copied out of them (a result stays valid after later calls, unlike Inductor's own
+  ``reduce-overhead``).
   The compiled function's ``q3n_cuda_graphs`` says whether Inductor applied them or why not.
 - Weights folded at compile time are guarded: a compiled graph refuses to run after such a weight
   was changed in place or re-assigned, instead of silently computing with the old value.
@@ -129,7 +131,10 @@ def inductor_executor(
         full = list(args)
         args.clear()  # boxed convention: the callee owns (and may free) the inputs
         full.extend(constants)
-        return compiled(full)
+        if not applied:
+            return compiled(full)
+        inputs = {a.untyped_storage().data_ptr() for a in full if isinstance(a, torch.Tensor)}
+        return _own_outputs(compiled(full), inputs)
 
     run._boxed_call = True  # type: ignore[attr-defined]
     if cuda_graphs and not on_cuda:
@@ -143,6 +148,20 @@ def inductor_executor(
             "that is not marked static)"
         )
     return run
+
+
+def _own_outputs(outputs: Any, input_storages: set[int]) -> Any:
+    """Outputs copied out of the CUDA graph's memory pool, which its next replay overwrites (as
+    q3n's own capture does: a result stays valid however many calls follow). An output that is an
+    input's storage (a written cache) is the caller's tensor and is passed through."""
+    def own(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in input_storages:
+            return t.clone()
+        return t
+
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(own(t) for t in outputs)
+    return own(outputs)
 
 
 def _static_input_indices(n_inputs: int, n_constants: int) -> list[int]:

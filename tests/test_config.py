@@ -20,7 +20,8 @@ def test_defaults():
     ({}, {"cuda"}, "inductor"),
     ({}, {"cuda", "cpu"}, "inductor"),  # CPU scalars beside a CUDA graph
     ({}, {"cpu"}, "q3n"),
-    ({"cuda_graphs": True}, {"cuda"}, "q3n"),  # q3n's capture needs q3n's executor
+    ({"cuda_graphs": True}, {"cuda"}, "inductor"),  # Inductor's CUDA graph trees: faster decode
+    ({"cuda_graphs": True}, {"cpu"}, "q3n"),
     ({"executor": "q3n"}, {"cuda"}, "q3n"),
     ({"executor": "inductor"}, {"cpu"}, "inductor"),
 ])

@@ -334,7 +334,11 @@ def test_gpu_keep_one_and_locality(case):
     kept = _kept_sets(sel)
     assert all(b[0] == 0 and i in b for (_, _, i), b in kept.items())  # first and diagonal
     want = _blocks64(qs, ks, v, None, None, causal, kept, 64)
-    assert _err(out, want) <= TOL[dtype]
+    # The positional signal makes logits of ~100, not ~1 as with random q/k: a float32 kernel's
+    # rounding of q.k grows with that magnitude (error ~ eps * sum|q_i k_i|), so the bound does too.
+    kv_rep = ks.double().repeat_interleave(Hq // Hkv, dim=1)
+    logit_max = (qs.double() @ kv_rep.transpose(-1, -2)).abs().max().item() / math.sqrt(D)
+    assert _err(out, want) <= TOL[dtype] * max(1.0, logit_max / 10)
 
 
 @pytest.mark.gpu

@@ -66,9 +66,15 @@ def test_planned_dynamic_lengths_on_cuda():
     assert sorted(max(b["symbols"].values()) for b in memory["buckets"]) == [256, 1024]
 
 
-def test_cuda_graphs_replay_with_new_inputs():
+@pytest.mark.parametrize("executor", ["q3n", "auto"])
+def test_cuda_graphs_replay_with_new_inputs(executor):
+    """q3n's capture (executor 'q3n') and the default, mode='reduce-overhead' (Inductor's CUDA graph
+    trees over the rewritten graph): new inputs each call, and every result stays valid."""
     model = build_model("qwen3", "tiny", dtype=torch.float32, device="cuda")
-    compiled = torch.compile(model, backend="q3n", mode="reduce-overhead")
+    if executor == "q3n":
+        compiled = torch.compile(model, backend="q3n", options={"executor": "q3n", "cuda_graphs": True})
+    else:
+        compiled = torch.compile(model, backend="q3n", mode="reduce-overhead")
     results = []
     with torch.no_grad():
         for seed in range(5):  # warm-up, capture + replay, then replays; a new tensor each call
@@ -81,6 +87,10 @@ def test_cuda_graphs_replay_with_new_inputs():
     for got, want in results:  # outputs are cloned out of the graph: none was overwritten
         assert _rel_err(got, want) < 1e-4
     report = q3n_compile.reports()[0]
+    if executor == "auto":
+        assert report["executor"] == "inductor"
+        assert report["runtime"]["cuda_graphs"].startswith("applied: Inductor's CUDA graph trees")
+        return
     assert report["runtime"]["cuda_graphs"].startswith("on"), report["runtime"]
     stats = report["runtime"]["cuda_graph_stats"]
     assert stats["captured"] == 1 and stats["failed"] == [], stats
@@ -90,7 +100,7 @@ def test_cuda_graphs_replay_with_new_inputs():
 def test_cuda_graphs_capture_per_shape_and_without_a_plan():
     model = build_model("gpt2", "tiny", dtype=torch.float32, device="cuda")
     compiled = torch.compile(model, backend="q3n", dynamic=True,
-                             options={"cuda_graphs": True, "memory_plan": False})
+                             options={"executor": "q3n", "cuda_graphs": True, "memory_plan": False})
     with torch.no_grad():
         for _ in range(3):
             for seq_len in (17, 40):
@@ -107,7 +117,7 @@ def test_decode_with_cuda_graphs_writes_the_cache_in_place():
     from q3n_compile.models import new_kv_cache
 
     model = build_model("qwen3", "tiny", dtype=torch.float32, device="cuda")
-    compiled = torch.compile(model, backend="q3n", options={"cuda_graphs": True})
+    compiled = torch.compile(model, backend="q3n", options={"executor": "q3n", "cuda_graphs": True})
     ids = example_inputs("qwen3", model, 2, 9, device="cuda", seed=3)[0]
     eager_cache, q3n_cache = new_kv_cache(model, 2, 32), new_kv_cache(model, 2, 32)
     positions = [torch.tensor([p], device="cuda") for p in range(32)]
@@ -161,7 +171,7 @@ def test_cuda_graphs_input_copy_into_static_buffers():
     """The caller's tensor is copied into the graph's static input buffer; changing the caller's
     tensor in place afterwards changes the next result, as it would in eager."""
     model = build_model("llama", "tiny", dtype=torch.float32, device="cuda")
-    compiled = torch.compile(model, backend="q3n", options={"cuda_graphs": True})
+    compiled = torch.compile(model, backend="q3n", options={"executor": "q3n", "cuda_graphs": True})
     ids = example_inputs("llama", model, 1, 24, device="cuda", seed=0)[0]
     with torch.no_grad():
         for _ in range(3):
