@@ -10,6 +10,16 @@ before each run; inputs are random, never zeros):
   halved for causal.
 - ``--sweep``: for the same shapes (S = 64 ... 16384), time candidate (BLOCK_M, BLOCK_N, warps,
   stages) configs of the prefill kernel; writes after every shape, stops at ``--budget-s``.
+- ``--hopper-variants``: for the same prefill shapes, the table's config against the same tiles
+  with TMA loads (``tma``) and with TMA plus a warp-specialised key loop (``tma_ws``: BLOCK_M
+  128 and num_warps 4, the shape Triton 3.6 specialises on Hopper); either is retried with one
+  stage less if it does not fit shared memory. Each variant is checked against SDPA before it
+  is timed (warmup 10 ms, rep 40 ms: a few runs at S = 16384); one that fails to compile or run
+  is recorded with its ``error`` and the run goes on. Rows carry ``variant`` and what actually
+  ran (``ran``: a fallback to the pointer kernel, or TMA without warp specialisation, shows
+  there). The two variants need sm_90+ (before, only the table's config is timed, and the run
+  says so). About a minute on an H200, mostly compiles; stops starting shapes after
+  ``--budget-s`` (150 s).
 - ``--emit-table SWEEP.json``: print the ``TABLE_16BIT`` literal of
   q3n_compile/kernels/attention_blocks.py from a sweep (fastest config per bucket; buckets the
   sweep did not measure keep their current entries); ``--apply`` writes it into that file.
@@ -28,6 +38,7 @@ before each run; inputs are random, never zeros):
     python bench/bench_attention.py --sweep --out sweep.json && \\
         python bench/bench_attention.py --emit-table sweep.json
     python bench/bench_attention.py --decode --commit $(git rev-parse HEAD) --out decode.json
+    python bench/bench_attention.py --hopper-variants --out bench/results/attention-hopper.json
 
 Writes JSON (GPU, versions, commit, date, rows) to --out and prints a table.
 """
@@ -188,6 +199,137 @@ def run_prefill(args):
                               tokens=TOKENS, heads=HEADS,
                               timer="triton.testing.do_bench median",
                               tflops_formula="4*B*H*S^2*D, halved for causal", rows=rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hopper variants of the prefill kernel: TMA loads, warp-specialised key loop
+
+HOPPER_VARIANTS = ("default", "tma", "tma_ws")
+# A variant whose max |error| against SDPA exceeds this is reported wrong and not timed (the
+# sweep's threshold: bf16 attention of unit-normal inputs stays near 1e-2).
+MAX_ABS_ERR = 0.1
+
+
+def _fewer_stages_ladder(cfg):
+    """``cfg``, then one stage less: a variant's own shared memory (barriers, warp
+    specialisation's buffers) may not fit next to the table's stage count."""
+    return [cfg] + ([dict(cfg, num_stages=cfg["num_stages"] - 1)] if cfg["num_stages"] > 1
+                    else [])
+
+
+def hopper_variant_configs(table_cfg, capability_major):
+    """[(variant, [launch parameters to try in order])] for one shape: the table's config, the
+    same tiles with TMA, and TMA with warp specialisation. Triton 3.6 specialises a Hopper loop
+    only at num_warps = 4 and BLOCK_M = 128 (a TMA warpgroup and two 64-row consumer
+    warpgroups: 12 warps; see attention.warp_spec_refusal), so tma_ws runs those, with the
+    table's BLOCK_N and stages. Before sm_90 only the default."""
+    base = {k: table_cfg[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+    variants = [("default", [base])]
+    if capability_major < 9:
+        return variants
+    ws = dict(base, tma=True, warp_specialize=True, num_warps=4,
+              BLOCK_M=max(128, base["BLOCK_M"]))
+    return variants + [("tma", _fewer_stages_ladder(dict(base, tma=True))),
+                       ("tma_ws", _fewer_stages_ladder(ws))]
+
+
+def _variant_row(q, k, v, causal, want, flop, tries, reference_out):
+    """Check then time one variant: the first config of ``tries`` that compiles and runs."""
+    row, errors = {}, []
+    for cfg in tries:
+        fn = lambda cfg=cfg: A._launch(q, k, v, None, None, causal, False, blocks=cfg)  # noqa: E731
+        try:
+            ran = A.prefill_variant(q, k, v, None, None, causal, blocks=cfg)
+            out = fn()
+            err = (out.float() - want.float()).abs().max().item()
+            diff = None if reference_out is None else (
+                (out.float() - reference_out.float()).abs().max().item())
+        except Exception as exc:  # noqa: BLE001 - compile failure, out of shared memory, ...
+            errors.append(f"{cfg}: {_err(exc)}")
+            continue
+        row.update(blocks=cfg, ran=ran, max_abs_err_vs_sdpa=err, max_abs_diff_vs_default=diff)
+        if not err <= MAX_ABS_ERR:  # NaN included
+            row["error"] = f"wrong result: max abs err {err:.3g} vs SDPA"
+            return row, out
+        ms = bench(fn, warmup=10, rep=40)
+        row.update(ms=ms, tflops=flop / (ms * 1e-3) / 1e12)
+        return row, out
+    row.update(blocks=tries[-1], error="; ".join(errors))
+    return row, None
+
+
+def hopper_shape_rows(S, D, causal, capability_major):
+    """Rows (one per variant) for one prefill shape; ratios are against the default's TFLOP/s."""
+    B, q, k, v, flop = prefill_inputs(S, D, causal)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    table_cfg = A.choose_blocks(S, S, D, q.dtype, causal)
+    rows, default_out = [], None
+    for variant, tries in hopper_variant_configs(table_cfg, capability_major):
+        row, out = _variant_row(q, k, v, causal, want, flop, tries, default_out)
+        if variant == "default":
+            default_out = out
+        rows.append(dict(S=S, B=B, H=HEADS, D=D, causal=causal, variant=variant, **row))
+    base = rows[0].get("tflops")
+    for r in rows:
+        r["ratio_vs_default"] = r["tflops"] / base if base and r.get("tflops") else None
+    del q, k, v, want, default_out
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _hopper_cell(r, table_stages):
+    """A variant's TFLOP/s and ratio; ``!`` when the pointer kernel ran instead (a fallback),
+    ``-`` when it ran with one stage less than the table's config."""
+    if r is None:
+        return f"{'skipped':>17}"
+    if r.get("tflops") is None:
+        return f"{'error':>17}"
+    marks = ("!" if r.get("ran") and r["variant"] != "default" and not r["ran"]["tma"] else "")
+    marks += "-" if r["blocks"]["num_stages"] < table_stages else ""
+    ratio = "" if r["variant"] == "default" or r["ratio_vs_default"] is None else (
+        f" ({r['ratio_vs_default']:4.2f}x)")
+    return f"{r['tflops']:6.1f}{ratio}{marks}".rjust(17)
+
+
+def hopper_summary_line(rows):
+    """One printed line per shape: TFLOP/s per variant and its ratio to the default."""
+    r0 = rows[0]
+    stages = r0["blocks"]["num_stages"]
+    cells = [_hopper_cell(next((r for r in rows if r["variant"] == v), None), stages)
+             for v in HOPPER_VARIANTS]
+    return f"{r0['D']:>4} {r0['S']:>6} {str(r0['causal']):>6} " + " ".join(cells)
+
+
+def run_hopper_variants(args):
+    causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    major = torch.cuda.get_device_capability()[0]
+    data = dict(environment(args.commit), mode="hopper-variants", dtype="bfloat16",
+                tokens=TOKENS, heads=HEADS, variants=list(HOPPER_VARIANTS),
+                timer="triton.testing.do_bench median (warmup 10 ms, rep 40 ms)",
+                tflops_formula="4*B*H*S^2*D, halved for causal", rows=[], complete=False)
+    if major < 9:
+        print(f"sm_{major}x: the TMA and warp-specialised variants need sm_90+; they are "
+              "skipped, only the table's config is timed")
+    print("TFLOP/s (ratio to the table's config); ! = fell back to the pointer kernel, "
+          "- = one stage less; errors are in the JSON rows")
+    print(f"{'D':>4} {'S':>6} {'causal':>6} {'default':>17} {'tma':>17} {'tma_ws':>17}")
+    start = time.monotonic()
+    budget = 150.0 if args.budget_s is None else args.budget_s
+    for D in sorted(args.dims, reverse=True):
+        for causal in causals:
+            for S in args.seqs:
+                if time.monotonic() - start > budget:
+                    print(f"budget of {budget} s spent: stopping (JSON is partial)")
+                    write_json(args.out, data)
+                    return
+                rows = hopper_shape_rows(S, D, causal, major)
+                data["rows"].extend(rows)
+                write_json(args.out, data)
+                print(hopper_summary_line(rows) + f"  [{time.monotonic() - start:4.0f} s]",
+                      flush=True)
+    data["complete"] = True
+    write_json(args.out, data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,8 +691,12 @@ def main():
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     ap.add_argument("--sweep", action="store_true", help="time candidate prefill block configs")
-    ap.add_argument("--budget-s", type=float, default=200.0,
-                    help="--sweep stops starting new shapes after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="--sweep / --hopper-variants stop starting new shapes after this many "
+                         "seconds (default 200 / 150)")
+    ap.add_argument("--hopper-variants", action="store_true",
+                    help="time the prefill kernel's TMA and warp-specialised variants against "
+                         "the table's config")
     ap.add_argument("--emit-table", type=Path, nargs="+", metavar="SWEEP_JSON",
                     help="print the TABLE_16BIT literal from sweep JSON(s); no GPU needed")
     ap.add_argument("--apply", action="store_true",
@@ -575,7 +721,11 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU (except --emit-table)")
     if args.sweep:
+        if args.budget_s is None:
+            args.budget_s = 200.0
         run_sweep(args)
+    elif args.hopper_variants:
+        run_hopper_variants(args)
     elif args.decode:
         run_decode(args)
     else:

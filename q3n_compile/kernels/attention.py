@@ -22,6 +22,13 @@ What this module guarantees:
   of ``attention_decode`` (:func:`uses_split_kv`); longer queries run the prefill kernel below,
   with tiles from the length-bucketed table of ``attention_blocks`` (:func:`choose_blocks`).
   :func:`describe_blocks` says, JSON-serialisably, what both will choose.
+- The prefill kernel has an opt-in Hopper variant (TMA loads through in-kernel tensor
+  descriptors, optionally a warp-specialised key loop), asked for by the launch parameters'
+  ``tma`` / ``warp_specialize`` keys and off in every table entry, so the op's default launches
+  are the pointer kernel's, unchanged. Asked for where it cannot run (strides or pointers off the
+  16-byte rules, a GPU older than sm_90; warp specialisation with a mask), the call runs the
+  pointer kernel (or TMA without warp specialisation) instead: same result, no error.
+  :func:`prefill_variant` says which one a call runs and why.
 - Host cost: what a call needs besides its tensors' data (the ``supports`` verdict, decode plan
   or prefill tiles, grids, scalar arguments, constexprs, the 64-bit offsets rule) depends only on
   its signature (shapes, strides, dtypes, device, mask, scale, flags) and is computed once per
@@ -43,6 +50,11 @@ from q3n_compile.kernels import attention_blocks, attention_decode, contract
 from q3n_compile.kernels.tiles import load_2d as _load_2d
 from q3n_compile.kernels.attention_decode import DECODE_MAX_SQ, uses_split_kv  # noqa: F401
 
+try:  # where Triton keeps its launch-time allocator (Triton 3.x)
+    from triton.runtime import _allocation as _triton_allocation
+except ImportError:  # pragma: no cover - other Triton versions: always install ours
+    _triton_allocation = None
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -50,17 +62,25 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attn_inner(acc, l_i, m_i, q, k_base, v_base, m_ptrs, offs_m, row_ok, offs_n0,
+def _attn_inner(acc, l_i, m_i, q, k_src, v_src, m_ptrs, offs_m, row_ok, offs_n0,
                 offs_dk, dk_ok, offs_dv, dv_ok, stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_mn, Sk, qk_scale, lo, hi,
                 BLOCK_N: tl.constexpr, EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr,
                 MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
+                DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, TMA: tl.constexpr,
+                WARP_SPEC: tl.constexpr):
+    # k_src/v_src: tensor descriptors of this (batch, kv head)'s [Sk, D] K and V when TMA, else
+    # base pointers. tl.range without warp_specialize is the plain `range` loop (same IR).
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         offs_n = start_n + offs_n0
         n_ok = offs_n < Sk
-        k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
-                     n_ok, dk_ok, BOUNDARY, not EVEN_DK)
+        if TMA:
+            # Rows past Sk and columns past D come back as zeros (the descriptor's padding), as
+            # the pointer path's `other=0` gives them.
+            k = k_src.load([start_n, 0])
+        else:
+            k = _load_2d(k_src + offs_n[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
+                         n_ok, dk_ok, BOUNDARY, not EVEN_DK)
         if DOT_IN_FP32:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -90,8 +110,11 @@ def _attn_inner(acc, l_i, m_i, q, k_base, v_base, m_ptrs, offs_m, row_ok, offs_n
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                     n_ok, dv_ok, BOUNDARY, not EVEN_DV)
+        if TMA:
+            v = v_src.load([start_n, 0])
+        else:
+            v = _load_2d(v_src + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                         n_ok, dv_ok, BOUNDARY, not EVEN_DV)
         p = p.to(v.dtype)
         if DOT_IN_FP32:
             p = p.to(tl.float32)
@@ -113,7 +136,8 @@ def attention_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, OFFSETS_64: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, OFFSETS_64: tl.constexpr, TMA: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):
     """One program computes O for BLOCK_M query rows of one (batch, query head).
 
@@ -128,6 +152,15 @@ def attention_fwd_kernel(
 
     Causal: key blocks entirely above the diagonal are never visited; the causal and Sk-tail
     predicates are applied only to the last (diagonal/tail) blocks, the others run unmasked.
+
+    Hopper variant (off unless the launcher asks): TMA loads Q, K and V tiles through tensor
+    descriptors made in the kernel, whose zero padding past Sq, Sk and D gives the values the
+    pointer loads' `other=0` gives, so the math and its rounding are unchanged (bit-identical on
+    the interpreter). WARP_SPEC (with TMA) runs one `tl.range(warp_specialize=True)` loop over
+    all key blocks, each predicated (a no-op on full blocks); on Hopper Triton 3.6 turns a
+    4-warp, BLOCK_M = 128 kernel into 12 warps: a warpgroup issuing the TMA copies and two
+    consumer warpgroups of 64 rows each (the launcher keeps it off where it cannot). Same
+    traffic.
 
     Traffic (bytes, e = element size, GROUP = Hq / Hkv): reads Q once, B*Hq*Sq*D*e; reads K and V
     once per query block, B*Hq*ceil(Sq/BLOCK_M)*Sk*(D+Dv)*e (about half with causal), of which the
@@ -155,13 +188,27 @@ def attention_fwd_kernel(
     EVEN_DK: tl.constexpr = BLOCK_DK == HEAD_DK
     EVEN_DV: tl.constexpr = BLOCK_DV == HEAD_DV
 
-    q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
-              + offs_m[:, None] * stride_qm + offs_dk[None, :] * stride_qd)
-    q = _load_2d(q_ptrs, row_ok, dk_ok, True, not EVEN_DK)
+    # TMA: one 2-D descriptor per (batch, head) over its [S, D] rows, so any batch/head/row
+    # strides work (the launcher checked the 16-byte rules) and the row and head-dim tails are
+    # zero-padded by the descriptor instead of predicated. Built in the kernel (global scratch
+    # from triton.set_allocator): a launch passes the same pointers as the pointer kernel's.
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    if TMA:
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[Sq, HEAD_DK], strides=[stride_qm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_DK])
+        q = q_desc.load([start_m, 0])
+    else:
+        q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_dk[None, :] * stride_qd
+        q = _load_2d(q_ptrs, row_ok, dk_ok, True, not EVEN_DK)
     if DOT_IN_FP32:
         q = q.to(tl.float32)
-    k_base = K + off_b * stride_kb + off_hkv * stride_kh
-    v_base = V + off_b * stride_vb + off_hkv * stride_vh
+    k_src = K + off_b * stride_kb + off_hkv * stride_kh
+    v_src = V + off_b * stride_vb + off_hkv * stride_vh
+    if TMA:
+        k_src = tl.make_tensor_descriptor(k_src, shape=[Sk, HEAD_DK], strides=[stride_kn, 1],
+                                          block_shape=[BLOCK_N, BLOCK_DK])
+        v_src = tl.make_tensor_descriptor(v_src, shape=[Sk, HEAD_DV], strides=[stride_vn, 1],
+                                          block_shape=[BLOCK_N, BLOCK_DV])
     m_ptrs = M + off_b * stride_mb + off_h * stride_mh + offs_m[:, None] * stride_mm
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -175,14 +222,27 @@ def attention_fwd_kernel(
         hi = tl.minimum(Sk, start_m + BLOCK_M)
     else:
         hi = Sk
-    acc, l_i, m_i = _attn_inner(
-        acc, l_i, m_i, q, k_base, v_base, m_ptrs, offs_m, row_ok, offs_n0, offs_dk, dk_ok,
-        offs_dv, dv_ok, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, Sk, qk_scale,
-        0, lo, BLOCK_N, EVEN_DK, EVEN_DV, MASK_KIND, IS_CAUSAL, False, DOT_PRECISION, DOT_IN_FP32)
-    acc, l_i, m_i = _attn_inner(
-        acc, l_i, m_i, q, k_base, v_base, m_ptrs, offs_m, row_ok, offs_n0, offs_dk, dk_ok,
-        offs_dv, dv_ok, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, Sk, qk_scale,
-        lo, hi, BLOCK_N, EVEN_DK, EVEN_DV, MASK_KIND, IS_CAUSAL, True, DOT_PRECISION, DOT_IN_FP32)
+    if WARP_SPEC:
+        # One specialised loop over every key block, each predicated: Triton 3.6's Hopper warp
+        # specialisation fails to compile ("PassManager::run failed" in NVGPUWarpSpecialization)
+        # when any dot follows the specialised loop, so the diagonal/tail blocks cannot have a
+        # loop of their own.
+        acc, l_i, m_i = _attn_inner(
+            acc, l_i, m_i, q, k_src, v_src, m_ptrs, offs_m, row_ok, offs_n0, offs_dk, dk_ok,
+            offs_dv, dv_ok, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, Sk, qk_scale,
+            0, hi, BLOCK_N, EVEN_DK, EVEN_DV, MASK_KIND, IS_CAUSAL, True, DOT_PRECISION,
+            DOT_IN_FP32, TMA, True)
+    else:
+        acc, l_i, m_i = _attn_inner(
+            acc, l_i, m_i, q, k_src, v_src, m_ptrs, offs_m, row_ok, offs_n0, offs_dk, dk_ok,
+            offs_dv, dv_ok, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, Sk, qk_scale,
+            0, lo, BLOCK_N, EVEN_DK, EVEN_DV, MASK_KIND, IS_CAUSAL, False, DOT_PRECISION,
+            DOT_IN_FP32, TMA, False)
+        acc, l_i, m_i = _attn_inner(
+            acc, l_i, m_i, q, k_src, v_src, m_ptrs, offs_m, row_ok, offs_n0, offs_dk, dk_ok,
+            offs_dv, dv_ok, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, Sk, qk_scale,
+            lo, hi, BLOCK_N, EVEN_DK, EVEN_DV, MASK_KIND, IS_CAUSAL, True, DOT_PRECISION,
+            DOT_IN_FP32, TMA, False)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = (O + off_b * stride_ob + off_h * stride_oh
@@ -255,6 +315,148 @@ def _mask_view(mask, B, Hq, Sq, Sk):
 
 
 # ---------------------------------------------------------------------------------------------
+# The prefill kernel's Hopper variant: TMA loads, optionally a warp-specialised key loop
+#
+# Opt-in per launch through two optional keys of the launch parameters, ``tma`` and
+# ``warp_specialize`` (``_launch(blocks=...)``, the benchmark's ``--hopper-variants``; a table
+# entry could carry them too, and none does until H200 measurements say it is faster). What it
+# changes: Q, K and V tiles come through in-kernel tensor descriptors (on sm_90+ the TMA unit
+# copies them to shared memory; tails are zero-padded by the descriptor) instead of predicated
+# pointer loads; with ``warp_specialize`` the key loop is one `tl.range(warp_specialize=True)`
+# over all key blocks.
+# The mask (bool or additive), causality, GQA and the output store are the pointer kernel's, so
+# every case the op supports is served. When the inputs break a descriptor rule (unit last
+# stride, 16-byte aligned base pointers and strides, tiles <= 256 per dimension) or the GPU is
+# older than sm_90, the call runs the pointer kernel instead, silently and with its exact result;
+# where Triton 3.6 cannot (or would uselessly) warp-specialise the loop (`warp_spec_refusal`),
+# the TMA kernel runs without it. `prefill_variant` says which kernel a call runs and why.
+
+HOPPER_KEYS = ("tma", "warp_specialize")
+_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+_TMA_MAX_BOX = 256  # elements per dimension of one TMA copy
+
+
+def _hopper_request(cfg: dict) -> tuple:
+    """(tma, warp_specialize) asked for by launch parameters; ValueError for unknown keys (a
+    misspelt flag would otherwise time the default kernel under the variant's name)."""
+    unknown = set(cfg) - set(_TILE_KEYS) - set(HOPPER_KEYS)
+    if unknown:
+        raise ValueError(f"q3n::attention: unknown prefill launch parameters {sorted(unknown)}; "
+                         f"valid: {', '.join(_TILE_KEYS + HOPPER_KEYS)}")
+    tma, ws = bool(cfg.get("tma", False)), bool(cfg.get("warp_specialize", False))
+    if ws and not tma:
+        raise ValueError("q3n::attention: warp_specialize needs tma=True (the specialised loop "
+                         "partitions the descriptor loads from the math)")
+    return tma, ws
+
+
+def tma_refusal(q, k, v, cfg: dict, arch: Optional[int]) -> Optional[str]:
+    """None if the TMA variant can serve inputs with these shapes and strides, else why not.
+
+    ``arch``: the GPU's compute capability major, None under the interpreter (which runs
+    descriptors on any machine). The pointers' own 16-byte alignment can change from call to
+    call with the same strides, so it is checked per call (:class:`_HopperLaunch`).
+    """
+    if arch is not None and arch < 9:
+        return f"TMA needs sm_90 or newer, this GPU is sm_{arch}x"
+    if max(cfg["BLOCK_M"], cfg["BLOCK_N"]) > _TMA_MAX_BOX:
+        return f"tiles over {_TMA_MAX_BOX} rows do not fit one TMA copy"
+    if k.shape[2] == 0:
+        return "no keys (a descriptor cannot describe an empty tensor)"
+    e = q.element_size()
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(3) != 1 and t.shape[3] != 1:
+            return f"{name}'s head dim is strided ({t.stride(3)}), descriptors need stride 1"
+        # The descriptor's row stride must be 16-byte aligned even for one row; batch and head
+        # strides only move the base pointer, which a size-1 dim never does.
+        if (t.stride(2) * e) % 16 or t.stride(2) * e >= 2**40:
+            return f"{name}'s row stride ({t.stride(2)} elements) is not a multiple of 16 bytes"
+        for dim, what in ((0, "batch"), (1, "head")):
+            if t.shape[dim] > 1 and (t.stride(dim) * e) % 16:
+                return (f"{name}'s {what} stride ({t.stride(dim)} elements) is not a multiple "
+                        "of 16 bytes")
+    return None
+
+
+def warp_spec_refusal(cfg: dict, dtype: torch.dtype, mask_kind: int,
+                      arch: Optional[int]) -> Optional[str]:
+    """None if the TMA kernel's key loop can be warp-specialised for these launch parameters,
+    else why not (the call then runs TMA alone). From sm_90 compiles with Triton 3.6 (no GPU
+    needed): a mask's pointer loads in the loop make the Hopper pass fail ("PassManager::run
+    failed"); on Hopper it only specialises 4-warp kernels (8 warps or fp32 compile to the plain
+    TMA kernel) and splits BLOCK_M across two consumer warpgroups of 64 rows (at BLOCK_M = 64
+    both compute the same rows: twice the work)."""
+    if mask_kind != 0:
+        return "warp_specialize is not used with a mask (Triton 3.6 cannot compile it)"
+    if arch == 9:
+        if cfg["num_warps"] != 4:
+            return "warp_specialize needs num_warps = 4 on Hopper (Triton 3.6 ignores it at 8)"
+        if cfg["BLOCK_M"] < 128:
+            return "warp_specialize needs BLOCK_M >= 128 on Hopper (two 64-row consumers)"
+        if dtype == torch.float32:
+            return "warp_specialize has no effect on fp32 on Hopper (Triton 3.6)"
+    return None
+
+
+def _misaligned(q, k, v) -> bool:
+    return bool((q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15)
+
+
+class _HopperLaunch:
+    """The TMA launch of a plan, with the pointer launch for calls whose tensors start off a
+    16-byte boundary (views with an odd storage offset); same call signature as TritonLaunch."""
+
+    __slots__ = ("hopper", "pointer", "cuda")
+
+    def __init__(self, hopper, pointer, *, cuda: bool):
+        self.hopper, self.pointer, self.cuda = hopper, pointer, cuda
+
+    def __call__(self, q, k, v, m, out):
+        if _misaligned(q, k, v):
+            self.pointer(q, k, v, m, out)
+            return
+        if self.cuda:
+            _ensure_scratch_allocator()
+        self.hopper(q, k, v, m, out)
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    # The in-kernel descriptors live in global scratch Triton asks for at each launch (128 bytes
+    # per descriptor and program). torch's caching allocator, on the current device and stream
+    # (the launch's), as Inductor's launchers do: cheap, stream-ordered, graph-capturable.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_scratch_allocator() -> None:
+    """Install :func:`_scratch` as Triton's allocator unless one is set. Triton keeps it in a
+    ContextVar, so this runs per call (~0.1 us): a thread or context that never set one would
+    otherwise fail the launch with "no allocator was set"."""
+    allocator = getattr(_triton_allocation, "_allocator", None)
+    if allocator is None or allocator.get() is getattr(_triton_allocation, "_NULL_ALLOCATOR",
+                                                       None):
+        triton.set_allocator(_scratch)
+
+
+def prefill_variant(q, k, v, mask=None, scale=None, is_causal=False, *, blocks=None) -> dict:
+    """Which prefill kernel a call with these arguments runs: ``{"tma": bool,
+    "warp_specialize": bool, "fallback": None or why the requested TMA variant is not used}``
+    (None for a call that runs no prefill kernel: decode, or an empty output). ``blocks`` as
+    for ``_launch``; the tensors' alignment is checked as a call would."""
+    backend = contract.backend_for(q.device)
+    if backend == "reference":
+        return None
+    interpreter = backend == "interpreter"
+    key = _plan_key(q, k, v, mask, scale, is_causal, interpreter, blocks, None)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = _Plan(q, k, v, mask, scale, is_causal, interpreter, blocks, None)
+    if plan.variant is None or not plan.variant["tma"] or not _misaligned(q, k, v):
+        return None if plan.variant is None else dict(plan.variant)
+    return dict(plan.variant, tma=False, warp_specialize=False,
+                fallback="a tensor's data does not start on a 16-byte boundary")
+
+
+# ---------------------------------------------------------------------------------------------
 # Launch: a plan per call signature
 #
 # A decode step's kernels run for ~10 µs, so the Python between the op's entry and the launches
@@ -292,7 +494,8 @@ def _plan_key(q, k, v, mask, scale, is_causal, interpreter, blocks, decode):
 class _Plan:
     """What one call signature needs beyond its tensors' data (see the section comment)."""
 
-    __slots__ = ("out_shape", "dtype", "device", "mask_kind", "run", "cacheable", "decode_plan")
+    __slots__ = ("out_shape", "dtype", "device", "mask_kind", "run", "cacheable", "decode_plan",
+                 "variant")
 
     def __init__(self, q, k, v, mask, scale, is_causal, interpreter, blocks, decode):
         reason = supports(q, k, v, mask, scale, is_causal)
@@ -309,7 +512,7 @@ class _Plan:
         self.out_shape = (B, Hq, Sq, Dv)
         self.dtype, self.device = q.dtype, q.device
         self.cacheable = True
-        self.run = self.decode_plan = None
+        self.run = self.decode_plan = self.variant = None
         self.mask_kind, m = _mask_view(mask, B, Hq, Sq, Sk)
         if B * Hq * Sq * Dv == 0:
             return  # nothing to compute: the call returns the empty output
@@ -328,13 +531,15 @@ class _Plan:
             m, m_strides = q, (0, 0, 0, 0)
         else:
             m_strides = m.stride()
+        arch = None
+        if not interpreter:
+            index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+            arch = attention_blocks.device_arch(index)
         if blocks is not None:
             cfg = blocks
         elif interpreter:
             cfg = choose_blocks(Sq, Sk, D, q.dtype, is_causal, interpreter=True)
         else:
-            index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-            arch = attention_blocks.device_arch(index)
             table_key = (attention_blocks.table_head_dim(D), attention_blocks.dtype_name(q.dtype),
                          bool(is_causal), int(arch))
             # An untabled GPU's blocks come from a timing, except during a CUDA graph capture
@@ -342,6 +547,7 @@ class _Plan:
             self.cacheable = (table_key in attention_blocks.BLOCK_TABLE
                               or not torch.cuda.is_current_stream_capturing())
             cfg = choose_blocks(Sq, Sk, D, q.dtype, is_causal, arch=arch, device=index)
+        want_tma, want_ws = _hopper_request(cfg)
         out_strides = attention_decode._contiguous_strides(self.out_shape)
         scalars = (*q.stride(), *k.stride(), *v.stride(), *m_strides, *out_strides,
                    Sq, Sk, qk_scale)
@@ -357,13 +563,29 @@ class _Plan:
             DOT_IN_FP32=interpreter and q.dtype == torch.bfloat16,
             OFFSETS_64=_needs_64bit_offsets(q, k, v, m, _Strided(self.out_shape, out_strides),
                                             cfg),
+            TMA=False, WARP_SPEC=False,
         )
         grid = (_cdiv(Sq, cfg["BLOCK_M"]), Hq, B)
-        return contract.TritonLaunch(
-            attention_fwd_kernel, grid,
-            contract.TritonLaunch.ordered(attention_fwd_kernel, 5, scalars, consts),
-            dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
-            fast=not interpreter)
+        options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+        def launch(**variant):
+            args = contract.TritonLaunch.ordered(attention_fwd_kernel, 5, scalars,
+                                                 dict(consts, **variant))
+            return contract.TritonLaunch(attention_fwd_kernel, grid, args, options,
+                                         fast=not interpreter)
+
+        pointer = launch()
+        self.variant = dict(tma=False, warp_specialize=False, fallback=None)
+        if not want_tma:
+            return pointer
+        refusal = tma_refusal(q, k, v, cfg, arch)
+        if refusal is not None:
+            self.variant["fallback"] = refusal
+            return pointer
+        ws_refusal = warp_spec_refusal(cfg, q.dtype, self.mask_kind, arch) if want_ws else None
+        ws = want_ws and ws_refusal is None
+        self.variant.update(tma=True, warp_specialize=ws, fallback=ws_refusal)
+        return _HopperLaunch(launch(TMA=True, WARP_SPEC=ws), pointer, cuda=not interpreter)
 
 
 class _Strided:
@@ -381,9 +603,11 @@ class _Strided:
 def _launch(q, k, v, mask, scale, is_causal, interpreter, blocks=None, decode=None):
     """Run the op's kernels: split-KV decode for Sq <= 16, else prefill.
 
-    ``blocks`` forces the prefill kernel with these parameters (the benchmark's sweep), instead of
-    :func:`choose_blocks`; ``decode`` forces the decode kernels with these plan overrides
-    (``attention_decode.plan``), whatever Sq is.
+    ``blocks`` forces the prefill kernel with these parameters (the benchmark's sweep and
+    ``--hopper-variants``), instead of :func:`choose_blocks`: ``BLOCK_M``, ``BLOCK_N``,
+    ``num_warps``, ``num_stages`` and, optionally, ``tma`` / ``warp_specialize`` (the Hopper
+    variant; :func:`prefill_variant` says whether it runs); ``decode`` forces the decode kernels
+    with these plan overrides (``attention_decode.plan``), whatever Sq is.
     """
     key = _plan_key(q, k, v, mask, scale, is_causal, interpreter, blocks, decode)
     plan = None if key is None else _PLANS.get(key)
