@@ -36,12 +36,11 @@ BACKENDS = {
 
 
 def _frame(frames: list[dict]) -> str:
-    """The innermost frame outside torch's own Python files: who asked for the tensor."""
+    """The innermost Python frame outside torch's own files: who asked for the tensor (C++ frames
+    and torch's Python are skipped; Inductor's generated code lives outside the torch package)."""
     for f in frames:
         name = f.get("filename", "")
-        if "/torch/" in name and "torchinductor" not in name and "/tmp" not in name:
-            continue
-        if name.startswith("??") or not name:
+        if not name.endswith(".py") or ("/torch/" in name and "/_inductor/" not in name):
             continue
         return f"{Path(name).name}:{f.get('line')}:{f.get('name')}"
     return "?"
@@ -50,7 +49,7 @@ def _frame(frames: list[dict]) -> str:
 def live_at_peak(fn, inputs) -> dict:
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
     with torch.no_grad():
         fn(*inputs)
     torch.cuda.synchronize()
@@ -90,9 +89,11 @@ def main() -> None:
     for name in args.backends.split(","):
         torch._dynamo.reset()
         spec = BACKENDS[name]
-        fn = model if spec is None else torch.compile(model, dynamic=True, **spec)
+        fn = model if spec is None else torch.compile(model, **spec)
         for seq in args.seq:
             inputs = example_inputs(args.model, model, 1, seq, device="cuda", seed=0)
+            for t in inputs:  # as bench_memory.py: the length dynamic, the batch static
+                torch._dynamo.mark_dynamic(t, 1)
             with torch.no_grad():
                 fn(*inputs), fn(*inputs)
             gc.collect()
