@@ -78,8 +78,11 @@ def build_planned_module(gm: torch.fx.GraphModule, plan: GraphMemoryPlan) -> tor
         node = nodes.get(v.node)
         if node is None:
             raise RuntimeError(f"planned node {v.node} is not in the graph (the graph changed after planning)")
-        with graph.inserting_before(node):
-            slot = graph.call_function(operator.getitem, (outs, v.index))
+        if v.inplace_arg is not None:
+            slot = nodes[v.inplace_arg]  # the dying input itself (see Value.inplace_arg)
+        else:
+            with graph.inserting_before(node):
+                slot = graph.call_function(operator.getitem, (outs, v.index))
         node.target = v.writer.target
         if v.writer.kind == "out":
             node.kwargs = {**node.kwargs, "out": slot}

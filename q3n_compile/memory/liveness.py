@@ -66,6 +66,11 @@ class Value:
     last_use: int
     group: int = -1
     inplace_of: str | None = None
+    # The argument node the in-place result overwrites (a view of `inplace_of`'s value, or that
+    # value itself): the planned op is given that very tensor as its output, not a second view of
+    # the same bytes, because ATen refuses an `out` whose strides differ from an input's over the
+    # same memory even where they differ only in size-1 dimensions ("partial overlap").
+    inplace_arg: str | None = None
 
 
 @dataclasses.dataclass
@@ -349,9 +354,10 @@ def analyze(gm: torch.fx.GraphModule, *, inplace: bool = True) -> MemorySpec:
         if inplace and v.writer.inplace_ok:
             target_group = _inplace_source(node, v, roots, value_of_storage, values, position, groups)
         if target_group is not None:
-            src_value, group = target_group
+            src_value, group, arg = target_group
             v.group = group.index
             v.inplace_of = values[src_value].node
+            v.inplace_arg = arg.name
             group.members.append(v.index)
             group.end = max(group.end, v.last_use)
         else:
@@ -399,7 +405,8 @@ def analyze(gm: torch.fx.GraphModule, *, inplace: bool = True) -> MemorySpec:
 
 
 def _inplace_source(node, v, roots, value_of_storage, values, position, groups):
-    """(value index, group) of a dying input `node` may overwrite with its result, or None."""
+    """(value index, group, argument node) of a dying input `node` may overwrite with its
+    result, or None."""
     here = position[node]
     tensor_args = [a for a in _node_args(node) if a in roots]
     for a in tensor_args:
@@ -425,7 +432,7 @@ def _inplace_source(node, v, roots, value_of_storage, values, position, groups):
         group = groups[sv.group]
         if group.end != here:
             continue
-        return src, group
+        return src, group, a
     return None
 
 

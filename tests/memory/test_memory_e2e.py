@@ -44,7 +44,7 @@ def _arena_range(rt):
     return [(t.data_ptr(), t.data_ptr() + t.numel()) for t in arenas.values()]
 
 
-@pytest.mark.parametrize("name", ["qwen3", "llama", "gpt2", "bert"])
+@pytest.mark.parametrize("name", ["qwen3", "llama", "gpt2", "bert", "qwen3-next"])
 def test_tiny_models_match_eager_with_the_plan(name, runtimes):
     model = build_model(name, "tiny")
     compiled = torch.compile(model, backend="q3n", options={"verify": True})
@@ -229,3 +229,26 @@ def test_a_runtime_that_cannot_be_built_falls_back(monkeypatch):
     report = q3n_compile.reports()[0]
     assert any("cannot generate" in f["reason"] for f in report["fallbacks"])
     assert report["memory"]["status"] == "not used"
+
+
+class _GatedDecayLike(torch.nn.Module):
+    """The pattern of Qwen3-Next's gated delta rule that broke the plan: an elementwise op written
+    in place over a dying input that is a view with size-1 dimensions of a transposed tensor."""
+
+    def forward(self, a, g):
+        t = (a * 2.0).transpose(1, 2).view(1, 4, 1, 64, 16)
+        return (t * g.cumsum(-1).exp().unsqueeze(-1)).sum(-1)
+
+
+def test_in_place_over_a_view_with_size_one_dims(runtimes):
+    # ATen refuses an `out` over an input's bytes whose stride vector differs even only in size-1
+    # dimensions (a "partial overlap"): the planned op must get that input tensor itself as `out`.
+    a = torch.randn(1, 64, 4, 16)
+    g = -torch.rand(1, 4, 1, 64)
+    model = _GatedDecayLike()
+    with torch.no_grad():
+        got = torch.compile(model, backend="q3n", options={"executor": "q3n", **NO_KERNELS})(a, g)
+    assert _rel_err(got, model(a, g)) < 1e-6
+    memory = q3n_compile.reports()[0]["memory"]
+    assert memory["status"] == "applied" and memory["inplace_count"] >= 1, memory
+    assert "out = view" in runtimes[-1].module.code
