@@ -126,6 +126,10 @@ def inductor_executor(
             decomposed, fake_args, is_inference=not is_backward, is_backward=is_backward, **graph_kwargs
         )
 
+    # Which outputs to copy out of the graph's pool: fixed by the graph, found on the first call
+    # (a per-call scan of every input's storage costs more host time than a decode step has).
+    copy_out: list[bool] = []
+
     def run(args: list[Any]) -> Any:
         guard.check()
         full = list(args)
@@ -133,8 +137,10 @@ def inductor_executor(
         full.extend(constants)
         if not applied:
             return compiled(full)
-        inputs = {a.untyped_storage().data_ptr() for a in full if isinstance(a, torch.Tensor)}
-        return _own_outputs(compiled(full), inputs)
+        outputs = compiled(full)
+        if not copy_out:
+            copy_out.extend(_outputs_to_copy(outputs, full))
+        return _copied(outputs, copy_out)
 
     run._boxed_call = True  # type: ignore[attr-defined]
     if cuda_graphs and not on_cuda:
@@ -150,18 +156,20 @@ def inductor_executor(
     return run
 
 
-def _own_outputs(outputs: Any, input_storages: set[int]) -> Any:
-    """Outputs copied out of the CUDA graph's memory pool, which its next replay overwrites (as
-    q3n's own capture does: a result stays valid however many calls follow). An output that is an
-    input's storage (a written cache) is the caller's tensor and is passed through."""
-    def own(t: Any) -> Any:
-        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in input_storages:
-            return t.clone()
-        return t
+def _outputs_to_copy(outputs: Any, inputs: list[Any]) -> list[bool]:
+    """Per output: True where it must be copied out of the CUDA graph's memory pool, which the
+    next replay overwrites (as q3n's own capture does: a result stays valid however many calls
+    follow); False for an output that is an input's storage (a written cache: the caller's
+    tensor) or not a tensor."""
+    storages = {a.untyped_storage().data_ptr() for a in inputs if isinstance(a, torch.Tensor)}
+    outs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    return [isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in storages for t in outs]
 
+
+def _copied(outputs: Any, copy_out: list[bool]) -> Any:
     if isinstance(outputs, (list, tuple)):
-        return type(outputs)(own(t) for t in outputs)
-    return own(outputs)
+        return type(outputs)(t.clone() if c else t for t, c in zip(outputs, copy_out))
+    return outputs.clone() if copy_out[0] else outputs
 
 
 def _static_input_indices(n_inputs: int, n_constants: int) -> list[int]:
