@@ -11,15 +11,15 @@ before each run; inputs are random, never zeros):
 - ``--sweep``: for the same shapes (S = 64 ... 16384), time candidate (BLOCK_M, BLOCK_N, warps,
   stages) configs of the prefill kernel; writes after every shape, stops at ``--budget-s``.
 - ``--hopper-variants``: for the same prefill shapes, the table's config against the same tiles
-  with TMA loads (``tma``) and with TMA plus a warp-specialised key loop (``tma_ws``: BLOCK_M
-  128 and num_warps 4, the shape Triton 3.6 specialises on Hopper); either is retried with one
-  stage less if it does not fit shared memory. Each variant is checked against SDPA before it
-  is timed (warmup 10 ms, rep 40 ms: a few runs at S = 16384); one that fails to compile or run
-  is recorded with its ``error`` and the run goes on. Rows carry ``variant`` and what actually
-  ran (``ran``: a fallback to the pointer kernel, or TMA without warp specialisation, shows
-  there). The two variants need sm_90+ (before, only the table's config is timed, and the run
-  says so). About a minute on an H200, mostly compiles; stops starting shapes after
-  ``--budget-s`` (150 s).
+  with TMA loads (``tma``), retried with one stage less if it does not fit shared memory. Each
+  variant is checked against SDPA before it is timed (warmup 10 ms, rep 40 ms: a few runs at
+  S = 16384); one that fails to compile or run is recorded with its ``error`` and the run goes
+  on. Rows carry ``variant`` and what actually ran (``ran``: a fallback to the pointer kernel
+  shows there). TMA needs sm_90+ (before, only the table's config is timed, and the run says
+  so). About a minute on an H200, mostly compiles; stops starting shapes after ``--budget-s``
+  (150 s). Measured on an H200 (2026-11-29, ``--seqs 1024 4096 16384``): TMA is correct but
+  0.79-1.00x the pointer kernel, so no table entry uses it; a warp-specialised variant
+  (``tma_ws``) gave NaN on 11 of 12 shapes and was removed.
 - ``--emit-table SWEEP.json``: print the ``TABLE_16BIT`` literal of
   q3n_compile/kernels/attention_blocks.py from a sweep (fastest config per bucket; buckets the
   sweep did not measure keep their current entries); ``--apply`` writes it into that file.
@@ -202,35 +202,30 @@ def run_prefill(args):
 
 
 # ---------------------------------------------------------------------------------------------
-# Hopper variants of the prefill kernel: TMA loads, warp-specialised key loop
+# Hopper variant of the prefill kernel: TMA loads (0.79-1.00x the pointer kernel on an H200,
+# 2026-11-29; the warp-specialised variant gave NaN there and was removed)
 
-HOPPER_VARIANTS = ("default", "tma", "tma_ws")
+HOPPER_VARIANTS = ("default", "tma")
 # A variant whose max |error| against SDPA exceeds this is reported wrong and not timed (the
 # sweep's threshold: bf16 attention of unit-normal inputs stays near 1e-2).
 MAX_ABS_ERR = 0.1
 
 
 def _fewer_stages_ladder(cfg):
-    """``cfg``, then one stage less: a variant's own shared memory (barriers, warp
-    specialisation's buffers) may not fit next to the table's stage count."""
+    """``cfg``, then one stage less: a variant's own shared memory (the TMA copies' barriers)
+    may not fit next to the table's stage count."""
     return [cfg] + ([dict(cfg, num_stages=cfg["num_stages"] - 1)] if cfg["num_stages"] > 1
                     else [])
 
 
 def hopper_variant_configs(table_cfg, capability_major):
-    """[(variant, [launch parameters to try in order])] for one shape: the table's config, the
-    same tiles with TMA, and TMA with warp specialisation. Triton 3.6 specialises a Hopper loop
-    only at num_warps = 4 and BLOCK_M = 128 (a TMA warpgroup and two 64-row consumer
-    warpgroups: 12 warps; see attention.warp_spec_refusal), so tma_ws runs those, with the
-    table's BLOCK_N and stages. Before sm_90 only the default."""
+    """[(variant, [launch parameters to try in order])] for one shape: the table's config and
+    the same tiles with TMA. Before sm_90 only the default."""
     base = {k: table_cfg[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
     variants = [("default", [base])]
     if capability_major < 9:
         return variants
-    ws = dict(base, tma=True, warp_specialize=True, num_warps=4,
-              BLOCK_M=max(128, base["BLOCK_M"]))
-    return variants + [("tma", _fewer_stages_ladder(dict(base, tma=True))),
-                       ("tma_ws", _fewer_stages_ladder(ws))]
+    return variants + [("tma", _fewer_stages_ladder(dict(base, tma=True)))]
 
 
 def _variant_row(q, k, v, causal, want, flop, tries, reference_out):
@@ -309,11 +304,11 @@ def run_hopper_variants(args):
                 timer="triton.testing.do_bench median (warmup 10 ms, rep 40 ms)",
                 tflops_formula="4*B*H*S^2*D, halved for causal", rows=[], complete=False)
     if major < 9:
-        print(f"sm_{major}x: the TMA and warp-specialised variants need sm_90+; they are "
-              "skipped, only the table's config is timed")
+        print(f"sm_{major}x: the TMA variant needs sm_90+; it is skipped, only the table's "
+              "config is timed")
     print("TFLOP/s (ratio to the table's config); ! = fell back to the pointer kernel, "
           "- = one stage less; errors are in the JSON rows")
-    print(f"{'D':>4} {'S':>6} {'causal':>6} {'default':>17} {'tma':>17} {'tma_ws':>17}")
+    print(f"{'D':>4} {'S':>6} {'causal':>6} {'default':>17} {'tma':>17}")
     start = time.monotonic()
     budget = 150.0 if args.budget_s is None else args.budget_s
     for D in sorted(args.dims, reverse=True):
@@ -695,8 +690,9 @@ def main():
                     help="--sweep / --hopper-variants stop starting new shapes after this many "
                          "seconds (default 200 / 150)")
     ap.add_argument("--hopper-variants", action="store_true",
-                    help="time the prefill kernel's TMA and warp-specialised variants against "
-                         "the table's config")
+                    help="time the prefill kernel's TMA variant against the table's config "
+                         "(H200, 2026-11-29: TMA 0.79-1.00x the pointer kernel, so no table "
+                         "entry uses it; the warp-specialised variant gave NaN and was removed)")
     ap.add_argument("--emit-table", type=Path, nargs="+", metavar="SWEEP_JSON",
                     help="print the TABLE_16BIT literal from sweep JSON(s); no GPU needed")
     ap.add_argument("--apply", action="store_true",

@@ -23,12 +23,14 @@ What this module guarantees:
   with tiles from the length-bucketed table of ``attention_blocks`` (:func:`choose_blocks`).
   :func:`describe_blocks` says, JSON-serialisably, what both will choose.
 - The prefill kernel has an opt-in Hopper variant (TMA loads through in-kernel tensor
-  descriptors, optionally a warp-specialised key loop), asked for by the launch parameters'
-  ``tma`` / ``warp_specialize`` keys and off in every table entry, so the op's default launches
-  are the pointer kernel's, unchanged. Asked for where it cannot run (strides or pointers off the
-  16-byte rules, a GPU older than sm_90; warp specialisation with a mask), the call runs the
-  pointer kernel (or TMA without warp specialisation) instead: same result, no error.
-  :func:`prefill_variant` says which one a call runs and why.
+  descriptors), asked for by the launch parameters' ``tma`` key and off in every table entry, so
+  the op's default launches are the pointer kernel's, unchanged. Asked for where it cannot run
+  (strides or pointers off the 16-byte rules, a GPU older than sm_90), the call runs the pointer
+  kernel instead: same result, no error. :func:`prefill_variant` says which one a call runs and
+  why. Measured on an H200 (torch 2.11, Triton 3.6, bf16, D 64/128, S 1k/4k/16k, causal and
+  not; 2026-11-29) it is correct but runs at 0.79-1.00x the pointer kernel's TFLOP/s, so no table
+  entry uses it. A warp-specialised key loop (``warp_specialize``) gave NaN on 11 of those 12
+  shapes and was removed; asking for it raises ``ValueError``.
 - Host cost: what a call needs besides its tensors' data (the ``supports`` verdict, decode plan
   or prefill tiles, grids, scalar arguments, constexprs, the 64-bit offsets rule) depends only on
   its signature (shapes, strides, dtypes, device, mask, scale, flags) and is computed once per
@@ -67,11 +69,10 @@ def _attn_inner(acc, l_i, m_i, q, k_src, v_src, m_ptrs, offs_m, row_ok, offs_n0,
                 stride_mn, Sk, qk_scale, lo, hi,
                 BLOCK_N: tl.constexpr, EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr,
                 MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, TMA: tl.constexpr,
-                WARP_SPEC: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, TMA: tl.constexpr):
     # k_src/v_src: tensor descriptors of this (batch, kv head)'s [Sk, D] K and V when TMA, else
-    # base pointers. tl.range without warp_specialize is the plain `range` loop (same IR).
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+    # base pointers.
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < Sk
         if TMA:
@@ -137,7 +138,6 @@ def attention_fwd_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, OFFSETS_64: tl.constexpr, TMA: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
 ):
     """One program computes O for BLOCK_M query rows of one (batch, query head).
 
@@ -156,11 +156,8 @@ def attention_fwd_kernel(
     Hopper variant (off unless the launcher asks): TMA loads Q, K and V tiles through tensor
     descriptors made in the kernel, whose zero padding past Sq, Sk and D gives the values the
     pointer loads' `other=0` gives, so the math and its rounding are unchanged (bit-identical on
-    the interpreter). WARP_SPEC (with TMA) runs one `tl.range(warp_specialize=True)` loop over
-    all key blocks, each predicated (a no-op on full blocks); on Hopper Triton 3.6 turns a
-    4-warp, BLOCK_M = 128 kernel into 12 warps: a warpgroup issuing the TMA copies and two
-    consumer warpgroups of 64 rows each (the launcher keeps it off where it cannot). Same
-    traffic.
+    the interpreter). Same traffic. On an H200 (Triton 3.6) it measured 0.79-1.00x the pointer
+    loads' TFLOP/s, so no table entry turns it on.
 
     Traffic (bytes, e = element size, GROUP = Hq / Hkv): reads Q once, B*Hq*Sq*D*e; reads K and V
     once per query block, B*Hq*ceil(Sq/BLOCK_M)*Sk*(D+Dv)*e (about half with causal), of which the
@@ -222,27 +219,16 @@ def attention_fwd_kernel(
         hi = tl.minimum(Sk, start_m + BLOCK_M)
     else:
         hi = Sk
-    if WARP_SPEC:
-        # One specialised loop over every key block, each predicated: Triton 3.6's Hopper warp
-        # specialisation fails to compile ("PassManager::run failed" in NVGPUWarpSpecialization)
-        # when any dot follows the specialised loop, so the diagonal/tail blocks cannot have a
-        # loop of their own.
-        acc, l_i, m_i = _attn_inner(
-            acc, l_i, m_i, q, k_src, v_src, m_ptrs, offs_m, row_ok, offs_n0, offs_dk, dk_ok,
-            offs_dv, dv_ok, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, Sk, qk_scale,
-            0, hi, BLOCK_N, EVEN_DK, EVEN_DV, MASK_KIND, IS_CAUSAL, True, DOT_PRECISION,
-            DOT_IN_FP32, TMA, True)
-    else:
-        acc, l_i, m_i = _attn_inner(
-            acc, l_i, m_i, q, k_src, v_src, m_ptrs, offs_m, row_ok, offs_n0, offs_dk, dk_ok,
-            offs_dv, dv_ok, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, Sk, qk_scale,
-            0, lo, BLOCK_N, EVEN_DK, EVEN_DV, MASK_KIND, IS_CAUSAL, False, DOT_PRECISION,
-            DOT_IN_FP32, TMA, False)
-        acc, l_i, m_i = _attn_inner(
-            acc, l_i, m_i, q, k_src, v_src, m_ptrs, offs_m, row_ok, offs_n0, offs_dk, dk_ok,
-            offs_dv, dv_ok, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, Sk, qk_scale,
-            lo, hi, BLOCK_N, EVEN_DK, EVEN_DV, MASK_KIND, IS_CAUSAL, True, DOT_PRECISION,
-            DOT_IN_FP32, TMA, False)
+    acc, l_i, m_i = _attn_inner(
+        acc, l_i, m_i, q, k_src, v_src, m_ptrs, offs_m, row_ok, offs_n0, offs_dk, dk_ok,
+        offs_dv, dv_ok, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, Sk, qk_scale,
+        0, lo, BLOCK_N, EVEN_DK, EVEN_DV, MASK_KIND, IS_CAUSAL, False, DOT_PRECISION,
+        DOT_IN_FP32, TMA)
+    acc, l_i, m_i = _attn_inner(
+        acc, l_i, m_i, q, k_src, v_src, m_ptrs, offs_m, row_ok, offs_n0, offs_dk, dk_ok,
+        offs_dv, dv_ok, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, Sk, qk_scale,
+        lo, hi, BLOCK_N, EVEN_DK, EVEN_DV, MASK_KIND, IS_CAUSAL, True, DOT_PRECISION,
+        DOT_IN_FP32, TMA)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = (O + off_b * stride_ob + off_h * stride_oh
@@ -315,39 +301,46 @@ def _mask_view(mask, B, Hq, Sq, Sk):
 
 
 # ---------------------------------------------------------------------------------------------
-# The prefill kernel's Hopper variant: TMA loads, optionally a warp-specialised key loop
+# The prefill kernel's Hopper variant: TMA loads
 #
-# Opt-in per launch through two optional keys of the launch parameters, ``tma`` and
-# ``warp_specialize`` (``_launch(blocks=...)``, the benchmark's ``--hopper-variants``; a table
-# entry could carry them too, and none does until H200 measurements say it is faster). What it
-# changes: Q, K and V tiles come through in-kernel tensor descriptors (on sm_90+ the TMA unit
-# copies them to shared memory; tails are zero-padded by the descriptor) instead of predicated
-# pointer loads; with ``warp_specialize`` the key loop is one `tl.range(warp_specialize=True)`
-# over all key blocks.
+# Opt-in per launch through an optional key of the launch parameters, ``tma``
+# (``_launch(blocks=...)``, the benchmark's ``--hopper-variants``; a table entry could carry it
+# too). What it changes: Q, K and V tiles come through in-kernel tensor descriptors (on sm_90+
+# the TMA unit copies them to shared memory; tails are zero-padded by the descriptor) instead of
+# predicated pointer loads.
 # The mask (bool or additive), causality, GQA and the output store are the pointer kernel's, so
 # every case the op supports is served. When the inputs break a descriptor rule (unit last
 # stride, 16-byte aligned base pointers and strides, tiles <= 256 per dimension) or the GPU is
-# older than sm_90, the call runs the pointer kernel instead, silently and with its exact result;
-# where Triton 3.6 cannot (or would uselessly) warp-specialise the loop (`warp_spec_refusal`),
-# the TMA kernel runs without it. `prefill_variant` says which kernel a call runs and why.
+# older than sm_90, the call runs the pointer kernel instead, silently and with its exact result.
+# `prefill_variant` says which kernel a call runs and why.
+# Measured on an H200 (2026-11-29, torch 2.11, Triton 3.6, bench_attention.py --hopper-variants,
+# bf16, D 64/128, S 1k/4k/16k, causal and not): correct, 0.79-1.00x the pointer kernel's
+# TFLOP/s with the table's tiles, so no table entry uses it; it stays forcible for future
+# measurements. The warp-specialised key loop (``warp_specialize``) gave NaN on 11 of those 12
+# shapes and was removed: asking for it raises ValueError (`_WARP_SPEC_REMOVED`).
 
-HOPPER_KEYS = ("tma", "warp_specialize")
+HOPPER_KEYS = ("tma",)
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 _TMA_MAX_BOX = 256  # elements per dimension of one TMA copy
 
 
-def _hopper_request(cfg: dict) -> tuple:
-    """(tma, warp_specialize) asked for by launch parameters; ValueError for unknown keys (a
-    misspelt flag would otherwise time the default kernel under the variant's name)."""
+_WARP_SPEC_REMOVED = (
+    "q3n::attention: the prefill launch parameter warp_specialize was removed: the "
+    "warp-specialised key loop computed NaN on an H200 with Triton 3.6 (measured 2026-11-29, "
+    "11 of 12 shapes of bench_attention.py --hopper-variants); use tma=True alone")
+
+
+def _hopper_request(cfg: dict) -> bool:
+    """Whether launch parameters ask for TMA; ValueError for unknown keys (a misspelt flag would
+    otherwise time the default kernel under the variant's name) and for the removed
+    ``warp_specialize`` (a stale script fails loudly instead of timing something else)."""
+    if "warp_specialize" in cfg:
+        raise ValueError(_WARP_SPEC_REMOVED)
     unknown = set(cfg) - set(_TILE_KEYS) - set(HOPPER_KEYS)
     if unknown:
         raise ValueError(f"q3n::attention: unknown prefill launch parameters {sorted(unknown)}; "
                          f"valid: {', '.join(_TILE_KEYS + HOPPER_KEYS)}")
-    tma, ws = bool(cfg.get("tma", False)), bool(cfg.get("warp_specialize", False))
-    if ws and not tma:
-        raise ValueError("q3n::attention: warp_specialize needs tma=True (the specialised loop "
-                         "partitions the descriptor loads from the math)")
-    return tma, ws
+    return bool(cfg.get("tma", False))
 
 
 def tma_refusal(q, k, v, cfg: dict, arch: Optional[int]) -> Optional[str]:
@@ -375,26 +368,6 @@ def tma_refusal(q, k, v, cfg: dict, arch: Optional[int]) -> Optional[str]:
             if t.shape[dim] > 1 and (t.stride(dim) * e) % 16:
                 return (f"{name}'s {what} stride ({t.stride(dim)} elements) is not a multiple "
                         "of 16 bytes")
-    return None
-
-
-def warp_spec_refusal(cfg: dict, dtype: torch.dtype, mask_kind: int,
-                      arch: Optional[int]) -> Optional[str]:
-    """None if the TMA kernel's key loop can be warp-specialised for these launch parameters,
-    else why not (the call then runs TMA alone). From sm_90 compiles with Triton 3.6 (no GPU
-    needed): a mask's pointer loads in the loop make the Hopper pass fail ("PassManager::run
-    failed"); on Hopper it only specialises 4-warp kernels (8 warps or fp32 compile to the plain
-    TMA kernel) and splits BLOCK_M across two consumer warpgroups of 64 rows (at BLOCK_M = 64
-    both compute the same rows: twice the work)."""
-    if mask_kind != 0:
-        return "warp_specialize is not used with a mask (Triton 3.6 cannot compile it)"
-    if arch == 9:
-        if cfg["num_warps"] != 4:
-            return "warp_specialize needs num_warps = 4 on Hopper (Triton 3.6 ignores it at 8)"
-        if cfg["BLOCK_M"] < 128:
-            return "warp_specialize needs BLOCK_M >= 128 on Hopper (two 64-row consumers)"
-        if dtype == torch.float32:
-            return "warp_specialize has no effect on fp32 on Hopper (Triton 3.6)"
     return None
 
 
@@ -438,8 +411,8 @@ def _ensure_scratch_allocator() -> None:
 
 
 def prefill_variant(q, k, v, mask=None, scale=None, is_causal=False, *, blocks=None) -> dict:
-    """Which prefill kernel a call with these arguments runs: ``{"tma": bool,
-    "warp_specialize": bool, "fallback": None or why the requested TMA variant is not used}``
+    """Which prefill kernel a call with these arguments runs: ``{"tma": bool, "fallback": None
+    or why the requested TMA variant is not used}``
     (None for a call that runs no prefill kernel: decode, or an empty output). ``blocks`` as
     for ``_launch``; the tensors' alignment is checked as a call would."""
     backend = contract.backend_for(q.device)
@@ -452,7 +425,7 @@ def prefill_variant(q, k, v, mask=None, scale=None, is_causal=False, *, blocks=N
         plan = _Plan(q, k, v, mask, scale, is_causal, interpreter, blocks, None)
     if plan.variant is None or not plan.variant["tma"] or not _misaligned(q, k, v):
         return None if plan.variant is None else dict(plan.variant)
-    return dict(plan.variant, tma=False, warp_specialize=False,
+    return dict(plan.variant, tma=False,
                 fallback="a tensor's data does not start on a 16-byte boundary")
 
 
@@ -547,7 +520,7 @@ class _Plan:
             self.cacheable = (table_key in attention_blocks.BLOCK_TABLE
                               or not torch.cuda.is_current_stream_capturing())
             cfg = choose_blocks(Sq, Sk, D, q.dtype, is_causal, arch=arch, device=index)
-        want_tma, want_ws = _hopper_request(cfg)
+        want_tma = _hopper_request(cfg)
         out_strides = attention_decode._contiguous_strides(self.out_shape)
         scalars = (*q.stride(), *k.stride(), *v.stride(), *m_strides, *out_strides,
                    Sq, Sk, qk_scale)
@@ -563,7 +536,7 @@ class _Plan:
             DOT_IN_FP32=interpreter and q.dtype == torch.bfloat16,
             OFFSETS_64=_needs_64bit_offsets(q, k, v, m, _Strided(self.out_shape, out_strides),
                                             cfg),
-            TMA=False, WARP_SPEC=False,
+            TMA=False,
         )
         grid = (_cdiv(Sq, cfg["BLOCK_M"]), Hq, B)
         options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -575,17 +548,15 @@ class _Plan:
                                          fast=not interpreter)
 
         pointer = launch()
-        self.variant = dict(tma=False, warp_specialize=False, fallback=None)
+        self.variant = dict(tma=False, fallback=None)
         if not want_tma:
             return pointer
         refusal = tma_refusal(q, k, v, cfg, arch)
         if refusal is not None:
             self.variant["fallback"] = refusal
             return pointer
-        ws_refusal = warp_spec_refusal(cfg, q.dtype, self.mask_kind, arch) if want_ws else None
-        ws = want_ws and ws_refusal is None
-        self.variant.update(tma=True, warp_specialize=ws, fallback=ws_refusal)
-        return _HopperLaunch(launch(TMA=True, WARP_SPEC=ws), pointer, cuda=not interpreter)
+        self.variant["tma"] = True
+        return _HopperLaunch(launch(TMA=True), pointer, cuda=not interpreter)
 
 
 class _Strided:
@@ -605,9 +576,10 @@ def _launch(q, k, v, mask, scale, is_causal, interpreter, blocks=None, decode=No
 
     ``blocks`` forces the prefill kernel with these parameters (the benchmark's sweep and
     ``--hopper-variants``), instead of :func:`choose_blocks`: ``BLOCK_M``, ``BLOCK_N``,
-    ``num_warps``, ``num_stages`` and, optionally, ``tma`` / ``warp_specialize`` (the Hopper
-    variant; :func:`prefill_variant` says whether it runs); ``decode`` forces the decode kernels
-    with these plan overrides (``attention_decode.plan``), whatever Sq is.
+    ``num_warps``, ``num_stages`` and, optionally, ``tma`` (the Hopper variant;
+    :func:`prefill_variant` says whether it runs; the removed ``warp_specialize`` raises
+    ValueError); ``decode`` forces the decode kernels with these plan overrides
+    (``attention_decode.plan``), whatever Sq is.
     """
     key = _plan_key(q, k, v, mask, scale, is_causal, interpreter, blocks, decode)
     plan = None if key is None else _PLANS.get(key)

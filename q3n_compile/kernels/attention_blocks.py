@@ -17,9 +17,10 @@ What this module guarantees:
   CUDA graph capture nothing is timed: the rule-of-thumb fallback is used and not cached.
 - Triton's interpreter (the CPU lane) always gets 16 x 16 tiles: there the kernel only has to be
   right, and the smallest tiles are the fastest to interpret.
-- The prefill kernel's Hopper variant (``tma``, ``warp_specialize``; see attention.py) is off in
-  every table entry and every autotuned or fallback choice, and then absent from the returned
-  dict; an entry can carry the two flags once H200 measurements justify them.
+- The prefill kernel's Hopper variant (``tma``: TMA loads; see attention.py) is off in every
+  table entry and every autotuned or fallback choice, and then absent from the returned dict.
+  On an H200 (Triton 3.6, 2026-11-29) it measured 0.79-1.00x the pointer kernel's TFLOP/s, so no
+  entry uses it; the warp-specialised loop (``warp_specialize``) gave NaN and was removed.
 - :func:`describe_blocks` gives a JSON-serialisable description (buckets, and the bucket as a
   sympy-printable ``Piecewise`` of the key-length symbol) for the attention pass's report.
 
@@ -54,19 +55,17 @@ class Blocks(NamedTuple):
     BLOCK_N: int
     num_warps: int
     num_stages: int
-    # The prefill kernel's Hopper variant (attention.py: TMA loads, warp-specialised key loop).
-    # Off in every entry: it is switched on only where H200 measurements
-    # (bench_attention.py --hopper-variants) show it faster.
+    # The prefill kernel's Hopper variant (attention.py: TMA loads). Off in every entry: on an
+    # H200 (bench_attention.py --hopper-variants, 2026-11-29) it ran at 0.79-1.00x the pointer
+    # kernel. (The warp-specialised loop, once a second flag, gave NaN there and was removed.)
     tma: bool = False
-    warp_specialize: bool = False
 
     def as_dict(self) -> dict:
-        """The launch parameters; the Hopper flags only when set, so a default entry's dict is
-        the four tile keys it always was."""
+        """The launch parameters; ``tma`` only when set, so a default entry's dict is the four
+        tile keys it always was."""
         d = self._asdict()
-        for key in ("tma", "warp_specialize"):
-            if not d[key]:
-                del d[key]
+        if not d["tma"]:
+            del d["tma"]
         return d
 
 
@@ -84,8 +83,8 @@ INTERPRETER_BLOCKS = Blocks(16, 16, 4, 1)
 # judgement, not a measurement.
 # Key: (arch major, padded head dim, causal); float16 uses the bfloat16 entries (same element
 # size and tensor-core path). Padded head dims 16 and 32 use the 64 entries.
-# An entry may add two flags, (BLOCK_M, BLOCK_N, num_warps, num_stages, tma, warp_specialize),
-# to run the prefill kernel's Hopper variant; none does until H200 measurements say so.
+# An entry may add a flag, (BLOCK_M, BLOCK_N, num_warps, num_stages, tma), to run the prefill
+# kernel's TMA variant; none does: it measured 0.79-1.00x the pointer kernel on an H200.
 # BEGIN GENERATED TABLE_16BIT (bench_attention.py --emit-table --apply rewrites this block)
 TABLE_16BIT_SOURCE = 'swept: NVIDIA H200 2026-11-28 commit 159f90f+quant-wip'
 TABLE_16BIT = {
@@ -313,7 +312,7 @@ def choose_blocks(seq_len_q: int, seq_len_k: int, head_dim: int, dtype: torch.dt
                   causal: bool, *, interpreter: bool = False, arch: Optional[int] = None,
                   device: Optional[int] = None) -> dict:
     """Launch parameters for one prefill call (dict of BLOCK_M, BLOCK_N, num_warps, num_stages;
-    plus ``tma``/``warp_specialize`` only for an entry that turns the Hopper variant on).
+    plus ``tma`` only for an entry that turns the Hopper variant on).
 
     ``arch`` defaults to the current CUDA device's compute capability major; ``device`` is the
     CUDA device an untabled architecture is autotuned on (default: the current one).

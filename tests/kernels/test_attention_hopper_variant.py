@@ -1,11 +1,12 @@
-"""The prefill kernel's Hopper variant (TMA loads, warp-specialised key loop) and its fallbacks.
+"""The prefill kernel's Hopper variant (TMA loads) and its fallbacks.
 
 CPU lane: Triton 3.6's interpreter runs tensor descriptors (``tl.make_tensor_descriptor``), so
 the variant itself runs here on small odd shapes: against a float64 reference and bit for bit
 against the pointer kernel; inputs off the descriptor rules must run the pointer kernel with its
 exact result. One test compiles the variant for an H200 (sm_90) without a GPU and reads Triton's
-IR: TMA copies, warp specialisation where Triton 3.6 applies it. GPU lane (-m gpu): the variant
-on CUDA at realistic lengths, in a CUDA graph and in a thread that never set an allocator.
+IR: TMA copies. GPU lane (-m gpu): the variant on CUDA at realistic lengths, in a CUDA graph
+and in a thread that never set an allocator. The warp-specialised key loop that once sat next to
+it gave NaN on an H200 (Triton 3.6) and was removed; asking for it must raise.
 """
 
 import contextvars
@@ -33,7 +34,6 @@ needs_interpreter = pytest.mark.skipif(not contract.interpreter_enabled(),
 
 TILES = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)  # the interpreter's tiles
 TMA = dict(TILES, tma=True)
-TMA_WS = dict(TILES, tma=True, warp_specialize=True)
 
 
 def _run(q, k, v, mask=None, causal=False, blocks=TILES):
@@ -53,32 +53,30 @@ def _check_variant(q, k, v, mask=None, causal=False, blocks=TMA, expect_tma=True
     return ran
 
 
-# (B, Hq, Hkv, Sq, Sk, D, dtype, causal, warp_specialize): lengths off the 16-row tiles, head
-# dims off the 16-column ones (the descriptor pads both), GQA groups 1, 2 and 4.
+# (B, Hq, Hkv, Sq, Sk, D, dtype, causal): lengths off the 16-row tiles, head dims off the
+# 16-column ones (the descriptor pads both), GQA groups 1, 2 and 4.
 CASES = {
-    "f32_d40": (1, 2, 2, 37, 29, 40, f32, False, False),
-    "f16_causal_gqa2_d64": (1, 4, 2, 37, 37, 64, f16, True, False),
-    "bf16_short_q_gqa4_d24": (1, 4, 1, 19, 45, 24, bf16, False, False),
-    "bf16_causal_ws_d40": (1, 2, 1, 37, 37, 40, bf16, True, True),
-    "f16_causal_ws_long_q": (2, 2, 2, 33, 21, 16, f16, True, True),  # Sq > Sk
-    "f32_ws_gqa2_d24": (1, 2, 1, 21, 50, 24, f32, False, True),
+    "f32_d40": (1, 2, 2, 37, 29, 40, f32, False),
+    "f16_causal_gqa2_d64": (1, 4, 2, 37, 37, 64, f16, True),
+    "bf16_short_q_gqa4_d24": (1, 4, 1, 19, 45, 24, bf16, False),
+    "bf16_causal_gqa2_d40": (1, 2, 1, 37, 37, 40, bf16, True),
+    "f16_causal_long_q": (2, 2, 2, 33, 21, 16, f16, True),  # Sq > Sk
+    "f32_gqa2_d24": (1, 2, 1, 21, 50, 24, f32, False),
 }
 
 
 @needs_interpreter
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_variant_against_float64_and_pointer_kernel(case):
-    B, Hq, Hkv, Sq, Sk, D, dtype, causal, ws = CASES[case]
+    B, Hq, Hkv, Sq, Sk, D, dtype, causal = CASES[case]
     gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
-    ran = _check_variant(*_qkv(gen, B, Hq, Hkv, Sq, Sk, D, dtype), causal=causal,
-                         blocks=TMA_WS if ws else TMA)
-    assert ran == dict(tma=True, warp_specialize=ws, fallback=None)
+    ran = _check_variant(*_qkv(gen, B, Hq, Hkv, Sq, Sk, D, dtype), causal=causal, blocks=TMA)
+    assert ran == dict(tma=True, fallback=None)
 
 
 @needs_interpreter
-def test_masks_run_with_tma_and_without_warp_specialisation():
-    # Masks stay pointer loads next to the descriptors; Triton 3.6 cannot warp-specialise that
-    # loop, so a request for it runs TMA alone and says so.
+def test_masks_run_with_tma():
+    # Masks stay pointer loads next to the descriptors.
     gen = torch.Generator().manual_seed(1)
     q, k, v = _qkv(gen, 2, 2, 1, 21, 35, 16, f16)
     keep = torch.rand(2, 1, 21, 35, generator=gen) > 0.3
@@ -86,10 +84,7 @@ def test_masks_run_with_tma_and_without_warp_specialisation():
     bias = 2 * torch.randn(21, 35, generator=gen)
     bias[:, 20:] = float("-inf")
     for mask, causal in ((keep, False), (bias, True)):
-        assert _check_variant(q, k, v, mask, causal) == dict(
-            tma=True, warp_specialize=False, fallback=None)
-    ran = _check_variant(q, k, v, keep, True, TMA_WS)
-    assert ran["tma"] and not ran["warp_specialize"] and "mask" in ran["fallback"]
+        assert _check_variant(q, k, v, mask, causal) == dict(tma=True, fallback=None)
 
 
 @needs_interpreter
@@ -119,7 +114,7 @@ def _off_rules(gen):
 def test_inputs_off_the_descriptor_rules_run_the_pointer_kernel():
     gen = torch.Generator().manual_seed(3)
     for what, q, k, v in _off_rules(gen):
-        ran = _check_variant(q, k, v, causal=True, blocks=TMA_WS, expect_tma=False)
+        ran = _check_variant(q, k, v, causal=True, blocks=TMA, expect_tma=False)
         assert ran["fallback"] and what in ran["fallback"], (what, ran)
 
 
@@ -145,8 +140,20 @@ def test_launch_parameters_are_validated():
     q, k, v = _qkv(gen, 1, 1, 1, 17, 17, 16, f32)
     with pytest.raises(ValueError, match="unknown prefill launch parameters.*'TMA'"):
         _run(q, k, v, blocks=dict(TILES, TMA=True))
-    with pytest.raises(ValueError, match="warp_specialize needs tma"):
-        _run(q, k, v, blocks=dict(TILES, warp_specialize=True))
+
+
+def test_warp_specialize_was_removed():
+    # It computed NaN on an H200 (Triton 3.6): a stale script asking for it must fail loudly,
+    # not time the TMA or pointer kernel under its name.
+    why = "removed.*NaN on an H200 with Triton 3.6.*2026-11-29.*11 of 12 shapes"
+    for cfg in (dict(TILES, tma=True, warp_specialize=True), dict(TILES, warp_specialize=True)):
+        with pytest.raises(ValueError, match=why):
+            A._hopper_request(cfg)
+    assert A.HOPPER_KEYS == ("tma",) and "warp_specialize" not in AB.Blocks._fields
+    if contract.interpreter_enabled():  # and through the op's launch path
+        q, k, v = _qkv(torch.Generator().manual_seed(7), 1, 1, 1, 17, 17, 16, f32)
+        with pytest.raises(ValueError, match=why):
+            _run(q, k, v, blocks=dict(TILES, tma=True, warp_specialize=True))
 
 
 def test_refusal_reasons():
@@ -166,30 +173,15 @@ def test_refusal_reasons():
     assert "batch stride" in A.tma_refusal(two, kv, kv, cfg, 9)
 
 
-def test_warp_specialisation_refusals():
-    # What Triton 3.6 does with the loop on Hopper (sm_90 compiles): fails with a mask, ignores
-    # 8 warps and fp32, and at BLOCK_M = 64 has both consumer warpgroups compute the same rows.
-    ws = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    assert A.warp_spec_refusal(ws, bf16, 0, 9) is None
-    assert "mask" in A.warp_spec_refusal(ws, bf16, 1, 9)
-    assert "mask" in A.warp_spec_refusal(ws, bf16, 2, None)
-    assert "num_warps = 4" in A.warp_spec_refusal(dict(ws, num_warps=8), bf16, 0, 9)
-    assert "BLOCK_M >= 128" in A.warp_spec_refusal(dict(ws, BLOCK_M=64), f16, 0, 9)
-    assert "fp32" in A.warp_spec_refusal(ws, f32, 0, 9)
-    # Elsewhere (the interpreter, Blackwell's own pass) only the mask rule is known to apply.
-    for arch in (None, 10):
-        assert A.warp_spec_refusal(dict(ws, BLOCK_M=16, num_warps=8), f32, 0, arch) is None
-
-
 @needs_interpreter
 def test_default_launches_keep_the_variant_off(monkeypatch, fresh_plans):
     for row in AB.BLOCK_TABLE.values():
-        assert not any(cfg.tma or cfg.warp_specialize for cfg in row)
+        assert not any(cfg.tma for cfg in row)
     for d, causal, sk in ((64, False, 300), (128, True, 5000), (256, False, 20000)):
         assert set(A.choose_blocks(sk, sk, d, bf16, causal, arch=9)) == set(A._TILE_KEYS)
     gen = torch.Generator().manual_seed(6)
     q, k, v = _qkv(gen, 1, 2, 1, 33, 33, 16, bf16)
-    assert A.prefill_variant(q, k, v) == dict(tma=False, warp_specialize=False, fallback=None)
+    assert A.prefill_variant(q, k, v) == dict(tma=False, fallback=None)
     assert A.prefill_variant(q[:, :, :3], k, v) is None  # decode: no prefill kernel
     # A table entry that turns it on (what an H200 measurement would justify) reaches the op.
     on = AB.Blocks(16, 16, 4, 1, tma=True)
@@ -234,13 +226,10 @@ def test_bench_hopper_variants_logic(monkeypatch):
     bench = _bench_module()
     table = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
     assert bench.hopper_variant_configs(table, 8) == [("default", [table])]
-    small = dict(table, BLOCK_M=64, num_warps=4)
-    assert dict(bench.hopper_variant_configs(small, 9))["tma_ws"][0]["BLOCK_M"] == 128
+    assert bench.HOPPER_VARIANTS == ("default", "tma")  # tma_ws (NaN on an H200) was removed
     variants = dict(bench.hopper_variant_configs(table, 9))
-    assert variants["tma"][0] == dict(table, tma=True)
-    assert variants["tma_ws"] == [dict(table, tma=True, warp_specialize=True, num_warps=4),
-                                  dict(table, tma=True, warp_specialize=True, num_warps=4,
-                                       num_stages=2)]
+    assert variants == {"default": [table],
+                        "tma": [dict(table, tma=True), dict(table, tma=True, num_stages=2)]}
     # A config that fails to compile is recorded and the next one is tried; a wrong result is
     # recorded and not timed.
     want = torch.zeros(2, 3)
@@ -248,13 +237,13 @@ def test_bench_hopper_variants_logic(monkeypatch):
     def launch(q, k, v, mask, scale, causal, interpreter, blocks):
         if blocks["num_stages"] == 3:
             raise RuntimeError("PassManager::run failed\nreproducer ...")
-        return want + (1.0 if blocks.get("num_warps") == 8 else 0.01)
+        return want + (0.01 if blocks.get("tma") else 1.0)
 
     fake = types.SimpleNamespace(_launch=launch, prefill_variant=lambda *a, **kw: dict(
-        tma=True, warp_specialize=True, fallback=None))
+        tma=True, fallback=None))
     monkeypatch.setattr(bench, "A", fake)
     monkeypatch.setattr(bench, "bench", lambda fn, **kw: (fn(), 2.0)[1])
-    row, out = bench._variant_row(None, None, None, True, want, 4e12, variants["tma_ws"], want)
+    row, out = bench._variant_row(None, None, None, True, want, 4e12, variants["tma"], want)
     assert row["blocks"]["num_stages"] == 2 and row["ms"] == 2.0 and row["tflops"] == 2000.0
     assert row["max_abs_diff_vs_default"] == pytest.approx(0.01)
     row, _ = bench._variant_row(None, None, None, True, want, 4e12, variants["tma"][:1], None)
@@ -265,11 +254,11 @@ def test_bench_hopper_variants_logic(monkeypatch):
     rows = [dict(D=128, S=4096, causal=True, variant="default", blocks=table, tflops=400.0,
                  ratio_vs_default=1.0, ran=dict(tma=False)),
             dict(D=128, S=4096, causal=True, variant="tma", blocks=dict(table, num_stages=2),
-                 tflops=420.0, ratio_vs_default=1.05, ran=dict(tma=True)),
-            dict(D=128, S=4096, causal=True, variant="tma_ws", blocks=table, error="x",
-                 ran=None)]
+                 tflops=420.0, ratio_vs_default=1.05, ran=dict(tma=True))]
     line = bench.hopper_summary_line(rows)
-    assert "400.0" in line and "420.0 (1.05x)-" in line and "error" in line
+    assert "400.0" in line and "420.0 (1.05x)-" in line and "error" not in line
+    rows[1] = dict(rows[1], error="x", ran=None, tflops=None)
+    assert "error" in bench.hopper_summary_line(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,18 +323,14 @@ SM90_SCRIPT = textwrap.dedent(r'''
 
     tiles = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)
     tma = compiled(dict(tiles, tma=True))
-    ws = compiled(dict(tiles, tma=True, warp_specialize=True))
     keep = torch.rand(300, 300) > 0.2
-    masked = compiled(dict(tiles, tma=True, warp_specialize=True), mask=keep)
-    for c in (tma, ws, masked):
+    masked = compiled(dict(tiles, tma=True), mask=keep)
+    for c in (tma, masked):
         ir = c.asm["ttgir"]
         assert "async_tma_copy_global_to_local" in ir  # the TMA unit loads the tiles
         assert c.metadata.global_scratch_size > 0  # in-kernel descriptors
         assert c.metadata.shared <= 227 * 1024
-    assert "ttg.warp_specialize" not in tma.asm["ttgir"] and tma.metadata.num_warps == 4
-    # Specialised: a warpgroup issuing the copies and two 64-row consumers, 12 warps in all.
-    assert "ttg.warp_specialize" in ws.asm["ttgir"] and ws.metadata.num_warps == 12
-    assert "ttg.warp_specialize" not in masked.asm["ttgir"]  # masks: TMA alone
+        assert "ttg.warp_specialize" not in ir and c.metadata.num_warps == 4
     print("ok")
 ''')
 
@@ -363,12 +348,12 @@ needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available()
 
 # (B, Hq, Hkv, Sq, Sk, D, dtype, causal, mask kind, launch parameters)
 _T128 = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=True)
-_WS = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, tma=True, warp_specialize=True)
+_T128_W4 = dict(_T128, num_warps=4)
 GPU_CASES = {
     "gqa32_8_causal_d128_bf16": (1, 32, 8, 4099, 4099, 128, bf16, True, None, _T128),
-    "ws_gqa32_8_causal_d128_bf16": (1, 32, 8, 4099, 4099, 128, bf16, True, None, _WS),
-    "ws_d64_f16": (2, 16, 16, 1531, 1531, 64, f16, False, None, _WS),
-    "ws_d80_causal_bf16": (1, 8, 8, 1037, 1037, 80, bf16, True, None, _WS),
+    "w4_gqa32_8_causal_d128_bf16": (1, 32, 8, 4099, 4099, 128, bf16, True, None, _T128_W4),
+    "d64_f16": (2, 16, 16, 1531, 1531, 64, f16, False, None, _T128_W4),
+    "d80_causal_bf16": (1, 8, 8, 1037, 1037, 80, bf16, True, None, _T128_W4),
     "padding_bool_d128_bf16": (2, 32, 8, 1003, 2049, 128, bf16, False, "padding", _T128),
     "additive_causal_d64_f16": (1, 16, 16, 2047, 2047, 64, f16, True, "additive", _T128),
     "f32_causal_d128": (1, 8, 8, 1029, 1029, 128, f32, True, None,
@@ -408,17 +393,6 @@ def test_gpu_variant_against_float64(case):
     gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(case.encode()))
     q, k, v = _qkv(gen, B, Hq, Hkv, Sq, Sk, D, dtype, device="cuda")
     _gpu_check(q, k, v, _gpu_mask(kind, gen, B, Sq, Sk), causal, blocks)
-
-
-@pytest.mark.gpu
-@needs_sm90
-def test_gpu_warp_specialised_kernel_is_specialised(fresh_plans):
-    gen = torch.Generator(device="cuda").manual_seed(20)
-    q, k, v = _qkv(gen, 1, 8, 2, 2048, 2048, 128, bf16, device="cuda")
-    _gpu_check(q, k, v, None, True, _WS)
-    key = A._plan_key(q, k, v, None, None, True, False, _WS, None)
-    (compiled,) = A._PLANS[key].run.hopper.compiled.values()
-    assert "ttg.warp_specialize" in compiled.asm["ttgir"] and compiled.metadata.num_warps == 12
 
 
 @pytest.mark.gpu
