@@ -137,9 +137,11 @@ def inductor_executor(
         full.extend(constants)
         if not applied:
             return compiled(full)
+        # Read before the call: the compiled function empties the list it is given.
+        storages = None if copy_out else _storages(full)
         outputs = compiled(full)
-        if not copy_out:
-            copy_out.extend(_outputs_to_copy(outputs, full))
+        if storages is not None:
+            copy_out.extend(_outputs_to_copy(outputs, storages))
         return _copied(outputs, copy_out)
 
     run._boxed_call = True  # type: ignore[attr-defined]
@@ -156,12 +158,15 @@ def inductor_executor(
     return run
 
 
-def _outputs_to_copy(outputs: Any, inputs: list[Any]) -> list[bool]:
+def _storages(tensors: list[Any]) -> set[int]:
+    return {a.untyped_storage().data_ptr() for a in tensors if isinstance(a, torch.Tensor)}
+
+
+def _outputs_to_copy(outputs: Any, storages: set[int]) -> list[bool]:
     """Per output: True where it must be copied out of the CUDA graph's memory pool, which the
     next replay overwrites (as q3n's own capture does: a result stays valid however many calls
-    follow); False for an output that is an input's storage (a written cache: the caller's
-    tensor) or not a tensor."""
-    storages = {a.untyped_storage().data_ptr() for a in inputs if isinstance(a, torch.Tensor)}
+    follow); False for an output that is an input's storage (`storages`: a written cache is the
+    caller's tensor) or not a tensor."""
     outs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     return [isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in storages for t in outs]
 

@@ -148,3 +148,19 @@ def test_compiled_model_does_not_keep_the_first_inputs_alive():
     del ids
     gc.collect()
     assert alive() is None
+
+
+def test_cuda_graph_outputs_are_copied_unless_they_are_an_input():
+    """Inductor's CUDA graphs return outputs in the graph's pool, which the next replay
+    overwrites: q3n copies them out, except an output that is an input's storage (a written
+    cache), which must stay the caller's tensor."""
+    from q3n_compile.runtime import _copied, _outputs_to_copy, _storages
+
+    cache, x = torch.zeros(4), torch.ones(3)
+    inputs = [cache, x, 2]
+    outputs = [cache[1:], x * 2, 5]
+    decision = _outputs_to_copy(outputs, _storages(inputs))
+    assert decision == [False, True, False]
+    got = _copied(outputs, decision)
+    assert got[0] is outputs[0] and got[2] == 5
+    assert torch.equal(got[1], outputs[1]) and got[1].data_ptr() != outputs[1].data_ptr()
