@@ -35,7 +35,7 @@ for step in $steps; do
   if [[ $step == model || $step == all ]]; then
     # Rows are saved as measured (results.partial.jsonl) if the call's time limit cuts the run.
     q3n bench --model qwen3 --size bench --device cuda --seq-len 512 2048 8192 --decode-batch 1 8 \
-      --backends inductor,inductor-cudagraphs,q3n,q3n+cudagraphs --time-budget 2 \
+      --backends inductor,inductor-cudagraphs,q3n,q3n+cudagraphs,q3n+arena+cudagraphs --time-budget 2 \
       --out "$OUT/qwen3-bench" 2>&1 | tee "$OUT/bench_model.log" | tail -30
   fi
   if [[ $step == lossy || $step == all ]]; then
