@@ -18,6 +18,9 @@ What this module guarantees:
   allocates each output on its own). Outputs have ``weight``'s dtype. The norm's affine
   parameters are not arguments: the caller folds them into the linear, ``weight = W·diag(γ)``,
   ``bias = W·β + b`` (exact algebra; the ``norm_linear`` pass does it at compile time).
+- ``torch.ops.q3n.normalize(x, eps, kind, dtype)`` (end of this module) is the normalisation alone,
+  x_hat without the affine parameters, for linears whose folded weights the quantize pass
+  quantizes with 16-bit activations (see ``passes/norm_linear.py``).
 - ``rowsum`` (LayerNorm only; ignored for RMSNorm) must be ``weight.float().sum(1)`` of the weight
   as given (rounded); ``None`` computes it on every call, which reads the weight once more: pass it.
 - x and weight may differ in dtype (float16, bfloat16, float32): the GEMM runs in weight's dtype
@@ -982,3 +985,92 @@ def _norm_linear_fake(x, weight, bias, rowsum, eps, kind, residual=None, epilogu
 
 
 norm_linear = contract.register_kernel_op("norm_linear", _norm_linear_impl, _norm_linear_fake)
+
+
+# ------------------------------------------------------------------------------------------------
+# q3n::normalize: the normalised rows alone (norm fused with weight-only quantized linears)
+# ------------------------------------------------------------------------------------------------
+#
+# ``q3n::normalize(x, eps, kind, dtype) -> x_hat`` with x_hat [..., K] in `dtype` (float16,
+# bfloat16 or float32): x_hat = (x - mean) * rstd (LayerNorm) or x * rstd (RMSNorm), the affine
+# parameters left out (the caller folds them into the next linears). It is :func:`row_stats_kernel`
+# with WRITE_XN, the "cublas" design's normalise kernel: statistics in float32 from x as given
+# (centred on each row's first element for LayerNorm), one read of x from memory, x_hat rounded
+# once and written once. The norm_linear pass emits it before linears that the quantize pass turns
+# into ``q3n::qlinear`` with 16-bit activations (their input is x_hat; gamma/beta are in their
+# quantized weights), and before linears quantize then keeps in high precision. Kernel, interpreter
+# and :func:`reference_normalize` differ by float32 summation order only.
+
+
+def normalize_config(M: int, K: int, *, interpreter: bool = False) -> dict:
+    """The statistics kernel's launch parameters, as the "cublas" design uses them."""
+    cfg = choose_config(max(M, 1), K, K, torch.float32, interpreter=interpreter, design="cublas")
+    return {key: cfg[key] for key in ("STATS_BLOCK_M", "STATS_BLOCK_K", "STATS_WARPS")}
+
+
+def _normalize_launch(x: torch.Tensor, eps: float, kind: str, dtype: torch.dtype, *,
+                      interpreter: bool = False, config: Optional[dict] = None) -> torch.Tensor:
+    reason = supports_normalize(x, eps, kind, dtype)
+    if reason is not None:
+        raise ValueError(f"q3n::normalize: {reason}")
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    out = torch.empty((M, K), dtype=dtype, device=x.device)
+    if M:
+        cfg = config or normalize_config(M, K, interpreter=interpreter)
+        bm, bk = cfg["STATS_BLOCK_M"], cfg["STATS_BLOCK_K"]
+        offsets_64 = max((M + bm) * max(x2.stride(0), 1) + K * x2.stride(1),
+                         (M + bm) * K) >= 2**31
+        unused = _placeholder(x.device)
+        row_stats_kernel[(_cdiv(M, bm),)](
+            x2, unused, out, M, K, float(eps), x2.stride(0), x2.stride(1),
+            KIND=0 if kind == "layernorm" else 1, CENTRE=False, WRITE_STATS=False, WRITE_XN=True,
+            BLOCK_M=bm, BLOCK_K=bk, EVEN_K=K % bk == 0, OFFSETS_64=offsets_64,
+            RNE_BF16=interpreter and dtype == torch.bfloat16, num_warps=cfg["STATS_WARPS"])
+    return out.view(*x.shape[:-1], K)
+
+
+def reference_normalize(x: torch.Tensor, eps: float, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """Plain torch with ``q3n::normalize``'s semantics (float32 statistics, rounded once)."""
+    K = x.shape[-1]
+    xf = x.reshape(-1, K).to(torch.float32)
+    if kind == "layernorm":
+        a = xf - xf[:, :1]
+        dm = a.sum(1, keepdim=True) / K
+        var = (a.square().sum(1, keepdim=True) / K - dm * dm).clamp_min(0)
+        xn = (a - dm) * (1.0 / torch.sqrt(var + eps))
+    else:
+        xn = xf * (1.0 / torch.sqrt(xf.square().sum(1, keepdim=True) / K + eps))
+    return xn.to(dtype).view(*x.shape[:-1], K)
+
+
+def supports_normalize(x, eps=1e-5, kind="rmsnorm", dtype=torch.float32) -> Optional[str]:
+    """None if ``q3n::normalize`` handles these arguments, else why not. Safe on FakeTensors."""
+    if kind not in KINDS:
+        return f"kind {kind!r} is not one of {KINDS}"
+    if x.dtype not in _DTYPES or dtype not in _DTYPES:
+        bad = x.dtype if x.dtype not in _DTYPES else dtype
+        return f"dtype {_dt(bad)} not supported (float16, bfloat16, float32)"
+    if x.dim() < 1:
+        return "x must have at least one dim"
+    K = x.shape[-1]
+    if not isinstance(K, int) or K < 1:
+        return f"the normalised size must be a static positive int, got {K}"
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
+        return f"eps must be a non-negative Python number, got {eps!r}"
+    return None
+
+
+def _normalize_impl(x: torch.Tensor, eps: float, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    backend = contract.backend_for(x.device)
+    if backend == "reference":
+        return reference_normalize(x, eps, kind, dtype)
+    return _normalize_launch(x, eps, kind, dtype, interpreter=backend == "interpreter")
+
+
+def _normalize_fake(x, eps, kind, dtype):
+    return x.new_empty(x.shape, dtype=dtype)
+
+
+normalize = contract.register_kernel_op("normalize", _normalize_impl, _normalize_fake)

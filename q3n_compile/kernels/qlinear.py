@@ -21,6 +21,12 @@ What this module guarantees:
   activation code that may differ by one where ``x'/s_x`` lies within an ulp of a rounding tie,
   because GPU float32 division is not correctly rounded).
 
+Composed with a norm (the norm_linear and quantize passes, see the section at the end of this
+module): ``q3n::norm_act_quant(x, eps, kind, act, smooth)`` computes a LayerNorm/RMSNorm's row
+statistics and the per-token activation codes of the normalised rows in one pass over x, and
+``q3n::qlinear_codes(codes, xscales, ...)`` runs this op's kernels on precomputed codes
+(``qlinear_codes(*quantize_activations_triton(x, act, smooth), ...)`` is ``qlinear(x, ...)``).
+
 Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per call by
 :func:`choose_path` from a table indexed by M):
 
@@ -563,10 +569,20 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
     else:
         a, xs = quantize_activations_triton(x, act, smooth, interpreter)
         codes_dtype = a.dtype
+    return _gemm(a, xs, codes_dtype, x.dtype, qweight, scales, zeros, bias, bits, group_size, act,
+                 cfg, interpreter)
+
+
+def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, group_size, act,
+          cfg: dict, interpreter: bool) -> torch.Tensor:
+    """Launch the gemv/mm kernel of `cfg` on `a` [M, K]: x itself (act "none") or its codes with
+    per-row scales `xs`; the output is [M, N] in `out_dtype` (x's dtype for the op)."""
+    M, K = a.shape
+    N = qweight.shape[1]
     split = cfg.get("SPLIT_K", 1)
     atomic = split > 1
-    y = (torch.zeros((M, N), dtype=torch.float32, device=x.device) if atomic
-         else torch.empty((M, N), dtype=x.dtype, device=x.device))
+    y = (torch.zeros((M, N), dtype=torch.float32, device=a.device) if atomic
+         else torch.empty((M, N), dtype=out_dtype, device=a.device))
     k_pad = P.padded_k(K)
     rows = P.plane_rows(bits, K)
     row4, row2, row1 = (rows.get(p, (0, 0))[0] for p in (4, 2, 1))
@@ -584,13 +600,13 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
         qlinear_gemv_kernel[grid](*common, **flags, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
                                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     else:
-        dd = _dot_dtype(act, bits, zeros is None, x.dtype, codes_dtype, interpreter)
+        dd = _dot_dtype(act, bits, zeros is None, out_dtype, codes_dtype, interpreter)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), split)
         qlinear_mm_kernel[grid](*common, **flags, DOT_DTYPE=dd, BLOCK_M=cfg["BLOCK_M"],
                                 BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
                                 DOT_PRECISION="ieee" if dd == _DD_F32 else "tf32",
                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return y.to(x.dtype) if atomic and x.dtype != torch.float32 else y
+    return y.to(out_dtype) if atomic and out_dtype != torch.float32 else y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -721,3 +737,351 @@ def _qlinear_fake(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_
 
 
 qlinear = contract.register_kernel_op("qlinear", _qlinear_impl, _qlinear_fake)
+
+
+# =============================================================================================
+# Composed with a norm: ``q3n::norm_act_quant`` and ``q3n::qlinear_codes``
+# =============================================================================================
+#
+# When the norm_linear pass folds a LayerNorm/RMSNorm's gamma/beta into the linears after it and
+# the quantize pass quantizes those folded linears with quantized activations, the linears' input
+# is the normalised row x_hat. ``q3n::norm_act_quant`` reads x once, computes the row statistics,
+# normalises and quantizes per token in the same kernel (the norm costs no pass of its own and
+# x_hat is never written); its codes and scales are shared by the sibling linears (q/k/v,
+# gate/up) that quantize x_hat alike (same activation format, same SmoothQuant vector), and each
+# sibling runs ``q3n::qlinear_codes``: the qlinear kernels of this module on those codes.
+#
+# ``q3n::norm_act_quant(x, eps, kind, act, smooth) -> (codes [M, K], scales [M] fp32)``, x
+# ``[..., K]`` (float16, bfloat16, float32; M = the product of the leading sizes):
+#
+#     LayerNorm (kind "layernorm"): x0 = x[m, 0]; s1 = sum(x - x0); s2 = sum((x - x0)^2);
+#         dm = s1 / K; rstd = 1 / sqrt(max(s2 / K - dm^2, 0) + eps); x_hat = ((x - x0) - dm) * rstd
+#     RMSNorm (kind "rmsnorm"): rstd = 1 / sqrt(sum(x^2) / K + eps); x_hat = x * rstd
+#     then (codes, scales) = quantize_activations(x_hat, act, smooth)   (this module's definition)
+#
+# all in float32 from x's values (the statistics are those of ``kernels.norm_linear``'s
+# row_stats_kernel, centred on the row's first element so that a large mean cancels nothing).
+# Codes are stored as :func:`_act_codes_dtype` says (int8; float16 for int12, and for fp8 where
+# there are no fp8 tensor cores; float8 e4m3 on sm_89+): a function of the format and the device.
+# Kernel, interpreter and :func:`reference_norm_act_quant` differ only by float32 rounding in the
+# statistics (summation order; GPU division and square root), which moves x_hat by a few ulps:
+# a code can then differ by one step where x_hat * smooth / scale lies within those ulps of a
+# rounding tie, and a scale by a few ulps. Nothing else differs.
+#
+# ``q3n::qlinear_codes(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
+# in_features, act, out_dtype) -> [M, N]`` is ``q3n::qlinear`` with its activation quantization
+# already done: ``y = (codes * xscales[:, None]) @ W^T + bias`` in `out_dtype` (bias, if given,
+# in `out_dtype`), by the same kernels, the same dispatch table and the same rounding as the op.
+# For every (x, smooth): ``qlinear_codes(*quantize_activations_triton(x, act, smooth), ...)`` is
+# ``qlinear(x, ..., smooth, ..., act)``.
+
+
+@triton.jit
+def _act_code(v, QMAX: tl.constexpr, FP8: tl.constexpr):
+    """v (fp32, |v| <= QMAX) rounded as :func:`act_quant_kernel` rounds it: to the nearest
+    integer or float8 e4m3 value, ties to even; clamped to [-QMAX, QMAX]."""
+    if FP8:
+        e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        e = tl.maximum(e, -6)  # e4m3 subnormals are spaced 2^-9 apart
+        inv_quantum = ((127 + 3 - e) << 23).to(tl.float32, bitcast=True)
+        quantum = ((127 - 3 + e) << 23).to(tl.float32, bitcast=True)
+        c = ((v * inv_quantum + 12582912.0) - 12582912.0) * quantum
+    else:
+        c = (v + 12582912.0) - 12582912.0
+    return tl.minimum(tl.maximum(c, -QMAX), QMAX)
+
+
+@triton.jit
+def _normalised(x, x0, dm, rstd, KIND: tl.constexpr):
+    """x_hat of a [BLOCK_M, BLOCK_K] tile (fp32), as row_stats_kernel writes it."""
+    if KIND == 0:
+        xh = ((x - x0[:, None]) - dm[:, None]) * rstd[:, None]
+    else:
+        xh = x * rstd[:, None]
+    return xh
+
+
+@triton.jit
+def norm_act_quant_kernel(X, SM, C, XS, M, K, eps, stride_xm, stride_xk, stride_cm,
+                          KIND: tl.constexpr, QMAX: tl.constexpr, FP8: tl.constexpr,
+                          HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                          ONE_TILE: tl.constexpr):
+    """Row statistics, normalisation and per-token activation quantization: one program per
+    BLOCK_M rows of x.
+
+    Math (fp32, per row): the statistics of the module comment above (LayerNorm: centred on
+    x0 = x[m, 0]; RMSNorm: sum of squares), rstd = 1 / sqrt(var + eps); x_hat as there;
+    x' = x_hat (* smooth); s = max|x'| / QMAX (1 for an all-zero row); c = round(x' / s) as
+    :func:`act_quant_kernel` rounds (integers, or e4m3 values, ties to even), clamped to QMAX.
+    Writes c (in C's dtype, which holds it exactly) and s.
+
+    ONE_TILE (K <= BLOCK_K: every row up to 8192 wide on the GPU): the row is loaded once into
+    registers and everything is computed from there. Otherwise three sweeps over the row: the
+    statistics, max|x'|, the codes; the second and third read the row from L1/L2 (a row of
+    BLOCK_M x K elements, a few KB per program).
+    Traffic: reads x once from memory (M * K * e_x), writes M * K code bytes (1, or 2 where codes
+    are held in float16) and 4 bytes of scale per row: the norm and the activation quantization
+    of the unfused model cost two reads of x, one write of x_hat and one read of it.
+    """
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m_ok = offs_m < M
+    offs0 = tl.arange(0, BLOCK_K)
+    x_row = X + offs_m[:, None] * stride_xm
+    if KIND == 0:
+        x0 = tl.load(X + offs_m * stride_xm, mask=m_ok, other=0.0).to(tl.float32)
+    else:
+        x0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if ONE_TILE:
+        mask = m_ok[:, None] & (offs0 < K)[None, :]
+        x = tl.load(x_row + offs0[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        if KIND == 0:
+            a = tl.where(mask, x - x0[:, None], 0.0)
+            dm = tl.sum(a, 1) / K
+            var = tl.maximum(tl.sum(a * a, 1) / K - dm * dm, 0.0)
+            rstd = 1.0 / tl.sqrt(var + eps)
+        else:
+            dm = x0
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / K + eps)
+        xh = _normalised(x, x0, dm, rstd, KIND)
+        if HAS_SMOOTH:
+            xh = xh * tl.load(SM + offs0, mask=offs0 < K, other=0.0)[None, :]
+        xh = tl.where(mask, xh, 0.0)
+        scale = tl.max(tl.abs(xh), axis=1) / QMAX
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        c = _act_code(xh / scale[:, None], QMAX, FP8)
+        tl.store(C + offs_m[:, None] * stride_cm + offs0[None, :], c.to(C.dtype.element_ty),
+                 mask=mask)
+    else:
+        s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + offs0
+            mask = m_ok[:, None] & (offs < K)[None, :]
+            x = tl.load(x_row + offs[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+            if KIND == 0:
+                x = tl.where(mask, x - x0[:, None], 0.0)
+                s1 += tl.sum(x, 1)
+            s2 += tl.sum(x * x, 1)
+        if KIND == 0:
+            dm = s1 / K
+            var = tl.maximum(s2 / K - dm * dm, 0.0)
+            rstd = 1.0 / tl.sqrt(var + eps)
+        else:
+            dm = x0
+            rstd = 1.0 / tl.sqrt(s2 / K + eps)
+        amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + offs0
+            mask = m_ok[:, None] & (offs < K)[None, :]
+            x = tl.load(x_row + offs[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+            xh = _normalised(x, x0, dm, rstd, KIND)
+            if HAS_SMOOTH:
+                xh = xh * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
+            amax = tl.maximum(amax, tl.where(mask, tl.abs(xh), 0.0))
+        scale = tl.max(amax, axis=1) / QMAX
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + offs0
+            mask = m_ok[:, None] & (offs < K)[None, :]
+            x = tl.load(x_row + offs[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+            xh = _normalised(x, x0, dm, rstd, KIND)
+            if HAS_SMOOTH:
+                xh = xh * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
+            c = _act_code(xh / scale[:, None], QMAX, FP8)
+            tl.store(C + offs_m[:, None] * stride_cm + offs[None, :], c.to(C.dtype.element_ty),
+                     mask=mask)
+    tl.store(XS + offs_m, scale, mask=m_ok)
+
+
+NORM_KINDS = ("layernorm", "rmsnorm")
+# The widest row the GPU launch keeps in registers (ONE_TILE): 8192 fp32 values over 16 warps.
+ONE_TILE_MAX_K = 8192
+
+
+def norm_act_quant_config(M: int, K: int, *, interpreter: bool = False) -> dict:
+    """Launch parameters: a pure function of the sizes. GPU: one row per program, the whole row
+    in one tile up to :data:`ONE_TILE_MAX_K` (4096-wide sweeps beyond), 4 to 16 warps.
+    Interpreter: 16 rows per program (its cost is per program), one tile up to 256 wide."""
+    if interpreter:
+        kp2 = max(16, triton.next_power_of_2(K))
+        return dict(BLOCK_M=16, BLOCK_K=kp2 if kp2 <= 256 else 128, num_warps=4)
+    kp2 = max(32, triton.next_power_of_2(K))
+    block_k = kp2 if kp2 <= ONE_TILE_MAX_K else 4096
+    return dict(BLOCK_M=1, BLOCK_K=block_k, num_warps=min(16, max(4, block_k // 512)))
+
+
+def _norm_act_quant_launch(x: torch.Tensor, eps: float, kind: str, act: str,
+                           smooth: Optional[torch.Tensor], interpreter: bool,
+                           config: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run :func:`norm_act_quant_kernel`; `config` overrides :func:`norm_act_quant_config`."""
+    reason = supports_norm_act_quant(x, eps, kind, act, smooth)
+    if reason is not None:
+        raise ValueError(f"q3n::norm_act_quant: {reason}")
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    codes = torch.empty((M, K), dtype=_act_codes_dtype(act, x.device, interpreter), device=x.device)
+    scales = torch.empty((M,), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return codes, scales
+    cfg = config or norm_act_quant_config(M, K, interpreter=interpreter)
+    norm_act_quant_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
+        x2, smooth if smooth is not None else scales, codes, scales, M, K, float(eps),
+        x2.stride(0), x2.stride(1), codes.stride(0),
+        KIND=0 if kind == "layernorm" else 1, QMAX=ACT_QMAX[act], FP8=act == "fp8",
+        HAS_SMOOTH=smooth is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
+        ONE_TILE=cfg["BLOCK_K"] >= K, num_warps=cfg["num_warps"],
+    )
+    return codes, scales
+
+
+def _qlinear_codes_launch(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
+                          in_features, act, out_dtype, interpreter: bool,
+                          path: Optional[dict] = None) -> torch.Tensor:
+    """``q3n::qlinear_codes``'s Triton path; `path` overrides :func:`choose_path`."""
+    reason = supports_codes(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
+                            in_features, act, out_dtype)
+    if reason is not None:
+        raise ValueError(f"q3n::qlinear_codes: {reason}")
+    M, K = codes.shape
+    N = qweight.shape[1]
+    cfg = path or choose_path(M, N, K, bits, group_size, act, out_dtype, codes.device,
+                              interpreter=interpreter)
+    if M == 0:
+        return torch.empty((0, N), dtype=out_dtype, device=codes.device)
+    if cfg["path"] == "dequant":
+        a = (codes.to(torch.float32) * xscales[:, None]).to(out_dtype)
+        wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, out_dtype, interpreter)
+        return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
+    return _gemm(codes, xscales, codes.dtype, out_dtype, qweight, scales, zeros, bias, bits,
+                 group_size, act, cfg, interpreter)
+
+
+def normalise_rows(x: torch.Tensor, eps: float, kind: str) -> torch.Tensor:
+    """x_hat [M, K] in float32 (float64 for float64 x) by the kernel's formulas (the statistics
+    centred on each row's first element for LayerNorm)."""
+    K = x.shape[-1]
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.reshape(-1, K).to(wide)
+    if kind == "layernorm":
+        a = xf - xf[:, :1]
+        dm = a.sum(1, keepdim=True) / K
+        var = (a.square().sum(1, keepdim=True) / K - dm * dm).clamp_min(0)
+        return (a - dm) * (1.0 / torch.sqrt(var + eps))
+    return xf * (1.0 / torch.sqrt(xf.square().sum(1, keepdim=True) / K + eps))
+
+
+def reference_norm_act_quant(x: torch.Tensor, eps: float, kind: str, act: str,
+                             smooth: Optional[torch.Tensor] = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch with ``q3n::norm_act_quant``'s semantics: :func:`normalise_rows` in float32,
+    then :func:`quantize_activations`; codes in the op's storage dtype."""
+    codes, scales = quantize_activations(normalise_rows(x, eps, kind).to(torch.float32), act, smooth)
+    return codes.to(_act_codes_dtype(act, x.device, False)), scales
+
+
+def reference_codes(codes: torch.Tensor, xscales: torch.Tensor, qweight: torch.Tensor,
+                    scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
+                    act: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """Plain torch with ``q3n::qlinear_codes``'s semantics (float32 math, as :func:`reference`)."""
+    w = P.dequantize(P.unpack_codes(qweight, bits, in_features), scales, zeros, bits, group_size,
+                     dtype=torch.float32)
+    y = (codes.to(torch.float32) * xscales.to(torch.float32)[:, None]) @ w.t()
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(out_dtype)
+
+
+def supports_norm_act_quant(x, eps=1e-5, kind="rmsnorm", act="int8", smooth=None
+                            ) -> Optional[str]:
+    """None if ``q3n::norm_act_quant`` handles these arguments, else why not. Safe on FakeTensors
+    (K must be static; the leading sizes may be symbolic)."""
+    if kind not in NORM_KINDS:
+        return f"kind {kind!r} is not one of {NORM_KINDS}"
+    if act not in ACT_QMAX:
+        return f"activation format {act!r} is not a quantized one ({', '.join(ACT_QMAX)})"
+    if x.dim() < 1:
+        return "x must have at least one dim"
+    if x.dtype not in _X_DTYPES:
+        return f"x dtype {str(x.dtype).replace('torch.', '')} not supported (float16, bfloat16, float32)"
+    K = x.shape[-1]
+    if not isinstance(K, int) or K < 1:
+        return f"the normalised size must be a static positive int, got {K}"
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
+        return f"eps must be a non-negative Python number, got {eps!r}"
+    if smooth is not None:
+        if tuple(smooth.shape) != (K,) or smooth.dtype != torch.float32:
+            return f"smooth must be float32 [{K}]"
+        if smooth.device != x.device:
+            return f"smooth on {smooth.device}, x on {x.device}"
+    return None
+
+
+def supports_codes(codes, xscales, qweight, scales, zeros=None, bias=None, bits=4, group_size=128,
+                   in_features=None, act="int8", out_dtype=torch.float32) -> Optional[str]:
+    """None if ``q3n::qlinear_codes`` handles these arguments, else why not. Safe on FakeTensors."""
+    if act not in ACT_QMAX:
+        return f"activation format {act!r} is not a quantized one ({', '.join(ACT_QMAX)})"
+    if out_dtype not in _X_DTYPES:
+        return f"out_dtype {str(out_dtype).replace('torch.', '')} not supported"
+    if codes.dim() != 2 or xscales.dim() != 1 or xscales.dtype != torch.float32 or not _known(
+            xscales.shape[0] == codes.shape[0]):
+        return "codes must be [M, K] and xscales float32 [M]"
+    if codes.dtype != _act_codes_dtype(act, codes.device, False):
+        return (f"codes dtype {str(codes.dtype).replace('torch.', '')} is not what "
+                f"q3n::norm_act_quant stores for {act} on {codes.device.type}")
+    # The weight side: qlinear's own checks, on a stand-in for x (codes' shape and device, the
+    # output dtype).
+    return supports(_XLike(codes, out_dtype), qweight, scales, zeros, bias, None, bits,
+                    group_size, in_features, act)
+
+
+class _XLike:
+    """What :func:`supports` reads of x (shape, dtype, device, dim) for codes of dtype `dtype`."""
+
+    def __init__(self, codes: torch.Tensor, dtype: torch.dtype):
+        self.shape, self.dtype, self.device = codes.shape, dtype, codes.device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+def _norm_act_quant_impl(x: torch.Tensor, eps: float, kind: str, act: str,
+                         smooth: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    backend = contract.backend_for(x.device)
+    if backend == "reference":
+        return reference_norm_act_quant(x, eps, kind, act, smooth)
+    return _norm_act_quant_launch(x, eps, kind, act, smooth, interpreter=backend == "interpreter")
+
+
+def _norm_act_quant_fake(x, eps, kind, act, smooth):
+    m = 1
+    for s in x.shape[:-1]:
+        m = m * s
+    K = x.shape[-1]
+    return (x.new_empty((m, K), dtype=_act_codes_dtype(act, x.device, False)),
+            x.new_empty((m,), dtype=torch.float32))
+
+
+def _qlinear_codes_impl(codes: torch.Tensor, xscales: torch.Tensor, qweight: torch.Tensor,
+                        scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                        bias: Optional[torch.Tensor], bits: int, group_size: int,
+                        in_features: int, act: str, out_dtype: torch.dtype) -> torch.Tensor:
+    backend = contract.backend_for(codes.device)
+    if backend == "reference":
+        return reference_codes(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
+                               in_features, act, out_dtype)
+    return _qlinear_codes_launch(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
+                                 in_features, act, out_dtype, interpreter=backend == "interpreter")
+
+
+def _qlinear_codes_fake(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
+                        in_features, act, out_dtype):
+    return codes.new_empty((codes.shape[0], qweight.shape[1]), dtype=out_dtype)
+
+
+norm_act_quant = contract.register_kernel_op("norm_act_quant", _norm_act_quant_impl,
+                                             _norm_act_quant_fake)
+qlinear_codes = contract.register_kernel_op("qlinear_codes", _qlinear_codes_impl,
+                                            _qlinear_codes_fake)

@@ -13,7 +13,8 @@ What it finds, on the post-AOT functional ATen graph:
   copies: ``mm(x2d, W^T)`` / ``addmm(b, x2d, W^T)`` whose weight (and bias) are compile-time
   constants (parameters, buffers, graph constants, or expressions of them).
 
-What it does: for each norm, its linears (grouped by output dtype, at most
+What it does: for each norm, its linears that ``quant_config`` does not quantize (grouped by output
+dtype, at most
 ``kernels.norm_linear.MAX_OUTPUTS`` per call) become one ``q3n::norm_linear`` call on the norm's
 input ``x``, with W' = W·diag(γ), b' = W·β + b and rowsum(W') (LayerNorm) computed once, here, from
 the real weights (float64, row chunks; rounded once to the linear's dtype) and stored on the
@@ -40,16 +41,45 @@ Which kernel design runs is decided per call by the number of rows (``kernels.no
 DISPATCH``), not here: one compiled graph serves decode and prefill; ``detail["dispatch"]`` copies
 the table.
 
-Quantization: until the two passes compose (a fused kernel over quantized weights), a linear that
-``quant_config`` quantizes is left to the quantize pass (declined/left with reason
-"left to quantize: quant_config quantizes this linear"); its norm stays for it.
+Quantization (composing with the quantize pass; this pass runs first). For each linear this pass
+asks the quantize pass's own candidate test, classification and ``quant_config`` resolution
+(:func:`_quantize_plan`) whether it will be quantized:
+
+- linears ``quant_config`` leaves alone fuse as above (``q3n::norm_linear``); each call's op
+  records their layer paths and classes (``meta["q3n_norm_linear"]["layers"]``), so the quantize
+  pass reports them exactly as it reports unfused linears it leaves alone (e.g. an ``lm_head``);
+- linears it quantizes are folded the same way (W' = W·diag(γ), b' = W·β + b, float64, rounded
+  once to the linear's dtype) but not fused into a GEMM: this pass emits
+  ``x_hat = q3n::normalize(x, eps, kind, dtype)`` (x read once, the statistics in float32, x_hat
+  written once; one per norm and dtype, shared by the siblings) and, per linear, a float
+  ``mm``/``addmm`` of x_hat with W' (buffers) marked ``meta["q3n_norm_quant"]`` (:func:
+  `_rewrite_quantized`). The quantize pass owns everything after that: it takes the marked
+  linears as candidates, quantizes W' with its formats, calibration (on x_hat: the rows the
+  quantized linear really receives; :func:`~q3n_compile.quant.calibrate` statistics, recorded at
+  the unfused linear's input γ·x_hat + β, are mapped to x_hat) and packing, reports each layer
+  with its relative output error, and for quantized activations replaces ``normalize`` + the
+  activation quantizer by one ``q3n::norm_act_quant`` (statistics, normalisation and per-token
+  codes in one pass over x) feeding ``q3n::qlinear_codes``. Weight-only formats keep
+  ``normalize`` and run ``q3n::qlinear`` on x_hat.
+
+So this pass counts the fusion (``matched``/``rewritten`` per norm; the call's entry says
+``"quantized": True``), and the quantize pass counts the quantized layers. If quantize leaves a
+marked linear (a format the layer cannot take, the pass rolled back), the graph is still exact:
+the normalise kernel and a float linear on the folded weight. A weight already freed by
+:func:`~q3n_compile.release_quantized_weights` is not folded (reason ``RELEASED_REASON``): the
+quantize pass uses the packed form it made before. The quantize pass does not let
+``release_quantized_weights`` free the weights folded here (the fold is redone from W on every
+compile); it says so in its return value.
 
 Memory: W' is a new tensor; the module still holds W, so each fused linear's weight exists twice
-on the device (``detail["folded_bytes"]`` says how much was added).
+on the device (``detail["folded_bytes"]`` says how much was added). The folded weights of linears
+left to quantize (``detail["folded_for_quantize_bytes"]``) are dropped by the quantize pass once
+it has packed them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import operator
 from typing import Any, Optional
 
@@ -417,6 +447,22 @@ def _linear_reason(lin: _Linear, consts: _Constants, k: int) -> Optional[str]:
     return None
 
 
+RELEASED_REASON = ("linear weight was freed by release_quantized_weights(): it cannot be folded "
+                   "(the quantize pass uses the packed form made before)")
+
+
+def _released_reason(lin: _Linear, consts: _Constants, ctx: PassContext) -> Optional[str]:
+    try:
+        from ..quant.release import is_released
+    except Exception:  # the quantize pass's modules changed or are absent
+        return None
+    for ph in consts.placeholders(lin.mat2) | consts.placeholders(lin.bias):
+        value = ctx.static_values.get(ph.name)
+        if value is not None and is_released(value):
+            return RELEASED_REASON
+    return None
+
+
 def _single_user(node: Node) -> Optional[Node]:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
@@ -590,7 +636,8 @@ def _norm_dtype(ctx: PassContext) -> dict[str, Any]:
 
 def _rewrite_group(gm: GraphModule, ctx: PassContext, fake_mode: Any, norm: _Norm,
                    lins: list[_Linear], consts: _Constants, gamma, beta, k: int,
-                   order: dict[Node, int]) -> dict[str, Any]:
+                   order: dict[Node, int], infos: Optional[dict[Node, dict]] = None
+                   ) -> dict[str, Any]:
     """Replace `lins` (one dtype, at most MAX_OUTPUTS) by one q3n::norm_linear call."""
     xval = _val(norm.x)
     lead = list(xval.shape[:-1])
@@ -623,6 +670,9 @@ def _rewrite_group(gm: GraphModule, ctx: PassContext, fake_mode: Any, norm: _Nor
     op.meta["q3n_norm_linear"] = {
         "norm": _module_name(norm.anchor), "linears": [_module_name(lin.node) for lin in lins],
         "kind": norm.kind, "epilogue": epilogue, "residual": residual is not None,
+        # What the quantize pass reports for these linears (quant_config leaves them alone).
+        "layers": [{key: infos[lin.node][key] for key in ("layer", "class", "classified_by")}
+                   for lin in lins if infos and lin.node in infos],
     }
     seeds = []
     targets = [final] if final is not None else [lin.node for lin in lins]
@@ -660,38 +710,124 @@ def _lead_ok(val: Any, lead: list[Any]) -> bool:
         known_eq(a, b) for a, b in zip(val.shape[:-1], lead))
 
 
-QUANTIZED_REASON = "left to quantize: quant_config quantizes this linear"
+def _quantize_plan(gm: GraphModule, ctx: PassContext, detail: dict[str, Any]):
+    """A function ``(linear) -> dict or None``: what the quantize pass will make of that linear.
 
-
-def _quantize_wants(gm: GraphModule, ctx: PassContext, detail: dict[str, Any]):
-    """A predicate ``(mm node, its input) -> bool``: the quantize pass will quantize that linear.
-
-    Until the two passes compose (a fused kernel over quantized weights), an explicit precision
-    request wins over the fusion: such linears are left to the quantize pass. Uses the quantize
-    pass's own classification and config resolution; if they cannot be used, nothing is left out
-    and ``detail["quantize_check"]`` says why.
+    None when the quantize pass would not see it as a candidate (no ``quant_config``, a weight
+    that is not ``t(parameter)``); else ``{"layer", "class", "classified_by", "quantize",
+    "weight", "bias"}`` with ``quantize`` True when ``quant_config`` gives the layer a format
+    (then this pass folds the norm into it and leaves it to quantize: see :func:`_rewrite_quantized`)
+    and ``weight``/``bias`` the placeholders of its parameters. Uses the quantize pass's own
+    candidate test, classification and config resolution, on the graph as this pass found it; if
+    they cannot be used, nothing is planned for quantization and ``detail["quantize_check"]`` says
+    why (the linears then fuse as unquantized ones and the quantize pass reports them).
     """
     if not ctx.config.quant_config:
-        return lambda node, x: False
+        return lambda lin: None
     try:
         from ..quant.classify import StructureClassifier, classify, module_path
         from ..quant.config import parse_quant_config
+        from .quantize import _linear_parts
 
         qc = parse_quant_config(ctx.config.quant_config)
         structure = StructureClassifier(gm)
     except Exception as err:  # the quantize pass's modules changed or are absent
         detail["quantize_check"] = f"not applied: {type(err).__name__}: {err}"
-        return lambda node, x: False
+        return lambda lin: None
 
-    def wants(node: Node, x: Node) -> bool:
+    def plan(lin: _Linear) -> Optional[dict[str, Any]]:
+        parts = _linear_parts(lin.node)
+        if parts is None or parts[1].name not in ctx.static_values:
+            return None
+        x, w_ph, bias = parts
         try:
-            cls, _, _ = classify(node, x, structure)
-            fmt, _ = qc.resolve(module_path(node) or f"<{node.name}>", cls)
+            cls, how, _ = classify(lin.node, x, structure)
+            path = module_path(lin.node) or f"<{lin.node.name}>"
+            fmt, _ = qc.resolve(path, cls)
         except Exception:
-            return False
-        return fmt is not None
+            return None
+        return {"layer": path, "class": cls, "classified_by": how, "quantize": fmt is not None,
+                "weight": w_ph, "bias": bias}
 
-    return wants
+    return plan
+
+
+def _fold_digest(gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor], kind: str) -> str:
+    """Identifies the fold (kind, gamma, beta values): the quantize pass keys its cache on the
+    source weight and this."""
+    h = hashlib.blake2b(kind.encode(), digest_size=8)
+    for v in (gamma, beta):
+        h.update(b"-" if v is None else v.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _rewrite_quantized(gm: GraphModule, ctx: PassContext, fake_mode: Any, norm: _Norm,
+                       qlins: list[tuple[_Linear, dict[str, Any]]], consts: _Constants, gamma,
+                       beta, k: int, order: dict[Node, int]) -> dict[str, Any]:
+    """Fold the norm into linears quant_config quantizes (one dtype) and leave them to quantize.
+
+    Emits ``x_hat = q3n::normalize(x, eps, kind, dtype)`` (one per norm and dtype, shared by the
+    siblings) and, per linear, ``mm(x_hat2d, t(W'))`` / ``addmm(b', x_hat2d, t(W'))`` with
+    W' = W·diag(γ) and b' = W·β + b folded here as for the fused op (float64, rounded once to the
+    linear's dtype) and stored as buffers. Each new linear carries ``meta["q3n_norm_quant"]``: the
+    quantize pass takes it as a candidate, quantizes W' (calibrated on x_hat, the rows it really
+    receives), and for quantized activations replaces ``normalize`` + the activation quantizer
+    by one ``q3n::norm_act_quant``. If quantize leaves it (a format that cannot be honoured, the
+    pass disabled or rolled back), the graph is still exact: the normalise kernel, then a float
+    linear on the folded weight.
+    """
+    dtype = qlins[0][0].dtype
+    xval = _val(norm.x)
+    reason = _kernel().supports_normalize(xval, norm.eps, norm.kind, dtype)
+    if reason is not None:
+        raise _Decline(reason)
+    first = min((lin.node for lin, _ in qlins), key=lambda n: order[n])
+    xh = add_node(gm, fake_mode, torch.ops.q3n.normalize.default,
+                  (norm.x, float(norm.eps), norm.kind, dtype), before=first,
+                  meta_from=norm.anchor)
+    x2 = xh if xval.dim() == 2 else add_node(gm, fake_mode, aten.view.default, (xh, [-1, k]),
+                                             before=first, meta_from=norm.anchor)
+    digest = _fold_digest(gamma, beta, norm.kind)
+    folded = 0
+    names = []
+    for lin, info in qlins:
+        w, b, _ = _fold([lin], gamma, beta, consts, "rmsnorm", k, dtype)
+        b = None if b is None else b.to(dtype)
+        w_node = _register(gm, fake_mode, w, "_q3n_norm_quant_weight", first)
+        b_node = None if b is None else _register(gm, fake_mode, b, "_q3n_norm_quant_bias", first)
+        wt = add_node(gm, fake_mode, aten.t.default, (w_node,), before=lin.node,
+                      meta_from=lin.node)
+        if b_node is None:
+            new = add_node(gm, fake_mode, aten.mm.default, (x2, wt), before=lin.node,
+                           meta_from=lin.node)
+        else:
+            new = add_node(gm, fake_mode, aten.addmm.default, (b_node, x2, wt), before=lin.node,
+                           meta_from=lin.node)
+        new.meta["q3n_norm_quant"] = {
+            "layer": info["layer"], "class": info["class"],
+            "classified_by": info["classified_by"], "norm": _module_name(norm.anchor),
+            "kind": norm.kind, "eps": float(norm.eps), "fold": digest,
+            "weight": w_node.target, "bias": None if b_node is None else b_node.target,
+            "source_weight": info["weight"].name,
+            "source_bias": info["bias"].name if isinstance(info["bias"], Node) else None,
+            "gamma": gamma, "beta": beta,
+        }
+        lin.node.replace_all_uses_with(new)
+        folded += w.numel() * w.element_size() + (0 if b is None else b.numel() * b.element_size())
+        names.append(_module_name(lin.node))
+    for placeholder in set().union(*(consts.placeholders(v) for v in
+                                     [lin.mat2 for lin, _ in qlins] + [lin.bias for lin, _ in qlins]
+                                     + norm.gamma + norm.beta)):
+        ctx.freeze(placeholder)
+    _erase_dead(gm, [lin.node for lin, _ in qlins])
+    return {
+        "linears": names,
+        "N": [lin.n for lin, _ in qlins],
+        "quantized": True,
+        "emitted": "q3n::normalize + float linears on the folded weights, for quantize",
+        "dtype": str(dtype).replace("torch.", ""),
+        "folded_bytes": folded,
+    }
 
 
 def _kernel():
@@ -715,7 +851,8 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
     folded = 0
     found = 0
     extra: dict[str, Any] = {}
-    quantized = _quantize_wants(gm, ctx, extra)
+    plan = _quantize_plan(gm, ctx, extra)
+    folded_for_quantize = 0
     # Norms are matched one at a time, in graph order, each after the previous rewrite: a rewrite
     # may replace a node a later norm reads (a residual add taken into the epilogue).
     for anchor in [n for n in gm.graph.nodes if _is_anchor(n)]:
@@ -740,17 +877,24 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             stats.decline("normalised size is symbolic")
             continue
         good, reasons = [], []
+        to_quantize: list[tuple[_Linear, dict[str, Any]]] = []
+        infos: dict[Node, dict[str, Any]] = {}
         for lin in linears:
-            why = QUANTIZED_REASON if quantized(lin.node, lin.mat1) else _linear_reason(lin, consts, k)
-            if why is None:
+            why = _linear_reason(lin, consts, k) or _released_reason(lin, consts, ctx)
+            info = plan(lin) if why is None else None
+            if info is not None:
+                infos[lin.node] = info
+            if info is not None and info["quantize"]:
+                to_quantize.append((lin, info))
+            elif why is None:
                 good.append(lin)
             else:
                 reasons.append(why)
                 unfused_linears[why] = unfused_linears.get(why, 0) + 1
-        if not good:
+        if not good and not to_quantize:
             stats.decline(reasons[0])
             continue
-        device = consts(good[0].mat2).device
+        device = consts((good or [lin for lin, _ in to_quantize])[0].mat2).device
         gamma = _vector(norm.gamma, consts, k, device, 1.0)
         beta = _vector(norm.beta, consts, k, device, 0.0)
         groups: dict[torch.dtype, list[_Linear]] = {}
@@ -763,10 +907,24 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
                 order = {n: j for j, n in enumerate(gm.graph.nodes)}
                 try:
                     entries.append(_rewrite_group(gm, ctx, fake_mode, norm, chunk, consts, gamma,
-                                                  beta, k, order))
+                                                  beta, k, order, infos))
                 except _Decline as why:
                     first_decline = first_decline or str(why)
                     unfused_linears[str(why)] = unfused_linears.get(str(why), 0) + len(chunk)
+        qgroups: dict[torch.dtype, list[tuple[_Linear, dict[str, Any]]]] = {}
+        for lin, info in to_quantize:
+            qgroups.setdefault(lin.dtype, []).append((lin, info))
+        for qlins in qgroups.values():
+            order = {n: j for j, n in enumerate(gm.graph.nodes)}
+            try:
+                entry = _rewrite_quantized(gm, ctx, fake_mode, norm, qlins, consts, gamma, beta,
+                                           k, order)
+            except _Decline as why:
+                first_decline = first_decline or str(why)
+                unfused_linears[str(why)] = unfused_linears.get(str(why), 0) + len(qlins)
+                continue
+            folded_for_quantize += entry.pop("folded_bytes")
+            entries.append(entry)
         if not entries:
             stats.decline(first_decline)
             continue
@@ -777,7 +935,7 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
         if not getattr(norm.out, "_erased", False):
             left, others, _ = _consumers(norm, k, {n: j for j, n in enumerate(gm.graph.nodes)})
             kept_for = sorted({_describe(u) for u in others + [lin.node for lin in left]})
-        folded += sum(e.pop("folded_bytes") for e in entries)
+        folded += sum(e.pop("folded_bytes", 0) for e in entries)
         fusions.append({
             "norm": _module_name(norm.anchor),
             "kind": norm.kind,
@@ -792,6 +950,9 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
         "norms_without_linear": without_linear,
         "linears_left_unfused": unfused_linears,
         "folded_bytes": folded,
+        # W' and b' of the linears left to quantize: the quantize pass replaces them by packed
+        # weights and drops them (what it keeps in high precision stays).
+        "folded_for_quantize_bytes": folded_for_quantize,
         "norm_dtype": _norm_dtype(ctx),
         "dispatch": [{"max_rows": top, "design": design} for top, design in K.DISPATCH],
         **extra,

@@ -1,8 +1,10 @@
 """The `quantize` pass: linears -> ``q3n::qlinear`` at the precision each layer was given.
 
 Candidates (``matched``): every linear of the post-AOT graph whose weight is a compile-time
-constant — ``mm(x, t(W))`` and ``addmm(b, x, t(W))`` with ``W`` a parameter/buffer — and every
-``q3n::norm_linear`` the norm_linear pass made (a linear fused with the norm before it).
+constant — ``mm(x, t(W))`` and ``addmm(b, x, t(W))`` with ``W`` a parameter/buffer —, the linears
+the norm_linear pass folded a norm into and left to this pass (``meta["q3n_norm_quant"]``: see
+"Composed with norm_linear" below), and the linears inside each ``q3n::norm_linear`` (those
+``quant_config`` leaves alone: counted and reported as the unfused ones would be).
 
 For each linear:
 
@@ -40,18 +42,44 @@ user's ``nn.Module`` (Dynamo passes them to every call) until
 layers' high-precision weights) and ``weight_bytes_after`` (their packed form: codes, scales, zero
 points, smoothing vectors).
 
-The q3n::norm_linear candidates are declined for now ("fused into norm_linear: quantizing fused
-linears is not built yet"): composing the two is the next step (see the issue).
+Composed with norm_linear (``norm_fusion=True``; norm_linear runs first and decides nothing
+about formats). For a norm followed by linears ``quant_config`` quantizes, norm_linear folds γ/β
+into them (W' = W·diag(γ), b' = W·β + b) and emits ``x_hat = q3n::normalize(x)`` followed by float
+linears on W'. Here:
+
+- each such linear is quantized like any other (class, format, checks, strict errors, the
+  report's entry, which adds ``norm_fused``); its weight is W' (so γ is inside the quantized
+  weight) and its calibration data are rows of x_hat, the input it really receives: the graph's
+  x_hat on the example inputs, or :func:`q3n_compile.quant.calibrate`'s statistics (taken at the
+  unfused linear's input h = γ·x_hat + β) mapped to x_hat (:func:`_normalised_stats`: exact
+  without β; with β, from the kept rows). Results are cached and statistics attached under the
+  source weight W and a digest of the fold, so recompiles reuse them;
+- 16-bit activations: ``q3n::qlinear`` reads x_hat (one normalise pass over x, shared by the
+  siblings);
+- quantized activations: ``q3n::norm_act_quant(x)`` computes the statistics, x_hat and its
+  per-token codes in one pass over x (x_hat is never written) and ``q3n::qlinear_codes`` runs the
+  qlinear kernels on them. Siblings whose activations are quantized alike (same format, no
+  SmoothQuant vector) share one call; a layer with its own SmoothQuant vector has its own codes,
+  so its own call (each still one pass over x, where the unfused model quantized x_hat per layer
+  anyway). ``detail["norm_fused"]`` counts the layers, the calls, and the ``normalize`` nodes
+  left;
+- the W'/b' buffers norm_linear made for the layers quantized here are dropped; the source W is
+  not freed by :func:`q3n_compile.release_quantized_weights` (the fold is redone from it on every
+  compile: its return value says so).
+
+A linear kept in high precision here stays exact (``normalize`` and the float linear on W').
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, Optional
 
 import torch
 from torch.fx import GraphModule, Node
 
+from ..kernels import norm_linear as _NL  # noqa: F401 - registers q3n::normalize
 from ..kernels import qlinear as QL
 from ..quant import calibration as C
 from ..quant import release as R
@@ -61,7 +89,12 @@ from .base import PassContext, PassStats
 from .matching import add_node, fake_mode_for
 
 aten = torch.ops.aten
+# No longer given (the passes compose, see the module docstring); kept for code that imports it.
 NORM_LINEAR_REASON = "fused into norm_linear: quantizing fused linears is not built yet"
+# A linear norm_linear fused (q3n::norm_linear) although quant_config gives it a format: only when
+# norm_linear could not consult quant_config (its detail["quantize_check"] says why).
+FUSED_UNQUANTIZED_REASON = ("fused into q3n::norm_linear unquantized (norm_linear could not "
+                            "consult quant_config: see its detail['quantize_check'])")
 
 
 class QuantizeConfigError(ValueError):
@@ -72,11 +105,67 @@ class QuantizeConfigError(ValueError):
 class Candidate:
     node: Node
     x: Node
-    weight_ph: Node
+    weight_ph: Optional[Node]  # None for a folded linear (its weight is a get_attr buffer)
     bias: Optional[Node]
     path: str
     layer_class: Optional[str] = None
     classified_by: str = "none"
+    folded: Optional[dict] = None  # node.meta["q3n_norm_quant"] of a linear norm_linear folded
+
+
+def _weight(gm: GraphModule, ctx: PassContext, cand: Candidate) -> torch.Tensor:
+    """The weight the layer multiplies by: the parameter, or W' = W·diag(γ) for a folded one."""
+    if cand.folded is not None:
+        return getattr(gm, cand.folded["weight"])
+    return ctx.static_values[cand.weight_ph.name]
+
+
+def _source(gm: GraphModule, ctx: PassContext, cand: Candidate) -> torch.Tensor:
+    """The tensor the caches, calibration statistics and release records are keyed on: the
+    user's weight (for a folded layer, the W that W' was folded from)."""
+    if cand.folded is not None:
+        return ctx.static_values[cand.folded["source_weight"]]
+    return ctx.static_values[cand.weight_ph.name]
+
+
+def _normalise_source(x: Node) -> Optional[Node]:
+    """The ``q3n::normalize`` node a folded linear's input comes from (through a view)."""
+    while isinstance(x, Node) and x.op == "call_function" and x.target in (
+            aten.view.default, aten._unsafe_view.default, aten.reshape.default):
+        x = x.args[0]
+    if isinstance(x, Node) and x.op == "call_function" and x.target is getattr(
+            torch.ops.q3n, "normalize").default:
+        return x
+    return None
+
+
+def _normalised_stats(st: "C.LayerStats", folded: dict) -> Optional["C.LayerStats"]:
+    """Statistics of x_hat from those of h = γ·x_hat + β (what calibrate() recorded at the
+    linear's input in the unfused model), or None if γ has a zero.
+
+    Without β the map is exact: H' = H / (γ γ^T), max|x_hat| = max|h| / |γ|, the kept rows
+    divided by γ, the same row count. With β the Hessian needs the inputs' mean, which is not
+    recorded: the statistics are rebuilt from the kept rows alone, (rows - β) / γ (exact for
+    those rows; ``calibration_rows`` then counts them).
+    """
+    gamma, beta = folded["gamma"], folded["beta"]
+    rows = st.samples()
+    if st.n == 0 or st.h is None or rows.shape[0] == 0:
+        return None
+    dev = st.h.device
+    g = (torch.ones(st.k, dtype=torch.float64, device=dev) if gamma is None
+         else gamma.to(dev, torch.float64))
+    if bool((g == 0).any()):
+        return None
+    b = None if beta is None or not bool(beta.any()) else beta.to(dev, torch.float64)
+    out = C.LayerStats(st.k, st.max_rows, source=st.source)
+    xr = rows.to(dev, torch.float64)
+    out.add(((xr if b is None else xr - b) / g).to(torch.float32))
+    if b is None:
+        out.h = (st.h.to(torch.float64) / (g[:, None] * g[None, :])).to(torch.float32)
+        out.absmax = (st.absmax.to(torch.float64) / g.abs()).to(torch.float32)
+        out.n = st.n
+    return out
 
 
 def _weight_placeholder(wt: Any) -> Optional[Node]:
@@ -173,7 +262,21 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
     candidates: list[Candidate] = []
     for node in list(gm.graph.nodes):
         if _q3n_op(node, "norm_linear"):
-            keep(module_path(node) or f"<{node.name}>", None, NORM_LINEAR_REASON)
+            # Linears norm_linear fused unquantized: quant_config leaves them alone; reported as
+            # the unfused linears would be.
+            for layer in (node.meta.get("q3n_norm_linear") or {}).get("layers", []):
+                fmt, decided_by = qc.resolve(layer["layer"], layer["class"])
+                if fmt is None:
+                    keep(layer["layer"], layer["class"], decided_by, category=_category(decided_by))
+                else:
+                    keep(layer["layer"], layer["class"], FUSED_UNQUANTIZED_REASON)
+            continue
+        folded = node.meta.get("q3n_norm_quant") if node.op == "call_function" and node.target in (
+            aten.mm.default, aten.addmm.default) else None
+        if folded is not None:
+            x, bias = (node.args[0], None) if node.target is aten.mm.default else node.args[1::-1]
+            candidates.append(Candidate(node, x, None, bias, folded["layer"], folded["class"],
+                                        folded["classified_by"], folded))
             continue
         parts = _linear_parts(node)
         if parts is None:
@@ -195,7 +298,7 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             keep(cand.path, cand.layer_class, decided_by,
                  category=_category(decided_by))
             continue
-        weight = ctx.static_values[cand.weight_ph.name]
+        weight = _weight(gm, ctx, cand)
         k = int(weight.shape[1])
         fmt = _resolve_act(fmt.for_k(k), weight.device)
         problem = _problem(fmt, cand.x.meta["val"], k)
@@ -215,10 +318,24 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
     settings = qc.calibration
     layer_stats: dict[Node, tuple[Any, str]] = {}
     need_graph: list[Candidate] = []
+    mapped: dict[tuple, Any] = {}  # (id of calibrate()'s statistics, fold) -> x_hat statistics
     for cand, fmt, _ in todo:
-        found = C.lookup_stats(ctx.static_values[cand.weight_ph.name])
-        if found is not None:
-            layer_stats[cand.node] = (found[0], found[0].source)
+        found = C.lookup_stats(_source(gm, ctx, cand))
+        st = None if found is None else found[0]
+        # Statistics of a folded layer's x_hat carry the fold they were taken under.
+        of_fold = getattr(st, "q3n_normalised", None)
+        if st is not None and cand.folded is not None:
+            if of_fold is None:  # siblings (q/k/v) share one mapping, as they share st
+                mkey = (id(st), cand.folded["fold"])
+                if mkey not in mapped:
+                    mapped[mkey] = _normalised_stats(st, cand.folded)
+                st = mapped[mkey]
+            elif of_fold != cand.folded["fold"]:
+                st = None
+        elif of_fold is not None:
+            st = None  # x_hat statistics of a fused compile: not this linear's input
+        if st is not None:
+            layer_stats[cand.node] = (st, st.source)
         else:
             need_graph.append(cand)
     real = _real_inputs(ctx)
@@ -248,7 +365,9 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             layer_stats[cand.node] = (st, "example inputs")
             # Attached to the weight: later compiles (other shapes, a decode graph) find these
             # statistics and the cached result, so every graph uses the same quantized weight.
-            C.attach_stats(ctx.static_values[cand.weight_ph.name], st, cand.path)
+            if cand.folded is not None:
+                st.q3n_normalised = cand.folded["fold"]  # rows of x_hat, under this fold
+            C.attach_stats(_source(gm, ctx, cand), st, cand.path)
         if too_few and example_note is None:
             example_note = (f"{len(too_few)} layer(s) saw fewer than {C.MIN_EXAMPLE_ROWS} rows in "
                             "the example inputs (too few to calibrate on)")
@@ -258,15 +377,26 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
     bytes_before = bytes_after = 0
     sources: dict[str, int] = {}
     hits = misses = 0
+    norm_groups: dict[tuple, tuple[Node, Node]] = {}
+    folded_done: list[dict] = []
     for index, (cand, fmt, decided_by) in enumerate(todo):
-        weight = ctx.static_values[cand.weight_ph.name]
+        weight = _weight(gm, ctx, cand)
+        source_weight = _source(gm, ctx, cand)
         bias_val = None
         if cand.bias is not None and cand.bias.op == "placeholder":
             bias_val = ctx.static_values.get(cand.bias.name)
+        elif cand.bias is not None and cand.bias.op == "get_attr":
+            bias_val = getattr(gm, cand.bias.target)
         st, source = layer_stats.get(cand.node, (None, "none"))
-        bias_key = None if bias_val is None else C.weight_key(bias_val)
+        if cand.folded is None:
+            bias_key = None if bias_val is None else C.weight_key(bias_val)
+        else:
+            # W' and b' are made anew by every compile: key on what they are folded from.
+            src_bias = cand.folded["source_bias"]
+            bias_key = ("norm_fold", cand.folded["fold"],
+                        None if src_bias is None else C.weight_key(ctx.static_values[src_bias]))
         result_key = (fmt, settings, bias_key)
-        key = C.cache_key(weight, fmt, settings, st.fingerprint() if st else None, bias_key)
+        key = C.cache_key(source_weight, fmt, settings, st.fingerprint() if st else None, bias_key)
         result = None if R.is_released(weight) else C.cache_get(key)
         if R.is_released(weight):
             # Freed by release_quantized_weights(): only what was packed before can be used.
@@ -288,7 +418,7 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
 
             misses += 1
             result = quantize_layer(weight, bias_val, fmt, settings, st)
-            C.cache_put(key, weight, result)
+            C.cache_put(key, source_weight, result)
         pw = result.packed.to(weight.device)
         act = "none" if fmt.activation_bits == 16 else fmt.activation_format
         x_val = cand.x.meta["val"]
@@ -303,7 +433,7 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             keep(cand.path, cand.layer_class, msg, category="kernel does not support the call")
             continue
 
-        pkey = (cand.weight_ph.name, fmt, id(result))
+        pkey = (cand.folded["weight"] if cand.folded else cand.weight_ph.name, fmt, id(result))
         if pkey not in packed_nodes:
             prefix = f"_q3n_qlinear{index}"
             tensors = {"qweight": pw.qweight, "scales": pw.scales, "zeros": pw.zeros, "smooth": smooth}
@@ -313,17 +443,50 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             bytes_after += pw.nbytes + (smooth.numel() * 4 if smooth is not None else 0)
             bytes_before += weight.numel() * weight.element_size()
         qw_n, s_n, z_n, sm_n = packed_nodes[pkey]
-        new = add_node(gm, fake_mode, torch.ops.q3n.qlinear.default,
-                       (cand.x, qw_n, s_n, z_n, cand.bias, sm_n, pw.bits, pw.group_size,
-                        pw.in_features, act), before=cand.node, meta_from=cand.node)
+        norm_src = _normalise_source(cand.x) if cand.folded is not None else None
+        fused_act = None
+        if norm_src is not None and act != "none":
+            nx, eps, kind = norm_src.args[0], norm_src.args[1], norm_src.args[2]
+            if QL.supports_norm_act_quant(nx.meta["val"], eps, kind, act, smooth) is None:
+                # One pass over x for the statistics and the codes, shared by the siblings that
+                # quantize x_hat alike (same format and smoothing vector).
+                gkey = (norm_src, act, None if smooth is None else pkey)
+                if gkey not in norm_groups:
+                    q = add_node(gm, fake_mode, torch.ops.q3n.norm_act_quant.default,
+                                 (nx, eps, kind, act, sm_n), before=cand.node,
+                                 meta_from=norm_src)
+                    items = []
+                    for i in range(2):
+                        with gm.graph.inserting_before(cand.node):
+                            item = gm.graph.call_function(operator.getitem, (q, i))
+                        item.meta["val"] = q.meta["val"][i]
+                        items.append(item)
+                    norm_groups[gkey] = tuple(items)
+                fused_act = norm_groups[gkey]
+        if fused_act is not None:
+            new = add_node(gm, fake_mode, torch.ops.q3n.qlinear_codes.default,
+                           (*fused_act, qw_n, s_n, z_n, cand.bias, pw.bits, pw.group_size,
+                            pw.in_features, act, cand.x.meta["val"].dtype),
+                           before=cand.node, meta_from=cand.node)
+        else:
+            new = add_node(gm, fake_mode, torch.ops.q3n.qlinear.default,
+                           (cand.x, qw_n, s_n, z_n, cand.bias, sm_n, pw.bits, pw.group_size,
+                            pw.in_features, act), before=cand.node, meta_from=cand.node)
         new.meta["q3n_qlinear"] = {"layer": cand.path, "format": fmt.name}
         cand.node.replace_all_uses_with(new)
         wt = cand.node.args[2] if cand.node.target is aten.addmm.default else cand.node.args[1]
         gm.graph.erase_node(cand.node)
         if isinstance(wt, Node) and not wt.users:
             gm.graph.erase_node(wt)
-        ctx.freeze(cand.weight_ph)
-        R.note_quantized(weight, cand.path, result_key, result)
+        if cand.folded is None:
+            ctx.freeze(cand.weight_ph)
+        else:
+            folded_done.append(cand.folded)
+            # The fold is redone from W on every compile (a new shape, a decode graph), so W is
+            # not freed by release_quantized_weights(); it says why.
+            R.note_read(source_weight, "norm_linear folds it with its norm's weight (the fold "
+                                       "is redone on every compile)")
+        R.note_quantized(source_weight, cand.path, result_key, result)
         stats.matched += 1
         stats.rewritten += 1
         info = result.info
@@ -347,8 +510,20 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             # GPTQ against RTN+clip on held-out calibration rows, when there were few rows.
             **({"validation": info["validation"]} if "validation" in info else {}),
             **({"note": info["note"]} if "note" in info else {}),
+            **({"norm_fused": {
+                "norm": cand.folded["norm"],
+                "activations": ("q3n::norm_act_quant" if fused_act is not None else
+                                "q3n::normalize" + (" + qlinear's quantizer" if act != "none"
+                                                    else ""))}}
+               if cand.folded is not None else {}),
         })
     gm.graph.eliminate_dead_code()
+    # W' and b' buffers norm_linear folded for layers quantized here: nothing reads them now.
+    targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for folded in folded_done:
+        for name in (folded["weight"], folded["bias"]):
+            if name is not None and name not in targets and hasattr(gm, name):
+                delattr(gm, name)
     # Weights this graph still reads in high precision must not be freed by
     # release_quantized_weights() (a layer kept, a tied embedding, a norm's scale...).
     for node in gm.graph.nodes:
@@ -382,6 +557,13 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
                             + "; call q3n_compile.quant.calibrate(model, batches) before "
                             "compiling for GPTQ/SmoothQuant")},
         "cache": {"hits": hits, "misses": misses},
+        # Linears whose norm norm_linear folded into them (γ/β in the quantized weights).
+        "norm_fused": {
+            "layers": sum("norm_fused" in e for e in layers),
+            "norm_act_quant_calls": len(norm_groups),
+            "normalize_kept": sum(1 for n in gm.graph.nodes if n.op == "call_function"
+                                  and n.target is torch.ops.q3n.normalize.default),
+        },
         "norm_layers": (None if qc.norm_layers is None else {
             **dict(qc.norm_layers),
             "status": "not applied by quantize: norms are computed by the norm_linear pass "

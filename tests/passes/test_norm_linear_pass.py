@@ -400,9 +400,11 @@ def test_quant_config_norm_dtype_is_recorded():
     assert _pass(report)["detail"]["norm_dtype"] == {"requested": None, "applied": "float32"}
 
 
-def test_linears_quant_config_quantizes_are_left_to_quantize():
-    # Until fused kernels take quantized weights, an explicit precision request wins: gate/up
-    # (ffn) stay for the quantize pass; q/k/v (attention not configured) and lm_head still fuse.
+def test_linears_quant_config_quantizes_are_folded_for_quantize():
+    # The passes compose (tests/passes/test_norm_quant_compose.py): gate/up (ffn, quantized) get
+    # the norm folded into their weights and are left to quantize, behind q3n::normalize, which
+    # quantize turns into q3n::norm_act_quant (8-bit activations); q/k/v (attention not
+    # configured) and lm_head fuse as q3n::norm_linear. Nothing is declined.
     model = build_model("llama", "tiny")
     (ids,) = example_inputs("llama", model, 1, 8)
     qc = {"ffn_layers": {"weight_bits": 4, "activation_bits": 8}}
@@ -411,12 +413,16 @@ def test_linears_quant_config_quantizes_are_left_to_quantize():
         compiled(ids)
     report = q3n_compile.reports()[-1]
     p = _pass(report)
-    reason = "left to quantize: quant_config quantizes this linear"
-    assert (p["matched"], p["rewritten"], p["declined"]) == (5, 3, {reason: 2})
-    assert p["detail"]["linears_left_unfused"] == {reason: 4}
+    assert (p["matched"], p["rewritten"], p["declined"]) == (5, 5, {})
+    assert p["detail"]["linears_left_unfused"] == {}
     assert report["ops"].get(OP) == 3
     assert [f["norm"] for f in p["detail"]["fusions"]] == [
-        "layers.0.input_layernorm", "layers.1.input_layernorm", "norm"]
+        "layers.0.input_layernorm", "layers.0.post_attention_layernorm",
+        "layers.1.input_layernorm", "layers.1.post_attention_layernorm", "norm"]
+    quantized = [c["linears"] for f in p["detail"]["fusions"] for c in f["calls"] if c.get("quantized")]
+    assert quantized == [[f"layers.{i}.mlp.gate_proj", f"layers.{i}.mlp.up_proj"] for i in (0, 1)]
+    assert report["ops"]["q3n.norm_act_quant.default"] == 2  # 8 rows: no calibration, no smoothing
+    assert report["ops"]["q3n.qlinear_codes.default"] == 4
 
 
 def test_folded_weights_are_frozen():

@@ -1,0 +1,331 @@
+"""The ops that compose a norm with quantized linears, against float64 references.
+
+- ``q3n::norm_act_quant``: row statistics + normalisation + per-token activation quantization in
+  one kernel; its codes are those :func:`qlinear.quantize_activations` gives the float64
+  normalised rows, except where x_hat * smooth / scale lies within float32 rounding of a tie
+  (then either neighbour); its scales are the float64 ones to float32 precision.
+- ``q3n::qlinear_codes``: ``q3n::qlinear`` on precomputed codes (the same kernels: bitwise equal).
+- ``q3n::normalize``: the normalised rows alone (weight-only quantized consumers).
+
+CPU lane: Triton interpreter, small odd shapes; GPU lane (-m gpu): compiled kernels at model widths.
+"""
+
+import zlib
+
+import pytest
+import torch
+
+from q3n_compile.kernels import norm_linear as NL
+from q3n_compile.kernels import packing as P
+from q3n_compile.kernels import qlinear as Q
+
+from .subprocess_lane import run_without_interpreter
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
+
+f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+EPS = 1e-5
+# Relative perturbation of v = x_hat * smooth / scale within which a code may round either way:
+# the kernel's float32 statistics (a K-term sum, a square root, a division) move x_hat by a few
+# ulps (2^-24 each) against float64.
+TIE = 2e-5
+
+
+def _gen(name):
+    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
+
+
+def _normalised64(x, kind, eps=EPS):
+    """x_hat in float64, textbook formulas (biased variance)."""
+    xd = x.double().reshape(-1, x.shape[-1])
+    if kind == "layernorm":
+        mean = xd.mean(-1, keepdim=True)
+        return (xd - mean) / torch.sqrt((xd - mean).square().mean(-1, keepdim=True) + eps)
+    return xd / torch.sqrt(xd.square().mean(-1, keepdim=True) + eps)
+
+
+def _round_codes(v, act):
+    """The reference quantizer's rounding (kernels/qlinear.py, quantize_activations) of float32 v."""
+    qmax = Q.ACT_QMAX[act]
+    if act == "fp8":
+        return v.clamp(-qmax, qmax).to(torch.float8_e4m3fn).to(torch.float32)
+    return torch.round(v).clamp(-qmax, qmax)
+
+
+def _check_codes(codes, scales, x, kind, act, smooth, eps=EPS):
+    """Kernel codes/scales against the float64 normalisation + the reference quantizer."""
+    M, K = codes.shape
+    assert scales.shape == (M,) and scales.dtype == f32
+    assert codes.dtype == Q._act_codes_dtype(act, x.device, False)
+    xh = _normalised64(x, kind, eps)
+    want_codes, _ = Q.quantize_activations(xh, act, smooth)  # casts x_hat to float32 first
+    xs = xh * (1.0 if smooth is None else smooth.double())
+    scale64 = xs.abs().amax(-1) / Q.ACT_QMAX[act]
+    scale64 = torch.where(scale64 == 0, torch.ones_like(scale64), scale64)
+    torch.testing.assert_close(scales.double().cpu(), scale64.cpu(), rtol=TIE, atol=0)
+    v = (xs / scale64[:, None]).cpu()
+    lo = _round_codes((v * (1 - TIE) - 1e-6).float(), act)
+    hi = _round_codes((v * (1 + TIE) + 1e-6).float(), act)
+    got = codes.float().cpu()
+    want = want_codes.cpu()
+    ok = (got == want) | (got == lo) | (got == hi)
+    assert ok.all(), (f"{(~ok).sum().item()} codes off: got {got[~ok][:5].tolist()}, "
+                      f"want {want[~ok][:5].tolist()}")
+    differ = (got != want).sum().item()
+    assert differ <= max(2, got.numel() // 200), f"{differ} codes at ties of {got.numel()}"
+    return xh
+
+
+def _x(gen, M, K, dtype, kind, mean=0.0, device="cpu"):
+    x = torch.randn(M, K, generator=gen) * torch.logspace(-1, 0.5, K) + mean
+    if kind == "layernorm" and mean == 0.0:
+        x = x + 0.3  # LayerNorm must remove a mean
+    x[min(3, M - 1), 5] *= 40  # an outlier channel in one row
+    return x.to(dtype).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# q3n::norm_act_quant
+
+CASES = [(kind, act, dtype) for kind in ("rmsnorm", "layernorm") for act in ("int8", "fp8", "int12")
+         for dtype in (f32, f16, bf16)]
+
+
+@pytest.mark.parametrize("kind,act,dtype", CASES,
+                         ids=[f"{k}-{a}-{str(d)[6:]}" for k, a, d in CASES])
+def test_against_float64(kind, act, dtype):
+    gen = _gen(f"naq{kind}{act}{dtype}")
+    M, K = 21, 83  # odd: rows not a multiple of the row block, K not a power of two
+    x = _x(gen, M, K, dtype, kind)
+    smooth = torch.rand(K, generator=gen) + 0.5
+    # Through the registered op, a 3-D x (rows are the leading sizes flattened), no smoothing.
+    codes, scales = torch.ops.q3n.norm_act_quant(x.reshape(3, 7, K), EPS, kind, act, None)
+    assert codes.shape == (M, K)
+    _check_codes(codes, scales, x, kind, act, None)
+    # With smoothing: one tile (the row in registers), and three sweeps of 32-wide blocks.
+    for cfg in (None, dict(BLOCK_M=4, BLOCK_K=32, num_warps=4)):
+        codes, scales = Q._norm_act_quant_launch(x, EPS, kind, act, smooth, interpreter=True,
+                                                 config=cfg)
+        _check_codes(codes, scales, x, kind, act, smooth)
+
+
+@pytest.mark.parametrize("dtype", [f32, bf16])
+def test_layernorm_large_mean(dtype):
+    # |mean| / std = 1000: statistics centred on each row's first element cancel nothing.
+    gen = _gen(f"naqmean{dtype}")
+    x = _x(gen, 9, 200, dtype, "layernorm", mean=1000.0)
+    for act in ("int8", "int12"):
+        codes, scales = Q._norm_act_quant_launch(x, EPS, "layernorm", act, None, interpreter=True,
+                                                 config=dict(BLOCK_M=4, BLOCK_K=64, num_warps=4))
+        _check_codes(codes, scales, x, "layernorm", act, None)
+
+
+def test_constant_and_empty_rows():
+    # A constant row has x_hat = 0 (LayerNorm): scale 1, codes 0, as the reference quantizer says.
+    x = torch.randn(5, 40)
+    x[2] = 7.0
+    codes, scales = torch.ops.q3n.norm_act_quant(x, EPS, "layernorm", "int8", None)
+    assert scales[2] == 1 and codes[2].abs().max() == 0
+    _check_codes(codes, scales, x, "layernorm", "int8", None)
+    codes, scales = torch.ops.q3n.norm_act_quant(x[:0], EPS, "rmsnorm", "fp8", None)
+    assert codes.shape == (0, 40) and scales.shape == (0,)
+
+
+def test_equals_quantizing_the_normalised_rows():
+    """The composition it replaces: the reference normalisation, then qlinear's quantizer."""
+    gen = _gen("compose")
+    x = _x(gen, 13, 70, f32, "rmsnorm")
+    smooth = torch.rand(70, generator=gen) + 0.5
+    codes, scales = torch.ops.q3n.norm_act_quant(x, EPS, "rmsnorm", "int8", smooth)
+    xh = Q.normalise_rows(x, EPS, "rmsnorm")
+    want_codes, want_scales = Q.quantize_activations_triton(xh, "int8", smooth, interpreter=True)
+    torch.testing.assert_close(scales, want_scales, rtol=1e-6, atol=0)
+    assert (codes.float() - want_codes.float()).abs().max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# q3n::qlinear_codes
+
+def _packed(gen, N, K, bits, group, sym):
+    codes = torch.randint(0, 1 << bits, (N, K), generator=gen, dtype=torch.int64)
+    ng = 1 if group == P.PER_CHANNEL else K // group
+    scales = (torch.rand(ng, N, generator=gen) * 0.02 + 0.002).to(torch.float16)
+    zeros = None if sym else torch.randint(0, 1 << bits, (ng, N), generator=gen).to(torch.uint8)
+    return P.pack(codes, scales, zeros, bits, group)
+
+
+@pytest.mark.parametrize("M,act,dtype", [(1, "int8", bf16), (2, "fp8", f16), (19, "int8", f32),
+                                         (19, "int12", bf16), (19, "fp8", f32)])
+def test_qlinear_codes_is_qlinear(M, act, dtype):
+    """Bitwise the op it stands for, on every path (gemv at M <= 2, mm above, dequant forced)."""
+    gen = _gen(f"codes{M}{act}{dtype}")
+    K, N = 96, 45
+    pw = _packed(gen, N, K, 4, 32, False)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen).to(dtype)
+    smooth = torch.rand(K, generator=gen) + 0.5
+    w = (pw.qweight, pw.scales, pw.zeros, bias)
+    codes, xs = Q.quantize_activations_triton(x, act, smooth, interpreter=True)
+    got = torch.ops.q3n.qlinear_codes(codes, xs, *w, 4, 32, K, act, dtype)
+    want = torch.ops.q3n.qlinear(x, *w, smooth, 4, 32, K, act)
+    assert got.dtype == dtype and torch.equal(got, want)
+    ref = Q.reference_codes(codes, xs, *w, 4, 32, K, act, dtype)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    deq = Q._qlinear_codes_launch(codes, xs, *w, 4, 32, K, act, dtype, interpreter=True,
+                                  path=dict(path="dequant"))
+    torch.testing.assert_close(deq.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# q3n::normalize
+
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("dtype", [f32, f16, bf16])
+def test_normalize_against_float64(kind, dtype):
+    gen = _gen(f"norm{kind}{dtype}")
+    x = _x(gen, 15, 83, dtype, kind, mean=300.0 if kind == "layernorm" else 0.0).reshape(3, 5, 83)
+    out = torch.ops.q3n.normalize(x, EPS, kind, dtype)
+    assert out.shape == x.shape and out.dtype == dtype
+    want = _normalised64(x, kind).reshape(x.shape)
+    tol = {f32: 1e-5, f16: 1e-3, bf16: 8e-3}[dtype]  # one rounding to dtype
+    assert ((out.double() - want).abs() / want.abs().clamp_min(1.0)).max() <= tol
+    mixed = torch.ops.q3n.normalize(x, EPS, kind, f32)  # statistics and x_hat kept in float32
+    assert ((mixed.double() - want).abs().max() <= 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Contract: supports, fakes with symbolic rows, the reference path
+
+def test_supports_reasons():
+    x = torch.randn(4, 64)
+    assert Q.supports_norm_act_quant(x, EPS, "rmsnorm", "int8", None) is None
+    assert "kind" in Q.supports_norm_act_quant(x, EPS, "batchnorm", "int8", None)
+    assert "quantized one" in Q.supports_norm_act_quant(x, EPS, "rmsnorm", "none", None)
+    assert "float64" in Q.supports_norm_act_quant(x.double(), EPS, "rmsnorm", "int8", None)
+    assert "smooth must be" in Q.supports_norm_act_quant(x, EPS, "rmsnorm", "int8", torch.ones(3))
+    assert "eps" in Q.supports_norm_act_quant(x, -1.0, "rmsnorm", "int8", None)
+    assert NL.supports_normalize(x, EPS, "layernorm", bf16) is None
+    assert "float64" in NL.supports_normalize(x, EPS, "layernorm", torch.float64)
+    gen = _gen("sup")
+    pw = _packed(gen, 16, 64, 4, 32, False)
+    codes, xs = Q.quantize_activations_triton(x, "int8", None, interpreter=True)
+    args = (pw.qweight, pw.scales, pw.zeros, None, 4, 32, 64, "int8", f32)
+    assert Q.supports_codes(codes, xs, *args) is None
+    assert "codes dtype" in Q.supports_codes(codes.float(), xs, *args)
+    assert "input features" in Q.supports_codes(codes[:, :32], xs, *args)
+    with pytest.raises(ValueError, match="q3n::norm_act_quant: kind"):
+        Q._norm_act_quant_launch(x, EPS, "batchnorm", "int8", None, interpreter=True)
+
+
+def test_fakes_with_symbolic_rows_and_opcheck():
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv,
+                                                       StatelessSymbolicContext)
+
+    gen = _gen("fake")
+    pw = _packed(gen, 24, 64, 6, 64, False)
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    x = mode.from_tensor(torch.randn(2, 7, 64), source=ConstantSource("x"),
+                         symbolic_context=StatelessSymbolicContext(
+                             dynamic_sizes=[DimDynamic.STATIC, DimDynamic.DYNAMIC,
+                                            DimDynamic.STATIC]))
+    with mode:
+        fq = tuple(mode.from_tensor(t, static_shapes=True) for t in (pw.qweight, pw.scales, pw.zeros))
+        assert Q.supports_norm_act_quant(x, EPS, "layernorm", "int12", None) is None
+        codes, xs = torch.ops.q3n.norm_act_quant(x, EPS, "layernorm", "int12", None)
+        assert Q.supports_codes(codes, xs, *fq, None, 6, 64, 64, "int12", bf16) is None
+        y = torch.ops.q3n.qlinear_codes(codes, xs, *fq, None, 6, 64, 64, "int12", bf16)
+        xh = torch.ops.q3n.normalize(x, EPS, "rmsnorm", bf16)
+    assert isinstance(codes.shape[0], torch.SymInt) and codes.shape[1] == 64
+    assert codes.dtype == f16 and xs.shape[0] == codes.shape[0]
+    assert y.shape[1] == 24 and y.dtype == bf16 and xh.shape == x.shape and xh.dtype == bf16
+    xr = torch.randn(2, 5, 64, generator=gen)
+    torch.library.opcheck(torch.ops.q3n.norm_act_quant, (xr, EPS, "rmsnorm", "int8",
+                                                          torch.rand(64, generator=gen) + 0.5))
+    torch.library.opcheck(torch.ops.q3n.normalize, (xr, EPS, "layernorm", bf16))
+    c, s = Q.quantize_activations_triton(xr.reshape(10, 64), "int8", None, interpreter=True)
+    torch.library.opcheck(torch.ops.q3n.qlinear_codes,
+                          (c, s, pw.qweight, pw.scales, pw.zeros, None, 6, 64, 64, "int8", f32))
+
+
+def test_reference_path_without_interpreter():
+    code = ("""
+        import torch
+        from q3n_compile.kernels import qlinear as Q, norm_linear as NL, packing as P, contract
+        assert contract.backend_for(torch.device("cpu")) == "reference"
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(2, 3, 64, generator=g).bfloat16()
+        codes, xs = torch.ops.q3n.norm_act_quant(x, 1e-5, "layernorm", "fp8", None)
+        want = Q.reference_norm_act_quant(x, 1e-5, "layernorm", "fp8", None)
+        assert torch.equal(codes, want[0]) and torch.equal(xs, want[1]) and codes.shape == (6, 64)
+        pw = P.pack(torch.randint(0, 16, (20, 64), generator=g), torch.rand(2, 20, generator=g).half(),
+                    None, 4, 32)
+        args = (codes, xs, pw.qweight, pw.scales, None, None, 4, 32, 64, "fp8", torch.bfloat16)
+        assert torch.equal(torch.ops.q3n.qlinear_codes(*args), Q.reference_codes(*args))
+        xh = torch.ops.q3n.normalize(x, 1e-5, "rmsnorm", torch.float32)
+        assert torch.equal(xh, NL.reference_normalize(x, 1e-5, "rmsnorm", torch.float32))
+        print("ok")
+    """)
+    run_without_interpreter(code)
+
+
+def test_launch_config_rule():
+    assert Q.norm_act_quant_config(1, 4096) == dict(BLOCK_M=1, BLOCK_K=4096, num_warps=8)
+    assert Q.norm_act_quant_config(7, 8192)["BLOCK_K"] == 8192  # still one tile
+    assert Q.norm_act_quant_config(7, 12288)["BLOCK_K"] == 4096  # sweeps
+    assert Q.norm_act_quant_config(7, 83, interpreter=True)["BLOCK_K"] == 128
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU lane: compiled kernels at model widths (float64 reference on the GPU).
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("K", [4096, 5120, 12288])  # one tile; one tile, not a power of 2; sweeps
+@pytest.mark.parametrize("M", [1, 17, 2048])
+@pytest.mark.parametrize("act", ["int8", "fp8", "int12"])
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
+def test_gpu_against_float64(kind, act, M, K):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"gpu{kind}{act}{M}{K}".encode()))
+    x = _x(gen, M, K, bf16, kind, mean=100.0 if kind == "layernorm" else 0.0, device="cuda")
+    smooth = (torch.rand(K, generator=gen) + 0.5).cuda()
+    for sm in (None, smooth):
+        codes, scales = torch.ops.q3n.norm_act_quant(x, EPS, kind, act, sm)
+        assert codes.device.type == "cuda"
+        if act == "fp8":
+            want = torch.float8_e4m3fn if Q.fp8_supported(x.device) else f16
+            assert codes.dtype == want
+        _check_codes(codes, scales, x, kind, act, sm)
+        again = torch.ops.q3n.norm_act_quant(x, EPS, kind, act, sm)
+        assert torch.equal(codes, again[0]) and torch.equal(scales, again[1])
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 16, 256, 4096])
+@pytest.mark.parametrize("act", ["int8", "fp8", "int12"])
+def test_gpu_qlinear_codes_is_qlinear(act, M):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"gpucodes{act}{M}".encode()))
+    K, N = 4096, 4096
+    pw = _packed(gen, N, K, 4, 128, False).to("cuda")
+    x = torch.randn(M, K, generator=gen).to(bf16).cuda()
+    bias = torch.randn(N, generator=gen).to(bf16).cuda()
+    w = (pw.qweight, pw.scales, pw.zeros, bias)
+    codes, xs = Q.quantize_activations_triton(x, act, None, interpreter=False)
+    got = torch.ops.q3n.qlinear_codes(codes, xs, *w, 4, 128, K, act, bf16)
+    assert torch.equal(got, torch.ops.q3n.qlinear(x, *w, None, 4, 128, K, act))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
+def test_gpu_normalize(kind):
+    gen = torch.Generator().manual_seed(5)
+    x = _x(gen, 2048, 4096, bf16, kind, device="cuda")
+    out = torch.ops.q3n.normalize(x, EPS, kind, bf16)
+    want = _normalised64(x, kind)
+    assert ((out.double() - want).abs() / want.abs().clamp_min(1.0)).max() <= 8e-3
