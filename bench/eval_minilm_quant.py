@@ -16,14 +16,31 @@ configuration and compared with the unquantized model on real English sentences
 - configurations: W8A8 per-channel, W4A16 group 128, and the design's
   ``{"ffn_layers": {"weight_bits": 4, "activation_bits": 8}, "attn_layers": {"weight_bits": 6,
   "activation_bits": 12}, "norm_layers": {"dtype": "float16"}}``; each with plain
-  round-to-nearest (``"rtn"``: no clipping search, no SmoothQuant, no calibration data) and
-  calibrated (``"calibrated"``: GPTQ with act-order and automatic damping + SmoothQuant for 8-bit
-  activations + clipping search, on the calibration half).
+  round-to-nearest (``"rtn"``: no clipping search, no smoothing, no calibration data),
+  calibrated (``"calibrated"``: the defaults of ``quant_config["calibration"]``: GPTQ with
+  act-order and automatic damping + the noise-model smoothing vector for 8-bit activations +
+  clipping search, on the calibration half) and ``"calibrated-sq-search"`` (the same with
+  SmoothQuant's alpha searched per layer instead: the default until 2026-11-29);
+- ``--breakdown`` adds, calibrated only, configurations that show where the error comes from:
+  the design's weights alone (16-bit activations), one layer class alone (attention
+  projections, feed-forward, fc1 = ``intermediate.dense``, fc2 = ``output.dense``), W8A8's
+  weights alone and its fc2 alone, the design with 5- and 6-bit feed-forward weights, and the
+  design with the smoothing vector on its 12-bit attention projections too
+  (``"smoothquant": true``; "auto" smooths 8-bit activations only);
+- ``--diagnose`` adds what-ifs that no ``quant_config`` expresses, run eagerly (each encoder
+  linear's forward replaced by ``q3n::qlinear``'s torch reference or by float weights after the
+  op's activation quantization; same split and metrics; :func:`diagnose`): 8-bit activations
+  alone (float weights) without smoothing, with SmoothQuant alpha 0.5 and with the noise-model
+  vector; the same with per-token clipping (which the op's format does not have) and with
+  per-token scales per group of 128 channels (a kernel feature it does not have either); and
+  the feed-forward layers at W4A16 calibrated on the evaluation half itself (not a method: a
+  bound on what better calibration statistics could give).
 
 Runs on the CPU in float32: q3n's ops run their torch reference (``TRITON_INTERPRET=0``), which
 computes the same function as the GPU kernels (see ``q3n_compile/kernels/qlinear.py``).
 
-    python bench/eval_minilm_quant.py --out bench/results/minilm-quant-cpu-2026-11-28.json
+    python bench/eval_minilm_quant.py --threads 1 --breakdown --diagnose \
+        --out bench/results/minilm-quant-cpu-2026-11-29.json
 
 Goals (the quantization issue): the design's config at >= 0.997 Spearman (at most 0.3% loss, as the
 design claims) and W8A8 at >= 0.999.
@@ -61,8 +78,31 @@ CONFIGS: dict[str, dict] = {
 }
 # Plain round-to-nearest, as the issue measured it: no clipping search, no smoothing, no data.
 RTN = {"method": "rtn", "clip_search": False, "smoothquant": False, "example_inputs": False}
-CALIBRATED: dict = {}  # the defaults: GPTQ (act-order, auto damping), SmoothQuant, clip search
-METHODS = {"rtn": RTN, "calibrated": CALIBRATED}
+CALIBRATED: dict = {}  # the defaults: GPTQ (act-order, auto damping), smoothing, clip search
+SQ_SEARCH = {"alpha": "search"}  # SmoothQuant's alpha searched per layer (the earlier default)
+METHODS = {"rtn": RTN, "calibrated": CALIBRATED, "calibrated-sq-search": SQ_SEARCH}
+_FC1 = "*.intermediate.dense"
+_ATTN = "*.attention.*"
+_FC2 = "*.output.dense"  # after the attention rule: also matches attention.output.dense
+_W4A8, _W6A12 = DESIGN["ffn_layers"], DESIGN["attn_layers"]
+_W8A8 = {"weight_bits": 8, "activation_bits": 8, "group_size": -1}
+BREAKDOWN: dict[str, dict] = {
+    "design weights only (A16)": {"ffn_layers": {"weight_bits": 4},
+                                  "attn_layers": {"weight_bits": 6}},
+    "design attn only (W6A12)": {"attn_layers": _W6A12},
+    "design ffn only (W4A8)": {"ffn_layers": _W4A8},
+    "design fc1 only (W4A8)": {"rules": [{"match": _FC1, **_W4A8}]},
+    "design fc2 only (W4A8)": {"rules": [{"match": _ATTN, "skip": True}, {"match": _FC2, **_W4A8}]},
+    "design, ffn W5A8": {"ffn_layers": {"weight_bits": 5, "activation_bits": 8},
+                         "attn_layers": _W6A12},
+    "design, ffn W6A8": {"ffn_layers": {"weight_bits": 6, "activation_bits": 8},
+                         "attn_layers": _W6A12},
+    "W8A16 per-channel (W8A8's weights only)": {
+        "ffn_layers": {"weight_bits": 8, "group_size": -1},
+        "attn_layers": {"weight_bits": 8, "group_size": -1}},
+    "W8A8 fc2 only": {"rules": [{"match": _ATTN, "skip": True}, {"match": _FC2, **_W8A8}]},
+    "design, smoothing for 12-bit too": dict(DESIGN, calibration={"smoothquant": True}),
+}
 GOALS = {"design (W4A8 ffn, W6A12 attn)": 0.997, "W8A8 per-channel": 0.999}
 # Only quantization is measured: the other passes are exact on the CPU but cost compile time.
 OPTIONS = {"attention": "off", "norm_fusion": False, "memory_plan": False}
@@ -105,7 +145,8 @@ def split(sentences: Sequence[str], fold: int = 0) -> tuple[list[str], list[str]
     return (even, odd) if fold == 0 else (odd, even)
 
 
-def evaluate(configs: Optional[dict[str, dict]] = None, methods: Sequence[str] = ("rtn", "calibrated"),
+def evaluate(configs: Optional[dict[str, dict]] = None,
+             methods: Sequence[str] = ("rtn", "calibrated"),
              sentences: Optional[Sequence[str]] = None, folds: Sequence[int] = (0, 1),
              layers: Optional[int] = None, progress=print) -> dict[str, Any]:
     """Compile MiniLM per (config, method, fold) and measure it.
@@ -145,7 +186,7 @@ def evaluate(configs: Optional[dict[str, dict]] = None, methods: Sequence[str] =
             rows.append(row)
             if progress:
                 folds_txt = " ".join(f"{f['spearman']:.5f}" for f in per_fold)
-                progress(f"{name:32s} {method:10s} cos {row['cosine_mean']:.5f} "
+                progress(f"{name:40s} {method:20s} cos {row['cosine_mean']:.5f} "
                          f"spearman {row['spearman']:.5f} (folds {folds_txt}; "
                          f"{sum(f['time_s'] for f in per_fold):.0f} s)")
     return {"rows": rows, "folds": [
@@ -153,6 +194,122 @@ def evaluate(configs: Optional[dict[str, dict]] = None, methods: Sequence[str] =
          "evaluation_sentences": s["evaluation_sentences"],
          "calibration_tokens": sum(int(b["input_ids"].numel()) for b in s["calib"]),
          "pairs": len(s["ref"]) * (len(s["ref"]) - 1) // 2} for s in setups]}
+
+
+def _activation_what_if(x: torch.Tensor, smooth: Optional[torch.Tensor], kind: str
+                        ) -> torch.Tensor:
+    """8-bit per-token activations as the op computes them ("op"), or as it does not: scales
+    from 0.9 of the row maximum, clipping the rest ("clip0.9"); one scale per token and group of
+    128 channels ("group128")."""
+    from q3n_compile.kernels.qlinear import fake_quantize_activations
+
+    if kind == "op":
+        return fake_quantize_activations(x, "int8", smooth)
+    xf = x.float() * (1 if smooth is None else smooth)
+    m, k = xf.shape
+    g = 128 if kind == "group128" else k
+    xg = xf.reshape(m, k // g, g)
+    scale = xg.abs().amax(-1, keepdim=True) * (0.9 if kind == "clip0.9" else 1.0) / 127
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return (torch.round(xg / scale).clamp(-127, 127) * scale).reshape(m, k)
+
+
+def diagnose(progress=print) -> list[dict[str, Any]]:
+    """The ``--diagnose`` what-ifs (see the module docstring); one row per what-if, folds averaged.
+
+    Every statistic comes from the fold's calibration half, except the "calibrated on the
+    evaluation half" row, which says so: it is an upper bound, not something to use.
+    """
+    from q3n_compile import hf_models
+    from q3n_compile.kernels.qlinear import reference
+    from q3n_compile.quant import algorithms as A
+    from q3n_compile.quant import calibration as C
+    from q3n_compile.quant.config import LayerFormat, parse_quant_config
+
+    tokenizer, model = hf_models.load_minilm()
+    sentences = hf_models.load_sentences()
+    linears = {n: m for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and ".encoder." in f".{n}."}
+    w8a8 = LayerFormat(8, 8, -1, True, "int8")
+    w4a16 = LayerFormat(4, 16, 128, False, "none")
+    settings = parse_quant_config({}).calibration
+
+    def stats_of(texts):
+        quant.clear()
+        quant.calibrate(model, [dict(tokenizer([t], return_tensors="pt")) for t in texts])
+        found = {n: C.lookup_stats(m.weight)[0] for n, m in linears.items()}
+        quant.clear()
+        return found
+
+    def act_only(smoothing: Optional[str], kind: str):
+        def make(name, m, st):
+            w = m.weight.detach()
+            t = None
+            if smoothing == "sq0.5":
+                t = A.smooth_factors(st.absmax, w, 0.5)
+            elif smoothing == "noise-model":
+                t = A.noise_model_smoothing(st.samples(), w, w8a8)
+            ws = w if t is None else w * t[None, :]
+            sm = None if t is None else 1.0 / t
+            return lambda x: _activation_what_if(x, sm, kind) @ ws.t() + m.bias.detach()
+        return make
+
+    def ffn_w4a16(name, m, st):
+        if ".attention." in name:
+            return None
+        res = A.quantize_layer(m.weight, m.bias, w4a16, settings, st)
+        pw = res.packed
+        return lambda x: reference(x, pw.qweight, pw.scales, pw.zeros, m.bias.detach(), None,
+                                   pw.bits, pw.group_size, pw.in_features, "none")
+
+    what_ifs = [
+        ("8-bit activations only (float weights), no smoothing", act_only(None, "op"), "calib"),
+        ("8-bit activations only, SmoothQuant alpha 0.5", act_only("sq0.5", "op"), "calib"),
+        ("8-bit activations only, noise-model smoothing", act_only("noise-model", "op"), "calib"),
+        ("8-bit activations only, noise-model smoothing, per-token clipping at 0.9 of the max "
+         "(not the op's format)", act_only("noise-model", "clip0.9"), "calib"),
+        ("8-bit activations only, noise-model smoothing, per-token scales per 128 channels "
+         "(not the op's format)", act_only("noise-model", "group128"), "calib"),
+        ("ffn only W4A16 g128, calibrated on the calibration half", ffn_w4a16, "calib"),
+        ("ffn only W4A16 g128, calibrated on the evaluation half itself (a bound, not a method)",
+         ffn_w4a16, "eval"),
+    ]
+    setups = []
+    for fold in (0, 1):
+        calib, held_out = split(sentences, fold)
+        batch = dict(tokenizer(held_out, padding=True, return_tensors="pt"))
+        with torch.no_grad():
+            ref = model(**batch)
+            setups.append({"fold": fold, "batch": batch, "ref": ref,
+                           "calib": stats_of(calib), "eval": stats_of(held_out)})
+    rows = []
+    for label, make, source in what_ifs:
+        per_fold = []
+        for setup in setups:
+            originals = {}
+            try:
+                with torch.no_grad():
+                    for name, m in linears.items():
+                        fn = make(name, m, setup[source][name])
+                        if fn is None:
+                            continue
+                        originals[name] = m.forward
+                        m.forward = (lambda x, fn=fn: fn(x.reshape(-1, x.shape[-1])).reshape(
+                            *x.shape[:-1], -1))
+                    emb = model(**setup["batch"])
+            finally:
+                for name, fwd in originals.items():
+                    linears[name].forward = fwd
+            per_fold.append({"fold": setup["fold"], **embedding_metrics(emb, setup["ref"])})
+        row = {"what_if": label,
+               "cosine_mean": sum(f["cosine_mean"] for f in per_fold) / len(per_fold),
+               "spearman": sum(f["spearman"] for f in per_fold) / len(per_fold),
+               "per_fold": per_fold}
+        rows.append(row)
+        if progress:
+            progress(f"{label[:90]:90s} cos {row['cosine_mean']:.5f} "
+                     f"spearman {row['spearman']:.5f}")
+    return rows
 
 
 def _measure(model, cfg: dict, method: str, setup: dict) -> dict[str, Any]:
@@ -163,7 +320,7 @@ def _measure(model, cfg: dict, method: str, setup: dict) -> dict[str, Any]:
     q3n_compile.reset_reports()
     settings = dict(cfg.get("calibration", {}), **METHODS[method])
     with torch.no_grad():
-        if method == "calibrated":
+        if method.startswith("calibrated"):
             quant.calibrate(model, setup["calib"])
         compiled = torch.compile(model, backend="q3n",
                                  options={"quant_config": dict(cfg, calibration=settings), **OPTIONS})
@@ -202,14 +359,14 @@ def _versions() -> dict[str, Any]:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'config':32s} {'method':10s} {'cos mean':>9s} {'cos min':>9s} {'spearman':>9s} "
+    lines = [f"{'config':40s} {'method':20s} {'cos mean':>9s} {'cos min':>9s} {'spearman':>9s} "
              f"{'goal':>6s} {'bytes after/before':>19s}"]
     for r in rows:
         goal = GOALS.get(r["config"])
         mark = "" if goal is None else (f"{'ok' if r['spearman'] >= goal else 'miss'} {goal}")
         ratio = (f"{r['weight_bytes_after'] / r['weight_bytes_before']:.3f}"
                  if r.get("weight_bytes_before") else "-")
-        lines.append(f"{r['config']:32s} {r['method']:10s} {r['cosine_mean']:9.5f} "
+        lines.append(f"{r['config']:40s} {r['method']:20s} {r['cosine_mean']:9.5f} "
                      f"{r['cosine_min']:9.5f} {r['spearman']:9.5f} {mark:>10s} {ratio:>15s}")
     return "\n".join(lines)
 
@@ -218,7 +375,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="default: all")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                        help="default: all")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also the breakdown configurations (calibrated only)")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="also the eager what-ifs of diagnose()")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's; 1 is fastest here: the "
+                             "algorithms run many small ops)")
     args = parser.parse_args(argv)
     # q3n's ops run their torch reference on the CPU, not Triton's (slow) interpreter; read per
     # call (q3n_compile/kernels/contract.py), so setting it here is enough.
@@ -227,8 +392,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     configs = {k: CONFIGS[k] for k in args.configs} if args.configs else CONFIGS
     started = time.perf_counter()
-    result = evaluate(configs)
-    print(format_table(result["rows"]))
+    result = evaluate(configs, methods=args.methods)
+    if args.breakdown:
+        result["breakdown_rows"] = evaluate(BREAKDOWN, methods=("calibrated",))["rows"]
+    if args.diagnose:
+        result["diagnostics"] = diagnose()
+    print(format_table(result["rows"] + result.get("breakdown_rows", [])))
     if args.out:
         now = datetime.datetime.now(datetime.timezone.utc)
         payload = {
@@ -239,9 +408,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      "fold 1: swapped; figures are the mean over the folds (cosine_min: the min)",
             "metrics": "against the unquantized model on the evaluation half: cosine of each "
                        "embedding; Spearman of all pairwise cosine similarities",
-            "methods": {"rtn": RTN, "calibrated": "defaults of quant_config['calibration'] "
-                        "(GPTQ act-order, damp auto, SmoothQuant auto, clip search)"},
+            "methods": {m: METHODS[m] if m != "calibrated" else
+                        "defaults of quant_config['calibration'] (GPTQ act-order, damp auto, "
+                        "noise-model smoothing for 8-bit activations, clip search)"
+                        for m in args.methods},
             "options": OPTIONS, "goals_spearman": GOALS, "configs": configs,
+            **({"breakdown_configs": BREAKDOWN} if args.breakdown else {}),
             "wall_s": round(time.perf_counter() - started, 1), **result,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,10 +21,11 @@ For each linear:
    ``detail["kept_high_precision"]`` says why.
 4. **Quantization** (:mod:`q3n_compile.quant.algorithms`), once per (weight, format, calibration)
    and cached across compiles: GPTQ from the layer's input Hessian (act-order, damping from the
-   rows per input channel, kept only where it beats RTN+clip on held-out calibration rows),
-   SmoothQuant for 8-bit activations, clipping search — when calibration data exist: statistics
-   attached by :func:`q3n_compile.quant.calibrate`, else the example inputs of the first compile
-   that reaches the layer (the backend keeps their real values until the graph is compiled; the
+   rows per input channel, kept only where it beats RTN+clip on held-out calibration rows), a
+   smoothing vector for 8-bit activations, clipping search — when calibration data exist:
+   statistics attached by :func:`q3n_compile.quant.calibrate`, else the example inputs of the
+   first compile that reaches the layer (the backend keeps their real values until the graph is
+   compiled; the
    graph is run on them once, on copies of the inputs it writes, and the statistics are attached to
    the weights, so later compiles — other shapes, a decode graph — reuse them and the cached
    result; layers whose example input has fewer than ``MIN_EXAMPLE_ROWS`` rows are not

@@ -3,7 +3,7 @@
 Public API:
 
 - :func:`calibrate` ``(model, batches)`` — record the linears' input statistics on the user's
-  calibration data before ``torch.compile``; the quantize pass then uses GPTQ and SmoothQuant on
+  calibration data before ``torch.compile``; the quantize pass then uses GPTQ and smoothing on
   them. Without it, the first compile calibrates each layer on its example inputs (the first
   call's real values; at least 32 rows per layer, once, reused by later compiles; turn off with
   ``quant_config["calibration"]["example_inputs"] = False``), else rounds to nearest with a

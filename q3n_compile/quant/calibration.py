@@ -2,7 +2,7 @@
 
 Statistics per distinct linear input (q, k and v share one): the input Hessian ``sum x x^T``
 (float32, ``K x K``), the row count, the per-channel maximum ``|x|`` and up to ``max_rows`` rows
-spread over the calibration data (for error figures and the SmoothQuant search). Memory: ``4 K^2``
+spread over the calibration data (for error figures and the smoothing search). Memory: ``4 K^2``
 bytes per distinct input plus the rows — fine for the sizes q3n tests, large for a whole 8B model
 (see the quantize pass's docs; layer-by-layer calibration is future work).
 

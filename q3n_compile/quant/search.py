@@ -5,7 +5,7 @@
 1. calibrates the model's linears on `batches` (:func:`~q3n_compile.quant.calibrate`);
 2. for every linear (output heads and routers only if ``include_heads``), tries the candidate
    formats from the fewest bytes per weight to the most, quantizing each exactly as the quantize
-   pass will (GPTQ, SmoothQuant, clipping search; results go to the same cache, so compiling with
+   pass will (GPTQ, smoothing, clipping search; results go to the same cache, so compiling with
    the chosen config right after does not quantize again), and keeps the first whose relative
    output error on the calibration rows is within `budget`; a layer no candidate satisfies stays
    in high precision (``weight_bits: 16``);

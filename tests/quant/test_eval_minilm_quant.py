@@ -53,3 +53,42 @@ def test_calibrated_design_config_beats_round_to_nearest():
     assert rtn["per_fold"][0]["layer_methods"] == {"rtn": 12}
     assert sum(n for m, n in cal["per_fold"][0]["layer_methods"].items()
                if m.startswith("gptq")) >= 9
+
+
+def test_breakdown_configs_select_the_layers_they_name():
+    from q3n_compile.quant.config import parse_quant_config
+
+    ev = _eval_module()
+    paths = {"qkv": "hf.encoder.layer.0.attention.self.query",
+             "o": "hf.encoder.layer.0.attention.output.dense",
+             "fc1": "hf.encoder.layer.0.intermediate.dense",
+             "fc2": "hf.encoder.layer.0.output.dense"}
+    classes = {"qkv": "attn", "o": "attn", "fc1": "ffn", "fc2": "ffn"}
+
+    def quantized(name):
+        qc = parse_quant_config(ev.BREAKDOWN[name])
+        return {k for k, p in paths.items() if qc.resolve(p, classes[k])[0] is not None}
+
+    assert quantized("design fc1 only (W4A8)") == {"fc1"}
+    assert quantized("design fc2 only (W4A8)") == {"fc2"}
+    assert quantized("W8A8 fc2 only") == {"fc2"}
+    assert quantized("design attn only (W6A12)") == {"qkv", "o"}
+    assert quantized("design weights only (A16)") == set(paths)
+    twelve = parse_quant_config(ev.BREAKDOWN["design, smoothing for 12-bit too"])
+    assert twelve.calibration.smoothquant is True
+    assert ev.METHODS["calibrated-sq-search"] == {"alpha": "search"}
+
+
+def test_activation_what_ifs():
+    ev = _eval_module()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 1024, generator=g)
+    x[:, 3] *= 30
+    op = ev._activation_what_if(x, None, "op")
+    from q3n_compile.kernels.qlinear import fake_quantize_activations
+    assert torch.equal(op, fake_quantize_activations(x, "int8"))
+    grouped = ev._activation_what_if(x, None, "group128")
+    # The outlier coarsens only its own group of 128 channels (of 8).
+    assert (grouped - x).norm() < 0.5 * (op - x).norm()
+    clipped = ev._activation_what_if(x, None, "clip0.9")
+    assert clipped.abs().amax() < x.abs().amax()
