@@ -311,6 +311,21 @@ def qlinear_gemv_kernel(
 
 
 @triton.jit
+def _act_code(v, QMAX: tl.constexpr, FP8: tl.constexpr):
+    """An activation code: v (fp32) rounded to the nearest integer or float8 e4m3 value, ties to
+    even, clamped to [-QMAX, QMAX] (act_quant_kernel and norm_act_quant_kernel share it)."""
+    if FP8:
+        e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        e = tl.maximum(e, -6)  # e4m3 subnormals are spaced 2^-9 apart
+        inv_quantum = ((127 + 3 - e) << 23).to(tl.float32, bitcast=True)
+        quantum = ((127 - 3 + e) << 23).to(tl.float32, bitcast=True)
+        c = ((v * inv_quantum + 12582912.0) - 12582912.0) * quantum
+    else:
+        c = (v + 12582912.0) - 12582912.0
+    return tl.minimum(tl.maximum(c, -QMAX), QMAX)
+
+
+@triton.jit
 def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
                      QMAX: tl.constexpr, FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -344,16 +359,7 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
                     other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             x = x * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
-        v = x / scale[:, None]
-        if FP8:
-            e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-            e = tl.maximum(e, -6)  # e4m3 subnormals are spaced 2^-9 apart
-            inv_quantum = ((127 + 3 - e) << 23).to(tl.float32, bitcast=True)
-            quantum = ((127 - 3 + e) << 23).to(tl.float32, bitcast=True)
-            c = ((v * inv_quantum + 12582912.0) - 12582912.0) * quantum
-        else:
-            c = (v + 12582912.0) - 12582912.0
-        c = tl.minimum(tl.maximum(c, -QMAX), QMAX)
+        c = _act_code(x / scale[:, None], QMAX, FP8)
         tl.store(C + offs_m[:, None] * stride_cm + offs[None, :], c.to(C.dtype.element_ty),
                  mask=mask)
     tl.store(XS + offs_m, scale, mask=m_ok)
@@ -774,21 +780,6 @@ qlinear = contract.register_kernel_op("qlinear", _qlinear_impl, _qlinear_fake)
 # in `out_dtype`), by the same kernels, the same dispatch table and the same rounding as the op.
 # For every (x, smooth): ``qlinear_codes(*quantize_activations_triton(x, act, smooth), ...)`` is
 # ``qlinear(x, ..., smooth, ..., act)``.
-
-
-@triton.jit
-def _act_code(v, QMAX: tl.constexpr, FP8: tl.constexpr):
-    """v (fp32, |v| <= QMAX) rounded as :func:`act_quant_kernel` rounds it: to the nearest
-    integer or float8 e4m3 value, ties to even; clamped to [-QMAX, QMAX]."""
-    if FP8:
-        e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-        e = tl.maximum(e, -6)  # e4m3 subnormals are spaced 2^-9 apart
-        inv_quantum = ((127 + 3 - e) << 23).to(tl.float32, bitcast=True)
-        quantum = ((127 - 3 + e) << 23).to(tl.float32, bitcast=True)
-        c = ((v * inv_quantum + 12582912.0) - 12582912.0) * quantum
-    else:
-        c = (v + 12582912.0) - 12582912.0
-    return tl.minimum(tl.maximum(c, -QMAX), QMAX)
 
 
 @triton.jit
