@@ -793,6 +793,18 @@ def _normalised(x, x0, dm, rstd, KIND: tl.constexpr):
 
 
 @triton.jit
+def _smoothed_tile(x_row, SM, offs, mask, stride_xk, K, x0, dm, rstd, KIND: tl.constexpr,
+                   HAS_SMOOTH: tl.constexpr):
+    """x' = x_hat (* smooth) of one [BLOCK_M, BLOCK_K] tile of the rows, in fp32 (the sweeps'
+    second and third reads)."""
+    x = tl.load(x_row + offs[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+    xh = _normalised(x, x0, dm, rstd, KIND)
+    if HAS_SMOOTH:
+        xh = xh * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
+    return xh
+
+
+@triton.jit
 def norm_act_quant_kernel(X, SM, C, XS, M, K, eps, stride_xm, stride_xk, stride_cm,
                           KIND: tl.constexpr, QMAX: tl.constexpr, FP8: tl.constexpr,
                           HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -864,20 +876,14 @@ def norm_act_quant_kernel(X, SM, C, XS, M, K, eps, stride_xm, stride_xk, stride_
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + offs0
             mask = m_ok[:, None] & (offs < K)[None, :]
-            x = tl.load(x_row + offs[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-            xh = _normalised(x, x0, dm, rstd, KIND)
-            if HAS_SMOOTH:
-                xh = xh * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
+            xh = _smoothed_tile(x_row, SM, offs, mask, stride_xk, K, x0, dm, rstd, KIND, HAS_SMOOTH)
             amax = tl.maximum(amax, tl.where(mask, tl.abs(xh), 0.0))
         scale = tl.max(amax, axis=1) / QMAX
         scale = tl.where(scale == 0.0, 1.0, scale)
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + offs0
             mask = m_ok[:, None] & (offs < K)[None, :]
-            x = tl.load(x_row + offs[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-            xh = _normalised(x, x0, dm, rstd, KIND)
-            if HAS_SMOOTH:
-                xh = xh * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
+            xh = _smoothed_tile(x_row, SM, offs, mask, stride_xk, K, x0, dm, rstd, KIND, HAS_SMOOTH)
             c = _act_code(xh / scale[:, None], QMAX, FP8)
             tl.store(C + offs_m[:, None] * stride_cm + offs[None, :], c.to(C.dtype.element_ty),
                      mask=mask)
