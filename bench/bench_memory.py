@@ -18,7 +18,8 @@ calls:
 
 Backends: eager, inductor (torch.compile's default backend), q3n (memory_plan on), q3n-noplan
 (q3n with memory_plan=False: the plan's own effect), q3n-cudagraphs, q3n-inductor (q3n's passes,
-then Inductor: the executor comparison). Writes JSON (GPU, versions,
+then Inductor: the executor comparison), q3n-inductor-pool (the same without q3n's Inductor
+memory settings, runtime.INDUCTOR_MEMORY_CONFIG: what they save). Writes JSON (GPU, versions,
 commit, date, rows) to --out and prints a table. Built for one H200: qwen3 "bench" (about 1e9
 parameters, bf16) is built once and shared by every backend; the default run takes a few minutes.
 """
@@ -40,9 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import q3n_compile  # noqa: E402
+import q3n_compile.runtime  # noqa: E402,F401
 from q3n_compile.models import build_model, example_inputs  # noqa: E402
 
-BACKENDS = ("eager", "inductor", "q3n", "q3n-noplan", "q3n-cudagraphs", "q3n-inductor")
+BACKENDS = ("eager", "inductor", "q3n", "q3n-noplan", "q3n-cudagraphs", "q3n-inductor",
+            "q3n-inductor-pool")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -67,7 +70,8 @@ def make_fn(backend, model, static):
         return torch.compile(model, dynamic=dynamic)
     # The arena is q3n's executor's; "auto" would pick Inductor on CUDA, so it is named here.
     options = {"q3n": {"executor": "q3n"}, "q3n-noplan": {"executor": "q3n", "memory_plan": False},
-               "q3n-cudagraphs": {"cuda_graphs": True}, "q3n-inductor": {"executor": "inductor"}}[backend]
+               "q3n-cudagraphs": {"cuda_graphs": True}, "q3n-inductor": {"executor": "inductor"},
+               "q3n-inductor-pool": {"executor": "inductor"}}[backend]
     return torch.compile(model, backend="q3n", dynamic=dynamic, options=options)
 
 
@@ -194,7 +198,12 @@ def main():
     header = (f"{'backend':<15} {'S':>6} {'peak GB':>8} {'above wts':>8} {'kept GB':>8} {'ms':>8} "
               f"{'compile s':>9} {'rel err':>8} {'arena/L':>8}")
     print(header, flush=True)
+    # q3n-inductor-pool: q3n's Inductor executor without its memory settings (Inductor's own).
+    memory_config = q3n_compile.runtime.INDUCTOR_MEMORY_CONFIG
+    q3n_settings = dict(memory_config)
     for backend in backends:
+        memory_config.clear()
+        memory_config.update({} if backend == "q3n-inductor-pool" else q3n_settings)
         if time.perf_counter() - started > args.budget_s:
             skipped.append(backend)
             print(f"{backend}: skipped (time budget of {args.budget_s:.0f} s spent)", flush=True)

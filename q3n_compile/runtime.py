@@ -11,6 +11,10 @@
   outputs are copied out of them (a result stays valid after later calls, unlike Inductor's own
   ``reduce-overhead``).
   The compiled function's ``q3n_cuda_graphs`` says whether Inductor applied them or why not.
+  Inductor runs with :data:`INDUCTOR_MEMORY_CONFIG`: a buffer is freed at its last use instead of
+  being held for a later buffer of the same size, and a value several kernels read (the residual
+  stream) is stored once instead of being recomputed from every tensor summed into it, which
+  keeps those tensors alive.
 - Weights folded at compile time are guarded: a compiled graph refuses to run after such a weight
   was changed in place or re-assigned, instead of silently computing with the old value.
 - :func:`verify_outputs` compares two graphs on concrete inputs with a dtype-aware tolerance.
@@ -24,6 +28,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch._functorch.aot_autograd import make_boxed_func
+
+
+# Inductor settings q3n's Inductor executor compiles with, for a lower peak (bench_memory.py,
+# backend "q3n-inductor-pool", compiles without them for the comparison):
+# - allow_buffer_reuse: Inductor keeps a dead buffer allocated until a later buffer of the same
+#   size takes it over, so between the two the bytes count twice; freed at its last use instead,
+#   the caching allocator hands the block to the next allocation without it being counted.
+# - realize_reads_threshold: a pointwise value with several readers is otherwise inlined into each
+#   one while it reads up to 4 tensors, so h = x + attn + mlp + ... keeps every summand alive; at 1
+#   it is stored once and the summands die (the readers then read one tensor instead of several).
+INDUCTOR_MEMORY_CONFIG: dict[str, Any] = {"allow_buffer_reuse": False, "realize_reads_threshold": 1}
 
 
 class FrozenWeightChanged(RuntimeError):
@@ -106,7 +121,9 @@ def inductor_executor(
     # decomposed ATen, and q3n's passes ran before its decompositions on purpose.
     with fake_mode:
         decomposed = make_fx(gm, decomposition_table=select_decomp_table())(*fake_args)
-    patches: dict[str, Any] = {"max_autotune": True} if autotune else {}
+    patches: dict[str, Any] = dict(INDUCTOR_MEMORY_CONFIG)
+    if autotune:
+        patches["max_autotune"] = True
     graph_kwargs: dict[str, Any] = {}
     applied = None
     on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in example_inputs)

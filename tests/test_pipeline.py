@@ -233,6 +233,31 @@ def test_inductor_executor_takes_constants_a_pass_created(monkeypatch, dynamic):
     assert report["passes"]["fold"]["status"] == "applied"
 
 
+def test_inductor_executor_compiles_with_the_memory_settings(monkeypatch):
+    import torch._inductor.compile_fx as compile_fx
+    from torch._inductor import config as inductor_config
+
+    from q3n_compile.runtime import INDUCTOR_MEMORY_CONFIG
+
+    seen = []
+    inner = compile_fx.compile_fx_inner
+
+    def recording(*args, **kwargs):
+        seen.append({key: getattr(inductor_config, key) for key in INDUCTOR_MEMORY_CONFIG})
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(compile_fx, "compile_fx_inner", recording)
+    model = Block().eval()
+    compiled = torch.compile(model, backend="q3n", options={"executor": "inductor"})
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+    assert INDUCTOR_MEMORY_CONFIG == {"allow_buffer_reuse": False, "realize_reads_threshold": 1}
+    assert seen == [INDUCTOR_MEMORY_CONFIG]
+    # Only for q3n's graphs: Inductor's own defaults are left as they were.
+    assert inductor_config.allow_buffer_reuse is True
+
+
 @pytest.mark.parametrize("factor, passes", [(1.05, True), (-1.0, False)])
 def test_verify_bounds_lossy_rewrites_by_relative_error(monkeypatch, factor, passes):
     """A quantizing pass changes outputs a little (accepted); a broken one changes them a lot."""

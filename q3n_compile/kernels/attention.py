@@ -8,6 +8,11 @@ What this module guarantees:
   q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Sk, D]``, v ``[B, Hkv, Sk, Dv]``, output ``[B, Hq, Sq, Dv]`` in
   q's dtype. Grouped-query attention: query head ``h`` reads kv head ``h // (Hq // Hkv)``; K and V
   are never repeated in memory.
+- ``bshd_out=True`` (the op's last argument) returns the same values as a contiguous
+  ``[B, Sq, Hq, Dv]`` tensor: the kernels store each row at its place in that layout, so the
+  ``transpose(1, 2).reshape(B, Sq, Hq * Dv)`` that feeds the output projection is a view, not a
+  copy (the attention pass asks for it where the replaced value was laid out that way, as CUDA
+  SDPA's fused outputs are).
 - ``mask`` is None, a bool mask (True = keep) or an additive float mask, broadcastable to
   ``[B, Hq, Sq, Sk]``; it is read through stride-0 views, never expanded in memory.
   ``is_causal`` is top-left aligned (query ``i`` sees keys ``j <= i``), as in SDPA; given together
@@ -448,7 +453,7 @@ def clear_plans() -> None:
     _PLANS.clear()
 
 
-def _plan_key(q, k, v, mask, scale, is_causal, interpreter, blocks, decode):
+def _plan_key(q, k, v, mask, scale, is_causal, interpreter, blocks, decode, bshd_out=False):
     """The call signature a plan depends on, or None when a plan must not be cached (a scale
     that is not a plain number: `supports` decides about it every time)."""
     if scale is not None and type(scale) is not float and type(scale) is not int:
@@ -459,7 +464,7 @@ def _plan_key(q, k, v, mask, scale, is_causal, interpreter, blocks, decode):
                 None if mask is None else (mask.shape, mask.stride(), mask.dtype, mask.device),
                 scale, is_causal, interpreter,
                 None if blocks is None else tuple(sorted(blocks.items())),
-                None if decode is None else tuple(sorted(decode.items())))
+                None if decode is None else tuple(sorted(decode.items())), bshd_out)
     except TypeError:  # unhashable override values
         return None
 
@@ -467,10 +472,11 @@ def _plan_key(q, k, v, mask, scale, is_causal, interpreter, blocks, decode):
 class _Plan:
     """What one call signature needs beyond its tensors' data (see the section comment)."""
 
-    __slots__ = ("out_shape", "dtype", "device", "mask_kind", "run", "cacheable", "decode_plan",
-                 "variant")
+    __slots__ = ("out_shape", "out_strides", "dtype", "device", "mask_kind", "run", "cacheable",
+                 "decode_plan", "variant")
 
-    def __init__(self, q, k, v, mask, scale, is_causal, interpreter, blocks, decode):
+    def __init__(self, q, k, v, mask, scale, is_causal, interpreter, blocks, decode,
+                 bshd_out=False):
         reason = supports(q, k, v, mask, scale, is_causal)
         if reason is not None:
             raise ValueError(f"q3n::attention: {reason}")
@@ -482,7 +488,14 @@ class _Plan:
         if k.shape[0] != B or v.shape[:3] != k.shape[:3]:
             raise ValueError(f"q3n::attention: shapes q {tuple(q.shape)} k {tuple(k.shape)} "
                              f"v {tuple(v.shape)} do not match")
-        self.out_shape = (B, Hq, Sq, Dv)
+        # out_shape is what the op returns; out_strides are the kernels' view of it as
+        # [B, Hq, Sq, Dv] (the transpose of a contiguous [B, Sq, Hq, Dv] when bshd_out).
+        if bshd_out:
+            self.out_shape = (B, Sq, Hq, Dv)
+            self.out_strides = (Sq * Hq * Dv, Dv, Hq * Dv, 1)
+        else:
+            self.out_shape = (B, Hq, Sq, Dv)
+            self.out_strides = attention_decode._contiguous_strides(self.out_shape)
         self.dtype, self.device = q.dtype, q.device
         self.cacheable = True
         self.run = self.decode_plan = self.variant = None
@@ -492,7 +505,8 @@ class _Plan:
         qk_scale = (1.0 / math.sqrt(D) if scale is None else float(scale)) * _LOG2E
         if decode is not None or (blocks is None and uses_split_kv(q, k)):
             run = attention_decode.prepare(q, k, v, m, self.mask_kind, qk_scale,
-                                           bool(is_causal), interpreter, overrides=decode)
+                                           bool(is_causal), interpreter, overrides=decode,
+                                           out_strides=self.out_strides)
             self.run, self.decode_plan = run, run.plan
             return
         self.run = self._prefill(q, k, v, m, qk_scale, is_causal, interpreter, blocks)
@@ -521,7 +535,7 @@ class _Plan:
                               or not torch.cuda.is_current_stream_capturing())
             cfg = choose_blocks(Sq, Sk, D, q.dtype, is_causal, arch=arch, device=index)
         want_tma = _hopper_request(cfg)
-        out_strides = attention_decode._contiguous_strides(self.out_shape)
+        out_strides = self.out_strides
         scalars = (*q.stride(), *k.stride(), *v.stride(), *m_strides, *out_strides,
                    Sq, Sk, qk_scale)
         consts = dict(
@@ -534,7 +548,7 @@ class _Plan:
             # the (already bf16-rounded) operands to fp32 gives the exact products the GPU
             # computes.
             DOT_IN_FP32=interpreter and q.dtype == torch.bfloat16,
-            OFFSETS_64=_needs_64bit_offsets(q, k, v, m, _Strided(self.out_shape, out_strides),
+            OFFSETS_64=_needs_64bit_offsets(q, k, v, m, _Strided((B, Hq, Sq, Dv), out_strides),
                                             cfg),
             TMA=False,
         )
@@ -571,7 +585,8 @@ class _Strided:
         return self._strides if dim is None else self._strides[dim]
 
 
-def _launch(q, k, v, mask, scale, is_causal, interpreter, blocks=None, decode=None):
+def _launch(q, k, v, mask, scale, is_causal, interpreter, blocks=None, decode=None,
+            bshd_out=False):
     """Run the op's kernels: split-KV decode for Sq <= 16, else prefill.
 
     ``blocks`` forces the prefill kernel with these parameters (the benchmark's sweep and
@@ -579,12 +594,12 @@ def _launch(q, k, v, mask, scale, is_causal, interpreter, blocks=None, decode=No
     ``num_warps``, ``num_stages`` and, optionally, ``tma`` (the Hopper variant;
     :func:`prefill_variant` says whether it runs; the removed ``warp_specialize`` raises
     ValueError); ``decode`` forces the decode kernels with these plan overrides
-    (``attention_decode.plan``), whatever Sq is.
+    (``attention_decode.plan``), whatever Sq is. ``bshd_out`` as for the op.
     """
-    key = _plan_key(q, k, v, mask, scale, is_causal, interpreter, blocks, decode)
+    key = _plan_key(q, k, v, mask, scale, is_causal, interpreter, blocks, decode, bshd_out)
     plan = None if key is None else _PLANS.get(key)
     if plan is None:
-        plan = _Plan(q, k, v, mask, scale, is_causal, interpreter, blocks, decode)
+        plan = _Plan(q, k, v, mask, scale, is_causal, interpreter, blocks, decode, bshd_out)
         if key is not None and plan.cacheable:
             if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()
@@ -682,15 +697,20 @@ def supports(q, k, v, mask=None, scale=None, is_causal=False) -> Optional[str]:
 
 def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                    is_causal: bool = False) -> torch.Tensor:
+                    is_causal: bool = False, bshd_out: bool = False) -> torch.Tensor:
     backend = contract.backend_for(q.device)
     if backend == "reference":
-        return reference(q, k, v, mask, scale, is_causal)
-    return _launch(q, k, v, mask, scale, is_causal, interpreter=backend == "interpreter")
+        out = reference(q, k, v, mask, scale, is_causal)
+        return out.transpose(1, 2).contiguous() if bshd_out else out
+    return _launch(q, k, v, mask, scale, is_causal, interpreter=backend == "interpreter",
+                   bshd_out=bshd_out)
 
 
-def _attention_fake(q, k, v, mask=None, scale=None, is_causal=False):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+def _attention_fake(q, k, v, mask=None, scale=None, is_causal=False, bshd_out=False):
+    B, Hq, Sq = q.shape[:3]
+    if bshd_out:
+        return q.new_empty((B, Sq, Hq, v.shape[-1]))
+    return q.new_empty((B, Hq, Sq, v.shape[-1]))
 
 
 attention = contract.register_kernel_op("attention", _attention_impl, _attention_fake)

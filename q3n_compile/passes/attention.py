@@ -764,15 +764,30 @@ def _lower_with(env: _Env, builder: _Builder, match: Match) -> dict[str, Any]:
     if reason is not None:
         raise Decline(f"kernel: {reason}")
     sparse = env.sparse
+    want = tensor_val(match.out)
+    # The kernel can store [B, S, H, D] itself: where the replaced value was laid out so, or
+    # where it is only ever transposed to that and copied (`.transpose(1, 2).contiguous()`).
+    copies = _transposed_copies(match.out) if sparse is None else None
+    bshd_out = sparse is None and (_laid_out_bshd(want) or copies is not None)
     if sparse is None:
         result = builder.call(torch.ops.q3n.attention.default, q, k, match.v, mask_node,
-                              match.scale, is_causal)
+                              match.scale, is_causal, bshd_out)
     else:
         result = builder.call(torch.ops.q3n.sparse_attention.default, q, k, match.v, mask_node,
                               match.scale, is_causal, sparse.keep, sparse.min_mass,
                               sparse.graph_id, sparse.layers)
-    result = _match_layout(builder, result, tensor_val(match.out))
-    match.out.replace_all_uses_with(result)
+    if copies is not None:
+        # Each copy held exactly the kernel's [B, S, H, D] result; the transposes before them
+        # and the replaced value go dead.
+        for copy in copies:
+            copy.replace_all_uses_with(result)
+    else:
+        if bshd_out:
+            # The kernel stored [B, S, H, D]; its transpose is the replaced value, strides too.
+            result = builder.call(aten.transpose.int, result, 1, 2)
+        else:
+            result = _match_layout(builder, result, want)
+        match.out.replace_all_uses_with(result)
     kv = tensor_val(k)
     extra = {} if sparse is None else {"op": SPARSE_OP, "layer": sparse.layers}
     return {
@@ -788,26 +803,67 @@ def _lower_with(env: _Env, builder: _Builder, match: Match) -> dict[str, Any]:
         "dtype": str(qv.dtype).replace("torch.", ""),
         "scale": match.scale,
         "runtime_scale": bool(match.runtime_scale),
+        "out_layout": "bshd" if bshd_out else "bhsd",
         **extra,
     }
 
 
+def _strides_match(strides: Any, want: torch.Tensor) -> bool:
+    """Whether `strides` address `want`'s elements as its own strides do (size-1 dims aside)."""
+    return all(known_eq(s, w) or known_eq(n, 1)
+               for s, w, n in zip(strides, want.stride(), want.shape))
+
+
+def _swaps_heads_and_rows(node: Node) -> bool:
+    """Whether `node` is [B, H, S, D] -> [B, S, H, D] by transpose(1, 2) or permute(0, 2, 1, 3)."""
+    if is_call(node, aten.transpose.int):
+        return sorted(d % 4 for d in node.args[1:3]) == [1, 2]
+    if is_call(node, aten.permute.default):
+        return [d % 4 for d in node.args[1]] == [0, 2, 1, 3]
+    return False
+
+
+def _transposed_copies(out: Node) -> Optional[list[Node]]:
+    """The contiguous copies of `out`'s [B, S, H, D] transpose, when those copies are all that
+    reads `out` (``attn.transpose(1, 2).contiguous()``, as every model here writes it); else
+    None. The kernel's ``bshd_out`` result then stands for each copy."""
+    copies: list[Node] = []
+    if not out.users:
+        return None
+    for t in out.users:
+        if not _swaps_heads_and_rows(t) or not t.users:
+            return None
+        for c in t.users:
+            if not (is_call(c, aten.clone.default)
+                    and c.kwargs.get("memory_format") == torch.contiguous_format):
+                return None
+            copies.append(c)
+    return copies
+
+
+def _laid_out_bshd(want: torch.Tensor) -> bool:
+    """True when the replaced [B, H, S, D] value is stored as [B, S, H, D] (CUDA SDPA's fused
+    forms) and not also contiguous (one head or one query row): the kernel then stores that
+    layout itself instead of its result being copied into it."""
+    if want.dim() != 4:
+        return False
+    B, H, S, D = want.shape
+    return (_strides_match((S * H * D, D, H * D, 1), want)
+            and not _strides_match((H * S * D, S * D, D, 1), want))
+
+
 def _match_layout(builder: _Builder, node: Node, want: torch.Tensor) -> Node:
-    """Give the kernel's (contiguous) result the strides the replaced value had.
+    """Give an op's contiguous result the strides the replaced value had, by a copy where they
+    differ (the sparse op, which has no ``bshd_out``; the dense op stores that layout itself).
 
     Views after the replaced value were traced against its strides; the fused CUDA SDPA forms
     return [B, H, S, D] laid out as [B, S, H, D].
     """
     got = tensor_val(node)
-
-    def same(strides: Any) -> bool:
-        return all(known_eq(s, w) or known_eq(n, 1)
-                   for s, w, n in zip(strides, want.stride(), want.shape))
-
-    if same(got.stride()):
+    if _strides_match(got.stride(), want):
         return node
     B, H, S, D = want.shape
-    if same((S * H * D, D, H * D, 1)):
+    if _strides_match((S * H * D, D, H * D, 1), want):
         t = builder.call(aten.transpose.int, node, 1, 2)
         c = builder.call(aten.clone.default, t, memory_format=torch.contiguous_format)
         return builder.call(aten.transpose.int, c, 1, 2)

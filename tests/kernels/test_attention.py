@@ -368,6 +368,44 @@ def test_new_key_lengths_do_not_recompile():
     assert counter.frame_count == 1
 
 
+# (B, Hq, Hkv, Sq, Sk, D, causal, mask?): prefill with GQA and a padding mask, a decode step, a
+# short draft (split-KV kernels), a single head (where both layouts coincide).
+BSHD_CASES = {
+    "prefill_gqa_padding": (2, 4, 2, 37, 37, 16, True, True),
+    "decode_q1": (2, 4, 2, 1, 45, 16, False, False),
+    "draft_q3_causal": (1, 4, 1, 3, 21, 40, True, True),
+    "one_head": (1, 1, 1, 19, 19, 16, False, False),
+}
+
+
+@pytest.mark.parametrize("case", list(BSHD_CASES), ids=list(BSHD_CASES))
+def test_bshd_out_is_the_transposed_result(case):
+    B, Hq, Hkv, Sq, Sk, D, causal, masked = BSHD_CASES[case]
+    gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
+    q, k, v = _qkv(gen, B, Hq, Hkv, Sq, Sk, D, bf16)
+    keep = None
+    if masked:
+        keep = torch.ones(B, 1, 1, Sk, dtype=torch.bool)
+        keep[-1, ..., Sk - 5:] = False
+    heads_first = _check(q, k, v, keep, causal=causal)
+    out = op(q, k, v, keep, None, causal, True)
+    assert out.shape == (B, Sq, Hq, D) and out.is_contiguous()
+    # The same kernel and arithmetic: only where each row is stored differs.
+    assert torch.equal(out, heads_first.transpose(1, 2))
+
+
+def test_bshd_out_fake_and_opcheck():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = _qkv(gen, 1, 4, 2, 7, 9, 16, f32)
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        fake = op(fq, fk, fv, None, None, True, True)
+    assert fake.shape == (1, 7, 4, 16) and fake.is_contiguous()
+    torch.library.opcheck(op, (q, k, v, None, None, True, True))
+
+
 def test_reference_path_without_interpreter():
     code = ("""
         import torch
@@ -380,6 +418,8 @@ def test_reference_path_without_interpreter():
         keep = torch.rand(9, 11, generator=g) > 0.3
         out = torch.ops.q3n.attention(q, k, v, keep, None, True)
         assert torch.equal(out, A.reference(q, k, v, keep, None, True))
+        bshd = torch.ops.q3n.attention(q, k, v, keep, None, True, True)
+        assert bshd.is_contiguous() and torch.equal(bshd, out.transpose(1, 2))
         print("ok")
     """)
     run_without_interpreter(code)
@@ -441,6 +481,10 @@ def test_gpu_non_contiguous_and_decode():
     _check(q, k, v, causal=True)
     _check(q[:, :, -1:], k, v)  # one decode step over the whole cache
     _check(q[:, :, -3:].contiguous(), k, v, causal=False)
+    # bshd_out: the same kernels storing [B, S, H, D], prefill and decode.
+    for rows in (q, q[:, :, -1:], q[:, :, -3:]):
+        bshd = op(rows, k, v, None, None, True, True)
+        assert bshd.is_contiguous() and torch.equal(bshd, op(rows, k, v, None, None, True).transpose(1, 2))
 
 
 @pytest.mark.gpu

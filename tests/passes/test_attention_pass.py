@@ -238,8 +238,11 @@ def test_sdpa_forms_hand_built(form):
     assert attn.args[4] == 0.3 and attn.args[5] == causal
     (rw,) = stats.detail["rewrites"]
     assert rw["form"] == form and rw["mask"] == mask_kind and rw["gqa_groups"] == 4 // hkv
-    # The efficient form's output is laid out [B, S, H, D] and the view after it relies on that.
-    assert targets.count(aten.clone.default) == (form == "sdpa_efficient")
+    # The efficient form's output is laid out [B, S, H, D] and the view after it relies on that:
+    # the kernel stores that layout itself (bshd_out), so nothing copies it.
+    assert aten.clone.default not in targets
+    assert attn.args[6] is (form == "sdpa_efficient")
+    assert rw["out_layout"] == ("bshd" if form == "sdpa_efficient" else "bhsd")
     # Numerics on CPU: the kernel against SDPA's CPU kernel.
     with torch.no_grad():
         (got,) = gm(q, k, v, *([] if mask is None else [mask]))
@@ -407,6 +410,43 @@ def test_written_out_spellings(name):
         assert rw[key] == value, (key, rw)
     assert report["ops"].get("aten.bmm.default", 0) == 0
     assert _rel_err(got, want) < 1e-5
+
+
+def _attend(q, k, v):
+    return torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1) @ v
+
+
+def heads_to_rows_copy(q, k, v):  # every model here: .transpose(1, 2).contiguous().reshape()
+    o = _attend(q, k, v).transpose(1, 2).contiguous()
+    return o.reshape(o.shape[0], o.shape[1], -1)
+
+
+def heads_to_rows_permute_twice(q, k, v):  # two readers, both the copied transpose
+    o = _attend(q, k, v)
+    return o.permute(0, 2, 1, 3).contiguous() * 2 + o.transpose(2, 1).contiguous()
+
+
+def heads_to_rows_and_read(q, k, v):  # the [B, H, S, D] value itself is read too
+    o = _attend(q, k, v)
+    return o.transpose(1, 2).contiguous() + o.sum()
+
+
+def heads_to_rows_view_only(q, k, v):  # no copy after the transpose: it is read strided
+    return _attend(q, k, v).transpose(1, 2) * 3
+
+
+@pytest.mark.parametrize("fn,layout,copies", [(heads_to_rows_copy, "bshd", 0),
+                                               (heads_to_rows_permute_twice, "bshd", 0),
+                                               (heads_to_rows_and_read, "bhsd", 1),
+                                               (heads_to_rows_view_only, "bhsd", 0)])
+def test_output_layout_drops_the_transpose_copy(fn, layout, copies):
+    q, k, v = _qkv(Sq=13, Sk=13)
+    got, want, report = _compile(fn, q, k, v)
+    (rw,) = _assert_rewritten(report, 1)
+    assert rw["out_layout"] == layout
+    # With bshd the kernel stores [B, S, H, D] itself and the copies into that layout are gone.
+    assert report["ops"].get("aten.clone.default", 0) == copies
+    assert got.shape == want.shape and _rel_err(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
