@@ -19,7 +19,8 @@ calls:
 Backends: eager, inductor (torch.compile's default backend), q3n (memory_plan on), q3n-noplan
 (q3n with memory_plan=False: the plan's own effect), q3n-cudagraphs, q3n-inductor (q3n's passes,
 then Inductor: the executor comparison), q3n-inductor-pool (the same without q3n's Inductor
-memory settings, runtime.INDUCTOR_MEMORY_CONFIG: what they save). Writes JSON (GPU, versions,
+memory settings, runtime.INDUCTOR_MEMORY_CONFIG: what they save), q3n-inductor-noreuse and
+q3n-inductor-realize (one of the two settings each). Writes JSON (GPU, versions,
 commit, date, rows) to --out and prints a table. Built for one H200: qwen3 "bench" (about 1e9
 parameters, bf16) is built once and shared by every backend; the default run takes a few minutes.
 """
@@ -44,8 +45,13 @@ import q3n_compile  # noqa: E402
 import q3n_compile.runtime  # noqa: E402,F401
 from q3n_compile.models import build_model, example_inputs  # noqa: E402
 
+# q3n's Inductor executor with other Inductor memory settings than runtime.INDUCTOR_MEMORY_CONFIG:
+# Inductor's own ("pool"), or one of q3n's two settings alone.
+INDUCTOR_SETTINGS = {"q3n-inductor-pool": {},
+                     "q3n-inductor-noreuse": {"allow_buffer_reuse": False},
+                     "q3n-inductor-realize": {"realize_reads_threshold": 1}}
 BACKENDS = ("eager", "inductor", "q3n", "q3n-noplan", "q3n-cudagraphs", "q3n-inductor",
-            "q3n-inductor-pool")
+            *INDUCTOR_SETTINGS)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -71,7 +77,7 @@ def make_fn(backend, model, static):
     # The arena is q3n's executor's; "auto" would pick Inductor on CUDA, so it is named here.
     options = {"q3n": {"executor": "q3n"}, "q3n-noplan": {"executor": "q3n", "memory_plan": False},
                "q3n-cudagraphs": {"cuda_graphs": True}, "q3n-inductor": {"executor": "inductor"},
-               "q3n-inductor-pool": {"executor": "inductor"}}[backend]
+               **{name: {"executor": "inductor"} for name in INDUCTOR_SETTINGS}}[backend]
     return torch.compile(model, backend="q3n", dynamic=dynamic, options=options)
 
 
@@ -195,15 +201,14 @@ def main():
     dev.empty_cache()
 
     rows, skipped = [], []
-    header = (f"{'backend':<15} {'S':>6} {'peak GB':>8} {'above wts':>8} {'kept GB':>8} {'ms':>8} "
+    header = (f"{'backend':<20} {'S':>6} {'peak GB':>8} {'above wts':>8} {'kept GB':>8} {'ms':>8} "
               f"{'compile s':>9} {'rel err':>8} {'arena/L':>8}")
     print(header, flush=True)
-    # q3n-inductor-pool: q3n's Inductor executor without its memory settings (Inductor's own).
     memory_config = q3n_compile.runtime.INDUCTOR_MEMORY_CONFIG
     q3n_settings = dict(memory_config)
     for backend in backends:
         memory_config.clear()
-        memory_config.update({} if backend == "q3n-inductor-pool" else q3n_settings)
+        memory_config.update(INDUCTOR_SETTINGS.get(backend, q3n_settings))
         if time.perf_counter() - started > args.budget_s:
             skipped.append(backend)
             print(f"{backend}: skipped (time budget of {args.budget_s:.0f} s spent)", flush=True)
@@ -257,13 +262,13 @@ def main():
                         row["q3n_cuda_graphs"] = reports[-1]["runtime"].get("cuda_graphs")
             except Exception as err:  # one failing backend must not cost the others
                 row["error"] = f"{type(err).__name__}: {err}"[:500]
-                print(f"{backend:<15} {seq:>6} failed: {row['error']}", flush=True)
+                print(f"{backend:<20} {seq:>6} failed: {row['error']}", flush=True)
                 rows.append(row)
                 break
             rows.append(row)
             mem = row.get("q3n_memory") or {}
             ratio = mem.get("ratio")
-            print(f"{backend:<15} {seq:>6} {_gb(row['peak_bytes'])} {_gb(row['peak_above_weights_bytes'])} "
+            print(f"{backend:<20} {seq:>6} {_gb(row['peak_bytes'])} {_gb(row['peak_above_weights_bytes'])} "
                   f"{_gb(row['kept_between_calls_bytes'])} {row['latency_ms']:8.2f} {row['first_call_s']:9.1f} "
                   f"{row['rel_err_vs_eager']:8.1e} {ratio if ratio is not None else '-':>8}", flush=True)
             inputs = None
