@@ -19,8 +19,8 @@ calls:
 Backends: eager, inductor (torch.compile's default backend), q3n (memory_plan on), q3n-noplan
 (q3n with memory_plan=False: the plan's own effect), q3n-cudagraphs, q3n-inductor (q3n's passes,
 then Inductor: the executor comparison), q3n-inductor-pool (the same without q3n's Inductor
-memory settings, runtime.INDUCTOR_MEMORY_CONFIG: what they save), q3n-inductor-noreuse and
-q3n-inductor-realize (one of the two settings each). Writes JSON (GPU, versions,
+memory settings, runtime.INDUCTOR_MEMORY_CONFIG: what they save), q3n-inductor-noreuse (those
+plus Inductor's allow_buffer_reuse=False). Writes JSON (GPU, versions,
 commit, date, rows) to --out and prints a table. Built for one H200: qwen3 "bench" (about 1e9
 parameters, bf16) is built once and shared by every backend; the default run takes a few minutes.
 """
@@ -46,10 +46,9 @@ import q3n_compile.runtime  # noqa: E402,F401
 from q3n_compile.models import build_model, example_inputs  # noqa: E402
 
 # q3n's Inductor executor with other Inductor memory settings than runtime.INDUCTOR_MEMORY_CONFIG:
-# Inductor's own ("pool"), or one of q3n's two settings alone.
+# Inductor's own ("pool"), or q3n's plus buffers freed at their last use ("noreuse").
 INDUCTOR_SETTINGS = {"q3n-inductor-pool": {},
-                     "q3n-inductor-noreuse": {"allow_buffer_reuse": False},
-                     "q3n-inductor-realize": {"realize_reads_threshold": 1}}
+                     "q3n-inductor-noreuse": {"realize_reads_threshold": 1, "allow_buffer_reuse": False}}
 BACKENDS = ("eager", "inductor", "q3n", "q3n-noplan", "q3n-cudagraphs", "q3n-inductor",
             *INDUCTOR_SETTINGS)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

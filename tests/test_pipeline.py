@@ -252,10 +252,10 @@ def test_inductor_executor_compiles_with_the_memory_settings(monkeypatch):
     x = torch.randn(3, 8)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
-    assert INDUCTOR_MEMORY_CONFIG == {"allow_buffer_reuse": False, "realize_reads_threshold": 1}
+    assert INDUCTOR_MEMORY_CONFIG == {"realize_reads_threshold": 1}
     assert seen == [INDUCTOR_MEMORY_CONFIG]
     # Only for q3n's graphs: Inductor's own defaults are left as they were.
-    assert inductor_config.allow_buffer_reuse is True
+    assert inductor_config.realize_reads_threshold == 4
 
 
 @pytest.mark.parametrize("factor, passes", [(1.05, True), (-1.0, False)])
