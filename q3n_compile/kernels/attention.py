@@ -534,6 +534,10 @@ class _Plan:
             self.cacheable = (table_key in attention_blocks.BLOCK_TABLE
                               or not torch.cuda.is_current_stream_capturing())
             cfg = choose_blocks(Sq, Sk, D, q.dtype, is_causal, arch=arch, device=index)
+            if self.mask_kind:
+                cfg = attention_blocks.fit_shared_memory(
+                    cfg, D, Dv, q.element_size(), m.element_size(),
+                    attention_blocks.shared_memory_limit(index))
         want_tma = _hopper_request(cfg)
         out_strides = self.out_strides
         scalars = (*q.stride(), *k.stride(), *v.stride(), *m_strides, *out_strides,

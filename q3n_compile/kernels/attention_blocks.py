@@ -229,6 +229,38 @@ def device_arch(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
+@functools.lru_cache(maxsize=None)
+def shared_memory_limit(index: int) -> int:
+    """Bytes of shared memory one program may use on CUDA device ``index`` (227 KiB on Hopper)."""
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+def pipelined_bytes(cfg: dict, head_dim: int, head_dim_v: int, elem: int, mask_elem: int) -> int:
+    """Shared memory the prefill kernel's pipeline takes: each stage holds a K and a V tile and,
+    with a mask, its [BLOCK_M, BLOCK_N] tile (mask_elem bytes per entry, 0 without a mask).
+    Matches what Triton 3.6 asked for on an H200: BLOCK 128x128, D 128, bf16, 3 stages, bf16
+    additive mask -> 3 * (2 * 128 * 128 * 2 + 128 * 128 * 2) = 294912 bytes."""
+    dk, dv = _pow2_at_least_16(head_dim), _pow2_at_least_16(head_dim_v)
+    per_stage = cfg["BLOCK_N"] * (dk + dv) * elem + cfg["BLOCK_M"] * cfg["BLOCK_N"] * mask_elem
+    return cfg["num_stages"] * per_stage
+
+
+def fit_shared_memory(cfg: dict, head_dim: int, head_dim_v: int, elem: int, mask_elem: int,
+                      limit: int) -> dict:
+    """`cfg` with fewer pipeline stages (down to 2), then narrower key tiles (down to 16), until
+    :func:`pipelined_bytes` fits `limit`. The table's entries were swept without a mask; a mask
+    tile per stage can push one past the GPU (BERT's padding mask at 8192 keys did)."""
+    cfg = dict(cfg)
+    while pipelined_bytes(cfg, head_dim, head_dim_v, elem, mask_elem) > limit:
+        if cfg["num_stages"] > 2:
+            cfg["num_stages"] -= 1
+        elif cfg["BLOCK_N"] > 16:
+            cfg["BLOCK_N"] //= 2
+        else:
+            break
+    return cfg
+
+
 def _current_arch() -> int:
     if not torch.cuda.is_available():
         raise ValueError("choose_blocks: no CUDA device to read the architecture from; pass "

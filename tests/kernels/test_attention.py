@@ -406,6 +406,25 @@ def test_bshd_out_fake_and_opcheck():
     torch.library.opcheck(op, (q, k, v, None, None, True, True))
 
 
+def test_masked_blocks_fit_shared_memory():
+    from q3n_compile.kernels import attention_blocks as AB
+
+    hopper = 232448  # an H200's per-block opt-in limit
+    entry = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)  # D128 non-causal, 8k keys
+    # The figure Triton asked for with a bf16 additive mask (BERT at 8192 tokens, 2026-11-29).
+    assert AB.pipelined_bytes(entry, 128, 128, 2, 2) == 294912
+    assert AB.fit_shared_memory(entry, 128, 128, 2, 0, hopper) == entry  # no mask: as swept
+    for mask_elem in (1, 2):  # bool (3 * 80 KiB) and bf16 masks (3 * 96 KiB) need a stage less
+        assert AB.fit_shared_memory(entry, 128, 128, 2, mask_elem, hopper) == dict(entry, num_stages=2)
+    short = dict(entry, BLOCK_N=64)  # 4k keys: 3 * 48 KiB with a bf16 mask fits as it is
+    assert AB.fit_shared_memory(short, 128, 128, 2, 2, hopper) == short
+    # A float32 mask with 256-wide keys: two stages are not enough, the key tile halves twice.
+    wide = dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3)
+    fitted = AB.fit_shared_memory(wide, 128, 128, 2, 4, hopper)
+    assert fitted == dict(wide, BLOCK_N=64, num_stages=2)
+    assert AB.pipelined_bytes(fitted, 128, 128, 2, 4) <= hopper
+
+
 def test_reference_path_without_interpreter():
     code = ("""
         import torch
@@ -444,6 +463,9 @@ GPU_CASES = {
     "f32_causal_d128": (1, 8, 8, 1029, 1029, 128, f32, True, None),
     "f32_d64_additive": (1, 8, 2, 1001, 1501, 64, f32, False, "additive"),
     "f32_d256_causal": (1, 4, 4, 1001, 1001, 256, f32, True, None),
+    # An additive mask in the <= 8192-key bucket, whose table entry (swept without a mask) needs
+    # a pipeline stage less to fit shared memory with the mask's tiles (BERT at 8192 did not).
+    "additive_8k_bucket_d128_bf16": (1, 4, 4, 129, 5003, 128, bf16, False, "additive"),
 }
 
 

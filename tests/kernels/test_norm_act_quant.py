@@ -2,9 +2,11 @@
 
 - ``q3n::norm_act_quant``: row statistics + normalisation + per-token activation quantization in
   one kernel; its codes are those :func:`qlinear.quantize_activations` gives the float64
-  normalised rows, except where x_hat * smooth / scale lies within float32 rounding of a tie
-  (then either neighbour); its scales are the float64 ones to float32 precision.
-- ``q3n::qlinear_codes``: ``q3n::qlinear`` on precomputed codes (the same kernels: bitwise equal).
+  normalised rows, except where x_hat * smooth / scale lies within float32 rounding (of itself
+  and of the row's largest value) of a tie (then either neighbour); its scales are the float64
+  ones to float32 precision.
+- ``q3n::qlinear_codes``: ``q3n::qlinear`` on precomputed codes (the same kernels: bitwise equal
+  where K is not split; split-K adds partial sums with fp32 atomics in no fixed order).
 - ``q3n::normalize``: the normalised rows alone (weight-only quantized consumers).
 
 CPU lane: Triton interpreter, small odd shapes; GPU lane (-m gpu): compiled kernels at model widths.
@@ -25,10 +27,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 EPS = 1e-5
-# Relative perturbation of v = x_hat * smooth / scale within which a code may round either way:
-# the kernel's float32 statistics (a K-term sum, a square root, a division) move x_hat by a few
-# ulps (2^-24 each) against float64.
+# Perturbation of v = x_hat * smooth / scale within which a code may round either way: the
+# kernel's float32 statistics (K-term sums, a square root, a division) move x_hat by a few ulps
+# (2^-24 each) of itself and, through the row's mean, of the row's largest |x_hat|; so a relative
+# part, and an absolute one of 8 ulps of the row's largest |v| (the fine float8 grid near zero
+# has ties within that: one code in 10M was off without it, LayerNorm, K=5120, on an H200).
 TIE = 2e-5
+ROW_ULPS = 2.0 ** -21
 
 
 def _gen(name):
@@ -64,8 +69,9 @@ def _check_codes(codes, scales, x, kind, act, smooth, eps=EPS):
     scale64 = torch.where(scale64 == 0, torch.ones_like(scale64), scale64)
     torch.testing.assert_close(scales.double().cpu(), scale64.cpu(), rtol=TIE, atol=0)
     v = (xs / scale64[:, None]).cpu()
-    lo = _round_codes((v * (1 - TIE) - 1e-6).float(), act)
-    hi = _round_codes((v * (1 + TIE) + 1e-6).float(), act)
+    band = v.abs() * TIE + ROW_ULPS * v.abs().amax(-1, keepdim=True) + 1e-6
+    lo = _round_codes((v - band).float(), act)
+    hi = _round_codes((v + band).float(), act)
     got = codes.float().cpu()
     want = want_codes.cpu()
     ok = (got == want) | (got == lo) | (got == hi)
@@ -317,7 +323,12 @@ def test_gpu_qlinear_codes_is_qlinear(act, M):
     w = (pw.qweight, pw.scales, pw.zeros, bias)
     codes, xs = Q.quantize_activations_triton(x, act, None, interpreter=False)
     got = torch.ops.q3n.qlinear_codes(codes, xs, *w, 4, 128, K, act, bf16)
-    assert torch.equal(got, torch.ops.q3n.qlinear(x, *w, None, 4, 128, K, act))
+    want = torch.ops.q3n.qlinear(x, *w, None, 4, 128, K, act)
+    if Q.choose_path(M, N, K, 4, 128, act, bf16, x.device).get("SPLIT_K", 1) == 1:
+        assert torch.equal(got, want)
+    else:
+        # The fp32 sums agree to their rounding; the bf16 results then to one bf16 ulp (2^-8).
+        assert ((got.float() - want.float()).abs() <= want.float().abs() * 2**-8 + 1e-3).all()
 
 
 @pytest.mark.gpu
