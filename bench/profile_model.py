@@ -91,8 +91,16 @@ def main(argv=None):
             for key, count, ms in rows:
                 print(f"    {ms:9.4f}  {count:5d}  {key[:90]}")
     if a.out:
+        import datetime
+
+        import triton
+
+        from q3n_compile.compare import git_commit
+
         a.out.write_text(json.dumps({"model": a.model, "size": a.size, "seq_len": a.seq_len,
                                      "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                     "triton": triton.__version__, "commit": git_commit(),
+                                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                                      "results": results}, indent=1))
 
 

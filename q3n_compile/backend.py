@@ -40,7 +40,7 @@ from .passes.matching import written_placeholders
 from .pipeline import run_pipeline
 from .quant.config import wants_example_inputs
 from .report import next_graph_id, op_counts, publish
-from .runtime import FrozenWeightGuard, inductor_executor, q3n_executor, verify_outputs
+from .runtime import FrozenWeightGuard, below_autograd, inductor_executor, q3n_executor, verify_outputs
 
 log = logging.getLogger("q3n")
 
@@ -180,7 +180,7 @@ def _compile_graph(
     publish(report)
     if dumper:
         dumper.final(graph, report)
-    return compiled
+    return below_autograd(compiled) if inference else compiled
 
 
 def _run_executor(

@@ -164,3 +164,47 @@ def test_cuda_graph_outputs_are_copied_unless_they_are_an_input():
     got = _copied(outputs, decision)
     assert got[0] is outputs[0] and got[2] == 5
     assert torch.equal(got[1], outputs[1]) and got[1].data_ptr() != outputs[1].data_ptr()
+
+
+# An op whose autograd kernel (the layer custom_op puts in Python) counts its calls.
+_AUTOGRAD_LAYER_CALLS: list[int] = []
+_PROBE_LIB = torch.library.Library("q3n_test", "DEF")
+_PROBE_LIB.define("autograd_probe(Tensor x) -> Tensor")
+
+
+def _probe_autograd(keyset, x):
+    _AUTOGRAD_LAYER_CALLS.append(1)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.q3n_test.autograd_probe.default.redispatch(
+            keyset & torch._C._after_autograd_keyset, x)
+
+
+_PROBE_LIB.impl("autograd_probe", lambda x: x * 2, "CPU")
+_PROBE_LIB.impl("autograd_probe", _probe_autograd, "Autograd", with_keyset=True)
+torch.library.register_fake("q3n_test::autograd_probe", lambda x: torch.empty_like(x), lib=_PROBE_LIB)
+
+
+def _with_probe(x):
+    return torch.ops.q3n_test.autograd_probe(x.sin()) + 1
+
+
+@pytest.mark.parametrize("executor", ["q3n", "inductor"])
+def test_inference_graphs_skip_the_autograd_layer(executor):
+    compiled = torch.compile(_with_probe, backend="q3n", options={"executor": executor})
+    x = torch.randn(5)
+    with torch.no_grad():
+        compiled(x)  # compiles (tracing calls the op through every layer)
+        _AUTOGRAD_LAYER_CALLS.clear()
+        got = compiled(x)
+        torch.testing.assert_close(got, x.sin() * 2 + 1)
+        # The compiled inference graph calls the op below its autograd layer; eager does not.
+        assert _AUTOGRAD_LAYER_CALLS == []
+        _with_probe(x)
+        assert _AUTOGRAD_LAYER_CALLS == [1]
+    assert q3n_compile.reports()[0]["inference"] is True
+    # A graph that needs gradients is compiled and run as before.
+    train = torch.compile(lambda t: (t.sin() * 2).sum(), backend="q3n", options={"executor": executor})
+    xg = torch.randn(5, requires_grad=True)
+    train(xg).backward()
+    torch.testing.assert_close(xg.grad, 2 * xg.detach().cos())
+    assert q3n_compile.reports()[-1]["inference"] is False
