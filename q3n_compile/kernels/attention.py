@@ -277,6 +277,9 @@ def describe_blocks(head_dim: int, dtype: torch.dtype, causal: bool, arch=None, 
     """
     arch = _arch_for_description(arch)
     desc = attention_blocks.describe_prefill(head_dim, dtype, causal, arch, symbol=symbol)
+    if isinstance(arch, int):
+        desc["with_mask"] = ("fewer pipeline stages, then narrower key tiles, where a mask tile per "
+                             "stage would not fit shared memory (attention_blocks.fit_shared_memory)")
     desc["decode"] = attention_decode.describe(head_dim, dtype, arch)
     return desc
 
