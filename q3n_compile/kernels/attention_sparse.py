@@ -14,7 +14,9 @@ What this module guarantees:
   tile, so key blocks a mask removes entirely score -inf); blocks a causal mask removes entirely
   (above the diagonal) are never kept; the first key block and the diagonal block(s) are always
   kept; then the best-scoring blocks fill up to ``ceil(keep * allowed_i)`` blocks in all, where
-  ``allowed_i`` is the number of blocks the causal rule leaves (all blocks when not causal). The
+  ``allowed_i`` is the number of blocks the causal rule leaves (all blocks when not causal);
+  what depends only on the shapes (that structure, list lengths, sampled rows) is built once per
+  signature and reused, outside CUDA graph captures. The
   "diagonal" is the key block(s) holding key ``row`` (causal, top-left as SDPA) or
   ``row + Sk - Sq`` (not causal: bottom-right, where the newest token of a cache sits).
 - Kept mass, and the fallback. On sampled rows (one row in the middle of every few query blocks,
@@ -337,12 +339,71 @@ def _sample_rows(Sq: int, block: int) -> tuple[range, slice]:
     return (range(first * block + off, Sq, step * block), slice(first, n_blocks, step))
 
 
-def _blocks_from_lists(idx: torch.Tensor, counts: torch.Tensor, n_k: int) -> torch.Tensor:
-    """[..., L, kmax] lists + [L] counts → [..., L, nK] bool."""
-    valid = torch.arange(idx.shape[-1], device=idx.device) < counts[:, None]
+def _blocks_from_lists(idx: torch.Tensor, counts: torch.Tensor, n_k: int,
+                       valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[..., L, kmax] lists + [L] counts → [..., L, nK] bool (`valid`: the lists' used entries,
+    ``arange(kmax) < counts[:, None]``, when the caller has it)."""
+    if valid is None:
+        valid = torch.arange(idx.shape[-1], device=idx.device) < counts[:, None]
     target = torch.where(valid, idx.long(), n_k)  # filler goes to a column that is dropped
     out = torch.zeros((*idx.shape[:-1], n_k + 1), dtype=torch.bool, device=idx.device)
     return out.scatter_(-1, target, True)[..., :n_k]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """What a selection needs that depends only on its signature (lengths, block, causality,
+    keep, device), not on q and k: the causal structure, the list lengths, the sampled rows and
+    their causal mask. Built once per signature (:func:`_layout`), so a call launches only the
+    ops that read q and k (the selection runs ~30 fewer small ops; they set its cost)."""
+
+    allowed: torch.Tensor  # [nQ, nK] bool: blocks causality leaves
+    not_allowed: torch.Tensor  # [nQ, nK] bool
+    forced: torch.Tensor  # [nQ, nK] bool: first and diagonal blocks
+    n_allowed: torch.Tensor  # [nQ] int64
+    counts: torch.Tensor  # [nQ] int32: list lengths
+    valid: torch.Tensor  # [nQ, kmax] bool: arange(kmax) < counts
+    kmax: int
+    rows: range
+    blocks: slice
+    row_future: Optional[torch.Tensor]  # [R, Sk] bool: keys after each sampled row (causal)
+
+
+_LAYOUTS: dict = {}
+_MAX_LAYOUTS = 1024
+
+
+def _build_layout(n_q: int, n_k: int, Sq: int, Sk: int, block: int, is_causal: bool,
+                  keep: float, device: torch.device) -> _Layout:
+    allowed, forced = _structure(n_q, n_k, Sq, Sk, block, is_causal, device)
+    n_allowed = allowed.sum(-1)
+    n_forced = forced.sum(-1)
+    wanted = torch.ceil(n_allowed.double() * keep - 1e-9).long()
+    counts = torch.minimum(n_allowed, torch.maximum(wanted, n_forced)).to(torch.int32)
+    kmax = _kmax(n_k, keep)
+    valid = torch.arange(kmax, device=device) < counts[:, None]
+    rows, blocks = _sample_rows(Sq, block)
+    row_future = None
+    if is_causal:
+        row_ids = rows.start + rows.step * torch.arange(len(rows), device=device)
+        row_future = torch.arange(Sk, device=device) > row_ids[:, None]
+    return _Layout(allowed, ~allowed, forced, n_allowed, counts, valid, kmax, rows, blocks,
+                   row_future)
+
+
+def _layout(n_q: int, n_k: int, Sq: int, Sk: int, block: int, is_causal: bool, keep: float,
+            device: torch.device) -> _Layout:
+    """The signature's :class:`_Layout`, cached; never cached from inside a CUDA graph capture
+    (there its tensors would hold what the kernels write only at replay)."""
+    key = (n_q, n_k, Sq, Sk, block, bool(is_causal), float(keep), device)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        layout = _build_layout(n_q, n_k, Sq, Sk, block, is_causal, keep, device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            if len(_LAYOUTS) >= _MAX_LAYOUTS:
+                _LAYOUTS.clear()
+            _LAYOUTS[key] = layout
+    return layout
 
 
 def select(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
@@ -367,20 +428,15 @@ def select(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], scale
     # Allowed blocks must outrank disallowed ones even when a mask empties them (-inf) or the
     # inputs hold NaN/inf: clamp to finite, then -inf marks "not allowed", +inf "forced".
     scores = torch.nan_to_num(scores, nan=-_FMAX, posinf=_FMAX, neginf=-_FMAX)
-    allowed, forced = _structure(n_q, n_k, Sq, Sk, block, is_causal, dev)
-    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(forced, float("inf"))
-
-    n_allowed = allowed.sum(-1)
-    n_forced = forced.sum(-1)
-    wanted = torch.ceil(n_allowed.double() * keep - 1e-9).long()
-    counts = torch.minimum(n_allowed, torch.maximum(wanted, n_forced)).to(torch.int32)
-    kmax = _kmax(n_k, keep)
+    lay = _layout(n_q, n_k, Sq, Sk, block, is_causal, keep, dev)
+    scores = scores.masked_fill(lay.not_allowed, float("-inf")).masked_fill(lay.forced, float("inf"))
+    counts, kmax = lay.counts, lay.kmax
     top = scores.topk(kmax, dim=-1).indices  # forced first (+inf), then by score
-    top = torch.where(torch.arange(kmax, device=dev) < counts[:, None], top, n_k)
+    top = torch.where(lay.valid, top, n_k)
     idx = top.sort(dim=-1).values.to(torch.int32)  # ascending; filler (n_k) last
 
     # Exact softmax of the sampled rows over all keys, summed over their kept blocks.
-    rows, blocks = _sample_rows(Sq, block)
+    rows, blocks = lay.rows, lay.blocks
     R = len(rows)
     qs = q[:, :, rows.start::rows.step]
     s = (qs.reshape(B, Hkv, G * R, D) @ k.transpose(-1, -2)).view(B, Hq, R, Sk).float() * scale
@@ -389,17 +445,16 @@ def select(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], scale
         if m.shape[2] != 1:
             m = m[:, :, rows.start::rows.step]
         s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
-    if is_causal:
-        row_ids = rows.start + rows.step * torch.arange(R, device=dev)
-        s = s.masked_fill(torch.arange(Sk, device=dev) > row_ids[:, None], float("-inf"))
+    if lay.row_future is not None:
+        s = s.masked_fill(lay.row_future, float("-inf"))
     dead = s.amax(-1, keepdim=True) == float("-inf")
     p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1)
     p_blocks = _block_reduce(p, 3, block, "sum")  # [B, Hq, R, nK]
-    kept = _blocks_from_lists(idx[:, :, blocks], counts[blocks], n_k)
+    kept = _blocks_from_lists(idx[:, :, blocks], counts[blocks], n_k, lay.valid[blocks])
     mass_rows = (p_blocks * kept).sum(-1).masked_fill(dead.squeeze(-1), 1.0)
     mass = mass_rows.mean()
     dense = (~(mass >= min_mass)).to(torch.int32)  # NaN mass runs dense
-    return Selection(block, n_k, idx, counts, n_allowed, rows, mass_rows, mass, dense)
+    return Selection(block, n_k, idx, counts, lay.n_allowed, rows, mass_rows, mass, dense)
 
 
 # --------------------------------------------------------------------------------------------
