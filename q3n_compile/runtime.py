@@ -35,8 +35,9 @@ from torch._functorch.aot_autograd import make_boxed_func
 # out; at 1 it is stored once and the summands die (its readers then read one tensor instead of
 # several). Measured on an H200 (bench_memory.py, qwen3 "bench", 2026-11-29): 512 tokens
 # 37 MB above the weights instead of 50 MB, 2048: 148 instead of 198; latency within the
-# run-to-run spread. Also freeing buffers at their last use (allow_buffer_reuse=False) saved
-# nothing more there (backends q3n-inductor-pool, -noreuse, -realize compare them).
+# qwen3's run-to-run spread (gpt2 saved nothing; bench/RESULTS.md). Also freeing buffers at their
+# last use (allow_buffer_reuse=False) saved nothing more (bench_memory.py's backends
+# q3n-inductor-pool and q3n-inductor-noreuse compare them with this).
 INDUCTOR_MEMORY_CONFIG: dict[str, Any] = {"realize_reads_threshold": 1}
 
 
