@@ -77,9 +77,11 @@ def below_autograd(compiled: Callable) -> Callable:
     key, ADInplaceOrView, stays on).
     """
 
+    boxed = getattr(compiled, "_boxed_call", False)  # decided once: run is on every call's path
+
     def run(args: list[Any]) -> Any:
         with torch._C._AutoDispatchBelowAutograd():
-            return compiled(args) if getattr(compiled, "_boxed_call", False) else compiled(*args)
+            return compiled(args) if boxed else compiled(*args)
 
     run._boxed_call = True  # type: ignore[attr-defined]
     run.q3n_inner = compiled  # type: ignore[attr-defined]

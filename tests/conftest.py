@@ -26,6 +26,19 @@ def _fresh_dynamo_and_reports():
 
 
 @pytest.fixture
+def fresh_quant_state():
+    """For quantization tests: no calibration or release state from earlier tests, and gradients
+    off (quantized graphs are inference graphs), restored afterwards."""
+    from q3n_compile import quant
+
+    quant.clear()
+    torch.set_grad_enabled(False)
+    yield
+    torch.set_grad_enabled(True)
+    quant.clear()
+
+
+@pytest.fixture
 def reference_kernels(monkeypatch):
     """For tests about whole models, not kernels: on the CPU q3n's ops run their torch reference
     (Triton's interpreter is far too slow for whole models; the kernel tests cover it). One thread:

@@ -13,6 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+# Qwen3-Next's (and Gemma's) zero-centred RMSNorm: the weight multiplies as (1 + w), in float32.
+from transformers.models.qwen3_next.modeling_qwen3_next import (
+    Qwen3NextRMSNorm as ZeroCentredRMSNorm,
+)
 
 import q3n_compile
 import q3n_compile.kernels
@@ -32,23 +36,6 @@ K = 40
 
 # ---------------------------------------------------------------------------------------------
 # Norm forms as models write them
-
-
-class ZeroCentredRMSNorm(nn.Module):
-    """Qwen3-Next / Gemma: the weight is stored around 0 and multiplies as (1 + w), in float32."""
-
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
-
-    def _norm(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-
-    def forward(self, x):
-        output = self._norm(x.float())
-        output = output * (1.0 + self.weight.float())
-        return output.type_as(x)
 
 
 class T5LayerNorm(nn.Module):

@@ -14,40 +14,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+# Qwen3-Next's (and Gemma's) zero-centred RMSNorm: the weight multiplies as (1 + w), in float32.
+from transformers.models.qwen3_next.modeling_qwen3_next import (
+    Qwen3NextRMSNorm as ZeroCentredRMSNorm,
+)
 
 import q3n_compile
 from q3n_compile import quant
 from q3n_compile.models import RMSNorm, build_model, example_inputs
 from q3n_compile.quant import calibration as C
 
-pytestmark = [pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0"),
+pytestmark = [pytest.mark.usefixtures("fresh_quant_state"),
+              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0"),
               pytest.mark.filterwarnings("ignore:overflow encountered")]
 
 K = 40
 OLD_REASONS = ("left to quantize: quant_config quantizes this linear",
                "fused into norm_linear: quantizing fused linears is not built yet")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_quant_state():
-    quant.clear()
-    torch.set_grad_enabled(False)
-    yield
-    torch.set_grad_enabled(True)
-    quant.clear()
-
-
-class ZeroCentredRMSNorm(nn.Module):
-    """Qwen3-Next / Gemma: the weight multiplies as (1 + w), in float32."""
-
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x):
-        out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * (1.0 + self.weight.float())).type_as(x)
 
 
 NORMS = {

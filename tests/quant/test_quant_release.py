@@ -6,24 +6,14 @@ import pytest
 import torch
 
 import q3n_compile
-from q3n_compile import quant
 from q3n_compile.models import build_model, example_inputs
 
-pytestmark = [pytest.mark.usefixtures("reference_kernels"),
+pytestmark = [pytest.mark.usefixtures("fresh_quant_state", "reference_kernels"),
               pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")]
 
 CFG = {"ffn_layers": {"weight_bits": 4}, "attn_layers": {"weight_bits": 8},
        "calibration": {"example_inputs": False}}
 BASE = {"norm_fusion": False, "attention": "off"}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_quant_state():
-    quant.clear()
-    torch.set_grad_enabled(False)
-    yield
-    torch.set_grad_enabled(True)
-    quant.clear()
 
 
 def live_storages() -> dict[int, int]:

@@ -9,7 +9,8 @@ from q3n_compile import quant
 from q3n_compile.models import build_model, example_inputs
 from q3n_compile.passes.quantize import NORM_LINEAR_REASON
 
-pytestmark = [pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0"),
+pytestmark = [pytest.mark.usefixtures("fresh_quant_state"),
+              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0"),
               pytest.mark.filterwarnings("ignore:overflow encountered")]
 
 DESIGN = {"ffn_layers": {"weight_bits": 4, "activation_bits": 8},
@@ -19,15 +20,6 @@ RTN = {"method": "rtn", "clip_search": False, "smoothquant": False, "example_inp
 # Isolate quantization from the other passes (norm fusion would take the q/k/v and gate/up
 # linears: composing the two is future work, tested separately below).
 BASE = {"norm_fusion": False, "attention": "off"}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_quant_state():
-    quant.clear()
-    torch.set_grad_enabled(False)
-    yield
-    torch.set_grad_enabled(True)
-    quant.clear()
 
 
 def _rel(a, b):
