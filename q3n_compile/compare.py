@@ -593,6 +593,11 @@ def _dynamo_counts() -> tuple[int, int]:
 
 def _free(device: str) -> None:
     gc.collect()
+    # A finished backend's model copy is gone; its calibration statistics and packed weights
+    # must not count in the next backend's peak.
+    from .quant import prune
+
+    prune()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()

@@ -10,6 +10,8 @@ Public API:
   clipping search. Representative data through :func:`calibrate` is better than one batch.
 - :func:`parse_quant_config` / :func:`validate_quant_config` — the ``quant_config`` option.
 - :func:`clear` — forget calibration statistics and cached quantization results.
+- :func:`prune` — forget those of weights that no longer exist (a deleted model's), now rather
+  than when the next entry is added.
 - :func:`quantize_linear` — quantize one weight outside torch.compile (tests, experiments).
 - :func:`search_precision` ``(model, batches, budget=0.02)`` — the fewest weight bytes per layer
   within a per-layer error budget; returns a ``quant_config`` the option accepts.
@@ -29,6 +31,14 @@ def clear() -> None:
 
     _clear_calibration()
     release.clear()
+
+
+def prune() -> None:
+    """Drop the statistics, cached results and records of weights that no longer exist."""
+    from . import calibration, release
+
+    calibration.prune()
+    release.prune()
 
 
 def __getattr__(name):

@@ -140,6 +140,13 @@ def release_quantized_weights(model: nn.Module) -> dict[str, Any]:
     return {"released": released, "kept": kept, "bytes_released": int(freed)}
 
 
+def prune() -> None:
+    """Drop the records (and packed forms) of weights that no longer exist."""
+    with _lock:
+        for key in [k for k, e in _QUANTIZED.items() if e.ref() is None]:
+            del _QUANTIZED[key]
+
+
 def clear() -> None:
     with _lock:
         _QUANTIZED.clear()

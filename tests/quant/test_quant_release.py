@@ -89,3 +89,21 @@ def test_weights_a_graph_still_reads_are_kept_and_a_new_config_fails_clearly():
     with pytest.raises(Exception, match=r"freed by release_quantized_weights\(\).*Fix: reload"):
         torch.compile(model, backend="q3n",
                       options={"quant_config": other, "strict": True, **BASE})(*inputs)
+
+
+def test_prune_forgets_a_deleted_models_statistics_and_packed_weights():
+    from q3n_compile.quant import calibration, release
+
+    model = build_model("qwen3", "tiny")
+    cfg = dict(CFG, calibration={"example_inputs": True})
+    compiled = torch.compile(model, backend="q3n", options={"quant_config": cfg, **BASE})
+    compiled(*example_inputs("qwen3", model, 2, 32, seed=1))
+    assert q3n_compile.reports()[-1]["passes"]["quantize"]["rewritten"] == 14
+    assert calibration._STATS and release._QUANTIZED
+    q3n_compile.quant.prune()  # the model is alive: nothing goes
+    assert calibration._STATS and release._QUANTIZED
+    del model, compiled
+    torch._dynamo.reset()
+    gc.collect()
+    q3n_compile.quant.prune()
+    assert not calibration._STATS and not calibration._CACHE and not release._QUANTIZED

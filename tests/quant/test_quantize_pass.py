@@ -299,3 +299,8 @@ def test_gpu_design_config_bf16(name):
         assert entry["activation_format"] == (a8 if entry["class"] == "ffn" else "int12")
         assert entry["rel_err"] <= entry["rtn_rel_err"]
     assert _rel(out, model(*inputs)) < 0.2
+    # The statistics kept for later compiles wait in host memory, not on the GPU.
+    from q3n_compile.quant import calibration as C
+    parked = [st for _ref, _version, st, _name in C._STATS.values()]
+    assert parked and all(st.h.device.type == "cpu" and st.absmax.device.type == "cpu"
+                          and st.samples().device.type == "cpu" for st in parked)
