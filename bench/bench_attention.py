@@ -45,7 +45,6 @@ Writes JSON (GPU, versions, commit, date, rows) to --out and prints a table.
 
 import argparse
 import datetime
-import functools
 import json
 import math
 import re
@@ -162,20 +161,20 @@ def run_shape(S, D, causal):
 
 def _flex_attention(S, causal):
     """FlexAttention compiled once per shape (its block mask is built for the length), as its
-    docs recommend: ``torch.compile(flex_attention)`` with a causal ``mask_mod`` or none."""
+    docs recommend: ``torch.compile(flex_attention)`` with a causal ``mask_mod`` or none.
+
+    Dynamo is reset first: one compiled function reused over the whole grid reaches dynamo's
+    recompile limit (8) after eight shapes and then silently runs flex_attention uncompiled
+    (~50x slower; seen on an H200, 2026-11-29), which would make every later figure wrong."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    compiled = _compiled_flex(flex_attention)
+    torch._dynamo.reset()
+    compiled = torch.compile(flex_attention, dynamic=False)
     if not causal:
         return lambda q, k, v: compiled(q, k, v)
     mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, S, S,
                              device="cuda")
     return lambda q, k, v: compiled(q, k, v, block_mask=mask)
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled_flex(fn):
-    return torch.compile(fn, dynamic=False)
 
 
 def run_prefill(args):
