@@ -25,7 +25,9 @@ What the pass guarantees:
 - K/V repeated for grouped-query attention (``repeat_kv``'s expand + reshape, or
   ``repeat_interleave``, which ATen spells the same) are fed to the kernel un-repeated.
 - A mask proven to be exactly the top-left causal mask (built from ``arange`` comparisons,
-  ``tril``/``triu`` of ones, ``where``; see ``matching.index_value``) becomes ``is_causal=True``
+  ``tril``/``triu`` of ones, ``where``, and transformers' packed-sequence test of positions it
+  made itself: ``cat``, ``cumsum``, ``eq``/``ne``, indexing of a constant; see
+  ``matching.index_value``) becomes ``is_causal=True``
   and is dropped; any other mask is passed as a bool or additive mask. ``detail`` says which.
 - After the rewrites, dead nodes (the score matrix, softmax, repeated K/V copies, the mask's
   construction when it became ``is_causal``) are removed.

@@ -467,6 +467,21 @@ class IndexEvaluator:
             return None if c is None else constant_value(c, out.dtype)
         if is_call(node, aten.add, aten.sub):
             return self._add(node, out, depth)
+        if is_call(node, aten.eq, aten.ne):
+            return self._equal(node, depth)
+        if is_call(node, aten.cat.default):
+            return self._cat(node, out, depth)
+        if is_call(node, aten.cumsum.default):
+            return self._cumsum(node, out, depth)
+        if is_call(node, aten.index.Tensor):
+            # x[i0, i1, ...] of an x that holds one value everywhere holds that value (the index
+            # tensors only say where to read: transformers' packed-sequence test of its masks).
+            x = self(a[0], depth)
+            if x is None or not self._is_constant(x):
+                return None
+            if any(i is not None and self(i, depth) is None for i in a[1]):
+                return None
+            return x
         for name, fn in _CMP.items():
             if is_call(node, getattr(aten, name)):
                 x, y = self._operand(a[0], depth), self._operand(a[1], depth)
@@ -524,6 +539,79 @@ class IndexEvaluator:
             return None
         sign = -1 if is_call(node, aten.sub) else 1
         return IndexValue("int", affine=x.affine.plus(y.affine, sign))
+
+    @staticmethod
+    def _is_constant(x: IndexValue) -> bool:
+        if x.kind == "int":
+            return not x.affine.terms
+        if x.kind == "bool":
+            return len(x.pred) == 0 or all(not c.terms for c in x.pred)
+        return len(x.pred) == 0 or x.then == x.other
+
+    def _equal(self, node: Node, depth: int) -> Optional[IndexValue]:
+        """a == b / a != b of integer index values: a conjunction for ==; for != only where the
+        difference is a constant (a disjunction otherwise, outside the algebra)."""
+        x, y = self._operand(node.args[0], depth), self._operand(node.args[1], depth)
+        if x is None or y is None or x.kind != "int" or y.kind != "int":
+            return None
+        diff = x.affine.plus(y.affine, -1)
+        if not diff.terms:
+            if known_eq(diff.const, 0):
+                same = True
+            elif known(diff.const != 0):
+                same = False
+            else:
+                return None
+            return constant_value(same if is_call(node, aten.eq) else not same, torch.bool)
+        if is_call(node, aten.ne):
+            return None
+        return IndexValue("bool", pred=Pred({diff, y.affine.plus(x.affine, -1)}))
+
+    def _cat(self, node: Node, out: torch.Tensor, depth: int) -> Optional[IndexValue]:
+        """cat of integer pieces that continue one affine expression along the cat dim (as
+        transformers' ``cat([positions[:, :1] - 1, positions])`` does): that expression."""
+        pieces = node.args[0]
+        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % out.dim()
+        d = dim - out.dim()
+        offset, whole, checks = 0, None, []
+        for piece in pieces:
+            pv, val = tensor_val(piece), self(piece, depth)
+            if pv is None or val is None or val.kind != "int" or pv.dim() != out.dim():
+                return None
+            size = pv.shape[dim]
+            # In the output, this piece's index j is its own index j - offset.
+            shifted = val.affine.shift(d, -offset) if not known_eq(size, 1) else val.affine
+            if known_eq(size, 1):
+                checks.append((offset, val.affine))
+            elif whole is None:
+                whole = shifted
+            elif not _same_affine(whole, shifted):
+                return None
+            offset = offset + size
+        if whole is None:
+            return None
+        for at, value in checks:
+            if not _same_affine(whole.substitute(d, at), value.substitute(d, 0)):
+                return None
+        return IndexValue("int", affine=whole)
+
+    def _cumsum(self, node: Node, out: torch.Tensor, depth: int) -> Optional[IndexValue]:
+        """cumsum of a constant c along a dim: c * (index + 1)."""
+        x = self(node.args[0], depth)
+        if x is None or not self._is_constant(x) or out.dtype.is_floating_point or out.dtype == torch.bool:
+            return None
+        if x.kind == "bool":
+            if not all(isinstance(con.const, int) for con in x.pred):
+                return None
+            c = int(all(con.const <= 0 for con in x.pred))
+        elif x.kind == "int":
+            c = x.affine.const
+        else:
+            return None
+        if not isinstance(c, int):
+            return None
+        d = node.args[1] % out.dim() - out.dim()
+        return IndexValue("int", affine=Affine.make({d: c}, c))
 
     def _tri(self, node: Node, depth: int) -> Optional[IndexValue]:
         x = self(node.args[0], depth)
@@ -627,6 +715,10 @@ class IndexEvaluator:
         # Dims left of the removed one move one step to the right.
         mapping = {p - rank: (p - rank + 1 if p < dim else p - rank) for p in range(rank) if p != dim}
         return x.map(lambda aff: aff.substitute(d, index).renumber(mapping))
+
+
+def _same_affine(a: Affine, b: Affine) -> bool:
+    return a.terms == b.terms and bool(known_eq(a.const, b.const))
 
 
 def index_value(node: Node, gm: GraphModule) -> Optional[IndexValue]:

@@ -696,6 +696,20 @@ def test_transformers_eager_attention(model_type):
     assert _rel_err(got, want) < 1e-4
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_transformers_causal_mask_without_a_cache_is_causal(model_type):
+    # Without a cache, transformers' masks also test for packed sequences: the positions' steps
+    # (cat, sub, ne 1, cumsum) indexed at q and k must agree. From arange positions that is
+    # always true, and the mask is still exactly causal.
+    model = _hf_model(model_type)
+    ids = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(3))
+    got, want, report = _compile(lambda ids: model(input_ids=ids, use_cache=False).last_hidden_state, ids)
+    rewrites = _assert_rewritten(report, 2)
+    assert all(r["causal_from"] == "mask" and r["mask"] == "none" for r in rewrites)
+    assert not {"aten.cumsum.default", "aten.le.Tensor", "aten.where.self"} & set(report["ops"])
+    assert _rel_err(got, want) < 1e-4
+
+
 @pytest.mark.parametrize("model_type", ["llama", "bert"])
 def test_transformers_bf16_against_float64(model_type):
     model = _hf_model(model_type, torch.bfloat16)
@@ -851,6 +865,51 @@ def test_index_value_reads_masks_built_from_indices():
 
     gm, out = _traced(lambda m: torch.where(m, 0.0, -1.0), torch.ones(3, 3, dtype=torch.bool))
     assert index_value(out, gm) is None  # data-dependent: not an index-built mask
+
+
+def _same_sequence(positions):
+    """transformers' packed-sequence test: positions that step by one belong to one sequence."""
+    first = positions[:, :1] - 1
+    steps = torch.cat([first, positions], dim=-1)
+    seq = torch.cumsum((steps[:, 1:] - steps[:, :-1]) != 1, dim=-1)
+    q = torch.arange(positions.shape[1])[None, None, :, None]
+    k = torch.arange(positions.shape[1])[None, None, None, :]
+    b = torch.arange(1)[:, None, None, None]
+    return seq[b, q] == seq[b, k]
+
+
+def test_index_value_reads_transformers_packed_sequence_test():
+    from q3n_compile.passes.matching import Affine, index_value
+
+    gm, out = _traced(lambda x: _same_sequence(torch.arange(x.shape[0])[None] + 0), torch.empty(7))
+    value = index_value(out, gm)
+    assert value.kind == "bool" and value.pred == frozenset()  # true everywhere
+
+    def causal_and_same(x):
+        S = x.shape[0]
+        keep = torch.arange(S)[None, None, None, :] <= torch.arange(S)[None, None, :, None]
+        return keep & _same_sequence(torch.arange(S)[None])
+
+    gm, out = _traced(causal_and_same, torch.empty(7))
+    assert index_value(out, gm).pred == {Affine.make({-1: 1, -2: -1})}
+
+    # Positions the caller gives (a packed batch) are data: no index value.
+    gm, out = _traced(_same_sequence, torch.arange(7)[None])
+    assert index_value(out, gm) is None
+
+    def jump(x):  # a cat that does not continue one affine expression: steps of 2 at the start
+        positions = torch.arange(x.shape[0])[None]
+        steps = torch.cat([positions[:, :1] - 2, positions], dim=-1)
+        return (steps[:, 1:] - steps[:, :-1]) != 1
+
+    gm, out = _traced(jump, torch.empty(7))
+    assert index_value(out, gm) is None
+
+    def counting(x):  # cumsum of ones counts: index + 1
+        return torch.cumsum(torch.ones(x.shape[0], dtype=torch.long), dim=0) == torch.arange(x.shape[0]) + 1
+
+    gm, out = _traced(counting, torch.empty(5))
+    assert index_value(out, gm).pred == frozenset()
 
 
 def test_scalar_constant_rounds_to_the_graph_dtype():
