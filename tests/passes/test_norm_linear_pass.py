@@ -23,6 +23,8 @@ import q3n_compile.kernels
 from q3n_compile.models import RMSNorm, build_model, example_inputs
 from q3n_compile.runtime import FrozenWeightChanged
 
+from .norm_models import randomize
+
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
 # Every kernel module is imported now, at collection: Triton fixes interpreted-or-compiled when
 # @triton.jit runs, and a first import inside a test that switched the interpreter off (the
@@ -72,24 +74,7 @@ def _kind(norm):
 
 
 def _randomize(model, seed=0):
-    """Norm weights away from 1 (zero-centred: from 0), biases away from 0: folding must show."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in model.modules():
-            for name, p in mod.named_parameters(recurse=False):
-                noise = torch.randn(p.shape, generator=gen)
-                if isinstance(mod, nn.Linear) and name == "weight":
-                    value = noise / mod.in_features ** 0.5
-                elif name == "bias":
-                    value = 0.1 * noise
-                elif isinstance(mod, ZeroCentredRMSNorm):
-                    value = 0.1 * noise
-                elif "norm" in type(mod).__name__.lower():
-                    value = 1.0 + 0.1 * noise
-                else:
-                    continue
-                p.copy_(value.to(p.dtype))
-    return model.eval()
+    return randomize(model, spread=0.1, seed=seed)
 
 
 class NormThenLinears(nn.Module):

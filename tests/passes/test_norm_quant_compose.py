@@ -24,6 +24,8 @@ from q3n_compile import quant
 from q3n_compile.models import RMSNorm, build_model, example_inputs
 from q3n_compile.quant import calibration as C
 
+from .norm_models import randomize
+
 pytestmark = [pytest.mark.usefixtures("fresh_quant_state"),
               pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0"),
               pytest.mark.filterwarnings("ignore:overflow encountered")]
@@ -55,21 +57,7 @@ class NormThenLinears(nn.Module):
 
 
 def _randomize(model, seed=0):
-    """Norm weights away from 1 (zero-centred: from 0), biases away from 0: folding must show."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in model.modules():
-            for name, p in mod.named_parameters(recurse=False):
-                noise = torch.randn(p.shape, generator=gen)
-                if isinstance(mod, nn.Linear) and name == "weight":
-                    p.copy_(noise / mod.in_features ** 0.5)
-                elif name == "bias":
-                    p.copy_(0.3 * noise)
-                elif isinstance(mod, ZeroCentredRMSNorm):
-                    p.copy_(0.3 * noise)
-                elif "norm" in type(mod).__name__.lower():
-                    p.copy_(1.0 + 0.3 * noise)
-    return model.eval()
+    return randomize(model, spread=0.3, seed=seed)
 
 
 def _x(*shape, seed=1, dtype=torch.float32):
