@@ -99,6 +99,36 @@ def scalar_into(out: torch.Tensor, value: Any, *args: Any, **kwargs: Any) -> tor
     return out.fill_(value)
 
 
+def slice_scatter_into(out: torch.Tensor, self: torch.Tensor, src: torch.Tensor, dim: int = 0,
+                       start: Any = None, end: Any = None, step: int = 1) -> torch.Tensor:
+    """slice_scatter: `self` with `src` written over one slice, in `out`."""
+    return _scatter_into(out, self, src, lambda t: aten.slice.Tensor(t, dim, start, end, step))
+
+
+def select_scatter_into(out: torch.Tensor, self: torch.Tensor, src: torch.Tensor, dim: int,
+                        index: Any) -> torch.Tensor:
+    """select_scatter: `self` with `src` written over one index of `dim`, in `out`."""
+    return _scatter_into(out, self, src, lambda t: aten.select.int(t, dim, index))
+
+
+def _scatter_into(out: torch.Tensor, self: torch.Tensor, src: torch.Tensor,
+                  view: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    # Functionalisation turns `x[..., i, :i] = y` into a scatter that returns a whole new `x`;
+    # its out= kernel builds that copy and copies it again. When the plan gives this node `self`
+    # itself (self dies here), only the slice is written: no copy of `x` at all.
+    if not _same_view(out, self):
+        if out.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
+            src = src.clone()  # `out` is src's dying memory: keep src's values before overwriting
+        out.copy_(self)
+    view(out).copy_(src)
+    return out
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
+
+
 def _factory_writer(node: torch.fx.Node) -> str | None:
     if node.kwargs.get("pin_memory"):
         return "pinned memory"
@@ -158,7 +188,12 @@ _HANDWRITTEN: dict[Any, tuple[Callable, Callable[[torch.fx.Node], str | None] | 
     aten.empty_strided.default: (empty_into, None),
     aten.new_empty.default: (empty_into, None),
     aten.new_empty_strided.default: (empty_into, None),
+    aten.slice_scatter.default: (slice_scatter_into, None),
+    aten.select_scatter.default: (select_scatter_into, None),
 }
+# Hand-written writers that accept `out` being exactly one of their inputs (the planner may then
+# give them a dying input's memory).
+_HANDWRITTEN_INPLACE_OK = {aten.slice_scatter.default, aten.select_scatter.default}
 try:
     _HANDWRITTEN[torch.ops.prims.convert_element_type.default] = (copy_into, None)
 except AttributeError:  # pragma: no cover - prims always exist in supported torch versions
@@ -194,7 +229,8 @@ def find_writer(node: torch.fx.Node, device_type: str) -> tuple[Writer | None, s
     if target in _HANDWRITTEN:
         fn, check = _HANDWRITTEN[target]
         reason = check(node) if check is not None else None
-        return (None, reason) if reason else (Writer("fn", fn), None)
+        return (None, reason) if reason else (Writer("fn", fn, inplace_ok=target in _HANDWRITTEN_INPLACE_OK),
+                                              None)
     if not isinstance(target, torch._ops.OpOverload):
         return None, f"{_name(target)} is not an ATen op"
     key = (target, device_type)

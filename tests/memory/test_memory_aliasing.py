@@ -134,6 +134,47 @@ def test_elementwise_op_reuses_a_dying_input(runtimes):
     assert report["memory"]["inplace_count"] >= 1
 
 
+def test_slice_and_row_assignments_write_into_the_dying_tensor(runtimes):
+    # transformers' torch fallback of the gated delta rule writes row i of a chunk matrix in a
+    # loop (attn[..., i, :i] = ...). Functionalised, each write is a scatter that returns a whole
+    # new matrix; written over the dying old one, only the row is stored.
+    def f(x, y):
+        a = x * 0.5
+        for i in range(1, 5):
+            a[..., i, :i] = a[..., i, :i] + (a[..., i, :, None] * a[..., :i]).sum(-2) * 0.1
+        a[:, 1:3] = a[:, 3:5]  # the source is a view of the tensor it is written into
+        b = a.exp()
+        b[0] = y
+        return b * 1.5
+
+    rt = _run(f, lambda: (torch.randn(3, 5, 5), torch.randn(5, 5)), runtimes)
+    scatters = [v for v in rt.spec.values if v.op in ("aten.select_scatter.default", "aten.slice_scatter.default")]
+    assert {v.op for v in scatters} == {"aten.select_scatter.default", "aten.slice_scatter.default"}
+    assert sum(v.inplace_of is not None for v in scatters) >= 4
+    (report,) = q3n_compile.reports()
+    assert not any("scatter" in reason for reason in report["memory"]["unplanned_reasons"]
+                   if "computes then copies" in reason)
+
+
+def test_scatter_writers_keep_their_inputs_whatever_memory_they_are_given():
+    from q3n_compile.memory.writers import select_scatter_into, slice_scatter_into
+
+    base = torch.randn(4, 6)
+    want = torch.slice_scatter(base, torch.ones(4, 2), 1, 2, 4)
+    out = torch.empty(4, 6)
+    assert torch.equal(slice_scatter_into(out, base, torch.ones(4, 2), 1, 2, 4), want)
+    inplace = base.clone()  # out is self: the row is written, nothing else changes
+    assert torch.equal(slice_scatter_into(inplace, inplace, torch.ones(4, 2), 1, 2, 4), want)
+    # out is the source's own (dying) memory: the source is read before it is overwritten.
+    src = torch.randn(4, 6)
+    want = torch.slice_scatter(base, src, 1, 0, 6)
+    assert torch.equal(slice_scatter_into(src, base, src, 1, 0, 6), want)
+    row = torch.randn(6)
+    want = torch.select_scatter(base, row, 0, 2)
+    assert torch.equal(select_scatter_into(torch.empty(4, 6), base, row, 0, 2), want)
+    assert torch.equal(select_scatter_into(base, base, row, 0, 2), want)
+
+
 def test_no_inplace_when_the_input_is_read_later(runtimes):
     def f(x, w):
         h = torch.mm(x, w)
