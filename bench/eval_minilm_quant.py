@@ -24,7 +24,8 @@ configuration and compared with the unquantized model on real English sentences
 - ``--breakdown`` adds, calibrated only, configurations that show where the error comes from:
   the design's weights alone (16-bit activations), one layer class alone (attention
   projections, feed-forward, fc1 = ``intermediate.dense``, fc2 = ``output.dense``), W8A8's
-  weights alone and its fc2 alone, the design with 5- and 6-bit feed-forward weights, and the
+  weights alone and its fc2 alone, W8A8 with weight scales per 128 channels, the design with 5-
+  and 6-bit feed-forward weights, and the
   design with the smoothing vector on its 12-bit attention projections too
   (``"smoothquant": true``; "auto" smooths 8-bit activations only);
 - ``--diagnose`` adds what-ifs that no ``quant_config`` expresses, run eagerly (each encoder
@@ -32,7 +33,9 @@ configuration and compared with the unquantized model on real English sentences
   op's activation quantization; same split and metrics; :func:`diagnose`): 8-bit activations
   alone (float weights) without smoothing, with SmoothQuant alpha 0.5 and with the noise-model
   vector; the same with per-token clipping (which the op's format does not have) and with
-  per-token scales per group of 128 channels (a kernel feature it does not have either); and
+  per-token scales per group of 128 channels (a kernel feature it does not have either); W8A8's
+  calibrated weights (per-channel and per-128-channel scales) with the op's activations and with
+  those per-group activation scales; and
   the feed-forward layers at W4A16 calibrated on the evaluation half itself (not a method: a
   bound on what better calibration statistics could give).
 
@@ -105,6 +108,9 @@ BREAKDOWN: dict[str, dict] = {
         "ffn_layers": {"weight_bits": 8, "group_size": -1},
         "attn_layers": {"weight_bits": 8, "group_size": -1}},
     "W8A8 fc2 only": {"rules": [{"match": _ATTN, "skip": True}, {"match": _FC2, **_W8A8}]},
+    "W8A8 g128 (weight scales per 128 channels)": {
+        "ffn_layers": {"weight_bits": 8, "activation_bits": 8, "group_size": 128},
+        "attn_layers": {"weight_bits": 8, "activation_bits": 8, "group_size": 128}},
     "design, smoothing for 12-bit too": dict(DESIGN, calibration={"smoothquant": True}),
 }
 GOALS = {"design (W4A8 ffn, W6A12 attn)": 0.997, "design, fp8 ffn activations (as on an H200)": 0.997,
@@ -267,7 +273,25 @@ def diagnose(progress=print) -> list[dict[str, Any]]:
         return lambda x: reference(x, pw.qweight, pw.scales, pw.zeros, m.bias.detach(), None,
                                    pw.bits, pw.group_size, pw.in_features, "none")
 
+    def w8a8_weights(group_size: int, kind: str):
+        # The quantizer's own W8A8 weights (GPTQ, the smoothing it picks for per-token int8),
+        # run with the op's activations ("op") or with per-128-channel activation scales.
+        fmt = LayerFormat(8, 8, group_size, True, "int8")
+
+        def make(name, m, st):
+            res = A.quantize_layer(m.weight, m.bias, fmt, settings, st)
+            pw, bias = res.packed, m.bias.detach()
+            return lambda x: reference(_activation_what_if(x, res.smooth, kind), pw.qweight, pw.scales,
+                                       pw.zeros, bias, None, pw.bits, pw.group_size, pw.in_features, "none")
+        return make
+
     what_ifs = [
+        ("W8A8 per-channel weights, the op's per-token activations", w8a8_weights(-1, "op"), "calib"),
+        ("W8A8 per-channel weights, per-token scales per 128 channels (not the op's format)",
+         w8a8_weights(-1, "group128"), "calib"),
+        ("W8A8 g128 weights, the op's per-token activations", w8a8_weights(128, "op"), "calib"),
+        ("W8A8 g128 weights, per-token scales per 128 channels (not the op's format)",
+         w8a8_weights(128, "group128"), "calib"),
         ("8-bit activations only (float weights), no smoothing", act_only(None, "op"), "calib"),
         ("8-bit activations only, SmoothQuant alpha 0.5", act_only("sq0.5", "op"), "calib"),
         ("8-bit activations only, noise-model smoothing", act_only("noise-model", "op"), "calib"),
