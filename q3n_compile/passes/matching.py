@@ -579,14 +579,15 @@ class IndexEvaluator:
             if pv is None or val is None or val.kind != "int" or pv.dim() != out.dim():
                 return None
             size = pv.shape[dim]
-            # In the output, this piece's index j is its own index j - offset.
-            shifted = val.affine.shift(d, -offset) if not known_eq(size, 1) else val.affine
             if known_eq(size, 1):
-                checks.append((offset, val.affine))
-            elif whole is None:
-                whole = shifted
-            elif not _same_affine(whole, shifted):
-                return None
+                checks.append((offset, val.affine))  # one index: compared with `whole` below
+            else:
+                # In the output, this piece's index j is its own index j - offset.
+                shifted = val.affine.shift(d, -offset)
+                if whole is None:
+                    whole = shifted
+                elif not _same_affine(whole, shifted):
+                    return None
             offset = offset + size
         if whole is None:
             return None

@@ -69,11 +69,11 @@ class LayerStats:
         x2 = x.detach().reshape(-1, self.k).to(torch.float32)
         if x2.shape[0] == 0:
             return
-        if self.h is not None:
-            x2 = x2.to(self.h.device)  # statistics parked on the host (park()) keep growing there
         if self.h is None:
             self.h = torch.zeros(self.k, self.k, dtype=torch.float32, device=x2.device)
             self.absmax = torch.zeros(self.k, dtype=torch.float32, device=x2.device)
+        else:
+            x2 = x2.to(self.h.device)  # statistics parked on the host (park()) keep growing there
         self.h.addmm_(x2.t(), x2)
         self.absmax = torch.maximum(self.absmax, x2.abs().amax(dim=0))
         self.n += x2.shape[0]
@@ -86,9 +86,9 @@ class LayerStats:
 
     def park(self) -> "LayerStats":
         """Move the statistics to host memory. Attached statistics wait there for the next
-        compile: a Hessian is 4 K^2 bytes (600 MB for K = 12288) and an H200 run of qwen3 "bench"
-        with the design's config held 4.5 GB of them on the GPU after compiling, counted in every
-        later peak. Users of the statistics move them to the weight's device while they
+        compile: a Hessian is 4 K^2 bytes (600 MB for K = 12288), about 3.2 GB for qwen3 "bench"
+        with the design's config by that count; on an H200 that run's peak stood 4.5 GB above
+        q3n's without quantization, and the excess carried into every later peak. Users of the statistics move them to the weight's device while they
         quantize one layer."""
         if self.h is not None:
             self.h = self.h.cpu()
