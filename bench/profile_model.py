@@ -1,6 +1,10 @@
-"""Where a compiled built-in model spends its time: one prefill under torch.profiler, per backend.
+"""Where a compiled built-in model spends its time: one prefill (or decode step) under torch.profiler, per backend.
 
     python bench/profile_model.py --model qwen3 --size bench --seq-len 512 --backends q3n,inductor
+    python bench/profile_model.py --model qwen3 --decode 1024 --backends q3n,inductor
+
+``--decode CONTEXT`` profiles one single-token step with the built-in KV cache after a prompt of
+CONTEXT tokens (prefilled eagerly), as ``q3n bench``'s decode phase runs it (no CUDA graphs).
 
 For each backend: the wall time of one warm call (CUDA events), the GPU time summed over kernels,
 and the top kernels/ops by GPU time and by CPU time. The gap between wall and GPU time is launch
@@ -44,8 +48,28 @@ def _wall_ms(fn, args, reps=10):
     return sorted(times)[len(times) // 2]
 
 
-def profile(model, name, args, top):
+def _decode_call(model, batch, context):
+    """(step function of one token, its args): a cache holding an eager prefill of ``context``
+    random tokens; every call writes the same position, so repeats see the same work."""
+    from q3n_compile.models import new_kv_cache
+
+    cache = new_kv_cache(model, batch, context + 1)
+    gen = torch.Generator(device="cpu").manual_seed(5)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).cuda()
+    with torch.no_grad():
+        logits = model(prompt, kv_cache=cache, cache_position=torch.arange(context, device="cuda"))
+    token = logits[:, -1:].argmax(-1)
+    pos = torch.tensor([context], device="cuda")
+
+    def step(fn):
+        return lambda: fn(token, kv_cache=cache, cache_position=pos)
+    return step
+
+
+def profile(model, name, args, top, decode=None):
     fn = _compile(model, name)
+    if decode is not None:
+        fn, args = decode(fn), ()
     with torch.no_grad():
         for _ in range(3):
             fn(*args)
@@ -55,6 +79,20 @@ def profile(model, name, args, top):
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
             fn(*args)
             torch.cuda.synchronize()
+        # Host side, per Python function: where a host-bound call's time goes.
+        import cProfile
+        import io
+        import pstats
+
+        host = cProfile.Profile()
+        host.enable()
+        for _ in range(20):
+            fn(*args)
+        host.disable()
+        torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(top)
+    host_top = [line for line in text.getvalue().splitlines() if line.strip()][-top - 1:]
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events)
     by_gpu = sorted(events, key=lambda e: -e.self_device_time_total)[:top]
@@ -63,6 +101,7 @@ def profile(model, name, args, top):
         "backend": name, "wall_ms": wall, "gpu_ms": gpu_us / 1e3,
         "top_gpu": [(e.key, e.count, round(e.self_device_time_total / 1e3, 4)) for e in by_gpu],
         "top_cpu": [(e.key, e.count, round(e.self_cpu_time_total / 1e3, 4)) for e in by_cpu],
+        "host_python_20_calls": host_top,
     }
 
 
@@ -73,6 +112,8 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--backends", default="eager,inductor,q3n,q3n+inductor")
+    ap.add_argument("--decode", type=int, default=None, metavar="CONTEXT",
+                    help="profile one decode step after CONTEXT cached tokens instead of a prefill")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -80,16 +121,20 @@ def main(argv=None):
         sys.exit("profile_model.py needs CUDA")
     model = build_model(a.model, a.size, dtype=torch.bfloat16, device="cuda")
     args = example_inputs(a.model, model, a.batch, a.seq_len)
+    decode = None if a.decode is None else _decode_call(model, a.batch, a.decode)
     results = []
     for name in a.backends.split(","):
         torch._dynamo.reset()
-        r = profile(model, name, args, a.top)
+        r = profile(model, name, args, a.top, decode)
         results.append(r)
         print(f"== {name}: wall {r['wall_ms']:.3f} ms, GPU busy {r['gpu_ms']:.3f} ms")
         for title, rows in (("GPU", r["top_gpu"]), ("CPU", r["top_cpu"])):
             print(f"  top by {title} time (name, calls, ms)")
             for key, count, ms in rows:
                 print(f"    {ms:9.4f}  {count:5d}  {key[:90]}")
+        print("  host Python, 20 calls, by own time (cProfile)")
+        for line in r["host_python_20_calls"]:
+            print("    " + line[:150])
     if a.out:
         import datetime
 
@@ -98,6 +143,7 @@ def main(argv=None):
         from q3n_compile.compare import git_commit
 
         a.out.write_text(json.dumps({"model": a.model, "size": a.size, "seq_len": a.seq_len,
+                                     "decode_context": a.decode,
                                      "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                                      "triton": triton.__version__, "commit": git_commit(),
                                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
