@@ -61,11 +61,12 @@ TOL = 2e-2  # bf16 output rounding, 16-bit dequantised weights on the tensor-cor
 from q3n_compile.compare import git_commit  # noqa: E402  (one definition for every result file)
 
 
-def timed(fn):
-    """(eager ms, graph ms): do_bench medians of fn() and of a CUDA-graph replay of it."""
+def timed(fn, eager=True):
+    """(eager ms, graph ms): do_bench medians of fn() and of a CUDA-graph replay of it
+    (eager None when not asked)."""
     fn()
     torch.cuda.synchronize()
-    eager = do_bench(fn, warmup=25, rep=100, return_mode="median")
+    eager = do_bench(fn, warmup=25, rep=100, return_mode="median") if eager else None
     graph_ms = None
     try:
         stream = torch.cuda.Stream()
@@ -155,6 +156,20 @@ def sweep_candidates(M, group):
     return out
 
 
+def unpack_candidates(M, N, K, bits, group, act):
+    """The dispatched path with packed words loaded once (WORD_LOADS) and per code, and for
+    M <= 16 the GEMV's column block, split and warps with word loads."""
+    base = Q.choose_path(M, N, K, bits, group, act, torch.bfloat16, torch.device("cuda"))
+    out = [dict(base, WORD_LOADS=True), dict(base, WORD_LOADS=False)]
+    if M <= 16:
+        bk = 128 if group == -1 else min(128, group)
+        tiles = [(bn, split, 4) for bn in (32, 64, 128) for split in (1, 4, 16)]
+        for bn, split, warps in tiles + [(64, 4, 2), (64, 4, 8)]:
+            out.append(dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
+                            num_warps=warps, num_stages=2, WORD_LOADS=True))
+    return out
+
+
 def run_shape(M, N, K, formats, sweep, gen):
     x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
     w = (torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to(torch.bfloat16)
@@ -189,11 +204,13 @@ def run_shape(M, N, K, formats, sweep, gen):
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         if sweep:
             row["sweep"] = []
-            for cand in sweep_candidates(M, group):
+            cands = (unpack_candidates(M, N, K, bits, group, act) if sweep == "unpack"
+                     else sweep_candidates(M, group))
+            for cand in cands:
                 try:
                     f = lambda: Q._launch(*args, interpreter=False, path=cand)  # noqa: E731
                     e = rel_err(f(), Q.reference(*args))
-                    _, gms = timed(f)
+                    _, gms = timed(f, eager=False)
                     row["sweep"].append(dict(cand, graph_ms=gms, max_rel_err=e))
                 except Exception as exc:
                     row["sweep"].append(dict(cand, error=str(exc).splitlines()[0][:160]))
@@ -230,7 +247,11 @@ def main():
     ap.add_argument("--nk", type=str, nargs="+", default=[f"{n}x{k}" for n, k in NKS],
                     help="N x K pairs, e.g. 4096x4096")
     ap.add_argument("--sweep", action="store_true", help="time every dispatch candidate too")
+    ap.add_argument("--unpack", action="store_true",
+                    help="time the dispatched path with word and per-code loads of the packed "
+                         "weight, and GEMV tiles with word loads (a shorter sweep)")
     args = ap.parse_args()
+    sweep = "unpack" if args.unpack else args.sweep
     if not torch.cuda.is_available():
         sys.exit("bench_qlinear.py needs a CUDA GPU")
     started = time.time()
@@ -242,7 +263,7 @@ def main():
     for nk in args.nk:
         N, K = map(int, nk.lower().split("x"))
         for M in args.ms:
-            for r in run_shape(M, N, K, args.formats, args.sweep, gen):
+            for r in run_shape(M, N, K, args.formats, sweep, gen):
                 rows.append(r)
                 if "error" in r and "eager_ms" not in r:
                     print(f"{N:>6} {K:>6} {M:>5} {r['impl']:>13}  ERROR {r['error']}", flush=True)
@@ -253,11 +274,20 @@ def main():
                       f"{fmt(r['eager_ms'], '9.4f')} {fmt(r['graph_ms'], '9.4f')} "
                       f"{fmt(r['graph_TBps'], '6.2f')} {fmt(r['graph_vs_bf16'], '8.2f')}"
                       + (f"  {r['error']}" if "error" in r else ""), flush=True)
-    if args.sweep:
+    if sweep:
         print("\nbest swept candidate per shape (graph ms):")
         for (impl, M, N, K), c in sorted(suggest_table(rows).items()):
             cfg = {k: v for k, v in c.items() if k not in ("graph_ms", "max_rel_err")}
             print(f"  {impl:>10} M={M:<5} N={N:<6} K={K:<6} {c['graph_ms']:.4f} ms  {cfg}")
+    if sweep == "unpack":
+        print("\ndispatched path: packed words loaded once vs per code (graph ms; bf16 alongside)")
+        bf16 = {(r["M"], r["N"], r["K"]): r.get("graph_ms") for r in rows if r["impl"] == "bf16"}
+        for r in rows:
+            sw = r.get("sweep") or []
+            if len(sw) >= 2 and sw[0].get("graph_ms") and sw[1].get("graph_ms"):
+                print(f"  {r['impl']:>10} M={r['M']:<5} N={r['N']:<6} K={r['K']:<6} "
+                      f"{sw[0]['path']:>7}  words {sw[0]['graph_ms']:.4f}  per-code "
+                      f"{sw[1]['graph_ms']:.4f}  bf16 {bf16.get((r['M'], r['N'], r['K'])):.4f}")
     result = dict(
         gpu=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
         torch=torch.__version__, triton=triton.__version__, commit=git_commit(),

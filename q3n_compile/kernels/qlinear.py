@@ -99,29 +99,61 @@ def _plane(QW, row0, kk, nn, mask, N, P: tl.constexpr):
 
 
 @triton.jit
-def _load_codes(QW, offs_k, offs_n, mask, N, ROW4, ROW2, ROW1, BITS: tl.constexpr):
-    """Codes [BLOCK_K, BLOCK_N] (int32) of input channels offs_k and output channels offs_n.
+def _plane_words(QW, row0, k0, offs_n, n_ok, K_PAD, N, P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Bits of plane P for channels k0 .. k0 + BLOCK_K: each packed word is loaded once, as a
+    [BLOCK_K / PER, BLOCK_N] tile, and split by shifts in registers (k0 is a multiple of 32)."""
+    PER: tl.constexpr = 32 // P
+    WORDS: tl.constexpr = BLOCK_K // PER
+    r = k0 // PER + tl.arange(0, WORDS)
+    w = tl.load(QW + (row0 + r)[:, None] * N + offs_n[None, :],
+                mask=(r < K_PAD // PER)[:, None] & n_ok[None, :], other=0)
+    shifts = tl.arange(0, PER) * P
+    q = (w[:, None, :] >> shifts[None, :, None]) & ((1 << P) - 1)  # [WORDS, PER, BLOCK_N]
+    # Row-major merge: channel r * PER + j, the packing's order.
+    return tl.reshape(q, (BLOCK_K, offs_n.shape[0]))
 
-    Reads each packed word once per code it holds (repeated addresses hit L1); DRAM sees each
-    packed byte once per program.
-    """
-    kk = offs_k[:, None]
-    nn = offs_n[None, :]
-    if BITS == 8:
-        q = _plane(QW, 0, kk, nn, mask, N, 8)
-    elif BITS == 7:
-        q = (_plane(QW, ROW4, kk, nn, mask, N, 4) | (_plane(QW, ROW2, kk, nn, mask, N, 2) << 4)
-             | (_plane(QW, ROW1, kk, nn, mask, N, 1) << 6))
-    elif BITS == 6:
-        q = _plane(QW, ROW4, kk, nn, mask, N, 4) | (_plane(QW, ROW2, kk, nn, mask, N, 2) << 4)
-    elif BITS == 5:
-        q = _plane(QW, ROW4, kk, nn, mask, N, 4) | (_plane(QW, ROW1, kk, nn, mask, N, 1) << 4)
-    elif BITS == 4:
-        q = _plane(QW, ROW4, kk, nn, mask, N, 4)
-    elif BITS == 3:
-        q = _plane(QW, ROW2, kk, nn, mask, N, 2) | (_plane(QW, ROW1, kk, nn, mask, N, 1) << 2)
+
+@triton.jit
+def _bits(QW, row0, k0, offs_n, n_ok, K_PAD, N, P: tl.constexpr, BLOCK_K: tl.constexpr,
+          WORD_LOADS: tl.constexpr):
+    if WORD_LOADS:
+        q = _plane_words(QW, row0, k0, offs_n, n_ok, K_PAD, N, P, BLOCK_K)
     else:
-        q = _plane(QW, ROW2, kk, nn, mask, N, 2)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        q = _plane(QW, row0, offs_k[:, None], offs_n[None, :],
+                   (offs_k < K_PAD)[:, None] & n_ok[None, :], N, P)
+    return q
+
+
+@triton.jit
+def _load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS: tl.constexpr,
+                BLOCK_K: tl.constexpr, WORD_LOADS: tl.constexpr):
+    """Codes [BLOCK_K, BLOCK_N] (int32) of input channels k0 .. k0 + BLOCK_K (k0 a multiple of
+    BLOCK_K >= 32) and output channels offs_n; 0 past K_PAD or where n_ok is False.
+
+    WORD_LOADS: each packed word is loaded once and split in registers; otherwise one load per
+    code, repeated addresses hitting L1 (the same DRAM traffic, PER times the load
+    instructions). Which is faster is measured by bench/bench_qlinear.py --unpack.
+    """
+    if BITS == 8:
+        q = _bits(QW, 0, k0, offs_n, n_ok, K_PAD, N, 8, BLOCK_K, WORD_LOADS)
+    elif BITS == 7:
+        q = (_bits(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, BLOCK_K, WORD_LOADS)
+             | (_bits(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K, WORD_LOADS) << 4)
+             | (_bits(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, BLOCK_K, WORD_LOADS) << 6))
+    elif BITS == 6:
+        q = (_bits(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, BLOCK_K, WORD_LOADS)
+             | (_bits(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K, WORD_LOADS) << 4))
+    elif BITS == 5:
+        q = (_bits(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, BLOCK_K, WORD_LOADS)
+             | (_bits(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, BLOCK_K, WORD_LOADS) << 4))
+    elif BITS == 4:
+        q = _bits(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, BLOCK_K, WORD_LOADS)
+    elif BITS == 3:
+        q = (_bits(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K, WORD_LOADS)
+             | (_bits(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, BLOCK_K, WORD_LOADS) << 2))
+    else:
+        q = _bits(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K, WORD_LOADS)
     return q
 
 
@@ -148,7 +180,7 @@ def qlinear_mm_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ACT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WORD_LOADS: tl.constexpr,
 ):
     """One program computes a [BLOCK_M, BLOCK_N] tile of Y over one split of K, on tensor cores.
 
@@ -192,8 +224,8 @@ def qlinear_mm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-        q = _load_codes(QW, offs_k, offs_n, (offs_k < K_PAD)[:, None] & n_ok[None, :], N,
-                        ROW4, ROW2, ROW1, BITS)
+        q = _load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K,
+                        WORD_LOADS)
         if SYM:
             w = q - HALF
         elif PER_CHANNEL:
@@ -253,7 +285,7 @@ def qlinear_gemv_kernel(
     stride_xm, stride_xk, stride_ym, stride_yn,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORD_LOADS: tl.constexpr,
 ):
     """One program computes BLOCK_N outputs of one row of Y over one split of K, in registers.
 
@@ -283,8 +315,8 @@ def qlinear_gemv_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(X + m * stride_xm + offs_k * stride_xk, mask=offs_k < K, other=0.0)
-        q = _load_codes(QW, offs_k, offs_n, (offs_k < K_PAD)[:, None] & n_ok[None, :], N,
-                        ROW4, ROW2, ROW1, BITS)
+        q = _load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K,
+                        WORD_LOADS)
         if SYM:
             w = (q - HALF).to(tl.float32)
         elif PER_CHANNEL:
@@ -368,7 +400,7 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
 @triton.jit
 def dequant_kernel(QW, S, Z, WT, N, K, K_PAD, ROW4, ROW2, ROW1,
                    BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WORD_LOADS: tl.constexpr):
     """WT[k, n] = (q - z) * s (fp32, rounded once to WT's dtype) for k < K.
 
     Traffic: reads the packed weight, scales and zeros once; writes K*N elements of WT.
@@ -379,7 +411,8 @@ def dequant_kernel(QW, S, Z, WT, N, K, K_PAD, ROW4, ROW2, ROW1,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     mask = (offs_k < K)[:, None] & n_ok[None, :]
-    q = _load_codes(QW, offs_k, offs_n, mask, N, ROW4, ROW2, ROW1, BITS)
+    q = _load_codes(QW, pid_k * BLOCK_K, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K,
+                    WORD_LOADS)
     if GROUP == 0:
         g = offs_k * 0
     else:
@@ -512,7 +545,7 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
 
 
 def dequantize_triton(qweight, scales, zeros, bits, group_size, in_features, dtype,
-                      interpreter: bool = False) -> torch.Tensor:
+                      interpreter: bool = False, word_loads: bool = True) -> torch.Tensor:
     """The dense ``W^T`` ``[K, N]`` in `dtype`, by :func:`dequant_kernel`."""
     K, N = in_features, qweight.shape[1]
     wt = torch.empty((K, N), dtype=dtype, device=qweight.device)
@@ -523,7 +556,7 @@ def dequantize_triton(qweight, scales, zeros, bits, group_size, in_features, dty
         qweight, scales, zeros if zeros is not None else scales, wt, N, K, P.padded_k(K),
         rows.get(4, (0, 0))[0], rows.get(2, (0, 0))[0], rows.get(1, (0, 0))[0],
         BITS=bits, GROUP=0 if group_size == P.PER_CHANNEL else group_size, SYM=zeros is None,
-        BLOCK_K=bk, BLOCK_N=bn, num_warps=4,
+        BLOCK_K=bk, BLOCK_N=bn, WORD_LOADS=word_loads, num_warps=4,
     )
     return wt
 
@@ -566,7 +599,8 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
         else:
             codes, xs = quantize_activations_triton(x, act, smooth, interpreter)
             a = (codes.to(torch.float32) * xs[:, None]).to(x.dtype)
-        wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype, interpreter)
+        wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype, interpreter,
+                               cfg.get("WORD_LOADS", True))
         return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
 
     if act == "none":
@@ -600,7 +634,8 @@ def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, gro
               M, N, K, k_pad, row4, row2, row1, k_per_split,
               a.stride(0), a.stride(1), y.stride(0), y.stride(1))
     flags = dict(BITS=bits, GROUP=group, SYM=zeros is None, ACT=_ACT_CODE[act],
-                 HAS_BIAS=bias is not None, ATOMIC=atomic)
+                 HAS_BIAS=bias is not None, ATOMIC=atomic,
+                 WORD_LOADS=cfg.get("WORD_LOADS", True))
     if cfg["path"] == "gemv":
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
         qlinear_gemv_kernel[grid](*common, **flags, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,

@@ -157,7 +157,13 @@ def test_smooth_vector_is_applied_before_quantization():
     dict(path="gemv", BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1),
     dict(path="mm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1),
     dict(path="dequant"),
-], ids=["gemv_splitk", "mm_splitk", "dequant"])
+    dict(path="gemv", BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, num_warps=4, num_stages=1,
+         WORD_LOADS=False),
+    dict(path="mm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, num_warps=4, num_stages=1,
+         WORD_LOADS=False),
+    dict(path="dequant", WORD_LOADS=False),
+], ids=["gemv_splitk", "mm_splitk", "dequant", "gemv_code_loads", "mm_code_loads",
+        "dequant_code_loads"])
 @pytest.mark.parametrize("act", ["none", "int8"])
 def test_forced_paths(path, act):
     gen = _gen(f"path{path['path']}{act}")
@@ -299,7 +305,11 @@ def test_gpu_against_float64(bits, act, group, sym, M, N):
     dict(path="mm", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=4),
     dict(path="mm", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3),
     dict(path="dequant"),
-], ids=["gemv_split8", "mm16_split4", "mm128", "dequant"])
+    dict(path="gemv", BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, num_warps=4, num_stages=2,
+         WORD_LOADS=False),
+    dict(path="mm", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3,
+         WORD_LOADS=False),
+], ids=["gemv_split8", "mm16_split4", "mm128", "dequant", "gemv_code_loads", "mm128_code_loads"])
 @pytest.mark.parametrize("act", ["none", "int8", "fp8", "int12"])
 def test_gpu_every_path(path, act):
     gen = _gen(f"gpupath{path['path']}{act}")
