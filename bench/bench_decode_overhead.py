@@ -144,10 +144,58 @@ def whole_steps(steps=50):
             host_ms = (time.perf_counter() - t0) * 1e3 / steps
             torch.cuda.synchronize()
         r = dict(row=name, ms_per_step=start.elapsed_time(end) / steps, host_ms_per_step=host_ms)
+        if name == "q3n":
+            r.update(_diagnose(lambda: fn(token, kv_cache=cache, cache_position=pos), steps))
         result.append(r)
         print(f"  {name:22s} {r['ms_per_step']:.3f} ms/step (host issue {host_ms:.3f} ms)",
               flush=True)
     return result
+
+
+def _diagnose(step, steps):
+    """For q3n's step: does it synchronise with the GPU (set_sync_debug_mode raises where), and
+    how much host time per step is spent inside q3n's attention launcher (``_launch``)."""
+    import traceback
+
+    out = {}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            step()
+        out["sync"] = None
+    except RuntimeError as exc:
+        out["sync"] = traceback.format_exc().splitlines()[-24:]
+        print("  q3n step synchronises:\n    " + "\n    ".join(out["sync"]), flush=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    inner, spent, calls = A._launch, [0.0], [0]
+
+    def timed_launch(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - t0
+            calls[0] += 1
+
+    A._launch = timed_launch
+    try:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(steps):
+                step()
+        total = time.perf_counter() - t0
+    finally:
+        A._launch = inner
+    torch.cuda.synchronize()
+    out.update(launch_calls_per_step=calls[0] / steps, launch_us_per_step=spent[0] / steps * 1e6,
+               host_us_per_step_instrumented=total / steps * 1e6)
+    print(f"  q3n: {out['launch_calls_per_step']:.0f} attention launches per step, "
+          f"{out['launch_us_per_step']:.0f} us/step inside _launch of "
+          f"{out['host_us_per_step_instrumented']:.0f} us/step", flush=True)
+    return out
 
 
 def main(argv=None):
