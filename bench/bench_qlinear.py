@@ -19,6 +19,7 @@ implementation reads (packed codes + scales + zero points; bf16: 2 bytes per wei
 
     python bench/bench_qlinear.py --out bench/results/qlinear-h200.json
     python bench/bench_qlinear.py --sweep --formats w4a16 w4a8 --out bench/results/qlinear-sweep.json
+    python bench/bench_qlinear.py --gemv --formats w4a16 w8a8 --nk 28672x8192 --ms 1 16
 
 ``--sweep`` also times every dispatch candidate (gemv splits, mm tiles, dequant + cuBLAS) per
 shape and prints the table ``kernels/qlinear.py: CUDA_TABLE`` should hold.
@@ -156,17 +157,16 @@ def sweep_candidates(M, group):
     return out
 
 
-def unpack_candidates(M, N, K, bits, group, act):
-    """The dispatched path with packed words loaded once (WORD_LOADS) and per code, and for
-    M <= 16 the GEMV's column block, split and warps with word loads."""
-    base = Q.choose_path(M, N, K, bits, group, act, torch.bfloat16, torch.device("cuda"))
-    out = [dict(base, WORD_LOADS=True), dict(base, WORD_LOADS=False)]
+def gemv_candidates(M, N, K, bits, group, act):
+    """The dispatched path and, for M <= 16, GEMV column blocks x splits x warps (a short
+    sweep; s6run4 used it to set the GEMV split)."""
+    out = [Q.choose_path(M, N, K, bits, group, act, torch.bfloat16, torch.device("cuda"))]
     if M <= 16:
         bk = 128 if group == -1 else min(128, group)
         tiles = [(bn, split, 4) for bn in (32, 64, 128) for split in (1, 4, 16)]
         for bn, split, warps in tiles + [(64, 4, 2), (64, 4, 8)]:
             out.append(dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
-                            num_warps=warps, num_stages=2, WORD_LOADS=True))
+                            num_warps=warps, num_stages=2))
     return out
 
 
@@ -204,7 +204,7 @@ def run_shape(M, N, K, formats, sweep, gen):
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         if sweep:
             row["sweep"] = []
-            cands = (unpack_candidates(M, N, K, bits, group, act) if sweep == "unpack"
+            cands = (gemv_candidates(M, N, K, bits, group, act) if sweep == "gemv"
                      else sweep_candidates(M, group))
             for cand in cands:
                 try:
@@ -247,11 +247,10 @@ def main():
     ap.add_argument("--nk", type=str, nargs="+", default=[f"{n}x{k}" for n, k in NKS],
                     help="N x K pairs, e.g. 4096x4096")
     ap.add_argument("--sweep", action="store_true", help="time every dispatch candidate too")
-    ap.add_argument("--unpack", action="store_true",
-                    help="time the dispatched path with word and per-code loads of the packed "
-                         "weight, and GEMV tiles with word loads (a shorter sweep)")
+    ap.add_argument("--gemv", action="store_true",
+                    help="a shorter sweep: the dispatched path and, for M <= 16, GEMV tiles")
     args = ap.parse_args()
-    sweep = "unpack" if args.unpack else args.sweep
+    sweep = "gemv" if args.gemv else args.sweep
     if not torch.cuda.is_available():
         sys.exit("bench_qlinear.py needs a CUDA GPU")
     started = time.time()
@@ -279,15 +278,6 @@ def main():
         for (impl, M, N, K), c in sorted(suggest_table(rows).items()):
             cfg = {k: v for k, v in c.items() if k not in ("graph_ms", "max_rel_err")}
             print(f"  {impl:>10} M={M:<5} N={N:<6} K={K:<6} {c['graph_ms']:.4f} ms  {cfg}")
-    if sweep == "unpack":
-        print("\ndispatched path: packed words loaded once vs per code (graph ms; bf16 alongside)")
-        bf16 = {(r["M"], r["N"], r["K"]): r.get("graph_ms") for r in rows if r["impl"] == "bf16"}
-        for r in rows:
-            sw = r.get("sweep") or []
-            if len(sw) >= 2 and sw[0].get("graph_ms") and sw[1].get("graph_ms"):
-                print(f"  {r['impl']:>10} M={r['M']:<5} N={r['N']:<6} K={r['K']:<6} "
-                      f"{sw[0]['path']:>7}  words {sw[0]['graph_ms']:.4f}  per-code "
-                      f"{sw[1]['graph_ms']:.4f}  bf16 {bf16.get((r['M'], r['N'], r['K'])):.4f}")
     result = dict(
         gpu=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
         torch=torch.__version__, triton=triton.__version__, commit=git_commit(),

@@ -92,13 +92,6 @@ _RINT = 12582912.0  # 1.5 * 2^23: (v + c) - c rounds a float32 |v| < 2^22 to nea
 
 
 @triton.jit
-def _plane(QW, row0, kk, nn, mask, N, P: tl.constexpr):
-    PER: tl.constexpr = 32 // P
-    w = tl.load(QW + (row0 + kk // PER) * N + nn, mask=mask, other=0)
-    return (w >> ((kk % PER) * P)) & ((1 << P) - 1)
-
-
-@triton.jit
 def _plane_words(QW, row0, k0, offs_n, n_ok, K_PAD, N, P: tl.constexpr, BLOCK_K: tl.constexpr):
     """Bits of plane P for channels k0 .. k0 + BLOCK_K: each packed word is loaded once, as a
     [BLOCK_K / PER, BLOCK_N] tile, and split by shifts in registers (k0 is a multiple of 32)."""
@@ -114,46 +107,35 @@ def _plane_words(QW, row0, k0, offs_n, n_ok, K_PAD, N, P: tl.constexpr, BLOCK_K:
 
 
 @triton.jit
-def _bits(QW, row0, k0, offs_n, n_ok, K_PAD, N, P: tl.constexpr, BLOCK_K: tl.constexpr,
-          WORD_LOADS: tl.constexpr):
-    if WORD_LOADS:
-        q = _plane_words(QW, row0, k0, offs_n, n_ok, K_PAD, N, P, BLOCK_K)
-    else:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        q = _plane(QW, row0, offs_k[:, None], offs_n[None, :],
-                   (offs_k < K_PAD)[:, None] & n_ok[None, :], N, P)
-    return q
-
-
-@triton.jit
 def _load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS: tl.constexpr,
-                BLOCK_K: tl.constexpr, WORD_LOADS: tl.constexpr):
+                BLOCK_K: tl.constexpr):
     """Codes [BLOCK_K, BLOCK_N] (int32) of input channels k0 .. k0 + BLOCK_K (k0 a multiple of
     BLOCK_K >= 32) and output channels offs_n; 0 past K_PAD or where n_ok is False.
 
-    WORD_LOADS: each packed word is loaded once and split in registers; otherwise one load per
-    code, repeated addresses hitting L1 (the same DRAM traffic, PER times the load
-    instructions). Which is faster is measured by bench/bench_qlinear.py --unpack.
+    Each packed word is loaded once and split in registers. Loading one word per code instead
+    (repeated addresses hitting L1: the same DRAM traffic, 32/P times the load instructions) was
+    1.2-1.5x slower at M = 1 and 3-13x slower on the tensor-core path (H200, 2026-11-29 s6run4,
+    ``qlinear-unpack-h200-2026-11-29-s6run4.json``).
     """
     if BITS == 8:
-        q = _bits(QW, 0, k0, offs_n, n_ok, K_PAD, N, 8, BLOCK_K, WORD_LOADS)
+        q = _plane_words(QW, 0, k0, offs_n, n_ok, K_PAD, N, 8, BLOCK_K)
     elif BITS == 7:
-        q = (_bits(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, BLOCK_K, WORD_LOADS)
-             | (_bits(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K, WORD_LOADS) << 4)
-             | (_bits(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, BLOCK_K, WORD_LOADS) << 6))
+        q = (_plane_words(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, BLOCK_K)
+             | (_plane_words(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K) << 4)
+             | (_plane_words(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, BLOCK_K) << 6))
     elif BITS == 6:
-        q = (_bits(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, BLOCK_K, WORD_LOADS)
-             | (_bits(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K, WORD_LOADS) << 4))
+        q = (_plane_words(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, BLOCK_K)
+             | (_plane_words(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K) << 4))
     elif BITS == 5:
-        q = (_bits(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, BLOCK_K, WORD_LOADS)
-             | (_bits(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, BLOCK_K, WORD_LOADS) << 4))
+        q = (_plane_words(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, BLOCK_K)
+             | (_plane_words(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, BLOCK_K) << 4))
     elif BITS == 4:
-        q = _bits(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, BLOCK_K, WORD_LOADS)
+        q = _plane_words(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, BLOCK_K)
     elif BITS == 3:
-        q = (_bits(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K, WORD_LOADS)
-             | (_bits(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, BLOCK_K, WORD_LOADS) << 2))
+        q = (_plane_words(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K)
+             | (_plane_words(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, BLOCK_K) << 2))
     else:
-        q = _bits(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K, WORD_LOADS)
+        q = _plane_words(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K)
     return q
 
 
@@ -180,7 +162,7 @@ def qlinear_mm_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ACT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, WORD_LOADS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One program computes a [BLOCK_M, BLOCK_N] tile of Y over one split of K, on tensor cores.
 
@@ -224,8 +206,7 @@ def qlinear_mm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-        q = _load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K,
-                        WORD_LOADS)
+        q = _load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K)
         if SYM:
             w = q - HALF
         elif PER_CHANNEL:
@@ -285,7 +266,7 @@ def qlinear_gemv_kernel(
     stride_xm, stride_xk, stride_ym, stride_yn,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORD_LOADS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One program computes BLOCK_N outputs of one row of Y over one split of K, in registers.
 
@@ -315,8 +296,7 @@ def qlinear_gemv_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(X + m * stride_xm + offs_k * stride_xk, mask=offs_k < K, other=0.0)
-        q = _load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K,
-                        WORD_LOADS)
+        q = _load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K)
         if SYM:
             w = (q - HALF).to(tl.float32)
         elif PER_CHANNEL:
@@ -400,7 +380,7 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
 @triton.jit
 def dequant_kernel(QW, S, Z, WT, N, K, K_PAD, ROW4, ROW2, ROW1,
                    BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WORD_LOADS: tl.constexpr):
+                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """WT[k, n] = (q - z) * s (fp32, rounded once to WT's dtype) for k < K.
 
     Traffic: reads the packed weight, scales and zeros once; writes K*N elements of WT.
@@ -411,8 +391,7 @@ def dequant_kernel(QW, S, Z, WT, N, K, K_PAD, ROW4, ROW2, ROW1,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     mask = (offs_k < K)[:, None] & n_ok[None, :]
-    q = _load_codes(QW, pid_k * BLOCK_K, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K,
-                    WORD_LOADS)
+    q = _load_codes(QW, pid_k * BLOCK_K, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K)
     if GROUP == 0:
         g = offs_k * 0
     else:
@@ -457,6 +436,17 @@ def _split(n_tiles: int, k_pad: int, block_k: int, sms: int, max_split: int = 16
     return split
 
 
+def _gemv_split(k_pad: int, block_k: int) -> int:
+    """The GEMV's K split: 4 (each split keeping >= 2 K blocks). Measured on the H200 (s6run4,
+    M = 1, 64 columns per program): split 4 was within 6% of the best of 1/4/16 at 4096 x 4096,
+    12288 x 4096 and 28672 x 8192, where covering the SMs twice (the mm rule) chose 8, 2 and 1 -
+    and 1 was 1.37x slower at 28672 x 8192: more programs in flight keep more loads in flight."""
+    split = 4
+    while split > 1 and -(-k_pad // block_k) // split < 2:
+        split //= 2
+    return split
+
+
 # The M-indexed dispatch table for CUDA: (max M, path, tile for the mm path). First match wins.
 # Untuned first rule; bench/bench_qlinear.py --sweep measures every path per shape on the GPU
 # and prints the table it would choose.
@@ -485,8 +475,9 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
 
     Interpreter: few programs (each costs ~0.1 s there): 16/32 x 64 x 64 (<= group) tiles, gemv
     for M <= 2, no split.
-    CUDA: :data:`CUDA_TABLE` by M; GEMV 64 columns x 128 (<= group) K per step; split-K (fp32
-    atomics) when the output tiles cover fewer than twice the SMs.
+    CUDA: :data:`CUDA_TABLE` by M; GEMV 64 columns x 128 (<= group) K per step, K split in 4
+    (:func:`_gemv_split`); mm: split-K (fp32 atomics) when the output tiles cover fewer than
+    twice the SMs.
     """
     k_pad = P.padded_k(K)
     if interpreter:
@@ -504,8 +495,8 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
         return dict(path="dequant")
     if path == "gemv":
         bn, bk = 64, _k_block(group_size, 128)
-        split = _split(M * triton.cdiv(N, bn), k_pad, bk, sms)
-        return dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=2)
+        return dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=_gemv_split(k_pad, bk),
+                    num_warps=4, num_stages=2)
     bm, bn, bk, warps, stages = tile
     bk = _k_block(group_size, bk)
     split = _split(triton.cdiv(M, bm) * triton.cdiv(N, bn), k_pad, bk, sms)
@@ -545,7 +536,7 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
 
 
 def dequantize_triton(qweight, scales, zeros, bits, group_size, in_features, dtype,
-                      interpreter: bool = False, word_loads: bool = True) -> torch.Tensor:
+                      interpreter: bool = False) -> torch.Tensor:
     """The dense ``W^T`` ``[K, N]`` in `dtype`, by :func:`dequant_kernel`."""
     K, N = in_features, qweight.shape[1]
     wt = torch.empty((K, N), dtype=dtype, device=qweight.device)
@@ -556,7 +547,7 @@ def dequantize_triton(qweight, scales, zeros, bits, group_size, in_features, dty
         qweight, scales, zeros if zeros is not None else scales, wt, N, K, P.padded_k(K),
         rows.get(4, (0, 0))[0], rows.get(2, (0, 0))[0], rows.get(1, (0, 0))[0],
         BITS=bits, GROUP=0 if group_size == P.PER_CHANNEL else group_size, SYM=zeros is None,
-        BLOCK_K=bk, BLOCK_N=bn, WORD_LOADS=word_loads, num_warps=4,
+        BLOCK_K=bk, BLOCK_N=bn, num_warps=4,
     )
     return wt
 
@@ -599,8 +590,7 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
         else:
             codes, xs = quantize_activations_triton(x, act, smooth, interpreter)
             a = (codes.to(torch.float32) * xs[:, None]).to(x.dtype)
-        wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype, interpreter,
-                               cfg.get("WORD_LOADS", True))
+        wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype, interpreter)
         return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
 
     if act == "none":
@@ -634,8 +624,7 @@ def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, gro
               M, N, K, k_pad, row4, row2, row1, k_per_split,
               a.stride(0), a.stride(1), y.stride(0), y.stride(1))
     flags = dict(BITS=bits, GROUP=group, SYM=zeros is None, ACT=_ACT_CODE[act],
-                 HAS_BIAS=bias is not None, ATOMIC=atomic,
-                 WORD_LOADS=cfg.get("WORD_LOADS", True))
+                 HAS_BIAS=bias is not None, ATOMIC=atomic)
     if cfg["path"] == "gemv":
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
         qlinear_gemv_kernel[grid](*common, **flags, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
