@@ -200,6 +200,12 @@ def run_shape(M, N, K, formats, sweep, gen):
             if row["max_rel_err"] > TOL:
                 row["error"] = f"wrong result: rel err {row['max_rel_err']:.3g}"
             row["eager_ms"], row["graph_ms"] = timed(lambda: torch.ops.q3n.qlinear(*args))
+            if M >= 256 and row["path"]["path"] != "dequant":
+                # The alternative the dispatch table weighs at large M: dequantise + cuBLAS.
+                deq = dict(path="dequant")
+                f = lambda: Q._launch(*args, interpreter=False, path=deq)  # noqa: E731
+                row["dequant_rel_err"] = rel_err(f(), Q.reference(*args))
+                _, row["dequant_graph_ms"] = timed(f, eager=False)
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         if sweep:
@@ -272,6 +278,8 @@ def main():
                       f"{(r.get('path') or {}).get('path', ''):>7} {r['max_rel_err']:8.1e} "
                       f"{fmt(r['eager_ms'], '9.4f')} {fmt(r['graph_ms'], '9.4f')} "
                       f"{fmt(r['graph_TBps'], '6.2f')} {fmt(r['graph_vs_bf16'], '8.2f')}"
+                      + (f"  (dequant path {r['dequant_graph_ms']:.4f})"
+                         if r.get("dequant_graph_ms") else "")
                       + (f"  {r['error']}" if "error" in r else ""), flush=True)
     if sweep:
         print("\nbest swept candidate per shape (graph ms):")

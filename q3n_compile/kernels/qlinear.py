@@ -457,13 +457,18 @@ CUDA_TABLE = {
     "a16": [(2, "gemv", None), (16, "mm", (16, 64, 128, 4, 4)), (64, "mm", (32, 64, 128, 4, 4)),
             (256, "mm", (64, 128, 64, 4, 3)), (1024, "mm", (128, 128, 64, 8, 3)),
             (None, "dequant", None)],
-    # Quantized activations: the integer/fp8 tensor cores run faster than bf16 ones at large M.
+    # Quantized activations: tensor-core tiles up to M = 1024, dequantise + cuBLAS above. At
+    # M = 4096 the int8/fp8 tiles ran 2.7-3.9x slower than bf16 cuBLAS (s6run4: the weight
+    # tile is unpacked in registers, so its loads are not pipelined like a plain GEMM's), where
+    # dequantise + cuBLAS runs at ~0.9x bf16.
     # K blocks of 64 from M > 64: with 128, the 6-bit planes' unpack buffers overflowed the H200's
     # 227 KiB of shared memory (311-328 KB asked for, measured 2026-11-28).
     "a8": [(2, "gemv", None), (16, "mm", (16, 64, 128, 4, 4)), (64, "mm", (32, 64, 128, 4, 4)),
-           (256, "mm", (64, 128, 64, 4, 3)), (None, "mm", (128, 128, 64, 8, 3))],
+           (256, "mm", (64, 128, 64, 4, 3)), (1024, "mm", (128, 128, 64, 8, 3)),
+           (None, "dequant", None)],
     "a12": [(2, "gemv", None), (16, "mm", (16, 64, 128, 4, 4)), (64, "mm", (32, 64, 128, 4, 4)),
-            (256, "mm", (64, 128, 64, 4, 3)), (None, "mm", (128, 128, 64, 8, 3))],
+            (256, "mm", (64, 128, 64, 4, 3)), (1024, "mm", (128, 128, 64, 8, 3)),
+            (None, "dequant", None)],
 }
 _TABLE_KEY = {"none": "a16", "int8": "a8", "fp8": "a8", "int12": "a12"}
 

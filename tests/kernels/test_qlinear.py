@@ -245,8 +245,10 @@ def test_choose_path_table():
     assert Q.choose_path(16, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "mm"
     big = Q.choose_path(4096, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)
     assert big["path"] == "dequant"
-    a8 = Q.choose_path(4096, 4096, 4096, 4, 32, "int8", bf16, cuda, sm_count=132)
-    assert a8["path"] == "mm" and a8["BLOCK_K"] == 32 and a8["SPLIT_K"] == 1  # BLOCK_K <= group
+    a8 = Q.choose_path(1024, 4096, 4096, 4, 32, "int8", bf16, cuda, sm_count=132)
+    assert a8["path"] == "mm" and a8["BLOCK_K"] == 32  # BLOCK_K <= group
+    for act in ("int8", "fp8", "int12"):  # above 1024 rows: dequantise + cuBLAS (measured)
+        assert Q.choose_path(4096, 4096, 4096, 4, 32, act, bf16, cuda, sm_count=132)["path"] == "dequant"
     for m in (1, 3, 16, 17, 64, 200, 256, 1000, 5000):
         for act in Q.ACT_FORMATS:
             cfg = Q.choose_path(m, 12288, 4096, 6, 64, act, bf16, cuda, sm_count=132)
