@@ -3,8 +3,8 @@
 What this module guarantees:
 
 - ``torch.ops.q3n.qlinear(x, qweight, scales, zeros, bias, smooth, bits, group_size,
-  in_features, act)`` computes ``y = A(x) @ W^T + bias`` for ``x`` ``[M, K]`` (float16, bfloat16
-  or float32), output ``[M, N]`` in x's dtype, where
+  in_features, act, act_group_size=-1)`` computes ``y = A(x) @ W^T + bias`` for ``x`` ``[M, K]``
+  (float16, bfloat16 or float32), output ``[M, N]`` in x's dtype, where
   - ``W = (q - z) * s`` is the packed weight of :mod:`q3n_compile.kernels.packing` (``bits`` in
     2..8; ``group_size`` 32/64/128 or -1 for per-channel scales; ``zeros`` None = symmetric);
   - ``A`` is the activation format ``act``:
@@ -15,6 +15,12 @@ What this module guarantees:
     exactly in float16 operands). ``A(x) = c * s_x``, with ``x' = x * smooth`` when a SmoothQuant
     vector ``smooth`` ``[K]`` is given (quantized formats only). Activation quantization is computed
     in float32 from x's values; rounding is to nearest, ties to even.
+  - ``act_group_size`` (quantized formats only) says what one activation scale covers: -1 (the
+    default) one token, as above; 32, 64 or 128: one token and that many consecutive input
+    channels, ``s_x[m, g] = max_{k in group g} |x'[m, k]| / qmax``, ``G = ceil(K / group)``
+    scales per token (when the size does not divide K, the last group holds the ``K % group``
+    channels left over; a group that is all zero gets scale 1). An outlier channel then coarsens
+    only its own group's codes.
 - The Triton kernels, the interpreter and :func:`reference` compute the same function; they differ
   only by the rounding the kernels' docstrings state (float32 accumulation order, the 16-bit
   rounding of dequantised weights on the 16-bit-activation tensor-core path, and on GPUs an
@@ -25,7 +31,8 @@ Composed with a norm (the norm_linear and quantize passes, see the section at th
 module): ``q3n::norm_act_quant(x, eps, kind, act, smooth)`` computes a LayerNorm/RMSNorm's row
 statistics and the per-token activation codes of the normalised rows in one pass over x, and
 ``q3n::qlinear_codes(codes, xscales, ...)`` runs this op's kernels on precomputed codes
-(``qlinear_codes(*quantize_activations_triton(x, act, smooth), ...)`` is ``qlinear(x, ...)``).
+(``qlinear_codes(*quantize_activations_triton(x, act, smooth), ...)`` is ``qlinear(x, ...)``);
+both take the same trailing ``act_group_size``, and their scales are then ``[M, G]``.
 
 Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per call by
 :func:`choose_path` from a table indexed by M):
@@ -37,10 +44,17 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   ``tl.dot`` in the activation's operand type — bf16/fp16 (16-bit activations), int8 x int8 ->
   int32 (``int8``), fp8 e4m3 x fp8 e4m3 (``fp8`` with weight codes that e4m3 holds exactly, i.e.
   bits <= 4; wider codes are multiplied in fp16, exactly), fp16 x fp16 (``int12``); per-group
-  scales are applied to each K block's partial product; optional split-K.
+  scales are applied to each K block's partial product — the weights' group scale and, with
+  ``act_group_size``, the rows' activation scales of that block's group; optional split-K.
 - ``dequant``: dequantise the whole weight to x's dtype and call cuBLAS (``torch.mm``): for the
   M where that is faster than the fused kernel (16-bit activations at large M). Quantized
-  activations are quantized and dequantised first, so the function computed is the same.
+  activations are quantized and dequantised first (with their groups' scales), so the function
+  computed is the same.
+
+Every K block of the gemv and mm kernels lies in one weight group and one activation group:
+:func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which
+is why any weight ``group_size`` goes with any ``act_group_size``. Per token is the constexpr
+``ACT_GROUP = 0``, the kernels as they were before activation groups existed.
 
 16-bit activations with 8-bit asymmetric weights, and int8 activations with 8-bit asymmetric
 weights (``q - z`` does not fit int8), are refused by :func:`supports`; the quantize pass turns
@@ -62,6 +76,16 @@ bytes per group, read once per call — the gain at small M, where a linear is m
 - ``int12``: 16x finer than int8 but no faster than 16-bit activations: there are no 12-bit tensor
   cores, so products run in fp16 (exactly) and the quantization pass over x is pure cost. It is
   there to reproduce the design's W6A12 attention setting faithfully.
+- per-group activation scales (``act_group_size`` 32/64/128, any of the quantized formats): the
+  quantizer writes one fp32 scale per token and group (``4 * G`` bytes per token instead of 4:
+  ``4 / group`` bytes per element, 3% of int8 codes at 128) and reads x once instead of twice
+  (a tile holds whole groups); the GEMM loads a ``[BLOCK_M]`` fp32 scale per K block and
+  converts and multiplies each block's ``[BLOCK_M, BLOCK_N]`` partial in fp32 (int8: no int32
+  accumulator chained over K, which per-channel weights with per-token scales keep), and the
+  gemv kernel multiplies each block's codes by their scale; groups of 32 or 64 also cap the
+  K block there (smaller tensor-core tiles than the table's 64/128). Gain: an activation outlier
+  coarsens 1 group instead of the whole row (on MiniLM W8A8 with g128 weights see
+  ``bench/RESULTS.md``). Not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -676,7 +700,8 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
 def _dequantize_codes(codes: torch.Tensor, xs: torch.Tensor, act_group_size: int,
                       dtype: torch.dtype) -> torch.Tensor:
     """``c * s_x`` (fp32, rounded once to `dtype`): the dequant path's activations."""
-    return (codes.to(torch.float32) * expand_act_scales(xs, codes.shape[1], act_group_size)).to(dtype)
+    scale = expand_act_scales(xs, codes.shape[1], act_group_size)
+    return (codes.to(torch.float32) * scale).to(dtype)
 
 
 def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, group_size, act,
@@ -873,8 +898,8 @@ def _qlinear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                   act: str, act_group_size: int = PER_TOKEN) -> torch.Tensor:
     backend = contract.backend_for(x.device)
     if backend == "reference":
-        return reference(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act,
-                         act_group_size)
+        return reference(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features,
+                         act, act_group_size)
     return _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act,
                    interpreter=backend == "interpreter", act_group_size=act_group_size)
 
@@ -899,13 +924,15 @@ qlinear = contract.register_kernel_op("qlinear", _qlinear_impl, _qlinear_fake)
 # gate/up) that quantize x_hat alike (same activation format, same SmoothQuant vector), and each
 # sibling runs ``q3n::qlinear_codes``: the qlinear kernels of this module on those codes.
 #
-# ``q3n::norm_act_quant(x, eps, kind, act, smooth) -> (codes [M, K], scales [M] fp32)``, x
-# ``[..., K]`` (float16, bfloat16, float32; M = the product of the leading sizes):
+# ``q3n::norm_act_quant(x, eps, kind, act, smooth, act_group_size=-1) -> (codes [M, K], scales
+# [M] fp32, or [M, ceil(K / act_group_size)] per token and channel group)``, x ``[..., K]``
+# (float16, bfloat16, float32; M = the product of the leading sizes):
 #
 #     LayerNorm (kind "layernorm"): x0 = x[m, 0]; s1 = sum(x - x0); s2 = sum((x - x0)^2);
 #         dm = s1 / K; rstd = 1 / sqrt(max(s2 / K - dm^2, 0) + eps); x_hat = ((x - x0) - dm) * rstd
 #     RMSNorm (kind "rmsnorm"): rstd = 1 / sqrt(sum(x^2) / K + eps); x_hat = x * rstd
-#     then (codes, scales) = quantize_activations(x_hat, act, smooth)   (this module's definition)
+#     then (codes, scales) = quantize_activations(x_hat, act, smooth, act_group_size)
+#                                                                      (this module's definition)
 #
 # all in float32 from x's values (the statistics are those of ``kernels.norm_linear``'s
 # row_stats_kernel, centred on the row's first element so that a large mean cancels nothing).
@@ -917,11 +944,12 @@ qlinear = contract.register_kernel_op("qlinear", _qlinear_impl, _qlinear_fake)
 # rounding tie, and a scale by a few ulps. Nothing else differs.
 #
 # ``q3n::qlinear_codes(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
-# in_features, act, out_dtype) -> [M, N]`` is ``q3n::qlinear`` with its activation quantization
-# already done: ``y = (codes * xscales[:, None]) @ W^T + bias`` in `out_dtype` (bias, if given,
+# in_features, act, out_dtype, act_group_size=-1) -> [M, N]`` is ``q3n::qlinear`` with its
+# activation quantization already done: ``y = (codes * s_x) @ W^T + bias`` (s_x: ``xscales[m]``
+# per token, ``xscales[m, k // act_group_size]`` per group) in `out_dtype` (bias, if given,
 # in `out_dtype`), by the same kernels, the same dispatch table and the same rounding as the op.
-# For every (x, smooth): ``qlinear_codes(*quantize_activations_triton(x, act, smooth), ...)`` is
-# ``qlinear(x, ..., smooth, ..., act)``.
+# For every (x, smooth, g): ``qlinear_codes(*quantize_activations_triton(x, act, smooth,
+# act_group_size=g), ..., act, out_dtype, g)`` is ``qlinear(x, ..., smooth, ..., act, g)``.
 
 
 @triton.jit
@@ -1143,8 +1171,8 @@ def reference_norm_act_quant(x: torch.Tensor, eps: float, kind: str, act: str,
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch with ``q3n::norm_act_quant``'s semantics: :func:`normalise_rows` in float32,
     then :func:`quantize_activations`; codes in the op's storage dtype."""
-    codes, scales = quantize_activations(normalise_rows(x, eps, kind).to(torch.float32), act, smooth,
-                                         act_group_size)
+    xh = normalise_rows(x, eps, kind).to(torch.float32)
+    codes, scales = quantize_activations(xh, act, smooth, act_group_size)
     return codes.to(_act_codes_dtype(act, x.device, False)), scales
 
 

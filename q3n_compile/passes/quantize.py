@@ -62,10 +62,10 @@ linears on W'. Here:
 - quantized activations: ``q3n::norm_act_quant(x)`` computes the statistics, x_hat and its
   codes (per token, or per token and channel group) in one pass over x (x_hat is never written)
   and ``q3n::qlinear_codes`` runs the qlinear kernels on them. Siblings whose activations are
-  quantized alike (same format and activation groups, no SmoothQuant vector) share one call; a layer with its own SmoothQuant vector has its own codes,
-  so its own call (each still one pass over x, where the unfused model quantized x_hat per layer
-  anyway). ``detail["norm_fused"]`` counts the layers, the calls, and the ``normalize`` nodes
-  left;
+  quantized alike (same format and activation groups, no SmoothQuant vector) share one call;
+  a layer with its own SmoothQuant vector has its own codes, so its own call (each still one
+  pass over x, where the unfused model quantized x_hat per layer anyway).
+  ``detail["norm_fused"]`` counts the layers, the calls, and the ``normalize`` nodes left;
 - the W'/b' buffers norm_linear made for the layers quantized here are dropped; the source W is
   not freed by :func:`q3n_compile.release_quantized_weights` (the fold is redone from it on every
   compile: its return value says so).

@@ -433,6 +433,45 @@ def test_gpu_qlinear_codes_is_qlinear(act, M):
 
 @pytest.mark.gpu
 @needs_cuda
+# One tile; one tile, not a power of 2 (40 groups of 128); sweeps (96 groups of 128 and 64).
+@pytest.mark.parametrize("K", [4096, 5120, 12352])
+@pytest.mark.parametrize("M", [1, 17, 2048])
+@pytest.mark.parametrize("act,ag", [("int8", 128), ("fp8", 64), ("int12", 32)])
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
+def test_gpu_grouped_against_float64(kind, act, ag, M, K):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"gpug{kind}{act}{ag}{M}{K}".encode()))
+    x = _x(gen, M, K, bf16, kind, mean=100.0 if kind == "layernorm" else 0.0, device="cuda")
+    smooth = (torch.rand(K, generator=gen) + 0.5).cuda()
+    for sm in (None, smooth):
+        codes, scales = torch.ops.q3n.norm_act_quant(x, EPS, kind, act, sm, ag)
+        _check_codes(codes, scales, x, kind, act, sm, ag=ag)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 16, 256, 4096])
+@pytest.mark.parametrize("act", ["int8", "fp8", "int12"])
+def test_gpu_grouped_qlinear_codes_is_qlinear(act, M):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"gpucodesg{act}{M}".encode()))
+    K, N = 4160, 4096  # 4160 = 32 * 128 + 64: a partial last group
+    pw = _packed(gen, N, K, 4, 64, False).to("cuda")
+    x = torch.randn(M, K, generator=gen).to(bf16).cuda()
+    bias = torch.randn(N, generator=gen).to(bf16).cuda()
+    w = (pw.qweight, pw.scales, pw.zeros, bias)
+    codes, xs = Q.quantize_activations_triton(x, act, None, interpreter=False, act_group_size=128)
+    got = torch.ops.q3n.qlinear_codes(codes, xs, *w, 4, 64, K, act, bf16, 128)
+    want = torch.ops.q3n.qlinear(x, *w, None, 4, 64, K, act, 128)
+    path = Q.choose_path(M, N, K, 4, 64, act, bf16, x.device, act_group_size=128)
+    if path.get("SPLIT_K", 1) == 1:
+        assert torch.equal(got, want)
+    else:
+        assert ((got.float() - want.float()).abs() <= want.float().abs() * 2**-8 + 1e-3).all()
+    ref = Q.reference_codes(codes, xs, *w, 4, 64, K, act, bf16, 128)
+    assert (got.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
 def test_gpu_normalize(kind):
     gen = torch.Generator().manual_seed(5)
