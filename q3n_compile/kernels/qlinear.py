@@ -85,7 +85,10 @@ bytes per group, read once per call — the gain at small M, where a linear is m
   gemv kernel multiplies each block's codes by their scale; groups of 32 or 64 also cap the
   K block there (smaller tensor-core tiles than the table's 64/128). Gain: an activation outlier
   coarsens 1 group instead of the whole row (on MiniLM W8A8 with g128 weights see
-  ``bench/RESULTS.md``). Not yet run on a GPU.
+  ``bench/RESULTS.md``). Not yet run on a GPU. They are compiled for sm_90 by
+  ``bench/compile_qlinear_sm90.py``, which needs no GPU. That compile shows the same shared
+  memory as per token at 128 channels, and a few more stack bytes per thread where the per-token
+  tile already spills.
 """
 
 from __future__ import annotations
