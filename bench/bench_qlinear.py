@@ -8,7 +8,9 @@ Implementations, all on the same bf16 activations:
   ``aten._convert_weight_to_int4pack`` (uint8 [N, K/2] input since torch 2.5, int32 [N, K]
   before; both tried);
 - q3n: W4A16 g128, W6A16 g128, W8A16 per-channel, W4A8 g128 (fp8 e4m3 activations on sm_89+,
-  int8 elsewhere: what ``activation_format: auto`` picks), W8A8 per-channel int8, W6A12 g128.
+  int8 elsewhere: what ``activation_format: auto`` picks), W8A8 per-channel int8, W6A12 g128,
+  and with activation scales per token and 128 channels (``act_group_size`` 128): W8A8 g128
+  int8 and W4A8 g128 (auto), to set beside their per-token rows.
 
 Every implementation is first checked against a float32 reference of its own quantized weights
 (max |error| relative to max |reference|), then timed with triton.testing.do_bench (median,
@@ -47,7 +49,7 @@ from q3n_compile.kernels import qlinear as Q  # noqa: E402
 
 MS = (1, 16, 256, 4096)
 NKS = ((4096, 4096), (12288, 4096), (4096, 12288), (28672, 8192))
-# name -> (bits, group, symmetric, activation format or "auto")
+# name -> (bits, group, symmetric, activation format or "auto"[, activation group: -1 per token])
 FORMATS = {
     "w4a16": (4, 128, False, "none"),
     "w6a16": (6, 128, False, "none"),
@@ -55,6 +57,9 @@ FORMATS = {
     "w4a8": (4, 128, False, "auto"),
     "w8a8": (8, -1, True, "int8"),
     "w6a12": (6, 128, False, "int12"),
+    "w8a8_g128": (8, 128, True, "int8"),
+    "w8a8_g128_ag128": (8, 128, True, "int8", 128),
+    "w4a8_ag128": (4, 128, False, "auto", 128),
 }
 TOL = 2e-2  # bf16 output rounding, 16-bit dequantised weights on the tensor-core path
 
@@ -139,6 +144,8 @@ def int4_torch(w_bf16, x):
 
 
 def sweep_candidates(M, group):
+    """Dispatch candidates; `group` is the smallest of the weight and activation groups (-1:
+    neither is grouped): the K block must lie in one group of each."""
     bk = 128 if group == -1 else min(128, group)
     out = [dict(path="dequant")]
     if M <= 16:
@@ -157,12 +164,13 @@ def sweep_candidates(M, group):
     return out
 
 
-def gemv_candidates(M, N, K, bits, group, act):
+def gemv_candidates(M, N, K, bits, group, act, act_group):
     """The dispatched path and, for M <= 16, GEMV column blocks x splits x warps (a short
     sweep; s6run4 used it to set the GEMV split)."""
-    out = [Q.choose_path(M, N, K, bits, group, act, torch.bfloat16, torch.device("cuda"))]
+    out = [Q.choose_path(M, N, K, bits, group, act, torch.bfloat16, torch.device("cuda"),
+                         act_group_size=act_group)]
     if M <= 16:
-        bk = 128 if group == -1 else min(128, group)
+        bk = min([128] + [g for g in (group, act_group) if g > 0])
         tiles = [(bn, split, 4) for bn in (32, 64, 128) for split in (1, 4, 16)]
         for bn, split, warps in tiles + [(64, 4, 2), (64, 4, 8)]:
             out.append(dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
@@ -188,12 +196,14 @@ def run_shape(M, N, K, formats, sweep, gen):
                          bytes=nbytes, max_rel_err=err, packing=packing))
     del fn
     for name in formats:
-        bits, group, sym, act = FORMATS[name]
+        bits, group, sym, act, *act_group = FORMATS[name]
+        ag = act_group[0] if act_group else Q.PER_TOKEN
         act = resolve_act(act, bits, sym)
         pw = random_packed(gen, N, K, bits, group, sym)
-        args = (x, pw.qweight, pw.scales, pw.zeros, None, None, bits, group, K, act)
-        row = dict(M=M, N=N, K=K, impl=f"q3n_{name}", act=act, bytes=pw.nbytes,
-                   path=Q.choose_path(M, N, K, bits, group, act, x.dtype, x.device))
+        args = (x, pw.qweight, pw.scales, pw.zeros, None, None, bits, group, K, act, ag)
+        row = dict(M=M, N=N, K=K, impl=f"q3n_{name}", act=act, act_group_size=ag, bytes=pw.nbytes,
+                   path=Q.choose_path(M, N, K, bits, group, act, x.dtype, x.device,
+                                      act_group_size=ag))
         try:
             out = torch.ops.q3n.qlinear(*args)
             row["max_rel_err"] = rel_err(out, Q.reference(*args))
@@ -203,18 +213,21 @@ def run_shape(M, N, K, formats, sweep, gen):
             if M >= 256 and row["path"]["path"] != "dequant":
                 # The alternative the dispatch table weighs at large M: dequantise + cuBLAS.
                 deq = dict(path="dequant")
-                f = lambda: Q._launch(*args, interpreter=False, path=deq)  # noqa: E731
+                f = lambda: Q._launch(*args[:-1], interpreter=False, path=deq,  # noqa: E731
+                                      act_group_size=ag)
                 row["dequant_rel_err"] = rel_err(f(), Q.reference(*args))
                 _, row["dequant_graph_ms"] = timed(f, eager=False)
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         if sweep:
             row["sweep"] = []
-            cands = (gemv_candidates(M, N, K, bits, group, act) if sweep == "gemv"
-                     else sweep_candidates(M, group))
+            groups = [g for g in (group, ag) if g > 0]
+            cands = (gemv_candidates(M, N, K, bits, group, act, ag) if sweep == "gemv"
+                     else sweep_candidates(M, min(groups) if groups else -1))
             for cand in cands:
                 try:
-                    f = lambda: Q._launch(*args, interpreter=False, path=cand)  # noqa: E731
+                    f = lambda: Q._launch(*args[:-1], interpreter=False, path=cand,  # noqa: E731
+                                          act_group_size=ag)
                     e = rel_err(f(), Q.reference(*args))
                     _, gms = timed(f, eager=False)
                     row["sweep"].append(dict(cand, graph_ms=gms, max_rel_err=e))

@@ -3,8 +3,8 @@
 What this module guarantees:
 
 - ``torch.ops.q3n.qlinear(x, qweight, scales, zeros, bias, smooth, bits, group_size,
-  in_features, act)`` computes ``y = A(x) @ W^T + bias`` for ``x`` ``[M, K]`` (float16, bfloat16
-  or float32), output ``[M, N]`` in x's dtype, where
+  in_features, act, act_group_size=-1)`` computes ``y = A(x) @ W^T + bias`` for ``x`` ``[M, K]``
+  (float16, bfloat16 or float32), output ``[M, N]`` in x's dtype, where
   - ``W = (q - z) * s`` is the packed weight of :mod:`q3n_compile.kernels.packing` (``bits`` in
     2..8; ``group_size`` 32/64/128 or -1 for per-channel scales; ``zeros`` None = symmetric);
   - ``A`` is the activation format ``act``:
@@ -15,6 +15,12 @@ What this module guarantees:
     exactly in float16 operands). ``A(x) = c * s_x``, with ``x' = x * smooth`` when a SmoothQuant
     vector ``smooth`` ``[K]`` is given (quantized formats only). Activation quantization is computed
     in float32 from x's values; rounding is to nearest, ties to even.
+  - ``act_group_size`` (quantized formats only) says what one activation scale covers: -1 (the
+    default) one token, as above; 32, 64 or 128: one token and that many consecutive input
+    channels, ``s_x[m, g] = max_{k in group g} |x'[m, k]| / qmax``, ``G = ceil(K / group)``
+    scales per token (when the size does not divide K, the last group holds the ``K % group``
+    channels left over; a group that is all zero gets scale 1). An outlier channel then coarsens
+    only its own group's codes.
 - The Triton kernels, the interpreter and :func:`reference` compute the same function; they differ
   only by the rounding the kernels' docstrings state (float32 accumulation order, the 16-bit
   rounding of dequantised weights on the 16-bit-activation tensor-core path, and on GPUs an
@@ -25,7 +31,8 @@ Composed with a norm (the norm_linear and quantize passes, see the section at th
 module): ``q3n::norm_act_quant(x, eps, kind, act, smooth)`` computes a LayerNorm/RMSNorm's row
 statistics and the per-token activation codes of the normalised rows in one pass over x, and
 ``q3n::qlinear_codes(codes, xscales, ...)`` runs this op's kernels on precomputed codes
-(``qlinear_codes(*quantize_activations_triton(x, act, smooth), ...)`` is ``qlinear(x, ...)``).
+(``qlinear_codes(*quantize_activations_triton(x, act, smooth), ...)`` is ``qlinear(x, ...)``);
+both take the same trailing ``act_group_size``, and their scales are then ``[M, G]``.
 
 Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per call by
 :func:`choose_path` from a table indexed by M):
@@ -37,10 +44,17 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   ``tl.dot`` in the activation's operand type — bf16/fp16 (16-bit activations), int8 x int8 ->
   int32 (``int8``), fp8 e4m3 x fp8 e4m3 (``fp8`` with weight codes that e4m3 holds exactly, i.e.
   bits <= 4; wider codes are multiplied in fp16, exactly), fp16 x fp16 (``int12``); per-group
-  scales are applied to each K block's partial product; optional split-K.
+  scales are applied to each K block's partial product — the weights' group scale and, with
+  ``act_group_size``, the rows' activation scales of that block's group; optional split-K.
 - ``dequant``: dequantise the whole weight to x's dtype and call cuBLAS (``torch.mm``): for the
   M where that is faster than the fused kernel (16-bit activations at large M). Quantized
-  activations are quantized and dequantised first, so the function computed is the same.
+  activations are quantized and dequantised first (with their groups' scales), so the function
+  computed is the same.
+
+Every K block of the gemv and mm kernels lies in one weight group and one activation group:
+:func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which
+is why any weight ``group_size`` goes with any ``act_group_size``. Per token is the constexpr
+``ACT_GROUP = 0``, the kernels as they were before activation groups existed.
 
 16-bit activations with 8-bit asymmetric weights, and int8 activations with 8-bit asymmetric
 weights (``q - z`` does not fit int8), are refused by :func:`supports`; the quantize pass turns
@@ -62,6 +76,19 @@ bytes per group, read once per call — the gain at small M, where a linear is m
 - ``int12``: 16x finer than int8 but no faster than 16-bit activations: there are no 12-bit tensor
   cores, so products run in fp16 (exactly) and the quantization pass over x is pure cost. It is
   there to reproduce the design's W6A12 attention setting faithfully.
+- per-group activation scales (``act_group_size`` 32/64/128, any of the quantized formats): the
+  quantizer writes one fp32 scale per token and group (``4 * G`` bytes per token instead of 4:
+  ``4 / group`` bytes per element, 3% of int8 codes at 128) and reads x once instead of twice
+  (a tile holds whole groups); the GEMM loads a ``[BLOCK_M]`` fp32 scale per K block and
+  converts and multiplies each block's ``[BLOCK_M, BLOCK_N]`` partial in fp32 (int8: no int32
+  accumulator chained over K, which per-channel weights with per-token scales keep), and the
+  gemv kernel multiplies each block's codes by their scale; groups of 32 or 64 also cap the
+  K block there (smaller tensor-core tiles than the table's 64/128). Gain: an activation outlier
+  coarsens 1 group instead of the whole row (on MiniLM W8A8 with g128 weights see
+  ``bench/RESULTS.md``). Not yet run on a GPU. They are compiled for sm_90 by
+  ``bench/compile_qlinear_sm90.py``, which needs no GPU. That compile shows the same shared
+  memory as per token at 128 channels, and a few more stack bytes per thread where the per-token
+  tile already spills.
 """
 
 from __future__ import annotations
@@ -78,6 +105,10 @@ from q3n_compile.kernels import packing as P
 
 ACT_FORMATS = ("none", "int8", "fp8", "int12")
 ACT_QMAX = {"int8": 127.0, "fp8": 448.0, "int12": 2047.0}
+# Activation scale groups (``act_group_size``): one scale per token (the kernels' ACT_GROUP = 0),
+# or one per token and 32/64/128 consecutive input channels (ACT_GROUP = that size).
+PER_TOKEN = -1
+ACT_GROUP_SIZES = (32, 64, 128)
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ACT_CODE = {"none": 0, "int8": 1, "fp8": 2, "int12": 3}
 # Operand types of tl.dot (DOT_DTYPE): 0 = x's dtype (16-bit activations), 1 = fp32, 2 = fp16,
@@ -160,7 +191,7 @@ def qlinear_mm_kernel(
     M, N, K, K_PAD, ROW4, ROW2, ROW1, K_PER_SPLIT,
     stride_xm, stride_xk, stride_ym, stride_yn,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ACT: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    ACT_GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -176,9 +207,17 @@ def qlinear_mm_kernel(
       K block in the tensor core's accumulator, which on sm_90 keeps about 14 bits, then added in
       fp32, as DeepSeek-V3 does); it is multiplied by its group's s (per-channel: once at the
       end) and accumulated in fp32; the result is multiplied by s_x.
+    - ACT_GROUP > 0 (activation scales s_x[m, k // ACT_GROUP], XS [M, ceil(K / ACT_GROUP)]):
+      as above, but each K block's partial product is converted to fp32 (int8: from its own
+      int32 sum, no accumulator chained across blocks), multiplied by its group's s (grouped
+      weights) and by its rows' s_x of that block's activation group, then accumulated in fp32;
+      per-channel s multiplies at the end. Cost over per-token: one [BLOCK_M] fp32 load and a
+      convert + multiply of the [BLOCK_M, BLOCK_N] partial per K block.
     Then + bias (by the first K split only); stored in Y's dtype, or atomically added to an fp32
     Y when K is split (ATOMIC).
-    Grouped formats need BLOCK_K <= GROUP (the launcher guarantees it): one group per K block.
+    Grouped formats need BLOCK_K <= GROUP and BLOCK_K <= ACT_GROUP (powers of two: BLOCK_K then
+    divides them; the launcher guarantees it): one weight group and one activation group per
+    K block.
 
     Traffic: reads the packed weight once per row block of M (bits/8 bytes per weight, plus
     2 bytes of scale and 1 of zero per group and column), x (or its codes) once per column block,
@@ -202,6 +241,8 @@ def qlinear_mm_kernel(
             z_col = tl.load(Z + offs_n, mask=n_ok, other=0).to(tl.int32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     iacc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    if ACT_GROUP != 0:
+        n_act_groups = (K + ACT_GROUP - 1) // ACT_GROUP  # XS's row stride
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
@@ -222,6 +263,19 @@ def qlinear_mm_kernel(
             else:
                 b = _to_operand(w.to(tl.float32) * s_row[None, :], a, DOT_DTYPE)
             acc = tl.dot(_to_operand(a, a, DOT_DTYPE), b, acc, input_precision=DOT_PRECISION)
+        elif ACT_GROUP != 0:
+            # Per-group activation scales: each block's exact partial product, in fp32, times
+            # its weight group's and its activation group's scales.
+            b = _to_operand(w, a, DOT_DTYPE)
+            a_op = _to_operand(a, a, DOT_DTYPE)
+            if DOT_DTYPE == 3:
+                part = tl.dot(a_op, b, out_dtype=tl.int32).to(tl.float32)
+            else:
+                part = tl.dot(a_op, b, input_precision=DOT_PRECISION)
+            if not PER_CHANNEL:
+                part = part * s_row[None, :]
+            xs_blk = tl.load(XS + offs_m * n_act_groups + k0 // ACT_GROUP, mask=m_ok, other=0.0)
+            acc += part * xs_blk[:, None]
         else:
             b = _to_operand(w, a, DOT_DTYPE)
             a_op = _to_operand(a, a, DOT_DTYPE)
@@ -241,11 +295,11 @@ def qlinear_mm_kernel(
                     acc += part
                 else:
                     acc += part * s_row[None, :]
-    if ACT != 0 and DOT_DTYPE == 3 and PER_CHANNEL:
+    if ACT != 0 and ACT_GROUP == 0 and DOT_DTYPE == 3 and PER_CHANNEL:
         acc = iacc.to(tl.float32)
     if PER_CHANNEL:
         acc = acc * s_col[None, :]
-    if ACT != 0:
+    if ACT != 0 and ACT_GROUP == 0:
         xs = tl.load(XS + offs_m, mask=m_ok, other=0.0)
         acc = acc * xs[:, None]
     if HAS_BIAS:
@@ -265,7 +319,7 @@ def qlinear_gemv_kernel(
     M, N, K, K_PAD, ROW4, ROW2, ROW1, K_PER_SPLIT,
     stride_xm, stride_xk, stride_ym, stride_yn,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ACT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    ACT_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One program computes BLOCK_N outputs of one row of Y over one split of K, in registers.
@@ -273,7 +327,8 @@ def qlinear_gemv_kernel(
     Math (all fp32): w = (q - z) * s per weight (per-channel: s multiplies the result);
     acc[k, n] += a[k] * w[k, n] over the split, where a is x (ACT = 0) or its codes c; then
     y[n] = sum_k acc[k, n] (* s_x) + bias (first split only), stored or atomically added (ATOMIC).
-    Grouped formats need BLOCK_K <= GROUP.
+    ACT_GROUP > 0: a = c * s_x[m, k // ACT_GROUP] (one fp32 load and BLOCK_K multiplies per K
+    block), and no s_x at the end. Grouped formats need BLOCK_K <= GROUP and <= ACT_GROUP.
 
     Traffic: the packed weight strip [K, BLOCK_N] once per row of x (rows after the first mostly
     hit L2), x's row once per column block, Y once (per split with ATOMIC). Memory-bound: the
@@ -293,9 +348,14 @@ def qlinear_gemv_kernel(
         if not SYM:
             z_col = tl.load(Z + offs_n, mask=n_ok, other=0).to(tl.int32)
     acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    if ACT_GROUP != 0:
+        n_act_groups = (K + ACT_GROUP - 1) // ACT_GROUP  # XS's row stride
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(X + m * stride_xm + offs_k * stride_xk, mask=offs_k < K, other=0.0)
+        if ACT_GROUP != 0:
+            # The codes of one activation group, dequantised (BLOCK_K <= ACT_GROUP).
+            a = a.to(tl.float32) * tl.load(XS + m * n_act_groups + k0 // ACT_GROUP)
         q = _load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K)
         if SYM:
             w = (q - HALF).to(tl.float32)
@@ -311,7 +371,7 @@ def qlinear_gemv_kernel(
     y = tl.sum(acc, axis=0)
     if PER_CHANNEL:
         y = y * s_col
-    if ACT != 0:
+    if ACT != 0 and ACT_GROUP == 0:
         y = y * tl.load(XS + m)
     if HAS_BIAS:
         y = y + tl.load(BIAS + offs_n, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32)
@@ -338,43 +398,86 @@ def _act_code(v, QMAX: tl.constexpr, FP8: tl.constexpr):
 
 
 @triton.jit
+def _group_codes(xq, QMAX: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr, ACT_GROUP: tl.constexpr):
+    """(codes [BLOCK_M, BLOCK_K], scales [BLOCK_M, BLOCK_K // ACT_GROUP]) of a tile of x' (fp32,
+    zero outside the row): one scale per row and ACT_GROUP consecutive columns, s = max|x'| /
+    QMAX over the group (1 for an all-zero group), c = code(x' / s)."""
+    NG: tl.constexpr = BLOCK_K // ACT_GROUP
+    xg = tl.reshape(xq, (BLOCK_M, NG, ACT_GROUP))
+    scale = tl.max(tl.abs(xg), axis=2) / QMAX
+    scale = tl.where(scale == 0.0, 1.0, scale)
+    c = _act_code(xg / scale[:, :, None], QMAX, FP8)
+    return tl.reshape(c, (BLOCK_M, BLOCK_K)), scale
+
+
+@triton.jit
+def _store_group_scales(XS, scale, offs_m, m_ok, k0, K, BLOCK_K: tl.constexpr,
+                        ACT_GROUP: tl.constexpr):
+    """Store the [BLOCK_M, BLOCK_K // ACT_GROUP] scales of the tile starting at column k0 into
+    XS [M, ceil(K / ACT_GROUP)] (contiguous)."""
+    NG: tl.constexpr = BLOCK_K // ACT_GROUP
+    n_groups = (K + ACT_GROUP - 1) // ACT_GROUP
+    g = k0 // ACT_GROUP + tl.arange(0, NG)
+    tl.store(XS + offs_m[:, None] * n_groups + g[None, :], scale,
+             mask=m_ok[:, None] & (g < n_groups)[None, :])
+
+
+@triton.jit
 def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
                      QMAX: tl.constexpr, FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per-row dynamic activation quantization: one program per BLOCK_M rows of x.
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACT_GROUP: tl.constexpr):
+    """Dynamic activation quantization: one program per BLOCK_M rows of x.
 
-    Math (fp32): x' = x (* smooth); s = max|x'| / QMAX (1 where the row is all zero); v = x' / s;
+    Math (fp32): x' = x (* smooth); s = max|x'| / QMAX over the row (ACT_GROUP = 0: per token)
+    or over each group of ACT_GROUP consecutive columns (the last one partial when ACT_GROUP
+    does not divide K), 1 where that is all zero; v = x' / s;
     integer formats: c = clamp(rint(v), -QMAX, QMAX); FP8: c = v rounded to the nearest float8
     e4m3 value (ties to even; |v| <= 448 = QMAX by construction), computed exactly in fp32 from
     v's exponent so that every backend rounds alike. Writes c (in C's dtype, which holds it
-    exactly) and s. Traffic: reads the rows twice (the second time mostly from L1/L2), writes
-    them once.
+    exactly) and s (XS [M] per token; [M, ceil(K / ACT_GROUP)] per group).
+    Traffic: per token, reads the rows twice (the second time mostly from L1/L2); per group
+    (BLOCK_K a multiple of ACT_GROUP: a tile holds whole groups), once; writes the codes once
+    and 4 bytes per scale.
     """
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_ok = offs_m < M
     offs0 = tl.arange(0, BLOCK_K)
-    amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + offs0
-        mask = m_ok[:, None] & (offs < K)[None, :]
-        x = tl.load(X + offs_m[:, None] * stride_xm + offs[None, :] * stride_xk, mask=mask,
-                    other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
-            x = x * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
-        amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.max(amax, axis=1) / QMAX
-    scale = tl.where(scale == 0.0, 1.0, scale)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + offs0
-        mask = m_ok[:, None] & (offs < K)[None, :]
-        x = tl.load(X + offs_m[:, None] * stride_xm + offs[None, :] * stride_xk, mask=mask,
-                    other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
-            x = x * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
-        c = _act_code(x / scale[:, None], QMAX, FP8)
-        tl.store(C + offs_m[:, None] * stride_cm + offs[None, :], c.to(C.dtype.element_ty),
-                 mask=mask)
-    tl.store(XS + offs_m, scale, mask=m_ok)
+    if ACT_GROUP != 0:
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + offs0
+            mask = m_ok[:, None] & (offs < K)[None, :]
+            x = tl.load(X + offs_m[:, None] * stride_xm + offs[None, :] * stride_xk, mask=mask,
+                        other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                x = x * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
+            c, scale = _group_codes(x, QMAX, FP8, BLOCK_M, BLOCK_K, ACT_GROUP)
+            tl.store(C + offs_m[:, None] * stride_cm + offs[None, :], c.to(C.dtype.element_ty),
+                     mask=mask)
+            _store_group_scales(XS, scale, offs_m, m_ok, k0, K, BLOCK_K, ACT_GROUP)
+    else:
+        amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + offs0
+            mask = m_ok[:, None] & (offs < K)[None, :]
+            x = tl.load(X + offs_m[:, None] * stride_xm + offs[None, :] * stride_xk, mask=mask,
+                        other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                x = x * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.max(amax, axis=1) / QMAX
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + offs0
+            mask = m_ok[:, None] & (offs < K)[None, :]
+            x = tl.load(X + offs_m[:, None] * stride_xm + offs[None, :] * stride_xk, mask=mask,
+                        other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                x = x * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
+            c = _act_code(x / scale[:, None], QMAX, FP8)
+            tl.store(C + offs_m[:, None] * stride_cm + offs[None, :], c.to(C.dtype.element_ty),
+                     mask=mask)
+        tl.store(XS + offs_m, scale, mask=m_ok)
 
 
 @triton.jit
@@ -423,8 +526,13 @@ def fp8_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def _k_block(group_size: int, want: int) -> int:
-    return want if group_size == P.PER_CHANNEL else min(want, group_size)
+def _k_block(group_size: int, want: int, act_group_size: int = PER_TOKEN) -> int:
+    """The K block: `want`, at most the weight group and the activation group (powers of two from
+    32, so the block divides both and lies in one group of each)."""
+    for group in (group_size, act_group_size):
+        if group > 0:
+            want = min(want, group)
+    return want
 
 
 def _split(n_tiles: int, k_pad: int, block_k: int, sms: int, max_split: int = 16) -> int:
@@ -475,22 +583,23 @@ _TABLE_KEY = {"none": "a16", "int8": "a8", "fp8": "a8", "int12": "a12"}
 
 def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
                 dtype: torch.dtype, device: torch.device, *, interpreter: bool = False,
-                sm_count: Optional[int] = None) -> dict:
+                sm_count: Optional[int] = None, act_group_size: int = PER_TOKEN) -> dict:
     """The path and launch parameters for one call; a pure function of its arguments.
 
     Interpreter: few programs (each costs ~0.1 s there): 16/32 x 64 x 64 (<= group) tiles, gemv
-    for M <= 2, no split.
-    CUDA: :data:`CUDA_TABLE` by M; GEMV 64 columns x 128 (<= group) K per step, K split in 4
+    for M <= 2, no split. Every K block is at most the weight group and the activation group.
+    CUDA: :data:`CUDA_TABLE` by M; GEMV 64 columns x 128 (<= groups) K per step, K split in 4
     (:func:`_gemv_split`); mm: split-K (fp32 atomics) when the output tiles cover fewer than
     twice the SMs.
     """
     k_pad = P.padded_k(K)
     if interpreter:
         if M <= 2:
-            return dict(path="gemv", BLOCK_N=64, BLOCK_K=_k_block(group_size, 64), SPLIT_K=1,
-                        num_warps=4, num_stages=1)
+            return dict(path="gemv", BLOCK_N=64, BLOCK_K=_k_block(group_size, 64, act_group_size),
+                        SPLIT_K=1, num_warps=4, num_stages=1)
         return dict(path="mm", BLOCK_M=16 if M <= 16 else 32, BLOCK_N=64,
-                    BLOCK_K=_k_block(group_size, 64), SPLIT_K=1, num_warps=4, num_stages=1)
+                    BLOCK_K=_k_block(group_size, 64, act_group_size), SPLIT_K=1, num_warps=4,
+                    num_stages=1)
     sms = sm_count or _sm_count(device.index if device.index is not None
                                 else torch.cuda.current_device())
     for max_m, path, tile in CUDA_TABLE[_TABLE_KEY[act]]:
@@ -499,11 +608,11 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     if path == "dequant":
         return dict(path="dequant")
     if path == "gemv":
-        bn, bk = 64, _k_block(group_size, 128)
+        bn, bk = 64, _k_block(group_size, 128, act_group_size)
         return dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=_gemv_split(k_pad, bk),
                     num_warps=4, num_stages=2)
     bm, bn, bk, warps, stages = tile
-    bk = _k_block(group_size, bk)
+    bk = _k_block(group_size, bk, act_group_size)
     split = _split(triton.cdiv(M, bm) * triton.cdiv(N, bn), k_pad, bk, sms)
     return dict(path="mm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
                 num_stages=stages)
@@ -518,12 +627,21 @@ def _act_codes_dtype(act: str, device: torch.device, interpreter: bool) -> torch
     return torch.float8_e4m3fn if (not interpreter and fp8_supported(device)) else torch.float16
 
 
+def _act_scales_empty(M, K: int, act_group_size: int, device) -> torch.Tensor:
+    """The fp32 scale tensor of M rows: [M] per token, [M, G] per group (contiguous)."""
+    if act_group_size == PER_TOKEN:
+        return torch.empty((M,), dtype=torch.float32, device=device)
+    return torch.empty((M, n_act_groups(K, act_group_size)), dtype=torch.float32, device=device)
+
+
 def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torch.Tensor],
-                                interpreter: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes [M, K], scales [M] fp32) by :func:`act_quant_kernel`."""
+                                interpreter: bool, act_group_size: int = PER_TOKEN
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [M, K], scales fp32 [M] per token or [M, ceil(K / group)]) by
+    :func:`act_quant_kernel`."""
     M, K = x.shape
     codes = torch.empty((M, K), dtype=_act_codes_dtype(act, x.device, interpreter), device=x.device)
-    scales = torch.empty((M,), dtype=torch.float32, device=x.device)
+    scales = _act_scales_empty(M, K, act_group_size, x.device)
     if M == 0:
         return codes, scales
     if interpreter:
@@ -531,11 +649,12 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
     else:
         block_m, block_k = 1, min(4096, triton.next_power_of_2(K))
         warps = min(16, max(4, block_k // 256))
+    act_group = 0 if act_group_size == PER_TOKEN else act_group_size
     act_quant_kernel[(triton.cdiv(M, block_m),)](
         x, smooth if smooth is not None else scales, codes, scales, M, K,
         x.stride(0), x.stride(1), codes.stride(0),
         QMAX=ACT_QMAX[act], FP8=act == "fp8", HAS_SMOOTH=smooth is not None,
-        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_K=max(block_k, act_group), ACT_GROUP=act_group, num_warps=warps,
     )
     return codes, scales
 
@@ -578,23 +697,25 @@ def _codes_fit_fp8(bits: int, symmetric: bool) -> bool:
 
 
 def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act,
-            interpreter: bool, path: Optional[dict] = None) -> torch.Tensor:
+            interpreter: bool, path: Optional[dict] = None,
+            act_group_size: int = PER_TOKEN) -> torch.Tensor:
     """Run the op's Triton path; `path` overrides :func:`choose_path` (tests and the benchmark)."""
-    reason = supports(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act)
+    reason = supports(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act,
+                      act_group_size)
     if reason is not None:
         raise ValueError(f"q3n::qlinear: {reason}")
     M, K = x.shape
     N = qweight.shape[1]
     cfg = path or choose_path(M, N, K, bits, group_size, act, x.dtype, x.device,
-                              interpreter=interpreter)
+                              interpreter=interpreter, act_group_size=act_group_size)
     if M == 0:
         return x.new_empty((0, N))
     if cfg["path"] == "dequant":
         if act == "none":
             a = x
         else:
-            codes, xs = quantize_activations_triton(x, act, smooth, interpreter)
-            a = (codes.to(torch.float32) * xs[:, None]).to(x.dtype)
+            codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size)
+            a = _dequantize_codes(codes, xs, act_group_size, x.dtype)
         wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype, interpreter)
         return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
 
@@ -602,16 +723,24 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
         a, xs = x, x  # xs unused
         codes_dtype = None
     else:
-        a, xs = quantize_activations_triton(x, act, smooth, interpreter)
+        a, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size)
         codes_dtype = a.dtype
     return _gemm(a, xs, codes_dtype, x.dtype, qweight, scales, zeros, bias, bits, group_size, act,
-                 cfg, interpreter)
+                 cfg, interpreter, act_group_size)
+
+
+def _dequantize_codes(codes: torch.Tensor, xs: torch.Tensor, act_group_size: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """``c * s_x`` (fp32, rounded once to `dtype`): the dequant path's activations."""
+    scale = expand_act_scales(xs, codes.shape[1], act_group_size)
+    return (codes.to(torch.float32) * scale).to(dtype)
 
 
 def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, group_size, act,
-          cfg: dict, interpreter: bool) -> torch.Tensor:
+          cfg: dict, interpreter: bool, act_group_size: int = PER_TOKEN) -> torch.Tensor:
     """Launch the gemv/mm kernel of `cfg` on `a` [M, K]: x itself (act "none") or its codes with
-    per-row scales `xs`; the output is [M, N] in `out_dtype` (x's dtype for the op)."""
+    scales `xs` (fp32 [M] per token, or contiguous [M, G] per token and group of
+    `act_group_size` channels); the output is [M, N] in `out_dtype` (x's dtype for the op)."""
     M, K = a.shape
     N = qweight.shape[1]
     split = cfg.get("SPLIT_K", 1)
@@ -624,12 +753,16 @@ def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, gro
     block_k = cfg["BLOCK_K"]
     k_per_split = triton.cdiv(triton.cdiv(k_pad, block_k), split) * block_k
     group = 0 if group_size == P.PER_CHANNEL else group_size
+    act_group = 0 if act_group_size == PER_TOKEN else act_group_size
+    if act_group and act_group % block_k:  # only a forced `path` can get here
+        raise ValueError(f"q3n::qlinear: BLOCK_K {block_k} does not divide the activation group "
+                         f"{act_group} (each K block must lie in one group)")
     common = (a, xs, qweight, scales, zeros if zeros is not None else scales,
               bias if bias is not None else scales, y,
               M, N, K, k_pad, row4, row2, row1, k_per_split,
               a.stride(0), a.stride(1), y.stride(0), y.stride(1))
     flags = dict(BITS=bits, GROUP=group, SYM=zeros is None, ACT=_ACT_CODE[act],
-                 HAS_BIAS=bias is not None, ATOMIC=atomic)
+                 ACT_GROUP=act_group, HAS_BIAS=bias is not None, ATOMIC=atomic)
     if cfg["path"] == "gemv":
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
         qlinear_gemv_kernel[grid](*common, **flags, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
@@ -649,16 +782,41 @@ def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, gro
 # ---------------------------------------------------------------------------------------------
 
 
-def quantize_activations(x: torch.Tensor, act: str, smooth: Optional[torch.Tensor] = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row dynamic quantization, the op's definition: (codes as float32 [M, K], scales [M])."""
+def n_act_groups(k: int, act_group_size: int) -> int:
+    """Scales per token: 1 per token (``PER_TOKEN``), else ``ceil(K / group)``: the last group of
+    a row holds the ``K % group`` channels left over when the group does not divide K."""
+    return 1 if act_group_size == PER_TOKEN else -(-k // act_group_size)
+
+
+def expand_act_scales(scales: torch.Tensor, k: int, act_group_size: int) -> torch.Tensor:
+    """The activation scale of every element: per-token ``[M]`` -> ``[M, 1]`` (broadcasts over
+    K); grouped ``[M, G]`` -> ``[M, K]``."""
+    if act_group_size == PER_TOKEN:
+        return scales[:, None]
+    return scales.repeat_interleave(act_group_size, dim=1)[:, :k]
+
+
+def _amax_per_group(xf: torch.Tensor, act_group_size: int) -> torch.Tensor:
+    """max |x| per token (``[M]``) or per token and group (``[M, G]``, the last group partial)."""
+    m, k = xf.shape
+    if act_group_size == PER_TOKEN:
+        return xf.abs().amax(dim=-1) if k else xf.new_zeros(m)
+    g = act_group_size
+    padded = torch.nn.functional.pad(xf.abs(), (0, n_act_groups(k, g) * g - k))
+    return padded.reshape(m, -1, g).amax(dim=-1)
+
+
+def quantize_activations(x: torch.Tensor, act: str, smooth: Optional[torch.Tensor] = None,
+                         act_group_size: int = PER_TOKEN) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic quantization of x ``[M, K]``, the op's definition: (codes as float32 [M, K],
+    scales: [M] per token, or [M, ceil(K / act_group_size)] per token and channel group)."""
     xf = x.to(torch.float32)
     if smooth is not None:
         xf = xf * smooth.to(torch.float32)
     qmax = ACT_QMAX[act]
-    scale = xf.abs().amax(dim=-1) / qmax if xf.shape[-1] else xf.new_ones(xf.shape[:-1])
+    scale = _amax_per_group(xf, act_group_size) / qmax
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    v = xf / scale[:, None]
+    v = xf / expand_act_scales(scale, xf.shape[-1], act_group_size)
     if act == "fp8":
         codes = v.clamp(-qmax, qmax).to(torch.float8_e4m3fn).to(torch.float32)
     else:
@@ -666,19 +824,19 @@ def quantize_activations(x: torch.Tensor, act: str, smooth: Optional[torch.Tenso
     return codes, scale
 
 
-def fake_quantize_activations(x: torch.Tensor, act: str, smooth: Optional[torch.Tensor] = None
-                              ) -> torch.Tensor:
+def fake_quantize_activations(x: torch.Tensor, act: str, smooth: Optional[torch.Tensor] = None,
+                              act_group_size: int = PER_TOKEN) -> torch.Tensor:
     """``A(x)`` in float32 (``x * smooth`` quantized and dequantised); x itself for "none"."""
     if act == "none":
         return x.to(torch.float32)
-    codes, scale = quantize_activations(x, act, smooth)
-    return codes * scale[:, None]
+    codes, scale = quantize_activations(x, act, smooth, act_group_size)
+    return codes * expand_act_scales(scale, x.shape[-1], act_group_size)
 
 
 def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
               zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor],
               smooth: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
-              act: str) -> torch.Tensor:
+              act: str, act_group_size: int = PER_TOKEN) -> torch.Tensor:
     """Plain torch with the op's semantics; float32 math (float64 for float64 x)."""
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     codes = P.unpack_codes(qweight, bits, in_features)
@@ -686,8 +844,8 @@ def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if act == "none":
         a = x.to(cdt)
     else:
-        c, s = quantize_activations(x, act, smooth)
-        a = c.to(cdt) * s.to(cdt)[:, None]
+        c, s = quantize_activations(x, act, smooth, act_group_size)
+        a = c.to(cdt) * expand_act_scales(s.to(cdt), in_features, act_group_size)
     y = a @ w.t()
     if bias is not None:
         y = y + bias.to(cdt)
@@ -704,14 +862,24 @@ def _known(cond) -> bool:
     return statically_known_true(cond)
 
 
-def format_supported(bits: int, group_size: int, symmetric: bool, act: str) -> Optional[str]:
-    """None if the kernels implement this (weight, activation) format, else why not."""
+def format_supported(bits: int, group_size: int, symmetric: bool, act: str,
+                     act_group_size: int = PER_TOKEN) -> Optional[str]:
+    """None if the kernels implement this (weight, activation) format, else why not.
+
+    Any activation group goes with any weight group: both are powers of two from 32, and the
+    kernels' K block is at most the smaller of them, so each K block lies in one group of each.
+    An activation group need not divide K (the last group of a row is partial)."""
     if not P.MIN_BITS <= bits <= P.MAX_BITS:
         return f"{bits}-bit weights are not supported (2..8)"
     if group_size != P.PER_CHANNEL and group_size not in P.GROUP_SIZES:
         return f"group size {group_size} is not supported (32, 64, 128 or per-channel)"
     if act not in ACT_FORMATS:
         return f"activation format {act!r} is not one of {ACT_FORMATS}"
+    if act_group_size != PER_TOKEN and act_group_size not in ACT_GROUP_SIZES:
+        return (f"activation group size {act_group_size} is not supported (32, 64, 128 or "
+                f"{PER_TOKEN} for per-token scales)")
+    if act == "none" and act_group_size != PER_TOKEN:
+        return "activation scale groups need quantized activations (int8, fp8 or int12)"
     if act in ("int8", "none") and bits == 8 and not symmetric:
         return ("8-bit weights with zero points are not supported (q - z needs 9 bits); "
                 "use symmetric: true")
@@ -719,9 +887,9 @@ def format_supported(bits: int, group_size: int, symmetric: bool, act: str) -> O
 
 
 def supports(x, qweight, scales, zeros=None, bias=None, smooth=None, bits=4, group_size=128,
-             in_features=None, act="none") -> Optional[str]:
+             in_features=None, act="none", act_group_size=PER_TOKEN) -> Optional[str]:
     """None if the op handles these arguments, else why not. Safe on FakeTensors."""
-    reason = format_supported(bits, group_size, zeros is None, act)
+    reason = format_supported(bits, group_size, zeros is None, act, act_group_size)
     if reason:
         return reason
     if x.dim() != 2:
@@ -759,15 +927,17 @@ def supports(x, qweight, scales, zeros=None, bias=None, smooth=None, bits=4, gro
 def _qlinear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                   zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                   smooth: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
-                  act: str) -> torch.Tensor:
+                  act: str, act_group_size: int = PER_TOKEN) -> torch.Tensor:
     backend = contract.backend_for(x.device)
     if backend == "reference":
-        return reference(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act)
+        return reference(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features,
+                         act, act_group_size)
     return _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act,
-                   interpreter=backend == "interpreter")
+                   interpreter=backend == "interpreter", act_group_size=act_group_size)
 
 
-def _qlinear_fake(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act):
+def _qlinear_fake(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act,
+                  act_group_size=PER_TOKEN):
     return x.new_empty((x.shape[0], qweight.shape[1]))
 
 
@@ -786,13 +956,15 @@ qlinear = contract.register_kernel_op("qlinear", _qlinear_impl, _qlinear_fake)
 # gate/up) that quantize x_hat alike (same activation format, same SmoothQuant vector), and each
 # sibling runs ``q3n::qlinear_codes``: the qlinear kernels of this module on those codes.
 #
-# ``q3n::norm_act_quant(x, eps, kind, act, smooth) -> (codes [M, K], scales [M] fp32)``, x
-# ``[..., K]`` (float16, bfloat16, float32; M = the product of the leading sizes):
+# ``q3n::norm_act_quant(x, eps, kind, act, smooth, act_group_size=-1) -> (codes [M, K], scales
+# [M] fp32, or [M, ceil(K / act_group_size)] per token and channel group)``, x ``[..., K]``
+# (float16, bfloat16, float32; M = the product of the leading sizes):
 #
 #     LayerNorm (kind "layernorm"): x0 = x[m, 0]; s1 = sum(x - x0); s2 = sum((x - x0)^2);
 #         dm = s1 / K; rstd = 1 / sqrt(max(s2 / K - dm^2, 0) + eps); x_hat = ((x - x0) - dm) * rstd
 #     RMSNorm (kind "rmsnorm"): rstd = 1 / sqrt(sum(x^2) / K + eps); x_hat = x * rstd
-#     then (codes, scales) = quantize_activations(x_hat, act, smooth)   (this module's definition)
+#     then (codes, scales) = quantize_activations(x_hat, act, smooth, act_group_size)
+#                                                                      (this module's definition)
 #
 # all in float32 from x's values (the statistics are those of ``kernels.norm_linear``'s
 # row_stats_kernel, centred on the row's first element so that a large mean cancels nothing).
@@ -804,11 +976,12 @@ qlinear = contract.register_kernel_op("qlinear", _qlinear_impl, _qlinear_fake)
 # rounding tie, and a scale by a few ulps. Nothing else differs.
 #
 # ``q3n::qlinear_codes(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
-# in_features, act, out_dtype) -> [M, N]`` is ``q3n::qlinear`` with its activation quantization
-# already done: ``y = (codes * xscales[:, None]) @ W^T + bias`` in `out_dtype` (bias, if given,
+# in_features, act, out_dtype, act_group_size=-1) -> [M, N]`` is ``q3n::qlinear`` with its
+# activation quantization already done: ``y = (codes * s_x) @ W^T + bias`` (s_x: ``xscales[m]``
+# per token, ``xscales[m, k // act_group_size]`` per group) in `out_dtype` (bias, if given,
 # in `out_dtype`), by the same kernels, the same dispatch table and the same rounding as the op.
-# For every (x, smooth): ``qlinear_codes(*quantize_activations_triton(x, act, smooth), ...)`` is
-# ``qlinear(x, ..., smooth, ..., act)``.
+# For every (x, smooth, g): ``qlinear_codes(*quantize_activations_triton(x, act, smooth,
+# act_group_size=g), ..., act, out_dtype, g)`` is ``qlinear(x, ..., smooth, ..., act, g)``.
 
 
 @triton.jit
@@ -837,15 +1010,18 @@ def _smoothed_tile(x_row, SM, offs, mask, stride_xk, K, x0, dm, rstd, KIND: tl.c
 def norm_act_quant_kernel(X, SM, C, XS, M, K, eps, stride_xm, stride_xk, stride_cm,
                           KIND: tl.constexpr, QMAX: tl.constexpr, FP8: tl.constexpr,
                           HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                          ONE_TILE: tl.constexpr):
-    """Row statistics, normalisation and per-token activation quantization: one program per
-    BLOCK_M rows of x.
+                          ONE_TILE: tl.constexpr, ACT_GROUP: tl.constexpr):
+    """Row statistics, normalisation and dynamic activation quantization (per token, or per
+    token and ACT_GROUP channels): one program per BLOCK_M rows of x.
 
     Math (fp32, per row): the statistics of the module comment above (LayerNorm: centred on
     x0 = x[m, 0]; RMSNorm: sum of squares), rstd = 1 / sqrt(var + eps); x_hat as there;
     x' = x_hat (* smooth); s = max|x'| / QMAX (1 for an all-zero row); c = round(x' / s) as
     :func:`act_quant_kernel` rounds (integers, or e4m3 values, ties to even), clamped to QMAX.
     Writes c (in C's dtype, which holds it exactly) and s.
+    ACT_GROUP > 0: s per row and group of ACT_GROUP columns (XS [M, ceil(K / ACT_GROUP)]), as
+    :func:`act_quant_kernel` computes it; BLOCK_K is a multiple of ACT_GROUP (a tile holds whole
+    groups), so the sweeps need no max|x'| sweep of their own: two, statistics and codes.
 
     ONE_TILE (K <= BLOCK_K: every row up to 8192 wide on the GPU): the row is loaded once into
     registers and everything is computed from there. Otherwise three sweeps over the row: the
@@ -878,9 +1054,13 @@ def norm_act_quant_kernel(X, SM, C, XS, M, K, eps, stride_xm, stride_xk, stride_
         if HAS_SMOOTH:
             xh = xh * tl.load(SM + offs0, mask=offs0 < K, other=0.0)[None, :]
         xh = tl.where(mask, xh, 0.0)
-        scale = tl.max(tl.abs(xh), axis=1) / QMAX
-        scale = tl.where(scale == 0.0, 1.0, scale)
-        c = _act_code(xh / scale[:, None], QMAX, FP8)
+        if ACT_GROUP != 0:
+            c, gscale = _group_codes(xh, QMAX, FP8, BLOCK_M, BLOCK_K, ACT_GROUP)
+            _store_group_scales(XS, gscale, offs_m, m_ok, 0, K, BLOCK_K, ACT_GROUP)
+        else:
+            scale = tl.max(tl.abs(xh), axis=1) / QMAX
+            scale = tl.where(scale == 0.0, 1.0, scale)
+            c = _act_code(xh / scale[:, None], QMAX, FP8)
         tl.store(C + offs_m[:, None] * stride_cm + offs0[None, :], c.to(C.dtype.element_ty),
                  mask=mask)
     else:
@@ -901,22 +1081,37 @@ def norm_act_quant_kernel(X, SM, C, XS, M, K, eps, stride_xm, stride_xk, stride_
         else:
             dm = x0
             rstd = 1.0 / tl.sqrt(s2 / K + eps)
-        amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + offs0
-            mask = m_ok[:, None] & (offs < K)[None, :]
-            xh = _smoothed_tile(x_row, SM, offs, mask, stride_xk, K, x0, dm, rstd, KIND, HAS_SMOOTH)
-            amax = tl.maximum(amax, tl.where(mask, tl.abs(xh), 0.0))
-        scale = tl.max(amax, axis=1) / QMAX
-        scale = tl.where(scale == 0.0, 1.0, scale)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + offs0
-            mask = m_ok[:, None] & (offs < K)[None, :]
-            xh = _smoothed_tile(x_row, SM, offs, mask, stride_xk, K, x0, dm, rstd, KIND, HAS_SMOOTH)
-            c = _act_code(xh / scale[:, None], QMAX, FP8)
-            tl.store(C + offs_m[:, None] * stride_cm + offs[None, :], c.to(C.dtype.element_ty),
-                     mask=mask)
-    tl.store(XS + offs_m, scale, mask=m_ok)
+        if ACT_GROUP != 0:
+            for k0 in range(0, K, BLOCK_K):
+                offs = k0 + offs0
+                mask = m_ok[:, None] & (offs < K)[None, :]
+                xh = _smoothed_tile(x_row, SM, offs, mask, stride_xk, K, x0, dm, rstd, KIND,
+                                    HAS_SMOOTH)
+                c, gscale = _group_codes(tl.where(mask, xh, 0.0), QMAX, FP8, BLOCK_M, BLOCK_K,
+                                         ACT_GROUP)
+                tl.store(C + offs_m[:, None] * stride_cm + offs[None, :],
+                         c.to(C.dtype.element_ty), mask=mask)
+                _store_group_scales(XS, gscale, offs_m, m_ok, k0, K, BLOCK_K, ACT_GROUP)
+        else:
+            amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs = k0 + offs0
+                mask = m_ok[:, None] & (offs < K)[None, :]
+                xh = _smoothed_tile(x_row, SM, offs, mask, stride_xk, K, x0, dm, rstd, KIND,
+                                    HAS_SMOOTH)
+                amax = tl.maximum(amax, tl.where(mask, tl.abs(xh), 0.0))
+            scale = tl.max(amax, axis=1) / QMAX
+            scale = tl.where(scale == 0.0, 1.0, scale)
+            for k0 in range(0, K, BLOCK_K):
+                offs = k0 + offs0
+                mask = m_ok[:, None] & (offs < K)[None, :]
+                xh = _smoothed_tile(x_row, SM, offs, mask, stride_xk, K, x0, dm, rstd, KIND,
+                                    HAS_SMOOTH)
+                c = _act_code(xh / scale[:, None], QMAX, FP8)
+                tl.store(C + offs_m[:, None] * stride_cm + offs[None, :],
+                         c.to(C.dtype.element_ty), mask=mask)
+    if ACT_GROUP == 0:
+        tl.store(XS + offs_m, scale, mask=m_ok)
 
 
 NORM_KINDS = ("layernorm", "rmsnorm")
@@ -938,49 +1133,54 @@ def norm_act_quant_config(M: int, K: int, *, interpreter: bool = False) -> dict:
 
 def _norm_act_quant_launch(x: torch.Tensor, eps: float, kind: str, act: str,
                            smooth: Optional[torch.Tensor], interpreter: bool,
-                           config: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run :func:`norm_act_quant_kernel`; `config` overrides :func:`norm_act_quant_config`."""
-    reason = supports_norm_act_quant(x, eps, kind, act, smooth)
+                           config: Optional[dict] = None, act_group_size: int = PER_TOKEN
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run :func:`norm_act_quant_kernel`; `config` overrides :func:`norm_act_quant_config`
+    (its BLOCK_K is raised to the activation group where it is smaller)."""
+    reason = supports_norm_act_quant(x, eps, kind, act, smooth, act_group_size)
     if reason is not None:
         raise ValueError(f"q3n::norm_act_quant: {reason}")
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     codes = torch.empty((M, K), dtype=_act_codes_dtype(act, x.device, interpreter), device=x.device)
-    scales = torch.empty((M,), dtype=torch.float32, device=x.device)
+    scales = _act_scales_empty(M, K, act_group_size, x.device)
     if M == 0:
         return codes, scales
     cfg = config or norm_act_quant_config(M, K, interpreter=interpreter)
+    act_group = 0 if act_group_size == PER_TOKEN else act_group_size
+    block_k = max(cfg["BLOCK_K"], act_group)  # a tile holds whole groups
     norm_act_quant_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
         x2, smooth if smooth is not None else scales, codes, scales, M, K, float(eps),
         x2.stride(0), x2.stride(1), codes.stride(0),
         KIND=0 if kind == "layernorm" else 1, QMAX=ACT_QMAX[act], FP8=act == "fp8",
-        HAS_SMOOTH=smooth is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
-        ONE_TILE=cfg["BLOCK_K"] >= K, num_warps=cfg["num_warps"],
+        HAS_SMOOTH=smooth is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=block_k,
+        ONE_TILE=block_k >= K, ACT_GROUP=act_group, num_warps=cfg["num_warps"],
     )
     return codes, scales
 
 
 def _qlinear_codes_launch(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
                           in_features, act, out_dtype, interpreter: bool,
-                          path: Optional[dict] = None) -> torch.Tensor:
+                          path: Optional[dict] = None, act_group_size: int = PER_TOKEN
+                          ) -> torch.Tensor:
     """``q3n::qlinear_codes``'s Triton path; `path` overrides :func:`choose_path`."""
     reason = supports_codes(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
-                            in_features, act, out_dtype)
+                            in_features, act, out_dtype, act_group_size)
     if reason is not None:
         raise ValueError(f"q3n::qlinear_codes: {reason}")
     M, K = codes.shape
     N = qweight.shape[1]
     cfg = path or choose_path(M, N, K, bits, group_size, act, out_dtype, codes.device,
-                              interpreter=interpreter)
+                              interpreter=interpreter, act_group_size=act_group_size)
     if M == 0:
         return torch.empty((0, N), dtype=out_dtype, device=codes.device)
     if cfg["path"] == "dequant":
-        a = (codes.to(torch.float32) * xscales[:, None]).to(out_dtype)
+        a = _dequantize_codes(codes, xscales, act_group_size, out_dtype)
         wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, out_dtype, interpreter)
         return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
-    return _gemm(codes, xscales, codes.dtype, out_dtype, qweight, scales, zeros, bias, bits,
-                 group_size, act, cfg, interpreter)
+    return _gemm(codes, xscales.contiguous(), codes.dtype, out_dtype, qweight, scales, zeros, bias,
+                 bits, group_size, act, cfg, interpreter, act_group_size)
 
 
 def normalise_rows(x: torch.Tensor, eps: float, kind: str) -> torch.Tensor:
@@ -998,35 +1198,43 @@ def normalise_rows(x: torch.Tensor, eps: float, kind: str) -> torch.Tensor:
 
 
 def reference_norm_act_quant(x: torch.Tensor, eps: float, kind: str, act: str,
-                             smooth: Optional[torch.Tensor] = None
+                             smooth: Optional[torch.Tensor] = None,
+                             act_group_size: int = PER_TOKEN
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch with ``q3n::norm_act_quant``'s semantics: :func:`normalise_rows` in float32,
     then :func:`quantize_activations`; codes in the op's storage dtype."""
-    codes, scales = quantize_activations(normalise_rows(x, eps, kind).to(torch.float32), act, smooth)
+    xh = normalise_rows(x, eps, kind).to(torch.float32)
+    codes, scales = quantize_activations(xh, act, smooth, act_group_size)
     return codes.to(_act_codes_dtype(act, x.device, False)), scales
 
 
 def reference_codes(codes: torch.Tensor, xscales: torch.Tensor, qweight: torch.Tensor,
                     scales: torch.Tensor, zeros: Optional[torch.Tensor],
                     bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
-                    act: str, out_dtype: torch.dtype) -> torch.Tensor:
+                    act: str, out_dtype: torch.dtype, act_group_size: int = PER_TOKEN
+                    ) -> torch.Tensor:
     """Plain torch with ``q3n::qlinear_codes``'s semantics (float32 math, as :func:`reference`)."""
     w = P.dequantize(P.unpack_codes(qweight, bits, in_features), scales, zeros, bits, group_size,
                      dtype=torch.float32)
-    y = (codes.to(torch.float32) * xscales.to(torch.float32)[:, None]) @ w.t()
+    a = codes.to(torch.float32) * expand_act_scales(xscales.to(torch.float32), in_features,
+                                                    act_group_size)
+    y = a @ w.t()
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(out_dtype)
 
 
-def supports_norm_act_quant(x, eps=1e-5, kind="rmsnorm", act="int8", smooth=None
-                            ) -> Optional[str]:
+def supports_norm_act_quant(x, eps=1e-5, kind="rmsnorm", act="int8", smooth=None,
+                            act_group_size=PER_TOKEN) -> Optional[str]:
     """None if ``q3n::norm_act_quant`` handles these arguments, else why not. Safe on FakeTensors
     (K must be static; the leading sizes may be symbolic)."""
     if kind not in NORM_KINDS:
         return f"kind {kind!r} is not one of {NORM_KINDS}"
     if act not in ACT_QMAX:
         return f"activation format {act!r} is not a quantized one ({', '.join(ACT_QMAX)})"
+    if act_group_size != PER_TOKEN and act_group_size not in ACT_GROUP_SIZES:
+        return (f"activation group size {act_group_size} is not supported (32, 64, 128 or "
+                f"{PER_TOKEN} for per-token scales)")
     if x.dim() < 1:
         return "x must have at least one dim"
     if x.dtype not in _X_DTYPES:
@@ -1045,22 +1253,30 @@ def supports_norm_act_quant(x, eps=1e-5, kind="rmsnorm", act="int8", smooth=None
 
 
 def supports_codes(codes, xscales, qweight, scales, zeros=None, bias=None, bits=4, group_size=128,
-                   in_features=None, act="int8", out_dtype=torch.float32) -> Optional[str]:
+                   in_features=None, act="int8", out_dtype=torch.float32,
+                   act_group_size=PER_TOKEN) -> Optional[str]:
     """None if ``q3n::qlinear_codes`` handles these arguments, else why not. Safe on FakeTensors."""
     if act not in ACT_QMAX:
         return f"activation format {act!r} is not a quantized one ({', '.join(ACT_QMAX)})"
     if out_dtype not in _X_DTYPES:
         return f"out_dtype {str(out_dtype).replace('torch.', '')} not supported"
-    if codes.dim() != 2 or xscales.dim() != 1 or xscales.dtype != torch.float32 or not _known(
-            xscales.shape[0] == codes.shape[0]):
-        return "codes must be [M, K] and xscales float32 [M]"
+    if act_group_size == PER_TOKEN:
+        if codes.dim() != 2 or xscales.dim() != 1 or xscales.dtype != torch.float32 or not _known(
+                xscales.shape[0] == codes.shape[0]):
+            return "codes must be [M, K] and xscales float32 [M]"
+    elif act_group_size in ACT_GROUP_SIZES and codes.dim() == 2:
+        groups = n_act_groups(codes.shape[1], act_group_size)
+        if xscales.dim() != 2 or xscales.dtype != torch.float32 or not _known(
+                xscales.shape[0] == codes.shape[0]) or not _known(xscales.shape[1] == groups):
+            return (f"codes must be [M, K] and xscales float32 [M, {groups}] (one scale per "
+                    f"token and {act_group_size} channels)")
     if codes.dtype != _act_codes_dtype(act, codes.device, False):
         return (f"codes dtype {str(codes.dtype).replace('torch.', '')} is not what "
                 f"q3n::norm_act_quant stores for {act} on {codes.device.type}")
     # The weight side: qlinear's own checks, on a stand-in for x (codes' shape and device, the
     # output dtype).
     return supports(_XLike(codes, out_dtype), qweight, scales, zeros, bias, None, bits,
-                    group_size, in_features, act)
+                    group_size, in_features, act, act_group_size)
 
 
 class _XLike:
@@ -1074,36 +1290,41 @@ class _XLike:
 
 
 def _norm_act_quant_impl(x: torch.Tensor, eps: float, kind: str, act: str,
-                         smooth: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                         smooth: Optional[torch.Tensor], act_group_size: int = PER_TOKEN
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     backend = contract.backend_for(x.device)
     if backend == "reference":
-        return reference_norm_act_quant(x, eps, kind, act, smooth)
-    return _norm_act_quant_launch(x, eps, kind, act, smooth, interpreter=backend == "interpreter")
+        return reference_norm_act_quant(x, eps, kind, act, smooth, act_group_size)
+    return _norm_act_quant_launch(x, eps, kind, act, smooth, interpreter=backend == "interpreter",
+                                  act_group_size=act_group_size)
 
 
-def _norm_act_quant_fake(x, eps, kind, act, smooth):
+def _norm_act_quant_fake(x, eps, kind, act, smooth, act_group_size=PER_TOKEN):
     m = 1
     for s in x.shape[:-1]:
         m = m * s
-    K = x.shape[-1]
+    K = x.shape[-1]  # static (supports_norm_act_quant): the group count is a plain int
+    scales_shape = (m,) if act_group_size == PER_TOKEN else (m, n_act_groups(K, act_group_size))
     return (x.new_empty((m, K), dtype=_act_codes_dtype(act, x.device, False)),
-            x.new_empty((m,), dtype=torch.float32))
+            x.new_empty(scales_shape, dtype=torch.float32))
 
 
 def _qlinear_codes_impl(codes: torch.Tensor, xscales: torch.Tensor, qweight: torch.Tensor,
                         scales: torch.Tensor, zeros: Optional[torch.Tensor],
                         bias: Optional[torch.Tensor], bits: int, group_size: int,
-                        in_features: int, act: str, out_dtype: torch.dtype) -> torch.Tensor:
+                        in_features: int, act: str, out_dtype: torch.dtype,
+                        act_group_size: int = PER_TOKEN) -> torch.Tensor:
     backend = contract.backend_for(codes.device)
     if backend == "reference":
         return reference_codes(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
-                               in_features, act, out_dtype)
+                               in_features, act, out_dtype, act_group_size)
     return _qlinear_codes_launch(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
-                                 in_features, act, out_dtype, interpreter=backend == "interpreter")
+                                 in_features, act, out_dtype, interpreter=backend == "interpreter",
+                                 act_group_size=act_group_size)
 
 
 def _qlinear_codes_fake(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
-                        in_features, act, out_dtype):
+                        in_features, act, out_dtype, act_group_size=PER_TOKEN):
     return codes.new_empty((codes.shape[0], qweight.shape[1]), dtype=out_dtype)
 
 

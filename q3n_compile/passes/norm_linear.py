@@ -58,8 +58,8 @@ asks the quantize pass's own candidate test, classification and ``quant_config``
   quantized linear really receives; :func:`~q3n_compile.quant.calibrate` statistics, recorded at
   the unfused linear's input γ·x_hat + β, are mapped to x_hat) and packing, reports each layer
   with its relative output error, and for quantized activations replaces ``normalize`` + the
-  activation quantizer by one ``q3n::norm_act_quant`` (statistics, normalisation and per-token
-  codes in one pass over x) feeding ``q3n::qlinear_codes``. Weight-only formats keep
+  activation quantizer by one ``q3n::norm_act_quant`` (statistics, normalisation and the codes,
+  per token or per token and channel group, in one pass over x) feeding ``q3n::qlinear_codes``. Weight-only formats keep
   ``normalize`` and run ``q3n::qlinear`` on x_hat.
 
 So this pass counts the fusion (``matched``/``rewritten`` per norm; the call's entry says

@@ -14,7 +14,9 @@ For each linear:
    the class entry (``ffn_layers`` / ``attn_layers``); heads and routers only by a rule that names
    them. 8-bit activations with ``activation_format: "auto"`` become fp8 e4m3 when the weight is
    on a GPU with fp8 tensor cores (sm_89+) and the weight codes fit e4m3 (<= 4 bits), int8
-   otherwise.
+   otherwise. ``activation_group_size`` (per token unless set; 32/64/128 channels) becomes the
+   ops' trailing ``act_group_size`` argument, given only where it is not per token; the report's
+   entry carries it (``activation_group_size``, and ``act-g<size>`` in ``format``).
 3. **Checks**: a format the layer cannot take (a group size that does not divide K, an input
    dtype the kernel does not take) raises :class:`QuantizeConfigError` naming the layer and the fix
    under ``strict=True``; otherwise the layer stays in high precision and
@@ -58,12 +60,12 @@ linears on W'. Here:
 - 16-bit activations: ``q3n::qlinear`` reads x_hat (one normalise pass over x, shared by the
   siblings);
 - quantized activations: ``q3n::norm_act_quant(x)`` computes the statistics, x_hat and its
-  per-token codes in one pass over x (x_hat is never written) and ``q3n::qlinear_codes`` runs the
-  qlinear kernels on them. Siblings whose activations are quantized alike (same format, no
-  SmoothQuant vector) share one call; a layer with its own SmoothQuant vector has its own codes,
-  so its own call (each still one pass over x, where the unfused model quantized x_hat per layer
-  anyway). ``detail["norm_fused"]`` counts the layers, the calls, and the ``normalize`` nodes
-  left;
+  codes (per token, or per token and channel group) in one pass over x (x_hat is never written)
+  and ``q3n::qlinear_codes`` runs the qlinear kernels on them. Siblings whose activations are
+  quantized alike (same format and activation groups, no SmoothQuant vector) share one call;
+  a layer with its own SmoothQuant vector has its own codes, so its own call (each still one
+  pass over x, where the unfused model quantized x_hat per layer anyway).
+  ``detail["norm_fused"]`` counts the layers, the calls, and the ``normalize`` nodes left;
 - the W'/b' buffers norm_linear made for the layers quantized here are dropped; the source W is
   not freed by :func:`q3n_compile.release_quantized_weights` (the fold is redone from it on every
   compile: its return value says so).
@@ -224,7 +226,8 @@ def _problem(fmt: LayerFormat, x_val: torch.Tensor, k: int) -> Optional[tuple[st
         return (f"input dtype {str(x_val.dtype).replace('torch.', '')} is not supported",
                 "run the model in float16, bfloat16 or float32")
     reason = QL.format_supported(fmt.weight_bits, fmt.group_size, fmt.symmetric,
-                                 "none" if fmt.activation_bits == 16 else fmt.activation_format)
+                                 "none" if fmt.activation_bits == 16 else fmt.activation_format,
+                                 fmt.activation_group_size)
     if reason:
         return reason, "choose a supported format (see quant_config's documentation)"
     return None
@@ -424,9 +427,13 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
         act = "none" if fmt.activation_bits == 16 else fmt.activation_format
         x_val = cand.x.meta["val"]
         smooth = result.smooth.to(weight.device) if result.smooth is not None else None
+        act_group = fmt.activation_group_size
+        # The ops' act_group_size argument, only where it is not the per-token default (so a
+        # per-token graph is the one it always was).
+        act_group_arg = () if act_group == QL.PER_TOKEN else (act_group,)
         reason = QL.supports(x_val, pw.qweight, pw.scales, pw.zeros,
                              cand.bias.meta["val"] if cand.bias is not None else None, smooth,
-                             pw.bits, pw.group_size, pw.in_features, act)
+                             pw.bits, pw.group_size, pw.in_features, act, act_group)
         if reason is not None:
             msg = f"layer {cand.path!r}: q3n::qlinear does not take it: {reason}"
             if ctx.config.strict:
@@ -448,13 +455,14 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
         fused_act = None
         if norm_src is not None and act != "none":
             nx, eps, kind = norm_src.args[0], norm_src.args[1], norm_src.args[2]
-            if QL.supports_norm_act_quant(nx.meta["val"], eps, kind, act, smooth) is None:
+            if QL.supports_norm_act_quant(nx.meta["val"], eps, kind, act, smooth,
+                                          act_group) is None:
                 # One pass over x for the statistics and the codes, shared by the siblings that
-                # quantize x_hat alike (same format and smoothing vector).
-                gkey = (norm_src, act, None if smooth is None else pkey)
+                # quantize x_hat alike (same format, activation groups and smoothing vector).
+                gkey = (norm_src, act, act_group, None if smooth is None else pkey)
                 if gkey not in norm_groups:
                     q = add_node(gm, fake_mode, torch.ops.q3n.norm_act_quant.default,
-                                 (nx, eps, kind, act, sm_n), before=cand.node,
+                                 (nx, eps, kind, act, sm_n, *act_group_arg), before=cand.node,
                                  meta_from=norm_src)
                     items = []
                     for i in range(2):
@@ -467,12 +475,13 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
         if fused_act is not None:
             new = add_node(gm, fake_mode, torch.ops.q3n.qlinear_codes.default,
                            (*fused_act, qw_n, s_n, z_n, cand.bias, pw.bits, pw.group_size,
-                            pw.in_features, act, cand.x.meta["val"].dtype),
+                            pw.in_features, act, cand.x.meta["val"].dtype, *act_group_arg),
                            before=cand.node, meta_from=cand.node)
         else:
             new = add_node(gm, fake_mode, torch.ops.q3n.qlinear.default,
                            (cand.x, qw_n, s_n, z_n, cand.bias, sm_n, pw.bits, pw.group_size,
-                            pw.in_features, act), before=cand.node, meta_from=cand.node)
+                            pw.in_features, act, *act_group_arg), before=cand.node,
+                           meta_from=cand.node)
         new.meta["q3n_qlinear"] = {"layer": cand.path, "format": fmt.name}
         cand.node.replace_all_uses_with(new)
         wt = cand.node.args[2] if cand.node.target is aten.addmm.default else cand.node.args[1]

@@ -56,7 +56,8 @@ def __getattr__(name):
 
 
 def quantize_linear(weight, bias=None, *, weight_bits=4, activation_bits=16, group_size=None,
-                    symmetric=None, activation_format=None, inputs=None, method="gptq",
+                    symmetric=None, activation_format=None, activation_group_size=None,
+                    inputs=None, method="gptq",
                     smoothquant="auto", clip_search=True, max_rows=512):
     """Quantize one ``[N, K]`` weight, optionally calibrated on `inputs` (``[..., K]`` rows).
 
@@ -71,6 +72,8 @@ def quantize_linear(weight, bias=None, *, weight_bits=4, activation_bits=16, gro
         entry["symmetric"] = symmetric
     if activation_format is not None:
         entry["activation_format"] = activation_format
+    if activation_group_size is not None:
+        entry["activation_group_size"] = activation_group_size
     qc = parse_quant_config({"ffn_layers": entry, "calibration": {
         "method": method, "smoothquant": smoothquant, "clip_search": clip_search,
         "max_rows": max_rows}})

@@ -50,7 +50,10 @@ Feed-forward W4A16 g128 alone reaches Spearman 0.985 calibrated on the calibrati
 rows for widths 384 and 1536) GPTQ's Hessian is the limit, and damping, Hessian shrinkage,
 scale refits by least squares (-1% held-out error), 2-D clipping, bias correction and a
 pushed-forward fc1 prior for fc2's Hessian each moved held-out errors by at most a few percent.
-W8A8 is bound by its 8-bit per-token activations (float weights with them alone: 0.9989).
+W8A8 is bound by its 8-bit per-token activations (float weights with them alone: 0.9989);
+per-group activation scales (``activation_group_size``) with per-group weights lift it (see
+``bench/RESULTS.md``). Every error figure, and the smoothing's noise model, uses the layer's
+activation groups.
 
 Guarantees: deterministic (no random draws; ties broken by position); the packed result is what
 was optimised (scales rounded to their stored dtype before codes are chosen); the error figures
@@ -66,7 +69,7 @@ import torch
 
 from ..kernels import packing as P
 from ..kernels.qlinear import ACT_QMAX, fake_quantize_activations
-from .config import CalibrationSettings, LayerFormat, PER_CHANNEL
+from .config import PER_CHANNEL, PER_TOKEN, CalibrationSettings, LayerFormat
 
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 ... 0.5
 SMOOTH_ALPHAS = (None, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # alpha "search"; None: no smoothing
@@ -294,8 +297,11 @@ def noise_model_smoothing(x: torch.Tensor, w: torch.Tensor, fmt: LayerFormat,
 
     - activations (per-token dynamic, int8/int12: step ``D_m = max_k |x_mk / t_k| / Q``): every
       element of token m gets ``D_m^2 / 12``, which reaches the output through ``W_:k t_k``:
-      ``E_act = mean_m D_m^2 / 12 * sum_k t_k^2 ||W_:k||^2``. fp8 rounds relatively (its error
-      scales with each element, not the row maximum), which t does not change: no term;
+      ``E_act = mean_m D_m^2 / 12 * sum_k t_k^2 ||W_:k||^2``; with per-group activation scales
+      (``activation_group_size``) the step ``D_mA`` is per token and channel group A, and
+      ``E_act = mean_m sum_A D_mA^2 / 12 * sum_{k in A} t_k^2 ||W_:k||^2``. fp8 rounds
+      relatively (its error scales with each element, not the row maximum), which t does not
+      change: no term;
     - weights (step ``d_nG = range_G(W_n: t) / levels`` per output row n and group G of the
       format, levels ``2^b - 1`` asymmetric, ``2^(b-1) - 1`` symmetric): each weight gets
       ``d_nG^2 / 12``, which reaches the output through ``x_k / t_k``:
@@ -336,8 +342,8 @@ def noise_model_smoothing(x: torch.Tensor, w: torch.Tensor, fmt: LayerFormat,
                 step = (ws.amax(dim=-1).clamp(min=0) - ws.amin(dim=-1).clamp(max=0)) / levels
             loss = (step * step * (x_energy / (t * t)).reshape(k // g, g).sum(-1)).sum() / 12
             if qa is not None:
-                d_tok = (ax / t).amax(dim=1) / qa
-                loss = loss + (d_tok * d_tok).mean() / 12 * (col_energy * t * t).sum()
+                loss = loss + _activation_noise(ax / t, col_energy * t * t, qa,
+                                                fmt.activation_group_size)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -345,6 +351,23 @@ def noise_model_smoothing(x: torch.Tensor, w: torch.Tensor, fmt: LayerFormat,
         t = t / t.log().mean().exp()
         t = torch.where(torch.isfinite(t) & (t > 0), t, torch.ones_like(t))
     return t.clone()  # in the caller's mode
+
+
+def _activation_noise(ax: torch.Tensor, energy: torch.Tensor, qmax: float,
+                      act_group_size: int) -> torch.Tensor:
+    """The noise model's activation term: ``mean_m sum_A D_mA^2 / 12 * energy_A`` for |x'| `ax`
+    [M, K], per-channel output energies `energy` [K] and steps ``D_mA = max_{k in A} ax / qmax``
+    over the row (per token) or over each channel group A (the last one partial)."""
+    if act_group_size == PER_TOKEN:  # the per-token formula as it always was (bit for bit)
+        d_tok = ax.amax(dim=1) / qmax
+        return (d_tok * d_tok).mean() / 12 * energy.sum()
+    m, k = ax.shape
+    g = act_group_size
+    n_groups = -(-k // g)
+    pad = n_groups * g - k
+    step = torch.nn.functional.pad(ax, (0, pad)).reshape(m, n_groups, g).amax(dim=-1) / qmax
+    group_energy = torch.nn.functional.pad(energy, (0, pad)).reshape(n_groups, g).sum(dim=-1)
+    return (step * step * group_energy).sum(dim=1).mean() / 12
 
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -365,7 +388,7 @@ def _act_format(fmt: LayerFormat) -> str:
 
 def _simulate(x: torch.Tensor, qw: QuantizedWeight, fmt: LayerFormat, smooth, bias) -> torch.Tensor:
     """The op's output for rows `x` (float32), with weights dequantised in float32."""
-    a = fake_quantize_activations(x, _act_format(fmt), smooth)
+    a = fake_quantize_activations(x, _act_format(fmt), smooth, fmt.activation_group_size)
     y = a @ qw.dequantize(fmt.group_size).t()
     return y + bias if bias is not None else y
 

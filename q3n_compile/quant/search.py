@@ -32,8 +32,9 @@ from . import calibration as C
 from .classify import classify_path
 from .config import PROTECTED_CLASSES, parse_quant_config
 
-# Candidate formats: (weight_bits, activation_bits, group_size), group 0 = automatic (128, else
-# the largest of 64/32 dividing K, else per channel), -1 = per channel; tried by bytes per weight.
+# Candidate formats: (weight_bits, activation_bits, group_size[, activation_group_size]), group 0
+# = automatic (128, else the largest of 64/32 dividing K, else per channel), -1 = per channel;
+# activation group -1 (or left out) = per token; tried by bytes per weight.
 DEFAULT_CANDIDATES: tuple[tuple[int, int, int], ...] = (
     (3, 16, 32), (4, 16, 0), (4, 16, 32), (5, 16, 0), (6, 16, 0), (8, 16, -1))
 
@@ -80,12 +81,15 @@ def search_precision(model: nn.Module, batches: Iterable[Any], *, budget: float 
         k = w.shape[1]
         tried = []
         options, seen = [], set()
-        for bits, act_bits, group in candidates:
+        for bits, act_bits, group, *act_group in candidates:
             if group > 0 and k % group:
                 continue  # an explicit group must divide K
             entry = {"weight_bits": bits, "activation_bits": act_bits}
             if group:
                 entry["group_size"] = group
+            if act_group and act_group[0] != -1:
+                # The rule names its activation groups (left out: per token, the default).
+                entry["activation_group_size"] = act_group[0]
             fmt = parse_quant_config({"ffn_layers": entry}).classes["ffn"].for_k(k)
             entry["group_size"] = fmt.group_size  # the rule names the group it was measured with
             if fmt in seen:

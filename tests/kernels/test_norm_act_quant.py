@@ -57,19 +57,23 @@ def _round_codes(v, act):
     return torch.round(v).clamp(-qmax, qmax)
 
 
-def _check_codes(codes, scales, x, kind, act, smooth, eps=EPS):
-    """Kernel codes/scales against the float64 normalisation + the reference quantizer."""
+def _check_codes(codes, scales, x, kind, act, smooth, eps=EPS, ag=Q.PER_TOKEN):
+    """Kernel codes/scales against the float64 normalisation + the reference quantizer (scales
+    per token, or per token and `ag` channels)."""
     M, K = codes.shape
-    assert scales.shape == (M,) and scales.dtype == f32
+    want_shape = (M,) if ag == Q.PER_TOKEN else (M, Q.n_act_groups(K, ag))
+    assert scales.shape == want_shape and scales.dtype == f32
     assert codes.dtype == Q._act_codes_dtype(act, x.device, False)
     xh = _normalised64(x, kind, eps)
-    want_codes, _ = Q.quantize_activations(xh, act, smooth)  # casts x_hat to float32 first
+    want_codes, _ = Q.quantize_activations(xh, act, smooth, ag)  # casts x_hat to float32 first
     xs = xh * (1.0 if smooth is None else smooth.double())
-    scale64 = xs.abs().amax(-1) / Q.ACT_QMAX[act]
+    scale64 = Q._amax_per_group(xs, ag) / Q.ACT_QMAX[act]
     scale64 = torch.where(scale64 == 0, torch.ones_like(scale64), scale64)
     torch.testing.assert_close(scales.double().cpu(), scale64.cpu(), rtol=TIE, atol=0)
-    v = (xs / scale64[:, None]).cpu()
-    band = v.abs() * TIE + ROW_ULPS * v.abs().amax(-1, keepdim=True) + 1e-6
+    element_scale = Q.expand_act_scales(scale64, K, ag)
+    v = (xs / element_scale).cpu()
+    # x_hat moves by ulps of the row's largest |x_hat * smooth|, whatever the element's group.
+    band = v.abs() * TIE + ROW_ULPS * (xs.abs().amax(-1, keepdim=True) / element_scale).cpu() + 1e-6
     lo = _round_codes((v - band).float(), act)
     hi = _round_codes((v + band).float(), act)
     got = codes.float().cpu()
@@ -149,6 +153,47 @@ def test_equals_quantizing_the_normalised_rows():
     assert (codes.float() - want_codes.float()).abs().max() <= 1
 
 
+GROUP_CASES = [("rmsnorm", "int8", 32, f32), ("layernorm", "int8", 64, bf16),
+               ("rmsnorm", "fp8", 128, f16), ("layernorm", "fp8", 32, f32),
+               ("rmsnorm", "int12", 64, bf16), ("layernorm", "int12", 128, f32)]
+
+
+@pytest.mark.parametrize("kind,act,ag,dtype", GROUP_CASES,
+                         ids=[f"{k}-{a}-ag{g}-{str(d)[6:]}" for k, a, g, d in GROUP_CASES])
+def test_grouped_scales_against_float64(kind, act, ag, dtype):
+    """Per-group activation scales: [M, ceil(K / group)], the last group partial (K = 83)."""
+    gen = _gen(f"naqg{kind}{act}{ag}{dtype}")
+    M, K = 21, 83
+    x = _x(gen, M, K, dtype, kind)
+    smooth = torch.rand(K, generator=gen) + 0.5
+    codes, scales = torch.ops.q3n.norm_act_quant(x.reshape(3, 7, K), EPS, kind, act, None, ag)
+    _check_codes(codes, scales, x, kind, act, None, ag=ag)
+    # One tile, and sweeps of one group per tile (BLOCK_K 32 is raised to the group).
+    for cfg in (None, dict(BLOCK_M=4, BLOCK_K=32, num_warps=4)):
+        codes, scales = Q._norm_act_quant_launch(x, EPS, kind, act, smooth, interpreter=True,
+                                                 config=cfg, act_group_size=ag)
+        _check_codes(codes, scales, x, kind, act, smooth, ag=ag)
+    # A row's largest group scale is its per-token scale (to the float32 rounding of the
+    # statistics: the sweeps sum in another order than one tile); the other groups' are finer.
+    _, tok_scales = Q._norm_act_quant_launch(x, EPS, kind, act, smooth, interpreter=True)
+    torch.testing.assert_close(scales.amax(1), tok_scales, rtol=1e-6, atol=0)
+    if ag < K:
+        assert (scales < tok_scales[:, None]).sum() >= M
+
+
+def test_grouped_equals_quantizing_the_normalised_rows():
+    gen = _gen("composeg")
+    x = _x(gen, 13, 150, f32, "layernorm")
+    smooth = torch.rand(150, generator=gen) + 0.5
+    for ag in (32, 128):
+        codes, scales = torch.ops.q3n.norm_act_quant(x, EPS, "layernorm", "int8", smooth, ag)
+        xh = Q.normalise_rows(x, EPS, "layernorm")
+        want_codes, want_scales = Q.quantize_activations_triton(xh, "int8", smooth,
+                                                                interpreter=True, act_group_size=ag)
+        torch.testing.assert_close(scales, want_scales, rtol=1e-6, atol=0)
+        assert (codes.float() - want_codes.float()).abs().max() <= 1
+
+
 # ---------------------------------------------------------------------------------------------
 # q3n::qlinear_codes
 
@@ -180,6 +225,39 @@ def test_qlinear_codes_is_qlinear(M, act, dtype):
     deq = Q._qlinear_codes_launch(codes, xs, *w, 4, 32, K, act, dtype, interpreter=True,
                                   path=dict(path="dequant"))
     torch.testing.assert_close(deq.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("M,act,ag,dtype", [(1, "int8", 32, bf16), (2, "fp8", 128, f16),
+                                            (19, "int8", 64, f32), (19, "int12", 32, bf16),
+                                            (19, "fp8", 128, f32)])
+def test_grouped_qlinear_codes_is_qlinear(M, act, ag, dtype):
+    """With per-group activation scales [M, G]: bitwise the op on gemv and mm, and the dequant
+    path against the reference (K = 160: a partial last group for 64 and 128)."""
+    gen = _gen(f"codesg{M}{act}{ag}{dtype}")
+    K, N = 160, 45
+    pw = _packed(gen, N, K, 4, 32, False)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen).to(dtype)
+    smooth = torch.rand(K, generator=gen) + 0.5
+    w = (pw.qweight, pw.scales, pw.zeros, bias)
+    codes, xs = Q.quantize_activations_triton(x, act, smooth, interpreter=True, act_group_size=ag)
+    assert xs.shape == (M, -(-K // ag))
+    got = torch.ops.q3n.qlinear_codes(codes, xs, *w, 4, 32, K, act, dtype, ag)
+    want = torch.ops.q3n.qlinear(x, *w, smooth, 4, 32, K, act, ag)
+    assert got.dtype == dtype and torch.equal(got, want)
+    ref = Q.reference_codes(codes, xs, *w, 4, 32, K, act, dtype, ag)
+    tol = dict(rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    torch.testing.assert_close(got.float(), ref.float(), **tol)
+    deq = Q._qlinear_codes_launch(codes, xs, *w, 4, 32, K, act, dtype, interpreter=True,
+                                  path=dict(path="dequant"), act_group_size=ag)
+    torch.testing.assert_close(deq.float(), ref.float(), **tol)
+    # Per-token scales where groups are expected (and the reverse) are refused, not misread.
+    tok_codes, tok_xs = Q.quantize_activations_triton(x, act, smooth, interpreter=True)
+    with pytest.raises(ValueError, match=rf"xscales float32 \[M, {-(-K // ag)}\]"):
+        Q._qlinear_codes_launch(tok_codes, tok_xs, *w, 4, 32, K, act, dtype, interpreter=True,
+                                act_group_size=ag)
+    with pytest.raises(ValueError, match=r"xscales float32 \[M\]"):
+        Q._qlinear_codes_launch(codes, xs, *w, 4, 32, K, act, dtype, interpreter=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +299,16 @@ def test_supports_reasons():
     assert "input features" in Q.supports_codes(codes[:, :32], xs, *args)
     with pytest.raises(ValueError, match="q3n::norm_act_quant: kind"):
         Q._norm_act_quant_launch(x, EPS, "batchnorm", "int8", None, interpreter=True)
+    # Per-group activation scales.
+    assert Q.supports_norm_act_quant(x, EPS, "rmsnorm", "int8", None, 32) is None
+    assert "activation group size 48" in Q.supports_norm_act_quant(x, EPS, "rmsnorm", "int8",
+                                                                    None, 48)
+    gcodes, gxs = Q.quantize_activations_triton(x, "int8", None, interpreter=True,
+                                                act_group_size=32)
+    assert Q.supports_codes(gcodes, gxs, *args, 32) is None
+    assert "[M, 2]" in Q.supports_codes(gcodes, xs, *args, 32)
+    assert "[M, 2]" in Q.supports_codes(gcodes, gxs[:, :1], *args, 32)
+    assert "activation group size 96" in Q.supports_codes(gcodes, gxs, *args, 96)
 
 
 def test_fakes_with_symbolic_rows_and_opcheck():
@@ -246,6 +334,12 @@ def test_fakes_with_symbolic_rows_and_opcheck():
     assert isinstance(codes.shape[0], torch.SymInt) and codes.shape[1] == 64
     assert codes.dtype == f16 and xs.shape[0] == codes.shape[0]
     assert y.shape[1] == 24 and y.dtype == bf16 and xh.shape == x.shape and xh.dtype == bf16
+    with mode:  # per-group activation scales: [M, 64 / 32], M symbolic
+        gcodes, gxs = torch.ops.q3n.norm_act_quant(x, EPS, "rmsnorm", "int8", None, 32)
+        assert Q.supports_codes(gcodes, gxs, *fq, None, 6, 64, 64, "int8", bf16, 32) is None
+        gy = torch.ops.q3n.qlinear_codes(gcodes, gxs, *fq, None, 6, 64, 64, "int8", bf16, 32)
+    assert isinstance(gxs.shape[0], torch.SymInt) and gxs.shape[1] == 2 and gxs.dtype == f32
+    assert gy.shape[1] == 24 and gy.dtype == bf16
     xr = torch.randn(2, 5, 64, generator=gen)
     torch.library.opcheck(torch.ops.q3n.norm_act_quant, (xr, EPS, "rmsnorm", "int8",
                                                           torch.rand(64, generator=gen) + 0.5))
@@ -253,6 +347,12 @@ def test_fakes_with_symbolic_rows_and_opcheck():
     c, s = Q.quantize_activations_triton(xr.reshape(10, 64), "int8", None, interpreter=True)
     torch.library.opcheck(torch.ops.q3n.qlinear_codes,
                           (c, s, pw.qweight, pw.scales, pw.zeros, None, 6, 64, 64, "int8", f32))
+    torch.library.opcheck(torch.ops.q3n.norm_act_quant, (xr, EPS, "layernorm", "int8", None, 32))
+    c, s = Q.quantize_activations_triton(xr.reshape(10, 64), "int12", None, interpreter=True,
+                                         act_group_size=64)
+    torch.library.opcheck(torch.ops.q3n.qlinear_codes,
+                          (c, s, pw.qweight, pw.scales, pw.zeros, None, 6, 64, 64, "int12", f32,
+                           64))
 
 
 def test_reference_path_without_interpreter():
@@ -329,6 +429,45 @@ def test_gpu_qlinear_codes_is_qlinear(act, M):
     else:
         # The fp32 sums agree to their rounding; the bf16 results then to one bf16 ulp (2^-8).
         assert ((got.float() - want.float()).abs() <= want.float().abs() * 2**-8 + 1e-3).all()
+
+
+@pytest.mark.gpu
+@needs_cuda
+# One tile; one tile, not a power of 2 (40 groups of 128); sweeps (96 groups of 128 and 64).
+@pytest.mark.parametrize("K", [4096, 5120, 12352])
+@pytest.mark.parametrize("M", [1, 17, 2048])
+@pytest.mark.parametrize("act,ag", [("int8", 128), ("fp8", 64), ("int12", 32)])
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
+def test_gpu_grouped_against_float64(kind, act, ag, M, K):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"gpug{kind}{act}{ag}{M}{K}".encode()))
+    x = _x(gen, M, K, bf16, kind, mean=100.0 if kind == "layernorm" else 0.0, device="cuda")
+    smooth = (torch.rand(K, generator=gen) + 0.5).cuda()
+    for sm in (None, smooth):
+        codes, scales = torch.ops.q3n.norm_act_quant(x, EPS, kind, act, sm, ag)
+        _check_codes(codes, scales, x, kind, act, sm, ag=ag)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 16, 256, 4096])
+@pytest.mark.parametrize("act", ["int8", "fp8", "int12"])
+def test_gpu_grouped_qlinear_codes_is_qlinear(act, M):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"gpucodesg{act}{M}".encode()))
+    K, N = 4160, 4096  # 4160 = 32 * 128 + 64: a partial last group
+    pw = _packed(gen, N, K, 4, 64, False).to("cuda")
+    x = torch.randn(M, K, generator=gen).to(bf16).cuda()
+    bias = torch.randn(N, generator=gen).to(bf16).cuda()
+    w = (pw.qweight, pw.scales, pw.zeros, bias)
+    codes, xs = Q.quantize_activations_triton(x, act, None, interpreter=False, act_group_size=128)
+    got = torch.ops.q3n.qlinear_codes(codes, xs, *w, 4, 64, K, act, bf16, 128)
+    want = torch.ops.q3n.qlinear(x, *w, None, 4, 64, K, act, 128)
+    path = Q.choose_path(M, N, K, 4, 64, act, bf16, x.device, act_group_size=128)
+    if path.get("SPLIT_K", 1) == 1:
+        assert torch.equal(got, want)
+    else:
+        assert ((got.float() - want.float()).abs() <= want.float().abs() * 2**-8 + 1e-3).all()
+    ref = Q.reference_codes(codes, xs, *w, 4, 64, K, act, bf16, 128)
+    assert (got.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
 
 
 @pytest.mark.gpu

@@ -213,6 +213,42 @@ def test_builtin_model_matches_quant_config_alone(fmt):
     assert torch.equal(again, out)
 
 
+def test_activation_groups_compose_in_the_interpreter():
+    """Per-group activation scales through norm_act_quant + qlinear_codes: K = 40 is one group
+    of 32 and a partial one of 8. Siblings share one call only when their groups match."""
+    model = _randomize(NormThenLinears("layernorm"))
+    x = _x(4, 8, K)
+    # An outlier channel in the partial group (32..39): per token it coarsens every code of its
+    # row; per 32 channels, only those of its own group of 8.
+    x[..., 35] *= 30
+    want = model(x)
+    rtn = {"method": "rtn", "clip_search": False, "smoothquant": False, "example_inputs": False}
+    w8a8 = FORMATS["w8a8"]
+
+    def run(rules):
+        return _compile(model, x, {"rules": rules, "calibration": rtn}, strict=True)
+
+    _, grouped, report = run([{"match": "*", **w8a8, "activation_group_size": 32}])
+    ops = report["ops"]
+    assert ops["q3n.norm_act_quant.default"] == 1 and ops["q3n.qlinear_codes.default"] == 3
+    q = report["passes"]["quantize"]
+    assert all(e["format"].endswith("int8 act-g32") and e["norm_fused"]["activations"]
+               == "q3n::norm_act_quant" for e in q["detail"]["layers"])
+    assert _rel(grouped, want) < NOISE["w8a8"], _rel(grouped, want)
+    _, token, _ = run([{"match": "*", **w8a8}])
+    # RTN weights, the same in both: only the activation groups differ. Measured: 1.23e-2 per
+    # token, 8.2e-3 per 32 channels (the weights' rounding is the rest).
+    assert _rel(grouped, want) < 0.8 * _rel(token, want), (_rel(grouped, want), _rel(token, want))
+
+    # linears.0 per 32 channels, the others per token: two norm_act_quant calls.
+    _, mixed, report = run([{"match": "linears.0", **w8a8, "activation_group_size": 32},
+                            {"match": "*", **w8a8}])
+    assert report["ops"]["q3n.norm_act_quant.default"] == 2
+    assert report["passes"]["quantize"]["detail"]["norm_fused"]["norm_act_quant_calls"] == 2
+    torch.testing.assert_close(mixed[..., :24], grouped[..., :24], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(mixed[..., 24:], token[..., 24:], rtol=1e-3, atol=1e-3)
+
+
 def test_calibrate_statistics_are_mapped_to_the_normalised_rows():
     """calibrate() records h = γ·x_hat + β at the linear's input; the folded linear's input is
     x_hat. Without β the map is exact; with β the kept rows are mapped."""

@@ -92,6 +92,14 @@ def test_rules_first_match_wins_and_heads_need_naming():
     ({"calibration": {"example_inputs": 1}}, "['calibration']['example_inputs']", "calibrate()"),
     ({"calibration": {"alpha": 1.5}}, "['calibration']['alpha']", "[0, 1]"),
     ({"norm_layers": {"dtype": "int8"}}, "['norm_layers']['dtype']", "float16"),
+    ({"ffn_layers": {"weight_bits": 8, "activation_bits": 8, "activation_group_size": 48}},
+     "['ffn_layers']['activation_group_size']", "32, 64 or 128"),
+    ({"ffn_layers": {"weight_bits": 8, "activation_bits": 8, "activation_group_size": 0}},
+     "['activation_group_size']", "-1 / 'token'"),
+    ({"rules": [{"match": "*", "weight_bits": 4, "activation_group_size": 128}]},
+     "['rules'][0]['activation_group_size']", "set 'activation_bits' to 8 or 12"),
+    ({"rules": [{"match": "*", "skip": True, "activation_group_size": 128}]}, "['rules'][0]",
+     "drop the format keys"),
 ])
 def test_errors_name_the_entry_and_the_fix(value, where, fix):
     with pytest.raises(Q3NConfigError) as info:
@@ -101,6 +109,30 @@ def test_errors_name_the_entry_and_the_fix(value, where, fix):
     # The option goes through the same validator.
     with pytest.raises(Q3NConfigError, match="Fix:"):
         Q3NConfig.from_options({"quant_config": value}, environ={})
+
+
+def test_activation_group_size():
+    from q3n_compile.quant.config import PER_TOKEN
+
+    qc = parse_quant_config({
+        "ffn_layers": {"weight_bits": 8, "activation_bits": 8, "group_size": 128,
+                       "activation_group_size": 128},
+        "attn_layers": {"weight_bits": 6, "activation_bits": 12, "activation_group_size": "token"},
+        "rules": [{"match": "*.o", "weight_bits": 4, "activation_bits": 8, "group_size": -1,
+                   "activation_group_size": 32}]})
+    ffn, attn, rule = qc.classes["ffn"], qc.classes["attn"], qc.rules[0].fmt
+    assert ffn.activation_group_size == 128 and ffn.name == "W8A8 g128 sym auto act-g128"
+    assert attn.activation_group_size == PER_TOKEN and "act-g" not in attn.name  # as before
+    assert rule.activation_group_size == 32 and rule.name == "W4A8 channel asym auto act-g32"
+    assert ffn.as_dict()["activation_group_size"] == 128  # what the report's entries carry
+    # The default is per token; weight groups and K are not constrained by it.
+    assert parse_quant_config({"ffn_layers": {"weight_bits": 8, "activation_bits": 8}}).classes[
+        "ffn"].activation_group_size == PER_TOKEN
+    # An automatic weight group resolves per K and keeps the activation group, which need not
+    # divide K (83 = 64 + 19: the last group is partial).
+    auto = parse_quant_config({"ffn_layers": {"weight_bits": 8, "activation_bits": 8,
+                                              "activation_group_size": 64}}).classes["ffn"]
+    assert auto.for_k(83).group_size == -1 and auto.for_k(83).activation_group_size == 64
 
 
 def test_none_and_empty_are_valid():

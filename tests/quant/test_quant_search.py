@@ -86,3 +86,26 @@ def test_cli_errors_name_the_problem(args, message, capsys):
 def test_budget_must_be_a_relative_error():
     with pytest.raises(ValueError, match=r"budget 0 is not a relative error in \(0, 1\)\. Fix:"):
         quant.search_precision(torch.nn.Linear(4, 4), [], budget=0)
+
+
+def test_candidates_with_activation_groups_are_written_into_the_rules():
+    """A candidate (bits, activation bits, group, activation group) gives a rule that names its
+    activation groups; compiling with the result reuses the search's quantizations."""
+    quant.clear()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(80, 48), torch.nn.GELU(),
+                                torch.nn.Linear(48, 24)).eval()
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(4, 8, 80, generator=gen) for _ in range(2)]
+    res = quant.search_precision(model, batches, budget=0.5, candidates=((8, 8, -1, 32),),
+                                 calibration={"method": "rtn"})
+    rules = res["quant_config"]["rules"]
+    assert [r["activation_group_size"] for r in rules] == [32, 32]
+    assert [e["format"] for e in res["layers"]] == ["W8A8 channel sym int8 act-g32"] * 2
+    with torch.no_grad():
+        torch.compile(model, backend="q3n", options={"quant_config": res["quant_config"],
+                                                     "attention": "off"})(batches[0])
+    q = q3n_compile.reports()[-1]["passes"]["quantize"]
+    assert [e["activation_group_size"] for e in q["detail"]["layers"]] == [32, 32]
+    assert q["detail"]["cache"]["misses"] == 0  # the same format, activation groups included
+    quant.clear()

@@ -147,6 +147,40 @@ def test_rules_first_match_heads_and_frozen_weights():
         compiled(*inputs)
 
 
+def test_activation_groups_end_to_end():
+    """``activation_group_size`` through the pass: the report names the format, the ops get the
+    groups (the output moves toward eager on an outlier channel), symbolic rows compile once."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(80, 48), torch.nn.GELU(),
+                                torch.nn.Linear(48, 24)).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 8, 80, generator=gen)
+    x[..., 3] *= 50  # an outlier input channel: it coarsens every per-token code of its row
+    want = model(x)
+    # Data-free RTN: the same weights for every activation format, so only the groups differ.
+    fmt = {"weight_bits": 8, "activation_bits": 8, "activation_format": "int8", "group_size": -1}
+    outs = {}
+    for ag in (-1, 32):
+        cfg = {"rules": [{"match": "*", **fmt, "activation_group_size": ag}], "calibration": RTN}
+        counters.clear()
+        compiled, out = _compile_and_run(model, "toy", cfg, (x,), dynamic=True, strict=True)
+        other = torch.randn(3, 5, 80, generator=gen)
+        assert _rel(compiled(other), model(other)) < 0.05
+        assert counters["stats"]["unique_graphs"] == 1
+        report = q3n_compile.reports()[-1]
+        q = report["passes"]["quantize"]
+        assert q["rewritten"] == 2 and report["ops"]["q3n.qlinear.default"] == 2
+        for entry in q["detail"]["layers"]:
+            assert entry["activation_group_size"] == ag
+            # 80 = 2 * 32 + 16 and 48 = 32 + 16: both layers end with a partial group.
+            assert entry["format"] == "W8A8 channel sym int8" + ("" if ag == -1 else " act-g32")
+        outs[ag] = out
+    err_token, err_group = _rel(outs[-1], want), _rel(outs[32], want)
+    # Measured: 1.9e-2 per token, 1.3e-2 per 32 channels (the outlier's group keeps its coarse
+    # step: about sqrt(32 / 80) of the first layer's activation error remains).
+    assert err_group < 0.8 * err_token, (err_token, err_group)
+
+
 def test_recompiling_reuses_the_cached_quantization():
     model = build_model("llama", "tiny")
     quant.calibrate(model, [example_inputs("llama", model, 2, 16, seed=1)])
