@@ -559,11 +559,11 @@ def _gemv_split(k_pad: int, block_k: int) -> int:
 # Untuned first rule; bench/bench_qlinear.py --sweep measures every path per shape on the GPU
 # and prints the table it would choose.
 CUDA_TABLE = {
-    # 16-bit activations: GEMV for a couple of rows, tensor-core tiles up to moderate M, and
-    # dequantise + cuBLAS for large M, where cuBLAS's GEMM beats a Triton GEMM whose inner loop
-    # also unpacks.
+    # 16-bit activations: GEMV for a couple of rows, tensor-core tiles up to 64 rows, and
+    # dequantise + cuBLAS above, where cuBLAS's GEMM beats a Triton GEMM whose inner loop also
+    # unpacks: at M = 256 it took 0.64x (4096 x 4096) and 0.88x (28672 x 8192) of the 64 x 128
+    # tile's time, at M = 4096 0.92-0.94x bf16 (s6run6).
     "a16": [(2, "gemv", None), (16, "mm", (16, 64, 128, 4, 4)), (64, "mm", (32, 64, 128, 4, 4)),
-            (256, "mm", (64, 128, 64, 4, 3)), (1024, "mm", (128, 128, 64, 8, 3)),
             (None, "dequant", None)],
     # Quantized activations: tensor-core tiles up to M = 1024, dequantise + cuBLAS above. At
     # M = 4096 the int8/fp8 tiles ran 2.7-3.9x slower than bf16 cuBLAS (s6run4: the weight

@@ -78,7 +78,9 @@ def _check_codes(codes, scales, x, kind, act, smooth, eps=EPS, ag=Q.PER_TOKEN):
     hi = _round_codes((v + band).float(), act)
     got = codes.float().cpu()
     want = want_codes.cpu()
-    ok = (got == want) | (got == lo) | (got == hi)
+    # Any code the band reaches: with per-group scales a small group's quantum can be finer than
+    # the row's ulps, so the band may span more than one code (rounding is monotonic, fp8 too).
+    ok = (got == want) | ((got >= lo) & (got <= hi))
     assert ok.all(), (f"{(~ok).sum().item()} codes off: got {got[~ok][:5].tolist()}, "
                       f"want {want[~ok][:5].tolist()}")
     differ = (got != want).sum().item()
@@ -427,8 +429,9 @@ def test_gpu_qlinear_codes_is_qlinear(act, M):
     if Q.choose_path(M, N, K, 4, 128, act, bf16, x.device).get("SPLIT_K", 1) == 1:
         assert torch.equal(got, want)
     else:
-        # The fp32 sums agree to their rounding; the bf16 results then to one bf16 ulp (2^-8).
-        assert ((got.float() - want.float()).abs() <= want.float().abs() * 2**-8 + 1e-3).all()
+        # The fp32 sums agree to their rounding (split-K atomics add in any order); the bf16
+        # results then to one bf16 ulp, up to 2^-7 of the value.
+        assert ((got.float() - want.float()).abs() <= want.float().abs() * 2**-7 + 1e-3).all()
 
 
 @pytest.mark.gpu
@@ -465,7 +468,8 @@ def test_gpu_grouped_qlinear_codes_is_qlinear(act, M):
     if path.get("SPLIT_K", 1) == 1:
         assert torch.equal(got, want)
     else:
-        assert ((got.float() - want.float()).abs() <= want.float().abs() * 2**-8 + 1e-3).all()
+        # One bf16 ulp (up to 2^-7 of the value): split-K atomics add in any order.
+        assert ((got.float() - want.float()).abs() <= want.float().abs() * 2**-7 + 1e-3).all()
     ref = Q.reference_codes(codes, xs, *w, 4, 64, K, act, bf16, 128)
     assert (got.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
 

@@ -250,7 +250,9 @@ GPU_FORMATS = [(8, "int8", 128, True, 128), (8, "int8", -1, True, 128), (4, "int
 @pytest.mark.parametrize("bits,act,group,sym,ag", GPU_FORMATS,
                          ids=[f"w{b}_{a}_g{g}_ag{ag}" for b, a, g, _, ag in GPU_FORMATS])
 def test_gpu_against_float64(bits, act, group, sym, ag, M):
-    K, N = 4160, 4096  # 4160 = 32 * 128 + 64: a partial last activation group of 128
+    # 4160 = 32 * 128 + 64: a partial last activation group of 128, where the weight groups
+    # divide it (per-channel, 32, 64); 128-channel weight groups need K = 4096.
+    K, N = (4096 if group == 128 else 4160), 4096
     gen = _gen(f"aggpu{bits}{act}{group}{ag}{M}")
     pw = _packed(gen, N, K, bits, group, sym, device="cuda")
     x = torch.randn(M, K, generator=gen)
