@@ -145,8 +145,11 @@ def _load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS: tl.const
 
     Each packed word is loaded once and split in registers. Loading one word per code instead
     (repeated addresses hitting L1: the same DRAM traffic, 32/P times the load instructions) was
-    1.2-1.5x slower at M = 1 and 3-13x slower on the tensor-core path (H200, 2026-11-29 s6run4,
-    ``qlinear-unpack-h200-2026-11-29-s6run4.json``).
+    slower in 32 of the 33 GEMV and tensor-core cases measured on the H200 (1.1-2.1x at M = 1 and
+    16, 1.6-12.9x on the tiles at M = 256 and 4096) and the same for the dequantise kernel (3
+    cases, 0.997-1.02x; s6run4, ``qlinear-unpack-h200-2026-11-29-s6run4.json``). The one
+    exception, W4A16 at M = 1 on 28672 x 8192 with the GEMV's old split of 1 (0.160 against
+    0.184 ms), is slower than word loads at the split of 4 now used (0.135 ms).
     """
     if BITS == 8:
         q = _plane_words(QW, 0, k0, offs_n, n_ok, K_PAD, N, 8, BLOCK_K)
