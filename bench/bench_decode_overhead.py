@@ -164,7 +164,7 @@ def _diagnose(step, steps):
         with torch.no_grad():
             step()
         out["sync"] = None
-    except RuntimeError as exc:
+    except RuntimeError:
         out["sync"] = traceback.format_exc().splitlines()[-24:]
         print("  q3n step synchronises:\n    " + "\n    ".join(out["sync"]), flush=True)
     finally:

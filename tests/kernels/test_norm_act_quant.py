@@ -207,35 +207,18 @@ def _packed(gen, N, K, bits, group, sym):
     return P.pack(codes, scales, zeros, bits, group)
 
 
-@pytest.mark.parametrize("M,act,dtype", [(1, "int8", bf16), (2, "fp8", f16), (19, "int8", f32),
-                                         (19, "int12", bf16), (19, "fp8", f32)])
-def test_qlinear_codes_is_qlinear(M, act, dtype):
-    """Bitwise the op it stands for, on every path (gemv at M <= 2, mm above, dequant forced)."""
-    gen = _gen(f"codes{M}{act}{dtype}")
-    K, N = 96, 45
-    pw = _packed(gen, N, K, 4, 32, False)
-    x = torch.randn(M, K, generator=gen).to(dtype)
-    bias = torch.randn(N, generator=gen).to(dtype)
-    smooth = torch.rand(K, generator=gen) + 0.5
-    w = (pw.qweight, pw.scales, pw.zeros, bias)
-    codes, xs = Q.quantize_activations_triton(x, act, smooth, interpreter=True)
-    got = torch.ops.q3n.qlinear_codes(codes, xs, *w, 4, 32, K, act, dtype)
-    want = torch.ops.q3n.qlinear(x, *w, smooth, 4, 32, K, act)
-    assert got.dtype == dtype and torch.equal(got, want)
-    ref = Q.reference_codes(codes, xs, *w, 4, 32, K, act, dtype)
-    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
-    deq = Q._qlinear_codes_launch(codes, xs, *w, 4, 32, K, act, dtype, interpreter=True,
-                                  path=dict(path="dequant"))
-    torch.testing.assert_close(deq.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+CODES_CASES = [(1, "int8", Q.PER_TOKEN, bf16), (2, "fp8", Q.PER_TOKEN, f16),
+               (19, "int8", Q.PER_TOKEN, f32), (19, "int12", Q.PER_TOKEN, bf16),
+               (19, "fp8", Q.PER_TOKEN, f32), (1, "int8", 32, bf16), (2, "fp8", 128, f16),
+               (19, "int8", 64, f32), (19, "int12", 32, bf16), (19, "fp8", 128, f32)]
 
 
-@pytest.mark.parametrize("M,act,ag,dtype", [(1, "int8", 32, bf16), (2, "fp8", 128, f16),
-                                            (19, "int8", 64, f32), (19, "int12", 32, bf16),
-                                            (19, "fp8", 128, f32)])
-def test_grouped_qlinear_codes_is_qlinear(M, act, ag, dtype):
-    """With per-group activation scales [M, G]: bitwise the op on gemv and mm, and the dequant
-    path against the reference (K = 160: a partial last group for 64 and 128)."""
-    gen = _gen(f"codesg{M}{act}{ag}{dtype}")
+@pytest.mark.parametrize("M,act,ag,dtype", CODES_CASES)
+def test_qlinear_codes_is_qlinear(M, act, ag, dtype):
+    """Bitwise the op it stands for on gemv (M <= 2) and mm, and the dequant path against the
+    reference; scales per token or per token and `ag` channels ([M, G]; K = 160: a partial last
+    group for 64 and 128)."""
+    gen = _gen(f"codes{M}{act}{ag}{dtype}")
     K, N = 160, 45
     pw = _packed(gen, N, K, 4, 32, False)
     x = torch.randn(M, K, generator=gen).to(dtype)
@@ -243,7 +226,7 @@ def test_grouped_qlinear_codes_is_qlinear(M, act, ag, dtype):
     smooth = torch.rand(K, generator=gen) + 0.5
     w = (pw.qweight, pw.scales, pw.zeros, bias)
     codes, xs = Q.quantize_activations_triton(x, act, smooth, interpreter=True, act_group_size=ag)
-    assert xs.shape == (M, -(-K // ag))
+    assert xs.shape == ((M,) if ag == Q.PER_TOKEN else (M, -(-K // ag)))
     got = torch.ops.q3n.qlinear_codes(codes, xs, *w, 4, 32, K, act, dtype, ag)
     want = torch.ops.q3n.qlinear(x, *w, smooth, 4, 32, K, act, ag)
     assert got.dtype == dtype and torch.equal(got, want)
@@ -253,13 +236,14 @@ def test_grouped_qlinear_codes_is_qlinear(M, act, ag, dtype):
     deq = Q._qlinear_codes_launch(codes, xs, *w, 4, 32, K, act, dtype, interpreter=True,
                                   path=dict(path="dequant"), act_group_size=ag)
     torch.testing.assert_close(deq.float(), ref.float(), **tol)
-    # Per-token scales where groups are expected (and the reverse) are refused, not misread.
-    tok_codes, tok_xs = Q.quantize_activations_triton(x, act, smooth, interpreter=True)
-    with pytest.raises(ValueError, match=rf"xscales float32 \[M, {-(-K // ag)}\]"):
-        Q._qlinear_codes_launch(tok_codes, tok_xs, *w, 4, 32, K, act, dtype, interpreter=True,
-                                act_group_size=ag)
-    with pytest.raises(ValueError, match=r"xscales float32 \[M\]"):
-        Q._qlinear_codes_launch(codes, xs, *w, 4, 32, K, act, dtype, interpreter=True)
+    if ag != Q.PER_TOKEN:
+        # Per-token scales where groups are expected (and the reverse) are refused, not misread.
+        tok_codes, tok_xs = Q.quantize_activations_triton(x, act, smooth, interpreter=True)
+        with pytest.raises(ValueError, match=rf"xscales float32 \[M, {-(-K // ag)}\]"):
+            Q._qlinear_codes_launch(tok_codes, tok_xs, *w, 4, 32, K, act, dtype,
+                                    interpreter=True, act_group_size=ag)
+        with pytest.raises(ValueError, match=r"xscales float32 \[M\]"):
+            Q._qlinear_codes_launch(codes, xs, *w, 4, 32, K, act, dtype, interpreter=True)
 
 
 # ---------------------------------------------------------------------------------------------

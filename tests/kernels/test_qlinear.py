@@ -33,18 +33,27 @@ def _packed(gen, N, K, bits, group, sym, device="cpu"):
     return P.pack(codes, scales, zeros, bits, group).to(device)
 
 
-def _exact(x, pw, bias, smooth, act):
+def _args(x, pw, bias, smooth, act):
+    return (x, pw.qweight, pw.scales, pw.zeros, bias, smooth, pw.bits, pw.group_size,
+            pw.in_features, act)
+
+
+def _exact(x, pw, bias, smooth, act, ag=Q.PER_TOKEN):
+    """The op's function in float64 (activation codes and scales from x in float32, as defined)."""
     return Q.reference(x.double(), pw.qweight, pw.scales, pw.zeros,
                        None if bias is None else bias.double(), smooth, pw.bits, pw.group_size,
-                       pw.in_features, act)
+                       pw.in_features, act, ag)
 
 
-def _check(x, pw, bias=None, smooth=None, act="none", path=None):
-    args = (x, pw.qweight, pw.scales, pw.zeros, bias, smooth, pw.bits, pw.group_size,
-            pw.in_features, act)
-    out = Q._launch(*args, interpreter=x.device.type == "cpu", path=path) if path else op(*args)
+def _check(x, pw, bias=None, smooth=None, act="none", path=None, ag=Q.PER_TOKEN):
+    """The op (or `path` forced) against float64, to TOL of the result's largest magnitude."""
+    args = _args(x, pw, bias, smooth, act)
+    if path is None:
+        out = op(*args, ag)
+    else:
+        out = Q._launch(*args, interpreter=x.device.type == "cpu", path=path, act_group_size=ag)
     assert out.shape == (x.shape[0], pw.out_features) and out.dtype == x.dtype
-    exact = _exact(x, pw, bias, smooth, act)
+    exact = _exact(x, pw, bias, smooth, act, ag)
     scale = exact.abs().max().item()
     err = (out.double() - exact).abs().max().item()
     assert err <= TOL[x.dtype] * scale, f"max err {err:.3g} > {TOL[x.dtype]:.1g} * {scale:.3g}"
@@ -209,26 +218,28 @@ def test_supports_reasons():
         Q._launch(*args(group_size=48).values(), interpreter=True)
 
 
-def test_fake_with_symbolic_rows_and_opcheck():
+@pytest.mark.parametrize("K,group,ag", [(64, 64, Q.PER_TOKEN), (96, 32, 64)],
+                         ids=["per_token", "act_groups_of_64"])
+def test_fake_with_symbolic_rows_and_opcheck(K, group, ag):
     from torch._dynamo.source import ConstantSource
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv,
                                                        StatelessSymbolicContext)
 
-    gen = _gen("fake")
-    pw = _packed(gen, 24, 64, 6, 64, False)
+    gen = _gen(f"fake{ag}")
+    pw = _packed(gen, 24, K, 6, group, False)
     mode = FakeTensorMode(shape_env=ShapeEnv())
-    x = mode.from_tensor(torch.randn(7, 64), source=ConstantSource("x"),
+    x = mode.from_tensor(torch.randn(7, K), source=ConstantSource("x"),
                          symbolic_context=StatelessSymbolicContext(
                              dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC]))
     with mode:
         fq = tuple(mode.from_tensor(t, static_shapes=True) for t in (pw.qweight, pw.scales, pw.zeros))
-        assert Q.supports(x, *fq, None, None, 6, 64, 64, "int12") is None
-        out = op(x, *fq, None, None, 6, 64, 64, "int12")
+        assert Q.supports(x, *fq, None, None, 6, group, K, "int12", ag) is None
+        out = op(x, *fq, None, None, 6, group, K, "int12", ag)
     assert isinstance(out.shape[0], torch.SymInt) and out.shape[1] == 24
-    xr = torch.randn(5, 64, generator=gen)
-    torch.library.opcheck(op, (xr, pw.qweight, pw.scales, pw.zeros, torch.randn(24), None, 6, 64,
-                               64, "int8"))
+    xr = torch.randn(5, K, generator=gen)
+    torch.library.opcheck(op, (xr, pw.qweight, pw.scales, pw.zeros, torch.randn(24), None, 6,
+                               group, K, "int8", ag))
 
 
 def test_choose_path_table():

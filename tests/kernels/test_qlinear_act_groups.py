@@ -6,64 +6,24 @@ activation group: the last group of a row is partial); GPU lane (-m gpu): compil
 model widths, every path the dispatch table picks.
 """
 
-import zlib
-
 import pytest
 import torch
 
-from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear as Q
+
+from .test_qlinear import _args, _gen, _packed
+from .test_qlinear import _check as check_op
 
 op = torch.ops.q3n.qlinear
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
-# Max |kernel - float64| relative to max |float64 result| (as tests/kernels/test_qlinear.py):
-# fp32 outputs differ by accumulation order only; 16-bit outputs are rounded once.
-TOL = {f32: 2e-5, f16: 3e-3, bf16: 2e-2}
-
-
-def _gen(name):
-    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
-
-
-def _packed(gen, N, K, bits, group, sym, device="cpu"):
-    codes = torch.randint(0, 1 << bits, (N, K), generator=gen, dtype=torch.int64)
-    ng = 1 if group == P.PER_CHANNEL else K // group
-    scales = (torch.rand(ng, N, generator=gen) * 0.02 + 0.002).to(torch.float16)
-    zeros = None if sym else torch.randint(0, 1 << bits, (ng, N), generator=gen).to(torch.uint8)
-    return P.pack(codes, scales, zeros, bits, group).to(device)
-
-
-def _args(x, pw, bias, smooth, act):
-    return (x, pw.qweight, pw.scales, pw.zeros, bias, smooth, pw.bits, pw.group_size,
-            pw.in_features, act)
-
-
-def _exact(x, pw, bias, smooth, act, ag):
-    """The op's function in float64 (activation codes and scales from x in float32, as defined)."""
-    return Q.reference(x.double(), pw.qweight, pw.scales, pw.zeros,
-                       None if bias is None else bias.double(), smooth, pw.bits, pw.group_size,
-                       pw.in_features, act, ag)
 
 
 def _check(x, pw, ag, bias=None, smooth=None, act="int8", path=None):
-    args = _args(x, pw, bias, smooth, act)
-    if path is None:
-        out = op(*args, ag)
-    else:
-        out = Q._launch(*args, interpreter=x.device.type == "cpu", path=path, act_group_size=ag)
-    assert out.shape == (x.shape[0], pw.out_features) and out.dtype == x.dtype
-    exact = _exact(x, pw, bias, smooth, act, ag)
-    scale = exact.abs().max().item()
-    err = (out.double() - exact).abs().max().item()
-    assert err <= TOL[x.dtype] * scale, f"max err {err:.3g} > {TOL[x.dtype]:.1g} * {scale:.3g}"
-    return out
+    return check_op(x, pw, bias, smooth, act, path, ag=ag)
 
-
-# ---------------------------------------------------------------------------------------------
-# The quantizer
 
 @pytest.mark.parametrize("act", ["int8", "fp8", "int12"])
 @pytest.mark.parametrize("ag", [32, 64, 128])
@@ -210,28 +170,6 @@ def test_supports_reasons():
     assert "activation group size 0" in Q.format_supported(4, 32, False, "int8", 0)
     with pytest.raises(ValueError, match="activation group size 48"):
         Q._launch(*args, interpreter=True, act_group_size=48)
-
-
-def test_fake_with_symbolic_rows_and_opcheck():
-    from torch._dynamo.source import ConstantSource
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv,
-                                                       StatelessSymbolicContext)
-
-    gen = _gen("agfake")
-    pw = _packed(gen, 24, 96, 6, 32, False)
-    mode = FakeTensorMode(shape_env=ShapeEnv())
-    x = mode.from_tensor(torch.randn(7, 96), source=ConstantSource("x"),
-                         symbolic_context=StatelessSymbolicContext(
-                             dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC]))
-    with mode:
-        fq = tuple(mode.from_tensor(t, static_shapes=True) for t in (pw.qweight, pw.scales, pw.zeros))
-        assert Q.supports(x, *fq, None, None, 6, 32, 96, "int12", 64) is None
-        out = op(x, *fq, None, None, 6, 32, 96, "int12", 64)
-    assert isinstance(out.shape[0], torch.SymInt) and out.shape[1] == 24
-    xr = torch.randn(5, 96, generator=gen)
-    torch.library.opcheck(op, (xr, pw.qweight, pw.scales, pw.zeros, torch.randn(24), None, 6, 32,
-                               96, "int8", 64))
 
 
 # ---------------------------------------------------------------------------------------------
