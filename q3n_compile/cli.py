@@ -116,6 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     qs.add_argument("--seq-len", type=int, default=32, help="calibration sequence length (default 32)")
     qs.add_argument("--bits", type=int, nargs="+", default=None,
                     help="weight bit widths to try (default 3 4 5 6 8; 16 = keep is always the fallback)")
+    qs.add_argument("--activation-bits", type=int, default=16,
+                    help="activation precision of every candidate: 16 (weight-only, default), 8 "
+                    "(dynamic int8/fp8 per token) or 12")
+    qs.add_argument("--activation-group-size", default=None,
+                    help="with 8/12-bit activations: one scale per token (default, 'token') or per "
+                    "token and 32/64/128 input channels")
     qs.add_argument("--include-heads", action="store_true", help="also search lm_head and other heads")
     qs.add_argument("--seed", type=int, default=0, help="weights and inputs seed (default 0)")
     qs.add_argument("--out", default=None, help="write the chosen quant_config here (JSON)")
@@ -131,6 +137,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "quant-search":
         return _quant_search(args, qs)
     return _dump(args)
+
+
+def _with_activations(candidates: tuple, args: argparse.Namespace,
+                      parser: argparse.ArgumentParser) -> tuple:
+    """The weight-format candidates with --activation-bits (and --activation-group-size)."""
+    act_bits, group = args.activation_bits, args.activation_group_size
+    if act_bits not in (16, 12, 8):
+        parser.error(f"--activation-bits {act_bits} is not supported; use 16 (weight-only), 8 or 12")
+    if group is not None and str(group).lower() not in ("token", "-1"):
+        if act_bits == 16:
+            parser.error(f"--activation-group-size {group} needs quantized activations: add "
+                         "--activation-bits 8 (or 12), or drop --activation-group-size")
+        if group not in ("32", "64", "128"):
+            parser.error(f"--activation-group-size {group} is not supported; use 32, 64, 128 or "
+                         "'token' (one scale per token)")
+        return tuple((b, act_bits, g, int(group)) for b, _a, g in candidates)
+    return tuple((b, act_bits, g) for b, _a, g in candidates)
 
 
 def _quant_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -160,13 +183,17 @@ def _quant_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         # (which need small groups), per channel for 8 bits.
         candidates = tuple((b, 16, -1 if b == 8 else (32 if b <= 3 else 0))
                            for b in sorted(set(args.bits)))
+    candidates = _with_activations(candidates, args, parser)
 
     torch.manual_seed(args.seed)
     progress = None if args.quiet else _search_progress
     label = args.model if args.model == "minilm" else f"{args.model}/{args.size}"
     groups = {0: "", -1: " per channel"}
+    act = "" if args.activation_bits == 16 else f"A{args.activation_bits}"
+    if len(candidates[0]) > 3:
+        act += f" act-g{candidates[0][3]}"
     print(f"q3n quant-search: {label}, budget {args.budget:g} per layer, formats "
-          f"{', '.join(f'W{b}' + groups.get(g, f' g{g}') for b, _a, g in candidates)}",
+          f"{', '.join(f'W{c[0]}{act}' + groups.get(c[2], f' g{c[2]}') for c in candidates)}",
           file=sys.stderr, flush=True)
     try:
         model, batches = _search_model(args)

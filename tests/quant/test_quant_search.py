@@ -69,10 +69,31 @@ def test_cli_prints_a_table_and_saves_a_config_quant_config_accepts(tmp_path, ca
     quant.clear()
 
 
+def test_cli_searches_with_quantized_activations_and_their_groups(tmp_path, capsys):
+    from q3n_compile.cli import main
+
+    out = tmp_path / "cfg.json"
+    assert main(["quant-search", "--model", "bert", "--budget", "0.05", "--bits", "4", "8",
+                 "--activation-bits", "8", "--activation-group-size", "32", "--batches", "2",
+                 "--seq-len", "16", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr()
+    assert "formats W4A8 act-g32, W8A8 act-g32 per channel" in printed.err
+    assert "act-g32" in printed.out  # the table names the chosen formats' activation groups
+    rules = [r for r in json.loads(out.read_text())["rules"] if r["weight_bits"] != 16]
+    assert rules and all(r["activation_bits"] == 8 and r["activation_group_size"] == 32
+                         for r in rules)
+    assert all(r["symmetric"] for r in rules if r["weight_bits"] == 8)  # int8 x int8 needs it
+    quant.clear()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "resnet"], "unknown model 'resnet'; choose from qwen3"),
     (["--budget", "1.5"], "--budget 1.5 is not a relative error in (0, 1)"),
     (["--bits", "12"], "--bits 12 is not supported"),
+    (["--activation-bits", "4"], "--activation-bits 4 is not supported; use 16"),
+    (["--activation-group-size", "64"], "--activation-group-size 64 needs quantized activations"),
+    (["--activation-bits", "8", "--activation-group-size", "48"],
+     "--activation-group-size 48 is not supported; use 32, 64, 128 or 'token'"),
 ])
 def test_cli_errors_name_the_problem(args, message, capsys):
     from q3n_compile.cli import main
