@@ -127,6 +127,9 @@ BREAKDOWN: dict[str, dict] = {
         "ffn_layers": {"weight_bits": 8, "activation_bits": 8, "group_size": 128},
         "attn_layers": {"weight_bits": 8, "activation_bits": 8, "group_size": 128}},
     "design, smoothing for 12-bit too": dict(DESIGN, calibration={"smoothquant": True}),
+    "design, activations per 128 channels": dict(
+        DESIGN, ffn_layers=dict(_W4A8, activation_group_size=128),
+        attn_layers=dict(_W6A12, activation_group_size=128)),
 }
 GOALS = {"design (W4A8 ffn, W6A12 attn)": 0.997, "design, fp8 ffn activations (as on an H200)": 0.997,
          "W8A8 per-channel": 0.999, "W8A8 g128, activations per 128 channels": 0.999,
