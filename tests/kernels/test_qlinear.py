@@ -309,14 +309,19 @@ def test_gpu_against_float64(bits, act, group, sym, M, N):
     _check(x, pw, bias, act=act)
 
 
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("path", [
+# Every GPU path at model widths: split GEMV, small and large tiles, dequantise + cuBLAS.
+GPU_PATHS = [
     dict(path="gemv", BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, num_warps=4, num_stages=2),
     dict(path="mm", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=4),
     dict(path="mm", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3),
     dict(path="dequant"),
-], ids=["gemv_split8", "mm16_split4", "mm128", "dequant"])
+]
+GPU_PATH_IDS = ["gemv_split8", "mm16_split4", "mm128", "dequant"]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("path", GPU_PATHS, ids=GPU_PATH_IDS)
 @pytest.mark.parametrize("act", ["none", "int8", "fp8", "int12"])
 def test_gpu_every_path(path, act):
     gen = _gen(f"gpupath{path['path']}{act}")

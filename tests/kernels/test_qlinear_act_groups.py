@@ -11,7 +11,7 @@ import torch
 
 from q3n_compile.kernels import qlinear as Q
 
-from .test_qlinear import _args, _gen, _packed
+from .test_qlinear import GPU_PATH_IDS, GPU_PATHS, _args, _gen, _packed
 from .test_qlinear import _check as check_op
 
 op = torch.ops.q3n.qlinear
@@ -201,12 +201,7 @@ def test_gpu_against_float64(bits, act, group, sym, ag, M):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("path", [
-    dict(path="gemv", BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, num_warps=4, num_stages=2),
-    dict(path="mm", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=4),
-    dict(path="mm", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3),
-    dict(path="dequant"),
-], ids=["gemv_split8", "mm16_split4", "mm128", "dequant"])
+@pytest.mark.parametrize("path", GPU_PATHS, ids=GPU_PATH_IDS)
 @pytest.mark.parametrize("act", ["int8", "fp8", "int12"])
 def test_gpu_every_path(path, act):
     gen = _gen(f"aggpupath{path['path']}{act}")
