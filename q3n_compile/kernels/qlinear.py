@@ -38,8 +38,9 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
 :func:`choose_path` from a table indexed by M):
 
 - ``gemv``: M <= a few rows, memory-bound: no tensor cores, each program reduces a
-  ``[BLOCK_K, BLOCK_N]`` strip of packed weights in registers; K split in 4 across programs
-  (float32 atomics), which kept more loads in flight than splitting only to fill the GPU.
+  ``[BLOCK_K, BLOCK_N]`` strip of packed weights in registers; K split across programs
+  (float32 atomics) at least 4 ways (:func:`_gemv_split`), which kept more loads in flight
+  than splitting only to fill the GPU.
   Every path loads each packed int32 word once and splits it by shifts in registers.
 - ``mm``: tensor-core tiles: weights are unpacked and dequantised in registers and fed to
   ``tl.dot`` in the activation's operand type — bf16/fp16 (16-bit activations), int8 x int8 ->
@@ -151,7 +152,7 @@ def _load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS: tl.const
     16, 1.6-12.9x on the tiles at M = 256 and 4096) and the same for the dequantise kernel (3
     cases, 0.997-1.02x; s6run4, ``qlinear-unpack-h200-2026-11-29-s6run4.json``). The one
     exception, W4A16 at M = 1 on 28672 x 8192 with the GEMV's old split of 1 (0.160 against
-    0.184 ms), is slower than word loads at the split of 4 now used (0.135 ms).
+    0.184 ms), is slower than word loads at the split of 4 the GEMV now uses there (0.135 ms).
     """
     if BITS == 8:
         q = _plane_words(QW, 0, k0, offs_n, n_ok, K_PAD, N, 8, BLOCK_K)
@@ -549,15 +550,17 @@ def _split(n_tiles: int, k_pad: int, block_k: int, sms: int, max_split: int = 16
     return split
 
 
-def _gemv_split(k_pad: int, block_k: int) -> int:
-    """The GEMV's K split: 4 (each split keeping >= 2 K blocks). Measured on the H200 (s6run4,
-    M = 1, 64 columns per program): split 4 was within 6% of the best of 1/4/16 at 4096 x 4096,
-    12288 x 4096 and 28672 x 8192, where covering the SMs twice (the mm rule) chose 8, 2 and 1 -
-    and 1 was 1.37x slower at 28672 x 8192: more programs in flight keep more loads in flight."""
+def _gemv_split(n_tiles: int, k_pad: int, block_k: int, sms: int) -> int:
+    """The GEMV's K split: the mm rule (cover the SMs twice), but at least 4 (each split
+    keeping >= 2 K blocks). H200, M = 1, 64 columns per program (s6run4): the mm rule alone
+    chose 8, 2 and 1 at 4096 x 4096, 12288 x 4096 and 28672 x 8192, and 1 was 1.02-1.37x
+    slower than 4 at 28672 x 8192 (more programs keep more loads in flight); 4 alone was
+    1.17-1.20x slower than 8 for W8A8 and W4A8 at 4096 x 4096. With this rule each format
+    measured there (W4A16, W8A8, W4A8) was within 8% of its best split at 64 columns."""
     split = 4
     while split > 1 and -(-k_pad // block_k) // split < 2:
         split //= 2
-    return split
+    return max(split, _split(n_tiles, k_pad, block_k, sms))
 
 
 # The M-indexed dispatch table for CUDA: (max M, path, tile for the mm path). First match wins.
@@ -593,8 +596,8 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
 
     Interpreter: few programs (each costs ~0.1 s there): 16/32 x 64 x 64 (<= group) tiles, gemv
     for M <= 2, no split. Every K block is at most the weight group and the activation group.
-    CUDA: :data:`CUDA_TABLE` by M; GEMV 64 columns x 128 (<= groups) K per step, K split in 4
-    (:func:`_gemv_split`); mm: split-K (fp32 atomics) when the output tiles cover fewer than
+    CUDA: :data:`CUDA_TABLE` by M; GEMV 64 columns x 128 (<= groups) K per step, K split at
+    least 4 ways (:func:`_gemv_split`); mm: split-K (fp32 atomics) when the output tiles cover fewer than
     twice the SMs.
     """
     k_pad = P.padded_k(K)
@@ -614,8 +617,9 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
         return dict(path="dequant")
     if path == "gemv":
         bn, bk = 64, _k_block(group_size, 128, act_group_size)
-        return dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=_gemv_split(k_pad, bk),
-                    num_warps=4, num_stages=2)
+        split = _gemv_split(M * triton.cdiv(N, bn), k_pad, bk, sms)
+        return dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4,
+                    num_stages=2)
     bm, bn, bk, warps, stages = tile
     bk = _k_block(group_size, bk, act_group_size)
     split = _split(triton.cdiv(M, bm) * triton.cdiv(N, bn), k_pad, bk, sms)

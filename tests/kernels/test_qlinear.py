@@ -248,7 +248,9 @@ def test_choose_path_table():
     assert Q.choose_path(1, 4096, 4096, 4, 128, "none", bf16, cpu, interpreter=True)["path"] == "gemv"
     assert Q.choose_path(33, 64, 64, 4, 32, "none", f32, cpu, interpreter=True)["BLOCK_K"] == 32
     one = Q.choose_path(1, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)
-    assert one["path"] == "gemv" and one["SPLIT_K"] == 4  # measured best-or-near on the H200
+    assert one["path"] == "gemv" and one["SPLIT_K"] == 8  # 64 column blocks: cover the SMs
+    mid = Q.choose_path(1, 12288, 4096, 4, 128, "none", bf16, cuda, sm_count=132)
+    assert mid["SPLIT_K"] == 4  # at least 4, though 2 would cover the SMs
     wide = Q.choose_path(1, 28672, 8192, 4, 128, "none", bf16, cuda, sm_count=132)
     assert wide["SPLIT_K"] == 4  # not 1, though 448 column blocks cover the SMs
     short = Q.choose_path(1, 64, 128, 4, 32, "none", bf16, cuda, sm_count=132)
