@@ -45,12 +45,14 @@ What this module guarantees:
   its float32 products follow torch's matmul precision setting (TF32 if the user allowed it).
 
 - Accuracy on rows whose mean is large relative to their spread (LayerNorm): "fused" subtracts
-  each row's first element from every x element before the product and "cublas" normalises
-  before it, so neither cancels. "split" multiplies the raw x when x and weight are both
-  bf16/fp16 (so its main loop is a plain GEMM) and subtracts μ·rowsum(W') in the epilogue: the
-  float32 accumulator then loses about log2(|μ|/σ) of its 24 bits, below the output's rounding
-  for |μ|/σ < ~1e4 (tested at 1000); for float32 weights or x of another dtype it centres x on
-  its float32 mean in the loop instead (the operand passes through registers anyway).
+  a per-row centre (the mean of the row's first BLOCK_K elements: ``tiles.first_tile_mean``)
+  from every x element before the product and "cublas" normalises before it, so neither
+  cancels; the one-pass statistics of every design are centred the same way. "split"
+  multiplies the raw x when x and weight are both bf16/fp16 (so its main loop is a plain GEMM)
+  and subtracts μ·rowsum(W') in the epilogue: the float32 accumulator then loses about
+  log2(|μ|/σ) of its 24 bits, below the output's rounding for |μ|/σ < ~1e4 (tested at 1000);
+  for float32 weights or x of another dtype it centres x on its float32 mean in the loop
+  instead (the operand passes through registers anyway).
 - No program writes what another reads: each output element is written by exactly one program,
   statistics are written by one kernel and read by a later launch on the same stream, and no
   workspace is read before it is written. See the note on the Triton pipeliner at
@@ -70,6 +72,7 @@ import triton
 import triton.language as tl
 
 from q3n_compile.kernels import contract
+from q3n_compile.kernels.tiles import first_tile_mean
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KINDS = ("layernorm", "rmsnorm")
@@ -164,8 +167,9 @@ def fused_kernel(
 ):
     """"fused": one program computes y[BLOCK_M rows, BLOCK_N cols] with the statistics in-loop.
 
-    Math (per row m, all sums in fp32): LayerNorm (KIND 0): with c_m = x[m, 0], every x element
-    becomes x - c (exact in fp32, rounded once to W's dtype for the product), and from the same
+    Math (per row m, all sums in fp32): LayerNorm (KIND 0): with c_m = the mean of row m's first
+    BLOCK_K elements (``tiles.first_tile_mean``, a tile loaded once more before the loop), every x
+    element becomes x - c (rounded once to W's dtype for the product), and from the same
     tiles s1 = sum(x - c), s2 = sum((x - c)^2); then d = s1/K, var = max(s2/K - d^2, 0),
     rstd = rsqrt(var + eps), y = rstd * ((x - c)·W'^T - d * rowsum(W')) + b', which equals
     ((x - mean) * rstd)·W'^T + b' in real arithmetic and cancels nothing when |mean| >> std.
@@ -208,7 +212,7 @@ def fused_kernel(
     w_ptrs = W + cols[:, None] * stride_wn + offs_k[None, :] * stride_wk
     w2_ptrs = W + (cols[:, None] + UP_ROW) * stride_wn + offs_k[None, :] * stride_wk
     if KIND == 0:
-        centre = tl.load(X + rows * stride_xm).to(tl.float32)
+        centre = first_tile_mean(x_ptrs, (offs_k < K)[None, :], tl.minimum(K, BLOCK_K))
     s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -395,7 +399,8 @@ def row_stats_kernel(X, STATS, XN, M, K, eps, stride_xm, stride_xk,
                      EVEN_K: tl.constexpr, OFFSETS_64: tl.constexpr, RNE_BF16: tl.constexpr):
     """Per-row statistics ("split") and/or the normalised rows ("cublas").
 
-    Math (fp32): LayerNorm: with x0 = the row's first element, s1 = sum(x - x0),
+    Math (fp32): LayerNorm: with x0 = the mean of the row's first BLOCK_K elements
+    (``tiles.first_tile_mean``), s1 = sum(x - x0),
     s2 = sum((x - x0)^2), dm = s1/K, mean = x0 + dm, var = max(s2/K - dm^2, 0),
     rstd = rsqrt(var + eps). RMSNorm: rstd = rsqrt(sum(x^2)/K + eps).
     WRITE_STATS: STATS[m] = (c, d, rstd, 0), where c is what the GEMM subtracts in its loop and
@@ -414,7 +419,7 @@ def row_stats_kernel(X, STATS, XN, M, K, eps, stride_xm, stride_xk,
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
     if KIND == 0:
-        x0 = tl.load(X + rows * stride_xm).to(tl.float32)
+        x0 = first_tile_mean(x_ptrs, (offs_k < K)[None, :], tl.minimum(K, BLOCK_K))
     s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):

@@ -105,6 +105,7 @@ import triton.language as tl
 
 from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
+from q3n_compile.kernels.tiles import first_tile_mean
 
 ACT_FORMATS = ("none", "int8", "fp8", "int12")
 ACT_QMAX = {"int8": 127.0, "fp8": 448.0, "int12": 2047.0}
@@ -969,14 +970,16 @@ qlinear = contract.register_kernel_op("qlinear", _qlinear_impl, _qlinear_fake)
 # [M] fp32, or [M, ceil(K / act_group_size)] per token and channel group)``, x ``[..., K]``
 # (float16, bfloat16, float32; M = the product of the leading sizes):
 #
-#     LayerNorm (kind "layernorm"): x0 = x[m, 0]; s1 = sum(x - x0); s2 = sum((x - x0)^2);
+#     LayerNorm (kind "layernorm"): x0 = mean(x[m, :B]) (B = BLOCK_K; the whole row in the
+#         reference); s1 = sum(x - x0); s2 = sum((x - x0)^2);
 #         dm = s1 / K; rstd = 1 / sqrt(max(s2 / K - dm^2, 0) + eps); x_hat = ((x - x0) - dm) * rstd
 #     RMSNorm (kind "rmsnorm"): rstd = 1 / sqrt(sum(x^2) / K + eps); x_hat = x * rstd
 #     then (codes, scales) = quantize_activations(x_hat, act, smooth, act_group_size)
 #                                                                      (this module's definition)
 #
 # all in float32 from x's values (the statistics are those of ``kernels.norm_linear``'s
-# row_stats_kernel, centred on the row's first element so that a large mean cancels nothing).
+# row_stats_kernel, centred near the row's mean so that neither a large mean nor a far first
+# element cancels anything: tiles.first_tile_mean).
 # Codes are stored as :func:`_act_codes_dtype` says (int8; float16 for int12, and for fp8 where
 # there are no fp8 tensor cores; float8 e4m3 on sm_89+): a function of the format and the device.
 # Kernel, interpreter and :func:`reference_norm_act_quant` differ only by float32 rounding in the
@@ -1024,8 +1027,8 @@ def norm_act_quant_kernel(X, SM, C, XS, M, K, eps, stride_xm, stride_xk, stride_
     token and ACT_GROUP channels): one program per BLOCK_M rows of x.
 
     Math (fp32, per row): the statistics of the module comment above (LayerNorm: centred on
-    x0 = x[m, 0]; RMSNorm: sum of squares), rstd = 1 / sqrt(var + eps); x_hat as there;
-    x' = x_hat (* smooth); s = max|x'| / QMAX (1 for an all-zero row); c = round(x' / s) as
+    x0 = the mean of the row's first BLOCK_K elements; RMSNorm: sum of squares),
+    rstd = 1 / sqrt(var + eps); x_hat as there; x' = x_hat (* smooth); s = max|x'| / QMAX (1 for an all-zero row); c = round(x' / s) as
     :func:`act_quant_kernel` rounds (integers, or e4m3 values, ties to even), clamped to QMAX.
     Writes c (in C's dtype, which holds it exactly) and s.
     ACT_GROUP > 0: s per row and group of ACT_GROUP columns (XS [M, ceil(K / ACT_GROUP)]), as
@@ -1045,7 +1048,8 @@ def norm_act_quant_kernel(X, SM, C, XS, M, K, eps, stride_xm, stride_xk, stride_
     offs0 = tl.arange(0, BLOCK_K)
     x_row = X + offs_m[:, None] * stride_xm
     if KIND == 0:
-        x0 = tl.load(X + offs_m * stride_xm, mask=m_ok, other=0.0).to(tl.float32)
+        x0 = first_tile_mean(x_row + offs0[None, :] * stride_xk,
+                             m_ok[:, None] & (offs0 < K)[None, :], tl.minimum(K, BLOCK_K))
     else:
         x0 = tl.zeros([BLOCK_M], dtype=tl.float32)
     if ONE_TILE:
@@ -1194,12 +1198,13 @@ def _qlinear_codes_launch(codes, xscales, qweight, scales, zeros, bias, bits, gr
 
 def normalise_rows(x: torch.Tensor, eps: float, kind: str) -> torch.Tensor:
     """x_hat [M, K] in float32 (float64 for float64 x) by the kernel's formulas (the statistics
-    centred on each row's first element for LayerNorm)."""
+    centred on each row's float32 mean for LayerNorm: the kernels centre on the mean of the
+    row's first BLOCK_K elements, which is the whole row when it fits one tile)."""
     K = x.shape[-1]
     wide = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = x.reshape(-1, K).to(wide)
     if kind == "layernorm":
-        a = xf - xf[:, :1]
+        a = xf - xf.mean(1, keepdim=True)
         dm = a.sum(1, keepdim=True) / K
         var = (a.square().sum(1, keepdim=True) / K - dm * dm).clamp_min(0)
         return (a - dm) * (1.0 / torch.sqrt(var + eps))

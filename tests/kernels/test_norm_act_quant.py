@@ -132,6 +132,19 @@ def test_layernorm_large_mean(dtype):
         _check_codes(codes, scales, x, "layernorm", act, None)
 
 
+@pytest.mark.parametrize("one_tile", [True, False], ids=["one_tile", "sweeps"])
+def test_layernorm_far_first_element(one_tile):
+    # The first element 40 std from the row's mean: statistics centred on it would cancel 1600x
+    # in float32 (scales off by ~1e-4); centred on the first tile's mean they cancel nothing.
+    gen = _gen(f"naqfirst{one_tile}")
+    x = torch.randn(9, 200, generator=gen)
+    x[:, 0] += 40.0
+    cfg = dict(BLOCK_M=4, BLOCK_K=256 if one_tile else 64, num_warps=4)
+    codes, scales = Q._norm_act_quant_launch(x, EPS, "layernorm", "int8", None, interpreter=True,
+                                             config=cfg)
+    _check_codes(codes, scales, x, "layernorm", "int8", None)
+
+
 def test_constant_and_empty_rows():
     # A constant row has x_hat = 0 (LayerNorm): scale 1, codes 0, as the reference quantizer says.
     x = torch.randn(5, 40)
