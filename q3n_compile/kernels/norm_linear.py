@@ -550,7 +550,7 @@ def choose_config(M: int, N: int, K: int, dtype: torch.dtype, epilogue: str = "n
     "split": the GEMM tile (128 x 256 x 64, 8 warps, 3 stages, GROUP_M 8, TMA where the strides
     allow, not persistent: the usual Hopper bf16 tile; SiLU-gate holds two accumulators, so
     128 x 128; fp32 halves BLOCK_K) and the statistics kernel's STATS_BLOCK_M/K and STATS_WARPS;
-    "cublas": the normalise kernel's STATS_* (one to four rows per program).
+    "cublas": the normalise kernel's STATS_* (one row per program, up to 4096 of it per tile).
     Interpreter: 16 x 32 x 32 tiles, one stage (it only has to be right; its cost is per program
     and per step), the same design rule, so every design runs on the CPU lane.
     """
@@ -574,7 +574,9 @@ def choose_config(M: int, N: int, K: int, dtype: torch.dtype, epilogue: str = "n
         cfg = dict(design="split", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
                    num_warps=warps, num_stages=stages, USE_TMA=True, PERSISTENT=False, **stats)
     else:
-        cfg = dict(design="cublas", STATS_BLOCK_M=2, STATS_BLOCK_K=min(kp2, 2048),
+        # One row per program, the whole row (up to 4096) in one tile: fastest of the swept
+        # normalise configs at M = 2048 and 8192 in every section on the H200 (s7run1).
+        cfg = dict(design="cublas", STATS_BLOCK_M=1, STATS_BLOCK_K=min(kp2, 4096),
                    STATS_WARPS=8 if K >= 2048 else 4)
     if "BLOCK_K" in cfg:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], kp2)
@@ -719,9 +721,16 @@ class _Plan:
                 EVEN_K=K % sbk == 0, OFFSETS_64=offsets_64, num_warps=cfg["STATS_WARPS"])
         if self.design == "fused":
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-            self.grid = (_cdiv(M, bm) * _cdiv(n_cols, bn),)
-            self.meta = dict(self.common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0,
-                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            scalars = (M, n_cols, K, self.eps, 1.0, *self.strides, *self.res_strides,
+                       *self.ends, self.up_row)
+            consts = dict(self.common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0)
+            # Decode calls are host-bound: launching through the cached CompiledKernel skips
+            # Triton's per-call binding of its 37 arguments.
+            self.fused_launch = contract.TritonLaunch(
+                fused_kernel, (_cdiv(M, bm) * _cdiv(n_cols, bn),),
+                contract.TritonLaunch.ordered(fused_kernel, 9, scalars, consts),
+                dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
+                fast=not interpreter)
         elif self.design == "split":
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
             # The operand passes through registers anyway when it must be converted to W's dtype
@@ -807,11 +816,9 @@ def _cached_config(M, N, K, dtype, epilogue, interpreter, num_sms):
 def _run_fused(p, x2, weight, bias, rowsum, res2, outs):
     unused = _placeholder(x2.device)
     o = outs + [outs[0]] * (MAX_OUTPUTS - len(outs))
-    fused_kernel[p.grid](
-        x2, weight, _fp32(bias) if bias is not None else unused,
-        _fp32(rowsum) if p.kind == "layernorm" else unused,
-        unused if res2 is None else res2, o[0], o[1], o[2], o[3], p.M, p.n_cols, p.K, p.eps, 1.0,
-        *p.strides, *p.res_strides, p.ends[0], p.ends[1], p.ends[2], p.up_row, **p.meta)
+    p.fused_launch(x2, weight, _fp32(bias) if bias is not None else unused,
+                   _fp32(rowsum) if p.kind == "layernorm" else unused,
+                   unused if res2 is None else res2, o[0], o[1], o[2], o[3])
 
 
 def _run_split(p, x2, weight, bias, rowsum, res2, outs):
@@ -1000,8 +1007,8 @@ norm_linear = contract.register_kernel_op("norm_linear", _norm_linear_impl, _nor
 # bfloat16 or float32): x_hat = (x - mean) * rstd (LayerNorm) or x * rstd (RMSNorm), the affine
 # parameters left out (the caller folds them into the next linears). It is :func:`row_stats_kernel`
 # with WRITE_XN, the "cublas" design's normalise kernel: statistics in float32 from x as given
-# (centred on each row's first element for LayerNorm), one read of x from memory, x_hat rounded
-# once and written once. The norm_linear pass emits it before linears that the quantize pass turns
+# (centred on the mean of each row's first block for LayerNorm), one read of x from memory,
+# x_hat rounded once and written once. The norm_linear pass emits it before linears that the quantize pass turns
 # into ``q3n::qlinear`` with 16-bit activations (their input is x_hat; gamma/beta are in their
 # quantized weights), and before linears quantize then keeps in high precision. Kernel, interpreter
 # and :func:`reference_normalize` differ by float32 summation order only.
