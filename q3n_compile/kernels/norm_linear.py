@@ -162,8 +162,8 @@ def fused_kernel(
     KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     SILU_GATE: tl.constexpr, NUM_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, OFFSETS_64: tl.constexpr,
-    RNE_BF16: tl.constexpr,
+    FULL_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    OFFSETS_64: tl.constexpr, RNE_BF16: tl.constexpr,
 ):
     """"fused": one program computes y[BLOCK_M rows, BLOCK_N cols] with the statistics in-loop.
 
@@ -205,27 +205,36 @@ def fused_kernel(
     if OFFSETS_64:
         offs_m = offs_m.to(tl.int64)
         offs_n = offs_n.to(tl.int64)
-    # Loads use wrapped row/column indices (always in bounds, no predicate); stores are masked.
+    # Loads use wrapped row/column indices (always in bounds; weight loads need no predicate);
+    # stores are masked.
     rows = offs_m % M
     cols = offs_n % N
     x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = W + cols[:, None] * stride_wn + offs_k[None, :] * stride_wk
     w2_ptrs = W + (cols[:, None] + UP_ROW) * stride_wn + offs_k[None, :] * stride_wk
+    # x rows past M are not loaded (they are zeros): wrapped, at M = 1 all 16 rows of every
+    # program's x tile read the same few lines, and that L2 hot spot made decode 1.23x slower
+    # than at M = 16 with the same grid and weight traffic (s7run2).
+    x_row_ok = (offs_m < M)[:, None]
     if KIND == 0:
-        centre = first_tile_mean(x_ptrs, (offs_k < K)[None, :], tl.minimum(K, BLOCK_K))
+        centre = first_tile_mean(x_ptrs, x_row_ok & (offs_k < K)[None, :],
+                                 tl.minimum(K, BLOCK_K))
     s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
-            xt = tl.load(x_ptrs)
+            if FULL_M:
+                xt = tl.load(x_ptrs)
+            else:
+                xt = tl.load(x_ptrs, mask=x_row_ok, other=0.0)
             w = tl.load(w_ptrs)
             if SILU_GATE:
                 w2 = tl.load(w2_ptrs)
         else:
             k_ok = offs_k < K - k0
-            xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            xt = tl.load(x_ptrs, mask=x_row_ok & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
             if SILU_GATE:
                 w2 = tl.load(w2_ptrs, mask=k_ok[None, :], other=0.0)
@@ -525,6 +534,12 @@ def _fused_config(M, N, K, dtype, epilogue, num_sms):
     bm = 16 if M <= 16 else 32 if M <= 32 else 64
     bk = 128 if dtype != torch.float32 else 64
     halves = 2 if epilogue == "silu_gate" else 1
+    if halves == 2 and bm == 16 and dtype != torch.float32:
+        # Two weight tiles a step: 128-row tiles, 8 warps, 3 stages (209 KB of shared memory,
+        # one program per SM, under one wave) were the fastest swept at M = 1 and 16 (CUDA-graph
+        # time, s7run2: 0.0455 / 0.0451 ms against 0.0500 / 0.0453 for this rule's 64 x 3).
+        return dict(design="fused", BLOCK_M=bm, BLOCK_N=128, BLOCK_K=bk, num_warps=8,
+                    num_stages=3)
     esize = 4 if dtype == torch.float32 else 2
     rows_blocks = _cdiv(M, bm)
     choice = None
@@ -550,7 +565,7 @@ def choose_config(M: int, N: int, K: int, dtype: torch.dtype, epilogue: str = "n
     "split": the GEMM tile (128 x 256 x 64, 8 warps, 3 stages, GROUP_M 8, TMA where the strides
     allow, not persistent: the usual Hopper bf16 tile; SiLU-gate holds two accumulators, so
     128 x 128; fp32 halves BLOCK_K) and the statistics kernel's STATS_BLOCK_M/K and STATS_WARPS;
-    "cublas": the normalise kernel's STATS_* (one row per program, up to 4096 of it per tile).
+    "cublas": the normalise kernel's STATS_* (two rows per program, up to 2048 columns a tile).
     Interpreter: 16 x 32 x 32 tiles, one stage (it only has to be right; its cost is per program
     and per step), the same design rule, so every design runs on the CPU lane.
     """
@@ -574,9 +589,10 @@ def choose_config(M: int, N: int, K: int, dtype: torch.dtype, epilogue: str = "n
         cfg = dict(design="split", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
                    num_warps=warps, num_stages=stages, USE_TMA=True, PERSISTENT=False, **stats)
     else:
-        # One row per program, the whole row (up to 4096) in one tile: fastest of the swept
-        # normalise configs at M = 2048 and 8192 in every section on the H200 (s7run1).
-        cfg = dict(design="cublas", STATS_BLOCK_M=1, STATS_BLOCK_K=min(kp2, 4096),
+        # (s7run1 and s7run2 swept 1-2 rows x 2048-4096 columns per program at M = 2048 and
+        # 8192: each run's fastest differed, within the 5% that repeated timings of one config
+        # moved by; this is the one that was fastest in more rows over both runs.)
+        cfg = dict(design="cublas", STATS_BLOCK_M=2, STATS_BLOCK_K=min(kp2, 2048),
                    STATS_WARPS=8 if K >= 2048 else 4)
     if "BLOCK_K" in cfg:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], kp2)
@@ -723,7 +739,8 @@ class _Plan:
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
             scalars = (M, n_cols, K, self.eps, 1.0, *self.strides, *self.res_strides,
                        *self.ends, self.up_row)
-            consts = dict(self.common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0)
+            consts = dict(self.common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0,
+                          FULL_M=M % bm == 0)
             # Decode calls are host-bound: launching through the cached CompiledKernel skips
             # Triton's per-call binding of its 37 arguments.
             self.fused_launch = contract.TritonLaunch(

@@ -398,13 +398,20 @@ def test_dispatch_table_and_config_rule():
     assert [r["M"] for r in rows] == [1, 16, 64, 65, 2048, 8192]
     assert all(r["design"] == NL.design_for(r["M"]) for r in rows)
     # "fused" at decode: one wave that fills the SMs (>= 132 programs, each SM's share fitting
-    # its shared memory), the weight read once (one row block).
+    # its shared memory), the weight read once (one row block). SiLU-gate at decode: the measured
+    # 128 x 128 tiles, 8 warps, 3 stages (one program per SM fits; under one wave).
     for n, epi in ((12288, "none"), (11008, "silu_gate"), (6144, "none")):
         cfg = NL.choose_config(1, n, 4096, bf16, epi, design="fused")
         halves = 2 if epi == "silu_gate" else 1
         smem = cfg["num_stages"] * (halves * cfg["BLOCK_N"] + cfg["BLOCK_M"]) * cfg["BLOCK_K"] * 2
+        per_sm = min(NL._SMEM_PER_SM // smem, NL._MAX_CTAS_PER_SM)
         grid = -(-n // cfg["BLOCK_N"])
-        assert 132 <= grid <= 132 * min(NL._SMEM_PER_SM // smem, NL._MAX_CTAS_PER_SM), (n, cfg)
+        if epi == "silu_gate":
+            assert (cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["num_stages"]) == (
+                128, 128, 8, 3)
+            assert per_sm == 1 and grid <= 132, (n, cfg)
+        else:
+            assert 132 <= grid <= 132 * per_sm, (n, cfg)
         assert cfg["BLOCK_M"] == 16
     assert NL.choose_config(33, 12288, 4096, bf16, design="fused")["BLOCK_M"] == 64
     split = NL.choose_config(2048, 12288, 4096, bf16, design="split")
