@@ -149,7 +149,7 @@ def test_against_float64(kind, act, dtype):
 
 @pytest.mark.parametrize("dtype", [f32, bf16])
 def test_layernorm_large_mean(dtype):
-    # |mean| / std = 1000: statistics centred on each row's first element cancel nothing.
+    # |mean| / std = 1000: statistics centred on the first tile's mean cancel nothing.
     gen = _gen(f"naqmean{dtype}")
     x = _x(gen, 9, 200, dtype, "layernorm", mean=1000.0)
     for act in ("int8", "int12"):
