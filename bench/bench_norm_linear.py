@@ -75,7 +75,7 @@ FUSED_SWEEP = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
 SPLIT_SWEEP = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, USE_TMA, PERSISTENT)
     (128, 256, 64, 8, 3, True, False), (128, 256, 64, 8, 4, True, False),
     (128, 256, 64, 8, 3, True, True), (128, 128, 64, 4, 4, True, False),
-    (256, 128, 64, 8, 3, True, False)]
+    (256, 128, 64, 8, 3, True, False), (128, 256, 64, 8, 4, True, True)]
 # (STATS_BLOCK_M, STATS_BLOCK_K, STATS_WARPS)
 CUBLAS_SWEEP = [(1, 4096, 8), (1, 4096, 4), (1, 2048, 8)]
 
