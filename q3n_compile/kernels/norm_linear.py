@@ -81,13 +81,14 @@ DESIGNS = ("fused", "split", "cublas")
 MAX_OUTPUTS = 4
 
 # Which design runs for how many rows: (largest M, design), first match wins; None = any M.
-# To be set from bench/bench_norm_linear.py, which times every design (and a sweep of each one's
-# launch parameters) at M = 1, 16, 2048, 8192 and prints the fastest beside this table.
-# Reasoning until measured: up to 64 rows the weight read dominates and "fused" reads it once in
-# one launch; above that the GEMM is compute bound and cuBLAS (~690 TFLOP/s at M = 2048 on the
-# H200) is faster than a Triton GEMM (~520 measured on 2026-11-28), so "cublas" pays one pass
-# over x instead (~3% at M = 2048, K = 4096: 32 MB of traffic against a 0.3 ms GEMM).
-DISPATCH = ((64, "fused"), (4096, "split"), (None, "cublas"))
+# Set from bench/bench_norm_linear.py, which times every design (and a sweep of each one's launch
+# parameters) and prints the fastest beside this table. Measured on the H200 (s7run3/s7run4, K =
+# 4096, N = 12288 and SwiGLU 2 x 11008, bf16, medians of interleaved rounds): "fused" reads the
+# weight once in one launch and runs at the linear's own GPU time at 1 and 16 rows; from 256 to
+# 8192 rows "cublas" (normalise, then cuBLAS) was the fastest design or within 1% of it, at
+# 0.97-1.15x the linear alone; "split" (a Triton GEMM with the norm in its epilogue) ran
+# 0.99-1.65x the "cublas" design's time from 256 rows up, with 3 or 4 pipeline stages alike.
+DISPATCH = ((64, "fused"), (None, "cublas"))
 
 
 @triton.jit
@@ -562,7 +563,7 @@ def choose_config(M: int, N: int, K: int, dtype: torch.dtype, epilogue: str = "n
     `N` is the number of output columns (SiLU-gate: the gated width, half the weight's rows),
     `dtype` the weight's. `design` overrides :data:`DISPATCH`. Returns ``dict(design=..., ...)``:
     "fused": BLOCK_M/BLOCK_N/BLOCK_K/num_warps/num_stages (:func:`_fused_config`);
-    "split": the GEMM tile (128 x 256 x 64, 8 warps, 4 stages, GROUP_M 8, TMA where the strides
+    "split": the GEMM tile (128 x 256 x 64, 8 warps, 3 stages, GROUP_M 8, TMA where the strides
     allow, not persistent: the usual Hopper bf16 tile; SiLU-gate holds two accumulators, so
     128 x 128; fp32 halves BLOCK_K) and the statistics kernel's STATS_BLOCK_M/K and STATS_WARPS;
     "cublas": the normalise kernel's STATS_* (two rows per program, up to 2048 columns a tile).
@@ -581,9 +582,7 @@ def choose_config(M: int, N: int, K: int, dtype: torch.dtype, epilogue: str = "n
     if design == "fused":
         cfg = _fused_config(M, N, K, dtype, epilogue, num_sms)
     elif design == "split":
-        # 4 stages: 0.97-0.99x cuBLAS's time at M = 2048 in the sweeps of s7run1-3, where 3
-        # stages ran 1.04-1.08x.
-        bm, bn, bk, warps, stages = 128, 256, 64, 8, 4
+        bm, bn, bk, warps, stages = 128, 256, 64, 8, 3
         if epilogue == "silu_gate":
             bn = 128
         if dtype == torch.float32:
