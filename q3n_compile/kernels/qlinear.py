@@ -1032,16 +1032,17 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
 
 
 # Ticket counters of the gemv1p kernel's one-launch split-K (REDUCE 2): int32, zero between calls
-# (the last split of each tile resets its own), one buffer per (device, stream) so that
-# concurrent calls on different streams never share a counter; grown by reallocation. A buffer
-# is never first allocated while a CUDA graph is being captured (it would live in the graph's
-# pool): such a call uses a fresh zeroed buffer, which the graph then zeroes on every replay.
+# (the last split of each tile resets its own), one buffer per device, grown by reallocation.
+# Calls in one stream (q3n's executor, a CUDA graph's replay) follow each other; gemv1p calls
+# with split K that overlap in time on two streams of one device would share tickets, which
+# this does not support. While a CUDA graph is captured, a buffer not yet allocated is not
+# cached (its zeroing is only recorded, and it would live in the graph's pool): the call gets a
+# fresh one, which the graph zeroes on every replay.
 _TICKETS: dict = {}
 
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
+    key = (device.type, device.index)
     buf = _TICKETS.get(key)
     if buf is not None and buf.numel() >= n:
         return buf

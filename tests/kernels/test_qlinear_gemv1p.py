@@ -4,7 +4,6 @@ against the float64 dequantised reference (CPU lane: Triton interpreter; GPU: -m
 import pytest
 import torch
 
-from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear as Q
 
 from .test_qlinear import _check, _gen, _packed, bf16, f16, f32
