@@ -60,7 +60,8 @@ QUANT_TYPES = {"X": "*bf16", "SM": "*fp32", "C": "*i8", "XS": "*fp32", "eps": "f
 GEMV1P_FORMATS = {"w4a16g128": (4, 128, False, 0, 0, "*bf16"),
                   "w4a16g128sym": (4, 128, True, 0, 0, "*bf16"),
                   "w8a16pc": (8, 0, True, 0, 0, "*bf16"), "w2a16g64": (2, 64, False, 0, 0, "*bf16"),
-                  "w4a8g128": (4, 128, False, 1, 0, "*i8"), "w4a8g128_ag64": (4, 128, False, 1, 64, "*i8")}
+                  "w4a8g128": (4, 128, False, 1, 0, "*i8"),
+                  "w4a8g128_ag64": (4, 128, False, 1, 64, "*i8")}
 GEMV1P_TYPES = {"XS": "*fp32", "QW": "*i32", "S": "*fp16", "Z": "*u8", "BIAS": "*bf16",
                 "Y": "*bf16", "WS": "*fp32", "CNT": "*i32"}
 # What a launch at N = K = 4096 specialises: 16-byte aligned pointers, these sizes and strides
@@ -195,7 +196,8 @@ def inner_loop(cubin: bytes, ttgir: str, codes_per_iteration: int) -> dict:
             body = [t for a, t in ins if lo <= a <= addr]
             break
     ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body]
-    count = lambda *prefixes: {o: ops.count(o) for o in sorted(set(ops)) if o.startswith(prefixes)}  # noqa: E731
+    def count(*prefixes):
+        return {o: ops.count(o) for o in sorted(set(ops)) if o.startswith(prefixes)}
     loop = re.search(r"scf\.for.*?scf\.yield", ttgir, re.S)
     return dict(loop_instrs=len(body),
                 instrs_per_code=round(len(body) / codes_per_iteration, 2) if body else None,
