@@ -85,13 +85,13 @@ def gemv1p_cases() -> list[tuple[str, str, dict, int, int]]:
         out.append((name, "gemv1p", dict(
             BITS=bits, GROUP=group, SYM=sym, ACT=act, ACT_GROUP=ag, HAS_BIAS=False,
             REDUCE=reduce, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
-            PREFETCH=cfg["PREFETCH"], EVEN=True, stride_xk=1, stride_yn=1, x_type=xt),
+            PREFETCH=int(cfg["PREFETCH"]), EVEN=True, stride_xk=1, stride_yn=1, x_type=xt),
             cfg["num_warps"], cfg["num_stages"]))
 
     for fmt in GEMV1P_FORMATS:
         for i, cfg in enumerate(Q.GEMV1P_SWEEP):
             add(f"gemv1p_{fmt}_s{i}_n{cfg['BLOCK_N']}k{cfg['BLOCK_K']}w{cfg['num_warps']}"
-                f"{'' if cfg['PREFETCH'] else '_nopf'}", fmt, cfg, 1)
+                f"pf{int(cfg['PREFETCH'])}", fmt, cfg, 1)
     for m in (1, 2, 4, 16):
         cfg = Q.gemv1p_config(m, 4096, 4096, 128, sms=132)
         add(f"gemv1p_w4a16g128_default_m{m}_w{cfg['num_warps']}", "w4a16g128", cfg,

@@ -404,6 +404,21 @@ _MAGIC = tl.constexpr(0x4B000000)
 
 
 @triton.jit
+def _gemv1p_words(QW, k, k_end, r4, n4, n_ok4, rows_total, N, PER: tl.constexpr,
+                  BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    """The [1, 1, WORDS, BLOCK_N] words of the K block at k. A block at or past k_end (a
+    prefetch beyond the split, or a split with no block) is not used: EVEN loads the split's last
+    block instead (in bounds, no mask), otherwise the load is masked off."""
+    if EVEN:
+        rows = tl.minimum(k, k_end - BLOCK_K) // PER + r4
+        w = tl.load(QW + rows * N + n4)
+    else:
+        rows = k // PER + r4
+        w = tl.load(QW + rows * N + n4, mask=(rows < rows_total) & (k < k_end) & n_ok4, other=0)
+    return w
+
+
+@triton.jit
 def qlinear_gemv1p_kernel(
     X, XS, QW, S, Z, BIAS, Y, WS, CNT,
     M, N, K, K_PAD, K_PER_SPLIT,
@@ -453,9 +468,9 @@ def qlinear_gemv1p_kernel(
     Rounding differs from :func:`qlinear_gemv_kernel` only by float32 summation order (and,
     with ACT_GROUP, by where s_x multiplies).
 
-    PREFETCH: the next K block's words are loaded before this block is computed (a register
-    double buffer: two blocks of loads in flight per thread without Triton's shared-memory
-    pipelining).
+    PREFETCH (0, 1 or 2): the words of the next 1 or 2 K blocks are loaded before this block is
+    computed (register buffers: Triton 3.6 does not pipeline loads that feed no tl.dot, whatever
+    num_stages says, so this is how more bytes are kept in flight per thread).
 
     Traffic: the packed strip [K, BLOCK_N] once per BLOCK_M rows of x, scales (and zero points)
     once per K block and column, x's [BLOCK_M, K] block once per column block (L2), Y once
@@ -519,12 +534,12 @@ def qlinear_gemv1p_kernel(
     m_ok3 = m_ok[None, :, None]
     kx3 = j[:, None, None] + tl.arange(0, WORDS)[None, None, :] * PER  # [PER, 1, WORDS]
     acc = tl.zeros([BLOCK_M, WORDS, BLOCK_N], dtype=tl.float32)
-    if PREFETCH:
-        if EVEN:  # a split past the end (more splits than K blocks) loads the last block
-            w_next = tl.load(QW + (tl.minimum(k_start, K_PAD - BLOCK_K) // PER + r4) * N + n4)
-        else:
-            w_next = tl.load(QW + (k_start // PER + r4) * N + n4,
-                             mask=((k_start // PER + r4) < rows_total) & n_ok4, other=0)
+    if PREFETCH >= 1:
+        w_next = _gemv1p_words(QW, k_start, k_end, r4, n4, n_ok4, rows_total, N, PER, BLOCK_K,
+                               EVEN)
+    if PREFETCH == 2:
+        w_next2 = _gemv1p_words(QW, k_start + BLOCK_K, k_end, r4, n4, n_ok4, rows_total, N, PER,
+                                BLOCK_K, EVEN)
     for k0 in range(k_start, k_end, BLOCK_K):
         # x, the scales and the zero points are loaded before the words, and the words' load is
         # the block's last: Triton's layout propagation (RemoveLayoutConversions, sm_90 compile
@@ -552,13 +567,10 @@ def qlinear_gemv1p_kernel(
         if ACT_GROUP != 0:
             xs3 = tl.load(XS + offs_m * n_act_groups + k0 // ACT_GROUP, mask=m_ok,
                           other=0.0)[:, None, None]
-        if PREFETCH:
+        if PREFETCH >= 1:
             w = w_next
-        elif EVEN:
-            w = tl.load(QW + (k0 // PER + r4) * N + n4)
         else:
-            rc = k0 // PER + r4
-            w = tl.load(QW + rc * N + n4, mask=(rc < rows_total) & n_ok4, other=0)
+            w = _gemv1p_words(QW, k0, k_end, r4, n4, n_ok4, rows_total, N, PER, BLOCK_K, EVEN)
         # ((half | MAGIC) & (field | MAGIC)) = MAGIC | (half & field): the first OR is per half
         # word (computed once for all its positions), the AND is one LOP3 per code with one
         # immediate operand; written as (half & field) | MAGIC, ptxas emitted two per code.
@@ -576,15 +588,13 @@ def qlinear_gemv1p_kernel(
             acc += part * xs3
         else:
             acc += part
-        if PREFETCH:
-            if EVEN:
-                # The last iteration reloads its own block (in bounds, unused) instead of masking.
-                rn = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K) // PER + r4
-                w_next = tl.load(QW + rn * N + n4)
-            else:
-                rn = (k0 + BLOCK_K) // PER + r4
-                w_next = tl.load(QW + rn * N + n4,
-                                 mask=(rn < rows_total) & (k0 + BLOCK_K < k_end) & n_ok4, other=0)
+        if PREFETCH == 1:
+            w_next = _gemv1p_words(QW, k0 + BLOCK_K, k_end, r4, n4, n_ok4, rows_total, N, PER,
+                                   BLOCK_K, EVEN)
+        elif PREFETCH == 2:
+            w_next = w_next2
+            w_next2 = _gemv1p_words(QW, k0 + 2 * BLOCK_K, k_end, r4, n4, n_ok4, rows_total, N,
+                                    PER, BLOCK_K, EVEN)
     if PER_CHANNEL:
         acc = acc * s3
     y = tl.sum(acc, axis=1)  # [BLOCK_M, BLOCK_N]
@@ -801,21 +811,22 @@ def _gemv_split(n_tiles: int, k_pad: int, block_k: int, sms: int) -> int:
 # the inner loop for these at BLOCK_M = 1 (BLOCK_M * BLOCK_K < 32 * num_warps; BLOCK_N < 32 *
 # num_warps), except the one 4-warp 128 x 128 entry, kept to measure what the conversions cost.
 GEMV1P_BITS = (2, 4, 8)
-GEMV1P_DEFAULT = dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=1, PREFETCH=True,
+GEMV1P_DEFAULT = dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=1, PREFETCH=1,
                       SPLIT_K="auto", REDUCE="ticket")
 GEMV1P_SWEEP = [
     dict(BLOCK_N=n, BLOCK_K=bk, num_warps=w, num_stages=1, PREFETCH=pf, SPLIT_K=s, REDUCE=r)
     for n, bk, w, pf, s, r in [
-        (128, 128, 8, True, "auto", "ticket"),   # the default
-        (128, 128, 8, False, "auto", "ticket"),  # no register double buffer
-        (128, 128, 8, True, "auto", "atomic"),   # split by atomics (3 kernels)
-        (128, 128, 8, True, 1, "ticket"),        # no split
-        (64, 128, 8, True, "auto", "ticket"),
-        (64, 64, 4, True, "auto", "ticket"),
-        (128, 64, 8, True, "auto", "ticket"),
-        (128, 128, 16, True, "auto", "ticket"),
-        (256, 128, 16, True, "auto", "ticket"),
-        (128, 128, 4, True, "auto", "ticket"),   # x and scales converted through shared memory
+        (128, 128, 8, 1, "auto", "ticket"),      # the default
+        (128, 128, 8, 0, "auto", "ticket"),      # no register buffer
+        (128, 128, 8, 2, "auto", "ticket"),      # two blocks ahead
+        (128, 128, 8, 1, "auto", "atomic"),      # split by atomics (3 kernels)
+        (128, 128, 8, 1, 1, "ticket"),           # no split
+        (64, 128, 8, 1, "auto", "ticket"),
+        (64, 64, 4, 2, "auto", "ticket"),
+        (128, 64, 8, 2, "auto", "ticket"),
+        (128, 128, 16, 1, "auto", "ticket"),
+        (256, 128, 16, 1, "auto", "ticket"),
+        (128, 128, 4, 1, "auto", "ticket"),      # x and scales converted through shared memory
     ]
 ]
 
@@ -892,7 +903,7 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
         if M <= 2 and bits in GEMV1P_BITS:
             return dict(path="gemv1p", BLOCK_M=triton.next_power_of_2(M), BLOCK_N=64,
                         BLOCK_K=_k_block(group_size, 64, act_group_size), SPLIT_K=1,
-                        num_warps=4, num_stages=1, PREFETCH=True)
+                        num_warps=4, num_stages=1, PREFETCH=1)
         if M <= 2:
             return dict(path="gemv", BLOCK_N=64, BLOCK_K=_k_block(group_size, 64, act_group_size),
                         SPLIT_K=1, num_warps=4, num_stages=1)
@@ -1076,7 +1087,7 @@ def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, 
         bias if bias is not None else scales, y, ws, cnt, M, N, K, k_pad, k_per_split,
         a.stride(0), a.stride(1), y.stride(0), y.stride(1), **flags, REDUCE=mode,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        PREFETCH=cfg.get("PREFETCH", True),
+        PREFETCH=int(cfg.get("PREFETCH", 1)),
         EVEN=N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0 and M % cfg["BLOCK_M"] == 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.to(out_dtype) if mode == 1 and out_dtype != torch.float32 else y

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 
 
 def _path(M, group, block_m=None, block_n=32, block_k=64, split=1, reduce="ticket",
-          prefetch=True, ag=Q.PER_TOKEN):
+          prefetch=1, ag=Q.PER_TOKEN):
     """A forced gemv1p launch; BLOCK_K capped at the groups as the dispatch caps it."""
     return dict(path="gemv1p", BLOCK_M=block_m or min(16, 1 << (M - 1).bit_length()),
                 BLOCK_N=block_n, BLOCK_K=Q._k_block(group, block_k, ag), SPLIT_K=split,
@@ -27,11 +27,11 @@ WEIGHTS = [
     (2, 64, False, 192), (2, -1, True, 83),
 ]
 # (M, x dtype, split, reduce, BLOCK_M, prefetch) cycled over the weights: M in {1, 3, 16}, row
-# blocks smaller than M (rows masked), one launch split-K and atomics, both loop forms.
+# blocks smaller than M (rows masked), one launch split-K and atomics, prefetch depths 0-2.
 LAUNCHES = [
-    (1, bf16, 1, "ticket", None, True), (3, f32, 3, "ticket", None, False),
-    (16, f16, 2, "atomic", 4, True), (3, bf16, 2, "ticket", 2, True),
-    (16, f32, 1, "ticket", None, True), (1, f16, 4, "atomic", None, False),
+    (1, bf16, 1, "ticket", None, 1), (3, f32, 3, "ticket", None, 0),
+    (16, f16, 2, "atomic", 4, 2), (3, bf16, 2, "ticket", 2, 1),
+    (16, f32, 1, "ticket", None, 2), (1, f16, 4, "atomic", None, 0),
 ]
 
 
@@ -40,7 +40,7 @@ def _cases():
         for j in range(2):
             M, dtype, split, reduce, bm, pf = LAUNCHES[(2 * i + j) % len(LAUNCHES)]
             name = (f"w{bits}_g{group}_{'sym' if sym else 'asym'}_k{K}_m{M}_{str(dtype)[6:]}"
-                    f"_split{split}{reduce[0]}_bm{bm or 'M'}_{'pf' if pf else 'nopf'}")
+                    f"_split{split}{reduce[0]}_bm{bm or 'M'}_pf{pf}")
             yield pytest.param(bits, group, sym, K, M, dtype, split, reduce, bm, pf, id=name)
 
 
@@ -81,9 +81,9 @@ def test_gemv1p_block_k_128_and_wide_columns():
         _check(x, pw, path=_path(1, 128, block_n=128, block_k=128, split=2))
 
 
-@pytest.mark.parametrize("M,block_m,split", [(1, 1, 1), (1, 1, 4), (4, 2, 2), (16, 16, 3),
-                                             (1, 1, 16)])
-def test_gemv1p_even_sizes(M, block_m, split):
+@pytest.mark.parametrize("M,block_m,split,prefetch", [(1, 1, 1, 1), (1, 1, 4, 2), (4, 2, 2, 0),
+                                                      (16, 16, 3, 2), (1, 1, 16, 2)])
+def test_gemv1p_even_sizes(M, block_m, split, prefetch):
     # N, K and M multiples of the blocks: the loop runs without masks, and the prefetch of the
     # last iteration of each split reloads its own block (the last split's ends at the weight's
     # last row). split 3 of 8 K blocks: uneven splits; 16: half the splits have no K block.
@@ -92,7 +92,8 @@ def test_gemv1p_even_sizes(M, block_m, split):
         pw = _packed(gen, 128, 512, bits, group, sym)
         x = torch.randn(M, 512, generator=gen).to(bf16)
         _check(x, pw, torch.randn(128, generator=gen).to(bf16),
-               path=_path(M, group, block_m, block_n=32, block_k=64, split=split))
+               path=_path(M, group, block_m, block_n=32, block_k=64, split=split,
+                          prefetch=prefetch))
 
 
 def test_gemv1p_tickets_are_reset():
