@@ -150,25 +150,45 @@ def test_gemv1p_dispatch():
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("M", [1, 3, 16])
-@pytest.mark.parametrize("bits,group,sym,act", [(4, 128, False, "none"), (8, -1, True, "none"),
-                                                (4, 128, True, "int8"), (2, 64, False, "none")])
-@pytest.mark.parametrize("reduce", ["ticket", "atomic"])
-def test_gpu_gemv1p_every_sweep_config(bits, group, sym, act, M, reduce):
-    gen = _gen(f"gpug1p{bits}{act}{M}{reduce}")
-    N, K = 4096 + 96, 4096
+GPU_FORMATS = [(4, 128, False, "none"), (8, -1, True, "none"), (4, 128, True, "int8"),
+               (2, 64, False, "none")]
+
+
+def _gpu_case(name, bits, group, sym, M):
+    gen = _gen(name)
+    N, K = 4096 + 96, 4096  # N not a multiple of the column blocks: masked loads
     pw = _packed(gen, N, K, bits, group, sym, device="cuda")
     x = torch.randn(M, K, generator=gen).to(bf16).cuda()
     bias = torch.randn(N, generator=gen).to(bf16).cuda()
+    return N, K, pw, x, bias
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("bits,group,sym,act", GPU_FORMATS)
+def test_gpu_gemv1p_every_sweep_config(bits, group, sym, act):
+    # One row, every GEMV1P_SWEEP launch; a second call gives the same bits (tickets reset,
+    # partials summed in split order), except where the split is by atomics.
+    N, K, pw, x, bias = _gpu_case(f"gpug1p{bits}{act}", bits, group, sym, 1)
     for base in Q.GEMV1P_SWEEP:
-        cfg = dict(Q.gemv1p_config(M, N, K, group, sms=132, base=base), REDUCE=reduce)
+        cfg = Q.gemv1p_config(1, N, K, group, sms=132, base=base)
         first = _check(x, pw, bias, act=act, path=cfg)
-        if reduce == "ticket":  # tickets reset: the same bits again
-            assert torch.equal(first, Q._launch(x, pw.qweight, pw.scales, pw.zeros, bias, None,
-                                                bits, group, K, act, interpreter=False,
-                                                path=cfg))
+        if cfg["REDUCE"] == "ticket":
+            again = Q._launch(x, pw.qweight, pw.scales, pw.zeros, bias, None, bits, group, K,
+                              act, interpreter=False, path=cfg)
+            assert torch.equal(first, again)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [2, 3, 16])
+@pytest.mark.parametrize("bits,group,sym,act", GPU_FORMATS)
+@pytest.mark.parametrize("reduce", ["ticket", "atomic"])
+def test_gpu_gemv1p_rows(bits, group, sym, act, M, reduce):
+    N, K, pw, x, bias = _gpu_case(f"gpug1prows{bits}{act}{M}", bits, group, sym, M)
+    cfg = dict(Q.gemv1p_config(M, N, K, group, sms=132), REDUCE=reduce)
+    _check(x, pw, bias, act=act, path=cfg)
+    _check(x, pw, bias, act=act, path=dict(cfg, BLOCK_M=4 if M > 2 else 1))
 
 
 @pytest.mark.gpu
