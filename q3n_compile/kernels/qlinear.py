@@ -475,9 +475,12 @@ def qlinear_gemv1p_kernel(
     Traffic: the packed strip [K, BLOCK_N] once per BLOCK_M rows of x, scales (and zero points)
     once per K block and column, x's [BLOCK_M, K] block once per column block (L2), Y once
     (REDUCE 1: once per split, atomically; REDUCE 2: 4 bytes per output and split written and read
-    back through L2). Memory-bound at M = 1 for 8-bit weights; for 4-bit, the sm_90 SASS of
-    the inner loop (8 warps, 128 x 128 blocks) is ~4.6 instructions per code, near the issue rate
-    that 3.4 TB/s needs. Per code BLOCK_M FMAs, so CUDA-core compute bounds it as BLOCK_M grows.
+    back through L2). At M = 1 the sm_90 SASS of the inner loop (8 warps, 128 x 128 blocks,
+    EVEN) issues 4.9 instructions per code for 4-bit g128 with zero points (4.4 symmetric, 4.8
+    for 8-bit per channel): at 4 warp-instructions per clock per SM and 1.98 GHz on 132 SMs,
+    4-bit codes cannot be consumed faster than ~3.6 TB/s (3.9 symmetric) of packed bytes, so
+    4-bit is as much issue-bound as memory-bound there, 8-bit memory-bound. Per code BLOCK_M
+    FMAs: CUDA-core compute bounds it as BLOCK_M grows.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
