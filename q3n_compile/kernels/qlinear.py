@@ -1070,10 +1070,13 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
 def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, split, cfg,
             flags) -> torch.Tensor:
     """Launch :func:`qlinear_gemv1p_kernel`: split-K by tickets in one launch (cfg REDUCE
-    "ticket", the default) or by fp32 atomics (REDUCE "atomic": Y zeroed first, cast after)."""
+    "ticket", the default) or by fp32 atomics (REDUCE "atomic": Y zeroed first, cast after).
+    A forced `cfg` may leave out BLOCK_M (M rounded up to a power of two, at most 16), REDUCE,
+    PREFETCH (1) and num_stages (1)."""
     M, K = a.shape
     N = qweight.shape[1]
-    n_tiles, m_tiles = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"])
+    block_m = cfg.get("BLOCK_M", min(16, triton.next_power_of_2(M)))
+    n_tiles, m_tiles = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, block_m)
     mode = 0 if split == 1 else (2 if cfg.get("REDUCE", "ticket") == "ticket" else 1)
     if mode == 1:
         y = torch.zeros((M, N), dtype=torch.float32, device=a.device)
@@ -1089,10 +1092,10 @@ def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, 
         a, xs, qweight, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, y, ws, cnt, M, N, K, k_pad, k_per_split,
         a.stride(0), a.stride(1), y.stride(0), y.stride(1), **flags, REDUCE=mode,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         PREFETCH=int(cfg.get("PREFETCH", 1)),
-        EVEN=N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0 and M % cfg["BLOCK_M"] == 0,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        EVEN=N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0 and M % block_m == 0,
+        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1))
     return y.to(out_dtype) if mode == 1 and out_dtype != torch.float32 else y
 
 

@@ -110,6 +110,13 @@ def test_gemv1p_tickets_are_reset():
     assert all(int(buf.abs().sum()) == 0 for buf in Q._TICKETS.values())
 
 
+def test_gemv1p_forced_path_with_defaults():
+    gen = _gen("g1pminimal")
+    pw = _packed(gen, 40, 128, 4, 32, False)
+    x = torch.randn(3, 128, generator=gen).to(bf16)
+    _check(x, pw, path=dict(path="gemv1p", BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4))
+
+
 def test_gemv1p_refuses_what_it_cannot_do():
     gen = _gen("g1prefuse")
     pw6 = _packed(gen, 16, 64, 6, 32, False)
