@@ -16,6 +16,16 @@ activation quantizer and norm_act_quant at the GPU launch sizes.
 
     python bench/compile_qlinear_sm90.py --compare /tmp/base --out bench/results/x.json
 
+The single-plane GEMV (``gemv1p``: W4A16 g128 asymmetric and symmetric, W8A16 per channel, W2A16
+g64, W4A8 g128 int8, W4A8 with activation groups of 64) is compiled at every
+:data:`GEMV1P_SWEEP` tile and at the default launch for 1, 2, 4 and 16 rows, with the launch's
+specialisation at N = K = 4096 (16-byte aligned pointers, sizes and row strides divisible by 16,
+unit column strides), and its inner loop is read from the SASS: instructions per iteration and per
+code, global load widths, barriers and shared-memory layout conversions (TTGIR
+``convert_layout``) in the loop. ``--gemv1p`` compiles only those.
+
+    python bench/compile_qlinear_sm90.py --gemv1p --out bench/results/x.json
+
 It does not measure time or check results: the GPU lane does that.
 """
 
@@ -44,6 +54,49 @@ ACT_GROUPS = (0, 128, 32)
 MM_TYPES = {"X": "*i8", "XS": "*fp32", "QW": "*i32", "S": "*fp16", "Z": "*u8", "BIAS": "*bf16",
             "Y": "*bf16"}
 QUANT_TYPES = {"X": "*bf16", "SM": "*fp32", "C": "*i8", "XS": "*fp32", "eps": "fp32"}
+
+
+# name: (BITS, GROUP, SYM, ACT, ACT_GROUP, x type)
+GEMV1P_FORMATS = {"w4a16g128": (4, 128, False, 0, 0, "*bf16"),
+                  "w4a16g128sym": (4, 128, True, 0, 0, "*bf16"),
+                  "w8a16pc": (8, 0, True, 0, 0, "*bf16"), "w2a16g64": (2, 64, False, 0, 0, "*bf16"),
+                  "w4a8g128": (4, 128, False, 1, 0, "*i8"),
+                  "w4a8g128_ag64": (4, 128, False, 1, 64, "*i8")}
+GEMV1P_TYPES = {"XS": "*fp32", "QW": "*i32", "S": "*fp16", "Z": "*u8", "BIAS": "*bf16",
+                "Y": "*bf16", "WS": "*fp32", "CNT": "*i32"}
+# What a launch at N = K = 4096 specialises: 16-byte aligned pointers, these sizes and strides
+# divisible by 16, unit column strides (constants).
+GEMV1P_DIVISIBLE = ("X", "XS", "QW", "S", "Z", "BIAS", "Y", "WS", "CNT", "N", "K", "K_PAD",
+                    "K_PER_SPLIT", "stride_xm", "stride_ym")
+
+
+def gemv1p_cases() -> list[tuple[str, str, dict, int, int]]:
+    """gemv1p variants: every sweep tile at BLOCK_M = 1 for each format, the default launch
+    (:func:`gemv1p_config`) at 1, 2, 4 and 16 rows for W4A16 g128."""
+    sys.path.insert(0, str(ROOT))
+    from q3n_compile.kernels import qlinear as Q
+
+    out = []
+
+    def add(name, fmt, cfg, block_m):
+        bits, group, sym, act, ag, xt = GEMV1P_FORMATS[fmt]
+        bk = min([cfg["BLOCK_K"]] + [g for g in (group, ag) if g])
+        reduce = {"ticket": 2, "atomic": 1}[cfg["REDUCE"]] if cfg["SPLIT_K"] != 1 else 0
+        out.append((name, "gemv1p", dict(
+            BITS=bits, GROUP=group, SYM=sym, ACT=act, ACT_GROUP=ag, HAS_BIAS=False,
+            REDUCE=reduce, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
+            PREFETCH=int(cfg["PREFETCH"]), EVEN=True, stride_xk=1, stride_yn=1, x_type=xt),
+            cfg["num_warps"], cfg["num_stages"]))
+
+    for fmt in GEMV1P_FORMATS:
+        for i, cfg in enumerate(Q.GEMV1P_SWEEP):
+            add(f"gemv1p_{fmt}_s{i}_n{cfg['BLOCK_N']}k{cfg['BLOCK_K']}w{cfg['num_warps']}"
+                f"pf{int(cfg['PREFETCH'])}", fmt, cfg, 1)
+    for m in (1, 2, 4, 16):
+        cfg = Q.gemv1p_config(m, 4096, 4096, 128, sms=132)
+        add(f"gemv1p_w4a16g128_default_m{m}_w{cfg['num_warps']}", "w4a16g128", cfg,
+            cfg["BLOCK_M"])
+    return out
 
 
 def cases() -> list[tuple[str, str, dict, int, int]]:
@@ -78,6 +131,18 @@ def compile_variant(Q, kernel_name: str, constexprs: dict, warps: int, stages: i
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if kernel_name == "gemv1p":
+        constexprs = dict(constexprs)
+        types = dict(GEMV1P_TYPES, X=constexprs.pop("x_type"))
+        kernel = Q.qlinear_gemv1p_kernel
+        names = kernel.arg_names
+        signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+        src = ASTSource(fn=kernel, signature=signature,
+                        constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                        attrs={(names.index(n),): [["tt.divisibility", 16]]
+                               for n in GEMV1P_DIVISIBLE})
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages})
     kernel = {"mm": Q.qlinear_mm_kernel, "gemv": Q.qlinear_gemv_kernel,
               "act_quant": Q.act_quant_kernel, "norm_act_quant": Q.norm_act_quant_kernel}[kernel_name]
     types = dict(MM_TYPES if kernel_name in ("mm", "gemv") else QUANT_TYPES)
@@ -108,6 +173,40 @@ def resource_usage(cubin: bytes) -> dict:
             for key in ("REG", "STACK", "LOCAL")}
 
 
+def inner_loop(cubin: bytes, ttgir: str, codes_per_iteration: int) -> dict:
+    """The K loop of a gemv1p kernel: SASS instructions per iteration and per code (a weight;
+    with BLOCK_M rows each code serves BLOCK_M products; the loop is the body of the function's
+    one backward branch), global load widths, barriers and
+    shared-memory traffic in it, and the TTGIR layout conversions inside ``scf.for``."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in
+           re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.M)]
+    body = []
+    for addr, text in ins:
+        m = re.search(r"BRA (0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            lo = int(m.group(1), 16)
+            body = [t for a, t in ins if lo <= a <= addr]
+            break
+    ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body]
+    def count(*prefixes):
+        return {o: ops.count(o) for o in sorted(set(ops)) if o.startswith(prefixes)}
+    loop = re.search(r"scf\.for.*?scf\.yield", ttgir, re.S)
+    return dict(loop_instrs=len(body),
+                instrs_per_code=round(len(body) / codes_per_iteration, 2) if body else None,
+                loop_global_loads=count("LDG"), loop_shared=count("LDS", "STS", "STSM"),
+                loop_barriers=ops.count("BAR.SYNC.DEFER_BLOCKING") + ops.count("BAR.SYNC"),
+                loop_convert_layout=loop.group(0).count("ttg.convert_layout") if loop else None,
+                FFMA=ops.count("FFMA"), LOP3=ops.count("LOP3.LUT"))
+
+
 def _strip_locations(ttir: str) -> str:
     ttir = re.sub(r"loc\([^)]*\)", "", ttir)
     ttir = re.sub(r"#loc\d*( = .*)?", "", ttir)
@@ -128,6 +227,10 @@ def compile_tree(tree: Path, selected) -> dict:
         "        k = C.compile_variant(Q, kind, ce, w, s)\n"
         "        out[name] = dict(shared=k.metadata.shared, **C.resource_usage(k.asm['cubin']),\n"
         "                         ttir=C._strip_locations(k.asm['ttir']))\n"
+        "        if kind == 'gemv1p':\n"
+        "            codes = ce['BLOCK_K'] * ce['BLOCK_N'] // (32 * w)\n"
+        "            out[name].update(codes_per_thread_iteration=codes,\n"
+        "                             **C.inner_loop(k.asm['cubin'], k.asm['ttgir'], codes))\n"
         "    except Exception as exc:\n"
         "        out[name] = dict(error=f'{type(exc).__name__}: {str(exc)[:300]}')\n"
         "print(json.dumps(out))\n")
@@ -141,12 +244,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--compare", type=Path, help="another tree whose per-token kernels to diff")
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
+    ap.add_argument("--gemv1p", action="store_true", help="only the gemv1p variants")
     args = ap.parse_args()
-    variants = cases()
+    variants = gemv1p_cases() if args.gemv1p else cases() + gemv1p_cases()
     here = compile_tree(ROOT, variants)
     base = None
     if args.compare:
-        base = compile_tree(args.compare.resolve(), [v for v in variants if v[0].endswith("ag0")])
+        base = compile_tree(args.compare.resolve(), [v for v in variants if v[0].endswith("ag0")
+                                                     and v[1] != "gemv1p"])
     rows = []
     for name, *_ in variants:
         r = here[name]

@@ -42,6 +42,14 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   (float32 atomics) at least 4 ways (:func:`_gemv_split`), which kept more loads in flight
   than splitting only to fill the GPU.
   Every path loads each packed int32 word once and splits it by shifts in registers.
+- ``gemv1p``: the GEMV for weights of one bit plane (8, 4 and 2 bits), which takes the place of
+  ``gemv`` for them (:func:`qlinear_gemv1p_kernel`): 16-byte word loads, codes unpacked in the
+  thread that loaded them with no reshape and no int->float conversion (one integer op and one
+  FMA per code), group scales and zero points applied once per word, BLOCK_M rows of x per
+  program, and split-K in one launch (a ticket per output tile: the last split sums the
+  partials) instead of atomics into a zeroed fp32 output and a cast (three kernels). Its launch
+  parameters are :func:`gemv1p_config`'s; :data:`GEMV1P_SWEEP` is what the benchmark sweeps.
+  Compiled for sm_90 and checked in the interpreter, not yet timed on a GPU.
 - ``mm``: tensor-core tiles: weights are unpacked and dequantised in registers and fed to
   ``tl.dot`` in the activation's operand type — bf16/fp16 (16-bit activations), int8 x int8 ->
   int32 (``int8``), fp8 e4m3 x fp8 e4m3 (``fp8`` with weight codes that e4m3 holds exactly, i.e.
@@ -389,6 +397,240 @@ def qlinear_gemv_kernel(
         tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=n_ok)
 
 
+# The single-plane GEMV (``gemv1p``): formats whose codes sit in one bit plane (bits 8, 4, 2).
+# _MAGIC is the bit pattern of 2^23 as float32: OR-ing an integer v < 2^23 into its mantissa
+# gives the float 2^23 + v exactly, which turns a code into a float with one integer op and
+# no int->float conversion (I2F issues at 16 per clock per SM on sm_90 against 128 FP32 FMAs).
+_MAGIC = tl.constexpr(0x4B000000)
+
+
+@triton.jit
+def _gemv1p_words(QW, k, k_end, r4, n4, n_ok4, rows_total, N, PER: tl.constexpr,
+                  BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    """The [1, 1, WORDS, BLOCK_N] words of the K block at k. A block at or past k_end (a
+    prefetch beyond the split, or a split with no block) is not used: EVEN loads the split's last
+    block instead (in bounds, no mask), otherwise the load is masked off."""
+    if EVEN:
+        rows = tl.minimum(k, k_end - BLOCK_K) // PER + r4
+        w = tl.load(QW + rows * N + n4)
+    else:
+        rows = k // PER + r4
+        w = tl.load(QW + rows * N + n4, mask=(rows < rows_total) & (k < k_end) & n_ok4, other=0)
+    return w
+
+
+@triton.jit
+def qlinear_gemv1p_kernel(
+    X, XS, QW, S, Z, BIAS, Y, WS, CNT,
+    M, N, K, K_PAD, K_PER_SPLIT,
+    stride_xm, stride_xk, stride_ym, stride_yn,
+    BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ACT: tl.constexpr,
+    ACT_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr, EVEN: tl.constexpr,
+):
+    """One program computes a [BLOCK_M, BLOCK_N] tile of Y (BLOCK_M rows of x, few) over one
+    split of K, on CUDA cores, for weights of one bit plane (BITS 8, 4 or 2: PER = 32 / BITS
+    codes per int32 word).
+
+    Layout: the K block's packed words are loaded as one [WORDS, BLOCK_N] tile (WORDS =
+    BLOCK_K / PER; N contiguous, so a thread's 4 neighbouring columns are one 16-byte load) and
+    are never reshaped: a code is addressed as [word r, position j, column n] in a
+    [BLOCK_M, WORDS, PER, BLOCK_N] broadcast, x's block is loaded as [BLOCK_M, WORDS, PER]
+    (channel k = r * PER + j, PER consecutive channels per thread), and the sum over j stays in
+    the thread that loaded the word. The sum over words is kept per word ([BLOCK_M, WORDS,
+    BLOCK_N] accumulator) and reduced across threads once, after the K loop.
+
+    Unpack, per code (one integer op and one FMA, no int->float conversion): position j lies in
+    half h = j // (PER / 2) of the word at bit p = BITS * (j % (PER / 2)) of that half;
+    f = float_bits(((word >> 16h) & (2^BITS - 1) << p) | bits(2^23)) = 2^23 + q * 2^p exactly
+    (q * 2^p < 2^16); d = fma(f, 2^-p, -(2^(23-p) + z0)) = q - z0 exactly (every intermediate is
+    an integer below 2^24), z0 = 2^(BITS-1) when symmetric, else 0 and z is subtracted once per
+    word: sum_j a_j (q_j - z) = sum_j a_j q_j - z * sum_j a_j. The shifts, masks and 2^-p are
+    compile-time per register because the position dimension lies in one thread.
+
+    Layout (Triton 3.6, sm_90, checked with bench/compile_qlinear_sm90.py --gemv1p): the words'
+    load is LDG.128 and the inner loop has no shared-memory layout conversion when BLOCK_M *
+    BLOCK_K < 32 * num_warps (x's block is then loaded directly in the words' layout, LDG.128 of
+    8 channels per row) and, for grouped weights, BLOCK_N < 32 * num_warps or >= 128 *
+    num_warps (the scale row likewise). Larger loads keep a layout of their own, and each K
+    block then converts them through shared memory (two barriers each).
+
+    Math (fp32): for each K block, part[m, r, n] = sum_j a[m, r*PER + j] * (q - z)[k, n], with a
+    = x (ACT = 0) or its codes c; grouped weights: acc += part * s[g, n] (one multiply per word,
+    not per code: each K block lies in one group); per-channel: acc += part and acc *= s[n] after
+    the loop. ACT_GROUP > 0: the block's part is also multiplied by s_x[m, k0 // ACT_GROUP] (per
+    word); per token (ACT != 0): y *= s_x[m] at the end. Then y = sum_r acc (+ bias, first split
+    only), and by REDUCE: 0 (one split) stored in Y's dtype; 1 atomically added to an fp32 Y
+    (zeroed by the launcher, cast by it afterwards: two more kernels); 2 (split-K in one launch)
+    written to the fp32 workspace WS [splits, M, N], and the last of a tile's splits to arrive
+    (a ticket counter per output tile in CNT, int32, zero between calls) sums the tile's
+    partials in split order (deterministic), stores Y in its dtype and resets the counter.
+    Rounding differs from :func:`qlinear_gemv_kernel` only by float32 summation order (and,
+    with ACT_GROUP, by where s_x multiplies).
+
+    PREFETCH (0, 1 or 2): the words of the next 1 or 2 K blocks are loaded before this block is
+    computed (register buffers: Triton 3.6 does not pipeline loads that feed no tl.dot, whatever
+    num_stages says, so this is how more bytes are kept in flight per thread).
+
+    Traffic: the packed strip [K, BLOCK_N] once per BLOCK_M rows of x, scales (and zero points)
+    once per K block and column, x's [BLOCK_M, K] block once per column block (L2), Y once
+    (REDUCE 1: once per split, atomically; REDUCE 2: 4 bytes per output and split written and read
+    back through L2). At M = 1 the sm_90 SASS of the inner loop (8 warps, 128 x 128 blocks,
+    EVEN) issues 4.9 instructions per code for 4-bit g128 with zero points (4.4 symmetric, 4.8
+    for 8-bit per channel): at 4 warp-instructions per clock per SM and 1.98 GHz on 132 SMs,
+    4-bit codes cannot be consumed faster than ~3.6 TB/s (3.9 symmetric) of packed bytes, so
+    4-bit is as much issue-bound as memory-bound there, 8-bit memory-bound. Per code BLOCK_M
+    FMAs: CUDA-core compute bounds it as BLOCK_M grows.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    PER: tl.constexpr = 32 // BITS
+    HALF_PER: tl.constexpr = PER // 2
+    WORDS: tl.constexpr = BLOCK_K // PER
+    PER_CHANNEL: tl.constexpr = GROUP == 0
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m_ok = offs_m < M
+    cols = tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + cols
+    n_ok = offs_n < N
+    # The same columns, written so that Triton's axis analysis sees runs of 4 consecutive
+    # columns, not BLOCK_N: the scale and zero-point loads then get the words' layout (4 columns
+    # per thread) rather than wider vectors that would need a conversion to it.
+    offs_n4 = pid_n * BLOCK_N + (cols // 4) * 4 + cols % 4
+    n_ok3 = (offs_n4 < N)[None, None, :]
+    sn3 = offs_n4[None, None, :]  # [1, 1, BLOCK_N], for scales and zero points
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K_PAD)
+    rows_total = K_PAD // PER
+
+    # Per position j (all [PER]): the half's shift, the field mask in place, 2^-p, and
+    # -(2^(23-p) + z0), z0 = 2^(BITS-1) when symmetric (q - z0 in one FMA), else 0 (q; z is
+    # subtracted per word below).
+    j = tl.arange(0, PER)
+    pos = (j % HALF_PER) * BITS
+    shift4 = ((j // HALF_PER) * 16)[:, None, None, None]
+    field4 = (((1 << BITS) - 1) << pos)[:, None, None, None]
+    inv4 = ((127 - pos) << 23).to(tl.float32, bitcast=True)[:, None, None, None]
+    big = ((127 + 23 - pos) << 23).to(tl.float32, bitcast=True)
+    if SYM:
+        negc4 = -(big + (1 << (BITS - 1)))[:, None, None, None]
+    else:
+        negc4 = -big[:, None, None, None]
+    if PER_CHANNEL:
+        s3 = tl.load(S + sn3, mask=n_ok3, other=0.0).to(tl.float32)
+        if not SYM:
+            z3 = tl.load(Z + sn3, mask=n_ok3, other=0).to(tl.float32)
+    if ACT_GROUP != 0:
+        n_act_groups = (K + ACT_GROUP - 1) // ACT_GROUP  # XS's row stride
+
+    # The arithmetic is 4-D, [PER, BLOCK_M, WORDS, BLOCK_N]: the words are loaded as a
+    # [1, 1, WORDS, BLOCK_N] tile and x's block as [PER, BLOCK_M, WORDS] (k = r * PER + j), and
+    # they broadcast against each other without a reshape. Positions come first so that in the
+    # words' layout (order [3, 0, 1, 2]) a thread's x registers run along j, i.e. along
+    # consecutive channels: x's block is then loaded in vectors (8 bf16 channels: LDG.128).
+    # EVEN (N, K and M multiples of the blocks): no masks in the loop.
+    r4 = tl.arange(0, WORDS)[None, None, :, None]
+    n4 = offs_n[None, None, None, :]
+    n_ok4 = n_ok[None, None, None, :]
+    x_rows = X + offs_m[None, :, None] * stride_xm
+    m_ok3 = m_ok[None, :, None]
+    kx3 = j[:, None, None] + tl.arange(0, WORDS)[None, None, :] * PER  # [PER, 1, WORDS]
+    acc = tl.zeros([BLOCK_M, WORDS, BLOCK_N], dtype=tl.float32)
+    if PREFETCH >= 1:
+        w_next = _gemv1p_words(QW, k_start, k_end, r4, n4, n_ok4, rows_total, N, PER, BLOCK_K,
+                               EVEN)
+    if PREFETCH == 2:
+        w_next2 = _gemv1p_words(QW, k_start + BLOCK_K, k_end, r4, n4, n_ok4, rows_total, N, PER,
+                                BLOCK_K, EVEN)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        # x, the scales and the zero points are loaded before the words, and the words' load is
+        # the block's last: Triton's layout propagation (RemoveLayoutConversions, sm_90 compile
+        # of Triton 3.6) gave the 4-D arithmetic the layout of the load it met last, and that
+        # must be the words' (4 consecutive columns per thread, every position of a word in the
+        # thread that loaded it); with x's layout instead, every block's words went through
+        # shared memory to another layout.
+        offs_k = k0 + kx3
+        if EVEN:
+            a = tl.load(x_rows + offs_k * stride_xk)
+        else:
+            a = tl.load(x_rows + offs_k * stride_xk, mask=m_ok3 & (offs_k < K), other=0.0)
+        a = a.to(tl.float32)[:, :, :, None]  # [PER, BLOCK_M, WORDS, 1]
+        if not PER_CHANNEL:
+            g = k0 // GROUP
+            if EVEN:
+                s3 = tl.load(S + g * N + sn3).to(tl.float32)
+            else:
+                s3 = tl.load(S + g * N + sn3, mask=n_ok3, other=0.0).to(tl.float32)
+            if not SYM:
+                if EVEN:
+                    z3 = tl.load(Z + g * N + sn3).to(tl.float32)
+                else:
+                    z3 = tl.load(Z + g * N + sn3, mask=n_ok3, other=0).to(tl.float32)
+        if ACT_GROUP != 0:
+            xs3 = tl.load(XS + offs_m * n_act_groups + k0 // ACT_GROUP, mask=m_ok,
+                          other=0.0)[:, None, None]
+        if PREFETCH >= 1:
+            w = w_next
+        else:
+            w = _gemv1p_words(QW, k0, k_end, r4, n4, n_ok4, rows_total, N, PER, BLOCK_K, EVEN)
+        # ((half | MAGIC) & (field | MAGIC)) = MAGIC | (half & field): the first OR is per half
+        # word (computed once for all its positions), the AND is one LOP3 per code with one
+        # immediate operand; written as (half & field) | MAGIC, ptxas emitted two per code.
+        f = (((w >> shift4) & 0xFFFF) | _MAGIC) & (field4 | _MAGIC)
+        d = tl.fma(f.to(tl.float32, bitcast=True), inv4, negc4)  # q - z0, [PER, 1, WORDS, BLOCK_N]
+        part = tl.sum(a * d, axis=0)  # [BLOCK_M, WORDS, BLOCK_N]
+        if not SYM:
+            part -= tl.sum(a, axis=0) * z3  # one FMA per word: sum_j a * (q - z)
+        if not PER_CHANNEL:
+            if ACT_GROUP != 0:
+                acc += part * (xs3 * s3)
+            else:
+                acc += part * s3
+        elif ACT_GROUP != 0:
+            acc += part * xs3
+        else:
+            acc += part
+        if PREFETCH == 1:
+            w_next = _gemv1p_words(QW, k0 + BLOCK_K, k_end, r4, n4, n_ok4, rows_total, N, PER,
+                                   BLOCK_K, EVEN)
+        elif PREFETCH == 2:
+            w_next = w_next2
+            w_next2 = _gemv1p_words(QW, k0 + 2 * BLOCK_K, k_end, r4, n4, n_ok4, rows_total, N,
+                                    PER, BLOCK_K, EVEN)
+    if PER_CHANNEL:
+        acc = acc * s3
+    y = tl.sum(acc, axis=1)  # [BLOCK_M, BLOCK_N]
+    if ACT != 0 and ACT_GROUP == 0:
+        y = y * tl.load(XS + offs_m, mask=m_ok, other=0.0)[:, None]
+    if HAS_BIAS:
+        y = y + tl.load(BIAS + offs_n, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32)[None, :]
+    y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    y_mask = m_ok[:, None] & n_ok[None, :]
+    if REDUCE == 1:
+        tl.atomic_add(y_ptrs, y, mask=y_mask)
+    elif REDUCE == 2:
+        # Split-K in one launch: each split writes its partial tile to WS [splits, M, N]; the
+        # last split of the tile to arrive (a ticket per output tile in CNT) sums the partials
+        # in split order, stores Y and resets its ticket to 0 for the next call.
+        splits = tl.num_programs(1)
+        tl.store(WS + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], y, mask=y_mask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+        cnt = CNT + pid_m * tl.num_programs(0) + pid_n
+        ticket = tl.atomic_add(cnt, 1, sem="acq_rel")
+        if ticket == splits - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(0, splits):
+                # .cg: from L2, never a line this SM's L1 kept from an earlier call
+                total += tl.load(WS + (s * M + offs_m[:, None]) * N + offs_n[None, :],
+                                 mask=y_mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=y_mask)
+            tl.atomic_xchg(cnt, 0)
+    else:
+        tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=y_mask)
+
+
 @triton.jit
 def _act_code(v, QMAX: tl.constexpr, FP8: tl.constexpr):
     """An activation code: v (fp32) rounded to the nearest integer or float8 e4m3 value, ties to
@@ -564,6 +806,64 @@ def _gemv_split(n_tiles: int, k_pad: int, block_k: int, sms: int) -> int:
     return max(split, _split(n_tiles, k_pad, block_k, sms))
 
 
+# The single-plane GEMV (qlinear_gemv1p_kernel): which weights it takes, and the launch
+# parameters a benchmark sweeps (bench/bench_qlinear_gemv.py). None of these has run on a GPU
+# yet; GEMV1P_DEFAULT is a first guess from the kernel's design, to be replaced by the sweep's
+# best. SPLIT_K "auto" is :func:`_gemv1p_split`. BLOCK_K is capped at the weight and activation
+# groups by the launcher's caller (:func:`gemv1p_config`).
+# Tiles: the sm_90 compile (bench/compile_qlinear_sm90.py) shows no shared-memory conversion in
+# the inner loop for these at BLOCK_M = 1 (BLOCK_M * BLOCK_K < 32 * num_warps; BLOCK_N < 32 *
+# num_warps), except the one 4-warp 128 x 128 entry, kept to measure what the conversions cost.
+GEMV1P_BITS = (2, 4, 8)
+GEMV1P_DEFAULT = dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=1, PREFETCH=1,
+                      SPLIT_K="auto", REDUCE="ticket")
+GEMV1P_SWEEP = [
+    dict(BLOCK_N=n, BLOCK_K=bk, num_warps=w, num_stages=1, PREFETCH=pf, SPLIT_K=s, REDUCE=r)
+    for n, bk, w, pf, s, r in [
+        (128, 128, 8, 1, "auto", "ticket"),      # the default
+        (128, 128, 8, 0, "auto", "ticket"),      # no register buffer
+        (128, 128, 8, 2, "auto", "ticket"),      # two blocks ahead
+        (128, 128, 8, 1, "auto", "atomic"),      # split by atomics (3 kernels)
+        (128, 128, 8, 1, 1, "ticket"),           # no split
+        (64, 128, 8, 1, "auto", "ticket"),
+        (64, 64, 4, 2, "auto", "ticket"),
+        (128, 64, 8, 2, "auto", "ticket"),
+        (128, 128, 16, 1, "auto", "ticket"),
+        (256, 128, 16, 1, "auto", "ticket"),
+        (128, 128, 4, 1, "auto", "ticket"),      # x and scales converted through shared memory
+    ]
+]
+
+
+def _gemv1p_split(programs: int, k_pad: int, block_k: int, sms: int) -> int:
+    """K split for the single-plane GEMV: double it until the grid covers the SMs 4 times,
+    keeping >= 2 K blocks per split (at most 16)."""
+    split = 1
+    k_blocks = -(-k_pad // block_k)
+    while split < 16 and programs * split < 4 * sms and k_blocks // (split * 2) >= 2:
+        split *= 2
+    return split
+
+
+def gemv1p_config(M: int, N: int, K: int, group_size: int, *, sms: int,
+                  act_group_size: int = PER_TOKEN, base: Optional[dict] = None) -> dict:
+    """The gemv1p path's launch parameters for one call: `base` (a :data:`GEMV1P_SWEEP` entry;
+    :data:`GEMV1P_DEFAULT` if None, whose warps then double, up to 16, while x's block has as
+    many elements as the program has threads) with BLOCK_K capped at the groups, BLOCK_M = M
+    rounded up to a power of two (at most 16) unless `base` gives it, SPLIT_K "auto" resolved."""
+    cfg = dict(GEMV1P_DEFAULT if base is None else base, path="gemv1p")
+    cfg["BLOCK_K"] = _k_block(group_size, cfg["BLOCK_K"], act_group_size)
+    cfg.setdefault("BLOCK_M", min(16, triton.next_power_of_2(max(M, 1))))
+    if base is None:
+        # More warps rather than x's block converted through shared memory every K block.
+        while cfg["BLOCK_M"] * cfg["BLOCK_K"] >= 32 * cfg["num_warps"] and cfg["num_warps"] < 16:
+            cfg["num_warps"] *= 2
+    if cfg["SPLIT_K"] == "auto":
+        programs = triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(max(M, 1), cfg["BLOCK_M"])
+        cfg["SPLIT_K"] = _gemv1p_split(programs, P.padded_k(K), cfg["BLOCK_K"], sms)
+    return cfg
+
+
 # The M-indexed dispatch table for CUDA: (max M, path, tile for the mm path). First match wins.
 # Untuned first rule; bench/bench_qlinear.py --sweep measures every path per shape on the GPU
 # and prints the table it would choose.
@@ -597,12 +897,17 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
 
     Interpreter: few programs (each costs ~0.1 s there): 16/32 x 64 x 64 (<= group) tiles, gemv
     for M <= 2, no split. Every K block is at most the weight group and the activation group.
-    CUDA: :data:`CUDA_TABLE` by M; GEMV 64 columns x 128 (<= groups) K per step, K split at
-    least 4 ways (:func:`_gemv_split`); mm: split-K (fp32 atomics) when the output tiles cover fewer than
-    twice the SMs.
+    CUDA: :data:`CUDA_TABLE` by M; GEMV: :func:`gemv1p_config` for 8-, 4- and 2-bit weights,
+    else 64 columns x 128 (<= groups) K per step, K split at least 4 ways (:func:`_gemv_split`);
+    mm: split-K (fp32 atomics) when the output tiles cover fewer than twice the SMs.
+    Interpreter and CUDA alike send single-plane weights at GEMV sizes to gemv1p.
     """
     k_pad = P.padded_k(K)
     if interpreter:
+        if M <= 2 and bits in GEMV1P_BITS:
+            return dict(path="gemv1p", BLOCK_M=triton.next_power_of_2(M), BLOCK_N=64,
+                        BLOCK_K=_k_block(group_size, 64, act_group_size), SPLIT_K=1,
+                        num_warps=4, num_stages=1, PREFETCH=1)
         if M <= 2:
             return dict(path="gemv", BLOCK_N=64, BLOCK_K=_k_block(group_size, 64, act_group_size),
                         SPLIT_K=1, num_warps=4, num_stages=1)
@@ -616,6 +921,8 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
             break
     if path == "dequant":
         return dict(path="dequant")
+    if path == "gemv" and bits in GEMV1P_BITS:
+        return gemv1p_config(M, N, K, group_size, sms=sms, act_group_size=act_group_size)
     if path == "gemv":
         bn, bk = 64, _k_block(group_size, 128, act_group_size)
         split = _gemv_split(M * triton.cdiv(N, bn), k_pad, bk, sms)
@@ -739,6 +1046,60 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
                  cfg, interpreter, act_group_size)
 
 
+# Ticket counters of the gemv1p kernel's one-launch split-K (REDUCE 2): int32, zero between calls
+# (the last split of each tile resets its own), one buffer per device, grown by reallocation.
+# Calls in one stream (q3n's executor, a CUDA graph's replay) follow each other; gemv1p calls
+# with split K that overlap in time on two streams of one device would share tickets, which
+# this does not support. While a CUDA graph is captured, a buffer not yet allocated is not
+# cached (its zeroing is only recorded, and it would live in the graph's pool): the call gets a
+# fresh one, which the graph zeroes on every replay.
+_TICKETS: dict = {}
+
+
+def _tickets(device: torch.device, n: int) -> torch.Tensor:
+    key = (device.type, device.index)
+    buf = _TICKETS.get(key)
+    if buf is not None and buf.numel() >= n:
+        return buf
+    fresh = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return fresh
+    _TICKETS[key] = fresh
+    return fresh
+
+
+def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, split, cfg,
+            flags) -> torch.Tensor:
+    """Launch :func:`qlinear_gemv1p_kernel`: split-K by tickets in one launch (cfg REDUCE
+    "ticket", the default) or by fp32 atomics (REDUCE "atomic": Y zeroed first, cast after).
+    A forced `cfg` may leave out BLOCK_M (M rounded up to a power of two, at most 16), REDUCE,
+    PREFETCH (1) and num_stages (1)."""
+    M, K = a.shape
+    N = qweight.shape[1]
+    block_m = cfg.get("BLOCK_M", min(16, triton.next_power_of_2(M)))
+    n_tiles, m_tiles = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, block_m)
+    mode = 0 if split == 1 else (2 if cfg.get("REDUCE", "ticket") == "ticket" else 1)
+    if mode == 1:
+        y = torch.zeros((M, N), dtype=torch.float32, device=a.device)
+    else:
+        y = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    if mode == 2:
+        ws = torch.empty((split, M, N), dtype=torch.float32, device=a.device)
+        cnt = _tickets(a.device, n_tiles * m_tiles)
+    else:
+        ws = cnt = y  # unused
+    flags = {k: v for k, v in flags.items() if k != "ATOMIC"}
+    qlinear_gemv1p_kernel[(n_tiles, split, m_tiles)](
+        a, xs, qweight, scales, zeros if zeros is not None else scales,
+        bias if bias is not None else scales, y, ws, cnt, M, N, K, k_pad, k_per_split,
+        a.stride(0), a.stride(1), y.stride(0), y.stride(1), **flags, REDUCE=mode,
+        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        PREFETCH=int(cfg.get("PREFETCH", 1)),
+        EVEN=N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0 and M % block_m == 0,
+        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1))
+    return y.to(out_dtype) if mode == 1 and out_dtype != torch.float32 else y
+
+
 def _dequantize_codes(codes: torch.Tensor, xs: torch.Tensor, act_group_size: int,
                       dtype: torch.dtype) -> torch.Tensor:
     """``c * s_x`` (fp32, rounded once to `dtype`): the dequant path's activations."""
@@ -755,8 +1116,6 @@ def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, gro
     N = qweight.shape[1]
     split = cfg.get("SPLIT_K", 1)
     atomic = split > 1
-    y = (torch.zeros((M, N), dtype=torch.float32, device=a.device) if atomic
-         else torch.empty((M, N), dtype=out_dtype, device=a.device))
     k_pad = P.padded_k(K)
     rows = P.plane_rows(bits, K)
     row4, row2, row1 = (rows.get(p, (0, 0))[0] for p in (4, 2, 1))
@@ -764,15 +1123,28 @@ def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, gro
     k_per_split = triton.cdiv(triton.cdiv(k_pad, block_k), split) * block_k
     group = 0 if group_size == P.PER_CHANNEL else group_size
     act_group = 0 if act_group_size == PER_TOKEN else act_group_size
+    if cfg["path"] == "gemv1p" and bits not in GEMV1P_BITS:
+        raise ValueError(f"q3n::qlinear: the gemv1p path takes {GEMV1P_BITS}-bit weights "
+                         f"(one bit plane), not {bits}")
+    if cfg["path"] == "gemv1p" and (block_k < 32 or block_k & (block_k - 1)):
+        raise ValueError(f"q3n::qlinear: gemv1p's BLOCK_K {block_k} is not a power of two >= 32")
+    if group and group % block_k:  # only a forced `path` can get here
+        raise ValueError(f"q3n::qlinear: BLOCK_K {block_k} does not divide the group {group} "
+                         f"(each K block must lie in one group)")
     if act_group and act_group % block_k:  # only a forced `path` can get here
         raise ValueError(f"q3n::qlinear: BLOCK_K {block_k} does not divide the activation group "
                          f"{act_group} (each K block must lie in one group)")
+    flags = dict(BITS=bits, GROUP=group, SYM=zeros is None, ACT=_ACT_CODE[act],
+                 ACT_GROUP=act_group, HAS_BIAS=bias is not None, ATOMIC=atomic)
+    if cfg["path"] == "gemv1p":
+        return _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, split,
+                       cfg, flags)
+    y = (torch.zeros((M, N), dtype=torch.float32, device=a.device) if atomic
+         else torch.empty((M, N), dtype=out_dtype, device=a.device))
     common = (a, xs, qweight, scales, zeros if zeros is not None else scales,
               bias if bias is not None else scales, y,
               M, N, K, k_pad, row4, row2, row1, k_per_split,
               a.stride(0), a.stride(1), y.stride(0), y.stride(1))
-    flags = dict(BITS=bits, GROUP=group, SYM=zeros is None, ACT=_ACT_CODE[act],
-                 ACT_GROUP=act_group, HAS_BIAS=bias is not None, ATOMIC=atomic)
     if cfg["path"] == "gemv":
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
         qlinear_gemv_kernel[grid](*common, **flags, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,

@@ -245,15 +245,19 @@ def test_fake_with_symbolic_rows_and_opcheck(K, group, ag):
 def test_choose_path_table():
     cpu = torch.device("cpu")
     cuda = torch.device("cuda", 0)
-    assert Q.choose_path(1, 4096, 4096, 4, 128, "none", bf16, cpu, interpreter=True)["path"] == "gemv"
+    # Single-plane weights (8, 4, 2 bits) take the gemv1p path (tests/kernels/test_qlinear_gemv1p.py);
+    # the word-per-plane GEMV and its split rule are those of the other widths.
+    assert Q.choose_path(1, 4096, 4096, 4, 128, "none", bf16, cpu, interpreter=True)["path"] == "gemv1p"
+    assert Q.choose_path(1, 4096, 4096, 6, 128, "none", bf16, cpu, interpreter=True)["path"] == "gemv"
     assert Q.choose_path(33, 64, 64, 4, 32, "none", f32, cpu, interpreter=True)["BLOCK_K"] == 32
-    one = Q.choose_path(1, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)
+    assert Q.choose_path(1, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "gemv1p"
+    one = Q.choose_path(1, 4096, 4096, 6, 128, "none", bf16, cuda, sm_count=132)
     assert one["path"] == "gemv" and one["SPLIT_K"] == 8  # 64 column blocks: cover the SMs
-    mid = Q.choose_path(1, 12288, 4096, 4, 128, "none", bf16, cuda, sm_count=132)
+    mid = Q.choose_path(1, 12288, 4096, 6, 128, "none", bf16, cuda, sm_count=132)
     assert mid["SPLIT_K"] == 4  # at least 4, though 2 would cover the SMs
-    wide = Q.choose_path(1, 28672, 8192, 4, 128, "none", bf16, cuda, sm_count=132)
+    wide = Q.choose_path(1, 28672, 8192, 6, 128, "none", bf16, cuda, sm_count=132)
     assert wide["SPLIT_K"] == 4  # not 1, though 448 column blocks cover the SMs
-    short = Q.choose_path(1, 64, 128, 4, 32, "none", bf16, cuda, sm_count=132)
+    short = Q.choose_path(1, 64, 128, 6, 32, "none", bf16, cuda, sm_count=132)
     assert short["SPLIT_K"] == 2  # 4 K blocks: each split keeps 2
     assert Q.choose_path(16, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "mm"
     big = Q.choose_path(4096, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)
@@ -265,7 +269,7 @@ def test_choose_path_table():
     for m in (1, 3, 16, 17, 64, 200, 256, 1000, 5000):
         for act in Q.ACT_FORMATS:
             cfg = Q.choose_path(m, 12288, 4096, 6, 64, act, bf16, cuda, sm_count=132)
-            assert cfg["path"] in ("gemv", "mm", "dequant")
+            assert cfg["path"] in ("gemv", "gemv1p", "mm", "dequant")
             if cfg["path"] != "dequant":
                 assert cfg["BLOCK_K"] <= 64
 
@@ -314,11 +318,13 @@ def test_gpu_against_float64(bits, act, group, sym, M, N):
 # Every GPU path at model widths: split GEMV, small and large tiles, dequantise + cuBLAS.
 GPU_PATHS = [
     dict(path="gemv", BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, num_warps=4, num_stages=2),
+    dict(path="gemv1p", BLOCK_M=2, BLOCK_N=128, BLOCK_K=128, SPLIT_K=8, num_warps=8,
+         num_stages=1, PREFETCH=True, REDUCE="ticket"),
     dict(path="mm", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=4),
     dict(path="mm", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3),
     dict(path="dequant"),
 ]
-GPU_PATH_IDS = ["gemv_split8", "mm16_split4", "mm128", "dequant"]
+GPU_PATH_IDS = ["gemv_split8", "gemv1p_split8", "mm16_split4", "mm128", "dequant"]
 
 
 @pytest.mark.gpu
@@ -327,7 +333,7 @@ GPU_PATH_IDS = ["gemv_split8", "mm16_split4", "mm128", "dequant"]
 @pytest.mark.parametrize("act", ["none", "int8", "fp8", "int12"])
 def test_gpu_every_path(path, act):
     gen = _gen(f"gpupath{path['path']}{act}")
-    K, N, M = 4096, 4096, 17 if path["path"] != "gemv" else 2
+    K, N, M = 4096, 4096, 17 if not path["path"].startswith("gemv") else 2
     pw = _packed(gen, N, K, 4, 128, False, device="cuda")
     x = torch.randn(M, K, generator=gen).to(f16).cuda()
     _check(x, pw, None, act=act, path=path)

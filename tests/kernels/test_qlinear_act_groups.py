@@ -66,9 +66,9 @@ def test_one_group_wider_than_k_is_per_token():
 # The GEMM paths against float64
 
 # (weight bits, sym, weight group, activation format, activation group, M, K, dtype, bias):
-# M = 1 runs the gemv kernel, 3 and 17 the mm kernel (int8 x int8 -> int32, fp16 operands for
-# int12 and, in the interpreter, fp8); K is not a multiple of the activation group except where
-# a case says so, N = 45 throughout.
+# M = 1 runs a gemv kernel (gemv1p for 8-, 4- and 2-bit weights), 3 and 17 the mm kernel
+# (int8 x int8 -> int32, fp16 operands for int12 and, in the interpreter, fp8); K is not a
+# multiple of the activation group except where a case says so, N = 45 throughout.
 CASES = [
     (8, True, -1, "int8", 32, 1, 83, f32, True),      # gemv, 83 = 2 * 32 + 19
     (8, True, -1, "int8", 64, 3, 83, bf16, False),    # mm: was the chained int32 accumulator
@@ -205,7 +205,7 @@ def test_gpu_against_float64(bits, act, group, sym, ag, M):
 @pytest.mark.parametrize("act", ["int8", "fp8", "int12"])
 def test_gpu_every_path(path, act):
     gen = _gen(f"aggpupath{path['path']}{act}")
-    K, N, M = 4096, 4096, 17 if path["path"] != "gemv" else 2
+    K, N, M = 4096, 4096, 17 if not path["path"].startswith("gemv") else 2
     pw = _packed(gen, N, K, 4, 128, False, device="cuda")
     x = torch.randn(M, K, generator=gen).to(f16).cuda()
     _check(x, pw, 128, None, act=act, path=path)

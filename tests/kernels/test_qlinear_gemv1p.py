@@ -1,0 +1,221 @@
+"""The single-plane GEMV (q3n::qlinear's ``gemv1p`` path: 8-, 4- and 2-bit weights, M <= 16)
+against the float64 dequantised reference (CPU lane: Triton interpreter; GPU: -m gpu)."""
+
+import pytest
+import torch
+
+from q3n_compile.kernels import qlinear as Q
+
+from .test_qlinear import _check, _gen, _packed, bf16, f16, f32
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
+
+
+def _path(M, group, block_m=None, block_n=32, block_k=64, split=1, reduce="ticket",
+          prefetch=1, ag=Q.PER_TOKEN):
+    """A forced gemv1p launch; BLOCK_K capped at the groups as the dispatch caps it."""
+    return dict(path="gemv1p", BLOCK_M=block_m or min(16, 1 << (M - 1).bit_length()),
+                BLOCK_N=block_n, BLOCK_K=Q._k_block(group, block_k, ag), SPLIT_K=split,
+                REDUCE=reduce, PREFETCH=prefetch, num_warps=4, num_stages=1)
+
+
+# (bits, group, symmetric, K): K odd (not a multiple of 32: the packing pads it) only
+# per-channel, since a group must divide K; grouped K of 3 groups, so a K block never spans two.
+WEIGHTS = [
+    (4, 128, False, 384), (4, 64, True, 192), (4, 32, False, 96), (4, -1, True, 83),
+    (4, -1, False, 147), (8, 128, True, 384), (8, -1, True, 83), (8, 32, True, 96),
+    (2, 64, False, 192), (2, -1, True, 83),
+]
+# (M, x dtype, split, reduce, BLOCK_M, prefetch) cycled over the weights: M in {1, 3, 16}, row
+# blocks smaller than M (rows masked), one launch split-K and atomics, prefetch depths 0-2.
+LAUNCHES = [
+    (1, bf16, 1, "ticket", None, 1), (3, f32, 3, "ticket", None, 0),
+    (16, f16, 2, "atomic", 4, 2), (3, bf16, 2, "ticket", 2, 1),
+    (16, f32, 1, "ticket", None, 2), (1, f16, 4, "atomic", None, 0),
+]
+
+
+def _cases():
+    for i, (bits, group, sym, K) in enumerate(WEIGHTS):
+        for j in range(2):
+            M, dtype, split, reduce, bm, pf = LAUNCHES[(2 * i + j) % len(LAUNCHES)]
+            name = (f"w{bits}_g{group}_{'sym' if sym else 'asym'}_k{K}_m{M}_{str(dtype)[6:]}"
+                    f"_split{split}{reduce[0]}_bm{bm or 'M'}_pf{pf}")
+            yield pytest.param(bits, group, sym, K, M, dtype, split, reduce, bm, pf, id=name)
+
+
+@pytest.mark.parametrize("bits,group,sym,K,M,dtype,split,reduce,bm,pf", list(_cases()))
+def test_gemv1p_16bit_activations(bits, group, sym, K, M, dtype, split, reduce, bm, pf):
+    if bits == 8 and not sym:
+        pytest.skip("8-bit zero points are refused with 16-bit activations")
+    gen = _gen(f"g1p{bits}{group}{sym}{K}{M}{dtype}{split}")
+    N = 45  # odd: the last column block is partial
+    pw = _packed(gen, N, K, bits, group, sym)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen).to(dtype) if M != 16 else None
+    _check(x, pw, bias, path=_path(M, group, bm, split=split, reduce=reduce, prefetch=pf))
+
+
+@pytest.mark.parametrize("bits,group,sym,act,ag,M", [
+    (4, 128, False, "int8", Q.PER_TOKEN, 1), (8, -1, True, "int8", Q.PER_TOKEN, 3),
+    (4, 32, True, "fp8", Q.PER_TOKEN, 16), (8, 64, False, "int12", Q.PER_TOKEN, 1),
+    (4, 128, False, "int8", 32, 3), (8, -1, True, "int8", 64, 1), (2, 64, True, "fp8", 128, 1),
+])
+def test_gemv1p_quantized_activations(bits, group, sym, act, ag, M):
+    gen = _gen(f"g1pq{bits}{group}{act}{ag}{M}")
+    K = 3 * group if group != -1 else 83
+    pw = _packed(gen, 37, K, bits, group, sym)
+    x = torch.randn(M, K, generator=gen)
+    x[:, 5] *= 20  # an outlier channel
+    _check(x.to(bf16), pw, torch.randn(37, generator=gen).to(bf16), act=act,
+           path=_path(M, group, split=2, ag=ag), ag=ag)
+
+
+def test_gemv1p_block_k_128_and_wide_columns():
+    # The GPU default's shape of block (128 channels, 8/16/32 words per block) on one K block
+    # and on several, with every column block partial but the first.
+    gen = _gen("g1pwide")
+    for bits in (4, 8, 2):
+        pw = _packed(gen, 150, 256, bits, 128, bits == 8)
+        x = torch.randn(1, 256, generator=gen).to(bf16)
+        _check(x, pw, path=_path(1, 128, block_n=128, block_k=128, split=2))
+
+
+@pytest.mark.parametrize("M,block_m,split,prefetch", [(1, 1, 1, 1), (1, 1, 4, 2), (4, 2, 2, 0),
+                                                      (16, 16, 3, 2), (1, 1, 16, 2)])
+def test_gemv1p_even_sizes(M, block_m, split, prefetch):
+    # N, K and M multiples of the blocks: the loop runs without masks, and the prefetch of the
+    # last iteration of each split reloads its own block (the last split's ends at the weight's
+    # last row). split 3 of 8 K blocks: uneven splits; 16: half the splits have no K block.
+    gen = _gen(f"g1peven{M}{split}")
+    for bits, group, sym in ((4, 64, False), (8, -1, True), (2, 32, True)):
+        pw = _packed(gen, 128, 512, bits, group, sym)
+        x = torch.randn(M, 512, generator=gen).to(bf16)
+        _check(x, pw, torch.randn(128, generator=gen).to(bf16),
+               path=_path(M, group, block_m, block_n=32, block_k=64, split=split,
+                          prefetch=prefetch))
+
+
+def test_gemv1p_tickets_are_reset():
+    # The one-launch split-K leaves every ticket at 0, so the next call (any shape) starts
+    # clean; a second identical call gives the same bits (partials summed in split order).
+    gen = _gen("g1ptickets")
+    pw = _packed(gen, 70, 256, 4, 64, False)
+    x = torch.randn(2, 256, generator=gen).to(bf16)
+    path = _path(2, 64, block_n=32, split=4)
+    args = (x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 64, 256, "none")
+    first = Q._launch(*args, interpreter=True, path=path)
+    second = Q._launch(*args, interpreter=True, path=path)
+    assert torch.equal(first, second)
+    assert all(int(buf.abs().sum()) == 0 for buf in Q._TICKETS.values())
+
+
+def test_gemv1p_forced_path_with_defaults():
+    gen = _gen("g1pminimal")
+    pw = _packed(gen, 40, 128, 4, 32, False)
+    x = torch.randn(3, 128, generator=gen).to(bf16)
+    _check(x, pw, path=dict(path="gemv1p", BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4))
+
+
+def test_gemv1p_refuses_what_it_cannot_do():
+    gen = _gen("g1prefuse")
+    pw6 = _packed(gen, 16, 64, 6, 32, False)
+    x = torch.randn(1, 64, generator=gen)
+    with pytest.raises(ValueError, match="one bit plane"):
+        Q._launch(x, pw6.qweight, pw6.scales, pw6.zeros, None, None, 6, 32, 64, "none",
+                  interpreter=True, path=_path(1, 32))
+    pw4 = _packed(gen, 16, 64, 4, 32, False)
+    with pytest.raises(ValueError, match="does not divide the group"):
+        Q._launch(x, pw4.qweight, pw4.scales, pw4.zeros, None, None, 4, 32, 64, "none",
+                  interpreter=True, path=dict(_path(1, -1), BLOCK_K=64))
+
+
+def test_gemv1p_dispatch():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    for bits in Q.GEMV1P_BITS:
+        assert Q.choose_path(1, 4096, 4096, bits, 128, "none", bf16, cpu,
+                             interpreter=True)["path"] == "gemv1p"
+        cfg = Q.choose_path(1, 4096, 4096, bits, 32, "none", bf16, cuda, sm_count=132)
+        assert cfg["path"] == "gemv1p" and cfg["BLOCK_K"] == 32 and cfg["BLOCK_M"] == 1
+    for bits in (3, 5, 6, 7):  # several bit planes: the word-per-plane GEMV as before
+        assert Q.choose_path(1, 4096, 4096, bits, 128, "none", bf16, cuda,
+                             sm_count=132)["path"] == "gemv"
+    # The split covers the SMs 4 times, keeping >= 2 K blocks per split.
+    assert Q.gemv1p_config(1, 4096, 4096, 128, sms=132)["SPLIT_K"] == 16
+    assert Q.gemv1p_config(1, 28672, 8192, 128, sms=132)["SPLIT_K"] == 4
+    assert Q.gemv1p_config(1, 64, 128, 128, sms=132)["SPLIT_K"] == 1
+    act_grouped = Q.gemv1p_config(2, 4096, 4096, -1, sms=132, act_group_size=64)
+    assert act_grouped["BLOCK_K"] == 64 and act_grouped["BLOCK_M"] == 2
+    for base in Q.GEMV1P_SWEEP:  # every sweep entry resolves to a launchable config
+        cfg = Q.gemv1p_config(16, 12288, 4096, 128, sms=132, base=base)
+        assert isinstance(cfg["SPLIT_K"], int) and cfg["BLOCK_K"] <= 128
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU lane
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+GPU_FORMATS = [(4, 128, False, "none"), (8, -1, True, "none"), (4, 128, True, "int8"),
+               (2, 64, False, "none")]
+
+
+def _gpu_case(name, bits, group, sym, M):
+    gen = _gen(name)
+    N, K = 4096 + 96, 4096  # N not a multiple of the column blocks: masked loads
+    pw = _packed(gen, N, K, bits, group, sym, device="cuda")
+    x = torch.randn(M, K, generator=gen).to(bf16).cuda()
+    bias = torch.randn(N, generator=gen).to(bf16).cuda()
+    return N, K, pw, x, bias
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("bits,group,sym,act", GPU_FORMATS)
+def test_gpu_gemv1p_every_sweep_config(bits, group, sym, act):
+    # One row, every GEMV1P_SWEEP launch; a second call gives the same bits (tickets reset,
+    # partials summed in split order), except where the split is by atomics.
+    N, K, pw, x, bias = _gpu_case(f"gpug1p{bits}{act}", bits, group, sym, 1)
+    for base in Q.GEMV1P_SWEEP:
+        cfg = Q.gemv1p_config(1, N, K, group, sms=132, base=base)
+        first = _check(x, pw, bias, act=act, path=cfg)
+        if cfg["REDUCE"] == "ticket":
+            again = Q._launch(x, pw.qweight, pw.scales, pw.zeros, bias, None, bits, group, K,
+                              act, interpreter=False, path=cfg)
+            assert torch.equal(first, again)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [2, 3, 16])
+@pytest.mark.parametrize("bits,group,sym,act", GPU_FORMATS)
+@pytest.mark.parametrize("reduce", ["ticket", "atomic"])
+def test_gpu_gemv1p_rows(bits, group, sym, act, M, reduce):
+    N, K, pw, x, bias = _gpu_case(f"gpug1prows{bits}{act}{M}", bits, group, sym, M)
+    cfg = dict(Q.gemv1p_config(M, N, K, group, sms=132), REDUCE=reduce)
+    _check(x, pw, bias, act=act, path=cfg)
+    _check(x, pw, bias, act=act, path=dict(cfg, BLOCK_M=4 if M > 2 else 1))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_gemv1p_in_a_cuda_graph():
+    gen = _gen("gpug1pgraph")
+    N, K = 12288, 4096
+    pw = _packed(gen, N, K, 4, 128, False, device="cuda")
+    x = torch.randn(1, K, generator=gen).to(bf16).cuda()
+    args = (x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128, K, "none")
+    eager = torch.ops.q3n.qlinear(*args)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.ops.q3n.qlinear(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.q3n.qlinear(*args)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
