@@ -815,6 +815,10 @@ def _gemv_split(n_tiles: int, k_pad: int, block_k: int, sms: int) -> int:
 # the inner loop for these at BLOCK_M = 1 (BLOCK_M * BLOCK_K < 32 * num_warps; BLOCK_N < 32 *
 # num_warps), except the one 4-warp 128 x 128 entry, kept to measure what the conversions cost.
 GEMV1P_BITS = (2, 4, 8)
+# 8-bit weights up to this many keep the word-per-plane GEMV on CUDA: at 4096 x 4096, M = 1 it ran
+# 0.0170 ms against gemv1p's 0.0195 (W8A16, s7run5, same run), and W8A8 0.0194 (s7run1) against
+# 0.0226 (s7run6); from 12288 x 4096 up gemv1p was the faster for every format timed.
+GEMV_8BIT_MAX = 4096 * 4096
 GEMV1P_DEFAULT = dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=1, PREFETCH=1,
                       SPLIT_K="auto", REDUCE="ticket")
 GEMV1P_SWEEP = [
@@ -897,8 +901,9 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
 
     Interpreter: few programs (each costs ~0.1 s there): 16/32 x 64 x 64 (<= group) tiles, gemv
     for M <= 2, no split. Every K block is at most the weight group and the activation group.
-    CUDA: :data:`CUDA_TABLE` by M; GEMV: :func:`gemv1p_config` for 8-, 4- and 2-bit weights,
-    else 64 columns x 128 (<= groups) K per step, K split at least 4 ways (:func:`_gemv_split`);
+    CUDA: :data:`CUDA_TABLE` by M; GEMV: :func:`gemv1p_config` for 4- and 2-bit weights and
+    8-bit ones above :data:`GEMV_8BIT_MAX` weights, else 64 columns x 128 (<= groups) K per
+    step, K split at least 4 ways (:func:`_gemv_split`);
     mm: split-K (fp32 atomics) when the output tiles cover fewer than twice the SMs.
     Interpreter and CUDA alike send single-plane weights at GEMV sizes to gemv1p.
     """
@@ -921,7 +926,7 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
             break
     if path == "dequant":
         return dict(path="dequant")
-    if path == "gemv" and bits in GEMV1P_BITS:
+    if path == "gemv" and bits in GEMV1P_BITS and not (bits == 8 and N * K <= GEMV_8BIT_MAX):
         return gemv1p_config(M, N, K, group_size, sms=sms, act_group_size=act_group_size)
     if path == "gemv":
         bn, bk = 64, _k_block(group_size, 128, act_group_size)
