@@ -49,7 +49,9 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   program, and split-K in one launch (a ticket per output tile: the last split sums the
   partials) instead of atomics into a zeroed fp32 output and a cast (three kernels). Its launch
   parameters are :func:`gemv1p_config`'s; :data:`GEMV1P_SWEEP` is what the benchmark sweeps.
-  Compiled for sm_90 and checked in the interpreter, not yet timed on a GPU.
+  On the H200 (s7run5) it ran W4A16 g128 at 28672 x 8192, M = 1 in 0.0696 ms against the old
+  GEMV's 0.1324 and bf16 cuBLAS's 0.1272; 8-bit weights of up to :data:`GEMV_8BIT_MAX` keep
+  the old GEMV, measured faster there.
 - ``mm``: tensor-core tiles: weights are unpacked and dequantised in registers and fed to
   ``tl.dot`` in the activation's operand type — bf16/fp16 (16-bit activations), int8 x int8 ->
   int32 (``int8``), fp8 e4m3 x fp8 e4m3 (``fp8`` with weight codes that e4m3 holds exactly, i.e.
@@ -807,9 +809,10 @@ def _gemv_split(n_tiles: int, k_pad: int, block_k: int, sms: int) -> int:
 
 
 # The single-plane GEMV (qlinear_gemv1p_kernel): which weights it takes, and the launch
-# parameters a benchmark sweeps (bench/bench_qlinear_gemv.py). None of these has run on a GPU
-# yet; GEMV1P_DEFAULT is a first guess from the kernel's design, to be replaced by the sweep's
-# best. SPLIT_K "auto" is :func:`_gemv1p_split`. BLOCK_K is capped at the weight and activation
+# parameters a benchmark sweeps (bench/bench_qlinear_gemv.py). GEMV1P_DEFAULT is a guess from
+# the kernel's design; the H200 sweep (s7run5, bench/RESULTS.md session 7) found a smaller split
+# of K faster in all six shapes and formats timed (by 2-28%), but no one rule that fits all six,
+# so it is not re-tuned yet. SPLIT_K "auto" is :func:`_gemv1p_split`. BLOCK_K is capped at the weight and activation
 # groups by the launcher's caller (:func:`gemv1p_config`).
 # Tiles: the sm_90 compile (bench/compile_qlinear_sm90.py) shows no shared-memory conversion in
 # the inner loop for these at BLOCK_M = 1 (BLOCK_M * BLOCK_K < 32 * num_warps; BLOCK_N < 32 *
