@@ -300,17 +300,28 @@ def main():
             cfg = {k: v for k, v in c.items() if k not in ("graph_ms", "max_rel_err")}
             print(f"  {impl:>10} M={M:<5} N={N:<6} K={K:<6} {c['graph_ms']:.4f} ms  {cfg}")
     result = dict(
-        gpu=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
+        result_header("triton.testing.do_bench median (L2 flushed); eager = Python call, "
+                      "graph = CUDA graph replay"),
+        wall_s=round(time.time() - started, 1), rows=rows)
+    write_result(args.out, result)
+
+
+def result_header(timer: str, cpu_check: bool = False) -> dict:
+    """What every qlinear result file records first: GPU, versions, commit, date, method."""
+    return dict(
+        gpu="cpu (interpreter check)" if cpu_check else torch.cuda.get_device_name(),
+        capability=None if cpu_check else list(torch.cuda.get_device_capability()),
         torch=torch.__version__, triton=triton.__version__, commit=git_commit(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        timer="triton.testing.do_bench median (L2 flushed); eager = Python call, graph = CUDA graph replay",
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(), timer=timer,
         bytes="weight bytes read: packed codes + scales + zero points (bf16: 2 per weight)",
-        tolerance=TOL, wall_s=round(time.time() - started, 1), rows=rows,
-    )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1, default=str))
-        print(f"wrote {args.out}")
+        tolerance=TOL)
+
+
+def write_result(out, result: dict) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1, default=str))
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,6 @@ no timing): a check of this script, not of the kernels' speed.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -246,19 +244,11 @@ def main():
     if run.skipped:
         print(f"\nskipped at the time budget: {len(run.skipped)} launches")
     result = dict(
-        gpu="cpu (interpreter check)" if CPU_CHECK else torch.cuda.get_device_name(),
-        capability=None if CPU_CHECK else list(torch.cuda.get_device_capability()),
-        torch=torch.__version__, triton=triton.__version__, commit=BQ.git_commit(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        timer="CUDA-graph replay, triton.testing.do_bench median (L2 flushed)",
-        bytes="weight bytes read: packed codes + scales + zero points (bf16: 2 per weight)",
-        tolerance=TOL, wall_s=round(time.time() - run.started, 1), budget_s=args.budget_s,
-        skipped=run.skipped, summary=summary, rows=run.rows,
-    )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1, default=str))
-        print(f"wrote {args.out}")
+        BQ.result_header("CUDA-graph replay, triton.testing.do_bench median (L2 flushed)",
+                         cpu_check=CPU_CHECK),
+        wall_s=round(time.time() - run.started, 1), budget_s=args.budget_s,
+        skipped=run.skipped, summary=summary, rows=run.rows)
+    BQ.write_result(args.out, result)
 
 
 if __name__ == "__main__":
