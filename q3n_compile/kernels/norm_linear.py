@@ -1062,19 +1062,25 @@ def _normalize_launch(x: torch.Tensor, eps: float, kind: str, dtype: torch.dtype
     return out.view(*x.shape[:-1], K)
 
 
-def reference_normalize(x: torch.Tensor, eps: float, kind: str, dtype: torch.dtype) -> torch.Tensor:
-    """Plain torch with ``q3n::normalize``'s semantics (float32 statistics centred on the row's
-    mean, which the kernel estimates from the row's first tile; rounded once)."""
+def normalise_rows(x: torch.Tensor, eps: float, kind: str) -> torch.Tensor:
+    """x_hat [M, K] in float32 (float64 for float64 x) by the kernels' formulas: the one
+    reference of this module's and ``q3n::norm_act_quant``'s normalisation (LayerNorm statistics
+    centred on the row's mean; the kernels centre on the mean of the row's first BLOCK_K
+    elements, which is the whole row when it fits one tile)."""
     K = x.shape[-1]
-    xf = x.reshape(-1, K).to(torch.float32)
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.reshape(-1, K).to(wide)
     if kind == "layernorm":
         a = xf - xf.mean(1, keepdim=True)
         dm = a.sum(1, keepdim=True) / K
         var = (a.square().sum(1, keepdim=True) / K - dm * dm).clamp_min(0)
-        xn = (a - dm) * (1.0 / torch.sqrt(var + eps))
-    else:
-        xn = xf * (1.0 / torch.sqrt(xf.square().sum(1, keepdim=True) / K + eps))
-    return xn.to(dtype).view(*x.shape[:-1], K)
+        return (a - dm) * (1.0 / torch.sqrt(var + eps))
+    return xf * (1.0 / torch.sqrt(xf.square().sum(1, keepdim=True) / K + eps))
+
+
+def reference_normalize(x: torch.Tensor, eps: float, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """Plain torch with ``q3n::normalize``'s semantics (float32 statistics, rounded once)."""
+    return normalise_rows(x.float(), eps, kind).to(dtype).view(*x.shape[:-1], x.shape[-1])
 
 
 def supports_normalize(x, eps=1e-5, kind="rmsnorm", dtype=torch.float32) -> Optional[str]:

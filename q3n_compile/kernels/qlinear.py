@@ -115,6 +115,7 @@ import triton.language as tl
 
 from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
+from q3n_compile.kernels.norm_linear import normalise_rows
 from q3n_compile.kernels.tiles import first_tile_mean
 
 ACT_FORMATS = ("none", "int8", "fp8", "int12")
@@ -1574,21 +1575,6 @@ def _qlinear_codes_launch(codes, xscales, qweight, scales, zeros, bias, bits, gr
         return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
     return _gemm(codes, xscales.contiguous(), codes.dtype, out_dtype, qweight, scales, zeros, bias,
                  bits, group_size, act, cfg, interpreter, act_group_size)
-
-
-def normalise_rows(x: torch.Tensor, eps: float, kind: str) -> torch.Tensor:
-    """x_hat [M, K] in float32 (float64 for float64 x) by the kernel's formulas (the statistics
-    centred on each row's float32 mean for LayerNorm: the kernels centre on the mean of the
-    row's first BLOCK_K elements, which is the whole row when it fits one tile)."""
-    K = x.shape[-1]
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = x.reshape(-1, K).to(wide)
-    if kind == "layernorm":
-        a = xf - xf.mean(1, keepdim=True)
-        dm = a.sum(1, keepdim=True) / K
-        var = (a.square().sum(1, keepdim=True) / K - dm * dm).clamp_min(0)
-        return (a - dm) * (1.0 / torch.sqrt(var + eps))
-    return xf * (1.0 / torch.sqrt(xf.square().sum(1, keepdim=True) / K + eps))
 
 
 def reference_norm_act_quant(x: torch.Tensor, eps: float, kind: str, act: str,

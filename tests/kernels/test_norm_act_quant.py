@@ -78,7 +78,7 @@ def _check_codes(codes, scales, x, kind, act, smooth, eps=EPS, ag=Q.PER_TOKEN):
     xs = xh * sm
     xd = x.double().reshape(-1, K)
     centred = xd - xd.mean(-1, keepdim=True) if kind == "layernorm" else xd
-    rstd = xh.abs().amax(-1, keepdim=True) / centred.abs().amax(-1, keepdim=True).clamp_min(1e-300)
+    rstd = 1.0 / torch.sqrt(centred.square().mean(-1, keepdim=True) + eps)
     smax = 1.0 if smooth is None else smooth.double().abs().max()
     floor = ROW_ULPS * torch.maximum(xs.abs().amax(-1, keepdim=True),
                                      xd.abs().amax(-1, keepdim=True) * rstd * smax)
