@@ -16,8 +16,12 @@ Every implementation is first checked against a float32 reference of its own qua
 (max |error| relative to max |reference|), then timed with triton.testing.do_bench (median,
 L2 flushed between repetitions, after warm-up) twice: called from Python ("eager": includes the
 launcher's CPU overhead, which dominates at M = 1 for 4096 x 4096) and replayed from a CUDA graph
-("graph": GPU time, what q3n's CUDA-graph executor sees). TB/s counts the weight bytes each
-implementation reads (packed codes + scales + zero points; bf16: 2 bytes per weight).
+("graph": GPU time, what q3n's CUDA-graph executor sees). From M = 256 the rows also time the
+large-M alternatives the dispatch weighs, whichever the dispatch did not pick: ``dequant``
+(dequantise + bf16 cuBLAS) and, where it computes the format exactly, ``cublas8`` (codes
+unpacked to 8 bits + cuBLAS's fp8/int8 GEMM; ``kernels/qlinear_cublas8.py``). TB/s counts the
+weight bytes each implementation reads (packed codes + scales + zero points; bf16: 2 bytes per
+weight).
 
     python bench/bench_qlinear.py --out bench/results/qlinear-h200.json
     python bench/bench_qlinear.py --sweep --formats w4a16 w4a8 --out bench/results/qlinear-sweep.json
@@ -46,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from q3n_compile.kernels import packing as P  # noqa: E402
 from q3n_compile.kernels import qlinear as Q  # noqa: E402
+from q3n_compile.kernels import qlinear_cublas8 as C8  # noqa: E402
 
 MS = (1, 16, 256, 4096)
 NKS = ((4096, 4096), (12288, 4096), (4096, 12288), (28672, 8192))
@@ -143,9 +148,9 @@ def int4_torch(w_bf16, x):
     return None, "; ".join(errors), 0, None
 
 
-def sweep_candidates(M, group):
+def sweep_candidates(M, group, act, paths=None):
     """Dispatch candidates; `group` is the smallest of the weight and activation groups (-1:
-    neither is grouped): the K block must lie in one group of each."""
+    neither is grouped): the K block must lie in one group of each. `paths`: only these."""
     bk = 128 if group == -1 else min(128, group)
     out = [dict(path="dequant")]
     if M <= 16:
@@ -161,7 +166,14 @@ def sweep_candidates(M, group):
         for split in ((1, 2, 4, 8) if M <= 256 else (1,)):
             out.append(dict(path="mm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(k, bk) if group != -1
                             else k, SPLIT_K=split, num_warps=w, num_stages=s))
-    return out
+    if act == "none" and M <= 64:
+        # The swapped-operand tiles (weight [BLOCK_N, BLOCK_K] first, x's rows second).
+        bm = max(16, triton.next_power_of_2(M))
+        for bn, w, s in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3)):
+            for split in (1, 2, 4, 8):
+                out.append(dict(path="mmT", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
+                                num_warps=w, num_stages=s))
+    return [c for c in out if paths is None or c["path"] in paths]
 
 
 def gemv_candidates(M, N, K, bits, group, act, act_group):
@@ -178,7 +190,7 @@ def gemv_candidates(M, N, K, bits, group, act, act_group):
     return out
 
 
-def run_shape(M, N, K, formats, sweep, gen):
+def run_shape(M, N, K, formats, sweep, gen, paths=None):
     x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
     w = (torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to(torch.bfloat16)
     rows = []
@@ -210,20 +222,25 @@ def run_shape(M, N, K, formats, sweep, gen):
             if row["max_rel_err"] > TOL:
                 row["error"] = f"wrong result: rel err {row['max_rel_err']:.3g}"
             row["eager_ms"], row["graph_ms"] = timed(lambda: torch.ops.q3n.qlinear(*args))
-            if M >= 256 and row["path"]["path"] != "dequant":
-                # The alternative the dispatch table weighs at large M: dequantise + cuBLAS.
-                deq = dict(path="dequant")
-                f = lambda: Q._launch(*args[:-1], interpreter=False, path=deq,  # noqa: E731
-                                      act_group_size=ag)
-                row["dequant_rel_err"] = rel_err(f(), Q.reference(*args))
-                _, row["dequant_graph_ms"] = timed(f, eager=False)
+            # The alternatives the dispatch table weighs at large M: dequantise + cuBLAS, and
+            # (8-bit activations) the codes unpacked to 8 bits + cuBLAS's 8-bit GEMM.
+            alts = ["dequant"]
+            if C8.eligible(N, K, bits, group, act, x.dtype, Q.fp8_supported(x.device), ag) is None:
+                alts.append("cublas8")
+            for alt in alts if M >= 256 else ():
+                if row["path"]["path"] == alt:
+                    continue
+                f = lambda: Q._launch(*args[:-1], interpreter=False,  # noqa: E731
+                                      path=dict(path=alt), act_group_size=ag)
+                row[f"{alt}_rel_err"] = rel_err(f(), Q.reference(*args))
+                _, row[f"{alt}_graph_ms"] = timed(f, eager=False)
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         if sweep:
             row["sweep"] = []
             groups = [g for g in (group, ag) if g > 0]
             cands = (gemv_candidates(M, N, K, bits, group, act, ag) if sweep == "gemv"
-                     else sweep_candidates(M, min(groups) if groups else -1))
+                     else sweep_candidates(M, min(groups) if groups else -1, act, paths))
             for cand in cands:
                 try:
                     f = lambda: Q._launch(*args[:-1], interpreter=False, path=cand,  # noqa: E731
@@ -266,6 +283,9 @@ def main():
     ap.add_argument("--nk", type=str, nargs="+", default=[f"{n}x{k}" for n, k in NKS],
                     help="N x K pairs, e.g. 4096x4096")
     ap.add_argument("--sweep", action="store_true", help="time every dispatch candidate too")
+    ap.add_argument("--sweep-paths", nargs="+", default=None,
+                    choices=["dequant", "gemv", "mm", "mmT"],
+                    help="with --sweep: only these paths' candidates")
     ap.add_argument("--gemv", action="store_true",
                     help="a shorter sweep: the dispatched path and, for M <= 16, GEMV tiles")
     args = ap.parse_args()
@@ -281,7 +301,7 @@ def main():
     for nk in args.nk:
         N, K = map(int, nk.lower().split("x"))
         for M in args.ms:
-            for r in run_shape(M, N, K, args.formats, sweep, gen):
+            for r in run_shape(M, N, K, args.formats, sweep, gen, args.sweep_paths):
                 rows.append(r)
                 if "error" in r and "eager_ms" not in r:
                     print(f"{N:>6} {K:>6} {M:>5} {r['impl']:>13}  ERROR {r['error']}", flush=True)
@@ -291,8 +311,8 @@ def main():
                       f"{(r.get('path') or {}).get('path', ''):>7} {r['max_rel_err']:8.1e} "
                       f"{fmt(r['eager_ms'], '9.4f')} {fmt(r['graph_ms'], '9.4f')} "
                       f"{fmt(r['graph_TBps'], '6.2f')} {fmt(r['graph_vs_bf16'], '8.2f')}"
-                      + (f"  (dequant path {r['dequant_graph_ms']:.4f})"
-                         if r.get("dequant_graph_ms") else "")
+                      + "".join(f"  ({alt} path {r[alt + '_graph_ms']:.4f})"
+                                for alt in ("dequant", "cublas8") if r.get(f"{alt}_graph_ms"))
                       + (f"  {r['error']}" if "error" in r else ""), flush=True)
     if sweep:
         print("\nbest swept candidate per shape (graph ms):")

@@ -74,9 +74,20 @@ def old_gemv(M, N, K, group, sms):
     return dict(path="gemv", BLOCK_N=64, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=2)
 
 
-def sweep_configs(M, N, K, group, sms, full):
-    """(label, cfg) of the gemv1p sweep at M rows (`full`: every sweep entry; else a short one)."""
+def sweep_configs(M, N, K, group, sms, full, grid=False):
+    """(label, cfg) of the gemv1p sweep at M rows (`full`: every sweep entry; else a short one;
+    `grid`, at M = 1: only the grid of K splits 1-16 x PREFETCH 1, 2 x 64/128 columns, to fit
+    a split rule)."""
     out = []
+    if grid and M == 1:
+        for bn, warps in ((128, 8), (64, 4)):
+            for pf in (1, 2):
+                for split in (1, 2, 4, 8, 16):
+                    base = dict(Q.GEMV1P_DEFAULT, BLOCK_N=bn, num_warps=warps, PREFETCH=pf,
+                                SPLIT_K=split)
+                    out.append((f"n{bn}pf{pf}s{split}",
+                                Q.gemv1p_config(M, N, K, group, sms=sms, base=base)))
+        return out
     bases = Q.GEMV1P_SWEEP if full else Q.GEMV1P_SWEEP[:4]
     if M == 1:
         for i, base in enumerate(bases):
@@ -145,6 +156,8 @@ def main():
     ap.add_argument("--ms", type=int, nargs="+", default=list(MS))
     ap.add_argument("--budget-s", type=float, default=150.0,
                     help="stop sweeping after this many seconds (the essentials always run)")
+    ap.add_argument("--grid", action="store_true",
+                    help="at M = 1 sweep the split x prefetch x columns grid for every format")
     ap.add_argument("--cpu-check", action="store_true",
                     help="run the flow in the Triton interpreter on the CPU, without timing")
     args = ap.parse_args()
@@ -213,7 +226,8 @@ def main():
             for M in args.ms:
                 x = x_all[:M].contiguous()
                 args_ = (x, pw.qweight, pw.scales, pw.zeros, None, None, bits, group, K, "none")
-                for label, cfg in sweep_configs(M, N, K, group, sms, full=name == "w4a16_g128"):
+                for label, cfg in sweep_configs(M, N, K, group, sms, full=name == "w4a16_g128",
+                                                grid=args.grid):
                     run.time_launch(dict(N=N, K=K, M=M, format=name, impl=f"gemv1p_{label}",
                                          cfg=cfg), launch(args_, cfg), ref_all[:M], pw.nbytes,
                                     sweep=True)

@@ -115,7 +115,10 @@ import triton.language as tl
 
 from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
+from q3n_compile.kernels import qlinear_cublas8 as C8
+from q3n_compile.kernels import qlinear_swap as SW
 from q3n_compile.kernels.norm_linear import normalise_rows
+from q3n_compile.kernels.qcodes import load_codes
 from q3n_compile.kernels.tiles import first_tile_mean
 
 ACT_FORMATS = ("none", "int8", "fp8", "int12")
@@ -135,57 +138,6 @@ _RINT = 12582912.0  # 1.5 * 2^23: (v + c) - c rounds a float32 |v| < 2^22 to nea
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _plane_words(QW, row0, k0, offs_n, n_ok, K_PAD, N, P: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Bits of plane P for channels k0 .. k0 + BLOCK_K: each packed word is loaded once, as a
-    [BLOCK_K / PER, BLOCK_N] tile, and split by shifts in registers (k0 is a multiple of 32)."""
-    PER: tl.constexpr = 32 // P
-    WORDS: tl.constexpr = BLOCK_K // PER
-    r = k0 // PER + tl.arange(0, WORDS)
-    w = tl.load(QW + (row0 + r)[:, None] * N + offs_n[None, :],
-                mask=(r < K_PAD // PER)[:, None] & n_ok[None, :], other=0)
-    shifts = tl.arange(0, PER) * P
-    q = (w[:, None, :] >> shifts[None, :, None]) & ((1 << P) - 1)  # [WORDS, PER, BLOCK_N]
-    # Row-major merge: channel r * PER + j, the packing's order.
-    return tl.reshape(q, (BLOCK_K, offs_n.shape[0]))
-
-
-@triton.jit
-def _load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS: tl.constexpr,
-                BLOCK_K: tl.constexpr):
-    """Codes [BLOCK_K, BLOCK_N] (int32) of input channels k0 .. k0 + BLOCK_K (k0 a multiple of
-    BLOCK_K >= 32) and output channels offs_n; 0 past K_PAD or where n_ok is False.
-
-    Each packed word is loaded once and split in registers. Loading one word per code instead
-    (repeated addresses hitting L1: the same DRAM traffic, 32/P times the load instructions) was
-    slower in 32 of the 33 GEMV and tensor-core cases measured on the H200 (1.1-2.1x at M = 1 and
-    16, 1.6-12.9x on the tiles at M = 256 and 4096) and the same for the dequantise kernel (3
-    cases, 0.997-1.02x; s6run4, ``qlinear-unpack-h200-2026-11-29-s6run4.json``). The one
-    exception, W4A16 at M = 1 on 28672 x 8192 with the GEMV's old split of 1 (0.160 against
-    0.184 ms), is slower than word loads at the split of 4 the GEMV now uses there (0.135 ms).
-    """
-    if BITS == 8:
-        q = _plane_words(QW, 0, k0, offs_n, n_ok, K_PAD, N, 8, BLOCK_K)
-    elif BITS == 7:
-        q = (_plane_words(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, BLOCK_K)
-             | (_plane_words(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K) << 4)
-             | (_plane_words(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, BLOCK_K) << 6))
-    elif BITS == 6:
-        q = (_plane_words(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, BLOCK_K)
-             | (_plane_words(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K) << 4))
-    elif BITS == 5:
-        q = (_plane_words(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, BLOCK_K)
-             | (_plane_words(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, BLOCK_K) << 4))
-    elif BITS == 4:
-        q = _plane_words(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, BLOCK_K)
-    elif BITS == 3:
-        q = (_plane_words(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K)
-             | (_plane_words(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, BLOCK_K) << 2))
-    else:
-        q = _plane_words(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K)
-    return q
 
 
 @triton.jit
@@ -265,7 +217,7 @@ def qlinear_mm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-        q = _load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K)
+        q = load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K)
         if SYM:
             w = q - HALF
         elif PER_CHANNEL:
@@ -374,7 +326,7 @@ def qlinear_gemv_kernel(
         if ACT_GROUP != 0:
             # The codes of one activation group, dequantised (BLOCK_K <= ACT_GROUP).
             a = a.to(tl.float32) * tl.load(XS + m * n_act_groups + k0 // ACT_GROUP)
-        q = _load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K)
+        q = load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K)
         if SYM:
             w = (q - HALF).to(tl.float32)
         elif PER_CHANNEL:
@@ -746,7 +698,7 @@ def dequant_kernel(QW, S, Z, WT, N, K, K_PAD, ROW4, ROW2, ROW1,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     mask = (offs_k < K)[:, None] & n_ok[None, :]
-    q = _load_codes(QW, pid_k * BLOCK_K, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K)
+    q = load_codes(QW, pid_k * BLOCK_K, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K)
     if GROUP == 0:
         g = offs_k * 0
     else:
@@ -908,7 +860,9 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     CUDA: :data:`CUDA_TABLE` by M; GEMV: :func:`gemv1p_config` for 4- and 2-bit weights and
     8-bit ones above :data:`GEMV_8BIT_MAX` weights, else 64 columns x 128 (<= groups) K per
     step, K split at least 4 ways (:func:`_gemv_split`);
-    mm: split-K (fp32 atomics) when the output tiles cover fewer than twice the SMs.
+    mm: split-K (fp32 atomics) when the output tiles cover fewer than twice the SMs; the table's
+    "dequant" rows for quantized activations become "cublas8" (:mod:`qlinear_cublas8`) where
+    that path computes the format exactly on this device.
     Interpreter and CUDA alike send single-plane weights at GEMV sizes to gemv1p.
     """
     k_pad = P.padded_k(K)
@@ -929,6 +883,9 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
         if max_m is None or M <= max_m:
             break
     if path == "dequant":
+        if act != "none" and C8.eligible(N, K, bits, group_size, act, dtype, fp8_supported(device),
+                                         act_group_size) is None:
+            return dict(path="cublas8")
         return dict(path="dequant")
     if path == "gemv" and bits in GEMV1P_BITS and not (bits == 8 and N * K <= GEMV_8BIT_MAX):
         return gemv1p_config(M, N, K, group_size, sms=sms, act_group_size=act_group_size)
@@ -1036,23 +993,37 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
                               interpreter=interpreter, act_group_size=act_group_size)
     if M == 0:
         return x.new_empty((0, N))
-    if cfg["path"] == "dequant":
-        if act == "none":
-            a = x
-        else:
-            codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size)
-            a = _dequantize_codes(codes, xs, act_group_size, x.dtype)
-        wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype, interpreter)
-        return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
-
     if act == "none":
-        a, xs = x, x  # xs unused
-        codes_dtype = None
-    else:
-        a, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size)
-        codes_dtype = a.dtype
-    return _gemm(a, xs, codes_dtype, x.dtype, qweight, scales, zeros, bias, bits, group_size, act,
-                 cfg, interpreter, act_group_size)
+        if cfg["path"] == "dequant":
+            wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype,
+                                   interpreter)
+            return torch.addmm(bias, x, wt) if bias is not None else torch.mm(x, wt)
+        return _gemm(x, x, None, x.dtype, qweight, scales, zeros, bias, bits, group_size, act,
+                     cfg, interpreter, act_group_size)
+    codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size)
+    return _gemm_codes(codes, xs, x.dtype, qweight, scales, zeros, bias, bits, group_size, act,
+                       cfg, interpreter, act_group_size)
+
+
+def _gemm_codes(codes, xs, out_dtype, qweight, scales, zeros, bias, bits, group_size, act,
+                cfg: dict, interpreter: bool, act_group_size: int) -> torch.Tensor:
+    """y from quantized activations (codes [M, K] and fp32 scales) on `cfg`'s path: "dequant"
+    (the codes and the weight dequantised to `out_dtype`, then cuBLAS), "cublas8"
+    (:mod:`qlinear_cublas8`) or a Triton GEMM/GEMV."""
+    K = codes.shape[1]
+    if cfg["path"] == "dequant":
+        a = _dequantize_codes(codes, xs, act_group_size, out_dtype)
+        wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, out_dtype, interpreter)
+        return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
+    if cfg["path"] == "cublas8":
+        reason = C8.eligible(qweight.shape[1], K, bits, group_size, act, out_dtype,
+                             codes.dtype == torch.float8_e4m3fn, act_group_size)
+        if reason is not None:  # only a forced `path` can get here
+            raise ValueError(f"q3n::qlinear: the cublas8 path does not take this call: {reason}")
+        return C8.run(codes, xs, qweight, scales, zeros, bias, bits, group_size, act,
+                      act_group_size, out_dtype)
+    return _gemm(codes, xs.contiguous(), codes.dtype, out_dtype, qweight, scales, zeros, bias,
+                 bits, group_size, act, cfg, interpreter, act_group_size)
 
 
 # Ticket counters of the gemv1p kernel's one-launch split-K (REDUCE 2): int32, zero between calls
@@ -1145,6 +1116,10 @@ def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, gro
                          f"{act_group} (each K block must lie in one group)")
     flags = dict(BITS=bits, GROUP=group, SYM=zeros is None, ACT=_ACT_CODE[act],
                  ACT_GROUP=act_group, HAS_BIAS=bias is not None, ATOMIC=atomic)
+    if cfg["path"] == "mmT":
+        if act != "none":
+            raise ValueError("q3n::qlinear: the mmT path takes 16-bit activations only")
+        return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter)
     if cfg["path"] == "gemv1p":
         return _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, split,
                        cfg, flags)
@@ -1569,12 +1544,8 @@ def _qlinear_codes_launch(codes, xscales, qweight, scales, zeros, bias, bits, gr
                               interpreter=interpreter, act_group_size=act_group_size)
     if M == 0:
         return torch.empty((0, N), dtype=out_dtype, device=codes.device)
-    if cfg["path"] == "dequant":
-        a = _dequantize_codes(codes, xscales, act_group_size, out_dtype)
-        wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, out_dtype, interpreter)
-        return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
-    return _gemm(codes, xscales.contiguous(), codes.dtype, out_dtype, qweight, scales, zeros, bias,
-                 bits, group_size, act, cfg, interpreter, act_group_size)
+    return _gemm_codes(codes, xscales, out_dtype, qweight, scales, zeros, bias, bits, group_size,
+                       act, cfg, interpreter, act_group_size)
 
 
 def reference_norm_act_quant(x: torch.Tensor, eps: float, kind: str, act: str,

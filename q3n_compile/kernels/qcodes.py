@@ -1,0 +1,73 @@
+"""Reading quantized weight codes out of the bit planes of :mod:`q3n_compile.kernels.packing`,
+inside Triton kernels (the ``q3n::qlinear`` family's mm, gemv and dequantise kernels, and the
+cublas8 path's unpack).
+
+Guarantees: :func:`load_codes` returns the unsigned codes ``q[k, n]`` of a ``[BLOCK_K, BLOCK_N]``
+tile exactly as :func:`q3n_compile.kernels.packing.unpack_codes` defines them, 0 past ``K_PAD``
+and where the column mask is False; each packed int32 word is loaded once.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def plane_words(QW, row0, k0, offs_n, n_ok, K_PAD, N, P: tl.constexpr, BLOCK_K: tl.constexpr,
+                NK: tl.constexpr = False):
+    """Bits of plane P for channels k0 .. k0 + BLOCK_K: each packed word is loaded once, as a
+    [BLOCK_K / PER, BLOCK_N] tile, and split by shifts in registers (k0 is a multiple of 32).
+    [BLOCK_K, BLOCK_N]; with NK, [BLOCK_N, BLOCK_K] (the words loaded as [BLOCK_N, BLOCK_K / PER]
+    and split along the last axis, so no transpose is needed)."""
+    PER: tl.constexpr = 32 // P
+    WORDS: tl.constexpr = BLOCK_K // PER
+    r = k0 // PER + tl.arange(0, WORDS)
+    shifts = tl.arange(0, PER) * P
+    if NK:
+        w = tl.load(QW + (row0 + r)[None, :] * N + offs_n[:, None],
+                    mask=(r < K_PAD // PER)[None, :] & n_ok[:, None], other=0)
+        q = (w[:, :, None] >> shifts[None, None, :]) & ((1 << P) - 1)  # [BLOCK_N, WORDS, PER]
+        return tl.reshape(q, (offs_n.shape[0], BLOCK_K))
+    w = tl.load(QW + (row0 + r)[:, None] * N + offs_n[None, :],
+                mask=(r < K_PAD // PER)[:, None] & n_ok[None, :], other=0)
+    q = (w[:, None, :] >> shifts[None, :, None]) & ((1 << P) - 1)  # [WORDS, PER, BLOCK_N]
+    # Row-major merge: channel r * PER + j, the packing's order.
+    return tl.reshape(q, (BLOCK_K, offs_n.shape[0]))
+
+
+@triton.jit
+def load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS: tl.constexpr,
+               BLOCK_K: tl.constexpr, NK: tl.constexpr = False):
+    """Codes [BLOCK_K, BLOCK_N] (int32) of input channels k0 .. k0 + BLOCK_K (k0 a multiple of
+    BLOCK_K >= 32) and output channels offs_n; 0 past K_PAD or where n_ok is False. With NK the
+    tile is [BLOCK_N, BLOCK_K] (the weight as the first operand of a dot).
+
+    Each packed word is loaded once and split in registers. Loading one word per code instead
+    (repeated addresses hitting L1: the same DRAM traffic, 32/P times the load instructions) was
+    slower in 32 of the 33 GEMV and tensor-core cases measured on the H200 (1.1-2.1x at M = 1 and
+    16, 1.6-12.9x on the tiles at M = 256 and 4096) and the same for the dequantise kernel (3
+    cases, 0.997-1.02x; s6run4, ``qlinear-unpack-h200-2026-11-29-s6run4.json``). The one
+    exception, W4A16 at M = 1 on 28672 x 8192 with the GEMV's old split of 1 (0.160 against
+    0.184 ms), is slower than word loads at the split of 4 the GEMV now uses there (0.135 ms).
+    """
+    if BITS == 8:
+        q = plane_words(QW, 0, k0, offs_n, n_ok, K_PAD, N, 8, BLOCK_K, NK)
+    elif BITS == 7:
+        q = (plane_words(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, BLOCK_K, NK)
+             | (plane_words(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K, NK) << 4)
+             | (plane_words(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, BLOCK_K, NK) << 6))
+    elif BITS == 6:
+        q = (plane_words(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, BLOCK_K, NK)
+             | (plane_words(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K, NK) << 4))
+    elif BITS == 5:
+        q = (plane_words(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, BLOCK_K, NK)
+             | (plane_words(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, BLOCK_K, NK) << 4))
+    elif BITS == 4:
+        q = plane_words(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, BLOCK_K, NK)
+    elif BITS == 3:
+        q = (plane_words(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K, NK)
+             | (plane_words(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, BLOCK_K, NK) << 2))
+    else:
+        q = plane_words(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K, NK)
+    return q

@@ -1,0 +1,186 @@
+"""q3n::qlinear's cublas8 path (weight codes unpacked to 8 bits, cuBLAS's int8/fp8 GEMMs) against
+float64 (CPU lane: the unpack and epilogue kernels in Triton's interpreter, torch's CPU int8 and
+row-wise fp8 GEMMs; GPU: -m gpu, cuBLAS's block-scaled fp8 GEMM too)."""
+
+import zlib
+
+import pytest
+import torch
+
+from q3n_compile.kernels import packing as P
+from q3n_compile.kernels import qlinear as Q
+from q3n_compile.kernels import qlinear_cublas8 as C8
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
+
+bf16 = torch.bfloat16
+CUBLAS8 = dict(path="cublas8")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# bf16 output: one rounding (2^-8 of the largest output), the fp8 path's bias add one more.
+TOL = 2e-2
+
+
+def _gen(name):
+    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
+
+
+def _packed(gen, N, K, bits, group, sym, device="cpu"):
+    codes = torch.randint(0, 1 << bits, (N, K), generator=gen, dtype=torch.int64)
+    ng = 1 if group == P.PER_CHANNEL else K // group
+    scales = (torch.rand(ng, N, generator=gen) * 0.02 + 0.002).to(torch.float16)
+    zeros = None if sym else torch.randint(0, 1 << bits, (ng, N), generator=gen).to(torch.uint8)
+    return P.pack(codes, scales, zeros, bits, group).to(device), codes
+
+
+def _check(x, pw, bias, act, ag=Q.PER_TOKEN):
+    args = (x, pw.qweight, pw.scales, pw.zeros, bias, None, pw.bits, pw.group_size,
+            pw.in_features, act)
+    out = Q._launch(*args, interpreter=x.device.type == "cpu", path=CUBLAS8, act_group_size=ag)
+    assert out.shape == (x.shape[0], pw.out_features) and out.dtype == x.dtype
+    exact = Q.reference(x.double(), pw.qweight, pw.scales, pw.zeros,
+                        None if bias is None else bias.double(), None, pw.bits, pw.group_size,
+                        pw.in_features, act, ag)
+    scale = exact.abs().max().item()
+    err = (out.double() - exact).abs().max().item()
+    assert err <= TOL * scale, f"max err {err:.3g} > {TOL:.1g} * {scale:.3g}"
+
+
+FORMATS = [(2, 32, False), (3, -1, True), (4, 64, False), (5, 32, True), (6, -1, False),
+           (7, 32, False), (8, -1, True), (8, 128, True)]
+# e4m3 holds integers up to 16 exactly: fp8 takes codes of at most 4 bits.
+UNPACK_CASES = [(b, g, s, dt) for b, g, s in FORMATS
+                for dt in (torch.int8, torch.float16, torch.float8_e4m3fn)
+                if dt != torch.float8_e4m3fn or b <= 4]
+
+
+@pytest.mark.parametrize("bits,group,sym,dtype", UNPACK_CASES,
+                         ids=[f"w{b}g{g}{'s' if s else 'a'}_{str(dt)[6:]}"
+                              for b, g, s, dt in UNPACK_CASES])
+def test_unpack_is_exact(bits, group, sym, dtype):
+    N, K = 40, 256 + 32 * (group == -1)  # N off the 64-column block, K off the 128-channel one
+    gen = _gen(f"unpack{bits}{group}{sym}")
+    pw, codes = _packed(gen, N, K, bits, group, sym)
+    g = torch.zeros(K, dtype=torch.long) if group == -1 else torch.arange(K) // group
+    z = torch.full((int(g.max()) + 1, N), 1 << (bits - 1)) if sym else pw.zeros.long()
+    want = codes - z[g].t()
+    w8 = C8.unpack_codes_8bit(pw.qweight, pw.zeros, bits, group, K, dtype, interpreter=True)
+    assert w8.shape == (N, K) and w8.dtype == dtype and w8.is_contiguous()
+    assert torch.equal(w8.to(torch.int64), want)
+
+
+@pytest.mark.parametrize("M,N,K", [(17, 48, 64), (40, 80, 208)])
+@pytest.mark.parametrize("bits", [8, 5])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_path_against_float64(M, N, K, bits, bias):
+    gen = _gen(f"i8{M}{N}{K}{bits}{bias}")
+    pw, _ = _packed(gen, N, K, bits, -1, bits == 8)
+    x = (torch.randn(M, K, generator=gen) * 3).to(bf16)
+    _check(x, pw, torch.randn(N, generator=gen).to(bf16) if bias else None, "int8")
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_fp8_rowwise_path_against_float64(sym):
+    # Per-channel weights and per-token activations: row-wise scales (torch's CPU fp8 GEMM takes
+    # them; the block-scaled form is in the GPU lane).
+    gen = _gen(f"f8row{sym}")
+    pw, _ = _packed(gen, 48, 96, 4, -1, sym)
+    x = torch.randn(33, 96, generator=gen).to(bf16)
+    args = (x, pw.qweight, pw.scales, pw.zeros, None, None, 4, -1, 96, "fp8")
+    codes, xs = Q.quantize_activations(x, "fp8")
+    out = C8.run(codes.to(torch.float8_e4m3fn), xs, pw.qweight, pw.scales, pw.zeros, None, 4, -1,
+                 "fp8", Q.PER_TOKEN, bf16)
+    exact = Q.reference(x.double(), *args[1:])
+    assert (out.double() - exact).abs().max().item() <= TOL * exact.abs().max().item()
+
+
+def test_eligible_reasons():
+    ok = dict(N=4096, K=4096, bits=4, group_size=128, act="fp8", out_dtype=bf16,
+              fp8_hardware=True, act_group_size=-1)
+    assert C8.eligible(**ok) is None
+    assert C8.eligible(**dict(ok, act_group_size=128)) is None
+    assert C8.eligible(**dict(ok, group_size=-1, K=4112)) is None  # row-wise: K % 16
+    cases = [
+        (dict(out_dtype=torch.float16), "bfloat16"),
+        (dict(N=4100), "N a multiple of 16"),
+        (dict(fp8_hardware=False), "without fp8 tensor cores"),
+        (dict(bits=6), "not exact in e4m3"),
+        (dict(group_size=64), "per 128 channels"),
+        (dict(act_group_size=32), "per 128 channels"),
+        (dict(K=4160), "K a multiple of 128"),
+        (dict(act="int8", bits=8), "per-channel weights"),
+        (dict(act="int8", bits=8, group_size=-1, act_group_size=128), "per-token"),
+        (dict(act="int8", bits=8, group_size=-1, K=4104), "multiple of 16"),
+        (dict(act="int12"), "int8 or fp8"),
+    ]
+    for change, reason in cases:
+        got = C8.eligible(**dict(ok, **change))
+        assert got is not None and reason in got, (change, got)
+    assert C8.eligible(**dict(ok, act="int8", bits=8, group_size=-1)) is None
+
+
+def test_choose_path_takes_cublas8_where_eligible(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(Q, "fp8_supported", lambda device: True)
+    big = dict(dtype=bf16, device=cuda, sm_count=132)
+    assert Q.choose_path(4096, 4096, 4096, 4, 128, "fp8", **big)["path"] == "cublas8"
+    assert Q.choose_path(4096, 4096, 4096, 8, -1, "int8", **big)["path"] == "cublas8"
+    # Not exact or not cuBLAS's scale layout: dequantise + cuBLAS as before.
+    assert Q.choose_path(4096, 4096, 4096, 8, 128, "int8", **big)["path"] == "dequant"
+    assert Q.choose_path(4096, 4096, 4096, 6, 128, "fp8", **big)["path"] == "dequant"
+    assert Q.choose_path(4096, 4096, 4096, 4, 128, "fp8", dtype=torch.float16, device=cuda,
+                         sm_count=132)["path"] == "dequant"
+    assert Q.choose_path(4096, 4096, 4096, 4, 128, "none", **big)["path"] == "dequant"
+    # Where the table keeps the Triton tiles, it still does.
+    assert Q.choose_path(256, 4096, 4096, 4, 128, "fp8", **big)["path"] == "mm"
+    monkeypatch.setattr(Q, "fp8_supported", lambda device: False)
+    assert Q.choose_path(4096, 4096, 4096, 4, 128, "fp8", **big)["path"] == "dequant"
+
+
+def test_forced_path_that_does_not_apply_says_why():
+    gen = _gen("forced")
+    pw, _ = _packed(gen, 48, 128, 4, 32, False)
+    x = torch.randn(20, 128, generator=gen).to(bf16)
+    with pytest.raises(ValueError, match="cublas8 path does not take this call.*per-channel"):
+        Q._launch(x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 32, 128, "int8",
+                  interpreter=True, path=CUBLAS8)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU lane: cuBLAS's block-scaled fp8 GEMM, model widths, odd M
+
+
+GPU_CASES = [  # bits, group, sym, act, act_group
+    (4, 128, False, "fp8", -1),
+    (4, 128, True, "fp8", 128),
+    (4, -1, False, "fp8", -1),
+    (4, -1, True, "fp8", 128),
+    (2, 128, False, "fp8", -1),
+    (8, -1, True, "int8", -1),
+    (6, -1, False, "int8", -1),
+]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [17, 1000, 4096])
+@pytest.mark.parametrize("bits,group,sym,act,ag", GPU_CASES,
+                         ids=[f"w{b}g{g}{'s' if s else 'a'}_{a}_ag{ag}"
+                              for b, g, s, a, ag in GPU_CASES])
+def test_gpu_against_float64(bits, group, sym, act, ag, M):
+    if act == "fp8" and not Q.fp8_supported(torch.device("cuda")):
+        pytest.skip("no fp8 tensor cores on this GPU")
+    N, K = 4096, 4096
+    gen = _gen(f"gpu8{bits}{group}{act}{ag}{M}")
+    pw, _ = _packed(gen, N, K, bits, group, sym, device="cuda")
+    x = torch.randn(M, K, generator=gen).to(bf16).cuda()
+    bias = torch.randn(N, generator=gen).to(bf16).cuda() if M != 1000 else None
+    _check(x, pw, bias, act, ag)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_dispatch_takes_cublas8_at_large_m():
+    if not Q.fp8_supported(torch.device("cuda")):
+        pytest.skip("no fp8 tensor cores on this GPU")
+    cfg = Q.choose_path(4096, 4096, 4096, 4, 128, "fp8", bf16, torch.device("cuda"))
+    assert cfg["path"] == "cublas8"

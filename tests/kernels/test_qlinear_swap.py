@@ -1,0 +1,92 @@
+"""q3n::qlinear's mmT path (swapped operands for a few rows of 16-bit activations) against
+float64 (CPU lane: Triton interpreter; GPU: -m gpu, model widths)."""
+
+import zlib
+
+import pytest
+import torch
+
+from q3n_compile.kernels import packing as P
+from q3n_compile.kernels import qlinear as Q
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
+
+f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+# As tests/kernels/test_qlinear.py: one rounding of the output, and of each dequantised weight.
+TOL = {f32: 2e-5, f16: 3e-3, bf16: 2e-2}
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _gen(name):
+    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
+
+
+def _packed(gen, N, K, bits, group, sym, device="cpu"):
+    codes = torch.randint(0, 1 << bits, (N, K), generator=gen, dtype=torch.int64)
+    ng = 1 if group == P.PER_CHANNEL else K // group
+    scales = (torch.rand(ng, N, generator=gen) * 0.02 + 0.002).to(torch.float16)
+    zeros = None if sym else torch.randint(0, 1 << bits, (ng, N), generator=gen).to(torch.uint8)
+    return P.pack(codes, scales, zeros, bits, group).to(device)
+
+
+def _check(x, pw, bias, cfg):
+    out = Q._launch(x, pw.qweight, pw.scales, pw.zeros, bias, None, pw.bits, pw.group_size,
+                    pw.in_features, "none", interpreter=x.device.type == "cpu", path=cfg)
+    assert out.shape == (x.shape[0], pw.out_features) and out.dtype == x.dtype
+    exact = Q.reference(x.double(), pw.qweight, pw.scales, pw.zeros,
+                        None if bias is None else bias.double(), None, pw.bits, pw.group_size,
+                        pw.in_features, "none")
+    scale = exact.abs().max().item()
+    err = (out.double() - exact).abs().max().item()
+    assert err <= TOL[x.dtype] * scale, f"max err {err:.3g} > {TOL[x.dtype]:.1g} * {scale:.3g}"
+
+
+CASES = [  # bits, group, sym, dtype, M, split
+    (4, 64, False, bf16, 5, 1), (4, -1, True, f16, 16, 2), (6, 32, False, f32, 17, 1),
+    (8, -1, True, bf16, 1, 2), (3, 32, True, f16, 33, 1), (2, -1, False, f32, 3, 2),
+    (5, 64, False, bf16, 16, 1), (7, -1, False, f16, 9, 1),
+]
+
+
+@pytest.mark.parametrize("bits,group,sym,dtype,M,split", CASES,
+                         ids=[f"w{b}g{g}{'s' if s else 'a'}_{str(d)[6:]}_m{m}_split{sp}"
+                              for b, g, s, d, m, sp in CASES])
+@pytest.mark.parametrize("bias", [False, True])
+def test_mmT_against_float64(bits, group, sym, dtype, M, split, bias):
+    N, K = 72, 192  # N off the 64-column block; 3 K blocks of 64
+    gen = _gen(f"mmT{bits}{group}{sym}{dtype}{M}{split}{bias}")
+    pw = _packed(gen, N, K, bits, group, sym)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    cfg = dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=32 if group == 32 else 64,
+               SPLIT_K=split, num_warps=4, num_stages=1)
+    _check(x, pw, torch.randn(N, generator=gen).to(dtype) if bias else None, cfg)
+
+
+def test_mmT_refuses_quantized_activations():
+    gen = _gen("mmTact")
+    pw = _packed(gen, 64, 64, 4, 32, False)
+    x = torch.randn(4, 64, generator=gen)
+    cfg = dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1, num_warps=4,
+               num_stages=1)
+    with pytest.raises(ValueError, match="mmT path takes 16-bit activations"):
+        Q._launch(x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 32, 64, "int8",
+                  interpreter=True, path=cfg)
+
+
+GPU_TILES = [dict(path="mmT", BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, num_warps=4,
+                  num_stages=3),
+             dict(path="mmT", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8,
+                  num_stages=3)]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cfg", GPU_TILES, ids=["m16_split4", "m64"])
+@pytest.mark.parametrize("bits,group,sym", [(4, 128, False), (8, -1, True), (6, 128, False)])
+@pytest.mark.parametrize("M", [1, 16, 33])
+def test_gpu_mmT_against_float64(cfg, bits, group, sym, M):
+    N, K = 12288, 4096
+    gen = _gen(f"gpummT{bits}{M}{cfg['BLOCK_M']}")
+    pw = _packed(gen, N, K, bits, group, sym, device="cuda")
+    x = torch.randn(M, K, generator=gen).to(bf16).cuda()
+    _check(x, pw, torch.randn(N, generator=gen).to(bf16).cuda(), cfg)
