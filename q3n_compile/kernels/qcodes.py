@@ -24,16 +24,19 @@ def plane_words(QW, row0, k0, offs_n, n_ok, K_PAD, N, P: tl.constexpr, BLOCK_K: 
     WORDS: tl.constexpr = BLOCK_K // PER
     r = k0 // PER + tl.arange(0, WORDS)
     shifts = tl.arange(0, PER) * P
+    # One return statement: Triton checks every return's type, even in a pruned constexpr branch.
     if NK:
         w = tl.load(QW + (row0 + r)[None, :] * N + offs_n[:, None],
                     mask=(r < K_PAD // PER)[None, :] & n_ok[:, None], other=0)
         q = (w[:, :, None] >> shifts[None, None, :]) & ((1 << P) - 1)  # [BLOCK_N, WORDS, PER]
-        return tl.reshape(q, (offs_n.shape[0], BLOCK_K))
-    w = tl.load(QW + (row0 + r)[:, None] * N + offs_n[None, :],
-                mask=(r < K_PAD // PER)[:, None] & n_ok[None, :], other=0)
-    q = (w[:, None, :] >> shifts[None, :, None]) & ((1 << P) - 1)  # [WORDS, PER, BLOCK_N]
-    # Row-major merge: channel r * PER + j, the packing's order.
-    return tl.reshape(q, (BLOCK_K, offs_n.shape[0]))
+        out = tl.reshape(q, (offs_n.shape[0], BLOCK_K))
+    else:
+        w = tl.load(QW + (row0 + r)[:, None] * N + offs_n[None, :],
+                    mask=(r < K_PAD // PER)[:, None] & n_ok[None, :], other=0)
+        q = (w[:, None, :] >> shifts[None, :, None]) & ((1 << P) - 1)  # [WORDS, PER, BLOCK_N]
+        # Row-major merge: channel r * PER + j, the packing's order.
+        out = tl.reshape(q, (BLOCK_K, offs_n.shape[0]))
+    return out
 
 
 @triton.jit

@@ -49,9 +49,9 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   program, and split-K in one launch (a ticket per output tile: the last split sums the
   partials) instead of atomics into a zeroed fp32 output and a cast (three kernels). Its launch
   parameters are :func:`gemv1p_config`'s; :data:`GEMV1P_SWEEP` is what the benchmark sweeps.
-  On the H200 (s7run5) it ran W4A16 g128 at 28672 x 8192, M = 1 in 0.0696 ms against the old
-  GEMV's 0.1324 and bf16 cuBLAS's 0.1272; 8-bit weights of up to :data:`GEMV_8BIT_MAX` keep
-  the old GEMV, measured faster there.
+  On the H200 (s8run1) its tuned launch ran W4A16 g128 at 28672 x 8192, M = 1 in 0.062 ms
+  against the old GEMV's 0.135 and bf16 cuBLAS's 0.125, and was the faster GEMV for 8-bit
+  weights too.
 - ``mm``: tensor-core tiles: weights are unpacked and dequantised in registers and fed to
   ``tl.dot`` in the activation's operand type — bf16/fp16 (16-bit activations), int8 x int8 ->
   int32 (``int8``), fp8 e4m3 x fp8 e4m3 (``fp8`` with weight codes that e4m3 holds exactly, i.e.
@@ -60,9 +60,17 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   ``act_group_size``, the rows' activation scales of that block's group; optional split-K.
 - ``dequant``: dequantise the whole weight to x's dtype and call cuBLAS (``torch.mm``): for the
   M where that is faster than the fused kernel (above 64 rows for 16-bit activations, above
-  1024 for quantized ones, as measured on the H200). Quantized
+  256 for 8-bit ones and 1024 for 12-bit ones, as measured on the H200). Quantized
   activations are quantized and dequantised first (with their groups' scales), so the function
   computed is the same.
+- ``cublas8`` (:mod:`q3n_compile.kernels.qlinear_cublas8`): for 8-bit activations from
+  :data:`CUBLAS8_MIN_M` rows, where the format allows (fp8 with weights of <= 4 bits and scales
+  per 128 channels or per channel; int8 with per-channel weights and per-token scales): the
+  weight's integer codes are unpacked to an 8-bit ``[N, K]`` matrix for the call and cuBLAS's
+  block-scaled fp8 GEMM (or its int8 GEMM) multiplies them. s8run1 (H200, M = 4096): W4A8 g128
+  1.02-1.23x bf16, W8A8 0.87-1.12x, where dequantise + cuBLAS ran 0.49-0.87x.
+- ``mmT`` (:mod:`q3n_compile.kernels.qlinear_swap`): the tiles with operands swapped, for a few
+  rows of 16-bit activations; not dispatched (never faster than ``mm`` in s8run1's sweep).
 
 Every K block of the gemv and mm kernels lies in one weight group and one activation group:
 :func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which
@@ -762,25 +770,23 @@ def _gemv_split(n_tiles: int, k_pad: int, block_k: int, sms: int) -> int:
 
 
 # The single-plane GEMV (qlinear_gemv1p_kernel): which weights it takes, and the launch
-# parameters a benchmark sweeps (bench/bench_qlinear_gemv.py). GEMV1P_DEFAULT is a guess from
-# the kernel's design; the H200 sweep (s7run5, bench/RESULTS.md session 7) found a smaller split
-# of K faster in all six shapes and formats timed (by 2-28%), but no one rule that fits all six,
-# so it is not re-tuned yet. SPLIT_K "auto" is :func:`_gemv1p_split`. BLOCK_K is capped at the weight and activation
-# groups by the launcher's caller (:func:`gemv1p_config`).
+# parameters a benchmark sweeps (bench/bench_qlinear_gemv.py). GEMV1P_DEFAULT is the H200
+# sweep's (s8run1, `bench_qlinear_gemv.py --grid`: K splits 1-16 x PREFETCH 1, 2 x 64/128
+# columns, W4A16 g128 and W8A16 per channel at the issue's four shapes, M = 1): 64 columns and
+# 4 warps were the fastest in 7 of the 8 rows (the 8th, 4096 x 12288 W4, 2% behind 128 columns),
+# with SPLIT_K "auto" (:func:`_gemv1p_split`) within 2.3% of each row's best. BLOCK_K is capped at
+# the weight and activation groups by the launcher's caller (:func:`gemv1p_config`).
 # Tiles: the sm_90 compile (bench/compile_qlinear_sm90.py) shows no shared-memory conversion in
 # the inner loop for these at BLOCK_M = 1 (BLOCK_M * BLOCK_K < 32 * num_warps; BLOCK_N < 32 *
 # num_warps), except the one 4-warp 128 x 128 entry, kept to measure what the conversions cost.
 GEMV1P_BITS = (2, 4, 8)
-# 8-bit weights up to this many keep the word-per-plane GEMV on CUDA: at 4096 x 4096, M = 1 it ran
-# 0.0170 ms against gemv1p's 0.0195 (W8A16, s7run5, same run), and W8A8 0.0194 (s7run1) against
-# 0.0226 (s7run6); from 12288 x 4096 up gemv1p was the faster for every format timed.
-GEMV_8BIT_MAX = 4096 * 4096
-GEMV1P_DEFAULT = dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=1, PREFETCH=1,
+GEMV1P_DEFAULT = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1, PREFETCH=1,
                       SPLIT_K="auto", REDUCE="ticket")
 GEMV1P_SWEEP = [
     dict(BLOCK_N=n, BLOCK_K=bk, num_warps=w, num_stages=1, PREFETCH=pf, SPLIT_K=s, REDUCE=r)
     for n, bk, w, pf, s, r in [
-        (128, 128, 8, 1, "auto", "ticket"),      # the default
+        (64, 128, 4, 1, "auto", "ticket"),       # the default
+        (128, 128, 8, 1, "auto", "ticket"),      # the default until s8run1
         (128, 128, 8, 0, "auto", "ticket"),      # no register buffer
         (128, 128, 8, 2, "auto", "ticket"),      # two blocks ahead
         (128, 128, 8, 1, "auto", "atomic"),      # split by atomics (3 kernels)
@@ -796,26 +802,32 @@ GEMV1P_SWEEP = [
 
 
 def _gemv1p_split(programs: int, k_pad: int, block_k: int, sms: int) -> int:
-    """K split for the single-plane GEMV: double it until the grid covers the SMs 4 times,
-    keeping >= 2 K blocks per split (at most 16)."""
-    split = 1
-    k_blocks = -(-k_pad // block_k)
-    while split < 16 and programs * split < 4 * sms and k_blocks // (split * 2) >= 2:
+    """K split for the single-plane GEMV: at least 4, doubled until the grid covers the SMs 3
+    times, at most 16, keeping >= 2 K blocks per split. On the H200 (s8run1, 64 columns, M = 1)
+    it picks 8, 4, 8 and 4 at 4096 x 4096, 12288 x 4096, 4096 x 12288 and 28672 x 8192: the
+    best split in 5 of the 8 rows (W4 g128, W8 per channel), within 2.3% in the others (28672 x
+    8192 W8 was fastest at 2, 69.6 against 71.2 us)."""
+    split = 4
+    while split < 16 and programs * split < 3 * sms:
         split *= 2
+    k_blocks = -(-k_pad // block_k)
+    while split > 1 and k_blocks // split < 2:
+        split //= 2
     return split
 
 
 def gemv1p_config(M: int, N: int, K: int, group_size: int, *, sms: int,
                   act_group_size: int = PER_TOKEN, base: Optional[dict] = None) -> dict:
     """The gemv1p path's launch parameters for one call: `base` (a :data:`GEMV1P_SWEEP` entry;
-    :data:`GEMV1P_DEFAULT` if None, whose warps then double, up to 16, while x's block has as
-    many elements as the program has threads) with BLOCK_K capped at the groups, BLOCK_M = M
+    :data:`GEMV1P_DEFAULT` if None, whose warps then double from 2 rows on, up to 16, while x's
+    block has as many elements as the program has threads) with BLOCK_K capped at the groups, BLOCK_M = M
     rounded up to a power of two (at most 16) unless `base` gives it, SPLIT_K "auto" resolved."""
     cfg = dict(GEMV1P_DEFAULT if base is None else base, path="gemv1p")
     cfg["BLOCK_K"] = _k_block(group_size, cfg["BLOCK_K"], act_group_size)
     cfg.setdefault("BLOCK_M", min(16, triton.next_power_of_2(max(M, 1))))
-    if base is None:
-        # More warps rather than x's block converted through shared memory every K block.
+    if base is None and cfg["BLOCK_M"] > 1:
+        # More warps rather than x's block converted through shared memory every K block. Not at
+        # one row: there the 4-warp tile, with that conversion, was the fastest (s8run1).
         while cfg["BLOCK_M"] * cfg["BLOCK_K"] >= 32 * cfg["num_warps"] and cfg["num_warps"] < 16:
             cfg["num_warps"] *= 2
     if cfg["SPLIT_K"] == "auto":
@@ -834,20 +846,26 @@ CUDA_TABLE = {
     # tile's time, at M = 4096 0.92-0.94x bf16 (s6run6).
     "a16": [(2, "gemv", None), (16, "mm", (16, 64, 128, 4, 4)), (64, "mm", (32, 64, 128, 4, 4)),
             (None, "dequant", None)],
-    # Quantized activations: tensor-core tiles up to M = 1024, dequantise + cuBLAS above. At
-    # M = 4096 the int8/fp8 tiles ran 2.7-3.9x slower than bf16 cuBLAS (s6run4: the weight
-    # tile is unpacked in registers, so its loads are not pipelined like a plain GEMM's), where
-    # dequantise + cuBLAS runs at ~0.9x bf16.
+    # 8-bit activations: tensor-core tiles up to M = 256, dequantise + cuBLAS above; where the
+    # format allows, the cublas8 path replaces both from CUBLAS8_MIN_M rows. At M = 1024 the
+    # 128 x 128 tile this table had there ran 0.17-0.39x bf16 against dequantise + cuBLAS's
+    # 0.42-0.76x in all 16 rows of s8run1 (W4A8, W8A8, 4 shapes; the weight tile is unpacked in
+    # registers, so its loads are not pipelined like a plain GEMM's).
     # K blocks of 64 from M > 64: with 128, the 6-bit planes' unpack buffers overflowed the H200's
     # 227 KiB of shared memory (311-328 KB asked for, measured 2026-11-28).
     "a8": [(2, "gemv", None), (16, "mm", (16, 64, 128, 4, 4)), (64, "mm", (32, 64, 128, 4, 4)),
-           (256, "mm", (64, 128, 64, 4, 3)), (1024, "mm", (128, 128, 64, 8, 3)),
-           (None, "dequant", None)],
+           (256, "mm", (64, 128, 64, 4, 3)), (None, "dequant", None)],
     "a12": [(2, "gemv", None), (16, "mm", (16, 64, 128, 4, 4)), (64, "mm", (32, 64, 128, 4, 4)),
             (256, "mm", (64, 128, 64, 4, 3)), (1024, "mm", (128, 128, 64, 8, 3)),
             (None, "dequant", None)],
 }
 _TABLE_KEY = {"none": "a16", "int8": "a8", "fp8": "a8", "int12": "a12"}
+# From these many rows the cublas8 path (:mod:`qlinear_cublas8`) takes the formats it computes
+# exactly. H200, s8run1, the issue's 4 shapes: at 256 rows fp8 ran 0.048-0.26 ms against the
+# tiles' 0.072-0.56 and dequantise + cuBLAS's 0.054-0.43 (W4A8 g128, per token and per 128
+# channels: 8 of 8 rows faster); int8 (W8A8 per channel) was slower than its tile in 3 of 4
+# shapes at 256 rows and faster than every alternative at 1024 and 4096.
+CUBLAS8_MIN_M = {"fp8": 256, "int8": 257}
 
 
 def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
@@ -857,11 +875,11 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
 
     Interpreter: few programs (each costs ~0.1 s there): 16/32 x 64 x 64 (<= group) tiles, gemv
     for M <= 2, no split. Every K block is at most the weight group and the activation group.
-    CUDA: :data:`CUDA_TABLE` by M; GEMV: :func:`gemv1p_config` for 4- and 2-bit weights and
-    8-bit ones above :data:`GEMV_8BIT_MAX` weights, else 64 columns x 128 (<= groups) K per
+    CUDA: :data:`CUDA_TABLE` by M; GEMV: :func:`gemv1p_config` for 8-, 4- and 2-bit weights,
+    else 64 columns x 128 (<= groups) K per
     step, K split at least 4 ways (:func:`_gemv_split`);
-    mm: split-K (fp32 atomics) when the output tiles cover fewer than twice the SMs; the table's
-    "dequant" rows for quantized activations become "cublas8" (:mod:`qlinear_cublas8`) where
+    mm: split-K (fp32 atomics) when the output tiles cover fewer than twice the SMs; from
+    :data:`CUBLAS8_MIN_M` rows, 8-bit activations take "cublas8" (:mod:`qlinear_cublas8`) where
     that path computes the format exactly on this device.
     Interpreter and CUDA alike send single-plane weights at GEMV sizes to gemv1p.
     """
@@ -882,12 +900,13 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     for max_m, path, tile in CUDA_TABLE[_TABLE_KEY[act]]:
         if max_m is None or M <= max_m:
             break
+    if (M >= CUBLAS8_MIN_M.get(act, 1 << 62)
+            and C8.eligible(N, K, bits, group_size, act, dtype, fp8_supported(device),
+                            act_group_size) is None):
+        return dict(path="cublas8")
     if path == "dequant":
-        if act != "none" and C8.eligible(N, K, bits, group_size, act, dtype, fp8_supported(device),
-                                         act_group_size) is None:
-            return dict(path="cublas8")
         return dict(path="dequant")
-    if path == "gemv" and bits in GEMV1P_BITS and not (bits == 8 and N * K <= GEMV_8BIT_MAX):
+    if path == "gemv" and bits in GEMV1P_BITS:
         return gemv1p_config(M, N, K, group_size, sms=sms, act_group_size=act_group_size)
     if path == "gemv":
         bn, bk = 64, _k_block(group_size, 128, act_group_size)

@@ -166,11 +166,19 @@ def run(codes: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor, scales: to
             y = torch._scaled_mm(codes, w8.t(), scale_a=xs[:, None], scale_b=s,
                                  out_dtype=out_dtype, use_fast_accum=False)
         else:
+            # cuBLAS has no block-scaled algorithm for M = 17 (CUBLAS_STATUS_NOT_SUPPORTED on the
+            # H200, s8run1) where it has one for 1000 and 4096 rows: zero rows pad M to a
+            # multiple of 16 (a copy of the codes, only then).
+            pad = -M % 16
+            if pad:
+                codes = torch.cat([codes, codes.new_zeros((pad, K))])
+                xs = torch.cat([xs, xs.new_ones((pad,) + tuple(xs.shape[1:]))])
             # 1x128 blocks on both sides; the weight's [K / 128, N] scales are the transpose of
             # the N-major [N, K / 128] cuBLAS reads.
             sb = s.expand(K // FP8_GROUP, N).contiguous() if group_size == P.PER_CHANNEL else s
-            y = torch._scaled_mm(codes, w8.t(), scale_a=_block_scales_a(xs, M, K, act_group_size),
-                                 scale_b=sb, out_dtype=out_dtype, use_fast_accum=False)
+            y = torch._scaled_mm(codes, w8.t(),
+                                 scale_a=_block_scales_a(xs, M + pad, K, act_group_size),
+                                 scale_b=sb, out_dtype=out_dtype, use_fast_accum=False)[:M]
         return y.add_(bias) if bias is not None else y
     w8 = unpack_codes_8bit(qweight, zeros, bits, group_size, K, torch.int8)
     acc = torch._int_mm(codes, w8.t())

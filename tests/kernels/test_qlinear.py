@@ -262,9 +262,13 @@ def test_choose_path_table():
     assert Q.choose_path(16, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "mm"
     big = Q.choose_path(4096, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)
     assert big["path"] == "dequant"
-    a8 = Q.choose_path(1024, 4096, 4096, 4, 32, "int8", bf16, cuda, sm_count=132)
+    a8 = Q.choose_path(256, 4096, 4096, 4, 32, "int8", bf16, cuda, sm_count=132)
     assert a8["path"] == "mm" and a8["BLOCK_K"] == 32  # BLOCK_K <= group
-    for act in ("int8", "fp8", "int12"):  # above 1024 rows: dequantise + cuBLAS (measured)
+    # Above 256 rows (8-bit) and 1024 (12-bit): dequantise + cuBLAS where cublas8 does not take
+    # the format (group 32 here).
+    assert Q.choose_path(1024, 4096, 4096, 4, 32, "int8", bf16, cuda, sm_count=132)["path"] == "dequant"
+    assert Q.choose_path(1024, 4096, 4096, 4, 32, "int12", bf16, cuda, sm_count=132)["path"] == "mm"
+    for act in ("int8", "fp8", "int12"):
         assert Q.choose_path(4096, 4096, 4096, 4, 32, act, bf16, cuda, sm_count=132)["path"] == "dequant"
     for m in (1, 3, 16, 17, 64, 200, 256, 1000, 5000):
         for act in Q.ACT_FORMATS:

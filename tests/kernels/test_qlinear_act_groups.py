@@ -126,7 +126,7 @@ def test_k_block_wider_than_the_activation_group_is_refused():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert Q.choose_path(17, 16, 128, 8, -1, "int8", f32, cpu, interpreter=True,
                          act_group_size=32)["BLOCK_K"] == 32
-    for m in (1, 16, 64, 256, 1024):  # (above 1024 rows the table dequantises: no K blocks)
+    for m in (1, 16, 64, 256):  # (above 256 rows: dequantise + cuBLAS, no K blocks)
         for group, ag in ((-1, 32), (128, 64), (32, 128), (-1, 128)):
             cfg = Q.choose_path(m, 4096, 4096, 8, group, "int8", bf16, cuda, sm_count=132,
                                 act_group_size=ag)

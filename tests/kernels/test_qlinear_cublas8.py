@@ -130,8 +130,11 @@ def test_choose_path_takes_cublas8_where_eligible(monkeypatch):
     assert Q.choose_path(4096, 4096, 4096, 4, 128, "fp8", dtype=torch.float16, device=cuda,
                          sm_count=132)["path"] == "dequant"
     assert Q.choose_path(4096, 4096, 4096, 4, 128, "none", **big)["path"] == "dequant"
-    # Where the table keeps the Triton tiles, it still does.
-    assert Q.choose_path(256, 4096, 4096, 4, 128, "fp8", **big)["path"] == "mm"
+    # From CUBLAS8_MIN_M rows: fp8 from 256, int8 above 256; below, the Triton tiles.
+    assert Q.choose_path(256, 4096, 4096, 4, 128, "fp8", **big)["path"] == "cublas8"
+    assert Q.choose_path(255, 4096, 4096, 4, 128, "fp8", **big)["path"] == "mm"
+    assert Q.choose_path(256, 4096, 4096, 8, -1, "int8", **big)["path"] == "mm"
+    assert Q.choose_path(257, 4096, 4096, 8, -1, "int8", **big)["path"] == "cublas8"
     monkeypatch.setattr(Q, "fp8_supported", lambda device: False)
     assert Q.choose_path(4096, 4096, 4096, 4, 128, "fp8", **big)["path"] == "dequant"
 

@@ -138,15 +138,20 @@ def test_gemv1p_dispatch():
         cfg = Q.choose_path(1, 12288, 4096, bits, 32, "none", bf16, cuda, sm_count=132)
         assert cfg["path"] == "gemv1p" and cfg["BLOCK_K"] == 32 and cfg["BLOCK_M"] == 1
         small = Q.choose_path(1, 4096, 4096, bits, 32, "none", bf16, cuda, sm_count=132)
-        # 8-bit weights of up to 4096 x 4096 keep the old GEMV on CUDA (measured faster there).
-        assert small["path"] == ("gemv" if bits == 8 else "gemv1p")
+        assert small["path"] == "gemv1p"  # 8-bit weights too, since s8run1's tuned launch
     for bits in (3, 5, 6, 7):  # several bit planes: the word-per-plane GEMV as before
         assert Q.choose_path(1, 4096, 4096, bits, 128, "none", bf16, cuda,
                              sm_count=132)["path"] == "gemv"
-    # The split covers the SMs 4 times, keeping >= 2 K blocks per split.
-    assert Q.gemv1p_config(1, 4096, 4096, 128, sms=132)["SPLIT_K"] == 16
+    # At least 4 splits, doubled until the grid covers the SMs 3 times, each >= 2 K blocks;
+    # one row: 64 columns and 4 warps (s8run1's sweep).
+    one = Q.gemv1p_config(1, 4096, 4096, 128, sms=132)
+    assert (one["SPLIT_K"], one["BLOCK_N"], one["num_warps"]) == (8, 64, 4)
+    assert Q.gemv1p_config(1, 12288, 4096, 128, sms=132)["SPLIT_K"] == 4
     assert Q.gemv1p_config(1, 28672, 8192, 128, sms=132)["SPLIT_K"] == 4
+    assert Q.gemv1p_config(1, 4096, 256, 128, sms=132)["SPLIT_K"] == 1  # 2 K blocks
     assert Q.gemv1p_config(1, 64, 128, 128, sms=132)["SPLIT_K"] == 1
+    # Two rows: warps double while x's 2 x 128 block has as many elements as the threads.
+    assert Q.gemv1p_config(2, 4096, 4096, 128, sms=132)["num_warps"] == 16
     act_grouped = Q.gemv1p_config(2, 4096, 4096, -1, sms=132, act_group_size=64)
     assert act_grouped["BLOCK_K"] == 64 and act_grouped["BLOCK_M"] == 2
     for base in Q.GEMV1P_SWEEP:  # every sweep entry resolves to a launchable config
