@@ -69,8 +69,9 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   weight's integer codes are unpacked to an 8-bit ``[N, K]`` matrix for the call and cuBLAS's
   block-scaled fp8 GEMM (or its int8 GEMM) multiplies them. s8run1 (H200, M = 4096): W4A8 g128
   1.02-1.23x bf16, W8A8 0.87-1.12x, where dequantise + cuBLAS ran 0.49-0.87x.
-- ``mmT`` (:mod:`q3n_compile.kernels.qlinear_swap`): the tiles with operands swapped, for a few
-  rows of 16-bit activations; not dispatched (never faster than ``mm`` in s8run1's sweep).
+- ``mmT`` (:mod:`q3n_compile.kernels.qlinear_swap`): the tiles with operands swapped, for 3 to
+  16 rows of 16-bit activations (64 columns, 4 warps, K split as the GEMV's): W4A16 g128 at 16
+  rows 1.02-1.22x faster than the ``mm`` tile there (s8run2).
 
 Every K block of the gemv and mm kernels lies in one weight group and one activation group:
 :func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which
@@ -844,8 +845,11 @@ CUDA_TABLE = {
     # dequantise + cuBLAS above, where cuBLAS's GEMM beats a Triton GEMM whose inner loop also
     # unpacks: at M = 256 it took 0.64x (4096 x 4096) and 0.88x (28672 x 8192) of the 64 x 128
     # tile's time, at M = 4096 0.92-0.94x bf16 (s6run6).
-    "a16": [(2, "gemv", None), (16, "mm", (16, 64, 128, 4, 4)), (64, "mm", (32, 64, 128, 4, 4)),
-            (None, "dequant", None)],
+    # From 3 to 16 rows the swapped-operand tile (mmT, K split as the GEMV's): W4A16 g128 at
+    # 16 rows ran 0.0212 / 0.0413 / 0.1418 ms at 4096^2 / 12288 x 4096 / 28672 x 8192 against
+    # the mm tile's 0.0259 / 0.0422 / 0.1581 (s8run2; bf16 0.0188 / 0.0375 / 0.1262).
+    "a16": [(2, "gemv", None), (16, "mmT", (16, 64, 128, 4, 3)),
+            (64, "mm", (32, 64, 128, 4, 4)), (None, "dequant", None)],
     # 8-bit activations: tensor-core tiles up to M = 256, dequantise + cuBLAS above; where the
     # format allows, the cublas8 path replaces both from CUBLAS8_MIN_M rows. At M = 1024 the
     # 128 x 128 tile this table had there ran 0.17-0.39x bf16 against dequantise + cuBLAS's
@@ -915,8 +919,9 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
                     num_stages=2)
     bm, bn, bk, warps, stages = tile
     bk = _k_block(group_size, bk, act_group_size)
-    split = _split(triton.cdiv(M, bm) * triton.cdiv(N, bn), k_pad, bk, sms)
-    return dict(path="mm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
+    n_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    split = (_gemv_split if path == "mmT" else _split)(n_tiles, k_pad, bk, sms)
+    return dict(path=path, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
                 num_stages=stages)
 
 

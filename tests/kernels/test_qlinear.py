@@ -259,7 +259,10 @@ def test_choose_path_table():
     assert wide["SPLIT_K"] == 4  # not 1, though 448 column blocks cover the SMs
     short = Q.choose_path(1, 64, 128, 6, 32, "none", bf16, cuda, sm_count=132)
     assert short["SPLIT_K"] == 2  # 4 K blocks: each split keeps 2
-    assert Q.choose_path(16, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "mm"
+    m16 = Q.choose_path(16, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)
+    assert m16["path"] == "mmT" and m16["SPLIT_K"] == 8  # swapped tiles, K split as the GEMV's
+    assert Q.choose_path(17, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "mm"
+    assert Q.choose_path(16, 4096, 4096, 4, 128, "int8", bf16, cuda, sm_count=132)["path"] == "mm"
     big = Q.choose_path(4096, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)
     assert big["path"] == "dequant"
     a8 = Q.choose_path(256, 4096, 4096, 4, 32, "int8", bf16, cuda, sm_count=132)
@@ -273,7 +276,7 @@ def test_choose_path_table():
     for m in (1, 3, 16, 17, 64, 200, 256, 1000, 5000):
         for act in Q.ACT_FORMATS:
             cfg = Q.choose_path(m, 12288, 4096, 6, 64, act, bf16, cuda, sm_count=132)
-            assert cfg["path"] in ("gemv", "gemv1p", "mm", "dequant")
+            assert cfg["path"] in ("gemv", "gemv1p", "mm", "mmT", "dequant", "cublas8")
             if cfg["path"] != "dequant":
                 assert cfg["BLOCK_K"] <= 64
 

@@ -73,7 +73,7 @@ def test_mmT_refuses_quantized_activations():
                   interpreter=True, path=cfg)
 
 
-GPU_TILES = [dict(path="mmT", BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, num_warps=4,
+GPU_TILES = [dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4,
                   num_stages=3),
              dict(path="mmT", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8,
                   num_stages=3)]
