@@ -70,8 +70,9 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   block-scaled fp8 GEMM (or its int8 GEMM) multiplies them. s8run1 (H200, M = 4096): W4A8 g128
   1.02-1.23x bf16, W8A8 0.87-1.12x, where dequantise + cuBLAS ran 0.49-0.87x.
 - ``mmT`` (:mod:`q3n_compile.kernels.qlinear_swap`): the tiles with operands swapped, for 3 to
-  16 rows of 16-bit activations (64 columns, 4 warps, K split as the GEMV's): W4A16 g128 at 16
-  rows 1.02-1.22x faster than the ``mm`` tile there (s8run2).
+  16 rows of 16-bit activations and weights narrower than 8 bits (64 columns, 4 warps, K split
+  as the GEMV's): W4A16 g128 at 16 rows 1.02-1.22x faster than the ``mm`` tile there (s8run2);
+  8-bit weights were faster on the ``mm`` tile (s8run3).
 
 Every K block of the gemv and mm kernels lies in one weight group and one activation group:
 :func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which
@@ -845,7 +846,8 @@ CUDA_TABLE = {
     # dequantise + cuBLAS above, where cuBLAS's GEMM beats a Triton GEMM whose inner loop also
     # unpacks: at M = 256 it took 0.64x (4096 x 4096) and 0.88x (28672 x 8192) of the 64 x 128
     # tile's time, at M = 4096 0.92-0.94x bf16 (s6run6).
-    # From 3 to 16 rows the swapped-operand tile (mmT, K split as the GEMV's): W4A16 g128 at
+    # From 3 to 16 rows the swapped-operand tile (mmT, K split as the GEMV's; 8-bit weights
+    # keep the mm tile, see choose_path): W4A16 g128 at
     # 16 rows ran 0.0212 / 0.0413 / 0.1418 ms at 4096^2 / 12288 x 4096 / 28672 x 8192 against
     # the mm tile's 0.0259 / 0.0422 / 0.1581 (s8run2; bf16 0.0188 / 0.0375 / 0.1262).
     "a16": [(2, "gemv", None), (16, "mmT", (16, 64, 128, 4, 3)),
@@ -917,6 +919,10 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
         split = _gemv_split(M * triton.cdiv(N, bn), k_pad, bk, sms)
         return dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4,
                     num_stages=2)
+    if path == "mmT" and bits == 8:
+        # 8-bit weights at 16 rows: the mm tile ran 0.0204 / 0.1226 ms at 4096^2 / 28672 x 8192,
+        # ahead of every mmT tile swept (s8run3).
+        path, tile = "mm", (16, 64, 128, 4, 4)
     bm, bn, bk, warps, stages = tile
     bk = _k_block(group_size, bk, act_group_size)
     n_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
