@@ -2,7 +2,8 @@
 the dispatched path, bf16 F.linear (cuBLAS) and torch's int4 kernel, with gemv1p's config sweep.
 
 Shapes: M in {1, 16} x (N, K) in {(4096, 4096), (28672, 8192), (12288, 4096)}. Formats: W4A16
-g128 with zero points (the issue's) and W8A16 per channel, symmetric (``--formats``). Rows:
+g128 with zero points (the issue's), W8A16 per channel, symmetric, and W6A16 g128 with zero points
+(two bit planes; ``--formats``). Rows:
 - ``bf16`` (F.linear) and ``int4_torch`` (aten._weight_int4pack_mm, group 128; see
   bench_qlinear.py) on the same bf16 activations;
 - per format: ``dispatch`` (what torch.ops.q3n.qlinear runs: gemv1p at M = 1, the mm tile at
@@ -48,7 +49,8 @@ from q3n_compile.kernels import qlinear as Q  # noqa: E402
 MS = (1, 16)
 NKS = ((4096, 4096), (28672, 8192), (12288, 4096))
 # name -> (bits, group, symmetric)
-FORMATS = {"w4a16_g128": (4, 128, False), "w8a16_pc": (8, -1, True)}
+FORMATS = {"w4a16_g128": (4, 128, False), "w8a16_pc": (8, -1, True),
+           "w6a16_g128": (6, 128, False)}
 TOL = BQ.TOL
 CPU_CHECK = False  # --cpu-check: interpreter launches, no timing
 

@@ -42,8 +42,8 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   (float32 atomics) at least 4 ways (:func:`_gemv_split`), which kept more loads in flight
   than splitting only to fill the GPU.
   Every path loads each packed int32 word once and splits it by shifts in registers.
-- ``gemv1p``: the GEMV for weights of one bit plane (8, 4 and 2 bits), which takes the place of
-  ``gemv`` for them (:func:`qlinear_gemv1p_kernel`): 16-byte word loads, codes unpacked in the
+- ``gemv1p``: the GEMV for weights of one bit plane (8, 4 and 2 bits) and for 6-bit weights
+  (a 4-bit and a 2-bit plane), which takes the place of ``gemv`` for them (:func:`qlinear_gemv1p_kernel`): 16-byte word loads, codes unpacked in the
   thread that loaded them with no reshape and no int->float conversion (one integer op and one
   FMA per code), group scales and zero points applied once per word, BLOCK_M rows of x per
   program, and split-K in one launch (a ticket per output tile: the last split sums the
@@ -59,10 +59,10 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   scales are applied to each K block's partial product — the weights' group scale and, with
   ``act_group_size``, the rows' activation scales of that block's group; optional split-K.
 - ``dequant``: dequantise the whole weight to x's dtype and call cuBLAS (``torch.mm``): for the
-  M where that is faster than the fused kernel (above 64 rows for 16-bit activations, above
-  256 for 8-bit ones and 1024 for 12-bit ones, as measured on the H200). Quantized
-  activations are quantized and dequantised first (with their groups' scales), so the function
-  computed is the same.
+  M where that is faster than the fused kernel (above 64 rows for 16-bit and 12-bit
+  activations, above 256 for 8-bit ones, as measured on the H200). Quantized activations are
+  quantized and dequantised first, in one pass over x (with their groups' scales), so the
+  function computed is the same.
 - ``cublas8`` (:mod:`q3n_compile.kernels.qlinear_cublas8`): for 8-bit activations from
   :data:`CUBLAS8_MIN_M` rows, where the format allows (fp8 with weights of <= 4 bits and scales
   per 128 channels or per channel; int8 with per-channel weights and per-token scales): the
@@ -362,7 +362,8 @@ def qlinear_gemv_kernel(
         tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=n_ok)
 
 
-# The single-plane GEMV (``gemv1p``): formats whose codes sit in one bit plane (bits 8, 4, 2).
+# The single-plane GEMV (``gemv1p``): formats whose codes sit in one bit plane (bits 8, 4, 2),
+# and 6-bit codes (a 4-bit plane and a 2-bit plane).
 # _MAGIC is the bit pattern of 2^23 as float32: OR-ing an integer v < 2^23 into its mantissa
 # gives the float 2^23 + v exactly, which turns a code into a float with one integer op and
 # no int->float conversion (I2F issues at 16 per clock per SM on sm_90 against 128 FP32 FMAs).
@@ -385,9 +386,26 @@ def _gemv1p_words(QW, k, k_end, r4, n4, n_ok4, rows_total, N, PER: tl.constexpr,
 
 
 @triton.jit
+def _gemv1p_words2(QW, k, k_end, ROW2, r4, n4, n_ok4, rows2_total, N, BLOCK_K: tl.constexpr,
+                   EVEN: tl.constexpr):
+    """6-bit weights' 2-bit plane for the K block at k, in the 4-bit plane's word layout
+    [1, 1, WORDS, BLOCK_N]: 4-bit word r (channels 8r .. 8r + 7 of the block) pairs with half
+    r % 2 of 2-bit word r // 2 (loaded once per pair of words; the second load of a word hits
+    the same line). Out-of-split blocks as :func:`_gemv1p_words`."""
+    if EVEN:
+        rows = tl.minimum(k, k_end - BLOCK_K) // 16 + r4 // 2
+        w = tl.load(QW + (ROW2 + rows) * N + n4)
+    else:
+        rows = k // 16 + r4 // 2
+        w = tl.load(QW + (ROW2 + rows) * N + n4, mask=(rows < rows2_total) & (k < k_end) & n_ok4,
+                    other=0)
+    return w
+
+
+@triton.jit
 def qlinear_gemv1p_kernel(
     X, XS, QW, S, Z, BIAS, Y, WS, CNT,
-    M, N, K, K_PAD, K_PER_SPLIT,
+    M, N, K, K_PAD, K_PER_SPLIT, ROW2,
     stride_xm, stride_xk, stride_ym, stride_yn,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ACT: tl.constexpr,
     ACT_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
@@ -396,7 +414,9 @@ def qlinear_gemv1p_kernel(
 ):
     """One program computes a [BLOCK_M, BLOCK_N] tile of Y (BLOCK_M rows of x, few) over one
     split of K, on CUDA cores, for weights of one bit plane (BITS 8, 4 or 2: PER = 32 / BITS
-    codes per int32 word).
+    codes per int32 word) or of two (BITS 6: the 4-bit plane laid out as 4-bit weights, PER = 8,
+    and the 2-bit plane, at row ROW2 of QW, read in the same layout by :func:`_gemv1p_words2`:
+    a 16-bit half of a 2-bit word holds the high bits of one 4-bit word's 8 codes).
 
     Layout: the K block's packed words are loaded as one [WORDS, BLOCK_N] tile (WORDS =
     BLOCK_K / PER; N contiguous, so a thread's 4 neighbouring columns are one 16-byte load) and
@@ -412,7 +432,10 @@ def qlinear_gemv1p_kernel(
     (q * 2^p < 2^16); d = fma(f, 2^-p, -(2^(23-p) + z0)) = q - z0 exactly (every intermediate is
     an integer below 2^24), z0 = 2^(BITS-1) when symmetric, else 0 and z is subtracted once per
     word: sum_j a_j (q_j - z) = sum_j a_j q_j - z * sum_j a_j. The shifts, masks and 2^-p are
-    compile-time per register because the position dimension lies in one thread.
+    compile-time per register because the position dimension lies in one thread. 6-bit: the
+    4-bit plane's d as above (with z0 = 32), the 2-bit field of position j (bits 2j of the
+    word's half, a shift per word) turned into its value q2 the same way, and d = fma(q2, 16, d):
+    three more operations per code, all exact.
 
     Layout (Triton 3.6, sm_90, checked with bench/compile_qlinear_sm90.py --gemv1p): the words'
     load is LDG.128 and the inner loop has no shared-memory layout conversion when BLOCK_M *
@@ -451,7 +474,9 @@ def qlinear_gemv1p_kernel(
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
-    PER: tl.constexpr = 32 // BITS
+    TWO_PLANES: tl.constexpr = BITS == 6
+    PB: tl.constexpr = 4 if TWO_PLANES else BITS  # the (first) plane's width
+    PER: tl.constexpr = 32 // PB
     HALF_PER: tl.constexpr = PER // 2
     WORDS: tl.constexpr = BLOCK_K // PER
     PER_CHANNEL: tl.constexpr = GROUP == 0
@@ -474,9 +499,9 @@ def qlinear_gemv1p_kernel(
     # -(2^(23-p) + z0), z0 = 2^(BITS-1) when symmetric (q - z0 in one FMA), else 0 (q; z is
     # subtracted per word below).
     j = tl.arange(0, PER)
-    pos = (j % HALF_PER) * BITS
+    pos = (j % HALF_PER) * PB
     shift4 = ((j // HALF_PER) * 16)[:, None, None, None]
-    field4 = (((1 << BITS) - 1) << pos)[:, None, None, None]
+    field4 = (((1 << PB) - 1) << pos)[:, None, None, None]
     inv4 = ((127 - pos) << 23).to(tl.float32, bitcast=True)[:, None, None, None]
     big = ((127 + 23 - pos) << 23).to(tl.float32, bitcast=True)
     if SYM:
@@ -498,6 +523,14 @@ def qlinear_gemv1p_kernel(
     # EVEN (N, K and M multiples of the blocks): no masks in the loop.
     r4 = tl.arange(0, WORDS)[None, None, :, None]
     n4 = offs_n[None, None, None, :]
+    if TWO_PLANES:
+        # Position j's 2-bit field sits at bit 2j of half r % 2 of its 2-bit word.
+        pos2 = j * 2
+        half2 = (r4 % 2) * 16
+        field2 = (3 << pos2)[:, None, None, None]
+        inv2 = ((127 - pos2) << 23).to(tl.float32, bitcast=True)[:, None, None, None]
+        negc2 = -(((127 + 23 - pos2) << 23).to(tl.float32, bitcast=True))[:, None, None, None]
+        rows2_total = K_PAD // 16
     n_ok4 = n_ok[None, None, None, :]
     x_rows = X + offs_m[None, :, None] * stride_xm
     m_ok3 = m_ok[None, :, None]
@@ -506,9 +539,15 @@ def qlinear_gemv1p_kernel(
     if PREFETCH >= 1:
         w_next = _gemv1p_words(QW, k_start, k_end, r4, n4, n_ok4, rows_total, N, PER, BLOCK_K,
                                EVEN)
+        if TWO_PLANES:
+            v_next = _gemv1p_words2(QW, k_start, k_end, ROW2, r4, n4, n_ok4, rows2_total, N,
+                                    BLOCK_K, EVEN)
     if PREFETCH == 2:
         w_next2 = _gemv1p_words(QW, k_start + BLOCK_K, k_end, r4, n4, n_ok4, rows_total, N, PER,
                                 BLOCK_K, EVEN)
+        if TWO_PLANES:
+            v_next2 = _gemv1p_words2(QW, k_start + BLOCK_K, k_end, ROW2, r4, n4, n_ok4,
+                                     rows2_total, N, BLOCK_K, EVEN)
     for k0 in range(k_start, k_end, BLOCK_K):
         # x, the scales and the zero points are loaded before the words, and the words' load is
         # the block's last: Triton's layout propagation (RemoveLayoutConversions, sm_90 compile
@@ -538,13 +577,21 @@ def qlinear_gemv1p_kernel(
                           other=0.0)[:, None, None]
         if PREFETCH >= 1:
             w = w_next
+            if TWO_PLANES:
+                v = v_next
         else:
             w = _gemv1p_words(QW, k0, k_end, r4, n4, n_ok4, rows_total, N, PER, BLOCK_K, EVEN)
+            if TWO_PLANES:
+                v = _gemv1p_words2(QW, k0, k_end, ROW2, r4, n4, n_ok4, rows2_total, N, BLOCK_K,
+                                   EVEN)
         # ((half | MAGIC) & (field | MAGIC)) = MAGIC | (half & field): the first OR is per half
         # word (computed once for all its positions), the AND is one LOP3 per code with one
         # immediate operand; written as (half & field) | MAGIC, ptxas emitted two per code.
         f = (((w >> shift4) & 0xFFFF) | _MAGIC) & (field4 | _MAGIC)
         d = tl.fma(f.to(tl.float32, bitcast=True), inv4, negc4)  # q - z0, [PER, 1, WORDS, BLOCK_N]
+        if TWO_PLANES:
+            f2 = (((v >> half2) & 0xFFFF) | _MAGIC) & (field2 | _MAGIC)
+            d = tl.fma(tl.fma(f2.to(tl.float32, bitcast=True), inv2, negc2), 16.0, d)
         part = tl.sum(a * d, axis=0)  # [BLOCK_M, WORDS, BLOCK_N]
         if not SYM:
             part -= tl.sum(a, axis=0) * z3  # one FMA per word: sum_j a * (q - z)
@@ -560,10 +607,17 @@ def qlinear_gemv1p_kernel(
         if PREFETCH == 1:
             w_next = _gemv1p_words(QW, k0 + BLOCK_K, k_end, r4, n4, n_ok4, rows_total, N, PER,
                                    BLOCK_K, EVEN)
+            if TWO_PLANES:
+                v_next = _gemv1p_words2(QW, k0 + BLOCK_K, k_end, ROW2, r4, n4, n_ok4,
+                                        rows2_total, N, BLOCK_K, EVEN)
         elif PREFETCH == 2:
             w_next = w_next2
             w_next2 = _gemv1p_words(QW, k0 + 2 * BLOCK_K, k_end, r4, n4, n_ok4, rows_total, N,
                                     PER, BLOCK_K, EVEN)
+            if TWO_PLANES:
+                v_next = v_next2
+                v_next2 = _gemv1p_words2(QW, k0 + 2 * BLOCK_K, k_end, ROW2, r4, n4, n_ok4,
+                                         rows2_total, N, BLOCK_K, EVEN)
     if PER_CHANNEL:
         acc = acc * s3
     y = tl.sum(acc, axis=1)  # [BLOCK_M, BLOCK_N]
@@ -640,7 +694,8 @@ def _store_group_scales(XS, scale, offs_m, m_ok, k0, K, BLOCK_K: tl.constexpr,
 @triton.jit
 def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
                      QMAX: tl.constexpr, FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACT_GROUP: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACT_GROUP: tl.constexpr,
+                     DEQUANT: tl.constexpr = False):
     """Dynamic activation quantization: one program per BLOCK_M rows of x.
 
     Math (fp32): x' = x (* smooth); s = max|x'| / QMAX over the row (ACT_GROUP = 0: per token)
@@ -649,7 +704,8 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
     integer formats: c = clamp(rint(v), -QMAX, QMAX); FP8: c = v rounded to the nearest float8
     e4m3 value (ties to even; |v| <= 448 = QMAX by construction), computed exactly in fp32 from
     v's exponent so that every backend rounds alike. Writes c (in C's dtype, which holds it
-    exactly) and s (XS [M] per token; [M, ceil(K / ACT_GROUP)] per group).
+    exactly) and s (XS [M] per token; [M, ceil(K / ACT_GROUP)] per group). DEQUANT writes
+    c * s (fp32, rounded once to C's dtype: the dequantise path's activations) instead of c.
     Traffic: per token, reads the rows twice (the second time mostly from L1/L2); per group
     (BLOCK_K a multiple of ACT_GROUP: a tile holds whole groups), once; writes the codes once
     and 4 bytes per scale.
@@ -666,6 +722,10 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
             if HAS_SMOOTH:
                 x = x * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
             c, scale = _group_codes(x, QMAX, FP8, BLOCK_M, BLOCK_K, ACT_GROUP)
+            if DEQUANT:
+                NG: tl.constexpr = BLOCK_K // ACT_GROUP
+                c = tl.reshape(tl.reshape(c, (BLOCK_M, NG, ACT_GROUP)) * scale[:, :, None],
+                               (BLOCK_M, BLOCK_K))
             tl.store(C + offs_m[:, None] * stride_cm + offs[None, :], c.to(C.dtype.element_ty),
                      mask=mask)
             _store_group_scales(XS, scale, offs_m, m_ok, k0, K, BLOCK_K, ACT_GROUP)
@@ -689,6 +749,8 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
             if HAS_SMOOTH:
                 x = x * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
             c = _act_code(x / scale[:, None], QMAX, FP8)
+            if DEQUANT:
+                c = c * scale[:, None]
             tl.store(C + offs_m[:, None] * stride_cm + offs[None, :], c.to(C.dtype.element_ty),
                      mask=mask)
         tl.store(XS + offs_m, scale, mask=m_ok)
@@ -781,7 +843,7 @@ def _gemv_split(n_tiles: int, k_pad: int, block_k: int, sms: int) -> int:
 # Tiles: the sm_90 compile (bench/compile_qlinear_sm90.py) shows no shared-memory conversion in
 # the inner loop for these at BLOCK_M = 1 (BLOCK_M * BLOCK_K < 32 * num_warps; BLOCK_N < 32 *
 # num_warps), except the one 4-warp 128 x 128 entry, kept to measure what the conversions cost.
-GEMV1P_BITS = (2, 4, 8)
+GEMV1P_BITS = (2, 4, 6, 8)
 GEMV1P_DEFAULT = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1, PREFETCH=1,
                       SPLIT_K="auto", REDUCE="ticket")
 GEMV1P_SWEEP = [
@@ -861,8 +923,10 @@ CUDA_TABLE = {
     # 227 KiB of shared memory (311-328 KB asked for, measured 2026-11-28).
     "a8": [(2, "gemv", None), (16, "mm", (16, 64, 128, 4, 4)), (64, "mm", (32, 64, 128, 4, 4)),
            (256, "mm", (64, 128, 64, 4, 3)), (None, "dequant", None)],
+    # 12-bit activations (fp16 products): dequantise + cuBLAS from 65 rows. At 256 rows it ran
+    # 0.056 / 0.121 / 0.139 / 0.476 ms against the 64 x 128 tile's 0.095 / 0.214 / 0.213 / 0.830
+    # (W6A12 g128, 4096^2, 12288 x 4096, 4096 x 12288, 28672 x 8192; s8run3).
     "a12": [(2, "gemv", None), (16, "mm", (16, 64, 128, 4, 4)), (64, "mm", (32, 64, 128, 4, 4)),
-            (256, "mm", (64, 128, 64, 4, 3)), (1024, "mm", (128, 128, 64, 8, 3)),
             (None, "dequant", None)],
 }
 _TABLE_KEY = {"none": "a16", "int8": "a8", "fp8": "a8", "int12": "a12"}
@@ -948,12 +1012,14 @@ def _act_scales_empty(M, K: int, act_group_size: int, device) -> torch.Tensor:
 
 
 def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torch.Tensor],
-                                interpreter: bool, act_group_size: int = PER_TOKEN
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
+                                interpreter: bool, act_group_size: int = PER_TOKEN,
+                                dequant: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes [M, K], scales fp32 [M] per token or [M, ceil(K / group)]) by
-    :func:`act_quant_kernel`."""
+    :func:`act_quant_kernel`; `dequant`: the dequantised activations ``c * s`` in x's dtype in
+    place of the codes (the dequant path's input, in one pass over x)."""
     M, K = x.shape
-    codes = torch.empty((M, K), dtype=_act_codes_dtype(act, x.device, interpreter), device=x.device)
+    codes_dtype = x.dtype if dequant else _act_codes_dtype(act, x.device, interpreter)
+    codes = torch.empty((M, K), dtype=codes_dtype, device=x.device)
     scales = _act_scales_empty(M, K, act_group_size, x.device)
     if M == 0:
         return codes, scales
@@ -967,7 +1033,8 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
         x, smooth if smooth is not None else scales, codes, scales, M, K,
         x.stride(0), x.stride(1), codes.stride(0),
         QMAX=ACT_QMAX[act], FP8=act == "fp8", HAS_SMOOTH=smooth is not None,
-        BLOCK_M=block_m, BLOCK_K=max(block_k, act_group), ACT_GROUP=act_group, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_K=max(block_k, act_group), ACT_GROUP=act_group, DEQUANT=dequant,
+        num_warps=warps,
     )
     return codes, scales
 
@@ -1030,6 +1097,12 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
             return torch.addmm(bias, x, wt) if bias is not None else torch.mm(x, wt)
         return _gemm(x, x, None, x.dtype, qweight, scales, zeros, bias, bits, group_size, act,
                      cfg, interpreter, act_group_size)
+    if cfg["path"] == "dequant":
+        # Quantise and dequantise x in one pass (not codes, then three torch passes over them).
+        a, _ = quantize_activations_triton(x, act, smooth, interpreter, act_group_size,
+                                           dequant=True)
+        wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype, interpreter)
+        return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
     codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size)
     return _gemm_codes(codes, xs, x.dtype, qweight, scales, zeros, bias, bits, group_size, act,
                        cfg, interpreter, act_group_size)
@@ -1102,6 +1175,7 @@ def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, 
     qlinear_gemv1p_kernel[(n_tiles, split, m_tiles)](
         a, xs, qweight, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, y, ws, cnt, M, N, K, k_pad, k_per_split,
+        P.plane_rows(flags["BITS"], K).get(2, (0, 0))[0] if flags["BITS"] == 6 else 0,
         a.stride(0), a.stride(1), y.stride(0), y.stride(1), **flags, REDUCE=mode,
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         PREFETCH=int(cfg.get("PREFETCH", 1)),
@@ -1135,7 +1209,7 @@ def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, gro
     act_group = 0 if act_group_size == PER_TOKEN else act_group_size
     if cfg["path"] == "gemv1p" and bits not in GEMV1P_BITS:
         raise ValueError(f"q3n::qlinear: the gemv1p path takes {GEMV1P_BITS}-bit weights "
-                         f"(one bit plane), not {bits}")
+                         f"(one bit plane, or 6 = 4 + 2), not {bits}")
     if cfg["path"] == "gemv1p" and (block_k < 32 or block_k & (block_k - 1)):
         raise ValueError(f"q3n::qlinear: gemv1p's BLOCK_K {block_k} is not a power of two >= 32")
     if group and group % block_k:  # only a forced `path` can get here

@@ -190,6 +190,22 @@ def test_activation_quantizer_matches_reference_exactly(act):
     assert scales[4] == 1 and codes[4].abs().max() == 0
 
 
+@pytest.mark.parametrize("act", ["int8", "fp8", "int12"])
+@pytest.mark.parametrize("ag", [Q.PER_TOKEN, 32, 128])
+@pytest.mark.parametrize("dtype", [f16, f32])
+def test_fused_dequantised_activations_are_codes_times_scales(act, ag, dtype):
+    # The dequant path's one-pass activations (dequant=True) are c * s rounded once to x's dtype:
+    # what the codes and scales give (the interpreter truncates fp32 -> bf16 instead of
+    # rounding, so bf16 is checked on the GPU).
+    gen = _gen(f"fq{act}{ag}{dtype}")
+    x = (torch.randn(9, 200, generator=gen) * torch.logspace(-2, 1, 200)).to(dtype)
+    smooth = torch.rand(200, generator=gen) + 0.5
+    codes, scales = Q.quantize_activations_triton(x, act, smooth, True, ag)
+    a, scales2 = Q.quantize_activations_triton(x, act, smooth, True, ag, dequant=True)
+    assert a.dtype == dtype and torch.equal(scales, scales2)
+    assert torch.equal(a, Q._dequantize_codes(codes, scales, ag, dtype))
+
+
 def test_rounding_is_half_to_even():
     x = torch.tensor([[127.0, 0.5, 1.5, -2.5, 3.49]])
     codes, scales = Q.quantize_activations_triton(x, "int8", None, interpreter=True)
@@ -245,19 +261,20 @@ def test_fake_with_symbolic_rows_and_opcheck(K, group, ag):
 def test_choose_path_table():
     cpu = torch.device("cpu")
     cuda = torch.device("cuda", 0)
-    # Single-plane weights (8, 4, 2 bits) take the gemv1p path (tests/kernels/test_qlinear_gemv1p.py);
+    # 8-, 6-, 4- and 2-bit weights take the gemv1p path (tests/kernels/test_qlinear_gemv1p.py);
     # the word-per-plane GEMV and its split rule are those of the other widths.
     assert Q.choose_path(1, 4096, 4096, 4, 128, "none", bf16, cpu, interpreter=True)["path"] == "gemv1p"
-    assert Q.choose_path(1, 4096, 4096, 6, 128, "none", bf16, cpu, interpreter=True)["path"] == "gemv"
+    assert Q.choose_path(1, 4096, 4096, 6, 128, "none", bf16, cpu, interpreter=True)["path"] == "gemv1p"
+    assert Q.choose_path(1, 4096, 4096, 5, 128, "none", bf16, cpu, interpreter=True)["path"] == "gemv"
     assert Q.choose_path(33, 64, 64, 4, 32, "none", f32, cpu, interpreter=True)["BLOCK_K"] == 32
     assert Q.choose_path(1, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "gemv1p"
-    one = Q.choose_path(1, 4096, 4096, 6, 128, "none", bf16, cuda, sm_count=132)
+    one = Q.choose_path(1, 4096, 4096, 5, 128, "none", bf16, cuda, sm_count=132)
     assert one["path"] == "gemv" and one["SPLIT_K"] == 8  # 64 column blocks: cover the SMs
-    mid = Q.choose_path(1, 12288, 4096, 6, 128, "none", bf16, cuda, sm_count=132)
+    mid = Q.choose_path(1, 12288, 4096, 7, 128, "none", bf16, cuda, sm_count=132)
     assert mid["SPLIT_K"] == 4  # at least 4, though 2 would cover the SMs
-    wide = Q.choose_path(1, 28672, 8192, 6, 128, "none", bf16, cuda, sm_count=132)
+    wide = Q.choose_path(1, 28672, 8192, 3, 128, "none", bf16, cuda, sm_count=132)
     assert wide["SPLIT_K"] == 4  # not 1, though 448 column blocks cover the SMs
-    short = Q.choose_path(1, 64, 128, 6, 32, "none", bf16, cuda, sm_count=132)
+    short = Q.choose_path(1, 64, 128, 5, 32, "none", bf16, cuda, sm_count=132)
     assert short["SPLIT_K"] == 2  # 4 K blocks: each split keeps 2
     m16 = Q.choose_path(16, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)
     assert m16["path"] == "mmT" and m16["SPLIT_K"] == 8  # swapped tiles, K split as the GEMV's
@@ -268,10 +285,11 @@ def test_choose_path_table():
     assert big["path"] == "dequant"
     a8 = Q.choose_path(256, 4096, 4096, 4, 32, "int8", bf16, cuda, sm_count=132)
     assert a8["path"] == "mm" and a8["BLOCK_K"] == 32  # BLOCK_K <= group
-    # Above 256 rows (8-bit) and 1024 (12-bit): dequantise + cuBLAS where cublas8 does not take
+    # Above 256 rows (8-bit) and 64 (12-bit): dequantise + cuBLAS where cublas8 does not take
     # the format (group 32 here).
     assert Q.choose_path(1024, 4096, 4096, 4, 32, "int8", bf16, cuda, sm_count=132)["path"] == "dequant"
-    assert Q.choose_path(1024, 4096, 4096, 4, 32, "int12", bf16, cuda, sm_count=132)["path"] == "mm"
+    assert Q.choose_path(65, 4096, 4096, 6, 128, "int12", bf16, cuda, sm_count=132)["path"] == "dequant"
+    assert Q.choose_path(64, 4096, 4096, 6, 128, "int12", bf16, cuda, sm_count=132)["path"] == "mm"
     for act in ("int8", "fp8", "int12"):
         assert Q.choose_path(4096, 4096, 4096, 4, 32, act, bf16, cuda, sm_count=132)["path"] == "dequant"
     for m in (1, 3, 16, 17, 64, 200, 256, 1000, 5000):
@@ -345,6 +363,18 @@ def test_gpu_every_path(path, act):
     pw = _packed(gen, N, K, 4, 128, False, device="cuda")
     x = torch.randn(M, K, generator=gen).to(f16).cuda()
     _check(x, pw, None, act=act, path=path)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("act", ["int8", "fp8", "int12"])
+@pytest.mark.parametrize("ag", [Q.PER_TOKEN, 128])
+def test_gpu_fused_dequantised_activations(act, ag):
+    gen = _gen(f"gpufq{act}{ag}")
+    x = (torch.randn(300, 4096, generator=gen) * 3).to(bf16).cuda()
+    codes, scales = Q.quantize_activations_triton(x, act, None, False, ag)
+    a, _ = Q.quantize_activations_triton(x, act, None, False, ag, dequant=True)
+    assert torch.equal(a, Q._dequantize_codes(codes, scales, ag, bf16))
 
 
 @pytest.mark.gpu

@@ -1,4 +1,5 @@
-"""The single-plane GEMV (q3n::qlinear's ``gemv1p`` path: 8-, 4- and 2-bit weights, M <= 16)
+"""The single-plane GEMV (q3n::qlinear's ``gemv1p`` path: 8-, 4- and 2-bit weights, and 6-bit
+ones as a 4-bit and a 2-bit plane; M <= 16)
 against the float64 dequantised reference (CPU lane: Triton interpreter; GPU: -m gpu)."""
 
 import pytest
@@ -25,6 +26,7 @@ WEIGHTS = [
     (4, 128, False, 384), (4, 64, True, 192), (4, 32, False, 96), (4, -1, True, 83),
     (4, -1, False, 147), (8, 128, True, 384), (8, -1, True, 83), (8, 32, True, 96),
     (2, 64, False, 192), (2, -1, True, 83),
+    (6, 128, False, 384), (6, 32, True, 96), (6, -1, False, 83), (6, 64, True, 192),
 ]
 # (M, x dtype, split, reduce, BLOCK_M, prefetch) cycled over the weights: M in {1, 3, 16}, row
 # blocks smaller than M (rows masked), one launch split-K and atomics, prefetch depths 0-2.
@@ -60,6 +62,7 @@ def test_gemv1p_16bit_activations(bits, group, sym, K, M, dtype, split, reduce, 
     (4, 128, False, "int8", Q.PER_TOKEN, 1), (8, -1, True, "int8", Q.PER_TOKEN, 3),
     (4, 32, True, "fp8", Q.PER_TOKEN, 16), (8, 64, False, "int12", Q.PER_TOKEN, 1),
     (4, 128, False, "int8", 32, 3), (8, -1, True, "int8", 64, 1), (2, 64, True, "fp8", 128, 1),
+    (6, 128, False, "int12", Q.PER_TOKEN, 1), (6, 64, True, "int8", 64, 3),
 ])
 def test_gemv1p_quantized_activations(bits, group, sym, act, ag, M):
     gen = _gen(f"g1pq{bits}{group}{act}{ag}{M}")
@@ -75,7 +78,7 @@ def test_gemv1p_block_k_128_and_wide_columns():
     # The GPU default's shape of block (128 channels, 8/16/32 words per block) on one K block
     # and on several, with every column block partial but the first.
     gen = _gen("g1pwide")
-    for bits in (4, 8, 2):
+    for bits in (4, 8, 2, 6):
         pw = _packed(gen, 150, 256, bits, 128, bits == 8)
         x = torch.randn(1, 256, generator=gen).to(bf16)
         _check(x, pw, path=_path(1, 128, block_n=128, block_k=128, split=2))
@@ -88,7 +91,7 @@ def test_gemv1p_even_sizes(M, block_m, split, prefetch):
     # last iteration of each split reloads its own block (the last split's ends at the weight's
     # last row). split 3 of 8 K blocks: uneven splits; 16: half the splits have no K block.
     gen = _gen(f"g1peven{M}{split}")
-    for bits, group, sym in ((4, 64, False), (8, -1, True), (2, 32, True)):
+    for bits, group, sym in ((4, 64, False), (8, -1, True), (2, 32, True), (6, 32, False)):
         pw = _packed(gen, 128, 512, bits, group, sym)
         x = torch.randn(M, 512, generator=gen).to(bf16)
         _check(x, pw, torch.randn(128, generator=gen).to(bf16),
@@ -119,10 +122,10 @@ def test_gemv1p_forced_path_with_defaults():
 
 def test_gemv1p_refuses_what_it_cannot_do():
     gen = _gen("g1prefuse")
-    pw6 = _packed(gen, 16, 64, 6, 32, False)
+    pw5 = _packed(gen, 16, 64, 5, 32, False)
     x = torch.randn(1, 64, generator=gen)
     with pytest.raises(ValueError, match="one bit plane"):
-        Q._launch(x, pw6.qweight, pw6.scales, pw6.zeros, None, None, 6, 32, 64, "none",
+        Q._launch(x, pw5.qweight, pw5.scales, pw5.zeros, None, None, 5, 32, 64, "none",
                   interpreter=True, path=_path(1, 32))
     pw4 = _packed(gen, 16, 64, 4, 32, False)
     with pytest.raises(ValueError, match="does not divide the group"):
@@ -139,7 +142,7 @@ def test_gemv1p_dispatch():
         assert cfg["path"] == "gemv1p" and cfg["BLOCK_K"] == 32 and cfg["BLOCK_M"] == 1
         small = Q.choose_path(1, 4096, 4096, bits, 32, "none", bf16, cuda, sm_count=132)
         assert small["path"] == "gemv1p"  # 8-bit weights too, since s8run1's tuned launch
-    for bits in (3, 5, 6, 7):  # several bit planes: the word-per-plane GEMV as before
+    for bits in (3, 5, 7):  # other multi-plane widths: the word-per-plane GEMV as before
         assert Q.choose_path(1, 4096, 4096, bits, 128, "none", bf16, cuda,
                              sm_count=132)["path"] == "gemv"
     # At least 4 splits, doubled until the grid covers the SMs 3 times, each >= 2 K blocks;
@@ -166,7 +169,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 GPU_FORMATS = [(4, 128, False, "none"), (8, -1, True, "none"), (4, 128, True, "int8"),
-               (2, 64, False, "none")]
+               (2, 64, False, "none"), (6, 128, False, "none"), (6, 128, False, "int12")]
 
 
 def _gpu_case(name, bits, group, sym, M):
