@@ -1097,10 +1097,12 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
             return torch.addmm(bias, x, wt) if bias is not None else torch.mm(x, wt)
         return _gemm(x, x, None, x.dtype, qweight, scales, zeros, bias, bits, group_size, act,
                      cfg, interpreter, act_group_size)
-    if cfg["path"] == "dequant":
+    if cfg["path"] in ("dequant", "mmT"):
         # Quantise and dequantise x in one pass (not codes, then three torch passes over them).
         a, _ = quantize_activations_triton(x, act, smooth, interpreter, act_group_size,
                                            dequant=True)
+        if cfg["path"] == "mmT":
+            return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter)
         wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype, interpreter)
         return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
     codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size)
@@ -1112,10 +1114,13 @@ def _gemm_codes(codes, xs, out_dtype, qweight, scales, zeros, bias, bits, group_
                 cfg: dict, interpreter: bool, act_group_size: int) -> torch.Tensor:
     """y from quantized activations (codes [M, K] and fp32 scales) on `cfg`'s path: "dequant"
     (the codes and the weight dequantised to `out_dtype`, then cuBLAS), "cublas8"
-    (:mod:`qlinear_cublas8`) or a Triton GEMM/GEMV."""
+    (:mod:`qlinear_cublas8`), "mmT" (the codes dequantised, then the swapped-operand tile on
+    16-bit activations: the dequant path's function) or a Triton GEMM/GEMV."""
     K = codes.shape[1]
-    if cfg["path"] == "dequant":
+    if cfg["path"] in ("dequant", "mmT"):
         a = _dequantize_codes(codes, xs, act_group_size, out_dtype)
+        if cfg["path"] == "mmT":
+            return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter)
         wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, out_dtype, interpreter)
         return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
     if cfg["path"] == "cublas8":
@@ -1221,8 +1226,8 @@ def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, gro
     flags = dict(BITS=bits, GROUP=group, SYM=zeros is None, ACT=_ACT_CODE[act],
                  ACT_GROUP=act_group, HAS_BIAS=bias is not None, ATOMIC=atomic)
     if cfg["path"] == "mmT":
-        if act != "none":
-            raise ValueError("q3n::qlinear: the mmT path takes 16-bit activations only")
+        if act != "none":  # the launchers dequantise quantized activations first
+            raise ValueError("q3n::qlinear: the mmT kernel takes 16-bit activations")
         return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter)
     if cfg["path"] == "gemv1p":
         return _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, split,
