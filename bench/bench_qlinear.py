@@ -169,13 +169,11 @@ def sweep_candidates(M, group, act, paths=None):
     if M <= 64:
         # The swapped-operand tiles (weight [BLOCK_N, BLOCK_K] first, x's rows second; quantized
         # activations dequantised first).
-        # FLOAT_UNPACK: codes made by the float trick (one-plane weights; ignored otherwise).
         bm = max(16, triton.next_power_of_2(M))
-        for bn, w, s in ((64, 4, 3), (64, 4, 4)):
+        for bn, w, s in ((64, 4, 3), (64, 4, 4), (128, 4, 3)):
             for split in (2, 4, 8):
-                for fu in (False, True):
-                    out.append(dict(path="mmT", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                    SPLIT_K=split, num_warps=w, num_stages=s, FLOAT_UNPACK=fu))
+                out.append(dict(path="mmT", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
+                                num_warps=w, num_stages=s))
     return [c for c in out if paths is None or c["path"] in paths]
 
 

@@ -70,9 +70,11 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   block-scaled fp8 GEMM (or its int8 GEMM) multiplies them. s8run1 (H200, M = 4096): W4A8 g128
   1.02-1.23x bf16, W8A8 0.87-1.12x, where dequantise + cuBLAS ran 0.49-0.87x.
 - ``mmT`` (:mod:`q3n_compile.kernels.qlinear_swap`): the tiles with operands swapped, for 3 to
-  16 rows of 16-bit activations and weights narrower than 8 bits (64 columns, 4 warps, K split
-  as the GEMV's): W4A16 g128 at 16 rows 1.02-1.22x faster than the ``mm`` tile there (s8run2);
-  8-bit weights were faster on the ``mm`` tile (s8run3).
+  16 rows and weights narrower than 8 bits (64 columns, 4 warps, K split as the GEMV's):
+  W4A16 g128 at 16 rows 1.02-1.22x faster than the ``mm`` tile there (s8run2). Quantized
+  activations are quantised and dequantised to x's dtype first, in one pass (the function of
+  the ``dequant`` path): W4A8 and W6A12 at 16 rows 1.0-1.35x faster than their ``mm`` tiles
+  (s8run5). 8-bit weights were faster on the ``mm`` tile (s8run3).
 
 Every K block of the gemv and mm kernels lies in one weight group and one activation group:
 :func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which
@@ -921,13 +923,18 @@ CUDA_TABLE = {
     # registers, so its loads are not pipelined like a plain GEMM's).
     # K blocks of 64 from M > 64: with 128, the 6-bit planes' unpack buffers overflowed the H200's
     # 227 KiB of shared memory (311-328 KB asked for, measured 2026-11-28).
-    "a8": [(2, "gemv", None), (16, "mm", (16, 64, 128, 4, 4)), (64, "mm", (32, 64, 128, 4, 4)),
+    # From 3 to 16 rows (weights narrower than 8 bits): x quantised and dequantised in one pass,
+    # then the swapped-operand tile: W4A8 ran 0.0235 / 0.0440 / 0.1454 ms against the mm tile's
+    # 0.0263 / 0.0512 / 0.1948 at 4096^2 / 12288 x 4096 / 28672 x 8192 (s8run5).
+    "a8": [(2, "gemv", None), (16, "mmT", (16, 64, 128, 4, 3)), (64, "mm", (32, 64, 128, 4, 4)),
            (256, "mm", (64, 128, 64, 4, 3)), (None, "dequant", None)],
     # 12-bit activations (fp16 products): dequantise + cuBLAS from 65 rows. At 256 rows it ran
     # 0.056 / 0.121 / 0.139 / 0.476 ms against the 64 x 128 tile's 0.095 / 0.214 / 0.213 / 0.830
     # (W6A12 g128, 4096^2, 12288 x 4096, 4096 x 12288, 28672 x 8192; s8run3).
-    "a12": [(2, "gemv", None), (16, "mm", (16, 64, 128, 4, 4)), (64, "mm", (32, 64, 128, 4, 4)),
-            (None, "dequant", None)],
+    # W6A12 at 16 rows, mmT against the mm tile: 0.0268 / 0.0518 / 0.1831 ms against 0.0313 /
+    # 0.0516 / 0.2472 (s8run5).
+    "a12": [(2, "gemv", None), (16, "mmT", (16, 64, 128, 4, 3)),
+            (64, "mm", (32, 64, 128, 4, 4)), (None, "dequant", None)],
 }
 _TABLE_KEY = {"none": "a16", "int8": "a8", "fp8": "a8", "int12": "a12"}
 # From these many rows the cublas8 path (:mod:`qlinear_cublas8`) takes the formats it computes

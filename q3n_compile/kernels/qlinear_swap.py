@@ -31,7 +31,6 @@ def qlinear_mmT_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
     ATOMIC: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    FLOAT_UNPACK: tl.constexpr = False,
 ):
     """One program computes Y[m-block, n-block]^T over one split of K: acc[BLOCK_N, BLOCK_M] +=
     B[BLOCK_N, BLOCK_K] @ x_tile^T with B = (q - z) * s rounded to x's dtype (per-channel: B =
@@ -39,11 +38,8 @@ def qlinear_mmT_kernel(
     in fp32. Then + bias (first K split only), stored transposed into Y (or atomically added to
     an fp32 Y when K is split). BLOCK_K <= GROUP (the launcher's rule): one group per K block.
 
-    FLOAT_UNPACK (one bit plane: BITS 8, 4, 2): q - z is made as gemv1p makes it, without an
-    int->float conversion: the code's field, left in place at bit p of its 16-bit half word, is
-    OR-ed into the bits of 2^23 (f = 2^23 + q * 2^p exactly) and d = fma(f, 2^-p, -(2^(23-p) +
-    z)) = q - z exactly (integers below 2^24); then d * s, rounded once, as without it. One
-    LOP3 and one FMA per code in place of a shift, an AND, a subtraction and a conversion.
+    The unpack is not what bounds it: gemv1p's float trick for one-plane codes (one LOP3 and one
+    FMA per code, bit-identical results) was no faster at 16 rows (s8run5, W4A16, 3 shapes).
 
     Traffic: the packed weight once per row block of M (one block for M <= BLOCK_M), x once per
     column block, Y once (per split with ATOMIC).
@@ -62,45 +58,20 @@ def qlinear_mmT_kernel(
         s_col = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         if not SYM:
             z_col = tl.load(Z + offs_n, mask=n_ok, other=0).to(tl.int32)
-    if FLOAT_UNPACK:
-        PER: tl.constexpr = 32 // BITS
-        HALF_PER: tl.constexpr = PER // 2
-        WORDS: tl.constexpr = BLOCK_K // PER
-        j = tl.arange(0, PER)
-        pos = (j % HALF_PER) * BITS
-        shift3 = ((j // HALF_PER) * 16)[None, None, :]
-        field3 = (((1 << BITS) - 1) << pos)[None, None, :]
-        inv3 = ((127 - pos) << 23).to(tl.float32, bitcast=True)[None, None, :]
-        big3 = ((127 + 23 - pos) << 23).to(tl.float32, bitcast=True)[None, None, :]
-        if SYM:
-            negc3 = -(big3 + (1 << (BITS - 1)))
-        elif PER_CHANNEL:
-            negc3 = -(big3 + z_col.to(tl.float32)[:, None, None])
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(X + offs_k[:, None] * stride_xk + offs_m[None, :] * stride_xm,
                      mask=(offs_k < K)[:, None] & m_ok[None, :], other=0.0)
-        if FLOAT_UNPACK:
-            r = k0 // PER + tl.arange(0, WORDS)
-            words = tl.load(QW + r[None, :] * N + offs_n[:, None],
-                            mask=(r < K_PAD // PER)[None, :] & n_ok[:, None], other=0)
-            if not SYM and not PER_CHANNEL:
-                z_row = tl.load(Z + (k0 // GROUP) * N + offs_n, mask=n_ok, other=0)
-                negc3 = -(big3 + z_row.to(tl.float32)[:, None, None])
-            f = (((words[:, :, None] >> shift3) & 0xFFFF) | 0x4B000000) & (field3 | 0x4B000000)
-            d = tl.fma(f.to(tl.float32, bitcast=True), inv3, negc3)  # q - z, [BN, WORDS, PER]
-            wf = tl.reshape(d, (BLOCK_N, BLOCK_K))
+        q = load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K, True)
+        if SYM:
+            w = q - (1 << (BITS - 1))
+        elif PER_CHANNEL:
+            w = q - z_col[:, None]
         else:
-            q = load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K, True)
-            if SYM:
-                w = q - (1 << (BITS - 1))
-            elif PER_CHANNEL:
-                w = q - z_col[:, None]
-            else:
-                z_row = tl.load(Z + (k0 // GROUP) * N + offs_n, mask=n_ok, other=0).to(tl.int32)
-                w = q - z_row[:, None]
-            wf = w.to(tl.float32)
+            z_row = tl.load(Z + (k0 // GROUP) * N + offs_n, mask=n_ok, other=0).to(tl.int32)
+            w = q - z_row[:, None]
+        wf = w.to(tl.float32)
         if not PER_CHANNEL:
             s_row = tl.load(S + (k0 // GROUP) * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             wf = wf * s_row[:, None]
@@ -125,8 +96,7 @@ def qlinear_mmT_kernel(
 def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bias, bits: int,
         group_size: int, cfg: dict, interpreter: bool) -> torch.Tensor:
     """Launch :func:`qlinear_mmT_kernel` with `cfg` (BLOCK_M/N/K, SPLIT_K, num_warps,
-    num_stages; BLOCK_K at most the group, the caller's rule; FLOAT_UNPACK, default off, taken
-    for one-plane weights only)."""
+    num_stages; BLOCK_K at most the group, the caller's rule)."""
     M, K = x.shape
     N = qweight.shape[1]
     split = cfg.get("SPLIT_K", 1)
@@ -147,6 +117,5 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
         # Triton 3.6's interpreter multiplies bf16 tiles as raw bits; fp32 holds them exactly.
         F32=x.dtype == torch.float32 or (interpreter and x.dtype == torch.bfloat16),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
-        FLOAT_UNPACK=bool(cfg.get("FLOAT_UNPACK", False)) and bits in (2, 4, 8),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.to(x.dtype) if split > 1 and x.dtype != torch.float32 else y

@@ -280,7 +280,9 @@ def test_choose_path_table():
     assert m16["path"] == "mmT" and m16["SPLIT_K"] == 8  # swapped tiles, K split as the GEMV's
     assert Q.choose_path(17, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "mm"
     assert Q.choose_path(16, 4096, 4096, 8, -1, "none", bf16, cuda, sm_count=132)["path"] == "mm"
-    assert Q.choose_path(16, 4096, 4096, 4, 128, "int8", bf16, cuda, sm_count=132)["path"] == "mm"
+    for act in ("int8", "fp8", "int12"):  # quantized activations too (dequantised first)
+        assert Q.choose_path(16, 4096, 4096, 4, 128, act, bf16, cuda, sm_count=132)["path"] == "mmT"
+    assert Q.choose_path(16, 4096, 4096, 8, -1, "int8", bf16, cuda, sm_count=132)["path"] == "mm"
     big = Q.choose_path(4096, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)
     assert big["path"] == "dequant"
     a8 = Q.choose_path(256, 4096, 4096, 4, 32, "int8", bf16, cuda, sm_count=132)

@@ -62,28 +62,6 @@ def test_mmT_against_float64(bits, group, sym, dtype, M, split, bias):
     _check(x, pw, torch.randn(N, generator=gen).to(dtype) if bias else None, cfg)
 
 
-@pytest.mark.parametrize("bits,group,sym,dtype,M,split", [
-    (4, 64, False, f32, 5, 1), (4, -1, True, f16, 16, 2), (8, -1, True, f32, 3, 2),
-    (2, 32, False, bf16, 17, 1), (4, -1, False, f32, 9, 1), (8, 64, True, f16, 1, 1),
-])
-def test_mmT_float_unpack_is_the_same_function(bits, group, sym, dtype, M, split):
-    # The float-trick unpack gives q - z exactly: the same outputs bit for bit as the integer
-    # unpack, and the float64 reference to the usual tolerance.
-    N, K = 72, 192
-    gen = _gen(f"mmTfu{bits}{group}{sym}{dtype}{M}{split}")
-    pw = _packed(gen, N, K, bits, group, sym)
-    x = torch.randn(M, K, generator=gen).to(dtype)
-    bias = torch.randn(N, generator=gen).to(dtype)
-    cfg = dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=32 if group == 32 else 64,
-               SPLIT_K=split, num_warps=4, num_stages=1)
-    args = (x, pw.qweight, pw.scales, pw.zeros, bias, None, bits, group, K, "none")
-    plain = Q._launch(*args, interpreter=True, path=cfg)
-    floats = Q._launch(*args, interpreter=True, path=dict(cfg, FLOAT_UNPACK=True))
-    if split == 1:
-        assert torch.equal(plain, floats)
-    _check(x, pw, bias, dict(cfg, FLOAT_UNPACK=True))
-
-
 @pytest.mark.parametrize("act,ag", [("int8", Q.PER_TOKEN), ("fp8", 32), ("int12", Q.PER_TOKEN)])
 def test_mmT_with_quantized_activations_is_the_dequant_path(act, ag):
     # Quantized activations are dequantised to x's dtype first (one pass), then the 16-bit tile:
@@ -109,14 +87,12 @@ def test_mmT_with_quantized_activations_is_the_dequant_path(act, ag):
 GPU_TILES = [dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4,
                   num_stages=3),
              dict(path="mmT", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8,
-                  num_stages=3),
-             dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4,
-                  num_stages=3, FLOAT_UNPACK=True)]
+                  num_stages=3)]
 
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("cfg", GPU_TILES, ids=["m16_split4", "m64", "m16_float_unpack"])
+@pytest.mark.parametrize("cfg", GPU_TILES, ids=["m16_split4", "m64"])
 @pytest.mark.parametrize("bits,group,sym", [(4, 128, False), (8, -1, True), (6, 128, False)])
 @pytest.mark.parametrize("M", [1, 16, 33])
 def test_gpu_mmT_against_float64(cfg, bits, group, sym, M):
