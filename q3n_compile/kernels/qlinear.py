@@ -23,7 +23,9 @@ What this module guarantees:
     only its own group's codes.
 - The Triton kernels, the interpreter and :func:`reference` compute the same function; they differ
   only by the rounding the kernels' docstrings state (float32 accumulation order, the 16-bit
-  rounding of dequantised weights on the 16-bit-activation tensor-core path, and on GPUs an
+  rounding of dequantised weights on the 16-bit-activation tensor-core paths, of dequantised
+  activations ``c * s_x`` on the ``dequant`` and ``mmT`` paths, of the product before the bias
+  on ``cublas8``'s fp8 GEMM, and on GPUs an
   activation code that may differ by one where ``x'/s_x`` lies within an ulp of a rounding tie,
   because GPU float32 division is not correctly rounded).
 
