@@ -132,7 +132,7 @@ from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear_cublas8 as C8
 from q3n_compile.kernels import qlinear_swap as SW
 from q3n_compile.kernels.norm_linear import normalise_rows
-from q3n_compile.kernels.qcodes import load_codes
+from q3n_compile.kernels.qcodes import load_codes, tile_minus_zero
 from q3n_compile.kernels.tiles import first_tile_mean
 
 ACT_FORMATS = ("none", "int8", "fp8", "int12")
@@ -768,25 +768,11 @@ def dequant_kernel(QW, S, Z, WT, N, K, K_PAD, ROW4, ROW2, ROW1,
 
     Traffic: reads the packed weight, scales and zeros once; writes K*N elements of WT.
     """
-    pid_k = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    mask = (offs_k < K)[:, None] & n_ok[None, :]
-    q = load_codes(QW, pid_k * BLOCK_K, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K)
-    if GROUP == 0:
-        g = offs_k * 0
-    else:
-        g = offs_k // GROUP
-    if SYM:
-        w = (q - (1 << (BITS - 1))).to(tl.float32)
-    else:
-        z = tl.load(Z + g[:, None] * N + offs_n[None, :], mask=mask, other=0).to(tl.int32)
-        w = (q - z).to(tl.float32)
+    w, g, offs_k, offs_n, mask = tile_minus_zero(QW, Z, N, K, K_PAD, ROW4, ROW2, ROW1, BITS,
+                                                 GROUP, SYM, BLOCK_K, BLOCK_N)
     s = tl.load(S + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(WT + offs_k[:, None].to(tl.int64) * N + offs_n[None, :], (w * s).to(WT.dtype.element_ty),
-             mask=mask)
+    tl.store(WT + offs_k[:, None].to(tl.int64) * N + offs_n[None, :],
+             (w.to(tl.float32) * s).to(WT.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------

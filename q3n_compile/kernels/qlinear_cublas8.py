@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from q3n_compile.kernels import packing as P
-from q3n_compile.kernels.qcodes import load_codes
+from q3n_compile.kernels.qcodes import tile_minus_zero
 
 FP8_GROUP = 128  # cuBLAS's block-scaled fp8 GEMM takes blocks of 128 channels (1x128)
 
@@ -57,22 +57,8 @@ def unpack8_kernel(QW, Z, W8, N, K, K_PAD, ROW4, ROW2, ROW1,
     writes N * K elements, K contiguous (the tile is transposed in registers so the stores
     coalesce along K).
     """
-    pid_k = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    mask = (offs_k < K)[:, None] & n_ok[None, :]
-    q = load_codes(QW, pid_k * BLOCK_K, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K)
-    if SYM:
-        w = q - (1 << (BITS - 1))
-    else:
-        if GROUP == 0:
-            g = offs_k * 0
-        else:
-            g = offs_k // GROUP
-        z = tl.load(Z + g[:, None] * N + offs_n[None, :], mask=mask, other=0).to(tl.int32)
-        w = q - z
+    w, _, offs_k, offs_n, mask = tile_minus_zero(QW, Z, N, K, K_PAD, ROW4, ROW2, ROW1, BITS,
+                                                 GROUP, SYM, BLOCK_K, BLOCK_N)
     # Through fp32: Triton converts int32 to fp8 only from a float.
     v = w.to(tl.float32).to(W8.dtype.element_ty)
     tl.store(W8 + offs_n[None, :].to(tl.int64) * K + offs_k[:, None], v, mask=mask)

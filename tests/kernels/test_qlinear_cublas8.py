@@ -2,8 +2,6 @@
 float64 (CPU lane: the unpack and epilogue kernels in Triton's interpreter, torch's CPU int8 and
 row-wise fp8 GEMMs; GPU: -m gpu, cuBLAS's block-scaled fp8 GEMM too)."""
 
-import zlib
-
 import pytest
 import torch
 
@@ -11,38 +9,19 @@ from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear as Q
 from q3n_compile.kernels import qlinear_cublas8 as C8
 
+from .test_qlinear import TOL, _gen, _packed, bf16
+from .test_qlinear import _check as check_against_float64
+
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
 
-bf16 = torch.bfloat16
 CUBLAS8 = dict(path="cublas8")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-# bf16 output: one rounding (2^-8 of the largest output), the fp8 path's bias add one more.
-TOL = 2e-2
-
-
-def _gen(name):
-    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
-
-
-def _packed(gen, N, K, bits, group, sym, device="cpu"):
-    codes = torch.randint(0, 1 << bits, (N, K), generator=gen, dtype=torch.int64)
-    ng = 1 if group == P.PER_CHANNEL else K // group
-    scales = (torch.rand(ng, N, generator=gen) * 0.02 + 0.002).to(torch.float16)
-    zeros = None if sym else torch.randint(0, 1 << bits, (ng, N), generator=gen).to(torch.uint8)
-    return P.pack(codes, scales, zeros, bits, group).to(device), codes
 
 
 def _check(x, pw, bias, act, ag=Q.PER_TOKEN):
-    args = (x, pw.qweight, pw.scales, pw.zeros, bias, None, pw.bits, pw.group_size,
-            pw.in_features, act)
-    out = Q._launch(*args, interpreter=x.device.type == "cpu", path=CUBLAS8, act_group_size=ag)
-    assert out.shape == (x.shape[0], pw.out_features) and out.dtype == x.dtype
-    exact = Q.reference(x.double(), pw.qweight, pw.scales, pw.zeros,
-                        None if bias is None else bias.double(), None, pw.bits, pw.group_size,
-                        pw.in_features, act, ag)
-    scale = exact.abs().max().item()
-    err = (out.double() - exact).abs().max().item()
-    assert err <= TOL * scale, f"max err {err:.3g} > {TOL:.1g} * {scale:.3g}"
+    """The forced cublas8 launch against float64 (tests/kernels/test_qlinear.py's check: bf16
+    output, one rounding, and the fp8 path's bias add one more, within its 2e-2)."""
+    return check_against_float64(x, pw, bias, act=act, path=CUBLAS8, ag=ag)
 
 
 FORMATS = [(2, 32, False), (3, -1, True), (4, 64, False), (5, 32, True), (6, -1, False),
@@ -59,7 +38,8 @@ UNPACK_CASES = [(b, g, s, dt) for b, g, s in FORMATS
 def test_unpack_is_exact(bits, group, sym, dtype):
     N, K = 40, 256 + 32 * (group == -1)  # N off the 64-column block, K off the 128-channel one
     gen = _gen(f"unpack{bits}{group}{sym}")
-    pw, codes = _packed(gen, N, K, bits, group, sym)
+    pw = _packed(gen, N, K, bits, group, sym)
+    codes = P.unpack_codes(pw.qweight, bits, K).to(torch.int64)
     g = torch.zeros(K, dtype=torch.long) if group == -1 else torch.arange(K) // group
     z = torch.full((int(g.max()) + 1, N), 1 << (bits - 1)) if sym else pw.zeros.long()
     want = codes - z[g].t()
@@ -73,7 +53,7 @@ def test_unpack_is_exact(bits, group, sym, dtype):
 @pytest.mark.parametrize("bias", [False, True])
 def test_int8_path_against_float64(M, N, K, bits, bias):
     gen = _gen(f"i8{M}{N}{K}{bits}{bias}")
-    pw, _ = _packed(gen, N, K, bits, -1, bits == 8)
+    pw = _packed(gen, N, K, bits, -1, bits == 8)
     x = (torch.randn(M, K, generator=gen) * 3).to(bf16)
     _check(x, pw, torch.randn(N, generator=gen).to(bf16) if bias else None, "int8")
 
@@ -83,14 +63,14 @@ def test_fp8_rowwise_path_against_float64(sym):
     # Per-channel weights and per-token activations: row-wise scales (torch's CPU fp8 GEMM takes
     # them; the block-scaled form is in the GPU lane).
     gen = _gen(f"f8row{sym}")
-    pw, _ = _packed(gen, 48, 96, 4, -1, sym)
+    pw = _packed(gen, 48, 96, 4, -1, sym)
     x = torch.randn(33, 96, generator=gen).to(bf16)
     args = (x, pw.qweight, pw.scales, pw.zeros, None, None, 4, -1, 96, "fp8")
     codes, xs = Q.quantize_activations(x, "fp8")
     out = C8.run(codes.to(torch.float8_e4m3fn), xs, pw.qweight, pw.scales, pw.zeros, None, 4, -1,
                  "fp8", Q.PER_TOKEN, bf16)
     exact = Q.reference(x.double(), *args[1:])
-    assert (out.double() - exact).abs().max().item() <= TOL * exact.abs().max().item()
+    assert (out.double() - exact).abs().max().item() <= TOL[bf16] * exact.abs().max().item()
 
 
 def test_eligible_reasons():
@@ -141,7 +121,7 @@ def test_choose_path_takes_cublas8_where_eligible(monkeypatch):
 
 def test_forced_path_that_does_not_apply_says_why():
     gen = _gen("forced")
-    pw, _ = _packed(gen, 48, 128, 4, 32, False)
+    pw = _packed(gen, 48, 128, 4, 32, False)
     x = torch.randn(20, 128, generator=gen).to(bf16)
     with pytest.raises(ValueError, match="cublas8 path does not take this call.*per-channel"):
         Q._launch(x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 32, 128, "int8",
@@ -174,7 +154,7 @@ def test_gpu_against_float64(bits, group, sym, act, ag, M):
         pytest.skip("no fp8 tensor cores on this GPU")
     N, K = 4096, 4096
     gen = _gen(f"gpu8{bits}{group}{act}{ag}{M}")
-    pw, _ = _packed(gen, N, K, bits, group, sym, device="cuda")
+    pw = _packed(gen, N, K, bits, group, sym, device="cuda")
     x = torch.randn(M, K, generator=gen).to(bf16).cuda()
     bias = torch.randn(N, generator=gen).to(bf16).cuda() if M != 1000 else None
     _check(x, pw, bias, act, ag)

@@ -1,44 +1,22 @@
 """q3n::qlinear's mmT path (swapped operands for a few rows of 16-bit activations) against
 float64 (CPU lane: Triton interpreter; GPU: -m gpu, model widths)."""
 
-import zlib
-
 import pytest
 import torch
 
-from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear as Q
+
+from .test_qlinear import TOL, _gen, _packed, bf16, f16, f32
+from .test_qlinear import _check as check_against_float64
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
 
-f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
-# As tests/kernels/test_qlinear.py: one rounding of the output, and of each dequantised weight.
-TOL = {f32: 2e-5, f16: 3e-3, bf16: 2e-2}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _gen(name):
-    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
-
-
-def _packed(gen, N, K, bits, group, sym, device="cpu"):
-    codes = torch.randint(0, 1 << bits, (N, K), generator=gen, dtype=torch.int64)
-    ng = 1 if group == P.PER_CHANNEL else K // group
-    scales = (torch.rand(ng, N, generator=gen) * 0.02 + 0.002).to(torch.float16)
-    zeros = None if sym else torch.randint(0, 1 << bits, (ng, N), generator=gen).to(torch.uint8)
-    return P.pack(codes, scales, zeros, bits, group).to(device)
-
-
 def _check(x, pw, bias, cfg):
-    out = Q._launch(x, pw.qweight, pw.scales, pw.zeros, bias, None, pw.bits, pw.group_size,
-                    pw.in_features, "none", interpreter=x.device.type == "cpu", path=cfg)
-    assert out.shape == (x.shape[0], pw.out_features) and out.dtype == x.dtype
-    exact = Q.reference(x.double(), pw.qweight, pw.scales, pw.zeros,
-                        None if bias is None else bias.double(), None, pw.bits, pw.group_size,
-                        pw.in_features, "none")
-    scale = exact.abs().max().item()
-    err = (out.double() - exact).abs().max().item()
-    assert err <= TOL[x.dtype] * scale, f"max err {err:.3g} > {TOL[x.dtype]:.1g} * {scale:.3g}"
+    """The forced mmT launch against float64 (tests/kernels/test_qlinear.py's check)."""
+    return check_against_float64(x, pw, bias, path=cfg)
 
 
 CASES = [  # bits, group, sym, dtype, M, split
