@@ -5,8 +5,9 @@ cublas8 path's unpack).
 Guarantees: :func:`load_codes` returns the unsigned codes ``q[k, n]`` of a ``[BLOCK_K, BLOCK_N]``
 tile exactly as :func:`q3n_compile.kernels.packing.unpack_codes` defines them, 0 past ``K_PAD``
 and where the column mask is False; each packed int32 word is loaded once.
-:func:`tile_minus_zero` gives a program's tile of ``q - z`` (int32, exact) for the kernels that
-write the weight out whole (dequantise, unpack to 8 bits).
+:func:`block_minus_zero` gives one K block's ``q - z`` (int32, exact) for the GEMM tiles and
+:func:`tile_minus_zero` a program's tile of it for the kernels that write the weight out whole
+(dequantise, unpack to 8 bits).
 """
 
 from __future__ import annotations
@@ -100,3 +101,25 @@ def tile_minus_zero(QW, Z, N, K, K_PAD, ROW4, ROW2, ROW1, BITS: tl.constexpr,
     else:
         w = q - tl.load(Z + g[:, None] * N + offs_n[None, :], mask=mask, other=0).to(tl.int32)
     return w, g, offs_k, offs_n, mask
+
+
+@triton.jit
+def block_minus_zero(QW, Z, z_col, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
+                     BLOCK_K: tl.constexpr, NK: tl.constexpr = False):
+    """q - z (int32) of the K block at k0: [BLOCK_K, BLOCK_N], or [BLOCK_N, BLOCK_K] with NK.
+    z = 2^(BITS-1) when SYM; else the per-channel zero points z_col [BLOCK_N] (GROUP = 0; the
+    caller loads them once) or the block's group's row of Z (one group per K block)."""
+    q = load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K, NK)
+    if SYM:
+        w = q - (1 << (BITS - 1))
+    else:
+        if GROUP == 0:
+            z = z_col
+        else:
+            z = tl.load(Z + (k0 // GROUP) * N + offs_n, mask=n_ok, other=0).to(tl.int32)
+        if NK:
+            w = q - z[:, None]
+        else:
+            w = q - z[None, :]
+    return w

@@ -132,7 +132,7 @@ from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear_cublas8 as C8
 from q3n_compile.kernels import qlinear_swap as SW
 from q3n_compile.kernels.norm_linear import normalise_rows
-from q3n_compile.kernels.qcodes import load_codes, tile_minus_zero
+from q3n_compile.kernels.qcodes import block_minus_zero, load_codes, tile_minus_zero
 from q3n_compile.kernels.tiles import first_tile_mean
 
 ACT_FORMATS = ("none", "int8", "fp8", "int12")
@@ -215,10 +215,10 @@ def qlinear_mm_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
     PER_CHANNEL: tl.constexpr = GROUP == 0
-    HALF: tl.constexpr = 1 << (BITS - 1)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K_PAD)
 
+    z_col = tl.zeros([BLOCK_N], dtype=tl.int32)
     if PER_CHANNEL:
         s_col = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         if not SYM:
@@ -231,14 +231,8 @@ def qlinear_mm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-        q = load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K)
-        if SYM:
-            w = q - HALF
-        elif PER_CHANNEL:
-            w = q - z_col[None, :]
-        else:
-            z_row = tl.load(Z + (k0 // GROUP) * N + offs_n, mask=n_ok, other=0).to(tl.int32)
-            w = q - z_row[None, :]
+        w = block_minus_zero(QW, Z, z_col, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS,
+                             GROUP, SYM, BLOCK_K)
         if not PER_CHANNEL:
             s_row = tl.load(S + (k0 // GROUP) * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         if ACT == 0:

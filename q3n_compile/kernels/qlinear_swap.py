@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from q3n_compile.kernels import packing as P
-from q3n_compile.kernels.qcodes import load_codes
+from q3n_compile.kernels.qcodes import block_minus_zero
 
 
 @triton.jit
@@ -54,6 +54,7 @@ def qlinear_mmT_kernel(
     PER_CHANNEL: tl.constexpr = GROUP == 0
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K_PAD)
+    z_col = tl.zeros([BLOCK_N], dtype=tl.int32)
     if PER_CHANNEL:
         s_col = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         if not SYM:
@@ -63,14 +64,8 @@ def qlinear_mmT_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(X + offs_k[:, None] * stride_xk + offs_m[None, :] * stride_xm,
                      mask=(offs_k < K)[:, None] & m_ok[None, :], other=0.0)
-        q = load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS, BLOCK_K, True)
-        if SYM:
-            w = q - (1 << (BITS - 1))
-        elif PER_CHANNEL:
-            w = q - z_col[:, None]
-        else:
-            z_row = tl.load(Z + (k0 // GROUP) * N + offs_n, mask=n_ok, other=0).to(tl.int32)
-            w = q - z_row[:, None]
+        w = block_minus_zero(QW, Z, z_col, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS,
+                             GROUP, SYM, BLOCK_K, True)
         wf = w.to(tl.float32)
         if not PER_CHANNEL:
             s_row = tl.load(S + (k0 // GROUP) * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
