@@ -5,7 +5,8 @@ cublas8 path's unpack).
 Guarantees: :func:`load_codes` returns the unsigned codes ``q[k, n]`` of a ``[BLOCK_K, BLOCK_N]``
 tile exactly as :func:`q3n_compile.kernels.packing.unpack_codes` defines them, 0 past ``K_PAD``
 and where the column mask is False; each packed int32 word is loaded once.
-:func:`block_minus_zero` gives one K block's ``q - z`` (int32, exact) for the GEMM tiles and
+:func:`tile_setup` gives a GEMM tile's offsets, masks, K range and per-channel scales and zero
+points; :func:`block_minus_zero` one K block's ``q - z`` (int32, exact) for the GEMM tiles and
 :func:`tile_minus_zero` a program's tile of it for the kernels that write the weight out whole
 (dequantise, unpack to 8 bits).
 """
@@ -123,3 +124,24 @@ def block_minus_zero(QW, Z, z_col, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1,
         else:
             w = q - z[None, :]
     return w
+
+
+@triton.jit
+def tile_setup(S, Z, pid_m, pid_n, pid_k, M, N, K_PAD, K_PER_SPLIT, GROUP: tl.constexpr,
+               SYM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(offs_m (int64), offs_n, m_ok, n_ok, k_start, k_end, s_col, z_col) of the GEMM tile at
+    (pid_m, pid_n) over K split pid_k: per-channel weights (GROUP = 0) load their scales s_col
+    (fp32) and, unless SYM, zero points z_col (int32) once here; otherwise both are zeros."""
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K_PAD)
+    s_col = tl.zeros([BLOCK_N], dtype=tl.float32)
+    z_col = tl.zeros([BLOCK_N], dtype=tl.int32)
+    if GROUP == 0:
+        s_col = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if not SYM:
+            z_col = tl.load(Z + offs_n, mask=n_ok, other=0).to(tl.int32)
+    return offs_m, offs_n, m_ok, n_ok, k_start, k_end, s_col, z_col

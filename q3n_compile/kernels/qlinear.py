@@ -45,8 +45,9 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   than splitting only to fill the GPU.
   Every path loads each packed int32 word once and splits it by shifts in registers.
 - ``gemv1p``: the GEMV for weights of one bit plane (8, 4 and 2 bits) and for 6-bit weights
-  (a 4-bit and a 2-bit plane), which takes the place of ``gemv`` for them (:func:`qlinear_gemv1p_kernel`): 16-byte word loads, codes unpacked in the
-  thread that loaded them with no reshape and no int->float conversion (one integer op and one
+  (a 4-bit and a 2-bit plane), which takes the place of ``gemv`` for them
+  (:func:`qlinear_gemv1p_kernel`): 16-byte word loads, codes unpacked in the thread that loaded
+  them with no reshape and no int->float conversion (one integer op and one
   FMA per code), group scales and zero points applied once per word, BLOCK_M rows of x per
   program, and split-K in one launch (a ticket per output tile: the last split sums the
   partials) instead of atomics into a zeroed fp32 output and a cast (three kernels). Its launch
@@ -132,7 +133,7 @@ from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear_cublas8 as C8
 from q3n_compile.kernels import qlinear_swap as SW
 from q3n_compile.kernels.norm_linear import normalise_rows
-from q3n_compile.kernels.qcodes import block_minus_zero, load_codes, tile_minus_zero
+from q3n_compile.kernels.qcodes import block_minus_zero, load_codes, tile_minus_zero, tile_setup
 from q3n_compile.kernels.tiles import first_tile_mean
 
 ACT_FORMATS = ("none", "int8", "fp8", "int12")
@@ -207,22 +208,11 @@ def qlinear_mm_kernel(
     2 bytes of scale and 1 of zero per group and column), x (or its codes) once per column block,
     writes Y once (per split with ATOMIC).
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    offs_m, offs_n, m_ok, n_ok, k_start, k_end, s_col, z_col = tile_setup(
+        S, Z, tl.program_id(0), tl.program_id(1), pid_k, M, N, K_PAD, K_PER_SPLIT, GROUP, SYM,
+        BLOCK_M, BLOCK_N)
     PER_CHANNEL: tl.constexpr = GROUP == 0
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K_PAD)
-
-    z_col = tl.zeros([BLOCK_N], dtype=tl.int32)
-    if PER_CHANNEL:
-        s_col = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        if not SYM:
-            z_col = tl.load(Z + offs_n, mask=n_ok, other=0).to(tl.int32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     iacc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     if ACT_GROUP != 0:
@@ -868,7 +858,8 @@ def gemv1p_config(M: int, N: int, K: int, group_size: int, *, sms: int,
                   act_group_size: int = PER_TOKEN, base: Optional[dict] = None) -> dict:
     """The gemv1p path's launch parameters for one call: `base` (a :data:`GEMV1P_SWEEP` entry;
     :data:`GEMV1P_DEFAULT` if None, whose warps then double from 2 rows on, up to 16, while x's
-    block has as many elements as the program has threads) with BLOCK_K capped at the groups, BLOCK_M = M
+    block has as many elements as the program has threads) with BLOCK_K capped at the groups,
+    BLOCK_M = M
     rounded up to a power of two (at most 16) unless `base` gives it, SPLIT_K "auto" resolved."""
     cfg = dict(GEMV1P_DEFAULT if base is None else base, path="gemv1p")
     cfg["BLOCK_K"] = _k_block(group_size, cfg["BLOCK_K"], act_group_size)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from q3n_compile.kernels import packing as P
-from q3n_compile.kernels.qcodes import block_minus_zero
+from q3n_compile.kernels.qcodes import block_minus_zero, tile_setup
 
 
 @triton.jit
@@ -44,21 +44,11 @@ def qlinear_mmT_kernel(
     Traffic: the packed weight once per row block of M (one block for M <= BLOCK_M), x once per
     column block, Y once (per split with ATOMIC).
     """
-    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    offs_m, offs_n, m_ok, n_ok, k_start, k_end, s_col, z_col = tile_setup(
+        S, Z, tl.program_id(2), tl.program_id(0), pid_k, M, N, K_PAD, K_PER_SPLIT, GROUP, SYM,
+        BLOCK_M, BLOCK_N)
     PER_CHANNEL: tl.constexpr = GROUP == 0
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K_PAD)
-    z_col = tl.zeros([BLOCK_N], dtype=tl.int32)
-    if PER_CHANNEL:
-        s_col = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        if not SYM:
-            z_col = tl.load(Z + offs_n, mask=n_ok, other=0).to(tl.int32)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
