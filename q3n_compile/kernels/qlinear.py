@@ -859,8 +859,8 @@ def gemv1p_config(M: int, N: int, K: int, group_size: int, *, sms: int,
     """The gemv1p path's launch parameters for one call: `base` (a :data:`GEMV1P_SWEEP` entry;
     :data:`GEMV1P_DEFAULT` if None, whose warps then double from 2 rows on, up to 16, while x's
     block has as many elements as the program has threads) with BLOCK_K capped at the groups,
-    BLOCK_M = M
-    rounded up to a power of two (at most 16) unless `base` gives it, SPLIT_K "auto" resolved."""
+    BLOCK_M = M rounded up to a power of two (at most 16) unless `base` gives it, SPLIT_K "auto"
+    resolved."""
     cfg = dict(GEMV1P_DEFAULT if base is None else base, path="gemv1p")
     cfg["BLOCK_K"] = _k_block(group_size, cfg["BLOCK_K"], act_group_size)
     cfg.setdefault("BLOCK_M", min(16, triton.next_power_of_2(max(M, 1))))
