@@ -167,6 +167,8 @@ def run(codes: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor, scales: to
                                  scale_b=sb, out_dtype=out_dtype, use_fast_accum=False)[:M]
         return y.add_(bias) if bias is not None else y
     w8 = unpack_codes_8bit(qweight, zeros, bits, group_size, K, torch.int8)
+    if M <= 16:  # torch._int_mm takes more than 16 rows: zero rows pad a forced small call
+        codes = torch.cat([codes, codes.new_zeros((17 - M, K))])
     acc = torch._int_mm(codes, w8.t())
     y = torch.empty((M, N), dtype=out_dtype, device=codes.device)
     bm, bn = 32, 128

@@ -48,7 +48,7 @@ def test_unpack_is_exact(bits, group, sym, dtype):
     assert torch.equal(w8.to(torch.int64), want)
 
 
-@pytest.mark.parametrize("M,N,K", [(17, 48, 64), (40, 80, 208)])
+@pytest.mark.parametrize("M,N,K", [(17, 48, 64), (40, 80, 208), (3, 32, 64)])
 @pytest.mark.parametrize("bits", [8, 5])
 @pytest.mark.parametrize("bias", [False, True])
 def test_int8_path_against_float64(M, N, K, bits, bias):
