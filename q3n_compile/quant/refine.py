@@ -1,0 +1,109 @@
+"""Coordinate-descent refinement of GPTQ's codes on GPTQ's own objective.
+
+GPTQ minimises ``E(Q) = tr((W^ - W) H_d (W^ - W)^T)`` greedily: each column is rounded once, in
+order, and its error pushed onto the columns not yet rounded; a column rounded early never sees
+the errors of the columns rounded after it. :func:`refine_codes` revisits every column, in sweeps
+(act-order: decreasing ``H_kk``), and moves each row's code of that column to the grid point that
+minimises ``E`` with every other code held fixed: with ``R = (W^ - W) H_d``, the optimum of column
+k alone is ``W^_:k - R_:k / H_kk``, and because ``E`` is a convex parabola in each entry, the
+nearest code on the column's grid (its group's stored scale and zero point, clamped to
+``[0, 2^b)``) is the exact minimiser over the grid. This is cyclic coordinate descent over the
+codes (as QuantEase, Behdin et al. 2023, does for layer-wise quantization); written here from the
+objective above.
+
+Guarantees:
+
+- ``E`` never increases (each update is an exact coordinate minimisation; a code changes only
+  where it lowers ``E``: ties keep the current code), so the result is at least as good as the
+  GPTQ result it starts from *on the damped calibration objective*;
+- the format is untouched: scales and zero points are GPTQ's (already rounded to their stored
+  dtype), codes stay integers in ``[0, 2^b)``;
+- deterministic: a fixed column order, no random draws; float64 arithmetic.
+
+``H_d = H + damp * mean(diag H) * I`` with the same damping GPTQ used (dead input channels
+handled as GPTQ handles them), so the two optimise one objective.
+
+Measured on MiniLM (design config, 281 calibration rows, 4 sweeps): ``E`` fell 3-8% per layer
+(4-5% typical), but Spearman on the held-out sentences did not rise (0.98525 -> 0.98429 in the
+eager what-if, mean cosine 0.99022 -> 0.99060; one fold's figures move by ~1e-3): with so few
+rows per input channel the calibration objective is not the held-out one, which is why the
+option is off by default (``quant_config["calibration"]["refine"]``, the number of sweeps).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..kernels import packing as P
+
+MAX_SWEEPS = 32
+
+
+def damped_hessian(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H_d in float64, dead-channel mask): GPTQ's treatment of `h` [K, K] (a channel no row
+    excites gets H_kk = 1 and weight 0) plus ``damp * mean(diag H)`` on the diagonal."""
+    hd = h.detach().to(torch.float64).clone()
+    dead = torch.diagonal(hd) == 0
+    hd[dead, dead] = 1.0
+    mean = float(torch.diagonal(hd).mean()) if hd.numel() else 1.0
+    hd += damp * (mean if mean > 0 else 1.0) * torch.eye(hd.shape[0], dtype=hd.dtype,
+                                                         device=hd.device)
+    return hd, dead
+
+
+def objective(w: torch.Tensor, w_hat: torch.Tensor, hd: torch.Tensor) -> float:
+    """``tr((W^ - W) H_d (W^ - W)^T)`` in float64."""
+    d = w_hat.to(torch.float64) - w.to(torch.float64)
+    return float((d * (d @ hd)).sum())
+
+
+def refine_codes(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor, bits: int, group_size: int, damp: float, sweeps: int,
+                 info: Optional[dict] = None) -> torch.Tensor:
+    """Codes [N, K] (float, integer-valued) after up to `sweeps` coordinate-descent sweeps from
+    `codes`, for weight `w` [N, K], input Hessian `h` [K, K] (``E[x x^T]``) and the group
+    parameters `scales`/`zeros` [n_groups, N] (kept as they are). Stops early after a sweep that
+    changes nothing. `info`, if given, receives the sweeps run, codes changed and ``E`` before and
+    after (see the module docstring)."""
+    n, k = w.shape
+    hd, dead = damped_hessian(h, damp)
+    w64 = w.detach().to(torch.float64).clone()
+    w64[:, dead] = 0.0  # as GPTQ: a channel no calibration row excites is quantized from 0
+    g = P.group_index(k, group_size, w.device)
+    s = scales.to(torch.float64).t()[:, g]  # [N, K]
+    z = zeros.to(torch.float64).t()[:, g]
+    qmax = float((1 << bits) - 1)
+    q = codes.detach().to(torch.float64).clone()
+    w_hat = (q - z) * s
+    r = (w_hat - w64) @ hd  # R = (W^ - W) H_d, kept current by rank-1 updates
+    before = float(((w_hat - w64) * r).sum())
+    diag = torch.diagonal(hd)
+    order = torch.argsort(diag, descending=True, stable=True).tolist()
+    changed_total, ran = 0, 0
+    for _ in range(max(0, min(int(sweeps), MAX_SWEEPS))):
+        ran += 1
+        changed = 0
+        for c in order:
+            target = w_hat[:, c] - r[:, c] / diag[c]
+            new_q = torch.clamp(torch.round(target / s[:, c]) + z[:, c], 0, qmax)
+            new_w = (new_q - z[:, c]) * s[:, c]
+            # Keep the current code on a tie (equal distance to the optimum): E never rises and
+            # the descent cannot cycle between two equally good codes.
+            move = (new_q != q[:, c]) & ((new_w - target).abs() < (w_hat[:, c] - target).abs())
+            if not bool(move.any()):
+                continue
+            delta = torch.where(move, new_w - w_hat[:, c], torch.zeros_like(new_w))
+            r += delta[:, None] * hd[c][None, :]
+            w_hat[:, c] += delta
+            q[:, c] = torch.where(move, new_q, q[:, c])
+            changed += int(move.sum())
+        changed_total += changed
+        if changed == 0:
+            break
+    if info is not None:
+        info.update({"sweeps": ran, "codes_changed": changed_total,
+                     "objective_before": float(f"{before:.6g}"),
+                     "objective_after": float(f"{objective(w64, w_hat, hd):.6g}")})
+    return q.to(torch.float32)
