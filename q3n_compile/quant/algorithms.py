@@ -18,6 +18,9 @@ per (group of K, output channel), ``W ≈ (q - z) * s``.
   "auto" scales it with K / rows, strong when rows are few), in blocks of 128 columns with lazy
   updates. Groups stay contiguous ranges of K; a group's parameters are chosen (with the clipping
   search) when the first of its columns is reached, from the weights as updated so far.
+- **Refinement** (``calibration.refine``, off by default): coordinate-descent sweeps over GPTQ's
+  codes on GPTQ's damped objective (:mod:`q3n_compile.quant.refine`), scales and zero points
+  kept; the held-out check below judges GPTQ with its sweeps.
 - **Held-out check**: with few calibration rows (all of them kept as samples) GPTQ and RTN+clip
   are both fitted on half the rows and compared on the other half; GPTQ is used only if it wins
   there (:func:`_gptq_generalises`). Fitted and judged on the same rows, GPTQ always looks better,

@@ -18,7 +18,7 @@ Guarantees:
   GPTQ result it starts from *on the damped calibration objective*;
 - the format is untouched: scales and zero points are GPTQ's (already rounded to their stored
   dtype), codes stay integers in ``[0, 2^b)``;
-- deterministic: a fixed column order, no random draws; float64 arithmetic.
+- deterministic: a fixed column order, no random draws; float64 arithmetic (on the host).
 
 ``H_d = H + damp * mean(diag H) * I`` with the same damping GPTQ used (dead input channels
 handled as GPTQ handles them), so the two optimise one objective.
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..kernels import packing as P
@@ -66,44 +67,57 @@ def refine_codes(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scales: 
     `codes`, for weight `w` [N, K], input Hessian `h` [K, K] (``E[x x^T]``) and the group
     parameters `scales`/`zeros` [n_groups, N] (kept as they are). Stops early after a sweep that
     changes nothing. `info`, if given, receives the sweeps run, codes changed and ``E`` before and
-    after (see the module docstring)."""
+    after (see the module docstring).
+
+    The column loop runs in NumPy on the host, on transposed copies (a column of W is a
+    contiguous row): it is thousands of small vector operations, which cost several times more
+    as torch ops (measured on MiniLM's 384 x 1536 fc2: 2.2 s in torch, 0.9 s here, GPTQ itself
+    1.0 s). The result is returned on `codes`' device.
+    """
     n, k = w.shape
-    hd, dead = damped_hessian(h, damp)
-    w64 = w.detach().to(torch.float64).clone()
+    hd_t, dead = damped_hessian(h.detach().cpu(), damp)
+    w64 = w.detach().cpu().to(torch.float64).clone()
     w64[:, dead] = 0.0  # as GPTQ: a channel no calibration row excites is quantized from 0
-    g = P.group_index(k, group_size, w.device)
-    s = scales.to(torch.float64).t()[:, g]  # [N, K]
-    z = zeros.to(torch.float64).t()[:, g]
-    qmax = float((1 << bits) - 1)
-    q = codes.detach().to(torch.float64).clone()
+    g = P.group_index(k, group_size)
+    hd = hd_t.numpy()
+    # Transposed [K, N]: row c holds column c of W for every output row.
+    s = np.ascontiguousarray(scales.detach().cpu().to(torch.float64).t()[:, g].numpy().T)
+    z = np.ascontiguousarray(zeros.detach().cpu().to(torch.float64).t()[:, g].numpy().T)
+    q = np.ascontiguousarray(codes.detach().cpu().to(torch.float64).numpy().T)
+    wt = np.ascontiguousarray(w64.numpy().T)
     w_hat = (q - z) * s
-    r = (w_hat - w64) @ hd  # R = (W^ - W) H_d, kept current by rank-1 updates
-    before = float(((w_hat - w64) * r).sum())
-    diag = torch.diagonal(hd)
-    order = torch.argsort(diag, descending=True, stable=True).tolist()
+    r = np.ascontiguousarray(hd @ (w_hat - wt))  # R^T = H_d (W^ - W)^T (H_d is symmetric)
+    before = float(((w_hat - wt) * r).sum())
+    diag = np.diagonal(hd).copy()
+    order = np.argsort(-diag, kind="stable")  # act-order: decreasing H_kk, ties by position
+    qmax = float((1 << bits) - 1)
     changed_total, ran = 0, 0
     for _ in range(max(0, min(int(sweeps), MAX_SWEEPS))):
         ran += 1
         changed = 0
         for c in order:
-            target = w_hat[:, c] - r[:, c] / diag[c]
-            new_q = torch.clamp(torch.round(target / s[:, c]) + z[:, c], 0, qmax)
-            new_w = (new_q - z[:, c]) * s[:, c]
+            target = w_hat[c] - r[c] / diag[c]
+            new_q = np.clip(np.round(target / s[c]) + z[c], 0.0, qmax)
+            new_w = (new_q - z[c]) * s[c]
             # Keep the current code on a tie (equal distance to the optimum): E never rises and
             # the descent cannot cycle between two equally good codes.
-            move = (new_q != q[:, c]) & ((new_w - target).abs() < (w_hat[:, c] - target).abs())
-            if not bool(move.any()):
+            rows = np.nonzero((new_q != q[c])
+                              & (np.abs(new_w - target) < np.abs(w_hat[c] - target)))[0]
+            if rows.size == 0:
                 continue
-            delta = torch.where(move, new_w - w_hat[:, c], torch.zeros_like(new_w))
-            r += delta[:, None] * hd[c][None, :]
-            w_hat[:, c] += delta
-            q[:, c] = torch.where(move, new_q, q[:, c])
-            changed += int(move.sum())
+            # Rows are independent (E is a sum over rows): only the rows that moved (a few per
+            # column after the first sweep) update their R, a rank-1 update each.
+            delta = new_w[rows] - w_hat[c, rows]
+            r[:, rows] += hd[c][:, None] * delta[None, :]
+            w_hat[c, rows] = new_w[rows]
+            q[c, rows] = new_q[rows]
+            changed += int(rows.size)
         changed_total += changed
         if changed == 0:
             break
     if info is not None:
+        after = float(((w_hat - wt) * (hd @ (w_hat - wt))).sum())
         info.update({"sweeps": ran, "codes_changed": changed_total,
                      "objective_before": float(f"{before:.6g}"),
-                     "objective_after": float(f"{objective(w64, w_hat, hd):.6g}")})
-    return q.to(torch.float32)
+                     "objective_after": float(f"{after:.6g}")})
+    return torch.from_numpy(np.ascontiguousarray(q.T)).to(torch.float32).to(codes.device)
