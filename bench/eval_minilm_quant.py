@@ -31,7 +31,8 @@ configuration and compared with the unquantized model on real English sentences
   weights alone and its fc2 alone, W8A8 with weight scales per 128 channels, the design with 5-
   and 6-bit feed-forward weights, and the
   design with the smoothing vector on its 12-bit attention projections too
-  (``"smoothquant": true``; "auto" smooths 8-bit activations only);
+  (``"smoothquant": true``; "auto" smooths 8-bit activations only), and the design with
+  feed-forward weight groups of 64 and 32 channels (``"design, ffn g64"``, ``"design, ffn g32"``);
 - ``--diagnose`` adds what-ifs that no ``quant_config`` expresses, run eagerly (each encoder
   linear's forward replaced by ``q3n::qlinear``'s torch reference or by float weights after the
   op's activation quantization; same split and metrics; :func:`diagnose`): 8-bit activations
