@@ -129,3 +129,15 @@ def test_quant_report_gives_each_layers_error_before_and_after_the_sweeps():
         if e["method"].startswith("gptq"):
             assert e["method"].endswith(f"+cd{r['sweeps']}")
             assert e["rel_err"] == pytest.approx(r["rel_err"], rel=1e-3)
+
+
+def test_refine_leaves_channels_no_row_excites_as_gptq_quantized_them():
+    x, w, _ = _low_rank_layer(3, K=128, rows=400)
+    x[:, [5, 77]] = 0.0  # two dead input channels: H has zero rows and columns there
+    h = x.t() @ x / x.shape[0]
+    fmt = LayerFormat(4, 16, 64, False, "none")
+    g = A.gptq(w, h, fmt, 0.1, clip=True, act_order=True)
+    info = {}
+    codes = R.refine_codes(w, h, g.codes, g.scales, g.zeros, 4, 64, 0.1, 4, info)
+    assert torch.isfinite(codes).all() and info["codes_changed"] > 0
+    assert torch.equal(codes[:, [5, 77]], g.codes[:, [5, 77]])
