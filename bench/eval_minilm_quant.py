@@ -22,14 +22,17 @@ configuration and compared with the unquantized model on real English sentences
   calibrated (``"calibrated"``: the defaults of ``quant_config["calibration"]``: GPTQ with
   act-order and automatic damping + the noise-model smoothing vector for 8-bit activations +
   clipping search, on the calibration half) and ``"calibrated-sq-search"`` (the same with
-  SmoothQuant's alpha searched per layer instead: the default until 2026-11-29);
+  SmoothQuant's alpha searched per layer instead: the default until 2026-11-29) and
+  ``"calibrated-refine"`` (the defaults plus 4 coordinate-descent sweeps over GPTQ's codes,
+  ``"refine": 4``: :mod:`q3n_compile.quant.refine`);
 - ``--breakdown`` adds, calibrated only, configurations that show where the error comes from:
   the design's weights alone (16-bit activations), one layer class alone (attention
   projections, feed-forward, fc1 = ``intermediate.dense``, fc2 = ``output.dense``), W8A8's
   weights alone and its fc2 alone, W8A8 with weight scales per 128 channels, the design with 5-
   and 6-bit feed-forward weights, and the
   design with the smoothing vector on its 12-bit attention projections too
-  (``"smoothquant": true``; "auto" smooths 8-bit activations only);
+  (``"smoothquant": true``; "auto" smooths 8-bit activations only), and the design with
+  feed-forward weight groups of 64 and 32 channels (``"design, ffn g64"``, ``"design, ffn g32"``);
 - ``--diagnose`` adds what-ifs that no ``quant_config`` expresses, run eagerly (each encoder
   linear's forward replaced by ``q3n::qlinear``'s torch reference or by float weights after the
   op's activation quantization; same split and metrics; :func:`diagnose`): 8-bit activations
@@ -102,7 +105,9 @@ CONFIGS: dict[str, dict] = {
 RTN = {"method": "rtn", "clip_search": False, "smoothquant": False, "example_inputs": False}
 CALIBRATED: dict = {}  # the defaults: GPTQ (act-order, auto damping), smoothing, clip search
 SQ_SEARCH = {"alpha": "search"}  # SmoothQuant's alpha searched per layer (the earlier default)
-METHODS = {"rtn": RTN, "calibrated": CALIBRATED, "calibrated-sq-search": SQ_SEARCH}
+REFINE = {"refine": 4}  # + 4 coordinate-descent sweeps over GPTQ's codes (quant/refine.py)
+METHODS = {"rtn": RTN, "calibrated": CALIBRATED, "calibrated-sq-search": SQ_SEARCH,
+           "calibrated-refine": REFINE}
 _FC1 = "*.intermediate.dense"
 _ATTN = "*.attention.*"
 _FC2 = "*.output.dense"  # after the attention rule: also matches attention.output.dense
@@ -127,6 +132,9 @@ BREAKDOWN: dict[str, dict] = {
         "ffn_layers": {"weight_bits": 8, "activation_bits": 8, "group_size": 128},
         "attn_layers": {"weight_bits": 8, "activation_bits": 8, "group_size": 128}},
     "design, smoothing for 12-bit too": dict(DESIGN, calibration={"smoothquant": True}),
+    # Smaller weight groups for the 4-bit feed-forward layers (more scale bytes).
+    "design, ffn g64": dict(DESIGN, ffn_layers=dict(_W4A8, group_size=64)),
+    "design, ffn g32": dict(DESIGN, ffn_layers=dict(_W4A8, group_size=32)),
     "design, activations per 128 channels": dict(
         DESIGN, ffn_layers=dict(_W4A8, activation_group_size=128),
         attn_layers=dict(_W6A12, activation_group_size=128)),
@@ -386,6 +394,13 @@ def _measure(model, cfg: dict, method: str, setup: dict) -> dict[str, Any]:
             "weight_bytes_after": detail.get("weight_bytes_after"),
             "mean_layer_rel_err_calibration_rows": (sum(errs) / len(errs)) if errs else None,
             "layer_methods": methods,
+            # Each layer's relative output error on the calibration rows (and, with refine, GPTQ's
+            # before the sweeps), as the quant report gives them.
+            "layer_rel_err": {e["layer"]: {k: e[k] for k in ("rel_err", "rtn_rel_err")}
+                              | ({"gptq_rel_err": e["refine"]["gptq_rel_err"],
+                                  "refine_codes_changed": e["refine"]["codes_changed"]}
+                                 if "refine" in e else {})
+                              for e in detail.get("layers", [])},
             "time_s": round(time.perf_counter() - started, 1)}
 
 

@@ -519,6 +519,9 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             **({"damp": info["damp"]} if "damp" in info else {}),
             # GPTQ against RTN+clip on held-out calibration rows, when there were few rows.
             **({"validation": info["validation"]} if "validation" in info else {}),
+            # calibration.refine: GPTQ's error, the error after the sweeps (calibration rows),
+            # the sweeps, codes changed and GPTQ's damped objective before/after.
+            **({"refine": info["refine"]} if "refine" in info else {}),
             **({"note": info["note"]} if "note" in info else {}),
             **({"norm_fused": {
                 "norm": cand.folded["norm"],

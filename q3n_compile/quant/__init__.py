@@ -58,7 +58,7 @@ def __getattr__(name):
 def quantize_linear(weight, bias=None, *, weight_bits=4, activation_bits=16, group_size=None,
                     symmetric=None, activation_format=None, activation_group_size=None,
                     inputs=None, method="gptq",
-                    smoothquant="auto", clip_search=True, max_rows=512):
+                    smoothquant="auto", clip_search=True, max_rows=512, refine=0):
     """Quantize one ``[N, K]`` weight, optionally calibrated on `inputs` (``[..., K]`` rows).
 
     Returns an :class:`~q3n_compile.quant.algorithms.LayerResult` (packed weight, smoothing vector,
@@ -76,7 +76,7 @@ def quantize_linear(weight, bias=None, *, weight_bits=4, activation_bits=16, gro
         entry["activation_group_size"] = activation_group_size
     qc = parse_quant_config({"ffn_layers": entry, "calibration": {
         "method": method, "smoothquant": smoothquant, "clip_search": clip_search,
-        "max_rows": max_rows}})
+        "max_rows": max_rows, "refine": refine}})
     fmt = qc.classes["ffn"].for_k(weight.shape[1])
     if fmt.activation_format == "auto":
         import dataclasses

@@ -18,6 +18,9 @@ per (group of K, output channel), ``W ≈ (q - z) * s``.
   "auto" scales it with K / rows, strong when rows are few), in blocks of 128 columns with lazy
   updates. Groups stay contiguous ranges of K; a group's parameters are chosen (with the clipping
   search) when the first of its columns is reached, from the weights as updated so far.
+- **Refinement** (``calibration.refine``, off by default): coordinate-descent sweeps over GPTQ's
+  codes on GPTQ's damped objective (:mod:`q3n_compile.quant.refine`), scales and zero points
+  kept; the held-out check below judges GPTQ with its sweeps.
 - **Held-out check**: with few calibration rows (all of them kept as samples) GPTQ and RTN+clip
   are both fitted on half the rows and compared on the other half; GPTQ is used only if it wins
   there (:func:`_gptq_generalises`). Fitted and judged on the same rows, GPTQ always looks better,
@@ -396,6 +399,23 @@ def _simulate(x: torch.Tensor, qw: QuantizedWeight, fmt: LayerFormat, smooth, bi
 MIN_VALIDATION_ROWS = 16  # per half: fewer and the held-out comparison is noise
 
 
+def gptq_refined(w: torch.Tensor, h: torch.Tensor, fmt: LayerFormat, damp: float,
+                 settings: CalibrationSettings, info: Optional[dict] = None
+                 ) -> tuple[QuantizedWeight, QuantizedWeight]:
+    """(result, GPTQ's result): GPTQ with the settings' clipping search and act-order, then
+    ``settings.refine`` coordinate-descent sweeps over its codes on the same damped objective
+    (:func:`q3n_compile.quant.refine.refine_codes`; the result is GPTQ's when 0). `info`
+    receives the refinement's figures."""
+    from .refine import refine_codes
+
+    g = gptq(w, h, fmt, damp, settings.clip_search, settings.act_order)
+    if not settings.refine:
+        return g, g
+    codes = refine_codes(w, h, g.codes, g.scales, g.zeros, fmt.weight_bits, fmt.group_size,
+                         damp, settings.refine, info)
+    return QuantizedWeight(codes, g.scales, g.zeros), g
+
+
 def _gptq_generalises(x: torch.Tensor, w_s: torch.Tensor, smooth: Optional[torch.Tensor],
                       b: Optional[torch.Tensor], fmt: LayerFormat, settings: CalibrationSettings,
                       n_rows: int, info: dict) -> tuple[bool, Optional[str]]:
@@ -414,8 +434,8 @@ def _gptq_generalises(x: torch.Tensor, w_s: torch.Tensor, smooth: Optional[torch
     h_fit = fit.t() @ fit / fit.shape[0]
     y_held = held @ w_s.t() + (b if b is not None else 0)
     # Rows already smoothed: simulate without the smoothing vector.
-    g = gptq(w_s, h_fit, fmt, damping(settings.damp, w_s.shape[1], fit.shape[0]),
-             settings.clip_search, settings.act_order)
+    g, _ = gptq_refined(w_s, h_fit, fmt, damping(settings.damp, w_s.shape[1], fit.shape[0]),
+                        settings)
     r = quantize_rtn(w_s, fmt, torch.diagonal(h_fit), settings.clip_search)
     e_g = relative_error(_simulate(held, g, fmt, None, b), y_held)
     e_r = relative_error(_simulate(held, r, fmt, None, b), y_held)
@@ -495,11 +515,20 @@ def quantize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], fmt: Laye
             if use_gptq:
                 damp = damping(settings.damp, w.shape[1], stats.n)
                 info["damp"] = round(damp, 4)
-                g = gptq(w_s, h_s, fmt, damp, settings.clip_search, settings.act_order)
+                refined: dict = {}
+                g, plain = gptq_refined(w_s, h_s, fmt, damp, settings, refined)
                 g_err = relative_error(_simulate(x, g, fmt, smooth, b), y_ref)
+                if refined:
+                    # The layer's error before the sweeps (GPTQ alone, same scales) and after.
+                    refined["gptq_rel_err"] = float(
+                        f"{relative_error(_simulate(x, plain, fmt, smooth, b), y_ref):.5g}")
+                    refined["rel_err"] = float(f"{g_err:.5g}")
+                    info["refine"] = refined
                 if why is not None or g_err <= err:
                     qw, err = g, g_err
                     method = "gptq" + ("+clip" if settings.clip_search else "")
+                    if refined:
+                        method += f"+cd{refined['sweeps']}"
                 else:
                     info["note"] = (f"gptq error {g_err:.4g} above rtn+clip {err:.4g} on the "
                                     "calibration rows: kept rtn+clip")

@@ -77,6 +77,11 @@ def test_breakdown_configs_select_the_layers_they_name():
     twelve = parse_quant_config(ev.BREAKDOWN["design, smoothing for 12-bit too"])
     assert twelve.calibration.smoothquant is True
     assert ev.METHODS["calibrated-sq-search"] == {"alpha": "search"}
+    assert ev.METHODS["calibrated-refine"] == {"refine": 4}
+    for group in (64, 32):
+        qc = parse_quant_config(ev.BREAKDOWN[f"design, ffn g{group}"])
+        assert (qc.classes["ffn"].group_size, qc.classes["ffn"].weight_bits) == (group, 4)
+        assert qc.classes["attn"] == parse_quant_config(ev.DESIGN).classes["attn"]
 
 
 def test_activation_what_ifs():
