@@ -167,18 +167,20 @@ def sweep_candidates(M, group, act, paths=None):
             out.append(dict(path="mm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(k, bk) if group != -1
                             else k, SPLIT_K=split, num_warps=w, num_stages=s))
     if M <= 64:
-        # The swapped-operand tiles (weight [BLOCK_N, BLOCK_K] first, x's rows second; quantized
-        # activations dequantised first).
-        bm = max(16, triton.next_power_of_2(M))
-        for bn, w, s in ((64, 4, 3), (64, 4, 4), (128, 4, 3)):
-            for split in (2, 4, 8):
-                out.append(dict(path="mmT", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
-                                num_warps=w, num_stages=s))
+        # The swapped-operand tiles (weight [BLOCK_N, 16] sub-tiles first, x's rows second;
+        # quantized activations dequantised first; K blocks of 128 whatever the group). The
+        # MMA's N side is BLOCK_M: 8 is the smallest Hopper's warpgroup MMA takes.
+        bms = sorted({max(16, triton.next_power_of_2(M))} | ({8} if M <= 8 else set()))
+        for bm in bms:
+            for bn, w, s in ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 8, 3)):
+                for split in (2, 4, 8, 16):
+                    out.append(dict(path="mmT", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128,
+                                    SPLIT_K=split, num_warps=w, num_stages=s))
     elif M <= 256:
         # Wider swapped tiles: x's rows are the MMA's N side (64-128 of them per program).
         for bm, bn, w in ((64, 64, 4), (64, 128, 4), (128, 128, 8), (64, 128, 8)):
             for split in (1, 2):
-                out.append(dict(path="mmT", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(64, bk),
+                out.append(dict(path="mmT", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128,
                                 SPLIT_K=split, num_warps=w, num_stages=3))
     return [c for c in out if paths is None or c["path"] in paths]
 

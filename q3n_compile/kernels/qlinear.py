@@ -968,7 +968,8 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
         # ahead of every mmT tile swept (s8run3).
         path, tile = "mm", (16, 64, 128, 4, 4)
     bm, bn, bk, warps, stages = tile
-    bk = _k_block(group_size, bk, act_group_size)
+    # mmT's K block is 128 channels whatever the groups (its sub-tiles never straddle one).
+    bk = SW.MMT_BLOCK_K if path == "mmT" else _k_block(group_size, bk, act_group_size)
     n_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     split = (_gemv_split if path == "mmT" else _split)(n_tiles, k_pad, bk, sms)
     return dict(path=path, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
@@ -1181,6 +1182,10 @@ def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, gro
     """Launch the gemv/mm kernel of `cfg` on `a` [M, K]: x itself (act "none") or its codes with
     scales `xs` (fp32 [M] per token, or contiguous [M, G] per token and group of
     `act_group_size` channels); the output is [M, N] in `out_dtype` (x's dtype for the op)."""
+    if cfg["path"] == "mmT":  # K blocks of 128 whatever the groups: its own launcher
+        if act != "none":  # the launchers dequantise quantized activations first
+            raise ValueError("q3n::qlinear: the mmT kernel takes 16-bit activations")
+        return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter)
     M, K = a.shape
     N = qweight.shape[1]
     split = cfg.get("SPLIT_K", 1)
@@ -1205,10 +1210,6 @@ def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, gro
                          f"{act_group} (each K block must lie in one group)")
     flags = dict(BITS=bits, GROUP=group, SYM=zeros is None, ACT=_ACT_CODE[act],
                  ACT_GROUP=act_group, HAS_BIAS=bias is not None, ATOMIC=atomic)
-    if cfg["path"] == "mmT":
-        if act != "none":  # the launchers dequantise quantized activations first
-            raise ValueError("q3n::qlinear: the mmT kernel takes 16-bit activations")
-        return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter)
     if cfg["path"] == "gemv1p":
         return _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, split,
                        cfg, flags)

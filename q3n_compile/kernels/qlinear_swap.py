@@ -1,11 +1,21 @@
 """``q3n::qlinear``'s "mmT" path for a few rows of 16-bit activations: the tensor-core GEMM with
-its operands swapped, ``Y^T = W @ X^T``.
+its operands swapped, ``Y^T = W @ X^T``, fed by sub-tiles that need no layout conversion.
 
-Why: at M <= 64 the "mm" tile puts x's few rows on the MMA's M side, which Hopper's warpgroup
-MMA sizes at 64 rows (a 16-row tile wastes 3/4 of it), and puts the weight, unpacked in
-registers, on the side the MMA reads from shared memory (a store and a barrier per K block).
-Swapped, the weight tile ``[BLOCK_N, BLOCK_K]`` is the first operand (the side an MMA may read
-from registers) and x's ``[BLOCK_K, BLOCK_M]`` tile the second, 16 to 64 wide.
+Why swapped: at M <= 64 the "mm" tile puts x's few rows on the MMA's M side, which Hopper's
+warpgroup MMA sizes at 64 rows (a 16-row tile wastes 3/4 of it). Swapped, the weight tile
+``[BLOCK_N, 16]`` is the first operand (the side an MMA may read from registers) and x's
+``[16, BLOCK_M]`` tile the second.
+
+Why sub-tiles: a packed word holds 8 (4-bit) consecutive input channels of one column. Unpacked
+into one ``[BLOCK_N, BLOCK_K]`` tile (a reshape of ``[BLOCK_N, words, 8]``), the codes sit in a
+layout the MMA cannot read, and every K block went through shared memory to another (sm_90 SASS
+of Triton 3.6: 12.4 instructions per code at 16 rows, 64 x 128 blocks). Here a K block of 128
+channels is 16 "rows" r of 8 channels, and sub-tile j (0..7) holds channels ``8r + j``: for each
+plane its bits sit at the same place in every element (a shift that is a constant of the
+sub-tile), so the unpack is elementwise from the loaded words to the MMA operand and Triton keeps
+the words in the operand's register layout (6.5 instructions per code for 4-bit g128, no
+conversion of the weight). x's K block is loaded contiguously and split into the 8 matching
+``[16, BLOCK_M]`` slices in registers (2048 values per K block, against 8192 codes).
 
 What this module guarantees: :func:`run` computes the op's function for ``act="none"``
 (``y = x @ W^T + bias``, W dequantised as ``(q - z) * s`` and rounded to x's dtype, fp32
@@ -20,7 +30,63 @@ import triton
 import triton.language as tl
 
 from q3n_compile.kernels import packing as P
-from q3n_compile.kernels.qcodes import block_minus_zero, tile_setup
+
+# A K block: 16 rows of 8 channels; the sub-tile of position j is the MMA's K = 16.
+MMT_BLOCK_K = 128
+# 0x4B000000 (written out in the kernels) is the bit pattern of 2^23 as float32: a field v placed at bit p of the mantissa
+# (v * 2^p < 2^23) reads as the float 2^23 + v * 2^p, so fma(that, 2^-p, -2^(23-p)) = v exactly,
+# with one LOP3 and one FFMA per field and no int->float conversion.
+
+
+@triton.jit
+def _plane_rows(QW, row0, k0, offs_n, n_ok, K_PAD, N, PB: tl.constexpr, HI: tl.constexpr):
+    """Plane PB's bits of channels k0 + 8r + j (r < 16, j < 8) as a [BLOCK_N, 16] int32 u with
+    channel 8r + j's field at bit PB * j of u[:, r] (PB <= 4: PB * 8 bits per row fit a word).
+    PB = 8 (8 codes need two words): HI selects the word of j >= 4, fields at bit 8 * (j % 4).
+    Rows past the padded K are 0."""
+    PER: tl.constexpr = 32 // PB
+    r = tl.arange(0, 16)
+    if PB == 8:
+        w_row = k0 // PER + 2 * r + HI
+        u = tl.load(QW + (row0 + w_row)[None, :] * N + offs_n[:, None],
+                    mask=(w_row < K_PAD // PER)[None, :] & n_ok[:, None], other=0)
+    elif PB == 4:
+        w_row = k0 // PER + r
+        u = tl.load(QW + (row0 + w_row)[None, :] * N + offs_n[:, None],
+                    mask=(w_row < K_PAD // PER)[None, :] & n_ok[:, None], other=0)
+    else:
+        # Row r's 8 fields are one 16-bit (PB = 2) or 8-bit (PB = 1) part of a word: loaded as
+        # that part (little-endian), so that no per-row shift (which Triton 3.6 does not carry
+        # into the MMA operand's layout) is needed.
+        R: tl.constexpr = 4 // PB  # rows of 8 channels per word
+        w_row = k0 // PER + r // R
+        if PB == 2:
+            part = QW.to(tl.pointer_type(tl.int16))
+        else:
+            part = QW.to(tl.pointer_type(tl.int8))
+        u = tl.load(part + ((row0 + w_row)[None, :] * N + offs_n[:, None]) * R + (r % R)[None, :],
+                    mask=(w_row < K_PAD // PER)[None, :] & n_ok[:, None], other=0)
+        u = u.to(tl.int32)
+    return u
+
+
+@triton.jit
+def _halves(u):
+    """(low, high) 16-bit halves of u, each OR-ed with the float32 bits of 2^23."""
+    return (u & 0xFFFF) | 0x4B000000, ((u >> 16) & 0xFFFF) | 0x4B000000
+
+
+@triton.jit
+def _field(lo, hi, b: tl.constexpr, PB: tl.constexpr, sub):
+    """The PB-bit field at bit b (< 32, b % 16 + PB <= 16) of the word whose magic halves are
+    (lo, hi), minus `sub` (an integer-valued float32 tensor or 0.0), as an exact float32."""
+    p: tl.constexpr = b % 16
+    field: tl.constexpr = (((1 << PB) - 1) << p) | 0x4B000000
+    if b >= 16:
+        f = hi & field
+    else:
+        f = lo & field
+    return tl.fma(f.to(tl.float32, bitcast=True), 1.0 / (1 << p), -8388608.0 / (1 << p) - sub)
 
 
 @triton.jit
@@ -30,41 +96,115 @@ def qlinear_mmT_kernel(
     stride_xm, stride_xk, stride_ym, stride_yn,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
     ATOMIC: tl.constexpr, F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program computes Y[m-block, n-block]^T over one split of K: acc[BLOCK_N, BLOCK_M] +=
-    B[BLOCK_N, BLOCK_K] @ x_tile^T with B = (q - z) * s rounded to x's dtype (per-channel: B =
-    q - z, exact, and s multiplies the fp32 result); F32 (fp32 x, or the interpreter) multiplies
-    in fp32. Then + bias (first K split only), stored transposed into Y (or atomically added to
-    an fp32 Y when K is split). BLOCK_K <= GROUP (the launcher's rule): one group per K block.
+    """One program computes Y[m-block, n-block]^T over one split of K (a multiple of 128):
+    acc[BLOCK_N, BLOCK_M] += B_j @ x_j^T for the 8 sub-tiles j of each K block (see the module
+    docstring), B_j = (q - z) * s rounded to x's dtype (per-channel: B_j = q - z, exact, and s
+    multiplies the fp32 result); F32 (fp32 x, or the interpreter) multiplies in fp32. Then
+    + bias (first K split only), stored transposed into Y (or atomically added to an fp32 Y when
+    K is split).
 
-    The unpack is not what bounds it: gemv1p's float trick for one-plane codes (one LOP3 and one
-    FMA per code, bit-identical results) was no faster at 16 rows (s8run5, W4A16, 3 shapes).
+    Unpack, per code and plane: one LOP3 and one FFMA (the float trick above :func:`_plane_rows`); q = sum of the planes'
+    fields times 2^(their bit offset) (one more FFMA per extra plane), q - z by an FADD, exact
+    (integers below 2^24). Scales and zero points: one per row r of 8 channels (groups of 32 and
+    64 change along r, never along j) or per column (groups of 128, per channel).
 
     Traffic: the packed weight once per row block of M (one block for M <= BLOCK_M), x once per
     column block, Y once (per split with ATOMIC).
     """
+    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m, offs_n, m_ok, n_ok, k_start, k_end, s_col, z_col = tile_setup(
-        S, Z, tl.program_id(2), tl.program_id(0), pid_k, M, N, K_PAD, K_PER_SPLIT, GROUP, SYM,
-        BLOCK_M, BLOCK_N)
+    offs_m = (tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K_PAD)
     PER_CHANNEL: tl.constexpr = GROUP == 0
+    # The group of row r's channels is a function of r alone when the group is < 128: [N, 16]
+    # scales (zero points); one per column otherwise: [N, 1].
+    ROW_GROUPS: tl.constexpr = GROUP == 32 or GROUP == 64
+    r16 = tl.arange(0, 16)
+    if PER_CHANNEL:
+        s_col = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if not SYM:
+            z_col = tl.load(Z + offs_n, mask=n_ok, other=0).to(tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+    for k0 in range(k_start, k_end, 128):
+        offs_k = k0 + tl.arange(0, 128)
         xt = tl.load(X + offs_k[:, None] * stride_xk + offs_m[None, :] * stride_xm,
                      mask=(offs_k < K)[:, None] & m_ok[None, :], other=0.0)
-        w = block_minus_zero(QW, Z, z_col, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS,
-                             GROUP, SYM, BLOCK_K, True)
-        wf = w.to(tl.float32)
-        if not PER_CHANNEL:
-            s_row = tl.load(S + (k0 // GROUP) * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            wf = wf * s_row[:, None]
-        b = wf.to(xt.dtype)
-        if F32:
-            acc = tl.dot(b.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+        # x_j[r, m] = x[k0 + 8r + j, m]: [128, M] -> [16, M, 2, 2, 2] (j = 4a + 2b + c), split
+        # on c, then b, then a.
+        x5 = tl.reshape(tl.permute(tl.reshape(xt, (16, 8, BLOCK_M)), (0, 2, 1)),
+                        (16, BLOCK_M, 2, 2, 2))
+        xc0, xc1 = tl.split(x5)
+        xc0b0, xc0b1 = tl.split(xc0)
+        xc1b0, xc1b1 = tl.split(xc1)
+        x0, x4 = tl.split(xc0b0)
+        x2, x6 = tl.split(xc0b1)
+        x1, x5j = tl.split(xc1b0)
+        x3, x7 = tl.split(xc1b1)
+        xs = (x0, x1, x2, x3, x4, x5j, x6, x7)
+        # Scales and zero points, [BLOCK_N, 16] or [BLOCK_N, 1].
+        if ROW_GROUPS:
+            g = (k0 + 8 * r16) // GROUP
+            g_ok = (g < (K_PAD + GROUP - 1) // GROUP)[None, :] & n_ok[:, None]
+            s = tl.load(S + g[None, :] * N + offs_n[:, None], mask=g_ok, other=0.0)
+            s = s.to(tl.float32)
+            if not SYM:
+                z = tl.load(Z + g[None, :] * N + offs_n[:, None], mask=g_ok, other=0)
+                z = z.to(tl.float32)
+        elif not PER_CHANNEL:
+            g = k0 // GROUP
+            s = tl.load(S + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            if not SYM:
+                z = tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)[:, None]
         else:
-            acc = tl.dot(b, xt, acc)
+            s = s_col[:, None]
+            if not SYM:
+                z = z_col[:, None]
+        if SYM:
+            z = tl.full([BLOCK_N, 1], 1 << (BITS - 1), tl.float32)
+        # Each plane's rows, widest first (the packing's order: 8, 4, 2, 1).
+        if BITS == 8:
+            a_lo, a_hi = _halves(_plane_rows(QW, 0, k0, offs_n, n_ok, K_PAD, N, 8, 0))
+            b_lo, b_hi = _halves(_plane_rows(QW, 0, k0, offs_n, n_ok, K_PAD, N, 8, 1))
+        if BITS == 4 or BITS == 5 or BITS == 6 or BITS == 7:
+            p4_lo, p4_hi = _halves(_plane_rows(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, 0))
+        if BITS == 2 or BITS == 3 or BITS == 6 or BITS == 7:
+            p2_lo, p2_hi = _halves(_plane_rows(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, 0))
+        if BITS == 3 or BITS == 5 or BITS == 7:
+            p1_lo, p1_hi = _halves(_plane_rows(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, 0))
+        for j in tl.static_range(8):
+            # d = q - z: z comes off with the first (widest) plane's field.
+            if BITS == 8:
+                if j < 4:
+                    d = _field(a_lo, a_hi, 8 * j, 8, z)
+                else:
+                    d = _field(b_lo, b_hi, 8 * (j - 4), 8, z)
+            elif BITS == 4:
+                d = _field(p4_lo, p4_hi, 4 * j, 4, z)
+            elif BITS == 2:
+                d = _field(p2_lo, p2_hi, 2 * j, 2, z)
+            elif BITS == 3:
+                d = _field(p2_lo, p2_hi, 2 * j, 2, z) + 4.0 * _field(p1_lo, p1_hi, j, 1, 0.0)
+            elif BITS == 5:
+                d = _field(p4_lo, p4_hi, 4 * j, 4, z) + 16.0 * _field(p1_lo, p1_hi, j, 1, 0.0)
+            elif BITS == 6:
+                d = _field(p4_lo, p4_hi, 4 * j, 4, z) + 16.0 * _field(p2_lo, p2_hi, 2 * j, 2, 0.0)
+            else:
+                d = (_field(p4_lo, p4_hi, 4 * j, 4, z)
+                     + 16.0 * _field(p2_lo, p2_hi, 2 * j, 2, 0.0)
+                     + 64.0 * _field(p1_lo, p1_hi, j, 1, 0.0))
+            if not PER_CHANNEL:
+                d = d * s
+            b = d.to(X.dtype.element_ty)
+            if F32:
+                acc = tl.dot(b.to(tl.float32), xs[j].to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(b, xs[j], acc)
     if PER_CHANNEL:
         acc = acc * s_col[:, None]
     if HAS_BIAS:
@@ -78,29 +218,31 @@ def qlinear_mmT_kernel(
         tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_mask)
 
 
+def k_per_split(K: int, split: int) -> int:
+    """The K range of one split: a multiple of :data:`MMT_BLOCK_K`."""
+    return triton.cdiv(triton.cdiv(P.padded_k(K), MMT_BLOCK_K), split) * MMT_BLOCK_K
+
+
 def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bias, bits: int,
         group_size: int, cfg: dict, interpreter: bool) -> torch.Tensor:
-    """Launch :func:`qlinear_mmT_kernel` with `cfg` (BLOCK_M/N/K, SPLIT_K, num_warps,
-    num_stages; BLOCK_K at most the group, the caller's rule)."""
+    """Launch :func:`qlinear_mmT_kernel` with `cfg` (BLOCK_M/N, SPLIT_K, num_warps, num_stages;
+    the K block is always :data:`MMT_BLOCK_K`, whatever the group)."""
     M, K = x.shape
     N = qweight.shape[1]
     split = cfg.get("SPLIT_K", 1)
-    k_pad = P.padded_k(K)
-    block_k = cfg["BLOCK_K"]
-    k_per_split = triton.cdiv(triton.cdiv(k_pad, block_k), split) * block_k
     rows = P.plane_rows(bits, K)
     y = (torch.zeros((M, N), dtype=torch.float32, device=x.device) if split > 1
          else torch.empty((M, N), dtype=x.dtype, device=x.device))
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, triton.cdiv(M, cfg["BLOCK_M"]))
     qlinear_mmT_kernel[grid](
         x, qweight, scales, zeros if zeros is not None else scales,
-        bias if bias is not None else scales, y, M, N, K, k_pad,
-        rows.get(4, (0, 0))[0], rows.get(2, (0, 0))[0], rows.get(1, (0, 0))[0], k_per_split,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        bias if bias is not None else scales, y, M, N, K, P.padded_k(K),
+        rows.get(4, (0, 0))[0], rows.get(2, (0, 0))[0], rows.get(1, (0, 0))[0],
+        k_per_split(K, split), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         BITS=bits, GROUP=0 if group_size == P.PER_CHANNEL else group_size, SYM=zeros is None,
         HAS_BIAS=bias is not None, ATOMIC=split > 1,
         # Triton 3.6's interpreter multiplies bf16 tiles as raw bits; fp32 holds them exactly.
         F32=x.dtype == torch.float32 or (interpreter and x.dtype == torch.bfloat16),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.to(x.dtype) if split > 1 and x.dtype != torch.float32 else y

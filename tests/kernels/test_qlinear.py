@@ -298,7 +298,9 @@ def test_choose_path_table():
         for act in Q.ACT_FORMATS:
             cfg = Q.choose_path(m, 12288, 4096, 6, 64, act, bf16, cuda, sm_count=132)
             assert cfg["path"] in ("gemv", "gemv1p", "mm", "mmT", "dequant", "cublas8")
-            if cfg["path"] != "dequant":
+            if cfg["path"] == "mmT":  # K blocks of 128 channels whatever the group
+                assert cfg["BLOCK_K"] == 128
+            elif cfg["path"] != "dequant":
                 assert cfg["BLOCK_K"] <= 64
 
 

@@ -31,13 +31,28 @@ CASES = [  # bits, group, sym, dtype, M, split
                               for b, g, s, d, m, sp in CASES])
 @pytest.mark.parametrize("bias", [False, True])
 def test_mmT_against_float64(bits, group, sym, dtype, M, split, bias):
-    N, K = 72, 192  # N off the 64-column block; 3 K blocks of 64
+    N, K = 72, 192  # N off the 64-column block; one whole K block of 128 and half of one
     gen = _gen(f"mmT{bits}{group}{sym}{dtype}{M}{split}{bias}")
     pw = _packed(gen, N, K, bits, group, sym)
     x = torch.randn(M, K, generator=gen).to(dtype)
     cfg = dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=32 if group == 32 else 64,
                SPLIT_K=split, num_warps=4, num_stages=1)
     _check(x, pw, torch.randn(N, generator=gen).to(dtype) if bias else None, cfg)
+
+
+@pytest.mark.parametrize("bits,group,sym,K", [(4, 32, False, 224), (6, 64, True, 320),
+                                              (8, -1, True, 77), (3, -1, False, 130),
+                                              (2, 32, False, 96), (5, -1, True, 45)])
+def test_mmT_k_off_the_blocks(bits, group, sym, K):
+    # K off the 128-channel block (rows of 8 channels past the padded K, groups past the last;
+    # the split's second range partial or empty) and, per channel, off 32 (padded codes, x
+    # masked inside a word).
+    gen = _gen(f"mmTk{bits}{group}{sym}{K}")
+    pw = _packed(gen, 40, K, bits, group, sym)
+    x = torch.randn(7, K, generator=gen).to(bf16)
+    cfg = dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_warps=4,
+               num_stages=1)
+    _check(x, pw, None, cfg)
 
 
 @pytest.mark.parametrize("act,ag", [("int8", Q.PER_TOKEN), ("fp8", 32), ("int12", Q.PER_TOKEN)])
