@@ -963,11 +963,11 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
         split = _gemv_split(M * triton.cdiv(N, bn), k_pad, bk, sms)
         return dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4,
                     num_stages=2)
-    if path == "mmT" and bits == 8:
-        # 8-bit weights at 16 rows: the mm tile ran 0.0204 / 0.1226 ms at 4096^2 / 28672 x 8192,
-        # ahead of every mmT tile swept (s8run3).
-        path, tile = "mm", (16, 64, 128, 4, 4)
     bm, bn, bk, warps, stages = tile
+    if path == "mmT" and M <= 8:
+        # x's rows are the MMA's N side, 8 the least it takes: W4A16 g128 at 4 rows, 28672 x
+        # 8192, ran 0.081 ms against 0.088 with 16 (s9run1 sweep).
+        bm, stages = 8, 4
     # mmT's K block is 128 channels whatever the groups (its sub-tiles never straddle one).
     bk = SW.MMT_BLOCK_K if path == "mmT" else _k_block(group_size, bk, act_group_size)
     n_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)

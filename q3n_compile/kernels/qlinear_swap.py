@@ -95,7 +95,7 @@ def qlinear_mmT_kernel(
     M, N, K, K_PAD, ROW4, ROW2, ROW1, K_PER_SPLIT,
     stride_xm, stride_xk, stride_ym, stride_yn,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ATOMIC: tl.constexpr, F32: tl.constexpr,
+    ATOMIC: tl.constexpr, F32: tl.constexpr, XPERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program computes Y[m-block, n-block]^T over one split of K (a multiple of 128):
@@ -132,21 +132,27 @@ def qlinear_mmT_kernel(
             z_col = tl.load(Z + offs_n, mask=n_ok, other=0).to(tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(k_start, k_end, 128):
-        offs_k = k0 + tl.arange(0, 128)
-        xt = tl.load(X + offs_k[:, None] * stride_xk + offs_m[None, :] * stride_xm,
-                     mask=(offs_k < K)[:, None] & m_ok[None, :], other=0.0)
-        # x_j[r, m] = x[k0 + 8r + j, m]: [128, M] -> [16, M, 2, 2, 2] (j = 4a + 2b + c), split
-        # on c, then b, then a.
-        x5 = tl.reshape(tl.permute(tl.reshape(xt, (16, 8, BLOCK_M)), (0, 2, 1)),
-                        (16, BLOCK_M, 2, 2, 2))
-        xc0, xc1 = tl.split(x5)
-        xc0b0, xc0b1 = tl.split(xc0)
-        xc1b0, xc1b1 = tl.split(xc1)
-        x0, x4 = tl.split(xc0b0)
-        x2, x6 = tl.split(xc0b1)
-        x1, x5j = tl.split(xc1b0)
-        x3, x7 = tl.split(xc1b1)
-        xs = (x0, x1, x2, x3, x4, x5j, x6, x7)
+        if XPERM:
+            # X is x with each 128-channel block permuted (:func:`permute_x`): column 16j + r
+            # of the block holds channel 8r + j, so the block is x_0 .. x_7 stacked.
+            xp = tl.load(X + (k0 + tl.arange(0, 128))[:, None] * stride_xk
+                         + offs_m[None, :] * stride_xm, mask=m_ok[None, :], other=0.0)
+        else:
+            offs_k = k0 + tl.arange(0, 128)
+            xt = tl.load(X + offs_k[:, None] * stride_xk + offs_m[None, :] * stride_xm,
+                         mask=(offs_k < K)[:, None] & m_ok[None, :], other=0.0)
+            # x_j[r, m] = x[k0 + 8r + j, m]: [128, M] -> [16, M, 2, 2, 2] (j = 4a + 2b + c),
+            # split on c, then b, then a.
+            x5 = tl.reshape(tl.permute(tl.reshape(xt, (16, 8, BLOCK_M)), (0, 2, 1)),
+                            (16, BLOCK_M, 2, 2, 2))
+            xc0, xc1 = tl.split(x5)
+            xc0b0, xc0b1 = tl.split(xc0)
+            xc1b0, xc1b1 = tl.split(xc1)
+            x0, x4 = tl.split(xc0b0)
+            x2, x6 = tl.split(xc0b1)
+            x1, x5j = tl.split(xc1b0)
+            x3, x7 = tl.split(xc1b1)
+            xs = (x0, x1, x2, x3, x4, x5j, x6, x7)
         # Scales and zero points, [BLOCK_N, 16] or [BLOCK_N, 1].
         if ROW_GROUPS:
             g = (k0 + 8 * r16) // GROUP
@@ -177,6 +183,7 @@ def qlinear_mmT_kernel(
             p2_lo, p2_hi = _halves(_plane_rows(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, 0))
         if BITS == 3 or BITS == 5 or BITS == 7:
             p1_lo, p1_hi = _halves(_plane_rows(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, 0))
+        bs = ()
         for j in tl.static_range(8):
             # d = q - z: z comes off with the first (widest) plane's field.
             if BITS == 8:
@@ -201,10 +208,22 @@ def qlinear_mmT_kernel(
             if not PER_CHANNEL:
                 d = d * s
             b = d.to(X.dtype.element_ty)
-            if F32:
+            if XPERM:
+                bs = bs + (b,)
+            elif F32:
                 acc = tl.dot(b.to(tl.float32), xs[j].to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(b, xs[j], acc)
+        if XPERM:
+            # One dot over the block: A[n, 16j + r] = B_j[n, r] (j = 4a + 2b + c), so that
+            # its 8 MMAs are issued back to back.
+            w5 = tl.join(tl.join(tl.join(bs[0], bs[1]), tl.join(bs[2], bs[3])),
+                         tl.join(tl.join(bs[4], bs[5]), tl.join(bs[6], bs[7])))
+            wa = tl.reshape(tl.permute(w5, (0, 4, 3, 2, 1)), (BLOCK_N, 128))
+            if F32:
+                acc = tl.dot(wa.to(tl.float32), xp.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(wa, xp, acc)
     if PER_CHANNEL:
         acc = acc * s_col[:, None]
     if HAS_BIAS:
@@ -223,6 +242,15 @@ def k_per_split(K: int, split: int) -> int:
     return triton.cdiv(triton.cdiv(P.padded_k(K), MMT_BLOCK_K), split) * MMT_BLOCK_K
 
 
+def permute_x(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] -> [M, K rounded up to 128] with each 128-channel block permuted so that column
+    16j + r holds channel 8r + j (zeros past K): what XPERM's kernel reads."""
+    M, K = x.shape
+    k128 = triton.cdiv(K, MMT_BLOCK_K) * MMT_BLOCK_K
+    xp = torch.nn.functional.pad(x, (0, k128 - K))
+    return xp.view(M, k128 // MMT_BLOCK_K, 16, 8).transpose(2, 3).reshape(M, k128)
+
+
 def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bias, bits: int,
         group_size: int, cfg: dict, interpreter: bool) -> torch.Tensor:
     """Launch :func:`qlinear_mmT_kernel` with `cfg` (BLOCK_M/N, SPLIT_K, num_warps, num_stages;
@@ -234,13 +262,15 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
     y = (torch.zeros((M, N), dtype=torch.float32, device=x.device) if split > 1
          else torch.empty((M, N), dtype=x.dtype, device=x.device))
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, triton.cdiv(M, cfg["BLOCK_M"]))
+    xperm = bool(cfg.get("XPERM", False))
+    xk = permute_x(x) if xperm else x
     qlinear_mmT_kernel[grid](
-        x, qweight, scales, zeros if zeros is not None else scales,
+        xk, qweight, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, y, M, N, K, P.padded_k(K),
         rows.get(4, (0, 0))[0], rows.get(2, (0, 0))[0], rows.get(1, (0, 0))[0],
-        k_per_split(K, split), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        k_per_split(K, split), xk.stride(0), xk.stride(1), y.stride(0), y.stride(1),
         BITS=bits, GROUP=0 if group_size == P.PER_CHANNEL else group_size, SYM=zeros is None,
-        HAS_BIAS=bias is not None, ATOMIC=split > 1,
+        HAS_BIAS=bias is not None, ATOMIC=split > 1, XPERM=xperm,
         # Triton 3.6's interpreter multiplies bf16 tiles as raw bits; fp32 holds them exactly.
         F32=x.dtype == torch.float32 or (interpreter and x.dtype == torch.bfloat16),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],

@@ -279,10 +279,12 @@ def test_choose_path_table():
     m16 = Q.choose_path(16, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)
     assert m16["path"] == "mmT" and m16["SPLIT_K"] == 8  # swapped tiles, K split as the GEMV's
     assert Q.choose_path(17, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "mm"
-    assert Q.choose_path(16, 4096, 4096, 8, -1, "none", bf16, cuda, sm_count=132)["path"] == "mm"
+    assert Q.choose_path(16, 4096, 4096, 8, -1, "none", bf16, cuda, sm_count=132)["path"] == "mmT"
     for act in ("int8", "fp8", "int12"):  # quantized activations too (dequantised first)
         assert Q.choose_path(16, 4096, 4096, 4, 128, act, bf16, cuda, sm_count=132)["path"] == "mmT"
-    assert Q.choose_path(16, 4096, 4096, 8, -1, "int8", bf16, cuda, sm_count=132)["path"] == "mm"
+    assert Q.choose_path(16, 4096, 4096, 8, -1, "int8", bf16, cuda, sm_count=132)["path"] == "mmT"
+    few = Q.choose_path(5, 4096, 4096, 4, 32, "none", bf16, cuda, sm_count=132)
+    assert (few["path"], few["BLOCK_M"], few["BLOCK_K"]) == ("mmT", 8, 128)  # 8: the MMA's least N
     big = Q.choose_path(4096, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)
     assert big["path"] == "dequant"
     a8 = Q.choose_path(256, 4096, 4096, 4, 32, "int8", bf16, cuda, sm_count=132)

@@ -29,29 +29,30 @@ CASES = [  # bits, group, sym, dtype, M, split
 @pytest.mark.parametrize("bits,group,sym,dtype,M,split", CASES,
                          ids=[f"w{b}g{g}{'s' if s else 'a'}_{str(d)[6:]}_m{m}_split{sp}"
                               for b, g, s, d, m, sp in CASES])
-@pytest.mark.parametrize("bias", [False, True])
-def test_mmT_against_float64(bits, group, sym, dtype, M, split, bias):
+@pytest.mark.parametrize("bias,xperm", [(False, False), (True, False), (True, True)])
+def test_mmT_against_float64(bits, group, sym, dtype, M, split, bias, xperm):
     N, K = 72, 192  # N off the 64-column block; one whole K block of 128 and half of one
-    gen = _gen(f"mmT{bits}{group}{sym}{dtype}{M}{split}{bias}")
+    gen = _gen(f"mmT{bits}{group}{sym}{dtype}{M}{split}{bias}{xperm}")
     pw = _packed(gen, N, K, bits, group, sym)
     x = torch.randn(M, K, generator=gen).to(dtype)
-    cfg = dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=32 if group == 32 else 64,
-               SPLIT_K=split, num_warps=4, num_stages=1)
+    cfg = dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=split, num_warps=4,
+               num_stages=1, XPERM=xperm)
     _check(x, pw, torch.randn(N, generator=gen).to(dtype) if bias else None, cfg)
 
 
 @pytest.mark.parametrize("bits,group,sym,K", [(4, 32, False, 224), (6, 64, True, 320),
                                               (8, -1, True, 77), (3, -1, False, 130),
                                               (2, 32, False, 96), (5, -1, True, 45)])
-def test_mmT_k_off_the_blocks(bits, group, sym, K):
+@pytest.mark.parametrize("xperm", [False, True])
+def test_mmT_k_off_the_blocks(bits, group, sym, K, xperm):
     # K off the 128-channel block (rows of 8 channels past the padded K, groups past the last;
     # the split's second range partial or empty) and, per channel, off 32 (padded codes, x
     # masked inside a word).
-    gen = _gen(f"mmTk{bits}{group}{sym}{K}")
+    gen = _gen(f"mmTk{bits}{group}{sym}{K}{xperm}")
     pw = _packed(gen, 40, K, bits, group, sym)
     x = torch.randn(7, K, generator=gen).to(bf16)
     cfg = dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_warps=4,
-               num_stages=1)
+               num_stages=1, XPERM=xperm)
     _check(x, pw, None, cfg)
 
 
@@ -79,13 +80,15 @@ def test_mmT_with_quantized_activations_is_the_dequant_path(act, ag):
 
 GPU_TILES = [dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4,
                   num_stages=3),
+             dict(path="mmT", BLOCK_M=8, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4,
+                  num_stages=4, XPERM=True),
              dict(path="mmT", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8,
                   num_stages=3)]
 
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("cfg", GPU_TILES, ids=["m16_split4", "m64"])
+@pytest.mark.parametrize("cfg", GPU_TILES, ids=["m16_split4", "m8_xperm", "m64"])
 @pytest.mark.parametrize("bits,group,sym", [(4, 128, False), (8, -1, True), (6, 128, False)])
 @pytest.mark.parametrize("M", [1, 16, 33])
 def test_gpu_mmT_against_float64(cfg, bits, group, sym, M):
