@@ -26,6 +26,13 @@ code, global load widths, barriers and shared-memory layout conversions (TTGIR
 
     python bench/compile_qlinear_sm90.py --gemv1p --out bench/results/x.json
 
+The swapped-operand tile (``mmT``, kernels/qlinear_swap.py) is compiled for W4 g128 (at its
+16- and 8-row tiles and at 128 columns), W4 g128 symmetric, g32 and per channel, W6 g128, W8
+per channel and W2 g64, and read the same way (plus MMAs and ``MEMBAR`` in the loop).
+``--mmT`` compiles only those.
+
+    python bench/compile_qlinear_sm90.py --mmT --out bench/results/x.json
+
 It does not measure time or check results: the GPU lane does that.
 """
 
@@ -99,6 +106,33 @@ def gemv1p_cases() -> list[tuple[str, str, dict, int, int]]:
     return out
 
 
+# name: (BITS, GROUP, SYM) of the swapped-operand tile (kernels/qlinear_swap.py), x bf16.
+MMT_FORMATS = {"w4g128": (4, 128, False), "w4g128sym": (4, 128, True), "w4g32": (4, 32, False),
+               "w4pc_sym": (4, 0, True), "w6g128": (6, 128, False), "w8pc_sym": (8, 0, True),
+               "w2g64": (2, 64, False)}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): the dispatch's 16- and 8-row tiles, 128 columns,
+# and 16 rows as two dots of 8.
+MMT_TILES = [(16, 64, 4, 3), (8, 64, 4, 4), (16, 128, 8, 3), ("16r8", 64, 4, 4)]
+MMT_TYPES = {"X": "*bf16", "QW": "*i32", "S": "*fp16", "Z": "*u8", "BIAS": "*bf16", "Y": "*fp32"}
+MMT_DIVISIBLE = ("X", "QW", "S", "Z", "BIAS", "Y", "N", "K", "K_PAD", "K_PER_SPLIT",
+                 "stride_xm", "stride_ym")
+
+
+def mmT_cases() -> list[tuple[str, str, dict, int, int]]:
+    """The mmT kernel for each of :data:`MMT_FORMATS` at the 16-row tile, and W4 g128 at every
+    :data:`MMT_TILES` entry (split K: atomics)."""
+    out = []
+    for fmt, (bits, group, sym) in MMT_FORMATS.items():
+        for bm, bn, warps, stages in MMT_TILES if fmt == "w4g128" else MMT_TILES[:1]:
+            # "16r8": 16 rows as two dots of 8 (ROWS 8).
+            block_m, rows = (16, 8) if bm == "16r8" else (bm, bm)
+            out.append((f"mmT_{fmt}_m{bm}n{bn}w{warps}s{stages}", "mmT", dict(
+                BITS=bits, GROUP=group, SYM=sym, HAS_BIAS=False, ATOMIC=True, F32=False,
+                BLOCK_M=block_m, BLOCK_N=bn, ROWS=rows, stride_xk=1, stride_yn=1), warps,
+                stages))
+    return out
+
+
 def cases() -> list[tuple[str, str, dict, int, int]]:
     """(name, kernel, constexprs, num_warps, num_stages) of every variant."""
     out = []
@@ -131,6 +165,19 @@ def compile_variant(Q, kernel_name: str, constexprs: dict, warps: int, stages: i
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if kernel_name == "mmT":
+        from q3n_compile.kernels import qlinear_swap as SW
+
+        kernel = SW.qlinear_mmT_kernel
+        names = kernel.arg_names
+        signature = {n: "constexpr" if n in constexprs else MMT_TYPES.get(n, "i32")
+                     for n in names}
+        src = ASTSource(fn=kernel, signature=signature,
+                        constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                        attrs={(names.index(n),): [["tt.divisibility", 16]]
+                               for n in MMT_DIVISIBLE})
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages})
     if kernel_name == "gemv1p":
         constexprs = dict(constexprs)
         types = dict(GEMV1P_TYPES, X=constexprs.pop("x_type"))
@@ -203,6 +250,7 @@ def inner_loop(cubin: bytes, ttgir: str, codes_per_iteration: int) -> dict:
                 instrs_per_code=round(len(body) / codes_per_iteration, 2) if body else None,
                 loop_global_loads=count("LDG"), loop_shared=count("LDS", "STS", "STSM"),
                 loop_barriers=ops.count("BAR.SYNC.DEFER_BLOCKING") + ops.count("BAR.SYNC"),
+                loop_membar=ops.count("MEMBAR.ALL.CTA"), loop_mma=count("HGMMA", "HMMA"),
                 loop_convert_layout=loop.group(0).count("ttg.convert_layout") if loop else None,
                 FFMA=ops.count("FFMA"), LOP3=ops.count("LOP3.LUT"))
 
@@ -227,8 +275,8 @@ def compile_tree(tree: Path, selected) -> dict:
         "        k = C.compile_variant(Q, kind, ce, w, s)\n"
         "        out[name] = dict(shared=k.metadata.shared, **C.resource_usage(k.asm['cubin']),\n"
         "                         ttir=C._strip_locations(k.asm['ttir']))\n"
-        "        if kind == 'gemv1p':\n"
-        "            codes = ce['BLOCK_K'] * ce['BLOCK_N'] // (32 * w)\n"
+        "        if kind in ('gemv1p', 'mmT'):\n"
+        "            codes = ce.get('BLOCK_K', 128) * ce['BLOCK_N'] // (32 * w)\n"
         "            out[name].update(codes_per_thread_iteration=codes,\n"
         "                             **C.inner_loop(k.asm['cubin'], k.asm['ttgir'], codes))\n"
         "    except Exception as exc:\n"
@@ -245,13 +293,15 @@ def main() -> int:
     ap.add_argument("--compare", type=Path, help="another tree whose per-token kernels to diff")
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     ap.add_argument("--gemv1p", action="store_true", help="only the gemv1p variants")
+    ap.add_argument("--mmT", action="store_true", help="only the swapped-operand tile's variants")
     args = ap.parse_args()
-    variants = gemv1p_cases() if args.gemv1p else cases() + gemv1p_cases()
+    variants = (gemv1p_cases() if args.gemv1p else mmT_cases() if args.mmT
+                else cases() + gemv1p_cases() + mmT_cases())
     here = compile_tree(ROOT, variants)
     base = None
     if args.compare:
         base = compile_tree(args.compare.resolve(), [v for v in variants if v[0].endswith("ag0")
-                                                     and v[1] != "gemv1p"])
+                                                     and v[1] not in ("gemv1p", "mmT")])
     rows = []
     for name, *_ in variants:
         r = here[name]

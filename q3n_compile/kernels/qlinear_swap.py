@@ -9,13 +9,20 @@ warpgroup MMA sizes at 64 rows (a 16-row tile wastes 3/4 of it). Swapped, the we
 Why sub-tiles: a packed word holds 8 (4-bit) consecutive input channels of one column. Unpacked
 into one ``[BLOCK_N, BLOCK_K]`` tile (a reshape of ``[BLOCK_N, words, 8]``), the codes sit in a
 layout the MMA cannot read, and every K block went through shared memory to another (sm_90 SASS
-of Triton 3.6: 12.4 instructions per code at 16 rows, 64 x 128 blocks). Here a K block of 128
-channels is 16 "rows" r of 8 channels, and sub-tile j (0..7) holds channels ``8r + j``: for each
-plane its bits sit at the same place in every element (a shift that is a constant of the
-sub-tile), so the unpack is elementwise from the loaded words to the MMA operand and Triton keeps
-the words in the operand's register layout (6.5 instructions per code for 4-bit g128, no
-conversion of the weight). x's K block is loaded contiguously and split into the 8 matching
-``[16, BLOCK_M]`` slices in registers (2048 values per K block, against 8192 codes).
+of Triton 3.6, ``bench/compile_qlinear_sm90.py --mmT``: 12.4 instructions per code at 16 rows,
+64 x 128 blocks, W4 g128). Here a K block of 128 channels is 16 "rows" r of 8 channels, and
+sub-tile j (0..7) holds channels ``8r + j``: each plane's field then sits at the same bits of
+every element of the sub-tile (its shift is a constant), so the unpack is elementwise from the
+loaded words to the MMA operand and Triton keeps the words in the operand's register layout
+(6.9 instructions per code, no conversion of the weight; a per-row shift, as an earlier 2-bit
+plane had, breaks that, which is why the 2- and 1-bit planes are loaded as 16- and 8-bit
+parts). x's K block is loaded contiguously and split into the 8 matching ``[16, BLOCK_M]``
+slices in registers (2048 values per K block, against 8192 codes), stored for the MMA.
+
+Measured (H200, s9run1-2, 16 rows, W4A16 g128): 0.0174 / 0.0298 / 0.0298 / 0.0898 ms at 4096^2,
+12288 x 4096, 4096 x 12288, 28672 x 8192, 1.08-1.41x bf16 cuBLAS in the same run, where the
+earlier one-tile kernel ran 0.90-0.95x. Tried and slower: x permuted per block beforehand
+(torch ops) and the 8 sub-tiles joined into one dot over the block: 1.1-1.5x slower (s9run2).
 
 What this module guarantees: :func:`run` computes the op's function for ``act="none"``
 (``y = x @ W^T + bias``, W dequantised as ``(q - z) * s`` and rounded to x's dtype, fp32
@@ -33,9 +40,10 @@ from q3n_compile.kernels import packing as P
 
 # A K block: 16 rows of 8 channels; the sub-tile of position j is the MMA's K = 16.
 MMT_BLOCK_K = 128
-# 0x4B000000 (written out in the kernels) is the bit pattern of 2^23 as float32: a field v placed at bit p of the mantissa
-# (v * 2^p < 2^23) reads as the float 2^23 + v * 2^p, so fma(that, 2^-p, -2^(23-p)) = v exactly,
-# with one LOP3 and one FFMA per field and no int->float conversion.
+# 0x4B000000 (written out in the kernels) is the bit pattern of 2^23 as float32: a field v placed
+# at bit p of the mantissa (v * 2^p < 2^23) reads as the float 2^23 + v * 2^p, so fma(that,
+# 2^-p, -2^(23-p)) = v exactly, with one LOP3 and one FFMA per field and no int->float
+# conversion.
 
 
 @triton.jit
@@ -90,13 +98,49 @@ def _field(lo, hi, b: tl.constexpr, PB: tl.constexpr, sub):
 
 
 @triton.jit
+def _x_subtiles(X, k0, offs_m, m_ok, K, stride_xm, stride_xk, ROWS: tl.constexpr):
+    """x's K block at k0 for rows offs_m, as the 8 sub-tiles x_j [16, ROWS] with x_j[r, m] =
+    x[m, k0 + 8r + j]: [128, ROWS] -> [16, ROWS, 2, 2, 2] (j = 4a + 2b + c), split on c, then b,
+    then a."""
+    offs_k = k0 + tl.arange(0, 128)
+    xt = tl.load(X + offs_k[:, None] * stride_xk + offs_m[None, :] * stride_xm,
+                 mask=(offs_k < K)[:, None] & m_ok[None, :], other=0.0)
+    x5 = tl.reshape(tl.permute(tl.reshape(xt, (16, 8, ROWS)), (0, 2, 1)), (16, ROWS, 2, 2, 2))
+    xc0, xc1 = tl.split(x5)
+    xc0b0, xc0b1 = tl.split(xc0)
+    xc1b0, xc1b1 = tl.split(xc1)
+    x0, x4 = tl.split(xc0b0)
+    x2, x6 = tl.split(xc0b1)
+    x1, x5j = tl.split(xc1b0)
+    x3, x7 = tl.split(xc1b1)
+    return x0, x1, x2, x3, x4, x5j, x6, x7
+
+
+@triton.jit
+def _epilogue(acc, Y, BIAS, s_col, offs_m, m_ok, offs_n, n_ok, pid_k, stride_ym, stride_yn,
+              PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+    """acc [BLOCK_N, rows] (* per-channel scales, + bias on the first K split) into Y^T."""
+    if PER_CHANNEL:
+        acc = acc * s_col[:, None]
+    if HAS_BIAS:
+        bias = tl.load(BIAS + offs_n, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32)
+        acc = acc + bias[:, None]
+    y_ptrs = Y + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
+    y_mask = m_ok[None, :] & n_ok[:, None]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=y_mask)
+    else:
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
 def qlinear_mmT_kernel(
     X, QW, S, Z, BIAS, Y,
     M, N, K, K_PAD, ROW4, ROW2, ROW1, K_PER_SPLIT,
     stride_xm, stride_xk, stride_ym, stride_yn,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ATOMIC: tl.constexpr, F32: tl.constexpr, XPERM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ATOMIC: tl.constexpr, F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
 ):
     """One program computes Y[m-block, n-block]^T over one split of K (a multiple of 128):
     acc[BLOCK_N, BLOCK_M] += B_j @ x_j^T for the 8 sub-tiles j of each K block (see the module
@@ -105,19 +149,27 @@ def qlinear_mmT_kernel(
     + bias (first K split only), stored transposed into Y (or atomically added to an fp32 Y when
     K is split).
 
-    Unpack, per code and plane: one LOP3 and one FFMA (the float trick above :func:`_plane_rows`); q = sum of the planes'
-    fields times 2^(their bit offset) (one more FFMA per extra plane), q - z by an FADD, exact
-    (integers below 2^24). Scales and zero points: one per row r of 8 channels (groups of 32 and
-    64 change along r, never along j) or per column (groups of 128, per channel).
+    Unpack, per code and plane: one LOP3 and one FFMA (the float trick above
+    :func:`_plane_rows`), the zero point taken off in the first (widest) plane's FFMA; each
+    further plane adds its field times 2^(its bit offset) (one more FFMA); all exact (integers
+    below 2^24). Scales and zero points: one per row r of 8 channels (groups of 32 and 64 change
+    along r, never along j) or per column (groups of 128, per channel).
 
     Traffic: the packed weight once per row block of M (one block for M <= BLOCK_M), x once per
     column block, Y once (per split with ATOMIC).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = (tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # The program's rows in 1 or 2 parts of ROWS, each its own dot (8 rows: Triton 3.6 uses the
+    # register-operand MMA, m16n8k16, rather than the warpgroup MMA, whose second operand is x's
+    # sub-tile stored to shared memory behind a fence).
+    PARTS: tl.constexpr = BLOCK_M // ROWS
+    offs_m = (tl.program_id(2) * BLOCK_M + tl.arange(0, ROWS)).to(tl.int64)
     m_ok = offs_m < M
+    if PARTS == 2:
+        offs_m1 = offs_m + ROWS
+        m_ok1 = offs_m1 < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K_PAD)
@@ -130,29 +182,15 @@ def qlinear_mmT_kernel(
         s_col = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         if not SYM:
             z_col = tl.load(Z + offs_n, mask=n_ok, other=0).to(tl.float32)
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        s_col = tl.zeros([BLOCK_N], dtype=tl.float32)  # the epilogue's, unused
+    acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+    if PARTS == 2:
+        acc1 = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
     for k0 in range(k_start, k_end, 128):
-        if XPERM:
-            # X is x with each 128-channel block permuted (:func:`permute_x`): column 16j + r
-            # of the block holds channel 8r + j, so the block is x_0 .. x_7 stacked.
-            xp = tl.load(X + (k0 + tl.arange(0, 128))[:, None] * stride_xk
-                         + offs_m[None, :] * stride_xm, mask=m_ok[None, :], other=0.0)
-        else:
-            offs_k = k0 + tl.arange(0, 128)
-            xt = tl.load(X + offs_k[:, None] * stride_xk + offs_m[None, :] * stride_xm,
-                         mask=(offs_k < K)[:, None] & m_ok[None, :], other=0.0)
-            # x_j[r, m] = x[k0 + 8r + j, m]: [128, M] -> [16, M, 2, 2, 2] (j = 4a + 2b + c),
-            # split on c, then b, then a.
-            x5 = tl.reshape(tl.permute(tl.reshape(xt, (16, 8, BLOCK_M)), (0, 2, 1)),
-                            (16, BLOCK_M, 2, 2, 2))
-            xc0, xc1 = tl.split(x5)
-            xc0b0, xc0b1 = tl.split(xc0)
-            xc1b0, xc1b1 = tl.split(xc1)
-            x0, x4 = tl.split(xc0b0)
-            x2, x6 = tl.split(xc0b1)
-            x1, x5j = tl.split(xc1b0)
-            x3, x7 = tl.split(xc1b1)
-            xs = (x0, x1, x2, x3, x4, x5j, x6, x7)
+        xs = _x_subtiles(X, k0, offs_m, m_ok, K, stride_xm, stride_xk, ROWS)
+        if PARTS == 2:
+            xs1 = _x_subtiles(X, k0, offs_m1, m_ok1, K, stride_xm, stride_xk, ROWS)
         # Scales and zero points, [BLOCK_N, 16] or [BLOCK_N, 1].
         if ROW_GROUPS:
             g = (k0 + 8 * r16) // GROUP
@@ -183,7 +221,6 @@ def qlinear_mmT_kernel(
             p2_lo, p2_hi = _halves(_plane_rows(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, 0))
         if BITS == 3 or BITS == 5 or BITS == 7:
             p1_lo, p1_hi = _halves(_plane_rows(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, 0))
-        bs = ()
         for j in tl.static_range(8):
             # d = q - z: z comes off with the first (widest) plane's field.
             if BITS == 8:
@@ -208,33 +245,20 @@ def qlinear_mmT_kernel(
             if not PER_CHANNEL:
                 d = d * s
             b = d.to(X.dtype.element_ty)
-            if XPERM:
-                bs = bs + (b,)
-            elif F32:
+            if F32:
                 acc = tl.dot(b.to(tl.float32), xs[j].to(tl.float32), acc, input_precision="ieee")
+                if PARTS == 2:
+                    acc1 = tl.dot(b.to(tl.float32), xs1[j].to(tl.float32), acc1,
+                                  input_precision="ieee")
             else:
                 acc = tl.dot(b, xs[j], acc)
-        if XPERM:
-            # One dot over the block: A[n, 16j + r] = B_j[n, r] (j = 4a + 2b + c), so that
-            # its 8 MMAs are issued back to back.
-            w5 = tl.join(tl.join(tl.join(bs[0], bs[1]), tl.join(bs[2], bs[3])),
-                         tl.join(tl.join(bs[4], bs[5]), tl.join(bs[6], bs[7])))
-            wa = tl.reshape(tl.permute(w5, (0, 4, 3, 2, 1)), (BLOCK_N, 128))
-            if F32:
-                acc = tl.dot(wa.to(tl.float32), xp.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(wa, xp, acc)
-    if PER_CHANNEL:
-        acc = acc * s_col[:, None]
-    if HAS_BIAS:
-        bias = tl.load(BIAS + offs_n, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32)
-        acc = acc + bias[:, None]
-    y_ptrs = Y + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
-    y_mask = m_ok[None, :] & n_ok[:, None]
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=y_mask)
-    else:
-        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_mask)
+                if PARTS == 2:
+                    acc1 = tl.dot(b, xs1[j], acc1)
+    _epilogue(acc, Y, BIAS, s_col, offs_m, m_ok, offs_n, n_ok, pid_k, stride_ym, stride_yn,
+              PER_CHANNEL, HAS_BIAS, ATOMIC)
+    if PARTS == 2:
+        _epilogue(acc1, Y, BIAS, s_col, offs_m1, m_ok1, offs_n, n_ok, pid_k, stride_ym,
+                  stride_yn, PER_CHANNEL, HAS_BIAS, ATOMIC)
 
 
 def k_per_split(K: int, split: int) -> int:
@@ -242,19 +266,15 @@ def k_per_split(K: int, split: int) -> int:
     return triton.cdiv(triton.cdiv(P.padded_k(K), MMT_BLOCK_K), split) * MMT_BLOCK_K
 
 
-def permute_x(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] -> [M, K rounded up to 128] with each 128-channel block permuted so that column
-    16j + r holds channel 8r + j (zeros past K): what XPERM's kernel reads."""
-    M, K = x.shape
-    k128 = triton.cdiv(K, MMT_BLOCK_K) * MMT_BLOCK_K
-    xp = torch.nn.functional.pad(x, (0, k128 - K))
-    return xp.view(M, k128 // MMT_BLOCK_K, 16, 8).transpose(2, 3).reshape(M, k128)
-
-
 def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bias, bits: int,
         group_size: int, cfg: dict, interpreter: bool) -> torch.Tensor:
-    """Launch :func:`qlinear_mmT_kernel` with `cfg` (BLOCK_M/N, SPLIT_K, num_warps, num_stages;
-    the K block is always :data:`MMT_BLOCK_K`, whatever the group)."""
+    """Launch :func:`qlinear_mmT_kernel` with `cfg` (BLOCK_M/N, SPLIT_K, num_warps, num_stages,
+    optional ROWS: x's rows per dot, BLOCK_M or half of it; the K block is always
+    :data:`MMT_BLOCK_K`, whatever the group)."""
+    rows_per_dot = cfg.get("ROWS", cfg["BLOCK_M"])
+    if rows_per_dot not in (cfg["BLOCK_M"], cfg["BLOCK_M"] // 2) or rows_per_dot < 8:
+        raise ValueError(f"q3n::qlinear: mmT's ROWS {rows_per_dot} must be BLOCK_M "
+                         f"({cfg['BLOCK_M']}) or half of it, and at least 8")
     M, K = x.shape
     N = qweight.shape[1]
     split = cfg.get("SPLIT_K", 1)
@@ -262,17 +282,15 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
     y = (torch.zeros((M, N), dtype=torch.float32, device=x.device) if split > 1
          else torch.empty((M, N), dtype=x.dtype, device=x.device))
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, triton.cdiv(M, cfg["BLOCK_M"]))
-    xperm = bool(cfg.get("XPERM", False))
-    xk = permute_x(x) if xperm else x
     qlinear_mmT_kernel[grid](
-        xk, qweight, scales, zeros if zeros is not None else scales,
+        x, qweight, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, y, M, N, K, P.padded_k(K),
         rows.get(4, (0, 0))[0], rows.get(2, (0, 0))[0], rows.get(1, (0, 0))[0],
-        k_per_split(K, split), xk.stride(0), xk.stride(1), y.stride(0), y.stride(1),
+        k_per_split(K, split), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         BITS=bits, GROUP=0 if group_size == P.PER_CHANNEL else group_size, SYM=zeros is None,
-        HAS_BIAS=bias is not None, ATOMIC=split > 1, XPERM=xperm,
+        HAS_BIAS=bias is not None, ATOMIC=split > 1,
         # Triton 3.6's interpreter multiplies bf16 tiles as raw bits; fp32 holds them exactly.
         F32=x.dtype == torch.float32 or (interpreter and x.dtype == torch.bfloat16),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], ROWS=rows_per_dot,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.to(x.dtype) if split > 1 and x.dtype != torch.float32 else y

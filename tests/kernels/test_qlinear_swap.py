@@ -19,6 +19,27 @@ def _check(x, pw, bias, cfg):
     return check_against_float64(x, pw, bias, path=cfg)
 
 
+@pytest.mark.parametrize("M", [5, 16, 27])
+def test_mmT_rows_in_two_dots(M):
+    # ROWS 8 of BLOCK_M 16: each half of the program's rows is its own dot; the second half
+    # empty (M = 5), full (16), or cut (27, the second program's).
+    gen = _gen(f"mmTrows{M}")
+    pw = _packed(gen, 72, 256, 4, 128, False)
+    x = torch.randn(M, 256, generator=gen).to(f16)
+    cfg = dict(path="mmT", BLOCK_M=16, ROWS=8, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_warps=4,
+               num_stages=1)
+    _check(x, pw, torch.randn(72, generator=gen).to(f16), cfg)
+
+
+def test_mmT_rows_checked():
+    gen = _gen("mmTrowsbad")
+    pw = _packed(gen, 8, 128, 4, 128, False)
+    cfg = dict(path="mmT", BLOCK_M=16, ROWS=4, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4,
+               num_stages=1)
+    with pytest.raises(ValueError, match="ROWS 4 must be BLOCK_M"):
+        _check(torch.randn(3, 128).to(f16), pw, None, cfg)
+
+
 CASES = [  # bits, group, sym, dtype, M, split
     (4, 64, False, bf16, 5, 1), (4, -1, True, f16, 16, 2), (6, 32, False, f32, 17, 1),
     (8, -1, True, bf16, 1, 2), (3, 32, True, f16, 33, 1), (2, -1, False, f32, 3, 2),
@@ -29,30 +50,29 @@ CASES = [  # bits, group, sym, dtype, M, split
 @pytest.mark.parametrize("bits,group,sym,dtype,M,split", CASES,
                          ids=[f"w{b}g{g}{'s' if s else 'a'}_{str(d)[6:]}_m{m}_split{sp}"
                               for b, g, s, d, m, sp in CASES])
-@pytest.mark.parametrize("bias,xperm", [(False, False), (True, False), (True, True)])
-def test_mmT_against_float64(bits, group, sym, dtype, M, split, bias, xperm):
+@pytest.mark.parametrize("bias", [False, True])
+def test_mmT_against_float64(bits, group, sym, dtype, M, split, bias):
     N, K = 72, 192  # N off the 64-column block; one whole K block of 128 and half of one
-    gen = _gen(f"mmT{bits}{group}{sym}{dtype}{M}{split}{bias}{xperm}")
+    gen = _gen(f"mmT{bits}{group}{sym}{dtype}{M}{split}{bias}")
     pw = _packed(gen, N, K, bits, group, sym)
     x = torch.randn(M, K, generator=gen).to(dtype)
     cfg = dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=split, num_warps=4,
-               num_stages=1, XPERM=xperm)
+               num_stages=1)
     _check(x, pw, torch.randn(N, generator=gen).to(dtype) if bias else None, cfg)
 
 
 @pytest.mark.parametrize("bits,group,sym,K", [(4, 32, False, 224), (6, 64, True, 320),
                                               (8, -1, True, 77), (3, -1, False, 130),
                                               (2, 32, False, 96), (5, -1, True, 45)])
-@pytest.mark.parametrize("xperm", [False, True])
-def test_mmT_k_off_the_blocks(bits, group, sym, K, xperm):
+def test_mmT_k_off_the_blocks(bits, group, sym, K):
     # K off the 128-channel block (rows of 8 channels past the padded K, groups past the last;
     # the split's second range partial or empty) and, per channel, off 32 (padded codes, x
     # masked inside a word).
-    gen = _gen(f"mmTk{bits}{group}{sym}{K}{xperm}")
+    gen = _gen(f"mmTk{bits}{group}{sym}{K}")
     pw = _packed(gen, 40, K, bits, group, sym)
     x = torch.randn(7, K, generator=gen).to(bf16)
     cfg = dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_warps=4,
-               num_stages=1, XPERM=xperm)
+               num_stages=1)
     _check(x, pw, None, cfg)
 
 
@@ -81,14 +101,16 @@ def test_mmT_with_quantized_activations_is_the_dequant_path(act, ag):
 GPU_TILES = [dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4,
                   num_stages=3),
              dict(path="mmT", BLOCK_M=8, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4,
-                  num_stages=4, XPERM=True),
+                  num_stages=4),
+             dict(path="mmT", BLOCK_M=16, ROWS=8, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4,
+                  num_warps=4, num_stages=4),
              dict(path="mmT", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8,
                   num_stages=3)]
 
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("cfg", GPU_TILES, ids=["m16_split4", "m8_xperm", "m64"])
+@pytest.mark.parametrize("cfg", GPU_TILES, ids=["m16_split4", "m8_split4", "m16_rows8", "m64"])
 @pytest.mark.parametrize("bits,group,sym", [(4, 128, False), (8, -1, True), (6, 128, False)])
 @pytest.mark.parametrize("M", [1, 16, 33])
 def test_gpu_mmT_against_float64(cfg, bits, group, sym, M):
