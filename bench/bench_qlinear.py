@@ -170,15 +170,12 @@ def sweep_candidates(M, group, act, paths=None):
         # The swapped-operand tiles (weight [BLOCK_N, 16] sub-tiles first, x's rows second;
         # quantized activations dequantised first; K blocks of 128 whatever the group). The
         # MMA's N side is BLOCK_M: 8 is the smallest Hopper's warpgroup MMA takes.
-        # ROWS 8 (x's 16 rows as two dots of 8): the register-operand MMA instead of the
-        # warpgroup MMA.
         bms = sorted({max(16, triton.next_power_of_2(M))} | ({8} if M <= 8 else set()))
         for bm in bms:
-            for rows in sorted({bm, 8} if bm == 16 else {bm}):
-                for bn, w, s in ((64, 4, 3), (64, 4, 4), (128, 8, 3)):
-                    for split in (2, 4, 8):
-                        out.append(dict(path="mmT", BLOCK_M=bm, ROWS=rows, BLOCK_N=bn,
-                                        BLOCK_K=128, SPLIT_K=split, num_warps=w, num_stages=s))
+            for bn, w, s in ((64, 4, 3), (64, 4, 4), (128, 8, 3)):
+                for split in (2, 4, 8):
+                    out.append(dict(path="mmT", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128,
+                                    SPLIT_K=split, num_warps=w, num_stages=s))
     elif M <= 256:
         # Wider swapped tiles: x's rows are the MMA's N side (64-128 of them per program).
         for bm, bn, w in ((64, 64, 4), (64, 128, 4), (128, 128, 8), (64, 128, 8)):

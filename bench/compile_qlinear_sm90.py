@@ -110,9 +110,8 @@ def gemv1p_cases() -> list[tuple[str, str, dict, int, int]]:
 MMT_FORMATS = {"w4g128": (4, 128, False), "w4g128sym": (4, 128, True), "w4g32": (4, 32, False),
                "w4pc_sym": (4, 0, True), "w6g128": (6, 128, False), "w8pc_sym": (8, 0, True),
                "w2g64": (2, 64, False)}
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): the dispatch's 16- and 8-row tiles, 128 columns,
-# and 16 rows as two dots of 8.
-MMT_TILES = [(16, 64, 4, 3), (8, 64, 4, 4), (16, 128, 8, 3), ("16r8", 64, 4, 4)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): the dispatch's 16- and 8-row tiles, and 128 columns.
+MMT_TILES = [(16, 64, 4, 3), (8, 64, 4, 4), (16, 128, 8, 3)]
 MMT_TYPES = {"X": "*bf16", "QW": "*i32", "S": "*fp16", "Z": "*u8", "BIAS": "*bf16", "Y": "*fp32"}
 MMT_DIVISIBLE = ("X", "QW", "S", "Z", "BIAS", "Y", "N", "K", "K_PAD", "K_PER_SPLIT",
                  "stride_xm", "stride_ym")
@@ -124,12 +123,9 @@ def mmT_cases() -> list[tuple[str, str, dict, int, int]]:
     out = []
     for fmt, (bits, group, sym) in MMT_FORMATS.items():
         for bm, bn, warps, stages in MMT_TILES if fmt == "w4g128" else MMT_TILES[:1]:
-            # "16r8": 16 rows as two dots of 8 (ROWS 8).
-            block_m, rows = (16, 8) if bm == "16r8" else (bm, bm)
             out.append((f"mmT_{fmt}_m{bm}n{bn}w{warps}s{stages}", "mmT", dict(
                 BITS=bits, GROUP=group, SYM=sym, HAS_BIAS=False, ATOMIC=True, F32=False,
-                BLOCK_M=block_m, BLOCK_N=bn, ROWS=rows, stride_xk=1, stride_yn=1), warps,
-                stages))
+                BLOCK_M=bm, BLOCK_N=bn, stride_xk=1, stride_yn=1), warps, stages))
     return out
 
 

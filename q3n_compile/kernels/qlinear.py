@@ -23,7 +23,9 @@ What this module guarantees:
     only its own group's codes.
 - The Triton kernels, the interpreter and :func:`reference` compute the same function; they differ
   only by the rounding the kernels' docstrings state (float32 accumulation order, the 16-bit
-  rounding of dequantised weights on the 16-bit-activation tensor-core paths, of dequantised
+  rounding of dequantised weights on the 16-bit-activation tensor-core paths (on ``mmT`` only
+  for weight groups of 32 and 64: with groups of 128 and per-channel scales it scales fp32 sums
+  of exact ``q - z`` products instead), of dequantised
   activations ``c * s_x`` on the ``dequant`` and ``mmT`` paths, of the product before the bias
   on ``cublas8``'s fp8 GEMM, and on GPUs an
   activation code that may differ by one where ``x'/s_x`` lies within an ulp of a rounding tie,
@@ -73,11 +75,13 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   block-scaled fp8 GEMM (or its int8 GEMM) multiplies them. s8run1 (H200, M = 4096): W4A8 g128
   1.02-1.23x bf16, W8A8 0.87-1.12x, where dequantise + cuBLAS ran 0.49-0.87x.
 - ``mmT`` (:mod:`q3n_compile.kernels.qlinear_swap`): the tiles with operands swapped, for 3 to
-  16 rows and weights narrower than 8 bits (64 columns, 4 warps, K split as the GEMV's):
-  W4A16 g128 at 16 rows 1.02-1.22x faster than the ``mm`` tile there (s8run2). Quantized
-  activations are quantised and dequantised to x's dtype first, in one pass (the function of
-  the ``dequant`` path): W4A8 and W6A12 at 16 rows 1.0-1.35x faster than their ``mm`` tiles
-  (s8run5). 8-bit weights were faster on the ``mm`` tile (s8run3).
+  16 rows and every bit width (64 columns, 4 warps, K blocks of 128 channels whatever the group,
+  K split as the GEMV's; 8-row tiles up to 8 rows): the weight is unpacked in 8 sub-tiles of
+  channels ``8r + j`` that reach the MMA with no layout conversion. H200 (session 9), 16 rows:
+  W4A16 g128 1.08-1.41x bf16 cuBLAS (the previous one-tile kernel 0.90-0.95x), W8A16 per
+  channel faster than the mm tile at every shape swept (0.0917 against 0.1359 ms at 28672 x
+  8192). Quantized activations are quantised and dequantised to x's dtype first, in one pass
+  (the function of the ``dequant`` path).
 
 Every K block of the gemv and mm kernels lies in one weight group and one activation group:
 :func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which
@@ -883,10 +887,10 @@ CUDA_TABLE = {
     # dequantise + cuBLAS above, where cuBLAS's GEMM beats a Triton GEMM whose inner loop also
     # unpacks: at M = 256 it took 0.64x (4096 x 4096) and 0.88x (28672 x 8192) of the 64 x 128
     # tile's time, at M = 4096 0.92-0.94x bf16 (s6run6).
-    # From 3 to 16 rows the swapped-operand tile (mmT, K split as the GEMV's; 8-bit weights
-    # keep the mm tile, see choose_path): W4A16 g128 at
-    # 16 rows ran 0.0212 / 0.0413 / 0.1418 ms at 4096^2 / 12288 x 4096 / 28672 x 8192 against
-    # the mm tile's 0.0259 / 0.0422 / 0.1581 (s8run2; bf16 0.0188 / 0.0375 / 0.1262).
+    # From 3 to 16 rows the swapped-operand tile (mmT, K split as the GEMV's, 8-row tiles up to
+    # 8 rows, see choose_path): W4A16 g128 at 16 rows ran 0.0174 / 0.0298 / 0.0898 ms at
+    # 4096^2 / 12288 x 4096 / 28672 x 8192 (s9run2; bf16 0.0188 / 0.0377 / 0.1264), where the
+    # mm tile had run 0.0259 / 0.0422 / 0.1581 (s8run2).
     "a16": [(2, "gemv", None), (16, "mmT", (16, 64, 128, 4, 3)),
             (64, "mm", (32, 64, 128, 4, 4)), (None, "dequant", None)],
     # 8-bit activations: tensor-core tiles up to M = 256, dequantise + cuBLAS above; where the
@@ -896,9 +900,9 @@ CUDA_TABLE = {
     # registers, so its loads are not pipelined like a plain GEMM's).
     # K blocks of 64 from M > 64: with 128, the 6-bit planes' unpack buffers overflowed the H200's
     # 227 KiB of shared memory (311-328 KB asked for, measured 2026-11-28).
-    # From 3 to 16 rows (weights narrower than 8 bits): x quantised and dequantised in one pass,
-    # then the swapped-operand tile: W4A8 ran 0.0235 / 0.0440 / 0.1454 ms against the mm tile's
-    # 0.0263 / 0.0512 / 0.1948 at 4096^2 / 12288 x 4096 / 28672 x 8192 (s8run5).
+    # From 3 to 16 rows: x quantised and dequantised in one pass, then the swapped-operand
+    # tile: W4A8 ran 0.0202 / 0.0324 / 0.0932 ms at 4096^2 / 12288 x 4096 / 28672 x 8192
+    # (s9run2), where the mm tile had run 0.0263 / 0.0512 / 0.1948 (s8run5).
     "a8": [(2, "gemv", None), (16, "mmT", (16, 64, 128, 4, 3)), (64, "mm", (32, 64, 128, 4, 4)),
            (256, "mm", (64, 128, 64, 4, 3)), (None, "dequant", None)],
     # 12-bit activations (fp16 products): dequantise + cuBLAS from 65 rows. At 256 rows it ran

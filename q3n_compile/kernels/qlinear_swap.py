@@ -9,25 +9,30 @@ warpgroup MMA sizes at 64 rows (a 16-row tile wastes 3/4 of it). Swapped, the we
 Why sub-tiles: a packed word holds 8 (4-bit) consecutive input channels of one column. Unpacked
 into one ``[BLOCK_N, BLOCK_K]`` tile (a reshape of ``[BLOCK_N, words, 8]``), the codes sit in a
 layout the MMA cannot read, and every K block went through shared memory to another (sm_90 SASS
-of Triton 3.6, ``bench/compile_qlinear_sm90.py --mmT``: 12.4 instructions per code at 16 rows,
-64 x 128 blocks, W4 g128). Here a K block of 128 channels is 16 "rows" r of 8 channels, and
-sub-tile j (0..7) holds channels ``8r + j``: each plane's field then sits at the same bits of
-every element of the sub-tile (its shift is a constant), so the unpack is elementwise from the
-loaded words to the MMA operand and Triton keeps the words in the operand's register layout
-(6.9 instructions per code, no conversion of the weight; a per-row shift, as an earlier 2-bit
-plane had, breaks that, which is why the 2- and 1-bit planes are loaded as 16- and 8-bit
-parts). x's K block is loaded contiguously and split into the 8 matching ``[16, BLOCK_M]``
-slices in registers (2048 values per K block, against 8192 codes), stored for the MMA.
+of Triton 3.6: 12.4 instructions per code at 16 rows, 64 x 128 blocks, W4 g128). Here a K block
+of 128 channels is 16 "rows" r of 8 channels, and sub-tile j (0..7) holds channels ``8r + j``:
+each plane's field then sits at the same bits of every element of the sub-tile (its shift is a
+constant), so the unpack is elementwise from the loaded words to the MMA operand and Triton
+keeps the words in the operand's register layout (``bench/compile_qlinear_sm90.py --mmT``: 6.1
+instructions per code for W4 g128 at 16 rows, no conversion of the weight). A per-row shift
+breaks that, which is why the 2- and 1-bit planes' words are split into their 16- and 8-bit
+parts and interleaved by joins. x's K block is loaded contiguously and split into the 8
+matching ``[16, BLOCK_M]`` slices in registers (2048 values per K block, against 8192 codes).
+With groups of 128 (one group per K block) the weight is not scaled: the block's fp32 sum of
+exact ``(q - z) * x`` products is, once per output.
 
-Measured (H200, s9run1-2, 16 rows, W4A16 g128): 0.0174 / 0.0298 / 0.0298 / 0.0898 ms at 4096^2,
-12288 x 4096, 4096 x 12288, 28672 x 8192, 1.08-1.41x bf16 cuBLAS in the same run, where the
-earlier one-tile kernel ran 0.90-0.95x. Tried and slower: x permuted per block beforehand
-(torch ops) and the 8 sub-tiles joined into one dot over the block: 1.1-1.5x slower (s9run2).
+Measured (H200, bench/RESULTS.md, session 9): W4A16 g128 at 16 rows 1.08-1.41x bf16 cuBLAS in
+the same run, where the earlier one-tile kernel ran 0.90-0.95x. Tried and slower (s9run2-3):
+x permuted per block beforehand and the 8 sub-tiles joined into one dot over the block
+(1.1-1.5x slower); x's 16 rows as two 8-row dots, which Triton gives the register-operand MMA
+(1.1-1.4x slower at 12288 x 4096 and 28672 x 8192).
 
 What this module guarantees: :func:`run` computes the op's function for ``act="none"``
-(``y = x @ W^T + bias``, W dequantised as ``(q - z) * s`` and rounded to x's dtype, fp32
-accumulation: the same rounding as the mm path's 16-bit-activation tiles), for every bit width,
-weight group and symmetry the op takes; split-K by fp32 atomics as the mm path does.
+(``y = x @ W^T + bias``, fp32 accumulation) for every bit width, weight group and symmetry the
+op takes, with the codes' ``q - z`` exact: groups of 32 and 64 multiply it by the scale and
+round the weight to x's dtype (the mm path's 16-bit-activation rounding); groups of 128 and
+per-channel scales multiply the fp32 sums instead (no rounding of the weight). Split-K by fp32
+atomics as the mm path does.
 """
 
 from __future__ import annotations
@@ -63,18 +68,19 @@ def _plane_rows(QW, row0, k0, offs_n, n_ok, K_PAD, N, PB: tl.constexpr, HI: tl.c
         u = tl.load(QW + (row0 + w_row)[None, :] * N + offs_n[:, None],
                     mask=(w_row < K_PAD // PER)[None, :] & n_ok[:, None], other=0)
     else:
-        # Row r's 8 fields are one 16-bit (PB = 2) or 8-bit (PB = 1) part of a word: loaded as
-        # that part (little-endian), so that no per-row shift (which Triton 3.6 does not carry
-        # into the MMA operand's layout) is needed.
-        R: tl.constexpr = 4 // PB  # rows of 8 channels per word
-        w_row = k0 // PER + r // R
-        if PB == 2:
-            part = QW.to(tl.pointer_type(tl.int16))
-        else:
-            part = QW.to(tl.pointer_type(tl.int8))
-        u = tl.load(part + ((row0 + w_row)[None, :] * N + offs_n[:, None]) * R + (r % R)[None, :],
+        # Row r's 8 fields are part r % R of word r // R (R = 2 halves, or 4 bytes): the R parts
+        # of the block's 16 / R words, interleaved by joins (a per-row shift instead kept the
+        # words out of the MMA operand's layout: Triton 3.6, sm_90).
+        R: tl.constexpr = 4 // PB
+        w_row = k0 // PER + tl.arange(0, 16 // R)
+        w = tl.load(QW + (row0 + w_row)[None, :] * N + offs_n[:, None],
                     mask=(w_row < K_PAD // PER)[None, :] & n_ok[:, None], other=0)
-        u = u.to(tl.int32)
+        if PB == 2:
+            u = tl.join(w & 0xFFFF, (w >> 16) & 0xFFFF)
+        else:
+            u = tl.join(tl.join(w & 0xFF, (w >> 16) & 0xFF),
+                        tl.join((w >> 8) & 0xFF, (w >> 24) & 0xFF))
+        u = tl.reshape(u, (offs_n.shape[0], 16))
     return u
 
 
@@ -117,37 +123,20 @@ def _x_subtiles(X, k0, offs_m, m_ok, K, stride_xm, stride_xk, ROWS: tl.constexpr
 
 
 @triton.jit
-def _epilogue(acc, Y, BIAS, s_col, offs_m, m_ok, offs_n, n_ok, pid_k, stride_ym, stride_yn,
-              PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
-    """acc [BLOCK_N, rows] (* per-channel scales, + bias on the first K split) into Y^T."""
-    if PER_CHANNEL:
-        acc = acc * s_col[:, None]
-    if HAS_BIAS:
-        bias = tl.load(BIAS + offs_n, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32)
-        acc = acc + bias[:, None]
-    y_ptrs = Y + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
-    y_mask = m_ok[None, :] & n_ok[:, None]
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=y_mask)
-    else:
-        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_mask)
-
-
-@triton.jit
 def qlinear_mmT_kernel(
     X, QW, S, Z, BIAS, Y,
     M, N, K, K_PAD, ROW4, ROW2, ROW1, K_PER_SPLIT,
     stride_xm, stride_xk, stride_ym, stride_yn,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
     ATOMIC: tl.constexpr, F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program computes Y[m-block, n-block]^T over one split of K (a multiple of 128):
     acc[BLOCK_N, BLOCK_M] += B_j @ x_j^T for the 8 sub-tiles j of each K block (see the module
-    docstring), B_j = (q - z) * s rounded to x's dtype (per-channel: B_j = q - z, exact, and s
-    multiplies the fp32 result); F32 (fp32 x, or the interpreter) multiplies in fp32. Then
-    + bias (first K split only), stored transposed into Y (or atomically added to an fp32 Y when
-    K is split).
+    docstring), B_j = q - z (exact in x's dtype), times the scales of groups of 32 or 64 and
+    rounded to x's dtype; groups of 128 scale each block's fp32 sum, per-channel scales the
+    final one. F32 (fp32 x, or the interpreter) multiplies in fp32. Then + bias (first K split
+    only), stored transposed into Y (or atomically added to an fp32 Y when K is split).
 
     Unpack, per code and plane: one LOP3 and one FFMA (the float trick above
     :func:`_plane_rows`), the zero point taken off in the first (widest) plane's FFMA; each
@@ -160,15 +149,8 @@ def qlinear_mmT_kernel(
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    # The program's rows in 1 or 2 parts of ROWS, each its own dot (8 rows: Triton 3.6 uses the
-    # register-operand MMA, m16n8k16, rather than the warpgroup MMA, whose second operand is x's
-    # sub-tile stored to shared memory behind a fence).
-    PARTS: tl.constexpr = BLOCK_M // ROWS
-    offs_m = (tl.program_id(2) * BLOCK_M + tl.arange(0, ROWS)).to(tl.int64)
+    offs_m = (tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_ok = offs_m < M
-    if PARTS == 2:
-        offs_m1 = offs_m + ROWS
-        m_ok1 = offs_m1 < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     k_start = pid_k * K_PER_SPLIT
@@ -177,20 +159,18 @@ def qlinear_mmT_kernel(
     # The group of row r's channels is a function of r alone when the group is < 128: [N, 16]
     # scales (zero points); one per column otherwise: [N, 1].
     ROW_GROUPS: tl.constexpr = GROUP == 32 or GROUP == 64
+    # Groups of 128: one group per K block, so its scale multiplies the block's fp32 sum of
+    # exact (q - z) * x products (one FMUL per code less than scaling the weight).
+    BLOCK_SCALE: tl.constexpr = GROUP == 128
     r16 = tl.arange(0, 16)
     if PER_CHANNEL:
         s_col = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         if not SYM:
             z_col = tl.load(Z + offs_n, mask=n_ok, other=0).to(tl.float32)
-    else:
-        s_col = tl.zeros([BLOCK_N], dtype=tl.float32)  # the epilogue's, unused
-    acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
-    if PARTS == 2:
-        acc1 = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(k_start, k_end, 128):
-        xs = _x_subtiles(X, k0, offs_m, m_ok, K, stride_xm, stride_xk, ROWS)
-        if PARTS == 2:
-            xs1 = _x_subtiles(X, k0, offs_m1, m_ok1, K, stride_xm, stride_xk, ROWS)
+        xs = _x_subtiles(X, k0, offs_m, m_ok, K, stride_xm, stride_xk, BLOCK_M)
         # Scales and zero points, [BLOCK_N, 16] or [BLOCK_N, 1].
         if ROW_GROUPS:
             g = (k0 + 8 * r16) // GROUP
@@ -221,6 +201,10 @@ def qlinear_mmT_kernel(
             p2_lo, p2_hi = _halves(_plane_rows(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, 0))
         if BITS == 3 or BITS == 5 or BITS == 7:
             p1_lo, p1_hi = _halves(_plane_rows(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, 0))
+        if BLOCK_SCALE:
+            blk = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            blk = acc
         for j in tl.static_range(8):
             # d = q - z: z comes off with the first (widest) plane's field.
             if BITS == 8:
@@ -242,23 +226,28 @@ def qlinear_mmT_kernel(
                 d = (_field(p4_lo, p4_hi, 4 * j, 4, z)
                      + 16.0 * _field(p2_lo, p2_hi, 2 * j, 2, 0.0)
                      + 64.0 * _field(p1_lo, p1_hi, j, 1, 0.0))
-            if not PER_CHANNEL:
+            if ROW_GROUPS:
                 d = d * s
             b = d.to(X.dtype.element_ty)
             if F32:
-                acc = tl.dot(b.to(tl.float32), xs[j].to(tl.float32), acc, input_precision="ieee")
-                if PARTS == 2:
-                    acc1 = tl.dot(b.to(tl.float32), xs1[j].to(tl.float32), acc1,
-                                  input_precision="ieee")
+                blk = tl.dot(b.to(tl.float32), xs[j].to(tl.float32), blk, input_precision="ieee")
             else:
-                acc = tl.dot(b, xs[j], acc)
-                if PARTS == 2:
-                    acc1 = tl.dot(b, xs1[j], acc1)
-    _epilogue(acc, Y, BIAS, s_col, offs_m, m_ok, offs_n, n_ok, pid_k, stride_ym, stride_yn,
-              PER_CHANNEL, HAS_BIAS, ATOMIC)
-    if PARTS == 2:
-        _epilogue(acc1, Y, BIAS, s_col, offs_m1, m_ok1, offs_n, n_ok, pid_k, stride_ym,
-                  stride_yn, PER_CHANNEL, HAS_BIAS, ATOMIC)
+                blk = tl.dot(b, xs[j], blk)
+        if BLOCK_SCALE:
+            acc += blk * s
+        else:
+            acc = blk
+    if PER_CHANNEL:
+        acc = acc * s_col[:, None]
+    if HAS_BIAS:
+        bias = tl.load(BIAS + offs_n, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32)
+        acc = acc + bias[:, None]
+    y_ptrs = Y + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
+    y_mask = m_ok[None, :] & n_ok[:, None]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=y_mask)
+    else:
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_mask)
 
 
 def k_per_split(K: int, split: int) -> int:
@@ -268,13 +257,8 @@ def k_per_split(K: int, split: int) -> int:
 
 def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bias, bits: int,
         group_size: int, cfg: dict, interpreter: bool) -> torch.Tensor:
-    """Launch :func:`qlinear_mmT_kernel` with `cfg` (BLOCK_M/N, SPLIT_K, num_warps, num_stages,
-    optional ROWS: x's rows per dot, BLOCK_M or half of it; the K block is always
-    :data:`MMT_BLOCK_K`, whatever the group)."""
-    rows_per_dot = cfg.get("ROWS", cfg["BLOCK_M"])
-    if rows_per_dot not in (cfg["BLOCK_M"], cfg["BLOCK_M"] // 2) or rows_per_dot < 8:
-        raise ValueError(f"q3n::qlinear: mmT's ROWS {rows_per_dot} must be BLOCK_M "
-                         f"({cfg['BLOCK_M']}) or half of it, and at least 8")
+    """Launch :func:`qlinear_mmT_kernel` with `cfg` (BLOCK_M/N, SPLIT_K, num_warps, num_stages;
+    the K block is always :data:`MMT_BLOCK_K`, whatever the group)."""
     M, K = x.shape
     N = qweight.shape[1]
     split = cfg.get("SPLIT_K", 1)
@@ -291,6 +275,6 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
         HAS_BIAS=bias is not None, ATOMIC=split > 1,
         # Triton 3.6's interpreter multiplies bf16 tiles as raw bits; fp32 holds them exactly.
         F32=x.dtype == torch.float32 or (interpreter and x.dtype == torch.bfloat16),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], ROWS=rows_per_dot,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], 
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.to(x.dtype) if split > 1 and x.dtype != torch.float32 else y

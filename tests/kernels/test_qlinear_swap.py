@@ -19,27 +19,6 @@ def _check(x, pw, bias, cfg):
     return check_against_float64(x, pw, bias, path=cfg)
 
 
-@pytest.mark.parametrize("M", [5, 16, 27])
-def test_mmT_rows_in_two_dots(M):
-    # ROWS 8 of BLOCK_M 16: each half of the program's rows is its own dot; the second half
-    # empty (M = 5), full (16), or cut (27, the second program's).
-    gen = _gen(f"mmTrows{M}")
-    pw = _packed(gen, 72, 256, 4, 128, False)
-    x = torch.randn(M, 256, generator=gen).to(f16)
-    cfg = dict(path="mmT", BLOCK_M=16, ROWS=8, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_warps=4,
-               num_stages=1)
-    _check(x, pw, torch.randn(72, generator=gen).to(f16), cfg)
-
-
-def test_mmT_rows_checked():
-    gen = _gen("mmTrowsbad")
-    pw = _packed(gen, 8, 128, 4, 128, False)
-    cfg = dict(path="mmT", BLOCK_M=16, ROWS=4, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4,
-               num_stages=1)
-    with pytest.raises(ValueError, match="ROWS 4 must be BLOCK_M"):
-        _check(torch.randn(3, 128).to(f16), pw, None, cfg)
-
-
 CASES = [  # bits, group, sym, dtype, M, split
     (4, 64, False, bf16, 5, 1), (4, -1, True, f16, 16, 2), (6, 32, False, f32, 17, 1),
     (8, -1, True, bf16, 1, 2), (3, 32, True, f16, 33, 1), (2, -1, False, f32, 3, 2),
@@ -102,15 +81,13 @@ GPU_TILES = [dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, nu
                   num_stages=3),
              dict(path="mmT", BLOCK_M=8, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4,
                   num_stages=4),
-             dict(path="mmT", BLOCK_M=16, ROWS=8, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4,
-                  num_warps=4, num_stages=4),
              dict(path="mmT", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8,
                   num_stages=3)]
 
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("cfg", GPU_TILES, ids=["m16_split4", "m8_split4", "m16_rows8", "m64"])
+@pytest.mark.parametrize("cfg", GPU_TILES, ids=["m16_split4", "m8_split4", "m64"])
 @pytest.mark.parametrize("bits,group,sym", [(4, 128, False), (8, -1, True), (6, 128, False)])
 @pytest.mark.parametrize("M", [1, 16, 33])
 def test_gpu_mmT_against_float64(cfg, bits, group, sym, M):
