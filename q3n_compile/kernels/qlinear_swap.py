@@ -15,8 +15,7 @@ each plane's field then sits at the same bits of every element of the sub-tile (
 constant), so the unpack is elementwise from the loaded words to the MMA operand and Triton
 keeps the words in the operand's register layout (``bench/compile_qlinear_sm90.py --mmT``: 6.1
 instructions per code for W4 g128 at 16 rows, no conversion of the weight). A per-row shift
-breaks that, which is why the 2- and 1-bit planes' words are split into their 16- and 8-bit
-parts and interleaved by joins. x's K block is loaded contiguously and split into the 8
+breaks that, which is why the 2- and 1-bit planes are loaded as 16- and 8-bit parts. x's K block is loaded contiguously and split into the 8
 matching ``[16, BLOCK_M]`` slices in registers (2048 values per K block, against 8192 codes).
 With groups of 128 (one group per K block) the weight is not scaled: the block's fp32 sum of
 exact ``(q - z) * x`` products is, once per output.
@@ -68,19 +67,20 @@ def _plane_rows(QW, row0, k0, offs_n, n_ok, K_PAD, N, PB: tl.constexpr, HI: tl.c
         u = tl.load(QW + (row0 + w_row)[None, :] * N + offs_n[:, None],
                     mask=(w_row < K_PAD // PER)[None, :] & n_ok[:, None], other=0)
     else:
-        # Row r's 8 fields are part r % R of word r // R (R = 2 halves, or 4 bytes): the R parts
-        # of the block's 16 / R words, interleaved by joins (a per-row shift instead kept the
-        # words out of the MMA operand's layout: Triton 3.6, sm_90).
-        R: tl.constexpr = 4 // PB
-        w_row = k0 // PER + tl.arange(0, 16 // R)
-        w = tl.load(QW + (row0 + w_row)[None, :] * N + offs_n[:, None],
-                    mask=(w_row < K_PAD // PER)[None, :] & n_ok[:, None], other=0)
+        # Row r's 8 fields are one 16-bit (PB = 2) or 8-bit (PB = 1) part of a word: loaded as
+        # that part (little-endian), so that no per-row shift (which Triton 3.6 does not carry
+        # into the MMA operand's layout) is needed. (Splitting loaded words into their parts
+        # with tl.join instead gave wrong results with the 8-row tile's register-operand MMA on
+        # the H200, s9run4, though right in the interpreter and with 16 rows.)
+        R: tl.constexpr = 4 // PB  # rows of 8 channels per word
+        w_row = k0 // PER + r // R
         if PB == 2:
-            u = tl.join(w & 0xFFFF, (w >> 16) & 0xFFFF)
+            part = QW.to(tl.pointer_type(tl.int16))
         else:
-            u = tl.join(tl.join(w & 0xFF, (w >> 16) & 0xFF),
-                        tl.join((w >> 8) & 0xFF, (w >> 24) & 0xFF))
-        u = tl.reshape(u, (offs_n.shape[0], 16))
+            part = QW.to(tl.pointer_type(tl.int8))
+        u = tl.load(part + ((row0 + w_row)[None, :] * N + offs_n[:, None]) * R + (r % R)[None, :],
+                    mask=(w_row < K_PAD // PER)[None, :] & n_ok[:, None], other=0)
+        u = u.to(tl.int32)
     return u
 
 
