@@ -104,6 +104,26 @@ def _field(lo, hi, b: tl.constexpr, PB: tl.constexpr, sub):
 
 
 @triton.jit
+def _field6(lo4, hi4, h2, j: tl.constexpr, p2: tl.constexpr, z):
+    """A 6-bit code's q - z at position j, in two LOP3 and two FFMA: the 4-bit field (bit 4j of
+    the 4-bit plane's word, magic halves lo4 / hi4) and the 2-bit field (bit p2 of h2, a magic
+    16-bit part) are each one float 2^23 + v * 2^p; fma(f4, 2^-p4, c) with c = -2^(23-p4) -
+    2^(27-p2) - z leaves q4 - z - 2^(27-p2), and fma(f2, 2^(4-p2), that) adds 2^(27-p2) + 16 q2
+    back. Exact: every constant and intermediate is an integer below 2^24 in magnitude for
+    p2 >= 4 (the caller moves positions 0 and 1 up 6 bits: p2 = 6, 8)."""
+    p4: tl.constexpr = (4 * j) % 16
+    field4: tl.constexpr = (15 << p4) | 0x4B000000
+    if j >= 4:
+        f4 = hi4 & field4
+    else:
+        f4 = lo4 & field4
+    f2 = h2 & ((3 << p2) | 0x4B000000)
+    c = -(8388608.0 / (1 << p4) + 134217728.0 / (1 << p2)) - z
+    d4 = tl.fma(f4.to(tl.float32, bitcast=True), 1.0 / (1 << p4), c)
+    return tl.fma(f2.to(tl.float32, bitcast=True), 16.0 / (1 << p2), d4)
+
+
+@triton.jit
 def _x_subtiles(X, k0, offs_m, m_ok, K, stride_xm, stride_xk, ROWS: tl.constexpr):
     """x's K block at k0 for rows offs_m, as the 8 sub-tiles x_j [16, ROWS] with x_j[r, m] =
     x[m, k0 + 8r + j]: [128, ROWS] -> [16, ROWS, 2, 2, 2] (j = 4a + 2b + c), split on c, then b,
@@ -198,7 +218,11 @@ def qlinear_mmT_kernel(
         if BITS == 4 or BITS == 5 or BITS == 6 or BITS == 7:
             p4_lo, p4_hi = _halves(_plane_rows(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, 0))
         if BITS == 2 or BITS == 3 or BITS == 6 or BITS == 7:
-            p2_lo, p2_hi = _halves(_plane_rows(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, 0))
+            u2 = _plane_rows(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, 0)
+            p2_lo, p2_hi = _halves(u2)
+            if BITS == 6:
+                # Positions 0 and 1 moved up 6 bits, for :func:`_field6`.
+                p2_up = ((u2 << 6) & 0xFFFF) | 0x4B000000
         if BITS == 3 or BITS == 5 or BITS == 7:
             p1_lo, p1_hi = _halves(_plane_rows(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, 0))
         if BLOCK_SCALE:
@@ -221,7 +245,10 @@ def qlinear_mmT_kernel(
             elif BITS == 5:
                 d = _field(p4_lo, p4_hi, 4 * j, 4, z) + 16.0 * _field(p1_lo, p1_hi, j, 1, 0.0)
             elif BITS == 6:
-                d = _field(p4_lo, p4_hi, 4 * j, 4, z) + 16.0 * _field(p2_lo, p2_hi, 2 * j, 2, 0.0)
+                if j < 2:
+                    d = _field6(p4_lo, p4_hi, p2_up, j, 2 * j + 6, z)
+                else:
+                    d = _field6(p4_lo, p4_hi, p2_lo, j, 2 * j, z)
             else:
                 d = (_field(p4_lo, p4_hi, 4 * j, 4, z)
                      + 16.0 * _field(p2_lo, p2_hi, 2 * j, 2, 0.0)
