@@ -891,8 +891,13 @@ CUDA_TABLE = {
     # 8 rows, see choose_path): W4A16 g128 at 16 rows ran 0.0174 / 0.0298 / 0.0898 ms at
     # 4096^2 / 12288 x 4096 / 28672 x 8192 (s9run2; bf16 0.0188 / 0.0377 / 0.1264), where the
     # mm tile had run 0.0259 / 0.0422 / 0.1581 (s8run2).
+    # 17-64 rows: mmT with x's 32 or 64 rows on the MMA's N side. W4A16 g128 at 32 rows ran
+    # 0.0212 / 0.0393 / 0.0361 / 0.1253 ms at 4096^2 / 12288 x 4096 / 4096 x 12288 / 28672 x
+    # 8192 against the mm tile's 0.0301 / 0.0492 / 0.0580 / 0.2120, and at 64 rows 0.0262 /
+    # 0.0519 / 0.0432 / 0.1593 against 0.0427 / 0.0768 / 0.0917 / 0.3294 (s9run6).
     "a16": [(2, "gemv", None), (16, "mmT", (16, 64, 128, 4, 3)),
-            (64, "mm", (32, 64, 128, 4, 4)), (None, "dequant", None)],
+            (32, "mmT", (32, 64, 128, 4, 3)), (64, "mmT", (64, 128, 128, 8, 3)),
+            (None, "dequant", None)],
     # 8-bit activations: tensor-core tiles up to M = 256, dequantise + cuBLAS above; where the
     # format allows, the cublas8 path replaces both from CUBLAS8_MIN_M rows. At M = 1024 the
     # 128 x 128 tile this table had there ran 0.17-0.39x bf16 against dequantise + cuBLAS's
@@ -975,7 +980,12 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     # mmT's K block is 128 channels whatever the groups (its sub-tiles never straddle one).
     bk = SW.MMT_BLOCK_K if path == "mmT" else _k_block(group_size, bk, act_group_size)
     n_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    split = (_gemv_split if path == "mmT" else _split)(n_tiles, k_pad, bk, sms)
+    if path == "mmT" and M > 16:
+        # The mm rule, at least 2 and at most 8: within 4% of the best split swept at 32 and
+        # 64 rows (s9run6; the GEMV's minimum of 4 was 10% slower at 12288 x 4096, 32 rows).
+        split = max(2, _split(n_tiles, k_pad, bk, sms, max_split=8))
+    else:
+        split = (_gemv_split if path == "mmT" else _split)(n_tiles, k_pad, bk, sms)
     return dict(path=path, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
                 num_stages=stages)
 

@@ -278,7 +278,11 @@ def test_choose_path_table():
     assert short["SPLIT_K"] == 2  # 4 K blocks: each split keeps 2
     m16 = Q.choose_path(16, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)
     assert m16["path"] == "mmT" and m16["SPLIT_K"] == 8  # swapped tiles, K split as the GEMV's
-    assert Q.choose_path(17, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "mm"
+    m32 = Q.choose_path(17, 12288, 4096, 4, 128, "none", bf16, cuda, sm_count=132)
+    assert (m32["path"], m32["BLOCK_M"], m32["SPLIT_K"]) == ("mmT", 32, 2)  # the mm split rule
+    m64 = Q.choose_path(64, 28672, 8192, 4, 128, "none", bf16, cuda, sm_count=132)
+    assert (m64["path"], m64["BLOCK_M"], m64["SPLIT_K"]) == ("mmT", 64, 2)  # at least 2
+    assert Q.choose_path(65, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "dequant"
     assert Q.choose_path(16, 4096, 4096, 8, -1, "none", bf16, cuda, sm_count=132)["path"] == "mmT"
     for act in ("int8", "fp8", "int12"):  # quantized activations too (dequantised first)
         assert Q.choose_path(16, 4096, 4096, 4, 128, act, bf16, cuda, sm_count=132)["path"] == "mmT"
