@@ -908,15 +908,21 @@ CUDA_TABLE = {
     # From 3 to 16 rows: x quantised and dequantised in one pass, then the swapped-operand
     # tile: W4A8 ran 0.0202 / 0.0324 / 0.0932 ms at 4096^2 / 12288 x 4096 / 28672 x 8192
     # (s9run2), where the mm tile had run 0.0263 / 0.0512 / 0.1948 (s8run5).
-    "a8": [(2, "gemv", None), (16, "mmT", (16, 64, 128, 4, 3)), (64, "mm", (32, 64, 128, 4, 4)),
+    # 17-64 rows likewise: W4A8 at 32 rows ran 0.0238 / 0.0418 / 0.0396 / 0.1283 ms on mmT
+    # against the mm tile's 0.0302 / 0.0596 / 0.0594 / 0.2344, W8A8 0.0233 / 0.0362 / 0.0363 /
+    # 0.1052 against 0.0251 / 0.0428 / 0.0432 / 0.1478 (s9run7 sweep; 64 rows 1.2-2.4x).
+    "a8": [(2, "gemv", None), (16, "mmT", (16, 64, 128, 4, 3)),
+           (32, "mmT", (32, 64, 128, 4, 3)), (64, "mmT", (64, 128, 128, 8, 3)),
            (256, "mm", (64, 128, 64, 4, 3)), (None, "dequant", None)],
     # 12-bit activations (fp16 products): dequantise + cuBLAS from 65 rows. At 256 rows it ran
     # 0.056 / 0.121 / 0.139 / 0.476 ms against the 64 x 128 tile's 0.095 / 0.214 / 0.213 / 0.830
     # (W6A12 g128, 4096^2, 12288 x 4096, 4096 x 12288, 28672 x 8192; s8run3).
     # W6A12 at 16 rows, mmT against the mm tile: 0.0268 / 0.0518 / 0.1831 ms against 0.0313 /
     # 0.0516 / 0.2472 (s8run5).
+    # 17-64 rows: W6A12 on mmT 1.3-1.9x faster than the mm tile (s9run7 sweep).
     "a12": [(2, "gemv", None), (16, "mmT", (16, 64, 128, 4, 3)),
-            (64, "mm", (32, 64, 128, 4, 4)), (None, "dequant", None)],
+            (32, "mmT", (32, 64, 128, 4, 3)), (64, "mmT", (64, 128, 128, 8, 3)),
+            (None, "dequant", None)],
 }
 _TABLE_KEY = {"none": "a16", "int8": "a8", "fp8": "a8", "int12": "a12"}
 # From these many rows the cublas8 path (:mod:`qlinear_cublas8`) takes the formats it computes

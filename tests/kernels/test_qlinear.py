@@ -297,7 +297,7 @@ def test_choose_path_table():
     # the format (group 32 here).
     assert Q.choose_path(1024, 4096, 4096, 4, 32, "int8", bf16, cuda, sm_count=132)["path"] == "dequant"
     assert Q.choose_path(65, 4096, 4096, 6, 128, "int12", bf16, cuda, sm_count=132)["path"] == "dequant"
-    assert Q.choose_path(64, 4096, 4096, 6, 128, "int12", bf16, cuda, sm_count=132)["path"] == "mm"
+    assert Q.choose_path(64, 4096, 4096, 6, 128, "int12", bf16, cuda, sm_count=132)["path"] == "mmT"
     for act in ("int8", "fp8", "int12"):
         assert Q.choose_path(4096, 4096, 4096, 4, 32, act, bf16, cuda, sm_count=132)["path"] == "dequant"
     for m in (1, 3, 16, 17, 64, 200, 256, 1000, 5000):
