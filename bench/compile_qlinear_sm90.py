@@ -161,31 +161,24 @@ def compile_variant(Q, kernel_name: str, constexprs: dict, warps: int, stages: i
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if kernel_name == "mmT":
-        from q3n_compile.kernels import qlinear_swap as SW
-
-        kernel = SW.qlinear_mmT_kernel
-        names = kernel.arg_names
-        signature = {n: "constexpr" if n in constexprs else MMT_TYPES.get(n, "i32")
-                     for n in names}
-        src = ASTSource(fn=kernel, signature=signature,
-                        constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                        attrs={(names.index(n),): [["tt.divisibility", 16]]
-                               for n in MMT_DIVISIBLE})
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "num_stages": stages})
-    if kernel_name == "gemv1p":
-        constexprs = dict(constexprs)
-        types = dict(GEMV1P_TYPES, X=constexprs.pop("x_type"))
-        kernel = Q.qlinear_gemv1p_kernel
+    def specialised(kernel, types, divisible):
+        # The launch's specialisation: `divisible` arguments 16-byte aligned / divisible by 16.
         names = kernel.arg_names
         signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
         src = ASTSource(fn=kernel, signature=signature,
                         constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                        attrs={(names.index(n),): [["tt.divisibility", 16]]
-                               for n in GEMV1P_DIVISIBLE})
+                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
         return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps, "num_stages": stages})
+
+    if kernel_name == "mmT":
+        from q3n_compile.kernels import qlinear_swap as SW
+
+        return specialised(SW.qlinear_mmT_kernel, MMT_TYPES, MMT_DIVISIBLE)
+    if kernel_name == "gemv1p":
+        constexprs = dict(constexprs)
+        types = dict(GEMV1P_TYPES, X=constexprs.pop("x_type"))
+        return specialised(Q.qlinear_gemv1p_kernel, types, GEMV1P_DIVISIBLE)
     kernel = {"mm": Q.qlinear_mm_kernel, "gemv": Q.qlinear_gemv_kernel,
               "act_quant": Q.act_quant_kernel, "norm_act_quant": Q.norm_act_quant_kernel}[kernel_name]
     types = dict(MM_TYPES if kernel_name in ("mm", "gemv") else QUANT_TYPES)
