@@ -112,19 +112,20 @@ MMT_FORMATS = {"w4g128": (4, 128, False), "w4g128sym": (4, 128, True), "w4g32": 
                "w2g64": (2, 64, False)}
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): the dispatch's 16- and 8-row tiles, and 128 columns.
 MMT_TILES = [(16, 64, 4, 3), (8, 64, 4, 4), (16, 128, 8, 3)]
-MMT_TYPES = {"X": "*bf16", "QW": "*i32", "S": "*fp16", "Z": "*u8", "BIAS": "*bf16", "Y": "*fp32"}
-MMT_DIVISIBLE = ("X", "QW", "S", "Z", "BIAS", "Y", "N", "K", "K_PAD", "K_PER_SPLIT",
+MMT_TYPES = {"X": "*bf16", "QW": "*i32", "S": "*fp16", "Z": "*u8", "BIAS": "*bf16", "Y": "*bf16",
+             "WS": "*fp32", "CNT": "*i32"}
+MMT_DIVISIBLE = ("X", "QW", "S", "Z", "BIAS", "Y", "WS", "CNT", "N", "K", "K_PAD", "K_PER_SPLIT",
                  "stride_xm", "stride_ym")
 
 
 def mmT_cases() -> list[tuple[str, str, dict, int, int]]:
     """The mmT kernel for each of :data:`MMT_FORMATS` at the 16-row tile, and W4 g128 at every
-    :data:`MMT_TILES` entry (split K: atomics)."""
+    :data:`MMT_TILES` entry (split K by tickets, the default)."""
     out = []
     for fmt, (bits, group, sym) in MMT_FORMATS.items():
         for bm, bn, warps, stages in MMT_TILES if fmt == "w4g128" else MMT_TILES[:1]:
             out.append((f"mmT_{fmt}_m{bm}n{bn}w{warps}s{stages}", "mmT", dict(
-                BITS=bits, GROUP=group, SYM=sym, HAS_BIAS=False, ATOMIC=True, F32=False,
+                BITS=bits, GROUP=group, SYM=sym, HAS_BIAS=False, REDUCE=2, F32=False,
                 BLOCK_M=bm, BLOCK_N=bn, stride_xk=1, stride_yn=1), warps, stages))
     return out
 

@@ -138,7 +138,7 @@ from q3n_compile.kernels import qlinear_cublas8 as C8
 from q3n_compile.kernels import qlinear_swap as SW
 from q3n_compile.kernels.norm_linear import normalise_rows
 from q3n_compile.kernels.qcodes import block_minus_zero, load_codes, tile_minus_zero, tile_setup
-from q3n_compile.kernels.tiles import first_tile_mean
+from q3n_compile.kernels.tiles import first_tile_mean, ticket_split_k
 
 ACT_FORMATS = ("none", "int8", "fp8", "int12")
 ACT_QMAX = {"int8": 127.0, "fp8": 448.0, "int12": 2047.0}
@@ -622,22 +622,10 @@ def qlinear_gemv1p_kernel(
     if REDUCE == 1:
         tl.atomic_add(y_ptrs, y, mask=y_mask)
     elif REDUCE == 2:
-        # Split-K in one launch: each split writes its partial tile to WS [splits, M, N]; the
-        # last split of the tile to arrive (a ticket per output tile in CNT) sums the partials
-        # in split order, stores Y and resets its ticket to 0 for the next call.
-        splits = tl.num_programs(1)
-        tl.store(WS + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], y, mask=y_mask)
-        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
-        cnt = CNT + pid_m * tl.num_programs(0) + pid_n
-        ticket = tl.atomic_add(cnt, 1, sem="acq_rel")
-        if ticket == splits - 1:
-            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in range(0, splits):
-                # .cg: from L2, never a line this SM's L1 kept from an earlier call
-                total += tl.load(WS + (s * M + offs_m[:, None]) * N + offs_n[None, :],
-                                 mask=y_mask, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=y_mask)
-            tl.atomic_xchg(cnt, 0)
+        # Split-K in one launch (tiles.ticket_split_k), a ticket per output tile.
+        ticket_split_k(y, Y, offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, y_mask,
+                       WS, offs_m[:, None] * N + offs_n[None, :], M * N, CNT,
+                       pid_m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1))
     else:
         tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=y_mask)
 
@@ -1103,7 +1091,8 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
         a, _ = quantize_activations_triton(x, act, smooth, interpreter, act_group_size,
                                            dequant=True)
         if cfg["path"] == "mmT":
-            return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter)
+            return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter,
+                          _tickets)
         wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype, interpreter)
         return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
     codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size)
@@ -1121,7 +1110,8 @@ def _gemm_codes(codes, xs, out_dtype, qweight, scales, zeros, bias, bits, group_
     if cfg["path"] in ("dequant", "mmT"):
         a = _dequantize_codes(codes, xs, act_group_size, out_dtype)
         if cfg["path"] == "mmT":
-            return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter)
+            return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter,
+                          _tickets)
         wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, out_dtype, interpreter)
         return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
     if cfg["path"] == "cublas8":
@@ -1205,7 +1195,8 @@ def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, gro
     if cfg["path"] == "mmT":  # K blocks of 128 whatever the groups: its own launcher
         if act != "none":  # the launchers dequantise quantized activations first
             raise ValueError("q3n::qlinear: the mmT kernel takes 16-bit activations")
-        return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter)
+        return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter,
+                      _tickets)
     M, K = a.shape
     N = qweight.shape[1]
     split = cfg.get("SPLIT_K", 1)

@@ -30,8 +30,9 @@ What this module guarantees: :func:`run` computes the op's function for ``act="n
 (``y = x @ W^T + bias``, fp32 accumulation) for every bit width, weight group and symmetry the
 op takes, with the codes' ``q - z`` exact: groups of 32 and 64 multiply it by the scale and
 round the weight to x's dtype (the mm path's 16-bit-activation rounding); groups of 128 and
-per-channel scales multiply the fp32 sums instead (no rounding of the weight). Split-K by fp32
-atomics as the mm path does.
+per-channel scales multiply the fp32 sums instead (no rounding of the weight). Split K is
+finished in the same launch by default (:func:`q3n_compile.kernels.tiles.ticket_split_k`: a
+deterministic sum in split order), or by fp32 atomics as the mm path does (REDUCE "atomic").
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import triton
 import triton.language as tl
 
 from q3n_compile.kernels import packing as P
+from q3n_compile.kernels.tiles import ticket_split_k
 
 # A K block: 16 rows of 8 channels; the sub-tile of position j is the MMA's K = 16.
 MMT_BLOCK_K = 128
@@ -144,11 +146,11 @@ def _x_subtiles(X, k0, offs_m, m_ok, K, stride_xm, stride_xk, ROWS: tl.constexpr
 
 @triton.jit
 def qlinear_mmT_kernel(
-    X, QW, S, Z, BIAS, Y,
+    X, QW, S, Z, BIAS, Y, WS, CNT,
     M, N, K, K_PAD, ROW4, ROW2, ROW1, K_PER_SPLIT,
     stride_xm, stride_xk, stride_ym, stride_yn,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ATOMIC: tl.constexpr, F32: tl.constexpr,
+    REDUCE: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program computes Y[m-block, n-block]^T over one split of K (a multiple of 128):
@@ -156,7 +158,9 @@ def qlinear_mmT_kernel(
     docstring), B_j = q - z (exact in x's dtype), times the scales of groups of 32 or 64 and
     rounded to x's dtype; groups of 128 scale each block's fp32 sum, per-channel scales the
     final one. F32 (fp32 x, or the interpreter) multiplies in fp32. Then + bias (first K split
-    only), stored transposed into Y (or atomically added to an fp32 Y when K is split).
+    only), stored transposed into Y by REDUCE: 0 (one split) directly; 2 the splits' fp32
+    partials summed in the launch (tickets, :func:`ticket_split_k`); 1 added atomically to an
+    fp32 Y.
 
     Unpack, per code and plane: one LOP3 and one FFMA (the float trick above
     :func:`_plane_rows`), the zero point taken off in the first (widest) plane's FFMA; each
@@ -165,7 +169,8 @@ def qlinear_mmT_kernel(
     along r, never along j) or per column (groups of 128, per channel).
 
     Traffic: the packed weight once per row block of M (one block for M <= BLOCK_M), x once per
-    column block, Y once (per split with ATOMIC).
+    column block, Y once (REDUCE 2: 4 bytes per output and split to the workspace and back, in
+    L2; REDUCE 1: once per split, atomically).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -269,12 +274,16 @@ def qlinear_mmT_kernel(
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_n, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32)
         acc = acc + bias[:, None]
-    y_ptrs = Y + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
+    y_offs = offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
     y_mask = m_ok[None, :] & n_ok[:, None]
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=y_mask)
+    if REDUCE == 1:
+        tl.atomic_add(Y + y_offs, acc, mask=y_mask)
+    elif REDUCE == 2:
+        ticket_split_k(acc, Y, y_offs, y_mask, WS, offs_m[None, :] * N + offs_n[:, None], M * N,
+                       CNT, tl.program_id(2) * tl.num_programs(0) + pid_n, pid_k,
+                       tl.num_programs(1))
     else:
-        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_mask)
+        tl.store(Y + y_offs, acc.to(Y.dtype.element_ty), mask=y_mask)
 
 
 def k_per_split(K: int, split: int) -> int:
@@ -283,25 +292,35 @@ def k_per_split(K: int, split: int) -> int:
 
 
 def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bias, bits: int,
-        group_size: int, cfg: dict, interpreter: bool) -> torch.Tensor:
-    """Launch :func:`qlinear_mmT_kernel` with `cfg` (BLOCK_M/N, SPLIT_K, num_warps, num_stages;
-    the K block is always :data:`MMT_BLOCK_K`, whatever the group)."""
+        group_size: int, cfg: dict, interpreter: bool, tickets=None) -> torch.Tensor:
+    """Launch :func:`qlinear_mmT_kernel` with `cfg` (BLOCK_M/N, SPLIT_K, num_warps, num_stages,
+    REDUCE: "ticket" (the default: split-K finished in the same launch, `tickets(device, n)`
+    giving the int32 ticket counters) or "atomic" (fp32 atomics into a zeroed Y, cast after:
+    three kernels); the K block is always :data:`MMT_BLOCK_K`, whatever the group)."""
     M, K = x.shape
     N = qweight.shape[1]
     split = cfg.get("SPLIT_K", 1)
     rows = P.plane_rows(bits, K)
-    y = (torch.zeros((M, N), dtype=torch.float32, device=x.device) if split > 1
-         else torch.empty((M, N), dtype=x.dtype, device=x.device))
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, triton.cdiv(M, cfg["BLOCK_M"]))
+    mode = 0 if split == 1 else (2 if cfg.get("REDUCE", "ticket") == "ticket" else 1)
+    if mode == 2 and tickets is None:
+        raise ValueError("q3n::qlinear: mmT's ticket split-K needs the ticket counters")
+    y = (torch.zeros((M, N), dtype=torch.float32, device=x.device) if mode == 1
+         else torch.empty((M, N), dtype=x.dtype, device=x.device))
+    if mode == 2:
+        ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+        cnt = tickets(x.device, grid[0] * grid[2])
+    else:
+        ws = cnt = y  # unused
     qlinear_mmT_kernel[grid](
         x, qweight, scales, zeros if zeros is not None else scales,
-        bias if bias is not None else scales, y, M, N, K, P.padded_k(K),
+        bias if bias is not None else scales, y, ws, cnt, M, N, K, P.padded_k(K),
         rows.get(4, (0, 0))[0], rows.get(2, (0, 0))[0], rows.get(1, (0, 0))[0],
         k_per_split(K, split), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         BITS=bits, GROUP=0 if group_size == P.PER_CHANNEL else group_size, SYM=zeros is None,
-        HAS_BIAS=bias is not None, ATOMIC=split > 1,
+        HAS_BIAS=bias is not None, REDUCE=mode,
         # Triton 3.6's interpreter multiplies bf16 tiles as raw bits; fp32 holds them exactly.
         F32=x.dtype == torch.float32 or (interpreter and x.dtype == torch.bfloat16),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], 
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return y.to(x.dtype) if split > 1 and x.dtype != torch.float32 else y
+    return y.to(x.dtype) if mode == 1 and x.dtype != torch.float32 else y

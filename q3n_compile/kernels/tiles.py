@@ -5,6 +5,8 @@ What this module guarantees: :func:`load_2d` loads a 2-D tile through ``ptrs`` w
 wherever a row or column predicate is requested, and emits no predicate where the caller proved the
 tile full, so full tiles load unpredicated. :func:`first_tile_mean` is the float32 mean of each
 row's first tile, the centre of every one-pass LayerNorm statistic in this package.
+:func:`ticket_split_k` finishes a split-K GEMM in the same launch: Y holds the split-order sum of
+every split's fp32 partial tile, and each tile's ticket is back at 0 after the call.
 """
 
 import triton
@@ -40,3 +42,24 @@ def first_tile_mean(ptrs, mask, n):
     """
     first = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     return tl.sum(first, 1) / n
+
+
+@triton.jit
+def ticket_split_k(part, Y, y_offs, y_mask, WS, ws_offs, slab, CNT, tile, pid_k, splits):
+    """Split-K in one launch: split pid_k of `splits` writes its fp32 partial tile `part` to the
+    workspace WS [splits, slab] (at pid_k * slab + ws_offs); the last split of the tile to
+    arrive (a ticket per output tile, CNT[tile], int32, 0 between calls) sums the partials in
+    split order (deterministic), stores Y[y_offs] in Y's dtype and resets its ticket to 0 for the
+    next call."""
+    tl.store(WS + pid_k * slab + ws_offs, part, mask=y_mask)
+    tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+    cnt = CNT + tile
+    ticket = tl.atomic_add(cnt, 1, sem="acq_rel")
+    if ticket == splits - 1:
+        total = tl.zeros_like(part)
+        for s in range(0, splits):
+            # .cg: from L2, never a line this SM's L1 kept from an earlier call
+            total += tl.load(WS + s * slab + ws_offs, mask=y_mask, other=0.0,
+                             cache_modifier=".cg")
+        tl.store(Y + y_offs, total.to(Y.dtype.element_ty), mask=y_mask)
+        tl.atomic_xchg(cnt, 0)

@@ -29,15 +29,17 @@ CASES = [  # bits, group, sym, dtype, M, split
 @pytest.mark.parametrize("bits,group,sym,dtype,M,split", CASES,
                          ids=[f"w{b}g{g}{'s' if s else 'a'}_{str(d)[6:]}_m{m}_split{sp}"
                               for b, g, s, d, m, sp in CASES])
-@pytest.mark.parametrize("bias", [False, True])
-def test_mmT_against_float64(bits, group, sym, dtype, M, split, bias):
+@pytest.mark.parametrize("bias,reduce", [(False, "ticket"), (True, "ticket"), (True, "atomic")])
+def test_mmT_against_float64(bits, group, sym, dtype, M, split, bias, reduce):
     N, K = 72, 192  # N off the 64-column block; one whole K block of 128 and half of one
-    gen = _gen(f"mmT{bits}{group}{sym}{dtype}{M}{split}{bias}")
+    gen = _gen(f"mmT{bits}{group}{sym}{dtype}{M}{split}{bias}{reduce}")
     pw = _packed(gen, N, K, bits, group, sym)
     x = torch.randn(M, K, generator=gen).to(dtype)
     cfg = dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=split, num_warps=4,
-               num_stages=1)
+               num_stages=1, REDUCE=reduce)
     _check(x, pw, torch.randn(N, generator=gen).to(dtype) if bias else None, cfg)
+    if split > 1 and reduce == "ticket":  # every ticket back at 0 for the next call
+        assert int(Q._tickets(x.device, 1).abs().sum()) == 0
 
 
 @pytest.mark.parametrize("bits,group,sym,K", [(4, 32, False, 224), (6, 64, True, 320),
@@ -79,6 +81,8 @@ def test_mmT_with_quantized_activations_is_the_dequant_path(act, ag):
 
 GPU_TILES = [dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4,
                   num_stages=3),
+             dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4,
+                  num_stages=3, REDUCE="atomic"),
              dict(path="mmT", BLOCK_M=8, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4,
                   num_stages=4),
              dict(path="mmT", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8,
@@ -87,7 +91,7 @@ GPU_TILES = [dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, nu
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("cfg", GPU_TILES, ids=["m16_split4", "m8_split4", "m64"])
+@pytest.mark.parametrize("cfg", GPU_TILES, ids=["m16_split4", "m16_split4_atomic", "m8_split4", "m64"])
 @pytest.mark.parametrize("bits,group,sym", [(4, 128, False), (8, -1, True), (6, 128, False),
                                             (7, 64, False), (3, -1, True)])
 @pytest.mark.parametrize("M", [1, 16, 33])
