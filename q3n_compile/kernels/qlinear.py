@@ -75,13 +75,13 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   block-scaled fp8 GEMM (or its int8 GEMM) multiplies them. s8run1 (H200, M = 4096): W4A8 g128
   1.02-1.23x bf16, W8A8 0.87-1.12x, where dequantise + cuBLAS ran 0.49-0.87x.
 - ``mmT`` (:mod:`q3n_compile.kernels.qlinear_swap`): the tiles with operands swapped, for 3 to
-  16 rows and every bit width (64 columns, 4 warps, K blocks of 128 channels whatever the group,
-  K split as the GEMV's; 8-row tiles up to 8 rows): the weight is unpacked in 8 sub-tiles of
-  channels ``8r + j`` that reach the MMA with no layout conversion. H200 (session 9), 16 rows:
-  W4A16 g128 1.08-1.41x bf16 cuBLAS (the previous one-tile kernel 0.90-0.95x), W8A16 per
-  channel faster than the mm tile at every shape swept (0.0917 against 0.1359 ms at 28672 x
-  8192). Quantized activations are quantised and dequantised to x's dtype first, in one pass
-  (the function of the ``dequant`` path).
+  64 rows and every bit width (8-, 16-, 32- and 64-row tiles; K blocks of 128 channels whatever
+  the group; K split as the GEMV's up to 16 rows, by the mm rule above): the weight is unpacked
+  in 8 sub-tiles of channels ``8r + j`` that reach the MMA with no layout conversion; split K is
+  finished in the launch by tickets, as gemv1p's. H200 (session 9): W4A16 g128 1.23-1.44x bf16
+  cuBLAS at 16 rows (the previous one-tile kernel 0.90-0.95x), 0.72-0.96x at 64 rows (the mm
+  tile 0.38-0.49x). Quantized activations are quantised and dequantised to x's dtype first, in
+  one pass (the function of the ``dequant`` path).
 
 Every K block of the gemv and mm kernels lies in one weight group and one activation group:
 :func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which
@@ -867,7 +867,7 @@ def gemv1p_config(M: int, N: int, K: int, group_size: int, *, sms: int,
     return cfg
 
 
-# The M-indexed dispatch table for CUDA: (max M, path, tile for the mm path). First match wins.
+# The M-indexed dispatch table for CUDA: (max M, path, tile for the mm and mmT paths). First match wins.
 # Untuned first rule; bench/bench_qlinear.py --sweep measures every path per shape on the GPU
 # and prints the table it would choose.
 CUDA_TABLE = {
