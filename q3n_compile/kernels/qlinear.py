@@ -867,7 +867,8 @@ def gemv1p_config(M: int, N: int, K: int, group_size: int, *, sms: int,
     return cfg
 
 
-# The M-indexed dispatch table for CUDA: (max M, path, tile for the mm and mmT paths). First match wins.
+# The M-indexed dispatch table for CUDA: (max M, path, tile for the mm and mmT paths). First
+# match wins.
 # Untuned first rule; bench/bench_qlinear.py --sweep measures every path per shape on the GPU
 # and prints the table it would choose.
 CUDA_TABLE = {
