@@ -15,12 +15,13 @@ each plane's field then sits at the same bits of every element of the sub-tile (
 constant), so the unpack is elementwise from the loaded words to the MMA operand and Triton
 keeps the words in the operand's register layout (``bench/compile_qlinear_sm90.py --mmT``: 6.1
 instructions per code for W4 g128 at 16 rows, no conversion of the weight). A per-row shift
-breaks that, which is why the 2- and 1-bit planes are loaded as 16- and 8-bit parts. x's K block is loaded contiguously and split into the 8
-matching ``[16, BLOCK_M]`` slices in registers (2048 values per K block, against 8192 codes).
+breaks that, which is why the 2- and 1-bit planes are loaded as 16- and 8-bit parts. x's K
+block is loaded contiguously and split into the 8 matching ``[16, BLOCK_M]`` slices in
+registers (2048 values per K block, against 8192 codes).
 With groups of 128 (one group per K block) the weight is not scaled: the block's fp32 sum of
 exact ``(q - z) * x`` products is, once per output.
 
-Measured (H200, bench/RESULTS.md, session 9): W4A16 g128 at 16 rows 1.08-1.41x bf16 cuBLAS in
+Measured (H200, bench/RESULTS.md, session 9): W4A16 g128 at 16 rows 1.23-1.44x bf16 cuBLAS in
 the same run, where the earlier one-tile kernel ran 0.90-0.95x. Tried and slower (s9run2-3):
 x permuted per block beforehand and the 8 sub-tiles joined into one dot over the block
 (1.1-1.5x slower); x's 16 rows as two 8-row dots, which Triton gives the register-operand MMA

@@ -91,7 +91,8 @@ GPU_TILES = [dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, nu
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("cfg", GPU_TILES, ids=["m16_split4", "m16_split4_atomic", "m8_split4", "m64"])
+@pytest.mark.parametrize("cfg", GPU_TILES,
+                         ids=["m16_split4", "m16_split4_atomic", "m8_split4", "m64"])
 @pytest.mark.parametrize("bits,group,sym", [(4, 128, False), (8, -1, True), (6, 128, False),
                                             (7, 64, False), (3, -1, True)])
 @pytest.mark.parametrize("M", [1, 16, 33])
