@@ -395,6 +395,20 @@ def _gemv1p_words2(QW, k, k_end, ROW2, r4, n4, n_ok4, rows2_total, N, BLOCK_K: t
 
 
 @triton.jit
+def _gemv1p_block_words(QW, k, k_end, ROW2, r4, n4, n_ok4, rows_total, rows2_total, N,
+                        PER: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
+                        TWO_PLANES: tl.constexpr):
+    """The K block at k's words: (4-bit or only plane, 2-bit plane) with TWO_PLANES (6-bit
+    weights), else (the plane, the same tensor again, unused)."""
+    w = _gemv1p_words(QW, k, k_end, r4, n4, n_ok4, rows_total, N, PER, BLOCK_K, EVEN)
+    if TWO_PLANES:
+        v = _gemv1p_words2(QW, k, k_end, ROW2, r4, n4, n_ok4, rows2_total, N, BLOCK_K, EVEN)
+    else:
+        v = w
+    return w, v
+
+
+@triton.jit
 def qlinear_gemv1p_kernel(
     X, XS, QW, S, Z, BIAS, Y, WS, CNT,
     M, N, K, K_PAD, K_PER_SPLIT, ROW2,
@@ -528,18 +542,15 @@ def qlinear_gemv1p_kernel(
     m_ok3 = m_ok[None, :, None]
     kx3 = j[:, None, None] + tl.arange(0, WORDS)[None, None, :] * PER  # [PER, 1, WORDS]
     acc = tl.zeros([BLOCK_M, WORDS, BLOCK_N], dtype=tl.float32)
+    if not TWO_PLANES:
+        rows2_total = rows_total  # unused
     if PREFETCH >= 1:
-        w_next = _gemv1p_words(QW, k_start, k_end, r4, n4, n_ok4, rows_total, N, PER, BLOCK_K,
-                               EVEN)
-        if TWO_PLANES:
-            v_next = _gemv1p_words2(QW, k_start, k_end, ROW2, r4, n4, n_ok4, rows2_total, N,
-                                    BLOCK_K, EVEN)
+        w_next, v_next = _gemv1p_block_words(QW, k_start, k_end, ROW2, r4, n4, n_ok4, rows_total,
+                                             rows2_total, N, PER, BLOCK_K, EVEN, TWO_PLANES)
     if PREFETCH == 2:
-        w_next2 = _gemv1p_words(QW, k_start + BLOCK_K, k_end, r4, n4, n_ok4, rows_total, N, PER,
-                                BLOCK_K, EVEN)
-        if TWO_PLANES:
-            v_next2 = _gemv1p_words2(QW, k_start + BLOCK_K, k_end, ROW2, r4, n4, n_ok4,
-                                     rows2_total, N, BLOCK_K, EVEN)
+        w_next2, v_next2 = _gemv1p_block_words(QW, k_start + BLOCK_K, k_end, ROW2, r4, n4, n_ok4,
+                                               rows_total, rows2_total, N, PER, BLOCK_K, EVEN,
+                                               TWO_PLANES)
     for k0 in range(k_start, k_end, BLOCK_K):
         # x, the scales and the zero points are loaded before the words, and the words' load is
         # the block's last: Triton's layout propagation (RemoveLayoutConversions, sm_90 compile
@@ -568,14 +579,10 @@ def qlinear_gemv1p_kernel(
             xs3 = tl.load(XS + offs_m * n_act_groups + k0 // ACT_GROUP, mask=m_ok,
                           other=0.0)[:, None, None]
         if PREFETCH >= 1:
-            w = w_next
-            if TWO_PLANES:
-                v = v_next
+            w, v = w_next, v_next
         else:
-            w = _gemv1p_words(QW, k0, k_end, r4, n4, n_ok4, rows_total, N, PER, BLOCK_K, EVEN)
-            if TWO_PLANES:
-                v = _gemv1p_words2(QW, k0, k_end, ROW2, r4, n4, n_ok4, rows2_total, N, BLOCK_K,
-                                   EVEN)
+            w, v = _gemv1p_block_words(QW, k0, k_end, ROW2, r4, n4, n_ok4, rows_total,
+                                       rows2_total, N, PER, BLOCK_K, EVEN, TWO_PLANES)
         # ((half | MAGIC) & (field | MAGIC)) = MAGIC | (half & field): the first OR is per half
         # word (computed once for all its positions), the AND is one LOP3 per code with one
         # immediate operand; written as (half & field) | MAGIC, ptxas emitted two per code.
@@ -597,19 +604,14 @@ def qlinear_gemv1p_kernel(
         else:
             acc += part
         if PREFETCH == 1:
-            w_next = _gemv1p_words(QW, k0 + BLOCK_K, k_end, r4, n4, n_ok4, rows_total, N, PER,
-                                   BLOCK_K, EVEN)
-            if TWO_PLANES:
-                v_next = _gemv1p_words2(QW, k0 + BLOCK_K, k_end, ROW2, r4, n4, n_ok4,
-                                        rows2_total, N, BLOCK_K, EVEN)
+            w_next, v_next = _gemv1p_block_words(QW, k0 + BLOCK_K, k_end, ROW2, r4, n4, n_ok4,
+                                                 rows_total, rows2_total, N, PER, BLOCK_K, EVEN,
+                                                 TWO_PLANES)
         elif PREFETCH == 2:
-            w_next = w_next2
-            w_next2 = _gemv1p_words(QW, k0 + 2 * BLOCK_K, k_end, r4, n4, n_ok4, rows_total, N,
-                                    PER, BLOCK_K, EVEN)
-            if TWO_PLANES:
-                v_next = v_next2
-                v_next2 = _gemv1p_words2(QW, k0 + 2 * BLOCK_K, k_end, ROW2, r4, n4, n_ok4,
-                                         rows2_total, N, BLOCK_K, EVEN)
+            w_next, v_next = w_next2, v_next2
+            w_next2, v_next2 = _gemv1p_block_words(QW, k0 + 2 * BLOCK_K, k_end, ROW2, r4, n4,
+                                                   n_ok4, rows_total, rows2_total, N, PER,
+                                                   BLOCK_K, EVEN, TWO_PLANES)
     if PER_CHANNEL:
         acc = acc * s3
     y = tl.sum(acc, axis=1)  # [BLOCK_M, BLOCK_N]
