@@ -185,6 +185,14 @@ def sweep_candidates(M, group, act, paths=None):
     return [c for c in out if paths is None or c["path"] in paths]
 
 
+def xperm_candidates(dispatched):
+    """The dispatched mmT launch with x as it is and permuted per block (XPERM; for quantized
+    activations the quantizer stores it permuted)."""
+    if dispatched.get("path") != "mmT":
+        return []
+    return [dict(dispatched, XPERM=False), dict(dispatched, XPERM=True)]
+
+
 def gemv_candidates(M, N, K, bits, group, act, act_group):
     """The dispatched path and, for M <= 16, GEMV column blocks x splits x warps (a short
     sweep; s6run4 used it to set the GEMV split)."""
@@ -249,6 +257,7 @@ def run_shape(M, N, K, formats, sweep, gen, paths=None):
             row["sweep"] = []
             groups = [g for g in (group, ag) if g > 0]
             cands = (gemv_candidates(M, N, K, bits, group, act, ag) if sweep == "gemv"
+                     else xperm_candidates(row["path"]) if sweep == "xperm"
                      else sweep_candidates(M, min(groups) if groups else -1, act, paths))
             for cand in cands:
                 try:
@@ -257,6 +266,9 @@ def run_shape(M, N, K, formats, sweep, gen, paths=None):
                     e = rel_err(f(), Q.reference(*args))
                     _, gms = timed(f, eager=False)
                     row["sweep"].append(dict(cand, graph_ms=gms, max_rel_err=e))
+                    if sweep == "xperm":
+                        print(f"      {name} M={M} {cand}: {gms:.4f} ms, err {e:.1e}",
+                              flush=True)
                 except Exception as exc:
                     row["sweep"].append(dict(cand, error=str(exc).splitlines()[0][:160]))
         rows.append(row)
@@ -297,8 +309,10 @@ def main():
                     help="with --sweep: only these paths' candidates")
     ap.add_argument("--gemv", action="store_true",
                     help="a shorter sweep: the dispatched path and, for M <= 16, GEMV tiles")
+    ap.add_argument("--xperm", action="store_true",
+                    help="a sweep of the dispatched mmT launch with and without x permuted")
     args = ap.parse_args()
-    sweep = "gemv" if args.gemv else args.sweep
+    sweep = "gemv" if args.gemv else "xperm" if args.xperm else args.sweep
     if not torch.cuda.is_available():
         sys.exit("bench_qlinear.py needs a CUDA GPU")
     started = time.time()

@@ -674,10 +674,19 @@ def _store_group_scales(XS, scale, offs_m, m_ok, k0, K, BLOCK_K: tl.constexpr,
 
 
 @triton.jit
+def _act_dst(offs, PERM128: tl.constexpr):
+    """Where channel `offs` is stored: itself, or (PERM128) its place in the mmT kernel's
+    permuted 128-channel blocks."""
+    if PERM128:
+        return (offs // 128) * 128 + (offs % 8) * 16 + (offs % 128) // 8
+    return offs
+
+
+@triton.jit
 def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
                      QMAX: tl.constexpr, FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACT_GROUP: tl.constexpr,
-                     DEQUANT: tl.constexpr = False):
+                     DEQUANT: tl.constexpr = False, PERM128: tl.constexpr = False):
     """Dynamic activation quantization: one program per BLOCK_M rows of x.
 
     Math (fp32): x' = x (* smooth); s = max|x'| / QMAX over the row (ACT_GROUP = 0: per token)
@@ -688,6 +697,9 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
     v's exponent so that every backend rounds alike. Writes c (in C's dtype, which holds it
     exactly) and s (XS [M] per token; [M, ceil(K / ACT_GROUP)] per group). DEQUANT writes
     c * s (fp32, rounded once to C's dtype: the dequantise path's activations) instead of c.
+    PERM128 stores channel k0 + 8r + j of each 128-channel block at k0 + 16j + r (the mmT
+    kernel's XPERM layout, :func:`qlinear_swap.permute_x_blocks`; C's padding columns are the
+    caller's).
     Traffic: per token, reads the rows twice (the second time mostly from L1/L2); per group
     (BLOCK_K a multiple of ACT_GROUP: a tile holds whole groups), once; writes the codes once
     and 4 bytes per scale.
@@ -708,8 +720,8 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
                 NG: tl.constexpr = BLOCK_K // ACT_GROUP
                 c = tl.reshape(tl.reshape(c, (BLOCK_M, NG, ACT_GROUP)) * scale[:, :, None],
                                (BLOCK_M, BLOCK_K))
-            tl.store(C + offs_m[:, None] * stride_cm + offs[None, :], c.to(C.dtype.element_ty),
-                     mask=mask)
+            tl.store(C + offs_m[:, None] * stride_cm + _act_dst(offs, PERM128)[None, :],
+                     c.to(C.dtype.element_ty), mask=mask)
             _store_group_scales(XS, scale, offs_m, m_ok, k0, K, BLOCK_K, ACT_GROUP)
     else:
         amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
@@ -733,8 +745,8 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
             c = _act_code(x / scale[:, None], QMAX, FP8)
             if DEQUANT:
                 c = c * scale[:, None]
-            tl.store(C + offs_m[:, None] * stride_cm + offs[None, :], c.to(C.dtype.element_ty),
-                     mask=mask)
+            tl.store(C + offs_m[:, None] * stride_cm + _act_dst(offs, PERM128)[None, :],
+                     c.to(C.dtype.element_ty), mask=mask)
         tl.store(XS + offs_m, scale, mask=m_ok)
 
 
@@ -1005,13 +1017,20 @@ def _act_scales_empty(M, K: int, act_group_size: int, device) -> torch.Tensor:
 
 def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torch.Tensor],
                                 interpreter: bool, act_group_size: int = PER_TOKEN,
-                                dequant: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                                dequant: bool = False,
+                                perm128: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes [M, K], scales fp32 [M] per token or [M, ceil(K / group)]) by
     :func:`act_quant_kernel`; `dequant`: the dequantised activations ``c * s`` in x's dtype in
-    place of the codes (the dequant path's input, in one pass over x)."""
+    place of the codes (the dequant path's input, in one pass over x); `perm128`: the codes in
+    the mmT kernel's permuted blocks, [M, K rounded up to 128] (padding 0)."""
     M, K = x.shape
     codes_dtype = x.dtype if dequant else _act_codes_dtype(act, x.device, interpreter)
-    codes = torch.empty((M, K), dtype=codes_dtype, device=x.device)
+    if perm128:
+        kp = triton.cdiv(K, SW.MMT_BLOCK_K) * SW.MMT_BLOCK_K
+        codes = (torch.zeros if kp != K else torch.empty)((M, kp), dtype=codes_dtype,
+                                                           device=x.device)
+    else:
+        codes = torch.empty((M, K), dtype=codes_dtype, device=x.device)
     scales = _act_scales_empty(M, K, act_group_size, x.device)
     if M == 0:
         return codes, scales
@@ -1026,7 +1045,7 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
         x.stride(0), x.stride(1), codes.stride(0),
         QMAX=ACT_QMAX[act], FP8=act == "fp8", HAS_SMOOTH=smooth is not None,
         BLOCK_M=block_m, BLOCK_K=max(block_k, act_group), ACT_GROUP=act_group, DEQUANT=dequant,
-        num_warps=warps,
+        PERM128=perm128, num_warps=warps,
     )
     return codes, scales
 
@@ -1091,11 +1110,12 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
                      cfg, interpreter, act_group_size)
     if cfg["path"] in ("dequant", "mmT"):
         # Quantise and dequantise x in one pass (not codes, then three torch passes over them).
+        xperm = cfg["path"] == "mmT" and bool(cfg.get("XPERM"))
         a, _ = quantize_activations_triton(x, act, smooth, interpreter, act_group_size,
-                                           dequant=True)
+                                           dequant=True, perm128=xperm)
         if cfg["path"] == "mmT":
             return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter,
-                          _tickets)
+                          _tickets, x_permuted=xperm, K=K)
         wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype, interpreter)
         return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
     codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size)

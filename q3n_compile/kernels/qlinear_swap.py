@@ -151,7 +151,7 @@ def qlinear_mmT_kernel(
     M, N, K, K_PAD, ROW4, ROW2, ROW1, K_PER_SPLIT,
     stride_xm, stride_xk, stride_ym, stride_yn,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    REDUCE: tl.constexpr, F32: tl.constexpr,
+    REDUCE: tl.constexpr, F32: tl.constexpr, XPERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program computes Y[m-block, n-block]^T over one split of K (a multiple of 128):
@@ -196,7 +196,8 @@ def qlinear_mmT_kernel(
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(k_start, k_end, 128):
-        xs = _x_subtiles(X, k0, offs_m, m_ok, K, stride_xm, stride_xk, BLOCK_M)
+        if not XPERM:
+            xs = _x_subtiles(X, k0, offs_m, m_ok, K, stride_xm, stride_xk, BLOCK_M)
         # Scales and zero points, [BLOCK_N, 16] or [BLOCK_N, 1].
         if ROW_GROUPS:
             g = (k0 + 8 * r16) // GROUP
@@ -262,10 +263,17 @@ def qlinear_mmT_kernel(
             if ROW_GROUPS:
                 d = d * s
             b = d.to(X.dtype.element_ty)
-            if F32:
-                blk = tl.dot(b.to(tl.float32), xs[j].to(tl.float32), blk, input_precision="ieee")
+            if XPERM:
+                # x permuted per block (:func:`permute_x_blocks`): x_j is 16 contiguous
+                # channels, loaded straight into the MMA's shared-memory operand.
+                xj = tl.load(X + (k0 + 16 * j + r16)[:, None] * stride_xk
+                             + offs_m[None, :] * stride_xm, mask=m_ok[None, :], other=0.0)
             else:
-                blk = tl.dot(b, xs[j], blk)
+                xj = xs[j]
+            if F32:
+                blk = tl.dot(b.to(tl.float32), xj.to(tl.float32), blk, input_precision="ieee")
+            else:
+                blk = tl.dot(b, xj, blk)
         if BLOCK_SCALE:
             acc += blk * s
         else:
@@ -287,21 +295,40 @@ def qlinear_mmT_kernel(
         tl.store(Y + y_offs, acc.to(Y.dtype.element_ty), mask=y_mask)
 
 
+def permute_x_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] -> [M, K128] (K rounded up to 128, zero padded) with channel ``k0 + 8r + j`` of
+    each 128-channel block at position ``k0 + 16j + r``: the kernel's sub-tile x_j is then 16
+    contiguous channels (XPERM)."""
+    M, K = x.shape
+    kb = triton.cdiv(K, MMT_BLOCK_K)
+    if K % MMT_BLOCK_K:
+        x = torch.nn.functional.pad(x, (0, kb * MMT_BLOCK_K - K))
+    return x.reshape(M, kb, 16, 8).transpose(2, 3).contiguous().view(M, kb * MMT_BLOCK_K)
+
+
 def k_per_split(K: int, split: int) -> int:
     """The K range of one split: a multiple of :data:`MMT_BLOCK_K`."""
     return triton.cdiv(triton.cdiv(P.padded_k(K), MMT_BLOCK_K), split) * MMT_BLOCK_K
 
 
 def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bias, bits: int,
-        group_size: int, cfg: dict, interpreter: bool, tickets=None) -> torch.Tensor:
+        group_size: int, cfg: dict, interpreter: bool, tickets=None, x_permuted: bool = False,
+        K: int = None) -> torch.Tensor:
     """Launch :func:`qlinear_mmT_kernel` with `cfg` (BLOCK_M/N, SPLIT_K, num_warps, num_stages,
     REDUCE: "ticket" (the default: split-K finished in the same launch, `tickets(device, n)`
     giving the int32 ticket counters) or "atomic" (fp32 atomics into a zeroed Y, cast after:
     three kernels); the K block is always :data:`MMT_BLOCK_K`, whatever the group)."""
-    M, K = x.shape
+    M = x.shape[0]
+    if x_permuted:  # x is already permute_x_blocks's [M, K128]; K is the weight's
+        if K is None or not bool(cfg.get("XPERM")):
+            raise ValueError("q3n::qlinear: a permuted x needs cfg XPERM and the weight's K")
+    else:
+        K = x.shape[1]
     N = qweight.shape[1]
     split = cfg.get("SPLIT_K", 1)
     rows = P.plane_rows(bits, K)
+    xperm = bool(cfg.get("XPERM", False))
+    xk = x if x_permuted or not xperm else permute_x_blocks(x)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, triton.cdiv(M, cfg["BLOCK_M"]))
     mode = 0 if split == 1 else (2 if cfg.get("REDUCE", "ticket") == "ticket" else 1)
     if mode == 2 and tickets is None:
@@ -314,12 +341,12 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
     else:
         ws = cnt = y  # unused
     qlinear_mmT_kernel[grid](
-        x, qweight, scales, zeros if zeros is not None else scales,
+        xk, qweight, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, y, ws, cnt, M, N, K, P.padded_k(K),
         rows.get(4, (0, 0))[0], rows.get(2, (0, 0))[0], rows.get(1, (0, 0))[0],
-        k_per_split(K, split), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        k_per_split(K, split), xk.stride(0), xk.stride(1), y.stride(0), y.stride(1),
         BITS=bits, GROUP=0 if group_size == P.PER_CHANNEL else group_size, SYM=zeros is None,
-        HAS_BIAS=bias is not None, REDUCE=mode,
+        HAS_BIAS=bias is not None, REDUCE=mode, XPERM=xperm,
         # Triton 3.6's interpreter multiplies bf16 tiles as raw bits; fp32 holds them exactly.
         F32=x.dtype == torch.float32 or (interpreter and x.dtype == torch.bfloat16),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from q3n_compile.kernels import qlinear as Q
+from q3n_compile.kernels import qlinear_swap as SW
 
 from .test_qlinear import TOL, _gen, _packed, bf16, f16, f32
 from .test_qlinear import _check as check_against_float64
@@ -45,20 +46,44 @@ def test_mmT_against_float64(bits, group, sym, dtype, M, split, bias, reduce):
 @pytest.mark.parametrize("bits,group,sym,K", [(4, 32, False, 224), (6, 64, True, 320),
                                               (8, -1, True, 77), (3, -1, False, 130),
                                               (2, 32, False, 96), (5, -1, True, 45)])
-def test_mmT_k_off_the_blocks(bits, group, sym, K):
+@pytest.mark.parametrize("xperm", [False, True])
+def test_mmT_k_off_the_blocks(bits, group, sym, K, xperm):
     # K off the 128-channel block (rows of 8 channels past the padded K, groups past the last;
     # the split's second range partial or empty) and, per channel, off 32 (padded codes, x
-    # masked inside a word).
+    # masked inside a word); XPERM: x permuted per block beforehand, zero padded to 128.
     gen = _gen(f"mmTk{bits}{group}{sym}{K}")
     pw = _packed(gen, 40, K, bits, group, sym)
     x = torch.randn(7, K, generator=gen).to(bf16)
     cfg = dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_warps=4,
-               num_stages=1)
-    _check(x, pw, None, cfg)
+               num_stages=1, XPERM=xperm)
+    got = _check(x, pw, None, cfg)
+    if xperm:  # the same products summed in the same order as from the unpermuted x
+        plain = Q._launch(x, pw.qweight, pw.scales, pw.zeros, None, None, bits, group, K,
+                          "none", interpreter=True, path=dict(cfg, XPERM=False))
+        assert torch.equal(got, plain)
+
+
+@pytest.mark.parametrize("K", [256, 200])
+def test_permuted_blocks(K):
+    # Channel k0 + 8r + j of each 128-channel block lands at k0 + 16j + r, padding zero; the
+    # activation quantizer's permuted store is the same permutation of its plain output.
+    x = torch.randn(5, K, generator=_gen(f"perm{K}")).to(bf16)
+    xp = SW.permute_x_blocks(x)
+    assert xp.shape == (5, 256)
+    for k in range(K):
+        k0, r, j = k - k % 128, (k % 128) // 8, k % 8
+        assert torch.equal(xp[:, k0 + 16 * j + r], x[:, k])
+    assert xp.reshape(-1).count_nonzero() == x.reshape(-1).count_nonzero()
+    for act, ag in (("int8", Q.PER_TOKEN), ("int12", 64)):
+        plain, s1 = Q.quantize_activations_triton(x, act, None, True, ag, dequant=True)
+        perm, s2 = Q.quantize_activations_triton(x, act, None, True, ag, dequant=True,
+                                                 perm128=True)
+        assert torch.equal(perm, SW.permute_x_blocks(plain)) and torch.equal(s1, s2)
 
 
 @pytest.mark.parametrize("act,ag", [("int8", Q.PER_TOKEN), ("fp8", 32), ("int12", Q.PER_TOKEN)])
-def test_mmT_with_quantized_activations_is_the_dequant_path(act, ag):
+@pytest.mark.parametrize("xperm", [False, True])
+def test_mmT_with_quantized_activations_is_the_dequant_path(act, ag, xperm):
     # Quantized activations are dequantised to x's dtype first (one pass), then the 16-bit tile:
     # the function of the dequant path (A(x) and W rounded to x's dtype, fp32 sums).
     gen = _gen(f"mmTact{act}{ag}")
@@ -66,7 +91,7 @@ def test_mmT_with_quantized_activations_is_the_dequant_path(act, ag):
     x = torch.randn(6, 128, generator=gen).to(f16)
     args = (x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 32, 128, act)
     cfg = dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1, num_warps=4,
-               num_stages=1)
+               num_stages=1, XPERM=xperm)
     got = Q._launch(*args, interpreter=True, path=cfg, act_group_size=ag)
     want = Q._launch(*args, interpreter=True, path=dict(path="dequant"), act_group_size=ag)
     assert (got.float() - want.float()).abs().max() <= 3e-3 * want.float().abs().max()
@@ -86,13 +111,18 @@ GPU_TILES = [dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, nu
              dict(path="mmT", BLOCK_M=8, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4,
                   num_stages=4),
              dict(path="mmT", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8,
-                  num_stages=3)]
+                  num_stages=3),
+             dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4,
+                  num_stages=3, XPERM=True),
+             dict(path="mmT", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=2, num_warps=8,
+                  num_stages=3, XPERM=True)]
 
 
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("cfg", GPU_TILES,
-                         ids=["m16_split4", "m16_split4_atomic", "m8_split4", "m64"])
+                         ids=["m16_split4", "m16_split4_atomic", "m8_split4", "m64",
+                              "m16_split4_xperm", "m64_split2_xperm"])
 @pytest.mark.parametrize("bits,group,sym", [(4, 128, False), (8, -1, True), (6, 128, False),
                                             (7, 64, False), (3, -1, True)])
 @pytest.mark.parametrize("M", [1, 16, 33])
