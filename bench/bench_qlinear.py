@@ -174,8 +174,9 @@ def sweep_candidates(M, group, act, paths=None):
         for bm in bms:
             for bn, w, s in ((64, 4, 3), (64, 4, 4), (128, 8, 3)):
                 for split in (2, 4, 8):
-                    out.append(dict(path="mmT", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128,
-                                    SPLIT_K=split, num_warps=w, num_stages=s))
+                    for xperm in (False, True):  # x as it is, or permuted per block
+                        out.append(dict(path="mmT", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128,
+                                        SPLIT_K=split, num_warps=w, num_stages=s, XPERM=xperm))
     elif M <= 256:
         # Wider swapped tiles: x's rows are the MMA's N side (64-128 of them per program).
         for bm, bn, w in ((64, 64, 4), (64, 128, 4), (128, 128, 8), (64, 128, 8)):
