@@ -76,12 +76,15 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   1.02-1.23x bf16, W8A8 0.87-1.12x, where dequantise + cuBLAS ran 0.49-0.87x.
 - ``mmT`` (:mod:`q3n_compile.kernels.qlinear_swap`): the tiles with operands swapped, for 3 to
   64 rows and every bit width (8-, 16-, 32- and 64-row tiles; K blocks of 128 channels whatever
-  the group; K split as the GEMV's up to 16 rows, by the mm rule above): the weight is unpacked
-  in 8 sub-tiles of channels ``8r + j`` that reach the MMA with no layout conversion; split K is
-  finished in the launch by tickets, as gemv1p's. H200 (session 9): W4A16 g128 1.23-1.44x bf16
-  cuBLAS at 16 rows (the previous one-tile kernel 0.90-0.95x), 0.72-0.96x at 64 rows (the mm
-  tile 0.38-0.49x). Quantized activations are quantised and dequantised to x's dtype first, in
-  one pass (the function of the ``dequant`` path).
+  the group; K split as the GEMV's up to 16 rows, by the mm rule above from 17 to 32, in 4 at
+  64): the weight is unpacked in 8 sub-tiles of channels ``8r + j`` that reach the MMA with no
+  layout conversion; split K is finished in the launch by tickets, as gemv1p's. H200 (session
+  9): W4A16 g128 1.23-1.44x bf16 cuBLAS at 16 rows (the previous one-tile kernel 0.90-0.95x),
+  0.72-0.96x at 64 rows (the mm tile 0.38-0.49x). Quantized activations are quantised and
+  dequantised to x's dtype first, in one pass (the function of the ``dequant`` path); for
+  4-bit weights from 9 rows that pass stores x permuted per block (XPERM, :func:`_mmT_xperm`;
+  16-bit x is permuted by one more pass from 17 rows on 32M+ weights): session 10, 64 rows,
+  0.78-0.98x bf16 (s10run2 sweep).
 
 Every K block of the gemv and mm kernels lies in one weight group and one activation group:
 :func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which
@@ -989,14 +992,43 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     # mmT's K block is 128 channels whatever the groups (its sub-tiles never straddle one).
     bk = SW.MMT_BLOCK_K if path == "mmT" else _k_block(group_size, bk, act_group_size)
     n_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    if path == "mmT" and M > 16:
+    if path == "mmT" and bm == 64:
+        # 4 (each split keeping >= 2 K blocks): the best split swept in all four of the issue's
+        # shapes at 64 rows (s10run2; the mm rule's 8 / 4 / 4 / 2 ran up to 1.22x slower).
+        split = 4
+        while split > 1 and -(-k_pad // bk) // split < 2:
+            split //= 2
+    elif path == "mmT" and M > 16:
         # The mm rule, at least 2 and at most 8: within 4% of the best split swept at 32 and
         # 64 rows (s9run6; the GEMV's minimum of 4 was 10% slower at 12288 x 4096, 32 rows).
         split = max(2, _split(n_tiles, k_pad, bk, sms, max_split=8))
     else:
         split = (_gemv_split if path == "mmT" else _split)(n_tiles, k_pad, bk, sms)
-    return dict(path=path, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
-                num_stages=stages)
+    cfg = dict(path=path, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
+               num_stages=stages)
+    if path == "mmT":
+        cfg["XPERM"] = _mmT_xperm(M, N, K, bits, act)
+    return cfg
+
+
+# mmT's x permuted per 128-channel block (kernels/qlinear_swap.py, XPERM): each sub-tile's x
+# slice then goes to the MMA's shared-memory operand as loaded, with no split in registers and
+# no store + fence per sub-tile. Measured for 4-bit weights only (s10run1-2, the four
+# shapes, dispatched tiles): with quantized activations (the quantizer stores x permuted, at no
+# extra cost) 0.79-0.98x the time of plain x from 16 to 64 rows, but 1.12-1.43x at 4 rows (the
+# 8-row tile); with 16-bit activations (one more pass over x) 0.73-1.00x from 32 to 64 rows on
+# the three larger shapes, but 1.13-1.18x at 4096^2 and 1.04-1.18x at 16 rows. 6-bit weights
+# ran 1.10-1.17x slower with it at 32-64 rows and 8-bit weights 0.95-1.18x (no gain), so
+# neither takes it.
+XPERM_MIN_WEIGHTS_A16 = 1 << 25
+
+
+def _mmT_xperm(M: int, N: int, K: int, bits: int, act: str) -> bool:
+    if bits != 4 or M <= 8:
+        return False
+    if act == "none":
+        return M > 16 and N * K >= XPERM_MIN_WEIGHTS_A16
+    return True
 
 
 def _act_codes_dtype(act: str, device: torch.device, interpreter: bool) -> torch.dtype:

@@ -17,14 +17,20 @@ keeps the words in the operand's register layout (``bench/compile_qlinear_sm90.p
 instructions per code for W4 g128 at 16 rows, no conversion of the weight). A per-row shift
 breaks that, which is why the 2- and 1-bit planes are loaded as 16- and 8-bit parts. x's K
 block is loaded contiguously and split into the 8 matching ``[16, BLOCK_M]`` slices in
-registers (2048 values per K block, against 8192 codes).
+registers (2048 values per K block, against 8192 codes), each stored to shared memory behind
+a fence for the MMA. With XPERM, x comes permuted per block (:func:`permute_x_blocks`, or the
+activation quantizer's permuted store), so each slice is 16 contiguous channels that the
+pipeline loads straight into the MMA's operand: no split, no store, no fence (sm_90 SASS at 64
+rows: 8 MEMBARs and 32 STS fewer per K block). It pays with more rows per program and for
+4-bit weights (the dispatch's rule, :func:`q3n_compile.kernels.qlinear._mmT_xperm`).
 With groups of 128 (one group per K block) the weight is not scaled: the block's fp32 sum of
 exact ``(q - z) * x`` products is, once per output.
 
 Measured (H200, bench/RESULTS.md, session 9): W4A16 g128 at 16 rows 1.23-1.44x bf16 cuBLAS in
 the same run, where the earlier one-tile kernel ran 0.90-0.95x. Tried and slower (s9run2-3):
 x permuted per block beforehand and the 8 sub-tiles joined into one dot over the block
-(1.1-1.5x slower); x's 16 rows as two 8-row dots, which Triton gives the register-operand MMA
+(1.1-1.5x slower; x permuted with 8 dots per block is the XPERM option); x's 16 rows as two
+8-row dots, which Triton gives the register-operand MMA
 (1.1-1.4x slower at 12288 x 4096 and 28672 x 8192).
 
 What this module guarantees: :func:`run` computes the op's function for ``act="none"``

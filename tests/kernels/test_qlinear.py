@@ -7,6 +7,7 @@ import torch
 
 from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear as Q
+from q3n_compile.kernels import qlinear_swap as SW
 
 from .subprocess_lane import run_without_interpreter
 
@@ -281,7 +282,16 @@ def test_choose_path_table():
     m32 = Q.choose_path(17, 12288, 4096, 4, 128, "none", bf16, cuda, sm_count=132)
     assert (m32["path"], m32["BLOCK_M"], m32["SPLIT_K"]) == ("mmT", 32, 2)  # the mm split rule
     m64 = Q.choose_path(64, 28672, 8192, 4, 128, "none", bf16, cuda, sm_count=132)
-    assert (m64["path"], m64["BLOCK_M"], m64["SPLIT_K"]) == ("mmT", 64, 2)  # at least 2
+    assert (m64["path"], m64["BLOCK_M"], m64["SPLIT_K"]) == ("mmT", 64, 4)
+    assert Q.choose_path(64, 64, 256, 4, 128, "none", bf16, cuda, sm_count=132)["SPLIT_K"] == 1
+    # x permuted per block: 4-bit weights; 16-bit activations from 17 rows on 32M+ weights,
+    # quantized ones (permuted by the quantizer) from 9 rows.
+    assert m64["XPERM"] and m32["XPERM"] and not m16["XPERM"]
+    assert not Q.choose_path(64, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["XPERM"]
+    assert not Q.choose_path(64, 28672, 8192, 6, 128, "none", bf16, cuda, sm_count=132)["XPERM"]
+    assert not Q.choose_path(64, 28672, 8192, 8, -1, "int8", bf16, cuda, sm_count=132)["XPERM"]
+    assert Q.choose_path(9, 4096, 4096, 4, 128, "fp8", bf16, cuda, sm_count=132)["XPERM"]
+    assert not Q.choose_path(8, 4096, 4096, 4, 128, "fp8", bf16, cuda, sm_count=132)["XPERM"]
     assert Q.choose_path(65, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "dequant"
     assert Q.choose_path(16, 4096, 4096, 8, -1, "none", bf16, cuda, sm_count=132)["path"] == "mmT"
     for act in ("int8", "fp8", "int12"):  # quantized activations too (dequantised first)
@@ -339,7 +349,7 @@ GPU_FORMATS = [(4, "none", 128, False), (6, "none", 128, False), (8, "none", -1,
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("N", [4096, 12288])
-@pytest.mark.parametrize("M", [1, 16, 256, 4096])
+@pytest.mark.parametrize("M", [1, 16, 48, 256, 4096])
 @pytest.mark.parametrize("bits,act,group,sym", GPU_FORMATS,
                          ids=[f"w{b}_{a}_g{g}" for b, a, g, _ in GPU_FORMATS])
 def test_gpu_against_float64(bits, act, group, sym, M, N):
@@ -385,6 +395,9 @@ def test_gpu_fused_dequantised_activations(act, ag):
     codes, scales = Q.quantize_activations_triton(x, act, None, False, ag)
     a, _ = Q.quantize_activations_triton(x, act, None, False, ag, dequant=True)
     assert torch.equal(a, Q._dequantize_codes(codes, scales, ag, bf16))
+    # The store permuted for mmT's XPERM is the same values in permute_x_blocks's places.
+    p, _ = Q.quantize_activations_triton(x, act, None, False, ag, dequant=True, perm128=True)
+    assert torch.equal(p, SW.permute_x_blocks(a))
 
 
 @pytest.mark.gpu
