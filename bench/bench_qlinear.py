@@ -179,10 +179,11 @@ def sweep_candidates(M, group, act, paths=None):
                                         SPLIT_K=split, num_warps=w, num_stages=s, XPERM=xperm))
     elif M <= 256:
         # Wider swapped tiles: x's rows are the MMA's N side (64-128 of them per program).
-        for bm, bn, w in ((64, 64, 4), (64, 128, 4), (128, 128, 8), (64, 128, 8)):
+        for bm, bn, w in ((64, 128, 8), (128, 128, 8)):
             for split in (1, 2):
-                out.append(dict(path="mmT", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128,
-                                SPLIT_K=split, num_warps=w, num_stages=3))
+                for xperm in (False, True):
+                    out.append(dict(path="mmT", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128,
+                                    SPLIT_K=split, num_warps=w, num_stages=3, XPERM=xperm))
     return [c for c in out if paths is None or c["path"] in paths]
 
 
