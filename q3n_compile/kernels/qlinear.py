@@ -75,7 +75,7 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   block-scaled fp8 GEMM (or its int8 GEMM) multiplies them. s8run1 (H200, M = 4096): W4A8 g128
   1.02-1.23x bf16, W8A8 0.87-1.12x, where dequantise + cuBLAS ran 0.49-0.87x.
 - ``mmT`` (:mod:`q3n_compile.kernels.qlinear_swap`): the tiles with operands swapped, for 3 to
-  64 rows and every bit width (8-, 16-, 32- and 64-row tiles; K blocks of 128 channels whatever
+  64 rows and every bit width (to 128 rows for 4-bit weights, :data:`MMT_64_MAX_M`) (8-, 16-, 32- and 64-row tiles; K blocks of 128 channels whatever
   the group; K split as the GEMV's up to 16 rows, by the mm rule above from 17 to 32, in 4 at
   64): the weight is unpacked in 8 sub-tiles of channels ``8r + j`` that reach the MMA with no
   layout conversion; split K is finished in the launch by tickets, as gemv1p's. H200 (session
@@ -971,6 +971,10 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     for max_m, path, tile in CUDA_TABLE[_TABLE_KEY[act]]:
         if max_m is None or M <= max_m:
             break
+    if bits == 4 and MMT_64_MAX_M[0] < M <= MMT_64_MAX_M[1]:
+        return dict(path="mmT", BLOCK_M=64, BLOCK_N=128, BLOCK_K=SW.MMT_BLOCK_K,
+                    SPLIT_K=2 if -(-k_pad // SW.MMT_BLOCK_K) >= 4 else 1, num_warps=8,
+                    num_stages=3, XPERM=True)
     if (M >= CUBLAS8_MIN_M.get(act, 1 << 62)
             and C8.eligible(N, K, bits, group_size, act, dtype, fp8_supported(device),
                             act_group_size) is None):
@@ -1009,6 +1013,16 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     if path == "mmT":
         cfg["XPERM"] = _mmT_xperm(M, N, K, bits, act)
     return cfg
+
+
+# 4-bit weights from 65 to 128 rows, every activation format: mmT's 64-row tile (x permuted,
+# K split in 2; the weight is unpacked once per 64 rows). W4A16 and W4A8 g128 at 128 rows ran
+# 0.0323 / 0.0671 / 0.233 ms at 4096^2 / 12288 x 4096 / 28672 x 8192, within 4% of the best
+# tile swept, where the table's dequantise + cuBLAS (16-bit) ran 0.0359 / 0.0869 / 0.432 and
+# the mm tile (8-bit) 0.053 / 0.095 / 0.301 (s10run4 sweep; 0.57-0.59x bf16, from 0.31-0.52x).
+# At 256 rows dequantise + cuBLAS (and cublas8) stay ahead. 12-bit activations run the same
+# two kernels as 8-bit ones on this path (quantise-dequantise, then the 16-bit tile).
+MMT_64_MAX_M = (64, 128)
 
 
 # mmT's x permuted per 128-channel block (kernels/qlinear_swap.py, XPERM): each sub-tile's x

@@ -292,7 +292,11 @@ def test_choose_path_table():
     assert not Q.choose_path(64, 28672, 8192, 8, -1, "int8", bf16, cuda, sm_count=132)["XPERM"]
     assert Q.choose_path(9, 4096, 4096, 4, 128, "fp8", bf16, cuda, sm_count=132)["XPERM"]
     assert not Q.choose_path(8, 4096, 4096, 4, 128, "fp8", bf16, cuda, sm_count=132)["XPERM"]
-    assert Q.choose_path(65, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "dequant"
+    # 4-bit weights to 128 rows: the 64-row tile, x permuted, K in 2; others dequantise.
+    m128 = Q.choose_path(128, 4096, 4096, 4, 128, "int12", bf16, cuda, sm_count=132)
+    assert (m128["path"], m128["BLOCK_M"], m128["SPLIT_K"], m128["XPERM"]) == ("mmT", 64, 2, True)
+    assert Q.choose_path(65, 4096, 4096, 6, 128, "none", bf16, cuda, sm_count=132)["path"] == "dequant"
+    assert Q.choose_path(129, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "dequant"
     assert Q.choose_path(16, 4096, 4096, 8, -1, "none", bf16, cuda, sm_count=132)["path"] == "mmT"
     for act in ("int8", "fp8", "int12"):  # quantized activations too (dequantised first)
         assert Q.choose_path(16, 4096, 4096, 4, 128, act, bf16, cuda, sm_count=132)["path"] == "mmT"
@@ -349,7 +353,7 @@ GPU_FORMATS = [(4, "none", 128, False), (6, "none", 128, False), (8, "none", -1,
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("N", [4096, 12288])
-@pytest.mark.parametrize("M", [1, 16, 48, 256, 4096])
+@pytest.mark.parametrize("M", [1, 16, 48, 100, 256, 4096])
 @pytest.mark.parametrize("bits,act,group,sym", GPU_FORMATS,
                          ids=[f"w{b}_{a}_g{g}" for b, a, g, _ in GPU_FORMATS])
 def test_gpu_against_float64(bits, act, group, sym, M, N):
