@@ -187,12 +187,14 @@ def sweep_candidates(M, group, act, paths=None):
     return [c for c in out if paths is None or c["path"] in paths]
 
 
-def xperm_candidates(dispatched):
+def xperm_candidates(dispatched, regs=False):
     """The dispatched mmT launch with x as it is and permuted per block (XPERM; for quantized
-    activations the quantizer stores it permuted)."""
+    activations the quantizer stores it permuted); `regs`: each also capped at 128 registers
+    per thread (two 8-warp programs per SM)."""
     if dispatched.get("path") != "mmT":
         return []
-    return [dict(dispatched, XPERM=False), dict(dispatched, XPERM=True)]
+    out = [dict(dispatched, XPERM=False), dict(dispatched, XPERM=True)]
+    return out + [dict(c, maxnreg=128) for c in out] if regs else out
 
 
 def gemv_candidates(M, N, K, bits, group, act, act_group):
@@ -260,6 +262,7 @@ def run_shape(M, N, K, formats, sweep, gen, paths=None):
             groups = [g for g in (group, ag) if g > 0]
             cands = (gemv_candidates(M, N, K, bits, group, act, ag) if sweep == "gemv"
                      else xperm_candidates(row["path"]) if sweep == "xperm"
+                     else xperm_candidates(row["path"], regs=True) if sweep == "regs"
                      else sweep_candidates(M, min(groups) if groups else -1, act, paths))
             for cand in cands:
                 try:
@@ -268,7 +271,7 @@ def run_shape(M, N, K, formats, sweep, gen, paths=None):
                     e = rel_err(f(), Q.reference(*args))
                     _, gms = timed(f, eager=False)
                     row["sweep"].append(dict(cand, graph_ms=gms, max_rel_err=e))
-                    if sweep == "xperm":
+                    if sweep in ("xperm", "regs"):
                         print(f"      {name} M={M} {cand}: {gms:.4f} ms, err {e:.1e}",
                               flush=True)
                 except Exception as exc:
@@ -313,8 +316,11 @@ def main():
                     help="a shorter sweep: the dispatched path and, for M <= 16, GEMV tiles")
     ap.add_argument("--xperm", action="store_true",
                     help="a sweep of the dispatched mmT launch with and without x permuted")
+    ap.add_argument("--regs", action="store_true",
+                    help="--xperm's sweep, each launch also capped at 128 registers per thread")
     args = ap.parse_args()
-    sweep = "gemv" if args.gemv else "xperm" if args.xperm else args.sweep
+    sweep = ("gemv" if args.gemv else "xperm" if args.xperm else "regs" if args.regs
+             else args.sweep)
     if not torch.cuda.is_available():
         sys.exit("bench_qlinear.py needs a CUDA GPU")
     started = time.time()

@@ -323,7 +323,9 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
     """Launch :func:`qlinear_mmT_kernel` with `cfg` (BLOCK_M/N, SPLIT_K, num_warps, num_stages,
     REDUCE: "ticket" (the default: split-K finished in the same launch, `tickets(device, n)`
     giving the int32 ticket counters) or "atomic" (fp32 atomics into a zeroed Y, cast after:
-    three kernels); the K block is always :data:`MMT_BLOCK_K`, whatever the group)."""
+    three kernels), XPERM (x permuted per block; `x_permuted`: it already is, as
+    :func:`permute_x_blocks` gives it, and `K` is the weight's), maxnreg (registers per thread,
+    on the GPU); the K block is always :data:`MMT_BLOCK_K`, whatever the group)."""
     M = x.shape[0]
     if x_permuted:  # x is already permute_x_blocks's [M, K128]; K is the weight's
         if K is None or not bool(cfg.get("XPERM")):
@@ -356,5 +358,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
         # Triton 3.6's interpreter multiplies bf16 tiles as raw bits; fp32 holds them exactly.
         F32=x.dtype == torch.float32 or (interpreter and x.dtype == torch.bfloat16),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        # A register cap (ptxas's .maxnreg) lets more programs share an SM.
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and not interpreter else {}))
     return y.to(x.dtype) if mode == 1 and x.dtype != torch.float32 else y
