@@ -1012,6 +1012,13 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
                num_stages=stages)
     if path == "mmT":
         cfg["XPERM"] = _mmT_xperm(M, N, K, bits, act)
+        if bits == 6 and bm == 64 and n_tiles * split >= 2 * sms:
+            # 6-bit weights at 64 rows take 163-180 registers a thread, so one 8-warp program
+            # per SM. Capped at 128 (no spills, sm_90 ptxas) with x permuted, two share an SM:
+            # 0.0582 / 0.1884 ms against 0.0610 / 0.2263 at 12288 x 4096 / 28672 x 8192
+            # (W6A16; W6A12 0.0580 / 0.1884 against 0.0641 / 0.2290), but 1.10-1.22x slower
+            # where the grid has fewer programs than SMs (N = 4096) (s10run6).
+            cfg.update(XPERM=True, maxnreg=128)
     return cfg
 
 

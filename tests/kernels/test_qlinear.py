@@ -288,7 +288,12 @@ def test_choose_path_table():
     # quantized ones (permuted by the quantizer) from 9 rows.
     assert m64["XPERM"] and m32["XPERM"] and not m16["XPERM"]
     assert not Q.choose_path(64, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["XPERM"]
-    assert not Q.choose_path(64, 28672, 8192, 6, 128, "none", bf16, cuda, sm_count=132)["XPERM"]
+    # 6-bit at 64 rows: registers capped and x permuted where the grid has 2+ programs per SM.
+    w6 = Q.choose_path(64, 28672, 8192, 6, 128, "none", bf16, cuda, sm_count=132)
+    assert w6["XPERM"] and w6["maxnreg"] == 128
+    w6 = Q.choose_path(64, 4096, 4096, 6, 128, "int12", bf16, cuda, sm_count=132)
+    assert not w6["XPERM"] and "maxnreg" not in w6
+    assert not Q.choose_path(32, 28672, 8192, 6, 128, "none", bf16, cuda, sm_count=132)["XPERM"]
     assert not Q.choose_path(64, 28672, 8192, 8, -1, "int8", bf16, cuda, sm_count=132)["XPERM"]
     assert Q.choose_path(9, 4096, 4096, 4, 128, "fp8", bf16, cuda, sm_count=132)["XPERM"]
     assert not Q.choose_path(8, 4096, 4096, 4, 128, "fp8", bf16, cuda, sm_count=132)["XPERM"]
