@@ -19,7 +19,7 @@ The norm layers stay float32 here (the design's float16 norms are not part of th
 as in :func:`diagnose`).
 
     python bench/whatif_minilm_rotation.py --threads 1 \
-        --out bench/results/minilm-rotation-whatif-cpu.json
+        --out bench/results/minilm-rotation-whatif-cpu-2026-11-29-s10.json
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
