@@ -252,6 +252,18 @@ def _activation_what_if(x: torch.Tensor, smooth: Optional[torch.Tensor], kind: s
     return (torch.round(xg / scale).clamp(-127, 127) * scale).reshape(m, k)
 
 
+def calibration_stats(model, tokenizer, linears: dict, texts) -> dict:
+    """Each of `linears`' (name -> module) calibration statistics from `texts`, one sentence per
+    batch, through ``q3n_compile.quant.calibrate``; the registry is left empty."""
+    from q3n_compile.quant import calibration as C
+
+    quant.clear()
+    quant.calibrate(model, [dict(tokenizer([t], return_tensors="pt")) for t in texts])
+    found = {n: C.lookup_stats(m.weight)[0] for n, m in linears.items()}
+    quant.clear()
+    return found
+
+
 def diagnose(progress=print) -> list[dict[str, Any]]:
     """The ``--diagnose`` what-ifs (see the module docstring); one row per what-if, folds averaged.
 
@@ -261,7 +273,6 @@ def diagnose(progress=print) -> list[dict[str, Any]]:
     from q3n_compile import hf_models
     from q3n_compile.kernels.qlinear import reference
     from q3n_compile.quant import algorithms as A
-    from q3n_compile.quant import calibration as C
     from q3n_compile.quant.config import LayerFormat, parse_quant_config
 
     tokenizer, model = hf_models.load_minilm()
@@ -273,11 +284,7 @@ def diagnose(progress=print) -> list[dict[str, Any]]:
     settings = parse_quant_config({}).calibration
 
     def stats_of(texts):
-        quant.clear()
-        quant.calibrate(model, [dict(tokenizer([t], return_tensors="pt")) for t in texts])
-        found = {n: C.lookup_stats(m.weight)[0] for n, m in linears.items()}
-        quant.clear()
-        return found
+        return calibration_stats(model, tokenizer, linears, texts)
 
     def act_only(smoothing: Optional[str], kind: str):
         def make(name, m, st):

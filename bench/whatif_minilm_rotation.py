@@ -41,9 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from eval_minilm_quant import DESIGN, _versions, embedding_metrics, split  # noqa: E402
+from eval_minilm_quant import (DESIGN, _versions, calibration_stats,  # noqa: E402
+                               embedding_metrics, split)
 
-from q3n_compile import hf_models, quant  # noqa: E402
+from q3n_compile import hf_models  # noqa: E402
 from q3n_compile.kernels.qlinear import reference  # noqa: E402
 from q3n_compile.quant import algorithms as A  # noqa: E402
 from q3n_compile.quant import calibration as C  # noqa: E402
@@ -131,11 +132,7 @@ def main(argv=None) -> int:
                if isinstance(m, torch.nn.Linear) and ".encoder." in f".{n}."}
 
     def stats_of(texts):
-        quant.clear()
-        quant.calibrate(model, [dict(tokenizer([t], return_tensors="pt")) for t in texts])
-        found = {n: C.lookup_stats(m.weight)[0] for n, m in linears.items()}
-        quant.clear()
-        return found
+        return calibration_stats(model, tokenizer, linears, texts)
 
     # Exactness of the rotation in float64 (no quantization), on real calibration rows.
     setups = []
