@@ -48,3 +48,30 @@ def test_dynamic_lengths_on_cuda_do_not_recompile():
             out, ref = compiled(ids), model(ids)
             assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_quantized_linears_under_cuda_graph_trees():
+    # q3n's quantized linears with split K keep their ticket counters across calls; Inductor's
+    # CUDA-graph trees (cuda_graphs=True) refuse a tensor left alive in a graph's pool, which is
+    # where a counter buffer first allocated during the warm-up run would live (s10run8). Rows 1
+    # (gemv1p) and 16 (mmT) both split K at these widths.
+    from q3n_compile.kernels import qlinear as Q
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.SiLU(),
+                                torch.nn.Linear(4096, 4096)).to("cuda", torch.bfloat16)
+    cfg = {"rules": [{"match": "*", "weight_bits": 4, "activation_bits": 8}],
+           "calibration": {"example_inputs": False}}  # round to nearest: both compiles alike
+    graphed = torch.compile(model, backend="q3n",
+                            options={"quant_config": cfg, "cuda_graphs": True})
+    plain = torch.compile(model, backend="q3n", options={"quant_config": cfg})
+    Q._TICKETS.clear()  # the counters' first allocation then falls in the graph trees' warm-up
+    with torch.no_grad():
+        for rows in (1, 16):
+            for _ in range(3):  # warm-up, recording, replay
+                x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+                got = graphed(x).clone()
+                assert torch.equal(got, plain(x))
+    for report in q3n_compile.reports():  # both linears ran quantized in every graph
+        q = report["passes"]["quantize"]
+        assert (q["status"], q["rewritten"]) == ("applied", 2)

@@ -1201,26 +1201,47 @@ def _gemm_codes(codes, xs, out_dtype, qweight, scales, zeros, bias, bits, group_
                  bits, group_size, act, cfg, interpreter, act_group_size)
 
 
-# Ticket counters of the gemv1p kernel's one-launch split-K (REDUCE 2): int32, zero between calls
-# (the last split of each tile resets its own), one buffer per device, grown by reallocation.
-# Calls in one stream (q3n's executor, a CUDA graph's replay) follow each other; gemv1p calls
-# with split K that overlap in time on two streams of one device would share tickets, which
-# this does not support. While a CUDA graph is captured, a buffer not yet allocated is not
-# cached (its zeroing is only recorded, and it would live in the graph's pool): the call gets a
-# fresh one, which the graph zeroes on every replay.
+# Ticket counters of the one-launch split-K (gemv1p and mmT, REDUCE 2): int32, zero between
+# calls (the last split of each tile resets its own), one buffer per device. Calls in one stream
+# (q3n's executor, a CUDA graph's replay) follow each other; split-K calls that overlap in time
+# on two streams of one device would share tickets, which this does not support.
+# - While a CUDA graph is captured, a buffer not yet allocated is not cached (its zeroing is only
+#   recorded, and it would live in the graph's pool): the call gets a fresh one, which the graph
+#   zeroes on every replay.
+# - The cached buffer is allocated on a side stream: Inductor's CUDA-graph trees warm a graph up
+#   with the current stream's allocations routed into the graph's private pool, and refuse a
+#   tensor left alive there that is not an output ("tensor(s) in the cudagraph pool not tracked
+#   as outputs": q3n with quant_config and cuda_graphs, s10run8). Another stream's allocations
+#   are not routed.
+# - A grown buffer never frees the old one: a CUDA graph captured earlier still points at it.
 _TICKETS: dict = {}
 
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
     key = (device.type, device.index)
-    buf = _TICKETS.get(key)
-    if buf is not None and buf.numel() >= n:
-        return buf
-    fresh = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    kept = _TICKETS.get(key)
+    if kept and kept[-1].numel() >= n:
+        return kept[-1]
+    size = max(n, 4096)
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return fresh
-    _TICKETS[key] = fresh
+        return torch.zeros(size, dtype=torch.int32, device=device)
+    fresh = _zeros_off_graph_pools(size, device)
+    _TICKETS.setdefault(key, []).append(fresh)
     return fresh
+
+
+def _zeros_off_graph_pools(n: int, device: torch.device) -> torch.Tensor:
+    """int32 zeros [n] allocated outside any CUDA-graph memory pool (see :data:`_TICKETS`),
+    ready for the current stream."""
+    if device.type != "cuda":
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        buf = torch.zeros(n, dtype=torch.int32, device=device)
+    current.wait_stream(side)
+    return buf
 
 
 def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, split, cfg,

@@ -110,7 +110,18 @@ def test_gemv1p_tickets_are_reset():
     first = Q._launch(*args, interpreter=True, path=path)
     second = Q._launch(*args, interpreter=True, path=path)
     assert torch.equal(first, second)
-    assert all(int(buf.abs().sum()) == 0 for buf in Q._TICKETS.values())
+    assert all(int(buf.abs().sum()) == 0 for kept in Q._TICKETS.values() for buf in kept)
+
+
+def test_ticket_buffer_grows_and_keeps_the_old_one():
+    # A larger grid gets a larger buffer; the old one stays alive (a CUDA graph captured with
+    # it still points at it), and the newest serves every smaller request after.
+    dev = torch.device("cpu")
+    small = Q._tickets(dev, 8)
+    big = Q._tickets(dev, small.numel() + 1)
+    assert big.numel() > small.numel() and big.dtype == torch.int32
+    assert Q._tickets(dev, 8) is big
+    assert any(buf is small for buf in Q._TICKETS[(dev.type, dev.index)])
 
 
 def test_gemv1p_forced_path_with_defaults():
