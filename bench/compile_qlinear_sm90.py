@@ -26,9 +26,10 @@ code, global load widths, barriers and shared-memory layout conversions (TTGIR
 
     python bench/compile_qlinear_sm90.py --gemv1p --out bench/results/x.json
 
-The swapped-operand tile (``mmT``, kernels/qlinear_swap.py) is compiled for W4 g128 (at its
-16- and 8-row tiles and at 128 columns), W4 g128 symmetric, g32 and per channel, W6 g128, W8
-per channel and W2 g64, and read the same way (plus MMAs and ``MEMBAR`` in the loop).
+The swapped-operand tile (``mmT``, kernels/qlinear_swap.py) is compiled for W4 and W6 g128 (at
+its 16- and 8-row tiles, at 128 columns, and at 32 and 64 rows with x as it is and permuted),
+W4 g128 symmetric, g32 and per channel, W8 per channel and W2 g64, and read the same way (plus
+MMAs and ``MEMBAR`` in the loop).
 ``--mmT`` compiles only those.
 
     python bench/compile_qlinear_sm90.py --mmT --out bench/results/x.json
@@ -110,8 +111,11 @@ def gemv1p_cases() -> list[tuple[str, str, dict, int, int]]:
 MMT_FORMATS = {"w4g128": (4, 128, False), "w4g128sym": (4, 128, True), "w4g32": (4, 32, False),
                "w4pc_sym": (4, 0, True), "w6g128": (6, 128, False), "w8pc_sym": (8, 0, True),
                "w2g64": (2, 64, False)}
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): the dispatch's 16- and 8-row tiles, and 128 columns.
-MMT_TILES = [(16, 64, 4, 3), (8, 64, 4, 4), (16, 128, 8, 3)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, XPERM): the dispatch's 16- and 8-row tiles, 128
+# columns, and the 32- and 64-row tiles with x as it is and permuted per block.
+MMT_TILES = [(16, 64, 4, 3, False), (8, 64, 4, 4, False), (16, 128, 8, 3, False),
+             (32, 64, 4, 3, False), (32, 64, 4, 3, True), (64, 128, 8, 3, False),
+             (64, 128, 8, 3, True)]
 MMT_TYPES = {"X": "*bf16", "QW": "*i32", "S": "*fp16", "Z": "*u8", "BIAS": "*bf16", "Y": "*bf16",
              "WS": "*fp32", "CNT": "*i32"}
 MMT_DIVISIBLE = ("X", "QW", "S", "Z", "BIAS", "Y", "WS", "CNT", "N", "K", "K_PAD", "K_PER_SPLIT",
@@ -119,14 +123,16 @@ MMT_DIVISIBLE = ("X", "QW", "S", "Z", "BIAS", "Y", "WS", "CNT", "N", "K", "K_PAD
 
 
 def mmT_cases() -> list[tuple[str, str, dict, int, int]]:
-    """The mmT kernel for each of :data:`MMT_FORMATS` at the 16-row tile, and W4 g128 at every
-    :data:`MMT_TILES` entry (split K by tickets, the default)."""
+    """The mmT kernel for each of :data:`MMT_FORMATS` at the 16-row tile, and W4 and W6 g128
+    at every :data:`MMT_TILES` entry (split K by tickets, the default)."""
     out = []
     for fmt, (bits, group, sym) in MMT_FORMATS.items():
-        for bm, bn, warps, stages in MMT_TILES if fmt == "w4g128" else MMT_TILES[:1]:
-            out.append((f"mmT_{fmt}_m{bm}n{bn}w{warps}s{stages}", "mmT", dict(
-                BITS=bits, GROUP=group, SYM=sym, HAS_BIAS=False, REDUCE=2, F32=False,
-                BLOCK_M=bm, BLOCK_N=bn, stride_xk=1, stride_yn=1), warps, stages))
+        tiles = MMT_TILES if fmt in ("w4g128", "w6g128") else MMT_TILES[:1]
+        for bm, bn, warps, stages, xperm in tiles:
+            out.append((f"mmT_{fmt}_m{bm}n{bn}w{warps}s{stages}{'_xperm' if xperm else ''}",
+                        "mmT", dict(BITS=bits, GROUP=group, SYM=sym, HAS_BIAS=False, REDUCE=2,
+                                    F32=False, XPERM=xperm, BLOCK_M=bm, BLOCK_N=bn, stride_xk=1,
+                                    stride_yn=1), warps, stages))
     return out
 
 
