@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU lane in one call of the device tool (an H200 with torch 2.11, triton 3.6, no network):
 # install, the tests marked gpu, then the benchmarks. Everything lands under $OUT (default ./gpu_out).
-#   bash bench/gpu_lane.sh [tests|attention|norm_linear|qlinear|memory|model|lossy|all]...
+#   bash bench/gpu_lane.sh [tests|attention|norm_linear|qlinear|memory|model|lossy|quant_decode|all]...
 # One step each call keeps a call under the device tool's 10 minutes; `all` does not fit in one.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -42,6 +42,18 @@ for step in $steps; do
     q3n bench --model qwen3 --size bench --device cuda --seq-len 2048 8192 --no-decode \
       --backends q3n+quant,q3n+sparse --time-budget 2 --out "$OUT/qwen3-bench-lossy" 2>&1 \
       | tee "$OUT/bench_lossy.log" | tail -20
+  fi
+  if [[ $step == quant_decode || $step == all ]]; then
+    # The design's quantized model decoding under CUDA graphs (GPU time), against bf16 q3n.
+    python3 -m pytest -q -m gpu -p no:cacheprovider \
+      tests/test_backend_gpu.py::test_quantized_linears_under_cuda_graph_trees 2>&1 \
+      | tee "$OUT/pytest_quant_cudagraphs.log" | tail -3
+    [[ ${PIPESTATUS[0]} == 0 ]] || status=1
+    q3n bench --model qwen3 --size bench --device cuda --no-prefill --decode-batch 1 32 \
+      --backends q3n+cudagraphs --q3n-set "quant+cudagraphs={\"quant_config\": $(python3 -c \
+      'import json; from q3n_compile.compare import QUANT_CONFIG as Q; print(json.dumps(Q))'), \
+      \"cuda_graphs\": true}" --time-budget 2 --out "$OUT/qwen3-bench-quant-decode" 2>&1 \
+      | tee "$OUT/bench_quant_decode.log" | tail -20
   fi
 done
 exit $status
