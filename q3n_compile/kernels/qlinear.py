@@ -75,16 +75,16 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   block-scaled fp8 GEMM (or its int8 GEMM) multiplies them. s8run1 (H200, M = 4096): W4A8 g128
   1.02-1.23x bf16, W8A8 0.87-1.12x, where dequantise + cuBLAS ran 0.49-0.87x.
 - ``mmT`` (:mod:`q3n_compile.kernels.qlinear_swap`): the tiles with operands swapped, for 3 to
-  64 rows and every bit width (to 128 rows for 4-bit weights, :data:`MMT_64_MAX_M`) (8-, 16-, 32- and 64-row tiles; K blocks of 128 channels whatever
-  the group; K split as the GEMV's up to 16 rows, by the mm rule above from 17 to 32, in 4 at
-  64): the weight is unpacked in 8 sub-tiles of channels ``8r + j`` that reach the MMA with no
-  layout conversion; split K is finished in the launch by tickets, as gemv1p's. H200 (session
-  9): W4A16 g128 1.23-1.44x bf16 cuBLAS at 16 rows (the previous one-tile kernel 0.90-0.95x),
-  0.72-0.96x at 64 rows (the mm tile 0.38-0.49x). Quantized activations are quantised and
+  64 rows and every bit width, to 128 rows for 4-bit weights (:data:`MMT_64_MAX_M`) (8-, 16-,
+  32- and 64-row tiles; K blocks of 128 channels whatever the group; K split as the GEMV's up
+  to 16 rows, by the mm rule above from 17 to 32, in 4 at 64): the weight is unpacked in 8
+  sub-tiles of channels ``8r + j`` that reach the MMA with no layout conversion; split K is
+  finished in the launch by tickets, as gemv1p's. Quantized activations are quantised and
   dequantised to x's dtype first, in one pass (the function of the ``dequant`` path); for
   4-bit weights from 9 rows that pass stores x permuted per block (XPERM, :func:`_mmT_xperm`;
-  16-bit x is permuted by one more pass from 17 rows on 32M+ weights): session 10, 64 rows,
-  0.78-0.98x bf16 (s10run2 sweep).
+  16-bit x is permuted by one more pass from 17 rows on 32M+ weights). H200, the issue's four
+  shapes: W4A16 g128 1.22-1.39x bf16 cuBLAS at 16 rows (the one-tile kernel before session 9
+  0.90-0.95x), 0.81-0.97x at 64 rows, 0.56-0.60x at 128 (s10run4-5).
 
 Every K block of the gemv and mm kernels lies in one weight group and one activation group:
 :func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which
@@ -998,7 +998,8 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     n_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     if path == "mmT" and bm == 64:
         # 4 (each split keeping >= 2 K blocks): the best split swept in all four of the issue's
-        # shapes at 64 rows (s10run2; the mm rule's 8 / 4 / 4 / 2 ran up to 1.22x slower).
+        # shapes at 64 rows (s10run2; the mm rule's 8 / 4 / 4 / 2 ran 1.15x slower at 4096^2
+        # and 1.03x at 28672 x 8192).
         split = 4
         while split > 1 and -(-k_pad // bk) // split < 2:
             split //= 2
@@ -1036,11 +1037,11 @@ MMT_64_MAX_M = (64, 128)
 # slice then goes to the MMA's shared-memory operand as loaded, with no split in registers and
 # no store + fence per sub-tile. Measured for 4-bit weights only (s10run1-2, the four
 # shapes, dispatched tiles): with quantized activations (the quantizer stores x permuted, at no
-# extra cost) 0.79-0.98x the time of plain x from 16 to 64 rows, but 1.12-1.43x at 4 rows (the
+# extra cost) 0.79-0.98x the time of plain x from 16 to 64 rows, but 1.19-1.43x at 4 rows (the
 # 8-row tile); with 16-bit activations (one more pass over x) 0.73-1.00x from 32 to 64 rows on
-# the three larger shapes, but 1.13-1.18x at 4096^2 and 1.04-1.18x at 16 rows. 6-bit weights
-# ran 1.10-1.17x slower with it at 32-64 rows and 8-bit weights 0.95-1.18x (no gain), so
-# neither takes it.
+# the three larger shapes, but 1.13x at 4096^2 (32 rows) and 0.93-1.18x at 16 rows. 6-bit
+# weights ran 1.00-1.17x the time with it at 32-64 rows and 8-bit weights 0.95-1.19x (no gain),
+# so neither takes it (6-bit weights do at 64 rows with a register cap, below).
 XPERM_MIN_WEIGHTS_A16 = 1 << 25
 
 

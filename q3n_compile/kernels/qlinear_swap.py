@@ -30,8 +30,8 @@ Measured (H200, bench/RESULTS.md, session 9): W4A16 g128 at 16 rows 1.23-1.44x b
 the same run, where the earlier one-tile kernel ran 0.90-0.95x. Tried and slower (s9run2-3):
 x permuted per block beforehand and the 8 sub-tiles joined into one dot over the block
 (1.1-1.5x slower; x permuted with 8 dots per block is the XPERM option); x's 16 rows as two
-8-row dots, which Triton gives the register-operand MMA
-(1.1-1.4x slower at 12288 x 4096 and 28672 x 8192).
+8-row dots, which Triton gives the register-operand MMA (1.1-1.4x slower at 12288 x 4096 and
+28672 x 8192).
 
 What this module guarantees: :func:`run` computes the op's function for ``act="none"``
 (``y = x @ W^T + bias``, fp32 accumulation) for every bit width, weight group and symmetry the
@@ -43,6 +43,8 @@ deterministic sum in split order), or by fp32 atomics as the mm path does (REDUC
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -319,7 +321,7 @@ def k_per_split(K: int, split: int) -> int:
 
 def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bias, bits: int,
         group_size: int, cfg: dict, interpreter: bool, tickets=None, x_permuted: bool = False,
-        K: int = None) -> torch.Tensor:
+        K: Optional[int] = None) -> torch.Tensor:
     """Launch :func:`qlinear_mmT_kernel` with `cfg` (BLOCK_M/N, SPLIT_K, num_warps, num_stages,
     REDUCE: "ticket" (the default: split-K finished in the same launch, `tickets(device, n)`
     giving the int32 ticket counters) or "atomic" (fp32 atomics into a zeroed Y, cast after:
