@@ -803,6 +803,14 @@ def _split(n_tiles: int, k_pad: int, block_k: int, sms: int, max_split: int = 16
     return split
 
 
+def _keep_two_blocks(split: int, k_pad: int, block_k: int) -> int:
+    """`split` halved until each split keeps at least 2 K blocks (or it is 1)."""
+    k_blocks = -(-k_pad // block_k)
+    while split > 1 and k_blocks // split < 2:
+        split //= 2
+    return split
+
+
 def _gemv_split(n_tiles: int, k_pad: int, block_k: int, sms: int) -> int:
     """The GEMV's K split: the mm rule (cover the SMs twice), but at least 4 (each split
     keeping >= 2 K blocks). H200, M = 1, 64 columns per program (s6run4): the mm rule alone
@@ -810,10 +818,7 @@ def _gemv_split(n_tiles: int, k_pad: int, block_k: int, sms: int) -> int:
     slower than 4 at 28672 x 8192 (more programs keep more loads in flight); 4 alone was
     1.17-1.20x slower than 8 for W8A8 and W4A8 at 4096 x 4096. With this rule each format
     measured there (W4A16, W8A8, W4A8) was within 8% of its best split at 64 columns."""
-    split = 4
-    while split > 1 and -(-k_pad // block_k) // split < 2:
-        split //= 2
-    return max(split, _split(n_tiles, k_pad, block_k, sms))
+    return max(_keep_two_blocks(4, k_pad, block_k), _split(n_tiles, k_pad, block_k, sms))
 
 
 # The single-plane GEMV (qlinear_gemv1p_kernel): which weights it takes, and the launch
@@ -857,10 +862,7 @@ def _gemv1p_split(programs: int, k_pad: int, block_k: int, sms: int) -> int:
     split = 4
     while split < 16 and programs * split < 3 * sms:
         split *= 2
-    k_blocks = -(-k_pad // block_k)
-    while split > 1 and k_blocks // split < 2:
-        split //= 2
-    return split
+    return _keep_two_blocks(split, k_pad, block_k)
 
 
 def gemv1p_config(M: int, N: int, K: int, group_size: int, *, sms: int,
@@ -973,7 +975,7 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
             break
     if bits == 4 and MMT_64_MAX_M[0] < M <= MMT_64_MAX_M[1]:
         return dict(path="mmT", BLOCK_M=64, BLOCK_N=128, BLOCK_K=SW.MMT_BLOCK_K,
-                    SPLIT_K=2 if -(-k_pad // SW.MMT_BLOCK_K) >= 4 else 1, num_warps=8,
+                    SPLIT_K=_keep_two_blocks(2, k_pad, SW.MMT_BLOCK_K), num_warps=8,
                     num_stages=3, XPERM=True)
     if (M >= CUBLAS8_MIN_M.get(act, 1 << 62)
             and C8.eligible(N, K, bits, group_size, act, dtype, fp8_supported(device),
@@ -1000,9 +1002,7 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
         # 4 (each split keeping >= 2 K blocks): the best split swept in all four of the issue's
         # shapes at 64 rows (s10run2; the mm rule's 8 / 4 / 4 / 2 ran 1.15x slower at 4096^2
         # and 1.03x at 28672 x 8192).
-        split = 4
-        while split > 1 and -(-k_pad // bk) // split < 2:
-            split //= 2
+        split = _keep_two_blocks(4, k_pad, bk)
     elif path == "mmT" and M > 16:
         # The mm rule, at least 2 and at most 8: within 4% of the best split swept at 32 and
         # 64 rows (s9run6; the GEMV's minimum of 4 was 10% slower at 12288 x 4096, 32 rows).
