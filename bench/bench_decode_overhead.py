@@ -12,7 +12,11 @@ Two parts, on one CUDA GPU:
    ``_launch``, and the cached kernel launch alone; next to SDPA and a no-op
    ``torch.library.custom_op`` (the dispatcher's floor). The GPU time of one call (CUDA-graph
    replay) says whether the loop was host-bound.
-2. **Whole steps.** The built-in qwen3 "bench" model's single-token step after 1024 cached
+2. **Quantized linears, layer by layer** (``--qlinear``). ``q3n::qlinear`` at decode sizes
+   (4096 x 4096, g128, 1 and 32 rows; W4A8, W6A12, W4A16) issued 300 times back to back, through
+   the op below the autograd keys (q3n's executor), the Python impl, its pieces (``supports``,
+   ``choose_path``, the activation quantization alone), next to bf16 ``F.linear``.
+3. **Whole steps.** The built-in qwen3 "bench" model's single-token step after 1024 cached
    tokens, compiled by Inductor, q3n, and q3n with its attention rewrite off: ms per step over
    50 steps issued back to back (CUDA events), after warm-up.
 """
@@ -109,6 +113,56 @@ def op_layers():
     return result
 
 
+def qlinear_layers():
+    from q3n_compile.kernels import packing as P
+    from q3n_compile.kernels import qlinear as Q
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    N = K = 4096
+    w = torch.randn(N, K, generator=g, device="cuda").bfloat16()
+    fp8 = Q.fp8_supported(torch.device("cuda"))
+    formats = {"W4A8": (4, "fp8" if fp8 else "int8"), "W6A12": (6, "int12"), "W4A16": (4, "none")}
+    op = torch.ops.q3n.qlinear.default
+    result = []
+    for M in (1, 32):
+        x = torch.randn(M, K, generator=g, device="cuda").bfloat16()
+        rows = {f"F.linear bf16 (M={M})": lambda x=x: F.linear(x, w)}
+        for name, (bits, act) in formats.items():
+            codes = torch.randint(0, 1 << bits, (N, K), generator=g, device="cuda")
+            scales = (torch.rand(K // 128, N, generator=g, device="cuda") * 0.02 + 0.002).half()
+            pw = P.pack(codes, scales, None, bits, 128)
+            args = (x, pw.qweight, pw.scales, None, None, None, bits, 128, K, act)
+
+            def below(args=args):
+                with torch._C._AutoDispatchBelowAutograd():
+                    op(*args)
+
+            tag = f"{name} M={M}"
+            rows[f"{tag}: op below autograd (executor)"] = below
+            rows[f"{tag}: _qlinear_impl"] = lambda args=args: Q._qlinear_impl(*args)
+            rows[f"{tag}: supports"] = lambda args=args: Q.supports(*args)
+            rows[f"{tag}: choose_path"] = lambda bits=bits, act=act, M=M: Q.choose_path(
+                M, N, K, bits, 128, act, torch.bfloat16, x.device)
+            if act != "none":
+                cfg = Q.choose_path(M, N, K, bits, 128, act, torch.bfloat16, x.device)
+                perm = cfg["path"] == "mmT" and bool(cfg.get("XPERM"))
+                deq = cfg["path"] in ("mmT", "dequant")
+                rows[f"{tag}: activation quantization ({cfg['path']})"] = (
+                    lambda x=x, act=act, deq=deq, perm=perm: Q.quantize_activations_triton(
+                        x, act, None, False, dequant=deq, perm128=perm))
+        for name, fn in rows.items():
+            r = dict(row=name, host_us=host_us(fn))
+            if "supports" not in name and "choose_path" not in name:
+                try:
+                    r["gpu_us"] = graph_us(fn)
+                except Exception as exc:  # noqa: BLE001 - reported, not hidden
+                    r["gpu_us"], r["graph_error"] = None, f"{type(exc).__name__}: {exc}"[:160]
+            result.append(r)
+            gpu = "-" if r.get("gpu_us") is None else f"{r['gpu_us']:.1f}"
+            print(f"  {name:55s} host {r['host_us']:7.1f} us/call   GPU {gpu} us", flush=True)
+    return result
+
+
 def whole_steps(steps=50):
     from q3n_compile.models import build_model, new_kv_cache
 
@@ -201,14 +255,20 @@ def _diagnose(step, steps):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--no-steps", action="store_true", help="only the op-level part")
+    ap.add_argument("--no-steps", action="store_true", help="only the op-level parts")
+    ap.add_argument("--qlinear", action="store_true",
+                    help="the quantized linears' host cost (part 2) instead of attention's")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_decode_overhead.py needs CUDA")
     import triton
 
-    print("one decode attention call, 300 back to back:")
-    ops = op_layers()
+    if a.qlinear:
+        print("quantized linear calls, 300 back to back:")
+        ops = qlinear_layers()
+    else:
+        print("one decode attention call, 300 back to back:")
+        ops = op_layers()
     steps = [] if a.no_steps else (print("qwen3 bench decode steps:") or whole_steps())
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
