@@ -141,10 +141,11 @@ def _compile_graph(
     guard = FrozenWeightGuard(ctx.frozen)
 
     executor = config.executor
-    compiled = _run_executor(graph, fake_args, guard, config, fallbacks, static_values)
+    compiled = _run_executor(graph, fake_args, guard, config, fallbacks, static_values,
+                             direct=inference)
     if compiled is None:
         executor = "q3n"
-        compiled = q3n_executor(graph, guard)
+        compiled = q3n_executor(graph, guard, direct=inference)
 
     verify = None
     if config.verify:
@@ -190,10 +191,11 @@ def _run_executor(
     config: Q3NConfig,
     fallbacks: list[dict[str, str]],
     static_values: dict[str, torch.Tensor] | None = None,
+    direct: bool = False,
 ) -> Callable | None:
     if config.executor == "q3n":
         return q3n_executor(graph, guard, config=config, static_inputs=sorted(static_values or {}),
-                            fallbacks=fallbacks)
+                            fallbacks=fallbacks, direct=direct)
     try:
         return inductor_executor(graph, fake_args, guard, autotune=config.autotune,
                                  cuda_graphs=config.cuda_graphs)

@@ -88,6 +88,26 @@ def below_autograd(compiled: Callable) -> Callable:
     return run
 
 
+def direct_kernel_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """`gm` with each call of a q3n kernel op replaced by a call of the op's Python
+    implementation (``kernels.contract.python_impl``): a copy (constants shared), or `gm` itself
+    when it calls none. For inference graphs run by q3n's own executor: the same computation on
+    real tensors, without the dispatcher's round trip into Python (~25-45 µs a call, which a
+    decode step without CUDA graphs pays per kernel op). `gm` is left as it is (reports and
+    dumps show the ops); profilers see the kernels' launches, not the ops' names."""
+    from .kernels import contract
+
+    if not any(n.op == "call_function" and contract.python_impl(n.target) is not None
+               for n in gm.graph.nodes):
+        return gm
+    graph = copy.deepcopy(gm.graph)
+    for node in graph.nodes:
+        impl = contract.python_impl(node.target) if node.op == "call_function" else None
+        if impl is not None:
+            node.target = impl
+    return torch.fx.GraphModule(gm, graph)
+
+
 def q3n_executor(
     gm: torch.fx.GraphModule,
     guard: FrozenWeightGuard,
@@ -95,24 +115,29 @@ def q3n_executor(
     config: Any = None,
     static_inputs: Sequence[str] = (),
     fallbacks: list[dict[str, str]] | None = None,
+    direct: bool = False,
 ) -> Callable:
-    # With `config`, a graph the memory_plan pass planned runs as generated code writing into
-    # one arena, and cuda_graphs=True captures/replays it (q3n_compile/memory/arena_runtime.py).
+    """Run `gm` as its generated Python. With `config`, a graph the memory_plan pass planned runs
+    as generated code writing into one arena, and cuda_graphs=True captures/replays it
+    (q3n_compile/memory/arena_runtime.py). `direct`: q3n's kernel ops are called as Python
+    functions (:func:`direct_kernel_calls`; inference graphs only: they skip the ops' autograd
+    layer, which would refuse a gradient)."""
     if config is not None:
         from .memory.arena_runtime import planned_executor
 
         planned = planned_executor(
             gm, guard, cuda_graphs=config.cuda_graphs, static_inputs=static_inputs,
-            strict=config.strict, fallbacks=fallbacks,
+            strict=config.strict, fallbacks=fallbacks, direct=direct,
         )
         if planned is not None:
             return planned
+    forward = (direct_kernel_calls(gm) if direct else gm).forward
     if not guard:
-        return make_boxed_func(gm.forward)
+        return make_boxed_func(forward)
 
     def run(args: list[Any]) -> Any:
         guard.check()
-        return gm.forward(*args)
+        return forward(*args)
 
     run._boxed_call = True  # type: ignore[attr-defined]
     return run

@@ -188,6 +188,57 @@ def _with_probe(x):
     return torch.ops.q3n_test.autograd_probe(x.sin()) + 1
 
 
+def _attend(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
+
+
+@pytest.mark.parametrize("memory_plan", [False, True])
+def test_inference_graphs_call_kernel_ops_directly(memory_plan, monkeypatch):
+    # q3n's executor calls its kernel ops' Python implementations in an inference graph (no
+    # round trip through the dispatcher, whose registered implementation is not this wrapper);
+    # the report still counts the op, and the result is the op's.
+    from q3n_compile.kernels import attention as A, contract
+
+    op = torch.ops.q3n.attention.default
+    assert contract.python_impl(op) is A._attention_impl
+    impl, calls = contract.python_impl(op), []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return impl(*args, **kwargs)
+
+    monkeypatch.setitem(contract._IMPLS, op, counted)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 7, 16, generator=gen) for _ in range(3))
+    compiled = torch.compile(_attend, backend="q3n", options={"memory_plan": memory_plan})
+    with torch.no_grad():
+        compiled(q, k, v)
+        calls.clear()
+        got = compiled(q, k, v)
+    assert calls == [1]
+    assert q3n_compile.reports()[-1]["ops"].get("q3n.attention.default") == 1
+    torch.testing.assert_close(got, _attend(q, k, v), rtol=1e-4, atol=1e-5)
+    op(q, k, v, None, None, True)  # eager: through the dispatcher, not the wrapper
+    assert calls == [1]
+
+
+def test_direct_kernel_calls_copies_the_graph():
+    from q3n_compile.kernels import attention as A
+    from q3n_compile.runtime import direct_kernel_calls
+
+    gm = torch.fx.symbolic_trace(lambda q, k, v: torch.ops.q3n.attention.default(
+        q, k, v, None, None, True) + 1)
+    direct = direct_kernel_calls(gm)
+    targets = [n.target for n in direct.graph.nodes if n.op == "call_function"]
+    assert A._attention_impl in targets and torch.ops.q3n.attention.default not in targets
+    assert torch.ops.q3n.attention.default in [n.target for n in gm.graph.nodes]  # unchanged
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 5, 16, generator=gen) for _ in range(3))
+    assert torch.equal(direct(q, k, v), gm(q, k, v))
+    plain = torch.fx.symbolic_trace(lambda x: x.sin())
+    assert direct_kernel_calls(plain) is plain  # nothing to replace: no copy
+
+
 @pytest.mark.parametrize("executor", ["q3n", "inductor"])
 def test_inference_graphs_skip_the_autograd_layer(executor):
     compiled = torch.compile(_with_probe, backend="q3n", options={"executor": executor})

@@ -23,14 +23,16 @@ beyond the rounding the kernel's docstring states.
 Launch overhead: a decode-sized kernel runs for ~10 µs, so the host time of a call matters as much
 as the kernel. A launcher may cache everything that depends only on the call's signature (sizes,
 strides, dtypes, device, flags) and launch through :class:`TritonLaunch`, which skips Triton's
-per-launch argument binding once the kernel variant is known.
+per-launch argument binding once the kernel variant is known; :func:`launch` does that for a
+launch site that builds its arguments per call, caching the :class:`TritonLaunch` by everything
+but the pointers.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 import torch
 
@@ -82,7 +84,25 @@ def register_kernel_op(
     qualname = f"q3n::{name}"
     op = torch.library.custom_op(qualname, mutates_args=(), schema=schema)(impl)
     op.register_fake(fake)
-    return getattr(torch.ops.q3n, name)
+    packet = getattr(torch.ops.q3n, name)
+    if schema is None:  # the schema's argument names are impl's: a call's kwargs fit both
+        _IMPLS[packet.default] = impl
+    return packet
+
+
+# Each op's Python implementation, by its overload, filled at registration (import) time only:
+# an inference graph run by q3n's own executor calls these directly (:func:`python_impl`).
+_IMPLS: dict = {}
+
+
+def python_impl(target) -> Optional[Callable]:
+    """The Python implementation of the q3n kernel op `target` (an OpOverload), or None.
+
+    Calling it is what the op's dispatch ends in for real tensors without autograd: the
+    dispatcher's round trip into Python costs ~25-45 µs a call (s11run1: ``q3n::qlinear`` below
+    the autograd keys 185-205 µs, its implementation alone 137-175), which a decode step pays per
+    kernel op when nothing captures it in a CUDA graph."""
+    return _IMPLS.get(target)
 
 
 class TritonLaunch:
@@ -140,6 +160,32 @@ class TritonLaunch:
                 self.compiled[key] = compiled
             return
         self.kernel[self.grid](*pointers, *self.args, **self.options)
+
+
+_LAUNCHES: dict = {}
+_MAX_LAUNCHES = 8192
+
+
+def launch(kernel, grid: tuple, pointers: tuple, scalars: tuple, constexprs: dict,
+           options: dict, *, fast: bool) -> None:
+    """``kernel[grid](*pointers, *scalars, **constexprs, **options)``, through a
+    :class:`TritonLaunch` kept per (kernel, grid, the pointers' dtypes, scalars, constexprs,
+    options, fast): the same launch with a few µs of key building in place of Triton's argument
+    binding (~30 µs a launch in Triton 3.6). The pointers' dtypes are part of the key because
+    Triton compiles a variant per pointer type and a TritonLaunch keeps one per alignment only.
+    Every parameter after the pointers is a plain value (an int, float, bool, str or None) and
+    every constexpr is named (TritonLaunch.ordered). Bounded: the cache is emptied when it
+    reaches :data:`_MAX_LAUNCHES` entries (a dynamic size that changes every call fills it)."""
+    key = (kernel, grid, tuple([p.dtype for p in pointers]), scalars,
+           tuple(constexprs.items()), tuple(options.items()), fast)
+    cached = _LAUNCHES.get(key)
+    if cached is None:
+        args = TritonLaunch.ordered(kernel, len(pointers), scalars, constexprs)
+        cached = TritonLaunch(kernel, grid, args, options, fast=fast)
+        if len(_LAUNCHES) >= _MAX_LAUNCHES:
+            _LAUNCHES.clear()
+        _LAUNCHES[key] = cached
+    cached(*pointers)
 
 
 @functools.lru_cache(maxsize=1)

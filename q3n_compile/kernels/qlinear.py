@@ -129,6 +129,7 @@ bytes per group, read once per call — the gain at small M, where a linear is m
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Optional
 
 import torch
@@ -1094,13 +1095,14 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
         block_m, block_k = 1, min(4096, triton.next_power_of_2(K))
         warps = min(16, max(4, block_k // 256))
     act_group = 0 if act_group_size == PER_TOKEN else act_group_size
-    act_quant_kernel[(triton.cdiv(M, block_m),)](
-        x, smooth if smooth is not None else scales, codes, scales, M, K,
-        x.stride(0), x.stride(1), codes.stride(0),
-        QMAX=ACT_QMAX[act], FP8=act == "fp8", HAS_SMOOTH=smooth is not None,
-        BLOCK_M=block_m, BLOCK_K=max(block_k, act_group), ACT_GROUP=act_group, DEQUANT=dequant,
-        PERM128=perm128, num_warps=warps,
-    )
+    contract.launch(
+        act_quant_kernel, (triton.cdiv(M, block_m),),
+        (x, smooth if smooth is not None else scales, codes, scales),
+        (M, K, x.stride(0), x.stride(1), codes.stride(0)),
+        dict(QMAX=ACT_QMAX[act], FP8=act == "fp8", HAS_SMOOTH=smooth is not None,
+             BLOCK_M=block_m, BLOCK_K=max(block_k, act_group), ACT_GROUP=act_group,
+             DEQUANT=dequant, PERM128=perm128),
+        dict(num_warps=warps), fast=not interpreter)
     return codes, scales
 
 
@@ -1112,12 +1114,13 @@ def dequantize_triton(qweight, scales, zeros, bits, group_size, in_features, dty
     rows = P.plane_rows(bits, K)
     bk, bn = (64, 64) if interpreter else (64, 128)
     grid = (triton.cdiv(K, bk), triton.cdiv(N, bn))
-    dequant_kernel[grid](
-        qweight, scales, zeros if zeros is not None else scales, wt, N, K, P.padded_k(K),
-        rows.get(4, (0, 0))[0], rows.get(2, (0, 0))[0], rows.get(1, (0, 0))[0],
-        BITS=bits, GROUP=0 if group_size == P.PER_CHANNEL else group_size, SYM=zeros is None,
-        BLOCK_K=bk, BLOCK_N=bn, num_warps=4,
-    )
+    contract.launch(
+        dequant_kernel, grid, (qweight, scales, zeros if zeros is not None else scales, wt),
+        (N, K, P.padded_k(K), rows.get(4, (0, 0))[0], rows.get(2, (0, 0))[0],
+         rows.get(1, (0, 0))[0]),
+        dict(BITS=bits, GROUP=0 if group_size == P.PER_CHANNEL else group_size,
+             SYM=zeros is None, BLOCK_K=bk, BLOCK_N=bn),
+        dict(num_warps=4), fast=not interpreter)
     return wt
 
 
@@ -1141,18 +1144,44 @@ def _codes_fit_fp8(bits: int, symmetric: bool) -> bool:
     return bits <= 4 or (bits == 5 and symmetric)
 
 
+# The supports verdict and choose_path's answer per call signature (shapes, strides, dtypes and
+# devices of the tensors; the format): a decode call is host-bound, and the two cost ~10-15 µs a
+# call (s11run1), as much as a launch. Bounded like contract.launch's cache.
+_PATHS: dict = {}
+_MAX_PATHS = 4096
+
+
+def _sig(t: Optional[torch.Tensor]):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def _remember_path(key, cfg: dict) -> None:
+    if key is None:
+        return
+    if len(_PATHS) >= _MAX_PATHS:
+        _PATHS.clear()
+    _PATHS[key] = cfg
+
+
 def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act,
             interpreter: bool, path: Optional[dict] = None,
             act_group_size: int = PER_TOKEN) -> torch.Tensor:
     """Run the op's Triton path; `path` overrides :func:`choose_path` (tests and the benchmark)."""
-    reason = supports(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act,
-                      act_group_size)
-    if reason is not None:
-        raise ValueError(f"q3n::qlinear: {reason}")
+    key = None if path is not None else (
+        "qlinear", _sig(x), _sig(qweight), _sig(scales), _sig(zeros), _sig(bias), _sig(smooth),
+        bits, group_size, in_features, act, act_group_size, interpreter)
+    cfg = _PATHS.get(key) if key is not None else None
+    if cfg is None:
+        reason = supports(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features,
+                          act, act_group_size)
+        if reason is not None:
+            raise ValueError(f"q3n::qlinear: {reason}")
+        cfg = path or choose_path(x.shape[0], qweight.shape[1], x.shape[1], bits, group_size, act,
+                                  x.dtype, x.device, interpreter=interpreter,
+                                  act_group_size=act_group_size)
+        _remember_path(key, cfg)
     M, K = x.shape
     N = qweight.shape[1]
-    cfg = path or choose_path(M, N, K, bits, group_size, act, x.dtype, x.device,
-                              interpreter=interpreter, act_group_size=act_group_size)
     if M == 0:
         return x.new_empty((0, N))
     if act == "none":
@@ -1209,11 +1238,12 @@ def _gemm_codes(codes, xs, out_dtype, qweight, scales, zeros, bias, bits, group_
 # - While a CUDA graph is captured, a buffer not yet allocated is not cached (its zeroing is only
 #   recorded, and it would live in the graph's pool): the call gets a fresh one, which the graph
 #   zeroes on every replay.
-# - The cached buffer is allocated on a side stream: Inductor's CUDA-graph trees warm a graph up
-#   with the current stream's allocations routed into the graph's private pool, and refuse a
-#   tensor left alive there that is not an output ("tensor(s) in the cudagraph pool not tracked
-#   as outputs": q3n with quant_config and cuda_graphs, s10run8). Another stream's allocations
-#   are not routed.
+# - The cached buffer is allocated by a short-lived helper thread: Inductor's CUDA-graph trees
+#   warm a graph up with every allocation of the warming thread routed into the graph's private
+#   pool (`_cuda_beginAllocateCurrentThreadToPool`, whatever the stream), and refuse a tensor
+#   left alive there that is not an output ("tensor(s) in the cudagraph pool not tracked as
+#   outputs": q3n with quant_config and cuda_graphs, s10run8; a side stream of the same thread
+#   did not escape it, s11run1). Another thread's allocations are not routed.
 # - A grown buffer never frees the old one: a CUDA graph captured earlier still points at it.
 _TICKETS: dict = {}
 
@@ -1233,20 +1263,31 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
 
 def _zeros_off_graph_pools(n: int, device: torch.device) -> torch.Tensor:
     """int32 zeros [n] allocated outside any CUDA-graph memory pool (see :data:`_TICKETS`),
-    ready for the current stream."""
+    ready for the current stream: a helper thread allocates and zeroes them on its own stream
+    and waits for the zeroing, before this thread goes on."""
     if device.type != "cuda":
         return torch.zeros(n, dtype=torch.int32, device=device)
-    current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        buf = torch.zeros(n, dtype=torch.int32, device=device)
-    current.wait_stream(side)
-    return buf
+    made: list = []
+
+    def allocate():
+        try:
+            with torch.cuda.device(device):
+                buf = torch.zeros(n, dtype=torch.int32, device=device)
+                torch.cuda.current_stream(device).synchronize()
+            made.append(buf)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            made.append(exc)
+
+    helper = threading.Thread(target=allocate, name="q3n-tickets")
+    helper.start()
+    helper.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
 
 
 def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, split, cfg,
-            flags) -> torch.Tensor:
+            flags, interpreter: bool) -> torch.Tensor:
     """Launch :func:`qlinear_gemv1p_kernel`: split-K by tickets in one launch (cfg REDUCE
     "ticket", the default) or by fp32 atomics (REDUCE "atomic": Y zeroed first, cast after).
     A forced `cfg` may leave out BLOCK_M (M rounded up to a power of two, at most 16), REDUCE,
@@ -1265,16 +1306,19 @@ def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, 
         cnt = _tickets(a.device, n_tiles * m_tiles)
     else:
         ws = cnt = y  # unused
-    flags = {k: v for k, v in flags.items() if k != "ATOMIC"}
-    qlinear_gemv1p_kernel[(n_tiles, split, m_tiles)](
-        a, xs, qweight, scales, zeros if zeros is not None else scales,
-        bias if bias is not None else scales, y, ws, cnt, M, N, K, k_pad, k_per_split,
-        P.plane_rows(flags["BITS"], K).get(2, (0, 0))[0] if flags["BITS"] == 6 else 0,
-        a.stride(0), a.stride(1), y.stride(0), y.stride(1), **flags, REDUCE=mode,
-        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        PREFETCH=int(cfg.get("PREFETCH", 1)),
-        EVEN=N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0 and M % block_m == 0,
-        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1))
+    consts = {k: v for k, v in flags.items() if k != "ATOMIC"}
+    consts.update(REDUCE=mode, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                  PREFETCH=int(cfg.get("PREFETCH", 1)),
+                  EVEN=N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0 and M % block_m == 0)
+    contract.launch(
+        qlinear_gemv1p_kernel, (n_tiles, split, m_tiles),
+        (a, xs, qweight, scales, zeros if zeros is not None else scales,
+         bias if bias is not None else scales, y, ws, cnt),
+        (M, N, K, k_pad, k_per_split,
+         P.plane_rows(flags["BITS"], K).get(2, (0, 0))[0] if flags["BITS"] == 6 else 0,
+         a.stride(0), a.stride(1), y.stride(0), y.stride(1)),
+        consts, dict(num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1)),
+        fast=not interpreter)
     return y.to(out_dtype) if mode == 1 and out_dtype != torch.float32 else y
 
 
@@ -1321,24 +1365,26 @@ def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, gro
                  ACT_GROUP=act_group, HAS_BIAS=bias is not None, ATOMIC=atomic)
     if cfg["path"] == "gemv1p":
         return _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, split,
-                       cfg, flags)
+                       cfg, flags, interpreter)
     y = (torch.zeros((M, N), dtype=torch.float32, device=a.device) if atomic
          else torch.empty((M, N), dtype=out_dtype, device=a.device))
-    common = (a, xs, qweight, scales, zeros if zeros is not None else scales,
-              bias if bias is not None else scales, y,
-              M, N, K, k_pad, row4, row2, row1, k_per_split,
-              a.stride(0), a.stride(1), y.stride(0), y.stride(1))
+    pointers = (a, xs, qweight, scales, zeros if zeros is not None else scales,
+                bias if bias is not None else scales, y)
+    scalars = (M, N, K, k_pad, row4, row2, row1, k_per_split,
+               a.stride(0), a.stride(1), y.stride(0), y.stride(1))
+    options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg["path"] == "gemv":
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
-        qlinear_gemv_kernel[grid](*common, **flags, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
-                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        contract.launch(qlinear_gemv_kernel, grid, pointers, scalars,
+                        dict(flags, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k), options,
+                        fast=not interpreter)
     else:
         dd = _dot_dtype(act, bits, zeros is None, out_dtype, codes_dtype, interpreter)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), split)
-        qlinear_mm_kernel[grid](*common, **flags, DOT_DTYPE=dd, BLOCK_M=cfg["BLOCK_M"],
-                                BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
-                                DOT_PRECISION="ieee" if dd == _DD_F32 else "tf32",
-                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        contract.launch(qlinear_mm_kernel, grid, pointers, scalars,
+                        dict(flags, DOT_DTYPE=dd, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                             BLOCK_K=block_k, DOT_PRECISION="ieee" if dd == _DD_F32 else "tf32"),
+                        options, fast=not interpreter)
     return y.to(out_dtype) if atomic and out_dtype != torch.float32 else y
 
 
@@ -1718,13 +1764,14 @@ def _norm_act_quant_launch(x: torch.Tensor, eps: float, kind: str, act: str,
     cfg = config or norm_act_quant_config(M, K, interpreter=interpreter)
     act_group = 0 if act_group_size == PER_TOKEN else act_group_size
     block_k = max(cfg["BLOCK_K"], act_group)  # a tile holds whole groups
-    norm_act_quant_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
-        x2, smooth if smooth is not None else scales, codes, scales, M, K, float(eps),
-        x2.stride(0), x2.stride(1), codes.stride(0),
-        KIND=0 if kind == "layernorm" else 1, QMAX=ACT_QMAX[act], FP8=act == "fp8",
-        HAS_SMOOTH=smooth is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=block_k,
-        ONE_TILE=block_k >= K, ACT_GROUP=act_group, num_warps=cfg["num_warps"],
-    )
+    contract.launch(
+        norm_act_quant_kernel, (triton.cdiv(M, cfg["BLOCK_M"]),),
+        (x2, smooth if smooth is not None else scales, codes, scales),
+        (M, K, float(eps), x2.stride(0), x2.stride(1), codes.stride(0)),
+        dict(KIND=0 if kind == "layernorm" else 1, QMAX=ACT_QMAX[act], FP8=act == "fp8",
+             HAS_SMOOTH=smooth is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=block_k,
+             ONE_TILE=block_k >= K, ACT_GROUP=act_group),
+        dict(num_warps=cfg["num_warps"]), fast=not interpreter)
     return codes, scales
 
 
@@ -1733,14 +1780,21 @@ def _qlinear_codes_launch(codes, xscales, qweight, scales, zeros, bias, bits, gr
                           path: Optional[dict] = None, act_group_size: int = PER_TOKEN
                           ) -> torch.Tensor:
     """``q3n::qlinear_codes``'s Triton path; `path` overrides :func:`choose_path`."""
-    reason = supports_codes(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
-                            in_features, act, out_dtype, act_group_size)
-    if reason is not None:
-        raise ValueError(f"q3n::qlinear_codes: {reason}")
+    key = None if path is not None else (
+        "qlinear_codes", _sig(codes), _sig(xscales), _sig(qweight), _sig(scales), _sig(zeros),
+        _sig(bias), bits, group_size, in_features, act, out_dtype, act_group_size, interpreter)
+    cfg = _PATHS.get(key) if key is not None else None
+    if cfg is None:
+        reason = supports_codes(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
+                                in_features, act, out_dtype, act_group_size)
+        if reason is not None:
+            raise ValueError(f"q3n::qlinear_codes: {reason}")
+        cfg = path or choose_path(codes.shape[0], qweight.shape[1], codes.shape[1], bits,
+                                  group_size, act, out_dtype, codes.device,
+                                  interpreter=interpreter, act_group_size=act_group_size)
+        _remember_path(key, cfg)
     M, K = codes.shape
     N = qweight.shape[1]
-    cfg = path or choose_path(M, N, K, bits, group_size, act, out_dtype, codes.device,
-                              interpreter=interpreter, act_group_size=act_group_size)
     if M == 0:
         return torch.empty((0, N), dtype=out_dtype, device=codes.device)
     return _gemm_codes(codes, xscales, out_dtype, qweight, scales, zeros, bias, bits, group_size,

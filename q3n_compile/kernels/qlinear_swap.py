@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
 from q3n_compile.kernels.tiles import ticket_split_k
 
@@ -350,17 +351,21 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
         cnt = tickets(x.device, grid[0] * grid[2])
     else:
         ws = cnt = y  # unused
-    qlinear_mmT_kernel[grid](
-        xk, qweight, scales, zeros if zeros is not None else scales,
-        bias if bias is not None else scales, y, ws, cnt, M, N, K, P.padded_k(K),
-        rows.get(4, (0, 0))[0], rows.get(2, (0, 0))[0], rows.get(1, (0, 0))[0],
-        k_per_split(K, split), xk.stride(0), xk.stride(1), y.stride(0), y.stride(1),
-        BITS=bits, GROUP=0 if group_size == P.PER_CHANNEL else group_size, SYM=zeros is None,
-        HAS_BIAS=bias is not None, REDUCE=mode, XPERM=xperm,
-        # Triton 3.6's interpreter multiplies bf16 tiles as raw bits; fp32 holds them exactly.
-        F32=x.dtype == torch.float32 or (interpreter and x.dtype == torch.bfloat16),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        # A register cap (ptxas's .maxnreg) lets more programs share an SM.
-        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and not interpreter else {}))
+    options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if cfg.get("maxnreg") and not interpreter:
+        options["maxnreg"] = cfg["maxnreg"]  # ptxas's .maxnreg: more programs share an SM
+    contract.launch(
+        qlinear_mmT_kernel, grid,
+        (xk, qweight, scales, zeros if zeros is not None else scales,
+         bias if bias is not None else scales, y, ws, cnt),
+        (M, N, K, P.padded_k(K), rows.get(4, (0, 0))[0], rows.get(2, (0, 0))[0],
+         rows.get(1, (0, 0))[0], k_per_split(K, split), xk.stride(0), xk.stride(1), y.stride(0),
+         y.stride(1)),
+        dict(BITS=bits, GROUP=0 if group_size == P.PER_CHANNEL else group_size,
+             SYM=zeros is None, HAS_BIAS=bias is not None, REDUCE=mode, XPERM=xperm,
+             # Triton 3.6's interpreter multiplies bf16 tiles as raw bits; fp32 holds them
+             # exactly.
+             F32=x.dtype == torch.float32 or (interpreter and x.dtype == torch.bfloat16),
+             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]),
+        options, fast=not interpreter)
     return y.to(x.dtype) if mode == 1 and x.dtype != torch.float32 else y

@@ -49,6 +49,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..runtime import direct_kernel_calls
 from . import timeline
 from .liveness import PLAN_KEY, BucketPlan, GraphMemoryPlan, analyze, unplanned_reasons
 
@@ -165,11 +166,14 @@ class MemoryRuntime:
     """Runs one compiled graph: planned (arena) or not, with or without CUDA graphs."""
 
     def __init__(self, gm: torch.fx.GraphModule, plan: GraphMemoryPlan | None, *, cuda_graphs: bool,
-                 static_inputs: Sequence[str] = ()):
+                 static_inputs: Sequence[str] = (), direct: bool = False):
         self.plan = plan
         self.spec = plan.spec if plan is not None else None
         self.planned = plan is not None and bool(plan.spec.values)
         self.module = build_planned_module(gm, plan) if self.planned else gm
+        # What runs: the module with its q3n kernel ops called directly (`direct`, inference
+        # graphs); self.module stays as planned, for the dump.
+        self.forward = (direct_kernel_calls(self.module) if direct else self.module).forward
         self._lock = threading.Lock()
         self.pool = _ArenaPool()
         self._exact: OrderedDict[tuple, tuple[BucketPlan, list]] = OrderedDict()
@@ -234,7 +238,7 @@ class MemoryRuntime:
         views = arenas.views.get(key)
         if views is None:
             views = self.views(arenas, key)
-        result = self.module.forward(*args, views)
+        result = self.forward(*args, views)
         arenas.check()
         return result
 
@@ -242,7 +246,7 @@ class MemoryRuntime:
         if self.graphs is not None:
             return self.graphs(args)
         if not self.planned:
-            return self.module.forward(*args)
+            return self.forward(*args)
         arenas = self.pool.acquire()
         try:
             if self._cuda_devices:
@@ -495,14 +499,17 @@ def planned_executor(
     static_inputs: Sequence[str] = (),
     strict: bool = False,
     fallbacks: list[dict[str, str]] | None = None,
+    direct: bool = False,
 ) -> Callable | None:
     """The executor for a graph with a memory plan and/or CUDA graphs; None when neither applies
-    (or, unless `strict`, when building it failed: recorded in `fallbacks`)."""
+    (or, unless `strict`, when building it failed: recorded in `fallbacks`). `direct`: call the
+    q3n kernel ops' Python implementations directly (inference graphs; runtime.direct_kernel_calls)."""
     plan = gm.meta.get(PLAN_KEY)
     if plan is None and not cuda_graphs:
         return None
     try:
-        rt = MemoryRuntime(gm, plan, cuda_graphs=cuda_graphs, static_inputs=static_inputs)
+        rt = MemoryRuntime(gm, plan, cuda_graphs=cuda_graphs, static_inputs=static_inputs,
+                           direct=direct)
     except Exception as err:
         if strict:
             raise

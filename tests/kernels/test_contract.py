@@ -1,9 +1,11 @@
-"""The kernel contract's dispatch: which implementation a q3n op runs on this lane."""
+"""The kernel contract: which implementation a q3n op runs on this lane, and the cached launch."""
 
 import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from q3n_compile.kernels import contract
 
@@ -22,3 +24,40 @@ def test_backend_is_reference_without_interpreter():
         assert contract.backend_for(torch.device("cpu")) == "reference"
         print("ok")
     """)
+
+
+@triton.jit
+def _axpb_kernel(X, Y, n, a, B: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    x = tl.load(X + offs, mask=ok)
+    tl.store(Y + offs, (x * a + B).to(Y.dtype.element_ty), mask=ok)
+
+
+def test_launch_keeps_one_launch_per_signature_and_pointer_dtype():
+    # contract.launch caches the TritonLaunch by everything but the pointers' data: a repeated
+    # call reuses it, another pointer dtype (another compiled variant) or scalar gets its own.
+    contract._LAUNCHES.clear()
+    fast = contract.backend_for(torch.device("cpu")) != "interpreter"
+    for dtype in (torch.float32, torch.float16):
+        for n in (37, 37, 5):
+            x = torch.arange(n, dtype=dtype) - 3
+            y = torch.empty_like(x)
+            contract.launch(_axpb_kernel, (triton.cdiv(n, 16),), (x, y), (n, 2.5),
+                            dict(B=1, BLOCK=16), dict(num_warps=1), fast=fast)
+            torch.testing.assert_close(y, (x.double() * 2.5 + 1).to(dtype))
+    assert len(contract._LAUNCHES) == 4  # (float32, float16) x (n = 37, n = 5)
+    with pytest.raises(KeyError):  # every constexpr is named
+        contract.launch(_axpb_kernel, (1,), (x, y), (5, 1.0), dict(B=1), {}, fast=fast)
+
+
+def test_launch_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(contract, "_MAX_LAUNCHES", 3)
+    contract._LAUNCHES.clear()
+    x = torch.ones(8)
+    y = torch.empty_like(x)
+    for b in range(5):
+        contract.launch(_axpb_kernel, (1,), (x, y), (8, 1.0), dict(B=b, BLOCK=8), {},
+                        fast=False)
+        assert torch.equal(y, x + b)
+    assert 1 <= len(contract._LAUNCHES) <= 3

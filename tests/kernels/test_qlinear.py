@@ -235,6 +235,36 @@ def test_supports_reasons():
         Q._launch(*args(group_size=48).values(), interpreter=True)
 
 
+def test_supports_and_path_are_decided_once_per_signature(monkeypatch):
+    # A repeated call signature skips supports() and choose_path() (host time at decode); a new
+    # shape, dtype or format decides again; a forced path is never remembered; a refused call
+    # is refused every time.
+    seen = []
+    choose, check = Q.choose_path, Q.supports
+    monkeypatch.setattr(Q, "choose_path", lambda *a, **k: seen.append("path") or choose(*a, **k))
+    monkeypatch.setattr(Q, "supports", lambda *a, **k: seen.append("supports") or check(*a, **k))
+    monkeypatch.setattr(Q, "_PATHS", {})
+    gen = _gen("once")
+    pw = _packed(gen, 40, 64, 4, 32, True)
+    x = torch.randn(3, 64, generator=gen)
+    first = op(*_args(x, pw, None, None, "int8"))
+    assert seen == ["supports", "path"]
+    assert torch.equal(op(*_args(x, pw, None, None, "int8")), first)
+    assert seen == ["supports", "path"]
+    op(*_args(x[:2], pw, None, None, "int8"))  # other rows
+    op(*_args(x.half(), pw, None, None, "int8"))  # other dtype
+    op(*_args(x, pw, None, None, "fp8"))  # other format
+    assert seen == ["supports", "path"] * 4
+    _check(x, pw, act="int8", path=Q.choose_path(3, 40, 64, 4, 32, "int8", f32, x.device,
+                                                  interpreter=True))
+    _check(x, pw, act="int8", path=Q.choose_path(3, 40, 64, 4, 32, "int8", f32, x.device,
+                                                  interpreter=True))
+    assert seen.count("supports") == 6 and len(Q._PATHS) == 4
+    for _ in range(2):
+        with pytest.raises(ValueError, match="input features"):
+            op(torch.randn(3, 63), *_args(x, pw, None, None, "int8")[1:])
+
+
 @pytest.mark.parametrize("K,group,ag", [(64, 64, Q.PER_TOKEN), (96, 32, 64)],
                          ids=["per_token", "act_groups_of_64"])
 def test_fake_with_symbolic_rows_and_opcheck(K, group, ag):
