@@ -44,6 +44,8 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
+from q3n_compile.kernels import contract
+
 # Upper bounds (inclusive) on the key length Sk of the buckets; the last one is open.
 BUCKET_BOUNDS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, math.inf)
 
@@ -191,9 +193,7 @@ def _build_table() -> types.MappingProxyType:
 BLOCK_TABLE = _build_table()
 
 
-def cdiv(a: int, b: int) -> int:
-    """Ceiling division of ints (triton.cdiv costs microseconds per call on the launch path)."""
-    return -(-a // b)
+cdiv = contract.cdiv
 
 
 def pow2_at_least_16(n: int) -> int:

@@ -162,6 +162,18 @@ class TritonLaunch:
         self.kernel[self.grid](*pointers, *self.args, **self.options)
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of ints, for launch paths: Triton 3.6's ``triton.cdiv`` and
+    ``triton.next_power_of_2`` are constexpr functions whose Python call costs microseconds."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n for n >= 1 (0 for 0), as ``triton.next_power_of_2``, in plain
+    Python."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 _LAUNCHES: dict = {}
 _MAX_LAUNCHES = 8192
 

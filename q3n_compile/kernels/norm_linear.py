@@ -617,8 +617,7 @@ def dispatch_table(N: int, K: int, dtype: torch.dtype, epilogue: str = "none",
 # into a _Plan and cached; a call then allocates its outputs and launches.
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # triton.cdiv is a constexpr-aware wrapper costing ~10 µs per call
+_cdiv = contract.cdiv
 
 
 def _out_widths(N: int, epilogue: str, splits) -> list[int]:

@@ -875,14 +875,14 @@ def gemv1p_config(M: int, N: int, K: int, group_size: int, *, sms: int,
     resolved."""
     cfg = dict(GEMV1P_DEFAULT if base is None else base, path="gemv1p")
     cfg["BLOCK_K"] = _k_block(group_size, cfg["BLOCK_K"], act_group_size)
-    cfg.setdefault("BLOCK_M", min(16, triton.next_power_of_2(max(M, 1))))
+    cfg.setdefault("BLOCK_M", min(16, contract.next_power_of_2(max(M, 1))))
     if base is None and cfg["BLOCK_M"] > 1:
         # More warps rather than x's block converted through shared memory every K block. Not at
         # one row: there the 4-warp tile, with that conversion, was the fastest (s8run1).
         while cfg["BLOCK_M"] * cfg["BLOCK_K"] >= 32 * cfg["num_warps"] and cfg["num_warps"] < 16:
             cfg["num_warps"] *= 2
     if cfg["SPLIT_K"] == "auto":
-        programs = triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(max(M, 1), cfg["BLOCK_M"])
+        programs = contract.cdiv(N, cfg["BLOCK_N"]) * contract.cdiv(max(M, 1), cfg["BLOCK_M"])
         cfg["SPLIT_K"] = _gemv1p_split(programs, P.padded_k(K), cfg["BLOCK_K"], sms)
     return cfg
 
@@ -960,7 +960,7 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     k_pad = P.padded_k(K)
     if interpreter:
         if M <= 2 and bits in GEMV1P_BITS:
-            return dict(path="gemv1p", BLOCK_M=triton.next_power_of_2(M), BLOCK_N=64,
+            return dict(path="gemv1p", BLOCK_M=contract.next_power_of_2(M), BLOCK_N=64,
                         BLOCK_K=_k_block(group_size, 64, act_group_size), SPLIT_K=1,
                         num_warps=4, num_stages=1, PREFETCH=1)
         if M <= 2:
@@ -988,7 +988,7 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
         return gemv1p_config(M, N, K, group_size, sms=sms, act_group_size=act_group_size)
     if path == "gemv":
         bn, bk = 64, _k_block(group_size, 128, act_group_size)
-        split = _gemv_split(M * triton.cdiv(N, bn), k_pad, bk, sms)
+        split = _gemv_split(M * contract.cdiv(N, bn), k_pad, bk, sms)
         return dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4,
                     num_stages=2)
     bm, bn, bk, warps, stages = tile
@@ -998,7 +998,7 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
         bm, stages = 8, 4
     # mmT's K block is 128 channels whatever the groups (its sub-tiles never straddle one).
     bk = SW.MMT_BLOCK_K if path == "mmT" else _k_block(group_size, bk, act_group_size)
-    n_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    n_tiles = contract.cdiv(M, bm) * contract.cdiv(N, bn)
     if path == "mmT" and bm == 64:
         # 4 (each split keeping >= 2 K blocks): the best split swept in all four of the issue's
         # shapes at 64 rows (s10run2; the mm rule's 8 / 4 / 4 / 2 ran 1.15x slower at 4096^2
@@ -1081,7 +1081,7 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
     M, K = x.shape
     codes_dtype = x.dtype if dequant else _act_codes_dtype(act, x.device, interpreter)
     if perm128:
-        kp = triton.cdiv(K, SW.MMT_BLOCK_K) * SW.MMT_BLOCK_K
+        kp = contract.cdiv(K, SW.MMT_BLOCK_K) * SW.MMT_BLOCK_K
         codes = (torch.zeros if kp != K else torch.empty)((M, kp), dtype=codes_dtype,
                                                            device=x.device)
     else:
@@ -1092,11 +1092,11 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
     if interpreter:
         block_m, block_k, warps = 32, 128, 4
     else:
-        block_m, block_k = 1, min(4096, triton.next_power_of_2(K))
+        block_m, block_k = 1, min(4096, contract.next_power_of_2(K))
         warps = min(16, max(4, block_k // 256))
     act_group = 0 if act_group_size == PER_TOKEN else act_group_size
     contract.launch(
-        act_quant_kernel, (triton.cdiv(M, block_m),),
+        act_quant_kernel, (contract.cdiv(M, block_m),),
         (x, smooth if smooth is not None else scales, codes, scales),
         (M, K, x.stride(0), x.stride(1), codes.stride(0)),
         dict(QMAX=ACT_QMAX[act], FP8=act == "fp8", HAS_SMOOTH=smooth is not None,
@@ -1113,7 +1113,7 @@ def dequantize_triton(qweight, scales, zeros, bits, group_size, in_features, dty
     wt = torch.empty((K, N), dtype=dtype, device=qweight.device)
     rows = P.plane_rows(bits, K)
     bk, bn = (64, 64) if interpreter else (64, 128)
-    grid = (triton.cdiv(K, bk), triton.cdiv(N, bn))
+    grid = (contract.cdiv(K, bk), contract.cdiv(N, bn))
     contract.launch(
         dequant_kernel, grid, (qweight, scales, zeros if zeros is not None else scales, wt),
         (N, K, P.padded_k(K), rows.get(4, (0, 0))[0], rows.get(2, (0, 0))[0],
@@ -1294,8 +1294,8 @@ def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, 
     PREFETCH (1) and num_stages (1)."""
     M, K = a.shape
     N = qweight.shape[1]
-    block_m = cfg.get("BLOCK_M", min(16, triton.next_power_of_2(M)))
-    n_tiles, m_tiles = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, block_m)
+    block_m = cfg.get("BLOCK_M", min(16, contract.next_power_of_2(M)))
+    n_tiles, m_tiles = contract.cdiv(N, cfg["BLOCK_N"]), contract.cdiv(M, block_m)
     mode = 0 if split == 1 else (2 if cfg.get("REDUCE", "ticket") == "ticket" else 1)
     if mode == 1:
         y = torch.zeros((M, N), dtype=torch.float32, device=a.device)
@@ -1347,7 +1347,7 @@ def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, gro
     rows = P.plane_rows(bits, K)
     row4, row2, row1 = (rows.get(p, (0, 0))[0] for p in (4, 2, 1))
     block_k = cfg["BLOCK_K"]
-    k_per_split = triton.cdiv(triton.cdiv(k_pad, block_k), split) * block_k
+    k_per_split = contract.cdiv(contract.cdiv(k_pad, block_k), split) * block_k
     group = 0 if group_size == P.PER_CHANNEL else group_size
     act_group = 0 if act_group_size == PER_TOKEN else act_group_size
     if cfg["path"] == "gemv1p" and bits not in GEMV1P_BITS:
@@ -1374,13 +1374,13 @@ def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, gro
                a.stride(0), a.stride(1), y.stride(0), y.stride(1))
     options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg["path"] == "gemv":
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
+        grid = (contract.cdiv(N, cfg["BLOCK_N"]), split, M)
         contract.launch(qlinear_gemv_kernel, grid, pointers, scalars,
                         dict(flags, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k), options,
                         fast=not interpreter)
     else:
         dd = _dot_dtype(act, bits, zeros is None, out_dtype, codes_dtype, interpreter)
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), split)
+        grid = (contract.cdiv(M, cfg["BLOCK_M"]), contract.cdiv(N, cfg["BLOCK_N"]), split)
         contract.launch(qlinear_mm_kernel, grid, pointers, scalars,
                         dict(flags, DOT_DTYPE=dd, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                              BLOCK_K=block_k, DOT_PRECISION="ieee" if dd == _DD_F32 else "tf32"),
@@ -1738,9 +1738,9 @@ def norm_act_quant_config(M: int, K: int, *, interpreter: bool = False) -> dict:
     in one tile up to :data:`ONE_TILE_MAX_K` (4096-wide sweeps beyond), 4 to 16 warps.
     Interpreter: 16 rows per program (its cost is per program), one tile up to 256 wide."""
     if interpreter:
-        kp2 = max(16, triton.next_power_of_2(K))
+        kp2 = max(16, contract.next_power_of_2(K))
         return dict(BLOCK_M=16, BLOCK_K=kp2 if kp2 <= 256 else 128, num_warps=4)
-    kp2 = max(32, triton.next_power_of_2(K))
+    kp2 = max(32, contract.next_power_of_2(K))
     block_k = kp2 if kp2 <= ONE_TILE_MAX_K else 4096
     return dict(BLOCK_M=1, BLOCK_K=block_k, num_warps=min(16, max(4, block_k // 512)))
 
@@ -1765,7 +1765,7 @@ def _norm_act_quant_launch(x: torch.Tensor, eps: float, kind: str, act: str,
     act_group = 0 if act_group_size == PER_TOKEN else act_group_size
     block_k = max(cfg["BLOCK_K"], act_group)  # a tile holds whole groups
     contract.launch(
-        norm_act_quant_kernel, (triton.cdiv(M, cfg["BLOCK_M"]),),
+        norm_act_quant_kernel, (contract.cdiv(M, cfg["BLOCK_M"]),),
         (x2, smooth if smooth is not None else scales, codes, scales),
         (M, K, float(eps), x2.stride(0), x2.stride(1), codes.stride(0)),
         dict(KIND=0 if kind == "layernorm" else 1, QMAX=ACT_QMAX[act], FP8=act == "fp8",

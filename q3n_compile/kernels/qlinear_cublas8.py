@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
 from q3n_compile.kernels.qcodes import tile_minus_zero
 
@@ -122,7 +123,7 @@ def unpack_codes_8bit(qweight: torch.Tensor, zeros: Optional[torch.Tensor], bits
     w8 = torch.empty((N, K), dtype=dtype, device=qweight.device)
     rows = P.plane_rows(bits, K)
     bk, bn = (64, 64) if interpreter else (128, 64)
-    unpack8_kernel[(triton.cdiv(K, bk), triton.cdiv(N, bn))](
+    unpack8_kernel[(contract.cdiv(K, bk), contract.cdiv(N, bn))](
         qweight, zeros if zeros is not None else qweight, w8, N, K, P.padded_k(K),
         rows.get(4, (0, 0))[0], rows.get(2, (0, 0))[0], rows.get(1, (0, 0))[0],
         BITS=bits, GROUP=0 if group_size == P.PER_CHANNEL else group_size, SYM=zeros is None,
@@ -172,7 +173,7 @@ def run(codes: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor, scales: to
     acc = torch._int_mm(codes, w8.t())
     y = torch.empty((M, N), dtype=out_dtype, device=codes.device)
     bm, bn = 32, 128
-    int8_epilogue_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+    int8_epilogue_kernel[(contract.cdiv(M, bm), contract.cdiv(N, bn))](
         acc, xs, scales, bias if bias is not None else scales, y, M, N,
         HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
     return y

@@ -309,7 +309,7 @@ def permute_x_blocks(x: torch.Tensor) -> torch.Tensor:
     each 128-channel block at position ``k0 + 16j + r``: the kernel's sub-tile x_j is then 16
     contiguous channels (XPERM)."""
     M, K = x.shape
-    kb = triton.cdiv(K, MMT_BLOCK_K)
+    kb = contract.cdiv(K, MMT_BLOCK_K)
     if K % MMT_BLOCK_K:
         x = torch.nn.functional.pad(x, (0, kb * MMT_BLOCK_K - K))
     return x.reshape(M, kb, 16, 8).transpose(2, 3).contiguous().view(M, kb * MMT_BLOCK_K)
@@ -317,7 +317,7 @@ def permute_x_blocks(x: torch.Tensor) -> torch.Tensor:
 
 def k_per_split(K: int, split: int) -> int:
     """The K range of one split: a multiple of :data:`MMT_BLOCK_K`."""
-    return triton.cdiv(triton.cdiv(P.padded_k(K), MMT_BLOCK_K), split) * MMT_BLOCK_K
+    return contract.cdiv(contract.cdiv(P.padded_k(K), MMT_BLOCK_K), split) * MMT_BLOCK_K
 
 
 def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bias, bits: int,
@@ -340,7 +340,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
     rows = P.plane_rows(bits, K)
     xperm = bool(cfg.get("XPERM", False))
     xk = x if x_permuted or not xperm else permute_x_blocks(x)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, triton.cdiv(M, cfg["BLOCK_M"]))
+    grid = (contract.cdiv(N, cfg["BLOCK_N"]), split, contract.cdiv(M, cfg["BLOCK_M"]))
     mode = 0 if split == 1 else (2 if cfg.get("REDUCE", "ticket") == "ticket" else 1)
     if mode == 2 and tickets is None:
         raise ValueError("q3n::qlinear: mmT's ticket split-K needs the ticket counters")

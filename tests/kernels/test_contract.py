@@ -61,3 +61,9 @@ def test_launch_cache_is_bounded(monkeypatch):
                         fast=False)
         assert torch.equal(y, x + b)
     assert 1 <= len(contract._LAUNCHES) <= 3
+
+
+def test_host_integer_helpers_match_triton():
+    assert [contract.next_power_of_2(n) for n in range(0, 4100)] == [
+        triton.next_power_of_2(n) for n in range(0, 4100)]
+    assert all(contract.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in (1, 7, 16, 128))
