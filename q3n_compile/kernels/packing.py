@@ -27,6 +27,7 @@ reference and the quantizer all use it or reproduce it exactly).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import torch
@@ -57,6 +58,14 @@ def plane_rows(bits: int, k: int) -> dict[int, tuple[int, int]]:
         out[p] = (row, rows)
         row += rows
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def plane_starts(bits: int, k: int) -> tuple[int, int, int]:
+    """The first ``qweight`` row of the 4-, 2- and 1-bit planes for `bits` and K = `k` (0 for a
+    plane `bits` does not have): the kernels' ROW4, ROW2, ROW1. Cached: launch paths call it."""
+    rows = plane_rows(bits, k)
+    return tuple(rows.get(p, (0, 0))[0] for p in (4, 2, 1))
 
 
 def packed_rows(bits: int, k: int) -> int:

@@ -783,7 +783,14 @@ def fp8_supported(device: torch.device) -> bool:
     """Whether float8 e4m3 tensor-core products exist on `device` (sm_89+)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return _capability(device.index if device.index is not None
+                       else torch.cuda.current_device()) >= (8, 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    # Cached: get_device_capability costs microseconds, and every call with fp8 codes asks.
+    return torch.cuda.get_device_capability(device_index)
 
 
 def _k_block(group_size: int, want: int, act_group_size: int = PER_TOKEN) -> int:
@@ -1111,13 +1118,11 @@ def dequantize_triton(qweight, scales, zeros, bits, group_size, in_features, dty
     """The dense ``W^T`` ``[K, N]`` in `dtype`, by :func:`dequant_kernel`."""
     K, N = in_features, qweight.shape[1]
     wt = torch.empty((K, N), dtype=dtype, device=qweight.device)
-    rows = P.plane_rows(bits, K)
     bk, bn = (64, 64) if interpreter else (64, 128)
     grid = (contract.cdiv(K, bk), contract.cdiv(N, bn))
     contract.launch(
         dequant_kernel, grid, (qweight, scales, zeros if zeros is not None else scales, wt),
-        (N, K, P.padded_k(K), rows.get(4, (0, 0))[0], rows.get(2, (0, 0))[0],
-         rows.get(1, (0, 0))[0]),
+        (N, K, P.padded_k(K), *P.plane_starts(bits, K)),
         dict(BITS=bits, GROUP=0 if group_size == P.PER_CHANNEL else group_size,
              SYM=zeros is None, BLOCK_K=bk, BLOCK_N=bn),
         dict(num_warps=4), fast=not interpreter)
@@ -1315,7 +1320,7 @@ def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, 
         (a, xs, qweight, scales, zeros if zeros is not None else scales,
          bias if bias is not None else scales, y, ws, cnt),
         (M, N, K, k_pad, k_per_split,
-         P.plane_rows(flags["BITS"], K).get(2, (0, 0))[0] if flags["BITS"] == 6 else 0,
+         P.plane_starts(6, K)[1] if flags["BITS"] == 6 else 0,
          a.stride(0), a.stride(1), y.stride(0), y.stride(1)),
         consts, dict(num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1)),
         fast=not interpreter)
@@ -1344,8 +1349,7 @@ def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, gro
     split = cfg.get("SPLIT_K", 1)
     atomic = split > 1
     k_pad = P.padded_k(K)
-    rows = P.plane_rows(bits, K)
-    row4, row2, row1 = (rows.get(p, (0, 0))[0] for p in (4, 2, 1))
+    row4, row2, row1 = P.plane_starts(bits, K)
     block_k = cfg["BLOCK_K"]
     k_per_split = contract.cdiv(contract.cdiv(k_pad, block_k), split) * block_k
     group = 0 if group_size == P.PER_CHANNEL else group_size

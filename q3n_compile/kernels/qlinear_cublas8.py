@@ -121,11 +121,10 @@ def unpack_codes_8bit(qweight: torch.Tensor, zeros: Optional[torch.Tensor], bits
     """``q - z`` as a dense ``[N, K]`` tensor of `dtype` (int8, float8_e4m3fn, or float16)."""
     N = qweight.shape[1]
     w8 = torch.empty((N, K), dtype=dtype, device=qweight.device)
-    rows = P.plane_rows(bits, K)
     bk, bn = (64, 64) if interpreter else (128, 64)
     unpack8_kernel[(contract.cdiv(K, bk), contract.cdiv(N, bn))](
         qweight, zeros if zeros is not None else qweight, w8, N, K, P.padded_k(K),
-        rows.get(4, (0, 0))[0], rows.get(2, (0, 0))[0], rows.get(1, (0, 0))[0],
+        *P.plane_starts(bits, K),
         BITS=bits, GROUP=0 if group_size == P.PER_CHANNEL else group_size, SYM=zeros is None,
         BLOCK_K=bk, BLOCK_N=bn, num_warps=4)
     return w8

@@ -337,7 +337,6 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
         K = x.shape[1]
     N = qweight.shape[1]
     split = cfg.get("SPLIT_K", 1)
-    rows = P.plane_rows(bits, K)
     xperm = bool(cfg.get("XPERM", False))
     xk = x if x_permuted or not xperm else permute_x_blocks(x)
     grid = (contract.cdiv(N, cfg["BLOCK_N"]), split, contract.cdiv(M, cfg["BLOCK_M"]))
@@ -358,9 +357,8 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
         qlinear_mmT_kernel, grid,
         (xk, qweight, scales, zeros if zeros is not None else scales,
          bias if bias is not None else scales, y, ws, cnt),
-        (M, N, K, P.padded_k(K), rows.get(4, (0, 0))[0], rows.get(2, (0, 0))[0],
-         rows.get(1, (0, 0))[0], k_per_split(K, split), xk.stride(0), xk.stride(1), y.stride(0),
-         y.stride(1)),
+        (M, N, K, P.padded_k(K), *P.plane_starts(bits, K), k_per_split(K, split),
+         xk.stride(0), xk.stride(1), y.stride(0), y.stride(1)),
         dict(BITS=bits, GROUP=0 if group_size == P.PER_CHANNEL else group_size,
              SYM=zeros is None, HAS_BIAS=bias is not None, REDUCE=mode, XPERM=xperm,
              # Triton 3.6's interpreter multiplies bf16 tiles as raw bits; fp32 holds them

@@ -95,6 +95,17 @@ def test_pack_rejects_out_of_range_codes():
         P.planes(9)
 
 
+def test_plane_starts_are_the_planes_first_rows():
+    # The kernels' ROW4 / ROW2 / ROW1: where each plane starts, 0 for a plane the width lacks.
+    # K = 100 padded to 128: the 4-bit plane in int32 rows 0..15 (128 x 4 bits), then the 2-bit.
+    assert P.plane_starts(6, 100) == (0, 16, 0)
+    for bits in range(P.MIN_BITS, P.MAX_BITS + 1):
+        for k in (32, 100, 4096):
+            rows = P.plane_rows(bits, k)
+            assert P.plane_starts(bits, k) == tuple(rows[p][0] if p in rows else 0
+                                                    for p in (4, 2, 1))
+
+
 def test_packed_weight_dequantize_matches_definition():
     gen = _gen("deq")
     pw = _packed(gen, 9, 64, 5, 32, sym=False)
