@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU lane in one call of the device tool (an H200 with torch 2.11, triton 3.6, no network):
 # install, the tests marked gpu, then the benchmarks. Everything lands under $OUT (default ./gpu_out).
-#   bash bench/gpu_lane.sh [tests|attention|norm_linear|qlinear|memory|model|lossy|quant_decode|all]...
+#   bash bench/gpu_lane.sh [tests|attention|norm_linear|qlinear|memory|model|lossy|quant_decode|host|all]...
 # One step each call keeps a call under the device tool's 10 minutes; `all` does not fit in one.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -54,6 +54,12 @@ for step in $steps; do
       'import json; from q3n_compile.compare import QUANT_CONFIG as Q; print(json.dumps(Q))'), \
       \"cuda_graphs\": true}" --time-budget 2 --out "$OUT/qwen3-bench-quant-decode" 2>&1 \
       | tee "$OUT/bench_quant_decode.log" | tail -20
+  fi
+  if [[ $step == host || $step == all ]]; then
+    # Host time of one quantized linear call, layer by layer, next to bf16 F.linear.
+    python3 bench/bench_decode_overhead.py --qlinear --no-steps --out "$OUT/qlinear-host-overhead.json" \
+      2>&1 | tee "$OUT/qlinear-host-overhead.log" | tail -32
+    [[ ${PIPESTATUS[0]} == 0 ]] || status=1
   fi
 done
 exit $status
