@@ -49,10 +49,14 @@ for step in $steps; do
       tests/test_backend_gpu.py::test_quantized_linears_under_cuda_graph_trees 2>&1 \
       | tee "$OUT/pytest_quant_cudagraphs.log" | tail -3
     [[ ${PIPESTATUS[0]} == 0 ]] || status=1
+    # quant+norm: the norm fused into the activation quantization, siblings (q/k/v, gate/up) in
+    # one GEMM each: fewer launches a step.
+    quant=$(python3 -c 'import json; from q3n_compile.compare import QUANT_CONFIG as Q; print(json.dumps(Q))')
     q3n bench --model qwen3 --size bench --device cuda --no-prefill --decode-batch 1 32 \
-      --backends q3n+cudagraphs --q3n-set "quant+cudagraphs={\"quant_config\": $(python3 -c \
-      'import json; from q3n_compile.compare import QUANT_CONFIG as Q; print(json.dumps(Q))'), \
-      \"cuda_graphs\": true}" --time-budget 2 --out "$OUT/qwen3-bench-quant-decode" 2>&1 \
+      --backends q3n+cudagraphs \
+      --q3n-set "quant+cudagraphs={\"quant_config\": $quant, \"cuda_graphs\": true}" \
+      --q3n-set "quant+norm+cudagraphs={\"quant_config\": $quant, \"cuda_graphs\": true, \"norm_fusion\": true}" \
+      --time-budget 2 --out "$OUT/qwen3-bench-quant-decode" 2>&1 \
       | tee "$OUT/bench_quant_decode.log" | tail -20
   fi
   if [[ $step == host || $step == all ]]; then
