@@ -92,8 +92,8 @@ def direct_kernel_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """`gm` with each call of a q3n kernel op replaced by a call of the op's Python
     implementation (``kernels.contract.python_impl``): a copy (constants shared), or `gm` itself
     when it calls none. For inference graphs run by q3n's own executor: the same computation on
-    real tensors, without the dispatcher's round trip into Python (~25-45 µs a call, which a
-    decode step without CUDA graphs pays per kernel op). `gm` is left as it is (reports and
+    real tensors, without the dispatcher's round trip into Python (25-95 µs a call measured on the
+    H200 machine's host, which a decode step without CUDA graphs pays per kernel op). `gm` is left as it is (reports and
     dumps show the ops); profilers see the kernels' launches, not the ops' names."""
     from .kernels import contract
 

@@ -99,9 +99,9 @@ def python_impl(target) -> Optional[Callable]:
     """The Python implementation of the q3n kernel op `target` (an OpOverload), or None.
 
     Calling it is what the op's dispatch ends in for real tensors without autograd: the
-    dispatcher's round trip into Python costs ~25-45 µs a call (s11run1: ``q3n::qlinear`` below
-    the autograd keys 185-205 µs, its implementation alone 137-175), which a decode step pays per
-    kernel op when nothing captures it in a CUDA graph."""
+    dispatcher's round trip into Python cost 25-95 µs a call on the H200 machine's host
+    (``q3n::qlinear`` below the autograd keys against its implementation, s11run1-5), which a
+    decode step pays per kernel op when nothing captures it in a CUDA graph."""
     return _IMPLS.get(target)
 
 
