@@ -608,9 +608,7 @@ def _launch(q, k, v, mask, scale, is_causal, interpreter, blocks=None, decode=No
     if plan is None:
         plan = _Plan(q, k, v, mask, scale, is_causal, interpreter, blocks, decode, bshd_out)
         if key is not None and plan.cacheable:
-            if len(_PLANS) >= _MAX_PLANS:
-                _PLANS.clear()
-            _PLANS[key] = plan
+            contract.remember(_PLANS, key, plan, _MAX_PLANS)
     out = torch.empty(plan.out_shape, dtype=plan.dtype, device=plan.device)
     run = plan.run
     if run is not None:

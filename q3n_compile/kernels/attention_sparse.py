@@ -400,9 +400,7 @@ def _layout(n_q: int, n_k: int, Sq: int, Sk: int, block: int, is_causal: bool, k
     if layout is None:
         layout = _build_layout(n_q, n_k, Sq, Sk, block, is_causal, keep, device)
         if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            if len(_LAYOUTS) >= _MAX_LAYOUTS:
-                _LAYOUTS.clear()
-            _LAYOUTS[key] = layout
+            contract.remember(_LAYOUTS, key, layout, _MAX_LAYOUTS)
     return layout
 
 

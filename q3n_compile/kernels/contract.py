@@ -174,6 +174,20 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def signature(t: Optional[torch.Tensor]):
+    """What a launch plan depends on of a tensor argument: (shape, strides, dtype, device), or
+    None for an absent optional tensor. A part of the launchers' cache keys."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def remember(cache: dict, key, value, limit: int) -> None:
+    """``cache[key] = value``, the cache emptied first when it holds `limit` entries: the
+    launchers' per-signature caches stay bounded when a dynamic size changes every call."""
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
+
+
 _LAUNCHES: dict = {}
 _MAX_LAUNCHES = 8192
 
@@ -194,9 +208,7 @@ def launch(kernel, grid: tuple, pointers: tuple, scalars: tuple, constexprs: dic
     if cached is None:
         args = TritonLaunch.ordered(kernel, len(pointers), scalars, constexprs)
         cached = TritonLaunch(kernel, grid, args, options, fast=fast)
-        if len(_LAUNCHES) >= _MAX_LAUNCHES:
-            _LAUNCHES.clear()
-        _LAUNCHES[key] = cached
+        remember(_LAUNCHES, key, cached, _MAX_LAUNCHES)
     cached(*pointers)
 
 

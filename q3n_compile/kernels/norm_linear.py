@@ -782,9 +782,7 @@ class _Plan:
 
 def _plan_key(x, weight, bias, rowsum, eps, kind, residual, epilogue, splits, interpreter,
               config):
-    def sig(t):
-        return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
-
+    sig = contract.signature
     return (sig(x), sig(weight), sig(bias), sig(rowsum), eps, kind, sig(residual), epilogue,
             None if splits is None else tuple(splits), interpreter,
             None if config is None else tuple(sorted(config.items())))
@@ -807,9 +805,7 @@ def _launch(x, weight, bias, rowsum, eps, kind, residual=None, epilogue="none", 
             raise ValueError(f"q3n::norm_linear: {reason}")
         plan = _Plan(x, weight, bias, rowsum, eps, kind, residual, epilogue, splits, interpreter,
                      config)
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        _PLANS[key] = plan
+        contract.remember(_PLANS, key, plan, _MAX_PLANS)
     M = plan.M
     # One allocation per output: outputs must not share storage (see the module docstring).
     outs = [torch.empty((M, w), dtype=weight.dtype, device=x.device) for w in plan.widths]

@@ -1156,16 +1156,12 @@ _PATHS: dict = {}
 _MAX_PATHS = 4096
 
 
-def _sig(t: Optional[torch.Tensor]):
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+_sig = contract.signature
 
 
 def _remember_path(key, cfg: dict) -> None:
-    if key is None:
-        return
-    if len(_PATHS) >= _MAX_PATHS:
-        _PATHS.clear()
-    _PATHS[key] = cfg
+    if key is not None:
+        contract.remember(_PATHS, key, cfg, _MAX_PATHS)
 
 
 def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act,
