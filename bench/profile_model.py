@@ -28,10 +28,10 @@ from q3n_compile.compare import BACKEND_SETS  # noqa: E402
 from q3n_compile.models import build_model, example_inputs  # noqa: E402
 
 
-def _compile(model, name):
+def _compile(model, name, extra):
     if name == "eager":
         return model
-    spec = BACKEND_SETS[name]
+    spec = extra.get(name) or BACKEND_SETS[name]
     return torch.compile(model, backend=spec["backend"], mode=spec.get("mode"),
                          options=spec.get("options") or None, dynamic=True)
 
@@ -66,8 +66,8 @@ def _decode_call(model, batch, context):
     return step
 
 
-def profile(model, name, args, top, decode=None):
-    fn = _compile(model, name)
+def profile(model, name, args, top, decode=None, extra=None):
+    fn = _compile(model, name, extra or {})
     if decode is not None:
         fn, args = decode(fn), ()
     with torch.no_grad():
@@ -115,17 +115,31 @@ def main(argv=None):
     ap.add_argument("--decode", type=int, default=None, metavar="CONTEXT",
                     help="profile one decode step after CONTEXT cached tokens instead of a prefill")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=JSON",
+                    help="an extra q3n backend NAME with these options (JSON), as q3n bench's "
+                         "--q3n-set; name it in --backends")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("profile_model.py needs CUDA")
+    extra = {}
+    for text in a.set:
+        name, sep, raw = text.partition("=")
+        if not sep:
+            sys.exit(f"--set takes NAME=JSON, got {text!r}")
+        extra[name] = {"backend": "q3n", "options": json.loads(raw)}
+    unknown = [n for n in a.backends.split(",") if n != "eager" and n not in extra
+               and n not in BACKEND_SETS]
+    if unknown:
+        sys.exit(f"unknown backends {unknown}: name one of {sorted(BACKEND_SETS)} or define it "
+                 "with --set NAME=JSON")
     model = build_model(a.model, a.size, dtype=torch.bfloat16, device="cuda")
     args = example_inputs(a.model, model, a.batch, a.seq_len)
     decode = None if a.decode is None else _decode_call(model, a.batch, a.decode)
     results = []
     for name in a.backends.split(","):
         torch._dynamo.reset()
-        r = profile(model, name, args, a.top, decode)
+        r = profile(model, name, args, a.top, decode, extra)
         results.append(r)
         print(f"== {name}: wall {r['wall_ms']:.3f} ms, GPU busy {r['gpu_ms']:.3f} ms")
         for title, rows in (("GPU", r["top_gpu"]), ("CPU", r["top_cpu"])):
@@ -143,6 +157,7 @@ def main(argv=None):
         from q3n_compile.compare import git_commit
 
         a.out.write_text(json.dumps({"model": a.model, "size": a.size, "seq_len": a.seq_len,
+                                     "batch": a.batch, "backend_sets": extra,
                                      "decode_context": a.decode,
                                      "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                                      "triton": triton.__version__, "commit": git_commit(),
