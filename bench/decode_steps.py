@@ -10,7 +10,8 @@ compiled with ``dynamic=True``, one token a step at increasing positions (positi
 up front), 3 warm-up steps. Per step: the CUDA-event time around the call (what ``q3n bench``
 reports), and the host time of the call alone (no synchronisation: if it is near the event
 time, the step is host-bound). Then ``--profile`` steps under torch.profiler: kernels per step,
-GPU time per step, CUDA-graph launches, and the top kernels. ``"quant_config": "design"`` stands
+GPU time per step, CUDA-graph launches, and the top kernels; and as many under cProfile: the
+host's Python functions by own time. ``"quant_config": "design"`` stands
 for the design's config (``q3n_compile.compare.QUANT_CONFIG``). ``--device cpu`` is a smoke run
 (no GPU kernels to count).
 """
@@ -73,9 +74,29 @@ class _Clock:
             torch.cuda.synchronize()
 
 
+def _host_profile(step, n: int, top: int) -> dict[str, list[str]]:
+    """cProfile of n steps (no synchronisation between them): the top functions by own time
+    and by cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        step()
+    prof.disable()
+    tables = {}
+    for key in ("tottime", "cumtime"):
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats(key).print_stats(top)
+        tables[key] = [line for line in text.getvalue().splitlines() if line.strip()][-top - 1:]
+    return tables
+
+
 def run_backend(model, name, spec, batch, context, steps, profile_steps, top, device):
     fn = _compile(model, spec)
-    max_len = context + 5 + steps + profile_steps
+    max_len = context + 5 + steps + 2 * profile_steps
     cache = new_kv_cache(model, batch, max_len)
     positions = [torch.tensor([p], device=device) for p in range(max_len)]
     clock = _Clock(device)
@@ -111,6 +132,14 @@ def run_backend(model, name, spec, batch, context, steps, profile_steps, top, de
                 token = fn(token, kv_cache=cache, cache_position=positions[pos]).argmax(-1)
                 pos += 1
             clock.sync()
+        state = {"token": token, "pos": pos}
+
+        def one_step():
+            out = fn(state["token"], kv_cache=cache, cache_position=positions[state["pos"]])
+            state["token"] = out.argmax(-1)
+            state["pos"] += 1
+        host_top = _host_profile(one_step, profile_steps, top)
+        clock.sync()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     graph_launches = sum(1 for e in prof.events() if e.name == "cudaGraphLaunch")
     by_name: dict[str, list[float]] = {}
@@ -133,6 +162,7 @@ def run_backend(model, name, spec, batch, context, steps, profile_steps, top, de
         "kernels_per_step": len(kernels) / profile_steps,
         "gpu_ms_per_step": sum(e.device_time_total for e in kernels) / 1e3 / profile_steps,
         "graph_launches_per_step": graph_launches / profile_steps,
+        "host_top": host_top,
         "top_kernels": [(k, len(v) / profile_steps, round(sum(v) / profile_steps, 4))
                         for k, v in top_kernels],
     }
@@ -187,6 +217,10 @@ def main(argv=None):
         print("  host  (ms):", " ".join(f"{t:.3f}" for t in r["host_ms"]))
         for key, count, ms in r["top_kernels"]:
             print(f"    {ms:8.4f} ms  {count:5.1f}x  {key[:100]}")
+        for key, lines in r["host_top"].items():
+            print(f"  host Python over {a.profile} steps, by {key} (cProfile)")
+            for line in lines:
+                print("    " + line[:170])
     if a.out:
         import triton
 
