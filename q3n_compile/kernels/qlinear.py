@@ -1215,10 +1215,11 @@ def _gemm_codes(codes, xs, out_dtype, qweight, scales, zeros, bias, bits, group_
     16-bit activations: the dequant path's function) or a Triton GEMM/GEMV."""
     K = codes.shape[1]
     if cfg["path"] in ("dequant", "mmT"):
-        a = _dequantize_codes(codes, xs, act_group_size, out_dtype)
+        xperm = cfg["path"] == "mmT" and bool(cfg.get("XPERM"))
+        a = _dequantize_codes(codes, xs, act_group_size, out_dtype, perm128=xperm)
         if cfg["path"] == "mmT":
             return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter,
-                          _tickets)
+                          _tickets, x_permuted=xperm, K=K)
         wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, out_dtype, interpreter)
         return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
     if cfg["path"] == "cublas8":
@@ -1324,10 +1325,38 @@ def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, 
 
 
 def _dequantize_codes(codes: torch.Tensor, xs: torch.Tensor, act_group_size: int,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """``c * s_x`` (fp32, rounded once to `dtype`): the dequant path's activations."""
-    scale = expand_act_scales(xs, codes.shape[1], act_group_size)
-    return (codes.to(torch.float32) * scale).to(dtype)
+                      dtype: torch.dtype, perm128: bool = False) -> torch.Tensor:
+    """``c * s_x`` (fp32, rounded once to `dtype`): the dequant and mmT paths' activations, as
+    :func:`quantize_activations_triton` with ``dequant=True`` gives them from x. `perm128`: in
+    the mmT kernel's permuted blocks (:func:`q3n_compile.kernels.qlinear_swap.permute_x_blocks`'s
+    layout, [M, K rounded up to 128], padding 0).
+
+    One elementwise pass (torch's mul writing `dtype` straight into the, possibly permuted,
+    output view) where there were four: widen, multiply, round, permute; each a kernel launch of
+    a decode step (``q3n::qlinear_codes`` runs this per sibling linear on the mmT path).
+    fp8 codes are widened to bf16 first (exact: e4m3 carries 3 mantissa bits; torch does not
+    promote float8 with float32)."""
+    M, K = codes.shape
+    if codes.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        codes = codes.to(torch.bfloat16)
+    scale = expand_act_scales(xs, K, act_group_size)
+    if not perm128:
+        return torch.mul(codes, scale, out=torch.empty((M, K), dtype=dtype, device=codes.device))
+    blocks = contract.cdiv(K, SW.MMT_BLOCK_K)
+    kp = blocks * SW.MMT_BLOCK_K
+    if kp != K:  # zero codes past K: their products are the padding's zeros
+        codes = torch.nn.functional.pad(codes, (0, kp - K))
+        if scale.shape[1] != 1:
+            scale = torch.nn.functional.pad(scale, (0, kp - K))
+    out = torch.empty((M, kp), dtype=dtype, device=codes.device)
+
+    def permuted(t: torch.Tensor) -> torch.Tensor:
+        # Channel k0 + 8r + j read at [m, block, j, r]: the output's contiguous order.
+        if t.shape[1] == 1:  # a per-token scale broadcasts
+            return t[:, :, None, None]
+        return t.reshape(M, blocks, 16, 8).transpose(2, 3)
+    torch.mul(permuted(codes), permuted(scale), out=out.view(M, blocks, 8, 16))
+    return out
 
 
 def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, group_size, act,

@@ -83,26 +83,52 @@ def test_permuted_blocks(K):
         assert torch.equal(perm, SW.permute_x_blocks(plain)) and torch.equal(s1, s2)
 
 
+@pytest.mark.parametrize("act", ["int8", "fp8", "int12"])
+@pytest.mark.parametrize("ag", [Q.PER_TOKEN, 32])
+@pytest.mark.parametrize("K", [256, 200])
+@pytest.mark.parametrize("dtype", [bf16, f16, f32])
+def test_codes_dequantised_in_one_pass(act, ag, K, dtype):
+    # The codes' c * s, rounded once to the dtype, plain and in the mmT kernel's permuted
+    # blocks (zero padded): exactly what the quantizer gives from x with dequant=True, and the
+    # permutation of the plain result.
+    x = torch.randn(5, K, generator=_gen(f"deq{act}{ag}{K}")).to(dtype)
+    codes, xs = Q.quantize_activations_triton(x, act, None, True, ag)
+    plain = Q._dequantize_codes(codes, xs, ag, dtype)
+    scale = Q.expand_act_scales(xs, K, ag)
+    assert plain.dtype == dtype and torch.equal(plain, (codes.float() * scale).to(dtype))
+    from_x, _ = Q.quantize_activations_triton(x, act, None, True, ag, dequant=True)
+    if dtype != bf16:  # Triton 3.6's interpreter truncates fp32 -> bf16 (the GPU rounds)
+        assert torch.equal(plain, from_x)
+    else:
+        ulp = torch.finfo(bf16).eps * from_x.float().abs()
+        assert ((plain.float() - from_x.float()).abs() <= ulp).all()
+    perm = Q._dequantize_codes(codes, xs, ag, dtype, perm128=True)
+    assert perm.shape == (5, 256) and torch.equal(perm, SW.permute_x_blocks(plain))
+
+
 @pytest.mark.parametrize("act,ag", [("int8", Q.PER_TOKEN), ("fp8", 32), ("int12", Q.PER_TOKEN)])
 @pytest.mark.parametrize("xperm", [False, True])
-def test_mmT_with_quantized_activations_is_the_dequant_path(act, ag, xperm):
+@pytest.mark.parametrize("K", [128, 160])
+def test_mmT_with_quantized_activations_is_the_dequant_path(act, ag, xperm, K):
     # Quantized activations are dequantised to x's dtype first (one pass), then the 16-bit tile:
-    # the function of the dequant path (A(x) and W rounded to x's dtype, fp32 sums).
-    gen = _gen(f"mmTact{act}{ag}")
-    pw = _packed(gen, 72, 128, 4, 32, False)
-    x = torch.randn(6, 128, generator=gen).to(f16)
-    args = (x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 32, 128, act)
+    # the function of the dequant path (A(x) and W rounded to x's dtype, fp32 sums). From
+    # precomputed codes (q3n::qlinear_codes) the result is the same, bit for bit; K = 160 pads
+    # the permuted blocks.
+    gen = _gen(f"mmTact{act}{ag}{K}")
+    pw = _packed(gen, 72, K, 4, 32, False)
+    x = torch.randn(6, K, generator=gen).to(f16)
+    args = (x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 32, K, act)
     cfg = dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1, num_warps=4,
                num_stages=1, XPERM=xperm)
     got = Q._launch(*args, interpreter=True, path=cfg, act_group_size=ag)
     want = Q._launch(*args, interpreter=True, path=dict(path="dequant"), act_group_size=ag)
     assert (got.float() - want.float()).abs().max() <= 3e-3 * want.float().abs().max()
-    exact = Q.reference(x.double(), pw.qweight, pw.scales, pw.zeros, None, None, 4, 32, 128, act,
+    exact = Q.reference(x.double(), pw.qweight, pw.scales, pw.zeros, None, None, 4, 32, K, act,
                         ag)
     assert (got.double() - exact).abs().max() <= TOL[f16] * exact.abs().max()
     codes, xs = Q.quantize_activations_triton(x, act, None, True, ag)
     via_codes = Q._qlinear_codes_launch(codes, xs, pw.qweight, pw.scales, pw.zeros, None, 4, 32,
-                                        128, act, f16, True, path=cfg, act_group_size=ag)
+                                        K, act, f16, True, path=cfg, act_group_size=ag)
     assert torch.equal(via_codes, got)
 
 
