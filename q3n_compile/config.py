@@ -58,6 +58,9 @@ class Q3NConfig:
     verify: bool = False
     # Let Inductor autotune (set by the max-autotune modes; executor "inductor" only).
     autotune: bool = False
+    # Progress lines on stderr for long compile-time work (quantization, layer by layer): None
+    # ("auto") once it has run 5 s, True always, False never.
+    progress: bool | None = None
     # torch.compile's mode, as given.
     mode: str = "default"
 
@@ -171,6 +174,17 @@ def _parse(key: str, value: Any, from_env: bool = False) -> Any:
             raise bad("true/false (1/0, yes/no, on/off)")
         if not isinstance(value, bool):
             raise bad("True or False")
+        return value
+    if key == "progress":
+        if value is None or (isinstance(value, str) and value.lower() == "auto"):
+            return None
+        if from_env and isinstance(value, str):
+            if value.lower() in _TRUE:
+                return True
+            if value.lower() in _FALSE:
+                return False
+        if not isinstance(value, bool):
+            raise bad('True, False or None / "auto" (lines once the work has run 5 s)')
         return value
     if key == "attention":
         if value not in ATTENTION_MODES:

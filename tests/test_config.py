@@ -58,6 +58,8 @@ def test_unknown_option_names_itself_and_lists_valid_keys():
         ("norm_fusion", "yes", "True or False"),
         ("quant_config", [4, 8], "a dict"),
         ("dump_dir", 3, "a folder path"),
+        ("progress", "sometimes", 'True, False or None / "auto"'),
+        ("progress", 1, 'True, False or None / "auto"'),
     ],
 )
 def test_bad_value_names_option_and_what_it_accepts(key, value, accepts):
@@ -74,6 +76,19 @@ def test_environment_variables_and_precedence():
     assert config.attention == "sparse"  # options win over the environment
     assert config.verify is True and config.dump_dir == "/tmp/d" and config.sparse_keep == 0.3
     assert config.quant_config == {"ffn_layers": {"weight_bits": 4}}
+
+
+@pytest.mark.parametrize("given, env, want", [
+    ({}, {}, None),  # auto: lines once the work has run 5 s
+    ({"progress": "auto"}, {}, None),
+    ({"progress": True}, {}, True),
+    ({"progress": False}, {"Q3N_PROGRESS": "1"}, False),  # options win
+    ({}, {"Q3N_PROGRESS": "on"}, True),
+    ({}, {"Q3N_PROGRESS": "0"}, False),
+    ({}, {"Q3N_PROGRESS": "AUTO"}, None),
+])
+def test_progress_option(given, env, want):
+    assert Q3NConfig.from_options(given, environ=env).progress is want
 
 
 def test_bad_environment_value_names_the_variable():

@@ -32,7 +32,9 @@ For each linear:
    the weights, so later compiles — other shapes, a decode graph — reuse them and the cached
    result; layers whose example input has fewer than ``MIN_EXAMPLE_ROWS`` rows are not
    calibrated on it). Without either, weights are rounded to nearest with a data-free clipping
-   search, and the report says so.
+   search, and the report says so. Each layer's entry gives the seconds its quantization took at
+   this compile (0 when cached); the ``progress`` option prints a line per layer on stderr
+   (by default once the pass has run 5 s: :mod:`q3n_compile.progress`).
 5. **Rewrite**: the packed weight, scales, zero points and smoothing vector become buffers of the
    GraphModule read by ``get_attr``; the linear becomes ``q3n::qlinear`` (bias passed through);
    the weight's placeholder is frozen (``ctx.freeze``): changing it later raises
@@ -77,6 +79,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import time
 from typing import Any, Optional
 
 import torch
@@ -84,6 +87,7 @@ from torch.fx import GraphModule, Node
 
 from ..kernels import norm_linear as _NL  # noqa: F401 - registers q3n::normalize
 from ..kernels import qlinear as QL
+from ..progress import Progress
 from ..quant import calibration as C
 from ..quant import release as R
 from ..quant.classify import StructureClassifier, _q3n_op, classify, module_path
@@ -383,6 +387,7 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
     hits = misses = 0
     norm_groups: dict[tuple, tuple[Node, Node]] = {}
     folded_done: list[dict] = []
+    progress = Progress("quantize", len(todo), ctx.config.progress)
     for index, (cand, fmt, decided_by) in enumerate(todo):
         weight = _weight(gm, ctx, cand)
         source_weight = _source(gm, ctx, cand)
@@ -417,12 +422,17 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
         cached = result is not None
         if cached:
             hits += 1
-        else:
+        seconds = 0.0
+        if not cached:
             from ..quant.algorithms import quantize_layer
 
             misses += 1
+            started = time.perf_counter()
             result = quantize_layer(weight, bias_val, fmt, settings, st)
+            seconds = time.perf_counter() - started
             C.cache_put(key, source_weight, result)
+        progress.step(f"{cand.path} ({fmt.name}: " + (
+            "cached" if cached else result.info.get("method") or "quantized") + ")")
         pw = result.packed.to(weight.device)
         act = "none" if fmt.activation_bits == 16 else fmt.activation_format
         x_val = cand.x.meta["val"]
@@ -516,6 +526,8 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             "calibration": source,
             "calibration_rows": int(info.get("calibration_rows", 0)),
             "cached": cached,
+            # Time spent quantizing this layer at this compile (0 when cached).
+            "seconds": round(seconds, 3),
             **({"damp": info["damp"]} if "damp" in info else {}),
             # GPTQ against RTN+clip on held-out calibration rows, when there were few rows.
             **({"validation": info["validation"]} if "validation" in info else {}),

@@ -194,6 +194,28 @@ def test_recompiling_reuses_the_cached_quantization():
     assert torch.equal(first, second)
 
 
+def test_progress_lines_and_seconds_per_layer(capsys):
+    """progress=True prints a line per quantized layer on stderr, the report gives each layer's
+    quantization seconds (0 when cached), and the default (auto) stays silent on a short compile."""
+    model = build_model("llama", "tiny")
+    quant.calibrate(model, [example_inputs("llama", model, 2, 16, seed=1)])
+    inputs = example_inputs("llama", model, 1, 8)
+    capsys.readouterr()
+    _compile_and_run(model, "llama", DESIGN, inputs, progress=True)
+    err = capsys.readouterr().err.splitlines()
+    lines = [line for line in err if line.startswith("q3n: quantize ")]
+    layers = _quantize_report()["detail"]["layers"]
+    assert len(lines) == len(layers) == 14
+    assert lines[-1].startswith("q3n: quantize 14/14 ") and lines[-1].endswith(" s")
+    # One line per layer, in the report's order: its path, format and method.
+    assert all(f" {e['layer']} ({e['format']}: {e['method']})  " in line
+               for e, line in zip(layers, lines))
+    assert all(e["seconds"] > 0 and not e["cached"] for e in layers)
+    _compile_and_run(model, "llama", DESIGN, inputs)  # auto, cached: fast and silent
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("q3n:")]
+    assert all(e["seconds"] == 0 and e["cached"] for e in _quantize_report()["detail"]["layers"])
+
+
 def test_norm_fusion_and_quantization_compose():
     """With norm_fusion on, the norms before quantized linears are folded into them (W' = W
     diag(gamma)) and normalised once; quantize then quantizes those folded linears: nothing is
