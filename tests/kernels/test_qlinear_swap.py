@@ -106,6 +106,24 @@ def test_codes_dequantised_in_one_pass(act, ag, K, dtype):
     assert perm.shape == (5, 256) and torch.equal(perm, SW.permute_x_blocks(plain))
 
 
+@pytest.mark.parametrize("ag", [Q.PER_TOKEN, 64])
+@pytest.mark.parametrize("dtype", [bf16, f16])
+def test_float8_codes_dequantised_in_one_pass(ag, dtype):
+    # On a GPU with fp8, 8-bit activation codes are float8_e4m3fn tensors, which torch does not
+    # promote with float32: they are widened to bf16 (exactly) first. The interpreter's codes are
+    # fp16, so this builds real float8 codes.
+    gen = _gen(f"deqfp8{ag}{dtype}")
+    K = 200
+    codes = (torch.randn(3, K, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    xs = torch.rand(3, 1 if ag == Q.PER_TOKEN else -(-K // ag), generator=gen) + 0.01
+    xs = xs[:, 0] if ag == Q.PER_TOKEN else xs
+    want = (codes.float() * Q.expand_act_scales(xs, K, ag)).to(dtype)
+    plain = Q._dequantize_codes(codes, xs, ag, dtype)
+    assert torch.equal(plain, want)
+    perm = Q._dequantize_codes(codes, xs, ag, dtype, perm128=True)
+    assert torch.equal(perm, SW.permute_x_blocks(want))
+
+
 @pytest.mark.parametrize("act,ag", [("int8", Q.PER_TOKEN), ("fp8", 32), ("int12", Q.PER_TOKEN)])
 @pytest.mark.parametrize("xperm", [False, True])
 @pytest.mark.parametrize("K", [128, 160])
