@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU lane in one call of the device tool (an H200 with torch 2.11, triton 3.6, no network):
 # install, the tests marked gpu, then the benchmarks. Everything lands under $OUT (default ./gpu_out).
-#   bash bench/gpu_lane.sh [tests|attention|norm_linear|qlinear|memory|model|lossy|quant_decode|host|all]...
+#   bash bench/gpu_lane.sh [tests|attention|norm_linear|qlinear|memory|model|lossy|quant_decode|decode_steps|host|all]...
 # One step each call keeps a call under the device tool's 10 minutes; `all` does not fit in one.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -58,6 +58,19 @@ for step in $steps; do
       --q3n-set "quant+norm+cudagraphs={\"quant_config\": $quant, \"cuda_graphs\": true, \"norm_fusion\": true}" \
       --time-budget 2 --out "$OUT/qwen3-bench-quant-decode" 2>&1 \
       | tee "$OUT/bench_quant_decode.log" | tail -20
+  fi
+  if [[ $step == decode_steps || $step == all ]]; then
+    # Each decode step's event time, host time and kernels, bf16 against the design's quantized
+    # model with and without norm fusion, at 1 and 32 rows. Calibration is off: it changes the
+    # codes, not the kernels or their speed, and at 32 rows it costs ~100 s of compile (s12run1-2).
+    design_rtn='"quant_config": {"ffn_layers": {"weight_bits": 4, "activation_bits": 8}, "attn_layers": {"weight_bits": 6, "activation_bits": 12}, "norm_layers": {"dtype": "float16"}, "calibration": {"example_inputs": false}}, "cuda_graphs": true'
+    for rows in 1 32; do
+      python3 bench/decode_steps.py --batch $rows --steps 32 \
+        --backends q3n+cudagraphs,quant+cudagraphs,quant+norm+cudagraphs \
+        --set "quant+cudagraphs={$design_rtn}" --set "quant+norm+cudagraphs={$design_rtn, \"norm_fusion\": true}" \
+        --out "$OUT/decode-steps-b$rows.json" 2>&1 | tee "$OUT/decode-steps-b$rows.log" | grep -v "Warn\|warn" | tail -40
+      [[ ${PIPESTATUS[0]} == 0 ]] || status=1
+    done
   fi
   if [[ $step == host || $step == all ]]; then
     # Host time of one quantized linear call, layer by layer, next to bf16 F.linear.
