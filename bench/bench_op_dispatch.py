@@ -4,8 +4,10 @@
 
 A no-op implementation (it returns a new tensor, as q3n's ops do) registered three ways is
 called back to back, with the autograd keys on and below them (q3n's compiled inference graphs
-run below them): as a ``torch.library.custom_op`` (how ``kernels.contract`` registers q3n's
-ops), as a ``torch.library.Library`` definition with a ``CompositeExplicitAutograd`` kernel, and
+run below them): as a ``torch.library.custom_op`` (how ``kernels.contract`` registered q3n's
+ops until session 12), as a ``torch.library.Library`` definition with a
+``CompositeExplicitAutograd`` kernel (how it registers them now, plus an autograd kernel that
+refuses gradients, skipped below autograd), and
 as a plain Python call (what q3n's executor does for inference graphs,
 ``runtime.direct_kernel_calls``). µs a call, the best of 5 rounds of 20000 calls.
 """

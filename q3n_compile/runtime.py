@@ -71,10 +71,12 @@ def below_autograd(compiled: Callable) -> Callable:
     """`compiled` (boxed) run with the autograd dispatch keys excluded, for inference graphs.
 
     An inference graph needs no autograd (AOTAutograd compiles one only when no input requires a
-    gradient), but each q3n op call still passes torch.library.custom_op's Python autograd layer
-    first: ~30 µs a call under no_grad, ~6 µs below it (CPU, a no-op custom op), which a decode
-    step without CUDA graphs pays per attention layer. In-place version bumps still happen (that
-    key, ADInplaceOrView, stays on).
+    gradient), but each q3n op call would still pass the op's Python autograd kernel first
+    (``contract.register_kernel_op``: it refuses inputs that need a gradient). The dispatch of
+    ``q3n::attention`` costs 34-36 µs a call on a CPU with the autograd keys on (under no_grad)
+    and 16-17 µs below them (49.5 and 26.9 when the ops were ``torch.library.custom_op``\ s),
+    which a decode step without CUDA graphs pays per op. In-place version bumps still happen
+    (that key, ADInplaceOrView, stays on).
     """
 
     boxed = getattr(compiled, "_boxed_call", False)  # decided once: run is on every call's path

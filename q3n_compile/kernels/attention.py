@@ -41,9 +41,9 @@ What this module guarantees:
   its signature (shapes, strides, dtypes, device, mask, scale, flags) and is computed once per
   signature into a cached plan; a call then allocates its output (and the decode workspace) and
   launches through ``contract.TritonLaunch``. A decode call costs ~18 µs of Python in this module
-  (measured on a CPU with launches stubbed; ~130 µs before), plus torch's ``custom_op``
-  dispatch (~27 µs there, ~12 µs under ``torch.inference_mode()``, which skips its Python
-  autograd layer).
+  (measured on a CPU with launches stubbed; ~130 µs before), plus the dispatcher's round trip
+  into Python (16-17 µs a call on a CPU below the autograd keys, as compiled inference graphs
+  call it; 34-36 µs with them; :func:`q3n_compile.kernels.contract.register_kernel_op`).
 """
 
 import math

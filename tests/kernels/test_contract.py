@@ -67,3 +67,29 @@ def test_host_integer_helpers_match_triton():
     assert [contract.next_power_of_2(n) for n in range(0, 4100)] == [
         triton.next_power_of_2(n) for n in range(0, 4100)]
     assert all(contract.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in (1, 7, 16, 128))
+
+
+def test_registered_ops_run_below_autograd_and_refuse_gradients():
+    # register_kernel_op's ops (torch.library definitions): the impl runs for real tensors with
+    # or without the autograd keys, an input needing a gradient is refused with the fix, and the
+    # schema, tag and fake are what torch.library.custom_op gave them.
+    from q3n_compile.kernels import attention as A
+
+    op = torch.ops.q3n.attention.default
+    assert torch.Tag.pt2_compliant_tag in op.tags
+    assert str(op._schema).startswith("q3n::attention(Tensor q, Tensor k, Tensor v, Tensor? mask")
+    assert contract.python_impl(op) is A._attention_impl
+    q = torch.randn(1, 2, 5, 16)
+    want = A.reference(q, q, q, None, None, True)
+    with torch.no_grad():
+        torch.testing.assert_close(op(q, q, q, None, None, True), want, atol=2e-5, rtol=2e-5)
+        with torch._C._AutoDispatchBelowAutograd():
+            torch.testing.assert_close(op(q, q, q, None, None, True), want, atol=2e-5, rtol=2e-5)
+        assert op(q.requires_grad_(), q, q, None, None, True).shape == q.shape  # no grad mode
+    with pytest.raises(RuntimeError, match=r"q3n::attention has no gradient.*torch.no_grad\(\)"):
+        op(q, q, q, None, None, True)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fq = mode.from_tensor(torch.randn(2, 3, 7, 16))
+        assert op(fq, fq, fq, None, None, False).shape == (2, 3, 7, 16)
