@@ -10,6 +10,10 @@ ops until session 12), as a ``torch.library.Library`` definition with a
 refuses gradients, skipped below autograd), and
 as a plain Python call (what q3n's executor does for inference graphs,
 ``runtime.direct_kernel_calls``). µs a call, the best of 5 rounds of 20000 calls.
+
+``--q3n-op`` also times q3n's own ``q3n::attention`` (a 1 x 2 x 5 x 16 causal call, CPU
+reference path) through the op and as its Python implementation: the difference is what the
+dispatch costs as q3n registers its ops at the checked-out commit.
 """
 
 from __future__ import annotations
@@ -64,9 +68,38 @@ def per_call_us(fn, calls=20000, rounds=5) -> float:
     return best
 
 
+def q3n_attention_rows(dev: torch.device) -> list[dict]:
+    """q3n::attention through the dispatcher and as its implementation, with the autograd keys
+    on (under no_grad) and below them; the op's dispatch cost is the difference."""
+    from q3n_compile.kernels import attention  # noqa: F401 - registers the op
+    from q3n_compile.kernels import contract
+
+    op = torch.ops.q3n.attention.default
+    impl = contract.python_impl(op)
+    q = torch.randn(1, 2, 5, 16, device=dev)
+    rows = []
+    with torch.no_grad():
+        for below in (False, True):
+            def timed(fn):
+                if below:
+                    with torch._C._AutoDispatchBelowAutograd():
+                        return per_call_us(fn, calls=5000)
+                return per_call_us(fn, calls=5000)
+            through_op = timed(lambda: op(q, q, q, None, None, True))
+            direct = timed(lambda: impl(q, q, q, None, None, True))
+            where = "below autograd" if below else "autograd on"
+            rows.append(dict(way="q3n::attention dispatch (op - impl)", below_autograd=below,
+                             us=through_op - direct, op_us=through_op, impl_us=direct))
+            print(f"  {'q3n::attention: op ' + f'{through_op:.1f}, impl {direct:.1f}':38s} "
+                  f"{where:15s} {through_op - direct:7.2f} us/call of dispatch", flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--q3n-op", action="store_true",
+                    help="also time q3n::attention through the op against its implementation")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     dev = torch.device(a.device)
@@ -90,6 +123,8 @@ def main(argv=None):
                 rows.append(dict(way=name, below_autograd=below, us=us))
                 print(f"  {name:38s} {'below autograd' if below else 'autograd on':15s} {us:7.2f} us/call",
                       flush=True)
+    if a.q3n_op:
+        rows += q3n_attention_rows(dev)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(dict(
