@@ -7,7 +7,8 @@ Each kernel module in this package holds, in this order:
 3. `reference(...)`: plain torch with the same signature as the op, the ground truth on CPU;
 4. the op registration through :func:`register_kernel_op` (a `torch.library.Library`
    definition with a fake implementation that computes its output sizes from the inputs'
-   sizes, SymInts included);
+   sizes, SymInts included: what DESIGN.md's ``custom_op`` registers, without custom_op's
+   per-call Python wrappers; see :func:`register_kernel_op`);
 5. `supports(...) -> str | None`: ``None`` if the kernel handles the arguments, otherwise the reason
    it does not. A pass asks this before it lowers anything, and counts the reason when it declines.
 
