@@ -31,19 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import q3n_compile  # noqa: E402,F401  (registers the backend)
-from q3n_compile.compare import BACKEND_SETS, QUANT_CONFIG, git_commit  # noqa: E402
+from q3n_compile.compare import QUANT_CONFIG, git_commit, named_backend, parse_backend_set  # noqa: E402
 from q3n_compile.models import build_model, new_kv_cache  # noqa: E402
-
-
-def _spec(name: str, extra: dict) -> dict | None:
-    if name == "eager":
-        return None
-    if name in extra:
-        return extra[name]
-    if name not in BACKEND_SETS:
-        sys.exit(f"unknown backend {name!r}: name one of {sorted(BACKEND_SETS)} or define it "
-                 "with --set NAME=JSON")
-    return BACKEND_SETS[name]
 
 
 def _compile(model, spec):
@@ -186,16 +175,14 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("decode_steps.py: no CUDA device; --device cpu runs it on the CPU")
-    extra = {}
-    for text in a.set:
-        name, sep, raw = text.partition("=")
-        if not sep:
-            sys.exit(f"--set takes NAME=JSON, got {text!r}")
-        options = json.loads(raw)
-        if options.get("quant_config") == "design":
-            options["quant_config"] = QUANT_CONFIG
-        extra[name] = {"backend": "q3n", "options": options}
-    specs = {name: _spec(name, extra) for name in a.backends.split(",")}
+    try:
+        extra = dict(parse_backend_set(text) for text in a.set)
+        specs = {name: named_backend(name, extra) for name in a.backends.split(",")}
+    except ValueError as err:
+        sys.exit(f"decode_steps.py: {err}")
+    for spec in extra.values():
+        if spec["options"].get("quant_config") == "design":
+            spec["options"]["quant_config"] = QUANT_CONFIG
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
     model = build_model(a.model, a.size, dtype=dtype, device=a.device)
     results = []

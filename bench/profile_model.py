@@ -24,14 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import q3n_compile  # noqa: E402,F401  (registers the backend)
-from q3n_compile.compare import BACKEND_SETS  # noqa: E402
+from q3n_compile.compare import named_backend, parse_backend_set  # noqa: E402
 from q3n_compile.models import build_model, example_inputs  # noqa: E402
 
 
-def _compile(model, name, extra):
-    if name == "eager":
+def _compile(model, spec):
+    if spec is None:
         return model
-    spec = extra.get(name) or BACKEND_SETS[name]
     return torch.compile(model, backend=spec["backend"], mode=spec.get("mode"),
                          options=spec.get("options") or None, dynamic=True)
 
@@ -66,8 +65,8 @@ def _decode_call(model, batch, context):
     return step
 
 
-def profile(model, name, args, top, decode=None, extra=None):
-    fn = _compile(model, name, extra or {})
+def profile(model, name, spec, args, top, decode=None):
+    fn = _compile(model, spec)
     if decode is not None:
         fn, args = decode(fn), ()
     with torch.no_grad():
@@ -122,24 +121,18 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("profile_model.py needs CUDA")
-    extra = {}
-    for text in a.set:
-        name, sep, raw = text.partition("=")
-        if not sep:
-            sys.exit(f"--set takes NAME=JSON, got {text!r}")
-        extra[name] = {"backend": "q3n", "options": json.loads(raw)}
-    unknown = [n for n in a.backends.split(",") if n != "eager" and n not in extra
-               and n not in BACKEND_SETS]
-    if unknown:
-        sys.exit(f"unknown backends {unknown}: name one of {sorted(BACKEND_SETS)} or define it "
-                 "with --set NAME=JSON")
+    try:
+        extra = dict(parse_backend_set(text) for text in a.set)
+        specs = {name: named_backend(name, extra) for name in a.backends.split(",")}
+    except ValueError as err:
+        sys.exit(f"profile_model.py: {err}")
     model = build_model(a.model, a.size, dtype=torch.bfloat16, device="cuda")
     args = example_inputs(a.model, model, a.batch, a.seq_len)
     decode = None if a.decode is None else _decode_call(model, a.batch, a.decode)
     results = []
-    for name in a.backends.split(","):
+    for name, spec in specs.items():
         torch._dynamo.reset()
-        r = profile(model, name, args, a.top, decode, extra)
+        r = profile(model, name, spec, args, a.top, decode)
         results.append(r)
         print(f"== {name}: wall {r['wall_ms']:.3f} ms, GPU busy {r['gpu_ms']:.3f} ms")
         for title, rows in (("GPU", r["top_gpu"]), ("CPU", r["top_cpu"])):

@@ -241,7 +241,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
     from .compare import (BACKEND_SETS, DEFAULT_BACKENDS_CPU, DEFAULT_BACKENDS_CUDA, bench, default_device,
-                          format_table, git_commit, rows_as_json, write_outputs)
+                          format_table, git_commit, parse_backend_set, rows_as_json, write_outputs)
     from .config import Q3NConfig, Q3NConfigError
     from .hf_models import ModelLoadError, is_factory_spec
     from .models import HF_MODEL_NAMES, MODEL_NAMES, SIZES
@@ -291,16 +291,11 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(f"unknown backend {name!r}; choose from eager, {', '.join(BACKEND_SETS)}")
         backends[name] = json.loads(json.dumps(BACKEND_SETS[name]))
     for text in args.q3n_set:
-        name, sep, raw = text.partition("=")
-        if not sep or not name:
-            parser.error(f"--q3n-set takes NAME=JSON, got {text!r}")
         try:
-            opts = json.loads(raw)
-        except json.JSONDecodeError as err:
-            parser.error(f"--q3n-set {name}: the options are not JSON ({err}): {raw!r}")
-        if not isinstance(opts, dict):
-            parser.error(f"--q3n-set {name}: the options must be a JSON object, got {raw!r}")
-        backends[name] = {"backend": "q3n", "options": opts}
+            name, spec = parse_backend_set(text)
+        except ValueError as err:
+            parser.error(f"--q3n-set {err}")
+        backends[name] = spec
     for name, spec in backends.items():
         if spec["backend"] != "q3n":
             continue

@@ -77,6 +77,36 @@ BACKEND_SETS: dict[str, dict[str, Any]] = {
     "q3n+arena+cudagraphs": {"backend": "q3n", "options": {"executor": "q3n", "cuda_graphs": True}},
     "q3n+inductor+cudagraphs": {"backend": "q3n", "options": {"executor": "inductor", "cuda_graphs": True}},
 }
+
+
+def parse_backend_set(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME=JSON`` (``q3n bench --q3n-set``, the bench scripts' ``--set``) as (NAME, a q3n
+    backend spec with those options); ValueError saying what is wrong otherwise."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"takes NAME=JSON, got {text!r}")
+    try:
+        options = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{name}: the options are not JSON ({err}): {raw!r}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{name}: the options must be a JSON object, got {raw!r}")
+    return name, {"backend": "q3n", "options": options}
+
+
+def named_backend(name: str, extra: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The spec of backend `name`: None for eager, else one of `extra` (from
+    :func:`parse_backend_set`) or :data:`BACKEND_SETS`; ValueError naming the choices."""
+    if name == "eager":
+        return None
+    if name in extra:
+        return extra[name]
+    if name not in BACKEND_SETS:
+        raise ValueError(f"unknown backend {name!r}: name eager, one of {', '.join(BACKEND_SETS)}, "
+                         "or define it with NAME=JSON")
+    return BACKEND_SETS[name]
+
+
 DEFAULT_BACKENDS_CUDA = ("inductor", "inductor-max-autotune", "q3n", "q3n+arena", "q3n+quant", "q3n+sparse")
 # On the CPU max-autotune only slows compilation down; CUDA graphs need a GPU; and q3n's passes with
 # Inductor for the rest can stall on OpenMP spinning around q3n's Python ops (README, "Known problem").
