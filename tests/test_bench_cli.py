@@ -180,3 +180,26 @@ def test_summary_against_inductor():
     assert vs["decode_tokens_per_s"] == pytest.approx(1.2) and vs["met"]["decode_tokens_per_s"] is False
     assert vs["peak_memory"] == pytest.approx(0.8) and vs["met"]["peak_memory"] is True
     assert vs["compile_time"] == pytest.approx(0.6) and vs["met"]["compile_time"] is True
+
+
+@pytest.mark.parametrize("text, message", [
+    ("mine", "takes NAME=JSON, got 'mine'"),
+    ("={}", "takes NAME=JSON"),
+    ("mine={oops", "mine: the options are not JSON"),
+    ("mine=[1]", "mine: the options must be a JSON object"),
+])
+def test_backend_sets_name_what_is_wrong(text, message):
+    # NAME=JSON as q3n bench's --q3n-set and the bench scripts' --set read it.
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        compare.parse_backend_set(text)
+
+
+def test_named_backends():
+    name, spec = compare.parse_backend_set('mine={"norm_fusion": true}')
+    assert (name, spec) == ("mine", {"backend": "q3n", "options": {"norm_fusion": True}})
+    extra = {name: spec}
+    assert compare.named_backend("eager", extra) is None
+    assert compare.named_backend("mine", extra) is spec
+    assert compare.named_backend("q3n+quant", extra) is compare.BACKEND_SETS["q3n+quant"]
+    with pytest.raises(ValueError, match=r"unknown backend 'q3n\+nope'.*q3n\+quant.*NAME=JSON"):
+        compare.named_backend("q3n+nope", extra)
