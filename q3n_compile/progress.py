@@ -1,8 +1,9 @@
 """Progress lines for long compile-time work (the quantize pass's calibration, layer by layer).
 
 A torch.compile backend runs inside the user's first call, which otherwise shows nothing while
-q3n works: calibrating the design's config on a 4-layer, 1e9-parameter model took 100+ s on an
-H200 (bench/RESULTS.md, session 12). Guarantees:
+q3n works: compiling the design's quantized config for a 4-layer, 1e9-parameter model took
+120-127 s on an H200 with 32 calibration rows, 12-20 s without calibration (bench/RESULTS.md,
+session 12). Guarantees:
 
 - ``mode=True`` prints a line per step, ``False`` never prints, ``None`` ("auto", the default)
   prints once the work has run ``after_s`` seconds, then at most one line a second and always
