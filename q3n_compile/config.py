@@ -165,27 +165,23 @@ def _parse(key: str, value: Any, from_env: bool = False) -> Any:
     def bad(accepts: str) -> Q3NConfigError:
         return Q3NConfigError(f"q3n: option {key!r} accepts {accepts}; got {value!r}")
 
-    if key in ("norm_fusion", "memory_plan", "cuda_graphs", "strict", "verify", "autotune"):
+    def boolean(accepts: str) -> bool:
         if from_env and isinstance(value, str):
             if value.lower() in _TRUE:
                 return True
             if value.lower() in _FALSE:
                 return False
-            raise bad("true/false (1/0, yes/no, on/off)")
+            raise bad(accepts if accepts != "True or False" else "true/false (1/0, yes/no, on/off)")
         if not isinstance(value, bool):
-            raise bad("True or False")
+            raise bad(accepts)
         return value
+
+    if key in ("norm_fusion", "memory_plan", "cuda_graphs", "strict", "verify", "autotune"):
+        return boolean("True or False")
     if key == "progress":
         if value is None or (isinstance(value, str) and value.lower() == "auto"):
             return None
-        if from_env and isinstance(value, str):
-            if value.lower() in _TRUE:
-                return True
-            if value.lower() in _FALSE:
-                return False
-        if not isinstance(value, bool):
-            raise bad('True, False or None / "auto" (lines once the work has run 5 s)')
-        return value
+        return boolean('True, False or None / "auto" (lines once the work has run 5 s)')
     if key == "attention":
         if value not in ATTENTION_MODES:
             raise bad(" | ".join(repr(m) for m in ATTENTION_MODES))

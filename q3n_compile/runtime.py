@@ -74,7 +74,7 @@ def below_autograd(compiled: Callable) -> Callable:
     gradient), but each q3n op call would still pass the op's Python autograd kernel first
     (``contract.register_kernel_op``: it refuses inputs that need a gradient). The dispatch of
     ``q3n::attention`` costs 34-36 µs a call on a CPU with the autograd keys on (under no_grad)
-    and 16-17 µs below them (49.5 and 26.9 when the ops were ``torch.library.custom_op``\ s),
+    and 16-17 µs below them (49.5 and 26.9 when they were ``torch.library.custom_op`` ops),
     which a decode step without CUDA graphs pays per op. In-place version bumps still happen
     (that key, ADInplaceOrView, stays on).
     """

@@ -1349,13 +1349,11 @@ def _dequantize_codes(codes: torch.Tensor, xs: torch.Tensor, act_group_size: int
         if scale.shape[1] != 1:
             scale = torch.nn.functional.pad(scale, (0, kp - K))
     out = torch.empty((M, kp), dtype=dtype, device=codes.device)
-
-    def permuted(t: torch.Tensor) -> torch.Tensor:
-        # Channel k0 + 8r + j read at [m, block, j, r]: the output's contiguous order.
-        if t.shape[1] == 1:  # a per-token scale broadcasts
-            return t[:, :, None, None]
-        return t.reshape(M, blocks, 16, 8).transpose(2, 3)
-    torch.mul(permuted(codes), permuted(scale), out=out.view(M, blocks, 8, 16))
+    # Read in the permuted order, written contiguously: the XPERM layout (a per-token scale
+    # broadcasts).
+    per_token = scale.shape[1] == 1
+    torch.mul(SW.block_permuted(codes), scale[:, :, None, None] if per_token
+              else SW.block_permuted(scale), out=out.view(M, blocks, 8, 16))
     return out
 
 

@@ -312,7 +312,15 @@ def permute_x_blocks(x: torch.Tensor) -> torch.Tensor:
     kb = contract.cdiv(K, MMT_BLOCK_K)
     if K % MMT_BLOCK_K:
         x = torch.nn.functional.pad(x, (0, kb * MMT_BLOCK_K - K))
-    return x.reshape(M, kb, 16, 8).transpose(2, 3).contiguous().view(M, kb * MMT_BLOCK_K)
+    return block_permuted(x).contiguous().view(M, kb * MMT_BLOCK_K)
+
+
+def block_permuted(t: torch.Tensor) -> torch.Tensor:
+    """A [M, K] tensor (K a multiple of 128) viewed as [M, K / 128, 8, 16] with channel
+    ``k0 + 8r + j`` at ``[m, k0 / 128, j, r]``: contiguous in that order, it is the XPERM
+    layout of :func:`permute_x_blocks`."""
+    M, K = t.shape
+    return t.reshape(M, K // MMT_BLOCK_K, 16, 8).transpose(2, 3)
 
 
 def k_per_split(K: int, split: int) -> int:
