@@ -65,9 +65,9 @@ class _Clock:
 
 def _host_profile(step, n: int, top: int) -> dict[str, list[str]]:
     """cProfile of n steps (no synchronisation between them): the top functions by own time
-    and by cumulative time."""
+    and by cumulative time, in µs a step (pstats' own table rounds to milliseconds, below a
+    decode step's resolution)."""
     import cProfile
-    import io
     import pstats
 
     prof = cProfile.Profile()
@@ -75,12 +75,50 @@ def _host_profile(step, n: int, top: int) -> dict[str, list[str]]:
     for _ in range(n):
         step()
     prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (prim calls, calls, own s, cum s, _)}
     tables = {}
-    for key in ("tottime", "cumtime"):
-        text = io.StringIO()
-        pstats.Stats(prof, stream=text).sort_stats(key).print_stats(top)
-        tables[key] = [line for line in text.getvalue().splitlines() if line.strip()][-top - 1:]
+    for key, col in (("tottime", 2), ("cumtime", 3)):
+        rows = sorted(stats.items(), key=lambda kv: -kv[1][col])[:top]
+        tables[key] = [f"{v[2] / n * 1e6:8.1f} us own {v[3] / n * 1e6:8.1f} us cum "
+                       f"{v[1] / n:6.1f} calls  {Path(f).name}:{line}({fn})"
+                       for (f, line, fn), v in rows]
     return tables
+
+
+def _host_ops(prof, n: int, top: int) -> list[str]:
+    """torch.profiler's host-side events (ATen ops, CUDA runtime calls such as cudaGraphLaunch)
+    by self CPU time, µs a step."""
+    rows = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    rows.sort(key=lambda e: -e.self_cpu_time_total)
+    return [f"{e.self_cpu_time_total / n:8.1f} us self {e.cpu_time_total / n:8.1f} us total "
+            f"{e.count / n:6.1f} calls  {e.key[:90]}" for e in rows[:top]]
+
+
+class _GcLog:
+    """Python garbage collections while timed steps run: (step, generation, ms)."""
+
+    def __init__(self):
+        self.step = -1
+        self.events: list[tuple[int, int, float]] = []
+        self._t0 = 0.0
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.events.append((self.step, info["generation"],
+                                round((time.perf_counter() - self._t0) * 1e3, 3)))
+
+    def __enter__(self):
+        import gc
+
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+
+        gc.callbacks.remove(self)
 
 
 def run_backend(model, name, spec, batch, context, steps, profile_steps, top, device):
@@ -105,14 +143,16 @@ def run_backend(model, name, spec, batch, context, steps, profile_steps, top, de
             pos += 1
         clock.sync()
         events, host = [], []
-        for _ in range(steps):
-            start = clock.mark()
-            h0 = time.perf_counter()
-            out = fn(token, kv_cache=cache, cache_position=positions[pos])
-            host.append((time.perf_counter() - h0) * 1e3)
-            events.append((start, clock.mark()))
-            token = out.argmax(-1)
-            pos += 1
+        with _GcLog() as gc_log:
+            for i in range(steps):
+                gc_log.step = i
+                start = clock.mark()
+                h0 = time.perf_counter()
+                out = fn(token, kv_cache=cache, cache_position=positions[pos])
+                host.append((time.perf_counter() - h0) * 1e3)
+                events.append((start, clock.mark()))
+                token = out.argmax(-1)
+                pos += 1
         clock.sync()
         step_ms = [clock.ms(s, e) for s, e in events]
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
@@ -152,6 +192,8 @@ def run_backend(model, name, spec, batch, context, steps, profile_steps, top, de
         "gpu_ms_per_step": sum(e.device_time_total for e in kernels) / 1e3 / profile_steps,
         "graph_launches_per_step": graph_launches / profile_steps,
         "host_top": host_top,
+        "host_ops": _host_ops(prof, profile_steps, top),
+        "gc_collections": gc_log.events,
         "top_kernels": [(k, len(v) / profile_steps, round(sum(v) / profile_steps, 4))
                         for k, v in top_kernels],
     }
@@ -204,8 +246,12 @@ def main(argv=None):
         print("  host  (ms):", " ".join(f"{t:.3f}" for t in r["host_ms"]))
         for key, count, ms in r["top_kernels"]:
             print(f"    {ms:8.4f} ms  {count:5.1f}x  {key[:100]}")
+        print(f"  Python GCs in the timed steps (step, generation, ms): {r['gc_collections']}")
+        print("  host ops a profiled step (torch.profiler, by self CPU time)")
+        for line in r["host_ops"]:
+            print("    " + line)
         for key, lines in r["host_top"].items():
-            print(f"  host Python over {a.profile} steps, by {key} (cProfile)")
+            print(f"  host Python a step over {a.profile} steps, by {key} (cProfile)")
             for line in lines:
                 print("    " + line[:170])
     if a.out:
