@@ -212,6 +212,10 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="NAME=JSON",
                     help='an extra q3n backend NAME with these options (JSON); "quant_config": '
                          '"design" stands for the design\'s config')
+    ap.add_argument("--specialize-float", action="store_true",
+                    help="compile every backend with torch._dynamo.config.specialize_float=True: "
+                         "the model's float attributes become constants instead of 0-d tensors "
+                         "Dynamo makes on every call (the report's runtime.float_inputs)")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu (a smoke run: no GPU kernels)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -233,10 +237,12 @@ def main(argv=None):
         from torch._dynamo.utils import counters
 
         counters.clear()
-        r = run_backend(model, name, spec, a.batch, a.context, a.steps, a.profile, a.top,
-                        a.device)
+        with torch._dynamo.config.patch(specialize_float=a.specialize_float):
+            r = run_backend(model, name, spec, a.batch, a.context, a.steps, a.profile, a.top,
+                            a.device)
+        r["specialize_float"] = a.specialize_float
         results.append(r)
-        print(f"== {name}, batch {a.batch}: compile {r['compile_s']} s; step ms median "
+        print(f"== {name}, batch {a.batch}{', specialize_float' if a.specialize_float else ''}: compile {r['compile_s']} s; step ms median "
               f"{r['median_ms']:.3f}, min {r['min_ms']:.3f}, max {r['max_ms']:.3f}; host median "
               f"{r['host_median_ms']:.3f}; per profiled step: {r['kernels_per_step']:.0f} kernels, "
               f"GPU {r['gpu_ms_per_step']:.3f} ms, {r['graph_launches_per_step']:.1f} graph launches")

@@ -54,6 +54,7 @@ def q3n_backend(
     """Dynamo backend entry: ``torch.compile(model, backend="q3n", mode=..., options=...)``."""
     config = Q3NConfig.from_options(options, mode=mode)
     static_values = _static_values(gm, example_inputs)
+    float_inputs = _float_attribute_inputs(gm, example_inputs)
     # The first call's real inputs are kept only until the graph is compiled, and only when
     # verify=True or quantization (calibrating on them, see q3n_compile.quant.calibration) needs
     # them: holding activations for the model's lifetime would leak memory.
@@ -64,13 +65,15 @@ def q3n_backend(
 
     def inference_compiler(graph: torch.fx.GraphModule, args: Sequence[Any]) -> Callable:
         try:
-            return _compile_graph(graph, args, n_inputs, real_inputs, static_values, config, inference=True)
+            return _compile_graph(graph, args, n_inputs, real_inputs, static_values, config,
+                                  inference=True, float_inputs=float_inputs)
         finally:
             real_inputs.clear()
 
     def forward_compiler(graph: torch.fx.GraphModule, args: Sequence[Any]) -> Callable:
         try:
-            return _compile_graph(graph, args, n_inputs, real_inputs, static_values, config, inference=False)
+            return _compile_graph(graph, args, n_inputs, real_inputs, static_values, config,
+                                  inference=False, float_inputs=float_inputs)
         finally:
             real_inputs.clear()
 
@@ -100,6 +103,7 @@ def _compile_graph(
     static_by_position: dict[int, torch.Tensor],
     config: Q3NConfig,
     inference: bool,
+    float_inputs: Sequence[str] = (),
 ) -> Callable:
     graph_id = next_graph_id()
     started = time.perf_counter()
@@ -170,6 +174,8 @@ def _compile_graph(
         "runtime": {
             "cuda_graphs": cuda_graphs_status(compiled, config),
             "frozen_weights": sorted(ctx.frozen),
+            **({"float_inputs": {"names": list(float_inputs), "note": FLOAT_INPUTS_NOTE}}
+               if float_inputs else {}),
         },
         "fallbacks": fallbacks,
         "memory": memory_report(compiled, passes),
@@ -268,6 +274,30 @@ def _own_parameters(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
     ]
 
 
+FLOAT_INPUTS_NOTE = (
+    "Dynamo passes these Python float attributes (a norm's eps, an attention's scaling) to the "
+    "graph as 0-d tensors made on every call (dynamic=True with "
+    "torch._dynamo.config.specialize_float=False, torch's default): host time per call before "
+    "the graph runs, which a decode step feels. q3n treats them as constants either way; "
+    "torch._dynamo.config.specialize_float = True before the first call makes Dynamo bake them "
+    "in (and guard on their values) instead.")
+
+
+def _float_attribute_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> list[str]:
+    """Names of the placeholders that are float attributes Dynamo passes as 0-d tensors."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [node.name for node, value in zip(placeholders, example_inputs)
+            if _float_attribute(node, value)]
+
+
+def _float_attribute(placeholder: torch.fx.Node, value: Any) -> bool:
+    """Whether Dynamo made this input from an object's float attribute (a 0-d tensor)."""
+    grapharg = placeholder.meta.get("grapharg")
+    return (isinstance(value, torch.Tensor) and value.dim() == 0
+            and getattr(grapharg, "pass_arg_as_tensor", False)
+            and isinstance(getattr(grapharg, "source", None), AttrSource))
+
+
 def _static_values(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> dict[int, torch.Tensor]:
     """Positions (in AOTAutograd's input order) of the model's compile-time constants.
 
@@ -288,12 +318,7 @@ def _static_values(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> d
         name = source.name if source is not None else ""
         name = name() if callable(name) else name
         weight = isinstance(value, torch.nn.Parameter) or "._parameters[" in name or "._buffers[" in name
-        attribute_scalar = (
-            getattr(grapharg, "pass_arg_as_tensor", False)
-            and value.dim() == 0
-            and isinstance(source, AttrSource)
-        )
-        if weight or attribute_scalar:
+        if weight or _float_attribute(node, value):
             static[len(own) + i] = value
     return static
 

@@ -55,9 +55,11 @@ class FrozenWeightGuard:
         return bool(self._frozen)
 
     def check(self) -> None:
+        released = False
         for name, tensor, version, ptr in self._frozen:
             if getattr(tensor, "_q3n_released_key", None) is not None:
-                continue  # freed by release_quantized_weights(): the graph holds its packed form
+                released = True  # freed by release_quantized_weights(): the graph holds its
+                continue         # packed form; not checked again (a decode step's host time)
             if tensor._version != version or tensor.data_ptr() != ptr:
                 raise FrozenWeightChanged(
                     f"q3n: the weight behind graph input {name!r} changed after compilation, but "
@@ -65,6 +67,9 @@ class FrozenWeightGuard:
                     "constants, as with Inductor's freezing). Recompile after changing weights: "
                     "call torch._dynamo.reset() and compile the model again."
                 )
+        if released:
+            self._frozen = [e for e in self._frozen
+                            if getattr(e[1], "_q3n_released_key", None) is None]
 
 
 def below_autograd(compiled: Callable) -> Callable:

@@ -259,3 +259,22 @@ def test_inference_graphs_skip_the_autograd_layer(executor):
     train(xg).backward()
     torch.testing.assert_close(xg.grad, 2 * xg.detach().cos())
     assert q3n_compile.reports()[-1]["inference"] is False
+
+
+@pytest.mark.parametrize("specialize_float", [False, True])
+def test_report_names_float_attributes_passed_as_tensors(specialize_float):
+    # Under dynamic=True Dynamo passes a module's float attributes (RMSNorm's eps, attention's
+    # scaling) as 0-d tensors made every call; the report names them and says how to bake them in.
+    model = build_model("qwen3", "tiny")
+    ids = example_inputs("qwen3", model, 1, 5, device="cpu")[0]
+    with torch._dynamo.config.patch(specialize_float=specialize_float), torch.no_grad():
+        out = torch.compile(model, backend="q3n", dynamic=True)(ids)
+    assert _rel_err(out, model(ids)) < 1e-5
+    (report,) = q3n_compile.reports()
+    floats = report["runtime"].get("float_inputs")
+    if specialize_float:
+        assert floats is None
+    else:
+        assert any(n.endswith("variance_epsilon") for n in floats["names"]), floats
+        assert any(n.endswith("self_attn_scaling") for n in floats["names"]), floats
+        assert "specialize_float = True" in floats["note"]

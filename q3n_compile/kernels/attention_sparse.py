@@ -394,13 +394,19 @@ def _build_layout(n_q: int, n_k: int, Sq: int, Sk: int, block: int, is_causal: b
 def _layout(n_q: int, n_k: int, Sq: int, Sk: int, block: int, is_causal: bool, keep: float,
             device: torch.device) -> _Layout:
     """The signature's :class:`_Layout`, cached; never cached from inside a CUDA graph capture
-    (there its tensors would hold what the kernels write only at replay)."""
+    (there its tensors would hold what the kernels write only at replay), and built outside the
+    CUDA-graph pools (:func:`contract.made_off_graph_pools`: one first built in a CUDA-graph
+    trees' warm-up would be refused there). The cache is emptied at :data:`_MAX_LAYOUTS`
+    entries, like the launchers' caches; a CUDA graph captured with an emptied entry then holds
+    freed memory, which takes more than that many distinct shapes in one process."""
     key = (n_q, n_k, Sq, Sk, block, bool(is_causal), float(keep), device)
     layout = _LAYOUTS.get(key)
     if layout is None:
-        layout = _build_layout(n_q, n_k, Sq, Sk, block, is_causal, keep, device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            contract.remember(_LAYOUTS, key, layout, _MAX_LAYOUTS)
+        if contract.capturing(device):
+            return _build_layout(n_q, n_k, Sq, Sk, block, is_causal, keep, device)
+        layout = contract.made_off_graph_pools(
+            lambda: _build_layout(n_q, n_k, Sq, Sk, block, is_causal, keep, device), device)
+        contract.remember(_LAYOUTS, key, layout, _MAX_LAYOUTS)
     return layout
 
 

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Literal, Optional
+import threading
+from typing import Callable, Literal, Optional, TypeVar
 
 import torch
 
@@ -223,6 +224,51 @@ def remember(cache: dict, key, value, limit: int) -> None:
     if len(cache) >= limit:
         cache.clear()
     cache[key] = value
+
+
+def capturing(device: torch.device) -> bool:
+    """True while the current stream of `device` (a CUDA device) is capturing a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+_Made = TypeVar("_Made")
+
+
+def made_off_graph_pools(make: Callable[[], _Made], device: torch.device) -> _Made:
+    """``make()``, run so that its CUDA allocations land outside every CUDA-graph memory pool,
+    for a tensor a launcher keeps across calls (a cache, a counter buffer).
+
+    Inductor's CUDA-graph trees warm a graph up with every allocation of the warming thread
+    routed into the graph's private pool (``_cuda_beginAllocateCurrentThreadToPool``, whatever
+    the stream), and refuse a tensor left alive there that is not an output ("tensor(s) in the
+    cudagraph pool not tracked as outputs": quantized linears' ticket counters, s10run8; the
+    norm_linear kernel's placeholder, s13run1); a side stream of the same thread does not
+    escape it (s11run1). Another thread's allocations are not routed, so a short-lived helper
+    thread runs `make` on its own stream and waits for it before this thread goes on: the result
+    is ready for any stream. Not for use while a graph is being captured (:func:`capturing`):
+    there a launcher makes what it needs inside the graph and does not keep it. On a CPU,
+    ``make()`` as it is."""
+    if device.type != "cuda":
+        return make()
+    if capturing(device):
+        raise RuntimeError("made_off_graph_pools: called during a CUDA graph capture")
+    made: list = []
+
+    def run():
+        try:
+            with torch.cuda.device(device):
+                out = make()
+                torch.cuda.current_stream(device).synchronize()
+            made.append(out)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            made.append(exc)
+
+    helper = threading.Thread(target=run, name="q3n-off-graph-pools")
+    helper.start()
+    helper.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
 
 
 _LAUNCHES: dict = {}

@@ -650,17 +650,28 @@ _PLACEHOLDERS: dict = {}
 
 
 def _placeholder(device: torch.device) -> torch.Tensor:
-    """A 1-element fp32 tensor for pointer arguments the variant never reads (no bias, ...)."""
+    """A 1-element fp32 tensor for pointer arguments the variant never reads (no bias, ...).
+    Kept per device, allocated outside the CUDA-graph pools (one first made in a CUDA-graph
+    trees' warm-up was refused there: s13run1); during a capture a new one, the graph's own."""
     t = _PLACEHOLDERS.get(device)
     if t is None:
-        t = _PLACEHOLDERS[device] = torch.zeros(1, dtype=torch.float32, device=device)
+        if contract.capturing(device):
+            return torch.zeros(1, dtype=torch.float32, device=device)
+        t = _PLACEHOLDERS[device] = contract.made_off_graph_pools(
+            lambda: torch.zeros(1, dtype=torch.float32, device=device), device)
     return t
 
 
 class _CastCache:
     """``t.to(dtype)`` remembered per source tensor (the folded bias for cuBLAS, in the weight's
     dtype): the conversion is a launch of its own, paid once instead of on every call. An entry
-    is used only while its source is alive and unmodified (same object, same version)."""
+    is used only while its source is alive and unmodified (same object, same version).
+
+    A CUDA graph that used an entry points at it, so an entry is dropped only once its source is
+    gone (the graph's owner keeps the source alive): past `size` entries, the dead ones are
+    pruned, never a live one. Conversions are made outside the CUDA-graph pools
+    (:func:`contract.made_off_graph_pools`), and during a capture a miss is converted inside the
+    graph and not kept."""
 
     def __init__(self, size: int = 256):
         self.size, self.entries = size, {}
@@ -672,9 +683,11 @@ class _CastCache:
         hit = self.entries.get(key)
         if hit is not None and hit[0]() is t and hit[1] == t._version:
             return hit[2]
-        out = t.to(dtype)
+        if contract.capturing(t.device):
+            return t.to(dtype)
+        out = contract.made_off_graph_pools(lambda: t.to(dtype), t.device)
         if len(self.entries) >= self.size:
-            self.entries.clear()
+            self.entries = {k: e for k, e in self.entries.items() if e[0]() is not None}
         self.entries[key] = (weakref.ref(t), t._version, out)
         return out
 

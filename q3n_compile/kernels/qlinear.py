@@ -129,7 +129,6 @@ bytes per group, read once per call — the gain at small M, where a linear is m
 from __future__ import annotations
 
 import functools
-import threading
 from typing import Optional
 
 import torch
@@ -1240,12 +1239,8 @@ def _gemm_codes(codes, xs, out_dtype, qweight, scales, zeros, bias, bits, group_
 # - While a CUDA graph is captured, a buffer not yet allocated is not cached (its zeroing is only
 #   recorded, and it would live in the graph's pool): the call gets a fresh one, which the graph
 #   zeroes on every replay.
-# - The cached buffer is allocated by a short-lived helper thread: Inductor's CUDA-graph trees
-#   warm a graph up with every allocation of the warming thread routed into the graph's private
-#   pool (`_cuda_beginAllocateCurrentThreadToPool`, whatever the stream), and refuse a tensor
-#   left alive there that is not an output ("tensor(s) in the cudagraph pool not tracked as
-#   outputs": q3n with quant_config and cuda_graphs, s10run8; a side stream of the same thread
-#   did not escape it, s11run1). Another thread's allocations are not routed.
+# - The cached buffer is allocated outside the CUDA-graph pools (contract.made_off_graph_pools):
+#   a buffer first allocated in a CUDA-graph trees' warm-up would be refused there (s10run8).
 # - A grown buffer never frees the old one: a CUDA graph captured earlier still points at it.
 _TICKETS: dict = {}
 
@@ -1256,36 +1251,12 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
     if kept and kept[-1].numel() >= n:
         return kept[-1]
     size = max(n, 4096)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if contract.capturing(device):
         return torch.zeros(size, dtype=torch.int32, device=device)
-    fresh = _zeros_off_graph_pools(size, device)
+    fresh = contract.made_off_graph_pools(
+        lambda: torch.zeros(size, dtype=torch.int32, device=device), device)
     _TICKETS.setdefault(key, []).append(fresh)
     return fresh
-
-
-def _zeros_off_graph_pools(n: int, device: torch.device) -> torch.Tensor:
-    """int32 zeros [n] allocated outside any CUDA-graph memory pool (see :data:`_TICKETS`),
-    ready for the current stream: a helper thread allocates and zeroes them on its own stream
-    and waits for the zeroing, before this thread goes on."""
-    if device.type != "cuda":
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    made: list = []
-
-    def allocate():
-        try:
-            with torch.cuda.device(device):
-                buf = torch.zeros(n, dtype=torch.int32, device=device)
-                torch.cuda.current_stream(device).synchronize()
-            made.append(buf)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
-            made.append(exc)
-
-    helper = threading.Thread(target=allocate, name="q3n-tickets")
-    helper.start()
-    helper.join()
-    if isinstance(made[0], BaseException):
-        raise made[0]
-    return made[0]
 
 
 def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, split, cfg,

@@ -93,3 +93,15 @@ def test_registered_ops_run_below_autograd_and_refuse_gradients():
     with FakeTensorMode() as mode:
         fq = mode.from_tensor(torch.randn(2, 3, 7, 16))
         assert op(fq, fq, fq, None, None, False).shape == (2, 3, 7, 16)
+
+
+def test_made_off_graph_pools_runs_make_once_on_a_cpu():
+    calls = []
+
+    def make():
+        calls.append(1)
+        return torch.arange(3)
+
+    got = contract.made_off_graph_pools(make, torch.device("cpu"))
+    assert torch.equal(got, torch.arange(3)) and calls == [1]
+    assert not contract.capturing(torch.device("cpu"))

@@ -719,3 +719,22 @@ def test_gpu_odd_sizes_and_3d():
                design=design)
         _check(_args(gen, None, 1000, 2 * 1501, bf16, "rmsnorm", lead=(2, 7), epilogue="silu_gate",
                      residual=True, device="cuda"), design=design)
+
+
+def test_cast_cache_keeps_live_entries_and_prunes_dead_ones():
+    # A CUDA graph that used a cached conversion points at it: past its size the cache drops
+    # only entries whose source is gone, never one a live (folded) bias still maps to.
+    cache = NL._CastCache(size=2)
+    live = [torch.randn(4), torch.randn(4)]
+    first = [cache(t, torch.float64) for t in live]
+    dead = torch.randn(4)
+    cache(dead, torch.float64)  # over the size: nothing dead yet, so nothing dropped
+    assert len(cache.entries) == 3
+    del dead
+    cache(torch.randn(4), torch.float64)  # prunes the dead source's entry (and the new one's
+    # source, a temporary, dies after the call: pruned at the next insertion)
+    for t, out in zip(live, first):
+        assert cache(t, torch.float64) is out  # same tensor: still cached
+        assert torch.equal(out, t.double())
+    live[0].add_(1)  # a modified source is converted again
+    assert torch.equal(cache(live[0], torch.float64), live[0].double())
