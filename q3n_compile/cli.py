@@ -73,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--dynamic", choices=("true", "false", "auto"), default="true",
                        help="torch.compile(dynamic=...): true (default) compiles one graph for every length and batch; "
                        "false specialises each shape; auto is torch's default")
+    bench.add_argument("--no-specialize-float", action="store_true",
+                       help="compile without torch._dynamo.config.specialize_float: the model's float "
+                            "attributes (norm eps, attention scaling) then reach every backend as 0-d "
+                            "tensors made on each call, as under torch's default (more host time a step)")
     bench.add_argument("--warm-cache", action="store_true",
                        help="keep Inductor's FX-graph and AOTAutograd caches on (compile times are cold by default)")
     bench.add_argument("--attn-implementation", default=None,
@@ -339,6 +343,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             decode_steps=args.decode_steps, generate=args.generate, generate_batch=args.generate_batch,
             repeats=args.repeats, warmup=args.warmup,
             time_budget_s=args.time_budget, dynamic=dynamic, warm_cache=args.warm_cache,
+            specialize_float=not args.no_specialize_float,
             attn_implementation=args.attn_implementation, seed=args.seed, progress=progress,
             on_row=save_row,
         )

@@ -376,6 +376,7 @@ def bench(
     warmup: int | None = None,
     time_budget_s: float | None = None,
     dynamic: bool | None = True,
+    specialize_float: bool = True,
     warm_cache: bool = False,
     attn_implementation: str | None = None,
     example_inputs: Any = None,
@@ -390,7 +391,12 @@ def bench(
     ``options`` are added to every q3n backend's options. ``decode_batches=[]`` skips decoding;
     ``generate=N`` adds the ``generate`` phase with N new tokens (batch ``generate_batch``, default the
     first decode batch size, prompt ``decode_context`` tokens); ``seq_lens=[]`` skips prefill. ``dynamic`` is passed to
-    ``torch.compile`` (True: one graph serves every length and batch). Lengths and batch sizes
+    ``torch.compile`` (True: one graph serves every length and batch). ``specialize_float``
+    (default True) compiles every backend with ``torch._dynamo.config.specialize_float``: the
+    model's float attributes (norm eps, attention scaling) become constants instead of 0-d tensors
+    Dynamo makes on every call, ~0.2 ms of host time a decode step on qwen3 "bench" under
+    ``dynamic=True`` (H200 host, s13run2); a q3n report names them under
+    ``runtime.float_inputs`` when they are passed. Lengths and batch sizes
     default by device (:func:`defaults`). ``on_row`` is called with each row as soon as it is
     measured (the CLI saves rows as they come, so a run that is killed keeps what it measured).
     """
@@ -485,7 +491,7 @@ def bench(
             progress(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {time.perf_counter() - started:6.1f}s"
                      f"  {workload.label}  {what}: {label}")
 
-    with _bench_context(warm_cache):
+    with _bench_context(warm_cache, specialize_float):
         for label in labels:
             spec = specs.get(label)
             backend_info[label] = {"spec": spec}
@@ -554,8 +560,8 @@ def bench(
     meta = _meta(workload, model, size, device, dtype, n_params, dict(
         seq_lens=seq_lens, batches=batches, decode_batches=decode_batches, decode_context=decode_context,
         decode_steps=decode_steps, generate=generate, generate_batch=generate_batch, repeats=repeats, warmup=warmup,
-        time_budget_s=time_budget_s, dynamic=dynamic, warm_cache=warm_cache,
-        attn_implementation=attn_implementation, seed=seed))
+        time_budget_s=time_budget_s, dynamic=dynamic, specialize_float=specialize_float,
+        warm_cache=warm_cache, attn_implementation=attn_implementation, seed=seed))
     meta["wall_s"] = round(time.perf_counter() - started, 2)
     result = BenchResult(meta=meta, backends=backend_info, rows=rows, notes=notes)
     result.summary = summarize(rows)
@@ -597,11 +603,13 @@ def _compile(module: nn.Module, spec: dict[str, Any], dynamic: bool | None) -> C
 
 
 @contextlib.contextmanager
-def _bench_context(warm_cache: bool):
-    """Room for every recompile of a run (lengths, batches, decode); cold caches unless asked."""
+def _bench_context(warm_cache: bool, specialize_float: bool = True):
+    """Room for every recompile of a run (lengths, batches, decode); cold caches unless asked;
+    float attributes specialised unless asked not to (see :func:`bench`)."""
     from torch._dynamo import config as dynamo_config
 
-    patches: list[Any] = [dynamo_config.patch(recompile_limit=64, accumulated_recompile_limit=4096)]
+    patches: list[Any] = [dynamo_config.patch(recompile_limit=64, accumulated_recompile_limit=4096,
+                                              specialize_float=specialize_float)]
     if not warm_cache:
         from torch._functorch import config as functorch_config
         from torch._inductor import config as inductor_config

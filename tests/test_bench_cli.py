@@ -12,7 +12,8 @@ from q3n_compile.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 META_KEYS = {"model", "label", "kind", "device", "dtype", "torch", "triton", "q3n", "commit", "date", "parameters",
-             "seq_lens", "batches", "decode_batches", "decode_context", "decode_steps", "repeats", "dynamic"}
+             "seq_lens", "batches", "decode_batches", "decode_context", "decode_steps", "repeats", "dynamic",
+             "specialize_float"}
 
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")
@@ -35,6 +36,9 @@ def test_bench_writes_table_json_csv_png_with_decode(tmp_path, capsys):
     assert data["schema"] == compare.SCHEMA
     assert META_KEYS <= set(data["meta"])
     assert data["meta"]["device"] == "cpu" and data["meta"]["model"] == "qwen3"
+    # float attributes specialised by default: no q3n graph is handed them as per-call tensors
+    assert data["meta"]["specialize_float"] is True
+    assert not [r for row in data["rows"] for r in row["reports"] or [] if "float_inputs" in r["runtime"]]
     assert set(data["backends"]) == {"eager", "q3n"} and data["backends"]["q3n"]["spec"]["backend"] == "q3n"
     assert "attention" in data["backends"]["q3n"]["passes"]
     assert set(data["summary"]["vs"]["eager"]) == {"q3n"}
@@ -203,3 +207,16 @@ def test_named_backends():
     assert compare.named_backend("q3n+quant", extra) is compare.BACKEND_SETS["q3n+quant"]
     with pytest.raises(ValueError, match=r"unknown backend 'q3n\+nope'.*q3n\+quant.*NAME=JSON"):
         compare.named_backend("q3n+nope", extra)
+
+
+def test_bench_without_float_specialisation_records_it(tmp_path):
+    out = tmp_path / "run"
+    code = main(["bench", "--model", "qwen3", "--size", "tiny", "--device", "cpu", "--backends", "q3n",
+                 "--seq-len", "8", "--no-decode", "--repeats", "2", "--warmup", "1", "--quiet",
+                 "--no-specialize-float", "--no-plot", "--out", str(out)])
+    assert code == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["specialize_float"] is False
+    (q3n_row,) = [r for r in data["rows"] if r["backend"] == "q3n"]
+    names = q3n_row["reports"][0]["runtime"]["float_inputs"]["names"]
+    assert any(n.endswith("variance_epsilon") for n in names), names
