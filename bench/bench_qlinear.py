@@ -197,6 +197,14 @@ def xperm_candidates(dispatched, regs=False):
     return out + [dict(c, maxnreg=128) for c in out] if regs else out
 
 
+def asm_candidates(dispatched):
+    """The dispatched mmT launch with the float unpack and with the PTX one (ASM4, where
+    :func:`qlinear_swap.asm4` allows it: 4-bit weights with zero points)."""
+    if dispatched.get("path") != "mmT":
+        return []
+    return [dict(dispatched, ASM4=False), dict(dispatched, ASM4=True)]
+
+
 def gemv_candidates(M, N, K, bits, group, act, act_group):
     """The dispatched path and, for M <= 16, GEMV column blocks x splits x warps (a short
     sweep; s6run4 used it to set the GEMV split)."""
@@ -263,6 +271,7 @@ def run_shape(M, N, K, formats, sweep, gen, paths=None):
             cands = (gemv_candidates(M, N, K, bits, group, act, ag) if sweep == "gemv"
                      else xperm_candidates(row["path"]) if sweep == "xperm"
                      else xperm_candidates(row["path"], regs=True) if sweep == "regs"
+                     else asm_candidates(row["path"]) if sweep == "asm"
                      else sweep_candidates(M, min(groups) if groups else -1, act, paths))
             for cand in cands:
                 try:
@@ -271,7 +280,7 @@ def run_shape(M, N, K, formats, sweep, gen, paths=None):
                     e = rel_err(f(), Q.reference(*args))
                     _, gms = timed(f, eager=False)
                     row["sweep"].append(dict(cand, graph_ms=gms, max_rel_err=e))
-                    if sweep in ("xperm", "regs"):
+                    if sweep in ("xperm", "regs", "asm"):
                         print(f"      {name} M={M} {cand}: {gms:.4f} ms, err {e:.1e}",
                               flush=True)
                 except Exception as exc:
@@ -318,9 +327,11 @@ def main():
                     help="a sweep of the dispatched mmT launch with and without x permuted")
     ap.add_argument("--regs", action="store_true",
                     help="--xperm's sweep, each launch also capped at 128 registers per thread")
+    ap.add_argument("--asm", action="store_true",
+                    help="the dispatched mmT launch with the float unpack and the PTX one (ASM4)")
     args = ap.parse_args()
     sweep = ("gemv" if args.gemv else "xperm" if args.xperm else "regs" if args.regs
-             else args.sweep)
+             else "asm" if args.asm else args.sweep)
     if not torch.cuda.is_available():
         sys.exit("bench_qlinear.py needs a CUDA GPU")
     started = time.time()

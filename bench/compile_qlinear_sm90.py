@@ -29,7 +29,7 @@ code, global load widths, barriers and shared-memory layout conversions (TTGIR
 The swapped-operand tile (``mmT``, kernels/qlinear_swap.py) is compiled for W4 and W6 g128 (at
 its 16- and 8-row tiles, at 128 columns, and at 32 and 64 rows with x as it is and permuted),
 W4 g128 symmetric, g32 and per channel, W8 per channel and W2 g64, and read the same way (plus
-MMAs and ``MEMBAR`` in the loop).
+MMAs and ``MEMBAR`` in the loop); W4 g128 with zero points also with the PTX unpack (``_asm``).
 ``--mmT`` compiles only those.
 
     python bench/compile_qlinear_sm90.py --mmT --out bench/results/x.json
@@ -128,11 +128,14 @@ def mmT_cases() -> list[tuple[str, str, dict, int, int]]:
     out = []
     for fmt, (bits, group, sym) in MMT_FORMATS.items():
         tiles = MMT_TILES if fmt in ("w4g128", "w6g128") else MMT_TILES[:1]
-        for bm, bn, warps, stages, xperm in tiles:
-            out.append((f"mmT_{fmt}_m{bm}n{bn}w{warps}s{stages}{'_xperm' if xperm else ''}",
+        # The PTX unpack (ASM4) where the launcher uses it: 4-bit weights with zero points.
+        asms = (False, True) if bits == 4 and not sym and group in (0, 128) else (False,)
+        for (bm, bn, warps, stages, xperm), asm in [(t, a) for t in tiles for a in asms]:
+            out.append((f"mmT_{fmt}_m{bm}n{bn}w{warps}s{stages}{'_xperm' if xperm else ''}"
+                        f"{'_asm' if asm else ''}",
                         "mmT", dict(BITS=bits, GROUP=group, SYM=sym, HAS_BIAS=False, REDUCE=2,
                                     F32=False, XPERM=xperm, BLOCK_M=bm, BLOCK_N=bn, stride_xk=1,
-                                    stride_yn=1), warps, stages))
+                                    stride_yn=1, ASM4=asm), warps, stages))
     return out
 
 

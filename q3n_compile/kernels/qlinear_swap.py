@@ -24,7 +24,10 @@ pipeline loads straight into the MMA's operand: no split, no store, no fence (sm
 rows: 8 MEMBARs and 32 STS fewer per K block). It pays with more rows per program and for
 4-bit weights (the dispatch's rule, :func:`q3n_compile.kernels.qlinear._mmT_xperm`).
 With groups of 128 (one group per K block) the weight is not scaled: the block's fp32 sum of
-exact ``(q - z) * x`` products is, once per output.
+exact ``(q - z) * x`` products is, once per output. For 4-bit weights with zero points (groups
+of 128, per channel) on a GPU, the codes become the operand two at a time in inline PTX (ASM4,
+:func:`_nibble_pairs`), the 16-bit-float "magic number" form of the same trick: the K loop has
+0.71-0.80x the instructions (sm_90 compile).
 
 Measured (H200, bench/RESULTS.md, session 9): W4A16 g128 at 16 rows 1.23-1.44x bf16 cuBLAS in
 the same run, where the earlier one-tile kernel ran 0.90-0.95x. Tried and slower (s9run2-3):
@@ -135,6 +138,47 @@ def _field6(lo4, hi4, h2, j: tl.constexpr, p2: tl.constexpr, z):
     return tl.fma(f2.to(tl.float32, bitcast=True), 16.0 / (1 << p2), d4)
 
 
+def _nibble_pairs_asm(j: int, f16: bool) -> str:
+    """The PTX of :func:`_nibble_pairs` for code j: $1, $2 the two words, $3 M + z."""
+    byte = j // 2
+    sel = byte | (byte << 4) | ((4 + byte) << 8) | ((4 + byte) << 12)
+    magic = 0x64006400 if f16 else 0x43004300
+    shift = "shr.b32 t, t, 4; " if j % 2 else ""
+    sub = "sub.rn.f16x2" if f16 else "sub.rn.bf16x2"
+    return (f"{{ .reg .b32 t; prmt.b32 t, $1, $2, {sel}; {shift}"
+            f"lop3.b32 t, t, {0x000F000F}, {magic}, {0xEA}; {sub} $0, t, $3; }}")
+
+
+# The 8 codes' PTX for bf16 and for fp16 operands (Triton's frontend builds no strings).
+_NIBBLE_ASM_BF16 = tl.constexpr(tuple(_nibble_pairs_asm(j, False) for j in range(8)))
+_NIBBLE_ASM_F16 = tl.constexpr(tuple(_nibble_pairs_asm(j, True) for j in range(8)))
+
+
+@triton.jit
+def _nibble_pairs(u, zb, j: tl.constexpr, F16: tl.constexpr):
+    """Code j (bits 4j of each word of u) minus z, as 16-bit floats, in a few instructions per
+    two codes (ASM4 in :func:`qlinear_mmT_kernel`): PRMT gathers the byte holding code j from
+    the two words whose codes become one 32-bit register of the MMA operand, a shift (odd j) and
+    one LOP3 turn the two nibbles into the 16-bit floats M + q (M = 128 for bf16, whose unit is 1
+    there; 1024 for fp16), and one SUB on the pair takes M + z off (zb: M + z as a 16-bit float
+    in both halves, per column). Exact: integers below 2^8 (bf16) and 2^11 (fp16). Elementwise:
+    whichever two elements Triton hands one instance, each output is its own input's code."""
+    if F16:
+        return tl.inline_asm_elementwise(_NIBBLE_ASM_F16[j], "=r,r,r,r,r", [u, zb],
+                                         dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        return tl.inline_asm_elementwise(_NIBBLE_ASM_BF16[j], "=r,r,r,r,r", [u, zb],
+                                         dtype=tl.bfloat16, is_pure=True, pack=2)
+
+
+@triton.jit
+def _magic_pair(v, dt: tl.constexpr):
+    """The float32 v (an integer that `dt` holds exactly) as a `dt` in both 16-bit halves of an
+    int32: :func:`_nibble_pairs`' M + z."""
+    h = v.to(dt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return h | (h << 16)
+
+
 @triton.jit
 def _x_subtiles(X, k0, offs_m, m_ok, K, stride_xm, stride_xk, ROWS: tl.constexpr):
     """x's K block at k0 for rows offs_m, as the 8 sub-tiles x_j [16, ROWS] with x_j[r, m] =
@@ -161,7 +205,7 @@ def qlinear_mmT_kernel(
     stride_xm, stride_xk, stride_ym, stride_yn,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
     REDUCE: tl.constexpr, F32: tl.constexpr, XPERM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ASM4: tl.constexpr = False,
 ):
     """One program computes Y[m-block, n-block]^T over one split of K (a multiple of 128):
     acc[BLOCK_N, BLOCK_M] += B_j @ x_j^T for the 8 sub-tiles j of each K block (see the module
@@ -177,6 +221,11 @@ def qlinear_mmT_kernel(
     further plane adds its field times 2^(its bit offset) (one more FFMA); all exact (integers
     below 2^24). Scales and zero points: one per row r of 8 channels (groups of 32 and 64 change
     along r, never along j) or per column (groups of 128, per channel).
+
+    ASM4 (4-bit weights, groups of 128 or per channel, 16-bit x, compiled for a GPU): the codes
+    become the MMA operand two at a time in PTX (:func:`_nibble_pairs`: PRMT, a shift for odd
+    positions, LOP3, SUB, on 16-bit pairs), in place of a LOP3 and an FFMA per code and a
+    conversion per two; the same exact ``q - z``.
 
     Traffic: the packed weight once per row block of M (one block for M <= BLOCK_M), x once per
     column block, Y once (REDUCE 2: 4 bytes per output and split to the workspace and back, in
@@ -203,6 +252,14 @@ def qlinear_mmT_kernel(
         if not SYM:
             z_col = tl.load(Z + offs_n, mask=n_ok, other=0).to(tl.float32)
 
+    if ASM4:
+        F16: tl.constexpr = X.dtype.element_ty == tl.float16
+        MAGIC: tl.constexpr = 1024.0 if F16 else 128.0
+        if SYM:
+            zb = _magic_pair(tl.full([BLOCK_N, 1], MAGIC + (1 << (BITS - 1)), tl.float32),
+                             X.dtype.element_ty)
+        elif PER_CHANNEL:
+            zb = _magic_pair(MAGIC + z_col[:, None], X.dtype.element_ty)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(k_start, k_end, 128):
         if not XPERM:
@@ -227,11 +284,15 @@ def qlinear_mmT_kernel(
                 z = z_col[:, None]
         if SYM:
             z = tl.full([BLOCK_N, 1], 1 << (BITS - 1), tl.float32)
+        elif ASM4 and not PER_CHANNEL:
+            zb = _magic_pair(MAGIC + z, X.dtype.element_ty)
         # Each plane's rows, widest first (the packing's order: 8, 4, 2, 1).
         if BITS == 8:
             a_lo, a_hi = _halves(_plane_rows(QW, 0, k0, offs_n, n_ok, K_PAD, N, 8, 0))
             b_lo, b_hi = _halves(_plane_rows(QW, 0, k0, offs_n, n_ok, K_PAD, N, 8, 1))
-        if BITS == 4 or BITS == 5 or BITS == 6 or BITS == 7:
+        if ASM4:
+            u4 = _plane_rows(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, 0)
+        elif BITS == 4 or BITS == 5 or BITS == 6 or BITS == 7:
             p4_lo, p4_hi = _halves(_plane_rows(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, 0))
         if BITS == 2 or BITS == 3 or BITS == 6 or BITS == 7:
             u2 = _plane_rows(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, 0)
@@ -247,7 +308,9 @@ def qlinear_mmT_kernel(
             blk = acc
         for j in tl.static_range(8):
             # d = q - z: z comes off with the first (widest) plane's field.
-            if BITS == 8:
+            if ASM4:
+                d = _nibble_pairs(u4, zb, j, F16)
+            elif BITS == 8:
                 if j < 4:
                     d = _field(a_lo, a_hi, 8 * j, 8, z)
                 else:
@@ -271,7 +334,7 @@ def qlinear_mmT_kernel(
                      + 64.0 * _field(p1_lo, p1_hi, j, 1, 0.0))
             if ROW_GROUPS:
                 d = d * s
-            b = d.to(X.dtype.element_ty)
+            b = d.to(X.dtype.element_ty)  # already x's dtype with ASM4
             if XPERM:
                 # x permuted per block (:func:`permute_x_blocks`): x_j is 16 contiguous
                 # channels, loaded straight into the MMA's shared-memory operand.
@@ -328,13 +391,27 @@ def k_per_split(K: int, split: int) -> int:
     return contract.cdiv(contract.cdiv(P.padded_k(K), MMT_BLOCK_K), split) * MMT_BLOCK_K
 
 
+def asm4(bits: int, group_size: int, symmetric: bool, x_dtype: torch.dtype,
+         interpreter: bool) -> bool:
+    """Whether the kernel unpacks with :func:`_nibble_pairs` (ASM4): 4-bit weights with zero
+    points, groups of 128 or per channel, 16-bit x, compiled for a GPU (the interpreter runs no
+    PTX). The sm_90 compile (``bench/compile_qlinear_sm90.py``, session 13) puts its K loop at
+    0.76-0.80x the instructions of the float unpack for groups of 128 (308 against 389 at 16
+    rows, 325 against 406 at 32 with x permuted, 330 against 411 at 64) and 0.71-0.77x per
+    channel, with no layout conversion; symmetric weights (a constant M + z) made Triton read
+    the operand through shared memory, so they keep the float unpack."""
+    return (bits == 4 and not symmetric and group_size in (P.PER_CHANNEL, 128)
+            and x_dtype in (torch.bfloat16, torch.float16) and not interpreter)
+
+
 def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bias, bits: int,
         group_size: int, cfg: dict, interpreter: bool, tickets=None, x_permuted: bool = False,
         K: Optional[int] = None) -> torch.Tensor:
     """Launch :func:`qlinear_mmT_kernel` with `cfg` (BLOCK_M/N, SPLIT_K, num_warps, num_stages,
     REDUCE: "ticket" (the default: split-K finished in the same launch, `tickets(device, n)`
     giving the int32 ticket counters) or "atomic" (fp32 atomics into a zeroed Y, cast after:
-    three kernels), XPERM (x permuted per block; `x_permuted`: it already is, as
+    three kernels), ASM4 (default True: the PTX unpack where :func:`asm4` allows it; False
+    keeps the float unpack), XPERM (x permuted per block; `x_permuted`: it already is, as
     :func:`permute_x_blocks` gives it, and `K` is the weight's), maxnreg (registers per thread,
     on the GPU); the K block is always :data:`MMT_BLOCK_K`, whatever the group)."""
     M = x.shape[0]
@@ -372,6 +449,8 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
              # Triton 3.6's interpreter multiplies bf16 tiles as raw bits; fp32 holds them
              # exactly.
              F32=x.dtype == torch.float32 or (interpreter and x.dtype == torch.bfloat16),
-             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]),
+             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+             ASM4=bool(cfg.get("ASM4", True))
+             and asm4(bits, group_size, zeros is None, x.dtype, interpreter)),
         options, fast=not interpreter)
     return y.to(x.dtype) if mode == 1 and x.dtype != torch.float32 else y

@@ -7,6 +7,7 @@ import torch
 from q3n_compile.kernels import qlinear as Q
 from q3n_compile.kernels import qlinear_swap as SW
 
+from .subprocess_lane import run_without_interpreter
 from .test_qlinear import TOL, _gen, _packed, bf16, f16, f32
 from .test_qlinear import _check as check_against_float64
 
@@ -180,3 +181,64 @@ def test_gpu_mmT_against_float64(cfg, bits, group, sym, M):
     pw = _packed(gen, N, K, bits, group, sym, device="cuda")
     x = torch.randn(M, K, generator=gen).to(bf16).cuda()
     _check(x, pw, torch.randn(N, generator=gen).to(bf16).cuda(), cfg)
+
+
+def test_asm_unpack_is_chosen_for_4bit_weights_with_zero_points_only():
+    # The PTX unpack (ASM4) where the sm_90 compile showed it keeps the MMA operand in
+    # registers; never under the interpreter, which runs no PTX.
+    yes = [(4, 128, False, bf16), (4, -1, False, f16)]
+    no = [(4, 128, True, bf16), (4, 64, False, bf16), (6, 128, False, bf16), (8, -1, False, bf16),
+          (4, 128, False, f32)]
+    for bits, group, sym, dtype in yes:
+        assert SW.asm4(bits, group, sym, dtype, interpreter=False)
+        assert not SW.asm4(bits, group, sym, dtype, interpreter=True)
+    for bits, group, sym, dtype in no:
+        assert not SW.asm4(bits, group, sym, dtype, interpreter=False), (bits, group, sym, dtype)
+
+
+def test_asm_unpack_compiles_for_sm90_with_the_operand_in_registers():
+    # The interpreter cannot run the PTX path; compiled for an H200 (no GPU needed), its K loop
+    # must hold the PTX and read the weight operand from registers (no ldmatrix), with fewer
+    # instructions than the float unpack.
+    run_without_interpreter("""
+        import os, sys
+        sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"].split(os.pathsep)[0], "bench"))
+        import compile_qlinear_sm90 as C
+        from q3n_compile.kernels import qlinear as Q
+        for x_type, sub in (("*bf16", "sub.rn.bf16x2"), ("*fp16", "sub.rn.f16x2")):
+            C.MMT_TYPES["X"] = C.MMT_TYPES["Y"] = C.MMT_TYPES["BIAS"] = x_type
+            loops = {}
+            for asm in (False, True):
+                k = C.compile_variant(Q, "mmT", dict(
+                    BITS=4, GROUP=128, SYM=False, HAS_BIAS=False, REDUCE=2, F32=False,
+                    XPERM=False, BLOCK_M=16, BLOCK_N=64, stride_xk=1, stride_yn=1, ASM4=asm),
+                    4, 3)
+                loop = C.inner_loop(k.asm["cubin"], k.asm["ttgir"], 64 * 128)
+                assert not [o for o in loop["loop_shared"] if o.startswith("LDSM")], loop
+                loops[asm] = loop["loop_instrs"]
+                assert (sub in k.asm["ptx"] and "prmt.b32" in k.asm["ptx"]) == asm
+            assert loops[True] < 0.85 * loops[False], loops
+        print("ok")
+    """)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [bf16, f16])
+@pytest.mark.parametrize("group,M,N,K,tile", [(128, 1, 4160, 4096, 0), (-1, 16, 12288, 4000, 0),
+                                              (128, 33, 4096, 12288, 1), (-1, 33, 4160, 4000, 1),
+                                              (128, 64, 4160, 4096, 2)])
+def test_gpu_asm_unpack_is_the_float_unpack(dtype, group, M, N, K, tile):
+    # The PTX unpack's q - z are the float unpack's, exactly, so the launches agree bit for bit;
+    # and both against float64. N off the column blocks; per channel, K off the 128-channel
+    # blocks.
+    cfg = [GPU_TILES[0], GPU_TILES[4], GPU_TILES[5]][tile]
+    gen = _gen(f"gpuasm{group}{dtype}{M}{N}{K}")
+    pw = _packed(gen, N, K, 4, group, False, device="cuda")
+    x = torch.randn(M, K, generator=gen).to(dtype).cuda()
+    assert SW.asm4(4, group, False, dtype, interpreter=False)
+    args = (x, pw.qweight, pw.scales, pw.zeros, None, None, 4, group, K, "none")
+    got = Q._launch(*args, interpreter=False, path=dict(cfg))
+    plain = Q._launch(*args, interpreter=False, path=dict(cfg, ASM4=False))
+    assert torch.equal(got, plain)
+    _check(x, pw, None, path=cfg)
