@@ -241,4 +241,4 @@ def test_gpu_asm_unpack_is_the_float_unpack(dtype, group, M, N, K, tile):
     got = Q._launch(*args, interpreter=False, path=dict(cfg))
     plain = Q._launch(*args, interpreter=False, path=dict(cfg, ASM4=False))
     assert torch.equal(got, plain)
-    _check(x, pw, None, path=cfg)
+    _check(x, pw, None, cfg)
