@@ -161,8 +161,19 @@ def _nibble_pairs(u, zb, j: tl.constexpr, F16: tl.constexpr):
     the two words whose codes become one 32-bit register of the MMA operand, a shift (odd j) and
     one LOP3 turn the two nibbles into the 16-bit floats M + q (M = 128 for bf16, whose unit is 1
     there; 1024 for fp16), and one SUB on the pair takes M + z off (zb: M + z as a 16-bit float
-    in both halves, per column). Exact: integers below 2^8 (bf16) and 2^11 (fp16). Elementwise:
-    whichever two elements Triton hands one instance, each output is its own input's code."""
+    in both halves, per column). Exact: integers below 2^8 (bf16) and 2^11 (fp16).
+
+    With ``pack=2`` one instance gets two neighbouring elements of a thread's registers. Each
+    output is its own word's code, whichever two they are, but both take the first element's
+    M + z: right when the two lie in one row of the operand (one output column, one zero
+    point), which holds for the MMA operand layouts Triton 3.6 gives this kernel (a register
+    pair is two adjacent K of one row); checked bit for bit against the float unpack, with
+    random zero points per column, on the H200 for the 8-, 16- and 64-row tiles
+    (``test_gpu_asm_unpack_is_the_float_unpack``, ``test_gpu_mmT_against_float64``, s13run6);
+    the 32-row tile, whose weight operand is the 16-row tile's (64 columns, 4 warps), was not
+    run against a reference with it (its GPU tests have no 17-32-row W4 case). A layout
+    pairing two columns would need the second element's M + z for the high half (one more
+    LOP3 a pair)."""
     if F16:
         return tl.inline_asm_elementwise(_NIBBLE_ASM_F16[j], "=r,r,r,r,r", [u, zb],
                                          dtype=tl.float16, is_pure=True, pack=2)
