@@ -171,7 +171,7 @@ def _nibble_pairs(u, zb, j: tl.constexpr, F16: tl.constexpr):
     random zero points per column, on the H200 for the 8-, 16- and 64-row tiles
     (``test_gpu_asm_unpack_is_the_float_unpack``, ``test_gpu_mmT_against_float64``, s13run6);
     the 32-row tile, whose weight operand is the 16-row tile's (64 columns, 4 warps), was not
-    run against a reference with it (its GPU tests have no 17-32-row W4 case). A layout
+    run against a reference with it (its GPU case in that test was added after the run). A layout
     pairing two columns would need the second element's M + z for the high half (one more
     LOP3 a pair)."""
     if F16:

@@ -222,17 +222,23 @@ def test_asm_unpack_compiles_for_sm90_with_the_operand_in_registers():
     """)
 
 
+# The dispatch's 32-row tile (CUDA_TABLE), x permuted as for 4-bit weights.
+MMT_32_ROWS = dict(path="mmT", BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_warps=4,
+                   num_stages=3, XPERM=True)
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [bf16, f16])
 @pytest.mark.parametrize("group,M,N,K,tile", [(128, 1, 4160, 4096, 0), (-1, 16, 12288, 4000, 0),
                                               (128, 33, 4096, 12288, 1), (-1, 33, 4160, 4000, 1),
-                                              (128, 64, 4160, 4096, 2)])
+                                              (128, 64, 4160, 4096, 2), (128, 32, 12288, 4096, 3),
+                                              (-1, 20, 4160, 4000, 3)])
 def test_gpu_asm_unpack_is_the_float_unpack(dtype, group, M, N, K, tile):
     # The PTX unpack's q - z are the float unpack's, exactly, so the launches agree bit for bit;
     # and both against float64. N off the column blocks; per channel, K off the 128-channel
-    # blocks.
-    cfg = [GPU_TILES[0], GPU_TILES[4], GPU_TILES[5]][tile]
+    # blocks. The 32-row cases were added after s13run6 and have not run on the GPU yet.
+    cfg = [GPU_TILES[0], GPU_TILES[4], GPU_TILES[5], MMT_32_ROWS][tile]
     gen = _gen(f"gpuasm{group}{dtype}{M}{N}{K}")
     pw = _packed(gen, N, K, 4, group, False, device="cuda")
     x = torch.randn(M, K, generator=gen).to(dtype).cuda()
