@@ -31,15 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import q3n_compile  # noqa: E402,F401  (registers the backend)
-from q3n_compile.compare import QUANT_CONFIG, git_commit, named_backend, parse_backend_set  # noqa: E402
+from q3n_compile.compare import (QUANT_CONFIG, compiled, git_commit, named_backend,  # noqa: E402
+                                 parse_backend_set)
 from q3n_compile.models import build_model, new_kv_cache  # noqa: E402
 
-
-def _compile(model, spec):
-    if spec is None:
-        return model
-    return torch.compile(model, backend=spec.get("backend", "q3n"), mode=spec.get("mode"),
-                         options=spec.get("options") or None, dynamic=True)
+from host_profile import python_per_call  # noqa: E402  (bench/, the script's folder)
 
 
 class _Clock:
@@ -61,28 +57,6 @@ class _Clock:
     def sync(self):
         if self.cuda:
             torch.cuda.synchronize()
-
-
-def _host_profile(step, n: int, top: int) -> dict[str, list[str]]:
-    """cProfile of n steps (no synchronisation between them): the top functions by own time
-    and by cumulative time, in µs a step (pstats' own table rounds to milliseconds, below a
-    decode step's resolution)."""
-    import cProfile
-    import pstats
-
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(n):
-        step()
-    prof.disable()
-    stats = pstats.Stats(prof).stats  # {(file, line, name): (prim calls, calls, own s, cum s, _)}
-    tables = {}
-    for key, col in (("tottime", 2), ("cumtime", 3)):
-        rows = sorted(stats.items(), key=lambda kv: -kv[1][col])[:top]
-        tables[key] = [f"{v[2] / n * 1e6:8.1f} us own {v[3] / n * 1e6:8.1f} us cum "
-                       f"{v[1] / n:6.1f} calls  {Path(f).name}:{line}({fn})"
-                       for (f, line, fn), v in rows]
-    return tables
 
 
 def _host_ops(prof, n: int, top: int) -> list[str]:
@@ -122,7 +96,7 @@ class _GcLog:
 
 
 def run_backend(model, name, spec, batch, context, steps, profile_steps, top, device):
-    fn = _compile(model, spec)
+    fn = compiled(model, spec, dynamic=True)
     max_len = context + 5 + steps + 2 * profile_steps
     cache = new_kv_cache(model, batch, max_len)
     positions = [torch.tensor([p], device=device) for p in range(max_len)]
@@ -167,7 +141,7 @@ def run_backend(model, name, spec, batch, context, steps, profile_steps, top, de
             out = fn(state["token"], kv_cache=cache, cache_position=positions[state["pos"]])
             state["token"] = out.argmax(-1)
             state["pos"] += 1
-        host_top = _host_profile(one_step, profile_steps, top)
+        host_top = python_per_call(one_step, profile_steps, top)
         clock.sync()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     graph_launches = sum(1 for e in prof.events() if e.name == "cudaGraphLaunch")

@@ -24,15 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import q3n_compile  # noqa: E402,F401  (registers the backend)
-from q3n_compile.compare import named_backend, parse_backend_set  # noqa: E402
+from q3n_compile.compare import compiled, named_backend, parse_backend_set  # noqa: E402
 from q3n_compile.models import build_model, example_inputs  # noqa: E402
 
-
-def _compile(model, spec):
-    if spec is None:
-        return model
-    return torch.compile(model, backend=spec["backend"], mode=spec.get("mode"),
-                         options=spec.get("options") or None, dynamic=True)
+from host_profile import python_per_call  # noqa: E402  (bench/, the script's folder)
 
 
 def _wall_ms(fn, args, reps=10):
@@ -66,7 +61,7 @@ def _decode_call(model, batch, context):
 
 
 def profile(model, name, spec, args, top, decode=None):
-    fn = _compile(model, spec)
+    fn = compiled(model, spec, dynamic=True)
     if decode is not None:
         fn, args = decode(fn), ()
     with torch.no_grad():
@@ -79,19 +74,8 @@ def profile(model, name, spec, args, top, decode=None):
             fn(*args)
             torch.cuda.synchronize()
         # Host side, per Python function: where a host-bound call's time goes.
-        import cProfile
-        import io
-        import pstats
-
-        host = cProfile.Profile()
-        host.enable()
-        for _ in range(20):
-            fn(*args)
-        host.disable()
+        host_top = python_per_call(lambda: fn(*args), 20, top)["tottime"]
         torch.cuda.synchronize()
-    text = io.StringIO()
-    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(top)
-    host_top = [line for line in text.getvalue().splitlines() if line.strip()][-top - 1:]
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events)
     by_gpu = sorted(events, key=lambda e: -e.self_device_time_total)[:top]
@@ -139,7 +123,7 @@ def main(argv=None):
             print(f"  top by {title} time (name, calls, ms)")
             for key, count, ms in rows:
                 print(f"    {ms:9.4f}  {count:5d}  {key[:90]}")
-        print("  host Python, 20 calls, by own time (cProfile)")
+        print("  host Python a call over 20 calls, by own time (cProfile)")
         for line in r["host_python_20_calls"]:
             print("    " + line[:150])
     if a.out:

@@ -517,7 +517,7 @@ def bench(
                 try:
                     if phase in ("prefill", "embed"):
                         if prefill_fn is None:
-                            prefill_fn = module if spec is None else _compile(module, spec, dynamic)
+                            prefill_fn = compiled(module, spec, dynamic)
                         inputs = workload.fixed_inputs if workload.fixed_inputs is not None else workload.make_inputs(b, s)
                         _measure_forward(row, prefill_fn, inputs, device, repeats, warmup, time_budget_s,
                                          references, fp64, phase)
@@ -593,7 +593,12 @@ def compare(
 # --------------------------------------------------------------------------------------------
 
 
-def _compile(module: nn.Module, spec: dict[str, Any], dynamic: bool | None) -> Callable:
+def compiled(module: nn.Module, spec: dict[str, Any] | None, dynamic: bool | None) -> Callable:
+    """`module` under torch.compile as the backend spec says (``{"backend", "mode", "options"}``,
+    as :func:`named_backend` gives it; its own "dynamic" wins over `dynamic`); `module` itself
+    for eager (spec None)."""
+    if spec is None:
+        return module
     kwargs: dict[str, Any] = {"backend": spec.get("backend", "q3n")}
     if spec.get("options"):
         kwargs["options"] = spec["options"]
@@ -801,7 +806,7 @@ def _measure_decode(row, workload, module, spec, dynamic, steps, device, warmup,
     row.new_tokens = steps
     max_len = context + 1 + warmup + steps
     target = module if workload.decode == "builtin" else module.hf
-    step_fn = target if spec is None else _compile(target, spec, dynamic)
+    step_fn = compiled(target, spec, dynamic)
     dec = _Decoder(workload, module, step_fn, batch, max_len, device)
     gen = torch.Generator(device="cpu").manual_seed(1234 + batch)
     vocab = workload.model.config.vocab_size
