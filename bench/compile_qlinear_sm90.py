@@ -29,7 +29,8 @@ code, global load widths, barriers and shared-memory layout conversions (TTGIR
 The swapped-operand tile (``mmT``, kernels/qlinear_swap.py) is compiled for W4 and W6 g128 (at
 its 16- and 8-row tiles, at 128 columns, and at 32 and 64 rows with x as it is and permuted),
 W4 g128 symmetric, g32 and per channel, W8 per channel and W2 g64, and read the same way (plus
-MMAs and ``MEMBAR`` in the loop); W4 g128 with zero points also with the PTX unpack (``_asm``).
+MMAs and ``MEMBAR`` in the loop); W4 g128 and per channel with zero points (every tile) also
+with the PTX unpack (``_asm``).
 ``--mmT`` compiles only those.
 
     python bench/compile_qlinear_sm90.py --mmT --out bench/results/x.json
@@ -109,7 +110,8 @@ def gemv1p_cases() -> list[tuple[str, str, dict, int, int]]:
 
 # name: (BITS, GROUP, SYM) of the swapped-operand tile (kernels/qlinear_swap.py), x bf16.
 MMT_FORMATS = {"w4g128": (4, 128, False), "w4g128sym": (4, 128, True), "w4g32": (4, 32, False),
-               "w4pc_sym": (4, 0, True), "w6g128": (6, 128, False), "w8pc_sym": (8, 0, True),
+               "w4pc_sym": (4, 0, True), "w4pc": (4, 0, False), "w6g128": (6, 128, False),
+               "w8pc_sym": (8, 0, True),
                "w2g64": (2, 64, False)}
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, XPERM): the dispatch's 16- and 8-row tiles, 128
 # columns, and the 32- and 64-row tiles with x as it is and permuted per block.
@@ -127,7 +129,7 @@ def mmT_cases() -> list[tuple[str, str, dict, int, int]]:
     at every :data:`MMT_TILES` entry (split K by tickets, the default)."""
     out = []
     for fmt, (bits, group, sym) in MMT_FORMATS.items():
-        tiles = MMT_TILES if fmt in ("w4g128", "w6g128") else MMT_TILES[:1]
+        tiles = MMT_TILES if fmt in ("w4g128", "w6g128", "w4pc") else MMT_TILES[:1]
         # The PTX unpack (ASM4) where the launcher uses it: 4-bit weights with zero points.
         asms = (False, True) if bits == 4 and not sym and group in (0, 128) else (False,)
         for (bm, bn, warps, stages, xperm), asm in [(t, a) for t in tiles for a in asms]:

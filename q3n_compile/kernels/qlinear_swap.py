@@ -27,7 +27,7 @@ With groups of 128 (one group per K block) the weight is not scaled: the block's
 exact ``(q - z) * x`` products is, once per output. For 4-bit weights with zero points (groups
 of 128, per channel) on a GPU, the codes become the operand two at a time in inline PTX (ASM4,
 :func:`_nibble_pairs`), the 16-bit-float "magic number" form of the same trick: the K loop has
-0.71-0.80x the instructions (sm_90 compile).
+0.71-0.87x the instructions (sm_90 compile, ``compile-qlinear-mmT-sm90-2026-11-29-s13.json``).
 
 Measured (H200, bench/RESULTS.md, session 9): W4A16 g128 at 16 rows 1.23-1.44x bf16 cuBLAS in
 the same run, where the earlier one-tile kernel ran 0.90-0.95x. Tried and slower (s9run2-3):
@@ -406,10 +406,10 @@ def asm4(bits: int, group_size: int, symmetric: bool, x_dtype: torch.dtype,
          interpreter: bool) -> bool:
     """Whether the kernel unpacks with :func:`_nibble_pairs` (ASM4): 4-bit weights with zero
     points, groups of 128 or per channel, 16-bit x, compiled for a GPU (the interpreter runs no
-    PTX). The sm_90 compile (``bench/compile_qlinear_sm90.py``, session 13) puts its K loop at
-    0.76-0.80x the instructions of the float unpack for groups of 128 (308 against 389 at 16
-    rows, 325 against 406 at 32 with x permuted, 330 against 411 at 64) and 0.71-0.77x per
-    channel, with no layout conversion; symmetric weights (a constant M + z) made Triton read
+    PTX). The sm_90 compile (``bench/compile_qlinear_sm90.py --mmT``, session 13) puts its K
+    loop at 0.76-0.87x the instructions of the float unpack for groups of 128 (308 against 389
+    at 16 rows, 325 against 406 at 32 with x permuted, 330 against 411 at 64; 0.85 and 0.87 at
+    32 and 64 rows unpermuted) and 0.71-0.80x per channel, with no layout conversion; symmetric weights (a constant M + z) made Triton read
     the operand through shared memory, so they keep the float unpack."""
     return (bits == 4 and not symmetric and group_size in (P.PER_CHANNEL, 128)
             and x_dtype in (torch.bfloat16, torch.float16) and not interpreter)
