@@ -205,6 +205,20 @@ def asm_candidates(dispatched):
     return [dict(dispatched, ASM4=False), dict(dispatched, ASM4=True)]
 
 
+def split_candidates(dispatched, M, K):
+    """The dispatched mmT launch with each K split from 1 to 8 (each split keeping >= 2 K blocks)
+    and, above 64 rows, the 128-row tile with 64 and 128 columns: how the grid fills the SMs
+    (ncu, s14run1: 1.45 waves of programs at 128 rows, SMs idle 28% of the time)."""
+    if dispatched.get("path") != "mmT":
+        return []
+    blocks = -(-K // 128)
+    tiles = [dispatched]
+    if M > 64:
+        tiles += [dict(dispatched, BLOCK_M=128, BLOCK_N=128, num_warps=8),
+                  dict(dispatched, BLOCK_M=128, BLOCK_N=64, num_warps=4)]
+    return [dict(t, SPLIT_K=s) for t in tiles for s in (1, 2, 3, 4, 6, 8) if blocks >= 2 * s]
+
+
 def gemv_candidates(M, N, K, bits, group, act, act_group):
     """The dispatched path and, for M <= 16, GEMV column blocks x splits x warps (a short
     sweep; s6run4 used it to set the GEMV split)."""
@@ -272,6 +286,7 @@ def run_shape(M, N, K, formats, sweep, gen, paths=None):
                      else xperm_candidates(row["path"]) if sweep == "xperm"
                      else xperm_candidates(row["path"], regs=True) if sweep == "regs"
                      else asm_candidates(row["path"]) if sweep == "asm"
+                     else split_candidates(row["path"], M, K) if sweep == "splits"
                      else sweep_candidates(M, min(groups) if groups else -1, act, paths))
             for cand in cands:
                 try:
@@ -280,7 +295,7 @@ def run_shape(M, N, K, formats, sweep, gen, paths=None):
                     e = rel_err(f(), Q.reference(*args))
                     _, gms = timed(f, eager=False)
                     row["sweep"].append(dict(cand, graph_ms=gms, max_rel_err=e))
-                    if sweep in ("xperm", "regs", "asm"):
+                    if sweep in ("xperm", "regs", "asm", "splits"):
                         print(f"      {name} M={M} {cand}: {gms:.4f} ms, err {e:.1e}",
                               flush=True)
                 except Exception as exc:
@@ -329,9 +344,12 @@ def main():
                     help="--xperm's sweep, each launch also capped at 128 registers per thread")
     ap.add_argument("--asm", action="store_true",
                     help="the dispatched mmT launch with the float unpack and the PTX one (ASM4)")
+    ap.add_argument("--splits", action="store_true",
+                    help="the dispatched mmT launch at every K split (and the 128-row tiles "
+                         "above 64 rows)")
     args = ap.parse_args()
     sweep = ("gemv" if args.gemv else "xperm" if args.xperm else "regs" if args.regs
-             else "asm" if args.asm else args.sweep)
+             else "asm" if args.asm else "splits" if args.splits else args.sweep)
     if not torch.cuda.is_available():
         sys.exit("bench_qlinear.py needs a CUDA GPU")
     started = time.time()

@@ -118,10 +118,13 @@ MMT_FORMATS = {"w4g128": (4, 128, False), "w4g128sym": (4, 128, True), "w4g32": 
 MMT_TILES = [(16, 64, 4, 3, False), (8, 64, 4, 4, False), (16, 128, 8, 3, False),
              (32, 64, 4, 3, False), (32, 64, 4, 3, True), (64, 128, 8, 3, False),
              (64, 128, 8, 3, True)]
-MMT_TYPES = {"X": "*bf16", "QW": "*i32", "S": "*fp16", "Z": "*u8", "BIAS": "*bf16", "Y": "*bf16",
-             "WS": "*fp32", "CNT": "*i32"}
-MMT_DIVISIBLE = ("X", "QW", "S", "Z", "BIAS", "Y", "WS", "CNT", "N", "K", "K_PAD", "K_PER_SPLIT",
-                 "stride_xm", "stride_ym")
+MMT_TYPES = {"X": "*bf16", "XS": "*fp32", "QW": "*i32", "S": "*fp16", "Z": "*u8", "BIAS": "*bf16",
+             "Y": "*bf16", "WS": "*fp32", "CNT": "*i32"}
+MMT_DIVISIBLE = ("X", "XS", "QW", "S", "Z", "BIAS", "Y", "WS", "CNT", "N", "K", "K_PAD",
+                 "K_PER_SPLIT", "stride_xm", "stride_ym")
+# x as activation codes (XCODES, the norm fusion's siblings): the dispatch's 16- and 32-row
+# tiles (x unpermuted), W4 g128 with the PTX unpack, int8 and fp8 codes per token and per 128.
+MMT_CODES = [(16, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3)]
 
 
 def mmT_cases() -> list[tuple[str, str, dict, int, int]]:
@@ -137,7 +140,13 @@ def mmT_cases() -> list[tuple[str, str, dict, int, int]]:
                         f"{'_asm' if asm else ''}",
                         "mmT", dict(BITS=bits, GROUP=group, SYM=sym, HAS_BIAS=False, REDUCE=2,
                                     F32=False, XPERM=xperm, BLOCK_M=bm, BLOCK_N=bn, stride_xk=1,
-                                    stride_yn=1, ASM4=asm), warps, stages))
+                                    stride_yn=1, ASM4=asm, XCODES=0), warps, stages))
+    for (bm, bn, warps, stages), (x_type, xcodes) in [
+            (t, c) for t in MMT_CODES for c in (("*i8", 1), ("*fp8e4nv", 1), ("*i8", 2))]:
+        out.append((f"mmT_w4g128_m{bm}n{bn}w{warps}s{stages}_asm_codes{x_type[1:]}_xs{xcodes}",
+                    "mmT", dict(BITS=4, GROUP=128, SYM=False, HAS_BIAS=False, REDUCE=2, F32=False,
+                                XPERM=False, BLOCK_M=bm, BLOCK_N=bn, stride_xk=1, stride_yn=1,
+                                ASM4=True, XCODES=xcodes, x_type=x_type), warps, stages))
     return out
 
 
@@ -186,7 +195,9 @@ def compile_variant(Q, kernel_name: str, constexprs: dict, warps: int, stages: i
     if kernel_name == "mmT":
         from q3n_compile.kernels import qlinear_swap as SW
 
-        return specialised(SW.qlinear_mmT_kernel, MMT_TYPES, MMT_DIVISIBLE)
+        constexprs = dict(constexprs)
+        types = dict(MMT_TYPES, X=constexprs.pop("x_type", MMT_TYPES["X"]))
+        return specialised(SW.qlinear_mmT_kernel, types, MMT_DIVISIBLE)
     if kernel_name == "gemv1p":
         constexprs = dict(constexprs)
         types = dict(GEMV1P_TYPES, X=constexprs.pop("x_type"))

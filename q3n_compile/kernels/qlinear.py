@@ -147,7 +147,7 @@ ACT_FORMATS = ("none", "int8", "fp8", "int12")
 ACT_QMAX = {"int8": 127.0, "fp8": 448.0, "int12": 2047.0}
 # Activation scale groups (``act_group_size``): one scale per token (the kernels' ACT_GROUP = 0),
 # or one per token and 32/64/128 consecutive input channels (ACT_GROUP = that size).
-PER_TOKEN = -1
+PER_TOKEN = SW.PER_TOKEN  # -1: one activation scale per token
 ACT_GROUP_SIZES = (32, 64, 128)
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ACT_CODE = {"none": 0, "int8": 1, "fp8": 2, "int12": 3}
@@ -1210,9 +1210,16 @@ def _gemm_codes(codes, xs, out_dtype, qweight, scales, zeros, bias, bits, group_
                 cfg: dict, interpreter: bool, act_group_size: int) -> torch.Tensor:
     """y from quantized activations (codes [M, K] and fp32 scales) on `cfg`'s path: "dequant"
     (the codes and the weight dequantised to `out_dtype`, then cuBLAS), "cublas8"
-    (:mod:`qlinear_cublas8`), "mmT" (the codes dequantised, then the swapped-operand tile on
-    16-bit activations: the dequant path's function) or a Triton GEMM/GEMV."""
+    (:mod:`qlinear_cublas8`), "mmT" or a Triton GEMM/GEMV.
+
+    mmT reads the codes and their scales itself (per token or per 128 channels; x unpermuted,
+    as ``q3n::norm_act_quant`` stores it), so each sibling linear of a fused norm is one launch;
+    smaller token groups are dequantised first (the dequant path's function)."""
     K = codes.shape[1]
+    if cfg["path"] == "mmT" and act_group_size in SW.CODE_ACT_GROUPS:
+        return SW.run(codes, qweight, scales, zeros, bias, bits, group_size,
+                      dict(cfg, XPERM=False), interpreter, _tickets, xscales=xs,
+                      act_group_size=act_group_size, out_dtype=out_dtype)
     if cfg["path"] in ("dequant", "mmT"):
         xperm = cfg["path"] == "mmT" and bool(cfg.get("XPERM"))
         a = _dequantize_codes(codes, xs, act_group_size, out_dtype, perm128=xperm)

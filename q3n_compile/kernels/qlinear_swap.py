@@ -211,12 +211,13 @@ def _x_subtiles(X, k0, offs_m, m_ok, K, stride_xm, stride_xk, ROWS: tl.constexpr
 
 @triton.jit
 def qlinear_mmT_kernel(
-    X, QW, S, Z, BIAS, Y, WS, CNT,
+    X, XS, QW, S, Z, BIAS, Y, WS, CNT,
     M, N, K, K_PAD, ROW4, ROW2, ROW1, K_PER_SPLIT,
-    stride_xm, stride_xk, stride_ym, stride_yn,
+    stride_xm, stride_xk, stride_xsm, stride_ym, stride_yn,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
     REDUCE: tl.constexpr, F32: tl.constexpr, XPERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ASM4: tl.constexpr = False,
+    XCODES: tl.constexpr = 0,
 ):
     """One program computes Y[m-block, n-block]^T over one split of K (a multiple of 128):
     acc[BLOCK_N, BLOCK_M] += B_j @ x_j^T for the 8 sub-tiles j of each K block (see the module
@@ -238,6 +239,14 @@ def qlinear_mmT_kernel(
     positions, LOP3, SUB, on 16-bit pairs), in place of a LOP3 and an FFMA per code and a
     conversion per two; the same exact ``q - z``.
 
+    XCODES (x holds activation codes: int8, fp8 e4m3 or the integer-valued fp16 of 12-bit
+    codes; XS their fp32 scales): 1 one scale per token, 2 one per token and 128 channels
+    (column k0 // 128 of XS's rows). The codes and the weight's ``q - z`` are fp16 operands
+    (both exact there: |c| <= 2047, e4m3 values, |q - z| < 256), so each block's fp32 sum is of
+    exact products; the token scales multiply the finished sums (1) or each block's (2), as
+    the weight's groups of 128 do. No rounding of ``c * s`` to 16 bits, which the codes'
+    dequantise-then-16-bit-tile route had.
+
     Traffic: the packed weight once per row block of M (one block for M <= BLOCK_M), x once per
     column block, Y once (REDUCE 2: 4 bytes per output and split to the workspace and back, in
     L2; REDUCE 1: once per split, atomically).
@@ -257,6 +266,10 @@ def qlinear_mmT_kernel(
     # Groups of 128: one group per K block, so its scale multiplies the block's fp32 sum of
     # exact (q - z) * x products (one FMUL per code less than scaling the weight).
     BLOCK_SCALE: tl.constexpr = GROUP == 128
+    # Each K block's sum kept apart (then scaled): weight groups of 128, token groups of 128.
+    SEPARATE: tl.constexpr = BLOCK_SCALE or XCODES == 2
+    # The MMA operands' dtype: x's own, or fp16 for codes (exact for every code format).
+    OPD: tl.constexpr = tl.float16 if XCODES != 0 else X.dtype.element_ty
     r16 = tl.arange(0, 16)
     if PER_CHANNEL:
         s_col = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -264,13 +277,12 @@ def qlinear_mmT_kernel(
             z_col = tl.load(Z + offs_n, mask=n_ok, other=0).to(tl.float32)
 
     if ASM4:
-        F16: tl.constexpr = X.dtype.element_ty == tl.float16
+        F16: tl.constexpr = OPD == tl.float16
         MAGIC: tl.constexpr = 1024.0 if F16 else 128.0
         if SYM:
-            zb = _magic_pair(tl.full([BLOCK_N, 1], MAGIC + (1 << (BITS - 1)), tl.float32),
-                             X.dtype.element_ty)
+            zb = _magic_pair(tl.full([BLOCK_N, 1], MAGIC + (1 << (BITS - 1)), tl.float32), OPD)
         elif PER_CHANNEL:
-            zb = _magic_pair(MAGIC + z_col[:, None], X.dtype.element_ty)
+            zb = _magic_pair(MAGIC + z_col[:, None], OPD)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(k_start, k_end, 128):
         if not XPERM:
@@ -296,7 +308,7 @@ def qlinear_mmT_kernel(
         if SYM:
             z = tl.full([BLOCK_N, 1], 1 << (BITS - 1), tl.float32)
         elif ASM4 and not PER_CHANNEL:
-            zb = _magic_pair(MAGIC + z, X.dtype.element_ty)
+            zb = _magic_pair(MAGIC + z, OPD)
         # Each plane's rows, widest first (the packing's order: 8, 4, 2, 1).
         if BITS == 8:
             a_lo, a_hi = _halves(_plane_rows(QW, 0, k0, offs_n, n_ok, K_PAD, N, 8, 0))
@@ -313,7 +325,7 @@ def qlinear_mmT_kernel(
                 p2_up = ((u2 << 6) & 0xFFFF) | 0x4B000000
         if BITS == 3 or BITS == 5 or BITS == 7:
             p1_lo, p1_hi = _halves(_plane_rows(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, 0))
-        if BLOCK_SCALE:
+        if SEPARATE:
             blk = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         else:
             blk = acc
@@ -345,7 +357,7 @@ def qlinear_mmT_kernel(
                      + 64.0 * _field(p1_lo, p1_hi, j, 1, 0.0))
             if ROW_GROUPS:
                 d = d * s
-            b = d.to(X.dtype.element_ty)  # already x's dtype with ASM4
+            b = d.to(OPD)  # already the operand dtype with ASM4
             if XPERM:
                 # x permuted per block (:func:`permute_x_blocks`): x_j is 16 contiguous
                 # channels, loaded straight into the MMA's shared-memory operand.
@@ -353,14 +365,24 @@ def qlinear_mmT_kernel(
                              + offs_m[None, :] * stride_xm, mask=m_ok[None, :], other=0.0)
             else:
                 xj = xs[j]
+            xj = xj.to(OPD)  # codes: int8 / e4m3 / fp16 -> fp16, exact
             if F32:
                 blk = tl.dot(b.to(tl.float32), xj.to(tl.float32), blk, input_precision="ieee")
             else:
                 blk = tl.dot(b, xj, blk)
-        if BLOCK_SCALE:
+        if XCODES == 2:
+            # The tokens' scales of this block's 128 channels (group k0 // 128 of each row).
+            xsb = tl.load(XS + offs_m * stride_xsm + k0 // 128, mask=m_ok, other=0.0)
+            if BLOCK_SCALE:
+                acc += blk * s * xsb[None, :]
+            else:
+                acc += blk * xsb[None, :]
+        elif BLOCK_SCALE:
             acc += blk * s
         else:
             acc = blk
+    if XCODES == 1:
+        acc = acc * tl.load(XS + offs_m, mask=m_ok, other=0.0)[None, :]
     if PER_CHANNEL:
         acc = acc * s_col[:, None]
     if HAS_BIAS:
@@ -415,17 +437,39 @@ def asm4(bits: int, group_size: int, symmetric: bool, x_dtype: torch.dtype,
             and x_dtype in (torch.bfloat16, torch.float16) and not interpreter)
 
 
+# The token scales the kernel reads with codes (XCODES): one per token, or per token and 128
+# channels (its K block; smaller token groups change within a sub-tile).
+PER_TOKEN = -1
+CODE_ACT_GROUPS = (PER_TOKEN, MMT_BLOCK_K)
+
+
 def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bias, bits: int,
         group_size: int, cfg: dict, interpreter: bool, tickets=None, x_permuted: bool = False,
-        K: Optional[int] = None) -> torch.Tensor:
+        K: Optional[int] = None, xscales: Optional[torch.Tensor] = None,
+        act_group_size: int = PER_TOKEN, out_dtype: Optional[torch.dtype] = None
+        ) -> torch.Tensor:
     """Launch :func:`qlinear_mmT_kernel` with `cfg` (BLOCK_M/N, SPLIT_K, num_warps, num_stages,
     REDUCE: "ticket" (the default: split-K finished in the same launch, `tickets(device, n)`
     giving the int32 ticket counters) or "atomic" (fp32 atomics into a zeroed Y, cast after:
     three kernels), ASM4 (default True: the PTX unpack where :func:`asm4` allows it; False
     keeps the float unpack), XPERM (x permuted per block; `x_permuted`: it already is, as
     :func:`permute_x_blocks` gives it, and `K` is the weight's), maxnreg (registers per thread,
-    on the GPU); the K block is always :data:`MMT_BLOCK_K`, whatever the group)."""
+    on the GPU); the K block is always :data:`MMT_BLOCK_K`, whatever the group).
+
+    `xscales`: x holds activation codes (XCODES) with these fp32 scales, [M] per token or [M, G]
+    per token and `act_group_size` (:data:`CODE_ACT_GROUPS`) channels; the output is
+    `out_dtype` (required then), else x's dtype."""
     M = x.shape[0]
+    if xscales is None:
+        xcodes, out_dtype = 0, x.dtype
+    elif act_group_size not in CODE_ACT_GROUPS:
+        raise ValueError(f"q3n::qlinear: the mmT kernel reads codes with scales per token or per "
+                         f"{MMT_BLOCK_K} channels, not per {act_group_size}; dequantise them "
+                         f"first")
+    elif out_dtype is None:
+        raise ValueError("q3n::qlinear: mmT on activation codes needs the output dtype")
+    else:
+        xcodes = 1 if act_group_size == PER_TOKEN else 2
     if x_permuted:  # x is already permute_x_blocks's [M, K128]; K is the weight's
         if K is None or not bool(cfg.get("XPERM")):
             raise ValueError("q3n::qlinear: a permuted x needs cfg XPERM and the weight's K")
@@ -440,7 +484,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
     if mode == 2 and tickets is None:
         raise ValueError("q3n::qlinear: mmT's ticket split-K needs the ticket counters")
     y = (torch.zeros((M, N), dtype=torch.float32, device=x.device) if mode == 1
-         else torch.empty((M, N), dtype=x.dtype, device=x.device))
+         else torch.empty((M, N), dtype=out_dtype, device=x.device))
     if mode == 2:
         ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
         cnt = tickets(x.device, grid[0] * grid[2])
@@ -451,17 +495,21 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
         options["maxnreg"] = cfg["maxnreg"]  # ptxas's .maxnreg: more programs share an SM
     contract.launch(
         qlinear_mmT_kernel, grid,
-        (xk, qweight, scales, zeros if zeros is not None else scales,
-         bias if bias is not None else scales, y, ws, cnt),
+        (xk, xscales if xcodes else scales, qweight, scales,
+         zeros if zeros is not None else scales, bias if bias is not None else scales, y, ws,
+         cnt),
         (M, N, K, P.padded_k(K), *P.plane_starts(bits, K), k_per_split(K, split),
-         xk.stride(0), xk.stride(1), y.stride(0), y.stride(1)),
+         xk.stride(0), xk.stride(1), xscales.stride(0) if xcodes == 2 else 0,
+         y.stride(0), y.stride(1)),
         dict(BITS=bits, GROUP=0 if group_size == P.PER_CHANNEL else group_size,
              SYM=zeros is None, HAS_BIAS=bias is not None, REDUCE=mode, XPERM=xperm,
              # Triton 3.6's interpreter multiplies bf16 tiles as raw bits; fp32 holds them
-             # exactly.
-             F32=x.dtype == torch.float32 or (interpreter and x.dtype == torch.bfloat16),
-             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+             # exactly (and every code).
+             F32=out_dtype == torch.float32 if xcodes else (
+                 x.dtype == torch.float32 or (interpreter and x.dtype == torch.bfloat16)),
+             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], XCODES=xcodes,
              ASM4=bool(cfg.get("ASM4", True))
-             and asm4(bits, group_size, zeros is None, x.dtype, interpreter)),
+             and asm4(bits, group_size, zeros is None,
+                      torch.float16 if xcodes else x.dtype, interpreter)),
         options, fast=not interpreter)
-    return y.to(x.dtype) if mode == 1 and x.dtype != torch.float32 else y
+    return y.to(out_dtype) if mode == 1 and out_dtype != torch.float32 else y

@@ -20,6 +20,7 @@ import torch
 from q3n_compile.kernels import norm_linear as NL
 from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear as Q
+from q3n_compile.kernels import qlinear_swap as SW
 
 from .subprocess_lane import run_without_interpreter
 
@@ -285,6 +286,67 @@ def test_qlinear_codes_is_qlinear(M, act, ag, dtype):
             Q._qlinear_codes_launch(codes, xs, *w, 4, 32, K, act, dtype, interpreter=True)
 
 
+def _codes_float64(codes, xs, pw, bias, ag):
+    """y = (c * s_x) @ W^T + b in float64: what q3n::qlinear_codes stands for."""
+    K = codes.shape[1]
+    a = codes.to(torch.float64) * Q.expand_act_scales(xs.to(torch.float64), K, ag)
+    y = a @ pw.dequantize(torch.float64).t()
+    return y if bias is None else y + bias.to(torch.float64)
+
+
+# The swapped-operand tile as the interpreter runs it (num_stages 1), K in 1 or 2 splits.
+MMT_CODES_TILE = dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4,
+                      num_stages=1)
+# Output tolerance against float64, relative to the largest |y|: the output dtype's rounding
+# (fp32: the sums' order; groups of 32/64 also round (q - z) * s to an fp16 operand).
+CODES_TOL = {f32: 1e-4, f16: 2e-3, bf16: 8e-3}
+
+
+@pytest.mark.parametrize("act", ["int8", "fp8", "int12"])
+@pytest.mark.parametrize("ag", [Q.PER_TOKEN, 128])
+@pytest.mark.parametrize("group,sym,split,M,dtype", [
+    (128, False, 1, 3, bf16), (128, False, 2, 17, f32), (-1, False, 2, 5, f16),
+    (-1, True, 1, 16, f32), (32, False, 2, 9, bf16), (64, True, 1, 2, f16)])
+def test_qlinear_codes_mmT_reads_the_codes(act, ag, group, sym, split, M, dtype, monkeypatch):
+    """mmT multiplies the codes themselves (XCODES): no dequantise pass first (it would raise
+    here), against float64, for every code format, scales per token and per 128 channels (K =
+    384 + 64: a partial last group and K block), weight groups 32 / 64 / 128 / per channel,
+    with zero points and symmetric, K split or not, odd rows and columns."""
+    gen = _gen(f"mmTcodes{act}{ag}{group}{sym}{split}{M}{dtype}")
+    K, N = 448 if group in (-1, 32, 64) else 384, 72
+    pw = _packed(gen, N, K, 4, group, sym)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen).to(dtype)
+    codes, xs = Q.quantize_activations_triton(x, act, None, interpreter=True, act_group_size=ag)
+    monkeypatch.setattr(Q, "_dequantize_codes", lambda *a, **k: pytest.fail("dequantised"))
+    got = Q._qlinear_codes_launch(codes, xs, pw.qweight, pw.scales, pw.zeros, bias, 4, group, K,
+                                  act, dtype, interpreter=True,
+                                  path=dict(MMT_CODES_TILE, SPLIT_K=split), act_group_size=ag)
+    ref = _codes_float64(codes, xs, pw, bias, ag)
+    assert got.dtype == dtype and got.shape == (M, N)
+    err = (got.to(torch.float64) - ref).abs().max() / ref.abs().max()
+    assert err <= CODES_TOL[dtype], err
+
+
+@pytest.mark.parametrize("ag", [32, 64])
+def test_qlinear_codes_mmT_small_token_groups_are_dequantised_first(ag):
+    """Token groups smaller than mmT's K block change inside its sub-tiles: the kernel refuses
+    them by name and the op dequantises them first (against float64)."""
+    gen = _gen(f"mmTcodes_small{ag}")
+    K, N, M = 256, 40, 6
+    pw = _packed(gen, N, K, 4, 128, False)
+    x = torch.randn(M, K, generator=gen).to(bf16)
+    codes, xs = Q.quantize_activations_triton(x, "int8", None, interpreter=True, act_group_size=ag)
+    with pytest.raises(ValueError, match=rf"per token or per 128 channels, not per {ag}"):
+        SW.run(codes, pw.qweight, pw.scales, pw.zeros, None, 4, 128, dict(MMT_CODES_TILE),
+               True, xscales=xs, act_group_size=ag, out_dtype=bf16)
+    got = Q._qlinear_codes_launch(codes, xs, pw.qweight, pw.scales, pw.zeros, None, 4, 128, K,
+                                  "int8", bf16, interpreter=True, path=dict(MMT_CODES_TILE),
+                                  act_group_size=ag)
+    ref = _codes_float64(codes, xs, pw, None, ag)
+    assert (got.to(torch.float64) - ref).abs().max() / ref.abs().max() <= CODES_TOL[bf16]
+
+
 # ---------------------------------------------------------------------------------------------
 # q3n::normalize
 
@@ -449,7 +511,14 @@ def test_gpu_qlinear_codes_is_qlinear(act, M):
     codes, xs = Q.quantize_activations_triton(x, act, None, interpreter=False)
     got = torch.ops.q3n.qlinear_codes(codes, xs, *w, 4, 128, K, act, bf16)
     want = torch.ops.q3n.qlinear(x, *w, None, 4, 128, K, act)
-    if Q.choose_path(M, N, K, 4, 128, act, bf16, x.device).get("SPLIT_K", 1) == 1:
+    path = Q.choose_path(M, N, K, 4, 128, act, bf16, x.device)
+    if path["path"] == "mmT":
+        # mmT multiplies the codes (no rounding of c * s to bf16 first, as qlinear's x has):
+        # both against float64.
+        ref = _codes_float64(codes.cpu(), xs.cpu(), pw.to("cpu"), bias.cpu(), Q.PER_TOKEN)
+        for y in (got, want):
+            assert (y.cpu().double() - ref).abs().max() <= CODES_TOL[bf16] * ref.abs().max()
+    elif path.get("SPLIT_K", 1) == 1:
         assert torch.equal(got, want)
     else:
         # The fp32 sums agree to their rounding (split-K atomics add in any order); the bf16
@@ -488,13 +557,43 @@ def test_gpu_grouped_qlinear_codes_is_qlinear(act, M):
     got = torch.ops.q3n.qlinear_codes(codes, xs, *w, 4, 64, K, act, bf16, 128)
     want = torch.ops.q3n.qlinear(x, *w, None, 4, 64, K, act, 128)
     path = Q.choose_path(M, N, K, 4, 64, act, bf16, x.device, act_group_size=128)
-    if path.get("SPLIT_K", 1) == 1:
+    if path["path"] == "mmT":
+        pass  # the codes multiplied, not c * s rounded to bf16: the float64 check below
+    elif path.get("SPLIT_K", 1) == 1:
         assert torch.equal(got, want)
     else:
         # One bf16 ulp (up to 2^-7 of the value): split-K atomics add in any order.
         assert ((got.float() - want.float()).abs() <= want.float().abs() * 2**-7 + 1e-3).all()
     ref = Q.reference_codes(codes, xs, *w, 4, 64, K, act, bf16, 128)
     assert (got.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("act,ag", [("int8", Q.PER_TOKEN), ("fp8", Q.PER_TOKEN),
+                                    ("int12", Q.PER_TOKEN), ("int8", 128), ("fp8", 128)])
+@pytest.mark.parametrize("bits,group,sym,M", [
+    (4, 128, False, 4), (4, 128, False, 16), (4, 128, False, 32), (4, 128, False, 48),
+    (4, 128, False, 100), (4, -1, False, 16), (4, -1, False, 100), (6, 128, False, 16),
+    (6, 128, False, 48), (8, -1, True, 4), (8, -1, True, 32)])
+def test_gpu_qlinear_codes_mmT_against_float64(bits, group, sym, act, ag, M):
+    """The dispatched mmT tiles (8 to 64 rows, 4-bit weights to 128; the PTX unpack on fp16
+    operands for 4-bit weights with zero points) reading codes, against float64."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"gpummTcodes{bits}{group}{act}{ag}{M}".encode()))
+    K, N = 4096 + 128, 4160
+    pw = _packed(gen, N, K, bits, group, sym)
+    x = torch.randn(M, K, generator=gen).to(bf16)
+    bias = torch.randn(N, generator=gen).to(bf16)
+    codes, xs = Q.quantize_activations_triton(x.cuda(), act, None, interpreter=False,
+                                              act_group_size=ag)
+    path = Q.choose_path(M, N, K, bits, group, act, bf16, codes.device, act_group_size=ag)
+    assert path["path"] == "mmT", path
+    pc = pw.to("cuda")
+    got = torch.ops.q3n.qlinear_codes(codes, xs, pc.qweight, pc.scales, pc.zeros, bias.cuda(),
+                                      bits, group, K, act, bf16, ag)
+    ref = _codes_float64(codes.cpu(), xs.cpu(), pw, bias, ag)
+    err = (got.cpu().double() - ref).abs().max() / ref.abs().max()
+    assert err <= CODES_TOL[bf16], err
 
 
 @pytest.mark.gpu

@@ -130,9 +130,10 @@ def test_float8_codes_dequantised_in_one_pass(ag, dtype):
 @pytest.mark.parametrize("K", [128, 160])
 def test_mmT_with_quantized_activations_is_the_dequant_path(act, ag, xperm, K):
     # Quantized activations are dequantised to x's dtype first (one pass), then the 16-bit tile:
-    # the function of the dequant path (A(x) and W rounded to x's dtype, fp32 sums). From
-    # precomputed codes (q3n::qlinear_codes) the result is the same, bit for bit; K = 160 pads
-    # the permuted blocks.
+    # the function of the dequant path (A(x) and W rounded to x's dtype, fp32 sums); K = 160
+    # pads the permuted blocks. From precomputed codes (q3n::qlinear_codes) the tile multiplies
+    # the codes themselves where their scales are per token or per 128 channels (no rounding of
+    # c * s: against float64), and takes the dequantised route, bit for bit, for smaller groups.
     gen = _gen(f"mmTact{act}{ag}{K}")
     pw = _packed(gen, 72, K, 4, 32, False)
     x = torch.randn(6, K, generator=gen).to(f16)
@@ -148,7 +149,13 @@ def test_mmT_with_quantized_activations_is_the_dequant_path(act, ag, xperm, K):
     codes, xs = Q.quantize_activations_triton(x, act, None, True, ag)
     via_codes = Q._qlinear_codes_launch(codes, xs, pw.qweight, pw.scales, pw.zeros, None, 4, 32,
                                         K, act, f16, True, path=cfg, act_group_size=ag)
-    assert torch.equal(via_codes, got)
+    if ag in SW.CODE_ACT_GROUPS:
+        a = codes.double() * Q.expand_act_scales(xs.double(), K, ag)
+        of_codes = a @ pw.dequantize(torch.float64).t()
+        assert (via_codes.double() - of_codes).abs().max() <= TOL[f16] * of_codes.abs().max()
+        assert not torch.equal(via_codes, got)  # the codes themselves were multiplied
+    else:
+        assert torch.equal(via_codes, got)
 
 
 GPU_TILES = [dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4,
@@ -211,7 +218,8 @@ def test_asm_unpack_compiles_for_sm90_with_the_operand_in_registers():
             for asm in (False, True):
                 k = C.compile_variant(Q, "mmT", dict(
                     BITS=4, GROUP=128, SYM=False, HAS_BIAS=False, REDUCE=2, F32=False,
-                    XPERM=False, BLOCK_M=16, BLOCK_N=64, stride_xk=1, stride_yn=1, ASM4=asm),
+                    XPERM=False, BLOCK_M=16, BLOCK_N=64, stride_xk=1, stride_yn=1, ASM4=asm,
+                    XCODES=0),
                     4, 3)
                 loop = C.inner_loop(k.asm["cubin"], k.asm["ttgir"], 64 * 128)
                 assert not [o for o in loop["loop_shared"] if o.startswith("LDSM")], loop

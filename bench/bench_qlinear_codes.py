@@ -1,0 +1,118 @@
+"""``q3n::qlinear_codes`` (the norm fusion's sibling linears, fed activation codes) on one GPU:
+the mmT tile reading the codes itself against the route it replaced, with bf16 cuBLAS and the
+plain ``q3n::qlinear`` (activation quantisation + GEMM) in the same process.
+
+- ``codes_mmT``: the dispatched launch of ``qlinear_codes`` (mmT reads int8 / fp8 / 12-bit codes
+  and their scales: one launch);
+- ``codes_dequant_then_mmT``: what it did before: the codes dequantised by a torch multiply
+  (permuted per block where the tile takes x permuted), then mmT on 16-bit x (two launches);
+- ``qlinear``: ``q3n::qlinear`` on the 16-bit x (quantise-dequantise pass + mmT);
+- ``bf16``: ``F.linear``.
+
+Every implementation is checked against a float64 reference first; times are CUDA-graph replays
+(``do_bench`` median, L2 flushed). Writes JSON (GPU, versions, commit, date, rows).
+
+    python bench/bench_qlinear_codes.py --out bench/results/qlinear-codes-h200.json
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_qlinear import NKS, random_packed, result_header, timed, write_result  # noqa: E402
+from q3n_compile.kernels import qlinear as Q  # noqa: E402
+from q3n_compile.kernels import qlinear_swap as SW  # noqa: E402
+
+# name -> (bits, group, symmetric, activation format, activation group)
+FORMATS = {"w4a8": (4, 128, False, "fp8", Q.PER_TOKEN), "w6a12": (6, 128, False, "int12",
+                                                                  Q.PER_TOKEN),
+           "w4a8_ag128": (4, 128, False, "fp8", 128)}
+TOL = 1e-2  # relative to max |y|: bf16 output rounding
+
+
+def float64_reference(codes, xs, pw, K, ag):
+    a = codes.to(torch.float64) * Q.expand_act_scales(xs.to(torch.float64), K, ag)
+    return a @ pw.dequantize(torch.float64).t()
+
+
+def run_shape(M, N, K, formats, gen):
+    x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to(torch.bfloat16)
+    _, bf16_ms = timed(lambda: F.linear(x, w), eager=False)
+    rows = [dict(M=M, N=N, K=K, impl="bf16", graph_ms=bf16_ms)]
+    for name in formats:
+        bits, group, sym, act, ag = FORMATS[name]
+        if act == "fp8" and not Q.fp8_supported(x.device):
+            act = "int8"
+        pw = random_packed(gen, N, K, bits, group, sym)
+        codes, xs = Q.quantize_activations_triton(x, act, None, False, ag)
+        cfg = Q.choose_path(M, N, K, bits, group, act, x.dtype, x.device, act_group_size=ag)
+        ref = float64_reference(codes, xs, pw, K, ag)
+        w_args = (pw.qweight, pw.scales, pw.zeros, None, bits, group)
+
+        def new():
+            return torch.ops.q3n.qlinear_codes(codes, xs, *w_args, K, act, x.dtype, ag)
+
+        def old():
+            xperm = bool(cfg.get("XPERM"))
+            a = Q._dequantize_codes(codes, xs, ag, x.dtype, perm128=xperm)
+            return SW.run(a, *w_args, cfg, False, Q._tickets, x_permuted=xperm, K=K)
+
+        def plain():
+            return torch.ops.q3n.qlinear(x, pw.qweight, pw.scales, pw.zeros, None, None, bits,
+                                         group, K, act, ag)
+
+        for impl, fn in (("codes_mmT", new), ("codes_dequant_then_mmT", old), ("qlinear", plain)):
+            row = dict(M=M, N=N, K=K, impl=f"{name}_{impl}", act=act, path=cfg)
+            try:
+                y = fn().double()
+                row["rel_err_vs_float64"] = ((y - ref).abs().max() / ref.abs().max()).item()
+                if row["rel_err_vs_float64"] > TOL and impl != "qlinear":
+                    row["error"] = f"wrong result: {row['rel_err_vs_float64']:.3g}"
+                _, row["graph_ms"] = timed(fn, eager=False)
+                row["vs_bf16"] = bf16_ms / row["graph_ms"]
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            rows.append(row)
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    ap.add_argument("--ms", type=int, nargs="+", default=[4, 16, 32, 64, 128])
+    ap.add_argument("--nk", nargs="+", default=[f"{n}x{k}" for n, k in NKS])
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_qlinear_codes.py needs a CUDA GPU")
+    started = time.time()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    print(f"{'N':>6} {'K':>6} {'M':>4} {'impl':>32} {'err':>8} {'graph ms':>9} {'vs bf16':>8}")
+    for nk in args.nk:
+        N, K = map(int, nk.lower().split("x"))
+        for M in args.ms:
+            for r in run_shape(M, N, K, args.formats, gen):
+                rows.append(r)
+                err = r.get("rel_err_vs_float64")
+                print(f"{N:>6} {K:>6} {M:>4} {r['impl']:>32} "
+                      f"{'' if err is None else format(err, '8.1e'):>8} "
+                      f"{r.get('graph_ms') or 0:9.4f} {r.get('vs_bf16') or 0:8.2f}"
+                      + (f"  {r['error']}" if "error" in r else ""), flush=True)
+    write_result(args.out, dict(
+        result_header("triton.testing.do_bench median of CUDA-graph replays (L2 flushed)"),
+        wall_s=round(time.time() - started, 1), rows=rows))
+
+
+if __name__ == "__main__":
+    main()
