@@ -2,10 +2,11 @@
 the mmT tile reading the codes itself against the route it replaced, with bf16 cuBLAS and the
 plain ``q3n::qlinear`` (activation quantisation + GEMM) in the same process.
 
-- ``codes_mmT``: the dispatched launch of ``qlinear_codes`` (mmT reads int8 / fp8 / 12-bit codes
-  and their scales: one launch);
-- ``codes_dequant_then_mmT``: what it did before: the codes dequantised by a torch multiply
-  (permuted per block where the tile takes x permuted), then mmT on 16-bit x (two launches);
+- ``codes_mmT``: the dispatched mmT tile reading int8 / fp8 / 12-bit codes and their scales
+  itself (XCODES, x unpermuted: one launch);
+- ``codes_dequant_then_mmT``: the codes dequantised by a torch multiply (permuted per block
+  where the dispatched tile takes x permuted), then mmT on 16-bit x (two launches);
+- ``qlinear_codes``: the op as dispatched (one of the two, by ``qlinear.mmT_reads_codes``);
 - ``qlinear``: ``q3n::qlinear`` on the 16-bit x (quantise-dequantise pass + mmT);
 - ``bf16``: ``F.linear``.
 
@@ -58,8 +59,12 @@ def run_shape(M, N, K, formats, gen):
         ref = float64_reference(codes, xs, pw, K, ag)
         w_args = (pw.qweight, pw.scales, pw.zeros, None, bits, group)
 
-        def new():
+        def op():
             return torch.ops.q3n.qlinear_codes(codes, xs, *w_args, K, act, x.dtype, ag)
+
+        def new():
+            return SW.run(codes, *w_args, dict(cfg, XPERM=False), False, Q._tickets,
+                          xscales=xs, act_group_size=ag, out_dtype=x.dtype)
 
         def old():
             xperm = bool(cfg.get("XPERM"))
@@ -70,7 +75,10 @@ def run_shape(M, N, K, formats, gen):
             return torch.ops.q3n.qlinear(x, pw.qweight, pw.scales, pw.zeros, None, None, bits,
                                          group, K, act, ag)
 
-        for impl, fn in (("codes_mmT", new), ("codes_dequant_then_mmT", old), ("qlinear", plain)):
+        impls = [("qlinear_codes", op), ("qlinear", plain)]
+        if cfg["path"] == "mmT":
+            impls[1:1] = [("codes_mmT", new), ("codes_dequant_then_mmT", old)]
+        for impl, fn in impls:
             row = dict(M=M, N=N, K=K, impl=f"{name}_{impl}", act=act, path=cfg)
             try:
                 y = fn().double()

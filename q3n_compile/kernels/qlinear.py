@@ -1030,6 +1030,24 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     return cfg
 
 
+# mmT reads activation codes itself (``q3n::qlinear_codes``) up to 8 rows, and up to 32 rows
+# for weights of at most CODES_MAX_WEIGHTS; elsewhere the codes are dequantised (permuted) by
+# one torch multiply first, for the tile with x permuted. s14run2 (bench_qlinear_codes.py, ms,
+# codes read / dequantised first; W4A8 fp8 per token): 4 rows 0.0136 / 0.0235 (4096^2), 0.0657
+# / 0.0837 (28672 x 8192); 16 rows 0.0161 / 0.0239, 0.0271 / 0.0334 (12288 x 4096), but 0.0887
+# / 0.0825 at 28672 x 8192; 32 rows 0.0178 / 0.0272, 0.0302 / 0.0395 (4096 x 12288); 64 rows
+# 0.0237 / 0.0292 at 4096^2 but 0.0530 / 0.0464 and 0.1890 / 0.1383 on the two larger shapes.
+# W6A12 and W4A8 with scales per 128 channels likewise (128 scales at 28672 x 8192 lost from
+# 16 rows).
+CODES_MAX_ROWS = (8, 32)
+CODES_MAX_WEIGHTS = 1 << 26
+
+
+def mmT_reads_codes(M: int, N: int, K: int) -> bool:
+    """Whether ``q3n::qlinear_codes`` hands mmT the codes themselves (else dequantised x)."""
+    return M <= CODES_MAX_ROWS[0] or (M <= CODES_MAX_ROWS[1] and N * K <= CODES_MAX_WEIGHTS)
+
+
 # 4-bit weights from 65 to 128 rows, every activation format: mmT's 64-row tile (x permuted,
 # K split in 2; the weight is unpacked once per 64 rows). W4A16 and W4A8 g128 at 128 rows ran
 # 0.0323 / 0.0671 / 0.233 ms at 4096^2 / 12288 x 4096 / 28672 x 8192, within 4% of the best
@@ -1213,10 +1231,13 @@ def _gemm_codes(codes, xs, out_dtype, qweight, scales, zeros, bias, bits, group_
     (:mod:`qlinear_cublas8`), "mmT" or a Triton GEMM/GEMV.
 
     mmT reads the codes and their scales itself (per token or per 128 channels; x unpermuted,
-    as ``q3n::norm_act_quant`` stores it), so each sibling linear of a fused norm is one launch;
-    smaller token groups are dequantised first (the dequant path's function)."""
-    K = codes.shape[1]
-    if cfg["path"] == "mmT" and act_group_size in SW.CODE_ACT_GROUPS:
+    as ``q3n::norm_act_quant`` stores it) where :func:`mmT_reads_codes` says so, so each
+    sibling linear of a fused norm is one launch; elsewhere (and for smaller token groups) the
+    codes are dequantised first, permuted where the tile takes x permuted (the dequant path's
+    function)."""
+    M, K = codes.shape
+    if (cfg["path"] == "mmT" and act_group_size in SW.CODE_ACT_GROUPS
+            and mmT_reads_codes(M, qweight.shape[1], K)):
         return SW.run(codes, qweight, scales, zeros, bias, bits, group_size,
                       dict(cfg, XPERM=False), interpreter, _tickets, xscales=xs,
                       act_group_size=act_group_size, out_dtype=out_dtype)

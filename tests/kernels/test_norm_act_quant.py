@@ -328,6 +328,31 @@ def test_qlinear_codes_mmT_reads_the_codes(act, ag, group, sym, split, M, dtype,
     assert err <= CODES_TOL[dtype], err
 
 
+def test_mmT_reads_codes_rule():
+    # Up to 8 rows always; to 32 rows for weights of at most 2^26; never above 32 rows.
+    assert Q.mmT_reads_codes(8, 28672, 8192) and Q.mmT_reads_codes(32, 12288, 4096)
+    assert not Q.mmT_reads_codes(16, 28672, 8192) and not Q.mmT_reads_codes(33, 64, 64)
+
+
+def test_qlinear_codes_mmT_dequantises_first_above_32_rows(monkeypatch):
+    """Above 32 rows the codes are dequantised (once) and the tile takes 16-bit x: against
+    float64."""
+    gen = _gen("mmTcodes_rows40")
+    K, N, M = 256, 40, 40
+    pw = _packed(gen, N, K, 4, 128, False)
+    x = torch.randn(M, K, generator=gen).to(bf16)
+    codes, xs = Q.quantize_activations_triton(x, "int8", None, interpreter=True)
+    calls = []
+    real = Q._dequantize_codes
+    monkeypatch.setattr(Q, "_dequantize_codes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = Q._qlinear_codes_launch(codes, xs, pw.qweight, pw.scales, pw.zeros, None, 4, 128, K,
+                                  "int8", bf16, interpreter=True, path=dict(MMT_CODES_TILE),
+                                  act_group_size=Q.PER_TOKEN)
+    assert calls == [1]
+    ref = _codes_float64(codes, xs, pw, None, Q.PER_TOKEN)
+    assert (got.to(torch.float64) - ref).abs().max() / ref.abs().max() <= CODES_TOL[bf16]
+
+
 @pytest.mark.parametrize("ag", [32, 64])
 def test_qlinear_codes_mmT_small_token_groups_are_dequantised_first(ag):
     """Token groups smaller than mmT's K block change inside its sub-tiles: the kernel refuses
@@ -577,8 +602,9 @@ def test_gpu_grouped_qlinear_codes_is_qlinear(act, M):
     (4, 128, False, 100), (4, -1, False, 16), (4, -1, False, 100), (6, 128, False, 16),
     (6, 128, False, 48), (8, -1, True, 4), (8, -1, True, 32)])
 def test_gpu_qlinear_codes_mmT_against_float64(bits, group, sym, act, ag, M):
-    """The dispatched mmT tiles (8 to 64 rows, 4-bit weights to 128; the PTX unpack on fp16
-    operands for 4-bit weights with zero points) reading codes, against float64."""
+    """The dispatched mmT tiles (8 to 64 rows, 4-bit weights to 128) on codes, against float64:
+    read by the tile (the PTX unpack on fp16 operands for 4-bit weights with zero points) where
+    :func:`Q.mmT_reads_codes` says so (4, 16 and 32 rows here), else dequantised first."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"gpummTcodes{bits}{group}{act}{ag}{M}".encode()))
     K, N = 4096 + 128, 4160
     pw = _packed(gen, N, K, bits, group, sym)
