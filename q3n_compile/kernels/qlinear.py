@@ -981,9 +981,11 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
         if max_m is None or M <= max_m:
             break
     if bits == 4 and MMT_64_MAX_M[0] < M <= MMT_64_MAX_M[1]:
+        tiles64 = contract.cdiv(M, 64) * contract.cdiv(N, 128)
         return dict(path="mmT", BLOCK_M=64, BLOCK_N=128, BLOCK_K=SW.MMT_BLOCK_K,
-                    SPLIT_K=_keep_two_blocks(2, k_pad, SW.MMT_BLOCK_K), num_warps=8,
-                    num_stages=3, XPERM=True)
+                    SPLIT_K=1 if _tiles_fill(tiles64, sms)
+                    else _keep_two_blocks(2, k_pad, SW.MMT_BLOCK_K),
+                    num_warps=8, num_stages=3, XPERM=True)
     if (M >= CUBLAS8_MIN_M.get(act, 1 << 62)
             and C8.eligible(N, K, bits, group_size, act, dtype, fp8_supported(device),
                             act_group_size) is None):
@@ -1005,7 +1007,9 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     # mmT's K block is 128 channels whatever the groups (its sub-tiles never straddle one).
     bk = SW.MMT_BLOCK_K if path == "mmT" else _k_block(group_size, bk, act_group_size)
     n_tiles = contract.cdiv(M, bm) * contract.cdiv(N, bn)
-    if path == "mmT" and bm == 64:
+    if path == "mmT" and bm == 64 and bits == 4 and _tiles_fill(n_tiles, sms):
+        split = 1  # the tiles alone fill the SMs (MMT_FILL)
+    elif path == "mmT" and bm == 64:
         # 4 (each split keeping >= 2 K blocks): the best split swept in all four of the issue's
         # shapes at 64 rows (s10run2; the mm rule's 8 / 4 / 4 / 2 ran 1.15x slower at 4096^2
         # and 1.03x at 28672 x 8192).
@@ -1030,6 +1034,21 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     return cfg
 
 
+# mmT's 64-row tile (8 warps, ~116 registers a thread: two programs per SM) with 4-bit weights
+# runs K unsplit where its tiles alone make at least this fraction of a wave (2 programs x SMs):
+# splitting then only adds a partial wave (ncu, s14run1: 384 programs on 264 slots at 128 rows,
+# 12288 x 4096, left the SMs idle 28% of the time). s14run3 (bench_qlinear.py --splits, W4A16 /
+# W4A8 g128, ms): 128 rows 12288 x 4096 (192 tiles) 0.0594 / 0.0587 against split 2's 0.0692 /
+# 0.0691, 28672 x 8192 (448) 0.2193 / 0.2189 against 0.2277 / 0.2182; 64 rows 28672 x 8192
+# (224) 0.1191 / 0.1198 against split 4's 0.1262 / 0.1320. Where the tiles fall short (4096
+# columns: 32-64 tiles) the splits of before stay (split 1 ran 1.1-1.6x slower there).
+MMT_FILL = 0.7
+
+
+def _tiles_fill(tiles: int, sms: int) -> bool:
+    return tiles >= MMT_FILL * 2 * sms
+
+
 # mmT reads activation codes itself (``q3n::qlinear_codes``) up to 8 rows, and up to 32 rows
 # for weights of at most CODES_MAX_WEIGHTS; elsewhere the codes are dequantised (permuted) by
 # one torch multiply first, for the tile with x permuted. s14run2 (bench_qlinear_codes.py, ms,
@@ -1049,7 +1068,8 @@ def mmT_reads_codes(M: int, N: int, K: int) -> bool:
 
 
 # 4-bit weights from 65 to 128 rows, every activation format: mmT's 64-row tile (x permuted,
-# K split in 2; the weight is unpacked once per 64 rows). W4A16 and W4A8 g128 at 128 rows ran
+# K split in 2, or not where the tiles fill the SMs: MMT_FILL; the weight is unpacked once per
+# 64 rows). W4A16 and W4A8 g128 at 128 rows ran
 # 0.0323 / 0.0671 / 0.233 ms at 4096^2 / 12288 x 4096 / 28672 x 8192, within 4% of the best
 # tile swept, where the table's dequantise + cuBLAS (16-bit) ran 0.0359 / 0.0869 / 0.432 and
 # the mm tile (8-bit) 0.053 / 0.095 / 0.301 (s10run4 sweep; 0.57-0.59x bf16, from 0.31-0.52x).

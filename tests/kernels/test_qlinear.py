@@ -323,7 +323,10 @@ def test_choose_path_table():
     m32 = Q.choose_path(17, 12288, 4096, 4, 128, "none", bf16, cuda, sm_count=132)
     assert (m32["path"], m32["BLOCK_M"], m32["SPLIT_K"]) == ("mmT", 32, 2)  # the mm split rule
     m64 = Q.choose_path(64, 28672, 8192, 4, 128, "none", bf16, cuda, sm_count=132)
-    assert (m64["path"], m64["BLOCK_M"], m64["SPLIT_K"]) == ("mmT", 64, 4)
+    # 224 tiles of 64 rows fill 0.7 of the 264 program slots: K unsplit (MMT_FILL); 96 do not.
+    assert (m64["path"], m64["BLOCK_M"], m64["SPLIT_K"]) == ("mmT", 64, 1)
+    assert Q.choose_path(64, 12288, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["SPLIT_K"] == 4
+    assert Q.choose_path(64, 28672, 8192, 6, 128, "none", bf16, cuda, sm_count=132)["SPLIT_K"] == 4
     assert Q.choose_path(64, 64, 256, 4, 128, "none", bf16, cuda, sm_count=132)["SPLIT_K"] == 1
     # x permuted per block: 4-bit weights; 16-bit activations from 17 rows on 32M+ weights,
     # quantized ones (permuted by the quantizer) from 9 rows.
@@ -341,6 +344,7 @@ def test_choose_path_table():
     # 4-bit weights to 128 rows: the 64-row tile, x permuted, K in 2; others dequantise.
     m128 = Q.choose_path(128, 4096, 4096, 4, 128, "int12", bf16, cuda, sm_count=132)
     assert (m128["path"], m128["BLOCK_M"], m128["SPLIT_K"], m128["XPERM"]) == ("mmT", 64, 2, True)
+    assert Q.choose_path(128, 12288, 4096, 4, 128, "fp8", bf16, cuda, sm_count=132)["SPLIT_K"] == 1
     assert Q.choose_path(65, 4096, 4096, 6, 128, "none", bf16, cuda, sm_count=132)["path"] == "dequant"
     assert Q.choose_path(129, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "dequant"
     assert Q.choose_path(16, 4096, 4096, 8, -1, "none", bf16, cuda, sm_count=132)["path"] == "mmT"
