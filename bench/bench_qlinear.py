@@ -198,11 +198,11 @@ def xperm_candidates(dispatched, regs=False):
 
 
 def asm_candidates(dispatched):
-    """The dispatched mmT launch with the float unpack and with the PTX one (ASM4, where
-    :func:`qlinear_swap.asm4` allows it: 4-bit weights with zero points)."""
+    """The dispatched mmT launch with the float unpack and with the PTX one (ASM, where
+    :func:`qlinear_swap.asm_unpack` allows it: 4- and 6-bit weights with zero points)."""
     if dispatched.get("path") != "mmT":
         return []
-    return [dict(dispatched, ASM4=False), dict(dispatched, ASM4=True)]
+    return [dict(dispatched, ASM=False), dict(dispatched, ASM=True)]
 
 
 def split_candidates(dispatched, M, K):
@@ -343,7 +343,7 @@ def main():
     ap.add_argument("--regs", action="store_true",
                     help="--xperm's sweep, each launch also capped at 128 registers per thread")
     ap.add_argument("--asm", action="store_true",
-                    help="the dispatched mmT launch with the float unpack and the PTX one (ASM4)")
+                    help="the dispatched mmT launch with the float unpack and the PTX one (ASM)")
     ap.add_argument("--splits", action="store_true",
                     help="the dispatched mmT launch at every K split (and the 128-row tiles "
                          "above 64 rows)")

@@ -133,20 +133,20 @@ def mmT_cases() -> list[tuple[str, str, dict, int, int]]:
     out = []
     for fmt, (bits, group, sym) in MMT_FORMATS.items():
         tiles = MMT_TILES if fmt in ("w4g128", "w6g128", "w4pc") else MMT_TILES[:1]
-        # The PTX unpack (ASM4) where the launcher uses it: 4-bit weights with zero points.
-        asms = (False, True) if bits == 4 and not sym and group in (0, 128) else (False,)
+        # The PTX unpack (ASM) where the launcher uses it: 4- and 6-bit weights with zero points.
+        asms = (False, True) if bits in (4, 6) and not sym and group in (0, 128) else (False,)
         for (bm, bn, warps, stages, xperm), asm in [(t, a) for t in tiles for a in asms]:
             out.append((f"mmT_{fmt}_m{bm}n{bn}w{warps}s{stages}{'_xperm' if xperm else ''}"
                         f"{'_asm' if asm else ''}",
                         "mmT", dict(BITS=bits, GROUP=group, SYM=sym, HAS_BIAS=False, REDUCE=2,
                                     F32=False, XPERM=xperm, BLOCK_M=bm, BLOCK_N=bn, stride_xk=1,
-                                    stride_yn=1, ASM4=asm, XCODES=0), warps, stages))
+                                    stride_yn=1, ASM=asm, XCODES=0), warps, stages))
     for (bm, bn, warps, stages), (x_type, xcodes) in [
             (t, c) for t in MMT_CODES for c in (("*i8", 1), ("*fp8e4nv", 1), ("*i8", 2))]:
         out.append((f"mmT_w4g128_m{bm}n{bn}w{warps}s{stages}_asm_codes{x_type[1:]}_xs{xcodes}",
                     "mmT", dict(BITS=4, GROUP=128, SYM=False, HAS_BIAS=False, REDUCE=2, F32=False,
                                 XPERM=False, BLOCK_M=bm, BLOCK_N=bn, stride_xk=1, stride_yn=1,
-                                ASM4=True, XCODES=xcodes, x_type=x_type), warps, stages))
+                                ASM=True, XCODES=xcodes, x_type=x_type), warps, stages))
     return out
 
 

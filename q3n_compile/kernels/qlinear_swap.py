@@ -25,9 +25,10 @@ rows: 8 MEMBARs and 32 STS fewer per K block). It pays with more rows per progra
 4-bit weights (the dispatch's rule, :func:`q3n_compile.kernels.qlinear._mmT_xperm`).
 With groups of 128 (one group per K block) the weight is not scaled: the block's fp32 sum of
 exact ``(q - z) * x`` products is, once per output. For 4-bit weights with zero points (groups
-of 128, per channel) on a GPU, the codes become the operand two at a time in inline PTX (ASM4,
+of 128, per channel) on a GPU, the codes become the operand two at a time in inline PTX (ASM,
 :func:`_nibble_pairs`), the 16-bit-float "magic number" form of the same trick: the K loop has
-0.71-0.87x the instructions (sm_90 compile, ``compile-qlinear-mmT-sm90-2026-11-29-s13.json``).
+0.71-0.87x the instructions (sm_90 compile, ``compile-qlinear-mmT-sm90-2026-11-29-s13.json``);
+6-bit weights likewise (:func:`_six_pairs`, 0.68-0.75x, session 14).
 
 Measured (H200, bench/RESULTS.md, session 9): W4A16 g128 at 16 rows 1.23-1.44x bf16 cuBLAS in
 the same run, where the earlier one-tile kernel ran 0.90-0.95x. Tried and slower (s9run2-3):
@@ -149,15 +150,36 @@ def _nibble_pairs_asm(j: int, f16: bool) -> str:
             f"lop3.b32 t, t, {0x000F000F}, {magic}, {0xEA}; {sub} $0, t, $3; }}")
 
 
+def _six_pairs_asm(j: int, f16: bool) -> str:
+    """The PTX of :func:`_six_pairs` for code j: $1, $2 the 4-bit plane's words, $3, $4 the
+    2-bit plane's 16-bit parts (fields at bit 2j), $5 M + z."""
+    byte4, byte2, p2 = j // 2, j // 4, (2 * j) % 8
+    sel4 = byte4 | (byte4 << 4) | ((4 + byte4) << 8) | ((4 + byte4) << 12)
+    sel2 = byte2 | (byte2 << 4) | ((4 + byte2) << 8) | ((4 + byte2) << 12)
+    magic = 0x64006400 if f16 else 0x43004300
+    shift4 = "shr.b32 t, t, 4; " if j % 2 else ""
+    # The 2-bit field to bits 4-5 of each half (PRMT copied its byte into both bytes of the
+    # half, so a shift of up to 4 either way keeps bits 4-5 and 20-21 within the right copy).
+    shift2 = (f"shl.b32 u, u, {4 - p2}; " if p2 < 4 else f"shr.b32 u, u, {p2 - 4}; "
+              if p2 > 4 else "")
+    sub = "sub.rn.f16x2" if f16 else "sub.rn.bf16x2"
+    return (f"{{ .reg .b32 t, u; prmt.b32 t, $1, $2, {sel4}; {shift4}"
+            f"lop3.b32 t, t, {0x000F000F}, {magic}, {0xEA}; "
+            f"prmt.b32 u, $3, $4, {sel2}; {shift2}"
+            f"lop3.b32 t, u, {0x00300030}, t, {0xEA}; {sub} $0, t, $5; }}")
+
+
 # The 8 codes' PTX for bf16 and for fp16 operands (Triton's frontend builds no strings).
 _NIBBLE_ASM_BF16 = tl.constexpr(tuple(_nibble_pairs_asm(j, False) for j in range(8)))
 _NIBBLE_ASM_F16 = tl.constexpr(tuple(_nibble_pairs_asm(j, True) for j in range(8)))
+_SIX_ASM_BF16 = tl.constexpr(tuple(_six_pairs_asm(j, False) for j in range(8)))
+_SIX_ASM_F16 = tl.constexpr(tuple(_six_pairs_asm(j, True) for j in range(8)))
 
 
 @triton.jit
 def _nibble_pairs(u, zb, j: tl.constexpr, F16: tl.constexpr):
     """Code j (bits 4j of each word of u) minus z, as 16-bit floats, in a few instructions per
-    two codes (ASM4 in :func:`qlinear_mmT_kernel`): PRMT gathers the byte holding code j from
+    two codes (ASM in :func:`qlinear_mmT_kernel`): PRMT gathers the byte holding code j from
     the two words whose codes become one 32-bit register of the MMA operand, a shift (odd j) and
     one LOP3 turn the two nibbles into the 16-bit floats M + q (M = 128 for bf16, whose unit is 1
     there; 1024 for fp16), and one SUB on the pair takes M + z off (zb: M + z as a 16-bit float
@@ -179,6 +201,21 @@ def _nibble_pairs(u, zb, j: tl.constexpr, F16: tl.constexpr):
                                          dtype=tl.float16, is_pure=True, pack=2)
     else:
         return tl.inline_asm_elementwise(_NIBBLE_ASM_BF16[j], "=r,r,r,r,r", [u, zb],
+                                         dtype=tl.bfloat16, is_pure=True, pack=2)
+
+
+@triton.jit
+def _six_pairs(u4, u2, zb, j: tl.constexpr, F16: tl.constexpr):
+    """6-bit code j minus z as 16-bit floats, two codes at a time (ASM, 6-bit weights): the
+    4-bit field as in :func:`_nibble_pairs`, the 2-bit field (bit 2j of u2, the 2-bit plane's
+    16-bit part of the same row) gathered by PRMT, shifted to bits 4-5 of each half and merged
+    by a second LOP3, so each half is M + q4 + 16 q2 = M + q (q < 64, exact in both formats);
+    one SUB takes M + z off. Same register-pair assumption as :func:`_nibble_pairs`."""
+    if F16:
+        return tl.inline_asm_elementwise(_SIX_ASM_F16[j], "=r,r,r,r,r,r,r", [u4, u2, zb],
+                                         dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        return tl.inline_asm_elementwise(_SIX_ASM_BF16[j], "=r,r,r,r,r,r,r", [u4, u2, zb],
                                          dtype=tl.bfloat16, is_pure=True, pack=2)
 
 
@@ -216,7 +253,7 @@ def qlinear_mmT_kernel(
     stride_xm, stride_xk, stride_xsm, stride_ym, stride_yn,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
     REDUCE: tl.constexpr, F32: tl.constexpr, XPERM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ASM4: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr = False,
     XCODES: tl.constexpr = 0,
 ):
     """One program computes Y[m-block, n-block]^T over one split of K (a multiple of 128):
@@ -234,10 +271,11 @@ def qlinear_mmT_kernel(
     below 2^24). Scales and zero points: one per row r of 8 channels (groups of 32 and 64 change
     along r, never along j) or per column (groups of 128, per channel).
 
-    ASM4 (4-bit weights, groups of 128 or per channel, 16-bit x, compiled for a GPU): the codes
-    become the MMA operand two at a time in PTX (:func:`_nibble_pairs`: PRMT, a shift for odd
-    positions, LOP3, SUB, on 16-bit pairs), in place of a LOP3 and an FFMA per code and a
-    conversion per two; the same exact ``q - z``.
+    ASM (4- and 6-bit weights with zero points, groups of 128 or per channel, 16-bit operands,
+    compiled for a GPU: :func:`asm_unpack`): the codes become the MMA operand two at a time in
+    PTX (:func:`_nibble_pairs`: PRMT, a shift for odd positions, LOP3, SUB, on 16-bit pairs;
+    :func:`_six_pairs` adds the 2-bit plane's field with a PRMT, a shift and a LOP3), in place
+    of a LOP3 and an FFMA per code and plane and a conversion per two; the same exact ``q - z``.
 
     XCODES (x holds activation codes: int8, fp8 e4m3 or the integer-valued fp16 of 12-bit
     codes; XS their fp32 scales): 1 one scale per token, 2 one per token and 128 channels
@@ -276,7 +314,7 @@ def qlinear_mmT_kernel(
         if not SYM:
             z_col = tl.load(Z + offs_n, mask=n_ok, other=0).to(tl.float32)
 
-    if ASM4:
+    if ASM:
         F16: tl.constexpr = OPD == tl.float16
         MAGIC: tl.constexpr = 1024.0 if F16 else 128.0
         if SYM:
@@ -307,17 +345,19 @@ def qlinear_mmT_kernel(
                 z = z_col[:, None]
         if SYM:
             z = tl.full([BLOCK_N, 1], 1 << (BITS - 1), tl.float32)
-        elif ASM4 and not PER_CHANNEL:
+        elif ASM and not PER_CHANNEL:
             zb = _magic_pair(MAGIC + z, OPD)
         # Each plane's rows, widest first (the packing's order: 8, 4, 2, 1).
         if BITS == 8:
             a_lo, a_hi = _halves(_plane_rows(QW, 0, k0, offs_n, n_ok, K_PAD, N, 8, 0))
             b_lo, b_hi = _halves(_plane_rows(QW, 0, k0, offs_n, n_ok, K_PAD, N, 8, 1))
-        if ASM4:
+        if ASM:
             u4 = _plane_rows(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, 0)
+            if BITS == 6:
+                u2a = _plane_rows(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, 0)
         elif BITS == 4 or BITS == 5 or BITS == 6 or BITS == 7:
             p4_lo, p4_hi = _halves(_plane_rows(QW, ROW4, k0, offs_n, n_ok, K_PAD, N, 4, 0))
-        if BITS == 2 or BITS == 3 or BITS == 6 or BITS == 7:
+        if BITS == 2 or BITS == 3 or (BITS == 6 and not ASM) or BITS == 7:
             u2 = _plane_rows(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, 0)
             p2_lo, p2_hi = _halves(u2)
             if BITS == 6:
@@ -331,7 +371,9 @@ def qlinear_mmT_kernel(
             blk = acc
         for j in tl.static_range(8):
             # d = q - z: z comes off with the first (widest) plane's field.
-            if ASM4:
+            if ASM and BITS == 6:
+                d = _six_pairs(u4, u2a, zb, j, F16)
+            elif ASM:
                 d = _nibble_pairs(u4, zb, j, F16)
             elif BITS == 8:
                 if j < 4:
@@ -357,7 +399,7 @@ def qlinear_mmT_kernel(
                      + 64.0 * _field(p1_lo, p1_hi, j, 1, 0.0))
             if ROW_GROUPS:
                 d = d * s
-            b = d.to(OPD)  # already the operand dtype with ASM4
+            b = d.to(OPD)  # already the operand dtype with ASM
             if XPERM:
                 # x permuted per block (:func:`permute_x_blocks`): x_j is 16 contiguous
                 # channels, loaded straight into the MMA's shared-memory operand.
@@ -424,16 +466,22 @@ def k_per_split(K: int, split: int) -> int:
     return contract.cdiv(contract.cdiv(P.padded_k(K), MMT_BLOCK_K), split) * MMT_BLOCK_K
 
 
-def asm4(bits: int, group_size: int, symmetric: bool, x_dtype: torch.dtype,
-         interpreter: bool) -> bool:
-    """Whether the kernel unpacks with :func:`_nibble_pairs` (ASM4): 4-bit weights with zero
-    points, groups of 128 or per channel, 16-bit x, compiled for a GPU (the interpreter runs no
-    PTX). The sm_90 compile (``bench/compile_qlinear_sm90.py --mmT``, session 13) puts its K
-    loop at 0.76-0.87x the instructions of the float unpack for groups of 128 (308 against 389
-    at 16 rows, 325 against 406 at 32 with x permuted, 330 against 411 at 64; 0.85 and 0.87 at
-    32 and 64 rows unpermuted) and 0.71-0.80x per channel, with no layout conversion; symmetric weights (a constant M + z) made Triton read
-    the operand through shared memory, so they keep the float unpack."""
-    return (bits == 4 and not symmetric and group_size in (P.PER_CHANNEL, 128)
+# Weight widths the PTX unpack (ASM) takes: 4 (:func:`_nibble_pairs`) and 6 (:func:`_six_pairs`).
+ASM_BITS = (4, 6)
+
+
+def asm_unpack(bits: int, group_size: int, symmetric: bool, x_dtype: torch.dtype,
+               interpreter: bool) -> bool:
+    """Whether the kernel unpacks the codes in PTX (ASM): 4- and 6-bit weights with zero
+    points, groups of 128 or per channel, 16-bit operands, compiled for a GPU (the interpreter
+    runs no PTX). The sm_90 compile (``bench/compile_qlinear_sm90.py --mmT``) puts its K loop
+    at 0.76-0.87x the instructions of the float unpack for 4-bit weights in groups of 128 (308
+    against 389 at 16 rows, 325 against 406 at 32 with x permuted, 330 against 411 at 64; 0.85
+    and 0.87 at 32 and 64 rows unpermuted) and 0.71-0.80x per channel (session 13); for 6-bit
+    weights 0.68-0.75x (435 against 606 at 16 rows, g128; session 14), with no layout
+    conversion. Symmetric weights (a constant M + z) made Triton read the 4-bit operand through
+    shared memory, so they keep the float unpack."""
+    return (bits in ASM_BITS and not symmetric and group_size in (P.PER_CHANNEL, 128)
             and x_dtype in (torch.bfloat16, torch.float16) and not interpreter)
 
 
@@ -451,7 +499,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
     """Launch :func:`qlinear_mmT_kernel` with `cfg` (BLOCK_M/N, SPLIT_K, num_warps, num_stages,
     REDUCE: "ticket" (the default: split-K finished in the same launch, `tickets(device, n)`
     giving the int32 ticket counters) or "atomic" (fp32 atomics into a zeroed Y, cast after:
-    three kernels), ASM4 (default True: the PTX unpack where :func:`asm4` allows it; False
+    three kernels), ASM (default True: the PTX unpack where :func:`asm_unpack` allows it; False
     keeps the float unpack), XPERM (x permuted per block; `x_permuted`: it already is, as
     :func:`permute_x_blocks` gives it, and `K` is the weight's), maxnreg (registers per thread,
     on the GPU); the K block is always :data:`MMT_BLOCK_K`, whatever the group).
@@ -508,8 +556,8 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
              F32=out_dtype == torch.float32 if xcodes else (
                  x.dtype == torch.float32 or (interpreter and x.dtype == torch.bfloat16)),
              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], XCODES=xcodes,
-             ASM4=bool(cfg.get("ASM4", True))
-             and asm4(bits, group_size, zeros is None,
+             ASM=bool(cfg.get("ASM", True))
+             and asm_unpack(bits, group_size, zeros is None,
                       torch.float16 if xcodes else x.dtype, interpreter)),
         options, fast=not interpreter)
     return y.to(out_dtype) if mode == 1 and out_dtype != torch.float32 else y

@@ -190,17 +190,34 @@ def test_gpu_mmT_against_float64(cfg, bits, group, sym, M):
     _check(x, pw, torch.randn(N, generator=gen).to(bf16).cuda(), cfg)
 
 
-def test_asm_unpack_is_chosen_for_4bit_weights_with_zero_points_only():
-    # The PTX unpack (ASM4) where the sm_90 compile showed it keeps the MMA operand in
+def test_asm_unpack_is_chosen_for_4_and_6bit_weights_with_zero_points_only():
+    # The PTX unpack (ASM) where the sm_90 compile showed it keeps the MMA operand in
     # registers; never under the interpreter, which runs no PTX.
-    yes = [(4, 128, False, bf16), (4, -1, False, f16)]
-    no = [(4, 128, True, bf16), (4, 64, False, bf16), (6, 128, False, bf16), (8, -1, False, bf16),
-          (4, 128, False, f32)]
+    yes = [(4, 128, False, bf16), (4, -1, False, f16), (6, 128, False, bf16), (6, -1, False, f16)]
+    no = [(4, 128, True, bf16), (4, 64, False, bf16), (6, 128, True, bf16), (6, 32, False, bf16),
+          (5, 128, False, bf16), (8, -1, False, bf16), (4, 128, False, f32)]
     for bits, group, sym, dtype in yes:
-        assert SW.asm4(bits, group, sym, dtype, interpreter=False)
-        assert not SW.asm4(bits, group, sym, dtype, interpreter=True)
+        assert SW.asm_unpack(bits, group, sym, dtype, interpreter=False)
+        assert not SW.asm_unpack(bits, group, sym, dtype, interpreter=True)
     for bits, group, sym, dtype in no:
-        assert not SW.asm4(bits, group, sym, dtype, interpreter=False), (bits, group, sym, dtype)
+        assert not SW.asm_unpack(bits, group, sym, dtype, interpreter=False), (bits, group, sym)
+
+
+def test_six_pairs_ptx_places_both_fields():
+    # The 6-bit PTX per code position: the nibble's byte and the 2-bit field's byte gathered
+    # from both words of the pair, the field shifted to bits 4-5 of each half (left by 4 - p,
+    # right by p - 4, none at p = 4), merged under the magic exponent, and M + z subtracted.
+    for j in range(8):
+        asm = SW._six_pairs_asm(j, False)
+        b4, b2, p = j // 2, j // 4, (2 * j) % 8
+        assert f"prmt.b32 t, $1, $2, {b4 | b4 << 4 | (4 + b4) << 8 | (4 + b4) << 12};" in asm
+        assert f"prmt.b32 u, $3, $4, {b2 | b2 << 4 | (4 + b2) << 8 | (4 + b2) << 12};" in asm
+        assert ("shr.b32 t, t, 4;" in asm) == (j % 2 == 1)
+        shift = (f"shl.b32 u, u, {4 - p};" if p < 4 else f"shr.b32 u, u, {p - 4};" if p > 4
+                 else None)
+        assert shift is None or shift in asm
+        assert "lop3.b32 t, u, 3145776, t, 234;" in asm and asm.endswith("sub.rn.bf16x2 $0, t, $5; }")
+    assert "sub.rn.f16x2" in SW._six_pairs_asm(3, True) and "1677747200" in SW._six_pairs_asm(3, True)
 
 
 def test_asm_unpack_compiles_for_sm90_with_the_operand_in_registers():
@@ -212,20 +229,25 @@ def test_asm_unpack_compiles_for_sm90_with_the_operand_in_registers():
         sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"].split(os.pathsep)[0], "bench"))
         import compile_qlinear_sm90 as C
         from q3n_compile.kernels import qlinear as Q
-        for x_type, sub in (("*bf16", "sub.rn.bf16x2"), ("*fp16", "sub.rn.f16x2")):
+        ldsm = lambda loop: sum(v for o, v in loop["loop_shared"].items() if o.startswith("LDSM"))
+        for bits, x_type, sub, most in ((4, "*bf16", "sub.rn.bf16x2", 0.85),
+                                        (4, "*fp16", "sub.rn.f16x2", 0.85),
+                                        (6, "*bf16", "sub.rn.bf16x2", 0.8)):
             C.MMT_TYPES["X"] = C.MMT_TYPES["Y"] = C.MMT_TYPES["BIAS"] = x_type
             loops = {}
             for asm in (False, True):
                 k = C.compile_variant(Q, "mmT", dict(
-                    BITS=4, GROUP=128, SYM=False, HAS_BIAS=False, REDUCE=2, F32=False,
-                    XPERM=False, BLOCK_M=16, BLOCK_N=64, stride_xk=1, stride_yn=1, ASM4=asm,
+                    BITS=bits, GROUP=128, SYM=False, HAS_BIAS=False, REDUCE=2, F32=False,
+                    XPERM=False, BLOCK_M=16, BLOCK_N=64, stride_xk=1, stride_yn=1, ASM=asm,
                     XCODES=0),
                     4, 3)
-                loop = C.inner_loop(k.asm["cubin"], k.asm["ttgir"], 64 * 128)
-                assert not [o for o in loop["loop_shared"] if o.startswith("LDSM")], loop
-                loops[asm] = loop["loop_instrs"]
+                loops[asm] = C.inner_loop(k.asm["cubin"], k.asm["ttgir"], 64 * 128)
                 assert (sub in k.asm["ptx"] and "prmt.b32" in k.asm["ptx"]) == asm
-            assert loops[True] < 0.85 * loops[False], loops
+                assert loops[asm]["loop_convert_layout"] == 0, loops[asm]
+            # The weight operand stays in registers: no ldmatrix the float unpack does not have
+            # (4-bit: none; 6-bit: the 2-bit plane's 16-bit parts, in both).
+            assert ldsm(loops[True]) <= ldsm(loops[False]) <= (0 if bits == 4 else 1), loops
+            assert loops[True]["loop_instrs"] < most * loops[False]["loop_instrs"], loops
         print("ok")
     """)
 
@@ -238,21 +260,22 @@ MMT_32_ROWS = dict(path="mmT", BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, n
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [bf16, f16])
+@pytest.mark.parametrize("bits", [4, 6])
 @pytest.mark.parametrize("group,M,N,K,tile", [(128, 1, 4160, 4096, 0), (-1, 16, 12288, 4000, 0),
                                               (128, 33, 4096, 12288, 1), (-1, 33, 4160, 4000, 1),
                                               (128, 64, 4160, 4096, 2), (128, 32, 12288, 4096, 3),
                                               (-1, 20, 4160, 4000, 3)])
-def test_gpu_asm_unpack_is_the_float_unpack(dtype, group, M, N, K, tile):
+def test_gpu_asm_unpack_is_the_float_unpack(bits, dtype, group, M, N, K, tile):
     # The PTX unpack's q - z are the float unpack's, exactly, so the launches agree bit for bit;
     # and both against float64. N off the column blocks; per channel, K off the 128-channel
-    # blocks. The 32-row cases were added after s13run6 and have not run on the GPU yet.
+    # blocks. (4-bit, 32-row cases: first run in s14run1; 6-bit: session 14.)
     cfg = [GPU_TILES[0], GPU_TILES[4], GPU_TILES[5], MMT_32_ROWS][tile]
-    gen = _gen(f"gpuasm{group}{dtype}{M}{N}{K}")
-    pw = _packed(gen, N, K, 4, group, False, device="cuda")
+    gen = _gen(f"gpuasm{bits}{group}{dtype}{M}{N}{K}")
+    pw = _packed(gen, N, K, bits, group, False, device="cuda")
     x = torch.randn(M, K, generator=gen).to(dtype).cuda()
-    assert SW.asm4(4, group, False, dtype, interpreter=False)
-    args = (x, pw.qweight, pw.scales, pw.zeros, None, None, 4, group, K, "none")
+    assert SW.asm_unpack(bits, group, False, dtype, interpreter=False)
+    args = (x, pw.qweight, pw.scales, pw.zeros, None, None, bits, group, K, "none")
     got = Q._launch(*args, interpreter=False, path=dict(cfg))
-    plain = Q._launch(*args, interpreter=False, path=dict(cfg, ASM4=False))
+    plain = Q._launch(*args, interpreter=False, path=dict(cfg, ASM=False))
     assert torch.equal(got, plain)
     _check(x, pw, None, cfg)
