@@ -1041,7 +1041,8 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
 # W4A8 g128, ms): 128 rows 12288 x 4096 (192 tiles) 0.0594 / 0.0587 against split 2's 0.0692 /
 # 0.0691, 28672 x 8192 (448) 0.2193 / 0.2189 against 0.2277 / 0.2182; 64 rows 28672 x 8192
 # (224) 0.1191 / 0.1198 against split 4's 0.1262 / 0.1320. Where the tiles fall short (4096
-# columns: 32-64 tiles) the splits of before stay (split 1 ran 1.1-1.6x slower there).
+# columns: 32-64 tiles; 96 at 64 rows, 12288 x 4096) the splits of before stay (split 1 ran
+# 1.1-3.0x slower there).
 MMT_FILL = 0.7
 
 
