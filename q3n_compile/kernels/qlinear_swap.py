@@ -306,7 +306,10 @@ def qlinear_mmT_kernel(
     BLOCK_SCALE: tl.constexpr = GROUP == 128
     # Each K block's sum kept apart (then scaled): weight groups of 128, token groups of 128.
     SEPARATE: tl.constexpr = BLOCK_SCALE or XCODES == 2
-    # The MMA operands' dtype: x's own, or fp16 for codes (exact for every code format).
+    # The MMA operands' dtype: x's own, or fp16 for codes: exact for every code format (bf16
+    # holds integers only to 256), and the scaled weights of groups of 32/64 round to fp16's 11
+    # bits (finer than bf16's 8; an fp16 scale's multiples never underflow, and they overflow
+    # only for weights above 65504 in magnitude).
     OPD: tl.constexpr = tl.float16 if XCODES != 0 else X.dtype.element_ty
     r16 = tl.arange(0, 16)
     if PER_CHANNEL:

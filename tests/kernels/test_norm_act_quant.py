@@ -328,6 +328,23 @@ def test_qlinear_codes_mmT_reads_the_codes(act, ag, group, sym, split, M, dtype,
     assert err <= CODES_TOL[dtype], err
 
 
+@pytest.mark.parametrize("act", ["int8", "fp8"])
+def test_qlinear_codes_mmT_keeps_tiny_group_scales(act):
+    """Weights scaled per 32 channels by scales far below fp16's normal range (fp16-stored
+    subnormals): the fp16 operand (q - z) * s stays a multiple of the scale's quantum, exact."""
+    gen = _gen(f"mmTcodes_tiny{act}")
+    K, N, M = 256, 48, 5
+    pw = _packed(gen, N, K, 4, 32, False)
+    pw.scales.copy_((torch.rand(pw.scales.shape, generator=gen) * 1e-7 + 1e-7).to(f16))
+    x = torch.randn(M, K, generator=gen).to(bf16)
+    codes, xs = Q.quantize_activations_triton(x, act, None, interpreter=True)
+    got = Q._qlinear_codes_launch(codes, xs, pw.qweight, pw.scales, pw.zeros, None, 4, 32, K,
+                                  act, f32, interpreter=True, path=dict(MMT_CODES_TILE),
+                                  act_group_size=Q.PER_TOKEN)
+    ref = _codes_float64(codes, xs, pw, None, Q.PER_TOKEN)
+    assert (got.to(torch.float64) - ref).abs().max() / ref.abs().max() <= CODES_TOL[bf16]
+
+
 def test_mmT_reads_codes_rule():
     # Up to 8 rows always; to 32 rows for weights of at most 2^26; never above 32 rows.
     assert Q.mmT_reads_codes(8, 28672, 8192) and Q.mmT_reads_codes(32, 12288, 4096)
