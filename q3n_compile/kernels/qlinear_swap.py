@@ -228,13 +228,15 @@ def _magic_pair(v, dt: tl.constexpr):
 
 
 @triton.jit
-def _x_subtiles(X, k0, offs_m, m_ok, K, stride_xm, stride_xk, ROWS: tl.constexpr):
-    """x's K block at k0 for rows offs_m, as the 8 sub-tiles x_j [16, ROWS] with x_j[r, m] =
-    x[m, k0 + 8r + j]: [128, ROWS] -> [16, ROWS, 2, 2, 2] (j = 4a + 2b + c), split on c, then b,
-    then a."""
+def _x_subtiles(X, k0, offs_m, m_ok, K, stride_xm, stride_xk, ROWS: tl.constexpr,
+                DT: tl.constexpr):
+    """x's K block at k0 for rows offs_m in dtype DT, as the 8 sub-tiles x_j [16, ROWS] with
+    x_j[r, m] = x[m, k0 + 8r + j]: [128, ROWS] -> [16, ROWS, 2, 2, 2] (j = 4a + 2b + c), split
+    on c, then b, then a. (Codes are converted before the split: converted after it, each
+    sub-tile went to shared memory behind its own barrier, 16 a block against 2.)"""
     offs_k = k0 + tl.arange(0, 128)
     xt = tl.load(X + offs_k[:, None] * stride_xk + offs_m[None, :] * stride_xm,
-                 mask=(offs_k < K)[:, None] & m_ok[None, :], other=0.0)
+                 mask=(offs_k < K)[:, None] & m_ok[None, :], other=0.0).to(DT)
     x5 = tl.reshape(tl.permute(tl.reshape(xt, (16, 8, ROWS)), (0, 2, 1)), (16, ROWS, 2, 2, 2))
     xc0, xc1 = tl.split(x5)
     xc0b0, xc0b1 = tl.split(xc0)
@@ -327,7 +329,7 @@ def qlinear_mmT_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(k_start, k_end, 128):
         if not XPERM:
-            xs = _x_subtiles(X, k0, offs_m, m_ok, K, stride_xm, stride_xk, BLOCK_M)
+            xs = _x_subtiles(X, k0, offs_m, m_ok, K, stride_xm, stride_xk, BLOCK_M, OPD)
         # Scales and zero points, [BLOCK_N, 16] or [BLOCK_N, 1].
         if ROW_GROUPS:
             g = (k0 + 8 * r16) // GROUP
