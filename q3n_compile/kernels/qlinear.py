@@ -1050,22 +1050,21 @@ def _tiles_fill(tiles: int, sms: int) -> bool:
     return tiles >= MMT_FILL * 2 * sms
 
 
-# mmT reads activation codes itself (``q3n::qlinear_codes``) up to 8 rows, and up to 32 rows
-# for weights of at most CODES_MAX_WEIGHTS; elsewhere the codes are dequantised (permuted) by
-# one torch multiply first, for the tile with x permuted. s14run2 (bench_qlinear_codes.py, ms,
-# codes read / dequantised first; W4A8 fp8 per token): 4 rows 0.0136 / 0.0235 (4096^2), 0.0657
-# / 0.0837 (28672 x 8192); 16 rows 0.0161 / 0.0239, 0.0271 / 0.0334 (12288 x 4096), but 0.0887
-# / 0.0825 at 28672 x 8192; 32 rows 0.0178 / 0.0272, 0.0302 / 0.0395 (4096 x 12288); 64 rows
-# 0.0237 / 0.0292 at 4096^2 but 0.0530 / 0.0464 and 0.1890 / 0.1383 on the two larger shapes.
-# W6A12 and W4A8 with scales per 128 channels likewise (128 scales at 28672 x 8192 lost from
-# 16 rows).
-CODES_MAX_ROWS = (8, 32)
-CODES_MAX_WEIGHTS = 1 << 26
+# mmT reads activation codes itself (``q3n::qlinear_codes``) up to CODES_MAX_ROWS rows; above
+# (4-bit weights to 128 rows) the codes are dequantised (permuted) by one torch multiply first,
+# for the tile with x permuted. s14run7 (bench_qlinear_codes.py, ms, codes read / dequantised
+# first, at 29d6101: the K block converted before its split): W4A8 fp8 per token 16 rows
+# 0.0152 / 0.0236 (4096^2), 0.0242 / 0.0327 (12288 x 4096), 0.0263 / 0.0324 (4096 x 12288),
+# 0.0739 / 0.0826 (28672 x 8192); 32 rows 0.0176 / 0.0267, 0.0313 / 0.0357, 0.0300 / 0.0388,
+# 0.1064 / 0.1101; 64 rows 0.0241 / 0.0292, 0.0417 / 0.0460, 0.0457 / 0.0463, 0.1189 / 0.1257;
+# W6A12 likewise (0.77-0.95x). Before that fix (s14run2) the codes tile lost from 64 rows and
+# at 28672 x 8192 from 16 rows. 65-128 rows: not measured with the fix.
+CODES_MAX_ROWS = 64
 
 
-def mmT_reads_codes(M: int, N: int, K: int) -> bool:
+def mmT_reads_codes(M: int) -> bool:
     """Whether ``q3n::qlinear_codes`` hands mmT the codes themselves (else dequantised x)."""
-    return M <= CODES_MAX_ROWS[0] or (M <= CODES_MAX_ROWS[1] and N * K <= CODES_MAX_WEIGHTS)
+    return M <= CODES_MAX_ROWS
 
 
 # 4-bit weights from 65 to 128 rows, every activation format: mmT's 64-row tile (x permuted,
@@ -1258,7 +1257,7 @@ def _gemm_codes(codes, xs, out_dtype, qweight, scales, zeros, bias, bits, group_
     function)."""
     M, K = codes.shape
     if (cfg["path"] == "mmT" and act_group_size in SW.CODE_ACT_GROUPS
-            and mmT_reads_codes(M, qweight.shape[1], K)):
+            and mmT_reads_codes(M)):
         return SW.run(codes, qweight, scales, zeros, bias, bits, group_size,
                       dict(cfg, XPERM=False), interpreter, _tickets, xscales=xs,
                       act_group_size=act_group_size, out_dtype=out_dtype)

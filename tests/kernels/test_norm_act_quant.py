@@ -346,16 +346,16 @@ def test_qlinear_codes_mmT_keeps_tiny_group_scales(act):
 
 
 def test_mmT_reads_codes_rule():
-    # Up to 8 rows always; to 32 rows for weights of at most 2^26; never above 32 rows.
-    assert Q.mmT_reads_codes(8, 28672, 8192) and Q.mmT_reads_codes(32, 12288, 4096)
-    assert not Q.mmT_reads_codes(16, 28672, 8192) and not Q.mmT_reads_codes(33, 64, 64)
+    # Up to 64 rows (every mmT tile but 4-bit weights' 65-128 rows).
+    assert Q.mmT_reads_codes(1) and Q.mmT_reads_codes(64)
+    assert not Q.mmT_reads_codes(65) and not Q.mmT_reads_codes(128)
 
 
-def test_qlinear_codes_mmT_dequantises_first_above_32_rows(monkeypatch):
-    """Above 32 rows the codes are dequantised (once) and the tile takes 16-bit x: against
+def test_qlinear_codes_mmT_dequantises_first_above_64_rows(monkeypatch):
+    """Above 64 rows the codes are dequantised (once) and the tile takes 16-bit x: against
     float64."""
-    gen = _gen("mmTcodes_rows40")
-    K, N, M = 256, 40, 40
+    gen = _gen("mmTcodes_rows72")
+    K, N, M = 256, 40, 72
     pw = _packed(gen, N, K, 4, 128, False)
     x = torch.randn(M, K, generator=gen).to(bf16)
     codes, xs = Q.quantize_activations_triton(x, "int8", None, interpreter=True)
@@ -620,8 +620,8 @@ def test_gpu_grouped_qlinear_codes_is_qlinear(act, M):
     (6, 128, False, 48), (8, -1, True, 4), (8, -1, True, 32)])
 def test_gpu_qlinear_codes_mmT_against_float64(bits, group, sym, act, ag, M):
     """The dispatched mmT tiles (8 to 64 rows, 4-bit weights to 128) on codes, against float64:
-    read by the tile (the PTX unpack on fp16 operands for 4-bit weights with zero points) where
-    :func:`Q.mmT_reads_codes` says so (4, 16 and 32 rows here), else dequantised first."""
+    read by the tile (the PTX unpack on fp16 operands for 4- and 6-bit weights with zero points)
+    where :func:`Q.mmT_reads_codes` says so (4 to 48 rows here), else dequantised first (100)."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"gpummTcodes{bits}{group}{act}{ag}{M}".encode()))
     K, N = 4096 + 128, 4160
     pw = _packed(gen, N, K, bits, group, sym)
