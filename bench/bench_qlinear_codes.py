@@ -39,11 +39,6 @@ FORMATS = {"w4a8": (4, 128, False, "fp8", Q.PER_TOKEN), "w6a12": (6, 128, False,
 TOL = 1e-2  # relative to max |y|: bf16 output rounding
 
 
-def float64_reference(codes, xs, pw, K, ag):
-    a = codes.to(torch.float64) * Q.expand_act_scales(xs.to(torch.float64), K, ag)
-    return a @ pw.dequantize(torch.float64).t()
-
-
 def run_shape(M, N, K, formats, gen):
     x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
     w = (torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to(torch.bfloat16)
@@ -56,7 +51,8 @@ def run_shape(M, N, K, formats, gen):
         pw = random_packed(gen, N, K, bits, group, sym)
         codes, xs = Q.quantize_activations_triton(x, act, None, False, ag)
         cfg = Q.choose_path(M, N, K, bits, group, act, x.dtype, x.device, act_group_size=ag)
-        ref = float64_reference(codes, xs, pw, K, ag)
+        ref = Q.reference_codes(codes, xs, pw.qweight, pw.scales, pw.zeros, None, bits, group,
+                                K, act, torch.float64, ag)
         w_args = (pw.qweight, pw.scales, pw.zeros, None, bits, group)
 
         def op():

@@ -1863,14 +1863,15 @@ def reference_codes(codes: torch.Tensor, xscales: torch.Tensor, qweight: torch.T
                     bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
                     act: str, out_dtype: torch.dtype, act_group_size: int = PER_TOKEN
                     ) -> torch.Tensor:
-    """Plain torch with ``q3n::qlinear_codes``'s semantics (float32 math, as :func:`reference`)."""
+    """Plain torch with ``q3n::qlinear_codes``'s semantics: float32 math (float64 for a float64
+    `out_dtype`, the tests' and benchmarks' reference), as :func:`reference`."""
+    cdt = torch.float64 if out_dtype == torch.float64 else torch.float32
     w = P.dequantize(P.unpack_codes(qweight, bits, in_features), scales, zeros, bits, group_size,
-                     dtype=torch.float32)
-    a = codes.to(torch.float32) * expand_act_scales(xscales.to(torch.float32), in_features,
-                                                    act_group_size)
+                     dtype=cdt)
+    a = codes.to(cdt) * expand_act_scales(xscales.to(cdt), in_features, act_group_size)
     y = a @ w.t()
     if bias is not None:
-        y = y + bias.to(torch.float32)
+        y = y + bias.to(cdt)
     return y.to(out_dtype)
 
 

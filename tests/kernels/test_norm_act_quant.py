@@ -288,10 +288,8 @@ def test_qlinear_codes_is_qlinear(M, act, ag, dtype):
 
 def _codes_float64(codes, xs, pw, bias, ag):
     """y = (c * s_x) @ W^T + b in float64: what q3n::qlinear_codes stands for."""
-    K = codes.shape[1]
-    a = codes.to(torch.float64) * Q.expand_act_scales(xs.to(torch.float64), K, ag)
-    y = a @ pw.dequantize(torch.float64).t()
-    return y if bias is None else y + bias.to(torch.float64)
+    return Q.reference_codes(codes, xs, pw.qweight, pw.scales, pw.zeros, bias, pw.bits,
+                             pw.group_size, codes.shape[1], "int8", torch.float64, ag)
 
 
 # The swapped-operand tile as the interpreter runs it (num_stages 1), K in 1 or 2 splits.

@@ -150,8 +150,8 @@ def test_mmT_with_quantized_activations_is_the_dequant_path(act, ag, xperm, K):
     via_codes = Q._qlinear_codes_launch(codes, xs, pw.qweight, pw.scales, pw.zeros, None, 4, 32,
                                         K, act, f16, True, path=cfg, act_group_size=ag)
     if ag in SW.CODE_ACT_GROUPS:
-        a = codes.double() * Q.expand_act_scales(xs.double(), K, ag)
-        of_codes = a @ pw.dequantize(torch.float64).t()
+        of_codes = Q.reference_codes(codes, xs, pw.qweight, pw.scales, pw.zeros, None, 4, 32, K,
+                                     act, torch.float64, ag)
         assert (via_codes.double() - of_codes).abs().max() <= TOL[f16] * of_codes.abs().max()
         assert not torch.equal(via_codes, got)  # the codes themselves were multiplied
     else:
