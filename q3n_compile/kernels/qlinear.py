@@ -138,6 +138,7 @@ import triton.language as tl
 from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear_cublas8 as C8
+from q3n_compile.kernels import qlinear_mm8 as M8
 from q3n_compile.kernels import qlinear_swap as SW
 from q3n_compile.kernels.norm_linear import normalise_rows
 from q3n_compile.kernels.qcodes import block_minus_zero, load_codes, tile_minus_zero, tile_setup
@@ -1269,6 +1270,9 @@ def _gemm_codes(codes, xs, out_dtype, qweight, scales, zeros, bias, bits, group_
                           _tickets, x_permuted=xperm, K=K)
         wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, out_dtype, interpreter)
         return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
+    if cfg["path"] == "mm8":
+        return M8.run(codes, xs, qweight, scales, zeros, bias, bits, group_size, act,
+                      act_group_size, out_dtype, cfg, interpreter)
     if cfg["path"] == "cublas8":
         reason = C8.eligible(qweight.shape[1], K, bits, group_size, act, out_dtype,
                              codes.dtype == torch.float8_e4m3fn, act_group_size)
