@@ -44,6 +44,25 @@ OPD_F16, OPD_I8, OPD_F8 = 0, 1, 2
 
 
 @triton.jit
+def _minus_zero(words, z, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """q - z (fp32, exact) of a K block's words [BLOCK_N, WORDS] as [BLOCK_N, 128]: each
+    position j of the words (one LOP3 and one FFMA a code: the magic-float field of
+    qlinear_swap), joined along new last axes, innermost first: j's highest bit first, its
+    lowest last, so that the reshape puts position j of word r at channel 32 / BITS * r + j
+    (the packing's order)."""
+    lo, hi = _halves(words)
+    if BITS == 8:
+        wt = tl.join(tl.join(_field(lo, hi, 0, 8, z), _field(lo, hi, 16, 8, z)),
+                     tl.join(_field(lo, hi, 8, 8, z), _field(lo, hi, 24, 8, z)))
+    else:
+        wt = tl.join(tl.join(tl.join(_field(lo, hi, 0, 4, z), _field(lo, hi, 16, 4, z)),
+                             tl.join(_field(lo, hi, 8, 4, z), _field(lo, hi, 24, 4, z))),
+                     tl.join(tl.join(_field(lo, hi, 4, 4, z), _field(lo, hi, 20, 4, z)),
+                             tl.join(_field(lo, hi, 12, 4, z), _field(lo, hi, 28, 4, z))))
+    return tl.reshape(wt, (BLOCK_N, 128))
+
+
+@triton.jit
 def qlinear_mm8_kernel(
     C, XS, QW, S, Z, BIAS, Y,
     M, N, K, K_PAD, ROW, stride_cm, stride_xsm, stride_ym,
@@ -87,18 +106,33 @@ def qlinear_mm8_kernel(
     elif PER_CHANNEL:
         z = z_col
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # Integer products with one scale per column and token: the int32 accumulator is exact
+    # across blocks, so the MMAs chain (no per-block fp32 pass).
+    CHAIN: tl.constexpr = OPD == 1 and PER_CHANNEL and not XGROUPS
+    if CHAIN:
+        iacc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    # 8-bit symmetric codes as int8: q - 128 is the byte with its top bit flipped, so the
+    # plane's bytes are the operand after one XOR (no word split).
+    BYTES: tl.constexpr = BITS == 8 and SYM and OPD == 1
+    QB = QW.to(tl.pointer_type(tl.int8))
+    b_offs = ((ROW + offs_kb // 4)[None, :] * N + offs_n[:, None]) * 4 + (offs_kb % 4)[None, :]
     # The block's words as [BLOCK_N, WORDS]: each thread then holds whole words, and the weight
     # operand leaves it K-contiguous (vector stores to the MMA's K-major buffer).
     w_ptrs = QW + (ROW + w_rows)[None, :] * N + offs_n[:, None]
     n_words = K_PAD // PER
-    if PREFETCH:
+    PF: tl.constexpr = PREFETCH and not BYTES
+    if PF:
         words_next = tl.load(w_ptrs, mask=(w_rows < n_words)[None, :] & n_ok[:, None], other=0)
     for k0 in range(0, K_PAD, 128):
         offs_k = k0 + offs_kb
         a = tl.load(C + offs_m[:, None] * stride_cm + offs_k[None, :],
                     mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
         r = k0 // PER + w_rows
-        if PREFETCH:
+        if BYTES:
+            wb = tl.load(QB + b_offs + (k0 // 4) * N * 4,
+                         mask=((k0 + offs_kb) // 4 < n_words)[None, :] & n_ok[:, None], other=0)
+            wb = wb ^ -128
+        elif PF:
             # The next block's words loaded a block ahead (registers): Triton's pipeline does
             # not stage loads that reach the MMA through arithmetic.
             words = words_next
@@ -109,33 +143,28 @@ def qlinear_mm8_kernel(
                             mask=(r < n_words)[None, :] & n_ok[:, None], other=0)
         if not SYM and not PER_CHANNEL:
             z = tl.load(Z + (k0 // 128) * N + offs_n, mask=n_ok, other=0).to(tl.float32)[:, None]
-        # q - z of each position j of the words (one LOP3 and one FFMA a code: the magic-float
-        # field of qlinear_swap), joined along new last axes, innermost first: j's highest bit
-        # first, its lowest last, so that the reshape puts position j of word r at channel
-        # PER * r + j (the packing's order).
-        lo, hi = _halves(words)
-        if BITS == 8:
-            wt = tl.join(tl.join(_field(lo, hi, 0, 8, z), _field(lo, hi, 16, 8, z)),
-                         tl.join(_field(lo, hi, 8, 8, z), _field(lo, hi, 24, 8, z)))
+        if BYTES:
+            wt = wb
         else:
-            wt = tl.join(tl.join(tl.join(_field(lo, hi, 0, 4, z), _field(lo, hi, 16, 4, z)),
-                                 tl.join(_field(lo, hi, 8, 4, z), _field(lo, hi, 24, 4, z))),
-                         tl.join(tl.join(_field(lo, hi, 4, 4, z), _field(lo, hi, 20, 4, z)),
-                                 tl.join(_field(lo, hi, 12, 4, z), _field(lo, hi, 28, 4, z))))
-        wt = tl.reshape(wt, (BLOCK_N, 128))
-        if OPD == 1:
-            part = tl.dot(a, tl.trans(wt.to(tl.int8)), out_dtype=tl.int32).to(tl.float32)
-        elif OPD == 2:
-            part = tl.dot(a, tl.trans(wt.to(tl.float8e4nv)))
+            wt = _minus_zero(words, z, BITS, BLOCK_N)
+        if CHAIN:
+            iacc = tl.dot(a, tl.trans(wt.to(tl.int8)), iacc, out_dtype=tl.int32)
         else:
-            part = tl.dot(a.to(tl.float16), tl.trans(wt.to(tl.float16)))
-        if not PER_CHANNEL:
-            part = part * tl.load(S + (k0 // 128) * N + offs_n, mask=n_ok,
-                                  other=0.0).to(tl.float32)[None, :]
-        if XGROUPS:
-            part = part * tl.load(XS + offs_m * stride_xsm + k0 // 128, mask=m_ok,
-                                  other=0.0)[:, None]
-        acc += part
+            if OPD == 1:
+                part = tl.dot(a, tl.trans(wt.to(tl.int8)), out_dtype=tl.int32).to(tl.float32)
+            elif OPD == 2:
+                part = tl.dot(a, tl.trans(wt.to(tl.float8e4nv)))
+            else:
+                part = tl.dot(a.to(tl.float16), tl.trans(wt.to(tl.float16)))
+            if not PER_CHANNEL:
+                part = part * tl.load(S + (k0 // 128) * N + offs_n, mask=n_ok,
+                                      other=0.0).to(tl.float32)[None, :]
+            if XGROUPS:
+                part = part * tl.load(XS + offs_m * stride_xsm + k0 // 128, mask=m_ok,
+                                      other=0.0)[:, None]
+            acc += part
+    if CHAIN:
+        acc = iacc.to(tl.float32)
     if not XGROUPS:
         acc = acc * tl.load(XS + offs_m, mask=m_ok, other=0.0)[:, None]
     if PER_CHANNEL:
