@@ -946,7 +946,29 @@ _TABLE_KEY = {"none": "a16", "int8": "a8", "fp8": "a8", "int12": "a12"}
 # tiles' 0.072-0.56 and dequantise + cuBLAS's 0.054-0.43 (W4A8 g128, per token and per 128
 # channels: 8 of 8 rows faster); int8 (W8A8 per channel) was slower than its tile in 3 of 4
 # shapes at 256 rows and faster than every alternative at 1024 and 4096.
-CUBLAS8_MIN_M = {"fp8": 256, "int8": 257}
+# s15run1-2 (bench_qlinear_mm8.py, W4A8 g128 fp8 per token and per 128 channels, codes given):
+# at 96 and 128 rows cublas8 ran 0.0292-0.1990 ms against the 64-row mmT tile's (codes
+# dequantised first) 0.0354-0.2281, faster in all 20 rows (1.02-1.38x), so fp8 takes it from
+# 65 rows; between, the mm tile had lost to mmT (s10run4), and at 256 cublas8 won (s8run1).
+CUBLAS8_MIN_M = {"fp8": 65, "int8": 257}
+# mm8 (:mod:`qlinear_mm8`) for fp8 codes with one scale per token, 4-bit weights, 65-128 rows,
+# where its 128 x 32 tiles fill two programs an SM: s15run2 (ms, mm8 / cublas8) 96 rows
+# 0.0444 / 0.0562 (12288 x 4096, 384 tiles), 0.1728 / 0.1940 (28672 x 8192, 896); 128 rows
+# 0.0440 / 0.0616, 0.1710 / 0.1987. With 128 tiles (N = 4096) it tied at K = 4096 (0.0288 /
+# 0.0292, 0.0289 / 0.0298) and lost at K = 12288 (0.0753 / 0.0563: 96 K blocks a program).
+# With scales per 128 channels it lost at 28672 x 8192 (0.2351 / 0.1956), so those keep
+# cublas8. At 256 rows its 128 x 64 tile lost to cublas8 on all four shapes (s15run1).
+MM8_ROWS = (65, 128)
+MM8_TILE = dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, GROUP_M=8)
+
+
+def _mm8_takes(M: int, N: int, bits: int, group_size: int, act: str, act_group_size: int,
+               sms: int) -> bool:
+    """mm8 where it was measured faster (per-channel weights, whose cuBLAS GEMM is row-scaled,
+    were not measured against it)."""
+    tiles = contract.cdiv(M, MM8_TILE["BLOCK_M"]) * contract.cdiv(N, MM8_TILE["BLOCK_N"])
+    return (act == "fp8" and bits == 4 and group_size == 128 and act_group_size == PER_TOKEN
+            and MM8_ROWS[0] <= M <= MM8_ROWS[1] and tiles >= 2 * sms)
 
 
 def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
@@ -981,16 +1003,19 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     for max_m, path, tile in CUDA_TABLE[_TABLE_KEY[act]]:
         if max_m is None or M <= max_m:
             break
+    cublas8 = (M >= CUBLAS8_MIN_M.get(act, 1 << 62)
+               and C8.eligible(N, K, bits, group_size, act, dtype, fp8_supported(device),
+                               act_group_size) is None)
+    if cublas8 and _mm8_takes(M, N, bits, group_size, act, act_group_size, sms):
+        return dict(path="mm8", **MM8_TILE)
+    if cublas8:
+        return dict(path="cublas8")
     if bits == 4 and MMT_64_MAX_M[0] < M <= MMT_64_MAX_M[1]:
         tiles64 = contract.cdiv(M, 64) * contract.cdiv(N, 128)
         return dict(path="mmT", BLOCK_M=64, BLOCK_N=128, BLOCK_K=SW.MMT_BLOCK_K,
                     SPLIT_K=1 if _tiles_fill(tiles64, sms)
                     else _keep_two_blocks(2, k_pad, SW.MMT_BLOCK_K),
                     num_warps=8, num_stages=3, XPERM=True)
-    if (M >= CUBLAS8_MIN_M.get(act, 1 << 62)
-            and C8.eligible(N, K, bits, group_size, act, dtype, fp8_supported(device),
-                            act_group_size) is None):
-        return dict(path="cublas8")
     if path == "dequant":
         return dict(path="dequant")
     if path == "gemv" and bits in GEMV1P_BITS:

@@ -344,7 +344,7 @@ def test_choose_path_table():
     # 4-bit weights to 128 rows: the 64-row tile, x permuted, K in 2; others dequantise.
     m128 = Q.choose_path(128, 4096, 4096, 4, 128, "int12", bf16, cuda, sm_count=132)
     assert (m128["path"], m128["BLOCK_M"], m128["SPLIT_K"], m128["XPERM"]) == ("mmT", 64, 2, True)
-    assert Q.choose_path(128, 12288, 4096, 4, 128, "fp8", bf16, cuda, sm_count=132)["SPLIT_K"] == 1
+    assert Q.choose_path(128, 12288, 4096, 4, 128, "int8", bf16, cuda, sm_count=132)["SPLIT_K"] == 1
     assert Q.choose_path(65, 4096, 4096, 6, 128, "none", bf16, cuda, sm_count=132)["path"] == "dequant"
     assert Q.choose_path(129, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "dequant"
     assert Q.choose_path(16, 4096, 4096, 8, -1, "none", bf16, cuda, sm_count=132)["path"] == "mmT"

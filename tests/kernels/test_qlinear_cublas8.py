@@ -110,9 +110,21 @@ def test_choose_path_takes_cublas8_where_eligible(monkeypatch):
     assert Q.choose_path(4096, 4096, 4096, 4, 128, "fp8", dtype=torch.float16, device=cuda,
                          sm_count=132)["path"] == "dequant"
     assert Q.choose_path(4096, 4096, 4096, 4, 128, "none", **big)["path"] == "dequant"
-    # From CUBLAS8_MIN_M rows: fp8 from 256, int8 above 256; below, the Triton tiles.
+    # From CUBLAS8_MIN_M rows: fp8 from 65 (mm8 from 65 to 128 rows where its tiles fill the
+    # SMs twice: per-token scales, 4-bit weights), int8 above 256; below, the Triton tiles.
     assert Q.choose_path(256, 4096, 4096, 4, 128, "fp8", **big)["path"] == "cublas8"
-    assert Q.choose_path(255, 4096, 4096, 4, 128, "fp8", **big)["path"] == "mm"
+    assert Q.choose_path(255, 4096, 4096, 4, 128, "fp8", **big)["path"] == "cublas8"
+    assert Q.choose_path(65, 4096, 4096, 4, 128, "fp8", **big)["path"] == "cublas8"
+    assert Q.choose_path(64, 4096, 4096, 4, 128, "fp8", **big)["path"] == "mmT"
+    assert Q.choose_path(255, 4096, 4096, 4, 128, "int8", **big)["path"] == "mm"
+    for m, n in ((65, 8448), (128, 12288), (100, 28672)):  # >= 264 tiles of 128 x 32
+        cfg = Q.choose_path(m, n, 4096, 4, 128, "fp8", **big)
+        assert cfg == dict(path="mm8", **Q.MM8_TILE), (m, n, cfg)
+    assert Q.choose_path(65, 8416, 4096, 4, 128, "fp8", **big)["path"] == "cublas8"  # 263
+    assert Q.choose_path(129, 12288, 4096, 4, 128, "fp8", **big)["path"] == "cublas8"
+    assert Q.choose_path(128, 12288, 4096, 4, 128, "fp8", act_group_size=128,
+                         **big)["path"] == "cublas8"
+    assert Q.choose_path(128, 12288, 4096, 4, -1, "fp8", **big)["path"] == "cublas8"
     assert Q.choose_path(256, 4096, 4096, 8, -1, "int8", **big)["path"] == "mm"
     assert Q.choose_path(257, 4096, 4096, 8, -1, "int8", **big)["path"] == "cublas8"
     monkeypatch.setattr(Q, "fp8_supported", lambda device: False)
@@ -167,3 +179,20 @@ def test_gpu_dispatch_takes_cublas8_at_large_m():
         pytest.skip("no fp8 tensor cores on this GPU")
     cfg = Q.choose_path(4096, 4096, 4096, 4, 128, "fp8", bf16, torch.device("cuda"))
     assert cfg["path"] == "cublas8"
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("M,N,path", [(65, 4096, "cublas8"), (100, 12288, "mm8"),
+                                      (128, 8448, "mm8")])
+def test_gpu_dispatch_from_65_rows_against_float64(M, N, path):
+    # The op as dispatched on fp8 codes from 65 rows (cublas8, or mm8 where its tiles fill the
+    # SMs), from bf16 x, with a bias.
+    if not Q.fp8_supported(torch.device("cuda")):
+        pytest.skip("no fp8 tensor cores on this GPU")
+    K = 4096
+    assert Q.choose_path(M, N, K, 4, 128, "fp8", bf16, torch.device("cuda"))["path"] == path
+    gen = _gen(f"gpu65{M}{N}")
+    pw = _packed(gen, N, K, 4, 128, False, device="cuda")
+    x = torch.randn(M, K, generator=gen).to(bf16).cuda()
+    check_against_float64(x, pw, torch.randn(N, generator=gen).to(bf16).cuda(), act="fp8")
