@@ -69,13 +69,18 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   quantized and dequantised first, in one pass over x (with their groups' scales), so the
   function computed is the same.
 - ``cublas8`` (:mod:`q3n_compile.kernels.qlinear_cublas8`): for 8-bit activations from
-  :data:`CUBLAS8_MIN_M` rows, where the format allows (fp8 with weights of <= 4 bits and scales
+  :data:`CUBLAS8_MIN_M` rows (fp8: 65, int8: 257), where the format allows (fp8 with weights of <= 4 bits and scales
   per 128 channels or per channel; int8 with per-channel weights and per-token scales): the
   weight's integer codes are unpacked to an 8-bit ``[N, K]`` matrix for the call and cuBLAS's
   block-scaled fp8 GEMM (or its int8 GEMM) multiplies them. s8run1 (H200, M = 4096): W4A8 g128
   1.02-1.23x bf16, W8A8 0.87-1.12x, where dequantise + cuBLAS ran 0.49-0.87x.
+- ``mm8`` (:mod:`q3n_compile.kernels.qlinear_mm8`): fp8 codes with per-token scales times 4-bit
+  g128 weights on fp8 MMAs, the packed weight unpacked in the tile (nothing written), from 65 to
+  128 rows where its 128 x 32 tiles make two programs an SM (:func:`_mm8_takes`); elsewhere
+  cublas8 was faster (session 15).
 - ``mmT`` (:mod:`q3n_compile.kernels.qlinear_swap`): the tiles with operands swapped, for 3 to
-  64 rows and every bit width, to 128 rows for 4-bit weights (:data:`MMT_64_MAX_M`) (8-, 16-,
+  64 rows and every bit width, to 128 rows for 4-bit weights (:data:`MMT_64_MAX_M`; fp8 codes
+  that cublas8 takes go there from 65 rows instead) (8-, 16-,
   32- and 64-row tiles; K blocks of 128 channels whatever the group; K split as the GEMV's up
   to 16 rows, by the mm rule above from 17 to 32, in 4 at 64): the weight is unpacked in 8
   sub-tiles of channels ``8r + j`` that reach the MMA with no layout conversion; split K is
@@ -957,7 +962,8 @@ CUBLAS8_MIN_M = {"fp8": 65, "int8": 257}
 # 0.0440 / 0.0616, 0.1710 / 0.1987. With 128 tiles (N = 4096) it tied at K = 4096 (0.0288 /
 # 0.0292, 0.0289 / 0.0298) and lost at K = 12288 (0.0753 / 0.0563: 96 K blocks a program).
 # With scales per 128 channels it lost at 28672 x 8192 (0.2351 / 0.1956), so those keep
-# cublas8. At 256 rows its 128 x 64 tile lost to cublas8 on all four shapes (s15run1).
+# cublas8. At 256 rows it won on two shapes (4096^2, 12288 x 4096) and lost on two (4096 x
+# 12288, 28672 x 8192: 0.3255 / 0.2598; s15run3), with no tile count between them.
 MM8_ROWS = (65, 128)
 MM8_TILE = dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, GROUP_M=8)
 

@@ -1,11 +1,19 @@
 """``q3n::qlinear``'s "mm8" path: 8-bit activation codes times packed weight codes on 8-bit tensor
-cores (fp8 e4m3 or int8 MMAs), the weight unpacked in the kernel, for the many-row calls.
+cores (fp8 e4m3 or int8 MMAs), the weight unpacked in the kernel.
 
-Why: from 256 rows the cublas8 path unpacks the weight's ``q - z`` to a dense 8-bit ``[N, K]``
-matrix for every call and hands it to cuBLAS; at 256 rows that unpack (0.113 ms at 28672 x 8192,
-s8run2) was 44% of the call, and the path ran 0.49-0.76x bf16. Here the packed words (4 bits a
-weight) are read once per tile and unpacked on the way to the MMA, so the weight's DRAM traffic
-is the packed bytes and nothing is written.
+Why: the cublas8 path unpacks the weight's ``q - z`` to a dense 8-bit ``[N, K]`` matrix for
+every call and hands it to cuBLAS; at 256 rows that unpack (0.113 ms at 28672 x 8192, s8run2)
+was 44% of the call. Here the packed words (4 bits a weight) are read once per tile and unpacked
+on the way to the MMA, so the weight's DRAM traffic is the packed bytes and nothing is written.
+
+Measured (H200, bench/RESULTS.md session 15): its 128 x 32 tile beats cublas8 for 4-bit g128
+weights and per-token fp8 codes from 65 to 128 rows where the tiles fill the SMs twice (0.0440
+against 0.0616 ms at 128 rows, 12288 x 4096), which is where :func:`q3n_compile.kernels.qlinear.
+choose_path` uses it. It loses where the GEMM is long (0.44-0.56x bf16 at 4096 rows, against
+cublas8's 1.17-1.27x): with per-group scales each block's MMA is waited for before its sum is
+scaled, so the unpack and the MMA do not overlap (Triton 3.6 does not warp-specialise on
+Hopper). The int8 variant for 8-bit per-channel weights (the int32 accumulator chained) ran
+0.09-0.45x bf16 from 256 rows, slower than the mm tile and cublas8; it is not dispatched.
 
 The tile: ``acc[BLOCK_M, BLOCK_N] += c[BLOCK_M, 128] @ (q - z)[128, BLOCK_N]`` per K block of 128
 channels (one weight group), the codes ``c`` straight from memory to the MMA (K contiguous), the
