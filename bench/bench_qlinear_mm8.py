@@ -5,7 +5,8 @@ in the same process.
 Per shape and format: ``bf16`` (``F.linear``), ``dispatched`` (``q3n::qlinear_codes`` on the
 same codes, the path ``choose_path`` picks: cublas8 from 256 rows, mmT or the mm tile below),
 ``cublas8`` where it computes the format, and ``mm8`` at every tile of ``--tiles``
-(BLOCK_M x BLOCK_N x warps x stages[xGROUP_M][:noprefetch]). Every launch is first checked
+(BLOCK_M x BLOCK_N x warps x stages[xGROUP_M][:flags], flags comma-separated: noprefetch,
+sN for K split N ways). Every launch is first checked
 against the float64 reference of the codes (``qlinear.reference_codes``); times are CUDA-graph
 replays (``do_bench`` median, L2 flushed). Writes JSON (GPU, versions, commit, date, rows).
 
@@ -41,8 +42,11 @@ TOL = 1e-2  # relative to max |y|: bf16 output rounding
 def parse_tile(text: str) -> dict:
     dims, _, flag = text.partition(":")
     v = [int(t) for t in dims.split("x")]
+    flags = flag.split(",") if flag else []
+    split = [int(f[1:]) for f in flags if f.startswith("s")]
     return dict(BLOCK_M=v[0], BLOCK_N=v[1], num_warps=v[2], num_stages=v[3],
-                GROUP_M=v[4] if len(v) > 4 else 8, PREFETCH=flag != "noprefetch")
+                GROUP_M=v[4] if len(v) > 4 else 8, PREFETCH="noprefetch" not in flags,
+                SPLIT_K=split[0] if split else 1)
 
 
 def run_shape(M, N, K, formats, tiles, gen):
@@ -70,7 +74,7 @@ def run_shape(M, N, K, formats, tiles, gen):
         for tile in tiles:
             tcfg = parse_tile(tile)
             impls.append((f"mm8_{tile}", lambda tcfg=tcfg: M8.run(
-                codes, xs, *w_args, act, ag, x.dtype, tcfg, False), tcfg))
+                codes, xs, *w_args, act, ag, x.dtype, tcfg, False, Q._tickets), tcfg))
         for impl, fn, path in impls:
             row = dict(M=M, N=N, K=K, impl=f"{name}_{impl}", act=act, path=path)
             try:

@@ -1303,7 +1303,7 @@ def _gemm_codes(codes, xs, out_dtype, qweight, scales, zeros, bias, bits, group_
         return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
     if cfg["path"] == "mm8":
         return M8.run(codes, xs, qweight, scales, zeros, bias, bits, group_size, act,
-                      act_group_size, out_dtype, cfg, interpreter)
+                      act_group_size, out_dtype, cfg, interpreter, _tickets)
     if cfg["path"] == "cublas8":
         reason = C8.eligible(qweight.shape[1], K, bits, group_size, act, out_dtype,
                              codes.dtype == torch.float8_e4m3fn, act_group_size)

@@ -45,6 +45,7 @@ import triton.language as tl
 from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
 from q3n_compile.kernels.qlinear_swap import _field, _halves
+from q3n_compile.kernels.tiles import ticket_split_k
 
 BLOCK_K = 128  # one weight group (and one activation group) a K block
 # Operand codes (the OPD constexpr).
@@ -72,12 +73,12 @@ def _minus_zero(words, z, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def qlinear_mm8_kernel(
-    C, XS, QW, S, Z, BIAS, Y,
-    M, N, K, K_PAD, ROW, stride_cm, stride_xsm, stride_ym,
+    C, XS, QW, S, Z, BIAS, Y, WS, CNT,
+    M, N, K, K_PAD, ROW, K_PER_SPLIT, stride_cm, stride_xsm, stride_ym,
     BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, SYM: tl.constexpr, XGROUPS: tl.constexpr,
     HAS_BIAS: tl.constexpr, OPD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-    PREFETCH: tl.constexpr = True,
+    PREFETCH: tl.constexpr = True, SPLIT: tl.constexpr = False,
 ):
     """One program computes Y[m-block, n-block] over all of K (see the module docstring).
 
@@ -90,6 +91,9 @@ def qlinear_mm8_kernel(
     Traffic: the packed weight once per row block (consecutive programs share it through L2),
     the codes once per column block, Y once."""
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K_PAD)
     n_m = tl.cdiv(M, BLOCK_M)
     n_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * n_n
@@ -130,8 +134,10 @@ def qlinear_mm8_kernel(
     n_words = K_PAD // PER
     PF: tl.constexpr = PREFETCH and not BYTES
     if PF:
-        words_next = tl.load(w_ptrs, mask=(w_rows < n_words)[None, :] & n_ok[:, None], other=0)
-    for k0 in range(0, K_PAD, 128):
+        words_next = tl.load(w_ptrs + (k_start // PER) * N,
+                             mask=(k_start // PER + w_rows < n_words)[None, :] & n_ok[:, None],
+                             other=0)
+    for k0 in range(k_start, k_end, 128):
         offs_k = k0 + offs_kb
         a = tl.load(C + offs_m[:, None] * stride_cm + offs_k[None, :],
                     mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
@@ -145,7 +151,8 @@ def qlinear_mm8_kernel(
             # not stage loads that reach the MMA through arithmetic.
             words = words_next
             words_next = tl.load(w_ptrs + (r + WORDS)[None, :] * N - w_rows[None, :] * N,
-                                 mask=(r + WORDS < n_words)[None, :] & n_ok[:, None], other=0)
+                                 mask=(r + WORDS < n_words)[None, :] & n_ok[:, None]
+                                 & (k0 + 128 < k_end), other=0)
         else:
             words = tl.load(w_ptrs + (r - w_rows)[None, :] * N,
                             mask=(r < n_words)[None, :] & n_ok[:, None], other=0)
@@ -178,9 +185,17 @@ def qlinear_mm8_kernel(
     if PER_CHANNEL:
         acc = acc * s_col[None, :]
     if HAS_BIAS:
-        acc = acc + tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :],
-             acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        acc = acc + tl.load(BIAS + offs_n, mask=n_ok & (pid_k == 0),
+                            other=0.0).to(tl.float32)[None, :]
+    y_offs = offs_m[:, None] * stride_ym + offs_n[None, :]
+    y_mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT:
+        # The splits' fp32 partials (each already scaled: the scales are per token and column)
+        # summed in split order by the tile's last split, in this launch.
+        ticket_split_k(acc, Y, y_offs, y_mask, WS, offs_m[:, None] * N + offs_n[None, :],
+                       M * N, CNT, pid, pid_k, tl.num_programs(1))
+    else:
+        tl.store(Y + y_offs, acc.to(Y.dtype.element_ty), mask=y_mask)
 
 
 def eligible(bits: int, group_size: int, symmetric: bool, act: str, act_group_size: int,
@@ -215,10 +230,11 @@ def operand(act: str, codes_dtype: torch.dtype) -> int:
 def run(codes: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: int, group_size: int,
         act: str, act_group_size: int, out_dtype: torch.dtype, cfg: dict,
-        interpreter: bool) -> torch.Tensor:
+        interpreter: bool, tickets=None) -> torch.Tensor:
     """``y [M, N]`` from activation codes ``[M, K]`` (K contiguous) and their fp32 scales (``[M]``
     per token, ``[M, cdiv(K, 128)]`` per 128 channels); `cfg`: BLOCK_M, BLOCK_N, GROUP_M,
-    num_warps, num_stages."""
+    num_warps, num_stages, SPLIT_K (default 1: K split that many ways, finished in the launch
+    by tickets, `tickets(device, n)` giving the int32 counters, as the mmT path's)."""
     reason = eligible(bits, group_size, zeros is None, act, act_group_size, codes.dtype)
     if reason is not None:
         raise ValueError(f"q3n::qlinear: the mm8 path does not take this call: {reason}")
@@ -228,17 +244,28 @@ def run(codes: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor, scales: to
     N = qweight.shape[1]
     y = torch.empty((M, N), dtype=out_dtype, device=codes.device)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    grid = (contract.cdiv(M, bm) * contract.cdiv(N, bn),)
+    tiles = contract.cdiv(M, bm) * contract.cdiv(N, bn)
+    blocks = contract.cdiv(P.padded_k(K), BLOCK_K)
+    split = max(1, min(int(cfg.get("SPLIT_K", 1)), blocks))
+    k_per_split = contract.cdiv(blocks, split) * BLOCK_K
+    split = contract.cdiv(blocks * BLOCK_K, k_per_split)  # no empty split
+    if split > 1:
+        if tickets is None:
+            raise ValueError("q3n::qlinear: mm8's split-K needs the ticket counters")
+        ws = torch.empty((split, M, N), dtype=torch.float32, device=codes.device)
+        cnt = tickets(codes.device, tiles)
+    else:
+        ws = cnt = y  # unused
     xgroups = act_group_size != -1
     contract.launch(
-        qlinear_mm8_kernel, grid,
+        qlinear_mm8_kernel, (tiles, split),
         (codes, xs, qweight, scales, zeros if zeros is not None else scales,
-         bias if bias is not None else scales, y),
-        (M, N, K, P.padded_k(K), P.plane_rows(bits, K)[bits][0], codes.stride(0),
+         bias if bias is not None else scales, y, ws, cnt),
+        (M, N, K, P.padded_k(K), P.plane_rows(bits, K)[bits][0], k_per_split, codes.stride(0),
          xs.stride(0) if xgroups else 0, y.stride(0)),
         dict(BITS=bits, PER_CHANNEL=group_size == P.PER_CHANNEL, SYM=zeros is None,
              XGROUPS=xgroups, HAS_BIAS=bias is not None, OPD=operand(act, codes.dtype),
              BLOCK_M=bm, BLOCK_N=bn, GROUP_M=cfg.get("GROUP_M", 8),
-             PREFETCH=bool(cfg.get("PREFETCH", True))),
+             PREFETCH=bool(cfg.get("PREFETCH", True)), SPLIT=split > 1),
         dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), fast=not interpreter)
     return y

@@ -19,9 +19,9 @@ FORMATS = [(4, 128, False, "fp8", -1), (4, 128, True, "int8", 128), (4, -1, Fals
 IDS = [f"w{b}g{g}{'s' if s else 'a'}_{a}_ag{ag}" for b, g, s, a, ag in FORMATS]
 
 
-def _path(bm, bn, warps=4, stages=1, group_m=2, prefetch=True):
+def _path(bm, bn, warps=4, stages=1, group_m=2, prefetch=True, split=1):
     return dict(path="mm8", BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
-                GROUP_M=group_m, PREFETCH=prefetch)
+                GROUP_M=group_m, PREFETCH=prefetch, SPLIT_K=split)
 
 
 @pytest.mark.parametrize("bits,group,sym,act,ag", FORMATS, ids=IDS)
@@ -45,6 +45,28 @@ def test_program_order_and_prefetch_keep_the_result(group_m, prefetch):
     pw = _packed(gen, 70, 384, 4, 128, False)
     x = torch.randn(40, 384, generator=gen).to(bf16)
     _check(x, pw, None, act="fp8", path=_path(16, 32, group_m=group_m, prefetch=prefetch))
+
+
+@pytest.mark.parametrize("split,bias", [(2, True), (3, False), (8, True)])
+def test_split_k_is_the_unsplit_sum(split, bias):
+    # 640 channels: 5 K blocks, split 2 (3 + 2 blocks), 3 (2 + 2 + 1), 8 (capped at 5);
+    # per-128-channel codes scales and a bias (added by the first split only). Run twice: the
+    # tickets are back at 0 after a call.
+    gen = _gen(f"mm8split{split}{bias}")
+    pw = _packed(gen, 70, 640, 4, 128, False)
+    x = torch.randn(21, 640, generator=gen).to(bf16)
+    b = torch.randn(70, generator=gen).to(bf16) if bias else None
+    for _ in range(2):
+        _check(x, pw, b, act="int8", path=_path(16, 32, split=split), ag=128)
+
+
+def test_split_k_needs_tickets():
+    gen = _gen("mm8tickets")
+    pw = _packed(gen, 40, 256, 4, 128, False)
+    codes, xs = Q.quantize_activations(torch.randn(3, 256, generator=gen), "int8")
+    with pytest.raises(ValueError, match="split-K needs the ticket counters"):
+        M8.run(codes, xs, pw.qweight, pw.scales, pw.zeros, None, 4, 128, "int8", -1, bf16,
+               _path(16, 32, split=2), True)
 
 
 def test_eligible_reasons():
@@ -76,7 +98,7 @@ def test_forced_path_that_does_not_apply_says_why():
 # GPU lane: fp8 and int8 MMAs, the benchmark's tiles, odd M and N
 
 GPU_TILES = [_path(128, 128, 8, 3, 8), _path(128, 64, 4, 3, 8),
-             _path(128, 128, 8, 3, 8, prefetch=False)]
+             _path(128, 128, 8, 3, 8, prefetch=False), _path(128, 32, 4, 3, 8, split=4)]
 
 
 @pytest.mark.gpu
