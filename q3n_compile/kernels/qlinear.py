@@ -76,8 +76,8 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   1.02-1.23x bf16, W8A8 0.87-1.12x, where dequantise + cuBLAS ran 0.49-0.87x.
 - ``mm8`` (:mod:`q3n_compile.kernels.qlinear_mm8`): fp8 codes with per-token scales times 4-bit
   g128 weights on fp8 MMAs, the packed weight unpacked in the tile (nothing written), from 65 to
-  128 rows where its 128 x 32 tiles make two programs an SM (:func:`_mm8_takes`); elsewhere
-  cublas8 was faster (session 15).
+  128 rows where its 128 x 32 tiles make two programs an SM, or with K split 4 ways where they
+  are 0.75-1 of the SMs (:func:`_mm8_split`); elsewhere cublas8 was faster (session 15).
 - ``mmT`` (:mod:`q3n_compile.kernels.qlinear_swap`): the tiles with operands swapped, for 3 to
   64 rows and every bit width, to 128 rows for 4-bit weights (:data:`MMT_64_MAX_M`; fp8 codes
   that cublas8 takes go there from 65 rows instead) (8-, 16-,
@@ -956,25 +956,37 @@ _TABLE_KEY = {"none": "a16", "int8": "a8", "fp8": "a8", "int12": "a12"}
 # dequantised first) 0.0354-0.2281, faster in all 20 rows (1.02-1.38x), so fp8 takes it from
 # 65 rows; between, the mm tile had lost to mmT (s10run4), and at 256 cublas8 won (s8run1).
 CUBLAS8_MIN_M = {"fp8": 65, "int8": 257}
-# mm8 (:mod:`qlinear_mm8`) for fp8 codes with one scale per token, 4-bit weights, 65-128 rows,
-# where its 128 x 32 tiles fill two programs an SM: s15run2 (ms, mm8 / cublas8) 96 rows
-# 0.0444 / 0.0562 (12288 x 4096, 384 tiles), 0.1728 / 0.1940 (28672 x 8192, 896); 128 rows
-# 0.0440 / 0.0616, 0.1710 / 0.1987. With 128 tiles (N = 4096) it tied at K = 4096 (0.0288 /
-# 0.0292, 0.0289 / 0.0298) and lost at K = 12288 (0.0753 / 0.0563: 96 K blocks a program).
-# With scales per 128 channels it lost at 28672 x 8192 (0.2351 / 0.1956), so those keep
-# cublas8. At 256 rows it won on two shapes (4096^2, 12288 x 4096) and lost on two (4096 x
-# 12288, 28672 x 8192: 0.3255 / 0.2598; s15run3), with no tile count between them.
+# mm8 (:mod:`qlinear_mm8`) for fp8 codes with one scale per token and 4-bit g128 weights from 65
+# to 128 rows, with its 128 x 32 tile (128 registers: 4 programs an SM), where measured faster:
+# - unsplit where the tiles make at least two per SM: s15run2-4 (ms, mm8 / cublas8) 96 rows
+#   0.0444 / 0.0562 (12288 x 4096, 384 tiles), 0.1728 / 0.1940 (28672 x 8192, 896); 128 rows
+#   0.0434 / 0.0612, 0.1702 / 0.1995 (s15run4); split 2 and 4 were slower there;
+# - K split 4 ways where the tiles are 0.75-1 of the SMs (N = 4096: 128 tiles), each split
+#   keeping at least 8 K blocks: s15run4 65 / 128 rows 0.0224 / 0.0345 and 0.0241 / 0.0302
+#   (4096^2), 0.0462 / 0.0620 and 0.0472 / 0.0578 (4096 x 12288), where split 2 and 8 and the
+#   unsplit tile (0.0289 / 0.0750 at 65 rows) were slower.
+# Elsewhere cublas8: with scales per 128 channels mm8 lost at 28672 x 8192 (0.2351 / 0.1956,
+# s15run2); at 256 rows it won on two shapes and lost on two (4096 x 12288, 28672 x 8192:
+# 0.3255 / 0.2598; s15run3), split or not (s15run4); other tile counts were not measured.
 MM8_ROWS = (65, 128)
 MM8_TILE = dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, GROUP_M=8)
+MM8_SPLIT, MM8_MIN_BLOCKS_PER_SPLIT = 4, 8
 
 
-def _mm8_takes(M: int, N: int, bits: int, group_size: int, act: str, act_group_size: int,
-               sms: int) -> bool:
-    """mm8 where it was measured faster (per-channel weights, whose cuBLAS GEMM is row-scaled,
-    were not measured against it)."""
+def _mm8_split(M: int, N: int, K: int, bits: int, group_size: int, act: str,
+               act_group_size: int, sms: int) -> Optional[int]:
+    """mm8's K split where it was measured faster than cublas8 (above), else None (per-channel
+    weights, whose cuBLAS GEMM is row-scaled, were not measured against it)."""
+    if not (act == "fp8" and bits == 4 and group_size == 128 and act_group_size == PER_TOKEN
+            and MM8_ROWS[0] <= M <= MM8_ROWS[1]):
+        return None
     tiles = contract.cdiv(M, MM8_TILE["BLOCK_M"]) * contract.cdiv(N, MM8_TILE["BLOCK_N"])
-    return (act == "fp8" and bits == 4 and group_size == 128 and act_group_size == PER_TOKEN
-            and MM8_ROWS[0] <= M <= MM8_ROWS[1] and tiles >= 2 * sms)
+    if tiles >= 2 * sms:
+        return 1
+    blocks = contract.cdiv(P.padded_k(K), 128)
+    if 3 * sms <= MM8_SPLIT * tiles <= 4 * sms and blocks >= MM8_SPLIT * MM8_MIN_BLOCKS_PER_SPLIT:
+        return MM8_SPLIT
+    return None
 
 
 def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
@@ -1012,8 +1024,9 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     cublas8 = (M >= CUBLAS8_MIN_M.get(act, 1 << 62)
                and C8.eligible(N, K, bits, group_size, act, dtype, fp8_supported(device),
                                act_group_size) is None)
-    if cublas8 and _mm8_takes(M, N, bits, group_size, act, act_group_size, sms):
-        return dict(path="mm8", **MM8_TILE)
+    mm8_split = _mm8_split(M, N, K, bits, group_size, act, act_group_size, sms) if cublas8 else None
+    if mm8_split is not None:
+        return dict(path="mm8", **MM8_TILE, SPLIT_K=mm8_split)
     if cublas8:
         return dict(path="cublas8")
     if bits == 4 and MMT_64_MAX_M[0] < M <= MMT_64_MAX_M[1]:

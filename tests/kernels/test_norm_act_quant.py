@@ -620,8 +620,8 @@ def test_gpu_qlinear_codes_mmT_against_float64(bits, group, sym, act, ag, M):
     """The dispatched mmT tiles (8 to 64 rows, 4-bit weights to 128) on codes, against float64:
     read by the tile (the PTX unpack on fp16 operands for 4- and 6-bit weights with zero points)
     where :func:`Q.mmT_reads_codes` says so (4 to 48 rows here), else dequantised first (100);
-    fp8 codes from 65 rows go to cublas8 (Q.CUBLAS8_MIN_M; 4160 columns are too few for mm8),
-    checked the same way."""
+    fp8 codes from 65 rows go to cublas8 (Q.CUBLAS8_MIN_M) or, per token with g128 weights,
+    mm8 (split 4 ways at these 4160 columns on an H200), checked the same way."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"gpummTcodes{bits}{group}{act}{ag}{M}".encode()))
     K, N = 4096 + 128, 4160
     pw = _packed(gen, N, K, bits, group, sym)
@@ -630,8 +630,12 @@ def test_gpu_qlinear_codes_mmT_against_float64(bits, group, sym, act, ag, M):
     codes, xs = Q.quantize_activations_triton(x.cuda(), act, None, interpreter=False,
                                               act_group_size=ag)
     path = Q.choose_path(M, N, K, bits, group, act, bf16, codes.device, act_group_size=ag)
-    cublas8 = act == "fp8" and M >= Q.CUBLAS8_MIN_M["fp8"] and codes.dtype == torch.float8_e4m3fn
-    assert path["path"] == ("cublas8" if cublas8 else "mmT"), path
+    fp8 = act == "fp8" and M >= Q.CUBLAS8_MIN_M["fp8"] and codes.dtype == torch.float8_e4m3fn
+    # 130 tiles of 128 x 32 (0.98 of an H200's 132 SMs), 33 K blocks: mm8 split 4 ways for
+    # per-token scales and g128 weights.
+    sms = torch.cuda.get_device_properties(codes.device).multi_processor_count
+    mm8 = fp8 and group == 128 and ag == Q.PER_TOKEN and 3 * sms <= 4 * 130 <= 4 * sms
+    assert path["path"] == ("mm8" if mm8 else "cublas8" if fp8 else "mmT"), path
     pc = pw.to("cuda")
     got = torch.ops.q3n.qlinear_codes(codes, xs, pc.qweight, pc.scales, pc.zeros, bias.cuda(),
                                       bits, group, K, act, bf16, ag)

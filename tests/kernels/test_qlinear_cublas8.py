@@ -114,13 +114,19 @@ def test_choose_path_takes_cublas8_where_eligible(monkeypatch):
     # SMs twice: per-token scales, 4-bit weights), int8 above 256; below, the Triton tiles.
     assert Q.choose_path(256, 4096, 4096, 4, 128, "fp8", **big)["path"] == "cublas8"
     assert Q.choose_path(255, 4096, 4096, 4, 128, "fp8", **big)["path"] == "cublas8"
-    assert Q.choose_path(65, 4096, 4096, 4, 128, "fp8", **big)["path"] == "cublas8"
     assert Q.choose_path(64, 4096, 4096, 4, 128, "fp8", **big)["path"] == "mmT"
     assert Q.choose_path(255, 4096, 4096, 4, 128, "int8", **big)["path"] == "mm"
     for m, n in ((65, 8448), (128, 12288), (100, 28672)):  # >= 264 tiles of 128 x 32
         cfg = Q.choose_path(m, n, 4096, 4, 128, "fp8", **big)
-        assert cfg == dict(path="mm8", **Q.MM8_TILE), (m, n, cfg)
-    assert Q.choose_path(65, 8416, 4096, 4, 128, "fp8", **big)["path"] == "cublas8"  # 263
+        assert cfg == dict(path="mm8", **Q.MM8_TILE, SPLIT_K=1), (m, n, cfg)
+    # 99-132 tiles (0.75-1 of the SMs) with >= 32 K blocks: K split 4 ways.
+    for m, n, k in ((65, 4096, 4096), (128, 4096, 12288), (100, 3168, 4096)):
+        cfg = Q.choose_path(m, n, k, 4, 128, "fp8", **big)
+        assert cfg == dict(path="mm8", **Q.MM8_TILE, SPLIT_K=4), (m, n, k, cfg)
+    for m, n, k in ((65, 8416, 4096),  # 263 tiles
+                    (65, 3136, 4096),  # 98 tiles
+                    (65, 4096, 3968)):  # 31 K blocks
+        assert Q.choose_path(m, n, k, 4, 128, "fp8", **big)["path"] == "cublas8", (m, n, k)
     assert Q.choose_path(129, 12288, 4096, 4, 128, "fp8", **big)["path"] == "cublas8"
     assert Q.choose_path(128, 12288, 4096, 4, 128, "fp8", act_group_size=128,
                          **big)["path"] == "cublas8"
@@ -183,11 +189,11 @@ def test_gpu_dispatch_takes_cublas8_at_large_m():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("M,N,path", [(65, 4096, "cublas8"), (100, 12288, "mm8"),
-                                      (128, 8448, "mm8")])
+@pytest.mark.parametrize("M,N,path", [(65, 3136, "cublas8"), (100, 12288, "mm8"),
+                                      (128, 8448, "mm8"), (77, 4096, "mm8")])
 def test_gpu_dispatch_from_65_rows_against_float64(M, N, path):
     # The op as dispatched on fp8 codes from 65 rows (cublas8, or mm8 where its tiles fill the
-    # SMs), from bf16 x, with a bias.
+    # SMs, split 4 ways at 4096 columns), from bf16 x, with a bias.
     if not Q.fp8_supported(torch.device("cuda")):
         pytest.skip("no fp8 tensor cores on this GPU")
     K = 4096
