@@ -7,9 +7,10 @@ was 44% of the call. Here the packed words (4 bits a weight) are read once per t
 on the way to the MMA, so the weight's DRAM traffic is the packed bytes and nothing is written.
 
 Measured (H200, bench/RESULTS.md session 15): its 128 x 32 tile beats cublas8 for 4-bit g128
-weights and per-token fp8 codes from 65 to 128 rows where the tiles fill the SMs twice (0.0440
-against 0.0616 ms at 128 rows, 12288 x 4096), which is where :func:`q3n_compile.kernels.qlinear.
-choose_path` uses it. It loses where the GEMM is long (0.44-0.56x bf16 at 4096 rows, against
+weights and per-token fp8 codes from 65 to 128 rows where the tiles fill the SMs twice (0.0434
+against 0.0612 ms at 128 rows, 12288 x 4096) or, with K split 4 ways, where they are about one
+per SM (0.0241 against 0.0302 at 128 rows, 4096^2), which is where
+:func:`q3n_compile.kernels.qlinear.choose_path` uses it. It loses where the GEMM is long (0.44-0.56x bf16 at 4096 rows, against
 cublas8's 1.17-1.27x): with per-group scales each block's MMA is waited for before its sum is
 scaled, so the unpack and the MMA do not overlap (Triton 3.6 does not warp-specialise on
 Hopper). The int8 variant for 8-bit per-channel weights (the int32 accumulator chained) ran
