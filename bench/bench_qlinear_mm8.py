@@ -3,7 +3,7 @@ cores, ``kernels/qlinear_mm8.py``) on one GPU, against the paths it could replac
 in the same process.
 
 Per shape and format: ``bf16`` (``F.linear``), ``dispatched`` (``q3n::qlinear_codes`` on the
-same codes, the path ``choose_path`` picks; for 16-bit x, ``w4a16``: ``q3n::qlinear`` on x),
+same codes, the path ``choose_path`` picks: cublas8 from 256 rows, mmT or the mm tile below),
 ``cublas8`` where it computes the format, and ``mm8`` at every tile of ``--tiles``
 (BLOCK_M x BLOCK_N x warps x stages[xGROUP_M][:flags], flags comma-separated: noprefetch,
 sN for K split N ways). Every launch is first checked
@@ -33,8 +33,7 @@ from q3n_compile.kernels import qlinear_mm8 as M8  # noqa: E402
 FORMATS = {"w4a8": (4, 128, False, "fp8", Q.PER_TOKEN),
            "w4a8_ag128": (4, 128, False, "fp8", 128),
            "w4a8_int8": (4, 128, False, "int8", Q.PER_TOKEN),
-           "w8a8": (8, -1, True, "int8", Q.PER_TOKEN),
-           "w4a16": (4, 128, False, "none", Q.PER_TOKEN)}
+           "w8a8": (8, -1, True, "int8", Q.PER_TOKEN)}
 TILES = ("128x128x8x3", "128x128x8x4", "128x64x4x3", "64x128x4x3", "128x128x8x3x1",
          "128x128x8x3:noprefetch")
 TOL = 1e-2  # relative to max |y|: bf16 output rounding
@@ -61,19 +60,13 @@ def run_shape(M, N, K, formats, tiles, gen):
         if act == "fp8" and not Q.fp8_supported(x.device):
             act = "int8"
         pw = random_packed(gen, N, K, bits, group, sym)
+        codes, xs = Q.quantize_activations_triton(x, act, None, False, ag)
+        ref = Q.reference_codes(codes, xs, pw.qweight, pw.scales, pw.zeros, None, bits, group,
+                                K, act, torch.float64, ag)
         w_args = (pw.qweight, pw.scales, pw.zeros, None, bits, group)
         cfg = Q.choose_path(M, N, K, bits, group, act, x.dtype, x.device, act_group_size=ag)
-        if act == "none":  # 16-bit x is the operand itself
-            codes, xs = x, None
-            ref = Q.reference(x.double(), *w_args[:3], None, None, bits, group, K, act, ag)
-            impls = [("dispatched", lambda: torch.ops.q3n.qlinear(
-                x, *w_args[:4], None, bits, group, K, act, ag), cfg)]
-        else:
-            codes, xs = Q.quantize_activations_triton(x, act, None, False, ag)
-            ref = Q.reference_codes(codes, xs, pw.qweight, pw.scales, pw.zeros, None, bits,
-                                    group, K, act, torch.float64, ag)
-            impls = [("dispatched", lambda: torch.ops.q3n.qlinear_codes(
-                codes, xs, *w_args, K, act, x.dtype, ag), cfg)]
+        impls = [("dispatched", lambda: torch.ops.q3n.qlinear_codes(codes, xs, *w_args, K, act,
+                                                                     x.dtype, ag), cfg)]
         if cfg["path"] != "cublas8" and C8.eligible(N, K, bits, group, act, x.dtype, True,
                                                     ag) is None:
             impls.append(("cublas8", lambda: C8.run(codes, xs, *w_args, act, ag, x.dtype),

@@ -1268,9 +1268,6 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
     if M == 0:
         return x.new_empty((0, N))
     if act == "none":
-        if cfg["path"] == "mm8":
-            return M8.run(x, None, qweight, scales, zeros, bias, bits, group_size, act,
-                          act_group_size, x.dtype, cfg, interpreter, _tickets)
         if cfg["path"] == "dequant":
             wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype,
                                    interpreter)

@@ -51,9 +51,6 @@ from q3n_compile.kernels.tiles import ticket_split_k
 BLOCK_K = 128  # one weight group (and one activation group) a K block
 # Operand codes (the OPD constexpr).
 OPD_F16, OPD_I8, OPD_F8 = 0, 1, 2
-# 16-bit activations (no codes, no XS): x's own dtype, or fp32 ("ieee": fp32 x, and bf16 x in
-# the interpreter, which multiplies bf16 tiles as raw bits).
-OPD_X, OPD_F32 = 3, 4
 
 
 @triton.jit
@@ -124,9 +121,8 @@ def qlinear_mm8_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # Integer products with one scale per column and token: the int32 accumulator is exact
     # across blocks, so the MMAs chain (no per-block fp32 pass).
-    HAS_XS: tl.constexpr = OPD <= 2  # activation codes with their scales
-    CHAIN: tl.constexpr = (OPD == 1 and PER_CHANNEL and not XGROUPS) or (OPD >= 3 and PER_CHANNEL)
-    if CHAIN and OPD == 1:
+    CHAIN: tl.constexpr = OPD == 1 and PER_CHANNEL and not XGROUPS
+    if CHAIN:
         iacc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     # 8-bit symmetric codes as int8: q - 128 is the byte with its top bit flipped, so the
     # plane's bytes are the operand after one XOR (no word split).
@@ -167,23 +163,13 @@ def qlinear_mm8_kernel(
             wt = wb
         else:
             wt = _minus_zero(words, z, BITS, BLOCK_N)
-        if CHAIN and OPD == 1:
+        if CHAIN:
             iacc = tl.dot(a, tl.trans(wt.to(tl.int8)), iacc, out_dtype=tl.int32)
-        elif CHAIN and OPD == 3:
-            acc = tl.dot(a, tl.trans(wt.to(a.dtype)), acc)
-        elif CHAIN:
-            acc = tl.dot(a.to(tl.float32), tl.trans(wt), acc, input_precision="ieee")
         else:
             if OPD == 1:
                 part = tl.dot(a, tl.trans(wt.to(tl.int8)), out_dtype=tl.int32).to(tl.float32)
             elif OPD == 2:
                 part = tl.dot(a, tl.trans(wt.to(tl.float8e4nv)))
-            elif OPD == 3:
-                # q - z is exact in bf16 and fp16 (|q - z| <= 255): the block's sum is of exact
-                # products, scaled once (no rounding of the weight, as mmT with groups of 128).
-                part = tl.dot(a, tl.trans(wt.to(a.dtype)))
-            elif OPD == 4:
-                part = tl.dot(a.to(tl.float32), tl.trans(wt), input_precision="ieee")
             else:
                 part = tl.dot(a.to(tl.float16), tl.trans(wt.to(tl.float16)))
             if not PER_CHANNEL:
@@ -193,9 +179,9 @@ def qlinear_mm8_kernel(
                 part = part * tl.load(XS + offs_m * stride_xsm + k0 // 128, mask=m_ok,
                                       other=0.0)[:, None]
             acc += part
-    if CHAIN and OPD == 1:
+    if CHAIN:
         acc = iacc.to(tl.float32)
-    if HAS_XS and not XGROUPS:
+    if not XGROUPS:
         acc = acc * tl.load(XS + offs_m, mask=m_ok, other=0.0)[:, None]
     if PER_CHANNEL:
         acc = acc * s_col[None, :]
@@ -231,15 +217,10 @@ def eligible(bits: int, group_size: int, symmetric: bool, act: str, act_group_si
         if bits == 8 and not symmetric:
             return "8-bit codes with zero points (|q - z| up to 255) do not fit int8"
         return None
-    if act == "none" and codes_dtype in (torch.bfloat16, torch.float16, torch.float32):
-        return None  # 16-bit x: q - z (|q - z| <= 255) is exact in its operand
-    return f"mm8 takes int8 or fp8 activation codes or 16-bit x, not {act} ({codes_dtype})"
+    return f"mm8 takes int8 or fp8 activation codes, not {act} ({codes_dtype})"
 
 
-def operand(act: str, codes_dtype: torch.dtype, interpreter: bool) -> int:
-    if act == "none":
-        return OPD_F32 if codes_dtype == torch.float32 or (
-            interpreter and codes_dtype == torch.bfloat16) else OPD_X
+def operand(act: str, codes_dtype: torch.dtype) -> int:
     if codes_dtype == torch.float8_e4m3fn:
         return OPD_F8
     if codes_dtype == torch.int8:
@@ -247,13 +228,12 @@ def operand(act: str, codes_dtype: torch.dtype, interpreter: bool) -> int:
     return OPD_F16  # the interpreter's fp8 codes (fp16 values)
 
 
-def run(codes: torch.Tensor, xs: Optional[torch.Tensor], qweight: torch.Tensor, scales: torch.Tensor,
+def run(codes: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: int, group_size: int,
         act: str, act_group_size: int, out_dtype: torch.dtype, cfg: dict,
         interpreter: bool, tickets=None) -> torch.Tensor:
     """``y [M, N]`` from activation codes ``[M, K]`` (K contiguous) and their fp32 scales (``[M]``
-    per token, ``[M, cdiv(K, 128)]`` per 128 channels), or from 16-bit (or fp32) x itself with
-    ``act="none"`` and `xs` None; `cfg`: BLOCK_M, BLOCK_N, GROUP_M,
+    per token, ``[M, cdiv(K, 128)]`` per 128 channels); `cfg`: BLOCK_M, BLOCK_N, GROUP_M,
     num_warps, num_stages, SPLIT_K (default 1: K split that many ways, finished in the launch
     by tickets, `tickets(device, n)` giving the int32 counters, as the mmT path's)."""
     reason = eligible(bits, group_size, zeros is None, act, act_group_size, codes.dtype)
@@ -277,8 +257,6 @@ def run(codes: torch.Tensor, xs: Optional[torch.Tensor], qweight: torch.Tensor, 
         cnt = tickets(codes.device, tiles)
     else:
         ws = cnt = y  # unused
-    if act == "none":
-        xs, act_group_size = scales, -1  # unread
     xgroups = act_group_size != -1
     contract.launch(
         qlinear_mm8_kernel, (tiles, split),
@@ -287,8 +265,7 @@ def run(codes: torch.Tensor, xs: Optional[torch.Tensor], qweight: torch.Tensor, 
         (M, N, K, P.padded_k(K), P.plane_rows(bits, K)[bits][0], k_per_split, codes.stride(0),
          xs.stride(0) if xgroups else 0, y.stride(0)),
         dict(BITS=bits, PER_CHANNEL=group_size == P.PER_CHANNEL, SYM=zeros is None,
-             XGROUPS=xgroups, HAS_BIAS=bias is not None,
-             OPD=operand(act, codes.dtype, interpreter),
+             XGROUPS=xgroups, HAS_BIAS=bias is not None, OPD=operand(act, codes.dtype),
              BLOCK_M=bm, BLOCK_N=bn, GROUP_M=cfg.get("GROUP_M", 8),
              PREFETCH=bool(cfg.get("PREFETCH", True)), SPLIT=split > 1),
         dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), fast=not interpreter)

@@ -37,20 +37,6 @@ def test_against_float64(bits, group, sym, act, ag, M, N, bias):
     _check(x, pw, b, act=act, path=_path(16, 32), ag=ag)
 
 
-@pytest.mark.parametrize("group,sym,dtype", [(128, False, bf16), (-1, True, bf16),
-                                             (128, True, torch.float16),
-                                             (-1, False, torch.float32)])
-@pytest.mark.parametrize("split", [1, 2])
-def test_16bit_x_against_float64(group, sym, dtype, split):
-    # act "none": x itself is the operand (bf16 multiplied in fp32 in the interpreter);
-    # per-channel weights chain the fp32 accumulator, groups of 128 scale each block's sum.
-    gen = _gen(f"mm8x{group}{sym}{dtype}{split}")
-    K = 384 if group == 128 else 330
-    pw = _packed(gen, 70, K, 4, group, sym)
-    x = torch.randn(37, K, generator=gen).to(dtype)
-    _check(x, pw, torch.randn(70, generator=gen).to(dtype), path=_path(16, 32, split=split))
-
-
 @pytest.mark.parametrize("group_m,prefetch", [(1, True), (3, False)])
 def test_program_order_and_prefetch_keep_the_result(group_m, prefetch):
     # 3 x 3 tiles: GROUP_M 1 and 3 (a group of rows past M's blocks), words loaded in or a
@@ -89,13 +75,11 @@ def test_eligible_reasons():
     assert M8.eligible(**ok) is None
     assert M8.eligible(**dict(ok, act="int8", codes_dtype=torch.int8, bits=8,
                               symmetric=True)) is None
-    assert M8.eligible(**dict(ok, act="none", codes_dtype=bf16, bits=8)) is None
     cases = [(dict(bits=6), "4- and 8-bit"), (dict(group_size=64), "groups of 128"),
              (dict(act_group_size=32), "per 128 channels"),
              (dict(bits=8, symmetric=True), "not exact in e4m3"),
              (dict(act="int8", codes_dtype=torch.int8, bits=8), "do not fit int8"),
-             (dict(act="int12", codes_dtype=torch.float16), "int8 or fp8"),
-             (dict(act="none", codes_dtype=torch.int8), "16-bit x")]
+             (dict(act="int12", codes_dtype=torch.float16), "int8 or fp8")]
     for change, reason in cases:
         got = M8.eligible(**dict(ok, **change))
         assert got is not None and reason in got, (change, got)
@@ -131,16 +115,3 @@ def test_gpu_against_float64(bits, group, sym, act, ag, M, tile):
     x = torch.randn(M, K, generator=gen).to(bf16).cuda()
     bias = torch.randn(N, generator=gen).to(bf16).cuda() if M != 1000 else None
     _check(x, pw, bias, act=act, path=GPU_TILES[tile], ag=ag)
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("group,dtype", [(128, bf16), (-1, bf16), (128, torch.float16)])
-@pytest.mark.parametrize("split", [1, 4])
-def test_gpu_16bit_x_against_float64(group, dtype, split):
-    N, K = 4096 + 48, 4096
-    gen = _gen(f"gpumm8x{group}{dtype}{split}")
-    pw = _packed(gen, N, K, 4, group, False, device="cuda")
-    x = torch.randn(100, K, generator=gen).to(dtype).cuda()
-    bias = torch.randn(N, generator=gen).to(dtype).cuda()
-    _check(x, pw, bias, path=_path(128, 32, 4, 3, 8, split=split))
