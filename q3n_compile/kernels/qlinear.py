@@ -69,8 +69,9 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   quantized and dequantised first, in one pass over x (with their groups' scales), so the
   function computed is the same.
 - ``cublas8`` (:mod:`q3n_compile.kernels.qlinear_cublas8`): for 8-bit activations from
-  :data:`CUBLAS8_MIN_M` rows (fp8: 65, int8: 257), where the format allows (fp8 with weights of <= 4 bits and scales
-  per 128 channels or per channel; int8 with per-channel weights and per-token scales): the
+  :data:`CUBLAS8_MIN_M` rows (fp8: 65, int8: 257), where the format allows (fp8 with weights
+  of <= 4 bits and scales per 128 channels or per channel; int8 with per-channel weights and
+  per-token scales): the
   weight's integer codes are unpacked to an 8-bit ``[N, K]`` matrix for the call and cuBLAS's
   block-scaled fp8 GEMM (or its int8 GEMM) multiplies them. s8run1 (H200, M = 4096): W4A8 g128
   1.02-1.23x bf16, W8A8 0.87-1.12x, where dequantise + cuBLAS ran 0.49-0.87x.

@@ -10,11 +10,12 @@ Measured (H200, bench/RESULTS.md session 15): its 128 x 32 tile beats cublas8 fo
 weights and per-token fp8 codes from 65 to 128 rows where the tiles fill the SMs twice (0.0434
 against 0.0612 ms at 128 rows, 12288 x 4096) or, with K split 4 ways, where they are about one
 per SM (0.0241 against 0.0302 at 128 rows, 4096^2), which is where
-:func:`q3n_compile.kernels.qlinear.choose_path` uses it. It loses where the GEMM is long (0.44-0.56x bf16 at 4096 rows, against
-cublas8's 1.17-1.27x): with per-group scales each block's MMA is waited for before its sum is
-scaled, so the unpack and the MMA do not overlap (Triton 3.6 does not warp-specialise on
-Hopper). The int8 variant for 8-bit per-channel weights (the int32 accumulator chained) ran
-0.09-0.45x bf16 from 256 rows, slower than the mm tile and cublas8; it is not dispatched.
+:func:`q3n_compile.kernels.qlinear.choose_path` uses it. It loses where the GEMM is long (its
+best tile 0.51-0.56x bf16 at 4096 rows, cublas8 1.17-1.27x): with per-group scales each
+block's MMA is waited for before its sum is scaled, so the unpack and the MMA do not overlap
+(Triton 3.6 does not warp-specialise on Hopper). The int8 variant for 8-bit per-channel
+weights (the int32 accumulator chained) ran 0.09-0.45x bf16 from 256 rows, slower than the mm
+tile and cublas8; it is not dispatched.
 
 The tile: ``acc[BLOCK_M, BLOCK_N] += c[BLOCK_M, 128] @ (q - z)[128, BLOCK_N]`` per K block of 128
 channels (one weight group), the codes ``c`` straight from memory to the MMA (K contiguous), the
@@ -32,7 +33,9 @@ column block, so the rows of one weight tile run close together and read it from
 What this module guarantees: :func:`eligible` says whether the kernel computes a format exactly;
 :func:`run` computes ``y = (c * s_x) @ ((q - z) * s)^T + bias`` in fp32, rounded once to the
 output dtype, for the formats :func:`eligible` accepts, on the GPU and in the interpreter (where
-fp16 operands stand in for e4m3: the codes are fp16 there, as the quantizer gives them).
+fp16 operands stand in for e4m3: the codes are fp16 there, as the quantizer gives them); with K
+split (SPLIT_K), the splits' fp32 partials are summed in split order in the same launch
+(:func:`q3n_compile.kernels.tiles.ticket_split_k`), so the result does not depend on timing.
 """
 
 from __future__ import annotations
@@ -81,11 +84,13 @@ def qlinear_mm8_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     PREFETCH: tl.constexpr = True, SPLIT: tl.constexpr = False,
 ):
-    """One program computes Y[m-block, n-block] over all of K (see the module docstring).
+    """One program computes Y[m-block, n-block] over one split of K, K_PER_SPLIT channels (a
+    multiple of 128; SPLIT: the splits' partials are summed by tickets, WS and CNT; see the
+    module docstring).
 
     C [M, K] codes (e4m3, int8, or fp16 in the interpreter), XS their fp32 scales ([M] per token,
     or [M, cdiv(K, 128)] with row stride stride_xsm when XGROUPS), QW the packed weight (the
-    single plane of BITS in 2, 4, 8 starts at row ROW), S / Z its scales and zero points
+    single plane of BITS, 4 or 8, starts at row ROW), S / Z its scales and zero points
     ([groups of 128, N], or [1, N] PER_CHANNEL). Channels past K read as code 0 in C, so the
     padded weight rows add nothing.
 
@@ -127,8 +132,9 @@ def qlinear_mm8_kernel(
     # 8-bit symmetric codes as int8: q - 128 is the byte with its top bit flipped, so the
     # plane's bytes are the operand after one XOR (no word split).
     BYTES: tl.constexpr = BITS == 8 and SYM and OPD == 1
-    QB = QW.to(tl.pointer_type(tl.int8))
-    b_offs = ((ROW + offs_kb // 4)[None, :] * N + offs_n[:, None]) * 4 + (offs_kb % 4)[None, :]
+    if BYTES:
+        QB = QW.to(tl.pointer_type(tl.int8))
+        b_offs = ((ROW + offs_kb // 4)[None, :] * N + offs_n[:, None]) * 4 + (offs_kb % 4)[None, :]
     # The block's words as [BLOCK_N, WORDS]: each thread then holds whole words, and the weight
     # operand leaves it K-contiguous (vector stores to the MMA's K-major buffer).
     w_ptrs = QW + (ROW + w_rows)[None, :] * N + offs_n[:, None]
