@@ -35,6 +35,11 @@ with the PTX unpack (``_asm``).
 
     python bench/compile_qlinear_sm90.py --mmT --out bench/results/x.json
 
+The 8-bit-operand tile (``mm8``, kernels/qlinear_mm8.py) is compiled for W4 g128 with fp8 codes
+per token and per 128 channels, with int8 codes, and W8 per channel (int8, the bytes path), at
+the dispatch's 128 x 32 tile (unsplit and split), 128 x 64 and 128 x 128. ``--mm8`` compiles
+only those.
+
 It does not measure time or check results: the GPU lane does that.
 """
 
@@ -150,6 +155,32 @@ def mmT_cases() -> list[tuple[str, str, dict, int, int]]:
     return out
 
 
+# The 8-bit-operand tile (``mm8``, kernels/qlinear_mm8.py): name -> (BITS, PER_CHANNEL, SYM,
+# XGROUPS, OPD, codes type); tiles (BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT).
+MM8_FORMATS = {"w4f8g128": (4, False, False, False, 2, "*fp8e4nv"),
+               "w4f8g128_ag128": (4, False, False, True, 2, "*fp8e4nv"),
+               "w4i8g128": (4, False, False, False, 1, "*i8"),
+               "w8i8pc_sym": (8, True, True, False, 1, "*i8")}
+MM8_TILES = [(128, 32, 4, 3, False), (128, 32, 4, 3, True), (128, 64, 4, 3, False),
+             (128, 128, 8, 3, False)]
+MM8_TYPES = {"XS": "*fp32", "QW": "*i32", "S": "*fp16", "Z": "*u8", "BIAS": "*bf16", "Y": "*bf16",
+             "WS": "*fp32", "CNT": "*i32"}
+MM8_DIVISIBLE = ("C", "XS", "QW", "S", "Z", "BIAS", "Y", "WS", "CNT", "N", "K", "K_PAD",
+                 "K_PER_SPLIT", "stride_cm", "stride_ym")
+
+
+def mm8_cases() -> list[tuple[str, str, dict, int, int]]:
+    """The mm8 kernel for each of :data:`MM8_FORMATS` at every :data:`MM8_TILES` entry."""
+    out = []
+    for fmt, (bits, pc, sym, xgroups, opd, c_type) in MM8_FORMATS.items():
+        for bm, bn, warps, stages, split in MM8_TILES:
+            out.append((f"mm8_{fmt}_m{bm}n{bn}w{warps}s{stages}{'_split' if split else ''}",
+                        "mm8", dict(BITS=bits, PER_CHANNEL=pc, SYM=sym, XGROUPS=xgroups,
+                                    HAS_BIAS=False, OPD=opd, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8,
+                                    PREFETCH=True, SPLIT=split, c_type=c_type), warps, stages))
+    return out
+
+
 def cases() -> list[tuple[str, str, dict, int, int]]:
     """(name, kernel, constexprs, num_warps, num_stages) of every variant."""
     out = []
@@ -198,6 +229,12 @@ def compile_variant(Q, kernel_name: str, constexprs: dict, warps: int, stages: i
         constexprs = dict(constexprs)
         types = dict(MMT_TYPES, X=constexprs.pop("x_type", MMT_TYPES["X"]))
         return specialised(SW.qlinear_mmT_kernel, types, MMT_DIVISIBLE)
+    if kernel_name == "mm8":
+        from q3n_compile.kernels import qlinear_mm8 as M8
+
+        constexprs = dict(constexprs)
+        types = dict(MM8_TYPES, C=constexprs.pop("c_type"))
+        return specialised(M8.qlinear_mm8_kernel, types, MM8_DIVISIBLE)
     if kernel_name == "gemv1p":
         constexprs = dict(constexprs)
         types = dict(GEMV1P_TYPES, X=constexprs.pop("x_type"))
@@ -262,7 +299,7 @@ def inner_loop(cubin: bytes, ttgir: str, codes_per_iteration: int) -> dict:
                 instrs_per_code=round(len(body) / codes_per_iteration, 2) if body else None,
                 loop_global_loads=count("LDG"), loop_shared=count("LDS", "STS", "STSM"),
                 loop_barriers=ops.count("BAR.SYNC.DEFER_BLOCKING") + ops.count("BAR.SYNC"),
-                loop_membar=ops.count("MEMBAR.ALL.CTA"), loop_mma=count("HGMMA", "HMMA"),
+                loop_membar=ops.count("MEMBAR.ALL.CTA"), loop_mma=count("HGMMA", "HMMA", "QGMMA", "IGMMA"),
                 loop_convert_layout=loop.group(0).count("ttg.convert_layout") if loop else None,
                 FFMA=ops.count("FFMA"), LOP3=ops.count("LOP3.LUT"))
 
@@ -287,7 +324,7 @@ def compile_tree(tree: Path, selected) -> dict:
         "        k = C.compile_variant(Q, kind, ce, w, s)\n"
         "        out[name] = dict(shared=k.metadata.shared, **C.resource_usage(k.asm['cubin']),\n"
         "                         ttir=C._strip_locations(k.asm['ttir']))\n"
-        "        if kind in ('gemv1p', 'mmT'):\n"
+        "        if kind in ('gemv1p', 'mmT', 'mm8'):\n"
         "            codes = ce.get('BLOCK_K', 128) * ce['BLOCK_N'] // (32 * w)\n"
         "            out[name].update(codes_per_thread_iteration=codes,\n"
         "                             **C.inner_loop(k.asm['cubin'], k.asm['ttgir'], codes))\n"
@@ -306,14 +343,16 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     ap.add_argument("--gemv1p", action="store_true", help="only the gemv1p variants")
     ap.add_argument("--mmT", action="store_true", help="only the swapped-operand tile's variants")
+    ap.add_argument("--mm8", action="store_true", help="only the 8-bit-operand tile's variants")
     args = ap.parse_args()
     variants = (gemv1p_cases() if args.gemv1p else mmT_cases() if args.mmT
-                else cases() + gemv1p_cases() + mmT_cases())
+                else mm8_cases() if args.mm8
+                else cases() + gemv1p_cases() + mmT_cases() + mm8_cases())
     here = compile_tree(ROOT, variants)
     base = None
     if args.compare:
         base = compile_tree(args.compare.resolve(), [v for v in variants if v[0].endswith("ag0")
-                                                     and v[1] not in ("gemv1p", "mmT")])
+                                                     and v[1] not in ("gemv1p", "mmT", "mm8")])
     rows = []
     for name, *_ in variants:
         r = here[name]
