@@ -69,7 +69,8 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   quantized and dequantised first, in one pass over x (with their groups' scales), so the
   function computed is the same.
 - ``cublas8`` (:mod:`q3n_compile.kernels.qlinear_cublas8`): for 8-bit activations from
-  :data:`CUBLAS8_MIN_M` rows (fp8: 65, int8: 257), where the format allows (fp8 with weights
+  :data:`CUBLAS8_MIN_M` rows (fp8: 65, 256 with per-channel weights; int8: 257), where the
+  format allows (fp8 with weights
   of <= 4 bits and scales per 128 channels or per channel; int8 with per-channel weights and
   per-token scales): the
   weight's integer codes are unpacked to an 8-bit ``[N, K]`` matrix for the call and cuBLAS's
@@ -956,7 +957,16 @@ _TABLE_KEY = {"none": "a16", "int8": "a8", "fp8": "a8", "int12": "a12"}
 # at 96 and 128 rows cublas8 ran 0.0292-0.1990 ms against the 64-row mmT tile's (codes
 # dequantised first) 0.0354-0.2281, faster in all 20 rows (1.02-1.38x), so fp8 takes it from
 # 65 rows; between, the mm tile had lost to mmT (s10run4), and at 256 cublas8 won (s8run1).
+# Per-channel weights (cuBLAS's row-scaled fp8 GEMM) were not measured below 256 rows: they keep
+# the session-8 threshold.
 CUBLAS8_MIN_M = {"fp8": 65, "int8": 257}
+CUBLAS8_FP8_PER_CHANNEL_MIN_M = 256
+
+
+def _cublas8_min_m(act: str, group_size: int) -> int:
+    if act == "fp8" and group_size == P.PER_CHANNEL:
+        return CUBLAS8_FP8_PER_CHANNEL_MIN_M
+    return CUBLAS8_MIN_M.get(act, 1 << 62)
 # mm8 (:mod:`qlinear_mm8`) for fp8 codes with one scale per token and 4-bit g128 weights from 65
 # to 128 rows, with its 128 x 32 tile (128 registers: 4 programs an SM), where measured faster:
 # - unsplit where the tiles make at least two per SM: s15run2-4 (ms, mm8 / cublas8) 96 rows
@@ -1022,7 +1032,7 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     for max_m, path, tile in CUDA_TABLE[_TABLE_KEY[act]]:
         if max_m is None or M <= max_m:
             break
-    cublas8 = (M >= CUBLAS8_MIN_M.get(act, 1 << 62)
+    cublas8 = (M >= _cublas8_min_m(act, group_size)
                and C8.eligible(N, K, bits, group_size, act, dtype, fp8_supported(device),
                                act_group_size) is None)
     mm8_split = _mm8_split(M, N, K, bits, group_size, act, act_group_size, sms) if cublas8 else None

@@ -620,7 +620,7 @@ def test_gpu_qlinear_codes_mmT_against_float64(bits, group, sym, act, ag, M):
     """The dispatched mmT tiles (8 to 64 rows, 4-bit weights to 128) on codes, against float64:
     read by the tile (the PTX unpack on fp16 operands for 4- and 6-bit weights with zero points)
     where :func:`Q.mmT_reads_codes` says so (4 to 48 rows here), else dequantised first (100);
-    fp8 codes from 65 rows go to cublas8 (Q.CUBLAS8_MIN_M) or, per token with g128 weights,
+    fp8 codes with g128 weights from 65 rows go to cublas8 (Q.CUBLAS8_MIN_M) or, per token,
     mm8 (split 4 ways at these 4160 columns on an H200), checked the same way."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"gpummTcodes{bits}{group}{act}{ag}{M}".encode()))
     K, N = 4096 + 128, 4160
@@ -630,7 +630,8 @@ def test_gpu_qlinear_codes_mmT_against_float64(bits, group, sym, act, ag, M):
     codes, xs = Q.quantize_activations_triton(x.cuda(), act, None, interpreter=False,
                                               act_group_size=ag)
     path = Q.choose_path(M, N, K, bits, group, act, bf16, codes.device, act_group_size=ag)
-    fp8 = act == "fp8" and M >= Q.CUBLAS8_MIN_M["fp8"] and codes.dtype == torch.float8_e4m3fn
+    fp8 = (act == "fp8" and M >= Q.CUBLAS8_MIN_M["fp8"] and group == 128
+           and codes.dtype == torch.float8_e4m3fn)
     # 130 tiles of 128 x 32 (0.98 of an H200's 132 SMs), 33 K blocks: mm8 split 4 ways for
     # per-token scales and g128 weights.
     sms = torch.cuda.get_device_properties(codes.device).multi_processor_count

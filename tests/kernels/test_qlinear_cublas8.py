@@ -130,7 +130,10 @@ def test_choose_path_takes_cublas8_where_eligible(monkeypatch):
     assert Q.choose_path(129, 12288, 4096, 4, 128, "fp8", **big)["path"] == "cublas8"
     assert Q.choose_path(128, 12288, 4096, 4, 128, "fp8", act_group_size=128,
                          **big)["path"] == "cublas8"
-    assert Q.choose_path(128, 12288, 4096, 4, -1, "fp8", **big)["path"] == "cublas8"
+    # Per-channel weights (row-scaled cuBLAS, not measured below 256 rows): from 256.
+    assert Q.choose_path(128, 12288, 4096, 4, -1, "fp8", **big)["path"] == "mmT"
+    assert Q.choose_path(255, 12288, 4096, 4, -1, "fp8", **big)["path"] == "mm"
+    assert Q.choose_path(256, 12288, 4096, 4, -1, "fp8", **big)["path"] == "cublas8"
     assert Q.choose_path(256, 4096, 4096, 8, -1, "int8", **big)["path"] == "mm"
     assert Q.choose_path(257, 4096, 4096, 8, -1, "int8", **big)["path"] == "cublas8"
     monkeypatch.setattr(Q, "fp8_supported", lambda device: False)
