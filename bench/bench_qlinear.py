@@ -96,6 +96,22 @@ def timed(fn, eager=True):
     return eager, graph_ms
 
 
+def check_and_time(fn, ref, bf16_ms, tol, row, check=True) -> dict:
+    """Fill `row`: fn()'s max error against the float64 `ref` relative to max |ref|
+    (``rel_err_vs_float64``; ``error`` when it passes `tol` and `check`), then its CUDA-graph
+    time (``graph_ms``) and ``vs_bf16``; an exception is recorded as the row's ``error``."""
+    try:
+        y = fn().double()
+        row["rel_err_vs_float64"] = ((y - ref).abs().max() / ref.abs().max()).item()
+        if check and row["rel_err_vs_float64"] > tol:
+            row["error"] = f"wrong result: {row['rel_err_vs_float64']:.3g}"
+        _, row["graph_ms"] = timed(fn, eager=False)
+        row["vs_bf16"] = bf16_ms / row["graph_ms"]
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return row
+
+
 def rel_err(out, ref):
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_qlinear import NKS, random_packed, result_header, timed, write_result  # noqa: E402
+from bench_qlinear import (NKS, check_and_time, random_packed, result_header, timed,  # noqa: E402
+                           write_result)
 from q3n_compile.kernels import qlinear as Q  # noqa: E402
 from q3n_compile.kernels import qlinear_swap as SW  # noqa: E402
 
@@ -76,16 +77,7 @@ def run_shape(M, N, K, formats, gen):
             impls[1:1] = [("codes_mmT", new), ("codes_dequant_then_mmT", old)]
         for impl, fn in impls:
             row = dict(M=M, N=N, K=K, impl=f"{name}_{impl}", act=act, path=cfg)
-            try:
-                y = fn().double()
-                row["rel_err_vs_float64"] = ((y - ref).abs().max() / ref.abs().max()).item()
-                if row["rel_err_vs_float64"] > TOL and impl != "qlinear":
-                    row["error"] = f"wrong result: {row['rel_err_vs_float64']:.3g}"
-                _, row["graph_ms"] = timed(fn, eager=False)
-                row["vs_bf16"] = bf16_ms / row["graph_ms"]
-            except Exception as exc:
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            rows.append(row)
+            rows.append(check_and_time(fn, ref, bf16_ms, TOL, row, check=impl != "qlinear"))
     torch.cuda.empty_cache()
     return rows
 

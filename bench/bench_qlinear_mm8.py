@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_qlinear import NKS, random_packed, result_header, timed, write_result  # noqa: E402
+from bench_qlinear import (NKS, check_and_time, random_packed, result_header, timed,  # noqa: E402
+                           write_result)
 from q3n_compile.kernels import qlinear as Q  # noqa: E402
 from q3n_compile.kernels import qlinear_cublas8 as C8  # noqa: E402
 from q3n_compile.kernels import qlinear_mm8 as M8  # noqa: E402
@@ -77,18 +78,12 @@ def run_shape(M, N, K, formats, tiles, gen):
                 codes, xs, *w_args, act, ag, x.dtype, tcfg, False, Q._tickets), tcfg))
         for impl, fn, path in impls:
             row = dict(M=M, N=N, K=K, impl=f"{name}_{impl}", act=act, path=path)
-            try:
-                y = fn().double()
-                row["rel_err_vs_float64"] = ((y - ref).abs().max() / ref.abs().max()).item()
-                if row["rel_err_vs_float64"] > TOL:
-                    row["error"] = f"wrong result: {row['rel_err_vs_float64']:.3g}"
-                _, row["graph_ms"] = timed(fn, eager=False)
-                row["vs_bf16"] = bf16_ms / row["graph_ms"]
+            check_and_time(fn, ref, bf16_ms, TOL, row)
+            if "graph_ms" in row:
                 print(f"  {row['impl']:34s} {row['graph_ms']:.4f} ms  {row['vs_bf16']:.2f}x "
                       f"bf16  err {row['rel_err_vs_float64']:.1e}"
                       + (f"  {row['error']}" if "error" in row else ""), flush=True)
-            except Exception as exc:
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            else:
                 print(f"  {row['impl']:34s} {row['error']}", flush=True)
             rows.append(row)
     torch.cuda.empty_cache()
