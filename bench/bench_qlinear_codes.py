@@ -40,20 +40,37 @@ FORMATS = {"w4a8": (4, 128, False, "fp8", Q.PER_TOKEN), "w6a12": (6, 128, False,
 TOL = 1e-2  # relative to max |y|: bf16 output rounding
 
 
-def run_shape(M, N, K, formats, gen):
+def bf16_peer(M, N, K, gen):
+    """(bf16 x [M, K], bf16 ``F.linear``'s CUDA-graph ms on a random [N, K] weight, its row)."""
     x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
     w = (torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to(torch.bfloat16)
     _, bf16_ms = timed(lambda: F.linear(x, w), eager=False)
-    rows = [dict(M=M, N=N, K=K, impl="bf16", graph_ms=bf16_ms)]
+    return x, bf16_ms, dict(M=M, N=N, K=K, impl="bf16", graph_ms=bf16_ms)
+
+
+def codes_case(x, N, fmt, gen):
+    """(act, packed weight, codes, scales, float64 reference) of format `fmt` = (bits, group,
+    symmetric, activation format, activation group) on x: a random packed [N, K] weight, x's
+    codes by the op's quantizer, and ``qlinear.reference_codes`` in float64 (fp8 becomes int8
+    on a GPU without fp8)."""
+    bits, group, sym, act, ag = fmt
+    if act == "fp8" and not Q.fp8_supported(x.device):
+        act = "int8"
+    K = x.shape[1]
+    pw = random_packed(gen, N, K, bits, group, sym)
+    codes, xs = Q.quantize_activations_triton(x, act, None, False, ag)
+    ref = Q.reference_codes(codes, xs, pw.qweight, pw.scales, pw.zeros, None, bits, group, K,
+                            act, torch.float64, ag)
+    return act, pw, codes, xs, ref
+
+
+def run_shape(M, N, K, formats, gen):
+    x, bf16_ms, bf16_row = bf16_peer(M, N, K, gen)
+    rows = [bf16_row]
     for name in formats:
-        bits, group, sym, act, ag = FORMATS[name]
-        if act == "fp8" and not Q.fp8_supported(x.device):
-            act = "int8"
-        pw = random_packed(gen, N, K, bits, group, sym)
-        codes, xs = Q.quantize_activations_triton(x, act, None, False, ag)
+        bits, group, sym, _, ag = FORMATS[name]
+        act, pw, codes, xs, ref = codes_case(x, N, FORMATS[name], gen)
         cfg = Q.choose_path(M, N, K, bits, group, act, x.dtype, x.device, act_group_size=ag)
-        ref = Q.reference_codes(codes, xs, pw.qweight, pw.scales, pw.zeros, None, bits, group,
-                                K, act, torch.float64, ag)
         w_args = (pw.qweight, pw.scales, pw.zeros, None, bits, group)
 
         def op():

@@ -18,14 +18,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_qlinear import (NKS, check_and_time, random_packed, result_header, timed,  # noqa: E402
-                           write_result)
+from bench_qlinear import NKS, check_and_time, result_header, write_result  # noqa: E402
+from bench_qlinear_codes import bf16_peer, codes_case  # noqa: E402
 from q3n_compile.kernels import qlinear as Q  # noqa: E402
 from q3n_compile.kernels import qlinear_cublas8 as C8  # noqa: E402
 from q3n_compile.kernels import qlinear_mm8 as M8  # noqa: E402
@@ -51,19 +50,12 @@ def parse_tile(text: str) -> dict:
 
 
 def run_shape(M, N, K, formats, tiles, gen):
-    x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
-    w = (torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to(torch.bfloat16)
-    _, bf16_ms = timed(lambda: F.linear(x, w), eager=False)
-    rows = [dict(M=M, N=N, K=K, impl="bf16", graph_ms=bf16_ms)]
+    x, bf16_ms, bf16_row = bf16_peer(M, N, K, gen)
+    rows = [bf16_row]
     print(f"M={M} N={N} K={K}: bf16 {bf16_ms:.4f} ms", flush=True)
     for name in formats:
-        bits, group, sym, act, ag = FORMATS[name]
-        if act == "fp8" and not Q.fp8_supported(x.device):
-            act = "int8"
-        pw = random_packed(gen, N, K, bits, group, sym)
-        codes, xs = Q.quantize_activations_triton(x, act, None, False, ag)
-        ref = Q.reference_codes(codes, xs, pw.qweight, pw.scales, pw.zeros, None, bits, group,
-                                K, act, torch.float64, ag)
+        bits, group, sym, _, ag = FORMATS[name]
+        act, pw, codes, xs, ref = codes_case(x, N, FORMATS[name], gen)
         w_args = (pw.qweight, pw.scales, pw.zeros, None, bits, group)
         cfg = Q.choose_path(M, N, K, bits, group, act, x.dtype, x.device, act_group_size=ag)
         impls = [("dispatched", lambda: torch.ops.q3n.qlinear_codes(codes, xs, *w_args, K, act,
