@@ -1,14 +1,16 @@
 """The single-plane GEMV (q3n::qlinear's gemv1p path) on one GPU, quick: against the old GEMV,
 the dispatched path, bf16 F.linear (cuBLAS) and torch's int4 kernel, with gemv1p's config sweep.
 
-Shapes: M in {1, 16} x (N, K) in {(4096, 4096), (28672, 8192), (12288, 4096)}. Formats: W4A16
+Shapes: M in {1, 16} x (N, K) in {(4096, 4096), (28672, 8192), (12288, 4096), (4096, 12288)}. Formats: W4A16
 g128 with zero points (the issue's), W8A16 per channel, symmetric, and W6A16 g128 with zero points
 (two bit planes; ``--formats``). Rows:
 - ``bf16`` (F.linear) and ``int4_torch`` (aten._weight_int4pack_mm, group 128; see
   bench_qlinear.py) on the same bf16 activations;
 - per format: ``dispatch`` (what torch.ops.q3n.qlinear runs: gemv1p at M = 1, the mm tile at
   M = 16), ``gemv_old`` (the word-per-plane GEMV with its split rule: what M = 1 ran before),
-  ``gemv1p`` (:func:`gemv1p_config`'s default), then the sweep: every
+  ``gemv1p`` (:func:`gemv1p_config`'s default), ``gemv1p_magic`` (the same launch with the
+  magic-float unpack, DENORM 0: what one-plane weights ran before the denormal unpack, and what
+  float32 x and 6-bit weights run), then the sweep: every
   :data:`GEMV1P_SWEEP` entry, fixed K splits of the default tile, and at M = 16 rows per
   program (BLOCK_M) 2, 4, 8, 16.
 
@@ -47,7 +49,7 @@ from q3n_compile.kernels import packing as P  # noqa: E402
 from q3n_compile.kernels import qlinear as Q  # noqa: E402
 
 MS = (1, 16)
-NKS = ((4096, 4096), (28672, 8192), (12288, 4096))
+NKS = ((4096, 4096), (28672, 8192), (12288, 4096), (4096, 12288))
 # name -> (bits, group, symmetric)
 FORMATS = {"w4a16_g128": (4, 128, False), "w8a16_pc": (8, -1, True),
            "w6a16_g128": (6, 128, False)}
@@ -146,7 +148,8 @@ class Runner:
 
 
 def _short(cfg: dict) -> str:
-    keys = ("path", "BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "SPLIT_K", "PREFETCH", "REDUCE")
+    keys = ("path", "BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "SPLIT_K", "PREFETCH", "REDUCE",
+            "DENORM")
     return " ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
 
 
@@ -214,6 +217,9 @@ def main():
                                                      interpreter=CPU_CHECK, sm_count=sms)),
                          ("gemv_old", old_gemv(M, N, K, group, sms)),
                          ("gemv1p", Q.gemv1p_config(M, N, K, group, sms=sms))]
+                if bits != 6:
+                    cands.append(("gemv1p_magic",
+                                  dict(Q.gemv1p_config(M, N, K, group, sms=sms), DENORM=0)))
                 for impl, cfg in cands:
                     run.time_launch(dict(base, impl=impl, cfg=cfg), launch(args_, cfg),
                                     ref_all[:M], pw.nbytes)
@@ -248,7 +254,8 @@ def main():
                 pick = {r["impl"]: r["graph_TBps"] for r in sel if r["impl"] in
                         ("bf16", "int4_torch")}
                 pick.update({r["impl"]: r["graph_TBps"] for r in mine
-                             if r["impl"] in ("dispatch", "gemv_old", "gemv1p")})
+                             if r["impl"] in ("dispatch", "gemv_old", "gemv1p",
+                                              "gemv1p_magic")})
                 entry = dict(N=N, K=K, M=M, format=name, best_gemv1p=best and dict(
                     impl=best["impl"], TBps=best["graph_TBps"], graph_ms=best["graph_ms"],
                     cfg=best["cfg"]), **{f"{k}_TBps": v for k, v in pick.items()})

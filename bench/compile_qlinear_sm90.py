@@ -92,20 +92,26 @@ def gemv1p_cases() -> list[tuple[str, str, dict, int, int]]:
 
     out = []
 
-    def add(name, fmt, cfg, block_m):
+    def add(name, fmt, cfg, block_m, denorm=None):
         bits, group, sym, act, ag, xt = GEMV1P_FORMATS[fmt]
         bk = min([cfg["BLOCK_K"]] + [g for g in (group, ag) if g])
         reduce = {"ticket": 2, "atomic": 1}[cfg["REDUCE"]] if cfg["SPLIT_K"] != 1 else 0
+        if denorm is None:  # the launcher's choice (x here is bf16 or int8 codes)
+            denorm = Q.gemv1p_denorm(bits, torch.bfloat16)
         out.append((name, "gemv1p", dict(
             BITS=bits, GROUP=group, SYM=sym, ACT=act, ACT_GROUP=ag, HAS_BIAS=False,
             REDUCE=reduce, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
-            PREFETCH=int(cfg["PREFETCH"]), EVEN=True, stride_xk=1, stride_yn=1, x_type=xt),
-            cfg["num_warps"], cfg["num_stages"]))
+            PREFETCH=int(cfg["PREFETCH"]), EVEN=True, DENORM=int(denorm), stride_xk=1,
+            stride_yn=1, x_type=xt), cfg["num_warps"], cfg["num_stages"]))
+
+    import torch
 
     for fmt in GEMV1P_FORMATS:
         for i, cfg in enumerate(Q.GEMV1P_SWEEP):
             add(f"gemv1p_{fmt}_s{i}_n{cfg['BLOCK_N']}k{cfg['BLOCK_K']}w{cfg['num_warps']}"
                 f"pf{int(cfg['PREFETCH'])}", fmt, cfg, 1)
+        # The magic-float unpack (DENORM 0: float32 x, 6-bit weights) at the default tile.
+        add(f"gemv1p_{fmt}_s0_magic", fmt, Q.GEMV1P_SWEEP[0], 1, denorm=False)
     for m in (1, 2, 4, 16):
         cfg = Q.gemv1p_config(m, 4096, 4096, 128, sms=132)
         add(f"gemv1p_w4a16g128_default_m{m}_w{cfg['num_warps']}", "w4a16g128", cfg,

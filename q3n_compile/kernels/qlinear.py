@@ -427,7 +427,7 @@ def qlinear_gemv1p_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ACT: tl.constexpr,
     ACT_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr, EVEN: tl.constexpr,
+    PREFETCH: tl.constexpr, EVEN: tl.constexpr, DENORM: tl.constexpr = 0,
 ):
     """One program computes a [BLOCK_M, BLOCK_N] tile of Y (BLOCK_M rows of x, few) over one
     split of K, on CUDA cores, for weights of one bit plane (BITS 8, 4 or 2: PER = 32 / BITS
@@ -453,6 +453,21 @@ def qlinear_gemv1p_kernel(
     4-bit plane's d as above (with z0 = 32), the 2-bit field of position j (bits 2j of the
     word's half, a shift per word) turned into its value q2 the same way, and d = fma(q2, 16, d):
     three more operations per code, all exact.
+
+    DENORM (one plane only): the code's bits are read as a float where they lie, with no
+    constant and no conversion. Position j's field, at bit p = BITS * j of the word (or of the
+    word >> 16 where it would pass bit 23: one shift per word), as an fp32 bit pattern with
+    exponent field 0 or 1 is the float q * 2^(p - 149) exactly (a denormal, or the smallest
+    normal binade, where value = bits * 2^-149 still holds). x is scaled per position by
+    2^(85 - p) (exact: a power of two) once per x element, so a'' * f = a * q * 2^-64 and the
+    code costs one LOP3 and one FFMA; z (or 2^(BITS-1) when symmetric) is subtracted once per
+    word as z * sum_j a, and 2^64 is put back once after the loop. Rounding is the magic
+    path's (one rounding per product, the same partial sums) but for where z is subtracted.
+    Range: a * q * 2^-64 must be a normal float and a * 2^85 finite, so x entries (or codes)
+    with |x| < 2^-62 count as zero and |x| >= 2^43 overflow: the launcher takes it for 16-bit x
+    and activation codes (fp16's and the codes' whole range lies inside), float32 x keeps the
+    magic path. Needs FFMA without flush-to-zero: Triton 3.6 emits ``fma.rn.f32`` (checked in
+    the sm_90 compile), and the interpreter's numpy keeps denormals.
 
     Layout (Triton 3.6, sm_90, checked with bench/compile_qlinear_sm90.py --gemv1p): the words'
     load is LDG.128 and the inner loop has no shared-memory layout conversion when BLOCK_M *
@@ -525,6 +540,13 @@ def qlinear_gemv1p_kernel(
         negc4 = -(big + (1 << (BITS - 1)))[:, None, None, None]
     else:
         negc4 = -big[:, None, None, None]
+    if DENORM:
+        # Fields reaching past bit 23 are taken from the word's upper half instead.
+        upper = (j * PB + PB > 24).to(tl.int32)
+        dpos = j * PB - upper * 16
+        dshift4 = (upper * 16)[:, None, None, None]
+        dfield4 = (((1 << PB) - 1) << dpos)[:, None, None, None]
+        dscale = ((127 + 85 - dpos) << 23).to(tl.float32, bitcast=True)  # 2^(85 - p)
     if PER_CHANNEL:
         s3 = tl.load(S + sn3, mask=n_ok3, other=0.0).to(tl.float32)
         if not SYM:
@@ -575,6 +597,9 @@ def qlinear_gemv1p_kernel(
         else:
             a = tl.load(x_rows + offs_k * stride_xk, mask=m_ok3 & (offs_k < K), other=0.0)
         a = a.to(tl.float32)[:, :, :, None]  # [PER, BLOCK_M, WORDS, 1]
+        if DENORM:
+            # Per x element, shared by the thread's columns: the position's power of two.
+            a2 = a * dscale[:, None, None, None]
         if not PER_CHANNEL:
             g = k0 // GROUP
             if EVEN:
@@ -597,14 +622,23 @@ def qlinear_gemv1p_kernel(
         # ((half | MAGIC) & (field | MAGIC)) = MAGIC | (half & field): the first OR is per half
         # word (computed once for all its positions), the AND is one LOP3 per code with one
         # immediate operand; written as (half & field) | MAGIC, ptxas emitted two per code.
-        f = (((w >> shift4) & 0xFFFF) | _MAGIC) & (field4 | _MAGIC)
-        d = tl.fma(f.to(tl.float32, bitcast=True), inv4, negc4)  # q - z0, [PER, 1, WORDS, BLOCK_N]
-        if TWO_PLANES:
-            f2 = (((v >> half2) & 0xFFFF) | _MAGIC) & (field2 | _MAGIC)
-            d = tl.fma(tl.fma(f2.to(tl.float32, bitcast=True), inv2, negc2), 16.0, d)
-        part = tl.sum(a * d, axis=0)  # [BLOCK_M, WORDS, BLOCK_N]
-        if not SYM:
-            part -= tl.sum(a, axis=0) * z3  # one FMA per word: sum_j a * (q - z)
+        if DENORM:
+            f = ((w >> dshift4) & dfield4).to(tl.float32, bitcast=True)  # q * 2^(p - 149)
+            part = tl.sum(a2 * f, axis=0)  # sum_j a q 2^-64, [BLOCK_M, WORDS, BLOCK_N]
+            suma = tl.sum(a, axis=0) * 5.421010862427522e-20  # sum_j a * 2^-64
+            if SYM:
+                part -= suma * (1 << (BITS - 1))
+            else:
+                part -= suma * z3
+        else:
+            f = (((w >> shift4) & 0xFFFF) | _MAGIC) & (field4 | _MAGIC)
+            d = tl.fma(f.to(tl.float32, bitcast=True), inv4, negc4)  # q - z0, [PER, 1, WORDS, BLOCK_N]
+            if TWO_PLANES:
+                f2 = (((v >> half2) & 0xFFFF) | _MAGIC) & (field2 | _MAGIC)
+                d = tl.fma(tl.fma(f2.to(tl.float32, bitcast=True), inv2, negc2), 16.0, d)
+            part = tl.sum(a * d, axis=0)  # [BLOCK_M, WORDS, BLOCK_N]
+            if not SYM:
+                part -= tl.sum(a, axis=0) * z3  # one FMA per word: sum_j a * (q - z)
         if not PER_CHANNEL:
             if ACT_GROUP != 0:
                 acc += part * (xs3 * s3)
@@ -626,6 +660,8 @@ def qlinear_gemv1p_kernel(
     if PER_CHANNEL:
         acc = acc * s3
     y = tl.sum(acc, axis=1)  # [BLOCK_M, BLOCK_N]
+    if DENORM:
+        y = y * 18446744073709551616.0  # 2^64
     if ACT != 0 and ACT_GROUP == 0:
         y = y * tl.load(XS + offs_m, mask=m_ok, other=0.0)[:, None]
     if HAS_BIAS:
@@ -1366,6 +1402,13 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
     return fresh
 
 
+def gemv1p_denorm(bits: int, x_dtype: torch.dtype) -> bool:
+    """Whether gemv1p reads codes as denormal floats (:func:`qlinear_gemv1p_kernel`'s DENORM):
+    one bit plane, and x of 16 bits or activation codes, whose range the scaled products hold;
+    float32 x keeps the magic-float unpack and its full range."""
+    return bits != 6 and x_dtype != torch.float32
+
+
 def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, split, cfg,
             flags, interpreter: bool) -> torch.Tensor:
     """Launch :func:`qlinear_gemv1p_kernel`: split-K by tickets in one launch (cfg REDUCE
@@ -1386,9 +1429,13 @@ def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, 
         cnt = _tickets(a.device, n_tiles * m_tiles)
     else:
         ws = cnt = y  # unused
+    denorm = int(cfg.get("DENORM", gemv1p_denorm(flags["BITS"], a.dtype)))
+    if denorm and flags["BITS"] == 6:
+        raise ValueError("q3n::qlinear: gemv1p's DENORM unpack reads one bit plane; 6-bit "
+                         "weights have two (leave DENORM out or 0)")
     consts = {k: v for k, v in flags.items() if k != "ATOMIC"}
     consts.update(REDUCE=mode, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                  PREFETCH=int(cfg.get("PREFETCH", 1)),
+                  PREFETCH=int(cfg.get("PREFETCH", 1)), DENORM=denorm,
                   EVEN=N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0 and M % block_m == 0)
     contract.launch(
         qlinear_gemv1p_kernel, (n_tiles, split, m_tiles),

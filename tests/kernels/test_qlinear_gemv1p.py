@@ -5,9 +5,10 @@ against the float64 dequantised reference (CPU lane: Triton interpreter; GPU: -m
 import pytest
 import torch
 
+from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear as Q
 
-from .test_qlinear import _check, _gen, _packed, bf16, f16, f32
+from .test_qlinear import _check, _exact, _gen, _packed, bf16, f16, f32
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
 
@@ -241,3 +242,58 @@ def test_gpu_gemv1p_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("bits,sym,dtype,denorm", [
+    (4, False, f16, 1), (4, True, f32, 1), (8, True, f16, 1), (8, True, f32, 1),
+    (2, False, f16, 1), (2, True, f32, 1), (4, False, f32, 0), (2, False, f16, 0),
+])
+def test_gemv1p_every_code_in_every_position_exactly(bits, sym, dtype, denorm):
+    # Row m of x is one-hot at channel k = m (+ 16): y[m, n] = s[n] * (q[n, k] - z[n]) * v, exact
+    # in fp32 on both unpacks (the denormal one scales by 2^-64 and back: powers of two), so it
+    # must equal the float64 value rounded to x's dtype bit for bit. Columns hold every code
+    # value at every channel, so every (position in the word, value) pair is read, including
+    # the positions the denormal unpack takes from the word's upper half. (fp16 and fp32
+    # outputs: the interpreter's fp32 -> bf16 store truncates, where CUDA rounds to nearest.)
+    N, K = 1 << bits, 32
+    gen = _gen(f"g1pexact{bits}{sym}{dtype}{denorm}")
+    codes = (torch.arange(N)[:, None] + torch.arange(K)[None, :] * 3) % N
+    scales = (torch.rand(1, N, generator=gen) * 0.02 + 0.002).to(torch.float16)
+    zeros = None if sym else torch.randint(0, N, (1, N), generator=gen).to(torch.uint8)
+    pw = P.pack(codes, scales, zeros, bits, -1)
+    value = 2.0 ** 12 if dtype == f32 else 1.0
+    for first in (0, 16):
+        x = torch.zeros(16, K, dtype=dtype)
+        x[torch.arange(16), first + torch.arange(16)] = value
+        out = Q._launch(x, pw.qweight, pw.scales, pw.zeros, None, None, bits, -1, K, "none",
+                        interpreter=True, path=dict(_path(16, -1, block_k=32), DENORM=denorm))
+        want = _exact(x, pw, None, None, "none").to(dtype)
+        assert torch.equal(out, want), (out - want).abs().max()
+
+
+def test_gemv1p_denormal_unpack_range():
+    # Inside the documented range of x (|x| in [2^-62, 2^43)) the denormal unpack matches the
+    # float64 reference to fp32 accumulation; both ends in one launch (bf16 x, fp32 partials).
+    gen = _gen("g1prange")
+    pw = _packed(gen, 40, 256, 4, 128, False)
+    x = torch.randn(2, 256, generator=gen)
+    x[0] *= 2.0 ** 40
+    x[1] *= 2.0 ** -58
+    for row in range(2):
+        _check(x[row: row + 1].to(bf16), pw, path=dict(_path(1, 128), DENORM=1))
+
+
+def test_gemv1p_unpack_choice():
+    # One-plane weights with 16-bit x or activation codes read codes as denormals; 6-bit weights
+    # (two planes) and float32 x (the whole fp32 range) keep the magic-float unpack.
+    for bits in (2, 4, 8):
+        for dtype in (bf16, f16, torch.int8, torch.float8_e4m3fn, torch.int16):
+            assert Q.gemv1p_denorm(bits, dtype)
+        assert not Q.gemv1p_denorm(bits, f32)
+    assert not Q.gemv1p_denorm(6, bf16)
+    gen = _gen("g1pdenorm6")
+    pw6 = _packed(gen, 16, 64, 6, 32, False)
+    x = torch.randn(1, 64, generator=gen).to(bf16)
+    with pytest.raises(ValueError, match="DENORM unpack reads one bit plane"):
+        Q._launch(x, pw6.qweight, pw6.scales, pw6.zeros, None, None, 6, 32, 64, "none",
+                  interpreter=True, path=dict(_path(1, 32), DENORM=1))
