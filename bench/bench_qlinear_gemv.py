@@ -2,15 +2,16 @@
 the dispatched path, bf16 F.linear (cuBLAS) and torch's int4 kernel, with gemv1p's config sweep.
 
 Shapes: M in {1, 16} x (N, K) in {(4096, 4096), (28672, 8192), (12288, 4096), (4096, 12288)}. Formats: W4A16
-g128 with zero points (the issue's), W8A16 per channel, symmetric, and W6A16 g128 with zero points
-(two bit planes; ``--formats``). Rows:
+g128 with zero points (the issue's), W8A16 per channel, symmetric, W6A16 g128 with zero points
+(two bit planes) and W2A16 g64 with zero points (``--formats``). Rows:
 - ``bf16`` (F.linear) and ``int4_torch`` (aten._weight_int4pack_mm, group 128; see
   bench_qlinear.py) on the same bf16 activations;
 - per format: ``dispatch`` (what torch.ops.q3n.qlinear runs: gemv1p at M = 1, the mm tile at
   M = 16), ``gemv_old`` (the word-per-plane GEMV with its split rule: what M = 1 ran before),
-  ``gemv1p`` (:func:`gemv1p_config`'s default), ``gemv1p_magic`` (the same launch with the
-  magic-float unpack, DENORM 0: what one-plane weights ran before the denormal unpack, and what
-  float32 x and 6-bit weights run), then the sweep: every
+  ``gemv1p`` (:func:`gemv1p_config`'s default), ``gemv1p_magic`` / ``gemv1p_denorm`` (the
+  same launch with the other unpack than :func:`qlinear.gemv1p_denorm` picks: the magic float,
+  DENORM 0, for 4- and 2-bit weights, what they ran before session 16; the denormal one for
+  8-bit weights), then the sweep: every
   :data:`GEMV1P_SWEEP` entry, fixed K splits of the default tile, and at M = 16 rows per
   program (BLOCK_M) 2, 4, 8, 16.
 
@@ -52,7 +53,7 @@ MS = (1, 16)
 NKS = ((4096, 4096), (28672, 8192), (12288, 4096), (4096, 12288))
 # name -> (bits, group, symmetric)
 FORMATS = {"w4a16_g128": (4, 128, False), "w8a16_pc": (8, -1, True),
-           "w6a16_g128": (6, 128, False)}
+           "w6a16_g128": (6, 128, False), "w2a16_g64": (2, 64, False)}
 TOL = BQ.TOL
 CPU_CHECK = False  # --cpu-check: interpreter launches, no timing
 
@@ -78,10 +79,11 @@ def old_gemv(M, N, K, group, sms):
     return dict(path="gemv", BLOCK_N=64, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=2)
 
 
-def sweep_configs(M, N, K, group, sms, full, grid=False):
+def sweep_configs(M, N, K, group, sms, full, grid=False, bits=4):
     """(label, cfg) of the gemv1p sweep at M rows (`full`: every sweep entry; else a short one;
     `grid`, at M = 1: only the grid of K splits 1-16 x PREFETCH 1, 2 x 64/128 columns, to fit
-    a split rule)."""
+    a split rule). The short sweep keeps the column sub-tile entries (SUBS > 1); for 8-bit
+    weights those are also timed with the denormal unpack."""
     out = []
     if grid and M == 1:
         for bn, warps in ((128, 8), (64, 4)):
@@ -92,10 +94,14 @@ def sweep_configs(M, N, K, group, sms, full, grid=False):
                     out.append((f"n{bn}pf{pf}s{split}",
                                 Q.gemv1p_config(M, N, K, group, sms=sms, base=base)))
         return out
-    bases = Q.GEMV1P_SWEEP if full else Q.GEMV1P_SWEEP[:4]
+    subs_entries = [(i, b) for i, b in enumerate(Q.GEMV1P_SWEEP) if b.get("SUBS", 1) > 1]
+    bases = (list(enumerate(Q.GEMV1P_SWEEP)) if full
+             else list(enumerate(Q.GEMV1P_SWEEP[:4])) + subs_entries)
     if M == 1:
-        for i, base in enumerate(bases):
+        for i, base in bases:
             out.append((f"sweep{i}", Q.gemv1p_config(M, N, K, group, sms=sms, base=base)))
+            if bits == 8 and base.get("SUBS", 1) > 1:  # 8-bit's default unpack is the magic one
+                out.append((f"sweep{i}_denorm", dict(out[-1][1], DENORM=1)))
         default = Q.gemv1p_config(M, N, K, group, sms=sms)
         for split in (1, 2, 4, 8, 16) if full else (1, 4):
             if split != default["SPLIT_K"]:
@@ -149,7 +155,7 @@ class Runner:
 
 def _short(cfg: dict) -> str:
     keys = ("path", "BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "SPLIT_K", "PREFETCH", "REDUCE",
-            "DENORM")
+            "DENORM", "SUBS")
     return " ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
 
 
@@ -217,9 +223,10 @@ def main():
                                                      interpreter=CPU_CHECK, sm_count=sms)),
                          ("gemv_old", old_gemv(M, N, K, group, sms)),
                          ("gemv1p", Q.gemv1p_config(M, N, K, group, sms=sms))]
-                if bits != 6:
-                    cands.append(("gemv1p_magic",
-                                  dict(Q.gemv1p_config(M, N, K, group, sms=sms), DENORM=0)))
+                if bits != 6:  # the other unpack than the default's, same launch
+                    other = 0 if Q.gemv1p_denorm(bits, x.dtype) else 1
+                    cands.append((("gemv1p_magic", "gemv1p_denorm")[other],
+                                  dict(Q.gemv1p_config(M, N, K, group, sms=sms), DENORM=other)))
                 for impl, cfg in cands:
                     run.time_launch(dict(base, impl=impl, cfg=cfg), launch(args_, cfg),
                                     ref_all[:M], pw.nbytes)
@@ -235,7 +242,7 @@ def main():
                 x = x_all[:M].contiguous()
                 args_ = (x, pw.qweight, pw.scales, pw.zeros, None, None, bits, group, K, "none")
                 for label, cfg in sweep_configs(M, N, K, group, sms, full=name == "w4a16_g128",
-                                                grid=args.grid):
+                                                grid=args.grid, bits=bits):
                     run.time_launch(dict(N=N, K=K, M=M, format=name, impl=f"gemv1p_{label}",
                                          cfg=cfg), launch(args_, cfg), ref_all[:M], pw.nbytes,
                                     sweep=True)
@@ -255,7 +262,7 @@ def main():
                         ("bf16", "int4_torch")}
                 pick.update({r["impl"]: r["graph_TBps"] for r in mine
                              if r["impl"] in ("dispatch", "gemv_old", "gemv1p",
-                                              "gemv1p_magic")})
+                                              "gemv1p_magic", "gemv1p_denorm")})
                 entry = dict(N=N, K=K, M=M, format=name, best_gemv1p=best and dict(
                     impl=best["impl"], TBps=best["graph_TBps"], graph_ms=best["graph_ms"],
                     cfg=best["cfg"]), **{f"{k}_TBps": v for k, v in pick.items()})

@@ -20,7 +20,8 @@ The single-plane GEMV (``gemv1p``: W4A16 g128 asymmetric and symmetric, W8A16 pe
 g64, W4A8 g128 int8, W4A8 with activation groups of 64) is compiled at every
 :data:`GEMV1P_SWEEP` tile and at the default launch for 1, 2, 4 and 16 rows, with the launch's
 specialisation at N = K = 4096 (16-byte aligned pointers, sizes and row strides divisible by 16,
-unit column strides), and its inner loop is read from the SASS: instructions per iteration and per
+unit column strides), with the unpack the launcher picks (:func:`gemv1p_denorm`) and, at the
+default tile, the other one too, and its inner loop is read from the SASS: instructions per iteration and per
 code, global load widths, barriers and shared-memory layout conversions (TTGIR
 ``convert_layout``) in the loop. ``--gemv1p`` compiles only those.
 
@@ -110,8 +111,11 @@ def gemv1p_cases() -> list[tuple[str, str, dict, int, int]]:
         for i, cfg in enumerate(Q.GEMV1P_SWEEP):
             add(f"gemv1p_{fmt}_s{i}_n{cfg['BLOCK_N']}k{cfg['BLOCK_K']}w{cfg['num_warps']}"
                 f"pf{int(cfg['PREFETCH'])}", fmt, cfg, 1)
-        # The magic-float unpack (DENORM 0: float32 x, 6-bit weights) at the default tile.
-        add(f"gemv1p_{fmt}_s0_magic", fmt, Q.GEMV1P_SWEEP[0], 1, denorm=False)
+        # The other unpack than the launcher's at the default tile (magic float for 4- and
+        # 2-bit weights, as before session 16; denormal for 8-bit ones).
+        other = not Q.gemv1p_denorm(GEMV1P_FORMATS[fmt][0], torch.bfloat16)
+        add(f"gemv1p_{fmt}_s0_{'denorm' if other else 'magic'}", fmt, Q.GEMV1P_SWEEP[0], 1,
+            denorm=other)
     for m in (1, 2, 4, 16):
         cfg = Q.gemv1p_config(m, 4096, 4096, 128, sms=132)
         add(f"gemv1p_w4a16g128_default_m{m}_w{cfg['num_warps']}", "w4a16g128", cfg,

@@ -428,6 +428,7 @@ def qlinear_gemv1p_kernel(
     ACT_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr, EVEN: tl.constexpr, DENORM: tl.constexpr = 0,
+    SUBS: tl.constexpr = 1,
 ):
     """One program computes a [BLOCK_M, BLOCK_N] tile of Y (BLOCK_M rows of x, few) over one
     split of K, on CUDA cores, for weights of one bit plane (BITS 8, 4 or 2: PER = 32 / BITS
@@ -464,9 +465,9 @@ def qlinear_gemv1p_kernel(
     word as z * sum_j a, and 2^64 is put back once after the loop. Rounding is the magic
     path's (one rounding per product, the same partial sums) but for where z is subtracted.
     Range: a * q * 2^-64 must be a normal float and a * 2^85 finite, so x entries (or codes)
-    with |x| < 2^-62 count as zero and |x| >= 2^43 overflow: the launcher takes it for 16-bit x
-    and activation codes (fp16's and the codes' whole range lies inside), float32 x keeps the
-    magic path. Needs FFMA without flush-to-zero: Triton 3.6 emits ``fma.rn.f32`` (checked in
+    with |x| < 2^-62 count as zero and |x| >= 2^43 overflow: the launcher takes it
+    (:func:`gemv1p_denorm`) for 4- and 2-bit weights with 16-bit x or activation codes (fp16's
+    and the codes' whole range lies inside); float32 x keeps the magic path. Needs FFMA without flush-to-zero: Triton 3.6 emits ``fma.rn.f32`` (checked in
     the sm_90 compile), and the interpreter's numpy keeps denormals.
 
     Layout (Triton 3.6, sm_90, checked with bench/compile_qlinear_sm90.py --gemv1p): the words'
@@ -488,6 +489,13 @@ def qlinear_gemv1p_kernel(
     partials in split order (deterministic), stores Y in its dtype and resets the counter.
     Rounding differs from :func:`qlinear_gemv_kernel` only by float32 summation order (and,
     with ACT_GROUP, by where s_x multiplies).
+
+    SUBS (1, 2 or 4): the block's columns as SUBS sub-tiles of BLOCK_N / SUBS; every
+    per-column tensor is [..., BLOCK_N / SUBS, SUBS] with column h * BLOCK_N / SUBS + c at
+    [c, h]. Triton 3.6 lays the sub-tile axis (last, no contiguity) out after the words' axis,
+    so once the threads and warps are spread over the columns and words it stays in the
+    thread: a thread holds 4 columns of each sub-tile (SUBS 16-byte word loads per word row)
+    and each x element it loads and scales serves 4 * SUBS columns instead of 4.
 
     PREFETCH (0, 1 or 2): the words of the next 1 or 2 K blocks are loaded before this block is
     computed (register buffers: Triton 3.6 does not pipeline loads that feed no tl.dot, whatever
@@ -520,9 +528,15 @@ def qlinear_gemv1p_kernel(
     # The same columns, written so that Triton's axis analysis sees runs of 4 consecutive
     # columns, not BLOCK_N: the scale and zero-point loads then get the words' layout (4 columns
     # per thread) rather than wider vectors that would need a conversion to it.
-    offs_n4 = pid_n * BLOCK_N + (cols // 4) * 4 + cols % 4
-    n_ok3 = (offs_n4 < N)[None, None, :]
-    sn3 = offs_n4[None, None, :]  # [1, 1, BLOCK_N], for scales and zero points
+    # SUBS sub-tiles of BN_SUB columns: column h * BN_SUB + c of the block is [c, h] of the
+    # per-column tensors, whose last axis stays in the thread (see the layout note below).
+    BN_SUB: tl.constexpr = BLOCK_N // SUBS
+    csub = tl.arange(0, BN_SUB)
+    hsub = tl.arange(0, SUBS)[None, :] * BN_SUB
+    offs_n2 = pid_n * BLOCK_N + csub[:, None] + hsub  # [BN_SUB, SUBS]
+    offs_n4 = pid_n * BLOCK_N + ((csub // 4) * 4 + csub % 4)[:, None] + hsub
+    n_ok3 = (offs_n4 < N)[None, None, :, :]
+    sn3 = offs_n4[None, None, :, :]  # [1, 1, BN_SUB, SUBS], for scales and zero points
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K_PAD)
     rows_total = K_PAD // PER
@@ -532,20 +546,20 @@ def qlinear_gemv1p_kernel(
     # subtracted per word below).
     j = tl.arange(0, PER)
     pos = (j % HALF_PER) * PB
-    shift4 = ((j // HALF_PER) * 16)[:, None, None, None]
-    field4 = (((1 << PB) - 1) << pos)[:, None, None, None]
-    inv4 = ((127 - pos) << 23).to(tl.float32, bitcast=True)[:, None, None, None]
+    shift4 = ((j // HALF_PER) * 16)[:, None, None, None, None]
+    field4 = (((1 << PB) - 1) << pos)[:, None, None, None, None]
+    inv4 = ((127 - pos) << 23).to(tl.float32, bitcast=True)[:, None, None, None, None]
     big = ((127 + 23 - pos) << 23).to(tl.float32, bitcast=True)
     if SYM:
-        negc4 = -(big + (1 << (BITS - 1)))[:, None, None, None]
+        negc4 = -(big + (1 << (BITS - 1)))[:, None, None, None, None]
     else:
-        negc4 = -big[:, None, None, None]
+        negc4 = -big[:, None, None, None, None]
     if DENORM:
         # Fields reaching past bit 23 are taken from the word's upper half instead.
         upper = (j * PB + PB > 24).to(tl.int32)
         dpos = j * PB - upper * 16
-        dshift4 = (upper * 16)[:, None, None, None]
-        dfield4 = (((1 << PB) - 1) << dpos)[:, None, None, None]
+        dshift4 = (upper * 16)[:, None, None, None, None]
+        dfield4 = (((1 << PB) - 1) << dpos)[:, None, None, None, None]
         dscale = ((127 + 85 - dpos) << 23).to(tl.float32, bitcast=True)  # 2^(85 - p)
     if PER_CHANNEL:
         s3 = tl.load(S + sn3, mask=n_ok3, other=0.0).to(tl.float32)
@@ -554,27 +568,27 @@ def qlinear_gemv1p_kernel(
     if ACT_GROUP != 0:
         n_act_groups = (K + ACT_GROUP - 1) // ACT_GROUP  # XS's row stride
 
-    # The arithmetic is 4-D, [PER, BLOCK_M, WORDS, BLOCK_N]: the words are loaded as a
-    # [1, 1, WORDS, BLOCK_N] tile and x's block as [PER, BLOCK_M, WORDS] (k = r * PER + j), and
-    # they broadcast against each other without a reshape. Positions come first so that in the
-    # words' layout (order [3, 0, 1, 2]) a thread's x registers run along j, i.e. along
+    # The arithmetic is 5-D, [PER, BLOCK_M, WORDS, BN_SUB, SUBS]: the words are loaded as a
+    # [1, 1, WORDS, BN_SUB, SUBS] tile and x's block as [PER, BLOCK_M, WORDS] (k = r * PER + j),
+    # and they broadcast against each other without a reshape. Positions come first so that in
+    # the words' layout (order [3, 0, 1, 2, 4]) a thread's x registers run along j, i.e. along
     # consecutive channels: x's block is then loaded in vectors (8 bf16 channels: LDG.128).
     # EVEN (N, K and M multiples of the blocks): no masks in the loop.
-    r4 = tl.arange(0, WORDS)[None, None, :, None]
-    n4 = offs_n[None, None, None, :]
+    r4 = tl.arange(0, WORDS)[None, None, :, None, None]
+    n4 = offs_n2[None, None, None, :, :]
     if TWO_PLANES:
         # Position j's 2-bit field sits at bit 2j of half r % 2 of its 2-bit word.
         pos2 = j * 2
         half2 = (r4 % 2) * 16
-        field2 = (3 << pos2)[:, None, None, None]
-        inv2 = ((127 - pos2) << 23).to(tl.float32, bitcast=True)[:, None, None, None]
-        negc2 = -(((127 + 23 - pos2) << 23).to(tl.float32, bitcast=True))[:, None, None, None]
+        field2 = (3 << pos2)[:, None, None, None, None]
+        inv2 = ((127 - pos2) << 23).to(tl.float32, bitcast=True)[:, None, None, None, None]
+        negc2 = -(((127 + 23 - pos2) << 23).to(tl.float32, bitcast=True))[:, None, None, None, None]
         rows2_total = K_PAD // 16
-    n_ok4 = n_ok[None, None, None, :]
+    n_ok4 = (offs_n2 < N)[None, None, None, :, :]
     x_rows = X + offs_m[None, :, None] * stride_xm
     m_ok3 = m_ok[None, :, None]
     kx3 = j[:, None, None] + tl.arange(0, WORDS)[None, None, :] * PER  # [PER, 1, WORDS]
-    acc = tl.zeros([BLOCK_M, WORDS, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, WORDS, BN_SUB, SUBS], dtype=tl.float32)
     if not TWO_PLANES:
         rows2_total = rows_total  # unused
     if PREFETCH >= 1:
@@ -596,10 +610,10 @@ def qlinear_gemv1p_kernel(
             a = tl.load(x_rows + offs_k * stride_xk)
         else:
             a = tl.load(x_rows + offs_k * stride_xk, mask=m_ok3 & (offs_k < K), other=0.0)
-        a = a.to(tl.float32)[:, :, :, None]  # [PER, BLOCK_M, WORDS, 1]
+        a = a.to(tl.float32)[:, :, :, None, None]  # [PER, BLOCK_M, WORDS, 1, 1]
         if DENORM:
             # Per x element, shared by the thread's columns: the position's power of two.
-            a2 = a * dscale[:, None, None, None]
+            a2 = a * dscale[:, None, None, None, None]
         if not PER_CHANNEL:
             g = k0 // GROUP
             if EVEN:
@@ -613,7 +627,7 @@ def qlinear_gemv1p_kernel(
                     z3 = tl.load(Z + g * N + sn3, mask=n_ok3, other=0).to(tl.float32)
         if ACT_GROUP != 0:
             xs3 = tl.load(XS + offs_m * n_act_groups + k0 // ACT_GROUP, mask=m_ok,
-                          other=0.0)[:, None, None]
+                          other=0.0)[:, None, None, None]
         if PREFETCH >= 1:
             w, v = w_next, v_next
         else:
@@ -624,7 +638,7 @@ def qlinear_gemv1p_kernel(
         # immediate operand; written as (half & field) | MAGIC, ptxas emitted two per code.
         if DENORM:
             f = ((w >> dshift4) & dfield4).to(tl.float32, bitcast=True)  # q * 2^(p - 149)
-            part = tl.sum(a2 * f, axis=0)  # sum_j a q 2^-64, [BLOCK_M, WORDS, BLOCK_N]
+            part = tl.sum(a2 * f, axis=0)  # sum_j a q 2^-64, [BLOCK_M, WORDS, BN_SUB, SUBS]
             suma = tl.sum(a, axis=0) * 5.421010862427522e-20  # sum_j a * 2^-64
             if SYM:
                 part -= suma * (1 << (BITS - 1))
@@ -632,11 +646,11 @@ def qlinear_gemv1p_kernel(
                 part -= suma * z3
         else:
             f = (((w >> shift4) & 0xFFFF) | _MAGIC) & (field4 | _MAGIC)
-            d = tl.fma(f.to(tl.float32, bitcast=True), inv4, negc4)  # q - z0, [PER, 1, WORDS, BLOCK_N]
+            d = tl.fma(f.to(tl.float32, bitcast=True), inv4, negc4)  # q - z0
             if TWO_PLANES:
                 f2 = (((v >> half2) & 0xFFFF) | _MAGIC) & (field2 | _MAGIC)
                 d = tl.fma(tl.fma(f2.to(tl.float32, bitcast=True), inv2, negc2), 16.0, d)
-            part = tl.sum(a * d, axis=0)  # [BLOCK_M, WORDS, BLOCK_N]
+            part = tl.sum(a * d, axis=0)  # [BLOCK_M, WORDS, BN_SUB, SUBS]
             if not SYM:
                 part -= tl.sum(a, axis=0) * z3  # one FMA per word: sum_j a * (q - z)
         if not PER_CHANNEL:
@@ -659,7 +673,11 @@ def qlinear_gemv1p_kernel(
                                                    BLOCK_K, EVEN, TWO_PLANES)
     if PER_CHANNEL:
         acc = acc * s3
-    y = tl.sum(acc, axis=1)  # [BLOCK_M, BLOCK_N]
+    y = tl.sum(acc, axis=1)  # [BLOCK_M, BN_SUB, SUBS]
+    if SUBS == 1:
+        y = tl.reshape(y, [BLOCK_M, BLOCK_N])
+    else:
+        y = tl.reshape(tl.permute(y, (0, 2, 1)), [BLOCK_M, BLOCK_N])
     if DENORM:
         y = y * 18446744073709551616.0  # 2^64
     if ACT != 0 and ACT_GROUP == 0:
@@ -901,6 +919,11 @@ GEMV1P_SWEEP = [
         (256, 128, 16, 1, "auto", "ticket"),
         (128, 128, 4, 1, "auto", "ticket"),      # x and scales converted through shared memory
     ]
+] + [
+    # Column sub-tiles per thread (SUBS): each x element serves 4 * SUBS columns.
+    dict(BLOCK_N=n, BLOCK_K=128, num_warps=w, num_stages=1, PREFETCH=1, SPLIT_K="auto",
+         REDUCE="ticket", SUBS=subs)
+    for n, w, subs in [(64, 4, 2), (128, 8, 2), (128, 4, 2), (128, 4, 4)]
 ]
 
 
@@ -1404,9 +1427,14 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
 
 def gemv1p_denorm(bits: int, x_dtype: torch.dtype) -> bool:
     """Whether gemv1p reads codes as denormal floats (:func:`qlinear_gemv1p_kernel`'s DENORM):
-    one bit plane, and x of 16 bits or activation codes, whose range the scaled products hold;
-    float32 x keeps the magic-float unpack and its full range."""
-    return bits != 6 and x_dtype != torch.float32
+    4- and 2-bit weights, with x of 16 bits or activation codes, whose range the scaled products
+    hold. float32 x keeps the magic-float unpack and its full range; 6-bit weights (two planes)
+    have no denormal variant. 8-bit weights keep the magic unpack: on the H200 (s16run1, one
+    row, CUDA-graph replay) the denormal one was 18% slower at 12288 x 4096 (0.0298 against
+    0.0243 ms; 95 registers against 80), 3% faster at 28672 x 8192 and level at 4096 x 4096 and
+    4096 x 12288, where 4-bit gained 12% at 28672 x 8192 (0.0570 against 0.0639 ms) and was
+    level (within 3%) at the other three."""
+    return bits in (2, 4) and x_dtype != torch.float32
 
 
 def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, split, cfg,
@@ -1433,9 +1461,13 @@ def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, 
     if denorm and flags["BITS"] == 6:
         raise ValueError("q3n::qlinear: gemv1p's DENORM unpack reads one bit plane; 6-bit "
                          "weights have two (leave DENORM out or 0)")
+    subs = int(cfg.get("SUBS", 1))
+    if subs not in (1, 2, 4) or cfg["BLOCK_N"] % (4 * subs):
+        raise ValueError(f"q3n::qlinear: gemv1p's SUBS {subs} must be 1, 2 or 4, with BLOCK_N "
+                         f"({cfg['BLOCK_N']}) a multiple of 4 * SUBS")
     consts = {k: v for k, v in flags.items() if k != "ATOMIC"}
     consts.update(REDUCE=mode, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                  PREFETCH=int(cfg.get("PREFETCH", 1)), DENORM=denorm,
+                  PREFETCH=int(cfg.get("PREFETCH", 1)), DENORM=denorm, SUBS=subs,
                   EVEN=N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0 and M % block_m == 0)
     contract.launch(
         qlinear_gemv1p_kernel, (n_tiles, split, m_tiles),

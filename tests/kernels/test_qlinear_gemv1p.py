@@ -284,16 +284,65 @@ def test_gemv1p_denormal_unpack_range():
 
 
 def test_gemv1p_unpack_choice():
-    # One-plane weights with 16-bit x or activation codes read codes as denormals; 6-bit weights
-    # (two planes) and float32 x (the whole fp32 range) keep the magic-float unpack.
-    for bits in (2, 4, 8):
+    # 4- and 2-bit weights with 16-bit x or activation codes read codes as denormals; 6-bit
+    # weights (two planes), 8-bit ones (slower on the H200, s16run1) and float32 x (the whole
+    # fp32 range) keep the magic-float unpack.
+    for bits in (2, 4):
         for dtype in (bf16, f16, torch.int8, torch.float8_e4m3fn, torch.int16):
             assert Q.gemv1p_denorm(bits, dtype)
         assert not Q.gemv1p_denorm(bits, f32)
-    assert not Q.gemv1p_denorm(6, bf16)
+    assert not Q.gemv1p_denorm(6, bf16) and not Q.gemv1p_denorm(8, bf16)
     gen = _gen("g1pdenorm6")
     pw6 = _packed(gen, 16, 64, 6, 32, False)
     x = torch.randn(1, 64, generator=gen).to(bf16)
     with pytest.raises(ValueError, match="DENORM unpack reads one bit plane"):
         Q._launch(x, pw6.qweight, pw6.scales, pw6.zeros, None, None, 6, 32, 64, "none",
                   interpreter=True, path=dict(_path(1, 32), DENORM=1))
+
+
+@pytest.mark.parametrize("bits,group,sym,subs,M,dtype,even", [
+    (4, 128, False, 2, 1, bf16, False), (4, 64, True, 4, 3, f16, False),
+    (8, -1, True, 2, 1, bf16, False), (2, 64, False, 4, 1, f16, False),
+    (6, 64, False, 2, 3, bf16, False), (4, 128, False, 2, 1, f32, True),
+    (8, -1, True, 4, 2, bf16, True), (6, 128, True, 4, 1, f16, True),
+])
+def test_gemv1p_column_subtiles(bits, group, sym, subs, M, dtype, even):
+    # SUBS column sub-tiles per thread: columns h * BLOCK_N / SUBS + c of each block, N off the
+    # blocks (the last block's second sub-tile partly or wholly past N) or EVEN, split-K by
+    # tickets, with the launcher's unpack (denormal for 4 and 2 bits, 8-bit both ways).
+    gen = _gen(f"g1psubs{bits}{group}{sym}{subs}{M}{dtype}{even}")
+    N, K = (128, 256) if even else (70, 384 if group != -1 else 83)
+    pw = _packed(gen, N, K, bits, group, sym)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen).to(dtype)
+    path = dict(_path(M, group, block_n=64, split=2), SUBS=subs)
+    _check(x, pw, bias, path=path)
+    if bits == 8:
+        _check(x, pw, bias, path=dict(path, DENORM=1))
+
+
+def test_gemv1p_column_subtiles_exactly():
+    # Every code in every position with two sub-tiles of 8 columns: bit for bit as the one-hot
+    # test above (fp16 output).
+    bits, N, K = 4, 16, 32
+    codes = (torch.arange(N)[:, None] + torch.arange(K)[None, :] * 3) % N
+    scales = (torch.rand(1, N, generator=_gen("g1psubsexact")) * 0.02 + 0.002).half()
+    zeros = torch.randint(0, N, (1, N), generator=_gen("g1psubsexactz")).to(torch.uint8)
+    pw = P.pack(codes, scales, zeros, bits, -1)
+    for first in (0, 16):
+        x = torch.zeros(16, K, dtype=f16)
+        x[torch.arange(16), first + torch.arange(16)] = 1.0
+        out = Q._launch(x, pw.qweight, pw.scales, pw.zeros, None, None, bits, -1, K, "none",
+                        interpreter=True, path=dict(_path(16, -1, block_n=16, block_k=32),
+                                                    SUBS=2))
+        assert torch.equal(out, _exact(x, pw, None, None, "none").to(f16))
+
+
+def test_gemv1p_refuses_bad_subtiles():
+    gen = _gen("g1psubsbad")
+    pw = _packed(gen, 16, 64, 4, 32, False)
+    x = torch.randn(1, 64, generator=gen).to(bf16)
+    for subs, bn in ((3, 64), (4, 8)):
+        with pytest.raises(ValueError, match="SUBS .* must be 1, 2 or 4"):
+            Q._launch(x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 32, 64, "none",
+                      interpreter=True, path=dict(_path(1, 32, block_n=bn), SUBS=subs))
