@@ -1,7 +1,8 @@
 """The single-plane GEMV (q3n::qlinear's gemv1p path) on one GPU, quick: against the old GEMV,
 the dispatched path, bf16 F.linear (cuBLAS) and torch's int4 kernel, with gemv1p's config sweep.
 
-Shapes: M in {1, 16} x (N, K) in {(4096, 4096), (28672, 8192), (12288, 4096), (4096, 12288)}. Formats: W4A16
+Shapes: M in {1, 16} x (N, K) in {(4096, 4096), (28672, 8192), (12288, 4096), (4096, 12288)}.
+Formats: W4A16
 g128 with zero points (the issue's), W8A16 per channel, symmetric, W6A16 g128 with zero points
 (two bit planes) and W2A16 g64 with zero points (``--formats``). Rows:
 - ``bf16`` (F.linear) and ``int4_torch`` (aten._weight_int4pack_mm, group 128; see
@@ -92,17 +93,19 @@ def sweep_configs(M, N, K, group, sms, full, grid=False, bits=4):
                     base = dict(Q.GEMV1P_DEFAULT, BLOCK_N=bn, num_warps=warps, PREFETCH=pf,
                                 SPLIT_K=split)
                     out.append((f"n{bn}pf{pf}s{split}",
-                                Q.gemv1p_config(M, N, K, group, sms=sms, base=base)))
+                                Q.gemv1p_config(M, N, K, group, sms=sms, base=base,
+                                                bits=bits)))
         return out
     subs_entries = [(i, b) for i, b in enumerate(Q.GEMV1P_SWEEP) if b.get("SUBS", 1) > 1]
     bases = (list(enumerate(Q.GEMV1P_SWEEP)) if full
              else list(enumerate(Q.GEMV1P_SWEEP[:4])) + subs_entries)
     if M == 1:
         for i, base in bases:
-            out.append((f"sweep{i}", Q.gemv1p_config(M, N, K, group, sms=sms, base=base)))
+            out.append((f"sweep{i}", Q.gemv1p_config(M, N, K, group, sms=sms, base=base,
+                                                      bits=bits)))
             if bits == 8 and base.get("SUBS", 1) > 1:  # 8-bit's default unpack is the magic one
                 out.append((f"sweep{i}_denorm", dict(out[-1][1], DENORM=1)))
-        default = Q.gemv1p_config(M, N, K, group, sms=sms)
+        default = Q.gemv1p_config(M, N, K, group, sms=sms, bits=bits)
         for split in (1, 2, 4, 8, 16) if full else (1, 4):
             if split != default["SPLIT_K"]:
                 out.append((f"split{split}", dict(default, SPLIT_K=split)))
@@ -111,7 +114,7 @@ def sweep_configs(M, N, K, group, sms, full, grid=False, bits=4):
             for warps in (8, 16):
                 base = dict(Q.GEMV1P_DEFAULT, BLOCK_M=bm, num_warps=warps)
                 out.append((f"bm{bm}w{warps}", Q.gemv1p_config(M, N, K, group, sms=sms,
-                                                                base=base)))
+                                                                base=base, bits=bits)))
     return out
 
 
@@ -222,11 +225,12 @@ def main():
                 cands = [("dispatch", Q.choose_path(M, N, K, bits, group, "none", x.dtype, dev,
                                                      interpreter=CPU_CHECK, sm_count=sms)),
                          ("gemv_old", old_gemv(M, N, K, group, sms)),
-                         ("gemv1p", Q.gemv1p_config(M, N, K, group, sms=sms))]
+                         ("gemv1p", Q.gemv1p_config(M, N, K, group, sms=sms, bits=bits))]
                 if bits != 6:  # the other unpack than the default's, same launch
                     other = 0 if Q.gemv1p_denorm(bits, x.dtype) else 1
                     cands.append((("gemv1p_magic", "gemv1p_denorm")[other],
-                                  dict(Q.gemv1p_config(M, N, K, group, sms=sms), DENORM=other)))
+                                  dict(Q.gemv1p_config(M, N, K, group, sms=sms, bits=bits),
+                                       DENORM=other)))
                 for impl, cfg in cands:
                     run.time_launch(dict(base, impl=impl, cfg=cfg), launch(args_, cfg),
                                     ref_all[:M], pw.nbytes)

@@ -466,9 +466,10 @@ def qlinear_gemv1p_kernel(
     path's (one rounding per product, the same partial sums) but for where z is subtracted.
     Range: a * q * 2^-64 must be a normal float and a * 2^85 finite, so x entries (or codes)
     with |x| < 2^-62 count as zero and |x| >= 2^43 overflow: the launcher takes it
-    (:func:`gemv1p_denorm`) for 4- and 2-bit weights with 16-bit x or activation codes (fp16's
-    and the codes' whole range lies inside); float32 x keeps the magic path. Needs FFMA without flush-to-zero: Triton 3.6 emits ``fma.rn.f32`` (checked in
-    the sm_90 compile), and the interpreter's numpy keeps denormals.
+    (:func:`gemv1p_denorm`) for 4-bit weights with 16-bit x or activation codes (fp16's and the
+    codes' whole range lies inside); float32 x keeps the magic path. Needs FFMA without
+    flush-to-zero: Triton 3.6 emits ``fma.rn.f32`` (checked in the sm_90 compile), and the
+    interpreter's numpy keeps denormals.
 
     Layout (Triton 3.6, sm_90, checked with bench/compile_qlinear_sm90.py --gemv1p): the words'
     load is LDG.128 and the inner loop has no shared-memory layout conversion when BLOCK_M *
@@ -927,25 +928,34 @@ GEMV1P_SWEEP = [
 ]
 
 
-def _gemv1p_split(programs: int, k_pad: int, block_k: int, sms: int) -> int:
+def _gemv1p_split(programs: int, k_pad: int, block_k: int, sms: int,
+                  denorm: bool = False) -> int:
     """K split for the single-plane GEMV: at least 4, doubled until the grid covers the SMs 3
     times, at most 16, keeping >= 2 K blocks per split. On the H200 (s8run1, 64 columns, M = 1)
     it picks 8, 4, 8 and 4 at 4096 x 4096, 12288 x 4096, 4096 x 12288 and 28672 x 8192: the
     best split in 5 of the 8 rows (W4 g128, W8 per channel), within 2.3% in the others (28672 x
-    8192 W8 was fastest at 2, 69.6 against 71.2 us)."""
+    8192 W8 was fastest at 2, 69.6 against 71.2 us). `denorm` (the denormal unpack, 4-bit
+    weights): also doubled while a split has more than 8 K blocks, which gives 16 at 4096 x 12288
+    and 8 at 28672 x 8192: 12% faster at the first (0.0195 / 0.0196 against 0.0222 / 0.0224 ms
+    with 8 splits, s16run1-2), 2% at the second, the same splits as before at the other two."""
     split = 4
     while split < 16 and programs * split < 3 * sms:
         split *= 2
+    if denorm:
+        while split < 16 and k_pad // block_k > 8 * split:
+            split *= 2
     return _keep_two_blocks(split, k_pad, block_k)
 
 
 def gemv1p_config(M: int, N: int, K: int, group_size: int, *, sms: int,
-                  act_group_size: int = PER_TOKEN, base: Optional[dict] = None) -> dict:
+                  act_group_size: int = PER_TOKEN, base: Optional[dict] = None,
+                  bits: Optional[int] = None, x_dtype: torch.dtype = torch.bfloat16) -> dict:
     """The gemv1p path's launch parameters for one call: `base` (a :data:`GEMV1P_SWEEP` entry;
     :data:`GEMV1P_DEFAULT` if None, whose warps then double from 2 rows on, up to 16, while x's
     block has as many elements as the program has threads) with BLOCK_K capped at the groups,
     BLOCK_M = M rounded up to a power of two (at most 16) unless `base` gives it, SPLIT_K "auto"
-    resolved."""
+    resolved (for the unpack :func:`gemv1p_denorm` gives `bits` and the kernel's x dtype, the
+    activation codes' where x is quantized; `bits` None: the magic unpack's rule)."""
     cfg = dict(GEMV1P_DEFAULT if base is None else base, path="gemv1p")
     cfg["BLOCK_K"] = _k_block(group_size, cfg["BLOCK_K"], act_group_size)
     cfg.setdefault("BLOCK_M", min(16, contract.next_power_of_2(max(M, 1))))
@@ -956,7 +966,8 @@ def gemv1p_config(M: int, N: int, K: int, group_size: int, *, sms: int,
             cfg["num_warps"] *= 2
     if cfg["SPLIT_K"] == "auto":
         programs = contract.cdiv(N, cfg["BLOCK_N"]) * contract.cdiv(max(M, 1), cfg["BLOCK_M"])
-        cfg["SPLIT_K"] = _gemv1p_split(programs, P.padded_k(K), cfg["BLOCK_K"], sms)
+        cfg["SPLIT_K"] = _gemv1p_split(programs, P.padded_k(K), cfg["BLOCK_K"], sms,
+                                       denorm=bits is not None and gemv1p_denorm(bits, x_dtype))
     return cfg
 
 
@@ -1108,7 +1119,9 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     if path == "dequant":
         return dict(path="dequant")
     if path == "gemv" and bits in GEMV1P_BITS:
-        return gemv1p_config(M, N, K, group_size, sms=sms, act_group_size=act_group_size)
+        # The kernel's x is the activation codes when act is not "none" (never float32).
+        return gemv1p_config(M, N, K, group_size, sms=sms, act_group_size=act_group_size,
+                             bits=bits, x_dtype=dtype if act == "none" else torch.int8)
     if path == "gemv":
         bn, bk = 64, _k_block(group_size, 128, act_group_size)
         split = _gemv_split(M * contract.cdiv(N, bn), k_pad, bk, sms)
@@ -1427,14 +1440,15 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
 
 def gemv1p_denorm(bits: int, x_dtype: torch.dtype) -> bool:
     """Whether gemv1p reads codes as denormal floats (:func:`qlinear_gemv1p_kernel`'s DENORM):
-    4- and 2-bit weights, with x of 16 bits or activation codes, whose range the scaled products
-    hold. float32 x keeps the magic-float unpack and its full range; 6-bit weights (two planes)
-    have no denormal variant. 8-bit weights keep the magic unpack: on the H200 (s16run1, one
-    row, CUDA-graph replay) the denormal one was 18% slower at 12288 x 4096 (0.0298 against
-    0.0243 ms; 95 registers against 80), 3% faster at 28672 x 8192 and level at 4096 x 4096 and
-    4096 x 12288, where 4-bit gained 12% at 28672 x 8192 (0.0570 against 0.0639 ms) and was
-    level (within 3%) at the other three."""
-    return bits in (2, 4) and x_dtype != torch.float32
+    4-bit weights, with x of 16 bits or activation codes, whose range the scaled products hold.
+    float32 x keeps the magic-float unpack and its full range; 6-bit weights (two planes) have
+    no denormal variant. On the H200 at one row (s16run1-2, CUDA-graph replay, the same launch
+    both ways): 4-bit gained 10-11% at 28672 x 8192 (0.0570 / 0.0571 against 0.0639 / 0.0638
+    ms) and was within 4% at the other three shapes; 8-bit lost 18% at 12288 x 4096 (0.0298
+    against 0.0243 ms, 95 registers against 80 at the default tile); 2-bit (g64) lost at three
+    of the four shapes (up to 0.0282 against 0.0220 ms at 4096 x 12288) though its loop has
+    fewer instructions and registers. Those keep the magic unpack."""
+    return bits == 4 and x_dtype != torch.float32
 
 
 def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, split, cfg,

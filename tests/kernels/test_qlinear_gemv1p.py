@@ -284,14 +284,22 @@ def test_gemv1p_denormal_unpack_range():
 
 
 def test_gemv1p_unpack_choice():
-    # 4- and 2-bit weights with 16-bit x or activation codes read codes as denormals; 6-bit
-    # weights (two planes), 8-bit ones (slower on the H200, s16run1) and float32 x (the whole
+    # 4-bit weights with 16-bit x or activation codes read codes as denormals; 6-bit weights
+    # (two planes), 8- and 2-bit ones (slower on the H200, s16run1-2) and float32 x (the whole
     # fp32 range) keep the magic-float unpack.
-    for bits in (2, 4):
-        for dtype in (bf16, f16, torch.int8, torch.float8_e4m3fn, torch.int16):
-            assert Q.gemv1p_denorm(bits, dtype)
-        assert not Q.gemv1p_denorm(bits, f32)
-    assert not Q.gemv1p_denorm(6, bf16) and not Q.gemv1p_denorm(8, bf16)
+    for dtype in (bf16, f16, torch.int8, torch.float8_e4m3fn, torch.int16):
+        assert Q.gemv1p_denorm(4, dtype)
+    assert not Q.gemv1p_denorm(4, f32)
+    assert not any(Q.gemv1p_denorm(bits, bf16) for bits in (2, 6, 8))
+    # With the denormal unpack the K split also doubles while a split has more than 8 K blocks.
+    assert Q.gemv1p_config(1, 4096, 12288, 128, sms=132, bits=4)["SPLIT_K"] == 16
+    assert Q.gemv1p_config(1, 4096, 12288, 128, sms=132, bits=8)["SPLIT_K"] == 8
+    assert Q.gemv1p_config(1, 28672, 8192, 128, sms=132, bits=4)["SPLIT_K"] == 8
+    assert Q.gemv1p_config(1, 28672, 8192, 128, sms=132, bits=4, x_dtype=f32)["SPLIT_K"] == 4
+    assert Q.gemv1p_config(1, 12288, 4096, 128, sms=132, bits=4)["SPLIT_K"] == 4
+    cuda = torch.device("cuda", 0)
+    assert Q.choose_path(1, 4096, 12288, 4, 128, "none", bf16, cuda, sm_count=132)["SPLIT_K"] == 16
+    assert Q.choose_path(1, 4096, 12288, 4, 128, "fp8", f32, cuda, sm_count=132)["SPLIT_K"] == 16
     gen = _gen("g1pdenorm6")
     pw6 = _packed(gen, 16, 64, 6, 32, False)
     x = torch.randn(1, 64, generator=gen).to(bf16)
