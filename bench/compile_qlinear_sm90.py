@@ -102,7 +102,8 @@ def gemv1p_cases() -> list[tuple[str, str, dict, int, int]]:
         out.append((name, "gemv1p", dict(
             BITS=bits, GROUP=group, SYM=sym, ACT=act, ACT_GROUP=ag, HAS_BIAS=False,
             REDUCE=reduce, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
-            PREFETCH=int(cfg["PREFETCH"]), EVEN=True, DENORM=int(denorm), stride_xk=1,
+            PREFETCH=int(cfg["PREFETCH"]), EVEN=True, DENORM=int(denorm),
+            SUBS=int(cfg.get("SUBS", 1)), stride_xk=1,
             stride_yn=1, x_type=xt), cfg["num_warps"], cfg["num_stages"]))
 
     import torch
@@ -117,7 +118,7 @@ def gemv1p_cases() -> list[tuple[str, str, dict, int, int]]:
         add(f"gemv1p_{fmt}_s0_{'denorm' if other else 'magic'}", fmt, Q.GEMV1P_SWEEP[0], 1,
             denorm=other)
     for m in (1, 2, 4, 16):
-        cfg = Q.gemv1p_config(m, 4096, 4096, 128, sms=132)
+        cfg = Q.gemv1p_config(m, 4096, 4096, 128, sms=132, bits=4)
         add(f"gemv1p_w4a16g128_default_m{m}_w{cfg['num_warps']}", "w4a16g128", cfg,
             cfg["BLOCK_M"])
     return out
