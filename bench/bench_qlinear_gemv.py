@@ -118,6 +118,24 @@ def sweep_configs(M, N, K, group, sms, full, grid=False, bits=4):
     return out
 
 
+def few_rows_candidates(M, N, K, bits, group, sms, dev):
+    """At 2-16 rows, beside the dispatched launch: the swapped tile as the dispatch gives it
+    at 3 rows (``mmT_3rows``, rows past M masked), the one-row GEMV tile run once per row
+    (``gemv1p_bm1``: BLOCK_M 1, M row programs, each reading the whole weight), and the M-row
+    GEMV with 4 and 8 warps (the default doubles them to 16 at 2 rows)."""
+    out = []
+    if M < 3:
+        mmt = Q.choose_path(3, N, K, bits, group, "none", torch.bfloat16, dev, sm_count=sms)
+        out.append(("mmT_3rows", mmt))
+    one = Q.gemv1p_config(1, N, K, group, sms=sms, bits=bits)
+    out.append(("gemv1p_bm1", dict(one, BLOCK_M=1)))
+    for warps in (4, 8):
+        base = dict(Q.GEMV1P_DEFAULT, num_warps=warps, BLOCK_M=min(16, 1 << (M - 1).bit_length()))
+        out.append((f"gemv1p_w{warps}", Q.gemv1p_config(M, N, K, group, sms=sms, base=base,
+                                                        bits=bits)))
+    return out
+
+
 class Runner:
     def __init__(self, budget_s: float):
         self.started = time.time()
@@ -231,6 +249,8 @@ def main():
                     cands.append((("gemv1p_magic", "gemv1p_denorm")[other],
                                   dict(Q.gemv1p_config(M, N, K, group, sms=sms, bits=bits),
                                        DENORM=other)))
+                if 2 <= M <= 16:
+                    cands += few_rows_candidates(M, N, K, bits, group, sms, dev)
                 for impl, cfg in cands:
                     run.time_launch(dict(base, impl=impl, cfg=cfg), launch(args_, cfg),
                                     ref_all[:M], pw.nbytes)
