@@ -976,8 +976,14 @@ def gemv1p_config(M: int, N: int, K: int, group_size: int, *, sms: int,
 # Untuned first rule; bench/bench_qlinear.py --sweep measures every path per shape on the GPU
 # and prints the table it would choose.
 CUDA_TABLE = {
-    # 16-bit activations: GEMV for a couple of rows, tensor-core tiles up to 64 rows, and
-    # dequantise + cuBLAS above, where cuBLAS's GEMM beats a Triton GEMM whose inner loop also
+    # One row takes the GEMV in every table; from 2 rows the swapped-operand tile (mmT, its
+    # 8-row tile up to 8 rows). At 2 rows the 2-row GEMV (16 warps) ran 1.03-2.07x mmT's time
+    # in all 28 rows of s16run5 (W4A16, W8A16, W6A16, W2A16, W4A8, W6A12, W8A8; the issue's four
+    # shapes; W2A16 1.03-1.21x, the others 1.22-2.07x; e.g. W4A16 0.0233 / 0.0404 / 0.0463 / 0.1535 ms against 0.0146 / 0.0238 / 0.0248
+    # / 0.0743 at 4096^2 / 12288 x 4096 / 4096 x 12288 / 28672 x 8192, bf16 0.0187 / 0.0378 /
+    # 0.0404 / 0.1252; W2A16 0.0162-0.1204 against 0.0157-0.0998; W4A8 0.0279 / 0.0414 /
+    # 0.0475 / 0.1485 against 0.0170 / 0.0265 / 0.0283 / 0.0770).
+    # 16-bit activations: tensor-core tiles up to 64 rows, and dequantise + cuBLAS above, where cuBLAS's GEMM beats a Triton GEMM whose inner loop also
     # unpacks: at M = 256 it took 0.64x (4096 x 4096) and 0.88x (28672 x 8192) of the 64 x 128
     # tile's time, at M = 4096 0.92-0.94x bf16 (s6run6).
     # From 3 to 16 rows the swapped-operand tile (mmT, K split as the GEMV's, 8-row tiles up to
@@ -988,7 +994,7 @@ CUDA_TABLE = {
     # 0.0212 / 0.0393 / 0.0361 / 0.1253 ms at 4096^2 / 12288 x 4096 / 4096 x 12288 / 28672 x
     # 8192 against the mm tile's 0.0301 / 0.0492 / 0.0580 / 0.2120, and at 64 rows 0.0262 /
     # 0.0519 / 0.0432 / 0.1593 against 0.0427 / 0.0768 / 0.0917 / 0.3294 (s9run6).
-    "a16": [(2, "gemv", None), (16, "mmT", (16, 64, 128, 4, 3)),
+    "a16": [(1, "gemv", None), (16, "mmT", (16, 64, 128, 4, 3)),
             (32, "mmT", (32, 64, 128, 4, 3)), (64, "mmT", (64, 128, 128, 8, 3)),
             (None, "dequant", None)],
     # 8-bit activations: tensor-core tiles up to M = 256, dequantise + cuBLAS above; where the
@@ -1004,7 +1010,7 @@ CUDA_TABLE = {
     # 17-64 rows likewise: W4A8 at 32 rows ran 0.0238 / 0.0418 / 0.0396 / 0.1283 ms on mmT
     # against the mm tile's 0.0302 / 0.0596 / 0.0594 / 0.2344, W8A8 0.0233 / 0.0362 / 0.0363 /
     # 0.1052 against 0.0251 / 0.0428 / 0.0432 / 0.1478 (s9run7 sweep; 64 rows 1.2-2.4x).
-    "a8": [(2, "gemv", None), (16, "mmT", (16, 64, 128, 4, 3)),
+    "a8": [(1, "gemv", None), (16, "mmT", (16, 64, 128, 4, 3)),
            (32, "mmT", (32, 64, 128, 4, 3)), (64, "mmT", (64, 128, 128, 8, 3)),
            (256, "mm", (64, 128, 64, 4, 3)), (None, "dequant", None)],
     # 12-bit activations (fp16 products): dequantise + cuBLAS from 65 rows. At 256 rows it ran
@@ -1013,7 +1019,7 @@ CUDA_TABLE = {
     # W6A12 at 16 rows, mmT against the mm tile: 0.0268 / 0.0518 / 0.1831 ms against 0.0313 /
     # 0.0516 / 0.2472 (s8run5).
     # 17-64 rows: W6A12 on mmT 1.3-1.9x faster than the mm tile (s9run7 sweep).
-    "a12": [(2, "gemv", None), (16, "mmT", (16, 64, 128, 4, 3)),
+    "a12": [(1, "gemv", None), (16, "mmT", (16, 64, 128, 4, 3)),
             (32, "mmT", (32, 64, 128, 4, 3)), (64, "mmT", (64, 128, 128, 8, 3)),
             (None, "dequant", None)],
 }
@@ -1083,7 +1089,8 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     mm: split-K (fp32 atomics) when the output tiles cover fewer than twice the SMs; from
     :data:`CUBLAS8_MIN_M` rows, 8-bit activations take "cublas8" (:mod:`qlinear_cublas8`) where
     that path computes the format exactly on this device.
-    Interpreter and CUDA alike send single-plane weights at GEMV sizes to gemv1p.
+    Both send single-plane weights at GEMV sizes to gemv1p: on CUDA one row (from 2 rows the
+    swapped tile, s16run5), in the interpreter up to 2 rows.
     """
     k_pad = P.padded_k(K)
     if interpreter:

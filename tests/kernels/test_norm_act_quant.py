@@ -539,7 +539,7 @@ def test_gpu_against_float64(kind, act, M, K):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("M", [1, 16, 256, 4096])
+@pytest.mark.parametrize("M", [1, 2, 16, 256, 4096])
 @pytest.mark.parametrize("act", ["int8", "fp8", "int12"])
 def test_gpu_qlinear_codes_is_qlinear(act, M):
     gen = torch.Generator().manual_seed(zlib.crc32(f"gpucodes{act}{M}".encode()))

@@ -310,6 +310,10 @@ def test_choose_path_table():
     assert Q.choose_path(1, 4096, 4096, 5, 128, "none", bf16, cpu, interpreter=True)["path"] == "gemv"
     assert Q.choose_path(33, 64, 64, 4, 32, "none", f32, cpu, interpreter=True)["BLOCK_K"] == 32
     assert Q.choose_path(1, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "gemv1p"
+    # From 2 rows the swapped tile, its 8-row tile, every format (s16run5).
+    for bits, act in ((4, "none"), (8, "none"), (6, "int12"), (2, "none"), (4, "fp8"), (5, "int8")):
+        two = Q.choose_path(2, 28672, 8192, bits, 128, act, bf16, cuda, sm_count=132)
+        assert (two["path"], two["BLOCK_M"]) == ("mmT", 8)
     one = Q.choose_path(1, 4096, 4096, 5, 128, "none", bf16, cuda, sm_count=132)
     assert one["path"] == "gemv" and one["SPLIT_K"] == 8  # 64 column blocks: cover the SMs
     mid = Q.choose_path(1, 12288, 4096, 7, 128, "none", bf16, cuda, sm_count=132)
@@ -403,7 +407,7 @@ GPU_FORMATS = [(4, "none", 128, False), (6, "none", 128, False), (8, "none", -1,
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("N", [4096, 12288])
-@pytest.mark.parametrize("M", [1, 16, 48, 100, 256, 4096])
+@pytest.mark.parametrize("M", [1, 2, 16, 48, 100, 256, 4096])
 @pytest.mark.parametrize("bits,act,group,sym", GPU_FORMATS,
                          ids=[f"w{b}_{a}_g{g}" for b, a, g, _ in GPU_FORMATS])
 def test_gpu_against_float64(bits, act, group, sym, M, N):
