@@ -978,18 +978,19 @@ def gemv1p_config(M: int, N: int, K: int, group_size: int, *, sms: int,
 CUDA_TABLE = {
     # One row takes the GEMV in every table; from 2 rows the swapped-operand tile (mmT, its
     # 8-row tile up to 8 rows). At 2 rows the 2-row GEMV (16 warps) ran 1.03-2.07x mmT's time
-    # in all 28 rows of s16run5 (W4A16, W8A16, W6A16, W2A16, W4A8, W6A12, W8A8; the four
-    # shapes; W2A16 1.03-1.21x, the others 1.22-2.07x; e.g. W4A16 0.0233 / 0.0404 / 0.0463 / 0.1535 ms against 0.0146 / 0.0238 / 0.0248
-    # / 0.0743 at 4096^2 / 12288 x 4096 / 4096 x 12288 / 28672 x 8192, bf16 0.0187 / 0.0378 /
-    # 0.0404 / 0.1252; W2A16 0.0162-0.1204 against 0.0157-0.0998; W4A8 0.0279 / 0.0414 /
-    # 0.0475 / 0.1485 against 0.0170 / 0.0265 / 0.0283 / 0.0770).
-    # 16-bit activations: tensor-core tiles up to 64 rows, and dequantise + cuBLAS above, where cuBLAS's GEMM beats a Triton GEMM whose inner loop also
+    # in all 28 rows of s16run5 (W4A16, W8A16, W6A16, W2A16, W4A8, W6A12, W8A8; the issue's
+    # four shapes; W2A16 1.03-1.21x, the others 1.22-2.07x). E.g. W4A16 0.0233 / 0.0404 /
+    # 0.0463 / 0.1535 ms against 0.0146 / 0.0238 / 0.0248 / 0.0743 at 4096^2 / 12288 x 4096 /
+    # 4096 x 12288 / 28672 x 8192 (bf16 0.0187 / 0.0378 / 0.0404 / 0.1252); W4A8 0.0279 /
+    # 0.0414 / 0.0475 / 0.1485 against 0.0170 / 0.0265 / 0.0283 / 0.0770.
+    # 16-bit activations: tensor-core tiles up to 64 rows, and dequantise + cuBLAS above, where
+    # cuBLAS's GEMM beats a Triton GEMM whose inner loop also
     # unpacks: at M = 256 it took 0.64x (4096 x 4096) and 0.88x (28672 x 8192) of the 64 x 128
     # tile's time, at M = 4096 0.92-0.94x bf16 (s6run6).
-    # From 3 to 16 rows the swapped-operand tile (mmT, K split as the GEMV's, 8-row tiles up to
-    # 8 rows, see choose_path): W4A16 g128 at 16 rows ran 0.0174 / 0.0298 / 0.0898 ms at
-    # 4096^2 / 12288 x 4096 / 28672 x 8192 (s9run2; bf16 0.0188 / 0.0377 / 0.1264), where the
-    # mm tile had run 0.0259 / 0.0422 / 0.1581 (s8run2).
+    # From 2 (before session 16: 3) to 16 rows the swapped-operand tile (mmT, K split as the
+    # GEMV's, 8-row tiles up to 8 rows, see choose_path): W4A16 g128 at 16 rows ran 0.0174 /
+    # 0.0298 / 0.0898 ms at 4096^2 / 12288 x 4096 / 28672 x 8192 (s9run2; bf16 0.0188 /
+    # 0.0377 / 0.1264), where the mm tile had run 0.0259 / 0.0422 / 0.1581 (s8run2).
     # 17-64 rows: mmT with x's 32 or 64 rows on the MMA's N side. W4A16 g128 at 32 rows ran
     # 0.0212 / 0.0393 / 0.0361 / 0.1253 ms at 4096^2 / 12288 x 4096 / 4096 x 12288 / 28672 x
     # 8192 against the mm tile's 0.0301 / 0.0492 / 0.0580 / 0.2120, and at 64 rows 0.0262 /
@@ -1004,9 +1005,9 @@ CUDA_TABLE = {
     # registers, so its loads are not pipelined like a plain GEMM's).
     # K blocks of 64 from M > 64: with 128, the 6-bit planes' unpack buffers overflowed the H200's
     # 227 KiB of shared memory (311-328 KB asked for, measured 2026-11-28).
-    # From 3 to 16 rows: x quantised and dequantised in one pass, then the swapped-operand
-    # tile: W4A8 ran 0.0202 / 0.0324 / 0.0932 ms at 4096^2 / 12288 x 4096 / 28672 x 8192
-    # (s9run2), where the mm tile had run 0.0263 / 0.0512 / 0.1948 (s8run5).
+    # From 2 (before session 16: 3) to 16 rows: x quantised and dequantised in one pass, then
+    # the swapped-operand tile: W4A8 ran 0.0202 / 0.0324 / 0.0932 ms at 4096^2 / 12288 x 4096 /
+    # 28672 x 8192 (s9run2), where the mm tile had run 0.0263 / 0.0512 / 0.1948 (s8run5).
     # 17-64 rows likewise: W4A8 at 32 rows ran 0.0238 / 0.0418 / 0.0396 / 0.1283 ms on mmT
     # against the mm tile's 0.0302 / 0.0596 / 0.0594 / 0.2344, W8A8 0.0233 / 0.0362 / 0.0363 /
     # 0.1052 against 0.0251 / 0.0428 / 0.0432 / 0.1478 (s9run7 sweep; 64 rows 1.2-2.4x).
