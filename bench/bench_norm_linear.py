@@ -77,7 +77,7 @@ SPLIT_SWEEP = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, USE_TMA, P
     (128, 256, 64, 8, 3, True, True), (128, 128, 64, 4, 4, True, False),
     (256, 128, 64, 8, 3, True, False), (128, 256, 64, 8, 4, True, True)]
 # (STATS_BLOCK_M, STATS_BLOCK_K, STATS_WARPS)
-CUBLAS_SWEEP = [(1, 4096, 8), (1, 4096, 4), (1, 2048, 8)]
+CUBLAS_SWEEP = [(1, 4096, 8), (1, 4096, 4), (1, 2048, 8), (2, 4096, 8), (1, 4096, 16)]
 
 
 def bench(fn, quick=False, graph=False):
@@ -305,6 +305,7 @@ def best_of(row):
 
 
 def main(argv=None):
+    global K, N, INTER, DEVICE, SMOKE, LARGE_M
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="write the JSON results here")
     ap.add_argument("--commit", default=None,
@@ -315,16 +316,19 @@ def main(argv=None):
     ap.add_argument("--sweep-until", type=float, default=150.0, metavar="S",
                     help="sweep only in rows that start before S seconds (bounds the run time; "
                          "rows after it still time every design at its default)")
+    ap.add_argument("--sweep-large-from", type=int, default=LARGE_M, metavar="M",
+                    help=f"sweep the split and cublas designs from M rows (default {LARGE_M})")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny sizes on the CPU under TRITON_INTERPRET=1: checks this script")
     args = ap.parse_args(argv)
     if args.smoke:
-        global K, N, INTER, DEVICE, SMOKE, LARGE_M
         K, N, INTER, DEVICE, SMOKE, LARGE_M = 48, 80, 40, "cpu", True, 65
         if args.ms == ap.get_default("ms"):
             args.ms = [1, 70]
     elif not torch.cuda.is_available():
         sys.exit("bench_norm_linear.py needs a CUDA GPU (or --smoke under TRITON_INTERPRET=1)")
+    else:
+        LARGE_M = args.sweep_large_from
     if not SMOKE:  # (--smoke may run inside a test process: leave its settings alone)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch._dynamo.config.recompile_limit = 64
