@@ -238,17 +238,20 @@ def split_candidates(dispatched, M, K):
 def gemv_candidates(M, N, K, bits, group, act, act_group):
     """The dispatched path and, for M <= 16, GEMV column blocks x splits x warps (a short
     sweep; s6run4 used it to set the GEMV split); where the dispatch gives gemv1p, the same
-    launch with the other unpack (DENORM flipped) too, and from 2 rows the 3-row dispatch (the
-    swapped tile) and the one-row GEMV tile once per row."""
+    launch with the other unpack (DENORM flipped) too; from 2 to 16 rows the 3-row dispatch (the
+    swapped tile) where it is not the dispatch's, and the one-row GEMV tile once per row."""
     out = [Q.choose_path(M, N, K, bits, group, act, torch.bfloat16, torch.device("cuda"),
                          act_group_size=act_group)]
     if out[0]["path"] == "gemv1p" and bits != 6:
         codes = torch.bfloat16 if act == "none" else torch.int8
         out.append(dict(out[0], DENORM=int(not Q.gemv1p_denorm(bits, codes))))
-    if out[0]["path"] == "gemv1p" and M >= 2:
-        # The swapped tile as dispatched at 3 rows, and the one-row tile once per row.
-        out.append(Q.choose_path(3, N, K, bits, group, act, torch.bfloat16, torch.device("cuda"),
-                                 act_group_size=act_group))
+    if 2 <= M <= 16:
+        # The swapped tile as dispatched at 3 rows (unless it is the dispatch's), and the
+        # one-row tile once per row.
+        mmt = Q.choose_path(3, N, K, bits, group, act, torch.bfloat16, torch.device("cuda"),
+                            act_group_size=act_group)
+        if mmt != out[0]:
+            out.append(mmt)
         out.append(dict(Q.choose_path(1, N, K, bits, group, act, torch.bfloat16,
                                       torch.device("cuda"), act_group_size=act_group),
                         BLOCK_M=1))

@@ -2,17 +2,16 @@
 the dispatched path, bf16 F.linear (cuBLAS) and torch's int4 kernel, with gemv1p's config sweep.
 
 Shapes: M in {1, 16} x (N, K) in {(4096, 4096), (28672, 8192), (12288, 4096), (4096, 12288)}.
-Formats: W4A16
-g128 with zero points (the issue's), W8A16 per channel, symmetric, W6A16 g128 with zero points
-(two bit planes) and W2A16 g64 with zero points (``--formats``). Rows:
+Formats: W4A16 g128 with zero points (the issue's), W8A16 per channel, symmetric, W6A16 g128 with
+zero points (two bit planes) and W2A16 g64 with zero points (``--formats``). Rows:
 - ``bf16`` (F.linear) and ``int4_torch`` (aten._weight_int4pack_mm, group 128; see
   bench_qlinear.py) on the same bf16 activations;
-- per format: ``dispatch`` (what torch.ops.q3n.qlinear runs: gemv1p at M = 1, the mm tile at
-  M = 16), ``gemv_old`` (the word-per-plane GEMV with its split rule: what M = 1 ran before),
-  ``gemv1p`` (:func:`gemv1p_config`'s default), ``gemv1p_magic`` / ``gemv1p_denorm`` (the
-  same launch with the other unpack than :func:`qlinear.gemv1p_denorm` picks: the magic float,
-  DENORM 0, for 4- and 2-bit weights, what they ran before session 16; the denormal one for
-  8-bit weights), then the sweep: every
+- per format: ``dispatch`` (what torch.ops.q3n.qlinear runs: gemv1p at M = 1, the swapped tile
+  from 2 rows), ``gemv_old`` (the word-per-plane GEMV with its split rule: what M = 1 ran
+  before gemv1p), ``gemv1p`` (:func:`gemv1p_config`'s default), ``gemv1p_magic`` /
+  ``gemv1p_denorm`` (the same launch with the other unpack than :func:`qlinear.gemv1p_denorm`
+  picks: the magic float, DENORM 0, for 4-bit weights; the denormal one for 8- and 2-bit
+  weights); from 2 rows :func:`few_rows_candidates`; then the sweep: every
   :data:`GEMV1P_SWEEP` entry, fixed K splits of the default tile, and at M = 16 rows per
   program (BLOCK_M) 2, 4, 8, 16.
 
@@ -124,9 +123,10 @@ def few_rows_candidates(M, N, K, bits, group, sms, dev):
     (``gemv1p_bm1``: BLOCK_M 1, M row programs, each reading the whole weight), and the M-row
     GEMV with 4 and 8 warps (the default doubles them to 16 at 2 rows)."""
     out = []
-    if M < 3:
-        mmt = Q.choose_path(3, N, K, bits, group, "none", torch.bfloat16, dev, sm_count=sms)
-        out.append(("mmT_3rows", mmt))
+    mmt = Q.choose_path(3, N, K, bits, group, "none", torch.bfloat16, dev, sm_count=sms)
+    if M < 3 and mmt != Q.choose_path(M, N, K, bits, group, "none", torch.bfloat16, dev,
+                                      sm_count=sms):
+        out.append(("mmT_3rows", mmt))  # (at 2 rows the dispatch runs it since session 16)
     one = Q.gemv1p_config(1, N, K, group, sms=sms, bits=bits)
     out.append(("gemv1p_bm1", dict(one, BLOCK_M=1)))
     for warps in (4, 8):

@@ -21,8 +21,8 @@ g64, W4A8 g128 int8, W4A8 with activation groups of 64) is compiled at every
 :data:`GEMV1P_SWEEP` tile and at the default launch for 1, 2, 4 and 16 rows, with the launch's
 specialisation at N = K = 4096 (16-byte aligned pointers, sizes and row strides divisible by 16,
 unit column strides), with the unpack the launcher picks (:func:`gemv1p_denorm`) and, at the
-default tile, the other one too, and its inner loop is read from the SASS: instructions per iteration and per
-code, global load widths, barriers and shared-memory layout conversions (TTGIR
+default tile, the other one too, and its inner loop is read from the SASS: instructions per
+iteration and per code, global load widths, barriers and shared-memory layout conversions (TTGIR
 ``convert_layout``) in the loop. ``--gemv1p`` compiles only those.
 
     python bench/compile_qlinear_sm90.py --gemv1p --out bench/results/x.json
@@ -91,6 +91,8 @@ def gemv1p_cases() -> list[tuple[str, str, dict, int, int]]:
     sys.path.insert(0, str(ROOT))
     from q3n_compile.kernels import qlinear as Q
 
+    import torch
+
     out = []
 
     def add(name, fmt, cfg, block_m, denorm=None):
@@ -106,14 +108,12 @@ def gemv1p_cases() -> list[tuple[str, str, dict, int, int]]:
             SUBS=int(cfg.get("SUBS", 1)), stride_xk=1,
             stride_yn=1, x_type=xt), cfg["num_warps"], cfg["num_stages"]))
 
-    import torch
-
     for fmt in GEMV1P_FORMATS:
         for i, cfg in enumerate(Q.GEMV1P_SWEEP):
             add(f"gemv1p_{fmt}_s{i}_n{cfg['BLOCK_N']}k{cfg['BLOCK_K']}w{cfg['num_warps']}"
                 f"pf{int(cfg['PREFETCH'])}", fmt, cfg, 1)
-        # The other unpack than the launcher's at the default tile (magic float for 4- and
-        # 2-bit weights, as before session 16; denormal for 8-bit ones).
+        # The other unpack than the launcher's at the default tile (the magic float for 4-bit
+        # weights, what they ran before session 16; the denormal one for 8- and 2-bit ones).
         other = not Q.gemv1p_denorm(GEMV1P_FORMATS[fmt][0], torch.bfloat16)
         add(f"gemv1p_{fmt}_s0_{'denorm' if other else 'magic'}", fmt, Q.GEMV1P_SWEEP[0], 1,
             denorm=other)
