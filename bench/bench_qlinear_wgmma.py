@@ -1,0 +1,99 @@
+"""The Gluon swapped tile (``kernels/qlinear_wgmma.py``, asynchronous MMAs) against the dispatched
+q3n::qlinear and bf16 cuBLAS, W4A16 g128 (zero points), bf16 x, on one GPU.
+
+For each (N, K) and M: bf16 ``F.linear``; the op as dispatched (``torch.ops.q3n.qlinear``,
+whatever path the table gives: mmT below 256 rows); and the Gluon tile at each launch of
+``--tiles`` (BLOCK_M, BLOCK_N, warps, stages, split). Every launch is first checked against the
+float64 product of the dequantised weight (max |error| / max |reference|, must be below 2e-2 as
+in bench_qlinear.py), then timed as a CUDA-graph replay (``do_bench`` median, L2 flushed, after
+warm-up), with x permuted inside the timed call (the op's own cost).
+
+    python bench/bench_qlinear_wgmma.py --out bench/results/qlinear-wgmma-h200.json
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_qlinear import TOL, random_packed, result_header, timed, write_result  # noqa: E402
+from q3n_compile.kernels import qlinear as Q  # noqa: E402
+from q3n_compile.kernels import qlinear_wgmma as WG  # noqa: E402
+
+NKS = ((4096, 4096), (12288, 4096), (4096, 12288), (28672, 8192))
+MS = (32, 64, 96, 128, 192, 256)
+# (BLOCK_M, BLOCK_N, num_warps, STAGES, SPLIT_K)
+TILES = [(64, 128, 8, 3, 1), (64, 128, 8, 3, 2), (64, 128, 8, 3, 4), (64, 64, 4, 3, 1),
+         (64, 64, 4, 4, 2), (128, 128, 8, 3, 1), (128, 128, 8, 3, 2), (128, 128, 8, 2, 1),
+         (128, 64, 4, 3, 1), (128, 64, 4, 3, 2), (32, 128, 8, 4, 2), (32, 128, 8, 4, 4)]
+
+
+def parse_tile(s):
+    return tuple(int(v) for v in s.split(","))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nk", nargs="+", default=[f"{n}x{k}" for n, k in NKS])
+    ap.add_argument("--ms", nargs="+", type=int, default=list(MS))
+    ap.add_argument("--tiles", nargs="+", type=parse_tile, default=TILES,
+                    help="BLOCK_M,BLOCK_N,warps,stages,split")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    result = dict(result_header("CUDA-graph replay, do_bench median, L2 flushed"),
+                  format="W4A16 g128 zero points, bf16 x", rows=[])
+    for nk in args.nk:
+        N, K = (int(v) for v in nk.split("x"))
+        pw = random_packed(gen, N, K, 4, 128, False)
+        w = (torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to(torch.bfloat16)
+        for M in args.ms:
+            x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
+            qargs = (x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128, K, "none", Q.PER_TOKEN)
+            ref = Q.reference(x.double(), *qargs[1:]).double()
+            _, bf16_ms = timed(lambda: F.linear(x, w), eager=False)
+            path = Q.choose_path(M, N, K, 4, 128, "none", x.dtype, x.device)
+            _, q3n_ms = timed(lambda: torch.ops.q3n.qlinear(*qargs), eager=False)
+            q3n_err = ((torch.ops.q3n.qlinear(*qargs).double() - ref).abs().max()
+                       / ref.abs().max()).item()
+            row = dict(M=M, N=N, K=K, bf16_ms=bf16_ms, q3n_ms=q3n_ms, q3n_err=q3n_err,
+                       q3n_path=path, wg=[])
+            print(f"{N}x{K} M={M}: bf16 {bf16_ms:.4f}  q3n {q3n_ms:.4f} ({path.get('path')}, "
+                  f"{bf16_ms / q3n_ms:.2f}x)", flush=True)
+            for bm, bn, warps, stages, split in args.tiles:
+                if bm > 2 * M and bm > 32:
+                    continue
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, STAGES=stages,
+                           SPLIT_K=split)
+                ent = dict(cfg)
+                try:
+                    f = lambda: WG.run(x, pw.qweight, pw.scales, pw.zeros, K, cfg)  # noqa: E731
+                    y = f().double()
+                    ent["err"] = ((y - ref).abs().max() / ref.abs().max()).item()
+                    if ent["err"] > TOL:
+                        ent["error"] = f"wrong result: {ent['err']:.3g}"
+                    else:
+                        _, ent["graph_ms"] = timed(f, eager=False)
+                        ent["vs_bf16"] = bf16_ms / ent["graph_ms"]
+                        ent["vs_q3n"] = q3n_ms / ent["graph_ms"]
+                except Exception as exc:
+                    ent["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                row["wg"].append(ent)
+                print(f"    wg {bm}x{bn} w{warps} s{stages} split{split}: "
+                      + (ent.get("error") or f"{ent['graph_ms']:.4f} ms "
+                         f"({ent['vs_bf16']:.2f}x bf16, {ent['vs_q3n']:.2f}x q3n, "
+                         f"err {ent['err']:.1e})"), flush=True)
+            result["rows"].append(row)
+        del pw, w
+        torch.cuda.empty_cache()
+    write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
