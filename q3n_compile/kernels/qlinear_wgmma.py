@@ -27,7 +27,6 @@ sm_90 (tests/kernels/test_qlinear_wgmma.py) and the GPU lane checks it against f
 from __future__ import annotations
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
@@ -36,32 +35,26 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
-from q3n_compile.kernels.qlinear_swap import MMT_BLOCK_K, _nibble_pairs_asm, permute_x_blocks
+from q3n_compile.kernels.qlinear_swap import MMT_BLOCK_K, permute_x_blocks
 
-_NIB_BF16 = gl.constexpr(tuple(_nibble_pairs_asm(j, False) for j in range(8)))
-_NIB_F16 = gl.constexpr(tuple(_nibble_pairs_asm(j, True) for j in range(8)))
+@gluon.jit
+def _halves(u):
+    """(low, high) 16-bit halves of the words u, each OR-ed with the float32 bits of 2^23."""
+    return (u & 0xFFFF) | 0x4B000000, ((u >> 16) & 0xFFFF) | 0x4B000000
 
 
 @gluon.jit
-def _nibbles(u, zb, j: gl.constexpr, F16: gl.constexpr):
-    """Code j of each word of u minus z, as 16-bit floats, two at a time (the pair is two
-    adjacent K of one row of the MMA operand: one zero point)."""
-    if F16:
-        return gl.inline_asm_elementwise(_NIB_F16[j], "=r,r,r,r,r", [u, zb], dtype=gl.float16,
-                                         is_pure=True, pack=2)
+def _weight(lo, hi, j: gl.constexpr, z, s):
+    """Code j of each word (magic halves lo / hi) as the fp32 weight (q - z) * s: one LOP3 puts
+    the field in the mantissa of 2^23, one FFMA leaves q - z (exact), one FMUL scales it."""
+    p: gl.constexpr = (4 * j) % 16
+    field: gl.constexpr = (15 << p) | 0x4B000000
+    if j >= 4:
+        f = hi & field
     else:
-        return gl.inline_asm_elementwise(_NIB_BF16[j], "=r,r,r,r,r", [u, zb], dtype=gl.bfloat16,
-                                         is_pure=True, pack=2)
-
-
-@gluon.jit
-def _zb(Z, g, offs_n, n_ok, N, OPD: gl.constexpr):
-    """M + z of group g for columns offs_n as a 16-bit float in both halves of an int32 (M = 128
-    for bf16, 1024 for fp16: :func:`_nibbles`' magic)."""
-    MAGIC: gl.constexpr = 1024.0 if OPD == gl.float16 else 128.0
-    z = gl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(gl.float32)
-    h = (z + MAGIC).to(OPD).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-    return h | (h << 16)
+        f = lo & field
+    d = gl.fma(f.to(gl.float32, bitcast=True), 1.0 / (1 << p), -8388608.0 / (1 << p) - z)
+    return d * s
 
 
 @gluon.jit
@@ -71,9 +64,14 @@ def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride
     """Y[m-block, n-block] (REDUCE 0) or += into fp32 Y (REDUCE 1, one launch per K split
     summed by atomics) for 4-bit g128 weights with zero points, x permuted per block ([M, KX],
     KX a multiple of 128, zero past K) in bf16 or fp16. Program (n-block, K split, m-block);
-    BLOCK_N columns over num_warps / 4 warpgroups (64 each), BLOCK_M rows of x the MMA's N."""
+    BLOCK_N columns over num_warps / 4 warpgroups (64 each), BLOCK_M rows of x the MMA's N.
+
+    The weight operand is (q - z) * s rounded once to x's dtype (the mm path's rounding for
+    16-bit x), so the MMAs chain over the whole K range with one accumulator and never wait
+    for more than the MMA before the last one issued. x's blocks come STAGES - 2 ahead (a
+    stage is refilled once every warp is past the MMAs that read it: two blocks back)."""
     OPD: gl.constexpr = X.dtype.element_ty
-    F16: gl.constexpr = OPD == gl.float16
+    gl.static_assert(STAGES >= 3)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -106,10 +104,8 @@ def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride
     r16 = gl.arange(0, 16, layout=gl.SliceLayout(0, a_l))
     w_ptrs = QW + (ROW4 + r16)[None, :] * N + offs_n[:, None]
     W_ROWS = K_PAD // 8
-    offs_ns = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    ns_ok = offs_ns < N
 
-    for s in gl.static_range(STAGES - 1):
+    for s in gl.static_range(STAGES - 2):
         kk = k_start + s * 128
         cp.async_copy_global_to_shared(x_smem.index(s), x_ptrs + kk, mask=x_ok & (kk < k_end))
         cp.commit_group()
@@ -118,44 +114,53 @@ def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride
     w1 = gl.load(w_ptrs + (k_start // 8 + 16) * N,
                  mask=n_ok[:, None] & ((k_start // 8 + 16 + r16 < W_ROWS)
                                        & (k_start + 128 < k_end))[None, :], other=0)
+    g0 = k_start // 128
+    z0 = gl.load(Z + g0 * N + offs_n, mask=n_ok, other=0).to(gl.float32)
+    s0 = gl.load(S + g0 * N + offs_n, mask=n_ok, other=0.0).to(gl.float32)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
+    a_prev = gl.zeros([BLOCK_N, 16], OPD, layout=a_l)
     i = 0
     for k0 in range(k_start, k_end, 128):
-        cp.wait_group(STAGES - 2)
+        # This thread's copies of block i are in; the compiler puts the CTA barrier after
+        # the wait (every thread's are in), the fence makes them visible to the MMA's proxy.
+        cp.wait_group(STAGES - 3)
         fence_async_shared()
-        gl.thread_barrier()  # every thread's copies of block i are in; block i - 1 is read
-        kn = k0 + (STAGES - 1) * 128
-        cp.async_copy_global_to_shared(x_smem.index((i + STAGES - 1) % STAGES), x_ptrs + kn,
-                                       mask=x_ok & (kn < k_end))
-        cp.commit_group()
-        # Two blocks ahead: the words' load latency hides behind two blocks of MMAs.
+        # Two blocks ahead: the words' load latency hides behind two blocks of MMAs; the
+        # next block's zero points and scales one ahead.
         w2 = gl.load(w_ptrs + (k0 // 8 + 32) * N,
                      mask=n_ok[:, None] & ((k0 // 8 + 32 + r16 < W_ROWS)
                                            & (k0 + 256 < k_end))[None, :], other=0)
-        g = k0 // 128
-        zb = _zb(Z, g, offs_n, n_ok, N, OPD)
-        sc = gl.load(S + g * N + offs_ns, mask=ns_ok, other=0.0).to(gl.float32)
+        g1 = k0 // 128 + 1
+        g_ok = n_ok & (k0 + 128 < k_end)
+        z1 = gl.load(Z + g1 * N + offs_n, mask=g_ok, other=0).to(gl.float32)
+        s1 = gl.load(S + g1 * N + offs_n, mask=g_ok, other=0.0).to(gl.float32)
+        lo, hi = _halves(w0)
         xs = x_smem.index(i % STAGES)
-        a = _nibbles(w0, zb[:, None], 0, F16)
-        tok = warpgroup_mma(a, xs.slice(0, BLOCK_M, 0).permute((1, 0)), acc, use_acc=False,
-                            is_async=True)
-        for j in gl.static_range(1, 8):
-            a_next = _nibbles(w0, zb[:, None], j, F16)
-            tok = warpgroup_mma(a_next, xs.slice(j * BLOCK_M, BLOCK_M, 0).permute((1, 0)), tok,
+        for j in gl.static_range(8):
+            a = _weight(lo, hi, j, z0[:, None], s0[:, None]).to(OPD)
+            acc = warpgroup_mma(a, xs.slice(j * BLOCK_M, BLOCK_M, 0).permute((1, 0)), acc,
                                 is_async=True)
-            # MMA j - 1 done: its operand's registers may be reused; MMA j keeps running.
-            tok, a = warpgroup_mma_wait(num_outstanding=1, deps=(tok, a))
-            a = a_next
-        blk, a = warpgroup_mma_wait(num_outstanding=0, deps=(tok, a))
-        acc += blk * sc[:, None]
+            # The MMA before this one is done: its operand's registers may be reused.
+            acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
+            a_prev = a
+        # Refill the stage read two blocks back (every warp is past those MMAs: each has
+        # waited for all but its last MMA of block i - 1 before the barrier above).
+        kn = k0 + (STAGES - 2) * 128
+        cp.async_copy_global_to_shared(x_smem.index((i + STAGES - 2) % STAGES), x_ptrs + kn,
+                                       mask=x_ok & (kn < k_end))
+        cp.commit_group()
         w0 = w1
         w1 = w2
+        z0 = z1
+        s0 = s1
         i += 1
+    acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
     cp.wait_group(0)
 
+    offs_ns = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
     y_ptrs = Y + offs_m.to(gl.int64)[None, :] * stride_ym + offs_ns[:, None]
-    y_ok = (offs_m < M)[None, :] & ns_ok[:, None]
+    y_ok = (offs_m < M)[None, :] & (offs_ns < N)[:, None]
     if REDUCE == 1:
         gl.atomic_add(y_ptrs, acc, mask=y_ok)
     else:
