@@ -58,65 +58,89 @@ def _weight(lo, hi, j: gl.constexpr, z, s):
 
 
 @gluon.jit
+def _issue_block(x_smem, w_smem, z_smem, s_smem, st, k0, k_end, x_ptrs, x_ok, w_ptrs, w_rows,
+                 w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N):
+    """cp.async of K block k0's operands into stage st (masked off past k_end), as one group."""
+    live = k0 < k_end
+    cp.async_copy_global_to_shared(x_smem.index(st), x_ptrs + k0, mask=x_ok & live)
+    cp.async_copy_global_to_shared(w_smem.index(st), w_ptrs + (k0 // 8) * N,
+                                   mask=w_ok & ((k0 // 8 + w_rows < W_ROWS) & live)[:, None])
+    g = k0 // 128
+    cp.async_copy_global_to_shared(z_smem.index(st), Z + g * N + zs_offs, mask=zs_ok & live)
+    cp.async_copy_global_to_shared(s_smem.index(st), S + g * N + ss_offs, mask=ss_ok & live)
+    cp.commit_group()
+
+
+@gluon.jit
 def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride_xm, stride_ym,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                       REDUCE: gl.constexpr, num_warps: gl.constexpr):
     """Y[m-block, n-block] (REDUCE 0) or += into fp32 Y (REDUCE 1, one launch per K split
     summed by atomics) for 4-bit g128 weights with zero points, x permuted per block ([M, KX],
     KX a multiple of 128, zero past K) in bf16 or fp16. Program (n-block, K split, m-block);
-    BLOCK_N columns over num_warps / 4 warpgroups (64 each), BLOCK_M rows of x the MMA's N.
+    BLOCK_N columns (64 or 128) over num_warps / 4 warpgroups (64 each), BLOCK_M rows of x
+    the MMA's N.
 
     The weight operand is (q - z) * s rounded once to x's dtype (the mm path's rounding for
     16-bit x), so the MMAs chain over the whole K range with one accumulator and never wait
-    for more than the MMA before the last one issued. x's blocks come STAGES - 2 ahead (a
-    stage is refilled once every warp is past the MMAs that read it: two blocks back)."""
+    for more than the MMA before the last one issued. Every operand of a K block (x's
+    sub-tiles, the packed words, zero points, scales) comes by cp.async, STAGES - 2 blocks
+    ahead; a stage is refilled once every warp is past the MMAs that read it (two blocks
+    back). The words are read back from a swizzled buffer into the MMA operand's layout
+    (conflict-free: a warp's 32 reads hit 8 chunks of 4 words, XOR-ed apart by the row)."""
     OPD: gl.constexpr = X.dtype.element_ty
     gl.static_assert(STAGES >= 3)
+    gl.static_assert(BLOCK_N == 64 or BLOCK_N == 128)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    # x's K block in shared memory: the 8 sub-tiles [BLOCK_M, 16] one above the other (rows
-    # j * BLOCK_M + m), 32-byte rows, the MMA's K-major second operand.
+    rows_l: gl.constexpr = gl.SliceLayout(1, a_l)
+    # x's K block: the 8 sub-tiles [BLOCK_M, 16] one above the other (rows j * BLOCK_M + m),
+    # 32-byte rows, the MMA's K-major second operand.
     x_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=2)
     x_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[16, 2],
                                           warps_per_cta=[num_warps, 1], order=[1, 0])
+    w_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
+    w_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4],
+                                          threads_per_warp=[128 // BLOCK_N, BLOCK_N // 4],
+                                          warps_per_cta=[num_warps, 1], order=[1, 0])
+    v_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+    z_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[4], threads_per_warp=[32],
+                                          warps_per_cta=[num_warps], order=[0])
+    s_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[2], threads_per_warp=[32],
+                                          warps_per_cta=[num_warps], order=[0])
     x_smem = gl.allocate_shared_memory(OPD, [STAGES, 8 * BLOCK_M, 16], x_sl)
+    w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, BLOCK_N], w_sl)
+    z_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N], v_sl)
+    s_smem = gl.allocate_shared_memory(S.dtype.element_ty, [STAGES, BLOCK_N], v_sl)
 
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     m0 = gl.program_id(2) * BLOCK_M
+    n0 = pid_n * BLOCK_N
     k_start = pid_k * K_PER_SPLIT
     k_end = gl.minimum(k_start + K_PER_SPLIT, KX)
 
-    # cp.async addresses of one K block's sub-tiles: row t = j * BLOCK_M + m, column c is
-    # channel k0 + 16 j + c of row m0 + m.
+    # x: row t = j * BLOCK_M + m of a stage is channels k0 + 16 j + (0..15) of row m0 + m.
     t = gl.arange(0, 8 * BLOCK_M, layout=gl.SliceLayout(1, x_bl))
     c = gl.arange(0, 16, layout=gl.SliceLayout(0, x_bl))
     xm = m0 + t % BLOCK_M
     x_ptrs = X + xm.to(gl.int64)[:, None] * stride_xm + ((t // BLOCK_M) * 16)[:, None] + c[None, :]
     x_ok = (xm < M)[:, None] & (c < 16)[None, :]
-
-    # The packed words [BLOCK_N, 16] (16 rows of 8 channels of a K block) in the MMA's
-    # first-operand layout: element (n, r) is row r of column n, whose code j is channel
-    # k0 + 8 r + j, the sub-tile j's K = r.
-    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_l))
-    n_ok = offs_n < N
-    r16 = gl.arange(0, 16, layout=gl.SliceLayout(0, a_l))
-    w_ptrs = QW + (ROW4 + r16)[None, :] * N + offs_n[:, None]
+    # The packed words: row r of a stage is word row k0 / 8 + r (channels k0 + 8 r + j).
+    w_rows = gl.arange(0, 16, layout=gl.SliceLayout(1, w_bl))
+    w_cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, w_bl))
+    w_ptrs = QW + (ROW4 + w_rows)[:, None] * N + w_cols[None, :]
+    w_ok = (w_cols < N)[None, :]
     W_ROWS = K_PAD // 8
+    zs_offs = n0 + gl.arange(0, BLOCK_N, layout=z_bl)
+    zs_ok = zs_offs < N
+    ss_offs = n0 + gl.arange(0, BLOCK_N, layout=s_bl)
+    ss_ok = ss_offs < N
 
-    for s in gl.static_range(STAGES - 2):
-        kk = k_start + s * 128
-        cp.async_copy_global_to_shared(x_smem.index(s), x_ptrs + kk, mask=x_ok & (kk < k_end))
-        cp.commit_group()
-    w0 = gl.load(w_ptrs + (k_start // 8) * N,
-                 mask=n_ok[:, None] & (k_start // 8 + r16 < W_ROWS)[None, :], other=0)
-    w1 = gl.load(w_ptrs + (k_start // 8 + 16) * N,
-                 mask=n_ok[:, None] & ((k_start // 8 + 16 + r16 < W_ROWS)
-                                       & (k_start + 128 < k_end))[None, :], other=0)
-    g0 = k_start // 128
-    z0 = gl.load(Z + g0 * N + offs_n, mask=n_ok, other=0).to(gl.float32)
-    s0 = gl.load(S + g0 * N + offs_n, mask=n_ok, other=0.0).to(gl.float32)
+    for p in gl.static_range(STAGES - 2):
+        _issue_block(x_smem, w_smem, z_smem, s_smem, p, k_start + p * 128, k_end, x_ptrs, x_ok,
+                     w_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
     a_prev = gl.zeros([BLOCK_N, 16], OPD, layout=a_l)
     i = 0
@@ -125,39 +149,29 @@ def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride
         # the wait (every thread's are in), the fence makes them visible to the MMA's proxy.
         cp.wait_group(STAGES - 3)
         fence_async_shared()
-        # Two blocks ahead: the words' load latency hides behind two blocks of MMAs; the
-        # next block's zero points and scales one ahead.
-        w2 = gl.load(w_ptrs + (k0 // 8 + 32) * N,
-                     mask=n_ok[:, None] & ((k0 // 8 + 32 + r16 < W_ROWS)
-                                           & (k0 + 256 < k_end))[None, :], other=0)
-        g1 = k0 // 128 + 1
-        g_ok = n_ok & (k0 + 128 < k_end)
-        z1 = gl.load(Z + g1 * N + offs_n, mask=g_ok, other=0).to(gl.float32)
-        s1 = gl.load(S + g1 * N + offs_n, mask=g_ok, other=0.0).to(gl.float32)
-        lo, hi = _halves(w0)
-        xs = x_smem.index(i % STAGES)
+        st = i % STAGES
+        w = w_smem.index(st).permute((1, 0)).load(a_l)
+        z = z_smem.index(st).load(rows_l).to(gl.float32)
+        sc = s_smem.index(st).load(rows_l).to(gl.float32)
+        lo, hi = _halves(w)
+        xs = x_smem.index(st)
         for j in gl.static_range(8):
-            a = _weight(lo, hi, j, z0[:, None], s0[:, None]).to(OPD)
+            a = _weight(lo, hi, j, z[:, None], sc[:, None]).to(OPD)
             acc = warpgroup_mma(a, xs.slice(j * BLOCK_M, BLOCK_M, 0).permute((1, 0)), acc,
                                 is_async=True)
             # The MMA before this one is done: its operand's registers may be reused.
             acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
             a_prev = a
         # Refill the stage read two blocks back (every warp is past those MMAs: each has
-        # waited for all but its last MMA of block i - 1 before the barrier above).
-        kn = k0 + (STAGES - 2) * 128
-        cp.async_copy_global_to_shared(x_smem.index((i + STAGES - 2) % STAGES), x_ptrs + kn,
-                                       mask=x_ok & (kn < k_end))
-        cp.commit_group()
-        w0 = w1
-        w1 = w2
-        z0 = z1
-        s0 = s1
+        # waited for all but its last MMA of block i - 1 before the barrier after the wait).
+        _issue_block(x_smem, w_smem, z_smem, s_smem, (i + STAGES - 2) % STAGES,
+                     k0 + (STAGES - 2) * 128, k_end, x_ptrs, x_ok, w_ptrs, w_rows, w_ok, W_ROWS,
+                     zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N)
         i += 1
     acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
     cp.wait_group(0)
 
-    offs_ns = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    offs_ns = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
     y_ptrs = Y + offs_m.to(gl.int64)[None, :] * stride_ym + offs_ns[:, None]
     y_ok = (offs_m < M)[None, :] & (offs_ns < N)[:, None]
