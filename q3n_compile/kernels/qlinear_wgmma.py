@@ -74,7 +74,7 @@ def _issue_block(x_smem, w_smem, z_smem, s_smem, st, k0, k_end, x_ptrs, x_ok, w_
 @gluon.jit
 def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride_xm, stride_ym,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      REDUCE: gl.constexpr, num_warps: gl.constexpr):
+                      REDUCE: gl.constexpr, num_warps: gl.constexpr, DIAG: gl.constexpr = 0):
     """Y[m-block, n-block] (REDUCE 0) or += into fp32 Y (REDUCE 1, one launch per K split
     summed by atomics) for 4-bit g128 weights with zero points, x permuted per block ([M, KX],
     KX a multiple of 128, zero past K) in bf16 or fp16. Program (n-block, K split, m-block);
@@ -90,7 +90,7 @@ def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride
     (conflict-free: a warp's 32 reads hit 8 chunks of 4 words, XOR-ed apart by the row)."""
     OPD: gl.constexpr = X.dtype.element_ty
     gl.static_assert(STAGES >= 3)
-    gl.static_assert(BLOCK_N == 64 or BLOCK_N == 128)
+    gl.static_assert(BLOCK_N == 64 or BLOCK_N == 128 or BLOCK_N == 256)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -102,7 +102,7 @@ def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride
                                           warps_per_cta=[num_warps, 1], order=[1, 0])
     w_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
     w_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4],
-                                          threads_per_warp=[128 // BLOCK_N, BLOCK_N // 4],
+                                          threads_per_warp=[2 if BLOCK_N == 64 else 1, 16 if BLOCK_N == 64 else 32],
                                           warps_per_cta=[num_warps, 1], order=[1, 0])
     v_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
     z_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[4], threads_per_warp=[32],
@@ -143,6 +143,7 @@ def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride
                      w_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
     a_prev = gl.zeros([BLOCK_N, 16], OPD, layout=a_l)
+    ua = gl.zeros([BLOCK_N, 16], gl.float32, layout=a_l)
     i = 0
     for k0 in range(k_start, k_end, 128):
         # This thread's copies of block i are in; the compiler puts the CTA barrier after
@@ -155,12 +156,20 @@ def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride
         sc = s_smem.index(st).load(rows_l).to(gl.float32)
         lo, hi = _halves(w)
         xs = x_smem.index(st)
+        if DIAG == 1:  # timing only: no unpack (a wrong operand), the MMAs and copies as usual
+            a0 = (w.to(gl.float32) * sc[:, None]).to(OPD)
         for j in gl.static_range(8):
-            a = _weight(lo, hi, j, z[:, None], sc[:, None]).to(OPD)
-            acc = warpgroup_mma(a, xs.slice(j * BLOCK_M, BLOCK_M, 0).permute((1, 0)), acc,
-                                is_async=True)
-            # The MMA before this one is done: its operand's registers may be reused.
-            acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
+            if DIAG == 1:
+                a = a0
+            else:
+                a = _weight(lo, hi, j, z[:, None], sc[:, None]).to(OPD)
+            if DIAG == 2:  # timing only: no MMA (the unpacked operand summed instead)
+                ua += a.to(gl.float32)
+            else:
+                acc = warpgroup_mma(a, xs.slice(j * BLOCK_M, BLOCK_M, 0).permute((1, 0)), acc,
+                                    is_async=True)
+                # The MMA before this one is done: its operand's registers may be reused.
+                acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
             a_prev = a
         # Refill the stage read two blocks back (every warp is past those MMAs: each has
         # waited for all but its last MMA of block i - 1 before the barrier after the wait).
@@ -170,6 +179,8 @@ def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride
         i += 1
     acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
     cp.wait_group(0)
+    if DIAG == 2:
+        acc += gl.convert_layout(gl.sum(ua, 1), gl.SliceLayout(1, mma))[:, None]
 
     offs_ns = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
@@ -199,5 +210,6 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: tor
     qlinear_wg_kernel[grid](xk, qweight, scales, zeros, y, M, N, P.padded_k(K), kx,
                             P.plane_starts(4, K)[0], kps, xk.stride(0), y.stride(0),
                             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
-                            REDUCE=1 if split > 1 else 0, num_warps=cfg["num_warps"])
+                            REDUCE=1 if split > 1 else 0, num_warps=cfg["num_warps"],
+                            DIAG=cfg.get("DIAG", 0))
     return y.to(x.dtype) if split > 1 else y
