@@ -60,9 +60,12 @@ def _weight(lo, hi, j: gl.constexpr, z, s):
 @gluon.jit
 def _issue_block(x_smem, w_smem, z_smem, s_smem, st, k0, k_end, x_ptrs, x_ok, w_ptrs, w_rows,
                  w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N):
-    """cp.async of K block k0's operands into stage st (masked off past k_end), as one group."""
+    """cp.async of K block k0's operands into stage st (masked off past k_end), as one group:
+    x's two halves of 64 channels, the packed words, zero points and scales."""
     live = k0 < k_end
-    cp.async_copy_global_to_shared(x_smem.index(st), x_ptrs + k0, mask=x_ok & live)
+    cp.async_copy_global_to_shared(x_smem.index(2 * st), x_ptrs + k0, mask=x_ok & live)
+    cp.async_copy_global_to_shared(x_smem.index(2 * st + 1), x_ptrs + (k0 + 64),
+                                   mask=x_ok & live)
     cp.async_copy_global_to_shared(w_smem.index(st), w_ptrs + (k0 // 8) * N,
                                    mask=w_ok & ((k0 // 8 + w_rows < W_ROWS) & live)[:, None])
     g = k0 // 128
@@ -95,10 +98,11 @@ def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride
                                                   instr_shape=[16, BLOCK_M, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     rows_l: gl.constexpr = gl.SliceLayout(1, a_l)
-    # x's K block: the 8 sub-tiles [BLOCK_M, 16] one above the other (rows j * BLOCK_M + m),
-    # 32-byte rows, the MMA's K-major second operand.
-    x_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=2)
-    x_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[16, 2],
+    # x's K block: two halves [BLOCK_M, 64] (128-byte rows, 128-byte swizzle); sub-tile j (16
+    # channels) is columns 16 (j % 4) of half j // 4, the MMA's K-major second operand. A warp
+    # copies 4 rows x 128 contiguous bytes (4 global lines, 512 unconflicted shared bytes).
+    x_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    x_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
                                           warps_per_cta=[num_warps, 1], order=[1, 0])
     w_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
     w_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4],
@@ -109,7 +113,7 @@ def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride
                                           warps_per_cta=[num_warps], order=[0])
     s_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[2], threads_per_warp=[32],
                                           warps_per_cta=[num_warps], order=[0])
-    x_smem = gl.allocate_shared_memory(OPD, [STAGES, 8 * BLOCK_M, 16], x_sl)
+    x_smem = gl.allocate_shared_memory(OPD, [2 * STAGES, BLOCK_M, 64], x_sl)
     w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, BLOCK_N], w_sl)
     z_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N], v_sl)
     s_smem = gl.allocate_shared_memory(S.dtype.element_ty, [STAGES, BLOCK_N], v_sl)
@@ -121,12 +125,11 @@ def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride
     k_start = pid_k * K_PER_SPLIT
     k_end = gl.minimum(k_start + K_PER_SPLIT, KX)
 
-    # x: row t = j * BLOCK_M + m of a stage is channels k0 + 16 j + (0..15) of row m0 + m.
-    t = gl.arange(0, 8 * BLOCK_M, layout=gl.SliceLayout(1, x_bl))
-    c = gl.arange(0, 16, layout=gl.SliceLayout(0, x_bl))
-    xm = m0 + t % BLOCK_M
-    x_ptrs = X + xm.to(gl.int64)[:, None] * stride_xm + ((t // BLOCK_M) * 16)[:, None] + c[None, :]
-    x_ok = (xm < M)[:, None] & (c < 16)[None, :]
+    # x: row m of a half at k0 is channels k0 + (0..63) of row m0 + m.
+    xm = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_bl))
+    c = gl.arange(0, 64, layout=gl.SliceLayout(0, x_bl))
+    x_ptrs = X + xm.to(gl.int64)[:, None] * stride_xm + c[None, :]
+    x_ok = (xm < M)[:, None] & (c < 64)[None, :]
     # The packed words: row r of a stage is word row k0 / 8 + r (channels k0 + 8 r + j).
     w_rows = gl.arange(0, 16, layout=gl.SliceLayout(1, w_bl))
     w_cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, w_bl))
@@ -155,7 +158,6 @@ def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride
         z = z_smem.index(st).load(rows_l).to(gl.float32)
         sc = s_smem.index(st).load(rows_l).to(gl.float32)
         lo, hi = _halves(w)
-        xs = x_smem.index(st)
         if DIAG == 1:  # timing only: no unpack (a wrong operand), the MMAs and copies as usual
             a0 = (w.to(gl.float32) * sc[:, None]).to(OPD)
         for j in gl.static_range(8):
@@ -166,8 +168,8 @@ def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride
             if DIAG == 2:  # timing only: no MMA (the unpacked operand summed instead)
                 ua += a.to(gl.float32)
             else:
-                acc = warpgroup_mma(a, xs.slice(j * BLOCK_M, BLOCK_M, 0).permute((1, 0)), acc,
-                                    is_async=True)
+                xj = x_smem.index(2 * st + j // 4).slice(16 * (j % 4), 16, 1)
+                acc = warpgroup_mma(a, xj.permute((1, 0)), acc, is_async=True)
                 # The MMA before this one is done: its operand's registers may be reused.
                 acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
             a_prev = a
