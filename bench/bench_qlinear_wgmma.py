@@ -43,7 +43,7 @@ def main():
     ap.add_argument("--nk", nargs="+", default=[f"{n}x{k}" for n, k in NKS])
     ap.add_argument("--ms", nargs="+", type=int, default=list(MS))
     ap.add_argument("--tiles", nargs="+", type=parse_tile, default=TILES,
-                    help="BLOCK_M,BLOCK_N,warps,stages,split[,DIAG: 1 no unpack, 2 no MMA; timing only]")
+                    help="BLOCK_M,BLOCK_N,warps,stages,split[,DIAG (1 no unpack, 2 no MMA: timing only)[,PAIRS]]")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -66,11 +66,12 @@ def main():
                        q3n_path=path, wg=[])
             print(f"{N}x{K} M={M}: bf16 {bf16_ms:.4f}  q3n {q3n_ms:.4f} ({path.get('path')}, "
                   f"{bf16_ms / q3n_ms:.2f}x)", flush=True)
-            for bm, bn, warps, stages, split, *diag in args.tiles:
+            for bm, bn, warps, stages, split, *more in args.tiles:
                 if bm > 2 * M and bm > 32:
                     continue
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, STAGES=stages,
-                           SPLIT_K=split, DIAG=diag[0] if diag else 0)
+                           SPLIT_K=split, DIAG=more[0] if more else 0,
+                           PAIRS=bool(more[1]) if len(more) > 1 else False)
                 ent = dict(cfg)
                 try:
                     f = lambda: WG.run(x, pw.qweight, pw.scales, pw.zeros, K, cfg)  # noqa: E731
@@ -85,7 +86,7 @@ def main():
                 except Exception as exc:
                     ent["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 row["wg"].append(ent)
-                print(f"    wg {bm}x{bn} w{warps} s{stages} split{split} diag{cfg['DIAG']}: "
+                print(f"    wg {bm}x{bn} w{warps} s{stages} split{split} diag{cfg['DIAG']} pairs{int(cfg['PAIRS'])}: "
                       + (ent.get("error") or f"{ent['graph_ms']:.4f} ms "
                          f"({ent['vs_bf16']:.2f}x bf16, {ent['vs_q3n']:.2f}x q3n, "
                          f"err {ent['err']:.1e})"), flush=True)

@@ -57,6 +57,45 @@ def _weight(lo, hi, j: gl.constexpr, z, s):
     return d * s
 
 
+def _scaled_pairs_asm(j: int, f16: bool) -> str:
+    """PTX for code j of two words ($1, $2: adjacent K of one operand row) as the 16-bit pair
+    (q - z) * s: PRMT gathers the byte holding code j from both words, a shift (odd j) and one
+    LOP3 make each half the 16-bit float M + q (M = 128 for bf16, whose unit is 1 there; 1024
+    for fp16), one SUB takes M + z off ($3: M + z in both halves; exact), one MUL scales ($5: s
+    in both halves; one rounding)."""
+    byte = j // 2
+    sel = byte | (byte << 4) | ((4 + byte) << 8) | ((4 + byte) << 12)
+    magic = 0x64006400 if f16 else 0x43004300
+    shift = "shr.b32 t, t, 4; " if j % 2 else ""
+    kind = "f16x2" if f16 else "bf16x2"
+    return (f"{{ .reg .b32 t; prmt.b32 t, $1, $2, {sel}; {shift}"
+            f"lop3.b32 t, t, {0x000F000F}, {magic}, {0xEA}; sub.rn.{kind} t, t, $3; "
+            f"mul.rn.{kind} $0, t, $5; }}")
+
+
+_PAIRS_BF16 = gl.constexpr(tuple(_scaled_pairs_asm(j, False) for j in range(8)))
+_PAIRS_F16 = gl.constexpr(tuple(_scaled_pairs_asm(j, True) for j in range(8)))
+
+
+@gluon.jit
+def _scaled_pairs(w, zb, sb, j: gl.constexpr, F16: gl.constexpr):
+    """Code j of the words w as (q - z) * s in x's 16-bit dtype, two codes an instance: each
+    pair is two adjacent K of one row of the MMA operand (one column: one z, one s)."""
+    if F16:
+        return gl.inline_asm_elementwise(_PAIRS_F16[j], "=r,r,r,r,r,r,r", [w, zb, sb],
+                                         dtype=gl.float16, is_pure=True, pack=2)
+    else:
+        return gl.inline_asm_elementwise(_PAIRS_BF16[j], "=r,r,r,r,r,r,r", [w, zb, sb],
+                                         dtype=gl.bfloat16, is_pure=True, pack=2)
+
+
+@gluon.jit
+def _pair_bits(v, OPD: gl.constexpr):
+    """v (fp32) as OPD in both 16-bit halves of an int32."""
+    h = v.to(OPD).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    return h | (h << 16)
+
+
 @gluon.jit
 def _issue_block(x_smem, w_smem, z_smem, s_smem, st, k0, k_end, x_ptrs, x_ok, w_ptrs, w_rows,
                  w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N):
@@ -77,7 +116,8 @@ def _issue_block(x_smem, w_smem, z_smem, s_smem, st, k0, k_end, x_ptrs, x_ok, w_
 @gluon.jit
 def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride_xm, stride_ym,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      REDUCE: gl.constexpr, num_warps: gl.constexpr, DIAG: gl.constexpr = 0):
+                      REDUCE: gl.constexpr, num_warps: gl.constexpr, DIAG: gl.constexpr = 0,
+                      PAIRS: gl.constexpr = False):
     """Y[m-block, n-block] (REDUCE 0) or += into fp32 Y (REDUCE 1, one launch per K split
     summed by atomics) for 4-bit g128 weights with zero points, x permuted per block ([M, KX],
     KX a multiple of 128, zero past K) in bf16 or fp16. Program (n-block, K split, m-block);
@@ -157,12 +197,20 @@ def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride
         w = w_smem.index(st).permute((1, 0)).load(a_l)
         z = z_smem.index(st).load(rows_l).to(gl.float32)
         sc = s_smem.index(st).load(rows_l).to(gl.float32)
-        lo, hi = _halves(w)
+        if PAIRS:
+            F16: gl.constexpr = OPD == gl.float16
+            MAGIC: gl.constexpr = 1024.0 if F16 else 128.0
+            zb = _pair_bits(z + MAGIC, OPD)[:, None]
+            sb = _pair_bits(sc, OPD)[:, None]
+        else:
+            lo, hi = _halves(w)
         if DIAG == 1:  # timing only: no unpack (a wrong operand), the MMAs and copies as usual
             a0 = (w.to(gl.float32) * sc[:, None]).to(OPD)
         for j in gl.static_range(8):
             if DIAG == 1:
                 a = a0
+            elif PAIRS:
+                a = _scaled_pairs(w, zb, sb, j, F16)
             else:
                 a = _weight(lo, hi, j, z[:, None], sc[:, None]).to(OPD)
             if DIAG == 2:  # timing only: no MMA (the unpacked operand summed instead)
@@ -213,5 +261,5 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: tor
                             P.plane_starts(4, K)[0], kps, xk.stride(0), y.stride(0),
                             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
                             REDUCE=1 if split > 1 else 0, num_warps=cfg["num_warps"],
-                            DIAG=cfg.get("DIAG", 0))
+                            DIAG=cfg.get("DIAG", 0), PAIRS=bool(cfg.get("PAIRS", False)))
     return y.to(x.dtype) if split > 1 else y
