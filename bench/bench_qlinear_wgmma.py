@@ -1,9 +1,10 @@
 """The Gluon swapped tile (``kernels/qlinear_wgmma.py``, asynchronous MMAs) against the dispatched
 q3n::qlinear and bf16 cuBLAS, W4A16 g128 (zero points), bf16 x, on one GPU.
 
-For each (N, K) and M: bf16 ``F.linear``; the op as dispatched (``torch.ops.q3n.qlinear``,
-whatever path the table gives: mmT below 256 rows); and the Gluon tile at each launch of
-``--tiles`` (BLOCK_M, BLOCK_N, warps, stages, split). Every launch is first checked against the
+For each (N, K) and M: bf16 ``F.linear``; the op as dispatched (``torch.ops.q3n.qlinear``);
+the dispatch without the wg path ("before": mmT to 128 rows, dequantise + cuBLAS above); and
+the Gluon tile at each launch of ``--tiles`` (BLOCK_M, BLOCK_N, warps, stages, split: K split
+by tickets, summed in the launch). Every launch is first checked against the
 float64 product of the dequantised weight (max |error| / max |reference|, must be below 2e-2 as
 in bench_qlinear.py), then timed as a CUDA-graph replay (``do_bench`` median, L2 flushed, after
 warm-up), with x permuted inside the timed call (the op's own cost).
@@ -29,9 +30,9 @@ from q3n_compile.kernels import qlinear_wgmma as WG  # noqa: E402
 NKS = ((4096, 4096), (12288, 4096), (4096, 12288), (28672, 8192))
 MS = (32, 64, 96, 128, 192, 256)
 # (BLOCK_M, BLOCK_N, num_warps, STAGES, SPLIT_K)
-TILES = [(64, 128, 8, 4, 1), (64, 128, 8, 3, 1), (64, 128, 8, 4, 2), (64, 128, 8, 4, 4),
-         (64, 64, 4, 4, 1), (64, 64, 4, 4, 2), (128, 128, 8, 4, 1), (128, 128, 8, 3, 1),
-         (128, 128, 8, 4, 2), (128, 64, 4, 4, 1), (32, 128, 8, 4, 2), (32, 128, 8, 4, 4)]
+TILES = [(128, 128, 8, 4, 1), (128, 64, 4, 4, 1), (64, 64, 4, 4, 1), (64, 128, 8, 4, 1),
+         (64, 64, 4, 4, 2), (64, 64, 4, 4, 4), (128, 64, 4, 4, 2), (64, 128, 8, 4, 2),
+         (256, 128, 8, 3, 1), (128, 128, 8, 3, 1)]
 
 
 def parse_tile(s):
@@ -43,7 +44,7 @@ def main():
     ap.add_argument("--nk", nargs="+", default=[f"{n}x{k}" for n, k in NKS])
     ap.add_argument("--ms", nargs="+", type=int, default=list(MS))
     ap.add_argument("--tiles", nargs="+", type=parse_tile, default=TILES,
-                    help="BLOCK_M,BLOCK_N,warps,stages,split[,DIAG (1 no unpack, 2 no MMA: timing only)[,PAIRS]]")
+                    help="BLOCK_M,BLOCK_N,warps,stages,split")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -62,33 +63,39 @@ def main():
             _, q3n_ms = timed(lambda: torch.ops.q3n.qlinear(*qargs), eager=False)
             q3n_err = ((torch.ops.q3n.qlinear(*qargs).double() - ref).abs().max()
                        / ref.abs().max()).item()
+            # The dispatch without this path (capability (0, 0): mmT or dequantise + cuBLAS).
+            before = Q.choose_path(M, N, K, 4, 128, "none", x.dtype, x.device, capability=(0, 0))
+            fb = lambda: Q._launch(*qargs[:-1], interpreter=False, path=before)  # noqa: E731
+            _, before_ms = timed(fb, eager=False)
             row = dict(M=M, N=N, K=K, bf16_ms=bf16_ms, q3n_ms=q3n_ms, q3n_err=q3n_err,
-                       q3n_path=path, wg=[])
+                       q3n_path=path, before_path=before, before_ms=before_ms, wg=[])
             print(f"{N}x{K} M={M}: bf16 {bf16_ms:.4f}  q3n {q3n_ms:.4f} ({path.get('path')}, "
-                  f"{bf16_ms / q3n_ms:.2f}x)", flush=True)
-            for bm, bn, warps, stages, split, *more in args.tiles:
+                  f"{bf16_ms / q3n_ms:.2f}x)  before {before_ms:.4f} ({before['path']}, "
+                  f"{bf16_ms / before_ms:.2f}x)", flush=True)
+            for bm, bn, warps, stages, split in args.tiles:
                 if bm > 2 * M and bm > 32:
                     continue
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, STAGES=stages,
-                           SPLIT_K=split, DIAG=more[0] if more else 0,
-                           PAIRS=bool(more[1]) if len(more) > 1 else False)
+                           SPLIT_K=split)
                 ent = dict(cfg)
                 try:
-                    f = lambda: WG.run(x, pw.qweight, pw.scales, pw.zeros, K, cfg)  # noqa: E731
+                    f = lambda: WG.run(x, pw.qweight, pw.scales, pw.zeros, None, K,  # noqa: E731
+                                       cfg, Q._tickets)
                     y = f().double()
                     ent["err"] = ((y - ref).abs().max() / ref.abs().max()).item()
-                    if ent["err"] > TOL and not cfg["DIAG"]:
+                    if ent["err"] > TOL:
                         ent["error"] = f"wrong result: {ent['err']:.3g}"
                     else:
                         _, ent["graph_ms"] = timed(f, eager=False)
                         ent["vs_bf16"] = bf16_ms / ent["graph_ms"]
                         ent["vs_q3n"] = q3n_ms / ent["graph_ms"]
+                        ent["vs_before"] = before_ms / ent["graph_ms"]
                 except Exception as exc:
                     ent["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 row["wg"].append(ent)
-                print(f"    wg {bm}x{bn} w{warps} s{stages} split{split} diag{cfg['DIAG']} pairs{int(cfg['PAIRS'])}: "
+                print(f"    wg {bm}x{bn} w{warps} s{stages} split{split}: "
                       + (ent.get("error") or f"{ent['graph_ms']:.4f} ms "
-                         f"({ent['vs_bf16']:.2f}x bf16, {ent['vs_q3n']:.2f}x q3n, "
+                         f"({ent['vs_bf16']:.2f}x bf16, {ent['vs_before']:.2f}x before, "
                          f"err {ent['err']:.1e})"), flush=True)
             result["rows"].append(row)
         del pw, w

@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_qlinear import random_packed  # noqa: E402
+from q3n_compile.kernels import qlinear as Q  # noqa: E402
 from q3n_compile.kernels import qlinear_wgmma as WG  # noqa: E402
 
 
@@ -27,10 +28,10 @@ def main():
     x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
     xp = WG.permute_x_blocks(x)
     for _ in range(3):
-        WG.run(xp, pw.qweight, pw.scales, pw.zeros, K, cfg, x_permuted=True)
+        WG.run(xp, pw.qweight, pw.scales, pw.zeros, None, K, cfg, Q._tickets, x_permuted=True)
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
-    WG.run(xp, pw.qweight, pw.scales, pw.zeros, K, cfg, x_permuted=True)
+    WG.run(xp, pw.qweight, pw.scales, pw.zeros, None, K, cfg, Q._tickets, x_permuted=True)
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
     print("case", M, N, K, cfg)

@@ -147,6 +147,11 @@ from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear_cublas8 as C8
 from q3n_compile.kernels import qlinear_mm8 as M8
 from q3n_compile.kernels import qlinear_swap as SW
+
+try:  # Gluon (Triton >= 3.5's explicit-layout dialect) with Hopper's warpgroup MMA
+    from q3n_compile.kernels import qlinear_wgmma as WG
+except ImportError:  # pragma: no cover - an older Triton: the other paths take those calls
+    WG = None
 from q3n_compile.kernels.norm_linear import normalise_rows
 from q3n_compile.kernels.qcodes import block_minus_zero, load_codes, tile_minus_zero, tile_setup
 from q3n_compile.kernels.tiles import first_tile_mean, ticket_split_k
@@ -849,6 +854,13 @@ def fp8_supported(device: torch.device) -> bool:
                        else torch.cuda.current_device()) >= (8, 9)
 
 
+def _device_capability(device: torch.device) -> Optional[tuple[int, int]]:
+    """`device`'s compute capability, None off CUDA."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.lru_cache(maxsize=None)
 def _capability(device_index: int) -> tuple[int, int]:
     # Cached: get_device_capability costs microseconds, and every call with fp8 codes asks.
@@ -1079,7 +1091,8 @@ def _mm8_split(M: int, N: int, K: int, bits: int, group_size: int, act: str,
 
 def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
                 dtype: torch.dtype, device: torch.device, *, interpreter: bool = False,
-                sm_count: Optional[int] = None, act_group_size: int = PER_TOKEN) -> dict:
+                sm_count: Optional[int] = None, act_group_size: int = PER_TOKEN,
+                capability: Optional[tuple] = None) -> dict:
     """The path and launch parameters for one call; a pure function of its arguments.
 
     Interpreter: few programs (each costs ~0.1 s there): 16/32 x 64 x 64 (<= group) tiles, gemv
@@ -1092,6 +1105,8 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     that path computes the format exactly on this device.
     Both send single-plane weights at GEMV sizes to gemv1p: on CUDA one row (from 2 rows the
     swapped tile, s16run5), in the interpreter up to 2 rows.
+    On an sm_90 GPU (`capability`, else the device's), 4-bit g128 weights with 16-bit
+    activations take the Gluon tile ("wg", :func:`qlinear_wgmma.choose`) from 49-65 to 256 rows.
     """
     k_pad = P.padded_k(K)
     if interpreter:
@@ -1118,6 +1133,11 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
         return dict(path="mm8", **MM8_TILE, SPLIT_K=mm8_split)
     if cublas8:
         return dict(path="cublas8")
+    if WG is not None and WG.supported(bits, group_size, act, dtype,
+                                       capability or _device_capability(device)):
+        wg = WG.choose(M, N, sms)
+        if wg is not None:
+            return wg
     if bits == 4 and MMT_64_MAX_M[0] < M <= MMT_64_MAX_M[1]:
         tiles64 = contract.cdiv(M, 64) * contract.cdiv(N, 128)
         return dict(path="mmT", BLOCK_M=64, BLOCK_N=128, BLOCK_K=SW.MMT_BLOCK_K,
@@ -1546,6 +1566,13 @@ def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, gro
             raise ValueError("q3n::qlinear: the mmT kernel takes 16-bit activations")
         return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter,
                       _tickets)
+    if cfg["path"] == "wg":  # only a forced `path` can ask for it where it does not run
+        if WG is None or interpreter or not WG.supported(bits, group_size, act, a.dtype,
+                                                         _device_capability(a.device)):
+            raise ValueError("q3n::qlinear: the wg path (a Gluon kernel) takes 4-bit weights in "
+                             "groups of 128 and bf16/fp16 activations on an sm_90 GPU only; "
+                             "use another path (choose_path picks one)")
+        return WG.run(a, qweight, scales, zeros, bias, a.shape[1], cfg, _tickets)
     M, K = a.shape
     N = qweight.shape[1]
     split = cfg.get("SPLIT_K", 1)

@@ -26,6 +26,8 @@ sm_90 (tests/kernels/test_qlinear_wgmma.py) and the GPU lane checks it against f
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -36,26 +38,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
 from q3n_compile.kernels.qlinear_swap import MMT_BLOCK_K, permute_x_blocks
-
-@gluon.jit
-def _halves(u):
-    """(low, high) 16-bit halves of the words u, each OR-ed with the float32 bits of 2^23."""
-    return (u & 0xFFFF) | 0x4B000000, ((u >> 16) & 0xFFFF) | 0x4B000000
-
-
-@gluon.jit
-def _weight(lo, hi, j: gl.constexpr, z, s):
-    """Code j of each word (magic halves lo / hi) as the fp32 weight (q - z) * s: one LOP3 puts
-    the field in the mantissa of 2^23, one FFMA leaves q - z (exact), one FMUL scales it."""
-    p: gl.constexpr = (4 * j) % 16
-    field: gl.constexpr = (15 << p) | 0x4B000000
-    if j >= 4:
-        f = hi & field
-    else:
-        f = lo & field
-    d = gl.fma(f.to(gl.float32, bitcast=True), 1.0 / (1 << p), -8388608.0 / (1 << p) - z)
-    return d * s
-
 
 def _scaled_pairs_asm(j: int, f16: bool) -> str:
     """PTX for code j of two words ($1, $2: adjacent K of one operand row) as the 16-bit pair
@@ -98,7 +80,7 @@ def _pair_bits(v, OPD: gl.constexpr):
 
 @gluon.jit
 def _issue_block(x_smem, w_smem, z_smem, s_smem, st, k0, k_end, x_ptrs, x_ok, w_ptrs, w_rows,
-                 w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N):
+                 w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N, SYM: gl.constexpr):
     """cp.async of K block k0's operands into stage st (masked off past k_end), as one group:
     x's two halves of 64 channels, the packed words, zero points and scales."""
     live = k0 < k_end
@@ -108,30 +90,38 @@ def _issue_block(x_smem, w_smem, z_smem, s_smem, st, k0, k_end, x_ptrs, x_ok, w_
     cp.async_copy_global_to_shared(w_smem.index(st), w_ptrs + (k0 // 8) * N,
                                    mask=w_ok & ((k0 // 8 + w_rows < W_ROWS) & live)[:, None])
     g = k0 // 128
-    cp.async_copy_global_to_shared(z_smem.index(st), Z + g * N + zs_offs, mask=zs_ok & live)
+    if not SYM:
+        cp.async_copy_global_to_shared(z_smem.index(st), Z + g * N + zs_offs,
+                                       mask=zs_ok & live)
     cp.async_copy_global_to_shared(s_smem.index(st), S + g * N + ss_offs, mask=ss_ok & live)
     cp.commit_group()
 
 
 @gluon.jit
-def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride_xm, stride_ym,
-                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      REDUCE: gl.constexpr, num_warps: gl.constexpr, DIAG: gl.constexpr = 0,
-                      PAIRS: gl.constexpr = False):
-    """Y[m-block, n-block] (REDUCE 0) or += into fp32 Y (REDUCE 1, one launch per K split
-    summed by atomics) for 4-bit g128 weights with zero points, x permuted per block ([M, KX],
-    KX a multiple of 128, zero past K) in bf16 or fp16. Program (n-block, K split, m-block);
-    BLOCK_N columns (64 or 128) over num_warps / 4 warpgroups (64 each), BLOCK_M rows of x
-    the MMA's N.
+def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, K_PER_SPLIT,
+                      stride_xm, stride_ym, SYM: gl.constexpr, HAS_BIAS: gl.constexpr,
+                      BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, REDUCE: gl.constexpr):
+    """Y[m-block, n-block] = x @ W^T (+ bias) for 4-bit weights in groups of 128, with zero
+    points (Z [K_PAD / 128, N] uint8) or symmetric (SYM: z = 8), and x (bf16 or fp16) permuted per 128-channel block ([M, KX], KX a multiple of 128,
+    zero past K). Program (n-block, K split, m-block): BLOCK_N weight columns (64, 128 or 256:
+    num_warps / 4 warpgroups of 64) by BLOCK_M rows of x (the MMA's N). REDUCE 0: one split,
+    stored; 2: each split's fp32 partial to WS, the last split of a tile to arrive (a ticket in
+    CNT) sums them in split order and stores (deterministic), resetting its ticket.
 
-    The weight operand is (q - z) * s rounded once to x's dtype (the mm path's rounding for
-    16-bit x), so the MMAs chain over the whole K range with one accumulator and never wait
-    for more than the MMA before the last one issued. Every operand of a K block (x's
-    sub-tiles, the packed words, zero points, scales) comes by cp.async, STAGES - 2 blocks
-    ahead; a stage is refilled once every warp is past the MMAs that read it (two blocks
-    back). The words are read back from a swizzled buffer into the MMA operand's layout
-    (conflict-free: a warp's 32 reads hit 8 chunks of 4 words, XOR-ed apart by the row)."""
+    The weight operand is (q - z) * s in x's dtype (:func:`_scaled_pairs`), so the MMAs chain
+    over the whole K range in one fp32 accumulator, each issued asynchronously while the next
+    sub-tile is unpacked; only the MMA before the last one issued is waited for. Every operand
+    of a K block (x's two halves, the packed words, zero points, scales) comes by cp.async,
+    STAGES - 2 blocks ahead; a stage is refilled once every warp is past the MMAs that read it
+    (two blocks back). The words are read back from a swizzled buffer into the MMA operand's
+    register layout (conflict-free: a warp's 32 reads hit 8 chunks of 4 words, XOR-ed apart by
+    the row). Traffic: the packed weight once per m-block, x once per n-block (from L2), Y once
+    (REDUCE 2: plus 8 bytes an output and split through L2)."""
     OPD: gl.constexpr = X.dtype.element_ty
+    F16: gl.constexpr = OPD == gl.float16
+    num_warps: gl.constexpr = gl.num_warps()
+    MAGIC: gl.constexpr = 1024.0 if F16 else 128.0
     gl.static_assert(STAGES >= 3)
     gl.static_assert(BLOCK_N == 64 or BLOCK_N == 128 or BLOCK_N == 256)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -140,13 +130,15 @@ def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride
     rows_l: gl.constexpr = gl.SliceLayout(1, a_l)
     # x's K block: two halves [BLOCK_M, 64] (128-byte rows, 128-byte swizzle); sub-tile j (16
     # channels) is columns 16 (j % 4) of half j // 4, the MMA's K-major second operand. A warp
-    # copies 4 rows x 128 contiguous bytes (4 global lines, 512 unconflicted shared bytes).
+    # copies 4 rows x 128 contiguous bytes (4 global lines, 512 unconflicted shared bytes;
+    # 16 rows x 32 bytes a warp, as first written, cost 16 shared wavefronts an instruction).
     x_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     x_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
                                           warps_per_cta=[num_warps, 1], order=[1, 0])
     w_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
     w_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4],
-                                          threads_per_warp=[2 if BLOCK_N == 64 else 1, 16 if BLOCK_N == 64 else 32],
+                                          threads_per_warp=[2 if BLOCK_N == 64 else 1,
+                                                            16 if BLOCK_N == 64 else 32],
                                           warps_per_cta=[num_warps, 1], order=[1, 0])
     v_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
     z_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[4], threads_per_warp=[32],
@@ -160,7 +152,8 @@ def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride
 
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
-    m0 = gl.program_id(2) * BLOCK_M
+    pid_m = gl.program_id(2)
+    m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
     k_start = pid_k * K_PER_SPLIT
     k_end = gl.minimum(k_start + K_PER_SPLIT, KX)
@@ -170,7 +163,9 @@ def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride
     c = gl.arange(0, 64, layout=gl.SliceLayout(0, x_bl))
     x_ptrs = X + xm.to(gl.int64)[:, None] * stride_xm + c[None, :]
     x_ok = (xm < M)[:, None] & (c < 64)[None, :]
-    # The packed words: row r of a stage is word row k0 / 8 + r (channels k0 + 8 r + j).
+    # The packed words: row r of a stage is word row k0 / 8 + r (channels k0 + 8 r + j), read
+    # back as [BLOCK_N, 16] in the MMA operand's layout: element (n, r) holds sub-tile j's
+    # K = r of column n in its bits 4 j.
     w_rows = gl.arange(0, 16, layout=gl.SliceLayout(1, w_bl))
     w_cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, w_bl))
     w_ptrs = QW + (ROW4 + w_rows)[:, None] * N + w_cols[None, :]
@@ -183,10 +178,9 @@ def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride
 
     for p in gl.static_range(STAGES - 2):
         _issue_block(x_smem, w_smem, z_smem, s_smem, p, k_start + p * 128, k_end, x_ptrs, x_ok,
-                     w_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N)
+                     w_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N, SYM)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
     a_prev = gl.zeros([BLOCK_N, 16], OPD, layout=a_l)
-    ua = gl.zeros([BLOCK_N, 16], gl.float32, layout=a_l)
     i = 0
     for k0 in range(k_start, k_end, 128):
         # This thread's copies of block i are in; the compiler puts the CTA barrier after
@@ -195,59 +189,69 @@ def qlinear_wg_kernel(X, QW, S, Z, Y, M, N, K_PAD, KX, ROW4, K_PER_SPLIT, stride
         fence_async_shared()
         st = i % STAGES
         w = w_smem.index(st).permute((1, 0)).load(a_l)
-        z = z_smem.index(st).load(rows_l).to(gl.float32)
-        sc = s_smem.index(st).load(rows_l).to(gl.float32)
-        if PAIRS:
-            F16: gl.constexpr = OPD == gl.float16
-            MAGIC: gl.constexpr = 1024.0 if F16 else 128.0
-            zb = _pair_bits(z + MAGIC, OPD)[:, None]
-            sb = _pair_bits(sc, OPD)[:, None]
+        if SYM:
+            zb = _pair_bits(gl.full([BLOCK_N], MAGIC + 8.0, gl.float32, layout=rows_l),
+                            OPD)[:, None]
         else:
-            lo, hi = _halves(w)
-        if DIAG == 1:  # timing only: no unpack (a wrong operand), the MMAs and copies as usual
-            a0 = (w.to(gl.float32) * sc[:, None]).to(OPD)
+            zb = _pair_bits(z_smem.index(st).load(rows_l).to(gl.float32) + MAGIC, OPD)[:, None]
+        sb = _pair_bits(s_smem.index(st).load(rows_l).to(gl.float32), OPD)[:, None]
         for j in gl.static_range(8):
-            if DIAG == 1:
-                a = a0
-            elif PAIRS:
-                a = _scaled_pairs(w, zb, sb, j, F16)
-            else:
-                a = _weight(lo, hi, j, z[:, None], sc[:, None]).to(OPD)
-            if DIAG == 2:  # timing only: no MMA (the unpacked operand summed instead)
-                ua += a.to(gl.float32)
-            else:
-                xj = x_smem.index(2 * st + j // 4).slice(16 * (j % 4), 16, 1)
-                acc = warpgroup_mma(a, xj.permute((1, 0)), acc, is_async=True)
-                # The MMA before this one is done: its operand's registers may be reused.
-                acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
+            a = _scaled_pairs(w, zb, sb, j, F16)
+            xj = x_smem.index(2 * st + j // 4).slice(16 * (j % 4), 16, 1)
+            acc = warpgroup_mma(a, xj.permute((1, 0)), acc, is_async=True)
+            # The MMA before this one is done: its operand's registers may be reused.
+            acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
             a_prev = a
         # Refill the stage read two blocks back (every warp is past those MMAs: each has
         # waited for all but its last MMA of block i - 1 before the barrier after the wait).
         _issue_block(x_smem, w_smem, z_smem, s_smem, (i + STAGES - 2) % STAGES,
                      k0 + (STAGES - 2) * 128, k_end, x_ptrs, x_ok, w_ptrs, w_rows, w_ok, W_ROWS,
-                     zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N)
+                     zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N, SYM)
         i += 1
     acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
     cp.wait_group(0)
-    if DIAG == 2:
-        acc += gl.convert_layout(gl.sum(ua, 1), gl.SliceLayout(1, mma))[:, None]
 
-    offs_ns = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-    y_ptrs = Y + offs_m.to(gl.int64)[None, :] * stride_ym + offs_ns[:, None]
-    y_ok = (offs_m < M)[None, :] & (offs_ns < N)[:, None]
-    if REDUCE == 1:
-        gl.atomic_add(y_ptrs, acc, mask=y_ok)
+    n_ok = offs_n < N
+    if HAS_BIAS:
+        bias = gl.load(BIAS + offs_n, mask=n_ok & (pid_k == 0), other=0.0).to(gl.float32)
+        acc = acc + bias[:, None]
+    y_offs = offs_m.to(gl.int64)[None, :] * stride_ym + offs_n[:, None]
+    y_ok = (offs_m < M)[None, :] & n_ok[:, None]
+    if REDUCE == 2:
+        # WS holds [split, tile, BLOCK_N, BLOCK_M] partials: offsets within a tile are
+        # constants per register (folded into the loads' immediates), so the split's sum
+        # keeps no offset registers live (per-output offsets cost 190-255 registers).
+        TILE: gl.constexpr = BLOCK_N * BLOCK_M
+        t_offs = ((offs_n - n0)[:, None] * BLOCK_M + (offs_m - m0)[None, :])
+        tiles = gl.num_programs(0) * gl.num_programs(2)
+        tile = pid_m * gl.num_programs(0) + pid_n
+        gl.store(WS + (pid_k * tiles + tile).to(gl.int64) * TILE + t_offs, acc)
+        gl.thread_barrier()  # every thread's partial is written before the ticket is taken
+        cnt = CNT + tile
+        ticket = gl.atomic_add(cnt, 1, sem="acq_rel")
+        if ticket == gl.num_programs(1) - 1:
+            total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
+            for sp in range(0, gl.num_programs(1)):
+                # .cg: from L2, never a line this SM's L1 kept from an earlier call
+                total += gl.load(WS + (sp * tiles + tile).to(gl.int64) * TILE + t_offs,
+                                 cache_modifier=".cg")
+            gl.store(Y + y_offs, total.to(Y.dtype.element_ty), mask=y_ok)
+            gl.atomic_xchg(cnt, 0)
     else:
-        gl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_ok)
+        gl.store(Y + y_offs, acc.to(Y.dtype.element_ty), mask=y_ok)
 
 
-def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-        K: int, cfg: dict, x_permuted: bool = False) -> torch.Tensor:
-    """``x @ W^T`` for 4-bit g128 weights with zero points (``qweight`` [K_PAD / 8, N] int32,
-    ``scales`` / ``zeros`` [K_PAD / 128, N]), x [M, K] bf16/fp16 (or already
-    :func:`permute_x_blocks`'s [M, K128] with `x_permuted`). cfg: BLOCK_M, BLOCK_N, STAGES,
-    SPLIT_K, num_warps."""
+def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+        zeros: Optional[torch.Tensor], bias, K: int, cfg: dict, tickets=None,
+        x_permuted: bool = False) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for 4-bit weights in groups of 128 (``qweight`` [K_PAD / 8, N]
+    int32, ``scales`` fp16 and ``zeros`` uint8 or None (symmetric) [K_PAD / 128, N]), x [M, K]
+    bf16 or
+    fp16 (or already :func:`permute_x_blocks`'s [M, K128] with `x_permuted`). cfg: BLOCK_M,
+    BLOCK_N, STAGES, SPLIT_K, num_warps; a split needs `tickets(device, n)` (int32 counters,
+    zero between calls: :func:`q3n_compile.kernels.qlinear._tickets`)."""
     M = x.shape[0]
     N = qweight.shape[1]
     xk = x if x_permuted else permute_x_blocks(x)
@@ -255,11 +259,60 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: tor
     split = cfg.get("SPLIT_K", 1)
     kps = contract.cdiv(contract.cdiv(kx, MMT_BLOCK_K), split) * MMT_BLOCK_K
     grid = (contract.cdiv(N, cfg["BLOCK_N"]), split, contract.cdiv(M, cfg["BLOCK_M"]))
-    y = (torch.zeros((M, N), dtype=torch.float32, device=x.device) if split > 1
-         else torch.empty((M, N), dtype=x.dtype, device=x.device))
-    qlinear_wg_kernel[grid](xk, qweight, scales, zeros, y, M, N, P.padded_k(K), kx,
-                            P.plane_starts(4, K)[0], kps, xk.stride(0), y.stride(0),
-                            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
-                            REDUCE=1 if split > 1 else 0, num_warps=cfg["num_warps"],
-                            DIAG=cfg.get("DIAG", 0), PAIRS=bool(cfg.get("PAIRS", False)))
-    return y.to(x.dtype) if split > 1 else y
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if split > 1:
+        if tickets is None:
+            raise ValueError("q3n::qlinear: the wg path's split-K needs the ticket counters")
+        ws = torch.empty((split, grid[0] * grid[2], cfg["BLOCK_N"] * cfg["BLOCK_M"]),
+                         dtype=torch.float32, device=x.device)
+        cnt = tickets(x.device, grid[0] * grid[2])
+    else:
+        ws = cnt = y  # unused
+    contract.launch(
+        qlinear_wg_kernel, grid,
+        (xk, qweight, scales, zeros if zeros is not None else scales,
+         bias if bias is not None else scales, y, ws, cnt),
+        (M, N, P.padded_k(K), kx, P.plane_starts(4, K)[0], kps, xk.stride(0), y.stride(0)),
+        dict(SYM=zeros is None, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+             STAGES=cfg["STAGES"], REDUCE=2 if split > 1 else 0),
+        dict(num_warps=cfg["num_warps"]), fast=True)
+    return y
+
+
+# The launches the dispatch uses (s17run7, W4A16 g128, four shapes, 64-256 rows; CUDA-graph
+# ms against the path dispatched before in the same run): WIDE where its tiles make most of a
+# wave (one 8-warp program an SM: 165 KB of shared memory), TALL (128 rows of x, 64 columns)
+# and SMALL (64 x 64, 4 warps, two or more programs an SM) where the weight has few columns,
+# SIXTY_FOUR (64 rows, 128 columns) for 49-64 rows of a wide weight.
+WIDE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, STAGES=4)
+TALL = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, STAGES=4)
+SMALL = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, STAGES=4)
+SIXTY_FOUR = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, STAGES=4)
+DISPATCH_TILES = (WIDE, TALL, SMALL, SIXTY_FOUR)
+# The rows this path takes: from 49 where the wide weight fills the SMs, else from 65, to 256.
+MIN_M_WIDE, MIN_M, MAX_M = 49, 65, 256
+# WIDE's tiles (one program an SM) that make "most of a wave": 96 of 132 SMs (12288 columns at
+# up to 128 rows) ran it 1.21-1.33x faster than mmT's 64-row tile, 32 (4096 columns) 0.64x.
+WAVE_FILL = 0.72
+
+
+def supported(bits: int, group_size: int, act: str, dtype: torch.dtype,
+              capability: Optional[tuple]) -> bool:
+    """Whether this kernel computes the call: 4-bit weights in groups of 128, 16-bit
+    activations (bf16 or fp16, not quantized), on an sm_90 GPU (Hopper's warpgroup MMA; the
+    interpreter and other GPUs take the other paths)."""
+    return (bits == 4 and group_size == 128 and act == "none"
+            and dtype in (torch.bfloat16, torch.float16) and capability == (9, 0))
+
+
+def choose(M: int, N: int, sms: int) -> Optional[dict]:
+    """The launch for M rows of an N-column weight, or None where mmT or dequantise + cuBLAS
+    stay: WIDE (SIXTY_FOUR at 49-64 rows) where WIDE's tiles fill :data:`WAVE_FILL` of the SMs,
+    else SMALL to 128 rows and TALL above; nothing below 49 rows (49-64 only for wide weights),
+    nothing above 256 (not measured there). K unsplit (the splits swept, by fp32 atomics,
+    lost everywhere but one shape at 64 rows)."""
+    wide = contract.cdiv(M, 128) * contract.cdiv(N, 128) >= WAVE_FILL * sms
+    if M > MAX_M or M < MIN_M_WIDE or (M < MIN_M and not wide):
+        return None
+    tile = (SIXTY_FOUR if M < MIN_M else WIDE) if wide else (SMALL if M <= 128 else TALL)
+    return dict(tile, path="wg", SPLIT_K=1)

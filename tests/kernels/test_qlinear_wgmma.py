@@ -1,0 +1,255 @@
+"""q3n::qlinear's "wg" path (kernels/qlinear_wgmma.py, a Gluon kernel: sm_90 only, no
+interpreter). CPU lane: the kernel compiles for sm_90 (Triton's frontend and the wheel's ptxas
+run anywhere) at the launches the dispatch uses, without spilling, and its PTX unpack matches
+the definition of (q - z) * s bit for bit (emulated). GPU lane (-m gpu, an H200): against
+float64 at odd shapes, both dtypes, bias, K split; and the dispatch choosing it."""
+
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from q3n_compile.kernels import qlinear as Q
+from q3n_compile.kernels import qlinear_wgmma as WG
+
+from .test_qlinear import _gen, _packed, bf16, f16
+from .test_qlinear import _check as check_against_float64
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_hopper = pytest.mark.skipif(not torch.cuda.is_available()
+                                  or torch.cuda.get_device_capability() != (9, 0),
+                                  reason="needs an sm_90 GPU (warpgroup MMA)")
+
+_TYPES = {"X": "*bf16", "QW": "*i32", "S": "*fp16", "Z": "*u8", "BIAS": "*bf16", "Y": "*bf16",
+          "WS": "*fp32", "CNT": "*i32"}
+_DIVISIBLE = ("X", "QW", "S", "Z", "Y", "WS", "N", "K_PAD", "KX", "K_PER_SPLIT", "stride_xm",
+              "stride_ym")
+
+
+def _compile_sm90(cfg: dict, x_type: str, reduce: int, bias: bool, sym: bool):
+    """(registers, stack bytes, shared bytes, SASS) of the kernel compiled for sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    kernel = WG.qlinear_wg_kernel
+    names = kernel.arg_names
+    ce = dict(SYM=sym, HAS_BIAS=bias, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+              STAGES=cfg["STAGES"], REDUCE=reduce)
+    types = dict(_TYPES, X=x_type, Y=x_type, BIAS=x_type)
+    sig = {n: "constexpr" if n in ce else types.get(n, "i32") for n in names}
+    src = GluonASTSource(fn=kernel, signature=sig,
+                         constexprs={(names.index(k),): v for k, v in ce.items()},
+                         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in _DIVISIBLE})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg["num_warps"]})
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(tool), "--dump-resource-usage", f.name], check=True,
+                               capture_output=True, text=True).stdout
+        sass = subprocess.run([str(tool), "-sass", f.name], check=True, capture_output=True,
+                              text=True).stdout
+    regs, stack = (int(re.search(rf"{k}:(\d+)", usage).group(1)) for k in ("REG", "STACK"))
+    return regs, stack, compiled.metadata.shared, sass
+
+
+@pytest.mark.parametrize("tile", sorted({tuple(sorted(t.items())) for t in WG.DISPATCH_TILES}),
+                         ids=lambda t: "_".join(f"{k}{v}" for k, v in t))
+@pytest.mark.parametrize("x_type,reduce,bias,sym", [("*bf16", 0, False, False),
+                                                    ("*fp16", 2, True, True)])
+def test_dispatched_tiles_compile_for_sm90_without_spills(tile, x_type, reduce, bias, sym,
+                                                          monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled, not interpreted
+    cfg = dict(tile)
+    regs, stack, shared, sass = _compile_sm90(cfg, x_type, reduce, bias, sym)
+    assert stack == 0, f"{cfg}: {stack} bytes of spills ({regs} registers)"
+    assert shared <= 227 * 1024, f"{cfg}: {shared} bytes of shared memory"
+    # 8 asynchronous MMAs a K block, never waited for all at once inside the loop: every wait
+    # in the loop leaves one in flight.
+    loop = _loop_body(sass)
+    assert sum("HGMMA" in i for i in loop) == 8
+    waits = [i for i in loop if "WARPGROUP.DEPBAR" in i]
+    assert waits and all(i.rstrip(" ;").endswith("0x1") for i in waits), waits
+
+
+def _loop_body(sass: str) -> list:
+    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in
+           re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.M)]
+    for addr, text in ins:
+        m = re.search(r"BRA (0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            return [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+    raise AssertionError("no loop in the kernel")
+
+
+def _run_pairs_ptx(asm: str, w1: int, w2: int, zb: int, sb: int, dtype) -> int:
+    """Execute the PTX of :func:`WG._scaled_pairs_asm` on 32-bit ints ($1, $2 the words, $3 the
+    zero pair, $5 the scale pair): prmt (default mode), shr.b32, lop3 (any 8-bit LUT),
+    sub/mul on 16-bit pairs (each half rounded once to `dtype`, as the hardware's .rn)."""
+    regs = {"$1": w1, "$2": w2, "$3": zb, "$5": sb}
+
+    def val(tok):
+        tok = tok.strip()
+        return regs[tok] if tok in regs else int(tok, 0)
+
+    def halves(v):
+        return torch.tensor([v & 0xFFFF, v >> 16], dtype=torch.int32).to(torch.int16).view(dtype)
+
+    def join(h):
+        u = h.view(torch.int16).to(torch.int32) & 0xFFFF
+        return int(u[0]) | (int(u[1]) << 16)
+
+    for ins in asm.strip("{} ").split(";"):
+        ins = ins.strip()
+        if not ins or ins.startswith(".reg"):
+            continue
+        op, rest = ins.split(None, 1)
+        dst, *srcs = [t.strip() for t in rest.split(",")]
+        if op == "prmt.b32":
+            data = val(srcs[0]) | (val(srcs[1]) << 32)
+            sel = val(srcs[2])
+            out = sum(((data >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+        elif op == "shr.b32":
+            out = val(srcs[0]) >> val(srcs[1])
+        elif op == "lop3.b32":
+            a, b, c, lut = (val(t) for t in srcs)
+            out = 0
+            for bit in range(32):
+                idx = (((a >> bit) & 1) << 2) | (((b >> bit) & 1) << 1) | ((c >> bit) & 1)
+                out |= ((lut >> idx) & 1) << bit
+        elif op.startswith(("sub.rn.", "mul.rn.")):
+            x, y = halves(val(srcs[0])).float(), halves(val(srcs[1])).float()
+            out = join((x - y if op.startswith("sub") else x * y).to(dtype))
+        else:
+            raise AssertionError(f"unknown PTX {op}")
+        regs[dst] = out & 0xFFFFFFFF
+    return regs["$0"]
+
+
+@pytest.mark.parametrize("dtype", [bf16, f16])
+def test_pairs_ptx_is_q_minus_z_times_s(dtype):
+    # Every code position j, random words, zero points and scales: the PTX's two results (one
+    # per word) are (q - z) * s with s rounded to the pair's dtype and the product rounded
+    # once, the definition the GPU test checks the kernel's output against.
+    g = _gen(f"wgptx{dtype}")
+    magic = 1024.0 if dtype == f16 else 128.0
+    for _ in range(40):
+        w1, w2 = (int(v) for v in torch.randint(0, 2 ** 32, (2,), generator=g, dtype=torch.int64))
+        z = int(torch.randint(0, 16, (1,), generator=g))
+        s = float((torch.rand(1, generator=g) * 0.05 + 1e-3).half())
+        zb = WG_pair(magic + z, dtype)
+        sb = WG_pair(s, dtype)
+        for j in range(8):
+            out = _run_pairs_ptx(WG._scaled_pairs_asm(j, dtype == f16), w1, w2, zb, sb, dtype)
+            got = torch.tensor([out & 0xFFFF, out >> 16], dtype=torch.int32).to(torch.int16)
+            got = got.view(dtype).float()
+            for half, word in enumerate((w1, w2)):
+                q = (word >> (4 * j)) & 0xF
+                want = torch.tensor((q - z) * float(torch.tensor(s).to(dtype))).to(dtype)
+                assert got[half].item() == want.float().item(), (j, half, q, z, s)
+
+
+def WG_pair(v: float, dtype) -> int:
+    """v as `dtype` in both halves of an int32 (the kernel's :func:`WG._pair_bits`)."""
+    h = int(torch.tensor(v).to(dtype).view(torch.int16).to(torch.int32)) & 0xFFFF
+    return h | (h << 16)
+
+
+def test_dispatch_rule_on_sm90():
+    cuda = torch.device("cuda")
+
+    def path(M, N, K=4096, dtype=bf16, act="none", bits=4, group=128, cap=(9, 0)):
+        return Q.choose_path(M, N, K, bits, group, act, dtype, cuda, sm_count=132,
+                             capability=cap)
+
+    # Few columns: the 64 x 64 tile to 128 rows, 128 x 64 above; mmT at 64 rows and below.
+    assert path(64, 4096)["path"] == "mmT"
+    for M, tile in ((65, WG.SMALL), (128, WG.SMALL), (129, WG.TALL), (256, WG.TALL)):
+        cfg = path(M, 4096)
+        assert cfg == dict(tile, path="wg", SPLIT_K=1), (M, cfg)
+    # Wide weights (their 128 x 128 tiles fill 0.72 of the SMs): from 49 rows.
+    assert path(48, 12288)["path"] == "mmT"
+    assert path(49, 28672) == dict(WG.SIXTY_FOUR, path="wg", SPLIT_K=1)
+    assert path(64, 12288) == dict(WG.SIXTY_FOUR, path="wg", SPLIT_K=1)
+    for M in (65, 96, 128, 200, 256):
+        assert path(M, 12288) == dict(WG.WIDE, path="wg", SPLIT_K=1)
+    # Not measured above 256 rows; never for other formats, activations, dtypes or GPUs.
+    assert path(257, 28672)["path"] == "dequant"
+    assert path(128, 4096, dtype=f16)["path"] == "wg"
+    for kw in (dict(dtype=torch.float32), dict(act="int8"), dict(act="fp8"), dict(bits=6),
+               dict(group=64), dict(group=-1), dict(cap=(8, 0)), dict(cap=(10, 0))):
+        assert path(128, 12288, **kw)["path"] != "wg", kw
+    # Without a GPU (capability unknown) the table of before.
+    assert Q.choose_path(128, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "mmT"
+
+
+def test_forced_wg_path_refuses_the_interpreter():
+    gen = _gen("wginterp")
+    pw = _packed(gen, 64, 128, 4, 128, False)
+    x = torch.randn(3, 128, generator=gen).to(bf16)
+    with pytest.raises(ValueError, match="wg path .* sm_90 GPU only"):
+        Q._launch(x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128, 128, "none",
+                  interpreter=True, path=dict(WG.SMALL, path="wg", SPLIT_K=1))
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [bf16, f16])
+@pytest.mark.parametrize("M,N,K,split,bias", [
+    (49, 200, 384, 1, False), (65, 1000, 1280, 1, True), (128, 4096, 1024, 1, False),
+    (100, 136, 512, 3, True), (200, 520, 896, 2, False), (256, 1024, 4096, 4, True),
+    (7, 72, 128, 1, True)])
+@pytest.mark.parametrize("tile", [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, STAGES=4),
+                                  dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, STAGES=4),
+                                  dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, STAGES=4)],
+                         ids=["64x64", "128x128", "128x64"])
+def test_gpu_wg_against_float64(dtype, M, N, K, split, bias, tile):
+    gen = _gen(f"wg{dtype}{M}{N}{K}{split}{bias}{tile['BLOCK_M']}{tile['BLOCK_N']}")
+    pw = _packed(gen, N, K, 4, 128, False, device="cuda")
+    x = torch.randn(M, K, generator=gen).to(dtype).cuda()
+    b = torch.randn(N, generator=gen).to(dtype).cuda() if bias else None
+    cfg = dict(tile, path="wg", SPLIT_K=split)
+    check_against_float64(x, pw, b, path=cfg)
+    check_against_float64(x, pw, b, path=cfg)  # again: every ticket was reset
+    assert int(Q._tickets(x.device, 1).abs().sum()) == 0
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_gpu_wg_unpack_is_the_emulated_pairs():
+    # One row of x as a one-hot selector per K position reads the weight operand back exactly
+    # (fp32 accumulation of one product): W'[n, k] = y[k, n] for x = I.
+    gen = _gen("wgpairs")
+    N, K = 128, 256
+    pw = _packed(gen, N, K, 4, 128, False, device="cuda")
+    for dtype in (bf16, f16):
+        eye = torch.eye(K, dtype=dtype, device="cuda")[:128]  # rows 0..127: channels 0..127
+        y = Q._launch(eye, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128, K, "none",
+                      interpreter=False, path=dict(path="wg", BLOCK_M=128, BLOCK_N=128,
+                                                   num_warps=8, STAGES=4, SPLIT_K=1))
+        codes = Q.P.unpack_codes(pw.qweight, 4, K)[:, :128]  # [N, 128]
+        want = (codes.float() - pw.zeros[0].float()[:, None]).to(dtype).float() * \
+            pw.scales[0].to(dtype).float()[:, None]
+        assert torch.equal(y.t().float(), want.to(dtype).float())
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_gpu_dispatch_takes_wg_from_65_rows():
+    dev = torch.device("cuda")
+    for M in (65, 128, 200, 256):
+        assert Q.choose_path(M, 4096, 4096, 4, 128, "none", bf16, dev)["path"] == "wg"
+    assert Q.choose_path(64, 4096, 4096, 4, 128, "none", bf16, dev)["path"] == "mmT"
+    assert Q.choose_path(257, 4096, 4096, 4, 128, "none", bf16, dev)["path"] != "wg"
+    assert Q.choose_path(128, 4096, 4096, 4, 128, "none", torch.float32, dev)["path"] != "wg"
+    gen = _gen("wgdispatch")
+    pw = _packed(gen, 4096, 512, 4, 128, False, device="cuda")
+    x = torch.randn(100, 512, generator=gen).to(bf16).cuda()
+    check_against_float64(x, pw)
+    assert os.environ.get("TRITON_INTERPRET", "0") == "0"
