@@ -1106,7 +1106,7 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     Both send single-plane weights at GEMV sizes to gemv1p: on CUDA one row (from 2 rows the
     swapped tile, s16run5), in the interpreter up to 2 rows.
     On an sm_90 GPU (`capability`, else the device's), 4-bit g128 weights with 16-bit
-    activations take the Gluon tile ("wg", :func:`qlinear_wgmma.choose`) from 49-65 to 256 rows.
+    activations take the Gluon tile ("wg", :func:`qlinear_wgmma.choose`) from 49 to 256 rows.
     """
     k_pad = P.padded_k(K)
     if interpreter:
@@ -1133,9 +1133,9 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
         return dict(path="mm8", **MM8_TILE, SPLIT_K=mm8_split)
     if cublas8:
         return dict(path="cublas8")
-    if WG is not None and WG.supported(bits, group_size, act, dtype,
+    if WG is not None and WG.supported(bits, group_size, act, dtype, N,
                                        capability or _device_capability(device)):
-        wg = WG.choose(M, N, sms)
+        wg = WG.choose(M, N, K, sms)
         if wg is not None:
             return wg
     if bits == 4 and MMT_64_MAX_M[0] < M <= MMT_64_MAX_M[1]:
@@ -1567,11 +1567,12 @@ def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, gro
         return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter,
                       _tickets)
     if cfg["path"] == "wg":  # only a forced `path` can ask for it where it does not run
-        if WG is None or interpreter or not WG.supported(bits, group_size, act, a.dtype,
-                                                         _device_capability(a.device)):
+        if WG is None or interpreter or not WG.supported(
+                bits, group_size, act, a.dtype, qweight.shape[1], _device_capability(a.device)):
             raise ValueError("q3n::qlinear: the wg path (a Gluon kernel) takes 4-bit weights in "
-                             "groups of 128 and bf16/fp16 activations on an sm_90 GPU only; "
-                             "use another path (choose_path picks one)")
+                             "groups of 128, a multiple of 16 output features and bf16/fp16 "
+                             "activations, on an sm_90 GPU only; use another path "
+                             "(choose_path picks one)")
         return WG.run(a, qweight, scales, zeros, bias, a.shape[1], cfg, _tickets)
     M, K = a.shape
     N = qweight.shape[1]

@@ -279,40 +279,48 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return y
 
 
-# The launches the dispatch uses (s17run7, W4A16 g128, four shapes, 64-256 rows; CUDA-graph
-# ms against the path dispatched before in the same run): WIDE where its tiles make most of a
-# wave (one 8-warp program an SM: 165 KB of shared memory), TALL (128 rows of x, 64 columns)
-# and SMALL (64 x 64, 4 warps, two or more programs an SM) where the weight has few columns,
-# SIXTY_FOUR (64 rows, 128 columns) for 49-64 rows of a wide weight.
+# The launches the dispatch uses (s17run8, W4A16 g128 at 49-256 rows on the four shapes of
+# bench_qlinear_wgmma.py, CUDA-graph ms, every launch checked against float64): WIDE (128 x
+# 128, 8 warps, one program an SM: 165 KB of shared memory) where its tiles make most of a wave,
+# SIXTY_FOUR (64 rows x 128 columns) at 49-64 rows of such weights; for weights with few
+# columns TALL (128 rows x 64 columns, 4 warps) with K split 2 to 128 rows, unsplit above, and
+# SMALL (64 x 64, 4 warps, two programs an SM) with K split 4 at 49-64 rows.
 WIDE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, STAGES=4)
 TALL = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, STAGES=4)
 SMALL = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, STAGES=4)
 SIXTY_FOUR = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, STAGES=4)
 DISPATCH_TILES = (WIDE, TALL, SMALL, SIXTY_FOUR)
-# The rows this path takes: from 49 where the wide weight fills the SMs, else from 65, to 256.
-MIN_M_WIDE, MIN_M, MAX_M = 49, 65, 256
-# WIDE's tiles (one program an SM) that make "most of a wave": 96 of 132 SMs (12288 columns at
-# up to 128 rows) ran it 1.21-1.33x faster than mmT's 64-row tile, 32 (4096 columns) 0.64x.
+# The rows this path takes (not measured outside them: mmT below, dequantise + cuBLAS above).
+MIN_M, MAX_M = 49, 256
+# WIDE's tiles (one program an SM) that make "most of a wave": 96 tiles of 132 SMs (12288
+# columns at up to 128 rows) ran 0.0440 / 0.0451 ms at 96 / 128 rows against TALL split 2's
+# 0.0567 / 0.0578; 32 tiles (4096 columns) 0.0422 / 0.0432 against 0.0260 / 0.0263.
 WAVE_FILL = 0.72
 
 
-def supported(bits: int, group_size: int, act: str, dtype: torch.dtype,
+def supported(bits: int, group_size: int, act: str, dtype: torch.dtype, N: int,
               capability: Optional[tuple]) -> bool:
     """Whether this kernel computes the call: 4-bit weights in groups of 128, 16-bit
-    activations (bf16 or fp16, not quantized), on an sm_90 GPU (Hopper's warpgroup MMA; the
-    interpreter and other GPUs take the other paths)."""
-    return (bits == 4 and group_size == 128 and act == "none"
+    activations (bf16 or fp16, not quantized), N a multiple of 16 (the rows of words, zero
+    points and scales are copied 16, 4 and 4 bytes at a time), on an sm_90 GPU (Hopper's
+    warpgroup MMA; the interpreter and other GPUs take the other paths)."""
+    return (bits == 4 and group_size == 128 and act == "none" and N % 16 == 0
             and dtype in (torch.bfloat16, torch.float16) and capability == (9, 0))
 
 
-def choose(M: int, N: int, sms: int) -> Optional[dict]:
-    """The launch for M rows of an N-column weight, or None where mmT or dequantise + cuBLAS
-    stay: WIDE (SIXTY_FOUR at 49-64 rows) where WIDE's tiles fill :data:`WAVE_FILL` of the SMs,
-    else SMALL to 128 rows and TALL above; nothing below 49 rows (49-64 only for wide weights),
-    nothing above 256 (not measured there). K unsplit (the splits swept, by fp32 atomics,
-    lost everywhere but one shape at 64 rows)."""
-    wide = contract.cdiv(M, 128) * contract.cdiv(N, 128) >= WAVE_FILL * sms
-    if M > MAX_M or M < MIN_M_WIDE or (M < MIN_M and not wide):
+def choose(M: int, N: int, K: int, sms: int) -> Optional[dict]:
+    """The launch for M rows of a [N, K] weight, or None outside :data:`MIN_M`-:data:`MAX_M`
+    rows. Wide weights (WIDE's tiles at least :data:`WAVE_FILL` of the SMs): SIXTY_FOUR to 64
+    rows, WIDE above (within 3.5% of the best tile swept at 129-256 rows), K unsplit. Others:
+    SMALL with K split 4 to 64 rows, TALL with K split 2 to 128 rows, TALL unsplit above; a
+    split keeps at least two K blocks of 128."""
+    if not MIN_M <= M <= MAX_M:
         return None
-    tile = (SIXTY_FOUR if M < MIN_M else WIDE) if wide else (SMALL if M <= 128 else TALL)
-    return dict(tile, path="wg", SPLIT_K=1)
+    if contract.cdiv(M, 128) * contract.cdiv(N, 128) >= WAVE_FILL * sms:
+        tile, split = (SIXTY_FOUR if M <= 64 else WIDE), 1
+    else:
+        tile, split = (SMALL, 4) if M <= 64 else (TALL, 2) if M <= 128 else (TALL, 1)
+    blocks = contract.cdiv(K, MMT_BLOCK_K)
+    while split > 1 and blocks < 2 * split:
+        split //= 2
+    return dict(tile, path="wg", SPLIT_K=split)

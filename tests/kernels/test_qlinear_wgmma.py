@@ -4,7 +4,6 @@ run anywhere) at the launches the dispatch uses, without spilling, and its PTX u
 the definition of (q - z) * s bit for bit (emulated). GPU lane (-m gpu, an H200): against
 float64 at odd shapes, both dtypes, bias, K split; and the dispatch choosing it."""
 
-import os
 import re
 import subprocess
 import tempfile
@@ -168,23 +167,26 @@ def test_dispatch_rule_on_sm90():
         return Q.choose_path(M, N, K, bits, group, act, dtype, cuda, sm_count=132,
                              capability=cap)
 
-    # Few columns: the 64 x 64 tile to 128 rows, 128 x 64 above; mmT at 64 rows and below.
-    assert path(64, 4096)["path"] == "mmT"
-    for M, tile in ((65, WG.SMALL), (128, WG.SMALL), (129, WG.TALL), (256, WG.TALL)):
-        cfg = path(M, 4096)
-        assert cfg == dict(tile, path="wg", SPLIT_K=1), (M, cfg)
-    # Wide weights (their 128 x 128 tiles fill 0.72 of the SMs): from 49 rows.
+    # Few columns: 64 x 64 with K in 4 to 64 rows, 128 x 64 with K in 2 to 128, unsplit above.
+    assert path(48, 4096)["path"] == "mmT"
+    for M, tile, split in ((49, WG.SMALL, 4), (64, WG.SMALL, 4), (65, WG.TALL, 2),
+                           (128, WG.TALL, 2), (129, WG.TALL, 1), (256, WG.TALL, 1)):
+        assert path(M, 4096) == dict(tile, path="wg", SPLIT_K=split), M
+    # A split keeps two K blocks of 128 each: K = 384 (3 blocks) is not split.
+    assert path(64, 4096, K=384)["SPLIT_K"] == 1 and path(64, 4096, K=1024)["SPLIT_K"] == 4
+    # Wide weights (their 128 x 128 tiles fill 0.72 of the SMs): 64 x 128 to 64 rows, then WIDE.
     assert path(48, 12288)["path"] == "mmT"
     assert path(49, 28672) == dict(WG.SIXTY_FOUR, path="wg", SPLIT_K=1)
     assert path(64, 12288) == dict(WG.SIXTY_FOUR, path="wg", SPLIT_K=1)
     for M in (65, 96, 128, 200, 256):
         assert path(M, 12288) == dict(WG.WIDE, path="wg", SPLIT_K=1)
-    # Not measured above 256 rows; never for other formats, activations, dtypes or GPUs.
+    # Not measured above 256 rows; never for other formats, activations, dtypes, widths or GPUs.
     assert path(257, 28672)["path"] == "dequant"
     assert path(128, 4096, dtype=f16)["path"] == "wg"
     for kw in (dict(dtype=torch.float32), dict(act="int8"), dict(act="fp8"), dict(bits=6),
                dict(group=64), dict(group=-1), dict(cap=(8, 0)), dict(cap=(10, 0))):
         assert path(128, 12288, **kw)["path"] != "wg", kw
+    assert path(128, 12304)["path"] == "wg" and path(128, 12296)["path"] != "wg"  # N % 16
     # Without a GPU (capability unknown) the table of before.
     assert Q.choose_path(128, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "mmT"
 
@@ -202,16 +204,19 @@ def test_forced_wg_path_refuses_the_interpreter():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [bf16, f16])
 @pytest.mark.parametrize("M,N,K,split,bias", [
-    (49, 200, 384, 1, False), (65, 1000, 1280, 1, True), (128, 4096, 1024, 1, False),
-    (100, 136, 512, 3, True), (200, 520, 896, 2, False), (256, 1024, 4096, 4, True),
-    (7, 72, 128, 1, True)])
+    # N a multiple of 16 but not of the tiles' 64/128 columns; K of 1-32 blocks, splits uneven
+    # and empty (512 in 3: the last split has no block).
+    (49, 208, 384, 1, False), (65, 1008, 1280, 1, True), (128, 4096, 1024, 1, False),
+    (100, 144, 512, 3, True), (200, 528, 896, 2, False), (256, 1024, 4096, 4, True),
+    (7, 80, 128, 1, True)])
 @pytest.mark.parametrize("tile", [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, STAGES=4),
                                   dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, STAGES=4),
                                   dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, STAGES=4)],
                          ids=["64x64", "128x128", "128x64"])
-def test_gpu_wg_against_float64(dtype, M, N, K, split, bias, tile):
-    gen = _gen(f"wg{dtype}{M}{N}{K}{split}{bias}{tile['BLOCK_M']}{tile['BLOCK_N']}")
-    pw = _packed(gen, N, K, 4, 128, False, device="cuda")
+@pytest.mark.parametrize("sym", [False, True])
+def test_gpu_wg_against_float64(dtype, M, N, K, split, bias, tile, sym):
+    gen = _gen(f"wg{dtype}{M}{N}{K}{split}{bias}{tile['BLOCK_M']}{tile['BLOCK_N']}{sym}")
+    pw = _packed(gen, N, K, 4, 128, sym, device="cuda")
     x = torch.randn(M, K, generator=gen).to(dtype).cuda()
     b = torch.randn(N, generator=gen).to(dtype).cuda() if bias else None
     cfg = dict(tile, path="wg", SPLIT_K=split)
@@ -241,15 +246,18 @@ def test_gpu_wg_unpack_is_the_emulated_pairs():
 
 @needs_hopper
 @pytest.mark.gpu
-def test_gpu_dispatch_takes_wg_from_65_rows():
+def test_gpu_dispatch_takes_wg_from_49_rows():
     dev = torch.device("cuda")
-    for M in (65, 128, 200, 256):
+    for M in (49, 65, 128, 200, 256):
         assert Q.choose_path(M, 4096, 4096, 4, 128, "none", bf16, dev)["path"] == "wg"
-    assert Q.choose_path(64, 4096, 4096, 4, 128, "none", bf16, dev)["path"] == "mmT"
+    assert Q.choose_path(48, 4096, 4096, 4, 128, "none", bf16, dev)["path"] == "mmT"
     assert Q.choose_path(257, 4096, 4096, 4, 128, "none", bf16, dev)["path"] != "wg"
     assert Q.choose_path(128, 4096, 4096, 4, 128, "none", torch.float32, dev)["path"] != "wg"
     gen = _gen("wgdispatch")
     pw = _packed(gen, 4096, 512, 4, 128, False, device="cuda")
     x = torch.randn(100, 512, generator=gen).to(bf16).cuda()
     check_against_float64(x, pw)
-    assert os.environ.get("TRITON_INTERPRET", "0") == "0"
+    with pytest.raises(ValueError, match="multiple of 16 output features"):
+        pw = _packed(gen, 4100, 512, 4, 128, False, device="cuda")
+        Q._launch(x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128, 512, "none",
+                  interpreter=False, path=dict(WG.SMALL, path="wg", SPLIT_K=1))
