@@ -1007,6 +1007,8 @@ CUDA_TABLE = {
     # 0.0212 / 0.0393 / 0.0361 / 0.1253 ms at 4096^2 / 12288 x 4096 / 4096 x 12288 / 28672 x
     # 8192 against the mm tile's 0.0301 / 0.0492 / 0.0580 / 0.2120, and at 64 rows 0.0262 /
     # 0.0519 / 0.0432 / 0.1593 against 0.0427 / 0.0768 / 0.0917 / 0.3294 (s9run6).
+    # On an sm_90 GPU, 4-bit weights in groups of 128 take the Gluon tile ("wg",
+    # kernels/qlinear_wgmma.py) from 49 to 256 rows instead (session 17; choose_path).
     "a16": [(1, "gemv", None), (16, "mmT", (16, 64, 128, 4, 3)),
             (32, "mmT", (32, 64, 128, 4, 3)), (64, "mmT", (64, 128, 128, 8, 3)),
             (None, "dequant", None)],

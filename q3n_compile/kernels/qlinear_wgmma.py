@@ -1,27 +1,39 @@
 """``q3n::qlinear``'s "wg" path: the swapped tile of :mod:`qlinear_swap` (``Y^T = W @ X^T``, x
-permuted per block) written in Gluon, so that the weight's unpack overlaps the tensor cores.
+permuted per 128-channel block) written in Gluon (Triton's explicit-layout dialect), so that the
+weight's unpack overlaps the tensor cores. 4-bit weights in groups of 128 (zero points or
+symmetric), bf16 or fp16 activations, an sm_90 GPU; dispatched from 49 to 256 rows
+(:func:`choose`).
 
 Why: in Triton 3.6 the swapped tile's MMA reads the unpacked weight from registers, and Triton
 waits for every such MMA to finish before the next instruction (sm_90 SASS of
 ``qlinear_mmT_kernel``: ``WARPGROUP.DEPBAR.LE gsb0, 0x0`` after each of the 8 ``HGMMA`` of a K
-block), so a warpgroup unpacks, then waits, then unpacks: at 65-256 rows the tile ran 0.6-0.7x
-bf16 cuBLAS (bench/RESULTS.md). Here each MMA is issued asynchronously and the next sub-tile is
-unpacked while it runs; only the MMA before the one just issued is waited for (its registers are
-then free), and a K block's MMAs are all waited for once, when its sum is scaled.
+block), so a warpgroup unpacks, then waits, then unpacks: at 96-128 rows that tile ran 0.61-0.73x
+bf16 cuBLAS, and dequantise + cuBLAS 0.43-0.67x at 129-256 (bench/RESULTS.md). Here each MMA
+is issued asynchronously and the next sub-tile is unpacked while it runs; only the MMA before the
+one just issued is waited for (its operand registers are then free).
 
-The math is :func:`qlinear_swap.qlinear_mmT_kernel`'s for 4-bit weights with zero points in
-groups of 128 and 16-bit x (ASM unpack, XPERM): per K block of 128 channels, the 8 sub-tiles
-``B_j = q - z`` (exact in x's dtype, :func:`qlinear_swap._nibble_pairs_asm`'s PTX) times x's
-sub-tile j (16 contiguous channels of x permuted by :func:`qlinear_swap.permute_x_blocks`),
-summed in fp32, the block's sum times the group's scale added to the output tile.
+Math, per K block of 128 channels: the 8 sub-tiles ``B_j = (q - z) * s`` (x's dtype; code j of
+each word, :func:`_scaled_pairs`) times x's sub-tile j (16 contiguous channels of x permuted by
+:func:`qlinear_swap.permute_x_blocks`), accumulated in fp32 over the whole K range. Rounding:
+``q - z`` is exact; for bf16 x the fp16 scale is rounded to bf16 and the product rounded once
+more to bf16 (two roundings of the weight, each at most 2^-9 relative); for fp16 x the scale is
+exact and the product rounded once. (The mm path rounds the weight once, in fp32 math; the fp32
+unpack here was 10-11% slower, s17run7.)
 
-Memory: x's sub-tiles go to shared memory by ``cp.async`` (STAGES blocks in flight), read by
-the MMA as its second operand; the packed words go straight from global memory into the MMA
-operand's register layout, two K blocks ahead of use (8 words a thread a block at 128 columns
-and 8 warps), so no shared memory round trip and no layout conversion for the weight.
+Memory: every operand of a K block (x's two 64-channel halves, the packed words, zero points,
+scales) goes to shared memory by ``cp.async``, STAGES - 2 blocks ahead; x as 128-byte-swizzled
+rows (a warp copies 4 rows x 128 contiguous bytes) read by the MMA as its second operand; the
+words into a swizzled buffer read back in the MMA operand's register layout without bank
+conflicts. Loading the words straight into registers two blocks ahead (the first version) made
+the warps wait on each load at the loop's register rotation.
 
-Gluon has no interpreter: this kernel runs on a GPU only (sm_90); the CPU lane compiles it for
-sm_90 (tests/kernels/test_qlinear_wgmma.py) and the GPU lane checks it against float64.
+Measured (H200, s17run9, W4A16 g128, CUDA-graph ms, x bf16; against the path dispatched before
+in the same run): 1.01-1.50x faster in all 24 cases (49-256 rows, the issue's four shapes);
+x bf16 cuBLAS 0.79-1.33 at 49-64 rows, 0.73-0.92 at 96-128, 0.51-0.78 at 192-256.
+
+Gluon has no interpreter: this kernel runs on sm_90 only; the CPU lane compiles it for sm_90
+and executes its PTX unpack in an emulator (tests/kernels/test_qlinear_wgmma.py), the GPU lane
+checks it against float64.
 """
 
 from __future__ import annotations
