@@ -15,6 +15,7 @@ import torch
 from q3n_compile.kernels import qlinear as Q
 from q3n_compile.kernels import qlinear_wgmma as WG
 
+from .subprocess_lane import json_without_interpreter
 from .test_qlinear import _gen, _packed, bf16, f16
 from .test_qlinear import _check as check_against_float64
 
@@ -29,8 +30,9 @@ _DIVISIBLE = ("X", "QW", "S", "Z", "Y", "WS", "N", "K_PAD", "KX", "K_PER_SPLIT",
               "stride_ym")
 
 
-def _compile_sm90(cfg: dict, x_type: str, reduce: int, bias: bool, sym: bool):
-    """(registers, stack bytes, shared bytes, SASS) of the kernel compiled for sm_90."""
+def _compile_sm90(cfg: dict, x_type: str, reduce: int, bias: bool, sym: bool) -> dict:
+    """Registers, stack bytes, shared bytes and the K loop's MMAs and MMA waits of the kernel
+    compiled for sm_90 (call it in a process that has not run Triton's interpreter)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -54,27 +56,40 @@ def _compile_sm90(cfg: dict, x_type: str, reduce: int, bias: bool, sym: bool):
                                capture_output=True, text=True).stdout
         sass = subprocess.run([str(tool), "-sass", f.name], check=True, capture_output=True,
                               text=True).stdout
-    regs, stack = (int(re.search(rf"{k}:(\d+)", usage).group(1)) for k in ("REG", "STACK"))
-    return regs, stack, compiled.metadata.shared, sass
-
-
-@pytest.mark.parametrize("tile", sorted({tuple(sorted(t.items())) for t in WG.DISPATCH_TILES}),
-                         ids=lambda t: "_".join(f"{k}{v}" for k, v in t))
-@pytest.mark.parametrize("x_type,reduce,bias,sym", [("*bf16", 0, False, False),
-                                                    ("*fp16", 2, True, True)])
-def test_dispatched_tiles_compile_for_sm90_without_spills(tile, x_type, reduce, bias, sym,
-                                                          monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled, not interpreted
-    cfg = dict(tile)
-    regs, stack, shared, sass = _compile_sm90(cfg, x_type, reduce, bias, sym)
-    assert stack == 0, f"{cfg}: {stack} bytes of spills ({regs} registers)"
-    assert shared <= 227 * 1024, f"{cfg}: {shared} bytes of shared memory"
-    # 8 asynchronous MMAs a K block, never waited for all at once inside the loop: every wait
-    # in the loop leaves one in flight.
     loop = _loop_body(sass)
-    assert sum("HGMMA" in i for i in loop) == 8
-    waits = [i for i in loop if "WARPGROUP.DEPBAR" in i]
-    assert waits and all(i.rstrip(" ;").endswith("0x1") for i in waits), waits
+    return dict(regs=int(re.search(r"REG:(\d+)", usage).group(1)),
+                stack=int(re.search(r"STACK:(\d+)", usage).group(1)),
+                shared=compiled.metadata.shared,
+                mmas=sum("HGMMA" in i for i in loop),
+                waits=[i for i in loop if "WARPGROUP.DEPBAR" in i])
+
+
+_VARIANTS = [("*bf16", 0, False, False), ("*fp16", 2, True, True)]  # x, REDUCE, bias, sym
+
+
+@pytest.fixture(scope="module")
+def sm90_builds():
+    """Every dispatched tile in both variants, compiled in one fresh process."""
+    return json_without_interpreter("""
+        import json
+        from q3n_compile.kernels import qlinear_wgmma as WG
+        from tests.kernels import test_qlinear_wgmma as T
+        out = [T._compile_sm90(tile, *v) for tile in WG.DISPATCH_TILES for v in T._VARIANTS]
+        print(json.dumps(out))
+    """)
+
+
+def test_dispatched_tiles_compile_for_sm90_without_spills(sm90_builds):
+    cases = [(tile, v) for tile in WG.DISPATCH_TILES for v in _VARIANTS]
+    assert len(sm90_builds) == len(cases) == 8
+    for (tile, variant), got in zip(cases, sm90_builds):
+        where = f"{tile} {variant}: {got}"
+        assert got["stack"] == 0, where  # no spills
+        assert got["shared"] <= 227 * 1024, where
+        # 8 asynchronous MMAs a K block; every wait in the loop leaves one in flight (never
+        # "all done", which Triton's own tile waited for after each MMA).
+        assert got["mmas"] == 8, where
+        assert got["waits"] and all(w.rstrip(" ;").endswith("0x1") for w in got["waits"]), where
 
 
 def _loop_body(sass: str) -> list:
