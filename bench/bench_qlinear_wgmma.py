@@ -10,6 +10,7 @@ in bench_qlinear.py), then timed as a CUDA-graph replay (``do_bench`` median, L2
 warm-up), with x permuted inside the timed call (the op's own cost).
 
     python bench/bench_qlinear_wgmma.py --out bench/results/qlinear-wgmma-h200.json
+    python bench/bench_qlinear_wgmma.py --act fp8 --out bench/results/qlinear-wgmma-w4a8-h200.json
 """
 
 import argparse
@@ -25,7 +26,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_qlinear import TOL, random_packed, result_header, timed, write_result  # noqa: E402
 from q3n_compile.kernels import qlinear as Q  # noqa: E402
-from q3n_compile.kernels import qlinear_wgmma as WG  # noqa: E402
 
 NKS = ((4096, 4096), (12288, 4096), (4096, 12288), (28672, 8192))
 MS = (32, 64, 96, 128, 192, 256)
@@ -45,26 +45,31 @@ def main():
     ap.add_argument("--ms", nargs="+", type=int, default=list(MS))
     ap.add_argument("--tiles", nargs="+", type=parse_tile, default=TILES,
                     help="BLOCK_M,BLOCK_N,warps,stages,split")
+    ap.add_argument("--act", default="none",
+                    help="activations: none (W4A16), fp8, int8 or int12 (quantised, then "
+                         "dequantised and permuted for the tile, as the op does)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     result = dict(result_header("CUDA-graph replay, do_bench median, L2 flushed"),
-                  format="W4A16 g128 zero points, bf16 x", rows=[])
+                  format=f"W4 g128 zero points, bf16 x, activations {args.act}", rows=[])
     for nk in args.nk:
         N, K = (int(v) for v in nk.split("x"))
         pw = random_packed(gen, N, K, 4, 128, False)
         w = (torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to(torch.bfloat16)
         for M in args.ms:
             x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
-            qargs = (x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128, K, "none", Q.PER_TOKEN)
+            qargs = (x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128, K, args.act,
+                     Q.PER_TOKEN)
             ref = Q.reference(x.double(), *qargs[1:]).double()
             _, bf16_ms = timed(lambda: F.linear(x, w), eager=False)
-            path = Q.choose_path(M, N, K, 4, 128, "none", x.dtype, x.device)
+            path = Q.choose_path(M, N, K, 4, 128, args.act, x.dtype, x.device)
             _, q3n_ms = timed(lambda: torch.ops.q3n.qlinear(*qargs), eager=False)
             q3n_err = ((torch.ops.q3n.qlinear(*qargs).double() - ref).abs().max()
                        / ref.abs().max()).item()
             # The dispatch without this path (capability (0, 0): mmT or dequantise + cuBLAS).
-            before = Q.choose_path(M, N, K, 4, 128, "none", x.dtype, x.device, capability=(0, 0))
+            before = Q.choose_path(M, N, K, 4, 128, args.act, x.dtype, x.device,
+                                   capability=(0, 0))
             fb = lambda: Q._launch(*qargs[:-1], interpreter=False, path=before)  # noqa: E731
             _, before_ms = timed(fb, eager=False)
             row = dict(M=M, N=N, K=K, bf16_ms=bf16_ms, q3n_ms=q3n_ms, q3n_err=q3n_err,
@@ -79,8 +84,8 @@ def main():
                            SPLIT_K=split)
                 ent = dict(cfg)
                 try:
-                    f = lambda: WG.run(x, pw.qweight, pw.scales, pw.zeros, None, K,  # noqa: E731
-                                       cfg, Q._tickets)
+                    f = lambda: Q._launch(*qargs[:-1], interpreter=False,  # noqa: E731
+                                          path=dict(cfg, path="wg"))
                     y = f().double()
                     ent["err"] = ((y - ref).abs().max() / ref.abs().max()).item()
                     if ent["err"] > TOL:

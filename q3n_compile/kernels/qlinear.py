@@ -1387,14 +1387,17 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
             return torch.addmm(bias, x, wt) if bias is not None else torch.mm(x, wt)
         return _gemm(x, x, None, x.dtype, qweight, scales, zeros, bias, bits, group_size, act,
                      cfg, interpreter, act_group_size)
-    if cfg["path"] in ("dequant", "mmT"):
+    if cfg["path"] in ("dequant", "mmT", "wg"):
         # Quantise and dequantise x in one pass (not codes, then three torch passes over them).
-        xperm = cfg["path"] == "mmT" and bool(cfg.get("XPERM"))
+        xperm = cfg["path"] == "wg" or (cfg["path"] == "mmT" and bool(cfg.get("XPERM")))
         a, _ = quantize_activations_triton(x, act, smooth, interpreter, act_group_size,
                                            dequant=True, perm128=xperm)
         if cfg["path"] == "mmT":
             return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter,
                           _tickets, x_permuted=xperm, K=K)
+        if cfg["path"] == "wg":
+            return _wg(a, qweight, scales, zeros, bias, bits, group_size, K, cfg, interpreter,
+                       x_permuted=True)
         wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype, interpreter)
         return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
     codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size)
@@ -1419,12 +1422,15 @@ def _gemm_codes(codes, xs, out_dtype, qweight, scales, zeros, bias, bits, group_
         return SW.run(codes, qweight, scales, zeros, bias, bits, group_size,
                       dict(cfg, XPERM=False), interpreter, _tickets, xscales=xs,
                       act_group_size=act_group_size, out_dtype=out_dtype)
-    if cfg["path"] in ("dequant", "mmT"):
-        xperm = cfg["path"] == "mmT" and bool(cfg.get("XPERM"))
+    if cfg["path"] in ("dequant", "mmT", "wg"):
+        xperm = cfg["path"] == "wg" or (cfg["path"] == "mmT" and bool(cfg.get("XPERM")))
         a = _dequantize_codes(codes, xs, act_group_size, out_dtype, perm128=xperm)
         if cfg["path"] == "mmT":
             return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter,
                           _tickets, x_permuted=xperm, K=K)
+        if cfg["path"] == "wg":
+            return _wg(a, qweight, scales, zeros, bias, bits, group_size, K, cfg, interpreter,
+                       x_permuted=True)
         wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, out_dtype, interpreter)
         return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
     if cfg["path"] == "mm8":
@@ -1525,6 +1531,20 @@ def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, 
     return y.to(out_dtype) if mode == 1 and out_dtype != torch.float32 else y
 
 
+def _wg(a, qweight, scales, zeros, bias, bits, group_size, K, cfg, interpreter,
+        x_permuted: bool):
+    """The wg path on 16-bit activations `a`: x [M, K], or (`x_permuted`) quantized
+    activations dequantised and permuted per 128 channels ([M, K rounded up to 128])."""
+    # Only a forced `path` can ask for it where it does not run.
+    if WG is None or interpreter or not WG.supported(
+            bits, group_size, "none", a.dtype, qweight.shape[1], _device_capability(a.device)):
+        raise ValueError("q3n::qlinear: the wg path (a Gluon kernel) takes 4-bit weights in "
+                         "groups of 128, a multiple of 16 output features and bf16/fp16 "
+                         "activations, on an sm_90 GPU only; use another path "
+                         "(choose_path picks one)")
+    return WG.run(a, qweight, scales, zeros, bias, K, cfg, _tickets, x_permuted=x_permuted)
+
+
 def _dequantize_codes(codes: torch.Tensor, xs: torch.Tensor, act_group_size: int,
                       dtype: torch.dtype, perm128: bool = False) -> torch.Tensor:
     """``c * s_x`` (fp32, rounded once to `dtype`): the dequant and mmT paths' activations, as
@@ -1568,14 +1588,11 @@ def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, gro
             raise ValueError("q3n::qlinear: the mmT kernel takes 16-bit activations")
         return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter,
                       _tickets)
-    if cfg["path"] == "wg":  # only a forced `path` can ask for it where it does not run
-        if WG is None or interpreter or not WG.supported(
-                bits, group_size, act, a.dtype, qweight.shape[1], _device_capability(a.device)):
-            raise ValueError("q3n::qlinear: the wg path (a Gluon kernel) takes 4-bit weights in "
-                             "groups of 128, a multiple of 16 output features and bf16/fp16 "
-                             "activations, on an sm_90 GPU only; use another path "
-                             "(choose_path picks one)")
-        return WG.run(a, qweight, scales, zeros, bias, a.shape[1], cfg, _tickets)
+    if cfg["path"] == "wg":
+        if act != "none":  # the launchers dequantise quantized activations first
+            raise ValueError("q3n::qlinear: the wg kernel takes 16-bit activations")
+        return _wg(a, qweight, scales, zeros, bias, bits, group_size, a.shape[1], cfg,
+                   interpreter, x_permuted=False)
     M, K = a.shape
     N = qweight.shape[1]
     split = cfg.get("SPLIT_K", 1)

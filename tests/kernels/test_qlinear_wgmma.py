@@ -276,3 +276,26 @@ def test_gpu_dispatch_takes_wg_from_49_rows():
         pw = _packed(gen, 4100, 512, 4, 128, False, device="cuda")
         Q._launch(x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128, 512, "none",
                   interpreter=False, path=dict(WG.SMALL, path="wg", SPLIT_K=1))
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", ["fp8", "int8", "int12"])
+@pytest.mark.parametrize("ag", [Q.PER_TOKEN, 128])
+def test_gpu_wg_with_quantized_activations_against_float64(act, ag):
+    # Quantised activations reach the tile dequantised to x's dtype and permuted per 128
+    # channels (the op from x, and q3n::qlinear_codes from the codes a fused norm writes).
+    gen = _gen(f"wgact{act}{ag}")
+    M, N, K = 100, 1008, 1280
+    pw = _packed(gen, N, K, 4, 128, False, device="cuda")
+    x = torch.randn(M, K, generator=gen).to(bf16).cuda()
+    cfg = dict(WG.TALL, path="wg", SPLIT_K=2)
+    check_against_float64(x, pw, None, act=act, path=cfg, ag=ag)
+    codes, xs = Q.quantize_activations(x, act, None, ag)
+    codes = codes.to(Q._act_codes_dtype(act, x.device, False))
+    got = Q._qlinear_codes_launch(codes, xs, pw.qweight, pw.scales, pw.zeros, None, 4, 128, K,
+                                  act, bf16, interpreter=False, path=cfg, act_group_size=ag)
+    want = Q.reference_codes(codes, xs, pw.qweight, pw.scales, pw.zeros, None, 4, 128, K, act,
+                             torch.float64, ag)
+    err = (got.double() - want).abs().max().item()
+    assert err <= 2e-2 * want.abs().max().item(), err
