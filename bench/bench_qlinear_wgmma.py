@@ -67,9 +67,8 @@ def main():
             _, q3n_ms = timed(lambda: torch.ops.q3n.qlinear(*qargs), eager=False)
             q3n_err = ((torch.ops.q3n.qlinear(*qargs).double() - ref).abs().max()
                        / ref.abs().max()).item()
-            # The dispatch without this path (capability (0, 0): mmT or dequantise + cuBLAS).
-            before = Q.choose_path(M, N, K, 4, 128, args.act, x.dtype, x.device,
-                                   capability=(0, 0))
+            # The dispatch without this path (mmT, mm8, cublas8 or dequantise + cuBLAS).
+            before = Q.choose_path(M, N, K, 4, 128, args.act, x.dtype, x.device, allow_wg=False)
             fb = lambda: Q._launch(*qargs[:-1], interpreter=False, path=before)  # noqa: E731
             _, before_ms = timed(fb, eager=False)
             row = dict(M=M, N=N, K=K, bf16_ms=bf16_ms, q3n_ms=q3n_ms, q3n_err=q3n_err,

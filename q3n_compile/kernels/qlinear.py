@@ -1094,7 +1094,7 @@ def _mm8_split(M: int, N: int, K: int, bits: int, group_size: int, act: str,
 def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
                 dtype: torch.dtype, device: torch.device, *, interpreter: bool = False,
                 sm_count: Optional[int] = None, act_group_size: int = PER_TOKEN,
-                capability: Optional[tuple] = None) -> dict:
+                capability: Optional[tuple] = None, allow_wg: bool = True) -> dict:
     """The path and launch parameters for one call; a pure function of its arguments.
 
     Interpreter: few programs (each costs ~0.1 s there): 16/32 x 64 x 64 (<= group) tiles, gemv
@@ -1107,8 +1107,10 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     that path computes the format exactly on this device.
     Both send single-plane weights at GEMV sizes to gemv1p: on CUDA one row (from 2 rows the
     swapped tile, s16run5), in the interpreter up to 2 rows.
-    On an sm_90 GPU (`capability`, else the device's), 4-bit g128 weights with 16-bit
-    activations take the Gluon tile ("wg", :func:`qlinear_wgmma.choose`) from 49 to 256 rows.
+    On an sm_90 GPU (`capability`, else the device's), 4-bit g128 weights take the Gluon tile
+    ("wg", :func:`qlinear_wgmma.choose`) from 49 to 256 rows with 16-bit activations, to 128
+    with quantized ones (dequantised first), ahead of mm8 and cublas8; `allow_wg` False keeps
+    the paths of before (``q3n::qlinear_codes`` where mmT reads the codes themselves).
     """
     k_pad = P.padded_k(K)
     if interpreter:
@@ -1127,6 +1129,11 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     for max_m, path, tile in CUDA_TABLE[_TABLE_KEY[act]]:
         if max_m is None or M <= max_m:
             break
+    if allow_wg and WG is not None and WG.supported(bits, group_size, act, dtype, N,
+                                                    capability or _device_capability(device)):
+        wg = WG.choose(M, N, K, sms, act)
+        if wg is not None:
+            return wg
     cublas8 = (M >= _cublas8_min_m(act, group_size)
                and C8.eligible(N, K, bits, group_size, act, dtype, fp8_supported(device),
                                act_group_size) is None)
@@ -1135,11 +1142,6 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
         return dict(path="mm8", **MM8_TILE, SPLIT_K=mm8_split)
     if cublas8:
         return dict(path="cublas8")
-    if WG is not None and WG.supported(bits, group_size, act, dtype, N,
-                                       capability or _device_capability(device)):
-        wg = WG.choose(M, N, K, sms)
-        if wg is not None:
-            return wg
     if bits == 4 and MMT_64_MAX_M[0] < M <= MMT_64_MAX_M[1]:
         tiles64 = contract.cdiv(M, 64) * contract.cdiv(N, 128)
         return dict(path="mmT", BLOCK_M=64, BLOCK_N=128, BLOCK_K=SW.MMT_BLOCK_K,
@@ -2042,9 +2044,14 @@ def _qlinear_codes_launch(codes, xscales, qweight, scales, zeros, bias, bits, gr
                                 in_features, act, out_dtype, act_group_size)
         if reason is not None:
             raise ValueError(f"q3n::qlinear_codes: {reason}")
+        # Where mmT reads the codes themselves (one launch a sibling linear of a fused norm,
+        # s14run7) it keeps them: the wg path would dequantise them in a pass of its own first
+        # (not measured against it at 49-64 rows).
+        reads = mmT_reads_codes(codes.shape[0]) and act_group_size in SW.CODE_ACT_GROUPS
         cfg = path or choose_path(codes.shape[0], qweight.shape[1], codes.shape[1], bits,
                                   group_size, act, out_dtype, codes.device,
-                                  interpreter=interpreter, act_group_size=act_group_size)
+                                  interpreter=interpreter, act_group_size=act_group_size,
+                                  allow_wg=not reads)
         _remember_path(key, cfg)
     M, K = codes.shape
     N = qweight.shape[1]

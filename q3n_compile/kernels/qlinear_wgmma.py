@@ -302,8 +302,12 @@ TALL = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, STAGES=4)
 SMALL = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, STAGES=4)
 SIXTY_FOUR = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, STAGES=4)
 DISPATCH_TILES = (WIDE, TALL, SMALL, SIXTY_FOUR)
-# The rows this path takes (not measured outside them: mmT below, dequantise + cuBLAS above).
-MIN_M, MAX_M = 49, 256
+# The rows this path takes (not measured outside them: mmT below, dequantise + cuBLAS above),
+# and with quantized activations (dequantised to x's dtype and permuted first): to 128 rows,
+# where it beat mm8 and cublas8 in all 8 cases of s17run11 (fp8, 1.02-1.24x); from 129 rows
+# cuBLAS's fp8 GEMM on unpacked codes won 4 of 8 (0.88-0.94x there).
+MIN_M, MAX_M, MAX_M_CODES = 49, 256, 128
+ACTS = ("none", "int8", "fp8", "int12")
 # WIDE's tiles (one program an SM) that make "most of a wave": 96 tiles of 132 SMs (12288
 # columns at up to 128 rows) ran 0.0440 / 0.0451 ms at 96 / 128 rows against TALL split 2's
 # 0.0567 / 0.0578; 32 tiles (4096 columns) 0.0422 / 0.0432 against 0.0260 / 0.0263.
@@ -312,21 +316,22 @@ WAVE_FILL = 0.72
 
 def supported(bits: int, group_size: int, act: str, dtype: torch.dtype, N: int,
               capability: Optional[tuple]) -> bool:
-    """Whether this kernel computes the call: 4-bit weights in groups of 128, 16-bit
-    activations (bf16 or fp16, not quantized), N a multiple of 16 (the rows of words, zero
-    points and scales are copied 16, 4 and 4 bytes at a time), on an sm_90 GPU (Hopper's
-    warpgroup MMA; the interpreter and other GPUs take the other paths)."""
-    return (bits == 4 and group_size == 128 and act == "none" and N % 16 == 0
+    """Whether this path computes the call: 4-bit weights in groups of 128, bf16 or fp16 x
+    (activations of 16 bits, or quantized to 8 or 12 and dequantised to x's dtype first, as the
+    mmT path does), N a multiple of 16 (the rows of words, zero points and scales are copied
+    16, 4 and 4 bytes at a time), on an sm_90 GPU (Hopper's warpgroup MMA; the interpreter and
+    other GPUs take the other paths)."""
+    return (bits == 4 and group_size == 128 and act in ACTS and N % 16 == 0
             and dtype in (torch.bfloat16, torch.float16) and capability == (9, 0))
 
 
-def choose(M: int, N: int, K: int, sms: int) -> Optional[dict]:
+def choose(M: int, N: int, K: int, sms: int, act: str = "none") -> Optional[dict]:
     """The launch for M rows of a [N, K] weight, or None outside :data:`MIN_M`-:data:`MAX_M`
-    rows. Wide weights (WIDE's tiles at least :data:`WAVE_FILL` of the SMs): SIXTY_FOUR to 64
+    rows (:data:`MAX_M_CODES` with quantized activations). Wide weights (WIDE's tiles at least :data:`WAVE_FILL` of the SMs): SIXTY_FOUR to 64
     rows, WIDE above (within 3.5% of the best tile swept at 129-256 rows), K unsplit. Others:
     SMALL with K split 4 to 64 rows, TALL with K split 2 to 128 rows, TALL unsplit above; a
     split keeps at least two K blocks of 128."""
-    if not MIN_M <= M <= MAX_M:
+    if not MIN_M <= M <= (MAX_M if act == "none" else MAX_M_CODES):
         return None
     if contract.cdiv(M, 128) * contract.cdiv(N, 128) >= WAVE_FILL * sms:
         tile, split = (SIXTY_FOUR if M <= 64 else WIDE), 1

@@ -198,10 +198,19 @@ def test_dispatch_rule_on_sm90():
     # Not measured above 256 rows; never for other formats, activations, dtypes, widths or GPUs.
     assert path(257, 28672)["path"] == "dequant"
     assert path(128, 4096, dtype=f16)["path"] == "wg"
-    for kw in (dict(dtype=torch.float32), dict(act="int8"), dict(act="fp8"), dict(bits=6),
-               dict(group=64), dict(group=-1), dict(cap=(8, 0)), dict(cap=(10, 0))):
+    for kw in (dict(dtype=torch.float32), dict(bits=6), dict(group=64), dict(group=-1),
+               dict(cap=(8, 0)), dict(cap=(10, 0))):
         assert path(128, 12288, **kw)["path"] != "wg", kw
+    # Quantized activations (dequantised first) to 128 rows, ahead of mm8 and cublas8.
+    for act in ("fp8", "int8", "int12"):
+        assert path(49, 4096, act=act) == dict(WG.SMALL, path="wg", SPLIT_K=4), act
+        assert path(128, 28672, act=act) == dict(WG.WIDE, path="wg", SPLIT_K=1), act
+        assert path(129, 28672, act=act)["path"] != "wg", act
     assert path(128, 12304)["path"] == "wg" and path(128, 12296)["path"] != "wg"  # N % 16
+    # allow_wg=False (the codes op where mmT reads the codes): the table of before (mmT here:
+    # without a GPU fp8 tensor cores are not known to exist, so no mm8 / cublas8).
+    assert Q.choose_path(128, 12288, 4096, 4, 128, "fp8", bf16, cuda, sm_count=132,
+                         capability=(9, 0), allow_wg=False)["path"] == "mmT"
     # Without a GPU (capability unknown) the table of before.
     assert Q.choose_path(128, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "mmT"
 
@@ -299,3 +308,28 @@ def test_gpu_wg_with_quantized_activations_against_float64(act, ag):
                              torch.float64, ag)
     err = (got.double() - want).abs().max().item()
     assert err <= 2e-2 * want.abs().max().item(), err
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_gpu_codes_op_keeps_mmT_reading_codes_to_64_rows(monkeypatch):
+    # q3n::qlinear_codes (a fused norm's sibling linears): mmT reads the codes themselves up to
+    # 64 rows; the wg path (codes dequantised first) from 65.
+    gen = _gen("wgcodes")
+    N, K = 4096, 1024
+    pw = _packed(gen, N, K, 4, 128, False, device="cuda")
+    calls = []
+    real = WG.run
+    monkeypatch.setattr(WG, "run", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    for M in (64, 100):
+        x = torch.randn(M, K, generator=gen).to(bf16).cuda()
+        codes, xs = Q.quantize_activations(x, "fp8", None)
+        codes = codes.to(torch.float8_e4m3fn)
+        got = Q._qlinear_codes_launch(codes, xs, pw.qweight, pw.scales, pw.zeros, None, 4, 128,
+                                      K, "fp8", bf16, interpreter=False)
+        want = Q.reference_codes(codes, xs, pw.qweight, pw.scales, pw.zeros, None, 4, 128, K,
+                                 "fp8", torch.float64)
+        assert (got.double() - want).abs().max().item() <= 2e-2 * want.abs().max().item()
+    assert calls == [100]
+    assert Q.choose_path(100, N, K, 4, 128, "fp8", bf16, torch.device("cuda"),
+                         allow_wg=False)["path"] != "wg"
