@@ -1,7 +1,8 @@
 """``q3n::qlinear``'s "wg" path: the swapped tile of :mod:`qlinear_swap` (``Y^T = W @ X^T``, x
 permuted per 128-channel block) written in Gluon (Triton's explicit-layout dialect), so that the
 weight's unpack overlaps the tensor cores. 4-bit weights in groups of 128 (zero points or
-symmetric), bf16 or fp16 activations, an sm_90 GPU; dispatched from 49 to 256 rows
+symmetric), bf16 or fp16 x, an sm_90 GPU; dispatched from 49 to 256 rows with 16-bit
+activations, to 128 with quantized ones (dequantised and permuted by the op first)
 (:func:`choose`).
 
 Why: in Triton 3.6 the swapped tile's MMA reads the unpacked weight from registers, and Triton
