@@ -1,13 +1,14 @@
 """The Gluon swapped tile (``kernels/qlinear_wgmma.py``, asynchronous MMAs) against the dispatched
-q3n::qlinear and bf16 cuBLAS, W4A16 g128 (zero points), bf16 x, on one GPU.
+q3n::qlinear and bf16 cuBLAS on one GPU: 4-bit g128 weights with zero points, bf16 x, 16-bit
+activations or (``--act``) quantised ones, which the op dequantises for the tile.
 
 For each (N, K) and M: bf16 ``F.linear``; the op as dispatched (``torch.ops.q3n.qlinear``);
-the dispatch without the wg path ("before": mmT to 128 rows, dequantise + cuBLAS above); and
+the dispatch without the wg path ("before": mmT, mm8, cublas8 or dequantise + cuBLAS); and
 the Gluon tile at each launch of ``--tiles`` (BLOCK_M, BLOCK_N, warps, stages, split: K split
 by tickets, summed in the launch). Every launch is first checked against the
 float64 product of the dequantised weight (max |error| / max |reference|, must be below 2e-2 as
 in bench_qlinear.py), then timed as a CUDA-graph replay (``do_bench`` median, L2 flushed, after
-warm-up), with x permuted inside the timed call (the op's own cost).
+warm-up), with x permuted (and quantised) inside the timed call (the op's own cost).
 
     python bench/bench_qlinear_wgmma.py --out bench/results/qlinear-wgmma-h200.json
     python bench/bench_qlinear_wgmma.py --act fp8 --out bench/results/qlinear-wgmma-w4a8-h200.json

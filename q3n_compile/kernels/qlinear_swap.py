@@ -139,15 +139,19 @@ def _field6(lo4, hi4, h2, j: tl.constexpr, p2: tl.constexpr, z):
     return tl.fma(f2.to(tl.float32, bitcast=True), 16.0 / (1 << p2), d4)
 
 
-def _nibble_pairs_asm(j: int, f16: bool) -> str:
-    """The PTX of :func:`_nibble_pairs` for code j: $1, $2 the two words, $3 M + z."""
+def _nibble_pairs_asm(j: int, f16: bool, scaled: bool = False) -> str:
+    """The PTX of :func:`_nibble_pairs` for code j: $1, $2 the two words, $3 M + z; `scaled`
+    (kernels/qlinear_wgmma.py): the pair then multiplied by $5 (s in both halves), rounded
+    once."""
     byte = j // 2
     sel = byte | (byte << 4) | ((4 + byte) << 8) | ((4 + byte) << 12)
     magic = 0x64006400 if f16 else 0x43004300
     shift = "shr.b32 t, t, 4; " if j % 2 else ""
-    sub = "sub.rn.f16x2" if f16 else "sub.rn.bf16x2"
+    kind = "f16x2" if f16 else "bf16x2"
+    tail = (f"sub.rn.{kind} t, t, $3; mul.rn.{kind} $0, t, $5;" if scaled
+            else f"sub.rn.{kind} $0, t, $3;")
     return (f"{{ .reg .b32 t; prmt.b32 t, $1, $2, {sel}; {shift}"
-            f"lop3.b32 t, t, {0x000F000F}, {magic}, {0xEA}; {sub} $0, t, $3; }}")
+            f"lop3.b32 t, t, {0x000F000F}, {magic}, {0xEA}; {tail} }}")
 
 
 def _six_pairs_asm(j: int, f16: bool) -> str:

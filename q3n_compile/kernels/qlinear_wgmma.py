@@ -50,22 +50,16 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
-from q3n_compile.kernels.qlinear_swap import MMT_BLOCK_K, permute_x_blocks
+from q3n_compile.kernels.qlinear_swap import MMT_BLOCK_K, _nibble_pairs_asm, permute_x_blocks
+
 
 def _scaled_pairs_asm(j: int, f16: bool) -> str:
     """PTX for code j of two words ($1, $2: adjacent K of one operand row) as the 16-bit pair
-    (q - z) * s: PRMT gathers the byte holding code j from both words, a shift (odd j) and one
-    LOP3 make each half the 16-bit float M + q (M = 128 for bf16, whose unit is 1 there; 1024
-    for fp16), one SUB takes M + z off ($3: M + z in both halves; exact), one MUL scales ($5: s
-    in both halves; one rounding)."""
-    byte = j // 2
-    sel = byte | (byte << 4) | ((4 + byte) << 8) | ((4 + byte) << 12)
-    magic = 0x64006400 if f16 else 0x43004300
-    shift = "shr.b32 t, t, 4; " if j % 2 else ""
-    kind = "f16x2" if f16 else "bf16x2"
-    return (f"{{ .reg .b32 t; prmt.b32 t, $1, $2, {sel}; {shift}"
-            f"lop3.b32 t, t, {0x000F000F}, {magic}, {0xEA}; sub.rn.{kind} t, t, $3; "
-            f"mul.rn.{kind} $0, t, $5; }}")
+    (q - z) * s: mmT's nibble-pair unpack (:func:`qlinear_swap._nibble_pairs_asm`: PRMT gathers
+    the byte holding code j from both words, a shift for odd j and one LOP3 make each half the
+    16-bit float M + q, M = 128 for bf16, 1024 for fp16; one SUB takes M + z off, $3, exact),
+    then one MUL by s ($5, both halves; one rounding)."""
+    return _nibble_pairs_asm(j, f16, scaled=True)
 
 
 _PAIRS_BF16 = gl.constexpr(tuple(_scaled_pairs_asm(j, False) for j in range(8)))
