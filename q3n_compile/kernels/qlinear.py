@@ -25,8 +25,8 @@ What this module guarantees:
   only by the rounding the kernels' docstrings state (float32 accumulation order, the 16-bit
   rounding of dequantised weights on the 16-bit-activation tensor-core paths (on ``mmT`` only
   for weight groups of 32 and 64: with groups of 128 and per-channel scales it scales fp32 sums
-  of exact ``q - z`` products instead), of dequantised
-  activations ``c * s_x`` on the ``dequant`` and ``mmT`` paths, of the product before the bias
+  of exact ``q - z`` products instead; on ``wg`` for every call), of dequantised
+  activations ``c * s_x`` on the ``dequant``, ``mmT`` and ``wg`` paths, of the product before the bias
   on ``cublas8``'s fp8 GEMM, and on GPUs an
   activation code that may differ by one where ``x'/s_x`` lies within an ulp of a rounding tie,
   because GPU float32 division is not correctly rounded).
@@ -92,6 +92,12 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   16-bit x is permuted by one more pass from 17 rows on 32M+ weights). H200, the issue's four
   shapes: W4A16 g128 1.22-1.39x bf16 cuBLAS at 16 rows (the one-tile kernel before session 9
   0.90-0.95x), 0.81-0.97x at 64 rows, 0.56-0.60x at 128 (s10run4-5).
+- ``wg`` (:mod:`q3n_compile.kernels.qlinear_wgmma`, a Gluon kernel, sm_90 only): mmT's 4-bit
+  g128 tile with its warpgroup MMAs asynchronous, from 49 to 256 rows (to 128 with quantized
+  activations, dequantised first as for mmT), ahead of mmT, mm8, cublas8 and dequantise +
+  cuBLAS there (:func:`qlinear_wgmma.choose`); its weight operand is ``(q - z) * s`` rounded to
+  x's dtype (with bf16 x the scale is rounded to bf16 first). H200 (s17run9, s17run12):
+  1.01-1.50x the paths before it with 16-bit activations, 0.94-1.24x with fp8 ones.
 
 Every K block of the gemv and mm kernels lies in one weight group and one activation group:
 :func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which
@@ -147,14 +153,14 @@ from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear_cublas8 as C8
 from q3n_compile.kernels import qlinear_mm8 as M8
 from q3n_compile.kernels import qlinear_swap as SW
+from q3n_compile.kernels.norm_linear import normalise_rows
+from q3n_compile.kernels.qcodes import block_minus_zero, load_codes, tile_minus_zero, tile_setup
+from q3n_compile.kernels.tiles import first_tile_mean, ticket_split_k
 
 try:  # Gluon (Triton >= 3.5's explicit-layout dialect) with Hopper's warpgroup MMA
     from q3n_compile.kernels import qlinear_wgmma as WG
 except ImportError:  # pragma: no cover - an older Triton: the other paths take those calls
     WG = None
-from q3n_compile.kernels.norm_linear import normalise_rows
-from q3n_compile.kernels.qcodes import block_minus_zero, load_codes, tile_minus_zero, tile_setup
-from q3n_compile.kernels.tiles import first_tile_mean, ticket_split_k
 
 ACT_FORMATS = ("none", "int8", "fp8", "int12")
 ACT_QMAX = {"int8": 127.0, "fp8": 448.0, "int12": 2047.0}
