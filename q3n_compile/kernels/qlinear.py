@@ -26,8 +26,8 @@ What this module guarantees:
   rounding of dequantised weights on the 16-bit-activation tensor-core paths (on ``mmT`` only
   for weight groups of 32 and 64: with groups of 128 and per-channel scales it scales fp32 sums
   of exact ``q - z`` products instead; on ``wg`` for every call), of dequantised
-  activations ``c * s_x`` on the ``dequant``, ``mmT`` and ``wg`` paths, of the product before the bias
-  on ``cublas8``'s fp8 GEMM, and on GPUs an
+  activations ``c * s_x`` on the ``dequant``, ``mmT`` and ``wg`` paths, of the product before
+  the bias on ``cublas8``'s fp8 GEMM, and on GPUs an
   activation code that may differ by one where ``x'/s_x`` lies within an ulp of a rounding tie,
   because GPU float32 division is not correctly rounded).
 
@@ -854,10 +854,8 @@ def _sm_count(device_index: int) -> int:
 
 def fp8_supported(device: torch.device) -> bool:
     """Whether float8 e4m3 tensor-core products exist on `device` (sm_89+)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    return _capability(device.index if device.index is not None
-                       else torch.cuda.current_device()) >= (8, 9)
+    capability = _device_capability(device)
+    return capability is not None and capability >= (8, 9)
 
 
 def _device_capability(device: torch.device) -> Optional[tuple[int, int]]:
@@ -1137,9 +1135,9 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
             break
     if allow_wg and WG is not None and WG.supported(bits, group_size, act, dtype, N,
                                                     capability or _device_capability(device)):
-        wg = WG.choose(M, N, K, sms, act)
+        wg = WG.choose(M, N, sms, act)
         if wg is not None:
-            return wg
+            return dict(wg, SPLIT_K=_keep_two_blocks(wg["SPLIT_K"], k_pad, SW.MMT_BLOCK_K))
     cublas8 = (M >= _cublas8_min_m(act, group_size)
                and C8.eligible(N, K, bits, group_size, act, dtype, fp8_supported(device),
                                act_group_size) is None)

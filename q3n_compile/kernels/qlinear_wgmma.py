@@ -110,11 +110,12 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, K_PE
                       BLOCK_M: gl.constexpr,
                       BLOCK_N: gl.constexpr, STAGES: gl.constexpr, REDUCE: gl.constexpr):
     """Y[m-block, n-block] = x @ W^T (+ bias) for 4-bit weights in groups of 128, with zero
-    points (Z [K_PAD / 128, N] uint8) or symmetric (SYM: z = 8), and x (bf16 or fp16) permuted per 128-channel block ([M, KX], KX a multiple of 128,
-    zero past K). Program (n-block, K split, m-block): BLOCK_N weight columns (64, 128 or 256:
-    num_warps / 4 warpgroups of 64) by BLOCK_M rows of x (the MMA's N). REDUCE 0: one split,
-    stored; 2: each split's fp32 partial to WS, the last split of a tile to arrive (a ticket in
-    CNT) sums them in split order and stores (deterministic), resetting its ticket.
+    points (Z [K_PAD / 128, N] uint8) or symmetric (SYM: z = 8), and x (bf16 or fp16) permuted
+    per 128-channel block ([M, KX], KX a multiple of 128, zero past K). Program (n-block, K
+    split, m-block): BLOCK_N weight columns (64, 128 or 256: num_warps / 4 warpgroups of 64) by
+    BLOCK_M rows of x (the MMA's N). REDUCE 0: one split, stored; 2: each split's fp32 partial
+    to WS, the last split of a tile to arrive (a ticket in CNT) sums them in split order and
+    stores (deterministic), resetting its ticket.
 
     The weight operand is (q - z) * s in x's dtype (:func:`_scaled_pairs`), so the MMAs chain
     over the whole K range in one fp32 accumulator, each issued asynchronously while the next
@@ -124,7 +125,8 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, K_PE
     (two blocks back). The words are read back from a swizzled buffer into the MMA operand's
     register layout (conflict-free: a warp's 32 reads hit 8 chunks of 4 words, XOR-ed apart by
     the row). Traffic: the packed weight once per m-block, x once per n-block (from L2), Y once
-    (REDUCE 2: plus 8 bytes an output and split through L2)."""
+    (REDUCE 2: plus 8 bytes an output and split through L2).
+    """
     OPD: gl.constexpr = X.dtype.element_ty
     F16: gl.constexpr = OPD == gl.float16
     num_warps: gl.constexpr = gl.num_warps()
@@ -280,8 +282,8 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         (xk, qweight, scales, zeros if zeros is not None else scales,
          bias if bias is not None else scales, y, ws, cnt),
         (M, N, P.padded_k(K), kx, P.plane_starts(4, K)[0], kps, xk.stride(0), y.stride(0)),
-        dict(SYM=zeros is None, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-             STAGES=cfg["STAGES"], REDUCE=2 if split > 1 else 0),
+        dict(SYM=zeros is None, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
+             BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], REDUCE=2 if split > 1 else 0),
         dict(num_warps=cfg["num_warps"]), fast=True)
     return y
 
@@ -320,19 +322,17 @@ def supported(bits: int, group_size: int, act: str, dtype: torch.dtype, N: int,
             and dtype in (torch.bfloat16, torch.float16) and capability == (9, 0))
 
 
-def choose(M: int, N: int, K: int, sms: int, act: str = "none") -> Optional[dict]:
-    """The launch for M rows of a [N, K] weight, or None outside :data:`MIN_M`-:data:`MAX_M`
-    rows (:data:`MAX_M_CODES` with quantized activations). Wide weights (WIDE's tiles at least :data:`WAVE_FILL` of the SMs): SIXTY_FOUR to 64
-    rows, WIDE above (within 3.5% of the best tile swept at 129-256 rows), K unsplit. Others:
-    SMALL with K split 4 to 64 rows, TALL with K split 2 to 128 rows, TALL unsplit above; a
-    split keeps at least two K blocks of 128."""
+def choose(M: int, N: int, sms: int, act: str = "none") -> Optional[dict]:
+    """The launch for M rows of an N-column weight, or None outside :data:`MIN_M`-:data:`MAX_M`
+    rows (:data:`MAX_M_CODES` with quantized activations). Wide weights (WIDE's tiles at least
+    :data:`WAVE_FILL` of the SMs): SIXTY_FOUR to 64 rows, WIDE above (within 3.5% of the best
+    tile swept at 129-256 rows), K unsplit. Others: SMALL with K split 4 to 64 rows, TALL with K
+    split 2 to 128 rows, TALL unsplit above (the caller halves a split that would leave fewer
+    than two K blocks of 128 each: :func:`q3n_compile.kernels.qlinear.choose_path`)."""
     if not MIN_M <= M <= (MAX_M if act == "none" else MAX_M_CODES):
         return None
     if contract.cdiv(M, 128) * contract.cdiv(N, 128) >= WAVE_FILL * sms:
         tile, split = (SIXTY_FOUR if M <= 64 else WIDE), 1
     else:
         tile, split = (SMALL, 4) if M <= 64 else (TALL, 2) if M <= 128 else (TALL, 1)
-    blocks = contract.cdiv(K, MMT_BLOCK_K)
-    while split > 1 and blocks < 2 * split:
-        split //= 2
     return dict(tile, path="wg", SPLIT_K=split)

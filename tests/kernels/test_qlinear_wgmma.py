@@ -157,8 +157,8 @@ def test_pairs_ptx_is_q_minus_z_times_s(dtype):
         w1, w2 = (int(v) for v in torch.randint(0, 2 ** 32, (2,), generator=g, dtype=torch.int64))
         z = int(torch.randint(0, 16, (1,), generator=g))
         s = float((torch.rand(1, generator=g) * 0.05 + 1e-3).half())
-        zb = WG_pair(magic + z, dtype)
-        sb = WG_pair(s, dtype)
+        zb = _pair_of(magic + z, dtype)
+        sb = _pair_of(s, dtype)
         for j in range(8):
             out = _run_pairs_ptx(WG._scaled_pairs_asm(j, dtype == f16), w1, w2, zb, sb, dtype)
             got = torch.tensor([out & 0xFFFF, out >> 16], dtype=torch.int32).to(torch.int16)
@@ -169,7 +169,7 @@ def test_pairs_ptx_is_q_minus_z_times_s(dtype):
                 assert got[half].item() == want.float().item(), (j, half, q, z, s)
 
 
-def WG_pair(v: float, dtype) -> int:
+def _pair_of(v: float, dtype) -> int:
     """v as `dtype` in both halves of an int32 (the kernel's :func:`WG._pair_bits`)."""
     h = int(torch.tensor(v).to(dtype).view(torch.int16).to(torch.int32)) & 0xFFFF
     return h | (h << 16)
