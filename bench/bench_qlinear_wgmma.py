@@ -1,6 +1,6 @@
 """The Gluon swapped tile (``kernels/qlinear_wgmma.py``, asynchronous MMAs) against the dispatched
-q3n::qlinear and bf16 cuBLAS on one GPU: 4-bit g128 weights with zero points, bf16 x, 16-bit
-activations or (``--act``) quantised ones, which the op dequantises for the tile.
+q3n::qlinear and bf16 cuBLAS on one GPU: 4-bit (or ``--bits 6``) g128 weights with zero points,
+bf16 x, 16-bit activations or (``--act``) quantised ones, which the op dequantises for the tile.
 
 For each (N, K) and M: bf16 ``F.linear``; the op as dispatched (``torch.ops.q3n.qlinear``);
 the dispatch without the wg path ("before": mmT, mm8, cublas8 or dequantise + cuBLAS); and
@@ -12,6 +12,7 @@ warm-up), with x permuted (and quantised) inside the timed call (the op's own co
 
     python bench/bench_qlinear_wgmma.py --out bench/results/qlinear-wgmma-h200.json
     python bench/bench_qlinear_wgmma.py --act fp8 --out bench/results/qlinear-wgmma-w4a8-h200.json
+    python bench/bench_qlinear_wgmma.py --bits 6 --act int12 --out bench/results/qlinear-wgmma-w6a12-h200.json
 """
 
 import argparse
@@ -49,27 +50,29 @@ def main():
     ap.add_argument("--act", default="none",
                     help="activations: none (W4A16), fp8, int8 or int12 (quantised, then "
                          "dequantised and permuted for the tile, as the op does)")
+    ap.add_argument("--bits", type=int, default=4, choices=(4, 6), help="weight bits")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     result = dict(result_header("CUDA-graph replay, do_bench median, L2 flushed"),
-                  format=f"W4 g128 zero points, bf16 x, activations {args.act}", rows=[])
+                  format=f"W{args.bits} g128 zero points, bf16 x, activations {args.act}", rows=[])
     for nk in args.nk:
         N, K = (int(v) for v in nk.split("x"))
-        pw = random_packed(gen, N, K, 4, 128, False)
+        pw = random_packed(gen, N, K, args.bits, 128, False)
         w = (torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to(torch.bfloat16)
         for M in args.ms:
             x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
-            qargs = (x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128, K, args.act,
+            qargs = (x, pw.qweight, pw.scales, pw.zeros, None, None, args.bits, 128, K, args.act,
                      Q.PER_TOKEN)
             ref = Q.reference(x.double(), *qargs[1:]).double()
             _, bf16_ms = timed(lambda: F.linear(x, w), eager=False)
-            path = Q.choose_path(M, N, K, 4, 128, args.act, x.dtype, x.device)
+            path = Q.choose_path(M, N, K, args.bits, 128, args.act, x.dtype, x.device)
             _, q3n_ms = timed(lambda: torch.ops.q3n.qlinear(*qargs), eager=False)
             q3n_err = ((torch.ops.q3n.qlinear(*qargs).double() - ref).abs().max()
                        / ref.abs().max()).item()
             # The dispatch without this path (mmT, mm8, cublas8 or dequantise + cuBLAS).
-            before = Q.choose_path(M, N, K, 4, 128, args.act, x.dtype, x.device, allow_wg=False)
+            before = Q.choose_path(M, N, K, args.bits, 128, args.act, x.dtype, x.device,
+                                   allow_wg=False)
             fb = lambda: Q._launch(*qargs[:-1], interpreter=False, path=before)  # noqa: E731
             _, before_ms = timed(fb, eager=False)
             row = dict(M=M, N=N, K=K, bf16_ms=bf16_ms, q3n_ms=q3n_ms, q3n_err=q3n_err,

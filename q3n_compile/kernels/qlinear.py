@@ -1544,11 +1544,12 @@ def _wg(a, qweight, scales, zeros, bias, bits, group_size, K, cfg, interpreter,
     # Only a forced `path` can ask for it where it does not run.
     if WG is None or interpreter or not WG.supported(
             bits, group_size, "none", a.dtype, qweight.shape[1], _device_capability(a.device)):
-        raise ValueError("q3n::qlinear: the wg path (a Gluon kernel) takes 4-bit weights in "
+        raise ValueError("q3n::qlinear: the wg path (a Gluon kernel) takes 4- or 6-bit weights in "
                          "groups of 128, a multiple of 16 output features and bf16/fp16 "
                          "activations, on an sm_90 GPU only; use another path "
                          "(choose_path picks one)")
-    return WG.run(a, qweight, scales, zeros, bias, K, cfg, _tickets, x_permuted=x_permuted)
+    return WG.run(a, qweight, scales, zeros, bias, K, cfg, _tickets, x_permuted=x_permuted,
+                  bits=bits)
 
 
 def _dequantize_codes(codes: torch.Tensor, xs: torch.Tensor, act_group_size: int,

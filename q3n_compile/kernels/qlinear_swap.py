@@ -154,23 +154,29 @@ def _nibble_pairs_asm(j: int, f16: bool, scaled: bool = False) -> str:
             f"lop3.b32 t, t, {0x000F000F}, {magic}, {0xEA}; {tail} }}")
 
 
-def _six_pairs_asm(j: int, f16: bool) -> str:
+def _six_pairs_asm(j: int, f16: bool, words: bool = False, scaled: bool = False) -> str:
     """The PTX of :func:`_six_pairs` for code j: $1, $2 the 4-bit plane's words, $3, $4 the
-    2-bit plane's 16-bit parts (fields at bit 2j), $5 M + z."""
+    2-bit plane's 16-bit parts (fields at bit 2j), $5 M + z. `words` (kernels/qlinear_wgmma.py):
+    $3 and $4 are both the whole 2-bit word holding the pair's two rows (the first's fields at
+    bit 2j, the second's at bit 16 + 2j). `scaled`: the pair then multiplied by $7 (s in both
+    halves), rounded once."""
     byte4, byte2, p2 = j // 2, j // 4, (2 * j) % 8
+    hi2 = (6 if words else 4) + byte2
     sel4 = byte4 | (byte4 << 4) | ((4 + byte4) << 8) | ((4 + byte4) << 12)
-    sel2 = byte2 | (byte2 << 4) | ((4 + byte2) << 8) | ((4 + byte2) << 12)
+    sel2 = byte2 | (byte2 << 4) | (hi2 << 8) | (hi2 << 12)
     magic = 0x64006400 if f16 else 0x43004300
     shift4 = "shr.b32 t, t, 4; " if j % 2 else ""
     # The 2-bit field to bits 4-5 of each half (PRMT copied its byte into both bytes of the
     # half, so a shift of up to 4 either way keeps bits 4-5 and 20-21 within the right copy).
     shift2 = (f"shl.b32 u, u, {4 - p2}; " if p2 < 4 else f"shr.b32 u, u, {p2 - 4}; "
               if p2 > 4 else "")
-    sub = "sub.rn.f16x2" if f16 else "sub.rn.bf16x2"
+    kind = "f16x2" if f16 else "bf16x2"
+    tail = (f"sub.rn.{kind} t, t, $5; mul.rn.{kind} $0, t, $7;" if scaled
+            else f"sub.rn.{kind} $0, t, $5;")
     return (f"{{ .reg .b32 t, u; prmt.b32 t, $1, $2, {sel4}; {shift4}"
             f"lop3.b32 t, t, {0x000F000F}, {magic}, {0xEA}; "
             f"prmt.b32 u, $3, $4, {sel2}; {shift2}"
-            f"lop3.b32 t, u, {0x00300030}, t, {0xEA}; {sub} $0, t, $5; }}")
+            f"lop3.b32 t, u, {0x00300030}, t, {0xEA}; {tail} }}")
 
 
 # The 8 codes' PTX for bf16 and for fp16 operands (Triton's frontend builds no strings).

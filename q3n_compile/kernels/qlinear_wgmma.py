@@ -50,7 +50,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
-from q3n_compile.kernels.qlinear_swap import MMT_BLOCK_K, _nibble_pairs_asm, permute_x_blocks
+from q3n_compile.kernels.qlinear_swap import (MMT_BLOCK_K, _nibble_pairs_asm, _six_pairs_asm,
+                                              permute_x_blocks)
 
 
 def _scaled_pairs_asm(j: int, f16: bool) -> str:
@@ -64,6 +65,10 @@ def _scaled_pairs_asm(j: int, f16: bool) -> str:
 
 _PAIRS_BF16 = gl.constexpr(tuple(_scaled_pairs_asm(j, False) for j in range(8)))
 _PAIRS_F16 = gl.constexpr(tuple(_scaled_pairs_asm(j, True) for j in range(8)))
+_SIX_BF16 = gl.constexpr(tuple(_six_pairs_asm(j, False, words=True, scaled=True)
+                               for j in range(8)))
+_SIX_F16 = gl.constexpr(tuple(_six_pairs_asm(j, True, words=True, scaled=True)
+                              for j in range(8)))
 
 
 @gluon.jit
@@ -79,6 +84,20 @@ def _scaled_pairs(w, zb, sb, j: gl.constexpr, F16: gl.constexpr):
 
 
 @gluon.jit
+def _six_scaled_pairs(w, w2, zb, sb, j: gl.constexpr, F16: gl.constexpr):
+    """6-bit code j as (q - z) * s, two codes an instance: the 4-bit field from w as in
+    :func:`_scaled_pairs`, the 2-bit field from w2 (the 2-bit plane's word holding both rows of
+    the pair, :func:`qlinear_swap._six_pairs_asm` with ``words``) merged into bits 4-5 of each
+    half before z comes off (q < 64: exact in both dtypes)."""
+    if F16:
+        return gl.inline_asm_elementwise(_SIX_F16[j], "=r,r,r,r,r,r,r,r,r", [w, w2, zb, sb],
+                                         dtype=gl.float16, is_pure=True, pack=2)
+    else:
+        return gl.inline_asm_elementwise(_SIX_BF16[j], "=r,r,r,r,r,r,r,r,r", [w, w2, zb, sb],
+                                         dtype=gl.bfloat16, is_pure=True, pack=2)
+
+
+@gluon.jit
 def _pair_bits(v, OPD: gl.constexpr):
     """v (fp32) as OPD in both 16-bit halves of an int32."""
     h = v.to(OPD).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
@@ -86,16 +105,22 @@ def _pair_bits(v, OPD: gl.constexpr):
 
 
 @gluon.jit
-def _issue_block(x_smem, w_smem, z_smem, s_smem, st, k0, k_end, x_ptrs, x_ok, w_ptrs, w_rows,
-                 w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N, SYM: gl.constexpr):
+def _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, x_ptrs, x_ok, w_ptrs,
+                 w2_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N,
+                 SYM: gl.constexpr, BITS: gl.constexpr):
     """cp.async of K block k0's operands into stage st (masked off past k_end), as one group:
-    x's two halves of 64 channels, the packed words, zero points and scales."""
+    x's two halves of 64 channels, the packed words (BITS 6: and the 2-bit plane's, each word
+    row copied twice), zero points and scales."""
     live = k0 < k_end
     cp.async_copy_global_to_shared(x_smem.index(2 * st), x_ptrs + k0, mask=x_ok & live)
     cp.async_copy_global_to_shared(x_smem.index(2 * st + 1), x_ptrs + (k0 + 64),
                                    mask=x_ok & live)
     cp.async_copy_global_to_shared(w_smem.index(st), w_ptrs + (k0 // 8) * N,
                                    mask=w_ok & ((k0 // 8 + w_rows < W_ROWS) & live)[:, None])
+    if BITS == 6:
+        cp.async_copy_global_to_shared(
+            w2_smem.index(st), w2_ptrs + (k0 // 16) * N,
+            mask=w_ok & ((k0 // 16 + w_rows // 2 < W_ROWS // 2) & live)[:, None])
     g = k0 // 128
     if not SYM:
         cp.async_copy_global_to_shared(z_smem.index(st), Z + g * N + zs_offs,
@@ -105,12 +130,13 @@ def _issue_block(x_smem, w_smem, z_smem, s_smem, st, k0, k_end, x_ptrs, x_ok, w_
 
 
 @gluon.jit
-def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, K_PER_SPLIT,
-                      stride_xm, stride_ym, SYM: gl.constexpr, HAS_BIAS: gl.constexpr,
-                      BLOCK_M: gl.constexpr,
-                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, REDUCE: gl.constexpr):
-    """Y[m-block, n-block] = x @ W^T (+ bias) for 4-bit weights in groups of 128, with zero
-    points (Z [K_PAD / 128, N] uint8) or symmetric (SYM: z = 8), and x (bf16 or fp16) permuted
+def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2, K_PER_SPLIT,
+                      stride_xm, stride_ym, BITS: gl.constexpr, SYM: gl.constexpr,
+                      HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                      STAGES: gl.constexpr, REDUCE: gl.constexpr):
+    """Y[m-block, n-block] = x @ W^T (+ bias) for 4- or 6-bit weights (BITS; 6: the 4-bit plane
+    from row ROW4 and the 2-bit plane from ROW2 of QW) in groups of 128, with zero points
+    (Z [K_PAD / 128, N] uint8) or symmetric (SYM: z = 2^(BITS-1)), and x (bf16 or fp16) permuted
     per 128-channel block ([M, KX], KX a multiple of 128, zero past K). Program (n-block, K
     split, m-block): BLOCK_N weight columns (64, 128 or 256: num_warps / 4 warpgroups of 64) by
     BLOCK_M rows of x (the MMA's N). REDUCE 0: one split, stored; 2: each split's fp32 partial
@@ -156,6 +182,13 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, K_PE
                                           warps_per_cta=[num_warps], order=[0])
     x_smem = gl.allocate_shared_memory(OPD, [2 * STAGES, BLOCK_M, 64], x_sl)
     w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, BLOCK_N], w_sl)
+    if BITS == 6:
+        # The 2-bit plane's 8 word rows of a block, each copied to two rows (2r, 2r + 1), so
+        # that it reads back in the 4-bit words' layout: the MMA operand's register pairs are
+        # two adjacent K rows, whose 2-bit fields are the two halves of one word.
+        w2_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, BLOCK_N], w_sl)
+    else:
+        w2_smem = w_smem  # unused
     z_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N], v_sl)
     s_smem = gl.allocate_shared_memory(S.dtype.element_ty, [STAGES, BLOCK_N], v_sl)
 
@@ -178,6 +211,7 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, K_PE
     w_rows = gl.arange(0, 16, layout=gl.SliceLayout(1, w_bl))
     w_cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, w_bl))
     w_ptrs = QW + (ROW4 + w_rows)[:, None] * N + w_cols[None, :]
+    w2_ptrs = QW + (ROW2 + w_rows // 2)[:, None] * N + w_cols[None, :]
     w_ok = (w_cols < N)[None, :]
     W_ROWS = K_PAD // 8
     zs_offs = n0 + gl.arange(0, BLOCK_N, layout=z_bl)
@@ -186,8 +220,9 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, K_PE
     ss_ok = ss_offs < N
 
     for p in gl.static_range(STAGES - 2):
-        _issue_block(x_smem, w_smem, z_smem, s_smem, p, k_start + p * 128, k_end, x_ptrs, x_ok,
-                     w_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N, SYM)
+        _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, p, k_start + p * 128, k_end,
+                     x_ptrs, x_ok, w_ptrs, w2_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok,
+                     ss_offs, ss_ok, Z, S, N, SYM, BITS)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
     a_prev = gl.zeros([BLOCK_N, 16], OPD, layout=a_l)
     i = 0
@@ -198,14 +233,19 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, K_PE
         fence_async_shared()
         st = i % STAGES
         w = w_smem.index(st).permute((1, 0)).load(a_l)
+        if BITS == 6:
+            w2 = w2_smem.index(st).permute((1, 0)).load(a_l)
         if SYM:
-            zb = _pair_bits(gl.full([BLOCK_N], MAGIC + 8.0, gl.float32, layout=rows_l),
-                            OPD)[:, None]
+            zb = _pair_bits(gl.full([BLOCK_N], MAGIC + (1 << (BITS - 1)), gl.float32,
+                                    layout=rows_l), OPD)[:, None]
         else:
             zb = _pair_bits(z_smem.index(st).load(rows_l).to(gl.float32) + MAGIC, OPD)[:, None]
         sb = _pair_bits(s_smem.index(st).load(rows_l).to(gl.float32), OPD)[:, None]
         for j in gl.static_range(8):
-            a = _scaled_pairs(w, zb, sb, j, F16)
+            if BITS == 6:
+                a = _six_scaled_pairs(w, w2, zb, sb, j, F16)
+            else:
+                a = _scaled_pairs(w, zb, sb, j, F16)
             xj = x_smem.index(2 * st + j // 4).slice(16 * (j % 4), 16, 1)
             acc = warpgroup_mma(a, xj.permute((1, 0)), acc, is_async=True)
             # The MMA before this one is done: its operand's registers may be reused.
@@ -213,9 +253,9 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, K_PE
             a_prev = a
         # Refill the stage read two blocks back (every warp is past those MMAs: each has
         # waited for all but its last MMA of block i - 1 before the barrier after the wait).
-        _issue_block(x_smem, w_smem, z_smem, s_smem, (i + STAGES - 2) % STAGES,
-                     k0 + (STAGES - 2) * 128, k_end, x_ptrs, x_ok, w_ptrs, w_rows, w_ok, W_ROWS,
-                     zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N, SYM)
+        _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, (i + STAGES - 2) % STAGES,
+                     k0 + (STAGES - 2) * 128, k_end, x_ptrs, x_ok, w_ptrs, w2_ptrs, w_rows,
+                     w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N, SYM, BITS)
         i += 1
     acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
     cp.wait_group(0)
@@ -254,11 +294,11 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, K_PE
 
 def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         zeros: Optional[torch.Tensor], bias, K: int, cfg: dict, tickets=None,
-        x_permuted: bool = False) -> torch.Tensor:
-    """``x @ W^T (+ bias)`` for 4-bit weights in groups of 128 (``qweight`` [K_PAD / 8, N]
-    int32, ``scales`` fp16 and ``zeros`` uint8 or None (symmetric) [K_PAD / 128, N]), x [M, K]
-    bf16 or
-    fp16 (or already :func:`permute_x_blocks`'s [M, K128] with `x_permuted`). cfg: BLOCK_M,
+        x_permuted: bool = False, bits: int = 4) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for 4- or 6-bit weights in groups of 128 (``qweight`` the packing's
+    planes [K_PAD * bits / 32, N] int32, ``scales`` fp16 and ``zeros`` uint8 or None
+    (symmetric) [K_PAD / 128, N]), x [M, K] bf16 or fp16 (or already
+    :func:`permute_x_blocks`'s [M, K128] with `x_permuted`). cfg: BLOCK_M,
     BLOCK_N, STAGES, SPLIT_K, num_warps; a split needs `tickets(device, n)` (int32 counters,
     zero between calls: :func:`q3n_compile.kernels.qlinear._tickets`)."""
     M = x.shape[0]
@@ -281,8 +321,8 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         qlinear_wg_kernel, grid,
         (xk, qweight, scales, zeros if zeros is not None else scales,
          bias if bias is not None else scales, y, ws, cnt),
-        (M, N, P.padded_k(K), kx, P.plane_starts(4, K)[0], kps, xk.stride(0), y.stride(0)),
-        dict(SYM=zeros is None, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
+        (M, N, P.padded_k(K), kx, *P.plane_starts(bits, K)[:2], kps, xk.stride(0), y.stride(0)),
+        dict(BITS=bits, SYM=zeros is None, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
              BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], REDUCE=2 if split > 1 else 0),
         dict(num_warps=cfg["num_warps"]), fast=True)
     return y
@@ -305,6 +345,7 @@ DISPATCH_TILES = (WIDE, TALL, SMALL, SIXTY_FOUR)
 # cuBLAS's fp8 GEMM on unpacked codes won 4 of 8 (0.88-0.94x there).
 MIN_M, MAX_M, MAX_M_CODES = 49, 256, 128
 ACTS = ("none", "int8", "fp8", "int12")
+BITS = (4, 6)
 # WIDE's tiles (one program an SM) that make "most of a wave": 96 tiles of 132 SMs (12288
 # columns at up to 128 rows) ran 0.0440 / 0.0451 ms at 96 / 128 rows against TALL split 2's
 # 0.0567 / 0.0578; 32 tiles (4096 columns) 0.0422 / 0.0432 against 0.0260 / 0.0263.
@@ -313,12 +354,12 @@ WAVE_FILL = 0.72
 
 def supported(bits: int, group_size: int, act: str, dtype: torch.dtype, N: int,
               capability: Optional[tuple]) -> bool:
-    """Whether this path computes the call: 4-bit weights in groups of 128, bf16 or fp16 x
+    """Whether this path computes the call: 4- or 6-bit weights in groups of 128, bf16 or fp16 x
     (activations of 16 bits, or quantized to 8 or 12 and dequantised to x's dtype first, as the
     mmT path does), N a multiple of 16 (the rows of words, zero points and scales are copied
     16, 4 and 4 bytes at a time), on an sm_90 GPU (Hopper's warpgroup MMA; the interpreter and
     other GPUs take the other paths)."""
-    return (bits == 4 and group_size == 128 and act in ACTS and N % 16 == 0
+    return (bits in BITS and group_size == 128 and act in ACTS and N % 16 == 0
             and dtype in (torch.bfloat16, torch.float16) and capability == (9, 0))
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from q3n_compile.kernels import qlinear as Q
+from q3n_compile.kernels import qlinear_swap as SW
 from q3n_compile.kernels import qlinear_wgmma as WG
 
 from .subprocess_lane import json_without_interpreter
@@ -30,7 +31,7 @@ _DIVISIBLE = ("X", "QW", "S", "Z", "Y", "WS", "N", "K_PAD", "KX", "K_PER_SPLIT",
               "stride_ym")
 
 
-def _compile_sm90(cfg: dict, x_type: str, reduce: int, bias: bool, sym: bool) -> dict:
+def _compile_sm90(cfg: dict, x_type: str, reduce: int, bias: bool, sym: bool, bits: int) -> dict:
     """Registers, stack bytes, shared bytes and the K loop's MMAs and MMA waits of the kernel
     compiled for sm_90 (call it in a process that has not run Triton's interpreter)."""
     import triton
@@ -39,7 +40,7 @@ def _compile_sm90(cfg: dict, x_type: str, reduce: int, bias: bool, sym: bool) ->
 
     kernel = WG.qlinear_wg_kernel
     names = kernel.arg_names
-    ce = dict(SYM=sym, HAS_BIAS=bias, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+    ce = dict(BITS=bits, SYM=sym, HAS_BIAS=bias, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
               STAGES=cfg["STAGES"], REDUCE=reduce)
     types = dict(_TYPES, X=x_type, Y=x_type, BIAS=x_type)
     sig = {n: "constexpr" if n in ce else types.get(n, "i32") for n in names}
@@ -64,7 +65,9 @@ def _compile_sm90(cfg: dict, x_type: str, reduce: int, bias: bool, sym: bool) ->
                 waits=[i for i in loop if "WARPGROUP.DEPBAR" in i])
 
 
-_VARIANTS = [("*bf16", 0, False, False), ("*fp16", 2, True, True)]  # x, REDUCE, bias, sym
+# x, REDUCE, bias, sym, weight bits
+_VARIANTS = [("*bf16", 0, False, False, 4), ("*fp16", 2, True, True, 4),
+             ("*bf16", 2, True, False, 6), ("*fp16", 0, False, True, 6)]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +84,7 @@ def sm90_builds():
 
 def test_dispatched_tiles_compile_for_sm90_without_spills(sm90_builds):
     cases = [(tile, v) for tile in WG.DISPATCH_TILES for v in _VARIANTS]
-    assert len(sm90_builds) == len(cases) == 8
+    assert len(sm90_builds) == len(cases) == 16
     for (tile, variant), got in zip(cases, sm90_builds):
         where = f"{tile} {variant}: {got}"
         assert got["stack"] == 0, where  # no spills
@@ -102,11 +105,11 @@ def _loop_body(sass: str) -> list:
     raise AssertionError("no loop in the kernel")
 
 
-def _run_pairs_ptx(asm: str, w1: int, w2: int, zb: int, sb: int, dtype) -> int:
-    """Execute the PTX of :func:`WG._scaled_pairs_asm` on 32-bit ints ($1, $2 the words, $3 the
-    zero pair, $5 the scale pair): prmt (default mode), shr.b32, lop3 (any 8-bit LUT),
-    sub/mul on 16-bit pairs (each half rounded once to `dtype`, as the hardware's .rn)."""
-    regs = {"$1": w1, "$2": w2, "$3": zb, "$5": sb}
+def _run_pairs_ptx(asm: str, regs: dict, dtype) -> int:
+    """Execute the PTX of the kernel's unpack on 32-bit ints (`regs`: "$1".. its operands):
+    prmt (default mode), shr.b32 / shl.b32, lop3 (any 8-bit LUT), sub/mul on 16-bit pairs (each
+    half rounded once to `dtype`, as the hardware's .rn); returns $0."""
+    regs = dict(regs)
 
     def val(tok):
         tok = tok.strip()
@@ -131,6 +134,8 @@ def _run_pairs_ptx(asm: str, w1: int, w2: int, zb: int, sb: int, dtype) -> int:
             out = sum(((data >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
         elif op == "shr.b32":
             out = val(srcs[0]) >> val(srcs[1])
+        elif op == "shl.b32":
+            out = val(srcs[0]) << val(srcs[1])
         elif op == "lop3.b32":
             a, b, c, lut = (val(t) for t in srcs)
             out = 0
@@ -160,11 +165,37 @@ def test_pairs_ptx_is_q_minus_z_times_s(dtype):
         zb = _pair_of(magic + z, dtype)
         sb = _pair_of(s, dtype)
         for j in range(8):
-            out = _run_pairs_ptx(WG._scaled_pairs_asm(j, dtype == f16), w1, w2, zb, sb, dtype)
+            out = _run_pairs_ptx(WG._scaled_pairs_asm(j, dtype == f16),
+                                 {"$1": w1, "$2": w2, "$3": zb, "$5": sb}, dtype)
             got = torch.tensor([out & 0xFFFF, out >> 16], dtype=torch.int32).to(torch.int16)
             got = got.view(dtype).float()
             for half, word in enumerate((w1, w2)):
                 q = (word >> (4 * j)) & 0xF
+                want = torch.tensor((q - z) * float(torch.tensor(s).to(dtype))).to(dtype)
+                assert got[half].item() == want.float().item(), (j, half, q, z, s)
+
+
+@pytest.mark.parametrize("dtype", [bf16, f16])
+def test_six_pairs_ptx_is_q_minus_z_times_s(dtype):
+    # 6-bit codes: the 4-bit plane's two words ($1, $2: rows r and r + 1) and the 2-bit plane's
+    # word holding both rows ($3 = $4: row r's fields at bit 2j, row r + 1's at 16 + 2j), as
+    # the kernel's 2-bit buffer gives them; q = q4 + 16 q2, then (q - z) * s as for 4 bits.
+    g = _gen(f"wg6ptx{dtype}")
+    magic = 1024.0 if dtype == f16 else 128.0
+    for _ in range(40):
+        w1, w2, v = (int(t) for t in torch.randint(0, 2 ** 32, (3,), generator=g,
+                                                   dtype=torch.int64))
+        z = int(torch.randint(0, 64, (1,), generator=g))
+        s = float((torch.rand(1, generator=g) * 0.05 + 1e-3).half())
+        regs = {"$1": w1, "$2": w2, "$3": v, "$4": v, "$5": _pair_of(magic + z, dtype),
+                "$7": _pair_of(s, dtype)}
+        for j in range(8):
+            asm = SW._six_pairs_asm(j, dtype == f16, words=True, scaled=True)
+            out = _run_pairs_ptx(asm, regs, dtype)
+            got = torch.tensor([out & 0xFFFF, out >> 16], dtype=torch.int32).to(torch.int16)
+            got = got.view(dtype).float()
+            for half, word in enumerate((w1, w2)):
+                q = ((word >> (4 * j)) & 0xF) + 16 * ((v >> (16 * half + 2 * j)) & 3)
                 want = torch.tensor((q - z) * float(torch.tensor(s).to(dtype))).to(dtype)
                 assert got[half].item() == want.float().item(), (j, half, q, z, s)
 
@@ -198,7 +229,7 @@ def test_dispatch_rule_on_sm90():
     # Not measured above 256 rows; never for other formats, activations, dtypes, widths or GPUs.
     assert path(257, 28672)["path"] == "dequant"
     assert path(128, 4096, dtype=f16)["path"] == "wg"
-    for kw in (dict(dtype=torch.float32), dict(bits=6), dict(group=64), dict(group=-1),
+    for kw in (dict(dtype=torch.float32), dict(bits=5), dict(group=64), dict(group=-1),
                dict(cap=(8, 0)), dict(cap=(10, 0))):
         assert path(128, 12288, **kw)["path"] != "wg", kw
     # Quantized activations (dequantised first) to 128 rows, ahead of mm8 and cublas8.
@@ -224,23 +255,40 @@ def test_forced_wg_path_refuses_the_interpreter():
                   interpreter=True, path=dict(WG.SMALL, path="wg", SPLIT_K=1))
 
 
+# N a multiple of 16 but not of the tiles' 64/128 columns; K of 1-32 blocks, splits uneven and
+# empty (512 in 3: the last split has no block).
+_GPU_SHAPES = [(49, 208, 384, 1, False), (65, 1008, 1280, 1, True), (128, 4096, 1024, 1, False),
+               (100, 144, 512, 3, True), (200, 528, 896, 2, False), (256, 1024, 4096, 4, True),
+               (7, 80, 128, 1, True)]
+_GPU_TILES = pytest.mark.parametrize(
+    "tile", [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, STAGES=4),
+             dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, STAGES=4),
+             dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, STAGES=4)],
+    ids=["64x64", "128x128", "128x64"])
+
+
 @needs_hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [bf16, f16])
-@pytest.mark.parametrize("M,N,K,split,bias", [
-    # N a multiple of 16 but not of the tiles' 64/128 columns; K of 1-32 blocks, splits uneven
-    # and empty (512 in 3: the last split has no block).
-    (49, 208, 384, 1, False), (65, 1008, 1280, 1, True), (128, 4096, 1024, 1, False),
-    (100, 144, 512, 3, True), (200, 528, 896, 2, False), (256, 1024, 4096, 4, True),
-    (7, 80, 128, 1, True)])
-@pytest.mark.parametrize("tile", [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, STAGES=4),
-                                  dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, STAGES=4),
-                                  dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, STAGES=4)],
-                         ids=["64x64", "128x128", "128x64"])
+@pytest.mark.parametrize("M,N,K,split,bias", _GPU_SHAPES)
+@_GPU_TILES
 @pytest.mark.parametrize("sym", [False, True])
 def test_gpu_wg_against_float64(dtype, M, N, K, split, bias, tile, sym):
-    gen = _gen(f"wg{dtype}{M}{N}{K}{split}{bias}{tile['BLOCK_M']}{tile['BLOCK_N']}{sym}")
-    pw = _packed(gen, N, K, 4, 128, sym, device="cuda")
+    _check_wg(4, dtype, M, N, K, split, bias, tile, sym)
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,sym", [(bf16, False), (f16, True)])
+@pytest.mark.parametrize("M,N,K,split,bias", _GPU_SHAPES)
+@_GPU_TILES
+def test_gpu_wg6_against_float64(dtype, sym, M, N, K, split, bias, tile):
+    _check_wg(6, dtype, M, N, K, split, bias, tile, sym)
+
+
+def _check_wg(bits, dtype, M, N, K, split, bias, tile, sym):
+    gen = _gen(f"wg{bits}{dtype}{M}{N}{K}{split}{bias}{tile['BLOCK_M']}{tile['BLOCK_N']}{sym}")
+    pw = _packed(gen, N, K, bits, 128, sym, device="cuda")
     x = torch.randn(M, K, generator=gen).to(dtype).cuda()
     b = torch.randn(N, generator=gen).to(dtype).cuda() if bias else None
     cfg = dict(tile, path="wg", SPLIT_K=split)
@@ -251,18 +299,19 @@ def test_gpu_wg_against_float64(dtype, M, N, K, split, bias, tile, sym):
 
 @needs_hopper
 @pytest.mark.gpu
-def test_gpu_wg_unpack_is_the_emulated_pairs():
+@pytest.mark.parametrize("bits", [4, 6])
+def test_gpu_wg_unpack_is_the_emulated_pairs(bits):
     # One row of x as a one-hot selector per K position reads the weight operand back exactly
     # (fp32 accumulation of one product): W'[n, k] = y[k, n] for x = I.
-    gen = _gen("wgpairs")
+    gen = _gen(f"wgpairs{bits}")
     N, K = 128, 256
-    pw = _packed(gen, N, K, 4, 128, False, device="cuda")
+    pw = _packed(gen, N, K, bits, 128, False, device="cuda")
     for dtype in (bf16, f16):
         eye = torch.eye(K, dtype=dtype, device="cuda")[:128]  # rows 0..127: channels 0..127
-        y = Q._launch(eye, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128, K, "none",
+        y = Q._launch(eye, pw.qweight, pw.scales, pw.zeros, None, None, bits, 128, K, "none",
                       interpreter=False, path=dict(path="wg", BLOCK_M=128, BLOCK_N=128,
                                                    num_warps=8, STAGES=4, SPLIT_K=1))
-        codes = Q.P.unpack_codes(pw.qweight, 4, K)[:, :128]  # [N, 128]
+        codes = Q.P.unpack_codes(pw.qweight, bits, K)[:, :128]  # [N, 128]
         want = (codes.float() - pw.zeros[0].float()[:, None]).to(dtype).float() * \
             pw.scales[0].to(dtype).float()[:, None]
         assert torch.equal(y.t().float(), want.to(dtype).float())
@@ -291,21 +340,22 @@ def test_gpu_dispatch_takes_wg_from_49_rows():
 @pytest.mark.gpu
 @pytest.mark.parametrize("act", ["fp8", "int8", "int12"])
 @pytest.mark.parametrize("ag", [Q.PER_TOKEN, 128])
-def test_gpu_wg_with_quantized_activations_against_float64(act, ag):
+@pytest.mark.parametrize("bits", [4, 6])
+def test_gpu_wg_with_quantized_activations_against_float64(act, ag, bits):
     # Quantised activations reach the tile dequantised to x's dtype and permuted per 128
     # channels (the op from x, and q3n::qlinear_codes from the codes a fused norm writes).
-    gen = _gen(f"wgact{act}{ag}")
+    gen = _gen(f"wgact{act}{ag}{bits}")
     M, N, K = 100, 1008, 1280
-    pw = _packed(gen, N, K, 4, 128, False, device="cuda")
+    pw = _packed(gen, N, K, bits, 128, False, device="cuda")
     x = torch.randn(M, K, generator=gen).to(bf16).cuda()
     cfg = dict(WG.TALL, path="wg", SPLIT_K=2)
     check_against_float64(x, pw, None, act=act, path=cfg, ag=ag)
     codes, xs = Q.quantize_activations(x, act, None, ag)
     codes = codes.to(Q._act_codes_dtype(act, x.device, False))
-    got = Q._qlinear_codes_launch(codes, xs, pw.qweight, pw.scales, pw.zeros, None, 4, 128, K,
-                                  act, bf16, interpreter=False, path=cfg, act_group_size=ag)
-    want = Q.reference_codes(codes, xs, pw.qweight, pw.scales, pw.zeros, None, 4, 128, K, act,
-                             torch.float64, ag)
+    got = Q._qlinear_codes_launch(codes, xs, pw.qweight, pw.scales, pw.zeros, None, bits, 128,
+                                  K, act, bf16, interpreter=False, path=cfg, act_group_size=ag)
+    want = Q.reference_codes(codes, xs, pw.qweight, pw.scales, pw.zeros, None, bits, 128, K,
+                             act, torch.float64, ag)
     err = (got.double() - want).abs().max().item()
     assert err <= 2e-2 * want.abs().max().item(), err
 
