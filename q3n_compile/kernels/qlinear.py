@@ -854,7 +854,10 @@ def _sm_count(device_index: int) -> int:
 
 def fp8_supported(device: torch.device) -> bool:
     """Whether float8 e4m3 tensor-core products exist on `device` (sm_89+)."""
-    capability = _device_capability(device)
+    return _fp8_capable(_device_capability(device))
+
+
+def _fp8_capable(capability: Optional[tuple[int, int]]) -> bool:
     return capability is not None and capability >= (8, 9)
 
 
@@ -1111,10 +1114,11 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     that path computes the format exactly on this device.
     Both send single-plane weights at GEMV sizes to gemv1p: on CUDA one row (from 2 rows the
     swapped tile, s16run5), in the interpreter up to 2 rows.
-    On an sm_90 GPU (`capability`, else the device's), 4-bit g128 weights take the Gluon tile
-    ("wg", :func:`qlinear_wgmma.choose`) from 49 to 256 rows with 16-bit activations, to 128
-    with quantized ones (dequantised first), ahead of mm8 and cublas8; `allow_wg` False keeps
-    the paths of before (``q3n::qlinear_codes`` where mmT reads the codes themselves).
+    On an sm_90 GPU (`capability`, else the device's), 4- and 6-bit g128 weights take the Gluon
+    tile ("wg", :func:`qlinear_wgmma.choose`) from 49 to 256 rows (quantized activations
+    dequantised first), to 128 where cublas8 computes the call, ahead of mm8 and cublas8;
+    `allow_wg` False keeps the paths of before (``q3n::qlinear_codes`` where mmT reads the codes
+    themselves).
     """
     k_pad = P.padded_k(K)
     if interpreter:
@@ -1133,14 +1137,15 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     for max_m, path, tile in CUDA_TABLE[_TABLE_KEY[act]]:
         if max_m is None or M <= max_m:
             break
+    capability = capability or _device_capability(device)
+    cublas8 = (M >= _cublas8_min_m(act, group_size)
+               and C8.eligible(N, K, bits, group_size, act, dtype, _fp8_capable(capability),
+                               act_group_size) is None)
     if allow_wg and WG is not None and WG.supported(bits, group_size, act, dtype, N,
-                                                    capability or _device_capability(device)):
-        wg = WG.choose(M, N, sms, act)
+                                                    capability):
+        wg = WG.choose(M, N, sms, cublas8)
         if wg is not None:
             return dict(wg, SPLIT_K=_keep_two_blocks(wg["SPLIT_K"], k_pad, SW.MMT_BLOCK_K))
-    cublas8 = (M >= _cublas8_min_m(act, group_size)
-               and C8.eligible(N, K, bits, group_size, act, dtype, fp8_supported(device),
-                               act_group_size) is None)
     mm8_split = _mm8_split(M, N, K, bits, group_size, act, act_group_size, sms) if cublas8 else None
     if mm8_split is not None:
         return dict(path="mm8", **MM8_TILE, SPLIT_K=mm8_split)

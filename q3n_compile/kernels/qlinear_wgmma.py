@@ -333,17 +333,21 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 # 128, 8 warps, one program an SM: 165 KB of shared memory) where its tiles make most of a wave,
 # SIXTY_FOUR (64 rows x 128 columns) at 49-64 rows of such weights; for weights with few
 # columns TALL (128 rows x 64 columns, 4 warps) with K split 2 to 128 rows, unsplit above, and
-# SMALL (64 x 64, 4 warps, two programs an SM) with K split 4 at 49-64 rows.
+# SMALL (64 x 64, 4 warps, two programs an SM) with K split 4 at 49-64 rows. 6-bit weights
+# (s18run1, W6A16 and W6A12 g128, the same 24 cases): the same rule's launch was the best tile
+# swept or within 2.5% of it in all 48.
 WIDE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, STAGES=4)
 TALL = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, STAGES=4)
 SMALL = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, STAGES=4)
 SIXTY_FOUR = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, STAGES=4)
 DISPATCH_TILES = (WIDE, TALL, SMALL, SIXTY_FOUR)
-# The rows this path takes (not measured outside them: mmT below, dequantise + cuBLAS above),
-# and with quantized activations (dequantised to x's dtype and permuted first): to 128 rows,
-# where it beat mm8 and cublas8 in all 8 cases of s17run11 (fp8, 1.02-1.24x); from 129 rows
-# cuBLAS's fp8 GEMM on unpacked codes won 4 of 8 (0.88-0.94x there).
-MIN_M, MAX_M, MAX_M_CODES = 49, 256, 128
+# The rows this path takes (not measured outside them: mmT below, dequantise + cuBLAS above).
+# Where cuBLAS's fp8 or int8 GEMM on unpacked codes computes the call (cublas8: 8-bit
+# activations, 4-bit weights), to 128 rows: the tile beat mm8 and cublas8 in all 8 cases of
+# s17run11 (fp8, 1.02-1.24x) there, and from 129 rows cublas8 won 4 of 8 (0.88-0.94x). Other
+# quantized activations (dequantised to x's dtype and permuted first) to 256: W6A12 at 192-256
+# rows ran 1.34-1.47x faster than dequantise + cuBLAS (s18run1, forced tiles).
+MIN_M, MAX_M, MAX_M_CUBLAS8 = 49, 256, 128
 ACTS = ("none", "int8", "fp8", "int12")
 BITS = (4, 6)
 # WIDE's tiles (one program an SM) that make "most of a wave": 96 tiles of 132 SMs (12288
@@ -363,14 +367,15 @@ def supported(bits: int, group_size: int, act: str, dtype: torch.dtype, N: int,
             and dtype in (torch.bfloat16, torch.float16) and capability == (9, 0))
 
 
-def choose(M: int, N: int, sms: int, act: str = "none") -> Optional[dict]:
+def choose(M: int, N: int, sms: int, cublas8: bool = False) -> Optional[dict]:
     """The launch for M rows of an N-column weight, or None outside :data:`MIN_M`-:data:`MAX_M`
-    rows (:data:`MAX_M_CODES` with quantized activations). Wide weights (WIDE's tiles at least
+    rows (:data:`MAX_M_CUBLAS8` where `cublas8`: the qlinear_cublas8 path computes the call at
+    this M). Same rule for 4- and 6-bit weights. Wide weights (WIDE's tiles at least
     :data:`WAVE_FILL` of the SMs): SIXTY_FOUR to 64 rows, WIDE above (within 3.5% of the best
     tile swept at 129-256 rows), K unsplit. Others: SMALL with K split 4 to 64 rows, TALL with K
     split 2 to 128 rows, TALL unsplit above (the caller halves a split that would leave fewer
     than two K blocks of 128 each: :func:`q3n_compile.kernels.qlinear.choose_path`)."""
-    if not MIN_M <= M <= (MAX_M if act == "none" else MAX_M_CODES):
+    if not MIN_M <= M <= (MAX_M_CUBLAS8 if cublas8 else MAX_M):
         return None
     if contract.cdiv(M, 128) * contract.cdiv(N, 128) >= WAVE_FILL * sms:
         tile, split = (SIXTY_FOUR if M <= 64 else WIDE), 1

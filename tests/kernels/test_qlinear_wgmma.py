@@ -226,22 +226,31 @@ def test_dispatch_rule_on_sm90():
     assert path(64, 12288) == dict(WG.SIXTY_FOUR, path="wg", SPLIT_K=1)
     for M in (65, 96, 128, 200, 256):
         assert path(M, 12288) == dict(WG.WIDE, path="wg", SPLIT_K=1)
+    # 6-bit weights: the same rule.
+    for M, N, tile, split in ((49, 4096, WG.SMALL, 4), (128, 4096, WG.TALL, 2),
+                              (256, 4096, WG.TALL, 1), (64, 28672, WG.SIXTY_FOUR, 1),
+                              (200, 12288, WG.WIDE, 1)):
+        assert path(M, N, bits=6) == dict(tile, path="wg", SPLIT_K=split), (M, N)
+    assert path(48, 4096, bits=6)["path"] == "mmT"
     # Not measured above 256 rows; never for other formats, activations, dtypes, widths or GPUs.
-    assert path(257, 28672)["path"] == "dequant"
+    assert path(257, 28672)["path"] == "dequant" and path(257, 28672, bits=6)["path"] == "dequant"
     assert path(128, 4096, dtype=f16)["path"] == "wg"
-    for kw in (dict(dtype=torch.float32), dict(bits=5), dict(group=64), dict(group=-1),
-               dict(cap=(8, 0)), dict(cap=(10, 0))):
+    for kw in (dict(dtype=torch.float32), dict(bits=5), dict(bits=8), dict(group=64),
+               dict(group=-1), dict(cap=(8, 0)), dict(cap=(10, 0))):
         assert path(128, 12288, **kw)["path"] != "wg", kw
-    # Quantized activations (dequantised first) to 128 rows, ahead of mm8 and cublas8.
+    # Quantized activations (dequantised first) to 256 rows, ahead of mm8 and dequantise +
+    # cuBLAS; to 128 where cublas8 computes the call (fp8 codes and 4-bit weights from 129).
     for act in ("fp8", "int8", "int12"):
-        assert path(49, 4096, act=act) == dict(WG.SMALL, path="wg", SPLIT_K=4), act
-        assert path(128, 28672, act=act) == dict(WG.WIDE, path="wg", SPLIT_K=1), act
-        assert path(129, 28672, act=act)["path"] != "wg", act
+        for bits in (4, 6):
+            assert path(49, 4096, act=act, bits=bits) == dict(WG.SMALL, path="wg", SPLIT_K=4)
+            assert path(128, 28672, act=act, bits=bits) == dict(WG.WIDE, path="wg", SPLIT_K=1)
+    assert path(129, 28672, act="fp8")["path"] == "cublas8"
+    for act, bits in (("int8", 4), ("int12", 4), ("fp8", 6), ("int8", 6), ("int12", 6)):
+        assert path(256, 28672, act=act, bits=bits) == dict(WG.WIDE, path="wg", SPLIT_K=1)
     assert path(128, 12304)["path"] == "wg" and path(128, 12296)["path"] != "wg"  # N % 16
-    # allow_wg=False (the codes op where mmT reads the codes): the table of before (mmT here:
-    # without a GPU fp8 tensor cores are not known to exist, so no mm8 / cublas8).
+    # allow_wg=False (the codes op where mmT reads the codes): the table of before.
     assert Q.choose_path(128, 12288, 4096, 4, 128, "fp8", bf16, cuda, sm_count=132,
-                         capability=(9, 0), allow_wg=False)["path"] == "mmT"
+                         capability=(9, 0), allow_wg=False)["path"] == "mm8"
     # Without a GPU (capability unknown) the table of before.
     assert Q.choose_path(128, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "mmT"
 
