@@ -46,7 +46,8 @@ def main():
     ap.add_argument("--nk", nargs="+", default=[f"{n}x{k}" for n, k in NKS])
     ap.add_argument("--ms", nargs="+", type=int, default=list(MS))
     ap.add_argument("--tiles", nargs="+", type=parse_tile, default=TILES,
-                    help="BLOCK_M,BLOCK_N,warps,stages,split")
+                    help="BLOCK_M,BLOCK_N,warps,stages,split (split -k: stream-K over k "
+                         "programs an SM)")
     ap.add_argument("--act", default="none",
                     help="activations: none (W4A16), fp8, int8 or int12 (quantised, then "
                          "dequantised and permuted for the tile, as the op does)")
@@ -54,6 +55,7 @@ def main():
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     result = dict(result_header("CUDA-graph replay, do_bench median, L2 flushed"),
                   format=f"W{args.bits} g128 zero points, bf16 x, activations {args.act}", rows=[])
     for nk in args.nk:
@@ -84,7 +86,9 @@ def main():
                 if bm > 2 * M and bm > 32:
                     continue
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, STAGES=stages,
-                           SPLIT_K=split)
+                           SPLIT_K=max(split, 1))
+                if split < 0:
+                    cfg["STREAM"] = -split * sms
                 ent = dict(cfg)
                 try:
                     f = lambda: Q._launch(*qargs[:-1], interpreter=False,  # noqa: E731
@@ -101,7 +105,8 @@ def main():
                 except Exception as exc:
                     ent["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 row["wg"].append(ent)
-                print(f"    wg {bm}x{bn} w{warps} s{stages} split{split}: "
+                print(f"    wg {bm}x{bn} w{warps} s{stages} "
+                      + (f"stream{cfg['STREAM']}: " if split < 0 else f"split{split}: ")
                       + (ent.get("error") or f"{ent['graph_ms']:.4f} ms "
                          f"({ent['vs_bf16']:.2f}x bf16, {ent['vs_before']:.2f}x before, "
                          f"err {ent['err']:.1e})"), flush=True)

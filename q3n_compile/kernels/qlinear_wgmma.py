@@ -130,76 +130,20 @@ def _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, x_ptrs,
 
 
 @gluon.jit
-def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2, K_PER_SPLIT,
-                      stride_xm, stride_ym, BITS: gl.constexpr, SYM: gl.constexpr,
-                      HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                      STAGES: gl.constexpr, REDUCE: gl.constexpr):
-    """Y[m-block, n-block] = x @ W^T (+ bias) for 4- or 6-bit weights (BITS; 6: the 4-bit plane
-    from row ROW4 and the 2-bit plane from ROW2 of QW) in groups of 128, with zero points
-    (Z [K_PAD / 128, N] uint8) or symmetric (SYM: z = 2^(BITS-1)), and x (bf16 or fp16) permuted
-    per 128-channel block ([M, KX], KX a multiple of 128, zero past K). Program (n-block, K
-    split, m-block): BLOCK_N weight columns (64, 128 or 256: num_warps / 4 warpgroups of 64) by
-    BLOCK_M rows of x (the MMA's N). REDUCE 0: one split, stored; 2: each split's fp32 partial
-    to WS, the last split of a tile to arrive (a ticket in CNT) sums them in split order and
-    stores (deterministic), resetting its ticket.
-
-    The weight operand is (q - z) * s in x's dtype (:func:`_scaled_pairs`), so the MMAs chain
-    over the whole K range in one fp32 accumulator, each issued asynchronously while the next
-    sub-tile is unpacked; only the MMA before the last one issued is waited for. Every operand
-    of a K block (x's two halves, the packed words, zero points, scales) comes by cp.async,
-    STAGES - 2 blocks ahead; a stage is refilled once every warp is past the MMAs that read it
-    (two blocks back). The words are read back from a swizzled buffer into the MMA operand's
-    register layout (conflict-free: a warp's 32 reads hit 8 chunks of 4 words, XOR-ed apart by
-    the row). Traffic: the packed weight once per m-block, x once per n-block (from L2), Y once
-    (REDUCE 2: plus 8 bytes an output and split through L2).
-    """
+def _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD, ROW4, ROW2,
+              stride_xm, m0, n0, k_start, k_end, BITS: gl.constexpr, SYM: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              mma: gl.constexpr, x_bl: gl.constexpr, w_bl: gl.constexpr, z_bl: gl.constexpr,
+              s_bl: gl.constexpr):
+    """The fp32 sum [BLOCK_N, BLOCK_M] of the tile at weight column n0 and row m0 of x over
+    channels [k_start, k_end) (multiples of 128): the pipeline of :func:`qlinear_wg_kernel`.
+    Every stage is free when it is called (the caller's barrier), and every copy and MMA it
+    issued is complete when it returns."""
     OPD: gl.constexpr = X.dtype.element_ty
     F16: gl.constexpr = OPD == gl.float16
-    num_warps: gl.constexpr = gl.num_warps()
     MAGIC: gl.constexpr = 1024.0 if F16 else 128.0
-    gl.static_assert(STAGES >= 3)
-    gl.static_assert(BLOCK_N == 64 or BLOCK_N == 128 or BLOCK_N == 256)
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, BLOCK_M, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     rows_l: gl.constexpr = gl.SliceLayout(1, a_l)
-    # x's K block: two halves [BLOCK_M, 64] (128-byte rows, 128-byte swizzle); sub-tile j (16
-    # channels) is columns 16 (j % 4) of half j // 4, the MMA's K-major second operand. A warp
-    # copies 4 rows x 128 contiguous bytes (4 global lines, 512 unconflicted shared bytes;
-    # 16 rows x 32 bytes a warp, as first written, cost 16 shared wavefronts an instruction).
-    x_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    x_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
-                                          warps_per_cta=[num_warps, 1], order=[1, 0])
-    w_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
-    w_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4],
-                                          threads_per_warp=[2 if BLOCK_N == 64 else 1,
-                                                            16 if BLOCK_N == 64 else 32],
-                                          warps_per_cta=[num_warps, 1], order=[1, 0])
-    v_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-    z_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[4], threads_per_warp=[32],
-                                          warps_per_cta=[num_warps], order=[0])
-    s_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[2], threads_per_warp=[32],
-                                          warps_per_cta=[num_warps], order=[0])
-    x_smem = gl.allocate_shared_memory(OPD, [2 * STAGES, BLOCK_M, 64], x_sl)
-    w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, BLOCK_N], w_sl)
-    if BITS == 6:
-        # The 2-bit plane's 8 word rows of a block, each copied to two rows (2r, 2r + 1), so
-        # that it reads back in the 4-bit words' layout: the MMA operand's register pairs are
-        # two adjacent K rows, whose 2-bit fields are the two halves of one word.
-        w2_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, BLOCK_N], w_sl)
-    else:
-        w2_smem = w_smem  # unused
-    z_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N], v_sl)
-    s_smem = gl.allocate_shared_memory(S.dtype.element_ty, [STAGES, BLOCK_N], v_sl)
-
-    pid_n = gl.program_id(0)
-    pid_k = gl.program_id(1)
-    pid_m = gl.program_id(2)
-    m0 = pid_m * BLOCK_M
-    n0 = pid_n * BLOCK_N
-    k_start = pid_k * K_PER_SPLIT
-    k_end = gl.minimum(k_start + K_PER_SPLIT, KX)
-
     # x: row m of a half at k0 is channels k0 + (0..63) of row m0 + m.
     xm = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_bl))
     c = gl.arange(0, 64, layout=gl.SliceLayout(0, x_bl))
@@ -259,37 +203,174 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2
         i += 1
     acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
     cp.wait_group(0)
+    return acc
 
+
+@gluon.jit
+def _store_tile(Y, BIAS, acc, M, N, stride_ym, m0, n0, HAS_BIAS: gl.constexpr,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, mma: gl.constexpr):
+    """Y's tile (transposed back: acc[n, m] is y[m0 + m, n0 + n]) = acc (+ bias), masked."""
     offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
     n_ok = offs_n < N
     if HAS_BIAS:
-        bias = gl.load(BIAS + offs_n, mask=n_ok & (pid_k == 0), other=0.0).to(gl.float32)
-        acc = acc + bias[:, None]
+        acc = acc + gl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(gl.float32)[:, None]
     y_offs = offs_m.to(gl.int64)[None, :] * stride_ym + offs_n[:, None]
-    y_ok = (offs_m < M)[None, :] & n_ok[:, None]
-    if REDUCE == 2:
-        # WS holds [split, tile, BLOCK_N, BLOCK_M] partials: offsets within a tile are
-        # constants per register (folded into the loads' immediates), so the split's sum
-        # keeps no offset registers live (per-output offsets cost 190-255 registers).
-        TILE: gl.constexpr = BLOCK_N * BLOCK_M
-        t_offs = ((offs_n - n0)[:, None] * BLOCK_M + (offs_m - m0)[None, :])
-        tiles = gl.num_programs(0) * gl.num_programs(2)
-        tile = pid_m * gl.num_programs(0) + pid_n
-        gl.store(WS + (pid_k * tiles + tile).to(gl.int64) * TILE + t_offs, acc)
-        gl.thread_barrier()  # every thread's partial is written before the ticket is taken
-        cnt = CNT + tile
-        ticket = gl.atomic_add(cnt, 1, sem="acq_rel")
-        if ticket == gl.num_programs(1) - 1:
-            total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
-            for sp in range(0, gl.num_programs(1)):
-                # .cg: from L2, never a line this SM's L1 kept from an earlier call
-                total += gl.load(WS + (sp * tiles + tile).to(gl.int64) * TILE + t_offs,
-                                 cache_modifier=".cg")
-            gl.store(Y + y_offs, total.to(Y.dtype.element_ty), mask=y_ok)
-            gl.atomic_xchg(cnt, 0)
+    gl.store(Y + y_offs, acc.to(Y.dtype.element_ty), mask=(offs_m < M)[None, :] & n_ok[:, None])
+
+
+@gluon.jit
+def _tile_offsets(BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, mma: gl.constexpr):
+    """Offsets of a tile's elements in a partial sum's [BLOCK_N, BLOCK_M] slot of WS: constants
+    per register (folded into the loads' immediates), so a sum over partials keeps no offset
+    registers live (per-output offsets cost 190-255 registers)."""
+    n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+    return n[:, None] * BLOCK_M + m[None, :]
+
+
+@gluon.jit
+def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2, K_PER_SPLIT,
+                      stride_xm, stride_ym, BITS: gl.constexpr, SYM: gl.constexpr,
+                      HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                      STAGES: gl.constexpr, REDUCE: gl.constexpr):
+    """Y = x @ W^T (+ bias) for 4- or 6-bit weights (BITS; 6: the 4-bit plane from row ROW4 and
+    the 2-bit plane from ROW2 of QW) in groups of 128, with zero points (Z [K_PAD / 128, N]
+    uint8) or symmetric (SYM: z = 2^(BITS-1)), and x (bf16 or fp16) permuted per 128-channel
+    block ([M, KX], KX a multiple of 128, zero past K), in tiles of BLOCK_N weight columns (64,
+    128 or 256: num_warps / 4 warpgroups of 64) by BLOCK_M rows of x (the MMA's N).
+
+    REDUCE 0: program (n-block, 0, m-block) computes and stores its tile. 2: program (n-block,
+    split, m-block) its tile over K_PER_SPLIT channels; each split's fp32 partial goes to WS,
+    and the last split of a tile to arrive (a ticket in CNT) sums them in split order and
+    stores (deterministic), resetting its ticket. 3 (stream-K): the (tile, K block) units,
+    tile-major, are cut into num_programs equal ranges; a program computes the tiles' pieces in
+    its range, stores a whole tile directly, and hands a piece to WS (slot 0: the first of its
+    range, 1: the last) with a ticket; the last of a tile's programs to arrive sums its pieces
+    in program order and stores. So every SM has the same share of the work however the tiles
+    fall into waves (e.g. 224 tiles on 132 SMs: 1.7 waves of whole tiles).
+
+    The weight operand is (q - z) * s in x's dtype (:func:`_scaled_pairs`), so the MMAs chain
+    over the whole K range in one fp32 accumulator, each issued asynchronously while the next
+    sub-tile is unpacked; only the MMA before the last one issued is waited for. Every operand
+    of a K block (x's two halves, the packed words, zero points, scales) comes by cp.async,
+    STAGES - 2 blocks ahead; a stage is refilled once every warp is past the MMAs that read it
+    (two blocks back). The words are read back from a swizzled buffer into the MMA operand's
+    register layout (conflict-free: a warp's 32 reads hit 8 chunks of 4 words, XOR-ed apart by
+    the row). Traffic: the packed weight once per m-block, x once per n-block (from L2), Y once
+    (REDUCE 2 and 3: plus 8 bytes an output and piece through L2).
+    """
+    OPD: gl.constexpr = X.dtype.element_ty
+    num_warps: gl.constexpr = gl.num_warps()
+    gl.static_assert(STAGES >= 3)
+    gl.static_assert(BLOCK_N == 64 or BLOCK_N == 128 or BLOCK_N == 256)
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_M, 16])
+    # x's K block: two halves [BLOCK_M, 64] (128-byte rows, 128-byte swizzle); sub-tile j (16
+    # channels) is columns 16 (j % 4) of half j // 4, the MMA's K-major second operand. A warp
+    # copies 4 rows x 128 contiguous bytes (4 global lines, 512 unconflicted shared bytes;
+    # 16 rows x 32 bytes a warp, as first written, cost 16 shared wavefronts an instruction).
+    x_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    x_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
+                                          warps_per_cta=[num_warps, 1], order=[1, 0])
+    w_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
+    w_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4],
+                                          threads_per_warp=[2 if BLOCK_N == 64 else 1,
+                                                            16 if BLOCK_N == 64 else 32],
+                                          warps_per_cta=[num_warps, 1], order=[1, 0])
+    v_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+    z_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[4], threads_per_warp=[32],
+                                          warps_per_cta=[num_warps], order=[0])
+    s_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[2], threads_per_warp=[32],
+                                          warps_per_cta=[num_warps], order=[0])
+    x_smem = gl.allocate_shared_memory(OPD, [2 * STAGES, BLOCK_M, 64], x_sl)
+    w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, BLOCK_N], w_sl)
+    if BITS == 6:
+        # The 2-bit plane's 8 word rows of a block, each copied to two rows (2r, 2r + 1), so
+        # that it reads back in the 4-bit words' layout: the MMA operand's register pairs are
+        # two adjacent K rows, whose 2-bit fields are the two halves of one word.
+        w2_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, BLOCK_N], w_sl)
     else:
-        gl.store(Y + y_offs, acc.to(Y.dtype.element_ty), mask=y_ok)
+        w2_smem = w_smem  # unused
+    z_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N], v_sl)
+    s_smem = gl.allocate_shared_memory(S.dtype.element_ty, [STAGES, BLOCK_N], v_sl)
+
+    TILE: gl.constexpr = BLOCK_N * BLOCK_M
+    if REDUCE == 3:
+        tiles_n = gl.cdiv(N, BLOCK_N)
+        kb = gl.cdiv(KX, 128)
+        units = tiles_n * gl.cdiv(M, BLOCK_M) * kb
+        p = gl.program_id(0)
+        P = gl.num_programs(0)  # at most `units`: every range holds a unit
+        u0 = p * units // P
+        u1 = (p + 1) * units // P
+        u = u0
+        while u < u1:
+            t = u // kb
+            kb0 = u - t * kb
+            kb1 = gl.minimum(kb, kb0 + (u1 - u))
+            pid_m = t // tiles_n
+            m0 = pid_m * BLOCK_M
+            n0 = (t - pid_m * tiles_n) * BLOCK_N
+            gl.thread_barrier()  # every warp is done with the stages before they are refilled
+            acc = _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
+                            ROW4, ROW2, stride_xm, m0, n0, kb0 * 128, kb1 * 128, BITS, SYM,
+                            BLOCK_M, BLOCK_N, STAGES, mma, x_bl, w_bl, z_bl, s_bl)
+            if kb1 - kb0 == kb:
+                _store_tile(Y, BIAS, acc, M, N, stride_ym, m0, n0, HAS_BIAS, BLOCK_M, BLOCK_N,
+                            mma)
+            else:
+                t_offs = _tile_offsets(BLOCK_M, BLOCK_N, mma)
+                slot = (u != u0).to(gl.int32)
+                gl.store(WS + (p * 2 + slot).to(gl.int64) * TILE + t_offs, acc)
+                gl.thread_barrier()  # every thread's piece is written before the ticket
+                cnt = CNT + t
+                ticket = gl.atomic_add(cnt, 1, sem="acq_rel")
+                # The programs whose ranges hold the tile's first and last units: the owner
+                # of unit v is the largest q with q * units // P <= v.
+                q0 = ((t * kb + 1) * P - 1) // units
+                q1 = ((t + 1) * kb * P - 1) // units
+                if ticket == q1 - q0:
+                    total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
+                    for q in range(q0, q1 + 1):
+                        # q's piece is its slot 0 if its range starts in this tile, else 1
+                        qslot = ((q * units // P) // kb != t).to(gl.int32)
+                        total += gl.load(WS + (q * 2 + qslot).to(gl.int64) * TILE + t_offs,
+                                         cache_modifier=".cg")
+                    _store_tile(Y, BIAS, total, M, N, stride_ym, m0, n0, HAS_BIAS, BLOCK_M,
+                                BLOCK_N, mma)
+                    gl.atomic_xchg(cnt, 0)
+            u += kb1 - kb0
+    else:
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        pid_m = gl.program_id(2)
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        k_start = pid_k * K_PER_SPLIT
+        acc = _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD, ROW4,
+                        ROW2, stride_xm, m0, n0, k_start, gl.minimum(k_start + K_PER_SPLIT, KX),
+                        BITS, SYM, BLOCK_M, BLOCK_N, STAGES, mma, x_bl, w_bl, z_bl, s_bl)
+        if REDUCE == 2:
+            # WS holds [split, tile, BLOCK_N, BLOCK_M] partials.
+            t_offs = _tile_offsets(BLOCK_M, BLOCK_N, mma)
+            tiles = gl.num_programs(0) * gl.num_programs(2)
+            tile = pid_m * gl.num_programs(0) + pid_n
+            gl.store(WS + (pid_k * tiles + tile).to(gl.int64) * TILE + t_offs, acc)
+            gl.thread_barrier()  # every thread's partial is written before the ticket is taken
+            cnt = CNT + tile
+            ticket = gl.atomic_add(cnt, 1, sem="acq_rel")
+            if ticket == gl.num_programs(1) - 1:
+                total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
+                for sp in range(0, gl.num_programs(1)):
+                    # .cg: from L2, never a line this SM's L1 kept from an earlier call
+                    total += gl.load(WS + (sp * tiles + tile).to(gl.int64) * TILE + t_offs,
+                                     cache_modifier=".cg")
+                _store_tile(Y, BIAS, total, M, N, stride_ym, m0, n0, HAS_BIAS, BLOCK_M,
+                            BLOCK_N, mma)
+                gl.atomic_xchg(cnt, 0)
+        else:
+            _store_tile(Y, BIAS, acc, M, N, stride_ym, m0, n0, HAS_BIAS, BLOCK_M, BLOCK_N, mma)
 
 
 def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -298,24 +379,34 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     """``x @ W^T (+ bias)`` for 4- or 6-bit weights in groups of 128 (``qweight`` the packing's
     planes [K_PAD * bits / 32, N] int32, ``scales`` fp16 and ``zeros`` uint8 or None
     (symmetric) [K_PAD / 128, N]), x [M, K] bf16 or fp16 (or already
-    :func:`permute_x_blocks`'s [M, K128] with `x_permuted`). cfg: BLOCK_M,
-    BLOCK_N, STAGES, SPLIT_K, num_warps; a split needs `tickets(device, n)` (int32 counters,
-    zero between calls: :func:`q3n_compile.kernels.qlinear._tickets`)."""
+    :func:`permute_x_blocks`'s [M, K128] with `x_permuted`). cfg: BLOCK_M, BLOCK_N, STAGES,
+    num_warps, and SPLIT_K (K split into that many programs a tile) or STREAM (stream-K over
+    that many programs, at most one per (tile, K block)); both need `tickets(device, n)` (int32
+    counters, zero between calls: :func:`q3n_compile.kernels.qlinear._tickets`)."""
     M = x.shape[0]
     N = qweight.shape[1]
     xk = x if x_permuted else permute_x_blocks(x)
     kx = xk.shape[1]
     split = cfg.get("SPLIT_K", 1)
     kps = contract.cdiv(contract.cdiv(kx, MMT_BLOCK_K), split) * MMT_BLOCK_K
-    grid = (contract.cdiv(N, cfg["BLOCK_N"]), split, contract.cdiv(M, cfg["BLOCK_M"]))
+    tiles_n, tiles_m = contract.cdiv(N, cfg["BLOCK_N"]), contract.cdiv(M, cfg["BLOCK_M"])
+    tile_elems = cfg["BLOCK_N"] * cfg["BLOCK_M"]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if split > 1:
-        if tickets is None:
-            raise ValueError("q3n::qlinear: the wg path's split-K needs the ticket counters")
-        ws = torch.empty((split, grid[0] * grid[2], cfg["BLOCK_N"] * cfg["BLOCK_M"]),
-                         dtype=torch.float32, device=x.device)
-        cnt = tickets(x.device, grid[0] * grid[2])
+    stream = cfg.get("STREAM", 0)
+    if (stream or split > 1) and tickets is None:
+        raise ValueError("q3n::qlinear: the wg path's K split needs the ticket counters")
+    if stream:
+        programs = min(stream, tiles_n * tiles_m * contract.cdiv(kx, MMT_BLOCK_K))
+        grid, reduce = (programs, 1, 1), 3
+        ws = torch.empty((programs, 2, tile_elems), dtype=torch.float32, device=x.device)
+        cnt = tickets(x.device, tiles_n * tiles_m)
+    elif split > 1:
+        grid, reduce = (tiles_n, split, tiles_m), 2
+        ws = torch.empty((split, tiles_n * tiles_m, tile_elems), dtype=torch.float32,
+                         device=x.device)
+        cnt = tickets(x.device, tiles_n * tiles_m)
     else:
+        grid, reduce = (tiles_n, 1, tiles_m), 0
         ws = cnt = y  # unused
     contract.launch(
         qlinear_wg_kernel, grid,
@@ -323,7 +414,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
          bias if bias is not None else scales, y, ws, cnt),
         (M, N, P.padded_k(K), kx, *P.plane_starts(bits, K)[:2], kps, xk.stride(0), y.stride(0)),
         dict(BITS=bits, SYM=zeros is None, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
-             BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], REDUCE=2 if split > 1 else 0),
+             BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], REDUCE=reduce),
         dict(num_warps=cfg["num_warps"]), fast=True)
     return y
 

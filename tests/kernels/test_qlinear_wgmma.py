@@ -65,9 +65,10 @@ def _compile_sm90(cfg: dict, x_type: str, reduce: int, bias: bool, sym: bool, bi
                 waits=[i for i in loop if "WARPGROUP.DEPBAR" in i])
 
 
-# x, REDUCE, bias, sym, weight bits
+# x, REDUCE (0 one program a tile, 2 K split, 3 stream-K), bias, sym, weight bits
 _VARIANTS = [("*bf16", 0, False, False, 4), ("*fp16", 2, True, True, 4),
-             ("*bf16", 2, True, False, 6), ("*fp16", 0, False, True, 6)]
+             ("*bf16", 2, True, False, 6), ("*fp16", 0, False, True, 6),
+             ("*bf16", 3, True, False, 4), ("*fp16", 3, False, True, 6)]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def sm90_builds():
 
 def test_dispatched_tiles_compile_for_sm90_without_spills(sm90_builds):
     cases = [(tile, v) for tile in WG.DISPATCH_TILES for v in _VARIANTS]
-    assert len(sm90_builds) == len(cases) == 16
+    assert len(sm90_builds) == len(cases) == 24
     for (tile, variant), got in zip(cases, sm90_builds):
         where = f"{tile} {variant}: {got}"
         assert got["stack"] == 0, where  # no spills
@@ -295,12 +296,29 @@ def test_gpu_wg6_against_float64(dtype, sym, M, N, K, split, bias, tile):
     _check_wg(6, dtype, M, N, K, split, bias, tile, sym)
 
 
-def _check_wg(bits, dtype, M, N, K, split, bias, tile, sym):
-    gen = _gen(f"wg{bits}{dtype}{M}{N}{K}{split}{bias}{tile['BLOCK_M']}{tile['BLOCK_N']}{sym}")
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,dtype,sym", [(4, bf16, False), (6, f16, True)])
+@pytest.mark.parametrize("M,N,K,bias", [(s[0], s[1], s[2], s[4]) for s in _GPU_SHAPES])
+@pytest.mark.parametrize("tile", [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, STAGES=4),
+                                  dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, STAGES=4)],
+                         ids=["64x64", "128x128"])
+@pytest.mark.parametrize("programs", [5, 132])
+def test_gpu_wg_stream_k_against_float64(bits, dtype, sym, M, N, K, bias, tile, programs):
+    # Stream-K: ranges of (tile, K block) units that start and end inside tiles, tiles summed
+    # from 2 or more pieces, and (132 programs on small shapes) more programs than units.
+    _check_wg(bits, dtype, M, N, K, 1, bias, tile, sym, stream=programs)
+
+
+def _check_wg(bits, dtype, M, N, K, split, bias, tile, sym, stream=0):
+    gen = _gen(f"wg{bits}{dtype}{M}{N}{K}{split}{bias}{tile['BLOCK_M']}{tile['BLOCK_N']}{sym}"
+               f"{stream}")
     pw = _packed(gen, N, K, bits, 128, sym, device="cuda")
     x = torch.randn(M, K, generator=gen).to(dtype).cuda()
     b = torch.randn(N, generator=gen).to(dtype).cuda() if bias else None
     cfg = dict(tile, path="wg", SPLIT_K=split)
+    if stream:
+        cfg["STREAM"] = stream
     check_against_float64(x, pw, b, path=cfg)
     check_against_float64(x, pw, b, path=cfg)  # again: every ticket was reset
     assert int(Q._tickets(x.device, 1).abs().sum()) == 0
