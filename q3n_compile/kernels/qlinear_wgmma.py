@@ -445,6 +445,15 @@ BITS = (4, 6)
 # columns at up to 128 rows) ran 0.0440 / 0.0451 ms at 96 / 128 rows against TALL split 2's
 # 0.0567 / 0.0578; 32 tiles (4096 columns) 0.0422 / 0.0432 against 0.0260 / 0.0263.
 WAVE_FILL = 0.72
+# From a wave of WIDE tiles, stream-K over one program an SM (s18run3, W4A16): 224 tiles
+# (28672 columns, 96-128 rows) 0.1341 / 0.1405 ms against whole tiles' 0.1399 / 0.1464, 448
+# tiles (256 rows) 0.2682 against 0.2932, 192 tiles (12288 columns, 192-256 rows) 0.0720 /
+# 0.0736 against 0.0780 / 0.0808; below a wave it lost (96 tiles: 0.0483 / 0.0496 against
+# 0.0434 / 0.0447), each tile then summed from two pieces.
+# Weights with few columns: the K split that brings the tiles nearest the programs the SMs
+# hold (TALL one an SM, SMALL two), at most MAX_SPLIT; on 4096 columns (the shapes measured,
+# s17run8) that is the split measured best: 4 at 49-64 rows, 2 at 65-128, 1 above.
+MAX_SPLIT = 8
 
 
 def supported(bits: int, group_size: int, act: str, dtype: torch.dtype, N: int,
@@ -463,13 +472,21 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False) -> Optional[dict]:
     rows (:data:`MAX_M_CUBLAS8` where `cublas8`: the qlinear_cublas8 path computes the call at
     this M). Same rule for 4- and 6-bit weights. Wide weights (WIDE's tiles at least
     :data:`WAVE_FILL` of the SMs): SIXTY_FOUR to 64 rows, WIDE above (within 3.5% of the best
-    tile swept at 129-256 rows), K unsplit. Others: SMALL with K split 4 to 64 rows, TALL with K
-    split 2 to 128 rows, TALL unsplit above (the caller halves a split that would leave fewer
-    than two K blocks of 128 each: :func:`q3n_compile.kernels.qlinear.choose_path`)."""
+    tile swept at 129-256 rows), K unsplit, by stream-K over one program an SM where the tiles
+    make a wave. Others: SMALL to 64 rows, TALL above, K split as :data:`MAX_SPLIT` says (the
+    caller halves a split that would leave fewer than two K blocks of 128 each:
+    :func:`q3n_compile.kernels.qlinear.choose_path`)."""
     if not MIN_M <= M <= (MAX_M_CUBLAS8 if cublas8 else MAX_M):
         return None
-    if contract.cdiv(M, 128) * contract.cdiv(N, 128) >= WAVE_FILL * sms:
-        tile, split = (SIXTY_FOUR if M <= 64 else WIDE), 1
-    else:
-        tile, split = (SMALL, 4) if M <= 64 else (TALL, 2) if M <= 128 else (TALL, 1)
+    wide_tiles = contract.cdiv(M, 128) * contract.cdiv(N, 128)
+    if wide_tiles >= WAVE_FILL * sms:
+        if M > 64 and wide_tiles >= sms:
+            return dict(WIDE, path="wg", SPLIT_K=1, STREAM=sms)
+        return dict(SIXTY_FOUR if M <= 64 else WIDE, path="wg", SPLIT_K=1)
+    tile = SMALL if M <= 64 else TALL
+    tiles = contract.cdiv(M, tile["BLOCK_M"]) * contract.cdiv(N, tile["BLOCK_N"])
+    slots = sms * (2 if tile is SMALL else 1)
+    split = 1
+    while split < MAX_SPLIT and 2 * split * tiles <= slots:
+        split *= 2
     return dict(tile, path="wg", SPLIT_K=split)

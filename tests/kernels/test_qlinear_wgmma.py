@@ -214,24 +214,36 @@ def test_dispatch_rule_on_sm90():
         return Q.choose_path(M, N, K, bits, group, act, dtype, cuda, sm_count=132,
                              capability=cap)
 
-    # Few columns: 64 x 64 with K in 4 to 64 rows, 128 x 64 with K in 2 to 128, unsplit above.
+    # Few columns: 64 x 64 to 64 rows, 128 x 64 above, K split to bring the tiles nearest the
+    # programs the SMs hold (two 64 x 64 an SM, one 128 x 64), at most 8 ways: on 4096 columns
+    # 4 to 64 rows, 2 to 128, unsplit above; on fewer columns more.
     assert path(48, 4096)["path"] == "mmT"
-    for M, tile, split in ((49, WG.SMALL, 4), (64, WG.SMALL, 4), (65, WG.TALL, 2),
-                           (128, WG.TALL, 2), (129, WG.TALL, 1), (256, WG.TALL, 1)):
-        assert path(M, 4096) == dict(tile, path="wg", SPLIT_K=split), M
+    for M, N, tile, split in ((49, 4096, WG.SMALL, 4), (64, 4096, WG.SMALL, 4),
+                              (65, 4096, WG.TALL, 2), (128, 4096, WG.TALL, 2),
+                              (129, 4096, WG.TALL, 1), (256, 4096, WG.TALL, 1),
+                              (64, 1024, WG.SMALL, 8), (128, 1024, WG.TALL, 8),
+                              (256, 1024, WG.TALL, 4), (256, 2048, WG.TALL, 2)):
+        assert path(M, N) == dict(tile, path="wg", SPLIT_K=split), (M, N)
     # A split keeps two K blocks of 128 each: K = 384 (3 blocks) is not split.
     assert path(64, 4096, K=384)["SPLIT_K"] == 1 and path(64, 4096, K=1024)["SPLIT_K"] == 4
-    # Wide weights (their 128 x 128 tiles fill 0.72 of the SMs): 64 x 128 to 64 rows, then WIDE.
+    # Wide weights (their 128 x 128 tiles fill 0.72 of the SMs): 64 x 128 to 64 rows, then WIDE,
+    # by stream-K over the 132 SMs once the tiles make a wave (12288 columns from 129 rows,
+    # 28672 from 65).
     assert path(48, 12288)["path"] == "mmT"
     assert path(49, 28672) == dict(WG.SIXTY_FOUR, path="wg", SPLIT_K=1)
     assert path(64, 12288) == dict(WG.SIXTY_FOUR, path="wg", SPLIT_K=1)
-    for M in (65, 96, 128, 200, 256):
+    stream = dict(WG.WIDE, path="wg", SPLIT_K=1, STREAM=132)
+    for M in (65, 96, 128):
         assert path(M, 12288) == dict(WG.WIDE, path="wg", SPLIT_K=1)
+        assert path(M, 28672) == stream
+    for M in (129, 200, 256):
+        assert path(M, 12288) == stream
     # 6-bit weights: the same rule.
     for M, N, tile, split in ((49, 4096, WG.SMALL, 4), (128, 4096, WG.TALL, 2),
                               (256, 4096, WG.TALL, 1), (64, 28672, WG.SIXTY_FOUR, 1),
-                              (200, 12288, WG.WIDE, 1)):
+                              (128, 12288, WG.WIDE, 1)):
         assert path(M, N, bits=6) == dict(tile, path="wg", SPLIT_K=split), (M, N)
+    assert path(200, 12288, bits=6) == stream
     assert path(48, 4096, bits=6)["path"] == "mmT"
     # Not measured above 256 rows; never for other formats, activations, dtypes, widths or GPUs.
     assert path(257, 28672)["path"] == "dequant" and path(257, 28672, bits=6)["path"] == "dequant"
@@ -244,10 +256,10 @@ def test_dispatch_rule_on_sm90():
     for act in ("fp8", "int8", "int12"):
         for bits in (4, 6):
             assert path(49, 4096, act=act, bits=bits) == dict(WG.SMALL, path="wg", SPLIT_K=4)
-            assert path(128, 28672, act=act, bits=bits) == dict(WG.WIDE, path="wg", SPLIT_K=1)
+            assert path(128, 12288, act=act, bits=bits) == dict(WG.WIDE, path="wg", SPLIT_K=1)
     assert path(129, 28672, act="fp8")["path"] == "cublas8"
     for act, bits in (("int8", 4), ("int12", 4), ("fp8", 6), ("int8", 6), ("int12", 6)):
-        assert path(256, 28672, act=act, bits=bits) == dict(WG.WIDE, path="wg", SPLIT_K=1)
+        assert path(256, 28672, act=act, bits=bits) == stream
     assert path(128, 12304)["path"] == "wg" and path(128, 12296)["path"] != "wg"  # N % 16
     # allow_wg=False (the codes op where mmT reads the codes): the table of before.
     assert Q.choose_path(128, 12288, 4096, 4, 128, "fp8", bf16, cuda, sm_count=132,
