@@ -450,10 +450,14 @@ WAVE_FILL = 0.72
 # tiles (256 rows) 0.2682 against 0.2932, 192 tiles (12288 columns, 192-256 rows) 0.0720 /
 # 0.0736 against 0.0780 / 0.0808; below a wave it lost (96 tiles: 0.0483 / 0.0496 against
 # 0.0434 / 0.0447), each tile then summed from two pieces.
-# Weights with few columns: the K split that brings the tiles nearest the programs the SMs
-# hold (TALL one an SM, SMALL two), at most MAX_SPLIT; on 4096 columns (the shapes measured,
-# s17run8) that is the split measured best: 4 at 49-64 rows, 2 at 65-128, 1 above.
-MAX_SPLIT = 8
+# Weights with few columns: SMALL with K split 4 to 64 rows; above, TALL (K split 2 to 128
+# rows, unsplit above) where its programs make WAVE_FILL of the SMs (4096 columns: 128), else
+# SMALL split 4 to 128 rows and the table's path above. s18run4 on 1024 x 4096 (16 TALL tiles):
+# TALL split 8 / 4 (every SM a program) ran 0.0230 / 0.0235 ms at 96 / 128 rows and 0.0227 /
+# 0.0229 at 192 / 256, SMALL split 4 0.0181 / 0.0186 and 0.0223 / 0.0233, dequantise + cuBLAS
+# 0.0187 / 0.0194 at 192 / 256 (mmT 0.0287 / 0.0289 at 96 / 128); W6A12 alike (SMALL split 4
+# 0.0184 / 0.0187 against dequantise + cuBLAS's 0.0215 / 0.0212 at 96 / 128, 0.0239 / 0.0249
+# against 0.0231 / 0.0239 at 192 / 256).
 
 
 def supported(bits: int, group_size: int, act: str, dtype: torch.dtype, N: int,
@@ -473,9 +477,10 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False) -> Optional[dict]:
     this M). Same rule for 4- and 6-bit weights. Wide weights (WIDE's tiles at least
     :data:`WAVE_FILL` of the SMs): SIXTY_FOUR to 64 rows, WIDE above (within 3.5% of the best
     tile swept at 129-256 rows), K unsplit, by stream-K over one program an SM where the tiles
-    make a wave. Others: SMALL to 64 rows, TALL above, K split as :data:`MAX_SPLIT` says (the
-    caller halves a split that would leave fewer than two K blocks of 128 each:
-    :func:`q3n_compile.kernels.qlinear.choose_path`)."""
+    make a wave. Others: SMALL with K split 4 to 64 rows; TALL with K split 2 to 128 rows and
+    unsplit above where its programs fill :data:`WAVE_FILL` of the SMs, else SMALL split 4 to
+    128 rows and None above (the caller halves a split that would leave fewer than two K
+    blocks of 128 each: :func:`q3n_compile.kernels.qlinear.choose_path`)."""
     if not MIN_M <= M <= (MAX_M_CUBLAS8 if cublas8 else MAX_M):
         return None
     wide_tiles = contract.cdiv(M, 128) * contract.cdiv(N, 128)
@@ -483,10 +488,9 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False) -> Optional[dict]:
         if M > 64 and wide_tiles >= sms:
             return dict(WIDE, path="wg", SPLIT_K=1, STREAM=sms)
         return dict(SIXTY_FOUR if M <= 64 else WIDE, path="wg", SPLIT_K=1)
-    tile = SMALL if M <= 64 else TALL
-    tiles = contract.cdiv(M, tile["BLOCK_M"]) * contract.cdiv(N, tile["BLOCK_N"])
-    slots = sms * (2 if tile is SMALL else 1)
-    split = 1
-    while split < MAX_SPLIT and 2 * split * tiles <= slots:
-        split *= 2
-    return dict(tile, path="wg", SPLIT_K=split)
+    if M <= 64:
+        return dict(SMALL, path="wg", SPLIT_K=4)
+    split = 2 if M <= 128 else 1
+    if contract.cdiv(M, 128) * contract.cdiv(N, 64) * split >= WAVE_FILL * sms:
+        return dict(TALL, path="wg", SPLIT_K=split)
+    return dict(SMALL, path="wg", SPLIT_K=4) if M <= 128 else None

@@ -214,16 +214,17 @@ def test_dispatch_rule_on_sm90():
         return Q.choose_path(M, N, K, bits, group, act, dtype, cuda, sm_count=132,
                              capability=cap)
 
-    # Few columns: 64 x 64 to 64 rows, 128 x 64 above, K split to bring the tiles nearest the
-    # programs the SMs hold (two 64 x 64 an SM, one 128 x 64), at most 8 ways: on 4096 columns
-    # 4 to 64 rows, 2 to 128, unsplit above; on fewer columns more.
+    # Few columns: 64 x 64 with K in 4 to 64 rows; 128 x 64 with K in 2 to 128 rows, unsplit
+    # above, where its programs fill 0.72 of the SMs (4096 columns); on fewer columns 64 x 64
+    # with K in 4 to 128 rows and dequantise + cuBLAS above.
     assert path(48, 4096)["path"] == "mmT"
     for M, N, tile, split in ((49, 4096, WG.SMALL, 4), (64, 4096, WG.SMALL, 4),
                               (65, 4096, WG.TALL, 2), (128, 4096, WG.TALL, 2),
                               (129, 4096, WG.TALL, 1), (256, 4096, WG.TALL, 1),
-                              (64, 1024, WG.SMALL, 8), (128, 1024, WG.TALL, 8),
-                              (256, 1024, WG.TALL, 4), (256, 2048, WG.TALL, 2)):
+                              (64, 1024, WG.SMALL, 4), (65, 1024, WG.SMALL, 4),
+                              (128, 2048, WG.SMALL, 4)):
         assert path(M, N) == dict(tile, path="wg", SPLIT_K=split), (M, N)
+    assert path(129, 1024)["path"] == "dequant" and path(256, 2048)["path"] == "dequant"
     # A split keeps two K blocks of 128 each: K = 384 (3 blocks) is not split.
     assert path(64, 4096, K=384)["SPLIT_K"] == 1 and path(64, 4096, K=1024)["SPLIT_K"] == 4
     # Wide weights (their 128 x 128 tiles fill 0.72 of the SMs): 64 x 128 to 64 rows, then WIDE,
