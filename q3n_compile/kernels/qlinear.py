@@ -92,12 +92,14 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   16-bit x is permuted by one more pass from 17 rows on 32M+ weights). H200, the issue's four
   shapes: W4A16 g128 1.22-1.39x bf16 cuBLAS at 16 rows (the one-tile kernel before session 9
   0.90-0.95x), 0.81-0.97x at 64 rows, 0.56-0.60x at 128 (s10run4-5).
-- ``wg`` (:mod:`q3n_compile.kernels.qlinear_wgmma`, a Gluon kernel, sm_90 only): mmT's 4-bit
-  g128 tile with its warpgroup MMAs asynchronous, from 49 to 256 rows (to 128 with quantized
-  activations, dequantised first as for mmT), ahead of mmT, mm8, cublas8 and dequantise +
-  cuBLAS there (:func:`qlinear_wgmma.choose`); its weight operand is ``(q - z) * s`` rounded to
-  x's dtype (with bf16 x the scale is rounded to bf16 first). H200 (s17run9, s17run12):
-  1.01-1.50x the paths before it with 16-bit activations, 0.94-1.24x with fp8 ones.
+- ``wg`` (:mod:`q3n_compile.kernels.qlinear_wgmma`, a Gluon kernel, sm_90 only): mmT's tile
+  for 4- and 6-bit g128 weights with its warpgroup MMAs asynchronous, from 49 to 256 rows
+  (quantized activations dequantised first as for mmT; to 128 rows where cublas8 takes the
+  call), ahead of mmT, mm8, cublas8 and dequantise + cuBLAS there; 128 x 128 tiles by stream-K
+  where they make a wave; weights with few columns to 128 rows only unless 128 x 64 tiles fill
+  the SMs (:func:`qlinear_wgmma.choose`). Its weight operand is ``(q - z) * s`` rounded to x's
+  dtype (with bf16 x the scale is rounded to bf16 first). H200: W4A16 1.05-1.54x the paths
+  before it (s18run4), fp8 activations 0.94-1.24x (s17run12), W6A12 1.22-3.13x (s18run4).
 
 Every K block of the gemv and mm kernels lies in one weight group and one activation group:
 :func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which
@@ -1014,8 +1016,8 @@ CUDA_TABLE = {
     # 0.0212 / 0.0393 / 0.0361 / 0.1253 ms at 4096^2 / 12288 x 4096 / 4096 x 12288 / 28672 x
     # 8192 against the mm tile's 0.0301 / 0.0492 / 0.0580 / 0.2120, and at 64 rows 0.0262 /
     # 0.0519 / 0.0432 / 0.1593 against 0.0427 / 0.0768 / 0.0917 / 0.3294 (s9run6).
-    # On an sm_90 GPU, 4-bit weights in groups of 128 take the Gluon tile ("wg",
-    # kernels/qlinear_wgmma.py) from 49 to 256 rows instead (session 17; choose_path).
+    # On an sm_90 GPU, 4- and 6-bit weights in groups of 128 take the Gluon tile ("wg",
+    # kernels/qlinear_wgmma.py) from 49 to 256 rows instead (sessions 17-18; choose_path).
     "a16": [(1, "gemv", None), (16, "mmT", (16, 64, 128, 4, 3)),
             (32, "mmT", (32, 64, 128, 4, 3)), (64, "mmT", (64, 128, 128, 8, 3)),
             (None, "dequant", None)],

@@ -1,9 +1,9 @@
 """``q3n::qlinear``'s "wg" path: the swapped tile of :mod:`qlinear_swap` (``Y^T = W @ X^T``, x
 permuted per 128-channel block) written in Gluon (Triton's explicit-layout dialect), so that the
-weight's unpack overlaps the tensor cores. 4-bit weights in groups of 128 (zero points or
-symmetric), bf16 or fp16 x, an sm_90 GPU; dispatched from 49 to 256 rows with 16-bit
-activations, to 128 with quantized ones (dequantised and permuted by the op first)
-(:func:`choose`).
+weight's unpack overlaps the tensor cores. 4- and 6-bit weights in groups of 128 (zero points
+or symmetric), bf16 or fp16 x, an sm_90 GPU; dispatched from 49 to 256 rows, quantized
+activations dequantised and permuted by the op first, to 128 rows where cuBLAS's fp8 GEMM on
+unpacked codes takes the call (:func:`choose`).
 
 Why: in Triton 3.6 the swapped tile's MMA reads the unpacked weight from registers, and Triton
 waits for every such MMA to finish before the next instruction (sm_90 SASS of
@@ -14,7 +14,8 @@ is issued asynchronously and the next sub-tile is unpacked while it runs; only t
 one just issued is waited for (its operand registers are then free).
 
 Math, per K block of 128 channels: the 8 sub-tiles ``B_j = (q - z) * s`` (x's dtype; code j of
-each word, :func:`_scaled_pairs`) times x's sub-tile j (16 contiguous channels of x permuted by
+each word, :func:`_scaled_pairs`; 6-bit codes add the 2-bit plane's field, :func:`_six_scaled_pairs`)
+times x's sub-tile j (16 contiguous channels of x permuted by
 :func:`qlinear_swap.permute_x_blocks`), accumulated in fp32 over the whole K range. Rounding:
 ``q - z`` is exact; for bf16 x the fp16 scale is rounded to bf16 and the product rounded once
 more to bf16 (two roundings of the weight, each at most 2^-9 relative); for fp16 x the scale is
@@ -28,9 +29,16 @@ words into a swizzled buffer read back in the MMA operand's register layout with
 conflicts. Loading the words straight into registers two blocks ahead (the first version) made
 the warps wait on each load at the loop's register rotation.
 
-Measured (H200, s17run9, W4A16 g128, CUDA-graph ms, x bf16; against the path dispatched before
-in the same run): 1.01-1.50x faster in all 24 cases (49-256 rows, the issue's four shapes);
-x bf16 cuBLAS 0.79-1.33 at 49-64 rows, 0.73-0.92 at 96-128, 0.51-0.78 at 192-256.
+Work split: one program a tile, K split by tickets, or stream-K (equal ranges of (tile, K block)
+units a program, pieces summed by tickets in program order), which the rule uses where the
+128 x 128 tiles make at least a wave: their count is rarely a multiple of the SMs (224 tiles on
+132 SMs are 1.7 waves of whole tiles).
+
+Measured (H200, CUDA-graph ms, x bf16; against the paths dispatched before the tile in the same
+run; bench/RESULTS.md sessions 17 and 18): W4A16 1.01-1.50x faster in all 24 cases (49-256 rows,
+the issue's four shapes; s17run9), x bf16 cuBLAS (s18run4) 0.82-1.38 at 49-64 rows, 0.77-0.96 at
+96-128, 0.56-0.79 at 192-256; W6A16 and W6A12 1.10-3.13x faster than mmT and dequantise +
+cuBLAS on those shapes (s18run1, s18run4).
 
 Gluon has no interpreter: this kernel runs on sm_90 only; the CPU lane compiles it for sm_90
 and executes its PTX unpack in an emulator (tests/kernels/test_qlinear_wgmma.py), the GPU lane
@@ -437,7 +445,7 @@ DISPATCH_TILES = (WIDE, TALL, SMALL, SIXTY_FOUR)
 # activations, 4-bit weights), to 128 rows: the tile beat mm8 and cublas8 in all 8 cases of
 # s17run11 (fp8, 1.02-1.24x) there, and from 129 rows cublas8 won 4 of 8 (0.88-0.94x). Other
 # quantized activations (dequantised to x's dtype and permuted first) to 256: W6A12 at 192-256
-# rows ran 1.34-1.47x faster than dequantise + cuBLAS (s18run1, forced tiles).
+# rows ran 1.27-1.47x faster than dequantise + cuBLAS (s18run1, forced tiles).
 MIN_M, MAX_M, MAX_M_CUBLAS8 = 49, 256, 128
 ACTS = ("none", "int8", "fp8", "int12")
 BITS = (4, 6)
