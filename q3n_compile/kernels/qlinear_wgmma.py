@@ -14,8 +14,8 @@ is issued asynchronously and the next sub-tile is unpacked while it runs; only t
 one just issued is waited for (its operand registers are then free).
 
 Math, per K block of 128 channels: the 8 sub-tiles ``B_j = (q - z) * s`` (x's dtype; code j of
-each word, :func:`_scaled_pairs`; 6-bit codes add the 2-bit plane's field, :func:`_six_scaled_pairs`)
-times x's sub-tile j (16 contiguous channels of x permuted by
+each word, :func:`_scaled_pairs`; 6-bit codes add the 2-bit plane's field,
+:func:`_six_scaled_pairs`) times x's sub-tile j (16 contiguous channels of x permuted by
 :func:`qlinear_swap.permute_x_blocks`), accumulated in fp32 over the whole K range. Rounding:
 ``q - z`` is exact; for bf16 x the fp16 scale is rounded to bf16 and the product rounded once
 more to bf16 (two roundings of the weight, each at most 2^-9 relative); for fp16 x the scale is
