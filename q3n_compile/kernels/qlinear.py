@@ -1139,12 +1139,13 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     for max_m, path, tile in CUDA_TABLE[_TABLE_KEY[act]]:
         if max_m is None or M <= max_m:
             break
-    capability = capability or _device_capability(device)
+    # fp8 tensor cores from the capability the caller gives (a dispatch asked for another
+    # GPU), else from the device
+    fp8 = _fp8_capable(capability) if capability is not None else fp8_supported(device)
     cublas8 = (M >= _cublas8_min_m(act, group_size)
-               and C8.eligible(N, K, bits, group_size, act, dtype, _fp8_capable(capability),
-                               act_group_size) is None)
-    if allow_wg and WG is not None and WG.supported(bits, group_size, act, dtype, N,
-                                                    capability):
+               and C8.eligible(N, K, bits, group_size, act, dtype, fp8, act_group_size) is None)
+    if allow_wg and WG is not None and WG.supported(
+            bits, group_size, act, dtype, N, capability or _device_capability(device)):
         wg = WG.choose(M, N, sms, cublas8)
         if wg is not None:
             return dict(wg, SPLIT_K=_keep_two_blocks(wg["SPLIT_K"], k_pad, SW.MMT_BLOCK_K))
