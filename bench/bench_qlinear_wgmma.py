@@ -12,7 +12,7 @@ warm-up), with x permuted (and quantised) inside the timed call (the op's own co
 
     python bench/bench_qlinear_wgmma.py --out bench/results/qlinear-wgmma-h200.json
     python bench/bench_qlinear_wgmma.py --act fp8 --out bench/results/qlinear-wgmma-w4a8-h200.json
-    python bench/bench_qlinear_wgmma.py --bits 6 --act int12 --out bench/results/qlinear-wgmma-w6a12-h200.json
+    python bench/bench_qlinear_wgmma.py --bits 6 --act int12 --out qlinear-wgmma-w6a12-h200.json
 """
 
 import argparse
