@@ -31,7 +31,7 @@ from q3n_compile.kernels import qlinear as Q  # noqa: E402
 
 NKS = ((4096, 4096), (12288, 4096), (4096, 12288), (28672, 8192))
 MS = (32, 64, 96, 128, 192, 256)
-# (BLOCK_M, BLOCK_N, num_warps, STAGES, SPLIT_K)
+# (BLOCK_M, BLOCK_N, num_warps, STAGES, SPLIT_K[, LOOKAHEAD])
 TILES = [(128, 128, 8, 4, 1), (128, 64, 4, 4, 1), (64, 64, 4, 4, 1), (64, 128, 8, 4, 1),
          (64, 64, 4, 4, 2), (64, 64, 4, 4, 4), (128, 64, 4, 4, 2), (64, 128, 8, 4, 2),
          (256, 128, 8, 3, 1), (128, 128, 8, 3, 1)]
@@ -46,8 +46,8 @@ def main():
     ap.add_argument("--nk", nargs="+", default=[f"{n}x{k}" for n, k in NKS])
     ap.add_argument("--ms", nargs="+", type=int, default=list(MS))
     ap.add_argument("--tiles", nargs="+", type=parse_tile, default=TILES,
-                    help="BLOCK_M,BLOCK_N,warps,stages,split (split -k: stream-K over k "
-                         "programs an SM)")
+                    help="BLOCK_M,BLOCK_N,warps,stages,split[,lookahead] (split -k: stream-K "
+                         "over k programs an SM; lookahead: MMAs left in flight, default 1)")
     ap.add_argument("--act", default="none",
                     help="activations: none (W4A16), fp8, int8 or int12 (quantised, then "
                          "dequantised and permuted for the tile, as the op does)")
@@ -82,11 +82,11 @@ def main():
             print(f"{N}x{K} M={M}: bf16 {bf16_ms:.4f}  q3n {q3n_ms:.4f} ({path.get('path')}, "
                   f"{bf16_ms / q3n_ms:.2f}x)  before {before_ms:.4f} ({before['path']}, "
                   f"{bf16_ms / before_ms:.2f}x)", flush=True)
-            for bm, bn, warps, stages, split in args.tiles:
+            for bm, bn, warps, stages, split, *more in args.tiles:
                 if bm > 2 * M and bm > 32:
                     continue
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, STAGES=stages,
-                           SPLIT_K=max(split, 1))
+                           SPLIT_K=max(split, 1), LOOKAHEAD=more[0] if more else 1)
                 if split < 0:
                     cfg["STREAM"] = -split * sms
                 ent = dict(cfg)
@@ -105,7 +105,7 @@ def main():
                 except Exception as exc:
                     ent["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 row["wg"].append(ent)
-                print(f"    wg {bm}x{bn} w{warps} s{stages} "
+                print(f"    wg {bm}x{bn} w{warps} s{stages} l{cfg['LOOKAHEAD']} "
                       + (f"stream{cfg['STREAM']}: " if split < 0 else f"split{split}: ")
                       + (ent.get("error") or f"{ent['graph_ms']:.4f} ms "
                          f"({ent['vs_bf16']:.2f}x bf16, {ent['vs_before']:.2f}x before, "

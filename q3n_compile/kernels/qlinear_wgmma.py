@@ -113,27 +113,45 @@ def _pair_bits(v, OPD: gl.constexpr):
 
 
 @gluon.jit
-def _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, x_ptrs, x_ok, w_ptrs,
-                 w2_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N,
-                 SYM: gl.constexpr, BITS: gl.constexpr):
-    """cp.async of K block k0's operands into stage st (masked off past k_end), as one group:
-    x's two halves of 64 channels, the packed words (BITS 6: and the 2-bit plane's, each word
-    row copied twice), zero points and scales."""
+def _stage_buffers(dtype: gl.constexpr, shape: gl.constexpr, layout: gl.constexpr,
+                   STAGES: gl.constexpr):
+    """A tuple of STAGES (3 or 4) shared buffers, each its own allocation: indexed by a
+    constant, Triton's shared-memory hazard analysis tells them apart (one allocation indexed
+    by stage it cannot, and it puts a CTA barrier before every copy into it)."""
+    gl.static_assert(STAGES == 3 or STAGES == 4)
+    if STAGES == 3:
+        return (gl.allocate_shared_memory(dtype, shape, layout),
+                gl.allocate_shared_memory(dtype, shape, layout),
+                gl.allocate_shared_memory(dtype, shape, layout))
+    else:
+        return (gl.allocate_shared_memory(dtype, shape, layout),
+                gl.allocate_shared_memory(dtype, shape, layout),
+                gl.allocate_shared_memory(dtype, shape, layout),
+                gl.allocate_shared_memory(dtype, shape, layout))
+
+
+@gluon.jit
+def _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, st: gl.constexpr, k0, k_end, x_ptrs,
+                 x_ok, w_ptrs, w2_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z,
+                 S, N, SYM: gl.constexpr, BITS: gl.constexpr):
+    """cp.async of K block k0's operands into stage st (a constant; masked off past k_end), as
+    one group: x's two halves of 64 channels, the packed words (BITS 6: and the 2-bit
+    plane's, each word row copied twice), zero points and scales."""
     live = k0 < k_end
-    cp.async_copy_global_to_shared(x_smem.index(2 * st), x_ptrs + k0, mask=x_ok & live)
-    cp.async_copy_global_to_shared(x_smem.index(2 * st + 1), x_ptrs + (k0 + 64),
+    cp.async_copy_global_to_shared(x_smem[0][st], x_ptrs + k0, mask=x_ok & live)
+    cp.async_copy_global_to_shared(x_smem[1][st], x_ptrs + (k0 + 64),
                                    mask=x_ok & live)
-    cp.async_copy_global_to_shared(w_smem.index(st), w_ptrs + (k0 // 8) * N,
+    cp.async_copy_global_to_shared(w_smem[st], w_ptrs + (k0 // 8) * N,
                                    mask=w_ok & ((k0 // 8 + w_rows < W_ROWS) & live)[:, None])
     if BITS == 6:
         cp.async_copy_global_to_shared(
-            w2_smem.index(st), w2_ptrs + (k0 // 16) * N,
+            w2_smem[st], w2_ptrs + (k0 // 16) * N,
             mask=w_ok & ((k0 // 16 + w_rows // 2 < W_ROWS // 2) & live)[:, None])
     g = k0 // 128
     if not SYM:
-        cp.async_copy_global_to_shared(z_smem.index(st), Z + g * N + zs_offs,
+        cp.async_copy_global_to_shared(z_smem[st], Z + g * N + zs_offs,
                                        mask=zs_ok & live)
-    cp.async_copy_global_to_shared(s_smem.index(st), S + g * N + ss_offs, mask=ss_ok & live)
+    cp.async_copy_global_to_shared(s_smem[st], S + g * N + ss_offs, mask=ss_ok & live)
     cp.commit_group()
 
 
@@ -141,8 +159,8 @@ def _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, x_ptrs,
 def _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD, ROW4, ROW2,
               stride_xm, m0, n0, k_start, k_end, BITS: gl.constexpr, SYM: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              mma: gl.constexpr, x_bl: gl.constexpr, w_bl: gl.constexpr, z_bl: gl.constexpr,
-              s_bl: gl.constexpr):
+              LOOKAHEAD: gl.constexpr, mma: gl.constexpr, x_bl: gl.constexpr,
+              w_bl: gl.constexpr, z_bl: gl.constexpr, s_bl: gl.constexpr):
     """The fp32 sum [BLOCK_N, BLOCK_M] of the tile at weight column n0 and row m0 of x over
     channels [k_start, k_end) (multiples of 128): the pipeline of :func:`qlinear_wg_kernel`.
     Every stage is free when it is called (the caller's barrier), and every copy and MMA it
@@ -176,40 +194,59 @@ def _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
                      x_ptrs, x_ok, w_ptrs, w2_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok,
                      ss_offs, ss_ok, Z, S, N, SYM, BITS)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
-    a_prev = gl.zeros([BLOCK_N, 16], OPD, layout=a_l)
-    i = 0
-    for k0 in range(k_start, k_end, 128):
-        # This thread's copies of block i are in; the compiler puts the CTA barrier after
-        # the wait (every thread's are in), the fence makes them visible to the MMA's proxy.
-        cp.wait_group(STAGES - 3)
-        fence_async_shared()
-        st = i % STAGES
-        w = w_smem.index(st).permute((1, 0)).load(a_l)
-        if BITS == 6:
-            w2 = w2_smem.index(st).permute((1, 0)).load(a_l)
-        if SYM:
-            zb = _pair_bits(gl.full([BLOCK_N], MAGIC + (1 << (BITS - 1)), gl.float32,
-                                    layout=rows_l), OPD)[:, None]
-        else:
-            zb = _pair_bits(z_smem.index(st).load(rows_l).to(gl.float32) + MAGIC, OPD)[:, None]
-        sb = _pair_bits(s_smem.index(st).load(rows_l).to(gl.float32), OPD)[:, None]
-        for j in gl.static_range(8):
-            if BITS == 6:
-                a = _six_scaled_pairs(w, w2, zb, sb, j, F16)
-            else:
-                a = _scaled_pairs(w, zb, sb, j, F16)
-            xj = x_smem.index(2 * st + j // 4).slice(16 * (j % 4), 16, 1)
-            acc = warpgroup_mma(a, xj.permute((1, 0)), acc, is_async=True)
-            # The MMA before this one is done: its operand's registers may be reused.
-            acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
-            a_prev = a
-        # Refill the stage read two blocks back (every warp is past those MMAs: each has
-        # waited for all but its last MMA of block i - 1 before the barrier after the wait).
-        _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, (i + STAGES - 2) % STAGES,
-                     k0 + (STAGES - 2) * 128, k_end, x_ptrs, x_ok, w_ptrs, w2_ptrs, w_rows,
-                     w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N, SYM, BITS)
-        i += 1
-    acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
+    # The operands of the MMAs in flight (a_1 the last issued): kept live until a wait has
+    # retired their MMA, so that their registers are not reused under it.
+    a_1 = gl.zeros([BLOCK_N, 16], OPD, layout=a_l)
+    a_2 = a_1
+    a_3 = a_1
+    # Unrolled by STAGES so that every stage index is a constant (see _stage_buffers): one CTA
+    # barrier a K block, the one after the wait (sm_90 SASS; 3 with the stage a loop index).
+    for k_outer in range(k_start, k_end, 128 * STAGES):
+        for st in gl.static_range(STAGES):
+            k0 = k_outer + st * 128
+            if k0 < k_end:
+                # This thread's copies of the block are in; the compiler puts the CTA barrier
+                # after the wait (every thread's are in), the fence makes them visible to the
+                # MMA's proxy.
+                cp.wait_group(STAGES - 3)
+                fence_async_shared()
+                w = w_smem[st].permute((1, 0)).load(a_l)
+                if BITS == 6:
+                    w2 = w2_smem[st].permute((1, 0)).load(a_l)
+                if SYM:
+                    zb = _pair_bits(gl.full([BLOCK_N], MAGIC + (1 << (BITS - 1)), gl.float32,
+                                            layout=rows_l), OPD)[:, None]
+                else:
+                    zb = _pair_bits(z_smem[st].load(rows_l).to(gl.float32) + MAGIC,
+                                    OPD)[:, None]
+                sb = _pair_bits(s_smem[st].load(rows_l).to(gl.float32), OPD)[:, None]
+                for j in gl.static_range(8):
+                    if BITS == 6:
+                        a = _six_scaled_pairs(w, w2, zb, sb, j, F16)
+                    else:
+                        a = _scaled_pairs(w, zb, sb, j, F16)
+                    xj = x_smem[j // 4][st].slice(16 * (j % 4), 16, 1)
+                    acc = warpgroup_mma(a, xj.permute((1, 0)), acc, is_async=True)
+                    # The MMA LOOKAHEAD before this one is done: its operand's registers may
+                    # be reused (the next sub-tiles are unpacked while the latest run).
+                    if LOOKAHEAD == 1:
+                        acc, a_1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_1))
+                    elif LOOKAHEAD == 2:
+                        acc, a_2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, a_2))
+                        a_2 = a_1
+                    else:
+                        acc, a_3 = warpgroup_mma_wait(num_outstanding=3, deps=(acc, a_3))
+                        a_3 = a_2
+                        a_2 = a_1
+                    a_1 = a
+                # Refill the stage read two blocks back (every warp is past those MMAs: each
+                # has waited for all but its last LOOKAHEAD (<= 8) MMAs of the block before
+                # this one before the barrier after the wait).
+                _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, (st + STAGES - 2) % STAGES,
+                             k0 + (STAGES - 2) * 128, k_end, x_ptrs, x_ok, w_ptrs, w2_ptrs,
+                             w_rows, w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N, SYM,
+                             BITS)
+    acc, a_1, a_2, a_3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_1, a_2, a_3))
     cp.wait_group(0)
     return acc
 
@@ -241,7 +278,7 @@ def _tile_offsets(BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, mma: gl.constexp
 def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2, K_PER_SPLIT,
                       stride_xm, stride_ym, BITS: gl.constexpr, SYM: gl.constexpr,
                       HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                      STAGES: gl.constexpr, REDUCE: gl.constexpr):
+                      STAGES: gl.constexpr, REDUCE: gl.constexpr, LOOKAHEAD: gl.constexpr):
     """Y = x @ W^T (+ bias) for 4- or 6-bit weights (BITS; 6: the 4-bit plane from row ROW4 and
     the 2-bit plane from ROW2 of QW) in groups of 128, with zero points (Z [K_PAD / 128, N]
     uint8) or symmetric (SYM: z = 2^(BITS-1)), and x (bf16 or fp16) permuted per 128-channel
@@ -291,17 +328,19 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2
                                           warps_per_cta=[num_warps], order=[0])
     s_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[2], threads_per_warp=[32],
                                           warps_per_cta=[num_warps], order=[0])
-    x_smem = gl.allocate_shared_memory(OPD, [2 * STAGES, BLOCK_M, 64], x_sl)
-    w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, BLOCK_N], w_sl)
+    # Every stage of every operand its own allocation (_stage_buffers).
+    x_smem = (_stage_buffers(OPD, [BLOCK_M, 64], x_sl, STAGES),
+              _stage_buffers(OPD, [BLOCK_M, 64], x_sl, STAGES))
+    w_smem = _stage_buffers(gl.int32, [16, BLOCK_N], w_sl, STAGES)
     if BITS == 6:
         # The 2-bit plane's 8 word rows of a block, each copied to two rows (2r, 2r + 1), so
         # that it reads back in the 4-bit words' layout: the MMA operand's register pairs are
         # two adjacent K rows, whose 2-bit fields are the two halves of one word.
-        w2_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, BLOCK_N], w_sl)
+        w2_smem = _stage_buffers(gl.int32, [16, BLOCK_N], w_sl, STAGES)
     else:
         w2_smem = w_smem  # unused
-    z_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N], v_sl)
-    s_smem = gl.allocate_shared_memory(S.dtype.element_ty, [STAGES, BLOCK_N], v_sl)
+    z_smem = _stage_buffers(gl.uint8, [BLOCK_N], v_sl, STAGES)
+    s_smem = _stage_buffers(S.dtype.element_ty, [BLOCK_N], v_sl, STAGES)
 
     TILE: gl.constexpr = BLOCK_N * BLOCK_M
     if REDUCE == 3:
@@ -323,7 +362,8 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2
             gl.thread_barrier()  # every warp is done with the stages before they are refilled
             acc = _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
                             ROW4, ROW2, stride_xm, m0, n0, kb0 * 128, kb1 * 128, BITS, SYM,
-                            BLOCK_M, BLOCK_N, STAGES, mma, x_bl, w_bl, z_bl, s_bl)
+                            BLOCK_M, BLOCK_N, STAGES, LOOKAHEAD, mma, x_bl, w_bl, z_bl,
+                            s_bl)
             if kb1 - kb0 == kb:
                 _store_tile(Y, BIAS, acc, M, N, stride_ym, m0, n0, HAS_BIAS, BLOCK_M, BLOCK_N,
                             mma)
@@ -358,7 +398,8 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2
         k_start = pid_k * K_PER_SPLIT
         acc = _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD, ROW4,
                         ROW2, stride_xm, m0, n0, k_start, gl.minimum(k_start + K_PER_SPLIT, KX),
-                        BITS, SYM, BLOCK_M, BLOCK_N, STAGES, mma, x_bl, w_bl, z_bl, s_bl)
+                        BITS, SYM, BLOCK_M, BLOCK_N, STAGES, LOOKAHEAD, mma, x_bl, w_bl,
+                        z_bl, s_bl)
         if REDUCE == 2:
             # WS holds [split, tile, BLOCK_N, BLOCK_M] partials.
             t_offs = _tile_offsets(BLOCK_M, BLOCK_N, mma)
@@ -422,7 +463,8 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
          bias if bias is not None else scales, y, ws, cnt),
         (M, N, P.padded_k(K), kx, *P.plane_starts(bits, K)[:2], kps, xk.stride(0), y.stride(0)),
         dict(BITS=bits, SYM=zeros is None, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
-             BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], REDUCE=reduce),
+             BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], REDUCE=reduce,
+             LOOKAHEAD=cfg.get("LOOKAHEAD", 1)),
         dict(num_warps=cfg["num_warps"]), fast=True)
     return y
 

@@ -41,7 +41,7 @@ def _compile_sm90(cfg: dict, x_type: str, reduce: int, bias: bool, sym: bool, bi
     kernel = WG.qlinear_wg_kernel
     names = kernel.arg_names
     ce = dict(BITS=bits, SYM=sym, HAS_BIAS=bias, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-              STAGES=cfg["STAGES"], REDUCE=reduce)
+              STAGES=cfg["STAGES"], REDUCE=reduce, LOOKAHEAD=cfg.get("LOOKAHEAD", 1))
     types = dict(_TYPES, X=x_type, Y=x_type, BIAS=x_type)
     sig = {n: "constexpr" if n in ce else types.get(n, "i32") for n in names}
     src = GluonASTSource(fn=kernel, signature=sig,
@@ -62,7 +62,8 @@ def _compile_sm90(cfg: dict, x_type: str, reduce: int, bias: bool, sym: bool, bi
                 stack=int(re.search(r"STACK:(\d+)", usage).group(1)),
                 shared=compiled.metadata.shared,
                 mmas=sum("HGMMA" in i for i in loop),
-                waits=[i for i in loop if "WARPGROUP.DEPBAR" in i])
+                waits=[i for i in loop if "WARPGROUP.DEPBAR" in i],
+                barriers=sum("BAR.SYNC" in i for i in loop))
 
 
 # x, REDUCE (0 one program a tile, 2 K split, 3 stream-K), bias, sym, weight bits
@@ -90,10 +91,14 @@ def test_dispatched_tiles_compile_for_sm90_without_spills(sm90_builds):
         where = f"{tile} {variant}: {got}"
         assert got["stack"] == 0, where  # no spills
         assert got["shared"] <= 227 * 1024, where
-        # 8 asynchronous MMAs a K block; every wait in the loop leaves one in flight (never
-        # "all done", which Triton's own tile waited for after each MMA).
-        assert got["mmas"] == 8, where
-        assert got["waits"] and all(w.rstrip(" ;").endswith("0x1") for w in got["waits"]), where
+        # The loop is unrolled by STAGES: 8 asynchronous MMAs a K block; every wait in the
+        # loop leaves LOOKAHEAD in flight (never "all done", which Triton's own tile waited
+        # for after each MMA); one CTA barrier a K block (the stages are separate allocations).
+        stages, lookahead = tile["STAGES"], tile.get("LOOKAHEAD", 1)
+        assert got["mmas"] == 8 * stages, where
+        assert got["waits"] and all(w.rstrip(" ;").endswith(f"0x{lookahead}")
+                                    for w in got["waits"]), where
+        assert got["barriers"] == stages, where
 
 
 def _loop_body(sass: str) -> list:
@@ -323,9 +328,23 @@ def test_gpu_wg_stream_k_against_float64(bits, dtype, sym, M, N, K, bias, tile, 
     _check_wg(bits, dtype, M, N, K, 1, bias, tile, sym, stream=programs)
 
 
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,dtype,sym", [(4, bf16, False), (6, f16, True)])
+@pytest.mark.parametrize("M,N,K,split,bias", _GPU_SHAPES)
+@pytest.mark.parametrize("lookahead,stages", [(2, 4), (3, 4), (2, 3)])
+@pytest.mark.parametrize("stream", [0, 132])
+def test_gpu_wg_lookahead_and_stages_against_float64(bits, dtype, sym, M, N, K, split, bias,
+                                                     lookahead, stages, stream):
+    # More MMAs left in flight, and 3 stages (the K loop unrolled by 3: blocks past the end
+    # in its last round).
+    tile = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, STAGES=stages, LOOKAHEAD=lookahead)
+    _check_wg(bits, dtype, M, N, K, 1 if stream else split, bias, tile, sym, stream=stream)
+
+
 def _check_wg(bits, dtype, M, N, K, split, bias, tile, sym, stream=0):
     gen = _gen(f"wg{bits}{dtype}{M}{N}{K}{split}{bias}{tile['BLOCK_M']}{tile['BLOCK_N']}{sym}"
-               f"{stream}")
+               f"{stream}{tile.get('LOOKAHEAD', 1)}{tile['STAGES']}")
     pw = _packed(gen, N, K, bits, 128, sym, device="cuda")
     x = torch.randn(M, K, generator=gen).to(dtype).cuda()
     b = torch.randn(N, generator=gen).to(dtype).cuda() if bias else None
