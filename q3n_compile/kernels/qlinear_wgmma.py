@@ -113,45 +113,27 @@ def _pair_bits(v, OPD: gl.constexpr):
 
 
 @gluon.jit
-def _stage_buffers(dtype: gl.constexpr, shape: gl.constexpr, layout: gl.constexpr,
-                   STAGES: gl.constexpr):
-    """A tuple of STAGES (3 or 4) shared buffers, each its own allocation: indexed by a
-    constant, Triton's shared-memory hazard analysis tells them apart (one allocation indexed
-    by stage it cannot, and it puts a CTA barrier before every copy into it)."""
-    gl.static_assert(STAGES == 3 or STAGES == 4)
-    if STAGES == 3:
-        return (gl.allocate_shared_memory(dtype, shape, layout),
-                gl.allocate_shared_memory(dtype, shape, layout),
-                gl.allocate_shared_memory(dtype, shape, layout))
-    else:
-        return (gl.allocate_shared_memory(dtype, shape, layout),
-                gl.allocate_shared_memory(dtype, shape, layout),
-                gl.allocate_shared_memory(dtype, shape, layout),
-                gl.allocate_shared_memory(dtype, shape, layout))
-
-
-@gluon.jit
-def _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, st: gl.constexpr, k0, k_end, x_ptrs,
-                 x_ok, w_ptrs, w2_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z,
-                 S, N, SYM: gl.constexpr, BITS: gl.constexpr):
-    """cp.async of K block k0's operands into stage st (a constant; masked off past k_end), as
-    one group: x's two halves of 64 channels, the packed words (BITS 6: and the 2-bit
-    plane's, each word row copied twice), zero points and scales."""
+def _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, x_ptrs, x_ok, w_ptrs,
+                 w2_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N,
+                 SYM: gl.constexpr, BITS: gl.constexpr):
+    """cp.async of K block k0's operands into stage st (masked off past k_end), as one group:
+    x's two halves of 64 channels, the packed words (BITS 6: and the 2-bit plane's, each word
+    row copied twice), zero points and scales."""
     live = k0 < k_end
-    cp.async_copy_global_to_shared(x_smem[0][st], x_ptrs + k0, mask=x_ok & live)
-    cp.async_copy_global_to_shared(x_smem[1][st], x_ptrs + (k0 + 64),
+    cp.async_copy_global_to_shared(x_smem[0].index(st), x_ptrs + k0, mask=x_ok & live)
+    cp.async_copy_global_to_shared(x_smem[1].index(st), x_ptrs + (k0 + 64),
                                    mask=x_ok & live)
-    cp.async_copy_global_to_shared(w_smem[st], w_ptrs + (k0 // 8) * N,
+    cp.async_copy_global_to_shared(w_smem.index(st), w_ptrs + (k0 // 8) * N,
                                    mask=w_ok & ((k0 // 8 + w_rows < W_ROWS) & live)[:, None])
     if BITS == 6:
         cp.async_copy_global_to_shared(
-            w2_smem[st], w2_ptrs + (k0 // 16) * N,
+            w2_smem.index(st), w2_ptrs + (k0 // 16) * N,
             mask=w_ok & ((k0 // 16 + w_rows // 2 < W_ROWS // 2) & live)[:, None])
     g = k0 // 128
     if not SYM:
-        cp.async_copy_global_to_shared(z_smem[st], Z + g * N + zs_offs,
+        cp.async_copy_global_to_shared(z_smem.index(st), Z + g * N + zs_offs,
                                        mask=zs_ok & live)
-    cp.async_copy_global_to_shared(s_smem[st], S + g * N + ss_offs, mask=ss_ok & live)
+    cp.async_copy_global_to_shared(s_smem.index(st), S + g * N + ss_offs, mask=ss_ok & live)
     cp.commit_group()
 
 
@@ -199,53 +181,47 @@ def _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
     a_1 = gl.zeros([BLOCK_N, 16], OPD, layout=a_l)
     a_2 = a_1
     a_3 = a_1
-    # Unrolled by STAGES so that every stage index is a constant (see _stage_buffers): one CTA
-    # barrier a K block, the one after the wait (sm_90 SASS; 3 with the stage a loop index).
-    for k_outer in range(k_start, k_end, 128 * STAGES):
-        for st in gl.static_range(STAGES):
-            k0 = k_outer + st * 128
-            if k0 < k_end:
-                # This thread's copies of the block are in; the compiler puts the CTA barrier
-                # after the wait (every thread's are in), the fence makes them visible to the
-                # MMA's proxy.
-                cp.wait_group(STAGES - 3)
-                fence_async_shared()
-                w = w_smem[st].permute((1, 0)).load(a_l)
-                if BITS == 6:
-                    w2 = w2_smem[st].permute((1, 0)).load(a_l)
-                if SYM:
-                    zb = _pair_bits(gl.full([BLOCK_N], MAGIC + (1 << (BITS - 1)), gl.float32,
-                                            layout=rows_l), OPD)[:, None]
-                else:
-                    zb = _pair_bits(z_smem[st].load(rows_l).to(gl.float32) + MAGIC,
-                                    OPD)[:, None]
-                sb = _pair_bits(s_smem[st].load(rows_l).to(gl.float32), OPD)[:, None]
-                for j in gl.static_range(8):
-                    if BITS == 6:
-                        a = _six_scaled_pairs(w, w2, zb, sb, j, F16)
-                    else:
-                        a = _scaled_pairs(w, zb, sb, j, F16)
-                    xj = x_smem[j // 4][st].slice(16 * (j % 4), 16, 1)
-                    acc = warpgroup_mma(a, xj.permute((1, 0)), acc, is_async=True)
-                    # The MMA LOOKAHEAD before this one is done: its operand's registers may
-                    # be reused (the next sub-tiles are unpacked while the latest run).
-                    if LOOKAHEAD == 1:
-                        acc, a_1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_1))
-                    elif LOOKAHEAD == 2:
-                        acc, a_2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, a_2))
-                        a_2 = a_1
-                    else:
-                        acc, a_3 = warpgroup_mma_wait(num_outstanding=3, deps=(acc, a_3))
-                        a_3 = a_2
-                        a_2 = a_1
-                    a_1 = a
-                # Refill the stage read two blocks back (every warp is past those MMAs: each
-                # has waited for all but its last LOOKAHEAD (<= 8) MMAs of the block before
-                # this one before the barrier after the wait).
-                _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, (st + STAGES - 2) % STAGES,
-                             k0 + (STAGES - 2) * 128, k_end, x_ptrs, x_ok, w_ptrs, w2_ptrs,
-                             w_rows, w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N, SYM,
-                             BITS)
+    i = 0
+    for k0 in range(k_start, k_end, 128):
+        # This thread's copies of block i are in; the compiler puts the CTA barrier after
+        # the wait (every thread's are in), the fence makes them visible to the MMA's proxy.
+        cp.wait_group(STAGES - 3)
+        fence_async_shared()
+        st = i % STAGES
+        w = w_smem.index(st).permute((1, 0)).load(a_l)
+        if BITS == 6:
+            w2 = w2_smem.index(st).permute((1, 0)).load(a_l)
+        if SYM:
+            zb = _pair_bits(gl.full([BLOCK_N], MAGIC + (1 << (BITS - 1)), gl.float32,
+                                    layout=rows_l), OPD)[:, None]
+        else:
+            zb = _pair_bits(z_smem.index(st).load(rows_l).to(gl.float32) + MAGIC, OPD)[:, None]
+        sb = _pair_bits(s_smem.index(st).load(rows_l).to(gl.float32), OPD)[:, None]
+        for j in gl.static_range(8):
+            if BITS == 6:
+                a = _six_scaled_pairs(w, w2, zb, sb, j, F16)
+            else:
+                a = _scaled_pairs(w, zb, sb, j, F16)
+            xj = x_smem[j // 4].index(st).slice(16 * (j % 4), 16, 1)
+            acc = warpgroup_mma(a, xj.permute((1, 0)), acc, is_async=True)
+            # The MMA LOOKAHEAD before this one is done: its operand's registers may be
+            # reused (the next sub-tiles are unpacked while the LOOKAHEAD latest run).
+            if LOOKAHEAD == 1:
+                acc, a_1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_1))
+            elif LOOKAHEAD == 2:
+                acc, a_2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, a_2))
+                a_2 = a_1
+            else:
+                acc, a_3 = warpgroup_mma_wait(num_outstanding=3, deps=(acc, a_3))
+                a_3 = a_2
+                a_2 = a_1
+            a_1 = a
+        # Refill the stage read two blocks back (every warp is past those MMAs: each has
+        # waited for all but its last MMA of block i - 1 before the barrier after the wait).
+        _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, (i + STAGES - 2) % STAGES,
+                     k0 + (STAGES - 2) * 128, k_end, x_ptrs, x_ok, w_ptrs, w2_ptrs, w_rows,
+                     w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N, SYM, BITS)
+        i += 1
     acc, a_1, a_2, a_3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_1, a_2, a_3))
     cp.wait_group(0)
     return acc
@@ -312,7 +288,7 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     # x's K block: two halves [BLOCK_M, 64] (128-byte rows, 128-byte swizzle); sub-tile j (16
-    # channels) is columns 16 (j % 4) of half j // 4, the MMA's K-major second operand. A warp
+    # channels) is columns 16 (j % 4) of half j // 4 (x_smem[j // 4]), the MMA's K-major second operand. A warp
     # copies 4 rows x 128 contiguous bytes (4 global lines, 512 unconflicted shared bytes;
     # 16 rows x 32 bytes a warp, as first written, cost 16 shared wavefronts an instruction).
     x_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
@@ -328,19 +304,21 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2
                                           warps_per_cta=[num_warps], order=[0])
     s_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[2], threads_per_warp=[32],
                                           warps_per_cta=[num_warps], order=[0])
-    # Every stage of every operand its own allocation (_stage_buffers).
-    x_smem = (_stage_buffers(OPD, [BLOCK_M, 64], x_sl, STAGES),
-              _stage_buffers(OPD, [BLOCK_M, 64], x_sl, STAGES))
-    w_smem = _stage_buffers(gl.int32, [16, BLOCK_N], w_sl, STAGES)
+    # The halves in two allocations: Triton's shared-memory hazard analysis cannot tell the
+    # buffers of one allocation apart under a dynamic index, and put a CTA barrier between
+    # the two halves' copies when they shared one (sm_90 SASS: 3 barriers a K block, now 2).
+    x_smem = (gl.allocate_shared_memory(OPD, [STAGES, BLOCK_M, 64], x_sl),
+              gl.allocate_shared_memory(OPD, [STAGES, BLOCK_M, 64], x_sl))
+    w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, BLOCK_N], w_sl)
     if BITS == 6:
         # The 2-bit plane's 8 word rows of a block, each copied to two rows (2r, 2r + 1), so
         # that it reads back in the 4-bit words' layout: the MMA operand's register pairs are
         # two adjacent K rows, whose 2-bit fields are the two halves of one word.
-        w2_smem = _stage_buffers(gl.int32, [16, BLOCK_N], w_sl, STAGES)
+        w2_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, BLOCK_N], w_sl)
     else:
         w2_smem = w_smem  # unused
-    z_smem = _stage_buffers(gl.uint8, [BLOCK_N], v_sl, STAGES)
-    s_smem = _stage_buffers(S.dtype.element_ty, [BLOCK_N], v_sl, STAGES)
+    z_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N], v_sl)
+    s_smem = gl.allocate_shared_memory(S.dtype.element_ty, [STAGES, BLOCK_N], v_sl)
 
     TILE: gl.constexpr = BLOCK_N * BLOCK_M
     if REDUCE == 3:
