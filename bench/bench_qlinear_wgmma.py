@@ -45,7 +45,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nk", nargs="+", default=[f"{n}x{k}" for n, k in NKS])
     ap.add_argument("--ms", nargs="+", type=int, default=list(MS))
-    ap.add_argument("--tiles", nargs="+", type=parse_tile, default=TILES,
+    ap.add_argument("--tiles", nargs="*", type=parse_tile, default=TILES,
                     help="BLOCK_M,BLOCK_N,warps,stages,split[,lookahead] (split -k: stream-K "
                          "over k programs an SM; lookahead: MMAs left in flight, default 1)")
     ap.add_argument("--act", default="none",

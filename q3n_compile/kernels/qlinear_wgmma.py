@@ -259,7 +259,9 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2
     the 2-bit plane from ROW2 of QW) in groups of 128, with zero points (Z [K_PAD / 128, N]
     uint8) or symmetric (SYM: z = 2^(BITS-1)), and x (bf16 or fp16) permuted per 128-channel
     block ([M, KX], KX a multiple of 128, zero past K), in tiles of BLOCK_N weight columns (64,
-    128 or 256: num_warps / 4 warpgroups of 64) by BLOCK_M rows of x (the MMA's N).
+    128 or 256, shared by num_warps / 4 warpgroups, an MMA for each 64 of a warpgroup's) by
+    BLOCK_M rows of x (the MMA's N). LOOKAHEAD: the MMA groups (one a sub-tile) left in flight
+    while the next sub-tile is unpacked.
 
     REDUCE 0: program (n-block, 0, m-block) computes and stores its tile. 2: program (n-block,
     split, m-block) its tile over K_PER_SPLIT channels; each split's fp32 partial goes to WS,
@@ -455,11 +457,20 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 # SMALL (64 x 64, 4 warps, two programs an SM) with K split 4 at 49-64 rows. 6-bit weights
 # (s18run1, W6A16 and W6A12 g128, the same 24 cases): the same rule's launch was the best tile
 # swept or within 2.5% of it in all 48.
-WIDE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, STAGES=4)
-TALL = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, STAGES=4)
-SMALL = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, STAGES=4)
-SIXTY_FOUR = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, STAGES=4)
-DISPATCH_TILES = (WIDE, TALL, SMALL, SIXTY_FOUR)
+# Session 19 (s19run1-2): two MMAs left in flight (LOOKAHEAD 2) ran 1-3% faster than one on
+# WIDE and TALL (not measured on SMALL and SIXTY_FOUR, which keep one); WIDE256 (256 weight
+# columns, each warpgroup two MMAs of 64 a sub-tile, so x is read from L2 half as often) where
+# its own tiles fill WAVE_FILL of the SMs from 65 rows, 4-bit weights (6-bit ones need 265 KB
+# of shared memory at 4 stages): 28672 x 8192 at 128 rows 0.1220 ms against WIDE by stream-K's
+# 0.1340 (bf16 0.1316), at 256 rows by stream-K 0.2329 against 0.2477 (bf16 0.1931); 12288 x
+# 4096 at 256 rows 0.0681 against 0.0715 (bf16 0.0413). Where its tiles are fewer it lost
+# (4096 columns: 0.0534 against 0.0384 at 256 rows).
+WIDE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, STAGES=4, LOOKAHEAD=2)
+WIDE256 = dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, STAGES=4, LOOKAHEAD=2)
+TALL = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, STAGES=4, LOOKAHEAD=2)
+SMALL = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, STAGES=4, LOOKAHEAD=1)
+SIXTY_FOUR = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, STAGES=4, LOOKAHEAD=1)
+DISPATCH_TILES = (WIDE, WIDE256, TALL, SMALL, SIXTY_FOUR)
 # The rows this path takes (not measured outside them: mmT below, dequantise + cuBLAS above).
 # Where cuBLAS's fp8 or int8 GEMM on unpacked codes computes the call (cublas8: 8-bit
 # activations, 4-bit weights), to 128 rows: the tile beat mm8 and cublas8 in all 8 cases of
@@ -499,11 +510,12 @@ def supported(bits: int, group_size: int, act: str, dtype: torch.dtype, N: int,
             and dtype in (torch.bfloat16, torch.float16) and capability == (9, 0))
 
 
-def choose(M: int, N: int, sms: int, cublas8: bool = False) -> Optional[dict]:
+def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4) -> Optional[dict]:
     """The launch for M rows of an N-column weight, or None outside :data:`MIN_M`-:data:`MAX_M`
     rows (:data:`MAX_M_CUBLAS8` where `cublas8`: the qlinear_cublas8 path computes the call at
-    this M). Same rule for 4- and 6-bit weights. Wide weights (WIDE's tiles at least
-    :data:`WAVE_FILL` of the SMs): SIXTY_FOUR to 64 rows, WIDE above (within 3.5% of the best
+    this M). Same rule for 4- and 6-bit weights but for WIDE256 (4-bit only). Wide weights
+    (WIDE's tiles at least :data:`WAVE_FILL` of the SMs): SIXTY_FOUR to 64 rows; above,
+    WIDE256 where its own tiles fill WAVE_FILL of the SMs, else WIDE (within 3.5% of the best
     tile swept at 129-256 rows), K unsplit, by stream-K over one program an SM where the tiles
     make a wave. Others: SMALL with K split 4 to 64 rows; TALL with K split 2 to 128 rows and
     unsplit above where its programs fill :data:`WAVE_FILL` of the SMs, else SMALL split 4 to
@@ -512,6 +524,9 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False) -> Optional[dict]:
     if not MIN_M <= M <= (MAX_M_CUBLAS8 if cublas8 else MAX_M):
         return None
     wide_tiles = contract.cdiv(M, 128) * contract.cdiv(N, 128)
+    tiles256 = contract.cdiv(M, 128) * contract.cdiv(N, 256)
+    if M > 64 and bits == 4 and tiles256 >= WAVE_FILL * sms:
+        return dict(WIDE256, path="wg", SPLIT_K=1, **({"STREAM": sms} if tiles256 >= sms else {}))
     if wide_tiles >= WAVE_FILL * sms:
         if M > 64 and wide_tiles >= sms:
             return dict(WIDE, path="wg", SPLIT_K=1, STREAM=sms)

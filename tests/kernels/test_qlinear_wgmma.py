@@ -72,31 +72,36 @@ _VARIANTS = [("*bf16", 0, False, False, 4), ("*fp16", 2, True, True, 4),
              ("*bf16", 3, True, False, 4), ("*fp16", 3, False, True, 6)]
 
 
+def _dispatched_cases():
+    """(tile, variant) for every dispatched tile and variant; WIDE256 takes 4-bit weights only."""
+    return [(tile, v) for tile in WG.DISPATCH_TILES for v in _VARIANTS
+            if not (tile is WG.WIDE256 and v[4] == 6)]
+
+
 @pytest.fixture(scope="module")
 def sm90_builds():
-    """Every dispatched tile in both variants, compiled in one fresh process."""
+    """Every dispatched tile in its variants, compiled in one fresh process."""
     return json_without_interpreter("""
         import json
-        from q3n_compile.kernels import qlinear_wgmma as WG
         from tests.kernels import test_qlinear_wgmma as T
-        out = [T._compile_sm90(tile, *v) for tile in WG.DISPATCH_TILES for v in T._VARIANTS]
-        print(json.dumps(out))
+        print(json.dumps([T._compile_sm90(tile, *v) for tile, v in T._dispatched_cases()]))
     """)
 
 
 def test_dispatched_tiles_compile_for_sm90_without_spills(sm90_builds):
-    cases = [(tile, v) for tile in WG.DISPATCH_TILES for v in _VARIANTS]
-    assert len(sm90_builds) == len(cases) == 24
+    cases = _dispatched_cases()
+    assert len(sm90_builds) == len(cases) == 27
     for (tile, variant), got in zip(cases, sm90_builds):
         where = f"{tile} {variant}: {got}"
         assert got["stack"] == 0, where  # no spills
         assert got["shared"] <= 227 * 1024, where
-        # 8 asynchronous MMAs a K block; every wait in the loop leaves LOOKAHEAD in flight
-        # (never "all done", which Triton's own tile waited for after each MMA); two CTA
-        # barriers a K block (x's halves in separate allocations; three with one).
+        # 8 sub-tiles a K block, each a group of asynchronous MMAs (one a warpgroup's 64
+        # weight columns: two at WIDE256); every wait in the loop leaves LOOKAHEAD groups in
+        # flight (never "all done", which Triton's own tile waited for after each MMA); two
+        # CTA barriers a K block (x's halves in separate allocations; three with one).
         lookahead = tile.get("LOOKAHEAD", 1)
-        assert got["mmas"] == 8, where
-        assert got["waits"] and all(w.rstrip(" ;").endswith(f"0x{lookahead}")
+        assert got["mmas"] == 8 * tile["BLOCK_N"] // (tile["num_warps"] // 4 * 64), where
+        assert len(got["waits"]) == 8 and all(w.rstrip(" ;").endswith(f"0x{lookahead}")
                                     for w in got["waits"]), where
         assert got["barriers"] == 2, where
 
@@ -232,24 +237,28 @@ def test_dispatch_rule_on_sm90():
     assert path(129, 1024)["path"] == "dequant" and path(256, 2048)["path"] == "dequant"
     # A split keeps two K blocks of 128 each: K = 384 (3 blocks) is not split.
     assert path(64, 4096, K=384)["SPLIT_K"] == 1 and path(64, 4096, K=1024)["SPLIT_K"] == 4
-    # Wide weights (their 128 x 128 tiles fill 0.72 of the SMs): 64 x 128 to 64 rows, then WIDE,
-    # by stream-K over the 132 SMs once the tiles make a wave (12288 columns from 129 rows,
-    # 28672 from 65).
+    # Wide weights (their 128 x 128 tiles fill 0.72 of the SMs): 64 x 128 to 64 rows; above,
+    # 128 x 256 where those tiles fill 0.72 of the SMs (12288 columns from 129 rows, 28672 from
+    # 65), else WIDE; by stream-K over the 132 SMs once the tiles make a wave (12288 columns
+    # from 129 rows with WIDE, 28672 from 129 with WIDE256).
     assert path(48, 12288)["path"] == "mmT"
     assert path(49, 28672) == dict(WG.SIXTY_FOUR, path="wg", SPLIT_K=1)
     assert path(64, 12288) == dict(WG.SIXTY_FOUR, path="wg", SPLIT_K=1)
     stream = dict(WG.WIDE, path="wg", SPLIT_K=1, STREAM=132)
+    stream256 = dict(WG.WIDE256, path="wg", SPLIT_K=1, STREAM=132)
     for M in (65, 96, 128):
         assert path(M, 12288) == dict(WG.WIDE, path="wg", SPLIT_K=1)
-        assert path(M, 28672) == stream
+        assert path(M, 28672) == dict(WG.WIDE256, path="wg", SPLIT_K=1)
     for M in (129, 200, 256):
-        assert path(M, 12288) == stream
-    # 6-bit weights: the same rule.
+        assert path(M, 12288) == dict(WG.WIDE256, path="wg", SPLIT_K=1)
+        assert path(M, 28672) == stream256
+        assert path(M, 4096, K=12288) == dict(WG.TALL, path="wg", SPLIT_K=1)
+    # 6-bit weights: the same rule without WIDE256 (its shared memory would not fit).
     for M, N, tile, split in ((49, 4096, WG.SMALL, 4), (128, 4096, WG.TALL, 2),
                               (256, 4096, WG.TALL, 1), (64, 28672, WG.SIXTY_FOUR, 1),
                               (128, 12288, WG.WIDE, 1)):
         assert path(M, N, bits=6) == dict(tile, path="wg", SPLIT_K=split), (M, N)
-    assert path(200, 12288, bits=6) == stream
+    assert path(200, 12288, bits=6) == stream and path(96, 28672, bits=6) == stream
     assert path(48, 4096, bits=6)["path"] == "mmT"
     # Not measured above 256 rows; never for other formats, activations, dtypes, widths or GPUs.
     assert path(257, 28672)["path"] == "dequant" and path(257, 28672, bits=6)["path"] == "dequant"
@@ -264,7 +273,9 @@ def test_dispatch_rule_on_sm90():
             assert path(49, 4096, act=act, bits=bits) == dict(WG.SMALL, path="wg", SPLIT_K=4)
             assert path(128, 12288, act=act, bits=bits) == dict(WG.WIDE, path="wg", SPLIT_K=1)
     assert path(129, 28672, act="fp8")["path"] == "cublas8"
-    for act, bits in (("int8", 4), ("int12", 4), ("fp8", 6), ("int8", 6), ("int12", 6)):
+    for act, bits in (("int8", 4), ("int12", 4)):
+        assert path(256, 28672, act=act, bits=bits) == stream256
+    for act, bits in (("fp8", 6), ("int8", 6), ("int12", 6)):
         assert path(256, 28672, act=act, bits=bits) == stream
     assert path(128, 12304)["path"] == "wg" and path(128, 12296)["path"] != "wg"  # N % 16
     # allow_wg=False (the codes op where mmT reads the codes): the table of before.
@@ -289,10 +300,7 @@ _GPU_SHAPES = [(49, 208, 384, 1, False), (65, 1008, 1280, 1, True), (128, 4096, 
                (100, 144, 512, 3, True), (200, 528, 896, 2, False), (256, 1024, 4096, 4, True),
                (7, 80, 128, 1, True)]
 _GPU_TILES = pytest.mark.parametrize(
-    "tile", [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, STAGES=4),
-             dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, STAGES=4),
-             dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, STAGES=4)],
-    ids=["64x64", "128x128", "128x64"])
+    "tile", [WG.SMALL, WG.WIDE, WG.TALL], ids=["64x64", "128x128", "128x64"])
 
 
 @needs_hopper
@@ -318,9 +326,7 @@ def test_gpu_wg6_against_float64(dtype, sym, M, N, K, split, bias, tile):
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits,dtype,sym", [(4, bf16, False), (6, f16, True)])
 @pytest.mark.parametrize("M,N,K,bias", [(s[0], s[1], s[2], s[4]) for s in _GPU_SHAPES])
-@pytest.mark.parametrize("tile", [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, STAGES=4),
-                                  dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, STAGES=4)],
-                         ids=["64x64", "128x128"])
+@pytest.mark.parametrize("tile", [WG.SMALL, WG.WIDE], ids=["64x64", "128x128"])
 @pytest.mark.parametrize("programs", [5, 132])
 def test_gpu_wg_stream_k_against_float64(bits, dtype, sym, M, N, K, bias, tile, programs):
     # Stream-K: ranges of (tile, K block) units that start and end inside tiles, tiles summed
@@ -330,16 +336,24 @@ def test_gpu_wg_stream_k_against_float64(bits, dtype, sym, M, N, K, bias, tile, 
 
 @needs_hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits,dtype,sym", [(4, bf16, False), (6, f16, True)])
+@pytest.mark.parametrize("dtype,sym", [(bf16, False), (f16, True)])
 @pytest.mark.parametrize("M,N,K,split,bias", _GPU_SHAPES)
-@pytest.mark.parametrize("lookahead,stages", [(2, 4), (3, 4), (2, 3)])
 @pytest.mark.parametrize("stream", [0, 132])
-def test_gpu_wg_lookahead_and_stages_against_float64(bits, dtype, sym, M, N, K, split, bias,
-                                                     lookahead, stages, stream):
-    # More MMAs left in flight, and 3 stages (the K loop unrolled by 3: blocks past the end
-    # in its last round).
+def test_gpu_wg256_against_float64(dtype, sym, M, N, K, split, bias, stream):
+    # WIDE256: each warpgroup two MMAs of 64 weight columns a sub-tile (4-bit weights only).
+    _check_wg(4, dtype, M, N, K, 1 if stream else split, bias, WG.WIDE256, sym, stream=stream)
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K,split,bias", _GPU_SHAPES)
+@pytest.mark.parametrize("lookahead,stages", [(3, 4), (2, 3)])
+@pytest.mark.parametrize("stream", [0, 132])
+def test_gpu_wg_lookahead_and_stages_against_float64(M, N, K, split, bias, lookahead, stages,
+                                                     stream):
+    # Three MMA groups left in flight; three stages (one block ahead).
     tile = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, STAGES=stages, LOOKAHEAD=lookahead)
-    _check_wg(bits, dtype, M, N, K, 1 if stream else split, bias, tile, sym, stream=stream)
+    _check_wg(4, bf16, M, N, K, 1 if stream else split, bias, tile, False, stream=stream)
 
 
 def _check_wg(bits, dtype, M, N, K, split, bias, tile, sym, stream=0):
