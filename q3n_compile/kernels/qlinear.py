@@ -1146,7 +1146,7 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
                and C8.eligible(N, K, bits, group_size, act, dtype, fp8, act_group_size) is None)
     if allow_wg and WG is not None and WG.supported(
             bits, group_size, act, dtype, N, capability or _device_capability(device)):
-        wg = WG.choose(M, N, sms, cublas8, bits)
+        wg = WG.choose(M, N, sms, cublas8, bits, K)
         if wg is not None:
             return dict(wg, SPLIT_K=_keep_two_blocks(wg["SPLIT_K"], k_pad, SW.MMT_BLOCK_K))
     mm8_split = _mm8_split(M, N, K, bits, group_size, act, act_group_size, sms) if cublas8 else None

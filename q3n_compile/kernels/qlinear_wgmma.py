@@ -473,11 +473,13 @@ SIXTY_FOUR = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, STAGES=4, LOOKAHEAD=1)
 DISPATCH_TILES = (WIDE, WIDE256, TALL, SMALL, SIXTY_FOUR)
 # The rows this path takes (not measured outside them: mmT below, dequantise + cuBLAS above).
 # Where cuBLAS's fp8 or int8 GEMM on unpacked codes computes the call (cublas8: 8-bit
-# activations, 4-bit weights), to 128 rows: the tile beat mm8 and cublas8 in all 8 cases of
-# s17run11 (fp8, 1.02-1.24x) there, and from 129 rows cublas8 won 4 of 8 (0.88-0.94x). Other
-# quantized activations (dequantised to x's dtype and permuted first) to 256: W6A12 at 192-256
-# rows ran 1.27-1.47x faster than dequantise + cuBLAS (s18run1, forced tiles).
-MIN_M, MAX_M, MAX_M_CUBLAS8 = 49, 256, 128
+# activations, 4-bit weights): the tile beat mm8 and cublas8 in all 8 cases of s17run11 (fp8,
+# 1.02-1.24x) to 128 rows; at 192-256 rows with this session's tiles (s19run4, fp8, the rule's
+# tile against cublas8) 1.09-1.26x on K = 4096-8192, but on 4096 x 12288 0.91x at 192 rows
+# (1.05x at 256), so for K above MAX_K_CUBLAS8 only to 128 rows. Other quantized activations
+# (dequantised to x's dtype and permuted first) to 256: W6A12 at 192-256 rows ran 1.27-1.47x
+# faster than dequantise + cuBLAS (s18run1, forced tiles).
+MIN_M, MAX_M, MAX_M_CUBLAS8, MAX_K_CUBLAS8 = 49, 256, 128, 8192
 ACTS = ("none", "int8", "fp8", "int12")
 BITS = (4, 6)
 # WIDE's tiles (one program an SM) that make "most of a wave": 96 tiles of 132 SMs (12288
@@ -510,10 +512,11 @@ def supported(bits: int, group_size: int, act: str, dtype: torch.dtype, N: int,
             and dtype in (torch.bfloat16, torch.float16) and capability == (9, 0))
 
 
-def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4) -> Optional[dict]:
-    """The launch for M rows of an N-column weight, or None outside :data:`MIN_M`-:data:`MAX_M`
-    rows (:data:`MAX_M_CUBLAS8` where `cublas8`: the qlinear_cublas8 path computes the call at
-    this M). Same rule for 4- and 6-bit weights but for WIDE256 (4-bit only). Wide weights
+def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
+           K: int = 0) -> Optional[dict]:
+    """The launch for M rows of an N x K weight, or None outside :data:`MIN_M`-:data:`MAX_M`
+    rows (:data:`MAX_M_CUBLAS8` where `cublas8`, the qlinear_cublas8 path computes the call at
+    this M, and K exceeds :data:`MAX_K_CUBLAS8`). Same rule for 4- and 6-bit weights but for WIDE256 (4-bit only). Wide weights
     (WIDE's tiles at least :data:`WAVE_FILL` of the SMs): SIXTY_FOUR to 64 rows; above,
     WIDE256 where its own tiles fill WAVE_FILL of the SMs, else WIDE (within 3.5% of the best
     tile swept at 129-256 rows), K unsplit, by stream-K over one program an SM where the tiles
@@ -521,7 +524,7 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4) -> Op
     unsplit above where its programs fill :data:`WAVE_FILL` of the SMs, else SMALL split 4 to
     128 rows and None above (the caller halves a split that would leave fewer than two K
     blocks of 128 each: :func:`q3n_compile.kernels.qlinear.choose_path`)."""
-    if not MIN_M <= M <= (MAX_M_CUBLAS8 if cublas8 else MAX_M):
+    if not MIN_M <= M <= (MAX_M_CUBLAS8 if cublas8 and K > MAX_K_CUBLAS8 else MAX_M):
         return None
     wide_tiles = contract.cdiv(M, 128) * contract.cdiv(N, 128)
     tiles256 = contract.cdiv(M, 128) * contract.cdiv(N, 256)

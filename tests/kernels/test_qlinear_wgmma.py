@@ -266,13 +266,19 @@ def test_dispatch_rule_on_sm90():
     for kw in (dict(dtype=torch.float32), dict(bits=5), dict(bits=8), dict(group=64),
                dict(group=-1), dict(cap=(8, 0)), dict(cap=(10, 0))):
         assert path(128, 12288, **kw)["path"] != "wg", kw
-    # Quantized activations (dequantised first) to 256 rows, ahead of mm8 and dequantise +
-    # cuBLAS; to 128 where cublas8 computes the call (fp8 codes and 4-bit weights from 129).
+    # Quantized activations (dequantised first) to 256 rows, ahead of mm8, cublas8 and
+    # dequantise + cuBLAS; to 128 where cublas8 computes the call (fp8 codes and 4-bit weights
+    # from 129) and K exceeds 8192.
     for act in ("fp8", "int8", "int12"):
         for bits in (4, 6):
             assert path(49, 4096, act=act, bits=bits) == dict(WG.SMALL, path="wg", SPLIT_K=4)
             assert path(128, 12288, act=act, bits=bits) == dict(WG.WIDE, path="wg", SPLIT_K=1)
-    assert path(129, 28672, act="fp8")["path"] == "cublas8"
+    assert path(129, 28672, act="fp8") == stream256
+    assert path(256, 12288, act="fp8") == dict(WG.WIDE256, path="wg", SPLIT_K=1)
+    assert path(256, 4096, act="fp8") == dict(WG.TALL, path="wg", SPLIT_K=1)
+    assert path(128, 4096, K=12288, act="fp8") == dict(WG.TALL, path="wg", SPLIT_K=2)
+    assert path(129, 4096, K=12288, act="fp8")["path"] == "cublas8"
+    assert path(257, 12288, act="fp8")["path"] == "cublas8"
     for act, bits in (("int8", 4), ("int12", 4)):
         assert path(256, 28672, act=act, bits=bits) == stream256
     for act, bits in (("fp8", 6), ("int8", 6), ("int12", 6)):
@@ -431,6 +437,21 @@ def test_gpu_wg_with_quantized_activations_against_float64(act, ag, bits):
                              act, torch.float64, ag)
     err = (got.double() - want).abs().max().item()
     assert err <= 2e-2 * want.abs().max().item(), err
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", ["fp8", "int8"])
+def test_gpu_dispatched_wide256_with_8_bit_activations_against_float64(act):
+    # 200 rows of a 12288-column weight with 8-bit activations: WIDE256 as dispatched (for fp8
+    # codes ahead of cublas8, K <= 8192), the op from x against float64.
+    gen = _gen(f"wg256act{act}")
+    M, N, K = 200, 12288, 1024
+    pw = _packed(gen, N, K, 4, 128, False, device="cuda")
+    x = torch.randn(M, K, generator=gen).to(bf16).cuda()
+    path = Q.choose_path(M, N, K, 4, 128, act, bf16, x.device)
+    assert path == dict(WG.WIDE256, path="wg", SPLIT_K=1), path
+    check_against_float64(x, pw, None, act=act)
 
 
 @needs_hopper
