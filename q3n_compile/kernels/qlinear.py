@@ -95,11 +95,13 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
 - ``wg`` (:mod:`q3n_compile.kernels.qlinear_wgmma`, a Gluon kernel, sm_90 only): mmT's tile
   for 4- and 6-bit g128 weights with its warpgroup MMAs asynchronous, from 49 to 256 rows
   (quantized activations dequantised first as for mmT; to 128 rows where cublas8 takes the
-  call), ahead of mmT, mm8, cublas8 and dequantise + cuBLAS there; 128 x 128 tiles by stream-K
-  where they make a wave; weights with few columns to 128 rows only unless 128 x 64 tiles fill
-  the SMs (:func:`qlinear_wgmma.choose`). Its weight operand is ``(q - z) * s`` rounded to x's
-  dtype (with bf16 x the scale is rounded to bf16 first). H200: W4A16 1.05-1.54x the paths
-  before it (s18run4), fp8 activations 0.94-1.24x (s17run12), W6A12 1.22-3.13x (s18run4).
+  call and K > 8192), ahead of mmT, mm8, cublas8 and dequantise + cuBLAS there; tiles by
+  stream-K where they make a wave, 128 x 256 tiles for 4-bit weights of many columns; weights
+  with few columns to 128 rows only unless 128 x 64 tiles fill the SMs
+  (:func:`qlinear_wgmma.choose`). Its weight operand is ``(q - z) * s`` rounded to x's dtype
+  (with bf16 x the scale is rounded to bf16 first). H200: W4A16 1.05-1.54x the paths before it
+  (s18run4) and 1.00-1.15x more at 96-256 rows (s19run3), fp8 activations 1.03-1.26x cublas8
+  at 160-256 rows on K <= 8192 (s19run5), W6A12 1.22-3.13x (s18run4).
 
 Every K block of the gemv and mm kernels lies in one weight group and one activation group:
 :func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which

@@ -3,7 +3,7 @@ permuted per 128-channel block) written in Gluon (Triton's explicit-layout diale
 weight's unpack overlaps the tensor cores. 4- and 6-bit weights in groups of 128 (zero points
 or symmetric), bf16 or fp16 x, an sm_90 GPU; dispatched from 49 to 256 rows, quantized
 activations dequantised and permuted by the op first, to 128 rows where cuBLAS's fp8 GEMM on
-unpacked codes takes the call (:func:`choose`).
+unpacked codes takes the call and K exceeds 8192 (:func:`choose`).
 
 Why: in Triton 3.6 the swapped tile's MMA reads the unpacked weight from registers, and Triton
 waits for every such MMA to finish before the next instruction (sm_90 SASS of
@@ -35,10 +35,19 @@ units a program, pieces summed by tickets in program order), which the rule uses
 132 SMs are 1.7 waves of whole tiles).
 
 Measured (H200, CUDA-graph ms, x bf16; against the paths dispatched before the tile in the same
-run; bench/RESULTS.md sessions 17 and 18): W4A16 1.01-1.50x faster in all 24 cases (49-256 rows,
-the issue's four shapes; s17run9), x bf16 cuBLAS (s18run4) 0.82-1.38 at 49-64 rows, 0.77-0.96 at
-96-128, 0.56-0.79 at 192-256; W6A16 and W6A12 1.10-3.13x faster than mmT and dequantise +
-cuBLAS on those shapes (s18run1, s18run4).
+run; bench/RESULTS.md sessions 17-19): W4A16 1.01-1.50x faster in all 24 cases (49-256 rows,
+the issue's four shapes; s17run9), x bf16 cuBLAS 0.82-1.38 at 49-64 rows (s18run4), 0.75-1.11
+at 96-128 and 0.62-0.86 at 192-256 (s19run3); W6A16 and W6A12 1.10-3.13x faster than mmT and
+dequantise + cuBLAS on those shapes (s18run1, s18run4).
+
+Session 19 (s19run1-3): x's two halves in separate shared allocations (Triton's hazard analysis
+put a CTA barrier between their copies: two barriers a K block now, three before); two MMA
+groups left in flight (LOOKAHEAD) on WIDE and TALL; WIDE256, 256 weight columns a tile (each
+warpgroup two MMAs of 64 a sub-tile, so x, the most L2 traffic, is read half as often). Nsight
+Compute at 256 rows of 28672 x 8192 (s19run2): tensor pipe 55% (WIDE) and 59% (WIDE256) of the
+elapsed cycles against cuBLAS's 78%, L2 50% / 33%, issue slots 36% / 31%: latency-bound, not
+bound by L2 or issue. Unrolling the K loop by stages (one barrier a block) gained 0.3-2.3% and
+spilled at WIDE256, so the loop stays rolled.
 
 Gluon has no interpreter: this kernel runs on sm_90 only; the CPU lane compiles it for sm_90
 and executes its PTX unpack in an emulator (tests/kernels/test_qlinear_wgmma.py), the GPU lane
@@ -290,9 +299,10 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     # x's K block: two halves [BLOCK_M, 64] (128-byte rows, 128-byte swizzle); sub-tile j (16
-    # channels) is columns 16 (j % 4) of half j // 4 (x_smem[j // 4]), the MMA's K-major second operand. A warp
-    # copies 4 rows x 128 contiguous bytes (4 global lines, 512 unconflicted shared bytes;
-    # 16 rows x 32 bytes a warp, as first written, cost 16 shared wavefronts an instruction).
+    # channels) is columns 16 (j % 4) of half j // 4 (x_smem[j // 4]), the MMA's K-major
+    # second operand. A warp copies 4 rows x 128 contiguous bytes (4 global lines, 512
+    # unconflicted shared bytes; 16 rows x 32 bytes a warp, as first written, cost 16 shared
+    # wavefronts an instruction).
     x_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     x_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
                                           warps_per_cta=[num_warps, 1], order=[1, 0])
@@ -457,11 +467,11 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 # SMALL (64 x 64, 4 warps, two programs an SM) with K split 4 at 49-64 rows. 6-bit weights
 # (s18run1, W6A16 and W6A12 g128, the same 24 cases): the same rule's launch was the best tile
 # swept or within 2.5% of it in all 48.
-# Session 19 (s19run1-2): two MMAs left in flight (LOOKAHEAD 2) ran 1-3% faster than one on
-# WIDE and TALL (not measured on SMALL and SIXTY_FOUR, which keep one); WIDE256 (256 weight
-# columns, each warpgroup two MMAs of 64 a sub-tile, so x is read from L2 half as often) where
-# its own tiles fill WAVE_FILL of the SMs from 65 rows, 4-bit weights (6-bit ones need 265 KB
-# of shared memory at 4 stages): 28672 x 8192 at 128 rows 0.1220 ms against WIDE by stream-K's
+# Session 19 (s19run1-2): two MMA groups left in flight (LOOKAHEAD 2) ran 0-2.8% faster than
+# one on WIDE and 0-1.6% on TALL (not measured on SMALL and SIXTY_FOUR, which keep one);
+# WIDE256 (256 weight columns, each warpgroup two MMAs of 64 a sub-tile, so x is read from L2
+# half as often) where its own tiles fill WAVE_FILL of the SMs from 65 rows, 4-bit weights
+# (6-bit ones need 265 KB of shared memory at 4 stages): 28672 x 8192 at 128 rows 0.1220 ms against WIDE by stream-K's
 # 0.1340 (bf16 0.1316), at 256 rows by stream-K 0.2329 against 0.2477 (bf16 0.1931); 12288 x
 # 4096 at 256 rows 0.0681 against 0.0715 (bf16 0.0413). Where its tiles are fewer it lost
 # (4096 columns: 0.0534 against 0.0384 at 256 rows).
@@ -516,14 +526,15 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
            K: int = 0) -> Optional[dict]:
     """The launch for M rows of an N x K weight, or None outside :data:`MIN_M`-:data:`MAX_M`
     rows (:data:`MAX_M_CUBLAS8` where `cublas8`, the qlinear_cublas8 path computes the call at
-    this M, and K exceeds :data:`MAX_K_CUBLAS8`). Same rule for 4- and 6-bit weights but for WIDE256 (4-bit only). Wide weights
-    (WIDE's tiles at least :data:`WAVE_FILL` of the SMs): SIXTY_FOUR to 64 rows; above,
-    WIDE256 where its own tiles fill WAVE_FILL of the SMs, else WIDE (within 3.5% of the best
-    tile swept at 129-256 rows), K unsplit, by stream-K over one program an SM where the tiles
-    make a wave. Others: SMALL with K split 4 to 64 rows; TALL with K split 2 to 128 rows and
-    unsplit above where its programs fill :data:`WAVE_FILL` of the SMs, else SMALL split 4 to
-    128 rows and None above (the caller halves a split that would leave fewer than two K
-    blocks of 128 each: :func:`q3n_compile.kernels.qlinear.choose_path`)."""
+    this M, and K exceeds :data:`MAX_K_CUBLAS8`). Same rule for 4- and 6-bit weights but for
+    WIDE256 (4-bit only). Wide weights (WIDE's tiles at least :data:`WAVE_FILL` of the SMs):
+    SIXTY_FOUR to 64 rows; above, WIDE256 where its own tiles fill WAVE_FILL of the SMs, else
+    WIDE (within 3.5% of the best tile swept at 129-256 rows), K unsplit, by stream-K over one
+    program an SM where the tiles make a wave. Others: SMALL with K split 4 to 64 rows; TALL
+    with K split 2 to 128 rows and unsplit above where its programs fill :data:`WAVE_FILL` of
+    the SMs, else SMALL split 4 to 128 rows and None above (the caller halves a split that
+    would leave fewer than two K blocks of 128 each:
+    :func:`q3n_compile.kernels.qlinear.choose_path`)."""
     if not MIN_M <= M <= (MAX_M_CUBLAS8 if cublas8 and K > MAX_K_CUBLAS8 else MAX_M):
         return None
     wide_tiles = contract.cdiv(M, 128) * contract.cdiv(N, 128)
