@@ -471,10 +471,10 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 # one on WIDE and 0-1.6% on TALL (not measured on SMALL and SIXTY_FOUR, which keep one);
 # WIDE256 (256 weight columns, each warpgroup two MMAs of 64 a sub-tile, so x is read from L2
 # half as often) where its own tiles fill WAVE_FILL of the SMs from 65 rows, 4-bit weights
-# (6-bit ones need 265 KB of shared memory at 4 stages): 28672 x 8192 at 128 rows 0.1220 ms against WIDE by stream-K's
-# 0.1340 (bf16 0.1316), at 256 rows by stream-K 0.2329 against 0.2477 (bf16 0.1931); 12288 x
-# 4096 at 256 rows 0.0681 against 0.0715 (bf16 0.0413). Where its tiles are fewer it lost
-# (4096 columns: 0.0534 against 0.0384 at 256 rows).
+# (6-bit ones need 265 KB of shared memory at 4 stages): 28672 x 8192 at 128 rows 0.1220 ms
+# against WIDE by stream-K's 0.1340 (bf16 0.1316), at 256 rows by stream-K 0.2329 against
+# 0.2477 (bf16 0.1931); 12288 x 4096 at 256 rows 0.0681 against 0.0715 (bf16 0.0413). Where its
+# tiles are fewer it lost (4096 columns: 0.0534 against 0.0384 at 256 rows).
 WIDE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, STAGES=4, LOOKAHEAD=2)
 WIDE256 = dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, STAGES=4, LOOKAHEAD=2)
 TALL = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, STAGES=4, LOOKAHEAD=2)
