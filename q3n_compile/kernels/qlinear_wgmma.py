@@ -480,7 +480,12 @@ WIDE256 = dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, STAGES=4, LOOKAHEAD=2)
 TALL = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, STAGES=4, LOOKAHEAD=2)
 SMALL = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, STAGES=4, LOOKAHEAD=1)
 SIXTY_FOUR = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, STAGES=4, LOOKAHEAD=1)
-DISPATCH_TILES = (WIDE, WIDE256, TALL, SMALL, SIXTY_FOUR)
+# 64 x 256 to 64 rows where its tiles fill WAVE_FILL of the SMs (s19run8, 4-bit: 28672 x 8192
+# at 49 / 64 rows 0.0868 / 0.0912 ms against SIXTY_FOUR's 0.0922 / 0.0949, bf16 0.127-0.128;
+# on 12288 columns, 48 tiles, it lost: 0.0483 against 0.0341). LOOKAHEAD 2 as measured there;
+# on SIXTY_FOUR 2 lost 3-4% to 1.
+SIXTY_FOUR256 = dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, STAGES=4, LOOKAHEAD=2)
+DISPATCH_TILES = (WIDE, WIDE256, TALL, SMALL, SIXTY_FOUR, SIXTY_FOUR256)
 # The rows this path takes (not measured outside them: mmT below, dequantise + cuBLAS above).
 # Where cuBLAS's fp8 or int8 GEMM on unpacked codes computes the call (cublas8: 8-bit
 # activations, 4-bit weights): the tile beat mm8 and cublas8 in all 8 cases of s17run11 (fp8,
@@ -527,8 +532,9 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
     """The launch for M rows of an N x K weight, or None outside :data:`MIN_M`-:data:`MAX_M`
     rows (:data:`MAX_M_CUBLAS8` where `cublas8`, the qlinear_cublas8 path computes the call at
     this M, and K exceeds :data:`MAX_K_CUBLAS8`). Same rule for 4- and 6-bit weights but for
-    WIDE256 (4-bit only). Wide weights (WIDE's tiles at least :data:`WAVE_FILL` of the SMs):
-    SIXTY_FOUR to 64 rows; above, WIDE256 where its own tiles fill WAVE_FILL of the SMs, else
+    WIDE256 and SIXTY_FOUR256 (4-bit only). Wide weights (WIDE's tiles at least
+    :data:`WAVE_FILL` of the SMs): to 64 rows SIXTY_FOUR256 where its own tiles fill WAVE_FILL
+    of the SMs, else SIXTY_FOUR; above, WIDE256 where its own tiles fill WAVE_FILL, else
     WIDE (within 3.5% of the best tile swept at 129-256 rows), K unsplit, by stream-K over one
     program an SM where the tiles make a wave. Others: SMALL with K split 4 to 64 rows; TALL
     with K split 2 to 128 rows and unsplit above where its programs fill :data:`WAVE_FILL` of
@@ -541,6 +547,8 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
     tiles256 = contract.cdiv(M, 128) * contract.cdiv(N, 256)
     if M > 64 and bits == 4 and tiles256 >= WAVE_FILL * sms:
         return dict(WIDE256, path="wg", SPLIT_K=1, **({"STREAM": sms} if tiles256 >= sms else {}))
+    if M <= 64 and bits == 4 and tiles256 >= WAVE_FILL * sms:
+        return dict(SIXTY_FOUR256, path="wg", SPLIT_K=1)
     if wide_tiles >= WAVE_FILL * sms:
         if M > 64 and wide_tiles >= sms:
             return dict(WIDE, path="wg", SPLIT_K=1, STREAM=sms)

@@ -73,9 +73,10 @@ _VARIANTS = [("*bf16", 0, False, False, 4), ("*fp16", 2, True, True, 4),
 
 
 def _dispatched_cases():
-    """(tile, variant) for every dispatched tile and variant; WIDE256 takes 4-bit weights only."""
+    """(tile, variant) for every dispatched tile and variant; 256-column tiles take 4-bit weights
+    only."""
     return [(tile, v) for tile in WG.DISPATCH_TILES for v in _VARIANTS
-            if not (tile is WG.WIDE256 and v[4] == 6)]
+            if not (tile["BLOCK_N"] == 256 and v[4] == 6)]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def sm90_builds():
 
 def test_dispatched_tiles_compile_for_sm90_without_spills(sm90_builds):
     cases = _dispatched_cases()
-    assert len(sm90_builds) == len(cases) == 27
+    assert len(sm90_builds) == len(cases) == 30
     for (tile, variant), got in zip(cases, sm90_builds):
         where = f"{tile} {variant}: {got}"
         assert got["stack"] == 0, where  # no spills
@@ -242,7 +243,8 @@ def test_dispatch_rule_on_sm90():
     # 65), else WIDE; by stream-K over the 132 SMs once the tiles make a wave (12288 columns
     # from 129 rows with WIDE, 28672 from 129 with WIDE256).
     assert path(48, 12288)["path"] == "mmT"
-    assert path(49, 28672) == dict(WG.SIXTY_FOUR, path="wg", SPLIT_K=1)
+    assert path(49, 28672) == dict(WG.SIXTY_FOUR256, path="wg", SPLIT_K=1)
+    assert path(64, 28672) == dict(WG.SIXTY_FOUR256, path="wg", SPLIT_K=1)
     assert path(64, 12288) == dict(WG.SIXTY_FOUR, path="wg", SPLIT_K=1)
     stream = dict(WG.WIDE, path="wg", SPLIT_K=1, STREAM=132)
     stream256 = dict(WG.WIDE256, path="wg", SPLIT_K=1, STREAM=132)
@@ -256,6 +258,7 @@ def test_dispatch_rule_on_sm90():
     # 6-bit weights: the same rule without WIDE256 (its shared memory would not fit).
     for M, N, tile, split in ((49, 4096, WG.SMALL, 4), (128, 4096, WG.TALL, 2),
                               (256, 4096, WG.TALL, 1), (64, 28672, WG.SIXTY_FOUR, 1),
+                              (49, 28672, WG.SIXTY_FOUR, 1),
                               (128, 12288, WG.WIDE, 1)):
         assert path(M, N, bits=6) == dict(tile, path="wg", SPLIT_K=split), (M, N)
     assert path(200, 12288, bits=6) == stream and path(96, 28672, bits=6) == stream
@@ -345,9 +348,10 @@ def test_gpu_wg_stream_k_against_float64(bits, dtype, sym, M, N, K, bias, tile, 
 @pytest.mark.parametrize("dtype,sym", [(bf16, False), (f16, True)])
 @pytest.mark.parametrize("M,N,K,split,bias", _GPU_SHAPES)
 @pytest.mark.parametrize("stream", [0, 132])
-def test_gpu_wg256_against_float64(dtype, sym, M, N, K, split, bias, stream):
-    # WIDE256: each warpgroup two MMAs of 64 weight columns a sub-tile (4-bit weights only).
-    _check_wg(4, dtype, M, N, K, 1 if stream else split, bias, WG.WIDE256, sym, stream=stream)
+@pytest.mark.parametrize("tile", [WG.WIDE256, WG.SIXTY_FOUR256], ids=["128x256", "64x256"])
+def test_gpu_wg256_against_float64(dtype, sym, M, N, K, split, bias, stream, tile):
+    # 256-column tiles: each warpgroup two MMAs of 64 weight columns a sub-tile (4-bit only).
+    _check_wg(4, dtype, M, N, K, 1 if stream else split, bias, tile, sym, stream=stream)
 
 
 @needs_hopper
