@@ -36,14 +36,15 @@ units a program, pieces summed by tickets in program order), which the rule uses
 
 Measured (H200, CUDA-graph ms, x bf16; against the paths dispatched before the tile in the same
 run; bench/RESULTS.md sessions 17-19): W4A16 1.01-1.50x faster in all 24 cases (49-256 rows,
-the issue's four shapes; s17run9), x bf16 cuBLAS 0.82-1.38 at 49-64 rows (s18run4), 0.75-1.11
+the issue's four shapes; s17run9), x bf16 cuBLAS 0.85-1.43 at 49-64 rows (s19run8-9), 0.75-1.11
 at 96-128 and 0.62-0.86 at 192-256 (s19run3); W6A16 and W6A12 1.10-3.13x faster than mmT and
 dequantise + cuBLAS on those shapes (s18run1, s18run4).
 
 Session 19 (s19run1-3): x's two halves in separate shared allocations (Triton's hazard analysis
 put a CTA barrier between their copies: two barriers a K block now, three before); two MMA
 groups left in flight (LOOKAHEAD) on WIDE and TALL; WIDE256, 256 weight columns a tile (each
-warpgroup two MMAs of 64 a sub-tile, so x, the most L2 traffic, is read half as often). Nsight
+warpgroup two MMAs of 64 a sub-tile, so x, the most L2 traffic, is read half as often; and
+SIXTY_FOUR256, its 64-row form, to 64 rows). Nsight
 Compute at 256 rows of 28672 x 8192 (s19run2): tensor pipe 55% (WIDE) and 59% (WIDE256) of the
 elapsed cycles against cuBLAS's 78%, L2 50% / 33%, issue slots 36% / 31%: latency-bound, not
 bound by L2 or issue. Unrolling the K loop by stages (one barrier a block) gained 0.3-2.3% and
