@@ -40,15 +40,15 @@ the issue's four shapes; s17run9), x bf16 cuBLAS 0.85-1.43 at 49-64 rows (s19run
 at 96-128 and 0.62-0.86 at 192-256 (s19run3); W6A16 and W6A12 1.10-3.13x faster than mmT and
 dequantise + cuBLAS on those shapes (s18run1, s18run4).
 
-Session 19 (s19run1-3): x's two halves in separate shared allocations (Triton's hazard analysis
-put a CTA barrier between their copies: two barriers a K block now, three before); two MMA
-groups left in flight (LOOKAHEAD) on WIDE and TALL; WIDE256, 256 weight columns a tile (each
-warpgroup two MMAs of 64 a sub-tile, so x, the most L2 traffic, is read half as often; and
-SIXTY_FOUR256, its 64-row form, to 64 rows). Nsight
-Compute at 256 rows of 28672 x 8192 (s19run2): tensor pipe 55% (WIDE) and 59% (WIDE256) of the
-elapsed cycles against cuBLAS's 78%, L2 50% / 33%, issue slots 36% / 31%: latency-bound, not
-bound by L2 or issue. Unrolling the K loop by stages (one barrier a block) gained 0.3-2.3% and
-spilled at WIDE256, so the loop stays rolled.
+Session 19 (s19run1-3, s19run8): x's two halves in separate shared allocations (Triton's hazard
+analysis put a CTA barrier between their copies: two barriers a K block now, three before); two
+MMA groups left in flight (LOOKAHEAD) on WIDE and TALL; WIDE256, 256 weight columns a tile
+(each warpgroup two MMAs of 64 a sub-tile, so x, the most L2 traffic, is read half as often),
+and SIXTY_FOUR256, its 64-row form, to 64 rows. Nsight Compute at 256 rows of 28672 x 8192
+(s19run2): tensor pipe 55% (WIDE) and 59% (WIDE256) of the elapsed cycles against cuBLAS's 78%,
+L2 50% / 33%, issue slots 36% / 31%: latency-bound, not bound by L2 or issue. Unrolling the K
+loop by stages (one barrier a block) gained 0.3-2.3% and spilled at WIDE256, so the loop stays
+rolled.
 
 Gluon has no interpreter: this kernel runs on sm_90 only; the CPU lane compiles it for sm_90
 and executes its PTX unpack in an emulator (tests/kernels/test_qlinear_wgmma.py), the GPU lane
@@ -227,7 +227,8 @@ def _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
                 a_2 = a_1
             a_1 = a
         # Refill the stage read two blocks back (every warp is past those MMAs: each has
-        # waited for all but its last MMA of block i - 1 before the barrier after the wait).
+        # waited for all but its last LOOKAHEAD (< 8) MMA groups of block i - 1 before the
+        # barrier after the wait).
         _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, (i + STAGES - 2) % STAGES,
                      k0 + (STAGES - 2) * 128, k_end, x_ptrs, x_ok, w_ptrs, w2_ptrs, w_rows,
                      w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N, SYM, BITS)
