@@ -26,9 +26,7 @@ first, then timed against the dispatched op and bf16 cuBLAS as bench_qlinear_wgm
 import argparse
 import json
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -43,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from compile_qlinear_sm90 import resource_usage  # noqa: E402
 from q3n_compile.kernels import packing as P  # noqa: E402
 from q3n_compile.kernels import qlinear_wgmma as WG  # noqa: E402
 from q3n_compile.kernels.qlinear_swap import permute_x_blocks  # noqa: E402
@@ -225,16 +224,9 @@ def compile_sm90(cfg: dict, x_type: str = "bf16", sym: bool = False) -> dict:
                                           "stride_ym")})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": cfg["num_warps"], "maxnreg": MAXNREG})
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([str(tool), "--dump-resource-usage", f.name], check=True,
-                               capture_output=True, text=True).stdout
+    usage = resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
-    return dict(cfg, regs=int(re.search(r"REG:(\d+)", usage).group(1)),
-                stack=int(re.search(r"STACK:(\d+)", usage).group(1)),
-                shared=compiled.metadata.shared,
+    return dict(cfg, regs=usage["reg"], stack=usage["stack"], shared=compiled.metadata.shared,
                 setmaxnreg=sorted(set(re.findall(r"setmaxnreg\.(\w+)\.sync\.aligned\.u32\s+(\d+)",
                                                  ptx))),
                 wgmma=ptx.count("wgmma.mma_async"), bar_sync=len(re.findall(r"\bbar\.sync", ptx)))

@@ -547,10 +547,10 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
         return None
     wide_tiles = contract.cdiv(M, 128) * contract.cdiv(N, 128)
     tiles256 = contract.cdiv(M, 128) * contract.cdiv(N, 256)
-    if M > 64 and bits == 4 and tiles256 >= WAVE_FILL * sms:
+    if bits == 4 and tiles256 >= WAVE_FILL * sms:
+        if M <= 64:
+            return dict(SIXTY_FOUR256, path="wg", SPLIT_K=1)
         return dict(WIDE256, path="wg", SPLIT_K=1, **({"STREAM": sms} if tiles256 >= sms else {}))
-    if M <= 64 and bits == 4 and tiles256 >= WAVE_FILL * sms:
-        return dict(SIXTY_FOUR256, path="wg", SPLIT_K=1)
     if wide_tiles >= WAVE_FILL * sms:
         if M > 64 and wide_tiles >= sms:
             return dict(WIDE, path="wg", SPLIT_K=1, STREAM=sms)
