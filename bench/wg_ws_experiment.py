@@ -236,15 +236,28 @@ TILES = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, STAGES=4, LOOKAHEAD=2),
          dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, STAGES=4, LOOKAHEAD=2)]
 
 
+def tile_name(tile: dict) -> str:
+    return "x".join(str(tile[k]) for k in ("BLOCK_M", "BLOCK_N", "STAGES", "LOOKAHEAD"))
+
+
+def parse_tile(text: str) -> dict:
+    bm, bn, stages, lookahead = (int(v) for v in text.split("x"))
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=8, STAGES=stages, LOOKAHEAD=lookahead)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--compile-only", action="store_true")
     ap.add_argument("--nk", nargs="+", default=["12288x4096", "28672x8192"])
     ap.add_argument("--ms", nargs="+", type=int, default=[128, 256])
+    ap.add_argument("--tiles", nargs="+", metavar="MxNxSTAGESxLOOKAHEAD",
+                    help="tiles to build (8 consumer warps each); default: "
+                    + " ".join(tile_name(t) for t in TILES))
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    tiles = [parse_tile(t) for t in args.tiles] if args.tiles else TILES
     if args.compile_only:
-        for tile in TILES:
+        for tile in tiles:
             print(json.dumps(compile_sm90(tile)), flush=True)
         return
     import torch.nn.functional as F
@@ -269,7 +282,7 @@ def main():
                        q3n_path=Q.choose_path(M, N, K, 4, 128, "none", x.dtype, x.device),
                        ws=[])
             print(f"{N}x{K} M={M}: bf16 {bf16_ms:.4f}  q3n {q3n_ms:.4f}", flush=True)
-            for tile in TILES:
+            for tile in tiles:
                 ent = dict(tile)
                 try:
                     f = lambda: run(x, pw.qweight, pw.scales, pw.zeros, None, K, tile)  # noqa
@@ -282,7 +295,7 @@ def main():
                 except Exception as exc:
                     ent["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 row["ws"].append(ent)
-                print(f"    ws {tile['BLOCK_M']}x{tile['BLOCK_N']}: "
+                print(f"    ws {tile_name(tile)}: "
                       + (ent.get("error") or f"{ent['graph_ms']:.4f} ms "
                          f"({bf16_ms / ent['graph_ms']:.2f}x bf16, "
                          f"{q3n_ms / ent['graph_ms']:.2f}x q3n, err {ent['err']:.1e})"),
