@@ -796,7 +796,7 @@ class _Plan:
                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             self.stats_meta.update(CENTRE=self.centre, WRITE_STATS=True, WRITE_XN=False,
                                    RNE_BF16=False)
-        else:
+        elif self.design == "cublas":
             self.stats_meta.update(CENTRE=False, WRITE_STATS=False, WRITE_XN=True, RNE_BF16=rne)
             # cuBLAS adds the residual before its one rounding when it can take it as addmm's C.
             self.res_in_gemm = (residual is not None and bias is None
