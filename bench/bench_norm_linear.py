@@ -78,16 +78,6 @@ SPLIT_SWEEP = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, USE_TMA, P
     (256, 128, 64, 8, 3, True, False), (128, 256, 64, 8, 4, True, True)]
 # (STATS_BLOCK_M, STATS_BLOCK_K, STATS_WARPS)
 CUBLAS_SWEEP = [(1, 4096, 8), (1, 4096, 4), (1, 2048, 8), (2, 4096, 8), (1, 4096, 16)]
-# (BLOCK_N, STAGES, GROUP_M) of the "wg" tile (128 rows, 8 warps; SiLU-gate caps BLOCK_N at 128)
-WG_SWEEP = [(256, 3, 8), (256, 4, 1), (128, 4, 8), (128, 3, 8), (64, 4, 8)]
-SWEEP_DESIGNS = ("fused", "split", "cublas", "wg")
-
-
-def designs_here():
-    """The designs this run times: "wg" needs an sm_90 GPU (no interpreter)."""
-    if SMOKE or torch.cuda.get_device_capability() != (9, 0):
-        return NL.INTERPRETED_DESIGNS
-    return NL.DESIGNS
 
 
 def bench(fn, quick=False, graph=False):
@@ -197,12 +187,6 @@ def sweep(sec, x, exact, eager_err, quick):
         plans.append(("fused", {}))
         for bn, bk, warps, stages in FUSED_SWEEP:
             plans.append(("fused", dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)))
-    if M >= LARGE_M and "wg" in designs_here():
-        plans.append(("wg", {}))
-        for bn, stages, group in WG_SWEEP:
-            if sec.epilogue == "silu_gate" and bn > 128:
-                continue
-            plans.append(("wg", dict(BLOCK_N=bn, STAGES=stages, GROUP_M=group)))
     if M >= LARGE_M:
         plans += [("split", {}), ("cublas", {})]
         for bm, bn, bk, warps, stages, tma, persistent in SPLIT_SWEEP:
@@ -214,8 +198,6 @@ def sweep(sec, x, exact, eager_err, quick):
             plans.append(("cublas", dict(STATS_BLOCK_M=sbm, STATS_BLOCK_K=sbk, STATS_WARPS=warps)))
     out = []
     for design, over in plans:
-        if design not in SWEEP_DESIGNS:
-            continue
         entry = dict(design=design, **over)
         default = NL.choose_config(M, sec.n_out, K, DTYPE, sec.epilogue, design=design,
                                    interpreter=SMOKE, num_sms=num_sms())
@@ -253,7 +235,7 @@ def run_row(sec, M, gen, do_sweep):
     def linear():
         return F.linear(x, sec.w)
 
-    designs = {d: variant(sec, x, d) for d in designs_here()}
+    designs = {d: variant(sec, x, d) for d in NL.DESIGNS}
     auto = NL.choose_config(M, sec.n_out, K, DTYPE, sec.epilogue, interpreter=SMOKE,
                             num_sms=num_sms())
     row = dict(section=sec.name, kind=sec.kind, M=M, K=K, N=sec.w.shape[0], design=auto["design"],
@@ -323,7 +305,7 @@ def best_of(row):
 
 
 def main(argv=None):
-    global K, N, INTER, DEVICE, SMOKE, LARGE_M, SWEEP_DESIGNS
+    global K, N, INTER, DEVICE, SMOKE, LARGE_M
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="write the JSON results here")
     ap.add_argument("--commit", default=None,
@@ -336,8 +318,6 @@ def main(argv=None):
                          "rows after it still time every design at its default)")
     ap.add_argument("--sweep-large-from", type=int, default=LARGE_M, metavar="M",
                     help=f"sweep the split and cublas designs from M rows (default {LARGE_M})")
-    ap.add_argument("--sweep-designs", nargs="+", choices=NL.DESIGNS, default=list(NL.DESIGNS),
-                    help="the designs the sweep times (default: all)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny sizes on the CPU under TRITON_INTERPRET=1: checks this script")
     args = ap.parse_args(argv)
@@ -349,7 +329,6 @@ def main(argv=None):
         sys.exit("bench_norm_linear.py needs a CUDA GPU (or --smoke under TRITON_INTERPRET=1)")
     else:
         LARGE_M = args.sweep_large_from
-    SWEEP_DESIGNS = tuple(args.sweep_designs)
     if not SMOKE:  # (--smoke may run inside a test process: leave its settings alone)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch._dynamo.config.recompile_limit = 64
@@ -386,7 +365,7 @@ def main(argv=None):
             args.out.write_text(json.dumps(result, indent=1, default=str))
 
     hdr = (f"{'section':>9} {'M':>5} {'auto':>6} {'q3n':>7} {'fused':>7} {'split':>7} "
-           f"{'cublas':>7} {'wg':>7} {'eager':>7} {'induct':>7} {'linear':>7} {'q3n/lin':>7} "
+           f"{'cublas':>7} {'eager':>7} {'induct':>7} {'linear':>7} {'q3n/lin':>7} "
            f"{'q3n/ind':>7} {'graph q3n/lin':>13} {'graph q3n/ind':>13} {'host us q3n/lin':>15}"
            f"  best            ok")
     print(hdr)
@@ -404,8 +383,7 @@ def main(argv=None):
             h = (f"{r['q3n_host_us']:.0f}/{r['linear_host_us']:.0f}"
                  if "q3n_host_us" in r else "-")
             print(f"{name:>9} {M:>5} {r['design']:>6} {r['q3n_ms']:7.4f} {r['q3n_fused_ms']:7.4f} "
-                  f"{r['q3n_split_ms']:7.4f} {r['q3n_cublas_ms']:7.4f} "
-                  f"{r.get('q3n_wg_ms', float('nan')):7.4f} {r['eager_ms']:7.4f} "
+                  f"{r['q3n_split_ms']:7.4f} {r['q3n_cublas_ms']:7.4f} {r['eager_ms']:7.4f} "
                   f"{r['inductor_ms']:7.4f} {r['linear_ms']:7.4f} "
                   f"{r['q3n_ms'] / r['linear_ms']:7.3f} {r['q3n_ms'] / r['inductor_ms']:7.3f} "
                   f"{g:>13} {gi:>13} {h:>15}  {best[1]:>6} {best[0]:7.4f}  "

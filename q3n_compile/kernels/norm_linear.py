@@ -71,15 +71,13 @@ import torch
 import triton
 import triton.language as tl
 
-from q3n_compile.kernels import contract, norm_linear_wgmma
+from q3n_compile.kernels import contract
 from q3n_compile.kernels.tiles import first_tile_mean
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KINDS = ("layernorm", "rmsnorm")
 EPILOGUES = ("none", "silu_gate")
-DESIGNS = ("fused", "split", "cublas", "wg")
-# The designs Triton's interpreter runs ("wg" is a Gluon kernel for sm_90 only).
-INTERPRETED_DESIGNS = ("fused", "split", "cublas")
+DESIGNS = ("fused", "split", "cublas")
 MAX_OUTPUTS = 4
 
 # Which design runs for how many rows: (largest M, design), first match wins; None = any M.
@@ -575,12 +573,6 @@ def choose_config(M: int, N: int, K: int, dtype: torch.dtype, epilogue: str = "n
     design = design or design_for(M)
     if design not in DESIGNS:
         raise ValueError(f"unknown norm_linear design {design!r}; valid: {', '.join(DESIGNS)}")
-    if design == "wg":
-        if interpreter:
-            raise ValueError("q3n::norm_linear: the 'wg' design is a Gluon kernel for sm_90 GPUs "
-                             "and has no interpreter; use one of "
-                             + ", ".join(INTERPRETED_DESIGNS))
-        return dict(design="wg", **norm_linear_wgmma.tile_for(epilogue))
     kp2 = max(16, triton.next_power_of_2(K))
     stats = dict(STATS_BLOCK_M=4, STATS_BLOCK_K=min(kp2, 1024), STATS_WARPS=4)
     if interpreter:
@@ -729,14 +721,9 @@ class _Plan:
             config = _cached_config(M, n_cols, K, weight.dtype, epilogue, interpreter, num_sms)
         self.cfg = cfg = dict(config)
         self.design = cfg["design"]
-        x2 = x.reshape(M, K)
-        if self.design == "wg":
-            reason = norm_linear_wgmma.supports(x2, weight)
-            if reason is not None:
-                raise ValueError(f"q3n::norm_linear: the 'wg' design {reason}; use another "
-                                 f"design (config=dict(design='cublas'))")
         # The Triton epilogues need rowsum(W') for LayerNorm; "cublas" normalises x instead.
         self.needs_rowsum = kind == "layernorm" and rowsum is None and self.design != "cublas"
+        x2 = x.reshape(M, K)
         res2 = residual.reshape(M, n_cols) if residual is not None else None
         self.res_strides = res2.stride() if res2 is not None else (0, 0)
         self.offsets_64 = offsets_64 = _needs_64bit_offsets(x2, weight, res2, n_cols, cfg)
@@ -796,7 +783,7 @@ class _Plan:
                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             self.stats_meta.update(CENTRE=self.centre, WRITE_STATS=True, WRITE_XN=False,
                                    RNE_BF16=False)
-        elif self.design == "cublas":
+        else:
             self.stats_meta.update(CENTRE=False, WRITE_STATS=False, WRITE_XN=True, RNE_BF16=rne)
             # cuBLAS adds the residual before its one rounding when it can take it as addmm's C.
             self.res_in_gemm = (residual is not None and bias is None
@@ -907,13 +894,7 @@ def _run_cublas(p, x2, weight, bias, rowsum, res2, outs):
         torch.add(outs[0], res2, out=outs[0])
 
 
-def _run_wg(p, x2, weight, bias, rowsum, res2, outs):
-    norm_linear_wgmma.launch(x2, weight, _fp32(bias), _fp32(rowsum) if p.kind == "layernorm"
-                             else None, res2, outs, p.kind, p.eps, p.epilogue, p.n_cols, p.ends,
-                             p.up_row, p.cfg)
-
-
-_RUN = {"fused": _run_fused, "split": _run_split, "cublas": _run_cublas, "wg": _run_wg}
+_RUN = {"fused": _run_fused, "split": _run_split, "cublas": _run_cublas}
 
 
 # ------------------------------------------------------------------------------------------------

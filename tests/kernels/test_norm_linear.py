@@ -1,8 +1,6 @@
 """q3n::norm_linear against a float64 reference (CPU lane: Triton interpreter; GPU lane: -m gpu).
 
-Every design Triton's interpreter runs ("fused", "split", "cublas") runs on both lanes; "wg" (a
-Gluon kernel for sm_90) on the GPU lane, and compiled for sm_90 on the CPU lane
-(test_norm_linear_wgmma.py). What the interpreter cannot show
+Every design ("fused", "split", "cublas") runs on both lanes. What the interpreter cannot show
 (races between a program's async copies and its tensor cores) is checked without a GPU by
 compiling the kernels for sm_90 and reading Triton's GPU IR (test_no_wgmma_buffer_hazard), and
 on the GPU lane by repeating launches and requiring bitwise-equal results.
@@ -204,7 +202,7 @@ def test_split_tensor_descriptors(persistent):
     _check((x, *args[1:]), design="split", **over)
 
 
-@pytest.mark.parametrize("design", NL.INTERPRETED_DESIGNS)
+@pytest.mark.parametrize("design", NL.DESIGNS)
 @pytest.mark.parametrize("dtype", [f32, bf16], ids=["f32", "bf16"])
 def test_layernorm_large_mean(dtype, design):
     # mean 1000, std 1: x·W'ᵀ − μ·rowsum(W') would cancel ~10 bits if computed uncentred in the
@@ -222,7 +220,7 @@ def test_layernorm_large_mean(dtype, design):
         assert naive_err > 10 * err, (naive_err, err)
 
 
-@pytest.mark.parametrize("design", NL.INTERPRETED_DESIGNS)
+@pytest.mark.parametrize("design", NL.DESIGNS)
 def test_layernorm_far_first_element(design):
     # One-pass statistics centred on x[m, 0] cancel by (1 + (x0 - mean)^2 / var): 1600x for a
     # first element 40 std from the mean, over the float32 tolerance (the GPU lane saw 3e-5 from a
@@ -235,7 +233,7 @@ def test_layernorm_far_first_element(design):
 
 def test_rmsnorm_large_values():
     gen = torch.Generator().manual_seed(21)
-    for design in NL.INTERPRETED_DESIGNS:
+    for design in NL.DESIGNS:
         _check(_args(gen, 17, 48, 40, bf16, "rmsnorm", mean=300.0), design=design)
 
 
@@ -270,7 +268,7 @@ def test_outputs_never_alias_at_one_row():
                                                    splits=[16, 8], lead=(1, 1))
     calls = {"reference": lambda: NL.reference(x, w, b, rs, eps, kind, None, "none", splits),
              "op": lambda: op(x, w, b, rs, eps, kind, None, "none", splits)}
-    for design in NL.INTERPRETED_DESIGNS:
+    for design in NL.DESIGNS:
         calls[design] = lambda d=design: _run((x, w, b, rs, eps, kind, None, "none", splits), d)
     for name, call in calls.items():
         outs = call()
@@ -331,16 +329,6 @@ def test_supports_reasons():
         NL._launch(torch.randn(3, 8), torch.randn(4, 9), None, None, EPS, "rmsnorm", interpreter=True)
     with pytest.raises(ValueError, match="unknown norm_linear design 'gemv'.*fused, split, cublas"):
         NL.choose_config(1, 8, 8, bf16, design="gemv")
-
-
-def test_wg_design_refuses_the_interpreter_and_cpu_tensors():
-    with pytest.raises(ValueError, match="'wg' design is a Gluon kernel.*no interpreter"):
-        NL.choose_config(300, 64, 64, bf16, design="wg", interpreter=True)
-    gen = torch.Generator().manual_seed(35)
-    args = _args(gen, 5, 64, 48, bf16, "rmsnorm")
-    cfg = dict(NL.choose_config(300, 48, 64, bf16, design="wg"))
-    with pytest.raises(ValueError, match="'wg' design needs an sm_90 GPU.*design='cublas'"):
-        NL._launch(*args, config=cfg)
 
 
 def test_plan_is_cached_per_signature():
@@ -500,7 +488,7 @@ def test_bench_script_runs(tmp_path):
     result = json.loads(out.read_text())
     (row,) = result["rows"]
     assert result["commit"] == "test" and row["correct"] and row["design"] == "fused"
-    assert {f"q3n_{d}_ms" for d in NL.INTERPRETED_DESIGNS} <= set(row) and row["sweep"]
+    assert {f"q3n_{d}_ms" for d in NL.DESIGNS} <= set(row) and row["sweep"]
     assert all("ms" in e for e in row["sweep"]), row["sweep"]
 
 
@@ -660,13 +648,12 @@ GPU_VARIANTS = {  # id: (design, config overrides)
     "split": ("split", {}),
     "split_pointer_persistent": ("split", dict(USE_TMA=False, PERSISTENT=True)),
     "cublas": ("cublas", {}),
-    "wg": ("wg", {}),
 }
 
 
 # The pointer-load persistent GEMM is a large-M variant only.
 GPU_CASES = [(m, v) for m in (1, 16, 2048) for v in GPU_VARIANTS
-             if m == 2048 or v != "split_pointer_persistent"] + [(333, "wg"), (256, "auto")]
+             if m == 2048 or v != "split_pointer_persistent"]
 
 
 @pytest.mark.gpu
@@ -707,31 +694,11 @@ def test_gpu_repeated_launches_are_bitwise_equal(variant, M):
 @pytest.mark.parametrize("M", [16, 2048])
 def test_gpu_other_dtypes_residual(dtype, M):
     gen = torch.Generator(device="cuda").manual_seed(31 + M)
-    # "wg" multiplies 16-bit operands only (float32 is refused: below).
-    for design in NL.DESIGNS if dtype != f32 else NL.INTERPRETED_DESIGNS:
+    for design in NL.DESIGNS:
         _check(_args(gen, M, 4096, 4096, dtype, "layernorm", residual=True, device="cuda"),
                design=design)
         _check(_args(gen, M, 4096, 4096, dtype, "rmsnorm", residual=True, device="cuda"),
                design=design)
-    if dtype == f32:
-        with pytest.raises(ValueError, match="'wg' design needs x and weight of one 16-bit"):
-            _run(_args(gen, M, 4096, 4096, dtype, "rmsnorm", device="cuda"), "wg")
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("M", [129, 256, 700])
-def test_gpu_wg_tails_splits_and_gate(M):
-    # The wg tile at row counts off its 128 rows, K off its 64-channel blocks (4104 = 64 x 64 + 8:
-    # the last block's zero fill must stay out of the statistics), N off its 256 columns, with
-    # splits, residual, bias, SiLU-gate, fp16, and a mean 1000x the spread.
-    gen = torch.Generator(device="cuda").manual_seed(36 + M)
-    for kind in ("layernorm", "rmsnorm"):
-        _check(_args(gen, M, 4104, 3000, bf16, kind, residual=True, splits=[1000, 1999, 1],
-                     device="cuda"), design="wg")
-        _check(_args(gen, M, 1032, 2 * 700, f16, kind, residual=True, epilogue="silu_gate",
-                     device="cuda"), design="wg")
-        _check(_args(gen, M, 72, 40, bf16, kind, device="cuda", mean=1000.0), design="wg")
 
 
 @pytest.mark.gpu

@@ -1,21 +1,32 @@
-"""``q3n::norm_linear``'s "wg" design: the norm's statistics computed inside the GEMM, on sm_90.
+"""Experiment (not dispatched): ``q3n::norm_linear`` as one Gluon kernel on sm_90 whose GEMM
+computes the norm's statistics from its own x tiles, against the op's dispatched design from 65
+rows ("cublas": a normalise kernel, then cuBLAS) and the linear alone.
 
-What this module guarantees (for :mod:`norm_linear`, which dispatches to it and owns the op's
-contract): :func:`launch` writes the same outputs as the op's other designs, for LayerNorm and
-RMSNorm, with bias, residual, SiLU-gate and up to four column splits, in one launch:
+Why: from 256 rows the "cublas" design costs 1.03-1.16x the linear alone (bench/RESULTS.md,
+session 16), the normalise kernel's launch and drain; issue 4 asks for 3%. This kernel needs no
+second launch and no pass over x of its own.
+
+Result (s20run3, when it was the op's "wg" design at 1af61ed; bench/RESULTS.md, session 20):
+correct (27 GPU tests against float64), and slower than the dispatched design at 256-8192 rows
+(K 4096, N 12288; SwiGLU 2 x 11008): LayerNorm 1.23-1.49x the linear alone, RMSNorm 1.05-1.36x,
+SwiGLU 0.99-1.54x, where "cublas" ran 0.95-1.14x in the same run. Its GEMM is a
+warp-specialised 128 x 256 tile, one a program: at 256 rows its 96 tiles leave 36 of 132 SMs
+idle (cuBLAS takes 0.041 ms there, a rate a 96-SM grid reaches only at 87% of the tensor pipe's
+peak); at 8192 rows the RMSNorm form (the lightest statistics) runs 1.10x the op's "split"
+design (a statistics kernel, then Triton's pipelined tile of the same shape) and the LayerNorm
+form 1.23x (per element: the shift, the mask and a second sum in the consumer warps, and the x
+tile read once more from shared memory, whose bandwidth the MMAs' operand reads and the TMA
+writes nearly use up). Closing the gap needs stream-K over all SMs and the statistics off the
+MMA warps (warps of their own reading x from L2); not done.
+
+The kernel (:func:`norm_linear_wg_kernel`):
 
     y = rstd * (x @ W'^T - mean * rowsum(W')) + b'          LayerNorm
     y = rstd * (x @ W'^T) + b'                              RMSNorm
-    SiLU-gate: y = silu(y_gate) * y_up;  + residual;  rounded once to W's dtype.
+    SiLU-gate: y = silu(y_gate) * y_up;  + residual;  rounded once to W's dtype,
 
-Why: from 65 rows the op's "cublas" design normalises x in one kernel and then calls cuBLAS; the
-normalise kernel's launch and drain cost 1.09-1.16x the linear alone at 256 rows (s16run7), a
-kernel boundary no normalise kernel can shorten. Here one Gluon kernel (Triton's explicit-layout
-dialect) runs the GEMM on the raw x and gets the statistics from the x tiles its MMAs read: no
-pass over x of its own and no second launch.
-
-How (one [BLOCK_M, BLOCK_N] output tile a program, GROUP_M-ordered so the row tiles that share
-a weight tile run together):
+one [BLOCK_M, BLOCK_N] output tile a program, GROUP_M-ordered so the row tiles that share a
+weight tile run together:
 
 - a producer warp (``gl.warp_specialize``) copies each K block's x tile [BLOCK_M, BLOCK_K] and
   weight tile(s) [BLOCK_N, BLOCK_K] by TMA into a ring of STAGES shared buffers (128-byte
@@ -29,20 +40,28 @@ a weight tile run together):
   stores each column block to its output.
 
 Statistics (fp32): LayerNorm shifts every element by c, the mean of the row's first K block
-(as the op's other designs do, so rows with a large mean do not cancel in the one-pass sums):
+(as the op's designs do, so rows with a large mean do not cancel in the one-pass sums):
 s1 = sum(x - c), s2 = sum((x - c)^2), dm = s1 / K, mean = c + dm, var = max(s2 / K - dm^2, 0);
-RMSNorm s2 = sum(x^2). rstd = rsqrt(var + eps) (mean(x^2) + eps). Elements past K (TMA fills
-them with zeros) are masked out of the sums. The product itself runs on the raw x (the MMA reads
-x as copied): for LayerNorm the fp32 accumulator then loses about log2(|mean| / std) bits before
-mean * rowsum(W') comes off, as the op's "split" design does (tested at |mean| / std = 1000).
+RMSNorm s2 = sum(x^2). Elements past K (TMA fills them with zeros) are masked out of the sums.
+The product runs on the raw x: for LayerNorm the fp32 accumulator loses about
+log2(|mean| / std) bits before mean * rowsum(W') comes off, as the op's "split" design does.
 
-Requirements (:func:`supports`): an sm_90 GPU, x and weight of one 16-bit dtype, contiguous
-rows, K a multiple of 8 (TMA: 16-byte row strides), 16-byte-aligned base pointers. Gluon has no
-interpreter: the CPU lane compiles the kernel for sm_90; the GPU lane checks it against float64.
+Needs an sm_90 GPU, x and weight of one 16-bit dtype, contiguous rows, K a multiple of 8.
+
+    python bench/norm_linear_wg_experiment.py --compile-only
+    python bench/norm_linear_wg_experiment.py --ms 256 2048
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -51,6 +70,10 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                               warpgroup_mma, warpgroup_mma_wait)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 # The producer warp only issues TMA copies; the consumers get the rest of the register file
 # (sm_90 setmaxnreg): with a 128 x 256 fp32 accumulator (128 registers a thread) and the x tile
@@ -287,3 +310,140 @@ def launch(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         HAS_RES=residual is not None, SILU_GATE=epilogue == "silu_gate", NUM_OUT=len(outs),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], maxnreg=MAXNREG)
+
+
+# ------------------------------------------------------------------------------------------------
+# Compile for sm_90 on any machine; check and time on an H200
+# ------------------------------------------------------------------------------------------------
+
+# (dtype, KIND 0 LayerNorm / 1 RMSNorm, SiLU-gate, bias, residual, outputs)
+VARIANTS = [("bf16", 0, False, True, False, 1), ("bf16", 1, False, False, True, 1),
+            ("fp16", 0, False, False, True, 3), ("bf16", 1, True, False, False, 1),
+            ("fp16", 0, True, True, True, 1)]
+
+
+def compile_sm90(cfg: dict, dt: str, kind: int, silu: bool, bias: bool, res: bool,
+                 nout: int) -> dict:
+    """Shared bytes, stack (spills), setmaxnreg and the consumers' K loop (MMAs, waits, local
+    memory accesses) of one variant's sm_90 build."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from compile_qlinear_sm90 import resource_usage
+
+    kernel = norm_linear_wg_kernel
+    names = kernel.arg_names
+    ce = dict(KIND=kind, HAS_BIAS=bias, HAS_RES=res, SILU_GATE=silu, NUM_OUT=nout,
+              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+              STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"])
+    tdt = torch.bfloat16 if dt == "bf16" else torch.float16
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    types = dict(x_desc=f"tensordesc<{dt}[{bm}, {bk}],{_smem_layout([bm, bk], tdt)!r}>",
+                 w_desc=f"tensordesc<{dt}[{bn}, {bk}],{_smem_layout([bn, bk], tdt)!r}>",
+                 BIAS="*fp32", RS="*fp32", RES=f"*{dt}", eps="fp32",
+                 **{f"O{i}": f"*{dt}" for i in range(4)})
+    sig = {n: "constexpr" if n in ce else types.get(n, "i32") for n in names}
+    src = GluonASTSource(fn=kernel, signature=sig,
+                         constexprs={(names.index(k),): v for k, v in ce.items()},
+                         attrs={(names.index(n),): [["tt.divisibility", 16]]
+                                for n in ("O0", "O1", "O2", "O3", "RES", "N", "K")})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg["num_warps"], "maxnreg": MAXNREG})
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(tool), "-sass", f.name], check=True, capture_output=True,
+                              text=True).stdout
+    loop = _mma_loop(sass)
+    return dict(variant=[dt, kind, silu, bias, res, nout], tile=cfg,
+                stack=resource_usage(compiled.asm["cubin"])["stack"],
+                shared=compiled.metadata.shared,
+                setmaxnreg=sorted({int(v) for v in re.findall(
+                    r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)",
+                    compiled.asm["ptx"])}),
+                loop_mmas=sum("HGMMA" in i for i in loop),
+                loop_waits=[i for i in loop if "WARPGROUP.DEPBAR" in i],
+                loop_local=sum(bool(re.match(r"(STL|LDL)\b", i)) for i in loop))
+
+
+def _mma_loop(sass: str) -> list:
+    """The first backward branch's range that issues MMAs (the consumers' K loop; the mbarrier
+    spin-waits are loops too)."""
+    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in
+           re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.M)]
+    for addr, text in ins:
+        m = re.search(r"BRA (0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+            if any("HGMMA" in t for t in body):
+                return body
+    raise AssertionError("no MMA loop in the kernel")
+
+
+SECTIONS = {"layernorm": ("layernorm", "none", 12288), "rmsnorm": ("rmsnorm", "none", 12288),
+            "swiglu": ("rmsnorm", "silu_gate", 2 * 11008)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--ms", nargs="+", type=int, default=[256, 2048])
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if args.compile_only:
+        for v in VARIANTS:
+            print(json.dumps(compile_sm90(tile_for("silu_gate" if v[2] else "none"), *v)),
+                  flush=True)
+        return
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    from bench_qlinear import result_header, write_result
+    from q3n_compile.kernels import norm_linear as NL
+
+    K, eps = 4096, 1e-5
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    result = dict(result_header("do_bench median (L2 flushed), median of 3 interleaved rounds"),
+                  rows=[])
+    for name in args.sections:
+        kind, epi, N = SECTIONS[name]
+        n_cols = N // 2 if epi == "silu_gate" else N
+        w = (torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to(torch.bfloat16)
+        b = torch.randn(N, generator=gen, device="cuda") * 0.5
+        rs = w.float().sum(1)
+        for M in args.ms:
+            x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
+            out = [torch.empty(M, n_cols, dtype=w.dtype, device="cuda")]
+            cub = dict(NL.choose_config(M, n_cols, K, w.dtype, epi, design="cublas"))
+            fns = {
+                "wg": lambda: launch(x, w, b, rs, None, out, kind, eps, epi, n_cols,
+                                     (n_cols,) * 3, n_cols if epi == "silu_gate" else 0),
+                "cublas": lambda: NL._launch(x, w, b, rs, eps, kind, None, epi, None,
+                                             config=cub),
+                "linear": lambda: F.linear(x, w),
+            }
+            want = NL.reference(x.double(), w.double(), b.double(), None, eps, kind, None, epi,
+                                None)[0]
+            row = dict(section=name, M=M, N=N, K=K)
+            fns["wg"]()
+            for key, got in (("wg", out[0]), ("cublas", fns["cublas"]()[0])):
+                row[f"{key}_err"] = ((got.double() - want).abs()
+                                     / want.abs().clamp_min(1)).max().item()
+            rounds = {k: [] for k in fns}
+            for _ in range(3):
+                for k, fn in fns.items():
+                    rounds[k].append(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+            for k, times in rounds.items():
+                row[f"{k}_ms"] = statistics.median(times)
+            print(f"{name:>9} M={M:<5} wg {row['wg_ms']:.4f} ({row['wg_ms'] / row['linear_ms']:.3f}x "
+                  f"linear, err {row['wg_err']:.1e})  cublas design {row['cublas_ms']:.4f} "
+                  f"({row['cublas_ms'] / row['linear_ms']:.3f}x)  linear {row['linear_ms']:.4f}",
+                  flush=True)
+            result["rows"].append(row)
+    write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
