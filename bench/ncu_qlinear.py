@@ -7,7 +7,9 @@ Compute: warm-up outside the profiled range, then each case once between
         python bench/ncu_qlinear.py --cases w4a16:128x12288x4096 bf16:128x12288x4096
 
 A case is ``FORMAT:MxNxK`` with FORMAT one of bench_qlinear.py's formats or ``bf16``
-(``F.linear``); ``FORMAT:MxNxK:key=value,...`` forces path keys (``path=mmT,BLOCK_M=128``...).
+(``F.linear``); ``FORMAT:MxNxK:key=value,...`` forces path keys (``path=mmT,BLOCK_M=128``...);
+``ws:MxNxK:TILE`` launches bench/wg_ws_experiment.py's kernel (W4A16 g128, TILE as its
+``--tiles``: ``MxNxSTAGESxLOOKAHEAD``).
 Prints each case's dispatched path, so the profile's kernels can be matched to it.
 """
 
@@ -44,6 +46,13 @@ def build(case: str, gen):
     if fmt == "bf16":
         w = (torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to(torch.bfloat16)
         return f"bf16 {shape}", lambda: F.linear(x, w)
+    if fmt == "ws":
+        import wg_ws_experiment as WS
+
+        pw = random_packed(gen, N, K, 4, 128, False)
+        tile = WS.parse_tile(parts[2])
+        return (f"ws {shape} {parts[2]}",
+                lambda: WS.run(x, pw.qweight, pw.scales, pw.zeros, None, K, tile))
     bits, group, sym, act, *act_group = FORMATS[fmt]
     ag = act_group[0] if act_group else Q.PER_TOKEN
     act = resolve_act(act, bits, sym)
