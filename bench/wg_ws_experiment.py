@@ -52,6 +52,17 @@ from q3n_compile.kernels.qlinear_swap import permute_x_blocks  # noqa: E402
 # producer of a 256-column tile spilled (its copy addresses), at 96 neither partition does.
 PRODUCER_REGS = gl.constexpr(96)
 MAXNREG = 168
+# With one consumer warpgroup (num_warps 4; 256 threads with the producer's warpgroup) a cap of
+# 128 registers lets two programs share an SM: the CTA barriers Gluon puts before each mbarrier
+# wait and arrival then hold 4 warps, not 8 (Nsight Compute, s20run5: 46% of the 8-warp tile's
+# stalls at 16 rows were those barriers).
+PRODUCER_REGS_4 = gl.constexpr(56)
+MAXNREG_4 = 128
+
+
+def _caps(num_warps: int):
+    """(launch register cap, producer's registers) for a tile's consumer warps."""
+    return (MAXNREG, PRODUCER_REGS) if num_warps == 8 else (MAXNREG_4, PRODUCER_REGS_4)
 
 
 @gluon.jit
@@ -154,7 +165,8 @@ def _consume(Y, BIAS, x0, x1, w_smem, z_smem, s_smem, ready, empty, M, N, stride
 @gluon.jit
 def wg_ws_kernel(x_desc, QW, S, Z, BIAS, Y, M, N, K_PAD, KX, ROW4, stride_ym,
                  SYM: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, LOOKAHEAD: gl.constexpr):
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, LOOKAHEAD: gl.constexpr,
+                 PRODUCER: gl.constexpr):
     """Y = x @ W^T (+ bias), one [BLOCK_N, BLOCK_M] tile a program (grid: weight-column tiles,
     1, row tiles), 4-bit g128 weights; x (bf16 or fp16, permuted per 128 channels, [M, KX]) by
     the TMA descriptor x_desc (block [BLOCK_M, 64])."""
@@ -179,7 +191,7 @@ def wg_ws_kernel(x_desc, QW, S, Z, BIAS, Y, M, N, K_PAD, KX, ROW4, stride_ym,
                     n0, 0, KX, SYM, HAS_BIAS, BLOCK_M, BLOCK_N, STAGES, LOOKAHEAD)),
         (_produce, (x_desc, QW, S, Z, x0, x1, w_smem, z_smem, s_smem, ready, empty, N, K_PAD,
                     ROW4, m0, n0, 0, KX, SYM, BLOCK_N, STAGES)),
-    ], [1], [PRODUCER_REGS])
+    ], [1], [PRODUCER])
 
 
 def x_layout():
@@ -200,8 +212,8 @@ def run(x, qweight, scales, zeros, bias, K, cfg):
                        xk.shape[1], P.plane_starts(4, K)[0], y.stride(0),
                        SYM=zeros is None, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
                        BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
-                       LOOKAHEAD=cfg["LOOKAHEAD"], num_warps=cfg["num_warps"],
-                       maxnreg=MAXNREG)
+                       LOOKAHEAD=cfg["LOOKAHEAD"], PRODUCER=_caps(cfg["num_warps"])[1],
+                       num_warps=cfg["num_warps"], maxnreg=_caps(cfg["num_warps"])[0])
     return y
 
 
@@ -213,7 +225,8 @@ def compile_sm90(cfg: dict, x_type: str = "bf16", sym: bool = False) -> dict:
 
     names = wg_ws_kernel.arg_names
     ce = dict(SYM=sym, HAS_BIAS=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-              STAGES=cfg["STAGES"], LOOKAHEAD=cfg["LOOKAHEAD"])
+              STAGES=cfg["STAGES"], LOOKAHEAD=cfg["LOOKAHEAD"],
+              PRODUCER=_caps(cfg["num_warps"])[1])
     desc = f"tensordesc<{x_type}[{cfg['BLOCK_M']}, 64],{x_layout()!r}>"
     types = dict(x_desc=desc, QW="*i32", S="*fp16", Z="*u8", BIAS=f"*{x_type}", Y=f"*{x_type}")
     sig = {n: "constexpr" if n in ce else types.get(n, "i32") for n in names}
@@ -223,7 +236,8 @@ def compile_sm90(cfg: dict, x_type: str = "bf16", sym: bool = False) -> dict:
                                 for n in ("QW", "S", "Z", "Y", "N", "K_PAD", "KX",
                                           "stride_ym")})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg["num_warps"], "maxnreg": MAXNREG})
+                              options={"num_warps": cfg["num_warps"],
+                                       "maxnreg": _caps(cfg["num_warps"])[0]})
     usage = resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     return dict(cfg, regs=usage["reg"], stack=usage["stack"], shared=compiled.metadata.shared,
@@ -237,12 +251,15 @@ TILES = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, STAGES=4, LOOKAHEAD=2),
 
 
 def tile_name(tile: dict) -> str:
-    return "x".join(str(tile[k]) for k in ("BLOCK_M", "BLOCK_N", "STAGES", "LOOKAHEAD"))
+    return "x".join(str(tile[k]) for k in ("BLOCK_M", "BLOCK_N", "STAGES", "LOOKAHEAD",
+                                           "num_warps"))
 
 
 def parse_tile(text: str) -> dict:
-    bm, bn, stages, lookahead = (int(v) for v in text.split("x"))
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=8, STAGES=stages, LOOKAHEAD=lookahead)
+    """MxNxSTAGESxLOOKAHEAD[xWARPS]: consumer warps 8 (default) or 4."""
+    bm, bn, stages, lookahead, *warps = (int(v) for v in text.split("x"))
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps[0] if warps else 8, STAGES=stages,
+                LOOKAHEAD=lookahead)
 
 
 def main():
@@ -250,7 +267,7 @@ def main():
     ap.add_argument("--compile-only", action="store_true")
     ap.add_argument("--nk", nargs="+", default=["12288x4096", "28672x8192"])
     ap.add_argument("--ms", nargs="+", type=int, default=[128, 256])
-    ap.add_argument("--tiles", nargs="+", metavar="MxNxSTAGESxLOOKAHEAD",
+    ap.add_argument("--tiles", nargs="+", metavar="MxNxSTAGESxLOOKAHEAD[xWARPS]",
                     help="tiles to build (8 consumer warps each); default: "
                     + " ".join(tile_name(t) for t in TILES))
     ap.add_argument("--out", type=Path)
