@@ -1,6 +1,7 @@
 """What x's per-block permutation costs the wg path (W4A16 g128, 16-bit x): the dispatched op,
 the wg kernel alone on x already permuted (same launch), and the permutation alone
-(``qlinear_swap.permute_x_blocks``: a torch copy kernel), each as a CUDA-graph replay.
+(``qlinear_swap.permute_x_blocks``: the Triton kernel since s20run9, and the torch transpose-copy
+it replaced, ``permute_x_blocks_torch``), each as a CUDA-graph replay.
 
 Why: the wg tile multiplies sub-tile j of each 128-channel block by channels {8r + j}, the order
 the packing gives its unpack, so the op permutes x first, one more kernel per call. Removing it
@@ -23,7 +24,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_qlinear import TOL, random_packed, result_header, timed, write_result  # noqa: E402
 from q3n_compile.kernels import qlinear as Q  # noqa: E402
 from q3n_compile.kernels import qlinear_wgmma as WG  # noqa: E402
-from q3n_compile.kernels.qlinear_swap import permute_x_blocks  # noqa: E402
+from q3n_compile.kernels.qlinear_swap import (permute_x_blocks,  # noqa: E402
+                                              permute_x_blocks_torch)
 
 
 def main():
@@ -56,11 +58,13 @@ def main():
             op_ms = timed(lambda: torch.ops.q3n.qlinear(*qargs), eager=False)[1]
             kernel_ms = timed(kernel, eager=False)[1]
             perm_ms = timed(lambda: permute_x_blocks(x), eager=False)[1]
+            torch_ms = timed(lambda: permute_x_blocks_torch(x), eager=False)[1]
             row = dict(N=N, K=K, M=M, cfg=cfg, op_ms=op_ms, kernel_ms=kernel_ms,
-                       permute_ms=perm_ms, err=err, ok=err <= TOL)
+                       permute_ms=perm_ms, permute_torch_ms=torch_ms, err=err, ok=err <= TOL)
             result["rows"].append(row)
             print(f"{nk} M={M}: op {op_ms:.4f}  kernel on permuted x {kernel_ms:.4f} "
-                  f"({kernel_ms / op_ms:.3f}x)  permute alone {perm_ms:.4f}  err {err:.1e}",
+                  f"({kernel_ms / op_ms:.3f}x)  permute alone {perm_ms:.4f} (torch's "
+                  f"{torch_ms:.4f})  err {err:.1e}",
                   flush=True)
     write_result(args.out, result)
 

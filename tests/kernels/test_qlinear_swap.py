@@ -84,6 +84,37 @@ def test_permuted_blocks(K):
         assert torch.equal(perm, SW.permute_x_blocks(plain)) and torch.equal(s1, s2)
 
 
+def _permute_cases(device):
+    """x of odd sizes, each 16-bit dtype and float32, rows and columns strided, no rows."""
+    gen = torch.Generator(device=device).manual_seed(41)
+    out = []
+    for M, K, dtype in ((5, 300, bf16), (9, 128, f16), (17, 1000, f32), (1, 4096, bf16),
+                        (33, 520, f16), (0, 64, bf16)):
+        out.append(torch.randn(M, K, generator=gen, device=device).to(dtype))
+    out.append(torch.randn(40, 7, 600, generator=gen, device=device).to(bf16)[:, 3, :])
+    out.append(torch.randn(300, 6, generator=gen, device=device).to(f16).t())
+    return out
+
+
+def test_permute_kernel_is_the_torch_permutation():
+    # The CPU lane runs permute_x_kernel in Triton's interpreter; the torch transpose-copy it
+    # replaced on the GPU is the reference (whose mapping test_permuted_blocks checks).
+    for x in _permute_cases("cpu"):
+        got = SW.permute_x_blocks(x)
+        want = SW.permute_x_blocks_torch(x)
+        assert got.shape == want.shape and got.dtype == x.dtype and got.is_contiguous()
+        assert torch.equal(got, want), (tuple(x.shape), x.stride(), x.dtype)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_permute_kernel_is_the_torch_permutation():
+    cases = _permute_cases("cuda") + [
+        torch.randn(256, 12288, device="cuda").to(bf16), torch.randn(129, 8200, device="cuda")]
+    for x in cases:
+        assert torch.equal(SW.permute_x_blocks(x), SW.permute_x_blocks_torch(x)), tuple(x.shape)
+
+
 @pytest.mark.parametrize("act", ["int8", "fp8", "int12"])
 @pytest.mark.parametrize("ag", [Q.PER_TOKEN, 32])
 @pytest.mark.parametrize("K", [256, 200])
