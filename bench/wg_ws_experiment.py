@@ -1,7 +1,16 @@
-"""Experiment (not dispatched, not yet run on a GPU): the wg tile of
-``q3n_compile/kernels/qlinear_wgmma.py`` with a producer warp, to test whether it lifts the tile
-from the 55-59% of the tensor pipe that Nsight Compute measured (bench/RESULTS.md, session 19:
-latency-bound, two CTA barriers and a cp.async wait each K block in every warp).
+"""Experiment (not dispatched): the wg tile of ``q3n_compile/kernels/qlinear_wgmma.py`` with a
+producer warp, to test whether it lifts the tile from the 55-59% of the tensor pipe that Nsight
+Compute measured (bench/RESULTS.md, session 19: latency-bound, two CTA barriers and a cp.async
+wait each K block in every warp).
+
+Result (bench/RESULTS.md, session 20; s20run1, s20run4, s20run6): correct everywhere, and no
+general gain. Faster than the dispatch only where that runs the same one-wave grid (12288 x
+4096 at 128 rows, 128 x 128 tiles: 1.10-1.11x); equal or slower where the dispatch uses stream-K
+or K splits (0.89-1.01x on 28672 x 8192 and 12288 x 4096 at 128-256 rows, 0.56-0.84x on the
+4096-column shapes, which this kernel cannot split). At 16 rows it runs the same 0.077 ms as
+mmT on 28672 x 8192; Nsight Compute (s20run5) puts 46% of its consumers' stalls at the CTA
+barriers Gluon places before every mbarrier wait and arrival of a multi-warp partition. One
+consumer warpgroup (``...x4`` tiles, two programs an SM) did not help.
 
 The kernel here (:func:`wg_ws_kernel`, one tile a program, 4-bit g128 weights with zero points
 or symmetric) splits the program with ``gl.warp_specialize``:
