@@ -221,22 +221,6 @@ def asm_candidates(dispatched):
     return [dict(dispatched, ASM=False), dict(dispatched, ASM=True)]
 
 
-def halves_candidates(dispatched, K):
-    """The dispatched mmT launch (16-bit x, tiles of 16 rows or more) with x's rows as one MMA
-    and as two of half the tile (HALVES: mma.sync at the 16-row tile), and with HALVES at 128
-    columns (8 warps), 4 stages, and the K split doubled and halved (each split keeping >= 2 K
-    blocks)."""
-    if dispatched.get("path") != "mmT" or dispatched["BLOCK_M"] < 16:
-        return []
-    on = dict(dispatched, HALVES=True)
-    split, blocks = dispatched["SPLIT_K"], -(-K // 128)
-    out = [dict(dispatched, HALVES=False), on,
-           dict(on, BLOCK_N=128, num_warps=8), dict(on, num_stages=4)]
-    out += [dict(on, SPLIT_K=s) for s in {split * 2, split // 2} - {split}
-            if s >= 1 and blocks >= 2 * s]
-    return out
-
-
 def split_candidates(dispatched, M, K):
     """The dispatched mmT launch with each K split from 1 to 8 (each split keeping >= 2 K blocks)
     and, above 64 rows, the 128-row tile with 64 and 128 columns: how the grid fills the SMs
@@ -333,7 +317,6 @@ def run_shape(M, N, K, formats, sweep, gen, paths=None):
                      else xperm_candidates(row["path"]) if sweep == "xperm"
                      else xperm_candidates(row["path"], regs=True) if sweep == "regs"
                      else asm_candidates(row["path"]) if sweep == "asm"
-                     else halves_candidates(row["path"], K) if sweep == "halves"
                      else split_candidates(row["path"], M, K) if sweep == "splits"
                      else sweep_candidates(M, min(groups) if groups else -1, act, paths))
             for cand in cands:
@@ -343,7 +326,7 @@ def run_shape(M, N, K, formats, sweep, gen, paths=None):
                     e = rel_err(f(), Q.reference(*args))
                     _, gms = timed(f, eager=False)
                     row["sweep"].append(dict(cand, graph_ms=gms, max_rel_err=e))
-                    if sweep in ("xperm", "regs", "asm", "splits", "halves"):
+                    if sweep in ("xperm", "regs", "asm", "splits"):
                         print(f"      {name} M={M} {cand}: {gms:.4f} ms, err {e:.1e}",
                               flush=True)
                 except Exception as exc:
@@ -395,13 +378,9 @@ def main():
     ap.add_argument("--splits", action="store_true",
                     help="the dispatched mmT launch at every K split (and the 128-row tiles "
                          "above 64 rows)")
-    ap.add_argument("--halves", action="store_true",
-                    help="the dispatched mmT launch with x's rows as one MMA and as two halves "
-                         "(HALVES), and HALVES at other tiles and splits")
     args = ap.parse_args()
     sweep = ("gemv" if args.gemv else "xperm" if args.xperm else "regs" if args.regs
-             else "asm" if args.asm else "splits" if args.splits
-             else "halves" if args.halves else args.sweep)
+             else "asm" if args.asm else "splits" if args.splits else args.sweep)
     if not torch.cuda.is_available():
         sys.exit("bench_qlinear.py needs a CUDA GPU")
     started = time.time()

@@ -238,15 +238,6 @@ def _magic_pair(v, dt: tl.constexpr):
 
 
 @triton.jit
-def _mma(b, x, acc, F32: tl.constexpr):
-    """acc + b @ x with fp32 accumulation; F32 multiplies in fp32 (fp32 x, or the interpreter,
-    whose bf16 dots are not IEEE)."""
-    if F32:
-        return tl.dot(b.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(b, x, acc)
-
-
-@triton.jit
 def _x_subtiles(X, k0, offs_m, m_ok, K, stride_xm, stride_xk, ROWS: tl.constexpr,
                 DT: tl.constexpr):
     """x's K block at k0 for rows offs_m in dtype DT, as the 8 sub-tiles x_j [16, ROWS] with
@@ -275,7 +266,7 @@ def qlinear_mmT_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
     REDUCE: tl.constexpr, F32: tl.constexpr, XPERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr = False,
-    XCODES: tl.constexpr = 0, HALVES: tl.constexpr = False,
+    XCODES: tl.constexpr = 0,
 ):
     """One program computes Y[m-block, n-block]^T over one split of K (a multiple of 128):
     acc[BLOCK_N, BLOCK_M] += B_j @ x_j^T for the 8 sub-tiles j of each K block (see the module
@@ -305,12 +296,6 @@ def qlinear_mmT_kernel(
     exact products; the token scales multiply the finished sums (1) or each block's (2), as
     the weight's groups of 128 do. No rounding of ``c * s`` to 16 bits, which the codes'
     dequantise-then-16-bit-tile route had.
-
-    HALVES (16-bit x only): x's rows as two MMAs of BLOCK_M / 2 each, into two accumulators
-    joined after the K loop. At the 16-row tile Triton 3.6 then issues ``mma.sync`` m16n8k16
-    (HMMA) with x from registers instead of the warpgroup MMA with x's sub-tile stored to shared
-    memory behind a fence: 271 instructions per K block against 308 (sm_90 SASS, W4 g128,
-    64 x 16 tile, 4 warps; ``bench/compile_qlinear_sm90.py --mmT``).
 
     Traffic: the packed weight once per row block of M (one block for M <= BLOCK_M), x once per
     column block, Y once (REDUCE 2: 4 bytes per output and split to the workspace and back, in
@@ -351,14 +336,7 @@ def qlinear_mmT_kernel(
             zb = _magic_pair(tl.full([BLOCK_N, 1], MAGIC + (1 << (BITS - 1)), tl.float32), OPD)
         elif PER_CHANNEL:
             zb = _magic_pair(MAGIC + z_col[:, None], OPD)
-    tl.static_assert(not HALVES or (XCODES == 0 and BLOCK_M >= 16),
-                     "HALVES takes 16-bit x and at least 16 rows a tile")
-    HALF: tl.constexpr = BLOCK_M // 2
-    if HALVES:
-        acc_a = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
-        acc_b = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(k_start, k_end, 128):
         if not XPERM:
             xs = _x_subtiles(X, k0, offs_m, m_ok, K, stride_xm, stride_xk, BLOCK_M, OPD)
@@ -402,13 +380,7 @@ def qlinear_mmT_kernel(
                 p2_up = ((u2 << 6) & 0xFFFF) | 0x4B000000
         if BITS == 3 or BITS == 5 or BITS == 7:
             p1_lo, p1_hi = _halves(_plane_rows(QW, ROW1, k0, offs_n, n_ok, K_PAD, N, 1, 0))
-        if HALVES and SEPARATE:
-            blk_a = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
-            blk_b = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
-        elif HALVES:
-            blk_a = acc_a
-            blk_b = acc_b
-        elif SEPARATE:
+        if SEPARATE:
             blk = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         else:
             blk = acc
@@ -451,20 +423,11 @@ def qlinear_mmT_kernel(
             else:
                 xj = xs[j]
             xj = xj.to(OPD)  # codes: int8 / e4m3 / fp16 -> fp16, exact
-            if HALVES:
-                # Rows [0, HALF) and [HALF, BLOCK_M) of x's tile.
-                xa, xb = tl.split(tl.permute(tl.reshape(xj, (16, 2, HALF)), (0, 2, 1)))
-                blk_a = _mma(b, xa, blk_a, F32)
-                blk_b = _mma(b, xb, blk_b, F32)
+            if F32:
+                blk = tl.dot(b.to(tl.float32), xj.to(tl.float32), blk, input_precision="ieee")
             else:
-                blk = _mma(b, xj, blk, F32)
-        if HALVES and BLOCK_SCALE:
-            acc_a += blk_a * s
-            acc_b += blk_b * s
-        elif HALVES:
-            acc_a = blk_a
-            acc_b = blk_b
-        elif XCODES == 2:
+                blk = tl.dot(b, xj, blk)
+        if XCODES == 2:
             # The tokens' scales of this block's 128 channels (group k0 // 128 of each row).
             xsb = tl.load(XS + offs_m * stride_xsm + k0 // 128, mask=m_ok, other=0.0)
             if BLOCK_SCALE:
@@ -475,8 +438,6 @@ def qlinear_mmT_kernel(
             acc += blk * s
         else:
             acc = blk
-    if HALVES:
-        acc = tl.reshape(tl.permute(tl.join(acc_a, acc_b), (0, 2, 1)), (BLOCK_N, BLOCK_M))
     if XCODES == 1:
         acc = acc * tl.load(XS + offs_m, mask=m_ok, other=0.0)[None, :]
     if PER_CHANNEL:
@@ -597,8 +558,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
     REDUCE: "ticket" (the default: split-K finished in the same launch, `tickets(device, n)`
     giving the int32 ticket counters) or "atomic" (fp32 atomics into a zeroed Y, cast after:
     three kernels), ASM (default True: the PTX unpack where :func:`asm_unpack` allows it; False
-    keeps the float unpack), HALVES (16-bit x: x's rows as two MMAs of half the tile, the
-    16-row tile's mma.sync form), XPERM (x permuted per block; `x_permuted`: it already is, as
+    keeps the float unpack), XPERM (x permuted per block; `x_permuted`: it already is, as
     :func:`permute_x_blocks` gives it, and `K` is the weight's), maxnreg (registers per thread,
     on the GPU); the K block is always :data:`MMT_BLOCK_K`, whatever the group).
 
@@ -621,10 +581,6 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
             raise ValueError("q3n::qlinear: a permuted x needs cfg XPERM and the weight's K")
     else:
         K = x.shape[1]
-    if cfg.get("HALVES") and (xcodes or cfg["BLOCK_M"] < 16):
-        raise ValueError("q3n::qlinear: mmT's HALVES takes 16-bit x and tiles of at least 16 "
-                         f"rows (got {'activation codes' if xcodes else 'BLOCK_M'} "
-                         f"{cfg['BLOCK_M']}); drop HALVES from the launch")
     N = qweight.shape[1]
     split = cfg.get("SPLIT_K", 1)
     xperm = bool(cfg.get("XPERM", False))
@@ -658,7 +614,6 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
              F32=out_dtype == torch.float32 if xcodes else (
                  x.dtype == torch.float32 or (interpreter and x.dtype == torch.bfloat16)),
              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], XCODES=xcodes,
-             HALVES=bool(cfg.get("HALVES", False)),
              ASM=bool(cfg.get("ASM", True))
              and asm_unpack(bits, group_size, zeros is None,
                       torch.float16 if xcodes else x.dtype, interpreter)),

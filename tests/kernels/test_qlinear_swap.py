@@ -66,45 +66,6 @@ def test_mmT_k_off_the_blocks(bits, group, sym, K, xperm):
         assert torch.equal(got, plain)
 
 
-HALVES_CASES = [  # bits, group, sym, dtype, M, BLOCK_M, split
-    (4, 128, False, f16, 16, 16, 1), (4, 128, False, bf16, 13, 16, 2),
-    (6, 64, False, f16, 9, 16, 2), (8, -1, True, bf16, 16, 16, 1), (3, 32, True, f16, 29, 32, 1),
-]
-
-
-@pytest.mark.parametrize("bits,group,sym,dtype,M,bm,split", HALVES_CASES,
-                         ids=[f"w{b}g{g}{'s' if s else 'a'}_{str(d)[6:]}_m{m}_bm{bm}_split{sp}"
-                              for b, g, s, d, m, bm, sp in HALVES_CASES])
-def test_mmT_halves_against_float64(bits, group, sym, dtype, M, bm, split):
-    # x's rows as two MMAs of half the tile (HALVES): rows on both sides of the halves' seam and
-    # masked rows past M; the same products summed in the same order as one MMA over the rows.
-    N, K = 72, 256
-    gen = _gen(f"mmThalves{bits}{group}{sym}{dtype}{M}{bm}{split}")
-    pw = _packed(gen, N, K, bits, group, sym)
-    x = torch.randn(M, K, generator=gen).to(dtype)
-    bias = torch.randn(N, generator=gen).to(dtype)
-    cfg = dict(path="mmT", BLOCK_M=bm, BLOCK_N=64, BLOCK_K=128, SPLIT_K=split, num_warps=4,
-               num_stages=1, HALVES=True)
-    got = _check(x, pw, bias, cfg)
-    whole = Q._launch(x, pw.qweight, pw.scales, pw.zeros, bias, None, bits, group, K, "none",
-                      interpreter=True, path=dict(cfg, HALVES=False))
-    assert torch.equal(got, whole)
-
-
-def test_mmT_halves_refuses_codes_and_8_row_tiles():
-    gen = _gen("mmThalvesrefuse")
-    pw = _packed(gen, 64, 128, 4, 128, False)
-    cfg = dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4,
-               num_stages=1, HALVES=True)
-    codes = torch.randint(-127, 128, (4, 128), generator=gen, dtype=torch.int8)
-    with pytest.raises(ValueError, match="HALVES takes 16-bit x"):
-        SW.run(codes, pw.qweight, pw.scales, pw.zeros, None, 4, 128, cfg, True,
-               xscales=torch.ones(4), out_dtype=bf16)
-    with pytest.raises(ValueError, match="drop HALVES"):
-        SW.run(torch.randn(4, 128).to(bf16), pw.qweight, pw.scales, pw.zeros, None, 4, 128,
-               dict(cfg, BLOCK_M=8), True)
-
-
 @pytest.mark.parametrize("K", [256, 200])
 def test_permuted_blocks(K):
     # Channel k0 + 8r + j of each 128-channel block lands at k0 + 16j + r, padding zero; the
@@ -241,21 +202,14 @@ GPU_TILES = [dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, nu
              dict(path="mmT", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=2, num_warps=8,
                   num_stages=3, XPERM=True),
              dict(path="mmT", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, num_warps=8,
-                  num_stages=3, XPERM=True, maxnreg=128),
-             dict(path="mmT", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4,
-                  num_stages=3, HALVES=True),
-             dict(path="mmT", BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, num_warps=8,
-                  num_stages=4, HALVES=True),
-             dict(path="mmT", BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4,
-                  num_stages=3, HALVES=True)]
+                  num_stages=3, XPERM=True, maxnreg=128)]
 
 
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("cfg", GPU_TILES,
                          ids=["m16_split4", "m16_split4_atomic", "m8_split4", "m64",
-                              "m16_split4_xperm", "m64_split2_xperm", "m64_split4_xperm_reg128",
-                              "m16_split4_halves", "m16n128_split2_halves", "m32_split4_halves"])
+                              "m16_split4_xperm", "m64_split2_xperm", "m64_split4_xperm_reg128"])
 @pytest.mark.parametrize("bits,group,sym", [(4, 128, False), (8, -1, True), (6, 128, False),
                                             (7, 64, False), (3, -1, True)])
 @pytest.mark.parametrize("M", [1, 16, 33])
