@@ -1324,19 +1324,27 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
     return codes, scales
 
 
+# The dequantise kernel's GPU tile (BLOCK_K, BLOCK_N, num_warps): 32 x 128 ran 1.02-1.14x faster
+# than the 64 x 128 of before in 14 of 15 cases of s21run2 (W4 / W6 g128, W8 per channel; the
+# issue's four shapes and 1024 x 4096; bench/bench_dequant.py) and within 1% of the best of
+# nine tiles in those 14; 0.91x in one (W6, 1024 x 4096, a 0.01 ms kernel). Deeper tiles (128
+# and 256 rows of K) were slower everywhere.
+DEQUANT_TILE = (32, 128, 4)
+
+
 def dequantize_triton(qweight, scales, zeros, bits, group_size, in_features, dtype,
                       interpreter: bool = False) -> torch.Tensor:
     """The dense ``W^T`` ``[K, N]`` in `dtype`, by :func:`dequant_kernel`."""
     K, N = in_features, qweight.shape[1]
     wt = torch.empty((K, N), dtype=dtype, device=qweight.device)
-    bk, bn = (64, 64) if interpreter else (64, 128)
+    bk, bn, warps = (64, 64, 4) if interpreter else DEQUANT_TILE
     grid = (contract.cdiv(K, bk), contract.cdiv(N, bn))
     contract.launch(
         dequant_kernel, grid, (qweight, scales, zeros if zeros is not None else scales, wt),
         (N, K, P.padded_k(K), *P.plane_starts(bits, K)),
         dict(BITS=bits, GROUP=0 if group_size == P.PER_CHANNEL else group_size,
              SYM=zeros is None, BLOCK_K=bk, BLOCK_N=bn),
-        dict(num_warps=4), fast=not interpreter)
+        dict(num_warps=warps), fast=not interpreter)
     return wt
 
 
