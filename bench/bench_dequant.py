@@ -11,7 +11,7 @@ flushed):
   written);
 - a write-only peer: ``Tensor.fill_`` of the same ``[K, N]`` bf16 tensor (the write ceiling);
 - at each M of ``--ms``: bf16 ``F.linear`` and the path (the launcher's kernel + ``torch.mm``),
-  and the path with the fastest tile.
+  and the path with the fastest tile and with :data:`OLD_TILE`.
 
     python bench/bench_dequant.py --out bench/results/dequant-h200.json
 """
@@ -36,6 +36,8 @@ from q3n_compile.kernels import qlinear as Q  # noqa: E402
 NKS = ((4096, 4096), (12288, 4096), (4096, 12288), (28672, 8192), (1024, 4096))
 # name -> (bits, group (-1 per channel), symmetric)
 FORMATS = {"w4g128": (4, 128, False), "w6g128": (6, 128, False), "w8pc": (8, -1, True)}
+# The launcher's tile before s21run2.
+OLD_TILE = (64, 128, 4)
 # (BLOCK_K, BLOCK_N, num_warps): the launcher's (32 x 128 since s21run2), then the others swept
 # there (64 x 128 before it).
 TILES = tuple(dict.fromkeys((Q.DEQUANT_TILE, (64, 128, 4), (32, 128, 4), (128, 128, 4),
@@ -105,11 +107,12 @@ def main():
                     eager=False)
                 _, best_path = timed(lambda: torch.mm(x, dequant_with(pw, best["tile"])),
                                      eager=False)
+                _, old_path = timed(lambda: torch.mm(x, dequant_with(pw, OLD_TILE)), eager=False)
                 row["paths"].append(dict(M=M, bf16_ms=bf16, path_ms=path,
-                                         best_tile_path_ms=best_path))
+                                         best_tile_path_ms=best_path, old_tile_path_ms=old_path))
                 print(f"  {name} M={M}: bf16 {bf16:.4f} ms, dequant + mm {path:.4f} "
-                      f"({bf16 / path:.2f}x), best tile {best_path:.4f} ({bf16 / best_path:.2f}x)",
-                      flush=True)
+                      f"({bf16 / path:.2f}x), best tile {best_path:.4f} ({bf16 / best_path:.2f}x)"
+                      f", tile {OLD_TILE} {old_path:.4f} ({bf16 / old_path:.2f}x)", flush=True)
             rows.append(row)
             torch.cuda.empty_cache()
     write_result(args.out, dict(result_header("CUDA-graph replay, do_bench median, L2 flushed"),

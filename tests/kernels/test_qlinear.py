@@ -445,6 +445,19 @@ def test_gpu_every_path(path, act):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("bits,group,sym", [(4, 128, False), (6, 128, False), (8, -1, True),
+                                            (3, 32, True), (5, 64, False)])
+@pytest.mark.parametrize("dtype", [bf16, f16])
+def test_gpu_dequantise_kernel_is_the_definition(bits, group, sym, dtype):
+    # The GPU tile (DEQUANT_TILE) with K and N off it: (q - z) * s in fp32, rounded once.
+    N, K = 1000, 3968 if group != -1 else 4040
+    pw = _packed(_gen(f"gpudq{bits}{group}{dtype}"), N, K, bits, group, sym, device="cuda")
+    got = Q.dequantize_triton(pw.qweight, pw.scales, pw.zeros, bits, group, K, dtype)
+    assert torch.equal(got, pw.dequantize(torch.float32).t().to(dtype))
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("act", ["int8", "fp8", "int12"])
 @pytest.mark.parametrize("ag", [Q.PER_TOKEN, 128])
 def test_gpu_fused_dequantised_activations(act, ag):
