@@ -93,8 +93,9 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   shapes: W4A16 g128 1.22-1.39x bf16 cuBLAS at 16 rows (the one-tile kernel before session 9
   0.90-0.95x), 0.81-0.97x at 64 rows, 0.56-0.60x at 128 (s10run4-5).
 - ``wg`` (:mod:`q3n_compile.kernels.qlinear_wgmma`, a Gluon kernel, sm_90 only): mmT's tile
-  for 4- and 6-bit g128 weights with its warpgroup MMAs asynchronous, from 49 to 256 rows
-  (quantized activations dequantised first as for mmT; to 128 rows where cublas8 takes the
+  for 4- and 6-bit g128 weights with its warpgroup MMAs asynchronous, from 33 to 256 rows
+  (quantized activations dequantised first as for mmT, from 49 rows where the tile is the
+  64 x 64 one, e.g. on 4096 columns; to 128 rows where cublas8 takes the
   call and K > 8192), ahead of mmT, mm8, cublas8 and dequantise + cuBLAS there; tiles by
   stream-K where they make a wave, 128 x 256 tiles for 4-bit weights of many columns; weights
   with few columns to 128 rows only unless 128 x 64 tiles fill the SMs
@@ -1019,7 +1020,8 @@ CUDA_TABLE = {
     # 8192 against the mm tile's 0.0301 / 0.0492 / 0.0580 / 0.2120, and at 64 rows 0.0262 /
     # 0.0519 / 0.0432 / 0.1593 against 0.0427 / 0.0768 / 0.0917 / 0.3294 (s9run6).
     # On an sm_90 GPU, 4- and 6-bit weights in groups of 128 take the Gluon tile ("wg",
-    # kernels/qlinear_wgmma.py) from 49 to 256 rows instead (sessions 17-18; choose_path).
+    # kernels/qlinear_wgmma.py) from 33 (session 21; 49 before) to 256 rows instead (sessions
+    # 17-18; choose_path).
     "a16": [(1, "gemv", None), (16, "mmT", (16, 64, 128, 4, 3)),
             (32, "mmT", (32, 64, 128, 4, 3)), (64, "mmT", (64, 128, 128, 8, 3)),
             (None, "dequant", None)],
@@ -1119,8 +1121,9 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     Both send single-plane weights at GEMV sizes to gemv1p: on CUDA one row (from 2 rows the
     swapped tile, s16run5), in the interpreter up to 2 rows.
     On an sm_90 GPU (`capability`, else the device's), 4- and 6-bit g128 weights take the Gluon
-    tile ("wg", :func:`qlinear_wgmma.choose`) from 49 to 256 rows (quantized activations
-    dequantised first), to 128 where cublas8 computes the call, ahead of mm8 and cublas8;
+    tile ("wg", :func:`qlinear_wgmma.choose`) from 33 to 256 rows (quantized activations
+    dequantised first, from 49 rows where the tile is the 64 x 64 one), to 128 where cublas8
+    computes the call, ahead of mm8 and cublas8;
     `allow_wg` False keeps the paths of before (``q3n::qlinear_codes`` where mmT reads the codes
     themselves).
     """
@@ -1148,7 +1151,7 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
                and C8.eligible(N, K, bits, group_size, act, dtype, fp8, act_group_size) is None)
     if allow_wg and WG is not None and WG.supported(
             bits, group_size, act, dtype, N, capability or _device_capability(device)):
-        wg = WG.choose(M, N, sms, cublas8, bits, K)
+        wg = WG.choose(M, N, sms, cublas8, bits, K, quantized=act != "none")
         if wg is not None:
             return dict(wg, SPLIT_K=_keep_two_blocks(wg["SPLIT_K"], k_pad, SW.MMT_BLOCK_K))
     mm8_split = _mm8_split(M, N, K, bits, group_size, act, act_group_size, sms) if cublas8 else None

@@ -228,8 +228,9 @@ def test_dispatch_rule_on_sm90():
     # Few columns: 64 x 64 with K in 4 to 64 rows; 128 x 64 with K in 2 to 128 rows, unsplit
     # above, where its programs fill 0.72 of the SMs (4096 columns); on fewer columns 64 x 64
     # with K in 4 to 128 rows and dequantise + cuBLAS above.
-    assert path(48, 4096)["path"] == "mmT"
-    for M, N, tile, split in ((49, 4096, WG.SMALL, 4), (64, 4096, WG.SMALL, 4),
+    assert path(32, 4096)["path"] == "mmT"
+    for M, N, tile, split in ((33, 4096, WG.SMALL, 4), (48, 4096, WG.SMALL, 4),
+                              (49, 4096, WG.SMALL, 4), (64, 4096, WG.SMALL, 4),
                               (65, 4096, WG.TALL, 2), (128, 4096, WG.TALL, 2),
                               (129, 4096, WG.TALL, 1), (256, 4096, WG.TALL, 1),
                               (64, 1024, WG.SMALL, 4), (65, 1024, WG.SMALL, 4),
@@ -242,7 +243,9 @@ def test_dispatch_rule_on_sm90():
     # 128 x 256 where those tiles fill 0.72 of the SMs (12288 columns from 129 rows, 28672 from
     # 65), else WIDE; by stream-K over the 132 SMs once the tiles make a wave (12288 columns
     # from 129 rows with WIDE, 28672 from 129 with WIDE256).
-    assert path(48, 12288)["path"] == "mmT"
+    assert path(32, 12288)["path"] == "mmT"
+    assert path(33, 28672) == dict(WG.SIXTY_FOUR256, path="wg", SPLIT_K=1)
+    assert path(33, 12288) == dict(WG.SIXTY_FOUR, path="wg", SPLIT_K=1)
     assert path(49, 28672) == dict(WG.SIXTY_FOUR256, path="wg", SPLIT_K=1)
     assert path(64, 28672) == dict(WG.SIXTY_FOUR256, path="wg", SPLIT_K=1)
     assert path(64, 12288) == dict(WG.SIXTY_FOUR, path="wg", SPLIT_K=1)
@@ -262,7 +265,8 @@ def test_dispatch_rule_on_sm90():
                               (128, 12288, WG.WIDE, 1)):
         assert path(M, N, bits=6) == dict(tile, path="wg", SPLIT_K=split), (M, N)
     assert path(200, 12288, bits=6) == stream and path(96, 28672, bits=6) == stream
-    assert path(48, 4096, bits=6)["path"] == "mmT"
+    assert path(33, 4096, bits=6) == dict(WG.SMALL, path="wg", SPLIT_K=4)
+    assert path(32, 4096, bits=6)["path"] == "mmT"
     # Not measured above 256 rows; never for other formats, activations, dtypes, widths or GPUs.
     assert path(257, 28672)["path"] == "dequant" and path(257, 28672, bits=6)["path"] == "dequant"
     assert path(128, 4096, dtype=f16)["path"] == "wg"
@@ -275,6 +279,11 @@ def test_dispatch_rule_on_sm90():
     for act in ("fp8", "int8", "int12"):
         for bits in (4, 6):
             assert path(49, 4096, act=act, bits=bits) == dict(WG.SMALL, path="wg", SPLIT_K=4)
+            # 33-48 rows: the wide tiles only (SMALL lost to mmT at 4096^2, s21run3).
+            assert path(48, 4096, act=act, bits=bits)["path"] == "mmT"
+            assert path(33, 12288, act=act, bits=bits) == dict(WG.SIXTY_FOUR, path="wg",
+                                                               SPLIT_K=1)
+            assert path(32, 12288, act=act, bits=bits)["path"] == "mmT"
             assert path(128, 12288, act=act, bits=bits) == dict(WG.WIDE, path="wg", SPLIT_K=1)
     assert path(129, 28672, act="fp8") == stream256
     assert path(256, 12288, act="fp8") == dict(WG.WIDE256, path="wg", SPLIT_K=1)
@@ -402,17 +411,18 @@ def test_gpu_wg_unpack_is_the_emulated_pairs(bits):
 
 @needs_hopper
 @pytest.mark.gpu
-def test_gpu_dispatch_takes_wg_from_49_rows():
+def test_gpu_dispatch_takes_wg_from_33_rows():
     dev = torch.device("cuda")
-    for M in (49, 65, 128, 200, 256):
+    for M in (33, 48, 49, 65, 128, 200, 256):
         assert Q.choose_path(M, 4096, 4096, 4, 128, "none", bf16, dev)["path"] == "wg"
-    assert Q.choose_path(48, 4096, 4096, 4, 128, "none", bf16, dev)["path"] == "mmT"
+    assert Q.choose_path(32, 4096, 4096, 4, 128, "none", bf16, dev)["path"] == "mmT"
     assert Q.choose_path(257, 4096, 4096, 4, 128, "none", bf16, dev)["path"] != "wg"
     assert Q.choose_path(128, 4096, 4096, 4, 128, "none", torch.float32, dev)["path"] != "wg"
     gen = _gen("wgdispatch")
     pw = _packed(gen, 4096, 512, 4, 128, False, device="cuda")
-    x = torch.randn(100, 512, generator=gen).to(bf16).cuda()
-    check_against_float64(x, pw)
+    for M in (100, 40):
+        x = torch.randn(M, 512, generator=gen).to(bf16).cuda()
+        check_against_float64(x, pw)
     with pytest.raises(ValueError, match="multiple of 16 output features"):
         pw = _packed(gen, 4100, 512, 4, 128, False, device="cuda")
         Q._launch(x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128, 512, "none",
