@@ -1,8 +1,8 @@
 """``q3n::qlinear``'s "wg" path: the swapped tile of :mod:`qlinear_swap` (``Y^T = W @ X^T``, x
 permuted per 128-channel block) written in Gluon (Triton's explicit-layout dialect), so that the
 weight's unpack overlaps the tensor cores. 4- and 6-bit weights in groups of 128 (zero points
-or symmetric), bf16 or fp16 x, an sm_90 GPU; dispatched from 33 to 256 rows (49 for quantized
-activations on the 64 x 64 tile), quantized
+or symmetric), bf16 or fp16 x, an sm_90 GPU; dispatched from 33 to 256 rows (49 for 4-bit
+weights with quantized activations on the 64 x 64 tile), quantized
 activations dequantised and permuted by the op first, to 128 rows where cuBLAS's fp8 GEMM on
 unpacked codes takes the call and K exceeds 8192 (:func:`choose`).
 
@@ -502,9 +502,11 @@ DISPATCH_TILES = (WIDE, WIDE256, TALL, SMALL, SIXTY_FOUR, SIXTY_FOUR256)
 # in 12 of 12 cases, W6A16 1.16-1.56x in 12 of 12; W4A8 (fp8 codes dequantised first, as
 # for mmT) 1.03-1.14x where the rule gives 64 x 128 or 64 x 256 tiles (6 of 6), but on SMALL
 # (4096 columns) 0.94 / 0.96 / 1.00x at 33 / 40 / 48 rows of 4096^2 and 1.01-1.08x on 4096 x
-# 12288, so quantized activations take SMALL from MIN_M_SMALL_QUANTIZED rows only. 32 rows and
-# fewer keep mmT's 32-row tile (its x on the MMA's N side needs no 64-row padding).
-MIN_M, MIN_M_SMALL_QUANTIZED, MAX_M, MAX_M_CUBLAS8, MAX_K_CUBLAS8 = 33, 49, 256, 128, 8192
+# 12288, so 4-bit weights with quantized activations take SMALL from MIN_M_SMALL_W4_QUANTIZED
+# rows only. W6A12 on SMALL (s21run5) 1.20-1.52x mmT at 33-48 rows of 4096^2, 4096 x 12288 and
+# 1024 x 4096. 32 rows and fewer keep mmT's 32-row tile (x on the MMA's N side needs no
+# 64-row padding there).
+MIN_M, MIN_M_SMALL_W4_QUANTIZED, MAX_M, MAX_M_CUBLAS8, MAX_K_CUBLAS8 = 33, 49, 256, 128, 8192
 ACTS = ("none", "int8", "fp8", "int12")
 BITS = (4, 6)
 # WIDE's tiles (one program an SM) that make "most of a wave": 96 tiles of 132 SMs (12288
@@ -541,8 +543,8 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
            K: int = 0, quantized: bool = False) -> Optional[dict]:
     """The launch for M rows of an N x K weight, or None outside :data:`MIN_M`-:data:`MAX_M`
     rows (:data:`MAX_M_CUBLAS8` where `cublas8`, the qlinear_cublas8 path computes the call at
-    this M, and K exceeds :data:`MAX_K_CUBLAS8`; below :data:`MIN_M_SMALL_QUANTIZED` where
-    the activations are `quantized` and the tile would be SMALL). Same rule for 4- and 6-bit weights but for
+    this M, and K exceeds :data:`MAX_K_CUBLAS8`; below :data:`MIN_M_SMALL_W4_QUANTIZED`
+    where 4-bit weights meet `quantized` activations and the tile would be SMALL). Same rule for 4- and 6-bit weights but for
     WIDE256 and SIXTY_FOUR256 (4-bit only). Wide weights (WIDE's tiles at least
     :data:`WAVE_FILL` of the SMs): to 64 rows SIXTY_FOUR256 where its own tiles fill WAVE_FILL
     of the SMs, else SIXTY_FOUR; above, WIDE256 where its own tiles fill WAVE_FILL, else
@@ -565,7 +567,7 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
             return dict(WIDE, path="wg", SPLIT_K=1, STREAM=sms)
         return dict(SIXTY_FOUR if M <= 64 else WIDE, path="wg", SPLIT_K=1)
     if M <= 64:
-        if quantized and M < MIN_M_SMALL_QUANTIZED:
+        if quantized and bits == 4 and M < MIN_M_SMALL_W4_QUANTIZED:
             return None
         return dict(SMALL, path="wg", SPLIT_K=4)
     split = 2 if M <= 128 else 1

@@ -622,7 +622,8 @@ def test_gpu_qlinear_codes_mmT_against_float64(bits, group, sym, act, ag, M):
     where :func:`Q.mmT_reads_codes` says so (4 to 48 rows here), else dequantised first (100);
     fp8 codes with g128 weights from 65 rows go to cublas8 (Q.CUBLAS8_MIN_M) or, per token,
     mm8 (split 4 ways at these 4160 columns on an H200), checked the same way; on an sm_90 GPU
-    4- and 6-bit g128 weights from 49 rows take the wg tile (codes dequantised first)."""
+    4-bit g128 weights from 49 rows and 6-bit ones from 33 take the wg tile (codes dequantised
+    first) in the op's dispatch (the codes op keeps mmT reading them to 64 rows)."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"gpummTcodes{bits}{group}{act}{ag}{M}".encode()))
     K, N = 4096 + 128, 4160
     pw = _packed(gen, N, K, bits, group, sym)
@@ -638,7 +639,7 @@ def test_gpu_qlinear_codes_mmT_against_float64(bits, group, sym, act, ag, M):
     sms = torch.cuda.get_device_properties(codes.device).multi_processor_count
     mm8 = fp8 and group == 128 and ag == Q.PER_TOKEN and 3 * sms <= 4 * 130 <= 4 * sms
     wg = (torch.cuda.get_device_capability(codes.device) == (9, 0) and bits in (4, 6)
-          and group == 128 and M >= 49)
+          and group == 128 and M >= (49 if bits == 4 else 33))
     assert path["path"] == ("wg" if wg else "mm8" if mm8 else "cublas8" if fp8 else "mmT"), path
     pc = pw.to("cuda")
     got = torch.ops.q3n.qlinear_codes(codes, xs, pc.qweight, pc.scales, pc.zeros, bias.cuda(),
