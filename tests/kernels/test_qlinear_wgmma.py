@@ -227,7 +227,7 @@ def test_dispatch_rule_on_sm90():
 
     # Few columns: 64 x 64 with K in 4 to 64 rows; 128 x 64 with K in 2 to 128 rows, unsplit
     # above, where its programs fill 0.72 of the SMs (4096 columns); on fewer columns 64 x 64
-    # with K in 4 to 128 rows and dequantise + cuBLAS above.
+    # with K in 4 to 128 rows and dequantise + cuBLAS above for 16-bit x.
     assert path(32, 4096)["path"] == "mmT"
     for M, N, tile, split in ((33, 4096, WG.SMALL, 4), (48, 4096, WG.SMALL, 4),
                               (49, 4096, WG.SMALL, 4), (64, 4096, WG.SMALL, 4),
@@ -237,6 +237,11 @@ def test_dispatch_rule_on_sm90():
                               (128, 2048, WG.SMALL, 4)):
         assert path(M, N) == dict(tile, path="wg", SPLIT_K=split), (M, N)
     assert path(129, 1024)["path"] == "dequant" and path(256, 2048)["path"] == "dequant"
+    # ... but quantized activations take 64 x 64 with K in 2 there (s21run7).
+    for act in ("fp8", "int8", "int12"):
+        for bits in (4, 6):
+            for M, N in ((129, 1024), (256, 2048)):
+                assert path(M, N, act=act, bits=bits) == dict(WG.SMALL, path="wg", SPLIT_K=2)
     # A split keeps two K blocks of 128 each: K = 384 (3 blocks) is not split.
     assert path(64, 4096, K=384)["SPLIT_K"] == 1 and path(64, 4096, K=1024)["SPLIT_K"] == 4
     # Wide weights (their 128 x 128 tiles fill 0.72 of the SMs): 64 x 128 to 64 rows; above,
