@@ -433,6 +433,13 @@ def test_gpu_dispatch_takes_wg_from_33_rows():
     for M in (100, 40):
         x = torch.randn(M, 512, generator=gen).to(bf16).cuda()
         check_against_float64(x, pw)
+    # Few columns with quantized activations at 129-256 rows: 64 x 64 tiles, K split 2.
+    few = _packed(gen, 1024, 512, 6, 128, False, device="cuda")
+    x = torch.randn(200, 512, generator=gen).to(bf16).cuda()
+    for act in ("int12", "fp8"):
+        assert Q.choose_path(200, 1024, 512, 6, 128, act, bf16, dev) == dict(
+            WG.SMALL, path="wg", SPLIT_K=2)
+        check_against_float64(x, few, act=act)
     with pytest.raises(ValueError, match="multiple of 16 output features"):
         pw = _packed(gen, 4100, 512, 4, 128, False, device="cuda")
         Q._launch(x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128, 512, "none",
