@@ -36,13 +36,11 @@ from q3n_compile.kernels import qlinear as Q  # noqa: E402
 NKS = ((4096, 4096), (12288, 4096), (4096, 12288), (28672, 8192), (1024, 4096))
 # name -> (bits, group (-1 per channel), symmetric)
 FORMATS = {"w4g128": (4, 128, False), "w6g128": (6, 128, False), "w8pc": (8, -1, True)}
-# The launcher's tile before s21run2.
+# The launcher's tile before s21run2 (since then :func:`q3n_compile.kernels.qlinear.dequant_tile`).
 OLD_TILE = (64, 128, 4)
-# (BLOCK_K, BLOCK_N, num_warps): the launcher's (32 x 128 since s21run2), then the others swept
-# there (64 x 128 before it).
-TILES = tuple(dict.fromkeys((Q.DEQUANT_TILE, (64, 128, 4), (32, 128, 4), (128, 128, 4),
-                             (128, 128, 8), (64, 256, 4), (64, 256, 8), (32, 256, 4),
-                             (128, 256, 8), (256, 128, 8))))
+# (BLOCK_K, BLOCK_N, num_warps), the ones swept in s21run2-3.
+TILES = ((64, 128, 4), (32, 128, 4), (128, 128, 4), (128, 128, 8), (64, 256, 4), (64, 256, 8),
+         (32, 256, 4), (128, 256, 8), (256, 128, 8))
 
 
 def dequant_with(pw, tile, dtype=torch.bfloat16):

@@ -1328,12 +1328,20 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
     return codes, scales
 
 
-# The dequantise kernel's GPU tile (BLOCK_K, BLOCK_N, num_warps): 32 x 128 ran 1.02-1.14x faster
-# than the 64 x 128 of before in 14 of 15 cases of s21run2 (W4 / W6 g128, W8 per channel; the
-# issue's four shapes and 1024 x 4096; bench/bench_dequant.py) and within 1% of the best of
-# nine tiles in those 14; 0.91x in one (W6, 1024 x 4096, a 0.01 ms kernel). Deeper tiles (128
-# and 256 rows of K) were slower everywhere.
-DEQUANT_TILE = (32, 128, 4)
+# The dequantise kernel's GPU tiles (BLOCK_K, BLOCK_N, num_warps), against the 64 x 128 of
+# before (bench/bench_dequant.py, s21run2 and s21run3; the issue's four shapes and 1024 x 4096):
+# single-plane codes (W4 g128, W8 per channel) 32 x 128, 1.01-1.14x faster and the best of nine
+# tiles or within 1% of it in all 10 cases of each run; 6-bit codes (two planes) 32 x 256, the
+# best of nine in all 5 cases of both runs, 1.04-1.13x (32 x 128 lost on 1024 x 4096: 0.91x,
+# 0.95x). Deeper tiles (128 and 256 rows of K) were slower everywhere. Widths 2, 3, 5 and 7
+# follow their plane count (not timed).
+DEQUANT_TILE_ONE_PLANE = (32, 128, 4)
+DEQUANT_TILE_PLANES = (32, 256, 4)
+
+
+def dequant_tile(bits: int) -> tuple:
+    """The dequantise kernel's GPU launch tile for `bits`-bit codes."""
+    return DEQUANT_TILE_ONE_PLANE if len(P.planes(bits)) == 1 else DEQUANT_TILE_PLANES
 
 
 def dequantize_triton(qweight, scales, zeros, bits, group_size, in_features, dtype,
@@ -1341,7 +1349,7 @@ def dequantize_triton(qweight, scales, zeros, bits, group_size, in_features, dty
     """The dense ``W^T`` ``[K, N]`` in `dtype`, by :func:`dequant_kernel`."""
     K, N = in_features, qweight.shape[1]
     wt = torch.empty((K, N), dtype=dtype, device=qweight.device)
-    bk, bn, warps = (64, 64, 4) if interpreter else DEQUANT_TILE
+    bk, bn, warps = (64, 64, 4) if interpreter else dequant_tile(bits)
     grid = (contract.cdiv(K, bk), contract.cdiv(N, bn))
     contract.launch(
         dequant_kernel, grid, (qweight, scales, zeros if zeros is not None else scales, wt),
