@@ -520,7 +520,10 @@ WAVE_FILL = 0.72
 # 0.0434 / 0.0447), each tile then summed from two pieces.
 # Weights with few columns: SMALL with K split 4 to 64 rows; above, TALL (K split 2 to 128
 # rows, unsplit above) where its programs make WAVE_FILL of the SMs (4096 columns: 128), else
-# SMALL split 4 to 128 rows; above, SMALL split 2 for quantized activations (s21run7, 1024 and
+# SMALL split 4 to 128 rows (split 2 from 65 rows where split 4 would make more programs than
+# SMs: s21run10, 2048 x 4096 at 65 / 96 / 128 rows, 1.03-1.07x split 4 for W4A16, W6A12 and
+# W4A8 fp8, 9 of 9; on 1024 x 4096, 32 tiles, split 4 stays: split 2 ran 0.84-0.88x); above,
+# SMALL split 2 for quantized activations (s21run7, 1024 and
 # 2048 columns x 4096 at 129 / 192 / 256 rows: W4A8 fp8 1.04-1.41x cuBLAS's fp8 GEMM on unpacked
 # codes, W6A12 1.00-1.06x dequantise + cuBLAS; the best of nine launches in 7 of 12, within 3% in
 # the other 5 (128 x 64 split 2 on 2048 columns); int8 codes, which the mm tile takes there, were not timed) and the table's path
@@ -557,7 +560,8 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
     WIDE (within 3.5% of the best tile swept at 129-256 rows), K unsplit, by stream-K over one
     program an SM where the tiles make a wave. Others: SMALL with K split 4 to 64 rows; TALL
     with K split 2 to 128 rows and unsplit above where its programs fill :data:`WAVE_FILL` of
-    the SMs, else SMALL split 4 to 128 rows and above SMALL split 2 for `quantized`
+    the SMs, else SMALL split 4 to 128 rows (2 from 65 rows where 4 would make more programs
+    than SMs) and above SMALL split 2 for `quantized`
     activations, None for 16-bit ones (the caller halves a split that
     would leave fewer than two K blocks of 128 each:
     :func:`q3n_compile.kernels.qlinear.choose_path`)."""
@@ -581,5 +585,7 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
     if contract.cdiv(M, 128) * contract.cdiv(N, 64) * split >= WAVE_FILL * sms:
         return dict(TALL, path="wg", SPLIT_K=split)
     if M <= 128:
-        return dict(SMALL, path="wg", SPLIT_K=4)
+        # K split 4, or 2 where 4 would make more programs than SMs (s21run10).
+        small_tiles = contract.cdiv(M, 64) * contract.cdiv(N, 64)
+        return dict(SMALL, path="wg", SPLIT_K=4 if 4 * small_tiles <= sms else 2)
     return dict(SMALL, path="wg", SPLIT_K=2) if quantized else None

@@ -227,14 +227,16 @@ def test_dispatch_rule_on_sm90():
 
     # Few columns: 64 x 64 with K in 4 to 64 rows; 128 x 64 with K in 2 to 128 rows, unsplit
     # above, where its programs fill 0.72 of the SMs (4096 columns); on fewer columns 64 x 64
-    # with K in 4 to 128 rows and dequantise + cuBLAS above for 16-bit x.
+    # with K in 4 to 128 rows (in 2 from 65 rows where 4 would make more programs than SMs:
+    # 2048 columns) and dequantise + cuBLAS above for 16-bit x.
     assert path(32, 4096)["path"] == "mmT"
     for M, N, tile, split in ((33, 4096, WG.SMALL, 4), (48, 4096, WG.SMALL, 4),
                               (49, 4096, WG.SMALL, 4), (64, 4096, WG.SMALL, 4),
                               (65, 4096, WG.TALL, 2), (128, 4096, WG.TALL, 2),
                               (129, 4096, WG.TALL, 1), (256, 4096, WG.TALL, 1),
                               (64, 1024, WG.SMALL, 4), (65, 1024, WG.SMALL, 4),
-                              (128, 2048, WG.SMALL, 4)):
+                              (128, 1024, WG.SMALL, 4),
+                              (65, 2048, WG.SMALL, 2), (128, 2048, WG.SMALL, 2)):
         assert path(M, N) == dict(tile, path="wg", SPLIT_K=split), (M, N)
     assert path(129, 1024)["path"] == "dequant" and path(256, 2048)["path"] == "dequant"
     # ... but quantized activations take 64 x 64 with K in 2 there (s21run7).
