@@ -98,11 +98,12 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   the tile is the 64 x 64 one, e.g. on 4096 columns; to 128 rows where cublas8 takes the
   call and K > 8192), ahead of mmT, mm8, cublas8 and dequantise + cuBLAS there; tiles by
   stream-K where they make a wave, 128 x 256 tiles for 4-bit weights of many columns; weights
-  with few columns to 128 rows only unless 128 x 64 tiles fill the SMs
-  (:func:`qlinear_wgmma.choose`). Its weight operand is ``(q - z) * s`` rounded to x's dtype
-  (with bf16 x the scale is rounded to bf16 first). H200: W4A16 1.05-1.54x the paths before it
-  (s18run4) and 1.00-1.15x more at 96-256 rows (s19run3), fp8 activations 1.03-1.26x cublas8
-  at 160-256 rows on K <= 8192 (s19run5), W6A12 1.22-3.13x (s18run4).
+  with few columns to 128 rows only unless 128 x 64 tiles fill the SMs, or their activations
+  are quantized (:func:`qlinear_wgmma.choose`). Its weight operand is ``(q - z) * s`` rounded
+  to x's dtype (with bf16 x the scale is rounded to bf16 first). H200: W4A16 1.05-1.54x the
+  paths before it (s18run4) and 1.00-1.15x more at 96-256 rows (s19run3), fp8 activations
+  1.03-1.26x cublas8 at 160-256 rows on K <= 8192 (s19run5), W6A12 1.22-3.13x (s18run4); at
+  33-48 rows W4A16 1.02-1.19x mmT (s21run4).
 
 Every K block of the gemv and mm kernels lies in one weight group and one activation group:
 :func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which
@@ -1123,8 +1124,7 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     On an sm_90 GPU (`capability`, else the device's), 4- and 6-bit g128 weights take the Gluon
     tile ("wg", :func:`qlinear_wgmma.choose`) from 33 to 256 rows (quantized activations
     dequantised first; with 4-bit weights from 49 rows where the tile is the 64 x 64 one), to
-    128 where cublas8
-    computes the call, ahead of mm8 and cublas8;
+    128 where cublas8 computes the call, ahead of mm8 and cublas8;
     `allow_wg` False keeps the paths of before (``q3n::qlinear_codes`` where mmT reads the codes
     themselves).
     """

@@ -523,12 +523,12 @@ WAVE_FILL = 0.72
 # SMALL split 4 to 128 rows (split 2 from 65 rows where split 4 would make more programs than
 # SMs: s21run10, 2048 x 4096 at 65 / 96 / 128 rows, 1.03-1.07x split 4 for W4A16, W6A12 and
 # W4A8 fp8, 9 of 9; on 1024 x 4096, 32 tiles, split 4 stays: split 2 ran 0.84-0.88x); above,
-# SMALL split 2 for quantized activations (s21run7, 1024 and
-# 2048 columns x 4096 at 129 / 192 / 256 rows: W4A8 fp8 1.04-1.41x cuBLAS's fp8 GEMM on unpacked
-# codes, W6A12 1.00-1.06x dequantise + cuBLAS; the best of nine launches in 7 of 12, within 3% in
-# the other 5 (128 x 64 split 2 on 2048 columns); int8 codes, which the mm tile takes there, were not timed) and the table's path
-# for 16-bit x (dequantise + cuBLAS: SMALL split 2 ran 0.92-0.96x its time). s18run4 on 1024 x
-# 4096 (16 TALL tiles):
+# SMALL split 2 for quantized activations (s21run7, 1024 and 2048 columns x 4096 at 129 / 192
+# / 256 rows: W4A8 fp8 1.04-1.41x cuBLAS's fp8 GEMM on unpacked codes, W6A12 1.00-1.06x
+# dequantise + cuBLAS; the best of nine launches in 7 of 12, within 3% of it in the other 5,
+# where 128 x 64 split 2 led on 2048 columns; int8 codes, which the mm tile takes there, were
+# not timed) and the table's path for 16-bit x (dequantise + cuBLAS: SMALL split 2 ran
+# 0.92-0.96x its time). s18run4 on 1024 x 4096 (16 TALL tiles):
 # TALL split 8 / 4 (every SM a program) ran 0.0230 / 0.0235 ms at 96 / 128 rows and 0.0227 /
 # 0.0229 at 192 / 256, SMALL split 4 0.0181 / 0.0186 and 0.0223 / 0.0233, dequantise + cuBLAS
 # 0.0187 / 0.0194 at 192 / 256 (mmT 0.0287 / 0.0289 at 96 / 128); W6A12 alike (SMALL split 4
@@ -553,18 +553,17 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
     rows (:data:`MAX_M_CUBLAS8` where `cublas8`, the qlinear_cublas8 path computes the call at
     this M, and K exceeds :data:`MAX_K_CUBLAS8`; below :data:`MIN_M_SMALL_W4_QUANTIZED`
     where 4-bit weights meet `quantized` activations and the tile would be SMALL). Same rule
-    for 4- and 6-bit weights but for
-    WIDE256 and SIXTY_FOUR256 (4-bit only). Wide weights (WIDE's tiles at least
-    :data:`WAVE_FILL` of the SMs): to 64 rows SIXTY_FOUR256 where its own tiles fill WAVE_FILL
-    of the SMs, else SIXTY_FOUR; above, WIDE256 where its own tiles fill WAVE_FILL, else
-    WIDE (within 3.5% of the best tile swept at 129-256 rows), K unsplit, by stream-K over one
-    program an SM where the tiles make a wave. Others: SMALL with K split 4 to 64 rows; TALL
-    with K split 2 to 128 rows and unsplit above where its programs fill :data:`WAVE_FILL` of
-    the SMs, else SMALL split 4 to 128 rows (2 from 65 rows where 4 would make more programs
-    than SMs) and above SMALL split 2 for `quantized`
-    activations, None for 16-bit ones (the caller halves a split that
-    would leave fewer than two K blocks of 128 each:
-    :func:`q3n_compile.kernels.qlinear.choose_path`)."""
+    for 4- and 6-bit weights but for WIDE256 and SIXTY_FOUR256 (4-bit only).
+
+    Wide weights (WIDE's tiles at least :data:`WAVE_FILL` of the SMs): to 64 rows
+    SIXTY_FOUR256 where its own tiles fill WAVE_FILL of the SMs, else SIXTY_FOUR; above,
+    WIDE256 where its own tiles fill WAVE_FILL, else WIDE (within 3.5% of the best tile swept
+    at 129-256 rows), K unsplit, by stream-K over one program an SM where the tiles make a
+    wave. Others: SMALL with K split 4 to 64 rows; TALL with K split 2 to 128 rows and unsplit
+    above where its programs fill :data:`WAVE_FILL` of the SMs, else SMALL split 4 to 128 rows
+    (2 from 65 rows where 4 would make more programs than SMs) and above SMALL split 2 for
+    `quantized` activations, None for 16-bit ones. The caller halves a split that would leave
+    fewer than two K blocks of 128 each (:func:`q3n_compile.kernels.qlinear.choose_path`)."""
     if not MIN_M <= M <= (MAX_M_CUBLAS8 if cublas8 and K > MAX_K_CUBLAS8 else MAX_M):
         return None
     wide_tiles = contract.cdiv(M, 128) * contract.cdiv(N, 128)
