@@ -3,6 +3,7 @@ q3n::qlinear and bf16 cuBLAS on one GPU: 4-bit (or ``--bits 6``) g128 weights wi
 bf16 x, 16-bit activations or (``--act``) quantised ones, which the op dequantises for the tile.
 
 For each (N, K) and M: bf16 ``F.linear``; the op as dispatched (``torch.ops.q3n.qlinear``);
+where that is the wg path, the same launch without programmatic dependent launch (PDL False);
 the dispatch without the wg path ("before": mmT, mm8, cublas8 or dequantise + cuBLAS); and
 the Gluon tile at each launch of ``--tiles`` (BLOCK_M, BLOCK_N, warps, stages, split: K split
 by tickets, summed in the launch). Every launch is first checked against the
@@ -79,8 +80,18 @@ def main():
             _, before_ms = timed(fb, eager=False)
             row = dict(M=M, N=N, K=K, bf16_ms=bf16_ms, q3n_ms=q3n_ms, q3n_err=q3n_err,
                        q3n_path=path, before_path=before, before_ms=before_ms, wg=[])
+            nopdl = ""
+            if path.get("path") == "wg":
+                # The same launch without programmatic dependent launch (plain stream order
+                # between x's permutation and the kernel), checked like the others.
+                f0 = lambda: Q._launch(*qargs[:-1], interpreter=False,  # noqa: E731
+                                       path=dict(path, PDL=False))
+                row["q3n_nopdl_err"] = ((f0().double() - ref).abs().max()
+                                        / ref.abs().max()).item()
+                _, row["q3n_nopdl_ms"] = timed(f0, eager=False)
+                nopdl = f"  without PDL {row['q3n_nopdl_ms']:.4f}"
             print(f"{N}x{K} M={M}: bf16 {bf16_ms:.4f}  q3n {q3n_ms:.4f} ({path.get('path')}, "
-                  f"{bf16_ms / q3n_ms:.2f}x)  before {before_ms:.4f} ({before['path']}, "
+                  f"{bf16_ms / q3n_ms:.2f}x){nopdl}  before {before_ms:.4f} ({before['path']}, "
                   f"{bf16_ms / before_ms:.2f}x)", flush=True)
             for bm, bn, warps, stages, split, *more in args.tiles:
                 if bm > 2 * M and bm > 32:

@@ -53,6 +53,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
@@ -459,11 +460,18 @@ def qlinear_mmT_kernel(
 
 @triton.jit
 def permute_x_kernel(X, Y, M, K, KP, stride_xm, stride_xk, BLOCK_M: tl.constexpr,
-                     BLOCKS: tl.constexpr):
+                     BLOCKS: tl.constexpr, PDL: tl.constexpr):
     """Y[m, k0 + 16j + r] = X[m, k0 + 8r + j] for every 128-channel block k0 of Y [M, KP] (KP:
     K rounded up to 128; zero past K): a [16, 8] transpose per block, BLOCKS blocks of BLOCK_M
     rows a program. Traffic: reads x once (coalesced rows), writes Y once (coalesced rows); the
-    transpose goes through registers and shared memory."""
+    transpose goes through registers and shared memory.
+
+    PDL (launched with programmatic dependent launch; never under the interpreter, which has no
+    inline assembly): lets the GEMM launched after it start its prologue at once, and waits for
+    the kernel before it to finish before reading x or writing Y."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * (BLOCKS * 128) + tl.arange(0, BLOCKS * 128)
     row_ok = (rows < M)[:, None]
@@ -480,13 +488,15 @@ PERMUTE_BLOCK_M = 8
 PERMUTE_BLOCKS = 4
 
 
-def permute_x_blocks(x: torch.Tensor) -> torch.Tensor:
+def permute_x_blocks(x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """x [M, K] -> [M, K128] (K rounded up to 128, zero padded) with channel ``k0 + 8r + j`` of
     each 128-channel block at position ``k0 + 16j + r``: the kernel's sub-tile x_j is then 16
     contiguous channels (XPERM). On a GPU (and on the CPU under Triton's interpreter)
     :func:`permute_x_kernel`; a torch transpose-copy otherwise (:func:`permute_x_blocks_torch`,
     the reference). The kernel replaces that copy on the GPU, which cost the wg path 3-10 µs a
-    call at 64-256 rows (s20run8)."""
+    call at 64-256 rows (s20run8). `pdl`: launch it with programmatic dependent launch (a GPU
+    of sm_90 or later; the kernel launched next must wait for it with ``griddepcontrol.wait``
+    before reading the result, as the wg kernel does)."""
     backend = contract.backend_for(x.device)
     if backend == "reference":
         return permute_x_blocks_torch(x)
@@ -496,9 +506,10 @@ def permute_x_blocks(x: torch.Tensor) -> torch.Tensor:
     if M == 0 or K == 0:
         return y.zero_()
     grid = (contract.cdiv(M, PERMUTE_BLOCK_M), contract.cdiv(kp, PERMUTE_BLOCKS * MMT_BLOCK_K))
+    pdl = pdl and backend == "triton"
     contract.launch(permute_x_kernel, grid, (x, y), (M, K, kp, x.stride(0), x.stride(1)),
-                    dict(BLOCK_M=PERMUTE_BLOCK_M, BLOCKS=PERMUTE_BLOCKS), dict(num_warps=4),
-                    fast=backend == "triton")
+                    dict(BLOCK_M=PERMUTE_BLOCK_M, BLOCKS=PERMUTE_BLOCKS, PDL=pdl),
+                    dict(num_warps=4, launch_pdl=pdl), fast=backend == "triton")
     return y
 
 

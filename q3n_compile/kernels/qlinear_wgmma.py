@@ -124,16 +124,14 @@ def _pair_bits(v, OPD: gl.constexpr):
 
 
 @gluon.jit
-def _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, x_ptrs, x_ok, w_ptrs,
-                 w2_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N,
-                 SYM: gl.constexpr, BITS: gl.constexpr):
-    """cp.async of K block k0's operands into stage st (masked off past k_end), as one group:
-    x's two halves of 64 channels, the packed words (BITS 6: and the 2-bit plane's, each word
-    row copied twice), zero points and scales."""
+def _issue_weight_block(w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, w_ptrs, w2_ptrs, w_rows,
+                        w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N,
+                        SYM: gl.constexpr, BITS: gl.constexpr):
+    """cp.async of K block k0's weight operands into stage st (masked off past k_end), not
+    committed: the packed words (BITS 6: and the 2-bit plane's, each word row copied twice),
+    zero points and scales. They do not depend on an earlier kernel, so the prologue issues
+    them before :func:`_gdc_wait`."""
     live = k0 < k_end
-    cp.async_copy_global_to_shared(x_smem[0].index(st), x_ptrs + k0, mask=x_ok & live)
-    cp.async_copy_global_to_shared(x_smem[1].index(st), x_ptrs + (k0 + 64),
-                                   mask=x_ok & live)
     cp.async_copy_global_to_shared(w_smem.index(st), w_ptrs + (k0 // 8) * N,
                                    mask=w_ok & ((k0 // 8 + w_rows < W_ROWS) & live)[:, None])
     if BITS == 6:
@@ -145,7 +143,46 @@ def _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, x_ptrs,
         cp.async_copy_global_to_shared(z_smem.index(st), Z + g * N + zs_offs,
                                        mask=zs_ok & live)
     cp.async_copy_global_to_shared(s_smem.index(st), S + g * N + ss_offs, mask=ss_ok & live)
+
+
+@gluon.jit
+def _issue_x_block(x_smem, st, k0, k_end, x_ptrs, x_ok):
+    """cp.async of K block k0's two halves of x (64 channels each) into stage st, not
+    committed."""
+    live = k0 < k_end
+    cp.async_copy_global_to_shared(x_smem[0].index(st), x_ptrs + k0, mask=x_ok & live)
+    cp.async_copy_global_to_shared(x_smem[1].index(st), x_ptrs + (k0 + 64),
+                                   mask=x_ok & live)
+
+
+@gluon.jit
+def _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, x_ptrs, x_ok, w_ptrs,
+                 w2_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N,
+                 SYM: gl.constexpr, BITS: gl.constexpr):
+    """cp.async of K block k0's operands into stage st (masked off past k_end), as one group:
+    x's two halves and the weight operands (:func:`_issue_weight_block`)."""
+    _issue_x_block(x_smem, st, k0, k_end, x_ptrs, x_ok)
+    _issue_weight_block(w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, w_ptrs, w2_ptrs, w_rows,
+                        w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N, SYM, BITS)
     cp.commit_group()
+
+
+@gluon.jit
+def _gdc_wait():
+    """``griddepcontrol.wait``: block until the kernel this one was launched after (by
+    programmatic dependent launch) has completed and its writes are visible; immediate when it
+    was launched without PDL or the wait has already returned once."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
+def _gdc_launch_dependents():
+    """``griddepcontrol.launch_dependents``: the next kernel launched with PDL may start once
+    every program of this one has executed this (or exited). It only lets that kernel's
+    prologue begin: its reads of what this kernel writes wait in its own ``_gdc_wait``."""
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [],
+                              dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -153,7 +190,7 @@ def _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
               stride_xm, m0, n0, k_start, k_end, BITS: gl.constexpr, SYM: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               LOOKAHEAD: gl.constexpr, mma: gl.constexpr, x_bl: gl.constexpr,
-              w_bl: gl.constexpr, z_bl: gl.constexpr, s_bl: gl.constexpr):
+              w_bl: gl.constexpr, z_bl: gl.constexpr, s_bl: gl.constexpr, PDL: gl.constexpr):
     """The fp32 sum [BLOCK_N, BLOCK_M] of the tile at weight column n0 and row m0 of x over
     channels [k_start, k_end) (multiples of 128): the pipeline of :func:`qlinear_wg_kernel`.
     Every stage is free when it is called (the caller's barrier), and every copy and MMA it
@@ -182,10 +219,19 @@ def _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
     ss_offs = n0 + gl.arange(0, BLOCK_N, layout=s_bl)
     ss_ok = ss_offs < N
 
+    # The prologue's weight operands first: with PDL they stream in while the kernel before
+    # (x's permutation, or the activations' quantizer) finishes. x only after the wait. The
+    # first commit takes every weight copy with x's first block: group p still holds all of
+    # block p's operands.
     for p in gl.static_range(STAGES - 2):
-        _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, p, k_start + p * 128, k_end,
-                     x_ptrs, x_ok, w_ptrs, w2_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok,
-                     ss_offs, ss_ok, Z, S, N, SYM, BITS)
+        _issue_weight_block(w_smem, w2_smem, z_smem, s_smem, p, k_start + p * 128, k_end, w_ptrs,
+                            w2_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S,
+                            N, SYM, BITS)
+    if PDL:
+        _gdc_wait()
+    for p in gl.static_range(STAGES - 2):
+        _issue_x_block(x_smem, p, k_start + p * 128, k_end, x_ptrs, x_ok)
+        cp.commit_group()
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
     # The operands of the MMAs in flight (a_1 the last issued): kept live until a wait has
     # retired their MMA, so that their registers are not reused under it.
@@ -266,7 +312,8 @@ def _tile_offsets(BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, mma: gl.constexp
 def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2, K_PER_SPLIT,
                       stride_xm, stride_ym, BITS: gl.constexpr, SYM: gl.constexpr,
                       HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                      STAGES: gl.constexpr, REDUCE: gl.constexpr, LOOKAHEAD: gl.constexpr):
+                      STAGES: gl.constexpr, REDUCE: gl.constexpr, LOOKAHEAD: gl.constexpr,
+                      PDL: gl.constexpr):
     """Y = x @ W^T (+ bias) for 4- or 6-bit weights (BITS; 6: the 4-bit plane from row ROW4 and
     the 2-bit plane from ROW2 of QW) in groups of 128, with zero points (Z [K_PAD / 128, N]
     uint8) or symmetric (SYM: z = 2^(BITS-1)), and x (bf16 or fp16) permuted per 128-channel
@@ -294,6 +341,11 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2
     register layout (conflict-free: a warp's 32 reads hit 8 chunks of 4 words, XOR-ed apart by
     the row). Traffic: the packed weight once per m-block, x once per n-block (from L2), Y once
     (REDUCE 2 and 3: plus 8 bytes an output and piece through L2).
+
+    PDL (launched with programmatic dependent launch): the program may start while the kernel
+    before it in the stream (x's permutation, the activations' quantizer) still runs; it issues
+    its first blocks' weight operands, then waits for that kernel (``griddepcontrol.wait``)
+    before it reads x or writes anything, and lets the next PDL kernel start at once.
     """
     OPD: gl.constexpr = X.dtype.element_ty
     num_warps: gl.constexpr = gl.num_warps()
@@ -335,6 +387,9 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2
     z_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N], v_sl)
     s_smem = gl.allocate_shared_memory(S.dtype.element_ty, [STAGES, BLOCK_N], v_sl)
 
+    if PDL:
+        # Let the next kernel (launched with PDL) start its own prologue as early as it can.
+        _gdc_launch_dependents()
     TILE: gl.constexpr = BLOCK_N * BLOCK_M
     if REDUCE == 3:
         tiles_n = gl.cdiv(N, BLOCK_N)
@@ -356,7 +411,7 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2
             acc = _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
                             ROW4, ROW2, stride_xm, m0, n0, kb0 * 128, kb1 * 128, BITS, SYM,
                             BLOCK_M, BLOCK_N, STAGES, LOOKAHEAD, mma, x_bl, w_bl, z_bl,
-                            s_bl)
+                            s_bl, PDL)
             if kb1 - kb0 == kb:
                 _store_tile(Y, BIAS, acc, M, N, stride_ym, m0, n0, HAS_BIAS, BLOCK_M, BLOCK_N,
                             mma)
@@ -392,7 +447,7 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2
         acc = _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD, ROW4,
                         ROW2, stride_xm, m0, n0, k_start, gl.minimum(k_start + K_PER_SPLIT, KX),
                         BITS, SYM, BLOCK_M, BLOCK_N, STAGES, LOOKAHEAD, mma, x_bl, w_bl,
-                        z_bl, s_bl)
+                        z_bl, s_bl, PDL)
         if REDUCE == 2:
             # WS holds [split, tile, BLOCK_N, BLOCK_M] partials.
             t_offs = _tile_offsets(BLOCK_M, BLOCK_N, mma)
@@ -424,10 +479,14 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     :func:`permute_x_blocks`'s [M, K128] with `x_permuted`). cfg: BLOCK_M, BLOCK_N, STAGES,
     num_warps, and SPLIT_K (K split into that many programs a tile) or STREAM (stream-K over
     that many programs, at most one per (tile, K block)); both need `tickets(device, n)` (int32
-    counters, zero between calls: :func:`q3n_compile.kernels.qlinear._tickets`)."""
+    counters, zero between calls: :func:`q3n_compile.kernels.qlinear._tickets`); PDL (default
+    True): x's permutation and this kernel launched with programmatic dependent launch, so
+    that each overlaps the start of the next (False: plain stream order, as before session
+    22)."""
     M = x.shape[0]
     N = qweight.shape[1]
-    xk = x if x_permuted else permute_x_blocks(x)
+    pdl = bool(cfg.get("PDL", True))
+    xk = x if x_permuted else permute_x_blocks(x, pdl=pdl)
     kx = xk.shape[1]
     split = cfg.get("SPLIT_K", 1)
     kps = contract.cdiv(contract.cdiv(kx, MMT_BLOCK_K), split) * MMT_BLOCK_K
@@ -457,8 +516,8 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         (M, N, P.padded_k(K), kx, *P.plane_starts(bits, K)[:2], kps, xk.stride(0), y.stride(0)),
         dict(BITS=bits, SYM=zeros is None, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
              BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], REDUCE=reduce,
-             LOOKAHEAD=cfg.get("LOOKAHEAD", 1)),
-        dict(num_warps=cfg["num_warps"]), fast=True)
+             LOOKAHEAD=cfg.get("LOOKAHEAD", 1), PDL=pdl),
+        dict(num_warps=cfg["num_warps"], launch_pdl=pdl), fast=True)
     return y
 
 

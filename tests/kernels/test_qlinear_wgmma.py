@@ -17,7 +17,7 @@ from q3n_compile.kernels import qlinear_swap as SW
 from q3n_compile.kernels import qlinear_wgmma as WG
 
 from .subprocess_lane import json_without_interpreter
-from .test_qlinear import _gen, _packed, bf16, f16
+from .test_qlinear import TOL, _gen, _packed, bf16, f16
 from .test_qlinear import _check as check_against_float64
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -41,14 +41,14 @@ def _compile_sm90(cfg: dict, x_type: str, reduce: int, bias: bool, sym: bool, bi
     kernel = WG.qlinear_wg_kernel
     names = kernel.arg_names
     ce = dict(BITS=bits, SYM=sym, HAS_BIAS=bias, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-              STAGES=cfg["STAGES"], REDUCE=reduce, LOOKAHEAD=cfg.get("LOOKAHEAD", 1))
+              STAGES=cfg["STAGES"], REDUCE=reduce, LOOKAHEAD=cfg.get("LOOKAHEAD", 1), PDL=True)
     types = dict(_TYPES, X=x_type, Y=x_type, BIAS=x_type)
     sig = {n: "constexpr" if n in ce else types.get(n, "i32") for n in names}
     src = GluonASTSource(fn=kernel, signature=sig,
                          constexprs={(names.index(k),): v for k, v in ce.items()},
                          attrs={(names.index(n),): [["tt.divisibility", 16]] for n in _DIVISIBLE})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg["num_warps"]})
+                              options={"num_warps": cfg["num_warps"], "launch_pdl": True})
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -59,6 +59,9 @@ def _compile_sm90(cfg: dict, x_type: str, reduce: int, bias: bool, sym: bool, bi
                               text=True).stdout
     loop = _loop_body(sass)
     return dict(regs=int(re.search(r"REG:(\d+)", usage).group(1)),
+                pdl=compiled.metadata.launch_pdl,
+                gdc=[op for op in ("griddepcontrol.wait", "griddepcontrol.launch_dependents")
+                     if op in compiled.asm["ptx"]],
                 stack=int(re.search(r"STACK:(\d+)", usage).group(1)),
                 shared=compiled.metadata.shared,
                 mmas=sum("HGMMA" in i for i in loop),
@@ -105,6 +108,9 @@ def test_dispatched_tiles_compile_for_sm90_without_spills(sm90_builds):
         assert len(got["waits"]) == 8 and all(w.rstrip(" ;").endswith(f"0x{lookahead}")
                                     for w in got["waits"]), where
         assert got["barriers"] == 2, where
+        # Launched with PDL: it waits for the kernel before it and lets the next one start.
+        assert got["pdl"] and got["gdc"] == ["griddepcontrol.wait",
+                                             "griddepcontrol.launch_dependents"], where
 
 
 def _loop_body(sass: str) -> list:
@@ -399,6 +405,48 @@ def _check_wg(bits, dtype, M, N, K, split, bias, tile, sym, stream=0):
     check_against_float64(x, pw, b, path=cfg)
     check_against_float64(x, pw, b, path=cfg)  # again: every ticket was reset
     assert int(Q._tickets(x.device, 1).abs().sum()) == 0
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K,tile,split,stream", [
+    (40, 4096, 4096, WG.SMALL, 4, 0), (200, 12288, 4096, WG.WIDE256, 1, 0),
+    (256, 4096, 1024, WG.TALL, 1, 0), (96, 8192, 2048, WG.WIDE, 1, 132)])
+def test_gpu_wg_pdl_chain_in_a_cuda_graph_reads_this_replays_x(M, N, K, tile, split, stream):
+    # Launched with PDL, the wg kernel starts before x's permutation has finished and must
+    # wait for it before reading x: replayed after x changes, a read of the permuted buffer
+    # of the replay before would give the old product. Three linears in a row, each x the
+    # output of the one before (its own PDL chain), replayed with new inputs each time.
+    gen = _gen(f"wgpdl{M}{N}{K}{stream}")
+    pws = [_packed(gen, N, K, 4, 128, False, device="cuda"),
+           _packed(gen, K, N, 4, 128, False, device="cuda")]
+    cfg = dict(tile, path="wg", SPLIT_K=split, **({"STREAM": stream} if stream else {}))
+    assert cfg.get("PDL", True)
+    x = torch.randn(M, K, generator=gen).to(bf16).cuda()
+
+    def chain(a):
+        for pw in pws:
+            a = Q._launch(a, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128,
+                          pw.in_features, "none", interpreter=False, path=cfg) * 0.05
+        return a
+
+    def exact(a):
+        for pw in pws:
+            w = pw.dequantize(torch.float64).cuda()
+            a = (a.double() @ w.t()).to(bf16).double() * 0.05
+        return a
+
+    chain(x)  # compiled and the tickets made before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x)
+    for _ in range(3):
+        x.copy_(torch.randn(M, K, generator=gen).to(bf16).cuda())
+        graph.replay()
+        want = exact(x)
+        err = (out.double() - want).abs().max().item()
+        assert err <= 4 * TOL[bf16] * want.abs().max().item(), err
 
 
 @needs_hopper
