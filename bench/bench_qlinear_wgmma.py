@@ -47,8 +47,9 @@ def main():
     ap.add_argument("--nk", nargs="+", default=[f"{n}x{k}" for n, k in NKS])
     ap.add_argument("--ms", nargs="+", type=int, default=list(MS))
     ap.add_argument("--tiles", nargs="*", type=parse_tile, default=TILES,
-                    help="BLOCK_M,BLOCK_N,warps,stages,split[,lookahead] (split -k: stream-K "
-                         "over k programs an SM; lookahead: MMAs left in flight, default 1)")
+                    help="BLOCK_M,BLOCK_N,warps,stages,split[,lookahead[,pdl]] (split -k: "
+                         "stream-K over k programs an SM; lookahead: MMAs left in flight, "
+                         "default 1; pdl 0: without programmatic dependent launch)")
     ap.add_argument("--act", default="none",
                     help="activations: none (W4A16), fp8, int8 or int12 (quantised, then "
                          "dequantised and permuted for the tile, as the op does)")
@@ -97,7 +98,8 @@ def main():
                 if bm > 2 * M and bm > 32:
                     continue
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, STAGES=stages,
-                           SPLIT_K=max(split, 1), LOOKAHEAD=more[0] if more else 1)
+                           SPLIT_K=max(split, 1), LOOKAHEAD=more[0] if more else 1,
+                           PDL=bool(more[1]) if len(more) > 1 else True)
                 if split < 0:
                     cfg["STREAM"] = -split * sms
                 ent = dict(cfg)
@@ -117,6 +119,7 @@ def main():
                     ent["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 row["wg"].append(ent)
                 print(f"    wg {bm}x{bn} w{warps} s{stages} l{cfg['LOOKAHEAD']} "
+                      + ("" if cfg["PDL"] else "no PDL ")
                       + (f"stream{cfg['STREAM']}: " if split < 0 else f"split{split}: ")
                       + (ent.get("error") or f"{ent['graph_ms']:.4f} ms "
                          f"({ent['vs_bf16']:.2f}x bf16, {ent['vs_before']:.2f}x before, "

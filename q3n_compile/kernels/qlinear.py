@@ -1154,7 +1154,8 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
             bits, group_size, act, dtype, N, capability or _device_capability(device)):
         wg = WG.choose(M, N, sms, cublas8, bits, K, quantized=act != "none")
         if wg is not None:
-            return dict(wg, SPLIT_K=_keep_two_blocks(wg["SPLIT_K"], k_pad, SW.MMT_BLOCK_K))
+            wg = dict(wg, SPLIT_K=_keep_two_blocks(wg["SPLIT_K"], k_pad, SW.MMT_BLOCK_K))
+            return WG.with_pdl(wg, M, N, sms)
     mm8_split = _mm8_split(M, N, K, bits, group_size, act, act_group_size, sms) if cublas8 else None
     if mm8_split is not None:
         return dict(path="mm8", **MM8_TILE, SPLIT_K=mm8_split)

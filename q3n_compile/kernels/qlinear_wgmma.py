@@ -595,6 +595,24 @@ WAVE_FILL = 0.72
 # against 0.0231 / 0.0239 at 192 / 256).
 
 
+# Programmatic dependent launch (session 22, s22run1: the dispatch with PDL against the same
+# launch without, same process, W4A16 on the issue's four shapes at 33-256 rows): 1.00-1.08x
+# faster in 25 of 28 cases (4096 x 4096: 1.03-1.08x at 33-256 rows, the permutation's share
+# being largest there), 0.99x twice on 28672 x 8192, but 0.67-0.68x where SIXTY_FOUR's 96
+# programs (12288 x 4096 at 48 and 64 rows) made one wave of a tile that fits two programs an
+# SM (97 KB of shared memory): launched while x's permutation still held SMs, programs
+# doubled up on some SMs while others stayed idle. So a grid of at most one program an SM
+# of the tiles that fit two (64-row tiles of 64 or 128 columns) keeps plain stream order
+# (measured on SIXTY_FOUR; SMALL's one-wave grids follow the same reasoning, not timed).
+def with_pdl(cfg: dict, M: int, N: int, sms: int) -> dict:
+    """`cfg` (a launch of :func:`choose`, its K split final) with PDL set: False where its
+    programs are at most one an SM and two of them fit an SM, else True."""
+    programs = (cfg.get("STREAM") or contract.cdiv(M, cfg["BLOCK_M"])
+                * contract.cdiv(N, cfg["BLOCK_N"]) * cfg.get("SPLIT_K", 1))
+    two_an_sm = cfg["BLOCK_M"] == 64 and cfg["BLOCK_N"] <= 128
+    return dict(cfg, PDL=not (two_an_sm and programs <= sms))
+
+
 def supported(bits: int, group_size: int, act: str, dtype: torch.dtype, N: int,
               capability: Optional[tuple]) -> bool:
     """Whether this path computes the call: 4- or 6-bit weights in groups of 128, bf16 or fp16 x

@@ -227,9 +227,20 @@ def _pair_of(v: float, dtype) -> int:
 def test_dispatch_rule_on_sm90():
     cuda = torch.device("cuda")
 
+    pdl = {}
+
     def path(M, N, K=4096, dtype=bf16, act="none", bits=4, group=128, cap=(9, 0)):
-        return Q.choose_path(M, N, K, bits, group, act, dtype, cuda, sm_count=132,
-                             capability=cap)
+        cfg = Q.choose_path(M, N, K, bits, group, act, dtype, cuda, sm_count=132,
+                            capability=cap)
+        if cfg["path"] == "wg":
+            pdl[M, N, K] = cfg.pop("PDL")
+        return cfg
+
+    # PDL everywhere but one-wave grids of tiles that fit two programs an SM (s22run1).
+    path(64, 12288), path(33, 4096), path(128, 1024), path(64, 28672), path(200, 4096)
+    assert pdl == {(64, 12288, 4096): False, (33, 4096, 4096): True,
+                   (128, 1024, 4096): False, (64, 28672, 4096): True,
+                   (200, 4096, 4096): True}
 
     # Few columns: 64 x 64 with K in 4 to 64 rows; 128 x 64 with K in 2 to 128 rows, unsplit
     # above, where its programs fill 0.72 of the SMs (4096 columns); on fewer columns 64 x 64
