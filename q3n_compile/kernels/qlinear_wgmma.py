@@ -480,12 +480,13 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     num_warps, and SPLIT_K (K split into that many programs a tile) or STREAM (stream-K over
     that many programs, at most one per (tile, K block)); both need `tickets(device, n)` (int32
     counters, zero between calls: :func:`q3n_compile.kernels.qlinear._tickets`); PDL (default
-    True): x's permutation and this kernel launched with programmatic dependent launch, so
-    that each overlaps the start of the next (False: plain stream order, as before session
-    22)."""
+    True; ignored with `x_permuted`): x's permutation and this kernel launched with
+    programmatic dependent launch, so that each overlaps the start of the next (False: plain
+    stream order, as before session 22)."""
     M = x.shape[0]
     N = qweight.shape[1]
-    pdl = bool(cfg.get("PDL", True))
+    # PDL only behind this op's own permutation (see with_pdl).
+    pdl = bool(cfg.get("PDL", True)) and not x_permuted
     xk = x if x_permuted else permute_x_blocks(x, pdl=pdl)
     kx = xk.shape[1]
     split = cfg.get("SPLIT_K", 1)
@@ -595,22 +596,26 @@ WAVE_FILL = 0.72
 # against 0.0231 / 0.0239 at 192 / 256).
 
 
-# Programmatic dependent launch (session 22, s22run1: the dispatch with PDL against the same
-# launch without, same process, W4A16 on the issue's four shapes at 33-256 rows): 1.00-1.08x
-# faster in 25 of 28 cases (4096 x 4096: 1.03-1.08x at 33-256 rows, the permutation's share
-# being largest there), 0.99x twice on 28672 x 8192, but 0.67-0.68x where SIXTY_FOUR's 96
-# programs (12288 x 4096 at 48 and 64 rows) made one wave of a tile that fits two programs an
-# SM (97 KB of shared memory): launched while x's permutation still held SMs, programs
-# doubled up on some SMs while others stayed idle. So a grid of at most one program an SM
-# of the tiles that fit two (64-row tiles of 64 or 128 columns) keeps plain stream order
-# (measured on SIXTY_FOUR; SMALL's one-wave grids follow the same reasoning, not timed).
+# Programmatic dependent launch (session 22; s22run1-2, the dispatch with PDL against the same
+# launch without, same process, W4A16): 1.00-1.08x faster in 25 of 28 cases on the issue's
+# four shapes at 33-256 rows (4096 x 4096: 1.03-1.08x, where the permutation's share is
+# largest; 0.99x twice on 28672 x 8192), but 0.67-0.68x where SIXTY_FOUR's 96 programs (12288
+# x 4096 at 48 and 64 rows) made one wave of a tile that fits two programs an SM: launched
+# while x's permutation still held SMs, programs doubled up on some SMs while others stayed
+# idle. SMALL alike (s22run2): 128 programs 0.88-0.90x (1024 x 4096 at 96 / 128 rows, 2048 x
+# 4096 at 48-128), but 64 programs 1.05-1.08x (1024 x 4096 at 48 / 64 rows) and 192-768
+# 1.02-1.05x. So a grid of more than half and at most one program an SM of the tiles that fit
+# two (64-row tiles of 64 or 128 columns) keeps plain stream order. Only where the op permutes
+# x itself (16-bit activations): after the activations' quantizer it was not timed alone, and
+# the design config end to end (qwen3, 40 / 128 rows) ran 0.5-0.8% slower with it (s22run2).
 def with_pdl(cfg: dict, M: int, N: int, sms: int) -> dict:
     """`cfg` (a launch of :func:`choose`, its K split final) with PDL set: False where its
-    programs are at most one an SM and two of them fit an SM, else True."""
+    programs are more than half and at most one an SM and two of them fit an SM, else True
+    (:func:`run` uses it only where it permutes x itself)."""
     programs = (cfg.get("STREAM") or contract.cdiv(M, cfg["BLOCK_M"])
                 * contract.cdiv(N, cfg["BLOCK_N"]) * cfg.get("SPLIT_K", 1))
     two_an_sm = cfg["BLOCK_M"] == 64 and cfg["BLOCK_N"] <= 128
-    return dict(cfg, PDL=not (two_an_sm and programs <= sms))
+    return dict(cfg, PDL=not (two_an_sm and sms < 2 * programs <= 2 * sms))
 
 
 def supported(bits: int, group_size: int, act: str, dtype: torch.dtype, N: int,

@@ -236,11 +236,12 @@ def test_dispatch_rule_on_sm90():
             pdl[M, N, K] = cfg.pop("PDL")
         return cfg
 
-    # PDL everywhere but one-wave grids of tiles that fit two programs an SM (s22run1).
-    path(64, 12288), path(33, 4096), path(128, 1024), path(64, 28672), path(200, 4096)
+    # PDL everywhere but grids of 67-132 programs of tiles that fit two an SM (s22run1-2).
+    path(64, 12288), path(33, 4096), path(128, 1024), path(64, 1024), path(64, 28672)
+    path(200, 4096)
     assert pdl == {(64, 12288, 4096): False, (33, 4096, 4096): True,
-                   (128, 1024, 4096): False, (64, 28672, 4096): True,
-                   (200, 4096, 4096): True}
+                   (128, 1024, 4096): False, (64, 1024, 4096): True,
+                   (64, 28672, 4096): True, (200, 4096, 4096): True}
 
     # Few columns: 64 x 64 with K in 4 to 64 rows; 128 x 64 with K in 2 to 128 rows, unsplit
     # above, where its programs fill 0.72 of the SMs (4096 columns); on fewer columns 64 x 64
@@ -498,8 +499,9 @@ def test_gpu_dispatch_takes_wg_from_33_rows():
     few = _packed(gen, 1024, 512, 6, 128, False, device="cuda")
     x = torch.randn(200, 512, generator=gen).to(bf16).cuda()
     for act in ("int12", "fp8"):
+        # 32 programs of a tile that fits two an SM: plain stream order (s22run1).
         assert Q.choose_path(200, 1024, 512, 6, 128, act, bf16, dev) == dict(
-            WG.SMALL, path="wg", SPLIT_K=2)
+            WG.SMALL, path="wg", SPLIT_K=2, PDL=False)
         check_against_float64(x, few, act=act)
     with pytest.raises(ValueError, match="multiple of 16 output features"):
         pw = _packed(gen, 4100, 512, 4, 128, False, device="cuda")
@@ -542,7 +544,7 @@ def test_gpu_dispatched_wide256_with_8_bit_activations_against_float64(act):
     pw = _packed(gen, N, K, 4, 128, False, device="cuda")
     x = torch.randn(M, K, generator=gen).to(bf16).cuda()
     path = Q.choose_path(M, N, K, 4, 128, act, bf16, x.device)
-    assert path == dict(WG.WIDE256, path="wg", SPLIT_K=1), path
+    assert path == dict(WG.WIDE256, path="wg", SPLIT_K=1, PDL=True), path
     check_against_float64(x, pw, None, act=act)
 
 
