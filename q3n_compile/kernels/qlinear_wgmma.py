@@ -567,6 +567,14 @@ DISPATCH_TILES = (WIDE, WIDE256, TALL, SMALL, SIXTY_FOUR, SIXTY_FOUR256)
 # 1024 x 4096. 32 rows and fewer keep mmT's 32-row tile (x on the MMA's N side needs no
 # 64-row padding there).
 MIN_M, MIN_M_SMALL_W4_QUANTIZED, MAX_M, MAX_M_CUBLAS8, MAX_K_CUBLAS8 = 33, 49, 256, 128, 8192
+# Weights of 3040-4224 columns at 129-256 rows (one wave of TALL programs): TALL to this K,
+# WIDE with K split 2 above (s22run2, W4A16 at 160 / 256 rows, same process: 4096 x 11008,
+# 12288, 14336 1.08-1.14x TALL; 4096 x 8192 0.99 / 1.02x; 4096 x 4096 and 3072 x 4096 0.84-0.89x
+# in s22run1 and s22run3). Where TALL's programs exceed the SMs (more than 4224 columns), WIDE
+# by stream-K (s22run3: 5120 x 5120 1.27 / 1.29x TALL, 5120 x 17408 1.73 / 1.75x, 6016 x 8192
+# 1.33 / 1.35x at 160 / 256 rows; TALL's 160-188 programs are 1.2-1.4 waves; WIDE with K
+# split 2 or 4 0.99-1.38x, stream-K the best of five launches in all six cases).
+MAX_K_TALL = 8192
 ACTS = ("none", "int8", "fp8", "int12")
 BITS = (4, 6)
 # WIDE's tiles (one program an SM) that make "most of a wave": 96 tiles of 132 SMs (12288
@@ -642,7 +650,9 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
     WIDE256 where its own tiles fill WAVE_FILL, else WIDE (within 3.5% of the best tile swept
     at 129-256 rows), K unsplit, by stream-K over one program an SM where the tiles make a
     wave. Others: SMALL with K split 4 to 64 rows; TALL with K split 2 to 128 rows and unsplit
-    above where its programs fill :data:`WAVE_FILL` of the SMs, else SMALL split 4 to 128 rows
+    above where its programs fill :data:`WAVE_FILL` of the SMs (WIDE by stream-K instead
+    where they exceed the SMs; WIDE with K split 2 above 128 rows where K exceeds
+    :data:`MAX_K_TALL`), else SMALL split 4 to 128 rows
     (2 from 65 rows where 4 would make more programs than SMs) and above SMALL split 2 for
     `quantized` activations, None for 16-bit ones. The caller halves a split that would leave
     fewer than two K blocks of 128 each (:func:`q3n_compile.kernels.qlinear.choose_path`)."""
@@ -663,7 +673,14 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
             return None
         return dict(SMALL, path="wg", SPLIT_K=4)
     split = 2 if M <= 128 else 1
-    if contract.cdiv(M, 128) * contract.cdiv(N, 64) * split >= WAVE_FILL * sms:
+    tall_programs = contract.cdiv(M, 128) * contract.cdiv(N, 64) * split
+    if tall_programs >= WAVE_FILL * sms:
+        if tall_programs > sms:
+            # More than a wave of TALL programs (5120-6016 columns): WIDE by stream-K over
+            # the SMs (s22run3).
+            return dict(WIDE, path="wg", SPLIT_K=1, STREAM=sms)
+        if M > 128 and K > MAX_K_TALL:
+            return dict(WIDE, path="wg", SPLIT_K=2)  # s22run2
         return dict(TALL, path="wg", SPLIT_K=split)
     if M <= 128:
         # K split 4, or 2 where 4 would make more programs than SMs (s21run10).

@@ -282,7 +282,14 @@ def test_dispatch_rule_on_sm90():
     for M in (129, 200, 256):
         assert path(M, 12288) == dict(WG.WIDE256, path="wg", SPLIT_K=1)
         assert path(M, 28672) == stream256
-        assert path(M, 4096, K=12288) == dict(WG.TALL, path="wg", SPLIT_K=1)
+        # One wave of TALL programs: TALL to K 8192, WIDE with K split 2 above; more than a
+        # wave (5120 columns and up): WIDE by stream-K (s22run2-3).
+        assert path(M, 4096, K=8192) == dict(WG.TALL, path="wg", SPLIT_K=1)
+        assert path(M, 4096, K=12288) == dict(WG.WIDE, path="wg", SPLIT_K=2)
+        assert path(M, 5120, K=5120) == stream and path(M, 6016, K=8192) == stream
+        assert path(M, 5120, K=17408, bits=6) == stream
+    for M in (65, 128):
+        assert path(M, 5120) == stream and path(M, 4096) == dict(WG.TALL, path="wg", SPLIT_K=2)
     # 6-bit weights: the same rule without WIDE256 (its shared memory would not fit).
     for M, N, tile, split in ((49, 4096, WG.SMALL, 4), (128, 4096, WG.TALL, 2),
                               (256, 4096, WG.TALL, 1), (64, 28672, WG.SIXTY_FOUR, 1),
@@ -459,6 +466,26 @@ def test_gpu_wg_pdl_chain_in_a_cuda_graph_reads_this_replays_x(M, N, K, tile, sp
         want = exact(x)
         err = (out.double() - want).abs().max().item()
         assert err <= 4 * TOL[bf16] * want.abs().max().item(), err
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K,bits,act,want", [
+    (200, 5120, 1024, 4, "none", "stream"), (129, 6016, 2048, 6, "int12", "stream"),
+    (96, 5120, 1024, 4, "none", "stream"), (256, 4096, 8320, 4, "none", "split2"),
+    (160, 4096, 8320, 6, "none", "split2")])
+def test_gpu_dispatched_wide_for_tall_grids_against_float64(M, N, K, bits, act, want):
+    # Session 22's rule for 3040-6016 columns: WIDE by stream-K past a wave of TALL programs,
+    # WIDE with K split 2 for K above 8192 at 129-256 rows; the op as dispatched.
+    gen = _gen(f"wgtallgrid{M}{N}{K}{bits}{act}")
+    pw = _packed(gen, N, K, bits, 128, False, device="cuda")
+    x = torch.randn(M, K, generator=gen).to(bf16).cuda()
+    path = Q.choose_path(M, N, K, bits, 128, act, bf16, x.device)
+    assert path["BLOCK_N"] == 128 and path["BLOCK_M"] == 128, path
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert (path.get("STREAM"), path["SPLIT_K"]) == ((sms, 1) if want == "stream" else (None, 2))
+    check_against_float64(x, pw, act=act)
+    check_against_float64(x, pw, act=act)  # again: every ticket was reset
 
 
 @needs_hopper
