@@ -570,10 +570,12 @@ MIN_M, MIN_M_SMALL_W4_QUANTIZED, MAX_M, MAX_M_CUBLAS8, MAX_K_CUBLAS8 = 33, 49, 2
 # Weights of 3040-4224 columns at 129-256 rows (one wave of TALL programs): TALL to this K,
 # WIDE with K split 2 above (s22run2, W4A16 at 160 / 256 rows, same process: 4096 x 11008,
 # 12288, 14336 1.08-1.14x TALL; 4096 x 8192 0.99 / 1.02x; 4096 x 4096 and 3072 x 4096 0.84-0.89x
-# in s22run1 and s22run3). Where TALL's programs exceed the SMs (more than 4224 columns), WIDE
-# by stream-K (s22run3: 5120 x 5120 1.27 / 1.29x TALL, 5120 x 17408 1.73 / 1.75x, 6016 x 8192
-# 1.33 / 1.35x at 160 / 256 rows; TALL's 160-188 programs are 1.2-1.4 waves; WIDE with K
-# split 2 or 4 0.99-1.38x, stream-K the best of five launches in all six cases).
+# in s22run1 and s22run3). Where TALL's programs exceed the SMs (more than 4224 columns at
+# 65-256 rows), WIDE by stream-K: s22run3 at 160 / 256 rows, 5120 x 5120 1.27 / 1.29x TALL,
+# 5120 x 17408 1.73 / 1.75x, 6016 x 8192 1.33 / 1.35x (TALL's 160-188 programs are 1.2-1.4
+# waves; stream-K the best of five launches in all six cases); s22run4 as dispatched at 96 /
+# 128 rows against TALL with K split 2, 1.09-1.52x (but unsplit TALL, 80 programs, ran 1.07-
+# 1.10x stream-K on 5120 x 5120 there; not taken into the rule from one shape).
 MAX_K_TALL = 8192
 ACTS = ("none", "int8", "fp8", "int12")
 BITS = (4, 6)
@@ -605,12 +607,12 @@ WAVE_FILL = 0.72
 
 
 # Programmatic dependent launch (session 22; s22run1-2, the dispatch with PDL against the same
-# launch without, same process, W4A16): 1.00-1.08x faster in 25 of 28 cases on the issue's
-# four shapes at 33-256 rows (4096 x 4096: 1.03-1.08x, where the permutation's share is
-# largest; 0.99x twice on 28672 x 8192), but 0.67-0.68x where SIXTY_FOUR's 96 programs (12288
-# x 4096 at 48 and 64 rows) made one wave of a tile that fits two programs an SM: launched
-# while x's permutation still held SMs, programs doubled up on some SMs while others stayed
-# idle. SMALL alike (s22run2): 128 programs 0.88-0.90x (1024 x 4096 at 96 / 128 rows, 2048 x
+# launch without, same process, W4A16): 1.002-1.08x faster in 24 of 28 cases on the issue's
+# four shapes at 33-256 rows (4096 x 4096: 1.04-1.08x, where the permutation's share is
+# largest), 0.993 / 0.999x on 28672 x 8192 at 192 / 64 rows, but 0.67-0.68x where SIXTY_FOUR's 96 programs (12288
+# x 4096 at 48 and 64 rows) made one wave of a tile that fits two programs an SM (presumably,
+# launched while x's permutation still held SMs, programs doubled up on some SMs while others
+# stayed idle; not profiled). SMALL alike (s22run2): 128 programs 0.88-0.90x (1024 x 4096 at 96 / 128 rows, 2048 x
 # 4096 at 48-128), but 64 programs 1.05-1.08x (1024 x 4096 at 48 / 64 rows) and 192-768
 # 1.02-1.05x. So a grid of more than half and at most one program an SM of the tiles that fit
 # two (64-row tiles of 64 or 128 columns) keeps plain stream order. Only where the op permutes
@@ -676,8 +678,8 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
     tall_programs = contract.cdiv(M, 128) * contract.cdiv(N, 64) * split
     if tall_programs >= WAVE_FILL * sms:
         if tall_programs > sms:
-            # More than a wave of TALL programs (5120-6016 columns): WIDE by stream-K over
-            # the SMs (s22run3).
+            # More than a wave of TALL programs (more than 4224 columns): WIDE by stream-K
+            # over the SMs (s22run3-4).
             return dict(WIDE, path="wg", SPLIT_K=1, STREAM=sms)
         if M > 128 and K > MAX_K_TALL:
             return dict(WIDE, path="wg", SPLIT_K=2)  # s22run2
