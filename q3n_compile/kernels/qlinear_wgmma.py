@@ -51,6 +51,11 @@ L2 50% / 33%, issue slots 36% / 31%: latency-bound, not bound by L2 or issue. Un
 loop by stages (one barrier a block) gained 0.3-2.3% and spilled at WIDE256, so the loop stays
 rolled.
 
+Session 22 (s22run1-4): x's permutation and the kernel are launched with programmatic
+dependent launch (:func:`with_pdl`; W4A16 1.002-1.08x faster in 24 of 28 cases), and WIDE takes
+the grids where TALL's programs exceed the SMs (by stream-K) or K exceeds :data:`MAX_K_TALL`
+at 129-256 rows (K split 2): 1.09-1.74x the TALL launches of before.
+
 Gluon has no interpreter: this kernel runs on sm_90 only; the CPU lane compiles it for sm_90
 and executes its PTX unpack in an emulator (tests/kernels/test_qlinear_wgmma.py), the GPU lane
 checks it against float64.
