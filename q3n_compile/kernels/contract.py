@@ -28,6 +28,14 @@ strides, dtypes, device, flags) and launch through :class:`TritonLaunch`, which 
 per-launch argument binding once the kernel variant is known; :func:`launch` does that for a
 launch site that builds its arguments per call, caching the :class:`TritonLaunch` by everything
 but the pointers.
+
+Programmatic dependent launch (Triton's ``launch_pdl`` option, sm_90 and later): a kernel so
+launched may start before the kernel ahead of it in the stream has finished, so it must wait
+(``griddepcontrol.wait``) before it reads anything an earlier kernel writes or writes anything
+at all; what it does before the wait may only read inputs no kernel writes (weights). It is a
+constexpr of the kernel (never under the interpreter, which runs no inline assembly) and part
+of the launch options, so the cached launch differs with it. Used by x's permutation and the wg
+tile (``qlinear_wgmma.with_pdl``).
 """
 
 from __future__ import annotations
