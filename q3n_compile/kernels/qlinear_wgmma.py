@@ -71,6 +71,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
                                                               warpgroup_mma_wait)
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
@@ -135,7 +136,7 @@ def _issue_weight_block(w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, w_ptrs, 
     """cp.async of K block k0's weight operands into stage st (masked off past k_end), not
     committed: the packed words (BITS 6: and the 2-bit plane's, each word row copied twice),
     zero points and scales. They do not depend on an earlier kernel, so the prologue issues
-    them before :func:`_gdc_wait`."""
+    them before ``gdc_wait``."""
     live = k0 < k_end
     cp.async_copy_global_to_shared(w_smem.index(st), w_ptrs + (k0 // 8) * N,
                                    mask=w_ok & ((k0 // 8 + w_rows < W_ROWS) & live)[:, None])
@@ -170,24 +171,6 @@ def _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, x_ptrs,
     _issue_weight_block(w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, w_ptrs, w2_ptrs, w_rows,
                         w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N, SYM, BITS)
     cp.commit_group()
-
-
-@gluon.jit
-def _gdc_wait():
-    """``griddepcontrol.wait``: block until the kernel this one was launched after (by
-    programmatic dependent launch) has completed and its writes are visible; immediate when it
-    was launched without PDL or the wait has already returned once."""
-    gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32,
-                              is_pure=False, pack=1)
-
-
-@gluon.jit
-def _gdc_launch_dependents():
-    """``griddepcontrol.launch_dependents``: the next kernel launched with PDL may start once
-    every program of this one has executed this (or exited). It only lets that kernel's
-    prologue begin: its reads of what this kernel writes wait in its own ``_gdc_wait``."""
-    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [],
-                              dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -233,7 +216,7 @@ def _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
                             w2_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S,
                             N, SYM, BITS)
     if PDL:
-        _gdc_wait()
+        gdc_wait()
     for p in gl.static_range(STAGES - 2):
         _issue_x_block(x_smem, p, k_start + p * 128, k_end, x_ptrs, x_ok)
         cp.commit_group()
@@ -394,7 +377,7 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2
 
     if PDL:
         # Let the next kernel (launched with PDL) start its own prologue as early as it can.
-        _gdc_launch_dependents()
+        gdc_launch_dependents()
     TILE: gl.constexpr = BLOCK_N * BLOCK_M
     if REDUCE == 3:
         tiles_n = gl.cdiv(N, BLOCK_N)
