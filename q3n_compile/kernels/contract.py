@@ -34,8 +34,11 @@ launched may start before the kernel ahead of it in the stream has finished, so 
 (``griddepcontrol.wait``) before it reads anything an earlier kernel writes or writes anything
 at all; what it does before the wait may only read inputs no kernel writes (weights). It is a
 constexpr of the kernel (never under the interpreter, which runs no inline assembly) and part
-of the launch options, so the cached launch differs with it. Used by x's permutation and the wg
-tile (``qlinear_wgmma.with_pdl``).
+of the launch options, so the cached launch differs with it (:func:`pdl_capable` says where it
+can be). Used by x's permutation, the wg tile (``qlinear_wgmma.with_pdl``), the one-plane GEMV
+(``qlinear.qlinear_gemv1p_kernel``: its first words are loaded before the wait) and the swapped
+tile (``qlinear_swap.qlinear_mmT_kernel``: it waits first, so only the launch's latency is
+hidden).
 """
 
 from __future__ import annotations
@@ -77,6 +80,22 @@ def backend_for(device: torch.device) -> Backend:
     if device.type == "cpu" and interpreter_enabled() and triton_available():
         return "interpreter"
     return "reference"
+
+
+def pdl_capable(device: torch.device) -> bool:
+    """Whether a Triton kernel on `device` can be launched with programmatic dependent launch:
+    a CUDA GPU of sm_90 or later (never the interpreter, which runs no inline assembly)."""
+    if backend_for(device) != "triton":
+        return False
+    return device_capability(device.index if device.index is not None
+                             else torch.cuda.current_device()) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def device_capability(device_index: int) -> tuple[int, int]:
+    """CUDA device `device_index`'s compute capability (cached: get_device_capability costs
+    microseconds, and every decode call, host-bound, asks)."""
+    return torch.cuda.get_device_capability(device_index)
 
 
 def register_kernel_op(

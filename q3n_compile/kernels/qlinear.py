@@ -153,6 +153,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
@@ -445,7 +446,7 @@ def qlinear_gemv1p_kernel(
     ACT_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr, EVEN: tl.constexpr, DENORM: tl.constexpr = 0,
-    SUBS: tl.constexpr = 1,
+    SUBS: tl.constexpr = 1, PDL: tl.constexpr = 0,
 ):
     """One program computes a [BLOCK_M, BLOCK_N] tile of Y (BLOCK_M rows of x, few) over one
     split of K, on CUDA cores, for weights of one bit plane (BITS 8, 4 or 2: PER = 32 / BITS
@@ -519,6 +520,12 @@ def qlinear_gemv1p_kernel(
     computed (register buffers: Triton 3.6 does not pipeline loads that feed no tl.dot, whatever
     num_stages says, so this is how more bytes are kept in flight per thread).
 
+    PDL (launched with programmatic dependent launch, sm_90; never under the interpreter): the
+    program lets the next PDL kernel start at once, loads its first PREFETCH K blocks' words
+    (and per-channel scales and zero points: weights, which no kernel writes), and only then
+    waits for the kernel before it (``griddepcontrol.wait``), before it reads x or writes
+    anything: a decode step's GEMV so streams its first words while that kernel finishes.
+
     Traffic: the packed strip [K, BLOCK_N] once per BLOCK_M rows of x, scales (and zero points)
     once per K block and column, x's [BLOCK_M, K] block once per column block (L2), Y once
     (REDUCE 1: once per split, atomically; REDUCE 2: 4 bytes per output and split written and read
@@ -529,6 +536,8 @@ def qlinear_gemv1p_kernel(
     4-bit is as much issue-bound as memory-bound there, 8-bit memory-bound. Per code BLOCK_M
     FMAs: CUDA-core compute bounds it as BLOCK_M grows.
     """
+    if PDL:
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -616,6 +625,10 @@ def qlinear_gemv1p_kernel(
         w_next2, v_next2 = _gemv1p_block_words(QW, k_start + BLOCK_K, k_end, ROW2, r4, n4, n_ok4,
                                                rows_total, rows2_total, N, PER, BLOCK_K, EVEN,
                                                TWO_PLANES)
+    if PDL:
+        # Everything above reads weights only; x (and the activation scales) and every store
+        # come after the kernel before this one has finished.
+        gdc_wait()
     for k0 in range(k_start, k_end, BLOCK_K):
         # x, the scales and the zero points are loaded before the words, and the words' load is
         # the block's last: Triton's layout propagation (RemoveLayoutConversions, sm_90 compile
@@ -871,13 +884,8 @@ def _device_capability(device: torch.device) -> Optional[tuple[int, int]]:
     """`device`'s compute capability, None off CUDA."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device_index: int) -> tuple[int, int]:
-    # Cached: get_device_capability costs microseconds, and every call with fp8 codes asks.
-    return torch.cuda.get_device_capability(device_index)
+    return contract.device_capability(device.index if device.index is not None
+                                      else torch.cuda.current_device())
 
 
 def _k_block(group_size: int, want: int, act_group_size: int = PER_TOKEN) -> int:
@@ -1529,7 +1537,8 @@ def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, 
     """Launch :func:`qlinear_gemv1p_kernel`: split-K by tickets in one launch (cfg REDUCE
     "ticket", the default) or by fp32 atomics (REDUCE "atomic": Y zeroed first, cast after).
     A forced `cfg` may leave out BLOCK_M (M rounded up to a power of two, at most 16), REDUCE,
-    PREFETCH (1) and num_stages (1)."""
+    PREFETCH (1), num_stages (1) and PDL (True: launched with programmatic dependent launch on
+    an sm_90+ GPU, see the kernel; False: plain stream order, as before session 23)."""
     M, K = a.shape
     N = qweight.shape[1]
     block_m = cfg.get("BLOCK_M", min(16, contract.next_power_of_2(M)))
@@ -1552,10 +1561,12 @@ def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, 
     if subs not in (1, 2, 4) or cfg["BLOCK_N"] % (4 * subs):
         raise ValueError(f"q3n::qlinear: gemv1p's SUBS {subs} must be 1, 2 or 4, with BLOCK_N "
                          f"({cfg['BLOCK_N']}) a multiple of 4 * SUBS")
+    pdl = bool(cfg.get("PDL", True)) and not interpreter and contract.pdl_capable(a.device)
     consts = {k: v for k, v in flags.items() if k != "ATOMIC"}
     consts.update(REDUCE=mode, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                   PREFETCH=int(cfg.get("PREFETCH", 1)), DENORM=denorm, SUBS=subs,
-                  EVEN=N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0 and M % block_m == 0)
+                  EVEN=N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0 and M % block_m == 0,
+                  PDL=pdl)
     contract.launch(
         qlinear_gemv1p_kernel, (n_tiles, split, m_tiles),
         (a, xs, qweight, scales, zeros if zeros is not None else scales,
@@ -1563,7 +1574,8 @@ def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, 
         (M, N, K, k_pad, k_per_split,
          P.plane_starts(6, K)[1] if flags["BITS"] == 6 else 0,
          a.stride(0), a.stride(1), y.stride(0), y.stride(1)),
-        consts, dict(num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1)),
+        consts, dict(num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
+                     launch_pdl=pdl),
         fast=not interpreter)
     return y.to(out_dtype) if mode == 1 and out_dtype != torch.float32 else y
 

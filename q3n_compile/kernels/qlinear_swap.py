@@ -267,7 +267,7 @@ def qlinear_mmT_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
     REDUCE: tl.constexpr, F32: tl.constexpr, XPERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr = False,
-    XCODES: tl.constexpr = 0,
+    XCODES: tl.constexpr = 0, PDL: tl.constexpr = 0,
 ):
     """One program computes Y[m-block, n-block]^T over one split of K (a multiple of 128):
     acc[BLOCK_N, BLOCK_M] += B_j @ x_j^T for the 8 sub-tiles j of each K block (see the module
@@ -298,10 +298,19 @@ def qlinear_mmT_kernel(
     the weight's groups of 128 do. No rounding of ``c * s`` to 16 bits, which the codes'
     dequantise-then-16-bit-tile route had.
 
+    PDL (launched with programmatic dependent launch; never under the interpreter): the program
+    lets the next PDL kernel start, then waits for the kernel before it (``griddepcontrol.wait``)
+    before anything else. Triton's pipeliner puts x's and the words' first loads together in the
+    prologue, so nothing is loaded ahead of the wait: what PDL hides here is the launch's own
+    latency (the programs are resident when the kernel before finishes).
+
     Traffic: the packed weight once per row block of M (one block for M <= BLOCK_M), x once per
     column block, Y once (REDUCE 2: 4 bytes per output and split to the workspace and back, in
     L2; REDUCE 1: once per split, atomically).
     """
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = (tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -571,7 +580,10 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
     three kernels), ASM (default True: the PTX unpack where :func:`asm_unpack` allows it; False
     keeps the float unpack), XPERM (x permuted per block; `x_permuted`: it already is, as
     :func:`permute_x_blocks` gives it, and `K` is the weight's), maxnreg (registers per thread,
-    on the GPU); the K block is always :data:`MMT_BLOCK_K`, whatever the group).
+    on the GPU), PDL (default True: x's permutation, if any, and this kernel launched with
+    programmatic dependent launch where :func:`contract.pdl_capable`; False: plain stream
+    order, as before session 23); the K block is always :data:`MMT_BLOCK_K`, whatever the
+    group).
 
     `xscales`: x holds activation codes (XCODES) with these fp32 scales, [M] per token or [M, G]
     per token and `act_group_size` (:data:`CODE_ACT_GROUPS`) channels; the output is
@@ -595,7 +607,8 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
     N = qweight.shape[1]
     split = cfg.get("SPLIT_K", 1)
     xperm = bool(cfg.get("XPERM", False))
-    xk = x if x_permuted or not xperm else permute_x_blocks(x)
+    pdl = bool(cfg.get("PDL", True)) and not interpreter and contract.pdl_capable(x.device)
+    xk = x if x_permuted or not xperm else permute_x_blocks(x, pdl=pdl)
     grid = (contract.cdiv(N, cfg["BLOCK_N"]), split, contract.cdiv(M, cfg["BLOCK_M"]))
     mode = 0 if split == 1 else (2 if cfg.get("REDUCE", "ticket") == "ticket" else 1)
     if mode == 2 and tickets is None:
@@ -607,7 +620,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
         cnt = tickets(x.device, grid[0] * grid[2])
     else:
         ws = cnt = y  # unused
-    options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl)
     if cfg.get("maxnreg") and not interpreter:
         options["maxnreg"] = cfg["maxnreg"]  # ptxas's .maxnreg: more programs share an SM
     contract.launch(
@@ -627,6 +640,6 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], XCODES=xcodes,
              ASM=bool(cfg.get("ASM", True))
              and asm_unpack(bits, group_size, zeros is None,
-                      torch.float16 if xcodes else x.dtype, interpreter)),
+                      torch.float16 if xcodes else x.dtype, interpreter), PDL=pdl),
         options, fast=not interpreter)
     return y.to(out_dtype) if mode == 1 and out_dtype != torch.float32 else y

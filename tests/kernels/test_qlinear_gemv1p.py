@@ -8,6 +8,7 @@ import torch
 from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear as Q
 
+from .subprocess_lane import json_without_interpreter
 from .test_qlinear import _check, _exact, _gen, _packed, bf16, f16, f32
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
@@ -354,3 +355,104 @@ def test_gemv1p_refuses_bad_subtiles():
         with pytest.raises(ValueError, match="SUBS .* must be 1, 2 or 4"):
             Q._launch(x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 32, 64, "none",
                       interpreter=True, path=dict(_path(1, 32, block_n=bn), SUBS=subs))
+
+
+def test_decode_kernels_compile_for_sm90_with_pdl_where_asked():
+    # Programmatic dependent launch (session 23): gemv1p loads its first K block's words, then
+    # waits for the kernel before it (griddepcontrol.wait) before x or any store; the swapped
+    # tile waits first. Without PDL neither instruction is there. Compiled for an H200 (no
+    # GPU needed): Triton's interpreter runs no inline assembly.
+    got = json_without_interpreter("""
+        import json, os, re, sys
+        sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"].split(os.pathsep)[0], "bench"))
+        import compile_qlinear_sm90 as C
+        from q3n_compile.kernels import qlinear as Q
+
+        def order(ptx):
+            marks = [(m.start(), m.group(0)) for m in re.finditer(
+                r"griddepcontrol\\.(wait|launch_dependents)|ld\\.global\\S*|st\\.global\\S*|"
+                r"atom\\.global\\S*|red\\.global\\S*", ptx)]
+            wait = next((i for i, (_, t) in enumerate(marks) if t == "griddepcontrol.wait"), None)
+            before = [t for _, t in marks[:wait]] if wait is not None else []
+            return dict(gdc=[t for _, t in marks if t.startswith("griddepcontrol")],
+                        loads_before=sum(t.startswith("ld.global") for t in before),
+                        stores_before=sum(not t.startswith(("ld.", "griddep")) for t in before))
+
+        out = {}
+        for pdl in (0, 1):
+            k = C.compile_variant(Q, "gemv1p", dict(
+                BITS=4, GROUP=128, SYM=False, ACT=0, ACT_GROUP=0, HAS_BIAS=False, REDUCE=2,
+                BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, PREFETCH=1, EVEN=True, DENORM=1, SUBS=1,
+                stride_xk=1, stride_yn=1, x_type="*bf16", PDL=pdl), 4, 1)
+            out[f"gemv1p{pdl}"] = order(k.asm["ptx"])
+            k = C.compile_variant(Q, "mmT", dict(
+                BITS=4, GROUP=128, SYM=False, HAS_BIAS=False, REDUCE=2, F32=False, XPERM=True,
+                BLOCK_M=32, BLOCK_N=64, stride_xk=1, stride_yn=1, ASM=True, XCODES=0, PDL=pdl),
+                4, 3)
+            out[f"mmT{pdl}"] = order(k.asm["ptx"])
+        print(json.dumps(out))
+    """)
+    for kernel in ("gemv1p", "mmT"):
+        assert got[f"{kernel}0"]["gdc"] == [], got
+        assert got[f"{kernel}1"]["gdc"] == ["griddepcontrol.launch_dependents",
+                                            "griddepcontrol.wait"], got
+        assert got[f"{kernel}1"]["stores_before"] == 0, got
+    # The GEMV's first words (16-byte loads) are in flight before the wait; the tile loads
+    # nothing before it.
+    assert got["gemv1p1"]["loads_before"] >= 1, got
+    assert got["mmT1"]["loads_before"] == 0, got
+
+
+def test_pdl_only_where_a_gpu_can_launch_it():
+    from q3n_compile.kernels import contract
+
+    assert not contract.pdl_capable(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("M,N,K,path", [(1, 4096, 4096, "gemv1p"), (1, 12288, 4096, "gemv1p"),
+                                        (16, 4096, 4096, "dispatch"),
+                                        (32, 12288, 4096, "dispatch")])
+def test_gpu_decode_pdl_chain_in_a_cuda_graph_reads_this_replays_x(M, N, K, path):
+    # Launched with PDL, the decode GEMV (and the swapped tile, with x's permutation at 17-32
+    # rows) may start before the kernel ahead of it has finished and must wait for it before
+    # reading x: three linears in a row, each reading the one before's output, replayed with a
+    # new x each time against float64 (a read of a stale x gives the previous replay's product).
+    assert torch.cuda.get_device_capability() < (9, 0) or Q.contract.pdl_capable(
+        torch.device("cuda"))
+    gen = _gen(f"decodepdl{M}{N}{K}{path}")
+    pws = [_packed(gen, N, K, 4, 128, False, device="cuda"),
+           _packed(gen, K, N, 4, 128, False, device="cuda"),
+           _packed(gen, N, K, 4, 128, False, device="cuda")]
+    x = torch.randn(M, K, generator=gen).to(bf16).cuda()
+
+    def forced(pw, a):
+        if path == "dispatch":
+            return None
+        return Q.gemv1p_config(a.shape[0], pw.qweight.shape[1], pw.in_features, 128, sms=132,
+                               bits=4, x_dtype=a.dtype)
+
+    def chain(a):
+        for pw in pws:
+            a = Q._launch(a, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128,
+                          pw.in_features, "none", interpreter=False, path=forced(pw, a)) * 0.05
+        return a
+
+    def exact(a):
+        for pw in pws:
+            w = pw.dequantize(torch.float64).cuda()
+            a = (a.double() @ w.t()).to(bf16).double() * 0.05
+        return a
+
+    chain(x)  # compiled and the tickets made before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x)
+    for _ in range(3):
+        x.copy_(torch.randn(M, K, generator=gen).to(bf16).cuda())
+        graph.replay()
+        want = exact(x)
+        err = (out.double() - want).abs().max().item()
+        assert err <= 4 * 2e-2 * want.abs().max().item(), err

@@ -1,0 +1,88 @@
+"""Decode-sized quantized linears in a chain, with and without programmatic dependent launch.
+
+A decode step is a chain of short kernels; a linear's kernel launched with PDL (session 23:
+``qlinear_gemv1p_kernel`` at 1 row, the swapped tile ``qlinear_mmT_kernel`` at 2-32 rows) may
+start while the kernel before it finishes. That shows only in a chain, so this times, as one
+CUDA graph, four linears in a row with a scaling multiply between them (as an elementwise op
+sits between a decode step's linears): N x K, K x N, N x K, K x N, W4A16 g128 with zero points,
+bf16 x, each launch as the op dispatches it, once with PDL (the default) and once with it off,
+in the same process. Every chain is first checked against float64 (the dequantised weights).
+
+    python bench/bench_decode_pdl.py --out bench/results/decode-pdl.json
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_qlinear import random_packed, result_header, timed, write_result  # noqa: E402
+from q3n_compile.kernels import qlinear as Q  # noqa: E402
+
+TOL = 2e-2
+
+
+def chain_fn(x, pws, paths):
+    def run():
+        a = x
+        for pw, path in zip(pws, paths):
+            a = Q._launch(a, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128, pw.in_features,
+                          "none", interpreter=False, path=path) * 0.05
+        return a
+    return run
+
+
+def exact(x, pws):
+    a = x.double()
+    for pw in pws:
+        a = (a @ pw.dequantize(torch.float64).t()).to(x.dtype).double() * 0.05
+    return a
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nk", nargs="+", default=["4096x4096", "12288x4096", "28672x8192"])
+    ap.add_argument("--ms", nargs="+", type=int, default=[1, 4, 16, 32])
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    result = dict(result_header("CUDA-graph replay of the chain, do_bench median, L2 flushed"),
+                  format="W4A16 g128 zero points, bf16 x; chain N x K, K x N, N x K, K x N",
+                  rows=[])
+    for nk in args.nk:
+        N, K = (int(v) for v in nk.split("x"))
+        pair = [random_packed(gen, N, K, 4, 128, False), random_packed(gen, K, N, 4, 128, False)]
+        pws = pair + pair
+        for M in args.ms:
+            x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
+            paths = [Q.choose_path(M, pw.qweight.shape[1], pw.in_features, 4, 128, "none",
+                                   x.dtype, x.device, sm_count=sms) for pw in pws]
+            row = dict(M=M, N=N, K=K, paths=[p["path"] for p in paths])
+            want = exact(x, pws)
+            for name, pdl in (("pdl", True), ("no_pdl", False)):
+                fn = chain_fn(x, pws, [dict(p, PDL=pdl) for p in paths])
+                err = ((fn().double() - want).abs().max() / want.abs().max()).item()
+                row[f"{name}_err"] = err
+                if err > 4 * TOL:
+                    row[f"{name}_error"] = f"wrong result: {err:.3g}"
+                    continue
+                _, row[f"{name}_ms"] = timed(fn, eager=False)
+            if "pdl_ms" in row and "no_pdl_ms" in row:
+                row["speedup"] = row["no_pdl_ms"] / row["pdl_ms"]
+            result["rows"].append(row)
+            print(f"{N}x{K} M={M} {'/'.join(sorted(set(row['paths'])))}: "
+                  f"PDL {row.get('pdl_ms', float('nan')):.4f}  without "
+                  f"{row.get('no_pdl_ms', float('nan')):.4f} ms  "
+                  f"({row.get('speedup', float('nan')):.3f}x; err {row['pdl_err']:.1e})",
+                  flush=True)
+    write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
