@@ -580,10 +580,11 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
     three kernels), ASM (default True: the PTX unpack where :func:`asm_unpack` allows it; False
     keeps the float unpack), XPERM (x permuted per block; `x_permuted`: it already is, as
     :func:`permute_x_blocks` gives it, and `K` is the weight's), maxnreg (registers per thread,
-    on the GPU), PDL (default True: x's permutation, if any, and this kernel launched with
-    programmatic dependent launch where :func:`contract.pdl_capable`; False: plain stream
-    order, as before session 23); the K block is always :data:`MMT_BLOCK_K`, whatever the
-    group).
+    on the GPU), PDL (True: x's permutation, if any, and this kernel launched with
+    programmatic dependent launch where :func:`contract.pdl_capable`; default False, plain
+    stream order: in chains of four dispatched linears it ran 0.988-1.010x, slower in 8 of 9
+    cases at 4-32 rows, s23run3, ``bench/bench_decode_pdl.py``); the K block is always
+    :data:`MMT_BLOCK_K`, whatever the group).
 
     `xscales`: x holds activation codes (XCODES) with these fp32 scales, [M] per token or [M, G]
     per token and `act_group_size` (:data:`CODE_ACT_GROUPS`) channels; the output is
@@ -607,7 +608,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bia
     N = qweight.shape[1]
     split = cfg.get("SPLIT_K", 1)
     xperm = bool(cfg.get("XPERM", False))
-    pdl = bool(cfg.get("PDL", True)) and not interpreter and contract.pdl_capable(x.device)
+    pdl = bool(cfg.get("PDL", False)) and not interpreter and contract.pdl_capable(x.device)
     xk = x if x_permuted or not xperm else permute_x_blocks(x, pdl=pdl)
     grid = (contract.cdiv(N, cfg["BLOCK_N"]), split, contract.cdiv(M, cfg["BLOCK_M"]))
     mode = 0 if split == 1 else (2 if cfg.get("REDUCE", "ticket") == "ticket" else 1)
