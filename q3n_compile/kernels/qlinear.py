@@ -521,10 +521,11 @@ def qlinear_gemv1p_kernel(
     num_stages says, so this is how more bytes are kept in flight per thread).
 
     PDL (launched with programmatic dependent launch, sm_90; never under the interpreter): the
-    program lets the next PDL kernel start at once, loads its first PREFETCH K blocks' words
-    (and per-channel scales and zero points: weights, which no kernel writes), and only then
-    waits for the kernel before it (``griddepcontrol.wait``), before it reads x or writes
-    anything: a decode step's GEMV so streams its first words while that kernel finishes.
+    program loads its first PREFETCH K blocks' words (and per-channel scales and zero points:
+    weights, which no kernel writes), and only then waits for the kernel before it
+    (``griddepcontrol.wait``), before it reads x or writes anything: a decode step's GEMV so
+    streams its first words while that kernel finishes. It lets the next PDL kernel start
+    once its K loop is done.
 
     Traffic: the packed strip [K, BLOCK_N] once per BLOCK_M rows of x, scales (and zero points)
     once per K block and column, x's [BLOCK_M, K] block once per column block (L2), Y once
@@ -536,8 +537,6 @@ def qlinear_gemv1p_kernel(
     4-bit is as much issue-bound as memory-bound there, 8-bit memory-bound. Per code BLOCK_M
     FMAs: CUDA-core compute bounds it as BLOCK_M grows.
     """
-    if PDL:
-        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -702,6 +701,12 @@ def qlinear_gemv1p_kernel(
             w_next2, v_next2 = _gemv1p_block_words(QW, k0 + 2 * BLOCK_K, k_end, ROW2, r4, n4,
                                                    n_ok4, rows_total, rows2_total, N, PER,
                                                    BLOCK_K, EVEN, TWO_PLANES)
+    if PDL:
+        # After the K loop, not at the start: the grid is about 3 waves (_gemv1p_split), and
+        # programs of the next kernel made resident early would hold the slots of this one's
+        # later waves while they wait (s23run4: triggered at the start, qwen3 decode at one
+        # row ran 2.3% slower a step).
+        gdc_launch_dependents()
     if PER_CHANNEL:
         acc = acc * s3
     y = tl.sum(acc, axis=1)  # [BLOCK_M, BN_SUB, SUBS]

@@ -374,8 +374,11 @@ def test_decode_kernels_compile_for_sm90_with_pdl_where_asked():
                 r"atom\\.global\\S*|red\\.global\\S*", ptx)]
             wait = next((i for i, (_, t) in enumerate(marks) if t == "griddepcontrol.wait"), None)
             before = [t for _, t in marks[:wait]] if wait is not None else []
+            gdc = [i for i, (_, t) in enumerate(marks) if t.startswith("griddepcontrol")]
+            between = [t for _, t in marks[gdc[0] + 1:gdc[-1]]] if len(gdc) == 2 else []
             return dict(gdc=[t for _, t in marks if t.startswith("griddepcontrol")],
                         loads_before=sum(t.startswith("ld.global") for t in before),
+                        loads_between=sum(t.startswith("ld.global") for t in between),
                         stores_before=sum(not t.startswith(("ld.", "griddep")) for t in before))
 
         out = {}
@@ -394,9 +397,12 @@ def test_decode_kernels_compile_for_sm90_with_pdl_where_asked():
     """)
     for kernel in ("gemv1p", "mmT"):
         assert got[f"{kernel}0"]["gdc"] == [], got
-        assert got[f"{kernel}1"]["gdc"] == ["griddepcontrol.launch_dependents",
-                                            "griddepcontrol.wait"], got
         assert got[f"{kernel}1"]["stores_before"] == 0, got
+    # The tile lets the next kernel start at once; the GEMV after its K loop (its grid is
+    # several waves: dependents made resident early would hold its later waves' slots).
+    assert got["mmT1"]["gdc"] == ["griddepcontrol.launch_dependents", "griddepcontrol.wait"]
+    assert got["gemv1p1"]["gdc"] == ["griddepcontrol.wait", "griddepcontrol.launch_dependents"]
+    assert got["gemv1p1"]["loads_between"] >= 1, got
     # The GEMV's first words (16-byte loads) are in flight before the wait; the tile loads
     # nothing before it.
     assert got["gemv1p1"]["loads_before"] >= 1, got
