@@ -1,13 +1,15 @@
 """Decode-sized quantized linears in a chain, with and without programmatic dependent launch.
 
-A decode step is a chain of short kernels; a linear's kernel launched with PDL (session 23:
-``qlinear_gemv1p_kernel`` at 1 row; ``qlinear_mmT_kernel``, the swapped tile at 2-32 rows, where
-asked) may start while the kernel before it finishes. That shows only in a chain, so this times, as one
-CUDA graph, four linears in a row with a scaling multiply between them (as an elementwise op
-sits between a decode step's linears): N x K, K x N, N x K, K x N, W4A16 g128 with zero points,
-bf16 x, each launch as the op dispatches it, once with PDL asked for and once without, in the
-same process (the dispatch itself uses it for gemv1p only: the swapped tile did not gain here,
-s23run3). Every chain is first checked against float64 (the dequantised weights).
+A decode step is a chain of short kernels; a linear's kernel launched with PDL (session 23, on
+a forced launch's ``PDL``: ``qlinear_gemv1p_kernel`` at 1 row, the swapped tile
+``qlinear_mmT_kernel`` at 2-32 rows) may start while the kernel before it finishes. That shows
+only in a chain, so this times, as one CUDA graph, four linears in a row with a scaling
+multiply between them (as an elementwise op sits between a decode step's linears): N x K,
+K x N, N x K, K x N, W4A16 g128 with zero points, bf16 x, each launch as the op dispatches it,
+once with PDL asked for and once without, in the same process. Every chain is first checked
+against float64 (the dequantised weights). Result (s23run3, s23run5; bench/RESULTS.md): the
+GEMV 1.066x at 4096 x 4096, 1.00x elsewhere, the tile 0.988-1.010x; neither gained in a decode
+step, so the dispatch leaves PDL off for both.
 
     python bench/bench_decode_pdl.py --out bench/results/decode-pdl.json
 """

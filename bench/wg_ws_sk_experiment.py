@@ -15,6 +15,11 @@ Why these two changes:
   multi-warp partition (s20run5); here such a barrier holds one warpgroup, and the two never
   wait for each other (the "empty" barrier counts one arrival from each).
 
+Result (bench/RESULTS.md, session 23; s23run1-2): correct in all 100 launches; the best launch
+ran 1.04-1.09x the dispatch on 28672 x 8192 at 160-256 rows (0.90x bf16 at best), 1.05x on 12288
+x 4096 at 256 rows, 0.99-1.02x on 4096 x 12288, and lost at 160-192 rows of 12288 x 4096 and on
+4096 x 4096 (0.81-0.92x); the same launch moved 3-8% between runs. Not dispatched.
+
 A producer warp issues each K block's copies: x's two 64-channel halves by TMA, each half's
 packed words, zero points and scales by ``cp.async`` into that half's buffers; "ready" counts
 the TMA's bytes and the warp's 32 lanes. 4-bit g128 weights with zero points or symmetric, bf16

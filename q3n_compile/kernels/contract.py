@@ -35,10 +35,11 @@ launched may start before the kernel ahead of it in the stream has finished, so 
 at all; what it does before the wait may only read inputs no kernel writes (weights). It is a
 constexpr of the kernel (never under the interpreter, which runs no inline assembly) and part
 of the launch options, so the cached launch differs with it (:func:`pdl_capable` says where it
-can be). Used by x's permutation, the wg tile (``qlinear_wgmma.with_pdl``), the one-plane GEMV
-(``qlinear.qlinear_gemv1p_kernel``: its first words are loaded before the wait) and, where a
-launch asks for it, the swapped tile (``qlinear_swap.qlinear_mmT_kernel``: it waits first, so
-only the launch's latency is hidden; not dispatched, it did not gain).
+can be). Dispatched for x's permutation and the wg tile (``qlinear_wgmma.with_pdl``). The
+one-plane GEMV (``qlinear.qlinear_gemv1p_kernel``: its first words are loaded before the wait)
+and the swapped tile (``qlinear_swap.qlinear_mmT_kernel``: it waits first, so only the launch's
+latency is hidden) take it where a launch asks for it (cfg ``PDL``); the dispatch leaves it off
+for them: neither gained in a decode step (session 23, bench/RESULTS.md).
 """
 
 from __future__ import annotations

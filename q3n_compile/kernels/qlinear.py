@@ -704,8 +704,8 @@ def qlinear_gemv1p_kernel(
     if PDL:
         # After the K loop, not at the start: the grid is about 3 waves (_gemv1p_split), and
         # programs of the next kernel made resident early would hold the slots of this one's
-        # later waves while they wait (s23run4: triggered at the start, qwen3 decode at one
-        # row ran 2.3% slower a step).
+        # later waves while they wait (s23run4: with the GEMV dispatched with PDL and
+        # triggering at its start, qwen3 decode at one row ran 2.3% slower a step).
         gdc_launch_dependents()
     if PER_CHANNEL:
         acc = acc * s3
@@ -1543,7 +1543,11 @@ def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, 
     "ticket", the default) or by fp32 atomics (REDUCE "atomic": Y zeroed first, cast after).
     A forced `cfg` may leave out BLOCK_M (M rounded up to a power of two, at most 16), REDUCE,
     PREFETCH (1), num_stages (1) and PDL (True: launched with programmatic dependent launch on
-    an sm_90+ GPU, see the kernel; False: plain stream order, as before session 23)."""
+    an sm_90+ GPU, see the kernel; default False, plain stream order: in chains of four
+    linears with a multiply between them it ran 1.066x at 4096 x 4096 and 0.998-1.001x at 12288
+    x 4096 and 28672 x 8192, and qwen3 "bench" decode at one row, every linear W4A16, took
+    0.488 against 0.485-0.487 ms a step (design config 0.587-0.591 against 0.583-0.586) in
+    s23run5, two alternating pairs: no gain a model sees)."""
     M, K = a.shape
     N = qweight.shape[1]
     block_m = cfg.get("BLOCK_M", min(16, contract.next_power_of_2(M)))
@@ -1566,7 +1570,7 @@ def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, 
     if subs not in (1, 2, 4) or cfg["BLOCK_N"] % (4 * subs):
         raise ValueError(f"q3n::qlinear: gemv1p's SUBS {subs} must be 1, 2 or 4, with BLOCK_N "
                          f"({cfg['BLOCK_N']}) a multiple of 4 * SUBS")
-    pdl = bool(cfg.get("PDL", True)) and not interpreter and contract.pdl_capable(a.device)
+    pdl = bool(cfg.get("PDL", False)) and not interpreter and contract.pdl_capable(a.device)
     consts = {k: v for k, v in flags.items() if k != "ATOMIC"}
     consts.update(REDUCE=mode, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                   PREFETCH=int(cfg.get("PREFETCH", 1)), DENORM=denorm, SUBS=subs,

@@ -421,8 +421,8 @@ def test_pdl_only_where_a_gpu_can_launch_it():
                                         (16, 4096, 4096, "dispatch"),
                                         (32, 12288, 4096, "dispatch")])
 def test_gpu_decode_pdl_chain_in_a_cuda_graph_reads_this_replays_x(M, N, K, path):
-    # Launched with PDL, the decode GEMV (and the swapped tile where asked, with x's permutation
-    # at 17-32 rows) may start before the kernel ahead of it has finished and must wait for it before
+    # Launched with PDL (asked for: the dispatch leaves it off), the decode GEMV and the swapped
+    # tile (with x's permutation at 17-32 rows) may start before the kernel ahead of it has finished and must wait for it before
     # reading x: three linears in a row, each reading the one before's output, replayed with a
     # new x each time against float64 (a read of a stale x gives the previous replay's product).
     assert torch.cuda.get_device_capability() < (9, 0) or Q.contract.pdl_capable(
@@ -438,8 +438,8 @@ def test_gpu_decode_pdl_chain_in_a_cuda_graph_reads_this_replays_x(M, N, K, path
             # The dispatched swapped tile, with PDL asked for (the dispatch leaves it off).
             return dict(Q.choose_path(a.shape[0], pw.qweight.shape[1], pw.in_features, 4, 128,
                                       "none", a.dtype, a.device), PDL=True)
-        return Q.gemv1p_config(a.shape[0], pw.qweight.shape[1], pw.in_features, 128, sms=132,
-                               bits=4, x_dtype=a.dtype)
+        return dict(Q.gemv1p_config(a.shape[0], pw.qweight.shape[1], pw.in_features, 128,
+                                    sms=132, bits=4, x_dtype=a.dtype), PDL=True)
 
     def chain(a):
         for pw in pws:
