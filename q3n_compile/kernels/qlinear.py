@@ -787,7 +787,8 @@ def _act_dst(offs, PERM128: tl.constexpr):
 def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
                      QMAX: tl.constexpr, FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACT_GROUP: tl.constexpr,
-                     DEQUANT: tl.constexpr = False, PERM128: tl.constexpr = False):
+                     DEQUANT: tl.constexpr = False, PERM128: tl.constexpr = False,
+                     PDL: tl.constexpr = False):
     """Dynamic activation quantization: one program per BLOCK_M rows of x.
 
     Math (fp32): x' = x (* smooth); s = max|x'| / QMAX over the row (ACT_GROUP = 0: per token)
@@ -804,7 +805,15 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
     Traffic: per token, reads the rows twice (the second time mostly from L1/L2); per group
     (BLOCK_K a multiple of ACT_GROUP: a tile holds whole groups), once; writes the codes once
     and 4 bytes per scale.
+
+    PDL (launched with programmatic dependent launch; never under the interpreter): the program
+    lets the next PDL kernel start at once (the GEMV that reads the codes: its programs then
+    load their first weight blocks while this one runs; its grid is one or a few programs) and
+    waits for the kernel before it before it reads x.
     """
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_ok = offs_m < M
     offs0 = tl.arange(0, BLOCK_K)
@@ -940,6 +949,11 @@ def _gemv_split(n_tiles: int, k_pad: int, block_k: int, sms: int) -> int:
 # the inner loop for these at BLOCK_M = 1 (BLOCK_M * BLOCK_K < 32 * num_warps; BLOCK_N < 32 *
 # num_warps), except the one 4-warp 128 x 128 entry, kept to measure what the conversions cost.
 GEMV1P_BITS = (2, 4, 6, 8)
+# Quantized activations at one row: the activation quantizer (one program) and the GEMV that
+# reads its codes launched with programmatic dependent launch, the quantizer letting the GEMV
+# start at once (see act_quant_kernel, qlinear_gemv1p_kernel). 16-bit x keeps plain stream
+# order there (the GEMV after Inductor's kernels gained nothing a decode step, s23run4-5).
+GEMV1P_PDL_AFTER_QUANT = True
 GEMV1P_DEFAULT = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1, PREFETCH=1,
                       SPLIT_K="auto", REDUCE="ticket")
 GEMV1P_SWEEP = [
@@ -1308,12 +1322,14 @@ def _act_scales_empty(M, K: int, act_group_size: int, device) -> torch.Tensor:
 
 def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torch.Tensor],
                                 interpreter: bool, act_group_size: int = PER_TOKEN,
-                                dequant: bool = False,
-                                perm128: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                                dequant: bool = False, perm128: bool = False,
+                                pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes [M, K], scales fp32 [M] per token or [M, ceil(K / group)]) by
     :func:`act_quant_kernel`; `dequant`: the dequantised activations ``c * s`` in x's dtype in
     place of the codes (the dequant path's input, in one pass over x); `perm128`: the codes in
-    the mmT kernel's permuted blocks, [M, K rounded up to 128] (padding 0)."""
+    the mmT kernel's permuted blocks, [M, K rounded up to 128] (padding 0); `pdl`: launched with
+    programmatic dependent launch (the kernel after it must wait with ``griddepcontrol.wait``
+    before it reads the codes; ignored where :func:`contract.pdl_capable` says no)."""
     M, K = x.shape
     codes_dtype = x.dtype if dequant else _act_codes_dtype(act, x.device, interpreter)
     if perm128:
@@ -1331,14 +1347,15 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
         block_m, block_k = 1, min(4096, contract.next_power_of_2(K))
         warps = min(16, max(4, block_k // 256))
     act_group = 0 if act_group_size == PER_TOKEN else act_group_size
+    pdl = pdl and not interpreter and contract.pdl_capable(x.device)
     contract.launch(
         act_quant_kernel, (contract.cdiv(M, block_m),),
         (x, smooth if smooth is not None else scales, codes, scales),
         (M, K, x.stride(0), x.stride(1), codes.stride(0)),
         dict(QMAX=ACT_QMAX[act], FP8=act == "fp8", HAS_SMOOTH=smooth is not None,
              BLOCK_M=block_m, BLOCK_K=max(block_k, act_group), ACT_GROUP=act_group,
-             DEQUANT=dequant, PERM128=perm128),
-        dict(num_warps=warps), fast=not interpreter)
+             DEQUANT=dequant, PERM128=perm128, PDL=pdl),
+        dict(num_warps=warps, launch_pdl=pdl), fast=not interpreter)
     return codes, scales
 
 
@@ -1450,7 +1467,13 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
                        x_permuted=True)
         wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype, interpreter)
         return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
-    codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size)
+    if cfg["path"] == "gemv1p" and cfg.get("PDL") is None:
+        # The quantizer's one program (a row) lets the GEMV start at once: the GEMV's programs
+        # load their first words while it runs (GEMV1P_PDL_AFTER_QUANT).
+        cfg = dict(cfg, PDL=GEMV1P_PDL_AFTER_QUANT and not interpreter
+                   and contract.pdl_capable(x.device))
+    codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size,
+                                            pdl=bool(cfg.get("PDL")) and cfg["path"] == "gemv1p")
     return _gemm_codes(codes, xs, x.dtype, qweight, scales, zeros, bias, bits, group_size, act,
                        cfg, interpreter, act_group_size)
 

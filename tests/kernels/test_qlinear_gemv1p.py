@@ -393,20 +393,27 @@ def test_decode_kernels_compile_for_sm90_with_pdl_where_asked():
                 BLOCK_M=32, BLOCK_N=64, stride_xk=1, stride_yn=1, ASM=True, XCODES=0, PDL=pdl),
                 4, 3)
             out[f"mmT{pdl}"] = order(k.asm["ptx"])
+            k = C.compile_variant(Q, "act_quant", dict(
+                QMAX=127.0, FP8=False, HAS_SMOOTH=True, BLOCK_M=1, BLOCK_K=4096, ACT_GROUP=0,
+                DEQUANT=False, PERM128=False, stride_xk=1, PDL=pdl), 16, 1)
+            out[f"act_quant{pdl}"] = order(k.asm["ptx"])
         print(json.dumps(out))
     """)
-    for kernel in ("gemv1p", "mmT"):
+    for kernel in ("gemv1p", "mmT", "act_quant"):
         assert got[f"{kernel}0"]["gdc"] == [], got
         assert got[f"{kernel}1"]["stores_before"] == 0, got
-    # The tile lets the next kernel start at once; the GEMV after its K loop (its grid is
+    # The tile and the activations' quantizer (one program a row) let the next kernel start at
+    # once, and read nothing before the wait; the GEMV triggers after its K loop (its grid is
     # several waves: dependents made resident early would hold its later waves' slots).
-    assert got["mmT1"]["gdc"] == ["griddepcontrol.launch_dependents", "griddepcontrol.wait"]
+    for kernel in ("mmT", "act_quant"):
+        assert got[f"{kernel}1"]["gdc"] == ["griddepcontrol.launch_dependents",
+                                             "griddepcontrol.wait"], got
+        assert got[f"{kernel}1"]["loads_before"] == 0, got
     assert got["gemv1p1"]["gdc"] == ["griddepcontrol.wait", "griddepcontrol.launch_dependents"]
     assert got["gemv1p1"]["loads_between"] >= 1, got
     # The GEMV's first words (16-byte loads) are in flight before the wait; the tile loads
     # nothing before it.
     assert got["gemv1p1"]["loads_before"] >= 1, got
-    assert got["mmT1"]["loads_before"] == 0, got
 
 
 def test_pdl_only_where_a_gpu_can_launch_it():
@@ -461,6 +468,54 @@ def test_gpu_decode_pdl_chain_in_a_cuda_graph_reads_this_replays_x(M, N, K, path
     for _ in range(3):
         x.copy_(torch.randn(M, K, generator=gen).to(bf16).cuda())
         graph.replay()
+        want = exact(x)
+        err = (out.double() - want).abs().max().item()
+        assert err <= 4 * 2e-2 * want.abs().max().item(), err
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("bits,act,N,K", [(4, "int8", 4096, 4096), (4, "fp8", 12288, 4096),
+                                          (6, "int12", 4096, 4096), (4, "int8", 4096, 12288)])
+def test_gpu_quantized_activations_at_one_row_pdl_chain_in_a_cuda_graph(bits, act, N, K):
+    # At one row the activations' quantizer and the GEMV reading its codes are launched with
+    # PDL (GEMV1P_PDL_AFTER_QUANT): the quantizer lets the GEMV start at once, and the GEMV
+    # must wait before it reads the codes. Three linears in a row replayed from a CUDA graph
+    # with a new x each time must equal the same calls made eagerly (every kernel is
+    # deterministic; a read of the previous replay's codes would differ), and float64.
+    if act == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 activations need sm_89+")
+    assert Q.GEMV1P_PDL_AFTER_QUANT
+    gen = _gen(f"quantpdl{bits}{act}{N}{K}")
+    pws = [_packed(gen, N, K, bits, 128, False, device="cuda"),
+           _packed(gen, K, N, bits, 128, False, device="cuda"),
+           _packed(gen, N, K, bits, 128, False, device="cuda")]
+    x = torch.randn(1, K, generator=gen).to(bf16).cuda()
+
+    def chain(a):
+        for pw in pws:
+            assert Q.choose_path(1, pw.qweight.shape[1], pw.in_features, bits, 128, act, a.dtype,
+                                 a.device)["path"] == "gemv1p"
+            a = torch.ops.q3n.qlinear(a, pw.qweight, pw.scales, pw.zeros, None, None, bits, 128,
+                                      pw.in_features, act, Q.PER_TOKEN) * 0.05
+        return a
+
+    def exact(a):
+        for pw in pws:
+            a = Q.reference(a.double(), pw.qweight, pw.scales, pw.zeros, None, None, bits, 128,
+                            pw.in_features, act, Q.PER_TOKEN).double().to(bf16).double() * 0.05
+        return a
+
+    chain(x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x)
+    for _ in range(3):
+        x.copy_(torch.randn(1, K, generator=gen).to(bf16).cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, chain(x))
         want = exact(x)
         err = (out.double() - want).abs().max().item()
         assert err <= 4 * 2e-2 * want.abs().max().item(), err
