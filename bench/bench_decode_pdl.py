@@ -9,7 +9,8 @@ K x N, N x K, K x N, W4A16 g128 with zero points, bf16 x, each launch as the op 
 once with PDL asked for and once without, in the same process. Every chain is first checked
 against float64 (the dequantised weights). Result (s23run3, s23run5; bench/RESULTS.md): the
 GEMV 1.066x at 4096 x 4096, 1.00x elsewhere, the tile 0.988-1.010x; neither gained in a decode
-step, so the dispatch leaves PDL off for both.
+step, so the dispatch leaves PDL off for both with 16-bit x. With quantized activations
+(``--act``) the activations' quantizer before each GEMV takes PDL as well at one row.
 
     python bench/bench_decode_pdl.py --out bench/results/decode-pdl.json
 """
@@ -30,20 +31,21 @@ from q3n_compile.kernels import qlinear as Q  # noqa: E402
 TOL = 2e-2
 
 
-def chain_fn(x, pws, paths):
+def chain_fn(x, pws, paths, bits, act):
     def run():
         a = x
         for pw, path in zip(pws, paths):
-            a = Q._launch(a, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128, pw.in_features,
-                          "none", interpreter=False, path=path) * 0.05
+            a = Q._launch(a, pw.qweight, pw.scales, pw.zeros, None, None, bits, 128,
+                          pw.in_features, act, interpreter=False, path=path) * 0.05
         return a
     return run
 
 
-def exact(x, pws):
+def exact(x, pws, bits, act):
     a = x.double()
     for pw in pws:
-        a = (a @ pw.dequantize(torch.float64).t()).to(x.dtype).double() * 0.05
+        a = Q.reference(a, pw.qweight, pw.scales, pw.zeros, None, None, bits, 128,
+                        pw.in_features, act, Q.PER_TOKEN).double().to(x.dtype).double() * 0.05
     return a
 
 
@@ -51,25 +53,31 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nk", nargs="+", default=["4096x4096", "12288x4096", "28672x8192"])
     ap.add_argument("--ms", nargs="+", type=int, default=[1, 4, 16, 32])
+    ap.add_argument("--bits", type=int, default=4, choices=(4, 6))
+    ap.add_argument("--act", default="none", choices=("none", "int8", "fp8", "int12"),
+                    help="activations: 16-bit, or quantized per token (at one row the "
+                    "quantizer and the GEMV then both take PDL)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator(device="cuda").manual_seed(0)
     result = dict(result_header("CUDA-graph replay of the chain, do_bench median, L2 flushed"),
-                  format="W4A16 g128 zero points, bf16 x; chain N x K, K x N, N x K, K x N",
+                  format=f"W{args.bits} g128 zero points, activations {args.act}, bf16 x; "
+                  "chain N x K, K x N, N x K, K x N",
                   rows=[])
     for nk in args.nk:
         N, K = (int(v) for v in nk.split("x"))
-        pair = [random_packed(gen, N, K, 4, 128, False), random_packed(gen, K, N, 4, 128, False)]
+        pair = [random_packed(gen, N, K, args.bits, 128, False),
+                random_packed(gen, K, N, args.bits, 128, False)]
         pws = pair + pair
         for M in args.ms:
             x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
-            paths = [Q.choose_path(M, pw.qweight.shape[1], pw.in_features, 4, 128, "none",
-                                   x.dtype, x.device, sm_count=sms) for pw in pws]
+            paths = [Q.choose_path(M, pw.qweight.shape[1], pw.in_features, args.bits, 128,
+                                   args.act, x.dtype, x.device, sm_count=sms) for pw in pws]
             row = dict(M=M, N=N, K=K, paths=[p["path"] for p in paths])
-            want = exact(x, pws)
+            want = exact(x, pws, args.bits, args.act)
             for name, pdl in (("pdl", True), ("no_pdl", False)):
-                fn = chain_fn(x, pws, [dict(p, PDL=pdl) for p in paths])
+                fn = chain_fn(x, pws, [dict(p, PDL=pdl) for p in paths], args.bits, args.act)
                 err = ((fn().double() - want).abs().max() / want.abs().max()).item()
                 row[f"{name}_err"] = err
                 if err > 4 * TOL:
