@@ -475,27 +475,30 @@ def test_gpu_decode_pdl_chain_in_a_cuda_graph_reads_this_replays_x(M, N, K, path
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("bits,act,N,K", [(4, "int8", 4096, 4096), (4, "fp8", 12288, 4096),
-                                          (6, "int12", 4096, 4096), (4, "int8", 4096, 12288)])
-def test_gpu_quantized_activations_at_one_row_pdl_chain_in_a_cuda_graph(bits, act, N, K):
-    # At one row the activations' quantizer and the GEMV reading its codes are launched with
-    # PDL (GEMV1P_PDL_AFTER_QUANT): the quantizer lets the GEMV start at once, and the GEMV
-    # must wait before it reads the codes. Three linears in a row replayed from a CUDA graph
+@pytest.mark.parametrize("M,bits,act,N,K", [
+    (1, 4, "int8", 4096, 4096), (1, 4, "fp8", 12288, 4096), (1, 6, "int12", 4096, 4096),
+    (1, 4, "int8", 4096, 12288), (16, 4, "int8", 4096, 4096), (16, 6, "int12", 4096, 4096),
+    (24, 4, "fp8", 12288, 4096)])
+def test_gpu_quantized_activations_pdl_chain_in_a_cuda_graph(M, bits, act, N, K):
+    # With quantized activations at 1-32 rows the activations' quantizer and the kernel after
+    # it (the GEMV reading its codes at one row, the swapped tile reading x dequantised above)
+    # are launched with PDL (GEMV1P_PDL_AFTER_QUANT, MMT_PDL_AFTER_QUANT): the quantizer lets
+    # that kernel start at once, and it must wait before it reads what the quantizer wrote. Three linears in a row replayed from a CUDA graph
     # with a new x each time must equal the same calls made eagerly (every kernel is
     # deterministic; a read of the previous replay's codes would differ), and float64.
     if act == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 activations need sm_89+")
-    assert Q.GEMV1P_PDL_AFTER_QUANT
-    gen = _gen(f"quantpdl{bits}{act}{N}{K}")
+    assert Q.GEMV1P_PDL_AFTER_QUANT and Q.MMT_PDL_AFTER_QUANT
+    gen = _gen(f"quantpdl{M}{bits}{act}{N}{K}")
     pws = [_packed(gen, N, K, bits, 128, False, device="cuda"),
            _packed(gen, K, N, bits, 128, False, device="cuda"),
            _packed(gen, N, K, bits, 128, False, device="cuda")]
-    x = torch.randn(1, K, generator=gen).to(bf16).cuda()
+    x = torch.randn(M, K, generator=gen).to(bf16).cuda()
 
     def chain(a):
         for pw in pws:
-            assert Q.choose_path(1, pw.qweight.shape[1], pw.in_features, bits, 128, act, a.dtype,
-                                 a.device)["path"] == "gemv1p"
+            assert Q.choose_path(M, pw.qweight.shape[1], pw.in_features, bits, 128, act, a.dtype,
+                                 a.device)["path"] == ("gemv1p" if M == 1 else "mmT")
             a = torch.ops.q3n.qlinear(a, pw.qweight, pw.scales, pw.zeros, None, None, bits, 128,
                                       pw.in_features, act, Q.PER_TOKEN) * 0.05
         return a
@@ -512,7 +515,7 @@ def test_gpu_quantized_activations_at_one_row_pdl_chain_in_a_cuda_graph(bits, ac
     with torch.cuda.graph(graph):
         out = chain(x)
     for _ in range(3):
-        x.copy_(torch.randn(1, K, generator=gen).to(bf16).cuda())
+        x.copy_(torch.randn(M, K, generator=gen).to(bf16).cuda())
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, chain(x))
