@@ -954,10 +954,13 @@ GEMV1P_BITS = (2, 4, 6, 8)
 # start at once (see act_quant_kernel, qlinear_gemv1p_kernel). 16-bit x keeps plain stream
 # order there (the GEMV after Inductor's kernels gained nothing a decode step, s23run4-5).
 GEMV1P_PDL_AFTER_QUANT = True
-# 2-32 rows with quantized activations: the quantizer (one program a row, writing x quantised
-# and dequantised) and the swapped tile after it (which waits at its start, so only its launch
-# is hidden) with programmatic dependent launch.
-MMT_PDL_AFTER_QUANT = True
+# 2-32 rows with quantized activations: whether the quantizer (one program a row, writing x
+# quantised and dequantised) and the swapped tile after it (which waits at its start, so only
+# its launch is hidden) take programmatic dependent launch. Off: qwen3 "bench" decode at 16 rows
+# with the design config took 0.844 ms a step with it against 0.796 without (s23run7, one pair;
+# the tile triggers the next kernel at its start, and its grid is several waves, as the GEMV's
+# was when it lost 2.3% that way). A forced launch's cfg ``PDL`` still asks for it.
+MMT_PDL_AFTER_QUANT = False
 GEMV1P_DEFAULT = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1, PREFETCH=1,
                       SPLIT_K="auto", REDUCE="ticket")
 GEMV1P_SWEEP = [
@@ -1462,7 +1465,7 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
         # Quantise and dequantise x in one pass (not codes, then three torch passes over them).
         xperm = cfg["path"] == "wg" or (cfg["path"] == "mmT" and bool(cfg.get("XPERM")))
         if cfg["path"] == "mmT" and cfg.get("PDL") is None:
-            # The quantizer lets the swapped tile start at once (MMT_PDL_AFTER_QUANT).
+            # Whether the quantizer lets the swapped tile start at once (MMT_PDL_AFTER_QUANT).
             cfg = dict(cfg, PDL=MMT_PDL_AFTER_QUANT and not interpreter
                        and contract.pdl_capable(x.device))
         a, _ = quantize_activations_triton(x, act, smooth, interpreter, act_group_size,

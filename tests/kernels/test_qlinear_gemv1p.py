@@ -480,15 +480,16 @@ def test_gpu_decode_pdl_chain_in_a_cuda_graph_reads_this_replays_x(M, N, K, path
     (1, 4, "int8", 4096, 12288), (16, 4, "int8", 4096, 4096), (16, 6, "int12", 4096, 4096),
     (24, 4, "fp8", 12288, 4096)])
 def test_gpu_quantized_activations_pdl_chain_in_a_cuda_graph(M, bits, act, N, K):
-    # With quantized activations at 1-32 rows the activations' quantizer and the kernel after
-    # it (the GEMV reading its codes at one row, the swapped tile reading x dequantised above)
-    # are launched with PDL (GEMV1P_PDL_AFTER_QUANT, MMT_PDL_AFTER_QUANT): the quantizer lets
-    # that kernel start at once, and it must wait before it reads what the quantizer wrote. Three linears in a row replayed from a CUDA graph
+    # With quantized activations the activations' quantizer and the kernel after it are
+    # launched with PDL: at one row as dispatched (GEMV1P_PDL_AFTER_QUANT, the GEMV reading the
+    # codes), at 2-32 rows where a launch asks for it (the swapped tile reading x dequantised;
+    # MMT_PDL_AFTER_QUANT leaves it off): the quantizer lets that kernel start at once, and it
+    # must wait before it reads what the quantizer wrote. Three linears in a row replayed from a CUDA graph
     # with a new x each time must equal the same calls made eagerly (every kernel is
     # deterministic; a read of the previous replay's codes would differ), and float64.
     if act == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 activations need sm_89+")
-    assert Q.GEMV1P_PDL_AFTER_QUANT and Q.MMT_PDL_AFTER_QUANT
+    assert Q.GEMV1P_PDL_AFTER_QUANT
     gen = _gen(f"quantpdl{M}{bits}{act}{N}{K}")
     pws = [_packed(gen, N, K, bits, 128, False, device="cuda"),
            _packed(gen, K, N, bits, 128, False, device="cuda"),
@@ -497,10 +498,16 @@ def test_gpu_quantized_activations_pdl_chain_in_a_cuda_graph(M, bits, act, N, K)
 
     def chain(a):
         for pw in pws:
-            assert Q.choose_path(M, pw.qweight.shape[1], pw.in_features, bits, 128, act, a.dtype,
-                                 a.device)["path"] == ("gemv1p" if M == 1 else "mmT")
-            a = torch.ops.q3n.qlinear(a, pw.qweight, pw.scales, pw.zeros, None, None, bits, 128,
-                                      pw.in_features, act, Q.PER_TOKEN) * 0.05
+            cfg = Q.choose_path(M, pw.qweight.shape[1], pw.in_features, bits, 128, act, a.dtype,
+                                a.device)
+            assert cfg["path"] == ("gemv1p" if M == 1 else "mmT")
+            if M == 1:  # as dispatched
+                a = torch.ops.q3n.qlinear(a, pw.qweight, pw.scales, pw.zeros, None, None, bits,
+                                          128, pw.in_features, act, Q.PER_TOKEN)
+            else:  # PDL asked for
+                a = Q._launch(a, pw.qweight, pw.scales, pw.zeros, None, None, bits, 128,
+                              pw.in_features, act, interpreter=False, path=dict(cfg, PDL=True))
+            a = a * 0.05
         return a
 
     def exact(a):
