@@ -35,11 +35,14 @@ launched may start before the kernel ahead of it in the stream has finished, so 
 at all; what it does before the wait may only read inputs no kernel writes (weights). It is a
 constexpr of the kernel (never under the interpreter, which runs no inline assembly) and part
 of the launch options, so the cached launch differs with it (:func:`pdl_capable` says where it
-can be). Dispatched for x's permutation and the wg tile (``qlinear_wgmma.with_pdl``). The
-one-plane GEMV (``qlinear.qlinear_gemv1p_kernel``: its first words are loaded before the wait)
-and the swapped tile (``qlinear_swap.qlinear_mmT_kernel``: it waits first, so only the launch's
-latency is hidden) take it where a launch asks for it (cfg ``PDL``); the dispatch leaves it off
-for them: neither gained in a decode step (session 23, bench/RESULTS.md).
+can be). Dispatched for x's permutation and the wg tile (``qlinear_wgmma.with_pdl``), and at
+one row with quantized activations for the activations' quantizer (``qlinear.act_quant_kernel``,
+which lets the next kernel start at once) and the one-plane GEMV reading its codes
+(``qlinear.qlinear_gemv1p_kernel``: its first words are loaded before the wait;
+``qlinear.GEMV1P_PDL_AFTER_QUANT``). The GEMV with 16-bit x and the swapped tile
+(``qlinear_swap.qlinear_mmT_kernel``: it waits first, so only the launch's latency is hidden)
+take it only where a launch asks for it (cfg ``PDL``): there it did not shorten a decode step
+(session 23, bench/RESULTS.md).
 """
 
 from __future__ import annotations
