@@ -951,8 +951,11 @@ def _gemv_split(n_tiles: int, k_pad: int, block_k: int, sms: int) -> int:
 GEMV1P_BITS = (2, 4, 6, 8)
 # Quantized activations at one row: the activation quantizer (one program) and the GEMV that
 # reads its codes launched with programmatic dependent launch, the quantizer letting the GEMV
-# start at once (see act_quant_kernel, qlinear_gemv1p_kernel). 16-bit x keeps plain stream
-# order there (the GEMV after Inductor's kernels gained nothing a decode step, s23run4-5).
+# start at once (see act_quant_kernel, qlinear_gemv1p_kernel): four linears in a chain 1.02-1.18x
+# (W4A8) and 1.01-1.14x (W6A12) faster, qwen3 "bench" decode at one row with the design config
+# 0.554 / 0.557 ms a step against 0.584 / 0.584 (s23run6, bench_decode_pdl.py, two alternating
+# pairs). 16-bit x keeps plain stream order there (the GEMV after Inductor's kernels gained
+# nothing a decode step, s23run4-5).
 GEMV1P_PDL_AFTER_QUANT = True
 # 2-32 rows with quantized activations: whether the quantizer (one program a row, writing x
 # quantised and dequantised) and the swapped tile after it (which waits at its start, so only
@@ -1582,7 +1585,8 @@ def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, 
     linears with a multiply between them it ran 1.066x at 4096 x 4096 and 0.998-1.001x at 12288
     x 4096 and 28672 x 8192, and qwen3 "bench" decode at one row, every linear W4A16, took
     0.488 against 0.485-0.487 ms a step (design config 0.587-0.591 against 0.583-0.586) in
-    s23run5, two alternating pairs: no gain a model sees)."""
+    s23run5, two alternating pairs: no gain a model sees). After the activations' quantizer the
+    op sets it (:data:`GEMV1P_PDL_AFTER_QUANT`)."""
     M, K = a.shape
     N = qweight.shape[1]
     block_m = cfg.get("BLOCK_M", min(16, contract.next_power_of_2(M)))
