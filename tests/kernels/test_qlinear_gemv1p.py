@@ -422,16 +422,37 @@ def test_pdl_only_where_a_gpu_can_launch_it():
     assert not contract.pdl_capable(torch.device("cpu"))
 
 
+def _replay_with_new_x(chain, exact, x, gen, eager_equal: bool) -> None:
+    """chain(x) captured in a CUDA graph, replayed three times after x takes new values: the
+    output against exact(x) (float64 within four bf16 tolerances; the chain's roundings
+    compound) and, with `eager_equal`, equal bit for bit to chain(x) called eagerly."""
+    chain(x)  # compiled and the tickets made before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x)
+    for _ in range(3):
+        x.copy_(torch.randn(x.shape, generator=gen).to(x.dtype).cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        if eager_equal:
+            assert torch.equal(out, chain(x))
+        want = exact(x)
+        err = (out.double() - want).abs().max().item()
+        assert err <= 4 * 2e-2 * want.abs().max().item(), err
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("M,N,K,path", [(1, 4096, 4096, "gemv1p"), (1, 12288, 4096, "gemv1p"),
                                         (16, 4096, 4096, "dispatch"),
                                         (32, 12288, 4096, "dispatch")])
 def test_gpu_decode_pdl_chain_in_a_cuda_graph_reads_this_replays_x(M, N, K, path):
-    # Launched with PDL (asked for: the dispatch leaves it off), the decode GEMV and the swapped
-    # tile (with x's permutation at 17-32 rows) may start before the kernel ahead of it has finished and must wait for it before
-    # reading x: three linears in a row, each reading the one before's output, replayed with a
-    # new x each time against float64 (a read of a stale x gives the previous replay's product).
+    # Launched with PDL (asked for: the dispatch leaves it off with 16-bit x), the decode GEMV
+    # and the swapped tile (with x's permutation at 17-32 rows) may start before the kernel
+    # ahead of them has finished and must wait for it before reading x: three linears in a row,
+    # each reading the one before's output, replayed with a new x each time against float64 (a
+    # read of a stale x gives the previous replay's product).
     assert torch.cuda.get_device_capability() < (9, 0) or Q.contract.pdl_capable(
         torch.device("cuda"))
     gen = _gen(f"decodepdl{M}{N}{K}{path}")
@@ -460,17 +481,7 @@ def test_gpu_decode_pdl_chain_in_a_cuda_graph_reads_this_replays_x(M, N, K, path
             a = (a.double() @ w.t()).to(bf16).double() * 0.05
         return a
 
-    chain(x)  # compiled and the tickets made before the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain(x)
-    for _ in range(3):
-        x.copy_(torch.randn(M, K, generator=gen).to(bf16).cuda())
-        graph.replay()
-        want = exact(x)
-        err = (out.double() - want).abs().max().item()
-        assert err <= 4 * 2e-2 * want.abs().max().item(), err
+    _replay_with_new_x(chain, exact, x, gen, eager_equal=False)
 
 
 @pytest.mark.gpu
@@ -484,9 +495,9 @@ def test_gpu_quantized_activations_pdl_chain_in_a_cuda_graph(M, bits, act, N, K)
     # launched with PDL: at one row as dispatched (GEMV1P_PDL_AFTER_QUANT, the GEMV reading the
     # codes), at 2-32 rows where a launch asks for it (the swapped tile reading x dequantised;
     # MMT_PDL_AFTER_QUANT leaves it off): the quantizer lets that kernel start at once, and it
-    # must wait before it reads what the quantizer wrote. Three linears in a row replayed from a CUDA graph
-    # with a new x each time must equal the same calls made eagerly (every kernel is
-    # deterministic; a read of the previous replay's codes would differ), and float64.
+    # must wait before it reads what the quantizer wrote. Three linears in a row replayed from
+    # a CUDA graph with a new x each time must equal the same calls made eagerly (every kernel
+    # is deterministic; a read of the previous replay's codes would differ), and float64.
     if act == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 activations need sm_89+")
     assert Q.GEMV1P_PDL_AFTER_QUANT
@@ -516,16 +527,4 @@ def test_gpu_quantized_activations_pdl_chain_in_a_cuda_graph(M, bits, act, N, K)
                             pw.in_features, act, Q.PER_TOKEN).double().to(bf16).double() * 0.05
         return a
 
-    chain(x)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain(x)
-    for _ in range(3):
-        x.copy_(torch.randn(M, K, generator=gen).to(bf16).cuda())
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, chain(x))
-        want = exact(x)
-        err = (out.double() - want).abs().max().item()
-        assert err <= 4 * 2e-2 * want.abs().max().item(), err
+    _replay_with_new_x(chain, exact, x, gen, eager_equal=True)
