@@ -43,7 +43,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
+from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma,
                                                               warpgroup_mma_wait)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,23 +146,8 @@ def _consume(Y, BIAS, x0, x1, w_smem, z_smem, s_smem, ready, empty, M, N, stride
             zb = WG._pair_bits(z_smem.index(st).load(rows_l).to(gl.float32) + MAGIC,
                                OPD)[:, None]
         sb = WG._pair_bits(s_smem.index(st).load(rows_l).to(gl.float32), OPD)[:, None]
-        for j in gl.static_range(8):
-            a = WG._scaled_pairs(w, zb, sb, j, F16)
-            if j < 4:
-                xj = x0.index(st).slice(16 * j, 16, 1)
-            else:
-                xj = x1.index(st).slice(16 * (j - 4), 16, 1)
-            acc = warpgroup_mma(a, xj.permute((1, 0)), acc, is_async=True)
-            if LOOKAHEAD == 1:
-                acc, a_1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_1))
-            elif LOOKAHEAD == 2:
-                acc, a_2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, a_2))
-                a_2 = a_1
-            else:
-                acc, a_3 = warpgroup_mma_wait(num_outstanding=3, deps=(acc, a_3))
-                a_3 = a_2
-                a_2 = a_1
-            a_1 = a
+        acc, a_1, a_2, a_3 = WG._block_mmas(w, w, zb, sb, x0.index(st), x1.index(st), acc,
+                                            a_1, a_2, a_3, 4, F16, LOOKAHEAD)
         # Every MMA of the block before this one has retired (LOOKAHEAD < 8): its stage is
         # free for the producer.
         mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=i > 0)

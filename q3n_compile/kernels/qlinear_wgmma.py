@@ -130,6 +130,39 @@ def _pair_bits(v, OPD: gl.constexpr):
 
 
 @gluon.jit
+def _block_mmas(w, w2, zb, sb, x_lo, x_hi, acc, a_1, a_2, a_3, BITS: gl.constexpr,
+                F16: gl.constexpr, LOOKAHEAD: gl.constexpr):
+    """One K block's 8 sub-tiles into acc: sub-tile j's weight operand, (q - z) * s in x's
+    dtype from the words w (6-bit: and the 2-bit plane's w2), times x's sub-tile j (16
+    channels: columns 16 (j % 4) of x_lo, j < 4, or x_hi, x's two [rows, 64] halves in shared
+    memory), each an asynchronous MMA. Only the MMA LOOKAHEAD before the one just issued is
+    waited for: its operand's registers may then be reused, and the next sub-tile is unpacked
+    while the LOOKAHEAD latest run. a_1 (the last issued), a_2, a_3: the operands of the MMAs
+    in flight, kept live until a wait has retired their MMA. Returns (acc, a_1, a_2, a_3)."""
+    for j in gl.static_range(8):
+        if BITS == 6:
+            a = _six_scaled_pairs(w, w2, zb, sb, j, F16)
+        else:
+            a = _scaled_pairs(w, zb, sb, j, F16)
+        if j < 4:
+            xj = x_lo.slice(16 * j, 16, 1)
+        else:
+            xj = x_hi.slice(16 * (j - 4), 16, 1)
+        acc = warpgroup_mma(a, xj.permute((1, 0)), acc, is_async=True)
+        if LOOKAHEAD == 1:
+            acc, a_1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_1))
+        elif LOOKAHEAD == 2:
+            acc, a_2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, a_2))
+            a_2 = a_1
+        else:
+            acc, a_3 = warpgroup_mma_wait(num_outstanding=3, deps=(acc, a_3))
+            a_3 = a_2
+            a_2 = a_1
+        a_1 = a
+    return acc, a_1, a_2, a_3
+
+
+@gluon.jit
 def _issue_weight_block(w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, w_ptrs, w2_ptrs, w_rows,
                         w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N,
                         SYM: gl.constexpr, BITS: gl.constexpr):
@@ -242,25 +275,11 @@ def _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
         else:
             zb = _pair_bits(z_smem.index(st).load(rows_l).to(gl.float32) + MAGIC, OPD)[:, None]
         sb = _pair_bits(s_smem.index(st).load(rows_l).to(gl.float32), OPD)[:, None]
-        for j in gl.static_range(8):
-            if BITS == 6:
-                a = _six_scaled_pairs(w, w2, zb, sb, j, F16)
-            else:
-                a = _scaled_pairs(w, zb, sb, j, F16)
-            xj = x_smem[j // 4].index(st).slice(16 * (j % 4), 16, 1)
-            acc = warpgroup_mma(a, xj.permute((1, 0)), acc, is_async=True)
-            # The MMA LOOKAHEAD before this one is done: its operand's registers may be
-            # reused (the next sub-tiles are unpacked while the LOOKAHEAD latest run).
-            if LOOKAHEAD == 1:
-                acc, a_1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_1))
-            elif LOOKAHEAD == 2:
-                acc, a_2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, a_2))
-                a_2 = a_1
-            else:
-                acc, a_3 = warpgroup_mma_wait(num_outstanding=3, deps=(acc, a_3))
-                a_3 = a_2
-                a_2 = a_1
-            a_1 = a
+        if BITS != 6:
+            w2 = w
+        acc, a_1, a_2, a_3 = _block_mmas(w, w2, zb, sb, x_smem[0].index(st),
+                                         x_smem[1].index(st), acc, a_1, a_2, a_3, BITS, F16,
+                                         LOOKAHEAD)
         # Refill the stage read two blocks back (every warp is past those MMAs: each has
         # waited for all but its last LOOKAHEAD (< 8) MMA groups of block i - 1 before the
         # barrier after the wait).
