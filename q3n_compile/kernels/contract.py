@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 from typing import Callable, Literal, Optional, TypeVar
 
@@ -87,12 +88,28 @@ def backend_for(device: torch.device) -> Backend:
 
 
 def pdl_capable(device: torch.device) -> bool:
-    """Whether a Triton kernel on `device` can be launched with programmatic dependent launch:
-    a CUDA GPU of sm_90 or later (never the interpreter, which runs no inline assembly)."""
-    if backend_for(device) != "triton":
+    """Whether a Triton kernel on `device` may be launched with programmatic dependent launch:
+    a CUDA GPU of sm_90 or later (never the interpreter, which runs no inline assembly), and
+    Inductor's own PDL off (:func:`inductor_pdl`)."""
+    if backend_for(device) != "triton" or inductor_pdl():
         return False
     return device_capability(device.index if device.index is not None
                              else torch.cuda.current_device()) >= (9, 0)
+
+
+def inductor_pdl() -> bool:
+    """Whether Inductor launches its kernels with PDL (``TORCHINDUCTOR_ENABLE_PDL=1``, torch's
+    experimental switch; read from its config module where Inductor has been imported: where
+    it has not, no Inductor kernel runs). q3n's PDL kernels then keep plain stream order:
+    several of them let the next kernel start before their own wait (x's permutation, the wg
+    tile, the activations' quantizer), while an Inductor kernel skips its wait where the
+    kernel just before it does not write what it reads, which is safe only if every kernel
+    lets the next start after its own wait (then the one before has finished whatever it
+    waited for). With q3n's early triggers such an Inductor kernel could read a tensor that
+    a kernel two launches back is still writing."""
+    config = sys.modules.get("torch._inductor.config")
+    triton_config = getattr(config, "triton", None)
+    return bool(getattr(triton_config, "enable_pdl", False))
 
 
 @functools.lru_cache(maxsize=None)

@@ -487,13 +487,14 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     num_warps, and SPLIT_K (K split into that many programs a tile) or STREAM (stream-K over
     that many programs, at most one per (tile, K block)); both need `tickets(device, n)` (int32
     counters, zero between calls: :func:`q3n_compile.kernels.qlinear._tickets`); PDL (default
-    True; ignored with `x_permuted`): x's permutation and this kernel launched with
-    programmatic dependent launch, so that each overlaps the start of the next (False: plain
-    stream order, as before session 22)."""
+    True; ignored with `x_permuted` and where :func:`contract.pdl_capable` says no): x's
+    permutation and this kernel launched with programmatic dependent launch, so that each
+    overlaps the start of the next (False: plain stream order, as before session 22)."""
     M = x.shape[0]
     N = qweight.shape[1]
-    # PDL only behind this op's own permutation (see with_pdl).
-    pdl = bool(cfg.get("PDL", True)) and not x_permuted
+    # PDL only behind this op's own permutation (see with_pdl), and not while Inductor launches
+    # its own kernels with PDL (contract.inductor_pdl).
+    pdl = bool(cfg.get("PDL", True)) and not x_permuted and contract.pdl_capable(x.device)
     xk = x if x_permuted else permute_x_blocks(x, pdl=pdl)
     kx = xk.shape[1]
     split = cfg.get("SPLIT_K", 1)

@@ -416,10 +416,23 @@ def test_decode_kernels_compile_for_sm90_with_pdl_where_asked():
     assert got["gemv1p1"]["loads_before"] >= 1, got
 
 
-def test_pdl_only_where_a_gpu_can_launch_it():
+def test_pdl_only_where_a_gpu_can_launch_it_and_inductor_does_not(monkeypatch):
+    from torch._inductor import config as inductor_config
+
     from q3n_compile.kernels import contract
 
     assert not contract.pdl_capable(torch.device("cpu"))
+    # An sm_90 GPU, as the launcher sees it: PDL unless Inductor launches its own kernels so
+    # (its kernels may then skip a wait that q3n's early triggers make necessary).
+    monkeypatch.setattr(contract, "backend_for", lambda device: "triton")
+    monkeypatch.setattr(contract, "device_capability", lambda index: (9, 0))
+    gpu = torch.device("cuda", 0)
+    with inductor_config.patch({"triton.enable_pdl": False}):
+        assert not contract.inductor_pdl() and contract.pdl_capable(gpu)
+    with inductor_config.patch({"triton.enable_pdl": True}):
+        assert contract.inductor_pdl() and not contract.pdl_capable(gpu)
+    monkeypatch.setattr(contract, "device_capability", lambda index: (8, 9))
+    assert not contract.pdl_capable(gpu)
 
 
 def _replay_with_new_x(chain, exact, x, gen, eager_equal: bool) -> None:
