@@ -1339,7 +1339,8 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
     place of the codes (the dequant path's input, in one pass over x); `perm128`: the codes in
     the mmT kernel's permuted blocks, [M, K rounded up to 128] (padding 0); `pdl`: launched with
     programmatic dependent launch (the kernel after it must wait with ``griddepcontrol.wait``
-    before it reads the codes; ignored where :func:`contract.pdl_capable` says no)."""
+    before it reads the codes; the caller has asked :func:`contract.pdl_capable`, as
+    :func:`_pdl_after_quant` does)."""
     M, K = x.shape
     codes_dtype = x.dtype if dequant else _act_codes_dtype(act, x.device, interpreter)
     if perm128:
@@ -1357,7 +1358,7 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
         block_m, block_k = 1, min(4096, contract.next_power_of_2(K))
         warps = min(16, max(4, block_k // 256))
     act_group = 0 if act_group_size == PER_TOKEN else act_group_size
-    pdl = pdl and not interpreter and contract.pdl_capable(x.device)
+    pdl = pdl and not interpreter
     contract.launch(
         act_quant_kernel, (contract.cdiv(M, block_m),),
         (x, smooth if smooth is not None else scales, codes, scales),
@@ -1467,13 +1468,12 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
     if cfg["path"] in ("dequant", "mmT", "wg"):
         # Quantise and dequantise x in one pass (not codes, then three torch passes over them).
         xperm = cfg["path"] == "wg" or (cfg["path"] == "mmT" and bool(cfg.get("XPERM")))
-        if cfg["path"] == "mmT" and cfg.get("PDL") is None:
-            # Whether the quantizer lets the swapped tile start at once (MMT_PDL_AFTER_QUANT).
-            cfg = dict(cfg, PDL=MMT_PDL_AFTER_QUANT and not interpreter
-                       and contract.pdl_capable(x.device))
+        pdl = cfg["path"] == "mmT" and _pdl_after_quant(cfg, MMT_PDL_AFTER_QUANT, x,
+                                                        interpreter)
+        if cfg["path"] == "mmT":
+            cfg = dict(cfg, PDL=pdl)
         a, _ = quantize_activations_triton(x, act, smooth, interpreter, act_group_size,
-                                           dequant=True, perm128=xperm,
-                                           pdl=cfg["path"] == "mmT" and bool(cfg.get("PDL")))
+                                           dequant=True, perm128=xperm, pdl=pdl)
         if cfg["path"] == "mmT":
             return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter,
                           _tickets, x_permuted=xperm, K=K)
@@ -1482,15 +1482,24 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
                        x_permuted=True)
         wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype, interpreter)
         return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
-    if cfg["path"] == "gemv1p" and cfg.get("PDL") is None:
-        # The quantizer's one program (a row) lets the GEMV start at once: the GEMV's programs
-        # load their first words while it runs (GEMV1P_PDL_AFTER_QUANT).
-        cfg = dict(cfg, PDL=GEMV1P_PDL_AFTER_QUANT and not interpreter
-                   and contract.pdl_capable(x.device))
-    codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size,
-                                            pdl=bool(cfg.get("PDL")) and cfg["path"] == "gemv1p")
+    # The quantizer's one program (a row) lets the GEMV start at once: the GEMV's programs load
+    # their first words while it runs (GEMV1P_PDL_AFTER_QUANT).
+    pdl = cfg["path"] == "gemv1p" and _pdl_after_quant(cfg, GEMV1P_PDL_AFTER_QUANT, x,
+                                                       interpreter)
+    if cfg["path"] == "gemv1p":
+        cfg = dict(cfg, PDL=pdl)
+    codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size, pdl=pdl)
     return _gemm_codes(codes, xs, x.dtype, qweight, scales, zeros, bias, bits, group_size, act,
                        cfg, interpreter, act_group_size)
+
+
+def _pdl_after_quant(cfg: dict, default: bool, x: torch.Tensor, interpreter: bool) -> bool:
+    """Whether the activations' quantizer and the kernel after it (`cfg`'s) take PDL: cfg's
+    ``PDL`` where a forced launch gives it, else `default`, and only where the device can
+    (decided once a call; the quantizer's launcher takes the answer as given)."""
+    want = cfg.get("PDL")
+    return (default if want is None else bool(want)) and not interpreter and \
+        contract.pdl_capable(x.device)
 
 
 def _gemm_codes(codes, xs, out_dtype, qweight, scales, zeros, bias, bits, group_size, act,
