@@ -403,6 +403,45 @@ def test_reference_path_without_interpreter():
 # ---------------------------------------------------------------------------------------------
 # GPU lane: compiled kernels at real sizes, every path the dispatch table picks.
 
+def _w4a16_chain(pws, path_for):
+    """(chain, exact) for W4A16 g128 linears `pws` in a row, each output times 0.05: chain(a)
+    through the op's launcher with path path_for(pw, a), exact(a) in float64 with the bf16
+    rounding of each output."""
+    def chain(a):
+        for pw in pws:
+            a = Q._launch(a, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128,
+                          pw.in_features, "none", interpreter=False, path=path_for(pw, a)) * 0.05
+        return a
+
+    def exact(a):
+        for pw in pws:
+            w = pw.dequantize(torch.float64).cuda()
+            a = (a.double() @ w.t()).to(bf16).double() * 0.05
+        return a
+
+    return chain, exact
+
+
+def _replay_with_new_x(chain, exact, x, gen, eager_equal: bool) -> None:
+    """chain(x) captured in a CUDA graph, replayed three times after x takes new values: the
+    output against exact(x) (float64 within four bf16 tolerances; the chain's roundings
+    compound) and, with `eager_equal`, equal bit for bit to chain(x) called eagerly."""
+    chain(x)  # compiled and the tickets made before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x)
+    for _ in range(3):
+        x.copy_(torch.randn(x.shape, generator=gen).to(x.dtype).cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        if eager_equal:
+            assert torch.equal(out, chain(x))
+        want = exact(x)
+        err = (out.double() - want).abs().max().item()
+        assert err <= 4 * TOL[bf16] * want.abs().max().item(), err
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 GPU_FORMATS = [(4, "none", 128, False), (6, "none", 128, False), (8, "none", -1, True),

@@ -9,7 +9,8 @@ from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear as Q
 
 from .subprocess_lane import json_without_interpreter
-from .test_qlinear import _check, _exact, _gen, _packed, bf16, f16, f32
+from .test_qlinear import (_check, _exact, _gen, _packed, _replay_with_new_x,
+                          _w4a16_chain, bf16, f16, f32)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
 
@@ -435,26 +436,6 @@ def test_pdl_only_where_a_gpu_can_launch_it_and_inductor_does_not(monkeypatch):
     assert not contract.pdl_capable(gpu)
 
 
-def _replay_with_new_x(chain, exact, x, gen, eager_equal: bool) -> None:
-    """chain(x) captured in a CUDA graph, replayed three times after x takes new values: the
-    output against exact(x) (float64 within four bf16 tolerances; the chain's roundings
-    compound) and, with `eager_equal`, equal bit for bit to chain(x) called eagerly."""
-    chain(x)  # compiled and the tickets made before the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain(x)
-    for _ in range(3):
-        x.copy_(torch.randn(x.shape, generator=gen).to(x.dtype).cuda())
-        graph.replay()
-        torch.cuda.synchronize()
-        if eager_equal:
-            assert torch.equal(out, chain(x))
-        want = exact(x)
-        err = (out.double() - want).abs().max().item()
-        assert err <= 4 * 2e-2 * want.abs().max().item(), err
-
-
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("M,N,K,path", [(1, 4096, 4096, "gemv1p"), (1, 12288, 4096, "gemv1p"),
@@ -482,19 +463,7 @@ def test_gpu_decode_pdl_chain_in_a_cuda_graph_reads_this_replays_x(M, N, K, path
         return dict(Q.gemv1p_config(a.shape[0], pw.qweight.shape[1], pw.in_features, 128,
                                     sms=132, bits=4, x_dtype=a.dtype), PDL=True)
 
-    def chain(a):
-        for pw in pws:
-            a = Q._launch(a, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128,
-                          pw.in_features, "none", interpreter=False, path=forced(pw, a)) * 0.05
-        return a
-
-    def exact(a):
-        for pw in pws:
-            w = pw.dequantize(torch.float64).cuda()
-            a = (a.double() @ w.t()).to(bf16).double() * 0.05
-        return a
-
-    _replay_with_new_x(chain, exact, x, gen, eager_equal=False)
+    _replay_with_new_x(*_w4a16_chain(pws, forced), x, gen, eager_equal=False)
 
 
 @pytest.mark.gpu

@@ -17,7 +17,7 @@ from q3n_compile.kernels import qlinear_swap as SW
 from q3n_compile.kernels import qlinear_wgmma as WG
 
 from .subprocess_lane import json_without_interpreter
-from .test_qlinear import TOL, _gen, _packed, bf16, f16
+from .test_qlinear import _gen, _packed, _replay_with_new_x, _w4a16_chain, bf16, f16
 from .test_qlinear import _check as check_against_float64
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -443,29 +443,7 @@ def test_gpu_wg_pdl_chain_in_a_cuda_graph_reads_this_replays_x(M, N, K, tile, sp
     assert cfg.get("PDL", True)
     x = torch.randn(M, K, generator=gen).to(bf16).cuda()
 
-    def chain(a):
-        for pw in pws:
-            a = Q._launch(a, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128,
-                          pw.in_features, "none", interpreter=False, path=cfg) * 0.05
-        return a
-
-    def exact(a):
-        for pw in pws:
-            w = pw.dequantize(torch.float64).cuda()
-            a = (a.double() @ w.t()).to(bf16).double() * 0.05
-        return a
-
-    chain(x)  # compiled and the tickets made before the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain(x)
-    for _ in range(3):
-        x.copy_(torch.randn(M, K, generator=gen).to(bf16).cuda())
-        graph.replay()
-        want = exact(x)
-        err = (out.double() - want).abs().max().item()
-        assert err <= 4 * TOL[bf16] * want.abs().max().item(), err
+    _replay_with_new_x(*_w4a16_chain(pws, lambda pw, a: cfg), x, gen, eager_equal=False)
 
 
 @needs_hopper
