@@ -47,13 +47,16 @@ def main():
     ap.add_argument("--nk", nargs="+", default=[f"{n}x{k}" for n, k in NKS])
     ap.add_argument("--ms", nargs="+", type=int, default=list(MS))
     ap.add_argument("--tiles", nargs="*", type=parse_tile, default=TILES,
-                    help="BLOCK_M,BLOCK_N,warps,stages,split[,lookahead[,pdl]] (split -k: "
-                         "stream-K over k programs an SM; lookahead: MMAs left in flight, "
-                         "default 1; pdl 0: without programmatic dependent launch)")
+                    help="BLOCK_M,BLOCK_N,warps,stages,split[,lookahead[,pdl[,scale_after]]] "
+                         "(split -k: stream-K over k programs an SM; lookahead: MMAs left in "
+                         "flight, default 1; pdl 0: without programmatic dependent launch; "
+                         "scale_after 1: q - z on the MMA, each K block's sum scaled in fp32)")
     ap.add_argument("--act", default="none",
                     help="activations: none (W4A16), fp8, int8 or int12 (quantised, then "
                          "dequantised and permuted for the tile, as the op does)")
     ap.add_argument("--bits", type=int, default=4, choices=(4, 6), help="weight bits")
+    ap.add_argument("--whole-rows", action="store_true",
+                    help="skip tiles of fewer rows than M (x's rows in one tile)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -95,11 +98,12 @@ def main():
                   f"{bf16_ms / q3n_ms:.2f}x){nopdl}  before {before_ms:.4f} ({before['path']}, "
                   f"{bf16_ms / before_ms:.2f}x)", flush=True)
             for bm, bn, warps, stages, split, *more in args.tiles:
-                if bm > 2 * M and bm > 32:
+                if (bm > 2 * M and bm > 32) or (args.whole_rows and bm < M):
                     continue
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, STAGES=stages,
                            SPLIT_K=max(split, 1), LOOKAHEAD=more[0] if more else 1,
-                           PDL=bool(more[1]) if len(more) > 1 else True)
+                           PDL=bool(more[1]) if len(more) > 1 else True,
+                           SCALE_AFTER=bool(more[2]) if len(more) > 2 else False)
                 if split < 0:
                     cfg["STREAM"] = -split * sms
                 ent = dict(cfg)
@@ -120,6 +124,7 @@ def main():
                 row["wg"].append(ent)
                 print(f"    wg {bm}x{bn} w{warps} s{stages} l{cfg['LOOKAHEAD']} "
                       + ("" if cfg["PDL"] else "no PDL ")
+                      + ("scale-after " if cfg["SCALE_AFTER"] else "")
                       + (f"stream{cfg['STREAM']}: " if split < 0 else f"split{split}: ")
                       + (ent.get("error") or f"{ent['graph_ms']:.4f} ms "
                          f"({ent['vs_bf16']:.2f}x bf16, {ent['vs_before']:.2f}x before, "

@@ -94,6 +94,11 @@ _SIX_BF16 = gl.constexpr(tuple(_six_pairs_asm(j, False, words=True, scaled=True)
                                for j in range(8)))
 _SIX_F16 = gl.constexpr(tuple(_six_pairs_asm(j, True, words=True, scaled=True)
                               for j in range(8)))
+# The same without the scale (SCALE_AFTER): q - z, exact.
+_CODES_BF16 = gl.constexpr(tuple(_nibble_pairs_asm(j, False) for j in range(8)))
+_CODES_F16 = gl.constexpr(tuple(_nibble_pairs_asm(j, True) for j in range(8)))
+_SIX_CODES_BF16 = gl.constexpr(tuple(_six_pairs_asm(j, False, words=True) for j in range(8)))
+_SIX_CODES_F16 = gl.constexpr(tuple(_six_pairs_asm(j, True, words=True) for j in range(8)))
 
 
 @gluon.jit
@@ -123,6 +128,29 @@ def _six_scaled_pairs(w, w2, zb, sb, j: gl.constexpr, F16: gl.constexpr):
 
 
 @gluon.jit
+def _code_pairs(w, zb, j: gl.constexpr, F16: gl.constexpr):
+    """Code j of the words w as q - z in x's 16-bit dtype (exact), two codes an instance, as
+    :func:`_scaled_pairs` without the scale."""
+    if F16:
+        return gl.inline_asm_elementwise(_CODES_F16[j], "=r,r,r,r,r", [w, zb],
+                                         dtype=gl.float16, is_pure=True, pack=2)
+    else:
+        return gl.inline_asm_elementwise(_CODES_BF16[j], "=r,r,r,r,r", [w, zb],
+                                         dtype=gl.bfloat16, is_pure=True, pack=2)
+
+
+@gluon.jit
+def _six_code_pairs(w, w2, zb, j: gl.constexpr, F16: gl.constexpr):
+    """6-bit code j as q - z (exact), as :func:`_six_scaled_pairs` without the scale."""
+    if F16:
+        return gl.inline_asm_elementwise(_SIX_CODES_F16[j], "=r,r,r,r,r,r,r", [w, w2, zb],
+                                         dtype=gl.float16, is_pure=True, pack=2)
+    else:
+        return gl.inline_asm_elementwise(_SIX_CODES_BF16[j], "=r,r,r,r,r,r,r", [w, w2, zb],
+                                         dtype=gl.bfloat16, is_pure=True, pack=2)
+
+
+@gluon.jit
 def _pair_bits(v, OPD: gl.constexpr):
     """v (fp32) as OPD in both 16-bit halves of an int32."""
     h = v.to(OPD).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
@@ -131,24 +159,33 @@ def _pair_bits(v, OPD: gl.constexpr):
 
 @gluon.jit
 def _block_mmas(w, w2, zb, sb, x_lo, x_hi, acc, a_1, a_2, a_3, BITS: gl.constexpr,
-                F16: gl.constexpr, LOOKAHEAD: gl.constexpr):
+                F16: gl.constexpr, LOOKAHEAD: gl.constexpr, SCALED: gl.constexpr = True):
     """One K block's 8 sub-tiles into acc: sub-tile j's weight operand, (q - z) * s in x's
     dtype from the words w (6-bit: and the 2-bit plane's w2), times x's sub-tile j (16
     channels: columns 16 (j % 4) of x_lo, j < 4, or x_hi, x's two [rows, 64] halves in shared
     memory), each an asynchronous MMA. Only the MMA LOOKAHEAD before the one just issued is
     waited for: its operand's registers may then be reused, and the next sub-tile is unpacked
     while the LOOKAHEAD latest run. a_1 (the last issued), a_2, a_3: the operands of the MMAs
-    in flight, kept live until a wait has retired their MMA. Returns (acc, a_1, a_2, a_3)."""
+    in flight, kept live until a wait has retired their MMA. Returns (acc, a_1, a_2, a_3).
+
+    Not SCALED: the operand is q - z (sb unused) and the block's sum starts afresh in acc (its
+    value on entry is ignored), for the caller to scale (SCALE_AFTER of :func:`_tile_sum`)."""
     for j in gl.static_range(8):
-        if BITS == 6:
-            a = _six_scaled_pairs(w, w2, zb, sb, j, F16)
+        if SCALED:
+            if BITS == 6:
+                a = _six_scaled_pairs(w, w2, zb, sb, j, F16)
+            else:
+                a = _scaled_pairs(w, zb, sb, j, F16)
         else:
-            a = _scaled_pairs(w, zb, sb, j, F16)
+            if BITS == 6:
+                a = _six_code_pairs(w, w2, zb, j, F16)
+            else:
+                a = _code_pairs(w, zb, j, F16)
         if j < 4:
             xj = x_lo.slice(16 * j, 16, 1)
         else:
             xj = x_hi.slice(16 * (j - 4), 16, 1)
-        acc = warpgroup_mma(a, xj.permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(a, xj.permute((1, 0)), acc, use_acc=SCALED or j > 0, is_async=True)
         if LOOKAHEAD == 1:
             acc, a_1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_1))
         elif LOOKAHEAD == 2:
@@ -211,7 +248,8 @@ def _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
               stride_xm, m0, n0, k_start, k_end, BITS: gl.constexpr, SYM: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               LOOKAHEAD: gl.constexpr, mma: gl.constexpr, x_bl: gl.constexpr,
-              w_bl: gl.constexpr, z_bl: gl.constexpr, s_bl: gl.constexpr, PDL: gl.constexpr):
+              w_bl: gl.constexpr, z_bl: gl.constexpr, s_bl: gl.constexpr, PDL: gl.constexpr,
+              SCALE_AFTER: gl.constexpr):
     """The fp32 sum [BLOCK_N, BLOCK_M] of the tile at weight column n0 and row m0 of x over
     channels [k_start, k_end) (multiples of 128): the pipeline of :func:`qlinear_wg_kernel`.
     Every stage is free when it is called (the caller's barrier), and every copy and MMA it
@@ -254,6 +292,7 @@ def _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
         _issue_x_block(x_smem, p, k_start + p * 128, k_end, x_ptrs, x_ok)
         cp.commit_group()
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
+    part = acc
     # The operands of the MMAs in flight (a_1 the last issued): kept live until a wait has
     # retired their MMA, so that their registers are not reused under it.
     a_1 = gl.zeros([BLOCK_N, 16], OPD, layout=a_l)
@@ -274,12 +313,22 @@ def _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
                                     layout=rows_l), OPD)[:, None]
         else:
             zb = _pair_bits(z_smem.index(st).load(rows_l).to(gl.float32) + MAGIC, OPD)[:, None]
-        sb = _pair_bits(s_smem.index(st).load(rows_l).to(gl.float32), OPD)[:, None]
         if BITS != 6:
             w2 = w
-        acc, a_1, a_2, a_3 = _block_mmas(w, w2, zb, sb, x_smem[0].index(st),
-                                         x_smem[1].index(st), acc, a_1, a_2, a_3, BITS, F16,
-                                         LOOKAHEAD)
+        if SCALE_AFTER:
+            # The block's sum of (q - z) x in its own accumulator, then scaled in fp32.
+            part, a_1, a_2, a_3 = _block_mmas(w, w2, zb, zb, x_smem[0].index(st),
+                                              x_smem[1].index(st), part, a_1, a_2, a_3, BITS,
+                                              F16, LOOKAHEAD, False)
+            s_col = s_smem.index(st).load(gl.SliceLayout(1, mma)).to(gl.float32)
+            part, a_1, a_2, a_3 = warpgroup_mma_wait(num_outstanding=0,
+                                                     deps=(part, a_1, a_2, a_3))
+            acc = acc + part * s_col[:, None]
+        else:
+            sb = _pair_bits(s_smem.index(st).load(rows_l).to(gl.float32), OPD)[:, None]
+            acc, a_1, a_2, a_3 = _block_mmas(w, w2, zb, sb, x_smem[0].index(st),
+                                             x_smem[1].index(st), acc, a_1, a_2, a_3, BITS,
+                                             F16, LOOKAHEAD)
         # Refill the stage read two blocks back (every warp is past those MMAs: each has
         # waited for all but its last LOOKAHEAD (< 8) MMA groups of block i - 1 before the
         # barrier after the wait).
@@ -320,7 +369,7 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2
                       stride_xm, stride_ym, BITS: gl.constexpr, SYM: gl.constexpr,
                       HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                       STAGES: gl.constexpr, REDUCE: gl.constexpr, LOOKAHEAD: gl.constexpr,
-                      PDL: gl.constexpr):
+                      PDL: gl.constexpr, SCALE_AFTER: gl.constexpr = False):
     """Y = x @ W^T (+ bias) for 4- or 6-bit weights (BITS; 6: the 4-bit plane from row ROW4 and
     the 2-bit plane from ROW2 of QW) in groups of 128, with zero points (Z [K_PAD / 128, N]
     uint8) or symmetric (SYM: z = 2^(BITS-1)), and x (bf16 or fp16) permuted per 128-channel
@@ -418,7 +467,7 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2
             acc = _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
                             ROW4, ROW2, stride_xm, m0, n0, kb0 * 128, kb1 * 128, BITS, SYM,
                             BLOCK_M, BLOCK_N, STAGES, LOOKAHEAD, mma, x_bl, w_bl, z_bl,
-                            s_bl, PDL)
+                            s_bl, PDL, SCALE_AFTER)
             if kb1 - kb0 == kb:
                 _store_tile(Y, BIAS, acc, M, N, stride_ym, m0, n0, HAS_BIAS, BLOCK_M, BLOCK_N,
                             mma)
@@ -454,7 +503,7 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2
         acc = _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD, ROW4,
                         ROW2, stride_xm, m0, n0, k_start, gl.minimum(k_start + K_PER_SPLIT, KX),
                         BITS, SYM, BLOCK_M, BLOCK_N, STAGES, LOOKAHEAD, mma, x_bl, w_bl,
-                        z_bl, s_bl, PDL)
+                        z_bl, s_bl, PDL, SCALE_AFTER)
         if REDUCE == 2:
             # WS holds [split, tile, BLOCK_N, BLOCK_M] partials.
             t_offs = _tile_offsets(BLOCK_M, BLOCK_N, mma)
@@ -525,7 +574,8 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         (M, N, P.padded_k(K), kx, *P.plane_starts(bits, K)[:2], kps, xk.stride(0), y.stride(0)),
         dict(BITS=bits, SYM=zeros is None, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
              BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], REDUCE=reduce,
-             LOOKAHEAD=cfg.get("LOOKAHEAD", 1), PDL=pdl),
+             LOOKAHEAD=cfg.get("LOOKAHEAD", 1), PDL=pdl,
+             SCALE_AFTER=cfg.get("SCALE_AFTER", False)),
         dict(num_warps=cfg["num_warps"], launch_pdl=pdl), fast=True)
     return y
 

@@ -41,7 +41,8 @@ def _compile_sm90(cfg: dict, x_type: str, reduce: int, bias: bool, sym: bool, bi
     kernel = WG.qlinear_wg_kernel
     names = kernel.arg_names
     ce = dict(BITS=bits, SYM=sym, HAS_BIAS=bias, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-              STAGES=cfg["STAGES"], REDUCE=reduce, LOOKAHEAD=cfg.get("LOOKAHEAD", 1), PDL=True)
+              STAGES=cfg["STAGES"], REDUCE=reduce, LOOKAHEAD=cfg.get("LOOKAHEAD", 1), PDL=True,
+              SCALE_AFTER=cfg.get("SCALE_AFTER", False))
     types = dict(_TYPES, X=x_type, Y=x_type, BIAS=x_type)
     sig = {n: "constexpr" if n in ce else types.get(n, "i32") for n in names}
     src = GluonASTSource(fn=kernel, signature=sig,
