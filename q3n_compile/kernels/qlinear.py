@@ -1161,7 +1161,8 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     On an sm_90 GPU (`capability`, else the device's), 4- and 6-bit g128 weights take the Gluon
     tile ("wg", :func:`qlinear_wgmma.choose`) from 33 to 256 rows (quantized activations
     dequantised first; with 4-bit weights from 49 rows where the tile is the 64 x 64 one), to
-    128 where cublas8 computes the call, ahead of mm8 and cublas8;
+    128 where cublas8 computes the call, ahead of mm8 and cublas8, and at 1-32 rows of large
+    weights with bf16 x (:func:`qlinear_wgmma.choose_decode`);
     `allow_wg` False keeps the paths of before (``q3n::qlinear_codes`` where mmT reads the codes
     themselves).
     """
@@ -1189,7 +1190,9 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
                and C8.eligible(N, K, bits, group_size, act, dtype, fp8, act_group_size) is None)
     if allow_wg and WG is not None and WG.supported(
             bits, group_size, act, dtype, N, capability or _device_capability(device)):
-        wg = WG.choose(M, N, sms, cublas8, bits, K, quantized=act != "none")
+        wg = (WG.choose_decode(M, N, K, sms, bits, bf16=dtype == torch.bfloat16)
+              if M < WG.MIN_M else WG.choose(M, N, sms, cublas8, bits, K,
+                                             quantized=act != "none"))
         if wg is not None:
             wg = dict(wg, SPLIT_K=_keep_two_blocks(wg["SPLIT_K"], k_pad, SW.MMT_BLOCK_K))
             return WG.with_pdl(wg, M, N, sms)

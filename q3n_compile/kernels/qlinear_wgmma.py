@@ -635,6 +635,24 @@ MIN_M, MIN_M_SMALL_W4_QUANTIZED, MAX_M, MAX_M_CUBLAS8, MAX_K_CUBLAS8 = 33, 49, 2
 # 128 rows against TALL with K split 2, 1.09-1.52x (but unsplit TALL, 80 programs, ran 1.07-
 # 1.10x stream-K on 5120 x 5120 there; not taken into the rule from one shape).
 MAX_K_TALL = 8192
+# Decode (1-32 rows): the tile with x's rows on the MMA's N side (8, 16 or 32) and SCALE_AFTER
+# (q - z on the MMA, each K block's sum scaled in fp32: sm_90 SASS of the 16 x 256 tile 2.72
+# instructions a code against 3.16 with the scale in the unpack; mmT's 16-row tile 4.81, the
+# one-row GEMV 4.06), by stream-K over two programs an SM. s24run1-2 (W4A16 g128, bf16 x,
+# against the dispatch of before, same process, CUDA-graph ms): 28672 x 8192 0.0508 against
+# the GEMV's 0.0563 at one row (1.11x), 1.46x mmT at 4-8 rows, 1.42x at 16, 1.17-1.25x at 32;
+# 24576 x 4096 1.09x at one row, 1.35x at 4, 1.22x at 16, 1.12x at 32; 12288 x 4096, 14336 x
+# 4096 and 8192 x 8192 1.08-1.14x at 4 rows and 1.05-1.08x at 16 (but 0.86-0.90x at one row
+# and 0.88-0.99x at 32); weights of 4096-6144 columns or 16.8-25M weights 0.77-1.03x (the
+# permutation's launch and the stream-K fix-ups weigh more than the unpack saves there). W4A8
+# int8 and W6A12 (6-bit: 128-column tiles, 256 spill) alike on 12288 x 4096 and 28672 x 8192
+# (1.06-1.41x but W4A8 at one row on 12288 x 4096, 0.84x); W6A12 lost on 4096^2.
+DECODE_TILES = {8: dict(BLOCK_M=8, BLOCK_N=256, num_warps=4, STAGES=4, LOOKAHEAD=1),
+                16: dict(BLOCK_M=16, BLOCK_N=256, num_warps=4, STAGES=4, LOOKAHEAD=1),
+                32: dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, STAGES=4, LOOKAHEAD=1)}
+# At least this many columns and weights from 2 rows; at one row, and at 17-32 rows, at least
+# DECODE_BIG_WEIGHTS (where 16 x 128 also beat 16 x 256 at 9-16 rows below it).
+DECODE_MIN_N, DECODE_MIN_WEIGHTS, DECODE_BIG_WEIGHTS = 8192, 48 << 20, 96 << 20
 ACTS = ("none", "int8", "fp8", "int12")
 BITS = (4, 6)
 # WIDE's tiles (one program an SM) that make "most of a wave": 96 tiles of 132 SMs (12288
@@ -695,6 +713,27 @@ def supported(bits: int, group_size: int, act: str, dtype: torch.dtype, N: int,
     other GPUs take the other paths)."""
     return (bits in BITS and group_size == 128 and act in ACTS and N % 16 == 0
             and dtype in (torch.bfloat16, torch.float16) and capability == (9, 0))
+
+
+def choose_decode(M: int, N: int, K: int, sms: int, bits: int = 4,
+                  bf16: bool = True) -> Optional[dict]:
+    """The decode launch (:data:`DECODE_TILES`, SCALE_AFTER, stream-K over two programs an SM)
+    for 1-32 rows of an N x K weight where it beat the GEMV and mmT (s24run1-2), else None:
+    bf16 x (fp16 not measured), N >= :data:`DECODE_MIN_N`; 2-16 rows from
+    :data:`DECODE_MIN_WEIGHTS` weights, one row and 17-32 rows from :data:`DECODE_BIG_WEIGHTS`
+    (6-bit weights: 128-column tiles, and not above 16 rows, where they were not measured)."""
+    weights = N * K
+    if not (bf16 and 1 <= M <= 32 and N >= DECODE_MIN_N and weights >= DECODE_MIN_WEIGHTS):
+        return None
+    if (M == 1 or M > 16) and weights < DECODE_BIG_WEIGHTS:
+        return None
+    if bits == 6 and M > 16:
+        return None
+    rows = 8 if M <= 8 else 16 if M <= 16 else 32
+    tile = dict(DECODE_TILES[rows])
+    if bits == 6 or (rows == 16 and weights < DECODE_BIG_WEIGHTS):
+        tile["BLOCK_N"] = 128
+    return dict(tile, path="wg", SPLIT_K=1, STREAM=2 * sms, SCALE_AFTER=True)
 
 
 def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,

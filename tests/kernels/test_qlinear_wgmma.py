@@ -66,6 +66,8 @@ def _compile_sm90(cfg: dict, x_type: str, reduce: int, bias: bool, sym: bool, bi
                 stack=int(re.search(r"STACK:(\d+)", usage).group(1)),
                 shared=compiled.metadata.shared,
                 mmas=sum("HGMMA" in i for i in loop),
+                hmul2=sum(i.startswith("HMUL2") for i in loop),
+                ffma=sum(i.startswith("FFMA") for i in loop),
                 waits=[i for i in loop if "WARPGROUP.DEPBAR" in i],
                 barriers=sum("BAR.SYNC" in i for i in loop))
 
@@ -112,6 +114,47 @@ def test_dispatched_tiles_compile_for_sm90_without_spills(sm90_builds):
         # Launched with PDL: it waits for the kernel before it and lets the next one start.
         assert got["pdl"] and got["gdc"] == ["griddepcontrol.wait",
                                              "griddepcontrol.launch_dependents"], where
+
+
+def _decode_cases():
+    """(tile, variant) for the decode tiles as dispatched (SCALE_AFTER, stream-K; 6-bit weights
+    on 128 columns, to 16 rows), bf16 x (the rule's) and fp16 (forced launches)."""
+    cases = []
+    for rows, tile in WG.DECODE_TILES.items():
+        for cols in (128, 256) if rows < 32 else (128,):
+            for x_type, sym, bits in (("*bf16", False, 4), ("*fp16", True, 4),
+                                      ("*bf16", False, 6), ("*bf16", True, 6)):
+                if bits == 6 and (cols == 256 or rows == 32):
+                    continue
+                cases.append((dict(tile, BLOCK_N=cols, SCALE_AFTER=True),
+                              (x_type, 3, bits == 4, sym, bits)))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def sm90_decode_builds():
+    return json_without_interpreter("""
+        import json
+        from tests.kernels import test_qlinear_wgmma as T
+        print(json.dumps([T._compile_sm90(tile, *v) for tile, v in T._decode_cases()]))
+    """)
+
+
+def test_decode_tiles_compile_for_sm90_without_spills(sm90_decode_builds):
+    cases = _decode_cases()
+    assert len(sm90_decode_builds) == len(cases) == 14
+    for (tile, variant), got in zip(cases, sm90_decode_builds):
+        where = f"{tile} {variant}: {got}"
+        assert got["stack"] == 0 and got["shared"] <= 227 * 1024, where
+        # SCALE_AFTER: the operand is q - z (no 16-bit multiply in the loop); each K block's
+        # sum is scaled into the total in fp32, one FFMA an accumulator register
+        # (BLOCK_N x BLOCK_M over 128 threads); the block's MMAs are all retired first (a ninth
+        # wait, "all done").
+        assert got["hmul2"] == 0, where
+        assert got["ffma"] == tile["BLOCK_N"] * tile["BLOCK_M"] // 128, where
+        assert got["mmas"] == 8 * tile["BLOCK_N"] // 64, where
+        assert len(got["waits"]) == 9 and got["waits"][-1].rstrip(" ;").endswith("0x0"), where
+        assert got["barriers"] == 2, where
 
 
 def _loop_body(sass: str) -> list:
@@ -192,6 +235,33 @@ def test_pairs_ptx_is_q_minus_z_times_s(dtype):
                 q = (word >> (4 * j)) & 0xF
                 want = torch.tensor((q - z) * float(torch.tensor(s).to(dtype))).to(dtype)
                 assert got[half].item() == want.float().item(), (j, half, q, z, s)
+
+
+@pytest.mark.parametrize("dtype", [bf16, f16])
+def test_code_pairs_ptx_is_q_minus_z(dtype):
+    # SCALE_AFTER's unpack: the same two codes as q - z, exact (4-bit: $1, $2 the words, $3 the
+    # pair M + z; 6-bit: the 2-bit plane's word as $3 = $4 and M + z as $5).
+    g = _gen(f"wgcodes{dtype}")
+    magic = 1024.0 if dtype == f16 else 128.0
+    four = WG._CODES_F16 if dtype == f16 else WG._CODES_BF16
+    six = WG._SIX_CODES_F16 if dtype == f16 else WG._SIX_CODES_BF16
+    for _ in range(40):
+        w1, w2, v = (int(t) for t in torch.randint(0, 2 ** 32, (3,), generator=g,
+                                                   dtype=torch.int64))
+        z4, z6 = (int(torch.randint(0, hi, (1,), generator=g)) for hi in (16, 64))
+        for j in range(8):
+            out4 = _run_pairs_ptx(four.value[j], {"$1": w1, "$2": w2,
+                                                  "$3": _pair_of(magic + z4, dtype)}, dtype)
+            out6 = _run_pairs_ptx(six.value[j], {"$1": w1, "$2": w2, "$3": v, "$4": v,
+                                                 "$5": _pair_of(magic + z6, dtype)}, dtype)
+            for out, six_bits in ((out4, False), (out6, True)):
+                got = torch.tensor([out & 0xFFFF, out >> 16], dtype=torch.int32)
+                got = got.to(torch.int16).view(dtype).float()
+                for half, word in enumerate((w1, w2)):
+                    q = (word >> (4 * j)) & 0xF
+                    if six_bits:
+                        q += 16 * ((v >> (16 * half + 2 * j)) & 3)
+                    assert got[half].item() == q - (z6 if six_bits else z4), (j, half, q)
 
 
 @pytest.mark.parametrize("dtype", [bf16, f16])
@@ -341,6 +411,50 @@ def test_dispatch_rule_on_sm90():
     assert Q.choose_path(128, 4096, 4096, 4, 128, "none", bf16, cuda, sm_count=132)["path"] == "mmT"
 
 
+def test_decode_rule_on_sm90():
+    # 1-32 rows: the tile with SCALE_AFTER by stream-K over two programs an SM where the
+    # weight is large (s24run1-2); the GEMV (one row) and mmT (2-32 rows) elsewhere.
+    cuda = torch.device("cuda")
+
+    def path(M, N, K, dtype=bf16, act="none", bits=4):
+        cfg = Q.choose_path(M, N, K, bits, 128, act, dtype, cuda, sm_count=132,
+                            capability=(9, 0))
+        return dict(cfg, PDL=None) if cfg["path"] == "wg" else cfg
+
+    def tile(rows, cols):
+        return dict(WG.DECODE_TILES[rows], BLOCK_N=cols, path="wg", SPLIT_K=1, STREAM=264,
+                    SCALE_AFTER=True, PDL=None)
+
+    for act in ("none", "int8", "fp8"):
+        # 235M weights: every row count.
+        assert path(1, 28672, 8192, act=act) == tile(8, 256)
+        assert path(8, 28672, 8192, act=act) == tile(8, 256)
+        assert path(9, 28672, 8192, act=act) == tile(16, 256)
+        assert path(16, 28672, 8192, act=act) == tile(16, 256)
+        assert path(17, 28672, 8192, act=act) == tile(32, 128)
+        assert path(32, 28672, 8192, act=act) == tile(32, 128)
+        assert path(33, 28672, 8192, act=act)["BLOCK_M"] == 64  # the rule of before
+        # 50M weights: 2-16 rows only; 16 rows on 128 columns.
+        assert path(1, 12288, 4096, act=act)["path"] == "gemv1p"
+        assert path(2, 12288, 4096, act=act) == tile(8, 256)
+        assert path(16, 12288, 4096, act=act) == tile(16, 128)
+        assert path(17, 12288, 4096, act=act)["path"] == "mmT"
+    # Fewer columns or weights: as before.
+    for M, N, K in ((4, 4096, 14336), (16, 4096, 12288), (4, 6144, 4096), (16, 8192, 4096),
+                    (4, 4096, 4096)):
+        assert path(M, N, K)["path"] == "mmT", (M, N, K)
+    assert path(1, 14336, 4096)["path"] == "gemv1p"
+    # 6-bit weights: 128 columns (256 spill), to 16 rows.
+    assert path(1, 28672, 8192, act="int12", bits=6) == tile(8, 128)
+    assert path(4, 12288, 4096, act="int12", bits=6) == tile(8, 128)
+    assert path(16, 28672, 8192, act="int12", bits=6) == tile(16, 128)
+    assert path(17, 28672, 8192, act="int12", bits=6)["path"] == "mmT"
+    # fp16 x was not measured: the paths of before.
+    assert path(4, 28672, 8192, dtype=f16)["path"] == "mmT"
+    assert path(1, 28672, 8192, dtype=f16)["path"] == "gemv1p"
+    assert WG.choose_decode(16, 28672, 8192, 132, bf16=False) is None
+
+
 def test_forced_wg_path_refuses_the_interpreter():
     gen = _gen("wginterp")
     pw = _packed(gen, 64, 128, 4, 128, False)
@@ -425,6 +539,46 @@ def _check_wg(bits, dtype, M, N, K, split, bias, tile, sym, stream=0):
     check_against_float64(x, pw, b, path=cfg)
     check_against_float64(x, pw, b, path=cfg)  # again: every ticket was reset
     assert int(Q._tickets(x.device, 1).abs().sum()) == 0
+
+
+_DECODE_SHAPES = [(1, 256, 512, True), (3, 1008, 1280, False), (8, 4096, 1024, True),
+                  (13, 528, 896, False), (16, 2048, 4096, True), (29, 144, 384, False)]
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,dtype,sym", [(4, bf16, False), (4, f16, True), (6, bf16, True),
+                                            (6, f16, False)])
+@pytest.mark.parametrize("M,N,K,bias", _DECODE_SHAPES)
+@pytest.mark.parametrize("stream", [0, 5, 264])
+@pytest.mark.parametrize("cols", [128, 256])
+def test_gpu_wg_decode_scale_after_against_float64(bits, dtype, sym, M, N, K, bias, stream,
+                                                   cols):
+    # The decode tiles (x's rows 8, 16 or 32 on the MMA's N side) with SCALE_AFTER: each K
+    # block's sum of (q - z) x scaled in fp32; stream-K with pieces inside tiles and more
+    # programs than units (264), and (stream 0) K split 2 by tickets.
+    if bits == 6 and (cols == 256 or M > 16):
+        pytest.skip("6-bit weights take 128-column decode tiles to 16 rows (256 spill)")
+    tile = dict(WG.DECODE_TILES[8 if M <= 8 else 16 if M <= 16 else 32], BLOCK_N=cols,
+                SCALE_AFTER=True)
+    _check_wg(bits, dtype, M, N, K, 1 if stream else 2, bias, tile, sym, stream=stream)
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K,act,bits", [(1, 24576, 4096, "none", 4), (4, 12288, 4096, "fp8", 4),
+                                            (16, 12288, 4096, "int12", 6),
+                                            (24, 24576, 4096, "int8", 4)])
+def test_gpu_dispatched_decode_tile_against_float64(M, N, K, act, bits):
+    # As dispatched (the op's own call: x permuted, or quantised, dequantised and permuted, by
+    # one kernel first).
+    cfg = Q.choose_path(M, N, K, bits, 128, act, bf16, torch.device("cuda"))
+    assert cfg["path"] == "wg" and cfg["SCALE_AFTER"] and cfg["BLOCK_M"] == (
+        8 if M <= 8 else 16 if M <= 16 else 32), cfg
+    gen = _gen(f"wgdecode{M}{N}{K}{act}{bits}")
+    pw = _packed(gen, N, K, bits, 128, False, device="cuda")
+    x = torch.randn(M, K, generator=gen).to(bf16).cuda()
+    check_against_float64(x, pw, None, act=act)
 
 
 @needs_hopper
