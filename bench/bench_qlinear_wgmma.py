@@ -50,7 +50,8 @@ def main():
                     help="BLOCK_M,BLOCK_N,warps,stages,split[,lookahead[,pdl[,scale_after]]] "
                          "(split -k: stream-K over k programs an SM; lookahead: MMAs left in "
                          "flight, default 1; pdl 0: without programmatic dependent launch; "
-                         "scale_after 1: q - z on the MMA, each K block's sum scaled in fp32)")
+                         "scale_after 1: q - z on the MMA, each K block's sum scaled in fp32; "
+                         "2: and M + q on the MMA, (M + z) times x's block sums taken off)")
     ap.add_argument("--act", default="none",
                     help="activations: none (W4A16), fp8, int8 or int12 (quantised, then "
                          "dequantised and permuted for the tile, as the op does)")
@@ -103,7 +104,8 @@ def main():
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, STAGES=stages,
                            SPLIT_K=max(split, 1), LOOKAHEAD=more[0] if more else 1,
                            PDL=bool(more[1]) if len(more) > 1 else True,
-                           SCALE_AFTER=bool(more[2]) if len(more) > 2 else False)
+                           SCALE_AFTER=bool(more[2]) if len(more) > 2 else False,
+                           XSUM=len(more) > 2 and more[2] == 2)
                 if split < 0:
                     cfg["STREAM"] = -split * sms
                 ent = dict(cfg)
@@ -125,6 +127,7 @@ def main():
                 print(f"    wg {bm}x{bn} w{warps} s{stages} l{cfg['LOOKAHEAD']} "
                       + ("" if cfg["PDL"] else "no PDL ")
                       + ("scale-after " if cfg["SCALE_AFTER"] else "")
+                      + ("xsum " if cfg["XSUM"] else "")
                       + (f"stream{cfg['STREAM']}: " if split < 0 else f"split{split}: ")
                       + (ent.get("error") or f"{ent['graph_ms']:.4f} ms "
                          f"({ent['vs_bf16']:.2f}x bf16, {ent['vs_before']:.2f}x before, "

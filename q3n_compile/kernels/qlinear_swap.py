@@ -140,27 +140,28 @@ def _field6(lo4, hi4, h2, j: tl.constexpr, p2: tl.constexpr, z):
     return tl.fma(f2.to(tl.float32, bitcast=True), 16.0 / (1 << p2), d4)
 
 
-def _nibble_pairs_asm(j: int, f16: bool, scaled: bool = False) -> str:
+def _nibble_pairs_asm(j: int, f16: bool, scaled: bool = False, biased: bool = False) -> str:
     """The PTX of :func:`_nibble_pairs` for code j: $1, $2 the two words, $3 M + z; `scaled`
     (kernels/qlinear_wgmma.py): the pair then multiplied by $5 (s in both halves), rounded
-    once."""
+    once; `biased` (kernels/qlinear_wgmma.py): M + q, nothing taken off (no $3)."""
     byte = j // 2
     sel = byte | (byte << 4) | ((4 + byte) << 8) | ((4 + byte) << 12)
     magic = 0x64006400 if f16 else 0x43004300
     shift = "shr.b32 t, t, 4; " if j % 2 else ""
     kind = "f16x2" if f16 else "bf16x2"
     tail = (f"sub.rn.{kind} t, t, $3; mul.rn.{kind} $0, t, $5;" if scaled
-            else f"sub.rn.{kind} $0, t, $3;")
+            else "mov.b32 $0, t;" if biased else f"sub.rn.{kind} $0, t, $3;")
     return (f"{{ .reg .b32 t; prmt.b32 t, $1, $2, {sel}; {shift}"
             f"lop3.b32 t, t, {0x000F000F}, {magic}, {0xEA}; {tail} }}")
 
 
-def _six_pairs_asm(j: int, f16: bool, words: bool = False, scaled: bool = False) -> str:
+def _six_pairs_asm(j: int, f16: bool, words: bool = False, scaled: bool = False,
+                   biased: bool = False) -> str:
     """The PTX of :func:`_six_pairs` for code j: $1, $2 the 4-bit plane's words, $3, $4 the
     2-bit plane's 16-bit parts (fields at bit 2j), $5 M + z. `words` (kernels/qlinear_wgmma.py):
     $3 and $4 are both the whole 2-bit word holding the pair's two rows (the first's fields at
     bit 2j, the second's at bit 16 + 2j). `scaled`: the pair then multiplied by $7 (s in both
-    halves), rounded once."""
+    halves), rounded once; `biased`: M + q, nothing taken off (no $5)."""
     byte4, byte2, p2 = j // 2, j // 4, (2 * j) % 8
     hi2 = (6 if words else 4) + byte2
     sel4 = byte4 | (byte4 << 4) | ((4 + byte4) << 8) | ((4 + byte4) << 12)
@@ -173,7 +174,7 @@ def _six_pairs_asm(j: int, f16: bool, words: bool = False, scaled: bool = False)
               if p2 > 4 else "")
     kind = "f16x2" if f16 else "bf16x2"
     tail = (f"sub.rn.{kind} t, t, $5; mul.rn.{kind} $0, t, $7;" if scaled
-            else f"sub.rn.{kind} $0, t, $5;")
+            else "mov.b32 $0, t;" if biased else f"sub.rn.{kind} $0, t, $5;")
     return (f"{{ .reg .b32 t, u; prmt.b32 t, $1, $2, {sel4}; {shift4}"
             f"lop3.b32 t, t, {0x000F000F}, {magic}, {0xEA}; "
             f"prmt.b32 u, $3, $4, {sel2}; {shift2}"
@@ -468,8 +469,8 @@ def qlinear_mmT_kernel(
 
 
 @triton.jit
-def permute_x_kernel(X, Y, M, K, KP, stride_xm, stride_xk, BLOCK_M: tl.constexpr,
-                     BLOCKS: tl.constexpr, PDL: tl.constexpr):
+def permute_x_kernel(X, Y, XS, M, K, KP, stride_xm, stride_xk, BLOCK_M: tl.constexpr,
+                     BLOCKS: tl.constexpr, PDL: tl.constexpr, SUMS: tl.constexpr = False):
     """Y[m, k0 + 16j + r] = X[m, k0 + 8r + j] for every 128-channel block k0 of Y [M, KP] (KP:
     K rounded up to 128; zero past K): a [16, 8] transpose per block, BLOCKS blocks of BLOCK_M
     rows a program. Traffic: reads x once (coalesced rows), writes Y once (coalesced rows); the
@@ -477,7 +478,10 @@ def permute_x_kernel(X, Y, M, K, KP, stride_xm, stride_xk, BLOCK_M: tl.constexpr
 
     PDL (launched with programmatic dependent launch; never under the interpreter, which has no
     inline assembly): lets the GEMM launched after it start its prologue at once, and waits for
-    the kernel before it to finish before reading x or writing Y."""
+    the kernel before it to finish before reading x or writing Y.
+
+    SUMS: also XS[b, m] = the fp32 sum of row m's channels in block b (XS [KP / 128, M]), for
+    the wg kernel's XSUM."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -487,6 +491,11 @@ def permute_x_kernel(X, Y, M, K, KP, stride_xm, stride_xk, BLOCK_M: tl.constexpr
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(X + rows64 * stride_xm + cols[None, :] * stride_xk,
                 mask=row_ok & (cols < K)[None, :], other=0.0)
+    if SUMS:
+        sums = tl.sum(tl.reshape(x.to(tl.float32), [BLOCK_M, BLOCKS, 128]), axis=2)
+        blocks = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+        tl.store(XS + blocks[None, :] * M + rows[:, None], sums,
+                 mask=row_ok & (blocks < KP // 128)[None, :])
     x = tl.reshape(tl.permute(tl.reshape(x, [BLOCK_M, BLOCKS, 16, 8]), (0, 1, 3, 2)),
                    [BLOCK_M, BLOCKS * 128])
     tl.store(Y + rows64 * KP + cols[None, :], x, mask=row_ok & (cols < KP)[None, :])
@@ -497,7 +506,7 @@ PERMUTE_BLOCK_M = 8
 PERMUTE_BLOCKS = 4
 
 
-def permute_x_blocks(x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+def permute_x_blocks(x: torch.Tensor, pdl: bool = False, sums: bool = False):
     """x [M, K] -> [M, K128] (K rounded up to 128, zero padded) with channel ``k0 + 8r + j`` of
     each 128-channel block at position ``k0 + 16j + r``: the kernel's sub-tile x_j is then 16
     contiguous channels (XPERM). On a GPU (and on the CPU under Triton's interpreter)
@@ -505,21 +514,33 @@ def permute_x_blocks(x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     the reference). The kernel replaces that copy on the GPU, which cost the wg path 3-10 µs a
     call at 64-256 rows (s20run8). `pdl`: launch it with programmatic dependent launch (a GPU
     of sm_90 or later; the kernel launched next must wait for it with ``griddepcontrol.wait``
-    before reading the result, as the wg kernel does)."""
+    before reading the result, as the wg kernel does). `sums`: also return x's fp32 sums per
+    row and block, [K128 / 128, M] (:func:`block_sums_torch`)."""
     backend = contract.backend_for(x.device)
     if backend == "reference":
-        return permute_x_blocks_torch(x)
+        y = permute_x_blocks_torch(x)
+        return (y, block_sums_torch(x)) if sums else y
     M, K = x.shape
     kp = contract.cdiv(K, MMT_BLOCK_K) * MMT_BLOCK_K
     y = torch.empty((M, kp), dtype=x.dtype, device=x.device)
+    xs = torch.empty((kp // MMT_BLOCK_K, M), dtype=torch.float32, device=x.device) if sums else y
     if M == 0 or K == 0:
-        return y.zero_()
+        y.zero_()
+        return (y, xs.zero_()) if sums else y
     grid = (contract.cdiv(M, PERMUTE_BLOCK_M), contract.cdiv(kp, PERMUTE_BLOCKS * MMT_BLOCK_K))
     pdl = pdl and backend == "triton"
-    contract.launch(permute_x_kernel, grid, (x, y), (M, K, kp, x.stride(0), x.stride(1)),
-                    dict(BLOCK_M=PERMUTE_BLOCK_M, BLOCKS=PERMUTE_BLOCKS, PDL=pdl),
+    contract.launch(permute_x_kernel, grid, (x, y, xs), (M, K, kp, x.stride(0), x.stride(1)),
+                    dict(BLOCK_M=PERMUTE_BLOCK_M, BLOCKS=PERMUTE_BLOCKS, PDL=pdl, SUMS=sums),
                     dict(num_warps=4, launch_pdl=pdl), fast=backend == "triton")
-    return y
+    return (y, xs) if sums else y
+
+
+def block_sums_torch(x: torch.Tensor) -> torch.Tensor:
+    """x's sums per row and 128-channel block in float32, [K128 / 128, M] (zero past K)."""
+    M, K = x.shape
+    kb = contract.cdiv(K, MMT_BLOCK_K)
+    xf = torch.nn.functional.pad(x.float(), (0, kb * MMT_BLOCK_K - K))
+    return xf.view(M, kb, MMT_BLOCK_K).sum(dim=2).t().contiguous()
 
 
 def permute_x_blocks_torch(x: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,10 @@ _CODES_BF16 = gl.constexpr(tuple(_nibble_pairs_asm(j, False) for j in range(8)))
 _CODES_F16 = gl.constexpr(tuple(_nibble_pairs_asm(j, True) for j in range(8)))
 _SIX_CODES_BF16 = gl.constexpr(tuple(_six_pairs_asm(j, False, words=True) for j in range(8)))
 _SIX_CODES_F16 = gl.constexpr(tuple(_six_pairs_asm(j, True, words=True) for j in range(8)))
+# And with nothing taken off (bf16 SCALE_AFTER): M + q, exact (M = 128).
+_BIASED_BF16 = gl.constexpr(tuple(_nibble_pairs_asm(j, False, biased=True) for j in range(8)))
+_SIX_BIASED_BF16 = gl.constexpr(tuple(_six_pairs_asm(j, False, words=True, biased=True)
+                                      for j in range(8)))
 
 
 @gluon.jit
@@ -151,6 +155,19 @@ def _six_code_pairs(w, w2, zb, j: gl.constexpr, F16: gl.constexpr):
 
 
 @gluon.jit
+def _biased_pairs(w, w2, j: gl.constexpr, BITS: gl.constexpr):
+    """Code j of the words w (6-bit: and the 2-bit plane's w2) as the bf16 M + q (M = 128;
+    exact), two codes an instance: one PRMT per two instances, a shift for odd j and one LOP3
+    (6-bit: a second PRMT, shift and LOP3 for the 2-bit field)."""
+    if BITS == 6:
+        return gl.inline_asm_elementwise(_SIX_BIASED_BF16[j], "=r,r,r,r,r", [w, w2],
+                                         dtype=gl.bfloat16, is_pure=True, pack=2)
+    else:
+        return gl.inline_asm_elementwise(_BIASED_BF16[j], "=r,r,r", [w],
+                                         dtype=gl.bfloat16, is_pure=True, pack=2)
+
+
+@gluon.jit
 def _pair_bits(v, OPD: gl.constexpr):
     """v (fp32) as OPD in both 16-bit halves of an int32."""
     h = v.to(OPD).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
@@ -159,7 +176,8 @@ def _pair_bits(v, OPD: gl.constexpr):
 
 @gluon.jit
 def _block_mmas(w, w2, zb, sb, x_lo, x_hi, acc, a_1, a_2, a_3, BITS: gl.constexpr,
-                F16: gl.constexpr, LOOKAHEAD: gl.constexpr, SCALED: gl.constexpr = True):
+                F16: gl.constexpr, LOOKAHEAD: gl.constexpr, SCALED: gl.constexpr = True,
+                BIASED: gl.constexpr = False):
     """One K block's 8 sub-tiles into acc: sub-tile j's weight operand, (q - z) * s in x's
     dtype from the words w (6-bit: and the 2-bit plane's w2), times x's sub-tile j (16
     channels: columns 16 (j % 4) of x_lo, j < 4, or x_hi, x's two [rows, 64] halves in shared
@@ -168,14 +186,17 @@ def _block_mmas(w, w2, zb, sb, x_lo, x_hi, acc, a_1, a_2, a_3, BITS: gl.constexp
     while the LOOKAHEAD latest run. a_1 (the last issued), a_2, a_3: the operands of the MMAs
     in flight, kept live until a wait has retired their MMA. Returns (acc, a_1, a_2, a_3).
 
-    Not SCALED: the operand is q - z (sb unused) and the block's sum starts afresh in acc (its
-    value on entry is ignored), for the caller to scale (SCALE_AFTER of :func:`_tile_sum`)."""
+    Not SCALED: the operand is q - z (sb unused), or M + q where BIASED (bf16 x; zb unused),
+    and the block's sum starts afresh in acc (its value on entry is ignored), for the caller to
+    scale (SCALE_AFTER of :func:`_tile_sum`) and, BIASED, to take (M + z) sum x off."""
     for j in gl.static_range(8):
         if SCALED:
             if BITS == 6:
                 a = _six_scaled_pairs(w, w2, zb, sb, j, F16)
             else:
                 a = _scaled_pairs(w, zb, sb, j, F16)
+        elif BIASED:
+            a = _biased_pairs(w, w2, j, BITS)
         else:
             if BITS == 6:
                 a = _six_code_pairs(w, w2, zb, j, F16)
@@ -244,12 +265,12 @@ def _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, x_ptrs,
 
 
 @gluon.jit
-def _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD, ROW4, ROW2,
+def _tile_sum(X, QW, S, Z, XS, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD, ROW4, ROW2,
               stride_xm, m0, n0, k_start, k_end, BITS: gl.constexpr, SYM: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               LOOKAHEAD: gl.constexpr, mma: gl.constexpr, x_bl: gl.constexpr,
               w_bl: gl.constexpr, z_bl: gl.constexpr, s_bl: gl.constexpr, PDL: gl.constexpr,
-              SCALE_AFTER: gl.constexpr):
+              SCALE_AFTER: gl.constexpr, XSUM: gl.constexpr):
     """The fp32 sum [BLOCK_N, BLOCK_M] of the tile at weight column n0 and row m0 of x over
     channels [k_start, k_end) (multiples of 128): the pipeline of :func:`qlinear_wg_kernel`.
     Every stage is free when it is called (the caller's barrier), and every copy and MMA it
@@ -293,6 +314,11 @@ def _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
         cp.commit_group()
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
     part = acc
+    if XSUM:
+        # x's sums [K blocks, M] (fp32): this tile's rows, the first block's now.
+        xs_offs = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+        xs_ok = xs_offs < M
+        xs_cur = gl.load(XS + (k_start // 128) * M + xs_offs, mask=xs_ok, other=0.0)
     # The operands of the MMAs in flight (a_1 the last issued): kept live until a wait has
     # retired their MMA, so that their registers are not reused under it.
     a_1 = gl.zeros([BLOCK_N, 16], OPD, layout=a_l)
@@ -308,7 +334,12 @@ def _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
         w = w_smem.index(st).permute((1, 0)).load(a_l)
         if BITS == 6:
             w2 = w2_smem.index(st).permute((1, 0)).load(a_l)
-        if SYM:
+        if XSUM:
+            zb = w  # unused
+            # The next block's sums of x (L2: x's permutation just wrote them), a block ahead.
+            xs_next = gl.load(XS + (k0 // 128 + 1) * M + xs_offs,
+                              mask=xs_ok & (k0 + 128 < k_end), other=0.0)
+        elif SYM:
             zb = _pair_bits(gl.full([BLOCK_N], MAGIC + (1 << (BITS - 1)), gl.float32,
                                     layout=rows_l), OPD)[:, None]
         else:
@@ -316,14 +347,25 @@ def _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
         if BITS != 6:
             w2 = w
         if SCALE_AFTER:
-            # The block's sum of (q - z) x in its own accumulator, then scaled in fp32.
+            # The block's sum of (q - z) x in its own accumulator, then scaled in fp32. With
+            # x's sums (XSUM) the operand is M + q and (M + z) times the block's sum of x is
+            # taken off here: sum (M + q) x - (M + z) sum x, exact products, fp32 sums.
             part, a_1, a_2, a_3 = _block_mmas(w, w2, zb, zb, x_smem[0].index(st),
                                               x_smem[1].index(st), part, a_1, a_2, a_3, BITS,
-                                              F16, LOOKAHEAD, False)
+                                              F16, LOOKAHEAD, False, XSUM)
             s_col = s_smem.index(st).load(gl.SliceLayout(1, mma)).to(gl.float32)
             part, a_1, a_2, a_3 = warpgroup_mma_wait(num_outstanding=0,
                                                      deps=(part, a_1, a_2, a_3))
-            acc = acc + part * s_col[:, None]
+            if XSUM:
+                if SYM:
+                    zc = gl.full([BLOCK_N], MAGIC + (1 << (BITS - 1)), gl.float32,
+                                 layout=gl.SliceLayout(1, mma))
+                else:
+                    zc = z_smem.index(st).load(gl.SliceLayout(1, mma)).to(gl.float32) + MAGIC
+                acc = acc + part * s_col[:, None] - (s_col * zc)[:, None] * xs_cur[None, :]
+                xs_cur = xs_next
+            else:
+                acc = acc + part * s_col[:, None]
         else:
             sb = _pair_bits(s_smem.index(st).load(rows_l).to(gl.float32), OPD)[:, None]
             acc, a_1, a_2, a_3 = _block_mmas(w, w2, zb, sb, x_smem[0].index(st),
@@ -365,11 +407,12 @@ def _tile_offsets(BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, mma: gl.constexp
 
 
 @gluon.jit
-def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2, K_PER_SPLIT,
+def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, XS, M, N, K_PAD, KX, ROW4, ROW2, K_PER_SPLIT,
                       stride_xm, stride_ym, BITS: gl.constexpr, SYM: gl.constexpr,
                       HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                       STAGES: gl.constexpr, REDUCE: gl.constexpr, LOOKAHEAD: gl.constexpr,
-                      PDL: gl.constexpr, SCALE_AFTER: gl.constexpr = False):
+                      PDL: gl.constexpr, SCALE_AFTER: gl.constexpr = False,
+                      XSUM: gl.constexpr = False):
     """Y = x @ W^T (+ bias) for 4- or 6-bit weights (BITS; 6: the 4-bit plane from row ROW4 and
     the 2-bit plane from ROW2 of QW) in groups of 128, with zero points (Z [K_PAD / 128, N]
     uint8) or symmetric (SYM: z = 2^(BITS-1)), and x (bf16 or fp16) permuted per 128-channel
@@ -464,10 +507,10 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2
             m0 = pid_m * BLOCK_M
             n0 = (t - pid_m * tiles_n) * BLOCK_N
             gl.thread_barrier()  # every warp is done with the stages before they are refilled
-            acc = _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
+            acc = _tile_sum(X, QW, S, Z, XS, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
                             ROW4, ROW2, stride_xm, m0, n0, kb0 * 128, kb1 * 128, BITS, SYM,
                             BLOCK_M, BLOCK_N, STAGES, LOOKAHEAD, mma, x_bl, w_bl, z_bl,
-                            s_bl, PDL, SCALE_AFTER)
+                            s_bl, PDL, SCALE_AFTER, XSUM)
             if kb1 - kb0 == kb:
                 _store_tile(Y, BIAS, acc, M, N, stride_ym, m0, n0, HAS_BIAS, BLOCK_M, BLOCK_N,
                             mma)
@@ -500,10 +543,10 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, M, N, K_PAD, KX, ROW4, ROW2
         m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
         k_start = pid_k * K_PER_SPLIT
-        acc = _tile_sum(X, QW, S, Z, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD, ROW4,
+        acc = _tile_sum(X, QW, S, Z, XS, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD, ROW4,
                         ROW2, stride_xm, m0, n0, k_start, gl.minimum(k_start + K_PER_SPLIT, KX),
                         BITS, SYM, BLOCK_M, BLOCK_N, STAGES, LOOKAHEAD, mma, x_bl, w_bl,
-                        z_bl, s_bl, PDL, SCALE_AFTER)
+                        z_bl, s_bl, PDL, SCALE_AFTER, XSUM)
         if REDUCE == 2:
             # WS holds [split, tile, BLOCK_N, BLOCK_M] partials.
             t_offs = _tile_offsets(BLOCK_M, BLOCK_N, mma)
@@ -538,13 +581,24 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     counters, zero between calls: :func:`q3n_compile.kernels.qlinear._tickets`); PDL (default
     True; ignored with `x_permuted` and where :func:`contract.pdl_capable` says no): x's
     permutation and this kernel launched with programmatic dependent launch, so that each
-    overlaps the start of the next (False: plain stream order, as before session 22)."""
+    overlaps the start of the next (False: plain stream order, as before session 22);
+    SCALE_AFTER (q - z on the MMA, each K block's sum scaled in fp32) and with it XSUM (bf16
+    x, permuted here: the operand M + q, and (M + z) times the block's sum of x, which x's
+    permutation also gives, taken off in fp32)."""
     M = x.shape[0]
     N = qweight.shape[1]
     # PDL only behind this op's own permutation (see with_pdl), and not while Inductor launches
     # its own kernels with PDL (contract.inductor_pdl).
     pdl = bool(cfg.get("PDL", True)) and not x_permuted and contract.pdl_capable(x.device)
-    xk = x if x_permuted else permute_x_blocks(x, pdl=pdl)
+    xsum = bool(cfg.get("XSUM", False))
+    if xsum and (x_permuted or x.dtype != torch.bfloat16 or not cfg.get("SCALE_AFTER")):
+        raise ValueError("q3n::qlinear: the wg path's XSUM takes bf16 x that it permutes "
+                         "itself, with SCALE_AFTER; launch without XSUM")
+    if xsum:
+        xk, xs = permute_x_blocks(x, pdl=pdl, sums=True)
+    else:
+        xk = x if x_permuted else permute_x_blocks(x, pdl=pdl)
+        xs = scales  # unused
     kx = xk.shape[1]
     split = cfg.get("SPLIT_K", 1)
     kps = contract.cdiv(contract.cdiv(kx, MMT_BLOCK_K), split) * MMT_BLOCK_K
@@ -570,12 +624,12 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     contract.launch(
         qlinear_wg_kernel, grid,
         (xk, qweight, scales, zeros if zeros is not None else scales,
-         bias if bias is not None else scales, y, ws, cnt),
+         bias if bias is not None else scales, y, ws, cnt, xs),
         (M, N, P.padded_k(K), kx, *P.plane_starts(bits, K)[:2], kps, xk.stride(0), y.stride(0)),
         dict(BITS=bits, SYM=zeros is None, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
              BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], REDUCE=reduce,
              LOOKAHEAD=cfg.get("LOOKAHEAD", 1), PDL=pdl,
-             SCALE_AFTER=cfg.get("SCALE_AFTER", False)),
+             SCALE_AFTER=cfg.get("SCALE_AFTER", False), XSUM=xsum),
         dict(num_warps=cfg["num_warps"], launch_pdl=pdl), fast=True)
     return y
 

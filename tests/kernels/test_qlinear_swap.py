@@ -106,6 +106,30 @@ def test_permute_kernel_is_the_torch_permutation():
         assert torch.equal(got, want), (tuple(x.shape), x.stride(), x.dtype)
 
 
+def _check_block_sums(x):
+    # The permutation's sums per row and 128-channel block (the wg kernel's XSUM) against
+    # float64: fp32 sums of the 16-bit values, zero past K, [blocks, M].
+    y, xs = SW.permute_x_blocks(x, sums=True)
+    assert torch.equal(y, SW.permute_x_blocks_torch(x))
+    M, K = x.shape
+    kb = -(-K // 128)
+    want = torch.nn.functional.pad(x.double(), (0, kb * 128 - K)).view(M, kb, 128).sum(2).t()
+    assert xs.shape == (kb, M) and xs.dtype == torch.float32 and xs.is_contiguous()
+    bound = x.double().abs().sum() * 2 ** -20 + 1e-30
+    if xs.numel():
+        assert (xs.double() - want).abs().max() <= bound, tuple(x.shape)
+
+
+def test_permute_kernel_gives_the_block_sums():
+    for x in _permute_cases("cpu"):
+        _check_block_sums(x)
+    # The torch form (what the reference backend returns) the same way.
+    x = _permute_cases("cpu")[0]  # 5 x 300: the last block partial
+    ref = torch.nn.functional.pad(x.double(), (0, -x.shape[1] % 128))
+    ref = ref.view(x.shape[0], -1, 128).sum(2).t()
+    assert (SW.block_sums_torch(x).double() - ref).abs().max() <= x.double().abs().sum() * 2 ** -20
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_permute_kernel_is_the_torch_permutation():
@@ -113,6 +137,7 @@ def test_gpu_permute_kernel_is_the_torch_permutation():
         torch.randn(256, 12288, device="cuda").to(bf16), torch.randn(129, 8200, device="cuda")]
     for x in cases:
         assert torch.equal(SW.permute_x_blocks(x), SW.permute_x_blocks_torch(x)), tuple(x.shape)
+        _check_block_sums(x)
 
 
 @pytest.mark.parametrize("act", ["int8", "fp8", "int12"])

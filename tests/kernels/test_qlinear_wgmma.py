@@ -26,7 +26,7 @@ needs_hopper = pytest.mark.skipif(not torch.cuda.is_available()
                                   reason="needs an sm_90 GPU (warpgroup MMA)")
 
 _TYPES = {"X": "*bf16", "QW": "*i32", "S": "*fp16", "Z": "*u8", "BIAS": "*bf16", "Y": "*bf16",
-          "WS": "*fp32", "CNT": "*i32"}
+          "WS": "*fp32", "CNT": "*i32", "XS": "*fp32"}
 _DIVISIBLE = ("X", "QW", "S", "Z", "Y", "WS", "N", "K_PAD", "KX", "K_PER_SPLIT", "stride_xm",
               "stride_ym")
 
@@ -42,7 +42,7 @@ def _compile_sm90(cfg: dict, x_type: str, reduce: int, bias: bool, sym: bool, bi
     names = kernel.arg_names
     ce = dict(BITS=bits, SYM=sym, HAS_BIAS=bias, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
               STAGES=cfg["STAGES"], REDUCE=reduce, LOOKAHEAD=cfg.get("LOOKAHEAD", 1), PDL=True,
-              SCALE_AFTER=cfg.get("SCALE_AFTER", False))
+              SCALE_AFTER=cfg.get("SCALE_AFTER", False), XSUM=cfg.get("XSUM", False))
     types = dict(_TYPES, X=x_type, Y=x_type, BIAS=x_type)
     sig = {n: "constexpr" if n in ce else types.get(n, "i32") for n in names}
     src = GluonASTSource(fn=kernel, signature=sig,
@@ -169,8 +169,8 @@ def _loop_body(sass: str) -> list:
 
 def _run_pairs_ptx(asm: str, regs: dict, dtype) -> int:
     """Execute the PTX of the kernel's unpack on 32-bit ints (`regs`: "$1".. its operands):
-    prmt (default mode), shr.b32 / shl.b32, lop3 (any 8-bit LUT), sub/mul on 16-bit pairs (each
-    half rounded once to `dtype`, as the hardware's .rn); returns $0."""
+    prmt (default mode), shr.b32 / shl.b32, mov.b32, lop3 (any 8-bit LUT), sub/mul on 16-bit
+    pairs (each half rounded once to `dtype`, as the hardware's .rn); returns $0."""
     regs = dict(regs)
 
     def val(tok):
@@ -198,6 +198,8 @@ def _run_pairs_ptx(asm: str, regs: dict, dtype) -> int:
             out = val(srcs[0]) >> val(srcs[1])
         elif op == "shl.b32":
             out = val(srcs[0]) << val(srcs[1])
+        elif op == "mov.b32":
+            out = val(srcs[0])
         elif op == "lop3.b32":
             a, b, c, lut = (val(t) for t in srcs)
             out = 0
@@ -249,6 +251,19 @@ def test_code_pairs_ptx_is_q_minus_z(dtype):
         w1, w2, v = (int(t) for t in torch.randint(0, 2 ** 32, (3,), generator=g,
                                                    dtype=torch.int64))
         z4, z6 = (int(torch.randint(0, hi, (1,), generator=g)) for hi in (16, 64))
+        if dtype == bf16:
+            # XSUM's operand: M + q, nothing taken off (4-bit: $1, $2; 6-bit: and $3 = $4).
+            for j in range(8):
+                for bits, asm in ((4, WG._BIASED_BF16), (6, WG._SIX_BIASED_BF16)):
+                    out = _run_pairs_ptx(asm.value[j], {"$1": w1, "$2": w2, "$3": v, "$4": v},
+                                         dtype)
+                    got = torch.tensor([out & 0xFFFF, out >> 16], dtype=torch.int32)
+                    got = got.to(torch.int16).view(dtype).float()
+                    for half, word in enumerate((w1, w2)):
+                        q = (word >> (4 * j)) & 0xF
+                        if bits == 6:
+                            q += 16 * ((v >> (16 * half + 2 * j)) & 3)
+                        assert got[half].item() == magic + q, (bits, j, half, q)
         for j in range(8):
             out4 = _run_pairs_ptx(four.value[j], {"$1": w1, "$2": w2,
                                                   "$3": _pair_of(magic + z4, dtype)}, dtype)
@@ -547,21 +562,49 @@ _DECODE_SHAPES = [(1, 256, 512, True), (3, 1008, 1280, False), (8, 4096, 1024, T
 
 @needs_hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits,dtype,sym", [(4, bf16, False), (4, f16, True), (6, bf16, True),
-                                            (6, f16, False)])
+@pytest.mark.parametrize("bits,dtype,sym,xsum", [
+    (4, bf16, False, True), (4, bf16, True, True), (4, bf16, False, False), (4, f16, True, False),
+    (6, bf16, False, True), (6, f16, False, False)])
 @pytest.mark.parametrize("M,N,K,bias", _DECODE_SHAPES)
 @pytest.mark.parametrize("stream", [0, 5, 264])
-@pytest.mark.parametrize("cols", [128, 256])
-def test_gpu_wg_decode_scale_after_against_float64(bits, dtype, sym, M, N, K, bias, stream,
-                                                   cols):
+def test_gpu_wg_decode_scale_after_against_float64(bits, dtype, sym, xsum, M, N, K, bias,
+                                                   stream):
     # The decode tiles (x's rows 8, 16 or 32 on the MMA's N side) with SCALE_AFTER: each K
-    # block's sum of (q - z) x scaled in fp32; stream-K with pieces inside tiles and more
-    # programs than units (264), and (stream 0) K split 2 by tickets.
-    if bits == 6 and (cols == 256 or M > 16):
-        pytest.skip("6-bit weights take 128-column decode tiles to 16 rows (256 spill)")
+    # block's sum of (q - z) x scaled in fp32 (XSUM: of (M + q) x, less (M + z) times x's
+    # block sum); stream-K with pieces inside tiles and more programs than units (264), and
+    # (stream 0) K split 2 by tickets. 4-bit weights on 256 columns at 8 and 16 rows of every
+    # other shape, 128 elsewhere (6-bit: 128, to 16 rows, as dispatched).
+    if bits == 6 and M > 16:
+        pytest.skip("6-bit weights take the decode tiles to 16 rows")
+    cols = 256 if bits == 4 and M <= 16 and _DECODE_SHAPES.index((M, N, K, bias)) % 2 else 128
     tile = dict(WG.DECODE_TILES[8 if M <= 8 else 16 if M <= 16 else 32], BLOCK_N=cols,
-                SCALE_AFTER=True)
+                SCALE_AFTER=True, XSUM=xsum)
     _check_wg(bits, dtype, M, N, K, 1 if stream else 2, bias, tile, sym, stream=stream)
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("mean", [4.0, -300.0])
+def test_gpu_wg_xsum_with_a_large_mean_against_float64(mean):
+    # x far from zero relative to its spread: XSUM's two block sums (of (M + q) x and of
+    # (M + z) x) then cancel most; the result must still meet float64's tolerance.
+    gen = _gen(f"wgxsummean{mean}")
+    pw = _packed(gen, 2048, 4096, 4, 128, False, device="cuda")
+    x = (mean + 0.01 * abs(mean) * torch.randn(16, 4096, generator=gen)).to(bf16).cuda()
+    tile = dict(WG.DECODE_TILES[16], SCALE_AFTER=True, XSUM=True, path="wg", SPLIT_K=1,
+                STREAM=264)
+    check_against_float64(x, pw, path=tile)
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_gpu_wg_xsum_takes_bf16_x_it_permutes():
+    gen = _gen("wgxsum")
+    pw = _packed(gen, 256, 512, 4, 128, False, device="cuda")
+    tile = dict(WG.DECODE_TILES[8], BLOCK_N=128, SCALE_AFTER=True, XSUM=True, path="wg",
+                SPLIT_K=1)
+    with pytest.raises(ValueError, match="XSUM takes bf16 x"):
+        check_against_float64(torch.randn(4, 512, generator=gen).to(f16).cuda(), pw, path=tile)
 
 
 @needs_hopper
