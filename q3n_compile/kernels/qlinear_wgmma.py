@@ -243,30 +243,35 @@ def _issue_weight_block(w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, w_ptrs, 
 
 
 @gluon.jit
-def _issue_x_block(x_smem, st, k0, k_end, x_ptrs, x_ok):
+def _issue_x_block(x_smem, xs_smem, st, k0, k_end, x_ptrs, x_ok, xs_ptrs, xs_ok, M,
+                   XSUM: gl.constexpr):
     """cp.async of K block k0's two halves of x (64 channels each) into stage st, not
-    committed."""
+    committed; XSUM: and the block's sums of x for the tile's rows (XS [K blocks, M])."""
     live = k0 < k_end
     cp.async_copy_global_to_shared(x_smem[0].index(st), x_ptrs + k0, mask=x_ok & live)
     cp.async_copy_global_to_shared(x_smem[1].index(st), x_ptrs + (k0 + 64),
                                    mask=x_ok & live)
+    if XSUM:
+        cp.async_copy_global_to_shared(xs_smem.index(st), xs_ptrs + (k0 // 128) * M,
+                                       mask=xs_ok & live)
 
 
 @gluon.jit
-def _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, x_ptrs, x_ok, w_ptrs,
-                 w2_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N,
-                 SYM: gl.constexpr, BITS: gl.constexpr):
+def _issue_block(x_smem, xs_smem, w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, x_ptrs, x_ok,
+                 xs_ptrs, xs_ok, M, w_ptrs, w2_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok,
+                 ss_offs, ss_ok, Z, S, N, SYM: gl.constexpr, BITS: gl.constexpr,
+                 XSUM: gl.constexpr):
     """cp.async of K block k0's operands into stage st (masked off past k_end), as one group:
-    x's two halves and the weight operands (:func:`_issue_weight_block`)."""
-    _issue_x_block(x_smem, st, k0, k_end, x_ptrs, x_ok)
+    x's two halves (and sums) and the weight operands (:func:`_issue_weight_block`)."""
+    _issue_x_block(x_smem, xs_smem, st, k0, k_end, x_ptrs, x_ok, xs_ptrs, xs_ok, M, XSUM)
     _issue_weight_block(w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, w_ptrs, w2_ptrs, w_rows,
                         w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N, SYM, BITS)
     cp.commit_group()
 
 
 @gluon.jit
-def _tile_sum(X, QW, S, Z, XS, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD, ROW4, ROW2,
-              stride_xm, m0, n0, k_start, k_end, BITS: gl.constexpr, SYM: gl.constexpr,
+def _tile_sum(X, QW, S, Z, XS, x_smem, xs_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
+              ROW4, ROW2, stride_xm, m0, n0, k_start, k_end, BITS: gl.constexpr, SYM: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               LOOKAHEAD: gl.constexpr, mma: gl.constexpr, x_bl: gl.constexpr,
               w_bl: gl.constexpr, z_bl: gl.constexpr, s_bl: gl.constexpr, PDL: gl.constexpr,
@@ -298,6 +303,10 @@ def _tile_sum(X, QW, S, Z, XS, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_
     zs_ok = zs_offs < N
     ss_offs = n0 + gl.arange(0, BLOCK_N, layout=s_bl)
     ss_ok = ss_offs < N
+    # x's sums (XSUM), [K blocks, M] fp32: this tile's rows of a block, through the stages.
+    xs_rows = m0 + gl.arange(0, BLOCK_M, layout=s_bl)
+    xs_ptrs = XS + xs_rows
+    xs_ok = xs_rows < M
 
     # The prologue's weight operands first: with PDL they stream in while the kernel before
     # (x's permutation, or the activations' quantizer) finishes. x only after the wait. The
@@ -310,15 +319,11 @@ def _tile_sum(X, QW, S, Z, XS, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_
     if PDL:
         gdc_wait()
     for p in gl.static_range(STAGES - 2):
-        _issue_x_block(x_smem, p, k_start + p * 128, k_end, x_ptrs, x_ok)
+        _issue_x_block(x_smem, xs_smem, p, k_start + p * 128, k_end, x_ptrs, x_ok, xs_ptrs,
+                       xs_ok, M, XSUM)
         cp.commit_group()
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
     part = acc
-    if XSUM:
-        # x's sums [K blocks, M] (fp32): this tile's rows, the first block's now.
-        xs_offs = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-        xs_ok = xs_offs < M
-        xs_cur = gl.load(XS + (k_start // 128) * M + xs_offs, mask=xs_ok, other=0.0)
     # The operands of the MMAs in flight (a_1 the last issued): kept live until a wait has
     # retired their MMA, so that their registers are not reused under it.
     a_1 = gl.zeros([BLOCK_N, 16], OPD, layout=a_l)
@@ -336,9 +341,6 @@ def _tile_sum(X, QW, S, Z, XS, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_
             w2 = w2_smem.index(st).permute((1, 0)).load(a_l)
         if XSUM:
             zb = w  # unused
-            # The next block's sums of x (L2: x's permutation just wrote them), a block ahead.
-            xs_next = gl.load(XS + (k0 // 128 + 1) * M + xs_offs,
-                              mask=xs_ok & (k0 + 128 < k_end), other=0.0)
         elif SYM:
             zb = _pair_bits(gl.full([BLOCK_N], MAGIC + (1 << (BITS - 1)), gl.float32,
                                     layout=rows_l), OPD)[:, None]
@@ -362,8 +364,8 @@ def _tile_sum(X, QW, S, Z, XS, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_
                                  layout=gl.SliceLayout(1, mma))
                 else:
                     zc = z_smem.index(st).load(gl.SliceLayout(1, mma)).to(gl.float32) + MAGIC
-                acc = acc + part * s_col[:, None] - (s_col * zc)[:, None] * xs_cur[None, :]
-                xs_cur = xs_next
+                xs_row = xs_smem.index(st).load(gl.SliceLayout(0, mma))
+                acc = acc + part * s_col[:, None] - (s_col * zc)[:, None] * xs_row[None, :]
             else:
                 acc = acc + part * s_col[:, None]
         else:
@@ -374,9 +376,10 @@ def _tile_sum(X, QW, S, Z, XS, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_
         # Refill the stage read two blocks back (every warp is past those MMAs: each has
         # waited for all but its last LOOKAHEAD (< 8) MMA groups of block i - 1 before the
         # barrier after the wait).
-        _issue_block(x_smem, w_smem, w2_smem, z_smem, s_smem, (i + STAGES - 2) % STAGES,
-                     k0 + (STAGES - 2) * 128, k_end, x_ptrs, x_ok, w_ptrs, w2_ptrs, w_rows,
-                     w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N, SYM, BITS)
+        _issue_block(x_smem, xs_smem, w_smem, w2_smem, z_smem, s_smem,
+                     (i + STAGES - 2) % STAGES, k0 + (STAGES - 2) * 128, k_end, x_ptrs, x_ok,
+                     xs_ptrs, xs_ok, M, w_ptrs, w2_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok,
+                     ss_offs, ss_ok, Z, S, N, SYM, BITS, XSUM)
         i += 1
     acc, a_1, a_2, a_3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_1, a_2, a_3))
     cp.wait_group(0)
@@ -485,6 +488,10 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, XS, M, N, K_PAD, KX, ROW4, 
         w2_smem = w_smem  # unused
     z_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N], v_sl)
     s_smem = gl.allocate_shared_memory(S.dtype.element_ty, [STAGES, BLOCK_N], v_sl)
+    if XSUM:
+        xs_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], v_sl)
+    else:
+        xs_smem = s_smem  # unused
 
     if PDL:
         # Let the next kernel (launched with PDL) start its own prologue as early as it can.
@@ -507,10 +514,10 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, XS, M, N, K_PAD, KX, ROW4, 
             m0 = pid_m * BLOCK_M
             n0 = (t - pid_m * tiles_n) * BLOCK_N
             gl.thread_barrier()  # every warp is done with the stages before they are refilled
-            acc = _tile_sum(X, QW, S, Z, XS, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD,
-                            ROW4, ROW2, stride_xm, m0, n0, kb0 * 128, kb1 * 128, BITS, SYM,
-                            BLOCK_M, BLOCK_N, STAGES, LOOKAHEAD, mma, x_bl, w_bl, z_bl,
-                            s_bl, PDL, SCALE_AFTER, XSUM)
+            acc = _tile_sum(X, QW, S, Z, XS, x_smem, xs_smem, w_smem, w2_smem, z_smem, s_smem,
+                            M, N, K_PAD, ROW4, ROW2, stride_xm, m0, n0, kb0 * 128, kb1 * 128,
+                            BITS, SYM, BLOCK_M, BLOCK_N, STAGES, LOOKAHEAD, mma, x_bl, w_bl,
+                            z_bl, s_bl, PDL, SCALE_AFTER, XSUM)
             if kb1 - kb0 == kb:
                 _store_tile(Y, BIAS, acc, M, N, stride_ym, m0, n0, HAS_BIAS, BLOCK_M, BLOCK_N,
                             mma)
@@ -543,10 +550,10 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, XS, M, N, K_PAD, KX, ROW4, 
         m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
         k_start = pid_k * K_PER_SPLIT
-        acc = _tile_sum(X, QW, S, Z, XS, x_smem, w_smem, w2_smem, z_smem, s_smem, M, N, K_PAD, ROW4,
-                        ROW2, stride_xm, m0, n0, k_start, gl.minimum(k_start + K_PER_SPLIT, KX),
-                        BITS, SYM, BLOCK_M, BLOCK_N, STAGES, LOOKAHEAD, mma, x_bl, w_bl,
-                        z_bl, s_bl, PDL, SCALE_AFTER, XSUM)
+        acc = _tile_sum(X, QW, S, Z, XS, x_smem, xs_smem, w_smem, w2_smem, z_smem, s_smem, M, N,
+                        K_PAD, ROW4, ROW2, stride_xm, m0, n0, k_start,
+                        gl.minimum(k_start + K_PER_SPLIT, KX), BITS, SYM, BLOCK_M, BLOCK_N,
+                        STAGES, LOOKAHEAD, mma, x_bl, w_bl, z_bl, s_bl, PDL, SCALE_AFTER, XSUM)
         if REDUCE == 2:
             # WS holds [split, tile, BLOCK_N, BLOCK_M] partials.
             t_offs = _tile_offsets(BLOCK_M, BLOCK_N, mma)
