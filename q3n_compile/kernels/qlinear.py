@@ -1190,7 +1190,8 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
                and C8.eligible(N, K, bits, group_size, act, dtype, fp8, act_group_size) is None)
     if allow_wg and WG is not None and WG.supported(
             bits, group_size, act, dtype, N, capability or _device_capability(device)):
-        wg = (WG.choose_decode(M, N, K, sms, bits, bf16=dtype == torch.bfloat16)
+        wg = (WG.choose_decode(M, N, K, sms, bits, bf16=dtype == torch.bfloat16,
+                               quantized=act != "none")
               if M < WG.MIN_M else WG.choose(M, N, sms, cublas8, bits, K,
                                              quantized=act != "none"))
         if wg is not None:

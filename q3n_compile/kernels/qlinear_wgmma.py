@@ -699,20 +699,27 @@ MAX_K_TALL = 8192
 # Decode (1-32 rows): the tile with x's rows on the MMA's N side (8, 16 or 32) and SCALE_AFTER
 # (q - z on the MMA, each K block's sum scaled in fp32: sm_90 SASS of the 16 x 256 tile 2.72
 # instructions a code against 3.16 with the scale in the unpack; mmT's 16-row tile 4.81, the
-# one-row GEMV 4.06), by stream-K over two programs an SM. s24run1-2 (W4A16 g128, bf16 x,
-# against the dispatch of before, same process, CUDA-graph ms): 28672 x 8192 0.0508 against
-# the GEMV's 0.0563 at one row (1.11x), 1.46x mmT at 4-8 rows, 1.42x at 16, 1.17-1.25x at 32;
-# 24576 x 4096 1.09x at one row, 1.35x at 4, 1.22x at 16, 1.12x at 32; 12288 x 4096, 14336 x
-# 4096 and 8192 x 8192 1.08-1.14x at 4 rows and 1.05-1.08x at 16 (but 0.86-0.90x at one row
-# and 0.88-0.99x at 32); weights of 4096-6144 columns or 16.8-25M weights 0.77-1.03x (the
-# permutation's launch and the stream-K fix-ups weigh more than the unpack saves there). W4A8
-# int8 and W6A12 (6-bit: 128-column tiles, 256 spill) alike on 12288 x 4096 and 28672 x 8192
-# (1.06-1.41x but W4A8 at one row on 12288 x 4096, 0.84x); W6A12 lost on 4096^2.
+# one-row GEMV 4.06), by stream-K over two programs an SM. s24run1-4 (W4A16 g128, bf16 x,
+# against the dispatch of before, same process, CUDA-graph ms): 28672 x 8192 0.0495-0.0508
+# against the GEMV's 0.0559-0.0563 at one row (1.11x), 1.46x mmT at 4-8 rows, 1.42x at 16;
+# 24576 x 4096 1.09x at one row, 1.35x at 4, 1.21x at 16; 12288 x 4096, 14336 x 4096 and
+# 8192 x 8192 1.08-1.16x at 4 rows and 1.03-1.08x at 16 (but 0.86-0.91x at one row); weights
+# of 4096-6144 columns or 16.8-25M weights 0.77-1.03x (the permutation's launch and the
+# stream-K fix-ups weigh more than the unpack saves there). W4A8 int8 and W6A12 (6-bit:
+# 128-column tiles, 256 spill) alike on 12288 x 4096 and 28672 x 8192 (1.06-1.41x, but W4A8 at
+# one row on 12288 x 4096 0.84x); W6A12 lost on 4096^2. At 17-32 rows with 16-bit x, XSUM
+# (x's block sums from its permutation, M + q on the MMA) on 32 x 128 (s24run4): 1.06 / 1.09 /
+# 1.39 / 1.49x mmT at 32 rows of 12288 x 4096 / 8192^2 / 24576 x 4096 / 28672 x 8192, where
+# the same tile without it ran 0.87-1.18x (and 0.0874 against 0.0684 ms with PDL on 28672 x
+# 8192: with PDL its programs launched while the permutation's still ran, not profiled); at
+# 1-16 rows XSUM was within 3% of SCALE_AFTER alone (slower in 10 of 18), so it is not used
+# there. Quantized activations (x dequantised and permuted by the quantizer, no sums) keep mmT
+# above 16 rows (not measured there).
 DECODE_TILES = {8: dict(BLOCK_M=8, BLOCK_N=256, num_warps=4, STAGES=4, LOOKAHEAD=1),
                 16: dict(BLOCK_M=16, BLOCK_N=256, num_warps=4, STAGES=4, LOOKAHEAD=1),
                 32: dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, STAGES=4, LOOKAHEAD=1)}
-# At least this many columns and weights from 2 rows; at one row, and at 17-32 rows, at least
-# DECODE_BIG_WEIGHTS (where 16 x 128 also beat 16 x 256 at 9-16 rows below it).
+# At least this many columns and weights; at one row at least DECODE_BIG_WEIGHTS (where 16 x 128
+# also beat 16 x 256 at 9-16 rows below it).
 DECODE_MIN_N, DECODE_MIN_WEIGHTS, DECODE_BIG_WEIGHTS = 8192, 48 << 20, 96 << 20
 ACTS = ("none", "int8", "fp8", "int12")
 BITS = (4, 6)
@@ -776,25 +783,27 @@ def supported(bits: int, group_size: int, act: str, dtype: torch.dtype, N: int,
             and dtype in (torch.bfloat16, torch.float16) and capability == (9, 0))
 
 
-def choose_decode(M: int, N: int, K: int, sms: int, bits: int = 4,
-                  bf16: bool = True) -> Optional[dict]:
+def choose_decode(M: int, N: int, K: int, sms: int, bits: int = 4, bf16: bool = True,
+                  quantized: bool = False) -> Optional[dict]:
     """The decode launch (:data:`DECODE_TILES`, SCALE_AFTER, stream-K over two programs an SM)
-    for 1-32 rows of an N x K weight where it beat the GEMV and mmT (s24run1-2), else None:
-    bf16 x (fp16 not measured), N >= :data:`DECODE_MIN_N`; 2-16 rows from
-    :data:`DECODE_MIN_WEIGHTS` weights, one row and 17-32 rows from :data:`DECODE_BIG_WEIGHTS`
-    (6-bit weights: 128-column tiles, and not above 16 rows, where they were not measured)."""
+    for 1-32 rows of an N x K weight where it beat the GEMV and mmT (s24run1-4), else None:
+    bf16 x (fp16 not measured), N >= :data:`DECODE_MIN_N` and :data:`DECODE_MIN_WEIGHTS`
+    weights (:data:`DECODE_BIG_WEIGHTS` at one row); 17-32 rows with XSUM, 4-bit weights and
+    16-bit activations only (6-bit weights: 128-column tiles, to 16 rows)."""
     weights = N * K
     if not (bf16 and 1 <= M <= 32 and N >= DECODE_MIN_N and weights >= DECODE_MIN_WEIGHTS):
         return None
-    if (M == 1 or M > 16) and weights < DECODE_BIG_WEIGHTS:
+    if M == 1 and weights < DECODE_BIG_WEIGHTS:
         return None
-    if bits == 6 and M > 16:
+    if M > 16 and (bits == 6 or quantized):
         return None
     rows = 8 if M <= 8 else 16 if M <= 16 else 32
-    tile = dict(DECODE_TILES[rows])
+    tile = dict(DECODE_TILES[rows], path="wg", SPLIT_K=1, STREAM=2 * sms, SCALE_AFTER=True)
     if bits == 6 or (rows == 16 and weights < DECODE_BIG_WEIGHTS):
         tile["BLOCK_N"] = 128
-    return dict(tile, path="wg", SPLIT_K=1, STREAM=2 * sms, SCALE_AFTER=True)
+    if rows == 32:
+        tile["XSUM"] = True
+    return tile
 
 
 def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,

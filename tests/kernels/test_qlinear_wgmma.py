@@ -67,6 +67,9 @@ def _compile_sm90(cfg: dict, x_type: str, reduce: int, bias: bool, sym: bool, bi
                 shared=compiled.metadata.shared,
                 mmas=sum("HGMMA" in i for i in loop),
                 hmul2=sum(i.startswith("HMUL2") for i in loop),
+                # 16-bit adds (HADD2.F32 is fp16 -> fp32, the scales' conversion)
+                hadd2=sum(i.startswith("HADD2") and not i.startswith("HADD2.F32")
+                          for i in loop),
                 ffma=sum(i.startswith("FFMA") for i in loop),
                 waits=[i for i in loop if "WARPGROUP.DEPBAR" in i],
                 barriers=sum("BAR.SYNC" in i for i in loop))
@@ -118,7 +121,8 @@ def test_dispatched_tiles_compile_for_sm90_without_spills(sm90_builds):
 
 def _decode_cases():
     """(tile, variant) for the decode tiles as dispatched (SCALE_AFTER, stream-K; 6-bit weights
-    on 128 columns, to 16 rows), bf16 x (the rule's) and fp16 (forced launches)."""
+    on 128 columns, to 16 rows; XSUM at 32 rows), bf16 x (the rule's) and fp16 (forced
+    launches, without XSUM)."""
     cases = []
     for rows, tile in WG.DECODE_TILES.items():
         for cols in (128, 256) if rows < 32 else (128,):
@@ -126,7 +130,8 @@ def _decode_cases():
                                       ("*bf16", False, 6), ("*bf16", True, 6)):
                 if bits == 6 and (cols == 256 or rows == 32):
                     continue
-                cases.append((dict(tile, BLOCK_N=cols, SCALE_AFTER=True),
+                xsum = rows == 32 and x_type == "*bf16"
+                cases.append((dict(tile, BLOCK_N=cols, SCALE_AFTER=True, XSUM=xsum),
                               (x_type, 3, bits == 4, sym, bits)))
     return cases
 
@@ -148,10 +153,13 @@ def test_decode_tiles_compile_for_sm90_without_spills(sm90_decode_builds):
         assert got["stack"] == 0 and got["shared"] <= 227 * 1024, where
         # SCALE_AFTER: the operand is q - z (no 16-bit multiply in the loop); each K block's
         # sum is scaled into the total in fp32, one FFMA an accumulator register
-        # (BLOCK_N x BLOCK_M over 128 threads); the block's MMAs are all retired first (a ninth
-        # wait, "all done").
+        # (BLOCK_N x BLOCK_M over 128 threads), two with XSUM (whose operand is M + q: no
+        # 16-bit subtraction either); the block's MMAs are all retired first (a ninth wait,
+        # "all done").
+        regs = tile["BLOCK_N"] * tile["BLOCK_M"] // 128
         assert got["hmul2"] == 0, where
-        assert got["ffma"] == tile["BLOCK_N"] * tile["BLOCK_M"] // 128, where
+        assert got["ffma"] == (2 if tile["XSUM"] else 1) * regs, where
+        assert (got["hadd2"] == 0) == tile["XSUM"], where
         assert got["mmas"] == 8 * tile["BLOCK_N"] // 64, where
         assert len(got["waits"]) == 9 and got["waits"][-1].rstrip(" ;").endswith("0x0"), where
         assert got["barriers"] == 2, where
@@ -354,7 +362,7 @@ def test_dispatch_rule_on_sm90():
     # 128 x 256 where those tiles fill 0.72 of the SMs (12288 columns from 129 rows, 28672 from
     # 65), else WIDE; by stream-K over the 132 SMs once the tiles make a wave (12288 columns
     # from 129 rows with WIDE, 28672 from 129 with WIDE256).
-    assert path(32, 12288)["path"] == "mmT"
+    assert path(32, 12288)["XSUM"]  # the decode tile (test_decode_rule_on_sm90)
     assert path(33, 28672) == dict(WG.SIXTY_FOUR256, path="wg", SPLIT_K=1)
     assert path(33, 12288) == dict(WG.SIXTY_FOUR, path="wg", SPLIT_K=1)
     assert path(49, 28672) == dict(WG.SIXTY_FOUR256, path="wg", SPLIT_K=1)
@@ -428,7 +436,8 @@ def test_dispatch_rule_on_sm90():
 
 def test_decode_rule_on_sm90():
     # 1-32 rows: the tile with SCALE_AFTER by stream-K over two programs an SM where the
-    # weight is large (s24run1-2); the GEMV (one row) and mmT (2-32 rows) elsewhere.
+    # weight is large (s24run1-4), XSUM at 17-32 rows; the GEMV (one row) and mmT (2-32 rows)
+    # elsewhere.
     cuda = torch.device("cuda")
 
     def path(M, N, K, dtype=bf16, act="none", bits=4):
@@ -436,27 +445,29 @@ def test_decode_rule_on_sm90():
                             capability=(9, 0))
         return dict(cfg, PDL=None) if cfg["path"] == "wg" else cfg
 
-    def tile(rows, cols):
+    def tile(rows, cols, **kw):
         return dict(WG.DECODE_TILES[rows], BLOCK_N=cols, path="wg", SPLIT_K=1, STREAM=264,
-                    SCALE_AFTER=True, PDL=None)
+                    SCALE_AFTER=True, PDL=None, **kw)
 
     for act in ("none", "int8", "fp8"):
-        # 235M weights: every row count.
+        # 235M weights: every row count (above 16 rows 16-bit activations only).
         assert path(1, 28672, 8192, act=act) == tile(8, 256)
         assert path(8, 28672, 8192, act=act) == tile(8, 256)
         assert path(9, 28672, 8192, act=act) == tile(16, 256)
         assert path(16, 28672, 8192, act=act) == tile(16, 256)
-        assert path(17, 28672, 8192, act=act) == tile(32, 128)
-        assert path(32, 28672, 8192, act=act) == tile(32, 128)
-        assert path(33, 28672, 8192, act=act)["BLOCK_M"] == 64  # the rule of before
-        # 50M weights: 2-16 rows only; 16 rows on 128 columns.
+        # 50M weights: 2-32 rows; 16 rows on 128 columns.
         assert path(1, 12288, 4096, act=act)["path"] == "gemv1p"
         assert path(2, 12288, 4096, act=act) == tile(8, 256)
         assert path(16, 12288, 4096, act=act) == tile(16, 128)
-        assert path(17, 12288, 4096, act=act)["path"] == "mmT"
+        if act == "none":
+            for M, N, K in ((17, 28672, 8192), (32, 28672, 8192), (32, 12288, 4096)):
+                assert path(M, N, K) == tile(32, 128, XSUM=True), (M, N, K)
+        else:
+            assert path(17, 28672, 8192, act=act)["path"] == "mmT"
+        assert path(33, 28672, 8192, act=act)["BLOCK_M"] == 64  # the rule of before
     # Fewer columns or weights: as before.
     for M, N, K in ((4, 4096, 14336), (16, 4096, 12288), (4, 6144, 4096), (16, 8192, 4096),
-                    (4, 4096, 4096)):
+                    (4, 4096, 4096), (32, 4096, 12288)):
         assert path(M, N, K)["path"] == "mmT", (M, N, K)
     assert path(1, 14336, 4096)["path"] == "gemv1p"
     # 6-bit weights: 128 columns (256 spill), to 16 rows.
@@ -464,6 +475,7 @@ def test_decode_rule_on_sm90():
     assert path(4, 12288, 4096, act="int12", bits=6) == tile(8, 128)
     assert path(16, 28672, 8192, act="int12", bits=6) == tile(16, 128)
     assert path(17, 28672, 8192, act="int12", bits=6)["path"] == "mmT"
+    assert path(17, 28672, 8192, bits=6)["path"] == "mmT"
     # fp16 x was not measured: the paths of before.
     assert path(4, 28672, 8192, dtype=f16)["path"] == "mmT"
     assert path(1, 28672, 8192, dtype=f16)["path"] == "gemv1p"
@@ -611,13 +623,13 @@ def test_gpu_wg_xsum_takes_bf16_x_it_permutes():
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,N,K,act,bits", [(1, 24576, 4096, "none", 4), (4, 12288, 4096, "fp8", 4),
                                             (16, 12288, 4096, "int12", 6),
-                                            (24, 24576, 4096, "int8", 4)])
+                                            (24, 12288, 4096, "none", 4)])
 def test_gpu_dispatched_decode_tile_against_float64(M, N, K, act, bits):
     # As dispatched (the op's own call: x permuted, or quantised, dequantised and permuted, by
     # one kernel first).
     cfg = Q.choose_path(M, N, K, bits, 128, act, bf16, torch.device("cuda"))
     assert cfg["path"] == "wg" and cfg["SCALE_AFTER"] and cfg["BLOCK_M"] == (
-        8 if M <= 8 else 16 if M <= 16 else 32), cfg
+        8 if M <= 8 else 16 if M <= 16 else 32) and cfg.get("XSUM", False) == (M > 16), cfg
     gen = _gen(f"wgdecode{M}{N}{K}{act}{bits}")
     pw = _packed(gen, N, K, bits, 128, False, device="cuda")
     x = torch.randn(M, K, generator=gen).to(bf16).cuda()
