@@ -621,9 +621,9 @@ def test_gpu_wg_xsum_takes_bf16_x_it_permutes():
 
 @needs_hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("M,N,K,act,bits", [(1, 24576, 4096, "none", 4), (4, 12288, 4096, "fp8", 4),
-                                            (16, 12288, 4096, "int12", 6),
-                                            (24, 12288, 4096, "none", 4)])
+@pytest.mark.parametrize("M,N,K,act,bits", [
+    (1, 24576, 4096, "none", 4), (4, 12288, 4096, "fp8", 4), (16, 12288, 4096, "int12", 6),
+    (24, 12288, 4096, "none", 4)])
 def test_gpu_dispatched_decode_tile_against_float64(M, N, K, act, bits):
     # As dispatched (the op's own call: x permuted, or quantised, dequantised and permuted, by
     # one kernel first).
