@@ -574,10 +574,12 @@ _DECODE_SHAPES = [(1, 256, 512, True), (3, 1008, 1280, False), (8, 4096, 1024, T
 
 @needs_hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits,dtype,sym,xsum", [
-    (4, bf16, False, True), (4, bf16, True, True), (4, bf16, False, False), (4, f16, True, False),
-    (6, bf16, False, True), (6, f16, False, False)])
-@pytest.mark.parametrize("M,N,K,bias", _DECODE_SHAPES)
+@pytest.mark.parametrize("bits,dtype,sym,xsum,M,N,K,bias", [
+    (bits, dtype, sym, xsum, *shape)
+    for bits, dtype, sym, xsum in ((4, bf16, False, True), (4, bf16, True, True),
+                                   (4, bf16, False, False), (4, f16, True, False),
+                                   (6, bf16, False, True), (6, f16, False, False))
+    for shape in _DECODE_SHAPES if bits == 4 or shape[0] <= 16])  # 6-bit: to 16 rows
 @pytest.mark.parametrize("stream", [0, 5, 264])
 def test_gpu_wg_decode_scale_after_against_float64(bits, dtype, sym, xsum, M, N, K, bias,
                                                    stream):
@@ -586,8 +588,6 @@ def test_gpu_wg_decode_scale_after_against_float64(bits, dtype, sym, xsum, M, N,
     # block sum); stream-K with pieces inside tiles and more programs than units (264), and
     # (stream 0) K split 2 by tickets. 4-bit weights on 256 columns at 8 and 16 rows of every
     # other shape, 128 elsewhere (6-bit: 128, to 16 rows, as dispatched).
-    if bits == 6 and M > 16:
-        pytest.skip("6-bit weights take the decode tiles to 16 rows")
     cols = 256 if bits == 4 and M <= 16 and _DECODE_SHAPES.index((M, N, K, bias)) % 2 else 128
     tile = dict(WG.DECODE_TILES[8 if M <= 8 else 16 if M <= 16 else 32], BLOCK_N=cols,
                 SCALE_AFTER=True, XSUM=xsum)
