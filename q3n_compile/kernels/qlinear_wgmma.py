@@ -713,8 +713,12 @@ MAX_K_TALL = 8192
 # the same tile without it ran 0.87-1.18x (and 0.0874 against 0.0684 ms with PDL on 28672 x
 # 8192: with PDL its programs launched while the permutation's still ran, not profiled); at
 # 1-16 rows XSUM was within 3% of SCALE_AFTER alone (slower in 10 of 18), so it is not used
-# there. Quantized activations (x dequantised and permuted by the quantizer, no sums) keep mmT
-# above 16 rows (not measured there).
+# there. The same tile without PDL ran as fast as XSUM on the two shapes timed both ways (0.0684
+# / 0.0402 ms against 0.0696 / 0.0389 at 32 rows of 28672 x 8192 / 24576 x 4096), so most of
+# that gain may be the launch's rather than the unpack's. Quantized activations (x dequantised
+# and permuted by the quantizer, no sums, no PDL) take the tile without XSUM at 17-32 rows
+# from DECODE_BIG_WEIGHTS (s24run6, int8 and fp8 codes: 1.26-1.49x mmT at 24 and 32 rows of
+# 24576 x 4096 and 28672 x 8192; 0.99-1.02x on 12288 x 4096).
 DECODE_TILES = {8: dict(BLOCK_M=8, BLOCK_N=256, num_warps=4, STAGES=4, LOOKAHEAD=1),
                 16: dict(BLOCK_M=16, BLOCK_N=256, num_warps=4, STAGES=4, LOOKAHEAD=1),
                 32: dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, STAGES=4, LOOKAHEAD=1)}
@@ -788,20 +792,21 @@ def choose_decode(M: int, N: int, K: int, sms: int, bits: int = 4, bf16: bool = 
     """The decode launch (:data:`DECODE_TILES`, SCALE_AFTER, stream-K over two programs an SM)
     for 1-32 rows of an N x K weight where it beat the GEMV and mmT (s24run1-4), else None:
     bf16 x (fp16 not measured), N >= :data:`DECODE_MIN_N` and :data:`DECODE_MIN_WEIGHTS`
-    weights (:data:`DECODE_BIG_WEIGHTS` at one row); 17-32 rows with XSUM, 4-bit weights and
-    16-bit activations only (6-bit weights: 128-column tiles, to 16 rows)."""
+    weights (:data:`DECODE_BIG_WEIGHTS` at one row); 17-32 rows 4-bit weights only, with
+    XSUM for 16-bit activations, from DECODE_BIG_WEIGHTS for quantized ones (6-bit weights:
+    128-column tiles, to 16 rows)."""
     weights = N * K
     if not (bf16 and 1 <= M <= 32 and N >= DECODE_MIN_N and weights >= DECODE_MIN_WEIGHTS):
         return None
     if M == 1 and weights < DECODE_BIG_WEIGHTS:
         return None
-    if M > 16 and (bits == 6 or quantized):
+    if M > 16 and (bits == 6 or (quantized and weights < DECODE_BIG_WEIGHTS)):
         return None
     rows = 8 if M <= 8 else 16 if M <= 16 else 32
     tile = dict(DECODE_TILES[rows], path="wg", SPLIT_K=1, STREAM=2 * sms, SCALE_AFTER=True)
     if bits == 6 or (rows == 16 and weights < DECODE_BIG_WEIGHTS):
         tile["BLOCK_N"] = 128
-    if rows == 32:
+    if rows == 32 and not quantized:
         tile["XSUM"] = True
     return tile
 

@@ -463,7 +463,10 @@ def test_decode_rule_on_sm90():
             for M, N, K in ((17, 28672, 8192), (32, 28672, 8192), (32, 12288, 4096)):
                 assert path(M, N, K) == tile(32, 128, XSUM=True), (M, N, K)
         else:
-            assert path(17, 28672, 8192, act=act)["path"] == "mmT"
+            # Quantized activations (x permuted by the quantizer, no sums): from 96M weights.
+            assert path(17, 28672, 8192, act=act) == tile(32, 128)
+            assert path(32, 24576, 4096, act=act) == tile(32, 128)
+            assert path(32, 12288, 4096, act=act)["path"] == "mmT"
         assert path(33, 28672, 8192, act=act)["BLOCK_M"] == 64  # the rule of before
     # Fewer columns or weights: as before.
     for M, N, K in ((4, 4096, 14336), (16, 4096, 12288), (4, 6144, 4096), (16, 8192, 4096),
@@ -623,13 +626,14 @@ def test_gpu_wg_xsum_takes_bf16_x_it_permutes():
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,N,K,act,bits", [
     (1, 24576, 4096, "none", 4), (4, 12288, 4096, "fp8", 4), (16, 12288, 4096, "int12", 6),
-    (24, 12288, 4096, "none", 4)])
+    (24, 12288, 4096, "none", 4), (24, 24576, 4096, "int8", 4)])
 def test_gpu_dispatched_decode_tile_against_float64(M, N, K, act, bits):
     # As dispatched (the op's own call: x permuted, or quantised, dequantised and permuted, by
     # one kernel first).
     cfg = Q.choose_path(M, N, K, bits, 128, act, bf16, torch.device("cuda"))
     assert cfg["path"] == "wg" and cfg["SCALE_AFTER"] and cfg["BLOCK_M"] == (
-        8 if M <= 8 else 16 if M <= 16 else 32) and cfg.get("XSUM", False) == (M > 16), cfg
+        8 if M <= 8 else 16 if M <= 16 else 32) and cfg.get("XSUM", False) == (
+            M > 16 and act == "none"), cfg
     gen = _gen(f"wgdecode{M}{N}{K}{act}{bits}")
     pw = _packed(gen, N, K, bits, 128, False, device="cuda")
     x = torch.randn(M, K, generator=gen).to(bf16).cuda()
