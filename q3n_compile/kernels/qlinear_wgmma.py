@@ -4,7 +4,9 @@ weight's unpack overlaps the tensor cores. 4- and 6-bit weights in groups of 128
 or symmetric), bf16 or fp16 x, an sm_90 GPU; dispatched from 33 to 256 rows (49 for 4-bit
 weights with quantized activations on the 64 x 64 tile), quantized
 activations dequantised and permuted by the op first, to 128 rows where cuBLAS's fp8 GEMM on
-unpacked codes takes the call and K exceeds 8192 (:func:`choose`).
+unpacked codes takes the call and K exceeds 8192 (:func:`choose`); and at 1-32 rows of large
+weights with bf16 x (:func:`choose_decode`, session 24), on tiles of 8, 16 or 32 rows with
+SCALE_AFTER (and XSUM at 17-32 rows), below.
 
 Why: in Triton 3.6 the swapped tile's MMA reads the unpacked weight from registers, and Triton
 waits for every such MMA to finish before the next instruction (sm_90 SASS of
@@ -55,6 +57,19 @@ Session 22 (s22run1-4): x's permutation and the kernel are launched with program
 dependent launch (:func:`with_pdl`; W4A16 1.002-1.08x faster in 24 of 28 cases), and WIDE takes
 the grids where TALL's programs exceed the SMs (by stream-K) or K exceeds :data:`MAX_K_TALL`
 at 129-256 rows (K split 2): 1.09-1.74x the TALL launches of before.
+
+Session 24 (s24run1-6), the decode tiles: SCALE_AFTER makes the operand q - z (exact: no
+multiply by s a code pair, no rounding of the weight) and sums each K block (one group of 128)
+in its own accumulator, scaled into the total in fp32 after the block's MMAs retire (one
+FFMA an accumulator register a block). XSUM (bf16 x) makes it M + q (M = 128: no subtraction
+either) and takes (M + z) times the block's sum of x off in fp32; the sums come from x's
+permutation ([K blocks, M] fp32, :func:`permute_x_blocks` with ``sums``) and through the stages
+with x. The two sums cancel to within fp32 rounding of about 136 sum |x| (a GPU test runs x
+of mean 4 and -300 against float64). sm_90 SASS of the 16 x 256 tile's K loop, bf16 x,
+instructions a code: 3.16 with the scale in the unpack and 2.72 with SCALE_AFTER (K split by
+tickets); 2.74 with SCALE_AFTER and 2.39 with XSUM (stream-K). At 1-16 rows XSUM timed
+0.96-1.07x SCALE_AFTER alone (the tile is not bound by its instruction count there), so the
+rule takes it at 17-32 rows only.
 
 Gluon has no interpreter: this kernel runs on sm_90 only; the CPU lane compiles it for sm_90
 and executes its PTX unpack in an emulator (tests/kernels/test_qlinear_wgmma.py), the GPU lane
@@ -704,7 +719,7 @@ MAX_K_TALL = 8192
 # against the GEMV's 0.0559-0.0563 at one row (1.11x), 1.46x mmT at 4-8 rows, 1.42x at 16;
 # 24576 x 4096 1.09x at one row, 1.35x at 4, 1.21x at 16; 12288 x 4096, 14336 x 4096 and
 # 8192 x 8192 1.08-1.16x at 4 rows and 1.03-1.08x at 16 (but 0.86-0.91x at one row); weights
-# of 4096-6144 columns or 16.8-25M weights 0.77-1.03x (the permutation's launch and the
+# of 4096-6144 columns or 16.8-25M weights 0.71-1.03x (the permutation's launch and the
 # stream-K fix-ups weigh more than the unpack saves there). W4A8 int8 and W6A12 (6-bit:
 # 128-column tiles, 256 spill) alike on 12288 x 4096 and 28672 x 8192 (1.06-1.41x, but W4A8 at
 # one row on 12288 x 4096 0.84x); W6A12 lost on 4096^2. At 17-32 rows with 16-bit x, XSUM
@@ -712,13 +727,13 @@ MAX_K_TALL = 8192
 # 1.39 / 1.49x mmT at 32 rows of 12288 x 4096 / 8192^2 / 24576 x 4096 / 28672 x 8192, where
 # the same tile without it ran 0.87-1.18x (and 0.0874 against 0.0684 ms with PDL on 28672 x
 # 8192: with PDL its programs launched while the permutation's still ran, not profiled); at
-# 1-16 rows XSUM was within 3% of SCALE_AFTER alone (slower in 10 of 18), so it is not used
+# 1-16 rows XSUM ran 0.96-1.07x SCALE_AFTER alone (slower in 22 of 32), so it is not used
 # there. The same tile without PDL ran as fast as XSUM on the two shapes timed both ways (0.0684
 # / 0.0402 ms against 0.0696 / 0.0389 at 32 rows of 28672 x 8192 / 24576 x 4096), so most of
 # that gain may be the launch's rather than the unpack's. Quantized activations (x dequantised
 # and permuted by the quantizer, no sums, no PDL) take the tile without XSUM at 17-32 rows
 # from DECODE_BIG_WEIGHTS (s24run6, int8 and fp8 codes: 1.26-1.49x mmT at 24 and 32 rows of
-# 24576 x 4096 and 28672 x 8192; 0.99-1.02x on 12288 x 4096).
+# 24576 x 4096 and 28672 x 8192; 0.98-1.02x on 12288 x 4096).
 DECODE_TILES = {8: dict(BLOCK_M=8, BLOCK_N=256, num_warps=4, STAGES=4, LOOKAHEAD=1),
                 16: dict(BLOCK_M=16, BLOCK_N=256, num_warps=4, STAGES=4, LOOKAHEAD=1),
                 32: dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, STAGES=4, LOOKAHEAD=1)}
