@@ -147,26 +147,20 @@ def _six_scaled_pairs(w, w2, zb, sb, j: gl.constexpr, F16: gl.constexpr):
 
 
 @gluon.jit
-def _code_pairs(w, zb, j: gl.constexpr, F16: gl.constexpr):
-    """Code j of the words w as q - z in x's 16-bit dtype (exact), two codes an instance, as
-    :func:`_scaled_pairs` without the scale."""
-    if F16:
-        return gl.inline_asm_elementwise(_CODES_F16[j], "=r,r,r,r,r", [w, zb],
-                                         dtype=gl.float16, is_pure=True, pack=2)
+def _code_pairs(w, w2, zb, j: gl.constexpr, F16: gl.constexpr, BITS: gl.constexpr):
+    """Code j of the words w (6-bit: and the 2-bit plane's w2) as q - z in x's 16-bit dtype
+    (exact), two codes an instance: :func:`_scaled_pairs` / :func:`_six_scaled_pairs` without
+    the scale."""
+    if BITS == 6:
+        asm: gl.constexpr = _SIX_CODES_F16[j] if F16 else _SIX_CODES_BF16[j]
+        return gl.inline_asm_elementwise(asm, "=r,r,r,r,r,r,r", [w, w2, zb],
+                                         dtype=gl.float16 if F16 else gl.bfloat16,
+                                         is_pure=True, pack=2)
     else:
-        return gl.inline_asm_elementwise(_CODES_BF16[j], "=r,r,r,r,r", [w, zb],
-                                         dtype=gl.bfloat16, is_pure=True, pack=2)
-
-
-@gluon.jit
-def _six_code_pairs(w, w2, zb, j: gl.constexpr, F16: gl.constexpr):
-    """6-bit code j as q - z (exact), as :func:`_six_scaled_pairs` without the scale."""
-    if F16:
-        return gl.inline_asm_elementwise(_SIX_CODES_F16[j], "=r,r,r,r,r,r,r", [w, w2, zb],
-                                         dtype=gl.float16, is_pure=True, pack=2)
-    else:
-        return gl.inline_asm_elementwise(_SIX_CODES_BF16[j], "=r,r,r,r,r,r,r", [w, w2, zb],
-                                         dtype=gl.bfloat16, is_pure=True, pack=2)
+        asm: gl.constexpr = _CODES_F16[j] if F16 else _CODES_BF16[j]
+        return gl.inline_asm_elementwise(asm, "=r,r,r,r,r", [w, zb],
+                                         dtype=gl.float16 if F16 else gl.bfloat16,
+                                         is_pure=True, pack=2)
 
 
 @gluon.jit
@@ -213,10 +207,7 @@ def _block_mmas(w, w2, zb, sb, x_lo, x_hi, acc, a_1, a_2, a_3, BITS: gl.constexp
         elif BIASED:
             a = _biased_pairs(w, w2, j, BITS)
         else:
-            if BITS == 6:
-                a = _six_code_pairs(w, w2, zb, j, F16)
-            else:
-                a = _code_pairs(w, zb, j, F16)
+            a = _code_pairs(w, w2, zb, j, F16, BITS)
         if j < 4:
             xj = x_lo.slice(16 * j, 16, 1)
         else:
