@@ -25,7 +25,8 @@ What this module guarantees:
   only by the rounding the kernels' docstrings state (float32 accumulation order, the 16-bit
   rounding of dequantised weights on the 16-bit-activation tensor-core paths (on ``mmT`` only
   for weight groups of 32 and 64: with groups of 128 and per-channel scales it scales fp32 sums
-  of exact ``q - z`` products instead; on ``wg`` for every call), of dequantised
+  of exact ``q - z`` products instead; on ``wg`` for every call but its decode tiles, which
+  scale each K block's fp32 sum the same way), of dequantised
   activations ``c * s_x`` on the ``dequant``, ``mmT`` and ``wg`` paths, of the product before
   the bias on ``cublas8``'s fp8 GEMM, and on GPUs an
   activation code that may differ by one where ``x'/s_x`` lies within an ulp of a rounding tie,
@@ -103,7 +104,11 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   to x's dtype (with bf16 x the scale is rounded to bf16 first). H200: W4A16 1.05-1.54x the
   paths before it (s18run4) and 1.00-1.15x more at 96-256 rows (s19run3), fp8 activations
   1.03-1.26x cublas8 at 160-256 rows on K <= 8192 (s19run5), W6A12 1.22-3.13x (s18run4); at
-  33-48 rows W4A16 1.02-1.19x mmT (s21run4).
+  33-48 rows W4A16 1.02-1.19x mmT (s21run4). Since session 24 also 1-32 rows of large weights
+  with bf16 x (:func:`qlinear_wgmma.choose_decode`: 8-, 16- and 32-row tiles whose operand is
+  the exact ``q - z`` (or ``M + q`` with x's block sums, XSUM), each K block's sum scaled in
+  fp32), ahead of gemv1p and mmT there: W4A16 on 28672 x 8192 1.13x the GEMV at one row and
+  1.42-1.49x mmT at 4-32 rows (s24run4).
 
 Every K block of the gemv and mm kernels lies in one weight group and one activation group:
 :func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which
