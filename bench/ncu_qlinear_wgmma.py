@@ -3,6 +3,10 @@ warm-up outside the profiled range (``ncu --profile-from-start off``).
 
     ncu --profile-from-start off --clock-control none --section SpeedOfLight \
         --section WarpStateStats python bench/ncu_qlinear_wgmma.py 128 28672 8192 128,128,8,4,1
+
+The tile ``decode`` profiles the launch :func:`qlinear_wgmma.choose_decode` gives (1-32 rows:
+stream-K, SCALE_AFTER, XSUM at 17-32 rows), x permuted by the op itself (filter the tile with
+``-k regex:qlinear_wg``).
 """
 
 import sys
@@ -21,17 +25,25 @@ from q3n_compile.kernels import qlinear_wgmma as WG  # noqa: E402
 
 def main():
     M, N, K = (int(v) for v in sys.argv[1:4])
-    bm, bn, warps, stages, split = (int(v) for v in sys.argv[4].split(","))
-    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, STAGES=stages, SPLIT_K=split)
     gen = torch.Generator(device="cuda").manual_seed(0)
     pw = random_packed(gen, N, K, 4, 128, False)
     x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
-    xp = WG.permute_x_blocks(x)
+    if sys.argv[4] == "decode":
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        cfg = WG.choose_decode(M, N, K, sms)
+        if cfg is None:
+            raise SystemExit(f"no decode launch for {M} rows of {N} x {K}")
+        cfg = dict(cfg, PDL=False)
+        xp, permuted = x, False
+    else:
+        bm, bn, warps, stages, split = (int(v) for v in sys.argv[4].split(","))
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, STAGES=stages, SPLIT_K=split)
+        xp, permuted = WG.permute_x_blocks(x), True
     for _ in range(3):
-        WG.run(xp, pw.qweight, pw.scales, pw.zeros, None, K, cfg, Q._tickets, x_permuted=True)
+        WG.run(xp, pw.qweight, pw.scales, pw.zeros, None, K, cfg, Q._tickets, x_permuted=permuted)
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
-    WG.run(xp, pw.qweight, pw.scales, pw.zeros, None, K, cfg, Q._tickets, x_permuted=True)
+    WG.run(xp, pw.qweight, pw.scales, pw.zeros, None, K, cfg, Q._tickets, x_permuted=permuted)
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
     print("case", M, N, K, cfg)
