@@ -9,6 +9,10 @@ the packing gives its unpack, so the op permutes x first, one more kernel per ca
 what it would gain first.
 
     python bench/wg_permute_cost.py --out bench/results/x.json
+    python bench/wg_permute_cost.py --decode --ms 1 4 16 --nk 12288x4096 28672x8192
+
+``--decode``: at 1-16 rows the decode tile (:data:`qlinear_wgmma.DECODE_TILES`) also where the
+rule keeps the GEMV or mmT ("forced"; its op time is then the permutation and the tile).
 """
 
 import argparse
@@ -33,8 +37,13 @@ def main():
     ap.add_argument("--nk", nargs="+", default=["4096x4096", "12288x4096", "4096x12288",
                                                  "28672x8192"])
     ap.add_argument("--ms", nargs="+", type=int, default=[64, 128, 256])
+    ap.add_argument("--decode", action="store_true",
+                    help="at 1-16 rows, the decode tile (qlinear_wgmma.DECODE_TILES, SCALE_AFTER, "
+                         "stream-K over two programs an SM) also where the rule keeps the GEMV "
+                         "or mmT")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator(device="cuda").manual_seed(0)
     result = dict(result_header("CUDA-graph replay, do_bench median, L2 flushed"), rows=[])
     for nk in args.nk:
@@ -45,24 +54,31 @@ def main():
             qargs = (x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128, K, "none",
                      Q.PER_TOKEN)
             cfg = Q.choose_path(M, N, K, 4, 128, "none", x.dtype, x.device)
+            forced = cfg["path"] != "wg" and args.decode and M <= 16
+            if forced:
+                cfg = dict(WG.DECODE_TILES[8 if M <= 8 else 16], path="wg", SPLIT_K=1,
+                           STREAM=2 * sms, SCALE_AFTER=True)
             if cfg["path"] != "wg":
                 continue
             xk = permute_x_blocks(x)
             ref = Q.reference(x.double(), *qargs[1:]).double()
 
             def kernel():
-                return WG.run(xk, pw.qweight, pw.scales, pw.zeros, None, K, cfg,
-                              tickets=Q._tickets, x_permuted=True)
+                # XSUM needs the sums of x's own permutation: the kernel alone runs without it.
+                return WG.run(xk, pw.qweight, pw.scales, pw.zeros, None, K,
+                              dict(cfg, XSUM=False), tickets=Q._tickets, x_permuted=True)
 
             err = ((kernel().double() - ref).abs().max() / ref.abs().max()).item()
-            op_ms = timed(lambda: torch.ops.q3n.qlinear(*qargs), eager=False)[1]
+            op_ms = timed((lambda: WG.run(x, pw.qweight, pw.scales, pw.zeros, None, K, cfg,
+                                          tickets=Q._tickets)) if forced
+                          else (lambda: torch.ops.q3n.qlinear(*qargs)), eager=False)[1]
             kernel_ms = timed(kernel, eager=False)[1]
             perm_ms = timed(lambda: permute_x_blocks(x), eager=False)[1]
             torch_ms = timed(lambda: permute_x_blocks_torch(x), eager=False)[1]
-            row = dict(N=N, K=K, M=M, cfg=cfg, op_ms=op_ms, kernel_ms=kernel_ms,
+            row = dict(N=N, K=K, M=M, cfg=cfg, forced=forced, op_ms=op_ms, kernel_ms=kernel_ms,
                        permute_ms=perm_ms, permute_torch_ms=torch_ms, err=err, ok=err <= TOL)
             result["rows"].append(row)
-            print(f"{nk} M={M}: op {op_ms:.4f}  kernel on permuted x {kernel_ms:.4f} "
+            print(f"{nk} M={M}{' (forced decode tile)' if forced else ''}: op {op_ms:.4f}  kernel on permuted x {kernel_ms:.4f} "
                   f"({kernel_ms / op_ms:.3f}x)  permute alone {perm_ms:.4f} (torch's "
                   f"{torch_ms:.4f})  err {err:.1e}",
                   flush=True)
