@@ -53,6 +53,9 @@ from q3n_compile.kernels import qlinear as Q  # noqa: E402
 from q3n_compile.kernels import qlinear_cublas8 as C8  # noqa: E402
 
 MS = (1, 16, 256, 4096)
+# From these rows the large-M alternatives (dequantise + cuBLAS, cublas8) are timed beside the
+# dispatched path: the rows where the dispatch weighs them (cublas8 from 65 rows for fp8).
+ALTERNATIVES_FROM_M = 65
 NKS = ((4096, 4096), (12288, 4096), (4096, 12288), (28672, 8192))
 # name -> (bits, group, symmetric, activation format or "auto"[, activation group: -1 per token])
 FORMATS = {
@@ -301,7 +304,7 @@ def run_shape(M, N, K, formats, sweep, gen, paths=None):
             alts = ["dequant"]
             if C8.eligible(N, K, bits, group, act, x.dtype, Q.fp8_supported(x.device), ag) is None:
                 alts.append("cublas8")
-            for alt in alts if M >= 256 else ():
+            for alt in alts if M >= ALTERNATIVES_FROM_M else ():
                 if row["path"]["path"] == alt:
                     continue
                 f = lambda: Q._launch(*args[:-1], interpreter=False,  # noqa: E731
