@@ -227,7 +227,11 @@ def asm_candidates(dispatched):
 def split_candidates(dispatched, M, K):
     """The dispatched mmT launch with each K split from 1 to 8 (each split keeping >= 2 K blocks)
     and, above 64 rows, the 128-row tile with 64 and 128 columns: how the grid fills the SMs
-    (ncu, s14run1: 1.45 waves of programs at 128 rows, SMs idle 28% of the time)."""
+    (ncu, s14run1: 1.45 waves of programs at 128 rows, SMs idle 28% of the time). For the mm
+    path, its launch at each split (each keeping >= 2 of its K blocks)."""
+    if dispatched.get("path") == "mm":
+        blocks = -(-K // dispatched["BLOCK_K"])
+        return [dict(dispatched, SPLIT_K=s) for s in (1, 2, 3, 4, 6, 8) if blocks >= 2 * s]
     if dispatched.get("path") != "mmT":
         return []
     blocks = -(-K // 128)
@@ -379,8 +383,8 @@ def main():
     ap.add_argument("--asm", action="store_true",
                     help="the dispatched mmT launch with the float unpack and the PTX one (ASM)")
     ap.add_argument("--splits", action="store_true",
-                    help="the dispatched mmT launch at every K split (and the 128-row tiles "
-                         "above 64 rows)")
+                    help="the dispatched mmT or mm launch at every K split (and mmT's "
+                         "128-row tiles above 64 rows)")
     args = ap.parse_args()
     sweep = ("gemv" if args.gemv else "xperm" if args.xperm else "regs" if args.regs
              else "asm" if args.asm else "splits" if args.splits else args.sweep)
