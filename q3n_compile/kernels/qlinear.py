@@ -925,6 +925,29 @@ def _split(n_tiles: int, k_pad: int, block_k: int, sms: int, max_split: int = 16
     return split
 
 
+# The mm tile's K split (65-256 rows; its 64 x 128 tile, 4 warps, fits three programs an SM):
+# split only where the tiles are fewer than the SMs, into as many splits as keep the programs
+# within one wave of three an SM, at most MM_MAX_SPLIT. s25run4 (`bench_qlinear.py --splits`,
+# W8A8 per channel at 96-256 rows on 4096^2, 12288 x 4096, 4096 x 12288, 28672 x 8192 and
+# 5120^2, CUDA-graph ms): every best split kept the programs at or below 384 (3 x 132), and
+# past a wave each lost 1.3-1.5x (4096^2 at 256 rows: 128 tiles x split 4 = 512 programs
+# 0.0599 ms against split 3's 0.0428 and split 1's 0.0410; 4096 x 12288 at 256 rows 0.1043
+# against split 3's 0.0765); from 192 tiles split 1 was best (12288 x 4096 at 96 rows: 0.0476
+# against split 2's 0.0532). This rule's split was the best swept or within 5% of it in all 25
+# cases (at most 1.05x), where the "cover the SMs twice" rule of before (_split) ran 1.03-1.40x
+# slower in 11 of them.
+MM_PROGRAMS_PER_SM = 3
+MM_MAX_SPLIT = 6
+
+
+def _mm_split(n_tiles: int, k_pad: int, block_k: int, sms: int) -> int:
+    """mm's K split (:data:`MM_PROGRAMS_PER_SM`), each split keeping >= 2 K blocks."""
+    if n_tiles >= sms:
+        return 1
+    split = max(1, min(MM_MAX_SPLIT, MM_PROGRAMS_PER_SM * sms // n_tiles))
+    return _keep_two_blocks(split, k_pad, block_k)
+
+
 def _keep_two_blocks(split: int, k_pad: int, block_k: int) -> int:
     """`split` halved until each split keeps at least 2 K blocks (or it is 1)."""
     k_blocks = -(-k_pad // block_k)
@@ -1158,7 +1181,8 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     CUDA: :data:`CUDA_TABLE` by M; GEMV: :func:`gemv1p_config` for 8-, 4- and 2-bit weights,
     else 64 columns x 128 (<= groups) K per
     step, K split at least 4 ways (:func:`_gemv_split`);
-    mm: split-K (fp32 atomics) when the output tiles cover fewer than twice the SMs; from
+    mm: split-K (fp32 atomics) where the output tiles are fewer than the SMs, as many splits as
+    keep the programs within one wave (:func:`_mm_split`); from
     :data:`CUBLAS8_MIN_M` rows, 8-bit activations take "cublas8" (:mod:`qlinear_cublas8`) where
     that path computes the format exactly on this device.
     Both send single-plane weights at GEMV sizes to gemv1p: on CUDA one row (from 2 rows the
@@ -1244,7 +1268,7 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
         # 64 rows (s9run6; the GEMV's minimum of 4 was 10% slower at 12288 x 4096, 32 rows).
         split = max(2, _split(n_tiles, k_pad, bk, sms, max_split=8))
     else:
-        split = (_gemv_split if path == "mmT" else _split)(n_tiles, k_pad, bk, sms)
+        split = (_gemv_split if path == "mmT" else _mm_split)(n_tiles, k_pad, bk, sms)
     cfg = dict(path=path, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
                num_stages=stages)
     if path == "mmT":

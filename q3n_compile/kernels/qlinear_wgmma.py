@@ -679,7 +679,11 @@ DISPATCH_TILES = (WIDE, WIDE256, TALL, SMALL, SIXTY_FOUR, SIXTY_FOUR256)
 # activations, 4-bit weights): the tile beat mm8 and cublas8 in all 8 cases of s17run11 (fp8,
 # 1.02-1.24x) to 128 rows; at 192-256 rows with this session's tiles (s19run4, fp8, the rule's
 # tile against cublas8) 1.09-1.26x on K = 4096-8192, but on 4096 x 12288 0.91x at 192 rows
-# (1.05x at 256), so for K above MAX_K_CUBLAS8 only to 128 rows. Other quantized activations
+# (1.05x at 256), so for K above MAX_K_CUBLAS8 only to 128 rows, and again from
+# MIN_M_CUBLAS8_LONG_K: s25run3 (fp8, WIDE with K split 2 as the rule gives, against cublas8 as
+# dispatched, same run) 4096 x 12288 and 4096 x 14336 at 160 / 192 / 256 rows 0.96-0.97x /
+# 0.99-1.00x / 1.15-1.17x (0.0716 against 0.0824 ms, 0.0798 against 0.0937 at 256; only these
+# two shapes measured). Other quantized activations
 # (dequantised to x's dtype and permuted first) to 256: W6A12 at 192-256 rows ran 1.27-1.47x
 # faster than dequantise + cuBLAS (s18run1, forced tiles).
 # From 33 rows (49 before session 21): s21run3 (bench_qlinear_wgmma.py --ms 33 40 48, the rule's
@@ -692,6 +696,7 @@ DISPATCH_TILES = (WIDE, WIDE256, TALL, SMALL, SIXTY_FOUR, SIXTY_FOUR256)
 # 1024 x 4096. 32 rows and fewer keep mmT's 32-row tile (x on the MMA's N side needs no
 # 64-row padding there).
 MIN_M, MIN_M_SMALL_W4_QUANTIZED, MAX_M, MAX_M_CUBLAS8, MAX_K_CUBLAS8 = 33, 49, 256, 128, 8192
+MIN_M_CUBLAS8_LONG_K = 193
 # Weights of 3040-4224 columns at 129-256 rows (one wave of TALL programs): TALL to this K,
 # WIDE with K split 2 above (s22run2, W4A16 at 160 / 256 rows, same process: 4096 x 11008,
 # 12288, 14336 1.08-1.14x TALL; 4096 x 8192 0.99 / 1.02x; 4096 x 4096 and 3072 x 4096 0.84-0.89x
@@ -820,9 +825,10 @@ def choose_decode(M: int, N: int, K: int, sms: int, bits: int = 4, bf16: bool = 
 def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
            K: int = 0, quantized: bool = False) -> Optional[dict]:
     """The launch for M rows of an N x K weight, or None outside :data:`MIN_M`-:data:`MAX_M`
-    rows (:data:`MAX_M_CUBLAS8` where `cublas8`, the qlinear_cublas8 path computes the call at
-    this M, and K exceeds :data:`MAX_K_CUBLAS8`; below :data:`MIN_M_SMALL_W4_QUANTIZED`
-    where 4-bit weights meet `quantized` activations and the tile would be SMALL). Same rule
+    rows (none above :data:`MAX_M_CUBLAS8` and below :data:`MIN_M_CUBLAS8_LONG_K` where
+    `cublas8`, the qlinear_cublas8 path computes the call at this M, and K exceeds
+    :data:`MAX_K_CUBLAS8`; below :data:`MIN_M_SMALL_W4_QUANTIZED` where 4-bit weights meet
+    `quantized` activations and the tile would be SMALL). Same rule
     for 4- and 6-bit weights but for WIDE256 and SIXTY_FOUR256 (4-bit only).
 
     Wide weights (WIDE's tiles at least :data:`WAVE_FILL` of the SMs): to 64 rows
@@ -836,7 +842,9 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
     (2 from 65 rows where 4 would make more programs than SMs) and above SMALL split 2 for
     `quantized` activations, None for 16-bit ones. The caller halves a split that would leave
     fewer than two K blocks of 128 each (:func:`q3n_compile.kernels.qlinear.choose_path`)."""
-    if not MIN_M <= M <= (MAX_M_CUBLAS8 if cublas8 and K > MAX_K_CUBLAS8 else MAX_M):
+    if not MIN_M <= M <= MAX_M:
+        return None
+    if cublas8 and K > MAX_K_CUBLAS8 and MAX_M_CUBLAS8 < M < MIN_M_CUBLAS8_LONG_K:
         return None
     wide_tiles = contract.cdiv(M, 128) * contract.cdiv(N, 128)
     tiles256 = contract.cdiv(M, 128) * contract.cdiv(N, 256)

@@ -400,8 +400,8 @@ def test_dispatch_rule_on_sm90():
                dict(group=-1), dict(cap=(8, 0)), dict(cap=(10, 0))):
         assert path(128, 12288, **kw)["path"] != "wg", kw
     # Quantized activations (dequantised first) to 256 rows, ahead of mm8, cublas8 and
-    # dequantise + cuBLAS; to 128 where cublas8 computes the call (fp8 codes and 4-bit weights
-    # from 129) and K exceeds 8192.
+    # dequantise + cuBLAS; where cublas8 computes the call (fp8 codes and 4-bit weights from
+    # 129) and K exceeds 8192, to 128 and again from 193 (s25run3).
     for act in ("fp8", "int8", "int12"):
         for bits in (4, 6):
             assert path(49, 4096, act=act, bits=bits) == dict(WG.SMALL, path="wg", SPLIT_K=4)
@@ -421,6 +421,9 @@ def test_dispatch_rule_on_sm90():
     assert path(256, 4096, act="fp8") == dict(WG.TALL, path="wg", SPLIT_K=1)
     assert path(128, 4096, K=12288, act="fp8") == dict(WG.TALL, path="wg", SPLIT_K=2)
     assert path(129, 4096, K=12288, act="fp8")["path"] == "cublas8"
+    assert path(192, 4096, K=14336, act="fp8")["path"] == "cublas8"
+    for M in (193, 256):
+        assert path(M, 4096, K=12288, act="fp8") == dict(WG.WIDE, path="wg", SPLIT_K=2)
     assert path(257, 12288, act="fp8")["path"] == "cublas8"
     for act, bits in (("int8", 4), ("int12", 4)):
         assert path(256, 28672, act=act, bits=bits) == stream256
@@ -639,6 +642,20 @@ def test_gpu_dispatched_decode_tile_against_float64(M, N, K, act, bits):
     x = torch.randn(M, K, generator=gen).to(bf16).cuda()
     check_against_float64(x, pw, None, act=act)
 
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", ["fp8", "int8"])
+def test_gpu_dispatched_long_k_with_quantized_activations_against_float64(act):
+    # 193-256 rows of K > 8192 with 8-bit activations: the tile again, not cublas8 (s25run3).
+    M, N, K = 200, 4096, 12288
+    cfg = Q.choose_path(M, N, K, 4, 128, act, bf16, torch.device("cuda"))
+    assert cfg["path"] == "wg" and cfg["SPLIT_K"] == 2, cfg
+    gen = _gen(f"wglongk{act}")
+    pw = _packed(gen, N, K, 4, 128, False, device="cuda")
+    x = torch.randn(M, K, generator=gen).to(bf16).cuda()
+    check_against_float64(x, pw, None, act=act)
 
 @needs_hopper
 @pytest.mark.gpu
