@@ -70,7 +70,8 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   quantized and dequantised first, in one pass over x (with their groups' scales), so the
   function computed is the same.
 - ``cublas8`` (:mod:`q3n_compile.kernels.qlinear_cublas8`): for 8-bit activations from
-  :data:`CUBLAS8_MIN_M` rows (fp8: 65, 256 with per-channel weights; int8: 257), where the
+  :data:`CUBLAS8_MIN_M` rows (fp8: 65, 256 with per-channel weights; int8: 257, and 65 on
+  weights of at most 4096 x 4096 entries), where the
   format allows (fp8 with weights
   of <= 4 bits and scales per 128 channels or per channel; int8 with per-channel weights and
   per-token scales): the
@@ -1129,13 +1130,22 @@ _TABLE_KEY = {"none": "a16", "int8": "a8", "fp8": "a8", "int12": "a12"}
 # 65 rows; between, the mm tile had lost to mmT (s10run4), and at 256 cublas8 won (s8run1).
 # Per-channel weights (cuBLAS's row-scaled fp8 GEMM) were not measured below 256 rows: they keep
 # the session-8 threshold.
+# int8 (W8A8 per channel) on weights of at most CUBLAS8_INT8_SMALL_WEIGHTS entries from 65 rows:
+# s25run3-5 (bench_qlinear.py, the same process) 4096^2 at 96 / 128 / 160 / 192 / 256 rows
+# 0.0301 / 0.0301 / 0.0372 / 0.0338 / 0.0345 ms against the mm tile's 0.0331 / 0.0342 / 0.0374 /
+# 0.0383 / 0.0428 with its split of s25run4 (1.01-1.24x); on 5120^2 (26M) the mm tile was as
+# fast or faster (0.0403-0.0551 against 0.0459-0.0581), on 4096 x 12288, 12288 x 4096 and
+# 28672 x 8192 faster (1.20-1.67x). Only 4096^2 measured at or below the threshold.
 CUBLAS8_MIN_M = {"fp8": 65, "int8": 257}
 CUBLAS8_FP8_PER_CHANNEL_MIN_M = 256
+CUBLAS8_INT8_SMALL_MIN_M, CUBLAS8_INT8_SMALL_WEIGHTS = 65, 4096 * 4096
 
 
-def _cublas8_min_m(act: str, group_size: int) -> int:
+def _cublas8_min_m(act: str, group_size: int, weights: int) -> int:
     if act == "fp8" and group_size == P.PER_CHANNEL:
         return CUBLAS8_FP8_PER_CHANNEL_MIN_M
+    if act == "int8" and weights <= CUBLAS8_INT8_SMALL_WEIGHTS:
+        return CUBLAS8_INT8_SMALL_MIN_M
     return CUBLAS8_MIN_M.get(act, 1 << 62)
 # mm8 (:mod:`qlinear_mm8`) for fp8 codes with one scale per token and 4-bit g128 weights from 65
 # to 128 rows, with its 128 x 32 tile (128 registers: 4 programs an SM), where measured faster:
@@ -1215,7 +1225,7 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     # fp8 tensor cores from the capability the caller gives (a dispatch asked for another
     # GPU), else from the device
     fp8 = _fp8_capable(capability) if capability is not None else fp8_supported(device)
-    cublas8 = (M >= _cublas8_min_m(act, group_size)
+    cublas8 = (M >= _cublas8_min_m(act, group_size, N * K)
                and C8.eligible(N, K, bits, group_size, act, dtype, fp8, act_group_size) is None)
     if allow_wg and WG is not None and WG.supported(
             bits, group_size, act, dtype, N, capability or _device_capability(device)):

@@ -371,11 +371,13 @@ def test_choose_path_table():
     # the programs within one wave of three an SM (at most 6, each split >= 2 K blocks).
     def w8a8(m, n, k):
         return Q.choose_path(m, n, k, 8, -1, "int8", bf16, cuda, sm_count=132)
-    assert (w8a8(256, 4096, 4096)["path"], w8a8(256, 4096, 4096)["SPLIT_K"]) == ("mm", 3)
-    assert w8a8(96, 4096, 4096)["SPLIT_K"] == 6  # 64 tiles
+    assert (w8a8(256, 4096, 4096 + 64)["path"], w8a8(256, 4096, 4096 + 64)["SPLIT_K"]) == (
+        "mm", 3)  # (4096^2 itself takes cublas8 from 65 rows)
+    assert w8a8(96, 4096, 12288)["SPLIT_K"] == 6  # 64 tiles
     assert w8a8(160, 5120, 5120)["SPLIT_K"] == 3  # 120 tiles
     assert w8a8(96, 12288, 4096)["SPLIT_K"] == 1  # 192 tiles: a wave without a split
-    assert w8a8(96, 4096, 512)["SPLIT_K"] == 3  # 8 K blocks of 64: 6 would leave one a split
+    g32 = Q.choose_path(96, 4096, 256, 5, 32, "int8", bf16, cuda, sm_count=132)
+    assert (g32["path"], g32["SPLIT_K"]) == ("mm", 3)  # 8 K blocks of 32: 6 would leave one
     # Above 256 rows (8-bit) and 64 (12-bit): dequantise + cuBLAS where cublas8 does not take
     # the format (group 32 here).
     assert Q.choose_path(1024, 4096, 4096, 4, 32, "int8", bf16, cuda, sm_count=132)["path"] == "dequant"

@@ -111,7 +111,8 @@ def test_choose_path_takes_cublas8_where_eligible(monkeypatch):
                          sm_count=132)["path"] == "dequant"
     assert Q.choose_path(4096, 4096, 4096, 4, 128, "none", **big)["path"] == "dequant"
     # From CUBLAS8_MIN_M rows: fp8 from 65 (mm8 from 65 to 128 rows where its tiles fill the
-    # SMs twice: per-token scales, 4-bit weights), int8 above 256; below, the Triton tiles.
+    # SMs twice: per-token scales, 4-bit weights), int8 above 256 (below); below, the Triton
+    # tiles.
     assert Q.choose_path(256, 4096, 4096, 4, 128, "fp8", **big)["path"] == "cublas8"
     assert Q.choose_path(255, 4096, 4096, 4, 128, "fp8", **big)["path"] == "cublas8"
     assert Q.choose_path(64, 4096, 4096, 4, 128, "fp8", **big)["path"] == "mmT"
@@ -134,8 +135,12 @@ def test_choose_path_takes_cublas8_where_eligible(monkeypatch):
     assert Q.choose_path(128, 12288, 4096, 4, -1, "fp8", **big)["path"] == "mmT"
     assert Q.choose_path(255, 12288, 4096, 4, -1, "fp8", **big)["path"] == "mm"
     assert Q.choose_path(256, 12288, 4096, 4, -1, "fp8", **big)["path"] == "cublas8"
-    assert Q.choose_path(256, 4096, 4096, 8, -1, "int8", **big)["path"] == "mm"
-    assert Q.choose_path(257, 4096, 4096, 8, -1, "int8", **big)["path"] == "cublas8"
+    # int8: from 257 rows, from 65 on weights of at most 4096^2 entries (s25run3-5).
+    assert Q.choose_path(256, 5120, 5120, 8, -1, "int8", **big)["path"] == "mm"
+    assert Q.choose_path(257, 5120, 5120, 8, -1, "int8", **big)["path"] == "cublas8"
+    assert Q.choose_path(65, 4096, 4096, 8, -1, "int8", **big)["path"] == "cublas8"
+    assert Q.choose_path(256, 4096, 4096, 8, -1, "int8", **big)["path"] == "cublas8"
+    assert Q.choose_path(64, 4096, 4096, 8, -1, "int8", **big)["path"] == "mmT"
     monkeypatch.setattr(Q, "fp8_supported", lambda device: False)
     assert Q.choose_path(4096, 4096, 4096, 4, 128, "fp8", **big)["path"] == "dequant"
 
