@@ -64,7 +64,7 @@ DTYPE = torch.bfloat16
 DEVICE = "cuda"
 SMOKE = False  # --smoke: tiny sizes on the CPU (Triton's interpreter), to test this script
 ROUNDS = 3  # interleaved timing rounds of every implementation in a row (medians kept)
-GRAPH_M = 16  # up to here rows (and the sweep) are also timed as CUDA-graph replays
+GRAPH_M = 16  # up to here rows (and the sweep) are also timed as CUDA-graph replays (--graph-until)
 LARGE_M = 2048  # the sweep times "split"/"cublas" configs from here on, "fused" up to 64
 SECTIONS = ("layernorm", "rmsnorm", "swiglu")
 # Sweep candidates, as overrides of choose_config's default for the design.
@@ -305,7 +305,7 @@ def best_of(row):
 
 
 def main(argv=None):
-    global K, N, INTER, DEVICE, SMOKE, LARGE_M
+    global K, N, INTER, DEVICE, SMOKE, LARGE_M, GRAPH_M
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="write the JSON results here")
     ap.add_argument("--commit", default=None,
@@ -318,6 +318,10 @@ def main(argv=None):
                          "rows after it still time every design at its default)")
     ap.add_argument("--sweep-large-from", type=int, default=LARGE_M, metavar="M",
                     help=f"sweep the split and cublas designs from M rows (default {LARGE_M})")
+    ap.add_argument("--graph-until", type=int, default=GRAPH_M, metavar="M",
+                    help=f"also time rows up to M as CUDA-graph replays, and host time a call "
+                         f"(default {GRAPH_M}; above, do_bench of Python calls includes the "
+                         f"host's time, which exceeds the GPU's at a few hundred rows)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny sizes on the CPU under TRITON_INTERPRET=1: checks this script")
     args = ap.parse_args(argv)
@@ -329,6 +333,7 @@ def main(argv=None):
         sys.exit("bench_norm_linear.py needs a CUDA GPU (or --smoke under TRITON_INTERPRET=1)")
     else:
         LARGE_M = args.sweep_large_from
+    GRAPH_M = args.graph_until
     if not SMOKE:  # (--smoke may run inside a test process: leave its settings alone)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch._dynamo.config.recompile_limit = 64
