@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,46 +38,36 @@ def main():
         sys.exit("bench_cublas8_parts.py needs a CUDA GPU")
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for nk in args.nk:
-        N, K = map(int, nk.split("x"))
-        w = (torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to(torch.bfloat16)
-        for M in args.ms:
-            x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
-            _, bf16 = BQ.timed(lambda: F.linear(x, w), eager=False)
-            for name, (bits, group, sym, act) in FORMATS.items():
-                pw = BQ.random_packed(gen, N, K, bits, group, sym)
-                codes, xs = Q.quantize_activations_triton(x, act, None, False)
-                w8 = C8.unpack_codes_8bit(pw.qweight, pw.zeros, bits, group, K,
-                                          codes.dtype)
-                parts = {
-                    "quantize": lambda: Q.quantize_activations_triton(x, act, None, False),
-                    "unpack": lambda: C8.unpack_codes_8bit(pw.qweight, pw.zeros, bits, group, K,
-                                                           codes.dtype),
-                    "path": lambda: C8.run(codes, xs, pw.qweight, pw.scales, pw.zeros, None,
-                                           bits, group, act, Q.PER_TOKEN, torch.bfloat16),
-                    "op": lambda: torch.ops.q3n.qlinear(x, pw.qweight, pw.scales, pw.zeros,
-                                                        None, None, bits, group, K, act),
-                }
-                if act == "fp8":
-                    sa = xs[None, :].expand(K // 128, M).contiguous().t()
-                    s = pw.scales.float()
-                    parts["gemm"] = lambda: torch._scaled_mm(codes, w8.t(), scale_a=sa, scale_b=s,
-                                                             out_dtype=torch.bfloat16)
-                    s1 = s[:1].contiguous()
-                    parts["gemm_rowwise"] = lambda: torch._scaled_mm(
-                        codes, w8.t(), scale_a=xs[:, None], scale_b=s1, out_dtype=torch.bfloat16)
-                else:
-                    parts["gemm"] = lambda: torch._int_mm(codes, w8.t())
-                row = dict(N=N, K=K, M=M, format=name, bf16_ms=bf16)
-                for part, fn in parts.items():
-                    try:
-                        _, row[f"{part}_ms"] = BQ.timed(fn, eager=False)
-                    except Exception as exc:
-                        row[f"{part}_error"] = str(exc).splitlines()[0][:160]
-                rows.append(row)
-                print(f"{N:>6} {K:>6} {M:>5} {name:>10} bf16 {bf16:.4f} " + " ".join(
-                    f"{p} {row[p + '_ms']:.4f}" for p in parts if row.get(p + "_ms")), flush=True)
-            torch.cuda.empty_cache()
+    for N, K, M, x, bf16 in BQ.bf16_cases(gen, args.nk, args.ms):
+        for name, (bits, group, sym, act) in FORMATS.items():
+            pw = BQ.random_packed(gen, N, K, bits, group, sym)
+            codes, xs = Q.quantize_activations_triton(x, act, None, False)
+            w8 = C8.unpack_codes_8bit(pw.qweight, pw.zeros, bits, group, K,
+                                      codes.dtype)
+            parts = {
+                "quantize": lambda: Q.quantize_activations_triton(x, act, None, False),
+                "unpack": lambda: C8.unpack_codes_8bit(pw.qweight, pw.zeros, bits, group, K,
+                                                       codes.dtype),
+                "path": lambda: C8.run(codes, xs, pw.qweight, pw.scales, pw.zeros, None,
+                                       bits, group, act, Q.PER_TOKEN, torch.bfloat16),
+                "op": lambda: torch.ops.q3n.qlinear(x, pw.qweight, pw.scales, pw.zeros,
+                                                    None, None, bits, group, K, act),
+            }
+            if act == "fp8":
+                sa = xs[None, :].expand(K // 128, M).contiguous().t()
+                s = pw.scales.float()
+                parts["gemm"] = lambda: torch._scaled_mm(codes, w8.t(), scale_a=sa, scale_b=s,
+                                                         out_dtype=torch.bfloat16)
+                s1 = s[:1].contiguous()
+                parts["gemm_rowwise"] = lambda: torch._scaled_mm(
+                    codes, w8.t(), scale_a=xs[:, None], scale_b=s1, out_dtype=torch.bfloat16)
+            else:
+                parts["gemm"] = lambda: torch._int_mm(codes, w8.t())
+            row = dict(N=N, K=K, M=M, format=name, bf16_ms=bf16)
+            rows.append(BQ.time_parts(parts, row))
+            print(f"{N:>6} {K:>6} {M:>5} {name:>10} bf16 {bf16:.4f} " + " ".join(
+                f"{p} {row[p + '_ms']:.4f}" for p in parts if row.get(p + "_ms")), flush=True)
+        torch.cuda.empty_cache()
     BQ.write_result(args.out, dict(BQ.result_header("CUDA-graph replay, do_bench median"),
                                    rows=rows))
 

@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,43 +46,33 @@ def main():
         sys.exit("bench_dequant_parts.py needs a CUDA GPU")
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for nk in args.nk:
-        N, K = map(int, nk.split("x"))
-        w = (torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to(torch.bfloat16)
-        for M in args.ms:
-            x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
-            _, bf16 = BQ.timed(lambda: F.linear(x, w), eager=False)
-            for name in args.formats:
-                bits, group, sym, act = FORMATS[name]
-                pw = BQ.random_packed(gen, N, K, bits, group, sym)
-                op_args = (x, pw.qweight, pw.scales, pw.zeros, None, None, bits, group, K, act)
-                path = Q.choose_path(M, N, K, bits, group, act, x.dtype, x.device)
-                a = (x if act == "none" else
-                     Q.quantize_activations_triton(x, act, None, False, dequant=True)[0])
-                wt = Q.dequantize_triton(pw.qweight, pw.scales, pw.zeros, bits, group, K,
-                                         x.dtype)
-                parts = {
-                    "dequant": lambda: Q.dequantize_triton(pw.qweight, pw.scales, pw.zeros,
-                                                           bits, group, K, x.dtype),
-                    "gemm": lambda: torch.mm(a, wt),
-                    "op": lambda: torch.ops.q3n.qlinear(*op_args),
-                }
-                if act != "none":
-                    parts["act"] = lambda: Q.quantize_activations_triton(x, act, None, False,
-                                                                         dequant=True)
-                row = dict(N=N, K=K, M=M, format=name, path=path, bf16_ms=bf16)
-                for part, fn in parts.items():
-                    try:
-                        _, row[f"{part}_ms"] = BQ.timed(fn, eager=False)
-                    except Exception as exc:
-                        row[f"{part}_error"] = str(exc).splitlines()[0][:160]
-                rows.append(row)
-                print(f"{N:>6} {K:>6} {M:>5} {name:>6} {path['path']:>8} bf16 {bf16:.4f} "
-                      + " ".join(f"{p} {row[p + '_ms']:.4f}" for p in parts
-                                 if row.get(p + "_ms"))
-                      + (f"  (op {bf16 / row['op_ms']:.2f}x bf16)" if row.get("op_ms") else ""),
-                      flush=True)
-            torch.cuda.empty_cache()
+    for N, K, M, x, bf16 in BQ.bf16_cases(gen, args.nk, args.ms):
+        for name in args.formats:
+            bits, group, sym, act = FORMATS[name]
+            pw = BQ.random_packed(gen, N, K, bits, group, sym)
+            op_args = (x, pw.qweight, pw.scales, pw.zeros, None, None, bits, group, K, act)
+            path = Q.choose_path(M, N, K, bits, group, act, x.dtype, x.device)
+            a = (x if act == "none" else
+                 Q.quantize_activations_triton(x, act, None, False, dequant=True)[0])
+            wt = Q.dequantize_triton(pw.qweight, pw.scales, pw.zeros, bits, group, K,
+                                     x.dtype)
+            parts = {
+                "dequant": lambda: Q.dequantize_triton(pw.qweight, pw.scales, pw.zeros,
+                                                       bits, group, K, x.dtype),
+                "gemm": lambda: torch.mm(a, wt),
+                "op": lambda: torch.ops.q3n.qlinear(*op_args),
+            }
+            if act != "none":
+                parts["act"] = lambda: Q.quantize_activations_triton(x, act, None, False,
+                                                                     dequant=True)
+            row = dict(N=N, K=K, M=M, format=name, path=path, bf16_ms=bf16)
+            rows.append(BQ.time_parts(parts, row))
+            print(f"{N:>6} {K:>6} {M:>5} {name:>6} {path['path']:>8} bf16 {bf16:.4f} "
+                  + " ".join(f"{p} {row[p + '_ms']:.4f}" for p in parts
+                             if row.get(p + "_ms"))
+                  + (f"  (op {bf16 / row['op_ms']:.2f}x bf16)" if row.get("op_ms") else ""),
+                  flush=True)
+        torch.cuda.empty_cache()
     BQ.write_result(args.out, dict(BQ.result_header("CUDA-graph replay, do_bench median"),
                                    rows=rows))
 

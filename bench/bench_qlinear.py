@@ -115,6 +115,30 @@ def check_and_time(fn, ref, bf16_ms, tol, row, check=True) -> dict:
     return row
 
 
+def bf16_cases(gen, nks, ms):
+    """(N, K, M, x, bf16 ms) for each "NxK" of `nks` and each M of `ms`: a bf16 weight drawn from
+    `gen` once per shape, bf16 x [M, K] per M, and bf16 ``F.linear`` timed as a CUDA-graph replay
+    (the peer of the parts scripts, bench_cublas8_parts.py and bench_dequant_parts.py)."""
+    for nk in nks:
+        N, K = map(int, nk.split("x"))
+        w = (torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to(torch.bfloat16)
+        for M in ms:
+            x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
+            _, bf16 = timed(lambda: F.linear(x, w), eager=False)
+            yield N, K, M, x, bf16
+
+
+def time_parts(parts, row):
+    """Each of `parts` ({name: fn}) timed as a CUDA-graph replay into ``row[name + "_ms"]``, or
+    the first line of its error into ``row[name + "_error"]``; returns `row`."""
+    for part, fn in parts.items():
+        try:
+            _, row[f"{part}_ms"] = timed(fn, eager=False)
+        except Exception as exc:
+            row[f"{part}_error"] = str(exc).splitlines()[0][:160]
+    return row
+
+
 def rel_err(out, ref):
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
