@@ -20,6 +20,10 @@ def __getattr__(name):
         from .backend import q3n_backend
 
         return q3n_backend
+    if name == "FrozenWeightChanged":  # raised by a compiled graph whose folded weights changed
+        from .runtime import FrozenWeightChanged
+
+        return FrozenWeightChanged
     if name == "release_quantized_weights":
         from .quant.release import release_quantized_weights
 
@@ -27,5 +31,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'q3n_compile' has no attribute {name!r}")
 
 
-__all__ = ["Q3NConfig", "Q3NConfigError", "q3n_backend", "release_quantized_weights", "reports",
+__all__ = ["FrozenWeightChanged", "Q3NConfig", "Q3NConfigError", "q3n_backend", "release_quantized_weights", "reports",
            "reset_reports", "__version__"]

@@ -142,7 +142,9 @@ def _compile_graph(
         real_inputs=[_concrete(a) for a in real_inputs] if aligned and real_inputs else None,
     )
     passes = run_pipeline(graph, ctx, on_pass_done=dumper.after_pass if dumper else None)
-    guard = FrozenWeightGuard(ctx.frozen)
+    # Positions only where the inputs line up with the placeholders (else nothing is frozen).
+    guard = FrozenWeightGuard(ctx.frozen, {n.name: i for i, n in enumerate(placeholders)}
+                              if aligned else None)
 
     executor = config.executor
     compiled = _run_executor(graph, fake_args, guard, config, fallbacks, static_values,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch._functorch.aot_autograd import make_boxed_func
@@ -46,17 +46,31 @@ class FrozenWeightChanged(RuntimeError):
 
 
 class FrozenWeightGuard:
-    """Remembers the version counter and storage of every weight a pass folded into the graph."""
+    """Remembers the version counter and storage of every weight a pass folded into the graph,
+    and (given its position among the graph's inputs) checks that a call passes that weight.
 
-    def __init__(self, frozen: dict[str, torch.Tensor]):
-        self._frozen = [(name, t, t._version, t.data_ptr()) for name, t in frozen.items()]
+    Why the position: Dynamo passes a module's parameters to the graph as inputs and guards on
+    their shapes and dtypes, not on which tensors they are, so one compiled graph serves every
+    instance of a module class (a second model of the same class, ``layer.compile()`` on each
+    of a model's layers). A graph whose passes folded the first instance's weights would compute
+    with them for the others: this raises instead."""
+
+    def __init__(self, frozen: dict[str, torch.Tensor],
+                 positions: Optional[dict[str, int]] = None):
+        positions = positions or {}
+        # Float attributes (a norm's eps) come as 0-d tensors Dynamo makes anew on every call:
+        # only weights (parameters, and buffers, which have a shape) are checked by identity.
+        self._frozen = [(name, t, t._version, t.data_ptr(),
+                         positions.get(name) if isinstance(t, torch.nn.Parameter) or t.dim()
+                         else None)
+                        for name, t in frozen.items()]
 
     def __bool__(self) -> bool:
         return bool(self._frozen)
 
-    def check(self) -> None:
+    def check(self, args: Optional[Sequence[Any]] = None) -> None:
         released = False
-        for name, tensor, version, ptr in self._frozen:
+        for name, tensor, version, ptr, pos in self._frozen:
             if getattr(tensor, "_q3n_released_key", None) is not None:
                 released = True  # freed by release_quantized_weights(): the graph holds its
                 continue         # packed form; not checked again (a decode step's host time)
@@ -67,6 +81,21 @@ class FrozenWeightGuard:
                     "constants, as with Inductor's freezing). Recompile after changing weights: "
                     "call torch._dynamo.reset() and compile the model again."
                 )
+            if args is not None and pos is not None:
+                given = args[pos]
+                if given is not tensor and (not isinstance(given, torch.Tensor)
+                                            or given.data_ptr() != ptr):
+                    raise FrozenWeightChanged(
+                        f"q3n: graph input {name!r} ({tuple(tensor.shape)}, "
+                        f"{str(tensor.dtype).replace('torch.', '')}) is not the weight this graph "
+                        "was compiled with: q3n folded that weight's values into the graph, and Dynamo reuses "
+                        "one compiled graph for every instance of a module class (another model "
+                        "of the same class, or layer.compile() on each layer), passing the "
+                        "instance's own weights, which this graph would ignore. Compile with "
+                        "torch._inductor.config.freezing = True under torch.no_grad() (Dynamo "
+                        "then compiles a graph for each instance's weights), or compile the "
+                        "whole model once."
+                    )
         if released:
             self._frozen = [e for e in self._frozen
                             if getattr(e[1], "_q3n_released_key", None) is None]
@@ -143,7 +172,7 @@ def q3n_executor(
         return make_boxed_func(forward)
 
     def run(args: list[Any]) -> Any:
-        guard.check()
+        guard.check(args)
         return forward(*args)
 
     run._boxed_call = True  # type: ignore[attr-defined]
@@ -201,7 +230,7 @@ def inductor_executor(
     copy_out: list[bool] = []
 
     def run(args: list[Any]) -> Any:
-        guard.check()
+        guard.check(args)
         full = list(args)
         args.clear()  # boxed convention: the callee owns (and may free) the inputs
         full.extend(constants)

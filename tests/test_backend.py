@@ -278,3 +278,65 @@ def test_report_names_float_attributes_passed_as_tensors(specialize_float):
         assert any(n.endswith("variance_epsilon") for n in floats["names"]), floats
         assert any(n.endswith("self_attn_scaling") for n in floats["names"]), floats
         assert "specialize_float = True" in floats["note"]
+
+
+class _NormLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(128)
+        self.lin = torch.nn.Linear(128, 64)
+
+    def forward(self, x):
+        return self.lin(self.norm(x))
+
+
+_FOLDING_OPTIONS = {
+    "norm_fusion": {"norm_fusion": True, "attention": "off"},
+    "quant_config": {"attention": "off", "quant_config": {"rules": [{"match": "*",
+                                                                       "weight_bits": 8}]}},
+}
+
+
+@pytest.mark.parametrize("executor", ["q3n", "inductor"])
+@pytest.mark.parametrize("folding", list(_FOLDING_OPTIONS))
+def test_a_graph_with_folded_weights_refuses_another_instances_weights(folding, executor):
+    # Dynamo passes parameters as graph inputs and reuses one compiled graph for a second
+    # instance of the class; a graph whose passes folded the first instance's weights must not
+    # silently compute with them for the second.
+    gen = torch.Generator().manual_seed(0)
+    a, b = _NormLinear(), _NormLinear()
+    with torch.no_grad():
+        for p in list(a.parameters()) + list(b.parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen))
+    x = torch.randn(2, 5, 128, generator=gen)
+    options = dict(_FOLDING_OPTIONS[folding], executor=executor)
+    ca = torch.compile(a, backend="q3n", dynamic=False, options=options)
+    cb = torch.compile(b, backend="q3n", dynamic=False, options=options)
+    with torch.no_grad():
+        got, want = ca(x), a(x)
+        assert _rel_err(got, want) < (1e-5 if folding == "norm_fusion" else 2e-2)
+        assert q3n_compile.reports()[-1]["runtime"]["frozen_weights"]
+        with pytest.raises(q3n_compile.FrozenWeightChanged, match="is not the weight this graph"):
+            cb(x)
+
+
+def test_freezing_compiles_a_graph_for_each_instance():
+    # The fix the error names: with Inductor's freezing flag (inference), Dynamo guards on the
+    # parameters, so each instance gets its own graph and its own folds.
+    with torch._inductor.config.patch(freezing=True):
+        _two_instances_with_freezing()
+
+
+def _two_instances_with_freezing():
+    gen = torch.Generator().manual_seed(1)
+    a, b = _NormLinear(), _NormLinear()
+    with torch.no_grad():
+        for p in list(a.parameters()) + list(b.parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen))
+    x = torch.randn(2, 5, 128, generator=gen)
+    options = _FOLDING_OPTIONS["norm_fusion"]
+    ca = torch.compile(a, backend="q3n", dynamic=False, options=options)
+    cb = torch.compile(b, backend="q3n", dynamic=False, options=options)
+    with torch.no_grad():
+        assert _rel_err(ca(x), a(x)) < 1e-5 and _rel_err(cb(x), b(x)) < 1e-5
+    assert len(q3n_compile.reports()) == 2

@@ -520,7 +520,7 @@ def planned_executor(
 
     if guard:
         def run(args: list[Any]) -> Any:
-            guard.check()
+            guard.check(args)
             return rt(args)
     else:
         def run(args: list[Any]) -> Any:

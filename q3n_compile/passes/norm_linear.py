@@ -72,7 +72,10 @@ quantize pass uses the packed form it made before. The quantize pass does not le
 compile); it says so in its return value.
 
 Memory: W' is a new tensor; the module still holds W, so each fused linear's weight exists twice
-on the device (``detail["folded_bytes"]`` says how much was added). The folded weights of linears
+on the device (``detail["folded_bytes"]`` says how much a graph added). The graphs of one model
+share their folds (cached weakly on the source parameter, under the sources' identities and
+versions and a digest of gamma, beta and the biases; ``detail["fold_shared_bytes"]`` counts what
+a graph took from another), so a prefill graph and a decode graph hold one W' between them. The folded weights of linears
 left to quantize (``detail["folded_for_quantize_bytes"]``) are dropped by the quantize pass once
 it has packed them.
 """
@@ -81,6 +84,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -582,6 +586,74 @@ def _fold(lins: list[_Linear], gamma: Optional[torch.Tensor], beta: Optional[tor
             rowsum.float() if kind == "layernorm" else None)
 
 
+# The folds of one model's graphs (its prefill graph, its decode graph, the recompiles for new
+# shapes) are shared: before, each graph registered a W' of its own, so the fused linears'
+# weights existed once in the module and once per graph (qwen3 "bench", prefill + decode under
+# CUDA graphs, three graphs: peak memory +60%, s25run8). A fold is cached on the parameter its
+# first matrix views, under the identities and versions of the matrices' source parameters and
+# the digest of everything else it reads (gamma, beta, the biases, kind, dtype); the cache holds
+# the folds weakly, so a fold lives as long as some compiled graph holds it.
+_FOLDS_ATTR = "_q3n_norm_linear_folds"
+
+
+def _digest(values: list[Any]) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            h.update(f"{v.dtype}{tuple(v.shape)}".encode())
+            h.update(v.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                     .numpy().tobytes() if v.numel() else b"")
+        else:
+            h.update(repr(v).encode())
+    return h.hexdigest()
+
+
+def _fold_source(mat: Any, sources: set[Node], ctx: PassContext) -> Optional[torch.Tensor]:
+    """The parameter (a placeholder's static value) whose storage `mat` views, or None."""
+    if not isinstance(mat, torch.Tensor):
+        return None
+    for node in sources:
+        value = ctx.static_values.get(node.name)
+        if (isinstance(value, torch.Tensor) and value.device == mat.device
+                and value.untyped_storage().data_ptr() == mat.untyped_storage().data_ptr()):
+            return value
+    return None
+
+
+def _shared_fold(lins: list[_Linear], gamma: Optional[torch.Tensor],
+                 beta: Optional[torch.Tensor], consts: _Constants, kind: str, k: int,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor],
+                                              Optional[torch.Tensor], bool]:
+    """:func:`_fold`'s (W', b', rowsum), and whether another graph of the model made them (then
+    they are the same tensors). Uncached where a matrix is not a view of a parameter."""
+    mats = [consts(lin.mat2) for lin in lins]
+    owners = [_fold_source(m, consts.placeholders(lin.mat2), consts.ctx)
+              for m, lin in zip(mats, lins)]
+    if any(o is None for o in owners):
+        return (*_fold(lins, gamma, beta, consts, kind, k, dtype), False)
+    key = (kind, str(dtype), k,
+           tuple((m.untyped_storage().data_ptr(), m.storage_offset(), tuple(m.shape),
+                  tuple(m.stride()), str(m.dtype), str(m.device), o._version)
+                 for m, o in zip(mats, owners)),
+           _digest([gamma, beta] + [consts(lin.bias) for lin in lins]))
+    cache = getattr(owners[0], _FOLDS_ATTR, None)
+    if cache is None:
+        cache = {}
+        setattr(owners[0], _FOLDS_ATTR, cache)
+    for stale in [key_ for key_, (refs, _) in cache.items() if any(r() is None for r in refs)]:
+        del cache[stale]
+    hit = cache.get(key)
+    if hit is not None:
+        return (*(None if r is None else r() for r in hit[1]), True)
+    w, b, rs = _fold(lins, gamma, beta, consts, kind, k, dtype)
+    # The owners' liveness guards the storage addresses in the key (a freed parameter's address
+    # may come back as another's).
+    refs = [weakref.ref(o) for o in owners] + [weakref.ref(w)] + [
+        weakref.ref(t) for t in (b, rs) if t is not None]
+    cache[key] = (refs, tuple(None if t is None else weakref.ref(t) for t in (w, b, rs)))
+    return w, b, rs, False
+
+
 def _register(gm: GraphModule, fake_mode: Any, tensor: torch.Tensor, stem: str, before: Node) -> Node:
     i = 0
     while hasattr(gm, f"{stem}_{i}"):
@@ -655,7 +727,7 @@ def _rewrite_group(gm: GraphModule, ctx: PassContext, fake_mode: Any, norm: _Nor
             final, residual = found
     splits = [lin.n for lin in lins] if epilogue == "none" and len(lins) > 1 else None
 
-    w, b, rs = _fold(lins, gamma, beta, consts, norm.kind, k, dtype)
+    w, b, rs, shared = _shared_fold(lins, gamma, beta, consts, norm.kind, k, dtype)
     reason = _kernel().supports(xval, w, b, rs, norm.eps, norm.kind, _val(residual), epilogue, splits)
     if reason is not None:
         raise _Decline(reason)
@@ -699,9 +771,14 @@ def _rewrite_group(gm: GraphModule, ctx: PassContext, fake_mode: Any, norm: _Nor
         "epilogue": epilogue,
         "residual": residual is not None,
         "dtype": str(dtype).replace("torch.", ""),
-        "folded_bytes": w.numel() * w.element_size() + sum(
-            t.numel() * t.element_size() for t in (b, rs) if t is not None),
+        # Bytes this graph added; a fold another graph of the model made adds none.
+        "folded_bytes": 0 if shared else _nbytes(w, b, rs),
+        "fold_shared_bytes": _nbytes(w, b, rs) if shared else 0,
     }
+
+
+def _nbytes(*tensors: Optional[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _lead_ok(val: Any, lead: list[Any]) -> bool:
@@ -848,7 +925,7 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
     fusions: list[dict[str, Any]] = []
     without_linear: list[str] = []
     unfused_linears: dict[str, int] = {}
-    folded = 0
+    folded = shared = 0
     found = 0
     extra: dict[str, Any] = {}
     plan = _quantize_plan(gm, ctx, extra)
@@ -936,6 +1013,7 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             left, others, _ = _consumers(norm, k, {n: j for j, n in enumerate(gm.graph.nodes)})
             kept_for = sorted({_describe(u) for u in others + [lin.node for lin in left]})
         folded += sum(e.pop("folded_bytes", 0) for e in entries)
+        shared += sum(e.pop("fold_shared_bytes", 0) for e in entries)
         fusions.append({
             "norm": _module_name(norm.anchor),
             "kind": norm.kind,
@@ -950,6 +1028,8 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
         "norms_without_linear": without_linear,
         "linears_left_unfused": unfused_linears,
         "folded_bytes": folded,
+        # The folds this graph shares with another graph of the model (no bytes added).
+        "fold_shared_bytes": shared,
         # W' and b' of the linears left to quantize: the quantize pass replaces them by packed
         # weights and drops them (what it keeps in high precision stays).
         "folded_for_quantize_bytes": folded_for_quantize,

@@ -409,6 +409,51 @@ def test_folded_weights_are_frozen():
             compiled(_x(2, 5, K))
 
 
+def test_graphs_of_one_model_share_their_folds():
+    # A second graph of the model (another shape, compiled without dynamic shapes) takes the
+    # first one's W', b' and rowsum: the same tensors, no bytes added.
+    model = _randomize(NormThenLinears("layernorm"))
+    _, _, first, compiled = _compile_run(model, _x(2, 5, K))
+    with torch.no_grad():
+        want, got = model(_x(3, 7, K, seed=2)), compiled(_x(3, 7, K, seed=2))
+    _assert_close(got, want)
+    second = q3n_compile.reports()[-1]
+    assert second is not first and _pass(second)["rewritten"] == 1
+    size = (40 * 40 + 40 + 40) * 4
+    assert (_pass(first)["detail"]["folded_bytes"], _pass(first)["detail"]["fold_shared_bytes"]) \
+        == (size, 0)
+    assert (_pass(second)["detail"]["folded_bytes"], _pass(second)["detail"]["fold_shared_bytes"]) \
+        == (0, size)
+    # Changed weights (then a recompile, as FrozenWeightChanged asks) are folded anew.
+    with torch.no_grad():
+        model.linears[1].weight.mul_(2.0)
+    torch._dynamo.reset()
+    want, got, third, _ = _compile_run(model, _x(3, 7, K, seed=2))
+    _assert_close(got, want)
+    assert _pass(third)["detail"]["folded_bytes"] == size
+
+
+class TwoNormsOneLinear(nn.Module):
+    """One linear's weight read after two norms: two folds from the same source matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(K), nn.LayerNorm(K)
+        self.lin = nn.Linear(K, 24)
+
+    def forward(self, x):
+        return self.lin(self.norm1(x)) + self.lin(self.norm2(x))
+
+
+def test_folds_of_one_weight_with_different_norms_are_not_shared():
+    model = _randomize(TwoNormsOneLinear())
+    want, got, report, _ = _compile_run(model, _x(2, 5, K))
+    _assert_close(got, want)
+    detail = _pass(report)["detail"]
+    assert _pass(report)["rewritten"] == 2
+    assert (detail["folded_bytes"], detail["fold_shared_bytes"]) == (2 * (24 * 40 + 24 + 24) * 4, 0)
+
+
 def test_inductor_executor_runs_the_rewritten_graph():
     # The folded weights are get_attr constants: Inductor must take them (no fallback to q3n's
     # executor) and the q3n op stays opaque inside the Inductor-compiled graph.
