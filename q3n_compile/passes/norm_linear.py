@@ -596,6 +596,18 @@ def _fold(lins: list[_Linear], gamma: Optional[torch.Tensor], beta: Optional[tor
 _FOLDS_ATTR = "_q3n_norm_linear_folds"
 
 
+class _FoldCache(dict):
+    """The folds cached on a parameter. It holds weak references, which cannot be pickled, so it
+    pickles (``torch.save(model)``) and deep-copies as an empty plain dict: a copy or a
+    reloaded model folds anew."""
+
+    def __reduce__(self):
+        return (dict, ())
+
+    def __deepcopy__(self, memo):
+        return {}
+
+
 def _digest(values: list[Any]) -> str:
     h = hashlib.blake2b(digest_size=12)
     for v in values:
@@ -637,8 +649,8 @@ def _shared_fold(lins: list[_Linear], gamma: Optional[torch.Tensor],
                  for m, o in zip(mats, owners)),
            _digest([gamma, beta] + [consts(lin.bias) for lin in lins]))
     cache = getattr(owners[0], _FOLDS_ATTR, None)
-    if cache is None:
-        cache = {}
+    if not isinstance(cache, _FoldCache):  # none yet, or the empty dict a copy or load left
+        cache = _FoldCache()
         setattr(owners[0], _FOLDS_ATTR, cache)
     for stale in [key_ for key_, (refs, _) in cache.items() if any(r() is None for r in refs)]:
         del cache[stale]
