@@ -290,6 +290,18 @@ class _NormLinear(torch.nn.Module):
         return self.lin(self.norm(x))
 
 
+def _two_instances(seed, options):
+    """(a, b, x, compiled a, compiled b): two _NormLinear with random weights, one input."""
+    gen = torch.Generator().manual_seed(seed)
+    a, b = _NormLinear(), _NormLinear()
+    with torch.no_grad():
+        for p in list(a.parameters()) + list(b.parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen))
+    x = torch.randn(2, 5, 128, generator=gen)
+    compiled = [torch.compile(m, backend="q3n", dynamic=False, options=options) for m in (a, b)]
+    return a, b, x, *compiled
+
+
 _FOLDING_OPTIONS = {
     "norm_fusion": {"norm_fusion": True, "attention": "off"},
     "quant_config": {"attention": "off", "quant_config": {"rules": [{"match": "*",
@@ -303,15 +315,7 @@ def test_a_graph_with_folded_weights_refuses_another_instances_weights(folding, 
     # Dynamo passes parameters as graph inputs and reuses one compiled graph for a second
     # instance of the class; a graph whose passes folded the first instance's weights must not
     # silently compute with them for the second.
-    gen = torch.Generator().manual_seed(0)
-    a, b = _NormLinear(), _NormLinear()
-    with torch.no_grad():
-        for p in list(a.parameters()) + list(b.parameters()):
-            p.copy_(torch.randn(p.shape, generator=gen))
-    x = torch.randn(2, 5, 128, generator=gen)
-    options = dict(_FOLDING_OPTIONS[folding], executor=executor)
-    ca = torch.compile(a, backend="q3n", dynamic=False, options=options)
-    cb = torch.compile(b, backend="q3n", dynamic=False, options=options)
+    a, b, x, ca, cb = _two_instances(0, dict(_FOLDING_OPTIONS[folding], executor=executor))
     with torch.no_grad():
         got, want = ca(x), a(x)
         assert _rel_err(got, want) < (1e-5 if folding == "norm_fusion" else 2e-2)
@@ -328,15 +332,7 @@ def test_freezing_compiles_a_graph_for_each_instance():
 
 
 def _two_instances_with_freezing():
-    gen = torch.Generator().manual_seed(1)
-    a, b = _NormLinear(), _NormLinear()
-    with torch.no_grad():
-        for p in list(a.parameters()) + list(b.parameters()):
-            p.copy_(torch.randn(p.shape, generator=gen))
-    x = torch.randn(2, 5, 128, generator=gen)
-    options = _FOLDING_OPTIONS["norm_fusion"]
-    ca = torch.compile(a, backend="q3n", dynamic=False, options=options)
-    cb = torch.compile(b, backend="q3n", dynamic=False, options=options)
+    a, b, x, ca, cb = _two_instances(1, _FOLDING_OPTIONS["norm_fusion"])
     with torch.no_grad():
         assert _rel_err(ca(x), a(x)) < 1e-5 and _rel_err(cb(x), b(x)) < 1e-5
     assert len(q3n_compile.reports()) == 2
