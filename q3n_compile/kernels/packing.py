@@ -16,6 +16,10 @@ The format (what :class:`PackedWeight` holds) for a linear ``y = x @ W^T`` with 
   So every bit width is stored densely: ``bits`` bits per weight, ``K_pad * bits / 8 * N`` bytes —
   a 6-bit weight takes 3/4 of a byte, never a whole one. N is the contiguous dimension, so a
   kernel's ``[BLOCK_K, BLOCK_N]`` tile is read as coalesced rows.
+- **K-major 8-bit** (:func:`to_kmajor8`), the one other layout: for 8-bit symmetric per-channel
+  weights, ``qweight`` int8 ``[N, K_pad]`` holds ``q - 128`` (K contiguous, padding 0), the
+  operand int8 tensor cores read as it is (``qlinear_i8``); the same bytes as the 8-bit plane,
+  transposed. A ``qweight`` of dtype int8 is this layout, int32 the bit planes.
 - **scales** ``[n_groups, N]`` float16 (float32 when a scale is outside float16's normal range);
   **zeros** ``uint8 [n_groups, N]`` integer zero points, or None when symmetric.
 
@@ -98,7 +102,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """``qweight`` int32 ``[R, N]`` -> codes uint8 ``[N, K]`` (exact inverse of :func:`pack_codes`)."""
+    """``qweight`` int32 ``[R, N]`` -> codes uint8 ``[N, K]`` (exact inverse of :func:`pack_codes`;
+    of :func:`to_kmajor8` for an int8 ``qweight``)."""
+    if is_kmajor8(qweight):
+        if bits != 8 or qweight.shape[1] != padded_k(k):
+            raise ValueError(f"a K-major int8 qweight holds 8-bit codes in [N, {padded_k(k)}] "
+                             f"for K={k}; got {bits}-bit, {tuple(qweight.shape)}")
+        return (qweight[:, :k].to(torch.int16) + 128).to(torch.uint8).contiguous()
     kp = padded_k(k)
     n = qweight.shape[1]
     if qweight.shape[0] != packed_rows(bits, k):
@@ -159,6 +169,32 @@ class PackedWeight:
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return dataclasses.replace(self, qweight=mv(self.qweight), scales=mv(self.scales),
                                    zeros=mv(self.zeros))
+
+
+def is_kmajor8(qweight: torch.Tensor) -> bool:
+    """Whether `qweight` is in the K-major 8-bit layout (int8 ``[N, K_pad]``)."""
+    return qweight.dtype == torch.int8
+
+
+def out_features(qweight: torch.Tensor) -> int:
+    """N of a packed weight in either layout."""
+    return qweight.shape[0] if is_kmajor8(qweight) else qweight.shape[1]
+
+
+def to_kmajor8(pw: "PackedWeight") -> "PackedWeight":
+    """`pw` (8-bit, symmetric, per-channel, bit planes) in the K-major 8-bit layout: the codes'
+    ``q - 128`` as int8 ``[N, K_pad]``, padding channels 0; scales unchanged. Same bytes."""
+    if pw.bits != 8 or not pw.symmetric or pw.group_size != PER_CHANNEL:
+        raise ValueError("the K-major int8 layout holds 8-bit symmetric per-channel weights, not "
+                         f"{pw.bits}-bit g{pw.group_size}" + ("" if pw.symmetric else
+                                                               " with zero points"))
+    if is_kmajor8(pw.qweight):
+        return pw
+    k = pw.in_features
+    codes = unpack_codes(pw.qweight, 8, k).to(torch.int16) - 128
+    w8 = torch.zeros((pw.out_features, padded_k(k)), dtype=torch.int8, device=codes.device)
+    w8[:, :k] = codes.to(torch.int8)
+    return dataclasses.replace(pw, qweight=w8)
 
 
 def group_index(k: int, group_size: int, device=None) -> torch.Tensor:

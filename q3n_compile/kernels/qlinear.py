@@ -164,6 +164,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear_cublas8 as C8
+from q3n_compile.kernels import qlinear_i8 as I8
 from q3n_compile.kernels import qlinear_mm8 as M8
 from q3n_compile.kernels import qlinear_swap as SW
 from q3n_compile.kernels.norm_linear import normalise_rows
@@ -1493,14 +1494,18 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
                           act, act_group_size)
         if reason is not None:
             raise ValueError(f"q3n::qlinear: {reason}")
-        cfg = path or choose_path(x.shape[0], qweight.shape[1], x.shape[1], bits, group_size, act,
-                                  x.dtype, x.device, interpreter=interpreter,
-                                  act_group_size=act_group_size)
+        cfg = path or _choose_i8(x.shape[0], qweight, x.shape[1], x.device, interpreter) or \
+            choose_path(x.shape[0], qweight.shape[1], x.shape[1], bits, group_size, act,
+                        x.dtype, x.device, interpreter=interpreter,
+                        act_group_size=act_group_size)
         _remember_path(key, cfg)
     M, K = x.shape
-    N = qweight.shape[1]
+    N = P.out_features(qweight)
     if M == 0:
         return x.new_empty((0, N))
+    if P.is_kmajor8(qweight):
+        codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size)
+        return _run_i8(codes, xs, x.dtype, qweight, scales, bias, cfg, interpreter)
     if act == "none":
         if cfg["path"] == "dequant":
             wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype,
@@ -1534,6 +1539,23 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
     codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size, pdl=pdl)
     return _gemm_codes(codes, xs, x.dtype, qweight, scales, zeros, bias, bits, group_size, act,
                        cfg, interpreter, act_group_size)
+
+
+def _choose_i8(M: int, qweight: torch.Tensor, K: int, device: torch.device,
+               interpreter: bool) -> Optional[dict]:
+    """The i8 path's launch for a K-major 8-bit weight (:mod:`qlinear_i8`), else None."""
+    if not P.is_kmajor8(qweight):
+        return None
+    sms = 0 if interpreter else _sm_count(device.index if device.index is not None
+                                          else torch.cuda.current_device())
+    return dict(I8.choose(M, qweight.shape[0], K, sms, interpreter=interpreter), path="i8")
+
+
+def _run_i8(codes, xs, out_dtype, qweight, scales, bias, cfg, interpreter) -> torch.Tensor:
+    if cfg.get("path") != "i8":  # only a forced `path` can get here
+        raise ValueError(f"q3n::qlinear: a K-major int8 weight runs on the i8 path, not "
+                         f"{cfg.get('path')!r}")
+    return I8.run(codes, xs, qweight, scales, bias, out_dtype, cfg, interpreter, _tickets)
 
 
 def _pdl_after_quant(cfg: dict, default: bool, x: torch.Tensor, interpreter: bool) -> bool:
@@ -1913,8 +1935,11 @@ def supports(x, qweight, scales, zeros=None, bias=None, smooth=None, bits=4, gro
     K = in_features
     if K is None or not _known(x.shape[1] == K):
         return f"x has {x.shape[1]} input features, the weight {K}"
+    if P.is_kmajor8(qweight):
+        return _supports_kmajor8(x, qweight, scales, zeros, bias, smooth, bits, group_size, K,
+                                 act, act_group_size)
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
-        return "qweight must be a 2-D int32 tensor"
+        return "qweight must be a 2-D int32 tensor (bit planes) or int8 [N, K_pad] (K-major 8-bit)"
     N = qweight.shape[1]
     if not _known(qweight.shape[0] == P.packed_rows(bits, K)):
         return f"qweight has {qweight.shape[0]} rows, {bits}-bit K={K} needs {P.packed_rows(bits, K)}"
@@ -1938,6 +1963,27 @@ def supports(x, qweight, scales, zeros=None, bias=None, smooth=None, bits=4, gro
     return None
 
 
+def _supports_kmajor8(x, qweight, scales, zeros, bias, smooth, bits, group_size, K, act,
+                      act_group_size) -> Optional[str]:
+    """:func:`supports` for the K-major 8-bit layout (:func:`packing.to_kmajor8`)."""
+    reason = I8.eligible(bits, group_size, zeros is None, act, act_group_size)
+    if reason is not None:
+        return reason
+    if qweight.dim() != 2 or not _known(qweight.shape[1] == P.padded_k(K)):
+        return f"a K-major int8 qweight must be [N, {P.padded_k(K)}] for K={K}"
+    N = qweight.shape[0]
+    if tuple(scales.shape) != (1, N) or scales.dtype not in (torch.float16, torch.float32):
+        return f"scales must be float16/float32 [1, {N}]"
+    if bias is not None and (tuple(bias.shape) != (N,) or bias.dtype != x.dtype):
+        return f"bias must be [{N}] in x's dtype"
+    if smooth is not None and (tuple(smooth.shape) != (K,) or smooth.dtype != torch.float32):
+        return f"smooth must be float32 [{K}]"
+    devices = {t.device for t in (x, qweight, scales, bias, smooth) if t is not None}
+    if len(devices) != 1:
+        return f"tensors on different devices: {sorted(map(str, devices))}"
+    return None
+
+
 def _qlinear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                   zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                   smooth: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
@@ -1952,7 +1998,7 @@ def _qlinear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 def _qlinear_fake(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act,
                   act_group_size=PER_TOKEN):
-    return x.new_empty((x.shape[0], qweight.shape[1]))
+    return x.new_empty((x.shape[0], P.out_features(qweight)))
 
 
 qlinear = contract.register_kernel_op("qlinear", _qlinear_impl, _qlinear_fake)
@@ -2196,15 +2242,18 @@ def _qlinear_codes_launch(codes, xscales, qweight, scales, zeros, bias, bits, gr
         # s14run7) it keeps them: the wg path would dequantise them in a pass of its own first
         # (not measured against it at 49-64 rows).
         reads = mmT_reads_codes(codes.shape[0]) and act_group_size in SW.CODE_ACT_GROUPS
-        cfg = path or choose_path(codes.shape[0], qweight.shape[1], codes.shape[1], bits,
-                                  group_size, act, out_dtype, codes.device,
-                                  interpreter=interpreter, act_group_size=act_group_size,
-                                  allow_wg=not reads)
+        cfg = path or _choose_i8(codes.shape[0], qweight, codes.shape[1], codes.device,
+                                 interpreter) or \
+            choose_path(codes.shape[0], qweight.shape[1], codes.shape[1], bits, group_size, act,
+                        out_dtype, codes.device, interpreter=interpreter,
+                        act_group_size=act_group_size, allow_wg=not reads)
         _remember_path(key, cfg)
     M, K = codes.shape
-    N = qweight.shape[1]
+    N = P.out_features(qweight)
     if M == 0:
         return torch.empty((0, N), dtype=out_dtype, device=codes.device)
+    if P.is_kmajor8(qweight):
+        return _run_i8(codes, xscales, out_dtype, qweight, scales, bias, cfg, interpreter)
     return _gemm_codes(codes, xscales, out_dtype, qweight, scales, zeros, bias, bits, group_size,
                        act, cfg, interpreter, act_group_size)
 
@@ -2338,7 +2387,7 @@ def _qlinear_codes_impl(codes: torch.Tensor, xscales: torch.Tensor, qweight: tor
 
 def _qlinear_codes_fake(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
                         in_features, act, out_dtype, act_group_size=PER_TOKEN):
-    return codes.new_empty((codes.shape[0], qweight.shape[1]), dtype=out_dtype)
+    return codes.new_empty((codes.shape[0], P.out_features(qweight)), dtype=out_dtype)
 
 
 norm_act_quant = contract.register_kernel_op("norm_act_quant", _norm_act_quant_impl,

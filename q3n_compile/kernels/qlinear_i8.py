@@ -1,0 +1,205 @@
+"""``q3n::qlinear``'s "i8" path: W8A8 on the int8 tensor cores from a K-major weight.
+
+Why: 8-bit symmetric per-channel weights with int8 per-token activations (the W8A8 format)
+need no unpacking at all: ``q - 128`` is the MMA's int8 operand as it is. In the bit-plane
+layout (:mod:`packing`, N contiguous, four channels a word) the weight still has to be
+transposed through registers before the MMA, which kept the mm tile at 0.41-0.92x bf16 at 256
+rows and sent large M to cuBLAS's int8 GEMM behind an unpack of the whole weight on every call
+(bench/RESULTS.md, session 25). Stored K-major (:func:`packing.to_kmajor8`: int8 ``[N, K_pad]``,
+the layout int8 MMAs read for both operands), both operands go from memory to shared memory and
+into the MMA as they are, and the format's scales (one a token, one a column) apply once, in the
+epilogue, to the exact int32 sums.
+
+The kernel: ``acc = c[BLOCK_M, K] @ w8[BLOCK_N, K]^T`` in int32 over one split of K (exact:
+|c|, |w8| <= 128, K < 2^17), then ``y = acc * s_x[m] * s[n] (+ bias[n])`` in fp32, rounded
+once to y's dtype. SWAP computes the transposed tile ``w8 @ c^T`` (the weight's BLOCK_N rows
+fill the MMA's 64-row side, the few rows of x are its narrow N side, down to 16), which is how
+decode sizes use the tensor cores without padding x to 64 rows. Rows of x and weight past M and
+N are read wrapped (``offs % M``: always in bounds, never stored), channels past K masked to 0
+(EVEN_K drops the masks where every K block is full). With K split (SPLIT), the splits' fp32
+partials (each already scaled) are summed in split order by the tile's last split in the same
+launch (:func:`tiles.ticket_split_k`), so the result does not depend on timing.
+
+Traffic: the weight once per row block of x (consecutive programs of a GROUP_M group share it
+through L2), x's codes once per column block, y once; the codes are written by the
+activations' quantizer (:func:`qlinear.quantize_activations_triton`) one launch before.
+
+What this module guarantees: :func:`eligible` says whether a call's format is the one this
+path computes; :func:`run` computes the op's function (``qlinear.reference`` on
+``packing.unpack_codes`` of the K-major weight) for it on the GPU and in the interpreter;
+:func:`choose` is a pure function of the shape and the SM count.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from q3n_compile.kernels import contract
+from q3n_compile.kernels import packing as P
+from q3n_compile.kernels.tiles import ticket_split_k
+
+
+@triton.jit
+def qlinear_i8_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, K_PER_SPLIT,
+                      stride_cm, stride_wn, stride_ym,
+                      HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                      EVEN_K: tl.constexpr, SPLIT: tl.constexpr):
+    """One program: Y[m-block, n-block] over K_PER_SPLIT channels (a multiple of BLOCK_K) of K.
+
+    C int8 codes [M, K] (row stride stride_cm), XS their fp32 per-token scales [M], W int8
+    [N, >= K] (row stride stride_wn), S per-column scales [N] (fp16/fp32), BIAS [N]."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * n_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_here = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_here
+    pid_n = (pid % per_group) // rows_here
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    # Wrapped rows: every load in bounds without a row mask (the extra rows are never stored).
+    rows_m = (offs_m % M).to(tl.int64)
+    rows_n = (offs_n % N).to(tl.int64)
+    c_ptrs = C + rows_m[:, None] * stride_cm + (k_start + offs_k)[None, :]
+    w_ptrs = W + rows_n[:, None] * stride_wn + (k_start + offs_k)[None, :]
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(c_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_ok = (k0 + offs_k < k_end)[None, :]
+            a = tl.load(c_ptrs, mask=k_ok, other=0)
+            b = tl.load(w_ptrs, mask=k_ok, other=0)
+        if SWAP:
+            acc = tl.dot(b, tl.trans(a), acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        c_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    xs = tl.load(XS + rows_m)
+    s = tl.load(S + rows_n).to(tl.float32)
+    if SWAP:
+        y = acc.to(tl.float32) * s[:, None] * xs[None, :]
+        if HAS_BIAS:
+            y += tl.load(BIAS + rows_n).to(tl.float32)[:, None] * (pid_k == 0).to(tl.float32)
+        y_offs = offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+        y_mask = n_ok[:, None] & m_ok[None, :]
+        ws_offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+    else:
+        y = acc.to(tl.float32) * xs[:, None] * s[None, :]
+        if HAS_BIAS:
+            y += tl.load(BIAS + rows_n).to(tl.float32)[None, :] * (pid_k == 0).to(tl.float32)
+        y_offs = offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+        y_mask = m_ok[:, None] & n_ok[None, :]
+        ws_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    if SPLIT:
+        ticket_split_k(y, Y, y_offs, y_mask, WS, ws_offs, M * N, CNT, pid, pid_k,
+                       tl.num_programs(1))
+    else:
+        tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=y_mask)
+
+
+def eligible(bits: int, group_size: int, symmetric: bool, act: str,
+             act_group_size: int) -> Optional[str]:
+    """None if this path computes the format (the one :func:`packing.to_kmajor8` stores), else
+    why not."""
+    if bits != 8 or not symmetric:
+        return f"the K-major int8 weight holds 8-bit symmetric codes, not {bits}-bit" + (
+            "" if symmetric else " with zero points")
+    if group_size != P.PER_CHANNEL:
+        return f"the K-major int8 weight takes per-channel scales, not groups of {group_size}"
+    if act != "int8":
+        return f"the K-major int8 weight runs with int8 activations, not {act!r}"
+    if act_group_size != -1:
+        return (f"the K-major int8 weight takes one activation scale per token, not per "
+                f"{act_group_size} channels")
+    return None
+
+
+# Interpreter tiles: few programs (each costs ~0.1 s there), both forms exercised.
+_INTERPRETER = dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
+# GPU tiles (rows of x, weight rows, channels, warps, stages), set from bench/bench_qlinear_i8.py.
+SWAP_MAX_M = 64
+TILE_SWAP = dict(BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+TILE_MM = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+# K split: where the tiles are fewer than this many a wave (programs per SM), split K until they
+# fill it, each split keeping at least MIN_BLOCKS_PER_SPLIT K blocks.
+PROGRAMS_PER_SM = 2
+MAX_SPLIT = 16
+MIN_BLOCKS_PER_SPLIT = 2
+
+
+def choose(M: int, N: int, K: int, sms: int, *, interpreter: bool = False) -> dict:
+    """The launch for M rows of an N x K weight: SWAP to :data:`SWAP_MAX_M` rows, the plain tile
+    above; K split where the tiles alone leave the SMs idle."""
+    swap = M <= (16 if interpreter else SWAP_MAX_M)
+    if interpreter:
+        cfg = dict(_INTERPRETER, BLOCK_M=16, SWAP=swap)
+        cfg["SPLIT_K"] = 2 if contract.cdiv(K, cfg["BLOCK_K"]) >= 4 else 1
+        return cfg
+    if swap:
+        cfg = dict(TILE_SWAP, BLOCK_M=max(16, contract.next_power_of_2(M)), SWAP=True)
+    else:
+        cfg = dict(TILE_MM, SWAP=False)
+    tiles = contract.cdiv(M, cfg["BLOCK_M"]) * contract.cdiv(N, cfg["BLOCK_N"])
+    blocks = contract.cdiv(K, cfg["BLOCK_K"])
+    split = 1
+    while (split < MAX_SPLIT and tiles * split * 2 <= PROGRAMS_PER_SM * sms
+           and blocks >= 2 * split * MIN_BLOCKS_PER_SPLIT):
+        split *= 2
+    cfg["SPLIT_K"] = split
+    return cfg
+
+
+def run(codes: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scales: torch.Tensor,
+        bias: Optional[torch.Tensor], out_dtype: torch.dtype, cfg: dict, interpreter: bool,
+        tickets=None) -> torch.Tensor:
+    """``y [M, N]`` from int8 codes ``[M, K]`` with fp32 per-token scales ``[M]`` and the
+    K-major weight ``w8`` int8 ``[N, K_pad]`` with its per-column scales (``[1, N]``); `cfg`
+    from :func:`choose` (or a forced one: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SWAP, SPLIT_K,
+    num_warps, num_stages); `tickets(device, n)` gives the split-K counters."""
+    if codes.stride(1) != 1:
+        codes = codes.contiguous()
+    M, K = codes.shape
+    N = w8.shape[0]
+    y = torch.empty((M, N), dtype=out_dtype, device=codes.device)
+    if M == 0:
+        return y
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    tiles = contract.cdiv(M, bm) * contract.cdiv(N, bn)
+    blocks = contract.cdiv(K, bk)
+    split = max(1, min(int(cfg.get("SPLIT_K", 1)), blocks))
+    k_per_split = contract.cdiv(blocks, split) * bk
+    split = contract.cdiv(K, k_per_split)  # no empty split
+    if split > 1:
+        if tickets is None:
+            raise ValueError("q3n::qlinear: the i8 path's split-K needs the ticket counters")
+        ws = torch.empty((split, M, N), dtype=torch.float32, device=codes.device)
+        cnt = tickets(codes.device, tiles)
+    else:
+        ws = cnt = y  # never read: SPLIT is a constexpr
+    contract.launch(
+        qlinear_i8_kernel, (tiles, split),
+        (codes, xs, w8, scales, bias if bias is not None else scales, y, ws, cnt),
+        (M, N, K, k_per_split, codes.stride(0), w8.stride(0), y.stride(0)),
+        dict(HAS_BIAS=bias is not None, SWAP=bool(cfg["SWAP"]), BLOCK_M=bm, BLOCK_N=bn,
+             BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 8), EVEN_K=K % k_per_split == 0
+             and k_per_split % bk == 0, SPLIT=split > 1),
+        dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), fast=not interpreter)
+    return y
