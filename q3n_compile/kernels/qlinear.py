@@ -1504,8 +1504,10 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
     if M == 0:
         return x.new_empty((0, N))
     if P.is_kmajor8(qweight):
-        codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size)
-        return _run_i8(codes, xs, x.dtype, qweight, scales, bias, cfg, interpreter)
+        pdl = _pdl_after_quant(cfg, I8.PDL_AFTER_QUANT, x, interpreter)
+        codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size,
+                                                pdl=pdl)
+        return _run_i8(codes, xs, x.dtype, qweight, scales, bias, cfg, interpreter, pdl)
     if act == "none":
         if cfg["path"] == "dequant":
             wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype,
@@ -1551,11 +1553,12 @@ def _choose_i8(M: int, qweight: torch.Tensor, K: int, device: torch.device,
     return dict(I8.choose(M, qweight.shape[0], K, sms, interpreter=interpreter), path="i8")
 
 
-def _run_i8(codes, xs, out_dtype, qweight, scales, bias, cfg, interpreter) -> torch.Tensor:
+def _run_i8(codes, xs, out_dtype, qweight, scales, bias, cfg, interpreter,
+            pdl: bool = False) -> torch.Tensor:
     if cfg.get("path") != "i8":  # only a forced `path` can get here
         raise ValueError(f"q3n::qlinear: a K-major int8 weight runs on the i8 path, not "
                          f"{cfg.get('path')!r}")
-    return I8.run(codes, xs, qweight, scales, bias, out_dtype, cfg, interpreter, _tickets)
+    return I8.run(codes, xs, qweight, scales, bias, out_dtype, cfg, interpreter, _tickets, pdl)
 
 
 def _pdl_after_quant(cfg: dict, default: bool, x: torch.Tensor, interpreter: bool) -> bool:

@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
@@ -48,11 +49,15 @@ def qlinear_i8_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, K_PER_SPLIT,
                       stride_cm, stride_wn, stride_ym,
                       HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                      EVEN_K: tl.constexpr, SPLIT: tl.constexpr):
+                      EVEN_K: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False):
     """One program: Y[m-block, n-block] over K_PER_SPLIT channels (a multiple of BLOCK_K) of K.
 
     C int8 codes [M, K] (row stride stride_cm), XS their fp32 per-token scales [M], W int8
-    [N, >= K] (row stride stride_wn), S per-column scales [N] (fp16/fp32), BIAS [N]."""
+    [N, >= K] (row stride stride_wn), S per-column scales [N] (fp16/fp32), BIAS [N].
+    PDL (launched with programmatic dependent launch; never under the interpreter): waits for
+    the kernel before it (the quantizer writing C and XS) before it reads or writes anything."""
+    if PDL:
+        gdc_wait()
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     n_m = tl.cdiv(M, BLOCK_M)
@@ -134,46 +139,74 @@ def eligible(bits: int, group_size: int, symmetric: bool, act: str,
 
 # Interpreter tiles: few programs (each costs ~0.1 s there), both forms exercised.
 _INTERPRETER = dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
-# GPU tiles (rows of x, weight rows, channels, warps, stages), set from bench/bench_qlinear_i8.py.
+# GPU tiles, from bench/bench_qlinear_i8.py --sweep (s26run1: the issue's four shapes at 1, 16,
+# 64, 256, 1024 and 4096 rows, six swapped and seven plain tiles at K splits 1-16; times below
+# are against the best launch swept for the case):
+# - to 16 rows, 64 weight rows x 256 channels, K split to fill two programs an SM: 1.00-1.07x
+#   the best (the 128-row tiles 1.00-1.73x);
+# - 17-64 rows, the same tile split to fill one program an SM where N / 128 < SMs / 2, else 128
+#   weight rows x 128 channels with 6 stages (64 rows: 1.00-1.03x; the 64 x 256 tile unsplit
+#   was 1.10-1.18x on 12288 x 4096 and 28672 x 8192, split 4 1.27x on 4096^2);
+# - from 65 rows 128 x 128 tiles of 64 channels (5 stages) where they make 0.9 of a wave or
+#   more (256-4096 rows: 1.00-1.07x), else 64 x 128 of 128 channels, K split in two where the
+#   tiles are at most one a wave and K has at least 64 blocks of 128 (256 rows: 1.00x on 4096^2
+#   and 4096 x 12288, where split 2 on 4096^2 was 1.10x and unsplit 4096 x 12288 1.16x).
 SWAP_MAX_M = 64
-TILE_SWAP = dict(BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
-TILE_MM = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
-# K split: where the tiles are fewer than this many a wave (programs per SM), split K until they
-# fill it, each split keeping at least MIN_BLOCKS_PER_SPLIT K blocks.
-PROGRAMS_PER_SM = 2
+TILE_SWAP_NARROW = dict(BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)
+TILE_SWAP_WIDE = dict(BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=6)
+TILE_MM_WIDE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=5)
+TILE_MM_NARROW = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4,
+                      num_stages=4)
+MM_WIDE_MIN_WAVE = 0.9
+MM_SPLIT_MIN_BLOCKS = 64
 MAX_SPLIT = 16
-MIN_BLOCKS_PER_SPLIT = 2
+# The quantizer before the kernel and the kernel launch with programmatic dependent launch (the
+# kernel's launch overlaps the quantizer; it waits before it reads anything).
+PDL_AFTER_QUANT = True
+
+
+def _fill_split(programs: int, cap: int, blocks: int, min_blocks: int) -> int:
+    """The largest power-of-two K split keeping `programs` x split within `cap` and every split
+    at least `min_blocks` K blocks."""
+    split = 1
+    while (split < MAX_SPLIT and programs * split * 2 <= cap
+           and blocks >= 2 * split * min_blocks):
+        split *= 2
+    return split
 
 
 def choose(M: int, N: int, K: int, sms: int, *, interpreter: bool = False) -> dict:
-    """The launch for M rows of an N x K weight: SWAP to :data:`SWAP_MAX_M` rows, the plain tile
-    above; K split where the tiles alone leave the SMs idle."""
-    swap = M <= (16 if interpreter else SWAP_MAX_M)
+    """The launch for M rows of an N x K weight (the rule above); a pure function."""
     if interpreter:
-        cfg = dict(_INTERPRETER, BLOCK_M=16, SWAP=swap)
+        cfg = dict(_INTERPRETER, BLOCK_M=16, SWAP=M <= 16)
         cfg["SPLIT_K"] = 2 if contract.cdiv(K, cfg["BLOCK_K"]) >= 4 else 1
         return cfg
-    if swap:
-        cfg = dict(TILE_SWAP, BLOCK_M=max(16, contract.next_power_of_2(M)), SWAP=True)
-    else:
-        cfg = dict(TILE_MM, SWAP=False)
-    tiles = contract.cdiv(M, cfg["BLOCK_M"]) * contract.cdiv(N, cfg["BLOCK_N"])
-    blocks = contract.cdiv(K, cfg["BLOCK_K"])
-    split = 1
-    while (split < MAX_SPLIT and tiles * split * 2 <= PROGRAMS_PER_SM * sms
-           and blocks >= 2 * split * MIN_BLOCKS_PER_SPLIT):
-        split *= 2
-    cfg["SPLIT_K"] = split
-    return cfg
+    if M <= SWAP_MAX_M:
+        bm = max(16, contract.next_power_of_2(M))
+        wide = bm > 16 and 2 * contract.cdiv(N, TILE_SWAP_WIDE["BLOCK_N"]) >= sms
+        cfg = dict(TILE_SWAP_WIDE if wide else TILE_SWAP_NARROW, BLOCK_M=bm, SWAP=True)
+        tiles = contract.cdiv(N, cfg["BLOCK_N"])
+        cap = 2 * sms if bm <= 16 else sms
+        cfg["SPLIT_K"] = 1 if wide else _fill_split(tiles, cap, contract.cdiv(K, cfg["BLOCK_K"]),
+                                                    2)
+        return cfg
+    wide_tiles = contract.cdiv(M, 128) * contract.cdiv(N, 128)
+    if wide_tiles >= MM_WIDE_MIN_WAVE * sms:
+        return dict(TILE_MM_WIDE, SWAP=False, SPLIT_K=1)
+    tiles = contract.cdiv(M, 64) * contract.cdiv(N, 128)
+    blocks = contract.cdiv(K, 128)
+    split = 2 if 2 * tiles <= 2 * sms and blocks >= MM_SPLIT_MIN_BLOCKS else 1
+    return dict(TILE_MM_NARROW, SWAP=False, SPLIT_K=split)
 
 
 def run(codes: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scales: torch.Tensor,
         bias: Optional[torch.Tensor], out_dtype: torch.dtype, cfg: dict, interpreter: bool,
-        tickets=None) -> torch.Tensor:
+        tickets=None, pdl: bool = False) -> torch.Tensor:
     """``y [M, N]`` from int8 codes ``[M, K]`` with fp32 per-token scales ``[M]`` and the
     K-major weight ``w8`` int8 ``[N, K_pad]`` with its per-column scales (``[1, N]``); `cfg`
     from :func:`choose` (or a forced one: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SWAP, SPLIT_K,
-    num_warps, num_stages); `tickets(device, n)` gives the split-K counters."""
+    num_warps, num_stages); `tickets(device, n)` gives the split-K counters; `pdl`: launched
+    with programmatic dependent launch (the caller asked :func:`contract.pdl_capable`)."""
     if codes.stride(1) != 1:
         codes = codes.contiguous()
     M, K = codes.shape
@@ -200,6 +233,7 @@ def run(codes: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scales: torch.T
         (M, N, K, k_per_split, codes.stride(0), w8.stride(0), y.stride(0)),
         dict(HAS_BIAS=bias is not None, SWAP=bool(cfg["SWAP"]), BLOCK_M=bm, BLOCK_N=bn,
              BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 8), EVEN_K=K % k_per_split == 0
-             and k_per_split % bk == 0, SPLIT=split > 1),
-        dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), fast=not interpreter)
+             and k_per_split % bk == 0, SPLIT=split > 1, PDL=pdl),
+        dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl),
+        fast=not interpreter)
     return y

@@ -86,6 +86,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..kernels import norm_linear as _NL  # noqa: F401 - registers q3n::normalize
+from ..kernels import packing as P
 from ..kernels import qlinear as QL
 from ..progress import Progress
 from ..quant import calibration as C
@@ -518,6 +519,9 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             "format": fmt.name,
             **fmt.as_dict(),
             "shape": [int(weight.shape[0]), int(weight.shape[1])],
+            # The packed weight's layout (kernels/packing.py): K-major int8 for W8A8 per channel
+            # and token (the i8 path), else bit planes.
+            "weight_layout": "k-major int8" if P.is_kmajor8(pw.qweight) else "bit planes",
             "bytes_before": int(weight.numel() * weight.element_size()),
             "bytes_after": int(pw.nbytes + (smooth.numel() * 4 if smooth is not None else 0)),
             "method": info.get("method"),

@@ -71,6 +71,7 @@ from typing import Optional
 import torch
 
 from ..kernels import packing as P
+from ..kernels import qlinear_i8 as I8
 from ..kernels.qlinear import ACT_QMAX, fake_quantize_activations
 from .config import PER_CHANNEL, PER_TOKEN, CalibrationSettings, LayerFormat
 
@@ -146,9 +147,17 @@ class QuantizedWeight:
         return (self.codes - self.zeros.t()[:, g]) * self.scales.t()[:, g]
 
     def pack(self, fmt: LayerFormat) -> P.PackedWeight:
+        """The packed weight in the layout its kernels read: K-major int8 for the format the
+        i8 path computes (W8A8 per channel and per token: ``qlinear_i8``), else bit planes."""
         scales = self.scales.to(P.scale_dtype_for(self.scales))
         zeros = None if fmt.symmetric else self.zeros.to(torch.uint8)
-        return P.pack(self.codes.to(torch.int64), scales, zeros, fmt.weight_bits, fmt.group_size)
+        packed = P.pack(self.codes.to(torch.int64), scales, zeros, fmt.weight_bits,
+                        fmt.group_size)
+        act = "none" if fmt.activation_bits == 16 else fmt.activation_format
+        if I8.eligible(fmt.weight_bits, fmt.group_size, fmt.symmetric, act,
+                       fmt.activation_group_size) is None:
+            return P.to_kmajor8(packed)
+        return packed
 
 
 def _groups(k: int, group_size: int) -> list[tuple[int, int]]:

@@ -1,0 +1,211 @@
+"""q3n::qlinear's i8 path (W8A8 per channel and token on a K-major int8 weight) against float64:
+the K-major layout's round trip, both tile forms and K splits in Triton's interpreter, the
+codes entry point, the checks' messages, the launch rule, the quantize pass choosing the layout;
+the GPU lane (-m gpu) at model widths on the dispatched launches."""
+
+import re
+
+import pytest
+import torch
+
+import q3n_compile
+from q3n_compile.kernels import packing as P
+from q3n_compile.kernels import qlinear as Q
+from q3n_compile.kernels import qlinear_i8 as I8
+
+from .test_qlinear import _check, _gen, _packed, bf16, f16, f32
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
+
+
+def _kmajor(gen, N, K, device="cpu"):
+    return P.to_kmajor8(_packed(gen, N, K, 8, P.PER_CHANNEL, True)).to(device)
+
+
+def _path(swap, bm=16, bn=32, bk=32, split=1, group_m=2):
+    return dict(path="i8", SWAP=swap, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
+                SPLIT_K=split, num_warps=4, num_stages=1)
+
+
+def test_kmajor_layout_round_trip_every_code():
+    # Every 8-bit code in every column position; K = 100 pads to 128 channels of zeros.
+    codes = torch.arange(256 * 3).reshape(3, 256)[:, :100].clone() % 256
+    codes = torch.cat([codes, (codes + 77) % 256])  # [6, 100]
+    scales = torch.rand(1, 6).half() + 0.01
+    pw = P.pack(codes, scales, None, 8, P.PER_CHANNEL)
+    kw = P.to_kmajor8(pw)
+    assert kw.qweight.dtype == torch.int8 and tuple(kw.qweight.shape) == (6, 128)
+    assert torch.equal(kw.qweight[:, :100].to(torch.int64), codes - 128)
+    assert not kw.qweight[:, 100:].any()
+    assert torch.equal(P.unpack_codes(kw.qweight, 8, 100), codes.to(torch.uint8))
+    assert torch.equal(kw.dequantize(torch.float64), pw.dequantize(torch.float64))
+    assert kw.nbytes == pw.nbytes  # the same bytes, transposed
+    assert P.out_features(kw.qweight) == P.out_features(pw.qweight) == 6
+    assert P.to_kmajor8(kw) is kw
+
+
+@pytest.mark.parametrize("bits,group,sym,match", [(4, -1, True, "8-bit symmetric"),
+                                                  (8, 128, True, "per-channel"),
+                                                  (8, -1, False, "8-bit symmetric")])
+def test_kmajor_layout_refuses_other_formats(bits, group, sym, match):
+    pw = _packed(_gen("kmref"), 8, 256, bits, group, sym)
+    with pytest.raises(ValueError, match=match):
+        P.to_kmajor8(pw)
+
+
+@pytest.mark.parametrize("dtype", [bf16, f16, f32])
+@pytest.mark.parametrize("M,N,K", [(1, 40, 100), (5, 33, 96), (19, 70, 160), (40, 17, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_dispatched_against_float64(dtype, M, N, K, bias):
+    gen = _gen(f"i8{dtype}{M}{N}{K}{bias}")
+    kw = _kmajor(gen, N, K)
+    x = (torch.randn(M, K, generator=gen) * 2).to(dtype)
+    b = torch.randn(N, generator=gen).to(dtype) if bias else None
+    _check(x, kw, b, act="int8")
+
+
+@pytest.mark.parametrize("swap", [True, False])
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_both_forms_and_k_splits(swap, split):
+    # K = 232: 8 blocks of 32, the last partial (232 = 7 * 32 + 8); split 3 -> 3 + 3 + 2
+    # blocks; two row blocks and three column blocks (wrapped rows in the last of each). Twice:
+    # the tickets are back at 0 after a call.
+    gen = _gen(f"i8forms{swap}{split}")
+    kw = _kmajor(gen, 70, 232)
+    x = torch.randn(21, 232, generator=gen).to(bf16)
+    b = torch.randn(70, generator=gen).to(bf16)
+    for _ in range(2):
+        _check(x, kw, b, act="int8", path=_path(swap, split=split))
+
+
+def test_smoothing_vector_and_large_values():
+    # A SmoothQuant vector and rows of very different magnitudes (per-token scales).
+    gen = _gen("i8smooth")
+    kw = _kmajor(gen, 24, 96)
+    x = torch.randn(6, 96, generator=gen) * torch.tensor([1e-3, 1, 10, 300, 1, 5])[:, None]
+    smooth = torch.rand(96, generator=gen) + 0.5
+    _check(x, kw, None, smooth=smooth, act="int8")
+
+
+def test_codes_entry_is_the_op():
+    gen = _gen("i8codes")
+    kw = _kmajor(gen, 48, 160)
+    x = torch.randn(9, 160, generator=gen).to(bf16)
+    b = torch.randn(48, generator=gen).to(bf16)
+    codes, xs = Q.quantize_activations_triton(x, "int8", None, True)
+    got = torch.ops.q3n.qlinear_codes(codes, xs, kw.qweight, kw.scales, None, b, 8, -1, 160,
+                                      "int8", bf16)
+    want = torch.ops.q3n.qlinear(x, kw.qweight, kw.scales, None, b, None, 8, -1, 160, "int8")
+    assert torch.equal(got, want)
+    assert torch.ops.q3n.qlinear_codes(codes[:0], xs[:0], kw.qweight, kw.scales, None, b, 8, -1,
+                                       160, "int8", bf16).shape == (0, 48)
+
+
+def test_fake_gives_the_output_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    kw = _kmajor(_gen("i8fake"), 48, 100)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(7, 100, dtype=bf16)
+        y = torch.ops.q3n.qlinear(x, kw.qweight, kw.scales, None, None, None, 8, -1, 100, "int8")
+    assert tuple(y.shape) == (7, 48) and y.dtype == bf16
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(act="fp8"), "int8 activations"),
+    (dict(ag=32), "one activation scale per token"),
+    (dict(bits=4), "8-bit symmetric"),
+    (dict(K=96), r"must be \[N, 96\] for K=96"),
+    (dict(scales="wide"), r"scales must be float16/float32 \[1, 48\]"),
+    (dict(bias="short"), r"bias must be \[48\]"),
+])
+def test_supports_names_the_problem(change, match):
+    kw = _kmajor(_gen("i8sup"), 48, 128)
+    K = change.get("K", 128)
+    x = torch.randn(3, K).to(bf16)
+    scales = kw.scales.repeat(2, 1) if change.get("scales") else kw.scales
+    bias = torch.zeros(40, dtype=bf16) if change.get("bias") else None
+    reason = Q.supports(x, kw.qweight, scales, None, bias, None, change.get("bits", 8), -1, K,
+                        change.get("act", "int8"), change.get("ag", -1))
+    assert reason is not None and re.search(match, reason), reason
+    with pytest.raises(ValueError, match=match):
+        Q._launch(x, kw.qweight, scales, None, bias, None, change.get("bits", 8), -1, K,
+                  change.get("act", "int8"), True, act_group_size=change.get("ag", -1))
+
+
+def test_forced_path_must_be_i8():
+    kw = _kmajor(_gen("i8forced"), 16, 64)
+    x = torch.randn(2, 64).to(bf16)
+    with pytest.raises(ValueError, match="runs on the i8 path, not 'mm'"):
+        Q._launch(x, kw.qweight, kw.scales, None, None, None, 8, -1, 64, "int8", True,
+                  path=dict(path="mm"))
+
+
+@pytest.mark.parametrize("M,N,K,want", [
+    (1, 4096, 4096, dict(SWAP=True, BLOCK_M=16, BLOCK_N=64, SPLIT_K=4)),
+    (16, 12288, 4096, dict(SWAP=True, BLOCK_M=16, BLOCK_N=64, SPLIT_K=1)),
+    (64, 4096, 4096, dict(SWAP=True, BLOCK_M=64, BLOCK_N=64, SPLIT_K=2)),
+    (64, 28672, 8192, dict(SWAP=True, BLOCK_M=64, BLOCK_N=128, SPLIT_K=1)),
+    (256, 4096, 4096, dict(SWAP=False, BLOCK_M=64, BLOCK_N=128, SPLIT_K=1)),
+    (256, 4096, 12288, dict(SWAP=False, BLOCK_M=64, BLOCK_N=128, SPLIT_K=2)),
+    (256, 12288, 4096, dict(SWAP=False, BLOCK_M=128, BLOCK_K=64, SPLIT_K=1)),
+    (4096, 28672, 8192, dict(SWAP=False, BLOCK_M=128, BLOCK_K=64, SPLIT_K=1)),
+])
+def test_launch_rule_on_the_h200(M, N, K, want):
+    # The measured choices (s26run1, 132 SMs), and never more programs than the rule's cap.
+    cfg = I8.choose(M, N, K, 132)
+    assert {k: cfg[k] for k in want} == want, cfg
+    tiles = -(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"])
+    assert cfg["SPLIT_K"] == 1 or tiles * cfg["SPLIT_K"] <= 2 * 132
+
+
+def test_quantize_pass_packs_w8a8_k_major():
+    """W8A8 per channel and token compiles to the K-major weight (the report says so, the
+    graph holds int8 [N, K_pad], same bytes as the planes); per-32-channel activation scales
+    keep the bit planes."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(80, 48), torch.nn.GELU(),
+                                torch.nn.Linear(48, 24)).eval()
+    x = torch.randn(4, 80)
+    fmt = {"weight_bits": 8, "activation_bits": 8, "activation_format": "int8",
+           "group_size": -1}
+    for ag, layout in ((-1, "k-major int8"), (32, "bit planes")):
+        torch._dynamo.reset()
+        cfg = {"rules": [{"match": "*", **fmt, "activation_group_size": ag}],
+               "calibration": {"method": "rtn"}}
+        compiled = torch.compile(model, backend="q3n",
+                                 options={"quant_config": cfg, "strict": True})
+        with torch.no_grad():
+            out, want = compiled(x), model(x)
+        assert (out - want).abs().max() <= 0.05 * want.abs().max()
+        q = q3n_compile.reports()[-1]["passes"]["quantize"]
+        assert q["rewritten"] == 2
+        assert [e["weight_layout"] for e in q["detail"]["layers"]] == [layout, layout]
+        # 80 and 48 channels pad to 96 and 64; per-channel fp16 scales.
+        assert q["detail"]["weight_bytes_after"] == 48 * 96 + 24 * 64 + 2 * (48 + 24)
+
+
+# ------------------------------------------------------------------------------------------
+# GPU lane
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 7, 16, 33, 64, 100, 256, 1000])
+@pytest.mark.parametrize("N,K", [(4096, 4096), (1000, 4000), (4096, 12288)])
+def test_gpu_dispatched_against_float64(M, N, K):
+    gen = _gen(f"i8gpu{M}{N}{K}")
+    kw = _kmajor(gen, N, K, "cuda")
+    x = (torch.randn(M, K, generator=gen) * 2).to(bf16).cuda()
+    b = torch.randn(N, generator=gen).to(bf16).cuda()
+    for _ in range(2):  # split-K tickets back at 0
+        _check(x, kw, b, act="int8")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [f16, f32])
+def test_gpu_other_dtypes(dtype):
+    gen = _gen(f"i8gpudt{dtype}")
+    kw = _kmajor(gen, 2048, 1024, "cuda")
+    for M in (3, 300):
+        _check(torch.randn(M, 1024, generator=gen).to(dtype).cuda(), kw, None, act="int8")
