@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from q3n_compile.kernels import packing as P  # noqa: E402
 from q3n_compile.kernels import qlinear as Q  # noqa: E402
 from q3n_compile.kernels import qlinear_cublas8 as C8  # noqa: E402
+from q3n_compile.kernels import qlinear_i8 as I8  # noqa: E402
 
 MS = (1, 16, 256, 4096)
 # From these rows the large-M alternatives (dequantise + cuBLAS, cublas8) are timed beside the
@@ -316,11 +317,16 @@ def run_shape(M, N, K, formats, sweep, gen, paths=None):
         bits, group, sym, act, *act_group = FORMATS[name]
         ag = act_group[0] if act_group else Q.PER_TOKEN
         act = resolve_act(act, bits, sym)
-        pw = random_packed(gen, N, K, bits, group, sym)
+        planes = random_packed(gen, N, K, bits, group, sym)
+        # The layout a compiled model holds (QuantizedWeight.pack): K-major int8 for W8A8 per
+        # channel and token, bit planes elsewhere.
+        kmajor = I8.eligible(bits, group, sym, act, ag) is None
+        pw = P.to_kmajor8(planes) if kmajor else planes
         args = (x, pw.qweight, pw.scales, pw.zeros, None, None, bits, group, K, act, ag)
         row = dict(M=M, N=N, K=K, impl=f"q3n_{name}", act=act, act_group_size=ag, bytes=pw.nbytes,
-                   path=Q.choose_path(M, N, K, bits, group, act, x.dtype, x.device,
-                                      act_group_size=ag))
+                   path=Q._choose_i8(M, pw.qweight, K, x.device, False) if kmajor else
+                   Q.choose_path(M, N, K, bits, group, act, x.dtype, x.device,
+                                 act_group_size=ag))
         try:
             out = torch.ops.q3n.qlinear(*args)
             row["max_rel_err"] = rel_err(out, Q.reference(*args))
@@ -332,6 +338,15 @@ def run_shape(M, N, K, formats, sweep, gen, paths=None):
             alts = ["dequant"]
             if C8.eligible(N, K, bits, group, act, x.dtype, Q.fp8_supported(x.device), ag) is None:
                 alts.append("cublas8")
+            if kmajor:
+                # The same codes in bit planes, as dispatched there (W8A8 before session 26).
+                pargs = (x, planes.qweight, planes.scales, None, None, None, bits, group, K, act,
+                         ag)
+                row["planes_rel_err"] = rel_err(torch.ops.q3n.qlinear(*pargs),
+                                                Q.reference(*args))
+                _, row["planes_graph_ms"] = timed(lambda: torch.ops.q3n.qlinear(*pargs),
+                                                  eager=False)
+                alts = []
             for alt in alts if M >= ALTERNATIVES_FROM_M else ():
                 if row["path"]["path"] == alt:
                     continue
@@ -363,7 +378,7 @@ def run_shape(M, N, K, formats, sweep, gen, paths=None):
                 except Exception as exc:
                     row["sweep"].append(dict(cand, error=str(exc).splitlines()[0][:160]))
         rows.append(row)
-        del pw
+        del pw, planes
     for r in rows:
         for kind in ("eager", "graph"):
             ms = r.get(f"{kind}_ms")
@@ -434,7 +449,8 @@ def main():
                       f"{fmt(r['eager_ms'], '9.4f')} {fmt(r['graph_ms'], '9.4f')} "
                       f"{fmt(r['graph_TBps'], '6.2f')} {fmt(r['graph_vs_bf16'], '8.2f')}"
                       + "".join(f"  ({alt} path {r[alt + '_graph_ms']:.4f})"
-                                for alt in ("dequant", "cublas8") if r.get(f"{alt}_graph_ms"))
+                                for alt in ("dequant", "cublas8", "planes")
+                                if r.get(f"{alt}_graph_ms"))
                       + (f"  {r['error']}" if "error" in r else ""), flush=True)
     if sweep:
         print("\nbest swept candidate per shape (graph ms):")
