@@ -40,14 +40,21 @@ SWEEP_MM = ((128, 128, 128, 8, 4), (128, 128, 128, 4, 4), (128, 256, 128, 8, 3),
             (256, 128, 128, 8, 3))
 SWEEP_SWAP = ((None, 128, 128, 4, 4), (None, 128, 128, 4, 6), (None, 64, 128, 4, 4),
               (None, 64, 256, 4, 4), (None, 128, 256, 4, 3), (None, 128, 128, 8, 4))
+# From 65 to 512 rows the swapped form too, on x's rows in blocks of up to 128.
+SWEEP_SWAP_MID = ((None, 64, 128, 4, 4), (None, 128, 128, 4, 4), (None, 128, 128, 8, 3),
+                  (None, 64, 256, 4, 3))
+SWAP_MID_MAX_M = 512
 SPLITS = (1, 2, 4, 8, 16)
 MS = (1, 16, 64, 256, 1024, 4096)
 
 
 def sweep_cfgs(M: int, N: int, K: int, sms: int):
-    swap = M <= I8.SWAP_MAX_M
-    for bm, bn, bk, warps, stages in (SWEEP_SWAP if swap else SWEEP_MM):
-        bm = bm or max(16, 1 << (M - 1).bit_length())
+    small = M <= I8.SWAP_MAX_M
+    tiles_swept = [(True, t) for t in SWEEP_SWAP] if small else (
+        [(False, t) for t in SWEEP_MM]
+        + [(True, t) for t in (SWEEP_SWAP_MID if M <= SWAP_MID_MAX_M else ())])
+    for swap, (bm, bn, bk, warps, stages) in tiles_swept:
+        bm = bm or min(128, max(16, 1 << (M - 1).bit_length()))
         tiles = -(-M // bm) * -(-N // bn)
         for split in SPLITS:
             # past two programs an SM a split only adds waves
