@@ -9,6 +9,8 @@ For each (N, K) of ``--nk`` and M of ``--ms``, with random 8-bit symmetric per-c
 - ``int_mm``: ``torch._int_mm`` alone on the codes and the K-major weight (cuBLAS's int8 GEMM,
   the GEMM part only: no quantisation of x, no scales);
 - ``quant``: the activations' quantizer alone (a part of both q3n paths);
+- ``i8_noprefetch`` (where the dispatched launch prefetches the weight into L2 before its PDL
+  wait, to 64 rows): the same launch without the prefetch;
 - with ``--sweep``: the i8 kernel at each tile of :data:`SWEEP_MM` / :data:`SWEEP_SWAP` and K
   splits 1-16, and the fastest printed beside the dispatched one.
 Every q3n launch is checked against float64 first (max error relative to max |reference|);
@@ -93,6 +95,12 @@ def main():
         row["i8"] = dict(BQ.check_and_time(
             lambda: Q.qlinear(x, kw.qweight, kw.scales, None, None, None, 8, -1, K, "int8"),
             ref, bf16, BQ.TOL, {}), cfg=cfg)
+        if cfg.get("PREFETCH"):
+            # The dispatched launch without its L2 prefetch before the PDL wait.
+            off = dict(cfg, PREFETCH=False)
+            row["i8_noprefetch"] = dict(BQ.check_and_time(
+                lambda: Q._launch(x, kw.qweight, kw.scales, None, None, None, 8, -1, K, "int8",
+                                  False, path=off), ref, bf16, BQ.TOL, {}), cfg=off)
         codes, xs = Q.quantize_activations_triton(x, "int8", None, False)
         w8t = kw.qweight[:, :K].t()
         BQ.time_parts({"int_mm": lambda: torch._int_mm(codes, w8t),
@@ -122,7 +130,9 @@ def main():
               f"{row.get('int_mm_ms', float('nan')):8.4f} {row.get('quant_ms', float('nan')):7.4f} "
               f"{bf16 / i8:7.2f} {pl / i8:6.2f} "
               f"{best['graph_ms'] if best else float('nan'):8.4f} {bcfg} "
-              f"(dispatched split {cfg['SPLIT_K']}) {' '.join(errs)}", flush=True)
+              f"(dispatched split {cfg['SPLIT_K']})"
+              + (f" no prefetch {row['i8_noprefetch'].get('graph_ms', float('nan')):.4f}"
+                 if "i8_noprefetch" in row else "") + f" {' '.join(errs)}", flush=True)
     BQ.write_result(args.out, dict(BQ.result_header("cuda-graph replay, do_bench median"),
                                    rows=rows))
 

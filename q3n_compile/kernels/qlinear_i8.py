@@ -45,19 +45,35 @@ from q3n_compile.kernels.tiles import ticket_split_k
 
 
 @triton.jit
+def _prefetch_l2(W, pid_n, N, stride_wn, k_start, k_end, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """``prefetch.global.L2`` of weight rows pid_n * BLOCK_N.. over channels [k_start,
+    k_start + 2 * BLOCK_K) (one 128-byte line an element; lines past k_end ask for row 0's
+    first line instead, which is always in bounds)."""
+    LINES: tl.constexpr = 2 * BLOCK_K // 128
+    rows = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+    offs = k_start + tl.arange(0, LINES) * 128
+    ptrs = W + rows[:, None] * stride_wn + offs[None, :]
+    ptrs = tl.where((offs < k_end)[None, :], ptrs, W)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def qlinear_i8_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, K_PER_SPLIT,
                       stride_cm, stride_wn, stride_ym,
                       HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                      EVEN_K: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False):
+                      EVEN_K: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False,
+                      PREFETCH: tl.constexpr = False):
     """One program: Y[m-block, n-block] over K_PER_SPLIT channels (a multiple of BLOCK_K) of K.
 
     C int8 codes [M, K] (row stride stride_cm), XS their fp32 per-token scales [M], W int8
     [N, >= K] (row stride stride_wn), S per-column scales [N] (fp16/fp32), BIAS [N].
     PDL (launched with programmatic dependent launch; never under the interpreter): waits for
-    the kernel before it (the quantizer writing C and XS) before it reads or writes anything."""
-    if PDL:
-        gdc_wait()
+    the kernel before it (the quantizer writing C and XS) before it reads or writes anything;
+    with PREFETCH, it first asks L2 for its first two K blocks of the weight (which the
+    quantizer does not write), so those loads overlap the quantizer."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     n_m = tl.cdiv(M, BLOCK_M)
@@ -72,6 +88,10 @@ def qlinear_i8_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, K_PER_SPLIT,
     offs_k = tl.arange(0, BLOCK_K)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    if PDL:
+        if PREFETCH:
+            _prefetch_l2(W, pid_n, N, stride_wn, k_start, k_end, BLOCK_N, BLOCK_K)
+        gdc_wait()
     # Wrapped rows: every load in bounds without a row mask (the extra rows are never stored).
     rows_m = (offs_m % M).to(tl.int64)
     rows_n = (offs_n % N).to(tl.int64)
@@ -139,21 +159,29 @@ def eligible(bits: int, group_size: int, symmetric: bool, act: str,
 
 # Interpreter tiles: few programs (each costs ~0.1 s there), both forms exercised.
 _INTERPRETER = dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
-# GPU tiles, from bench/bench_qlinear_i8.py --sweep (s26run1: the issue's four shapes at 1, 16,
-# 64, 256, 1024 and 4096 rows, six swapped and seven plain tiles at K splits 1-16; times below
-# are against the best launch swept for the case):
-# - to 16 rows, 64 weight rows x 256 channels, K split to fill two programs an SM: 1.00-1.07x
-#   the best (the 128-row tiles 1.00-1.73x);
-# - 17-64 rows, the same tile split to fill one program an SM where N / 128 < SMs / 2, else 128
-#   weight rows x 128 channels with 6 stages (64 rows: 1.00-1.03x; the 64 x 256 tile unsplit
-#   was 1.10-1.18x on 12288 x 4096 and 28672 x 8192, split 4 1.27x on 4096^2);
-# - from 65 rows 128 x 128 tiles of 64 channels (5 stages) where they make 0.9 of a wave or
-#   more (256-4096 rows: 1.00-1.07x), else 64 x 128 of 128 channels, K split in two where the
-#   tiles are at most one a wave and K has at least 64 blocks of 128 (256 rows: 1.00x on 4096^2
-#   and 4096 x 12288, where split 2 on 4096^2 was 1.10x and unsplit 4096 x 12288 1.16x).
+# GPU tiles, from bench/bench_qlinear_i8.py --sweep (the issue's four shapes; times are against
+# the best launch swept for the case):
+# - to 16 rows (s26run1, 1 and 16 rows), 64 weight rows x 256 channels, K split to fill two
+#   programs an SM: 1.00-1.07x the best (the 128-row tiles 1.00-1.73x);
+# - 17-64 rows (s26run1, 64 rows), the same tile split to fill one program an SM where
+#   N / 128 < SMs / 2, else 128 weight rows x 128 channels with 6 stages: 1.00-1.03x (the 64 x
+#   256 tile unsplit was 1.10-1.18x on 12288 x 4096 and 28672 x 8192, split 4 1.27x on 4096^2);
+# - 65-512 rows (s26run3: 96, 128, 192, 256, 384 and 512 rows, the swapped form on blocks of
+#   up to 128 rows of x against seven plain tiles): swapped, 128 weight rows x 128 channels with
+#   8 warps where those tiles make 1.4 waves or more, else 64 x 128 with 4 warps, K split to
+#   fill two programs an SM: 1.00-1.11x the best in the 24 cases (the plain tiles of s26run1's
+#   rule 1.00-1.36x);
+# - from 513 rows (s26run1, 1024 and 4096 rows) 128 x 128 tiles of 64 channels (5 stages)
+#   where they make 0.9 of a wave or more: 1.00-1.07x; fewer (small N) 64 x 128 of 128
+#   channels, K split in two where the tiles are at most one a wave and K has at least 64
+#   blocks of 128 (not measured at those sizes).
 SWAP_MAX_M = 64
 TILE_SWAP_NARROW = dict(BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)
 TILE_SWAP_WIDE = dict(BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=6)
+SWAP_MID_MAX_M = 512
+TILE_SWAP_MID = dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+TILE_SWAP_MID_WIDE = dict(BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+MID_WIDE_MIN_WAVES = 1.4
 TILE_MM_WIDE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=5)
 TILE_MM_NARROW = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4,
                       num_stages=4)
@@ -161,8 +189,10 @@ MM_WIDE_MIN_WAVE = 0.9
 MM_SPLIT_MIN_BLOCKS = 64
 MAX_SPLIT = 16
 # The quantizer before the kernel and the kernel launch with programmatic dependent launch (the
-# kernel's launch overlaps the quantizer; it waits before it reads anything).
+# kernel's launch overlaps the quantizer; it waits before it reads anything). To 64 rows the
+# kernel first prefetches its first weight blocks into L2 (PREFETCH).
 PDL_AFTER_QUANT = True
+PREFETCH_DECODE = True
 
 
 def _fill_split(programs: int, cap: int, blocks: int, min_blocks: int) -> int:
@@ -176,7 +206,8 @@ def _fill_split(programs: int, cap: int, blocks: int, min_blocks: int) -> int:
 
 
 def choose(M: int, N: int, K: int, sms: int, *, interpreter: bool = False) -> dict:
-    """The launch for M rows of an N x K weight (the rule above); a pure function."""
+    """The launch for M rows of an N x K weight (the rule above); a pure function. Swapped to
+    :data:`SWAP_MID_MAX_M` rows, the plain tile above."""
     if interpreter:
         cfg = dict(_INTERPRETER, BLOCK_M=16, SWAP=M <= 16)
         cfg["SPLIT_K"] = 2 if contract.cdiv(K, cfg["BLOCK_K"]) >= 4 else 1
@@ -184,12 +215,20 @@ def choose(M: int, N: int, K: int, sms: int, *, interpreter: bool = False) -> di
     if M <= SWAP_MAX_M:
         bm = max(16, contract.next_power_of_2(M))
         wide = bm > 16 and 2 * contract.cdiv(N, TILE_SWAP_WIDE["BLOCK_N"]) >= sms
-        cfg = dict(TILE_SWAP_WIDE if wide else TILE_SWAP_NARROW, BLOCK_M=bm, SWAP=True)
+        cfg = dict(TILE_SWAP_WIDE if wide else TILE_SWAP_NARROW, BLOCK_M=bm, SWAP=True,
+                   PREFETCH=PREFETCH_DECODE)
         tiles = contract.cdiv(N, cfg["BLOCK_N"])
         cap = 2 * sms if bm <= 16 else sms
         cfg["SPLIT_K"] = 1 if wide else _fill_split(tiles, cap, contract.cdiv(K, cfg["BLOCK_K"]),
                                                     2)
         return cfg
+    if M <= SWAP_MID_MAX_M:
+        bm = min(128, contract.next_power_of_2(M))
+        if contract.cdiv(M, 128) * contract.cdiv(N, 128) >= MID_WIDE_MIN_WAVES * sms:
+            return dict(TILE_SWAP_MID_WIDE, BLOCK_M=bm, SWAP=True, SPLIT_K=1)
+        tiles = contract.cdiv(M, bm) * contract.cdiv(N, TILE_SWAP_MID["BLOCK_N"])
+        return dict(TILE_SWAP_MID, BLOCK_M=bm, SWAP=True,
+                    SPLIT_K=_fill_split(tiles, 2 * sms, contract.cdiv(K, 128), 4))
     wide_tiles = contract.cdiv(M, 128) * contract.cdiv(N, 128)
     if wide_tiles >= MM_WIDE_MIN_WAVE * sms:
         return dict(TILE_MM_WIDE, SWAP=False, SPLIT_K=1)
@@ -233,7 +272,8 @@ def run(codes: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scales: torch.T
         (M, N, K, k_per_split, codes.stride(0), w8.stride(0), y.stride(0)),
         dict(HAS_BIAS=bias is not None, SWAP=bool(cfg["SWAP"]), BLOCK_M=bm, BLOCK_N=bn,
              BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 8), EVEN_K=K % k_per_split == 0
-             and k_per_split % bk == 0, SPLIT=split > 1, PDL=pdl),
+             and k_per_split % bk == 0, SPLIT=split > 1, PDL=pdl,
+             PREFETCH=pdl and bool(cfg.get("PREFETCH", False))),
         dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl),
         fast=not interpreter)
     return y

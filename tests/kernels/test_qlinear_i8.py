@@ -146,13 +146,18 @@ def test_forced_path_must_be_i8():
     (16, 12288, 4096, dict(SWAP=True, BLOCK_M=16, BLOCK_N=64, SPLIT_K=1)),
     (64, 4096, 4096, dict(SWAP=True, BLOCK_M=64, BLOCK_N=64, SPLIT_K=2)),
     (64, 28672, 8192, dict(SWAP=True, BLOCK_M=64, BLOCK_N=128, SPLIT_K=1)),
-    (256, 4096, 4096, dict(SWAP=False, BLOCK_M=64, BLOCK_N=128, SPLIT_K=1)),
-    (256, 4096, 12288, dict(SWAP=False, BLOCK_M=64, BLOCK_N=128, SPLIT_K=2)),
-    (256, 12288, 4096, dict(SWAP=False, BLOCK_M=128, BLOCK_K=64, SPLIT_K=1)),
+    (96, 4096, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, SPLIT_K=4)),
+    (96, 12288, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, SPLIT_K=1)),
+    (192, 12288, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=128, num_warps=8, SPLIT_K=1)),
+    (256, 4096, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, SPLIT_K=2)),
+    (512, 4096, 12288, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, SPLIT_K=1)),
+    (1024, 4096, 4096, dict(SWAP=False, BLOCK_M=128, BLOCK_K=64, SPLIT_K=1)),
     (4096, 28672, 8192, dict(SWAP=False, BLOCK_M=128, BLOCK_K=64, SPLIT_K=1)),
+    (2048, 256, 4096, dict(SWAP=False, BLOCK_M=64, BLOCK_N=128, SPLIT_K=1)),
 ])
 def test_launch_rule_on_the_h200(M, N, K, want):
-    # The measured choices (s26run1, 132 SMs), and never more programs than the rule's cap.
+    # The measured choices (s26run1, s26run3; 132 SMs), and never more programs than the
+    # rule's cap.
     cfg = I8.choose(M, N, K, 132)
     assert {k: cfg[k] for k in want} == want, cfg
     tiles = -(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"])
