@@ -168,9 +168,12 @@ _INTERPRETER = dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1
 #   256 tile unsplit was 1.10-1.18x on 12288 x 4096 and 28672 x 8192, split 4 1.27x on 4096^2);
 # - 65-512 rows (s26run3: 96, 128, 192, 256, 384 and 512 rows, the swapped form on blocks of
 #   up to 128 rows of x against seven plain tiles): swapped, 128 weight rows x 128 channels with
-#   8 warps where those tiles make 1.4 waves or more, else 64 x 128 with 4 warps, K split to
-#   fill two programs an SM: 1.00-1.11x the best in the 24 cases (the plain tiles of s26run1's
-#   rule 1.00-1.36x);
+#   8 warps where those tiles make 1.4 waves or more; else, where the 64-row tiles are at most a
+#   wave and K <= 8192, 64 x 256 channels (3 stages) split to fill one program an SM with at
+#   least 4 blocks of 256 a split; else 64 x 128 (4 stages) split to fill two programs an SM:
+#   1.00-1.11x the best in the 24 cases of the issue's shapes, where the plain tiles of
+#   s26run1's rule ran 1.00-1.36x. On 1024 x 4096 and 2048 x 4096 (s26run5, 128-512 rows) the
+#   256-channel tile was the best swept in all six cases, and the 128-channel one 1.09-1.15x;
 # - from 513 rows (s26run1, 1024 and 4096 rows) 128 x 128 tiles of 64 channels (5 stages)
 #   where they make 0.9 of a wave or more: 1.00-1.07x; fewer (small N) 64 x 128 of 128
 #   channels, K split in two where the tiles are at most one a wave and K has at least 64
@@ -180,6 +183,8 @@ TILE_SWAP_NARROW = dict(BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_sta
 TILE_SWAP_WIDE = dict(BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=6)
 SWAP_MID_MAX_M = 512
 TILE_SWAP_MID = dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+TILE_SWAP_MID_DEEP = dict(BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)
+MID_DEEP_MAX_K = 8192
 TILE_SWAP_MID_WIDE = dict(BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
 MID_WIDE_MIN_WAVES = 1.4
 TILE_MM_WIDE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=5)
@@ -227,6 +232,9 @@ def choose(M: int, N: int, K: int, sms: int, *, interpreter: bool = False) -> di
         if contract.cdiv(M, 128) * contract.cdiv(N, 128) >= MID_WIDE_MIN_WAVES * sms:
             return dict(TILE_SWAP_MID_WIDE, BLOCK_M=bm, SWAP=True, SPLIT_K=1)
         tiles = contract.cdiv(M, bm) * contract.cdiv(N, TILE_SWAP_MID["BLOCK_N"])
+        if tiles <= sms and K <= MID_DEEP_MAX_K:
+            return dict(TILE_SWAP_MID_DEEP, BLOCK_M=bm, SWAP=True,
+                        SPLIT_K=_fill_split(tiles, sms, contract.cdiv(K, 256), 4))
         return dict(TILE_SWAP_MID, BLOCK_M=bm, SWAP=True,
                     SPLIT_K=_fill_split(tiles, 2 * sms, contract.cdiv(K, 128), 4))
     wide_tiles = contract.cdiv(M, 128) * contract.cdiv(N, 128)

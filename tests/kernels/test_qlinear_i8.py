@@ -146,10 +146,14 @@ def test_forced_path_must_be_i8():
     (16, 12288, 4096, dict(SWAP=True, BLOCK_M=16, BLOCK_N=64, SPLIT_K=1)),
     (64, 4096, 4096, dict(SWAP=True, BLOCK_M=64, BLOCK_N=64, SPLIT_K=2)),
     (64, 28672, 8192, dict(SWAP=True, BLOCK_M=64, BLOCK_N=128, SPLIT_K=1)),
-    (96, 4096, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, SPLIT_K=4)),
+    (96, 4096, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=256, SPLIT_K=2)),
+    (96, 4096, 12288, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4)),
+    (128, 1024, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=256, SPLIT_K=4)),
+    (384, 4096, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1)),
     (96, 12288, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, SPLIT_K=1)),
     (192, 12288, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=128, num_warps=8, SPLIT_K=1)),
-    (256, 4096, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, SPLIT_K=2)),
+    (256, 4096, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=256, SPLIT_K=1)),
+    (256, 4096, 12288, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2)),
     (512, 4096, 12288, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, SPLIT_K=1)),
     (1024, 4096, 4096, dict(SWAP=False, BLOCK_M=128, BLOCK_K=64, SPLIT_K=1)),
     (4096, 28672, 8192, dict(SWAP=False, BLOCK_M=128, BLOCK_K=64, SPLIT_K=1)),
@@ -162,6 +166,7 @@ def test_launch_rule_on_the_h200(M, N, K, want):
     assert {k: cfg[k] for k in want} == want, cfg
     tiles = -(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"])
     assert cfg["SPLIT_K"] == 1 or tiles * cfg["SPLIT_K"] <= 2 * 132
+    assert -(-K // cfg["BLOCK_K"]) >= cfg["SPLIT_K"]
 
 
 def test_quantize_pass_packs_w8a8_k_major():
