@@ -39,6 +39,18 @@ statistics and the per-token activation codes of the normalised rows in one pass
 (``qlinear_codes(*quantize_activations_triton(x, act, smooth), ...)`` is ``qlinear(x, ...)``);
 both take the same trailing ``act_group_size``, and their scales are then ``[M, G]``.
 
+Two weight layouts (:mod:`packing`): bit planes (``qweight`` int32 ``[R, N]``) for every
+format, and K-major int8 (``qweight`` int8 ``[N, K_pad]``, :func:`packing.to_kmajor8`) for W8A8
+per channel and per token, the layout the quantize pass packs that format in since session 26.
+A K-major weight always runs the ``i8`` path (:mod:`q3n_compile.kernels.qlinear_i8`): the int8
+codes of x and the weight as stored, both straight into the int8 MMAs, the two scales applied
+once to the exact int32 sums; launched by :func:`qlinear_i8.choose` (a swapped tile to 512 rows,
+a plain one above). Against bf16 cuBLAS (s26run4, the issue's four shapes, CUDA graphs): 1.28-
+1.63x at 1 row, 1.29-1.81x at 16, 0.97-1.59x at 256, 1.28-1.60x at 4096, where the bit-plane
+W8A8 paths ran 1.21-1.54 / 1.01-1.31 / 0.41-0.92 / 0.85-1.18x (s25run2). Below 0.95x bf16 it
+stays on small weights (1024 x 4096: 0.66-0.92x from 16 rows; the quantizer's launch weighs
+there). The sections below are the bit-plane paths.
+
 Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per call by
 :func:`choose_path` from a table indexed by M):
 
@@ -127,7 +139,8 @@ bytes per group, read once per call — the gain at small M, where a linear is m
   after an in-register unpack, so at large M it cannot beat a bf16 GEMM (the dispatch table uses
   dequantise + cuBLAS there).
 - ``int8``: an extra kernel reads x and writes 1 byte per element plus a scale per row; products
-  run on int8 tensor cores (H200: 952 TOPS against 817 TFLOP/s bf16, as measured). 8-bit
+  run on int8 tensor cores (H200: ``torch._int_mm`` reached 952 TOPS against 817 TFLOP/s bf16;
+  the i8 path, its quantizer included, 1140 TOPS on 28672 x 8192 at 4096 rows, s26run4). 8-bit
   per-token activations lose accuracy on outlier channels: SmoothQuant (the ``smooth`` vector)
   moves that range into the weights.
 - ``fp8``: same traffic as int8; e4m3 keeps ~2^-4 relative precision per element whatever the
