@@ -123,6 +123,9 @@ def test_norm_forms_compose_in_the_interpreter(norm, fmt):
             "norm": "norm", "activations": "q3n::normalize" if a16 else "q3n::norm_act_quant"}
         assert entry["calibration"] == "example inputs" and entry["calibration_rows"] == 32
         assert 0 < entry["rel_err"] < 0.2
+        # K = 40 takes per-channel scales: W8A8 is then packed K-major (the i8 path, whose
+        # qlinear_codes reads norm_act_quant's codes as they are).
+        assert entry["weight_layout"] == ("k-major int8" if fmt == "w8a8" else "bit planes")
     ops = report["ops"]
     # One pass over x for the three siblings (no smoothing vectors: they quantize x_hat alike).
     assert ops.get("q3n.norm_act_quant.default", 0) == (0 if a16 else 1)
