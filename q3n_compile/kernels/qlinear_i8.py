@@ -41,7 +41,7 @@ from triton.language.extra.cuda import gdc_wait
 
 from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
-from q3n_compile.kernels.tiles import ticket_split_k
+from q3n_compile.kernels.tiles import grouped_tile, ticket_split_k
 
 
 @triton.jit
@@ -76,13 +76,7 @@ def qlinear_i8_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, K_PER_SPLIT,
     quantizer does not write), so those loads overlap the quantizer."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * n_n
-    first_m = (pid // per_group) * GROUP_M
-    rows_here = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows_here
-    pid_n = (pid % per_group) // rows_here
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)

@@ -49,7 +49,7 @@ import triton.language as tl
 from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
 from q3n_compile.kernels.qlinear_swap import _field, _halves
-from q3n_compile.kernels.tiles import ticket_split_k
+from q3n_compile.kernels.tiles import grouped_tile, ticket_split_k
 
 BLOCK_K = 128  # one weight group (and one activation group) a K block
 # Operand codes (the OPD constexpr).
@@ -100,13 +100,7 @@ def qlinear_mm8_kernel(
     pid_k = tl.program_id(1)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K_PAD)
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * n_n
-    first_m = (pid // per_group) * GROUP_M
-    rows_here = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows_here
-    pid_n = (pid % per_group) // rows_here
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M

@@ -7,6 +7,8 @@ tile full, so full tiles load unpredicated. :func:`first_tile_mean` is the float
 row's first tile, the centre of every one-pass LayerNorm statistic in this package.
 :func:`ticket_split_k` finishes a split-K GEMM in the same launch: Y holds the split-order sum of
 every split's fp32 partial tile, and each tile's ticket is back at 0 after the call.
+:func:`grouped_tile` maps a program to its (row block, column block) so that every tile is
+visited exactly once.
 """
 
 import triton
@@ -63,3 +65,17 @@ def ticket_split_k(part, Y, y_offs, y_mask, WS, ws_offs, slab, CNT, tile, pid_k,
                              cache_modifier=".cg")
         tl.store(Y + y_offs, total.to(Y.dtype.element_ty), mask=y_mask)
         tl.atomic_xchg(cnt, 0)
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program `pid` over cdiv(M, BLOCK_M) x cdiv(N, BLOCK_N) tiles, in groups
+    of GROUP_M row blocks per column block: consecutive programs share a column block (the
+    weight tile), so they read it close together, from L2."""
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * n_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_here = tl.minimum(n_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % rows_here, (pid % per_group) // rows_here
