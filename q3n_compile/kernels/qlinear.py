@@ -1985,6 +1985,9 @@ def _supports_kmajor8(x, qweight, scales, zeros, bias, smooth, bits, group_size,
     reason = I8.eligible(bits, group_size, zeros is None, act, act_group_size)
     if reason is not None:
         return reason
+    if K > I8.MAX_K:
+        return (f"K={K} is past the i8 path's {I8.MAX_K} channels (its int32 sums could "
+                "overflow); use int8 activations with weight groups (bit planes) or fp8")
     if qweight.dim() != 2 or not _known(qweight.shape[1] == P.padded_k(K)):
         return f"a K-major int8 qweight must be [N, {P.padded_k(K)}] for K={K}"
     N = qweight.shape[0]

@@ -11,7 +11,7 @@ into the MMA as they are, and the format's scales (one a token, one a column) ap
 epilogue, to the exact int32 sums.
 
 The kernel: ``acc = c[BLOCK_M, K] @ w8[BLOCK_N, K]^T`` in int32 over one split of K (exact:
-|c|, |w8| <= 128, K < 2^17), then ``y = acc * s_x[m] * s[n] (+ bias[n])`` in fp32, rounded
+|c| <= 127, |w8| <= 128, K <= MAX_K = 2^17), then ``y = acc * s_x[m] * s[n] (+ bias[n])`` in fp32, rounded
 once to y's dtype. SWAP computes the transposed tile ``w8 @ c^T`` (the weight's BLOCK_N rows
 fill the MMA's 64-row side, the few rows of x are its narrow N side, down to 16), which is how
 decode sizes use the tensor cores without padding x to 64 rows. Rows of x and weight past M and
@@ -132,6 +132,10 @@ def qlinear_i8_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, K_PER_SPLIT,
                        tl.num_programs(1))
     else:
         tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=y_mask)
+
+
+# |c| <= 127 and |q - 128| <= 128: K products stay exact in int32 while K * 127 * 128 < 2^31.
+MAX_K = 131072
 
 
 def eligible(bits: int, group_size: int, symmetric: bool, act: str,

@@ -133,6 +133,19 @@ def test_supports_names_the_problem(change, match):
                   change.get("act", "int8"), True, act_group_size=change.get("ag", -1))
 
 
+def test_supports_refuses_k_past_int32_exactness():
+    # FakeTensors: no 2^17-channel weight is built.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    K = I8.MAX_K + 32
+    with FakeTensorMode():
+        x = torch.empty(2, K, dtype=bf16)
+        w8 = torch.empty(16, K, dtype=torch.int8)
+        scales = torch.empty(1, 16, dtype=torch.float16)
+        reason = Q.supports(x, w8, scales, None, None, None, 8, -1, K, "int8")
+    assert reason is not None and "int32 sums could overflow" in reason, reason
+
+
 def test_forced_path_must_be_i8():
     kw = _kmajor(_gen("i8forced"), 16, 64)
     x = torch.randn(2, 64).to(bf16)
