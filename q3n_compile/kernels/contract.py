@@ -254,6 +254,25 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def ticket_split_k_plan(k_extent: int, block_k: int, want: int, y: torch.Tensor, tiles: int,
+                        tickets: Optional[Callable], who: str) -> tuple:
+    """(split, k_per_split, workspace, counters) of a one-launch split-K GEMM finished by
+    ``tiles.ticket_split_k``: at most `want` splits of whole `block_k` blocks over `k_extent`
+    channels, none empty; for more than one split a float32 workspace ``[split, *y.shape]`` and
+    `tickets(device, tiles)`'s counters, else `y` in both places (never read: the kernel's
+    SPLIT constexpr is off)."""
+    blocks = cdiv(k_extent, block_k)
+    split = max(1, min(int(want), blocks))
+    k_per_split = cdiv(blocks, split) * block_k
+    split = cdiv(k_extent, k_per_split)  # no empty split
+    if split == 1:
+        return 1, k_per_split, y, y
+    if tickets is None:
+        raise ValueError(f"q3n::qlinear: {who}'s split-K needs the ticket counters")
+    ws = torch.empty((split, *y.shape), dtype=torch.float32, device=y.device)
+    return split, k_per_split, ws, tickets(y.device, tiles)
+
+
 def next_power_of_2(n: int) -> int:
     """The least power of two >= n for n >= 1 (0 for 0), as ``triton.next_power_of_2``, in plain
     Python."""

@@ -261,17 +261,8 @@ def run(codes: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scales: torch.T
         return y
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     tiles = contract.cdiv(M, bm) * contract.cdiv(N, bn)
-    blocks = contract.cdiv(K, bk)
-    split = max(1, min(int(cfg.get("SPLIT_K", 1)), blocks))
-    k_per_split = contract.cdiv(blocks, split) * bk
-    split = contract.cdiv(K, k_per_split)  # no empty split
-    if split > 1:
-        if tickets is None:
-            raise ValueError("q3n::qlinear: the i8 path's split-K needs the ticket counters")
-        ws = torch.empty((split, M, N), dtype=torch.float32, device=codes.device)
-        cnt = tickets(codes.device, tiles)
-    else:
-        ws = cnt = y  # never read: SPLIT is a constexpr
+    split, k_per_split, ws, cnt = contract.ticket_split_k_plan(
+        K, bk, cfg.get("SPLIT_K", 1), y, tiles, tickets, "the i8 path")
     contract.launch(
         qlinear_i8_kernel, (tiles, split),
         (codes, xs, w8, scales, bias if bias is not None else scales, y, ws, cnt),

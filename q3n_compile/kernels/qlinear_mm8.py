@@ -246,17 +246,10 @@ def run(codes: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor, scales: to
     y = torch.empty((M, N), dtype=out_dtype, device=codes.device)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     tiles = contract.cdiv(M, bm) * contract.cdiv(N, bn)
-    blocks = contract.cdiv(P.padded_k(K), BLOCK_K)
-    split = max(1, min(int(cfg.get("SPLIT_K", 1)), blocks))
-    k_per_split = contract.cdiv(blocks, split) * BLOCK_K
-    split = contract.cdiv(blocks * BLOCK_K, k_per_split)  # no empty split
-    if split > 1:
-        if tickets is None:
-            raise ValueError("q3n::qlinear: mm8's split-K needs the ticket counters")
-        ws = torch.empty((split, M, N), dtype=torch.float32, device=codes.device)
-        cnt = tickets(codes.device, tiles)
-    else:
-        ws = cnt = y  # unused
+    # K_pad (a multiple of 32) in blocks of 128: the last block's padding reads as code 0.
+    split, k_per_split, ws, cnt = contract.ticket_split_k_plan(
+        contract.cdiv(P.padded_k(K), BLOCK_K) * BLOCK_K, BLOCK_K, cfg.get("SPLIT_K", 1), y,
+        tiles, tickets, "mm8")
     xgroups = act_group_size != -1
     contract.launch(
         qlinear_mm8_kernel, (tiles, split),
