@@ -140,7 +140,7 @@ bytes per group, read once per call — the gain at small M, where a linear is m
   dequantise + cuBLAS there).
 - ``int8``: an extra kernel reads x and writes 1 byte per element plus a scale per row; products
   run on int8 tensor cores (H200: ``torch._int_mm`` reached 952 TOPS against 817 TFLOP/s bf16;
-  the i8 path, its quantizer included, 1140 TOPS on 28672 x 8192 at 4096 rows, s26run4). 8-bit
+  the i8 path, its quantizer included, 1110-1140 TOPS on 28672 x 8192 at 4096 rows, s26run4). 8-bit
   per-token activations lose accuracy on outlier channels: SmoothQuant (the ``smooth`` vector)
   moves that range into the weights.
 - ``fp8``: same traffic as int8; e4m3 keeps ~2^-4 relative precision per element whatever the
