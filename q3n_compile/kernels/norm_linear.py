@@ -480,6 +480,46 @@ def row_stats_kernel(X, STATS, XN, M, K, eps, stride_xm, stride_xk,
 
 
 @triton.jit
+def normalize_tile_kernel(X, XN, M, K, eps, stride_xm, stride_xk, KIND: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                          OFFSETS_64: tl.constexpr, RNE_BF16: tl.constexpr):
+    """XN = the normalised rows of X, each row whole in one tile (BLOCK_K >= K).
+
+    The same formulas as :func:`row_stats_kernel` with WRITE_XN, its centre x0 being the whole
+    row's mean (as :func:`normalise_rows` states them): x is loaded once and kept in registers,
+    where row_stats_kernel reads the row's first tile, then sweeps it, then sweeps it again to
+    write (3 dependent rounds of loads, the later ones from L2): here a program's only load is
+    issued at its start, so the memory system sees every resident program's rows at once.
+    Traffic: reads x once, writes M * K * e_w.
+    """
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if OFFSETS_64:
+        offs_m = offs_m.to(tl.int64)
+    # Wrapped rows: the loads need no row mask (the extra rows are never stored).
+    rows = offs_m % M
+    row_ok = offs_m < M
+    offs_k = tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    if EVEN_K:
+        a = tl.load(x_ptrs).to(tl.float32)
+    else:
+        a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32)
+    if KIND == 0:
+        x0 = tl.sum(a, 1) / K
+        a = a - x0[:, None]
+        if not EVEN_K:
+            a = tl.where(k_ok[None, :], a, 0.0)
+        dm = tl.sum(a, 1) / K
+        var = tl.maximum(tl.sum(a * a, 1) / K - dm * dm, 0.0)
+        a = (a - dm[:, None]) * (1.0 / tl.sqrt(var + eps))[:, None]
+    else:
+        a = a * (1.0 / tl.sqrt(tl.sum(a * a, 1) / K + eps))[:, None]
+    tl.store(XN + offs_m[:, None] * K + offs_k[None, :], _round(a, XN.dtype.element_ty, RNE_BF16),
+             mask=row_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
 def gate_kernel(G, RES, OUT, M, N, stride_gm, stride_rm, stride_rn,
                 HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, OFFSETS_64: tl.constexpr,
                 RNE_BF16: tl.constexpr):
@@ -514,6 +554,30 @@ def _num_sms(device_index: int) -> int:
     if not torch.cuda.is_available():
         return 132  # H200: only used to shape configs the CPU lane checks
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# The "cublas" design's normalise kernel: whole rows in one tile (normalize_tile_kernel) to
+# ONE_TILE_MAX_K columns, BLOCK_M rows and num_warps by the row's padded width; past it the looped
+# row_stats_kernel, 2 rows x 2048 columns a program (s7run1-3's default).
+ONE_TILE_MAX_K = 16384
+ONE_TILE_BY_K = {  # padded K -> (rows a program, warps)
+    16: (4, 4), 32: (4, 4), 64: (4, 4), 128: (4, 4), 256: (4, 4), 512: (2, 4), 1024: (1, 4),
+    2048: (1, 4), 4096: (1, 4), 8192: (1, 8), 16384: (1, 16)}
+# Under the interpreter rows to this padded width take the one-tile kernel (the CPU tests' odd K
+# of 33-50 columns), wider ones the looped kernel in 32-column tiles: both run on the CPU lane.
+INTERPRETER_ONE_TILE_MAX_K = 64
+# The SiLU-gate pass: BLOCK_N gated columns of one row a program.
+GATE_BLOCK_N = 1024
+GATE_WARPS = 4
+
+
+def normalize_tile(K: int) -> dict:
+    """The normalise kernel's STATS_BLOCK_M / STATS_BLOCK_K / STATS_WARPS for rows of K."""
+    kp2 = max(16, triton.next_power_of_2(K))
+    if kp2 <= ONE_TILE_MAX_K:
+        bm, warps = ONE_TILE_BY_K[kp2]
+        return dict(STATS_BLOCK_M=bm, STATS_BLOCK_K=kp2, STATS_WARPS=warps)
+    return dict(STATS_BLOCK_M=2, STATS_BLOCK_K=2048, STATS_WARPS=8)
 
 
 def design_for(M: int) -> str:
@@ -566,7 +630,8 @@ def choose_config(M: int, N: int, K: int, dtype: torch.dtype, epilogue: str = "n
     "split": the GEMM tile (128 x 256 x 64, 8 warps, 3 stages, GROUP_M 8, TMA where the strides
     allow, not persistent: the usual Hopper bf16 tile; SiLU-gate holds two accumulators, so
     128 x 128; fp32 halves BLOCK_K) and the statistics kernel's STATS_BLOCK_M/K and STATS_WARPS;
-    "cublas": the normalise kernel's STATS_* (two rows per program, up to 2048 columns a tile).
+    "cublas": the normalise kernel's STATS_* (:func:`normalize_tile`) and, for SiLU-gate, the
+    gate pass's GATE_BLOCK_N / GATE_WARPS (module defaults when absent).
     Interpreter: 16 x 32 x 32 tiles, one stage (it only has to be right; its cost is per program
     and per step), the same design rule, so every design runs on the CPU lane.
     """
@@ -578,7 +643,9 @@ def choose_config(M: int, N: int, K: int, dtype: torch.dtype, epilogue: str = "n
     if interpreter:
         return dict(design=design, BLOCK_M=16, BLOCK_N=32,
                     BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=1, USE_TMA=False,
-                    PERSISTENT=False, STATS_BLOCK_M=16, STATS_BLOCK_K=min(kp2, 32), STATS_WARPS=4)
+                    PERSISTENT=False, STATS_BLOCK_M=16,
+                    STATS_BLOCK_K=kp2 if kp2 <= INTERPRETER_ONE_TILE_MAX_K else 32,
+                    STATS_WARPS=4)
     if design == "fused":
         cfg = _fused_config(M, N, K, dtype, epilogue, num_sms)
     elif design == "split":
@@ -590,11 +657,7 @@ def choose_config(M: int, N: int, K: int, dtype: torch.dtype, epilogue: str = "n
         cfg = dict(design="split", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
                    num_warps=warps, num_stages=stages, USE_TMA=True, PERSISTENT=False, **stats)
     else:
-        # (s7run1-3 swept 1-2 rows x 2048-4096 columns per program at M = 2048 and 8192; each
-        # run favoured whichever configs were not its default, by no more than the sweep's short
-        # timing runs read low (up to 10%), so none is shown faster than this one.)
-        cfg = dict(design="cublas", STATS_BLOCK_M=2, STATS_BLOCK_K=min(kp2, 2048),
-                   STATS_WARPS=8 if K >= 2048 else 4)
+        cfg = dict(design="cublas", **normalize_tile(K))
     if "BLOCK_K" in cfg:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], kp2)
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], max(16, triton.next_power_of_2(N)))
@@ -784,13 +847,15 @@ class _Plan:
             self.stats_meta.update(CENTRE=self.centre, WRITE_STATS=True, WRITE_XN=False,
                                    RNE_BF16=False)
         else:
-            self.stats_meta.update(CENTRE=False, WRITE_STATS=False, WRITE_XN=True, RNE_BF16=rne)
+            self.norm_one_tile, self.norm_meta = _norm_meta(kind, cfg, K, offsets_64, rne)
             # cuBLAS adds the residual before its one rounding when it can take it as addmm's C.
             self.res_in_gemm = (residual is not None and bias is None
                                 and residual.dtype == weight.dtype)
-            self.gate_grid = (M, _cdiv(n_cols, 1024))
-            self.gate_meta = dict(HAS_RES=residual is not None, BLOCK_N=1024,
-                                  OFFSETS_64=offsets_64, RNE_BF16=rne, num_warps=4)
+            gbn = cfg.get("GATE_BLOCK_N", GATE_BLOCK_N)
+            self.gate_grid = (M, _cdiv(n_cols, gbn))
+            self.gate_meta = dict(HAS_RES=residual is not None, BLOCK_N=gbn,
+                                  OFFSETS_64=offsets_64, RNE_BF16=rne,
+                                  num_warps=cfg.get("GATE_WARPS", GATE_WARPS))
 
 
 def _plan_key(x, weight, bias, rowsum, eps, kind, residual, epilogue, splits, interpreter,
@@ -869,11 +934,33 @@ def _run_split(p, x2, weight, bias, rowsum, res2, outs):
         **p.meta)
 
 
+def _normalize_into(xn, x2, M, K, eps, stride_xm, stride_xk, grid, meta, one_tile):
+    """xn = the normalised rows of x2 by :func:`normalize_tile_kernel` (`one_tile`: a row fits
+    the tile) or :func:`row_stats_kernel` (WRITE_XN); `meta` is the kernel's constexprs."""
+    if one_tile:
+        normalize_tile_kernel[grid](x2, xn, M, K, eps, stride_xm, stride_xk, **meta)
+    else:
+        row_stats_kernel[grid](x2, _placeholder(x2.device), xn, M, K, eps, stride_xm, stride_xk,
+                               **meta)
+
+
+def _norm_meta(kind, cfg, K, offsets_64, rne) -> tuple[bool, dict]:
+    """(one_tile, constexprs) of the normalise kernel :func:`_normalize_into` runs for `cfg`
+    (its STATS_* keys): the one-tile kernel wherever STATS_BLOCK_K holds the whole row."""
+    bm, bk = cfg["STATS_BLOCK_M"], cfg["STATS_BLOCK_K"]
+    meta = dict(KIND=0 if kind == "layernorm" else 1, BLOCK_M=bm, BLOCK_K=bk,
+                EVEN_K=K % bk == 0, OFFSETS_64=offsets_64, RNE_BF16=rne,
+                num_warps=cfg["STATS_WARPS"])
+    if bk >= K:
+        return True, meta
+    return False, dict(meta, CENTRE=False, WRITE_STATS=False, WRITE_XN=True)
+
+
 def _run_cublas(p, x2, weight, bias, rowsum, res2, outs):
     unused = _placeholder(x2.device)
     xn = torch.empty((p.M, p.K), dtype=weight.dtype, device=x2.device)
-    row_stats_kernel[p.stats_grid](x2, unused, xn, p.M, p.K, p.eps, p.strides[0], p.strides[1],
-                                   **p.stats_meta)
+    _normalize_into(xn, x2, p.M, p.K, p.eps, p.strides[0], p.strides[1], p.stats_grid,
+                    p.norm_meta, p.norm_one_tile)
     b = _cast(bias, weight.dtype) if bias is not None else None
     if p.epilogue == "silu_gate":
         g = torch.mm(xn, weight.t()) if b is None else torch.addmm(b, xn, weight.t())
@@ -1058,15 +1145,13 @@ def _normalize_launch(x: torch.Tensor, eps: float, kind: str, dtype: torch.dtype
     out = torch.empty((M, K), dtype=dtype, device=x.device)
     if M:
         cfg = config or normalize_config(M, K, interpreter=interpreter)
-        bm, bk = cfg["STATS_BLOCK_M"], cfg["STATS_BLOCK_K"]
+        bm = cfg["STATS_BLOCK_M"]
         offsets_64 = max((M + bm) * max(x2.stride(0), 1) + K * x2.stride(1),
                          (M + bm) * K) >= 2**31
-        unused = _placeholder(x.device)
-        row_stats_kernel[(_cdiv(M, bm),)](
-            x2, unused, out, M, K, float(eps), x2.stride(0), x2.stride(1),
-            KIND=0 if kind == "layernorm" else 1, CENTRE=False, WRITE_STATS=False, WRITE_XN=True,
-            BLOCK_M=bm, BLOCK_K=bk, EVEN_K=K % bk == 0, OFFSETS_64=offsets_64,
-            RNE_BF16=interpreter and dtype == torch.bfloat16, num_warps=cfg["STATS_WARPS"])
+        one_tile, meta = _norm_meta(kind, cfg, K, offsets_64,
+                                    interpreter and dtype == torch.bfloat16)
+        _normalize_into(out, x2, M, K, float(eps), x2.stride(0), x2.stride(1),
+                        (_cdiv(M, bm),), meta, one_tile)
     return out.view(*x.shape[:-1], K)
 
 

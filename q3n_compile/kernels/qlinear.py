@@ -808,7 +808,7 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
                      QMAX: tl.constexpr, FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACT_GROUP: tl.constexpr,
                      DEQUANT: tl.constexpr = False, PERM128: tl.constexpr = False,
-                     PDL: tl.constexpr = False):
+                     PDL: tl.constexpr = False, ONE_TILE: tl.constexpr = False):
     """Dynamic activation quantization: one program per BLOCK_M rows of x.
 
     Math (fp32): x' = x (* smooth); s = max|x'| / QMAX over the row (ACT_GROUP = 0: per token)
@@ -822,9 +822,9 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
     PERM128 stores channel k0 + 8r + j of each 128-channel block at k0 + 16j + r (the mmT
     kernel's XPERM layout, :func:`qlinear_swap.permute_x_blocks`; C's padding columns are the
     caller's).
-    Traffic: per token, reads the rows twice (the second time mostly from L1/L2); per group
-    (BLOCK_K a multiple of ACT_GROUP: a tile holds whole groups), once; writes the codes once
-    and 4 bytes per scale.
+    Traffic: per token, reads the rows once when ONE_TILE (BLOCK_K >= K: the row stays in
+    registers), else twice (the second time mostly from L1/L2); per group (BLOCK_K a multiple
+    of ACT_GROUP: a tile holds whole groups), once; writes the codes once and 4 bytes per scale.
 
     PDL (launched with programmatic dependent launch; never under the interpreter): the program
     lets the next PDL kernel start at once (the GEMV that reads the codes: its programs then
@@ -853,6 +853,23 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
             tl.store(C + offs_m[:, None] * stride_cm + _act_dst(offs, PERM128)[None, :],
                      c.to(C.dtype.element_ty), mask=mask)
             _store_group_scales(XS, scale, offs_m, m_ok, k0, K, BLOCK_K, ACT_GROUP)
+    elif ONE_TILE:
+        # The row is whole in the tile: loaded once, kept in registers between its max and its
+        # codes (the loop below reads it twice, the second time from L1/L2, one round of
+        # dependent loads after the other).
+        mask = m_ok[:, None] & (offs0 < K)[None, :]
+        x = tl.load(X + offs_m[:, None] * stride_xm + offs0[None, :] * stride_xk, mask=mask,
+                    other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            x = x * tl.load(SM + offs0, mask=offs0 < K, other=0.0)[None, :]
+        scale = tl.max(tl.abs(x), axis=1) / QMAX
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        c = _act_code(x / scale[:, None], QMAX, FP8)
+        if DEQUANT:
+            c = c * scale[:, None]
+        tl.store(C + offs_m[:, None] * stride_cm + _act_dst(offs0, PERM128)[None, :],
+                 c.to(C.dtype.element_ty), mask=mask)
+        tl.store(XS + offs_m, scale, mask=m_ok)
     else:
         amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -1387,17 +1404,46 @@ def _act_scales_empty(M, K: int, act_group_size: int, device) -> torch.Tensor:
     return torch.empty((M, n_act_groups(K, act_group_size)), dtype=torch.float32, device=device)
 
 
+# The activations' quantizer's launch (act_quant_kernel). Per token, rows to ACT_QUANT_ONE_TILE_MAX_K
+# columns (padded) are whole in one tile, loaded once: (rows a program, warps) by the padded
+# width; wider rows are swept in 4096-column tiles twice, one row a program. Per group, tiles of
+# the same widths, each read once.
+ACT_QUANT_ONE_TILE_MAX_K = 16384
+ACT_QUANT_TILE_BY_K = {
+    16: (8, 4), 32: (8, 4), 64: (8, 4), 128: (4, 4), 256: (4, 4), 512: (2, 4), 1024: (1, 4),
+    2048: (1, 4), 4096: (1, 4), 8192: (1, 8), 16384: (1, 16)}
+# Under the interpreter: 32 rows x 128 columns (so per-token rows past 128 columns run the looped
+# form on the CPU lane too).
+ACT_QUANT_INTERPRETER = (32, 128, 4)
+
+
+def act_quant_launch(K: int, act_group: int, interpreter: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps) of act_quant_kernel for rows of K (act_group 0: per
+    token); the kernel runs ONE_TILE where per-token BLOCK_K >= K."""
+    if interpreter:
+        return ACT_QUANT_INTERPRETER
+    kp2 = max(16, contract.next_power_of_2(K))
+    if act_group == 0 and kp2 <= ACT_QUANT_ONE_TILE_MAX_K:
+        block_m, warps = ACT_QUANT_TILE_BY_K[kp2]
+        return block_m, kp2, warps
+    block_k = min(4096, kp2)
+    return 1, block_k, min(16, max(4, block_k // 256))
+
+
 def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torch.Tensor],
                                 interpreter: bool, act_group_size: int = PER_TOKEN,
                                 dequant: bool = False, perm128: bool = False,
-                                pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                                pdl: bool = False, launch: Optional[tuple] = None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes [M, K], scales fp32 [M] per token or [M, ceil(K / group)]) by
     :func:`act_quant_kernel`; `dequant`: the dequantised activations ``c * s`` in x's dtype in
     place of the codes (the dequant path's input, in one pass over x); `perm128`: the codes in
     the mmT kernel's permuted blocks, [M, K rounded up to 128] (padding 0); `pdl`: launched with
     programmatic dependent launch (the kernel after it must wait with ``griddepcontrol.wait``
     before it reads the codes; the caller has asked :func:`contract.pdl_capable`, as
-    :func:`_pdl_after_quant` does)."""
+    :func:`_pdl_after_quant` does); `launch`: (BLOCK_M, BLOCK_K, num_warps[, one_tile]) in
+    place of :func:`act_quant_launch`'s (a benchmark's sweep; one_tile False forces the looped
+    form where the row fits the tile)."""
     M, K = x.shape
     codes_dtype = x.dtype if dequant else _act_codes_dtype(act, x.device, interpreter)
     if perm128:
@@ -1409,12 +1455,11 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
     scales = _act_scales_empty(M, K, act_group_size, x.device)
     if M == 0:
         return codes, scales
-    if interpreter:
-        block_m, block_k, warps = 32, 128, 4
-    else:
-        block_m, block_k = 1, min(4096, contract.next_power_of_2(K))
-        warps = min(16, max(4, block_k // 256))
     act_group = 0 if act_group_size == PER_TOKEN else act_group_size
+    block_m, block_k, warps = (launch or act_quant_launch(K, act_group, interpreter))[:3]
+    one_tile = act_group == 0 and block_k >= K
+    if launch is not None and len(launch) > 3:
+        one_tile = one_tile and bool(launch[3])
     pdl = pdl and not interpreter
     contract.launch(
         act_quant_kernel, (contract.cdiv(M, block_m),),
@@ -1422,7 +1467,8 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
         (M, K, x.stride(0), x.stride(1), codes.stride(0)),
         dict(QMAX=ACT_QMAX[act], FP8=act == "fp8", HAS_SMOOTH=smooth is not None,
              BLOCK_M=block_m, BLOCK_K=max(block_k, act_group), ACT_GROUP=act_group,
-             DEQUANT=dequant, PERM128=perm128, PDL=pdl),
+             DEQUANT=dequant, PERM128=perm128, PDL=pdl,
+             ONE_TILE=one_tile),
         dict(num_warps=warps, launch_pdl=pdl), fast=not interpreter)
     return codes, scales
 

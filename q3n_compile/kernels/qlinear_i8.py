@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
@@ -65,7 +65,7 @@ def qlinear_i8_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, K_PER_SPLIT,
                       HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                       EVEN_K: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False,
-                      PREFETCH: tl.constexpr = False):
+                      PREFETCH: tl.constexpr = False, TRIGGER: tl.constexpr = False):
     """One program: Y[m-block, n-block] over K_PER_SPLIT channels (a multiple of BLOCK_K) of K.
 
     C int8 codes [M, K] (row stride stride_cm), XS their fp32 per-token scales [M], W int8
@@ -73,7 +73,10 @@ def qlinear_i8_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, K_PER_SPLIT,
     PDL (launched with programmatic dependent launch; never under the interpreter): waits for
     the kernel before it (the quantizer writing C and XS) before it reads or writes anything;
     with PREFETCH, it first asks L2 for its first two K blocks of the weight (which the
-    quantizer does not write), so those loads overlap the quantizer."""
+    quantizer does not write), so those loads overlap the quantizer. TRIGGER (a grid of one
+    wave): after its K loop it lets the next PDL kernel launch (the next linear's quantizer,
+    which waits for this grid to finish before it reads anything), so that launch overlaps the
+    epilogue and the split-K reduction."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -109,6 +112,8 @@ def qlinear_i8_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, K_PER_SPLIT,
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         c_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if TRIGGER:
+        gdc_launch_dependents()
     m_ok = offs_m < M
     n_ok = offs_n < N
     xs = tl.load(XS + rows_m)
@@ -196,6 +201,10 @@ MAX_SPLIT = 16
 # kernel first prefetches its first weight blocks into L2 (PREFETCH).
 PDL_AFTER_QUANT = True
 PREFETCH_DECODE = True
+# To 64 rows (one wave of programs) the kernel also lets the next PDL kernel launch after its K
+# loop (TRIGGER), as the single-plane GEMV does; larger grids do not, since the next kernel's
+# waiting programs would hold the SM slots of this one's later waves.
+TRIGGER_DECODE = True
 
 
 def _fill_split(programs: int, cap: int, blocks: int, min_blocks: int) -> int:
@@ -219,7 +228,7 @@ def choose(M: int, N: int, K: int, sms: int, *, interpreter: bool = False) -> di
         bm = max(16, contract.next_power_of_2(M))
         wide = bm > 16 and 2 * contract.cdiv(N, TILE_SWAP_WIDE["BLOCK_N"]) >= sms
         cfg = dict(TILE_SWAP_WIDE if wide else TILE_SWAP_NARROW, BLOCK_M=bm, SWAP=True,
-                   PREFETCH=PREFETCH_DECODE)
+                   PREFETCH=PREFETCH_DECODE, TRIGGER=TRIGGER_DECODE)
         tiles = contract.cdiv(N, cfg["BLOCK_N"])
         cap = 2 * sms if bm <= 16 else sms
         cfg["SPLIT_K"] = 1 if wide else _fill_split(tiles, cap, contract.cdiv(K, cfg["BLOCK_K"]),
@@ -270,7 +279,8 @@ def run(codes: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scales: torch.T
         dict(HAS_BIAS=bias is not None, SWAP=bool(cfg["SWAP"]), BLOCK_M=bm, BLOCK_N=bn,
              BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 8), EVEN_K=K % k_per_split == 0
              and k_per_split % bk == 0, SPLIT=split > 1, PDL=pdl,
-             PREFETCH=pdl and bool(cfg.get("PREFETCH", False))),
+             PREFETCH=pdl and bool(cfg.get("PREFETCH", False)),
+             TRIGGER=pdl and bool(cfg.get("TRIGGER", False))),
         dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl),
         fast=not interpreter)
     return y

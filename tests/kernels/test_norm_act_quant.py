@@ -390,11 +390,12 @@ def test_qlinear_codes_mmT_small_token_groups_are_dequantised_first(ag):
 # ---------------------------------------------------------------------------------------------
 # q3n::normalize
 
+@pytest.mark.parametrize("K", [83, 40])  # rows swept in tiles; a row whole in one tile
 @pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
 @pytest.mark.parametrize("dtype", [f32, f16, bf16])
-def test_normalize_against_float64(kind, dtype):
-    gen = _gen(f"norm{kind}{dtype}")
-    x = _x(gen, 15, 83, dtype, kind, mean=300.0 if kind == "layernorm" else 0.0).reshape(3, 5, 83)
+def test_normalize_against_float64(kind, dtype, K):
+    gen = _gen(f"norm{kind}{dtype}{K}")
+    x = _x(gen, 15, K, dtype, kind, mean=300.0 if kind == "layernorm" else 0.0).reshape(3, 5, K)
     out = torch.ops.q3n.normalize(x, EPS, kind, dtype)
     assert out.shape == x.shape and out.dtype == dtype
     want = _normalised64(x, kind).reshape(x.shape)
@@ -651,10 +652,11 @@ def test_gpu_qlinear_codes_mmT_against_float64(bits, group, sym, act, ag, M):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("M,K", [(2048, 4096), (37, 4000), (5, 20000)])  # 20000: looped
 @pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
-def test_gpu_normalize(kind):
+def test_gpu_normalize(kind, M, K):
     gen = torch.Generator().manual_seed(5)
-    x = _x(gen, 2048, 4096, bf16, kind, device="cuda")
+    x = _x(gen, M, K, bf16, kind, device="cuda", mean=300.0 if kind == "layernorm" else 0.0)
     out = torch.ops.q3n.normalize(x, EPS, kind, bf16)
     want = _normalised64(x, kind)
     assert ((out.double() - want).abs() / want.abs().clamp_min(1.0)).max() <= 8e-3

@@ -603,7 +603,8 @@ AOT_SCRIPT = textwrap.dedent(r'''
     launch(2048, 2 * 11008, "layernorm", "split", "silu_gate", residual=True)
     launch(2048, 12288, "layernorm", "split", USE_TMA=False, PERSISTENT=True)
     launch(2048, 2 * 11008, "rmsnorm", "cublas", "silu_gate")  # normalise + gate kernels
-    launch(2048, 12288, "layernorm", "cublas")
+    launch(2048, 12288, "layernorm", "cublas")  # the one-tile normalise kernel
+    launch(2048, 12288, "rmsnorm", "cublas", STATS_BLOCK_M=2, STATS_BLOCK_K=2048)  # looped
     seen = set()
     for name, stages, kernel in COMPILED:
         ttgir = kernel.asm["ttgir"]
@@ -615,7 +616,8 @@ AOT_SCRIPT = textwrap.dedent(r'''
             assert re.search(r"pendings = [12]", ttgir), name
             assert "async_tma_copy" in ttgir or "async_copy_global_to_local" in ttgir, name
         seen.add(name)
-    assert seen == {"fused_kernel", "gemm_kernel", "row_stats_kernel", "gate_kernel"}, seen
+    assert seen == {"fused_kernel", "gemm_kernel", "row_stats_kernel", "gate_kernel",
+                    "normalize_tile_kernel"}, seen
     print("ok")
 ''')
 

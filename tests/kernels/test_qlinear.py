@@ -193,13 +193,15 @@ def test_forced_paths(path, act):
     _check(x, pw, torch.randn(40, generator=gen).to(bf16), act=act, path=path)
 
 
+@pytest.mark.parametrize("K", [70, 200])  # a row in one tile (read once); rows swept twice
 @pytest.mark.parametrize("act", ["int8", "fp8", "int12"])
-def test_activation_quantizer_matches_reference_exactly(act):
-    gen = _gen(f"aq{act}")
-    x = torch.randn(37, 70, generator=gen) * torch.logspace(-3, 2, 70)
+def test_activation_quantizer_matches_reference_exactly(act, K):
+    assert (K <= Q.ACT_QUANT_INTERPRETER[1]) == (K == 70)
+    gen = _gen(f"aq{act}{K}")
+    x = torch.randn(37, K, generator=gen) * torch.logspace(-3, 2, K)
     x[4] = 0.0  # all-zero row: scale 1, codes 0
     x[5, 7] = 0.5 * 2047 / 2047  # values at exact ties appear after scaling for some rows
-    smooth = torch.rand(70, generator=gen) + 0.5
+    smooth = torch.rand(K, generator=gen) + 0.5
     for sm in (None, smooth):
         codes, scales = Q.quantize_activations_triton(x, act, sm, interpreter=True)
         want_codes, want_scales = Q.quantize_activations(x, act, sm)
@@ -526,6 +528,30 @@ def test_gpu_fused_dequantised_activations(act, ag):
     # The store permuted for mmT's XPERM is the same values in permute_x_blocks's places.
     p, _ = Q.quantize_activations_triton(x, act, None, False, ag, dequant=True, perm128=True)
     assert torch.equal(p, SW.permute_x_blocks(a))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("act", ["int8", "fp8", "int12"])
+@pytest.mark.parametrize("K", [4096, 4000, 20000])  # one tile; one tile masked; looped
+def test_gpu_activation_quantizer_launches_agree(act, K):
+    # The dispatched launch (the row whole in one tile to 16384 columns) against the looped form
+    # (the row read twice, one row a program): the same fp32 arithmetic, so the same bits; and
+    # both against the op's definition (codes at most one apart where the GPU's fp32 division
+    # and torch's round a tie differently, on a tiny fraction of them).
+    gen = _gen(f"gpuaq{act}{K}")
+    x = (torch.randn(300, K, generator=gen) * torch.logspace(-2, 1, K)).to(bf16).cuda()
+    x[7] = 0.0
+    smooth = (torch.rand(K, generator=gen) + 0.5).cuda()
+    for sm in (None, smooth):
+        codes, scales = Q.quantize_activations_triton(x, act, sm, False)
+        looped = Q.quantize_activations_triton(x, act, sm, False, launch=(1, 4096, 16, False))
+        assert torch.equal(codes.float(), looped[0].float()) and torch.equal(scales, looped[1])
+        want_c, want_s = Q.quantize_activations(x, act, sm)
+        torch.testing.assert_close(scales, want_s, rtol=1e-6, atol=0)
+        diff = (codes.float() - want_c).abs()
+        assert diff.max() <= (1 if act != "fp8" else 32) and (diff > 0).float().mean() < 1e-3
+    assert scales[7] == 1 and codes[7].float().abs().max() == 0
 
 
 @pytest.mark.gpu
