@@ -290,8 +290,11 @@ def run_row(sec, M, gen, do_sweep):
 
 def best_of(row):
     """The fastest correct (design, ms, config) of a row: its designs' defaults and its sweep;
-    by CUDA-graph time where the row has it (M <= GRAPH_M: "fused" only), else by do_bench."""
-    key = "graph_ms" if "q3n_fused_graph_ms" in row else "ms"
+    by CUDA-graph time where the row has it for every design it timed, else by do_bench (a
+    --graph-until past 16 rows graphs the dispatched op and "fused" only: comparing those by
+    graph time with nothing else would name "fused" the best whatever its time)."""
+    timed = [d for d in NL.DESIGNS if f"q3n_{d}_ms" in row]
+    key = "graph_ms" if timed and all(f"q3n_{d}_graph_ms" in row for d in timed) else "ms"
     swept = [e for e in row.get("sweep", []) if key in e]
     if swept:  # one timing mode: the sweep's entries, the designs' defaults among them
         cands = [(e[key], e["design"], {k: v for k, v in e.items() if k not in (

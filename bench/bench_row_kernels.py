@@ -95,8 +95,11 @@ def normalize_rows(M: int, gen, sweep: bool) -> list[dict]:
 
         cfgs = [("dispatched", NL.normalize_tile(K)), ("looped", NORM_LOOPED)]
         if sweep:
-            cfgs += [(f"tile {bm}x{w}", dict(STATS_BLOCK_M=bm, STATS_BLOCK_K=K, STATS_WARPS=w))
-                     for bm, w in NORM_TILES]
+            kp2 = NL.normalize_tile(K)["STATS_BLOCK_K"] if K <= NL.ONE_TILE_MAX_K else None
+            wide = max(1, (kp2 or 0) // 4096)
+            cfgs += [(f"tile {bm}x{min(32, w * wide)}",
+                      dict(STATS_BLOCK_M=bm, STATS_BLOCK_K=kp2, STATS_WARPS=min(32, w * wide)))
+                     for bm, w in NORM_TILES if kp2]
         out = [dict(time_row(name, launch(cfg), nbytes, check), cfg=cfg) for name, cfg in cfgs]
         norm = (lambda t: F.layer_norm(t, (K,), eps=EPS)) if kind == "layernorm" else \
             (lambda t: F.rms_norm(t, (K,), eps=EPS))
@@ -162,8 +165,10 @@ def act_quant_rows(M: int, gen, sweep: bool) -> list[dict]:
 
     kp2 = max(16, 1 << (K - 1).bit_length())
     cfgs = [("dispatched", Q.act_quant_launch(K, 0, False)), ("looped", QUANT_LOOPED)]
-    if sweep:
-        cfgs += [(f"tile {bm}x{w}", (bm, kp2, w)) for bm, w in QUANT_TILES]
+    if sweep:  # the same elements a thread as at 4096 columns for wider rows
+        wide = max(1, kp2 // 4096)
+        cfgs += [(f"tile {bm}x{min(32, w * wide)}", (bm, kp2, min(32, w * wide)))
+                 for bm, w in QUANT_TILES]
     out = [dict(time_row(name, launch(cfg), nbytes, check), cfg=list(cfg)) for name, cfg in cfgs]
     ind = torch.compile(_inductor_quant, dynamic=False)
     out.append(time_row("inductor", lambda: ind(x), nbytes, check))
@@ -177,7 +182,9 @@ def main():
     ap.add_argument("--ms", type=int, nargs="+", default=list(MS))
     ap.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
     ap.add_argument("--no-sweep", action="store_true", help="dispatched, before and peers only")
+    ap.add_argument("--k", type=int, default=K, help="row width of normalize and act_quant")
     args = ap.parse_args()
+    globals()["K"] = args.k
     if not torch.cuda.is_available():
         sys.exit("bench_row_kernels.py needs a CUDA GPU")
     gen = torch.Generator(device="cuda").manual_seed(0)
