@@ -79,7 +79,7 @@ def main():
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{'N x K':>12} {'M':>5} {'bf16':>8} {'planes':>8} {'i8':>8} {'int_mm':>8} "
-          f"{'quant':>7} {'i8/bf16':>7} {'i8/pl':>6} {'best':>8} cfg", flush=True)
+          f"{'quant':>7} {'codes':>8} {'i8/bf16':>7} {'i8/pl':>6} {'best':>8} cfg", flush=True)
     for N, K, M, x, bf16 in BQ.bf16_cases(gen, args.nk, args.ms):
         pw = BQ.random_packed(gen, N, K, 8, -1, True)
         kw = P.to_kmajor8(pw)
@@ -103,7 +103,11 @@ def main():
                                   False, path=off), ref, bf16, BQ.TOL, {}), cfg=off)
         codes, xs = Q.quantize_activations_triton(x, "int8", None, False)
         w8t = kw.qweight[:, :K].t()
-        BQ.time_parts({"int_mm": lambda: torch._int_mm(codes, w8t),
+        # The dispatched kernel alone on codes quantized beforehand (no quantizer, no PDL): what
+        # the op's quantizer costs is the op's time minus this.
+        BQ.time_parts({"i8_codes": lambda: I8.run(codes, xs, kw.qweight, kw.scales, None,
+                                                  x.dtype, cfg, False, Q._tickets),
+                       "int_mm": lambda: torch._int_mm(codes, w8t),
                        "quant": lambda: Q.quantize_activations_triton(x, "int8", None, False)},
                       row)
         best = None
@@ -128,6 +132,7 @@ def main():
             f"split {best['cfg']['SPLIT_K']}")
         print(f"{N:>6}x{K:<5} {M:>5} {bf16:8.4f} {pl:8.4f} {i8:8.4f} "
               f"{row.get('int_mm_ms', float('nan')):8.4f} {row.get('quant_ms', float('nan')):7.4f} "
+              f"{row.get('i8_codes_ms', float('nan')):8.4f} "
               f"{bf16 / i8:7.2f} {pl / i8:6.2f} "
               f"{best['graph_ms'] if best else float('nan'):8.4f} {bcfg} "
               f"(dispatched split {cfg['SPLIT_K']})"

@@ -563,7 +563,10 @@ def _num_sms(device_index: int) -> int:
 # program ran 13.8-13.9 us at 2048 rows (a copy of the same 32 MB: 13.8-13.9 us; the looped
 # kernel 14.2-15.9; Inductor's norm 14.2-19.3) and 38.5-39.4 us at 8192 (copy 37.1-37.4; looped
 # 40.0-43.0; Inductor 40.2-48.1); 1-2 rows with 2-8 warps were within 5% of it, 4 rows 1.05-1.2x
-# slower. The 8192- and 16384-column entries keep 32 elements a thread (not timed).
+# slower. K = 12288 (s27run4, 16384 padded): one row and 16 warps 35.6 / 31.1 us at 2048 rows
+# (LayerNorm / RMSNorm) and 119.3 / 105.2 at 8192, against the looped kernel 42.5 / 42.5 and
+# 145.2 / 148.3, Inductor 35.7 / 28.8 and 116.2 / 99.0, a copy 29.4 and 100.1 (8 warps: within
+# 3% either way; 2-4 rows 1.1-1.5x slower). The 8192-column entry was not timed.
 ONE_TILE_MAX_K = 16384
 ONE_TILE_BY_K = {  # padded K -> (rows a program, warps)
     16: (4, 4), 32: (4, 4), 64: (4, 4), 128: (4, 4), 256: (4, 4), 512: (2, 4), 1024: (1, 4),

@@ -533,7 +533,7 @@ def test_gpu_fused_dequantised_activations(act, ag):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("act", ["int8", "fp8", "int12"])
-@pytest.mark.parametrize("K", [4096, 4000, 20000])  # one tile; one tile masked; looped
+@pytest.mark.parametrize("K", [4096, 4000, 12288, 20000])  # one tile (12288: padded); looped
 def test_gpu_activation_quantizer_launches_agree(act, K):
     # The dispatched launch (the row whole in one tile to 16384 columns) against the looped form
     # (the row read twice, one row a program): the same fp32 arithmetic, so the same bits; and
