@@ -563,14 +563,18 @@ def _num_sms(device_index: int) -> int:
 # program ran 13.8-13.9 us at 2048 rows (a copy of the same 32 MB: 13.8-13.9 us; the looped
 # kernel 14.2-15.9; Inductor's norm 14.2-19.3) and 38.5-39.4 us at 8192 (copy 37.1-37.4; looped
 # 40.0-43.0; Inductor 40.2-48.1); 1-2 rows with 2-8 warps were within 5% of it, 4 rows 1.05-1.2x
-# slower. K = 12288 (s27run4, 16384 padded): one row and 16 warps 35.6 / 31.1 us at 2048 rows
-# (LayerNorm / RMSNorm) and 119.3 / 105.2 at 8192, against the looped kernel 42.5 / 42.5 and
-# 145.2 / 148.3, Inductor 35.7 / 28.8 and 116.2 / 99.0, a copy 29.4 and 100.1 (8 warps: within
-# 3% either way; 2-4 rows 1.1-1.5x slower). The 8192-column entry was not timed.
+# slower. Rows padded to 8192 and 16384 columns (s27run4 at K = 12288, s27run6 at 5120, 11008
+# and 14336; LayerNorm / RMSNorm at 2048 rows, ms at 8192 in the raw files): one row with 4
+# warps at 5120 ran 17.4 / 15.9 us (8 warps 18.6 / 16.1, the looped kernel 19.0 / 17.7,
+# Inductor 22.5 / 16.4, a copy 15.6-15.9); one row with 8 warps at 11008 27.5 us for RMSNorm
+# (16 warps 29.8, Inductor 26.3) and 34.7 for LayerNorm (16 warps 34.0, Inductor 38.6), at
+# 12288 and 14336 8 and 16 warps within 3% of each other and 1.2-1.45x faster than the looped
+# kernel; 2-4 rows a program 1.1-1.5x slower. Inductor's RMSNorm is up to 1.12x faster than this
+# kernel at 11008-14336 columns (its LayerNorm slower or level).
 ONE_TILE_MAX_K = 16384
 ONE_TILE_BY_K = {  # padded K -> (rows a program, warps)
     16: (4, 4), 32: (4, 4), 64: (4, 4), 128: (4, 4), 256: (4, 4), 512: (2, 4), 1024: (1, 4),
-    2048: (1, 4), 4096: (1, 4), 8192: (1, 8), 16384: (1, 16)}
+    2048: (1, 4), 4096: (1, 4), 8192: (1, 4), 16384: (1, 8)}
 # Under the interpreter rows to this padded width take the one-tile kernel (the CPU tests' odd K
 # of 33-50 columns), wider ones the looped kernel in 32-column tiles: both run on the CPU lane.
 INTERPRETER_ONE_TILE_MAX_K = 64

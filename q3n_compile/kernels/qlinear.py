@@ -1412,13 +1412,15 @@ def _act_scales_empty(M, K: int, act_group_size: int, device) -> torch.Tensor:
 # one tile ran 12.3 us at 2048 rows and 30.4 at 8192, where the looped launch of before (1 x
 # 4096, 16 warps) ran 16.4 and 46.2, Inductor's compile of the op's definition 18.2 and 50.9,
 # and a copy of as many bytes 11.6 and 29.3; 1-2 rows with 2-8 warps within 4% of it, 16 warps
-# 1.2-1.3x slower. K = 12288 (s27run4): one row and 8 warps, 26.5 / 82.9 us at 2048 / 8192 rows,
-# against 16 warps 31.4 / 101.1, the looped launch 32.1 / 95.8, Inductor 39.3 / 160.1 and a
-# copy 23.5 / 76.0. The 8192-column entry (32 elements a thread) was not timed.
+# 1.2-1.3x slower. Wider rows, 64 elements a thread (at 2048 / 8192 rows): K = 5120 (s27run6)
+# one row and 4 warps 15.7 / 41.7 us (8 warps 16.2 / 44.6, looped 20.6 / 63.3, Inductor 25.7 /
+# 68.0, copy 13.1 / 35.0); K = 11008, 12288, 14336 (s27run4, s27run6) 8 warps 26.1 / 79.6,
+# 26.5 / 82.9, 28.7 / 89.6 against 16 warps 1.1-1.2x slower, the looped launch 1.15-1.3x slower
+# and Inductor 1.5-1.9x slower.
 ACT_QUANT_ONE_TILE_MAX_K = 16384
 ACT_QUANT_TILE_BY_K = {
     16: (8, 4), 32: (8, 4), 64: (8, 4), 128: (4, 4), 256: (4, 4), 512: (2, 4), 1024: (1, 4),
-    2048: (1, 4), 4096: (1, 4), 8192: (1, 8), 16384: (1, 8)}
+    2048: (1, 4), 4096: (1, 4), 8192: (1, 4), 16384: (1, 8)}
 # Under the interpreter: 32 rows x 128 columns (so per-token rows past 128 columns run the looped
 # form on the CPU lane too).
 ACT_QUANT_INTERPRETER = (32, 128, 4)
