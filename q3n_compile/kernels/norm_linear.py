@@ -569,8 +569,8 @@ def _num_sms(device_index: int) -> int:
 # Inductor 22.5 / 16.4, a copy 15.6-15.9); one row with 8 warps at 11008 27.5 us for RMSNorm
 # (16 warps 29.8, Inductor 26.3) and 34.7 for LayerNorm (16 warps 34.0, Inductor 38.6), at
 # 12288 and 14336 8 and 16 warps within 3% of each other and 1.2-1.45x faster than the looped
-# kernel; 2-4 rows a program 1.1-1.5x slower. Inductor's RMSNorm is up to 1.12x faster than this
-# kernel at 11008-14336 columns (its LayerNorm slower or level).
+# kernel; 2-4 rows a program 1.1-1.5x slower. Inductor's normalisation is faster in places (RMSNorm
+# 1.04-1.05x at 11008-14336 columns, LayerNorm 1.12x at 14336 columns and 8192 rows).
 ONE_TILE_MAX_K = 16384
 ONE_TILE_BY_K = {  # padded K -> (rows a program, warps)
     16: (4, 4), 32: (4, 4), 64: (4, 4), 128: (4, 4), 256: (4, 4), 512: (2, 4), 1024: (1, 4),
