@@ -403,6 +403,20 @@ def gemm_kernel(
 
 
 @triton.jit
+def _row_block(X, M, stride_xm, stride_xk, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+               OFFSETS_64: tl.constexpr):
+    """(offs_m, row_ok, offs_k, x_ptrs) of this program's BLOCK_M rows and first BLOCK_K columns.
+    Rows past M wrap (x_ptrs reads row offs_m % M), so loads need no row mask; row_ok says
+    which rows to store."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if OFFSETS_64:
+        offs_m = offs_m.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = X + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    return offs_m, offs_m < M, offs_k, x_ptrs
+
+
+@triton.jit
 def row_stats_kernel(X, STATS, XN, M, K, eps, stride_xm, stride_xk,
                      KIND: tl.constexpr, CENTRE: tl.constexpr, WRITE_STATS: tl.constexpr,
                      WRITE_XN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -421,13 +435,9 @@ def row_stats_kernel(X, STATS, XN, M, K, eps, stride_xm, stride_xk,
     Traffic: reads x once from memory (twice from L2 with WRITE_XN), writes 16 bytes per row and
     with WRITE_XN M * K * e_w.
     """
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    if OFFSETS_64:
-        offs_m = offs_m.to(tl.int64)
-    rows = offs_m % M
-    row_ok = offs_m < M
-    offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    offs_m, row_ok, offs_k, x_ptrs = _row_block(X, M, stride_xm, stride_xk, BLOCK_M, BLOCK_K,
+                                                OFFSETS_64)
+    row_start = x_ptrs
     if KIND == 0:
         x0 = first_tile_mean(x_ptrs, (offs_k < K)[None, :], tl.minimum(K, BLOCK_K))
     s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -465,7 +475,7 @@ def row_stats_kernel(X, STATS, XN, M, K, eps, stride_xm, stride_xk,
         tl.store(STATS + offs_m * 4 + 2, rstd, mask=row_ok)
         tl.store(STATS + offs_m * 4 + 3, tl.zeros([BLOCK_M], dtype=tl.float32), mask=row_ok)
     if WRITE_XN:
-        x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        x_ptrs = row_start
         xn_ptrs = XN + offs_m[:, None] * K + offs_k[None, :]
         for k0 in range(0, K, BLOCK_K):
             k_ok = offs_k < K - k0
@@ -492,15 +502,9 @@ def normalize_tile_kernel(X, XN, M, K, eps, stride_xm, stride_xk, KIND: tl.const
     issued at its start, so the memory system sees every resident program's rows at once.
     Traffic: reads x once, writes M * K * e_w.
     """
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    if OFFSETS_64:
-        offs_m = offs_m.to(tl.int64)
-    # Wrapped rows: the loads need no row mask (the extra rows are never stored).
-    rows = offs_m % M
-    row_ok = offs_m < M
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_m, row_ok, offs_k, x_ptrs = _row_block(X, M, stride_xm, stride_xk, BLOCK_M, BLOCK_K,
+                                                OFFSETS_64)
     k_ok = offs_k < K
-    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
     if EVEN_K:
         a = tl.load(x_ptrs).to(tl.float32)
     else:
