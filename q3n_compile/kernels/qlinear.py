@@ -151,8 +151,8 @@ bytes per group, read once per call — the gain at small M, where a linear is m
   there to reproduce the design's W6A12 attention setting faithfully.
 - per-group activation scales (``act_group_size`` 32/64/128, any of the quantized formats): the
   quantizer writes one fp32 scale per token and group (``4 * G`` bytes per token instead of 4:
-  ``4 / group`` bytes per element, 3% of int8 codes at 128) and reads x once instead of twice
-  (a tile holds whole groups); the GEMM loads a ``[BLOCK_M]`` fp32 scale per K block and
+  ``4 / group`` bytes per element, 3% of int8 codes at 128) and reads x once (a tile holds
+  whole groups; per token, rows past 16384 columns are read twice); the GEMM loads a ``[BLOCK_M]`` fp32 scale per K block and
   converts and multiplies each block's ``[BLOCK_M, BLOCK_N]`` partial in fp32 (int8: no int32
   accumulator chained over K, which per-channel weights with per-token scales keep), and the
   gemv kernel multiplies each block's codes by their scale; groups of 32 or 64 also cap the
