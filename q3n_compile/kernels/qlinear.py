@@ -804,6 +804,36 @@ def _act_dst(offs, PERM128: tl.constexpr):
 
 
 @triton.jit
+def _x_tile(X, SM, offs_m, m_ok, offs, K, stride_xm, stride_xk, HAS_SMOOTH: tl.constexpr):
+    """(x' fp32 [BLOCK_M, BLOCK_K], mask): x's rows offs_m at columns offs (0 outside the rows
+    and K), times the smoothing vector where there is one."""
+    mask = m_ok[:, None] & (offs < K)[None, :]
+    x = tl.load(X + offs_m[:, None] * stride_xm + offs[None, :] * stride_xk, mask=mask,
+                other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        x = x * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
+    return x, mask
+
+
+@triton.jit
+def _token_scale(amax, QMAX: tl.constexpr):
+    """The per-token scale from |x'| ([BLOCK_M, n]): max / QMAX, 1 for an all-zero row."""
+    scale = tl.max(amax, axis=1) / QMAX
+    return tl.where(scale == 0.0, 1.0, scale)
+
+
+@triton.jit
+def _store_token_codes(C, x, scale, offs_m, offs, mask, stride_cm, QMAX: tl.constexpr,
+                       FP8: tl.constexpr, DEQUANT: tl.constexpr, PERM128: tl.constexpr):
+    """Store the codes of the tile x' under per-token `scale` (or c * s with DEQUANT)."""
+    c = _act_code(x / scale[:, None], QMAX, FP8)
+    if DEQUANT:
+        c = c * scale[:, None]
+    tl.store(C + offs_m[:, None] * stride_cm + _act_dst(offs, PERM128)[None, :],
+             c.to(C.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
                      QMAX: tl.constexpr, FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACT_GROUP: tl.constexpr,
@@ -840,11 +870,7 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
     if ACT_GROUP != 0:
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + offs0
-            mask = m_ok[:, None] & (offs < K)[None, :]
-            x = tl.load(X + offs_m[:, None] * stride_xm + offs[None, :] * stride_xk, mask=mask,
-                        other=0.0).to(tl.float32)
-            if HAS_SMOOTH:
-                x = x * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
+            x, mask = _x_tile(X, SM, offs_m, m_ok, offs, K, stride_xm, stride_xk, HAS_SMOOTH)
             c, scale = _group_codes(x, QMAX, FP8, BLOCK_M, BLOCK_K, ACT_GROUP)
             if DEQUANT:
                 NG: tl.constexpr = BLOCK_K // ACT_GROUP
@@ -857,43 +883,23 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
         # The row is whole in the tile: loaded once, kept in registers between its max and its
         # codes (the loop below reads it twice, the second time from L1/L2, one round of
         # dependent loads after the other).
-        mask = m_ok[:, None] & (offs0 < K)[None, :]
-        x = tl.load(X + offs_m[:, None] * stride_xm + offs0[None, :] * stride_xk, mask=mask,
-                    other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
-            x = x * tl.load(SM + offs0, mask=offs0 < K, other=0.0)[None, :]
-        scale = tl.max(tl.abs(x), axis=1) / QMAX
-        scale = tl.where(scale == 0.0, 1.0, scale)
-        c = _act_code(x / scale[:, None], QMAX, FP8)
-        if DEQUANT:
-            c = c * scale[:, None]
-        tl.store(C + offs_m[:, None] * stride_cm + _act_dst(offs0, PERM128)[None, :],
-                 c.to(C.dtype.element_ty), mask=mask)
+        x, mask = _x_tile(X, SM, offs_m, m_ok, offs0, K, stride_xm, stride_xk, HAS_SMOOTH)
+        scale = _token_scale(tl.abs(x), QMAX)
+        _store_token_codes(C, x, scale, offs_m, offs0, mask, stride_cm, QMAX, FP8, DEQUANT,
+                           PERM128)
         tl.store(XS + offs_m, scale, mask=m_ok)
     else:
         amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            offs = k0 + offs0
-            mask = m_ok[:, None] & (offs < K)[None, :]
-            x = tl.load(X + offs_m[:, None] * stride_xm + offs[None, :] * stride_xk, mask=mask,
-                        other=0.0).to(tl.float32)
-            if HAS_SMOOTH:
-                x = x * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
+            x, mask = _x_tile(X, SM, offs_m, m_ok, k0 + offs0, K, stride_xm, stride_xk,
+                              HAS_SMOOTH)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.max(amax, axis=1) / QMAX
-        scale = tl.where(scale == 0.0, 1.0, scale)
+        scale = _token_scale(amax, QMAX)
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + offs0
-            mask = m_ok[:, None] & (offs < K)[None, :]
-            x = tl.load(X + offs_m[:, None] * stride_xm + offs[None, :] * stride_xk, mask=mask,
-                        other=0.0).to(tl.float32)
-            if HAS_SMOOTH:
-                x = x * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
-            c = _act_code(x / scale[:, None], QMAX, FP8)
-            if DEQUANT:
-                c = c * scale[:, None]
-            tl.store(C + offs_m[:, None] * stride_cm + _act_dst(offs, PERM128)[None, :],
-                     c.to(C.dtype.element_ty), mask=mask)
+            x, mask = _x_tile(X, SM, offs_m, m_ok, offs, K, stride_xm, stride_xk, HAS_SMOOTH)
+            _store_token_codes(C, x, scale, offs_m, offs, mask, stride_cm, QMAX, FP8, DEQUANT,
+                               PERM128)
         tl.store(XS + offs_m, scale, mask=m_ok)
 
 
