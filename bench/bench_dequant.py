@@ -1,17 +1,19 @@
-"""The dequantise kernel (``q3n::qlinear``'s "dequant" path: packed weight -> dense ``W^T``, then
-cuBLAS) on one GPU: its launch tiles, its bandwidth, and the path against bf16 ``F.linear``.
+"""The whole-weight unpack (``kernels/weight_unpack.py``: the "dequant" path's ``W [N, K]`` in
+x's dtype, and the "cublas8" path's 8-bit ``q - z``) on one GPU: its launch tiles, its bandwidth
+against a copy, and the dequant path against bf16 ``F.linear``.
 
-Why: from 257 rows 16-bit activations (and 12-bit ones from 65) take dequantise + cuBLAS, so
-the kernel's time is what the path loses to bf16 there (s8run3: W4A16 0.86-0.93x bf16 at 4096
-rows). For each shape and format this times, by CUDA-graph replay (``do_bench`` median, L2
-flushed):
-- the kernel at every tile of :data:`TILES` (BLOCK_K x BLOCK_N, warps), each checked bit for
-  bit against the launcher's output (:func:`q3n_compile.kernels.qlinear.dequantize_triton`),
-  with TB/s of its traffic (packed weight, scales and zero points read, 2 bytes a weight
-  written);
-- a write-only peer: ``Tensor.fill_`` of the same ``[K, N]`` bf16 tensor (the write ceiling);
-- at each M of ``--ms``: bf16 ``F.linear`` and the path (the launcher's kernel + ``torch.mm``),
-  and the path with the fastest tile and with :data:`OLD_TILE`.
+Why: from 257 rows 16-bit activations (and 12-bit ones from 65) take dequantise + cuBLAS, so the
+kernel's time is what that path loses to bf16 there. For each shape and format this times, by
+CUDA-graph replay (``do_bench`` median, L2 flushed):
+- the kernel at every tile of :data:`TILES` (BLOCK_N x BLOCK_K, warps; BLOCK_K capped by the
+  group), each checked bit for bit against the launcher's output first, with TB/s of its
+  traffic (packed weight, scales and zero points read, the output written);
+- peers: ``Tensor.copy_`` of a tensor of the output's size (it reads and writes those bytes: the
+  copy ceiling of the issue) and ``fill_`` (writes only);
+- at each M of ``--ms`` (scaled formats): bf16 ``F.linear`` on a bf16 weight, and the path as
+  the op runs it (the launcher's unpack, then ``F.linear``) and with the fastest tile.
+The kernel it replaced (``W^T [K, N]`` and ``torch.mm``) is timed by the earlier tree's own
+copy of this script or of ``bench_dequant_parts.py``, run in the same device call.
 
     python bench/bench_dequant.py --out bench/results/dequant-h200.json
 """
@@ -29,33 +31,25 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_qlinear import random_packed, result_header, timed, write_result  # noqa: E402
-from q3n_compile.kernels import contract  # noqa: E402
-from q3n_compile.kernels import packing as P  # noqa: E402
-from q3n_compile.kernels import qlinear as Q  # noqa: E402
+from q3n_compile.kernels import weight_unpack as WU  # noqa: E402
 
 NKS = ((4096, 4096), (12288, 4096), (4096, 12288), (28672, 8192), (1024, 4096))
-# name -> (bits, group (-1 per channel), symmetric)
-FORMATS = {"w4g128": (4, 128, False), "w6g128": (6, 128, False), "w8pc": (8, -1, True)}
-# The launcher's tile before s21run2 (since then :func:`q3n_compile.kernels.qlinear.dequant_tile`).
-OLD_TILE = (64, 128, 4)
-# (BLOCK_K, BLOCK_N, num_warps), the ones swept in s21run2-3.
-TILES = ((64, 128, 4), (32, 128, 4), (128, 128, 4), (128, 128, 8), (64, 256, 4), (64, 256, 8),
-         (32, 256, 4), (128, 256, 8), (256, 128, 8))
+# name -> (bits, group (-1 per channel), symmetric, output dtype, scaled)
+FORMATS = {
+    "w4g128": (4, 128, False, torch.bfloat16, True),
+    "w6g128": (6, 128, False, torch.bfloat16, True),
+    "w8pc": (8, -1, True, torch.bfloat16, True),
+    "w4g128-fp8codes": (4, 128, False, torch.float8_e4m3fn, False),
+    "w8pc-int8codes": (8, -1, True, torch.int8, False),
+}
+# (BLOCK_N, BLOCK_K, num_warps)
+TILES = ((64, 128, 4), (32, 128, 4), (128, 128, 4), (128, 128, 8), (64, 64, 4), (128, 64, 4),
+         (64, 128, 8), (256, 64, 8), (32, 256, 4), (64, 256, 8), (16, 256, 4))
 
 
-def dequant_with(pw, tile, dtype=torch.bfloat16):
-    """The dequantise kernel at `tile`, as the launcher runs it at its own."""
-    bk, bn, warps = tile
-    K, N = pw.in_features, pw.qweight.shape[1]
-    wt = torch.empty((K, N), dtype=dtype, device=pw.qweight.device)
-    contract.launch(
-        Q.dequant_kernel, (contract.cdiv(K, bk), contract.cdiv(N, bn)),
-        (pw.qweight, pw.scales, pw.zeros if pw.zeros is not None else pw.scales, wt),
-        (N, K, P.padded_k(K), *P.plane_starts(pw.bits, K)),
-        dict(BITS=pw.bits, GROUP=0 if pw.group_size == P.PER_CHANNEL else pw.group_size,
-             SYM=pw.zeros is None, BLOCK_K=bk, BLOCK_N=bn),
-        dict(num_warps=warps), fast=True)
-    return wt
+def unpack(pw, dtype, scaled, launch=None):
+    return WU.unpack_weight(pw.qweight, pw.scales, pw.zeros, pw.bits, pw.group_size,
+                            pw.in_features, dtype, scaled=scaled, launch=launch)
 
 
 def main():
@@ -63,7 +57,8 @@ def main():
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     ap.add_argument("--nk", nargs="+", default=[f"{n}x{k}" for n, k in NKS])
-    ap.add_argument("--ms", type=int, nargs="+", default=[256, 1024, 4096])
+    ap.add_argument("--ms", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--no-sweep", action="store_true", help="time the launcher's tile only")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_dequant.py needs a CUDA GPU")
@@ -72,45 +67,55 @@ def main():
     rows = []
     for nk in args.nk:
         N, K = map(int, nk.split("x"))
-        fill = torch.empty((K, N), dtype=torch.bfloat16, device="cuda")
-        _, fill_ms = timed(lambda: fill.fill_(1.0), eager=False)
-        print(f"{N}x{K}: fill_ {fill_ms:.4f} ms ({2 * N * K / fill_ms / 1e9:.2f} TB/s)", flush=True)
-        rows.append(dict(N=N, K=K, impl="fill_", graph_ms=fill_ms,
+        src = torch.randn(N, K, generator=gen, device="cuda").to(torch.bfloat16)
+        dst = torch.empty_like(src)
+        _, copy_ms = timed(lambda: dst.copy_(src), eager=False)
+        _, fill_ms = timed(lambda: dst.fill_(1.0), eager=False)
+        print(f"{N}x{K}: bf16 copy_ {copy_ms:.4f} ms ({4 * N * K / copy_ms / 1e9:.2f} TB/s), "
+              f"fill_ {fill_ms:.4f} ms ({2 * N * K / fill_ms / 1e9:.2f} TB/s)", flush=True)
+        rows.append(dict(N=N, K=K, impl="copy_ bf16", graph_ms=copy_ms,
+                         TBps=4 * N * K / copy_ms / 1e9))
+        rows.append(dict(N=N, K=K, impl="fill_ bf16", graph_ms=fill_ms,
                          TBps=2 * N * K / fill_ms / 1e9))
+        src = dst = None  # free them before the formats
         for name in args.formats:
-            bits, group, sym = FORMATS[name]
+            bits, group, sym, dtype, scaled = FORMATS[name]
             pw = random_packed(gen, N, K, bits, group, sym)
-            traffic = pw.nbytes + 2 * N * K
-            ref = Q.dequantize_triton(pw.qweight, pw.scales, pw.zeros, bits, group, K,
-                                      torch.bfloat16)
+            out_bytes = N * K * torch.empty((), dtype=dtype).element_size()
+            traffic = pw.nbytes + out_bytes
+            ref = unpack(pw, dtype, scaled)
+            launcher = WU.tile(group)
             tiles = []
-            for tile in TILES:
-                out = dequant_with(pw, tile)
-                same = torch.equal(out, ref)
+            sweep = [launcher] if args.no_sweep else \
+                list(dict.fromkeys([launcher] + [WU.tile(group, launch=t) for t in TILES]))
+            for tile in sweep:
+                out = unpack(pw, dtype, scaled, tile)
+                same = torch.equal(out.view(torch.uint8), ref.view(torch.uint8))
                 del out
-                _, ms = timed(lambda: dequant_with(pw, tile), eager=False)
+                _, ms = timed(lambda: unpack(pw, dtype, scaled, tile), eager=False)
                 tiles.append(dict(tile=list(tile), graph_ms=ms, TBps=traffic / ms / 1e9,
-                                  equal=same))
-                print(f"  {name} tile {tile}: {ms:.4f} ms {traffic / ms / 1e9:.2f} TB/s"
+                                  equal=same, launcher=tile == launcher))
+                print(f"  {name} tile {tile}{' (launcher)' if tile == launcher else ''}: "
+                      f"{ms:.4f} ms {traffic / ms / 1e9:.2f} TB/s"
                       f"{'' if same else '  DIFFERS'}", flush=True)
             best = min((t for t in tiles if t["equal"]), key=lambda t: t["graph_ms"])
-            row = dict(N=N, K=K, impl=name, bytes_read=pw.nbytes, bytes_written=2 * N * K,
+            row = dict(N=N, K=K, impl=name, bytes_read=pw.nbytes, bytes_written=out_bytes,
                        tiles=tiles, best_tile=best["tile"], paths=[])
-            for M in args.ms:
+            del ref
+            for M in (args.ms if scaled else []):
                 x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
                 w = torch.randn(N, K, generator=gen, device="cuda").to(torch.bfloat16)
                 _, bf16 = timed(lambda: F.linear(x, w), eager=False)
-                _, path = timed(lambda: torch.mm(x, Q.dequantize_triton(
-                    pw.qweight, pw.scales, pw.zeros, bits, group, K, torch.bfloat16)),
-                    eager=False)
-                _, best_path = timed(lambda: torch.mm(x, dequant_with(pw, best["tile"])),
+                w = None
+                _, path = timed(lambda: F.linear(x, unpack(pw, dtype, True)), eager=False)
+                btile = tuple(best["tile"])
+                _, best_path = timed(lambda: F.linear(x, unpack(pw, dtype, True, btile)),
                                      eager=False)
-                _, old_path = timed(lambda: torch.mm(x, dequant_with(pw, OLD_TILE)), eager=False)
                 row["paths"].append(dict(M=M, bf16_ms=bf16, path_ms=path,
-                                         best_tile_path_ms=best_path, old_tile_path_ms=old_path))
-                print(f"  {name} M={M}: bf16 {bf16:.4f} ms, dequant + mm {path:.4f} "
-                      f"({bf16 / path:.2f}x), best tile {best_path:.4f} ({bf16 / best_path:.2f}x)"
-                      f", tile {OLD_TILE} {old_path:.4f} ({bf16 / old_path:.2f}x)", flush=True)
+                                         best_tile_path_ms=best_path))
+                print(f"  {name} M={M}: bf16 {bf16:.4f} ms, unpack + F.linear {path:.4f} "
+                      f"({bf16 / path:.3f}x), best tile {best_path:.4f} "
+                      f"({bf16 / best_path:.3f}x)", flush=True)
             rows.append(row)
             torch.cuda.empty_cache()
     write_result(args.out, dict(result_header("CUDA-graph replay, do_bench median, L2 flushed"),

@@ -5,10 +5,10 @@ For the issue's (N, K) shapes and M in {1024, 4096} (``--ms``), the formats that
 dequantise + cuBLAS from 257 rows (W4A16 and W6A16 g128; W6A12 g128, whose 12-bit activations
 are quantised and dequantised in one pass first, ``quantize_activations_triton(dequant=True)``):
 - ``act``: that activation pass alone (quantized activations only);
-- ``dequant``: the weight's dequantise kernel alone (:func:`Q.dequantize_triton`, ``W^T`` in
-  x's dtype);
-- ``gemm``: ``torch.mm`` alone on the pass's outputs (the same cuBLAS call as bf16's, on
-  ``W^T``);
+- ``dequant``: the weight's dequantise kernel alone (:func:`Q.dequantize_triton`, ``W [N, K]``
+  in x's dtype; ``W^T [K, N]`` before session 28);
+- ``gemm``: ``F.linear`` alone on the pass's outputs (the same cuBLAS call as bf16's; before
+  session 28 ``torch.mm`` on ``W^T``);
 - ``op``: the whole op as dispatched.
 CUDA-graph replay, triton.testing.do_bench median (bench_qlinear.py's ``timed``). The op's
 time against the parts' sum says what the launches between them cost.
@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,12 +55,11 @@ def main():
             path = Q.choose_path(M, N, K, bits, group, act, x.dtype, x.device)
             a = (x if act == "none" else
                  Q.quantize_activations_triton(x, act, None, False, dequant=True)[0])
-            wt = Q.dequantize_triton(pw.qweight, pw.scales, pw.zeros, bits, group, K,
-                                     x.dtype)
+            w = Q.dequantize_triton(pw.qweight, pw.scales, pw.zeros, bits, group, K, x.dtype)
             parts = {
                 "dequant": lambda: Q.dequantize_triton(pw.qweight, pw.scales, pw.zeros,
                                                        bits, group, K, x.dtype),
-                "gemm": lambda: torch.mm(a, wt),
+                "gemm": lambda: F.linear(a, w),
                 "op": lambda: torch.ops.q3n.qlinear(*op_args),
             }
             if act != "none":

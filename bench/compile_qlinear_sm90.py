@@ -246,6 +246,13 @@ def compile_variant(Q, kernel_name: str, constexprs: dict, warps: int, stages: i
         constexprs = dict(constexprs)
         types = dict(MM8_TYPES, C=constexprs.pop("c_type"))
         return specialised(M8.qlinear_mm8_kernel, types, MM8_DIVISIBLE)
+    if kernel_name == "unpack":
+        from q3n_compile.kernels import weight_unpack as WU
+
+        constexprs = dict(constexprs)
+        types = dict(QW="*i32", S="*fp16", Z="*u8", W=constexprs.pop("w_type"))
+        return specialised(WU.unpack_weight_kernel, types,
+                           ("QW", "S", "Z", "W", "N", "K", "K_PAD", "ROW4", "ROW2", "ROW1"))
     if kernel_name == "gemv1p":
         constexprs = dict(constexprs)
         types = dict(GEMV1P_TYPES, X=constexprs.pop("x_type"))

@@ -1,14 +1,12 @@
 """Reading quantized weight codes out of the bit planes of :mod:`q3n_compile.kernels.packing`,
-inside Triton kernels (the ``q3n::qlinear`` family's mm, gemv and dequantise kernels, and the
-cublas8 path's unpack).
+inside Triton kernels (the ``q3n::qlinear`` family's mm and gemv kernels, and
+:mod:`q3n_compile.kernels.weight_unpack`).
 
 Guarantees: :func:`load_codes` returns the unsigned codes ``q[k, n]`` of a ``[BLOCK_K, BLOCK_N]``
 tile exactly as :func:`q3n_compile.kernels.packing.unpack_codes` defines them, 0 past ``K_PAD``
 and where the column mask is False; each packed int32 word is loaded once.
 :func:`tile_setup` gives a GEMM tile's offsets, masks, K range and per-channel scales and zero
-points; :func:`block_minus_zero` one K block's ``q - z`` (int32, exact) for the GEMM tiles and
-:func:`tile_minus_zero` a program's tile of it for the kernels that write the weight out whole
-(dequantise, unpack to 8 bits).
+points; :func:`block_minus_zero` one K block's ``q - z`` (int32, exact) for the GEMM tiles.
 """
 
 from __future__ import annotations
@@ -78,30 +76,6 @@ def load_codes(QW, k0, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS: tl.conste
     else:
         q = plane_words(QW, ROW2, k0, offs_n, n_ok, K_PAD, N, 2, BLOCK_K, NK)
     return q
-
-
-@triton.jit
-def tile_minus_zero(QW, Z, N, K, K_PAD, ROW4, ROW2, ROW1, BITS: tl.constexpr,
-                    GROUP: tl.constexpr, SYM: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
-    """For program (pid_k, pid_n) of a [cdiv(K, BLOCK_K), cdiv(N, BLOCK_N)] grid: (w, g, offs_k,
-    offs_n, mask) with w = q - z [BLOCK_K, BLOCK_N] (int32; z = 2^(BITS-1) when SYM, else the
-    zero point of group g = k // GROUP, GROUP = 0 per channel) and mask = k < K and n < N."""
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    mask = (offs_k < K)[:, None] & n_ok[None, :]
-    q = load_codes(QW, tl.program_id(0) * BLOCK_K, offs_n, n_ok, K_PAD, N, ROW4, ROW2, ROW1, BITS,
-                   BLOCK_K)
-    if GROUP == 0:
-        g = offs_k * 0
-    else:
-        g = offs_k // GROUP
-    if SYM:
-        w = q - (1 << (BITS - 1))
-    else:
-        w = q - tl.load(Z + g[:, None] * N + offs_n[None, :], mask=mask, other=0).to(tl.int32)
-    return w, g, offs_k, offs_n, mask
 
 
 @triton.jit

@@ -76,7 +76,8 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   bits <= 4; wider codes are multiplied in fp16, exactly), fp16 x fp16 (``int12``); per-group
   scales are applied to each K block's partial product — the weights' group scale and, with
   ``act_group_size``, the rows' activation scales of that block's group; optional split-K.
-- ``dequant``: dequantise the whole weight to x's dtype and call cuBLAS (``torch.mm``): for the
+- ``dequant``: dequantise the whole weight to x's dtype as ``W [N, K]``
+  (:mod:`q3n_compile.kernels.weight_unpack`) and call cuBLAS (``F.linear``): for the
   M where that is faster than the fused kernel (above 64 rows for 16-bit and 12-bit
   activations, above 256 for 8-bit ones, as measured on the H200). Quantized activations are
   quantized and dequantised first, in one pass over x (with their groups' scales), so the
@@ -170,6 +171,7 @@ import functools
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -180,8 +182,9 @@ from q3n_compile.kernels import qlinear_cublas8 as C8
 from q3n_compile.kernels import qlinear_i8 as I8
 from q3n_compile.kernels import qlinear_mm8 as M8
 from q3n_compile.kernels import qlinear_swap as SW
+from q3n_compile.kernels import weight_unpack as WU
 from q3n_compile.kernels.norm_linear import normalise_rows
-from q3n_compile.kernels.qcodes import block_minus_zero, load_codes, tile_minus_zero, tile_setup
+from q3n_compile.kernels.qcodes import block_minus_zero, load_codes, tile_setup
 from q3n_compile.kernels.tiles import first_tile_mean, ticket_split_k
 
 try:  # Gluon (Triton >= 3.5's explicit-layout dialect) with Hopper's warpgroup MMA
@@ -903,21 +906,6 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
         tl.store(XS + offs_m, scale, mask=m_ok)
 
 
-@triton.jit
-def dequant_kernel(QW, S, Z, WT, N, K, K_PAD, ROW4, ROW2, ROW1,
-                   BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """WT[k, n] = (q - z) * s (fp32, rounded once to WT's dtype) for k < K.
-
-    Traffic: reads the packed weight, scales and zeros once; writes K*N elements of WT.
-    """
-    w, g, offs_k, offs_n, mask = tile_minus_zero(QW, Z, N, K, K_PAD, ROW4, ROW2, ROW1, BITS,
-                                                 GROUP, SYM, BLOCK_K, BLOCK_N)
-    s = tl.load(S + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(WT + offs_k[:, None].to(tl.int64) * N + offs_n[None, :],
-             (w.to(tl.float32) * s).to(WT.dtype.element_ty), mask=mask)
-
-
 # ---------------------------------------------------------------------------------------------
 # Launchers and the dispatch table
 # ---------------------------------------------------------------------------------------------
@@ -1488,36 +1476,12 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
     return codes, scales
 
 
-# The dequantise kernel's GPU tiles (BLOCK_K, BLOCK_N, num_warps), against the 64 x 128 of
-# before (bench/bench_dequant.py, s21run2 and s21run3; the issue's four shapes and 1024 x 4096):
-# single-plane codes (W4 g128, W8 per channel) 32 x 128, 1.01-1.14x faster and the best of nine
-# tiles or within 1% of it in all 10 cases of each run; 6-bit codes (two planes) 32 x 256, the
-# best of nine in all 5 cases of both runs, 1.04-1.13x (32 x 128 lost on 1024 x 4096: 0.91x,
-# 0.95x). Deeper tiles (128 and 256 rows of K) were slower everywhere. Widths 2, 3, 5 and 7
-# follow their plane count (not timed).
-DEQUANT_TILE_ONE_PLANE = (32, 128, 4)
-DEQUANT_TILE_PLANES = (32, 256, 4)
-
-
-def dequant_tile(bits: int) -> tuple:
-    """The dequantise kernel's GPU launch tile for `bits`-bit codes."""
-    return DEQUANT_TILE_ONE_PLANE if len(P.planes(bits)) == 1 else DEQUANT_TILE_PLANES
-
-
 def dequantize_triton(qweight, scales, zeros, bits, group_size, in_features, dtype,
                       interpreter: bool = False) -> torch.Tensor:
-    """The dense ``W^T`` ``[K, N]`` in `dtype`, by :func:`dequant_kernel`."""
-    K, N = in_features, qweight.shape[1]
-    wt = torch.empty((K, N), dtype=dtype, device=qweight.device)
-    bk, bn, warps = (64, 64, 4) if interpreter else dequant_tile(bits)
-    grid = (contract.cdiv(K, bk), contract.cdiv(N, bn))
-    contract.launch(
-        dequant_kernel, grid, (qweight, scales, zeros if zeros is not None else scales, wt),
-        (N, K, P.padded_k(K), *P.plane_starts(bits, K)),
-        dict(BITS=bits, GROUP=0 if group_size == P.PER_CHANNEL else group_size,
-             SYM=zeros is None, BLOCK_K=bk, BLOCK_N=bn),
-        dict(num_warps=warps), fast=not interpreter)
-    return wt
+    """The dense weight ``W [N, K]`` in `dtype` (:func:`weight_unpack.unpack_weight`): the
+    dequant path's second operand of ``F.linear``, the call a 16-bit model makes."""
+    return WU.unpack_weight(qweight, scales, zeros, bits, group_size, in_features, dtype,
+                            interpreter=interpreter)
 
 
 def _dot_dtype(act: str, bits: int, symmetric: bool, x_dtype: torch.dtype, codes_dtype,
@@ -1584,9 +1548,9 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
         return _run_i8(codes, xs, x.dtype, qweight, scales, bias, cfg, interpreter, pdl)
     if act == "none":
         if cfg["path"] == "dequant":
-            wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype,
-                                   interpreter)
-            return torch.addmm(bias, x, wt) if bias is not None else torch.mm(x, wt)
+            w = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype,
+                                  interpreter)
+            return F.linear(x, w, bias)
         return _gemm(x, x, None, x.dtype, qweight, scales, zeros, bias, bits, group_size, act,
                      cfg, interpreter, act_group_size)
     if cfg["path"] in ("dequant", "mmT", "wg"):
@@ -1604,8 +1568,8 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
         if cfg["path"] == "wg":
             return _wg(a, qweight, scales, zeros, bias, bits, group_size, K, cfg, interpreter,
                        x_permuted=True)
-        wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype, interpreter)
-        return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
+        w = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype, interpreter)
+        return F.linear(a, w, bias)
     # The quantizer's one program (a row) lets the GEMV start at once: the GEMV's programs load
     # their first words while it runs (GEMV1P_PDL_AFTER_QUANT).
     pdl = cfg["path"] == "gemv1p" and _pdl_after_quant(cfg, GEMV1P_PDL_AFTER_QUANT, x,
@@ -1670,8 +1634,8 @@ def _gemm_codes(codes, xs, out_dtype, qweight, scales, zeros, bias, bits, group_
         if cfg["path"] == "wg":
             return _wg(a, qweight, scales, zeros, bias, bits, group_size, K, cfg, interpreter,
                        x_permuted=True)
-        wt = dequantize_triton(qweight, scales, zeros, bits, group_size, K, out_dtype, interpreter)
-        return torch.addmm(bias, a, wt) if bias is not None else torch.mm(a, wt)
+        w = dequantize_triton(qweight, scales, zeros, bits, group_size, K, out_dtype, interpreter)
+        return F.linear(a, w, bias)
     if cfg["path"] == "mm8":
         return M8.run(codes, xs, qweight, scales, zeros, bias, bits, group_size, act,
                       act_group_size, out_dtype, cfg, interpreter, _tickets)

@@ -14,7 +14,8 @@ What this module guarantees:
   - bfloat16 output (cuBLAS's row-wise fp8 scaling takes no other on every GPU), N a multiple
     of 16.
 - :func:`unpack_codes_8bit` writes ``q - z`` as a dense ``[N, K]`` matrix (K contiguous, the
-  layout cuBLAS's 8-bit GEMMs read for the second operand) by :func:`unpack8_kernel`; exact.
+  layout cuBLAS's 8-bit GEMMs read for the second operand) by
+  :func:`q3n_compile.kernels.weight_unpack.unpack_weight`; exact.
 - :func:`run` computes ``y = (c * s_x) @ ((q - z) * s)^T + bias`` from the activation codes ``c``
   and scales ``s_x`` of the op's quantizer:
   - fp8: ``torch._scaled_mm`` with 1x128 block scales on both operands (weight scales per 128
@@ -42,27 +43,9 @@ import triton.language as tl
 
 from q3n_compile.kernels import contract
 from q3n_compile.kernels import packing as P
-from q3n_compile.kernels.qcodes import tile_minus_zero
+from q3n_compile.kernels import weight_unpack as WU
 
 FP8_GROUP = 128  # cuBLAS's block-scaled fp8 GEMM takes blocks of 128 channels (1x128)
-
-
-@triton.jit
-def unpack8_kernel(QW, Z, W8, N, K, K_PAD, ROW4, ROW2, ROW1,
-                   BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """W8[n, k] = q - z for k < K, in W8's dtype (int8, fp8 e4m3, or fp16 in the interpreter).
-
-    The codes are integers of at most 8 bits (int8) or 4 bits (e4m3: integers up to 16 are
-    exact), so the conversion is exact. Traffic: reads the packed weight (and zero points) once,
-    writes N * K elements, K contiguous (the tile is transposed in registers so the stores
-    coalesce along K).
-    """
-    w, _, offs_k, offs_n, mask = tile_minus_zero(QW, Z, N, K, K_PAD, ROW4, ROW2, ROW1, BITS,
-                                                 GROUP, SYM, BLOCK_K, BLOCK_N)
-    # Through fp32: Triton converts int32 to fp8 only from a float.
-    v = w.to(tl.float32).to(W8.dtype.element_ty)
-    tl.store(W8 + offs_n[None, :].to(tl.int64) * K + offs_k[:, None], v, mask=mask)
 
 
 @triton.jit
@@ -118,16 +101,11 @@ def eligible(N: int, K: int, bits: int, group_size: int, act: str, out_dtype: to
 def unpack_codes_8bit(qweight: torch.Tensor, zeros: Optional[torch.Tensor], bits: int,
                       group_size: int, K: int, dtype: torch.dtype,
                       interpreter: bool = False) -> torch.Tensor:
-    """``q - z`` as a dense ``[N, K]`` tensor of `dtype` (int8, float8_e4m3fn, or float16)."""
-    N = qweight.shape[1]
-    w8 = torch.empty((N, K), dtype=dtype, device=qweight.device)
-    bk, bn = (64, 64) if interpreter else (128, 64)
-    unpack8_kernel[(contract.cdiv(K, bk), contract.cdiv(N, bn))](
-        qweight, zeros if zeros is not None else qweight, w8, N, K, P.padded_k(K),
-        *P.plane_starts(bits, K),
-        BITS=bits, GROUP=0 if group_size == P.PER_CHANNEL else group_size, SYM=zeros is None,
-        BLOCK_K=bk, BLOCK_N=bn, num_warps=4)
-    return w8
+    """``q - z`` as a dense ``[N, K]`` tensor of `dtype` (int8, float8_e4m3fn, or float16), by
+    :func:`q3n_compile.kernels.weight_unpack.unpack_weight` (no scales read)."""
+    # The scales argument is only a placeholder pointer: unscaled, the kernel reads none.
+    return WU.unpack_weight(qweight, qweight, zeros, bits, group_size, K, dtype, scaled=False,
+                            interpreter=interpreter)
 
 
 def _block_scales_a(xs: torch.Tensor, M: int, K: int, act_group_size: int) -> torch.Tensor:

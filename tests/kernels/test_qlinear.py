@@ -106,12 +106,6 @@ def test_plane_starts_are_the_planes_first_rows():
                                                     for p in (4, 2, 1))
 
 
-def test_dequantise_tile_follows_the_plane_count():
-    # Measured for 4, 8 (one plane) and 6 bits (two; s21run2-3); the other widths follow.
-    assert Q.dequant_tile(4) == Q.dequant_tile(8) == Q.dequant_tile(2) == (32, 128, 4)
-    assert Q.dequant_tile(6) == Q.dequant_tile(3) == Q.dequant_tile(7) == (32, 256, 4)
-
-
 def test_packed_weight_dequantize_matches_definition():
     gen = _gen("deq")
     pw = _packed(gen, 9, 64, 5, 32, sym=False)
@@ -507,12 +501,12 @@ def test_gpu_every_path(path, act):
                                             (3, 32, True), (5, 64, False)])
 @pytest.mark.parametrize("dtype", [bf16, f16])
 def test_gpu_dequantise_kernel_is_the_definition(bits, group, sym, dtype):
-    # The GPU tiles (Q.dequant_tile: 32 x 128 for one plane, 32 x 256 for more) with K and N
-    # off them: (q - z) * s in fp32, rounded once.
+    # The dequant path's weight W [N, K] (weight_unpack's GPU tile) with K and N off the tile:
+    # (q - z) * s in fp32, rounded once.
     N, K = 1000, 3968 if group != -1 else 4040
     pw = _packed(_gen(f"gpudq{bits}{group}{dtype}"), N, K, bits, group, sym, device="cuda")
     got = Q.dequantize_triton(pw.qweight, pw.scales, pw.zeros, bits, group, K, dtype)
-    assert torch.equal(got, pw.dequantize(torch.float32).t().to(dtype))
+    assert torch.equal(got, pw.dequantize(torch.float32).to(dtype))
 
 
 @pytest.mark.gpu
