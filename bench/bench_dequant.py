@@ -84,7 +84,7 @@ def main():
             out_bytes = N * K * torch.empty((), dtype=dtype).element_size()
             traffic = pw.nbytes + out_bytes
             ref = unpack(pw, dtype, scaled)
-            launcher = WU.tile(group)
+            launcher = WU.tile(group, out_bytes=torch.empty((), dtype=dtype).element_size())
             tiles = []
             sweep = [launcher] if args.no_sweep else \
                 list(dict.fromkeys([launcher] + [WU.tile(group, launch=t) for t in TILES]))

@@ -10,10 +10,16 @@ Why one program per ``[BLOCK_N, BLOCK_K]`` tile with the words loaded ``[BLOCK_N
 packed word holds consecutive input channels of one output channel, so its fields are
 consecutive elements of one row of W. Unpacked along the last axis
 (:func:`q3n_compile.kernels.qcodes.load_codes` with ``NK``), each thread holds runs of K and
-stores them as 16-byte vectors with no transpose of the tile: the sm_90 compile of Triton 3.6
-moves only the word tile through shared memory (one layout conversion a bit plane). The kernel
-it replaces wrote ``W^T [K, N]`` and converted both the words and the unpacked tile (two
-conversions, 11 barriers a 32 x 128 tile at 4 bits).
+stores them as 16-byte vectors with no transpose of the tile: for 2-byte outputs the sm_90
+compile of Triton 3.6 moves only the word tile through shared memory (one layout conversion a
+bit plane; 1-byte outputs, at their wider tile, convert the unpacked tile once more into runs
+of 16 codes). The kernel it replaced wrote ``W^T [K, N]`` and converted both the words and the
+unpacked tile (two conversions, 11 barriers a 32 x 128 tile at 4 bits).
+
+Measured (H200, s28run1, CUDA-graph replay, against that kernel in the same device call): the
+weight written 1.19-1.35x faster to bf16 (W4 g128 on 28672 x 8192 in 0.154 ms against 0.203,
+3.86 TB/s where a bf16 copy of the weight's size ran 4.13), the fp8 codes of W4 1.13-1.15x;
+int8 codes of W8 unchanged (3.3-3.9 TB/s before and after).
 
 What this module guarantees: :func:`unpack_weight` returns, for every bit width 2..8, group size
 (32, 64, 128 or per channel), symmetric or with zero points, and any K and N:
@@ -68,17 +74,25 @@ def unpack_weight_kernel(QW, S, Z, W, N, K, K_PAD, ROW4, ROW2, ROW1,
              mask=n_ok[:, None] & (offs_k < K)[None, :])
 
 
-# (BLOCK_N, BLOCK_K, warps) on a GPU; BLOCK_K is capped by the weight's group size.
+# (BLOCK_N, BLOCK_K, warps) on a GPU, by the output's element size; BLOCK_K is capped by the
+# weight's group size. From bench/bench_dequant.py (s28run1: eleven tiles on the issue's four
+# shapes and 1024 x 4096; W4 and W6 g128 and W8 per channel to bf16, W4 g128 to fp8 codes, W8
+# to int8 codes): 2-byte outputs 64 x 128, 4 warps: the best or within 3% of it in 14 of the
+# 15 cases (4096^2 W4: 1.09x); 1-byte outputs 128 x 128: within 5% in all 10 (64 x 128 ran
+# 1.05-1.12x the best for fp8 codes).
 GPU_TILE = (64, 128, 4)
+GPU_TILE_1BYTE = (128, 128, 4)
 INTERPRETER_TILE = (16, 32, 4)
 
 
-def tile(group_size: int, interpreter: bool = False,
-         launch: Optional[tuple] = None) -> tuple[int, int, int]:
+def tile(group_size: int, interpreter: bool = False, launch: Optional[tuple] = None,
+         out_bytes: int = 2) -> tuple[int, int, int]:
     """The launch tile (BLOCK_N, BLOCK_K, warps) for a weight with `group_size` (-1: per
-    channel): `launch` where given (a benchmark's), else the GPU or interpreter default, with
-    BLOCK_K at most the group (a tile reads one group's scales and zero points)."""
-    bn, bk, warps = launch or (INTERPRETER_TILE if interpreter else GPU_TILE)
+    channel) written as `out_bytes`-byte elements: `launch` where given (a benchmark's), else
+    the GPU or interpreter default, with BLOCK_K at most the group (a tile reads one group's
+    scales and zero points)."""
+    default = GPU_TILE_1BYTE if out_bytes == 1 else GPU_TILE
+    bn, bk, warps = launch or (INTERPRETER_TILE if interpreter else default)
     if group_size != P.PER_CHANNEL:
         bk = min(bk, group_size)
     if bk < P.K_ALIGN or bk & (bk - 1):
@@ -95,7 +109,7 @@ def unpack_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[t
     of `dtype`: ``(q - z) * s`` when `scaled`, else ``q - z``."""
     N = qweight.shape[1]
     w = torch.empty((N, K), dtype=dtype, device=qweight.device)
-    bn, bk, warps = tile(group_size, interpreter, launch)
+    bn, bk, warps = tile(group_size, interpreter, launch, w.element_size())
     contract.launch(
         unpack_weight_kernel, (contract.cdiv(K, bk), contract.cdiv(N, bn)),
         (qweight, scales, zeros if zeros is not None else scales, w),
