@@ -393,8 +393,17 @@ def test_dispatch_rule_on_sm90():
     assert path(200, 12288, bits=6) == stream and path(96, 28672, bits=6) == stream
     assert path(33, 4096, bits=6) == dict(WG.SMALL, path="wg", SPLIT_K=4)
     assert path(32, 4096, bits=6)["path"] == "mmT"
-    # Not measured above 256 rows; never for other formats, activations, dtypes, widths or GPUs.
+    # Above 256 rows only 4-bit weights of at least 2^27 entries with 16-bit x, to 768 rows
+    # (s28run3); never for other formats, activations, dtypes, widths or GPUs.
     assert path(257, 28672)["path"] == "dequant" and path(257, 28672, bits=6)["path"] == "dequant"
+    for M in (257, 384, 768):
+        assert path(M, 28672, K=8192) == stream256, M
+        assert path(M, 16384, K=8192)["path"] == "wg", M  # 2^27 entries exactly
+    assert path(769, 28672, K=8192)["path"] == "dequant"
+    assert path(384, 16368, K=8192)["path"] == "dequant"  # just under 2^27
+    assert path(384, 28672, K=8192, bits=6)["path"] == "dequant"
+    for act in ("fp8", "int8", "int12"):
+        assert path(384, 28672, K=8192, act=act)["path"] != "wg", act
     assert path(128, 4096, dtype=f16)["path"] == "wg"
     for kw in (dict(dtype=torch.float32), dict(bits=5), dict(bits=8), dict(group=64),
                dict(group=-1), dict(cap=(8, 0)), dict(cap=(10, 0))):
@@ -546,6 +555,18 @@ def test_gpu_wg_stream_k_against_float64(bits, dtype, sym, M, N, K, bias, tile, 
 def test_gpu_wg256_against_float64(dtype, sym, M, N, K, split, bias, stream, tile):
     # 256-column tiles: each warpgroup two MMAs of 64 weight columns a sub-tile (4-bit only).
     _check_wg(4, dtype, M, N, K, 1 if stream else split, bias, tile, sym, stream=stream)
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K,bias", [(300, 1040, 1024, True), (520, 512, 2048, False),
+                                        (768, 784, 1152, True)])
+@pytest.mark.parametrize("tile", [WG.WIDE256, WG.WIDE], ids=["128x256", "128x128"])
+def test_gpu_wg_above_256_rows_against_float64(M, N, K, bias, tile):
+    # The rows the dispatch gives large 4-bit weights since session 28 (to 768), by stream-K
+    # over the SMs and on plain tiles, M off the 128-row tile.
+    _check_wg(4, bf16, M, N, K, 1, bias, tile, False, stream=132)
+    _check_wg(4, bf16, M, N, K, 1, bias, tile, True)
 
 
 @needs_hopper
