@@ -39,12 +39,12 @@ FORMATS = {"w4a16": (4, 128, False, "none"), "w6a12": (6, 128, False, "int12"),
 
 def forced_wg(M: int, N: int, K: int, bits: int, act: str, sms: int) -> dict:
     """The wg launch the dispatch's rule gives M rows with no row limit."""
-    limit = WG.MAX_M
-    WG.MAX_M = max(limit, M)
+    limits = WG.MAX_M, WG.MAX_M_LARGE
+    WG.MAX_M, WG.MAX_M_LARGE = max(limits[0], M), max(limits[1], M)
     try:
         cfg = WG.choose(M, N, sms, False, bits, K, quantized=act != "none")
     finally:
-        WG.MAX_M = limit
+        WG.MAX_M, WG.MAX_M_LARGE = limits
     cfg = dict(cfg, SPLIT_K=Q._keep_two_blocks(cfg["SPLIT_K"], P.padded_k(K), SW.MMT_BLOCK_K))
     return WG.with_pdl(cfg, M, N, sms)
 
