@@ -6,7 +6,7 @@ Why: from 257 rows the op hands 4- and 6-bit weights to cuBLAS after writing the
 out (kernels/weight_unpack.py); that write is what those paths lose to bf16 (0.74-0.89x at
 1024 rows, s28run2). The wg tile reads the packed weight itself; this says from which M, if
 any, it stops being the faster of the two. For each (N, K) of ``--nk``, M of ``--ms`` and
-format: bf16, the op as dispatched, and the op forced onto the wg tile that
+format: bf16, the op as dispatched, the op forced onto the dequant path, and onto the wg tile that
 :func:`qlinear_wgmma.choose` gives for that M with its row limit lifted (plus the dispatch's
 split and PDL adjustments), checked against the dispatched output first. CUDA-graph replay,
 ``do_bench`` median, L2 flushed.
@@ -76,7 +76,9 @@ def main():
                        dispatched=dispatched["path"], wg_cfg={k: v for k, v in wg.items()},
                        wg_rel_err_vs_dispatched=err)
             parts = {"op": lambda: torch.ops.q3n.qlinear(*op_args),
-                     "wg": lambda: Q._launch(*op_args, interpreter=False, path=wg)}
+                     "wg": lambda: Q._launch(*op_args, interpreter=False, path=wg),
+                     "dequant": lambda: Q._launch(*op_args, interpreter=False,
+                                                  path=dict(path="dequant"))}
             if err > 2e-2:
                 parts.pop("wg")
                 row["wg_error"] = f"differs from the dispatched output: {err:.2e}"
@@ -85,7 +87,8 @@ def main():
             print(f"{N:>6} {K:>6} {M:>5} {name:>6} bf16 {bf16:.4f} "
                   f"op ({dispatched['path']}) {row['op_ms']:.4f} ({bf16 / row['op_ms']:.2f}x) "
                   + (f"wg {wg_ms:.4f} ({bf16 / wg_ms:.2f}x, {row['op_ms'] / wg_ms:.2f}x the op)"
-                     if wg_ms else row.get("wg_error", row.get("wg_error", "wg failed"))),
+                     if wg_ms else row.get("wg_error", "wg failed"))
+                  + (f", dequant path {row['dequant_ms']:.4f}" if row.get("dequant_ms") else ""),
                   flush=True)
             rows.append(row)
         torch.cuda.empty_cache()
