@@ -40,7 +40,7 @@ FORMATS = {"w4a16": (4, 128, False, "none"), "w6a12": (6, 128, False, "int12"),
 def forced_wg(M: int, N: int, K: int, bits: int, act: str, sms: int) -> dict:
     """The wg launch the dispatch's rule gives M rows with no row limit."""
     limits = WG.MAX_M, WG.MAX_M_LARGE
-    WG.MAX_M, WG.MAX_M_LARGE = max(limits[0], M), max(limits[1], M)
+    WG.MAX_M, WG.MAX_M_LARGE = max(limits[0], M), ()
     try:
         cfg = WG.choose(M, N, sms, False, bits, K, quantized=act != "none")
     finally:

@@ -2,8 +2,8 @@
 permuted per 128-channel block) written in Gluon (Triton's explicit-layout dialect), so that the
 weight's unpack overlaps the tensor cores. 4- and 6-bit weights in groups of 128 (zero points
 or symmetric), bf16 or fp16 x, an sm_90 GPU; dispatched from 33 to 256 rows (49 for 4-bit
-weights with quantized activations on the 64 x 64 tile; to 768 for 4-bit weights of at least
-2^27 entries with 16-bit x, :data:`MAX_M_LARGE`), quantized
+weights with quantized activations on the 64 x 64 tile; to 512 / 768 for 4-bit weights of at
+least 2^26 / 2^27 entries with 16-bit x, :data:`MAX_M_LARGE`), quantized
 activations dequantised and permuted by the op first, to 128 rows where cuBLAS's fp8 GEMM on
 unpacked codes takes the call and K exceeds 8192 (:func:`choose`); and at 1-32 rows of large
 weights with bf16 x (:func:`choose_decode`, session 24), on tiles of 8, 16 or 32 rows with
@@ -698,13 +698,15 @@ DISPATCH_TILES = (WIDE, WIDE256, TALL, SMALL, SIXTY_FOUR, SIXTY_FOUR256)
 # 64-row padding there).
 MIN_M, MIN_M_SMALL_W4_QUANTIZED, MAX_M, MAX_M_CUBLAS8, MAX_K_CUBLAS8 = 33, 49, 256, 128, 8192
 # Above 256 rows the op writes the weight out whole for cuBLAS (dequantise + cuBLAS, cublas8).
-# For 4-bit weights with 16-bit activations of at least LARGE_WEIGHT entries the tile stays the
-# faster to MAX_M_LARGE rows: s28run3 (bench/bench_wg_above_256.py, the tile forced against the
-# dispatch, same process), 28672 x 8192 at 384 / 512 / 768 / 1024 rows 1.25 / 1.12 / 1.06 /
-# 0.99x the dequant path (0.83x bf16 at 384 rows, where that path ran 0.66x). On the issue's
-# smaller weights (16.8M and 50.3M entries) it ran 0.79-0.98x the dequant path at 384-1024 rows,
-# W6A12 0.69-1.06x and W4A8 0.69-1.05x the paths dispatched there: those keep MAX_M.
-MAX_M_LARGE, LARGE_WEIGHT = 768, 1 << 27
+# For large 4-bit weights with 16-bit activations the tile stays the faster: (entries at least,
+# rows at most) in MAX_M_LARGE, the first that holds. bench/bench_wg_above_256.py, the tile
+# forced against the dequant path in the same process at 384 / 512 / 768 / 1024 rows:
+# 28672 x 8192 1.25 / 1.12 / 1.06 / 0.99x (s28run3; s28run5 1.21 / 1.13 / 1.07 / 0.98x),
+# 16384 x 8192 (2^27 entries) 1.16 / 1.07 / 0.98 / 0.94x, 14336 x 8192 1.14 / 1.12 / 0.97 /
+# 0.94x (s28run5); the issue's 50.3M-entry weights 0.83-0.98x and 4096^2 0.79-0.98x at
+# 384-1024 rows, W6A12 0.69-1.06x and W4A8 0.69-1.05x the paths dispatched there (s28run3):
+# those keep MAX_M.
+MAX_M_LARGE = ((1 << 27, 768), (1 << 26, 512))
 MIN_M_CUBLAS8_LONG_K = 193
 # Weights of 3040-4224 columns at 129-256 rows (one wave of TALL programs): TALL to this K,
 # WIDE with K split 2 above (s22run2, W4A16 at 160 / 256 rows, same process: 4096 x 11008,
@@ -831,11 +833,20 @@ def choose_decode(M: int, N: int, K: int, sms: int, bits: int = 4, bf16: bool = 
     return tile
 
 
+def max_m(N: int, K: int, bits: int, quantized: bool) -> int:
+    """The most rows :func:`choose` gives the tile: :data:`MAX_M`, more for large 4-bit weights
+    with 16-bit activations (:data:`MAX_M_LARGE`)."""
+    if bits == 4 and not quantized:
+        for entries, rows in MAX_M_LARGE:
+            if N * K >= entries:
+                return rows
+    return MAX_M
+
+
 def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
            K: int = 0, quantized: bool = False) -> Optional[dict]:
     """The launch for M rows of an N x K weight, or None outside :data:`MIN_M`-:data:`MAX_M`
-    rows (:data:`MAX_M_LARGE` for 4-bit weights of at least :data:`LARGE_WEIGHT` entries with
-    16-bit activations; none above :data:`MAX_M_CUBLAS8` and below :data:`MIN_M_CUBLAS8_LONG_K` where
+    rows (more for large 4-bit weights with 16-bit activations, :func:`max_m`; none above :data:`MAX_M_CUBLAS8` and below :data:`MIN_M_CUBLAS8_LONG_K` where
     `cublas8`, the qlinear_cublas8 path computes the call at this M, and K exceeds
     :data:`MAX_K_CUBLAS8`; below :data:`MIN_M_SMALL_W4_QUANTIZED` where 4-bit weights meet
     `quantized` activations and the tile would be SMALL). Same rule
@@ -852,8 +863,7 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
     (2 from 65 rows where 4 would make more programs than SMs) and above SMALL split 2 for
     `quantized` activations, None for 16-bit ones. The caller halves a split that would leave
     fewer than two K blocks of 128 each (:func:`q3n_compile.kernels.qlinear.choose_path`)."""
-    large = bits == 4 and not quantized and N * K >= LARGE_WEIGHT
-    if not MIN_M <= M <= (MAX_M_LARGE if large else MAX_M):
+    if not MIN_M <= M <= max_m(N, K, bits, quantized):
         return None
     if cublas8 and K > MAX_K_CUBLAS8 and MAX_M_CUBLAS8 < M < MIN_M_CUBLAS8_LONG_K:
         return None

@@ -393,14 +393,17 @@ def test_dispatch_rule_on_sm90():
     assert path(200, 12288, bits=6) == stream and path(96, 28672, bits=6) == stream
     assert path(33, 4096, bits=6) == dict(WG.SMALL, path="wg", SPLIT_K=4)
     assert path(32, 4096, bits=6)["path"] == "mmT"
-    # Above 256 rows only 4-bit weights of at least 2^27 entries with 16-bit x, to 768 rows
-    # (s28run3); never for other formats, activations, dtypes, widths or GPUs.
-    assert path(257, 28672)["path"] == "dequant" and path(257, 28672, bits=6)["path"] == "dequant"
+    # Above 256 rows only 4-bit weights with 16-bit x: of at least 2^27 entries to 768 rows, of
+    # 2^26 to 512 (s28run3, s28run5); never for other formats, activations, dtypes, widths or
+    # GPUs.
+    assert path(257, 12288)["path"] == "dequant" and path(257, 28672, bits=6)["path"] == "dequant"
     for M in (257, 384, 768):
         assert path(M, 28672, K=8192) == stream256, M
         assert path(M, 16384, K=8192)["path"] == "wg", M  # 2^27 entries exactly
     assert path(769, 28672, K=8192)["path"] == "dequant"
-    assert path(384, 16368, K=8192)["path"] == "dequant"  # just under 2^27
+    assert path(512, 16368, K=8192)["path"] == "wg"  # just under 2^27: to 512 rows
+    assert path(513, 16368, K=8192)["path"] == "dequant"
+    assert path(512, 16384)["path"] == "wg" and path(384, 16368)["path"] == "dequant"  # 2^26
     assert path(384, 28672, K=8192, bits=6)["path"] == "dequant"
     for act in ("fp8", "int8", "int12"):
         assert path(384, 28672, K=8192, act=act)["path"] != "wg", act
