@@ -109,8 +109,8 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   0.90-0.95x), 0.81-0.97x at 64 rows, 0.56-0.60x at 128 (s10run4-5).
 - ``wg`` (:mod:`q3n_compile.kernels.qlinear_wgmma`, a Gluon kernel, sm_90 only): mmT's tile
   for 4- and 6-bit g128 weights with its warpgroup MMAs asynchronous, from 33 to 256 rows
-  (to 512 / 768 for 4-bit weights of at least 2^26 / 2^27 entries with 16-bit x; quantized
-  activations dequantised first as for mmT; with 4-bit weights from 49 rows where
+  (to 512 / 768 for 4-bit weights of at least 3 * 2^25 / 2^27 entries with 16-bit x;
+  quantized activations dequantised first as for mmT; with 4-bit weights from 49 rows where
   the tile is the 64 x 64 one, e.g. on 4096 columns; to 128 rows where cublas8 takes the
   call and K > 8192), ahead of mmT, mm8, cublas8 and dequantise + cuBLAS there; tiles by
   stream-K where they make a wave, 128 x 256 tiles for 4-bit weights of many columns; weights
@@ -1225,7 +1225,7 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     swapped tile, s16run5), in the interpreter up to 2 rows.
     On an sm_90 GPU (`capability`, else the device's), 4- and 6-bit g128 weights take the Gluon
     tile ("wg", :func:`qlinear_wgmma.choose`) from 33 to 256 rows (512 / 768 for 4-bit weights
-    of at least 2^26 / 2^27 entries with 16-bit x; quantized activations dequantised first; with 4-bit weights from 49 rows where the tile is the 64 x 64 one), to
+    of at least 3 * 2^25 / 2^27 entries with 16-bit x; quantized activations dequantised first; with 4-bit weights from 49 rows where the tile is the 64 x 64 one), to
     128 where cublas8 computes the call, ahead of mm8 and cublas8, and at 1-32 rows of large
     weights with bf16 x (:func:`qlinear_wgmma.choose_decode`);
     `allow_wg` False keeps the paths of before (``q3n::qlinear_codes`` where mmT reads the codes

@@ -3,7 +3,7 @@ permuted per 128-channel block) written in Gluon (Triton's explicit-layout diale
 weight's unpack overlaps the tensor cores. 4- and 6-bit weights in groups of 128 (zero points
 or symmetric), bf16 or fp16 x, an sm_90 GPU; dispatched from 33 to 256 rows (49 for 4-bit
 weights with quantized activations on the 64 x 64 tile; to 512 / 768 for 4-bit weights of at
-least 2^26 / 2^27 entries with 16-bit x, :data:`MAX_M_LARGE`), quantized
+least 3 * 2^25 / 2^27 entries with 16-bit x, :data:`MAX_M_LARGE`), quantized
 activations dequantised and permuted by the op first, to 128 rows where cuBLAS's fp8 GEMM on
 unpacked codes takes the call and K exceeds 8192 (:func:`choose`); and at 1-32 rows of large
 weights with bf16 x (:func:`choose_decode`, session 24), on tiles of 8, 16 or 32 rows with
@@ -702,11 +702,13 @@ MIN_M, MIN_M_SMALL_W4_QUANTIZED, MAX_M, MAX_M_CUBLAS8, MAX_K_CUBLAS8 = 33, 49, 2
 # rows at most) in MAX_M_LARGE, the first that holds. bench/bench_wg_above_256.py, the tile
 # forced against the dequant path in the same process at 384 / 512 / 768 / 1024 rows:
 # 28672 x 8192 1.25 / 1.12 / 1.06 / 0.99x (s28run3; s28run5 1.21 / 1.13 / 1.07 / 0.98x),
-# 16384 x 8192 (2^27 entries) 1.16 / 1.07 / 0.98 / 0.94x, 14336 x 8192 1.14 / 1.12 / 0.97 /
-# 0.94x (s28run5); the 50.3M-entry weights 0.83-0.98x and 4096^2 0.79-0.98x at
-# 384-1024 rows, W6A12 0.69-1.06x and W4A8 0.69-1.05x the paths dispatched there (s28run3):
-# those keep MAX_M.
-MAX_M_LARGE = ((1 << 27, 768), (1 << 26, 512))
+# 16384 x 8192 (2^27 entries) 1.20 / 1.06 / 1.00 / 0.94x, 14336 x 8192 (117M) 1.14 / 1.12 /
+# 0.97 / 0.94x (s28run5); as dispatched at 300 / 384 / 512 rows (s28run6), 14336 x 8192 1.05 /
+# 1.12 / 1.12x and 28672 x 4096 (117M) 1.07 / 1.17 / 1.04x, but 8192^2 (67M) 0.89 / 1.03 /
+# 1.12x, hence the second tier's 3 * 2^25 (101M) entries. The 50.3M-entry weights ran
+# 0.83-0.98x and 4096^2 0.79-0.98x at 384-1024 rows, W6A12 0.69-1.06x and W4A8 0.69-1.05x the
+# paths dispatched there (s28run3): those keep MAX_M.
+MAX_M_LARGE = ((1 << 27, 768), (3 << 25, 512))
 MIN_M_CUBLAS8_LONG_K = 193
 # Weights of 3040-4224 columns at 129-256 rows (one wave of TALL programs): TALL to this K,
 # WIDE with K split 2 above (s22run2, W4A16 at 160 / 256 rows, same process: 4096 x 11008,

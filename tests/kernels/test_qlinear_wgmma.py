@@ -394,8 +394,8 @@ def test_dispatch_rule_on_sm90():
     assert path(33, 4096, bits=6) == dict(WG.SMALL, path="wg", SPLIT_K=4)
     assert path(32, 4096, bits=6)["path"] == "mmT"
     # Above 256 rows only 4-bit weights with 16-bit x: of at least 2^27 entries to 768 rows, of
-    # 2^26 to 512 (s28run3, s28run5); never for other formats, activations, dtypes, widths or
-    # GPUs.
+    # 3 * 2^25 to 512 (s28run3, s28run5-6); never for other formats, activations, dtypes,
+    # widths or GPUs.
     assert path(257, 12288)["path"] == "dequant" and path(257, 28672, bits=6)["path"] == "dequant"
     for M in (257, 384, 768):
         assert path(M, 28672, K=8192) == stream256, M
@@ -403,7 +403,9 @@ def test_dispatch_rule_on_sm90():
     assert path(769, 28672, K=8192)["path"] == "dequant"
     assert path(512, 16368, K=8192)["path"] == "wg"  # just under 2^27: to 512 rows
     assert path(513, 16368, K=8192)["path"] == "dequant"
-    assert path(512, 16384)["path"] == "wg" and path(384, 16368)["path"] == "dequant"  # 2^26
+    assert path(300, 28672)["path"] == "wg" and path(512, 14336, K=8192)["path"] == "wg"
+    assert path(300, 24576)["path"] == "wg"  # 3 * 2^25 entries exactly
+    assert path(300, 24560)["path"] == "dequant" and path(384, 8192, K=8192)["path"] == "dequant"
     assert path(384, 28672, K=8192, bits=6)["path"] == "dequant"
     for act in ("fp8", "int8", "int12"):
         assert path(384, 28672, K=8192, act=act)["path"] != "wg", act
