@@ -2,7 +2,6 @@
 the GPU tiles: -m gpu), against the packing's definition, bit for bit."""
 
 import dataclasses
-import zlib
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import weight_unpack as WU
 
 from .subprocess_lane import json_without_interpreter
+from .test_qlinear import _gen, _packed
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -18,18 +18,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # (group, K): K off the interpreter's 32-channel block where the group allows (per channel:
 # 100 channels, padded to 128 in the planes), and more than one group.
 GROUPS_K = [(32, 96), (64, 192), (128, 256), (P.PER_CHANNEL, 100)]
-
-
-def _gen(name):
-    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
-
-
-def _packed(gen, N, K, bits, group, sym, device="cpu"):
-    codes = torch.randint(0, 1 << bits, (N, K), generator=gen, dtype=torch.int64)
-    ng = 1 if group == P.PER_CHANNEL else K // group
-    scales = (torch.rand(ng, N, generator=gen) * 0.02 + 0.002).to(torch.float16)
-    zeros = None if sym else torch.randint(0, 1 << bits, (ng, N), generator=gen).to(torch.uint8)
-    return P.pack(codes, scales, zeros, bits, group).to(device)
 
 
 def _rounded_once(got: torch.Tensor, v: torch.Tensor) -> bool:
