@@ -154,9 +154,10 @@ bytes per group, read once per call — the gain at small M, where a linear is m
 - per-group activation scales (``act_group_size`` 32/64/128, any of the quantized formats): the
   quantizer writes one fp32 scale per token and group (``4 * G`` bytes per token instead of 4:
   ``4 / group`` bytes per element, 3% of int8 codes at 128) and reads x once (a tile holds
-  whole groups; per token, rows past 16384 columns are read twice); the GEMM loads a ``[BLOCK_M]`` fp32 scale per K block and
-  converts and multiplies each block's ``[BLOCK_M, BLOCK_N]`` partial in fp32 (int8: no int32
-  accumulator chained over K, which per-channel weights with per-token scales keep), and the
+  whole groups; per token, rows past 16384 columns are read twice); the GEMM loads a
+  ``[BLOCK_M]`` fp32 scale per K block and converts and multiplies each block's
+  ``[BLOCK_M, BLOCK_N]`` partial in fp32 (int8: no int32 accumulator chained over K, which
+  per-channel weights with per-token scales keep), and the
   gemv kernel multiplies each block's codes by their scale; groups of 32 or 64 also cap the
   K block there (smaller tensor-core tiles than the table's 64/128). Gain: an activation outlier
   coarsens 1 group instead of the whole row (on MiniLM W8A8 with g128 weights see
@@ -1225,7 +1226,8 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     swapped tile, s16run5), in the interpreter up to 2 rows.
     On an sm_90 GPU (`capability`, else the device's), 4- and 6-bit g128 weights take the Gluon
     tile ("wg", :func:`qlinear_wgmma.choose`) from 33 to 256 rows (512 / 768 for 4-bit weights
-    of at least 3 * 2^25 / 2^27 entries with 16-bit x; quantized activations dequantised first; with 4-bit weights from 49 rows where the tile is the 64 x 64 one), to
+    of at least 3 * 2^25 / 2^27 entries with 16-bit x; quantized activations dequantised
+    first; with 4-bit weights from 49 rows where the tile is the 64 x 64 one), to
     128 where cublas8 computes the call, ahead of mm8 and cublas8, and at 1-32 rows of large
     weights with bf16 x (:func:`qlinear_wgmma.choose_decode`);
     `allow_wg` False keeps the paths of before (``q3n::qlinear_codes`` where mmT reads the codes
@@ -1399,9 +1401,10 @@ def _act_scales_empty(M, K: int, act_group_size: int, device) -> torch.Tensor:
     return torch.empty((M, n_act_groups(K, act_group_size)), dtype=torch.float32, device=device)
 
 
-# The activations' quantizer's launch (act_quant_kernel). Per token, rows to ACT_QUANT_ONE_TILE_MAX_K
-# columns (padded) are whole in one tile, loaded once: (rows a program, warps) by the padded
-# width; wider rows are swept in 4096-column tiles twice, one row a program. Per group, tiles of
+# The activations' quantizer's launch (act_quant_kernel). Per token, rows to
+# ACT_QUANT_ONE_TILE_MAX_K columns (padded) are whole in one tile, loaded once: (rows a
+# program, warps) by the padded width; wider rows are swept in 4096-column tiles twice, one
+# row a program. Per group, tiles of
 # the same widths, each read once. H200, int8 codes of K = 4096 bf16 (s27run1,
 # bench/bench_row_kernels.py, CUDA-graph replay, L2 flushed): one row and 4 warps a program in
 # one tile ran 12.3 us at 2048 rows and 30.4 at 8192, where the looped launch of before (1 x

@@ -11,8 +11,9 @@ into the MMA as they are, and the format's scales (one a token, one a column) ap
 epilogue, to the exact int32 sums.
 
 The kernel: ``acc = c[BLOCK_M, K] @ w8[BLOCK_N, K]^T`` in int32 over one split of K (exact:
-|c| <= 127, |w8| <= 128, K <= MAX_K = 2^17), then ``y = acc * s_x[m] * s[n] (+ bias[n])`` in fp32, rounded
-once to y's dtype. SWAP computes the transposed tile ``w8 @ c^T`` (the weight's BLOCK_N rows
+|c| <= 127, |w8| <= 128, K <= MAX_K = 2^17), then ``y = acc * s_x[m] * s[n] (+ bias[n])``
+in fp32, rounded once to y's dtype. SWAP computes the transposed tile ``w8 @ c^T`` (the
+weight's BLOCK_N rows
 fill the MMA's 64-row side, the few rows of x are its narrow N side, down to 16), which is how
 decode sizes use the tensor cores without padding x to 64 rows. Rows of x and weight past M and
 N are read wrapped (``offs % M``: always in bounds, never stored), channels past K masked to 0

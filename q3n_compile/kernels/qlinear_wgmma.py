@@ -848,8 +848,9 @@ def max_m(N: int, K: int, bits: int, quantized: bool) -> int:
 def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
            K: int = 0, quantized: bool = False) -> Optional[dict]:
     """The launch for M rows of an N x K weight, or None outside :data:`MIN_M`-:data:`MAX_M`
-    rows (more for large 4-bit weights with 16-bit activations, :func:`max_m`; none above :data:`MAX_M_CUBLAS8` and below :data:`MIN_M_CUBLAS8_LONG_K` where
-    `cublas8`, the qlinear_cublas8 path computes the call at this M, and K exceeds
+    rows (more for large 4-bit weights with 16-bit activations, :func:`max_m`; none above
+    :data:`MAX_M_CUBLAS8` and below :data:`MIN_M_CUBLAS8_LONG_K` where `cublas8`, the
+    qlinear_cublas8 path computes the call at this M, and K exceeds
     :data:`MAX_K_CUBLAS8`; below :data:`MIN_M_SMALL_W4_QUANTIZED` where 4-bit weights meet
     `quantized` activations and the tile would be SMALL). Same rule
     for 4- and 6-bit weights but for WIDE256 and SIXTY_FOUR256 (4-bit only).
