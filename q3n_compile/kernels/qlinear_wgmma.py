@@ -701,9 +701,9 @@ MIN_M, MIN_M_SMALL_W4_QUANTIZED, MAX_M, MAX_M_CUBLAS8, MAX_K_CUBLAS8 = 33, 49, 2
 # For large 4-bit weights with 16-bit activations the tile stays the faster: (entries at least,
 # rows at most) in MAX_M_LARGE, the first that holds. bench/bench_wg_above_256.py, the tile
 # forced against the dequant path in the same process at 384 / 512 / 768 / 1024 rows:
-# 28672 x 8192 1.25 / 1.12 / 1.06 / 0.99x (s28run3; s28run5 1.21 / 1.13 / 1.07 / 0.98x),
-# 16384 x 8192 (2^27 entries) 1.20 / 1.06 / 1.00 / 0.94x, 14336 x 8192 (117M) 1.14 / 1.12 /
-# 0.97 / 0.94x (s28run5); as dispatched at 300 / 384 / 512 rows (s28run6), 14336 x 8192 1.05 /
+# 28672 x 8192 1.25 / 1.12 / 1.06 / 0.99x (s28run3; s28run5 1.23 / 1.13 / 1.07 / 1.02x),
+# 16384 x 8192 (2^27 entries) 1.16 / 1.07 / 0.98 / 0.94x, 14336 x 8192 (117M) 1.14 / 1.12 /
+# 0.97 / 0.93x (s28run5, both forced); as dispatched at 300 / 384 / 512 rows (s28run6), 14336 x 8192 1.05 /
 # 1.12 / 1.12x and 28672 x 4096 (117M) 1.07 / 1.17 / 1.04x, but 8192^2 (67M) 0.89 / 1.03 /
 # 1.12x, hence the second tier's 3 * 2^25 (101M) entries. The 50.3M-entry weights ran
 # 0.83-0.98x and 4096^2 0.79-0.98x at 384-1024 rows, W6A12 0.69-1.06x and W4A8 0.69-1.05x the
