@@ -178,6 +178,16 @@ _INTERPRETER = dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1
 #   1.00-1.11x the best in the 24 cases of the issue's shapes, where the plain tiles of
 #   s26run1's rule ran 1.00-1.36x. On 1024 x 4096 and 2048 x 4096 (s26run5, 128-512 rows) the
 #   256-channel tile was the best swept in all six cases, and the 128-channel one 1.09-1.15x;
+#   session 29 (s29run1: 288-512 rows) found the 128 x 128 tile's whole-tile waves costly where
+#   they leave much of the last wave empty (12288 x 4096 at 288-320 rows: three waves of 288
+#   tiles, 1.29-1.30x the plain 64 x 128 tile's four waves), so from 65 to 512 rows the rule
+#   now counts waves (:func:`_mid_tile`): the 128 x 128 tile, the swapped 64-row tile and the
+#   plain 64 x 128 tile each cost their waves of whole tiles, the first's at 2 / WIDE_RATE
+#   (each of its tiles holds two of the others' at WIDE_RATE times their rate; 1.4 fits the
+#   three sweeps of s26run3, s28run1 and s29run1, where any value outside 1.34-1.49 picks a
+#   tile 1.10-1.30x the best in one case); the cheapest is taken (ties: wide, then swapped).
+#   it is within 1.045x of the best swept in all 60 cases of those runs and s26run5 (1.30x
+#   before);
 # - from 513 rows (s26run1, 1024 and 4096 rows) 128 x 128 tiles of 64 channels (5 stages)
 #   where they make 0.9 of a wave or more: 1.00-1.07x; fewer (small N) 64 x 128 of 128
 #   channels, K split in two where the tiles are at most one a wave and K has at least 64
@@ -191,6 +201,7 @@ TILE_SWAP_MID_DEEP = dict(BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_s
 MID_DEEP_MAX_K = 8192
 TILE_SWAP_MID_WIDE = dict(BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
 MID_WIDE_MIN_WAVES = 1.4
+WIDE_RATE = 1.4
 TILE_MM_WIDE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=5)
 TILE_MM_NARROW = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4,
                       num_stages=4)
@@ -218,6 +229,39 @@ def _fill_split(programs: int, cap: int, blocks: int, min_blocks: int) -> int:
     return split
 
 
+def _waves(tiles: int, sms: int) -> int:
+    return contract.cdiv(tiles, sms)
+
+
+def _mid_tile(M: int, N: int, K: int, sms: int) -> dict:
+    """The launch for 65-512 rows (the rule above): the swapped 64-row tile, deep and split
+    where its tiles are few; where they are not, the cheapest in waves of whole tiles of the wide
+    128 x 128 tile (only from MID_WIDE_MIN_WAVES waves), the swapped 64-row one and the plain
+    64 x 128 one."""
+    bm = min(128, contract.next_power_of_2(M))
+    wide_tiles = contract.cdiv(M, 128) * contract.cdiv(N, 128)
+    tiles = contract.cdiv(M, bm) * contract.cdiv(N, TILE_SWAP_MID["BLOCK_N"])
+    if wide_tiles < MID_WIDE_MIN_WAVES * sms:
+        if tiles <= sms and K <= MID_DEEP_MAX_K:
+            return dict(TILE_SWAP_MID_DEEP, BLOCK_M=bm, SWAP=True,
+                        SPLIT_K=_fill_split(tiles, sms, contract.cdiv(K, 256), 4))
+        split = _fill_split(tiles, 2 * sms, contract.cdiv(K, 128), 4)
+        if split > 1:
+            return dict(TILE_SWAP_MID, BLOCK_M=bm, SWAP=True, SPLIT_K=split)
+    # Rows padded to a tile count as work: 288 rows in 128-row tiles do 384 rows' MMAs.
+    cost_wide = float("inf")
+    if wide_tiles >= MID_WIDE_MIN_WAVES * sms:
+        cost_wide = 2 * _waves(wide_tiles, sms) / WIDE_RATE
+    cost_swap = _waves(tiles, sms)
+    cost_plain = _waves(contract.cdiv(M, TILE_MM_NARROW["BLOCK_M"])
+                        * contract.cdiv(N, TILE_MM_NARROW["BLOCK_N"]), sms)
+    if cost_wide <= min(cost_swap, cost_plain):
+        return dict(TILE_SWAP_MID_WIDE, BLOCK_M=bm, SWAP=True, SPLIT_K=1)
+    if cost_swap <= cost_plain:
+        return dict(TILE_SWAP_MID, BLOCK_M=bm, SWAP=True, SPLIT_K=1)
+    return dict(TILE_MM_NARROW, SWAP=False, SPLIT_K=1)
+
+
 def choose(M: int, N: int, K: int, sms: int, *, interpreter: bool = False) -> dict:
     """The launch for M rows of an N x K weight (the rule above); a pure function. Swapped to
     :data:`SWAP_MID_MAX_M` rows, the plain tile above."""
@@ -236,15 +280,7 @@ def choose(M: int, N: int, K: int, sms: int, *, interpreter: bool = False) -> di
                                                     2)
         return cfg
     if M <= SWAP_MID_MAX_M:
-        bm = min(128, contract.next_power_of_2(M))
-        if contract.cdiv(M, 128) * contract.cdiv(N, 128) >= MID_WIDE_MIN_WAVES * sms:
-            return dict(TILE_SWAP_MID_WIDE, BLOCK_M=bm, SWAP=True, SPLIT_K=1)
-        tiles = contract.cdiv(M, bm) * contract.cdiv(N, TILE_SWAP_MID["BLOCK_N"])
-        if tiles <= sms and K <= MID_DEEP_MAX_K:
-            return dict(TILE_SWAP_MID_DEEP, BLOCK_M=bm, SWAP=True,
-                        SPLIT_K=_fill_split(tiles, sms, contract.cdiv(K, 256), 4))
-        return dict(TILE_SWAP_MID, BLOCK_M=bm, SWAP=True,
-                    SPLIT_K=_fill_split(tiles, 2 * sms, contract.cdiv(K, 128), 4))
+        return _mid_tile(M, N, K, sms)
     wide_tiles = contract.cdiv(M, 128) * contract.cdiv(N, 128)
     if wide_tiles >= MM_WIDE_MIN_WAVE * sms:
         return dict(TILE_MM_WIDE, SWAP=False, SPLIT_K=1)

@@ -165,6 +165,12 @@ def test_forced_path_must_be_i8():
     (384, 4096, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1)),
     (96, 12288, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, SPLIT_K=1)),
     (192, 12288, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=128, num_warps=8, SPLIT_K=1)),
+    # Waves of whole tiles (s29run1): 288 tiles of 128 x 128 are three waves, 480 of 64 x 128
+    # four half-size ones; 672 wide tiles of 28672 x 8192 are six, where 1120 plain are nine.
+    (288, 12288, 4096, dict(SWAP=False, BLOCK_M=64, BLOCK_N=128, SPLIT_K=1)),
+    (320, 12288, 4096, dict(SWAP=False, BLOCK_M=64, BLOCK_N=128, SPLIT_K=1)),
+    (448, 12288, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=128, num_warps=8, SPLIT_K=1)),
+    (288, 28672, 8192, dict(SWAP=True, BLOCK_M=128, BLOCK_N=128, num_warps=8, SPLIT_K=1)),
     (256, 4096, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=256, SPLIT_K=1)),
     (256, 4096, 12288, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2)),
     (512, 4096, 12288, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, SPLIT_K=1)),
@@ -173,7 +179,7 @@ def test_forced_path_must_be_i8():
     (2048, 256, 4096, dict(SWAP=False, BLOCK_M=64, BLOCK_N=128, SPLIT_K=1)),
 ])
 def test_launch_rule_on_the_h200(M, N, K, want):
-    # The measured choices (s26run1, s26run3; 132 SMs), and never more programs than the
+    # The measured choices (s26run1, s26run3, s29run1; 132 SMs), and never more programs than the
     # rule's cap.
     cfg = I8.choose(M, N, K, 132)
     assert {k: cfg[k] for k in want} == want, cfg
@@ -223,6 +229,24 @@ def test_gpu_dispatched_against_float64(M, N, K):
     b = torch.randn(N, generator=gen).to(bf16).cuda()
     for _ in range(2):  # split-K tickets back at 0
         _check(x, kw, b, act="int8")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K,swap,bn", [(300, 12288, 4096, False, 128),
+                                            (300, 12000, 4000, False, 128),
+                                            (448, 12288, 4096, True, 128),
+                                            (360, 6000, 4096, True, 64)])
+def test_gpu_mid_rows_by_waves_against_float64(M, N, K, swap, bn):
+    # The 65-512-row rule's three tiles (waves of whole tiles, s29run1), on the GPU's own SM
+    # count: the plain 64 x 128 tile, the wide swapped one and the narrow swapped one.
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cfg = I8.choose(M, N, K, sms)
+    if sms == 132:
+        assert (cfg["SWAP"], cfg["BLOCK_N"]) == (swap, bn), cfg
+    gen = _gen(f"i8gpumid{M}{N}{K}")
+    kw = _kmajor(gen, N, K, "cuda")
+    x = (torch.randn(M, K, generator=gen) * 2).to(bf16).cuda()
+    _check(x, kw, torch.randn(N, generator=gen).to(bf16).cuda(), act="int8")
 
 
 @pytest.mark.gpu
