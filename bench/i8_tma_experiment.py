@@ -10,8 +10,8 @@ the next tile's loads under the last one's epilogue, lifts the kernel.
 
 The kernel computes what ``qlinear_i8_kernel`` does without a K split:
 ``y = (c @ w8^T) * s_x[m] * s[n] (+ bias[n])``, the int32 sums exact, the scales applied in fp32
-in the same order, rounded once, so its output must equal the i8 kernel's bit for bit (checked
-before timing). TMA fills rows past M and N and channels past K with zeros.
+in the same order, rounded once, so its output must equal the plain i8 tile's bit for bit, and the
+swapped tile's to one rounding (checked before timing). TMA fills rows past M and N and channels past K with zeros.
 
     python bench/i8_tma_experiment.py --compile-only
     python bench/i8_tma_experiment.py --ms 256 4096 --out bench/results/i8-tma-h200.json
@@ -158,8 +158,11 @@ def main() -> int:
             except Exception as e:  # a config the GPU refuses (shared memory): say so, go on
                 row["tma"].append(dict(cfg=c, error=f"{type(e).__name__}: {e}"[:200]))
                 continue
-            same = bool(torch.equal(got, want))
-            r = dict(cfg=c, equal_to_i8=same)
+            # Bit-equal to the plain i8 tile (same order of the scale products); the swapped
+            # tile (to 512 rows) multiplies s[n] first, which may move a result by one rounding.
+            diff = (got.float() - want.float()).abs().max().item()
+            same = diff <= 2 ** -7 * want.float().abs().max().item()
+            r = dict(cfg=c, equal_to_i8=bool(torch.equal(got, want)), max_diff_to_i8=diff)
             if same:
                 BQ.time_parts({"tma": fn}, r)
             row["tma"].append(r)
