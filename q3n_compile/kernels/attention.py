@@ -57,11 +57,6 @@ from q3n_compile.kernels import attention_blocks, attention_decode, contract
 from q3n_compile.kernels.tiles import load_2d as _load_2d
 from q3n_compile.kernels.attention_decode import DECODE_MAX_SQ, uses_split_kv  # noqa: F401
 
-try:  # where Triton keeps its launch-time allocator (Triton 3.x)
-    from triton.runtime import _allocation as _triton_allocation
-except ImportError:  # pragma: no cover - other Triton versions: always install ours
-    _triton_allocation = None
-
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -401,21 +396,9 @@ class _HopperLaunch:
         self.hopper(q, k, v, m, out)
 
 
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    # The in-kernel descriptors live in global scratch Triton asks for at each launch (128 bytes
-    # per descriptor and program). torch's caching allocator, on the current device and stream
-    # (the launch's), as Inductor's launchers do: cheap, stream-ordered, graph-capturable.
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_scratch_allocator() -> None:
-    """Install :func:`_scratch` as Triton's allocator unless one is set. Triton keeps it in a
-    ContextVar, so this runs per call (~0.1 us): a thread or context that never set one would
-    otherwise fail the launch with "no allocator was set"."""
-    allocator = getattr(_triton_allocation, "_allocator", None)
-    if allocator is None or allocator.get() is getattr(_triton_allocation, "_NULL_ALLOCATOR",
-                                                       None):
-        triton.set_allocator(_scratch)
+# The in-kernel descriptors' global scratch (shared with the i8 path's TMA tile).
+_scratch = contract.descriptor_scratch
+_ensure_scratch_allocator = contract.ensure_descriptor_allocator
 
 
 def prefill_variant(q, k, v, mask=None, scale=None, is_causal=False, *, blocks=None) -> dict:

@@ -362,6 +362,30 @@ def launch(kernel, grid: tuple, pointers: tuple, scalars: tuple, constexprs: dic
     cached(*pointers)
 
 
+def descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch for in-kernel tensor descriptors (``tl.make_tensor_descriptor``: Triton
+    asks for 128 bytes per descriptor and program at each launch). torch's caching allocator, on
+    the current device and stream (the launch's), as Inductor's launchers do: cheap,
+    stream-ordered, graph-capturable."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_descriptor_allocator() -> None:
+    """Install :func:`descriptor_scratch` as Triton's allocator unless one is set; call it before
+    every GPU launch of a kernel that builds tensor descriptors. Triton keeps the allocator in a
+    ContextVar, so this runs per call (~0.1 us): a thread or context that never set one would
+    otherwise fail the launch with "no allocator was set"."""
+    import triton
+
+    try:  # where Triton keeps its launch-time allocator (Triton 3.x)
+        from triton.runtime import _allocation
+    except ImportError:  # pragma: no cover - other Triton versions: always install ours
+        _allocation = None
+    allocator = getattr(_allocation, "_allocator", None)
+    if allocator is None or allocator.get() is getattr(_allocation, "_NULL_ALLOCATOR", None):
+        triton.set_allocator(descriptor_scratch)
+
+
 @functools.lru_cache(maxsize=1)
 def _triton_driver():
     from triton.runtime import driver

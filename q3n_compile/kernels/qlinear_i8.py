@@ -21,6 +21,11 @@ N are read wrapped (``offs % M``: always in bounds, never stored), channels past
 partials (each already scaled) are summed in split order by the tile's last split in the same
 launch (:func:`tiles.ticket_split_k`), so the result does not depend on timing.
 
+From 513 rows, where its tiles make TMA_MIN_WAVES waves, the same plain tile runs as
+:func:`qlinear_i8_tma_kernel`: both operands copied by TMA (whole tiles, zero-filled past M, N
+and K), a persistent grid of one program an SM, the same result bit for bit; where TMA cannot
+copy the operands (a row stride or base off 16 bytes) the pointer kernel runs the same tile.
+
 Traffic: the weight once per row block of x (consecutive programs of a GROUP_M group share it
 through L2), x's codes once per column block, y once; the codes are written by the
 activations' quantizer (:func:`qlinear.quantize_activations_triton`) one launch before.
@@ -140,6 +145,52 @@ def qlinear_i8_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, K_PER_SPLIT,
         tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=y_mask)
 
 
+@triton.jit
+def qlinear_i8_tma_kernel(C, XS, W, S, BIAS, Y, M, N, K, stride_cm, stride_wn, stride_ym,
+                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                          NUM_PROGRAMS: tl.constexpr, PDL: tl.constexpr = False):
+    """The plain tile of :func:`qlinear_i8_kernel` (no K split) with both operands copied to
+    shared memory by TMA, persistent: program p computes the GROUP_M-ordered tiles p,
+    p + NUM_PROGRAMS, ... (NUM_PROGRAMS is the grid), so the next tile's first copies start
+    under the last one's epilogue.
+
+    Same math, same order of the scale products, so the same result bit for bit: ``acc`` exact
+    in int32, ``y = acc * s_x[m] * s[n] (+ bias[n])`` in fp32, rounded once. The descriptors
+    (built here, in global scratch) cover ``C [M, K]`` and ``W [N, K]``: the copies fill rows
+    past M and N and channels past K with zeros, so no load is masked or wrapped. A TMA copy
+    moves a whole [BLOCK, BLOCK_K] tile in one instruction where the pointer kernel issues a
+    ``cp.async`` per 16 bytes with its address arithmetic (48 a K block at 64 x 128).
+    PDL: waits for the quantizer before it reads anything (the descriptors are built first)."""
+    c_desc = tl.make_tensor_descriptor(C, shape=[M, K], strides=[stride_cm, 1],
+                                       block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[stride_wn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_K])
+    if PDL:
+        gdc_wait()
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
+        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            a = c_desc.load([m0, k0])
+            b = w_desc.load([n0, k0])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        xs = tl.load(XS + offs_m, mask=m_ok, other=0.0)
+        s = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        y = acc.to(tl.float32) * xs[:, None] * s[None, :]
+        if HAS_BIAS:
+            y += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
+                 y.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
 # |c| <= 127 and |q - 128| <= 128: K products stay exact in int32 while K * 127 * 128 < 2^31.
 MAX_K = 131072
 
@@ -206,6 +257,14 @@ TILE_MM_WIDE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4
 TILE_MM_NARROW = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4,
                       num_stages=4)
 MM_WIDE_MIN_WAVE = 0.9
+# From 513 rows where its tiles make TMA_MIN_WAVES waves or more, the TMA tile
+# (:func:`qlinear_i8_tma_kernel`), 128 x 256, 8 warps, 3 stages, persistent: s29run3
+# (bench/i8_tma_experiment.py, the kernels alone on the same codes) 1.07-1.10x the pointer
+# tile at 4096 rows of the issue's four shapes (3.9-27 waves) and at 1024 rows of 28672 x 8192
+# (6.8 waves); at 1024 rows of the others (1-2.9 waves) 0.89-0.99x, and at 256-512 rows
+# 0.90-1.07x the dispatched swapped tiles (s29run4), where it is not used.
+TILE_MM_TMA = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+TMA_MIN_WAVES = 3.5
 MM_SPLIT_MIN_BLOCKS = 64
 MAX_SPLIT = 16
 # The quantizer before the kernel and the kernel launch with programmatic dependent launch (the
@@ -281,6 +340,9 @@ def choose(M: int, N: int, K: int, sms: int, *, interpreter: bool = False) -> di
         return cfg
     if M <= SWAP_MID_MAX_M:
         return _mid_tile(M, N, K, sms)
+    tma_tiles = contract.cdiv(M, TILE_MM_TMA["BLOCK_M"]) * contract.cdiv(N, TILE_MM_TMA["BLOCK_N"])
+    if tma_tiles >= TMA_MIN_WAVES * sms:
+        return dict(TILE_MM_TMA, SWAP=False, SPLIT_K=1, TMA=True, PROGRAMS=sms)
     wide_tiles = contract.cdiv(M, 128) * contract.cdiv(N, 128)
     if wide_tiles >= MM_WIDE_MIN_WAVE * sms:
         return dict(TILE_MM_WIDE, SWAP=False, SPLIT_K=1)
@@ -305,6 +367,13 @@ def run(codes: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scales: torch.T
     y = torch.empty((M, N), dtype=out_dtype, device=codes.device)
     if M == 0:
         return y
+    if cfg.get("TMA"):
+        if tma_ok(codes, w8):
+            _run_tma(codes, xs, w8, scales, bias, y, cfg, interpreter, pdl)
+            return y
+        # TMA's 16-byte rules unmet (a row stride or base off 16 bytes): the same tile on
+        # pointer loads.
+        cfg = dict(cfg, TMA=False)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     tiles = contract.cdiv(M, bm) * contract.cdiv(N, bn)
     split, k_per_split, ws, cnt = contract.ticket_split_k_plan(
@@ -321,3 +390,37 @@ def run(codes: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scales: torch.T
         dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl),
         fast=not interpreter)
     return y
+
+
+def tma_ok(codes: torch.Tensor, w8: torch.Tensor) -> bool:
+    """Whether the TMA tile can copy these operands: 16-byte aligned bases and row strides
+    (int8: multiples of 16 elements), unit channel strides."""
+    return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in (codes, w8))
+
+
+# Programs of the TMA tile under the interpreter where the launch does not say (no SM count
+# there): enough to walk several tiles a program on the tests' small shapes.
+_INTERPRETER_PROGRAMS = 3
+
+
+def _run_tma(codes, xs, w8, scales, bias, y, cfg, interpreter, pdl):
+    """The TMA tile over cfg's PROGRAMS programs (:func:`choose` gives the SM count; a forced
+    launch without it runs one tile a program, or :data:`_INTERPRETER_PROGRAMS` under the
+    interpreter)."""
+    M, K = codes.shape
+    N = w8.shape[0]
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    tiles = contract.cdiv(M, bm) * contract.cdiv(N, bn)
+    programs = min(tiles, cfg.get("PROGRAMS") or (_INTERPRETER_PROGRAMS if interpreter
+                                                  else tiles))
+    if not interpreter:
+        contract.ensure_descriptor_allocator()
+    contract.launch(
+        qlinear_i8_tma_kernel, (programs,),
+        (codes, xs, w8, scales, bias if bias is not None else scales, y),
+        (M, N, K, codes.stride(0), w8.stride(0), y.stride(0)),
+        dict(HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
+             GROUP_M=cfg.get("GROUP_M", 8), NUM_PROGRAMS=programs, PDL=pdl),
+        dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl),
+        fast=not interpreter)

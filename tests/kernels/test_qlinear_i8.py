@@ -78,6 +78,39 @@ def test_both_forms_and_k_splits(swap, split):
         _check(x, kw, b, act="int8", path=_path(swap, split=split))
 
 
+def _tma_path(programs=None):
+    return dict(_path(False), TMA=True, PROGRAMS=programs)
+
+
+@pytest.mark.parametrize("dtype", [bf16, f16])
+@pytest.mark.parametrize("M,N,K", [(21, 70, 232), (5, 33, 96), (40, 17, 64), (70, 100, 160)])
+@pytest.mark.parametrize("programs", [None, 2])
+def test_tma_tile_against_float64_and_the_pointer_tile(dtype, M, N, K, programs):
+    # Rows past M and N and channels past K come from the descriptors' zero fill (232 = 7 * 32
+    # + 8); 2-3 programs walk several tiles each. The same blocks and the same order of the
+    # scale products as the plain pointer tile: the same result bit for bit.
+    gen = _gen(f"i8tma{dtype}{M}{N}{K}")
+    kw = _kmajor(gen, N, K)
+    x = (torch.randn(M, K, generator=gen) * 2).to(dtype)
+    b = torch.randn(N, generator=gen).to(dtype)
+    got = _check(x, kw, b, act="int8", path=_tma_path(programs))
+    plain = Q._launch(x, kw.qweight, kw.scales, None, b, None, 8, -1, K, "int8", True,
+                      path=_path(False))
+    assert torch.equal(got, plain)
+
+
+def test_tma_tile_falls_back_where_tma_cannot_copy():
+    # K = 100: the codes' rows are 100 bytes apart, off TMA's 16-byte rule; the launch runs the
+    # pointer tile instead and computes the same function.
+    gen = _gen("i8tmafallback")
+    kw = _kmajor(gen, 24, 100)
+    x = torch.randn(7, 100, generator=gen).to(bf16)
+    codes, _ = Q.quantize_activations_triton(x, "int8", None, True)
+    assert not I8.tma_ok(codes, kw.qweight)
+    assert I8.tma_ok(torch.zeros(7, 96, dtype=torch.int8), kw.qweight)  # rows 96 bytes apart
+    _check(x, kw, None, act="int8", path=_tma_path())
+
+
 def test_smoothing_vector_and_large_values():
     # A SmoothQuant vector and rows of very different magnitudes (per-token scales).
     gen = _gen("i8smooth")
@@ -175,7 +208,11 @@ def test_forced_path_must_be_i8():
     (256, 4096, 12288, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2)),
     (512, 4096, 12288, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, SPLIT_K=1)),
     (1024, 4096, 4096, dict(SWAP=False, BLOCK_M=128, BLOCK_K=64, SPLIT_K=1)),
-    (4096, 28672, 8192, dict(SWAP=False, BLOCK_M=128, BLOCK_K=64, SPLIT_K=1)),
+    # The TMA tile where its 128 x 256 tiles make 3.5 waves (s29run3).
+    (4096, 28672, 8192, dict(SWAP=False, BLOCK_M=128, BLOCK_N=256, TMA=True, PROGRAMS=132)),
+    (4096, 4096, 4096, dict(SWAP=False, BLOCK_M=128, BLOCK_N=256, TMA=True)),
+    (1024, 28672, 8192, dict(SWAP=False, BLOCK_M=128, BLOCK_N=256, TMA=True)),
+    (1024, 12288, 4096, dict(SWAP=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)),
     (2048, 256, 4096, dict(SWAP=False, BLOCK_M=64, BLOCK_N=128, SPLIT_K=1)),
 ])
 def test_launch_rule_on_the_h200(M, N, K, want):
@@ -247,6 +284,38 @@ def test_gpu_mid_rows_by_waves_against_float64(M, N, K, swap, bn):
     kw = _kmajor(gen, N, K, "cuda")
     x = (torch.randn(M, K, generator=gen) * 2).to(bf16).cuda()
     _check(x, kw, torch.randn(N, generator=gen).to(bf16).cuda(), act="int8")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K", [(2000, 12288, 4096), (2050, 12000, 4000), (4096, 4096, 4096)])
+def test_gpu_tma_tile_against_float64_and_the_pointer_tile(M, N, K):
+    # Dispatched to the TMA tile on the H200 (its tiles make 3.5 waves or more); 12000 columns
+    # and 4000 channels leave partial tiles to the descriptors' zero fill. The pointer kernel
+    # on the same tile gives the same bits.
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    gen = _gen(f"i8gputma{M}{N}{K}")
+    kw = _kmajor(gen, N, K, "cuda")
+    x = (torch.randn(M, K, generator=gen) * 2).to(bf16).cuda()
+    b = torch.randn(N, generator=gen).to(bf16).cuda()
+    cfg = dict(I8.choose(M, N, K, sms), path="i8")
+    if sms == 132:
+        assert cfg.get("TMA"), cfg
+    cfg["TMA"] = True
+    got = _check(x, kw, b, act="int8", path=cfg)
+    plain = Q._launch(x, kw.qweight, kw.scales, None, b, None, 8, -1, K, "int8", False,
+                      path=dict(cfg, TMA=False))
+    assert torch.equal(got, plain)
+
+
+@pytest.mark.gpu
+def test_gpu_tma_tile_falls_back_off_16_bytes():
+    # K = 4008: the codes' rows are 4008 bytes apart (not a multiple of 16), so the forced TMA
+    # launch runs the pointer kernel on the same tile.
+    gen = _gen("i8gputmafb")
+    kw = _kmajor(gen, 2048, 4008, "cuda")
+    x = torch.randn(600, 4008, generator=gen).to(bf16).cuda()
+    _check(x, kw, None, act="int8", path=dict(I8.TILE_MM_TMA, path="i8", SWAP=False,
+                                              SPLIT_K=1, TMA=True))
 
 
 @pytest.mark.gpu
