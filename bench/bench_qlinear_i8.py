@@ -12,8 +12,7 @@ For each (N, K) of ``--nk`` and M of ``--ms``, with random 8-bit symmetric per-c
 - ``i8_noprefetch`` (where the dispatched launch prefetches the weight into L2 before its PDL
   wait, to 64 rows): the same launch without the prefetch;
 - with ``--sweep``: the i8 kernel at each tile of :data:`SWEEP_MM` / :data:`SWEEP_SWAP` and K
-  splits 1-16, and the fastest printed beside the dispatched one; with ``--tail`` also each
-  unsplit launch with the tiles past its last whole wave split over K.
+  splits 1-16, and the fastest printed beside the dispatched one.
 Every q3n launch is checked against float64 first (max error relative to max |reference|);
 timing is bench_qlinear.py's (CUDA-graph replay, do_bench median, L2 flushed).
 
@@ -51,7 +50,7 @@ SPLITS = (1, 2, 4, 8, 16)
 MS = (1, 16, 64, 256, 1024, 4096)
 
 
-def sweep_cfgs(M: int, N: int, K: int, sms: int, tail: bool = False):
+def sweep_cfgs(M: int, N: int, K: int, sms: int):
     small = M <= I8.SWAP_MAX_M
     tiles_swept = [(True, t) for t in SWEEP_SWAP] if small else (
         [(False, t) for t in SWEEP_MM]
@@ -63,11 +62,8 @@ def sweep_cfgs(M: int, N: int, K: int, sms: int, tail: bool = False):
             # past two programs an SM a split only adds waves
             if K // bk < 2 * split or (split > 1 and tiles * split > 2 * sms):
                 continue
-            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps,
+            yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps,
                        num_stages=stages, SWAP=swap, SPLIT_K=split, path="i8")
-            yield cfg
-            if tail and split == 1 and I8.tail_plan(tiles, sms, -(-K // bk)):
-                yield dict(cfg, TAIL=sms)
 
 
 def main():
@@ -76,9 +72,6 @@ def main():
     ap.add_argument("--ms", type=int, nargs="+", default=list(MS))
     ap.add_argument("--nk", nargs="+", default=[f"{n}x{k}" for n, k in BQ.NKS])
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--tail", action="store_true",
-                    help="with --sweep: each unsplit launch also with its tail tiles split "
-                         "(qlinear_i8.tail_plan over the SMs)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_qlinear_i8.py needs a CUDA GPU")
@@ -120,7 +113,7 @@ def main():
         best = None
         if args.sweep:
             row["sweep"] = []
-            for c in sweep_cfgs(M, N, K, sms, args.tail):
+            for c in sweep_cfgs(M, N, K, sms):
                 r = BQ.check_and_time(
                     lambda: Q._launch(x, kw.qweight, kw.scales, None, None, None, 8, -1, K,
                                       "int8", False, path=c), ref, bf16, BQ.TOL, {})
@@ -136,7 +129,7 @@ def main():
         bcfg = "" if best is None else (
             f"{best['cfg']['BLOCK_M']}x{best['cfg']['BLOCK_N']}x{best['cfg']['BLOCK_K']} "
             f"w{best['cfg']['num_warps']} s{best['cfg']['num_stages']} "
-            f"split {best['cfg']['SPLIT_K']}" + (" tail" if best["cfg"].get("TAIL") else ""))
+            f"split {best['cfg']['SPLIT_K']}")
         print(f"{N:>6}x{K:<5} {M:>5} {bf16:8.4f} {pl:8.4f} {i8:8.4f} "
               f"{row.get('int_mm_ms', float('nan')):8.4f} {row.get('quant_ms', float('nan')):7.4f} "
               f"{row.get('i8_codes_ms', float('nan')):8.4f} "

@@ -67,12 +67,11 @@ def _prefetch_l2(W, pid_n, N, stride_wn, k_start, k_end, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def qlinear_i8_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, K_PER_SPLIT,
-                      stride_cm, stride_wn, stride_ym, FULL, TAIL_SPLITS,
+                      stride_cm, stride_wn, stride_ym,
                       HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                      EVEN_K: tl.constexpr, SPLIT: tl.constexpr, TAIL: tl.constexpr = False,
-                      PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                      TRIGGER: tl.constexpr = False):
+                      EVEN_K: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False,
+                      PREFETCH: tl.constexpr = False, TRIGGER: tl.constexpr = False):
     """One program: Y[m-block, n-block] over K_PER_SPLIT channels (a multiple of BLOCK_K) of K.
 
     C int8 codes [M, K] (row stride stride_cm), XS their fp32 per-token scales [M], W int8
@@ -83,28 +82,15 @@ def qlinear_i8_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, K_PER_SPLIT,
     quantizer does not write), so those loads overlap the quantizer. TRIGGER (a grid of one
     wave): after its K loop it lets the next PDL kernel launch (the next linear's quantizer,
     which waits for this grid to finish before it reads anything), so that launch overlaps the
-    epilogue and the split-K reduction.
-
-    TAIL (a one-dimensional grid of FULL + (tiles - FULL) * TAIL_SPLITS programs): programs
-    below FULL compute tiles 0..FULL-1 over all of K and store them; the last tiles, the part
-    of a wave the whole tiles would leave mostly idle, are split over K in TAIL_SPLITS pieces of
-    K_PER_SPLIT channels each, their partials summed by tickets as SPLIT does (workspace and
-    tickets indexed from tile FULL), so the machine's last wave is as full as the first."""
+    epilogue and the split-K reduction."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    tile = pid
-    k_per = K_PER_SPLIT
-    if TAIL:
-        in_tail = pid >= FULL
-        tile = tl.where(in_tail, FULL + (pid - FULL) // TAIL_SPLITS, pid)
-        pid_k = tl.where(in_tail, (pid - FULL) % TAIL_SPLITS, 0)
-        k_per = tl.where(in_tail, K_PER_SPLIT, K)
-    pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    k_start = pid_k * k_per
-    k_end = tl.minimum(k_start + k_per, K)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     if PDL:
         if PREFETCH:
             _prefetch_l2(W, pid_n, N, stride_wn, k_start, k_end, BLOCK_N, BLOCK_K)
@@ -155,22 +141,6 @@ def qlinear_i8_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, K_PER_SPLIT,
     if SPLIT:
         ticket_split_k(y, Y, y_offs, y_mask, WS, ws_offs, M * N, CNT, pid, pid_k,
                        tl.num_programs(1))
-    elif TAIL:
-        if tile >= FULL:
-            # Workspace [TAIL_SPLITS, tail tiles, BLOCK_M * BLOCK_N]: a tile's partial at its
-            # own offsets inside the tile (the same ones where it is read back).
-            if SWAP:
-                local = (offs_n - pid_n * BLOCK_N)[:, None] * BLOCK_M + \
-                    (offs_m - pid_m * BLOCK_M)[None, :]
-            else:
-                local = (offs_m - pid_m * BLOCK_M)[:, None] * BLOCK_N + \
-                    (offs_n - pid_n * BLOCK_N)[None, :]
-            tail_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N) - FULL
-            ticket_split_k(y, Y, y_offs, y_mask, WS, (tile - FULL) * (BLOCK_M * BLOCK_N) + local,
-                           tail_tiles * (BLOCK_M * BLOCK_N), CNT, tile - FULL, pid_k,
-                           TAIL_SPLITS)
-        else:
-            tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=y_mask)
     else:
         tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=y_mask)
 
@@ -406,46 +376,20 @@ def run(codes: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scales: torch.T
         cfg = dict(cfg, TMA=False)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     tiles = contract.cdiv(M, bm) * contract.cdiv(N, bn)
-    tail = tail_plan(tiles, cfg.get("TAIL"), contract.cdiv(K, bk)) \
-        if cfg.get("SPLIT_K", 1) == 1 else None
-    full, tail_splits = tail if tail else (tiles, 1)
-    if tail:
-        k_per_split = contract.cdiv(contract.cdiv(K, bk), tail_splits) * bk
-        tail_splits = contract.cdiv(K, k_per_split)  # no empty piece
-        split, grid = 1, (full + (tiles - full) * tail_splits, 1)
-        ws = torch.empty((tail_splits, tiles - full, bm * bn), dtype=torch.float32,
-                         device=y.device)
-        cnt = tickets(y.device, tiles - full)
-    else:
-        split, k_per_split, ws, cnt = contract.ticket_split_k_plan(
-            K, bk, cfg.get("SPLIT_K", 1), y, tiles, tickets, "the i8 path")
-        grid = (tiles, split)
+    split, k_per_split, ws, cnt = contract.ticket_split_k_plan(
+        K, bk, cfg.get("SPLIT_K", 1), y, tiles, tickets, "the i8 path")
     contract.launch(
-        qlinear_i8_kernel, grid,
+        qlinear_i8_kernel, (tiles, split),
         (codes, xs, w8, scales, bias if bias is not None else scales, y, ws, cnt),
-        (M, N, K, k_per_split, codes.stride(0), w8.stride(0), y.stride(0), full, tail_splits),
+        (M, N, K, k_per_split, codes.stride(0), w8.stride(0), y.stride(0)),
         dict(HAS_BIAS=bias is not None, SWAP=bool(cfg["SWAP"]), BLOCK_M=bm, BLOCK_N=bn,
              BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 8), EVEN_K=K % k_per_split == 0
-             and k_per_split % bk == 0, SPLIT=split > 1, TAIL=bool(tail), PDL=pdl,
+             and k_per_split % bk == 0, SPLIT=split > 1, PDL=pdl,
              PREFETCH=pdl and bool(cfg.get("PREFETCH", False)),
              TRIGGER=pdl and bool(cfg.get("TRIGGER", False))),
         dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl),
         fast=not interpreter)
     return y
-
-
-def tail_plan(tiles: int, slots: Optional[int], k_blocks: int) -> Optional[tuple]:
-    """(whole tiles, K pieces of each tail tile) for `tiles` tiles on `slots` programs at once
-    (a launch's ``TAIL``: the SM count), or None where no tail is worth splitting: the tiles
-    past the last whole wave (``tiles % slots``) are split so that they fill that wave, each
-    piece at least 2 K blocks."""
-    if not slots or tiles <= slots:
-        return None
-    rest = tiles % slots
-    pieces = min(slots // rest if rest else 1, MAX_SPLIT, k_blocks // 2)
-    if rest == 0 or pieces < 2:
-        return None
-    return tiles - rest, pieces
 
 
 def tma_ok(codes: torch.Tensor, w8: torch.Tensor) -> bool:

@@ -78,32 +78,6 @@ def test_both_forms_and_k_splits(swap, split):
         _check(x, kw, b, act="int8", path=_path(swap, split=split))
 
 
-@pytest.mark.parametrize("swap", [True, False])
-@pytest.mark.parametrize("M,N,K,slots,plan", [(21, 70, 232, 4, (4, 2)), (40, 100, 160, 5, (10, 2)),
-                                               (33, 33, 256, 4, (4, 2)), (37, 70, 320, 7, (7, 3))])
-def test_tail_split_against_float64(swap, M, N, K, slots, plan):
-    # The tiles past the last whole wave of `slots` programs split over K in 16 x 32 tiles
-    # (21 x 70: 6 tiles on 4 slots, the last 2 in 2 pieces; 37 x 70 over 320 channels: 9 tiles
-    # on 7 slots, the last 2 in 3 pieces of 128, 128 and 64 channels; 232 = 7 * 32 + 8), against
-    # float64; twice, so the tickets are back at 0.
-    tiles = -(-M // 16) * -(-N // 32)
-    assert I8.tail_plan(tiles, slots, -(-K // 32)) == plan
-    gen = _gen(f"i8tail{swap}{M}{N}{K}{slots}")
-    kw = _kmajor(gen, N, K)
-    x = torch.randn(M, K, generator=gen).to(bf16)
-    b = torch.randn(N, generator=gen).to(bf16)
-    for _ in range(2):
-        _check(x, kw, b, act="int8", path=dict(_path(swap), TAIL=slots))
-
-
-@pytest.mark.parametrize("tiles,slots,k_blocks,want", [
-    (192, 132, 32, (132, 2)), (288, 132, 32, (264, 5)), (264, 132, 32, None),
-    (100, 132, 32, None), (140, 132, 32, (132, 16)), (140, 132, 9, (132, 4)),
-    (200, 132, 3, None), (200, 0, 32, None)])
-def test_tail_plan(tiles, slots, k_blocks, want):
-    assert I8.tail_plan(tiles, slots, k_blocks) == want
-
-
 def _tma_path(programs=None):
     return dict(_path(False), TMA=True, PROGRAMS=programs)
 
@@ -331,26 +305,6 @@ def test_gpu_tma_tile_against_float64_and_the_pointer_tile(M, N, K):
     plain = Q._launch(x, kw.qweight, kw.scales, None, b, None, 8, -1, K, "int8", False,
                       path=dict(cfg, TMA=False))
     assert torch.equal(got, plain)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("M,N,K,swap", [(256, 12288, 4096, True), (384, 12000, 4000, True),
-                                        (700, 12288, 4096, False)])
-def test_gpu_tail_split_against_float64(M, N, K, swap):
-    # The 128 x 128 tiles past the last whole wave of the SMs split over K (192 tiles on 132
-    # SMs: 60 tail tiles in 2 pieces; 288: 24 in 5), the swapped and the plain form; twice, so
-    # the tickets are back at 0.
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    gen = _gen(f"i8gputail{M}{N}{K}")
-    kw = _kmajor(gen, N, K, "cuda")
-    x = (torch.randn(M, K, generator=gen) * 2).to(bf16).cuda()
-    b = torch.randn(N, generator=gen).to(bf16).cuda()
-    tile = I8.TILE_SWAP_MID_WIDE if swap else dict(I8.TILE_MM_WIDE, BLOCK_N=128)
-    cfg = dict(tile, BLOCK_M=128, SWAP=swap, SPLIT_K=1, TAIL=sms, path="i8")
-    tiles = -(-M // 128) * -(-N // 128)
-    assert I8.tail_plan(tiles, sms, -(-K // cfg["BLOCK_K"])) is not None
-    for _ in range(2):
-        _check(x, kw, b, act="int8", path=cfg)
 
 
 @pytest.mark.gpu
