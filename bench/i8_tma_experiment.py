@@ -15,6 +15,7 @@ swapped tile's to one rounding (checked before timing). TMA fills rows past M an
 
     python bench/i8_tma_experiment.py --compile-only
     python bench/i8_tma_experiment.py --ms 256 4096 --out bench/results/i8-tma-h200.json
+    python bench/i8_tma_experiment.py --swap --ms 256 384   # the transposed tiles
 """
 
 from __future__ import annotations
@@ -33,17 +34,23 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from q3n_compile.kernels.tiles import grouped_tile  # noqa: E402
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, persistent)
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, persistent[, swap])
 CONFIGS = ((128, 128, 128, 8, 4, False), (128, 128, 128, 8, 4, True),
            (128, 256, 128, 8, 3, False), (128, 256, 128, 8, 3, True),
            (64, 128, 128, 4, 5, False), (64, 256, 128, 4, 4, False),
            (128, 128, 64, 4, 6, True), (256, 128, 128, 8, 3, True))
+# --swap: the transposed tile (weight rows first, as the i8 path's swapped launches to 512 rows).
+SWAP_CONFIGS = ((128, 128, 128, 8, 3, False, True), (128, 128, 128, 8, 4, True, True),
+                (128, 64, 128, 4, 4, False, True), (64, 128, 128, 4, 4, False, True),
+                (128, 256, 128, 8, 3, False, True), (128, 64, 256, 4, 3, False, True),
+                (64, 64, 128, 4, 5, False, True), (128, 128, 128, 4, 4, True, True))
 
 
 @triton.jit
 def i8_tma_kernel(c_desc, w_desc, XS, S, BIAS, Y, M, N, K, stride_ym,
                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                  SWAP: tl.constexpr = False):
     """Tiles pid, pid + NUM_PROGRAMS, ... of the GROUP_M-ordered [BLOCK_M, BLOCK_N] tiles
     (NUM_PROGRAMS = the grid: one tile a program when the grid covers them all)."""
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -52,28 +59,42 @@ def i8_tma_kernel(c_desc, w_desc, XS, S, BIAS, Y, M, N, K, stride_ym,
         pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        if SWAP:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         for ki in range(k_tiles):
             a = c_desc.load([m0, ki * BLOCK_K])
             b = w_desc.load([n0, ki * BLOCK_K])
-            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+            if SWAP:
+                acc = tl.dot(b, a.T, acc, out_dtype=tl.int32)
+            else:
+                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         m_ok = offs_m < M
         n_ok = offs_n < N
         xs = tl.load(XS + offs_m, mask=m_ok, other=0.0)
         s = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        y = acc.to(tl.float32) * xs[:, None] * s[None, :]
-        if HAS_BIAS:
-            y += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
-                 y.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        if SWAP:  # the swapped i8 tile's order of the scale products
+            y = acc.to(tl.float32) * s[:, None] * xs[None, :]
+            if HAS_BIAS:
+                y += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            tl.store(Y + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None],
+                     y.to(Y.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+        else:
+            y = acc.to(tl.float32) * xs[:, None] * s[None, :]
+            if HAS_BIAS:
+                y += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
+                     y.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def run(codes, xs, w8, scales, K, out_dtype, cfg, sms):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    bm, bn, bk, warps, stages, persistent = cfg
+    bm, bn, bk, warps, stages, persistent = cfg[:6]
+    swap = len(cfg) > 6 and cfg[6]
     M, N = codes.shape[0], w8.shape[0]
     c_desc = TensorDescriptor(codes, [M, K], [codes.stride(0), 1], [bm, bk])
     w_desc = TensorDescriptor(w8, [N, K], [w8.stride(0), 1], [bn, bk])
@@ -82,7 +103,7 @@ def run(codes, xs, w8, scales, K, out_dtype, cfg, sms):
     grid = min(tiles, sms) if persistent else tiles
     i8_tma_kernel[(grid,)](c_desc, w_desc, xs, scales, y, y, M, N, K, y.stride(0),
                            HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                           NUM_PROGRAMS=grid, num_warps=warps, num_stages=stages)
+                           NUM_PROGRAMS=grid, SWAP=swap, num_warps=warps, num_stages=stages)
     return y
 
 
@@ -99,9 +120,10 @@ def compile_only() -> int:
     names = k.arg_names
     types = dict(c_desc="tensordesc<i8[{bm}, {bk}]>", w_desc="tensordesc<i8[{bn}, {bk}]>",
                  XS="*fp32", S="*fp16", BIAS="*bf16", Y="*bf16")
-    for bm, bn, bk, warps, stages, persistent in CONFIGS:
+    for cfg in CONFIGS + SWAP_CONFIGS:
+        bm, bn, bk, warps, stages, persistent = cfg[:6]
         cx = dict(HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                  NUM_PROGRAMS=132 if persistent else 1 << 20)
+                  NUM_PROGRAMS=132 if persistent else 1 << 20, SWAP=len(cfg) > 6)
         sig = {n: "constexpr" if n in cx else types.get(n, "i32").format(bm=bm, bn=bn, bk=bk)
                for n in names}
         src = ASTSource(fn=k, signature=sig,
@@ -114,7 +136,7 @@ def compile_only() -> int:
         counts = {p: len(re.findall(re.escape(p), ptx))
                   for p in ("cp.async.bulk.tensor", "wgmma.mma_async", "wgmma.wait_group",
                             "mbarrier.try_wait", "bar.sync")}
-        print(bm, bn, bk, warps, stages, persistent, resource_usage(c.asm["cubin"]),
+        print(cfg, resource_usage(c.asm["cubin"]),
               f"smem {c.metadata.shared}", counts, flush=True)
     return 0
 
@@ -126,6 +148,8 @@ def main() -> int:
     ap.add_argument("--nk", nargs="+", default=["4096x4096", "12288x4096", "4096x12288",
                                                "28672x8192"])
     ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--swap", action="store_true",
+                    help="time the transposed tiles (SWAP_CONFIGS) instead of CONFIGS")
     args = ap.parse_args()
     if args.compile_only:
         return compile_only()
@@ -150,7 +174,7 @@ def main() -> int:
                                                   x.dtype, cfg, False, Q._tickets),
                        "int_mm": lambda: torch._int_mm(codes, w8t)}, row)
         row["tma"] = []
-        for c in CONFIGS:
+        for c in (SWAP_CONFIGS if args.swap else CONFIGS):
             fn = lambda c=c: run(codes, xs, kw.qweight, kw.scales, K, x.dtype, c, sms)  # noqa: E731
             try:
                 got = fn()
