@@ -178,17 +178,27 @@ def qlinear_i8_tma_kernel(C, XS, W, S, BIAS, Y, M, N, K, stride_cm, stride_wn, s
             a = c_desc.load([m0, k0])
             b = w_desc.load([n0, k0])
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        m_ok = offs_m < M
-        n_ok = offs_n < N
-        xs = tl.load(XS + offs_m, mask=m_ok, other=0.0)
-        s = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        y = acc.to(tl.float32) * xs[:, None] * s[None, :]
-        if HAS_BIAS:
-            y += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
-                 y.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        store_scaled_tile(acc, m0, n0, M, N, XS, S, BIAS, Y, stride_ym, HAS_BIAS, BLOCK_M,
+                          BLOCK_N)
+
+
+@triton.jit
+def store_scaled_tile(acc, m0, n0, M, N, XS, S, BIAS, Y, stride_ym, HAS_BIAS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Y[m0:, n0:] = acc * s_x[m] * s[n] (+ bias[n]) for an exact int32 tile ``acc [BLOCK_M,
+    BLOCK_N]`` (plain orientation), in fp32 in the pointer tile's order, rounded once; rows
+    past M and columns past N neither loaded nor stored."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    xs = tl.load(XS + offs_m, mask=m_ok, other=0.0)
+    s = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    y = acc.to(tl.float32) * xs[:, None] * s[None, :]
+    if HAS_BIAS:
+        y += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
+             y.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 # |c| <= 127 and |q - 128| <= 128: K products stay exact in int32 while K * 127 * 128 < 2^31.
