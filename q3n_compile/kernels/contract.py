@@ -375,15 +375,22 @@ def ensure_descriptor_allocator() -> None:
     every GPU launch of a kernel that builds tensor descriptors. Triton keeps the allocator in a
     ContextVar, so this runs per call (~0.1 us): a thread or context that never set one would
     otherwise fail the launch with "no allocator was set"."""
-    import triton
+    allocation = _triton_allocation()
+    allocator = getattr(allocation, "_allocator", None)
+    if allocator is None or allocator.get() is getattr(allocation, "_NULL_ALLOCATOR", None):
+        import triton
 
-    try:  # where Triton keeps its launch-time allocator (Triton 3.x)
+        triton.set_allocator(descriptor_scratch)
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_allocation():
+    """Where Triton keeps its launch-time allocator (Triton 3.x), looked up once."""
+    try:
         from triton.runtime import _allocation
     except ImportError:  # pragma: no cover - other Triton versions: always install ours
-        _allocation = None
-    allocator = getattr(_allocation, "_allocator", None)
-    if allocator is None or allocator.get() is getattr(_allocation, "_NULL_ALLOCATOR", None):
-        triton.set_allocator(descriptor_scratch)
+        return None
+    return _allocation
 
 
 @functools.lru_cache(maxsize=1)
