@@ -13,8 +13,8 @@ For each (N, K) of ``--nk`` and M of ``--ms``, with random 8-bit symmetric per-c
   wait, to 64 rows): the same launch without the prefetch;
 - with ``--sweep``: the i8 kernel at each tile of :data:`SWEEP_MM` / :data:`SWEEP_SWAP` and K
   splits 1-16, and the fastest printed beside the dispatched one;
-- with ``--mid-tma`` (65-512 rows): the tiles of :data:`SWEEP_MID_TMA` unsplit, on pointer
-  loads and on TMA copies (``qlinear_i8_tma_kernel``, one tile a program), plain and swapped.
+- with ``--mid-narrow`` (65-512 rows): the swapped tiles of :data:`SWEEP_MID_NARROW` (64
+  weight rows) at their K splits.
 Every q3n launch is checked against float64 first (max error relative to max |reference|);
 timing is bench_qlinear.py's (CUDA-graph replay, do_bench median, L2 flushed).
 
@@ -48,15 +48,11 @@ SWEEP_SWAP = ((None, 128, 128, 4, 4), (None, 128, 128, 4, 6), (None, 64, 128, 4,
 SWEEP_SWAP_MID = ((None, 64, 128, 4, 4), (None, 128, 128, 4, 4), (None, 128, 128, 8, 3),
                   (None, 64, 256, 4, 3))
 SWAP_MID_MAX_M = 512
-# (BLOCK_M or None for the rule's, BLOCK_N, BLOCK_K, num_warps, num_stages, SWAP, TMA): the
-# dispatched mid-M tiles on pointer loads, their 64-row forms, and the TMA tiles of s29run8 /
-# s29run10 (bench/i8_tma_experiment.py --swap: 1.03-1.15x the dispatch in a third of cases).
-SWEEP_MID_TMA = ((None, 64, 128, 4, 4, True, False), (None, 128, 128, 8, 3, True, False),
-                 (None, 64, 256, 4, 3, True, False), (64, 128, 128, 4, 4, False, False),
-                 (64, 64, 128, 4, 4, True, False), (64, 64, 128, 4, 5, True, False),
-                 (64, 64, 128, 4, 5, True, True), (128, 64, 128, 4, 4, True, True),
-                 (64, 128, 128, 4, 4, True, True), (128, 128, 128, 8, 3, True, True),
-                 (128, 64, 256, 4, 3, True, True), (64, 128, 128, 4, 4, False, True))
+# --mid-narrow: the swapped tile on 64 (or 32) rows of x and 64 weight rows (two programs an
+# SM), K split 1-8, against the dispatch (s30run1: 64 x 64 unsplit 0.91-0.99x the dispatch on
+# 4096^2 to 256 rows and on 1024 / 2048 x 4096, 1.02-1.24x on 4096 x 12288 to 256 rows).
+SWEEP_MID_NARROW = ((64, 64, 128, 4, 5, (1, 2, 4, 8)), (64, 64, 128, 4, 4, (1, 2)),
+                    (64, 64, 256, 4, 3, (1, 2, 4)), (32, 64, 128, 4, 5, (1, 2, 4)))
 SPLITS = (1, 2, 4, 8, 16)
 MS = (1, 16, 64, 256, 1024, 4096)
 
@@ -77,11 +73,12 @@ def sweep_cfgs(M: int, N: int, K: int, sms: int):
                        num_stages=stages, SWAP=swap, SPLIT_K=split, path="i8")
 
 
-def mid_tma_cfgs(M: int):
-    for bm, bn, bk, warps, stages, swap, tma in SWEEP_MID_TMA:
-        yield dict(BLOCK_M=bm or min(128, max(16, 1 << (M - 1).bit_length())), BLOCK_N=bn,
-                   BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages, SWAP=swap,
-                   SPLIT_K=1, TMA=tma, path="i8")
+def mid_narrow_cfgs(M: int, K: int):
+    for bm, bn, bk, warps, stages, splits in SWEEP_MID_NARROW:
+        for split in splits:
+            if K // bk >= 4 * split:
+                yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps,
+                           num_stages=stages, SWAP=True, SPLIT_K=split, path="i8")
 
 
 def main():
@@ -90,8 +87,8 @@ def main():
     ap.add_argument("--ms", type=int, nargs="+", default=list(MS))
     ap.add_argument("--nk", nargs="+", default=[f"{n}x{k}" for n, k in BQ.NKS])
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--mid-tma", action="store_true",
-                    help="sweep SWEEP_MID_TMA (pointer and TMA tiles, 65-512 rows) instead")
+    ap.add_argument("--mid-narrow", action="store_true",
+                    help="sweep SWEEP_MID_NARROW (64 x 64 swapped tiles, K splits) instead")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_qlinear_i8.py needs a CUDA GPU")
@@ -131,9 +128,9 @@ def main():
                        "quant": lambda: Q.quantize_activations_triton(x, "int8", None, False)},
                       row)
         best = None
-        if args.sweep or args.mid_tma:
+        if args.sweep or args.mid_narrow:
             row["sweep"] = []
-            for c in (mid_tma_cfgs(M) if args.mid_tma else sweep_cfgs(M, N, K, sms)):
+            for c in (mid_narrow_cfgs(M, K) if args.mid_narrow else sweep_cfgs(M, N, K, sms)):
                 r = BQ.check_and_time(
                     lambda: Q._launch(x, kw.qweight, kw.scales, None, None, None, 8, -1, K,
                                       "int8", False, path=c), ref, bf16, BQ.TOL, {})
@@ -149,8 +146,7 @@ def main():
         bcfg = "" if best is None else (
             f"{best['cfg']['BLOCK_M']}x{best['cfg']['BLOCK_N']}x{best['cfg']['BLOCK_K']} "
             f"w{best['cfg']['num_warps']} s{best['cfg']['num_stages']} "
-            f"split {best['cfg']['SPLIT_K']}" + (" swap" if best["cfg"]["SWAP"] else "")
-            + (" tma" if best["cfg"].get("TMA") else ""))
+            f"split {best['cfg']['SPLIT_K']}" + (" swap" if best["cfg"]["SWAP"] else ""))
         print(f"{N:>6}x{K:<5} {M:>5} {bf16:8.4f} {pl:8.4f} {i8:8.4f} "
               f"{row.get('int_mm_ms', float('nan')):8.4f} {row.get('quant_ms', float('nan')):7.4f} "
               f"{row.get('i8_codes_ms', float('nan')):8.4f} "

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from q3n_compile.kernels.qlinear_i8 import store_scaled_tile, store_scaled_tile_t  # noqa: E402,E501
+from q3n_compile.kernels.qlinear_i8 import store_scaled_tile  # noqa: E402
 from q3n_compile.kernels.tiles import grouped_tile  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, persistent[, swap])
@@ -72,8 +72,17 @@ def i8_tma_kernel(c_desc, w_desc, XS, S, BIAS, Y, M, N, K, stride_ym,
             else:
                 acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
         if SWAP:  # the swapped i8 tile's order of the scale products
-            store_scaled_tile_t(acc, m0, n0, M, N, XS, S, BIAS, Y, stride_ym, HAS_BIAS,
-                                BLOCK_M, BLOCK_N)
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            m_ok = offs_m < M
+            n_ok = offs_n < N
+            xs = tl.load(XS + offs_m, mask=m_ok, other=0.0)
+            s = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            y = acc.to(tl.float32) * s[:, None] * xs[None, :]
+            if HAS_BIAS:
+                y += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            tl.store(Y + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None],
+                     y.to(Y.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
         else:
             store_scaled_tile(acc, m0, n0, M, N, XS, S, BIAS, Y, stride_ym, HAS_BIAS, BLOCK_M,
                               BLOCK_N)

@@ -149,17 +149,14 @@ def qlinear_i8_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, K_PER_SPLIT,
 def qlinear_i8_tma_kernel(C, XS, W, S, BIAS, Y, M, N, K, stride_cm, stride_wn, stride_ym,
                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                          NUM_PROGRAMS: tl.constexpr, SWAP: tl.constexpr = False,
-                          PDL: tl.constexpr = False):
-    """The tiles of :func:`qlinear_i8_kernel` (no K split; plain, or SWAP's transposed ``w8 @
-    c^T``) with both operands copied to shared memory by TMA, persistent where the grid is
-    smaller than the tiles: program p computes the GROUP_M-ordered tiles p, p + NUM_PROGRAMS,
-    ... (NUM_PROGRAMS is the grid), so the next tile's first copies start under the last one's
-    epilogue.
+                          NUM_PROGRAMS: tl.constexpr, PDL: tl.constexpr = False):
+    """The plain tile of :func:`qlinear_i8_kernel` (no K split) with both operands copied to
+    shared memory by TMA, persistent: program p computes the GROUP_M-ordered tiles p,
+    p + NUM_PROGRAMS, ... (NUM_PROGRAMS is the grid), so the next tile's first copies start
+    under the last one's epilogue.
 
-    Same math, same order of the scale products as the pointer tile of the same form, so the
-    same result bit for bit: ``acc`` exact in int32, ``y = acc * s_x[m] * s[n] (+ bias[n])``
-    in fp32 (SWAP: ``acc * s[n] * s_x[m]``), rounded once. The descriptors
+    Same math, same order of the scale products, so the same result bit for bit: ``acc`` exact
+    in int32, ``y = acc * s_x[m] * s[n] (+ bias[n])`` in fp32, rounded once. The descriptors
     (built here, in global scratch) cover ``C [M, K]`` and ``W [N, K]``: the copies fill rows
     past M and N and channels past K with zeros, so no load is masked or wrapped. A TMA copy
     moves a whole [BLOCK, BLOCK_K] tile in one instruction where the pointer kernel issues a
@@ -176,23 +173,13 @@ def qlinear_i8_tma_kernel(C, XS, W, S, BIAS, Y, M, N, K, stride_cm, stride_wn, s
         pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
-        if SWAP:
-            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
-        else:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             a = c_desc.load([m0, k0])
             b = w_desc.load([n0, k0])
-            if SWAP:
-                acc = tl.dot(b, a.T, acc, out_dtype=tl.int32)
-            else:
-                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-        if SWAP:
-            store_scaled_tile_t(acc, m0, n0, M, N, XS, S, BIAS, Y, stride_ym, HAS_BIAS,
-                                BLOCK_M, BLOCK_N)
-        else:
-            store_scaled_tile(acc, m0, n0, M, N, XS, S, BIAS, Y, stride_ym, HAS_BIAS, BLOCK_M,
-                              BLOCK_N)
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        store_scaled_tile(acc, m0, n0, M, N, XS, S, BIAS, Y, stride_ym, HAS_BIAS, BLOCK_M,
+                          BLOCK_N)
 
 
 @triton.jit
@@ -212,25 +199,6 @@ def store_scaled_tile(acc, m0, n0, M, N, XS, S, BIAS, Y, stride_ym, HAS_BIAS: tl
         y += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
              y.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def store_scaled_tile_t(acc, m0, n0, M, N, XS, S, BIAS, Y, stride_ym, HAS_BIAS: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """:func:`store_scaled_tile` for the transposed tile ``acc [BLOCK_N, BLOCK_M]`` (weight
-    rows first), in the swapped pointer tile's order of the scale products: ``acc * s[n] *
-    s_x[m] (+ bias[n])``."""
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    xs = tl.load(XS + offs_m, mask=m_ok, other=0.0)
-    s = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    y = acc.to(tl.float32) * s[:, None] * xs[None, :]
-    if HAS_BIAS:
-        y += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    tl.store(Y + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None],
-             y.to(Y.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
 
 # |c| <= 127 and |q - 128| <= 128: K products stay exact in int32 while K * 127 * 128 < 2^31.
@@ -463,7 +431,6 @@ def _run_tma(codes, xs, w8, scales, bias, y, cfg, interpreter, pdl):
         (codes, xs, w8, scales, bias if bias is not None else scales, y),
         (M, N, K, codes.stride(0), w8.stride(0), y.stride(0)),
         dict(HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
-             GROUP_M=cfg.get("GROUP_M", 8), NUM_PROGRAMS=programs,
-             SWAP=bool(cfg.get("SWAP", False)), PDL=pdl),
+             GROUP_M=cfg.get("GROUP_M", 8), NUM_PROGRAMS=programs, PDL=pdl),
         dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl),
         fast=not interpreter)
