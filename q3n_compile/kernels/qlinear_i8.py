@@ -248,7 +248,13 @@ _INTERPRETER = dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1
 #   three sweeps of s26run3, s28run1 and s29run1, where any value outside 1.34-1.49 picks a
 #   tile 1.10-1.30x the best in one case); the cheapest is taken (ties: wide, then swapped).
 #   it is within 1.045x of the best swept in all 60 cases of those runs and s26run5 (1.30x
-#   before);
+#   before); session 30 (s30run1-2, 96-512 rows of six shapes) found the swapped tile on 64
+#   rows of x and 64 weight rows (5 stages: two programs an SM) 0.90-0.98x the rule's launch
+#   wherever its tiles fit one such wave (2 x SMs) and K <= MID_NARROW_MAX_K (4096^2 to 256 rows,
+#   1024 / 2048 x 4096 to 512), with K split to fill the wave by blocks of at least
+#   NARROW_MIN_BLOCKS x 128 channels; past that wave (4096^2 from 320 rows, 12288 x 4096 from
+#   96) it lost by 1.17-1.23x, and on 4096 x 12288 (K 12288) by up to 1.05x, so the rule takes
+#   it there only (it replaces the 64 x 256-channel tile, whose cases all fall in it);
 # - from 513 rows (s26run1, 1024 and 4096 rows) 128 x 128 tiles of 64 channels (5 stages)
 #   where they make 0.9 of a wave or more: 1.00-1.07x; fewer (small N) 64 x 128 of 128
 #   channels, K split in two where the tiles are at most one a wave and K has at least 64
@@ -258,8 +264,10 @@ TILE_SWAP_NARROW = dict(BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_sta
 TILE_SWAP_WIDE = dict(BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=6)
 SWAP_MID_MAX_M = 512
 TILE_SWAP_MID = dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
-TILE_SWAP_MID_DEEP = dict(BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)
-MID_DEEP_MAX_K = 8192
+TILE_SWAP_MID_NARROW = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4,
+                            num_stages=5)
+MID_NARROW_MAX_K = 8192
+NARROW_MIN_BLOCKS = 8
 TILE_SWAP_MID_WIDE = dict(BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
 MID_WIDE_MIN_WAVES = 1.4
 WIDE_RATE = 1.4
@@ -303,17 +311,21 @@ def _waves(tiles: int, sms: int) -> int:
 
 
 def _mid_tile(M: int, N: int, K: int, sms: int) -> dict:
-    """The launch for 65-512 rows (the rule above): the swapped 64-row tile, deep and split
-    where its tiles are few; where they are not, the cheapest in waves of whole tiles of the wide
-    128 x 128 tile (only from MID_WIDE_MIN_WAVES waves), the swapped 64-row one and the plain
-    64 x 128 one."""
+    """The launch for 65-512 rows (the rule above): the swapped 64 x 64 tile where its tiles
+    fit two an SM and K is at most MID_NARROW_MAX_K, split to fill them; else the swapped tile
+    on up to 128 rows, split where its tiles are few; where they are not, the cheapest in
+    waves of whole tiles of the wide 128 x 128 tile (only from MID_WIDE_MIN_WAVES waves), the
+    swapped 64-weight-row one and the plain 64 x 128 one."""
+    narrow_tiles = (contract.cdiv(M, TILE_SWAP_MID_NARROW["BLOCK_M"])
+                    * contract.cdiv(N, TILE_SWAP_MID_NARROW["BLOCK_N"]))
+    if narrow_tiles <= 2 * sms and K <= MID_NARROW_MAX_K:
+        return dict(TILE_SWAP_MID_NARROW, SWAP=True,
+                    SPLIT_K=_fill_split(narrow_tiles, 2 * sms, contract.cdiv(K, 128),
+                                        NARROW_MIN_BLOCKS))
     bm = min(128, contract.next_power_of_2(M))
     wide_tiles = contract.cdiv(M, 128) * contract.cdiv(N, 128)
     tiles = contract.cdiv(M, bm) * contract.cdiv(N, TILE_SWAP_MID["BLOCK_N"])
     if wide_tiles < MID_WIDE_MIN_WAVES * sms:
-        if tiles <= sms and K <= MID_DEEP_MAX_K:
-            return dict(TILE_SWAP_MID_DEEP, BLOCK_M=bm, SWAP=True,
-                        SPLIT_K=_fill_split(tiles, sms, contract.cdiv(K, 256), 4))
         split = _fill_split(tiles, 2 * sms, contract.cdiv(K, 128), 4)
         if split > 1:
             return dict(TILE_SWAP_MID, BLOCK_M=bm, SWAP=True, SPLIT_K=split)

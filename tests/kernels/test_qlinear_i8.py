@@ -192,9 +192,14 @@ def test_forced_path_must_be_i8():
     (16, 12288, 4096, dict(SWAP=True, BLOCK_M=16, BLOCK_N=64, SPLIT_K=1)),
     (64, 4096, 4096, dict(SWAP=True, BLOCK_M=64, BLOCK_N=64, SPLIT_K=2)),
     (64, 28672, 8192, dict(SWAP=True, BLOCK_M=64, BLOCK_N=128, SPLIT_K=1)),
-    (96, 4096, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=256, SPLIT_K=2)),
+    # The 64 x 64 swapped tile where its tiles fit two an SM and K <= 8192 (s30run2), split to
+    # fill them by blocks of 8 x 128 channels.
+    (96, 4096, 4096, dict(SWAP=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2,
+                          num_stages=5)),
     (96, 4096, 12288, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4)),
-    (128, 1024, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=256, SPLIT_K=4)),
+    (128, 1024, 4096, dict(SWAP=True, BLOCK_M=64, BLOCK_N=64, SPLIT_K=4)),
+    (512, 2048, 4096, dict(SWAP=True, BLOCK_M=64, BLOCK_N=64, SPLIT_K=1)),
+    (320, 4096, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1)),
     (384, 4096, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1)),
     (96, 12288, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, SPLIT_K=1)),
     (192, 12288, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=128, num_warps=8, SPLIT_K=1)),
@@ -204,7 +209,7 @@ def test_forced_path_must_be_i8():
     (320, 12288, 4096, dict(SWAP=False, BLOCK_M=64, BLOCK_N=128, SPLIT_K=1)),
     (448, 12288, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=128, num_warps=8, SPLIT_K=1)),
     (288, 28672, 8192, dict(SWAP=True, BLOCK_M=128, BLOCK_N=128, num_warps=8, SPLIT_K=1)),
-    (256, 4096, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=256, SPLIT_K=1)),
+    (256, 4096, 4096, dict(SWAP=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1)),
     (256, 4096, 12288, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2)),
     (512, 4096, 12288, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, SPLIT_K=1)),
     (1024, 4096, 4096, dict(SWAP=False, BLOCK_M=128, BLOCK_K=64, SPLIT_K=1)),
@@ -216,7 +221,7 @@ def test_forced_path_must_be_i8():
     (2048, 256, 4096, dict(SWAP=False, BLOCK_M=64, BLOCK_N=128, SPLIT_K=1)),
 ])
 def test_launch_rule_on_the_h200(M, N, K, want):
-    # The measured choices (s26run1, s26run3, s29run1; 132 SMs), and never more programs than the
+    # The measured choices (s26run1, s26run3, s29run1, s30run2; 132 SMs), and never more programs than the
     # rule's cap.
     cfg = I8.choose(M, N, K, 132)
     assert {k: cfg[k] for k in want} == want, cfg
@@ -269,17 +274,21 @@ def test_gpu_dispatched_against_float64(M, N, K):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M,N,K,swap,bn", [(300, 12288, 4096, False, 128),
-                                            (300, 12000, 4000, False, 128),
-                                            (448, 12288, 4096, True, 128),
-                                            (360, 6000, 4096, True, 64)])
-def test_gpu_mid_rows_by_waves_against_float64(M, N, K, swap, bn):
-    # The 65-512-row rule's three tiles (waves of whole tiles, s29run1), on the GPU's own SM
-    # count: the plain 64 x 128 tile, the wide swapped one and the narrow swapped one.
+@pytest.mark.parametrize("M,N,K,swap,bm,bn", [(300, 12288, 4096, False, 64, 128),
+                                               (300, 12000, 4000, False, 64, 128),
+                                               (448, 12288, 4096, True, 128, 128),
+                                               (360, 6000, 4096, True, 128, 64),
+                                               (200, 2000, 4000, True, 64, 64),
+                                               (256, 4096, 4096, True, 64, 64)])
+def test_gpu_mid_rows_by_waves_against_float64(M, N, K, swap, bm, bn):
+    # The 65-512-row rule's tiles on the GPU's own SM count: by waves of whole tiles (s29run1)
+    # the plain 64 x 128 tile, the wide swapped one and the swapped one on 128 rows; where they
+    # fit two an SM the 64 x 64 swapped one (s30run2; 200 x 2000 x 4000: split 2, partial
+    # blocks of rows, columns and channels).
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cfg = I8.choose(M, N, K, sms)
     if sms == 132:
-        assert (cfg["SWAP"], cfg["BLOCK_N"]) == (swap, bn), cfg
+        assert (cfg["SWAP"], cfg["BLOCK_M"], cfg["BLOCK_N"]) == (swap, bm, bn), cfg
     gen = _gen(f"i8gpumid{M}{N}{K}")
     kw = _kmajor(gen, N, K, "cuda")
     x = (torch.randn(M, K, generator=gen) * 2).to(bf16).cuda()
