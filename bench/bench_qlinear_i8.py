@@ -14,7 +14,9 @@ For each (N, K) of ``--nk`` and M of ``--ms``, with random 8-bit symmetric per-c
 - with ``--sweep``: the i8 kernel at each tile of :data:`SWEEP_MM` / :data:`SWEEP_SWAP` and K
   splits 1-16, and the fastest printed beside the dispatched one;
 - with ``--mid-narrow`` (65-512 rows): the swapped tiles of :data:`SWEEP_MID_NARROW` (64
-  weight rows) at their K splits.
+  weight rows) at their K splits;
+- with ``--prefetch``: the dispatched launch asking L2 for its first 0, 2, 4, ... K blocks of
+  the weight before its PDL wait (:data:`PREFETCH_BLOCKS`), while the quantizer runs.
 Every q3n launch is checked against float64 first (max error relative to max |reference|);
 timing is bench_qlinear.py's (CUDA-graph replay, do_bench median, L2 flushed).
 
@@ -53,6 +55,7 @@ SWAP_MID_MAX_M = 512
 # 4096^2 to 256 rows and on 1024 / 2048 x 4096, 1.02-1.24x on 4096 x 12288 to 256 rows).
 SWEEP_MID_NARROW = ((64, 64, 128, 4, 5, (1, 2, 4, 8)), (64, 64, 128, 4, 4, (1, 2)),
                     (64, 64, 256, 4, 3, (1, 2, 4)), (32, 64, 128, 4, 5, (1, 2, 4)))
+PREFETCH_BLOCKS = (0, 2, 4, 8, 16)
 SPLITS = (1, 2, 4, 8, 16)
 MS = (1, 16, 64, 256, 1024, 4096)
 
@@ -81,6 +84,13 @@ def mid_narrow_cfgs(M: int, K: int):
                            num_stages=stages, SWAP=True, SPLIT_K=split, path="i8")
 
 
+def prefetch_cfgs(cfg: dict, K: int):
+    blocks = -(-K // (cfg["BLOCK_K"] * cfg.get("SPLIT_K", 1)))
+    for n in PREFETCH_BLOCKS:
+        if n <= max(2, blocks):
+            yield dict(cfg, PREFETCH=n, path="i8")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None)
@@ -89,6 +99,8 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--mid-narrow", action="store_true",
                     help="sweep SWEEP_MID_NARROW (64 x 64 swapped tiles, K splits) instead")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="sweep the dispatched launch's L2 prefetch depth instead")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_qlinear_i8.py needs a CUDA GPU")
@@ -128,9 +140,10 @@ def main():
                        "quant": lambda: Q.quantize_activations_triton(x, "int8", None, False)},
                       row)
         best = None
-        if args.sweep or args.mid_narrow:
+        if args.sweep or args.mid_narrow or args.prefetch:
             row["sweep"] = []
-            for c in (mid_narrow_cfgs(M, K) if args.mid_narrow else sweep_cfgs(M, N, K, sms)):
+            for c in (mid_narrow_cfgs(M, K) if args.mid_narrow else prefetch_cfgs(cfg, K)
+                      if args.prefetch else sweep_cfgs(M, N, K, sms)):
                 r = BQ.check_and_time(
                     lambda: Q._launch(x, kw.qweight, kw.scales, None, None, None, 8, -1, K,
                                       "int8", False, path=c), ref, bf16, BQ.TOL, {})
@@ -146,7 +159,8 @@ def main():
         bcfg = "" if best is None else (
             f"{best['cfg']['BLOCK_M']}x{best['cfg']['BLOCK_N']}x{best['cfg']['BLOCK_K']} "
             f"w{best['cfg']['num_warps']} s{best['cfg']['num_stages']} "
-            f"split {best['cfg']['SPLIT_K']}" + (" swap" if best["cfg"]["SWAP"] else ""))
+            f"split {best['cfg']['SPLIT_K']}" + (" swap" if best["cfg"]["SWAP"] else "")
+            + f" prefetch {best['cfg'].get('PREFETCH', 0)}")
         print(f"{N:>6}x{K:<5} {M:>5} {bf16:8.4f} {pl:8.4f} {i8:8.4f} "
               f"{row.get('int_mm_ms', float('nan')):8.4f} {row.get('quant_ms', float('nan')):7.4f} "
               f"{row.get('i8_codes_ms', float('nan')):8.4f} "

@@ -52,11 +52,11 @@ from q3n_compile.kernels.tiles import grouped_tile, ticket_split_k
 
 @triton.jit
 def _prefetch_l2(W, pid_n, N, stride_wn, k_start, k_end, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, BLOCKS: tl.constexpr):
     """``prefetch.global.L2`` of weight rows pid_n * BLOCK_N.. over channels [k_start,
-    k_start + 2 * BLOCK_K) (one 128-byte line an element; lines past k_end ask for row 0's
-    first line instead, which is always in bounds)."""
-    LINES: tl.constexpr = 2 * BLOCK_K // 128
+    k_start + BLOCKS * BLOCK_K) (one 128-byte line an element; lines past k_end ask for row
+    0's first line instead, which is always in bounds)."""
+    LINES: tl.constexpr = BLOCKS * BLOCK_K // 128
     rows = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
     offs = k_start + tl.arange(0, LINES) * 128
     ptrs = W + rows[:, None] * stride_wn + offs[None, :]
@@ -71,15 +71,16 @@ def qlinear_i8_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, K_PER_SPLIT,
                       HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                       EVEN_K: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False,
-                      PREFETCH: tl.constexpr = False, TRIGGER: tl.constexpr = False):
+                      PREFETCH: tl.constexpr = 0, TRIGGER: tl.constexpr = False):
     """One program: Y[m-block, n-block] over K_PER_SPLIT channels (a multiple of BLOCK_K) of K.
 
     C int8 codes [M, K] (row stride stride_cm), XS their fp32 per-token scales [M], W int8
     [N, >= K] (row stride stride_wn), S per-column scales [N] (fp16/fp32), BIAS [N].
     PDL (launched with programmatic dependent launch; never under the interpreter): waits for
     the kernel before it (the quantizer writing C and XS) before it reads or writes anything;
-    with PREFETCH, it first asks L2 for its first two K blocks of the weight (which the
-    quantizer does not write), so those loads overlap the quantizer. TRIGGER (a grid of one
+    with PREFETCH (a number of K blocks, a power of two), it first asks L2 for its first
+    PREFETCH K blocks of the weight (which the quantizer does not write), so those loads
+    overlap the quantizer. TRIGGER (a grid of one
     wave): after its K loop it lets the next PDL kernel launch (the next linear's quantizer,
     which waits for this grid to finish before it reads anything), so that launch overlaps the
     epilogue and the split-K reduction."""
@@ -92,8 +93,8 @@ def qlinear_i8_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, K_PER_SPLIT,
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     if PDL:
-        if PREFETCH:
-            _prefetch_l2(W, pid_n, N, stride_wn, k_start, k_end, BLOCK_N, BLOCK_K)
+        if PREFETCH > 0:
+            _prefetch_l2(W, pid_n, N, stride_wn, k_start, k_end, BLOCK_N, BLOCK_K, PREFETCH)
         gdc_wait()
     # Wrapped rows: every load in bounds without a row mask (the extra rows are never stored).
     rows_m = (offs_m % M).to(tl.int64)
@@ -287,9 +288,9 @@ MM_SPLIT_MIN_BLOCKS = 64
 MAX_SPLIT = 16
 # The quantizer before the kernel and the kernel launch with programmatic dependent launch (the
 # kernel's launch overlaps the quantizer; it waits before it reads anything). To 64 rows the
-# kernel first prefetches its first weight blocks into L2 (PREFETCH).
+# kernel first prefetches its first PREFETCH_DECODE weight blocks into L2 (PREFETCH).
 PDL_AFTER_QUANT = True
-PREFETCH_DECODE = True
+PREFETCH_DECODE = 2
 # To 64 rows (one wave of programs) the kernel also lets the next PDL kernel launch after its K
 # loop (TRIGGER), as the single-plane GEMV does; larger grids do not, since the next kernel's
 # waiting programs would hold the SM slots of this one's later waves.
@@ -407,7 +408,7 @@ def run(codes: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scales: torch.T
         dict(HAS_BIAS=bias is not None, SWAP=bool(cfg["SWAP"]), BLOCK_M=bm, BLOCK_N=bn,
              BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 8), EVEN_K=K % k_per_split == 0
              and k_per_split % bk == 0, SPLIT=split > 1, PDL=pdl,
-             PREFETCH=pdl and bool(cfg.get("PREFETCH", False)),
+             PREFETCH=int(cfg.get("PREFETCH", 0)) if pdl else 0,
              TRIGGER=pdl and bool(cfg.get("TRIGGER", False))),
         dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl),
         fast=not interpreter)
