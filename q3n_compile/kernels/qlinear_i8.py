@@ -287,10 +287,15 @@ TMA_MIN_WAVES = 3.5
 MM_SPLIT_MIN_BLOCKS = 64
 MAX_SPLIT = 16
 # The quantizer before the kernel and the kernel launch with programmatic dependent launch (the
-# kernel's launch overlaps the quantizer; it waits before it reads anything). To 64 rows the
-# kernel first prefetches its first PREFETCH_DECODE weight blocks into L2 (PREFETCH).
+# kernel's launch overlaps the quantizer; it waits before it reads anything). To
+# PREFETCH_MAX_M rows the kernel first asks L2 for its first PREFETCH_BLOCKS weight blocks
+# (PREFETCH): s26run4 to 64 rows; s30run4 (bench_qlinear_i8.py --prefetch, 0-16 blocks, 1-512
+# rows of six shapes) 0.95-0.99x the launch without it at 65-512 rows but on 28672 x 8192
+# (0.99-1.01x); deeper prefetches were faster than 2 blocks in 4 of 54 cases, by at most 1%,
+# and up to 1.24x slower.
 PDL_AFTER_QUANT = True
-PREFETCH_DECODE = 2
+PREFETCH_MAX_M = 512
+PREFETCH_BLOCKS = 2
 # To 64 rows (one wave of programs) the kernel also lets the next PDL kernel launch after its K
 # loop (TRIGGER), as the single-plane GEMV does; larger grids do not, since the next kernel's
 # waiting programs would hold the SM slots of this one's later waves.
@@ -355,14 +360,15 @@ def choose(M: int, N: int, K: int, sms: int, *, interpreter: bool = False) -> di
         bm = max(16, contract.next_power_of_2(M))
         wide = bm > 16 and 2 * contract.cdiv(N, TILE_SWAP_WIDE["BLOCK_N"]) >= sms
         cfg = dict(TILE_SWAP_WIDE if wide else TILE_SWAP_NARROW, BLOCK_M=bm, SWAP=True,
-                   PREFETCH=PREFETCH_DECODE, TRIGGER=TRIGGER_DECODE)
+                   PREFETCH=PREFETCH_BLOCKS, TRIGGER=TRIGGER_DECODE)
         tiles = contract.cdiv(N, cfg["BLOCK_N"])
         cap = 2 * sms if bm <= 16 else sms
         cfg["SPLIT_K"] = 1 if wide else _fill_split(tiles, cap, contract.cdiv(K, cfg["BLOCK_K"]),
                                                     2)
         return cfg
     if M <= SWAP_MID_MAX_M:
-        return _mid_tile(M, N, K, sms)
+        return dict(_mid_tile(M, N, K, sms),
+                    PREFETCH=PREFETCH_BLOCKS if M <= PREFETCH_MAX_M else 0)
     tma_tiles = contract.cdiv(M, TILE_MM_TMA["BLOCK_M"]) * contract.cdiv(N, TILE_MM_TMA["BLOCK_N"])
     if tma_tiles >= TMA_MIN_WAVES * sms:
         return dict(TILE_MM_TMA, SWAP=False, SPLIT_K=1, TMA=True, PROGRAMS=sms)

@@ -209,7 +209,8 @@ def test_forced_path_must_be_i8():
     (320, 12288, 4096, dict(SWAP=False, BLOCK_M=64, BLOCK_N=128, SPLIT_K=1)),
     (448, 12288, 4096, dict(SWAP=True, BLOCK_M=128, BLOCK_N=128, num_warps=8, SPLIT_K=1)),
     (288, 28672, 8192, dict(SWAP=True, BLOCK_M=128, BLOCK_N=128, num_warps=8, SPLIT_K=1)),
-    (256, 4096, 4096, dict(SWAP=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1)),
+    (256, 4096, 4096, dict(SWAP=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1,
+                           PREFETCH=2)),
     (256, 4096, 12288, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2)),
     (512, 4096, 12288, dict(SWAP=True, BLOCK_M=128, BLOCK_N=64, SPLIT_K=1)),
     (1024, 4096, 4096, dict(SWAP=False, BLOCK_M=128, BLOCK_K=64, SPLIT_K=1)),
@@ -228,6 +229,15 @@ def test_launch_rule_on_the_h200(M, N, K, want):
     tiles = -(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"])
     assert cfg["SPLIT_K"] == 1 or tiles * cfg["SPLIT_K"] <= 2 * 132
     assert -(-K // cfg["BLOCK_K"]) >= cfg["SPLIT_K"]
+
+
+def test_weight_prefetch_to_512_rows():
+    # Two K blocks of the weight asked of L2 before the PDL wait from 1 to 512 rows (s26run4,
+    # s30run4); the TMA and plain tiles above do not.
+    for M in (1, 16, 64, 65, 300, 512):
+        assert I8.choose(M, 4096, 4096, 132)["PREFETCH"] == I8.PREFETCH_BLOCKS == 2, M
+    for M in (513, 4096):
+        assert not I8.choose(M, 4096, 4096, 132).get("PREFETCH"), M
 
 
 def test_quantize_pass_packs_w8a8_k_major():
