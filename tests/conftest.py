@@ -13,6 +13,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Every kernel module imports now, under the setting above: Gluon refuses Triton functions
+# decorated for the interpreter once it is off, so a test whose fixture turns it off
+# (reference_kernels) must not be the first to import them (tests/test_bench_cli.py alone
+# failed that way).
+import q3n_compile.backend  # noqa: E402,F401
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo_and_reports():
