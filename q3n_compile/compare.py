@@ -8,7 +8,8 @@ backend:
 - **decode** — per-token latency and tokens/s of greedy steps with a KV cache (the built-in
   decoders' static cache of :func:`q3n_compile.models.new_kv_cache`; transformers' ``StaticCache``
   for transformers models), after a prompt of ``decode_context`` tokens that is prefilled eagerly
-  (as transformers' ``generate`` does);
+  (as transformers' ``generate`` does; the built-in decoders' in slices of the batch whose
+  attention scores fit :data:`PREFILL_SCORES_BYTES`);
 - **generate** — tokens/s of transformers' ``model.generate`` with a static cache and the backend
   set through ``compile_config`` (the built-in decoders run as their transformers twins, same
   weights);
@@ -766,6 +767,23 @@ def _errors(row: Row, out: torch.Tensor, ref: torch.Tensor | None, exact: torch.
         row.rel_err_vs_fp64 = (d64.norm() / exact.norm().clamp_min(1e-30)).item()
 
 
+# The decode cases' prompt goes through the eager model (not timed), whose attention holds
+# [rows, heads, prompt, cache length] fp32 scores: 32 GiB for 256 rows at context 1024, which
+# ran out of memory on the H200 after the earlier cases (s30run6). The built-in decoders'
+# prompt is prefilled in slices of the batch whose scores fit this budget, each writing its
+# rows of the cache in place through views.
+PREFILL_SCORES_BYTES = 4 << 30
+
+
+def prefill_rows(heads: int, prompt_len: int, cache_len: int, batch: int,
+                 budget: int | None = None) -> int:
+    """Batch rows per slice of the eager prompt prefill: the most whose fp32 scores ``[rows,
+    heads, prompt_len, cache_len]`` stay within `budget` (at least one, at most `batch`)."""
+    budget = PREFILL_SCORES_BYTES if budget is None else budget
+    per_row = 4 * heads * prompt_len * cache_len
+    return max(1, min(batch, budget // max(per_row, 1)))
+
+
 class _Decoder:
     """One decoding session: a cache, an eager prefill, then compiled single-token steps."""
 
@@ -787,12 +805,19 @@ class _Decoder:
 
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(prompt.shape[1], device=self.device)
-        if self.workload.decode == "builtin":
-            logits = self.module(prompt, kv_cache=self.cache, cache_position=pos)
-        else:
-            logits = self.module.hf(input_ids=prompt, past_key_values=self.cache, cache_position=pos,
-                                    use_cache=True).logits
-        return logits[:, -1:]
+        if self.workload.decode != "builtin":
+            return self.module.hf(input_ids=prompt, past_key_values=self.cache, cache_position=pos,
+                                  use_cache=True).logits[:, -1:]
+        from .models import KVCache
+
+        B = prompt.shape[0]
+        rows = prefill_rows(self.module.config.num_heads, prompt.shape[1], self.max_len, B)
+        last = []
+        for i in range(0, B, rows):
+            part = KVCache(keys=[k[i:i + rows] for k in self.cache.keys],
+                           values=[v[i:i + rows] for v in self.cache.values])
+            last.append(self.module(prompt[i:i + rows], kv_cache=part, cache_position=pos)[:, -1:])
+        return torch.cat(last)
 
     def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
         pos = self.positions[position]

@@ -39,6 +39,33 @@ def test_kv_cache_decoding_matches_the_full_forward(name):
     assert all(t.abs().sum() == 0 for t in cache.keys + cache.values)
 
 
+@pytest.mark.parametrize("name", DECODER_NAMES)
+def test_decode_prompt_prefilled_in_batch_slices(name, monkeypatch):
+    # The decode cases' eager prompt prefill in slices of the batch (a budget of two rows'
+    # scores here: slices of 2, 2, 1) fills the same cache and gives the same last logits as
+    # one call over the whole batch.
+    model = build_model(name, "tiny", seed=4)
+    (ids,) = example_inputs(name, model, batch=5, seq_len=9, seed=5)
+    workload = compare.Workload(label=name, kind="builtin", model=model, decode="builtin")
+    heads, max_len = model.config.num_heads, 14
+    assert compare.prefill_rows(heads, 9, max_len, 5, budget=2 * 4 * heads * 9 * max_len) == 2
+    assert compare.prefill_rows(heads, 9, max_len, 5, budget=1) == 1
+    assert compare.prefill_rows(heads, 9, max_len, 5, budget=1 << 40) == 5
+    outs, caches = [], []
+    for budget in (1 << 40, 2 * 4 * heads * 9 * max_len):
+        monkeypatch.setattr(compare, "PREFILL_SCORES_BYTES", budget)
+        dec = compare._Decoder(workload, model, None, 5, max_len, "cpu")
+        with torch.no_grad():
+            outs.append(dec.prefill(ids))
+        caches.append(dec.cache)
+    assert outs[0].shape == (5, 1, model.config.vocab_size)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert caches[1].keys[0][:, :, :9].abs().sum(dim=(1, 2, 3)).gt(0).all()  # every row written
+    assert caches[1].keys[0][:, :, 9:].abs().sum() == 0
+
+
 def test_kv_cache_errors():
     with pytest.raises(ValueError, match="only the built-in decoders"):
         new_kv_cache(build_model("bert"), 1, 8)
