@@ -805,9 +805,11 @@ class _Decoder:
 
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(prompt.shape[1], device=self.device)
+        # The last position's logits as their own tensor: a view would keep the prompt's
+        # [batch, context, vocab] logits alive through the timed steps and their peak memory.
         if self.workload.decode != "builtin":
             return self.module.hf(input_ids=prompt, past_key_values=self.cache, cache_position=pos,
-                                  use_cache=True).logits[:, -1:]
+                                  use_cache=True).logits[:, -1:].clone()
         from .models import KVCache
 
         B = prompt.shape[0]

@@ -59,6 +59,8 @@ def test_decode_prompt_prefilled_in_batch_slices(name, monkeypatch):
             outs.append(dec.prefill(ids))
         caches.append(dec.cache)
     assert outs[0].shape == (5, 1, model.config.vocab_size)
+    for out in outs:  # not a view holding the prompt's [5, 9, vocab] logits
+        assert out.untyped_storage().nbytes() == out.numel() * out.element_size()
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
