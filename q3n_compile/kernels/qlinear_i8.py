@@ -350,8 +350,10 @@ def _mid_tile(M: int, N: int, K: int, sms: int) -> dict:
 
 
 def choose(M: int, N: int, K: int, sms: int, *, interpreter: bool = False) -> dict:
-    """The launch for M rows of an N x K weight (the rule above); a pure function. Swapped to
-    :data:`SWAP_MID_MAX_M` rows, the plain tile above."""
+    """The launch for M rows of an N x K weight (the rule above); a pure function. To
+    :data:`SWAP_MID_MAX_M` rows the swapped tiles (and from 65 rows the plain 64 x 128 one where
+    it costs fewer waves), with the weight's L2 prefetch; the plain tile above, on TMA copies
+    where its tiles make TMA_MIN_WAVES waves."""
     if interpreter:
         cfg = dict(_INTERPRETER, BLOCK_M=16, SWAP=M <= 16)
         cfg["SPLIT_K"] = 2 if contract.cdiv(K, cfg["BLOCK_K"]) >= 4 else 1
