@@ -46,10 +46,12 @@ A K-major weight always runs the ``i8`` path (:mod:`q3n_compile.kernels.qlinear_
 codes of x and the weight as stored, both straight into the int8 MMAs, the two scales applied
 once to the exact int32 sums; launched by :func:`qlinear_i8.choose` (to 512 rows swapped or
 plain tiles by the sweeps' rule, above a plain one, on TMA copies where it makes 3.5 waves).
-Against bf16 cuBLAS (s26run4, the issue's four shapes, CUDA graphs): 1.28-1.63x at 1 row, 1.29-1.81x at 16, 0.97-1.59x at 256, 1.28-1.60x at 4096, where the bit-plane
-W8A8 paths ran 1.21-1.54 / 1.01-1.31 / 0.41-0.92 / 0.85-1.18x (s25run2). Below 0.95x bf16 it
-stays on small weights (1024 x 4096: 0.66-0.92x from 16 rows; the quantizer's launch weighs
-there). The sections below are the bit-plane paths.
+Against bf16 cuBLAS (s26run4, the issue's four shapes, CUDA graphs): 1.28-1.63x at 1 row,
+1.29-1.81x at 16, 0.97-1.59x at 256, 1.28-1.60x at 4096, where the bit-plane W8A8 paths ran
+1.21-1.54 / 1.01-1.31 / 0.41-0.92 / 0.85-1.18x (s25run2); s30run5: 1.29-1.66 / 1.29-1.84 /
+1.01-1.61 / 1.43-1.69x. Below 0.95x bf16 it stays on small weights (1024 x 4096: 0.74-0.82x
+at 128-512 rows, s30run5; the quantizer's launch weighs there) and on 12288 x 4096 at 352-384
+rows (0.92x, s30run8). The sections below are the bit-plane paths.
 
 Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per call by
 :func:`choose_path` from a table indexed by M):
