@@ -49,8 +49,8 @@ plain tiles by the sweeps' rule, above a plain one, on TMA copies where it makes
 Against bf16 cuBLAS (s26run4, the issue's four shapes, CUDA graphs): 1.28-1.63x at 1 row,
 1.29-1.81x at 16, 0.97-1.59x at 256, 1.28-1.60x at 4096, where the bit-plane W8A8 paths ran
 1.21-1.54 / 1.01-1.31 / 0.41-0.92 / 0.85-1.18x (s25run2); s30run5: 1.29-1.66 / 1.29-1.84 /
-1.01-1.61 / 1.43-1.69x. Below 0.95x bf16 it stays on small weights (1024 x 4096: 0.74-0.82x
-at 128-512 rows, s30run5; the quantizer's launch weighs there) and on 12288 x 4096 at 352-384
+1.01-1.61 / 1.43-1.69x. Below 0.95x bf16 it stays on small weights (1024 x 4096: 0.93x at 16
+rows, 0.74-0.83x at 64-512, s30run4-5; the quantizer's launch weighs there) and on 12288 x 4096 at 352-384
 rows (0.92x, s30run8). The sections below are the bit-plane paths.
 
 Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per call by
