@@ -93,6 +93,7 @@ from ..quant import calibration as C
 from ..quant import release as R
 from ..quant.classify import StructureClassifier, _q3n_op, classify, module_path
 from ..quant.config import LayerFormat, QuantConfig, parse_quant_config
+from . import qlinear_siblings as SIB
 from .base import PassContext, PassStats
 from .matching import add_node, fake_mode_for
 
@@ -388,6 +389,7 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
     hits = misses = 0
     norm_groups: dict[tuple, tuple[Node, Node]] = {}
     folded_done: list[dict] = []
+    members: list[SIB.Member] = []
     progress = Progress("quantize", len(todo), ctx.config.progress)
     for index, (cand, fmt, decided_by) in enumerate(todo):
         weight = _weight(gm, ctx, cand)
@@ -434,7 +436,8 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             C.cache_put(key, source_weight, result)
         progress.step(f"{cand.path} ({fmt.name}: " + (
             "cached" if cached else result.info.get("method") or "quantized") + ")")
-        pw = result.packed.to(weight.device)
+        # Contiguous: a result an earlier compile merged with its siblings views their tensors.
+        pw = SIB.contiguous_packed(result.packed.to(weight.device))
         act = "none" if fmt.activation_bits == 16 else fmt.activation_format
         x_val = cand.x.meta["val"]
         smooth = result.smooth.to(weight.device) if result.smooth is not None else None
@@ -546,6 +549,17 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
                                                     else ""))}}
                if cand.folded is not None else {}),
         })
+        bias_ph = cand.bias if cand.bias is not None and cand.bias.op == "placeholder" else None
+        members.append(SIB.Member(
+            new, cand.path, fmt, result, pw, smooth, bias_val,
+            bias_static=cand.bias is None or bias_val is not None,
+            bias_placeholder=bias_ph if bias_val is not None else None, entry=layers[-1]))
+    siblings = None
+    if qc.merge_siblings:
+        siblings = SIB.merge(
+            gm, fake_mode, members,
+            register=lambda name, value, before: _register(gm, fake_mode, name, value, before),
+            freeze=ctx.freeze)
     gm.graph.eliminate_dead_code()
     # W' and b' buffers norm_linear folded for layers quantized here: nothing reads them now.
     targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
@@ -553,6 +567,10 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
         for name in (folded["weight"], folded["bias"]):
             if name is not None and name not in targets and hasattr(gm, name):
                 delattr(gm, name)
+    # Per-layer packed buffers a merged sibling call replaced.
+    for name in [b for b, _ in gm.named_buffers() if b.startswith("_q3n_qlinear")]:
+        if name not in targets:
+            delattr(gm, name)
     # Weights this graph still reads in high precision must not be freed by
     # release_quantized_weights() (a layer kept, a tied embedding, a norm's scale...).
     for node in gm.graph.nodes:
@@ -586,6 +604,9 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
                             + "; call q3n_compile.quant.calibrate(model, batches) before "
                             "compiling for GPTQ/SmoothQuant")},
         "cache": {"hits": hits, "misses": misses},
+        # Sibling linears run as one GEMM (passes/qlinear_siblings.py); None when
+        # quant_config's merge_siblings is false.
+        "siblings": siblings,
         # Linears whose norm norm_linear folded into them (γ/β in the quantized weights).
         "norm_fused": {
             "layers": sum("norm_fused" in e for e in layers),

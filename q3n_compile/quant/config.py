@@ -16,6 +16,7 @@ Accepted form (every key optional)::
       "calibration": {"method": "gptq", "smoothquant": "auto", "clip_search": true,
                       "damp": "auto", "act_order": true, "max_rows": 512, "alpha": null,
                       "example_inputs": true, "refine": 0},
+      "merge_siblings": true,
     }
 
 A layer format is ``weight_bits`` (2..8; 16 keeps the layer in high precision),
@@ -51,6 +52,11 @@ feed-forward, ``attn_layers`` for attention projections); otherwise the layer is
 rule *names* them: the rule's pattern contains the layer's own name (``"lm_head"``,
 ``"*.lm_head"``); a catch-all ``"*"`` does not count. Embeddings are lookups, never linears: the
 quantize pass does not touch them.
+
+``merge_siblings`` (default true): quantized linears that read the same input with the same
+format and smoothing vector (q/k/v, gate/up) run as one GEMM on their concatenated packed weights,
+the output sliced back, so x is quantized once and narrow weights (GQA k/v) join a wide one
+(:mod:`q3n_compile.passes.qlinear_siblings`); false keeps one call per linear.
 
 ``calibration``: ``method`` "gptq" (error-compensating rounding from the input Hessian) or "rtn";
 ``smoothquant`` (a per-input-channel smoothing vector: the kernel multiplies x by it before
@@ -95,7 +101,7 @@ from typing import Any, Mapping, Optional, Sequence
 from ..config import Q3NConfigError
 
 CLASS_KEYS = {"ffn_layers": "ffn", "attn_layers": "attn"}
-TOP_KEYS = ("ffn_layers", "attn_layers", "norm_layers", "rules", "calibration")
+TOP_KEYS = ("ffn_layers", "attn_layers", "norm_layers", "rules", "calibration", "merge_siblings")
 FORMAT_KEYS = ("weight_bits", "activation_bits", "group_size", "symmetric", "activation_format",
                "activation_group_size")
 RULE_KEYS = ("match", "skip") + FORMAT_KEYS
@@ -192,6 +198,8 @@ class QuantConfig:
     rules: tuple[Rule, ...]
     norm_layers: Optional[Mapping[str, Any]]
     calibration: CalibrationSettings
+    # Sibling linears on one input with one format become one GEMM (passes/qlinear_siblings.py).
+    merge_siblings: bool = True
 
     def resolve(self, path: str, layer_class: Optional[str]) -> tuple[Optional[LayerFormat], str]:
         """(format or None, why): the format `path` gets, and which entry decided it."""
@@ -387,7 +395,12 @@ def parse_quant_config(value: Mapping[str, Any]) -> QuantConfig:
             fmt = _parse_format(entry, path)
         rules.append(Rule(i, patterns, fmt))
     calibration = _parse_calibration(value.get("calibration", {}))
-    return QuantConfig(classes, tuple(rules), norm, calibration)
+    merge = value.get("merge_siblings", True)
+    if not isinstance(merge, bool):
+        raise _fail(["merge_siblings"], f"{merge!r} is not a bool",
+                    "use true (sibling linears with one format run as one GEMM, the default) "
+                    "or false (one call per linear)")
+    return QuantConfig(classes, tuple(rules), norm, calibration, merge)
 
 
 def wants_example_inputs(value: Optional[Mapping[str, Any]]) -> bool:

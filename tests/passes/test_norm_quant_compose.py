@@ -127,10 +127,15 @@ def test_norm_forms_compose_in_the_interpreter(norm, fmt):
         # qlinear_codes reads norm_act_quant's codes as they are).
         assert entry["weight_layout"] == ("k-major int8" if fmt == "w8a8" else "bit planes")
     ops = report["ops"]
-    # One pass over x for the three siblings (no smoothing vectors: they quantize x_hat alike).
+    # One pass over x for the three siblings (no smoothing vectors: they quantize x_hat alike),
+    # and one GEMM for them (merge_siblings): biases 24 + 0 (none) + 8 columns.
     assert ops.get("q3n.norm_act_quant.default", 0) == (0 if a16 else 1)
-    assert ops.get("q3n.qlinear_codes.default", 0) == (0 if a16 else 3)
-    assert ops.get("q3n.qlinear.default", 0) == (3 if a16 else 0)
+    assert ops.get("q3n.qlinear_codes.default", 0) == (0 if a16 else 1)
+    assert ops.get("q3n.qlinear.default", 0) == (1 if a16 else 0)
+    assert ops["aten.slice.Tensor"] == 3
+    (group,) = q["detail"]["siblings"]["groups"]
+    assert group["layers"] == ["linears.0", "linears.1", "linears.2"]
+    assert group["columns"] == [[0, 24], [24, 32], [32, 40]]
     assert ops.get("q3n.normalize.default", 0) == (1 if a16 else 0)
     assert "aten.mm.default" not in ops and "aten.addmm.default" not in ops
     assert "aten.native_layer_norm.default" not in ops and "aten.rsqrt.default" not in ops
@@ -203,12 +208,14 @@ def test_builtin_model_matches_quant_config_alone(fmt):
                                                for k in fused_layers)
     assert all(e["calibration"] == "example inputs" and e["rel_err"] is not None
                for e in layers.values())
+    # q/k/v and gate/up of each layer: one GEMM each (merge_siblings).
+    assert q["detail"]["siblings"]["calls_saved"] == 6
     if fmt == "w8a8":
-        assert ops["q3n.qlinear_codes.default"] == 10 and ops["q3n.qlinear.default"] == 4
+        assert ops["q3n.qlinear_codes.default"] == 4 and ops["q3n.qlinear.default"] == 4
         assert ops["q3n.norm_act_quant.default"] == 4  # one per norm: siblings share x's codes
         assert "q3n.normalize.default" not in ops
     else:
-        assert ops["q3n.qlinear.default"] == 14 and ops["q3n.normalize.default"] == 4
+        assert ops["q3n.qlinear.default"] == 8 and ops["q3n.normalize.default"] == 4
     # A recompile quantizes the folded weights the same way, from the cache (the x_hat
     # statistics were attached to the source weights under this fold).
     again, report2 = fused()
@@ -233,7 +240,7 @@ def test_activation_groups_compose_in_the_interpreter():
 
     _, grouped, report = run([{"match": "*", **w8a8, "activation_group_size": 32}])
     ops = report["ops"]
-    assert ops["q3n.norm_act_quant.default"] == 1 and ops["q3n.qlinear_codes.default"] == 3
+    assert ops["q3n.norm_act_quant.default"] == 1 and ops["q3n.qlinear_codes.default"] == 1
     q = report["passes"]["quantize"]
     assert all(e["format"].endswith("int8 act-g32") and e["norm_fused"]["activations"]
                == "q3n::norm_act_quant" for e in q["detail"]["layers"])
@@ -248,6 +255,10 @@ def test_activation_groups_compose_in_the_interpreter():
                             {"match": "*", **w8a8}])
     assert report["ops"]["q3n.norm_act_quant.default"] == 2
     assert report["passes"]["quantize"]["detail"]["norm_fused"]["norm_act_quant_calls"] == 2
+    # linears.1 and .2 share their codes and format: one GEMM; linears.0 reads other codes.
+    siblings = report["passes"]["quantize"]["detail"]["siblings"]
+    assert [g["layers"] for g in siblings["groups"]] == [["linears.1", "linears.2"]]
+    assert report["ops"]["q3n.qlinear_codes.default"] == 2
     torch.testing.assert_close(mixed[..., :24], grouped[..., :24], rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(mixed[..., 24:], token[..., 24:], rtol=1e-3, atol=1e-3)
 
@@ -418,7 +429,10 @@ def test_gpu_design_config_bf16_composed(name):
     q = report["passes"]["quantize"]
     assert q["rewritten"] == 14 and q["detail"]["norm_fused"]["layers"] == 10
     ops = report["ops"]
-    assert ops["q3n.qlinear_codes.default"] == 10 and ops["q3n.norm_act_quant.default"] >= 4
+    # Siblings with one smoothing vector (or none) share a GEMM.
+    saved = q["detail"]["siblings"]["calls_saved"]
+    assert ops["q3n.qlinear_codes.default"] + saved == 10 and ops["q3n.norm_act_quant.default"] >= 4
+    assert saved >= 4  # q/k/v: 12-bit activations take no smoothing vector
     a8 = "fp8" if fp8_supported(torch.device("cuda")) else "int8"
     for entry in q["detail"]["layers"]:
         assert entry["activation_format"] == (a8 if entry["class"] == "ffn" else "int12")

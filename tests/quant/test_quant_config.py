@@ -92,6 +92,7 @@ def test_rules_first_match_wins_and_heads_need_naming():
     ({"calibration": {"example_inputs": 1}}, "['calibration']['example_inputs']", "calibrate()"),
     ({"calibration": {"alpha": 1.5}}, "['calibration']['alpha']", "[0, 1]"),
     ({"norm_layers": {"dtype": "int8"}}, "['norm_layers']['dtype']", "float16"),
+    ({"merge_siblings": "yes"}, "quant_config['merge_siblings']", "use true"),
     ({"ffn_layers": {"weight_bits": 8, "activation_bits": 8, "activation_group_size": 48}},
      "['ffn_layers']['activation_group_size']", "32, 64 or 128"),
     ({"ffn_layers": {"weight_bits": 8, "activation_bits": 8, "activation_group_size": 0}},
