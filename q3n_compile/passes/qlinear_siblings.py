@@ -19,7 +19,7 @@ What this module guarantees:
   cache and the release registry hold it) is rebound to views of the merged tensors, so the
   process holds the packed bytes once. A later compile of the same siblings (another shape, a
   decode graph) finds the views consecutive in one base and reuses the base; a compile that does
-  not merge them gets contiguous copies (:func:`contiguous_packed`).
+  not merge them gets contiguous copies (:func:`contiguous_buffers`).
 - **Nothing merged silently wrong.** A group is merged only where ``q3n::qlinear``'s
   ``supports`` takes the merged call; biases must be compile-time constants (a missing bias is
   zeros in the merged one). Groups on one input that stay apart are reported with the reason
@@ -67,7 +67,7 @@ def _op_args(node: Node) -> tuple[int, int]:
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
-def _input_key(node: Node) -> tuple:
+def input_key(node: Node) -> tuple:
     """What identifies the tensor `node` is: each linear of the captured graph reshapes the
     block's input for itself (``view(x, [M, K])``), so views of one root with one shape and
     stride are one tensor (a view keeps the storage offset)."""
@@ -80,13 +80,21 @@ def _input_key(node: Node) -> tuple:
     return (root, str(tuple(val.shape)), str(tuple(val.stride())), str(val.dtype))
 
 
-def contiguous_packed(pw: P.PackedWeight) -> P.PackedWeight:
-    """`pw` with contiguous tensors (a member's view of a merged weight used on its own)."""
-    fix = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    if all(t is None or t.is_contiguous() for t in (pw.qweight, pw.scales, pw.zeros)):
-        return pw
-    return dataclasses.replace(pw, qweight=fix(pw.qweight), scales=fix(pw.scales),
-                               zeros=fix(pw.zeros))
+def contiguous_buffers(gm: GraphModule, fake_mode: Any, prefix: str) -> int:
+    """Copies to contiguous tensors the buffers named `prefix`... that the graph reads and that
+    are views of a merged weight (a layer an earlier compile merged, left as its own call in
+    this one: the kernels read packed tensors as contiguous). Returns how many."""
+    copied = 0
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or not str(node.target).startswith(prefix):
+            continue
+        value = getattr(gm, node.target)
+        if isinstance(value, torch.Tensor) and not value.is_contiguous():
+            value = value.contiguous()
+            gm.register_buffer(node.target, value)
+            node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)
+            copied += 1
+    return copied
 
 
 def _n_dim(qweight: torch.Tensor) -> int:
@@ -172,7 +180,7 @@ def merge(gm: GraphModule, fake_mode: Any, members: list[Member], register, free
     by_input: dict[tuple, list[Member]] = {}
     for m in sorted(members, key=lambda m: order[m.node]):
         first, n_inputs = _op_args(m.node)
-        key = (m.node.target,) + tuple(_input_key(a) for a in m.node.args[:n_inputs])
+        key = (m.node.target,) + tuple(input_key(a) for a in m.node.args[:n_inputs])
         by_input.setdefault(key, []).append(m)
     groups, apart = [], []
     for same_input in by_input.values():

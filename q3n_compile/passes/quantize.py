@@ -382,6 +382,10 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             example_note = (f"{len(too_few)} layer(s) saw fewer than {C.MIN_EXAMPLE_ROWS} rows in "
                             "the example inputs (too few to calibrate on)")
 
+    # 3b. One smoothing choice per sibling group: siblings with 8-bit activations would each
+    # choose their own vector, quantize x differently and stay apart (merge_siblings).
+    shared = _shared_smoothing(gm, ctx, todo, layer_stats, settings) if qc.merge_siblings else {}
+
     # 4. Quantize (cached) and rewrite.
     packed_nodes: dict[tuple, tuple[Node, ...]] = {}
     bytes_before = bytes_after = 0
@@ -407,8 +411,11 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             src_bias = cand.folded["source_bias"]
             bias_key = ("norm_fold", cand.folded["fold"],
                         None if src_bias is None else C.weight_key(ctx.static_values[src_bias]))
-        result_key = (fmt, settings, bias_key)
-        key = C.cache_key(source_weight, fmt, settings, st.fingerprint() if st else None, bias_key)
+        share = shared.get(cand.node)
+        share_key = () if share is None else (("shared-smoothing", share[1]),)
+        result_key = (fmt, settings, bias_key) + share_key
+        key = C.cache_key(source_weight, fmt, settings, st.fingerprint() if st else None, bias_key,
+                          *share_key)
         result = None if R.is_released(weight) else C.cache_get(key)
         if R.is_released(weight):
             # Freed by release_quantized_weights(): only what was packed before can be used.
@@ -431,13 +438,15 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
 
             misses += 1
             started = time.perf_counter()
-            result = quantize_layer(weight, bias_val, fmt, settings, st)
+            result = quantize_layer(weight, bias_val, fmt, settings, st,
+                                    **({} if share is None else {"shared_smoothing": share[0]}))
             seconds = time.perf_counter() - started
             C.cache_put(key, source_weight, result)
         progress.step(f"{cand.path} ({fmt.name}: " + (
             "cached" if cached else result.info.get("method") or "quantized") + ")")
-        # Contiguous: a result an earlier compile merged with its siblings views their tensors.
-        pw = SIB.contiguous_packed(result.packed.to(weight.device))
+        # A result an earlier compile merged with its siblings views the merged tensors: kept as
+        # views here (the merge below finds their base again); copied only if left apart.
+        pw = result.packed.to(weight.device)
         act = "none" if fmt.activation_bits == 16 else fmt.activation_format
         x_val = cand.x.meta["val"]
         smooth = result.smooth.to(weight.device) if result.smooth is not None else None
@@ -571,6 +580,7 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
     for name in [b for b, _ in gm.named_buffers() if b.startswith("_q3n_qlinear")]:
         if name not in targets:
             delattr(gm, name)
+    SIB.contiguous_buffers(gm, fake_mode, "_q3n_qlinear")
     # Weights this graph still reads in high precision must not be freed by
     # release_quantized_weights() (a layer kept, a tied embedding, a norm's scale...).
     for node in gm.graph.nodes:
@@ -620,6 +630,55 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
                       "(see its detail)"}),
     }
     return stats
+
+
+def _bias_value(gm: GraphModule, ctx: PassContext, cand: Candidate) -> Optional[torch.Tensor]:
+    if cand.bias is not None and cand.bias.op == "placeholder":
+        return ctx.static_values.get(cand.bias.name)
+    if cand.bias is not None and cand.bias.op == "get_attr":
+        return getattr(gm, cand.bias.target)
+    return None
+
+
+def _shared_smoothing(gm: GraphModule, ctx: PassContext, todo: list, layer_stats: dict,
+                      settings) -> dict:
+    """``{linear node: (t or None, digest)}`` for the linears of sibling groups (one input, one
+    format that chooses a smoothing vector, calibration statistics): the choice
+    :func:`q3n_compile.quant.algorithms.choose_shared_smoothing` made for the group, cached."""
+    import hashlib
+
+    from ..quant.algorithms import _smoothing_alphas, choose_shared_smoothing
+
+    groups: dict[tuple, list[Candidate]] = {}
+    for cand, fmt, _ in todo:
+        if cand.node in layer_stats and _smoothing_alphas(fmt, settings) != (None,):
+            groups.setdefault((SIB.input_key(cand.x), fmt), []).append(cand)
+    out: dict = {}
+    for (_, fmt), cands in groups.items():
+        if len(cands) < 2:
+            continue
+        st = layer_stats[cands[0].node][0]  # siblings read one input: the same rows
+        sources = [_source(gm, ctx, c) for c in cands]
+        biases = [_bias_value(gm, ctx, c) for c in cands]
+        if any(c.bias is not None and b is None for c, b in zip(cands, biases)):
+            continue  # a bias computed in the graph: they will not merge anyway
+        key = C.cache_key(sources[0], "shared-smoothing", fmt, settings, st.fingerprint(),
+                          tuple(C.weight_key(w) + (w._version,) for w in sources[1:]),
+                          tuple(None if b is None else C.weight_key(b) for b in biases),
+                          tuple(c.folded["fold"] if c.folded else None for c in cands))
+        found = C.cache_get(key)
+        if found is None:
+            weights = [_weight(gm, ctx, c) for c in cands]
+            if any(R.is_released(w) for w in weights):
+                continue  # freed: each layer's own result (packed before) is what is left
+            t, _ = choose_shared_smoothing(weights, biases, fmt, settings, st)
+            digest = "none" if t is None else hashlib.blake2b(
+                t.detach().cpu().numpy().tobytes(), digest_size=8).hexdigest()
+            found = (t, digest)
+            C.cache_put(key, sources[0], found)
+        for c in cands:
+            out[c.node] = found
+    return out
 
 
 def _category(decided_by: str) -> str:

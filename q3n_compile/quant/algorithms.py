@@ -66,7 +66,7 @@ are measured with the op's own activation quantization.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -457,51 +457,33 @@ def _gptq_generalises(x: torch.Tensor, w_s: torch.Tensor, smooth: Optional[torch
                    "this layer's width)")
 
 
-def quantize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], fmt: LayerFormat,
-                   settings: CalibrationSettings, stats=None) -> LayerResult:
-    """Quantize one linear (``fmt.activation_format`` already resolved, not "auto").
-
-    `stats` (:class:`~q3n_compile.quant.calibration.LayerStats` or None) gives the input Hessian,
-    per-channel activation maxima and calibration rows. Without it: RTN with a data-free clipping
-    search, and no error figures.
-    """
-    w = weight.detach().to(torch.float32)
-    b = None if bias is None else bias.detach().to(torch.float32)
-    act = _act_format(fmt)
-    info: dict = {"calibration_rows": 0}
-    if stats is None or stats.n == 0:
-        qw = quantize_rtn(w, fmt, None, settings.clip_search)
-        info["method"] = "rtn" + ("+clip" if settings.clip_search else "")
-        info["note"] = "no calibration data: error figures need layer inputs"
-        return LayerResult(qw.pack(fmt), None, info)
-
-    x = stats.samples().to(w.device, torch.float32)
-    h = stats.hessian().to(w.device, torch.float32)
-    y_ref = x @ w.t() + (b if b is not None else 0)
-    info["calibration_rows"] = int(stats.n)
-    info["error_rows"] = int(x.shape[0])
-
-    rtn = quantize_rtn(w, fmt)
-    info["rtn_rel_err"] = relative_error(_simulate(x, rtn, fmt, None, b), y_ref)
-
-    # Smoothing (quantized activations only: the kernel applies the vector while quantizing x):
-    # the noise-model optimum or none (alpha null), SmoothQuant's rule over a grid of alphas or
-    # none ("search"), or one given alpha; candidates are compared by the error of a cheap
-    # RTN+clip quantization on the calibration rows, so with none among them the choice never
-    # does worse there than no smoothing.
-    alphas: tuple = (None,)
+def _smoothing_alphas(fmt: LayerFormat, settings: CalibrationSettings) -> tuple:
+    """The smoothing candidates a layer of `fmt` chooses among (None: no smoothing)."""
     use_sq = settings.smoothquant is True or (settings.smoothquant == "auto"
                                               and fmt.activation_bits == 8)
-    if act != "none" and use_sq:
-        alphas = {None: SMOOTH_CANDIDATES, "search": SMOOTH_ALPHAS}.get(settings.alpha,
-                                                                       (settings.alpha,))
+    if _act_format(fmt) == "none" or not use_sq:
+        return (None,)
+    return {None: SMOOTH_CANDIDATES, "search": SMOOTH_ALPHAS}.get(settings.alpha,
+                                                                  (settings.alpha,))
+
+
+def _calibration_tensors(w, b, stats):
+    x = stats.samples().to(w.device, torch.float32)
+    h = stats.hessian().to(w.device, torch.float32)
+    return x, h, x @ w.t() + (b if b is not None else 0)
+
+
+def _best_smoothing(w, b, x, h, y_ref, fmt, settings, stats, alphas, info) -> tuple:
+    """(err, alpha, w_s, h_s, smooth, RTN+clip weight) of the candidate with the lowest error
+    on the calibration rows; an alpha that is a tensor is a given multiplier t of W's columns."""
     best = None
     for alpha in alphas:
         if alpha is None:
-            t = None
             w_s, h_s, smooth = w, h, None
         else:
-            if alpha == NOISE_MODEL:
+            if isinstance(alpha, torch.Tensor):
+                t = alpha.to(w.device, torch.float32)
+            elif alpha == NOISE_MODEL:
                 t = noise_model_smoothing(x, w, fmt)
             else:
                 t = smooth_factors(stats.absmax.to(w.device), w, alpha)
@@ -516,7 +498,71 @@ def quantize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], fmt: Laye
                 "none" if alpha is None else str(alpha)] = float(f"{err:.5g}")
         if best is None or err < best[0]:
             best = (err, alpha, w_s, h_s, smooth, cand)
-    err, alpha, w_s, h_s, smooth, qw = best
+    return best
+
+
+def choose_shared_smoothing(weights: list[torch.Tensor], biases: list[Optional[torch.Tensor]],
+                            fmt: LayerFormat, settings: CalibrationSettings, stats
+                            ) -> tuple[Optional[torch.Tensor], dict]:
+    """One smoothing choice for sibling linears that read the same input (q/k/v, gate/up), so
+    they quantize x alike and can run as one GEMM: the layer's usual choice made for their
+    concatenated weight (the candidates judged by the error of all their outputs together).
+    Returns (t, info): t multiplies W's columns (x is divided by it), None for no smoothing."""
+    w = torch.cat([wt.detach().to(torch.float32) for wt in weights])
+    dev = w.device
+    b = None
+    if any(bi is not None for bi in biases):
+        b = torch.cat([bi.detach().to(dev, torch.float32) if bi is not None else
+                       torch.zeros(wt.shape[0], device=dev) for wt, bi in zip(weights, biases)])
+    info: dict = {}
+    alphas = _smoothing_alphas(fmt, settings)
+    if stats is None or stats.n == 0 or alphas == (None,):
+        return None, info
+    x, h, y_ref = _calibration_tensors(w, b, stats)
+    _, alpha, w_s, _, smooth, _ = _best_smoothing(w, b, x, h, y_ref, fmt, settings, stats,
+                                                  alphas, info)
+    info["alpha"] = None if alpha is None else str(alpha)
+    return (None if smooth is None else (1.0 / smooth).to(torch.float32)), info
+
+
+def quantize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], fmt: LayerFormat,
+                   settings: CalibrationSettings, stats=None, shared_smoothing: Any = False
+                   ) -> LayerResult:
+    """Quantize one linear (``fmt.activation_format`` already resolved, not "auto").
+
+    `stats` (:class:`~q3n_compile.quant.calibration.LayerStats` or None) gives the input Hessian,
+    per-channel activation maxima and calibration rows. Without it: RTN with a data-free clipping
+    search, and no error figures. `shared_smoothing`: False (the default) lets the layer choose
+    its smoothing; a tensor t (or None) is the choice :func:`choose_shared_smoothing` made for
+    its siblings, used as it is.
+    """
+    w = weight.detach().to(torch.float32)
+    b = None if bias is None else bias.detach().to(torch.float32)
+    info: dict = {"calibration_rows": 0}
+    if stats is None or stats.n == 0:
+        qw = quantize_rtn(w, fmt, None, settings.clip_search)
+        info["method"] = "rtn" + ("+clip" if settings.clip_search else "")
+        info["note"] = "no calibration data: error figures need layer inputs"
+        return LayerResult(qw.pack(fmt), None, info)
+
+    x, h, y_ref = _calibration_tensors(w, b, stats)
+    info["calibration_rows"] = int(stats.n)
+    info["error_rows"] = int(x.shape[0])
+
+    rtn = quantize_rtn(w, fmt)
+    info["rtn_rel_err"] = relative_error(_simulate(x, rtn, fmt, None, b), y_ref)
+
+    # Smoothing (quantized activations only: the kernel applies the vector while quantizing x):
+    # the noise-model optimum or none (alpha null), SmoothQuant's rule over a grid of alphas or
+    # none ("search"), or one given alpha; candidates are compared by the error of a cheap
+    # RTN+clip quantization on the calibration rows, so with none among them the choice never
+    # does worse there than no smoothing.
+    if shared_smoothing is False:
+        alphas = _smoothing_alphas(fmt, settings)
+    else:
+        alphas = (shared_smoothing,)
+    err, alpha, w_s, h_s, smooth, qw = _best_smoothing(w, b, x, h, y_ref, fmt, settings, stats,
+                                                      alphas, info)
     method = "rtn" + ("+clip" if settings.clip_search else "")
     if settings.method == "gptq":
         try:
@@ -545,7 +591,9 @@ def quantize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], fmt: Laye
                 info["note"] = why
         except HessianError as exc:
             info["note"] = f"gptq skipped: {exc}"
-    if alpha == NOISE_MODEL:
+    if isinstance(alpha, torch.Tensor):
+        method += "+smooth(shared with siblings)"
+    elif alpha == NOISE_MODEL:
         method += "+smooth(noise-model)"
     elif alpha is not None:
         method += f"+smoothquant(alpha={alpha})"
