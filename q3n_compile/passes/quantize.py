@@ -92,7 +92,7 @@ from ..progress import Progress
 from ..quant import calibration as C
 from ..quant import release as R
 from ..quant.classify import StructureClassifier, _q3n_op, classify, module_path
-from ..quant.config import LayerFormat, QuantConfig, parse_quant_config
+from ..quant.config import SHARED_SMOOTHING, LayerFormat, QuantConfig, parse_quant_config
 from . import qlinear_siblings as SIB
 from .base import PassContext, PassStats
 from .matching import add_node, fake_mode_for
@@ -382,9 +382,10 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             example_note = (f"{len(too_few)} layer(s) saw fewer than {C.MIN_EXAMPLE_ROWS} rows in "
                             "the example inputs (too few to calibrate on)")
 
-    # 3b. One smoothing choice per sibling group: siblings with 8-bit activations would each
-    # choose their own vector, quantize x differently and stay apart (merge_siblings).
-    shared = _shared_smoothing(gm, ctx, todo, layer_stats, settings) if qc.merge_siblings else {}
+    # 3b. merge_siblings "shared_smoothing": one smoothing choice per sibling group (siblings
+    # with 8-bit activations would each choose their own vector and stay apart).
+    shared = (_shared_smoothing(gm, ctx, todo, layer_stats, settings)
+              if qc.merge_siblings == SHARED_SMOOTHING else {})
 
     # 4. Quantize (cached) and rewrite.
     packed_nodes: dict[tuple, tuple[Node, ...]] = {}

@@ -248,11 +248,12 @@ def test_merged_bias_parameters_are_frozen():
 
 
 @pytest.mark.usefixtures("reference_kernels")
-def test_calibrated_siblings_share_one_smoothing_choice():
+def test_calibrated_siblings_share_one_smoothing_choice_when_asked():
     """With calibration, 8-bit-activation siblings would each choose a smoothing vector; the
     group's choice is made once for their concatenated weight, so they quantize x alike and
-    merge. An outlier input channel makes smoothing worth it here: every member gets the same
-    vector, and the merged outputs stay within W8A8's noise of eager."""
+    merge with ``merge_siblings: "shared_smoothing"`` (by default they stay apart). An outlier
+    input channel makes smoothing worth it here: every member gets the same vector, and the
+    merged outputs stay within W8A8's noise of eager."""
 
     class GateUp(nn.Module):
         def __init__(self):
@@ -276,13 +277,23 @@ def test_calibrated_siblings_share_one_smoothing_choice():
     qc = {"rules": [{"match": "*", "weight_bits": 8, "activation_bits": 8,
                      "activation_format": "int8", "group_size": -1}]}
     x = batch(16)
+    # By default each layer chooses its own vector: they stay apart, and the report says why.
     torch._dynamo.reset()
-    out = torch.compile(model, backend="q3n", options={"quant_config": qc})(x)
+    torch.compile(model, backend="q3n", options={"quant_config": qc})(x)
+    q = q3n_compile.reports()[-1]["passes"]["quantize"]["detail"]
+    assert q["siblings"]["groups"] == []
+    assert q["siblings"]["apart"] == [{"layers": ["gate", "up"], "reason": (
+        "different smoothing vectors (each quantizes x its own way)")}]
+    assert all(e["method"].endswith("+smooth(noise-model)") for e in q["layers"])
+    torch._dynamo.reset()
+    out = torch.compile(model, backend="q3n", options={
+        "quant_config": {**qc, "merge_siblings": "shared_smoothing"}})(x)
     q = q3n_compile.reports()[-1]["passes"]["quantize"]["detail"]
     assert [g["layers"] for g in q["siblings"]["groups"]] == [["gate", "up"]]
     methods = {e["layer"]: e["method"] for e in q["layers"]}
     assert all(m.endswith("+smooth(shared with siblings)") for m in methods.values()), methods
-    results = [r for _, r in C._CACHE.values() if hasattr(r, "smooth")]
+    results = [r for _, r in C._CACHE.values() if hasattr(r, "smooth")
+               and "shared" in r.info["method"]]
     assert len(results) == 2 and torch.equal(results[0].smooth, results[1].smooth)
     for o, w in zip(out, model(x)):
         assert _rel(o, w) < 0.02
