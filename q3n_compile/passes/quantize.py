@@ -39,6 +39,14 @@ For each linear:
    GraphModule read by ``get_attr``; the linear becomes ``q3n::qlinear`` (bias passed through);
    the weight's placeholder is frozen (``ctx.freeze``): changing it later raises
    ``FrozenWeightChanged``.
+6. **Siblings** (``quant_config["merge_siblings"]``, default true): rewritten linears on one
+   input with one format and smoothing vector (q/k/v, gate/up) become one call on their
+   concatenated packed weights, each output a slice (:mod:`.qlinear_siblings`);
+   ``detail["siblings"]`` lists the groups and those left apart with why. With
+   ``"shared_smoothing"`` a sibling group's smoothing vector is chosen once for the group
+   (:func:`q3n_compile.quant.algorithms.choose_shared_smoothing`, cached) before step 4, so
+   calibrated 8-bit siblings merge too (opt-in: it cost MiniLM W8A8 accuracy,
+   ``bench/RESULTS.md`` session 31).
 
 Memory: the compiled graph holds the packed weights; the high-precision weights stay in the
 user's ``nn.Module`` (Dynamo passes them to every call) until
