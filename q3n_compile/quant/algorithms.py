@@ -519,6 +519,14 @@ def choose_shared_smoothing(weights: list[torch.Tensor], biases: list[Optional[t
     if stats is None or stats.n == 0 or alphas == (None,):
         return None, info
     x, h, y_ref = _calibration_tensors(w, b, stats)
+    # Each member's rows scaled to unit output energy on the calibration rows: the noise model
+    # and the candidates' error then weigh every layer's relative error alike (row scales
+    # commute with t, which scales columns), not the layer with the largest outputs.
+    scale = torch.cat([torch.full((wt.shape[0],), 1.0 / max(float(y.norm()), 1e-30), device=dev)
+                       for wt, y in zip(weights, y_ref.split([wt.shape[0] for wt in weights],
+                                                             dim=1))])
+    w, y_ref = w * scale[:, None], y_ref * scale[None, :]
+    b = None if b is None else b * scale
     _, alpha, w_s, _, smooth, _ = _best_smoothing(w, b, x, h, y_ref, fmt, settings, stats,
                                                   alphas, info)
     info["alpha"] = None if alpha is None else str(alpha)

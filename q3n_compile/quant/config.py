@@ -59,9 +59,9 @@ the output sliced back, so x is quantized once and narrow weights (GQA k/v) join
 (:mod:`q3n_compile.passes.qlinear_siblings`); false keeps one call per linear. Calibrated 8-bit
 activations get a smoothing vector per layer, so such siblings stay apart (the report says why)
 unless ``"shared_smoothing"``: one smoothing choice per sibling group, made for their
-concatenated weight. That costs accuracy on MiniLM (W8A8 calibrated, Spearman 0.99783 against
-0.99848 with a vector per layer; g128 weights with activations per 128 channels 0.99907 against
-0.99942), so it is not the default.
+concatenated weight (each member's outputs weighed alike). That costs accuracy on MiniLM (W8A8
+calibrated, Spearman 0.99809 against 0.99848 with a vector per layer; g128 weights with
+activations per 128 channels 0.99922 against 0.99942), so it is not the default.
 
 ``calibration``: ``method`` "gptq" (error-compensating rounding from the input Hessian) or "rtn";
 ``smoothquant`` (a per-input-channel smoothing vector: the kernel multiplies x by it before

@@ -297,3 +297,27 @@ def test_calibrated_siblings_share_one_smoothing_choice_when_asked():
     assert len(results) == 2 and torch.equal(results[0].smooth, results[1].smooth)
     for o, w in zip(out, model(x)):
         assert _rel(o, w) < 0.02
+
+
+def test_shared_smoothing_weighs_every_sibling_alike():
+    """The group's choice is made with each member's rows scaled to unit output energy, so a
+    member with outputs 1000x larger does not decide it alone: the vector is the same when one
+    member's weight is scaled, and it is not the vector of the scaled member by itself."""
+    from q3n_compile.quant.algorithms import choose_shared_smoothing, noise_model_smoothing
+    from q3n_compile.quant.config import CalibrationSettings, LayerFormat
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g)
+    x[:, 3] *= 30  # an outlier channel: smoothing pays
+    a = torch.randn(32, 64, generator=g)
+    b = torch.randn(16, 64, generator=g) * torch.linspace(0.1, 3, 64)
+    stats = C.LayerStats(64, 512)
+    stats.add(x)
+    fmt = LayerFormat(8, 8, -1, True, "int8")
+    settings = CalibrationSettings()
+    t1, _ = choose_shared_smoothing([a, b], [None, None], fmt, settings, stats)
+    t2, _ = choose_shared_smoothing([a * 1000, b], [None, None], fmt, settings, stats)
+    assert t1 is not None and t2 is not None
+    torch.testing.assert_close(t1, t2, rtol=2e-3, atol=0)
+    alone = noise_model_smoothing(x, a, fmt)
+    assert (t1 - alone).abs().max() > 1e-2
