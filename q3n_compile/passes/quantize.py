@@ -407,11 +407,7 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
     for index, (cand, fmt, decided_by) in enumerate(todo):
         weight = _weight(gm, ctx, cand)
         source_weight = _source(gm, ctx, cand)
-        bias_val = None
-        if cand.bias is not None and cand.bias.op == "placeholder":
-            bias_val = ctx.static_values.get(cand.bias.name)
-        elif cand.bias is not None and cand.bias.op == "get_attr":
-            bias_val = getattr(gm, cand.bias.target)
+        bias_val = _bias_value(gm, ctx, cand)
         st, source = layer_stats.get(cand.node, (None, "none"))
         if cand.folded is None:
             bias_key = None if bias_val is None else C.weight_key(bias_val)
@@ -642,6 +638,8 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
 
 
 def _bias_value(gm: GraphModule, ctx: PassContext, cand: Candidate) -> Optional[torch.Tensor]:
+    """The bias's value where it is a compile-time constant; None without a bias or where the
+    graph computes it."""
     if cand.bias is not None and cand.bias.op == "placeholder":
         return ctx.static_values.get(cand.bias.name)
     if cand.bias is not None and cand.bias.op == "get_attr":
