@@ -36,7 +36,7 @@ from torch.fx import GraphModule, Node
 
 from ..kernels import packing as P
 from ..kernels import qlinear as QL
-from .matching import add_node
+from .matching import VIEW_OPS, add_node, is_call
 
 aten = torch.ops.aten
 
@@ -64,15 +64,12 @@ def _op_args(node: Node) -> tuple[int, int]:
     return 2, 2  # qlinear_codes: (codes, scales, qweight, ...)
 
 
-_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
-
-
 def input_key(node: Node) -> tuple:
     """What identifies the tensor `node` is: each linear of the captured graph reshapes the
     block's input for itself (``view(x, [M, K])``), so views of one root with one shape and
     stride are one tensor (a view keeps the storage offset)."""
     root = node
-    while isinstance(root, Node) and root.op == "call_function" and root.target in _VIEWS:
+    while is_call(root, *VIEW_OPS):
         root = root.args[0]
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):

@@ -404,8 +404,7 @@ def parse_quant_config(value: Mapping[str, Any]) -> QuantConfig:
         rules.append(Rule(i, patterns, fmt))
     calibration = _parse_calibration(value.get("calibration", {}))
     merge = value.get("merge_siblings", True)
-    if merge not in (True, False, SHARED_SMOOTHING) or isinstance(merge, (int, float)) and (
-            not isinstance(merge, bool)):
+    if not (isinstance(merge, bool) or merge == SHARED_SMOOTHING):
         raise _fail(["merge_siblings"], f"{merge!r} is not accepted",
                     "use true (siblings that quantize x alike run as one GEMM, the default), "
                     f"{SHARED_SMOOTHING!r} (also one smoothing choice per sibling group, so "
