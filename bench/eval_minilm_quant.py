@@ -408,6 +408,13 @@ def _measure(model, cfg: dict, method: str, setup: dict) -> dict[str, Any]:
                                   "refine_codes_changed": e["refine"]["codes_changed"]}
                                  if "refine" in e else {})
                               for e in detail.get("layers", [])},
+            # Which sibling linears ran as one call (merge_siblings), and each layer's verdict
+            # on its group's smoothing vector where it was offered one.
+            "siblings": None if detail.get("siblings") is None else {
+                "merged": [g["layers"] for g in detail["siblings"]["groups"]],
+                "apart": len(detail["siblings"]["apart"])},
+            "shared_smoothing": {e["layer"]: e["shared_smoothing"]
+                                 for e in detail.get("layers", []) if "shared_smoothing" in e},
             "time_s": round(time.perf_counter() - started, 1)}
 
 

@@ -23,7 +23,8 @@ What this module guarantees:
 - **Nothing merged silently wrong.** A group is merged only where ``q3n::qlinear``'s
   ``supports`` takes the merged call; biases must be compile-time constants (a missing bias is
   zeros in the merged one). Groups on one input that stay apart are reported with the reason
-  (different formats, different smoothing vectors, a bias computed in the graph).
+  (different formats, different smoothing vectors — with the member that kept its own and its
+  calibration errors, where the group's choice was offered — a bias computed in the graph).
 """
 
 from __future__ import annotations
@@ -163,7 +164,19 @@ def _apart_reason(a: Member, b: Member) -> Optional[str]:
         return "different weight layouts"
     if (a.smooth is None) != (b.smooth is None) or (
             a.smooth is not None and not torch.equal(a.smooth, b.smooth)):
-        return "different smoothing vectors (each quantizes x its own way)"
+        why = "different smoothing vectors (each quantizes x its own way)"
+        for m in (a, b):
+            offer = (m.entry or {}).get("shared_smoothing")
+            if offer is None or offer["adopted"]:
+                continue
+            ratio = offer["rel_err"] / max(offer["own_rel_err"], 1e-30)
+            if ratio > 1 + offer["within"]:
+                why += (f"; {m.layer} kept its own: the group's raised its calibration error "
+                        f"{ratio:.3g}x, more than share_smoothing_within allows "
+                        f"({1 + offer['within']:.3g}x)")
+            else:
+                why += f"; {m.layer} kept its own: no sibling took the group's"
+        return why
     return None
 
 

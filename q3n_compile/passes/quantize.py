@@ -42,11 +42,12 @@ For each linear:
 6. **Siblings** (``quant_config["merge_siblings"]``, default true): rewritten linears on one
    input with one format and smoothing vector (q/k/v, gate/up) become one call on their
    concatenated packed weights, each output a slice (:mod:`.qlinear_siblings`);
-   ``detail["siblings"]`` lists the groups and those left apart with why. With
-   ``"shared_smoothing"`` a sibling group's smoothing vector is chosen once for the group
-   (:func:`q3n_compile.quant.algorithms.choose_shared_smoothing`, cached) before step 4, so
-   calibrated 8-bit siblings merge too (opt-in: it cost MiniLM W8A8 accuracy,
-   ``bench/RESULTS.md`` session 31).
+   ``detail["siblings"]`` lists the groups and those left apart with why. Calibrated 8-bit
+   siblings would each choose a smoothing vector: before step 4 a group's choice is made once
+   (:func:`q3n_compile.quant.algorithms.choose_shared_smoothing`, cached) and taken by the
+   members whose calibration error it raises by at most ``share_smoothing_within``
+   (``"shared_smoothing"``: by all), so those merge too; each member's verdict is in its layer
+   entry (``shared_smoothing``).
 
 Memory: the compiled graph holds the packed weights; the high-precision weights stay in the
 user's ``nn.Module`` (Dynamo passes them to every call) until
@@ -390,10 +391,14 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             example_note = (f"{len(too_few)} layer(s) saw fewer than {C.MIN_EXAMPLE_ROWS} rows in "
                             "the example inputs (too few to calibrate on)")
 
-    # 3b. merge_siblings "shared_smoothing": one smoothing choice per sibling group (siblings
-    # with 8-bit activations would each choose their own vector and stay apart).
-    shared = (_shared_smoothing(gm, ctx, todo, layer_stats, settings)
-              if qc.merge_siblings == SHARED_SMOOTHING else {})
+    # 3b. One smoothing choice per sibling group (siblings with 8-bit activations would each
+    # choose their own vector and stay apart): offered to each member (merge_siblings true:
+    # adopted within calibration.share_smoothing_within of its own choice's error) or imposed
+    # ("shared_smoothing").
+    shared = (_shared_smoothing(gm, ctx, todo, layer_stats, settings,
+                                None if qc.merge_siblings == SHARED_SMOOTHING
+                                else settings.share_smoothing_within)
+              if qc.merge_siblings else {})
 
     # 4. Quantize (cached) and rewrite.
     packed_nodes: dict[tuple, tuple[Node, ...]] = {}
@@ -416,7 +421,7 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             src_bias = cand.folded["source_bias"]
             bias_key = ("norm_fold", cand.folded["fold"],
                         None if src_bias is None else C.weight_key(ctx.static_values[src_bias]))
-        share = shared.get(cand.node)
+        share, offer = shared.get(cand.node, (None, None))
         share_key = () if share is None else (("shared-smoothing", share[1]),)
         result_key = (fmt, settings, bias_key) + share_key
         key = C.cache_key(source_weight, fmt, settings, st.fingerprint() if st else None, bias_key,
@@ -555,6 +560,9 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             # calibration.refine: GPTQ's error, the error after the sweeps (calibration rows),
             # the sweeps, codes changed and GPTQ's damped objective before/after.
             **({"refine": info["refine"]} if "refine" in info else {}),
+            # merge_siblings true: the calibration error (RTN+clip) under the group's
+            # smoothing choice against the layer's own choice's, and whether it took the group's.
+            **({"shared_smoothing": offer} if offer is not None else {}),
             **({"note": info["note"]} if "note" in info else {}),
             **({"norm_fused": {
                 "norm": cand.folded["norm"],
@@ -648,10 +656,12 @@ def _bias_value(gm: GraphModule, ctx: PassContext, cand: Candidate) -> Optional[
 
 
 def _shared_smoothing(gm: GraphModule, ctx: PassContext, todo: list, layer_stats: dict,
-                      settings) -> dict:
-    """``{linear node: (t or None, digest)}`` for the linears of sibling groups (one input, one
-    format that chooses a smoothing vector, calibration statistics): the choice
-    :func:`q3n_compile.quant.algorithms.choose_shared_smoothing` made for the group, cached."""
+                      settings, within: Optional[float]) -> dict:
+    """``{linear node: ((t or None, digest) or None, verdict or None)}`` for the linears of
+    sibling groups (one input, one format that chooses a smoothing vector, calibration
+    statistics): the choice :func:`q3n_compile.quant.algorithms.choose_shared_smoothing` made
+    for the group (cached), for the members that take it (all of them where `within` is None),
+    and each member's verdict where it was a choice to take or leave."""
     import hashlib
 
     from ..quant.algorithms import _smoothing_alphas, choose_shared_smoothing
@@ -669,7 +679,7 @@ def _shared_smoothing(gm: GraphModule, ctx: PassContext, todo: list, layer_stats
         biases = [_bias_value(gm, ctx, c) for c in cands]
         if any(c.bias is not None and b is None for c, b in zip(cands, biases)):
             continue  # a bias computed in the graph: they will not merge anyway
-        key = C.cache_key(sources[0], "shared-smoothing", fmt, settings, st.fingerprint(),
+        key = C.cache_key(sources[0], "shared-smoothing", fmt, settings, st.fingerprint(), within,
                           tuple(C.weight_key(w) + (w._version,) for w in sources[1:]),
                           tuple(None if b is None else C.weight_key(b) for b in biases),
                           tuple(c.folded["fold"] if c.folded else None for c in cands))
@@ -678,13 +688,16 @@ def _shared_smoothing(gm: GraphModule, ctx: PassContext, todo: list, layer_stats
             weights = [_weight(gm, ctx, c) for c in cands]
             if any(R.is_released(w) for w in weights):
                 continue  # freed: each layer's own result (packed before) is what is left
-            t, _ = choose_shared_smoothing(weights, biases, fmt, settings, st)
+            t, adopted, info = choose_shared_smoothing(weights, biases, fmt, settings, st,
+                                                       within)
             digest = "none" if t is None else hashlib.blake2b(
                 t.detach().cpu().numpy().tobytes(), digest_size=8).hexdigest()
-            found = (t, digest)
+            found = (t, digest, adopted, info.get("members"))
             C.cache_put(key, sources[0], found)
-        for c in cands:
-            out[c.node] = found
+        t, digest, adopted, verdicts = found
+        for i, c in enumerate(cands):
+            out[c.node] = ((t, digest) if adopted[i] else None,
+                           None if verdicts is None else verdicts[i])
     return out
 
 

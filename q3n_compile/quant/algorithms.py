@@ -501,24 +501,19 @@ def _best_smoothing(w, b, x, h, y_ref, fmt, settings, stats, alphas, info) -> tu
     return best
 
 
-def choose_shared_smoothing(weights: list[torch.Tensor], biases: list[Optional[torch.Tensor]],
-                            fmt: LayerFormat, settings: CalibrationSettings, stats
-                            ) -> tuple[Optional[torch.Tensor], dict]:
-    """One smoothing choice for sibling linears that read the same input (q/k/v, gate/up), so
-    they quantize x alike and can run as one GEMM: the layer's usual choice made for their
-    concatenated weight (the candidates judged by the error of all their outputs together).
-    Returns (t, info): t multiplies W's columns (x is divided by it), None for no smoothing."""
-    w = torch.cat([wt.detach().to(torch.float32) for wt in weights])
+def _group_smoothing(weights: list[torch.Tensor], biases: list[Optional[torch.Tensor]],
+                     x: torch.Tensor, h: torch.Tensor, fmt: LayerFormat,
+                     settings: CalibrationSettings, stats, alphas: tuple
+                     ) -> tuple[Any, Optional[torch.Tensor], dict]:
+    """(alpha, t or None, info) of the usual choice made for the concatenated weight of
+    `weights` (float32), the candidates judged by the error of all their outputs together."""
+    w = torch.cat(weights)
     dev = w.device
     b = None
     if any(bi is not None for bi in biases):
-        b = torch.cat([bi.detach().to(dev, torch.float32) if bi is not None else
-                       torch.zeros(wt.shape[0], device=dev) for wt, bi in zip(weights, biases)])
-    info: dict = {}
-    alphas = _smoothing_alphas(fmt, settings)
-    if stats is None or stats.n == 0 or alphas == (None,):
-        return None, info
-    x, h, y_ref = _calibration_tensors(w, b, stats)
+        b = torch.cat([bi if bi is not None else torch.zeros(wt.shape[0], device=dev)
+                       for wt, bi in zip(weights, biases)])
+    y_ref = x @ w.t() + (b if b is not None else 0)
     # Each member's rows scaled to unit output energy on the calibration rows: the noise model
     # and the candidates' error then weigh every layer's relative error alike (row scales
     # commute with t, which scales columns), not the layer with the largest outputs.
@@ -527,10 +522,70 @@ def choose_shared_smoothing(weights: list[torch.Tensor], biases: list[Optional[t
                                                              dim=1))])
     w, y_ref = w * scale[:, None], y_ref * scale[None, :]
     b = None if b is None else b * scale
-    _, alpha, w_s, _, smooth, _ = _best_smoothing(w, b, x, h, y_ref, fmt, settings, stats,
-                                                  alphas, info)
-    info["alpha"] = None if alpha is None else str(alpha)
-    return (None if smooth is None else (1.0 / smooth).to(torch.float32)), info
+    info: dict = {}
+    _, alpha, _, _, smooth, _ = _best_smoothing(w, b, x, h, y_ref, fmt, settings, stats, alphas,
+                                                info)
+    return alpha, (None if smooth is None else (1.0 / smooth).to(torch.float32)), info
+
+
+def choose_shared_smoothing(weights: list[torch.Tensor], biases: list[Optional[torch.Tensor]],
+                            fmt: LayerFormat, settings: CalibrationSettings, stats,
+                            within: Optional[float] = None
+                            ) -> tuple[Optional[torch.Tensor], list[bool], dict]:
+    """One smoothing choice for sibling linears that read the same input (q/k/v, gate/up), so
+    they quantize x alike and can run as one GEMM: the layer's usual choice made for their
+    concatenated weight (each member's outputs weighed alike).
+
+    Returns (t, adopted, info): t multiplies W's columns (x is divided by it), None for no
+    smoothing; ``adopted[i]`` says whether member i takes it. `within` None: every member does.
+    A number: member i takes it only if its calibration error under t (RTN+clip, as a layer's
+    candidates are compared) is at most ``1 + within`` times its own choice's; the choice is
+    made again without the member it suits least until it suits all that are left, and with
+    fewer than two left none takes it (sharing gains nothing without a partner).
+    ``info["members"][i]`` gives each member's two errors (under the last choice it was judged
+    by) and its verdict.
+    """
+    ws = [wt.detach().to(torch.float32) for wt in weights]
+    dev = ws[0].device
+    bs = [None if bi is None else bi.detach().to(dev, torch.float32) for bi in biases]
+    alphas = _smoothing_alphas(fmt, settings)
+    if stats is None or stats.n == 0 or alphas == (None,):
+        return None, [False] * len(ws), {}
+    x = stats.samples().to(dev, torch.float32)
+    h = stats.hessian().to(dev, torch.float32)
+    if within is None:
+        alpha, t, info = _group_smoothing(ws, bs, x, h, fmt, settings, stats, alphas)
+        info["alpha"] = None if alpha is None else str(alpha)
+        return t, [True] * len(ws), info
+
+    def error(i: int, candidates: tuple) -> float:
+        y_ref = x @ ws[i].t() + (bs[i] if bs[i] is not None else 0)
+        return _best_smoothing(ws[i], bs[i], x, h, y_ref, fmt, settings, stats, candidates,
+                               {})[0]
+
+    own = [error(i, alphas) for i in range(len(ws))]
+    members = list(range(len(ws)))
+    verdicts: dict[int, dict] = {}
+    t, alpha = None, None
+    while len(members) >= 2:
+        alpha, t, _ = _group_smoothing([ws[i] for i in members], [bs[i] for i in members], x, h,
+                                       fmt, settings, stats, alphas)
+        ratios = {}
+        for i in members:
+            e = error(i, (t,) if t is not None else (None,))
+            ratios[i] = e / max(own[i], 1e-30)
+            verdicts[i] = {"rel_err": float(f"{e:.5g}"), "own_rel_err": float(f"{own[i]:.5g}"),
+                           "within": within}
+        worst = max(members, key=lambda i: ratios[i])
+        if ratios[worst] <= 1.0 + within:
+            break
+        members = [i for i in members if i != worst]  # the choice is made again without it
+    adopted = [i in members and len(members) >= 2 for i in range(len(ws))]
+    for i, v in verdicts.items():
+        v["adopted"] = adopted[i]
+    info = {"alpha": None if alpha is None else str(alpha),
+            "members": [verdicts.get(i) for i in range(len(ws))]}
+    return (t if any(adopted) else None), adopted, info
 
 
 def quantize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], fmt: LayerFormat,
