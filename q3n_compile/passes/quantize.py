@@ -424,12 +424,16 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
         share, offer = shared.get(cand.node, (None, None))
         share_key = () if share is None else (("shared-smoothing", share[1]),)
         result_key = (fmt, settings, bias_key) + share_key
+        # The same layer's result under this merge_siblings setting, whatever its group chose:
+        # release drops the statistics the group's choice is made from, so a later compile of a
+        # released weight finds its result by this key.
+        mode_key = (fmt, settings, bias_key, ("merge_siblings", qc.merge_siblings))
         key = C.cache_key(source_weight, fmt, settings, st.fingerprint() if st else None, bias_key,
                           *share_key)
         result = None if R.is_released(weight) else C.cache_get(key)
         if R.is_released(weight):
             # Freed by release_quantized_weights(): only what was packed before can be used.
-            result = R.released_result(weight, result_key)
+            result = R.released_result(weight, mode_key) or R.released_result(weight, result_key)
             source = "released weight: packed before"
             if result is None:
                 raise QuantizeConfigError(
@@ -530,6 +534,7 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             R.note_read(source_weight, "norm_linear folds it with its norm's weight (the fold "
                                        "is redone on every compile)")
         R.note_quantized(source_weight, cand.path, result_key, result)
+        R.note_quantized(source_weight, cand.path, mode_key, result)
         stats.matched += 1
         stats.rewritten += 1
         info = result.info

@@ -107,3 +107,28 @@ def test_prune_forgets_a_deleted_models_statistics_and_packed_weights():
     gc.collect()
     q3n_compile.quant.prune()
     assert not calibration._STATS and not calibration._CACHE and not release._QUANTIZED
+
+
+@pytest.mark.parametrize("merge", [True, "shared_smoothing"])
+def test_siblings_that_took_a_group_smoothing_choice_recompile_after_release(merge):
+    """Calibrated W8A8 siblings share their group's smoothing vector (merge_siblings); once
+    their weights are released (and with them the calibration statistics the choice was made
+    from), a new shape still finds each layer's packed form and merges the same groups."""
+    model = build_model("qwen3", "tiny")
+    q3n_compile.quant.calibrate(model, [example_inputs("qwen3", model, 2, 32, seed=1)])
+    cfg = {"ffn_layers": {"weight_bits": 8, "activation_bits": 8, "group_size": -1},
+           "attn_layers": {"weight_bits": 8, "activation_bits": 8, "group_size": -1},
+           "calibration": {"method": "rtn"}, "merge_siblings": merge}
+    compiled = torch.compile(model, backend="q3n", options={"quant_config": cfg, **BASE})
+    inputs = example_inputs("qwen3", model, 1, 8)
+    first = compiled(*inputs)
+    q = q3n_compile.reports()[-1]["passes"]["quantize"]["detail"]
+    groups = [g["layers"] for g in q["siblings"]["groups"]]
+    assert groups  # some siblings took their group's vector and merged
+    assert any("shared with siblings" in e["method"] for e in q["layers"])
+    assert len(q3n_compile.release_quantized_weights(model)["released"]) == 14
+    compiled(*example_inputs("qwen3", model, 1, 9, seed=2))  # a new shape: a new graph
+    q = q3n_compile.reports()[-1]["passes"]["quantize"]["detail"]
+    assert q["calibration"]["sources"] == {"released weight: packed before": 14}
+    assert [g["layers"] for g in q["siblings"]["groups"]] == groups
+    assert torch.equal(compiled(*inputs), first)
