@@ -83,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="transformers attention for transformers models: eager or sdpa (default: the model's; "
                        "eager for the generate twins of the built-in decoders)")
     bench.add_argument("--seed", type=int, default=0, help="weights and inputs seed (default 0)")
+    bench.add_argument("--keep-weights", action="store_true",
+                       help="keep the high-precision weights of quantized backends' model copies (by "
+                            "default they are released after compiling, as a deployment would, so "
+                            "peak memory counts the packed weights only)")
     bench.add_argument("--threads", type=int, default=None,
                        help="torch.set_num_threads for CPU runs (default: torch's); 1 steadies timings on a busy machine")
     bench.add_argument("--out", default=None,
@@ -344,8 +348,8 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             repeats=args.repeats, warmup=args.warmup,
             time_budget_s=args.time_budget, dynamic=dynamic, warm_cache=args.warm_cache,
             specialize_float=not args.no_specialize_float,
-            attn_implementation=args.attn_implementation, seed=args.seed, progress=progress,
-            on_row=save_row,
+            attn_implementation=args.attn_implementation, seed=args.seed,
+            release_weights=not args.keep_weights, progress=progress, on_row=save_row,
         )
     except ModelLoadError as err:
         print(f"q3n bench: error: cannot build the model: {err}", file=sys.stderr)

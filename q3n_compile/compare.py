@@ -26,6 +26,12 @@ eager (max abs and relative) and, on the CPU for small models, against the model
 A backend that fails is reported in its rows with its error; the other rows still run. Each
 backend compiles its own copy of the model, from a clean Dynamo state; by default Inductor's and
 AOTAutograd's on-disk caches are off, so compile times are cold (``warm_cache=True`` keeps them).
+Every backend's rows run while the eager model (the reference) is alive, so on a GPU each peak
+counts eager's weights besides the backend's own copy. A backend with a ``quant_config`` has its
+copy's quantized high-precision weights released after the first compile of each phase
+(:func:`q3n_compile.release_quantized_weights`, as a deployment would), so its peak counts the
+packed weights, not both forms; ``release_weights=False`` (``q3n bench --keep-weights``) keeps
+them. ``backends[label]["released"]`` gives what was freed.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import copy
 import csv
 import dataclasses
 import datetime
+import functools
 import gc
 import io
 import json
@@ -382,6 +389,7 @@ def bench(
     attn_implementation: str | None = None,
     example_inputs: Any = None,
     seed: int = 0,
+    release_weights: bool = True,
     progress: Callable[[str], None] | None = None,
     on_row: Callable[[Row], None] | None = None,
 ) -> BenchResult:
@@ -400,6 +408,8 @@ def bench(
     ``runtime.float_inputs`` when they are passed. Lengths and batch sizes
     default by device (:func:`defaults`). ``on_row`` is called with each row as soon as it is
     measured (the CLI saves rows as they come, so a run that is killed keeps what it measured).
+    ``release_weights`` (default True): release the quantized weights of a backend's model copy
+    after its first compile of each phase (module docstring).
     """
     import q3n_compile
 
@@ -509,6 +519,9 @@ def bench(
                 continue
             prefill_fn: Callable | None = None
             all_reports: list[dict[str, Any]] = []
+            after_compile = None
+            if release_weights and spec is not None and (spec.get("options") or {}).get("quant_config"):
+                after_compile = functools.partial(_release, module, backend_info[label])
             for case in cases:
                 tick(label, case)
                 phase, b, s = case
@@ -521,10 +534,10 @@ def bench(
                             prefill_fn = compiled(module, spec, dynamic)
                         inputs = workload.fixed_inputs if workload.fixed_inputs is not None else workload.make_inputs(b, s)
                         _measure_forward(row, prefill_fn, inputs, device, repeats, warmup, time_budget_s,
-                                         references, fp64, phase)
+                                         references, fp64, phase, after_compile)
                     elif phase == "decode":
                         _measure_decode(row, workload, module, spec, dynamic, decode_steps, device, warmup,
-                                        references)
+                                        references, after_compile)
                     elif phase == "generate":
                         _measure_generate(row, gen_model, spec, generate, device, repeats, warmup, references,
                                           workload, seed)
@@ -556,6 +569,13 @@ def bench(
 
     if "fp64_error" in references:
         notes.append(references["fp64_error"])
+    for label, info in backend_info.items():
+        freed = info.get("released")
+        if freed and freed["parameters"]:
+            notes.append(f"{label}: {freed['parameters']} quantized weights of its model copy "
+                         f"({freed['bytes'] / 2**20:.0f} MiB) released after compiling "
+                         "(release_quantized_weights); its peak counts the packed weights "
+                         "(--keep-weights keeps both forms)")
     _speedups(rows)
     rows = _ordered(rows, labels)
     meta = _meta(workload, model, size, device, dtype, n_params, dict(
@@ -716,7 +736,19 @@ def _call(fn: Callable, inputs: Any) -> Any:
     return fn(inputs)
 
 
-def _measure_forward(row: Row, fn, inputs, device, repeats, warmup, budget, references, fp64, phase) -> None:
+def _release(module: nn.Module, info: dict[str, Any]) -> None:
+    """Free `module`'s quantized high-precision weights (idempotent); tallied in `info`."""
+    from .quant.release import release_quantized_weights
+
+    result = release_quantized_weights(module)
+    tally = info.setdefault("released", {"parameters": 0, "bytes": 0, "kept": {}})
+    tally["parameters"] += len(result["released"])
+    tally["bytes"] += result["bytes_released"]
+    tally["kept"].update(result["kept"])
+
+
+def _measure_forward(row: Row, fn, inputs, device, repeats, warmup, budget, references, fp64, phase,
+                     after_compile: Callable[[], None] | None = None) -> None:
     key = (phase, row.batch, row.seq_len)
     _sync(device)
     start = time.perf_counter()
@@ -724,6 +756,8 @@ def _measure_forward(row: Row, fn, inputs, device, repeats, warmup, budget, refe
     _sync(device)
     row.compile_s = time.perf_counter() - start
     del first
+    if after_compile is not None:
+        after_compile()
     for _ in range(warmup):
         _call(fn, inputs)
     # As many repeats as fit in the time budget (at least 3), at most `repeats`.
@@ -785,11 +819,15 @@ def prefill_rows(heads: int, prompt_len: int, cache_len: int, batch: int,
 
 
 class _Decoder:
-    """One decoding session: a cache, an eager prefill, then compiled single-token steps."""
+    """One decoding session: a cache, an eager prefill, then compiled single-token steps.
+
+    The prefill runs the eager reference model (``workload.model``): the backend's copy has the
+    same weights, and a quantized backend's copy may have released them (:func:`_release`)."""
 
     def __init__(self, workload: Workload, module: nn.Module, step_fn: Callable, batch: int, max_len: int,
                  device: str):
-        self.workload, self.module, self.step_fn, self.device = workload, module, step_fn, device
+        self.workload, self.step_fn, self.device = workload, step_fn, device
+        self.module = workload.model
         self.batch, self.max_len = batch, max_len
         if workload.decode == "builtin":
             from .models import new_kv_cache
@@ -828,7 +866,8 @@ class _Decoder:
         return self.step_fn(input_ids=token, past_key_values=self.cache, cache_position=pos, use_cache=True).logits
 
 
-def _measure_decode(row, workload, module, spec, dynamic, steps, device, warmup, references) -> None:
+def _measure_decode(row, workload, module, spec, dynamic, steps, device, warmup, references,
+                    after_compile: Callable[[], None] | None = None) -> None:
     context, batch = row.seq_len, row.batch
     row.new_tokens = steps
     max_len = context + 1 + warmup + steps
@@ -845,6 +884,8 @@ def _measure_decode(row, workload, module, spec, dynamic, steps, device, warmup,
     first_logits = dec.step(token, context).detach().clone()
     _sync(device)
     row.compile_s = time.perf_counter() - start
+    if after_compile is not None:
+        after_compile()
     tokens = [first_logits.argmax(-1)]
     position = context + 1
     for _ in range(warmup):

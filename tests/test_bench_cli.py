@@ -220,3 +220,42 @@ def test_bench_without_float_specialisation_records_it(tmp_path):
     (q3n_row,) = [r for r in data["rows"] if r["backend"] == "q3n"]
     names = q3n_row["reports"][0]["runtime"]["float_inputs"]["names"]
     assert any(n.endswith("variance_epsilon") for n in names), names
+
+
+@pytest.mark.usefixtures("fresh_quant_state")
+def test_bench_releases_a_quantized_backends_weights_after_compiling(tmp_path, capsys):
+    """A backend with a quant_config has its model copy's quantized weights released after the
+    first compile of each phase (as a deployment would), so its peak counts the packed form:
+    the later prefill length and the decode graph compile from the packed weights, their
+    outputs are the ones --keep-weights gives, and the note and results.json say what went."""
+    def run(name, *extra):
+        out = tmp_path / name
+        code = main(["bench", "--model", "qwen3", "--size", "tiny", "--device", "cpu",
+                     "--backends", "q3n+quant", "--seq-len", "8", "13", "--decode-batch", "2",
+                     "--decode-context", "6", "--decode-steps", "3", "--repeats", "2",
+                     "--warmup", "1", "--quiet", "--no-plot", "--out", str(out), *extra])
+        captured = capsys.readouterr()
+        assert code == 0, captured.out + captured.err
+        return json.loads((out / "results.json").read_text()), captured.out
+
+    released, table = run("released")
+    freed = released["backends"]["q3n+quant"]["released"]
+    assert freed["parameters"] == 14 and freed["kept"] == {}  # every linear of qwen3 tiny
+    from q3n_compile.models import build_model
+    linears = [m.weight for m in build_model("qwen3", "tiny").layers.modules()
+               if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 14 and freed["bytes"] == sum(w.numel() * 4 for w in linears)
+    assert any(n.startswith("q3n+quant: 14 quantized weights of its model copy") for n in
+               released["notes"])
+    assert "released after compiling" in table
+    kept, _ = run("kept", "--keep-weights")
+    assert "released" not in kept["backends"]["q3n+quant"]
+    assert not any("released after compiling" in n for n in kept["notes"])
+    quant_rows = [[r for r in d["rows"] if r["backend"] == "q3n+quant"] for d in (released, kept)]
+    assert [r["phase"] for r in quant_rows[0]] == ["prefill", "prefill", "decode"]
+    for a, b in zip(*quant_rows):
+        assert a["error"] is None and b["error"] is None
+        assert a["max_abs_err"] == b["max_abs_err"]  # the same packed weights either way
+    sources = [rep["passes"]["quantize"]["detail"]["calibration"]["sources"]
+               for rep in quant_rows[0][2]["reports"] if "quantize" in rep.get("passes", {})]
+    assert sources and all(s == {"released weight: packed before": 14} for s in sources)
