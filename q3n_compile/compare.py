@@ -561,7 +561,9 @@ def bench(
                     on_row(row)
             backend_info[label]["passes"] = _pass_summary(all_reports)
             backend_info[label]["fallbacks"] = [f for r in all_reports for f in r.get("fallbacks", [])]
-            del module, prefill_fn
+            # after_compile holds the model copy too: dropped here, so the _free below finds it
+            # gone and prunes its packed weights before the next backend's peak is measured.
+            del module, prefill_fn, after_compile
             if gen_model is not None:
                 hf_models.forget_compiled_call(gen_model)
             _free(device)

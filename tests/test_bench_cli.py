@@ -223,7 +223,7 @@ def test_bench_without_float_specialisation_records_it(tmp_path):
 
 
 @pytest.mark.usefixtures("fresh_quant_state")
-def test_bench_releases_a_quantized_backends_weights_after_compiling(tmp_path, capsys):
+def test_bench_releases_a_quantized_backends_weights_after_compiling(tmp_path, capsys, monkeypatch):
     """A backend with a quant_config has its model copy's quantized weights released after the
     first compile of each phase (as a deployment would), so its peak counts the packed form:
     the later prefill length and the decode graph compile from the packed weights, their
@@ -238,7 +238,18 @@ def test_bench_releases_a_quantized_backends_weights_after_compiling(tmp_path, c
         assert code == 0, captured.out + captured.err
         return json.loads((out / "results.json").read_text()), captured.out
 
+    from q3n_compile.quant import release as R
+    live_at_free = []
+    real_free = compare._free
+
+    def free(device):
+        real_free(device)
+        live_at_free.append(sum(e.ref() is not None for e in R._QUANTIZED.values()))
+
+    monkeypatch.setattr(compare, "_free", free)
     released, table = run("released")
+    # When a backend is done, its model copy and packed weights go before the next one runs.
+    assert live_at_free[-1] == 0 and max(live_at_free) == 0, live_at_free
     freed = released["backends"]["q3n+quant"]["released"]
     assert freed["parameters"] == 14 and freed["kept"] == {}  # every linear of qwen3 tiny
     from q3n_compile.models import build_model
