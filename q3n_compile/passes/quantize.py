@@ -676,14 +676,17 @@ def _shared_smoothing(gm: GraphModule, ctx: PassContext, todo: list, layer_stats
         if cand.node in layer_stats and _smoothing_alphas(fmt, settings) != (None,):
             groups.setdefault((SIB.input_key(cand.x), fmt), []).append(cand)
     out: dict = {}
+    groups = {k: v for k, v in groups.items() if len(v) >= 2}
+    # Before the per-layer loop's lines: a group's choice runs the noise model once per member
+    # and once per round on the concatenated weight (seconds on 4096-wide layers).
+    progress = Progress("quantize: sibling smoothing", len(groups), ctx.config.progress)
     for (_, fmt), cands in groups.items():
-        if len(cands) < 2:
-            continue
         st = layer_stats[cands[0].node][0]  # siblings read one input: the same rows
         sources = [_source(gm, ctx, c) for c in cands]
         biases = [_bias_value(gm, ctx, c) for c in cands]
         if any(c.bias is not None and b is None for c, b in zip(cands, biases)):
-            continue  # a bias computed in the graph: they will not merge anyway
+            progress.step(f"{cands[0].path}...: a bias computed in the graph")
+            continue  # they will not merge anyway
         key = C.cache_key(sources[0], "shared-smoothing", fmt, settings, st.fingerprint(), within,
                           tuple(C.weight_key(w) + (w._version,) for w in sources[1:]),
                           tuple(None if b is None else C.weight_key(b) for b in biases),
@@ -692,7 +695,8 @@ def _shared_smoothing(gm: GraphModule, ctx: PassContext, todo: list, layer_stats
         if found is None:
             weights = [_weight(gm, ctx, c) for c in cands]
             if any(R.is_released(w) for w in weights):
-                continue  # freed: each layer's own result (packed before) is what is left
+                progress.step(f"{cands[0].path}...: released weights")
+                continue  # each layer's own result (packed before) is what is left
             t, adopted, info = choose_shared_smoothing(weights, biases, fmt, settings, st,
                                                        within)
             digest = "none" if t is None else hashlib.blake2b(
@@ -703,6 +707,7 @@ def _shared_smoothing(gm: GraphModule, ctx: PassContext, todo: list, layer_stats
         for i, c in enumerate(cands):
             out[c.node] = ((t, digest) if adopted[i] else None,
                            None if verdicts is None else verdicts[i])
+        progress.step(f"{', '.join(c.path for c in cands)}: {sum(adopted)} took the group's choice")
     return out
 
 

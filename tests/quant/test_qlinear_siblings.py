@@ -254,7 +254,7 @@ def _outlier_rows(g, rows, k=64):
 
 
 @pytest.mark.usefixtures("reference_kernels")
-def test_calibrated_siblings_take_the_groups_smoothing_choice_where_it_suits_them():
+def test_calibrated_siblings_take_the_groups_smoothing_choice_where_it_suits_them(capsys):
     """With calibration, 8-bit-activation siblings would each choose a smoothing vector and stay
     apart. By default (merge_siblings true) the group's choice, made once for the concatenated
     weight, is offered to each member, which takes it if its calibration error rises by at most
@@ -283,15 +283,18 @@ def test_calibrated_siblings_take_the_groups_smoothing_choice_where_it_suits_the
                      "activation_format": "int8", "group_size": -1}]}
     x = _outlier_rows(g, 16)
 
-    def compile_with(extra):
+    def compile_with(extra, **options):
         torch._dynamo.reset()
-        out = torch.compile(model, backend="q3n", options={"quant_config": {**qc, **extra}})(x)
+        out = torch.compile(model, backend="q3n", options={"quant_config": {**qc, **extra},
+                                                           **options})(x)
         for o, w in zip(out, model(x)):
             assert _rel(o, w) < 0.02
         q = q3n_compile.reports()[-1]["passes"]["quantize"]["detail"]
         return q, {e["layer"]: e for e in q["layers"]}
 
-    q, layers = compile_with({})
+    q, layers = compile_with({}, progress=True)
+    assert "q3n: quantize: sibling smoothing 1/1 gate, up, side: 2 took the group's choice" in \
+        capsys.readouterr().err
     assert [g["layers"] for g in q["siblings"]["groups"]] == [["gate", "up"]]
     for name in ("gate", "up"):
         offer = layers[name]["shared_smoothing"]
