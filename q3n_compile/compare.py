@@ -574,10 +574,12 @@ def bench(
     for label, info in backend_info.items():
         freed = info.get("released")
         if freed and freed["parameters"]:
+            mib = freed["bytes"] / 2**20
             notes.append(f"{label}: {freed['parameters']} quantized weights of its model copy "
-                         f"({freed['bytes'] / 2**20:.0f} MiB) released after compiling "
-                         "(release_quantized_weights); its peak counts the packed weights "
-                         "(--keep-weights keeps both forms)")
+                         f"({mib:.{0 if mib >= 10 else 2}f} MiB) released after compiling "
+                         "(release_quantized_weights), as a deployment would"
+                         + ("; its peak counts the packed weights" if device == "cuda" else "")
+                         + " (--keep-weights keeps them)")
     _speedups(rows)
     rows = _ordered(rows, labels)
     meta = _meta(workload, model, size, device, dtype, n_params, dict(
