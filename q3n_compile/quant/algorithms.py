@@ -558,9 +558,10 @@ def choose_shared_smoothing(weights: list[torch.Tensor], biases: list[Optional[t
         info["alpha"] = None if alpha is None else str(alpha)
         return t, [True] * len(ws), info
 
+    y_refs = [x @ w.t() + (b if b is not None else 0) for w, b in zip(ws, bs)]
+
     def error(i: int, candidates: tuple) -> float:
-        y_ref = x @ ws[i].t() + (bs[i] if bs[i] is not None else 0)
-        return _best_smoothing(ws[i], bs[i], x, h, y_ref, fmt, settings, stats, candidates,
+        return _best_smoothing(ws[i], bs[i], x, h, y_refs[i], fmt, settings, stats, candidates,
                                {})[0]
 
     own = [error(i, alphas) for i in range(len(ws))]

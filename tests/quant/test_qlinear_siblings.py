@@ -79,19 +79,22 @@ def test_qkv_and_gate_up_become_one_gemm_each(fmt):
     assert _rel(merged, want) < (0.03 if fmt == "w8a8" else 0.2)
 
 
+class ThreeHeads(nn.Module):
+    """Three siblings on one input of width k: widths (a, b, c), b without a bias."""
+
+    def __init__(self, k, widths):
+        super().__init__()
+        self.a, self.b = nn.Linear(k, widths[0]), nn.Linear(k, widths[1], bias=False)
+        self.c = nn.Linear(k, widths[2])
+
+    def forward(self, x):
+        return self.a(x), self.b(x), self.c(x)
+
+
 def test_merged_call_in_the_interpreter_matches_the_separate_calls():
     """The Triton kernels (interpreter) on a merged call of three odd widths, one without a bias."""
-
-    class ThreeHeads(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b, self.c = nn.Linear(64, 24), nn.Linear(64, 8, bias=False), nn.Linear(64, 13)
-
-        def forward(self, x):
-            return self.a(x), self.b(x), self.c(x)
-
     torch.manual_seed(0)
-    model = ThreeHeads().eval()
+    model = ThreeHeads(64, (24, 8, 13)).eval()
     x = torch.randn(3, 5, 64)
     for fmt in ({"weight_bits": 4, "activation_bits": 8, "activation_format": "int8",
                  "group_size": 32},
@@ -401,18 +404,8 @@ def test_gpu_merged_call_of_odd_widths_matches_the_separate_calls(fmt, rows):
     """Three siblings of widths 200 / 72 (no bias) / 136 on K 512, bf16: one merged call whose
     column slices match the separate calls (the GEMM's sums may run in another order) and the
     float64 linears within the format's noise."""
-
-    class ThreeHeads(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(512, 200), nn.Linear(512, 72, bias=False)
-            self.c = nn.Linear(512, 136)
-
-        def forward(self, x):
-            return self.a(x), self.b(x), self.c(x)
-
     torch.manual_seed(0)
-    model = ThreeHeads().eval().to("cuda", torch.bfloat16)
+    model = ThreeHeads(512, (200, 72, 136)).eval().to("cuda", torch.bfloat16)
     x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
     qc = {"rules": [{"match": "*", **fmt}], "calibration": RTN}
     merged = torch.compile(model, backend="q3n", options={"quant_config": qc, "strict": True})(x)
