@@ -72,6 +72,7 @@ import torch
 
 from ..kernels import packing as P
 from ..kernels import qlinear_i8 as I8
+from ..kernels.gptq_columns import gptq_columns
 from ..kernels.qlinear import ACT_QMAX, fake_quantize_activations
 from .config import PER_CHANNEL, PER_TOKEN, CalibrationSettings, LayerFormat
 
@@ -254,12 +255,14 @@ def gptq(w: torch.Tensor, h: torch.Tensor, fmt: LayerFormat, damp: float = 0.01,
     scales = torch.zeros(n_groups, n, device=w.device)
     zeros = torch.zeros(n_groups, n, device=w.device)
     ready = [False] * n_groups
+    group_dev = torch.tensor(group_of, dtype=torch.int32, device=w.device)
     for i1 in range(0, k, GPTQ_BLOCK):
         i2 = min(i1 + GPTQ_BLOCK, k)
         w1 = wp[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        i = 0
+        while i < i2 - i1:
             g = group_of[i1 + i]
             if not ready[g]:
                 # The group's columns as updated so far (none of them is quantized yet): inside
@@ -274,13 +277,13 @@ def gptq(w: torch.Tensor, h: torch.Tensor, fmt: LayerFormat, damp: float = 0.01,
                     cur[:, ~inside] = wp[:, out] - err1[:, :i] @ hinv[i1:i1 + i][:, out]
                 scales[g], zeros[g] = search_params(cur, bits, sym, d_all[cols], clip)
                 ready[g] = True
-            s, z = scales[g], zeros[g]
-            wc = w1[:, i]
-            q = quantize_codes(wc, s, z, bits)
-            codes[:, i1 + i] = q
-            e = (wc - (q - z) * s) / hinv1[i, i]
-            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
-            err1[:, i] = e
+            # The columns up to the next group still without parameters, in one go.
+            j = i + 1
+            while j < i2 - i1 and ready[group_of[i1 + j]]:
+                j += 1
+            gptq_columns(w1, err1, codes[:, i1:i2], hinv1, scales, zeros, group_of[i1:i2],
+                         group_dev[i1:i2], i, j, bits)
+            i = j
         wp[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return QuantizedWeight(codes[:, inv], scales, zeros)
 
