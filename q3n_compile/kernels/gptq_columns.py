@@ -41,7 +41,9 @@ import triton.language as tl
 
 from q3n_compile.kernels import contract
 
-_RINT = 12582912.0  # 1.5 * 2^23: (v + c) - c rounds a float32 |v| < 2^22 to nearest, ties to even
+# 1.5 * 2^23: (v + c) - c rounds a float32 |v| < 2^22 to nearest, ties to even (the interpreter
+# has no rint); larger |v| (a weight 2^22 steps from its scale) is clamped to 0 or QMAX either way.
+_RINT = tl.constexpr(12582912.0)
 BLOCK_C = 128  # the widest block of columns GPTQ hands over (algorithms.GPTQ_BLOCK)
 BLOCK_N = 32
 

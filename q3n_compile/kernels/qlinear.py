@@ -207,7 +207,6 @@ _ACT_CODE = {"none": 0, "int8": 1, "fp8": 2, "int12": 3}
 # Operand types of tl.dot (DOT_DTYPE): 0 = x's dtype (16-bit activations), 1 = fp32, 2 = fp16,
 # 3 = int8, 4 = fp8 e4m3.
 _DD_X, _DD_F32, _DD_F16, _DD_I8, _DD_F8 = 0, 1, 2, 3, 4
-_RINT = 12582912.0  # 1.5 * 2^23: (v + c) - c rounds a float32 |v| < 2^22 to nearest, ties to even
 
 
 # ---------------------------------------------------------------------------------------------

@@ -119,3 +119,33 @@ def test_gpu_gptq_with_the_kernel_equals_gptq_with_the_torch_loop(monkeypatch, b
     want = A.gptq(w, h, fmt, 0.01, True, act_order)
     assert torch.equal(got.codes, want.codes)
     assert torch.equal(got.scales, want.scales) and torch.equal(got.zeros, want.zeros)
+
+
+def test_compiles_for_sm90_with_correctly_rounded_steps():
+    """The CPU lane compiles the kernel for an H100/H200 (no GPU needed): it must compile, divide
+    with div.rn (not Triton's approximate fp32 division) and hold no fused multiply-add (the
+    launch turns contraction off, so each step rounds as the torch loop's ops do)."""
+    from .subprocess_lane import json_without_interpreter
+
+    got = json_without_interpreter("""
+        import json
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from q3n_compile.kernels import gptq_columns as GC
+
+        kernel = GC.gptq_columns_kernel
+        constexprs = dict(QMAX=15.0, BLOCK_N=GC.BLOCK_N, BLOCK_C=GC.BLOCK_C)
+        types = dict(W1="*fp32", ERR="*fp32", CODES="*fp32", HINV="*fp32", S="*fp32", Z="*fp32",
+                     G="*i32")
+        names = kernel.arg_names
+        signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+        src = ASTSource(fn=kernel, signature=signature,
+                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": 4, "enable_fp_fusion": False})
+        ptx = k.asm["ptx"]
+        print(json.dumps(dict(div_rn=ptx.count("div.rn.f32"), fma=ptx.count("fma.rn.f32"),
+                              div_approx=ptx.count("div.full.f32"))))
+    """)
+    assert got["div_rn"] >= 2 and got["div_approx"] == 0 and got["fma"] == 0, got
