@@ -73,6 +73,36 @@ def test_none_is_kept_when_smoothing_does_not_help():
         assert res.smooth is None and "smooth" not in res.info["method"]
 
 
+# (weight bits, group, symmetric, activation format, activation group, K): per channel and
+# per group, with and without zero points, int8 / int12 / fp8 (no activation term), activation
+# groups with a partial last group (K 96 = 64 + 32).
+GRAD_CASES = [(8, -1, True, "int8", -1, 128), (4, 32, False, "int8", -1, 128),
+              (6, 32, False, "int12", -1, 96), (4, 32, True, "fp8", -1, 96),
+              (8, 32, False, "int8", 64, 96), (4, 32, True, "int8", 32, 128)]
+
+
+@pytest.mark.parametrize("bits,group,sym,act,act_group,K", GRAD_CASES)
+def test_noise_model_gradient_is_the_loss_gradient(bits, group, sym, act, act_group, K):
+    """The written-out gradient the smoothing search descends equals autograd's gradient of the
+    model's loss (its definition), at t = 1 and at a random t (no ties in random data)."""
+    x, w, _ = _layer(11, K=K, N=40, rows=300)
+    fmt = LayerFormat(bits, 8 if act != "int12" else 12, group, sym, act, act_group)
+    model = A._NoiseModel(x, w, fmt)
+    gen = torch.Generator().manual_seed(K + bits)
+    for t in (torch.ones(K, dtype=torch.float64),
+              torch.exp(torch.randn(K, generator=gen, dtype=torch.float64) * 0.5)):
+        model64 = A._NoiseModel(x.double(), w.double(), fmt)
+        for name in ("wg", "col_energy", "x_energy", "ax"):  # the definition in float64
+            setattr(model64, name, getattr(model64, name).double())
+        leaf = t.clone().requires_grad_(True)
+        with torch.enable_grad():
+            want, = torch.autograd.grad(model64.loss(leaf), leaf)
+        got = model.grad(t.float())
+        assert got.shape == (K,) and got.dtype == torch.float32
+        assert torch.allclose(got.double(), want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+        assert float(want.abs().max()) > 0
+
+
 def test_noise_model_flattens_activation_outliers_and_is_deterministic():
     x, w, _ = _layer(4, K=128, N=64, rows=512)
     fmt = LayerFormat(8, 8, -1, True, "int8")
@@ -118,3 +148,17 @@ def test_alpha_setting_is_validated():
     assert parse_quant_config({}).calibration.alpha is None
     with pytest.raises(Exception, match="'search'"):
         parse_quant_config({"calibration": {"alpha": "max"}})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt", [LayerFormat(8, 8, -1, True, "int8"),
+                                 LayerFormat(4, 8, 128, False, "int8", 128)])
+def test_gpu_noise_model_is_deterministic_and_matches_the_cpu(fmt):
+    """On a GPU the search gives the same vector on every run (its sums avoid atomic adds), and
+    the CPU's to within float32 rounding of 100 Adam steps."""
+    x, w, _ = _layer(6, K=1024, N=512, rows=512)
+    t = A.noise_model_smoothing(x.cuda(), w.cuda(), fmt)
+    assert torch.equal(t, A.noise_model_smoothing(x.cuda(), w.cuda(), fmt))
+    cpu = A.noise_model_smoothing(x, w, fmt)
+    assert float((t.cpu() / cpu).log().abs().max()) < 1e-4
