@@ -156,9 +156,13 @@ def test_alpha_setting_is_validated():
                                  LayerFormat(4, 8, 128, False, "int8", 128)])
 def test_gpu_noise_model_is_deterministic_and_matches_the_cpu(fmt):
     """On a GPU the search gives the same vector on every run (its sums avoid atomic adds), and
-    the CPU's to within float32 rounding of 100 Adam steps."""
+    the CPU's optimum: the same modelled error, and every channel within 1% (the two devices
+    sum in different orders, and 100 Adam steps carry that on: 0.14% at most in s33run5, where
+    a step of the search moves log t by up to 0.1)."""
     x, w, _ = _layer(6, K=1024, N=512, rows=512)
     t = A.noise_model_smoothing(x.cuda(), w.cuda(), fmt)
     assert torch.equal(t, A.noise_model_smoothing(x.cuda(), w.cuda(), fmt))
     cpu = A.noise_model_smoothing(x, w, fmt)
-    assert float((t.cpu() / cpu).log().abs().max()) < 1e-4
+    model = A._NoiseModel(x, w, fmt)
+    assert float(model.loss(t.cpu())) == pytest.approx(float(model.loss(cpu)), rel=1e-4)
+    assert float((t.cpu() / cpu).log().abs().max()) < 1e-2
