@@ -4,8 +4,10 @@ ops a column (:func:`q3n_compile.quant.algorithms.gptq`).
 Why: GPTQ quantizes a weight one input column at a time, each column's rounding error spread over
 the columns after it, so its inner loop is sequential over the columns; in torch every column
 costs about 12 small ops (~10 us of launch each on a GPU). On an H200 that loop was most of a
-calibrated compile: 44 s of the quantize pass's 84 s for qwen3 "bench" with every linear W8A8
-(cProfile, session 33; 172,200 columns over 33 GPTQ runs). The loop is independent across output
+calibrated compile: about 55 s of the quantize pass's 81 s for qwen3 "bench" with every linear
+W8A8 (cProfile, session 33: 44 s in the loop, 11 s in its rounding calls; 172,200 columns over 33
+GPTQ runs), 0.65 s of a 4096 x 4096 layer's 0.85 s. With this kernel that layer takes 0.31 s and
+the pass 15-18 s (bench/RESULTS.md, session 33). The loop is independent across output
 rows, so one program holds ``BLOCK_N`` rows of the block's columns in registers and walks the
 columns itself.
 

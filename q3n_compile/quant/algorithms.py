@@ -20,7 +20,8 @@ per (group of K, output channel), ``W ≈ (q - z) * s``.
   search) when the first of its columns is reached, from the weights as updated so far. On a
   GPU the column loop between those points runs as one kernel
   (:mod:`q3n_compile.kernels.gptq_columns`, the torch loop's results bit for bit): the loop of
-  ~12 torch ops a column was 44 of the 84 s of qwen3 "bench"'s calibrated W8A8 quantize pass.
+  ~12 torch ops a column was about 55 of the 81 s of qwen3 "bench"'s calibrated W8A8 quantize
+  pass (H200, session 33).
 - **Refinement** (``calibration.refine``, off by default): coordinate-descent sweeps over GPTQ's
   codes on GPTQ's damped objective (:mod:`q3n_compile.quant.refine`), scales and zero points
   kept; the held-out check below judges GPTQ with its sweeps.
