@@ -50,7 +50,10 @@ BLOCK_C = 128  # the widest block of columns GPTQ hands over (algorithms.GPTQ_BL
 BLOCK_N = 32
 
 
-@triton.jit
+# The span's ends change with every launch (a group's search cuts the block anywhere; and the
+# last block's width C is K's remainder): not specialised, so one compiled variant serves them all
+# instead of one per "== 1" / "% 16" class of each (each a compile of ~0.5 s on first use).
+@triton.jit(do_not_specialize=["C", "J0", "J1"])
 def gptq_columns_kernel(W1, ERR, CODES, HINV, S, Z, G, N, C, J0, J1,
                         stride_w, stride_e, stride_q, stride_hr, stride_hc,
                         QMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):

@@ -149,3 +149,21 @@ def test_compiles_for_sm90_with_correctly_rounded_steps():
                               div_approx=ptx.count("div.full.f32"))))
     """)
     assert got["div_rn"] >= 2 and got["div_approx"] == 0 and got["fma"] == 0, got
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_one_compiled_variant_serves_every_span():
+    """The spans' ends vary at every launch (act-order cuts blocks at each group's first column):
+    they are not specialised on, so a GPTQ run compiles the kernel once, not once per class of
+    span ends (each a compile of about half a second)."""
+    gen = torch.Generator().manual_seed(7)
+    n, k = 96, 1024
+    w = torch.randn(n, k, generator=gen).cuda()
+    x = (torch.randn(1024, k, generator=gen) * torch.rand(k, generator=gen) * 3).cuda()
+    fmt = LayerFormat(4, 16, 32, False)  # 32 groups reached in act-order: many spans
+    before = {key: len(caches[0]) for key, caches in GC.gptq_columns_kernel.device_caches.items()}
+    A.gptq(w, x.t() @ x / x.shape[0], fmt, 0.01, True, True)
+    after = {key: len(caches[0]) for key, caches in GC.gptq_columns_kernel.device_caches.items()}
+    new = sum(after.values()) - sum(before.values())
+    assert new <= 1, (before, after)
