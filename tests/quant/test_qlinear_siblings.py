@@ -91,6 +91,23 @@ class ThreeHeads(nn.Module):
         return self.a(x), self.b(x), self.c(x)
 
 
+def _merged_and_apart(model, x, qc, columns):
+    """`model` compiled with `qc` merged (asserting one q3n.qlinear call whose outputs are
+    `columns` of the merged weight) and with ``merge_siblings`` false (three calls): both
+    outputs."""
+    torch._dynamo.reset()
+    merged = torch.compile(model, backend="q3n", options={"quant_config": qc, "strict": True})(x)
+    report = q3n_compile.reports()[-1]
+    assert report["ops"]["q3n.qlinear.default"] == 1, qc
+    (group,) = report["passes"]["quantize"]["detail"]["siblings"]["groups"]
+    assert group["columns"] == columns
+    torch._dynamo.reset()
+    apart = torch.compile(model, backend="q3n", options={
+        "quant_config": {**qc, "merge_siblings": False}, "strict": True})(x)
+    assert q3n_compile.reports()[-1]["ops"]["q3n.qlinear.default"] == 3
+    return merged, apart
+
+
 def test_merged_call_in_the_interpreter_matches_the_separate_calls():
     """The Triton kernels (interpreter) on a merged call of three odd widths, one without a bias."""
     torch.manual_seed(0)
@@ -102,16 +119,7 @@ def test_merged_call_in_the_interpreter_matches_the_separate_calls():
                  "group_size": -1},
                 {"weight_bits": 6, "activation_bits": 16, "group_size": 32}):
         qc = {"rules": [{"match": "*", **fmt}], "calibration": RTN}
-        torch._dynamo.reset()
-        merged = torch.compile(model, backend="q3n", options={"quant_config": qc, "strict": True})(x)
-        report = q3n_compile.reports()[-1]
-        assert report["ops"]["q3n.qlinear.default"] == 1, fmt
-        (group,) = report["passes"]["quantize"]["detail"]["siblings"]["groups"]
-        assert group["columns"] == [[0, 24], [24, 32], [32, 45]]
-        torch._dynamo.reset()
-        apart = torch.compile(model, backend="q3n", options={
-            "quant_config": {**qc, "merge_siblings": False}, "strict": True})(x)
-        assert q3n_compile.reports()[-1]["ops"]["q3n.qlinear.default"] == 3
+        merged, apart = _merged_and_apart(model, x, qc, [[0, 24], [24, 32], [32, 45]])
         for m, a, (name, lin) in zip(merged, apart, model.named_children()):
             assert m.shape == a.shape == (3, 5, lin.out_features)
             torch.testing.assert_close(m, a, rtol=1e-4, atol=1e-4)
@@ -408,15 +416,7 @@ def test_gpu_merged_call_of_odd_widths_matches_the_separate_calls(fmt, rows):
     model = ThreeHeads(512, (200, 72, 136)).eval().to("cuda", torch.bfloat16)
     x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
     qc = {"rules": [{"match": "*", **fmt}], "calibration": RTN}
-    merged = torch.compile(model, backend="q3n", options={"quant_config": qc, "strict": True})(x)
-    report = q3n_compile.reports()[-1]
-    assert report["ops"]["q3n.qlinear.default"] == 1
-    (group,) = report["passes"]["quantize"]["detail"]["siblings"]["groups"]
-    assert group["columns"] == [[0, 200], [200, 272], [272, 408]]
-    torch._dynamo.reset()
-    apart = torch.compile(model, backend="q3n", options={
-        "quant_config": {**qc, "merge_siblings": False}, "strict": True})(x)
-    assert q3n_compile.reports()[-1]["ops"]["q3n.qlinear.default"] == 3
+    merged, apart = _merged_and_apart(model, x, qc, [[0, 200], [200, 272], [272, 408]])
     noise = {4: 0.12, 6: 0.04, 8: 0.02}[fmt["weight_bits"]]
     for m, a, (name, lin) in zip(merged, apart, model.named_children()):
         assert m.shape == a.shape == (rows, lin.out_features)
