@@ -10,7 +10,9 @@ Implementations, all on the same bf16 activations:
 - q3n: W4A16 g128, W6A16 g128, W8A16 per-channel, W4A8 g128 (fp8 e4m3 activations on sm_89+,
   int8 elsewhere: what ``activation_format: auto`` picks), W8A8 per-channel int8, W6A12 g128,
   and with activation scales per token and 128 channels (``act_group_size`` 128): W8A8 g128
-  int8 and W4A8 g128 (auto), to set beside their per-token rows.
+  int8 and W4A8 g128 (auto), to set beside their per-token rows; and with the 128-channel
+  Hadamard rotation of the activations (``rotation`` 128): W8A8 per channel and W4A8 g128, to
+  set beside their unrotated rows (the quantizer's extra work).
 
 Every implementation is first checked against a float32 reference of its own quantized weights
 (max |error| relative to max |reference|), then timed with triton.testing.do_bench (median,
@@ -69,6 +71,9 @@ FORMATS = {
     "w8a8_g128": (8, 128, True, "int8"),
     "w8a8_g128_ag128": (8, 128, True, "int8", 128),
     "w4a8_ag128": (4, 128, False, "auto", 128),
+    # 128-channel Hadamard rotation of the activations (kernels/hadamard.py) in the quantizer.
+    "w8a8_rot128": (8, -1, True, "int8", -1, 128),
+    "w4a8_rot128": (4, 128, False, "auto", -1, 128),
 }
 TOL = 2e-2  # bf16 output rounding, 16-bit dequantised weights on the tensor-core path
 
@@ -314,16 +319,19 @@ def run_shape(M, N, K, formats, sweep, gen, paths=None):
                          bytes=nbytes, max_rel_err=err, packing=packing))
     del fn
     for name in formats:
-        bits, group, sym, act, *act_group = FORMATS[name]
-        ag = act_group[0] if act_group else Q.PER_TOKEN
+        bits, group, sym, act, *extra = FORMATS[name]
+        ag = extra[0] if extra else Q.PER_TOKEN
+        rot = extra[1] if len(extra) > 1 else 0
         act = resolve_act(act, bits, sym)
         planes = random_packed(gen, N, K, bits, group, sym)
         # The layout a compiled model holds (QuantizedWeight.pack): K-major int8 for W8A8 per
         # channel and token, bit planes elsewhere.
         kmajor = I8.eligible(bits, group, sym, act, ag) is None
         pw = P.to_kmajor8(planes) if kmajor else planes
-        args = (x, pw.qweight, pw.scales, pw.zeros, None, None, bits, group, K, act, ag)
-        row = dict(M=M, N=N, K=K, impl=f"q3n_{name}", act=act, act_group_size=ag, bytes=pw.nbytes,
+        args = (x, pw.qweight, pw.scales, pw.zeros, None, None, bits, group, K, act, ag, rot)
+        launch_kw = dict(interpreter=False, act_group_size=ag, rotation=rot)
+        row = dict(M=M, N=N, K=K, impl=f"q3n_{name}", act=act, act_group_size=ag, rotation=rot,
+                   bytes=pw.nbytes,
                    path=Q._choose_i8(M, pw.qweight, K, x.device, False) if kmajor else
                    Q.choose_path(M, N, K, bits, group, act, x.dtype, x.device,
                                  act_group_size=ag))
@@ -341,7 +349,7 @@ def run_shape(M, N, K, formats, sweep, gen, paths=None):
             if kmajor:
                 # The same codes in bit planes, as dispatched there (W8A8 before session 26).
                 pargs = (x, planes.qweight, planes.scales, None, None, None, bits, group, K, act,
-                         ag)
+                         ag, rot)
                 row["planes_rel_err"] = rel_err(torch.ops.q3n.qlinear(*pargs),
                                                 Q.reference(*args))
                 _, row["planes_graph_ms"] = timed(lambda: torch.ops.q3n.qlinear(*pargs),
@@ -350,8 +358,8 @@ def run_shape(M, N, K, formats, sweep, gen, paths=None):
             for alt in alts if M >= ALTERNATIVES_FROM_M else ():
                 if row["path"]["path"] == alt:
                     continue
-                f = lambda: Q._launch(*args[:-1], interpreter=False,  # noqa: E731
-                                      path=dict(path=alt), act_group_size=ag)
+                f = lambda: Q._launch(*args[:10], path=dict(path=alt),  # noqa: E731
+                                      **launch_kw)
                 row[f"{alt}_rel_err"] = rel_err(f(), Q.reference(*args))
                 _, row[f"{alt}_graph_ms"] = timed(f, eager=False)
         except Exception as exc:
@@ -367,8 +375,7 @@ def run_shape(M, N, K, formats, sweep, gen, paths=None):
                      else sweep_candidates(M, min(groups) if groups else -1, act, paths))
             for cand in cands:
                 try:
-                    f = lambda: Q._launch(*args[:-1], interpreter=False, path=cand,  # noqa: E731
-                                          act_group_size=ag)
+                    f = lambda: Q._launch(*args[:10], path=cand, **launch_kw)  # noqa: E731
                     e = rel_err(f(), Q.reference(*args))
                     _, gms = timed(f, eager=False)
                     row["sweep"].append(dict(cand, graph_ms=gms, max_rel_err=e))

@@ -14,8 +14,9 @@ configuration and compared with the unquantized model on real English sentences
   cosine similarity of the embeddings, and the Spearman rank correlation of all pairwise cosine
   similarities (what a retrieval or clustering user sees);
 - configurations: W8A8 per-channel, W4A16 group 128, W8A8 with one activation scale per token
-  and 128 channels (``activation_group_size: 128``) with g128 and per-channel weights, and the
-  design's
+  and 128 channels (``activation_group_size: 128``) with g128 and per-channel weights, W8A8
+  per-channel with the 128-channel Hadamard rotation of every linear's activations
+  (``rotation: 128``), the design rotated alike, and the design's
   ``{"ffn_layers": {"weight_bits": 4, "activation_bits": 8}, "attn_layers": {"weight_bits": 6,
   "activation_bits": 12}, "norm_layers": {"dtype": "float16"}}``; each with plain
   round-to-nearest (``"rtn"``: no clipping search, no smoothing, no calibration data),
@@ -31,8 +32,10 @@ configuration and compared with the unquantized model on real English sentences
   weights alone and its fc2 alone, W8A8 with weight scales per 128 channels, the design with 5-
   and 6-bit feed-forward weights, and the
   design with the smoothing vector on its 12-bit attention projections too
-  (``"smoothquant": true``; "auto" smooths 8-bit activations only), and the design with
-  feed-forward weight groups of 64 and 32 channels (``"design, ffn g64"``, ``"design, ffn g32"``);
+  (``"smoothquant": true``; "auto" smooths 8-bit activations only), the design with
+  feed-forward weight groups of 64 and 32 channels (``"design, ffn g64"``, ``"design, ffn g32"``),
+  W8A8 with only the feed-forward inputs rotated and the design with fp8 feed-forward
+  activations, rotated;
 - ``--diagnose`` adds what-ifs that no ``quant_config`` expresses, run eagerly (each encoder
   linear's forward replaced by ``q3n::qlinear``'s torch reference or by float weights after the
   op's activation quantization; same split and metrics; :func:`diagnose`): 8-bit activations
@@ -100,6 +103,14 @@ CONFIGS: dict[str, dict] = {
                        "activation_group_size": 128},
         "attn_layers": {"weight_bits": 8, "activation_bits": 8, "group_size": -1,
                         "activation_group_size": 128}},
+    # Activations per token after the 128-channel Hadamard rotation (rotation: 128): every
+    # encoder linear's K (384, 1536) is a multiple of 128.
+    "W8A8 per-channel, rotated": {
+        "ffn_layers": {"weight_bits": 8, "activation_bits": 8, "group_size": -1, "rotation": 128},
+        "attn_layers": {"weight_bits": 8, "activation_bits": 8, "group_size": -1,
+                        "rotation": 128}},
+    "design, rotated": dict(DESIGN, ffn_layers=dict(DESIGN["ffn_layers"], rotation=128),
+                            attn_layers=dict(DESIGN["attn_layers"], rotation=128)),
 }
 # Plain round-to-nearest, as the issue measured it: no clipping search, no smoothing, no data.
 RTN = {"method": "rtn", "clip_search": False, "smoothquant": False, "example_inputs": False}
@@ -138,10 +149,16 @@ BREAKDOWN: dict[str, dict] = {
     "design, activations per 128 channels": dict(
         DESIGN, ffn_layers=dict(_W4A8, activation_group_size=128),
         attn_layers=dict(_W6A12, activation_group_size=128)),
+    "W8A8 per-channel, ffn rotated": {"ffn_layers": dict(_W8A8, rotation=128),
+                                      "attn_layers": _W8A8},
+    "design, fp8 ffn activations, rotated": dict(
+        DESIGN, ffn_layers=dict(_W4A8, activation_format="fp8", rotation=128),
+        attn_layers=dict(_W6A12, rotation=128)),
 }
 GOALS = {"design (W4A8 ffn, W6A12 attn)": 0.997, "design, fp8 ffn activations (as on an H200)": 0.997,
          "W8A8 per-channel": 0.999, "W8A8 g128, activations per 128 channels": 0.999,
-         "W8A8 per-channel, activations per 128 channels": 0.999}
+         "W8A8 per-channel, activations per 128 channels": 0.999,
+         "W8A8 per-channel, rotated": 0.999, "design, rotated": 0.997}
 # Only quantization is measured: the other passes are exact on the CPU but cost compile time.
 OPTIONS = {"attention": "off", "norm_fusion": False, "memory_plan": False}
 

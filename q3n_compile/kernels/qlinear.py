@@ -3,7 +3,7 @@
 What this module guarantees:
 
 - ``torch.ops.q3n.qlinear(x, qweight, scales, zeros, bias, smooth, bits, group_size,
-  in_features, act, act_group_size=-1)`` computes ``y = A(x) @ W^T + bias`` for ``x`` ``[M, K]``
+  in_features, act, act_group_size=-1, rotation=0)`` computes ``y = A(x) @ W^T + bias`` for ``x`` ``[M, K]``
   (float16, bfloat16 or float32), output ``[M, N]`` in x's dtype, where
   - ``W = (q - z) * s`` is the packed weight of :mod:`q3n_compile.kernels.packing` (``bits`` in
     2..8; ``group_size`` 32/64/128 or -1 for per-channel scales; ``zeros`` None = symmetric);
@@ -21,6 +21,12 @@ What this module guarantees:
     scales per token (when the size does not divide K, the last group holds the ``K % group``
     channels left over; a group that is all zero gets scale 1). An outlier channel then coarsens
     only its own group's codes.
+  - ``rotation`` (quantized formats only; 0 or 128, K a multiple of it): the activations
+    quantized are the rotated rows ``x R`` (:mod:`q3n_compile.kernels.hadamard`: each
+    128-channel block times the normalised Hadamard matrix), before the smoothing vector:
+    ``x' = (x R) * smooth``, and ``W`` is then the rotated layer's weight ``W_0 R`` (so ``y =
+    x W_0^T`` up to quantization). The activations' quantizer rotates each tile on the tensor
+    cores as it loads it; nothing else changes, so every path takes it.
 - The Triton kernels, the interpreter and :func:`reference` compute the same function; they differ
   only by the rounding the kernels' docstrings state (float32 accumulation order, the 16-bit
   rounding of dequantised weights on the 16-bit-activation tensor-core paths (on ``mmT`` only
@@ -181,12 +187,14 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from q3n_compile.kernels import contract
+from q3n_compile.kernels import hadamard as HD
 from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear_cublas8 as C8
 from q3n_compile.kernels import qlinear_i8 as I8
 from q3n_compile.kernels import qlinear_mm8 as M8
 from q3n_compile.kernels import qlinear_swap as SW
 from q3n_compile.kernels import weight_unpack as WU
+from q3n_compile.kernels.hadamard import rotate_tile
 from q3n_compile.kernels.norm_linear import normalise_rows
 from q3n_compile.kernels.qcodes import block_minus_zero, load_codes, tile_setup
 from q3n_compile.kernels.tiles import first_tile_mean, ticket_split_k
@@ -810,12 +818,19 @@ def _act_dst(offs, PERM128: tl.constexpr):
 
 
 @triton.jit
-def _x_tile(X, SM, offs_m, m_ok, offs, K, stride_xm, stride_xk, HAS_SMOOTH: tl.constexpr):
+def _x_tile(X, SM, offs_m, m_ok, offs, K, stride_xm, stride_xk, HAS_SMOOTH: tl.constexpr,
+            ROT: tl.constexpr = 0, DOT_F32: tl.constexpr = False):
     """(x' fp32 [BLOCK_M, BLOCK_K], mask): x's rows offs_m at columns offs (0 outside the rows
-    and K), times the smoothing vector where there is one."""
+    and K), rotated (ROT: each ROT-column block times the normalised Hadamard matrix,
+    :func:`hadamard.rotate_tile`; the tile holds whole blocks), then times the smoothing vector
+    where there is one."""
     mask = m_ok[:, None] & (offs < K)[None, :]
     x = tl.load(X + offs_m[:, None] * stride_xm + offs[None, :] * stride_xk, mask=mask,
-                other=0.0).to(tl.float32)
+                other=0.0)
+    if ROT != 0:
+        x = rotate_tile(x, ROT, DOT_F32)
+    else:
+        x = x.to(tl.float32)
     if HAS_SMOOTH:
         x = x * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
     return x, mask
@@ -844,10 +859,12 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
                      QMAX: tl.constexpr, FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACT_GROUP: tl.constexpr,
                      DEQUANT: tl.constexpr = False, PERM128: tl.constexpr = False,
-                     PDL: tl.constexpr = False, ONE_TILE: tl.constexpr = False):
+                     PDL: tl.constexpr = False, ONE_TILE: tl.constexpr = False,
+                     ROT: tl.constexpr = 0, DOT_F32: tl.constexpr = False):
     """Dynamic activation quantization: one program per BLOCK_M rows of x.
 
-    Math (fp32): x' = x (* smooth); s = max|x'| / QMAX over the row (ACT_GROUP = 0: per token)
+    Math (fp32): x' = x (ROT: x R, the block-Hadamard rotation of :mod:`hadamard`, BLOCK_K a
+    multiple of ROT; DOT_F32 under the interpreter) (* smooth); s = max|x'| / QMAX over the row (ACT_GROUP = 0: per token)
     or over each group of ACT_GROUP consecutive columns (the last one partial when ACT_GROUP
     does not divide K), 1 where that is all zero; v = x' / s;
     integer formats: c = clamp(rint(v), -QMAX, QMAX); FP8: c = v rounded to the nearest float8
@@ -876,7 +893,8 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
     if ACT_GROUP != 0:
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + offs0
-            x, mask = _x_tile(X, SM, offs_m, m_ok, offs, K, stride_xm, stride_xk, HAS_SMOOTH)
+            x, mask = _x_tile(X, SM, offs_m, m_ok, offs, K, stride_xm, stride_xk, HAS_SMOOTH,
+                              ROT, DOT_F32)
             c, scale = _group_codes(x, QMAX, FP8, BLOCK_M, BLOCK_K, ACT_GROUP)
             if DEQUANT:
                 NG: tl.constexpr = BLOCK_K // ACT_GROUP
@@ -889,7 +907,8 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
         # The row is whole in the tile: loaded once, kept in registers between its max and its
         # codes (the loop below reads it twice, the second time from L1/L2, one round of
         # dependent loads after the other).
-        x, mask = _x_tile(X, SM, offs_m, m_ok, offs0, K, stride_xm, stride_xk, HAS_SMOOTH)
+        x, mask = _x_tile(X, SM, offs_m, m_ok, offs0, K, stride_xm, stride_xk, HAS_SMOOTH,
+                          ROT, DOT_F32)
         scale = _token_scale(tl.abs(x), QMAX)
         _store_token_codes(C, x, scale, offs_m, offs0, mask, stride_cm, QMAX, FP8, DEQUANT,
                            PERM128)
@@ -898,12 +917,13 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
         amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x, mask = _x_tile(X, SM, offs_m, m_ok, k0 + offs0, K, stride_xm, stride_xk,
-                              HAS_SMOOTH)
+                              HAS_SMOOTH, ROT, DOT_F32)
             amax = tl.maximum(amax, tl.abs(x))
         scale = _token_scale(amax, QMAX)
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + offs0
-            x, mask = _x_tile(X, SM, offs_m, m_ok, offs, K, stride_xm, stride_xk, HAS_SMOOTH)
+            x, mask = _x_tile(X, SM, offs_m, m_ok, offs, K, stride_xm, stride_xk, HAS_SMOOTH,
+                              ROT, DOT_F32)
             _store_token_codes(C, x, scale, offs_m, offs, mask, stride_cm, QMAX, FP8, DEQUANT,
                                PERM128)
         tl.store(XS + offs_m, scale, mask=m_ok)
@@ -1425,24 +1445,32 @@ ACT_QUANT_TILE_BY_K = {
 ACT_QUANT_INTERPRETER = (32, 128, 4)
 
 
-def act_quant_launch(K: int, act_group: int, interpreter: bool) -> tuple[int, int, int]:
+def act_quant_launch(K: int, act_group: int, interpreter: bool,
+                     rotation: int = 0) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_K, num_warps) of act_quant_kernel for rows of K (act_group 0: per
-    token); the kernel runs ONE_TILE where per-token BLOCK_K >= K."""
+    token); the kernel runs ONE_TILE where per-token BLOCK_K >= K. With a rotation, the tile
+    holds at least :data:`hadamard.MIN_DOT_ROWS` rotation blocks (tl.dot's smallest M): more
+    rows a program for narrow rows."""
     if interpreter:
         return ACT_QUANT_INTERPRETER
     kp2 = max(16, contract.next_power_of_2(K))
     if act_group == 0 and kp2 <= ACT_QUANT_ONE_TILE_MAX_K:
         block_m, warps = ACT_QUANT_TILE_BY_K[kp2]
-        return block_m, kp2, warps
-    block_k = min(4096, kp2)
-    return 1, block_k, min(16, max(4, block_k // 256))
+        block_k = kp2
+    else:
+        block_m, block_k = 1, min(4096, kp2)
+        warps = min(16, max(4, block_k // 256))
+    if rotation:
+        block_k = max(block_k, rotation)
+        block_m = max(block_m, HD.MIN_DOT_ROWS * rotation // block_k)
+    return block_m, block_k, warps
 
 
 def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torch.Tensor],
                                 interpreter: bool, act_group_size: int = PER_TOKEN,
                                 dequant: bool = False, perm128: bool = False,
-                                pdl: bool = False, launch: Optional[tuple] = None
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
+                                pdl: bool = False, launch: Optional[tuple] = None,
+                                rotation: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes [M, K], scales fp32 [M] per token or [M, ceil(K / group)]) by
     :func:`act_quant_kernel`; `dequant`: the dequantised activations ``c * s`` in x's dtype in
     place of the codes (the dequant path's input, in one pass over x); `perm128`: the codes in
@@ -1451,7 +1479,8 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
     before it reads the codes; the caller has asked :func:`contract.pdl_capable`, as
     :func:`_pdl_after_quant` does); `launch`: (BLOCK_M, BLOCK_K, num_warps[, one_tile]) in
     place of :func:`act_quant_launch`'s (a benchmark's sweep; one_tile False forces the looped
-    form where the row fits the tile)."""
+    form where the row fits the tile); `rotation`: the rows ``x R`` are quantized
+    (:mod:`hadamard`; K a multiple of it)."""
     M, K = x.shape
     codes_dtype = x.dtype if dequant else _act_codes_dtype(act, x.device, interpreter)
     if perm128:
@@ -1464,7 +1493,8 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
     if M == 0:
         return codes, scales
     act_group = 0 if act_group_size == PER_TOKEN else act_group_size
-    block_m, block_k, warps = (launch or act_quant_launch(K, act_group, interpreter))[:3]
+    block_m, block_k, warps = (launch or act_quant_launch(K, act_group, interpreter,
+                                                          rotation))[:3]
     one_tile = act_group == 0 and block_k >= K
     if launch is not None and len(launch) > 3:
         one_tile = one_tile and bool(launch[3])
@@ -1476,7 +1506,7 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
         dict(QMAX=ACT_QMAX[act], FP8=act == "fp8", HAS_SMOOTH=smooth is not None,
              BLOCK_M=block_m, BLOCK_K=max(block_k, act_group), ACT_GROUP=act_group,
              DEQUANT=dequant, PERM128=perm128, PDL=pdl,
-             ONE_TILE=one_tile),
+             ONE_TILE=one_tile, ROT=rotation, DOT_F32=interpreter),
         dict(num_warps=warps, launch_pdl=pdl), fast=not interpreter)
     return codes, scales
 
@@ -1526,15 +1556,16 @@ def _remember_path(key, cfg: dict) -> None:
 
 def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act,
             interpreter: bool, path: Optional[dict] = None,
-            act_group_size: int = PER_TOKEN) -> torch.Tensor:
-    """Run the op's Triton path; `path` overrides :func:`choose_path` (tests and the benchmark)."""
+            act_group_size: int = PER_TOKEN, rotation: int = 0) -> torch.Tensor:
+    """Run the op's Triton path; `path` overrides :func:`choose_path` (tests and the benchmark).
+    A rotation changes only the activations' quantizer (every path quantizes x through it)."""
     key = None if path is not None else (
         "qlinear", _sig(x), _sig(qweight), _sig(scales), _sig(zeros), _sig(bias), _sig(smooth),
-        bits, group_size, in_features, act, act_group_size, interpreter)
+        bits, group_size, in_features, act, act_group_size, rotation, interpreter)
     cfg = _PATHS.get(key) if key is not None else None
     if cfg is None:
         reason = supports(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features,
-                          act, act_group_size)
+                          act, act_group_size, rotation)
         if reason is not None:
             raise ValueError(f"q3n::qlinear: {reason}")
         cfg = path or _choose_i8(x.shape[0], qweight, x.shape[1], x.device, interpreter) or \
@@ -1549,7 +1580,7 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
     if P.is_kmajor8(qweight):
         pdl = _pdl_after_quant(cfg, I8.PDL_AFTER_QUANT, x, interpreter)
         codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size,
-                                                pdl=pdl)
+                                                pdl=pdl, rotation=rotation)
         return _run_i8(codes, xs, x.dtype, qweight, scales, bias, cfg, interpreter, pdl)
     if act == "none":
         if cfg["path"] == "dequant":
@@ -1566,7 +1597,8 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
         if cfg["path"] == "mmT":
             cfg = dict(cfg, PDL=pdl)
         a, _ = quantize_activations_triton(x, act, smooth, interpreter, act_group_size,
-                                           dequant=True, perm128=xperm, pdl=pdl)
+                                           dequant=True, perm128=xperm, pdl=pdl,
+                                           rotation=rotation)
         if cfg["path"] == "mmT":
             return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter,
                           _tickets, x_permuted=xperm, K=K)
@@ -1581,7 +1613,8 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
                                                        interpreter)
     if cfg["path"] == "gemv1p":
         cfg = dict(cfg, PDL=pdl)
-    codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size, pdl=pdl)
+    codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size, pdl=pdl,
+                                            rotation=rotation)
     return _gemm_codes(codes, xs, x.dtype, qweight, scales, zeros, bias, bits, group_size, act,
                        cfg, interpreter, act_group_size)
 
@@ -1889,10 +1922,12 @@ def _amax_per_group(xf: torch.Tensor, act_group_size: int) -> torch.Tensor:
 
 
 def quantize_activations(x: torch.Tensor, act: str, smooth: Optional[torch.Tensor] = None,
-                         act_group_size: int = PER_TOKEN) -> tuple[torch.Tensor, torch.Tensor]:
+                         act_group_size: int = PER_TOKEN, rotation: int = 0
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic quantization of x ``[M, K]``, the op's definition: (codes as float32 [M, K],
-    scales: [M] per token, or [M, ceil(K / act_group_size)] per token and channel group)."""
-    xf = x.to(torch.float32)
+    scales: [M] per token, or [M, ceil(K / act_group_size)] per token and channel group), of
+    the rows ``x R`` (:func:`hadamard.rotate_rows`) where `rotation` is given."""
+    xf = HD.rotate_rows(x, rotation).to(torch.float32) if rotation else x.to(torch.float32)
     if smooth is not None:
         xf = xf * smooth.to(torch.float32)
     qmax = ACT_QMAX[act]
@@ -1907,18 +1942,20 @@ def quantize_activations(x: torch.Tensor, act: str, smooth: Optional[torch.Tenso
 
 
 def fake_quantize_activations(x: torch.Tensor, act: str, smooth: Optional[torch.Tensor] = None,
-                              act_group_size: int = PER_TOKEN) -> torch.Tensor:
-    """``A(x)`` in float32 (``x * smooth`` quantized and dequantised); x itself for "none"."""
+                              act_group_size: int = PER_TOKEN, rotation: int = 0
+                              ) -> torch.Tensor:
+    """``A(x)`` in float32 (``x * smooth`` quantized and dequantised; of ``x R`` with a
+    rotation, so in the rotated basis); x itself for "none"."""
     if act == "none":
         return x.to(torch.float32)
-    codes, scale = quantize_activations(x, act, smooth, act_group_size)
+    codes, scale = quantize_activations(x, act, smooth, act_group_size, rotation)
     return codes * expand_act_scales(scale, x.shape[-1], act_group_size)
 
 
 def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
               zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor],
               smooth: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
-              act: str, act_group_size: int = PER_TOKEN) -> torch.Tensor:
+              act: str, act_group_size: int = PER_TOKEN, rotation: int = 0) -> torch.Tensor:
     """Plain torch with the op's semantics; float32 math (float64 for float64 x)."""
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     codes = P.unpack_codes(qweight, bits, in_features)
@@ -1926,7 +1963,7 @@ def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if act == "none":
         a = x.to(cdt)
     else:
-        c, s = quantize_activations(x, act, smooth, act_group_size)
+        c, s = quantize_activations(x, act, smooth, act_group_size, rotation)
         a = c.to(cdt) * expand_act_scales(s.to(cdt), in_features, act_group_size)
     y = a @ w.t()
     if bias is not None:
@@ -1968,8 +2005,22 @@ def format_supported(bits: int, group_size: int, symmetric: bool, act: str,
     return None
 
 
+def rotation_supported(rotation: int, act: str, k: Optional[int]) -> Optional[str]:
+    """None if activations of a K-wide layer in format `act` can take `rotation`
+    (:mod:`hadamard`), else why not."""
+    if rotation not in HD.ROTATIONS:
+        return (f"rotation {rotation} is not supported (0: none, or {HD.ROTATION_BLOCK}: "
+                f"{HD.ROTATION_BLOCK}-channel Hadamard blocks)")
+    if rotation and act == "none":
+        return "a rotation needs quantized activations (int8, fp8 or int12)"
+    if rotation and k is not None and k % rotation:
+        return f"a rotation of {rotation}-channel blocks needs K a multiple of {rotation}, got {k}"
+    return None
+
+
 def supports(x, qweight, scales, zeros=None, bias=None, smooth=None, bits=4, group_size=128,
-             in_features=None, act="none", act_group_size=PER_TOKEN) -> Optional[str]:
+             in_features=None, act="none", act_group_size=PER_TOKEN,
+             rotation=0) -> Optional[str]:
     """None if the op handles these arguments, else why not. Safe on FakeTensors."""
     reason = format_supported(bits, group_size, zeros is None, act, act_group_size)
     if reason:
@@ -1981,6 +2032,9 @@ def supports(x, qweight, scales, zeros=None, bias=None, smooth=None, bits=4, gro
     K = in_features
     if K is None or not _known(x.shape[1] == K):
         return f"x has {x.shape[1]} input features, the weight {K}"
+    reason = rotation_supported(rotation, act, K)
+    if reason:
+        return reason
     if P.is_kmajor8(qweight):
         return _supports_kmajor8(x, qweight, scales, zeros, bias, smooth, bits, group_size, K,
                                  act, act_group_size)
@@ -2036,17 +2090,21 @@ def _supports_kmajor8(x, qweight, scales, zeros, bias, smooth, bits, group_size,
 def _qlinear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                   zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                   smooth: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
-                  act: str, act_group_size: int = PER_TOKEN) -> torch.Tensor:
+                  act: str, act_group_size: int = PER_TOKEN, rotation: int = 0) -> torch.Tensor:
     backend = contract.backend_for(x.device)
     if backend == "reference":
+        reason = rotation_supported(rotation, act, in_features)
+        if reason is not None:
+            raise ValueError(f"q3n::qlinear: {reason}")
         return reference(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features,
-                         act, act_group_size)
+                         act, act_group_size, rotation)
     return _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act,
-                   interpreter=backend == "interpreter", act_group_size=act_group_size)
+                   interpreter=backend == "interpreter", act_group_size=act_group_size,
+                   rotation=rotation)
 
 
 def _qlinear_fake(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act,
-                  act_group_size=PER_TOKEN):
+                  act_group_size=PER_TOKEN, rotation=0):
     return x.new_empty((x.shape[0], P.out_features(qweight)))
 
 

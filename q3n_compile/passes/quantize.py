@@ -16,8 +16,13 @@ For each linear:
    on a GPU with fp8 tensor cores (sm_89+) and the weight codes fit e4m3 (<= 4 bits), int8
    otherwise. ``activation_group_size`` (per token unless set; 32/64/128 channels) becomes the
    ops' trailing ``act_group_size`` argument, given only where it is not per token; the report's
-   entry carries it (``activation_group_size``, and ``act-g<size>`` in ``format``).
-3. **Checks**: a format the layer cannot take (a group size that does not divide K, an input
+   entry carries it (``activation_group_size``, and ``act-g<size>`` in ``format``). A
+   ``rotation`` (128) becomes q3n::qlinear's ``rotation`` argument after it (both then given):
+   the weight is quantized as ``W R`` from the statistics of ``x R`` and the op quantizes
+   ``x R`` (:mod:`q3n_compile.kernels.hadamard`); such a layer after a folded norm reads
+   ``q3n::normalize``'s rows (``q3n::norm_act_quant`` does not rotate), so its norm is not
+   fused into its quantizer.
+3. **Checks**: a format the layer cannot take (a group size or rotation that does not divide K, an input
    dtype the kernel does not take) raises :class:`QuantizeConfigError` naming the layer and the fix
    under ``strict=True``; otherwise the layer stays in high precision and
    ``detail["kept_high_precision"]`` says why.
@@ -237,6 +242,9 @@ def _problem(fmt: LayerFormat, x_val: torch.Tensor, k: int) -> Optional[tuple[st
         fix = (f"use group_size {' or '.join(map(str, divisors))}, or -1 for per-channel scales"
                if divisors else "use group_size -1 (per-channel scales)")
         return f"group_size {fmt.group_size} does not divide in_features {k}", fix
+    if fmt.rotation and k % fmt.rotation:
+        return (f"rotation {fmt.rotation} needs in_features a multiple of {fmt.rotation}, "
+                f"got {k}", "drop 'rotation' for this layer (a rule matching it)")
     if x_val.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return (f"input dtype {str(x_val.dtype).replace('torch.', '')} is not supported",
                 "run the model in float16, bfloat16 or float32")
@@ -468,9 +476,11 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
         # The ops' act_group_size argument, only where it is not the per-token default (so a
         # per-token graph is the one it always was).
         act_group_arg = () if act_group == QL.PER_TOKEN else (act_group,)
+        # qlinear's rotation argument after it, likewise only where there is one.
+        rot_args = (act_group, fmt.rotation) if fmt.rotation else act_group_arg
         reason = QL.supports(x_val, pw.qweight, pw.scales, pw.zeros,
                              cand.bias.meta["val"] if cand.bias is not None else None, smooth,
-                             pw.bits, pw.group_size, pw.in_features, act, act_group)
+                             pw.bits, pw.group_size, pw.in_features, act, act_group, fmt.rotation)
         if reason is not None:
             msg = f"layer {cand.path!r}: q3n::qlinear does not take it: {reason}"
             if ctx.config.strict:
@@ -490,7 +500,9 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
         qw_n, s_n, z_n, sm_n = packed_nodes[pkey]
         norm_src = _normalise_source(cand.x) if cand.folded is not None else None
         fused_act = None
-        if norm_src is not None and act != "none":
+        # norm_act_quant does not rotate: a rotated layer reads q3n::normalize's rows and its
+        # own quantizer rotates them.
+        if norm_src is not None and act != "none" and not fmt.rotation:
             nx, eps, kind = norm_src.args[0], norm_src.args[1], norm_src.args[2]
             if QL.supports_norm_act_quant(nx.meta["val"], eps, kind, act, smooth,
                                           act_group) is None:
@@ -517,7 +529,7 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
         else:
             new = add_node(gm, fake_mode, torch.ops.q3n.qlinear.default,
                            (cand.x, qw_n, s_n, z_n, cand.bias, sm_n, pw.bits, pw.group_size,
-                            pw.in_features, act, *act_group_arg), before=cand.node,
+                            pw.in_features, act, *rot_args), before=cand.node,
                            meta_from=cand.node)
         new.meta["q3n_qlinear"] = {"layer": cand.path, "format": fmt.name}
         cand.node.replace_all_uses_with(new)

@@ -77,6 +77,7 @@ import torch
 from ..kernels import packing as P
 from ..kernels import qlinear_i8 as I8
 from ..kernels.gptq_columns import gptq_columns
+from ..kernels.hadamard import rotate_rows
 from ..kernels.qlinear import ACT_QMAX, fake_quantize_activations
 from .config import PER_CHANNEL, PER_TOKEN, CalibrationSettings, LayerFormat
 
@@ -639,7 +640,8 @@ def choose_shared_smoothing(weights: list[torch.Tensor], biases: list[Optional[t
     ``info["members"][i]`` gives each member's two errors (under the last choice it was judged
     by) and its verdict.
     """
-    ws = [wt.detach().to(torch.float32) for wt in weights]
+    ws = [_rotated_weight(wt.detach().to(torch.float32), fmt) for wt in weights]
+    stats = _rotated_stats(stats, fmt)
     dev = ws[0].device
     bs = [None if bi is None else bi.detach().to(dev, torch.float32) for bi in biases]
     alphas = _smoothing_alphas(fmt, settings)
@@ -683,6 +685,19 @@ def choose_shared_smoothing(weights: list[torch.Tensor], biases: list[Optional[t
     return (t if any(adopted) else None), adopted, info
 
 
+def _rotated_weight(w: torch.Tensor, fmt: LayerFormat) -> torch.Tensor:
+    """``W R`` (float32) for a format with a rotation (the weight the op's rotated activations
+    meet), else w."""
+    return rotate_rows(w, fmt.rotation).to(torch.float32) if fmt.rotation else w
+
+
+def _rotated_stats(stats, fmt: LayerFormat):
+    """The statistics of the rows ``x R`` for a format with a rotation, else `stats`."""
+    if not fmt.rotation or stats is None or stats.n == 0:
+        return stats
+    return stats.rotated(fmt.rotation)
+
+
 def quantize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], fmt: LayerFormat,
                    settings: CalibrationSettings, stats=None, shared_smoothing: Any = False
                    ) -> LayerResult:
@@ -693,8 +708,13 @@ def quantize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], fmt: Laye
     search, and no error figures. `shared_smoothing`: False (the default) lets the layer choose
     its smoothing; a tensor t (or None) is the choice :func:`choose_shared_smoothing` made for
     its siblings, used as it is.
+
+    A format with a rotation quantizes ``W R`` from the statistics of ``x R`` (the op's rotated
+    activations meet it): every search, error figure and smoothing vector is in the rotated
+    basis, where the outputs are the layer's own.
     """
-    w = weight.detach().to(torch.float32)
+    w = _rotated_weight(weight.detach().to(torch.float32), fmt)
+    stats = _rotated_stats(stats, fmt)
     b = None if bias is None else bias.detach().to(torch.float32)
     info: dict = {"calibration_rows": 0}
     if stats is None or stats.n == 0:

@@ -102,6 +102,25 @@ class LayerStats:
     def samples(self) -> torch.Tensor:
         return torch.cat(self._rows) if self._rows else torch.zeros(0, self.k)
 
+    def rotated(self, b: int) -> "LayerStats":
+        """The statistics of the rows ``x R`` (:func:`q3n_compile.kernels.hadamard.rotate_rows`):
+        the Hessian ``R^T H R`` exactly, the kept rows rotated, the per-channel maxima those
+        rows' (the maxima of every row are not recoverable from the unrotated ones: a lower
+        bound where rows were dropped). On the Hessian's device."""
+        from ..kernels.hadamard import rotate_hessian, rotate_rows
+        out = LayerStats(self.k, self.max_rows, source=self.source)
+        out.n = self.n
+        if self.h is None:
+            return out
+        out.h = rotate_hessian(self.h, b)
+        rows = [rotate_rows(r.to(self.h.device), b).to(torch.float32) for r in self._rows]
+        out._rows = rows
+        out._kept = self._kept
+        kept = torch.cat(rows) if rows else torch.zeros(0, self.k, device=self.h.device)
+        out.absmax = (kept.abs().amax(dim=0) if kept.shape[0] else
+                      torch.zeros(self.k, dtype=torch.float32, device=self.h.device))
+        return out
+
     def fingerprint(self) -> str:
         if self.h is None:
             return "empty"

@@ -120,7 +120,7 @@ from ..config import Q3NConfigError
 CLASS_KEYS = {"ffn_layers": "ffn", "attn_layers": "attn"}
 TOP_KEYS = ("ffn_layers", "attn_layers", "norm_layers", "rules", "calibration", "merge_siblings")
 FORMAT_KEYS = ("weight_bits", "activation_bits", "group_size", "symmetric", "activation_format",
-               "activation_group_size")
+               "activation_group_size", "rotation")
 RULE_KEYS = ("match", "skip") + FORMAT_KEYS
 CALIBRATION_KEYS = ("method", "smoothquant", "clip_search", "damp", "act_order", "max_rows",
                     "alpha", "example_inputs", "refine", "share_smoothing_within")
@@ -132,6 +132,7 @@ GROUP_SIZES = (32, 64, 128)
 PER_CHANNEL = -1
 ACTIVATION_GROUP_SIZES = (32, 64, 128)
 PER_TOKEN = -1  # activation_group_size: one activation scale per token (the default)
+ROTATIONS = (0, 128)  # rotation: none, or 128-channel Hadamard blocks (kernels/hadamard.py)
 AUTO_GROUP = 0  # group_size left out: resolved per layer by LayerFormat.for_k
 A8_FORMATS = ("auto", "int8", "fp8")
 NORM_DTYPES = ("float16", "bfloat16", "float32")
@@ -144,7 +145,9 @@ SHARED_SMOOTHING = "shared_smoothing"  # merge_siblings: one smoothing choice pe
 class LayerFormat:
     """How one linear is quantized. ``activation_format``: "none", "int12", "auto", "int8", "fp8";
     ``activation_group_size``: -1 (one activation scale per token) or 32/64/128 (one per token
-    and that many input channels)."""
+    and that many input channels); ``rotation``: 0, or 128 (the weight is quantized as ``W R``
+    and the op quantizes ``x R``, R the block-diagonal Hadamard rotation of
+    :mod:`q3n_compile.kernels.hadamard`)."""
 
     weight_bits: int
     activation_bits: int = 16
@@ -152,6 +155,7 @@ class LayerFormat:
     symmetric: bool = False
     activation_format: str = "none"
     activation_group_size: int = PER_TOKEN
+    rotation: int = 0
 
     def for_k(self, k: int) -> "LayerFormat":
         """This format with an automatic group size resolved for in_features `k`."""
@@ -167,6 +171,8 @@ class LayerFormat:
         act = "" if self.activation_bits == 16 else f" {self.activation_format}"
         if self.activation_group_size != PER_TOKEN:
             act += f" act-g{self.activation_group_size}"
+        if self.rotation:
+            act += f" rot{self.rotation}"
         return (f"W{self.weight_bits}A{self.activation_bits} {group} "
                 f"{'sym' if self.symmetric else 'asym'}{act}")
 
@@ -302,13 +308,31 @@ def _parse_format(entry: Mapping[str, Any], path: Sequence[Any]) -> Optional[Lay
                     f"{af!r} does not go with activation_bits={ab}",
                     f"use one of {', '.join(map(repr, allowed))} (or leave it out)")
     ag = _parse_activation_group(entry, ab, path)
+    rot = _parse_rotation(entry, ab, path)
     if wb == KEEP_BITS:
         return None
     if wb == 8 and not sym and ab in (8, 16):
         raise _fail(path, "8-bit weights with zero points are not supported "
                     f"with activation_bits={ab} (q - z needs 9 bits)",
                     "set 'symmetric': true, or use weight_bits <= 7")
-    return LayerFormat(wb, ab, gs, sym, af, ag)
+    return LayerFormat(wb, ab, gs, sym, af, ag, rot)
+
+
+def _parse_rotation(entry: Mapping[str, Any], activation_bits: int, path: list) -> int:
+    """``rotation``: 0 / None / false (none, the default) or 128 (Hadamard blocks of 128
+    channels). K must be a multiple of it: the quantize pass checks each layer."""
+    rot = entry.get("rotation", 0)
+    if rot in (None, False):
+        rot = 0
+    if not _is_int(rot) or rot not in ROTATIONS:
+        raise _fail(path + ["rotation"], f"{rot!r} is not supported",
+                    "use 128 (rotate each 128-channel block of the layer's input by a Hadamard "
+                    "matrix before quantizing it; K must be a multiple of 128) or 0 (none)")
+    if rot and activation_bits == 16:
+        raise _fail(path + ["rotation"],
+                    f"a rotation ({rot}) serves quantized activations, but activation_bits is 16",
+                    "set 'activation_bits' to 8 or 12, or drop 'rotation'")
+    return rot
 
 
 def _parse_activation_group(entry: Mapping[str, Any], activation_bits: int,
