@@ -16,6 +16,11 @@ for the same function (``torch.compile``, default options, one compile a shape):
   dispatched launch (:func:`qlinear.act_quant_launch`), ``looped`` (1 row x 4096 columns, 16
   warps, the row read twice: the launch of before) and one-tile variants. Peer: Inductor's
   compile of the op's definition (``qlinear.quantize_activations``) with an int8 cast.
+  ``--rotation 128``: the codes of the rotated rows ``x R`` (:mod:`q3n_compile.kernels.hadamard`,
+  the ``rotation`` format key), the unrotated dispatched launch beside them, the one-tile row
+  reshaped for the rotation's dot (``reshaped``) instead of loaded as rows of one 128-channel
+  block each, more tiles in the sweep; the peer is Inductor's compile of the definition with the
+  rotation.
 
 Timing: CUDA-graph replay, ``do_bench`` median, L2 flushed (``bench_qlinear.timed``). Every
 launch is checked first: normalize against float64 (relative error <= 8e-3, one bf16
@@ -25,6 +30,7 @@ scales to 1e-6.
 
     python bench/bench_row_kernels.py --out results/row-kernels-h200.json
     python bench/bench_row_kernels.py --ms 2048 --kernels normalize --no-sweep
+    python bench/bench_row_kernels.py --kernels act_quant --rotation 128 --k 12288
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ NORM_TILES = [(1, 2), (1, 4), (1, 8), (2, 4), (2, 8), (4, 8), (4, 16)]  # (rows,
 GATE_TILES = [(512, 4), (1024, 4), (2048, 4), (2048, 8), (4096, 8), (1024, 2)]
 QUANT_LOOPED = (1, 4096, 16, False)
 QUANT_TILES = [(1, 2), (1, 4), (1, 8), (2, 4), (2, 8), (4, 8), (1, 16)]  # (rows, warps)
+ROTATED_TILES = [(2, 16), (4, 16), (8, 8), (8, 16)]  # more rows a program for the rotation's dots
+ROTATION = 0  # --rotation
 
 
 def tbs(nbytes: int, ms: float) -> float:
@@ -143,37 +151,48 @@ def gate_rows(M: int, gen, sweep: bool) -> list[dict]:
     return [dict(kernel="gate", M=M, N=GATE_N, bytes=nbytes, launches=out)]
 
 
-def _inductor_quant(x):
-    codes, scale = Q.quantize_activations(x, "int8")
+def _inductor_quant(x, rotation=0):
+    codes, scale = Q.quantize_activations(x, "int8", rotation=rotation)
     return codes.to(torch.int8), scale
 
 
 def act_quant_rows(M: int, gen, sweep: bool) -> list[dict]:
     x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
-    want_c, want_s = Q.quantize_activations(x, "int8")
+    rot = ROTATION
+    want_c, want_s = Q.quantize_activations(x, "int8", rotation=rot)
     nbytes = 2 * M * K + M * K + 4 * M
 
     def check(res):
         c, s = res
         diff = (c.float() - want_c).abs()
-        if diff.max().item() > 1 or (s - want_s).abs().max().item() > 1e-6 * want_s.abs().max():
+        if diff.max().item() > 1 or (s - want_s).abs().max().item() > 2e-6 * want_s.abs().max():
             return f"wrong result: codes {diff.max().item()} apart"
         return None
 
     def launch(cfg):
-        return lambda: Q.quantize_activations_triton(x, "int8", None, False, launch=cfg)
+        return lambda: Q.quantize_activations_triton(x, "int8", None, False, launch=cfg,
+                                                     rotation=rot)
 
     kp2 = max(16, 1 << (K - 1).bit_length())
-    cfgs = [("dispatched", Q.act_quant_launch(K, 0, False)), ("looped", QUANT_LOOPED)]
+    cfgs = [("dispatched", Q.act_quant_launch(K, 0, False, rot)), ("looped", QUANT_LOOPED)]
+    if rot:  # the one-tile row reshaped for the rotation's dot, not loaded as rows of blocks
+        cfgs.append(("reshaped", (*Q.act_quant_launch(K, 0, False, rot), True, False)))
     if sweep:  # the same elements a thread as at 4096 columns for wider rows
         wide = max(1, kp2 // 4096)
         cfgs += [(f"tile {bm}x{min(32, w * wide)}", (bm, kp2, min(32, w * wide)))
-                 for bm, w in QUANT_TILES]
+                 for bm, w in QUANT_TILES + (ROTATED_TILES if rot else [])]
     out = [dict(time_row(name, launch(cfg), nbytes, check), cfg=list(cfg)) for name, cfg in cfgs]
-    ind = torch.compile(_inductor_quant, dynamic=False)
+    if rot:
+        plain_c, plain_s = Q.quantize_activations(x, "int8")
+        out.append(dict(time_row(
+            "unrotated", lambda: Q.quantize_activations_triton(x, "int8", None, False), nbytes,
+            lambda res: None if torch.equal(res[1], plain_s) or
+            (res[1] - plain_s).abs().max().item() <= 1e-6 * plain_s.abs().max() else
+            "wrong unrotated scales"), cfg=list(Q.act_quant_launch(K, 0, False))))
+    ind = torch.compile(lambda t: _inductor_quant(t, rot), dynamic=False)
     out.append(time_row("inductor", lambda: ind(x), nbytes, check))
     out.append(copy_row(nbytes))
-    return [dict(kernel="act_quant", M=M, K=K, bytes=nbytes, launches=out)]
+    return [dict(kernel="act_quant", M=M, K=K, rotation=rot, bytes=nbytes, launches=out)]
 
 
 def main():
@@ -183,8 +202,11 @@ def main():
     ap.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
     ap.add_argument("--no-sweep", action="store_true", help="dispatched, before and peers only")
     ap.add_argument("--k", type=int, default=K, help="row width of normalize and act_quant")
+    ap.add_argument("--rotation", type=int, default=0, choices=(0, 128),
+                    help="act_quant: quantize the rows rotated by 128-channel Hadamard blocks")
     args = ap.parse_args()
     globals()["K"] = args.k
+    globals()["ROTATION"] = args.rotation
     if not torch.cuda.is_available():
         sys.exit("bench_row_kernels.py needs a CUDA GPU")
     gen = torch.Generator(device="cuda").manual_seed(0)

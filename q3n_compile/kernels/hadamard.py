@@ -69,13 +69,11 @@ def rotate_hessian(h: torch.Tensor, b: int) -> torch.Tensor:
 
 
 @triton.jit
-def rotate_tile(x, ROT: tl.constexpr, DOT_F32: tl.constexpr):
-    """``x R`` of a tile (x's dtype, [BLOCK_M, BLOCK_K], BLOCK_K a multiple of ROT) in float32:
-    per ROT-column block, times the +-1 Hadamard matrix on the tensor cores, then 1/sqrt(ROT).
-    DOT_F32 (the interpreter, whose tl.dot multiplies bfloat16 tiles as their raw bits): the
-    tile widened to float32 first, the same exact products."""
-    BM: tl.constexpr = x.shape[0]
-    BK: tl.constexpr = x.shape[1]
+def hadamard_dot(xb, ROT: tl.constexpr, DOT_F32: tl.constexpr):
+    """``xb H / sqrt(ROT)`` in float32 for rows of one ROT-channel block each (xb: [R, ROT] in
+    x's dtype): the +-1 matrix made in registers, the product on the tensor cores. DOT_F32 (the
+    interpreter, whose tl.dot multiplies bfloat16 tiles as their raw bits): xb widened to
+    float32 first, the same exact products."""
     i = tl.arange(0, ROT)
     p = i[:, None] & i[None, :]
     # popcount(p) & 1, by folding the bits of an index below 256 (ROT <= 256).
@@ -83,10 +81,19 @@ def rotate_tile(x, ROT: tl.constexpr, DOT_F32: tl.constexpr):
     p = p ^ (p >> 2)
     p = p ^ (p >> 1)
     sign = tl.where((p & 1) == 1, -1.0, 1.0)
-    if DOT_F32 or x.dtype == tl.float32:
-        y = tl.dot(tl.reshape(x.to(tl.float32), (BM * BK // ROT, ROT)), sign,
-                   input_precision="ieee")
+    if DOT_F32 or xb.dtype == tl.float32:
+        y = tl.dot(xb.to(tl.float32), sign, input_precision="ieee")
     else:
-        y = tl.dot(tl.reshape(x, (BM * BK // ROT, ROT)), sign.to(x.dtype), out_dtype=tl.float32)
+        y = tl.dot(xb, sign.to(xb.dtype), out_dtype=tl.float32)
     INV: tl.constexpr = 1.0 / (ROT ** 0.5)
-    return tl.reshape(y, (BM, BK)) * INV
+    return y * INV
+
+
+@triton.jit
+def rotate_tile(x, ROT: tl.constexpr, DOT_F32: tl.constexpr):
+    """``x R`` of a tile (x's dtype, [BLOCK_M, BLOCK_K], BLOCK_K a multiple of ROT) in float32:
+    the tile viewed as rows of one ROT-channel block each, :func:`hadamard_dot`, viewed back."""
+    BM: tl.constexpr = x.shape[0]
+    BK: tl.constexpr = x.shape[1]
+    y = hadamard_dot(tl.reshape(x, (BM * BK // ROT, ROT)), ROT, DOT_F32)
+    return tl.reshape(y, (BM, BK))

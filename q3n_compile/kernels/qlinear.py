@@ -194,7 +194,7 @@ from q3n_compile.kernels import qlinear_i8 as I8
 from q3n_compile.kernels import qlinear_mm8 as M8
 from q3n_compile.kernels import qlinear_swap as SW
 from q3n_compile.kernels import weight_unpack as WU
-from q3n_compile.kernels.hadamard import rotate_tile
+from q3n_compile.kernels.hadamard import hadamard_dot, rotate_tile
 from q3n_compile.kernels.norm_linear import normalise_rows
 from q3n_compile.kernels.qcodes import block_minus_zero, load_codes, tile_setup
 from q3n_compile.kernels.tiles import first_tile_mean, ticket_split_k
@@ -860,11 +860,13 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACT_GROUP: tl.constexpr,
                      DEQUANT: tl.constexpr = False, PERM128: tl.constexpr = False,
                      PDL: tl.constexpr = False, ONE_TILE: tl.constexpr = False,
-                     ROT: tl.constexpr = 0, DOT_F32: tl.constexpr = False):
+                     ROT: tl.constexpr = 0, DOT_F32: tl.constexpr = False,
+                     ROT_BLOCKS: tl.constexpr = True):
     """Dynamic activation quantization: one program per BLOCK_M rows of x.
 
     Math (fp32): x' = x (ROT: x R, the block-Hadamard rotation of :mod:`hadamard`, BLOCK_K a
-    multiple of ROT; DOT_F32 under the interpreter) (* smooth); s = max|x'| / QMAX over the row (ACT_GROUP = 0: per token)
+    multiple of ROT; DOT_F32 under the interpreter; ROT_BLOCKS, per token with the row in one
+    tile: the tile loaded as rows of one rotation block each, else reshaped) (* smooth); s = max|x'| / QMAX over the row (ACT_GROUP = 0: per token)
     or over each group of ACT_GROUP consecutive columns (the last one partial when ACT_GROUP
     does not divide K), 1 where that is all zero; v = x' / s;
     integer formats: c = clamp(rint(v), -QMAX, QMAX); FP8: c = v rounded to the nearest float8
@@ -903,6 +905,29 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
             tl.store(C + offs_m[:, None] * stride_cm + _act_dst(offs, PERM128)[None, :],
                      c.to(C.dtype.element_ty), mask=mask)
             _store_group_scales(XS, scale, offs_m, m_ok, k0, K, BLOCK_K, ACT_GROUP)
+    elif ONE_TILE and ROT != 0 and ROT_BLOCKS:
+        # Rotated, the row whole in the tile: loaded straight as rows of one rotation block
+        # each ([BLOCK_M * BLOCK_K / ROT, ROT], tl.dot's operand as it is), not as a
+        # [BLOCK_M, BLOCK_K] tile reshaped for the dot and back.
+        NB: tl.constexpr = BLOCK_K // ROT
+        r = tl.arange(0, BLOCK_M * NB)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + r // NB
+        cols = (r % NB)[:, None] * ROT + tl.arange(0, ROT)[None, :]
+        mask = (rows < M)[:, None] & (cols < K)
+        xb = tl.load(X + rows[:, None] * stride_xm + cols * stride_xk, mask=mask, other=0.0)
+        y = hadamard_dot(xb, ROT, DOT_F32)
+        if HAS_SMOOTH:
+            y = y * tl.load(SM + cols, mask=cols < K, other=0.0)
+        amax = tl.max(tl.reshape(tl.max(tl.abs(y), axis=1), (BLOCK_M, NB)), axis=1)
+        scale = amax / QMAX
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        s_rows = tl.reshape(tl.broadcast_to(scale[:, None], (BLOCK_M, NB)), (BLOCK_M * NB,))
+        c = _act_code(y / s_rows[:, None], QMAX, FP8)
+        if DEQUANT:
+            c = c * s_rows[:, None]
+        tl.store(C + rows[:, None] * stride_cm + _act_dst(cols, PERM128), c.to(C.dtype.element_ty),
+                 mask=mask)
+        tl.store(XS + offs_m, scale, mask=m_ok)
     elif ONE_TILE:
         # The row is whole in the tile: loaded once, kept in registers between its max and its
         # codes (the loop below reads it twice, the second time from L1/L2, one round of
@@ -1477,9 +1502,10 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
     the mmT kernel's permuted blocks, [M, K rounded up to 128] (padding 0); `pdl`: launched with
     programmatic dependent launch (the kernel after it must wait with ``griddepcontrol.wait``
     before it reads the codes; the caller has asked :func:`contract.pdl_capable`, as
-    :func:`_pdl_after_quant` does); `launch`: (BLOCK_M, BLOCK_K, num_warps[, one_tile]) in
-    place of :func:`act_quant_launch`'s (a benchmark's sweep; one_tile False forces the looped
-    form where the row fits the tile); `rotation`: the rows ``x R`` are quantized
+    :func:`_pdl_after_quant` does); `launch`: (BLOCK_M, BLOCK_K, num_warps[, one_tile[,
+    rot_blocks]]) in place of :func:`act_quant_launch`'s (a benchmark's sweep; one_tile False
+    forces the looped form where the row fits the tile; rot_blocks False, the rotated one-tile
+    form that reshapes the tile); `rotation`: the rows ``x R`` are quantized
     (:mod:`hadamard`; K a multiple of it)."""
     M, K = x.shape
     codes_dtype = x.dtype if dequant else _act_codes_dtype(act, x.device, interpreter)
@@ -1498,6 +1524,7 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
     one_tile = act_group == 0 and block_k >= K
     if launch is not None and len(launch) > 3:
         one_tile = one_tile and bool(launch[3])
+    rot_blocks = not (launch is not None and len(launch) > 4 and not launch[4])
     pdl = pdl and not interpreter
     contract.launch(
         act_quant_kernel, (contract.cdiv(M, block_m),),
@@ -1506,7 +1533,7 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
         dict(QMAX=ACT_QMAX[act], FP8=act == "fp8", HAS_SMOOTH=smooth is not None,
              BLOCK_M=block_m, BLOCK_K=max(block_k, act_group), ACT_GROUP=act_group,
              DEQUANT=dequant, PERM128=perm128, PDL=pdl,
-             ONE_TILE=one_tile, ROT=rotation, DOT_F32=interpreter),
+             ONE_TILE=one_tile, ROT=rotation, DOT_F32=interpreter, ROT_BLOCKS=rot_blocks),
         dict(num_warps=warps, launch_pdl=pdl), fast=not interpreter)
     return codes, scales
 

@@ -69,16 +69,42 @@ def test_quantizer_rotates(act, dtype, ag):
     x = (torch.randn(17, K, generator=gen) * torch.logspace(-2, 1, K)).to(dtype)
     x[3] = 0.0  # an all-zero row keeps scale 1
     smooth = torch.rand(K, generator=gen) + 0.5
+    # The interpreter's launch (128-column tiles), and per token the row whole in one tile:
+    # loaded as rows of one rotation block each, and reshaped from [rows, 512] (the GPU forms).
+    launches = [None] + ([(4, 512, 4), (4, 512, 4, True, False)] if ag == Q.PER_TOKEN else [])
     for sm in (None, smooth):
-        codes, scales = Q.quantize_activations_triton(x, act, sm, interpreter=True,
-                                                      act_group_size=ag, rotation=ROT)
         want_codes, want_scales = Q.quantize_activations(x, act, sm, ag, rotation=ROT)
-        _close_codes(codes, scales, want_codes, want_scales)
+        for launch in launches:
+            codes, scales = Q.quantize_activations_triton(x, act, sm, interpreter=True,
+                                                          act_group_size=ag, rotation=ROT,
+                                                          launch=launch)
+            _close_codes(codes, scales, want_codes, want_scales)
+            assert (scales[3] == 1).all() and codes[3].abs().max() == 0
         # The rotation comes before the smoothing vector: x' = (x R) * smooth.
         xr = HD.rotate_rows(x, ROT) * (1.0 if sm is None else sm)
         plain_codes, plain_scales = Q.quantize_activations(xr, act, None, ag)
         _close_codes(codes, scales, plain_codes, plain_scales)
-    assert (scales[3] == 1).all() and codes[3].abs().max() == 0
+
+
+@pytest.mark.parametrize("dequant,perm128", [(True, False), (False, True), (True, True)])
+def test_quantizer_dequant_and_permuted_forms(dequant, perm128):
+    # The forms the dequant, mmT and wg paths take, in both one-tile layouts.
+    gen = _gen(f"rotforms{dequant}{perm128}")
+    x = torch.randn(5, 256, generator=gen).to(bf16)
+    x[:, 3] *= 40
+    want_codes, want_scales = Q.quantize_activations(x, "int8", rotation=ROT)
+    want = want_codes * want_scales[:, None]
+    for launch in (None, (4, 256, 4), (4, 256, 4, True, False)):
+        out, _ = Q.quantize_activations_triton(x, "int8", None, interpreter=True, dequant=dequant,
+                                               perm128=perm128, rotation=ROT, launch=launch)
+        if perm128:
+            # Channel k0 + 8r + j of each 128-block is stored at k0 + 16j + r.
+            k = torch.arange(256)
+            out = out[:, (k // 128) * 128 + (k % 8) * 16 + (k % 128) // 8]
+        if dequant:
+            torch.testing.assert_close(out.float(), want.to(bf16).float(), rtol=1e-2, atol=0)
+        else:
+            assert (out.float() - want_codes).abs().max() <= 1
 
 
 def _rotated_weight_packed(gen, N, K, bits, group, sym):
