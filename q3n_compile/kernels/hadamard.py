@@ -44,9 +44,8 @@ def hadamard_pm1(b: int, dtype: torch.dtype = torch.float32,
     i = torch.arange(b, device=device)
     p = i[:, None] & i[None, :]
     parity = torch.zeros_like(p)
-    while bool(p.any()):
-        parity ^= p & 1
-        p = p >> 1
+    for bit in range(b.bit_length()):  # a fixed loop: traceable (torch.compile of the definition)
+        parity ^= (p >> bit) & 1
     return (1 - 2 * parity).to(dtype)
 
 
