@@ -60,7 +60,11 @@ NORM_TILES = [(1, 2), (1, 4), (1, 8), (2, 4), (2, 8), (4, 8), (4, 16)]  # (rows,
 GATE_TILES = [(512, 4), (1024, 4), (2048, 4), (2048, 8), (4096, 8), (1024, 2)]
 QUANT_LOOPED = (1, 4096, 16, False)
 QUANT_TILES = [(1, 2), (1, 4), (1, 8), (2, 4), (2, 8), (4, 8), (1, 16)]  # (rows, warps)
-ROTATED_TILES = [(2, 16), (4, 16), (8, 8), (8, 16)]  # more rows a program for the rotation's dots
+# Rotated: (rows, warps) at 4096 columns, each with the grid capped at 0 (a program a tile),
+# 2, 4 or 8 programs an SM (a program makes the Hadamard matrix once, then takes every
+# num_programs-th tile).
+ROTATED_TILES = [(1, 4), (2, 4), (4, 4), (2, 8), (4, 8), (8, 8)]
+ROTATED_PER_SM = (0, 2, 4, 8)
 ROTATION = 0  # --rotation
 
 
@@ -179,10 +183,14 @@ def act_quant_rows(M: int, gen, sweep: bool) -> list[dict]:
         cfgs.append(("reshaped", (*Q.act_quant_launch(K, 0, False, rot), True, False)))
     if sweep:  # the same elements a thread as at 4096 columns for wider rows
         wide = max(1, kp2 // 4096)
-        # Rotated: at most 16 warps (32 failed ptxas with the rotation's dot, s34run2).
-        most = 16 if rot else 32
-        cfgs += [(f"tile {bm}x{min(most, w * wide)}", (bm, kp2, min(most, w * wide)))
-                 for bm, w in QUANT_TILES + (ROTATED_TILES if rot else [])]
+        if rot:  # at most 16 warps (32 failed ptxas with the rotation's dot, s34run2)
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            cfgs += [(f"tile {bm}x{min(16, w * wide)} {p}/SM",
+                      (bm, kp2, min(16, w * wide), True, True, p * sms))
+                     for bm, w in ROTATED_TILES for p in ROTATED_PER_SM]
+        else:
+            cfgs += [(f"tile {bm}x{min(32, w * wide)}", (bm, kp2, min(32, w * wide)))
+                     for bm, w in QUANT_TILES]
     out = [dict(time_row(name, launch(cfg), nbytes, check), cfg=list(cfg)) for name, cfg in cfgs]
     if rot:
         plain_c, plain_s = Q.quantize_activations(x, "int8")

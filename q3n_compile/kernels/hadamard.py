@@ -68,11 +68,10 @@ def rotate_hessian(h: torch.Tensor, b: int) -> torch.Tensor:
 
 
 @triton.jit
-def hadamard_dot(xb, ROT: tl.constexpr, DOT_F32: tl.constexpr):
-    """``xb H / sqrt(ROT)`` in float32 for rows of one ROT-channel block each (xb: [R, ROT] in
-    x's dtype): the +-1 matrix made in registers, the product on the tensor cores. DOT_F32 (the
-    interpreter, whose tl.dot multiplies bfloat16 tiles as their raw bits): xb widened to
-    float32 first, the same exact products."""
+def hadamard_sign(ROT: tl.constexpr, DOT_F32: tl.constexpr, dtype: tl.constexpr):
+    """The +-1 Hadamard matrix [ROT, ROT] made in registers, in the dot's operand type (`dtype`,
+    float32 under DOT_F32). About ten integer operations an entry: a kernel that rotates many
+    tiles makes it once."""
     i = tl.arange(0, ROT)
     p = i[:, None] & i[None, :]
     # popcount(p) & 1, by folding the bits of an index below 256 (ROT <= 256).
@@ -80,10 +79,21 @@ def hadamard_dot(xb, ROT: tl.constexpr, DOT_F32: tl.constexpr):
     p = p ^ (p >> 2)
     p = p ^ (p >> 1)
     sign = tl.where((p & 1) == 1, -1.0, 1.0)
+    if DOT_F32 or dtype == tl.float32:
+        return sign
+    return sign.to(dtype)
+
+
+@triton.jit
+def hadamard_dot(xb, sign, ROT: tl.constexpr, DOT_F32: tl.constexpr):
+    """``xb H / sqrt(ROT)`` in float32 for rows of one ROT-channel block each (xb: [R, ROT] in
+    x's dtype; `sign`: :func:`hadamard_sign`), on the tensor cores. DOT_F32 (the interpreter,
+    whose tl.dot multiplies bfloat16 tiles as their raw bits): xb widened to float32 first, the
+    same exact products."""
     if DOT_F32 or xb.dtype == tl.float32:
         y = tl.dot(xb.to(tl.float32), sign, input_precision="ieee")
     else:
-        y = tl.dot(xb, sign.to(xb.dtype), out_dtype=tl.float32)
+        y = tl.dot(xb, sign, out_dtype=tl.float32)
     INV: tl.constexpr = 1.0 / (ROT ** 0.5)
     return y * INV
 
@@ -94,5 +104,6 @@ def rotate_tile(x, ROT: tl.constexpr, DOT_F32: tl.constexpr):
     the tile viewed as rows of one ROT-channel block each, :func:`hadamard_dot`, viewed back."""
     BM: tl.constexpr = x.shape[0]
     BK: tl.constexpr = x.shape[1]
-    y = hadamard_dot(tl.reshape(x, (BM * BK // ROT, ROT)), ROT, DOT_F32)
+    sign = hadamard_sign(ROT, DOT_F32, x.dtype)
+    y = hadamard_dot(tl.reshape(x, (BM * BK // ROT, ROT)), sign, ROT, DOT_F32)
     return tl.reshape(y, (BM, BK))

@@ -194,7 +194,7 @@ from q3n_compile.kernels import qlinear_i8 as I8
 from q3n_compile.kernels import qlinear_mm8 as M8
 from q3n_compile.kernels import qlinear_swap as SW
 from q3n_compile.kernels import weight_unpack as WU
-from q3n_compile.kernels.hadamard import hadamard_dot, rotate_tile
+from q3n_compile.kernels.hadamard import hadamard_dot, hadamard_sign, rotate_tile
 from q3n_compile.kernels.norm_linear import normalise_rows
 from q3n_compile.kernels.qcodes import block_minus_zero, load_codes, tile_setup
 from q3n_compile.kernels.tiles import first_tile_mean, ticket_split_k
@@ -908,26 +908,34 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
     elif ONE_TILE and ROT != 0 and ROT_BLOCKS:
         # Rotated, the row whole in the tile: loaded straight as rows of one rotation block
         # each ([BLOCK_M * BLOCK_K / ROT, ROT], tl.dot's operand as it is), not as a
-        # [BLOCK_M, BLOCK_K] tile reshaped for the dot and back.
+        # [BLOCK_M, BLOCK_K] tile reshaped for the dot and back. A program takes every
+        # num_programs-th tile of BLOCK_M rows (the launcher may start fewer programs than
+        # tiles): the +-1 matrix, about ten integer operations an entry, is made once a program.
         NB: tl.constexpr = BLOCK_K // ROT
+        sign = hadamard_sign(ROT, DOT_F32, X.dtype.element_ty)
         r = tl.arange(0, BLOCK_M * NB)
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + r // NB
         cols = (r % NB)[:, None] * ROT + tl.arange(0, ROT)[None, :]
-        mask = (rows < M)[:, None] & (cols < K)
-        xb = tl.load(X + rows[:, None] * stride_xm + cols * stride_xk, mask=mask, other=0.0)
-        y = hadamard_dot(xb, ROT, DOT_F32)
+        col_ok = cols < K
         if HAS_SMOOTH:
-            y = y * tl.load(SM + cols, mask=cols < K, other=0.0)
-        amax = tl.max(tl.reshape(tl.max(tl.abs(y), axis=1), (BLOCK_M, NB)), axis=1)
-        scale = amax / QMAX
-        scale = tl.where(scale == 0.0, 1.0, scale)
-        s_rows = tl.reshape(tl.broadcast_to(scale[:, None], (BLOCK_M, NB)), (BLOCK_M * NB,))
-        c = _act_code(y / s_rows[:, None], QMAX, FP8)
-        if DEQUANT:
-            c = c * s_rows[:, None]
-        tl.store(C + rows[:, None] * stride_cm + _act_dst(cols, PERM128), c.to(C.dtype.element_ty),
-                 mask=mask)
-        tl.store(XS + offs_m, scale, mask=m_ok)
+            sm = tl.load(SM + cols, mask=col_ok, other=0.0)
+        for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+            rows = (tile * BLOCK_M + r // NB).to(tl.int64)  # tile * BLOCK_M < M: no overflow
+            mask = (rows < M)[:, None] & col_ok
+            xb = tl.load(X + rows[:, None] * stride_xm + cols * stride_xk, mask=mask, other=0.0)
+            y = hadamard_dot(xb, sign, ROT, DOT_F32)
+            if HAS_SMOOTH:
+                y = y * sm
+            amax = tl.max(tl.reshape(tl.max(tl.abs(y), axis=1), (BLOCK_M, NB)), axis=1)
+            scale = amax / QMAX
+            scale = tl.where(scale == 0.0, 1.0, scale)
+            s_rows = tl.reshape(tl.broadcast_to(scale[:, None], (BLOCK_M, NB)), (BLOCK_M * NB,))
+            c = _act_code(y / s_rows[:, None], QMAX, FP8)
+            if DEQUANT:
+                c = c * s_rows[:, None]
+            tl.store(C + rows[:, None] * stride_cm + _act_dst(cols, PERM128),
+                     c.to(C.dtype.element_ty), mask=mask)
+            tile_rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            tl.store(XS + tile_rows, scale, mask=tile_rows < M)
     elif ONE_TILE:
         # The row is whole in the tile: loaded once, kept in registers between its max and its
         # codes (the loop below reads it twice, the second time from L1/L2, one round of
@@ -1468,6 +1476,9 @@ ACT_QUANT_TILE_BY_K = {
 # Under the interpreter: 32 rows x 128 columns (so per-token rows past 128 columns run the looped
 # form on the CPU lane too).
 ACT_QUANT_INTERPRETER = (32, 128, 4)
+# Rotated rows whole in one tile: at most this many programs an SM, each taking every
+# num_programs-th tile (it makes the Hadamard matrix once).
+ACT_QUANT_ROT_PROGRAMS_PER_SM = 4
 
 
 def act_quant_launch(K: int, act_group: int, interpreter: bool,
@@ -1503,9 +1514,10 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
     programmatic dependent launch (the kernel after it must wait with ``griddepcontrol.wait``
     before it reads the codes; the caller has asked :func:`contract.pdl_capable`, as
     :func:`_pdl_after_quant` does); `launch`: (BLOCK_M, BLOCK_K, num_warps[, one_tile[,
-    rot_blocks]]) in place of :func:`act_quant_launch`'s (a benchmark's sweep; one_tile False
-    forces the looped form where the row fits the tile; rot_blocks False, the rotated one-tile
-    form that reshapes the tile); `rotation`: the rows ``x R`` are quantized
+    rot_blocks[, programs]]]) in place of :func:`act_quant_launch`'s (a benchmark's sweep;
+    one_tile False forces the looped form where the row fits the tile; rot_blocks False, the
+    rotated one-tile form that reshapes the tile; programs: the rotated one-tile form's grid
+    cap, 0 for a program a tile); `rotation`: the rows ``x R`` are quantized
     (:mod:`hadamard`; K a multiple of it)."""
     M, K = x.shape
     codes_dtype = x.dtype if dequant else _act_codes_dtype(act, x.device, interpreter)
@@ -1525,9 +1537,17 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
     if launch is not None and len(launch) > 3:
         one_tile = one_tile and bool(launch[3])
     rot_blocks = not (launch is not None and len(launch) > 4 and not launch[4])
+    grid = contract.cdiv(M, block_m)
+    if rotation and one_tile and rot_blocks:
+        if launch is not None and len(launch) > 5:
+            cap = launch[5]
+        else:
+            cap = 0 if interpreter else ACT_QUANT_ROT_PROGRAMS_PER_SM * _sm_count(
+                x.device.index if x.device.index is not None else torch.cuda.current_device())
+        grid = min(grid, cap) if cap else grid
     pdl = pdl and not interpreter
     contract.launch(
-        act_quant_kernel, (contract.cdiv(M, block_m),),
+        act_quant_kernel, (grid,),
         (x, smooth if smooth is not None else scales, codes, scales),
         (M, K, x.stride(0), x.stride(1), codes.stride(0)),
         dict(QMAX=ACT_QMAX[act], FP8=act == "fp8", HAS_SMOOTH=smooth is not None,

@@ -71,7 +71,9 @@ def test_quantizer_rotates(act, dtype, ag):
     smooth = torch.rand(K, generator=gen) + 0.5
     # The interpreter's launch (128-column tiles), and per token the row whole in one tile:
     # loaded as rows of one rotation block each, and reshaped from [rows, 512] (the GPU forms).
-    launches = [None] + ([(4, 512, 4), (4, 512, 4, True, False)] if ag == Q.PER_TOKEN else [])
+    # (2 programs for 5 tiles: a program takes every other tile.)
+    launches = [None] + ([(4, 512, 4), (4, 512, 4, True, False), (4, 512, 4, True, True, 2)]
+                         if ag == Q.PER_TOKEN else [])
     for sm in (None, smooth):
         want_codes, want_scales = Q.quantize_activations(x, act, sm, ag, rotation=ROT)
         for launch in launches:
@@ -94,7 +96,7 @@ def test_quantizer_dequant_and_permuted_forms(dequant, perm128):
     x[:, 3] *= 40
     want_codes, want_scales = Q.quantize_activations(x, "int8", rotation=ROT)
     want = want_codes * want_scales[:, None]
-    for launch in (None, (4, 256, 4), (4, 256, 4, True, False)):
+    for launch in (None, (4, 256, 4), (4, 256, 4, True, False), (2, 256, 4, True, True, 2)):
         out, _ = Q.quantize_activations_triton(x, "int8", None, interpreter=True, dequant=dequant,
                                                perm128=perm128, rotation=ROT, launch=launch)
         if perm128:
