@@ -186,7 +186,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def embedding_metrics(emb: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     """Mean/min cosine of matching embeddings; Spearman of the pairwise similarities."""
-    emb, ref = emb.double(), ref.double()
+    emb, ref = emb.detach().cpu().double(), ref.detach().cpu().double()
     cos = torch.nn.functional.cosine_similarity(emb, ref, dim=-1)
     n = len(ref)
     iu = torch.triu_indices(n, n, 1)

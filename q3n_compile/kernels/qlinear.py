@@ -1477,8 +1477,15 @@ ACT_QUANT_TILE_BY_K = {
 # form on the CPU lane too).
 ACT_QUANT_INTERPRETER = (32, 128, 4)
 # Rotated rows whole in one tile: at most this many programs an SM, each taking every
-# num_programs-th tile (it makes the Hadamard matrix once).
-ACT_QUANT_ROT_PROGRAMS_PER_SM = 4
+# num_programs-th tile (it makes the Hadamard matrix once), and 2 rows a program to 4096
+# columns. H200, int8 codes of bf16 rows (s34run4, bench_row_kernels.py --rotation 128, CUDA-graph
+# replay, L2 flushed), K = 4096 at 8192 rows: 2 rows x 4 warps at 2 programs an SM 41.1 us (4
+# an SM 43.0, 8 49.2, a program a tile 81.7; 1 row x 4 warps 48.0-104.7), the unrotated
+# quantizer 30.5, Inductor's compile of the rotated definition 336.5, a copy 29.3; at 256 rows
+# every launch 9.0-11.1 us (unrotated 7.0). K = 12288 (one row, 8 warps, 4 an SM) 167.1 us
+# against 83.6 unrotated and 962.9 for Inductor: the padded 16384-column tile's dots.
+ACT_QUANT_ROT_PROGRAMS_PER_SM = 2
+ACT_QUANT_ROT_MAX_ROWS_K = 4096  # to this many columns (padded), 2 rows a program
 
 
 def act_quant_launch(K: int, act_group: int, interpreter: bool,
@@ -1498,6 +1505,8 @@ def act_quant_launch(K: int, act_group: int, interpreter: bool,
         warps = min(16, max(4, block_k // 256))
     if rotation:
         block_k = max(block_k, rotation)
+        if act_group == 0 and kp2 <= ACT_QUANT_ROT_MAX_ROWS_K:
+            block_m = max(block_m, 2)
         block_m = max(block_m, HD.MIN_DOT_ROWS * rotation // block_k)
     return block_m, block_k, warps
 
