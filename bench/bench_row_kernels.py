@@ -178,9 +178,9 @@ def act_quant_rows(M: int, gen, sweep: bool) -> list[dict]:
                                                      rotation=rot)
 
     kp2 = max(16, 1 << (K - 1).bit_length())
-    cfgs = [("dispatched", Q.act_quant_launch(K, 0, False, rot)), ("looped", QUANT_LOOPED)]
+    cfgs = [("dispatched", Q.act_quant_launch(K, 0, False, rot, M)), ("looped", QUANT_LOOPED)]
     if rot:  # the one-tile row reshaped for the rotation's dot, not loaded as rows of blocks
-        cfgs.append(("reshaped", (*Q.act_quant_launch(K, 0, False, rot), True, False)))
+        cfgs.append(("reshaped", (*Q.act_quant_launch(K, 0, False, rot, M), True, False)))
     if sweep:  # the same elements a thread as at 4096 columns for wider rows
         wide = max(1, kp2 // 4096)
         if rot:  # at most 16 warps (32 failed ptxas with the rotation's dot, s34run2)

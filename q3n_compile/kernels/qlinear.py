@@ -1478,22 +1478,26 @@ ACT_QUANT_TILE_BY_K = {
 ACT_QUANT_INTERPRETER = (32, 128, 4)
 # Rotated rows whole in one tile: at most this many programs an SM, each taking every
 # num_programs-th tile (it makes the Hadamard matrix once), and 2 rows a program to 4096
-# columns. H200, int8 codes of bf16 rows (s34run4, bench_row_kernels.py --rotation 128, CUDA-graph
+# columns from 1024 rows (below, one: at 1-16 rows the second row's dots were wasted work, and
+# the W8A8 op at 16 rows of 4096 x 4096 ran 0.0187 ms with 2 rows against 0.0162 with one,
+# s34run5 / s34run1). H200, int8 codes of bf16 rows (s34run4, bench_row_kernels.py --rotation 128, CUDA-graph
 # replay, L2 flushed), K = 4096 at 8192 rows: 2 rows x 4 warps at 2 programs an SM 41.1 us (4
 # an SM 43.0, 8 49.2, a program a tile 81.7; 1 row x 4 warps 48.0-104.7), the unrotated
 # quantizer 30.5, Inductor's compile of the rotated definition 336.5, a copy 29.3; at 256 rows
 # every launch 9.0-11.1 us (unrotated 7.0). K = 12288 (one row, 8 warps, 4 an SM) 167.1 us
 # against 83.6 unrotated and 962.9 for Inductor: the padded 16384-column tile's dots.
 ACT_QUANT_ROT_PROGRAMS_PER_SM = 2
-ACT_QUANT_ROT_MAX_ROWS_K = 4096  # to this many columns (padded), 2 rows a program
+ACT_QUANT_ROT_MAX_ROWS_K = 4096  # to this many columns (padded), 2 rows a program...
+ACT_QUANT_ROT_TWO_ROWS_FROM_M = 1024  # ...from this many rows
 
 
 def act_quant_launch(K: int, act_group: int, interpreter: bool,
-                     rotation: int = 0) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, num_warps) of act_quant_kernel for rows of K (act_group 0: per
+                     rotation: int = 0, M: int = 0) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps) of act_quant_kernel for M rows of K (act_group 0: per
     token); the kernel runs ONE_TILE where per-token BLOCK_K >= K. With a rotation, the tile
     holds at least :data:`hadamard.MIN_DOT_ROWS` rotation blocks (tl.dot's smallest M): more
-    rows a program for narrow rows."""
+    rows a program for narrow rows, and for many rows of up to
+    :data:`ACT_QUANT_ROT_MAX_ROWS_K` columns."""
     if interpreter:
         return ACT_QUANT_INTERPRETER
     kp2 = max(16, contract.next_power_of_2(K))
@@ -1505,7 +1509,8 @@ def act_quant_launch(K: int, act_group: int, interpreter: bool,
         warps = min(16, max(4, block_k // 256))
     if rotation:
         block_k = max(block_k, rotation)
-        if act_group == 0 and kp2 <= ACT_QUANT_ROT_MAX_ROWS_K:
+        if (act_group == 0 and kp2 <= ACT_QUANT_ROT_MAX_ROWS_K
+                and M >= ACT_QUANT_ROT_TWO_ROWS_FROM_M):
             block_m = max(block_m, 2)
         block_m = max(block_m, HD.MIN_DOT_ROWS * rotation // block_k)
     return block_m, block_k, warps
@@ -1541,7 +1546,7 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
         return codes, scales
     act_group = 0 if act_group_size == PER_TOKEN else act_group_size
     block_m, block_k, warps = (launch or act_quant_launch(K, act_group, interpreter,
-                                                          rotation))[:3]
+                                                          rotation, M))[:3]
     one_tile = act_group == 0 and block_k >= K
     if launch is not None and len(launch) > 3:
         one_tile = one_tile and bool(launch[3])

@@ -252,10 +252,13 @@ def test_launch_holds_enough_rotation_blocks_for_tl_dot():
         for ag in (0, 64):
             bm, bk, _ = Q.act_quant_launch(k, ag, False, ROT)
             assert bk % ROT == 0 and bm * bk // ROT >= HD.MIN_DOT_ROWS, (k, ag, bm, bk)
-    # 2 rows a program to 4096 columns (the sweep's best at 8192 rows, s34run4), else as
-    # unrotated.
-    assert Q.act_quant_launch(4096, 0, False, ROT) == (2, 4096, 4)
-    assert Q.act_quant_launch(12288, 0, False, ROT) == Q.act_quant_launch(12288, 0, False, 0)
+    # 2 rows a program to 4096 columns from 1024 rows (the sweep's best at 8192 rows,
+    # s34run4), else as unrotated.
+    assert Q.act_quant_launch(4096, 0, False, ROT, 8192) == (2, 4096, 4)
+    for m in (1, 16, 256):
+        assert Q.act_quant_launch(4096, 0, False, ROT, m) == Q.act_quant_launch(4096, 0, False, 0)
+    assert Q.act_quant_launch(12288, 0, False, ROT, 8192) == \
+        Q.act_quant_launch(12288, 0, False, 0, 8192)
 
 
 # ---------------------------------------------------------------------------------------------
