@@ -1488,7 +1488,7 @@ ACT_QUANT_INTERPRETER = (32, 128, 4)
 # against 83.6 unrotated and 962.9 for Inductor: the padded 16384-column tile's dots.
 ACT_QUANT_ROT_PROGRAMS_PER_SM = 2
 ACT_QUANT_ROT_MAX_ROWS_K = 4096  # to this many columns (padded), 2 rows a program...
-ACT_QUANT_ROT_TWO_ROWS_FROM_M = 1024  # ...from this many rows
+ACT_QUANT_ROT_TWO_ROWS_FROM_M = 1024  # ...from this many rows (and the rows-of-blocks form)
 
 
 def act_quant_launch(K: int, act_group: int, interpreter: bool,
@@ -1529,9 +1529,9 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
     before it reads the codes; the caller has asked :func:`contract.pdl_capable`, as
     :func:`_pdl_after_quant` does); `launch`: (BLOCK_M, BLOCK_K, num_warps[, one_tile[,
     rot_blocks[, programs]]]) in place of :func:`act_quant_launch`'s (a benchmark's sweep;
-    one_tile False forces the looped form where the row fits the tile; rot_blocks False, the
-    rotated one-tile form that reshapes the tile; programs: the rotated one-tile form's grid
-    cap, 0 for a program a tile); `rotation`: the rows ``x R`` are quantized
+    one_tile False forces the looped form where the row fits the tile; rot_blocks True / False,
+    the rotated one-tile form that loads rows of blocks / reshapes the tile; programs: the
+    rows-of-blocks form's grid cap, 0 for a program a tile); `rotation`: the rows ``x R`` are quantized
     (:mod:`hadamard`; K a multiple of it)."""
     M, K = x.shape
     codes_dtype = x.dtype if dequant else _act_codes_dtype(act, x.device, interpreter)
@@ -1550,7 +1550,14 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
     one_tile = act_group == 0 and block_k >= K
     if launch is not None and len(launch) > 3:
         one_tile = one_tile and bool(launch[3])
-    rot_blocks = not (launch is not None and len(launch) > 4 and not launch[4])
+    # Rotated, the row in one tile: loaded as rows of one block each (with the grid capped) for
+    # many rows' plain codes; else the tile reshaped for the dot, a program a tile. At 16-256
+    # rows, and wherever the codes are dequantised or permuted (the dequant, mmT and wg paths),
+    # the rows-of-blocks form made the op slower: W8A8 at 16 rows of 4096 x 4096 0.0181 ms
+    # against 0.0162, W4A8 (wg) at 256 rows 0.0501 against 0.0332 (s34run6 / s34run1).
+    rot_blocks = (M >= ACT_QUANT_ROT_TWO_ROWS_FROM_M and not dequant and not perm128)
+    if launch is not None and len(launch) > 4:
+        rot_blocks = bool(launch[4])
     grid = contract.cdiv(M, block_m)
     if rotation and one_tile and rot_blocks:
         if launch is not None and len(launch) > 5:

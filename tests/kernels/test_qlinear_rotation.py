@@ -271,10 +271,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 @pytest.mark.parametrize("K", [128, 384, 4096, 12288, 20480])
 @pytest.mark.parametrize("act", ["int8", "fp8"])
-def test_gpu_quantizer(K, act):
-    # 128/384: narrow rows, several a program; 4096/12288: one tile; 20480: the looped form.
-    gen = _gen(f"rotgpuq{K}{act}")
-    x = (torch.randn(67, K, generator=gen) * torch.logspace(-2, 1, K)).to(bf16).cuda()
+@pytest.mark.parametrize("M", [67, 2100])
+def test_gpu_quantizer(K, act, M):
+    # 128/384: narrow rows, several a program; 4096/12288: one tile (reshaped for the dot at
+    # 67 rows; loaded as rows of blocks, a capped grid, at 2100); 20480: the looped form.
+    gen = _gen(f"rotgpuq{K}{act}{M}")
+    x = (torch.randn(M, K, generator=gen) * torch.logspace(-2, 1, K)).to(bf16).cuda()
     smooth = (torch.rand(K, generator=gen) + 0.5).cuda()
     for sm in (None, smooth):
         codes, scales = Q.quantize_activations_triton(x, act, sm, interpreter=False,
