@@ -52,11 +52,25 @@ def test_rotation_definition():
         HD.rotate_rows(torch.zeros(2, 200), ROT)
 
 
-def _close_codes(codes, scales, want_codes, want_scales):
-    """The interpreter's rotation sums each block in another float32 order than torch: scales
-    may differ by float32 ulps, and a code by one step where x'/s lies that close to a tie."""
+def _steps(codes: torch.Tensor) -> torch.Tensor:
+    """Codes as the index of their value among the format's values: integers as they are;
+    float8 e4m3 codes by their bit pattern (sign and magnitude), so that neighbours differ by
+    one whatever their exponent."""
+    if codes.dtype != torch.float8_e4m3fn:
+        return codes.float()
+    bits = codes.view(torch.uint8).to(torch.int32)
+    mag = (bits & 0x7F).float()
+    return torch.where(bits >= 0x80, -mag, mag)
+
+
+def _close_codes(codes, scales, want_codes, want_scales, act="int8"):
+    """The kernels' rotation sums each block in another float32 order than torch: scales may
+    differ by float32 ulps, and a code by one step (one e4m3 value for fp8) where x'/s lies
+    that close to a tie."""
     torch.testing.assert_close(scales, want_scales, rtol=2e-6, atol=0)
-    diff = (codes.float() - want_codes).abs()
+    if act == "fp8":
+        codes, want_codes = codes.to(torch.float8_e4m3fn), want_codes.to(torch.float8_e4m3fn)
+    diff = (_steps(codes) - _steps(want_codes)).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() <= 0.01, diff.sum()
 
 
@@ -80,12 +94,12 @@ def test_quantizer_rotates(act, dtype, ag):
             codes, scales = Q.quantize_activations_triton(x, act, sm, interpreter=True,
                                                           act_group_size=ag, rotation=ROT,
                                                           launch=launch)
-            _close_codes(codes, scales, want_codes, want_scales)
+            _close_codes(codes, scales, want_codes, want_scales, act)
             assert (scales[3] == 1).all() and codes[3].abs().max() == 0
         # The rotation comes before the smoothing vector: x' = (x R) * smooth.
         xr = HD.rotate_rows(x, ROT) * (1.0 if sm is None else sm)
         plain_codes, plain_scales = Q.quantize_activations(xr, act, None, ag)
-        _close_codes(codes, scales, plain_codes, plain_scales)
+        _close_codes(codes, scales, plain_codes, plain_scales, act)
 
 
 @pytest.mark.parametrize("dequant,perm128", [(True, False), (False, True), (True, True)])
@@ -282,7 +296,7 @@ def test_gpu_quantizer(K, act, M):
         codes, scales = Q.quantize_activations_triton(x, act, sm, interpreter=False,
                                                       rotation=ROT)
         want_codes, want_scales = Q.quantize_activations(x, act, sm, rotation=ROT)
-        _close_codes(codes, scales, want_codes, want_scales)
+        _close_codes(codes, scales, want_codes, want_scales, act)
 
 
 @pytest.mark.gpu
