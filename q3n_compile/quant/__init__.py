@@ -57,12 +57,13 @@ def __getattr__(name):
 
 def quantize_linear(weight, bias=None, *, weight_bits=4, activation_bits=16, group_size=None,
                     symmetric=None, activation_format=None, activation_group_size=None,
-                    inputs=None, method="gptq",
+                    rotation=None, inputs=None, method="gptq",
                     smoothquant="auto", clip_search=True, max_rows=512, refine=0):
     """Quantize one ``[N, K]`` weight, optionally calibrated on `inputs` (``[..., K]`` rows).
 
     Returns an :class:`~q3n_compile.quant.algorithms.LayerResult` (packed weight, smoothing vector,
     info with the relative output errors on `inputs`). ``activation_format`` "auto" means int8 here.
+    ``rotation`` 128: the result is ``W R``'s (run it with q3n::qlinear's ``rotation=128``).
     """
     from .algorithms import quantize_layer
     entry = {"weight_bits": weight_bits, "activation_bits": activation_bits}
@@ -74,6 +75,8 @@ def quantize_linear(weight, bias=None, *, weight_bits=4, activation_bits=16, gro
         entry["activation_format"] = activation_format
     if activation_group_size is not None:
         entry["activation_group_size"] = activation_group_size
+    if rotation is not None:
+        entry["rotation"] = rotation
     qc = parse_quant_config({"ffn_layers": entry, "calibration": {
         "method": method, "smoothquant": smoothquant, "clip_search": clip_search,
         "max_rows": max_rows, "refine": refine}})
