@@ -22,6 +22,15 @@ f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 TOL = {f32: 2e-5, f16: 3e-3, bf16: 2e-2}
 
 
+# Forced launches the interpreter runs on small shapes (split-K GEMV and tiles, dequant + matmul).
+INTERPRETER_PATHS = [
+    dict(path="gemv", BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1),
+    dict(path="mm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1),
+    dict(path="dequant"),
+]
+INTERPRETER_PATH_IDS = ["gemv_splitk", "mm_splitk", "dequant"]
+
+
 def _gen(name):
     return torch.Generator().manual_seed(zlib.crc32(name.encode()))
 
@@ -174,11 +183,7 @@ def test_smooth_vector_is_applied_before_quantization():
         torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("path", [
-    dict(path="gemv", BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1),
-    dict(path="mm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1),
-    dict(path="dequant"),
-], ids=["gemv_splitk", "mm_splitk", "dequant"])
+@pytest.mark.parametrize("path", INTERPRETER_PATHS, ids=INTERPRETER_PATH_IDS)
 @pytest.mark.parametrize("act", ["none", "int8"])
 def test_forced_paths(path, act):
     gen = _gen(f"path{path['path']}{act}")

@@ -11,7 +11,8 @@ import torch
 
 from q3n_compile.kernels import qlinear as Q
 
-from .test_qlinear import GPU_PATH_IDS, GPU_PATHS, _args, _gen, _packed
+from .test_qlinear import (GPU_PATH_IDS, GPU_PATHS, INTERPRETER_PATH_IDS, INTERPRETER_PATHS,
+                           _args, _gen, _packed)
 from .test_qlinear import _check as check_op
 
 op = torch.ops.q3n.qlinear
@@ -99,11 +100,7 @@ def test_kernel_against_float64(bits, sym, group, act, ag, M, K, dtype, bias):
     _check(x.to(dtype), pw, ag, b, smooth=smooth, act=act)
 
 
-@pytest.mark.parametrize("path", [
-    dict(path="gemv", BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1),
-    dict(path="mm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1),
-    dict(path="dequant"),
-], ids=["gemv_splitk", "mm_splitk", "dequant"])
+@pytest.mark.parametrize("path", INTERPRETER_PATHS, ids=INTERPRETER_PATH_IDS)
 @pytest.mark.parametrize("act,ag", [("int8", 32), ("int12", 64), ("fp8", 128)])
 def test_forced_paths(path, act, ag):
     gen = _gen(f"agpath{path['path']}{act}{ag}")

@@ -18,7 +18,7 @@ from q3n_compile.kernels import hadamard as HD
 from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear as Q
 
-from .test_qlinear import TOL, _gen, _packed
+from .test_qlinear import INTERPRETER_PATH_IDS, INTERPRETER_PATHS, TOL, _gen, _packed
 
 op = torch.ops.q3n.qlinear
 
@@ -191,11 +191,7 @@ def test_kernel_against_float64(bits, sym, group, act, ag, M, K, dtype, bias):
     _check(x.to(dtype), pw, b, smooth=smooth, act=act, ag=ag)
 
 
-@pytest.mark.parametrize("path", [
-    dict(path="gemv", BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1),
-    dict(path="mm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1),
-    dict(path="dequant"),
-], ids=["gemv_splitk", "mm_splitk", "dequant"])
+@pytest.mark.parametrize("path", INTERPRETER_PATHS, ids=INTERPRETER_PATH_IDS)
 @pytest.mark.parametrize("act", ["int8", "fp8"])
 def test_forced_paths(path, act):
     gen = _gen(f"rotpath{path['path']}{act}")
