@@ -2191,16 +2191,19 @@ qlinear = contract.register_kernel_op("qlinear", _qlinear_impl, _qlinear_fake)
 # gate/up) that quantize x_hat alike (same activation format, same SmoothQuant vector), and each
 # sibling runs ``q3n::qlinear_codes``: the qlinear kernels of this module on those codes.
 #
-# ``q3n::norm_act_quant(x, eps, kind, act, smooth, act_group_size=-1) -> (codes [M, K], scales
-# [M] fp32, or [M, ceil(K / act_group_size)] per token and channel group)``, x ``[..., K]``
+# ``q3n::norm_act_quant(x, eps, kind, act, smooth, act_group_size=-1, rotation=0) -> (codes [M, K],
+# scales [M] fp32, or [M, ceil(K / act_group_size)] per token and channel group)``, x ``[..., K]``
 # (float16, bfloat16, float32; M = the product of the leading sizes):
 #
 #     LayerNorm (kind "layernorm"): x0 = mean(x[m, :B]) (B = BLOCK_K; the whole row in the
 #         reference); s1 = sum(x - x0); s2 = sum((x - x0)^2);
 #         dm = s1 / K; rstd = 1 / sqrt(max(s2 / K - dm^2, 0) + eps); x_hat = ((x - x0) - dm) * rstd
 #     RMSNorm (kind "rmsnorm"): rstd = 1 / sqrt(sum(x^2) / K + eps); x_hat = x * rstd
-#     then (codes, scales) = quantize_activations(x_hat, act, smooth, act_group_size)
+#     then (codes, scales) = quantize_activations(x_hat, act, smooth, act_group_size, rotation)
 #                                                                      (this module's definition)
+#
+# (with a rotation the kernel rotates x's own values and corrects LayerNorm's centring after it:
+# :func:`_normalised_rotated`; the same function up to float32 rounding)
 #
 # all in float32 from x's values (the statistics are those of ``kernels.norm_linear``'s
 # row_stats_kernel, centred near the row's mean so that neither a large mean nor a far first
@@ -2232,12 +2235,32 @@ def _normalised(x, x0, dm, rstd, KIND: tl.constexpr):
 
 
 @triton.jit
+def _normalised_rotated(x, offs, x0, dm, rstd, KIND: tl.constexpr, ROT: tl.constexpr,
+                        DOT_F32: tl.constexpr):
+    """x_hat R of a [BLOCK_M, BLOCK_K] tile of x as stored (its dtype; whole ROT-blocks), fp32:
+    R is linear and maps the all-ones vector to sqrt(ROT) at each block's first channel, so
+    x_hat R = (x R - mean sqrt(ROT) [k % ROT == 0]) * rstd for LayerNorm (mean = x0 + dm) and
+    x R * rstd for RMSNorm: the rotation runs on x's own values (exact products on the tensor
+    cores, :func:`hadamard.rotate_tile`), not on a float32 x_hat."""
+    xr = rotate_tile(x, ROT, DOT_F32)
+    if KIND == 0:
+        SQRT_ROT: tl.constexpr = ROT ** 0.5
+        first = (offs % ROT) == 0
+        xr = xr - tl.where(first[None, :], ((x0 + dm) * SQRT_ROT)[:, None], 0.0)
+    return xr * rstd[:, None]
+
+
+@triton.jit
 def _smoothed_tile(x_row, SM, offs, mask, stride_xk, K, x0, dm, rstd, KIND: tl.constexpr,
-                   HAS_SMOOTH: tl.constexpr):
-    """x' = x_hat (* smooth) of one [BLOCK_M, BLOCK_K] tile of the rows, in fp32 (the sweeps'
-    second and third reads)."""
-    x = tl.load(x_row + offs[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-    xh = _normalised(x, x0, dm, rstd, KIND)
+                   HAS_SMOOTH: tl.constexpr, ROT: tl.constexpr = 0,
+                   DOT_F32: tl.constexpr = False):
+    """x' = x_hat (ROT: x_hat R) (* smooth) of one [BLOCK_M, BLOCK_K] tile of the rows, in fp32
+    (the sweeps' second and third reads)."""
+    x = tl.load(x_row + offs[None, :] * stride_xk, mask=mask, other=0.0)
+    if ROT != 0:
+        xh = _normalised_rotated(x, offs, x0, dm, rstd, KIND, ROT, DOT_F32)
+    else:
+        xh = _normalised(x.to(tl.float32), x0, dm, rstd, KIND)
     if HAS_SMOOTH:
         xh = xh * tl.load(SM + offs, mask=offs < K, other=0.0)[None, :]
     return xh
@@ -2247,13 +2270,15 @@ def _smoothed_tile(x_row, SM, offs, mask, stride_xk, K, x0, dm, rstd, KIND: tl.c
 def norm_act_quant_kernel(X, SM, C, XS, M, K, eps, stride_xm, stride_xk, stride_cm,
                           KIND: tl.constexpr, QMAX: tl.constexpr, FP8: tl.constexpr,
                           HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                          ONE_TILE: tl.constexpr, ACT_GROUP: tl.constexpr):
+                          ONE_TILE: tl.constexpr, ACT_GROUP: tl.constexpr,
+                          ROT: tl.constexpr = 0, DOT_F32: tl.constexpr = False):
     """Row statistics, normalisation and dynamic activation quantization (per token, or per
     token and ACT_GROUP channels): one program per BLOCK_M rows of x.
 
     Math (fp32, per row): the statistics of the module comment above (LayerNorm: centred on
     x0 = the mean of the row's first BLOCK_K elements; RMSNorm: sum of squares),
-    rstd = 1 / sqrt(var + eps); x_hat as there; x' = x_hat (* smooth); s = max|x'| / QMAX (1 for an all-zero row); c = round(x' / s) as
+    rstd = 1 / sqrt(var + eps); x_hat as there; x' = x_hat (ROT: x_hat R, computed as
+    :func:`_normalised_rotated` says, BLOCK_K a multiple of ROT) (* smooth); s = max|x'| / QMAX (1 for an all-zero row); c = round(x' / s) as
     :func:`act_quant_kernel` rounds (integers, or e4m3 values, ties to even), clamped to QMAX.
     Writes c (in C's dtype, which holds it exactly) and s.
     ACT_GROUP > 0: s per row and group of ACT_GROUP columns (XS [M, ceil(K / ACT_GROUP)]), as
@@ -2279,7 +2304,8 @@ def norm_act_quant_kernel(X, SM, C, XS, M, K, eps, stride_xm, stride_xk, stride_
         x0 = tl.zeros([BLOCK_M], dtype=tl.float32)
     if ONE_TILE:
         mask = m_ok[:, None] & (offs0 < K)[None, :]
-        x = tl.load(x_row + offs0[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        x_raw = tl.load(x_row + offs0[None, :] * stride_xk, mask=mask, other=0.0)
+        x = x_raw.to(tl.float32)
         if KIND == 0:
             a = tl.where(mask, x - x0[:, None], 0.0)
             dm = tl.sum(a, 1) / K
@@ -2288,7 +2314,10 @@ def norm_act_quant_kernel(X, SM, C, XS, M, K, eps, stride_xm, stride_xk, stride_
         else:
             dm = x0
             rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / K + eps)
-        xh = _normalised(x, x0, dm, rstd, KIND)
+        if ROT != 0:
+            xh = _normalised_rotated(x_raw, offs0, x0, dm, rstd, KIND, ROT, DOT_F32)
+        else:
+            xh = _normalised(x, x0, dm, rstd, KIND)
         if HAS_SMOOTH:
             xh = xh * tl.load(SM + offs0, mask=offs0 < K, other=0.0)[None, :]
         xh = tl.where(mask, xh, 0.0)
@@ -2324,7 +2353,7 @@ def norm_act_quant_kernel(X, SM, C, XS, M, K, eps, stride_xm, stride_xk, stride_
                 offs = k0 + offs0
                 mask = m_ok[:, None] & (offs < K)[None, :]
                 xh = _smoothed_tile(x_row, SM, offs, mask, stride_xk, K, x0, dm, rstd, KIND,
-                                    HAS_SMOOTH)
+                                    HAS_SMOOTH, ROT, DOT_F32)
                 c, gscale = _group_codes(tl.where(mask, xh, 0.0), QMAX, FP8, BLOCK_M, BLOCK_K,
                                          ACT_GROUP)
                 tl.store(C + offs_m[:, None] * stride_cm + offs[None, :],
@@ -2336,7 +2365,7 @@ def norm_act_quant_kernel(X, SM, C, XS, M, K, eps, stride_xm, stride_xk, stride_
                 offs = k0 + offs0
                 mask = m_ok[:, None] & (offs < K)[None, :]
                 xh = _smoothed_tile(x_row, SM, offs, mask, stride_xk, K, x0, dm, rstd, KIND,
-                                    HAS_SMOOTH)
+                                    HAS_SMOOTH, ROT, DOT_F32)
                 amax = tl.maximum(amax, tl.where(mask, tl.abs(xh), 0.0))
             scale = tl.max(amax, axis=1) / QMAX
             scale = tl.where(scale == 0.0, 1.0, scale)
@@ -2344,7 +2373,7 @@ def norm_act_quant_kernel(X, SM, C, XS, M, K, eps, stride_xm, stride_xk, stride_
                 offs = k0 + offs0
                 mask = m_ok[:, None] & (offs < K)[None, :]
                 xh = _smoothed_tile(x_row, SM, offs, mask, stride_xk, K, x0, dm, rstd, KIND,
-                                    HAS_SMOOTH)
+                                    HAS_SMOOTH, ROT, DOT_F32)
                 c = _act_code(xh / scale[:, None], QMAX, FP8)
                 tl.store(C + offs_m[:, None] * stride_cm + offs[None, :],
                          c.to(C.dtype.element_ty), mask=mask)
@@ -2357,25 +2386,30 @@ NORM_KINDS = ("layernorm", "rmsnorm")
 ONE_TILE_MAX_K = 8192
 
 
-def norm_act_quant_config(M: int, K: int, *, interpreter: bool = False) -> dict:
+def norm_act_quant_config(M: int, K: int, *, interpreter: bool = False,
+                          rotation: int = 0) -> dict:
     """Launch parameters: a pure function of the sizes. GPU: one row per program, the whole row
-    in one tile up to :data:`ONE_TILE_MAX_K` (4096-wide sweeps beyond), 4 to 16 warps.
-    Interpreter: 16 rows per program (its cost is per program), one tile up to 256 wide."""
+    in one tile up to :data:`ONE_TILE_MAX_K` (4096-wide sweeps beyond), 4 to 16 warps; with a
+    rotation, tiles of at least :data:`hadamard.MIN_DOT_ROWS` rotation blocks (more rows a
+    program for narrow rows). Interpreter: 16 rows per program (its cost is per program), one
+    tile up to 256 wide."""
     if interpreter:
         kp2 = max(16, contract.next_power_of_2(K))
         return dict(BLOCK_M=16, BLOCK_K=kp2 if kp2 <= 256 else 128, num_warps=4)
     kp2 = max(32, contract.next_power_of_2(K))
     block_k = kp2 if kp2 <= ONE_TILE_MAX_K else 4096
-    return dict(BLOCK_M=1, BLOCK_K=block_k, num_warps=min(16, max(4, block_k // 512)))
+    block_m = max(1, HD.MIN_DOT_ROWS * rotation // block_k) if rotation else 1
+    return dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=min(16, max(4, block_k // 512)))
 
 
 def _norm_act_quant_launch(x: torch.Tensor, eps: float, kind: str, act: str,
                            smooth: Optional[torch.Tensor], interpreter: bool,
-                           config: Optional[dict] = None, act_group_size: int = PER_TOKEN
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           config: Optional[dict] = None, act_group_size: int = PER_TOKEN,
+                           rotation: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Run :func:`norm_act_quant_kernel`; `config` overrides :func:`norm_act_quant_config`
-    (its BLOCK_K is raised to the activation group where it is smaller)."""
-    reason = supports_norm_act_quant(x, eps, kind, act, smooth, act_group_size)
+    (its BLOCK_K is raised to the activation group, and to the rotation, where it is
+    smaller)."""
+    reason = supports_norm_act_quant(x, eps, kind, act, smooth, act_group_size, rotation)
     if reason is not None:
         raise ValueError(f"q3n::norm_act_quant: {reason}")
     K = x.shape[-1]
@@ -2385,16 +2419,16 @@ def _norm_act_quant_launch(x: torch.Tensor, eps: float, kind: str, act: str,
     scales = _act_scales_empty(M, K, act_group_size, x.device)
     if M == 0:
         return codes, scales
-    cfg = config or norm_act_quant_config(M, K, interpreter=interpreter)
+    cfg = config or norm_act_quant_config(M, K, interpreter=interpreter, rotation=rotation)
     act_group = 0 if act_group_size == PER_TOKEN else act_group_size
-    block_k = max(cfg["BLOCK_K"], act_group)  # a tile holds whole groups
+    block_k = max(cfg["BLOCK_K"], act_group, rotation)  # a tile holds whole groups and blocks
     contract.launch(
         norm_act_quant_kernel, (contract.cdiv(M, cfg["BLOCK_M"]),),
         (x2, smooth if smooth is not None else scales, codes, scales),
         (M, K, float(eps), x2.stride(0), x2.stride(1), codes.stride(0)),
         dict(KIND=0 if kind == "layernorm" else 1, QMAX=ACT_QMAX[act], FP8=act == "fp8",
              HAS_SMOOTH=smooth is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=block_k,
-             ONE_TILE=block_k >= K, ACT_GROUP=act_group),
+             ONE_TILE=block_k >= K, ACT_GROUP=act_group, ROT=rotation, DOT_F32=interpreter),
         dict(num_warps=cfg["num_warps"]), fast=not interpreter)
     return codes, scales
 
@@ -2435,12 +2469,14 @@ def _qlinear_codes_launch(codes, xscales, qweight, scales, zeros, bias, bits, gr
 
 def reference_norm_act_quant(x: torch.Tensor, eps: float, kind: str, act: str,
                              smooth: Optional[torch.Tensor] = None,
-                             act_group_size: int = PER_TOKEN
+                             act_group_size: int = PER_TOKEN, rotation: int = 0
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch with ``q3n::norm_act_quant``'s semantics: :func:`normalise_rows` in float32,
-    then :func:`quantize_activations`; codes in the op's storage dtype."""
+    then :func:`quantize_activations` (of ``x_hat R`` with a rotation); codes in the op's
+    storage dtype."""
     xh = normalise_rows(x, eps, kind).to(torch.float32)
-    codes, scales = quantize_activations(xh, act, smooth, act_group_size)
+    codes, scales = quantize_activations(xh.reshape(-1, xh.shape[-1]), act, smooth,
+                                         act_group_size, rotation)
     return codes.to(_act_codes_dtype(act, x.device, False)), scales
 
 
@@ -2462,7 +2498,7 @@ def reference_codes(codes: torch.Tensor, xscales: torch.Tensor, qweight: torch.T
 
 
 def supports_norm_act_quant(x, eps=1e-5, kind="rmsnorm", act="int8", smooth=None,
-                            act_group_size=PER_TOKEN) -> Optional[str]:
+                            act_group_size=PER_TOKEN, rotation=0) -> Optional[str]:
     """None if ``q3n::norm_act_quant`` handles these arguments, else why not. Safe on FakeTensors
     (K must be static; the leading sizes may be symbolic)."""
     if kind not in NORM_KINDS:
@@ -2481,6 +2517,9 @@ def supports_norm_act_quant(x, eps=1e-5, kind="rmsnorm", act="int8", smooth=None
         return f"the normalised size must be a static positive int, got {K}"
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
         return f"eps must be a non-negative Python number, got {eps!r}"
+    reason = rotation_supported(rotation, act, K)
+    if reason:
+        return reason
     if smooth is not None:
         if tuple(smooth.shape) != (K,) or smooth.dtype != torch.float32:
             return f"smooth must be float32 [{K}]"
@@ -2527,16 +2566,19 @@ class _XLike:
 
 
 def _norm_act_quant_impl(x: torch.Tensor, eps: float, kind: str, act: str,
-                         smooth: Optional[torch.Tensor], act_group_size: int = PER_TOKEN
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         smooth: Optional[torch.Tensor], act_group_size: int = PER_TOKEN,
+                         rotation: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     backend = contract.backend_for(x.device)
     if backend == "reference":
-        return reference_norm_act_quant(x, eps, kind, act, smooth, act_group_size)
+        reason = supports_norm_act_quant(x, eps, kind, act, smooth, act_group_size, rotation)
+        if reason is not None:
+            raise ValueError(f"q3n::norm_act_quant: {reason}")
+        return reference_norm_act_quant(x, eps, kind, act, smooth, act_group_size, rotation)
     return _norm_act_quant_launch(x, eps, kind, act, smooth, interpreter=backend == "interpreter",
-                                  act_group_size=act_group_size)
+                                  act_group_size=act_group_size, rotation=rotation)
 
 
-def _norm_act_quant_fake(x, eps, kind, act, smooth, act_group_size=PER_TOKEN):
+def _norm_act_quant_fake(x, eps, kind, act, smooth, act_group_size=PER_TOKEN, rotation=0):
     m = 1
     for s in x.shape[:-1]:
         m = m * s

@@ -19,9 +19,8 @@ For each linear:
    entry carries it (``activation_group_size``, and ``act-g<size>`` in ``format``). A
    ``rotation`` (128) becomes q3n::qlinear's ``rotation`` argument after it (both then given):
    the weight is quantized as ``W R`` from the statistics of ``x R`` and the op quantizes
-   ``x R`` (:mod:`q3n_compile.kernels.hadamard`); such a layer after a folded norm reads
-   ``q3n::normalize``'s rows (``q3n::norm_act_quant`` does not rotate), so its norm is not
-   fused into its quantizer.
+   ``x R`` (:mod:`q3n_compile.kernels.hadamard`); after a folded norm ``q3n::norm_act_quant``
+   takes the same trailing arguments and quantizes ``x_hat R``.
 3. **Checks**: a format the layer cannot take (a group size or rotation that does not divide K, an input
    dtype the kernel does not take) raises :class:`QuantizeConfigError` naming the layer and the fix
    under ``strict=True``; otherwise the layer stays in high precision and
@@ -500,18 +499,18 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
         qw_n, s_n, z_n, sm_n = packed_nodes[pkey]
         norm_src = _normalise_source(cand.x) if cand.folded is not None else None
         fused_act = None
-        # norm_act_quant does not rotate: a rotated layer reads q3n::normalize's rows and its
-        # own quantizer rotates them.
-        if norm_src is not None and act != "none" and not fmt.rotation:
+        if norm_src is not None and act != "none":
             nx, eps, kind = norm_src.args[0], norm_src.args[1], norm_src.args[2]
             if QL.supports_norm_act_quant(nx.meta["val"], eps, kind, act, smooth,
-                                          act_group) is None:
+                                          act_group, fmt.rotation) is None:
                 # One pass over x for the statistics and the codes, shared by the siblings that
-                # quantize x_hat alike (same format, activation groups and smoothing vector).
-                gkey = (norm_src, act, act_group, None if smooth is None else pkey)
+                # quantize x_hat alike (same format, activation groups, rotation and smoothing
+                # vector).
+                gkey = (norm_src, act, act_group, fmt.rotation,
+                        None if smooth is None else pkey)
                 if gkey not in norm_groups:
                     q = add_node(gm, fake_mode, torch.ops.q3n.norm_act_quant.default,
-                                 (nx, eps, kind, act, sm_n, *act_group_arg), before=cand.node,
+                                 (nx, eps, kind, act, sm_n, *rot_args), before=cand.node,
                                  meta_from=norm_src)
                     items = []
                     for i in range(2):

@@ -55,9 +55,9 @@ Measured on MiniLM W8A8 per-channel, per token, calibrated (session 34): Spearma
 0.99945 with every linear rotated (0.99953 on the H200's kernels, on a copy of the weights
 rounded to fp16); the design config 0.98428 -> 0.98903. Cost: the activations' quantizer does
 a 128-wide tl.dot per block; the W8A8 op ran at 0.88-1.00x its unrotated speed on the H200 from
-16 rows (``bench/RESULTS.md``, session 34). It may combine with ``activation_group_size``. A
-rotated layer after a norm that norm_linear folded is not fused with the norm's quantizer
-(``q3n::norm_act_quant`` does not rotate): it reads ``q3n::normalize``'s rows.
+16 rows (``bench/RESULTS.md``, session 34). It may combine with ``activation_group_size``.
+After a norm that norm_linear folded, ``q3n::norm_act_quant`` rotates too (x_hat R in the same
+pass over x).
 
 Resolution for a linear at module path ``p`` with layer class ``c``: the first rule whose glob
 matches ``p`` (``fnmatch``, case-sensitive) decides; otherwise the class entry (``ffn_layers`` for

@@ -123,6 +123,44 @@ def test_quantizer_dequant_and_permuted_forms(dequant, perm128):
             assert (out.float() - want_codes).abs().max() <= 1
 
 
+def _normalised64(x, kind, eps=1e-5):
+    xd = x.double().reshape(-1, x.shape[-1])
+    if kind == "layernorm":
+        mean = xd.mean(-1, keepdim=True)
+        return (xd - mean) / torch.sqrt((xd - mean).square().mean(-1, keepdim=True) + eps)
+    return xd / torch.sqrt(xd.square().mean(-1, keepdim=True) + eps)
+
+
+def _check_norm_codes(x, kind, act, sm, ag, interpreter):
+    """q3n::norm_act_quant with a rotation against float64 x_hat R quantized (the kernel rotates
+    x's own values and corrects LayerNorm's centring after it: float32 rounding apart, and with
+    a mean 100x the spread a scale moves by up to 1e-4 of itself)."""
+    codes, scales = Q._norm_act_quant_launch(x, 1e-5, kind, act, sm, interpreter=interpreter,
+                                             act_group_size=ag, rotation=ROT)
+    want_codes, want_scales = Q.quantize_activations(_normalised64(x, kind).to(x.device), act,
+                                                     sm, ag, rotation=ROT)
+    torch.testing.assert_close(scales, want_scales, rtol=1e-4, atol=0)
+    if act == "fp8":
+        codes, want_codes = codes.to(torch.float8_e4m3fn), want_codes.to(torch.float8_e4m3fn)
+    diff = (_steps(codes) - _steps(want_codes)).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() <= 0.01, diff.sum()
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("K", [256, 384])  # one tile; 128-column sweeps
+@pytest.mark.parametrize("dtype,mean,ag", [(bf16, 0.0, -1), (f32, 100.0, -1), (bf16, 100.0, 64),
+                                           (f16, 3.0, 64)])
+def test_norm_act_quant_rotates(kind, K, dtype, mean, ag):
+    gen = _gen(f"rotnorm{kind}{K}{dtype}{mean}{ag}")
+    x = torch.randn(2, 9, K, generator=gen) + mean
+    x[..., 7] *= 20
+    smooth = torch.rand(K, generator=gen) + 0.5
+    for act, sm in (("int8", None), ("fp8", smooth), ("int12", None)):
+        _check_norm_codes(x.to(dtype), kind, act, sm, ag, interpreter=True)
+    assert "K a multiple of 128" in Q.supports_norm_act_quant(x[..., :200], 1e-5, kind, "int8",
+                                                              None, ag, ROT)
+
+
 def _rotated_weight_packed(gen, N, K, bits, group, sym):
     """(packed W R, float64 W): a smooth random W quantized after rotation, so that
     x W^T is what the rotated op should approximate."""
@@ -311,3 +349,16 @@ def test_gpu_against_float64(bits, group, sym, act, kmajor, M):
     x[:, 11] *= 50
     bias = torch.randn(N, generator=gen).to(bf16).cuda()
     _check(x.to(bf16).cuda(), pw, bias, act=act)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("K", [384, 4096, 12288])  # narrow (several rows a program), one tile, swept
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_gpu_norm_act_quant(K, kind):
+    gen = _gen(f"rotgpunorm{K}{kind}")
+    x = torch.randn(67, K, generator=gen) + 3.0
+    x[:, 11] *= 30
+    smooth = (torch.rand(K, generator=gen) + 0.5).cuda()
+    for act, sm, ag in (("int8", None, -1), ("fp8", smooth, -1), ("int8", smooth, 128)):
+        _check_norm_codes(x.to(bf16).cuda(), kind, act, sm, ag, interpreter=False)

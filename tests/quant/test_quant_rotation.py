@@ -130,9 +130,14 @@ class Block(torch.nn.Module):
                 self.fc2(torch.relu(self.fc1(x))))
 
 
-def test_pass_rotates_merges_siblings_and_falls_back_from_norm_fusion(monkeypatch):
-    """Interpreter kernels: the rotated layers' op calls carry rotation 128 (q/k/v as one merged
-    call on q3n::normalize's rows, not norm_act_quant's codes); fc2 (K = 96) cannot take it and
+def _op_args(gm, op):
+    return [n.args for n in gm.graph.nodes if n.target is op]
+
+
+def test_pass_rotates_fuses_the_norm_and_merges_siblings(monkeypatch):
+    """Interpreter kernels: the rotated layers' ops carry rotation 128: q/k/v's norm is fused
+    into one q3n::norm_act_quant call that rotates, its codes read by one merged qlinear_codes
+    call; fc1 (after no norm) by q3n::qlinear with the rotation; fc2 (K = 96) cannot take it and
     strict=False keeps it in high precision saying why; the outputs stay close to eager."""
     graphs = _quantized_graphs(monkeypatch)
     torch.manual_seed(0)
@@ -148,16 +153,18 @@ def test_pass_rotates_merges_siblings_and_falls_back_from_norm_fusion(monkeypatc
     layers = {e["layer"]: e for e in q["detail"]["layers"]}
     assert sorted(layers) == ["fc1", "k", "q", "v"]
     assert all(e["rotation"] == 128 and e["format"].endswith(" rot128") for e in layers.values())
-    assert all(layers[n]["norm_fused"]["activations"] == "q3n::normalize + qlinear's quantizer"
-               for n in "qkv")
+    assert all(layers[n]["norm_fused"]["activations"] == "q3n::norm_act_quant" for n in "qkv")
     assert q["detail"]["siblings"]["calls_saved"] == 2
-    assert "q3n.norm_act_quant.default" not in report["ops"]
+    assert report["ops"]["q3n.norm_act_quant.default"] == 1
+    assert report["ops"]["q3n.qlinear_codes.default"] == 1
     (kept,) = q["detail"]["kept_high_precision"]
     assert kept["layer"] == "fc2"
     assert "rotation 128 needs in_features a multiple of 128, got 96" in kept["reason"]
     assert "Fix: drop 'rotation'" in kept["reason"]
-    calls = _qlinear_args(graphs[-1])
-    assert len(calls) == 2 and all(a[10:] == (Q.PER_TOKEN, 128) for a in calls)
+    (norm_call,) = _op_args(graphs[-1], torch.ops.q3n.norm_act_quant.default)
+    assert norm_call[5:] == (Q.PER_TOKEN, 128)
+    (fc1_call,) = _qlinear_args(graphs[-1])
+    assert fc1_call[10:] == (Q.PER_TOKEN, 128)
     want = model(x)
     assert _rel(out[0], want[0]) < 0.02 and _rel(out[1], want[1]) < 0.02
 
