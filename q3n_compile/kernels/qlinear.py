@@ -3,7 +3,8 @@
 What this module guarantees:
 
 - ``torch.ops.q3n.qlinear(x, qweight, scales, zeros, bias, smooth, bits, group_size,
-  in_features, act, act_group_size=-1, rotation=0)`` computes ``y = A(x) @ W^T + bias`` for ``x`` ``[M, K]``
+  in_features, act, act_group_size=-1, rotation=0)`` computes ``y = A(x) @ W^T + bias`` for
+  ``x`` ``[M, K]``
   (float16, bfloat16 or float32), output ``[M, N]`` in x's dtype, where
   - ``W = (q - z) * s`` is the packed weight of :mod:`q3n_compile.kernels.packing` (``bits`` in
     2..8; ``group_size`` 32/64/128 or -1 for per-channel scales; ``zeros`` None = symmetric);
@@ -865,12 +866,13 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
     """Dynamic activation quantization: one program per BLOCK_M rows of x.
 
     Math (fp32): x' = x (ROT: x R, the block-Hadamard rotation of :mod:`hadamard`, BLOCK_K a
-    multiple of ROT; DOT_F32 under the interpreter; ROT_BLOCKS, per token with the row in one
-    tile: the tile loaded as rows of one rotation block each, else reshaped) (* smooth); s = max|x'| / QMAX over the row (ACT_GROUP = 0: per token)
-    or over each group of ACT_GROUP consecutive columns (the last one partial when ACT_GROUP
-    does not divide K), 1 where that is all zero; v = x' / s;
-    integer formats: c = clamp(rint(v), -QMAX, QMAX); FP8: c = v rounded to the nearest float8
-    e4m3 value (ties to even; |v| <= 448 = QMAX by construction), computed exactly in fp32 from
+    multiple of ROT; DOT_F32 under the interpreter; ROT_BLOCKS, per token with the row in one tile:
+    the tile loaded as rows of one rotation block each, a program taking every num_programs-th tile,
+    else reshaped) (* smooth); s = max|x'| / QMAX over the row (ACT_GROUP = 0: per token) or over
+    each group of ACT_GROUP consecutive columns (the last one partial when ACT_GROUP does not divide
+    K), 1 where that is all zero; v = x' / s; integer formats: c = clamp(rint(v), -QMAX, QMAX); FP8:
+    c = v rounded to the nearest float8 e4m3 value (ties to even; |v| <= 448 = QMAX by
+    construction), computed exactly in fp32 from
     v's exponent so that every backend rounds alike. Writes c (in C's dtype, which holds it
     exactly) and s (XS [M] per token; [M, ceil(K / ACT_GROUP)] per group). DEQUANT writes
     c * s (fp32, rounded once to C's dtype: the dequantise path's activations) instead of c.
@@ -1480,12 +1482,12 @@ ACT_QUANT_INTERPRETER = (32, 128, 4)
 # num_programs-th tile (it makes the Hadamard matrix once), and 2 rows a program to 4096
 # columns from 1024 rows (below, one: at 1-16 rows the second row's dots were wasted work, and
 # the W8A8 op at 16 rows of 4096 x 4096 ran 0.0187 ms with 2 rows against 0.0162 with one,
-# s34run5 / s34run1). H200, int8 codes of bf16 rows (s34run4, bench_row_kernels.py --rotation 128, CUDA-graph
-# replay, L2 flushed), K = 4096 at 8192 rows: 2 rows x 4 warps at 2 programs an SM 41.1 us (4
-# an SM 43.0, 8 49.2, a program a tile 81.7; 1 row x 4 warps 48.0-104.7), the unrotated
-# quantizer 30.5, Inductor's compile of the rotated definition 336.5, a copy 29.3; at 256 rows
-# every launch 9.0-11.1 us (unrotated 7.0). K = 12288 (one row, 8 warps, 4 an SM) 167.1 us
-# against 83.6 unrotated and 962.9 for Inductor: the padded 16384-column tile's dots.
+# s34run5 / s34run1). H200, int8 codes of bf16 rows (s34run4, bench_row_kernels.py --rotation 128,
+# CUDA-graph replay, L2 flushed), K = 4096 at 8192 rows: 2 rows x 4 warps at 2 programs an SM 41.1
+# us (4 an SM 43.0, 8 49.2, a program a tile 81.7; 1 row x 4 warps 48.0-104.7), the unrotated
+# quantizer 30.5, Inductor's compile of the rotated definition 336.5, a copy 29.3; at 256 rows every
+# launch 9.0-11.1 us (unrotated 7.0). K = 12288 (one row, 8 warps, 4 an SM) 167.1 us against 83.6
+# unrotated and 962.9 for Inductor: the padded 16384-column tile's dots.
 ACT_QUANT_ROT_PROGRAMS_PER_SM = 2
 ACT_QUANT_ROT_MAX_ROWS_K = 4096  # to this many columns (padded), 2 rows a program...
 ACT_QUANT_ROT_TWO_ROWS_FROM_M = 1024  # ...from this many rows (and the rows-of-blocks form)
@@ -1531,8 +1533,8 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
     rot_blocks[, programs]]]) in place of :func:`act_quant_launch`'s (a benchmark's sweep;
     one_tile False forces the looped form where the row fits the tile; rot_blocks True / False,
     the rotated one-tile form that loads rows of blocks / reshapes the tile; programs: the
-    rows-of-blocks form's grid cap, 0 for a program a tile); `rotation`: the rows ``x R`` are quantized
-    (:mod:`hadamard`; K a multiple of it)."""
+    rows-of-blocks form's grid cap, 0 for a program a tile); `rotation`: the rows ``x R`` are
+    quantized (:mod:`hadamard`; K a multiple of it)."""
     M, K = x.shape
     codes_dtype = x.dtype if dequant else _act_codes_dtype(act, x.device, interpreter)
     if perm128:
@@ -2278,7 +2280,8 @@ def norm_act_quant_kernel(X, SM, C, XS, M, K, eps, stride_xm, stride_xk, stride_
     Math (fp32, per row): the statistics of the module comment above (LayerNorm: centred on
     x0 = the mean of the row's first BLOCK_K elements; RMSNorm: sum of squares),
     rstd = 1 / sqrt(var + eps); x_hat as there; x' = x_hat (ROT: x_hat R, computed as
-    :func:`_normalised_rotated` says, BLOCK_K a multiple of ROT) (* smooth); s = max|x'| / QMAX (1 for an all-zero row); c = round(x' / s) as
+    :func:`_normalised_rotated` says, BLOCK_K a multiple of ROT) (* smooth); s = max|x'| / QMAX
+    (1 for an all-zero row); c = round(x' / s) as
     :func:`act_quant_kernel` rounds (integers, or e4m3 values, ties to even), clamped to QMAX.
     Writes c (in C's dtype, which holds it exactly) and s.
     ACT_GROUP > 0: s per row and group of ACT_GROUP columns (XS [M, ceil(K / ACT_GROUP)]), as

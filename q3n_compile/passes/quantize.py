@@ -21,9 +21,9 @@ For each linear:
    the weight is quantized as ``W R`` from the statistics of ``x R`` and the op quantizes
    ``x R`` (:mod:`q3n_compile.kernels.hadamard`); after a folded norm ``q3n::norm_act_quant``
    takes the same trailing arguments and quantizes ``x_hat R``.
-3. **Checks**: a format the layer cannot take (a group size or rotation that does not divide K, an input
-   dtype the kernel does not take) raises :class:`QuantizeConfigError` naming the layer and the fix
-   under ``strict=True``; otherwise the layer stays in high precision and
+3. **Checks**: a format the layer cannot take (a group size or rotation that does not divide K,
+   an input dtype the kernel does not take) raises :class:`QuantizeConfigError` naming the layer and
+   the fix under ``strict=True``; otherwise the layer stays in high precision and
    ``detail["kept_high_precision"]`` says why.
 4. **Quantization** (:mod:`q3n_compile.quant.algorithms`), once per (weight, format, calibration)
    and cached across compiles: GPTQ from the layer's input Hessian (act-order, damping from the

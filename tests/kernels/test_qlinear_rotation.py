@@ -353,7 +353,8 @@ def test_gpu_against_float64(bits, group, sym, act, kmajor, M):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("K", [384, 4096, 12288])  # narrow (several rows a program), one tile, swept
+# 384: narrow rows, several a program; 4096: one tile; 12288: the sweeps.
+@pytest.mark.parametrize("K", [384, 4096, 12288])
 @pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
 def test_gpu_norm_act_quant(K, kind):
     gen = _gen(f"rotgpunorm{K}{kind}")
