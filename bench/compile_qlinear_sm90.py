@@ -224,12 +224,19 @@ def compile_variant(Q, kernel_name: str, constexprs: dict, warps: int, stages: i
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    def with_defaults(kernel, given: dict) -> dict:
+        # constexpr parameters left out take their defaults (as a launch does), not an i32 slot.
+        out = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
+        out.update(given)
+        return out
+
     def specialised(kernel, types, divisible):
         # The launch's specialisation: `divisible` arguments 16-byte aligned / divisible by 16.
         names = kernel.arg_names
-        signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+        given = with_defaults(kernel, constexprs)  # the caller's, its types popped
+        signature = {n: "constexpr" if n in given else types.get(n, "i32") for n in names}
         src = ASTSource(fn=kernel, signature=signature,
-                        constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                        constexprs={(names.index(k),): v for k, v in given.items()},
                         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
         return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps, "num_stages": stages})
@@ -266,7 +273,7 @@ def compile_variant(Q, kernel_name: str, constexprs: dict, warps: int, stages: i
         types["X"] = "*fp8e4nv"
     names = kernel.arg_names
     # An older tree has no ACT_GROUP: its kernels are the per-token ones.
-    constexprs = {k: v for k, v in constexprs.items() if k in names}
+    constexprs = {k: v for k, v in with_defaults(kernel, constexprs).items() if k in names}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     src = ASTSource(fn=kernel, signature=signature,
                     constexprs={(names.index(k),): v for k, v in constexprs.items()})

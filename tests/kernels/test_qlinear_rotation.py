@@ -18,6 +18,7 @@ from q3n_compile.kernels import hadamard as HD
 from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear as Q
 
+from .subprocess_lane import json_without_interpreter
 from .test_qlinear import INTERPRETER_PATH_IDS, INTERPRETER_PATHS, TOL, _gen, _packed
 
 op = torch.ops.q3n.qlinear
@@ -307,6 +308,34 @@ def test_launch_holds_enough_rotation_blocks_for_tl_dot():
         assert Q.act_quant_launch(4096, 0, False, ROT, m) == Q.act_quant_launch(4096, 0, False, 0)
     assert Q.act_quant_launch(12288, 0, False, ROT, 8192) == \
         Q.act_quant_launch(12288, 0, False, 0, 8192)
+
+
+def test_rotated_quantizers_compile_for_sm90_on_the_tensor_cores():
+    # The rotation's dot is a tensor-core MMA on bf16 operands (no FMA loop, no TF32), in both
+    # one-tile forms of act_quant and in norm_act_quant. Compiled for an H200 (no GPU needed).
+    got = json_without_interpreter("""
+        import json, os, re, sys
+        sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"].split(os.pathsep)[0], "bench"))
+        import compile_qlinear_sm90 as C
+        from q3n_compile.kernels import qlinear as Q
+
+        out = {}
+        for blocks in (0, 1):
+            k = C.compile_variant(Q, "act_quant", dict(
+                QMAX=127.0, FP8=False, HAS_SMOOTH=True, BLOCK_M=2, BLOCK_K=4096, ACT_GROUP=0,
+                DEQUANT=False, PERM128=False, stride_xk=1, ONE_TILE=True, ROT=128,
+                ROT_BLOCKS=bool(blocks)), 4, 1)
+            out[f"act_quant{blocks}"] = k.asm["ptx"]
+        k = C.compile_variant(Q, "norm_act_quant", dict(
+            KIND=0, QMAX=127.0, FP8=False, HAS_SMOOTH=False, BLOCK_M=1, BLOCK_K=4096,
+            ONE_TILE=True, ACT_GROUP=0, stride_xk=1, ROT=128), 8, 1)
+        out["norm_act_quant"] = k.asm["ptx"]
+        print(json.dumps({name: dict(mma=len(re.findall(r"\\bmma\\.sync\\S*bf16|wgmma\\S*bf16", p)),
+                                     tf32=len(re.findall(r"tf32", p)))
+                          for name, p in out.items()}))
+    """)
+    for name, counts in got.items():
+        assert counts["mma"] > 0 and counts["tf32"] == 0, (name, counts)
 
 
 # ---------------------------------------------------------------------------------------------
