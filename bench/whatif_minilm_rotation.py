@@ -45,37 +45,18 @@ from eval_minilm_quant import (DESIGN, _versions, calibration_stats,  # noqa: E4
                                embedding_metrics, split)
 
 from q3n_compile import hf_models  # noqa: E402
+from q3n_compile.kernels import hadamard as HD  # noqa: E402
 from q3n_compile.kernels.qlinear import reference  # noqa: E402
 from q3n_compile.quant import algorithms as A  # noqa: E402
-from q3n_compile.quant import calibration as C  # noqa: E402
 from q3n_compile.quant.config import LayerFormat, parse_quant_config  # noqa: E402
 
 
-def hadamard(n: int, dtype=torch.float64) -> torch.Tensor:
-    """Normalised Sylvester Hadamard matrix of order n (a power of two): symmetric, orthogonal."""
-    assert n >= 1 and n & (n - 1) == 0, n
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(n)).to(dtype)
-
-
 def block_rotation(k: int, b: int, dtype=torch.float64) -> torch.Tensor:
-    """R = blockdiag(H_b, ..., H_b), K x K."""
+    """R = blockdiag(H_b, ..., H_b), K x K, H_b the normalised Sylvester Hadamard matrix of order
+    b (q3n's rotation: :mod:`q3n_compile.kernels.hadamard`)."""
     assert k % b == 0, (k, b)
-    return torch.block_diag(*([hadamard(b)] * (k // b))).to(dtype)
-
-
-def rotated_stats(st: C.LayerStats, r: torch.Tensor) -> C.LayerStats:
-    """The statistics of the rows x R^T: every calibration row is kept here (281 rows <= 512),
-    so re-adding the rotated rows reproduces the rotated Hessian R H R^T, absmax and samples."""
-    x = st.samples().double()
-    assert x.shape[0] == st.n, "not every calibration row was kept: rotate the Hessian instead"
-    out = C.LayerStats(st.k, st.max_rows, source=st.source + " rotated")
-    out.add((x @ r.t()).float())
-    h_rot = r @ st.h.double() @ r.t()
-    assert torch.allclose(out.h.double(), h_rot, rtol=1e-4, atol=1e-3 * float(h_rot.abs().max()))
-    return out
+    h = HD.hadamard_pm1(b, torch.float64) / math.sqrt(b)
+    return torch.block_diag(*([h] * (k // b))).to(dtype)
 
 
 def is_ffn(name: str) -> bool:
@@ -179,7 +160,7 @@ def main(argv=None) -> int:
         r = None
         if b is not None:
             r = rots[(w.shape[1], b)]
-            st = rotated_stats(st, r.double())
+            st = st.rotated(b)  # the Hessian R^T H R, the kept rows rotated
             w = (w.double() @ r.double().t()).float()
         res = A.quantize_layer(w, bias, fmt, settings, st)
         pw, act = res.packed, A._act_format(fmt)

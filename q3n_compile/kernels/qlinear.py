@@ -927,9 +927,7 @@ def act_quant_kernel(X, SM, C, XS, M, K, stride_xm, stride_xk, stride_cm,
             y = hadamard_dot(xb, sign, ROT, DOT_F32)
             if HAS_SMOOTH:
                 y = y * sm
-            amax = tl.max(tl.reshape(tl.max(tl.abs(y), axis=1), (BLOCK_M, NB)), axis=1)
-            scale = amax / QMAX
-            scale = tl.where(scale == 0.0, 1.0, scale)
+            scale = _token_scale(tl.reshape(tl.max(tl.abs(y), axis=1), (BLOCK_M, NB)), QMAX)
             s_rows = tl.reshape(tl.broadcast_to(scale[:, None], (BLOCK_M, NB)), (BLOCK_M * NB,))
             c = _act_code(y / s_rows[:, None], QMAX, FP8)
             if DEQUANT:

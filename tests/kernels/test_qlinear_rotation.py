@@ -17,8 +17,11 @@ import torch
 from q3n_compile.kernels import hadamard as HD
 from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear as Q
+from q3n_compile.quant.algorithms import quantize_rtn
+from q3n_compile.quant.config import LayerFormat
 
 from .subprocess_lane import json_without_interpreter
+from .test_norm_act_quant import _normalised64
 from .test_qlinear import INTERPRETER_PATH_IDS, INTERPRETER_PATHS, TOL, _gen, _packed
 
 op = torch.ops.q3n.qlinear
@@ -124,14 +127,6 @@ def test_quantizer_dequant_and_permuted_forms(dequant, perm128):
             assert (out.float() - want_codes).abs().max() <= 1
 
 
-def _normalised64(x, kind, eps=1e-5):
-    xd = x.double().reshape(-1, x.shape[-1])
-    if kind == "layernorm":
-        mean = xd.mean(-1, keepdim=True)
-        return (xd - mean) / torch.sqrt((xd - mean).square().mean(-1, keepdim=True) + eps)
-    return xd / torch.sqrt(xd.square().mean(-1, keepdim=True) + eps)
-
-
 def _check_norm_codes(x, kind, act, sm, ag, interpreter):
     """q3n::norm_act_quant with a rotation against float64 x_hat R quantized (the kernel rotates
     x's own values and corrects LayerNorm's centring after it: float32 rounding apart, and with
@@ -162,27 +157,10 @@ def test_norm_act_quant_rotates(kind, K, dtype, mean, ag):
                                                               None, ag, ROT)
 
 
-def _rotated_weight_packed(gen, N, K, bits, group, sym):
-    """(packed W R, float64 W): a smooth random W quantized after rotation, so that
-    x W^T is what the rotated op should approximate."""
-    w = torch.randn(N, K, generator=gen, dtype=torch.float64) / K ** 0.5
-    wr = HD.rotate_rows(w, ROT)
-    qmax = (1 << (bits - 1)) - 1
-    g = K if group == P.PER_CHANNEL else group
-    wg = wr.reshape(N, K // g, g)
-    if sym:
-        s = wg.abs().amax(-1) / qmax
-        codes = (torch.round(wg / s[..., None]).clamp(-qmax, qmax) + (1 << (bits - 1)))
-        zeros = None
-    else:
-        lo, hi = wg.amin(-1), wg.amax(-1)
-        s = (hi - lo) / ((1 << bits) - 1)
-        z = torch.round(-lo / s).clamp(0, (1 << bits) - 1)
-        codes = (torch.round(wg / s[..., None]) + z[..., None]).clamp(0, (1 << bits) - 1)
-        zeros = z.t().contiguous().to(torch.uint8)
-    pw = P.pack(codes.reshape(N, K).to(torch.int64), s.t().contiguous().to(f16), zeros, bits,
-                group)
-    return pw, w
+def _w8_planes(w: torch.Tensor):
+    """w [N, K] at 8 bits per channel, symmetric (the project's round-to-nearest), bit planes."""
+    fmt = LayerFormat(8, 16, P.PER_CHANNEL, True, "none")
+    return quantize_rtn(w.float(), fmt).pack(fmt)
 
 
 def _check(x, pw, bias=None, smooth=None, act="int8", ag=Q.PER_TOKEN, path=None):
@@ -258,20 +236,19 @@ def test_rotation_keeps_the_function_and_helps_an_outlier(act):
     over every channel: there it costs."""
     gen = _gen(f"rotoutlier{act}")
     M, K, N = 17, 256, 64
-    pw_rot, w = _rotated_weight_packed(gen, N, K, 8, -1, True)
+    w = torch.randn(N, K, generator=gen, dtype=torch.float64) / K ** 0.5
+    pw_rot = _w8_planes(HD.rotate_rows(w, ROT))
     x = torch.randn(M, K, generator=gen, dtype=torch.float64)
     x[:, 7] *= 100.0
     want = x @ w.t()
-    args = (x.float(), pw_rot.qweight, pw_rot.scales, None, None, None, 8, -1, K, act)
+    args = (x.float(), pw_rot.qweight, pw_rot.scales, pw_rot.zeros, None, None, 8, -1, K, act)
     y_rot = op(*args, Q.PER_TOKEN, ROT).double()
     # The unrotated layer, quantized alike: W itself at 8 bits per channel.
-    s = w.abs().amax(-1) / 127
-    pw = P.pack((torch.round(w / s[:, None]) + 128).to(torch.int64), s[None].to(f16), None, 8,
-                -1)
-    y = op(x.float(), pw.qweight, pw.scales, None, None, None, 8, -1, K, act).double()
+    pw = _w8_planes(w)
+    y = op(x.float(), pw.qweight, pw.scales, pw.zeros, None, None, 8, -1, K, act).double()
     err_rot = ((y_rot - want).norm() / want.norm()).item()
     err = ((y - want).norm() / want.norm()).item()
-    # Measured (unrotated, rotated): int8 3.3e-2, 7.5e-3; int12 7.2e-3, 7.4e-3; fp8 7.0e-3,
+    # Measured (unrotated, rotated): int8 3.3e-2, 7.5e-3; int12 7.2e-3, 7.5e-3; fp8 7.0e-3,
     # 2.6e-2.
     if act == "int8":
         assert err_rot < 0.4 * err, (err, err_rot)
