@@ -71,9 +71,12 @@ FORMATS = {
     "w8a8_g128": (8, 128, True, "int8"),
     "w8a8_g128_ag128": (8, 128, True, "int8", 128),
     "w4a8_ag128": (4, 128, False, "auto", 128),
-    # 128-channel Hadamard rotation of the activations (kernels/hadamard.py) in the quantizer.
+    # Hadamard rotation of the activations in blocks of 128 or 32 channels (kernels/hadamard.py)
+    # in the quantizer.
     "w8a8_rot128": (8, -1, True, "int8", -1, 128),
     "w4a8_rot128": (4, 128, False, "auto", -1, 128),
+    "w8a8_rot32": (8, -1, True, "int8", -1, 32),
+    "w4a8_rot32": (4, 128, False, "auto", -1, 32),
 }
 TOL = 2e-2  # bf16 output rounding, 16-bit dequantised weights on the tensor-core path
 

@@ -215,8 +215,9 @@ def main():
     ap.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
     ap.add_argument("--no-sweep", action="store_true", help="dispatched, before and peers only")
     ap.add_argument("--k", type=int, default=K, help="row width of normalize and act_quant")
-    ap.add_argument("--rotation", type=int, default=0, choices=(0, 128),
-                    help="act_quant: quantize the rows rotated by 128-channel Hadamard blocks")
+    ap.add_argument("--rotation", type=int, default=0, choices=(0, 32, 64, 128),
+                    help="act_quant: quantize the rows rotated by Hadamard blocks of this many "
+                         "channels")
     args = ap.parse_args()
     globals()["K"] = args.k
     globals()["ROTATION"] = args.rotation

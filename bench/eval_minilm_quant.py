@@ -156,6 +156,12 @@ BREAKDOWN: dict[str, dict] = {
     "design, fp8 ffn activations, rotated": dict(
         DESIGN, ffn_layers=dict(_W4A8, activation_format="fp8", rotation=128),
         attn_layers=dict(_W6A12, rotation=128)),
+    "W8A8 per-channel, rotated 64": {"ffn_layers": dict(_W8A8, rotation=64),
+                                     "attn_layers": dict(_W8A8, rotation=64)},
+    "W8A8 per-channel, rotated 32": {"ffn_layers": dict(_W8A8, rotation=32),
+                                     "attn_layers": dict(_W8A8, rotation=32)},
+    "design, rotated 32": dict(DESIGN, ffn_layers=dict(_W4A8, rotation=32),
+                               attn_layers=dict(_W6A12, rotation=32)),
 }
 GOALS = {"design (W4A8 ffn, W6A12 attn)": 0.997, "design, fp8 ffn activations (as on an H200)": 0.997,
          "W8A8 per-channel": 0.999, "W8A8 g128, activations per 128 channels": 0.999,

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 ROTATION_BLOCK = 128
-ROTATIONS = (0, ROTATION_BLOCK)  # 0: no rotation
+ROTATIONS = (0, 32, 64, ROTATION_BLOCK)  # 0: no rotation
 # tl.dot's smallest M on the GPU: rotated tiles hold at least this many b-column blocks.
 MIN_DOT_ROWS = 16
 

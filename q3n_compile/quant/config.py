@@ -46,11 +46,12 @@ similarities 0.99864 with g128 weights and per-token activations, 0.99933 with
 ``"group_size": 128, "activation_group_size": 128`` (no per-token setting met the 0.999 goal);
 per-channel weights with activations per 128 channels 0.99924. Set ``activation_group_size``
 where accuracy at 8 bits matters (with ``group_size: 128`` for the best figure).
-``rotation`` for quantized activations: 0 (the default) or 128, the layer's K a multiple of it
+``rotation`` for quantized activations: 0 (the default), 32, 64 or 128, the layer's K a multiple of it
 (else the layer is kept in high precision, or ``strict`` raises naming it): the weight is
 quantized as ``W R`` from the statistics of the rows ``x R`` and the op quantizes ``x R``, R the
 block-diagonal Hadamard rotation of :mod:`q3n_compile.kernels.hadamard` (``x W^T`` unchanged);
-an outlier channel is spread over its 128-channel block before the per-token scale is taken.
+an outlier channel is spread over its block (of 32, 64 or 128 channels) before the per-token
+scale is taken.
 Measured on MiniLM W8A8 per-channel, per token, calibrated (session 34): Spearman 0.99836 ->
 0.99945 with every linear rotated (0.99953 on the H200's kernels, on a copy of the weights
 rounded to fp16); the design config 0.98428 -> 0.98903. Cost: the activations' quantizer does
@@ -146,7 +147,7 @@ GROUP_SIZES = (32, 64, 128)
 PER_CHANNEL = -1
 ACTIVATION_GROUP_SIZES = (32, 64, 128)
 PER_TOKEN = -1  # activation_group_size: one activation scale per token (the default)
-ROTATIONS = (0, 128)  # rotation: none, or 128-channel Hadamard blocks (kernels/hadamard.py)
+ROTATIONS = (0, 32, 64, 128)  # rotation: none, or Hadamard blocks of that many channels (kernels/hadamard.py)
 AUTO_GROUP = 0  # group_size left out: resolved per layer by LayerFormat.for_k
 A8_FORMATS = ("auto", "int8", "fp8")
 NORM_DTYPES = ("float16", "bfloat16", "float32")
@@ -159,7 +160,7 @@ SHARED_SMOOTHING = "shared_smoothing"  # merge_siblings: one smoothing choice pe
 class LayerFormat:
     """How one linear is quantized. ``activation_format``: "none", "int12", "auto", "int8", "fp8";
     ``activation_group_size``: -1 (one activation scale per token) or 32/64/128 (one per token
-    and that many input channels); ``rotation``: 0, or 128 (the weight is quantized as ``W R``
+    and that many input channels); ``rotation``: 0, or 32, 64 or 128 (the weight is quantized as ``W R``
     and the op quantizes ``x R``, R the block-diagonal Hadamard rotation of
     :mod:`q3n_compile.kernels.hadamard`)."""
 
@@ -333,15 +334,16 @@ def _parse_format(entry: Mapping[str, Any], path: Sequence[Any]) -> Optional[Lay
 
 
 def _parse_rotation(entry: Mapping[str, Any], activation_bits: int, path: list) -> int:
-    """``rotation``: 0 / None / false (none, the default) or 128 (Hadamard blocks of 128
-    channels). K must be a multiple of it: the quantize pass checks each layer."""
+    """``rotation``: 0 / None / false (none, the default) or 32, 64 or 128 (Hadamard blocks of
+    that many channels). K must be a multiple of it: the quantize pass checks each layer."""
     rot = entry.get("rotation", 0)
     if rot in (None, False):
         rot = 0
     if not _is_int(rot) or rot not in ROTATIONS:
         raise _fail(path + ["rotation"], f"{rot!r} is not supported",
-                    "use 128 (rotate each 128-channel block of the layer's input by a Hadamard "
-                    "matrix before quantizing it; K must be a multiple of 128) or 0 (none)")
+                    "use 32, 64 or 128 (rotate each block of that many channels of the layer's "
+                    "input by a Hadamard matrix before quantizing it; K must be a multiple of "
+                    "it) or 0 (none)")
     if rot and activation_bits == 16:
         raise _fail(path + ["rotation"],
                     f"a rotation ({rot}) serves quantized activations, but activation_bits is 16",

@@ -36,9 +36,12 @@ def test_config_key_and_errors():
     assert qc.classes["ffn"].rotation == 128 and qc.classes["attn"].rotation == 0
     assert qc.classes["ffn"].name == "W8A8 channel sym int8 rot128"
     assert qc.classes["ffn"].as_dict()["rotation"] == 128
-    with pytest.raises(Q3NConfigError, match=r"\['rotation'\]: 64 is not supported\. Fix: use "
-                                             r"128"):
-        parse_quant_config({"ffn_layers": {**W8A8_ROT, "rotation": 64}})
+    with pytest.raises(Q3NConfigError, match=r"\['rotation'\]: 256 is not supported\. Fix: use "
+                                             r"32, 64 or 128"):
+        parse_quant_config({"ffn_layers": {**W8A8_ROT, "rotation": 256}})
+    qc32 = parse_quant_config({"ffn_layers": {**W8A8_ROT, "rotation": 32}})
+    assert qc32.classes["ffn"].rotation == 32
+    assert qc32.classes["ffn"].name == "W8A8 channel sym int8 rot32"
     with pytest.raises(Q3NConfigError, match=r"activation_bits is 16\. Fix: set "
                                              r"'activation_bits' to 8 or 12, or drop 'rotation'"):
         parse_quant_config({"ffn_layers": {"weight_bits": 4, "rotation": 128}})
