@@ -1486,9 +1486,13 @@ ACT_QUANT_INTERPRETER = (32, 128, 4)
 # quantizer 30.5, Inductor's compile of the rotated definition 336.5, a copy 29.3; at 256 rows every
 # launch 9.0-11.1 us (unrotated 7.0). K = 12288 (one row, 8 warps, 4 an SM) 167.1 us against 83.6
 # unrotated and 962.9 for Inductor: the padded 16384-column tile's dots.
-ACT_QUANT_ROT_PROGRAMS_PER_SM = 2
-ACT_QUANT_ROT_MAX_ROWS_K = 4096  # to this many columns (padded), 2 rows a program...
+# With 32-channel blocks (s35run2, the same sweep with --rotation 32), K = 4096: 1 row x 4 warps
+# at 4 programs an SM 14.0 us at 2048 rows and 33.7 at 8192 (2 rows at 2 an SM 15.3 / 37.5;
+# unrotated 12.0 / 30.4): a smaller dot and +-1 matrix leave the load to hide.
+ACT_QUANT_ROT_PROGRAMS_PER_SM = {128: 2, 64: 2, 32: 4}  # by rotation block
+ACT_QUANT_ROT_MAX_ROWS_K = 4096  # to this many columns (padded), more rows a program...
 ACT_QUANT_ROT_TWO_ROWS_FROM_M = 1024  # ...from this many rows (and the rows-of-blocks form)
+ACT_QUANT_ROT_ROWS = {128: 2, 64: 2, 32: 1}  # ...this many, by rotation block
 
 
 def act_quant_launch(K: int, act_group: int, interpreter: bool,
@@ -1511,7 +1515,7 @@ def act_quant_launch(K: int, act_group: int, interpreter: bool,
         block_k = max(block_k, rotation)
         if (act_group == 0 and kp2 <= ACT_QUANT_ROT_MAX_ROWS_K
                 and M >= ACT_QUANT_ROT_TWO_ROWS_FROM_M):
-            block_m = max(block_m, 2)
+            block_m = max(block_m, ACT_QUANT_ROT_ROWS[rotation])
         block_m = max(block_m, HD.MIN_DOT_ROWS * rotation // block_k)
     return block_m, block_k, warps
 
@@ -1563,7 +1567,7 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
         if launch is not None and len(launch) > 5:
             cap = launch[5]
         else:
-            cap = 0 if interpreter else ACT_QUANT_ROT_PROGRAMS_PER_SM * _sm_count(
+            cap = 0 if interpreter else ACT_QUANT_ROT_PROGRAMS_PER_SM[rotation] * _sm_count(
                 x.device.index if x.device.index is not None else torch.cuda.current_device())
         grid = min(grid, cap) if cap else grid
     pdl = pdl and not interpreter

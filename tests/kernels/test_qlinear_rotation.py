@@ -293,6 +293,8 @@ def test_launch_holds_enough_rotation_blocks_for_tl_dot():
     # 2 rows a program to 4096 columns from 1024 rows (the sweep's best at 8192 rows,
     # s34run4), else as unrotated.
     assert Q.act_quant_launch(4096, 0, False, ROT, 8192) == (2, 4096, 4)
+    # 32-channel blocks: one row a program (at 4 programs an SM, s35run2).
+    assert Q.act_quant_launch(4096, 0, False, 32, 8192) == (1, 4096, 4)
     for m in (1, 16, 256):
         assert Q.act_quant_launch(4096, 0, False, ROT, m) == Q.act_quant_launch(4096, 0, False, 0)
     assert Q.act_quant_launch(12288, 0, False, ROT, 8192) == \
