@@ -83,12 +83,20 @@ from q3n_compile import quant  # noqa: E402
 DESIGN = {"ffn_layers": {"weight_bits": 4, "activation_bits": 8},
           "attn_layers": {"weight_bits": 6, "activation_bits": 12},
           "norm_layers": {"dtype": "float16"}}
+# The configs as users write them take quant_config's defaults: since session 35 int8
+# activations are rotated by 32-channel Hadamard blocks unless a format says "rotation": 0 (the
+# "unrotated" rows; the design's feed-forward inputs are int8 on the CPU, fp8 on an H200, which
+# is not rotated by default).
 CONFIGS: dict[str, dict] = {
     "W8A8 per-channel": {"ffn_layers": {"weight_bits": 8, "activation_bits": 8, "group_size": -1},
                          "attn_layers": {"weight_bits": 8, "activation_bits": 8, "group_size": -1}},
+    "W8A8 per-channel, unrotated": {
+        "ffn_layers": {"weight_bits": 8, "activation_bits": 8, "group_size": -1, "rotation": 0},
+        "attn_layers": {"weight_bits": 8, "activation_bits": 8, "group_size": -1, "rotation": 0}},
     "W4A16 g128": {"ffn_layers": {"weight_bits": 4, "group_size": 128},
                    "attn_layers": {"weight_bits": 4, "group_size": 128}},
     "design (W4A8 ffn, W6A12 attn)": DESIGN,
+    "design, unrotated": dict(DESIGN, ffn_layers=dict(DESIGN["ffn_layers"], rotation=0)),
     # What an H200 runs for the design: "auto" gives the 4-bit feed-forward layers fp8 e4m3
     # activations where the GPU has fp8 tensor cores, int8 elsewhere (the CPU rows above).
     "design, fp8 ffn activations (as on an H200)": dict(

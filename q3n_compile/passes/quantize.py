@@ -227,11 +227,11 @@ def _linear_parts(node: Node) -> Optional[tuple[Node, Node, Optional[Node]]]:
     return x, w, bias
 
 
-def _resolve_act(fmt: LayerFormat, device: torch.device) -> LayerFormat:
-    if fmt.activation_bits != 8 or fmt.activation_format != "auto":
-        return fmt
+def _resolve(fmt: LayerFormat, k: int, device: torch.device) -> LayerFormat:
+    """`fmt` for a layer of in_features `k` on `device` (:meth:`LayerFormat.resolved`): "auto"
+    8-bit activations are fp8 where the GPU has fp8 tensor cores and the weight's codes fit e4m3."""
     fp8 = QL.fp8_supported(device) and QL._codes_fit_fp8(fmt.weight_bits, fmt.symmetric)
-    return dataclasses.replace(fmt, activation_format="fp8" if fp8 else "int8")
+    return fmt.resolved(k, fp8)
 
 
 def _problem(fmt: LayerFormat, x_val: torch.Tensor, k: int) -> Optional[tuple[str, str]]:
@@ -326,7 +326,7 @@ def run(gm: GraphModule, ctx: PassContext) -> PassStats:
             continue
         weight = _weight(gm, ctx, cand)
         k = int(weight.shape[1])
-        fmt = _resolve_act(fmt.for_k(k), weight.device)
+        fmt = _resolve(fmt, k, weight.device)
         problem = _problem(fmt, cand.x.meta["val"], k)
         if problem is not None:
             what, fix = problem

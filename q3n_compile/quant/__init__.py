@@ -63,7 +63,9 @@ def quantize_linear(weight, bias=None, *, weight_bits=4, activation_bits=16, gro
 
     Returns an :class:`~q3n_compile.quant.algorithms.LayerResult` (packed weight, smoothing vector,
     info with the relative output errors on `inputs`). ``activation_format`` "auto" means int8 here.
-    ``rotation`` 128: the result is ``W R``'s (run it with q3n::qlinear's ``rotation=128``).
+    ``rotation`` (32, 64, 128; None or 0: none, unlike ``quant_config``'s default for int8
+    activations, since the caller runs the op and must pass the same): the result is ``W R``'s
+    (run it with q3n::qlinear's ``rotation`` argument).
     """
     from .algorithms import quantize_layer
     entry = {"weight_bits": weight_bits, "activation_bits": activation_bits}
@@ -75,15 +77,11 @@ def quantize_linear(weight, bias=None, *, weight_bits=4, activation_bits=16, gro
         entry["activation_format"] = activation_format
     if activation_group_size is not None:
         entry["activation_group_size"] = activation_group_size
-    if rotation is not None:
-        entry["rotation"] = rotation
+    entry["rotation"] = rotation or 0
     qc = parse_quant_config({"ffn_layers": entry, "calibration": {
         "method": method, "smoothquant": smoothquant, "clip_search": clip_search,
         "max_rows": max_rows, "refine": refine}})
-    fmt = qc.classes["ffn"].for_k(weight.shape[1])
-    if fmt.activation_format == "auto":
-        import dataclasses
-        fmt = dataclasses.replace(fmt, activation_format="int8")
+    fmt = qc.classes["ffn"].resolved(weight.shape[1], fp8=False)
     stats = None
     if inputs is not None:
         stats = LayerStats(weight.shape[1], max_rows)

@@ -701,7 +701,8 @@ def _rotated_stats(stats, fmt: LayerFormat):
 def quantize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], fmt: LayerFormat,
                    settings: CalibrationSettings, stats=None, shared_smoothing: Any = False
                    ) -> LayerResult:
-    """Quantize one linear (``fmt.activation_format`` already resolved, not "auto").
+    """Quantize one linear (`fmt` resolved for it: :meth:`LayerFormat.resolved`, so no "auto"
+    activation format or rotation is left).
 
     `stats` (:class:`~q3n_compile.quant.calibration.LayerStats` or None) gives the input Hessian,
     per-channel activation maxima and calibration rows. Without it: RTN with a data-free clipping
@@ -713,6 +714,9 @@ def quantize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], fmt: Laye
     activations meet it): every search, error figure and smoothing vector is in the rotated
     basis, where the outputs are the layer's own.
     """
+    if fmt.rotation < 0:
+        raise ValueError(f"format {fmt.name}: its automatic rotation is not resolved for a layer; "
+                         "call LayerFormat.resolved(in_features, fp8) first")
     w = _rotated_weight(weight.detach().to(torch.float32), fmt)
     stats = _rotated_stats(stats, fmt)
     b = None if bias is None else bias.detach().to(torch.float32)

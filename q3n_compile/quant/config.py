@@ -148,6 +148,11 @@ PER_CHANNEL = -1
 ACTIVATION_GROUP_SIZES = (32, 64, 128)
 PER_TOKEN = -1  # activation_group_size: one activation scale per token (the default)
 ROTATIONS = (0, 32, 64, 128)  # rotation: none, or Hadamard blocks of that many channels (kernels/hadamard.py)
+# rotation left out: resolved per layer by LayerFormat.resolved, DEFAULT_ROTATION-channel blocks
+# for int8 activations where K is a multiple of it, else none (int12 resolves 4096 levels
+# already; fp8 keeps a relative precision per element, which the rotation does not help).
+AUTO_ROTATION = -1
+DEFAULT_ROTATION = 32
 AUTO_GROUP = 0  # group_size left out: resolved per layer by LayerFormat.for_k
 A8_FORMATS = ("auto", "int8", "fp8")
 NORM_DTYPES = ("float16", "bfloat16", "float32")
@@ -160,9 +165,10 @@ SHARED_SMOOTHING = "shared_smoothing"  # merge_siblings: one smoothing choice pe
 class LayerFormat:
     """How one linear is quantized. ``activation_format``: "none", "int12", "auto", "int8", "fp8";
     ``activation_group_size``: -1 (one activation scale per token) or 32/64/128 (one per token
-    and that many input channels); ``rotation``: 0, or 32, 64 or 128 (the weight is quantized as ``W R``
-    and the op quantizes ``x R``, R the block-diagonal Hadamard rotation of
-    :mod:`q3n_compile.kernels.hadamard`)."""
+    and that many input channels); ``rotation``: 0, or 32, 64 or 128 (the weight is quantized as
+    ``W R`` and the op quantizes ``x R``, R the block-diagonal Hadamard rotation of
+    :mod:`q3n_compile.kernels.hadamard`), or :data:`AUTO_ROTATION` (the key left out with 8-bit
+    activations) until :meth:`resolved` settles it for a layer."""
 
     weight_bits: int
     activation_bits: int = 16
@@ -179,6 +185,19 @@ class LayerFormat:
         group = next((g for g in (128, 64, 32) if k % g == 0), PER_CHANNEL)
         return dataclasses.replace(self, group_size=group)
 
+    def resolved(self, k: int, fp8: bool) -> "LayerFormat":
+        """This format for a layer of in_features `k`: the group size as :meth:`for_k`, an
+        "auto" activation format as the hardware decides (`fp8`: fp8 e4m3, else int8), and an
+        automatic rotation as :data:`AUTO_ROTATION` says."""
+        fmt = self.for_k(k)
+        if fmt.activation_bits == 8 and fmt.activation_format == "auto":
+            fmt = dataclasses.replace(fmt, activation_format="fp8" if fp8 else "int8")
+        if fmt.rotation == AUTO_ROTATION:
+            rot = (DEFAULT_ROTATION if fmt.activation_format == "int8" and k % DEFAULT_ROTATION == 0
+                   else 0)
+            fmt = dataclasses.replace(fmt, rotation=rot)
+        return fmt
+
     @property
     def name(self) -> str:
         group = {PER_CHANNEL: "channel", AUTO_GROUP: "gauto"}.get(self.group_size,
@@ -186,7 +205,7 @@ class LayerFormat:
         act = "" if self.activation_bits == 16 else f" {self.activation_format}"
         if self.activation_group_size != PER_TOKEN:
             act += f" act-g{self.activation_group_size}"
-        if self.rotation:
+        if self.rotation > 0:
             act += f" rot{self.rotation}"
         return (f"W{self.weight_bits}A{self.activation_bits} {group} "
                 f"{'sym' if self.symmetric else 'asym'}{act}")
@@ -334,9 +353,13 @@ def _parse_format(entry: Mapping[str, Any], path: Sequence[Any]) -> Optional[Lay
 
 
 def _parse_rotation(entry: Mapping[str, Any], activation_bits: int, path: list) -> int:
-    """``rotation``: 0 / None / false (none, the default) or 32, 64 or 128 (Hadamard blocks of
-    that many channels). K must be a multiple of it: the quantize pass checks each layer."""
-    rot = entry.get("rotation", 0)
+    """``rotation``: 0 / None / false (none) or 32, 64 or 128 (Hadamard blocks of that many
+    channels; K must be a multiple of it: the quantize pass checks each layer). Left out:
+    :data:`AUTO_ROTATION` with 8-bit activations that may be int8, else 0."""
+    if "rotation" not in entry:
+        may_be_int8 = activation_bits == 8 and entry.get("activation_format", "auto") != "fp8"
+        return AUTO_ROTATION if may_be_int8 else 0
+    rot = entry["rotation"]
     if rot in (None, False):
         rot = 0
     if not _is_int(rot) or rot not in ROTATIONS:

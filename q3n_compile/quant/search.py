@@ -54,7 +54,7 @@ def search_precision(model: nn.Module, batches: Iterable[Any], *, budget: float 
     `progress`, if given, is called after each layer with its entry (plus ``"index"`` and
     ``"total"``): the search quantizes every layer up to ``len(candidates)`` times.
     """
-    from ..passes.quantize import _resolve_act  # the pass's activation-format rule
+    from ..passes.quantize import _resolve  # the pass's activation-format and rotation rule
     from .algorithms import quantize_layer
 
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
@@ -99,7 +99,7 @@ def search_precision(model: nn.Module, batches: Iterable[Any], *, budget: float 
         options.sort(key=lambda o: o[0])
         chosen = None
         for per_weight, entry, fmt in options:
-            fmt = _resolve_act(fmt.for_k(k), w.device)
+            fmt = _resolve(fmt, k, w.device)
             key = C.cache_key(w, fmt, settings, stats.fingerprint(),
                               None if b is None else C.weight_key(b))
             result = C.cache_get(key)

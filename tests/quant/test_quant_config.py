@@ -3,10 +3,11 @@
 import json
 
 import pytest
+import torch
 
 from q3n_compile.config import Q3NConfig, Q3NConfigError
-from q3n_compile.quant.config import (AUTO_GROUP, PER_CHANNEL, LayerFormat, parse_quant_config,
-                                      validate_quant_config)
+from q3n_compile.quant.config import (AUTO_GROUP, AUTO_ROTATION, PER_CHANNEL, LayerFormat,
+                                      parse_quant_config, validate_quant_config)
 
 DESIGN = {"ffn_layers": {"weight_bits": 4, "activation_bits": 8},
           "attn_layers": {"weight_bits": 6, "activation_bits": 12},
@@ -15,7 +16,8 @@ DESIGN = {"ffn_layers": {"weight_bits": 4, "activation_bits": 8},
 
 def test_design_form_is_accepted_as_is():
     qc = parse_quant_config(DESIGN)
-    assert qc.classes["ffn"] == LayerFormat(4, 8, AUTO_GROUP, False, "auto")
+    assert qc.classes["ffn"] == LayerFormat(4, 8, AUTO_GROUP, False, "auto",
+                                            rotation=AUTO_ROTATION)
     assert qc.classes["attn"] == LayerFormat(6, 12, AUTO_GROUP, False, "int12")
     assert qc.norm_layers == {"dtype": "float16"}
     assert qc.calibration.method == "gptq" and qc.calibration.smoothquant == "auto"
@@ -37,6 +39,30 @@ def test_defaults_and_automatic_group_size():
     channel = parse_quant_config({"ffn_layers": {"weight_bits": 4, "group_size": "channel"}})
     assert channel.classes["ffn"].group_size == PER_CHANNEL
     assert LayerFormat(4, 8, 128, False, "int8").name == "W4A8 g128 asym int8"
+
+
+@pytest.mark.parametrize("entry,k,fp8,want", [
+    ({"activation_bits": 8}, 4096, False, 32),  # int8 ("auto" without fp8): rotated by default
+    ({"activation_bits": 8}, 4096, True, 0),  # fp8: not by default
+    ({"activation_bits": 8, "activation_format": "int8"}, 4096, True, 32),
+    ({"activation_bits": 8}, 4004, False, 0),  # K not a multiple of 32: not by default
+    ({"activation_bits": 8, "rotation": 0}, 4096, False, 0),
+    ({"activation_bits": 8, "rotation": 128}, 4096, True, 128),  # asked for: fp8 too
+    ({"activation_bits": 12}, 4096, False, 0),
+    ({"activation_bits": 12, "rotation": 64}, 4096, False, 64),
+    ({}, 4096, False, 0),  # weight-only
+])
+def test_automatic_rotation(entry, k, fp8, want):
+    fmt = parse_quant_config({"ffn_layers": {"weight_bits": 4, **entry}}).classes["ffn"]
+    assert fmt.rotation == (AUTO_ROTATION if "rotation" not in entry and entry.get(
+        "activation_bits") == 8 else entry.get("rotation", 0))
+    got = fmt.resolved(k, fp8)
+    assert got.rotation == want and got.activation_format != "auto"
+    assert got.name.endswith(f" rot{want}") == bool(want)
+    if fmt.rotation == AUTO_ROTATION:
+        with pytest.raises(ValueError, match="automatic rotation is not resolved"):
+            from q3n_compile.quant.algorithms import quantize_layer
+            quantize_layer(torch.zeros(8, k), None, fmt, parse_quant_config({}).calibration)
 
 
 def test_rules_first_match_wins_and_heads_need_naming():

@@ -28,7 +28,8 @@ def _held_out_err(res, x, w, b):
 
 
 def _quantize(w, b, x, fmt: dict, **calibration):
-    qc = parse_quant_config({"ffn_layers": dict(fmt, activation_format="int8"),
+    # Unrotated (the error above runs the op without a rotation).
+    qc = parse_quant_config({"ffn_layers": dict(fmt, activation_format="int8", rotation=0),
                              "calibration": {"method": "rtn", **calibration}})
     stats = quant.LayerStats(w.shape[1])
     stats.add(x)
