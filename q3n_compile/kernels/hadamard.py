@@ -2,17 +2,18 @@
 
 What this module guarantees:
 
-- The rotation of block size ``b`` (:data:`ROTATIONS`: 128) is ``R = blockdiag(H_b / sqrt(b),
+- The rotation of block size ``b`` (:data:`ROTATIONS`: 32, 64 or 128) is ``R = blockdiag(H_b / sqrt(b),
   ..., H_b / sqrt(b))`` (``K / b`` blocks), ``H_b`` the Sylvester Hadamard matrix of order b
   (entries +-1, ``H[i, j] = (-1)^popcount(i & j)``): symmetric and orthogonal, so
   ``x W^T = (x R)(W R)^T`` exactly. A layer quantized with rotation keeps ``W R`` (quantized)
   and its op quantizes the rows ``x R`` (:func:`rotate_rows` is the definition; K must be a
   multiple of b).
 - Why: a per-token activation scale is set by the row's largest channel. The rotation spreads
-  an outlier channel over its 128-channel block, so the row's range is closer to its RMS and
-  8-bit codes resolve the other channels better. Measured on MiniLM compiled with W8A8 per
-  token, calibrated (bench/eval_minilm_quant.py, session 34): Spearman of pairwise similarities
-  0.99836 -> 0.99945 with every linear's input rotated.
+  an outlier channel over its block, so the row's range is closer to its RMS and 8-bit codes
+  resolve the other channels better. Measured on MiniLM compiled with W8A8 per token,
+  calibrated (bench/eval_minilm_quant.py): Spearman of pairwise similarities 0.99836 -> 0.99945
+  with every linear's input rotated by 128-channel blocks (session 34), 0.99940 by 64, 0.99939
+  by 32 (session 35; 32 is quant_config's default for int8 activations).
 - :func:`rotate_tile` is the kernels' form: a ``[BLOCK_M, BLOCK_K]`` tile in x's dtype (BLOCK_K a
   multiple of b) times ``H_b`` on the tensor cores per b-column block, the +-1 entries exact in
   any operand type, sums in float32 (float32 x: IEEE products, no TF32), then times
@@ -20,8 +21,11 @@ What this module guarantees:
   order. On a GPU, ``BLOCK_M * BLOCK_K / b`` must be at least 16 (tl.dot's smallest M).
   Cost: ``2 b`` flops per element on the tensor cores and the +-1 matrix made in registers
   (about ten integer operations an entry), no load. On the H200 the int8 quantizer of 8192 bf16
-  rows of 4096 took 40.6 us rotated against 30.6 unrotated (a copy: 29.2), at 1-256 rows 1.1-2.5
-  us more (``bench/RESULTS.md``, session 34).
+  rows of 4096 took 40.6 us rotated by 128-channel blocks against 30.6 unrotated (a copy: 29.2),
+  at 1-256 rows 1.1-2.5 us more (session 34); by 32-channel blocks 5.4 / 6.7 / 15.3 / 37.6 us at
+  1 / 256 / 2048 / 8192 rows against 5.3 / 6.4 / 12.0 / 30.4 unrotated (s35run2, before the
+  launch went to one row a program at 4 programs an SM from 1024 rows: 14.0 / 33.7 in that
+  sweep; ``bench/RESULTS.md``, session 35).
 """
 
 from __future__ import annotations

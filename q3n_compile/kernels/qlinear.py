@@ -1488,11 +1488,12 @@ ACT_QUANT_INTERPRETER = (32, 128, 4)
 # unrotated and 962.9 for Inductor: the padded 16384-column tile's dots.
 # With 32-channel blocks (s35run2, the same sweep with --rotation 32), K = 4096: 1 row x 4 warps
 # at 4 programs an SM 14.0 us at 2048 rows and 33.7 at 8192 (2 rows at 2 an SM 15.3 / 37.5;
-# unrotated 12.0 / 30.4): a smaller dot and +-1 matrix leave the load to hide.
-ACT_QUANT_ROT_PROGRAMS_PER_SM = {128: 2, 64: 2, 32: 4}  # by rotation block
+# unrotated 12.0 / 30.4): a smaller dot and +-1 matrix leave the load to hide. 64-channel blocks
+# alike (s35run3): 14.6 / 35.1 us against 15.4 / 38.7.
+ACT_QUANT_ROT_PROGRAMS_PER_SM = {128: 2, 64: 4, 32: 4}  # by rotation block
 ACT_QUANT_ROT_MAX_ROWS_K = 4096  # to this many columns (padded), more rows a program...
 ACT_QUANT_ROT_TWO_ROWS_FROM_M = 1024  # ...from this many rows (and the rows-of-blocks form)
-ACT_QUANT_ROT_ROWS = {128: 2, 64: 2, 32: 1}  # ...this many, by rotation block
+ACT_QUANT_ROT_ROWS = {128: 2, 64: 1, 32: 1}  # ...this many, by rotation block
 
 
 def act_quant_launch(K: int, act_group: int, interpreter: bool,

@@ -46,17 +46,23 @@ similarities 0.99864 with g128 weights and per-token activations, 0.99933 with
 ``"group_size": 128, "activation_group_size": 128`` (no per-token setting met the 0.999 goal);
 per-channel weights with activations per 128 channels 0.99924. Set ``activation_group_size``
 where accuracy at 8 bits matters (with ``group_size: 128`` for the best figure).
-``rotation`` for quantized activations: 0 (the default), 32, 64 or 128, the layer's K a multiple of it
+``rotation`` for quantized activations: 0 (none), 32, 64 or 128, the layer's K a multiple of it
 (else the layer is kept in high precision, or ``strict`` raises naming it): the weight is
 quantized as ``W R`` from the statistics of the rows ``x R`` and the op quantizes ``x R``, R the
 block-diagonal Hadamard rotation of :mod:`q3n_compile.kernels.hadamard` (``x W^T`` unchanged);
-an outlier channel is spread over its block (of 32, 64 or 128 channels) before the per-token
-scale is taken.
-Measured on MiniLM W8A8 per-channel, per token, calibrated (session 34): Spearman 0.99836 ->
-0.99945 with every linear rotated (0.99953 on the H200's kernels, on a copy of the weights
-rounded to fp16); the design config 0.98428 -> 0.98903. Cost: the activations' quantizer does
-a 128-wide tl.dot per block; the W8A8 op ran at 0.88-1.00x its unrotated speed on the H200 from
-16 rows (``bench/RESULTS.md``, session 34). It may combine with ``activation_group_size``.
+an outlier channel is spread over its block before the per-token scale is taken. **Left out,
+int8 activations are rotated by 32-channel blocks** where K is a multiple of 32
+(:data:`AUTO_ROTATION`, resolved per layer once "auto" activations are int8 or fp8), and fp8 and
+12-bit ones are not. Measured on MiniLM W8A8 per-channel, per token, calibrated: Spearman
+0.99836 unrotated, 0.99939 by 32-channel blocks, 0.99940 by 64, 0.99945 by 128 (session 34-35;
+0.99953 by 128 on the H200's kernels, on a copy of the weights rounded to fp16); the design
+config (int8 feed-forward, everything rotated) 0.98428 -> 0.98673 by 32, 0.98903 by 128. Cost:
+the activations' quantizer does a b-wide tl.dot per block; on the H200 the W8A8 op ran at
+0.97-1.00x its unrotated speed with 32-channel blocks (s35run2) and 0.88-1.00x with 128 (s34run7)
+from 16 rows; qwen3 "bench" W8A8 decode steps 0.7-1.9% slower with 32 (s35run3,
+``bench/RESULTS.md``, session 35). fp8 is not rotated by default: it keeps a relative precision
+per element, and on a layer with one 100x outlier channel the rotation raised its error 7.0e-3
+-> 2.6e-2. It may combine with ``activation_group_size``.
 After a norm that norm_linear folded, ``q3n::norm_act_quant`` rotates too (x_hat R in the same
 pass over x).
 
