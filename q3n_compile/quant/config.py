@@ -58,9 +58,9 @@ int8 activations are rotated by 32-channel blocks** where K is a multiple of 32
 0.99953 by 128 on the H200's kernels, on a copy of the weights rounded to fp16); the design
 config (int8 feed-forward, everything rotated) 0.98428 -> 0.98673 by 32, 0.98903 by 128. Cost:
 the activations' quantizer does a b-wide tl.dot per block; on the H200 the W8A8 op ran at
-0.97-1.00x its unrotated speed with 32-channel blocks (s35run2) and 0.88-1.00x with 128 (s34run7)
-from 16 rows; qwen3 "bench" W8A8 decode steps 0.7-1.9% slower with 32 (s35run3,
-``bench/RESULTS.md``, session 35). fp8 is not rotated by default: it keeps a relative precision
+0.96-1.02x its unrotated speed with 32-channel blocks (s35run2) and 0.88-1.00x with 128 (s34run7)
+from 16 rows; qwen3 "bench" W8A8 decode steps of 1 row took the same time with 32 and 32 rows
+0.7% longer (s35run4, ``bench/RESULTS.md``, session 35). fp8 is not rotated by default: it keeps a relative precision
 per element, and on a layer with one 100x outlier channel the rotation raised its error 7.0e-3
 -> 2.6e-2. It may combine with ``activation_group_size``.
 After a norm that norm_linear folded, ``q3n::norm_act_quant`` rotates too (x_hat R in the same
