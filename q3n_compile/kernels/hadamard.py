@@ -2,9 +2,10 @@
 
 What this module guarantees:
 
-- The rotation of block size ``b`` (:data:`ROTATIONS`: 32, 64 or 128) is ``R = blockdiag(H_b / sqrt(b),
-  ..., H_b / sqrt(b))`` (``K / b`` blocks), ``H_b`` the Sylvester Hadamard matrix of order b
-  (entries +-1, ``H[i, j] = (-1)^popcount(i & j)``): symmetric and orthogonal, so
+- The rotation of block size ``b`` (:data:`ROTATIONS`: 32, 64 or 128) is
+  ``R = blockdiag(H_b / sqrt(b), ..., H_b / sqrt(b))`` (``K / b`` blocks), ``H_b`` the
+  Sylvester Hadamard matrix of order b (entries +-1, ``H[i, j] = (-1)^popcount(i & j)``):
+  symmetric and orthogonal, so
   ``x W^T = (x R)(W R)^T`` exactly. A layer quantized with rotation keeps ``W R`` (quantized)
   and its op quantizes the rows ``x R`` (:func:`rotate_rows` is the definition; K must be a
   multiple of b).

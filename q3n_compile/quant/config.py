@@ -60,9 +60,9 @@ config (int8 feed-forward, everything rotated) 0.98428 -> 0.98673 by 32, 0.98903
 the activations' quantizer does a b-wide tl.dot per block; on the H200 the W8A8 op ran at
 0.96-1.02x its unrotated speed with 32-channel blocks (s35run2) and 0.88-1.00x with 128 (s34run7)
 from 16 rows; qwen3 "bench" W8A8 decode steps of 1 row took the same time with 32 and 32 rows
-0.7% longer (s35run4, ``bench/RESULTS.md``, session 35). fp8 is not rotated by default: it keeps a relative precision
-per element, and on a layer with one 100x outlier channel the rotation raised its error 7.0e-3
--> 2.6e-2. It may combine with ``activation_group_size``.
+0.7% longer (s35run4, ``bench/RESULTS.md``, session 35). fp8 is not rotated by default: it
+keeps a relative precision per element, and on a layer with one 100x outlier channel the
+rotation raised its error 7.0e-3 -> 2.6e-2. It may combine with ``activation_group_size``.
 After a norm that norm_linear folded, ``q3n::norm_act_quant`` rotates too (x_hat R in the same
 pass over x).
 
@@ -153,7 +153,7 @@ GROUP_SIZES = (32, 64, 128)
 PER_CHANNEL = -1
 ACTIVATION_GROUP_SIZES = (32, 64, 128)
 PER_TOKEN = -1  # activation_group_size: one activation scale per token (the default)
-ROTATIONS = (0, 32, 64, 128)  # rotation: none, or Hadamard blocks of that many channels (kernels/hadamard.py)
+ROTATIONS = (0, 32, 64, 128)  # none, or Hadamard blocks of that many channels (kernels/hadamard.py)
 # rotation left out: resolved per layer by LayerFormat.resolved, DEFAULT_ROTATION-channel blocks
 # for int8 activations where K is a multiple of it, else none (int12 resolves 4096 levels
 # already; fp8 keeps a relative precision per element, which the rotation does not help).
