@@ -1476,9 +1476,9 @@ ACT_QUANT_TILE_BY_K = {
 # Under the interpreter: 32 rows x 128 columns (so per-token rows past 128 columns run the looped
 # form on the CPU lane too).
 ACT_QUANT_INTERPRETER = (32, 128, 4)
-# Rotated rows whole in one tile: at most this many programs an SM, each taking every
-# num_programs-th tile (it makes the Hadamard matrix once), and 2 rows a program to 4096
-# columns from 1024 rows (below, one: at 1-16 rows the second row's dots were wasted work, and
+# Rotated rows whole in one tile, from 1024 rows: a capped number of programs an SM, each taking
+# every num_programs-th tile (it makes the Hadamard matrix once), and for 128-channel blocks 2
+# rows a program to 4096 columns (below 1024 rows, one: at 1-16 rows the second row's dots were wasted work, and
 # the W8A8 op at 16 rows of 4096 x 4096 ran 0.0187 ms with 2 rows against 0.0162 with one,
 # s34run5 / s34run1). H200, int8 codes of bf16 rows (s34run4, bench_row_kernels.py --rotation 128,
 # CUDA-graph replay, L2 flushed), K = 4096 at 8192 rows: 2 rows x 4 warps at 2 programs an SM 41.1
@@ -1490,10 +1490,11 @@ ACT_QUANT_INTERPRETER = (32, 128, 4)
 # at 4 programs an SM 14.0 us at 2048 rows and 33.7 at 8192 (2 rows at 2 an SM 15.3 / 37.5;
 # unrotated 12.0 / 30.4): a smaller dot and +-1 matrix leave the load to hide. 64-channel blocks
 # alike (s35run3): 14.6 / 35.1 us against 15.4 / 38.7.
-ACT_QUANT_ROT_PROGRAMS_PER_SM = {128: 2, 64: 4, 32: 4}  # by rotation block
-ACT_QUANT_ROT_MAX_ROWS_K = 4096  # to this many columns (padded), more rows a program...
-ACT_QUANT_ROT_TWO_ROWS_FROM_M = 1024  # ...from this many rows (and the rows-of-blocks form)
-ACT_QUANT_ROT_ROWS = {128: 2, 64: 1, 32: 1}  # ...this many, by rotation block
+# The rows-of-blocks form from ACT_QUANT_ROT_BLOCKS_FROM_M rows, by rotation block: (rows a
+# program to ACT_QUANT_ROT_MAX_ROWS_K columns (padded), programs an SM).
+ACT_QUANT_ROT_BLOCKS_LAUNCH = {128: (2, 2), 64: (1, 4), 32: (1, 4)}
+ACT_QUANT_ROT_MAX_ROWS_K = 4096
+ACT_QUANT_ROT_BLOCKS_FROM_M = 1024
 
 
 def act_quant_launch(K: int, act_group: int, interpreter: bool,
@@ -1515,8 +1516,8 @@ def act_quant_launch(K: int, act_group: int, interpreter: bool,
     if rotation:
         block_k = max(block_k, rotation)
         if (act_group == 0 and kp2 <= ACT_QUANT_ROT_MAX_ROWS_K
-                and M >= ACT_QUANT_ROT_TWO_ROWS_FROM_M):
-            block_m = max(block_m, ACT_QUANT_ROT_ROWS[rotation])
+                and M >= ACT_QUANT_ROT_BLOCKS_FROM_M):
+            block_m = max(block_m, ACT_QUANT_ROT_BLOCKS_LAUNCH[rotation][0])
         block_m = max(block_m, HD.MIN_DOT_ROWS * rotation // block_k)
     return block_m, block_k, warps
 
@@ -1560,7 +1561,7 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
     # rows, and wherever the codes are dequantised or permuted (the dequant, mmT and wg paths),
     # the rows-of-blocks form made the op slower: W8A8 at 16 rows of 4096 x 4096 0.0181 ms
     # against 0.0162, W4A8 (wg) at 256 rows 0.0501 against 0.0332 (s34run6 / s34run1).
-    rot_blocks = (M >= ACT_QUANT_ROT_TWO_ROWS_FROM_M and not dequant and not perm128)
+    rot_blocks = (M >= ACT_QUANT_ROT_BLOCKS_FROM_M and not dequant and not perm128)
     if launch is not None and len(launch) > 4:
         rot_blocks = bool(launch[4])
     grid = contract.cdiv(M, block_m)
@@ -1568,7 +1569,7 @@ def quantize_activations_triton(x: torch.Tensor, act: str, smooth: Optional[torc
         if launch is not None and len(launch) > 5:
             cap = launch[5]
         else:
-            cap = 0 if interpreter else ACT_QUANT_ROT_PROGRAMS_PER_SM[rotation] * _sm_count(
+            cap = 0 if interpreter else ACT_QUANT_ROT_BLOCKS_LAUNCH[rotation][1] * _sm_count(
                 x.device.index if x.device.index is not None else torch.cuda.current_device())
         grid = min(grid, cap) if cap else grid
     pdl = pdl and not interpreter

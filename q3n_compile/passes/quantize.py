@@ -17,7 +17,9 @@ For each linear:
    otherwise. ``activation_group_size`` (per token unless set; 32/64/128 channels) becomes the
    ops' trailing ``act_group_size`` argument, given only where it is not per token; the report's
    entry carries it (``activation_group_size``, and ``act-g<size>`` in ``format``). A
-   ``rotation`` (128) becomes q3n::qlinear's ``rotation`` argument after it (both then given):
+   ``rotation`` (32, 64 or 128; left out, 32 for int8 activations where K allows, by
+   :meth:`LayerFormat.resolved`) becomes q3n::qlinear's ``rotation`` argument after it (both
+   then given):
    the weight is quantized as ``W R`` from the statistics of ``x R`` and the op quantizes
    ``x R`` (:mod:`q3n_compile.kernels.hadamard`); after a folded norm ``q3n::norm_act_quant``
    takes the same trailing arguments and quantizes ``x_hat R``.
