@@ -120,6 +120,26 @@ _BIASED_BF16 = gl.constexpr(tuple(_nibble_pairs_asm(j, False, biased=True) for j
 _SIX_BIASED_BF16 = gl.constexpr(tuple(_six_pairs_asm(j, False, words=True, biased=True)
                                       for j in range(8)))
 
+# e4m3 bytes of the integers 0-7 (FP8_LUT) and 8-15 (FP8_LUT_HI), as PRMT's two 4-byte tables.
+FP8_LUT = (0x44403800, 0x4E4C4A48)
+FP8_LUT_HI = (0x53525150, 0x57565554)
+
+
+def _fp8_quads_asm(j: int) -> str:
+    """PTX for byte j of two words ($1 = $2 and $3 = $4: adjacent K rows of one operand row) as
+    four e4m3 bytes, the codes q (0-15, exact) in order: $1's codes 2j and 2j + 1, then $3's.
+    One PRMT gathers the two bytes; their four nibbles are then the selectors of two table
+    PRMTs: the first maps 0-7 to their e4m3 bytes (FP8_LUT) and 8-15 to 0 (a selector's bit 3
+    replicates the sign of a byte below 0x80), the second, on the nibbles with bit 3 flipped,
+    8-15 to theirs (FP8_LUT_HI) and 0-7 to 0; an OR merges them: 5 instructions a 4 codes."""
+    sel = j | ((4 + j) << 4)
+    return (f"{{ .reg .b32 t, lo, hi; prmt.b32 t, $1, $3, {sel}; "
+            f"prmt.b32 lo, {FP8_LUT[0]}, {FP8_LUT[1]}, t; xor.b32 t, t, {0x8888}; "
+            f"prmt.b32 hi, {FP8_LUT_HI[0]}, {FP8_LUT_HI[1]}, t; or.b32 $0, lo, hi; }}")
+
+
+_FP8_QUADS = gl.constexpr(tuple(_fp8_quads_asm(j) for j in range(4)))
+
 
 @gluon.jit
 def _scaled_pairs(w, zb, sb, j: gl.constexpr, F16: gl.constexpr):
@@ -228,6 +248,25 @@ def _block_mmas(w, w2, zb, sb, x_lo, x_hi, acc, a_1, a_2, a_3, BITS: gl.constexp
 
 
 @gluon.jit
+def _block_mmas_fp8(wq, x_blk, acc, LOOKAHEAD: gl.constexpr):
+    """One K block's 4 fp8 sub-tiles (32 channels each) into a fresh sum acc (its value on entry
+    is ignored): sub-tile j's operand is byte j of each word (codes 2j, 2j + 1) as the e4m3
+    integers q (:func:`_fp8_quads_asm`; wq the words joined with themselves, [BLOCK_N, 32] in
+    the fp8 operand's layout), times columns 32 j of x's fp8 block (x_blk [rows, 128] in shared
+    memory, permuted by :func:`fp8_block_order`). Asynchronous MMAs, LOOKAHEAD in flight, as in
+    :func:`_block_mmas`, but the operands are not passed to the waits (Triton 3.6 cannot
+    lower 8-bit ``deps``: "Unexpected bitwidth in WGMMAWaitGroupOp"); ptxas keeps a register
+    that an MMA in flight reads (its operands are PTX values it allocates itself)."""
+    for j in gl.static_range(4):
+        a = gl.inline_asm_elementwise(_FP8_QUADS[j], "=r,r,r,r,r", [wq],
+                                      dtype=gl.float8e4nv, is_pure=True, pack=4)
+        xj = x_blk.slice(32 * j, 32, 1)
+        acc = warpgroup_mma(a, xj.permute((1, 0)), acc, use_acc=j > 0, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=LOOKAHEAD, deps=(acc,))
+    return acc
+
+
+@gluon.jit
 def _issue_weight_block(w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, w_ptrs, w2_ptrs, w_rows,
                         w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N,
                         SYM: gl.constexpr, BITS: gl.constexpr):
@@ -255,9 +294,13 @@ def _issue_x_block(x_smem, xs_smem, st, k0, k_end, x_ptrs, x_ok, xs_ptrs, xs_ok,
     """cp.async of K block k0's two halves of x (64 channels each) into stage st, not
     committed; XSUM: and the block's sums of x for the tile's rows (XS [K blocks, M])."""
     live = k0 < k_end
-    cp.async_copy_global_to_shared(x_smem[0].index(st), x_ptrs + k0, mask=x_ok & live)
-    cp.async_copy_global_to_shared(x_smem[1].index(st), x_ptrs + (k0 + 64),
-                                   mask=x_ok & live)
+    if x_smem[0].dtype == gl.float8e4nv:
+        # fp8 codes: the block's 128 channels are one 128-byte row (one allocation).
+        cp.async_copy_global_to_shared(x_smem[0].index(st), x_ptrs + k0, mask=x_ok & live)
+    else:
+        cp.async_copy_global_to_shared(x_smem[0].index(st), x_ptrs + k0, mask=x_ok & live)
+        cp.async_copy_global_to_shared(x_smem[1].index(st), x_ptrs + (k0 + 64),
+                                       mask=x_ok & live)
     if XSUM:
         cp.async_copy_global_to_shared(xs_smem.index(st), xs_ptrs + (k0 // 128) * M,
                                        mask=xs_ok & live)
@@ -289,14 +332,22 @@ def _tile_sum(X, QW, S, Z, XS, x_smem, xs_smem, w_smem, w2_smem, z_smem, s_smem,
     issued is complete when it returns."""
     OPD: gl.constexpr = X.dtype.element_ty
     F16: gl.constexpr = OPD == gl.float16
-    MAGIC: gl.constexpr = 1024.0 if F16 else 128.0
+    FP8: gl.constexpr = OPD == gl.float8e4nv
+    # The operand's offset M (M + q on the MMA: XSUM); fp8 codes take q itself.
+    MAGIC: gl.constexpr = 0.0 if FP8 else 1024.0 if F16 else 128.0
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     rows_l: gl.constexpr = gl.SliceLayout(1, a_l)
-    # x: row m of a half at k0 is channels k0 + (0..63) of row m0 + m.
+    # fp8's operand: 4 adjacent K a register. The words' k_width = 2 layout joined with itself
+    # ([BLOCK_N, 16, 2] -> [BLOCK_N, 32], K = 2r + h) is that layout: a thread's word rows
+    # {2t, 2t + 1, 8 + 2t, 9 + 2t} become its K {4t..4t + 3, 16 + 4t..19 + 4t}.
+    a8_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+    # x: row m of a half at k0 is channels k0 + (0..63) of row m0 + m (fp8: the whole block,
+    # 128 channels).
+    XW: gl.constexpr = 128 if FP8 else 64
     xm = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_bl))
-    c = gl.arange(0, 64, layout=gl.SliceLayout(0, x_bl))
+    c = gl.arange(0, XW, layout=gl.SliceLayout(0, x_bl))
     x_ptrs = X + xm.to(gl.int64)[:, None] * stride_xm + c[None, :]
-    x_ok = (xm < M)[:, None] & (c < 64)[None, :]
+    x_ok = (xm < M)[:, None] & (c < XW)[None, :]
     # The packed words: row r of a stage is word row k0 / 8 + r (channels k0 + 8 r + j), read
     # back as [BLOCK_N, 16] in the MMA operand's layout: element (n, r) holds sub-tile j's
     # K = r of column n in its bits 4 j.
@@ -333,7 +384,8 @@ def _tile_sum(X, QW, S, Z, XS, x_smem, xs_smem, w_smem, w2_smem, z_smem, s_smem,
     part = acc
     # The operands of the MMAs in flight (a_1 the last issued): kept live until a wait has
     # retired their MMA, so that their registers are not reused under it.
-    a_1 = gl.zeros([BLOCK_N, 16], OPD, layout=a_l)
+    # (fp8: unused, see _block_mmas_fp8)
+    a_1 = gl.zeros([BLOCK_N, 16], gl.bfloat16 if FP8 else OPD, layout=a_l)
     a_2 = a_1
     a_3 = a_1
     i = 0
@@ -359,9 +411,13 @@ def _tile_sum(X, QW, S, Z, XS, x_smem, xs_smem, w_smem, w2_smem, z_smem, s_smem,
             # The block's sum of (q - z) x in its own accumulator, then scaled in fp32. With
             # x's sums (XSUM) the operand is M + q and (M + z) times the block's sum of x is
             # taken off here: sum (M + q) x - (M + z) sum x, exact products, fp32 sums.
-            part, a_1, a_2, a_3 = _block_mmas(w, w2, zb, zb, x_smem[0].index(st),
-                                              x_smem[1].index(st), part, a_1, a_2, a_3, BITS,
-                                              F16, LOOKAHEAD, False, XSUM)
+            if FP8:
+                wq = gl.convert_layout(gl.reshape(gl.join(w, w), [BLOCK_N, 32]), a8_l)
+                part = _block_mmas_fp8(wq, x_smem[0].index(st), part, LOOKAHEAD)
+            else:
+                part, a_1, a_2, a_3 = _block_mmas(w, w2, zb, zb, x_smem[0].index(st),
+                                                  x_smem[1].index(st), part, a_1, a_2, a_3,
+                                                  BITS, F16, LOOKAHEAD, False, XSUM)
             s_col = s_smem.index(st).load(gl.SliceLayout(1, mma)).to(gl.float32)
             part, a_1, a_2, a_3 = warpgroup_mma_wait(num_outstanding=0,
                                                      deps=(part, a_1, a_2, a_3))
@@ -394,12 +450,16 @@ def _tile_sum(X, QW, S, Z, XS, x_smem, xs_smem, w_smem, w2_smem, z_smem, s_smem,
 
 
 @gluon.jit
-def _store_tile(Y, BIAS, acc, M, N, stride_ym, m0, n0, HAS_BIAS: gl.constexpr,
-                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, mma: gl.constexpr):
-    """Y's tile (transposed back: acc[n, m] is y[m0 + m, n0 + n]) = acc (+ bias), masked."""
+def _store_tile(Y, BIAS, XSC, acc, M, N, stride_ym, m0, n0, HAS_BIAS: gl.constexpr,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, mma: gl.constexpr,
+                TOKEN_SCALE: gl.constexpr = False):
+    """Y's tile (transposed back: acc[n, m] is y[m0 + m, n0 + n]) = acc (TOKEN_SCALE: times
+    x's scale XSC[m], fp32) (+ bias), masked."""
     offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
     n_ok = offs_n < N
+    if TOKEN_SCALE:
+        acc = acc * gl.load(XSC + offs_m, mask=offs_m < M, other=0.0)[None, :]
     if HAS_BIAS:
         acc = acc + gl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(gl.float32)[:, None]
     y_offs = offs_m.to(gl.int64)[None, :] * stride_ym + offs_n[:, None]
@@ -417,7 +477,8 @@ def _tile_offsets(BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, mma: gl.constexp
 
 
 @gluon.jit
-def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, XS, M, N, K_PAD, KX, ROW4, ROW2, K_PER_SPLIT,
+def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, XS, XSC, M, N, K_PAD, KX, ROW4, ROW2,
+                      K_PER_SPLIT,
                       stride_xm, stride_ym, BITS: gl.constexpr, SYM: gl.constexpr,
                       HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                       STAGES: gl.constexpr, REDUCE: gl.constexpr, LOOKAHEAD: gl.constexpr,
@@ -457,18 +518,26 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, XS, M, N, K_PAD, KX, ROW4, 
     before it reads x or writes anything, and lets the next PDL kernel start at once.
     """
     OPD: gl.constexpr = X.dtype.element_ty
+    FP8: gl.constexpr = OPD == gl.float8e4nv
     num_warps: gl.constexpr = gl.num_warps()
     gl.static_assert(STAGES >= 3)
     gl.static_assert(BLOCK_N == 64 or BLOCK_N == 128 or BLOCK_N == 256)
+    # fp8 codes: SCALE_AFTER and XSUM (q on the MMA, z times the block's sum of x taken off),
+    # 4-bit weights (the e4m3 integers 0-15).
+    gl.static_assert(not FP8 or (SCALE_AFTER and XSUM and BITS == 4))
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, BLOCK_M, 16])
+                                                  instr_shape=[16, BLOCK_M, 32 if FP8 else 16])
     # x's K block: two halves [BLOCK_M, 64] (128-byte rows, 128-byte swizzle); sub-tile j (16
     # channels) is columns 16 (j % 4) of half j // 4 (x_smem[j // 4]), the MMA's K-major
     # second operand. A warp copies 4 rows x 128 contiguous bytes (4 global lines, 512
     # unconflicted shared bytes; 16 rows x 32 bytes a warp, as first written, cost 16 shared
     # wavefronts an instruction).
-    x_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    x_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
+    # fp8 codes: the block's 128 channels as one 128-byte row, a warp copying 4 rows of 128
+    # bytes alike.
+    x_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
+                                              element_bitwidth=8 if FP8 else 16, rank=2)
+    x_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 16 if FP8 else 8],
+                                          threads_per_warp=[4, 8],
                                           warps_per_cta=[num_warps, 1], order=[1, 0])
     w_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
     w_bl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4],
@@ -483,8 +552,12 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, XS, M, N, K_PAD, KX, ROW4, 
     # The halves in two allocations: Triton's shared-memory hazard analysis cannot tell the
     # buffers of one allocation apart under a dynamic index, and put a CTA barrier between
     # the two halves' copies when they shared one (sm_90 SASS: 3 barriers a K block, now 2).
-    x_smem = (gl.allocate_shared_memory(OPD, [STAGES, BLOCK_M, 64], x_sl),
-              gl.allocate_shared_memory(OPD, [STAGES, BLOCK_M, 64], x_sl))
+    if FP8:
+        x_one = gl.allocate_shared_memory(OPD, [STAGES, BLOCK_M, 128], x_sl)
+        x_smem = (x_one, x_one)
+    else:
+        x_smem = (gl.allocate_shared_memory(OPD, [STAGES, BLOCK_M, 64], x_sl),
+                  gl.allocate_shared_memory(OPD, [STAGES, BLOCK_M, 64], x_sl))
     w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, BLOCK_N], w_sl)
     if BITS == 6:
         # The 2-bit plane's 8 word rows of a block, each copied to two rows (2r, 2r + 1), so
@@ -526,8 +599,8 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, XS, M, N, K_PAD, KX, ROW4, 
                             BITS, SYM, BLOCK_M, BLOCK_N, STAGES, LOOKAHEAD, mma, x_bl, w_bl,
                             z_bl, s_bl, PDL, SCALE_AFTER, XSUM)
             if kb1 - kb0 == kb:
-                _store_tile(Y, BIAS, acc, M, N, stride_ym, m0, n0, HAS_BIAS, BLOCK_M, BLOCK_N,
-                            mma)
+                _store_tile(Y, BIAS, XSC, acc, M, N, stride_ym, m0, n0, HAS_BIAS, BLOCK_M,
+                            BLOCK_N, mma, FP8)
             else:
                 t_offs = _tile_offsets(BLOCK_M, BLOCK_N, mma)
                 slot = (u != u0).to(gl.int32)
@@ -546,8 +619,8 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, XS, M, N, K_PAD, KX, ROW4, 
                         qslot = ((q * units // P) // kb != t).to(gl.int32)
                         total += gl.load(WS + (q * 2 + qslot).to(gl.int64) * TILE + t_offs,
                                          cache_modifier=".cg")
-                    _store_tile(Y, BIAS, total, M, N, stride_ym, m0, n0, HAS_BIAS, BLOCK_M,
-                                BLOCK_N, mma)
+                    _store_tile(Y, BIAS, XSC, total, M, N, stride_ym, m0, n0, HAS_BIAS,
+                                BLOCK_M, BLOCK_N, mma, FP8)
                     gl.atomic_xchg(cnt, 0)
             u += kb1 - kb0
     else:
@@ -576,11 +649,12 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, XS, M, N, K_PAD, KX, ROW4, 
                     # .cg: from L2, never a line this SM's L1 kept from an earlier call
                     total += gl.load(WS + (sp * tiles + tile).to(gl.int64) * TILE + t_offs,
                                      cache_modifier=".cg")
-                _store_tile(Y, BIAS, total, M, N, stride_ym, m0, n0, HAS_BIAS, BLOCK_M,
-                            BLOCK_N, mma)
+                _store_tile(Y, BIAS, XSC, total, M, N, stride_ym, m0, n0, HAS_BIAS, BLOCK_M,
+                            BLOCK_N, mma, FP8)
                 gl.atomic_xchg(cnt, 0)
         else:
-            _store_tile(Y, BIAS, acc, M, N, stride_ym, m0, n0, HAS_BIAS, BLOCK_M, BLOCK_N, mma)
+            _store_tile(Y, BIAS, XSC, acc, M, N, stride_ym, m0, n0, HAS_BIAS, BLOCK_M, BLOCK_N,
+                        mma, FP8)
 
 
 def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -599,8 +673,6 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     SCALE_AFTER (q - z on the MMA, each K block's sum scaled in fp32) and with it XSUM (bf16
     x, permuted here: the operand M + q, and (M + z) times the block's sum of x, which x's
     permutation also gives, taken off in fp32)."""
-    M = x.shape[0]
-    N = qweight.shape[1]
     # PDL only behind this op's own permutation (see with_pdl), and not while Inductor launches
     # its own kernels with PDL (contract.inductor_pdl).
     pdl = bool(cfg.get("PDL", True)) and not x_permuted and contract.pdl_capable(x.device)
@@ -613,12 +685,60 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     else:
         xk = x if x_permuted else permute_x_blocks(x, pdl=pdl)
         xs = scales  # unused
+    return _launch_tiles(xk, xs, None, qweight, scales, zeros, bias, K, cfg, tickets, pdl, bits,
+                         xsum, x.dtype)
+
+
+def run_fp8(codes: torch.Tensor, sums: torch.Tensor, xscale: torch.Tensor,
+            qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], bias,
+            K: int, cfg: dict, tickets=None, out_dtype: torch.dtype = torch.bfloat16,
+            pdl: bool = False) -> torch.Tensor:
+    """``(c * s_x) @ W^T (+ bias)`` for 4-bit weights in groups of 128 on fp8 tensor cores:
+    `codes` the activations' e4m3 codes in :func:`fp8_block_order` ([M, K128]), `sums` their
+    fp32 sums per block ([K128 / 128, M]), `xscale` the per-token scales (fp32 [M]). The
+    operand is q (e4m3 integers 0-15, exact); each K block's sum is scaled by s in fp32 and z
+    times the block's sum of codes taken off (SCALE_AFTER and XSUM: Hopper's fp8 MMA adds into
+    its accumulator with fewer than fp32's bits, so a block of 128 channels is the most it
+    sums before fp32 takes over); s_x multiplies the tile on its way out. `pdl`: the kernel
+    before it (the activations' quantizer) was launched with PDL. cfg as for :func:`run`."""
+    if codes.dtype != torch.float8_e4m3fn or codes.shape[1] % MMT_BLOCK_K:
+        raise ValueError("q3n::qlinear: the wg path's fp8 form takes e4m3 codes in "
+                         "fp8_block_order ([M, K rounded up to 128])")
+    cfg = dict(cfg, SCALE_AFTER=True)
+    return _launch_tiles(codes, sums, xscale, qweight, scales, zeros, bias, K, cfg, tickets,
+                         pdl and contract.pdl_capable(codes.device), 4, True, out_dtype)
+
+
+def fp8_block_order(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes [M, K] -> (codes [M, K128] (K rounded up to 128, zero padded) with channel
+    ``k0 + 8r + 2j + h`` of each 128-channel block at ``k0 + 32j + 2r + h``, their fp32 sums
+    per row and block [K128 / 128, M]): the fp8 form's x, whose sub-tile j (32 channels) is
+    then codes 2j and 2j + 1 of each packed word row r, the order :func:`_fp8_quads_asm`
+    unpacks. A torch reference of what the activations' quantizer stores (tests, benches)."""
+    M, K = codes.shape
+    kb = contract.cdiv(K, MMT_BLOCK_K)
+    raw = codes.view(torch.uint8) if codes.dtype == torch.float8_e4m3fn else codes
+    raw = torch.nn.functional.pad(raw, (0, kb * MMT_BLOCK_K - K))
+    out = raw.view(M, kb, 16, 4, 2).permute(0, 1, 3, 2, 4).contiguous().view(M, kb * MMT_BLOCK_K)
+    if codes.dtype == torch.float8_e4m3fn:
+        out = out.view(torch.float8_e4m3fn)
+    sums = torch.nn.functional.pad(codes.float(), (0, kb * MMT_BLOCK_K - K))
+    return out, sums.view(M, kb, MMT_BLOCK_K).sum(dim=2).t().contiguous()
+
+
+def _launch_tiles(xk, xs, xsc, qweight, scales, zeros, bias, K: int, cfg: dict, tickets,
+                  pdl: bool, bits: int, xsum: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """The wg kernel's launch on x already in its block order (xk [M, K128]); xs: its block
+    sums (XSUM), xsc: its per-token scales (fp8 codes)."""
+    M = xk.shape[0]
+    N = qweight.shape[1]
     kx = xk.shape[1]
     split = cfg.get("SPLIT_K", 1)
     kps = contract.cdiv(contract.cdiv(kx, MMT_BLOCK_K), split) * MMT_BLOCK_K
     tiles_n, tiles_m = contract.cdiv(N, cfg["BLOCK_N"]), contract.cdiv(M, cfg["BLOCK_M"])
     tile_elems = cfg["BLOCK_N"] * cfg["BLOCK_M"]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    x = xk
+    y = torch.empty((M, N), dtype=out_dtype, device=x.device)
     stream = cfg.get("STREAM", 0)
     if (stream or split > 1) and tickets is None:
         raise ValueError("q3n::qlinear: the wg path's K split needs the ticket counters")
@@ -638,7 +758,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     contract.launch(
         qlinear_wg_kernel, grid,
         (xk, qweight, scales, zeros if zeros is not None else scales,
-         bias if bias is not None else scales, y, ws, cnt, xs),
+         bias if bias is not None else scales, y, ws, cnt, xs, xsc if xsc is not None else xs),
         (M, N, P.padded_k(K), kx, *P.plane_starts(bits, K)[:2], kps, xk.stride(0), y.stride(0)),
         dict(BITS=bits, SYM=zeros is None, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
              BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], REDUCE=reduce,

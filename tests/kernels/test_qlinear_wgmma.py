@@ -17,7 +17,7 @@ from q3n_compile.kernels import qlinear_swap as SW
 from q3n_compile.kernels import qlinear_wgmma as WG
 
 from .subprocess_lane import json_without_interpreter
-from .test_qlinear import _gen, _packed, _replay_with_new_x, _w4a16_chain, bf16, f16
+from .test_qlinear import TOL, _gen, _packed, _replay_with_new_x, _w4a16_chain, bf16, f16
 from .test_qlinear import _check as check_against_float64
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -26,7 +26,7 @@ needs_hopper = pytest.mark.skipif(not torch.cuda.is_available()
                                   reason="needs an sm_90 GPU (warpgroup MMA)")
 
 _TYPES = {"X": "*bf16", "QW": "*i32", "S": "*fp16", "Z": "*u8", "BIAS": "*bf16", "Y": "*bf16",
-          "WS": "*fp32", "CNT": "*i32", "XS": "*fp32"}
+          "WS": "*fp32", "CNT": "*i32", "XS": "*fp32", "XSC": "*fp32"}
 _DIVISIBLE = ("X", "QW", "S", "Z", "Y", "WS", "N", "K_PAD", "KX", "K_PER_SPLIT", "stride_xm",
               "stride_ym")
 
@@ -43,7 +43,8 @@ def _compile_sm90(cfg: dict, x_type: str, reduce: int, bias: bool, sym: bool, bi
     ce = dict(BITS=bits, SYM=sym, HAS_BIAS=bias, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
               STAGES=cfg["STAGES"], REDUCE=reduce, LOOKAHEAD=cfg.get("LOOKAHEAD", 1), PDL=True,
               SCALE_AFTER=cfg.get("SCALE_AFTER", False), XSUM=cfg.get("XSUM", False))
-    types = dict(_TYPES, X=x_type, Y=x_type, BIAS=x_type)
+    y_type = "*bf16" if x_type == "*fp8e4nv" else x_type
+    types = dict(_TYPES, X=x_type, Y=y_type, BIAS=y_type)
     sig = {n: "constexpr" if n in ce else types.get(n, "i32") for n in names}
     src = GluonASTSource(fn=kernel, signature=sig,
                          constexprs={(names.index(k),): v for k, v in ce.items()},
@@ -199,9 +200,20 @@ def _run_pairs_ptx(asm: str, regs: dict, dtype) -> int:
         op, rest = ins.split(None, 1)
         dst, *srcs = [t.strip() for t in rest.split(",")]
         if op == "prmt.b32":
+            # Default mode: selector nibble i picks byte (nibble & 7) of {b, a}; its bit 3
+            # replicates that byte's sign bit instead.
             data = val(srcs[0]) | (val(srcs[1]) << 32)
             sel = val(srcs[2])
-            out = sum(((data >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+            out = 0
+            for i in range(4):
+                nib = (sel >> (4 * i)) & 0xF
+                byte = (data >> (8 * (nib & 7))) & 0xFF
+                if nib & 8:
+                    byte = 0xFF if byte & 0x80 else 0
+                out |= byte << (8 * i)
+        elif op in ("xor.b32", "or.b32"):
+            a, b = val(srcs[0]), val(srcs[1])
+            out = a ^ b if op == "xor.b32" else a | b
         elif op == "shr.b32":
             out = val(srcs[0]) >> val(srcs[1])
         elif op == "shl.b32":
@@ -310,6 +322,47 @@ def test_six_pairs_ptx_is_q_minus_z_times_s(dtype):
                 q = ((word >> (4 * j)) & 0xF) + 16 * ((v >> (16 * half + 2 * j)) & 3)
                 want = torch.tensor((q - z) * float(torch.tensor(s).to(dtype))).to(dtype)
                 assert got[half].item() == want.float().item(), (j, half, q, z, s)
+
+
+def test_fp8_quads_ptx_is_q_as_e4m3():
+    # The fp8 form's unpack: byte j of two words ($1 = $2, $3 = $4) as four e4m3 bytes, codes
+    # 2j and 2j + 1 of the first word then of the second, each the integer q exactly; every
+    # nibble value at every position.
+    g = _gen("wgfp8ptx")
+    words = [int(v) for v in torch.randint(0, 2 ** 32, (40,), generator=g, dtype=torch.int64)]
+    words += [0x76543210, 0xFEDCBA98]  # every nibble value, in both words' every position
+    for w1, w2 in zip(words, words[1:] + words[:1]):
+        for j in range(4):
+            out = _run_pairs_ptx(WG._fp8_quads_asm(j), {"$1": w1, "$2": w1, "$3": w2,
+                                                        "$4": w2}, bf16)
+            got = torch.tensor([(out >> (8 * i)) & 0xFF for i in range(4)], dtype=torch.uint8)
+            got = got.view(torch.float8_e4m3fn).float().tolist()
+            want = [(w >> (4 * c)) & 0xF for w in (w1, w2) for c in (2 * j, 2 * j + 1)]
+            assert got == want, (hex(w1), hex(w2), j)
+
+
+@pytest.mark.parametrize("M,K", [(3, 128), (5, 300), (2, 1024)])
+def test_fp8_block_order_matches_the_unpack(M, K):
+    # Sub-tile j's operand K = 2r + h is code 2j + h of word row r, i.e. channel 8r + 2j + h
+    # of the block: x in fp8_block_order has that channel at 32j + 2r + h, so the four
+    # sub-tiles' products sum to x @ q^T; the sums are the codes' per block (zero padded).
+    g = _gen(f"wgfp8order{M}{K}")
+    codes = (torch.randn(M, K, generator=g) * 40).to(torch.float8_e4m3fn)
+    q = torch.randint(0, 16, (7, K), generator=g)
+    xk, sums = WG.fp8_block_order(codes)
+    kb = -(-K // 128)
+    assert xk.shape == (M, kb * 128) and xk.dtype == torch.float8_e4m3fn
+    qp = torch.nn.functional.pad(q, (0, kb * 128 - K)).view(7, kb, 16, 8)  # [n, b, r, code]
+    total = torch.zeros(M, 7, dtype=torch.float64)
+    for b in range(kb):
+        for j in range(4):
+            xj = xk[:, b * 128 + 32 * j: b * 128 + 32 * j + 32].double()  # [M, kk]
+            aj = qp[:, b, :, 2 * j: 2 * j + 2].reshape(7, 32).double()  # kk = 2r + h
+            total += xj @ aj.t()
+    want = codes.double() @ q.double().t()
+    assert torch.equal(total, want)
+    padded = torch.nn.functional.pad(codes.double(), (0, kb * 128 - K)).view(M, kb, 128)
+    assert torch.allclose(sums.double(), padded.sum(2).t(), rtol=1e-6, atol=1e-3)
 
 
 def _pair_of(v: float, dtype) -> int:
@@ -836,3 +889,56 @@ def test_gpu_codes_op_keeps_mmT_reading_codes_to_64_rows(monkeypatch):
     assert calls == [100]
     assert Q.choose_path(100, N, K, 4, 128, "fp8", bf16, torch.device("cuda"),
                          allow_wg=False)["path"] != "wg"
+
+
+def _check_wg_fp8(M, N, K, split, bias, tile, sym, stream=0, mean=0.0):
+    """The fp8 form (run_fp8) on the op's own fp8 codes of bf16 x against float64 of the same
+    codes: (c * s_x) @ ((q - z) * s)^T (+ bias), to the bf16 tolerance of the result's largest
+    magnitude; twice (every ticket reset)."""
+    gen = _gen(f"wgfp8{M}{N}{K}{split}{bias}{tile['BLOCK_M']}{tile['BLOCK_N']}{sym}{stream}"
+               f"{mean}")
+    pw = _packed(gen, N, K, 4, 128, sym, device="cuda")
+    x = (torch.randn(M, K, generator=gen) + mean).to(bf16).cuda()
+    b = torch.randn(N, generator=gen).to(bf16).cuda() if bias else None
+    codes, xs = Q.quantize_activations_triton(x, "fp8", None, False)
+    assert codes.dtype == torch.float8_e4m3fn
+    xk, sums = WG.fp8_block_order(codes)
+    w = Q.dequantize_triton(pw.qweight, pw.scales, pw.zeros, 4, 128, K, torch.float32)
+    exact = (codes.double() * xs.double()[:, None]) @ w.double().t()
+    if bias:
+        exact += b.double()
+    cfg = dict(tile, SPLIT_K=split, **({"STREAM": stream} if stream else {}))
+    for _ in range(2):
+        out = WG.run_fp8(xk, sums, xs, pw.qweight, pw.scales, pw.zeros, b, K, cfg, Q._tickets)
+        assert out.shape == (M, N) and out.dtype == bf16
+        err = (out.double() - exact).abs().max().item()
+        scale = exact.abs().max().item()
+        assert err <= TOL[bf16] * scale, f"max err {err:.3g} > {TOL[bf16]:.1g} * {scale:.3g}"
+    assert int(Q._tickets(x.device, 1).abs().sum()) == 0
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K,split,bias", _GPU_SHAPES)
+@_GPU_TILES
+@pytest.mark.parametrize("sym", [False, True])
+def test_gpu_wg_fp8_against_float64(M, N, K, split, bias, tile, sym):
+    _check_wg_fp8(M, N, K, split, bias, tile, sym)
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K,bias", [(s[0], s[1], s[2], s[4]) for s in _GPU_SHAPES[:4]])
+@pytest.mark.parametrize("tile", [WG.SMALL, WG.WIDE], ids=["64x64", "128x128"])
+@pytest.mark.parametrize("programs", [5, 132])
+def test_gpu_wg_fp8_stream_k_against_float64(M, N, K, bias, tile, programs):
+    _check_wg_fp8(M, N, K, 1, bias, tile, False, stream=programs)
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("mean", [4.0, -300.0])
+def test_gpu_wg_fp8_zero_points_with_a_large_mean_against_float64(mean):
+    # z times the block's sum of codes comes off sum q c in fp32: x far from zero mean makes
+    # both large (codes near 448 in every channel).
+    _check_wg_fp8(200, 1024, 2048, 1, True, WG.TALL, False, mean=mean)
