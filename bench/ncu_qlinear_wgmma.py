@@ -6,7 +6,11 @@ warm-up outside the profiled range (``ncu --profile-from-start off``).
 
 The tile ``decode`` profiles the launch :func:`qlinear_wgmma.choose_decode` gives (1-32 rows:
 stream-K, SCALE_AFTER, XSUM at 17-32 rows), x permuted by the op itself (filter the tile with
-``-k regex:qlinear_wg``).
+``-k regex:qlinear_wg``). A tile may be named (``TALL``, ``WIDE``, ... with ``:split``), and a
+fifth argument ``fp8`` profiles the fp8 form (:func:`qlinear_wgmma.run_fp8`) on the op's own
+fp8 codes of x in :func:`qlinear_wgmma.fp8_block_order`, ``scale_after`` the bf16 form with
+SCALE_AFTER and XSUM (x permuted by the op's own kernel: filter the tile with ``-k
+regex:qlinear_wg``).
 """
 
 import sys
@@ -35,18 +39,38 @@ def main():
             raise SystemExit(f"no decode launch for {M} rows of {N} x {K}")
         cfg = dict(cfg, PDL=False)
         xp, permuted = x, False
+    elif sys.argv[4][0].isalpha():
+        name, _, split = sys.argv[4].partition(":")
+        cfg = dict(getattr(WG, name), SPLIT_K=int(split or 1))
+        xp, permuted = WG.permute_x_blocks(x), True
     else:
         bm, bn, warps, stages, split = (int(v) for v in sys.argv[4].split(","))
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, STAGES=stages, SPLIT_K=split)
         xp, permuted = WG.permute_x_blocks(x), True
+    if sys.argv[5:] == ["fp8"]:
+        codes, xscale = Q.quantize_activations_triton(x, "fp8", None, False)
+        xk, sums = WG.fp8_block_order(codes)
+
+        def launch():
+            WG.run_fp8(xk, sums, xscale, pw.qweight, pw.scales, pw.zeros, None, K, cfg,
+                       Q._tickets)
+    elif sys.argv[5:] == ["scale_after"]:
+        cfg = dict(cfg, SCALE_AFTER=True, XSUM=True, PDL=False)
+
+        def launch():
+            WG.run(x, pw.qweight, pw.scales, pw.zeros, None, K, cfg, Q._tickets)
+    else:
+        def launch():
+            WG.run(xp, pw.qweight, pw.scales, pw.zeros, None, K, cfg, Q._tickets,
+                   x_permuted=permuted)
     for _ in range(3):
-        WG.run(xp, pw.qweight, pw.scales, pw.zeros, None, K, cfg, Q._tickets, x_permuted=permuted)
+        launch()
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
-    WG.run(xp, pw.qweight, pw.scales, pw.zeros, None, K, cfg, Q._tickets, x_permuted=permuted)
+    launch()
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
-    print("case", M, N, K, cfg)
+    print("case", M, N, K, cfg, *sys.argv[5:])
 
 
 if __name__ == "__main__":
