@@ -13,7 +13,8 @@ as dispatched (quantizer included); the fp8 kernel alone on codes already in its
 each launch of ``--tiles`` (the wg rule's for the M, and fixed alternatives), checked against
 float64 of the same codes; the activations' quantizer alone (what the fp8 form adds in front
 of the kernel once the quantizer stores its order). CUDA-graph replay, do_bench median, L2
-flushed.
+flushed. ``--form bf16`` times the bf16 form (:func:`qlinear_wgmma.run`, W4A16, on bf16 x
+already permuted) with the same tiles instead, against float64 of x @ W^T, for comparison.
 
     python bench/bench_wg_fp8.py --out bench/results/wg-fp8-h200.json
 """
@@ -79,6 +80,7 @@ def main():
                     default=["rule", "TALL", "TALL:2", "WIDE", "WIDE:2", "WIDE:stream",
                              "SMALL:2"])
     ap.add_argument("--sym", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--form", choices=("fp8", "bf16"), default="fp8")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_wg_fp8.py needs a CUDA GPU")
@@ -92,14 +94,23 @@ def main():
             dispatched = Q.choose_path(M, N, K, 4, 128, "fp8", x.dtype, x.device)
             codes, xs = Q.quantize_activations_triton(x, "fp8", None, False)
             xk, sums = WG.fp8_block_order(codes)
+            xp = WG.permute_x_blocks(x)
             w = Q.dequantize_triton(pw.qweight, pw.scales, pw.zeros, 4, 128, K, torch.float32)
-            ref = (codes.double() * xs.double()[:, None]) @ w.double().t()
+            if args.form == "fp8":
+                ref = (codes.double() * xs.double()[:, None]) @ w.double().t()
+            else:
+                ref = x.double() @ w.double().t()
             row = dict(N=N, K=K, M=M, sym=sym, bf16_ms=bf16, dispatched=dispatched["path"],
                        op_rel_err=BQ.rel_err(torch.ops.q3n.qlinear(*op_args), ref))
-            parts = {"op": lambda: torch.ops.q3n.qlinear(*op_args),
-                     "quantizer": lambda: Q.quantize_activations_triton(x, "fp8", None, False)}
+            # What runs in front of the kernel: the quantizer (fp8 form), x's permutation (bf16)
+            front = (lambda: WG.permute_x_blocks(x)) if args.form == "bf16" else \
+                (lambda: Q.quantize_activations_triton(x, "fp8", None, False))
+            parts = {"op": lambda: torch.ops.q3n.qlinear(*op_args), "quantizer": front}
             for name, cfg in tiles(M, N, K, sms, args.tiles).items():
                 def fn(cfg=cfg):
+                    if args.form == "bf16":
+                        return WG.run(xp, pw.qweight, pw.scales, pw.zeros, None, K, cfg,
+                                      Q._tickets, x_permuted=True)
                     return WG.run_fp8(xk, sums, xs, pw.qweight, pw.scales, pw.zeros, None, K,
                                       cfg, Q._tickets)
                 try:
@@ -130,7 +141,7 @@ def main():
             rows.append(row)
         torch.cuda.empty_cache()
     BQ.write_result(args.out, dict(BQ.result_header("CUDA-graph replay, do_bench median"),
-                                   rows=rows))
+                                   form=args.form, rows=rows))
 
 
 if __name__ == "__main__":
