@@ -53,7 +53,8 @@ def rule_tile(M: int, N: int, K: int, sms: int) -> dict:
     return dict(cfg, SPLIT_K=Q._keep_two_blocks(cfg["SPLIT_K"], P.padded_k(K), SW.MMT_BLOCK_K))
 
 
-def tiles(M: int, N: int, K: int, sms: int, names) -> dict:
+def tiles(M: int, N: int, K: int, sms: int, names, form: str) -> dict:
+    """{name: launch cfg, or why there is none}"""
     out = {}
     for name in names:
         if name == "rule":
@@ -66,7 +67,11 @@ def tiles(M: int, N: int, K: int, sms: int, names) -> dict:
             else:
                 cfg["SPLIT_K"] = Q._keep_two_blocks(int(split or 1), P.padded_k(K),
                                                     SW.MMT_BLOCK_K)
-        if cfg is not None and cfg["BLOCK_N"] != 256:  # 256 columns spill in fp8 form
+        if cfg is None:
+            out[name] = "the rule gives no wg launch here"
+        elif cfg["BLOCK_N"] > 128 and form == "fp8":
+            out[name] = f"{cfg['BLOCK_N']} weight columns (the fp8 form refuses them: spills)"
+        else:
             out[name] = {k: v for k, v in cfg.items() if k not in ("path", "PDL", "XSUM")}
     return out
 
@@ -106,7 +111,10 @@ def main():
             front = (lambda: WG.permute_x_blocks(x)) if args.form == "bf16" else \
                 (lambda: Q.quantize_activations_triton(x, "fp8", None, False))
             parts = {"op": lambda: torch.ops.q3n.qlinear(*op_args), "quantizer": front}
-            for name, cfg in tiles(M, N, K, sms, args.tiles).items():
+            for name, cfg in tiles(M, N, K, sms, args.tiles, args.form).items():
+                if isinstance(cfg, str):
+                    row[f"{name}_skipped"] = cfg
+                    continue
                 def fn(cfg=cfg):
                     if args.form == "bf16":
                         return WG.run(xp, pw.qweight, pw.scales, pw.zeros, None, K, cfg,
@@ -133,6 +141,7 @@ def main():
                   f"op ({dispatched['path']}) {row['op_ms']:.4f} ({bf16 / row['op_ms']:.2f}x) "
                   f"quantizer {q:.4f} | "
                   + " ".join(f"{n} {row[n + '_ms']:.4f}" if f"{n}_ms" in row
+                             else f"{n} n/a" if f"{n}_skipped" in row
                              else f"{n} ERR({row.get(n + '_error', '?')[:60]})"
                              for n in args.tiles)
                   + (f" | best+quant {(best[0] + q):.4f} ({bf16 / (best[0] + q):.2f}x bf16, "

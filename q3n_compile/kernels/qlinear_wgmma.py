@@ -72,6 +72,21 @@ tickets); 2.74 with SCALE_AFTER and 2.39 with XSUM (stream-K). At 1-16 rows XSUM
 0.96-1.07x SCALE_AFTER alone (the tile is not bound by its instruction count there), so the
 rule takes it at 17-32 rows only.
 
+Session 36 (s36run1-3), the fp8 form (:func:`run_fp8`; 4-bit weights, groups of 128, e4m3
+activation codes per token): the operand is q itself as e4m3 integers (:func:`_fp8_quads_asm`,
+5 instructions for 4 codes), on fp8 MMAs (K = 32 a sub-tile, 4 a block) with x's codes in
+:func:`fp8_block_order`; SCALE_AFTER and XSUM as above, z times the block's sum of codes taken
+off in fp32, the per-token scale applied on the way out. Correct (67 GPU tests against
+float64) but **not dispatched**: alone it ran 0.96-1.00x the bf16 form's time on TALL at 256
+rows of 4096^2 (0.0268 / 0.0269 ms; 0.81x on 28672 x 8192, 0.2484 / 0.3085) and, with the
+quantizer in front (0.006-0.020 ms), 0.69-1.06x the W4A8 op as dispatched at 129-1024 rows
+on the four shapes, never above 0.91x bf16 (bench/bench_wg_fp8.py). Nsight Compute at 256 rows
+of 4096^2 (TALL, 128 programs, one warpgroup an SM): 1.49 instructions issued a cycle, one
+warp a scheduler and 0.39 eligible, top stall a fixed-latency dependency: the tile is bound
+by the latency of its one warpgroup's instruction chain, not by the MMA rate that fp8
+doubles. 256-column tiles spill in this form (about 500 bytes of stack at WIDE256): it
+refuses them.
+
 Gluon has no interpreter: this kernel runs on sm_90 only; the CPU lane compiles it for sm_90
 and executes its PTX unpack in an emulator (tests/kernels/test_qlinear_wgmma.py), the GPU lane
 checks it against float64.
@@ -704,6 +719,11 @@ def run_fp8(codes: torch.Tensor, sums: torch.Tensor, xscale: torch.Tensor,
     if codes.dtype != torch.float8_e4m3fn or codes.shape[1] % MMT_BLOCK_K:
         raise ValueError("q3n::qlinear: the wg path's fp8 form takes e4m3 codes in "
                          "fp8_block_order ([M, K rounded up to 128])")
+    if cfg["BLOCK_N"] > 128:
+        # 256 weight columns spill in this form (about 500 bytes of stack at WIDE256).
+        raise ValueError(f"q3n::qlinear: the wg path's fp8 form takes tiles of at most 128 "
+                         f"weight columns, not {cfg['BLOCK_N']} (WIDE, TALL, SMALL, "
+                         f"SIXTY_FOUR)")
     cfg = dict(cfg, SCALE_AFTER=True)
     return _launch_tiles(codes, sums, xscale, qweight, scales, zeros, bias, K, cfg, tickets,
                          pdl and contract.pdl_capable(codes.device), 4, True, out_dtype)

@@ -341,6 +341,18 @@ def test_fp8_quads_ptx_is_q_as_e4m3():
             assert got == want, (hex(w1), hex(w2), j)
 
 
+def test_fp8_form_refuses_codes_out_of_order_and_wide_tiles():
+    codes = torch.zeros(4, 256, dtype=torch.float8_e4m3fn)
+    sums, xs = torch.zeros(2, 4), torch.ones(4)
+    qw, sc = torch.zeros(128, 64, dtype=torch.int32), torch.ones(2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="e4m3 codes in fp8_block_order"):
+        WG.run_fp8(codes[:, :200], sums, xs, qw, sc, None, None, 200, WG.TALL)
+    with pytest.raises(ValueError, match="e4m3 codes in fp8_block_order"):
+        WG.run_fp8(codes.float(), sums, xs, qw, sc, None, None, 256, WG.TALL)
+    with pytest.raises(ValueError, match="at most 128 weight columns, not 256"):
+        WG.run_fp8(codes, sums, xs, qw, sc, None, None, 256, WG.WIDE256)
+
+
 @pytest.mark.parametrize("M,K", [(3, 128), (5, 300), (2, 1024)])
 def test_fp8_block_order_matches_the_unpack(M, K):
     # Sub-tile j's operand K = 2r + h is code 2j + h of word row r, i.e. channel 8r + 2j + h
