@@ -13,7 +13,8 @@ as dispatched (quantizer included); the fp8 kernel alone on codes already in its
 each launch of ``--tiles`` (the wg rule's for the M, and fixed alternatives), checked against
 float64 of the same codes; the activations' quantizer alone (what the fp8 form adds in front
 of the kernel once the quantizer stores its order). CUDA-graph replay, do_bench median, L2
-flushed. ``--form bf16`` times the bf16 form (:func:`qlinear_wgmma.run`, W4A16, on bf16 x
+flushed. A tile is ``NAME[:split | :stream][/sSTAGES][/lLOOKAHEAD]`` (``TALL:2/s3``: TALL with
+K split 2 and 3 stages). ``--form bf16`` times the bf16 form (:func:`qlinear_wgmma.run`, W4A16, on bf16 x
 already permuted) with the same tiles instead, against float64 of x @ W^T, for comparison.
 
     python bench/bench_wg_fp8.py --out bench/results/wg-fp8-h200.json
@@ -60,8 +61,12 @@ def tiles(M: int, N: int, K: int, sms: int, names, form: str) -> dict:
         if name == "rule":
             cfg = rule_tile(M, N, K, sms)
         else:
-            base, _, split = name.partition(":")
+            # NAME[:split | :stream][/sSTAGES][/lLOOKAHEAD]
+            spec, *opts = name.split("/")
+            base, _, split = spec.partition(":")
             cfg = dict(getattr(WG, base))
+            for opt in opts:
+                cfg[{"s": "STAGES", "l": "LOOKAHEAD"}[opt[0]]] = int(opt[1:])
             if split == "stream":
                 cfg["STREAM"] = sms
             else:
