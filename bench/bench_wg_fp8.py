@@ -13,9 +13,10 @@ as dispatched (quantizer included); the fp8 kernel alone on codes already in its
 each launch of ``--tiles`` (the wg rule's for the M, and fixed alternatives), checked against
 float64 of the same codes; the activations' quantizer alone (what the fp8 form adds in front
 of the kernel once the quantizer stores its order). CUDA-graph replay, do_bench median, L2
-flushed. A tile is ``NAME[:split | :stream][/sSTAGES][/lLOOKAHEAD]`` (``TALL:2/s3``: TALL with
-K split 2 and 3 stages). ``--form bf16`` times the bf16 form (:func:`qlinear_wgmma.run`, W4A16, on bf16 x
-already permuted) with the same tiles instead, against float64 of x @ W^T, for comparison.
+flushed. A tile is ``NAME[:split | :stream][/sSTAGES][/lLOOKAHEAD][/t]`` (``TALL:2/s3``: TALL
+with K split 2 and 3 stages; ``/t``: x copied by TMA, X_TMA; ``rule/t``: the rule's launch
+so). ``--form bf16`` times the bf16 form (:func:`qlinear_wgmma.run`, W4A16, on bf16 x already
+permuted) with the same tiles instead, against float64 of x @ W^T, for comparison.
 
     python bench/bench_wg_fp8.py --out bench/results/wg-fp8-h200.json
 """
@@ -55,18 +56,17 @@ def rule_tile(M: int, N: int, K: int, sms: int) -> dict:
 
 
 def tiles(M: int, N: int, K: int, sms: int, names, form: str) -> dict:
-    """{name: launch cfg, or why there is none}"""
+    """{name: launch cfg, or why there is none}; a name is the rule's launch ("rule") or a tile
+    of qlinear_wgmma, then ``:split`` / ``:stream``, then options ``/sSTAGES``,
+    ``/lLOOKAHEAD``, ``/t`` (X_TMA)."""
     out = {}
     for name in names:
-        if name == "rule":
+        spec, *opts = name.split("/")
+        base, _, split = spec.partition(":")
+        if base == "rule":
             cfg = rule_tile(M, N, K, sms)
         else:
-            # NAME[:split | :stream][/sSTAGES][/lLOOKAHEAD]
-            spec, *opts = name.split("/")
-            base, _, split = spec.partition(":")
             cfg = dict(getattr(WG, base))
-            for opt in opts:
-                cfg[{"s": "STAGES", "l": "LOOKAHEAD"}[opt[0]]] = int(opt[1:])
             if split == "stream":
                 cfg["STREAM"] = sms
             else:
@@ -74,7 +74,13 @@ def tiles(M: int, N: int, K: int, sms: int, names, form: str) -> dict:
                                                     SW.MMT_BLOCK_K)
         if cfg is None:
             out[name] = "the rule gives no wg launch here"
-        elif cfg["BLOCK_N"] > 128 and form == "fp8":
+            continue
+        for opt in opts:
+            if opt == "t":
+                cfg["X_TMA"] = True
+            else:
+                cfg[{"s": "STAGES", "l": "LOOKAHEAD"}[opt[0]]] = int(opt[1:])
+        if cfg["BLOCK_N"] > 128 and form == "fp8":
             out[name] = f"{cfg['BLOCK_N']} weight columns (the fp8 form refuses them: spills)"
         else:
             out[name] = {k: v for k, v in cfg.items() if k not in ("path", "PDL", "XSUM")}

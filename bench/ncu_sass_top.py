@@ -39,6 +39,8 @@ def main():
     rows = list(csv.reader(lines))
     if not rows:
         sys.exit(f"{args.csv}: no CSV rows")
+    if rows[0] and rows[0][0] == "Kernel Name":  # newer versions name the kernel first
+        rows = rows[1:]
     head, body = rows[0], rows[1:]
     print("columns:", " | ".join(head))
     try:

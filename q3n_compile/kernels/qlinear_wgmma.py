@@ -100,8 +100,8 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
-                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                              warpgroup_mma, warpgroup_mma_wait)
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from q3n_compile.kernels import contract
@@ -305,11 +305,23 @@ def _issue_weight_block(w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, w_ptrs, 
 
 @gluon.jit
 def _issue_x_block(x_smem, xs_smem, st, k0, k_end, x_ptrs, x_ok, xs_ptrs, xs_ok, M,
-                   XSUM: gl.constexpr):
+                   XSUM: gl.constexpr, x_tma, m0, X_TMA: gl.constexpr):
     """cp.async of K block k0's two halves of x (64 channels each) into stage st, not
-    committed; XSUM: and the block's sums of x for the tile's rows (XS [K blocks, M])."""
+    committed; XSUM: and the block's sums of x for the tile's rows (XS [K blocks, M]).
+    X_TMA: x by the tensor-memory accelerator instead (x_tma: x's descriptor, block [rows,
+    64] (fp8: [rows, 128]), and the stages' barriers; rows past M come as zeros): one thread
+    issues the block's copies, where each thread would compute 16 addresses and masks."""
     live = k0 < k_end
-    if x_smem[0].dtype == gl.float8e4nv:
+    if X_TMA:
+        xd, xbar = x_tma
+        FP8: gl.constexpr = x_smem[0].dtype == gl.float8e4nv
+        bar = xbar.index(st)
+        mbarrier.expect(bar, xd.block_type.nbytes * (1 if FP8 else 2), pred=live)
+        tma.async_copy_global_to_shared(xd, [m0, k0], bar, x_smem[0].index(st), pred=live)
+        if not FP8:
+            tma.async_copy_global_to_shared(xd, [m0, k0 + 64], bar, x_smem[1].index(st),
+                                            pred=live)
+    elif x_smem[0].dtype == gl.float8e4nv:
         # fp8 codes: the block's 128 channels are one 128-byte row (one allocation).
         cp.async_copy_global_to_shared(x_smem[0].index(st), x_ptrs + k0, mask=x_ok & live)
     else:
@@ -325,10 +337,11 @@ def _issue_x_block(x_smem, xs_smem, st, k0, k_end, x_ptrs, x_ok, xs_ptrs, xs_ok,
 def _issue_block(x_smem, xs_smem, w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, x_ptrs, x_ok,
                  xs_ptrs, xs_ok, M, w_ptrs, w2_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok,
                  ss_offs, ss_ok, Z, S, N, SYM: gl.constexpr, BITS: gl.constexpr,
-                 XSUM: gl.constexpr):
+                 XSUM: gl.constexpr, x_tma, m0, X_TMA: gl.constexpr):
     """cp.async of K block k0's operands into stage st (masked off past k_end), as one group:
     x's two halves (and sums) and the weight operands (:func:`_issue_weight_block`)."""
-    _issue_x_block(x_smem, xs_smem, st, k0, k_end, x_ptrs, x_ok, xs_ptrs, xs_ok, M, XSUM)
+    _issue_x_block(x_smem, xs_smem, st, k0, k_end, x_ptrs, x_ok, xs_ptrs, xs_ok, M, XSUM,
+                   x_tma, m0, X_TMA)
     _issue_weight_block(w_smem, w2_smem, z_smem, s_smem, st, k0, k_end, w_ptrs, w2_ptrs, w_rows,
                         w_ok, W_ROWS, zs_offs, zs_ok, ss_offs, ss_ok, Z, S, N, SYM, BITS)
     cp.commit_group()
@@ -340,11 +353,18 @@ def _tile_sum(X, QW, S, Z, XS, x_smem, xs_smem, w_smem, w2_smem, z_smem, s_smem,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               LOOKAHEAD: gl.constexpr, mma: gl.constexpr, x_bl: gl.constexpr,
               w_bl: gl.constexpr, z_bl: gl.constexpr, s_bl: gl.constexpr, PDL: gl.constexpr,
-              SCALE_AFTER: gl.constexpr, XSUM: gl.constexpr):
+              SCALE_AFTER: gl.constexpr, XSUM: gl.constexpr, x_tma, X_TMA: gl.constexpr):
     """The fp32 sum [BLOCK_N, BLOCK_M] of the tile at weight column n0 and row m0 of x over
     channels [k_start, k_end) (multiples of 128): the pipeline of :func:`qlinear_wg_kernel`.
     Every stage is free when it is called (the caller's barrier), and every copy and MMA it
-    issued is complete when it returns."""
+    issued is complete when it returns. X_TMA: x's stages are filled by TMA copies, each
+    signalling its stage's barrier (x_tma[1]), initialised here for this call's blocks (block
+    b in stage b % STAGES, phase (b // STAGES) & 1) and invalidated before it returns."""
+    if X_TMA:
+        for p in gl.static_range(STAGES):
+            mbarrier.init(x_tma[1].index(p), count=1)
+        fence_async_shared()
+        gl.thread_barrier()  # every thread sees the barriers initialised
     OPD: gl.constexpr = X.dtype.element_ty
     F16: gl.constexpr = OPD == gl.float16
     FP8: gl.constexpr = OPD == gl.float8e4nv
@@ -393,7 +413,7 @@ def _tile_sum(X, QW, S, Z, XS, x_smem, xs_smem, w_smem, w2_smem, z_smem, s_smem,
         gdc_wait()
     for p in gl.static_range(STAGES - 2):
         _issue_x_block(x_smem, xs_smem, p, k_start + p * 128, k_end, x_ptrs, x_ok, xs_ptrs,
-                       xs_ok, M, XSUM)
+                       xs_ok, M, XSUM, x_tma, m0, X_TMA)
         cp.commit_group()
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
     part = acc
@@ -408,8 +428,10 @@ def _tile_sum(X, QW, S, Z, XS, x_smem, xs_smem, w_smem, w2_smem, z_smem, s_smem,
         # This thread's copies of block i are in; the compiler puts the CTA barrier after
         # the wait (every thread's are in), the fence makes them visible to the MMA's proxy.
         cp.wait_group(STAGES - 3)
-        fence_async_shared()
         st = i % STAGES
+        if X_TMA:
+            mbarrier.wait(x_tma[1].index(st), (i // STAGES) & 1)
+        fence_async_shared()
         w = w_smem.index(st).permute((1, 0)).load(a_l)
         if BITS == 6:
             w2 = w2_smem.index(st).permute((1, 0)).load(a_l)
@@ -457,10 +479,16 @@ def _tile_sum(X, QW, S, Z, XS, x_smem, xs_smem, w_smem, w2_smem, z_smem, s_smem,
         _issue_block(x_smem, xs_smem, w_smem, w2_smem, z_smem, s_smem,
                      (i + STAGES - 2) % STAGES, k0 + (STAGES - 2) * 128, k_end, x_ptrs, x_ok,
                      xs_ptrs, xs_ok, M, w_ptrs, w2_ptrs, w_rows, w_ok, W_ROWS, zs_offs, zs_ok,
-                     ss_offs, ss_ok, Z, S, N, SYM, BITS, XSUM)
+                     ss_offs, ss_ok, Z, S, N, SYM, BITS, XSUM, x_tma, m0, X_TMA)
         i += 1
     acc, a_1, a_2, a_3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_1, a_2, a_3))
     cp.wait_group(0)
+    if X_TMA:
+        # Every copy issued was waited for (blocks past k_end issue none); no thread still
+        # waits on a barrier once all are here.
+        gl.thread_barrier()
+        for p in gl.static_range(STAGES):
+            mbarrier.invalidate(x_tma[1].index(p))
     return acc
 
 
@@ -492,13 +520,13 @@ def _tile_offsets(BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, mma: gl.constexp
 
 
 @gluon.jit
-def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, XS, XSC, M, N, K_PAD, KX, ROW4, ROW2,
+def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, XS, XSC, XD, M, N, K_PAD, KX, ROW4, ROW2,
                       K_PER_SPLIT,
                       stride_xm, stride_ym, BITS: gl.constexpr, SYM: gl.constexpr,
                       HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                       STAGES: gl.constexpr, REDUCE: gl.constexpr, LOOKAHEAD: gl.constexpr,
                       PDL: gl.constexpr, SCALE_AFTER: gl.constexpr = False,
-                      XSUM: gl.constexpr = False):
+                      XSUM: gl.constexpr = False, X_TMA: gl.constexpr = False):
     """Y = x @ W^T (+ bias) for 4- or 6-bit weights (BITS; 6: the 4-bit plane from row ROW4 and
     the 2-bit plane from ROW2 of QW) in groups of 128, with zero points (Z [K_PAD / 128, N]
     uint8) or symmetric (SYM: z = 2^(BITS-1)), and x (bf16 or fp16) permuted per 128-channel
@@ -587,6 +615,10 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, XS, XSC, M, N, K_PAD, KX, R
         xs_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], v_sl)
     else:
         xs_smem = s_smem  # unused
+    if X_TMA:
+        x_tma = (XD, gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout()))
+    else:
+        x_tma = (XD, XD)  # unused
 
     if PDL:
         # Let the next kernel (launched with PDL) start its own prologue as early as it can.
@@ -612,7 +644,7 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, XS, XSC, M, N, K_PAD, KX, R
             acc = _tile_sum(X, QW, S, Z, XS, x_smem, xs_smem, w_smem, w2_smem, z_smem, s_smem,
                             M, N, K_PAD, ROW4, ROW2, stride_xm, m0, n0, kb0 * 128, kb1 * 128,
                             BITS, SYM, BLOCK_M, BLOCK_N, STAGES, LOOKAHEAD, mma, x_bl, w_bl,
-                            z_bl, s_bl, PDL, SCALE_AFTER, XSUM)
+                            z_bl, s_bl, PDL, SCALE_AFTER, XSUM, x_tma, X_TMA)
             if kb1 - kb0 == kb:
                 _store_tile(Y, BIAS, XSC, acc, M, N, stride_ym, m0, n0, HAS_BIAS, BLOCK_M,
                             BLOCK_N, mma, FP8)
@@ -648,7 +680,8 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, XS, XSC, M, N, K_PAD, KX, R
         acc = _tile_sum(X, QW, S, Z, XS, x_smem, xs_smem, w_smem, w2_smem, z_smem, s_smem, M, N,
                         K_PAD, ROW4, ROW2, stride_xm, m0, n0, k_start,
                         gl.minimum(k_start + K_PER_SPLIT, KX), BITS, SYM, BLOCK_M, BLOCK_N,
-                        STAGES, LOOKAHEAD, mma, x_bl, w_bl, z_bl, s_bl, PDL, SCALE_AFTER, XSUM)
+                        STAGES, LOOKAHEAD, mma, x_bl, w_bl, z_bl, s_bl, PDL, SCALE_AFTER, XSUM,
+                        x_tma, X_TMA)
         if REDUCE == 2:
             # WS holds [split, tile, BLOCK_N, BLOCK_M] partials.
             t_offs = _tile_offsets(BLOCK_M, BLOCK_N, mma)
@@ -746,6 +779,25 @@ def fp8_block_order(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, sums.view(M, kb, MMT_BLOCK_K).sum(dim=2).t().contiguous()
 
 
+def tma_ready(xk: torch.Tensor) -> bool:
+    """Whether x in block order can be copied by TMA: contiguous rows, 16-byte row stride and
+    base (what a tensor map needs); the launch copies it by cp.async otherwise."""
+    return (xk.stride(1) == 1 and (xk.stride(0) * xk.element_size()) % 16 == 0
+            and xk.data_ptr() % 16 == 0)
+
+
+def x_descriptor(xk: torch.Tensor, block_m: int):
+    """x's tensor map for X_TMA: blocks of [block_m rows, 128 bytes] (64 bf16 / fp16 channels,
+    a half of a K block; 128 fp8 codes, a whole one), in the 128-byte swizzle the kernel's x
+    stages have (``x_sl``)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    fp8 = xk.dtype == torch.float8_e4m3fn
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8 if fp8 else 16,
+                                  rank=2)
+    return TensorDescriptor.from_tensor(xk, [block_m, 128 if fp8 else 64], layout)
+
+
 def _launch_tiles(xk, xs, xsc, qweight, scales, zeros, bias, K: int, cfg: dict, tickets,
                   pdl: bool, bits: int, xsum: bool, out_dtype: torch.dtype) -> torch.Tensor:
     """The wg kernel's launch on x already in its block order (xk [M, K128]); xs: its block
@@ -775,15 +827,17 @@ def _launch_tiles(xk, xs, xsc, qweight, scales, zeros, bias, K: int, cfg: dict, 
     else:
         grid, reduce = (tiles_n, 1, tiles_m), 0
         ws = cnt = y  # unused
+    x_tma = bool(cfg.get("X_TMA")) and tma_ready(xk)
     contract.launch(
         qlinear_wg_kernel, grid,
         (xk, qweight, scales, zeros if zeros is not None else scales,
-         bias if bias is not None else scales, y, ws, cnt, xs, xsc if xsc is not None else xs),
+         bias if bias is not None else scales, y, ws, cnt, xs, xsc if xsc is not None else xs,
+         x_descriptor(xk, cfg["BLOCK_M"]) if x_tma else xk),
         (M, N, P.padded_k(K), kx, *P.plane_starts(bits, K)[:2], kps, xk.stride(0), y.stride(0)),
         dict(BITS=bits, SYM=zeros is None, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
              BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], REDUCE=reduce,
              LOOKAHEAD=cfg.get("LOOKAHEAD", 1), PDL=pdl,
-             SCALE_AFTER=cfg.get("SCALE_AFTER", False), XSUM=xsum),
+             SCALE_AFTER=cfg.get("SCALE_AFTER", False), XSUM=xsum, X_TMA=x_tma),
         dict(num_warps=cfg["num_warps"], launch_pdl=pdl), fast=True)
     return y
 

@@ -42,9 +42,11 @@ def _compile_sm90(cfg: dict, x_type: str, reduce: int, bias: bool, sym: bool, bi
     names = kernel.arg_names
     ce = dict(BITS=bits, SYM=sym, HAS_BIAS=bias, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
               STAGES=cfg["STAGES"], REDUCE=reduce, LOOKAHEAD=cfg.get("LOOKAHEAD", 1), PDL=True,
-              SCALE_AFTER=cfg.get("SCALE_AFTER", False), XSUM=cfg.get("XSUM", False))
+              SCALE_AFTER=cfg.get("SCALE_AFTER", False), XSUM=cfg.get("XSUM", False),
+              X_TMA=cfg.get("X_TMA", False))
     y_type = "*bf16" if x_type == "*fp8e4nv" else x_type
-    types = dict(_TYPES, X=x_type, Y=y_type, BIAS=y_type)
+    types = dict(_TYPES, X=x_type, Y=y_type, BIAS=y_type,
+                 XD=_x_descriptor_type(x_type, cfg["BLOCK_M"]) if ce["X_TMA"] else x_type)
     sig = {n: "constexpr" if n in ce else types.get(n, "i32") for n in names}
     src = GluonASTSource(fn=kernel, signature=sig,
                          constexprs={(names.index(k),): v for k, v in ce.items()},
@@ -73,7 +75,19 @@ def _compile_sm90(cfg: dict, x_type: str, reduce: int, bias: bool, sym: bool, bi
                           for i in loop),
                 ffma=sum(i.startswith("FFMA") for i in loop),
                 waits=[i for i in loop if "WARPGROUP.DEPBAR" in i],
-                barriers=sum("BAR.SYNC" in i for i in loop))
+                barriers=sum("BAR.SYNC" in i for i in loop),
+                cp_async=sum("LDGSTS" in i for i in loop),
+                tma=sum("UTMALDG" in i for i in loop),
+                loop=len(loop))
+
+
+def _x_descriptor_type(x_type: str, block_m: int) -> str:
+    """The signature type Triton gives X_TMA's descriptor of x (what the launch passes)."""
+    from triton.runtime.jit import native_specialize_impl
+
+    dtype = {"*bf16": bf16, "*fp16": f16, "*fp8e4nv": torch.float8_e4m3fn}[x_type]
+    desc = WG.x_descriptor(torch.zeros(block_m, 256, dtype=dtype), block_m)
+    return native_specialize_impl(None, desc, False, True, True)[0]
 
 
 # x, REDUCE (0 one program a tile, 2 K split, 3 stream-K), bias, sym, weight bits
@@ -954,3 +968,42 @@ def test_gpu_wg_fp8_zero_points_with_a_large_mean_against_float64(mean):
     # z times the block's sum of codes comes off sum q c in fp32: x far from zero mean makes
     # both large (codes near 448 in every channel).
     _check_wg_fp8(200, 1024, 2048, 1, True, WG.TALL, False, mean=mean)
+
+
+# X_TMA: x's stages filled by TMA copies (one thread a block, rows past M zero-filled by the
+# copy), the barriers initialised and invalidated per call of the tile's pipeline (stream-K
+# calls it once a piece).
+# (tile, K split as the shape gives it or none, stream-K programs)
+_TMA_TILES = [(WG.TALL, False, 0), (WG.SMALL, True, 0), (WG.WIDE, False, 132),
+              (WG.WIDE256, False, 0), (WG.SIXTY_FOUR, False, 5)]
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K,split,bias", _GPU_SHAPES)
+@pytest.mark.parametrize("tile,shape_split,stream", _TMA_TILES,
+                         ids=["tall", "small-split", "wide-stream", "wide256", "64-stream5"])
+@pytest.mark.parametrize("dtype,sym", [(bf16, False), (f16, True)])
+def test_gpu_wg_x_by_tma_against_float64(M, N, K, split, bias, tile, shape_split, stream,
+                                         dtype, sym):
+    _check_wg(4, dtype, M, N, K, split if shape_split else 1, bias, dict(tile, X_TMA=True), sym,
+              stream=stream)
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K,split,bias", _GPU_SHAPES[::2])
+def test_gpu_wg6_and_decode_x_by_tma_against_float64(M, N, K, split, bias):
+    _check_wg(6, bf16, M, N, K, split, bias, dict(WG.TALL, X_TMA=True), False)
+    tile = dict(WG.DECODE_TILES[32], SCALE_AFTER=True, XSUM=True, X_TMA=True)
+    _check_wg(4, bf16, M, N, K, 1, bias, tile, False, stream=264)
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K,split,bias", _GPU_SHAPES)
+@pytest.mark.parametrize("tile,stream", [(WG.TALL, 0), (WG.SMALL, 0), (WG.WIDE, 132)],
+                         ids=["tall", "small", "wide-stream"])
+def test_gpu_wg_fp8_x_by_tma_against_float64(M, N, K, split, bias, tile, stream):
+    _check_wg_fp8(M, N, K, 1 if stream else split, bias, dict(tile, X_TMA=True), False,
+                  stream=stream)
