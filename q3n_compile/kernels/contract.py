@@ -234,7 +234,8 @@ class TritonLaunch:
             device = drv.get_current_device()
             key = device
             for t in pointers:
-                key = (key << 1) | (t.data_ptr() & 15 == 0)
+                # A host tensor descriptor (TMA) is keyed by its base tensor's alignment.
+                key = (key << 1) | (getattr(t, "base", t).data_ptr() & 15 == 0)
             compiled = self.compiled.get(key)
             if compiled is not None and _no_launch_hooks():
                 g0, g1, g2 = self.grid
@@ -347,12 +348,14 @@ def launch(kernel, grid: tuple, pointers: tuple, scalars: tuple, constexprs: dic
     """``kernel[grid](*pointers, *scalars, **constexprs, **options)``, through a
     :class:`TritonLaunch` kept per (kernel, grid, the pointers' dtypes, scalars, constexprs,
     options, fast): the same launch with a few µs of key building in place of Triton's argument
-    binding (~30 µs a launch in Triton 3.6). The pointers' dtypes are part of the key because
+    binding (~30 µs a launch in Triton 3.6). A pointer may be a host tensor descriptor (TMA),
+    which Triton's launcher encodes into a tensor map at each launch. The pointers' dtypes are
+    part of the key because
     Triton compiles a variant per pointer type and a TritonLaunch keeps one per alignment only.
     Every parameter after the pointers is a plain value (an int, float, bool, str or None) and
     every constexpr is named (TritonLaunch.ordered). Bounded: the cache is emptied when it
     reaches :data:`_MAX_LAUNCHES` entries (a dynamic size that changes every call fills it)."""
-    key = (kernel, grid, tuple([p.dtype for p in pointers]), scalars,
+    key = (kernel, grid, tuple([_pointer_type(p) for p in pointers]), scalars,
            tuple(constexprs.items()), tuple(options.items()), fast)
     cached = _LAUNCHES.get(key)
     if cached is None:
@@ -360,6 +363,15 @@ def launch(kernel, grid: tuple, pointers: tuple, scalars: tuple, constexprs: dic
         cached = TritonLaunch(kernel, grid, args, options, fast=fast)
         remember(_LAUNCHES, key, cached, _MAX_LAUNCHES)
     cached(*pointers)
+
+
+def _pointer_type(p):
+    """What of a pointer argument Triton compiles a variant for: a tensor's dtype; a host tensor
+    descriptor's (TMA: Gluon's or Triton's ``TensorDescriptor``) dtype, block shape and shared
+    layout, which its signature type names."""
+    if isinstance(p, torch.Tensor):
+        return p.dtype
+    return (p.base.dtype, tuple(p.block_shape), repr(getattr(p, "layout", None)))
 
 
 def descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
