@@ -110,7 +110,7 @@ def main():
             dispatched = Q.choose_path(M, N, K, 4, 128, "fp8", x.dtype, x.device)
             codes, xs = Q.quantize_activations_triton(x, "fp8", None, False)
             xk, sums = WG.fp8_block_order(codes)
-            xp = WG.permute_x_blocks(x)
+            xp = WG.permute_x_blocks(x, pad_rows=128)  # X_TMA's tiles in the allocation
             w = Q.dequantize_triton(pw.qweight, pw.scales, pw.zeros, 4, 128, K, torch.float32)
             if args.form == "fp8":
                 ref = (codes.double() * xs.double()[:, None]) @ w.double().t()

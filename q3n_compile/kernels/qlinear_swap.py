@@ -506,7 +506,8 @@ PERMUTE_BLOCK_M = 8
 PERMUTE_BLOCKS = 4
 
 
-def permute_x_blocks(x: torch.Tensor, pdl: bool = False, sums: bool = False):
+def permute_x_blocks(x: torch.Tensor, pdl: bool = False, sums: bool = False,
+                     pad_rows: int = 1):
     """x [M, K] -> [M, K128] (K rounded up to 128, zero padded) with channel ``k0 + 8r + j`` of
     each 128-channel block at position ``k0 + 16j + r``: the kernel's sub-tile x_j is then 16
     contiguous channels (XPERM). On a GPU (and on the CPU under Triton's interpreter)
@@ -515,14 +516,18 @@ def permute_x_blocks(x: torch.Tensor, pdl: bool = False, sums: bool = False):
     call at 64-256 rows (s20run8). `pdl`: launch it with programmatic dependent launch (a GPU
     of sm_90 or later; the kernel launched next must wait for it with ``griddepcontrol.wait``
     before reading the result, as the wg kernel does). `sums`: also return x's fp32 sums per
-    row and block, [K128 / 128, M] (:func:`block_sums_torch`)."""
+    row and block, [K128 / 128, M] (:func:`block_sums_torch`). `pad_rows`: the result is the
+    first M rows of a buffer of M rounded up to a multiple of it, the rows past M left unwritten
+    (the wg tile's X_TMA then copies whole tiles of rows inside the allocation, where a copy
+    past the tensor's end would zero-fill them: :func:`qlinear_wgmma.x_descriptor`)."""
     backend = contract.backend_for(x.device)
     if backend == "reference":
         y = permute_x_blocks_torch(x)
         return (y, block_sums_torch(x)) if sums else y
     M, K = x.shape
     kp = contract.cdiv(K, MMT_BLOCK_K) * MMT_BLOCK_K
-    y = torch.empty((M, kp), dtype=x.dtype, device=x.device)
+    y = torch.empty((contract.cdiv(M, pad_rows) * pad_rows, kp), dtype=x.dtype,
+                    device=x.device)[:M]
     xs = torch.empty((kp // MMT_BLOCK_K, M), dtype=torch.float32, device=x.device) if sums else y
     if M == 0 or K == 0:
         y.zero_()

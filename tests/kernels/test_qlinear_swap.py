@@ -106,6 +106,17 @@ def test_permute_kernel_is_the_torch_permutation():
         assert torch.equal(got, want), (tuple(x.shape), x.stride(), x.dtype)
 
 
+def test_permute_kernel_pads_the_rows_it_allocates():
+    # pad_rows: the first M rows of a buffer of M rounded up (X_TMA copies whole tiles of rows
+    # from it), the same values and strides as unpadded.
+    for x in _permute_cases("cpu"):
+        for pad in (1, 64, 128):
+            got = SW.permute_x_blocks(x, pad_rows=pad)
+            rows = -(-x.shape[0] // pad) * pad
+            assert torch.equal(got, SW.permute_x_blocks_torch(x)) and got.is_contiguous()
+            assert got.untyped_storage().nbytes() == rows * got.shape[1] * got.element_size()
+
+
 def _check_block_sums(x):
     # The permutation's sums per row and 128-channel block (the wg kernel's XSUM) against
     # float64: fp32 sums of the 16-bit values, zero past K, [blocks, M].
