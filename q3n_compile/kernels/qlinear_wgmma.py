@@ -876,6 +876,16 @@ SIXTY_FOUR = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, STAGES=4, LOOKAHEAD=1)
 # on 12288 columns, 48 tiles, it lost: 0.0483 against 0.0341). LOOKAHEAD 2 as measured there;
 # on SIXTY_FOUR 2 lost 3-4% to 1.
 SIXTY_FOUR256 = dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, STAGES=4, LOOKAHEAD=2)
+# TALL with x copied by TMA (X_TMA) and 5 stages: 4-bit weights and 16-bit activations at
+# 129-256 rows (s37run4, the kernel alone on x in block order, CUDA-graph ms, same process):
+# 4096^2 0.0240-0.0243 against the rule's TALL 0.0267-0.0271 (1.10-1.12x) at 129 / 160 / 192 /
+# 256 rows, 4096 x 12288 0.0569-0.0574 against WIDE with K split 2's 0.0599-0.0611
+# (1.05-1.07x); TMA alone (4 stages) ran 0.98-1.00x and 5 stages alone 1.01-1.03x. Where x
+# would be copied past its rows the zero fill ran 1.7x slower (s37run3, 129 rows): the op's
+# permutation allocates whole tiles of rows (:func:`x_descriptor`). Not taken on 12288 x 4096
+# (1.00x WIDE by stream-K) nor 28672 x 8192 (0.83-0.88x), nor for quantized activations (the
+# fp8 and int8 quantizers' dequantised x is not padded; the fp8 form on TMA ran 1.03x).
+TALL_TMA = dict(TALL, STAGES=5, X_TMA=True)
 DISPATCH_TILES = (WIDE, WIDE256, TALL, SMALL, SIXTY_FOUR, SIXTY_FOUR256)
 # The rows this path takes (not measured outside them: mmT below, dequantise + cuBLAS above).
 # Where cuBLAS's fp8 or int8 GEMM on unpacked codes computes the call (cublas8: 8-bit
@@ -1063,8 +1073,9 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
     at 129-256 rows), K unsplit, by stream-K over one program an SM where the tiles make a
     wave. Others: SMALL with K split 4 to 64 rows; TALL with K split 2 to 128 rows and unsplit
     above where its programs fill :data:`WAVE_FILL` of the SMs (WIDE by stream-K instead
-    where they exceed the SMs; WIDE with K split 2 above 128 rows where K exceeds
-    :data:`MAX_K_TALL`), else SMALL split 4 to 128 rows
+    where they exceed the SMs; above 128 rows :data:`TALL_TMA` for 4-bit weights with 16-bit
+    activations, else WIDE with K split 2 where K exceeds :data:`MAX_K_TALL`), else SMALL
+    split 4 to 128 rows
     (2 from 65 rows where 4 would make more programs than SMs) and above SMALL split 2 for
     `quantized` activations, None for 16-bit ones. The caller halves a split that would leave
     fewer than two K blocks of 128 each (:func:`q3n_compile.kernels.qlinear.choose_path`)."""
@@ -1093,6 +1104,8 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
             # More than a wave of TALL programs (more than 4224 columns): WIDE by stream-K
             # over the SMs (s22run3-4).
             return dict(WIDE, path="wg", SPLIT_K=1, STREAM=sms)
+        if M > 128 and bits == 4 and not quantized:
+            return dict(TALL_TMA, path="wg", SPLIT_K=1)  # s37run4
         if M > 128 and K > MAX_K_TALL:
             return dict(WIDE, path="wg", SPLIT_K=2)  # s22run2
         return dict(TALL, path="wg", SPLIT_K=split)

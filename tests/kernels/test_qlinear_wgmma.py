@@ -424,7 +424,7 @@ def test_dispatch_rule_on_sm90():
     for M, N, tile, split in ((33, 4096, WG.SMALL, 4), (48, 4096, WG.SMALL, 4),
                               (49, 4096, WG.SMALL, 4), (64, 4096, WG.SMALL, 4),
                               (65, 4096, WG.TALL, 2), (128, 4096, WG.TALL, 2),
-                              (129, 4096, WG.TALL, 1), (256, 4096, WG.TALL, 1),
+                              (129, 4096, WG.TALL_TMA, 1), (256, 4096, WG.TALL_TMA, 1),
                               (64, 1024, WG.SMALL, 4), (65, 1024, WG.SMALL, 4),
                               (128, 1024, WG.SMALL, 4),
                               (65, 2048, WG.SMALL, 2), (128, 2048, WG.SMALL, 2)):
@@ -455,10 +455,14 @@ def test_dispatch_rule_on_sm90():
     for M in (129, 200, 256):
         assert path(M, 12288) == dict(WG.WIDE256, path="wg", SPLIT_K=1)
         assert path(M, 28672) == stream256
-        # One wave of TALL programs: TALL to K 8192, WIDE with K split 2 above; more than a
-        # wave (5120 columns and up): WIDE by stream-K (s22run2-3).
-        assert path(M, 4096, K=8192) == dict(WG.TALL, path="wg", SPLIT_K=1)
-        assert path(M, 4096, K=12288) == dict(WG.WIDE, path="wg", SPLIT_K=2)
+        # One wave of TALL programs: TALL with x by TMA (s37run4), for 4-bit weights at any K;
+        # 6-bit ones TALL to K 8192, WIDE with K split 2 above; more than a wave (5120 columns
+        # and up): WIDE by stream-K (s22run2-3).
+        assert path(M, 4096, K=8192) == dict(WG.TALL_TMA, path="wg", SPLIT_K=1)
+        assert path(M, 4096, K=12288) == dict(WG.TALL_TMA, path="wg", SPLIT_K=1)
+        assert path(M, 4096, K=12288, dtype=f16) == dict(WG.TALL_TMA, path="wg", SPLIT_K=1)
+        assert path(M, 4096, K=8192, bits=6) == dict(WG.TALL, path="wg", SPLIT_K=1)
+        assert path(M, 4096, K=12288, bits=6) == dict(WG.WIDE, path="wg", SPLIT_K=2)
         assert path(M, 5120, K=5120) == stream and path(M, 6016, K=8192) == stream
         assert path(M, 5120, K=17408, bits=6) == stream
     for M in (65, 128):
@@ -766,7 +770,8 @@ def test_gpu_dispatched_long_k_with_quantized_activations_against_float64(act):
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,N,K,tile,split,stream", [
     (40, 4096, 4096, WG.SMALL, 4, 0), (200, 12288, 4096, WG.WIDE256, 1, 0),
-    (256, 4096, 1024, WG.TALL, 1, 0), (96, 8192, 2048, WG.WIDE, 1, 132)])
+    (256, 4096, 1024, WG.TALL, 1, 0), (96, 8192, 2048, WG.WIDE, 1, 132),
+    (129, 4096, 1024, WG.TALL_TMA, 1, 0)])
 def test_gpu_wg_pdl_chain_in_a_cuda_graph_reads_this_replays_x(M, N, K, tile, split, stream):
     # Launched with PDL, the wg kernel starts before x's permutation has finished and must
     # wait for it before reading x: replayed after x changes, a read of the permuted buffer
@@ -1007,3 +1012,46 @@ def test_gpu_wg6_and_decode_x_by_tma_against_float64(M, N, K, split, bias):
 def test_gpu_wg_fp8_x_by_tma_against_float64(M, N, K, split, bias, tile, stream):
     _check_wg_fp8(M, N, K, 1 if stream else split, bias, dict(tile, X_TMA=True), False,
                   stream=stream)
+
+
+@pytest.fixture(scope="module")
+def sm90_tma_builds():
+    """TALL_TMA and TALL (4-bit, one program a tile, bf16 and fp16 x) compiled in one process."""
+    return json_without_interpreter("""
+        import json
+        from q3n_compile.kernels import qlinear_wgmma as WG
+        from tests.kernels import test_qlinear_wgmma as T
+        print(json.dumps([T._compile_sm90(tile, x, 0, False, sym, 4)
+                          for x, sym in (("*bf16", False), ("*fp16", True))
+                          for tile in (WG.TALL_TMA, WG.TALL)]))
+    """)
+
+
+def test_tall_tma_compiles_for_sm90_with_x_by_tma(sm90_tma_builds):
+    for tma, plain in zip(sm90_tma_builds[::2], sm90_tma_builds[1::2]):
+        where = f"{tma} / {plain}"
+        assert tma["stack"] == 0 and tma["shared"] <= 227 * 1024, where
+        # x's two halves a K block by two TMA copies; the cp.async left are the weight's
+        # words, zero points and scales (fewer than with x's 16-byte pieces a thread).
+        assert tma["tma"] == 2 and plain["tma"] == 0, where
+        assert tma["cp_async"] < plain["cp_async"], where
+        assert tma["mmas"] == plain["mmas"] == 8, where
+        assert all(w.rstrip(" ;").endswith("0x2") for w in tma["waits"]), where
+        assert tma["pdl"] and tma["gdc"] == ["griddepcontrol.wait",
+                                             "griddepcontrol.launch_dependents"], where
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,K", [(129, 4096), (200, 12288), (256, 4096)])
+@pytest.mark.parametrize("dtype", [bf16, f16])
+def test_gpu_dispatched_tall_tma_against_float64(M, K, dtype):
+    # As dispatched: x permuted by the op into whole tiles of rows, copied by TMA.
+    N = 4096
+    cfg = Q.choose_path(M, N, K, 4, 128, "none", dtype, torch.device("cuda"))
+    assert cfg["path"] == "wg" and cfg.get("X_TMA") and cfg["STAGES"] == 5, cfg
+    gen = _gen(f"wgtalltma{M}{K}{dtype}")
+    pw = _packed(gen, N, K, 4, 128, False, device="cuda")
+    x = torch.randn(M, K, generator=gen).to(dtype).cuda()
+    b = torch.randn(N, generator=gen).to(dtype).cuda()
+    check_against_float64(x, pw, b)
