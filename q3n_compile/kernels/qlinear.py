@@ -1264,8 +1264,10 @@ def _mm8_split(M: int, N: int, K: int, bits: int, group_size: int, act: str,
 def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
                 dtype: torch.dtype, device: torch.device, *, interpreter: bool = False,
                 sm_count: Optional[int] = None, act_group_size: int = PER_TOKEN,
-                capability: Optional[tuple] = None, allow_wg: bool = True) -> dict:
-    """The path and launch parameters for one call; a pure function of its arguments.
+                capability: Optional[tuple] = None, allow_wg: bool = True,
+                symmetric: bool = False) -> dict:
+    """The path and launch parameters for one call; a pure function of its arguments
+    (`symmetric`: the weights have no zero points, which the wg rule's TALL_TMA leaves out).
 
     Interpreter: few programs (each costs ~0.1 s there): 16/32 x 64 x 64 (<= group) tiles, gemv
     for M <= 2, no split. Every K block is at most the weight group and the activation group.
@@ -1314,7 +1316,7 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
         wg = (WG.choose_decode(M, N, K, sms, bits, bf16=dtype == torch.bfloat16,
                                quantized=act != "none")
               if M < WG.MIN_M else WG.choose(M, N, sms, cublas8, bits, K,
-                                             quantized=act != "none"))
+                                             quantized=act != "none", symmetric=symmetric))
         if wg is not None:
             wg = dict(wg, SPLIT_K=_keep_two_blocks(wg["SPLIT_K"], k_pad, SW.MMT_BLOCK_K))
             return WG.with_pdl(wg, M, N, sms)
@@ -1645,7 +1647,7 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
         cfg = path or _choose_i8(x.shape[0], qweight, x.shape[1], x.device, interpreter) or \
             choose_path(x.shape[0], qweight.shape[1], x.shape[1], bits, group_size, act,
                         x.dtype, x.device, interpreter=interpreter,
-                        act_group_size=act_group_size)
+                        act_group_size=act_group_size, symmetric=zeros is None)
         _remember_path(key, cfg)
     M, K = x.shape
     N = P.out_features(qweight)

@@ -884,7 +884,11 @@ SIXTY_FOUR256 = dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, STAGES=4, LOOKAHEAD=2
 # would be copied past its rows the zero fill ran 1.7x slower (s37run3, 129 rows): the op's
 # permutation allocates whole tiles of rows (:func:`x_descriptor`). Not taken on 12288 x 4096
 # (1.00x WIDE by stream-K) nor 28672 x 8192 (0.83-0.88x), nor for quantized activations (the
-# fp8 and int8 quantizers' dequantised x is not padded; the fp8 form on TMA ran 1.03x).
+# fp8 and int8 quantizers' dequantised x is not padded; the fp8 form on TMA ran 1.03x), nor for
+# symmetric weights: with X_TMA ptxas serialises their MMAs (sm_90 SASS: every wait in the
+# loop "all done", 0x0, where the zero-point form keeps LOOKAHEAD's 0x2; not found why), and
+# they ran 0.83x TALL (s37run5: 4096^2 0.0313-0.0316 against 0.0261-0.0269 ms; 4096 x 12288
+# 0.0798-0.0801 against WIDE with K split 2's 0.0599-0.0612).
 TALL_TMA = dict(TALL, STAGES=5, X_TMA=True)
 DISPATCH_TILES = (WIDE, WIDE256, TALL, SMALL, SIXTY_FOUR, SIXTY_FOUR256)
 # The rows this path takes (not measured outside them: mmT below, dequantise + cuBLAS above).
@@ -1058,7 +1062,7 @@ def max_m(N: int, K: int, bits: int, quantized: bool) -> int:
 
 
 def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
-           K: int = 0, quantized: bool = False) -> Optional[dict]:
+           K: int = 0, quantized: bool = False, symmetric: bool = False) -> Optional[dict]:
     """The launch for M rows of an N x K weight, or None outside :data:`MIN_M`-:data:`MAX_M`
     rows (more for large 4-bit weights with 16-bit activations, :func:`max_m`; none above
     :data:`MAX_M_CUBLAS8` and below :data:`MIN_M_CUBLAS8_LONG_K` where `cublas8`, the
@@ -1073,8 +1077,8 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
     at 129-256 rows), K unsplit, by stream-K over one program an SM where the tiles make a
     wave. Others: SMALL with K split 4 to 64 rows; TALL with K split 2 to 128 rows and unsplit
     above where its programs fill :data:`WAVE_FILL` of the SMs (WIDE by stream-K instead
-    where they exceed the SMs; above 128 rows :data:`TALL_TMA` for 4-bit weights with 16-bit
-    activations, else WIDE with K split 2 where K exceeds :data:`MAX_K_TALL`), else SMALL
+    where they exceed the SMs; above 128 rows :data:`TALL_TMA` for 4-bit weights with zero
+    points and 16-bit activations, else WIDE with K split 2 where K exceeds :data:`MAX_K_TALL`), else SMALL
     split 4 to 128 rows
     (2 from 65 rows where 4 would make more programs than SMs) and above SMALL split 2 for
     `quantized` activations, None for 16-bit ones. The caller halves a split that would leave
@@ -1104,8 +1108,8 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
             # More than a wave of TALL programs (more than 4224 columns): WIDE by stream-K
             # over the SMs (s22run3-4).
             return dict(WIDE, path="wg", SPLIT_K=1, STREAM=sms)
-        if M > 128 and bits == 4 and not quantized:
-            return dict(TALL_TMA, path="wg", SPLIT_K=1)  # s37run4
+        if M > 128 and bits == 4 and not quantized and not symmetric:
+            return dict(TALL_TMA, path="wg", SPLIT_K=1)  # s37run4-5
         if M > 128 and K > MAX_K_TALL:
             return dict(WIDE, path="wg", SPLIT_K=2)  # s22run2
         return dict(TALL, path="wg", SPLIT_K=split)

@@ -402,9 +402,9 @@ def test_dispatch_rule_on_sm90():
 
     pdl = {}
 
-    def path(M, N, K=4096, dtype=bf16, act="none", bits=4, group=128, cap=(9, 0)):
+    def path(M, N, K=4096, dtype=bf16, act="none", bits=4, group=128, cap=(9, 0), sym=False):
         cfg = Q.choose_path(M, N, K, bits, group, act, dtype, cuda, sm_count=132,
-                            capability=cap)
+                            capability=cap, symmetric=sym)
         if cfg["path"] == "wg":
             pdl[M, N, K] = cfg.pop("PDL")
         return cfg
@@ -462,6 +462,9 @@ def test_dispatch_rule_on_sm90():
         assert path(M, 4096, K=12288) == dict(WG.TALL_TMA, path="wg", SPLIT_K=1)
         assert path(M, 4096, K=12288, dtype=f16) == dict(WG.TALL_TMA, path="wg", SPLIT_K=1)
         assert path(M, 4096, K=8192, bits=6) == dict(WG.TALL, path="wg", SPLIT_K=1)
+        # Symmetric weights keep TALL (X_TMA serialises their MMAs, s37run5).
+        assert path(M, 4096, K=8192, sym=True) == dict(WG.TALL, path="wg", SPLIT_K=1)
+        assert path(M, 4096, K=12288, sym=True) == dict(WG.WIDE, path="wg", SPLIT_K=2)
         assert path(M, 4096, K=12288, bits=6) == dict(WG.WIDE, path="wg", SPLIT_K=2)
         assert path(M, 5120, K=5120) == stream and path(M, 6016, K=8192) == stream
         assert path(M, 5120, K=17408, bits=6) == stream
@@ -1016,19 +1019,26 @@ def test_gpu_wg_fp8_x_by_tma_against_float64(M, N, K, split, bias, tile, stream)
 
 @pytest.fixture(scope="module")
 def sm90_tma_builds():
-    """TALL_TMA and TALL (4-bit, one program a tile, bf16 and fp16 x) compiled in one process."""
+    """TALL_TMA and TALL (4-bit, one program a tile: bf16 x with zero points, fp16 x with zero
+    points, bf16 x symmetric) compiled in one process."""
     return json_without_interpreter("""
         import json
         from q3n_compile.kernels import qlinear_wgmma as WG
         from tests.kernels import test_qlinear_wgmma as T
         print(json.dumps([T._compile_sm90(tile, x, 0, False, sym, 4)
-                          for x, sym in (("*bf16", False), ("*fp16", True))
+                          for x, sym in (("*bf16", False), ("*fp16", False), ("*bf16", True))
                           for tile in (WG.TALL_TMA, WG.TALL)]))
     """)
 
 
 def test_tall_tma_compiles_for_sm90_with_x_by_tma(sm90_tma_builds):
-    for tma, plain in zip(sm90_tma_builds[::2], sm90_tma_builds[1::2]):
+    builds = list(zip(sm90_tma_builds[::2], sm90_tma_builds[1::2]))
+    # Symmetric weights: ptxas serialises the MMAs with X_TMA (every wait "all done"), why the
+    # rule keeps them on TALL; should a compiler change this, re-measure and take them.
+    sym_tma, sym_plain = builds.pop()
+    assert {w.rstrip(" ;")[-3:] for w in sym_tma["waits"]} == {"0x0"}, sym_tma
+    assert {w.rstrip(" ;")[-3:] for w in sym_plain["waits"]} == {"0x2"}, sym_plain
+    for tma, plain in builds:
         where = f"{tma} / {plain}"
         assert tma["stack"] == 0 and tma["shared"] <= 227 * 1024, where
         # x's two halves a K block by two TMA copies; the cp.async left are the weight's
