@@ -87,6 +87,16 @@ by the latency of its one warpgroup's instruction chain, not by the MMA rate tha
 doubles. 256-column tiles spill in this form (about 500 bytes of stack at WIDE256): it
 refuses them.
 
+Session 37 (s37run1-5), x by TMA (``X_TMA``): Nsight Compute's samples by SASS line at 256
+rows of 4096^2 (TALL, bench/ncu_sass_top.py) put about 400 instructions a warp a K block in the
+bf16 form's loop, some 80 of them x's 16 cp.async a thread and their addresses and masks; the
+tensor-memory accelerator copies x's two halves of a block on one thread's word instead
+(:func:`x_descriptor`; a barrier a stage, initialised and invalidated per call of the
+pipeline). With 5 stages (:data:`TALL_TMA`) the tile ran 1.10-1.12x TALL on 4096^2 and
+1.05-1.07x WIDE with K split 2 on 4096 x 12288 at 129-256 rows; dispatched there for 4-bit
+weights with zero points and 16-bit activations. Symmetric weights lose (ptxas serialises the
+MMAs), and the other shapes, forms and tiles gained nothing (see TALL_TMA).
+
 Gluon has no interpreter: this kernel runs on sm_90 only; the CPU lane compiles it for sm_90
 and executes its PTX unpack in an emulator (tests/kernels/test_qlinear_wgmma.py), the GPU lane
 checks it against float64.

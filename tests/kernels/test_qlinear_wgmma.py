@@ -794,15 +794,20 @@ def test_gpu_wg_pdl_chain_in_a_cuda_graph_reads_this_replays_x(M, N, K, tile, sp
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,N,K,bits,act,want", [
     (200, 5120, 1024, 4, "none", "stream"), (129, 6016, 2048, 6, "int12", "stream"),
-    (96, 5120, 1024, 4, "none", "stream"), (256, 4096, 8320, 4, "none", "split2"),
+    (96, 5120, 1024, 4, "none", "stream"), (256, 4096, 8320, 4, "none", "tall_tma"),
     (160, 4096, 8320, 6, "none", "split2")])
 def test_gpu_dispatched_wide_for_tall_grids_against_float64(M, N, K, bits, act, want):
     # Session 22's rule for 3040-6016 columns: WIDE by stream-K past a wave of TALL programs,
-    # WIDE with K split 2 for K above 8192 at 129-256 rows; the op as dispatched.
+    # WIDE with K split 2 for K above 8192 at 129-256 rows (since session 37 for 6-bit and
+    # symmetric weights only: 4-bit ones with zero points take TALL_TMA); the op as dispatched.
     gen = _gen(f"wgtallgrid{M}{N}{K}{bits}{act}")
     pw = _packed(gen, N, K, bits, 128, False, device="cuda")
     x = torch.randn(M, K, generator=gen).to(bf16).cuda()
     path = Q.choose_path(M, N, K, bits, 128, act, bf16, x.device)
+    if want == "tall_tma":
+        assert path == dict(WG.TALL_TMA, path="wg", SPLIT_K=1, PDL=True), path
+        check_against_float64(x, pw, act=act)
+        return
     assert path["BLOCK_N"] == 128 and path["BLOCK_M"] == 128, path
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert (path.get("STREAM"), path["SPLIT_K"]) == ((sms, 1) if want == "stream" else (None, 2))
