@@ -890,15 +890,15 @@ SIXTY_FOUR256 = dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, STAGES=4, LOOKAHEAD=2
 # 129-256 rows (s37run4, the kernel alone on x in block order, CUDA-graph ms, same process):
 # 4096^2 0.0240-0.0243 against the rule's TALL 0.0267-0.0271 (1.10-1.12x) at 129 / 160 / 192 /
 # 256 rows, 4096 x 12288 0.0569-0.0574 against WIDE with K split 2's 0.0599-0.0611
-# (1.05-1.07x); TMA alone (4 stages) ran 0.98-1.00x and 5 stages alone 1.01-1.03x. Where x
+# (1.05-1.07x); TMA alone (4 stages) ran 0.97-1.01x and 5 stages alone 1.01-1.06x. Where x
 # would be copied past its rows the zero fill ran 1.7x slower (s37run3, 129 rows): the op's
 # permutation allocates whole tiles of rows (:func:`x_descriptor`). Not taken on 12288 x 4096
 # (1.00x WIDE by stream-K) nor 28672 x 8192 (0.83-0.88x), nor for quantized activations (the
 # fp8 and int8 quantizers' dequantised x is not padded; the fp8 form on TMA ran 1.03x), nor for
 # symmetric weights: with X_TMA ptxas serialises their MMAs (sm_90 SASS: every wait in the
 # loop "all done", 0x0, where the zero-point form keeps LOOKAHEAD's 0x2; not found why), and
-# they ran 0.83x TALL (s37run5: 4096^2 0.0313-0.0316 against 0.0261-0.0269 ms; 4096 x 12288
-# 0.0798-0.0801 against WIDE with K split 2's 0.0599-0.0612).
+# they ran 0.75-0.85x (s37run5: 4096^2 0.0313-0.0316 against TALL's 0.0261-0.0269 ms;
+# 4096 x 12288 0.0798-0.0801 against WIDE with K split 2's 0.0599-0.0612).
 TALL_TMA = dict(TALL, STAGES=5, X_TMA=True)
 DISPATCH_TILES = (WIDE, WIDE256, TALL, SMALL, SIXTY_FOUR, SIXTY_FOUR256)
 # The rows this path takes (not measured outside them: mmT below, dequantise + cuBLAS above).
@@ -1088,9 +1088,8 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
     wave. Others: SMALL with K split 4 to 64 rows; TALL with K split 2 to 128 rows and unsplit
     above where its programs fill :data:`WAVE_FILL` of the SMs (WIDE by stream-K instead
     where they exceed the SMs; above 128 rows :data:`TALL_TMA` for 4-bit weights with zero
-    points and 16-bit activations, else WIDE with K split 2 where K exceeds :data:`MAX_K_TALL`), else SMALL
-    split 4 to 128 rows
-    (2 from 65 rows where 4 would make more programs than SMs) and above SMALL split 2 for
+    points and 16-bit activations, else WIDE with K split 2 where K exceeds
+    :data:`MAX_K_TALL`), else SMALL split 4 to 128 rows (2 from 65 rows where 4 would make more programs than SMs) and above SMALL split 2 for
     `quantized` activations, None for 16-bit ones. The caller halves a split that would leave
     fewer than two K blocks of 128 each (:func:`q3n_compile.kernels.qlinear.choose_path`)."""
     if not MIN_M <= M <= max_m(N, K, bits, quantized):
