@@ -16,7 +16,9 @@ of the kernel once the quantizer stores its order). CUDA-graph replay, do_bench 
 flushed. A tile is ``NAME[:split | :stream][/sSTAGES][/lLOOKAHEAD][/t]`` (``TALL:2/s3``: TALL
 with K split 2 and 3 stages; ``/t``: x copied by TMA, X_TMA; ``rule/t``: the rule's launch
 so). ``--form bf16`` times the bf16 form (:func:`qlinear_wgmma.run`, W4A16, on bf16 x already
-permuted) with the same tiles instead, against float64 of x @ W^T, for comparison.
+permuted) with the same tiles instead, against float64 of x @ W^T, beside the W4A16 op and
+the 16-bit activations' rule (before session 38 this form's "op" and "rule" were W4A8's);
+``--bits 6`` with it: W6A16.
 
     python bench/bench_wg_fp8.py --out bench/results/wg-fp8-h200.json
 """
@@ -42,12 +44,13 @@ from q3n_compile.kernels import qlinear_wgmma as WG  # noqa: E402
 TOL = 2e-2
 
 
-def rule_tile(M: int, N: int, K: int, sms: int) -> dict:
-    """The wg rule's launch for M rows of quantized activations, row limit lifted."""
+def rule_tile(M: int, N: int, K: int, sms: int, bits: int = 4, quantized: bool = True) -> dict:
+    """The wg rule's launch for M rows (of quantized activations, or 16-bit ones with
+    `quantized` False), row limit lifted."""
     limits = WG.MAX_M, WG.MAX_M_LARGE
     WG.MAX_M, WG.MAX_M_LARGE = max(limits[0], M), ()
     try:
-        cfg = WG.choose(M, N, sms, False, 4, K, quantized=True)
+        cfg = WG.choose(M, N, sms, False, bits, K, quantized=quantized)
     finally:
         WG.MAX_M, WG.MAX_M_LARGE = limits
     if cfg is None:
@@ -55,7 +58,7 @@ def rule_tile(M: int, N: int, K: int, sms: int) -> dict:
     return dict(cfg, SPLIT_K=Q._keep_two_blocks(cfg["SPLIT_K"], P.padded_k(K), SW.MMT_BLOCK_K))
 
 
-def tiles(M: int, N: int, K: int, sms: int, names, form: str) -> dict:
+def tiles(M: int, N: int, K: int, sms: int, names, form: str, bits: int = 4) -> dict:
     """{name: launch cfg, or why there is none}; a name is the rule's launch ("rule") or a tile
     of qlinear_wgmma, then ``:split`` / ``:stream``, then options ``/sSTAGES``,
     ``/lLOOKAHEAD``, ``/t`` (X_TMA)."""
@@ -64,7 +67,7 @@ def tiles(M: int, N: int, K: int, sms: int, names, form: str) -> dict:
         spec, *opts = name.split("/")
         base, _, split = spec.partition(":")
         if base == "rule":
-            cfg = rule_tile(M, N, K, sms)
+            cfg = rule_tile(M, N, K, sms, bits, quantized=form == "fp8")
         else:
             cfg = dict(getattr(WG, base))
             if split == "stream":
@@ -97,7 +100,12 @@ def main():
                              "SMALL:2"])
     ap.add_argument("--sym", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--form", choices=("fp8", "bf16"), default="fp8")
+    ap.add_argument("--bits", type=int, choices=(4, 6), default=4,
+                    help="weight bits (6: the bf16 form only; the fp8 form takes 4)")
     args = ap.parse_args()
+    if args.bits != 4 and args.form == "fp8":
+        sys.exit("bench_wg_fp8.py: the fp8 form takes 4-bit weights; give --form bf16 for 6")
+    bits, act = args.bits, ("fp8" if args.form == "fp8" else "none")
     if not torch.cuda.is_available():
         sys.exit("bench_wg_fp8.py needs a CUDA GPU")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -105,13 +113,14 @@ def main():
     rows = []
     for N, K, M, x, bf16 in BQ.bf16_cases(gen, args.nk, args.ms):
         for sym in map(bool, args.sym):
-            pw = BQ.random_packed(gen, N, K, 4, 128, sym)
-            op_args = (x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128, K, "fp8")
-            dispatched = Q.choose_path(M, N, K, 4, 128, "fp8", x.dtype, x.device)
+            pw = BQ.random_packed(gen, N, K, bits, 128, sym)
+            op_args = (x, pw.qweight, pw.scales, pw.zeros, None, None, bits, 128, K, act)
+            dispatched = Q.choose_path(M, N, K, bits, 128, act, x.dtype, x.device,
+                                       symmetric=sym)
             codes, xs = Q.quantize_activations_triton(x, "fp8", None, False)
             xk, sums = WG.fp8_block_order(codes)
             xp = WG.permute_x_blocks(x, pad_rows=128)  # X_TMA's tiles in the allocation
-            w = Q.dequantize_triton(pw.qweight, pw.scales, pw.zeros, 4, 128, K, torch.float32)
+            w = Q.dequantize_triton(pw.qweight, pw.scales, pw.zeros, bits, 128, K, torch.float32)
             if args.form == "fp8":
                 ref = (codes.double() * xs.double()[:, None]) @ w.double().t()
             else:
@@ -122,14 +131,14 @@ def main():
             front = (lambda: WG.permute_x_blocks(x)) if args.form == "bf16" else \
                 (lambda: Q.quantize_activations_triton(x, "fp8", None, False))
             parts = {"op": lambda: torch.ops.q3n.qlinear(*op_args), "quantizer": front}
-            for name, cfg in tiles(M, N, K, sms, args.tiles, args.form).items():
+            for name, cfg in tiles(M, N, K, sms, args.tiles, args.form, bits).items():
                 if isinstance(cfg, str):
                     row[f"{name}_skipped"] = cfg
                     continue
                 def fn(cfg=cfg):
                     if args.form == "bf16":
                         return WG.run(xp, pw.qweight, pw.scales, pw.zeros, None, K, cfg,
-                                      Q._tickets, x_permuted=True)
+                                      Q._tickets, x_permuted=True, bits=bits)
                     return WG.run_fp8(xk, sums, xs, pw.qweight, pw.scales, pw.zeros, None, K,
                                       cfg, Q._tickets)
                 try:
@@ -161,7 +170,7 @@ def main():
             rows.append(row)
         torch.cuda.empty_cache()
     BQ.write_result(args.out, dict(BQ.result_header("CUDA-graph replay, do_bench median"),
-                                   form=args.form, rows=rows))
+                                   form=args.form, bits=bits, rows=rows))
 
 
 if __name__ == "__main__":
