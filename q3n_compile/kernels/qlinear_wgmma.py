@@ -899,7 +899,18 @@ SIXTY_FOUR256 = dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, STAGES=4, LOOKAHEAD=2
 # loop "all done", 0x0, where the zero-point form keeps LOOKAHEAD's 0x2; not found why), and
 # they ran 0.75-0.85x (s37run5: 4096^2 0.0313-0.0316 against TALL's 0.0261-0.0269 ms;
 # 4096 x 12288 0.0798-0.0801 against WIDE with K split 2's 0.0599-0.0612).
+# Session 38 (s38run3, same measure) took it to 65-128 rows (K split 2) and to 6-bit weights.
+# 4-bit at 65 / 96 / 128 rows: 4096^2 0.0207-0.0215 against TALL's 0.0212-0.0226 (1.02-1.05x),
+# 4096 x 12288 0.0374-0.0382 against 0.0411-0.0434 (1.10-1.14x); 6-bit: 4096^2 at 96 / 129 /
+# 192 / 256 rows 0.0222 / 0.0263 / 0.0263 / 0.0265 against TALL's 0.0236 / 0.0295-0.0296
+# (1.06-1.12x), 4096 x 12288 at 96 rows 0.0411 against 0.0468, and at 129-256 rows (where
+# the rule gave WIDE with K split 2, which runs out of shared memory at 5 stages with 6-bit
+# weights) 0.0635-0.0639 against 0.0687-0.0705 (1.08-1.10x). TMA alone (4 stages) ran 0.93-1.04x.
 TALL_TMA = dict(TALL, STAGES=5, X_TMA=True)
+# WIDE so, for 4-bit weights where WIDE's tiles fill WAVE_FILL but not a wave of the SMs
+# (s38run3, 12288 x 4096 at 65 / 96 / 128 rows: 0.0356 / 0.0363 / 0.0372 against WIDE's
+# 0.0367 / 0.0378 / 0.0391, 1.03-1.05x; 6-bit weights run out of shared memory at 5 stages).
+WIDE_TMA = dict(WIDE, STAGES=5, X_TMA=True)
 DISPATCH_TILES = (WIDE, WIDE256, TALL, SMALL, SIXTY_FOUR, SIXTY_FOUR256)
 # The rows this path takes (not measured outside them: mmT below, dequantise + cuBLAS above).
 # Where cuBLAS's fp8 or int8 GEMM on unpacked codes computes the call (cublas8: 8-bit
@@ -1085,11 +1096,13 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
     SIXTY_FOUR256 where its own tiles fill WAVE_FILL of the SMs, else SIXTY_FOUR; above,
     WIDE256 where its own tiles fill WAVE_FILL, else WIDE (within 3.5% of the best tile swept
     at 129-256 rows), K unsplit, by stream-K over one program an SM where the tiles make a
-    wave. Others: SMALL with K split 4 to 64 rows; TALL with K split 2 to 128 rows and unsplit
-    above where its programs fill :data:`WAVE_FILL` of the SMs (WIDE by stream-K instead
-    where they exceed the SMs; above 128 rows :data:`TALL_TMA` for 4-bit weights with zero
-    points and 16-bit activations, else WIDE with K split 2 where K exceeds
-    :data:`MAX_K_TALL`), else SMALL split 4 to 128 rows (2 from 65 rows where 4 would make more programs than SMs) and above SMALL split 2 for
+    wave, else as :data:`WIDE_TMA` for 4-bit weights where x goes by TMA (below). Others: SMALL
+    with K split 4 to 64 rows; TALL with K split 2 to 128 rows and unsplit above where its
+    programs fill :data:`WAVE_FILL` of the SMs (WIDE by stream-K instead where they exceed
+    the SMs), as :data:`TALL_TMA` where x goes by TMA (weights with zero points and 16-bit
+    activations), else WIDE with K split 2 above 128 rows where K exceeds
+    :data:`MAX_K_TALL`; else SMALL split 4 to 128 rows (2 from 65 rows where 4 would make
+    more programs than SMs) and above SMALL split 2 for
     `quantized` activations, None for 16-bit ones. The caller halves a split that would leave
     fewer than two K blocks of 128 each (:func:`q3n_compile.kernels.qlinear.choose_path`)."""
     if not MIN_M <= M <= max_m(N, K, bits, quantized):
@@ -1098,6 +1111,9 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
         return None
     wide_tiles = contract.cdiv(M, 128) * contract.cdiv(N, 128)
     tiles256 = contract.cdiv(M, 128) * contract.cdiv(N, 256)
+    # x copied by TMA from the op's padded permutation: 16-bit activations (the quantizers'
+    # dequantised x is not padded) and weights with zero points (symmetric ones lose: TALL_TMA)
+    x_tma = not quantized and not symmetric
     if bits == 4 and tiles256 >= WAVE_FILL * sms:
         if M <= 64:
             return dict(SIXTY_FOUR256, path="wg", SPLIT_K=1)
@@ -1105,6 +1121,8 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
     if wide_tiles >= WAVE_FILL * sms:
         if M > 64 and wide_tiles >= sms:
             return dict(WIDE, path="wg", SPLIT_K=1, STREAM=sms)
+        if M > 64 and bits == 4 and x_tma:
+            return dict(WIDE_TMA, path="wg", SPLIT_K=1)  # s38run3
         return dict(SIXTY_FOUR if M <= 64 else WIDE, path="wg", SPLIT_K=1)
     if M <= 64:
         if quantized and bits == 4 and M < MIN_M_SMALL_W4_QUANTIZED:
@@ -1117,8 +1135,8 @@ def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
             # More than a wave of TALL programs (more than 4224 columns): WIDE by stream-K
             # over the SMs (s22run3-4).
             return dict(WIDE, path="wg", SPLIT_K=1, STREAM=sms)
-        if M > 128 and bits == 4 and not quantized and not symmetric:
-            return dict(TALL_TMA, path="wg", SPLIT_K=1)  # s37run4-5
+        if x_tma:
+            return dict(TALL_TMA, path="wg", SPLIT_K=split)  # s37run4-5, s38run3
         if M > 128 and K > MAX_K_TALL:
             return dict(WIDE, path="wg", SPLIT_K=2)  # s22run2
         return dict(TALL, path="wg", SPLIT_K=split)

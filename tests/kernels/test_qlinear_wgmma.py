@@ -417,13 +417,14 @@ def test_dispatch_rule_on_sm90():
                    (64, 28672, 4096): True, (200, 4096, 4096): True}
 
     # Few columns: 64 x 64 with K in 4 to 64 rows; 128 x 64 with K in 2 to 128 rows, unsplit
-    # above, where its programs fill 0.72 of the SMs (4096 columns); on fewer columns 64 x 64
+    # above, where its programs fill 0.72 of the SMs (4096 columns), with x by TMA and 5
+    # stages for weights with zero points and 16-bit x (s37run4, s38run3); on fewer columns 64 x 64
     # with K in 4 to 128 rows (in 2 from 65 rows where 4 would make more programs than SMs:
     # 2048 columns) and dequantise + cuBLAS above for 16-bit x.
     assert path(32, 4096)["path"] == "mmT"
     for M, N, tile, split in ((33, 4096, WG.SMALL, 4), (48, 4096, WG.SMALL, 4),
                               (49, 4096, WG.SMALL, 4), (64, 4096, WG.SMALL, 4),
-                              (65, 4096, WG.TALL, 2), (128, 4096, WG.TALL, 2),
+                              (65, 4096, WG.TALL_TMA, 2), (128, 4096, WG.TALL_TMA, 2),
                               (129, 4096, WG.TALL_TMA, 1), (256, 4096, WG.TALL_TMA, 1),
                               (64, 1024, WG.SMALL, 4), (65, 1024, WG.SMALL, 4),
                               (128, 1024, WG.SMALL, 4),
@@ -450,29 +451,38 @@ def test_dispatch_rule_on_sm90():
     stream = dict(WG.WIDE, path="wg", SPLIT_K=1, STREAM=132)
     stream256 = dict(WG.WIDE256, path="wg", SPLIT_K=1, STREAM=132)
     for M in (65, 96, 128):
-        assert path(M, 12288) == dict(WG.WIDE, path="wg", SPLIT_K=1)
+        # WIDE short of a wave: x by TMA and 5 stages for 4-bit weights with zero points and
+        # 16-bit x (s38run3); plain WIDE for symmetric weights, quantized x and 6-bit weights.
+        assert path(M, 12288) == dict(WG.WIDE_TMA, path="wg", SPLIT_K=1)
+        assert path(M, 12288, sym=True) == dict(WG.WIDE, path="wg", SPLIT_K=1)
+        assert path(M, 12288, act="int12") == dict(WG.WIDE, path="wg", SPLIT_K=1)
+        assert path(M, 12288, bits=6) == dict(WG.WIDE, path="wg", SPLIT_K=1)
         assert path(M, 28672) == dict(WG.WIDE256, path="wg", SPLIT_K=1)
     for M in (129, 200, 256):
         assert path(M, 12288) == dict(WG.WIDE256, path="wg", SPLIT_K=1)
         assert path(M, 28672) == stream256
-        # One wave of TALL programs: TALL with x by TMA (s37run4), for 4-bit weights at any K;
-        # 6-bit ones TALL to K 8192, WIDE with K split 2 above; more than a wave (5120 columns
-        # and up): WIDE by stream-K (s22run2-3).
-        assert path(M, 4096, K=8192) == dict(WG.TALL_TMA, path="wg", SPLIT_K=1)
-        assert path(M, 4096, K=12288) == dict(WG.TALL_TMA, path="wg", SPLIT_K=1)
+        # One wave of TALL programs: TALL with x by TMA (s37run4, 6-bit weights s38run3) at
+        # any K; without (symmetric weights, quantized x) TALL to K 8192, WIDE with K split 2
+        # above; more than a wave (5120 columns and up): WIDE by stream-K (s22run2-3).
+        for bits in (4, 6):
+            for K in (8192, 12288):
+                assert path(M, 4096, K=K, bits=bits) == dict(WG.TALL_TMA, path="wg", SPLIT_K=1)
         assert path(M, 4096, K=12288, dtype=f16) == dict(WG.TALL_TMA, path="wg", SPLIT_K=1)
-        assert path(M, 4096, K=8192, bits=6) == dict(WG.TALL, path="wg", SPLIT_K=1)
         # Symmetric weights keep TALL (X_TMA serialises their MMAs, s37run5).
         assert path(M, 4096, K=8192, sym=True) == dict(WG.TALL, path="wg", SPLIT_K=1)
         assert path(M, 4096, K=12288, sym=True) == dict(WG.WIDE, path="wg", SPLIT_K=2)
-        assert path(M, 4096, K=12288, bits=6) == dict(WG.WIDE, path="wg", SPLIT_K=2)
+        assert path(M, 4096, K=12288, bits=6, act="int12") == dict(WG.WIDE, path="wg",
+                                                                      SPLIT_K=2)
         assert path(M, 5120, K=5120) == stream and path(M, 6016, K=8192) == stream
         assert path(M, 5120, K=17408, bits=6) == stream
     for M in (65, 128):
-        assert path(M, 5120) == stream and path(M, 4096) == dict(WG.TALL, path="wg", SPLIT_K=2)
+        assert path(M, 5120) == stream
+        assert path(M, 4096) == dict(WG.TALL_TMA, path="wg", SPLIT_K=2)
+        assert path(M, 4096, sym=True) == dict(WG.TALL, path="wg", SPLIT_K=2)
+        assert path(M, 4096, act="int12") == dict(WG.TALL, path="wg", SPLIT_K=2)
     # 6-bit weights: the same rule without WIDE256 (its shared memory would not fit).
-    for M, N, tile, split in ((49, 4096, WG.SMALL, 4), (128, 4096, WG.TALL, 2),
-                              (256, 4096, WG.TALL, 1), (64, 28672, WG.SIXTY_FOUR, 1),
+    for M, N, tile, split in ((49, 4096, WG.SMALL, 4), (128, 4096, WG.TALL_TMA, 2),
+                              (256, 4096, WG.TALL_TMA, 1), (64, 28672, WG.SIXTY_FOUR, 1),
                               (49, 28672, WG.SIXTY_FOUR, 1),
                               (128, 12288, WG.WIDE, 1)):
         assert path(M, N, bits=6) == dict(tile, path="wg", SPLIT_K=split), (M, N)
@@ -774,7 +784,8 @@ def test_gpu_dispatched_long_k_with_quantized_activations_against_float64(act):
 @pytest.mark.parametrize("M,N,K,tile,split,stream", [
     (40, 4096, 4096, WG.SMALL, 4, 0), (200, 12288, 4096, WG.WIDE256, 1, 0),
     (256, 4096, 1024, WG.TALL, 1, 0), (96, 8192, 2048, WG.WIDE, 1, 132),
-    (129, 4096, 1024, WG.TALL_TMA, 1, 0)])
+    (129, 4096, 1024, WG.TALL_TMA, 1, 0), (96, 4096, 1024, WG.TALL_TMA, 2, 0),
+    (96, 12288, 1024, WG.WIDE_TMA, 1, 0)])
 def test_gpu_wg_pdl_chain_in_a_cuda_graph_reads_this_replays_x(M, N, K, tile, split, stream):
     # Launched with PDL, the wg kernel starts before x's permutation has finished and must
     # wait for it before reading x: replayed after x changes, a read of the permuted buffer
@@ -795,11 +806,12 @@ def test_gpu_wg_pdl_chain_in_a_cuda_graph_reads_this_replays_x(M, N, K, tile, sp
 @pytest.mark.parametrize("M,N,K,bits,act,want", [
     (200, 5120, 1024, 4, "none", "stream"), (129, 6016, 2048, 6, "int12", "stream"),
     (96, 5120, 1024, 4, "none", "stream"), (256, 4096, 8320, 4, "none", "tall_tma"),
-    (160, 4096, 8320, 6, "none", "split2")])
+    (160, 4096, 8320, 6, "none", "tall_tma"), (160, 4096, 8320, 6, "int12", "split2")])
 def test_gpu_dispatched_wide_for_tall_grids_against_float64(M, N, K, bits, act, want):
     # Session 22's rule for 3040-6016 columns: WIDE by stream-K past a wave of TALL programs,
-    # WIDE with K split 2 for K above 8192 at 129-256 rows (since session 37 for 6-bit and
-    # symmetric weights only: 4-bit ones with zero points take TALL_TMA); the op as dispatched.
+    # WIDE with K split 2 for K above 8192 at 129-256 rows (since session 37-38 for symmetric
+    # weights and quantized x only: weights with zero points and 16-bit x take TALL_TMA); the
+    # op as dispatched.
     gen = _gen(f"wgtallgrid{M}{N}{K}{bits}{act}")
     pw = _packed(gen, N, K, bits, 128, False, device="cuda")
     x = torch.randn(M, K, generator=gen).to(bf16).cuda()
@@ -1022,21 +1034,29 @@ def test_gpu_wg_fp8_x_by_tma_against_float64(M, N, K, split, bias, tile, stream)
                   stream=stream)
 
 
+# (tile with x by TMA, the tile without, x, REDUCE, bias, sym, bits): as dispatched (TALL_TMA
+# one program a tile and K split 2, 6-bit too; WIDE_TMA), then symmetric weights (last).
+_TMA_CASES = [("TALL_TMA", "TALL", "*bf16", 0, False, False, 4),
+              ("TALL_TMA", "TALL", "*fp16", 0, False, False, 4),
+              ("TALL_TMA", "TALL", "*bf16", 2, True, False, 6),
+              ("WIDE_TMA", "WIDE", "*fp16", 0, True, False, 4),
+              ("TALL_TMA", "TALL", "*bf16", 0, False, True, 4)]
+
+
 @pytest.fixture(scope="module")
 def sm90_tma_builds():
-    """TALL_TMA and TALL (4-bit, one program a tile: bf16 x with zero points, fp16 x with zero
-    points, bf16 x symmetric) compiled in one process."""
+    """Each of _TMA_CASES compiled with and without x by TMA in one process."""
     return json_without_interpreter("""
         import json
         from q3n_compile.kernels import qlinear_wgmma as WG
         from tests.kernels import test_qlinear_wgmma as T
-        print(json.dumps([T._compile_sm90(tile, x, 0, False, sym, 4)
-                          for x, sym in (("*bf16", False), ("*fp16", False), ("*bf16", True))
-                          for tile in (WG.TALL_TMA, WG.TALL)]))
+        print(json.dumps([T._compile_sm90(getattr(WG, tile), *rest)
+                          for tma, plain, *rest in T._TMA_CASES for tile in (tma, plain)]))
     """)
 
 
-def test_tall_tma_compiles_for_sm90_with_x_by_tma(sm90_tma_builds):
+def test_tma_tiles_compile_for_sm90_with_x_by_tma(sm90_tma_builds):
+    assert len(sm90_tma_builds) == 2 * len(_TMA_CASES)
     builds = list(zip(sm90_tma_builds[::2], sm90_tma_builds[1::2]))
     # Symmetric weights: ptxas serialises the MMAs with X_TMA (every wait "all done"), why the
     # rule keeps them on TALL; should a compiler change this, re-measure and take them.
@@ -1058,15 +1078,19 @@ def test_tall_tma_compiles_for_sm90_with_x_by_tma(sm90_tma_builds):
 
 @needs_hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("M,K", [(129, 4096), (200, 12288), (256, 4096)])
+@pytest.mark.parametrize("M,N,K,bits,split", [
+    (129, 4096, 4096, 4, 1), (200, 4096, 12288, 4, 1), (256, 4096, 4096, 4, 1),
+    (65, 4096, 12288, 4, 2), (100, 4096, 4096, 4, 2), (128, 4096, 4096, 6, 2),
+    (200, 4096, 12288, 6, 1), (96, 12288, 4096, 4, 1)])
 @pytest.mark.parametrize("dtype", [bf16, f16])
-def test_gpu_dispatched_tall_tma_against_float64(M, K, dtype):
-    # As dispatched: x permuted by the op into whole tiles of rows, copied by TMA.
-    N = 4096
-    cfg = Q.choose_path(M, N, K, 4, 128, "none", dtype, torch.device("cuda"))
+def test_gpu_dispatched_tall_tma_against_float64(M, N, K, bits, split, dtype):
+    # As dispatched (TALL_TMA, and WIDE_TMA on 12288 columns): x permuted by the op into whole
+    # tiles of rows, copied by TMA; K split 2 at 65-128 rows.
+    cfg = Q.choose_path(M, N, K, bits, 128, "none", dtype, torch.device("cuda"))
     assert cfg["path"] == "wg" and cfg.get("X_TMA") and cfg["STAGES"] == 5, cfg
-    gen = _gen(f"wgtalltma{M}{K}{dtype}")
-    pw = _packed(gen, N, K, 4, 128, False, device="cuda")
+    assert cfg["SPLIT_K"] == split and cfg["BLOCK_N"] == (128 if N == 12288 else 64), cfg
+    gen = _gen(f"wgtalltma{M}{N}{K}{bits}{dtype}")
+    pw = _packed(gen, N, K, bits, 128, False, device="cuda")
     x = torch.randn(M, K, generator=gen).to(dtype).cuda()
     b = torch.randn(N, generator=gen).to(dtype).cuda()
     check_against_float64(x, pw, b)
