@@ -1267,7 +1267,8 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
                 capability: Optional[tuple] = None, allow_wg: bool = True,
                 symmetric: bool = False) -> dict:
     """The path and launch parameters for one call; a pure function of its arguments
-    (`symmetric`: the weights have no zero points, which the wg rule's TALL_TMA leaves out).
+    (`symmetric`: the weights have no zero points; the wg rule copies x by TMA only for weights
+    with them, TALL_TMA and WIDE_TMA).
 
     Interpreter: few programs (each costs ~0.1 s there): 16/32 x 64 x 64 (<= group) tiles, gemv
     for M <= 2, no split. Every K block is at most the weight group and the activation group.

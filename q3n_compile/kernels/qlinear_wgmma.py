@@ -97,6 +97,12 @@ pipeline). With 5 stages (:data:`TALL_TMA`) the tile ran 1.10-1.12x TALL on 4096
 weights with zero points and 16-bit activations. Symmetric weights lose (ptxas serialises the
 MMAs), and the other shapes, forms and tiles gained nothing (see TALL_TMA).
 
+Session 38 (s38run1-6) timed the op as a whole (1.06-1.14x the launch without TMA at 129-256
+rows, s38run1) and took x by TMA wherever the rule gives TALL for weights with zero points
+and 16-bit activations: at 65-128 rows with K split 2 and for 6-bit weights too (in place of
+WIDE with K split 2 for long K), and :data:`WIDE_TMA` for 4-bit weights where WIDE's tiles do
+not make a wave; the op 1.02-1.15x the rule without TMA (s38run4).
+
 Gluon has no interpreter: this kernel runs on sm_90 only; the CPU lane compiles it for sm_90
 and executes its PTX unpack in an emulator (tests/kernels/test_qlinear_wgmma.py), the GPU lane
 checks it against float64.
@@ -905,7 +911,8 @@ SIXTY_FOUR256 = dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, STAGES=4, LOOKAHEAD=2
 # 192 / 256 rows 0.0222 / 0.0263 / 0.0263 / 0.0265 against TALL's 0.0236 / 0.0295-0.0296
 # (1.06-1.12x), 4096 x 12288 at 96 rows 0.0411 against 0.0468, and at 129-256 rows (where
 # the rule gave WIDE with K split 2, which runs out of shared memory at 5 stages with 6-bit
-# weights) 0.0635-0.0639 against 0.0687-0.0705 (1.08-1.10x). TMA alone (4 stages) ran 0.93-1.04x.
+# weights) 0.0635-0.0639 against 0.0687-0.0705 (1.08-1.10x). TMA alone (4 stages) ran 0.94-1.06x,
+# 5 stages alone 0.98-1.04x. The op as dispatched: 1.02-1.15x the rule without TMA (s38run4).
 TALL_TMA = dict(TALL, STAGES=5, X_TMA=True)
 # WIDE so, for 4-bit weights where WIDE's tiles fill WAVE_FILL but not a wave of the SMs
 # (s38run3, 12288 x 4096 at 65 / 96 / 128 rows: 0.0356 / 0.0363 / 0.0372 against WIDE's
