@@ -37,6 +37,8 @@ def main():
     ap.add_argument("--nk", nargs="+",
                     default=["12288x4096", "4096x12288", "4096x4096", "28672x8192"])
     args = ap.parse_args()
+    if min(args.ms) <= HEAD:
+        ap.error(f"--ms: every M must exceed {HEAD} (the first call's rows), got {min(args.ms)}")
     if not torch.cuda.is_available():
         sys.exit("wg_row_split_experiment.py needs a CUDA GPU")
     gen = torch.Generator(device="cuda").manual_seed(0)
