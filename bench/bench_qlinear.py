@@ -124,15 +124,16 @@ def check_and_time(fn, ref, bf16_ms, tol, row, check=True) -> dict:
     return row
 
 
-def bf16_cases(gen, nks, ms):
+def bf16_cases(gen, nks, ms, dtype=torch.bfloat16):
     """(N, K, M, x, bf16 ms) for each "NxK" of `nks` and each M of `ms`: a bf16 weight drawn from
     `gen` once per shape, bf16 x [M, K] per M, and bf16 ``F.linear`` timed as a CUDA-graph replay
-    (the peer of the parts scripts, bench_cublas8_parts.py and bench_dequant_parts.py)."""
+    (the peer of the parts scripts, bench_cublas8_parts.py and bench_dequant_parts.py); weight,
+    x and peer in `dtype` where given (fp16)."""
     for nk in nks:
         N, K = map(int, nk.split("x"))
-        w = (torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to(torch.bfloat16)
+        w = (torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to(dtype)
         for M in ms:
-            x = torch.randn(M, K, generator=gen, device="cuda").to(torch.bfloat16)
+            x = torch.randn(M, K, generator=gen, device="cuda").to(dtype)
             _, bf16 = timed(lambda: F.linear(x, w), eager=False)
             yield N, K, M, x, bf16
 

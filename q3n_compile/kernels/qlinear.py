@@ -133,6 +133,13 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   the exact ``q - z`` (or ``M + q`` with x's block sums, XSUM), each K block's sum scaled in
   fp32), ahead of gemv1p and mmT there: W4A16 on 28672 x 8192 1.13x the GEMV at one row and
   1.42-1.49x mmT at 4-32 rows (s24run4).
+- ``rowsplit`` (:func:`_launch_row_split`, since session 40): just past whole 128-row tiles
+  of 4-bit weights with 16-bit x where ``wg`` takes 128 x 256 tiles
+  (:func:`qlinear_wgmma.row_split_head`), the whole tiles of rows on ``wg`` (written straight
+  into the output's first rows) and the rest as a call of its own (the small-M paths), rather
+  than one more tile of rows that unpacks the whole weight again for those few: W4A16 1.10-1.18x
+  the one launch at 129-144 rows of 12288 / 14336 x 4096, 1.06-1.33x at 129-192 rows of
+  28672 x 8192 (s40run1). Rows are independent in every path, so the function is the op's.
 
 Every K block of the gemv and mm kernels lies in one weight group and one activation group:
 :func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which
@@ -1265,7 +1272,7 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
                 dtype: torch.dtype, device: torch.device, *, interpreter: bool = False,
                 sm_count: Optional[int] = None, act_group_size: int = PER_TOKEN,
                 capability: Optional[tuple] = None, allow_wg: bool = True,
-                symmetric: bool = False) -> dict:
+                symmetric: bool = False, allow_row_split: bool = True) -> dict:
     """The path and launch parameters for one call; a pure function of its arguments
     (`symmetric`: the weights have no zero points; the wg rule copies x by TMA only for weights
     with them, TALL_TMA and WIDE_TMA).
@@ -1289,6 +1296,9 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     weights with bf16 x (:func:`qlinear_wgmma.choose_decode`);
     `allow_wg` False keeps the paths of before (``q3n::qlinear_codes`` where mmT reads the codes
     themselves).
+    Just past whole 128-row tiles of wide 4-bit weights (:func:`qlinear_wgmma.row_split_head`),
+    "rowsplit": the whole tiles (HEAD rows, on HEAD_PATH) and the rest as two launches
+    (:func:`_launch_row_split`); `allow_row_split` False gives the one launch instead.
     """
     k_pad = P.padded_k(K)
     if interpreter:
@@ -1314,6 +1324,12 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
                and C8.eligible(N, K, bits, group_size, act, dtype, fp8, act_group_size) is None)
     if allow_wg and WG is not None and WG.supported(
             bits, group_size, act, dtype, N, capability or _device_capability(device)):
+        head = WG.row_split_head(M, N, K, sms, bits, quantized=act != "none") \
+            if allow_row_split else 0
+        if head:
+            return dict(path="rowsplit", HEAD=head, HEAD_PATH=choose_path(
+                head, N, K, bits, group_size, act, dtype, device, sm_count=sms,
+                act_group_size=act_group_size, capability=capability, symmetric=symmetric))
         wg = (WG.choose_decode(M, N, K, sms, bits, bf16=dtype == torch.bfloat16,
                                quantized=act != "none")
               if M < WG.MIN_M else WG.choose(M, N, sms, cublas8, bits, K,
@@ -1654,6 +1670,9 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
     N = P.out_features(qweight)
     if M == 0:
         return x.new_empty((0, N))
+    if cfg["path"] == "rowsplit":
+        return _launch_row_split(x, qweight, scales, zeros, bias, smooth, bits, group_size,
+                                 in_features, act, interpreter, cfg, act_group_size, rotation)
     if P.is_kmajor8(qweight):
         pdl = _pdl_after_quant(cfg, I8.PDL_AFTER_QUANT, x, interpreter)
         codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size,
@@ -1694,6 +1713,39 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
                                             rotation=rotation)
     return _gemm_codes(codes, xs, x.dtype, qweight, scales, zeros, bias, bits, group_size, act,
                        cfg, interpreter, act_group_size)
+
+
+def _launch_row_split(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features,
+                      act, interpreter: bool, cfg: dict, act_group_size: int,
+                      rotation: int) -> torch.Tensor:
+    """The op as two launches (`cfg` {"path": "rowsplit", "HEAD": rows, "HEAD_PATH": their
+    launch, else :func:`choose_path`'s}): x's first HEAD rows, then the rest as dispatched.
+    Rows are independent in every path (activations quantized per token, or per token and
+    channel group), so y is the one launch's up to summation order. The wg path writes its
+    rows straight into y (no concatenation); others are copied there (forced paths: tests)."""
+    M, K = x.shape
+    head = cfg.get("HEAD")
+    if not isinstance(head, int) or not 0 < head < M:
+        raise ValueError(f"q3n::qlinear: the rowsplit path's HEAD must be 1-{M - 1} rows of "
+                         f"the {M}, got {head!r}")
+    head_cfg = cfg.get("HEAD_PATH") or choose_path(
+        head, P.out_features(qweight), K, bits, group_size, act, x.dtype, x.device,
+        interpreter=interpreter, act_group_size=act_group_size, symmetric=zeros is None,
+        allow_row_split=False)
+    if head_cfg["path"] == "rowsplit":
+        raise ValueError("q3n::qlinear: the rowsplit path's HEAD_PATH cannot split again")
+    y = torch.empty((M, P.out_features(qweight)), dtype=x.dtype, device=x.device)
+    args = (qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act)
+    if head_cfg["path"] == "wg" and act == "none":
+        _wg(x[:head], qweight, scales, zeros, bias, bits, group_size, K, head_cfg, interpreter,
+            x_permuted=False, out=y[:head])
+    else:
+        y[:head] = _launch(x[:head], *args, interpreter=interpreter, path=head_cfg,
+                           act_group_size=act_group_size, rotation=rotation)
+    # The rest's few rows take the small-M paths, dispatched (and remembered) as any call.
+    y[head:] = _launch(x[head:], *args, interpreter=interpreter, act_group_size=act_group_size,
+                       rotation=rotation)
+    return y
 
 
 def _choose_i8(M: int, qweight: torch.Tensor, K: int, device: torch.device,
@@ -1859,9 +1911,10 @@ def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, 
 
 
 def _wg(a, qweight, scales, zeros, bias, bits, group_size, K, cfg, interpreter,
-        x_permuted: bool):
+        x_permuted: bool, out: Optional[torch.Tensor] = None):
     """The wg path on 16-bit activations `a`: x [M, K], or (`x_permuted`) quantized
-    activations dequantised and permuted per 128 channels ([M, K rounded up to 128])."""
+    activations dequantised and permuted per 128 channels ([M, K rounded up to 128]); y into
+    `out` where given (:func:`qlinear_wgmma.run`)."""
     # Only a forced `path` can ask for it where it does not run.
     if WG is None or interpreter or not WG.supported(
             bits, group_size, "none", a.dtype, qweight.shape[1], _device_capability(a.device)):
@@ -1870,7 +1923,7 @@ def _wg(a, qweight, scales, zeros, bias, bits, group_size, K, cfg, interpreter,
                          "activations, on an sm_90 GPU only; use another path "
                          "(choose_path picks one)")
     return WG.run(a, qweight, scales, zeros, bias, K, cfg, _tickets, x_permuted=x_permuted,
-                  bits=bits)
+                  bits=bits, out=out)
 
 
 def _dequantize_codes(codes: torch.Tensor, xs: torch.Tensor, act_group_size: int,

@@ -723,7 +723,8 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, XS, XSC, XD, M, N, K_PAD, K
 
 def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         zeros: Optional[torch.Tensor], bias, K: int, cfg: dict, tickets=None,
-        x_permuted: bool = False, bits: int = 4) -> torch.Tensor:
+        x_permuted: bool = False, bits: int = 4,
+        out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for 4- or 6-bit weights in groups of 128 (``qweight`` the packing's
     planes [K_PAD * bits / 32, N] int32, ``scales`` fp16 and ``zeros`` uint8 or None
     (symmetric) [K_PAD / 128, N]), x [M, K] bf16 or fp16 (or already
@@ -736,7 +737,8 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     overlaps the start of the next (False: plain stream order, as before session 22);
     SCALE_AFTER (q - z on the MMA, each K block's sum scaled in fp32) and with it XSUM (bf16
     x, permuted here: the operand M + q, and (M + z) times the block's sum of x, which x's
-    permutation also gives, taken off in fp32)."""
+    permutation also gives, taken off in fp32). `out`: an [M, N] tensor of x's dtype with
+    unit column stride (rows of a larger output) that the tiles write y into."""
     # PDL only behind this op's own permutation (see with_pdl), and not while Inductor launches
     # its own kernels with PDL (contract.inductor_pdl).
     pdl = bool(cfg.get("PDL", True)) and not x_permuted and contract.pdl_capable(x.device)
@@ -751,7 +753,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         xk = x if x_permuted else permute_x_blocks(x, pdl=pdl, pad_rows=pad)
         xs = scales  # unused
     return _launch_tiles(xk, xs, None, qweight, scales, zeros, bias, K, cfg, tickets, pdl, bits,
-                         xsum, x.dtype)
+                         xsum, x.dtype, out)
 
 
 def run_fp8(codes: torch.Tensor, sums: torch.Tensor, xscale: torch.Tensor,
@@ -823,9 +825,10 @@ def x_descriptor(xk: torch.Tensor, block_m: int):
 
 
 def _launch_tiles(xk, xs, xsc, qweight, scales, zeros, bias, K: int, cfg: dict, tickets,
-                  pdl: bool, bits: int, xsum: bool, out_dtype: torch.dtype) -> torch.Tensor:
+                  pdl: bool, bits: int, xsum: bool, out_dtype: torch.dtype,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The wg kernel's launch on x already in its block order (xk [M, K128]); xs: its block
-    sums (XSUM), xsc: its per-token scales (fp8 codes)."""
+    sums (XSUM), xsc: its per-token scales (fp8 codes); `out`: where y goes (:func:`run`)."""
     M = xk.shape[0]
     N = qweight.shape[1]
     kx = xk.shape[1]
@@ -834,7 +837,14 @@ def _launch_tiles(xk, xs, xsc, qweight, scales, zeros, bias, K: int, cfg: dict, 
     tiles_n, tiles_m = contract.cdiv(N, cfg["BLOCK_N"]), contract.cdiv(M, cfg["BLOCK_M"])
     tile_elems = cfg["BLOCK_N"] * cfg["BLOCK_M"]
     x = xk
-    y = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    if out is None:
+        y = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    elif out.shape != (M, N) or out.dtype != out_dtype or out.stride(1) != 1:
+        raise ValueError(f"q3n::qlinear: the wg path's out must be [{M}, {N}] {out_dtype} with "
+                         f"unit column stride, got {list(out.shape)} {out.dtype} stride "
+                         f"{out.stride()}")
+    else:
+        y = out
     stream = cfg.get("STREAM", 0)
     if (stream or split > 1) and tickets is None:
         raise ValueError("q3n::qlinear: the wg path's K split needs the ticket counters")
@@ -1087,6 +1097,45 @@ def max_m(N: int, K: int, bits: int, quantized: bool) -> int:
             if N * K >= entries:
                 return rows
     return MAX_M
+
+
+# Just past a whole number of 128-row tiles a second tile of rows unpacks the whole weight again
+# for as few as one row: 12288 x 4096 W4A16 took 0.0635 ms at 129 rows against 0.0385 at 128
+# (s39run1; 0.0639 at 129 in s40run1).
+# Where 4-bit weights with 16-bit x take WIDE256, the op then runs the whole tiles of rows and
+# the rest as two launches (path "rowsplit", :func:`q3n_compile.kernels.qlinear._launch_row_split`):
+# the weight is read twice, but the rest goes to the memory-bound small-M paths. s40run1
+# (bench_row_split.py, zero points, bf16 x, the split forced against the one launch, CUDA-graph
+# ms): WIDE256 in one wave, 12288 / 14336 x 4096, 1.18 / 1.14x at 129 rows, 1.15 / 1.10x at 144,
+# 1.05 / 1.01x at 152-160, 0.89-0.93x from 176; by stream-K, 28672 x 8192 1.33x at 129-136,
+# 1.17x at 160, 1.06x at 192, 0.95x at 224; past 256 rows the gain shrinks with the head's share
+# of the work: 28672 / 16384 x 8192 1.14 / 1.27x at 257, 1.04 / 1.15x at 288, 1.00 / 1.09x at
+# 320, 1.10 / 1.07x at 385, 0.97 / 0.98x at 448, 1.12 / 1.09x at 513; symmetric weights 1.08x
+# at 129 rows of 12288 x 4096 and 1.34x of 28672 x 8192. TALL weights (4096 x 12288) lost from
+# 136 rows (0.78-0.97x). Rest rows at most: one wave; stream-K after one tile; after more.
+ROW_SPLIT_REST, ROW_SPLIT_REST_STREAM, ROW_SPLIT_REST_STREAM_LATER = 16, 64, 32
+
+
+def row_split_head(M: int, N: int, K: int, sms: int, bits: int = 4,
+                   quantized: bool = False) -> int:
+    """The rows of the first of two launches that compute M rows of an N x K weight faster than
+    one, else 0: M rounded down to whole 128-row tiles where :func:`choose` gives WIDE256 at M
+    rows and the rest is at most :data:`ROW_SPLIT_REST` rows (WIDE256 in one wave), or
+    ROW_SPLIT_REST_STREAM (by stream-K, one tile of rows before the rest;
+    ROW_SPLIT_REST_STREAM_LATER after more); 4-bit weights with 16-bit x only (those
+    measured)."""
+    rest = M % 128
+    if not (M > 128 and rest and bits == 4 and not quantized):
+        return 0
+    cfg = choose(M, N, sms, bits=bits, K=K, quantized=quantized)
+    if cfg is None or cfg["BLOCK_N"] != WIDE256["BLOCK_N"] or cfg["BLOCK_M"] != 128:
+        return 0
+    head = M - rest
+    if not cfg.get("STREAM"):
+        most = ROW_SPLIT_REST
+    else:
+        most = ROW_SPLIT_REST_STREAM if head == 128 else ROW_SPLIT_REST_STREAM_LATER
+    return head if rest <= most else 0
 
 
 def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,

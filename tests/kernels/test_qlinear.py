@@ -192,6 +192,31 @@ def test_forced_paths(path, act):
     _check(x, pw, torch.randn(40, generator=gen).to(bf16), act=act, path=path)
 
 
+@pytest.mark.parametrize("M,head", [(37, 32), (34, 32), (20, 3)])
+@pytest.mark.parametrize("act,ag", [("none", Q.PER_TOKEN), ("int8", Q.PER_TOKEN), ("fp8", 32)])
+def test_forced_row_split(M, head, act, ag):
+    # The op as two launches (the rows' head, then the rest as dispatched): every path's rows
+    # are independent, so it is the op's function, bias on both parts.
+    gen = _gen(f"rowsplit{M}{head}{act}{ag}")
+    pw = _packed(gen, 40, 64, 4, 32, False)
+    x = torch.randn(M, 64, generator=gen).to(f16)
+    bias = torch.randn(40, generator=gen).to(f16)
+    out = _check(x, pw, bias, act=act, ag=ag, path=dict(path="rowsplit", HEAD=head))
+    whole = [_check(x[:head], pw, bias, act=act, ag=ag), _check(x[head:], pw, bias, act=act, ag=ag)]
+    assert torch.equal(out, torch.cat(whole))
+
+
+def test_row_split_refuses_a_head_outside_the_rows():
+    gen = _gen("rowsplitbad")
+    pw = _packed(gen, 40, 64, 4, 32, False)
+    x = torch.randn(5, 64, generator=gen)
+    for head in (0, 5, 2.0):
+        with pytest.raises(ValueError, match="rowsplit path's HEAD must be 1-4 rows of the 5"):
+            _check(x, pw, path=dict(path="rowsplit", HEAD=head))
+    with pytest.raises(ValueError, match="HEAD_PATH cannot split again"):
+        _check(x, pw, path=dict(path="rowsplit", HEAD=2, HEAD_PATH=dict(path="rowsplit")))
+
+
 @pytest.mark.parametrize("K", [70, 200])  # a row in one tile (read once); rows swept twice
 @pytest.mark.parametrize("act", ["int8", "fp8", "int12"])
 def test_activation_quantizer_matches_reference_exactly(act, K):

@@ -403,8 +403,9 @@ def test_dispatch_rule_on_sm90():
     pdl = {}
 
     def path(M, N, K=4096, dtype=bf16, act="none", bits=4, group=128, cap=(9, 0), sym=False):
+        # The one launch's tile (the op's row split: test_row_split_rule_on_sm90).
         cfg = Q.choose_path(M, N, K, bits, group, act, dtype, cuda, sm_count=132,
-                            capability=cap, symmetric=sym)
+                            capability=cap, symmetric=sym, allow_row_split=False)
         if cfg["path"] == "wg":
             pdl[M, N, K] = cfg.pop("PDL")
         return cfg
@@ -598,6 +599,49 @@ def test_decode_rule_on_sm90():
     assert WG.choose_decode(16, 28672, 8192, 132, bf16=False) is None
 
 
+def test_row_split_rule_on_sm90():
+    # Just past whole 128-row tiles of 4-bit weights that take WIDE256 (16-bit x): the whole
+    # tiles and the rest as two launches (s40run1), to 16 rest rows in one wave, by stream-K 64
+    # after one tile of rows and 32 after more.
+    cuda = torch.device("cuda")
+
+    def path(M, N, K, dtype=bf16, act="none", bits=4, sym=False, **kw):
+        return Q.choose_path(M, N, K, bits, 128, act, dtype, cuda, sm_count=132,
+                             capability=(9, 0), symmetric=sym, **kw)
+
+    for M, N, K, kw in [(129, 12288, 4096, {}), (144, 12288, 4096, {}),
+                        (136, 14336, 4096, dict(sym=True)), (129, 12288, 4096, dict(dtype=f16)),
+                        (129, 28672, 8192, {}), (192, 28672, 8192, dict(sym=True)),
+                        (257, 28672, 8192, {}), (288, 16384, 8192, {}),
+                        (641, 28672, 8192, dict(dtype=f16))]:
+        cfg = path(M, N, K, **kw)
+        head = M - M % 128
+        assert cfg["path"] == "rowsplit" and cfg["HEAD"] == head, (M, N, K, kw, cfg)
+        assert cfg["HEAD_PATH"] == path(head, N, K, **kw), (M, N, K, kw)
+        assert cfg["HEAD_PATH"]["path"] == "wg"
+    assert path(129, 12288, 4096)["HEAD_PATH"]["X_TMA"]  # 128 rows: WIDE_TMA
+    assert not path(129, 12288, 4096, sym=True)["HEAD_PATH"].get("X_TMA")
+    assert path(257, 28672, 8192)["HEAD_PATH"]["BLOCK_N"] == 256
+    # More rest rows, whole tiles, TALL/WIDE weights, 6-bit weights, quantized x, past the
+    # tile's rows.
+    assert path(145, 12288, 4096) == path(145, 12288, 4096, allow_row_split=False)
+    assert path(145, 12288, 4096)["BLOCK_N"] == 256
+    for case in [dict(M=193, N=28672, K=8192), dict(M=256, N=28672, K=8192),
+                 dict(M=289, N=28672, K=8192), dict(M=448, N=16384, K=8192),
+                 dict(M=128, N=28672, K=8192), dict(M=129, N=4096, K=12288),
+                 dict(M=129, N=4096, K=4096), dict(M=129, N=12288, K=4096, bits=6),
+                 dict(M=129, N=12288, K=4096, act="int8"), dict(M=129, N=28672, K=8192,
+                                                                act="fp8"),
+                 dict(M=257, N=12288, K=4096), dict(M=769, N=28672, K=8192)]:
+        assert path(**case)["path"] != "rowsplit", case
+    cfg = path(129, 12288, 4096, allow_row_split=False)
+    assert cfg["path"] == "wg" and cfg["BLOCK_N"] == 256, cfg
+    assert WG.row_split_head(129, 12288, 4096, 132) == 128
+    assert WG.row_split_head(192, 28672, 8192, 132) == 128
+    assert WG.row_split_head(161, 12288, 4096, 132) == 0
+    assert WG.row_split_head(140, 12288, 4096, 132, quantized=True) == 0
+
+
 def test_forced_wg_path_refuses_the_interpreter():
     gen = _gen("wginterp")
     pw = _packed(gen, 64, 128, 4, 128, False)
@@ -605,6 +649,39 @@ def test_forced_wg_path_refuses_the_interpreter():
     with pytest.raises(ValueError, match="wg path .* sm_90 GPU only"):
         Q._launch(x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128, 128, "none",
                   interpreter=True, path=dict(WG.SMALL, path="wg", SPLIT_K=1))
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K", [(129, 12288, 4096), (144, 12288, 4096), (130, 28672, 8192),
+                                   (191, 28672, 8192), (263, 28672, 8192)])
+@pytest.mark.parametrize("dtype,sym,bias", [(bf16, False, False), (bf16, False, True),
+                                            (f16, True, True)])
+def test_gpu_dispatched_row_split_against_float64(M, N, K, dtype, sym, bias):
+    # As dispatched: the whole tiles written by the wg kernel into the output's first rows,
+    # the rest on the small-M paths.
+    cfg = Q.choose_path(M, N, K, 4, 128, "none", dtype, torch.device("cuda"), symmetric=sym)
+    assert cfg["path"] == "rowsplit" and cfg["HEAD"] == M - M % 128, cfg
+    gen = _gen(f"wgrowsplit{M}{N}{K}{dtype}{sym}{bias}")
+    pw = _packed(gen, N, K, 4, 128, sym, device="cuda")
+    x = torch.randn(M, K, generator=gen).to(dtype).cuda()
+    b = torch.randn(N, generator=gen).to(dtype).cuda() if bias else None
+    out = check_against_float64(x, pw, b)
+    one = Q._launch(x, pw.qweight, pw.scales, pw.zeros, b, None, 4, 128, K, "none",
+                    interpreter=False,
+                    path=Q.choose_path(M, N, K, 4, 128, "none", dtype, x.device, symmetric=sym,
+                                       allow_row_split=False))
+    # Same function as the one launch, up to its summation order and 16-bit rounding.
+    assert (out.float() - one.float()).abs().max() <= TOL[dtype] * one.float().abs().max()
+
+
+def test_wg_out_must_be_rows_of_y():
+    pw = _packed(_gen("wgout"), 64, 128, 4, 128, False)
+    x = torch.randn(3, 128).to(bf16)
+    with pytest.raises(ValueError, match=r"out must be \[3, 64\] torch.bfloat16"):
+        WG._launch_tiles(x, x, None, pw.qweight, pw.scales, pw.zeros, None, 128,
+                         dict(WG.SMALL, SPLIT_K=1), None, False, 4, False, bf16,
+                         out=torch.empty(3, 64, dtype=f16))
 
 
 # N a multiple of 16 but not of the tiles' 64/128 columns; K of 1-32 blocks, splits uneven and
