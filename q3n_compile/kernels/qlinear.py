@@ -137,9 +137,11 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   of 4-bit weights with 16-bit x where ``wg`` takes 128 x 256 tiles
   (:func:`qlinear_wgmma.row_split_head`), the whole tiles of rows on ``wg`` (written straight
   into the output's first rows) and the rest as a call of its own (the small-M paths), rather
-  than one more tile of rows that unpacks the whole weight again for those few: W4A16 1.10-1.18x
-  the one launch at 129-144 rows of 12288 / 14336 x 4096, 1.06-1.33x at 129-192 rows of
-  28672 x 8192 (s40run1). Rows are independent in every path, so the function is the op's.
+  than one more tile of rows that unpacks the whole weight again for those few: W4A16 (bf16 x,
+  zero points) 1.10-1.18x the one launch at 129-144 rows of 12288 / 14336 x 4096, 1.06-1.33x
+  at 129-192 rows of 28672 x 8192 (s40run1-3; symmetric weights and fp16 x over fewer rows,
+  :data:`qlinear_wgmma.ROW_SPLIT_REST`). Rows are independent in every path, so the function
+  is the op's.
 
 Every K block of the gemv and mm kernels lies in one weight group and one activation group:
 :func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which
@@ -1324,7 +1326,8 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
                and C8.eligible(N, K, bits, group_size, act, dtype, fp8, act_group_size) is None)
     if allow_wg and WG is not None and WG.supported(
             bits, group_size, act, dtype, N, capability or _device_capability(device)):
-        head = WG.row_split_head(M, N, K, sms, bits, quantized=act != "none") \
+        head = WG.row_split_head(M, N, K, sms, bits, quantized=act != "none",
+                                 symmetric=symmetric, bf16=dtype == torch.bfloat16) \
             if allow_row_split else 0
         if head:
             return dict(path="rowsplit", HEAD=head, HEAD_PATH=choose_path(

@@ -601,8 +601,9 @@ def test_decode_rule_on_sm90():
 
 def test_row_split_rule_on_sm90():
     # Just past whole 128-row tiles of 4-bit weights that take WIDE256 (16-bit x): the whole
-    # tiles and the rest as two launches (s40run1), to 16 rest rows in one wave, by stream-K 64
-    # after one tile of rows and 32 after more.
+    # tiles and the rest as two launches (s40run1-2), to 16 rest rows in one wave (8 for
+    # symmetric weights), by stream-K with bf16 x 64 after one tile of rows and 32 after more,
+    # with fp16 x 16.
     cuda = torch.device("cuda")
 
     def path(M, N, K, dtype=bf16, act="none", bits=4, sym=False, **kw):
@@ -610,10 +611,10 @@ def test_row_split_rule_on_sm90():
                              capability=(9, 0), symmetric=sym, **kw)
 
     for M, N, K, kw in [(129, 12288, 4096, {}), (144, 12288, 4096, {}),
-                        (136, 14336, 4096, dict(sym=True)), (129, 12288, 4096, dict(dtype=f16)),
+                        (136, 14336, 4096, dict(sym=True)), (144, 12288, 4096, dict(dtype=f16)),
                         (129, 28672, 8192, {}), (192, 28672, 8192, dict(sym=True)),
                         (257, 28672, 8192, {}), (288, 16384, 8192, {}),
-                        (641, 28672, 8192, dict(dtype=f16))]:
+                        (144, 28672, 8192, dict(dtype=f16)), (641, 28672, 8192, dict(dtype=f16))]:
         cfg = path(M, N, K, **kw)
         head = M - M % 128
         assert cfg["path"] == "rowsplit" and cfg["HEAD"] == head, (M, N, K, kw, cfg)
@@ -627,6 +628,8 @@ def test_row_split_rule_on_sm90():
     assert path(145, 12288, 4096) == path(145, 12288, 4096, allow_row_split=False)
     assert path(145, 12288, 4096)["BLOCK_N"] == 256
     for case in [dict(M=193, N=28672, K=8192), dict(M=256, N=28672, K=8192),
+                 dict(M=137, N=12288, K=4096, sym=True), dict(M=145, N=28672, K=8192, dtype=f16),
+                 dict(M=145, N=12288, K=4096, dtype=f16),
                  dict(M=289, N=28672, K=8192), dict(M=448, N=16384, K=8192),
                  dict(M=128, N=28672, K=8192), dict(M=129, N=4096, K=12288),
                  dict(M=129, N=4096, K=4096), dict(M=129, N=12288, K=4096, bits=6),
@@ -640,6 +643,9 @@ def test_row_split_rule_on_sm90():
     assert WG.row_split_head(192, 28672, 8192, 132) == 128
     assert WG.row_split_head(161, 12288, 4096, 132) == 0
     assert WG.row_split_head(140, 12288, 4096, 132, quantized=True) == 0
+    assert WG.row_split_head(136, 12288, 4096, 132, symmetric=True) == 128
+    assert WG.row_split_head(137, 12288, 4096, 132, symmetric=True) == 0
+    assert WG.row_split_head(160, 28672, 8192, 132, bf16=False) == 0
 
 
 def test_forced_wg_path_refuses_the_interpreter():
@@ -653,10 +659,12 @@ def test_forced_wg_path_refuses_the_interpreter():
 
 @needs_hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("M,N,K", [(129, 12288, 4096), (144, 12288, 4096), (130, 28672, 8192),
-                                   (191, 28672, 8192), (263, 28672, 8192)])
-@pytest.mark.parametrize("dtype,sym,bias", [(bf16, False, False), (bf16, False, True),
-                                            (f16, True, True)])
+@pytest.mark.parametrize("M,N,K,dtype,sym,bias", [
+    (129, 12288, 4096, bf16, False, False), (144, 12288, 4096, bf16, False, True),
+    (136, 12288, 4096, f16, True, True), (129, 14336, 4096, bf16, True, True),
+    (130, 28672, 8192, bf16, False, True), (191, 28672, 8192, bf16, True, False),
+    (263, 28672, 8192, bf16, False, True), (144, 28672, 8192, f16, False, False),
+    (257, 16384, 8192, f16, True, True)])
 def test_gpu_dispatched_row_split_against_float64(M, N, K, dtype, sym, bias):
     # As dispatched: the whole tiles written by the wg kernel into the output's first rows,
     # the rest on the small-M paths.
