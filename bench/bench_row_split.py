@@ -1,8 +1,8 @@
 """The op's row split (path "rowsplit", :func:`q3n_compile.kernels.qlinear_wgmma.row_split_head`)
-measured: W4A16 g128 just past whole 128-row tiles as the op dispatches it, as one launch (the
-tile rule alone, ``allow_row_split=False``) and as the split forced at every M (the whole tiles
-of rows, then the rest), against ``F.linear`` in x's dtype (bf16, or fp16 with ``--dtype``;
-the column is named bf16_ms either way), on one GPU.
+measured: W4A16 g128 (other formats with ``--bits`` / ``--act``) just past whole 128-row tiles
+as the op dispatches it, as one launch (the tile rule alone, ``allow_row_split=False``) and as
+the split forced at every M (the whole tiles of rows, then the rest), against ``F.linear`` in
+x's dtype (bf16, or fp16 with ``--dtype``; the column is named bf16_ms either way), on one GPU.
 
 Why: from 129 rows the wg rule's tiles hold 128 rows of x each, so a second tile of rows unpacks
 the whole weight again for as little as one row (12288 x 4096: 0.0635 ms at 129 rows against
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import bench_qlinear as BQ  # noqa: E402
 from q3n_compile.kernels import qlinear as Q  # noqa: E402
 
-BITS, GROUP = 4, 128
+GROUP = 128
 
 
 def main():
@@ -37,6 +37,8 @@ def main():
     ap.add_argument("--ms", type=int, nargs="+", default=[129, 136, 144, 160, 192])
     ap.add_argument("--nk", nargs="+", default=["12288x4096", "28672x8192", "4096x12288"])
     ap.add_argument("--sym", action="store_true", help="symmetric weights (no zero points)")
+    ap.add_argument("--bits", type=int, choices=[4, 6], default=4)
+    ap.add_argument("--act", choices=["none", "int8", "fp8", "int12"], default="none")
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16",
                     help="x's dtype (and the F.linear peer's)")
     args = ap.parse_args()
@@ -49,18 +51,19 @@ def main():
     rows = []
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
     for N, K, M, x, bf16 in BQ.bf16_cases(gen, args.nk, args.ms, dtype):
-        pw = BQ.random_packed(gen, N, K, BITS, GROUP, args.sym)
-        fmt = (pw.qweight, pw.scales, pw.zeros, None, None, BITS, GROUP, K, "none")
+        pw = BQ.random_packed(gen, N, K, args.bits, GROUP, args.sym)
+        fmt = (pw.qweight, pw.scales, pw.zeros, None, None, args.bits, GROUP, K, args.act)
         head = M - M % 128
-        one_path = Q.choose_path(M, N, K, BITS, GROUP, "none", x.dtype, x.device,
+        one_path = Q.choose_path(M, N, K, args.bits, GROUP, args.act, x.dtype, x.device,
                                  symmetric=args.sym, allow_row_split=False)
         split_path = dict(path="rowsplit", HEAD=head)
 
         def launch(path):
             return lambda: Q._launch(x, *fmt, interpreter=False, path=path)
 
-        row = dict(N=N, K=K, M=M, sym=args.sym, dtype=args.dtype, bf16_ms=bf16,
-                   path=Q.choose_path(M, N, K, BITS, GROUP, "none", x.dtype, x.device,
+        row = dict(N=N, K=K, M=M, bits=args.bits, act=args.act, sym=args.sym,
+                   dtype=args.dtype, bf16_ms=bf16,
+                   path=Q.choose_path(M, N, K, args.bits, GROUP, args.act, x.dtype, x.device,
                                       symmetric=args.sym),
                    one_path=one_path,
                    split_rel_err_vs_one=BQ.rel_err(launch(split_path)(), launch(one_path)()))

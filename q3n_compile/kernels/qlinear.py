@@ -134,14 +134,14 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   fp32), ahead of gemv1p and mmT there: W4A16 on 28672 x 8192 1.13x the GEMV at one row and
   1.42-1.49x mmT at 4-32 rows (s24run4).
 - ``rowsplit`` (:func:`_launch_row_split`, since session 40): just past whole 128-row tiles
-  of 4-bit weights with 16-bit x where ``wg`` takes 128 x 256 tiles
-  (:func:`qlinear_wgmma.row_split_head`), the whole tiles of rows on ``wg`` (written straight
-  into the output's first rows) and the rest as a call of its own (the small-M paths), rather
-  than one more tile of rows that unpacks the whole weight again for those few: W4A16 (bf16 x,
-  zero points) 1.10-1.18x the one launch at 129-144 rows of 12288 / 14336 x 4096, 1.06-1.33x
-  at 129-192 rows of 28672 x 8192 (s40run1-3; symmetric weights and fp16 x over fewer rows,
-  :data:`qlinear_wgmma.ROW_SPLIT_REST`). Rows are independent in every path, so the function
-  is the op's.
+  of wide 4- and 6-bit weights on ``wg`` (:func:`qlinear_wgmma.row_split_head`), the whole
+  tiles of rows on ``wg`` (written straight into the output's first rows) and the rest as a
+  call of its own (the small-M paths), rather than one more tile of rows that unpacks the
+  whole weight again for those few: W4A16 (bf16 x, zero points) 1.10-1.18x the one launch at
+  129-144 rows of 12288 / 14336 x 4096, 1.06-1.33x at 129-192 rows of 28672 x 8192; W4A8
+  1.04-1.29x, W6A12 1.04-1.20x (s40run1-4; fewer rest rows for symmetric weights, fp16 x and
+  6-bit weights, :data:`qlinear_wgmma.ROW_SPLIT_REST`). Rows are independent in every path,
+  so the function is the op's. ``q3n::qlinear_codes`` does not split.
 
 Every K block of the gemv and mm kernels lies in one weight group and one activation group:
 :func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which
@@ -1327,8 +1327,8 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     if allow_wg and WG is not None and WG.supported(
             bits, group_size, act, dtype, N, capability or _device_capability(device)):
         head = WG.row_split_head(M, N, K, sms, bits, quantized=act != "none",
-                                 symmetric=symmetric, bf16=dtype == torch.bfloat16) \
-            if allow_row_split else 0
+                                 symmetric=symmetric, bf16=dtype == torch.bfloat16,
+                                 cublas8=cublas8) if allow_row_split else 0
         if head:
             return dict(path="rowsplit", HEAD=head, HEAD_PATH=choose_path(
                 head, N, K, bits, group_size, act, dtype, device, sm_count=sms,
@@ -1739,9 +1739,13 @@ def _launch_row_split(x, qweight, scales, zeros, bias, smooth, bits, group_size,
         raise ValueError("q3n::qlinear: the rowsplit path's HEAD_PATH cannot split again")
     y = torch.empty((M, P.out_features(qweight)), dtype=x.dtype, device=x.device)
     args = (qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act)
-    if head_cfg["path"] == "wg" and act == "none":
-        _wg(x[:head], qweight, scales, zeros, bias, bits, group_size, K, head_cfg, interpreter,
-            x_permuted=False, out=y[:head])
+    if head_cfg["path"] == "wg":
+        a = x[:head]
+        if act != "none":  # as _launch runs the wg path: quantised, dequantised and permuted
+            a, _ = quantize_activations_triton(a, act, smooth, interpreter, act_group_size,
+                                               dequant=True, perm128=True, rotation=rotation)
+        _wg(a, qweight, scales, zeros, bias, bits, group_size, K, head_cfg, interpreter,
+            x_permuted=act != "none", out=y[:head])
     else:
         y[:head] = _launch(x[:head], *args, interpreter=interpreter, path=head_cfg,
                            act_group_size=act_group_size, rotation=rotation)
@@ -2515,13 +2519,15 @@ def _qlinear_codes_launch(codes, xscales, qweight, scales, zeros, bias, bits, gr
             raise ValueError(f"q3n::qlinear_codes: {reason}")
         # Where mmT reads the codes themselves (one launch a sibling linear of a fused norm,
         # s14run7) it keeps them: the wg path would dequantise them in a pass of its own first
-        # (not measured against it at 49-64 rows).
+        # (not measured against it at 49-64 rows). The row split is the op's only (codes and
+        # their scales would need splitting alike; not built).
         reads = mmT_reads_codes(codes.shape[0]) and act_group_size in SW.CODE_ACT_GROUPS
         cfg = path or _choose_i8(codes.shape[0], qweight, codes.shape[1], codes.device,
                                  interpreter) or \
             choose_path(codes.shape[0], qweight.shape[1], codes.shape[1], bits, group_size, act,
                         out_dtype, codes.device, interpreter=interpreter,
-                        act_group_size=act_group_size, allow_wg=not reads)
+                        act_group_size=act_group_size, allow_wg=not reads,
+                        allow_row_split=False)
         _remember_path(key, cfg)
     M, K = codes.shape
     N = P.out_features(qweight)

@@ -1101,11 +1101,11 @@ def max_m(N: int, K: int, bits: int, quantized: bool) -> int:
 
 # Just past a whole number of 128-row tiles a second tile of rows unpacks the whole weight again
 # for as few as one row: 12288 x 4096 W4A16 took 0.0635 ms at 129 rows against 0.0385 at 128
-# (s39run1; 0.0639 at 129 in s40run1). Where 4-bit weights with 16-bit x take WIDE256, the op
-# then runs the whole tiles of rows and the rest as two launches (path "rowsplit",
-# :func:`q3n_compile.kernels.qlinear._launch_row_split`): the weight is read twice, but the
-# rest goes to the memory-bound small-M paths. bench_row_split.py, the split forced against the
-# one launch, CUDA-graph ms (s40run1-2):
+# (s39run1; 0.0639 at 129 in s40run1). On wide weights (WIDE256 for 4-bit weights, WIDE by
+# stream-K for 6-bit ones), the op then runs the whole tiles of rows and the rest as two
+# launches (path "rowsplit", :func:`q3n_compile.kernels.qlinear._launch_row_split`): the weight
+# is read twice, but the rest goes to the memory-bound small-M paths. bench_row_split.py, the
+# split forced against the one launch, CUDA-graph ms (s40run1-4):
 # - zero points, bf16 x: WIDE256 in one wave (12288 / 14336 x 4096) 1.18 / 1.14x at 129 rows,
 #   1.15 / 1.10x at 144, 1.05 / 1.01x at 152-160, 0.89-0.93x from 176; by stream-K (28672 x
 #   8192) 1.33x at 129-136, 1.17x at 160, 1.06x at 192, 0.95x at 224; past 256 rows the gain
@@ -1118,30 +1118,43 @@ def max_m(N: int, K: int, bits: int, quantized: bool) -> int:
 # - fp16 x (the rest's 2-32 rows on mmT: the decode tiles take bf16 only): 12288 x 4096 1.16 /
 #   1.06 / 1.02x at 129 / 136 / 144, 0.96x at 160; 28672 x 8192 1.26 / 1.11 / 1.08x at 129 /
 #   136 / 144, 0.97x at 160, 1.08x at 192.
+# - 8-bit activations (s40run4, zero points, bf16 x; the head's x quantized and dequantised for
+#   the tile): W4A8 fp8 / int8 on 12288 x 4096 1.10 / 1.13x at 129 rows, 1.04 / 1.05x at 144,
+#   0.94 / 0.95x at 160; on 28672 x 8192 1.27x at 129, 1.24-1.25x at 144, 1.16x at 160,
+#   1.04-1.05x at 192.
+# - 6-bit weights (s40run4; WIDE by stream-K at 129-256 rows of both): W6A12 / W6A16 on 12288 x
+#   4096 1.04 / 1.03x at 129 rows, 1.08 / 1.13x at 136, 1.08 / 1.10x at 144, 0.90 / 0.92x at
+#   160; on 28672 x 8192 1.18-1.20x at 129-144, 0.93 / 0.94x at 160, 0.97 / 0.98x at 192.
 # TALL weights (4096 x 12288) lost from 136 rows (0.78-0.97x). Past the tile's rows (the
 # dequant path, s40run2) 256 rows on the tile and the rest ran 1.12-1.17x at 257-272 rows of
 # 4096 x 12288 and 1.10x at 257-288 of 14336 x 4096 but 0.91-0.96x on 12288 x 4096 and
-# 0.85-1.09x on 4096^2: not dispatched (no rule found that holds). Rest rows at most: WIDE256 in
-# one wave (zero points; symmetric); by stream-K with bf16 x (after one tile of rows; after
-# more); with fp16 x.
+# 0.85-1.09x on 4096^2: not dispatched (no rule found that holds). Rest rows at most, for 4-bit
+# weights: WIDE256 in one wave (zero points; symmetric); by stream-K with bf16 x (after one
+# tile of rows; after more); with fp16 x; for 6-bit weights.
 ROW_SPLIT_REST, ROW_SPLIT_REST_SYM = 16, 8
 ROW_SPLIT_REST_STREAM, ROW_SPLIT_REST_STREAM_LATER, ROW_SPLIT_REST_STREAM_F16 = 64, 32, 16
+ROW_SPLIT_REST_W6 = 16
 
 
 def row_split_head(M: int, N: int, K: int, sms: int, bits: int = 4, quantized: bool = False,
-                   symmetric: bool = False, bf16: bool = True) -> int:
+                   symmetric: bool = False, bf16: bool = True, cublas8: bool = False) -> int:
     """The rows of the first of two launches that compute M rows of an N x K weight faster than
-    one, else 0: M rounded down to whole 128-row tiles where :func:`choose` gives WIDE256 at M
-    rows and the rest is at most the ROW_SPLIT_REST* rows that case measured faster: 4-bit
-    weights with 16-bit x (`bf16` False: fp16) only."""
+    one, else 0: M rounded down to whole 128-row tiles where the weight is wide (its 128-column
+    tiles at least :data:`WAVE_FILL` of the SMs), :func:`choose` (with `cublas8` as the
+    dispatch gives it) takes 128-row tiles at M rows, and the rest is at most the
+    ROW_SPLIT_REST* rows that case measured faster: 4- and 6-bit weights, 16-bit x (`bf16`
+    False: fp16) or `quantized` activations."""
     rest = M % 128
-    if not (M > 128 and rest and bits == 4 and not quantized):
+    if not (M > 128 and rest and bits in (4, 6)
+            and contract.cdiv(N, 128) >= WAVE_FILL * sms):
         return 0
-    cfg = choose(M, N, sms, bits=bits, K=K, quantized=quantized, symmetric=symmetric)
-    if cfg is None or cfg["BLOCK_N"] != WIDE256["BLOCK_N"] or cfg["BLOCK_M"] != 128:
+    cfg = choose(M, N, sms, cublas8, bits=bits, K=K, quantized=quantized, symmetric=symmetric)
+    if cfg is None or cfg["BLOCK_M"] != 128:
         return 0
     head = M - rest
-    if not cfg.get("STREAM"):
+    if bits == 6:
+        most = ROW_SPLIT_REST_W6
+    elif not cfg.get("STREAM"):
         most = ROW_SPLIT_REST_SYM if symmetric else ROW_SPLIT_REST
     elif not bf16:
         most = ROW_SPLIT_REST_STREAM_F16

@@ -600,10 +600,10 @@ def test_decode_rule_on_sm90():
 
 
 def test_row_split_rule_on_sm90():
-    # Just past whole 128-row tiles of 4-bit weights that take WIDE256 (16-bit x): the whole
-    # tiles and the rest as two launches (s40run1-2), to 16 rest rows in one wave (8 for
-    # symmetric weights), by stream-K with bf16 x 64 after one tile of rows and 32 after more,
-    # with fp16 x 16.
+    # Just past whole 128-row tiles of wide 4- and 6-bit weights: the whole tiles and the rest
+    # as two launches (s40run1-4); 4-bit weights to 16 rest rows in one wave (8 for symmetric
+    # weights), by stream-K with bf16 x 64 after one tile of rows and 32 after more, with fp16
+    # x 16; 6-bit weights to 16; 8-bit activations alike.
     cuda = torch.device("cuda")
 
     def path(M, N, K, dtype=bf16, act="none", bits=4, sym=False, **kw):
@@ -614,7 +614,10 @@ def test_row_split_rule_on_sm90():
                         (136, 14336, 4096, dict(sym=True)), (144, 12288, 4096, dict(dtype=f16)),
                         (129, 28672, 8192, {}), (192, 28672, 8192, dict(sym=True)),
                         (257, 28672, 8192, {}), (288, 16384, 8192, {}),
-                        (144, 28672, 8192, dict(dtype=f16)), (641, 28672, 8192, dict(dtype=f16))]:
+                        (144, 28672, 8192, dict(dtype=f16)), (641, 28672, 8192, dict(dtype=f16)),
+                        (144, 12288, 4096, dict(act="fp8")), (192, 28672, 8192, dict(act="int8")),
+                        (129, 12288, 4096, dict(bits=6, act="int12")),
+                        (144, 28672, 8192, dict(bits=6))]:
         cfg = path(M, N, K, **kw)
         head = M - M % 128
         assert cfg["path"] == "rowsplit" and cfg["HEAD"] == head, (M, N, K, kw, cfg)
@@ -632,9 +635,11 @@ def test_row_split_rule_on_sm90():
                  dict(M=145, N=12288, K=4096, dtype=f16),
                  dict(M=289, N=28672, K=8192), dict(M=448, N=16384, K=8192),
                  dict(M=128, N=28672, K=8192), dict(M=129, N=4096, K=12288),
-                 dict(M=129, N=4096, K=4096), dict(M=129, N=12288, K=4096, bits=6),
-                 dict(M=129, N=12288, K=4096, act="int8"), dict(M=129, N=28672, K=8192,
-                                                                act="fp8"),
+                 dict(M=129, N=4096, K=4096), dict(M=145, N=12288, K=4096, bits=6),
+                 dict(M=160, N=28672, K=8192, bits=6, act="int12"),
+                 dict(M=145, N=12288, K=4096, act="int8"), dict(M=129, N=5120, K=5120, bits=6),
+                 dict(M=129, N=12288, K=4096, bits=5, act="int8"),
+                 dict(M=129, N=4096, K=12288, act="fp8"),
                  dict(M=257, N=12288, K=4096), dict(M=769, N=28672, K=8192)]:
         assert path(**case)["path"] != "rowsplit", case
     cfg = path(129, 12288, 4096, allow_row_split=False)
@@ -642,7 +647,10 @@ def test_row_split_rule_on_sm90():
     assert WG.row_split_head(129, 12288, 4096, 132) == 128
     assert WG.row_split_head(192, 28672, 8192, 132) == 128
     assert WG.row_split_head(161, 12288, 4096, 132) == 0
-    assert WG.row_split_head(140, 12288, 4096, 132, quantized=True) == 0
+    assert WG.row_split_head(140, 12288, 4096, 132, quantized=True) == 128
+    assert WG.row_split_head(150, 12288, 4096, 132, quantized=True) == 0
+    # Where cublas8 takes the call and K > 8192, the tile rule gives none at 129-192 rows.
+    assert WG.row_split_head(129, 28672, 16384, 132, quantized=True, cublas8=True) == 0
     assert WG.row_split_head(136, 12288, 4096, 132, symmetric=True) == 128
     assert WG.row_split_head(137, 12288, 4096, 132, symmetric=True) == 0
     assert WG.row_split_head(160, 28672, 8192, 132, bf16=False) == 0
@@ -659,28 +667,51 @@ def test_forced_wg_path_refuses_the_interpreter():
 
 @needs_hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("M,N,K,dtype,sym,bias", [
-    (129, 12288, 4096, bf16, False, False), (144, 12288, 4096, bf16, False, True),
-    (136, 12288, 4096, f16, True, True), (129, 14336, 4096, bf16, True, True),
-    (130, 28672, 8192, bf16, False, True), (191, 28672, 8192, bf16, True, False),
-    (263, 28672, 8192, bf16, False, True), (144, 28672, 8192, f16, False, False),
-    (257, 16384, 8192, f16, True, True)])
-def test_gpu_dispatched_row_split_against_float64(M, N, K, dtype, sym, bias):
+@pytest.mark.parametrize("M,N,K,dtype,sym,bias,bits,act", [
+    (129, 12288, 4096, bf16, False, False, 4, "none"),
+    (144, 12288, 4096, bf16, False, True, 4, "none"),
+    (136, 12288, 4096, f16, True, True, 4, "none"),
+    (129, 14336, 4096, bf16, True, True, 4, "none"),
+    (130, 28672, 8192, bf16, False, True, 4, "none"),
+    (191, 28672, 8192, bf16, True, False, 4, "none"),
+    (263, 28672, 8192, bf16, False, True, 4, "none"),
+    (144, 28672, 8192, f16, False, False, 4, "none"),
+    (257, 16384, 8192, f16, True, True, 4, "none"),
+    (136, 12288, 4096, bf16, False, True, 4, "fp8"),
+    (190, 28672, 8192, bf16, False, False, 4, "int8"),
+    (129, 12288, 4096, bf16, False, True, 6, "int12"),
+    (144, 28672, 8192, f16, True, False, 6, "none")])
+def test_gpu_dispatched_row_split_against_float64(M, N, K, dtype, sym, bias, bits, act):
     # As dispatched: the whole tiles written by the wg kernel into the output's first rows,
     # the rest on the small-M paths.
-    cfg = Q.choose_path(M, N, K, 4, 128, "none", dtype, torch.device("cuda"), symmetric=sym)
+    cfg = Q.choose_path(M, N, K, bits, 128, act, dtype, torch.device("cuda"), symmetric=sym)
     assert cfg["path"] == "rowsplit" and cfg["HEAD"] == M - M % 128, cfg
-    gen = _gen(f"wgrowsplit{M}{N}{K}{dtype}{sym}{bias}")
-    pw = _packed(gen, N, K, 4, 128, sym, device="cuda")
+    gen = _gen(f"wgrowsplit{M}{N}{K}{dtype}{sym}{bias}{bits}{act}")
+    pw = _packed(gen, N, K, bits, 128, sym, device="cuda")
     x = torch.randn(M, K, generator=gen).to(dtype).cuda()
     b = torch.randn(N, generator=gen).to(dtype).cuda() if bias else None
-    out = check_against_float64(x, pw, b)
-    one = Q._launch(x, pw.qweight, pw.scales, pw.zeros, b, None, 4, 128, K, "none",
+    out = check_against_float64(x, pw, b, act=act)
+    one = Q._launch(x, pw.qweight, pw.scales, pw.zeros, b, None, bits, 128, K, act,
                     interpreter=False,
-                    path=Q.choose_path(M, N, K, 4, 128, "none", dtype, x.device, symmetric=sym,
+                    path=Q.choose_path(M, N, K, bits, 128, act, dtype, x.device, symmetric=sym,
                                        allow_row_split=False))
     # Same function as the one launch, up to its summation order and 16-bit rounding.
     assert (out.float() - one.float()).abs().max() <= TOL[dtype] * one.float().abs().max()
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,act", [(4, "int8"), (4, "fp8"), (6, "int12"), (6, "none")])
+@pytest.mark.parametrize("M,N,K", [(131, 12288, 4096), (200, 28672, 8192)])
+def test_gpu_forced_row_split_of_other_formats_against_float64(bits, act, M, N, K):
+    # The split forced for 6-bit weights and quantized activations: the head's activations
+    # quantized, dequantised and permuted for the wg tile, written into the output's rows.
+    assert Q.choose_path(128, N, K, bits, 128, act, bf16, torch.device("cuda"))["path"] == "wg"
+    gen = _gen(f"wgrowsplitfmt{bits}{act}{M}{N}{K}")
+    pw = _packed(gen, N, K, bits, 128, False, device="cuda")
+    x = torch.randn(M, K, generator=gen).to(bf16).cuda()
+    b = torch.randn(N, generator=gen).to(bf16).cuda()
+    check_against_float64(x, pw, b, act=act, path=dict(path="rowsplit", HEAD=128))
 
 
 def test_wg_out_must_be_rows_of_y():
