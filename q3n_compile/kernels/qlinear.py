@@ -139,7 +139,7 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   call of its own (the small-M paths), rather than one more tile of rows that unpacks the
   whole weight again for those few: W4A16 (bf16 x, zero points) 1.10-1.18x the one launch at
   129-144 rows of 12288 / 14336 x 4096, 1.06-1.33x at 129-192 rows of 28672 x 8192; W4A8
-  1.04-1.29x, W6A12 1.04-1.20x (s40run1-4; fewer rest rows for symmetric weights, fp16 x and
+  1.04-1.29x, W6A12 1.03-1.20x (s40run1-5; fewer rest rows for symmetric weights, fp16 x and
   6-bit weights, :data:`qlinear_wgmma.ROW_SPLIT_REST`). Rows are independent in every path,
   so the function is the op's. ``q3n::qlinear_codes`` does not split.
 
