@@ -1298,8 +1298,9 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     weights with bf16 x (:func:`qlinear_wgmma.choose_decode`);
     `allow_wg` False keeps the paths of before (``q3n::qlinear_codes`` where mmT reads the codes
     themselves).
-    Just past whole 128-row tiles of wide 4-bit weights (:func:`qlinear_wgmma.row_split_head`),
-    "rowsplit": the whole tiles (HEAD rows, on HEAD_PATH) and the rest as two launches
+    Just past whole 128-row tiles of wide 4- and 6-bit weights on the wg tile
+    (:func:`qlinear_wgmma.row_split_head`), "rowsplit": the whole tiles (HEAD rows, on
+    HEAD_PATH) and the rest as two launches
     (:func:`_launch_row_split`); `allow_row_split` False gives the one launch instead.
     """
     k_pad = P.padded_k(K)
@@ -1724,8 +1725,10 @@ def _launch_row_split(x, qweight, scales, zeros, bias, smooth, bits, group_size,
     """The op as two launches (`cfg` {"path": "rowsplit", "HEAD": rows, "HEAD_PATH": their
     launch, else :func:`choose_path`'s}): x's first HEAD rows, then the rest as dispatched.
     Rows are independent in every path (activations quantized per token, or per token and
-    channel group), so y is the one launch's up to summation order. The wg path writes its
-    rows straight into y (no concatenation); others are copied there (forced paths: tests)."""
+    channel group), so y is the one launch's up to summation order. A head on the wg path is
+    written straight into y's first rows (quantized activations prepared for it as
+    :func:`_launch` prepares them for that path); the rest's few rows, and a head on another
+    path (forced paths: tests), are copied into y."""
     M, K = x.shape
     head = cfg.get("HEAD")
     if not isinstance(head, int) or not 0 < head < M:
