@@ -1653,9 +1653,24 @@ def _remember_path(key, cfg: dict) -> None:
 
 def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act,
             interpreter: bool, path: Optional[dict] = None,
-            act_group_size: int = PER_TOKEN, rotation: int = 0) -> torch.Tensor:
+            act_group_size: int = PER_TOKEN, rotation: int = 0,
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run the op's Triton path; `path` overrides :func:`choose_path` (tests and the benchmark).
-    A rotation changes only the activations' quantizer (every path quantizes x through it)."""
+    A rotation changes only the activations' quantizer (every path quantizes x through it).
+    `out` ([M, N] in x's dtype, rows of a larger output: the row split's halves): the wg
+    path's tiles write y straight into it; the other paths' y is copied into it."""
+    y = _launch_path(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act,
+                     interpreter, path, act_group_size, rotation, out)
+    if out is not None and y is not out:
+        out.copy_(y)
+        return out
+    return y
+
+
+def _launch_path(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act,
+                 interpreter: bool, path: Optional[dict], act_group_size: int, rotation: int,
+                 out: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`_launch`'s dispatch: y, which is `out` where the path wrote into it."""
     key = None if path is not None else (
         "qlinear", _sig(x), _sig(qweight), _sig(scales), _sig(zeros), _sig(bias), _sig(smooth),
         bits, group_size, in_features, act, act_group_size, rotation, interpreter)
@@ -1676,7 +1691,8 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
         return x.new_empty((0, N))
     if cfg["path"] == "rowsplit":
         return _launch_row_split(x, qweight, scales, zeros, bias, smooth, bits, group_size,
-                                 in_features, act, interpreter, cfg, act_group_size, rotation)
+                                 in_features, act, interpreter, cfg, act_group_size, rotation,
+                                 out)
     if P.is_kmajor8(qweight):
         pdl = _pdl_after_quant(cfg, I8.PDL_AFTER_QUANT, x, interpreter)
         codes, xs = quantize_activations_triton(x, act, smooth, interpreter, act_group_size,
@@ -1688,7 +1704,7 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
                                   interpreter)
             return F.linear(x, w, bias)
         return _gemm(x, x, None, x.dtype, qweight, scales, zeros, bias, bits, group_size, act,
-                     cfg, interpreter, act_group_size)
+                     cfg, interpreter, act_group_size, out=out)
     if cfg["path"] in ("dequant", "mmT", "wg"):
         # Quantise and dequantise x in one pass (not codes, then three torch passes over them).
         xperm = cfg["path"] == "wg" or (cfg["path"] == "mmT" and bool(cfg.get("XPERM")))
@@ -1704,7 +1720,7 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
                           _tickets, x_permuted=xperm, K=K)
         if cfg["path"] == "wg":
             return _wg(a, qweight, scales, zeros, bias, bits, group_size, K, cfg, interpreter,
-                       x_permuted=True)
+                       x_permuted=True, out=out)
         w = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype, interpreter)
         return F.linear(a, w, bias)
     # The quantizer's one program (a row) lets the GEMV start at once: the GEMV's programs load
@@ -1721,14 +1737,14 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
 
 def _launch_row_split(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features,
                       act, interpreter: bool, cfg: dict, act_group_size: int,
-                      rotation: int) -> torch.Tensor:
+                      rotation: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The op as two launches (`cfg` {"path": "rowsplit", "HEAD": rows, "HEAD_PATH": their
     launch, else :func:`choose_path`'s}): x's first HEAD rows, then the rest as dispatched.
     Rows are independent in every path (activations quantized per token, or per token and
-    channel group), so y is the one launch's up to summation order. A head on the wg path is
-    written straight into y's first rows (quantized activations prepared for it as
-    :func:`_launch` prepares them for that path); the rest's few rows, and a head on another
-    path (forced paths: tests), are copied into y."""
+    channel group), so y is the one launch's up to summation order. Each half is a call of
+    :func:`_launch` into its rows of y (`out` where given): a head on the wg path writes
+    straight into them; the rest's few rows, and a head on another path (forced paths:
+    tests), are copied in."""
     M, K = x.shape
     head = cfg.get("HEAD")
     if not isinstance(head, int) or not 0 < head < M:
@@ -1740,21 +1756,14 @@ def _launch_row_split(x, qweight, scales, zeros, bias, smooth, bits, group_size,
         allow_row_split=False)
     if head_cfg["path"] == "rowsplit":
         raise ValueError("q3n::qlinear: the rowsplit path's HEAD_PATH cannot split again")
-    y = torch.empty((M, P.out_features(qweight)), dtype=x.dtype, device=x.device)
+    y = out if out is not None else torch.empty((M, P.out_features(qweight)), dtype=x.dtype,
+                                                device=x.device)
     args = (qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act)
-    if head_cfg["path"] == "wg":
-        a = x[:head]
-        if act != "none":  # as _launch runs the wg path: quantised, dequantised and permuted
-            a, _ = quantize_activations_triton(a, act, smooth, interpreter, act_group_size,
-                                               dequant=True, perm128=True, rotation=rotation)
-        _wg(a, qweight, scales, zeros, bias, bits, group_size, K, head_cfg, interpreter,
-            x_permuted=act != "none", out=y[:head])
-    else:
-        y[:head] = _launch(x[:head], *args, interpreter=interpreter, path=head_cfg,
-                           act_group_size=act_group_size, rotation=rotation)
+    _launch(x[:head], *args, interpreter=interpreter, path=head_cfg,
+            act_group_size=act_group_size, rotation=rotation, out=y[:head])
     # The rest's few rows take the small-M paths, dispatched (and remembered) as any call.
-    y[head:] = _launch(x[head:], *args, interpreter=interpreter, act_group_size=act_group_size,
-                       rotation=rotation)
+    _launch(x[head:], *args, interpreter=interpreter, act_group_size=act_group_size,
+            rotation=rotation, out=y[head:])
     return y
 
 
@@ -1970,10 +1979,12 @@ def _dequantize_codes(codes: torch.Tensor, xs: torch.Tensor, act_group_size: int
 
 
 def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, group_size, act,
-          cfg: dict, interpreter: bool, act_group_size: int = PER_TOKEN) -> torch.Tensor:
+          cfg: dict, interpreter: bool, act_group_size: int = PER_TOKEN,
+          out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Launch the gemv/mm kernel of `cfg` on `a` [M, K]: x itself (act "none") or its codes with
     scales `xs` (fp32 [M] per token, or contiguous [M, G] per token and group of
-    `act_group_size` channels); the output is [M, N] in `out_dtype` (x's dtype for the op)."""
+    `act_group_size` channels); the output is [M, N] in `out_dtype` (x's dtype for the op).
+    `out`: the wg path writes y into it (:func:`_launch`); the other paths return their own."""
     if cfg["path"] == "mmT":  # K blocks of 128 whatever the groups: its own launcher
         if act != "none":  # the launchers dequantise quantized activations first
             raise ValueError("q3n::qlinear: the mmT kernel takes 16-bit activations")
@@ -1983,7 +1994,7 @@ def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, gro
         if act != "none":  # the launchers dequantise quantized activations first
             raise ValueError("q3n::qlinear: the wg kernel takes 16-bit activations")
         return _wg(a, qweight, scales, zeros, bias, bits, group_size, a.shape[1], cfg,
-                   interpreter, x_permuted=False)
+                   interpreter, x_permuted=False, out=out)
     M, K = a.shape
     N = qweight.shape[1]
     split = cfg.get("SPLIT_K", 1)

@@ -206,6 +206,22 @@ def test_forced_row_split(M, head, act, ag):
     assert torch.equal(out, torch.cat(whole))
 
 
+@pytest.mark.parametrize("path", [None, dict(path="rowsplit", HEAD=3)])
+def test_launch_writes_into_rows_of_an_output(path):
+    # `out` (the row split's halves): y lands in the given rows, the rows around them are left
+    # as they were, and the call returns `out` itself, equal to the call without it.
+    gen = _gen(f"launchout{path is None}")
+    pw = _packed(gen, 40, 64, 4, 32, False)
+    x = torch.randn(7, 64, generator=gen).to(f16)
+    bias = torch.randn(40, generator=gen).to(f16)
+    args = _args(x, pw, bias, None, "int8")
+    want = Q._launch(*args, interpreter=True, path=path)
+    big = torch.full((11, 40), 7.0, dtype=f16)
+    got = Q._launch(*args, interpreter=True, path=path, out=big[2:9])
+    assert got.data_ptr() == big[2:9].data_ptr() and torch.equal(got, want)
+    assert (big[:2] == 7).all() and (big[9:] == 7).all()
+
+
 def test_row_split_refuses_a_head_outside_the_rows():
     gen = _gen("rowsplitbad")
     pw = _packed(gen, 40, 64, 4, 32, False)
