@@ -8,7 +8,8 @@ Why: from 129 rows the wg rule's tiles hold 128 rows of x each, so a second tile
 the whole weight again for as little as one row (12288 x 4096: 0.0635 ms at 129 rows against
 0.0385 at 128, s39run1). The split reads the packed weight twice, but the rest's few rows go to
 the memory-bound small-M paths. Each timed as one CUDA graph, ``do_bench`` median, L2 flushed;
-the split's output is checked against the one launch's.
+the split's output is checked against the one launch's. ``--codes`` times
+``q3n::qlinear_codes`` (a fused norm's sibling linears) on x's codes instead of the op.
 
     python bench/bench_row_split.py --out bench/results/row-split-h200.json
 """
@@ -41,7 +42,12 @@ def main():
     ap.add_argument("--act", choices=["none", "int8", "fp8", "int12"], default="none")
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16",
                     help="x's dtype (and the F.linear peer's)")
+    ap.add_argument("--codes", action="store_true",
+                    help="time q3n::qlinear_codes on x's codes (quantized by the op's quantizer "
+                         "first, not timed) in place of the op; needs --act int8/fp8/int12")
     args = ap.parse_args()
+    if args.codes and args.act == "none":
+        ap.error("--codes needs quantized activations: --act int8, fp8 or int12")
     if any(m % 128 == 0 or m < 128 for m in args.ms):
         ap.error(f"--ms: every M must exceed 128 and not be a whole number of 128-row tiles "
                  f"(the split's rest would be empty), got {args.ms}")
@@ -58,16 +64,30 @@ def main():
                                  symmetric=args.sym, allow_row_split=False)
         split_path = dict(path="rowsplit", HEAD=head)
 
-        def launch(path):
-            return lambda: Q._launch(x, *fmt, interpreter=False, path=path)
+        if args.codes:
+            codes, xs = Q.quantize_activations_triton(x, args.act, None, False)
+            cfmt = fmt[:4] + fmt[5:] + (x.dtype,)
+
+            def launch(path):
+                return lambda: Q._qlinear_codes_launch(codes, xs, *cfmt, interpreter=False,
+                                                       path=path)
+
+            def op_call():
+                return torch.ops.q3n.qlinear_codes(codes, xs, *cfmt)
+        else:
+            def launch(path):
+                return lambda: Q._launch(x, *fmt, interpreter=False, path=path)
+
+            def op_call():
+                return torch.ops.q3n.qlinear(x, *fmt)
 
         row = dict(N=N, K=K, M=M, bits=args.bits, act=args.act, sym=args.sym,
-                   dtype=args.dtype, bf16_ms=bf16,
+                   codes=args.codes, dtype=args.dtype, bf16_ms=bf16,
                    path=Q.choose_path(M, N, K, args.bits, GROUP, args.act, x.dtype, x.device,
                                       symmetric=args.sym),
                    one_path=one_path,
                    split_rel_err_vs_one=BQ.rel_err(launch(split_path)(), launch(one_path)()))
-        BQ.time_parts({"op": lambda: torch.ops.q3n.qlinear(x, *fmt), "one": launch(one_path),
+        BQ.time_parts({"op": op_call, "one": launch(one_path),
                        "split": launch(split_path)}, row)
         op, one, sp = row.get("op_ms"), row.get("one_ms"), row.get("split_ms")
         rows.append(row)

@@ -141,7 +141,8 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   129-144 rows of 12288 / 14336 x 4096, 1.06-1.33x at 129-192 rows of 28672 x 8192; W4A8
   1.04-1.29x, W6A12 1.03-1.20x (s40run1-5; fewer rest rows for symmetric weights, fp16 x and
   6-bit weights, :data:`qlinear_wgmma.ROW_SPLIT_REST`). Rows are independent in every path,
-  so the function is the op's. ``q3n::qlinear_codes`` does not split.
+  so the function is the op's. ``q3n::qlinear_codes`` splits alike since session 41 (its
+  codes and their scales by rows; :func:`_row_split` serves both).
 
 Every K block of the gemv and mm kernels lies in one weight group and one activation group:
 :func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which
@@ -1738,32 +1739,44 @@ def _launch_path(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_f
 def _launch_row_split(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features,
                       act, interpreter: bool, cfg: dict, act_group_size: int,
                       rotation: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The op as two launches (`cfg` {"path": "rowsplit", "HEAD": rows, "HEAD_PATH": their
-    launch, else :func:`choose_path`'s}): x's first HEAD rows, then the rest as dispatched.
-    Rows are independent in every path (activations quantized per token, or per token and
-    channel group), so y is the one launch's up to summation order. Each half is a call of
-    :func:`_launch` into its rows of y (`out` where given): a head on the wg path writes
-    straight into them; the rest's few rows, and a head on another path (forced paths:
-    tests), are copied in."""
-    M, K = x.shape
+    """``q3n::qlinear`` as two launches (:func:`_row_split`), each a call of :func:`_launch`
+    on its rows of x."""
+    args = (qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act)
+
+    def launch(rows: slice, path: Optional[dict], y_rows: torch.Tensor) -> None:
+        _launch(x[rows], *args, interpreter=interpreter, path=path,
+                act_group_size=act_group_size, rotation=rotation, out=y_rows)
+
+    return _row_split("q3n::qlinear", x.shape[0], x.shape[1], x.dtype, x.device, qweight,
+                      bits, group_size, act, zeros is None, interpreter, act_group_size, cfg,
+                      launch, out)
+
+
+def _row_split(op: str, M: int, K: int, dtype: torch.dtype, device: torch.device, qweight,
+               bits: int, group_size: int, act: str, symmetric: bool, interpreter: bool,
+               act_group_size: int, cfg: dict, launch, out: Optional[torch.Tensor]
+               ) -> torch.Tensor:
+    """The row split (`cfg` {"path": "rowsplit", "HEAD": rows, "HEAD_PATH": their launch,
+    else :func:`choose_path`'s}): ``launch(rows, path, y_rows)`` for x's first HEAD rows on
+    that path, then for the rest as dispatched (path None), each into its rows of y (`out`
+    where given). Rows are independent in every path (activations quantized per token, or per
+    token and channel group), so y is the one launch's up to summation order. A head on the wg
+    path writes straight into its rows; the rest's few rows, and a head on another path
+    (forced paths: tests), are copied in."""
     head = cfg.get("HEAD")
     if not isinstance(head, int) or not 0 < head < M:
-        raise ValueError(f"q3n::qlinear: the rowsplit path's HEAD must be 1-{M - 1} rows of "
-                         f"the {M}, got {head!r}")
+        raise ValueError(f"{op}: the rowsplit path's HEAD must be 1-{M - 1} rows of the {M}, "
+                         f"got {head!r}")
+    N = P.out_features(qweight)
     head_cfg = cfg.get("HEAD_PATH") or choose_path(
-        head, P.out_features(qweight), K, bits, group_size, act, x.dtype, x.device,
-        interpreter=interpreter, act_group_size=act_group_size, symmetric=zeros is None,
-        allow_row_split=False)
+        head, N, K, bits, group_size, act, dtype, device, interpreter=interpreter,
+        act_group_size=act_group_size, symmetric=symmetric, allow_row_split=False)
     if head_cfg["path"] == "rowsplit":
-        raise ValueError("q3n::qlinear: the rowsplit path's HEAD_PATH cannot split again")
-    y = out if out is not None else torch.empty((M, P.out_features(qweight)), dtype=x.dtype,
-                                                device=x.device)
-    args = (qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act)
-    _launch(x[:head], *args, interpreter=interpreter, path=head_cfg,
-            act_group_size=act_group_size, rotation=rotation, out=y[:head])
+        raise ValueError(f"{op}: the rowsplit path's HEAD_PATH cannot split again")
+    y = out if out is not None else torch.empty((M, N), dtype=dtype, device=device)
+    launch(slice(0, head), head_cfg, y[:head])
     # The rest's few rows take the small-M paths, dispatched (and remembered) as any call.
-    _launch(x[head:], *args, interpreter=interpreter, act_group_size=act_group_size,
-            rotation=rotation, out=y[head:])
+    launch(slice(head, M), None, y[head:])
     return y
 
 
@@ -1795,7 +1808,8 @@ def _pdl_after_quant(cfg: dict, default: bool, x: torch.Tensor, interpreter: boo
 
 
 def _gemm_codes(codes, xs, out_dtype, qweight, scales, zeros, bias, bits, group_size, act,
-                cfg: dict, interpreter: bool, act_group_size: int) -> torch.Tensor:
+                cfg: dict, interpreter: bool, act_group_size: int,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y from quantized activations (codes [M, K] and fp32 scales) on `cfg`'s path: "dequant"
     (the codes and the weight dequantised to `out_dtype`, then cuBLAS), "cublas8"
     (:mod:`qlinear_cublas8`), "mmT" or a Triton GEMM/GEMV.
@@ -1819,7 +1833,7 @@ def _gemm_codes(codes, xs, out_dtype, qweight, scales, zeros, bias, bits, group_
                           _tickets, x_permuted=xperm, K=K)
         if cfg["path"] == "wg":
             return _wg(a, qweight, scales, zeros, bias, bits, group_size, K, cfg, interpreter,
-                       x_permuted=True)
+                       x_permuted=True, out=out)
         w = dequantize_triton(qweight, scales, zeros, bits, group_size, K, out_dtype, interpreter)
         return F.linear(a, w, bias)
     if cfg["path"] == "mm8":
@@ -2519,9 +2533,23 @@ def _norm_act_quant_launch(x: torch.Tensor, eps: float, kind: str, act: str,
 
 def _qlinear_codes_launch(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
                           in_features, act, out_dtype, interpreter: bool,
-                          path: Optional[dict] = None, act_group_size: int = PER_TOKEN
-                          ) -> torch.Tensor:
-    """``q3n::qlinear_codes``'s Triton path; `path` overrides :func:`choose_path`."""
+                          path: Optional[dict] = None, act_group_size: int = PER_TOKEN,
+                          out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``q3n::qlinear_codes``'s Triton path; `path` overrides :func:`choose_path`. `out` as
+    :func:`_launch`'s (the wg path writes into it, other paths' y is copied in)."""
+    y = _qlinear_codes_path(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
+                            in_features, act, out_dtype, interpreter, path, act_group_size, out)
+    if out is not None and y is not out:
+        out.copy_(y)
+        return out
+    return y
+
+
+def _qlinear_codes_path(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
+                        in_features, act, out_dtype, interpreter: bool, path: Optional[dict],
+                        act_group_size: int, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`_qlinear_codes_launch`'s dispatch: y, which is `out` where the path wrote into
+    it."""
     key = None if path is not None else (
         "qlinear_codes", _sig(codes), _sig(xscales), _sig(qweight), _sig(scales), _sig(zeros),
         _sig(bias), bits, group_size, in_features, act, out_dtype, act_group_size, interpreter)
@@ -2533,24 +2561,33 @@ def _qlinear_codes_launch(codes, xscales, qweight, scales, zeros, bias, bits, gr
             raise ValueError(f"q3n::qlinear_codes: {reason}")
         # Where mmT reads the codes themselves (one launch a sibling linear of a fused norm,
         # s14run7) it keeps them: the wg path would dequantise them in a pass of its own first
-        # (not measured against it at 49-64 rows). The row split is the op's only (codes and
-        # their scales would need splitting alike; not built).
+        # (not measured against it at 49-64 rows). The row split as the op's: the codes and
+        # their scales split by rows alike.
         reads = mmT_reads_codes(codes.shape[0]) and act_group_size in SW.CODE_ACT_GROUPS
         cfg = path or _choose_i8(codes.shape[0], qweight, codes.shape[1], codes.device,
                                  interpreter) or \
             choose_path(codes.shape[0], qweight.shape[1], codes.shape[1], bits, group_size, act,
                         out_dtype, codes.device, interpreter=interpreter,
                         act_group_size=act_group_size, allow_wg=not reads,
-                        allow_row_split=False)
+                        symmetric=zeros is None)
         _remember_path(key, cfg)
     M, K = codes.shape
     N = P.out_features(qweight)
     if M == 0:
         return torch.empty((0, N), dtype=out_dtype, device=codes.device)
+    if cfg["path"] == "rowsplit":
+        def launch(rows: slice, path: Optional[dict], y_rows: torch.Tensor) -> None:
+            _qlinear_codes_launch(codes[rows], xscales[rows], qweight, scales, zeros, bias, bits,
+                                  group_size, in_features, act, out_dtype, interpreter, path,
+                                  act_group_size, out=y_rows)
+
+        return _row_split("q3n::qlinear_codes", M, K, out_dtype, codes.device, qweight, bits,
+                          group_size, act, zeros is None, interpreter, act_group_size, cfg,
+                          launch, out)
     if P.is_kmajor8(qweight):
         return _run_i8(codes, xscales, out_dtype, qweight, scales, bias, cfg, interpreter)
     return _gemm_codes(codes, xscales, out_dtype, qweight, scales, zeros, bias, bits, group_size,
-                       act, cfg, interpreter, act_group_size)
+                       act, cfg, interpreter, act_group_size, out=out)
 
 
 def reference_norm_act_quant(x: torch.Tensor, eps: float, kind: str, act: str,

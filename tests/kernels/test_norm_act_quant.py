@@ -286,6 +286,36 @@ def test_qlinear_codes_is_qlinear(M, act, ag, dtype):
             Q._qlinear_codes_launch(codes, xs, *w, 4, 32, K, act, dtype, interpreter=True)
 
 
+@pytest.mark.parametrize("act,ag", [("int8", Q.PER_TOKEN), ("fp8", 32), ("int12", Q.PER_TOKEN)])
+def test_qlinear_codes_forced_row_split(act, ag):
+    """The row split of the codes (their scales split alike, per token or [M, G]): the codes'
+    first HEAD rows on the head's path, the rest as dispatched, equal bit for bit to the two
+    halves' own calls; into rows of a given output too; a bad HEAD named."""
+    gen = _gen(f"codessplit{act}{ag}")
+    M, K, N, head = 23, 160, 45, 16
+    pw = _packed(gen, N, K, 4, 32, False)
+    x = torch.randn(M, K, generator=gen).to(f16)
+    bias = torch.randn(N, generator=gen).to(f16)
+    w = (pw.qweight, pw.scales, pw.zeros, bias, 4, 32, K, act, f16)
+    codes, xs = Q.quantize_activations_triton(x, act, None, interpreter=True, act_group_size=ag)
+    split = dict(path="rowsplit", HEAD=head)
+    got = Q._qlinear_codes_launch(codes, xs, *w, interpreter=True, path=split, act_group_size=ag)
+    halves = [Q._qlinear_codes_launch(codes[r], xs[r], *w, interpreter=True, act_group_size=ag)
+              for r in (slice(0, head), slice(head, M))]
+    assert torch.equal(got, torch.cat(halves))
+    ref = Q.reference_codes(codes, xs, *w, ag)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2,
+                               atol=2e-2 * ref.abs().max().item())
+    big = torch.zeros(M + 2, N, dtype=f16)
+    into = Q._qlinear_codes_launch(codes, xs, *w, interpreter=True, path=split,
+                                   act_group_size=ag, out=big[1:-1])
+    assert into.data_ptr() == big[1:-1].data_ptr() and torch.equal(into, got)
+    assert not big[0].any() and not big[-1].any()
+    with pytest.raises(ValueError, match="qlinear_codes: the rowsplit path's HEAD must be 1-22"):
+        Q._qlinear_codes_launch(codes, xs, *w, interpreter=True, path=dict(split, HEAD=M),
+                                act_group_size=ag)
+
+
 def _codes_float64(codes, xs, pw, bias, ag):
     """y = (c * s_x) @ W^T + b in float64: what q3n::qlinear_codes stands for."""
     return Q.reference_codes(codes, xs, pw.qweight, pw.scales, pw.zeros, bias, pw.bits,

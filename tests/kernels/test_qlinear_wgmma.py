@@ -714,6 +714,36 @@ def test_gpu_forced_row_split_of_other_formats_against_float64(bits, act, M, N, 
     check_against_float64(x, pw, b, act=act, path=dict(path="rowsplit", HEAD=128))
 
 
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K,sym,bits,act,ag", [
+    (129, 12288, 4096, False, 4, "int8", Q.PER_TOKEN), (136, 12288, 4096, True, 4, "fp8", 128),
+    (190, 28672, 8192, False, 4, "fp8", Q.PER_TOKEN),
+    (144, 28672, 8192, False, 6, "int12", Q.PER_TOKEN)])
+def test_gpu_qlinear_codes_dispatched_row_split_against_float64(M, N, K, sym, bits, act, ag):
+    # q3n::qlinear_codes (a fused norm's sibling linears) splits as the op does: the codes'
+    # whole tiles of rows on the wg tile straight into y, the rest's codes on the small-M paths.
+    dev = torch.device("cuda")
+    cfg = Q.choose_path(M, N, K, bits, 128, act, bf16, dev, act_group_size=ag, symmetric=sym)
+    assert cfg["path"] == "rowsplit" and cfg["HEAD"] == M - M % 128, cfg
+    gen = _gen(f"codesrowsplit{M}{N}{K}{sym}{bits}{act}{ag}")
+    pw = _packed(gen, N, K, bits, 128, sym, device="cuda")
+    x = torch.randn(M, K, generator=gen).to(bf16).cuda()
+    b = torch.randn(N, generator=gen).to(bf16).cuda()
+    codes, xs = Q.quantize_activations_triton(x, act, None, False, ag)
+    w = (pw.qweight, pw.scales, pw.zeros, b, bits, 128, K, act)
+    got = torch.ops.q3n.qlinear_codes(codes, xs, *w, bf16, ag)
+    exact = Q.reference_codes(codes, xs, *w, torch.float64, ag)
+    scale = exact.abs().max().item()
+    err = (got.double() - exact).abs().max().item()
+    assert err <= TOL[bf16] * scale, f"max err {err:.3g} > {TOL[bf16]:.1g} * {scale:.3g}"
+    one = Q._qlinear_codes_launch(codes, xs, *w, bf16, interpreter=False, act_group_size=ag,
+                                  path=Q.choose_path(M, N, K, bits, 128, act, bf16, dev,
+                                                     act_group_size=ag, symmetric=sym,
+                                                     allow_row_split=False))
+    assert (got.float() - one.float()).abs().max() <= TOL[bf16] * one.float().abs().max()
+
+
 def test_wg_out_must_be_rows_of_y():
     pw = _packed(_gen("wgout"), 64, 128, 4, 128, False)
     x = torch.randn(3, 128).to(bf16)
