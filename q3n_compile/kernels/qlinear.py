@@ -142,7 +142,9 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   1.04-1.29x, W6A12 1.03-1.20x (s40run1-5; fewer rest rows for symmetric weights, fp16 x and
   6-bit weights, :data:`qlinear_wgmma.ROW_SPLIT_REST`). Rows are independent in every path,
   so the function is the op's. ``q3n::qlinear_codes`` splits alike since session 41 (its
-  codes and their scales by rows; :func:`_row_split` serves both).
+  codes and their scales by rows; :func:`_row_split` serves both) where at most
+  :data:`CODES_ROW_SPLIT_REST` rows are left: 1.02-1.25x its one launch at 129-144 rows
+  (W4A8, s41run1).
 
 Every K block of the gemv and mm kernels lies in one weight group and one activation group:
 :func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which
@@ -1425,6 +1427,13 @@ def _tiles_fill(tiles: int, sms: int) -> bool:
 # W6A12 likewise (0.77-0.95x). Before that fix (s14run2) the codes tile lost from 64 rows and
 # at 28672 x 8192 from 16 rows. 65-128 rows: not measured with the fix.
 CODES_MAX_ROWS = 64
+# q3n::qlinear_codes splits rows as the op does (qlinear_wgmma.row_split_head) only where at
+# most this many rows are left past the whole tiles: its rest reads the codes on mmT, not the
+# op's decode tiles. s41run1 (bench_row_split.py --codes, W4A8 g128 per token, split against
+# the one launch): 129 / 136 / 144 rows of 12288 x 4096 1.14 / 1.06 / 1.03x (int8) and 1.10 /
+# 1.08 / 1.02x (fp8), of 28672 x 8192 1.25 / 1.18 / 1.14x and 1.22 / 1.22 / 1.14x; 160 rows
+# (32 left, where the op's rule splits 28672 x 8192) 0.96 / 1.00x.
+CODES_ROW_SPLIT_REST = 16
 
 
 def mmT_reads_codes(M: int) -> bool:
@@ -2531,6 +2540,28 @@ def _norm_act_quant_launch(x: torch.Tensor, eps: float, kind: str, act: str,
     return codes, scales
 
 
+def choose_codes_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
+                      out_dtype: torch.dtype, device: torch.device, *, interpreter: bool = False,
+                      sm_count: Optional[int] = None, act_group_size: int = PER_TOKEN,
+                      capability: Optional[tuple] = None, symmetric: bool = False,
+                      allow_row_split: bool = True) -> dict:
+    """``q3n::qlinear_codes``'s launch for bit-plane weights: :func:`choose_path`'s, but where
+    mmT reads the codes themselves (one launch a sibling linear of a fused norm, s14run7) it
+    keeps them (the wg path would dequantise them in a pass of its own first; not measured
+    against it at 49-64 rows), and the row split only to :data:`CODES_ROW_SPLIT_REST` rows
+    past the tiles (the codes and their scales split by rows alike); `allow_row_split` False
+    gives the one launch."""
+    reads = mmT_reads_codes(M) and act_group_size in SW.CODE_ACT_GROUPS
+    kw = dict(interpreter=interpreter, sm_count=sm_count, act_group_size=act_group_size,
+              capability=capability, symmetric=symmetric)
+    cfg = choose_path(M, N, K, bits, group_size, act, out_dtype, device, allow_wg=not reads,
+                      allow_row_split=allow_row_split, **kw)
+    if cfg["path"] == "rowsplit" and M - cfg["HEAD"] > CODES_ROW_SPLIT_REST:
+        cfg = choose_path(M, N, K, bits, group_size, act, out_dtype, device,
+                          allow_row_split=False, **kw)
+    return cfg
+
+
 def _qlinear_codes_launch(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
                           in_features, act, out_dtype, interpreter: bool,
                           path: Optional[dict] = None, act_group_size: int = PER_TOKEN,
@@ -2559,17 +2590,11 @@ def _qlinear_codes_path(codes, xscales, qweight, scales, zeros, bias, bits, grou
                                 in_features, act, out_dtype, act_group_size)
         if reason is not None:
             raise ValueError(f"q3n::qlinear_codes: {reason}")
-        # Where mmT reads the codes themselves (one launch a sibling linear of a fused norm,
-        # s14run7) it keeps them: the wg path would dequantise them in a pass of its own first
-        # (not measured against it at 49-64 rows). The row split as the op's: the codes and
-        # their scales split by rows alike.
-        reads = mmT_reads_codes(codes.shape[0]) and act_group_size in SW.CODE_ACT_GROUPS
         cfg = path or _choose_i8(codes.shape[0], qweight, codes.shape[1], codes.device,
                                  interpreter) or \
-            choose_path(codes.shape[0], qweight.shape[1], codes.shape[1], bits, group_size, act,
-                        out_dtype, codes.device, interpreter=interpreter,
-                        act_group_size=act_group_size, allow_wg=not reads,
-                        symmetric=zeros is None)
+            choose_codes_path(codes.shape[0], qweight.shape[1], codes.shape[1], bits, group_size,
+                              act, out_dtype, codes.device, interpreter=interpreter,
+                              act_group_size=act_group_size, symmetric=zeros is None)
         _remember_path(key, cfg)
     M, K = codes.shape
     N = P.out_features(qweight)

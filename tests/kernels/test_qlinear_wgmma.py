@@ -656,6 +656,29 @@ def test_row_split_rule_on_sm90():
     assert WG.row_split_head(160, 28672, 8192, 132, bf16=False) == 0
 
 
+def test_codes_dispatch_rule_on_sm90():
+    # q3n::qlinear_codes: mmT reads the codes at up to CODES_MAX_ROWS rows (where the op takes
+    # the wg tiles), and the row split only to CODES_ROW_SPLIT_REST rows past the tiles (the
+    # op's rule splits 160 rows of 28672 x 8192; on codes that lost, s41run1).
+    def path(M, N, K, act="fp8", codes=True, **kw):
+        choose = Q.choose_codes_path if codes else Q.choose_path
+        return choose(M, N, K, 4, 128, act, bf16, torch.device("cuda"), sm_count=132,
+                      capability=(9, 0), **kw)
+
+    assert Q.CODES_ROW_SPLIT_REST == 16
+    for M, N, K, act in [(144, 28672, 8192, "fp8"), (129, 12288, 4096, "int8"),
+                         (136, 12288, 4096, "int12")]:
+        cfg = path(M, N, K, act)
+        assert cfg["path"] == "rowsplit" and cfg["HEAD"] == 128, (M, N, K, act, cfg)
+    assert path(160, 28672, 8192, codes=False)["path"] == "rowsplit"
+    cfg = path(160, 28672, 8192)
+    assert cfg == path(160, 28672, 8192, allow_row_split=False) and cfg["path"] == "wg", cfg
+    assert path(137, 12288, 4096, symmetric=True)["path"] != "rowsplit"
+    for M in (16, 48):
+        assert path(M, 12288, 4096)["path"] == "mmT"
+        assert path(M, 12288, 4096, codes=False)["path"] == "wg"
+
+
 def test_forced_wg_path_refuses_the_interpreter():
     gen = _gen("wginterp")
     pw = _packed(gen, 64, 128, 4, 128, False)
@@ -718,13 +741,14 @@ def test_gpu_forced_row_split_of_other_formats_against_float64(bits, act, M, N, 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,N,K,sym,bits,act,ag", [
     (129, 12288, 4096, False, 4, "int8", Q.PER_TOKEN), (136, 12288, 4096, True, 4, "fp8", 128),
-    (190, 28672, 8192, False, 4, "fp8", Q.PER_TOKEN),
+    (144, 28672, 8192, False, 4, "fp8", Q.PER_TOKEN),
     (144, 28672, 8192, False, 6, "int12", Q.PER_TOKEN)])
 def test_gpu_qlinear_codes_dispatched_row_split_against_float64(M, N, K, sym, bits, act, ag):
     # q3n::qlinear_codes (a fused norm's sibling linears) splits as the op does: the codes'
     # whole tiles of rows on the wg tile straight into y, the rest's codes on the small-M paths.
     dev = torch.device("cuda")
-    cfg = Q.choose_path(M, N, K, bits, 128, act, bf16, dev, act_group_size=ag, symmetric=sym)
+    cfg = Q.choose_codes_path(M, N, K, bits, 128, act, bf16, dev, act_group_size=ag,
+                              symmetric=sym)
     assert cfg["path"] == "rowsplit" and cfg["HEAD"] == M - M % 128, cfg
     gen = _gen(f"codesrowsplit{M}{N}{K}{sym}{bits}{act}{ag}")
     pw = _packed(gen, N, K, bits, 128, sym, device="cuda")
@@ -738,9 +762,9 @@ def test_gpu_qlinear_codes_dispatched_row_split_against_float64(M, N, K, sym, bi
     err = (got.double() - exact).abs().max().item()
     assert err <= TOL[bf16] * scale, f"max err {err:.3g} > {TOL[bf16]:.1g} * {scale:.3g}"
     one = Q._qlinear_codes_launch(codes, xs, *w, bf16, interpreter=False, act_group_size=ag,
-                                  path=Q.choose_path(M, N, K, bits, 128, act, bf16, dev,
-                                                     act_group_size=ag, symmetric=sym,
-                                                     allow_row_split=False))
+                                  path=Q.choose_codes_path(M, N, K, bits, 128, act, bf16, dev,
+                                                           act_group_size=ag, symmetric=sym,
+                                                           allow_row_split=False))
     assert (got.float() - one.float()).abs().max() <= TOL[bf16] * one.float().abs().max()
 
 
