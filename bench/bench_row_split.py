@@ -60,8 +60,9 @@ def main():
         pw = BQ.random_packed(gen, N, K, args.bits, GROUP, args.sym)
         fmt = (pw.qweight, pw.scales, pw.zeros, None, None, args.bits, GROUP, K, args.act)
         head = M - M % 128
-        one_path = Q.choose_path(M, N, K, args.bits, GROUP, args.act, x.dtype, x.device,
-                                 symmetric=args.sym, allow_row_split=False)
+        choose = Q.choose_codes_path if args.codes else Q.choose_path
+        one_path = choose(M, N, K, args.bits, GROUP, args.act, x.dtype, x.device,
+                          symmetric=args.sym, allow_row_split=False)
         split_path = dict(path="rowsplit", HEAD=head)
 
         if args.codes:
@@ -83,8 +84,8 @@ def main():
 
         row = dict(N=N, K=K, M=M, bits=args.bits, act=args.act, sym=args.sym,
                    codes=args.codes, dtype=args.dtype, bf16_ms=bf16,
-                   path=Q.choose_path(M, N, K, args.bits, GROUP, args.act, x.dtype, x.device,
-                                      symmetric=args.sym),
+                   path=choose(M, N, K, args.bits, GROUP, args.act, x.dtype, x.device,
+                               symmetric=args.sym),
                    one_path=one_path,
                    split_rel_err_vs_one=BQ.rel_err(launch(split_path)(), launch(one_path)()))
         BQ.time_parts({"op": op_call, "one": launch(one_path),
