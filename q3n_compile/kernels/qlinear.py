@@ -1304,7 +1304,10 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     Just past whole 128-row tiles of wide 4- and 6-bit weights on the wg tile
     (:func:`qlinear_wgmma.row_split_head`), "rowsplit": the whole tiles (HEAD rows, on
     HEAD_PATH) and the rest as two launches
-    (:func:`_launch_row_split`); `allow_row_split` False gives the one launch instead.
+    (:func:`_launch_row_split`); where the head's one wave leaves a quarter of the SMs idle
+    (:func:`qlinear_wgmma.rest_beside_head`), the two at once (CONCURRENT: the rest on a
+    second stream, on REST_PATH, its decode tile's grid capped to the idle SMs);
+    `allow_row_split` False gives the one launch instead.
     """
     k_pad = P.padded_k(K)
     if interpreter:
@@ -1330,9 +1333,19 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
                and C8.eligible(N, K, bits, group_size, act, dtype, fp8, act_group_size) is None)
     if allow_wg and WG is not None and WG.supported(
             bits, group_size, act, dtype, N, capability or _device_capability(device)):
-        head = WG.row_split_head(M, N, K, sms, bits, quantized=act != "none",
-                                 symmetric=symmetric, bf16=dtype == torch.bfloat16,
-                                 cublas8=cublas8) if allow_row_split else 0
+        split_kw = dict(quantized=act != "none", symmetric=symmetric,
+                        bf16=dtype == torch.bfloat16, cublas8=cublas8)
+        beside = WG.rest_beside_head(M, N, K, sms, bits, **split_kw) if allow_row_split else 0
+        if beside:
+            kw = dict(sm_count=sms, act_group_size=act_group_size, capability=capability,
+                      symmetric=symmetric, allow_row_split=False)
+            rest = choose_path(M - 128, N, K, bits, group_size, act, dtype, device, **kw)
+            if rest.get("STREAM"):
+                return dict(path="rowsplit", HEAD=128, CONCURRENT=True,
+                            HEAD_PATH=choose_path(128, N, K, bits, group_size, act, dtype,
+                                                  device, **kw),
+                            REST_PATH=dict(rest, STREAM=beside))
+        head = WG.row_split_head(M, N, K, sms, bits, **split_kw) if allow_row_split else 0
         if head:
             return dict(path="rowsplit", HEAD=head, HEAD_PATH=choose_path(
                 head, N, K, bits, group_size, act, dtype, device, sm_count=sms,
@@ -1766,12 +1779,13 @@ def _row_split(op: str, M: int, K: int, dtype: torch.dtype, device: torch.device
                act_group_size: int, cfg: dict, launch, out: Optional[torch.Tensor]
                ) -> torch.Tensor:
     """The row split (`cfg` {"path": "rowsplit", "HEAD": rows, "HEAD_PATH": their launch,
-    else :func:`choose_path`'s}): ``launch(rows, path, y_rows)`` for x's first HEAD rows on
-    that path, then for the rest as dispatched (path None), each into its rows of y (`out`
-    where given). Rows are independent in every path (activations quantized per token, or per
-    token and channel group), so y is the one launch's up to summation order. A head on the wg
-    path writes straight into its rows; the rest's few rows, and a head on another path
-    (forced paths: tests), are copied in."""
+    else :func:`choose_path`'s, "REST_PATH": the rest's, else dispatched, "CONCURRENT": the two
+    at once}): ``launch(rows, path, y_rows)`` for x's first HEAD rows on that path, then for
+    the rest, each into its rows of y (`out` where given); CONCURRENT (on a GPU) launches the
+    rest on a second stream beside the head, which the current stream then waits for. Rows are
+    independent in every path (activations quantized per token, or per token and channel
+    group), so y is the one launch's up to summation order. A head or rest on the wg path
+    writes straight into its rows; other paths' rows are copied in."""
     head = cfg.get("HEAD")
     if not isinstance(head, int) or not 0 < head < M:
         raise ValueError(f"{op}: the rowsplit path's HEAD must be 1-{M - 1} rows of the {M}, "
@@ -1780,13 +1794,45 @@ def _row_split(op: str, M: int, K: int, dtype: torch.dtype, device: torch.device
     head_cfg = cfg.get("HEAD_PATH") or choose_path(
         head, N, K, bits, group_size, act, dtype, device, interpreter=interpreter,
         act_group_size=act_group_size, symmetric=symmetric, allow_row_split=False)
-    if head_cfg["path"] == "rowsplit":
-        raise ValueError(f"{op}: the rowsplit path's HEAD_PATH cannot split again")
+    rest_cfg = cfg.get("REST_PATH")
+    if "rowsplit" in (head_cfg["path"], (rest_cfg or {}).get("path")):
+        raise ValueError(f"{op}: the rowsplit path's HEAD_PATH and REST_PATH cannot split again")
+    concurrent = bool(cfg.get("CONCURRENT")) and device.type == "cuda" and not interpreter
+    if concurrent and (head_cfg.get("STREAM") or head_cfg.get("SPLIT_K", 1) != 1):
+        # Both halves would count on the same stream-K / split tickets at once.
+        raise ValueError(f"{op}: the concurrent row split needs a head launch without a K "
+                         f"split or stream-K, got {head_cfg}; leave CONCURRENT out")
     y = out if out is not None else torch.empty((M, N), dtype=dtype, device=device)
+    if not concurrent:
+        launch(slice(0, head), head_cfg, y[:head])
+        # The rest's few rows take the small-M paths, dispatched (and remembered) as any call
+        # (or on REST_PATH).
+        launch(slice(head, M), rest_cfg, y[head:])
+        return y
+    # The head first, then the rest on a second stream forked before it (both branches of a
+    # CUDA graph when captured): the rest's programs take the SMs the head's one wave leaves
+    # idle. The current stream waits for both; y, x and the rest's own buffers are then free
+    # to reuse only after the rest.
+    cur = torch.cuda.current_stream(device)
+    side = _side_stream(device)
+    side.wait_stream(cur)
     launch(slice(0, head), head_cfg, y[:head])
-    # The rest's few rows take the small-M paths, dispatched (and remembered) as any call.
-    launch(slice(head, M), None, y[head:])
+    with torch.cuda.stream(side):
+        launch(slice(head, M), rest_cfg, y[head:])
+    cur.wait_stream(side)
     return y
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The device's second stream for the concurrent row split (one made per device, as the
+    tickets are kept: a stream made per call costs a driver call)."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
+    return _SIDE_STREAMS[key]
+
+
+_SIDE_STREAMS: dict = {}
 
 
 def _choose_i8(M: int, qweight: torch.Tensor, K: int, device: torch.device,

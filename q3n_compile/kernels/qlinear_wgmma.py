@@ -1163,6 +1163,45 @@ def row_split_head(M: int, N: int, K: int, sms: int, bits: int = 4, quantized: b
     return head if rest <= most else 0
 
 
+# The split's two launches at once (CONCURRENT, :func:`rest_beside_head`): where the head's 128
+# rows take one program an SM on fewer tiles than SMs (WIDE_TMA on 12288 columns: 96 of 132),
+# the rest's rows run on a second stream beside it, its stream-K grid capped at two programs on
+# each idle SM, so they take the SMs the head leaves idle instead of running after it.
+# s41run6 (bench/row_split_streams_experiment.py, W4A16 g128 zero points, bf16 x, CUDA-graph
+# ms, the head launched first): 12288 x 4096 at 136 / 144 / 160 rows 0.0391 / 0.0452 / 0.0551
+# against the split in one stream's 0.0529 / 0.0547 / 0.0595 and the one launch's 0.0638-0.0641
+# (bf16 0.0381-0.0402: 0.97 / 0.85 / 0.73x bf16); the rest launched first 0.0583-0.0676; the
+# rest not capped 0.0491-0.0573. With 20 idle SMs (14336 x 4096) the capped rest ran 1.2-1.6x
+# slower than in one stream (too few SMs for it); uncapped 1.05x faster. At 129 rows the rest's
+# one row goes to gemv1p, whose grid has no cap (0.0522 against 0.0538: kept in one stream); at
+# 176-192 rows its 48-64 rows go to the 64-row tile (0.081 against 0.067: no cap either). Hence:
+# 2-32 rest rows on the decode tiles, a head of 128 rows leaving at least a quarter of the SMs
+# idle; measured for 4-bit weights with zero points, 16-bit activations and bf16 x only.
+CONCURRENT_MIN_IDLE = 0.25
+CONCURRENT_REST_ROWS = (2, 32)
+
+
+def rest_beside_head(M: int, N: int, K: int, sms: int, bits: int = 4, quantized: bool = False,
+                     symmetric: bool = False, bf16: bool = True, cublas8: bool = False) -> int:
+    """The stream-K programs of the rest's decode tile where the row split's two launches run
+    at once (CONCURRENT): two on each SM the 128-row head leaves idle; else 0. Measured
+    (:data:`CONCURRENT_MIN_IDLE`): 4-bit weights with zero points, 16-bit activations, bf16 x,
+    a head of one tile of rows without a K split or stream-K (the rest's stream-K tickets are
+    then the only ones in use), 2-32 rest rows on :func:`choose_decode`'s tiles."""
+    rest = M - 128
+    if not (bits == 4 and not quantized and not symmetric and bf16
+            and CONCURRENT_REST_ROWS[0] <= rest <= CONCURRENT_REST_ROWS[1]):
+        return 0
+    head = choose(128, N, sms, cublas8, bits, K, quantized=quantized, symmetric=symmetric)
+    if head is None or head.get("STREAM") or head.get("SPLIT_K", 1) != 1:
+        return 0
+    idle = sms - contract.cdiv(128, head["BLOCK_M"]) * contract.cdiv(N, head["BLOCK_N"])
+    tile = choose_decode(rest, N, K, sms, bits, bf16=bf16, quantized=quantized)
+    if idle < CONCURRENT_MIN_IDLE * sms or tile is None or not tile.get("STREAM"):
+        return 0
+    return 2 * idle
+
+
 def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,
            K: int = 0, quantized: bool = False, symmetric: bool = False) -> Optional[dict]:
     """The launch for M rows of an N x K weight, or None outside :data:`MIN_M`-:data:`MAX_M`

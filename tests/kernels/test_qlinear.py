@@ -222,6 +222,20 @@ def test_launch_writes_into_rows_of_an_output(path):
     assert (big[:2] == 7).all() and (big[9:] == 7).all()
 
 
+def test_forced_row_split_rest_path_and_concurrent_off_a_gpu():
+    # REST_PATH forces the rest's launch; CONCURRENT (a second stream on a GPU) runs the two in
+    # one stream here: the same rows as the halves' own calls.
+    gen = _gen("rowsplitrest")
+    pw = _packed(gen, 40, 64, 4, 32, False)
+    x = torch.randn(9, 64, generator=gen).to(f16)
+    rest = dict(path="mm", BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=2, num_warps=4,
+                num_stages=1)
+    out = _check(x, pw, path=dict(path="rowsplit", HEAD=4, REST_PATH=rest, CONCURRENT=True))
+    args = _args(x[4:], pw, None, None, "none")
+    assert torch.equal(out[4:], Q._launch(*args, interpreter=True, path=rest))
+    assert torch.equal(out[:4], _check(x[:4], pw))
+
+
 def test_row_split_refuses_a_head_outside_the_rows():
     gen = _gen("rowsplitbad")
     pw = _packed(gen, 40, 64, 4, 32, False)
@@ -229,8 +243,9 @@ def test_row_split_refuses_a_head_outside_the_rows():
     for head in (0, 5, 2.0):
         with pytest.raises(ValueError, match="rowsplit path's HEAD must be 1-4 rows of the 5"):
             _check(x, pw, path=dict(path="rowsplit", HEAD=head))
-    with pytest.raises(ValueError, match="HEAD_PATH cannot split again"):
-        _check(x, pw, path=dict(path="rowsplit", HEAD=2, HEAD_PATH=dict(path="rowsplit")))
+    for part in ("HEAD_PATH", "REST_PATH"):
+        with pytest.raises(ValueError, match="HEAD_PATH and REST_PATH cannot split again"):
+            _check(x, pw, path={"path": "rowsplit", "HEAD": 2, part: dict(path="rowsplit")})
 
 
 @pytest.mark.parametrize("K", [70, 200])  # a row in one tile (read once); rows swept twice

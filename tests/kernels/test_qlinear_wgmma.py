@@ -628,8 +628,8 @@ def test_row_split_rule_on_sm90():
     assert path(257, 28672, 8192)["HEAD_PATH"]["BLOCK_N"] == 256
     # More rest rows, whole tiles, TALL/WIDE weights, 6-bit weights, quantized x, past the
     # tile's rows.
-    assert path(145, 12288, 4096) == path(145, 12288, 4096, allow_row_split=False)
-    assert path(145, 12288, 4096)["BLOCK_N"] == 256
+    assert path(161, 12288, 4096) == path(161, 12288, 4096, allow_row_split=False)
+    assert path(161, 12288, 4096)["BLOCK_N"] == 256
     for case in [dict(M=193, N=28672, K=8192), dict(M=256, N=28672, K=8192),
                  dict(M=137, N=12288, K=4096, sym=True), dict(M=145, N=28672, K=8192, dtype=f16),
                  dict(M=145, N=12288, K=4096, dtype=f16),
@@ -654,6 +654,40 @@ def test_row_split_rule_on_sm90():
     assert WG.row_split_head(136, 12288, 4096, 132, symmetric=True) == 128
     assert WG.row_split_head(137, 12288, 4096, 132, symmetric=True) == 0
     assert WG.row_split_head(160, 28672, 8192, 132, bf16=False) == 0
+
+
+def test_concurrent_row_split_rule_on_sm90():
+    # The split's two launches at once where the 128-row head leaves a quarter of the SMs idle
+    # (12288 columns: WIDE_TMA's 96 tiles of 132 SMs) and the rest's 2-32 rows take the decode
+    # tiles, capped at two programs an idle SM (s41run6); 4-bit weights with zero points,
+    # 16-bit activations, bf16 x only.
+    cuda = torch.device("cuda")
+
+    def path(M, N=12288, K=4096, dtype=bf16, act="none", bits=4, sym=False, **kw):
+        return Q.choose_path(M, N, K, bits, 128, act, dtype, cuda, sm_count=132,
+                             capability=(9, 0), symmetric=sym, **kw)
+
+    for M, rows in [(130, 8), (136, 8), (144, 16), (145, 32), (160, 32)]:
+        cfg = path(M)
+        assert cfg["path"] == "rowsplit" and cfg["CONCURRENT"] and cfg["HEAD"] == 128, (M, cfg)
+        assert cfg["HEAD_PATH"] == path(128)
+        assert cfg["HEAD_PATH"]["X_TMA"] and not cfg["HEAD_PATH"].get("STREAM")
+        rest = path(M - 128)
+        assert cfg["REST_PATH"] == dict(rest, STREAM=2 * (132 - 96)), (M, cfg)
+        assert rest["SCALE_AFTER"] and rest["BLOCK_M"] == rows and rest["STREAM"] == 264
+    assert WG.rest_beside_head(136, 12288, 4096, 132) == 72
+    assert WG.rest_beside_head(136, 12416, 4096, 132) == 2 * (132 - 97)
+    assert WG.rest_beside_head(136, 12800, 4096, 132) == 0  # 32 idle SMs: under a quarter
+    # One rest row (gemv1p: no grid to cap), 33+ rows (the 64-row tile), 20 idle SMs (14336
+    # columns), stream-K heads (28672 columns), and the forms not measured: the split in one
+    # stream, or none.
+    assert not path(129).get("CONCURRENT") and path(129)["path"] == "rowsplit"
+    for case in [dict(M=161), dict(M=136, N=14336), dict(M=144, N=28672, K=8192),
+                 dict(M=136, dtype=f16), dict(M=136, sym=True), dict(M=136, act="fp8"),
+                 dict(M=136, bits=6), dict(M=136, N=4096, K=12288),
+                 dict(M=136, allow_row_split=False)]:
+        assert not path(**case).get("CONCURRENT"), case
+    assert WG.rest_beside_head(136, 14336, 4096, 132) == 0
 
 
 def test_codes_dispatch_rule_on_sm90():
@@ -766,6 +800,58 @@ def test_gpu_qlinear_codes_dispatched_row_split_against_float64(M, N, K, sym, bi
                                                            act_group_size=ag, symmetric=sym,
                                                            allow_row_split=False))
     assert (got.float() - one.float()).abs().max() <= TOL[bf16] * one.float().abs().max()
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,bias", [(130, False), (136, True), (144, False), (160, True)])
+def test_gpu_concurrent_row_split_against_float64(M, bias):
+    # As dispatched on 12288 x 4096: the 128-row head on WIDE_TMA and the rest's 2-32 rows on
+    # the decode tile on a second stream at once; the same rows as the split in one stream,
+    # bit for bit (same kernels, same launches), and the one launch's function.
+    dev = torch.device("cuda")
+    cfg = Q.choose_path(M, 12288, 4096, 4, 128, "none", bf16, dev)
+    assert cfg["path"] == "rowsplit" and cfg.get("CONCURRENT"), cfg
+    gen = _gen(f"wgconcurrent{M}{bias}")
+    pw = _packed(gen, 12288, 4096, 4, 128, False, device="cuda")
+    x = torch.randn(M, 4096, generator=gen).to(bf16).cuda()
+    b = torch.randn(12288, generator=gen).to(bf16).cuda() if bias else None
+    out = check_against_float64(x, pw, b)
+    args = (x, pw.qweight, pw.scales, pw.zeros, b, None, 4, 128, 4096, "none")
+    one_stream = Q._launch(*args, interpreter=False, path=dict(cfg, CONCURRENT=False))
+    assert torch.equal(out, one_stream)
+    one = Q._launch(*args, interpreter=False,
+                    path=Q.choose_path(M, 12288, 4096, 4, 128, "none", bf16, dev,
+                                       allow_row_split=False))
+    assert (out.float() - one.float()).abs().max() <= TOL[bf16] * one.float().abs().max()
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_gpu_concurrent_row_split_in_a_cuda_graph_chain():
+    # The concurrent split's output feeding the next linear inside a captured CUDA graph (the
+    # side stream's branch joined before it), replayed with new x: against float64 and equal
+    # to the eager calls.
+    gen = _gen("wgconcurrentchain")
+    pws = [_packed(gen, 12288, 4096, 4, 128, False, device="cuda"),
+           _packed(gen, 4096, 12288, 4, 128, False, device="cuda")]
+    assert Q.choose_path(144, 12288, 4096, 4, 128, "none", bf16,
+                         torch.device("cuda")).get("CONCURRENT")
+    x = torch.randn(144, 4096, generator=gen).to(bf16).cuda()
+    _replay_with_new_x(*_w4a16_chain(pws, lambda pw, a: None), x, gen, eager_equal=True)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_concurrent_row_split_refuses_a_head_with_tickets():
+    pw = _packed(_gen("wgconcurrentbad"), 256, 256, 4, 128, False, device="cuda")
+    x = torch.randn(130, 256).to(bf16).cuda()
+    head = dict(WG.WIDE, path="wg", SPLIT_K=1, STREAM=132)
+    with pytest.raises(ValueError, match="concurrent row split needs a head launch without a K "
+                                         "split or stream-K"):
+        Q._launch(x, pw.qweight, pw.scales, pw.zeros, None, None, 4, 128, 256, "none",
+                  interpreter=False,
+                  path=dict(path="rowsplit", HEAD=128, CONCURRENT=True, HEAD_PATH=head))
 
 
 def test_wg_out_must_be_rows_of_y():
