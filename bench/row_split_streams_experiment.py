@@ -46,6 +46,9 @@ def main():
     ap.add_argument("--nk", nargs="+", default=["12288x4096", "14336x4096"])
     ap.add_argument("--caps", type=int, nargs="+", default=[2],
                     help="the rest's stream-K programs a head-idle SM (one variant each)")
+    ap.add_argument("--sym", action="store_true", help="symmetric weights (no zero points)")
+    ap.add_argument("--act", choices=["none", "int8", "fp8"], default="none",
+                    help="activations (the rule measured 16-bit ones only)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("row_split_streams_experiment.py needs a CUDA GPU")
@@ -55,19 +58,18 @@ def main():
     side = torch.cuda.Stream()
     rows = []
     for N, K, M, x, bf16 in BQ.bf16_cases(gen, args.nk, args.ms):
-        pw = BQ.random_packed(gen, N, K, 4, GROUP, False)
-        fmt = (pw.qweight, pw.scales, pw.zeros, None, None, 4, GROUP, K, "none")
+        pw = BQ.random_packed(gen, N, K, 4, GROUP, args.sym)
+        fmt = (pw.qweight, pw.scales, pw.zeros, None, None, 4, GROUP, K, args.act)
         head = M - M % 128
-        head_cfg = Q.choose_path(head, N, K, 4, GROUP, "none", x.dtype, dev,
-                                 allow_row_split=False)
-        rest_cfg = Q.choose_path(M - head, N, K, 4, GROUP, "none", x.dtype, dev,
-                                 allow_row_split=False)
+        kw = dict(symmetric=args.sym, allow_row_split=False)
+        head_cfg = Q.choose_path(head, N, K, 4, GROUP, args.act, x.dtype, dev, **kw)
+        rest_cfg = Q.choose_path(M - head, N, K, 4, GROUP, args.act, x.dtype, dev, **kw)
         idle = max(1, sms - head_programs(head_cfg, head, N))
 
         def capped(per_sm):
             return dict(rest_cfg, STREAM=min(rest_cfg["STREAM"], per_sm * idle)) \
                 if rest_cfg.get("STREAM") else rest_cfg
-        one_cfg = Q.choose_path(M, N, K, 4, GROUP, "none", x.dtype, dev, allow_row_split=False)
+        one_cfg = Q.choose_path(M, N, K, 4, GROUP, args.act, x.dtype, dev, **kw)
 
         def two_streams(rest_path, rest_first):
             def run():
@@ -101,8 +103,8 @@ def main():
         # The op as dispatched (the concurrent split where its rule takes it).
         calls["op"] = lambda: torch.ops.q3n.qlinear(x, *fmt)
         want = calls["one"]()
-        row = dict(N=N, K=K, M=M, bf16_ms=bf16, head_cfg=head_cfg, rest_cfg=rest_cfg,
-                   idle_sms=idle)
+        row = dict(N=N, K=K, M=M, sym=args.sym, act=args.act, bf16_ms=bf16, head_cfg=head_cfg,
+                   rest_cfg=rest_cfg, idle_sms=idle)
         for name, fn in calls.items():
             row[f"{name}_rel_err_vs_one"] = BQ.rel_err(fn(), want)
         BQ.time_parts(calls, row)
