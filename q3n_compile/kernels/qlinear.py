@@ -141,7 +141,12 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   129-144 rows of 12288 / 14336 x 4096, 1.06-1.33x at 129-192 rows of 28672 x 8192; W4A8
   1.04-1.29x, W6A12 1.03-1.20x (s40run1-5; fewer rest rows for symmetric weights, fp16 x and
   6-bit weights, :data:`qlinear_wgmma.ROW_SPLIT_REST`). Rows are independent in every path,
-  so the function is the op's. ``q3n::qlinear_codes`` splits alike since session 41 (its
+  so the function is the op's. Where the 128-row head leaves a quarter of the SMs idle
+  (12288 columns; :func:`qlinear_wgmma.rest_beside_head`, session 41), the rest's 2-32 rows
+  run on a second stream beside it (CONCURRENT, its decode tile's grid capped to the idle
+  SMs): W4A16 at 136 / 144 / 160 rows of 12288 x 4096 1.60 / 1.42 / 1.17x the one launch and
+  1.33 / 1.21 / 1.09x the split in one stream (s41run7; 0.97 / 0.86 / 0.74x bf16).
+  ``q3n::qlinear_codes`` splits alike since session 41 (its
   codes and their scales by rows; :func:`_row_split` serves both) where at most
   :data:`CODES_ROW_SPLIT_REST` rows are left: 1.02-1.25x its one launch at 129-144 rows
   (W4A8, s41run1).

@@ -1177,6 +1177,11 @@ def row_split_head(M: int, N: int, K: int, sms: int, bits: int = 4, quantized: b
 # 176-192 rows its 48-64 rows go to the 64-row tile (0.081 against 0.067: no cap either). Hence:
 # 2-32 rest rows on the decode tiles, a head of 128 rows leaving at least a quarter of the SMs
 # idle; measured for 4-bit weights with zero points, 16-bit activations and bf16 x only.
+# s41run7, as dispatched: 0.0398 / 0.0449 / 0.0547 ms at 136 / 144 / 160 rows against the
+# one launch's 0.0637-0.0642 and the one-stream split's 0.0529 / 0.0543 / 0.0596; the rest at
+# three programs an idle SM 0.0485 / 0.0591 / 0.0718 (the third program of an SM waits for the
+# head: 243 registers hold two), at four 0.0419 / 0.0486 / 0.0598, at two 0.0394 / 0.0450 /
+# 0.0544.
 CONCURRENT_MIN_IDLE = 0.25
 CONCURRENT_REST_ROWS = (2, 32)
 
