@@ -58,15 +58,7 @@ def read_fn(words: torch.Tensor, programs: int, chunk: int, warps: int):
 
 def replay_ms(fn, prep, reps: int) -> float:
     """Median ms of a CUDA-graph replay of fn(), `prep()` (the L2's state) before each."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    g = BQ.captured(fn)
     for _ in range(10):
         prep()
         g.replay()

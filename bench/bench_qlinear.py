@@ -84,6 +84,21 @@ TOL = 2e-2  # bf16 output rounding, 16-bit dequantised weights on the tensor-cor
 from q3n_compile.compare import git_commit  # noqa: E402  (one definition for every result file)
 
 
+def captured(fn) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of fn(), after two warm-up calls on a side stream (what capture needs:
+    kernels compiled, the allocator's blocks made)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
 def timed(fn, eager=True):
     """(eager ms, graph ms): do_bench medians of fn() and of a CUDA-graph replay of it
     (eager None when not asked)."""
@@ -92,15 +107,7 @@ def timed(fn, eager=True):
     eager = do_bench(fn, warmup=25, rep=100, return_mode="median") if eager else None
     graph_ms = None
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
+        g = captured(fn)
         graph_ms = do_bench(g.replay, warmup=25, rep=100, return_mode="median")
         del g
     except Exception as exc:  # a path that cannot be captured is reported, not hidden
