@@ -63,6 +63,12 @@ SWEEP_STREAM = ((True, 128, 128, 128, 8, 3, 1), (True, 128, 128, 128, 4, 4, 1),
                 (True, 256, 128, 128, 8, 3, 1), (True, 256, 128, 64, 8, 4, 1),
                 (True, 128, 64, 128, 4, 4, 2), (False, 128, 256, 128, 8, 3, 1),
                 (False, 128, 128, 128, 8, 4, 1))
+# --stream-deep (s42run2): 6 stages where one program an SM leaves the shared memory to them,
+# and the registers capped at 128 a thread (spilling) where two programs an SM need it; the
+# eighth entry is the register cap.
+SWEEP_STREAM_DEEP = ((True, 256, 128, 128, 8, 4, 1, 0), (True, 256, 128, 64, 8, 6, 1, 0),
+                     (True, 128, 128, 128, 8, 6, 1, 0), (True, 128, 128, 128, 8, 3, 2, 128),
+                     (True, 128, 64, 128, 4, 4, 2, 128), (False, 128, 256, 128, 8, 4, 1, 0))
 PREFETCH_BLOCKS = (0, 2, 4, 8, 16)
 SPLITS = (1, 2, 4, 8, 16)
 MS = (1, 16, 64, 256, 1024, 4096)
@@ -92,12 +98,14 @@ def mid_narrow_cfgs(M: int, K: int):
                            num_stages=stages, SWAP=True, SPLIT_K=split, path="i8")
 
 
-def stream_cfgs(M: int, sms: int):
-    for swap, bm, bn, bk, warps, stages, per_sm in SWEEP_STREAM:
+def stream_cfgs(M: int, sms: int, deep: bool = False):
+    for swap, bm, bn, bk, warps, stages, per_sm, *cap in (SWEEP_STREAM_DEEP if deep
+                                                          else SWEEP_STREAM):
         if swap:
             bm = min(bm, max(16, 1 << (M - 1).bit_length()))
         yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps,
-                   num_stages=stages, SWAP=swap, SPLIT_K=1, STREAM=per_sm * sms, path="i8")
+                   num_stages=stages, SWAP=swap, SPLIT_K=1, STREAM=per_sm * sms,
+                   MAXNREG=(cap or [0])[0], path="i8")
 
 
 def prefetch_cfgs(cfg: dict, K: int):
@@ -117,6 +125,8 @@ def main():
                     help="sweep SWEEP_MID_NARROW (64 x 64 swapped tiles, K splits) instead")
     ap.add_argument("--stream", action="store_true",
                     help="sweep SWEEP_STREAM (the stream-K kernel) instead")
+    ap.add_argument("--stream-deep", action="store_true",
+                    help="sweep SWEEP_STREAM_DEEP (deeper stages, register caps) instead")
     ap.add_argument("--prefetch", action="store_true",
                     help="sweep the dispatched launch's L2 prefetch depth instead")
     args = ap.parse_args()
@@ -158,10 +168,11 @@ def main():
                        "quant": lambda: Q.quantize_activations_triton(x, "int8", None, False)},
                       row)
         best = None
-        if args.sweep or args.mid_narrow or args.prefetch or args.stream:
+        if args.sweep or args.mid_narrow or args.prefetch or args.stream or args.stream_deep:
             row["sweep"] = []
             for c in (mid_narrow_cfgs(M, K) if args.mid_narrow else prefetch_cfgs(cfg, K)
                       if args.prefetch else stream_cfgs(M, sms) if args.stream
+                      else stream_cfgs(M, sms, True) if args.stream_deep
                       else sweep_cfgs(M, N, K, sms)):
                 r = BQ.check_and_time(
                     lambda: Q._launch(x, kw.qweight, kw.scales, None, None, None, 8, -1, K,
@@ -180,6 +191,7 @@ def main():
             f"w{best['cfg']['num_warps']} s{best['cfg']['num_stages']} "
             f"split {best['cfg']['SPLIT_K']}" + (" swap" if best["cfg"]["SWAP"] else "")
             + (f" stream {best['cfg']['STREAM']}" if best["cfg"].get("STREAM") else "")
+            + (f" maxnreg {best['cfg']['MAXNREG']}" if best["cfg"].get("MAXNREG") else "")
             + f" prefetch {best['cfg'].get('PREFETCH', 0)}")
         print(f"{N:>6}x{K:<5} {M:>5} {bf16:8.4f} {pl:8.4f} {i8:8.4f} "
               f"{row.get('int_mm_ms', float('nan')):8.4f} {row.get('quant_ms', float('nan')):7.4f} "

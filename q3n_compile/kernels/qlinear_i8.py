@@ -199,10 +199,6 @@ def qlinear_i8_stream_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, stride_cm, 
     u0 = p * units // P
     u1 = (p + 1) * units // P
     TILE: tl.constexpr = BLOCK_M * BLOCK_N
-    if SWAP:
-        t_offs = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
-    else:
-        t_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     if PDL:
         gdc_wait()
     u = u0
@@ -215,7 +211,16 @@ def qlinear_i8_stream_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, stride_cm, 
                            (kb0 * BLOCK_K).to(tl.int32),
                            tl.minimum(kb1 * BLOCK_K, K).to(tl.int32), SWAP, BLOCK_M, BLOCK_N,
                            BLOCK_K, EVEN_K)
-        if kb1 - kb0 < kb:
+        whole = kb1 - kb0 == kb
+        if not whole:
+            # The piece's offsets are made here, not before the loop: kept live across it they
+            # cost a register an element and, past 128 a thread, the second program an SM.
+            if SWAP:
+                t_offs = (tl.arange(0, BLOCK_N)[:, None] * BLOCK_M
+                          + tl.arange(0, BLOCK_M)[None, :])
+            else:
+                t_offs = (tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
+                          + tl.arange(0, BLOCK_N)[None, :])
             slot = (u != u0).to(tl.int64)
             tl.store(WS + (p * 2 + slot) * TILE + t_offs, acc)
             tl.debug_barrier()  # every thread's piece is written before the ticket is taken
@@ -226,18 +231,16 @@ def qlinear_i8_stream_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, stride_cm, 
             q0 = ((t * kb + 1) * P - 1) // units
             q1 = ((t + 1) * kb * P - 1) // units
             if ticket == q1 - q0:
-                acc = tl.zeros_like(acc)
+                tl.atomic_xchg(cnt, 0)  # every piece is in: the ticket is free for the next call
                 for q in range(q0, q1 + 1):
-                    # q's piece is its slot 0 if its range starts in this tile, else slot 1;
-                    # .cg: from L2, never a line this SM's L1 kept from an earlier call
-                    qslot = ((q * units // P) // kb != t).to(tl.int64)
-                    acc += tl.load(WS + (q * 2 + qslot) * TILE + t_offs, cache_modifier=".cg")
-                y, y_offs, y_mask, _ = _scaled_tile(acc, pid_m, pid_n, M, N, XS, S, BIAS,
-                                                    stride_ym, 1.0, HAS_BIAS, SWAP, BLOCK_M,
-                                                    BLOCK_N)
-                tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=y_mask)
-                tl.atomic_xchg(cnt, 0)
-        else:
+                    if q != p:
+                        # q's piece is its slot 0 if its range starts in this tile, else slot
+                        # 1; .cg: from L2, never a line this SM's L1 kept from an earlier call
+                        qslot = ((q * units // P) // kb != t).to(tl.int64)
+                        acc += tl.load(WS + (q * 2 + qslot) * TILE + t_offs,
+                                       cache_modifier=".cg")
+                whole = True
+        if whole:
             y, y_offs, y_mask, _ = _scaled_tile(acc, pid_m, pid_n, M, N, XS, S, BIAS, stride_ym,
                                                 1.0, HAS_BIAS, SWAP, BLOCK_M, BLOCK_N)
             tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=y_mask)
@@ -541,7 +544,8 @@ def _run_stream(codes, xs, w8, scales, bias, y, cfg, tiles, interpreter, tickets
         (M, N, K, codes.stride(0), w8.stride(0), y.stride(0)),
         dict(HAS_BIAS=bias is not None, SWAP=bool(cfg["SWAP"]), BLOCK_M=bm, BLOCK_N=bn,
              BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 8), EVEN_K=K % bk == 0, PDL=pdl),
-        dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl),
+        dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
+             **({"maxnreg": cfg["MAXNREG"]} if cfg.get("MAXNREG") and not interpreter else {})),
         fast=not interpreter)
 
 
