@@ -15,8 +15,6 @@ For each (N, K) of ``--nk`` and M of ``--ms``, with random 8-bit symmetric per-c
   splits 1-16, and the fastest printed beside the dispatched one;
 - with ``--mid-narrow`` (65-512 rows): the swapped tiles of :data:`SWEEP_MID_NARROW` (64
   weight rows) at their K splits;
-- with ``--stream``: the stream-K kernel (:func:`qlinear_i8.qlinear_i8_stream_kernel`) on the
-  tiles of :data:`SWEEP_STREAM`, one or two programs an SM;
 - with ``--prefetch``: the dispatched launch asking L2 for its first 0, 2, 4, ... K blocks of
   the weight before its PDL wait (:data:`PREFETCH_BLOCKS`), while the quantizer runs.
 Every q3n launch is checked against float64 first (max error relative to max |reference|);
@@ -57,18 +55,6 @@ SWAP_MID_MAX_M = 512
 # 4096^2 to 256 rows and on 1024 / 2048 x 4096, 1.02-1.24x on 4096 x 12288 to 256 rows).
 SWEEP_MID_NARROW = ((64, 64, 128, 4, 5, (1, 2, 4, 8)), (64, 64, 128, 4, 4, (1, 2)),
                     (64, 64, 256, 4, 3, (1, 2, 4)), (32, 64, 128, 4, 5, (1, 2, 4)))
-# --stream: (SWAP, rows of x a tile (at most; fewer where M is smaller), weight rows, channels a
-# block, warps, stages, programs an SM).
-SWEEP_STREAM = ((True, 128, 128, 128, 8, 3, 1), (True, 128, 128, 128, 4, 4, 1),
-                (True, 256, 128, 128, 8, 3, 1), (True, 256, 128, 64, 8, 4, 1),
-                (True, 128, 64, 128, 4, 4, 2), (False, 128, 256, 128, 8, 3, 1),
-                (False, 128, 128, 128, 8, 4, 1))
-# --stream-deep (s42run2): 6 stages where one program an SM leaves the shared memory to them,
-# and the registers capped at 128 a thread (spilling) where two programs an SM need it; the
-# eighth entry is the register cap.
-SWEEP_STREAM_DEEP = ((True, 256, 128, 128, 8, 4, 1, 0), (True, 256, 128, 64, 8, 6, 1, 0),
-                     (True, 128, 128, 128, 8, 6, 1, 0), (True, 128, 128, 128, 8, 3, 2, 128),
-                     (True, 128, 64, 128, 4, 4, 2, 128), (False, 128, 256, 128, 8, 4, 1, 0))
 PREFETCH_BLOCKS = (0, 2, 4, 8, 16)
 SPLITS = (1, 2, 4, 8, 16)
 MS = (1, 16, 64, 256, 1024, 4096)
@@ -98,16 +84,6 @@ def mid_narrow_cfgs(M: int, K: int):
                            num_stages=stages, SWAP=True, SPLIT_K=split, path="i8")
 
 
-def stream_cfgs(M: int, sms: int, deep: bool = False):
-    for swap, bm, bn, bk, warps, stages, per_sm, *cap in (SWEEP_STREAM_DEEP if deep
-                                                          else SWEEP_STREAM):
-        if swap:
-            bm = min(bm, max(16, 1 << (M - 1).bit_length()))
-        yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps,
-                   num_stages=stages, SWAP=swap, SPLIT_K=1, STREAM=per_sm * sms,
-                   MAXNREG=(cap or [0])[0], path="i8")
-
-
 def prefetch_cfgs(cfg: dict, K: int):
     blocks = -(-K // (cfg["BLOCK_K"] * cfg.get("SPLIT_K", 1)))
     for n in PREFETCH_BLOCKS:
@@ -123,10 +99,6 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--mid-narrow", action="store_true",
                     help="sweep SWEEP_MID_NARROW (64 x 64 swapped tiles, K splits) instead")
-    ap.add_argument("--stream", action="store_true",
-                    help="sweep SWEEP_STREAM (the stream-K kernel) instead")
-    ap.add_argument("--stream-deep", action="store_true",
-                    help="sweep SWEEP_STREAM_DEEP (deeper stages, register caps) instead")
     ap.add_argument("--prefetch", action="store_true",
                     help="sweep the dispatched launch's L2 prefetch depth instead")
     args = ap.parse_args()
@@ -168,12 +140,10 @@ def main():
                        "quant": lambda: Q.quantize_activations_triton(x, "int8", None, False)},
                       row)
         best = None
-        if args.sweep or args.mid_narrow or args.prefetch or args.stream or args.stream_deep:
+        if args.sweep or args.mid_narrow or args.prefetch:
             row["sweep"] = []
             for c in (mid_narrow_cfgs(M, K) if args.mid_narrow else prefetch_cfgs(cfg, K)
-                      if args.prefetch else stream_cfgs(M, sms) if args.stream
-                      else stream_cfgs(M, sms, True) if args.stream_deep
-                      else sweep_cfgs(M, N, K, sms)):
+                      if args.prefetch else sweep_cfgs(M, N, K, sms)):
                 r = BQ.check_and_time(
                     lambda: Q._launch(x, kw.qweight, kw.scales, None, None, None, 8, -1, K,
                                       "int8", False, path=c), ref, bf16, BQ.TOL, {})
@@ -190,8 +160,6 @@ def main():
             f"{best['cfg']['BLOCK_M']}x{best['cfg']['BLOCK_N']}x{best['cfg']['BLOCK_K']} "
             f"w{best['cfg']['num_warps']} s{best['cfg']['num_stages']} "
             f"split {best['cfg']['SPLIT_K']}" + (" swap" if best["cfg"]["SWAP"] else "")
-            + (f" stream {best['cfg']['STREAM']}" if best["cfg"].get("STREAM") else "")
-            + (f" maxnreg {best['cfg']['MAXNREG']}" if best["cfg"].get("MAXNREG") else "")
             + f" prefetch {best['cfg'].get('PREFETCH', 0)}")
         print(f"{N:>6}x{K:<5} {M:>5} {bf16:8.4f} {pl:8.4f} {i8:8.4f} "
               f"{row.get('int_mm_ms', float('nan')):8.4f} {row.get('quant_ms', float('nan')):7.4f} "

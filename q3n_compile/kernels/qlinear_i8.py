@@ -87,36 +87,15 @@ def qlinear_i8_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, K_PER_SPLIT,
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     if PDL:
         if PREFETCH > 0:
             _prefetch_l2(W, pid_n, N, stride_wn, k_start, k_end, BLOCK_N, BLOCK_K, PREFETCH)
         gdc_wait()
-    acc = _k_range_sum(C, W, M, N, stride_cm, stride_wn, pid_m, pid_n, k_start, k_end, SWAP,
-                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
-    if TRIGGER:
-        gdc_launch_dependents()
-    y, y_offs, y_mask, ws_offs = _scaled_tile(acc, pid_m, pid_n, M, N, XS, S, BIAS, stride_ym,
-                                              (pid_k == 0).to(tl.float32), HAS_BIAS, SWAP,
-                                              BLOCK_M, BLOCK_N)
-    if SPLIT:
-        ticket_split_k(y, Y, y_offs, y_mask, WS, ws_offs, M * N, CNT, pid, pid_k,
-                       tl.num_programs(1))
-    else:
-        tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=y_mask)
-
-
-@triton.jit
-def _k_range_sum(C, W, M, N, stride_cm, stride_wn, pid_m, pid_n, k_start, k_end,
-                 SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """The exact int32 tile ``c @ w8^T`` (SWAP: ``w8 @ c^T``, [BLOCK_N, BLOCK_M]) of row block
-    pid_m and column block pid_n over channels [k_start, k_end) (k_start a multiple of
-    BLOCK_K; EVEN_K: every block in the range full)."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     # Wrapped rows: every load in bounds without a row mask (the extra rows are never stored).
     rows_m = (offs_m % M).to(tl.int64)
     rows_n = (offs_n % N).to(tl.int64)
@@ -140,20 +119,8 @@ def _k_range_sum(C, W, M, N, stride_cm, stride_wn, pid_m, pid_n, k_start, k_end,
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         c_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    return acc
-
-
-@triton.jit
-def _scaled_tile(acc, pid_m, pid_n, M, N, XS, S, BIAS, stride_ym, bias_on, HAS_BIAS: tl.constexpr,
-                 SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``(y, y_offs, y_mask, ws_offs)`` of an int32 tile from :func:`_k_range_sum`: ``y = acc *
-    s[n] * s_x[m] (+ bias[n] * bias_on)`` in fp32, in acc's orientation, with its offsets in Y
-    (row stride stride_ym), the mask of rows < M and columns < N, and its offsets in an [M, N]
-    workspace."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_m = (offs_m % M).to(tl.int64)
-    rows_n = (offs_n % N).to(tl.int64)
+    if TRIGGER:
+        gdc_launch_dependents()
     m_ok = offs_m < M
     n_ok = offs_n < N
     xs = tl.load(XS + rows_m)
@@ -161,90 +128,22 @@ def _scaled_tile(acc, pid_m, pid_n, M, N, XS, S, BIAS, stride_ym, bias_on, HAS_B
     if SWAP:
         y = acc.to(tl.float32) * s[:, None] * xs[None, :]
         if HAS_BIAS:
-            y += tl.load(BIAS + rows_n).to(tl.float32)[:, None] * bias_on
+            y += tl.load(BIAS + rows_n).to(tl.float32)[:, None] * (pid_k == 0).to(tl.float32)
         y_offs = offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
         y_mask = n_ok[:, None] & m_ok[None, :]
         ws_offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
     else:
         y = acc.to(tl.float32) * xs[:, None] * s[None, :]
         if HAS_BIAS:
-            y += tl.load(BIAS + rows_n).to(tl.float32)[None, :] * bias_on
+            y += tl.load(BIAS + rows_n).to(tl.float32)[None, :] * (pid_k == 0).to(tl.float32)
         y_offs = offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
         y_mask = m_ok[:, None] & n_ok[None, :]
         ws_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    return y, y_offs, y_mask, ws_offs
-
-
-@triton.jit
-def qlinear_i8_stream_kernel(C, XS, W, S, BIAS, Y, WS, CNT, M, N, K, stride_cm, stride_wn,
-                             stride_ym, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                             EVEN_K: tl.constexpr, PDL: tl.constexpr = False):
-    """The tile of :func:`qlinear_i8_kernel` by stream-K: the (tile, K block) units, tiles in
-    GROUP_M order and each tile's blocks in K order, are cut into num_programs equal ranges,
-    so every program does the same number of blocks however the tiles fall into waves (192
-    tiles of 128 x 128 on 132 SMs: 1.45 blocks' worth a program where whole tiles take two
-    waves). A program stores a tile its range holds whole; a piece of a tile (its range's
-    first, slot 0, or last, slot 1) goes to WS [num_programs, 2, BLOCK_M * BLOCK_N] as exact
-    int32 sums, and the last of the tile's programs to arrive (a ticket in CNT[tile], 0
-    between calls) adds the pieces, scales once and stores. int32 sums are exact (K <= MAX_K),
-    so the result is the unsplit tile's bit for bit, whatever the ranges.
-    PDL: waits for the quantizer before it reads anything."""
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    kb = tl.cdiv(K, BLOCK_K)
-    units = (tl.cdiv(M, BLOCK_M) * tiles_n).to(tl.int64) * kb
-    p = tl.program_id(0).to(tl.int64)
-    P = tl.num_programs(0)  # at most `units`: every range holds a unit
-    u0 = p * units // P
-    u1 = (p + 1) * units // P
-    TILE: tl.constexpr = BLOCK_M * BLOCK_N
-    if PDL:
-        gdc_wait()
-    u = u0
-    while u < u1:
-        t = u // kb
-        kb0 = u - t * kb
-        kb1 = tl.minimum(kb, kb0 + (u1 - u))
-        pid_m, pid_n = grouped_tile(t.to(tl.int32), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = _k_range_sum(C, W, M, N, stride_cm, stride_wn, pid_m, pid_n,
-                           (kb0 * BLOCK_K).to(tl.int32),
-                           tl.minimum(kb1 * BLOCK_K, K).to(tl.int32), SWAP, BLOCK_M, BLOCK_N,
-                           BLOCK_K, EVEN_K)
-        whole = kb1 - kb0 == kb
-        if not whole:
-            # The piece's offsets are made here, not before the loop: kept live across it they
-            # cost a register an element and, past 128 a thread, the second program an SM.
-            if SWAP:
-                t_offs = (tl.arange(0, BLOCK_N)[:, None] * BLOCK_M
-                          + tl.arange(0, BLOCK_M)[None, :])
-            else:
-                t_offs = (tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
-                          + tl.arange(0, BLOCK_N)[None, :])
-            slot = (u != u0).to(tl.int64)
-            tl.store(WS + (p * 2 + slot) * TILE + t_offs, acc)
-            tl.debug_barrier()  # every thread's piece is written before the ticket is taken
-            cnt = CNT + t
-            ticket = tl.atomic_add(cnt, 1, sem="acq_rel")
-            # The programs whose ranges hold the tile's first and last units: the owner of
-            # unit v is the largest q with q * units // P <= v.
-            q0 = ((t * kb + 1) * P - 1) // units
-            q1 = ((t + 1) * kb * P - 1) // units
-            if ticket == q1 - q0:
-                tl.atomic_xchg(cnt, 0)  # every piece is in: the ticket is free for the next call
-                for q in range(q0, q1 + 1):
-                    if q != p:
-                        # q's piece is its slot 0 if its range starts in this tile, else slot
-                        # 1; .cg: from L2, never a line this SM's L1 kept from an earlier call
-                        qslot = ((q * units // P) // kb != t).to(tl.int64)
-                        acc += tl.load(WS + (q * 2 + qslot) * TILE + t_offs,
-                                       cache_modifier=".cg")
-                whole = True
-        if whole:
-            y, y_offs, y_mask, _ = _scaled_tile(acc, pid_m, pid_n, M, N, XS, S, BIAS, stride_ym,
-                                                1.0, HAS_BIAS, SWAP, BLOCK_M, BLOCK_N)
-            tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=y_mask)
-        u += kb1 - kb0
+    if SPLIT:
+        ticket_split_k(y, Y, y_offs, y_mask, WS, ws_offs, M * N, CNT, pid, pid_k,
+                       tl.num_programs(1))
+    else:
+        tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit
@@ -508,9 +407,6 @@ def run(codes: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scales: torch.T
         cfg = dict(cfg, TMA=False)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     tiles = contract.cdiv(M, bm) * contract.cdiv(N, bn)
-    if cfg.get("STREAM"):
-        _run_stream(codes, xs, w8, scales, bias, y, cfg, tiles, interpreter, tickets, pdl)
-        return y
     split, k_per_split, ws, cnt = contract.ticket_split_k_plan(
         K, bk, cfg.get("SPLIT_K", 1), y, tiles, tickets, "the i8 path")
     contract.launch(
@@ -525,28 +421,6 @@ def run(codes: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scales: torch.T
         dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl),
         fast=not interpreter)
     return y
-
-
-def _run_stream(codes, xs, w8, scales, bias, y, cfg, tiles, interpreter, tickets, pdl):
-    """The stream-K kernel over cfg's STREAM programs (fewer where there are fewer (tile, K
-    block) units), its pieces in an int32 workspace of two tiles a program."""
-    M, K = codes.shape
-    N = w8.shape[0]
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    if tickets is None:
-        raise ValueError("q3n::qlinear: the i8 path's stream-K needs the ticket counters")
-    programs = min(int(cfg["STREAM"]), tiles * contract.cdiv(K, bk))
-    ws = torch.empty((programs, 2, bm * bn), dtype=torch.int32, device=codes.device)
-    contract.launch(
-        qlinear_i8_stream_kernel, (programs,),
-        (codes, xs, w8, scales, bias if bias is not None else scales, y, ws,
-         tickets(codes.device, tiles)),
-        (M, N, K, codes.stride(0), w8.stride(0), y.stride(0)),
-        dict(HAS_BIAS=bias is not None, SWAP=bool(cfg["SWAP"]), BLOCK_M=bm, BLOCK_N=bn,
-             BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 8), EVEN_K=K % bk == 0, PDL=pdl),
-        dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
-             **({"maxnreg": cfg["MAXNREG"]} if cfg.get("MAXNREG") and not interpreter else {})),
-        fast=not interpreter)
 
 
 def tma_ok(codes: torch.Tensor, w8: torch.Tensor) -> bool:

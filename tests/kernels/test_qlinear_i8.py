@@ -78,27 +78,6 @@ def test_both_forms_and_k_splits(swap, split):
         _check(x, kw, b, act="int8", path=_path(swap, split=split))
 
 
-@pytest.mark.parametrize("swap", [True, False])
-@pytest.mark.parametrize("M,N,K,programs", [(21, 70, 232, 5), (21, 70, 232, 7), (5, 33, 96, 2),
-                                            (40, 17, 64, 3), (21, 70, 232, 64)])
-def test_stream_k_against_float64_and_the_unsplit_tile(swap, M, N, K, programs):
-    # Stream-K: (tile, K block) units cut into equal ranges, so ranges start and end inside
-    # tiles, one program's range can hold a tile's middle only (5 programs over 2 x 3 tiles of
-    # 8 blocks), and 64 programs ask for more than the 48 units (the grid is cut to one a
-    # unit). Pieces are summed in int32 and scaled once: the unsplit tile's result bit for bit.
-    # Twice: the tickets are back at 0 after a call.
-    gen = _gen(f"i8stream{swap}{M}{N}{K}{programs}")
-    kw = _kmajor(gen, N, K)
-    x = (torch.randn(M, K, generator=gen) * 2).to(bf16)
-    b = torch.randn(N, generator=gen).to(bf16)
-    plain = Q._launch(x, kw.qweight, kw.scales, None, b, None, 8, -1, K, "int8", True,
-                      path=_path(swap))
-    for _ in range(2):
-        got = _check(x, kw, b, act="int8", path=dict(_path(swap), STREAM=programs))
-        assert torch.equal(got, plain)
-    assert not Q._tickets(torch.device("cpu"), 1)[:8].any()
-
-
 def _tma_path(programs=None):
     return dict(_path(False), TMA=True, PROGRAMS=programs)
 
@@ -324,32 +303,6 @@ def test_gpu_mid_rows_by_waves_against_float64(M, N, K, swap, bm, bn):
     kw = _kmajor(gen, N, K, "cuda")
     x = (torch.randn(M, K, generator=gen) * 2).to(bf16).cuda()
     _check(x, kw, torch.randn(N, generator=gen).to(bf16).cuda(), act="int8")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("M,N,K,swap,bm,bn,bk,warps,stages,per_sm", [
-    (256, 12288, 4096, True, 128, 128, 128, 8, 3, 1),
-    (200, 12000, 4000, True, 256, 128, 128, 8, 3, 1),
-    (256, 4096, 4096, True, 128, 64, 128, 4, 4, 2),
-    (300, 4096, 12288, False, 128, 256, 128, 8, 3, 1),
-    (129, 28672, 8192, True, 256, 128, 64, 8, 4, 1)])
-def test_gpu_stream_k_against_float64_and_the_unsplit_tile(M, N, K, swap, bm, bn, bk, warps,
-                                                           stages, per_sm):
-    # Stream-K over one or two programs an SM on the GPU's pipelined tiles (partial rows,
-    # columns and channels in 200 x 12000 x 4000): against float64, and bit-equal to the same
-    # tile unsplit. Twice: the tickets are back at 0.
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    gen = _gen(f"i8gpustream{M}{N}{K}{swap}{bm}")
-    kw = _kmajor(gen, N, K, "cuda")
-    x = (torch.randn(M, K, generator=gen) * 2).to(bf16).cuda()
-    b = torch.randn(N, generator=gen).to(bf16).cuda()
-    tile = dict(path="i8", SWAP=swap, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                SPLIT_K=1, num_warps=warps, num_stages=stages)
-    plain = Q._launch(x, kw.qweight, kw.scales, None, b, None, 8, -1, K, "int8", False,
-                      path=tile)
-    for _ in range(2):
-        got = _check(x, kw, b, act="int8", path=dict(tile, STREAM=per_sm * sms))
-        assert torch.equal(got, plain)
 
 
 @pytest.mark.gpu
