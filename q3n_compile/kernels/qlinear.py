@@ -1340,16 +1340,19 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
             bits, group_size, act, dtype, N, capability or _device_capability(device)):
         split_kw = dict(quantized=act != "none", symmetric=symmetric,
                         bf16=dtype == torch.bfloat16, cublas8=cublas8)
-        beside = WG.rest_beside_head(M, N, K, sms, bits, **split_kw) if allow_row_split else 0
-        if beside:
+        beside = (WG.rest_beside_head(M, N, K, sms, bits, **split_kw) if allow_row_split
+                  else None)
+        if beside is not None:
             kw = dict(sm_count=sms, act_group_size=act_group_size, capability=capability,
                       symmetric=symmetric, allow_row_split=False)
             rest = choose_path(M - 128, N, K, bits, group_size, act, dtype, device, **kw)
-            if rest.get("STREAM"):
+            # The rest's stream-K grid capped to the idle SMs, or mmT as it is (the form
+            # measured where the decode tiles leave the rest's rows).
+            if (rest.get("STREAM") and beside) or (rest["path"] == "mmT" and beside == 0):
                 return dict(path="rowsplit", HEAD=128, CONCURRENT=True,
                             HEAD_PATH=choose_path(128, N, K, bits, group_size, act, dtype,
                                                   device, **kw),
-                            REST_PATH=dict(rest, STREAM=beside))
+                            REST_PATH=dict(rest, STREAM=beside) if beside else rest)
         head = WG.row_split_head(M, N, K, sms, bits, **split_kw) if allow_row_split else 0
         if head:
             return dict(path="rowsplit", HEAD=head, HEAD_PATH=choose_path(

@@ -1182,29 +1182,48 @@ def row_split_head(M: int, N: int, K: int, sms: int, bits: int = 4, quantized: b
 # three programs an idle SM 0.0485 / 0.0591 / 0.0718 (the third program of an SM waits for the
 # head: 243 registers hold two), at four 0.0419 / 0.0486 / 0.0598, at two 0.0394 / 0.0450 /
 # 0.0544.
+# s42run2 (the same experiment, --sym and --act int8 / fp8, 12288 x 4096, ms; the op then split
+# in one stream): symmetric weights at 136 / 144 / 160 rows 0.0425 / 0.0476 / 0.0522 (the
+# rest at four / four / two programs an idle SM) against 0.0557 / 0.0609 / 0.0611; int8
+# activations 0.0435 / 0.0485 (four) and, at 160 rows, whose 32 rest rows take mmT (no grid to
+# cap), 0.0570 as dispatched against 0.0597 / 0.0614 / 0.0657; fp8 0.0437 / 0.0487 / 0.0571
+# against 0.0605 / 0.0619 / 0.0660. Two programs an idle SM at 16 rest rows ran 0.0565-0.0591
+# in these forms (and were the best for zero points and 16-bit activations, 0.0450 against
+# four's 0.0486 in s41run7); four at 32 rest rows 0.0571 against two's 0.0522 (symmetric), and
+# at 8 rows 0.0425-0.0437 against two's 0.0425-0.0432. At 129 rows (one rest row, gemv1p)
+# concurrent ran 1.03-1.07x the one-stream split: not taken, as for 16-bit activations.
 CONCURRENT_MIN_IDLE = 0.25
 CONCURRENT_REST_ROWS = (2, 32)
+CONCURRENT_PER_IDLE_SM = 2
+# Symmetric weights or quantized activations (measured apart, not together) to 16 rest rows.
+CONCURRENT_PER_IDLE_SM_OTHER, CONCURRENT_OTHER_MAX_ROWS = 4, 16
 
 
 def rest_beside_head(M: int, N: int, K: int, sms: int, bits: int = 4, quantized: bool = False,
-                     symmetric: bool = False, bf16: bool = True, cublas8: bool = False) -> int:
-    """The stream-K programs of the rest's decode tile where the row split's two launches run
-    at once (CONCURRENT): two on each SM the 128-row head leaves idle; else 0. Measured
-    (:data:`CONCURRENT_MIN_IDLE`): 4-bit weights with zero points, 16-bit activations, bf16 x,
-    a head of one tile of rows without a K split or stream-K (the rest's stream-K tickets are
-    then the only ones in use), 2-32 rest rows on :func:`choose_decode`'s tiles."""
+                     symmetric: bool = False, bf16: bool = True,
+                     cublas8: bool = False) -> Optional[int]:
+    """Where the row split's two launches run at once (CONCURRENT), the cap on the rest's
+    stream-K programs: :data:`CONCURRENT_PER_IDLE_SM` on each SM the 128-row head leaves idle
+    (:data:`CONCURRENT_PER_IDLE_SM_OTHER` to :data:`CONCURRENT_OTHER_MAX_ROWS` rest rows for
+    symmetric weights or quantized activations); 0 where the rest's 17-32 rows of quantized
+    activations leave the decode tiles (for mmT, launched as dispatched); None where the split
+    stays in one stream. Measured (:data:`CONCURRENT_MIN_IDLE`): 4-bit weights, bf16 x, a head
+    of one tile of rows without a K split or stream-K (the rest's tickets are then the only
+    ones in use), 2-32 rest rows."""
     rest = M - 128
-    if not (bits == 4 and not quantized and not symmetric and bf16
-            and CONCURRENT_REST_ROWS[0] <= rest <= CONCURRENT_REST_ROWS[1]):
-        return 0
+    if not (bits == 4 and bf16 and CONCURRENT_REST_ROWS[0] <= rest <= CONCURRENT_REST_ROWS[1]):
+        return None
     head = choose(128, N, sms, cublas8, bits, K, quantized=quantized, symmetric=symmetric)
     if head is None or head.get("STREAM") or head.get("SPLIT_K", 1) != 1:
-        return 0
+        return None
     idle = sms - contract.cdiv(128, head["BLOCK_M"]) * contract.cdiv(N, head["BLOCK_N"])
+    if idle < CONCURRENT_MIN_IDLE * sms:
+        return None
     tile = choose_decode(rest, N, K, sms, bits, bf16=bf16, quantized=quantized)
-    if idle < CONCURRENT_MIN_IDLE * sms or tile is None or not tile.get("STREAM"):
-        return 0
-    return 2 * idle
+    if tile is None or not tile.get("STREAM"):
+        return 0 if quantized else None
+    other = (quantized or symmetric) and rest <= CONCURRENT_OTHER_MAX_ROWS
+    return (CONCURRENT_PER_IDLE_SM_OTHER if other else CONCURRENT_PER_IDLE_SM) * idle
 
 
 def choose(M: int, N: int, sms: int, cublas8: bool = False, bits: int = 4,

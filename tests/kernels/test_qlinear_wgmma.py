@@ -631,17 +631,20 @@ def test_row_split_rule_on_sm90():
     assert path(161, 12288, 4096) == path(161, 12288, 4096, allow_row_split=False)
     assert path(161, 12288, 4096)["BLOCK_N"] == 256
     for case in [dict(M=193, N=28672, K=8192), dict(M=256, N=28672, K=8192),
-                 dict(M=137, N=12288, K=4096, sym=True), dict(M=145, N=28672, K=8192, dtype=f16),
+                 dict(M=137, N=14336, K=4096, sym=True), dict(M=145, N=28672, K=8192, dtype=f16),
                  dict(M=145, N=12288, K=4096, dtype=f16),
                  dict(M=289, N=28672, K=8192), dict(M=448, N=16384, K=8192),
                  dict(M=128, N=28672, K=8192), dict(M=129, N=4096, K=12288),
                  dict(M=129, N=4096, K=4096), dict(M=145, N=12288, K=4096, bits=6),
                  dict(M=160, N=28672, K=8192, bits=6, act="int12"),
-                 dict(M=145, N=12288, K=4096, act="int8"), dict(M=129, N=5120, K=5120, bits=6),
+                 dict(M=145, N=14336, K=4096, act="int8"), dict(M=129, N=5120, K=5120, bits=6),
                  dict(M=129, N=12288, K=4096, bits=5, act="int8"),
                  dict(M=129, N=4096, K=12288, act="fp8"),
                  dict(M=257, N=12288, K=4096), dict(M=769, N=28672, K=8192)]:
         assert path(**case)["path"] != "rowsplit", case
+    # On 12288 columns those two split after all, at once (test_concurrent_row_split_rule_on_sm90).
+    assert path(137, 12288, 4096, sym=True)["CONCURRENT"]
+    assert path(145, 12288, 4096, act="int8")["CONCURRENT"]
     cfg = path(129, 12288, 4096, allow_row_split=False)
     assert cfg["path"] == "wg" and cfg["BLOCK_N"] == 256, cfg
     assert WG.row_split_head(129, 12288, 4096, 132) == 128
@@ -659,8 +662,9 @@ def test_row_split_rule_on_sm90():
 def test_concurrent_row_split_rule_on_sm90():
     # The split's two launches at once where the 128-row head leaves a quarter of the SMs idle
     # (12288 columns: WIDE_TMA's 96 tiles of 132 SMs) and the rest's 2-32 rows take the decode
-    # tiles, capped at two programs an idle SM (s41run6); 4-bit weights with zero points,
-    # 16-bit activations, bf16 x only.
+    # tiles, capped at two programs an idle SM (s41run6), four to 16 rest rows for symmetric
+    # weights or quantized activations (s42run2); quantized activations' 17-32 rest rows on
+    # mmT as dispatched (s42run2); 4-bit weights and bf16 x only.
     cuda = torch.device("cuda")
 
     def path(M, N=12288, K=4096, dtype=bf16, act="none", bits=4, sym=False, **kw):
@@ -675,19 +679,33 @@ def test_concurrent_row_split_rule_on_sm90():
         rest = path(M - 128)
         assert cfg["REST_PATH"] == dict(rest, STREAM=2 * (132 - 96)), (M, cfg)
         assert rest["SCALE_AFTER"] and rest["BLOCK_M"] == rows and rest["STREAM"] == 264
+    for form in [dict(sym=True), dict(act="int8"), dict(act="fp8")]:
+        for M, per_sm in [(130, 4), (136, 4), (144, 4), (160, 2)]:
+            cfg = path(M, **form)
+            assert cfg["path"] == "rowsplit" and cfg["CONCURRENT"], (form, M, cfg)
+            assert cfg["HEAD_PATH"] == path(128, **form)
+            assert not cfg["HEAD_PATH"].get("STREAM") and cfg["HEAD_PATH"]["SPLIT_K"] == 1
+            rest = path(M - 128, **form)
+            if rest["path"] == "mmT":
+                # 32 rows of quantized activations: off the decode tiles, launched as they are
+                assert form.get("act") and M == 160 and cfg["REST_PATH"] == rest, (form, cfg)
+            else:
+                assert cfg["REST_PATH"] == dict(rest, STREAM=per_sm * 36), (form, M, cfg)
     assert WG.rest_beside_head(136, 12288, 4096, 132) == 72
+    assert WG.rest_beside_head(136, 12288, 4096, 132, symmetric=True) == 144
+    assert WG.rest_beside_head(152, 12288, 4096, 132, quantized=True) == 0
     assert WG.rest_beside_head(136, 12416, 4096, 132) == 2 * (132 - 97)
-    assert WG.rest_beside_head(136, 12800, 4096, 132) == 0  # 32 idle SMs: under a quarter
+    assert WG.rest_beside_head(136, 12800, 4096, 132) is None  # 32 idle SMs: under a quarter
     # One rest row (gemv1p: no grid to cap), 33+ rows (the 64-row tile), 20 idle SMs (14336
     # columns), stream-K heads (28672 columns), and the forms not measured: the split in one
     # stream, or none.
     assert not path(129).get("CONCURRENT") and path(129)["path"] == "rowsplit"
     for case in [dict(M=161), dict(M=136, N=14336), dict(M=144, N=28672, K=8192),
-                 dict(M=136, dtype=f16), dict(M=136, sym=True), dict(M=136, act="fp8"),
-                 dict(M=136, bits=6), dict(M=136, N=4096, K=12288),
+                 dict(M=136, dtype=f16), dict(M=129, sym=True), dict(M=129, act="int8"),
+                 dict(M=161, act="fp8"), dict(M=136, bits=6), dict(M=136, N=4096, K=12288),
                  dict(M=136, allow_row_split=False)]:
         assert not path(**case).get("CONCURRENT"), case
-    assert WG.rest_beside_head(136, 14336, 4096, 132) == 0
+    assert WG.rest_beside_head(136, 14336, 4096, 132) is None
 
 
 def test_codes_dispatch_rule_on_sm90():
@@ -804,24 +822,29 @@ def test_gpu_qlinear_codes_dispatched_row_split_against_float64(M, N, K, sym, bi
 
 @needs_hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("M,bias", [(130, False), (136, True), (144, False), (160, True)])
-def test_gpu_concurrent_row_split_against_float64(M, bias):
-    # As dispatched on 12288 x 4096: the 128-row head on WIDE_TMA and the rest's 2-32 rows on
-    # the decode tile on a second stream at once; the same rows as the split in one stream,
-    # bit for bit (same kernels, same launches), and the one launch's function.
+@pytest.mark.parametrize("M,bias,sym,act", [(130, False, False, "none"), (136, True, False, "none"),
+                                            (144, False, False, "none"), (160, True, False, "none"),
+                                            (136, True, True, "none"), (150, False, True, "none"),
+                                            (144, True, False, "int8"), (160, False, False, "int8"),
+                                            (136, False, False, "fp8"), (152, True, True, "fp8")])
+def test_gpu_concurrent_row_split_against_float64(M, bias, sym, act):
+    # As dispatched on 12288 x 4096: the 128-row head on the wg tile and the rest's 2-32 rows
+    # on the decode tile (quantized activations' 17-32 on mmT) on a second stream at once; the
+    # same rows as the split in one stream, bit for bit (same kernels, same launches), and the
+    # one launch's function.
     dev = torch.device("cuda")
-    cfg = Q.choose_path(M, 12288, 4096, 4, 128, "none", bf16, dev)
+    cfg = Q.choose_path(M, 12288, 4096, 4, 128, act, bf16, dev, symmetric=sym)
     assert cfg["path"] == "rowsplit" and cfg.get("CONCURRENT"), cfg
-    gen = _gen(f"wgconcurrent{M}{bias}")
-    pw = _packed(gen, 12288, 4096, 4, 128, False, device="cuda")
+    gen = _gen(f"wgconcurrent{M}{bias}{sym}{act}")
+    pw = _packed(gen, 12288, 4096, 4, 128, sym, device="cuda")
     x = torch.randn(M, 4096, generator=gen).to(bf16).cuda()
     b = torch.randn(12288, generator=gen).to(bf16).cuda() if bias else None
-    out = check_against_float64(x, pw, b)
-    args = (x, pw.qweight, pw.scales, pw.zeros, b, None, 4, 128, 4096, "none")
+    out = check_against_float64(x, pw, b, act=act)
+    args = (x, pw.qweight, pw.scales, pw.zeros, b, None, 4, 128, 4096, act)
     one_stream = Q._launch(*args, interpreter=False, path=dict(cfg, CONCURRENT=False))
     assert torch.equal(out, one_stream)
     one = Q._launch(*args, interpreter=False,
-                    path=Q.choose_path(M, 12288, 4096, 4, 128, "none", bf16, dev,
+                    path=Q.choose_path(M, 12288, 4096, 4, 128, act, bf16, dev, symmetric=sym,
                                        allow_row_split=False))
     assert (out.float() - one.float()).abs().max() <= TOL[bf16] * one.float().abs().max()
 
