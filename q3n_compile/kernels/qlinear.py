@@ -145,7 +145,10 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   (12288 columns; :func:`qlinear_wgmma.rest_beside_head`, session 41), the rest's 2-32 rows
   run on a second stream beside it (CONCURRENT, its decode tile's grid capped to the idle
   SMs): W4A16 at 136 / 144 / 160 rows of 12288 x 4096 1.60 / 1.42 / 1.17x the one launch and
-  1.33 / 1.21 / 1.09x the split in one stream (s41run7; 0.97 / 0.86 / 0.74x bf16).
+  1.33 / 1.21 / 1.09x the split in one stream (s41run7; 0.97 / 0.86 / 0.74x bf16); since
+  session 42 for symmetric weights and int8 / fp8 activations too (their 17-32 rest rows of
+  quantized activations on mmT, as dispatched): 1.15-1.40x what was dispatched before at
+  130-160 rows (s42run3; 0.68-0.90x bf16).
   ``q3n::qlinear_codes`` splits alike since session 41 (its
   codes and their scales by rows; :func:`_row_split` serves both) where at most
   :data:`CODES_ROW_SPLIT_REST` rows are left: 1.02-1.25x its one launch at 129-144 rows
@@ -1311,7 +1314,8 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     HEAD_PATH) and the rest as two launches
     (:func:`_launch_row_split`); where the head's one wave leaves a quarter of the SMs idle
     (:func:`qlinear_wgmma.rest_beside_head`), the two at once (CONCURRENT: the rest on a
-    second stream, on REST_PATH, its decode tile's grid capped to the idle SMs);
+    second stream, on REST_PATH, its decode tile's grid capped to the idle SMs, or mmT as it
+    is);
     `allow_row_split` False gives the one launch instead.
     """
     k_pad = P.padded_k(K)

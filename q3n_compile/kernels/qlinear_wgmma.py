@@ -1191,7 +1191,11 @@ def row_split_head(M: int, N: int, K: int, sms: int, bits: int = 4, quantized: b
 # in these forms (and were the best for zero points and 16-bit activations, 0.0450 against
 # four's 0.0486 in s41run7); four at 32 rest rows 0.0571 against two's 0.0522 (symmetric), and
 # at 8 rows 0.0425-0.0437 against two's 0.0425-0.0432. At 129 rows (one rest row, gemv1p)
-# concurrent ran 1.03-1.07x the one-stream split: not taken, as for 16-bit activations.
+# concurrent ran 1.03-1.10x the one-stream split: not taken, as for 16-bit activations.
+# s42run3, as dispatched at 130 / 136 / 144 / 152 / 160 rows: symmetric 0.0425 / 0.0428 /
+# 0.0476 / 0.0521 / 0.0517 ms, int8 0.0432 / 0.0437 / 0.0484 / 0.0561 / 0.0574, fp8 0.0433 /
+# 0.0435 / 0.0486 / 0.0562 / 0.0572, 1.15-1.40x what was dispatched before (the one-stream
+# split to 8 / 16 rest rows, else the one launch).
 CONCURRENT_MIN_IDLE = 0.25
 CONCURRENT_REST_ROWS = (2, 32)
 CONCURRENT_PER_IDLE_SM = 2
