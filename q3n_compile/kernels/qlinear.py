@@ -1285,7 +1285,8 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
                 dtype: torch.dtype, device: torch.device, *, interpreter: bool = False,
                 sm_count: Optional[int] = None, act_group_size: int = PER_TOKEN,
                 capability: Optional[tuple] = None, allow_wg: bool = True,
-                symmetric: bool = False, allow_row_split: bool = True) -> dict:
+                symmetric: bool = False, allow_row_split: bool = True,
+                allow_concurrent: bool = True) -> dict:
     """The path and launch parameters for one call; a pure function of its arguments
     (`symmetric`: the weights have no zero points; the wg rule copies x by TMA only for weights
     with them, TALL_TMA and WIDE_TMA).
@@ -1315,7 +1316,7 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
     (:func:`_launch_row_split`); where the head's one wave leaves a quarter of the SMs idle
     (:func:`qlinear_wgmma.rest_beside_head`), the two at once (CONCURRENT: the rest on a
     second stream, on REST_PATH, its decode tile's grid capped to the idle SMs, or mmT as it
-    is);
+    is; `allow_concurrent` False keeps the split in one stream where it applies);
     `allow_row_split` False gives the one launch instead.
     """
     k_pad = P.padded_k(K)
@@ -1344,8 +1345,8 @@ def choose_path(M: int, N: int, K: int, bits: int, group_size: int, act: str,
             bits, group_size, act, dtype, N, capability or _device_capability(device)):
         split_kw = dict(quantized=act != "none", symmetric=symmetric,
                         bf16=dtype == torch.bfloat16, cublas8=cublas8)
-        beside = (WG.rest_beside_head(M, N, K, sms, bits, **split_kw) if allow_row_split
-                  else None)
+        beside = (WG.rest_beside_head(M, N, K, sms, bits, **split_kw)
+                  if allow_row_split and allow_concurrent else None)
         if beside is not None:
             kw = dict(sm_count=sms, act_group_size=act_group_size, capability=capability,
                       symmetric=symmetric, allow_row_split=False)
@@ -2607,13 +2608,14 @@ def choose_codes_path(M: int, N: int, K: int, bits: int, group_size: int, act: s
     mmT reads the codes themselves (one launch a sibling linear of a fused norm, s14run7) it
     keeps them (the wg path would dequantise them in a pass of its own first; not measured
     against it at 49-64 rows), and the row split only to :data:`CODES_ROW_SPLIT_REST` rows
-    past the tiles (the codes and their scales split by rows alike); `allow_row_split` False
-    gives the one launch."""
+    past the tiles (the codes and their scales split by rows alike), in one stream (the op's
+    concurrent split, whose rest would dequantise its codes for the decode tile, was not
+    measured on codes); `allow_row_split` False gives the one launch."""
     reads = mmT_reads_codes(M) and act_group_size in SW.CODE_ACT_GROUPS
     kw = dict(interpreter=interpreter, sm_count=sm_count, act_group_size=act_group_size,
               capability=capability, symmetric=symmetric)
     cfg = choose_path(M, N, K, bits, group_size, act, out_dtype, device, allow_wg=not reads,
-                      allow_row_split=allow_row_split, **kw)
+                      allow_row_split=allow_row_split, allow_concurrent=False, **kw)
     if cfg["path"] == "rowsplit" and M - cfg["HEAD"] > CODES_ROW_SPLIT_REST:
         cfg = choose_path(M, N, K, bits, group_size, act, out_dtype, device,
                           allow_row_split=False, **kw)

@@ -726,6 +726,15 @@ def test_codes_dispatch_rule_on_sm90():
     cfg = path(160, 28672, 8192)
     assert cfg == path(160, 28672, 8192, allow_row_split=False) and cfg["path"] == "wg", cfg
     assert path(137, 12288, 4096, symmetric=True)["path"] != "rowsplit"
+    # The op's concurrent split (session 42's forms: quantized activations, symmetric
+    # weights) is not the codes': they split in one stream with the rest dispatched, or not.
+    for M, act, sym, split in [(130, "int8", False, True), (144, "fp8", False, True),
+                               (136, "fp8", True, True), (144, "int8", True, False),
+                               (160, "int8", False, False)]:
+        assert path(M, 12288, 4096, act, codes=False, symmetric=sym)["CONCURRENT"]
+        cfg = path(M, 12288, 4096, act, symmetric=sym)
+        assert not cfg.get("CONCURRENT") and "REST_PATH" not in cfg, (M, act, sym, cfg)
+        assert (cfg["path"] == "rowsplit") == split, (M, act, sym, cfg)
     for M in (16, 48):
         assert path(M, 12288, 4096)["path"] == "mmT"
         assert path(M, 12288, 4096, codes=False)["path"] == "wg"
