@@ -9,7 +9,8 @@ the whole weight again for as little as one row (12288 x 4096: 0.0635 ms at 129 
 0.0385 at 128, s39run1). The split reads the packed weight twice, but the rest's few rows go to
 the memory-bound small-M paths. Each timed as one CUDA graph, ``do_bench`` median, L2 flushed;
 the split's output is checked against the one launch's. ``--codes`` times
-``q3n::qlinear_codes`` (a fused norm's sibling linears) on x's codes instead of the op.
+``q3n::qlinear_codes`` (a fused norm's sibling linears) on x's codes instead of the op;
+``--concurrent`` adds the split with its rest on a second stream beside the head.
 
     python bench/bench_row_split.py --out bench/results/row-split-h200.json
 """
@@ -45,6 +46,9 @@ def main():
     ap.add_argument("--codes", action="store_true",
                     help="time q3n::qlinear_codes on x's codes (quantized by the op's quantizer "
                          "first, not timed) in place of the op; needs --act int8/fp8/int12")
+    ap.add_argument("--concurrent", action="store_true",
+                    help="also time the split with its rest on a second stream beside the head "
+                         "(CONCURRENT), the rest as dispatched")
     args = ap.parse_args()
     if args.codes and args.act == "none":
         ap.error("--codes needs quantized activations: --act int8, fp8 or int12")
@@ -88,8 +92,12 @@ def main():
                                symmetric=args.sym),
                    one_path=one_path,
                    split_rel_err_vs_one=BQ.rel_err(launch(split_path)(), launch(one_path)()))
-        BQ.time_parts({"op": op_call, "one": launch(one_path),
-                       "split": launch(split_path)}, row)
+        calls = {"op": op_call, "one": launch(one_path), "split": launch(split_path)}
+        if args.concurrent:
+            calls["concurrent"] = launch(dict(split_path, CONCURRENT=True))
+            row["concurrent_rel_err_vs_one"] = BQ.rel_err(calls["concurrent"](),
+                                                          launch(one_path)())
+        BQ.time_parts(calls, row)
         op, one, sp = row.get("op_ms"), row.get("one_ms"), row.get("split_ms")
         rows.append(row)
         if None in (op, one, sp):
@@ -99,7 +107,10 @@ def main():
         print(f"{N:>6} {K:>6} {M:>4} bf16 {bf16:.4f} | op {op:.4f} ({bf16 / op:.2f}x bf16, "
               f"{row['path']['path']}) | one launch {one:.4f} ({bf16 / one:.2f}x) | split "
               f"{sp:.4f} ({bf16 / sp:.2f}x bf16, {one / sp:.2f}x one) "
-              f"err {row['split_rel_err_vs_one']:.1e}", flush=True)
+              f"err {row['split_rel_err_vs_one']:.1e}"
+              + (f" | concurrent {row['concurrent_ms']:.4f} ({sp / row['concurrent_ms']:.2f}x "
+                 f"split) err {row['concurrent_rel_err_vs_one']:.1e}"
+                 if row.get("concurrent_ms") else ""), flush=True)
     BQ.write_result(args.out, dict(BQ.result_header("CUDA-graph replay, do_bench median"),
                                    rows=rows))
 
