@@ -10,7 +10,9 @@ the whole weight again for as little as one row (12288 x 4096: 0.0635 ms at 129 
 the memory-bound small-M paths. Each timed as one CUDA graph, ``do_bench`` median, L2 flushed;
 the split's output is checked against the one launch's. ``--codes`` times
 ``q3n::qlinear_codes`` (a fused norm's sibling linears) on x's codes instead of the op;
-``--concurrent`` adds the split with its rest on a second stream beside the head.
+``--concurrent`` adds the split with its rest on a second stream beside the head (with
+``--codes`` also the op's concurrent launch, its rest on the decode tile, where the op takes
+one).
 
     python bench/bench_row_split.py --out bench/results/row-split-h200.json
 """
@@ -97,6 +99,13 @@ def main():
             calls["concurrent"] = launch(dict(split_path, CONCURRENT=True))
             row["concurrent_rel_err_vs_one"] = BQ.rel_err(calls["concurrent"](),
                                                           launch(one_path)())
+            op_cfg = Q.choose_path(M, N, K, args.bits, GROUP, args.act, x.dtype, x.device,
+                                   symmetric=args.sym)
+            if args.codes and op_cfg.get("CONCURRENT"):
+                # The op's own concurrent launch (its rest on the decode tile, capped) on codes.
+                calls["concurrent_op_rest"] = launch(op_cfg)
+                row["concurrent_op_rest_rel_err_vs_one"] = BQ.rel_err(
+                    calls["concurrent_op_rest"](), launch(one_path)())
         BQ.time_parts(calls, row)
         op, one, sp = row.get("op_ms"), row.get("one_ms"), row.get("split_ms")
         rows.append(row)
@@ -110,7 +119,10 @@ def main():
               f"err {row['split_rel_err_vs_one']:.1e}"
               + (f" | concurrent {row['concurrent_ms']:.4f} ({sp / row['concurrent_ms']:.2f}x "
                  f"split) err {row['concurrent_rel_err_vs_one']:.1e}"
-                 if row.get("concurrent_ms") else ""), flush=True)
+                 if row.get("concurrent_ms") else "")
+              + (f" | with the op's rest {row['concurrent_op_rest_ms']:.4f} "
+                 f"({sp / row['concurrent_op_rest_ms']:.2f}x split)"
+                 if row.get("concurrent_op_rest_ms") else ""), flush=True)
     BQ.write_result(args.out, dict(BQ.result_header("CUDA-graph replay, do_bench median"),
                                    rows=rows))
 
