@@ -2608,14 +2608,20 @@ def choose_codes_path(M: int, N: int, K: int, bits: int, group_size: int, act: s
     mmT reads the codes themselves (one launch a sibling linear of a fused norm, s14run7) it
     keeps them (the wg path would dequantise them in a pass of its own first; not measured
     against it at 49-64 rows), and the row split only to :data:`CODES_ROW_SPLIT_REST` rows
-    past the tiles (the codes and their scales split by rows alike), in one stream (the op's
-    concurrent split, whose rest would dequantise its codes for the decode tile, was not
+    past the tiles (the codes and their scales split by rows alike); the op's concurrent split
+    only where its rest takes the decode tile (its grid capped) and the weights have zero
+    points with per-token codes (s42run5: 1.04-1.35x the split in one stream at 130-144 rows
+    of 12288 x 4096; symmetric weights, codes per channel group and the op's mmT rest not
     measured on codes); `allow_row_split` False gives the one launch."""
     reads = mmT_reads_codes(M) and act_group_size in SW.CODE_ACT_GROUPS
     kw = dict(interpreter=interpreter, sm_count=sm_count, act_group_size=act_group_size,
               capability=capability, symmetric=symmetric)
+    measured = not symmetric and act_group_size == PER_TOKEN
     cfg = choose_path(M, N, K, bits, group_size, act, out_dtype, device, allow_wg=not reads,
-                      allow_row_split=allow_row_split, allow_concurrent=False, **kw)
+                      allow_row_split=allow_row_split, allow_concurrent=measured, **kw)
+    if cfg.get("CONCURRENT") and not cfg["REST_PATH"].get("STREAM"):
+        cfg = choose_path(M, N, K, bits, group_size, act, out_dtype, device, allow_wg=not reads,
+                          allow_row_split=allow_row_split, allow_concurrent=False, **kw)
     if cfg["path"] == "rowsplit" and M - cfg["HEAD"] > CODES_ROW_SPLIT_REST:
         cfg = choose_path(M, N, K, bits, group_size, act, out_dtype, device,
                           allow_row_split=False, **kw)

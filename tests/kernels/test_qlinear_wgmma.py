@@ -726,13 +726,20 @@ def test_codes_dispatch_rule_on_sm90():
     cfg = path(160, 28672, 8192)
     assert cfg == path(160, 28672, 8192, allow_row_split=False) and cfg["path"] == "wg", cfg
     assert path(137, 12288, 4096, symmetric=True)["path"] != "rowsplit"
-    # The op's concurrent split (session 42's forms: quantized activations, symmetric
-    # weights) is not the codes': they split in one stream with the rest dispatched, or not.
-    for M, act, sym, split in [(130, "int8", False, True), (144, "fp8", False, True),
-                               (136, "fp8", True, True), (144, "int8", True, False),
-                               (160, "int8", False, False)]:
-        assert path(M, 12288, 4096, act, codes=False, symmetric=sym)["CONCURRENT"]
-        cfg = path(M, 12288, 4096, act, symmetric=sym)
+    # The op's concurrent split where its rest takes the decode tile, for zero points and
+    # per-token codes (s42run5); else (symmetric weights, codes per 128 channels, the op's mmT
+    # rest at 17-32 rows) the codes split in one stream with the rest dispatched, or not.
+    for M, act in [(130, "int8"), (144, "fp8")]:
+        cfg = path(M, 12288, 4096, act)
+        assert cfg == path(M, 12288, 4096, act, codes=False) and cfg["CONCURRENT"], cfg
+        assert cfg["REST_PATH"]["STREAM"] == 4 * 36, cfg
+    for M, act, sym, ag, split in [(136, "fp8", True, Q.PER_TOKEN, True),
+                                   (144, "int8", True, Q.PER_TOKEN, False),
+                                   (136, "int8", False, 128, True),
+                                   (160, "int8", False, Q.PER_TOKEN, False)]:
+        assert path(M, 12288, 4096, act, codes=False, symmetric=sym,
+                    act_group_size=ag)["CONCURRENT"]
+        cfg = path(M, 12288, 4096, act, symmetric=sym, act_group_size=ag)
         assert not cfg.get("CONCURRENT") and "REST_PATH" not in cfg, (M, act, sym, cfg)
         assert (cfg["path"] == "rowsplit") == split, (M, act, sym, cfg)
     for M in (16, 48):
@@ -803,10 +810,14 @@ def test_gpu_forced_row_split_of_other_formats_against_float64(bits, act, M, N, 
 @pytest.mark.parametrize("M,N,K,sym,bits,act,ag", [
     (129, 12288, 4096, False, 4, "int8", Q.PER_TOKEN), (136, 12288, 4096, True, 4, "fp8", 128),
     (144, 28672, 8192, False, 4, "fp8", Q.PER_TOKEN),
-    (144, 28672, 8192, False, 6, "int12", Q.PER_TOKEN)])
+    (144, 28672, 8192, False, 6, "int12", Q.PER_TOKEN),
+    (130, 12288, 4096, False, 4, "int8", Q.PER_TOKEN), (144, 12288, 4096, False, 4, "fp8",
+                                                        Q.PER_TOKEN)])
 def test_gpu_qlinear_codes_dispatched_row_split_against_float64(M, N, K, sym, bits, act, ag):
     # q3n::qlinear_codes (a fused norm's sibling linears) splits as the op does: the codes'
-    # whole tiles of rows on the wg tile straight into y, the rest's codes on the small-M paths.
+    # whole tiles of rows on the wg tile straight into y, the rest's codes on the small-M paths
+    # (at 130 / 144 rows of 12288 x 4096 beside the head on a second stream: bit-equal to the
+    # same split in one stream).
     dev = torch.device("cuda")
     cfg = Q.choose_codes_path(M, N, K, bits, 128, act, bf16, dev, act_group_size=ag,
                               symmetric=sym)
@@ -827,6 +838,11 @@ def test_gpu_qlinear_codes_dispatched_row_split_against_float64(M, N, K, sym, bi
                                                            act_group_size=ag, symmetric=sym,
                                                            allow_row_split=False))
     assert (got.float() - one.float()).abs().max() <= TOL[bf16] * one.float().abs().max()
+    assert bool(cfg.get("CONCURRENT")) == (N == 12288 and M in (130, 144)), cfg
+    if cfg.get("CONCURRENT"):
+        one_stream = Q._qlinear_codes_launch(codes, xs, *w, bf16, interpreter=False,
+                                             act_group_size=ag, path=dict(cfg, CONCURRENT=False))
+        assert torch.equal(got, one_stream)
 
 
 @needs_hopper
