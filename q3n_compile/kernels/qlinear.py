@@ -149,10 +149,11 @@ Variants (all ``tl.constexpr`` specialisations of the kernels below, chosen per 
   session 42 for symmetric weights and int8 / fp8 activations too (their 17-32 rest rows of
   quantized activations on mmT, as dispatched): 1.15-1.40x what was dispatched before at
   130-160 rows (s42run3; 0.68-0.90x bf16).
-  ``q3n::qlinear_codes`` splits alike since session 41 (its
-  codes and their scales by rows; :func:`_row_split` serves both) where at most
-  :data:`CODES_ROW_SPLIT_REST` rows are left: 1.02-1.25x its one launch at 129-144 rows
-  (W4A8, s41run1).
+  ``q3n::qlinear_codes`` splits alike since session 41 (its codes and their scales by rows;
+  :func:`_row_split` serves both) where at most :data:`CODES_ROW_SPLIT_REST` rows are left:
+  1.02-1.25x its one launch at 129-144 rows (W4A8, s41run1); since session 42 its two
+  launches run at once where the op's rest takes the decode tile, for weights with zero
+  points and per-token codes (1.03-1.36x the split in one stream, s42run6).
 
 Every K block of the gemv and mm kernels lies in one weight group and one activation group:
 :func:`choose_path` caps BLOCK_K at both (powers of two from 32, so the block divides both), which
