@@ -2620,9 +2620,7 @@ def choose_codes_path(M: int, N: int, K: int, bits: int, group_size: int, act: s
     measured = not symmetric and act_group_size == PER_TOKEN
     cfg = choose_path(M, N, K, bits, group_size, act, out_dtype, device, allow_wg=not reads,
                       allow_row_split=allow_row_split, allow_concurrent=measured, **kw)
-    if cfg.get("CONCURRENT") and not cfg["REST_PATH"].get("STREAM"):
-        cfg = choose_path(M, N, K, bits, group_size, act, out_dtype, device, allow_wg=not reads,
-                          allow_row_split=allow_row_split, allow_concurrent=False, **kw)
+    # More rest rows (among them the op's concurrent mmT rest, 17-32 rows): the one launch.
     if cfg["path"] == "rowsplit" and M - cfg["HEAD"] > CODES_ROW_SPLIT_REST:
         cfg = choose_path(M, N, K, bits, group_size, act, out_dtype, device,
                           allow_row_split=False, **kw)

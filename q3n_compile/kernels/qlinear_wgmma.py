@@ -1225,7 +1225,12 @@ def rest_beside_head(M: int, N: int, K: int, sms: int, bits: int = 4, quantized:
         return None
     tile = choose_decode(rest, N, K, sms, bits, bf16=bf16, quantized=quantized)
     if tile is None or not tile.get("STREAM"):
-        return 0 if quantized else None
+        # Only the case measured: quantized activations' 17-32 rest rows of a weight whose 16
+        # rows take the decode tile (these leave it for mmT). Weights below the decode tiles'
+        # size were not measured.
+        leaves_decode = (quantized and rest > CONCURRENT_OTHER_MAX_ROWS and choose_decode(
+            CONCURRENT_OTHER_MAX_ROWS, N, K, sms, bits, bf16=bf16, quantized=quantized))
+        return 0 if leaves_decode else None
     other = (quantized or symmetric) and rest <= CONCURRENT_OTHER_MAX_ROWS
     return (CONCURRENT_PER_IDLE_SM_OTHER if other else CONCURRENT_PER_IDLE_SM) * idle
 

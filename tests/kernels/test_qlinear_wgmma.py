@@ -694,6 +694,10 @@ def test_concurrent_row_split_rule_on_sm90():
     assert WG.rest_beside_head(136, 12288, 4096, 132) == 72
     assert WG.rest_beside_head(136, 12288, 4096, 132, symmetric=True) == 144
     assert WG.rest_beside_head(152, 12288, 4096, 132, quantized=True) == 0
+    # Below the decode tiles' weights (12288 x 2048) the mmT rest was not measured.
+    assert WG.rest_beside_head(136, 12288, 2048, 132, quantized=True) is None
+    assert WG.rest_beside_head(152, 12288, 2048, 132, quantized=True) is None
+    assert not path(136, K=2048, act="int8").get("CONCURRENT")
     assert WG.rest_beside_head(136, 12416, 4096, 132) == 2 * (132 - 97)
     assert WG.rest_beside_head(136, 12800, 4096, 132) is None  # 32 idle SMs: under a quarter
     # One rest row (gemv1p: no grid to cap), 33+ rows (the 64-row tile), 20 idle SMs (14336
