@@ -1696,8 +1696,13 @@ def _launch(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_featur
     A rotation changes only the activations' quantizer (every path quantizes x through it).
     `out` ([M, N] in x's dtype, rows of a larger output: the row split's halves): the wg
     path's tiles write y straight into it; the other paths' y is copied into it."""
-    y = _launch_path(x, qweight, scales, zeros, bias, smooth, bits, group_size, in_features, act,
-                     interpreter, path, act_group_size, rotation, out)
+    return _into(out, _launch_path(x, qweight, scales, zeros, bias, smooth, bits, group_size,
+                                   in_features, act, interpreter, path, act_group_size, rotation,
+                                   out))
+
+
+def _into(out: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """`y`, copied into `out` where one is given and the path did not write there itself."""
     if out is not None and y is not out:
         out.copy_(y)
         return out
@@ -2633,12 +2638,9 @@ def _qlinear_codes_launch(codes, xscales, qweight, scales, zeros, bias, bits, gr
                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``q3n::qlinear_codes``'s Triton path; `path` overrides :func:`choose_path`. `out` as
     :func:`_launch`'s (the wg path writes into it, other paths' y is copied in)."""
-    y = _qlinear_codes_path(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
-                            in_features, act, out_dtype, interpreter, path, act_group_size, out)
-    if out is not None and y is not out:
-        out.copy_(y)
-        return out
-    return y
+    return _into(out, _qlinear_codes_path(codes, xscales, qweight, scales, zeros, bias, bits,
+                                          group_size, in_features, act, out_dtype, interpreter,
+                                          path, act_group_size, out))
 
 
 def _qlinear_codes_path(codes, xscales, qweight, scales, zeros, bias, bits, group_size,
