@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_qlinear import (NKS, check_and_time, random_packed, result_header, timed,  # noqa: E402
                            write_result)
+from q3n_compile.kernels import act_dequant as AD  # noqa: E402
 from q3n_compile.kernels import qlinear as Q  # noqa: E402
 from q3n_compile.kernels import qlinear_swap as SW  # noqa: E402
 
@@ -82,7 +83,7 @@ def run_shape(M, N, K, formats, gen):
 
         def old():
             xperm = bool(cfg.get("XPERM"))
-            a = Q._dequantize_codes(codes, xs, ag, x.dtype, perm128=xperm)
+            a = AD.dequantize_codes_torch(codes, xs, ag, x.dtype, perm128=xperm)
             return SW.run(a, *w_args, cfg, False, Q._tickets, x_permuted=xperm, K=K)
 
         def plain():

@@ -47,11 +47,12 @@ def main():
     ap.add_argument("--nk", nargs="+", default=[f"{n}x{k}" for n, k in NKS])
     ap.add_argument("--ms", nargs="+", type=int, default=list(MS))
     ap.add_argument("--tiles", nargs="*", type=parse_tile, default=TILES,
-                    help="BLOCK_M,BLOCK_N,warps,stages,split[,lookahead[,pdl[,scale_after]]] "
+                    help="BLOCK_M,BLOCK_N,warps,stages,split[,lookahead[,pdl[,scale_after[,x_tma]]]] "
                          "(split -k: stream-K over k programs an SM; lookahead: MMAs left in "
                          "flight, default 1; pdl 0: without programmatic dependent launch; "
                          "scale_after 1: q - z on the MMA, each K block's sum scaled in fp32; "
-                         "2: and M + q on the MMA, (M + z) times x's block sums taken off)")
+                         "2: and M + q on the MMA, (M + z) times x's block sums taken off; x_tma 1: "
+                         "x by TMA copies)")
     ap.add_argument("--act", default="none",
                     help="activations: none (W4A16), fp8, int8 or int12 (quantised, then "
                          "dequantised and permuted for the tile, as the op does)")
@@ -105,7 +106,8 @@ def main():
                            SPLIT_K=max(split, 1), LOOKAHEAD=more[0] if more else 1,
                            PDL=bool(more[1]) if len(more) > 1 else True,
                            SCALE_AFTER=bool(more[2]) if len(more) > 2 else False,
-                           XSUM=len(more) > 2 and more[2] == 2)
+                           XSUM=len(more) > 2 and more[2] == 2,
+                           X_TMA=len(more) > 3 and bool(more[3]))
                 if split < 0:
                     cfg["STREAM"] = -split * sms
                 ent = dict(cfg)
@@ -128,6 +130,7 @@ def main():
                       + ("" if cfg["PDL"] else "no PDL ")
                       + ("scale-after " if cfg["SCALE_AFTER"] else "")
                       + ("xsum " if cfg["XSUM"] else "")
+                      + ("x-tma " if cfg["X_TMA"] else "")
                       + (f"stream{cfg['STREAM']}: " if split < 0 else f"split{split}: ")
                       + (ent.get("error") or f"{ent['graph_ms']:.4f} ms "
                          f"({ent['vs_bf16']:.2f}x bf16, {ent['vs_before']:.2f}x before, "

@@ -208,6 +208,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from q3n_compile.kernels import act_dequant as AD
 from q3n_compile.kernels import contract
 from q3n_compile.kernels import hadamard as HD
 from q3n_compile.kernels import packing as P
@@ -216,6 +217,7 @@ from q3n_compile.kernels import qlinear_i8 as I8
 from q3n_compile.kernels import qlinear_mm8 as M8
 from q3n_compile.kernels import qlinear_swap as SW
 from q3n_compile.kernels import weight_unpack as WU
+from q3n_compile.kernels.act_dequant import expand_scales as expand_act_scales
 from q3n_compile.kernels.hadamard import hadamard_dot, hadamard_sign, rotate_tile
 from q3n_compile.kernels.norm_linear import normalise_rows
 from q3n_compile.kernels.qcodes import block_minus_zero, load_codes, tile_setup
@@ -1095,6 +1097,10 @@ GEMV1P_PDL_AFTER_QUANT = True
 # the tile triggers the next kernel at its start, and its grid is several waves, as the GEMV's
 # was when it lost 2.3% that way). A forced launch's cfg ``PDL`` still asks for it.
 MMT_PDL_AFTER_QUANT = False
+# q3n::qlinear_codes on the wg path: the codes' dequantisation (act_dequant.dequantize_codes)
+# and the wg tile after it launched with programmatic dependent launch, as the tile behind x's
+# own permutation is (where the launch's PDL, qlinear_wgmma.with_pdl, says so).
+CODES_WG_PDL = True
 GEMV1P_DEFAULT = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1, PREFETCH=1,
                       SPLIT_K="auto", REDUCE="ticket")
 GEMV1P_SWEEP = [
@@ -1901,13 +1907,15 @@ def _gemm_codes(codes, xs, out_dtype, qweight, scales, zeros, bias, bits, group_
                       act_group_size=act_group_size, out_dtype=out_dtype)
     if cfg["path"] in ("dequant", "mmT", "wg"):
         xperm = cfg["path"] == "wg" or (cfg["path"] == "mmT" and bool(cfg.get("XPERM")))
-        a = _dequantize_codes(codes, xs, act_group_size, out_dtype, perm128=xperm)
+        pdl = (cfg["path"] == "wg" and CODES_WG_PDL and bool(cfg.get("PDL", True))
+               and not interpreter and contract.pdl_capable(codes.device))
+        a = AD.dequantize_codes(codes, xs, act_group_size, out_dtype, perm128=xperm, pdl=pdl)
         if cfg["path"] == "mmT":
             return SW.run(a, qweight, scales, zeros, bias, bits, group_size, cfg, interpreter,
                           _tickets, x_permuted=xperm, K=K)
         if cfg["path"] == "wg":
             return _wg(a, qweight, scales, zeros, bias, bits, group_size, K, cfg, interpreter,
-                       x_permuted=True, out=out)
+                       x_permuted=True, out=out, x_pdl=pdl)
         w = dequantize_triton(qweight, scales, zeros, bits, group_size, K, out_dtype, interpreter)
         return F.linear(a, w, bias)
     if cfg["path"] == "mm8":
@@ -2018,10 +2026,10 @@ def _gemv1p(a, xs, qweight, scales, zeros, bias, out_dtype, k_pad, k_per_split, 
 
 
 def _wg(a, qweight, scales, zeros, bias, bits, group_size, K, cfg, interpreter,
-        x_permuted: bool, out: Optional[torch.Tensor] = None):
+        x_permuted: bool, out: Optional[torch.Tensor] = None, x_pdl: bool = False):
     """The wg path on 16-bit activations `a`: x [M, K], or (`x_permuted`) quantized
-    activations dequantised and permuted per 128 channels ([M, K rounded up to 128]); y into
-    `out` where given (:func:`qlinear_wgmma.run`)."""
+    activations dequantised and permuted per 128 channels ([M, K rounded up to 128]; `x_pdl`:
+    by a kernel launched with PDL); y into `out` where given (:func:`qlinear_wgmma.run`)."""
     # Only a forced `path` can ask for it where it does not run.
     if WG is None or interpreter or not WG.supported(
             bits, group_size, "none", a.dtype, qweight.shape[1], _device_capability(a.device)):
@@ -2030,40 +2038,7 @@ def _wg(a, qweight, scales, zeros, bias, bits, group_size, K, cfg, interpreter,
                          "activations, on an sm_90 GPU only; use another path "
                          "(choose_path picks one)")
     return WG.run(a, qweight, scales, zeros, bias, K, cfg, _tickets, x_permuted=x_permuted,
-                  bits=bits, out=out)
-
-
-def _dequantize_codes(codes: torch.Tensor, xs: torch.Tensor, act_group_size: int,
-                      dtype: torch.dtype, perm128: bool = False) -> torch.Tensor:
-    """``c * s_x`` (fp32, rounded once to `dtype`): the dequant and mmT paths' activations, as
-    :func:`quantize_activations_triton` with ``dequant=True`` gives them from x. `perm128`: in
-    the mmT kernel's permuted blocks (:func:`q3n_compile.kernels.qlinear_swap.permute_x_blocks`'s
-    layout, [M, K rounded up to 128], padding 0).
-
-    One elementwise pass (torch's mul writing `dtype` straight into the, possibly permuted,
-    output view) where there were four: widen, multiply, round, permute; each a kernel launch of
-    a decode step (``q3n::qlinear_codes`` runs this per sibling linear on the mmT path).
-    fp8 codes are widened to bf16 first (exact: e4m3 carries 3 mantissa bits; torch does not
-    promote float8 with float32)."""
-    M, K = codes.shape
-    if codes.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        codes = codes.to(torch.bfloat16)
-    scale = expand_act_scales(xs, K, act_group_size)
-    if not perm128:
-        return torch.mul(codes, scale, out=torch.empty((M, K), dtype=dtype, device=codes.device))
-    blocks = contract.cdiv(K, SW.MMT_BLOCK_K)
-    kp = blocks * SW.MMT_BLOCK_K
-    if kp != K:  # zero codes past K: their products are the padding's zeros
-        codes = torch.nn.functional.pad(codes, (0, kp - K))
-        if scale.shape[1] != 1:
-            scale = torch.nn.functional.pad(scale, (0, kp - K))
-    out = torch.empty((M, kp), dtype=dtype, device=codes.device)
-    # Read in the permuted order, written contiguously: the XPERM layout (a per-token scale
-    # broadcasts).
-    per_token = scale.shape[1] == 1
-    torch.mul(SW.block_permuted(codes), scale[:, :, None, None] if per_token
-              else SW.block_permuted(scale), out=out.view(M, blocks, 8, 16))
-    return out
+                  bits=bits, out=out, x_pdl=x_pdl)
 
 
 def _gemm(a, xs, codes_dtype, out_dtype, qweight, scales, zeros, bias, bits, group_size, act,
@@ -2140,14 +2115,6 @@ def n_act_groups(k: int, act_group_size: int) -> int:
     """Scales per token: 1 per token (``PER_TOKEN``), else ``ceil(K / group)``: the last group of
     a row holds the ``K % group`` channels left over when the group does not divide K."""
     return 1 if act_group_size == PER_TOKEN else -(-k // act_group_size)
-
-
-def expand_act_scales(scales: torch.Tensor, k: int, act_group_size: int) -> torch.Tensor:
-    """The activation scale of every element: per-token ``[M]`` -> ``[M, 1]`` (broadcasts over
-    K); grouped ``[M, G]`` -> ``[M, K]``."""
-    if act_group_size == PER_TOKEN:
-        return scales[:, None]
-    return scales.repeat_interleave(act_group_size, dim=1)[:, :k]
 
 
 def _amax_per_group(xf: torch.Tensor, act_group_size: int) -> torch.Tensor:

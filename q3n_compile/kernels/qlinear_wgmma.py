@@ -724,7 +724,7 @@ def qlinear_wg_kernel(X, QW, S, Z, BIAS, Y, WS, CNT, XS, XSC, XD, M, N, K_PAD, K
 def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         zeros: Optional[torch.Tensor], bias, K: int, cfg: dict, tickets=None,
         x_permuted: bool = False, bits: int = 4,
-        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out: Optional[torch.Tensor] = None, x_pdl: bool = False) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for 4- or 6-bit weights in groups of 128 (``qweight`` the packing's
     planes [K_PAD * bits / 32, N] int32, ``scales`` fp16 and ``zeros`` uint8 or None
     (symmetric) [K_PAD / 128, N]), x [M, K] bf16 or fp16 (or already
@@ -738,10 +738,14 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     SCALE_AFTER (q - z on the MMA, each K block's sum scaled in fp32) and with it XSUM (bf16
     x, permuted here: the operand M + q, and (M + z) times the block's sum of x, which x's
     permutation also gives, taken off in fp32). `out`: an [M, N] tensor of x's dtype with
-    unit column stride (rows of a larger output) that the tiles write y into."""
-    # PDL only behind this op's own permutation (see with_pdl), and not while Inductor launches
-    # its own kernels with PDL (contract.inductor_pdl).
-    pdl = bool(cfg.get("PDL", True)) and not x_permuted and contract.pdl_capable(x.device)
+    unit column stride (rows of a larger output) that the tiles write y into. `x_pdl`: the
+    permuted x comes from a kernel launched with PDL just before this one in the stream
+    (:func:`q3n_compile.kernels.act_dequant.dequantize_codes`), so this launch takes PDL as
+    behind its own permutation."""
+    # PDL only behind this op's own permutation (see with_pdl) or a PDL kernel that made x, and
+    # not while Inductor launches its own kernels with PDL (contract.inductor_pdl).
+    pdl = (bool(cfg.get("PDL", True)) and (not x_permuted or x_pdl)
+           and contract.pdl_capable(x.device))
     xsum = bool(cfg.get("XSUM", False))
     if xsum and (x_permuted or x.dtype != torch.bfloat16 or not cfg.get("SCALE_AFTER")):
         raise ValueError("q3n::qlinear: the wg path's XSUM takes bf16 x that it permutes "

@@ -17,6 +17,7 @@ import zlib
 import pytest
 import torch
 
+from q3n_compile.kernels import act_dequant as AD
 from q3n_compile.kernels import norm_linear as NL
 from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear as Q
@@ -346,7 +347,7 @@ def test_qlinear_codes_mmT_reads_the_codes(act, ag, group, sym, split, M, dtype,
     x = torch.randn(M, K, generator=gen).to(dtype)
     bias = torch.randn(N, generator=gen).to(dtype)
     codes, xs = Q.quantize_activations_triton(x, act, None, interpreter=True, act_group_size=ag)
-    monkeypatch.setattr(Q, "_dequantize_codes", lambda *a, **k: pytest.fail("dequantised"))
+    monkeypatch.setattr(AD, "dequantize_codes", lambda *a, **k: pytest.fail("dequantised"))
     got = Q._qlinear_codes_launch(codes, xs, pw.qweight, pw.scales, pw.zeros, bias, 4, group, K,
                                   act, dtype, interpreter=True,
                                   path=dict(MMT_CODES_TILE, SPLIT_K=split), act_group_size=ag)
@@ -388,8 +389,8 @@ def test_qlinear_codes_mmT_dequantises_first_above_64_rows(monkeypatch):
     x = torch.randn(M, K, generator=gen).to(bf16)
     codes, xs = Q.quantize_activations_triton(x, "int8", None, interpreter=True)
     calls = []
-    real = Q._dequantize_codes
-    monkeypatch.setattr(Q, "_dequantize_codes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = AD.dequantize_codes
+    monkeypatch.setattr(AD, "dequantize_codes", lambda *a, **k: calls.append(1) or real(*a, **k))
     got = Q._qlinear_codes_launch(codes, xs, pw.qweight, pw.scales, pw.zeros, None, 4, 128, K,
                                   "int8", bf16, interpreter=True, path=dict(MMT_CODES_TILE),
                                   act_group_size=Q.PER_TOKEN)

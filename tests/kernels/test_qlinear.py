@@ -5,6 +5,7 @@ import zlib
 import pytest
 import torch
 
+from q3n_compile.kernels import act_dequant as AD
 from q3n_compile.kernels import packing as P
 from q3n_compile.kernels import qlinear as Q
 from q3n_compile.kernels import qlinear_swap as SW
@@ -278,7 +279,7 @@ def test_fused_dequantised_activations_are_codes_times_scales(act, ag, dtype):
     codes, scales = Q.quantize_activations_triton(x, act, smooth, True, ag)
     a, scales2 = Q.quantize_activations_triton(x, act, smooth, True, ag, dequant=True)
     assert a.dtype == dtype and torch.equal(scales, scales2)
-    assert torch.equal(a, Q._dequantize_codes(codes, scales, ag, dtype))
+    assert torch.equal(a, AD.dequantize_codes(codes, scales, ag, dtype))
 
 
 def test_rounding_is_half_to_even():
@@ -579,7 +580,7 @@ def test_gpu_fused_dequantised_activations(act, ag):
     x = (torch.randn(300, 4096, generator=gen) * 3).to(bf16).cuda()
     codes, scales = Q.quantize_activations_triton(x, act, None, False, ag)
     a, _ = Q.quantize_activations_triton(x, act, None, False, ag, dequant=True)
-    assert torch.equal(a, Q._dequantize_codes(codes, scales, ag, bf16))
+    assert torch.equal(a, AD.dequantize_codes(codes, scales, ag, bf16))
     # The store permuted for mmT's XPERM is the same values in permute_x_blocks's places.
     p, _ = Q.quantize_activations_triton(x, act, None, False, ag, dequant=True, perm128=True)
     assert torch.equal(p, SW.permute_x_blocks(a))

@@ -4,6 +4,7 @@ float64 (CPU lane: Triton interpreter; GPU: -m gpu, model widths)."""
 import pytest
 import torch
 
+from q3n_compile.kernels import act_dequant as AD
 from q3n_compile.kernels import qlinear as Q
 from q3n_compile.kernels import qlinear_swap as SW
 
@@ -161,16 +162,18 @@ def test_codes_dequantised_in_one_pass(act, ag, K, dtype):
     # permutation of the plain result.
     x = torch.randn(5, K, generator=_gen(f"deq{act}{ag}{K}")).to(dtype)
     codes, xs = Q.quantize_activations_triton(x, act, None, True, ag)
-    plain = Q._dequantize_codes(codes, xs, ag, dtype)
+    plain = AD.dequantize_codes(codes, xs, ag, dtype)
     scale = Q.expand_act_scales(xs, K, ag)
-    assert plain.dtype == dtype and torch.equal(plain, (codes.float() * scale).to(dtype))
+    exact = (codes.float() * scale).to(dtype)
     from_x, _ = Q.quantize_activations_triton(x, act, None, True, ag, dequant=True)
-    if dtype != bf16:  # Triton 3.6's interpreter truncates fp32 -> bf16 (the GPU rounds)
+    assert plain.dtype == dtype
+    if dtype != bf16:
+        assert torch.equal(plain, exact) and torch.equal(plain, from_x)
+    else:  # Triton 3.6's interpreter truncates fp32 -> bf16 (the GPU rounds), in both kernels
         assert torch.equal(plain, from_x)
-    else:
-        ulp = torch.finfo(bf16).eps * from_x.float().abs()
-        assert ((plain.float() - from_x.float()).abs() <= ulp).all()
-    perm = Q._dequantize_codes(codes, xs, ag, dtype, perm128=True)
+        ulp = torch.finfo(bf16).eps * exact.float().abs()
+        assert ((plain.float() - exact.float()).abs() <= ulp).all()
+    perm = AD.dequantize_codes(codes, xs, ag, dtype, perm128=True)
     assert perm.shape == (5, 256) and torch.equal(perm, SW.permute_x_blocks(plain))
 
 
@@ -186,9 +189,9 @@ def test_float8_codes_dequantised_in_one_pass(ag, dtype):
     xs = torch.rand(3, 1 if ag == Q.PER_TOKEN else -(-K // ag), generator=gen) + 0.01
     xs = xs[:, 0] if ag == Q.PER_TOKEN else xs
     want = (codes.float() * Q.expand_act_scales(xs, K, ag)).to(dtype)
-    plain = Q._dequantize_codes(codes, xs, ag, dtype)
+    plain = AD.dequantize_codes(codes, xs, ag, dtype)
     assert torch.equal(plain, want)
-    perm = Q._dequantize_codes(codes, xs, ag, dtype, perm128=True)
+    perm = AD.dequantize_codes(codes, xs, ag, dtype, perm128=True)
     assert torch.equal(perm, SW.permute_x_blocks(want))
 
 

@@ -1111,6 +1111,56 @@ def test_gpu_wg_pdl_chain_in_a_cuda_graph_reads_this_replays_x(M, N, K, tile, sp
 
 @needs_hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K,act", [(200, 12288, 1024, "fp8"), (96, 4096, 2048, "int8"),
+                                       (136, 12288, 4096, "fp8"), (256, 4096, 4096, "int8")])
+def test_gpu_codes_wg_pdl_chain_in_a_cuda_graph_reads_this_replays_codes(M, N, K, act):
+    # q3n::qlinear_codes on the wg path launches the codes' dequantisation and the tile after it
+    # with PDL (CODES_WG_PDL): the tile starts before the dequantisation has finished and must
+    # wait for it. Two linears in a row, each fed codes that the activations' quantizer makes
+    # in the graph from the output before; replayed after x changes, each replay must equal the
+    # chain called eagerly (a read of the previous replay's activations would not), and the
+    # first linear must match float64 on its codes.
+    assert Q.CODES_WG_PDL
+    dev = torch.device("cuda")
+    path = Q.choose_codes_path(M, N, K, 4, 128, act, bf16, dev)
+    assert path["path"] == "wg" or path.get("HEAD_PATH", {}).get("path") == "wg", path
+    gen = _gen(f"codespdl{M}{N}{K}{act}")
+    pws = [_packed(gen, N, K, 4, 128, False, device="cuda"),
+           _packed(gen, K, N, 4, 128, False, device="cuda")]
+    firsts = []
+
+    def chain(a):
+        for i, pw in enumerate(pws):
+            codes, xs = Q.quantize_activations_triton(a, act, None, False)
+            if i == 0:
+                firsts.append((codes, xs))
+            a = torch.ops.q3n.qlinear_codes(codes, xs, pw.qweight, pw.scales, pw.zeros, None,
+                                            4, 128, pw.in_features, act, bf16) * 0.05
+            if i == 0:
+                firsts.append(a)
+        return a
+
+    x = torch.randn(M, K, generator=gen).to(bf16).cuda()
+    chain(x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x)
+    (codes, xs), first = firsts[-2:]
+    for _ in range(3):
+        x.copy_(torch.randn(x.shape, generator=gen).to(bf16).cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        got_first = first.clone()
+        exact = Q.reference_codes(codes, xs, pws[0].qweight, pws[0].scales, pws[0].zeros, None,
+                                  4, 128, K, act, torch.float64) * 0.05
+        err = (got_first.double() - exact).abs().max().item()
+        assert err <= TOL[bf16] * exact.abs().max().item(), err
+        assert torch.equal(out, chain(x))
+
+
+@needs_hopper
+@pytest.mark.gpu
 @pytest.mark.parametrize("M,N,K,bits,act,want", [
     (200, 5120, 1024, 4, "none", "stream"), (129, 6016, 2048, 6, "int12", "stream"),
     (96, 5120, 1024, 4, "none", "stream"), (256, 4096, 8320, 4, "none", "tall_tma"),
