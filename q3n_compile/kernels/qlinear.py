@@ -44,7 +44,10 @@ module): ``q3n::norm_act_quant(x, eps, kind, act, smooth)`` computes a LayerNorm
 statistics and the per-token activation codes of the normalised rows in one pass over x, and
 ``q3n::qlinear_codes(codes, xscales, ...)`` runs this op's kernels on precomputed codes
 (``qlinear_codes(*quantize_activations_triton(x, act, smooth), ...)`` is ``qlinear(x, ...)``);
-both take the same trailing ``act_group_size``, and their scales are then ``[M, G]``.
+both take the same trailing ``act_group_size``, and their scales are then ``[M, G]``. Where its
+path's tile takes 16-bit x (wg, mmT on permuted x, dequantise + cuBLAS) the codes are first
+dequantised in one Triton pass (:mod:`q3n_compile.kernels.act_dequant`), launched with PDL into
+the wg tile (:data:`CODES_WG_PDL`).
 
 Two weight layouts (:mod:`packing`): bit planes (``qweight`` int32 ``[R, N]``) for every
 format, and K-major int8 (``qweight`` int8 ``[N, K_pad]``, :func:`packing.to_kmajor8`) for W8A8
@@ -1099,7 +1102,10 @@ GEMV1P_PDL_AFTER_QUANT = True
 MMT_PDL_AFTER_QUANT = False
 # q3n::qlinear_codes on the wg path: the codes' dequantisation (act_dequant.dequantize_codes)
 # and the wg tile after it launched with programmatic dependent launch, as the tile behind x's
-# own permutation is (where the launch's PDL, qlinear_wgmma.with_pdl, says so).
+# own permutation is (where the launch's PDL, qlinear_wgmma.with_pdl, says so). s43run4
+# (bench_codes_dequant.py, 96-256 rows of three shapes): 1.00-1.06x the same kernels in plain
+# stream order in 29 of 30 cases (0.994x in one); s43run5, qwen3 "bench" decode at 200 rows
+# with the design config and norm fusion: 2.248 / 2.250 ms a step against 2.266 without.
 CODES_WG_PDL = True
 GEMV1P_DEFAULT = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1, PREFETCH=1,
                       SPLIT_K="auto", REDUCE="ticket")
