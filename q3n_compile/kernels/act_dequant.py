@@ -27,14 +27,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
 from q3n_compile.kernels import contract
+from q3n_compile.kernels.qlinear_swap import MMT_BLOCK_K, row_block, xperm_blocks
 
-BLOCK_K = 128  # the XPERM block (qlinear_swap.MMT_BLOCK_K)
+BLOCK_K = MMT_BLOCK_K  # the XPERM block
 PER_TOKEN = -1
-# 8 rows x 4 blocks of 128 channels a program (as x's permutation): at 130 rows of K 4096, 136
-# programs.
+# 8 rows x 4 blocks of 128 channels a program (as x's permutation, qlinear_swap.PERMUTE_*): at
+# 130 rows of K 4096, 136 programs.
 BLOCK_M = 8
 BLOCKS = 4
 
@@ -48,14 +47,9 @@ def dequantize_codes_kernel(C, XS, Y, M, K, KY, stride_cm, stride_sm, BLOCK_M: t
     PERMUTE: channel k0 + 8r + j of each 128-channel block is written at k0 + 16j + r (a [16,
     8] transpose in registers). PDL: launched with programmatic dependent launch: lets the
     kernel after it start at once and waits for the kernel before it before reading C."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * (BLOCKS * 128) + tl.arange(0, BLOCKS * 128)
+    rows, cols, rows64 = row_block(BLOCK_M, BLOCKS, PDL)
     row_ok = (rows < M)[:, None]
     in_k = row_ok & (cols < K)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
     # No `other`: Triton 3.6 cannot cast a constant to float8; masked values are zeroed below.
     c = tl.where(in_k, tl.load(C + rows64 * stride_cm + cols[None, :], mask=in_k).to(tl.float32),
                  0.0)
@@ -65,8 +59,7 @@ def dequantize_codes_kernel(C, XS, Y, M, K, KY, stride_cm, stride_sm, BLOCK_M: t
         s = tl.load(XS + rows64 * stride_sm + (cols // GROUP)[None, :], mask=in_k, other=0.0)
     y = (c * s).to(Y.dtype.element_ty)
     if PERMUTE:
-        y = tl.reshape(tl.permute(tl.reshape(y, [BLOCK_M, BLOCKS, 16, 8]), (0, 1, 3, 2)),
-                       [BLOCK_M, BLOCKS * 128])
+        y = xperm_blocks(y, BLOCK_M, BLOCKS)
     tl.store(Y + rows64 * KY + cols[None, :], y, mask=row_ok & (cols < KY)[None, :])
 
 

@@ -469,6 +469,29 @@ def qlinear_mmT_kernel(
 
 
 @triton.jit
+def row_block(BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr, PDL: tl.constexpr):
+    """The start of a program over BLOCK_M rows and BLOCKS 128-channel blocks of an [M, K]
+    activation (the permutation's and the codes' dequantisation's grid: rows by axis 0,
+    channel blocks by axis 1): PDL (launched with programmatic dependent launch) lets the
+    kernel after it start at once and waits for the kernel before it; returns the rows, the
+    channels, and the rows as int64 [BLOCK_M, 1] for row offsets."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * (BLOCKS * 128) + tl.arange(0, BLOCKS * 128)
+    return rows, cols, rows.to(tl.int64)[:, None]
+
+
+@triton.jit
+def xperm_blocks(x, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
+    """x [BLOCK_M, BLOCKS * 128] with channel k0 + 8r + j of each 128-channel block moved to
+    k0 + 16j + r (the XPERM layout; a [16, 8] transpose per block in registers)."""
+    return tl.reshape(tl.permute(tl.reshape(x, [BLOCK_M, BLOCKS, 16, 8]), (0, 1, 3, 2)),
+                      [BLOCK_M, BLOCKS * 128])
+
+
+@triton.jit
 def permute_x_kernel(X, Y, XS, M, K, KP, stride_xm, stride_xk, BLOCK_M: tl.constexpr,
                      BLOCKS: tl.constexpr, PDL: tl.constexpr, SUMS: tl.constexpr = False):
     """Y[m, k0 + 16j + r] = X[m, k0 + 8r + j] for every 128-channel block k0 of Y [M, KP] (KP:
@@ -482,13 +505,8 @@ def permute_x_kernel(X, Y, XS, M, K, KP, stride_xm, stride_xk, BLOCK_M: tl.const
 
     SUMS: also XS[b, m] = the fp32 sum of row m's channels in block b (XS [KP / 128, M]), for
     the wg kernel's XSUM."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * (BLOCKS * 128) + tl.arange(0, BLOCKS * 128)
+    rows, cols, rows64 = row_block(BLOCK_M, BLOCKS, PDL)
     row_ok = (rows < M)[:, None]
-    rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(X + rows64 * stride_xm + cols[None, :] * stride_xk,
                 mask=row_ok & (cols < K)[None, :], other=0.0)
     if SUMS:
@@ -496,8 +514,7 @@ def permute_x_kernel(X, Y, XS, M, K, KP, stride_xm, stride_xk, BLOCK_M: tl.const
         blocks = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
         tl.store(XS + blocks[None, :] * M + rows[:, None], sums,
                  mask=row_ok & (blocks < KP // 128)[None, :])
-    x = tl.reshape(tl.permute(tl.reshape(x, [BLOCK_M, BLOCKS, 16, 8]), (0, 1, 3, 2)),
-                   [BLOCK_M, BLOCKS * 128])
+    x = xperm_blocks(x, BLOCK_M, BLOCKS)
     tl.store(Y + rows64 * KP + cols[None, :], x, mask=row_ok & (cols < KP)[None, :])
 
 
