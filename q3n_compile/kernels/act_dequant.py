@@ -28,14 +28,12 @@ import torch
 import triton
 import triton.language as tl
 from q3n_compile.kernels import contract
-from q3n_compile.kernels.qlinear_swap import MMT_BLOCK_K, row_block, xperm_blocks
+from q3n_compile.kernels.qlinear_swap import MMT_BLOCK_K as BLOCK_K
+from q3n_compile.kernels.qlinear_swap import PER_TOKEN, block_permuted, row_block, xperm_blocks
 
-BLOCK_K = MMT_BLOCK_K  # the XPERM block
-PER_TOKEN = -1
-# 8 rows x 4 blocks of 128 channels a program (as x's permutation, qlinear_swap.PERMUTE_*): at
-# 130 rows of K 4096, 136 programs.
-BLOCK_M = 8
-BLOCKS = 4
+# x's permutation's programs (8 rows x 4 blocks of 128 channels): at 130 rows of K 4096, 136.
+from q3n_compile.kernels.qlinear_swap import PERMUTE_BLOCK_M as BLOCK_M  # noqa: E402
+from q3n_compile.kernels.qlinear_swap import PERMUTE_BLOCKS as BLOCKS  # noqa: E402
 
 
 @triton.jit
@@ -94,10 +92,8 @@ def dequantize_codes_torch(codes: torch.Tensor, xs: torch.Tensor, act_group_size
     out = torch.empty((M, kp), dtype=dtype, device=codes.device)
     # Read in the permuted order, written contiguously (a per-token scale broadcasts).
     per_token = scale.shape[1] == 1
-    view = codes.reshape(M, blocks, 16, 8).transpose(2, 3)
-    sview = (scale[:, :, None, None] if per_token
-             else scale.reshape(M, blocks, 16, 8).transpose(2, 3))
-    torch.mul(view, sview, out=out.view(M, blocks, 8, 16))
+    torch.mul(block_permuted(codes), scale[:, :, None, None] if per_token
+              else block_permuted(scale), out=out.view(M, blocks, 8, 16))
     return out
 
 
